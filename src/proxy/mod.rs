@@ -1,1 +1,8 @@
-//! proxy
+//! The data path: client sessions, their primary connections and the pumps between them.
+//! Everything here runs on a shard's executor and must never block it.
+
+mod io;
+mod session;
+pub mod stats;
+
+pub use session::{ProxySettings, ShardCtx, serve_client};

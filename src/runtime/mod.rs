@@ -1,1 +1,225 @@
-//! runtime
+//! Process orchestration: preflight checks, one listener and one pinned glommio executor per
+//! shard, the control loop on the main thread (reports, signals, drain). Shards share nothing
+//! but a stop flag and their report rings.
+
+mod listener;
+mod preflight;
+mod shard;
+pub mod signals;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::config::{Config, PgUrl, parse_addr};
+use crate::control::{self, AdminServer, ControlState};
+use crate::proxy::ProxySettings;
+
+pub use listener::ListenError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("invalid configuration")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    IoUring(String),
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("cannot resolve primary address {addr}")]
+    Resolve {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the admin endpoint on {addr}")]
+    Admin {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start shard {index}")]
+    Shard {
+        index: usize,
+        #[source]
+        source: glommio::GlommioError<()>,
+    },
+}
+
+/// Registered io_uring buffer memory per shard. pgprism's sockets read into its own buffers,
+/// so glommio's registered pool (used for its DMA file I/O) can stay small and fit a default
+/// memlock limit.
+const IO_MEMORY_BYTES: usize = 512 << 10;
+
+/// Where a running proxy can be reached; printed at start-up and used by tests.
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub listen: SocketAddr,
+    pub admin: Option<SocketAddr>,
+}
+
+/// Runs the proxy until SIGTERM/SIGINT, then drains and returns.
+pub fn run_proxy(cfg: &Config, on_ready: impl FnOnce(&Bound)) -> Result<(), RuntimeError> {
+    cfg.validate()?;
+    if let Some(problem) = preflight::io_uring_problem() {
+        return Err(RuntimeError::IoUring(problem));
+    }
+    let shards = cfg.shard_count();
+    if let Some(warning) = preflight::memlock_problem(shards, IO_MEMORY_BYTES) {
+        tracing::warn!("{warning}");
+    }
+
+    let primary = PgUrl::parse(&cfg.primary.url)
+        .map_err(|message| crate::config::ConfigError::Key {
+            path: "primary.url".into(),
+            message,
+        })?;
+    let primary_label = primary.address();
+    let primary_addr = primary_label
+        .to_socket_addrs()
+        .and_then(|mut addrs| {
+            addrs.next().ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+            })
+        })
+        .map_err(|source| RuntimeError::Resolve {
+            addr: primary_label.clone(),
+            source,
+        })?;
+
+    let mut listen = parse_addr("proxy.listen", &cfg.proxy.listen)?;
+    listener::ensure_free(listen)?;
+    let mut sockets = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        let socket = listener::bind_shard(listen, cfg.proxy.backlog)?;
+        if listen.port() == 0 {
+            // Port 0: the first bind picks the port, the other shards join it.
+            if let Some(local) = socket.local_addr().ok().and_then(|a| a.as_socket()) {
+                listen = local;
+            }
+        }
+        sockets.push(socket);
+    }
+
+    // Signals go to the control loop only: block them before any other thread exists.
+    signals::block();
+
+    let state = Arc::new(Mutex::new(ControlState::new(
+        shards,
+        listen.to_string(),
+        primary.masked(),
+        cfg.metrics.latency_us_max,
+    )));
+    let admin = if cfg.admin.listen.is_empty() {
+        None
+    } else {
+        let addr = parse_addr("admin.listen", &cfg.admin.listen)?;
+        Some(
+            AdminServer::start(addr, state.clone())
+                .map_err(|source| RuntimeError::Admin { addr, source })?,
+        )
+    };
+
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Counts shards whose executor returned, so the control loop notices one that died early.
+    let exited = Arc::new(AtomicUsize::new(0));
+    let mut rings = Vec::with_capacity(shards);
+    let mut handles = Vec::with_capacity(shards);
+    for (index, socket) in sockets.into_iter().enumerate() {
+        let (tx, rx) = crossbeam_channel::bounded(cfg.metrics.ring_capacity);
+        rings.push(rx);
+        let plan = shard::ShardPlan {
+            index,
+            socket,
+            settings: ProxySettings {
+                primary_addr,
+                primary_label: primary_label.clone(),
+                message_bytes_max: cfg.proxy.message_bytes_max,
+                startup_timeout: Duration::from_millis(cfg.proxy.startup_timeout_ms),
+                connect_timeout: Duration::from_millis(cfg.proxy.connect_timeout_ms),
+                sessions_per_shard_max: cfg.proxy.sessions_per_shard_max,
+                pipeline_depth_max: cfg.proxy.pipeline_depth_max,
+            },
+            read_chunk_bytes: cfg.proxy.read_chunk_bytes,
+            latency_us_max: cfg.metrics.latency_us_max,
+            report_interval: Duration::from_millis(cfg.metrics.report_interval_ms),
+            drain_timeout: Duration::from_millis(cfg.proxy.drain_timeout_ms),
+            reports: tx,
+            stop: stop.clone(),
+        };
+        let placement = match (cfg.proxy.pin_cores, cores.is_empty()) {
+            (true, false) => Placement::Fixed(cores[index % cores.len()].id),
+            _ => Placement::Unbound,
+        };
+        let handle = LocalExecutorBuilder::new(placement)
+            .name(&format!("pgprism-shard-{index}"))
+            .io_memory(IO_MEMORY_BYTES)
+            .spawn({
+                let exited = ExitCount(exited.clone());
+                move || async move {
+                    shard::run(plan).await;
+                    drop(exited);
+                }
+            })
+            .map_err(|source| RuntimeError::Shard { index, source })?;
+        handles.push(handle);
+    }
+
+    let bound = Bound {
+        listen,
+        admin: admin.as_ref().map(|a| a.addr),
+    };
+    tracing::info!(listen = %bound.listen, shards, primary = %primary.masked(), "pgprism proxy ready");
+    on_ready(&bound);
+
+    let tick = Duration::from_millis(cfg.metrics.report_interval_ms.min(200));
+    loop {
+        control::collect(&state, &rings);
+        match signals::wait(tick) {
+            Some(signals::Signal::Stop) => break,
+            Some(signals::Signal::Reload) => {
+                tracing::info!("SIGHUP: configuration reload is not supported yet; ignoring");
+            }
+            None => {}
+        }
+        if exited.load(Ordering::Relaxed) > 0 {
+            tracing::error!("a shard stopped unexpectedly; shutting down");
+            break;
+        }
+    }
+
+    tracing::info!(
+        drain_timeout_ms = cfg.proxy.drain_timeout_ms,
+        "stopping: no new connections, draining sessions"
+    );
+    control::lock(&state).draining = true;
+    stop.store(true, Ordering::Relaxed);
+    let drain_started = Instant::now();
+    for handle in handles {
+        if handle.join().is_err() {
+            tracing::error!("a shard panicked during shutdown");
+        }
+    }
+    control::collect(&state, &rings);
+    let totals = control::lock(&state).totals();
+    tracing::info!(
+        drained_ms = drain_started.elapsed().as_millis() as u64,
+        sessions = totals.counters.sessions_closed,
+        statements = totals.counters.statements,
+        "stopped"
+    );
+    drop(admin);
+    Ok(())
+}
+
+/// Increments the shared count when dropped: on a shard's normal return and on a panic alike.
+struct ExitCount(Arc<AtomicUsize>);
+
+impl Drop for ExitCount {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,517 @@
+//! One client session: startup (SSL/GSS refusal, cancel forwarding), the primary connection,
+//! and the two pumps that relay bytes between them. A session lives on the shard that accepted
+//! it, start to end; it never blocks the shard and never buffers more than one partial message
+//! per direction beyond what sits in the sockets.
+//!
+//! Authentication is relayed, not terminated: after the client's startup packet reaches the
+//! primary, every message (AuthenticationSASL, SASLResponse, ...) is forwarded verbatim, so
+//! trust, cleartext, MD5 and SCRAM-SHA-256 users all work unchanged. The primary's
+//! BackendKeyData reaches the client untouched, so a CancelRequest carrying it can be
+//! forwarded verbatim to the primary from whichever shard receives it.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_lite::AsyncWriteExt;
+use glommio::net::TcpStream;
+
+use super::io::{duplicate, read_into, send_now, shutdown_both, within};
+use super::stats::ShardStats;
+use crate::wire::{self, StartupPacket, sqlstate};
+
+/// PostgreSQL's own limit on the untagged startup packet (MAX_STARTUP_PACKET_LENGTH).
+const STARTUP_BYTES_MAX: usize = 10_000;
+
+/// What every session of a shard needs to know, derived once from the config.
+pub struct ProxySettings {
+    pub primary_addr: SocketAddr,
+    /// `host:port` as configured, for messages.
+    pub primary_label: String,
+    pub message_bytes_max: usize,
+    pub startup_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub sessions_per_shard_max: usize,
+    pub pipeline_depth_max: usize,
+}
+
+/// Everything a shard owns for its sessions.
+pub struct ShardCtx {
+    pub index: usize,
+    pub settings: ProxySettings,
+    pub stats: ShardStats,
+    /// Receive buffer shared by all reads of this shard (see `io::read_into`).
+    pub scratch: RefCell<Box<[u8]>>,
+    sessions: RefCell<std::collections::HashMap<u64, Rc<SessionShared>>>,
+    next_session: Cell<u64>,
+}
+
+impl ShardCtx {
+    pub fn new(index: usize, settings: ProxySettings, stats: ShardStats, read_chunk_bytes: usize) -> ShardCtx {
+        ShardCtx {
+            index,
+            settings,
+            stats,
+            scratch: RefCell::new(vec![0u8; read_chunk_bytes].into_boxed_slice()),
+            sessions: RefCell::new(Default::default()),
+            next_session: Cell::new(0),
+        }
+    }
+
+    pub fn sessions_active(&self) -> usize {
+        self.sessions.borrow().len()
+    }
+
+    /// Closes every session that is idle (authenticated, outside a transaction, nothing in
+    /// flight) with `57P01`, as PostgreSQL does on a fast shutdown. Sessions that are busy are
+    /// left to finish and are closed by a later call once they are idle, unless `force`.
+    pub fn close_idle_sessions(&self, force: bool) -> usize {
+        let mut closed = 0;
+        for session in self.sessions.borrow().values() {
+            if session.closing.get() || !(force || session.is_idle()) {
+                continue;
+            }
+            session.closing.set(true);
+            let mut msg = BytesMut::new();
+            wire::encode::error_response(
+                &mut msg,
+                "FATAL",
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection because pgprism is shutting down",
+                None,
+            );
+            // The downstream pump is parked on a read of the primary (the session is idle),
+            // so this write does not interleave with one of its writes.
+            send_now(session.client_fd, &msg);
+            shutdown_both(session.client_fd);
+            ShardStats::bump(&self.stats.counters.shutdown_closed, 1);
+            closed += 1;
+        }
+        closed
+    }
+}
+
+/// State both pumps of one session see. Single-threaded: `Cell`s, no locks.
+struct SessionShared {
+    client_fd: RawFd,
+    primary_fd: RawFd,
+    /// Set by the first ReadyForQuery: startup and authentication are complete.
+    ready: Cell<bool>,
+    /// Transaction status of the last ReadyForQuery: `I`, `T` or `E`.
+    status: Cell<u8>,
+    /// Sync points (Query, Sync, FunctionCall) sent / answered by a ReadyForQuery.
+    sent: Cell<u64>,
+    done: Cell<u64>,
+    /// `(sequence, read time)` of in-flight sync points, bounded by `pipeline_depth_max`.
+    stamps: RefCell<VecDeque<(u64, Instant)>>,
+    /// The client is gone (or said Terminate): nothing more is written to it.
+    client_ended: Cell<bool>,
+    /// An error to give the client before closing, set by the upstream pump.
+    fatal: RefCell<Option<Bytes>>,
+    closing: Cell<bool>,
+}
+
+impl SessionShared {
+    fn is_idle(&self) -> bool {
+        self.ready.get() && self.status.get() == b'I' && self.sent.get() == self.done.get()
+    }
+}
+
+/// Removes the session from the shard's table and updates the gauges, however it ends.
+struct Registration {
+    shard: Rc<ShardCtx>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.shard.sessions.borrow_mut().remove(&self.id);
+        let stats = &self.shard.stats;
+        stats.sessions_active.set(self.shard.sessions.borrow().len() as u64);
+        ShardStats::bump(&stats.counters.sessions_closed, 1);
+    }
+}
+
+fn error_bytes(severity: &str, code: &str, message: &str) -> Bytes {
+    let mut buf = BytesMut::new();
+    wire::encode::error_response(&mut buf, severity, code, message, None);
+    buf.freeze()
+}
+
+/// Serves one accepted client connection to its end.
+pub async fn serve_client(shard: Rc<ShardCtx>, mut client: TcpStream) {
+    let accepted = Instant::now();
+    let stats = &shard.stats;
+    ShardStats::bump(&stats.counters.connections_accepted, 1);
+    if shard.sessions_active() >= shard.settings.sessions_per_shard_max {
+        ShardStats::bump(&stats.counters.sessions_rejected, 1);
+        let msg = error_bytes(
+            "FATAL",
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "sorry, too many clients already (pgprism proxy.sessions-per-shard-max)",
+        );
+        let _ = client.write_all(&msg).await;
+        return;
+    }
+    // Nagle would hold back small protocol messages; latency matters more than packet count.
+    let _ = client.set_nodelay(true);
+    let deadline = accepted + shard.settings.startup_timeout;
+    let mut buf = BytesMut::new();
+
+    let startup = within(
+        shard.settings.startup_timeout,
+        read_startup(&shard, &mut client, &mut buf),
+    )
+    .await;
+    let packet = match startup {
+        None => {
+            ShardStats::bump(&stats.counters.startup_timeouts, 1);
+            let msg = error_bytes(
+                "FATAL",
+                sqlstate::PROTOCOL_VIOLATION,
+                "no startup packet received within proxy.startup-timeout-ms",
+            );
+            send_now(client.as_raw_fd(), &msg);
+            return;
+        }
+        Some(Err(Closed)) => return,
+        Some(Ok(Startup::Cancel(packet))) => {
+            forward_cancel(&shard, &packet).await;
+            return;
+        }
+        Some(Ok(Startup::Session(packet))) => packet,
+    };
+
+    let primary = match connect_primary(&shard).await {
+        Ok(primary) => primary,
+        Err(err) => {
+            ShardStats::bump(&stats.counters.primary_connect_failures, 1);
+            let msg = error_bytes(
+                "FATAL",
+                sqlstate::UNABLE_TO_CONNECT,
+                &format!(
+                    "pgprism could not connect to primary {}: {err}",
+                    shard.settings.primary_label
+                ),
+            );
+            let _ = client.write_all(&msg).await;
+            return;
+        }
+    };
+    if let Err(err) = relay(&shard, client, primary, packet, buf, deadline).await {
+        tracing::debug!(shard = shard.index, error = %err, "session setup failed");
+    }
+}
+
+enum Startup {
+    Session(Bytes),
+    Cancel(Bytes),
+}
+
+/// The client closed the connection (or broke it) before a session could start.
+struct Closed;
+
+/// Reads the startup packet, answering SSLRequest and GSSENCRequest with `N` on the way.
+async fn read_startup(
+    shard: &ShardCtx,
+    client: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<Startup, Closed> {
+    loop {
+        match wire::split_startup(buf, STARTUP_BYTES_MAX) {
+            Ok(Some(packet)) => match StartupPacket::parse(&packet) {
+                Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => {
+                    ShardStats::bump(&shard.stats.counters.ssl_refused, 1);
+                    client.write_all(b"N").await.map_err(|_| Closed)?;
+                    continue;
+                }
+                Ok(StartupPacket::Cancel { .. }) => return Ok(Startup::Cancel(packet)),
+                Ok(StartupPacket::Startup { .. }) => return Ok(Startup::Session(packet)),
+                Err(err) => return Err(protocol_error(shard, client, &err).await),
+            },
+            Ok(None) => {}
+            Err(err) => return Err(protocol_error(shard, client, &err).await),
+        }
+        match read_into(client, buf, &shard.scratch).await {
+            Ok(0) | Err(_) => return Err(Closed),
+            Ok(n) => ShardStats::bump(&shard.stats.counters.client_bytes_in, n as u64),
+        }
+    }
+}
+
+async fn protocol_error(shard: &ShardCtx, client: &mut TcpStream, err: &wire::WireError) -> Closed {
+    ShardStats::bump(&shard.stats.counters.protocol_errors, 1);
+    let msg = error_bytes("FATAL", err.sqlstate(), &format!("invalid startup packet: {err}"));
+    let _ = client.write_all(&msg).await;
+    Closed
+}
+
+async fn connect_primary(shard: &ShardCtx) -> io::Result<TcpStream> {
+    let settings = &shard.settings;
+    let primary = TcpStream::connect_timeout(settings.primary_addr, settings.connect_timeout)
+        .await
+        .map_err(io::Error::from)?;
+    let _ = primary.set_nodelay(true);
+    Ok(primary)
+}
+
+/// Forwards a CancelRequest verbatim: the key in it is the primary's own (see module doc).
+async fn forward_cancel(shard: &ShardCtx, packet: &Bytes) {
+    if let Ok(mut primary) = connect_primary(shard).await {
+        if primary.write_all(packet).await.is_ok() {
+            ShardStats::bump(&shard.stats.counters.cancels_forwarded, 1);
+        }
+        let _ = primary.close().await;
+    }
+}
+
+/// Runs the session proper: both pumps, plus the watchdog that ends a session whose
+/// authentication did not complete before `deadline`.
+async fn relay(
+    shard: &Rc<ShardCtx>,
+    client: TcpStream,
+    mut primary: TcpStream,
+    startup: Bytes,
+    leftover: BytesMut,
+    deadline: Instant,
+) -> io::Result<()> {
+    primary.write_all(&startup).await?;
+    let client_tx = duplicate(&client)?;
+    let primary_tx = duplicate(&primary)?;
+    let shared = Rc::new(SessionShared {
+        client_fd: client.as_raw_fd(),
+        primary_fd: primary.as_raw_fd(),
+        ready: Cell::new(false),
+        status: Cell::new(0),
+        sent: Cell::new(0),
+        done: Cell::new(0),
+        stamps: RefCell::new(VecDeque::new()),
+        client_ended: Cell::new(false),
+        fatal: RefCell::new(None),
+        closing: Cell::new(false),
+    });
+    let id = shard.next_session.get();
+    shard.next_session.set(id + 1);
+    shard.sessions.borrow_mut().insert(id, shared.clone());
+    shard
+        .stats
+        .sessions_active
+        .set(shard.sessions.borrow().len() as u64);
+    let _registration = Registration {
+        shard: shard.clone(),
+        id,
+    };
+
+    let pumps = futures_lite::future::zip(
+        upstream(shard, &shared, client, primary_tx, leftover),
+        downstream(shard, &shared, primary, client_tx),
+    );
+    let watchdog = async {
+        let now = Instant::now();
+        glommio::timer::sleep(deadline.saturating_duration_since(now)).await;
+        if !shared.ready.get() {
+            ShardStats::bump(&shard.stats.counters.startup_timeouts, 1);
+            let msg = error_bytes(
+                "FATAL",
+                sqlstate::PROTOCOL_VIOLATION,
+                "authentication not completed within proxy.startup-timeout-ms",
+            );
+            send_now(shared.client_fd, &msg);
+            return;
+        }
+        std::future::pending::<()>().await
+    };
+    futures_lite::future::or(async { pumps.await; }, watchdog).await;
+    Ok(())
+}
+
+/// Client → primary: frames what the client sends and forwards every complete message, many
+/// per write, in order.
+async fn upstream(
+    shard: &ShardCtx,
+    shared: &SessionShared,
+    mut client: TcpStream,
+    mut primary: TcpStream,
+    mut buf: BytesMut,
+) {
+    let stats = &shard.stats;
+    let settings = &shard.settings;
+    let mut terminated = false;
+    loop {
+        if !buf.is_empty() {
+            let read_at = Instant::now();
+            let (mut statements, mut syncs, mut messages) = (0u64, 0u64, 0u64);
+            let scanned = wire::complete_prefix(&buf, settings.message_bytes_max, |tag, _| {
+                messages += 1;
+                match tag {
+                    b'Q' => {
+                        statements += 1;
+                        syncs += 1;
+                    }
+                    b'E' => statements += 1,
+                    b'S' | b'F' => syncs += 1,
+                    b'X' => terminated = true,
+                    _ => {}
+                }
+            });
+            let complete = match scanned {
+                Ok(complete) => complete,
+                Err(err) => {
+                    ShardStats::bump(&stats.counters.protocol_errors, 1);
+                    *shared.fatal.borrow_mut() = Some(error_bytes(
+                        "FATAL",
+                        err.sqlstate(),
+                        &format!("pgprism: invalid message from client: {err}"),
+                    ));
+                    break;
+                }
+            };
+            ShardStats::bump(&stats.counters.client_messages_in, messages);
+            ShardStats::bump(&stats.counters.statements, statements);
+            ShardStats::bump(&stats.counters.sync_points, syncs);
+            if syncs > 0 {
+                let mut stamps = shared.stamps.borrow_mut();
+                for _ in 0..syncs {
+                    let seq = shared.sent.get();
+                    shared.sent.set(seq + 1);
+                    if stamps.len() < settings.pipeline_depth_max {
+                        stamps.push_back((seq, read_at));
+                    }
+                }
+            }
+            if complete > 0 {
+                let frames = buf.split_to(complete).freeze();
+                if primary.write_all(&frames).await.is_err() {
+                    break;
+                }
+            }
+            if terminated {
+                break;
+            }
+        }
+        match read_into(&mut client, &mut buf, &shard.scratch).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => ShardStats::bump(&stats.counters.client_bytes_in, n as u64),
+        }
+    }
+    if shared.fatal.borrow().is_none() {
+        // The client left (Terminate or EOF): nothing will be written to it any more.
+        shared.client_ended.set(true);
+        if !terminated && shared.ready.get() {
+            let _ = primary.write_all(&[b'X', 0, 0, 0, 4]).await;
+        }
+    }
+    // Wake the downstream pump: it sees end-of-stream from the primary and finishes.
+    shutdown_both(shared.primary_fd);
+}
+
+/// Primary → client: relays every complete message, tracks ReadyForQuery (transaction status,
+/// latency), and tells the client clearly when the primary goes away.
+async fn downstream(
+    shard: &ShardCtx,
+    shared: &SessionShared,
+    mut primary: TcpStream,
+    mut client: TcpStream,
+) {
+    let stats = &shard.stats;
+    let settings = &shard.settings;
+    let mut buf = BytesMut::new();
+    let mut answered: Vec<Instant> = Vec::new();
+    let mut farewell = false;
+    loop {
+        match read_into(&mut primary, &mut buf, &shard.scratch).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let arrived = Instant::now();
+        let (mut ready_for_query, mut errors, mut messages) = (0u64, 0u64, 0u64);
+        let mut status = shared.status.get();
+        let scanned = wire::complete_prefix(&buf, settings.message_bytes_max, |tag, body| {
+            messages += 1;
+            match tag {
+                b'Z' => {
+                    ready_for_query += 1;
+                    status = body.first().copied().unwrap_or(status);
+                }
+                b'E' => {
+                    errors += 1;
+                    // PostgreSQL sends the severity field first; a FATAL/PANIC is the
+                    // primary's own farewell, so the client needs no second one from us.
+                    farewell |= body.starts_with(b"SFATAL\0") || body.starts_with(b"SPANIC\0");
+                }
+                _ => {}
+            }
+        });
+        let complete = match scanned {
+            Ok(complete) => complete,
+            Err(err) => {
+                *shared.fatal.borrow_mut() = Some(error_bytes(
+                    "FATAL",
+                    sqlstate::PROTOCOL_VIOLATION,
+                    &format!(
+                        "pgprism: invalid message from primary {}: {err}",
+                        settings.primary_label
+                    ),
+                ));
+                break;
+            }
+        };
+        ShardStats::bump(&stats.counters.primary_messages_in, messages);
+        ShardStats::bump(&stats.counters.primary_errors, errors);
+        shared.status.set(status);
+        answered.clear();
+        for _ in 0..ready_for_query {
+            if !shared.ready.get() {
+                // The first ReadyForQuery ends startup; no client sync point asked for it.
+                shared.ready.set(true);
+                continue;
+            }
+            let seq = shared.done.get();
+            shared.done.set(seq + 1);
+            let mut stamps = shared.stamps.borrow_mut();
+            if stamps.front().is_some_and(|&(s, _)| s == seq) {
+                if let Some((_, read_at)) = stamps.pop_front() {
+                    stats.record(&stats.primary_latency_us, arrived - read_at);
+                    answered.push(read_at);
+                }
+            }
+        }
+        if complete == 0 {
+            continue;
+        }
+        let frames = buf.split_to(complete).freeze();
+        if client.write_all(&frames).await.is_err() {
+            shared.client_ended.set(true);
+            break;
+        }
+        ShardStats::bump(&stats.counters.client_bytes_out, complete as u64);
+        if !answered.is_empty() {
+            let written = Instant::now();
+            for &read_at in &answered {
+                stats.record(&stats.client_latency_us, written - read_at);
+            }
+        }
+    }
+    if !shared.client_ended.get() && !(farewell && shared.fatal.borrow().is_none()) {
+        let fatal = shared.fatal.borrow_mut().take();
+        let msg = fatal.unwrap_or_else(|| {
+            ShardStats::bump(&stats.counters.primary_lost, 1);
+            error_bytes(
+                "FATAL",
+                sqlstate::CONNECTION_FAILURE,
+                &format!(
+                    "pgprism lost the connection to primary {}",
+                    settings.primary_label
+                ),
+            )
+        });
+        let _ = client.write_all(&msg).await;
+    }
+    // Wake the upstream pump if it is still reading the client.
+    shutdown_both(shared.client_fd);
+}

@@ -1,0 +1,129 @@
+//! Per-shard counters and latency histograms. Owned by one shard and touched only from its
+//! thread, so plain `Cell`s and `RefCell`s: no atomics on the hot path. The shard's reporter
+//! copies them into a [`ShardReport`] for the control thread.
+
+use std::cell::{Cell, RefCell};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+/// Counter names, in the order they appear in reports and on `/metrics`.
+macro_rules! counters {
+    ($($name:ident: $help:literal,)*) => {
+        /// Plain copy of a shard's counters (cumulative since start).
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct Counters { $(pub $name: u64,)* }
+
+        impl Counters {
+            /// `(name, help, value)` for every counter, for the metrics exposition.
+            pub fn fields(&self) -> [(&'static str, &'static str, u64); counters!(@count $($name)*)] {
+                [$((stringify!($name), $help, self.$name),)*]
+            }
+
+            pub fn add(&mut self, other: &Counters) {
+                $(self.$name += other.$name;)*
+            }
+        }
+
+        /// The live counters of one shard.
+        #[derive(Default)]
+        pub struct ShardCounters { $(pub $name: Cell<u64>,)* }
+
+        impl ShardCounters {
+            pub fn snapshot(&self) -> Counters {
+                Counters { $($name: self.$name.get(),)* }
+            }
+        }
+    };
+    (@count) => { 0 };
+    (@count $head:ident $($tail:ident)*) => { 1 + counters!(@count $($tail)*) };
+}
+
+counters! {
+    connections_accepted: "client connections accepted",
+    sessions_rejected: "clients refused because the shard was at proxy.sessions-per-shard-max",
+    sessions_closed: "client sessions ended",
+    startup_timeouts: "clients that did not finish startup within proxy.startup-timeout-ms",
+    protocol_errors: "connections closed for a protocol violation (08P01) or an oversized message (54000)",
+    ssl_refused: "SSLRequest/GSSENCRequest answered 'N'",
+    cancels_forwarded: "CancelRequests forwarded to the primary",
+    primary_connect_failures: "sessions whose primary connection could not be opened",
+    primary_lost: "sessions whose primary connection ended while the client was still connected",
+    shutdown_closed: "idle sessions closed by a drain",
+    statements: "Query and Execute messages forwarded to the primary",
+    sync_points: "Query, Sync and FunctionCall messages (each answered by one ReadyForQuery)",
+    primary_errors: "ErrorResponse messages relayed from the primary",
+    client_bytes_in: "bytes read from clients",
+    client_bytes_out: "bytes written to clients",
+    client_messages_in: "messages read from clients",
+    primary_messages_in: "messages read from the primary",
+    reports_dropped: "reports to the control thread dropped because its ring was full",
+}
+
+/// A shard's statistics: counters plus the two latency histograms.
+pub struct ShardStats {
+    pub counters: ShardCounters,
+    pub sessions_active: Cell<u64>,
+    /// From pgprism reading a statement to it writing the ReadyForQuery to the client.
+    pub client_latency_us: RefCell<Histogram<u64>>,
+    /// From pgprism reading a statement to it reading the primary's ReadyForQuery.
+    pub primary_latency_us: RefCell<Histogram<u64>>,
+    latency_us_max: u64,
+}
+
+impl ShardStats {
+    pub fn new(latency_us_max: u64) -> ShardStats {
+        ShardStats {
+            counters: ShardCounters::default(),
+            sessions_active: Cell::new(0),
+            client_latency_us: RefCell::new(new_histogram(latency_us_max)),
+            primary_latency_us: RefCell::new(new_histogram(latency_us_max)),
+            latency_us_max,
+        }
+    }
+
+    #[inline]
+    pub fn bump(cell: &Cell<u64>, by: u64) {
+        cell.set(cell.get() + by);
+    }
+
+    #[inline]
+    pub fn record(&self, histogram: &RefCell<Histogram<u64>>, elapsed: Duration) {
+        let us = (elapsed.as_micros() as u64).clamp(1, self.latency_us_max);
+        // `saturating_record` cannot fail: values are clamped into the tracked range.
+        histogram.borrow_mut().saturating_record(us);
+    }
+
+    pub fn report(&self, shard: usize) -> ShardReport {
+        ShardReport {
+            shard,
+            counters: self.counters.snapshot(),
+            sessions_active: self.sessions_active.get(),
+            client_latency_us: self.client_latency_us.borrow().clone(),
+            primary_latency_us: self.primary_latency_us.borrow().clone(),
+        }
+    }
+}
+
+/// Histograms with 3 significant digits from 1 us to `latency_us_max`.
+pub fn new_histogram(latency_us_max: u64) -> Histogram<u64> {
+    // The bounds are validated by the config (latency-us-max >= 1000), so this cannot fail;
+    // fall back to the crate's auto-resizing histogram rather than panic.
+    Histogram::new_with_bounds(1, latency_us_max.max(2), 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable_histogram()))
+}
+
+#[cold]
+fn unreachable_histogram() -> Histogram<u64> {
+    panic!("hdrhistogram rejected 3 significant digits")
+}
+
+/// What a shard sends the control thread: cumulative, so a dropped report loses nothing.
+#[derive(Clone)]
+pub struct ShardReport {
+    pub shard: usize,
+    pub counters: Counters,
+    pub sessions_active: u64,
+    pub client_latency_us: Histogram<u64>,
+    pub primary_latency_us: Histogram<u64>,
+}

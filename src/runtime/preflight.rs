@@ -1,0 +1,49 @@
+//! Start-up checks that explain, in plain words, what the kernel will not let pgprism do and
+//! how to change it: io_uring disabled by sysctl, and a locked-memory limit too low for the
+//! buffers io_uring registers.
+
+/// `kernel.io_uring_disabled`: 0 allowed, 1 only for the `kernel.io_uring_group`, 2 disabled.
+pub(super) fn io_uring_problem() -> Option<String> {
+    let value = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").ok()?;
+    match value.trim() {
+        "0" | "" => None,
+        "1" => Some(
+            "io_uring is restricted (kernel.io_uring_disabled = 1): run pgprism as a member of \
+             the group in kernel.io_uring_group, or set `sysctl kernel.io_uring_disabled=0`"
+                .into(),
+        ),
+        other => Some(format!(
+            "io_uring is disabled (kernel.io_uring_disabled = {other}); pgprism needs it: \
+             set `sysctl kernel.io_uring_disabled=0` (and persist it in /etc/sysctl.d)"
+        )),
+    }
+}
+
+/// Soft RLIMIT_MEMLOCK in bytes, `None` when unlimited.
+pub(super) fn memlock_bytes() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own; failure leaves it zeroed.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) };
+    if rc != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
+        return None;
+    }
+    Some(limit.rlim_cur)
+}
+
+/// A warning when each shard's registered io_uring memory would not fit the memlock limit.
+pub(super) fn memlock_problem(shards: usize, io_memory_bytes: usize) -> Option<String> {
+    let limit = memlock_bytes()?;
+    let needed = (shards * io_memory_bytes) as u64;
+    (needed > limit).then(|| {
+        format!(
+            "locked-memory limit is {} KiB but {shards} shard(s) want {} KiB of registered \
+             io_uring buffers; they fall back to unregistered buffers (slower). Raise it with \
+             `ulimit -l unlimited` or LimitMEMLOCK=infinity in the systemd unit",
+            limit / 1024,
+            needed / 1024
+        )
+    })
+}

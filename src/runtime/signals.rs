@@ -1,0 +1,50 @@
+//! Signals are blocked in every thread and collected by the control thread with
+//! `sigtimedwait`, so no handler runs on a shard and no async-signal-safety puzzles arise.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM or SIGINT: drain and exit.
+    Stop,
+    /// SIGHUP: reload the configuration.
+    Reload,
+}
+
+fn set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill a sigset_t we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        set
+    }
+}
+
+/// Blocks the stop/reload signals in the calling thread; threads spawned afterwards inherit
+/// the mask. Call before spawning shards.
+pub fn block() {
+    let set = set();
+    // SAFETY: pthread_sigmask with a valid set and a null old-set pointer.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Waits up to `limit` for a blocked signal.
+pub fn wait(limit: Duration) -> Option<Signal> {
+    let set = set();
+    let timeout = libc::timespec {
+        tv_sec: limit.as_secs() as libc::time_t,
+        tv_nsec: limit.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: valid set and timespec; a null siginfo pointer is allowed.
+    let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
+    match sig {
+        libc::SIGTERM | libc::SIGINT => Some(Signal::Stop),
+        libc::SIGHUP => Some(Signal::Reload),
+        _ => None,
+    }
+}
