@@ -36,7 +36,17 @@ impl Drop for ScratchDir {
 /// psql as an arbitrary role over TCP with the password in PGPASSWORD, never prompting.
 fn psql_with_password(inst: &Instance, user: &str, password: &str, sql: &str) -> Output {
     Command::new(inst.psql_path())
-        .args(["-X", "-w", "-At", "-v", "ON_ERROR_STOP=1", "-h", inst.host(), "-U", user])
+        .args([
+            "-X",
+            "-w",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            inst.host(),
+            "-U",
+            user,
+        ])
         .args(["-d", "postgres", "-p", &inst.port().to_string(), "-c", sql])
         .env("PGPASSWORD", password)
         .env("PGPASSFILE", "/nonexistent")
@@ -58,13 +68,21 @@ fn two_instances_are_isolated() {
 
     a.psql("CREATE TABLE only_in_a (id int); INSERT INTO only_in_a VALUES (42);")
         .expect("create in a");
-    assert_eq!(a.psql("SELECT id FROM only_in_a").expect("select a").trim(), "42");
+    assert_eq!(
+        a.psql("SELECT id FROM only_in_a").expect("select a").trim(),
+        "42"
+    );
     let absent = b
         .psql("SELECT count(*) FROM pg_class WHERE relname = 'only_in_a'")
         .expect("query b");
     assert_eq!(absent.trim(), "0");
-    let err = b.psql("SELECT * FROM only_in_a").expect_err("table must be absent in b");
-    assert!(matches!(err, EmbedError::PsqlFailed { ref stderr, .. } if stderr.contains("does not exist")), "{err:?}");
+    let err = b
+        .psql("SELECT * FROM only_in_a")
+        .expect_err("table must be absent in b");
+    assert!(
+        matches!(err, EmbedError::PsqlFailed { ref stderr, .. } if stderr.contains("does not exist")),
+        "{err:?}"
+    );
 
     a.stop().expect("stop a");
     b.stop().expect("stop b");
@@ -78,21 +96,33 @@ fn defaults_are_applied_and_database_is_created() {
         ..config("defaults")
     };
     let inst = Instance::start(cfg).expect("start");
-    let show = |name: &str| inst.psql(&format!("SHOW {name}")).expect("show").trim().to_owned();
+    let show = |name: &str| {
+        inst.psql(&format!("SHOW {name}"))
+            .expect("show")
+            .trim()
+            .to_owned()
+    };
     assert_eq!(show("max_connections"), "300");
     assert_eq!(show("wal_level"), "logical");
     assert_eq!(show("max_replication_slots"), "10");
     assert_eq!(show("fsync"), "off");
     assert_eq!(show("full_page_writes"), "off");
     assert_eq!(show("work_mem"), "7MB");
-    assert_eq!(inst.psql("SELECT current_database()").expect("db").trim(), "app db");
+    assert_eq!(
+        inst.psql("SELECT current_database()").expect("db").trim(),
+        "app db"
+    );
     assert_eq!(show("server_encoding"), "UTF8");
     assert_eq!(
         inst.url(),
         format!("postgres://postgres@127.0.0.1:{}/app%20db", inst.port())
     );
     // The unix socket lives in the data dir, so nothing needs /var/run/postgresql.
-    assert!(inst.data_dir().join(format!(".s.PGSQL.{}", inst.port())).exists());
+    assert!(
+        inst.data_dir()
+            .join(format!(".s.PGSQL.{}", inst.port()))
+            .exists()
+    );
     assert!(inst.data_dir().join("server.log").exists());
 }
 
@@ -110,12 +140,21 @@ fn path_instance_keeps_data_across_restart() {
         .psql("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('still here');")
         .expect("write");
     first.stop().expect("stop");
-    assert!(dir.join("PG_VERSION").exists(), "path data dir must be kept");
+    assert!(
+        dir.join("PG_VERSION").exists(),
+        "path data dir must be kept"
+    );
 
     let second = Instance::start(cfg).expect("second start");
-    assert_eq!(second.psql("SELECT v FROM kept").expect("read").trim(), "still here");
+    assert_eq!(
+        second.psql("SELECT v FROM kept").expect("read").trim(),
+        "still here"
+    );
     // Path instances are durable-ish: full_page_writes stays on.
-    assert_eq!(second.psql("SHOW full_page_writes").expect("show").trim(), "on");
+    assert_eq!(
+        second.psql("SHOW full_page_writes").expect("show").trim(),
+        "on"
+    );
     second.stop().expect("stop again");
 }
 
@@ -126,14 +165,22 @@ fn memory_dir_is_removed_after_stop_and_drop() {
     assert!(dir.starts_with("/dev/shm"), "{}", dir.display());
     assert!(dir.join("PG_VERSION").exists());
     inst.stop().expect("stop");
-    assert!(!dir.exists(), "memory data dir {} left behind", dir.display());
+    assert!(
+        !dir.exists(),
+        "memory data dir {} left behind",
+        dir.display()
+    );
 
     // Drop does the same, and the server is gone afterwards.
     let inst = Instance::start(config("mem-drop")).expect("start");
     let dir = inst.data_dir().to_path_buf();
     let pid = inst.pid();
     drop(inst);
-    assert!(!dir.exists(), "memory data dir {} left behind by drop", dir.display());
+    assert!(
+        !dir.exists(),
+        "memory data dir {} left behind by drop",
+        dir.display()
+    );
     assert!(!process_alive(pid), "postmaster {pid} survived drop");
 }
 
@@ -150,14 +197,23 @@ fn second_instance_on_a_used_port_is_port_in_use() {
         other => panic!("expected PortInUse, got {other:?}"),
     }
     // The first one is untouched.
-    assert_eq!(first.psql("SELECT 1").expect("first still serves").trim(), "1");
+    assert_eq!(
+        first.psql("SELECT 1").expect("first still serves").trim(),
+        "1"
+    );
 }
 
 #[test]
 fn locate_rejects_a_configured_dir_that_does_not_exist() {
     let err = PgBinaries::locate(Some(Path::new("/nonexistent"))).expect_err("must not fall back");
-    assert!(matches!(err, EmbedError::ConfiguredBindirInvalid { .. }), "{err:?}");
-    assert!(err.to_string().contains("apt-get install postgresql"), "{err}");
+    assert!(
+        matches!(err, EmbedError::ConfiguredBindirInvalid { .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("apt-get install postgresql"),
+        "{err}"
+    );
 
     let found = PgBinaries::locate(None).expect("system binaries");
     assert!(found.bindir.join("postgres").is_file());
@@ -173,16 +229,24 @@ fn scram_hba_line_is_enforced_for_a_role_with_a_password() {
         ..config("scram")
     };
     let inst = Instance::start(cfg).expect("start");
-    inst.psql("CREATE ROLE u LOGIN PASSWORD 'p'").expect("create role");
+    inst.psql("CREATE ROLE u LOGIN PASSWORD 'p'")
+        .expect("create role");
 
     let ok = psql_with_password(&inst, "u", "p", "SELECT current_user");
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "u");
 
     let bad = psql_with_password(&inst, "u", "wrong", "SELECT current_user");
     assert!(!bad.status.success(), "wrong password was accepted");
     let stderr = String::from_utf8_lossy(&bad.stderr);
-    assert!(stderr.contains("password authentication failed"), "{stderr}");
+    assert!(
+        stderr.contains("password authentication failed"),
+        "{stderr}"
+    );
 
     // url_for carries the credentials too.
     let via_url = Command::new(inst.psql_path())
@@ -191,7 +255,11 @@ fn scram_hba_line_is_enforced_for_a_role_with_a_password() {
         .env("PGPASSFILE", "/nonexistent")
         .output()
         .expect("run psql");
-    assert!(via_url.status.success(), "{}", String::from_utf8_lossy(&via_url.stderr));
+    assert!(
+        via_url.status.success(),
+        "{}",
+        String::from_utf8_lossy(&via_url.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&via_url.stdout).trim(), "u");
 }
 
@@ -222,7 +290,10 @@ fn server_dies_when_the_spawning_thread_exits() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(reaped, "postmaster {pid} still running after its spawning thread exited");
+    assert!(
+        reaped,
+        "postmaster {pid} still running after its spawning thread exited"
+    );
 }
 
 #[test]
@@ -238,14 +309,20 @@ fn many_instances_start_concurrently() {
             })
         })
         .collect();
-    let results: Vec<i32> = handles.into_iter().map(|h| h.join().expect("thread")).collect();
+    let results: Vec<i32> = handles
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect();
     assert_eq!(results, vec![0, 1, 2, 3]);
 }
 
 #[test]
 fn start_time_with_a_cached_template() {
     // The first start may build the template; measure the ones after it.
-    Instance::start(config("warm")).expect("warm-up start").stop().expect("stop");
+    Instance::start(config("warm"))
+        .expect("warm-up start")
+        .stop()
+        .expect("stop");
     let mut timings_ms = Vec::new();
     for _ in 0..3 {
         let started = Instant::now();

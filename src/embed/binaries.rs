@@ -125,8 +125,14 @@ mod tests {
             parse_version_major("postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)\n"),
             Some(15)
         );
-        assert_eq!(parse_version_major("postgres (PostgreSQL) 9.6.24\n"), Some(9));
-        assert_eq!(parse_version_major("postgres (PostgreSQL) 17beta1\n"), Some(17));
+        assert_eq!(
+            parse_version_major("postgres (PostgreSQL) 9.6.24\n"),
+            Some(9)
+        );
+        assert_eq!(
+            parse_version_major("postgres (PostgreSQL) 17beta1\n"),
+            Some(17)
+        );
         assert_eq!(parse_version_major("something else"), None);
     }
 }

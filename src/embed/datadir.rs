@@ -118,9 +118,7 @@ pub(super) fn copy_tree(from: &Path, to: &Path, owner: Option<&OsUser>) -> Resul
         let entry = entry.map_err(EmbedError::io("read directory", from))?;
         let source = entry.path();
         let target = to.join(entry.file_name());
-        let kind = entry
-            .file_type()
-            .map_err(EmbedError::io("stat", &source))?;
+        let kind = entry.file_type().map_err(EmbedError::io("stat", &source))?;
         if kind.is_dir() {
             let mode = entry
                 .metadata()
@@ -203,7 +201,11 @@ pub(super) fn write_settings(
 
 /// Writes `pg_hba.conf`: the caller's lines first (first match wins), then trust for local
 /// connections, including replication.
-pub(super) fn write_hba(dir: &Path, hba: &[String], owner: Option<&OsUser>) -> Result<(), EmbedError> {
+pub(super) fn write_hba(
+    dir: &Path,
+    hba: &[String],
+    owner: Option<&OsUser>,
+) -> Result<(), EmbedError> {
     let mut text = String::from("# Written by pgprism embed on every start; edits are lost.\n");
     for line in hba {
         text.push_str(line);
@@ -264,7 +266,9 @@ pub(super) fn tail(path: &Path, since_bytes: u64) -> String {
     let read = || -> io::Result<String> {
         let mut file = fs::File::open(path)?;
         let len = file.metadata()?.len();
-        file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES_MAX).max(since_bytes)))?;
+        file.seek(SeekFrom::Start(
+            len.saturating_sub(TAIL_BYTES_MAX).max(since_bytes),
+        ))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
         Ok(String::from_utf8_lossy(&bytes).into_owned())

@@ -75,7 +75,11 @@ impl Instance {
             memory,
             superuser: cfg.superuser.clone(),
             database: "postgres".to_owned(),
-            psql_path: if psql.is_file() { psql } else { PathBuf::from("psql") },
+            psql_path: if psql.is_file() {
+                psql
+            } else {
+                PathBuf::from("psql")
+            },
             stop_timeout: Duration::from_millis(cfg.stop_timeout_ms),
         };
         // Dropping `instance` on error stops the server again.
@@ -137,7 +141,14 @@ impl Instance {
     /// Runs SQL with the system `psql` as the superuser (unaligned, tuples only, stop on the
     /// first error) and returns its stdout.
     pub fn psql(&self, sql: &str) -> Result<String, EmbedError> {
-        run_psql(&self.psql_path, &self.host, self.port, &self.superuser, &self.database, sql)
+        run_psql(
+            &self.psql_path,
+            &self.host,
+            self.port,
+            &self.superuser,
+            &self.database,
+            sql,
+        )
     }
 
     /// Fast shutdown, a bounded wait, SIGKILL if it did not stop; then removes a memory
@@ -178,7 +189,10 @@ impl Instance {
 impl Drop for Instance {
     fn drop(&mut self) {
         if let Err(error) = self.shut_down() {
-            tracing::warn!(error = &error as &dyn std::error::Error, "stopping PostgreSQL on drop failed");
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                "stopping PostgreSQL on drop failed"
+            );
         }
     }
 }
@@ -285,7 +299,9 @@ fn wait_ready(
         {
             let log_tail = datadir::tail(&log_file, log_start_bytes);
             // The postmaster logs this and exits when it cannot listen on its port.
-            if log_tail.contains("could not bind") || log_tail.contains("could not create any TCP/IP sockets") {
+            if log_tail.contains("could not bind")
+                || log_tail.contains("could not create any TCP/IP sockets")
+            {
                 return Err(EmbedError::PortInUse {
                     host: cfg.host.clone(),
                     port: port_of(cfg, data_dir),
@@ -342,7 +358,18 @@ fn run_psql(
     sql: &str,
 ) -> Result<String, EmbedError> {
     let output = Command::new(psql)
-        .args(["-X", "-v", "ON_ERROR_STOP=1", "-At", "-h", host, "-U", user, "-d", database])
+        .args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-At",
+            "-h",
+            host,
+            "-U",
+            user,
+            "-d",
+            database,
+        ])
         .arg("-p")
         .arg(port.to_string())
         .arg("-c")

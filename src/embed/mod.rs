@@ -157,7 +157,10 @@ pub enum EmbedError {
 
 impl EmbedError {
     /// Adapter for `map_err` that names the operation and the path involved.
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Self {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(io::Error) -> Self {
         let path = path.into();
         move |source| Self::Io {
             action,

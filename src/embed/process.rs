@@ -89,7 +89,14 @@ pub(super) fn supervised_command(program: &Path, run_as: Option<&OsUser>) -> Com
     // Our working directory may be unreadable by the server's user; "/" always works.
     cmd.current_dir("/");
     // Settings from the caller's environment would silently override ours.
-    for var in ["PGDATA", "PGPORT", "PGHOST", "PGOPTIONS", "PGTZ", "PGCLIENTENCODING"] {
+    for var in [
+        "PGDATA",
+        "PGPORT",
+        "PGHOST",
+        "PGOPTIONS",
+        "PGTZ",
+        "PGCLIENTENCODING",
+    ] {
         cmd.env_remove(var);
     }
     let parent_pid = std::process::id();
@@ -98,7 +105,14 @@ pub(super) fn supervised_command(program: &Path, run_as: Option<&OsUser>) -> Com
     // from a raw errno) and touches no locks.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGQUIT as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(io::Error::last_os_error());
             }
             // If the parent died between fork and prctl, the signal will never come: we have
@@ -114,8 +128,8 @@ pub(super) fn supervised_command(program: &Path, run_as: Option<&OsUser>) -> Com
 
 /// Sends `signal` to a child we spawned and have not reaped yet.
 pub(super) fn send_signal(child: &Child, signal: libc::c_int) -> io::Result<()> {
-    let pid = libc::pid_t::try_from(child.id())
-        .map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    let pid =
+        libc::pid_t::try_from(child.id()).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
     // SAFETY: kill has no memory-safety preconditions. The pid is our own unreaped child, so
     // it cannot have been recycled for another process.
     if unsafe { libc::kill(pid, signal) } != 0 {
@@ -149,7 +163,10 @@ pub(super) fn shut_down(child: &mut Child, timeout: Duration) -> io::Result<Exit
     if let Some(status) = wait_bounded(child, timeout)? {
         return Ok(status);
     }
-    tracing::warn!(pid = child.id(), "PostgreSQL ignored fast shutdown; killing it");
+    tracing::warn!(
+        pid = child.id(),
+        "PostgreSQL ignored fast shutdown; killing it"
+    );
     child.kill()?;
     child.wait()
 }

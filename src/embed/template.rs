@@ -4,6 +4,9 @@
 //! Many test processes start at once, so a template is built only under an exclusive `flock`,
 //! into a temporary directory that is `rename`d into place: a template directory that exists
 //! is complete. Instances never write into a template.
+//!
+//! The cache directory belongs to whoever created it first: a cache made by root is not
+//! writable by an ordinary user, who then needs their own via `PGPRISM_TEMPLATE_DIR`.
 
 use std::fs::{self, File};
 use std::io;
@@ -14,10 +17,10 @@ use std::process::Output;
 use std::thread;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
+use super::EmbedError;
 use super::binaries::PgBinaries;
 use super::datadir;
 use super::process::{self, OsUser};
-use super::EmbedError;
 
 /// Overrides where templates are kept.
 pub(super) const TEMPLATE_DIR_ENV: &str = "PGPRISM_TEMPLATE_DIR";
@@ -85,7 +88,11 @@ fn template_key(bins: &PgBinaries, superuser: &str) -> String {
         bins.bindir.display(),
         bins.version_major
     );
-    format!("{}-{:016x}", bins.version_major, fnv1a_64(identity.as_bytes()))
+    format!(
+        "{}-{:016x}",
+        bins.version_major,
+        fnv1a_64(identity.as_bytes())
+    )
 }
 
 /// FNV-1a: stable across Rust releases (std's `DefaultHasher` is not), and this is a cache
@@ -97,7 +104,9 @@ fn fnv1a_64(bytes: &[u8]) -> u64 {
 }
 
 /// Holds an exclusive `flock` until dropped (closing the file releases it).
-struct TemplateLock(#[allow(dead_code)] File);
+struct TemplateLock {
+    _file: File,
+}
 
 fn lock_exclusive(path: &Path) -> Result<TemplateLock, EmbedError> {
     let file = fs::OpenOptions::new()
@@ -111,7 +120,7 @@ fn lock_exclusive(path: &Path) -> Result<TemplateLock, EmbedError> {
         // SAFETY: the fd belongs to `file`, which stays open for the whole call.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc == 0 {
-            return Ok(TemplateLock(file));
+            return Ok(TemplateLock { _file: file });
         }
         let error = io::Error::last_os_error();
         match error.raw_os_error() {
@@ -184,7 +193,16 @@ fn run_initdb(
     process::supervised_command(&program, run_as)
         .arg("-D")
         .arg(dir)
-        .args(["-U", superuser, "-A", "trust", "-E", "UTF8", locale_arg, "--no-sync"])
+        .args([
+            "-U",
+            superuser,
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            locale_arg,
+            "--no-sync",
+        ])
         .output()
         .map_err(|source| EmbedError::Spawn { program, source })
 }
