@@ -159,6 +159,22 @@ fn path_instance_keeps_data_across_restart() {
 }
 
 #[test]
+fn path_dir_with_foreign_files_is_refused() {
+    let scratch = ScratchDir::new("foreign");
+    std::fs::write(scratch.0.join("precious.txt"), "keep me").expect("write");
+    let cfg = InstanceConfig {
+        data: DataDir::Path(scratch.0.clone()),
+        ..config("foreign")
+    };
+    let err = Instance::start(cfg).expect_err("must not copy a cluster over foreign files");
+    assert!(matches!(err, EmbedError::DataDirNotEmpty { .. }), "{err:?}");
+    assert_eq!(
+        std::fs::read_to_string(scratch.0.join("precious.txt")).expect("still there"),
+        "keep me"
+    );
+}
+
+#[test]
 fn memory_dir_is_removed_after_stop_and_drop() {
     let inst = Instance::start(config("mem")).expect("start");
     let dir = inst.data_dir().to_path_buf();

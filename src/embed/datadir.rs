@@ -89,6 +89,15 @@ pub(super) fn has_cluster(dir: &Path) -> bool {
     dir.join("PG_VERSION").is_file()
 }
 
+/// Whether `dir` exists and has anything in it.
+pub(super) fn has_entries(dir: &Path) -> Result<bool, EmbedError> {
+    match fs::read_dir(dir) {
+        Ok(mut entries) => Ok(entries.next().is_some()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(EmbedError::io("read directory", dir)(error)),
+    }
+}
+
 /// Creates `dir` (0700, as PostgreSQL demands) owned by the server's user.
 pub(super) fn create_owned_dir(dir: &Path, owner: Option<&OsUser>) -> Result<(), EmbedError> {
     if !dir.exists() {

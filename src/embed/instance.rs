@@ -74,6 +74,7 @@ impl Instance {
             data_dir,
             memory,
             superuser: cfg.superuser.clone(),
+            // initdb always creates `postgres`; use it until cfg.database surely exists.
             database: "postgres".to_owned(),
             psql_path: if psql.is_file() {
                 psql
@@ -208,6 +209,13 @@ fn start_in(
     memory: bool,
 ) -> Result<(Child, u16), EmbedError> {
     if !datadir::has_cluster(data_dir) {
+        // Copying a cluster over someone's files would mix the two; only an empty or
+        // missing directory becomes a new cluster.
+        if datadir::has_entries(data_dir)? {
+            return Err(EmbedError::DataDirNotEmpty {
+                path: data_dir.to_path_buf(),
+            });
+        }
         datadir::create_owned_dir(data_dir, run_as)?;
         datadir::copy_tree(template, data_dir, run_as)?;
     }

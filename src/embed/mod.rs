@@ -112,6 +112,11 @@ pub enum EmbedError {
         output_tail: String,
     },
 
+    #[error(
+        "data directory {path} is not empty and holds no PostgreSQL cluster; refusing to use it"
+    )]
+    DataDirNotEmpty { path: PathBuf },
+
     #[error("timed out after {waited_ms} ms waiting for the template lock {path}")]
     TemplateLockTimeout { path: PathBuf, waited_ms: u64 },
 
