@@ -1,0 +1,313 @@
+//! Preparing a data directory: copying the template, handing it to the server's OS user,
+//! writing our settings and `pg_hba.conf`, and removing memory directories. Never removes a
+//! directory that is not a memory directory made by this module.
+
+use std::fs;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::process::OsUser;
+use super::{EmbedError, InstanceConfig};
+
+/// File our per-start settings go into; the template's `postgresql.conf` includes it.
+pub(super) const SETTINGS_FILE: &str = "pgprism.conf";
+/// Server stdout/stderr, kept in the data directory for debugging.
+pub(super) const LOG_FILE: &str = "server.log";
+/// Prefix of memory data directories, followed by `<pid>-<seq>-<name>`; the pid lets a
+/// later process find directories whose owner died without cleaning up.
+const MEMORY_PREFIX: &str = "pgprism-";
+/// Longest unix socket path the kernel accepts (`sun_path` is 108 bytes with the NUL).
+const SOCKET_PATH_BYTES_MAX: usize = 107;
+/// Bound on stale memory directories removed per start, so a huge /dev/shm costs little.
+const SWEEP_ENTRIES_MAX: usize = 256;
+
+static MEMORY_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// The tmpfs where memory instances live; the temp dir when there is no /dev/shm.
+fn memory_root() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// A new, unique path for a memory instance (not created yet).
+pub(super) fn new_memory_path(name: &str) -> PathBuf {
+    let seq = MEMORY_SEQ.fetch_add(1, Ordering::Relaxed);
+    // Only a short, safe slice of the name: it ends up in the socket path.
+    let safe: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+        .take(24)
+        .collect();
+    memory_root().join(format!(
+        "{MEMORY_PREFIX}{}-{seq}-{safe}",
+        std::process::id()
+    ))
+}
+
+/// Best effort: removes memory directories left by processes that no longer exist (killed
+/// test runs). Their servers died with them through the parent-death signal.
+pub(super) fn sweep_stale_memory_dirs() {
+    let Ok(entries) = fs::read_dir(memory_root()) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok).take(SWEEP_ENTRIES_MAX) {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(MEMORY_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        if pid <= 0 || process_exists(pid) {
+            continue;
+        }
+        let path = entry.path();
+        // Only directories that look like ours: a cluster or a half-made copy of one.
+        if path.join(LOG_FILE).exists() || path.join("PG_VERSION").exists() {
+            tracing::debug!(path = %path.display(), "removing stale memory data dir");
+            let _ = fs::remove_dir_all(&path);
+        }
+    }
+}
+
+fn process_exists(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission; it delivers nothing.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Whether `dir` already holds a cluster.
+pub(super) fn has_cluster(dir: &Path) -> bool {
+    dir.join("PG_VERSION").is_file()
+}
+
+/// Whether `dir` exists and has anything in it.
+pub(super) fn has_entries(dir: &Path) -> Result<bool, EmbedError> {
+    match fs::read_dir(dir) {
+        Ok(mut entries) => Ok(entries.next().is_some()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(EmbedError::io("read directory", dir)(error)),
+    }
+}
+
+/// Creates `dir` (0700, as PostgreSQL demands) owned by the server's user.
+pub(super) fn create_owned_dir(dir: &Path, owner: Option<&OsUser>) -> Result<(), EmbedError> {
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(EmbedError::io("create directory", dir))?;
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(EmbedError::io("set permissions of", dir))?;
+    chown(dir, owner)
+}
+
+fn chown(path: &Path, owner: Option<&OsUser>) -> Result<(), EmbedError> {
+    match owner {
+        Some(user) => std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))
+            .map_err(EmbedError::io("change owner of", path)),
+        None => Ok(()),
+    }
+}
+
+/// Copies the template's contents into the existing directory `to`, preserving modes and
+/// giving every entry to `owner`. The template is never modified.
+pub(super) fn copy_tree(from: &Path, to: &Path, owner: Option<&OsUser>) -> Result<(), EmbedError> {
+    for entry in fs::read_dir(from).map_err(EmbedError::io("read directory", from))? {
+        let entry = entry.map_err(EmbedError::io("read directory", from))?;
+        let source = entry.path();
+        let target = to.join(entry.file_name());
+        let kind = entry.file_type().map_err(EmbedError::io("stat", &source))?;
+        if kind.is_dir() {
+            let mode = entry
+                .metadata()
+                .map_err(EmbedError::io("stat", &source))?
+                .permissions()
+                .mode();
+            fs::DirBuilder::new()
+                .mode(mode & 0o7777)
+                .create(&target)
+                .map_err(EmbedError::io("create directory", &target))?;
+            chown(&target, owner)?;
+            copy_tree(&source, &target, owner)?;
+        } else if kind.is_symlink() {
+            let link = fs::read_link(&source).map_err(EmbedError::io("read link", &source))?;
+            std::os::unix::fs::symlink(&link, &target)
+                .map_err(EmbedError::io("create symlink", &target))?;
+            chown(&target, owner)?;
+        } else {
+            // fs::copy keeps the permission bits and uses copy_file_range where it can.
+            fs::copy(&source, &target).map_err(EmbedError::io("copy file to", &target))?;
+            chown(&target, owner)?;
+        }
+    }
+    Ok(())
+}
+
+/// A `postgresql.conf` string literal: quoted, with quotes doubled and backslashes escaped.
+fn conf_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// Writes the settings for one start into [`SETTINGS_FILE`] (rewritten each start, so a
+/// reused directory gets the new port instead of an ever-growing config).
+pub(super) fn write_settings(
+    dir: &Path,
+    cfg: &InstanceConfig,
+    port: u16,
+    memory: bool,
+    owner: Option<&OsUser>,
+) -> Result<(), EmbedError> {
+    let socket_dir = dir.to_string_lossy();
+    // A unix socket path over the kernel limit makes the postmaster fail; TCP alone is
+    // enough for everything here, so leave the socket out instead.
+    let socket_path_bytes = socket_dir.len() + "/.s.PGSQL.65535".len();
+    let socket_dirs = if socket_path_bytes <= SOCKET_PATH_BYTES_MAX {
+        socket_dir.into_owned()
+    } else {
+        tracing::warn!(dir = %dir.display(), "data dir path too long for a unix socket; TCP only");
+        String::new()
+    };
+    let port_text = port.to_string();
+    let mut settings: Vec<(&str, &str)> = vec![
+        ("port", &port_text),
+        ("listen_addresses", &cfg.host),
+        ("unix_socket_directories", &socket_dirs),
+        // Throw-away servers: durability buys nothing and costs test time.
+        ("fsync", "off"),
+        ("synchronous_commit", "off"),
+        // Tests open a couple of hundred concurrent clients.
+        ("max_connections", "300"),
+        // CDC reads logical replication from these servers.
+        ("wal_level", "logical"),
+        ("max_wal_senders", "10"),
+        ("max_replication_slots", "10"),
+        ("shared_buffers", "32MB"),
+    ];
+    if memory {
+        settings.push(("full_page_writes", "off"));
+    }
+    settings.extend(cfg.settings.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let mut text = String::from("# Written by pgprism embed on every start; edits are lost.\n");
+    for (name, value) in settings {
+        text.push_str(name);
+        text.push_str(" = ");
+        text.push_str(&conf_quote(value));
+        text.push('\n');
+    }
+    write_owned(&dir.join(SETTINGS_FILE), &text, owner)
+}
+
+/// Writes `pg_hba.conf`: the caller's lines first (first match wins), then trust for local
+/// connections, including replication.
+pub(super) fn write_hba(
+    dir: &Path,
+    hba: &[String],
+    owner: Option<&OsUser>,
+) -> Result<(), EmbedError> {
+    let mut text = String::from("# Written by pgprism embed on every start; edits are lost.\n");
+    for line in hba {
+        text.push_str(line);
+        text.push('\n');
+    }
+    for database in ["all", "replication"] {
+        text.push_str(&format!("local {database} all trust\n"));
+        text.push_str(&format!("host {database} all 127.0.0.1/32 trust\n"));
+        text.push_str(&format!("host {database} all ::1/128 trust\n"));
+    }
+    write_owned(&dir.join("pg_hba.conf"), &text, owner)
+}
+
+/// Makes sure `postgresql.conf` includes [`SETTINGS_FILE`] (the template has it; a cluster
+/// made elsewhere may not).
+pub(super) fn ensure_settings_include(dir: &Path) -> Result<(), EmbedError> {
+    let conf = dir.join("postgresql.conf");
+    let text = fs::read_to_string(&conf).map_err(EmbedError::io("read", &conf))?;
+    if text.contains(&include_line()) {
+        return Ok(());
+    }
+    let mut file = fs::OpenOptions::new()
+        .append(true)
+        .open(&conf)
+        .map_err(EmbedError::io("open", &conf))?;
+    io::Write::write_all(&mut file, format!("\n{}\n", include_line()).as_bytes())
+        .map_err(EmbedError::io("append to", &conf))
+}
+
+pub(super) fn include_line() -> String {
+    format!("include_if_exists = '{SETTINGS_FILE}'")
+}
+
+fn write_owned(path: &Path, text: &str, owner: Option<&OsUser>) -> Result<(), EmbedError> {
+    fs::write(path, text).map_err(EmbedError::io("write", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+        .map_err(EmbedError::io("set permissions of", path))?;
+    chown(path, owner)
+}
+
+/// Opens (appending) the server log, owned by the server's user so it can be read there too.
+pub(super) fn open_log(dir: &Path, owner: Option<&OsUser>) -> Result<fs::File, EmbedError> {
+    let path = dir.join(LOG_FILE);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(EmbedError::io("open", &path))?;
+    chown(&path, owner)?;
+    Ok(file)
+}
+
+/// The last lines of a log file written after byte `since_bytes`, for error messages; a
+/// note instead when it cannot be read.
+pub(super) fn tail(path: &Path, since_bytes: u64) -> String {
+    const TAIL_BYTES_MAX: u64 = 4096;
+    const TAIL_LINES_MAX: usize = 20;
+    let read = || -> io::Result<String> {
+        let mut file = fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        file.seek(SeekFrom::Start(
+            len.saturating_sub(TAIL_BYTES_MAX).max(since_bytes),
+        ))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    };
+    match read() {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(TAIL_LINES_MAX)..].join("\n")
+        }
+        Err(_) => format!("(could not read {})", path.display()),
+    }
+}
+
+/// Removes a memory data directory; logs instead of failing, since it runs in `Drop` too.
+pub(super) fn remove_memory_dir(dir: &Path) {
+    if let Err(error) = fs::remove_dir_all(dir)
+        && error.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), %error, "could not remove memory data dir");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::conf_quote;
+
+    #[test]
+    fn quotes_conf_values() {
+        assert_eq!(conf_quote("300"), "'300'");
+        assert_eq!(conf_quote("it's"), "'it''s'");
+        assert_eq!(conf_quote(r"a\b"), r"'a\\b'");
+    }
+}

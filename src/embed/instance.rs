@@ -1,0 +1,439 @@
+//! One running PostgreSQL server: start (template copy, settings, spawn, readiness), the
+//! `psql` helper, and stop. Owns its child process and, for memory instances, its data
+//! directory; never outlives the thread that started it (see [`Instance::start`]).
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::binaries::PgBinaries;
+use super::datadir;
+use super::process::{self, OsUser};
+use super::template;
+use super::{DataDir, EmbedError, InstanceConfig};
+
+/// Bound on start attempts when we pick the port and other processes keep taking it first.
+const PORT_ATTEMPTS_MAX: u32 = 10;
+/// `postmaster.pid` is polled this often while waiting for `ready`.
+const READY_POLL_MS: u64 = 5;
+/// Line 8 of `postmaster.pid` once the server accepts connections (PM_STATUS_READY).
+const PM_STATUS_READY: &str = "ready";
+
+/// A running PostgreSQL server started by [`Instance::start`]. Dropping it stops the server.
+#[derive(Debug)]
+pub struct Instance {
+    /// `None` once stopped, so `Drop` after `stop` does nothing.
+    child: Option<Child>,
+    host: String,
+    port: u16,
+    data_dir: PathBuf,
+    /// Memory instances remove their directory when they stop.
+    memory: bool,
+    superuser: String,
+    database: String,
+    psql_path: PathBuf,
+    stop_timeout: Duration,
+}
+
+impl Instance {
+    /// Starts a server and waits until it accepts connections.
+    ///
+    /// The server gets a parent-death signal so it does not outlive a crashed test process;
+    /// Linux sends it when the *thread* that spawned the server exits. Call this from a
+    /// thread that outlives the instance (a test's own thread is fine; a short-lived helper
+    /// thread is not).
+    pub fn start(cfg: InstanceConfig) -> Result<Instance, EmbedError> {
+        let started = Instant::now();
+        let bins = PgBinaries::locate(cfg.bindir.as_deref())?;
+        let run_as = process::server_user(cfg.os_user.as_deref())?;
+        let template = template::ensure(&bins, &cfg.superuser, run_as.as_ref())?;
+        let (data_dir, memory) = match &cfg.data {
+            DataDir::Memory => {
+                datadir::sweep_stale_memory_dirs();
+                (datadir::new_memory_path(&cfg.name), true)
+            }
+            DataDir::Path(path) => {
+                let absolute =
+                    std::path::absolute(path).map_err(EmbedError::io("resolve", path))?;
+                (absolute, false)
+            }
+        };
+        let result = start_in(&cfg, &bins, run_as.as_ref(), &template, &data_dir, memory);
+        if result.is_err() && memory {
+            datadir::remove_memory_dir(&data_dir);
+        }
+        let (child, port) = result?;
+        let psql = bins.program("psql");
+        let mut instance = Instance {
+            child: Some(child),
+            host: cfg.host.clone(),
+            port,
+            data_dir,
+            memory,
+            superuser: cfg.superuser.clone(),
+            // initdb always creates `postgres`; use it until cfg.database surely exists.
+            database: "postgres".to_owned(),
+            psql_path: if psql.is_file() {
+                psql
+            } else {
+                PathBuf::from("psql")
+            },
+            stop_timeout: Duration::from_millis(cfg.stop_timeout_ms),
+        };
+        // Dropping `instance` on error stops the server again.
+        instance.ensure_database(&cfg.database)?;
+        instance.database = cfg.database;
+        tracing::debug!(
+            port,
+            data_dir = %instance.data_dir.display(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "PostgreSQL started"
+        );
+        Ok(instance)
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Process id of the postmaster; 0 once stopped.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The `psql` this instance uses (from the server's bindir, else `psql` on PATH).
+    pub fn psql_path(&self) -> &Path {
+        &self.psql_path
+    }
+
+    /// `postgres://superuser@host:port/database`; the superuser authenticates with `trust`.
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://{}@{}:{}/{}",
+            percent_encode(&self.superuser),
+            url_host(&self.host),
+            self.port,
+            percent_encode(&self.database)
+        )
+    }
+
+    pub fn url_for(&self, user: &str, password: &str, database: &str) -> String {
+        format!(
+            "postgres://{}:{}@{}:{}/{}",
+            percent_encode(user),
+            percent_encode(password),
+            url_host(&self.host),
+            self.port,
+            percent_encode(database)
+        )
+    }
+
+    /// Runs SQL with the system `psql` as the superuser (unaligned, tuples only, stop on the
+    /// first error) and returns its stdout.
+    pub fn psql(&self, sql: &str) -> Result<String, EmbedError> {
+        run_psql(
+            &self.psql_path,
+            &self.host,
+            self.port,
+            &self.superuser,
+            &self.database,
+            sql,
+        )
+    }
+
+    /// Fast shutdown, a bounded wait, SIGKILL if it did not stop; then removes a memory
+    /// data directory.
+    pub fn stop(mut self) -> Result<(), EmbedError> {
+        self.shut_down()
+    }
+
+    fn shut_down(&mut self) -> Result<(), EmbedError> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let result = process::shut_down(&mut child, self.stop_timeout);
+        if self.memory {
+            datadir::remove_memory_dir(&self.data_dir);
+        }
+        let status = result.map_err(EmbedError::io("stop server in", &self.data_dir))?;
+        tracing::debug!(%status, data_dir = %self.data_dir.display(), "PostgreSQL stopped");
+        Ok(())
+    }
+
+    fn ensure_database(&self, database: &str) -> Result<(), EmbedError> {
+        if database == self.database {
+            return Ok(());
+        }
+        let literal = database.replace('\'', "''");
+        let exists = self.psql(&format!(
+            "SELECT 1 FROM pg_database WHERE datname = '{literal}'"
+        ))?;
+        if exists.trim().is_empty() {
+            let ident = database.replace('"', "\"\"");
+            self.psql(&format!("CREATE DATABASE \"{ident}\""))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if let Err(error) = self.shut_down() {
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                "stopping PostgreSQL on drop failed"
+            );
+        }
+    }
+}
+
+/// Prepares `data_dir` and starts the server there, retrying on port races when we chose
+/// the port. Returns the running child and its port.
+fn start_in(
+    cfg: &InstanceConfig,
+    bins: &PgBinaries,
+    run_as: Option<&OsUser>,
+    template: &Path,
+    data_dir: &Path,
+    memory: bool,
+) -> Result<(Child, u16), EmbedError> {
+    if !datadir::has_cluster(data_dir) {
+        // Copying a cluster over someone's files would mix the two; only an empty or
+        // missing directory becomes a new cluster.
+        if datadir::has_entries(data_dir)? {
+            return Err(EmbedError::DataDirNotEmpty {
+                path: data_dir.to_path_buf(),
+            });
+        }
+        datadir::create_owned_dir(data_dir, run_as)?;
+        datadir::copy_tree(template, data_dir, run_as)?;
+    }
+    datadir::ensure_settings_include(data_dir)?;
+    datadir::write_hba(data_dir, &cfg.hba, run_as)?;
+    let mut attempt = 1;
+    loop {
+        let port = match cfg.port {
+            Some(port) => port,
+            None => free_port(&cfg.host, data_dir)?,
+        };
+        datadir::write_settings(data_dir, cfg, port, memory, run_as)?;
+        match spawn_and_wait(cfg, bins, run_as, data_dir) {
+            Ok(child) => return Ok((child, port)),
+            Err(EmbedError::PortInUse { .. })
+                if cfg.port.is_none() && attempt < PORT_ATTEMPTS_MAX =>
+            {
+                tracing::debug!(port, attempt, "picked port was taken meanwhile; retrying");
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// A port that was free a moment ago: bind port 0, read what the kernel chose, close it.
+/// Another process may take it before the server binds; the caller retries then.
+fn free_port(host: &str, data_dir: &Path) -> Result<u16, EmbedError> {
+    let ip = host
+        .parse::<IpAddr>()
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let listener = TcpListener::bind(SocketAddr::new(ip, 0))
+        .map_err(EmbedError::io("bind a free port for", data_dir))?;
+    let port = listener
+        .local_addr()
+        .map_err(EmbedError::io("bind a free port for", data_dir))?
+        .port();
+    Ok(port)
+}
+
+fn spawn_and_wait(
+    cfg: &InstanceConfig,
+    bins: &PgBinaries,
+    run_as: Option<&OsUser>,
+    data_dir: &Path,
+) -> Result<Child, EmbedError> {
+    let log = datadir::open_log(data_dir, run_as)?;
+    // Only this attempt's lines explain this attempt's failure.
+    let log_start_bytes = log.metadata().map_or(0, |m| m.len());
+    let log_err = log
+        .try_clone()
+        .map_err(EmbedError::io("open", data_dir.join(datadir::LOG_FILE)))?;
+    let program = bins.program("postgres");
+    let mut child = process::supervised_command(&program, run_as)
+        .arg("-D")
+        .arg(data_dir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .spawn()
+        .map_err(|source| EmbedError::Spawn { program, source })?;
+    match wait_ready(&mut child, cfg, data_dir, log_start_bytes) {
+        Ok(()) => Ok(child),
+        Err(error) => {
+            // Do not leave a half-started server behind; its state no longer matters.
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(error)
+        }
+    }
+}
+
+/// Polls `postmaster.pid` until it is ours and says `ready`, failing early when the server
+/// exits (with the log tail) and after `start_timeout_ms`.
+fn wait_ready(
+    child: &mut Child,
+    cfg: &InstanceConfig,
+    data_dir: &Path,
+    log_start_bytes: u64,
+) -> Result<(), EmbedError> {
+    let pid_file = data_dir.join("postmaster.pid");
+    let log_file = data_dir.join(datadir::LOG_FILE);
+    let timeout = Duration::from_millis(cfg.start_timeout_ms);
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(EmbedError::io("wait for server in", data_dir))?
+        {
+            let log_tail = datadir::tail(&log_file, log_start_bytes);
+            // The postmaster logs this and exits when it cannot listen on its port.
+            if log_tail.contains("could not bind")
+                || log_tail.contains("could not create any TCP/IP sockets")
+            {
+                return Err(EmbedError::PortInUse {
+                    host: cfg.host.clone(),
+                    port: port_of(cfg, data_dir),
+                    log_tail,
+                });
+            }
+            return Err(EmbedError::ChildExited {
+                data_dir: data_dir.to_path_buf(),
+                status: status.to_string(),
+                log_tail,
+            });
+        }
+        // A stale file from an earlier run has another pid on line 1; only ours counts.
+        if let Ok(text) = fs::read_to_string(&pid_file) {
+            let mut lines = text.lines();
+            let pid_matches = lines.next().map(str::trim) == Some(child.id().to_string().as_str());
+            let status = lines.nth(6).map(str::trim);
+            if pid_matches && status == Some(PM_STATUS_READY) {
+                return Ok(());
+            }
+        }
+        if started.elapsed() >= timeout {
+            return Err(EmbedError::StartTimeout {
+                data_dir: data_dir.to_path_buf(),
+                waited_ms: cfg.start_timeout_ms,
+                log_tail: datadir::tail(&log_file, log_start_bytes),
+            });
+        }
+        thread::sleep(Duration::from_millis(READY_POLL_MS));
+    }
+}
+
+/// The port written for this attempt (for the error message).
+fn port_of(cfg: &InstanceConfig, data_dir: &Path) -> u16 {
+    if let Some(port) = cfg.port {
+        return port;
+    }
+    fs::read_to_string(data_dir.join(datadir::SETTINGS_FILE))
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("port = '"))
+                .and_then(|rest| rest.trim_end_matches('\'').parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn run_psql(
+    psql: &Path,
+    host: &str,
+    port: u16,
+    user: &str,
+    database: &str,
+    sql: &str,
+) -> Result<String, EmbedError> {
+    let output = Command::new(psql)
+        .args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-At",
+            "-h",
+            host,
+            "-U",
+            user,
+            "-d",
+            database,
+        ])
+        .arg("-p")
+        .arg(port.to_string())
+        .arg("-c")
+        .arg(sql)
+        // Never prompt: a password prompt would hang the test instead of failing it.
+        .arg("-w")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env_remove("PGOPTIONS")
+        .env_remove("PGSERVICE")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| EmbedError::Spawn {
+            program: psql.to_path_buf(),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(EmbedError::PsqlFailed {
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// IPv6 literals need brackets in URLs.
+fn url_host(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters, so any user, password or
+/// database name survives the URL.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{percent_encode, url_host};
+
+    #[test]
+    fn encodes_url_parts() {
+        assert_eq!(percent_encode("u"), "u");
+        assert_eq!(percent_encode("p@ss word/:"), "p%40ss%20word%2F%3A");
+        assert_eq!(url_host("::1"), "[::1]");
+        assert_eq!(url_host("127.0.0.1"), "127.0.0.1");
+    }
+}

@@ -1,0 +1,350 @@
+//! Integration tests for `pgprism::embed` against real PostgreSQL servers started from the
+//! system binaries. Each test starts its own instances, so they run in parallel (nextest runs
+//! each in its own process).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use pgprism::embed::{DataDir, EmbedError, Instance, InstanceConfig, PgBinaries};
+
+fn config(name: &str) -> InstanceConfig {
+    InstanceConfig {
+        name: name.to_owned(),
+        ..InstanceConfig::default()
+    }
+}
+
+/// A directory under the temp dir unique to this process and test, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("pgprism-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        Self(dir)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// psql as an arbitrary role over TCP with the password in PGPASSWORD, never prompting.
+fn psql_with_password(inst: &Instance, user: &str, password: &str, sql: &str) -> Output {
+    Command::new(inst.psql_path())
+        .args([
+            "-X",
+            "-w",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            inst.host(),
+            "-U",
+            user,
+        ])
+        .args(["-d", "postgres", "-p", &inst.port().to_string(), "-c", sql])
+        .env("PGPASSWORD", password)
+        .env("PGPASSFILE", "/nonexistent")
+        .output()
+        .expect("run psql")
+}
+
+fn process_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks whether the process exists.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
+
+#[test]
+fn two_instances_are_isolated() {
+    let a = Instance::start(config("iso-a")).expect("start a");
+    let b = Instance::start(config("iso-b")).expect("start b");
+    assert_ne!(a.port(), b.port());
+    assert_ne!(a.data_dir(), b.data_dir());
+
+    a.psql("CREATE TABLE only_in_a (id int); INSERT INTO only_in_a VALUES (42);")
+        .expect("create in a");
+    assert_eq!(
+        a.psql("SELECT id FROM only_in_a").expect("select a").trim(),
+        "42"
+    );
+    let absent = b
+        .psql("SELECT count(*) FROM pg_class WHERE relname = 'only_in_a'")
+        .expect("query b");
+    assert_eq!(absent.trim(), "0");
+    let err = b
+        .psql("SELECT * FROM only_in_a")
+        .expect_err("table must be absent in b");
+    assert!(
+        matches!(err, EmbedError::PsqlFailed { ref stderr, .. } if stderr.contains("does not exist")),
+        "{err:?}"
+    );
+
+    a.stop().expect("stop a");
+    b.stop().expect("stop b");
+}
+
+#[test]
+fn defaults_are_applied_and_database_is_created() {
+    let cfg = InstanceConfig {
+        database: "app db".to_owned(),
+        settings: vec![("work_mem".to_owned(), "7MB".to_owned())],
+        ..config("defaults")
+    };
+    let inst = Instance::start(cfg).expect("start");
+    let show = |name: &str| {
+        inst.psql(&format!("SHOW {name}"))
+            .expect("show")
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(show("max_connections"), "300");
+    assert_eq!(show("wal_level"), "logical");
+    assert_eq!(show("max_replication_slots"), "10");
+    assert_eq!(show("fsync"), "off");
+    assert_eq!(show("full_page_writes"), "off");
+    assert_eq!(show("work_mem"), "7MB");
+    assert_eq!(
+        inst.psql("SELECT current_database()").expect("db").trim(),
+        "app db"
+    );
+    assert_eq!(show("server_encoding"), "UTF8");
+    assert_eq!(
+        inst.url(),
+        format!("postgres://postgres@127.0.0.1:{}/app%20db", inst.port())
+    );
+    // The unix socket lives in the data dir, so nothing needs /var/run/postgresql.
+    assert!(
+        inst.data_dir()
+            .join(format!(".s.PGSQL.{}", inst.port()))
+            .exists()
+    );
+    assert!(inst.data_dir().join("server.log").exists());
+}
+
+#[test]
+fn path_instance_keeps_data_across_restart() {
+    let scratch = ScratchDir::new("keep");
+    let dir = scratch.0.join("data");
+    let cfg = InstanceConfig {
+        data: DataDir::Path(dir.clone()),
+        ..config("keep")
+    };
+    let first = Instance::start(cfg.clone()).expect("first start");
+    assert_eq!(first.data_dir(), dir);
+    first
+        .psql("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('still here');")
+        .expect("write");
+    first.stop().expect("stop");
+    assert!(
+        dir.join("PG_VERSION").exists(),
+        "path data dir must be kept"
+    );
+
+    let second = Instance::start(cfg).expect("second start");
+    assert_eq!(
+        second.psql("SELECT v FROM kept").expect("read").trim(),
+        "still here"
+    );
+    // Path instances are durable-ish: full_page_writes stays on.
+    assert_eq!(
+        second.psql("SHOW full_page_writes").expect("show").trim(),
+        "on"
+    );
+    second.stop().expect("stop again");
+}
+
+#[test]
+fn path_dir_with_foreign_files_is_refused() {
+    let scratch = ScratchDir::new("foreign");
+    std::fs::write(scratch.0.join("precious.txt"), "keep me").expect("write");
+    let cfg = InstanceConfig {
+        data: DataDir::Path(scratch.0.clone()),
+        ..config("foreign")
+    };
+    let err = Instance::start(cfg).expect_err("must not copy a cluster over foreign files");
+    assert!(matches!(err, EmbedError::DataDirNotEmpty { .. }), "{err:?}");
+    assert_eq!(
+        std::fs::read_to_string(scratch.0.join("precious.txt")).expect("still there"),
+        "keep me"
+    );
+}
+
+#[test]
+fn memory_dir_is_removed_after_stop_and_drop() {
+    let inst = Instance::start(config("mem")).expect("start");
+    let dir = inst.data_dir().to_path_buf();
+    assert!(dir.starts_with("/dev/shm"), "{}", dir.display());
+    assert!(dir.join("PG_VERSION").exists());
+    inst.stop().expect("stop");
+    assert!(
+        !dir.exists(),
+        "memory data dir {} left behind",
+        dir.display()
+    );
+
+    // Drop does the same, and the server is gone afterwards.
+    let inst = Instance::start(config("mem-drop")).expect("start");
+    let dir = inst.data_dir().to_path_buf();
+    let pid = inst.pid();
+    drop(inst);
+    assert!(
+        !dir.exists(),
+        "memory data dir {} left behind by drop",
+        dir.display()
+    );
+    assert!(!process_alive(pid), "postmaster {pid} survived drop");
+}
+
+#[test]
+fn second_instance_on_a_used_port_is_port_in_use() {
+    let first = Instance::start(config("port-a")).expect("start first");
+    let cfg = InstanceConfig {
+        port: Some(first.port()),
+        ..config("port-b")
+    };
+    let err = Instance::start(cfg).expect_err("second start on the same port must fail");
+    match err {
+        EmbedError::PortInUse { port, .. } => assert_eq!(port, first.port()),
+        other => panic!("expected PortInUse, got {other:?}"),
+    }
+    // The first one is untouched.
+    assert_eq!(
+        first.psql("SELECT 1").expect("first still serves").trim(),
+        "1"
+    );
+}
+
+#[test]
+fn locate_rejects_a_configured_dir_that_does_not_exist() {
+    let err = PgBinaries::locate(Some(Path::new("/nonexistent"))).expect_err("must not fall back");
+    assert!(
+        matches!(err, EmbedError::ConfiguredBindirInvalid { .. }),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("apt-get install postgresql"),
+        "{err}"
+    );
+
+    let found = PgBinaries::locate(None).expect("system binaries");
+    assert!(found.bindir.join("postgres").is_file());
+    assert!(found.version_major >= 10, "{found:?}");
+    let again = PgBinaries::locate(Some(&found.bindir)).expect("explicit dir");
+    assert_eq!(again, found);
+}
+
+#[test]
+fn scram_hba_line_is_enforced_for_a_role_with_a_password() {
+    let cfg = InstanceConfig {
+        hba: vec!["host all u 127.0.0.1/32 scram-sha-256".to_owned()],
+        ..config("scram")
+    };
+    let inst = Instance::start(cfg).expect("start");
+    inst.psql("CREATE ROLE u LOGIN PASSWORD 'p'")
+        .expect("create role");
+
+    let ok = psql_with_password(&inst, "u", "p", "SELECT current_user");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "u");
+
+    let bad = psql_with_password(&inst, "u", "wrong", "SELECT current_user");
+    assert!(!bad.status.success(), "wrong password was accepted");
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("password authentication failed"),
+        "{stderr}"
+    );
+
+    // url_for carries the credentials too.
+    let via_url = Command::new(inst.psql_path())
+        .args(["-X", "-w", "-At", "-c", "SELECT current_user"])
+        .arg(inst.url_for("u", "p", "postgres"))
+        .env("PGPASSFILE", "/nonexistent")
+        .output()
+        .expect("run psql");
+    assert!(
+        via_url.status.success(),
+        "{}",
+        String::from_utf8_lossy(&via_url.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&via_url.stdout).trim(), "u");
+}
+
+#[test]
+fn server_dies_when_the_spawning_thread_exits() {
+    // The instance is leaked on purpose: only the parent-death signal can stop the server.
+    // As root the server runs as `postgres`, so this also shows the signal survives the uid
+    // switch std does before our pre_exec hook.
+    let (pid, dir) = std::thread::spawn(|| {
+        let inst = Instance::start(config("pdeath")).expect("start");
+        let out = (inst.pid(), inst.data_dir().to_path_buf());
+        std::mem::forget(inst);
+        out
+    })
+    .join()
+    .expect("thread");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut reaped = false;
+    while Instant::now() < deadline {
+        let mut status = 0;
+        // SAFETY: pid is our own child (leaked by the instance); WNOHANG never blocks.
+        let rc = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+        if rc == pid as libc::pid_t {
+            reaped = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        reaped,
+        "postmaster {pid} still running after its spawning thread exited"
+    );
+}
+
+#[test]
+fn many_instances_start_concurrently() {
+    // Races for ports and for the template lock, as in a parallel test run.
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let inst = Instance::start(config(&format!("conc-{i}"))).expect("start");
+                let got = inst.psql(&format!("SELECT {i}")).expect("query");
+                inst.stop().expect("stop");
+                got.trim().parse::<i32>().expect("number")
+            })
+        })
+        .collect();
+    let results: Vec<i32> = handles
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect();
+    assert_eq!(results, vec![0, 1, 2, 3]);
+}
+
+#[test]
+fn start_time_with_a_cached_template() {
+    // The first start may build the template; measure the ones after it.
+    Instance::start(config("warm"))
+        .expect("warm-up start")
+        .stop()
+        .expect("stop");
+    let mut timings_ms = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let inst = Instance::start(config("timed")).expect("start");
+        timings_ms.push(started.elapsed().as_millis());
+        inst.stop().expect("stop");
+    }
+    println!("Instance::start with a cached template: {timings_ms:?} ms");
+}
