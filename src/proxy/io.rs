@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
@@ -43,13 +43,20 @@ pub(crate) async fn read_into(
 /// A second handle on the same socket, so one task can read while another writes without a
 /// lock between them (both tasks live on the same shard).
 pub(crate) fn duplicate(stream: &TcpStream) -> io::Result<TcpStream> {
+    let fd = duplicate_fd(stream.as_raw_fd())?;
+    // SAFETY: `fd` is a fresh descriptor we own exclusively; the new TcpStream closes it.
+    Ok(unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) })
+}
+
+/// `dup(2)` into an owned descriptor.
+pub(crate) fn duplicate_fd(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: `dup` has no memory-safety preconditions; a negative result is checked below.
-    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
-    if fd < 0 {
+    let new = unsafe { libc::dup(fd) };
+    if new < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: `fd` is a fresh descriptor we own exclusively; the new TcpStream closes it.
-    Ok(unsafe { TcpStream::from_raw_fd(fd) })
+    // SAFETY: `new` is a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
 /// Shuts both directions of a socket down so that every handle on it (the other task's

@@ -13,7 +13,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 
-use super::io::{duplicate, read_into, send_now, shutdown_both, within};
+use super::io::{duplicate, duplicate_fd, read_into, send_now, shutdown_both, within};
 use super::stats::ShardStats;
 use crate::wire::{self, StartupPacket, sqlstate};
 
@@ -87,8 +87,8 @@ impl ShardCtx {
             );
             // The downstream pump is parked on a read of the primary (the session is idle),
             // so this write does not interleave with one of its writes.
-            send_now(session.client_fd, &msg);
-            shutdown_both(session.client_fd);
+            send_now(session.client_ctl.as_raw_fd(), &msg);
+            shutdown_both(session.client_ctl.as_raw_fd());
             ShardStats::bump(&self.stats.counters.shutdown_closed, 1);
             closed += 1;
         }
@@ -98,8 +98,10 @@ impl ShardCtx {
 
 /// State both pumps of one session see. Single-threaded: `Cell`s, no locks.
 struct SessionShared {
-    client_fd: RawFd,
-    primary_fd: RawFd,
+    /// A handle on the client socket owned by this struct, for writes from outside the pumps
+    /// (drain, watchdog). Raw fd numbers of the pumps' own handles must never be used from
+    /// elsewhere: once a pump drops its handle the number can belong to another connection.
+    client_ctl: OwnedFd,
     /// Set by the first ReadyForQuery: startup and authentication are complete.
     ready: Cell<bool>,
     /// Transaction status of the last ReadyForQuery: `I`, `T` or `E`.
@@ -284,8 +286,7 @@ async fn relay(
     let client_tx = duplicate(&client)?;
     let primary_tx = duplicate(&primary)?;
     let shared = Rc::new(SessionShared {
-        client_fd: client.as_raw_fd(),
-        primary_fd: primary.as_raw_fd(),
+        client_ctl: duplicate_fd(client.as_raw_fd())?,
         ready: Cell::new(false),
         status: Cell::new(0),
         sent: Cell::new(0),
@@ -321,7 +322,7 @@ async fn relay(
                 sqlstate::PROTOCOL_VIOLATION,
                 "authentication not completed within proxy.startup-timeout-ms",
             );
-            send_now(shared.client_fd, &msg);
+            send_now(shared.client_ctl.as_raw_fd(), &msg);
             return;
         }
         std::future::pending::<()>().await
@@ -407,7 +408,7 @@ async fn upstream(
         }
     }
     // Wake the downstream pump: it sees end-of-stream from the primary and finishes.
-    shutdown_both(shared.primary_fd);
+    shutdown_both(primary.as_raw_fd());
 }
 
 /// Primary → client: relays every complete message, tracks ReadyForQuery (transaction status,
@@ -513,5 +514,5 @@ async fn downstream(
         let _ = client.write_all(&msg).await;
     }
     // Wake the upstream pump if it is still reading the client.
-    shutdown_both(shared.client_fd);
+    shutdown_both(client.as_raw_fd());
 }

@@ -1,0 +1,513 @@
+//! The transparent proxy against real PostgreSQL servers, with real clients: the `postgres`
+//! crate (tokio-postgres underneath), psql, pgbench, and raw sockets for what clients won't
+//! send (garbage, pipelines, stalls).
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::{MD5_USER, PASSWORD, Proxy, SCRAM_USER, eventually, raw, sqlstate, start_primary};
+
+#[test]
+fn simple_extended_multi_statement_and_transactions() {
+    let pg = start_primary("p-basic");
+    let proxy = Proxy::start(&pg.url(), &[]);
+    let mut c = proxy.client();
+
+    // Multi-statement simple query: every statement runs, results come back in order.
+    let results = c
+        .simple_query("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1,'a'),(2,'b'); SELECT count(*) FROM t")
+        .unwrap();
+    let count = results.iter().find_map(|m| match m {
+        postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(count.as_deref(), Some("2"));
+
+    // Extended protocol with parameters, prepared once and executed many times.
+    let stmt = c.prepare("SELECT v FROM t WHERE id = $1").unwrap();
+    for (id, want) in [(1, "a"), (2, "b")] {
+        let row = c.query_one(&stmt, &[&id]).unwrap();
+        assert_eq!(row.get::<_, String>(0), want);
+    }
+
+    // A failed transaction stays failed (25P02) until ROLLBACK, exactly as without a proxy.
+    let mut tx = c.transaction().unwrap();
+    tx.execute("INSERT INTO t VALUES (3,'c')", &[]).unwrap();
+    let dup = tx.execute("INSERT INTO t VALUES (1,'dup')", &[]).unwrap_err();
+    assert_eq!(sqlstate(&dup).as_deref(), Some("23505"));
+    let aborted = tx.execute("SELECT 1", &[]).unwrap_err();
+    assert_eq!(sqlstate(&aborted).as_deref(), Some("25P02"));
+    tx.rollback().unwrap();
+    let n: i64 = c.query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
+    assert_eq!(n, 2, "the rolled-back insert is gone");
+
+    // Committed work is visible on the primary directly.
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (4,'d'); COMMIT").unwrap();
+    assert_eq!(pg.psql("SELECT v FROM t WHERE id = 4").unwrap().trim(), "d");
+}
+
+#[test]
+fn password_users_md5_and_scram_are_relayed() {
+    let pg = start_primary("p-auth");
+    let proxy = Proxy::start(&pg.url(), &[]);
+    for user in [MD5_USER, SCRAM_USER] {
+        let mut c = postgres::Client::connect(&proxy.conninfo(user, Some(PASSWORD)), postgres::NoTls)
+            .unwrap_or_else(|e| panic!("{user} through pgprism: {e}"));
+        let who: String = c.query_one("SELECT current_user::text", &[]).unwrap().get(0);
+        assert_eq!(who, user);
+        let wrong = postgres::Client::connect(&proxy.conninfo(user, Some("wrong")), postgres::NoTls)
+            .err()
+            .unwrap_or_else(|| panic!("{user} with a wrong password was let in"));
+        assert_eq!(sqlstate(&wrong).as_deref(), Some("28P01"), "{user}: {wrong}");
+    }
+    // psql (libpq) with SCRAM as well.
+    let out = Command::new("psql")
+        .args(["-X", "-w", "-At", "-h", "127.0.0.1", "-p", &proxy.port().to_string()])
+        .args(["-U", SCRAM_USER, "-d", "postgres", "-c", "SELECT 40 + 2"])
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+}
+
+#[test]
+fn psql_sslmode_prefer_falls_back_and_notices_arrive() {
+    let pg = start_primary("p-psql");
+    let proxy = Proxy::start(&pg.url(), &[]);
+    let out = Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=prefer",
+            proxy.port()
+        ))
+        .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1"])
+        .args(["-c", "DO $$ BEGIN RAISE NOTICE 'hello from plpgsql'; END $$"])
+        .args(["-c", "SELECT 'done'"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("hello from plpgsql"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done");
+    // sslmode=require must fail cleanly: pgprism does not speak TLS yet and says 'N'.
+    let out = Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require",
+            proxy.port()
+        ))
+        .args(["-X", "-c", "SELECT 1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SSL"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn pgbench_simple_extended_and_prepared() {
+    let pg = start_primary("p-bench");
+    let proxy = Proxy::start(&pg.url(), &[]);
+    let port = proxy.port().to_string();
+    let init = Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-i", "-s", "1", "-q", "postgres"])
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    for mode in ["simple", "extended", "prepared"] {
+        let out = Command::new("pgbench")
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-n"])
+            .args(["-c", "8", "-j", "2", "-t", "50", "-M", mode, "postgres"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{mode}: {}\nproxy log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            proxy.log()
+        );
+        assert!(
+            stdout.contains("number of transactions actually processed: 400/400"),
+            "{mode}: {stdout}"
+        );
+        assert!(stdout.contains("number of failed transactions: 0"), "{mode}: {stdout}");
+    }
+    // The TPC-B transactions really ran on the primary.
+    let history: u64 = pg
+        .psql("SELECT count(*) FROM pgbench_history")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(history, 1200);
+}
+
+#[test]
+fn pipelined_extended_batch_is_answered_in_order() {
+    let pg = start_primary("p-pipe");
+    let proxy = Proxy::start(&pg.url(), &[]);
+    let mut s = raw::connect_ready(proxy.listen);
+    // Three Parse/Bind/Execute/Sync groups in a single write, the second one failing: each
+    // Sync gets its own ReadyForQuery, and the failure does not leak into the third.
+    let mut batch = Vec::new();
+    for sql in ["SELECT 1", "SELECT 1/0", "SELECT 3"] {
+        let mut parse = vec![0u8];
+        parse.extend_from_slice(sql.as_bytes());
+        parse.extend_from_slice(&[0, 0, 0]);
+        batch.extend(raw::message(b'P', &parse));
+        batch.extend(raw::message(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]));
+        batch.extend(raw::message(b'E', &[0, 0, 0, 0, 0]));
+        batch.extend(raw::message(b'S', &[]));
+    }
+    s.write_all(&batch).unwrap();
+    let mut tags = Vec::new();
+    for _ in 0..3 {
+        let msgs = raw::read_until_ready(&mut s);
+        tags.push(msgs.iter().map(|m| m.0 as char).collect::<String>());
+    }
+    // `1/0` is constant-folded when the unnamed statement is planned, at Bind.
+    assert_eq!(tags, ["12DCZ", "1EZ", "12DCZ"]);
+}
+
+#[test]
+fn copy_in_and_out_100k_rows() {
+    let pg = start_primary("p-copy");
+    let proxy = Proxy::start(&pg.url(), &[]);
+    let mut c = proxy.client();
+    c.batch_execute("CREATE TABLE c (id int, v text)").unwrap();
+    let mut input = String::with_capacity(2 << 20);
+    for i in 0..100_000 {
+        input.push_str(&format!("{i}\trow-{i}\n"));
+    }
+    let mut w = c.copy_in("COPY c FROM STDIN").unwrap();
+    w.write_all(input.as_bytes()).unwrap();
+    assert_eq!(w.finish().unwrap(), 100_000);
+    let mut output = String::new();
+    c.copy_out("COPY (SELECT * FROM c ORDER BY id) TO STDOUT")
+        .unwrap()
+        .read_to_string(&mut output)
+        .unwrap();
+    assert_eq!(output, input, "COPY TO returns exactly what COPY FROM loaded");
+    // A COPY the client aborts leaves nothing behind and the session usable.
+    let mut w = c.copy_in("COPY c FROM STDIN").unwrap();
+    w.write_all(b"1\tpartial\n").unwrap();
+    drop(w); // dropping without finish sends CopyFail
+    let n: i64 = c.query_one("SELECT count(*) FROM c", &[]).unwrap().get(0);
+    assert_eq!(n, 100_000);
+}
+
+#[test]
+fn fifty_megabyte_result_streams_without_buffering() {
+    let pg = start_primary("p-large");
+    let proxy = Proxy::start(&pg.url(), &[]);
+    let mut s = raw::connect_ready(proxy.listen);
+    // 50,000 rows of 1,000 bytes: 50 MB of DataRows.
+    let sql = b"SELECT repeat('x', 1000) FROM generate_series(1, 50000)\0";
+    s.write_all(&raw::message(b'Q', sql)).unwrap();
+    let (mut rows, mut bytes) = (0u64, 0u64);
+    loop {
+        let (tag, body) = raw::read_message(&mut s).expect("result stream");
+        match tag {
+            b'D' => {
+                rows += 1;
+                bytes += body.len() as u64;
+                if rows % 5_000 == 0 {
+                    // A slow reader: the proxy must hold back (backpressure), not buffer.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    assert_eq!(rows, 50_000);
+    assert!(bytes > 50_000_000);
+    let hwm_kb = peak_rss_kb(proxy.child.id());
+    assert!(
+        hwm_kb < 40 * 1024,
+        "pgprism's peak RSS was {hwm_kb} KiB for a 50 MB result: it buffered the result"
+    );
+}
+
+fn peak_rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn two_hundred_concurrent_clients() {
+    let pg = start_primary("p-many");
+    let proxy = Proxy::start(&pg.url(), &[]);
+    pg.psql("CREATE TABLE hits (client int, n int)").unwrap();
+    let conninfo = proxy.conninfo("postgres", None);
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(200));
+    let threads: Vec<_> = (0..200)
+        .map(|i| {
+            let conninfo = conninfo.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+                barrier.wait(); // all 200 sessions are open at the same time
+                for n in 0..10 {
+                    c.execute("INSERT INTO hits VALUES ($1, $2)", &[&i, &n]).unwrap();
+                }
+                let mine: i64 = c
+                    .query_one("SELECT count(*) FROM hits WHERE client = $1", &[&i])
+                    .unwrap()
+                    .get(0);
+                assert_eq!(mine, 10);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client thread");
+    }
+    assert_eq!(pg.psql("SELECT count(*) FROM hits").unwrap().trim(), "2000");
+}
+
+#[test]
+fn cancel_request_reaches_the_right_backend() {
+    let pg = start_primary("p-cancel");
+    let proxy = Proxy::start(&pg.url(), &[]);
+    let mut busy = proxy.client();
+    let mut bystander = proxy.client();
+    let token = busy.cancel_token();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        token.cancel_query(postgres::NoTls)
+    });
+    let started = Instant::now();
+    let err = busy.simple_query("SELECT pg_sleep(30)").unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    canceller.join().unwrap().unwrap();
+    // Only that backend was cancelled: both sessions carry on.
+    let one: i32 = busy.query_one("SELECT 1", &[]).unwrap().get(0);
+    let two: i32 = bystander.query_one("SELECT 2", &[]).unwrap().get(0);
+    assert_eq!((one, two), (1, 2));
+}
+
+#[test]
+fn listen_notify_through_the_proxy() {
+    let pg = start_primary("p-notify");
+    let proxy = Proxy::start(&pg.url(), &[]);
+    let mut listener = proxy.client();
+    listener.batch_execute("LISTEN jobs").unwrap();
+    let mut sender = proxy.client();
+    sender.batch_execute("NOTIFY jobs, 'job-42'").unwrap();
+    use postgres::fallible_iterator::FallibleIterator;
+    let mut notes = listener.notifications();
+    let note = notes
+        .timeout_iter(Duration::from_secs(10))
+        .next()
+        .unwrap()
+        .expect("notification delivered");
+    assert_eq!((note.channel(), note.payload()), ("jobs", "job-42"));
+}
+
+#[test]
+fn garbage_gets_08p01_and_others_keep_working() {
+    let pg = start_primary("p-garbage");
+    let proxy = Proxy::start(&pg.url(), &[]);
+    let mut good = proxy.client();
+
+    // Garbage instead of a startup packet.
+    let mut s = TcpStream::connect(proxy.listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"\x00\x00\x00\x10GET / HTTP/1.1\r\n").unwrap();
+    let (tag, body) = raw::read_message(&mut s).expect("an ErrorResponse");
+    assert_eq!(tag, b'E');
+    assert_eq!(raw::error_field(&body, b'C').as_deref(), Some("08P01"));
+    assert!(raw::read_message(&mut s).is_none(), "connection closed after the error");
+
+    // A negative length after a good startup.
+    let mut s = raw::connect_ready(proxy.listen);
+    s.write_all(b"Q\xff\xff\xff\xf0junk").unwrap();
+    let (tag, body) = raw::read_message(&mut s).expect("an ErrorResponse");
+    assert_eq!(tag, b'E');
+    assert_eq!(raw::error_field(&body, b'C').as_deref(), Some("08P01"));
+
+    // Random bytes of every kind never take the process down.
+    for seed in 0..50u64 {
+        let mut bytes = Vec::new();
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        for _ in 0..(seed as usize * 7 % 300 + 1) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            bytes.push(x as u8);
+        }
+        if let Ok(mut s) = TcpStream::connect(proxy.listen) {
+            let _ = s.write_all(&bytes);
+        }
+    }
+    let v: i32 = good.query_one("SELECT 7", &[]).unwrap().get(0);
+    assert_eq!(v, 7, "the established session is unaffected");
+    assert!(eventually(Duration::from_secs(5), || proxy.metric("pgprism_protocol_errors_total") >= 2));
+    proxy.client(); // and new sessions are accepted
+}
+
+#[test]
+fn oversized_message_gets_54000() {
+    let pg = start_primary("p-big");
+    let proxy = Proxy::start(&pg.url(), &["--message-bytes-max", "4096"]);
+    let mut s = raw::connect_ready(proxy.listen);
+    let mut sql = b"SELECT '".to_vec();
+    sql.extend(std::iter::repeat_n(b'x', 10_000));
+    sql.extend_from_slice(b"'\0");
+    s.write_all(&raw::message(b'Q', &sql)).unwrap();
+    let (tag, body) = raw::read_message(&mut s).expect("an ErrorResponse");
+    assert_eq!(tag, b'E');
+    assert_eq!(raw::error_field(&body, b'C').as_deref(), Some("54000"));
+    assert!(raw::error_field(&body, b'M').unwrap().contains("4096"));
+    // Below the limit all is well.
+    let mut c = proxy.client();
+    let v: String = c.query_one("SELECT repeat('y', 3000)", &[]).unwrap().get(0);
+    assert_eq!(v.len(), 3000);
+}
+
+#[test]
+fn stalled_startup_times_out() {
+    let pg = start_primary("p-stall");
+    let proxy = Proxy::start(&pg.url(), &["--startup-timeout-ms", "300"]);
+    let mut silent = TcpStream::connect(proxy.listen).unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let started = Instant::now();
+    let (tag, body) = raw::read_message(&mut silent).expect("an ErrorResponse");
+    assert_eq!(tag, b'E');
+    assert_eq!(raw::error_field(&body, b'C').as_deref(), Some("08P01"));
+    assert!(raw::read_message(&mut silent).is_none());
+    assert!(started.elapsed() < Duration::from_secs(9));
+    // Half a startup packet is a stall too.
+    let mut half = TcpStream::connect(proxy.listen).unwrap();
+    half.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    half.write_all(&raw::startup("postgres", "postgres")[..6]).unwrap();
+    let (tag, _) = raw::read_message(&mut half).expect("an ErrorResponse");
+    assert_eq!(tag, b'E');
+    assert!(eventually(Duration::from_secs(5), || proxy.metric("pgprism_startup_timeouts_total") >= 2));
+}
+
+#[test]
+fn primary_down_gives_08001_naming_it() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("postgres://127.0.0.1:{port}");
+    let proxy = Proxy::start(&url, &[]);
+    let err = postgres::Client::connect(&proxy.conninfo("postgres", None), postgres::NoTls)
+        .err()
+        .expect("no primary, no session");
+    assert_eq!(sqlstate(&err).as_deref(), Some("08001"), "{err}");
+    let text = format!("{err:?}");
+    assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+}
+
+#[test]
+fn primary_dying_mid_query_gives_08006_and_the_proxy_lives_on() {
+    let pg = start_primary("p-die");
+    let proxy = Proxy::start(&pg.url(), &[]);
+    let mut victim = proxy.client();
+    let pid: i32 = victim.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: killing a PostgreSQL backend process we started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    });
+    let err = victim.simple_query("SELECT pg_sleep(30)").unwrap_err();
+    killer.join().unwrap();
+    assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err:?}");
+    assert!(format!("{err:?}").contains("lost the connection to primary"), "{err:?}");
+    // The postmaster restarts its backends after the crash; pgprism serves the next session.
+    assert!(eventually(Duration::from_secs(20), || {
+        postgres::Client::connect(&proxy.conninfo("postgres", None), postgres::NoTls)
+            .and_then(|mut c| c.query_one("SELECT 1", &[]))
+            .is_ok()
+    }));
+}
+
+#[test]
+fn sigterm_drains_sessions_then_exits_zero() {
+    let pg = start_primary("p-drain");
+    let mut proxy = Proxy::start(&pg.url(), &["--drain-timeout-ms", "20000"]);
+    pg.psql("CREATE TABLE d (v int)").unwrap();
+    let mut busy = proxy.client();
+    let mut idle = proxy.client();
+    busy.batch_execute("BEGIN; INSERT INTO d VALUES (1)").unwrap();
+    proxy.signal(libc::SIGTERM);
+    // New connections are refused once the listeners are closed.
+    assert!(eventually(Duration::from_secs(5), || TcpStream::connect(proxy.listen).is_err()));
+    // The idle session was closed with 57P01; the one inside a transaction may finish it.
+    let err = idle.simple_query("SELECT 1").unwrap_err();
+    assert!(err.is_closed() || sqlstate(&err).as_deref() == Some("57P01"), "{err:?}");
+    busy.batch_execute("INSERT INTO d VALUES (2); COMMIT").unwrap();
+    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0), "{}", proxy.log());
+    assert_eq!(pg.psql("SELECT count(*) FROM d").unwrap().trim(), "2");
+}
+
+#[test]
+fn a_second_pgprism_on_the_same_address_is_refused() {
+    let pg = start_primary("p-twice");
+    let first = Proxy::start(&pg.url(), &[]);
+    let out = support::pgprism_command()
+        .args(["proxy", "--listen", &first.listen.to_string(), "--admin", "", "--primary", &pg.url()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("already served by another process"), "{stderr}");
+    first.client(); // the first one is untouched
+}
+
+#[test]
+fn admin_endpoint_serves_metrics_status_and_health() {
+    let pg = start_primary("p-admin");
+    let proxy = Proxy::start(&pg.url(), &[]);
+    let mut c = proxy.client();
+    for _ in 0..20 {
+        c.query_one("SELECT 1", &[]).unwrap();
+    }
+    assert_eq!(proxy.admin_get("/health"), (200, "ok\n".to_string()));
+    assert!(eventually(Duration::from_secs(5), || proxy.metric("pgprism_statements_total") >= 20));
+    let (code, metrics) = proxy.admin_get("/metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("# TYPE pgprism_client_latency_seconds summary"));
+    assert!(metrics.contains("pgprism_client_latency_seconds{quantile=\"0.99\"}"));
+    let (code, status) = proxy.admin_get("/status");
+    assert_eq!(code, 200);
+    let status: sonic_rs::Value = sonic_rs::from_str(&status).expect("status is JSON");
+    use sonic_rs::JsonValueTrait;
+    assert!(status["client_latency"]["count"].as_u64().unwrap() >= 20);
+    assert_eq!(status["sessions_active"].as_u64(), Some(1));
+    assert_eq!(proxy.admin_get("/nope").0, 404);
+}
+
+#[test]
+fn check_prints_effective_config_and_names_bad_keys() {
+    let dir = std::env::temp_dir().join(format!("pgprism-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "[proxy]\nlisten = \"127.0.0.1:${PGPRISM_TEST_PORT:-7432}\"\n[primary]\nurl = \"postgres://u:pw@127.0.0.1:5432\"\n",
+    )
+    .unwrap();
+    let out = support::pgprism_command().args(["check", "--config"]).arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("listen = \"127.0.0.1:7432\""), "{shown}");
+    assert!(shown.contains("backlog = 4096"), "{shown}");
+    assert!(!shown.contains("pw@"), "password masked: {shown}");
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[proxy]\nbacklog = \"lots\"\n").unwrap();
+    let out = support::pgprism_command().args(["check", "--config"]).arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("proxy.backlog"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

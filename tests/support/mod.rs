@@ -1,0 +1,290 @@
+//! Shared pieces of the integration tests: real PostgreSQL servers (through `pgprism::embed`)
+//! and the real `pgprism` binary run as a child process, exactly as users run it.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pgprism::embed::{Instance, InstanceConfig};
+
+pub const MD5_USER: &str = "md5user";
+pub const SCRAM_USER: &str = "scramuser";
+pub const PASSWORD: &str = "s3cret pass";
+
+/// A PostgreSQL server with two password users besides the trusted superuser:
+/// `md5user` (md5) and `scramuser` (scram-sha-256), both with [`PASSWORD`].
+pub fn start_primary(name: &str) -> Instance {
+    let inst = Instance::start(InstanceConfig {
+        name: name.into(),
+        hba: vec![
+            format!("host all {MD5_USER} 127.0.0.1/32 md5"),
+            format!("host all {SCRAM_USER} 127.0.0.1/32 scram-sha-256"),
+        ],
+        ..InstanceConfig::default()
+    })
+    .expect("start PostgreSQL");
+    inst.psql(&format!(
+        "SET password_encryption = 'md5'; CREATE ROLE {MD5_USER} LOGIN SUPERUSER PASSWORD '{PASSWORD}';
+         SET password_encryption = 'scram-sha-256'; CREATE ROLE {SCRAM_USER} LOGIN SUPERUSER PASSWORD '{PASSWORD}';"
+    ))
+    .expect("create password roles");
+    inst
+}
+
+/// A running `pgprism proxy`, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Proxy {
+    pub child: Child,
+    pub listen: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    stderr_path: std::path::PathBuf,
+}
+
+pub fn pgprism_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgprism"));
+    // SAFETY: prctl and getppid are async-signal-safe; the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            // A test process that dies must not leave a proxy behind.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd
+}
+
+impl Proxy {
+    /// Starts `pgprism proxy` in front of `primary_url` on a free port with 2 shards.
+    pub fn start(primary_url: &str, extra: &[&str]) -> Proxy {
+        let stderr_path = std::env::temp_dir().join(format!(
+            "pgprism-test-proxy-{}-{}.log",
+            std::process::id(),
+            std::thread::current().name().unwrap_or("t").replace("::", "-")
+        ));
+        let stderr = std::fs::File::create(&stderr_path).expect("proxy log file");
+        let mut child = pgprism_command()
+            .args([
+                "proxy",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--shards",
+                "2",
+                "--no-pin",
+                "--log",
+                "pgprism=debug",
+                "--primary",
+                primary_url,
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn pgprism");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read ready line");
+        let mut words = line.split_whitespace();
+        let listen = words.nth(3).and_then(|w| w.parse().ok());
+        let admin = words.nth(1).and_then(|w| w.parse().ok());
+        let Some(listen) = listen else {
+            let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+            let _ = child.kill();
+            panic!("pgprism did not start: stdout {line:?}, stderr:\n{log}");
+        };
+        Proxy {
+            child,
+            listen,
+            admin,
+            stderr_path,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listen.port()
+    }
+
+    /// libpq-style connection string through the proxy.
+    pub fn conninfo(&self, user: &str, password: Option<&str>) -> String {
+        let mut s = format!(
+            "host=127.0.0.1 port={} user={user} dbname=postgres connect_timeout=10",
+            self.port()
+        );
+        if let Some(p) = password {
+            s.push_str(&format!(" password='{p}'"));
+        }
+        s
+    }
+
+    pub fn client(&self) -> postgres::Client {
+        postgres::Client::connect(&self.conninfo("postgres", None), postgres::NoTls)
+            .expect("connect through pgprism")
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: sending a signal to our own child.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, sig);
+        }
+    }
+
+    /// Waits (bounded) for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// GET on the admin endpoint; returns (status code, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin.expect("admin endpoint"), path)
+    }
+
+    /// Current value of a counter summed over shards, from `/metrics`. Shards report every
+    /// second, so callers poll with [`eventually`].
+    pub fn metric(&self, name: &str) -> u64 {
+        let (_, body) = self.admin_get("/metrics");
+        body.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(libc::SIGTERM);
+            if self.wait_exit(Duration::from_secs(5)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("admin connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("admin read");
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("").to_string();
+    (code, body)
+}
+
+/// Polls `check` until it returns true or `limit` passes. For state that becomes visible
+/// asynchronously (metrics reports); it returns as soon as the condition holds.
+pub fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SQLSTATE of a postgres crate error, when it came from the server (or the proxy).
+pub fn sqlstate(err: &postgres::Error) -> Option<String> {
+    err.code().map(|c| c.code().to_string())
+}
+
+/// Minimal raw protocol helpers for what the client crates will not do (garbage, pipelining).
+pub mod raw {
+    use super::*;
+
+    pub fn startup(user: &str, db: &str) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&196608u32.to_be_bytes());
+        for (k, v) in [("user", user), ("database", db)] {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        msg.extend_from_slice(&body);
+        msg
+    }
+
+    pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut msg = vec![tag];
+        msg.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        msg.extend_from_slice(body);
+        msg
+    }
+
+    /// Reads one backend message: (tag, body). `None` on EOF.
+    pub fn read_message(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).ok()?;
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len.checked_sub(4)?];
+        s.read_exact(&mut body).ok()?;
+        Some((head[0], body))
+    }
+
+    /// Reads messages until ReadyForQuery; returns all of them.
+    pub fn read_until_ready(s: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while let Some((tag, body)) = read_message(s) {
+            out.push((tag, body));
+            if tag == b'Z' {
+                break;
+            }
+        }
+        out
+    }
+
+    /// The value of one field (e.g. b'C' for SQLSTATE) of an ErrorResponse body.
+    pub fn error_field(body: &[u8], field: u8) -> Option<String> {
+        let mut rest = body;
+        while let Some((&t, tail)) = rest.split_first() {
+            if t == 0 {
+                break;
+            }
+            let end = tail.iter().position(|&b| b == 0)?;
+            if t == field {
+                return Some(String::from_utf8_lossy(&tail[..end]).into_owned());
+            }
+            rest = &tail[end + 1..];
+        }
+        None
+    }
+
+    /// Connects and authenticates (trust) as `postgres`, returning the ready socket.
+    pub fn connect_ready(addr: SocketAddr) -> TcpStream {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(&startup("postgres", "postgres")).unwrap();
+        let msgs = read_until_ready(&mut s);
+        assert_eq!(msgs.last().map(|m| m.0), Some(b'Z'), "startup: {msgs:?}");
+        s
+    }
+}
