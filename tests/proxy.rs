@@ -37,7 +37,9 @@ fn simple_extended_multi_statement_and_transactions() {
     // A failed transaction stays failed (25P02) until ROLLBACK, exactly as without a proxy.
     let mut tx = c.transaction().unwrap();
     tx.execute("INSERT INTO t VALUES (3,'c')", &[]).unwrap();
-    let dup = tx.execute("INSERT INTO t VALUES (1,'dup')", &[]).unwrap_err();
+    let dup = tx
+        .execute("INSERT INTO t VALUES (1,'dup')", &[])
+        .unwrap_err();
     assert_eq!(sqlstate(&dup).as_deref(), Some("23505"));
     let aborted = tx.execute("SELECT 1", &[]).unwrap_err();
     assert_eq!(sqlstate(&aborted).as_deref(), Some("25P02"));
@@ -46,7 +48,8 @@ fn simple_extended_multi_statement_and_transactions() {
     assert_eq!(n, 2, "the rolled-back insert is gone");
 
     // Committed work is visible on the primary directly.
-    c.batch_execute("BEGIN; INSERT INTO t VALUES (4,'d'); COMMIT").unwrap();
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (4,'d'); COMMIT")
+        .unwrap();
     assert_eq!(pg.psql("SELECT v FROM t WHERE id = 4").unwrap().trim(), "d");
 }
 
@@ -55,23 +58,44 @@ fn password_users_md5_and_scram_are_relayed() {
     let pg = start_primary("p-auth");
     let proxy = Proxy::start(&pg.url(), &[]);
     for user in [MD5_USER, SCRAM_USER] {
-        let mut c = postgres::Client::connect(&proxy.conninfo(user, Some(PASSWORD)), postgres::NoTls)
-            .unwrap_or_else(|e| panic!("{user} through pgprism: {e}"));
-        let who: String = c.query_one("SELECT current_user::text", &[]).unwrap().get(0);
+        let mut c =
+            postgres::Client::connect(&proxy.conninfo(user, Some(PASSWORD)), postgres::NoTls)
+                .unwrap_or_else(|e| panic!("{user} through pgprism: {e}"));
+        let who: String = c
+            .query_one("SELECT current_user::text", &[])
+            .unwrap()
+            .get(0);
         assert_eq!(who, user);
-        let wrong = postgres::Client::connect(&proxy.conninfo(user, Some("wrong")), postgres::NoTls)
-            .err()
-            .unwrap_or_else(|| panic!("{user} with a wrong password was let in"));
-        assert_eq!(sqlstate(&wrong).as_deref(), Some("28P01"), "{user}: {wrong}");
+        let wrong =
+            postgres::Client::connect(&proxy.conninfo(user, Some("wrong")), postgres::NoTls)
+                .err()
+                .unwrap_or_else(|| panic!("{user} with a wrong password was let in"));
+        assert_eq!(
+            sqlstate(&wrong).as_deref(),
+            Some("28P01"),
+            "{user}: {wrong}"
+        );
     }
     // psql (libpq) with SCRAM as well.
     let out = Command::new("psql")
-        .args(["-X", "-w", "-At", "-h", "127.0.0.1", "-p", &proxy.port().to_string()])
+        .args([
+            "-X",
+            "-w",
+            "-At",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &proxy.port().to_string(),
+        ])
         .args(["-U", SCRAM_USER, "-d", "postgres", "-c", "SELECT 40 + 2"])
         .env("PGPASSWORD", PASSWORD)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
 }
 
@@ -85,11 +109,18 @@ fn psql_sslmode_prefer_falls_back_and_notices_arrive() {
             proxy.port()
         ))
         .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1"])
-        .args(["-c", "DO $$ BEGIN RAISE NOTICE 'hello from plpgsql'; END $$"])
+        .args([
+            "-c",
+            "DO $$ BEGIN RAISE NOTICE 'hello from plpgsql'; END $$",
+        ])
         .args(["-c", "SELECT 'done'"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("hello from plpgsql"));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done");
     // sslmode=require must fail cleanly: pgprism does not speak TLS yet and says 'N'.
@@ -102,7 +133,11 @@ fn psql_sslmode_prefer_falls_back_and_notices_arrive() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("SSL"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("SSL"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -111,10 +146,26 @@ fn pgbench_simple_extended_and_prepared() {
     let proxy = Proxy::start(&pg.url(), &[]);
     let port = proxy.port().to_string();
     let init = Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-i", "-s", "1", "-q", "postgres"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "postgres",
+        ])
         .output()
         .unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
     for mode in ["simple", "extended", "prepared"] {
         let out = Command::new("pgbench")
             .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-n"])
@@ -132,7 +183,10 @@ fn pgbench_simple_extended_and_prepared() {
             stdout.contains("number of transactions actually processed: 400/400"),
             "{mode}: {stdout}"
         );
-        assert!(stdout.contains("number of failed transactions: 0"), "{mode}: {stdout}");
+        assert!(
+            stdout.contains("number of failed transactions: 0"),
+            "{mode}: {stdout}"
+        );
     }
     // The TPC-B transactions really ran on the primary.
     let history: u64 = pg
@@ -189,7 +243,10 @@ fn copy_in_and_out_100k_rows() {
         .unwrap()
         .read_to_string(&mut output)
         .unwrap();
-    assert_eq!(output, input, "COPY TO returns exactly what COPY FROM loaded");
+    assert_eq!(
+        output, input,
+        "COPY TO returns exactly what COPY FROM loaded"
+    );
     // A COPY the client aborts leaves nothing behind and the session usable.
     let mut w = c.copy_in("COPY c FROM STDIN").unwrap();
     w.write_all(b"1\tpartial\n").unwrap();
@@ -256,7 +313,8 @@ fn two_hundred_concurrent_clients() {
                 let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
                 barrier.wait(); // all 200 sessions are open at the same time
                 for n in 0..10 {
-                    c.execute("INSERT INTO hits VALUES ($1, $2)", &[&i, &n]).unwrap();
+                    c.execute("INSERT INTO hits VALUES ($1, $2)", &[&i, &n])
+                        .unwrap();
                 }
                 let mine: i64 = c
                     .query_one("SELECT count(*) FROM hits WHERE client = $1", &[&i])
@@ -325,7 +383,10 @@ fn garbage_gets_08p01_and_others_keep_working() {
     let (tag, body) = raw::read_message(&mut s).expect("an ErrorResponse");
     assert_eq!(tag, b'E');
     assert_eq!(raw::error_field(&body, b'C').as_deref(), Some("08P01"));
-    assert!(raw::read_message(&mut s).is_none(), "connection closed after the error");
+    assert!(
+        raw::read_message(&mut s).is_none(),
+        "connection closed after the error"
+    );
 
     // A negative length after a good startup.
     let mut s = raw::connect_ready(proxy.listen);
@@ -350,7 +411,9 @@ fn garbage_gets_08p01_and_others_keep_working() {
     }
     let v: i32 = good.query_one("SELECT 7", &[]).unwrap().get(0);
     assert_eq!(v, 7, "the established session is unaffected");
-    assert!(eventually(Duration::from_secs(5), || proxy.metric("pgprism_protocol_errors_total") >= 2));
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_protocol_errors_total")
+        >= 2));
     proxy.client(); // and new sessions are accepted
 }
 
@@ -378,7 +441,9 @@ fn stalled_startup_times_out() {
     let pg = start_primary("p-stall");
     let proxy = Proxy::start(&pg.url(), &["--startup-timeout-ms", "300"]);
     let mut silent = TcpStream::connect(proxy.listen).unwrap();
-    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let started = Instant::now();
     let (tag, body) = raw::read_message(&mut silent).expect("an ErrorResponse");
     assert_eq!(tag, b'E');
@@ -387,17 +452,25 @@ fn stalled_startup_times_out() {
     assert!(started.elapsed() < Duration::from_secs(9));
     // Half a startup packet is a stall too.
     let mut half = TcpStream::connect(proxy.listen).unwrap();
-    half.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    half.write_all(&raw::startup("postgres", "postgres")[..6]).unwrap();
+    half.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    half.write_all(&raw::startup("postgres", "postgres")[..6])
+        .unwrap();
     let (tag, _) = raw::read_message(&mut half).expect("an ErrorResponse");
     assert_eq!(tag, b'E');
-    assert!(eventually(Duration::from_secs(5), || proxy.metric("pgprism_startup_timeouts_total") >= 2));
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_startup_timeouts_total")
+        >= 2));
 }
 
 #[test]
 fn primary_down_gives_08001_naming_it() {
     // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let url = format!("postgres://127.0.0.1:{port}");
     let proxy = Proxy::start(&url, &[]);
     let err = postgres::Client::connect(&proxy.conninfo("postgres", None), postgres::NoTls)
@@ -413,7 +486,10 @@ fn primary_dying_mid_query_gives_08006_and_the_proxy_lives_on() {
     let pg = start_primary("p-die");
     let proxy = Proxy::start(&pg.url(), &[]);
     let mut victim = proxy.client();
-    let pid: i32 = victim.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    let pid: i32 = victim
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
         // SAFETY: killing a PostgreSQL backend process we started.
@@ -422,7 +498,10 @@ fn primary_dying_mid_query_gives_08006_and_the_proxy_lives_on() {
     let err = victim.simple_query("SELECT pg_sleep(30)").unwrap_err();
     killer.join().unwrap();
     assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err:?}");
-    assert!(format!("{err:?}").contains("lost the connection to primary"), "{err:?}");
+    assert!(
+        format!("{err:?}").contains("lost the connection to primary"),
+        "{err:?}"
+    );
     // The postmaster restarts its backends after the crash; pgprism serves the next session.
     assert!(eventually(Duration::from_secs(20), || {
         postgres::Client::connect(&proxy.conninfo("postgres", None), postgres::NoTls)
@@ -438,15 +517,28 @@ fn sigterm_drains_sessions_then_exits_zero() {
     pg.psql("CREATE TABLE d (v int)").unwrap();
     let mut busy = proxy.client();
     let mut idle = proxy.client();
-    busy.batch_execute("BEGIN; INSERT INTO d VALUES (1)").unwrap();
+    busy.batch_execute("BEGIN; INSERT INTO d VALUES (1)")
+        .unwrap();
     proxy.signal(libc::SIGTERM);
     // New connections are refused once the listeners are closed.
-    assert!(eventually(Duration::from_secs(5), || TcpStream::connect(proxy.listen).is_err()));
+    assert!(eventually(Duration::from_secs(5), || TcpStream::connect(
+        proxy.listen
+    )
+    .is_err()));
     // The idle session was closed with 57P01; the one inside a transaction may finish it.
     let err = idle.simple_query("SELECT 1").unwrap_err();
-    assert!(err.is_closed() || sqlstate(&err).as_deref() == Some("57P01"), "{err:?}");
-    busy.batch_execute("INSERT INTO d VALUES (2); COMMIT").unwrap();
-    assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(0), "{}", proxy.log());
+    assert!(
+        err.is_closed() || sqlstate(&err).as_deref() == Some("57P01"),
+        "{err:?}"
+    );
+    busy.batch_execute("INSERT INTO d VALUES (2); COMMIT")
+        .unwrap();
+    assert_eq!(
+        proxy.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        proxy.log()
+    );
     assert_eq!(pg.psql("SELECT count(*) FROM d").unwrap().trim(), "2");
 }
 
@@ -455,12 +547,23 @@ fn a_second_pgprism_on_the_same_address_is_refused() {
     let pg = start_primary("p-twice");
     let first = Proxy::start(&pg.url(), &[]);
     let out = support::pgprism_command()
-        .args(["proxy", "--listen", &first.listen.to_string(), "--admin", "", "--primary", &pg.url()])
+        .args([
+            "proxy",
+            "--listen",
+            &first.listen.to_string(),
+            "--admin",
+            "",
+            "--primary",
+            &pg.url(),
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("already served by another process"), "{stderr}");
+    assert!(
+        stderr.contains("already served by another process"),
+        "{stderr}"
+    );
     first.client(); // the first one is untouched
 }
 
@@ -473,7 +576,9 @@ fn admin_endpoint_serves_metrics_status_and_health() {
         c.query_one("SELECT 1", &[]).unwrap();
     }
     assert_eq!(proxy.admin_get("/health"), (200, "ok\n".to_string()));
-    assert!(eventually(Duration::from_secs(5), || proxy.metric("pgprism_statements_total") >= 20));
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_statements_total")
+        >= 20));
     let (code, metrics) = proxy.admin_get("/metrics");
     assert_eq!(code, 200);
     assert!(metrics.contains("# TYPE pgprism_client_latency_seconds summary"));
@@ -497,8 +602,16 @@ fn check_prints_effective_config_and_names_bad_keys() {
         "[proxy]\nlisten = \"127.0.0.1:${PGPRISM_TEST_PORT:-7432}\"\n[primary]\nurl = \"postgres://u:pw@127.0.0.1:5432\"\n",
     )
     .unwrap();
-    let out = support::pgprism_command().args(["check", "--config"]).arg(&good).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = support::pgprism_command()
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(shown.contains("listen = \"127.0.0.1:7432\""), "{shown}");
     assert!(shown.contains("backlog = 4096"), "{shown}");
@@ -506,7 +619,11 @@ fn check_prints_effective_config_and_names_bad_keys() {
 
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "[proxy]\nbacklog = \"lots\"\n").unwrap();
-    let out = support::pgprism_command().args(["check", "--config"]).arg(&bad).output().unwrap();
+    let out = support::pgprism_command()
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("proxy.backlog"));
     let _ = std::fs::remove_dir_all(&dir);

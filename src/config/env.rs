@@ -65,7 +65,9 @@ mod tests {
 
     #[test]
     fn missing_variable_names_line_and_variable() {
-        let err = expand("x = 1\ny = \"${NOPE}\"\n", env).unwrap_err().to_string();
+        let err = expand("x = 1\ny = \"${NOPE}\"\n", env)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 2") && err.contains("NOPE"), "{err}");
     }
 

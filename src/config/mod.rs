@@ -126,7 +126,9 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config line {line}: environment variable `{name}` is not set (use ${{{name}:-default}} for a default)")]
+    #[error(
+        "config line {line}: environment variable `{name}` is not set (use ${{{name}:-default}} for a default)"
+    )]
     EnvMissing { line: usize, name: String },
     #[error("config line {line}: unterminated `${{` expansion")]
     EnvUnterminated { line: usize },
@@ -190,7 +192,10 @@ impl Config {
         for (key, value) in [
             ("proxy.startup-timeout-ms", self.proxy.startup_timeout_ms),
             ("proxy.connect-timeout-ms", self.proxy.connect_timeout_ms),
-            ("metrics.report-interval-ms", self.metrics.report_interval_ms),
+            (
+                "metrics.report-interval-ms",
+                self.metrics.report_interval_ms,
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError::key(key, "expected a duration above 0 ms"));
@@ -279,7 +284,10 @@ mod tests {
         let err = Config::parse("[proxy]\nlisten = \"127.0.0.1:1\"\nbaklog = 3\n")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("proxy.baklog") || err.contains("baklog"), "{err}");
+        assert!(
+            err.contains("proxy.baklog") || err.contains("baklog"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -305,7 +313,8 @@ mod tests {
 
     #[test]
     fn check_output_masks_passwords_and_round_trips() {
-        let cfg = Config::parse("[primary]\nurl = \"postgres://bob:secret@db:5432/app\"\n").unwrap();
+        let cfg =
+            Config::parse("[primary]\nurl = \"postgres://bob:secret@db:5432/app\"\n").unwrap();
         let shown = cfg.to_toml();
         assert!(!shown.contains("secret"), "{shown}");
         let again = Config::parse(&shown).unwrap();

@@ -4,8 +4,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -110,7 +110,12 @@ fn handle(mut stream: TcpStream, state: &SharedState) -> io::Result<()> {
             let body = render::status(&lock(state));
             respond(&mut stream, 200, "application/json", &body)
         }
-        _ => respond(&mut stream, 404, "text/plain", "not found: try /metrics, /status, /health\n"),
+        _ => respond(
+            &mut stream,
+            404,
+            "text/plain",
+            "not found: try /metrics, /status, /health\n",
+        ),
     }
 }
 

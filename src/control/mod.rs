@@ -36,7 +36,12 @@ pub struct Totals {
 }
 
 impl ControlState {
-    pub fn new(shards: usize, listen: String, primary: String, latency_us_max: u64) -> ControlState {
+    pub fn new(
+        shards: usize,
+        listen: String,
+        primary: String,
+        latency_us_max: u64,
+    ) -> ControlState {
         ControlState {
             started: Instant::now(),
             started_unix_s: SystemTime::now()
@@ -103,7 +108,9 @@ pub fn collect(state: &Mutex<ControlState>, rings: &[Receiver<ShardReport>]) {
 /// The state lock is only contended between the control and admin threads; a poisoned lock
 /// (a panic while rendering) must not take the proxy down, so recover the data.
 pub fn lock(state: &Mutex<ControlState>) -> std::sync::MutexGuard<'_, ControlState> {
-    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 pub type SharedState = Arc<Mutex<ControlState>>;

@@ -28,10 +28,17 @@ pub(super) fn metrics(state: &ControlState) -> String {
                 .find(|(n, _, _)| *n == name)
                 .map(|f| f.2)
                 .unwrap_or(0);
-            let _ = writeln!(out, "pgprism_{name}_total{{shard=\"{}\"}} {value}", report.shard);
+            let _ = writeln!(
+                out,
+                "pgprism_{name}_total{{shard=\"{}\"}} {value}",
+                report.shard
+            );
         }
     }
-    let _ = writeln!(out, "# HELP pgprism_sessions_active client sessions open now");
+    let _ = writeln!(
+        out,
+        "# HELP pgprism_sessions_active client sessions open now"
+    );
     let _ = writeln!(out, "# TYPE pgprism_sessions_active gauge");
     for report in state.shard_reports() {
         let _ = writeln!(
@@ -54,7 +61,11 @@ pub(super) fn metrics(state: &ControlState) -> String {
     );
     let _ = writeln!(out, "# HELP pgprism_uptime_seconds seconds since start");
     let _ = writeln!(out, "# TYPE pgprism_uptime_seconds gauge");
-    let _ = writeln!(out, "pgprism_uptime_seconds {}", state.started.elapsed().as_secs_f64());
+    let _ = writeln!(
+        out,
+        "pgprism_uptime_seconds {}",
+        state.started.elapsed().as_secs_f64()
+    );
     out
 }
 

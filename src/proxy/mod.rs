@@ -1,7 +1,6 @@
 //! The data path: client sessions, their primary connections and the pumps between them.
 //! Everything here runs on a shard's executor and must never block it.
 
-mod io;
 mod session;
 pub mod stats;
 

@@ -13,17 +13,14 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use futures_lite::AsyncWriteExt;
-use glommio::net::TcpStream;
-
-use super::io::{duplicate, duplicate_fd, read_into, send_now, shutdown_both, within};
 use super::stats::ShardStats;
+use crate::runtime::exec::net::TcpStream;
+use crate::runtime::exec::{self, within};
 use crate::wire::{self, StartupPacket, sqlstate};
+use bytes::{Bytes, BytesMut};
 
 /// PostgreSQL's own limit on the untagged startup packet (MAX_STARTUP_PACKET_LENGTH).
 const STARTUP_BYTES_MAX: usize = 10_000;
@@ -45,19 +42,24 @@ pub struct ShardCtx {
     pub index: usize,
     pub settings: ProxySettings,
     pub stats: ShardStats,
-    /// Receive buffer shared by all reads of this shard (see `io::read_into`).
-    pub scratch: RefCell<Box<[u8]>>,
+    /// Bytes asked of the kernel per read.
+    read_chunk_bytes: usize,
     sessions: RefCell<std::collections::HashMap<u64, Rc<SessionShared>>>,
     next_session: Cell<u64>,
 }
 
 impl ShardCtx {
-    pub fn new(index: usize, settings: ProxySettings, stats: ShardStats, read_chunk_bytes: usize) -> ShardCtx {
+    pub fn new(
+        index: usize,
+        settings: ProxySettings,
+        stats: ShardStats,
+        read_chunk_bytes: usize,
+    ) -> ShardCtx {
         ShardCtx {
             index,
             settings,
             stats,
-            scratch: RefCell::new(vec![0u8; read_chunk_bytes].into_boxed_slice()),
+            read_chunk_bytes,
             sessions: RefCell::new(Default::default()),
             next_session: Cell::new(0),
         }
@@ -87,8 +89,8 @@ impl ShardCtx {
             );
             // The downstream pump is parked on a read of the primary (the session is idle),
             // so this write does not interleave with one of its writes.
-            send_now(session.client_ctl.as_raw_fd(), &msg);
-            shutdown_both(session.client_ctl.as_raw_fd());
+            session.client.write_now(&msg);
+            session.client.shutdown();
             ShardStats::bump(&self.stats.counters.shutdown_closed, 1);
             closed += 1;
         }
@@ -98,10 +100,8 @@ impl ShardCtx {
 
 /// State both pumps of one session see. Single-threaded: `Cell`s, no locks.
 struct SessionShared {
-    /// A handle on the client socket owned by this struct, for writes from outside the pumps
-    /// (drain, watchdog). Raw fd numbers of the pumps' own handles must never be used from
-    /// elsewhere: once a pump drops its handle the number can belong to another connection.
-    client_ctl: OwnedFd,
+    /// The client socket, for writes from outside the pumps (drain, watchdog).
+    client: TcpStream,
     /// Set by the first ReadyForQuery: startup and authentication are complete.
     ready: Cell<bool>,
     /// Transaction status of the last ReadyForQuery: `I`, `T` or `E`.
@@ -134,7 +134,9 @@ impl Drop for Registration {
     fn drop(&mut self) {
         self.shard.sessions.borrow_mut().remove(&self.id);
         let stats = &self.shard.stats;
-        stats.sessions_active.set(self.shard.sessions.borrow().len() as u64);
+        stats
+            .sessions_active
+            .set(self.shard.sessions.borrow().len() as u64);
         ShardStats::bump(&stats.counters.sessions_closed, 1);
     }
 }
@@ -146,7 +148,7 @@ fn error_bytes(severity: &str, code: &str, message: &str) -> Bytes {
 }
 
 /// Serves one accepted client connection to its end.
-pub async fn serve_client(shard: Rc<ShardCtx>, mut client: TcpStream) {
+pub async fn serve_client(shard: Rc<ShardCtx>, client: TcpStream) {
     let accepted = Instant::now();
     let stats = &shard.stats;
     ShardStats::bump(&stats.counters.connections_accepted, 1);
@@ -157,7 +159,7 @@ pub async fn serve_client(shard: Rc<ShardCtx>, mut client: TcpStream) {
             sqlstate::TOO_MANY_CONNECTIONS,
             "sorry, too many clients already (pgprism proxy.sessions-per-shard-max)",
         );
-        let _ = client.write_all(&msg).await;
+        client.write_now(&msg);
         return;
     }
     // Nagle would hold back small protocol messages; latency matters more than packet count.
@@ -167,7 +169,7 @@ pub async fn serve_client(shard: Rc<ShardCtx>, mut client: TcpStream) {
 
     let startup = within(
         shard.settings.startup_timeout,
-        read_startup(&shard, &mut client, &mut buf),
+        read_startup(&shard, &client, &mut buf),
     )
     .await;
     let packet = match startup {
@@ -178,7 +180,7 @@ pub async fn serve_client(shard: Rc<ShardCtx>, mut client: TcpStream) {
                 sqlstate::PROTOCOL_VIOLATION,
                 "no startup packet received within proxy.startup-timeout-ms",
             );
-            send_now(client.as_raw_fd(), &msg);
+            client.write_now(&msg);
             return;
         }
         Some(Err(Closed)) => return,
@@ -221,7 +223,7 @@ struct Closed;
 /// Reads the startup packet, answering SSLRequest and GSSENCRequest with `N` on the way.
 async fn read_startup(
     shard: &ShardCtx,
-    client: &mut TcpStream,
+    client: &TcpStream,
     buf: &mut BytesMut,
 ) -> Result<Startup, Closed> {
     loop {
@@ -239,36 +241,37 @@ async fn read_startup(
             Ok(None) => {}
             Err(err) => return Err(protocol_error(shard, client, &err).await),
         }
-        match read_into(client, buf, &shard.scratch).await {
+        match client.read_buf(buf, shard.read_chunk_bytes).await {
             Ok(0) | Err(_) => return Err(Closed),
             Ok(n) => ShardStats::bump(&shard.stats.counters.client_bytes_in, n as u64),
         }
     }
 }
 
-async fn protocol_error(shard: &ShardCtx, client: &mut TcpStream, err: &wire::WireError) -> Closed {
+async fn protocol_error(shard: &ShardCtx, client: &TcpStream, err: &wire::WireError) -> Closed {
     ShardStats::bump(&shard.stats.counters.protocol_errors, 1);
-    let msg = error_bytes("FATAL", err.sqlstate(), &format!("invalid startup packet: {err}"));
+    let msg = error_bytes(
+        "FATAL",
+        err.sqlstate(),
+        &format!("invalid startup packet: {err}"),
+    );
     let _ = client.write_all(&msg).await;
     Closed
 }
 
 async fn connect_primary(shard: &ShardCtx) -> io::Result<TcpStream> {
     let settings = &shard.settings;
-    let primary = TcpStream::connect_timeout(settings.primary_addr, settings.connect_timeout)
-        .await
-        .map_err(io::Error::from)?;
+    let primary = TcpStream::connect(settings.primary_addr, settings.connect_timeout).await?;
     let _ = primary.set_nodelay(true);
     Ok(primary)
 }
 
 /// Forwards a CancelRequest verbatim: the key in it is the primary's own (see module doc).
 async fn forward_cancel(shard: &ShardCtx, packet: &Bytes) {
-    if let Ok(mut primary) = connect_primary(shard).await {
-        if primary.write_all(packet).await.is_ok() {
-            ShardStats::bump(&shard.stats.counters.cancels_forwarded, 1);
-        }
-        let _ = primary.close().await;
+    if let Ok(primary) = connect_primary(shard).await
+        && primary.write_all(packet).await.is_ok()
+    {
+        ShardStats::bump(&shard.stats.counters.cancels_forwarded, 1);
     }
 }
 
@@ -277,16 +280,14 @@ async fn forward_cancel(shard: &ShardCtx, packet: &Bytes) {
 async fn relay(
     shard: &Rc<ShardCtx>,
     client: TcpStream,
-    mut primary: TcpStream,
+    primary: TcpStream,
     startup: Bytes,
     leftover: BytesMut,
     deadline: Instant,
 ) -> io::Result<()> {
     primary.write_all(&startup).await?;
-    let client_tx = duplicate(&client)?;
-    let primary_tx = duplicate(&primary)?;
     let shared = Rc::new(SessionShared {
-        client_ctl: duplicate_fd(client.as_raw_fd())?,
+        client: client.clone(),
         ready: Cell::new(false),
         status: Cell::new(0),
         sent: Cell::new(0),
@@ -309,12 +310,11 @@ async fn relay(
     };
 
     let pumps = futures_lite::future::zip(
-        upstream(shard, &shared, client, primary_tx, leftover),
-        downstream(shard, &shared, primary, client_tx),
+        upstream(shard, &shared, client.clone(), primary.clone(), leftover),
+        downstream(shard, &shared, primary, client),
     );
     let watchdog = async {
-        let now = Instant::now();
-        glommio::timer::sleep(deadline.saturating_duration_since(now)).await;
+        exec::sleep_until(deadline).await;
         if !shared.ready.get() {
             ShardStats::bump(&shard.stats.counters.startup_timeouts, 1);
             let msg = error_bytes(
@@ -322,12 +322,18 @@ async fn relay(
                 sqlstate::PROTOCOL_VIOLATION,
                 "authentication not completed within proxy.startup-timeout-ms",
             );
-            send_now(shared.client_ctl.as_raw_fd(), &msg);
+            shared.client.write_now(&msg);
             return;
         }
         std::future::pending::<()>().await
     };
-    futures_lite::future::or(async { pumps.await; }, watchdog).await;
+    futures_lite::future::or(
+        async {
+            pumps.await;
+        },
+        watchdog,
+    )
+    .await;
     Ok(())
 }
 
@@ -336,8 +342,8 @@ async fn relay(
 async fn upstream(
     shard: &ShardCtx,
     shared: &SessionShared,
-    mut client: TcpStream,
-    mut primary: TcpStream,
+    client: TcpStream,
+    primary: TcpStream,
     mut buf: BytesMut,
 ) {
     let stats = &shard.stats;
@@ -395,7 +401,7 @@ async fn upstream(
                 break;
             }
         }
-        match read_into(&mut client, &mut buf, &shard.scratch).await {
+        match client.read_buf(&mut buf, shard.read_chunk_bytes).await {
             Ok(0) | Err(_) => break,
             Ok(n) => ShardStats::bump(&stats.counters.client_bytes_in, n as u64),
         }
@@ -408,7 +414,7 @@ async fn upstream(
         }
     }
     // Wake the downstream pump: it sees end-of-stream from the primary and finishes.
-    shutdown_both(primary.as_raw_fd());
+    primary.shutdown();
 }
 
 /// Primary → client: relays every complete message, tracks ReadyForQuery (transaction status,
@@ -416,8 +422,8 @@ async fn upstream(
 async fn downstream(
     shard: &ShardCtx,
     shared: &SessionShared,
-    mut primary: TcpStream,
-    mut client: TcpStream,
+    primary: TcpStream,
+    client: TcpStream,
 ) {
     let stats = &shard.stats;
     let settings = &shard.settings;
@@ -425,7 +431,7 @@ async fn downstream(
     let mut answered: Vec<Instant> = Vec::new();
     let mut farewell = false;
     loop {
-        match read_into(&mut primary, &mut buf, &shard.scratch).await {
+        match primary.read_buf(&mut buf, shard.read_chunk_bytes).await {
             Ok(0) | Err(_) => break,
             Ok(_) => {}
         }
@@ -475,11 +481,11 @@ async fn downstream(
             let seq = shared.done.get();
             shared.done.set(seq + 1);
             let mut stamps = shared.stamps.borrow_mut();
-            if stamps.front().is_some_and(|&(s, _)| s == seq) {
-                if let Some((_, read_at)) = stamps.pop_front() {
-                    stats.record(&stats.primary_latency_us, arrived - read_at);
-                    answered.push(read_at);
-                }
+            if stamps.front().is_some_and(|&(s, _)| s == seq)
+                && let Some((_, read_at)) = stamps.pop_front()
+            {
+                stats.record(&stats.primary_latency_us, arrived - read_at);
+                answered.push(read_at);
             }
         }
         if complete == 0 {
@@ -498,7 +504,8 @@ async fn downstream(
             }
         }
     }
-    if !shared.client_ended.get() && !(farewell && shared.fatal.borrow().is_none()) {
+    let primary_said_goodbye = farewell && shared.fatal.borrow().is_none();
+    if !(shared.client_ended.get() || primary_said_goodbye) {
         let fatal = shared.fatal.borrow_mut().take();
         let msg = fatal.unwrap_or_else(|| {
             ShardStats::bump(&stats.counters.primary_lost, 1);
@@ -514,5 +521,5 @@ async fn downstream(
         let _ = client.write_all(&msg).await;
     }
     // Wake the upstream pump if it is still reading the client.
-    shutdown_both(client.as_raw_fd());
+    client.shutdown();
 }

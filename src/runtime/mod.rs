@@ -2,17 +2,16 @@
 //! shard, the control loop on the main thread (reports, signals, drain). Shards share nothing
 //! but a stop flag and their report rings.
 
+pub mod exec;
 mod listener;
 mod preflight;
 mod shard;
 pub mod signals;
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::config::{Config, PgUrl, parse_addr};
 use crate::control::{self, AdminServer, ControlState};
@@ -44,14 +43,15 @@ pub enum RuntimeError {
     Shard {
         index: usize,
         #[source]
-        source: glommio::GlommioError<()>,
+        source: std::io::Error,
     },
 }
 
-/// Registered io_uring buffer memory per shard. pgprism's sockets read into its own buffers,
-/// so glommio's registered pool (used for its DMA file I/O) can stay small and fit a default
-/// memlock limit.
-const IO_MEMORY_BYTES: usize = 512 << 10;
+/// Submission queue entries per shard ring. Each socket holds one multishot poll, which
+/// occupies an entry only until it is submitted, so this bounds a burst, not connections.
+const RING_ENTRIES: u32 = 1024;
+/// Locked memory a shard's ring needs (its SQ/CQ arrays), for the memlock preflight check.
+const RING_MEMORY_BYTES: usize = RING_ENTRIES as usize * (64 + 2 * 16);
 
 /// Where a running proxy can be reached; printed at start-up and used by tests.
 #[derive(Debug, Clone)]
@@ -67,12 +67,12 @@ pub fn run_proxy(cfg: &Config, on_ready: impl FnOnce(&Bound)) -> Result<(), Runt
         return Err(RuntimeError::IoUring(problem));
     }
     let shards = cfg.shard_count();
-    if let Some(warning) = preflight::memlock_problem(shards, IO_MEMORY_BYTES) {
+    if let Some(warning) = preflight::memlock_problem(shards, RING_MEMORY_BYTES) {
         tracing::warn!("{warning}");
     }
 
-    let primary = PgUrl::parse(&cfg.primary.url)
-        .map_err(|message| crate::config::ConfigError::Key {
+    let primary =
+        PgUrl::parse(&cfg.primary.url).map_err(|message| crate::config::ConfigError::Key {
             path: "primary.url".into(),
             message,
         })?;
@@ -80,9 +80,9 @@ pub fn run_proxy(cfg: &Config, on_ready: impl FnOnce(&Bound)) -> Result<(), Runt
     let primary_addr = primary_label
         .to_socket_addrs()
         .and_then(|mut addrs| {
-            addrs.next().ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
-            })
+            addrs
+                .next()
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))
         })
         .map_err(|source| RuntimeError::Resolve {
             addr: primary_label.clone(),
@@ -123,14 +123,16 @@ pub fn run_proxy(cfg: &Config, on_ready: impl FnOnce(&Bound)) -> Result<(), Runt
     };
 
     let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let stop = Arc::new(AtomicBool::new(false));
     // Counts shards whose executor returned, so the control loop notices one that died early.
     let exited = Arc::new(AtomicUsize::new(0));
     let mut rings = Vec::with_capacity(shards);
     let mut handles = Vec::with_capacity(shards);
+    let mut stops = Vec::with_capacity(shards);
     for (index, socket) in sockets.into_iter().enumerate() {
         let (tx, rx) = crossbeam_channel::bounded(cfg.metrics.ring_capacity);
         rings.push(rx);
+        let stop = exec::Notifier::new().map_err(|source| RuntimeError::Shard { index, source })?;
+        stops.push(stop.clone());
         let plan = shard::ShardPlan {
             index,
             socket,
@@ -148,20 +150,25 @@ pub fn run_proxy(cfg: &Config, on_ready: impl FnOnce(&Bound)) -> Result<(), Runt
             report_interval: Duration::from_millis(cfg.metrics.report_interval_ms),
             drain_timeout: Duration::from_millis(cfg.proxy.drain_timeout_ms),
             reports: tx,
-            stop: stop.clone(),
+            stop,
         };
-        let placement = match (cfg.proxy.pin_cores, cores.is_empty()) {
-            (true, false) => Placement::Fixed(cores[index % cores.len()].id),
-            _ => Placement::Unbound,
-        };
-        let handle = LocalExecutorBuilder::new(placement)
-            .name(&format!("pgprism-shard-{index}"))
-            .io_memory(IO_MEMORY_BYTES)
-            .spawn({
-                let exited = ExitCount(exited.clone());
-                move || async move {
-                    shard::run(plan).await;
-                    drop(exited);
+        let core = (cfg.proxy.pin_cores && !cores.is_empty()).then(|| cores[index % cores.len()]);
+        let exited = ExitCount(exited.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("pgprism-shard-{index}"))
+            .spawn(move || {
+                let _exited = exited;
+                if let Some(core) = core
+                    && !core_affinity::set_for_current(core)
+                {
+                    tracing::warn!(
+                        shard = index,
+                        core = core.id,
+                        "cannot pin shard to its core"
+                    );
+                }
+                if let Err(err) = exec::run(RING_ENTRIES, shard::run(plan)) {
+                    tracing::error!(shard = index, error = %err, "shard runtime failed");
                 }
             })
             .map_err(|source| RuntimeError::Shard { index, source })?;
@@ -196,7 +203,9 @@ pub fn run_proxy(cfg: &Config, on_ready: impl FnOnce(&Bound)) -> Result<(), Runt
         "stopping: no new connections, draining sessions"
     );
     control::lock(&state).draining = true;
-    stop.store(true, Ordering::Relaxed);
+    for stop in &stops {
+        stop.notify();
+    }
     let drain_started = Instant::now();
     for handle in handles {
         if handle.join().is_err() {

@@ -1,23 +1,21 @@
-//! A shard: one glommio executor pinned to one core, with its own listener, its client
+//! A shard: one executor thread pinned to one core, with its own listener, its client
 //! sessions and their backend sockets, its counters and histograms. It talks to the control
-//! thread only through a bounded ring and a stop flag, both off the per-message path.
+//! thread only through a bounded ring and a stop notifier, both off the per-message path.
 
-use std::os::fd::IntoRawFd;
 use std::rc::Rc;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, TrySendError};
-use glommio::net::TcpListener;
 use socket2::Socket;
+
+use super::exec::net::TcpListener;
+use super::exec::{self, Notifier};
 
 use crate::proxy::stats::{ShardReport, ShardStats};
 use crate::proxy::{ProxySettings, ShardCtx, serve_client};
 
-/// How often an idle accept loop and a drain look at the stop flag. Only shutdown latency
-/// depends on it.
-const STOP_POLL: Duration = Duration::from_millis(50);
+/// How often a drain looks for sessions that became idle.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 pub(super) struct ShardPlan {
     pub index: usize,
@@ -28,13 +26,16 @@ pub(super) struct ShardPlan {
     pub report_interval: Duration,
     pub drain_timeout: Duration,
     pub reports: Sender<ShardReport>,
-    pub stop: Arc<AtomicBool>,
+    pub stop: Notifier,
 }
 
 pub(super) async fn run(plan: ShardPlan) {
-    // SAFETY: the socket is a listening TCP socket we own; ownership moves to the listener.
-    let listener = unsafe {
-        <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(plan.socket.into_raw_fd())
+    let listener = match TcpListener::from_socket(plan.socket) {
+        Ok(listener) => listener,
+        Err(err) => {
+            tracing::error!(shard = plan.index, error = %err, "cannot register the listener");
+            return;
+        }
     };
     let shard = Rc::new(ShardCtx::new(
         plan.index,
@@ -46,35 +47,37 @@ pub(super) async fn run(plan: ShardPlan) {
     let reporter = {
         let shard = shard.clone();
         let reports = plan.reports.clone();
-        glommio::spawn_local(async move {
+        let interval = plan.report_interval;
+        async move {
             loop {
-                glommio::timer::sleep(plan.report_interval).await;
+                exec::sleep(interval).await;
                 send_report(&shard, &reports);
             }
-        })
+        }
     };
 
-    let stop = plan.stop.clone();
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            while !stop.load(Ordering::Relaxed) {
-                glommio::timer::sleep(STOP_POLL).await;
-            }
-            None
-        })
-        .await;
-        match accepted {
-            None => break,
-            Some(Ok(stream)) => {
-                glommio::spawn_local(serve_client(shard.clone(), stream)).detach();
-            }
-            Some(Err(err)) => {
-                // EMFILE and friends: back off briefly instead of spinning on accept.
-                tracing::warn!(shard = plan.index, error = %err, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
+    let accepting = async {
+        loop {
+            match listener.accept().await {
+                Ok(stream) => exec::spawn(serve_client(shard.clone(), stream)),
+                Err(err) => {
+                    // EMFILE and friends: back off briefly instead of spinning on accept.
+                    tracing::warn!(shard = plan.index, error = %err, "accept failed");
+                    exec::sleep(Duration::from_millis(10)).await;
+                }
             }
         }
-    }
+    };
+    // Accept (and report) until the control thread asks us to stop.
+    let stop = async {
+        if let Err(err) = plan.stop.notified().await {
+            tracing::error!(shard = plan.index, error = %err, "stop notifier failed");
+        }
+    };
+    futures_lite::future::or(stop, async {
+        futures_lite::future::zip(accepting, reporter).await;
+    })
+    .await;
     drop(listener);
 
     let deadline = Instant::now() + plan.drain_timeout;
@@ -85,14 +88,17 @@ pub(super) async fn run(plan: ShardPlan) {
         }
         if Instant::now() >= deadline {
             let forced = shard.close_idle_sessions(true);
-            tracing::warn!(shard = plan.index, sessions = forced, "drain timeout: closing busy sessions");
+            tracing::warn!(
+                shard = plan.index,
+                sessions = forced,
+                "drain timeout: closing busy sessions"
+            );
             // Let the closed sessions run their teardown before the executor stops.
-            glommio::timer::sleep(STOP_POLL).await;
+            exec::sleep(DRAIN_POLL).await;
             break;
         }
-        glommio::timer::sleep(Duration::from_millis(20)).await;
+        exec::sleep(DRAIN_POLL).await;
     }
-    drop(reporter);
     // The final report must arrive: it carries the exact totals. Block briefly if needed;
     // the shard has no sessions left to delay.
     let _ = plan

@@ -40,7 +40,10 @@ pub fn split_startup(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, Wi
         return Err(WireError::BadLength { len });
     }
     if len as usize > max {
-        return Err(WireError::MessageTooLarge { len: len as usize, max });
+        return Err(WireError::MessageTooLarge {
+            len: len as usize,
+            max,
+        });
     }
     if buf.len() < len as usize {
         return Ok(None);
@@ -49,7 +52,7 @@ pub fn split_startup(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, Wi
 }
 
 pub enum StartupPacket {
-    Startup,
+    Startup { protocol: u32 },
     SslRequest,
     GssEncRequest,
     Cancel { pid: i32, secret: i32 },
@@ -65,8 +68,12 @@ impl StartupPacket {
                 pid: i32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]),
                 secret: i32::from_be_bytes([packet[12], packet[13], packet[14], packet[15]]),
             },
-            c if c >> 16 == 3 => StartupPacket::Startup,
-            _ => return Err(WireError::Malformed { what: "startup packet" }),
+            c if c >> 16 == 3 => StartupPacket::Startup { protocol: c },
+            _ => {
+                return Err(WireError::Malformed {
+                    what: "startup packet",
+                });
+            }
         })
     }
 }
@@ -83,7 +90,10 @@ pub fn complete_prefix(
             return Err(WireError::BadLength { len });
         }
         if len as usize > max {
-            return Err(WireError::MessageTooLarge { len: len as usize, max });
+            return Err(WireError::MessageTooLarge {
+                len: len as usize,
+                max,
+            });
         }
         let end = at + 1 + len as usize;
         if end > buf.len() {
@@ -107,7 +117,12 @@ pub mod encode {
         let start = buf.len();
         buf.put_u8(b'E');
         buf.put_i32(0);
-        for (t, v) in [(b'S', severity), (b'V', severity), (b'C', code), (b'M', message)] {
+        for (t, v) in [
+            (b'S', severity),
+            (b'V', severity),
+            (b'C', code),
+            (b'M', message),
+        ] {
             buf.put_u8(t);
             buf.put_slice(v.as_bytes());
             buf.put_u8(0);

@@ -62,7 +62,10 @@ impl Proxy {
         let stderr_path = std::env::temp_dir().join(format!(
             "pgprism-test-proxy-{}-{}.log",
             std::process::id(),
-            std::thread::current().name().unwrap_or("t").replace("::", "-")
+            std::thread::current()
+                .name()
+                .unwrap_or("t")
+                .replace("::", "-")
         ));
         let stderr = std::fs::File::create(&stderr_path).expect("proxy log file");
         let mut child = pgprism_command()
@@ -190,7 +193,11 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("").to_string();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
     (code, body)
 }
 

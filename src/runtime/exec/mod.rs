@@ -1,0 +1,229 @@
+//! The shard runtime: a minimal single-threaded async executor driven by one io_uring.
+//!
+//! Why not glommio (which DESIGN.md names): measured on the 2-core build machine with pgbench
+//! `-S`, a glommio-based pgprism spent ~50 us of CPU per transaction against PgBouncer's ~22,
+//! and almost all of it was glommio's park path, which runs on every sleep: a throughput
+//! preemption timer, a latency timer armed and cancelled, cancellation flushes and a
+//! `membarrier`, before linking its rings. A request/response proxy parks after nearly every
+//! message, so it paid all of that per message. This runtime keeps the design (one pinned
+//! thread per shard owning its sockets, io_uring, no locks or atomics on the hot path) and
+//! does only what pgprism needs:
+//!
+//! * readiness comes from multishot `POLL_ADD` operations, armed once per socket;
+//! * socket reads and writes are plain non-blocking `recv`/`send` into the caller's buffers
+//!   (reads land directly in a `BytesMut`'s spare capacity: no intermediate copy);
+//! * timers are a sorted map whose earliest deadline bounds the `io_uring_enter` wait;
+//! * other threads wake a shard through an `eventfd` (see [`Notifier`]).
+//!
+//! It must never block (no blocking syscalls on a shard) and never be touched from another
+//! thread: its types are `!Send` on purpose.
+
+pub mod net;
+mod reactor;
+mod timer;
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
+
+pub use reactor::Notifier;
+pub use timer::{sleep, sleep_until, within};
+
+type Task = Pin<Box<dyn Future<Output = ()>>>;
+
+struct Slot {
+    generation: u32,
+    task: Option<Task>,
+}
+
+/// One shard's executor. Reached through a thread-local while [`run`] is active.
+pub(crate) struct Executor {
+    slots: RefCell<Vec<Slot>>,
+    free: RefCell<Vec<u32>>,
+    reactor: reactor::Reactor,
+}
+
+thread_local! {
+    /// Keys (generation << 32 | slot) of tasks to poll. A waker pushes onto the queue of the
+    /// thread it is woken on; pgprism never moves wakers across threads, and if it ever did
+    /// the wake would be lost (a stall, never memory unsafety).
+    static READY: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+    static CURRENT: RefCell<Option<Rc<Executor>>> = const { RefCell::new(None) };
+}
+
+/// How many rounds of ready tasks run before the reactor is consulted again, so a task that
+/// keeps waking itself cannot starve I/O and timers.
+const ROUNDS_PER_TURN: usize = 16;
+
+fn current() -> Rc<Executor> {
+    CURRENT
+        .with(|c| c.borrow().clone())
+        .unwrap_or_else(|| not_in_runtime())
+}
+
+#[cold]
+#[inline(never)]
+fn not_in_runtime() -> ! {
+    panic!("pgprism runtime function called outside a shard thread")
+}
+
+/// Spawns a task on the current shard; it runs until it finishes or the shard stops.
+pub fn spawn(task: impl Future<Output = ()> + 'static) {
+    let exec = current();
+    let key = {
+        let mut slots = exec.slots.borrow_mut();
+        let index = match exec.free.borrow_mut().pop() {
+            Some(index) => index,
+            None => {
+                slots.push(Slot {
+                    generation: 0,
+                    task: None,
+                });
+                (slots.len() - 1) as u32
+            }
+        };
+        let slot = &mut slots[index as usize];
+        slot.task = Some(Box::pin(task));
+        ((slot.generation as u64) << 32) | index as u64
+    };
+    wake_key(key);
+}
+
+impl Executor {
+    fn poll_task(&self, key: u64) {
+        let index = key as u32 as usize;
+        let generation = (key >> 32) as u32;
+        let mut task = {
+            let mut slots = self.slots.borrow_mut();
+            match slots.get_mut(index) {
+                Some(slot) if slot.generation == generation => match slot.task.take() {
+                    Some(task) => task,
+                    // Already finished, or a duplicate wake of a task being polled.
+                    None => return,
+                },
+                _ => return,
+            }
+        };
+        let waker = waker_for(key);
+        let mut cx = Context::from_waker(&waker);
+        match task.as_mut().poll(&mut cx) {
+            Poll::Pending => {
+                if let Some(slot) = self.slots.borrow_mut().get_mut(index) {
+                    slot.task = Some(task);
+                }
+            }
+            Poll::Ready(()) => {
+                // Drop outside the borrow: dropping closes sockets, which reaches the reactor.
+                drop(task);
+                if let Some(slot) = self.slots.borrow_mut().get_mut(index) {
+                    slot.generation = slot.generation.wrapping_add(1);
+                }
+                self.free.borrow_mut().push(index as u32);
+            }
+        }
+    }
+}
+
+/// Runs `root` on this thread until it completes, together with every task it spawns.
+/// Tasks still pending when `root` completes are dropped (their sockets close).
+pub fn run(ring_entries: u32, root: impl Future<Output = ()> + 'static) -> io::Result<()> {
+    let exec = Rc::new(Executor {
+        slots: RefCell::new(Vec::new()),
+        free: RefCell::new(Vec::new()),
+        reactor: reactor::Reactor::new(ring_entries)?,
+    });
+    CURRENT.with(|c| *c.borrow_mut() = Some(exec.clone()));
+    let done = Rc::new(Cell::new(false));
+    {
+        let done = done.clone();
+        spawn(async move {
+            root.await;
+            done.set(true);
+        });
+    }
+    let mut batch = Vec::new();
+    let result = loop {
+        for _ in 0..ROUNDS_PER_TURN {
+            READY.with(|r| std::mem::swap(&mut *r.borrow_mut(), &mut batch));
+            if batch.is_empty() {
+                break;
+            }
+            for key in batch.drain(..) {
+                exec.poll_task(key);
+            }
+        }
+        if done.get() {
+            break Ok(());
+        }
+        let more_ready = READY.with(|r| !r.borrow().is_empty());
+        if let Err(err) = exec.reactor.turn(more_ready) {
+            break Err(err);
+        }
+    };
+    // Drop every task while the reactor still exists (sockets deregister on drop).
+    let tasks: Vec<Task> = exec
+        .slots
+        .borrow_mut()
+        .iter_mut()
+        .filter_map(|s| s.task.take())
+        .collect();
+    drop(tasks);
+    READY.with(|r| r.borrow_mut().clear());
+    CURRENT.with(|c| *c.borrow_mut() = None);
+    result
+}
+
+fn wake_key(key: u64) {
+    READY.with(|r| {
+        if let Ok(mut queue) = r.try_borrow_mut() {
+            queue.push(key);
+        }
+    });
+}
+
+// The waker's data pointer *is* the task key (no allocation, no reference counting).
+const VTABLE: RawWakerVTable = RawWakerVTable::new(
+    |data| RawWaker::new(data, &VTABLE),
+    |data| wake_key(data as u64),
+    |data| wake_key(data as u64),
+    |_| {},
+);
+
+fn waker_for(key: u64) -> Waker {
+    // SAFETY: the vtable functions never dereference `data`; it is an integer key, so every
+    // RawWaker contract (clone/wake/drop on any copy) holds trivially.
+    unsafe { Waker::from_raw(RawWaker::new(key as *const (), &VTABLE)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn tasks_timers_and_spawn_from_tasks() {
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let seen = log.clone();
+        let started = Instant::now();
+        run(64, async move {
+            let inner = seen.clone();
+            spawn(async move {
+                sleep(Duration::from_millis(30)).await;
+                inner.borrow_mut().push("late");
+            });
+            seen.borrow_mut().push("root");
+            sleep(Duration::from_millis(60)).await;
+            assert_eq!(
+                within(Duration::from_millis(10), std::future::pending::<()>()).await,
+                None
+            );
+            assert_eq!(within(Duration::from_secs(5), async { 7 }).await, Some(7));
+        })
+        .unwrap();
+        assert_eq!(*log.borrow(), ["root", "late"]);
+        assert!(started.elapsed() >= Duration::from_millis(60));
+    }
+}

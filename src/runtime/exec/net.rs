@@ -1,0 +1,288 @@
+//! TCP sockets on the shard runtime. A [`TcpStream`] is a cheap `Rc` handle: one task may read
+//! while another writes (each direction has its own waker slot), with no lock and no `dup`.
+//! The descriptor closes when the last handle is dropped, so a raw fd number is never used
+//! after the socket it named is gone.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::reactor::Source;
+use super::{current, within};
+
+struct Registered {
+    fd: OwnedFd,
+    source: Rc<Source>,
+}
+
+impl Registered {
+    fn new(fd: OwnedFd) -> io::Result<Registered> {
+        let source = current().reactor.register(fd.as_raw_fd())?;
+        Ok(Registered { fd, source })
+    }
+
+    fn wait_readable(&self, cx: &Context<'_>) {
+        self.source.readable.set(false);
+        self.source.read_waker.set(Some(cx.waker().clone()));
+    }
+
+    fn wait_writable(&self, cx: &Context<'_>) {
+        self.source.writable.set(false);
+        self.source.write_waker.set(Some(cx.waker().clone()));
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        super::CURRENT.with(|c| {
+            if let Some(exec) = c.borrow().as_ref() {
+                exec.reactor.release(&self.source);
+            }
+        });
+    }
+}
+
+fn would_block(err: &io::Error) -> bool {
+    err.kind() == io::ErrorKind::WouldBlock
+}
+
+/// A listening socket whose accepted connections belong to this shard.
+pub struct TcpListener {
+    io: Registered,
+}
+
+impl TcpListener {
+    /// Takes over a bound, listening socket (built with socket2 by the caller).
+    pub fn from_socket(socket: Socket) -> io::Result<TcpListener> {
+        socket.set_nonblocking(true)?;
+        // SAFETY: into_raw_fd hands over sole ownership of the descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(socket.into_raw_fd()) };
+        Ok(TcpListener {
+            io: Registered::new(fd)?,
+        })
+    }
+
+    pub async fn accept(&self) -> io::Result<TcpStream> {
+        let fd = futures_lite::future::poll_fn(|cx| {
+            loop {
+                // SAFETY: accept4 with null address pointers is allowed; result checked.
+                let fd = unsafe {
+                    libc::accept4(
+                        self.io.fd.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    )
+                };
+                if fd >= 0 {
+                    // SAFETY: a fresh descriptor owned by nobody else.
+                    return Poll::Ready(Ok(unsafe { OwnedFd::from_raw_fd(fd) }));
+                }
+                let err = io::Error::last_os_error();
+                match err.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    // The peer gave up before we accepted; try the next one.
+                    io::ErrorKind::ConnectionAborted => continue,
+                    _ if would_block(&err) => {
+                        self.io.wait_readable(cx);
+                        return Poll::Pending;
+                    }
+                    _ => return Poll::Ready(Err(err)),
+                }
+            }
+        })
+        .await?;
+        TcpStream::from_fd(fd)
+    }
+}
+
+/// A connected TCP socket. Clone it to read in one task and write in another.
+#[derive(Clone)]
+pub struct TcpStream {
+    io: Rc<Registered>,
+}
+
+impl TcpStream {
+    fn from_fd(fd: OwnedFd) -> io::Result<TcpStream> {
+        Ok(TcpStream {
+            io: Rc::new(Registered::new(fd)?),
+        })
+    }
+
+    /// Connects without blocking the shard, failing with `TimedOut` after `limit`.
+    pub async fn connect(addr: SocketAddr, limit: Duration) -> io::Result<TcpStream> {
+        let domain = if addr.is_ipv6() {
+            Domain::IPV6
+        } else {
+            Domain::IPV4
+        };
+        let socket = Socket::new(
+            domain,
+            Type::STREAM.nonblocking().cloexec(),
+            Some(Protocol::TCP),
+        )?;
+        let in_progress = match socket.connect(&addr.into()) {
+            Ok(()) => false,
+            Err(err) if err.raw_os_error() == Some(libc::EINPROGRESS) => true,
+            Err(err) => return Err(err),
+        };
+        // SAFETY: into_raw_fd hands over sole ownership of the descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(socket.into_raw_fd()) };
+        let stream = TcpStream::from_fd(fd)?;
+        if in_progress {
+            stream.io.source.writable.set(false);
+            let connected = within(
+                limit,
+                futures_lite::future::poll_fn(|cx| {
+                    if stream.io.source.writable.get() {
+                        return Poll::Ready(());
+                    }
+                    stream.io.source.write_waker.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                }),
+            )
+            .await;
+            if connected.is_none() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connection timed out",
+                ));
+            }
+            let probe = socket2::SockRef::from(&stream.io.fd);
+            if let Some(err) = probe.take_error()? {
+                return Err(err);
+            }
+            // Confirms the connection (a refused connect reports here on some kernels).
+            probe.peer_addr()?;
+        }
+        Ok(stream)
+    }
+
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.io.fd.as_raw_fd()
+    }
+
+    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        socket2::SockRef::from(&self.io.fd).set_tcp_nodelay(on)
+    }
+
+    /// Reads what is available (at most `chunk` bytes) and appends it to `buf`, growing it if
+    /// needed. `Ok(0)` is end-of-stream.
+    pub fn read_buf<'a>(
+        &'a self,
+        buf: &'a mut BytesMut,
+        chunk: usize,
+    ) -> impl Future<Output = io::Result<usize>> + 'a {
+        futures_lite::future::poll_fn(move |cx| {
+            let io = &self.io;
+            if !io.source.readable.get() {
+                io.source.read_waker.set(Some(cx.waker().clone()));
+                return Poll::Pending;
+            }
+            buf.reserve(chunk);
+            let spare = buf.spare_capacity_mut();
+            let want = spare.len().min(chunk.max(1));
+            loop {
+                // SAFETY: the kernel writes at most `want` bytes into the spare capacity; we
+                // never read them before `set_len` below marks exactly those as initialised.
+                let n = unsafe {
+                    libc::recv(
+                        io.fd.as_raw_fd(),
+                        spare.as_mut_ptr().cast(),
+                        want,
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if n >= 0 {
+                    let n = n as usize;
+                    // SAFETY: recv initialised exactly `n` bytes after the current length.
+                    unsafe { buf.set_len(buf.len() + n) };
+                    if n > 0 && n < want {
+                        // The socket was drained: wait for the next poll completion instead of
+                        // paying a recv that would only say EAGAIN.
+                        io.source.readable.set(false);
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if would_block(&err) {
+                    io.wait_readable(cx);
+                    return Poll::Pending;
+                }
+                return Poll::Ready(Err(err));
+            }
+        })
+    }
+
+    /// Writes all of `data`, waiting for socket space as needed (backpressure).
+    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        futures_lite::future::poll_fn(|cx| {
+            let io = &self.io;
+            while !data.is_empty() {
+                if !io.source.writable.get() {
+                    io.source.write_waker.set(Some(cx.waker().clone()));
+                    return Poll::Pending;
+                }
+                // SAFETY: pointer and length describe the live slice `data`.
+                let n = unsafe {
+                    libc::send(
+                        io.fd.as_raw_fd(),
+                        data.as_ptr().cast(),
+                        data.len(),
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                if n >= 0 {
+                    let n = n as usize;
+                    data = &data[n..];
+                    if !data.is_empty() {
+                        // Partial write: the socket buffer is full.
+                        io.wait_writable(cx);
+                        return Poll::Pending;
+                    }
+                    continue;
+                }
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if would_block(&err) {
+                    io.wait_writable(cx);
+                    return Poll::Pending;
+                }
+                return Poll::Ready(Err(err));
+            }
+            Poll::Ready(Ok(()))
+        })
+        .await
+    }
+
+    /// Best-effort immediate write of a short message (an ErrorResponse to a connection being
+    /// closed); whatever does not fit in the socket buffer is dropped.
+    pub fn write_now(&self, data: &[u8]) {
+        // SAFETY: pointer and length describe the live slice `data`.
+        unsafe {
+            libc::send(
+                self.io.fd.as_raw_fd(),
+                data.as_ptr().cast(),
+                data.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            );
+        }
+    }
+
+    /// Shuts both directions down: every handle's reads see end-of-stream at once.
+    pub fn shutdown(&self) {
+        let _ = socket2::SockRef::from(&self.io.fd).shutdown(std::net::Shutdown::Both);
+    }
+}

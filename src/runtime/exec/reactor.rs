@@ -1,0 +1,344 @@
+//! The io_uring side of the shard runtime: readiness of registered file descriptors through
+//! multishot `POLL_ADD`, timers through the `io_uring_enter` wait timeout, and cross-thread
+//! wake-ups through an `eventfd`.
+//!
+//! A source's slot is only reused after the kernel has confirmed its poll is gone (the final
+//! CQE without `IORING_CQE_F_MORE`), so a stale completion can never reach a new socket.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+
+/// user_data of operations whose completions carry no information (poll removals).
+const IGNORED: u64 = u64::MAX;
+
+const READ_EVENTS: u32 = (libc::POLLIN | libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as u32;
+const WRITE_EVENTS: u32 = (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) as u32;
+
+/// Readiness of one registered descriptor, shared by the handle and the reactor.
+pub(crate) struct Source {
+    token: u64,
+    /// Believed readable/writable: the next syscall is worth trying. Cleared when a syscall
+    /// says EAGAIN (or drained the socket), set again by the next poll completion.
+    pub readable: Cell<bool>,
+    pub writable: Cell<bool>,
+    pub read_waker: Cell<Option<Waker>>,
+    pub write_waker: Cell<Option<Waker>>,
+}
+
+struct SourceSlot {
+    generation: u32,
+    source: Option<Rc<Source>>,
+    fd: RawFd,
+    /// The owner dropped it; free the slot once the kernel confirms the poll is gone.
+    released: bool,
+}
+
+pub(crate) struct Reactor {
+    ring: RefCell<IoUring>,
+    slots: RefCell<Vec<SourceSlot>>,
+    free: RefCell<Vec<u32>>,
+    timers: RefCell<BTreeMap<(Instant, u64), Waker>>,
+    next_timer: Cell<u64>,
+}
+
+impl Reactor {
+    pub(crate) fn new(entries: u32) -> io::Result<Reactor> {
+        let ring = IoUring::builder()
+            // Completions are only reaped in `turn`, on this thread: no need for the kernel to
+            // interrupt the task to run completion work early.
+            .setup_coop_taskrun()
+            .setup_single_issuer()
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))?;
+        Ok(Reactor {
+            ring: RefCell::new(ring),
+            slots: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+            timers: RefCell::new(BTreeMap::new()),
+            next_timer: Cell::new(0),
+        })
+    }
+
+    fn push(&self, entry: squeue::Entry) -> io::Result<()> {
+        let mut ring = self.ring.borrow_mut();
+        // SAFETY: poll and poll-remove entries reference no user memory.
+        if unsafe { ring.submission().push(&entry) }.is_ok() {
+            return Ok(());
+        }
+        ring.submit()?;
+        // SAFETY: as above.
+        unsafe { ring.submission().push(&entry) }
+            .map_err(|_| io::Error::other("io_uring submission queue full after submit"))
+    }
+
+    fn arm(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let entry = opcode::PollAdd::new(types::Fd(fd), READ_EVENTS | WRITE_EVENTS)
+            .multi(true)
+            .build()
+            .user_data(token);
+        self.push(entry)
+    }
+
+    /// Starts watching `fd` (which the caller keeps open until [`Reactor::release`]).
+    pub(crate) fn register(&self, fd: RawFd) -> io::Result<Rc<Source>> {
+        let (index, generation) = {
+            let mut slots = self.slots.borrow_mut();
+            let index = match self.free.borrow_mut().pop() {
+                Some(index) => index,
+                None => {
+                    slots.push(SourceSlot {
+                        generation: 0,
+                        source: None,
+                        fd: -1,
+                        released: false,
+                    });
+                    (slots.len() - 1) as u32
+                }
+            };
+            (index, slots[index as usize].generation)
+        };
+        let token = ((generation as u64) << 32) | index as u64;
+        let source = Rc::new(Source {
+            token,
+            readable: Cell::new(false),
+            // A connected socket is writable until a send says otherwise; a connecting one
+            // is not, and its owner clears this before waiting.
+            writable: Cell::new(true),
+            read_waker: Cell::new(None),
+            write_waker: Cell::new(None),
+        });
+        {
+            let mut slots = self.slots.borrow_mut();
+            let slot = &mut slots[index as usize];
+            slot.source = Some(source.clone());
+            slot.fd = fd;
+            slot.released = false;
+        }
+        if let Err(err) = self.arm(fd, token) {
+            self.free_slot(index);
+            return Err(err);
+        }
+        Ok(source)
+    }
+
+    /// The owner is done with the source: cancel its poll. The caller may close the fd right
+    /// after; the kernel holds its own reference until the poll is removed.
+    pub(crate) fn release(&self, source: &Source) {
+        let index = source.token as u32 as usize;
+        if let Some(slot) = self.slots.borrow_mut().get_mut(index) {
+            slot.released = true;
+            slot.source = None;
+        }
+        let entry = opcode::PollRemove::new(source.token)
+            .build()
+            .user_data(IGNORED);
+        if self.push(entry).is_err() {
+            tracing::warn!("cannot queue a poll removal; the slot stays reserved");
+        }
+    }
+
+    fn free_slot(&self, index: u32) {
+        if let Some(slot) = self.slots.borrow_mut().get_mut(index as usize) {
+            slot.generation = slot.generation.wrapping_add(1);
+            slot.source = None;
+            slot.fd = -1;
+            slot.released = false;
+        }
+        self.free.borrow_mut().push(index);
+    }
+
+    pub(crate) fn set_timer(&self, deadline: Instant, id: Option<u64>, waker: Waker) -> u64 {
+        let mut timers = self.timers.borrow_mut();
+        if let Some(id) = id
+            && let Some(slot) = timers.get_mut(&(deadline, id))
+        {
+            *slot = waker;
+            return id;
+        }
+        let id = self.next_timer.get();
+        self.next_timer.set(id + 1);
+        timers.insert((deadline, id), waker);
+        id
+    }
+
+    pub(crate) fn cancel_timer(&self, deadline: Instant, id: u64) {
+        self.timers.borrow_mut().remove(&(deadline, id));
+    }
+
+    /// Submits queued operations, waits for events (not at all when `tasks_ready`, else up to
+    /// the next timer), then wakes whatever became ready.
+    pub(crate) fn turn(&self, tasks_ready: bool) -> io::Result<()> {
+        let wait = if tasks_ready {
+            Some(Duration::ZERO)
+        } else {
+            self.timers
+                .borrow()
+                .keys()
+                .next()
+                .map(|(deadline, _)| deadline.saturating_duration_since(Instant::now()))
+        };
+        {
+            let ring = self.ring.borrow();
+            let submitted = match wait {
+                Some(Duration::ZERO) => ring.submit(),
+                Some(limit) => {
+                    let ts = types::Timespec::from(limit);
+                    let args = types::SubmitArgs::new().timespec(&ts);
+                    ring.submitter().submit_with_args(1, &args)
+                }
+                None => ring.submit_and_wait(1),
+            };
+            match submitted {
+                Ok(_) => {}
+                Err(err)
+                    if matches!(
+                        err.raw_os_error(),
+                        Some(libc::ETIME)
+                            | Some(libc::EINTR)
+                            | Some(libc::EBUSY)
+                            | Some(libc::EAGAIN)
+                    ) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        self.reap();
+        self.fire_timers();
+        Ok(())
+    }
+
+    fn reap(&self) {
+        let mut rearm = Vec::new();
+        {
+            let mut ring = self.ring.borrow_mut();
+            let mut slots = self.slots.borrow_mut();
+            for cqe in ring.completion() {
+                let token = cqe.user_data();
+                if token == IGNORED {
+                    continue;
+                }
+                let index = token as u32 as usize;
+                let Some(slot) = slots.get_mut(index) else {
+                    continue;
+                };
+                if slot.generation != (token >> 32) as u32 {
+                    continue;
+                }
+                let result = cqe.result();
+                if let Some(source) = &slot.source {
+                    // An error completion (other than our own cancellation) is surfaced by
+                    // letting the next syscall run and report it.
+                    let events = if result >= 0 {
+                        result as u32
+                    } else {
+                        READ_EVENTS | WRITE_EVENTS
+                    };
+                    if events & READ_EVENTS != 0 {
+                        source.readable.set(true);
+                        if let Some(w) = source.read_waker.take() {
+                            w.wake();
+                        }
+                    }
+                    if events & WRITE_EVENTS != 0 {
+                        source.writable.set(true);
+                        if let Some(w) = source.write_waker.take() {
+                            w.wake();
+                        }
+                    }
+                }
+                if !cqueue::more(cqe.flags()) {
+                    if slot.released {
+                        rearm.push((index as u32, None));
+                    } else {
+                        // The kernel ended the multishot poll (overflow, error): re-arm.
+                        rearm.push((index as u32, Some((slot.fd, token))));
+                    }
+                }
+            }
+        }
+        for (index, arm) in rearm {
+            match arm {
+                None => self.free_slot(index),
+                Some((fd, token)) => {
+                    if self.arm(fd, token).is_err() {
+                        tracing::warn!(fd, "cannot re-arm a poll");
+                    }
+                }
+            }
+        }
+    }
+
+    fn fire_timers(&self) {
+        let now = Instant::now();
+        loop {
+            let waker = {
+                let mut timers = self.timers.borrow_mut();
+                match timers.first_entry() {
+                    Some(entry) if entry.key().0 <= now => entry.remove(),
+                    _ => break,
+                }
+            };
+            waker.wake();
+        }
+    }
+}
+
+/// Wakes a shard from another thread (the control thread's stop request). The shard awaits
+/// [`Notifier::notified`]; any thread may call [`Notifier::notify`].
+#[derive(Clone)]
+pub struct Notifier {
+    fd: Arc<OwnedFd>,
+}
+
+impl Notifier {
+    pub fn new() -> io::Result<Notifier> {
+        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Notifier { fd: Arc::new(fd) })
+    }
+
+    pub fn notify(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64; failure (counter saturated) still leaves the
+        // eventfd readable, which is all a waiter needs.
+        unsafe {
+            libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8);
+        }
+    }
+
+    /// Completes once [`Notifier::notify`] has been called (now or before).
+    pub async fn notified(&self) -> io::Result<()> {
+        let exec = super::current();
+        let source = exec.reactor.register(self.fd.as_raw_fd())?;
+        let result = futures_lite::future::poll_fn(|cx| {
+            let mut value: u64 = 0;
+            // SAFETY: reads 8 bytes into a live u64.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut value as *mut u64).cast(), 8) };
+            if n == 8 {
+                return std::task::Poll::Ready(Ok(()));
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::WouldBlock {
+                return std::task::Poll::Ready(Err(err));
+            }
+            source.readable.set(false);
+            source.read_waker.set(Some(cx.waker().clone()));
+            std::task::Poll::Pending
+        })
+        .await;
+        exec.reactor.release(&source);
+        result
+    }
+}
