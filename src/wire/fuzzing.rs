@@ -192,7 +192,8 @@ mod tests {
     #[test]
     fn corpus_smoke() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-        let targets: [(&str, fn(&[u8])); 3] = [
+        type FuzzTarget = (&'static str, fn(&[u8]));
+        let targets: [FuzzTarget; 3] = [
             ("frontend_decode", fuzz_frontend),
             ("backend_decode", fuzz_backend),
             ("startup_decode", fuzz_startup),
