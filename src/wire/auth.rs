@@ -164,8 +164,7 @@ impl ClientAuth {
         request: &AuthRequest<'_>,
         out: &mut BytesMut,
     ) -> Result<AuthProgress, WireError> {
-        let nonce = || random_nonce();
-        self.step_with(request, out, nonce)
+        self.step_with(request, out, random_nonce)
     }
 
     fn step_with(

@@ -106,6 +106,31 @@ pub struct ErrorSpec<'a> {
     pub hint: Option<&'a str>,
 }
 
+impl<'a> ErrorSpec<'a> {
+    /// An error without detail or hint.
+    pub fn new(severity: &'a str, code: &'a str, message: &'a str) -> Self {
+        Self {
+            severity,
+            code,
+            message,
+            detail: None,
+            hint: None,
+        }
+    }
+}
+
+/// A `FATAL` ErrorResponse describing `err` with its SQLSTATE: what the proxy sends a
+/// client before closing a connection that broke the protocol or hit a limit.
+pub fn fatal_for(buf: &mut BytesMut, err: &WireError) {
+    let mut message = err.to_string();
+    // The text may quote a peer's bytes (a SCRAM error from a server); a NUL there must not
+    // cost the client its error message.
+    message.retain(|c| c != '\0');
+    let spec = ErrorSpec::new("FATAL", err.sqlstate(), &message);
+    // Cannot fail: no field contains NUL and the message is far below i32::MAX.
+    let _ = error_response(buf, &spec);
+}
+
 fn error_notice(buf: &mut BytesMut, tag: u8, spec: &ErrorSpec<'_>) -> Result<(), WireError> {
     framed(buf, Some(tag), |b| {
         let mut field = |kind: u8, value: &str| {
@@ -402,6 +427,28 @@ mod tests {
             (Some("08P01"), Some("bad frame"), Some("reconnect"))
         );
         assert_eq!(fields.detail, None);
+    }
+
+    #[test]
+    fn fatal_for_carries_the_sqlstate() {
+        let mut buf = BytesMut::new();
+        let err = WireError::MessageTooLarge { len: 10, max: 5 };
+        fatal_for(&mut buf, &err);
+        let frame = split_message(&mut buf, 1 << 20).unwrap().unwrap();
+        let fields = ErrorNotice::new(frame.body()).parse().unwrap();
+        assert_eq!(
+            (fields.severity, fields.code),
+            (Some("FATAL"), Some("54000"))
+        );
+        let err = WireError::ScramServerError {
+            message: "a\0b".into(),
+        };
+        fatal_for(&mut buf, &err);
+        let frame = split_message(&mut buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(
+            ErrorNotice::new(frame.body()).code().unwrap(),
+            Some("08001")
+        );
     }
 
     #[test]

@@ -60,7 +60,8 @@ impl<'a> Formats<'a> {
 
     /// The format at `index`, if present.
     pub fn get(&self, index: usize) -> Option<Format> {
-        let pair = self.raw.get(index * 2..index * 2 + 2)?;
+        let start = index.checked_mul(2)?;
+        let pair = self.raw.get(start..start.checked_add(2)?)?;
         Some(if pair[1] == 0 {
             Format::Text
         } else {
