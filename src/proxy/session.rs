@@ -79,13 +79,10 @@ impl ShardCtx {
                 continue;
             }
             session.closing.set(true);
-            let mut msg = BytesMut::new();
-            wire::encode::error_response(
-                &mut msg,
+            let msg = error_bytes(
                 "FATAL",
                 sqlstate::ADMIN_SHUTDOWN,
                 "terminating connection because pgprism is shutting down",
-                None,
             );
             // The downstream pump is parked on a read of the primary (the session is idle),
             // so this write does not interleave with one of its writes.
@@ -143,7 +140,13 @@ impl Drop for Registration {
 
 fn error_bytes(severity: &str, code: &str, message: &str) -> Bytes {
     let mut buf = BytesMut::new();
-    wire::encode::error_response(&mut buf, severity, code, message, None);
+    let spec = wire::encode::ErrorSpec::new(severity, code, message);
+    if wire::encode::error_response(&mut buf, &spec).is_err() {
+        // Only a NUL inside the text can fail; the client still deserves the error.
+        let cleaned = message.replace('\0', " ");
+        let spec = wire::encode::ErrorSpec::new(severity, code, &cleaned);
+        let _ = wire::encode::error_response(&mut buf, &spec);
+    }
     buf.freeze()
 }
 
@@ -197,7 +200,7 @@ pub async fn serve_client(shard: Rc<ShardCtx>, client: TcpStream) {
             ShardStats::bump(&stats.counters.primary_connect_failures, 1);
             let msg = error_bytes(
                 "FATAL",
-                sqlstate::UNABLE_TO_CONNECT,
+                sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
                 &format!(
                     "pgprism could not connect to primary {}: {err}",
                     shard.settings.primary_label

@@ -1,139 +1,47 @@
-//! Interim wire codec: only what the proxy needs while the full codec is built on its own
-//! branch. Replaced wholesale by that work.
+//! PostgreSQL wire protocol v3, sans-IO: framing of the client and server byte streams,
+//! lazy zero-copy views over message bodies, builders for the messages pgprism writes,
+//! the startup phase (StartupMessage, SSL/GSS requests, CancelRequest), client-side
+//! authentication (cleartext, MD5, SCRAM-SHA-256) and the SQLSTATEs pgprism reports.
+//!
+//! This module owns the byte layout of the protocol and nothing else. It must never do I/O,
+//! never block, never panic on bytes from a peer (every decoder returns `Result`), and never
+//! copy a message body the caller did not ask to copy: frames are split off the connection
+//! buffer as refcounted `Bytes` and views borrow from them.
 
-use bytes::{BufMut, Bytes, BytesMut};
+mod auth;
+mod backend;
+mod cursor;
+pub mod encode;
+mod error;
+mod format;
+mod frame;
+mod frontend;
+#[doc(hidden)]
+pub mod fuzzing;
+pub mod sqlstate;
+mod startup;
+pub mod tag;
 
-#[derive(Debug, thiserror::Error)]
-pub enum WireError {
-    #[error("message length {len} is invalid")]
-    BadLength { len: i64 },
-    #[error("message of {len} bytes exceeds the limit of {max} bytes")]
-    MessageTooLarge { len: usize, max: usize },
-    #[error("malformed {what}")]
-    Malformed { what: &'static str },
-}
-
-impl WireError {
-    pub fn sqlstate(&self) -> &'static str {
-        match self {
-            WireError::MessageTooLarge { .. } => sqlstate::PROGRAM_LIMIT_EXCEEDED,
-            _ => sqlstate::PROTOCOL_VIOLATION,
-        }
-    }
-}
-
-pub mod sqlstate {
-    pub const PROTOCOL_VIOLATION: &str = "08P01";
-    pub const CONNECTION_FAILURE: &str = "08006";
-    pub const UNABLE_TO_CONNECT: &str = "08001";
-    pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
-    pub const ADMIN_SHUTDOWN: &str = "57P01";
-    pub const TOO_MANY_CONNECTIONS: &str = "53300";
-}
-
-pub fn split_startup(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, WireError> {
-    if buf.len() < 4 {
-        return Ok(None);
-    }
-    let len = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as i64;
-    if len < 8 {
-        return Err(WireError::BadLength { len });
-    }
-    if len as usize > max {
-        return Err(WireError::MessageTooLarge {
-            len: len as usize,
-            max,
-        });
-    }
-    if buf.len() < len as usize {
-        return Ok(None);
-    }
-    Ok(Some(buf.split_to(len as usize).freeze()))
-}
-
-pub enum StartupPacket {
-    Startup { protocol: u32 },
-    SslRequest,
-    GssEncRequest,
-    Cancel { pid: i32, secret: i32 },
-}
-
-impl StartupPacket {
-    pub fn parse(packet: &[u8]) -> Result<StartupPacket, WireError> {
-        let code = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
-        Ok(match code {
-            80877103 => StartupPacket::SslRequest,
-            80877104 => StartupPacket::GssEncRequest,
-            80877102 if packet.len() == 16 => StartupPacket::Cancel {
-                pid: i32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]),
-                secret: i32::from_be_bytes([packet[12], packet[13], packet[14], packet[15]]),
-            },
-            c if c >> 16 == 3 => StartupPacket::Startup { protocol: c },
-            _ => {
-                return Err(WireError::Malformed {
-                    what: "startup packet",
-                });
-            }
-        })
-    }
-}
-
-pub fn complete_prefix(
-    buf: &[u8],
-    max: usize,
-    mut visit: impl FnMut(u8, &[u8]),
-) -> Result<usize, WireError> {
-    let mut at = 0;
-    while buf.len() - at >= 5 {
-        let len = i32::from_be_bytes([buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]]) as i64;
-        if len < 4 {
-            return Err(WireError::BadLength { len });
-        }
-        if len as usize > max {
-            return Err(WireError::MessageTooLarge {
-                len: len as usize,
-                max,
-            });
-        }
-        let end = at + 1 + len as usize;
-        if end > buf.len() {
-            break;
-        }
-        visit(buf[at], &buf[at + 5..end]);
-        at = end;
-    }
-    Ok(at)
-}
-
-pub mod encode {
-    use super::*;
-    pub fn error_response(
-        buf: &mut BytesMut,
-        severity: &str,
-        code: &str,
-        message: &str,
-        detail: Option<&str>,
-    ) {
-        let start = buf.len();
-        buf.put_u8(b'E');
-        buf.put_i32(0);
-        for (t, v) in [
-            (b'S', severity),
-            (b'V', severity),
-            (b'C', code),
-            (b'M', message),
-        ] {
-            buf.put_u8(t);
-            buf.put_slice(v.as_bytes());
-            buf.put_u8(0);
-        }
-        if let Some(d) = detail {
-            buf.put_u8(b'D');
-            buf.put_slice(d.as_bytes());
-            buf.put_u8(0);
-        }
-        buf.put_u8(0);
-        let len = (buf.len() - start - 1) as i32;
-        buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
-    }
-}
+pub use auth::{
+    AuthProgress, AuthRequest, ClientAuth, SCRAM_ITERATIONS_MAX, SCRAM_SHA_256, md5_password,
+};
+pub use backend::{
+    BackendKeyData, BackendMessage, CommandComplete, CopyResponse, DataRow, ErrorFields,
+    ErrorFieldsIter, ErrorNotice, FieldDescription, Fields, NegotiateProtocolVersion,
+    NotificationResponse, ParameterDescription, ParameterStatus, ReadyForQuery, RowDescription,
+    TransactionStatus, command_rows, error_field,
+};
+pub use encode::ErrorSpec;
+pub use error::WireError;
+pub use format::{Format, Formats, Oids, Values, ValuesIter};
+pub use frame::{
+    Frame, HEADER_BYTES, bytes_missing, complete_prefix, complete_prefix_until, split_message,
+    split_startup,
+};
+pub use frontend::{
+    Bind, BindParts, Close, CopyFail, Describe, Execute, FrontendMessage, Parse, Password, Query,
+    SaslInitial, Target,
+};
+pub use startup::{
+    CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE, StartupPacket,
+};
