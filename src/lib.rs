@@ -6,4 +6,5 @@ pub mod control;
 pub mod embed;
 pub mod proxy;
 pub mod runtime;
+pub mod sql;
 pub mod wire;
