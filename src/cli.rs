@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy in front of a primary (flags, optionally on top of a config file).
-    Proxy(ProxyArgs),
+    Proxy(Box<ProxyArgs>),
     /// Run everything the config file describes.
     Run {
         #[arg(long, short)]
@@ -70,6 +70,136 @@ struct ProxyArgs {
     /// Do not pin shard threads to cores.
     #[arg(long)]
     no_pin: bool,
+    #[command(flatten)]
+    mirror: MirrorArgs,
+}
+
+/// Mirror options, named as Frenzy names them where they fit. They apply to every mirror,
+/// those from `--mirror` and those of the config file.
+#[derive(Args)]
+struct MirrorArgs {
+    /// Mirror database URL (postgres://user:password@host:port/db); repeat for several.
+    #[arg(long = "mirror", value_name = "URL")]
+    urls: Vec<String>,
+    /// Per-statement mirror timeout (e.g. 500ms, 5s).
+    #[arg(long, value_parser = parse_duration_ms)]
+    mirror_timeout: Option<u64>,
+    /// Reconnection attempts per mirror outage.
+    #[arg(long)]
+    mirror_retries: Option<u32>,
+    /// First reconnection delay (doubles per attempt).
+    #[arg(long, value_parser = parse_duration_ms)]
+    retry_delay: Option<u64>,
+    /// Mirrors never slow the client (default). `--async-mirrors false` makes every mirror
+    /// use the `block` overflow policy: the client then waits for the slowest mirror.
+    #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
+    async_mirrors: Option<bool>,
+    /// Mirror every statement, SELECTs included.
+    #[arg(long, group = "filter")]
+    mirror_all_queries: bool,
+    /// Mirror SELECTs only.
+    #[arg(long, group = "filter")]
+    mirror_select_queries: bool,
+    /// Mirror DDL only.
+    #[arg(long, group = "filter")]
+    mirror_ddl_only: bool,
+    /// Mirror DML only.
+    #[arg(long, group = "filter")]
+    mirror_dml_only: bool,
+    /// Do not replay BEGIN/COMMIT/ROLLBACK/SAVEPOINT on mirrors.
+    #[arg(long)]
+    mirror_skip_transaction_control: bool,
+    /// Fraction of sessions mirrored (0.0-1.0).
+    #[arg(long)]
+    mirror_sample: Option<f64>,
+    /// What a full mirror queue does: drop (skip to the next transaction) or block.
+    #[arg(long, value_parser = ["drop", "block"])]
+    mirror_overflow: Option<String>,
+    /// Messages queued per session and mirror.
+    #[arg(long)]
+    mirror_queue_messages: Option<usize>,
+    /// Bytes queued per session and mirror.
+    #[arg(long)]
+    mirror_queue_bytes: Option<usize>,
+}
+
+/// `250`, `250ms`, `5s`, `2m` → milliseconds.
+fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = text.strip_suffix('m') {
+        (n, 60_000)
+    } else {
+        (text, 1)
+    };
+    number
+        .trim()
+        .parse::<u64>()
+        .map(|n| n * scale)
+        .map_err(|_| format!("expected a duration such as 500ms, 5s or 2m, got `{text}`"))
+}
+
+impl MirrorArgs {
+    fn apply(self, cfg: &mut Config) {
+        use crate::config::{MirrorConfig, Overflow, QueryFilter};
+        for url in self.urls {
+            cfg.mirror.push(MirrorConfig {
+                url,
+                ..MirrorConfig::default()
+            });
+        }
+        let filter = if self.mirror_all_queries {
+            Some(QueryFilter::All)
+        } else if self.mirror_select_queries {
+            Some(QueryFilter::Select)
+        } else if self.mirror_ddl_only {
+            Some(QueryFilter::Ddl)
+        } else if self.mirror_dml_only {
+            Some(QueryFilter::Dml)
+        } else {
+            None
+        };
+        for m in &mut cfg.mirror {
+            if let Some(f) = filter {
+                m.queries = f;
+            }
+            if let Some(v) = self.mirror_timeout {
+                m.timeout_ms = v;
+            }
+            if let Some(v) = self.mirror_retries {
+                m.retries = v;
+            }
+            if let Some(v) = self.retry_delay {
+                m.retry_delay_ms = v;
+                m.retry_delay_max_ms = m.retry_delay_max_ms.max(v);
+            }
+            if self.async_mirrors == Some(false) {
+                m.overflow = Overflow::Block;
+            }
+            if let Some(v) = &self.mirror_overflow {
+                m.overflow = if v == "block" {
+                    Overflow::Block
+                } else {
+                    Overflow::Drop
+                };
+            }
+            if self.mirror_skip_transaction_control {
+                m.skip_transaction_control = true;
+            }
+            if let Some(v) = self.mirror_sample {
+                m.sample = v;
+            }
+            if let Some(v) = self.mirror_queue_messages {
+                m.queue_messages_max = v;
+            }
+            if let Some(v) = self.mirror_queue_bytes {
+                m.queue_bytes_max = v;
+            }
+        }
+    }
 }
 
 impl ProxyArgs {
@@ -105,6 +235,7 @@ impl ProxyArgs {
         if self.no_pin {
             cfg.proxy.pin_cores = false;
         }
+        self.mirror.apply(&mut cfg);
         Ok(cfg)
     }
 }

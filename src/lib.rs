@@ -4,6 +4,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod embed;
+pub mod mirror;
 pub mod proxy;
 pub mod runtime;
 pub mod sql;

@@ -20,6 +20,85 @@ pub struct Config {
     pub primary: PrimaryConfig,
     pub admin: AdminConfig,
     pub metrics: MetricsConfig,
+    /// `[[mirror]]` tables: databases that receive a replay of the client traffic.
+    pub mirror: Vec<MirrorConfig>,
+}
+
+/// Which statements a mirror receives (Frenzy's `--mirror-*` options).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueryFilter {
+    /// DDL and DML (the default): a mirror's data follows the primary's.
+    DdlDml,
+    /// Everything, SELECTs included (`--mirror-all-queries`): for load and latency tests.
+    All,
+    /// SELECTs only (`--mirror-select-queries`): read load on a replica-like mirror.
+    Select,
+    /// DDL only (`--mirror-ddl-only`).
+    Ddl,
+    /// DML only (`--mirror-dml-only`).
+    Dml,
+}
+
+/// What a mirror does when its queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overflow {
+    /// Skip the rest of the current transaction on that mirror (rolled back there) and resume
+    /// at the next transaction boundary. The client never waits.
+    Drop,
+    /// Backpressure: the client waits for the mirror, as strict as replication.
+    Block,
+}
+
+/// One mirror database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MirrorConfig {
+    /// Name in metrics and logs; default `mirror-<n>`.
+    pub name: String,
+    /// `postgres://user:password@host:port/database`: credentials for the mirror. Without a
+    /// user or database, the client's are used.
+    pub url: String,
+    pub queries: QueryFilter,
+    /// Do not replay BEGIN/COMMIT/ROLLBACK/SAVEPOINT (each statement then commits alone).
+    pub skip_transaction_control: bool,
+    /// Fraction of client sessions mirrored (0.0 to 1.0).
+    pub sample: f64,
+    pub overflow: Overflow,
+    /// Messages queued per session for this mirror before the overflow policy applies.
+    pub queue_messages_max: usize,
+    /// Bytes queued per session for this mirror before the overflow policy applies.
+    pub queue_bytes_max: usize,
+    /// A statement the mirror has not answered within this time counts as a timeout; the
+    /// mirror connection is then reset and resumes at the next transaction boundary.
+    pub timeout_ms: u64,
+    /// Reconnection attempts per outage before the session gives up on this mirror.
+    pub retries: u32,
+    /// First reconnection delay; doubles per attempt up to `retry-delay-max-ms`.
+    pub retry_delay_ms: u64,
+    pub retry_delay_max_ms: u64,
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            name: String::new(),
+            url: String::new(),
+            queries: QueryFilter::DdlDml,
+            skip_transaction_control: false,
+            sample: 1.0,
+            overflow: Overflow::Drop,
+            queue_messages_max: 10_000,
+            queue_bytes_max: 16 << 20,
+            timeout_ms: 30_000,
+            retries: 10,
+            retry_delay_ms: 100,
+            retry_delay_max_ms: 5_000,
+            connect_timeout_ms: 5_000,
+        }
+    }
 }
 
 /// Client-facing side: listener, shards and the per-session bounds.
@@ -105,6 +184,9 @@ pub struct MetricsConfig {
     pub ring_capacity: usize,
     /// Highest latency the histograms track; larger values are clamped to it.
     pub latency_us_max: u64,
+    /// Statement fingerprints tracked per shard for primary-vs-mirror latency; statements
+    /// beyond it are counted under `other`.
+    pub fingerprints_max: usize,
 }
 
 impl Default for MetricsConfig {
@@ -113,6 +195,7 @@ impl Default for MetricsConfig {
             report_interval_ms: 1_000,
             ring_capacity: 64,
             latency_us_max: 60_000_000,
+            fingerprints_max: 256,
         }
     }
 }
@@ -229,7 +312,59 @@ impl Config {
         if !self.admin.listen.is_empty() {
             parse_addr("admin.listen", &self.admin.listen)?;
         }
+        let mut names = std::collections::HashSet::new();
+        for (i, m) in self.mirror.iter().enumerate() {
+            let key = |field: &str| format!("mirror[{i}].{field}");
+            if m.url.is_empty() {
+                return Err(ConfigError::key(
+                    &key("url"),
+                    "required: postgres://user:password@host:port/db",
+                ));
+            }
+            PgUrl::parse(&m.url).map_err(|e| ConfigError::key(&key("url"), e))?;
+            if !(0.0..=1.0).contains(&m.sample) {
+                return Err(ConfigError::key(
+                    &key("sample"),
+                    "expected a fraction from 0.0 to 1.0",
+                ));
+            }
+            if m.queue_messages_max == 0 || m.queue_bytes_max < 1024 {
+                return Err(ConfigError::key(
+                    &key("queue-messages-max"),
+                    "expected at least 1 message and queue-bytes-max of at least 1024",
+                ));
+            }
+            for (field, v) in [
+                ("timeout-ms", m.timeout_ms),
+                ("retry-delay-ms", m.retry_delay_ms),
+                ("connect-timeout-ms", m.connect_timeout_ms),
+            ] {
+                if v == 0 {
+                    return Err(ConfigError::key(
+                        &key(field),
+                        "expected a duration above 0 ms",
+                    ));
+                }
+            }
+            if m.retry_delay_max_ms < m.retry_delay_ms {
+                return Err(ConfigError::key(
+                    &key("retry-delay-max-ms"),
+                    "expected at least retry-delay-ms",
+                ));
+            }
+            if !names.insert(self.mirror_name(i)) {
+                return Err(ConfigError::key(&key("name"), "duplicate mirror name"));
+            }
+        }
         Ok(())
+    }
+
+    /// The name of mirror `i`: configured, or `mirror-<i+1>`.
+    pub fn mirror_name(&self, i: usize) -> String {
+        match self.mirror.get(i) {
+            Some(m) if !m.name.is_empty() => m.name.clone(),
+            _ => format!("mirror-{}", i + 1),
+        }
     }
 
     /// The configuration as TOML, the way `pgprism check` prints it. Passwords in URLs are
@@ -239,6 +374,11 @@ impl Config {
         shown.primary.url = PgUrl::parse(&shown.primary.url)
             .map(|u| u.masked())
             .unwrap_or(shown.primary.url);
+        for m in &mut shown.mirror {
+            if let Ok(u) = PgUrl::parse(&m.url) {
+                m.url = u.masked();
+            }
+        }
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 

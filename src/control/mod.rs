@@ -11,6 +11,10 @@ use std::time::{Instant, SystemTime};
 use crossbeam_channel::Receiver;
 use hdrhistogram::Histogram;
 
+use std::collections::HashMap;
+
+use crate::mirror::MirrorReport;
+use crate::proxy::fingerprints::FingerprintReport;
 use crate::proxy::stats::{Counters, ShardReport, new_histogram};
 
 pub use admin::AdminServer;
@@ -24,6 +28,17 @@ pub struct ControlState {
     pub draining: bool,
     latency_us_max: u64,
     shards: Vec<Option<ShardReport>>,
+    /// Latest copy of every fingerprint per shard (reports carry only the changed ones).
+    fingerprints: Vec<HashMap<u64, FingerprintReport>>,
+    pub mirror_names: Vec<String>,
+}
+
+/// One statement fingerprint merged over shards.
+pub struct FingerprintTotals {
+    pub id: u64,
+    pub text: String,
+    pub primary: Histogram<u64>,
+    pub mirrors: Vec<Histogram<u64>>,
 }
 
 /// Merged view over all shards.
@@ -53,14 +68,75 @@ impl ControlState {
             draining: false,
             latency_us_max,
             shards: vec![None; shards],
+            fingerprints: vec![HashMap::new(); shards],
+            mirror_names: Vec::new(),
         }
     }
 
     /// Keeps the newest report of each shard (reports are cumulative).
-    pub fn absorb(&mut self, report: ShardReport) {
+    pub fn absorb(&mut self, mut report: ShardReport) {
+        if let Some(table) = self.fingerprints.get_mut(report.shard) {
+            for f in std::mem::take(&mut report.fingerprints) {
+                table.insert(f.id, f);
+            }
+        }
         if let Some(slot) = self.shards.get_mut(report.shard) {
             *slot = Some(report);
         }
+    }
+
+    /// Mirror statistics merged over shards, in configuration order.
+    pub fn mirrors(&self) -> Vec<MirrorReport> {
+        let mut merged: Vec<MirrorReport> = Vec::new();
+        for report in self.shards.iter().flatten() {
+            for m in &report.mirrors {
+                match merged.iter_mut().find(|x| x.index == m.index) {
+                    None => merged.push(m.clone()),
+                    Some(x) => {
+                        x.counters.add(&m.counters);
+                        x.queue_messages += m.queue_messages;
+                        x.queue_bytes += m.queue_bytes;
+                        x.lag_us = x.lag_us.max(m.lag_us);
+                        let _ = x.latency_us.add(&m.latency_us);
+                        for (code, n) in &m.errors_by_code {
+                            *x.errors_by_code.entry(code.clone()).or_insert(0) += n;
+                        }
+                    }
+                }
+            }
+        }
+        merged.sort_by_key(|m| m.index);
+        merged
+    }
+
+    /// Fingerprints merged over shards, most executed first, at most `limit`.
+    pub fn fingerprints(&self, limit: usize) -> Vec<FingerprintTotals> {
+        let mut merged: HashMap<u64, FingerprintTotals> = HashMap::new();
+        for f in self.fingerprints.iter().flat_map(|t| t.values()) {
+            match merged.get_mut(&f.id) {
+                Some(entry) => {
+                    let _ = entry.primary.add(&f.primary);
+                    for (m, h) in entry.mirrors.iter_mut().zip(&f.mirrors) {
+                        let _ = m.add(h);
+                    }
+                }
+                None => {
+                    merged.insert(
+                        f.id,
+                        FingerprintTotals {
+                            id: f.id,
+                            text: f.text.clone(),
+                            primary: f.primary.clone(),
+                            mirrors: f.mirrors.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        let mut out: Vec<FingerprintTotals> = merged.into_values().collect();
+        out.sort_by_key(|f| std::cmp::Reverse(f.primary.len()));
+        out.truncate(limit);
+        out
     }
 
     pub fn totals(&self) -> Totals {

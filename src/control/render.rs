@@ -59,6 +59,7 @@ pub(super) fn metrics(state: &ControlState) -> String {
         "statement latency of the primary (read of the statement to its ReadyForQuery)",
         &totals.primary_latency_us,
     );
+    mirror_metrics(&mut out, state);
     let _ = writeln!(out, "# HELP pgprism_uptime_seconds seconds since start");
     let _ = writeln!(out, "# TYPE pgprism_uptime_seconds gauge");
     let _ = writeln!(
@@ -67,6 +68,127 @@ pub(super) fn metrics(state: &ControlState) -> String {
         state.started.elapsed().as_secs_f64()
     );
     out
+}
+
+/// Fingerprints exposed on /metrics (label cardinality stays bounded).
+const METRIC_FINGERPRINTS_MAX: usize = 20;
+
+fn mirror_metrics(out: &mut String, state: &ControlState) {
+    let mirrors = state.mirrors();
+    if mirrors.is_empty() {
+        return;
+    }
+    let names: Vec<(&str, &str)> = mirrors[0]
+        .counters
+        .fields()
+        .into_iter()
+        .map(|(n, h, _)| (n, h))
+        .collect();
+    for (name, help) in names {
+        let _ = writeln!(out, "# HELP pgprism_mirror_{name}_total {help}");
+        let _ = writeln!(out, "# TYPE pgprism_mirror_{name}_total counter");
+        for m in &mirrors {
+            let value = m
+                .counters
+                .fields()
+                .iter()
+                .find(|f| f.0 == name)
+                .map(|f| f.2)
+                .unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "pgprism_mirror_{name}_total{{mirror=\"{}\"}} {value}",
+                m.name
+            );
+        }
+    }
+    for (metric, help, get) in [
+        (
+            "pgprism_mirror_queue_messages",
+            "messages queued for the mirror now",
+            (|m: &crate::mirror::MirrorReport| m.queue_messages)
+                as fn(&crate::mirror::MirrorReport) -> u64,
+        ),
+        (
+            "pgprism_mirror_queue_bytes",
+            "bytes queued for the mirror now",
+            |m| m.queue_bytes,
+        ),
+        (
+            "pgprism_mirror_lag_seconds_micro",
+            "longest queueing delay in the last report interval, in microseconds",
+            |m| m.lag_us,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {metric} {help}");
+        let _ = writeln!(out, "# TYPE {metric} gauge");
+        for m in &mirrors {
+            let _ = writeln!(out, "{metric}{{mirror=\"{}\"}} {}", m.name, get(m));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP pgprism_mirror_errors_by_sqlstate_total ErrorResponses from the mirror by SQLSTATE"
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE pgprism_mirror_errors_by_sqlstate_total counter"
+    );
+    for m in &mirrors {
+        let mut codes: Vec<_> = m.errors_by_code.iter().collect();
+        codes.sort();
+        for (code, n) in codes {
+            let _ = writeln!(
+                out,
+                "pgprism_mirror_errors_by_sqlstate_total{{mirror=\"{}\",sqlstate=\"{code}\"}} {n}",
+                m.name
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP pgprism_mirror_latency_seconds statement latency on the mirror (sent to ReadyForQuery)"
+    );
+    let _ = writeln!(out, "# TYPE pgprism_mirror_latency_seconds summary");
+    for m in &mirrors {
+        for (q, label) in QUANTILES {
+            let _ = writeln!(
+                out,
+                "pgprism_mirror_latency_seconds{{mirror=\"{}\",quantile=\"{label}\"}} {}",
+                m.name,
+                m.latency_us.value_at_quantile(q) as f64 / 1e6
+            );
+        }
+        let _ = writeln!(
+            out,
+            "pgprism_mirror_latency_seconds_count{{mirror=\"{}\"}} {}",
+            m.name,
+            m.latency_us.len()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP pgprism_statement_latency_seconds latency by statement fingerprint, primary and each mirror"
+    );
+    let _ = writeln!(out, "# TYPE pgprism_statement_latency_seconds gauge");
+    for f in state.fingerprints(METRIC_FINGERPRINTS_MAX) {
+        let targets = std::iter::once(("primary", &f.primary)).chain(
+            mirrors
+                .iter()
+                .map(|m| m.name.as_str())
+                .zip(f.mirrors.iter()),
+        );
+        for (target, h) in targets {
+            for (q, label) in [(0.5, "0.5"), (0.99, "0.99")] {
+                let _ = writeln!(
+                    out,
+                    "pgprism_statement_latency_seconds{{fingerprint=\"{:016x}\",target=\"{target}\",quantile=\"{label}\"}} {}",
+                    f.id,
+                    h.value_at_quantile(q) as f64 / 1e6
+                );
+            }
+        }
+    }
 }
 
 fn summary(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
@@ -115,7 +237,63 @@ pub(super) fn status(state: &ControlState) -> String {
             })
         })
         .collect();
+    let mirrors = state.mirrors();
+    let mirrors_json: Vec<sonic_rs::Value> = mirrors
+        .iter()
+        .map(|m| {
+            let mut counters = sonic_rs::Object::new();
+            for (name, _, value) in m.counters.fields() {
+                counters.insert(&name, value);
+            }
+            let mut errors = sonic_rs::Object::new();
+            for (code, n) in &m.errors_by_code {
+                errors.insert(code, *n);
+            }
+            sonic_rs::json!({
+                "name": m.name.as_str(),
+                "counters": counters,
+                "queue_messages": m.queue_messages,
+                "queue_bytes": m.queue_bytes,
+                "lag_us": m.lag_us,
+                "errors_by_sqlstate": errors,
+                "latency": latency_json(&m.latency_us),
+            })
+        })
+        .collect();
+    let statements: Vec<sonic_rs::Value> = state
+        .fingerprints(50)
+        .iter()
+        .map(|f| {
+            let mut per_mirror = sonic_rs::Object::new();
+            for (m, h) in mirrors.iter().zip(&f.mirrors) {
+                let p50_ratio = ratio(h.value_at_quantile(0.5), f.primary.value_at_quantile(0.5));
+                let p99_ratio = ratio(h.value_at_quantile(0.99), f.primary.value_at_quantile(0.99));
+                per_mirror.insert(
+                    &m.name,
+                    sonic_rs::json!({
+                        "count": h.len(),
+                        "p50_us": h.value_at_quantile(0.5),
+                        "p99_us": h.value_at_quantile(0.99),
+                        "p50_ratio_to_primary": p50_ratio,
+                        "p99_ratio_to_primary": p99_ratio,
+                    }),
+                );
+            }
+            sonic_rs::json!({
+                "fingerprint": format!("{:016x}", f.id),
+                "statement": f.text.as_str(),
+                "primary": {
+                    "count": f.primary.len(),
+                    "p50_us": f.primary.value_at_quantile(0.5),
+                    "p99_us": f.primary.value_at_quantile(0.99),
+                },
+                "mirrors": per_mirror,
+            })
+        })
+        .collect();
     let value = sonic_rs::json!({
+        "mirrors": mirrors_json,
+        "statements": statements,
         "version": env!("CARGO_PKG_VERSION"),
         "listen": state.listen.as_str(),
         "primary": state.primary.as_str(),
@@ -130,4 +308,8 @@ pub(super) fn status(state: &ControlState) -> String {
         "shards": shards,
     });
     sonic_rs::to_string_pretty(&value).unwrap_or_else(|_| "{}".into())
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 { 0.0 } else { a as f64 / b as f64 }
 }

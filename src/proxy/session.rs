@@ -16,7 +16,9 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use super::fingerprints::Fingerprints;
 use super::stats::ShardStats;
+use crate::mirror::{self, Link, MirrorStats, MirrorTarget, Router};
 use crate::runtime::exec::net::TcpStream;
 use crate::runtime::exec::{self, within};
 use crate::wire::{self, StartupPacket, sqlstate};
@@ -46,6 +48,11 @@ pub struct ShardCtx {
     read_chunk_bytes: usize,
     sessions: RefCell<std::collections::HashMap<u64, Rc<SessionShared>>>,
     next_session: Cell<u64>,
+    /// Mirrors every session replays to (empty: plain proxy, no routing work at all).
+    pub mirrors: Vec<Rc<MirrorTarget>>,
+    pub fingerprints: Rc<Fingerprints>,
+    /// xorshift state for session sampling.
+    sample_state: Cell<u64>,
 }
 
 impl ShardCtx {
@@ -54,6 +61,8 @@ impl ShardCtx {
         settings: ProxySettings,
         stats: ShardStats,
         read_chunk_bytes: usize,
+        mirrors: Vec<Rc<MirrorTarget>>,
+        fingerprints: Rc<Fingerprints>,
     ) -> ShardCtx {
         ShardCtx {
             index,
@@ -62,7 +71,44 @@ impl ShardCtx {
             read_chunk_bytes,
             sessions: RefCell::new(Default::default()),
             next_session: Cell::new(0),
+            mirrors,
+            fingerprints,
+            sample_state: Cell::new(0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1)),
         }
+    }
+
+    /// A uniform draw in [0, 1) for the `sample` fraction.
+    fn draw(&self) -> f64 {
+        let mut x = self.sample_state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.sample_state.set(x);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// The mirror links of a new session, one per mirror that samples it.
+    fn mirror_router(&self, params: &[(String, String)]) -> Option<Router> {
+        if self.mirrors.is_empty() {
+            return None;
+        }
+        let mut links = Vec::with_capacity(self.mirrors.len());
+        for target in &self.mirrors {
+            if target.cfg.sample < 1.0 && self.draw() >= target.cfg.sample {
+                MirrorStats::bump(&target.stats.counters.sessions_unsampled, 1);
+                continue;
+            }
+            MirrorStats::bump(&target.stats.counters.sessions, 1);
+            let link = Link::new(
+                target.clone(),
+                self.fingerprints.clone(),
+                params,
+                self.settings.message_bytes_max,
+            );
+            mirror::start_link(&link);
+            links.push(link);
+        }
+        Some(Router::new(links, self.fingerprints.clone()))
     }
 
     pub fn sessions_active(&self) -> usize {
@@ -107,7 +153,8 @@ struct SessionShared {
     sent: Cell<u64>,
     done: Cell<u64>,
     /// `(sequence, read time)` of in-flight sync points, bounded by `pipeline_depth_max`.
-    stamps: RefCell<VecDeque<(u64, Instant)>>,
+    /// `(sequence, read time, fingerprint)` of in-flight sync points.
+    stamps: RefCell<VecDeque<(u64, Instant, u64)>>,
     /// The client is gone (or said Terminate): nothing more is written to it.
     client_ended: Cell<bool>,
     /// An error to give the client before closing, set by the upstream pump.
@@ -289,6 +336,11 @@ async fn relay(
     deadline: Instant,
 ) -> io::Result<()> {
     primary.write_all(&startup).await?;
+    let params = match StartupPacket::parse(&startup) {
+        Ok(StartupPacket::Startup { params, .. }) => params,
+        _ => Vec::new(),
+    };
+    let router = shard.mirror_router(&params);
     let shared = Rc::new(SessionShared {
         client: client.clone(),
         ready: Cell::new(false),
@@ -313,7 +365,14 @@ async fn relay(
     };
 
     let pumps = futures_lite::future::zip(
-        upstream(shard, &shared, client.clone(), primary.clone(), leftover),
+        upstream(
+            shard,
+            &shared,
+            client.clone(),
+            primary.clone(),
+            leftover,
+            router,
+        ),
         downstream(shard, &shared, primary, client),
     );
     let watchdog = async {
@@ -348,16 +407,27 @@ async fn upstream(
     client: TcpStream,
     primary: TcpStream,
     mut buf: BytesMut,
+    mut router: Option<Router>,
 ) {
     let stats = &shard.stats;
     let settings = &shard.settings;
     let mut terminated = false;
+    // (tag, start, end) of each message in the batch, only when mirrors need them.
+    let mut offsets: Vec<(u8, usize, usize)> = Vec::new();
     loop {
         if !buf.is_empty() {
             let read_at = Instant::now();
             let (mut statements, mut syncs, mut messages) = (0u64, 0u64, 0u64);
-            let scanned = wire::complete_prefix(&buf, settings.message_bytes_max, |tag, _| {
+            let collect = router.is_some();
+            let mut at = 0usize;
+            offsets.clear();
+            let scanned = wire::complete_prefix(&buf, settings.message_bytes_max, |tag, body| {
                 messages += 1;
+                if collect {
+                    let end = at + wire::HEADER_BYTES + body.len();
+                    offsets.push((tag, at, end));
+                    at = end;
+                }
                 match tag {
                     b'Q' => {
                         statements += 1;
@@ -384,21 +454,24 @@ async fn upstream(
             ShardStats::bump(&stats.counters.client_messages_in, messages);
             ShardStats::bump(&stats.counters.statements, statements);
             ShardStats::bump(&stats.counters.sync_points, syncs);
-            if syncs > 0 {
-                let mut stamps = shared.stamps.borrow_mut();
-                for _ in 0..syncs {
-                    let seq = shared.sent.get();
-                    shared.sent.set(seq + 1);
-                    if stamps.len() < settings.pipeline_depth_max {
-                        stamps.push_back((seq, read_at));
+            let frames = buf.split_to(complete).freeze();
+            if let Some(router) = router.as_mut() {
+                // Route before writing to the primary: routing never waits (unless a mirror
+                // uses the `block` policy), and it yields each sync point's fingerprint.
+                router.begin_batch(shared.is_idle());
+                for &(tag, start, end) in &offsets {
+                    router.route(tag, &frames.slice(start..end)).await;
+                    if matches!(tag, b'Q' | b'S' | b'F') {
+                        push_stamp(shared, settings, read_at, router.last_fingerprint());
                     }
                 }
-            }
-            if complete > 0 {
-                let frames = buf.split_to(complete).freeze();
-                if primary.write_all(&frames).await.is_err() {
-                    break;
+            } else {
+                for _ in 0..syncs {
+                    push_stamp(shared, settings, read_at, 0);
                 }
+            }
+            if complete > 0 && primary.write_all(&frames).await.is_err() {
+                break;
             }
             if terminated {
                 break;
@@ -418,6 +491,25 @@ async fn upstream(
     }
     // Wake the downstream pump: it sees end-of-stream from the primary and finishes.
     primary.shutdown();
+    if let Some(router) = router {
+        for link in router.links() {
+            link.client_done();
+        }
+    }
+}
+
+fn push_stamp(
+    shared: &SessionShared,
+    settings: &ProxySettings,
+    read_at: Instant,
+    fingerprint: u64,
+) {
+    let seq = shared.sent.get();
+    shared.sent.set(seq + 1);
+    let mut stamps = shared.stamps.borrow_mut();
+    if stamps.len() < settings.pipeline_depth_max {
+        stamps.push_back((seq, read_at, fingerprint));
+    }
 }
 
 /// Primary → client: relays every complete message, tracks ReadyForQuery (transaction status,
@@ -484,10 +576,15 @@ async fn downstream(
             let seq = shared.done.get();
             shared.done.set(seq + 1);
             let mut stamps = shared.stamps.borrow_mut();
-            if stamps.front().is_some_and(|&(s, _)| s == seq)
-                && let Some((_, read_at)) = stamps.pop_front()
+            if stamps.front().is_some_and(|&(s, _, _)| s == seq)
+                && let Some((_, read_at, fingerprint)) = stamps.pop_front()
             {
                 stats.record(&stats.primary_latency_us, arrived - read_at);
+                if fingerprint != 0 {
+                    shard
+                        .fingerprints
+                        .record_primary(fingerprint, arrived - read_at);
+                }
                 answered.push(read_at);
             }
         }

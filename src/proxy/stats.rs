@@ -101,6 +101,8 @@ impl ShardStats {
             sessions_active: self.sessions_active.get(),
             client_latency_us: self.client_latency_us.borrow().clone(),
             primary_latency_us: self.primary_latency_us.borrow().clone(),
+            mirrors: Vec::new(),
+            fingerprints: Vec::new(),
         }
     }
 }
@@ -126,4 +128,7 @@ pub struct ShardReport {
     pub sessions_active: u64,
     pub client_latency_us: Histogram<u64>,
     pub primary_latency_us: Histogram<u64>,
+    pub mirrors: Vec<crate::mirror::MirrorReport>,
+    /// Fingerprints whose latency changed since the previous report.
+    pub fingerprints: Vec<super::fingerprints::FingerprintReport>,
 }

@@ -33,6 +33,8 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Mirror(String),
     #[error("cannot start the admin endpoint on {addr}")]
     Admin {
         addr: SocketAddr,
@@ -89,6 +91,7 @@ pub fn run_proxy(cfg: &Config, on_ready: impl FnOnce(&Bound)) -> Result<(), Runt
             source,
         })?;
 
+    let mirrors = crate::mirror::resolve(cfg).map_err(RuntimeError::Mirror)?;
     let mut listen = parse_addr("proxy.listen", &cfg.proxy.listen)?;
     listener::ensure_free(listen)?;
     let mut sockets = Vec::with_capacity(shards);
@@ -151,6 +154,8 @@ pub fn run_proxy(cfg: &Config, on_ready: impl FnOnce(&Bound)) -> Result<(), Runt
             drain_timeout: Duration::from_millis(cfg.proxy.drain_timeout_ms),
             reports: tx,
             stop,
+            mirrors: mirrors.clone(),
+            fingerprints_max: cfg.metrics.fingerprints_max,
         };
         let core = (cfg.proxy.pin_cores && !cores.is_empty()).then(|| cores[index % cores.len()]);
         let exited = ExitCount(exited.clone());

@@ -11,6 +11,8 @@ use socket2::Socket;
 use super::exec::net::TcpListener;
 use super::exec::{self, Notifier};
 
+use crate::mirror::MirrorTarget;
+use crate::proxy::fingerprints::Fingerprints;
 use crate::proxy::stats::{ShardReport, ShardStats};
 use crate::proxy::{ProxySettings, ShardCtx, serve_client};
 
@@ -27,6 +29,8 @@ pub(super) struct ShardPlan {
     pub drain_timeout: Duration,
     pub reports: Sender<ShardReport>,
     pub stop: Notifier,
+    pub mirrors: Vec<crate::mirror::Resolved>,
+    pub fingerprints_max: usize,
 }
 
 pub(super) async fn run(plan: ShardPlan) {
@@ -37,11 +41,24 @@ pub(super) async fn run(plan: ShardPlan) {
             return;
         }
     };
+    let mirrors: Vec<_> = plan
+        .mirrors
+        .iter()
+        .enumerate()
+        .map(|(i, m)| MirrorTarget::new(i, m, plan.latency_us_max))
+        .collect();
+    let fingerprints = Rc::new(Fingerprints::new(
+        plan.fingerprints_max,
+        mirrors.len(),
+        plan.latency_us_max,
+    ));
     let shard = Rc::new(ShardCtx::new(
         plan.index,
         plan.settings,
         ShardStats::new(plan.latency_us_max),
         plan.read_chunk_bytes,
+        mirrors,
+        fingerprints,
     ));
 
     let reporter = {
@@ -103,11 +120,22 @@ pub(super) async fn run(plan: ShardPlan) {
     // the shard has no sessions left to delay.
     let _ = plan
         .reports
-        .send_timeout(shard.stats.report(plan.index), Duration::from_secs(1));
+        .send_timeout(report(&shard), Duration::from_secs(1));
+}
+
+fn report(shard: &ShardCtx) -> ShardReport {
+    let mut report = shard.stats.report(shard.index);
+    report.mirrors = shard
+        .mirrors
+        .iter()
+        .map(|m| m.stats.report(m.index, &m.name))
+        .collect();
+    report.fingerprints = shard.fingerprints.report();
+    report
 }
 
 fn send_report(shard: &ShardCtx, reports: &Sender<ShardReport>) {
-    match reports.try_send(shard.stats.report(shard.index)) {
+    match reports.try_send(report(shard)) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => {
             ShardStats::bump(&shard.stats.counters.reports_dropped, 1);

@@ -141,8 +141,7 @@ pub fn classify(sql: &[u8]) -> Class {
             }
         }
         b"SELECT" => {
-            if contains_keyword(&sql[end..], b"INTO") && !contains_keyword(&sql[end..], b"INSERT")
-            {
+            if contains_keyword(&sql[end..], b"INTO") && !contains_keyword(&sql[end..], b"INSERT") {
                 Class::Ddl
             } else {
                 Class::Select
@@ -161,7 +160,8 @@ pub fn classify(sql: &[u8]) -> Class {
             }
         }
         b"EXPLAIN" => {
-            if contains_keyword(&sql[end..], b"ANALYZE") || contains_keyword(&sql[end..], b"ANALYSE")
+            if contains_keyword(&sql[end..], b"ANALYZE")
+                || contains_keyword(&sql[end..], b"ANALYSE")
             {
                 // EXPLAIN ANALYZE runs the statement: classify what it runs.
                 let mut i = end;
@@ -182,7 +182,9 @@ pub fn classify(sql: &[u8]) -> Class {
         b"INSERT" | b"UPDATE" | b"DELETE" | b"MERGE" | b"TRUNCATE" | b"CALL" | b"DO" => Class::Dml,
         // `COPY t FROM STDIN` writes; `COPY t TO ...` and `COPY (SELECT ... FROM t) TO ...`
         // read (the FROM of the latter is inside the query).
-        b"COPY" if contains_keyword(&sql[end..], b"FROM") && !contains_keyword(&sql[end..], b"TO") => {
+        b"COPY"
+            if contains_keyword(&sql[end..], b"FROM") && !contains_keyword(&sql[end..], b"TO") =>
+        {
             Class::Dml
         }
         b"COPY" => Class::Select,
@@ -322,9 +324,15 @@ mod tests {
     fn classifies_common_statements() {
         let cases: &[(&str, Class)] = &[
             ("SELECT 1", Class::Select),
-            ("  -- hi\n /* a /* nested */ b */ select * from t", Class::Select),
+            (
+                "  -- hi\n /* a /* nested */ b */ select * from t",
+                Class::Select,
+            ),
             ("select * into t2 from t", Class::Ddl),
-            ("WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x", Class::Dml),
+            (
+                "WITH x AS (SELECT 1) INSERT INTO t SELECT * FROM x",
+                Class::Dml,
+            ),
             ("with x as (select 1) select * from x", Class::Select),
             ("insert into t values (1)", Class::Dml),
             ("UPDATE t SET a = 1", Class::Dml),
@@ -354,13 +362,24 @@ mod tests {
             .into_iter()
             .map(|r| std::str::from_utf8(&sql[r]).unwrap().trim())
             .collect();
-        assert_eq!(parts, ["BEGIN", "INSERT INTO t VALUES ('a;b')", "SELECT $$;$$", "COMMIT"]);
+        assert_eq!(
+            parts,
+            [
+                "BEGIN",
+                "INSERT INTO t VALUES ('a;b')",
+                "SELECT $$;$$",
+                "COMMIT"
+            ]
+        );
     }
 
     #[test]
     fn fingerprints_ignore_literals_and_spacing() {
         let (a, ta) = fingerprint(b"SELECT * FROM t WHERE id = 42 AND name = 'bob'", 200);
-        let (b, _) = fingerprint(b"select *  from t\n where id = 7 and name = 'alice' -- x", 200);
+        let (b, _) = fingerprint(
+            b"select *  from t\n where id = 7 and name = 'alice' -- x",
+            200,
+        );
         let (c, _) = fingerprint(b"SELECT * FROM t WHERE id = $1 AND name = $2", 200);
         let (d, _) = fingerprint(b"SELECT * FROM u WHERE id = 1 AND name = 'x'", 200);
         assert_eq!(ta, "select * from t where id = ? and name = ?");
@@ -371,7 +390,17 @@ mod tests {
 
     #[test]
     fn never_panics_on_odd_bytes() {
-        for sql in [&b"'"[..], b"$", b"$a", b"/*", b"--", b"\"", b"$1$", b"\xff\xfe", b"((("] {
+        for sql in [
+            &b"'"[..],
+            b"$",
+            b"$a",
+            b"/*",
+            b"--",
+            b"\"",
+            b"$1$",
+            b"\xff\xfe",
+            b"(((",
+        ] {
             let _ = classify(sql);
             let _ = split_statements(sql);
             let _ = fingerprint(sql, 10);
