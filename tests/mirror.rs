@@ -1,0 +1,509 @@
+//! Mirror mode against real PostgreSQL servers: one primary, two mirrors.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use pgprism::embed::Instance;
+use support::{PASSWORD, Proxy, SCRAM_USER, eventually, start_primary};
+
+/// A checksum of a whole table's contents (order-independent), `cols` selecting the columns.
+fn checksum(inst: &Instance, table: &str, cols: &str) -> String {
+    inst.psql(&format!(
+        "SELECT count(*) || ':' || coalesce(md5(string_agg(r, '|' ORDER BY r)), '') \
+         FROM (SELECT ({cols})::text AS r FROM {table}) x"
+    ))
+    .unwrap_or_else(|e| format!("error: {e}"))
+    .trim()
+    .to_string()
+}
+
+fn mirror_url(m: &Instance) -> String {
+    format!(
+        "postgres://{SCRAM_USER}:{}@127.0.0.1:{}/postgres",
+        PASSWORD.replace(' ', "%20"),
+        m.port()
+    )
+}
+
+/// Waits until `table` has the same contents on the primary and every mirror.
+fn converged(primary: &Instance, mirrors: &[&Instance], table: &str, cols: &str) -> bool {
+    let want = checksum(primary, table, cols);
+    eventually(Duration::from_secs(20), || {
+        mirrors.iter().all(|m| checksum(m, table, cols) == want)
+    })
+}
+
+#[test]
+fn ddl_dml_workload_in_transactions_converges_on_both_mirrors() {
+    let (p, m1, m2) = (
+        start_primary("mp"),
+        start_primary("m1"),
+        start_primary("m2"),
+    );
+    let proxy = Proxy::start(
+        &p.url(),
+        &["--mirror", &mirror_url(&m1), "--mirror", &mirror_url(&m2)],
+    );
+    let mut c = proxy.client();
+    c.batch_execute("CREATE TABLE acct (id int PRIMARY KEY, balance bigint, note text)")
+        .unwrap();
+    c.batch_execute("CREATE INDEX acct_balance ON acct (balance)")
+        .unwrap();
+    for t in 0..50 {
+        let mut tx = c.transaction().unwrap();
+        tx.execute(
+            "INSERT INTO acct VALUES ($1, $2, $3)",
+            &[&t, &(t as i64 * 10), &format!("n{t}")],
+        )
+        .unwrap();
+        tx.execute(
+            "UPDATE acct SET balance = balance + 1 WHERE id % 7 = $1",
+            &[&(t % 7)],
+        )
+        .unwrap();
+        if t % 5 == 0 {
+            tx.execute("DELETE FROM acct WHERE id = $1", &[&(t - 1)])
+                .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    // A rolled-back transaction leaves nothing on the mirrors either.
+    c.batch_execute("BEGIN; INSERT INTO acct VALUES (1000, 0, 'never'); ROLLBACK")
+        .unwrap();
+    c.batch_execute("ALTER TABLE acct ADD COLUMN flag bool DEFAULT false; UPDATE acct SET flag = true WHERE id < 10").unwrap();
+    drop(c);
+    let mirrors = [&m1, &m2];
+    assert!(
+        converged(&p, &mirrors, "acct", "id, balance, note, flag"),
+        "mirrors differ from the primary:\nprimary {}\nm1 {}\nm2 {}",
+        checksum(&p, "acct", "id, balance, note, flag"),
+        checksum(&m1, "acct", "id, balance, note, flag"),
+        checksum(&m2, "acct", "id, balance, note, flag")
+    );
+    assert_eq!(
+        m1.psql("SELECT count(*) FROM acct WHERE id = 1000")
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_mirror_statements_total")
+        > 0));
+}
+
+#[test]
+fn pgbench_prepared_tpcb_replays_exactly() {
+    let (p, m1) = (start_primary("bp"), start_primary("bm"));
+    // The same initial data on both (pgbench -i is deterministic).
+    for inst in [&p, &m1] {
+        let out = std::process::Command::new("pgbench")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &inst.port().to_string(),
+                "-U",
+                "postgres",
+                "-i",
+                "-s",
+                "1",
+                "-q",
+                "postgres",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    let proxy = Proxy::start(&p.url(), &["--mirror", &mirror_url(&m1)]);
+    for mode in ["prepared", "extended", "simple"] {
+        let out = std::process::Command::new("pgbench")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &proxy.port().to_string(),
+                "-U",
+                "postgres",
+                "-n",
+            ])
+            .args(["-c", "4", "-j", "2", "-t", "100", "-M", mode, "postgres"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Binary and text parameters, prepared statements, all replayed: balances match exactly.
+    for (table, cols) in [
+        ("pgbench_accounts", "aid, bid, abalance"),
+        ("pgbench_branches", "bid, bbalance"),
+        ("pgbench_tellers", "tid, bbalance"),
+        ("pgbench_history", "tid, bid, aid, delta"),
+    ] {
+        let cols = if table == "pgbench_tellers" {
+            "tid, tbalance"
+        } else {
+            cols
+        };
+        assert!(converged(&p, &[&m1], table, cols), "{table} differs");
+    }
+}
+
+#[test]
+fn filters_select_ddl_dml_and_transaction_control() {
+    let (p, m1) = (start_primary("fp"), start_primary("fm"));
+    // Default (DDL + DML): SELECTs are not mirrored. nextval() makes a SELECT visible.
+    {
+        let proxy = Proxy::start(&p.url(), &["--mirror", &mirror_url(&m1)]);
+        let mut c = proxy.client();
+        c.batch_execute("CREATE SEQUENCE s1").unwrap();
+        for _ in 0..3 {
+            c.query_one("SELECT nextval('s1')", &[]).unwrap();
+        }
+        drop(c);
+        assert!(eventually(Duration::from_secs(10), || m1
+            .psql("SELECT 1 FROM pg_class WHERE relname = 's1'")
+            .unwrap()
+            .trim()
+            == "1"));
+        assert_eq!(
+            m1.psql("SELECT is_called FROM s1").unwrap().trim(),
+            "f",
+            "a SELECT reached the mirror"
+        );
+    }
+    // --mirror-all-queries: they are.
+    {
+        let proxy = Proxy::start(
+            &p.url(),
+            &["--mirror", &mirror_url(&m1), "--mirror-all-queries"],
+        );
+        let mut c = proxy.client();
+        c.batch_execute("CREATE SEQUENCE s2").unwrap();
+        for _ in 0..3 {
+            c.query_one("SELECT nextval('s2')", &[]).unwrap();
+        }
+        drop(c);
+        assert!(eventually(Duration::from_secs(10), || m1
+            .psql("SELECT last_value FROM s2")
+            .map(|v| v.trim() == "3")
+            .unwrap_or(false)));
+    }
+    // --mirror-ddl-only: the table appears, its rows do not.
+    {
+        let proxy = Proxy::start(
+            &p.url(),
+            &["--mirror", &mirror_url(&m1), "--mirror-ddl-only"],
+        );
+        let mut c = proxy.client();
+        c.batch_execute("CREATE TABLE only_ddl (v int); INSERT INTO only_ddl VALUES (1), (2)")
+            .unwrap();
+        c.batch_execute("CREATE TABLE ddl_marker (v int)").unwrap();
+        drop(c);
+        assert!(eventually(Duration::from_secs(10), || m1
+            .psql("SELECT 1 FROM pg_class WHERE relname = 'ddl_marker'")
+            .unwrap()
+            .trim()
+            == "1"));
+        assert_eq!(
+            m1.psql("SELECT count(*) FROM only_ddl").unwrap().trim(),
+            "0"
+        );
+    }
+    // --mirror-dml-only: rows arrive, DDL does not (the table exists on both beforehand).
+    {
+        p.psql("CREATE TABLE only_dml (v int)").unwrap();
+        m1.psql("CREATE TABLE only_dml (v int)").unwrap();
+        let proxy = Proxy::start(
+            &p.url(),
+            &["--mirror", &mirror_url(&m1), "--mirror-dml-only"],
+        );
+        let mut c = proxy.client();
+        c.batch_execute("CREATE TABLE not_on_mirror (v int)")
+            .unwrap();
+        c.batch_execute("INSERT INTO only_dml VALUES (7)").unwrap();
+        drop(c);
+        assert!(eventually(Duration::from_secs(10), || m1
+            .psql("SELECT count(*) FROM only_dml")
+            .unwrap()
+            .trim()
+            == "1"));
+        assert_eq!(
+            m1.psql("SELECT count(*) FROM pg_class WHERE relname = 'not_on_mirror'")
+                .unwrap()
+                .trim(),
+            "0"
+        );
+    }
+    // Skipping transaction control: a rolled-back insert is autocommitted on the mirror.
+    {
+        p.psql("CREATE TABLE txc (v int)").unwrap();
+        m1.psql("CREATE TABLE txc (v int)").unwrap();
+        let proxy = Proxy::start(
+            &p.url(),
+            &[
+                "--mirror",
+                &mirror_url(&m1),
+                "--mirror-skip-transaction-control",
+            ],
+        );
+        let mut c = proxy.client();
+        c.batch_execute("BEGIN; INSERT INTO txc VALUES (1); ROLLBACK")
+            .unwrap();
+        c.batch_execute("INSERT INTO txc VALUES (2)").unwrap();
+        drop(c);
+        assert!(eventually(Duration::from_secs(10), || m1
+            .psql("SELECT string_agg(v::text, ',' ORDER BY v) FROM txc")
+            .unwrap()
+            .trim()
+            == "1,2"));
+        assert_eq!(
+            p.psql("SELECT string_agg(v::text, ',' ORDER BY v) FROM txc")
+                .unwrap()
+                .trim(),
+            "2"
+        );
+    }
+}
+
+#[test]
+fn prepared_statements_survive_filtered_parses() {
+    let (p, m1) = (start_primary("pp"), start_primary("pm"));
+    let proxy = Proxy::start(&p.url(), &["--mirror", &mirror_url(&m1)]);
+    let mut c = proxy.client();
+    c.batch_execute("CREATE TABLE kv (k bigint PRIMARY KEY, v bytea, f float8)")
+        .unwrap();
+    // Named statements: a SELECT (filtered) between the INSERT's preparation and its uses,
+    // binary parameters (the postgres crate sends int8/bytea/float8 in binary).
+    let insert = c.prepare("INSERT INTO kv VALUES ($1, $2, $3)").unwrap();
+    let select = c.prepare("SELECT v FROM kv WHERE k = $1").unwrap();
+    for k in 0..20i64 {
+        c.execute(
+            &insert,
+            &[&k, &vec![k as u8, 0xff, 0x00], &(k as f64 / 3.0)],
+        )
+        .unwrap();
+        let _ = c.query(&select, &[&k]).unwrap();
+    }
+    // Unnamed statements, alternating a filtered SELECT and a mirrored UPDATE.
+    for k in 0..20i64 {
+        c.query("SELECT $1::bigint", &[&k]).unwrap();
+        c.execute("UPDATE kv SET f = f * 2 WHERE k = $1", &[&k])
+            .unwrap();
+    }
+    drop(c);
+    assert!(converged(&p, &[&m1], "kv", "k, v, f"));
+    // The mirror never saw a Bind for a statement it did not have.
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_mirror_statements_total")
+        >= 40));
+    assert_eq!(
+        proxy.metric("pgprism_mirror_errors_total"),
+        0,
+        "{}",
+        proxy.admin_get("/status").1
+    );
+}
+
+#[test]
+fn dead_mirror_costs_the_primary_nothing_and_is_reconnected() {
+    let p = start_primary("dp");
+    let dir = std::env::temp_dir().join(format!("pgprism-mirror-dead-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let start_mirror = |port: Option<u16>| {
+        let inst = Instance::start(pgprism::embed::InstanceConfig {
+            name: "dm".into(),
+            port,
+            data: pgprism::embed::DataDir::Path(dir.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        inst
+    };
+    let m1 = start_mirror(None);
+    let port = m1.port();
+    m1.psql("CREATE TABLE ev (session int, n int)").unwrap();
+    p.psql("CREATE TABLE ev (session int, n int)").unwrap();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let proxy = Proxy::start(
+        &p.url(),
+        &[
+            "--mirror",
+            &url,
+            "--retry-delay",
+            "50ms",
+            "--mirror-retries",
+            "100",
+        ],
+    );
+    let mut c = proxy.client();
+    c.execute("INSERT INTO ev VALUES (1, 0)", &[]).unwrap();
+    assert!(eventually(Duration::from_secs(10), || m1
+        .psql("SELECT count(*) FROM ev")
+        .unwrap()
+        .trim()
+        == "1"));
+    // Kill the mirror mid-session: the client carries on as if nothing happened.
+    m1.stop().unwrap();
+    let started = Instant::now();
+    for n in 1..=50 {
+        c.execute("INSERT INTO ev VALUES (1, $1)", &[&n]).unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_mirror_skipped_down_total")
+        > 0));
+    // Bring it back on the same port and data: the link reconnects and mirrors again.
+    let m1 = start_mirror(Some(port));
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let _ = c.execute("INSERT INTO ev VALUES (1, 100)", &[]);
+            proxy.metric("pgprism_mirror_reconnects_total") >= 1
+                && m1
+                    .psql("SELECT count(*) FROM ev WHERE n = 100")
+                    .unwrap()
+                    .trim()
+                    != "0"
+        }),
+        "{}",
+        proxy.admin_get("/status").1
+    );
+    drop(c);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn stalled_mirror_overflows_without_slowing_the_primary_or_splitting_transactions() {
+    let (p, m1) = (start_primary("sp"), start_primary("sm"));
+    for inst in [&p, &m1] {
+        inst.psql("CREATE TABLE pairs (txn int, part int, pad text)")
+            .unwrap();
+    }
+    let proxy = Proxy::start(
+        &p.url(),
+        &[
+            "--mirror",
+            &mirror_url(&m1),
+            "--mirror-queue-messages",
+            "20",
+            "--mirror-queue-bytes",
+            "262144",
+        ],
+    );
+    // Hold a lock on the mirror: its session blocks on the first INSERT.
+    let mut blocker = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            m1.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE pairs IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let mut c = proxy.client();
+    let started = Instant::now();
+    // One statement per message, 40 KB per transaction: 8 MB in all, more than the socket
+    // buffers between pgprism and the stalled mirror can absorb.
+    let pad = "x".repeat(20_000);
+    let txn = |c: &mut postgres::Client, t: i32| {
+        c.batch_execute("BEGIN").unwrap();
+        c.batch_execute(&format!("INSERT INTO pairs VALUES ({t}, 1, '{pad}')"))
+            .unwrap();
+        c.batch_execute(&format!("INSERT INTO pairs VALUES ({t}, 2, '{pad}')"))
+            .unwrap();
+        c.batch_execute("COMMIT").unwrap();
+    };
+    for t in 0..200 {
+        txn(&mut c, t);
+    }
+    // The primary never waited for the mirror (it is blocked for as long as the lock is held).
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert_eq!(p.psql("SELECT count(*) FROM pairs").unwrap().trim(), "400");
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_mirror_transactions_cut_total")
+        > 0));
+    blocker.batch_execute("COMMIT").unwrap();
+    // Once released, the mirror catches up with what it kept, and it holds whole transactions
+    // only: never one part of a pair without the other.
+    for t in 200..210 {
+        txn(&mut c, t);
+    }
+    drop(c);
+    assert!(eventually(Duration::from_secs(20), || m1
+        .psql("SELECT count(*) FROM pairs WHERE txn = 209")
+        .unwrap()
+        .trim()
+        == "2"));
+    assert_eq!(
+        m1.psql("SELECT count(*) FROM (SELECT txn FROM pairs GROUP BY txn HAVING count(*) <> 2) x")
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    let on_mirror: u64 = m1
+        .psql("SELECT count(*) FROM pairs")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        on_mirror < 420,
+        "some transactions must have been skipped, got {on_mirror} rows"
+    );
+    assert!(proxy.metric("pgprism_mirror_skipped_overflow_total") > 0);
+}
+
+#[test]
+fn bad_mirror_credentials_are_counted_and_bad_urls_rejected() {
+    let (p, m1) = (start_primary("cp"), start_primary("cm"));
+    let wrong = format!(
+        "postgres://{SCRAM_USER}:nope@127.0.0.1:{}/postgres",
+        m1.port()
+    );
+    let proxy = Proxy::start(
+        &p.url(),
+        &[
+            "--mirror",
+            &wrong,
+            "--mirror-retries",
+            "1",
+            "--retry-delay",
+            "10ms",
+        ],
+    );
+    let mut c = proxy.client();
+    c.batch_execute("CREATE TABLE t (v int); INSERT INTO t VALUES (1)")
+        .unwrap();
+    assert!(eventually(Duration::from_secs(10), || proxy
+        .metric("pgprism_mirror_connect_failures_total")
+        >= 1));
+    let (_, metrics) = proxy.admin_get("/metrics");
+    assert!(metrics.contains("sqlstate=\"28P01\""), "{metrics}");
+    drop(c);
+    // A malformed mirror URL is a configuration error naming the key.
+    let out = support::pgprism_command()
+        .args([
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "",
+            "--primary",
+            &p.url(),
+            "--mirror",
+            "mysql://x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("mirror[0].url"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
