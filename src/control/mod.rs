@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 
 use crate::proxy::stats::{Counters, ShardReport, new_histogram};
 
-pub use admin::AdminServer;
+pub use admin::{AdminServer, ExtraRoutes, RouteResponse};
 
 /// What the admin endpoint shows; updated by the control loop, read by the admin thread.
 pub struct ControlState {
