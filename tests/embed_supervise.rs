@@ -121,6 +121,17 @@ fn instances_are_isolated_and_only_path_data_survives_a_restart() {
         .expect("start path instance");
     assert_ne!(mem.port, disk.port);
     assert_eq!(sup.list().len(), 2);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", mem.pid.expect("pid")))
+            .expect("status");
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().next())
+            .expect("uid");
+        assert_ne!(uid, "0", "servers must not run as root");
+    }
     let registry: Vec<_> = std::fs::read_dir(scratch.path("state"))
         .expect("state dir")
         .filter_map(Result::ok)
