@@ -31,6 +31,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Run supervised PostgreSQL servers (in RAM or on disk) until SIGTERM.
+    Embed(EmbedArgs),
     /// Validate a config file and print the effective configuration.
     Check {
         #[arg(long, short)]
@@ -202,6 +204,95 @@ impl MirrorArgs {
     }
 }
 
+#[derive(Args)]
+struct EmbedArgs {
+    /// Config file whose `[embed]` and `[admin]` sections to use; flags override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// `NAME:PORT[:memory|:DIR]`, repeatable; port 0 picks a free one, data defaults to memory.
+    #[arg(long = "instance", value_name = "NAME:PORT[:memory|:DIR]")]
+    instances: Vec<String>,
+    /// Admin endpoint address (`""` disables it).
+    #[arg(long)]
+    admin: Option<String>,
+    /// Directory with `postgres` and `initdb`.
+    #[arg(long)]
+    bindir: Option<PathBuf>,
+    /// OS user the servers run as when pgprism runs as root.
+    #[arg(long)]
+    os_user: Option<String>,
+    /// Registry of running servers (cleanup after a killed pgprism).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Restarts allowed within the restart window before an instance is marked failed.
+    #[arg(long)]
+    restarts_max: Option<u32>,
+    /// First restart delay after a crash, in milliseconds (doubles per crash).
+    #[arg(long)]
+    restart_backoff_ms: Option<u64>,
+}
+
+impl EmbedArgs {
+    fn into_config(self) -> Result<Config, crate::config::ConfigError> {
+        let mut cfg = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        for spec in &self.instances {
+            let inst = crate::embed::parse_instance_flag(spec)?;
+            cfg.embed.instance.retain(|i| i.name != inst.name);
+            cfg.embed.instance.push(inst);
+        }
+        if let Some(v) = self.admin {
+            cfg.admin.listen = v;
+        }
+        if self.bindir.is_some() {
+            cfg.embed.bindir = self.bindir;
+        }
+        if let Some(v) = self.os_user {
+            cfg.embed.os_user = v;
+        }
+        if self.state_dir.is_some() {
+            cfg.embed.state_dir = self.state_dir;
+        }
+        if let Some(v) = self.restarts_max {
+            cfg.embed.restarts_max = v;
+        }
+        if let Some(v) = self.restart_backoff_ms {
+            cfg.embed.restart_backoff_ms = v;
+        }
+        Ok(cfg)
+    }
+}
+
+/// `pgprism embed`: one ready line per instance (with the psql command), then one summary
+/// line, on stdout so scripts and tests know where to connect.
+fn embed_main(args: EmbedArgs) -> ExitCode {
+    let cfg = match args.into_config() {
+        Ok(cfg) => cfg,
+        Err(err) => return report(&err),
+    };
+    let ready = |bound: &crate::embed::EmbedBound| {
+        for inst in &bound.instances {
+            println!(
+                "pgprism embed: instance {} ready on {}:{} pid {} data {} connect: psql '{}'",
+                inst.name,
+                inst.host,
+                inst.port,
+                inst.pid.unwrap_or(0),
+                inst.data,
+                inst.url
+            );
+        }
+        let admin = bound.admin.map(|a| a.to_string()).unwrap_or_default();
+        println!("pgprism embed ready admin {admin}");
+    };
+    match crate::embed::run_embed(&cfg.embed, &cfg.admin, ready) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => report(&err),
+    }
+}
+
 impl ProxyArgs {
     fn into_config(self) -> Result<Config, crate::config::ConfigError> {
         let mut cfg = match &self.config {
@@ -279,6 +370,7 @@ pub fn main() -> ExitCode {
             Ok(cfg) => cfg,
             Err(err) => return report(&err),
         },
+        Command::Embed(args) => return embed_main(args),
         Command::Proxy(args) => match args.into_config() {
             Ok(cfg) => cfg,
             Err(err) => return report(&err),

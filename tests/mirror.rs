@@ -314,14 +314,13 @@ fn dead_mirror_costs_the_primary_nothing_and_is_reconnected() {
     let dir = std::env::temp_dir().join(format!("pgprism-mirror-dead-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let start_mirror = |port: Option<u16>| {
-        let inst = Instance::start(pgprism::embed::InstanceConfig {
+        Instance::start(pgprism::embed::InstanceConfig {
             name: "dm".into(),
             port,
             data: pgprism::embed::DataDir::Path(dir.clone()),
             ..Default::default()
         })
-        .unwrap();
-        inst
+        .unwrap()
     };
     let m1 = start_mirror(None);
     let port = m1.port();

@@ -485,22 +485,32 @@ fn primary_down_gives_08001_naming_it() {
 fn primary_dying_mid_query_gives_08006_and_the_proxy_lives_on() {
     let pg = start_primary("p-die");
     let proxy = Proxy::start(&pg.url(), &[]);
-    let mut victim = proxy.client();
-    let pid: i32 = victim
-        .query_one("SELECT pg_backend_pid()", &[])
-        .unwrap()
-        .get(0);
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
-        // SAFETY: killing a PostgreSQL backend process we started.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-    });
-    let err = victim.simple_query("SELECT pg_sleep(30)").unwrap_err();
-    killer.join().unwrap();
-    assert_eq!(sqlstate(&err).as_deref(), Some("08006"), "{err:?}");
+    // Raw protocol: the client libraries race their own end-of-stream handling against the
+    // last message, so only the bytes on the wire say reliably what pgprism sent.
+    let mut s = raw::connect_ready(proxy.listen);
+    s.write_all(&raw::message(b'Q', b"SELECT pg_backend_pid()\0"))
+        .unwrap();
+    let pid: i32 = raw::read_until_ready(&mut s)
+        .iter()
+        .find(|m| m.0 == b'D')
+        .map(|m| String::from_utf8_lossy(&m.1[6..]).parse().unwrap())
+        .expect("a DataRow with the pid");
+    s.write_all(&raw::message(b'Q', b"SELECT pg_sleep(30)\0"))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: killing a PostgreSQL backend process we started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let (tag, body) = raw::read_message(&mut s).expect("an ErrorResponse");
+    assert_eq!(tag, b'E');
+    assert_eq!(raw::error_field(&body, b'C').as_deref(), Some("08006"));
     assert!(
-        format!("{err:?}").contains("lost the connection to primary"),
-        "{err:?}"
+        raw::error_field(&body, b'M')
+            .unwrap()
+            .contains("lost the connection to primary")
+    );
+    assert!(
+        raw::read_message(&mut s).is_none(),
+        "then the connection is closed"
     );
     // The postmaster restarts its backends after the crash; pgprism serves the next session.
     assert!(eventually(Duration::from_secs(20), || {
@@ -508,6 +518,9 @@ fn primary_dying_mid_query_gives_08006_and_the_proxy_lives_on() {
             .and_then(|mut c| c.query_one("SELECT 1", &[]))
             .is_ok()
     }));
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_primary_lost_total")
+        >= 1));
 }
 
 #[test]

@@ -5,8 +5,9 @@
 mod env;
 mod url;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +23,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[[mirror]]` tables: databases that receive a replay of the client traffic.
     pub mirror: Vec<MirrorConfig>,
+    pub embed: EmbedConfig,
 }
 
 /// Which statements a mirror receives (Frenzy's `--mirror-*` options).
@@ -200,6 +202,192 @@ impl Default for MetricsConfig {
     }
 }
 
+/// `pgprism embed`: supervised PostgreSQL servers (`[embed]` and `[[embed.instance]]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EmbedConfig {
+    /// Directory with `postgres` and `initdb`; unset: `pg_config --bindir`, then the highest
+    /// `/usr/lib/postgresql/*/bin`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bindir: Option<PathBuf>,
+    /// OS account the servers run as when pgprism runs as root (PostgreSQL refuses root).
+    pub os_user: String,
+    /// Where the registry of running servers lives, so a later pgprism can stop what a killed
+    /// one left behind. Unset: `$PGPRISM_STATE_DIR`, else `/run/pgprism` as root, else
+    /// `$XDG_RUNTIME_DIR/pgprism`, else `/tmp/pgprism-<uid>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    /// First delay before restarting a crashed server; doubles on each further crash.
+    pub restart_backoff_ms: u64,
+    /// Upper bound of the restart delay.
+    pub restart_backoff_max_ms: u64,
+    /// Restarts allowed within `restart-window-s`; one more crash marks the instance failed.
+    pub restarts_max: u32,
+    /// Window the restart cap counts over.
+    pub restart_window_s: u64,
+    /// How often the supervisor checks whether its servers are still running.
+    pub monitor_interval_ms: u64,
+    /// Bound on one server's start (template copy to ready).
+    pub start_timeout_ms: u64,
+    /// Bound on a fast shutdown before the server is killed.
+    pub stop_timeout_ms: u64,
+    /// The servers to run.
+    pub instance: Vec<EmbedInstanceConfig>,
+}
+
+impl Default for EmbedConfig {
+    fn default() -> Self {
+        EmbedConfig {
+            bindir: None,
+            os_user: "postgres".into(),
+            state_dir: None,
+            restart_backoff_ms: 200,
+            restart_backoff_max_ms: 10_000,
+            restarts_max: 5,
+            restart_window_s: 60,
+            monitor_interval_ms: 100,
+            start_timeout_ms: 30_000,
+            stop_timeout_ms: 10_000,
+            instance: Vec::new(),
+        }
+    }
+}
+
+/// One `[[embed.instance]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EmbedInstanceConfig {
+    /// Unique name: letters, digits, `_` and `-`, at most 32 characters.
+    pub name: String,
+    /// `listen_addresses` of the server.
+    pub host: String,
+    /// TCP port; 0 picks a free one (kept across restarts).
+    pub port: u16,
+    /// `memory` (tmpfs, fsync off, gone on stop) or a directory (persistent).
+    pub data: String,
+    /// Database superuser (authenticates with `trust` from localhost).
+    pub user: String,
+    /// Database created at first start when missing.
+    pub database: String,
+    /// Extra `postgresql.conf` settings; they win over pgprism's defaults.
+    pub settings: BTreeMap<String, toml::Value>,
+}
+
+impl Default for EmbedInstanceConfig {
+    fn default() -> Self {
+        EmbedInstanceConfig {
+            name: String::new(),
+            host: "127.0.0.1".into(),
+            port: 0,
+            data: EMBED_DATA_MEMORY.into(),
+            user: "postgres".into(),
+            database: "postgres".into(),
+            settings: BTreeMap::new(),
+        }
+    }
+}
+
+/// The `data` value that means "in RAM".
+pub const EMBED_DATA_MEMORY: &str = "memory";
+/// Longest instance name: it ends up in file names, URLs and socket paths.
+const EMBED_NAME_BYTES_MAX: usize = 32;
+
+impl EmbedInstanceConfig {
+    /// Settings as `postgresql.conf` strings (TOML numbers and booleans are written as is).
+    pub fn settings_text(&self) -> Vec<(String, String)> {
+        self.settings
+            .iter()
+            .map(|(key, value)| {
+                let text = match value {
+                    toml::Value::String(s) => s.clone(),
+                    toml::Value::Boolean(b) => if *b { "on" } else { "off" }.to_string(),
+                    other => other.to_string(),
+                };
+                (key.clone(), text)
+            })
+            .collect()
+    }
+}
+
+impl EmbedConfig {
+    /// Checks the `[embed]` section alone (`pgprism embed` needs no primary).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("embed.restart-backoff-ms", self.restart_backoff_ms),
+            ("embed.restart-backoff-max-ms", self.restart_backoff_max_ms),
+            ("embed.restart-window-s", self.restart_window_s),
+            ("embed.monitor-interval-ms", self.monitor_interval_ms),
+            ("embed.start-timeout-ms", self.start_timeout_ms),
+            ("embed.stop-timeout-ms", self.stop_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::key(key, "expected a value above 0"));
+            }
+        }
+        if self.restart_backoff_max_ms < self.restart_backoff_ms {
+            return Err(ConfigError::key(
+                "embed.restart-backoff-max-ms",
+                "expected at least embed.restart-backoff-ms",
+            ));
+        }
+        if self.os_user.is_empty() {
+            return Err(ConfigError::key("embed.os-user", "expected a user name"));
+        }
+        for (index, inst) in self.instance.iter().enumerate() {
+            let key = |field: &str| format!("embed.instance[{index}].{field}");
+            validate_instance_name(&inst.name).map_err(|m| ConfigError::key(&key("name"), m))?;
+            if self.instance[..index].iter().any(|i| i.name == inst.name) {
+                return Err(ConfigError::key(
+                    &key("name"),
+                    format!("duplicate instance name `{}`", inst.name),
+                ));
+            }
+            if inst.port != 0
+                && let Some(other) = self.instance[..index]
+                    .iter()
+                    .find(|i| i.port == inst.port && i.host == inst.host)
+            {
+                return Err(ConfigError::key(
+                    &key("port"),
+                    format!(
+                        "port {} is already used by instance `{}`",
+                        inst.port, other.name
+                    ),
+                ));
+            }
+            for (field, value) in [
+                ("host", &inst.host),
+                ("data", &inst.data),
+                ("user", &inst.user),
+                ("database", &inst.database),
+            ] {
+                if value.is_empty() {
+                    return Err(ConfigError::key(&key(field), "expected a non-empty value"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Instance names appear in file names, URL paths and socket paths: keep them plain.
+pub fn validate_instance_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > EMBED_NAME_BYTES_MAX {
+        return Err(format!(
+            "expected 1 to {EMBED_NAME_BYTES_MAX} characters, got `{name}`"
+        ));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(format!(
+            "expected only letters, digits, `_` and `-`, got `{name}`"
+        ));
+    }
+    Ok(())
+}
+
 /// A configuration problem, always naming the key path involved.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -356,7 +544,7 @@ impl Config {
                 return Err(ConfigError::key(&key("name"), "duplicate mirror name"));
             }
         }
-        Ok(())
+        self.embed.validate()
     }
 
     /// The name of mirror `i`: configured, or `mirror-<i+1>`.
@@ -449,6 +637,46 @@ mod tests {
         cfg.proxy.listen = "nowhere".into();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("proxy.listen"), "{err}");
+    }
+
+    #[test]
+    fn embed_section_parses_and_validates() {
+        let cfg = Config::parse(
+            "[embed]\nrestarts-max = 3\n[[embed.instance]]\nname = \"a\"\nport = 5433\n\
+             settings = { work_mem = \"8MB\", max_connections = 50, fsync = true }\n\
+             [[embed.instance]]\nname = \"b\"\nport = 5434\ndata = \"/var/lib/b\"\n",
+        )
+        .unwrap();
+        cfg.embed.validate().unwrap();
+        assert_eq!(cfg.embed.restarts_max, 3);
+        assert_eq!(cfg.embed.instance.len(), 2);
+        assert_eq!(cfg.embed.instance[0].data, "memory");
+        assert_eq!(
+            cfg.embed.instance[0].settings_text(),
+            vec![
+                ("fsync".to_string(), "on".to_string()),
+                ("max_connections".to_string(), "50".to_string()),
+                ("work_mem".to_string(), "8MB".to_string()),
+            ]
+        );
+        let again = Config::parse(&cfg.to_toml()).unwrap();
+        assert_eq!(again.embed.instance[1].data, "/var/lib/b");
+    }
+
+    #[test]
+    fn embed_errors_name_the_key() {
+        let cfg = Config::parse(
+            "[[embed.instance]]\nname = \"a\"\nport = 1\n[[embed.instance]]\nname = \"a\"\n",
+        )
+        .unwrap();
+        let err = cfg.embed.validate().unwrap_err().to_string();
+        assert!(err.contains("embed.instance[1].name"), "{err}");
+        let cfg = Config::parse("[[embed.instance]]\nname = \"a/b\"\n").unwrap();
+        let err = cfg.embed.validate().unwrap_err().to_string();
+        assert!(err.contains("embed.instance[0].name"), "{err}");
+        let cfg = Config::parse("[embed]\nrestart-backoff-ms = 0\n").unwrap();
+        let err = cfg.embed.validate().unwrap_err().to_string();
+        assert!(err.contains("embed.restart-backoff-ms"), "{err}");
     }
 
     #[test]

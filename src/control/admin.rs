@@ -1,5 +1,6 @@
-//! A deliberately small HTTP/1.1 server for the admin endpoint: GET only, one request per
-//! connection, bounded request size and read time. It runs on its own thread so a slow scraper
+//! A deliberately small HTTP/1.1 server for the admin endpoint: GET only (plus whatever
+//! methods [`ExtraRoutes`] answer), one request per connection, bounded request size and read
+//! time. It runs on its own thread so a slow scraper
 //! can never delay the control loop, let alone a shard.
 
 use std::io::{self, Read, Write};
@@ -15,6 +16,18 @@ use super::{SharedState, lock, render};
 const REQUEST_BYTES_MAX: usize = 8 << 10;
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A response produced by [`ExtraRoutes`].
+pub struct RouteResponse {
+    pub code: u16,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+/// Routes another subsystem adds to the endpoint (e.g. `pgprism embed`'s `/instances`),
+/// called with the method and the path (query removed) before the built-in routes, for any
+/// method; `None` falls through to them. Runs on the admin thread, so it may block briefly.
+pub type ExtraRoutes = Arc<dyn Fn(&str, &str) -> Option<RouteResponse> + Send + Sync>;
+
 pub struct AdminServer {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -23,6 +36,15 @@ pub struct AdminServer {
 
 impl AdminServer {
     pub fn start(addr: SocketAddr, state: SharedState) -> io::Result<AdminServer> {
+        AdminServer::start_with_routes(addr, state, None)
+    }
+
+    /// Like [`AdminServer::start`], consulting `extra` before the built-in routes.
+    pub fn start_with_routes(
+        addr: SocketAddr,
+        state: SharedState,
+        extra: Option<ExtraRoutes>,
+    ) -> io::Result<AdminServer> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
@@ -31,7 +53,7 @@ impl AdminServer {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("pgprism-admin".into())
-                .spawn(move || serve(listener, state, stop))?
+                .spawn(move || serve(listener, state, extra, stop))?
         };
         Ok(AdminServer {
             addr,
@@ -50,11 +72,16 @@ impl Drop for AdminServer {
     }
 }
 
-fn serve(listener: TcpListener, state: SharedState, stop: Arc<AtomicBool>) {
+fn serve(
+    listener: TcpListener,
+    state: SharedState,
+    extra: Option<ExtraRoutes>,
+    stop: Arc<AtomicBool>,
+) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
-                if let Err(err) = handle(stream, &state) {
+                if let Err(err) = handle(stream, &state, extra.as_ref()) {
                     tracing::debug!(error = %err, "admin request failed");
                 }
             }
@@ -69,7 +96,11 @@ fn serve(listener: TcpListener, state: SharedState, stop: Arc<AtomicBool>) {
     }
 }
 
-fn handle(mut stream: TcpStream, state: &SharedState) -> io::Result<()> {
+fn handle(
+    mut stream: TcpStream,
+    state: &SharedState,
+    extra: Option<&ExtraRoutes>,
+) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -90,6 +121,14 @@ fn handle(mut stream: TcpStream, state: &SharedState) -> io::Result<()> {
     let mut parts = line.split(' ');
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
+    if let Some(response) = extra.and_then(|routes| routes(method, path)) {
+        return respond(
+            &mut stream,
+            response.code,
+            response.content_type,
+            &response.body,
+        );
+    }
     if method != "GET" {
         return respond(&mut stream, 405, "text/plain", "only GET is supported\n");
     }
@@ -122,9 +161,12 @@ fn handle(mut stream: TcpStream, state: &SharedState) -> io::Result<()> {
 fn respond(stream: &mut TcpStream, code: u16, content_type: &str, body: &str) -> io::Result<()> {
     let reason = match code {
         200 => "OK",
+        400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        409 => "Conflict",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
         503 => "Service Unavailable",
         _ => "Error",
     };

@@ -17,7 +17,7 @@ use crate::mirror::MirrorReport;
 use crate::proxy::fingerprints::FingerprintReport;
 use crate::proxy::stats::{Counters, ShardReport, new_histogram};
 
-pub use admin::AdminServer;
+pub use admin::{AdminServer, ExtraRoutes, RouteResponse};
 
 /// What the admin endpoint shows; updated by the control loop, read by the admin thread.
 pub struct ControlState {

@@ -50,6 +50,16 @@ pub(super) fn new_memory_path(name: &str) -> PathBuf {
     ))
 }
 
+/// Whether `path` is a memory data directory made by this module (a direct child of the
+/// memory root with our prefix), the only kind pgprism may remove on its own.
+pub(super) fn is_memory_dir(path: &Path) -> bool {
+    path.parent() == Some(memory_root().as_path())
+        && path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| name.starts_with(MEMORY_PREFIX))
+}
+
 /// Best effort: removes memory directories left by processes that no longer exist (killed
 /// test runs). Their servers died with them through the parent-death signal.
 pub(super) fn sweep_stale_memory_dirs() {
@@ -183,9 +193,6 @@ pub(super) fn write_settings(
         ("port", &port_text),
         ("listen_addresses", &cfg.host),
         ("unix_socket_directories", &socket_dirs),
-        // Throw-away servers: durability buys nothing and costs test time.
-        ("fsync", "off"),
-        ("synchronous_commit", "off"),
         // Tests open a couple of hundred concurrent clients.
         ("max_connections", "300"),
         // CDC reads logical replication from these servers.
@@ -195,7 +202,13 @@ pub(super) fn write_settings(
         ("shared_buffers", "32MB"),
     ];
     if memory {
-        settings.push(("full_page_writes", "off"));
+        // Data in RAM dies with the server anyway: durability buys nothing and costs time.
+        // Persistent directories keep PostgreSQL's durable defaults.
+        settings.extend([
+            ("fsync", "off"),
+            ("synchronous_commit", "off"),
+            ("full_page_writes", "off"),
+        ]);
     }
     settings.extend(cfg.settings.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let mut text = String::from("# Written by pgprism embed on every start; edits are lost.\n");

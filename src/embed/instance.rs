@@ -5,7 +5,7 @@
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -110,6 +110,22 @@ impl Instance {
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// Whether the data lives in a memory directory (removed on stop).
+    pub fn is_memory(&self) -> bool {
+        self.memory
+    }
+
+    /// `Some` once the server has exited on its own (crashed, killed); reaps it then.
+    /// `None` while it runs. Never blocks.
+    pub fn exit_status(&mut self) -> Result<Option<ExitStatus>, EmbedError> {
+        match self.child.as_mut() {
+            Some(child) => child
+                .try_wait()
+                .map_err(EmbedError::io("wait for server in", &self.data_dir)),
+            None => Ok(None),
+        }
     }
 
     /// The `psql` this instance uses (from the server's bindir, else `psql` on PATH).

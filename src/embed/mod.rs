@@ -6,6 +6,10 @@
 //! data directory (tmpfs or a given path), spawning `postgres` directly, waiting until it is
 //! ready, and stopping it again ([`Instance`]).
 //!
+//! On top of that, [`Supervisor`] runs named instances with one-for-one restarts, a registry
+//! of running servers for cleaning up after a killed pgprism, and [`run_embed`] is
+//! `pgprism embed`: instances from the config, an admin endpoint, until SIGTERM.
+//!
 //! It must never touch a server it did not start, never run the server as root (PostgreSQL
 //! refuses; we drop to an unprivileged OS user instead), never remove a data directory the
 //! caller owns ([`DataDir::Path`]), and never block without a bound: every wait here has a
@@ -16,6 +20,9 @@ mod binaries;
 mod datadir;
 mod instance;
 mod process;
+mod registry;
+mod run;
+mod supervisor;
 mod template;
 
 use std::io;
@@ -23,6 +30,11 @@ use std::path::PathBuf;
 
 pub use binaries::PgBinaries;
 pub use instance::Instance;
+pub use registry::{STATE_DIR_ENV, default_state_dir};
+pub use run::{EmbedBound, admin_routes, instance_config, parse_instance_flag, run_embed};
+pub use supervisor::{
+    InstanceInfo, InstanceState, Supervisor, SupervisorHandle, SupervisorSettings,
+};
 
 /// Where an instance keeps its data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +155,28 @@ pub enum EmbedError {
 
     #[error("psql failed ({status}); stderr:\n{stderr}")]
     PsqlFailed { status: String, stderr: String },
+
+    #[error("no instance named `{name}`")]
+    UnknownInstance { name: String },
+
+    #[error("an instance named `{name}` already exists")]
+    DuplicateInstance { name: String },
+
+    #[error("invalid instance name: {reason}")]
+    InvalidName { name: String, reason: String },
+
+    #[error("the embed supervisor thread is gone")]
+    SupervisorGone,
+
+    #[error("invalid embed configuration")]
+    Config(#[source] crate::config::ConfigError),
+
+    #[error("cannot start the admin endpoint on {addr}")]
+    Admin {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
 
     #[error("could not run {program}")]
     Spawn {

@@ -412,6 +412,7 @@ async fn upstream(
     let stats = &shard.stats;
     let settings = &shard.settings;
     let mut terminated = false;
+    let mut primary_failed = false;
     // (tag, start, end) of each message in the batch, only when mirrors need them.
     let mut offsets: Vec<(u8, usize, usize)> = Vec::new();
     loop {
@@ -471,6 +472,8 @@ async fn upstream(
                 }
             }
             if complete > 0 && primary.write_all(&frames).await.is_err() {
+                // The primary is gone: the downstream pump sees it too and tells the client.
+                primary_failed = true;
                 break;
             }
             if terminated {
@@ -482,7 +485,7 @@ async fn upstream(
             Ok(n) => ShardStats::bump(&stats.counters.client_bytes_in, n as u64),
         }
     }
-    if shared.fatal.borrow().is_none() {
+    if shared.fatal.borrow().is_none() && !primary_failed {
         // The client left (Terminate or EOF): nothing will be written to it any more.
         shared.client_ended.set(true);
         if !terminated && shared.ready.get() {
