@@ -478,6 +478,8 @@ async fn client(spec: ClientSpec, conn: PgConnection, state: Rc<Worker>, start: 
     let mut scratch = String::new();
     let mut measured = 0u64;
     let mut conn = Some(conn);
+    // Every thread's clients begin together, at `start`.
+    exec::sleep_until(start).await;
     loop {
         let intended = match interval {
             Some(iv) => {
