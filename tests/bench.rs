@@ -33,10 +33,8 @@ struct TargetSummary {
 
 /// A fresh output directory per test.
 fn out_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "pgprism-bench-test-{}-{name}",
-        std::process::id()
-    ));
+    let dir =
+        std::env::temp_dir().join(format!("pgprism-bench-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
@@ -183,7 +181,9 @@ fn select_closed_loop_fixed_count_writes_well_formed_files() {
     );
     assert_eq!(check_svg(&out.join("latency.svg")), 1);
     let html = std::fs::read_to_string(out.join("latency.html")).unwrap();
-    assert!(html.starts_with("<!DOCTYPE html>") && html.contains("<svg") && html.contains("direct"));
+    assert!(
+        html.starts_with("<!DOCTYPE html>") && html.contains("<svg") && html.contains("direct")
+    );
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -347,7 +347,8 @@ fn custom_sql_errors_are_counted_by_sqlstate() {
         ..InstanceConfig::default()
     })
     .expect("start PostgreSQL");
-    pg.psql("CREATE TABLE kv (id int PRIMARY KEY, v int)").unwrap();
+    pg.psql("CREATE TABLE kv (id int PRIMARY KEY, v int)")
+        .unwrap();
     let out = out_dir("custom");
     // `:id` and `$1` are the same random key; the division fails when the key is even.
     let summary = bench_ok(

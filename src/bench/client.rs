@@ -162,7 +162,7 @@ pub enum ClientError {
     Unexpected { tag: char, during: &'static str },
     /// An ErrorResponse. After startup this leaves the connection usable.
     #[error("the server reported an error")]
-    Server(#[source] ServerError),
+    Server(#[source] Box<ServerError>),
 }
 
 impl ClientError {
@@ -254,7 +254,9 @@ impl PgConnection {
                 }
                 BackendMessage::BackendKeyData(key) => conn.backend_pid = Some(key.pid()?),
                 BackendMessage::ErrorResponse(notice) => {
-                    return Err(ClientError::Server(ServerError::from_notice(&notice)?));
+                    return Err(ClientError::Server(Box::new(ServerError::from_notice(
+                        &notice,
+                    )?)));
                 }
                 BackendMessage::ReadyForQuery(ready) if auth.is_authenticated() => {
                     conn.status = ready.status()?;
@@ -262,7 +264,8 @@ impl PgConnection {
                 }
                 // We asked for protocol 3.0 and no options; a server may still say what it
                 // supports, which changes nothing for us.
-                BackendMessage::NoticeResponse(_) | BackendMessage::NegotiateProtocolVersion(_) => {}
+                BackendMessage::NoticeResponse(_) | BackendMessage::NegotiateProtocolVersion(_) => {
+                }
                 _ => return Err(unexpected(&frame, "startup")),
             }
         }
@@ -407,7 +410,7 @@ impl PgConnection {
             }
         }
         match error {
-            Some(err) => Err(ClientError::Server(err)),
+            Some(err) => Err(ClientError::Server(Box::new(err))),
             None => Ok(done),
         }
     }

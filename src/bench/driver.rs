@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use super::BenchError;
 use super::client::{ClientError, ConnectParams, PgConnection};
 use super::progress::Progress;
 use super::workload::{Keys, Protocol, Rng, Workload};
-use super::BenchError;
 use crate::config::PgUrl;
 use crate::runtime::exec;
 use crate::wire::TransactionStatus;
@@ -172,7 +172,9 @@ impl Outcome {
     pub fn elapsed(&self, target: usize) -> Duration {
         self.targets[target]
             .last_finish
-            .map_or(Duration::ZERO, |t| t.saturating_duration_since(self.measure_start))
+            .map_or(Duration::ZERO, |t| {
+                t.saturating_duration_since(self.measure_start)
+            })
     }
 }
 
@@ -439,7 +441,7 @@ async fn open(plan: &Plan, target: usize) -> Result<PgConnection, BenchError> {
             .map_err(|source| BenchError::Connect {
                 label: t.label.clone(),
                 url: t.url.masked(),
-                source,
+                source: Box::new(source),
             })?;
     if plan.protocol == Protocol::Prepared {
         for (index, statement) in plan.workload.statements().iter().enumerate() {
@@ -450,7 +452,7 @@ async fn open(plan: &Plan, target: usize) -> Result<PgConnection, BenchError> {
                     url: t.url.masked(),
                     step: format!("preparing statement {}", index + 1),
                     hint: String::new(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
     }
@@ -489,8 +491,7 @@ async fn client(spec: ClientSpec, conn: PgConnection, state: Rc<Worker>, start: 
             }
             None => Instant::now(),
         };
-        if end.is_some_and(|end| intended >= end) || spec.budget.is_some_and(|b| measured >= b)
-        {
+        if end.is_some_and(|end| intended >= end) || spec.budget.is_some_and(|b| measured >= b) {
             break;
         }
         // Behind schedule: send at once, never skip (the delay shows in the latency).

@@ -113,7 +113,7 @@ pub enum BenchError {
         label: String,
         url: String,
         #[source]
-        source: ClientError,
+        source: Box<ClientError>,
     },
     #[error("target `{label}` ({url}): {step} failed{hint}")]
     Setup {
@@ -122,7 +122,7 @@ pub enum BenchError {
         step: String,
         hint: String,
         #[source]
-        source: ClientError,
+        source: Box<ClientError>,
     },
     #[error("cannot start the io_uring runtime")]
     Runtime(#[source] std::io::Error),
@@ -160,7 +160,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "us" => value / 1e6,
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("unknown duration unit `{other}` (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` (use ms, s, m or h)"
+            ));
+        }
     };
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("`{text}` is out of range"))
 }
@@ -228,12 +232,13 @@ fn plan(args: &BenchArgs) -> Result<Plan, BenchError> {
         let params = ConnectParams::resolve(&url).map_err(|source| BenchError::Connect {
             label: label.clone(),
             url: url.masked(),
-            source,
+            source: Box::new(source),
         })?;
         targets.push(Target { label, url, params });
     }
     // Default labels can collide (the same server twice): number them.
-    let duplicated = (1..targets.len()).any(|i| targets[..i].iter().any(|t| t.label == targets[i].label));
+    let duplicated =
+        (1..targets.len()).any(|i| targets[..i].iter().any(|t| t.label == targets[i].label));
     if duplicated {
         if !args.labels.is_empty() {
             return Err(usage("--label names must be distinct"));
@@ -326,7 +331,7 @@ async fn check_target(
         .map_err(|source| BenchError::Connect {
             label: label.to_string(),
             url: url.to_string(),
-            source,
+            source: Box::new(source),
         })?;
     let setup = |step: String, source: ClientError| {
         let missing_table = source.server_error().is_some_and(|e| e.code == "42P01");
@@ -340,7 +345,7 @@ async fn check_target(
             url: url.to_string(),
             step,
             hint,
-            source,
+            source: Box::new(source),
         }
     };
     if init {

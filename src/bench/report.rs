@@ -119,7 +119,11 @@ impl Summary {
             pgprism_version: env!("CARGO_PKG_VERSION"),
             workload: plan.workload.kind(),
             protocol: plan.protocol,
-            mode: if plan.rate.is_some() { "rate" } else { "closed" },
+            mode: if plan.rate.is_some() {
+                "rate"
+            } else {
+                "closed"
+            },
             clients_per_target: plan.clients,
             threads: plan.threads,
             rate_per_target: plan.rate,

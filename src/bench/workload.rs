@@ -116,10 +116,7 @@ impl Statement {
                     None => (None, 0),
                 },
                 b'$' => {
-                    let digits = sql[i + 1..]
-                        .bytes()
-                        .take_while(u8::is_ascii_digit)
-                        .count();
+                    let digits = sql[i + 1..].bytes().take_while(u8::is_ascii_digit).count();
                     match &sql[i + 1..i + 1 + digits] {
                         "" => (None, 0),
                         "1" => (Some(Var::Aid), 2),
