@@ -409,7 +409,12 @@ fn worker(
             }
         }
     };
-    exec::run(RING_ENTRIES, root).map_err(BenchError::Runtime)?;
+    exec::run(RING_ENTRIES, root).map_err(|err| {
+        // The ring could not be built, so this thread never reached the rendezvous: release
+        // the others waiting there.
+        shared.abort.store(true, Ordering::SeqCst);
+        BenchError::Runtime(err)
+    })?;
     if let Some(err) = failure.take() {
         return Err(err);
     }

@@ -40,8 +40,8 @@ const THREADS_MAX: usize = 1024;
 /// Flags of `pgprism bench`. Short flags follow pgbench where one exists.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// PostgreSQL URL to load (postgres://user:password@host:port/db). Give it twice to
-    /// measure two targets side by side in one run; each gets the full load (--clients
+    /// PostgreSQL URL to load (postgres://user:password@host:port/db). Repeat it (up to 4)
+    /// to measure targets side by side in one run; each gets the full load (--clients
     /// connections and --rate each).
     #[arg(long = "target", required = true, value_name = "URL")]
     pub targets: Vec<String>,

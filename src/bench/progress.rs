@@ -120,7 +120,19 @@ impl Progress {
                 .zip(before)
                 .map(|(d, b)| d.saturating_sub(*b) as f64 / (now - *at).as_secs_f64())
                 .collect(),
-            _ => vec![0.0; done.len()],
+            // First line: the average since measuring began.
+            _ => {
+                let measured = since_start.saturating_sub(self.warmup).as_secs_f64();
+                done.iter()
+                    .map(|d| {
+                        if measured > 0.0 {
+                            *d as f64 / measured
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect()
+            }
         };
         for ((label, (ok, failed)), rate) in self.labels.iter().zip(&counts).zip(&rates) {
             line.push_str(&format!("  {label}: {ok} tx {rate:.0} tx/s"));
