@@ -38,6 +38,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Measure latency against one or two PostgreSQL URLs (direct or through pgprism).
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -355,6 +357,12 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
     let cfg = match cli.command {
+        Command::Bench(args) => {
+            return match crate::bench::run(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => report(&err),
+            };
+        }
         Command::Check { config } => {
             let checked = Config::load(&config).and_then(|cfg| cfg.validate().map(|()| cfg));
             return match checked {
