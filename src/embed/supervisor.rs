@@ -378,11 +378,16 @@ impl SupervisorLoop {
 
     fn serve(&mut self, request: Request) {
         match request {
+            // Each arm publishes before replying, so whoever gets the answer and then lists
+            // the instances sees the state the answer described.
             Request::Add(cfg, reply) => {
-                let _ = reply.send(self.add(*cfg));
+                let result = self.add(*cfg);
+                self.publish();
+                let _ = reply.send(result);
             }
             Request::Start(name, reply) => {
                 let result = self.find(&name).and_then(|i| self.start_requested(i));
+                self.publish();
                 let _ = reply.send(result);
             }
             Request::Stop(name, reply) => {
@@ -390,6 +395,7 @@ impl SupervisorLoop {
                     self.stop_slot(i)?;
                     Ok(self.slots[i].info())
                 });
+                self.publish();
                 let _ = reply.send(result);
             }
             Request::Restart(name, reply) => {
@@ -397,6 +403,7 @@ impl SupervisorLoop {
                     self.stop_slot(i)?;
                     self.start_requested(i)
                 });
+                self.publish();
                 let _ = reply.send(result);
             }
             Request::Shutdown(_) => unreachable!("handled by the loop"),
