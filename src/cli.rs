@@ -40,6 +40,8 @@ enum Command {
     },
     /// Measure latency against one or two PostgreSQL URLs (direct or through pgprism).
     Bench(crate::bench::BenchArgs),
+    /// Two in-memory servers, pgprism in front, a short workload, the differences it finds.
+    Demo(crate::demo::DemoArgs),
 }
 
 #[derive(Args)]
@@ -357,6 +359,12 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
     let cfg = match cli.command {
+        Command::Demo(args) => {
+            return match crate::demo::run(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => report(&err),
+            };
+        }
         Command::Bench(args) => {
             return match crate::bench::run(args) {
                 Ok(()) => ExitCode::SUCCESS,

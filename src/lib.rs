@@ -4,6 +4,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod demo;
 pub mod embed;
 pub mod mirror;
 pub mod proxy;

@@ -25,7 +25,7 @@ use crate::config::PgUrl;
 use crate::runtime::exec;
 
 pub use client::{ClientError, Completion, ConnectParams, PgConnection, ServerError};
-pub use workload::{Protocol, WorkloadKind};
+pub use workload::{Protocol, WorkloadKind, init_statements};
 
 use driver::{Plan, Stop, Target};
 use workload::Workload;
