@@ -254,9 +254,17 @@ impl Link {
         }
     }
 
-    /// Called at the start of a client batch that begins at a transaction boundary.
+    /// Called at the start of a client batch that begins at a transaction boundary. A link
+    /// that was cut resumes only once its queue drained below half its bounds: resuming into
+    /// a still-full queue would only cut the next transaction too, churning for nothing.
     pub fn at_boundary(&self) {
-        if self.state.get() == State::Skipping {
+        if self.state.get() != State::Skipping {
+            return;
+        }
+        let cfg = &self.target.cfg;
+        let drained = self.queue.borrow().len() <= cfg.queue_messages_max / 2
+            && self.queued_bytes.get() <= cfg.queue_bytes_max / 2;
+        if drained {
             self.state.set(State::Streaming);
         }
     }

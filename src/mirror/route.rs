@@ -68,9 +68,11 @@ fn is_copy_from(sql: &[u8], class: Class) -> bool {
 
 /// How one frame relates to the statement bookkeeping, computed once for all links.
 enum Route<'a> {
-    /// A simple Query: its statements and whether each one is a COPY FROM.
+    /// A simple Query: one statement (`parts` empty, no allocation: the common case) or
+    /// several, each with its class.
     Query {
         sql: &'a [u8],
+        single: Class,
         parts: Vec<(std::ops::Range<usize>, Class)>,
     },
     Parse {
@@ -150,14 +152,24 @@ impl Router {
             tag::QUERY => {
                 let sql = body.strip_suffix(&[0]).unwrap_or(body);
                 self.last_fingerprint = self.fingerprints.intern(sql);
-                let parts = sql::split_statements(sql)
-                    .into_iter()
-                    .map(|r| {
-                        let class = sql::classify(&sql[r.clone()]);
-                        (r, class)
-                    })
-                    .collect();
-                Route::Query { sql, parts }
+                let parts: Vec<_> = if memchr::memchr(b';', sql).is_some() {
+                    sql::split_statements(sql)
+                        .into_iter()
+                        .map(|r| {
+                            let class = sql::classify(&sql[r.clone()]);
+                            (r, class)
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                // A lone trailing `;` splits into one part: treat it as a single statement.
+                let (single, parts) = match parts.len() {
+                    0 => (sql::classify(sql), parts),
+                    1 => (parts[0].1, Vec::new()),
+                    _ => (Class::Other, parts),
+                };
+                Route::Query { sql, single, parts }
             }
             tag::PARSE => {
                 let (name, query, _) = wire::Parse::new(body).parts().ok()?;
@@ -224,7 +236,18 @@ impl Router {
         let cfg = &link.target.cfg;
         let stats = &link.target.stats;
         match route {
-            Route::Query { sql, parts } => {
+            Route::Query { sql, single, parts } if parts.is_empty() => {
+                if !passes(cfg, *single) {
+                    MirrorStats::bump(&stats.counters.skipped_filter, 1);
+                    return;
+                }
+                let statement = *single != Class::Empty;
+                self.send(link, frame.clone(), Some(self.last_fingerprint), statement).await;
+                if is_copy_from(sql, *single) {
+                    link.copy_active.set(link.accepting());
+                }
+            }
+            Route::Query { sql, parts, .. } => {
                 let pass: Vec<bool> = parts.iter().map(|(_, c)| passes(cfg, *c)).collect();
                 let statement = !parts.is_empty();
                 if pass.iter().all(|&p| p) {

@@ -55,7 +55,9 @@ impl Fingerprints {
 
     /// The id of `sql`'s fingerprint, adding it to the table when there is room.
     pub fn intern(&self, sql: &[u8]) -> u64 {
-        let (hash, text) = crate::sql::fingerprint(sql, TEXT_BYTES_MAX);
+        // Hash only (a zero text budget allocates nothing); the display text is built once,
+        // when the fingerprint is first seen.
+        let (hash, _) = crate::sql::fingerprint(sql, 0);
         let id = hash.max(1);
         let mut table = self.table.borrow_mut();
         if table.contains_key(&id) {
@@ -64,6 +66,7 @@ impl Fingerprints {
         if table.len() >= self.max {
             return self.other(&mut table);
         }
+        let (_, text) = crate::sql::fingerprint(sql, TEXT_BYTES_MAX);
         table.insert(id, self.entry(text));
         id
     }
