@@ -383,7 +383,7 @@ pub fn main() -> ExitCode {
             };
         }
         Command::Run { config } => match Config::load(&config) {
-            Ok(cfg) => cfg,
+            Ok(cfg) => return run_main(cfg),
             Err(err) => return report(&err),
         },
         Command::Embed(args) => return embed_main(args),
@@ -392,13 +392,71 @@ pub fn main() -> ExitCode {
             Err(err) => return report(&err),
         },
     };
-    let ready = |bound: &crate::runtime::Bound| {
-        // One parseable line on stdout so scripts and tests know where to connect.
-        let admin = bound.admin.map(|a| a.to_string()).unwrap_or_default();
-        println!("pgprism listening on {} admin {}", bound.listen, admin);
-    };
-    match crate::runtime::run_proxy(&cfg, ready) {
+    match crate::runtime::run_proxy(&cfg, print_ready) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => report(&err),
     }
+}
+
+/// `pgprism run`: everything the file configures. Embedded servers start first (the proxy's
+/// primary may be one of them), the proxy serves their admin routes too, and they stop after
+/// the proxy has drained.
+fn run_main(cfg: Config) -> ExitCode {
+    let has_embed = !cfg.embed.instance.is_empty();
+    if has_embed && cfg.primary.url.is_empty() {
+        // Embedded servers only.
+        let ready = |bound: &crate::embed::EmbedBound| {
+            for inst in &bound.instances {
+                println!(
+                    "pgprism embed: instance {} ready on port {}",
+                    inst.name, inst.port
+                );
+            }
+        };
+        return match crate::embed::run_embed(&cfg.embed, &cfg.admin, ready) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => report(&err),
+        };
+    }
+    let mut supervisor = None;
+    if has_embed {
+        if let Err(err) = cfg.validate() {
+            return report(&err);
+        }
+        crate::runtime::signals::block();
+        let started = crate::embed::Supervisor::start(
+            crate::embed::SupervisorSettings::from_config(&cfg.embed),
+        )
+        .and_then(|sup| {
+            for inst in &cfg.embed.instance {
+                let info = sup.add(crate::embed::instance_config(&cfg.embed, inst))?;
+                println!(
+                    "pgprism embed: instance {} ready on port {}",
+                    info.name, info.port
+                );
+            }
+            Ok(sup)
+        });
+        match started {
+            Ok(sup) => supervisor = Some(sup),
+            Err(err) => return report(&err),
+        }
+    }
+    let routes = supervisor
+        .as_ref()
+        .map(|s| crate::embed::admin_routes(s.handle()));
+    let result = crate::runtime::run_proxy_with(&cfg, routes, print_ready);
+    if let Some(sup) = supervisor {
+        sup.shutdown();
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => report(&err),
+    }
+}
+
+/// One parseable line on stdout so scripts and tests know where to connect.
+fn print_ready(bound: &crate::runtime::Bound) {
+    let admin = bound.admin.map(|a| a.to_string()).unwrap_or_default();
+    println!("pgprism listening on {} admin {}", bound.listen, admin);
 }

@@ -506,3 +506,82 @@ fn bad_mirror_credentials_are_counted_and_bad_urls_rejected() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn run_config_starts_embedded_servers_a_proxy_and_a_mirror() {
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (p_port, m_port) = (free(), free());
+    let dir = std::env::temp_dir().join(format!("pgprism-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("pgprism.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[proxy]
+listen = "127.0.0.1:0"
+shards = 2
+pin-cores = false
+[admin]
+listen = "127.0.0.1:0"
+[primary]
+url = "postgres://127.0.0.1:{p_port}"
+[[mirror]]
+name = "copy"
+url = "postgres://postgres@127.0.0.1:{m_port}/postgres"
+[embed]
+state-dir = "{state}"
+[[embed.instance]]
+name = "primary"
+port = {p_port}
+[[embed.instance]]
+name = "copy"
+port = {m_port}
+"#,
+            state = dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let mut child = support::pgprism_command()
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let listen = loop {
+        let line = lines.next().expect("a ready line").unwrap();
+        if let Some(rest) = line.strip_prefix("pgprism listening on ") {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        listen.rsplit(':').next().unwrap()
+    );
+    let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    c.batch_execute("CREATE TABLE r (v int); INSERT INTO r VALUES (1), (2)")
+        .unwrap();
+    drop(c);
+    let mirror = format!("host=127.0.0.1 port={m_port} user=postgres dbname=postgres");
+    assert!(eventually(Duration::from_secs(10), || {
+        postgres::Client::connect(&mirror, postgres::NoTls)
+            .and_then(|mut m| m.query_one("SELECT count(*) FROM r", &[]))
+            .map(|row| row.get::<_, i64>(0) == 2)
+            .unwrap_or(false)
+    }));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    // The embedded servers are gone with it.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", p_port)).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -242,7 +242,8 @@ impl Router {
                     return;
                 }
                 let statement = *single != Class::Empty;
-                self.send(link, frame.clone(), Some(self.last_fingerprint), statement).await;
+                self.send(link, frame.clone(), Some(self.last_fingerprint), statement)
+                    .await;
                 if is_copy_from(sql, *single) {
                     link.copy_active.set(link.accepting());
                 }

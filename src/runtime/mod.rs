@@ -64,6 +64,16 @@ pub struct Bound {
 
 /// Runs the proxy until SIGTERM/SIGINT, then drains and returns.
 pub fn run_proxy(cfg: &Config, on_ready: impl FnOnce(&Bound)) -> Result<(), RuntimeError> {
+    run_proxy_with(cfg, None, on_ready)
+}
+
+/// [`run_proxy`] with extra admin routes (the embed supervisor's, when `pgprism run` also
+/// runs embedded servers).
+pub fn run_proxy_with(
+    cfg: &Config,
+    routes: Option<crate::control::ExtraRoutes>,
+    on_ready: impl FnOnce(&Bound),
+) -> Result<(), RuntimeError> {
     cfg.validate()?;
     if let Some(problem) = preflight::io_uring_problem() {
         return Err(RuntimeError::IoUring(problem));
@@ -120,7 +130,7 @@ pub fn run_proxy(cfg: &Config, on_ready: impl FnOnce(&Bound)) -> Result<(), Runt
     } else {
         let addr = parse_addr("admin.listen", &cfg.admin.listen)?;
         Some(
-            AdminServer::start(addr, state.clone())
+            AdminServer::start_with_routes(addr, state.clone(), routes)
                 .map_err(|source| RuntimeError::Admin { addr, source })?,
         )
     };
