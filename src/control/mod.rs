@@ -4,6 +4,7 @@
 
 mod admin;
 mod render;
+pub mod systemd;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};

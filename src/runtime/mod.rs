@@ -196,6 +196,12 @@ pub fn run_proxy_with(
     };
     tracing::info!(listen = %bound.listen, shards, primary = %primary.masked(), "pgprism proxy ready");
     on_ready(&bound);
+    control::systemd::notify(&format!(
+        "READY=1\nSTATUS=serving on {} with {shards} shard(s)",
+        bound.listen
+    ));
+    let watchdog = control::systemd::watchdog_interval();
+    let mut watchdog_at = Instant::now();
 
     let tick = Duration::from_millis(cfg.metrics.report_interval_ms.min(200));
     loop {
@@ -204,8 +210,16 @@ pub fn run_proxy_with(
             Some(signals::Signal::Stop) => break,
             Some(signals::Signal::Reload) => {
                 tracing::info!("SIGHUP: configuration reload is not supported yet; ignoring");
+                control::systemd::notify("READY=1\nSTATUS=reload not supported; still serving");
             }
             None => {}
+        }
+        if let Some(every) = watchdog
+            && watchdog_at.elapsed() >= every
+        {
+            // Pinged from the control loop, so a wedged control thread stops the pings.
+            control::systemd::notify("WATCHDOG=1");
+            watchdog_at = Instant::now();
         }
         if exited.load(Ordering::Relaxed) > 0 {
             tracing::error!("a shard stopped unexpectedly; shutting down");
@@ -218,6 +232,7 @@ pub fn run_proxy_with(
         "stopping: no new connections, draining sessions"
     );
     control::lock(&state).draining = true;
+    control::systemd::notify("STOPPING=1\nSTATUS=draining sessions");
     for stop in &stops {
         stop.notify();
     }
