@@ -2,11 +2,13 @@
 
 pub mod bench;
 pub mod cli;
+pub mod compare;
 pub mod config;
 pub mod control;
 pub mod embed;
 pub mod mirror;
 pub mod proxy;
+pub mod report;
 pub mod runtime;
 pub mod sql;
 pub mod wire;
