@@ -84,7 +84,9 @@ pub struct Digest {
 
 impl Digest {
     pub fn error_code(&self) -> Option<&str> {
-        self.error.as_ref().and_then(|c| std::str::from_utf8(c).ok())
+        self.error
+            .as_ref()
+            .and_then(|c| std::str::from_utf8(c).ok())
     }
 }
 
@@ -206,7 +208,9 @@ impl Digester {
         let mut columns = Vec::with_capacity(fields.len());
         self.plan.clear();
         for f in fields {
-            let rule = self.rules.column_rule(f.name, f.type_oid, f.format == Format::Binary);
+            let rule = self
+                .rules
+                .column_rule(f.name, f.type_oid, f.format == Format::Binary);
             self.plan.push(rule);
             columns.push((f.name.to_string(), f.type_oid));
         }

@@ -213,6 +213,7 @@ impl Upstream {
                         self.send(frame(), false);
                     }
                 }
+                tag::TERMINATE => self.send(frame(), false),
                 _ => self.hold(frame(), routes),
             }
         }
@@ -278,12 +279,12 @@ impl Upstream {
         self.dead = true;
     }
 
-    /// The client left: end the shadow session too.
+    /// The client left: end the shadow session too, once it has run everything it was sent
+    /// (the downstream pump keeps reading it until it closes, bounded in time).
     pub async fn finish(&self, said_terminate: bool) {
-        if !said_terminate {
+        if !said_terminate && !self.dead {
             let _ = self.shadow.write_all(&[b'X', 0, 0, 0, 4]).await;
         }
-        self.shadow.shutdown();
     }
 }
 
@@ -409,7 +410,12 @@ impl Comparer {
                 fed.status = Some(status);
                 let digest = self.digesters[side].finish_sync(status, now);
                 let internal = side == SHADOW
-                    && self.link.shadow_kinds.borrow_mut().pop_front().unwrap_or(false);
+                    && self
+                        .link
+                        .shadow_kinds
+                        .borrow_mut()
+                        .pop_front()
+                        .unwrap_or(false);
                 if !internal {
                     self.done[side].push_back(digest);
                 }
@@ -424,8 +430,7 @@ impl Comparer {
             at = end;
         }
         if side == self.source && segment_start < buf.len() {
-            let internal =
-                side == SHADOW && self.link.shadow_kinds.borrow().front() == Some(&true);
+            let internal = side == SHADOW && self.link.shadow_kinds.borrow().front() == Some(&true);
             if !internal {
                 self.emit(frames.slice(segment_start..), false, out);
             }
@@ -550,7 +555,8 @@ impl Comparer {
                 let message = format!("Query results differ between primary and shadow: {message}")
                     .replace('\0', " ");
                 let detail = detail.replace('\0', " ");
-                let mut spec = wire::ErrorSpec::new("ERROR", wire::sqlstate::INTERNAL_ERROR, &message);
+                let mut spec =
+                    wire::ErrorSpec::new("ERROR", wire::sqlstate::INTERNAL_ERROR, &message);
                 spec.detail = Some(&detail);
                 let _ = wire::encode::error_response(&mut buf, &spec);
                 let status = wire::TransactionStatus::from_byte(status)
@@ -619,7 +625,11 @@ impl Comparer {
                 _ => {
                     // A multi-statement query stopped earlier on one side: the error that
                     // stopped it was reported with its own statement.
-                    let stopped = primary.results.iter().chain(&shadow.results).any(|d| d.error.is_some());
+                    let stopped = primary
+                        .results
+                        .iter()
+                        .chain(&shadow.results)
+                        .any(|d| d.error.is_some());
                     if stopped {
                         break;
                     }

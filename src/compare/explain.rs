@@ -25,7 +25,14 @@ pub async fn run(
     let limit = Duration::from_millis(target.cfg.connect_timeout_ms);
     let sql = format!("EXPLAIN (ANALYZE, BUFFERS) {statement}");
     let (primary, shadow) = futures_lite::future::zip(
-        plan(&target, target.primary_addr, &target.primary_url, &params, &sql, limit),
+        plan(
+            &target,
+            target.primary_addr,
+            &target.primary_url,
+            &params,
+            &sql,
+            limit,
+        ),
         plan(&target, target.addr, &target.url, &params, &sql, limit),
     )
     .await;
@@ -61,12 +68,7 @@ async fn plan(
 async fn explain(stream: &TcpStream, sql: &str, max: usize) -> String {
     let mut out = BytesMut::new();
     // A read-only transaction: even a misclassified statement cannot write.
-    if wire::encode::query(
-        &mut out,
-        &format!("BEGIN READ ONLY; {sql}; ROLLBACK"),
-    )
-    .is_err()
-    {
+    if wire::encode::query(&mut out, &format!("BEGIN READ ONLY; {sql}; ROLLBACK")).is_err() {
         return "<statement contains NUL>".into();
     }
     if stream.write_all(&out).await.is_err() {

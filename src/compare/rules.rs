@@ -146,7 +146,12 @@ impl Rules {
         if !self.ignore_columns.is_empty() && self.ignore_columns.is_match(name) {
             return ColumnRule::Skip;
         }
+        let equivalent = is_numeric(oid) && self.equivalent.iter().any(|&(a, _)| a == oid);
         if self.tolerance > 0.0 {
+            // Numbers declared equivalent to a float or numeric column are quantised alike.
+            if equivalent && !binary {
+                return ColumnRule::FloatText;
+            }
             match (oid, binary) {
                 (FLOAT4 | FLOAT8 | NUMERIC, false) => return ColumnRule::FloatText,
                 (FLOAT4, true) => return ColumnRule::FloatBinary4,
@@ -154,7 +159,7 @@ impl Rules {
                 _ => {}
             }
         }
-        if !binary && is_numeric(oid) && self.equivalent.iter().any(|&(a, _)| a == oid) {
+        if !binary && equivalent {
             return ColumnRule::NumericText;
         }
         ColumnRule::Raw

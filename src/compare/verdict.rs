@@ -84,7 +84,10 @@ pub fn compare(primary: &Digest, shadow: &Digest, ordered: bool, rules: &Rules) 
             if p != s {
                 out.push(diff(
                     Kind::Sqlstate,
-                    format!("SQLSTATE differs: primary {p} ({}), shadow {s} ({})", primary.message, shadow.message),
+                    format!(
+                        "SQLSTATE differs: primary {p} ({}), shadow {s} ({})",
+                        primary.message, shadow.message
+                    ),
                 ));
             }
             return out;

@@ -98,7 +98,7 @@ impl Default for CompareConfig {
             fail_on_differences: false,
             fail_on_slow_queries: false,
             slow_query_ratio: 5.0,
-            slow_query_min_ms: 1,
+            slow_query_min_ms: 10,
             explain_slow_queries: true,
             explains_max: 64,
             exclude_patterns: vec![
@@ -665,9 +665,8 @@ impl Config {
             ));
         }
         for (i, pair) in c.type_equivalences.iter().enumerate() {
-            crate::compare::parse_equivalence(pair).map_err(|e| {
-                ConfigError::key(&format!("compare.type-equivalences[{i}]"), e)
-            })?;
+            crate::compare::parse_equivalence(pair)
+                .map_err(|e| ConfigError::key(&format!("compare.type-equivalences[{i}]"), e))?;
         }
         if !(c.float_tolerance >= 0.0 && c.float_tolerance.is_finite()) {
             return Err(ConfigError::key(
@@ -675,7 +674,7 @@ impl Config {
                 "expected a finite value of at least 0",
             ));
         }
-        if !(c.slow_query_ratio >= 1.0) {
+        if c.slow_query_ratio.is_nan() || c.slow_query_ratio < 1.0 {
             return Err(ConfigError::key(
                 "compare.slow-query-ratio",
                 "expected a ratio of at least 1.0",

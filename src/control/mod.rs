@@ -185,10 +185,7 @@ pub fn collect(state: &Mutex<ControlState>, rings: &[Receiver<ShardReport>]) {
 }
 
 /// Drains the compare reports ring into the report file and the fingerprint groups.
-pub fn collect_compare(
-    state: &Mutex<ControlState>,
-    records: &Receiver<crate::compare::Record>,
-) {
+pub fn collect_compare(state: &Mutex<ControlState>, records: &Receiver<crate::compare::Record>) {
     let pending: Vec<_> = records.try_iter().take(10_000).collect();
     if pending.is_empty() {
         return;

@@ -226,7 +226,10 @@ fn compare_metrics(out: &mut String, state: &ControlState) {
         out,
         "# HELP pgprism_compare_report_write_errors_total failed writes of the report file"
     );
-    let _ = writeln!(out, "# TYPE pgprism_compare_report_write_errors_total counter");
+    let _ = writeln!(
+        out,
+        "# TYPE pgprism_compare_report_write_errors_total counter"
+    );
     let _ = writeln!(
         out,
         "pgprism_compare_report_write_errors_total {}",

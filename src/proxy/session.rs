@@ -25,6 +25,9 @@ use crate::runtime::exec::{self, within};
 use crate::wire::{self, StartupPacket, sqlstate};
 use bytes::{Bytes, BytesMut};
 
+/// How long a shadow may take to finish what it was sent after the client left.
+const SHADOW_DRAIN: Duration = Duration::from_secs(30);
+
 /// PostgreSQL's own limit on the untagged startup packet (MAX_STARTUP_PACKET_LENGTH).
 const STARTUP_BYTES_MAX: usize = 10_000;
 
@@ -734,21 +737,25 @@ async fn downstream_compare(
             Ok(_) => {}
         }
         let mut status = None;
-        let scanned = wire::complete_prefix_until(&pbuf, settings.message_bytes_max, |tag, body| {
-            if tag == b'E' {
-                farewell |= body.starts_with(b"SFATAL\0") || body.starts_with(b"SPANIC\0");
-            }
-            if tag == b'Z' {
-                status = Some(body.first().copied().unwrap_or(b'I'));
-                return std::ops::ControlFlow::Break(());
-            }
-            std::ops::ControlFlow::Continue(())
-        });
+        let scanned =
+            wire::complete_prefix_until(&pbuf, settings.message_bytes_max, |tag, body| {
+                if tag == b'E' {
+                    farewell |= body.starts_with(b"SFATAL\0") || body.starts_with(b"SPANIC\0");
+                }
+                if tag == b'Z' {
+                    status = Some(body.first().copied().unwrap_or(b'I'));
+                    return std::ops::ControlFlow::Break(());
+                }
+                std::ops::ControlFlow::Continue(())
+            });
         let Ok(complete) = scanned else {
             *shared.fatal.borrow_mut() = Some(error_bytes(
                 "FATAL",
                 sqlstate::PROTOCOL_VIOLATION,
-                &format!("pgprism: invalid message from primary {}", settings.primary_label),
+                &format!(
+                    "pgprism: invalid message from primary {}",
+                    settings.primary_label
+                ),
             ));
             running = false;
             break;
@@ -765,10 +772,17 @@ async fn downstream_compare(
     }
     let mut out: Vec<Bytes> = Vec::new();
     let mut shadow_open = true;
+    // The client and the primary are done; the shadow still runs what it was sent.
+    let mut primary_done = false;
     let mut flip = false;
     while running {
         flip = !flip;
-        let (side, read) = if shadow_open {
+        let (side, read) = if primary_done {
+            match within(SHADOW_DRAIN, shadow.read_buf(&mut sbuf, chunk)).await {
+                Some(read) => (SHADOW, read),
+                None => (SHADOW, Ok(0)),
+            }
+        } else if shadow_open {
             let p = async { (PRIMARY, primary.read_buf(&mut pbuf, chunk).await) };
             let s = async { (SHADOW, shadow.read_buf(&mut sbuf, chunk).await) };
             if flip {
@@ -782,6 +796,13 @@ async fn downstream_compare(
         let arrived = Instant::now();
         if matches!(read, Ok(0) | Err(_)) {
             if side == PRIMARY {
+                if shadow_open && comparer.source == PRIMARY && shared.client_ended.get() {
+                    primary_done = true;
+                    continue;
+                }
+                break;
+            }
+            if primary_done {
                 break;
             }
             shadow_open = false;
@@ -796,7 +817,11 @@ async fn downstream_compare(
             ShardStats::bump(&stats.counters.compare_shadow_lost, 1);
             comparer.shadow_lost(&mut out);
         } else {
-            let buf = if side == PRIMARY { &mut pbuf } else { &mut sbuf };
+            let buf = if side == PRIMARY {
+                &mut pbuf
+            } else {
+                &mut sbuf
+            };
             let complete = match wire::complete_prefix(buf, settings.message_bytes_max, |_, _| {}) {
                 Ok(complete) => complete,
                 Err(err) => {
@@ -837,6 +862,9 @@ async fn downstream_compare(
             }
         }
         comparer.settle(stats, &mut out);
+        if shared.client_ended.get() {
+            out.clear();
+        }
         for bytes in out.drain(..) {
             if client.write_all(&bytes).await.is_err() {
                 shared.client_ended.set(true);

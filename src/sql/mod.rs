@@ -458,10 +458,18 @@ mod tests {
     #[test]
     fn order_by_only_counts_at_the_top_level() {
         assert!(has_top_level_order_by(b"SELECT a FROM t ORDER BY a"));
-        assert!(has_top_level_order_by(b"select a from t order\n  by 1 desc limit 3"));
-        assert!(has_top_level_order_by(b"SELECT a FROM t UNION SELECT b FROM u ORDER /* c */ BY 1"));
-        assert!(!has_top_level_order_by(b"SELECT a FROM (SELECT a FROM t ORDER BY a) x"));
-        assert!(!has_top_level_order_by(b"SELECT row_number() OVER (ORDER BY a) FROM t"));
+        assert!(has_top_level_order_by(
+            b"select a from t order\n  by 1 desc limit 3"
+        ));
+        assert!(has_top_level_order_by(
+            b"SELECT a FROM t UNION SELECT b FROM u ORDER /* c */ BY 1"
+        ));
+        assert!(!has_top_level_order_by(
+            b"SELECT a FROM (SELECT a FROM t ORDER BY a) x"
+        ));
+        assert!(!has_top_level_order_by(
+            b"SELECT row_number() OVER (ORDER BY a) FROM t"
+        ));
         assert!(!has_top_level_order_by(b"SELECT 'ORDER BY' FROM t"));
         assert!(!has_top_level_order_by(b"SELECT \"order\", by FROM t"));
         assert!(!has_top_level_order_by(b"SELECT a FROM t -- ORDER BY a"));
