@@ -579,3 +579,55 @@ fn identical_databases_and_ten_thousand_statements_give_zero_mismatches() {
         );
     }
 }
+
+#[test]
+fn primary_only_patterns_keep_statements_off_the_shadow() {
+    let p = pair("route");
+    p.both(SEED);
+    let proxy = p.proxy(&["--compare-primary-only", "pg_catalog|/\\* primary \\*/"]);
+    let mut c = proxy.client();
+    // Catalog contents differ between any two servers; routed, they are never compared.
+    c.simple_query("SELECT count(*) FROM pg_catalog.pg_stat_activity")
+        .unwrap();
+    c.execute("INSERT INTO miss VALUES (77, 'p') /* primary */", &[])
+        .unwrap();
+    // A prepared statement routed to the primary only, used again in later batches.
+    let stmt = c
+        .prepare("SELECT v FROM miss WHERE id = $1 /* primary */")
+        .unwrap();
+    for _ in 0..3 {
+        let rows = c.query(&stmt, &[&77i32]).unwrap();
+        assert_eq!(rows[0].get::<_, String>(0), "p");
+    }
+    // Everything else still runs on both and is compared.
+    c.execute("INSERT INTO miss VALUES (78, 'both')", &[])
+        .unwrap();
+    c.simple_query("SELECT * FROM chg").unwrap();
+    assert_eq!(
+        p.primary
+            .psql("SELECT count(*) FROM miss WHERE id = 77")
+            .unwrap()
+            .trim(),
+        "1"
+    );
+    assert_eq!(
+        p.shadow
+            .psql("SELECT count(*) FROM miss WHERE id = 77")
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    assert!(eventually(Duration::from_secs(10), || p
+        .shadow
+        .psql("SELECT count(*) FROM miss WHERE id = 78")
+        .unwrap()
+        .trim()
+        == "1"));
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_statements_total",
+        2
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(p.reports().is_empty(), "{:?}", p.reports());
+}

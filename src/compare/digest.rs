@@ -343,4 +343,74 @@ mod tests {
         let s2 = rows.iter().rev().fold(0u64, |a, r| a.wrapping_add(*r));
         assert_eq!(s1, s2);
     }
+
+    fn digest_of(rows: &[&[Option<&[u8]>]], cfg: &crate::config::CompareConfig) -> Digest {
+        use bytes::BytesMut;
+        let rules = Rc::new(Rules::new(cfg).unwrap());
+        let mut d = Digester::new(rules);
+        let mut buf = BytesMut::new();
+        let field = |name, type_oid| wire::FieldDescription {
+            name,
+            table_oid: 0,
+            column_attr: 0,
+            type_oid,
+            type_size: -1,
+            type_modifier: -1,
+            format: Format::Text,
+        };
+        wire::encode::row_description(&mut buf, &[field("id", 23), field("x", 701)]).unwrap();
+        for row in rows {
+            wire::encode::data_row(&mut buf, row).unwrap();
+        }
+        wire::encode::command_complete(&mut buf, "SELECT 2").unwrap();
+        wire::encode::ready_for_query(&mut buf, wire::TransactionStatus::Idle);
+        let mut at = 0;
+        while at < buf.len() {
+            let len =
+                u32::from_be_bytes([buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]]) as usize;
+            if let Step::SyncEnd(status) = d.visit(buf[at], &buf[at + 5..at + 1 + len]) {
+                let mut sync = d.finish_sync(status, Instant::now());
+                return sync.results.remove(0);
+            }
+            at += 1 + len;
+        }
+        panic!("no ReadyForQuery")
+    }
+
+    #[test]
+    fn digester_folds_rows_and_applies_tolerance() {
+        let exact = crate::config::CompareConfig::default();
+        let a = digest_of(
+            &[&[Some(b"1"), Some(b"1.00001")], &[Some(b"2"), None]],
+            &exact,
+        );
+        let b = digest_of(
+            &[&[Some(b"2"), None], &[Some(b"1"), Some(b"1.00001")]],
+            &exact,
+        );
+        let c = digest_of(
+            &[&[Some(b"1"), Some(b"1.00002")], &[Some(b"2"), None]],
+            &exact,
+        );
+        assert_eq!((a.rows, a.tag.as_str()), (2, "SELECT 2"));
+        assert_eq!(a.columns.as_ref().map(|c| c.len()), Some(2));
+        assert_eq!(a.unordered, b.unordered);
+        assert_ne!(a.ordered, b.ordered);
+        assert_ne!(a.unordered, c.unordered);
+        let tolerant = crate::config::CompareConfig {
+            float_tolerance: 0.001,
+            ..Default::default()
+        };
+        let a = digest_of(
+            &[&[Some(b"1"), Some(b"1.00001")], &[Some(b"2"), None]],
+            &tolerant,
+        );
+        let c = digest_of(
+            &[&[Some(b"1"), Some(b"1.00002")], &[Some(b"2"), None]],
+            &tolerant,
+        );
+        assert_eq!(a.unordered, c.unordered);
+        assert_eq!(a.sample.len(), 2);
+        assert_eq!(a.sample[1].1, "(2, NULL)");
+    }
 }

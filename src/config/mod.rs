@@ -837,4 +837,33 @@ mod tests {
         let again = Config::parse(&shown).unwrap();
         assert_eq!(again.proxy.backlog, 4096);
     }
+
+    #[test]
+    fn compare_section_parses_and_validates() {
+        let base = "[primary]\nurl = \"postgres://127.0.0.1:5432\"\n[shadow]\nurl = \"postgres://u:p@127.0.0.1:5433/db\"\n";
+        let cfg = Config::parse(&format!(
+            "{base}[compare]\nsource-of-truth = \"shadow\"\nfail-on-differences = true\n\
+             float-tolerance = 0.01\ntype-equivalences = [\"int8=numeric\"]\n\
+             ignore-columns = [\"^updated_at$\"]\n"
+        ))
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.compare.source_of_truth, SourceOfTruth::Shadow);
+        assert!(!cfg.to_toml().contains(":p@"));
+        let bad = Config::parse(&format!("{base}[compare]\nexclude-patterns = [\"(\"]\n")).unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("compare.exclude-patterns[0]"), "{err}");
+        let bad = Config::parse(&format!(
+            "{base}[compare]\ntype-equivalences = [\"int8=nope\"]\n"
+        ))
+        .unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("compare.type-equivalences[0]"), "{err}");
+        let bad = Config::parse(&format!(
+            "{base}[compare]\nsource-of-truth = \"shadow\"\nprimary-only-patterns = [\"pg_catalog\"]\n"
+        ))
+        .unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("compare.primary-only-patterns"), "{err}");
+    }
 }
