@@ -331,6 +331,34 @@ fn fail_on_differences_gives_xx000_and_report_mode_gives_the_primary_result() {
     drop(c);
     drop(strict);
 
+    // Above the buffering bound the statement streams, with a warning, and is only reported.
+    let bounded = p.proxy(&["--fail-on-differences", "--compare-buffer-bytes", "1024"]);
+    let mut c = bounded.client();
+    p.both("CREATE TABLE wide AS SELECT g AS id, repeat('w', 100) AS pad FROM generate_series(1, 200) g");
+    p.shadow
+        .psql("UPDATE wide SET pad = 'x' WHERE id = 150")
+        .unwrap();
+    let msgs = c
+        .simple_query("SELECT * FROM wide")
+        .expect("falls back to report mode");
+    let rows = msgs
+        .iter()
+        .filter(|m| matches!(m, postgres::SimpleQueryMessage::Row(_)))
+        .count();
+    assert_eq!(rows, 200);
+    let report = p.report_for("SELECT * FROM wide");
+    assert_eq!(report["fallback_to_report"].as_bool(), Some(true));
+    assert_eq!(report["client_failed"].as_bool(), Some(false));
+    assert!(counter_reaches(
+        &bounded,
+        "pgprism_compare_fallbacks_total",
+        1
+    ));
+    // Small results are still held and judged in the same session.
+    assert!(c.simple_query("SELECT * FROM chg").is_err());
+    drop(c);
+    drop(bounded);
+
     let lenient = p.proxy(&[]);
     let mut c = lenient.client();
     let rows = c.query("SELECT id, v FROM chg ORDER BY id", &[]).unwrap();
@@ -461,6 +489,22 @@ fn slow_statement_on_the_shadow_gets_both_plans() {
         "shadow plan: {shadow_plan}"
     );
     assert!(report["shadow_us"].as_u64() > report["primary_us"].as_u64());
+    drop(c);
+    drop(proxy);
+    // fail-on-slow-queries: the slow statement fails like a difference.
+    let strict = p.proxy(&[
+        "--fail-on-differences",
+        "--fail-on-slow-queries",
+        "--slow-query-ratio",
+        "3",
+        "--slow-query-min-ms",
+        "1",
+    ]);
+    let mut c = strict.client();
+    let err = c.simple_query(sql).unwrap_err();
+    let db = err.as_db_error().expect("server error");
+    assert_eq!(db.code().code(), "XX000");
+    assert!(db.message().contains("shadow took"), "{}", db.message());
 }
 
 /// One client's share of the zero-mismatch workload: reads with and without ORDER BY,

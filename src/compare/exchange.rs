@@ -436,9 +436,20 @@ impl Comparer {
             }
         }
         if self.fail && self.pending.len() > self.target.cfg.buffer_bytes_max {
-            // Too big to hold: stream it, judge it afterwards, and say so in the report.
+            // Too big to hold: stream it, judge it afterwards, and say so (to the client in a
+            // NOTICE, which the protocol allows anywhere, and in the report).
             self.stream_through = Some(self.source_seq);
             self.pending_base += self.pending.len();
+            let mut notice = BytesMut::new();
+            let _ = wire::encode::notice_response(
+                &mut notice,
+                &wire::ErrorSpec::new(
+                    "WARNING",
+                    "01000",
+                    "pgprism: result larger than compare.buffer-bytes-max; streamed without waiting for the shadow, differences are only reported",
+                ),
+            );
+            out.push(notice.freeze());
             out.push(self.pending.split().freeze());
             self.pending_ends.clear();
         }
