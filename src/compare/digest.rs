@@ -110,7 +110,6 @@ pub struct Digester {
     current: Digest,
     in_result: bool,
     results: Vec<Digest>,
-    scratch: Vec<u8>,
 }
 
 /// What a message meant to the digester.
@@ -131,7 +130,6 @@ impl Digester {
             current: Digest::default(),
             in_result: false,
             results: Vec::new(),
-            scratch: Vec::new(),
         }
     }
 
@@ -238,43 +236,34 @@ impl Digester {
         }
     }
 
+    /// Row hash with rules applied: each column's (normalised) value is hashed on its own and
+    /// chained, so no bytes are copied; skipped columns leave no trace.
     fn normalised_hash(&mut self, body: &[u8]) -> u64 {
         let Ok(values) = wire::DataRow::new(body).columns() else {
             return hash64(body, 0);
         };
-        self.scratch.clear();
+        let mut acc = K2 ^ values.len() as u64;
         for (i, value) in values.iter().enumerate() {
             let rule = self.plan.get(i).copied().unwrap_or(ColumnRule::Raw);
             let Some(bytes) = value else {
-                self.scratch.push(0xff);
+                acc = chain(acc, K3);
                 continue;
             };
-            match rule {
-                ColumnRule::Skip => {}
-                ColumnRule::Raw => push_raw(&mut self.scratch, bytes),
+            let h = match rule {
+                ColumnRule::Skip => continue,
+                ColumnRule::Raw => hash64(bytes, 2),
                 ColumnRule::FloatText | ColumnRule::FloatBinary4 | ColumnRule::FloatBinary8 => {
                     match super::rules::float_value(rule, bytes) {
-                        Some(v) => {
-                            let q = self.rules.quantise(v);
-                            self.scratch.push(1);
-                            self.scratch.extend_from_slice(&q.to_le_bytes());
-                        }
-                        None => push_raw(&mut self.scratch, bytes),
+                        Some(v) => fold(self.rules.quantise(v) ^ K0, K1),
+                        None => hash64(bytes, 2),
                     }
                 }
-                ColumnRule::NumericText => {
-                    push_raw(&mut self.scratch, super::rules::canonical_number(bytes))
-                }
-            }
+                ColumnRule::NumericText => hash64(super::rules::canonical_number(bytes), 2),
+            };
+            acc = chain(acc, h);
         }
-        hash64(&self.scratch, 1)
+        acc
     }
-}
-
-fn push_raw(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.push(2);
-    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-    out.extend_from_slice(bytes);
 }
 
 /// Renders a row for a report: `(1, 'abc', NULL)`; binary values as hex; long values cut.
