@@ -78,6 +78,92 @@ struct ProxyArgs {
     no_pin: bool,
     #[command(flatten)]
     mirror: MirrorArgs,
+    #[command(flatten)]
+    compare: CompareArgs,
+}
+
+/// Compare mode: run every statement on the primary and a shadow and compare the results.
+#[derive(Args)]
+struct CompareArgs {
+    /// Shadow database URL (postgres://user:password@host:port/db): turns compare mode on.
+    #[arg(long, value_name = "URL")]
+    shadow: Option<String>,
+    /// Whose results the client receives.
+    #[arg(long, value_parser = ["primary", "shadow"])]
+    source_of_truth: Option<String>,
+    /// Hold results until both sides agree; on a difference the client gets XX000.
+    #[arg(long)]
+    fail_on_differences: bool,
+    /// With --fail-on-differences: a shadow slower than --slow-query-ratio fails too.
+    #[arg(long)]
+    fail_on_slow_queries: bool,
+    /// Shadow/primary time ratio above which a statement is slow on the shadow.
+    #[arg(long)]
+    slow_query_ratio: Option<f64>,
+    /// Statements faster than this (ms) on the shadow are never slow.
+    #[arg(long)]
+    slow_query_min_ms: Option<u64>,
+    /// Regex of statements not compared (repeatable; replaces the defaults).
+    #[arg(long = "compare-exclude", value_name = "REGEX")]
+    exclude: Vec<String>,
+    /// Regex of statements sent to the primary only (repeatable).
+    #[arg(long = "compare-primary-only", value_name = "REGEX")]
+    primary_only: Vec<String>,
+    /// Regex of column names whose values are not compared (repeatable).
+    #[arg(long = "compare-ignore-column", value_name = "REGEX")]
+    ignore_columns: Vec<String>,
+    /// Absolute tolerance for float4/float8/numeric values.
+    #[arg(long)]
+    float_tolerance: Option<f64>,
+    /// Types declared equal across sides, e.g. int8=numeric (repeatable).
+    #[arg(long = "type-equivalence", value_name = "TYPE=TYPE")]
+    type_equivalences: Vec<String>,
+    /// JSON-lines file of mismatch and slow-query reports.
+    #[arg(long)]
+    compare_report: Option<String>,
+    /// Bytes held per statement in --fail-on-differences mode before falling back to report.
+    #[arg(long)]
+    compare_buffer_bytes: Option<usize>,
+}
+
+impl CompareArgs {
+    fn apply(self, cfg: &mut Config) {
+        use crate::config::SourceOfTruth;
+        let c = &mut cfg.compare;
+        if let Some(v) = self.shadow {
+            cfg.shadow.url = v;
+        }
+        if let Some(v) = self.source_of_truth {
+            c.source_of_truth = if v == "shadow" {
+                SourceOfTruth::Shadow
+            } else {
+                SourceOfTruth::Primary
+            };
+        }
+        c.fail_on_differences |= self.fail_on_differences;
+        c.fail_on_slow_queries |= self.fail_on_slow_queries;
+        if let Some(v) = self.slow_query_ratio {
+            c.slow_query_ratio = v;
+        }
+        if let Some(v) = self.slow_query_min_ms {
+            c.slow_query_min_ms = v;
+        }
+        if !self.exclude.is_empty() {
+            c.exclude_patterns = self.exclude;
+        }
+        c.primary_only_patterns.extend(self.primary_only);
+        c.ignore_columns.extend(self.ignore_columns);
+        if let Some(v) = self.float_tolerance {
+            c.float_tolerance = v;
+        }
+        c.type_equivalences.extend(self.type_equivalences);
+        if let Some(v) = self.compare_report {
+            c.report_path = v;
+        }
+        if let Some(v) = self.compare_buffer_bytes {
+            c.buffer_bytes_max = v;
+        }
+    }
 }
 
 /// Mirror options, named as Frenzy names them where they fit. They apply to every mirror,
@@ -331,6 +417,7 @@ impl ProxyArgs {
             cfg.proxy.pin_cores = false;
         }
         self.mirror.apply(&mut cfg);
+        self.compare.apply(&mut cfg);
         Ok(cfg)
     }
 }

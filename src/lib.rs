@@ -2,12 +2,14 @@
 
 pub mod bench;
 pub mod cli;
+pub mod compare;
 pub mod config;
 pub mod control;
 pub mod demo;
 pub mod embed;
 pub mod mirror;
 pub mod proxy;
+pub mod report;
 pub mod runtime;
 pub mod sql;
 pub mod wire;

@@ -23,7 +23,101 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[[mirror]]` tables: databases that receive a replay of the client traffic.
     pub mirror: Vec<MirrorConfig>,
+    /// The shadow database of compare mode: every statement also runs there and the results
+    /// are compared with the primary's.
+    pub shadow: ShadowConfig,
+    pub compare: CompareConfig,
     pub embed: EmbedConfig,
+}
+
+/// `[shadow]`: the database compare mode checks against the primary.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ShadowConfig {
+    /// `postgres://user:password@host:port/database`; empty: compare mode is off. Without a
+    /// user or database, the client's are used.
+    pub url: String,
+}
+
+/// Whose results the client receives in compare mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceOfTruth {
+    Primary,
+    Shadow,
+}
+
+/// `[compare]`: how primary and shadow results are compared and what a difference does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CompareConfig {
+    /// Whose results the client receives.
+    pub source_of_truth: SourceOfTruth,
+    /// Hold each result until both sides agree; on a difference the client gets SQLSTATE
+    /// XX000 instead of the result (default: report only).
+    pub fail_on_differences: bool,
+    /// With `fail-on-differences`: a shadow slower than `slow-query-ratio` also fails.
+    pub fail_on_slow_queries: bool,
+    /// Shadow time / primary time above which a statement counts as slow on the shadow.
+    pub slow_query_ratio: f64,
+    /// Statements faster than this on the shadow are never slow.
+    pub slow_query_min_ms: u64,
+    /// Run `EXPLAIN (ANALYZE, BUFFERS)` on both sides for read-only slow statements.
+    pub explain_slow_queries: bool,
+    /// EXPLAIN runs per shard over the process lifetime (each opens two connections).
+    pub explains_max: u64,
+    /// Regexes of statements whose results are never compared (still run on both).
+    pub exclude_patterns: Vec<String>,
+    /// Regexes of statements sent to the primary only (needs `source-of-truth = primary`).
+    pub primary_only_patterns: Vec<String>,
+    /// Regexes of column names whose values are not compared.
+    pub ignore_columns: Vec<String>,
+    /// Absolute tolerance for float4/float8/numeric values (0: exact).
+    pub float_tolerance: f64,
+    /// Types declared equal across the two sides, e.g. `int8=numeric`.
+    pub type_equivalences: Vec<String>,
+    /// Bytes of the source of truth's answer held per sync point in fail-on-differences
+    /// mode; above it the statement streams and is only reported.
+    pub buffer_bytes_max: usize,
+    /// Rows kept per result and side for reports.
+    pub sample_rows_max: usize,
+    /// JSON-lines file of mismatch and slow-query reports (empty: none).
+    pub report_path: String,
+    /// Reports queued from the shards to the control thread before new ones are dropped.
+    pub report_queue_max: usize,
+    /// Statement text kept per report, in bytes.
+    pub statement_bytes_max: usize,
+    /// Time allowed to open and authenticate a shadow (or EXPLAIN) connection.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for CompareConfig {
+    fn default() -> Self {
+        CompareConfig {
+            source_of_truth: SourceOfTruth::Primary,
+            fail_on_differences: false,
+            fail_on_slow_queries: false,
+            slow_query_ratio: 5.0,
+            slow_query_min_ms: 10,
+            explain_slow_queries: true,
+            explains_max: 64,
+            exclude_patterns: vec![
+                r"(?i)\b(now|random|version|clock_timestamp|statement_timestamp|transaction_timestamp|timeofday|pg_backend_pid|txid_current|gen_random_uuid|inet_server_port)\s*\(".into(),
+                r"(?i)\b(current_timestamp|localtimestamp|current_time|localtime)\b".into(),
+                r"(?i)^\s*show\b".into(),
+            ],
+            primary_only_patterns: Vec::new(),
+            ignore_columns: Vec::new(),
+            float_tolerance: 0.0,
+            type_equivalences: Vec::new(),
+            buffer_bytes_max: 16 << 20,
+            sample_rows_max: 5,
+            report_path: "pgprism-mismatches.jsonl".into(),
+            report_queue_max: 1024,
+            statement_bytes_max: 4096,
+            connect_timeout_ms: 5_000,
+        }
+    }
 }
 
 /// Which statements a mirror receives (Frenzy's `--mirror-*` options).
@@ -544,7 +638,59 @@ impl Config {
                 return Err(ConfigError::key(&key("name"), "duplicate mirror name"));
             }
         }
+        self.validate_compare()?;
         self.embed.validate()
+    }
+
+    fn validate_compare(&self) -> Result<(), ConfigError> {
+        if self.shadow.url.is_empty() {
+            return Ok(());
+        }
+        PgUrl::parse(&self.shadow.url).map_err(|e| ConfigError::key("shadow.url", e))?;
+        let c = &self.compare;
+        for (key, list) in [
+            ("compare.exclude-patterns", &c.exclude_patterns),
+            ("compare.primary-only-patterns", &c.primary_only_patterns),
+            ("compare.ignore-columns", &c.ignore_columns),
+        ] {
+            for (i, pattern) in list.iter().enumerate() {
+                regex::Regex::new(pattern)
+                    .map_err(|e| ConfigError::key(&format!("{key}[{i}]"), e.to_string()))?;
+            }
+        }
+        if !c.primary_only_patterns.is_empty() && c.source_of_truth == SourceOfTruth::Shadow {
+            return Err(ConfigError::key(
+                "compare.primary-only-patterns",
+                "needs source-of-truth = primary (the client must get every answer from one side)",
+            ));
+        }
+        for (i, pair) in c.type_equivalences.iter().enumerate() {
+            crate::compare::parse_equivalence(pair)
+                .map_err(|e| ConfigError::key(&format!("compare.type-equivalences[{i}]"), e))?;
+        }
+        if !(c.float_tolerance >= 0.0 && c.float_tolerance.is_finite()) {
+            return Err(ConfigError::key(
+                "compare.float-tolerance",
+                "expected a finite value of at least 0",
+            ));
+        }
+        if c.slow_query_ratio.is_nan() || c.slow_query_ratio < 1.0 {
+            return Err(ConfigError::key(
+                "compare.slow-query-ratio",
+                "expected a ratio of at least 1.0",
+            ));
+        }
+        for (key, value) in [
+            ("compare.buffer-bytes-max", c.buffer_bytes_max),
+            ("compare.report-queue-max", c.report_queue_max),
+            ("compare.statement-bytes-max", c.statement_bytes_max),
+            ("compare.connect-timeout-ms", c.connect_timeout_ms as usize),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::key(key, "expected a value above 0"));
+            }
+        }
+        Ok(())
     }
 
     /// The name of mirror `i`: configured, or `mirror-<i+1>`.
@@ -562,6 +708,9 @@ impl Config {
         shown.primary.url = PgUrl::parse(&shown.primary.url)
             .map(|u| u.masked())
             .unwrap_or(shown.primary.url);
+        if let Ok(u) = PgUrl::parse(&shown.shadow.url) {
+            shown.shadow.url = u.masked();
+        }
         for m in &mut shown.mirror {
             if let Ok(u) = PgUrl::parse(&m.url) {
                 m.url = u.masked();
@@ -687,5 +836,34 @@ mod tests {
         assert!(!shown.contains("secret"), "{shown}");
         let again = Config::parse(&shown).unwrap();
         assert_eq!(again.proxy.backlog, 4096);
+    }
+
+    #[test]
+    fn compare_section_parses_and_validates() {
+        let base = "[primary]\nurl = \"postgres://127.0.0.1:5432\"\n[shadow]\nurl = \"postgres://u:p@127.0.0.1:5433/db\"\n";
+        let cfg = Config::parse(&format!(
+            "{base}[compare]\nsource-of-truth = \"shadow\"\nfail-on-differences = true\n\
+             float-tolerance = 0.01\ntype-equivalences = [\"int8=numeric\"]\n\
+             ignore-columns = [\"^updated_at$\"]\n"
+        ))
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.compare.source_of_truth, SourceOfTruth::Shadow);
+        assert!(!cfg.to_toml().contains(":p@"));
+        let bad = Config::parse(&format!("{base}[compare]\nexclude-patterns = [\"(\"]\n")).unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("compare.exclude-patterns[0]"), "{err}");
+        let bad = Config::parse(&format!(
+            "{base}[compare]\ntype-equivalences = [\"int8=nope\"]\n"
+        ))
+        .unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("compare.type-equivalences[0]"), "{err}");
+        let bad = Config::parse(&format!(
+            "{base}[compare]\nsource-of-truth = \"shadow\"\nprimary-only-patterns = [\"pg_catalog\"]\n"
+        ))
+        .unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("compare.primary-only-patterns"), "{err}");
     }
 }

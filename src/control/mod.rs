@@ -32,6 +32,8 @@ pub struct ControlState {
     /// Latest copy of every fingerprint per shard (reports carry only the changed ones).
     fingerprints: Vec<HashMap<u64, FingerprintReport>>,
     pub mirror_names: Vec<String>,
+    /// Compare mode's reports, grouped (None without a shadow).
+    pub compare: Option<crate::report::Book>,
 }
 
 /// One statement fingerprint merged over shards.
@@ -71,6 +73,7 @@ impl ControlState {
             shards: vec![None; shards],
             fingerprints: vec![HashMap::new(); shards],
             mirror_names: Vec::new(),
+            compare: None,
         }
     }
 
@@ -179,6 +182,37 @@ pub fn collect(state: &Mutex<ControlState>, rings: &[Receiver<ShardReport>]) {
     let mut state = lock(state);
     for report in pending {
         state.absorb(report);
+    }
+}
+
+/// Drains the compare reports ring into the report file and the fingerprint groups.
+pub fn collect_compare(state: &Mutex<ControlState>, records: &Receiver<crate::compare::Record>) {
+    let pending: Vec<_> = records.try_iter().take(10_000).collect();
+    if pending.is_empty() {
+        return;
+    }
+    let mut state = lock(state);
+    if let Some(book) = state.compare.as_mut() {
+        for record in pending {
+            book.absorb(record);
+        }
+        book.flush();
+    }
+}
+
+/// Mismatches by kind merged over shards.
+impl ControlState {
+    pub fn compare_kinds(&self) -> Vec<(&'static str, u64)> {
+        let mut merged: Vec<(&'static str, u64)> = Vec::new();
+        for report in self.shards.iter().flatten() {
+            for &(kind, n) in &report.compare_kinds {
+                match merged.iter_mut().find(|(k, _)| *k == kind) {
+                    Some(entry) => entry.1 += n,
+                    None => merged.push((kind, n)),
+                }
+            }
+        }
+        merged
     }
 }
 

@@ -60,6 +60,7 @@ pub(super) fn metrics(state: &ControlState) -> String {
         &totals.primary_latency_us,
     );
     mirror_metrics(&mut out, state);
+    compare_metrics(&mut out, state);
     let _ = writeln!(out, "# HELP pgprism_uptime_seconds seconds since start");
     let _ = writeln!(out, "# TYPE pgprism_uptime_seconds gauge");
     let _ = writeln!(
@@ -191,6 +192,51 @@ fn mirror_metrics(out: &mut String, state: &ControlState) {
     }
 }
 
+fn compare_metrics(out: &mut String, state: &ControlState) {
+    let Some(book) = &state.compare else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "# HELP pgprism_compare_mismatch_kinds_total differences found, by kind (one statement can show several)"
+    );
+    let _ = writeln!(out, "# TYPE pgprism_compare_mismatch_kinds_total counter");
+    for (kind, n) in state.compare_kinds() {
+        let _ = writeln!(
+            out,
+            "pgprism_compare_mismatch_kinds_total{{kind=\"{kind}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP pgprism_compare_reports_by_fingerprint_total reports received by the control thread, by statement fingerprint"
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE pgprism_compare_reports_by_fingerprint_total counter"
+    );
+    for g in book.groups().iter().take(METRIC_FINGERPRINTS_MAX) {
+        let _ = writeln!(
+            out,
+            "pgprism_compare_reports_by_fingerprint_total{{fingerprint=\"{:016x}\",record=\"{}\"}} {}",
+            g.fingerprint, g.record, g.count
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP pgprism_compare_report_write_errors_total failed writes of the report file"
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE pgprism_compare_report_write_errors_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "pgprism_compare_report_write_errors_total {}",
+        book.write_errors
+    );
+}
+
 fn summary(out: &mut String, name: &str, help: &str, h: &Histogram<u64>) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} summary");
@@ -291,7 +337,12 @@ pub(super) fn status(state: &ControlState) -> String {
             })
         })
         .collect();
+    let compare = match &state.compare {
+        Some(book) => book.status_json(),
+        None => sonic_rs::json!(null),
+    };
     let value = sonic_rs::json!({
+        "compare": compare,
         "mirrors": mirrors_json,
         "statements": statements,
         "version": env!("CARGO_PKG_VERSION"),

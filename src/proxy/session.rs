@@ -18,11 +18,15 @@ use std::time::{Duration, Instant};
 
 use super::fingerprints::Fingerprints;
 use super::stats::ShardStats;
+use crate::compare::{self, Comparer};
 use crate::mirror::{self, Link, MirrorStats, MirrorTarget, Router};
 use crate::runtime::exec::net::TcpStream;
 use crate::runtime::exec::{self, within};
 use crate::wire::{self, StartupPacket, sqlstate};
 use bytes::{Bytes, BytesMut};
+
+/// How long a shadow may take to finish what it was sent after the client left.
+const SHADOW_DRAIN: Duration = Duration::from_secs(30);
 
 /// PostgreSQL's own limit on the untagged startup packet (MAX_STARTUP_PACKET_LENGTH).
 const STARTUP_BYTES_MAX: usize = 10_000;
@@ -51,6 +55,8 @@ pub struct ShardCtx {
     /// Mirrors every session replays to (empty: plain proxy, no routing work at all).
     pub mirrors: Vec<Rc<MirrorTarget>>,
     pub fingerprints: Rc<Fingerprints>,
+    /// Compare mode: the shadow every session also runs its statements on.
+    pub compare: Option<Rc<compare::Target>>,
     /// xorshift state for session sampling.
     sample_state: Cell<u64>,
 }
@@ -63,6 +69,7 @@ impl ShardCtx {
         read_chunk_bytes: usize,
         mirrors: Vec<Rc<MirrorTarget>>,
         fingerprints: Rc<Fingerprints>,
+        compare: Option<Rc<compare::Target>>,
     ) -> ShardCtx {
         ShardCtx {
             index,
@@ -73,6 +80,7 @@ impl ShardCtx {
             next_session: Cell::new(0),
             mirrors,
             fingerprints,
+            compare,
             sample_state: Cell::new(0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1)),
         }
     }
@@ -340,6 +348,38 @@ async fn relay(
         Ok(StartupPacket::Startup { params, .. }) => params,
         _ => Vec::new(),
     };
+    let id = shard.next_session.get();
+    shard.next_session.set(id + 1);
+    let compare = match &shard.compare {
+        None => None,
+        Some(target) => match target
+            .open_shadow(&params, shard.settings.message_bytes_max)
+            .await
+        {
+            Ok(shadow) => Some(compare::Tracker::pair(
+                target.clone(),
+                shadow,
+                ((shard.index as u64) << 48) | id,
+                params.clone(),
+            )),
+            Err(err) => {
+                ShardStats::bump(&shard.stats.counters.compare_shadow_connect_failures, 1);
+                tracing::warn!(shard = shard.index, error = %err, "cannot open the shadow session");
+                if target.cfg.fail_on_differences || target.shadow_is_source() {
+                    // The client asked for verified (or shadow) answers: none can be given.
+                    primary.shutdown();
+                    let msg = error_bytes(
+                        "FATAL",
+                        sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                        &format!("pgprism could not open the shadow session: {err}"),
+                    );
+                    let _ = client.write_all(&msg).await;
+                    return Ok(());
+                }
+                None
+            }
+        },
+    };
     let router = shard.mirror_router(&params);
     let shared = Rc::new(SessionShared {
         client: client.clone(),
@@ -352,8 +392,6 @@ async fn relay(
         fatal: RefCell::new(None),
         closing: Cell::new(false),
     });
-    let id = shard.next_session.get();
-    shard.next_session.set(id + 1);
     shard.sessions.borrow_mut().insert(id, shared.clone());
     shard
         .stats
@@ -364,17 +402,41 @@ async fn relay(
         id,
     };
 
-    let pumps = futures_lite::future::zip(
-        upstream(
-            shard,
-            &shared,
-            client.clone(),
-            primary.clone(),
-            leftover,
-            router,
-        ),
-        downstream(shard, &shared, primary, client),
-    );
+    let pumps = async {
+        match compare {
+            None => {
+                futures_lite::future::zip(
+                    upstream(
+                        shard,
+                        &shared,
+                        client.clone(),
+                        primary.clone(),
+                        leftover,
+                        router,
+                        None,
+                    ),
+                    downstream(shard, &shared, primary, client),
+                )
+                .await;
+            }
+            Some((up, down)) => {
+                let shadow = up.shadow.clone();
+                futures_lite::future::zip(
+                    upstream(
+                        shard,
+                        &shared,
+                        client.clone(),
+                        primary.clone(),
+                        leftover,
+                        router,
+                        Some(up),
+                    ),
+                    downstream_compare(shard, &shared, primary, shadow, client, down),
+                )
+                .await;
+            }
+        }
+    };
     let watchdog = async {
         exec::sleep_until(deadline).await;
         if !shared.ready.get() {
@@ -408,6 +470,7 @@ async fn upstream(
     primary: TcpStream,
     mut buf: BytesMut,
     mut router: Option<Router>,
+    mut compare: Option<compare::Upstream>,
 ) {
     let stats = &shard.stats;
     let settings = &shard.settings;
@@ -419,7 +482,7 @@ async fn upstream(
         if !buf.is_empty() {
             let read_at = Instant::now();
             let (mut statements, mut syncs, mut messages) = (0u64, 0u64, 0u64);
-            let collect = router.is_some();
+            let collect = router.is_some() || compare.is_some();
             let mut at = 0usize;
             offsets.clear();
             let scanned = wire::complete_prefix(&buf, settings.message_bytes_max, |tag, body| {
@@ -471,10 +534,25 @@ async fn upstream(
                     push_stamp(shared, settings, read_at, 0);
                 }
             }
+            let compared = match compare.as_mut() {
+                Some(up) if complete > 0 && shared.ready.get() => {
+                    // Before the primary write, so the comparer finds every sync point it pairs.
+                    up.plan(&frames, &offsets, read_at);
+                    true
+                }
+                _ => false,
+            };
             if complete > 0 && primary.write_all(&frames).await.is_err() {
                 // The primary is gone: the downstream pump sees it too and tells the client.
                 primary_failed = true;
                 break;
+            }
+            if compared
+                && let Some(up) = compare.as_mut()
+                && !up.write().await
+            {
+                // The downstream pump sees the shadow's end and stops comparing.
+                up.mark_dead();
             }
             if terminated {
                 break;
@@ -494,6 +572,9 @@ async fn upstream(
     }
     // Wake the downstream pump: it sees end-of-stream from the primary and finishes.
     primary.shutdown();
+    if let Some(up) = compare {
+        up.finish(terminated).await;
+    }
     if let Some(router) = router {
         for link in router.links() {
             link.client_done();
@@ -625,4 +706,190 @@ async fn downstream(
     }
     // Wake the upstream pump if it is still reading the client.
     client.shutdown();
+}
+
+/// Primary + shadow → client in compare mode: relays the primary's startup verbatim, then
+/// reads both answer streams, lets the [`Comparer`] pair and judge them, and writes the
+/// source of truth's bytes (streamed, or held until judged) to the client.
+async fn downstream_compare(
+    shard: &ShardCtx,
+    shared: &SessionShared,
+    primary: TcpStream,
+    shadow: TcpStream,
+    client: TcpStream,
+    mut comparer: Comparer,
+) {
+    use compare::{PRIMARY, SHADOW};
+    let stats = &shard.stats;
+    let settings = &shard.settings;
+    let chunk = shard.read_chunk_bytes;
+    let mut pbuf = BytesMut::new();
+    let mut sbuf = BytesMut::new();
+    let mut farewell = false;
+    let mut running = true;
+    // Startup and authentication are the primary's alone (the shadow session is pgprism's).
+    while running && !shared.ready.get() {
+        match primary.read_buf(&mut pbuf, chunk).await {
+            Ok(0) | Err(_) => {
+                running = false;
+                break;
+            }
+            Ok(_) => {}
+        }
+        let mut status = None;
+        let scanned =
+            wire::complete_prefix_until(&pbuf, settings.message_bytes_max, |tag, body| {
+                if tag == b'E' {
+                    farewell |= body.starts_with(b"SFATAL\0") || body.starts_with(b"SPANIC\0");
+                }
+                if tag == b'Z' {
+                    status = Some(body.first().copied().unwrap_or(b'I'));
+                    return std::ops::ControlFlow::Break(());
+                }
+                std::ops::ControlFlow::Continue(())
+            });
+        let Ok(complete) = scanned else {
+            *shared.fatal.borrow_mut() = Some(error_bytes(
+                "FATAL",
+                sqlstate::PROTOCOL_VIOLATION,
+                &format!(
+                    "pgprism: invalid message from primary {}",
+                    settings.primary_label
+                ),
+            ));
+            running = false;
+            break;
+        };
+        if let Some(status) = status {
+            shared.ready.set(true);
+            shared.status.set(status);
+        }
+        let frames = pbuf.split_to(complete).freeze();
+        if !frames.is_empty() && client.write_all(&frames).await.is_err() {
+            shared.client_ended.set(true);
+            running = false;
+        }
+    }
+    let mut out: Vec<Bytes> = Vec::new();
+    let mut shadow_open = true;
+    // The client and the primary are done; the shadow still runs what it was sent.
+    let mut primary_done = false;
+    let mut flip = false;
+    while running {
+        flip = !flip;
+        let (side, read) = if primary_done {
+            match within(SHADOW_DRAIN, shadow.read_buf(&mut sbuf, chunk)).await {
+                Some(read) => (SHADOW, read),
+                None => (SHADOW, Ok(0)),
+            }
+        } else if shadow_open {
+            let p = async { (PRIMARY, primary.read_buf(&mut pbuf, chunk).await) };
+            let s = async { (SHADOW, shadow.read_buf(&mut sbuf, chunk).await) };
+            if flip {
+                futures_lite::future::or(p, s).await
+            } else {
+                futures_lite::future::or(s, p).await
+            }
+        } else {
+            (PRIMARY, primary.read_buf(&mut pbuf, chunk).await)
+        };
+        let arrived = Instant::now();
+        if matches!(read, Ok(0) | Err(_)) {
+            if side == PRIMARY {
+                if shadow_open && comparer.source == PRIMARY && shared.client_ended.get() {
+                    primary_done = true;
+                    continue;
+                }
+                break;
+            }
+            if primary_done {
+                break;
+            }
+            shadow_open = false;
+            if comparer.source == SHADOW {
+                *shared.fatal.borrow_mut() = Some(error_bytes(
+                    "FATAL",
+                    sqlstate::CONNECTION_FAILURE,
+                    "pgprism lost the connection to the shadow (compare.source-of-truth = shadow)",
+                ));
+                break;
+            }
+            ShardStats::bump(&stats.counters.compare_shadow_lost, 1);
+            comparer.shadow_lost(&mut out);
+        } else {
+            let buf = if side == PRIMARY {
+                &mut pbuf
+            } else {
+                &mut sbuf
+            };
+            let complete = match wire::complete_prefix(buf, settings.message_bytes_max, |_, _| {}) {
+                Ok(complete) => complete,
+                Err(err) => {
+                    let who = if side == PRIMARY { "primary" } else { "shadow" };
+                    *shared.fatal.borrow_mut() = Some(error_bytes(
+                        "FATAL",
+                        sqlstate::PROTOCOL_VIOLATION,
+                        &format!("pgprism: invalid message from the {who}: {err}"),
+                    ));
+                    break;
+                }
+            };
+            if complete > 0 {
+                let frames = buf.split_to(complete).freeze();
+                let fed = comparer.feed(side, &frames, &mut out);
+                if side == PRIMARY {
+                    ShardStats::bump(&stats.counters.primary_errors, fed.errors);
+                    farewell |= fed.farewell;
+                    if let Some(status) = fed.status {
+                        shared.status.set(status);
+                    }
+                    for _ in 0..fed.syncs {
+                        let seq = shared.done.get();
+                        shared.done.set(seq + 1);
+                        let mut stamps = shared.stamps.borrow_mut();
+                        if stamps.front().is_some_and(|&(s, _, _)| s == seq)
+                            && let Some((_, read_at, fingerprint)) = stamps.pop_front()
+                        {
+                            stats.record(&stats.primary_latency_us, arrived - read_at);
+                            if fingerprint != 0 {
+                                shard
+                                    .fingerprints
+                                    .record_primary(fingerprint, arrived - read_at);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        comparer.settle(stats, &mut out);
+        if shared.client_ended.get() {
+            out.clear();
+        }
+        for bytes in out.drain(..) {
+            if client.write_all(&bytes).await.is_err() {
+                shared.client_ended.set(true);
+                running = false;
+                break;
+            }
+            ShardStats::bump(&stats.counters.client_bytes_out, bytes.len() as u64);
+        }
+    }
+    let primary_said_goodbye = farewell && shared.fatal.borrow().is_none();
+    if !(shared.client_ended.get() || primary_said_goodbye) {
+        let fatal = shared.fatal.borrow_mut().take();
+        let msg = fatal.unwrap_or_else(|| {
+            ShardStats::bump(&stats.counters.primary_lost, 1);
+            error_bytes(
+                "FATAL",
+                sqlstate::CONNECTION_FAILURE,
+                &format!(
+                    "pgprism lost the connection to primary {}",
+                    settings.primary_label
+                ),
+            )
+        });
+        let _ = client.write_all(&msg).await;
+    }
+    client.shutdown();
+    shadow.shutdown();
 }

@@ -58,6 +58,16 @@ counters! {
     client_messages_in: "messages read from clients",
     primary_messages_in: "messages read from the primary",
     reports_dropped: "reports to the control thread dropped because its ring was full",
+    compare_statements: "statements whose primary and shadow results were compared",
+    compare_mismatches: "compared statements whose results differ between primary and shadow",
+    compare_skipped: "statements not compared (excluded, diverged transaction, shadow unavailable)",
+    compare_fallbacks: "fail-on-differences mismatches above compare.buffer-bytes-max: streamed and only reported",
+    compare_rollbacks: "ROLLBACKs sent to a shadow left in a transaction the primary had ended",
+    compare_slow: "statements slower on the shadow than compare.slow-query-ratio",
+    compare_explains: "EXPLAIN (ANALYZE, BUFFERS) runs for slow statements",
+    compare_reports_dropped: "mismatch reports dropped because the ring to the control thread was full",
+    compare_shadow_connect_failures: "sessions whose shadow connection could not be opened",
+    compare_shadow_lost: "sessions whose shadow connection ended early (comparison stopped)",
 }
 
 /// A shard's statistics: counters plus the two latency histograms.
@@ -103,6 +113,7 @@ impl ShardStats {
             primary_latency_us: self.primary_latency_us.borrow().clone(),
             mirrors: Vec::new(),
             fingerprints: Vec::new(),
+            compare_kinds: Vec::new(),
         }
     }
 }
@@ -131,4 +142,6 @@ pub struct ShardReport {
     pub mirrors: Vec<crate::mirror::MirrorReport>,
     /// Fingerprints whose latency changed since the previous report.
     pub fingerprints: Vec<super::fingerprints::FingerprintReport>,
+    /// Compare mismatches by kind (cumulative), empty without a shadow.
+    pub compare_kinds: Vec<(&'static str, u64)>,
 }

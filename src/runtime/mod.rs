@@ -102,6 +102,9 @@ pub fn run_proxy_with(
         })?;
 
     let mirrors = crate::mirror::resolve(cfg).map_err(RuntimeError::Mirror)?;
+    // Compare reports: shards → control thread, bounded (a full ring drops and counts).
+    let (report_tx, report_rx) = crossbeam_channel::bounded(cfg.compare.report_queue_max.max(1));
+    let compare = crate::compare::resolve(cfg, report_tx).map_err(RuntimeError::Mirror)?;
     let mut listen = parse_addr("proxy.listen", &cfg.proxy.listen)?;
     listener::ensure_free(listen)?;
     let mut sockets = Vec::with_capacity(shards);
@@ -125,6 +128,9 @@ pub fn run_proxy_with(
         primary.masked(),
         cfg.metrics.latency_us_max,
     )));
+    if compare.is_some() {
+        control::lock(&state).compare = Some(crate::report::Book::new(&cfg.compare.report_path));
+    }
     let admin = if cfg.admin.listen.is_empty() {
         None
     } else {
@@ -166,6 +172,7 @@ pub fn run_proxy_with(
             stop,
             mirrors: mirrors.clone(),
             fingerprints_max: cfg.metrics.fingerprints_max,
+            compare: compare.clone(),
         };
         let core = (cfg.proxy.pin_cores && !cores.is_empty()).then(|| cores[index % cores.len()]);
         let exited = ExitCount(exited.clone());
@@ -206,6 +213,7 @@ pub fn run_proxy_with(
     let tick = Duration::from_millis(cfg.metrics.report_interval_ms.min(200));
     loop {
         control::collect(&state, &rings);
+        control::collect_compare(&state, &report_rx);
         match signals::wait(tick) {
             Some(signals::Signal::Stop) => break,
             Some(signals::Signal::Reload) => {
@@ -243,6 +251,7 @@ pub fn run_proxy_with(
         }
     }
     control::collect(&state, &rings);
+    control::collect_compare(&state, &report_rx);
     let totals = control::lock(&state).totals();
     tracing::info!(
         drained_ms = drain_started.elapsed().as_millis() as u64,

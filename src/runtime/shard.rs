@@ -31,6 +31,7 @@ pub(super) struct ShardPlan {
     pub stop: Notifier,
     pub mirrors: Vec<crate::mirror::Resolved>,
     pub fingerprints_max: usize,
+    pub compare: Option<crate::compare::Resolved>,
 }
 
 pub(super) async fn run(plan: ShardPlan) {
@@ -52,6 +53,18 @@ pub(super) async fn run(plan: ShardPlan) {
         mirrors.len(),
         plan.latency_us_max,
     ));
+    let compare = match &plan.compare {
+        None => None,
+        Some(resolved) => {
+            match crate::compare::Target::new(resolved, plan.settings.primary_addr, plan.index) {
+                Ok(target) => Some(target),
+                Err(err) => {
+                    tracing::error!(shard = plan.index, error = %err, "cannot compile [compare] rules");
+                    return;
+                }
+            }
+        }
+    };
     let shard = Rc::new(ShardCtx::new(
         plan.index,
         plan.settings,
@@ -59,6 +72,7 @@ pub(super) async fn run(plan: ShardPlan) {
         plan.read_chunk_bytes,
         mirrors,
         fingerprints,
+        compare,
     ));
 
     let reporter = {
@@ -131,6 +145,9 @@ fn report(shard: &ShardCtx) -> ShardReport {
         .map(|m| m.stats.report(m.index, &m.name))
         .collect();
     report.fingerprints = shard.fingerprints.report();
+    if let Some(compare) = &shard.compare {
+        report.compare_kinds = compare.kind_counts();
+    }
     report
 }
 

@@ -316,6 +316,54 @@ pub fn fingerprint(sql: &[u8], text_bytes_max: usize) -> (u64, String) {
     (hash, text)
 }
 
+/// Whether the statement's outer query has an `ORDER BY` (outside parentheses, quotes and
+/// comments): its rows then come in a defined order and compare as a sequence.
+pub fn has_top_level_order_by(sql: &[u8]) -> bool {
+    let (mut i, mut depth) = (0usize, 0i32);
+    let mut previous_was_order = false;
+    while i < sql.len() {
+        match sql[i] {
+            b'\'' | b'"' => {
+                i = skip_quoted(sql, i);
+                previous_was_order = false;
+            }
+            b'-' if sql[i..].starts_with(b"--") => i = skip_blank(sql, i),
+            b'/' if sql[i..].starts_with(b"/*") => i = skip_blank(sql, i),
+            b'$' => {
+                i = skip_dollar(sql, i);
+                previous_was_order = false;
+            }
+            b'(' => {
+                depth += 1;
+                i += 1;
+                previous_was_order = false;
+            }
+            b')' => {
+                depth -= 1;
+                i += 1;
+                previous_was_order = false;
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' => {
+                let start = i;
+                while i < sql.len() && (sql[i].is_ascii_alphanumeric() || sql[i] == b'_') {
+                    i += 1;
+                }
+                let word = &sql[start..i];
+                if depth <= 0 && previous_was_order && word.eq_ignore_ascii_case(b"BY") {
+                    return true;
+                }
+                previous_was_order = depth <= 0 && word.eq_ignore_ascii_case(b"ORDER");
+            }
+            c if c.is_ascii_whitespace() => i += 1,
+            _ => {
+                i += 1;
+                previous_was_order = false;
+            }
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,5 +453,25 @@ mod tests {
             let _ = split_statements(sql);
             let _ = fingerprint(sql, 10);
         }
+    }
+
+    #[test]
+    fn order_by_only_counts_at_the_top_level() {
+        assert!(has_top_level_order_by(b"SELECT a FROM t ORDER BY a"));
+        assert!(has_top_level_order_by(
+            b"select a from t order\n  by 1 desc limit 3"
+        ));
+        assert!(has_top_level_order_by(
+            b"SELECT a FROM t UNION SELECT b FROM u ORDER /* c */ BY 1"
+        ));
+        assert!(!has_top_level_order_by(
+            b"SELECT a FROM (SELECT a FROM t ORDER BY a) x"
+        ));
+        assert!(!has_top_level_order_by(
+            b"SELECT row_number() OVER (ORDER BY a) FROM t"
+        ));
+        assert!(!has_top_level_order_by(b"SELECT 'ORDER BY' FROM t"));
+        assert!(!has_top_level_order_by(b"SELECT \"order\", by FROM t"));
+        assert!(!has_top_level_order_by(b"SELECT a FROM t -- ORDER BY a"));
     }
 }

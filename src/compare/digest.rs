@@ -1,0 +1,405 @@
+//! Result digests: one side's answer to one statement folded, as it streams, into a fixed-size
+//! summary (command tag, row count, columns, an ordered and an order-insensitive hash of the
+//! rows, SQLSTATE) plus a bounded sample of rows for reports. A 10 GB result costs the same
+//! memory as a one-row one. This module never allocates per row on the fast path (no
+//! normalisation rules apply) and never fails: undecodable rows are hashed as raw bytes.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use crate::wire::{self, Format, tag};
+
+use super::rules::{ColumnRule, Rules};
+
+const K0: u64 = 0xa076_1d64_78bd_642f;
+const K1: u64 = 0xe703_7ed1_a0b4_28db;
+const K2: u64 = 0x8ebc_6af0_9c88_c6e3;
+const K3: u64 = 0x5899_65cc_7537_4cc3;
+
+#[inline(always)]
+fn fold(a: u64, b: u64) -> u64 {
+    let product = (a as u128).wrapping_mul(b as u128);
+    (product as u64) ^ ((product >> 64) as u64)
+}
+
+#[inline(always)]
+fn word(bytes: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// A fast non-cryptographic 64-bit hash (wyhash-style folded multiplies over two independent
+/// 16-byte lanes). Stable across runs and processes; not DoS-resistant, which is fine: both
+/// sides' bytes come from databases the operator chose, and a collision can only hide a
+/// difference, never invent one.
+#[inline]
+pub fn hash64(bytes: &[u8], seed: u64) -> u64 {
+    let len = bytes.len();
+    let mut a = seed ^ K0 ^ (len as u64);
+    let mut b = seed.rotate_left(32) ^ K1;
+    let mut i = 0;
+    while i + 32 <= len {
+        a = fold(word(bytes, i) ^ K0 ^ a, word(bytes, i + 8) ^ K2);
+        b = fold(word(bytes, i + 16) ^ K1 ^ b, word(bytes, i + 24) ^ K3);
+        i += 32;
+    }
+    while i + 8 <= len {
+        a = fold(word(bytes, i) ^ K1 ^ a, K3 ^ b);
+        i += 8;
+    }
+    if i < len {
+        let mut tail = [0u8; 8];
+        tail[..len - i].copy_from_slice(&bytes[i..]);
+        b = fold(u64::from_le_bytes(tail) ^ K2 ^ b, K0 ^ a);
+    }
+    fold(a ^ K3, b ^ K1 ^ (len as u64))
+}
+
+/// Mixes a row hash into the ordered chain.
+#[inline]
+pub fn chain(acc: u64, row: u64) -> u64 {
+    fold(acc ^ row ^ K0, K1)
+}
+
+/// One statement's answer from one side.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Digest {
+    /// Command tag (`INSERT 0 1`, `SELECT 3`); empty on error. `EMPTY` for an empty query,
+    /// `SUSPENDED` for a portal suspended by Execute's row limit.
+    pub tag: String,
+    pub rows: u64,
+    /// Column names and type OIDs from the RowDescription that preceded the rows, if any.
+    pub columns: Option<Rc<Vec<(String, u32)>>>,
+    pub ordered: u64,
+    /// Order-insensitive: wrapping sums of the row hashes and of a remix of them.
+    pub unordered: (u64, u64),
+    /// SQLSTATE of an ErrorResponse.
+    pub error: Option<[u8; 5]>,
+    /// Error message, for reports only (never compared).
+    pub message: String,
+    /// `(row hash, rendered row)` of the first rows.
+    pub sample: Vec<(u64, String)>,
+}
+
+impl Digest {
+    pub fn error_code(&self) -> Option<&str> {
+        self.error
+            .as_ref()
+            .and_then(|c| std::str::from_utf8(c).ok())
+    }
+}
+
+/// One side's answer to one sync point (Query, Sync or FunctionCall).
+#[derive(Debug, Default)]
+pub struct SyncDigest {
+    pub results: Vec<Digest>,
+    /// Transaction status of the ReadyForQuery.
+    pub status: u8,
+    pub finished: Option<Instant>,
+}
+
+/// Folds one side's backend messages into digests.
+pub struct Digester {
+    rules: Rc<Rules>,
+    /// Columns of the last RowDescription and how each column is normalised.
+    columns: Option<Rc<Vec<(String, u32)>>>,
+    plan: Vec<ColumnRule>,
+    /// No rule applies to any column: hash the DataRow body as is.
+    raw: bool,
+    current: Digest,
+    in_result: bool,
+    results: Vec<Digest>,
+}
+
+/// What a message meant to the digester.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    Nothing,
+    /// A ReadyForQuery ended a sync point: take it with [`Digester::finish_sync`].
+    SyncEnd(u8),
+}
+
+impl Digester {
+    pub fn new(rules: Rc<Rules>) -> Digester {
+        Digester {
+            rules,
+            columns: None,
+            plan: Vec::new(),
+            raw: true,
+            current: Digest::default(),
+            in_result: false,
+            results: Vec::new(),
+        }
+    }
+
+    /// Feeds one backend message.
+    #[inline]
+    pub fn visit(&mut self, tag: u8, body: &[u8]) -> Step {
+        match tag {
+            tag::DATA_ROW => self.row(body),
+            tag::ROW_DESCRIPTION => self.describe(body),
+            tag::COMMAND_COMPLETE => {
+                let text = wire::CommandComplete::new(body).tag().unwrap_or("?");
+                self.current.tag.clear();
+                self.current.tag.push_str(text);
+                self.end_result();
+            }
+            tag::EMPTY_QUERY_RESPONSE => {
+                self.current.tag = "EMPTY".into();
+                self.end_result();
+            }
+            tag::PORTAL_SUSPENDED => {
+                self.current.tag = "SUSPENDED".into();
+                self.end_result();
+            }
+            tag::ERROR_RESPONSE => {
+                if let Ok(fields) = wire::ErrorNotice::new(body).parse() {
+                    let code = fields.code.unwrap_or("XX000").as_bytes();
+                    let mut c = [b'?'; 5];
+                    for (o, b) in c.iter_mut().zip(code) {
+                        *o = *b;
+                    }
+                    self.current.error = Some(c);
+                    self.current.message = fields.message.unwrap_or("").to_string();
+                }
+                self.end_result();
+            }
+            tag::COPY_DATA => self.row(body),
+            tag::READY_FOR_QUERY => {
+                return Step::SyncEnd(body.first().copied().unwrap_or(b'I'));
+            }
+            _ => {}
+        }
+        Step::Nothing
+    }
+
+    /// The results of the sync point that just ended.
+    pub fn finish_sync(&mut self, status: u8, at: Instant) -> SyncDigest {
+        if self.in_result {
+            // Rows with no CommandComplete (cannot happen with a sane server): keep them.
+            self.end_result();
+        }
+        self.columns = None;
+        SyncDigest {
+            results: std::mem::take(&mut self.results),
+            status,
+            finished: Some(at),
+        }
+    }
+
+    fn end_result(&mut self) {
+        let mut digest = std::mem::take(&mut self.current);
+        if digest.columns.is_none() {
+            digest.columns = self.columns.clone();
+        }
+        self.results.push(digest);
+        self.in_result = false;
+        // Extended protocol: a Describe's RowDescription applies to the next Execute only.
+        self.columns = None;
+    }
+
+    fn describe(&mut self, body: &[u8]) {
+        let Ok(fields) = wire::RowDescription::new(body).fields() else {
+            return;
+        };
+        let mut columns = Vec::with_capacity(fields.len());
+        self.plan.clear();
+        for f in fields {
+            let rule = self
+                .rules
+                .column_rule(f.name, f.type_oid, f.format == Format::Binary);
+            self.plan.push(rule);
+            columns.push((f.name.to_string(), f.type_oid));
+        }
+        self.raw = self.plan.iter().all(|r| *r == ColumnRule::Raw);
+        let columns = Rc::new(columns);
+        self.columns = Some(columns.clone());
+        self.current.columns = Some(columns);
+    }
+
+    #[inline]
+    fn row(&mut self, body: &[u8]) {
+        self.in_result = true;
+        let hash = if self.raw || self.plan.is_empty() {
+            hash64(body, 0)
+        } else {
+            self.normalised_hash(body)
+        };
+        let d = &mut self.current;
+        d.rows += 1;
+        d.ordered = chain(d.ordered, hash);
+        d.unordered.0 = d.unordered.0.wrapping_add(hash);
+        d.unordered.1 = d.unordered.1.wrapping_add(fold(hash ^ K2, K3));
+        if d.sample.len() < self.rules.sample_rows_max {
+            d.sample.push((hash, render_row(body, &self.plan)));
+        }
+    }
+
+    /// Row hash with rules applied: each column's (normalised) value is hashed on its own and
+    /// chained, so no bytes are copied; skipped columns leave no trace.
+    fn normalised_hash(&mut self, body: &[u8]) -> u64 {
+        let Ok(values) = wire::DataRow::new(body).columns() else {
+            return hash64(body, 0);
+        };
+        let mut acc = K2 ^ values.len() as u64;
+        for (i, value) in values.iter().enumerate() {
+            let rule = self.plan.get(i).copied().unwrap_or(ColumnRule::Raw);
+            let Some(bytes) = value else {
+                acc = chain(acc, K3);
+                continue;
+            };
+            let h = match rule {
+                ColumnRule::Skip => continue,
+                ColumnRule::Raw => hash64(bytes, 2),
+                ColumnRule::FloatText | ColumnRule::FloatBinary4 | ColumnRule::FloatBinary8 => {
+                    match super::rules::float_value(rule, bytes) {
+                        Some(v) => fold(self.rules.quantise(v) ^ K0, K1),
+                        None => hash64(bytes, 2),
+                    }
+                }
+                ColumnRule::NumericText => hash64(super::rules::canonical_number(bytes), 2),
+            };
+            acc = chain(acc, h);
+        }
+        acc
+    }
+}
+
+/// Renders a row for a report: `(1, 'abc', NULL)`; binary values as hex; long values cut.
+pub fn render_row(body: &[u8], plan: &[ColumnRule]) -> String {
+    const VALUE_CHARS_MAX: usize = 64;
+    let Ok(values) = wire::DataRow::new(body).columns() else {
+        return format!("<{} undecodable bytes>", body.len());
+    };
+    let mut out = String::from("(");
+    for (i, value) in values.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        if plan.get(i) == Some(&ColumnRule::Skip) {
+            out.push_str("<ignored>");
+            continue;
+        }
+        match value {
+            None => out.push_str("NULL"),
+            Some(bytes) => match simdutf8::basic::from_utf8(bytes) {
+                Ok(text) => {
+                    let cut: String = text.chars().take(VALUE_CHARS_MAX).collect();
+                    out.push_str(&cut);
+                    if cut.len() < text.len() {
+                        out.push('…');
+                    }
+                }
+                Err(_) => {
+                    out.push_str("\\x");
+                    for b in bytes.iter().take(VALUE_CHARS_MAX / 2) {
+                        out.push_str(&format!("{b:02x}"));
+                    }
+                }
+            },
+        }
+    }
+    out.push(')');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_depends_on_every_byte_and_length() {
+        let data: Vec<u8> = (0..200u8).collect();
+        let mut seen = std::collections::HashSet::new();
+        for len in 0..data.len() {
+            assert!(seen.insert(hash64(&data[..len], 0)), "len {len}");
+        }
+        for i in 0..100 {
+            let mut d = data.clone();
+            d[i] ^= 1;
+            assert_ne!(hash64(&d, 0), hash64(&data, 0), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn unordered_sum_ignores_order_and_ordered_chain_does_not() {
+        let rows = [hash64(b"a", 0), hash64(b"b", 0), hash64(b"c", 0)];
+        let fwd = rows.iter().fold(0u64, |a, r| chain(a, *r));
+        let rev = rows.iter().rev().fold(0u64, |a, r| chain(a, *r));
+        assert_ne!(fwd, rev);
+        let s1 = rows.iter().fold(0u64, |a, r| a.wrapping_add(*r));
+        let s2 = rows.iter().rev().fold(0u64, |a, r| a.wrapping_add(*r));
+        assert_eq!(s1, s2);
+    }
+
+    fn digest_of(rows: &[&[Option<&[u8]>]], cfg: &crate::config::CompareConfig) -> Digest {
+        use bytes::BytesMut;
+        let rules = Rc::new(Rules::new(cfg).unwrap());
+        let mut d = Digester::new(rules);
+        let mut buf = BytesMut::new();
+        let field = |name, type_oid| wire::FieldDescription {
+            name,
+            table_oid: 0,
+            column_attr: 0,
+            type_oid,
+            type_size: -1,
+            type_modifier: -1,
+            format: Format::Text,
+        };
+        wire::encode::row_description(&mut buf, &[field("id", 23), field("x", 701)]).unwrap();
+        for row in rows {
+            wire::encode::data_row(&mut buf, row).unwrap();
+        }
+        wire::encode::command_complete(&mut buf, "SELECT 2").unwrap();
+        wire::encode::ready_for_query(&mut buf, wire::TransactionStatus::Idle);
+        let mut at = 0;
+        while at < buf.len() {
+            let len =
+                u32::from_be_bytes([buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]]) as usize;
+            if let Step::SyncEnd(status) = d.visit(buf[at], &buf[at + 5..at + 1 + len]) {
+                let mut sync = d.finish_sync(status, Instant::now());
+                return sync.results.remove(0);
+            }
+            at += 1 + len;
+        }
+        panic!("no ReadyForQuery")
+    }
+
+    #[test]
+    fn digester_folds_rows_and_applies_tolerance() {
+        let exact = crate::config::CompareConfig::default();
+        let a = digest_of(
+            &[&[Some(b"1"), Some(b"1.00001")], &[Some(b"2"), None]],
+            &exact,
+        );
+        let b = digest_of(
+            &[&[Some(b"2"), None], &[Some(b"1"), Some(b"1.00001")]],
+            &exact,
+        );
+        let c = digest_of(
+            &[&[Some(b"1"), Some(b"1.00002")], &[Some(b"2"), None]],
+            &exact,
+        );
+        assert_eq!((a.rows, a.tag.as_str()), (2, "SELECT 2"));
+        assert_eq!(a.columns.as_ref().map(|c| c.len()), Some(2));
+        assert_eq!(a.unordered, b.unordered);
+        assert_ne!(a.ordered, b.ordered);
+        assert_ne!(a.unordered, c.unordered);
+        let tolerant = crate::config::CompareConfig {
+            float_tolerance: 0.001,
+            ..Default::default()
+        };
+        let a = digest_of(
+            &[&[Some(b"1"), Some(b"1.00001")], &[Some(b"2"), None]],
+            &tolerant,
+        );
+        let c = digest_of(
+            &[&[Some(b"1"), Some(b"1.00002")], &[Some(b"2"), None]],
+            &tolerant,
+        );
+        assert_eq!(a.unordered, c.unordered);
+        assert_eq!(a.sample.len(), 2);
+        assert_eq!(a.sample[1].1, "(2, NULL)");
+    }
+}

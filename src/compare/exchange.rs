@@ -1,0 +1,822 @@
+//! One client session's two answer streams, paired. The upstream side ([`Upstream`]) records
+//! what each client sync point asked (statement texts, whether the shadow gets it) and writes
+//! the client's frames to the shadow; the downstream side ([`Comparer`]) folds both answer
+//! streams into digests, pairs sync point *i* of the primary with sync point *i* of the
+//! shadow, reports what differs, and decides which bytes reach the client and when.
+//!
+//! Only the source of truth's bytes ever reach the client. In `report` mode they stream as
+//! they arrive; in `fail-on-differences` mode they are held per sync point (up to
+//! `compare.buffer-bytes-max`) until the other side has answered the same sync point.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+
+use super::digest::{Digest, Digester, Step, SyncDigest};
+use super::rules::type_name;
+use super::verdict::{self, Difference, Kind};
+use super::{Record, Side, Target};
+use crate::proxy::stats::ShardStats;
+use crate::runtime::exec::net::TcpStream;
+use crate::sql;
+use crate::wire::{self, tag};
+
+/// Statement names and portals remembered per session for reports; beyond it statements are
+/// still compared, under an unknown text.
+const NAMES_MAX: usize = 10_000;
+
+/// One statement as the client sent it.
+#[derive(Debug)]
+pub struct Statement {
+    pub text: Box<str>,
+    pub ordered: bool,
+    pub excluded: bool,
+    pub read_only: bool,
+    /// Extended protocol with parameters: cannot be re-run for EXPLAIN.
+    pub params: bool,
+    pub primary_only: bool,
+}
+
+impl Statement {
+    fn new(text: &str, params: bool, target: &Target) -> Statement {
+        let rules = &target.rules;
+        Statement {
+            text: text.into(),
+            ordered: sql::has_top_level_order_by(text.as_bytes()),
+            excluded: rules.excluded(text),
+            read_only: sql::classify(text.as_bytes()) == sql::Class::Select,
+            params,
+            primary_only: rules.primary_only(text),
+        }
+    }
+
+    fn unknown() -> Statement {
+        Statement {
+            text: "".into(),
+            ordered: false,
+            excluded: false,
+            read_only: false,
+            params: true,
+            primary_only: false,
+        }
+    }
+}
+
+/// What one client sync point asked.
+struct SyncMeta {
+    statements: Vec<Rc<Statement>>,
+    /// Sent to the shadow too (not routed to the primary only).
+    shadow: bool,
+    read_at: Instant,
+}
+
+/// State both halves of a session's compare machinery see.
+pub struct Link {
+    metas: RefCell<VecDeque<SyncMeta>>,
+    /// Per sync point written to the shadow, in order: `true` for pgprism's own (a ROLLBACK
+    /// that brings a diverged shadow back in step), whose answer is neither compared nor
+    /// forwarded.
+    shadow_kinds: RefCell<VecDeque<bool>>,
+    rollback_due: Cell<bool>,
+}
+
+/// The upstream half: tracks statements and writes client frames to the shadow.
+pub struct Upstream {
+    link: Rc<Link>,
+    target: Rc<Target>,
+    pub shadow: TcpStream,
+    statements: HashMap<String, Rc<Statement>>,
+    portals: HashMap<String, Rc<Statement>>,
+    batch: Vec<Rc<Statement>>,
+    batch_primary_only: bool,
+    /// With routing patterns: the frames of the current extended-protocol batch, held until
+    /// its Sync decides whether the shadow gets the batch.
+    held: BytesMut,
+    copy_to_shadow: bool,
+    /// What the current client batch sends the shadow.
+    out: Vec<Bytes>,
+    out_syncs: usize,
+    /// The shadow connection failed: nothing more is sent to it.
+    dead: bool,
+}
+
+pub struct Fed {
+    pub syncs: u64,
+    pub status: Option<u8>,
+    pub errors: u64,
+    pub farewell: bool,
+}
+
+impl Upstream {
+    /// Records one batch of complete client frames (before it goes to the primary, so the
+    /// downstream half always finds the sync points it pairs) and prepares the shadow's copy.
+    pub fn plan(&mut self, frames: &Bytes, offsets: &[(u8, usize, usize)], read_at: Instant) {
+        self.out.clear();
+        self.out_syncs = 0;
+        let routes = self.target.rules.routes();
+        for &(tag, start, end) in offsets {
+            let body = &frames[start + wire::HEADER_BYTES..end];
+            let frame = || frames.slice(start..end);
+            match tag {
+                tag::QUERY => {
+                    let text = wire::Query::new(body).query().unwrap_or("");
+                    let statements: Vec<Rc<Statement>> = sql::split_statements(text.as_bytes())
+                        .into_iter()
+                        .map(|r| Rc::new(Statement::new(&text[r], false, &self.target)))
+                        .collect();
+                    let shadow = !(routes && self.target.rules.primary_only(text));
+                    self.copy_to_shadow = shadow;
+                    self.push_meta(statements, shadow, read_at);
+                    if shadow {
+                        self.send(frame(), true);
+                    }
+                }
+                tag::PARSE => {
+                    if let Ok((name, query, types)) = wire::Parse::new(body).parts() {
+                        let params = !types.is_empty() || query.contains('$');
+                        let statement = Rc::new(Statement::new(query, params, &self.target));
+                        self.batch_primary_only |= statement.primary_only;
+                        if self.statements.len() < NAMES_MAX || name.is_empty() {
+                            self.statements.insert(name.to_string(), statement);
+                        }
+                    }
+                    self.hold(frame(), routes);
+                }
+                tag::BIND => {
+                    if let Ok(parts) = wire::Bind::new(body).parts() {
+                        let statement = self.statements.get(parts.statement).cloned();
+                        if let Some(s) = &statement {
+                            self.batch_primary_only |= s.primary_only;
+                        }
+                        if self.portals.len() < NAMES_MAX || parts.portal.is_empty() {
+                            self.portals.insert(
+                                parts.portal.to_string(),
+                                statement.unwrap_or_else(|| Rc::new(Statement::unknown())),
+                            );
+                        }
+                    }
+                    self.hold(frame(), routes);
+                }
+                tag::EXECUTE => {
+                    let portal = wire::Execute::new(body).portal().unwrap_or("");
+                    let statement = self
+                        .portals
+                        .get(portal)
+                        .cloned()
+                        .unwrap_or_else(|| Rc::new(Statement::unknown()));
+                    self.batch_primary_only |= statement.primary_only;
+                    self.batch.push(statement);
+                    self.hold(frame(), routes);
+                }
+                tag::DESCRIBE | tag::CLOSE => {
+                    let target = if tag == tag::DESCRIBE {
+                        wire::Describe::new(body).target()
+                    } else {
+                        wire::Close::new(body).target()
+                    };
+                    if let Ok((kind, name)) = target {
+                        let map = match kind {
+                            wire::Target::Statement => &mut self.statements,
+                            wire::Target::Portal => &mut self.portals,
+                        };
+                        if map.get(name).is_some_and(|s| s.primary_only) {
+                            self.batch_primary_only = true;
+                        }
+                        if tag == tag::CLOSE && !self.batch_primary_only {
+                            map.remove(name);
+                        }
+                    }
+                    self.hold(frame(), routes);
+                }
+                tag::SYNC => {
+                    let statements = std::mem::take(&mut self.batch);
+                    let shadow = !self.batch_primary_only;
+                    self.batch_primary_only = false;
+                    self.push_meta(statements, shadow, read_at);
+                    let held = self.held.split().freeze();
+                    if shadow {
+                        if !held.is_empty() {
+                            self.send(held, false);
+                        }
+                        self.send(frame(), true);
+                    }
+                }
+                tag::FUNCTION_CALL => {
+                    self.push_meta(Vec::new(), true, read_at);
+                    self.send(frame(), true);
+                }
+                tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
+                    if self.copy_to_shadow {
+                        self.send(frame(), false);
+                    }
+                }
+                tag::TERMINATE => self.send(frame(), false),
+                _ => self.hold(frame(), routes),
+            }
+        }
+    }
+
+    fn push_meta(&mut self, statements: Vec<Rc<Statement>>, shadow: bool, read_at: Instant) {
+        let shadow = shadow && !self.dead;
+        self.link.metas.borrow_mut().push_back(SyncMeta {
+            statements,
+            shadow,
+            read_at,
+        });
+    }
+
+    fn send(&mut self, frame: Bytes, sync: bool) {
+        if sync {
+            self.out_syncs += 1;
+        }
+        // Adjacent slices of one read are merged back into one buffer write.
+        self.out.push(frame);
+    }
+
+    fn hold(&mut self, frame: Bytes, routes: bool) {
+        if routes {
+            self.held.extend_from_slice(&frame);
+        } else {
+            self.send(frame, false);
+        }
+    }
+
+    /// Writes what [`plan`](Self::plan) prepared to the shadow (after the primary write).
+    /// `false`: the shadow connection failed.
+    pub async fn write(&mut self) -> bool {
+        if self.dead {
+            self.out.clear();
+            return true;
+        }
+        let mut buf = BytesMut::new();
+        if self.link.rollback_due.replace(false) {
+            let _ = wire::encode::query(&mut buf, "ROLLBACK");
+            self.link.shadow_kinds.borrow_mut().push_back(true);
+        }
+        if self.out.is_empty() && buf.is_empty() {
+            return true;
+        }
+        {
+            let mut kinds = self.link.shadow_kinds.borrow_mut();
+            for _ in 0..self.out_syncs {
+                kinds.push_back(false);
+            }
+        }
+        if buf.is_empty() && self.out.len() == 1 {
+            let frame = self.out.pop().unwrap_or_default();
+            return self.shadow.write_all(&frame).await.is_ok();
+        }
+        for frame in self.out.drain(..) {
+            buf.extend_from_slice(&frame);
+        }
+        self.shadow.write_all(&buf).await.is_ok()
+    }
+
+    pub fn mark_dead(&mut self) {
+        self.dead = true;
+    }
+
+    /// The client left: end the shadow session too, once it has run everything it was sent
+    /// (the downstream pump keeps reading it until it closes, bounded in time).
+    pub async fn finish(&self, said_terminate: bool) {
+        if !said_terminate && !self.dead {
+            let _ = self.shadow.write_all(&[b'X', 0, 0, 0, 4]).await;
+        }
+    }
+}
+
+/// Marker for [`Tracker`]-style construction: upstream and downstream halves of one session.
+pub struct Tracker;
+
+impl Tracker {
+    /// Builds the two halves for one session over its shadow connection.
+    pub fn pair(
+        target: Rc<Target>,
+        shadow: TcpStream,
+        session: u64,
+        params: Vec<(String, String)>,
+    ) -> (Upstream, Comparer) {
+        let link = Rc::new(Link {
+            metas: RefCell::new(VecDeque::new()),
+            shadow_kinds: RefCell::new(VecDeque::new()),
+            rollback_due: Cell::new(false),
+        });
+        let source = usize::from(target.shadow_is_source());
+        let fail = target.cfg.fail_on_differences;
+        let up = Upstream {
+            link: link.clone(),
+            target: target.clone(),
+            shadow,
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            batch: Vec::new(),
+            batch_primary_only: false,
+            held: BytesMut::new(),
+            copy_to_shadow: true,
+            out: Vec::new(),
+            out_syncs: 0,
+            dead: false,
+        };
+        let down = Comparer {
+            digesters: [
+                Digester::new(target.rules.clone()),
+                Digester::new(target.rules.clone()),
+            ],
+            target,
+            link,
+            done: [VecDeque::new(), VecDeque::new()],
+            source,
+            fail,
+            pending: BytesMut::new(),
+            pending_base: 0,
+            pending_ends: VecDeque::new(),
+            source_seq: 0,
+            settled: 0,
+            stream_through: None,
+            diverged: false,
+            shadow_alive: true,
+            session,
+            transaction: 0,
+            params: Rc::new(params),
+        };
+        (up, down)
+    }
+}
+
+/// The downstream half: digests both sides, pairs sync points, decides the client's bytes.
+pub struct Comparer {
+    target: Rc<Target>,
+    link: Rc<Link>,
+    digesters: [Digester; 2],
+    done: [VecDeque<SyncDigest>; 2],
+    /// 0: the primary is the source of truth, 1: the shadow.
+    pub source: usize,
+    fail: bool,
+    /// Held source bytes (fail-on-differences), with the absolute end of each held sync.
+    pending: BytesMut,
+    pending_base: usize,
+    pending_ends: VecDeque<(u64, usize)>,
+    /// Client sync points the source side has finished.
+    source_seq: u64,
+    /// Client sync points paired and judged.
+    settled: u64,
+    /// Sync points up to this one stream instead of being held (buffer bound exceeded).
+    stream_through: Option<u64>,
+    diverged: bool,
+    shadow_alive: bool,
+    session: u64,
+    transaction: u64,
+    params: Rc<Vec<(String, String)>>,
+}
+
+pub const PRIMARY: usize = 0;
+pub const SHADOW: usize = 1;
+
+impl Comparer {
+    pub fn shadow_alive(&self) -> bool {
+        self.shadow_alive
+    }
+
+    /// Feeds complete messages read from `side` (after startup); the bytes for the client
+    /// are appended to `out`.
+    pub fn feed(&mut self, side: usize, frames: &Bytes, out: &mut Vec<Bytes>) -> Fed {
+        let mut fed = Fed {
+            syncs: 0,
+            status: None,
+            errors: 0,
+            farewell: false,
+        };
+        let mut at = 0usize;
+        let mut segment_start = 0usize;
+        let now = Instant::now();
+        let buf: &[u8] = frames;
+        while at < buf.len() {
+            let Some(head) = buf.get(at..at + wire::HEADER_BYTES) else {
+                break;
+            };
+            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+            let end = (at + 1 + len).min(buf.len());
+            let tag = head[0];
+            let body = &buf[at + wire::HEADER_BYTES..end];
+            if tag == tag::ERROR_RESPONSE {
+                fed.errors += 1;
+                fed.farewell |= body.starts_with(b"SFATAL\0") || body.starts_with(b"SPANIC\0");
+            }
+            if let Step::SyncEnd(status) = self.digesters[side].visit(tag, body) {
+                fed.syncs += 1;
+                fed.status = Some(status);
+                let digest = self.digesters[side].finish_sync(status, now);
+                let internal = side == SHADOW
+                    && self
+                        .link
+                        .shadow_kinds
+                        .borrow_mut()
+                        .pop_front()
+                        .unwrap_or(false);
+                if !internal {
+                    self.done[side].push_back(digest);
+                }
+                if side == self.source {
+                    let segment = frames.slice(segment_start..end);
+                    segment_start = end;
+                    if !internal {
+                        self.emit(segment, true, out);
+                    }
+                }
+            }
+            at = end;
+        }
+        if side == self.source && segment_start < buf.len() {
+            let internal = side == SHADOW && self.link.shadow_kinds.borrow().front() == Some(&true);
+            if !internal {
+                self.emit(frames.slice(segment_start..), false, out);
+            }
+        }
+        if self.fail && self.pending.len() > self.target.cfg.buffer_bytes_max {
+            // Too big to hold: stream it, judge it afterwards, and say so (to the client in a
+            // NOTICE, which the protocol allows anywhere, and in the report).
+            self.stream_through = Some(self.source_seq);
+            self.pending_base += self.pending.len();
+            let mut notice = BytesMut::new();
+            let _ = wire::encode::notice_response(
+                &mut notice,
+                &wire::ErrorSpec::new(
+                    "WARNING",
+                    "01000",
+                    "pgprism: result larger than compare.buffer-bytes-max; streamed without waiting for the shadow, differences are only reported",
+                ),
+            );
+            out.push(notice.freeze());
+            out.push(self.pending.split().freeze());
+            self.pending_ends.clear();
+        }
+        fed
+    }
+
+    /// Source bytes of the current client sync point; `ends`: they finish it.
+    fn emit(&mut self, segment: Bytes, ends: bool, out: &mut Vec<Bytes>) {
+        let seq = self.source_seq;
+        if ends {
+            self.source_seq += 1;
+        }
+        let streams = !self.fail || self.stream_through.is_some_and(|t| seq <= t);
+        if streams {
+            if !segment.is_empty() {
+                out.push(segment);
+            }
+            return;
+        }
+        self.pending.extend_from_slice(&segment);
+        if ends {
+            self.pending_ends
+                .push_back((seq, self.pending_base + self.pending.len()));
+        }
+    }
+
+    /// The shadow is gone: stop comparing and release whatever waits for it.
+    pub fn shadow_lost(&mut self, out: &mut Vec<Bytes>) {
+        self.shadow_alive = false;
+        self.done[SHADOW].clear();
+        if !self.pending.is_empty() {
+            self.pending_base += self.pending.len();
+            out.push(self.pending.split().freeze());
+        }
+        self.pending_ends.clear();
+        self.stream_through = Some(u64::MAX);
+    }
+
+    /// Pairs and judges every sync point both sides have finished; releases (or replaces)
+    /// held bytes into `out`.
+    pub fn settle(&mut self, stats: &ShardStats, out: &mut Vec<Bytes>) {
+        loop {
+            let need_shadow = match self.link.metas.borrow().front() {
+                None => return,
+                Some(meta) => meta.shadow && self.shadow_alive,
+            };
+            if self.done[PRIMARY].is_empty() || (need_shadow && self.done[SHADOW].is_empty()) {
+                return;
+            }
+            let Some(meta) = self.link.metas.borrow_mut().pop_front() else {
+                return;
+            };
+            let (Some(primary), shadow) = (
+                self.done[PRIMARY].pop_front(),
+                if need_shadow {
+                    self.done[SHADOW].pop_front()
+                } else {
+                    None
+                },
+            ) else {
+                return;
+            };
+            let seq = self.settled;
+            self.settled += 1;
+            let fallback = self.stream_through.is_some_and(|t| seq <= t);
+            let mut failure: Option<(String, String)> = None;
+            match &shadow {
+                Some(shadow) if !self.diverged => {
+                    failure = self.judge(&meta, &primary, shadow, stats, fallback);
+                }
+                _ => {
+                    let n = meta.statements.len().max(1) as u64;
+                    ShardStats::bump(&stats.counters.compare_skipped, n);
+                }
+            }
+            if let Some(shadow) = &shadow {
+                self.track_status(primary.status, shadow.status, stats);
+            }
+            if primary.status == b'I' {
+                self.transaction += 1;
+            }
+            if self.fail {
+                let status = if self.source == SHADOW {
+                    shadow.as_ref().map(|s| s.status).unwrap_or(primary.status)
+                } else {
+                    primary.status
+                };
+                self.release(seq, failure, status, out);
+            }
+        }
+    }
+
+    fn release(
+        &mut self,
+        seq: u64,
+        failure: Option<(String, String)>,
+        status: u8,
+        out: &mut Vec<Bytes>,
+    ) {
+        let Some(&(held_seq, end)) = self.pending_ends.front() else {
+            return;
+        };
+        if held_seq != seq {
+            return;
+        }
+        self.pending_ends.pop_front();
+        let n = end - self.pending_base;
+        let chunk = self.pending.split_to(n).freeze();
+        self.pending_base = end;
+        match failure {
+            None => out.push(chunk),
+            Some((message, detail)) => {
+                let mut buf = BytesMut::new();
+                let message = format!("Query results differ between primary and shadow: {message}")
+                    .replace('\0', " ");
+                let detail = detail.replace('\0', " ");
+                let mut spec =
+                    wire::ErrorSpec::new("ERROR", wire::sqlstate::INTERNAL_ERROR, &message);
+                spec.detail = Some(&detail);
+                let _ = wire::encode::error_response(&mut buf, &spec);
+                let status = wire::TransactionStatus::from_byte(status)
+                    .unwrap_or(wire::TransactionStatus::Idle);
+                wire::encode::ready_for_query(&mut buf, status);
+                out.push(buf.freeze());
+            }
+        }
+    }
+
+    /// Divergence: when one side's transaction failed and the other's did not, later
+    /// statements of that transaction are not compared; when the primary's transaction is
+    /// over and the shadow's is not, the shadow is rolled back.
+    fn track_status(&mut self, primary: u8, shadow: u8, stats: &ShardStats) {
+        if self.diverged {
+            if primary == b'I' && shadow == b'I' {
+                self.diverged = false;
+            }
+        } else if primary != shadow {
+            self.diverged = true;
+        }
+        if primary == b'I' && shadow != b'I' {
+            self.link.rollback_due.set(true);
+            self.diverged = false;
+            ShardStats::bump(&stats.counters.compare_rollbacks, 1);
+        }
+    }
+
+    /// Compares one sync point; reports what differs. Returns the client-facing failure
+    /// (message, detail) when the verdict must fail the statement.
+    fn judge(
+        &mut self,
+        meta: &SyncMeta,
+        primary: &SyncDigest,
+        shadow: &SyncDigest,
+        stats: &ShardStats,
+        fallback: bool,
+    ) -> Option<(String, String)> {
+        let cfg = &self.target.cfg;
+        let elapsed = |d: &SyncDigest| {
+            d.finished
+                .map(|f| f.saturating_duration_since(meta.read_at).as_micros() as u64)
+                .unwrap_or(0)
+        };
+        let (primary_us, shadow_us) = (elapsed(primary), elapsed(shadow));
+        let slow = shadow_us >= cfg.slow_query_min_ms * 1000
+            && shadow_us as f64 > cfg.slow_query_ratio * primary_us.max(1) as f64;
+        let mut failure = None;
+        let pairs = primary.results.len().max(shadow.results.len());
+        let unknown = Rc::new(Statement::unknown());
+        let mut compared = 0u64;
+        for i in 0..pairs {
+            let statement = meta
+                .statements
+                .get(i)
+                .or(meta.statements.last())
+                .unwrap_or(&unknown)
+                .clone();
+            if statement.excluded {
+                ShardStats::bump(&stats.counters.compare_skipped, 1);
+                continue;
+            }
+            let (p, s) = (primary.results.get(i), shadow.results.get(i));
+            let mut differences = match (p, s) {
+                (Some(p), Some(s)) => verdict::compare(p, s, statement.ordered, &self.target.rules),
+                _ => {
+                    // A multi-statement query stopped earlier on one side: the error that
+                    // stopped it was reported with its own statement.
+                    let stopped = primary
+                        .results
+                        .iter()
+                        .chain(&shadow.results)
+                        .any(|d| d.error.is_some());
+                    if stopped {
+                        break;
+                    }
+                    vec![Difference {
+                        kind: Kind::Results,
+                        text: format!(
+                            "result count differs: primary {}, shadow {}",
+                            primary.results.len(),
+                            shadow.results.len()
+                        ),
+                    }]
+                }
+            };
+            compared += 1;
+            if slow && cfg.fail_on_slow_queries && pairs == 1 {
+                differences.push(Difference {
+                    kind: Kind::Slow,
+                    text: format!(
+                        "shadow took {shadow_us} us, primary {primary_us} us (ratio above {})",
+                        cfg.slow_query_ratio
+                    ),
+                });
+            }
+            if differences.is_empty() {
+                continue;
+            }
+            ShardStats::bump(&stats.counters.compare_mismatches, 1);
+            for d in &differences {
+                let cell = &self.target.stats.kinds[d.kind.index()];
+                cell.set(cell.get() + 1);
+            }
+            let empty = Digest::default();
+            let record = self.record(
+                &statement,
+                &differences,
+                p.unwrap_or(&empty),
+                s.unwrap_or(&empty),
+                (primary_us, shadow_us, primary.status),
+                fallback,
+            );
+            if failure.is_none() && !fallback {
+                failure = Some((record.description.clone(), detail(&record)));
+            }
+            if fallback {
+                ShardStats::bump(&stats.counters.compare_fallbacks, 1);
+            }
+            if !self.target.send(record) {
+                ShardStats::bump(&stats.counters.compare_reports_dropped, 1);
+            }
+        }
+        ShardStats::bump(&stats.counters.compare_statements, compared);
+        if slow && meta.statements.len() == 1 {
+            ShardStats::bump(&stats.counters.compare_slow, 1);
+            let statement = &meta.statements[0];
+            if cfg.explain_slow_queries
+                && statement.read_only
+                && !statement.params
+                && !statement.excluded
+                && self.target.explains_left.get() > 0
+            {
+                self.target
+                    .explains_left
+                    .set(self.target.explains_left.get() - 1);
+                ShardStats::bump(&stats.counters.compare_explains, 1);
+                let mut record = self.record(
+                    statement,
+                    &[Difference {
+                        kind: Kind::Slow,
+                        text: format!(
+                            "shadow slower than primary: {shadow_us} us vs {primary_us} us (ratio {:.1}, limit {})",
+                            shadow_us as f64 / primary_us.max(1) as f64,
+                            cfg.slow_query_ratio
+                        ),
+                    }],
+                    primary.results.first().unwrap_or(&Digest::default()),
+                    shadow.results.first().unwrap_or(&Digest::default()),
+                    (primary_us, shadow_us, primary.status),
+                    false,
+                );
+                record.record = "slow";
+                crate::runtime::exec::spawn(super::explain::run(
+                    self.target.clone(),
+                    self.params.clone(),
+                    statement.text.to_string(),
+                    record,
+                ));
+            }
+        }
+        if self.fail { failure } else { None }
+    }
+
+    fn record(
+        &self,
+        statement: &Statement,
+        differences: &[Difference],
+        p: &Digest,
+        s: &Digest,
+        (primary_us, shadow_us, status): (u64, u64, u8),
+        fallback: bool,
+    ) -> Record {
+        let cfg = &self.target.cfg;
+        let (fingerprint, fingerprint_text) =
+            sql::fingerprint(statement.text.as_bytes(), cfg.statement_bytes_max);
+        let mut text = statement.text.to_string();
+        if text.len() > cfg.statement_bytes_max {
+            let mut cut = cfg.statement_bytes_max;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
+        let (only_p, only_s) = verdict::sample_difference(p, s);
+        let side = |d: &Digest, only: Vec<String>| Side {
+            tag: d.tag.clone(),
+            rows: d.rows,
+            columns: d
+                .columns
+                .as_ref()
+                .map(|c| c.iter().map(|(n, t)| (n.clone(), type_name(*t))).collect())
+                .unwrap_or_default(),
+            error: d.error_code().map(str::to_string),
+            message: d.message.clone(),
+            sample: if only.is_empty() {
+                d.sample.iter().map(|(_, r)| r.clone()).collect()
+            } else {
+                only
+            },
+            plan: None,
+        };
+        let description = differences
+            .iter()
+            .map(|d| d.text.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
+        Record {
+            record: "mismatch",
+            kinds: differences.iter().map(|d| d.kind.name()).collect(),
+            description,
+            statement: text,
+            fingerprint,
+            fingerprint_text,
+            primary: side(p, only_p),
+            shadow: side(s, only_s),
+            primary_us,
+            shadow_us,
+            shard: self.target.shard,
+            session: self.session,
+            transaction: self.transaction,
+            in_transaction: status != b'I',
+            fallback,
+            failed_client: self.fail && !fallback,
+            unix_ms: super::unix_ms(),
+        }
+    }
+}
+
+/// The DETAIL of the client's XX000 error: the statement and both sides' verdicts.
+fn detail(record: &Record) -> String {
+    let side = |s: &Side| {
+        let mut text = match &s.error {
+            Some(code) => format!("error {code}"),
+            None => format!("`{}`, {} rows", s.tag, s.rows),
+        };
+        if !s.columns.is_empty() {
+            let cols: Vec<String> = s.columns.iter().map(|(n, t)| format!("{n} {t}")).collect();
+            text.push_str(&format!(", columns ({})", cols.join(", ")));
+        }
+        if !s.sample.is_empty() {
+            text.push_str(&format!(", rows {}", s.sample.join(" ")));
+        }
+        text
+    };
+    format!(
+        "statement: {}\nprimary: {}\nshadow: {}",
+        record.statement,
+        side(&record.primary),
+        side(&record.shadow)
+    )
+}

@@ -1,0 +1,222 @@
+//! Compare mode: every client statement runs on the primary and on a shadow at the same time;
+//! both answers are folded into digests as they stream (bounded memory whatever the result
+//! size) and compared per statement: command tag, row count, columns and types, row values
+//! (ordered under a top-level ORDER BY, order-insensitive otherwise), SQLSTATE.
+//!
+//! This module owns the digests, the normalisation rules, the verdicts, the per-session
+//! pairing of the two answer streams ([`Comparer`]) and the slow-query analyzer. It never
+//! writes to the client itself (the session does), never blocks the shard, and sends reports
+//! to the control thread over a bounded ring: when it is full, a report is dropped and counted.
+
+pub mod digest;
+mod exchange;
+mod explain;
+pub mod rules;
+pub mod verdict;
+
+use std::cell::Cell;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::rc::Rc;
+use std::time::Duration;
+
+use crossbeam_channel::{Sender, TrySendError};
+
+use crate::config::{CompareConfig, Config, PgUrl, SourceOfTruth};
+use crate::proxy::backend;
+use crate::runtime::exec::net::TcpStream;
+
+pub use exchange::{Comparer, Fed, PRIMARY, SHADOW, Tracker, Upstream};
+pub use rules::{Rules, parse_equivalence};
+pub use verdict::Kind;
+
+/// A mismatch or slow-query report, sent from a shard to the control thread.
+#[derive(Debug, Clone, Default)]
+pub struct Record {
+    /// `mismatch` or `slow`.
+    pub record: &'static str,
+    pub kinds: Vec<&'static str>,
+    pub description: String,
+    pub statement: String,
+    pub fingerprint: u64,
+    pub fingerprint_text: String,
+    pub primary: Side,
+    pub shadow: Side,
+    pub primary_us: u64,
+    pub shadow_us: u64,
+    pub shard: usize,
+    pub session: u64,
+    pub transaction: u64,
+    pub in_transaction: bool,
+    /// The statement streamed past `compare.buffer-bytes-max`: reported, not enforced.
+    pub fallback: bool,
+    /// The client received an XX000 error instead of the result.
+    pub failed_client: bool,
+    pub unix_ms: u64,
+}
+
+/// One side's verdict as a report shows it.
+#[derive(Debug, Clone, Default)]
+pub struct Side {
+    pub tag: String,
+    pub rows: u64,
+    pub columns: Vec<(String, String)>,
+    pub error: Option<String>,
+    pub message: String,
+    /// Sample rows found on this side only (within the kept samples), else the first rows.
+    pub sample: Vec<String>,
+    pub plan: Option<String>,
+}
+
+/// The configured shadow with its address resolved (on the main thread: DNS blocks).
+#[derive(Clone)]
+pub struct Resolved {
+    pub url: PgUrl,
+    pub addr: SocketAddr,
+    pub primary_url: PgUrl,
+    pub cfg: CompareConfig,
+    pub reports: Sender<Record>,
+}
+
+pub fn resolve(cfg: &Config, reports: Sender<Record>) -> Result<Option<Resolved>, String> {
+    if cfg.shadow.url.is_empty() {
+        return Ok(None);
+    }
+    let url = PgUrl::parse(&cfg.shadow.url).map_err(|e| format!("shadow.url: {e}"))?;
+    let addr = url
+        .address()
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("shadow.url: cannot resolve {}", url.address()))?;
+    let primary_url = PgUrl::parse(&cfg.primary.url).map_err(|e| format!("primary.url: {e}"))?;
+    Ok(Some(Resolved {
+        url,
+        addr,
+        primary_url,
+        cfg: cfg.compare.clone(),
+        reports,
+    }))
+}
+
+/// Counters of one shard's compare mode, by mismatch kind.
+#[derive(Default)]
+pub struct CompareStats {
+    pub kinds: [Cell<u64>; Kind::ALL.len()],
+}
+
+/// Compare mode as one shard sees it.
+pub struct Target {
+    pub url: PgUrl,
+    pub addr: SocketAddr,
+    pub primary_url: PgUrl,
+    pub primary_addr: SocketAddr,
+    pub cfg: CompareConfig,
+    pub rules: Rc<Rules>,
+    pub reports: Sender<Record>,
+    pub stats: CompareStats,
+    /// EXPLAIN runs left for this shard.
+    pub explains_left: Cell<u64>,
+    pub shard: usize,
+}
+
+impl Target {
+    pub fn new(
+        resolved: &Resolved,
+        primary_addr: SocketAddr,
+        shard: usize,
+    ) -> Result<Rc<Target>, String> {
+        Ok(Rc::new(Target {
+            url: resolved.url.clone(),
+            addr: resolved.addr,
+            primary_url: resolved.primary_url.clone(),
+            primary_addr,
+            cfg: resolved.cfg.clone(),
+            rules: Rc::new(Rules::new(&resolved.cfg)?),
+            reports: resolved.reports.clone(),
+            stats: CompareStats::default(),
+            explains_left: Cell::new(resolved.cfg.explains_max),
+            shard,
+        }))
+    }
+
+    pub fn shadow_is_source(&self) -> bool {
+        self.cfg.source_of_truth == SourceOfTruth::Shadow
+    }
+
+    pub fn kind_counts(&self) -> Vec<(&'static str, u64)> {
+        Kind::ALL
+            .iter()
+            .map(|k| (k.name(), self.stats.kinds[k.index()].get()))
+            .collect()
+    }
+
+    /// Queues a report for the control thread; `false` when the ring was full (dropped).
+    pub fn send(&self, record: Record) -> bool {
+        match self.reports.try_send(record) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => false,
+            Err(TrySendError::Disconnected(_)) => true,
+        }
+    }
+
+    /// Opens this session's shadow connection with the shadow URL's credentials (the
+    /// client's user and database when the URL has none) and the client's other startup
+    /// parameters, so settings such as `DateStyle` match the primary session's.
+    pub async fn open_shadow(
+        &self,
+        client_params: &[(String, String)],
+        message_bytes_max: usize,
+    ) -> Result<TcpStream, backend::BackendError> {
+        open_as(
+            self.addr,
+            &self.url,
+            client_params,
+            Duration::from_millis(self.cfg.connect_timeout_ms),
+            message_bytes_max,
+        )
+        .await
+    }
+}
+
+/// Opens a pgprism-owned session to `addr` for `url`, defaulting user and database to the
+/// client's.
+pub(crate) async fn open_as(
+    addr: SocketAddr,
+    url: &PgUrl,
+    client_params: &[(String, String)],
+    limit: Duration,
+    message_bytes_max: usize,
+) -> Result<TcpStream, backend::BackendError> {
+    let param = |name: &str| {
+        client_params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let user = url
+        .user
+        .clone()
+        .or_else(|| param("user"))
+        .unwrap_or_else(|| "postgres".into());
+    let database = url
+        .database
+        .clone()
+        .or_else(|| param("database"))
+        .unwrap_or_else(|| user.clone());
+    let mut params: Vec<(&str, &str)> = client_params
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "replication"))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    params.push(("user", &user));
+    params.push(("database", &database));
+    let password = url.password.clone().unwrap_or_default();
+    backend::open(addr, limit, &params, &user, &password, message_bytes_max).await
+}
+
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,229 @@
+//! Normalisation and selection rules compiled once from `[compare]`: which statements are
+//! compared or sent to the primary only, which columns are ignored, float tolerance and type
+//! equivalences. Shared read-only by every session of a shard.
+
+use regex::RegexSet;
+
+use crate::config::CompareConfig;
+
+/// How one column's values enter a row hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnRule {
+    /// Bytes as sent.
+    Raw,
+    /// Ignored column: not hashed.
+    Skip,
+    /// float4/float8/numeric in text: parsed and quantised to the tolerance.
+    FloatText,
+    FloatBinary4,
+    FloatBinary8,
+    /// A numeric type in a declared equivalence, text format: canonical text (`5.00` = `5`).
+    NumericText,
+}
+
+pub struct Rules {
+    exclude: RegexSet,
+    primary_only: RegexSet,
+    ignore_columns: RegexSet,
+    tolerance: f64,
+    /// Pairs of type OIDs declared equal (both orders).
+    equivalent: Vec<(u32, u32)>,
+    pub sample_rows_max: usize,
+}
+
+pub const FLOAT4: u32 = 700;
+pub const FLOAT8: u32 = 701;
+pub const NUMERIC: u32 = 1700;
+
+/// Type names accepted in `type-equivalences`, with their OIDs.
+const TYPES: &[(&str, u32)] = &[
+    ("bool", 16),
+    ("bytea", 17),
+    ("char", 18),
+    ("name", 19),
+    ("int8", 20),
+    ("int2", 21),
+    ("int4", 23),
+    ("text", 25),
+    ("oid", 26),
+    ("json", 114),
+    ("xml", 142),
+    ("float4", FLOAT4),
+    ("float8", FLOAT8),
+    ("money", 790),
+    ("bpchar", 1042),
+    ("varchar", 1043),
+    ("date", 1082),
+    ("time", 1083),
+    ("timestamp", 1114),
+    ("timestamptz", 1184),
+    ("interval", 1186),
+    ("timetz", 1266),
+    ("numeric", NUMERIC),
+    ("uuid", 2950),
+    ("jsonb", 3802),
+];
+
+fn type_oid(name: &str) -> Option<u32> {
+    let name = name.trim().to_ascii_lowercase();
+    let name = match name.as_str() {
+        "bigint" => "int8",
+        "integer" | "int" => "int4",
+        "smallint" => "int2",
+        "real" => "float4",
+        "double precision" | "double" => "float8",
+        "decimal" => "numeric",
+        "boolean" => "bool",
+        "character varying" => "varchar",
+        other => other,
+    };
+    if let Ok(oid) = name.parse::<u32>() {
+        return Some(oid);
+    }
+    TYPES.iter().find(|(n, _)| *n == name).map(|(_, o)| *o)
+}
+
+/// A type's name for reports (`oid 1234` when unknown).
+pub fn type_name(oid: u32) -> String {
+    TYPES
+        .iter()
+        .find(|(_, o)| *o == oid)
+        .map(|(n, _)| n.to_string())
+        .unwrap_or_else(|| format!("oid {oid}"))
+}
+
+/// `int8=numeric` → the two OIDs.
+pub fn parse_equivalence(pair: &str) -> Result<(u32, u32), String> {
+    let (a, b) = pair
+        .split_once('=')
+        .ok_or_else(|| format!("expected `type=type` (e.g. int8=numeric), got `{pair}`"))?;
+    let oid = |t: &str| type_oid(t).ok_or_else(|| format!("unknown type `{}`", t.trim()));
+    Ok((oid(a)?, oid(b)?))
+}
+
+fn is_numeric(oid: u32) -> bool {
+    matches!(oid, 20 | 21 | 23 | 26 | FLOAT4 | FLOAT8 | NUMERIC)
+}
+
+impl Rules {
+    /// Compiles the rules; the config was validated, so errors here are reported, not fatal.
+    pub fn new(cfg: &CompareConfig) -> Result<Rules, String> {
+        let set = |list: &[String]| RegexSet::new(list).map_err(|e| e.to_string());
+        let mut equivalent = Vec::new();
+        for pair in &cfg.type_equivalences {
+            let (a, b) = parse_equivalence(pair)?;
+            equivalent.push((a, b));
+            equivalent.push((b, a));
+        }
+        Ok(Rules {
+            exclude: set(&cfg.exclude_patterns)?,
+            primary_only: set(&cfg.primary_only_patterns)?,
+            ignore_columns: set(&cfg.ignore_columns)?,
+            tolerance: cfg.float_tolerance,
+            equivalent,
+            sample_rows_max: cfg.sample_rows_max,
+        })
+    }
+
+    pub fn excluded(&self, statement: &str) -> bool {
+        !self.exclude.is_empty() && self.exclude.is_match(statement)
+    }
+
+    pub fn primary_only(&self, statement: &str) -> bool {
+        !self.primary_only.is_empty() && self.primary_only.is_match(statement)
+    }
+
+    pub fn routes(&self) -> bool {
+        !self.primary_only.is_empty()
+    }
+
+    /// The two column types compare equal (same OID or declared equivalent).
+    pub fn same_type(&self, a: u32, b: u32) -> bool {
+        a == b || self.equivalent.contains(&(a, b))
+    }
+
+    pub fn column_rule(&self, name: &str, oid: u32, binary: bool) -> ColumnRule {
+        if !self.ignore_columns.is_empty() && self.ignore_columns.is_match(name) {
+            return ColumnRule::Skip;
+        }
+        let equivalent = is_numeric(oid) && self.equivalent.iter().any(|&(a, _)| a == oid);
+        if self.tolerance > 0.0 {
+            // Numbers declared equivalent to a float or numeric column are quantised alike.
+            if equivalent && !binary {
+                return ColumnRule::FloatText;
+            }
+            match (oid, binary) {
+                (FLOAT4 | FLOAT8 | NUMERIC, false) => return ColumnRule::FloatText,
+                (FLOAT4, true) => return ColumnRule::FloatBinary4,
+                (FLOAT8, true) => return ColumnRule::FloatBinary8,
+                _ => {}
+            }
+        }
+        if !binary && equivalent {
+            return ColumnRule::NumericText;
+        }
+        ColumnRule::Raw
+    }
+
+    /// A float snapped to the tolerance grid, as the integer grid index (NaN and infinities
+    /// keep their own bit patterns).
+    pub fn quantise(&self, v: f64) -> u64 {
+        if !v.is_finite() || self.tolerance <= 0.0 {
+            return v.to_bits();
+        }
+        let q = (v / self.tolerance).round();
+        // -0.0 and 0.0 are the same grid point.
+        if q == 0.0 { 0 } else { q.to_bits() }
+    }
+}
+
+pub fn float_value(rule: ColumnRule, bytes: &[u8]) -> Option<f64> {
+    match rule {
+        ColumnRule::FloatText => std::str::from_utf8(bytes).ok()?.trim().parse::<f64>().ok(),
+        ColumnRule::FloatBinary4 => Some(f32::from_be_bytes(bytes.try_into().ok()?) as f64),
+        ColumnRule::FloatBinary8 => Some(f64::from_be_bytes(bytes.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+/// `5.00` → `5`, `-0` → `0`, `1.50` → `1.5`: numbers that are equal compare equal across
+/// int8 and numeric.
+pub fn canonical_number(bytes: &[u8]) -> &[u8] {
+    let mut text = bytes;
+    if memchr::memchr(b'.', text).is_some() && !text.contains(&b'e') && !text.contains(&b'E') {
+        while let [rest @ .., b'0'] = text {
+            text = rest;
+        }
+        if let [rest @ .., b'.'] = text {
+            text = rest;
+        }
+    }
+    if text == b"-0" { b"0" } else { text }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equivalences_parse_and_canonical_numbers() {
+        assert_eq!(parse_equivalence("int8=numeric"), Ok((20, 1700)));
+        assert_eq!(parse_equivalence("bigint = decimal"), Ok((20, 1700)));
+        assert!(parse_equivalence("int8").is_err());
+        assert!(parse_equivalence("int8=nope").is_err());
+        assert_eq!(canonical_number(b"5.00"), b"5");
+        assert_eq!(canonical_number(b"1.50"), b"1.5");
+        assert_eq!(canonical_number(b"100"), b"100");
+        assert_eq!(canonical_number(b"-0.0"), b"0");
+    }
+
+    #[test]
+    fn default_exclusions_match_volatile_functions() {
+        let rules = Rules::new(&CompareConfig::default()).unwrap();
+        assert!(rules.excluded("SELECT now()"));
+        assert!(rules.excluded("select random() * 2"));
+        assert!(rules.excluded("SHOW server_version"));
+        assert!(rules.excluded("SELECT version ()"));
+        assert!(!rules.excluded("SELECT id FROM shown WHERE nowhere = 1"));
+    }
+}

@@ -1,0 +1,191 @@
+//! Verdicts: what differs between the primary's and the shadow's digest of one statement,
+//! in words a person can act on. Errors compare by SQLSTATE, never by message text.
+
+use super::digest::Digest;
+use super::rules::{Rules, type_name};
+
+/// Kinds of difference, for counters and grouping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// One side failed, the other did not.
+    Error,
+    /// Both failed with different SQLSTATEs.
+    Sqlstate,
+    CommandTag,
+    RowCount,
+    Columns,
+    ColumnTypes,
+    Values,
+    /// Same rows, different order, under ORDER BY.
+    Order,
+    /// A multi-statement query produced a different number of results.
+    Results,
+    /// The shadow was slower than `compare.slow-query-ratio`.
+    Slow,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 10] = [
+        Kind::Error,
+        Kind::Sqlstate,
+        Kind::CommandTag,
+        Kind::RowCount,
+        Kind::Columns,
+        Kind::ColumnTypes,
+        Kind::Values,
+        Kind::Order,
+        Kind::Results,
+        Kind::Slow,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Error => "error",
+            Kind::Sqlstate => "sqlstate",
+            Kind::CommandTag => "command_tag",
+            Kind::RowCount => "row_count",
+            Kind::Columns => "columns",
+            Kind::ColumnTypes => "column_types",
+            Kind::Values => "values",
+            Kind::Order => "order",
+            Kind::Results => "results",
+            Kind::Slow => "slow",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        Kind::ALL.iter().position(|k| *k == self).unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Difference {
+    pub kind: Kind,
+    pub text: String,
+}
+
+fn diff(kind: Kind, text: String) -> Difference {
+    Difference { kind, text }
+}
+
+fn column_list(cols: &[(String, u32)]) -> String {
+    cols.iter()
+        .map(|(n, _)| n.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Compares one statement's two digests. `ordered`: the statement has a top-level ORDER BY,
+/// so row order matters.
+pub fn compare(primary: &Digest, shadow: &Digest, ordered: bool, rules: &Rules) -> Vec<Difference> {
+    let mut out = Vec::new();
+    match (primary.error_code(), shadow.error_code()) {
+        (Some(p), Some(s)) => {
+            if p != s {
+                out.push(diff(
+                    Kind::Sqlstate,
+                    format!(
+                        "SQLSTATE differs: primary {p} ({}), shadow {s} ({})",
+                        primary.message, shadow.message
+                    ),
+                ));
+            }
+            return out;
+        }
+        (Some(p), None) => {
+            out.push(diff(
+                Kind::Error,
+                format!(
+                    "error on primary only: {p} ({}); shadow returned `{}`",
+                    primary.message, shadow.tag
+                ),
+            ));
+            return out;
+        }
+        (None, Some(s)) => {
+            out.push(diff(
+                Kind::Error,
+                format!(
+                    "error on shadow only: {s} ({}); primary returned `{}`",
+                    shadow.message, primary.tag
+                ),
+            ));
+            return out;
+        }
+        (None, None) => {}
+    }
+    if let (Some(pc), Some(sc)) = (&primary.columns, &shadow.columns) {
+        let names_p: Vec<&str> = pc.iter().map(|c| c.0.as_str()).collect();
+        let names_s: Vec<&str> = sc.iter().map(|c| c.0.as_str()).collect();
+        if names_p != names_s {
+            out.push(diff(
+                Kind::Columns,
+                format!(
+                    "columns differ: primary {} ({}), shadow {} ({})",
+                    pc.len(),
+                    column_list(pc),
+                    sc.len(),
+                    column_list(sc)
+                ),
+            ));
+        } else {
+            for ((name, pt), (_, st)) in pc.iter().zip(sc.iter()) {
+                if !rules.same_type(*pt, *st) {
+                    out.push(diff(
+                        Kind::ColumnTypes,
+                        format!(
+                            "column `{name}` type differs: primary {}, shadow {}",
+                            type_name(*pt),
+                            type_name(*st)
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    let structural = !out.is_empty();
+    if primary.rows != shadow.rows {
+        out.push(diff(
+            Kind::RowCount,
+            format!(
+                "row count differs: primary {} rows, shadow {} rows",
+                primary.rows, shadow.rows
+            ),
+        ));
+    } else if primary.tag != shadow.tag {
+        out.push(diff(
+            Kind::CommandTag,
+            format!(
+                "command tag differs: primary `{}`, shadow `{}`",
+                primary.tag, shadow.tag
+            ),
+        ));
+    }
+    // Values of rows whose shape already differs say nothing more.
+    if structural {
+        return out;
+    }
+    if primary.unordered != shadow.unordered {
+        if primary.rows == shadow.rows {
+            out.push(diff(Kind::Values, "row values differ".to_string()));
+        }
+    } else if ordered && primary.ordered != shadow.ordered {
+        out.push(diff(
+            Kind::Order,
+            "same rows in a different order under ORDER BY".to_string(),
+        ));
+    }
+    out
+}
+
+/// Sample rows present on one side and not the other (within the kept samples).
+pub fn sample_difference(primary: &Digest, shadow: &Digest) -> (Vec<String>, Vec<String>) {
+    let only = |a: &Digest, b: &Digest| {
+        a.sample
+            .iter()
+            .filter(|(h, _)| !b.sample.iter().any(|(g, _)| g == h))
+            .map(|(_, r)| r.clone())
+            .collect::<Vec<_>>()
+    };
+    (only(primary, shadow), only(shadow, primary))
+}

@@ -1,0 +1,677 @@
+//! Compare mode against real PostgreSQL servers: a primary and a shadow seeded the same, then
+//! made to differ on purpose.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pgprism::embed::Instance;
+use sonic_rs::{JsonContainerTrait, JsonValueTrait};
+use support::{Proxy, eventually, start_primary};
+
+struct Pair {
+    primary: Instance,
+    shadow: Instance,
+    report: PathBuf,
+}
+
+fn pair(name: &str) -> Pair {
+    let report = std::env::temp_dir().join(format!(
+        "pgprism-compare-{}-{name}.jsonl",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&report);
+    Pair {
+        primary: start_primary(&format!("{name}p")),
+        shadow: start_primary(&format!("{name}s")),
+        report,
+    }
+}
+
+impl Pair {
+    fn both(&self, sql: &str) {
+        self.primary.psql(sql).expect("seed primary");
+        self.shadow.psql(sql).expect("seed shadow");
+    }
+
+    fn proxy(&self, extra: &[&str]) -> Proxy {
+        let shadow = self.shadow.url();
+        let report = self.report.display().to_string();
+        let mut args = vec!["--shadow", &shadow, "--compare-report", &report];
+        if !extra.contains(&"--slow-query-min-ms") {
+            // Timing noise on a busy test machine must not add slow-query reports.
+            args.extend_from_slice(&["--slow-query-min-ms", "60000"]);
+        }
+        args.extend_from_slice(extra);
+        Proxy::start(&self.primary.url(), &args)
+    }
+
+    fn reports(&self) -> Vec<sonic_rs::Value> {
+        std::fs::read_to_string(&self.report)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| sonic_rs::from_str(l).expect("report line is JSON"))
+            .collect()
+    }
+
+    /// Waits for a report about `statement`.
+    fn report_for(&self, statement: &str) -> sonic_rs::Value {
+        let mut found = None;
+        eventually(Duration::from_secs(10), || {
+            found = self
+                .reports()
+                .into_iter()
+                .find(|r| r["statement"].as_str() == Some(statement));
+            found.is_some()
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "no report for {statement:?}; reports: {:?}",
+                std::fs::read_to_string(&self.report).unwrap_or_default()
+            )
+        })
+    }
+
+    fn reported(&self, statement: &str) -> bool {
+        self.reports()
+            .iter()
+            .any(|r| r["statement"].as_str() == Some(statement))
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.report);
+    }
+}
+
+fn kinds(report: &sonic_rs::Value) -> Vec<String> {
+    report["kinds"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn description(report: &sonic_rs::Value) -> String {
+    report["description"].as_str().unwrap_or("").to_string()
+}
+
+/// Waits until every shard reported a counter at least `min`.
+fn counter_reaches(proxy: &Proxy, name: &str, min: u64) -> bool {
+    eventually(Duration::from_secs(10), || proxy.metric(name) >= min)
+}
+
+const SEED: &str = "
+    CREATE TABLE miss (id int PRIMARY KEY, v text);
+    INSERT INTO miss SELECT g, 'v' || g FROM generate_series(1, 5) g;
+    CREATE TABLE chg (id int PRIMARY KEY, v text);
+    INSERT INTO chg SELECT g, 'v' || g FROM generate_series(1, 5) g;
+    CREATE TABLE tagt (id int PRIMARY KEY, v text);
+    INSERT INTO tagt SELECT g, 'v' || g FROM generate_series(1, 5) g;
+    CREATE TABLE ign (id int PRIMARY KEY, updated_at text);
+    CREATE TABLE fl (id int PRIMARY KEY, x float8);
+";
+
+#[test]
+fn differences_are_caught_and_described() {
+    let p = pair("diff");
+    p.both(SEED);
+    // Made to differ: the shadow lost a row, changed a value, has an extra column, a wider
+    // type, fewer rows to update, no table at all, and the other order under ORDER BY.
+    p.shadow.psql("DELETE FROM miss WHERE id = 3").unwrap();
+    p.shadow
+        .psql("UPDATE chg SET v = 'changed' WHERE id = 2")
+        .unwrap();
+    p.primary
+        .psql("CREATE TABLE extra (id int, v text); INSERT INTO extra VALUES (1, 'a')")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE extra (id int, v text, z int); INSERT INTO extra VALUES (1, 'a', 7)")
+        .unwrap();
+    p.primary
+        .psql("CREATE TABLE typ (id int, v int); INSERT INTO typ VALUES (1, 10)")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE typ (id int, v bigint); INSERT INTO typ VALUES (1, 10)")
+        .unwrap();
+    p.shadow.psql("DELETE FROM tagt WHERE id = 5").unwrap();
+    p.primary
+        .psql("CREATE TABLE only_p (id int); INSERT INTO only_p VALUES (1)")
+        .unwrap();
+    p.primary.psql("CREATE TABLE ord (id int, k int); INSERT INTO ord SELECT g, g FROM generate_series(1, 6) g").unwrap();
+    p.shadow.psql("CREATE TABLE ord (id int, k int); INSERT INTO ord SELECT g, -g FROM generate_series(1, 6) g").unwrap();
+    // And made to differ where it must not be reported: physical order, float noise,
+    // ignored columns, declared type equivalence.
+    p.primary
+        .psql(
+            "CREATE TABLE noord (id int); INSERT INTO noord SELECT g FROM generate_series(1, 50) g",
+        )
+        .unwrap();
+    p.shadow.psql("CREATE TABLE noord (id int); INSERT INTO noord SELECT g FROM generate_series(50, 1, -1) g").unwrap();
+    p.primary
+        .psql("INSERT INTO fl VALUES (1, 1.0000001), (2, 2.5)")
+        .unwrap();
+    p.shadow
+        .psql("INSERT INTO fl VALUES (1, 1.0000002), (2, 2.5)")
+        .unwrap();
+    p.primary
+        .psql("INSERT INTO ign VALUES (1, 'monday'), (2, 'tuesday')")
+        .unwrap();
+    p.shadow
+        .psql("INSERT INTO ign VALUES (1, 'friday'), (2, 'saturday')")
+        .unwrap();
+    p.primary
+        .psql("CREATE TABLE eqv (id int, n int8); INSERT INTO eqv VALUES (1, 5), (2, -7)")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE eqv (id int, n numeric); INSERT INTO eqv VALUES (1, 5.00), (2, -7)")
+        .unwrap();
+
+    let proxy = p.proxy(&[
+        "--float-tolerance",
+        "0.001",
+        "--compare-ignore-column",
+        "^updated_at$",
+        "--type-equivalence",
+        "int8=numeric",
+    ]);
+    let mut c = proxy.client();
+    let caught = [
+        (
+            "SELECT * FROM miss",
+            "row_count",
+            vec!["primary 5 rows, shadow 4 rows", "(3, v3)"],
+        ),
+        (
+            "SELECT * FROM chg",
+            "values",
+            vec!["row values differ", "changed"],
+        ),
+        (
+            "SELECT * FROM extra",
+            "columns",
+            vec!["primary 2 (id, v), shadow 3 (id, v, z)"],
+        ),
+        (
+            "SELECT * FROM typ",
+            "column_types",
+            vec!["column `v` type differs: primary int4, shadow int8"],
+        ),
+        (
+            "UPDATE tagt SET v = v || '!'",
+            "command_tag",
+            vec!["primary `UPDATE 5`, shadow `UPDATE 4`"],
+        ),
+        (
+            "SELECT * FROM only_p",
+            "error",
+            vec!["error on shadow only: 42P01"],
+        ),
+        (
+            "SELECT id FROM ord ORDER BY k",
+            "order",
+            vec!["different order under ORDER BY"],
+        ),
+    ];
+    for (sql, _, _) in &caught {
+        // The client sees the primary's answer in report mode, whatever the shadow said.
+        c.simple_query(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    // The extended protocol is compared too.
+    let rows = c
+        .query("SELECT v FROM chg WHERE id = $1", &[&2i32])
+        .unwrap();
+    assert_eq!(
+        rows[0].get::<_, String>(0),
+        "v2",
+        "report mode returns the primary's row"
+    );
+    let not_reported = [
+        "SELECT * FROM noord",
+        "SELECT * FROM fl",
+        "SELECT * FROM ign",
+        "SELECT * FROM eqv",
+        "SELECT now(), * FROM chg",
+        "SELECT id FROM noord ORDER BY id",
+    ];
+    for sql in &not_reported {
+        c.simple_query(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    for (sql, kind, words) in &caught {
+        let report = p.report_for(sql);
+        assert!(
+            kinds(&report).iter().any(|k| k == kind),
+            "{sql}: expected kind {kind}, got {report:?}"
+        );
+        let text = format!(
+            "{} {}",
+            description(&report),
+            sonic_rs::to_string(&report).unwrap()
+        );
+        for w in words {
+            assert!(text.contains(w), "{sql}: expected {w:?} in {text}");
+        }
+    }
+    let extended = p.report_for("SELECT v FROM chg WHERE id = $1");
+    assert_eq!(kinds(&extended), vec!["values"], "{extended:?}");
+    // Give the non-reports time to show up if they were (wrongly) reported.
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_statements_total",
+        13
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    for sql in &not_reported {
+        assert!(
+            !p.reported(sql),
+            "{sql} must not be reported: {:?}",
+            p.reports()
+        );
+    }
+    assert_eq!(proxy.metric("pgprism_compare_mismatches_total"), 8);
+    // /status groups by fingerprint, with examples.
+    let (code, body) = proxy.admin_get("/status");
+    assert_eq!(code, 200);
+    let status: sonic_rs::Value = sonic_rs::from_str(&body).unwrap();
+    let groups = status["compare"]["groups"].as_array().expect("groups");
+    assert_eq!(groups.len(), 8, "{body}");
+    let chg = groups
+        .iter()
+        .find(|g| g["statement"].as_str() == Some("select * from chg"))
+        .expect("chg group");
+    assert_eq!(chg["count"].as_u64(), Some(1));
+    assert_eq!(chg["examples"].as_array().map(|a| a.len()), Some(1));
+    let metrics = proxy.admin_get("/metrics").1;
+    assert!(
+        metrics.contains("pgprism_compare_mismatch_kinds_total{kind=\"values\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn fail_on_differences_gives_xx000_and_report_mode_gives_the_primary_result() {
+    let p = pair("fail");
+    p.both(SEED);
+    p.shadow
+        .psql("UPDATE chg SET v = 'changed' WHERE id = 2")
+        .unwrap();
+    let strict = p.proxy(&["--fail-on-differences"]);
+    let mut c = strict.client();
+    let err = c.simple_query("SELECT * FROM chg").unwrap_err();
+    let db = err.as_db_error().expect("server error");
+    assert_eq!(db.code().code(), "XX000");
+    assert!(
+        db.message()
+            .starts_with("Query results differ between primary and shadow: row values differ"),
+        "{}",
+        db.message()
+    );
+    let detail = db.detail().unwrap_or("");
+    assert!(detail.contains("statement: SELECT * FROM chg"), "{detail}");
+    // Extended protocol too, and the session stays usable afterwards.
+    let err = c
+        .query("SELECT v FROM chg WHERE id = $1", &[&2i32])
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("XX000"));
+    let rows = c
+        .query("SELECT v FROM chg WHERE id = $1", &[&1i32])
+        .unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "v1");
+    // Inside a transaction: the failed statement is reported and the transaction goes on.
+    let mut tx = c.transaction().unwrap();
+    tx.execute("INSERT INTO miss VALUES (100, 'x')", &[])
+        .unwrap();
+    assert!(tx.simple_query("SELECT * FROM chg").is_err());
+    drop(tx);
+    drop(c);
+    drop(strict);
+
+    // Above the buffering bound the statement streams, with a warning, and is only reported.
+    let bounded = p.proxy(&["--fail-on-differences", "--compare-buffer-bytes", "1024"]);
+    let mut c = bounded.client();
+    p.both("CREATE TABLE wide AS SELECT g AS id, repeat('w', 100) AS pad FROM generate_series(1, 200) g");
+    p.shadow
+        .psql("UPDATE wide SET pad = 'x' WHERE id = 150")
+        .unwrap();
+    let msgs = c
+        .simple_query("SELECT * FROM wide")
+        .expect("falls back to report mode");
+    let rows = msgs
+        .iter()
+        .filter(|m| matches!(m, postgres::SimpleQueryMessage::Row(_)))
+        .count();
+    assert_eq!(rows, 200);
+    let report = p.report_for("SELECT * FROM wide");
+    assert_eq!(report["fallback_to_report"].as_bool(), Some(true));
+    assert_eq!(report["client_failed"].as_bool(), Some(false));
+    assert!(counter_reaches(
+        &bounded,
+        "pgprism_compare_fallbacks_total",
+        1
+    ));
+    // Small results are still held and judged in the same session.
+    assert!(c.simple_query("SELECT * FROM chg").is_err());
+    drop(c);
+    drop(bounded);
+
+    let lenient = p.proxy(&[]);
+    let mut c = lenient.client();
+    let rows = c.query("SELECT id, v FROM chg ORDER BY id", &[]).unwrap();
+    let got: Vec<String> = rows.iter().map(|r| r.get::<_, String>(1)).collect();
+    assert_eq!(got, vec!["v1", "v2", "v3", "v4", "v5"]);
+    assert!(counter_reaches(
+        &lenient,
+        "pgprism_compare_mismatches_total",
+        1
+    ));
+}
+
+#[test]
+fn source_of_truth_shadow_returns_the_shadow_results() {
+    let p = pair("sot");
+    p.both(SEED);
+    p.shadow
+        .psql("UPDATE chg SET v = 'shadow-value' WHERE id = 2")
+        .unwrap();
+    let proxy = p.proxy(&["--source-of-truth", "shadow"]);
+    let mut c = proxy.client();
+    let rows = c
+        .query("SELECT v FROM chg WHERE id = $1", &[&2i32])
+        .unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "shadow-value");
+    let msgs = c.simple_query("SELECT v FROM chg WHERE id = 2").unwrap();
+    let value = msgs.iter().find_map(|m| match m {
+        postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(value.as_deref(), Some("shadow-value"));
+    // Writes still reach both.
+    c.execute("INSERT INTO miss VALUES (42, 'both')", &[])
+        .unwrap();
+    for inst in [&p.primary, &p.shadow] {
+        assert_eq!(
+            inst.psql("SELECT v FROM miss WHERE id = 42")
+                .unwrap()
+                .trim(),
+            "both"
+        );
+    }
+    let report = p.report_for("SELECT v FROM chg WHERE id = $1");
+    assert_eq!(kinds(&report), vec!["values"]);
+}
+
+#[test]
+fn divergence_in_a_transaction_is_reported_once_and_resynced() {
+    let p = pair("div");
+    p.both(SEED);
+    p.primary.psql("CREATE TABLE only_p (id int)").unwrap();
+    let proxy = p.proxy(&[]);
+    let mut c = proxy.client();
+    c.batch_execute("BEGIN").unwrap();
+    c.batch_execute("INSERT INTO only_p VALUES (1)").unwrap();
+    for i in 0..20 {
+        c.simple_query(&format!("SELECT * FROM chg WHERE id = {}", i % 5))
+            .unwrap();
+    }
+    c.batch_execute("COMMIT").unwrap();
+    // Back in step: a later difference is caught again.
+    p.shadow
+        .psql("UPDATE chg SET v = 'changed' WHERE id = 2")
+        .unwrap();
+    c.simple_query("SELECT * FROM chg").unwrap();
+    let report = p.report_for("SELECT * FROM chg");
+    assert_eq!(kinds(&report), vec!["values"]);
+    let first = p.report_for("INSERT INTO only_p VALUES (1)");
+    assert_eq!(kinds(&first), vec!["error"]);
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_mismatches_total",
+        2
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(p.reports().len(), 2, "{:?}", p.reports());
+    assert!(proxy.metric("pgprism_compare_skipped_total") >= 20);
+}
+
+#[test]
+fn slow_statement_on_the_shadow_gets_both_plans() {
+    let p = pair("slow");
+    p.both(
+        "CREATE TABLE big (id int, k int, pad text);
+         INSERT INTO big SELECT g, g, repeat('x', 40) FROM generate_series(1, 300000) g;
+         ANALYZE big;",
+    );
+    p.primary.psql("CREATE INDEX big_k ON big (k)").unwrap();
+    let proxy = p.proxy(&["--slow-query-ratio", "3", "--slow-query-min-ms", "1"]);
+    let mut c = proxy.client();
+    let sql = "SELECT id FROM big WHERE k = 123456";
+    let mut found = None;
+    for _ in 0..5 {
+        c.simple_query(sql).unwrap();
+        found = p
+            .reports()
+            .into_iter()
+            .find(|r| r["record"].as_str() == Some("slow"));
+        if found.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let mut report = found;
+    if report.is_none() {
+        eventually(Duration::from_secs(20), || {
+            report = p
+                .reports()
+                .into_iter()
+                .find(|r| r["record"].as_str() == Some("slow"));
+            report.is_some()
+        });
+    }
+    let report = report.unwrap_or_else(|| panic!("no slow report: {:?}", p.reports()));
+    assert_eq!(report["statement"].as_str(), Some(sql));
+    let primary_plan = report["primary"]["plan"].as_str().unwrap_or("");
+    let shadow_plan = report["shadow"]["plan"].as_str().unwrap_or("");
+    assert!(
+        primary_plan.contains("Index"),
+        "primary plan: {primary_plan}"
+    );
+    assert!(
+        shadow_plan.contains("Seq Scan"),
+        "shadow plan: {shadow_plan}"
+    );
+    assert!(
+        shadow_plan.contains("Buffers"),
+        "shadow plan: {shadow_plan}"
+    );
+    assert!(report["shadow_us"].as_u64() > report["primary_us"].as_u64());
+    drop(c);
+    drop(proxy);
+    // fail-on-slow-queries: the slow statement fails like a difference.
+    let strict = p.proxy(&[
+        "--fail-on-differences",
+        "--fail-on-slow-queries",
+        "--slow-query-ratio",
+        "3",
+        "--slow-query-min-ms",
+        "1",
+    ]);
+    let mut c = strict.client();
+    let err = c.simple_query(sql).unwrap_err();
+    let db = err.as_db_error().expect("server error");
+    assert_eq!(db.code().code(), "XX000");
+    assert!(db.message().contains("shadow took"), "{}", db.message());
+}
+
+/// One client's share of the zero-mismatch workload: reads with and without ORDER BY,
+/// writes, transactions (committed and rolled back), errors, prepared statements.
+fn workload(conninfo: String, client: i32, statements: usize) -> usize {
+    let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    let table = format!("w{client}");
+    let get = c
+        .prepare(&format!("SELECT id, v, f, n FROM {table} WHERE id = $1"))
+        .unwrap();
+    let upd = c
+        .prepare(&format!("UPDATE {table} SET v = v + 1 WHERE id = $1"))
+        .unwrap();
+    let mut sent = 0;
+    let mut i = 0i32;
+    while sent < statements {
+        i += 1;
+        let id = i % 200;
+        match i % 10 {
+            0 => {
+                let mut tx = c.transaction().unwrap();
+                tx.execute(&upd, &[&id]).unwrap();
+                tx.execute(
+                    &format!(
+                        "INSERT INTO {table} VALUES ($1, 0, 0.5, 3) ON CONFLICT (id) DO NOTHING"
+                    ),
+                    &[&(1000 + i)],
+                )
+                .unwrap();
+                tx.commit().unwrap();
+                sent += 4;
+            }
+            1 => {
+                // An error on both sides, inside a transaction that is rolled back.
+                let mut tx = c.transaction().unwrap();
+                tx.execute(&upd, &[&id]).unwrap();
+                assert!(tx.batch_execute("SELECT 1/0").is_err());
+                drop(tx);
+                sent += 4;
+            }
+            2 => {
+                c.simple_query(&format!(
+                    "SELECT id, v FROM {table} WHERE id < {} ORDER BY id DESC",
+                    id + 20
+                ))
+                .unwrap();
+                sent += 1;
+            }
+            3 => {
+                c.simple_query(&format!(
+                    "SELECT count(*), sum(v) FROM {table}; SELECT * FROM {table} WHERE id % 17 = 3"
+                ))
+                .unwrap();
+                sent += 2;
+            }
+            4 => {
+                assert!(
+                    c.execute(&format!("INSERT INTO {table} VALUES (1, 0, 0, 0)"), &[])
+                        .is_err()
+                );
+                sent += 1;
+            }
+            _ => {
+                c.query(&get, &[&id]).unwrap();
+                sent += 1;
+            }
+        }
+    }
+    sent
+}
+
+#[test]
+fn identical_databases_and_ten_thousand_statements_give_zero_mismatches() {
+    let p = pair("same");
+    let mut seed = String::new();
+    for t in 0..4 {
+        seed.push_str(&format!(
+            "CREATE TABLE w{t} (id int PRIMARY KEY, v int, f float8, n numeric);
+             INSERT INTO w{t} SELECT g, g * 3, g / 7.0, g * 1.5 FROM generate_series(0, 299) g;"
+        ));
+    }
+    p.both(&seed);
+    let proxy = p.proxy(&[]);
+    let conninfo = proxy.conninfo("postgres", None);
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let conninfo = conninfo.clone();
+            std::thread::spawn(move || workload(conninfo, t, 2500))
+        })
+        .collect();
+    let total: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    assert!(total >= 10_000);
+    assert!(
+        counter_reaches(&proxy, "pgprism_compare_statements_total", 9_000),
+        "compared {}",
+        proxy.metric("pgprism_compare_statements_total")
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        proxy.metric("pgprism_compare_mismatches_total"),
+        0,
+        "{:?}",
+        p.reports().into_iter().take(5).collect::<Vec<_>>()
+    );
+    assert!(p.reports().is_empty());
+    // Both databases really ran the writes (the shadow finishes what it was sent even after
+    // the clients have left).
+    for t in 0..4 {
+        let q = format!("SELECT sum(v)::text || ':' || count(*) FROM w{t}");
+        let want = p.primary.psql(&q).unwrap();
+        assert!(
+            eventually(Duration::from_secs(10), || p.shadow.psql(&q).unwrap()
+                == want),
+            "w{t}: primary {want}, shadow {}",
+            p.shadow.psql(&q).unwrap()
+        );
+    }
+}
+
+#[test]
+fn primary_only_patterns_keep_statements_off_the_shadow() {
+    let p = pair("route");
+    p.both(SEED);
+    let proxy = p.proxy(&["--compare-primary-only", "pg_catalog|/\\* primary \\*/"]);
+    let mut c = proxy.client();
+    // Catalog contents differ between any two servers; routed, they are never compared.
+    c.simple_query("SELECT count(*) FROM pg_catalog.pg_stat_activity")
+        .unwrap();
+    c.execute("INSERT INTO miss VALUES (77, 'p') /* primary */", &[])
+        .unwrap();
+    // A prepared statement routed to the primary only, used again in later batches.
+    let stmt = c
+        .prepare("SELECT v FROM miss WHERE id = $1 /* primary */")
+        .unwrap();
+    for _ in 0..3 {
+        let rows = c.query(&stmt, &[&77i32]).unwrap();
+        assert_eq!(rows[0].get::<_, String>(0), "p");
+    }
+    // Everything else still runs on both and is compared.
+    c.execute("INSERT INTO miss VALUES (78, 'both')", &[])
+        .unwrap();
+    c.simple_query("SELECT * FROM chg").unwrap();
+    assert_eq!(
+        p.primary
+            .psql("SELECT count(*) FROM miss WHERE id = 77")
+            .unwrap()
+            .trim(),
+        "1"
+    );
+    assert_eq!(
+        p.shadow
+            .psql("SELECT count(*) FROM miss WHERE id = 77")
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    assert!(eventually(Duration::from_secs(10), || p
+        .shadow
+        .psql("SELECT count(*) FROM miss WHERE id = 78")
+        .unwrap()
+        .trim()
+        == "1"));
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_statements_total",
+        2
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(p.reports().is_empty(), "{:?}", p.reports());
+}
