@@ -31,6 +31,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Stream PostgreSQL changes (logical replication) into StarRocks with Stream Load.
+    Cdc(crate::cdc::cmd::CdcArgs),
     /// Validate a config file and print the effective configuration.
     Check {
         #[arg(long, short)]
@@ -144,6 +146,7 @@ pub fn main() -> ExitCode {
                 Err(err) => report(&err),
             };
         }
+        Command::Cdc(args) => return crate::cdc::cmd::main(args),
         Command::Run { config } => match Config::load(&config) {
             Ok(cfg) => cfg,
             Err(err) => return report(&err),

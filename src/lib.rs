@@ -1,5 +1,6 @@
 //! pgprism: a thread-per-core, io_uring data plane for PostgreSQL traffic.
 
+pub mod cdc;
 pub mod cli;
 pub mod config;
 pub mod control;
