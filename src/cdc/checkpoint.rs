@@ -27,9 +27,20 @@ impl Checkpoints {
     pub fn create_sql(table: &str) -> String {
         format!(
             "CREATE TABLE IF NOT EXISTS {} (slot text PRIMARY KEY, lsn pg_lsn NOT NULL, \
-             updated_at timestamptz NOT NULL DEFAULT now())",
+             pending pg_lsn, updated_at timestamptz NOT NULL DEFAULT now())",
             qualified(table)
         )
+    }
+
+    /// Announces the end of the flush cycle being loaded (see `Work::Boundary`).
+    pub fn store_pending(&mut self, lsn: Lsn) -> Result<(), PgError> {
+        self.conn.query(&format!(
+            "INSERT INTO {} (slot, lsn, pending) VALUES ({}, '0/0', '{lsn}') \
+             ON CONFLICT (slot) DO UPDATE SET pending = excluded.pending, updated_at = now()",
+            self.table,
+            quote_literal(&self.slot)
+        ))?;
+        Ok(())
     }
 
     /// The stored position, if any.

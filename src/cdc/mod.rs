@@ -242,6 +242,7 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
         })
         .map_err(|e| CdcError::Replication(PgError::Io(e)))?;
     let mut pipeline = Pipeline::new(pcfg, prepared.keys);
+    pipeline.set_forced_boundary(prepared.pending);
     let streamed = source::run(&mut repl, &scfg, &mut pipeline, &tx, &shared);
     drop(tx);
     shared.stopped.store(true, Ordering::Release);
@@ -279,6 +280,9 @@ fn load_loop(
                 failpoint::hit("cdc-after-load");
             }
             Work::Truncate { table } => return Err(CdcError::Truncate { table }),
+            Work::Boundary(lsn) => {
+                checkpoints.store_pending(lsn).map_err(CdcError::Checkpoint)?;
+            }
             Work::Checkpoint(lsn) => {
                 failpoint::hit("cdc-before-checkpoint");
                 checkpoints.store(lsn).map_err(CdcError::Checkpoint)?;

@@ -25,6 +25,11 @@ pub enum Work {
     Truncate { table: String },
     /// Everything before this marker is loaded: store and confirm this LSN.
     Checkpoint(Lsn),
+    /// The flush cycle now ending was cut by the wall clock (the stream went idle), not by
+    /// the data: store this commit LSN as the pending boundary before loading the batches
+    /// that follow, so a replay after a crash cuts its batches at the same place and gets the
+    /// same labels.
+    Boundary(Lsn),
 }
 
 /// One Stream Load.
@@ -121,7 +126,13 @@ pub struct Pipeline {
     unflushed_commit: Option<Lsn>,
     /// Latest commit seen at all.
     last_commit: Lsn,
-    last_flush: Instant,
+    /// Commit time of the first transaction with rows in the current flush cycle.
+    cycle_start_us: Option<i64>,
+    /// The current transaction produced rows.
+    txn_rows: bool,
+    /// Replaying after a restart: cut the first cycle exactly at this commit.
+    forced: Option<Lsn>,
+    last_data: Instant,
     streams: HashMap<u32, Streamed>,
     stream_bytes: usize,
     in_stream: bool,
@@ -142,7 +153,10 @@ impl Pipeline {
             txn_idx: 0,
             unflushed_commit: None,
             last_commit: Lsn::ZERO,
-            last_flush: Instant::now(),
+            cycle_start_us: None,
+            txn_rows: false,
+            forced: None,
+            last_data: Instant::now(),
             streams: HashMap::new(),
             stream_bytes: 0,
             in_stream: false,
@@ -175,6 +189,7 @@ impl Pipeline {
 
     /// Handles one pgoutput payload (an XLogData body).
     pub fn handle(&mut self, payload: &Bytes, out: &mut Vec<Work>) -> Result<(), PipelineError> {
+        self.last_data = Instant::now();
         let msg = Message::decode(payload, self.in_stream)?;
         match msg {
             Message::StreamStart { xid, .. } => {
@@ -204,7 +219,7 @@ impl Pipeline {
                 xid,
                 commit_lsn,
                 end_lsn,
-                ..
+                commit_ts_us,
             } => {
                 let streamed = self.streams.remove(&xid);
                 self.begin(commit_lsn);
@@ -215,7 +230,7 @@ impl Pipeline {
                         self.apply(msg, out)?;
                     }
                 }
-                self.commit(end_lsn, out);
+                self.commit(end_lsn, commit_ts_us, out);
             }
             msg if self.in_stream => {
                 let sub = match msg {
@@ -244,11 +259,15 @@ impl Pipeline {
                     .push((sub, payload.clone()));
             }
             Message::Begin { final_lsn, .. } => self.begin(final_lsn),
-            Message::Commit { end_lsn, .. } => {
+            Message::Commit {
+                end_lsn,
+                commit_ts_us,
+                ..
+            } => {
                 if !self.in_txn {
                     return Err(PipelineError::OutOfOrder { what: "Commit" });
                 }
-                self.commit(end_lsn, out);
+                self.commit(end_lsn, commit_ts_us, out);
             }
             msg => self.apply(msg, out)?,
         }
@@ -259,17 +278,35 @@ impl Pipeline {
         self.in_txn = true;
         self.txn = txn;
         self.txn_idx = 0;
+        self.txn_rows = false;
     }
 
-    fn commit(&mut self, end_lsn: Lsn, out: &mut Vec<Work>) {
+    /// After a restart: the boundary a crashed run had announced ([`Work::Boundary`]).
+    pub fn set_forced_boundary(&mut self, lsn: Option<Lsn>) {
+        self.forced = lsn;
+    }
+
+    /// Flush decisions at a commit depend only on the stream (row counts, commit timestamps),
+    /// never on the wall clock, so a replay after a crash cuts the same batches.
+    fn commit(&mut self, end_lsn: Lsn, commit_ts_us: i64, out: &mut Vec<Work>) {
         self.in_txn = false;
         self.last_commit = end_lsn;
-        if !self.open.is_empty() || self.unflushed_commit.is_some() {
+        if self.txn_rows || !self.open.is_empty() || self.unflushed_commit.is_some() {
             self.unflushed_commit = Some(end_lsn);
+            self.cycle_start_us.get_or_insert(commit_ts_us);
         }
-        if self.open_rows >= self.cfg.flush_rows
-            || self.last_flush.elapsed() >= self.cfg.flush_interval
-        {
+        if let Some(forced) = self.forced {
+            if end_lsn >= forced {
+                self.forced = None;
+                self.flush_all(out);
+            }
+            return;
+        }
+        let interval_us = self.cfg.flush_interval.as_micros() as i64;
+        let aged = self
+            .cycle_start_us
+            .is_some_and(|start| commit_ts_us.saturating_sub(start) >= interval_us);
+        if self.unflushed_commit.is_some() && (self.open_rows >= self.cfg.flush_rows || aged) {
             self.flush_all(out);
         }
     }
@@ -284,14 +321,23 @@ impl Pipeline {
         if let Some(lsn) = self.unflushed_commit.take() {
             out.push(Work::Checkpoint(lsn));
         }
-        self.last_flush = Instant::now();
+        self.cycle_start_us = None;
     }
 
-    /// True when the flush interval passed and something is waiting.
-    pub fn flush_due(&self) -> bool {
-        !self.in_txn
-            && (self.unflushed_commit.is_some() || !self.open.is_empty())
-            && self.last_flush.elapsed() >= self.cfg.flush_interval
+    /// When no change arrived for the flush interval: flushes what waits, announcing the
+    /// boundary first (a wall-clock decision a replay could not repeat on its own).
+    pub fn idle_flush(&mut self, out: &mut Vec<Work>) {
+        if self.in_txn
+            || self.forced.is_some()
+            || self.last_data.elapsed() < self.cfg.flush_interval
+        {
+            return;
+        }
+        let Some(lsn) = self.unflushed_commit else {
+            return;
+        };
+        out.push(Work::Boundary(lsn));
+        self.flush_all(out);
     }
 
     fn flush_open(&mut self, out: &mut Vec<Work>) {
@@ -350,6 +396,7 @@ impl Pipeline {
             }
             Message::Truncate { rels, .. } => {
                 self.flush_open(out);
+                self.txn_rows = true;
                 for oid in rels.iter() {
                     if let Ok(schema) = self.schema.get(oid) {
                         out.push(Work::Truncate {
@@ -366,6 +413,7 @@ impl Pipeline {
 
     fn next_pos(&mut self) -> Pos {
         self.txn_idx += 1;
+        self.txn_rows = true;
         self.rows_in += 1;
         Pos {
             txn: self.txn,

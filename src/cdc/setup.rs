@@ -76,6 +76,8 @@ pub struct Prepared {
     pub keys: KeyColumns,
     /// The checkpoint, if any: where streaming resumes.
     pub checkpoint: Option<Lsn>,
+    /// A flush boundary announced after the checkpoint by a run that then stopped.
+    pub pending: Option<Lsn>,
     /// The slot was created just now.
     pub slot_created: bool,
     /// Created with an exported snapshot: the connection that created it (keep it idle until
@@ -206,16 +208,21 @@ pub fn prepare(cfg: &CdcConfig, url: &PgUrl, sink: &StarRocks, timeout: Duration
     }
     conn.query(&Checkpoints::create_sql(&cfg.checkpoint_table))
         .map_err(step(format!("create checkpoint table {}", cfg.checkpoint_table)))?;
-    let checkpoint = conn
+    let stored = conn
         .query(&format!(
-            "SELECT lsn::text FROM {} WHERE slot = {}",
+            "SELECT lsn::text, pending::text FROM {} WHERE slot = {}",
             qualified(&cfg.checkpoint_table),
             quote_literal(&cfg.slot)
         ))
-        .map_err(step("read the checkpoint"))?
-        .first()
-        .and_then(|r| r.first().cloned().flatten())
-        .and_then(|t| Lsn::parse(&t));
+        .map_err(step("read the checkpoint"))?;
+    let field = |i: usize| {
+        stored
+            .first()
+            .and_then(|r| r.get(i).cloned().flatten())
+            .and_then(|t| Lsn::parse(&t))
+    };
+    let checkpoint = field(0);
+    let pending = field(1).filter(|p| Some(*p) > checkpoint);
     if slot_exists && cfg.snapshot && checkpoint.is_none() {
         return Err(SetupError::SnapshotUnfinished {
             slot: cfg.slot.clone(),
@@ -250,6 +257,7 @@ pub fn prepare(cfg: &CdcConfig, url: &PgUrl, sink: &StarRocks, timeout: Duration
         tables,
         keys,
         checkpoint,
+        pending,
         slot_created: !slot_exists,
         snapshot,
     })

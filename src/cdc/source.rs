@@ -89,9 +89,7 @@ pub fn run(
             pipeline.set_synced_at(now_text());
             state.clock_refreshed = Instant::now();
         }
-        if pipeline.flush_due() {
-            pipeline.flush_all(&mut out);
-        }
+        pipeline.idle_flush(&mut out);
         shared
             .rows_decoded
             .store(pipeline.rows_in(), Ordering::Relaxed);
