@@ -2,9 +2,9 @@
 //! emulator in `support/starrocks.rs`. Every test ends by comparing the emulator's table with
 //! the source table, row for row.
 
-mod support;
 #[path = "support/starrocks.rs"]
 mod starrocks;
+mod support;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
@@ -19,7 +19,10 @@ const DB: &str = "analytics";
 fn start_pg(name: &str, settings: &[(&str, &str)]) -> Instance {
     Instance::start(InstanceConfig {
         name: name.into(),
-        settings: settings.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        settings: settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         ..InstanceConfig::default()
     })
     .expect("start PostgreSQL")
@@ -27,7 +30,10 @@ fn start_pg(name: &str, settings: &[(&str, &str)]) -> Instance {
 
 fn client(inst: &Instance) -> postgres::Client {
     postgres::Client::connect(
-        &format!("host=127.0.0.1 port={} user=postgres dbname=postgres", inst.port()),
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            inst.port()
+        ),
         postgres::NoTls,
     )
     .expect("connect")
@@ -41,11 +47,18 @@ struct Cdc {
 }
 
 fn log_path(tag: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("pgprism-cdc-{}-{tag}-{}.log", std::process::id(), rand_suffix()))
+    std::env::temp_dir().join(format!(
+        "pgprism-cdc-{}-{tag}-{}.log",
+        std::process::id(),
+        rand_suffix()
+    ))
 }
 
 fn rand_suffix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }
 
 fn base_args(pg: &Instance, sr: &StarRocks, tables: &str) -> Vec<String> {
@@ -74,7 +87,10 @@ impl Cdc {
         let log_path = log_path("run");
         let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = pgprism_command();
-        cmd.args(args).args(["--admin", "127.0.0.1:0"]).stdout(Stdio::piped()).stderr(log);
+        cmd.args(args)
+            .args(["--admin", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(log);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -85,10 +101,17 @@ impl Cdc {
         if !line.starts_with("pgprism cdc streaming") {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("pgprism cdc did not start: {line:?}\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+            panic!(
+                "pgprism cdc did not start: {line:?}\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
         }
         let admin = line.split_whitespace().last().and_then(|a| a.parse().ok());
-        Cdc { child, log_path, admin }
+        Cdc {
+            child,
+            log_path,
+            admin,
+        }
     }
 
     fn log(&self) -> String {
@@ -111,7 +134,11 @@ impl Drop for Cdc {
 
 /// Runs `pgprism cdc` expecting it to fail during setup; returns stderr.
 fn run_failing(args: &[String]) -> String {
-    let out = pgprism_command().args(args).stdout(Stdio::null()).output().expect("run pgprism cdc");
+    let out = pgprism_command()
+        .args(args)
+        .stdout(Stdio::null())
+        .output()
+        .expect("run pgprism cdc");
     assert!(!out.status.success(), "expected failure");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -120,16 +147,30 @@ fn pg_rows(c: &mut postgres::Client, sql: &str) -> Vec<Vec<Option<String>>> {
     c.query(sql, &[])
         .unwrap()
         .iter()
-        .map(|r| (0..r.len()).map(|i| r.get::<_, Option<String>>(i)).collect())
+        .map(|r| {
+            (0..r.len())
+                .map(|i| r.get::<_, Option<String>>(i))
+                .collect()
+        })
         .collect()
 }
 
 /// Waits until the emulator's table equals the source (`sql` selects the same columns as
 /// `::text`, ordered by the integer key).
-fn assert_converges(sr: &StarRocks, c: &mut postgres::Client, table: &str, cols: &[&str], cdc: &Cdc, limit: Duration) {
+fn assert_converges(
+    sr: &StarRocks,
+    c: &mut postgres::Client,
+    table: &str,
+    cols: &[&str],
+    cdc: &Cdc,
+    limit: Duration,
+) {
     let sql = format!(
         "SELECT {} FROM {table} ORDER BY {table}.{}",
-        cols.iter().map(|c| format!("{c}::text")).collect::<Vec<_>>().join(", "),
+        cols.iter()
+            .map(|c| format!("{c}::text"))
+            .collect::<Vec<_>>()
+            .join(", "),
         cols[0]
     );
     let expected = pg_rows(c, &sql);
@@ -137,7 +178,11 @@ fn assert_converges(sr: &StarRocks, c: &mut postgres::Client, table: &str, cols:
     if !ok {
         let got = sr.rows(DB, table, cols);
         let show = |rows: &Vec<Vec<Option<String>>>| {
-            rows.iter().take(5).map(|r| format!("{r:?}")).collect::<Vec<_>>().join("\n")
+            rows.iter()
+                .take(5)
+                .map(|r| format!("{r:?}"))
+                .collect::<Vec<_>>()
+                .join("\n")
         };
         panic!(
             "{table}: emulator has {} rows, PostgreSQL {}\nfirst emulator rows:\n{}\nfirst source rows:\n{}\nlog:\n{}",
@@ -145,14 +190,31 @@ fn assert_converges(sr: &StarRocks, c: &mut postgres::Client, table: &str, cols:
             expected.len(),
             show(&got),
             show(&expected),
-            cdc.log().lines().rev().take(40).collect::<Vec<_>>().join("\n")
+            cdc.log()
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
 }
 
 fn make_table(c: &mut postgres::Client, sr: &StarRocks, name: &str) {
-    c.batch_execute(&format!("CREATE TABLE {name} (id int PRIMARY KEY, v text, n int)")).unwrap();
-    sr.create_table(DB, name, &["id"], &[("id", ColType::Int), ("v", ColType::Text), ("n", ColType::Int)]);
+    c.batch_execute(&format!(
+        "CREATE TABLE {name} (id int PRIMARY KEY, v text, n int)"
+    ))
+    .unwrap();
+    sr.create_table(
+        DB,
+        name,
+        &["id"],
+        &[
+            ("id", ColType::Int),
+            ("v", ColType::Text),
+            ("n", ColType::Int),
+        ],
+    );
 }
 
 #[test]
@@ -173,20 +235,43 @@ fn streams_inserts_updates_deletes_and_key_changes() {
          BEGIN; INSERT INTO t VALUES (3000, 'rolled back', 1); ROLLBACK;",
     )
     .unwrap();
-    assert_converges(&sr, &mut c, "t", &["id", "v", "n"], &cdc, Duration::from_secs(30));
-    assert_converges(&sr, &mut c, "u", &["id", "v", "n"], &cdc, Duration::from_secs(30));
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    assert_converges(
+        &sr,
+        &mut c,
+        "u",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
     // Checkpoint stored and confirmed to PostgreSQL.
     assert!(eventually(Duration::from_secs(10), || {
-        let rows = pg_rows(&mut c, "SELECT (confirmed_flush_lsn >= (SELECT lsn FROM pgprism_cdc_checkpoint))::text FROM pg_replication_slots WHERE slot_name = 'pgprism_cdc'");
+        let rows = pg_rows(
+            &mut c,
+            "SELECT (confirmed_flush_lsn >= (SELECT lsn FROM pgprism_cdc_checkpoint))::text FROM pg_replication_slots WHERE slot_name = 'pgprism_cdc'",
+        );
         rows == vec![vec![Some("true".into())]]
     }));
     // Every label is unique and deterministic-looking.
     let log = sr.log();
-    assert!(log.iter().all(|(l, _)| l.starts_with("pgprism_cdc-")), "{log:?}");
+    assert!(
+        log.iter().all(|(l, _)| l.starts_with("pgprism_cdc-")),
+        "{log:?}"
+    );
     // Status endpoint.
     let (code, body) = support::http_get(cdc.admin.unwrap(), "/cdc/status");
     assert_eq!(code, 200);
-    assert!(body.contains("\"t\"") && body.contains("checkpoint_lsn"), "{body}");
+    assert!(
+        body.contains("\"t\"") && body.contains("checkpoint_lsn"),
+        "{body}"
+    );
 }
 
 #[test]
@@ -195,13 +280,21 @@ fn idle_publication_advances_the_slot() {
     let sr = StarRocks::start("root", "pw");
     let mut c = client(&pg);
     make_table(&mut c, &sr, "t");
-    c.batch_execute("CREATE TABLE other (id int PRIMARY KEY)").unwrap();
+    c.batch_execute("CREATE TABLE other (id int PRIMARY KEY)")
+        .unwrap();
     let cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
-    c.batch_execute("INSERT INTO other SELECT generate_series(1, 1000)").unwrap();
-    let target = pg_rows(&mut c, "SELECT pg_current_wal_lsn()::text")[0][0].clone().unwrap();
+    c.batch_execute("INSERT INTO other SELECT generate_series(1, 1000)")
+        .unwrap();
+    let target = pg_rows(&mut c, "SELECT pg_current_wal_lsn()::text")[0][0]
+        .clone()
+        .unwrap();
     let ok = eventually(Duration::from_secs(30), || {
-        pg_rows(&mut c, &format!("SELECT (confirmed_flush_lsn >= '{target}')::text FROM pg_replication_slots WHERE slot_name = 'pgprism_cdc'"))
-            == vec![vec![Some("true".into())]]
+        pg_rows(
+            &mut c,
+            &format!(
+                "SELECT (confirmed_flush_lsn >= '{target}')::text FROM pg_replication_slots WHERE slot_name = 'pgprism_cdc'"
+            ),
+        ) == vec![vec![Some("true".into())]]
     });
     assert!(ok, "slot did not advance past {target}\n{}", cdc.log());
 }
@@ -217,13 +310,31 @@ fn toast_updates_mixed_with_inserts_keep_their_values() {
              ALTER TABLE d ALTER COLUMN big SET STORAGE EXTERNAL;",
         )
         .unwrap();
-        sr.create_table(DB, "d", &["id"], &[("id", ColType::Int), ("big", ColType::Text), ("n", ColType::Int)]);
+        sr.create_table(
+            DB,
+            "d",
+            &["id"],
+            &[
+                ("id", ColType::Int),
+                ("big", ColType::Text),
+                ("n", ColType::Int),
+            ],
+        );
         let mut args = base_args(&pg, &sr, "d");
         args.extend(["--toast-mode".into(), mode.into()]);
         let cdc = Cdc::start(&args, &[]);
-        c.batch_execute("INSERT INTO d SELECT g, repeat(md5(g::text), 300), 0 FROM generate_series(1, 20) g")
-            .unwrap();
-        assert_converges(&sr, &mut c, "d", &["id", "big", "n"], &cdc, Duration::from_secs(30));
+        c.batch_execute(
+            "INSERT INTO d SELECT g, repeat(md5(g::text), 300), 0 FROM generate_series(1, 20) g",
+        )
+        .unwrap();
+        assert_converges(
+            &sr,
+            &mut c,
+            "d",
+            &["id", "big", "n"],
+            &cdc,
+            Duration::from_secs(30),
+        );
         // One transaction, one batch window: inserts and updates that leave `big` untouched.
         c.batch_execute(
             "BEGIN;
@@ -233,8 +344,22 @@ fn toast_updates_mixed_with_inserts_keep_their_values() {
              COMMIT;",
         )
         .unwrap();
-        assert_converges(&sr, &mut c, "d", &["id", "big", "n"], &cdc, Duration::from_secs(30));
-        assert_eq!(sr.rows(DB, "d", &["big"]).iter().filter(|r| r[0].is_none()).count(), 0, "{mode}: a TOAST value became NULL");
+        assert_converges(
+            &sr,
+            &mut c,
+            "d",
+            &["id", "big", "n"],
+            &cdc,
+            Duration::from_secs(30),
+        );
+        assert_eq!(
+            sr.rows(DB, "d", &["big"])
+                .iter()
+                .filter(|r| r[0].is_none())
+                .count(),
+            0,
+            "{mode}: a TOAST value became NULL"
+        );
     }
 }
 
@@ -245,8 +370,16 @@ fn added_column_is_picked_up() {
     let mut c = client(&pg);
     make_table(&mut c, &sr, "t");
     let cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
-    c.batch_execute("INSERT INTO t SELECT g, 'x', g FROM generate_series(1, 50) g").unwrap();
-    assert_converges(&sr, &mut c, "t", &["id", "v", "n"], &cdc, Duration::from_secs(30));
+    c.batch_execute("INSERT INTO t SELECT g, 'x', g FROM generate_series(1, 50) g")
+        .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
     sr.add_column(DB, "t", "extra", ColType::Text);
     c.batch_execute(
         "ALTER TABLE t ADD COLUMN extra text;
@@ -254,7 +387,14 @@ fn added_column_is_picked_up() {
          UPDATE t SET extra = 'set' WHERE id = 3;",
     )
     .unwrap();
-    assert_converges(&sr, &mut c, "t", &["id", "v", "n", "extra"], &cdc, Duration::from_secs(30));
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n", "extra"],
+        &cdc,
+        Duration::from_secs(30),
+    );
 }
 
 #[test]
@@ -272,9 +412,23 @@ fn large_transaction_is_streamed_and_applied_once() {
          BEGIN; INSERT INTO t SELECT g, 'aborted', g FROM generate_series(300001, 350000) g; ROLLBACK;",
     )
     .unwrap();
-    assert_converges(&sr, &mut c, "t", &["id", "v", "n"], &cdc, Duration::from_secs(180));
-    let streamed = pg_rows(&mut c, "SELECT (stream_txns > 0)::text FROM pg_stat_replication_slots WHERE slot_name = 'pgprism_cdc'");
-    assert_eq!(streamed, vec![vec![Some("true".into())]], "the transaction was not streamed");
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(180),
+    );
+    let streamed = pg_rows(
+        &mut c,
+        "SELECT (stream_txns > 0)::text FROM pg_stat_replication_slots WHERE slot_name = 'pgprism_cdc'",
+    );
+    assert_eq!(
+        streamed,
+        vec![vec![Some("true".into())]],
+        "the transaction was not streamed"
+    );
 }
 
 #[test]
@@ -298,15 +452,30 @@ fn injected_failures_are_retried_without_loss() {
         std::thread::sleep(Duration::from_millis(150));
     }
     c.batch_execute("DELETE FROM t WHERE id % 3 = 0").unwrap();
-    assert_converges(&sr, &mut c, "t", &["id", "v", "n"], &cdc, Duration::from_secs(60));
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(60),
+    );
     let statuses: Vec<String> = sr.log().into_iter().map(|(_, s)| s).collect();
     assert!(statuses.iter().any(|s| s == "Fail"), "{statuses:?}");
-    assert!(statuses.iter().any(|s| s == "Publish Timeout"), "{statuses:?}");
+    assert!(
+        statuses.iter().any(|s| s == "Publish Timeout"),
+        "{statuses:?}"
+    );
 }
 
 #[test]
 fn crash_at_each_point_resumes_exactly_once() {
-    for point in ["cdc-before-load", "cdc-after-load", "cdc-before-checkpoint", "cdc-after-checkpoint"] {
+    for point in [
+        "cdc-before-load",
+        "cdc-after-load",
+        "cdc-before-checkpoint",
+        "cdc-after-checkpoint",
+    ] {
         let pg = start_pg("cdc-crash", &[]);
         let sr = StarRocks::start("root", "pw");
         let mut c = client(&pg);
@@ -323,19 +492,43 @@ fn crash_at_each_point_resumes_exactly_once() {
             .unwrap();
             std::thread::sleep(Duration::from_millis(200));
         }
-        assert!(cdc.wait_death(Duration::from_secs(30)), "{point}: the failpoint did not fire\n{}", cdc.log());
+        assert!(
+            cdc.wait_death(Duration::from_secs(30)),
+            "{point}: the failpoint did not fire\n{}",
+            cdc.log()
+        );
         // Changes while pgprism is down.
         c.batch_execute("INSERT INTO t SELECT g, 'while down', g FROM generate_series(1001, 1100) g; DELETE FROM t WHERE id % 5 = 0;")
             .unwrap();
         drop(cdc);
         let cdc = Cdc::start(&args, &[]);
-        c.batch_execute("UPDATE t SET v = 'after restart' WHERE id % 9 = 0").unwrap();
-        assert_converges(&sr, &mut c, "t", &["id", "v", "n"], &cdc, Duration::from_secs(60));
+        c.batch_execute("UPDATE t SET v = 'after restart' WHERE id % 9 = 0")
+            .unwrap();
+        assert_converges(
+            &sr,
+            &mut c,
+            "t",
+            &["id", "v", "n"],
+            &cdc,
+            Duration::from_secs(60),
+        );
         let slots = pg_rows(&mut c, "SELECT count(*)::text FROM pg_replication_slots");
-        assert_eq!(slots, vec![vec![Some("1".into())]], "{point}: the slot was recreated");
+        assert_eq!(
+            slots,
+            vec![vec![Some("1".into())]],
+            "{point}: the slot was recreated"
+        );
         if point == "cdc-before-checkpoint" || point == "cdc-after-load" {
-            let dedup = sr.log().iter().filter(|(_, s)| s == "Label Already Exists").count();
-            assert!(dedup >= 1, "{point}: the replayed batch was not deduplicated by label: {:?}", sr.log());
+            let dedup = sr
+                .log()
+                .iter()
+                .filter(|(_, s)| s == "Label Already Exists")
+                .count();
+            assert!(
+                dedup >= 1,
+                "{point}: the replayed batch was not deduplicated by label: {:?}",
+                sr.log()
+            );
         }
     }
 }
@@ -346,13 +539,21 @@ fn initial_snapshot_then_stream_without_gap() {
     let sr = StarRocks::start("root", "pw");
     let mut c = client(&pg);
     make_table(&mut c, &sr, "t");
-    c.batch_execute("INSERT INTO t SELECT g, 'before', g FROM generate_series(1, 3000) g").unwrap();
+    c.batch_execute("INSERT INTO t SELECT g, 'before', g FROM generate_series(1, 3000) g")
+        .unwrap();
     let mut args = base_args(&pg, &sr, "t");
     args.push("--snapshot".into());
     let cdc = Cdc::start(&args, &[]);
     c.batch_execute("INSERT INTO t SELECT g, 'after', g FROM generate_series(3001, 3100) g; UPDATE t SET v = 'upd' WHERE id = 1;")
         .unwrap();
-    assert_converges(&sr, &mut c, "t", &["id", "v", "n"], &cdc, Duration::from_secs(30));
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
 }
 
 #[test]
@@ -368,14 +569,20 @@ fn bad_configuration_fails_clearly_and_creates_nothing() {
     };
 
     let err = run_failing(&base_args(&pg, &sr, "t,missing_table"));
-    assert!(err.contains("public.missing_table") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("public.missing_table") && err.contains("does not exist"),
+        "{err}"
+    );
     assert!(nothing_created(&mut c));
 
     c.batch_execute("CREATE ROLE plain LOGIN").unwrap();
     let mut args = base_args(&pg, &sr, "t");
     args[2] = pg.url_for("plain", "x", "postgres");
     let err = run_failing(&args);
-    assert!(err.contains("REPLICATION") && err.contains("plain"), "{err}");
+    assert!(
+        err.contains("REPLICATION") && err.contains("plain"),
+        "{err}"
+    );
     assert!(nothing_created(&mut c));
 
     let mut args = base_args(&pg, &sr, "t");

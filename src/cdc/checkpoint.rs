@@ -15,7 +15,12 @@ pub struct Checkpoints {
 }
 
 impl Checkpoints {
-    pub fn connect(url: &PgUrl, table: &str, slot: &str, timeout: Duration) -> Result<Checkpoints, PgError> {
+    pub fn connect(
+        url: &PgUrl,
+        table: &str,
+        slot: &str,
+        timeout: Duration,
+    ) -> Result<Checkpoints, PgError> {
         Ok(Checkpoints {
             conn: PgConn::connect(url, false, timeout)?,
             table: qualified(table),

@@ -157,7 +157,11 @@ fn serve_admin(listener: TcpListener, shared: &Shared) {
         }
         // Skip the headers; requests here have no body that matters.
         let mut header = String::new();
-        while reader.read_line(&mut header).map(|n| n > 2).unwrap_or(false) {
+        while reader
+            .read_line(&mut header)
+            .map(|n| n > 2)
+            .unwrap_or(false)
+        {
             header.clear();
         }
         let mut parts = line.split_whitespace();

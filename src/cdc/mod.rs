@@ -50,7 +50,9 @@ pub enum CdcError {
     Pipeline(#[source] PipelineError),
     #[error("loading into StarRocks failed")]
     Load(#[source] LoadError),
-    #[error("TRUNCATE of {table} cannot be applied: StarRocks has no Stream Load truncate; truncate it in StarRocks and restart")]
+    #[error(
+        "TRUNCATE of {table} cannot be applied: StarRocks has no Stream Load truncate; truncate it in StarRocks and restart"
+    )]
     Truncate { table: String },
     #[error("writing the checkpoint failed")]
     Checkpoint(#[source] PgError),
@@ -122,11 +124,17 @@ pub fn validate(cfg: &CdcConfig) -> Result<(), ConfigError> {
         message: message.to_string(),
     };
     if cfg.source.is_empty() {
-        return Err(key("source", "required: the source postgres://user@host:port/db URL"));
+        return Err(key(
+            "source",
+            "required: the source postgres://user@host:port/db URL",
+        ));
     }
     PgUrl::parse(&cfg.source).map_err(|e| key("source", &e))?;
     if cfg.starrocks.is_empty() {
-        return Err(key("starrocks", "required: the StarRocks FE http://user:password@host:8030 URL"));
+        return Err(key(
+            "starrocks",
+            "required: the StarRocks FE http://user:password@host:8030 URL",
+        ));
     }
     StarRocksUrl::parse(&cfg.starrocks).map_err(|e| key("starrocks", &e))?;
     if cfg.database.is_empty() {
@@ -136,10 +144,16 @@ pub fn validate(cfg: &CdcConfig) -> Result<(), ConfigError> {
         return Err(key("tables", "required: at least one table name"));
     }
     let ident_ok = |s: &str| {
-        !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     };
     if !ident_ok(&cfg.slot) {
-        return Err(key("slot", "expected 1 to 63 characters of a-z, 0-9 and _ (PostgreSQL slot names)"));
+        return Err(key(
+            "slot",
+            "expected 1 to 63 characters of a-z, 0-9 and _ (PostgreSQL slot names)",
+        ));
     }
     if cfg.publication.is_empty() {
         return Err(key("publication", "required"));
@@ -160,13 +174,19 @@ pub fn validate(cfg: &CdcConfig) -> Result<(), ConfigError> {
         }
     }
     if cfg.flush_bytes > 100 << 20 {
-        return Err(key("flush-bytes", "expected at most 104857600 (Stream Load's JSON body limit)"));
+        return Err(key(
+            "flush-bytes",
+            "expected at most 104857600 (Stream Load's JSON body limit)",
+        ));
     }
     if !(0.0..=1.0).contains(&cfg.max_filter_ratio) {
         return Err(key("max-filter-ratio", "expected a ratio from 0 to 1"));
     }
     if cfg.delete_mode == CdcDeleteMode::Soft && !cfg.audit_columns {
-        return Err(key("delete-mode", "soft deletes need cdc.audit-columns = true (is_deleted marks them)"));
+        return Err(key(
+            "delete-mode",
+            "soft deletes need cdc.audit-columns = true (is_deleted marks them)",
+        ));
     }
     Ok(())
 }
@@ -211,7 +231,16 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     let mut start = prepared.checkpoint.unwrap_or(Lsn::ZERO);
     let mut repl = match prepared.snapshot {
         Some((repl, name, point)) => {
-            snapshot::copy(cfg, &url, &name, &prepared.tables, &pcfg, &mut sink, &shared, timeout)?;
+            snapshot::copy(
+                cfg,
+                &url,
+                &name,
+                &prepared.tables,
+                &pcfg,
+                &mut sink,
+                &shared,
+                timeout,
+            )?;
             checkpoints.store(point).map_err(CdcError::Checkpoint)?;
             start = point;
             repl
@@ -281,7 +310,9 @@ fn load_loop(
             }
             Work::Truncate { table } => return Err(CdcError::Truncate { table }),
             Work::Boundary(lsn) => {
-                checkpoints.store_pending(lsn).map_err(CdcError::Checkpoint)?;
+                checkpoints
+                    .store_pending(lsn)
+                    .map_err(CdcError::Checkpoint)?;
             }
             Work::Checkpoint(lsn) => {
                 failpoint::hit("cdc-before-checkpoint");

@@ -86,7 +86,9 @@ impl PgConn {
             .ok_or_else(|| connect_err(std::io::ErrorKind::NotFound.into()))?;
         let stream = TcpStream::connect_timeout(&sock, timeout).map_err(connect_err)?;
         let _ = stream.set_nodelay(true);
-        stream.set_read_timeout(Some(timeout)).map_err(PgError::Io)?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(PgError::Io)?;
         let mut conn = PgConn {
             stream,
             inbuf: BytesMut::with_capacity(READ_CHUNK_BYTES),
@@ -110,7 +112,8 @@ impl PgConn {
             let frame = conn.read_frame()?;
             match BackendMessage::decode(frame.tag(), frame.body())? {
                 BackendMessage::Authentication(req) => {
-                    if auth.step(&req, &mut conn.out)? == AuthProgress::Reply {
+                    let progress = auth.step(&req, &mut conn.out)?;
+                    if progress == AuthProgress::Reply {
                         conn.flush()?;
                     }
                 }

@@ -258,7 +258,11 @@ impl<'a> Message<'a> {
         let what = name_of(tag);
         let mut cur = Cursor::new(rest, what);
         let xid = |cur: &mut Cursor<'a>| -> Result<Option<u32>, DecodeError> {
-            if in_stream { Ok(Some(cur.u32()?)) } else { Ok(None) }
+            if in_stream {
+                Ok(Some(cur.u32()?))
+            } else {
+                Ok(None)
+            }
         };
         let msg = match tag {
             b'B' => Message::Begin {
@@ -536,7 +540,13 @@ pub mod build {
     }
 
     /// `columns`: (key, name, type oid).
-    pub fn relation(out: &mut Vec<u8>, oid: u32, ns: &str, name: &str, columns: &[(bool, &str, u32)]) {
+    pub fn relation(
+        out: &mut Vec<u8>,
+        oid: u32,
+        ns: &str,
+        name: &str,
+        columns: &[(bool, &str, u32)],
+    ) {
         out.push(b'R');
         out.extend_from_slice(&oid.to_be_bytes());
         for s in [ns, name] {
@@ -585,7 +595,13 @@ mod tests {
     #[test]
     fn decodes_relation_insert_update_delete() {
         let mut b = Vec::new();
-        build::relation(&mut b, 42, "public", "t", &[(true, "id", 23), (false, "v", 25)]);
+        build::relation(
+            &mut b,
+            42,
+            "public",
+            "t",
+            &[(true, "id", 23), (false, "v", 25)],
+        );
         let Message::Relation { xid: None, rel } = Message::decode(&b, false).unwrap() else {
             panic!()
         };
@@ -609,8 +625,11 @@ mod tests {
         build::tuple(&mut b, &[Some(Some("1")), Some(Some("big"))]);
         b.push(b'N');
         build::tuple(&mut b, &[Some(Some("1")), Some(None)]);
-        let Message::Update { old: Some((OldKind::Full, old)), new, .. } =
-            Message::decode(&b, false).unwrap()
+        let Message::Update {
+            old: Some((OldKind::Full, old)),
+            new,
+            ..
+        } = Message::decode(&b, false).unwrap()
         else {
             panic!()
         };
@@ -625,7 +644,12 @@ mod tests {
         build::tuple(&mut b, &[Some(Some("1")), None]);
         assert!(matches!(
             Message::decode(&b, true).unwrap(),
-            Message::Delete { xid: Some(7), rel: 42, old_kind: OldKind::Key, .. }
+            Message::Delete {
+                xid: Some(7),
+                rel: 42,
+                old_kind: OldKind::Key,
+                ..
+            }
         ));
     }
 
@@ -652,14 +676,21 @@ mod tests {
         build::commit(&mut b, Lsn(10), Lsn(20));
         assert!(matches!(
             Message::decode(&b, false).unwrap(),
-            Message::Commit { commit_lsn: Lsn(10), end_lsn: Lsn(20), .. }
+            Message::Commit {
+                commit_lsn: Lsn(10),
+                end_lsn: Lsn(20),
+                ..
+            }
         ));
         let mut s = vec![b'S'];
         s.extend_from_slice(&9u32.to_be_bytes());
         s.push(1);
         assert_eq!(
             Message::decode(&s, false).unwrap(),
-            Message::StreamStart { xid: 9, first_segment: true }
+            Message::StreamStart {
+                xid: 9,
+                first_segment: true
+            }
         );
         let mut a = vec![b'A'];
         a.extend_from_slice(&9u32.to_be_bytes());

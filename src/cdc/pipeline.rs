@@ -22,7 +22,9 @@ use crate::config::{CdcDeleteMode, CdcToastMode};
 pub enum Work {
     Load(Batch),
     /// Empty a StarRocks table (a TRUNCATE in PostgreSQL); every earlier batch is loaded first.
-    Truncate { table: String },
+    Truncate {
+        table: String,
+    },
     /// Everything before this marker is loaded: store and confirm this LSN.
     Checkpoint(Lsn),
     /// The flush cycle now ending was cut by the wall clock (the stream went idle), not by
@@ -373,7 +375,8 @@ impl Pipeline {
     fn apply(&mut self, msg: Message<'_>, out: &mut Vec<Work>) -> Result<(), PipelineError> {
         match msg {
             Message::Relation { rel, .. } => {
-                if self.schema.apply(&rel)? {
+                let changed = self.schema.apply(&rel)?;
+                if changed {
                     self.flush_table(rel.oid, out);
                 }
             }
@@ -386,10 +389,20 @@ impl Pipeline {
                 } else {
                     Shape::Full
                 };
-                self.row(oid, generation, shape, pos, new.iter(), Op::Upsert(OpType::Insert), out);
+                self.row(
+                    oid,
+                    generation,
+                    shape,
+                    pos,
+                    new.iter(),
+                    Op::Upsert(OpType::Insert),
+                    out,
+                );
             }
             Message::Update { rel, old, new, .. } => self.update(rel, old, new, out)?,
-            Message::Delete { rel, old_kind, old, .. } => {
+            Message::Delete {
+                rel, old_kind, old, ..
+            } => {
                 let schema = self.schema.get(rel)?;
                 let (oid, generation) = (schema.oid, schema.generation);
                 self.delete(oid, generation, old_kind, old, out);
@@ -444,7 +457,15 @@ impl Pipeline {
         }
         if !new.has_unchanged() {
             let pos = self.next_pos();
-            self.row(oid, generation, Shape::Full, pos, new.iter(), Op::Upsert(OpType::Update), out);
+            self.row(
+                oid,
+                generation,
+                Shape::Full,
+                pos,
+                new.iter(),
+                Op::Upsert(OpType::Update),
+                out,
+            );
             return Ok(());
         }
         // Unchanged TOAST values: fill them from the old row where we have it.
@@ -457,7 +478,13 @@ impl Pipeline {
                 let key = &self.schema.get(rel)?.key;
                 t.iter()
                     .enumerate()
-                    .map(|(i, d)| if key.contains(&i) { d } else { Datum::Unchanged })
+                    .map(|(i, d)| {
+                        if key.contains(&i) {
+                            d
+                        } else {
+                            Datum::Unchanged
+                        }
+                    })
                     .collect()
             }
             None => Vec::new(),
@@ -476,15 +503,38 @@ impl Pipeline {
             Shape::Full
         };
         let pos = self.next_pos();
-        self.row(oid, generation, shape, pos, filled.into_iter(), Op::Upsert(OpType::Update), out);
+        self.row(
+            oid,
+            generation,
+            shape,
+            pos,
+            filled.into_iter(),
+            Op::Upsert(OpType::Update),
+            out,
+        );
         Ok(())
     }
 
-    fn delete(&mut self, oid: u32, generation: u64, kind: OldKind, old: Tuple<'_>, out: &mut Vec<Work>) {
+    fn delete(
+        &mut self,
+        oid: u32,
+        generation: u64,
+        kind: OldKind,
+        old: Tuple<'_>,
+        out: &mut Vec<Work>,
+    ) {
         let pos = self.next_pos();
         match self.cfg.delete_mode {
             CdcDeleteMode::Hard => {
-                self.row(oid, generation, Shape::Full, pos, old.iter(), Op::Delete, out);
+                self.row(
+                    oid,
+                    generation,
+                    Shape::Full,
+                    pos,
+                    old.iter(),
+                    Op::Delete,
+                    out,
+                );
             }
             CdcDeleteMode::Soft => {
                 let Ok(schema) = self.schema.get(oid) else {
@@ -507,7 +557,15 @@ impl Pipeline {
                         .map(|(d, &m)| if m { d } else { Datum::Unchanged })
                         .collect(),
                 };
-                self.row(oid, generation, shape, pos, vals.into_iter(), Op::SoftDelete, out);
+                self.row(
+                    oid,
+                    generation,
+                    shape,
+                    pos,
+                    vals.into_iter(),
+                    Op::SoftDelete,
+                    out,
+                );
             }
         }
     }
@@ -533,7 +591,12 @@ impl Pipeline {
             let Ok(schema) = self.schema.get(oid) else {
                 return;
             };
-            let columns = columns_header(schema, &shape, self.cfg.delete_mode, self.cfg.audit_prefix.as_deref());
+            let columns = columns_header(
+                schema,
+                &shape,
+                self.cfg.delete_mode,
+                self.cfg.audit_prefix.as_deref(),
+            );
             self.open.insert(
                 oid,
                 OpenBatch {
@@ -580,7 +643,12 @@ pub fn snapshot_batch(
     point: Lsn,
     synced_at: &str,
 ) -> Batch {
-    let columns = columns_header(schema, &Shape::Full, cfg.delete_mode, cfg.audit_prefix.as_deref());
+    let columns = columns_header(
+        schema,
+        &Shape::Full,
+        cfg.delete_mode,
+        cfg.audit_prefix.as_deref(),
+    );
     let mut body = Vec::with_capacity(rows.len() * 64 + 2);
     body.push(b'[');
     for (i, row) in rows.iter().enumerate() {
@@ -616,7 +684,13 @@ pub fn snapshot_batch(
 
 fn sanitize(text: &str) -> String {
     text.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(100)
         .collect()
 }
@@ -628,7 +702,12 @@ enum Op {
     SoftDelete,
 }
 
-fn columns_header(schema: &TableSchema, shape: &Shape, mode: CdcDeleteMode, audit: Option<&str>) -> String {
+fn columns_header(
+    schema: &TableSchema,
+    shape: &Shape,
+    mode: CdcDeleteMode,
+    audit: Option<&str>,
+) -> String {
     let mut cols: Vec<&str> = Vec::with_capacity(schema.columns.len() + 5);
     for (i, c) in schema.columns.iter().enumerate() {
         if let Shape::Partial(mask) = shape
@@ -740,11 +819,20 @@ fn is_json_number(text: &[u8]) -> bool {
 fn label(slot: &str, table: &str, first: Pos, last: Pos) -> String {
     let name: String = format!("{slot}-{table}")
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     // (Not `sanitize`: that one truncates, and a truncated name could collide.)
-    let range = format!("{:X}_{}-{:X}_{}", first.txn.0, first.idx, last.txn.0, last.idx);
-    if name.len() + range.len() + 1 <= 128 {
+    let range = format!(
+        "{:X}_{}-{:X}_{}",
+        first.txn.0, first.idx, last.txn.0, last.idx
+    );
+    if name.len() + range.len() < 128 {
         format!("{name}-{range}")
     } else {
         format!("{:016x}-{range}", fnv1a(name.as_bytes()))
@@ -789,7 +877,13 @@ mod tests {
 
     fn rel() -> Vec<u8> {
         let mut b = Vec::new();
-        build::relation(&mut b, 1, "public", "t", &[(true, "id", 23), (false, "v", 25)]);
+        build::relation(
+            &mut b,
+            1,
+            "public",
+            "t",
+            &[(true, "id", 23), (false, "v", 25)],
+        );
         b
     }
 
@@ -803,7 +897,9 @@ mod tests {
     fn batches_rows_and_checkpoints_after_commit() {
         let mut p = Pipeline::new(cfg(), keys());
         let mut msgs = vec![msg(|b| build::begin(b, Lsn(100), 5)), rel()];
-        msgs.push(msg(|b| build::insert(b, 1, &[Some(Some("1")), Some(Some("a\"b"))])));
+        msgs.push(msg(|b| {
+            build::insert(b, 1, &[Some(Some("1")), Some(Some("a\"b"))])
+        }));
         msgs.push(msg(|b| build::insert(b, 1, &[Some(Some("2")), None])));
         msgs.push(msg(|b| build::commit(b, Lsn(100), Lsn(120))));
         let out = feed(&mut p, &msgs);
@@ -850,14 +946,22 @@ mod tests {
         let loads: Vec<_> = out
             .iter()
             .filter_map(|w| match w {
-                Work::Load(b) => Some((b.partial, b.columns.clone(), String::from_utf8(b.body.clone()).unwrap())),
+                Work::Load(b) => Some((
+                    b.partial,
+                    b.columns.clone(),
+                    String::from_utf8(b.body.clone()).unwrap(),
+                )),
                 _ => None,
             })
             .collect();
         assert_eq!(
             loads,
             vec![
-                (false, "id,v,__op".into(), r#"[{"id":2,"v":"x","__op":0},{"id":1,"v":"big","__op":0}]"#.into()),
+                (
+                    false,
+                    "id,v,__op".into(),
+                    r#"[{"id":2,"v":"x","__op":0},{"id":1,"v":"big","__op":0}]"#.into()
+                ),
                 (true, "id".into(), r#"[{"id":1}]"#.into()),
             ]
         );
@@ -917,7 +1021,18 @@ mod tests {
         assert!(out.is_empty());
         assert!(p.is_idle());
         let long = "x".repeat(300);
-        let l = label(&long, "t", Pos { txn: Lsn(1), idx: 1 }, Pos { txn: Lsn(2), idx: 3 });
+        let l = label(
+            &long,
+            "t",
+            Pos {
+                txn: Lsn(1),
+                idx: 1,
+            },
+            Pos {
+                txn: Lsn(2),
+                idx: 3,
+            },
+        );
         assert!(l.len() <= 128, "{l}");
     }
 }

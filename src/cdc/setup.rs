@@ -90,7 +90,12 @@ pub fn split_table(name: &str) -> (&str, &str) {
     name.split_once('.').unwrap_or(("public", name))
 }
 
-pub fn prepare(cfg: &CdcConfig, url: &PgUrl, sink: &StarRocks, timeout: Duration) -> Result<Prepared, SetupError> {
+pub fn prepare(
+    cfg: &CdcConfig,
+    url: &PgUrl,
+    sink: &StarRocks,
+    timeout: Duration,
+) -> Result<Prepared, SetupError> {
     let mut conn = PgConn::connect(url, false, timeout).map_err(SetupError::Connect)?;
 
     // Phase 1: checks only.
@@ -175,8 +180,11 @@ pub fn prepare(cfg: &CdcConfig, url: &PgUrl, sink: &StarRocks, timeout: Duration
     // Phase 2: changes, each idempotent.
     if cfg.replica_identity_full {
         for t in tables.iter_mut().filter(|t| t.replica_identity != 'f') {
-            conn.query(&format!("ALTER TABLE {} REPLICA IDENTITY FULL", qualified(&t.name)))
-                .map_err(step(format!("set REPLICA IDENTITY FULL on {}", t.name)))?;
+            conn.query(&format!(
+                "ALTER TABLE {} REPLICA IDENTITY FULL",
+                qualified(&t.name)
+            ))
+            .map_err(step(format!("set REPLICA IDENTITY FULL on {}", t.name)))?;
             t.replica_identity = 'f';
         }
     }
@@ -196,18 +204,35 @@ pub fn prepare(cfg: &CdcConfig, url: &PgUrl, sink: &StarRocks, timeout: Duration
         .is_empty();
     let missing: Vec<String> = tables
         .iter()
-        .filter(|t| !published.iter().any(|r| r.first().cloned().flatten().as_deref() == Some(&t.name)))
+        .filter(|t| {
+            !published
+                .iter()
+                .any(|r| r.first().cloned().flatten().as_deref() == Some(&t.name))
+        })
         .map(|t| qualified(&t.name))
         .collect();
     if !exists {
-        conn.query(&format!("CREATE PUBLICATION {publication} FOR TABLE {}", missing.join(", ")))
-            .map_err(step(format!("create publication {}", cfg.publication)))?;
+        conn.query(&format!(
+            "CREATE PUBLICATION {publication} FOR TABLE {}",
+            missing.join(", ")
+        ))
+        .map_err(step(format!("create publication {}", cfg.publication)))?;
     } else if !missing.is_empty() {
-        conn.query(&format!("ALTER PUBLICATION {publication} ADD TABLE {}", missing.join(", ")))
-            .map_err(step(format!("add {} to publication {}", missing.join(", "), cfg.publication)))?;
+        conn.query(&format!(
+            "ALTER PUBLICATION {publication} ADD TABLE {}",
+            missing.join(", ")
+        ))
+        .map_err(step(format!(
+            "add {} to publication {}",
+            missing.join(", "),
+            cfg.publication
+        )))?;
     }
     conn.query(&Checkpoints::create_sql(&cfg.checkpoint_table))
-        .map_err(step(format!("create checkpoint table {}", cfg.checkpoint_table)))?;
+        .map_err(step(format!(
+            "create checkpoint table {}",
+            cfg.checkpoint_table
+        )))?;
     let stored = conn
         .query(&format!(
             "SELECT lsn::text, pending::text FROM {} WHERE slot = {}",
@@ -252,7 +277,10 @@ pub fn prepare(cfg: &CdcConfig, url: &PgUrl, sink: &StarRocks, timeout: Duration
             snapshot = Some((repl, name, point));
         }
     }
-    let keys = tables.iter().map(|t| (t.name.clone(), t.key.clone())).collect();
+    let keys = tables
+        .iter()
+        .map(|t| (t.name.clone(), t.key.clone()))
+        .collect();
     Ok(Prepared {
         tables,
         keys,

@@ -31,8 +31,11 @@ pub fn copy(
     let mut conn = PgConn::connect(url, false, timeout).map_err(CdcError::Snapshot)?;
     conn.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .map_err(CdcError::Snapshot)?;
-    conn.query(&format!("SET TRANSACTION SNAPSHOT {}", quote_literal(snapshot)))
-        .map_err(CdcError::Snapshot)?;
+    conn.query(&format!(
+        "SET TRANSACTION SNAPSHOT {}",
+        quote_literal(snapshot)
+    ))
+    .map_err(CdcError::Snapshot)?;
     for table in tables {
         let name = qualified(&table.name);
         let cols = conn
@@ -46,7 +49,12 @@ pub fn copy(
             .iter()
             .map(|r| {
                 let n = r.first().cloned().flatten().unwrap_or_default();
-                let oid = r.get(1).cloned().flatten().and_then(|t| t.parse().ok()).unwrap_or(25);
+                let oid = r
+                    .get(1)
+                    .cloned()
+                    .flatten()
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(25);
                 Column::new(&n, oid)
             })
             .collect();
@@ -58,18 +66,30 @@ pub fn copy(
             key: Vec::new(),
             generation: 0,
         };
-        conn.query(&format!("DECLARE pgprism_snapshot NO SCROLL CURSOR FOR SELECT * FROM {name}"))
-            .map_err(CdcError::Snapshot)?;
+        conn.query(&format!(
+            "DECLARE pgprism_snapshot NO SCROLL CURSOR FOR SELECT * FROM {name}"
+        ))
+        .map_err(CdcError::Snapshot)?;
         let mut chunk = 0u64;
         loop {
             let rows = conn
-                .query(&format!("FETCH {} FROM pgprism_snapshot", cfg.snapshot_chunk_rows))
+                .query(&format!(
+                    "FETCH {} FROM pgprism_snapshot",
+                    cfg.snapshot_chunk_rows
+                ))
                 .map_err(CdcError::Snapshot)?;
             if rows.is_empty() {
                 break;
             }
             chunk += 1;
-            let batch = snapshot_batch(pcfg, &schema, &rows, chunk, super::lsn::Lsn::ZERO, &now_text());
+            let batch = snapshot_batch(
+                pcfg,
+                &schema,
+                &rows,
+                chunk,
+                super::lsn::Lsn::ZERO,
+                &now_text(),
+            );
             sink.load(&batch).map_err(CdcError::Load)?;
             if let Ok(mut t) = shared.tables.lock() {
                 let s = t.entry(batch.table.clone()).or_default();
@@ -78,7 +98,8 @@ pub fn copy(
                 s.loads += 1;
             }
         }
-        conn.query("CLOSE pgprism_snapshot").map_err(CdcError::Snapshot)?;
+        conn.query("CLOSE pgprism_snapshot")
+            .map_err(CdcError::Snapshot)?;
         tracing::info!(table = %table.name, chunks = chunk, "snapshot copied");
     }
     conn.query("COMMIT").map_err(CdcError::Snapshot)?;

@@ -20,6 +20,10 @@ use super::{CdcError, Shared};
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 /// How long one read waits before the loop runs its timers.
 const TICK: Duration = Duration::from_millis(50);
+/// Bound on the messages handled between two turns of the timers.
+const MESSAGES_PER_TURN: usize = 4096;
+/// Bound on the work produced in one turn before it goes to the ring.
+const WORKS_PER_TURN: usize = 4;
 
 pub struct SourceConfig {
     pub slot: String,
@@ -59,31 +63,41 @@ pub fn run(
             return Ok(());
         }
         let mut reply_now = false;
-        match conn.read_copy_data().map_err(CdcError::Replication)? {
-            Some(data) => match data.first() {
+        // Up to a bounded number of messages per turn, so timers and the ring still run
+        // while the server streams without pause.
+        for _ in 0..MESSAGES_PER_TURN {
+            let Some(data) = conn.read_copy_data().map_err(CdcError::Replication)? else {
+                break;
+            };
+            match data.first() {
                 Some(b'w') if data.len() >= 25 => {
                     let wal_end = Lsn(u64::from_be_bytes(
                         data[9..17].try_into().unwrap_or_default(),
                     ));
                     shared.server_lsn.fetch_max(wal_end.0, Ordering::Relaxed);
                     let payload = data.slice(25..);
-                    pipeline.handle(&payload, &mut out).map_err(CdcError::Pipeline)?;
+                    pipeline
+                        .handle(&payload, &mut out)
+                        .map_err(CdcError::Pipeline)?;
                 }
                 Some(b'k') if data.len() >= 18 => {
                     let wal_end = Lsn(u64::from_be_bytes(
                         data[1..9].try_into().unwrap_or_default(),
                     ));
                     shared.server_lsn.fetch_max(wal_end.0, Ordering::Relaxed);
-                    reply_now = data[17] == 1;
+                    reply_now |= data[17] == 1;
                     if pipeline.is_idle() && out.is_empty() {
                         // Everything before this keepalive has been handed over: once the
                         // loader has done all of it, this position can be confirmed.
                         state.idle_candidate = Some((wal_end, state.works_sent));
                     }
+                    break;
                 }
                 _ => return Err(CdcError::BadStream("unknown replication message")),
-            },
-            None => {}
+            }
+            if out.len() >= WORKS_PER_TURN {
+                break;
+            }
         }
         if state.clock_refreshed.elapsed() >= Duration::from_secs(1) {
             pipeline.set_synced_at(now_text());
@@ -136,7 +150,13 @@ impl State {
         lsn
     }
 
-    fn maybe_report(&mut self, conn: &mut PgConn, cfg: &SourceConfig, shared: &Shared, force: bool) -> Result<(), CdcError> {
+    fn maybe_report(
+        &mut self,
+        conn: &mut PgConn,
+        cfg: &SourceConfig,
+        shared: &Shared,
+        force: bool,
+    ) -> Result<(), CdcError> {
         let confirmed = self.confirmed(shared);
         let due = self.last_status.elapsed() >= cfg.status_interval;
         if !(force || due) {

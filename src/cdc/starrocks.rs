@@ -59,7 +59,9 @@ impl StarRocksUrl {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("StarRocks rejected the credentials of user `{user}` (HTTP {status}); check cdc.starrocks")]
+    #[error(
+        "StarRocks rejected the credentials of user `{user}` (HTTP {status}); check cdc.starrocks"
+    )]
     Auth { user: String, status: u16 },
     #[error("StarRocks table {database}.{table} does not exist or is not visible to `{user}`")]
     TableMissing {
@@ -159,7 +161,10 @@ impl StarRocks {
 
     /// Checks the credentials and that the table exists (FE `GET /api/{db}/{table}/_schema`).
     pub fn check_table(&self, table: &str) -> Result<(), LoadError> {
-        let url = format!("{}/api/{}/{}/_schema", self.url.base, self.cfg.database, table);
+        let url = format!(
+            "{}/api/{}/{}/_schema",
+            self.url.base, self.cfg.database, table
+        );
         let mut resp = self
             .agent
             .get(&url)
@@ -238,10 +243,7 @@ impl StarRocks {
             };
             let status = resp.status().as_u16();
             if matches!(status, 301 | 302 | 303 | 307 | 308) {
-                let Some(location) = resp
-                    .headers()
-                    .get("location")
-                    .and_then(|v| v.to_str().ok())
+                let Some(location) = resp.headers().get("location").and_then(|v| v.to_str().ok())
                 else {
                     return Err(LoadError::Protocol {
                         what: "a redirect",
@@ -303,7 +305,10 @@ mod tests {
     #[test]
     fn parses_urls() {
         let u = StarRocksUrl::parse("http://root:pw@fe:8030/").unwrap();
-        assert_eq!((u.base.as_str(), u.user.as_str(), u.password.as_str()), ("http://fe:8030", "root", "pw"));
+        assert_eq!(
+            (u.base.as_str(), u.user.as_str(), u.password.as_str()),
+            ("http://fe:8030", "root", "pw")
+        );
         assert!(StarRocksUrl::parse("https://fe").is_err());
         assert!(format!("{u:?}").contains("root") && !format!("{u:?}").contains("pw"));
     }

@@ -140,15 +140,23 @@ impl StarRocks {
         let mut out: Vec<Vec<Option<String>>> = t
             .rows
             .values()
-            .map(|row| columns.iter().map(|c| row.get(*c).and_then(text_of)).collect())
+            .map(|row| {
+                columns
+                    .iter()
+                    .map(|c| row.get(*c).and_then(text_of))
+                    .collect()
+            })
             .collect();
-        out.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+        out.sort_by_key(|r| sort_key(r));
         out
     }
 
     pub fn row_count(&self, db: &str, table: &str) -> usize {
         let s = self.state.lock().unwrap();
-        s.tables.get(&format!("{db}.{table}")).map(|t| t.rows.len()).unwrap_or(0)
+        s.tables
+            .get(&format!("{db}.{table}"))
+            .map(|t| t.rows.len())
+            .unwrap_or(0)
     }
 
     /// (label, status) of every load answered so far.
@@ -207,7 +215,11 @@ fn read_head(reader: &mut BufReader<TcpStream>) -> Option<Request> {
             headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
         }
     }
-    Some(Request { method, path, headers })
+    Some(Request {
+        method,
+        path,
+        headers,
+    })
 }
 
 fn respond(stream: &mut TcpStream, code: u16, reason: &str, extra: &str, body: &str) {
@@ -228,14 +240,25 @@ fn authorized(req: &Request, state: &Mutex<State>) -> bool {
     req.headers.get("authorization") == Some(&expected)
 }
 
-fn serve(stream: TcpStream, role: Role, be: SocketAddr, state: &Mutex<State>) -> std::io::Result<()> {
+fn serve(
+    stream: TcpStream,
+    role: Role,
+    be: SocketAddr,
+    state: &Mutex<State>,
+) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     let Some(req) = read_head(&mut reader) else {
         return Ok(());
     };
-    let segments: Vec<&str> = req.path.split('?').next().unwrap_or("").split('/').collect();
+    let segments: Vec<&str> = req
+        .path
+        .split('?')
+        .next()
+        .unwrap_or("")
+        .split('/')
+        .collect();
     // ["", "api", db, table, action]
     let (db, table, action) = match segments.as_slice() {
         ["", "api", db, table, action] => (db.to_string(), table.to_string(), *action),
@@ -245,12 +268,22 @@ fn serve(stream: TcpStream, role: Role, be: SocketAddr, state: &Mutex<State>) ->
         }
     };
     if !authorized(&req, state) {
-        respond(&mut writer, 401, "Unauthorized", "WWW-Authenticate: Basic realm=\"StarRocks\"\r\n", "{\"status\":\"FAILED\",\"msg\":\"Access denied\"}");
+        respond(
+            &mut writer,
+            401,
+            "Unauthorized",
+            "WWW-Authenticate: Basic realm=\"StarRocks\"\r\n",
+            "{\"status\":\"FAILED\",\"msg\":\"Access denied\"}",
+        );
         return Ok(());
     }
     match (role, req.method.as_str(), action) {
         (_, "GET", "_schema") => {
-            let exists = state.lock().unwrap().tables.contains_key(&format!("{db}.{table}"));
+            let exists = state
+                .lock()
+                .unwrap()
+                .tables
+                .contains_key(&format!("{db}.{table}"));
             let body = if exists {
                 "{\"status\":200,\"properties\":[]}".to_string()
             } else {
@@ -259,10 +292,17 @@ fn serve(stream: TcpStream, role: Role, be: SocketAddr, state: &Mutex<State>) ->
             respond(&mut writer, 200, "OK", "", &body);
         }
         (Role::Fe, "PUT", "_stream_load") => {
-            let expects = req.headers.get("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+            let expects = req
+                .headers
+                .get("expect")
+                .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
             if !expects {
                 // The body is coming anyway: swallow it before answering.
-                let len: usize = req.headers.get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+                let len: usize = req
+                    .headers
+                    .get("content-length")
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(0);
                 let mut sink = vec![0; len];
                 reader.read_exact(&mut sink)?;
             }
@@ -274,10 +314,18 @@ fn serve(stream: TcpStream, role: Role, be: SocketAddr, state: &Mutex<State>) ->
             if let Some(Fault::Delay(d)) = &fault {
                 std::thread::sleep(*d);
             }
-            if req.headers.get("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue")) {
+            if req
+                .headers
+                .get("expect")
+                .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+            {
                 writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
             }
-            let Some(len) = req.headers.get("content-length").and_then(|l| l.parse::<usize>().ok()) else {
+            let Some(len) = req
+                .headers
+                .get("content-length")
+                .and_then(|l| l.parse::<usize>().ok())
+            else {
                 respond(&mut writer, 411, "Length Required", "", "{}");
                 return Ok(());
             };
@@ -302,18 +350,37 @@ fn check(ty: ColType, v: &Value) -> bool {
     }
     match ty {
         ColType::Any => true,
-        ColType::Int => v.is_i64() || v.is_u64() || v.as_str().is_some_and(|s| s.parse::<i64>().is_ok()),
+        ColType::Int => {
+            v.is_i64() || v.is_u64() || v.as_str().is_some_and(|s| s.parse::<i64>().is_ok())
+        }
         ColType::Text => v.is_str() || v.is_number(),
         ColType::Bool => v.is_boolean(),
     }
 }
 
-fn stream_load(state: &Mutex<State>, db: &str, table: &str, req: &Request, body: &[u8], fault: Option<Fault>) -> String {
+fn stream_load(
+    state: &Mutex<State>,
+    db: &str,
+    table: &str,
+    req: &Request,
+    body: &[u8],
+    fault: Option<Fault>,
+) -> String {
     let mut s = state.lock().unwrap();
     s.txn += 1;
     let txn = s.txn;
-    let label = req.headers.get("label").cloned().unwrap_or_else(|| format!("auto_{txn}"));
-    let answer = |s: &mut State, status: &str, message: &str, total: usize, loaded: usize, filtered: usize, extra: &str| {
+    let label = req
+        .headers
+        .get("label")
+        .cloned()
+        .unwrap_or_else(|| format!("auto_{txn}"));
+    let answer = |s: &mut State,
+                  status: &str,
+                  message: &str,
+                  total: usize,
+                  loaded: usize,
+                  filtered: usize,
+                  extra: &str| {
         s.log.push((label.clone(), status.to_string()));
         format!(
             "{{\"TxnId\":{txn},\"Label\":{},\"Status\":\"{status}\",\"Message\":{},\"NumberTotalRows\":{total},\"NumberLoadedRows\":{loaded},\"NumberFilteredRows\":{filtered},\"NumberUnselectedRows\":0,\"LoadBytes\":{},\"LoadTimeMs\":1,\"BeginTxnTimeMs\":0,\"StreamLoadPlanTimeMs\":0,\"ReadDataTimeMs\":0,\"WriteDataTimeMs\":0,\"CommitAndPublishTimeMs\":0{extra}}}",
@@ -324,13 +391,29 @@ fn stream_load(state: &Mutex<State>, db: &str, table: &str, req: &Request, body:
     };
     let key = format!("{db}/{label}");
     if s.labels.contains_key(&key) {
-        return answer(&mut s, "Label Already Exists", &format!("Label [{label}] has already been used."), 0, 0, 0, ",\"ExistingJobStatus\":\"FINISHED\"");
+        return answer(
+            &mut s,
+            "Label Already Exists",
+            &format!("Label [{label}] has already been used."),
+            0,
+            0,
+            0,
+            ",\"ExistingJobStatus\":\"FINISHED\"",
+        );
     }
     if let Some(Fault::Fail) = fault {
         return answer(&mut s, "Fail", "injected failure", 0, 0, 0, "");
     }
     let Some(t) = s.tables.get(&format!("{db}.{table}")) else {
-        return answer(&mut s, "Fail", &format!("Table {table} does not exist"), 0, 0, 0, "");
+        return answer(
+            &mut s,
+            "Fail",
+            &format!("Table {table} does not exist"),
+            0,
+            0,
+            0,
+            "",
+        );
     };
     let key_cols = t.key.clone();
     let types = t.columns.clone();
@@ -339,11 +422,29 @@ fn stream_load(state: &Mutex<State>, db: &str, table: &str, req: &Request, body:
         None => types.keys().cloned().collect(),
     };
     let json = req.headers.get("format").is_some_and(|f| f == "json");
-    let strip = req.headers.get("strip_outer_array").is_some_and(|v| v == "true");
-    let partial = req.headers.get("partial_update").is_some_and(|v| v == "true");
-    let max_ratio: f64 = req.headers.get("max_filter_ratio").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let strip = req
+        .headers
+        .get("strip_outer_array")
+        .is_some_and(|v| v == "true");
+    let partial = req
+        .headers
+        .get("partial_update")
+        .is_some_and(|v| v == "true");
+    let max_ratio: f64 = req
+        .headers
+        .get("max_filter_ratio")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
     if !json {
-        return answer(&mut s, "Fail", "emulator only speaks format: json", 0, 0, 0, "");
+        return answer(
+            &mut s,
+            "Fail",
+            "emulator only speaks format: json",
+            0,
+            0,
+            0,
+            "",
+        );
     }
     let parsed: Value = match sonic_rs::from_slice(body) {
         Ok(v) => v,
@@ -352,7 +453,17 @@ fn stream_load(state: &Mutex<State>, db: &str, table: &str, req: &Request, body:
     let rows: Vec<Value> = if strip {
         match parsed.as_array() {
             Some(a) => a.iter().cloned().collect(),
-            None => return answer(&mut s, "Fail", "strip_outer_array needs an array", 0, 0, 0, ""),
+            None => {
+                return answer(
+                    &mut s,
+                    "Fail",
+                    "strip_outer_array needs an array",
+                    0,
+                    0,
+                    0,
+                    "",
+                );
+            }
         }
     } else {
         vec![parsed]
@@ -360,7 +471,15 @@ fn stream_load(state: &Mutex<State>, db: &str, table: &str, req: &Request, body:
     // Unknown columns in the header fail the whole load, as in StarRocks.
     for c in &columns {
         if c != "__op" && !types.contains_key(c) {
-            return answer(&mut s, "Fail", &format!("Unknown column '{c}' in '{table}'"), rows.len(), 0, 0, "");
+            return answer(
+                &mut s,
+                "Fail",
+                &format!("Unknown column '{c}' in '{table}'"),
+                rows.len(),
+                0,
+                0,
+                "",
+            );
         }
     }
     let mut good = Vec::new();
@@ -379,7 +498,10 @@ fn stream_load(state: &Mutex<State>, db: &str, table: &str, req: &Request, body:
             }
             values.insert(c.clone(), v);
         }
-        if key_cols.iter().any(|k| values.get(k).is_none_or(|v| v.is_null())) {
+        if key_cols
+            .iter()
+            .any(|k| values.get(k).is_none_or(|v| v.is_null()))
+        {
             ok = false;
         }
         if ok {
@@ -402,13 +524,22 @@ fn stream_load(state: &Mutex<State>, db: &str, table: &str, req: &Request, body:
     }
     let t = s.tables.get_mut(&format!("{db}.{table}")).unwrap();
     for values in &good {
-        let key: String = key_cols.iter().map(|k| values[k].to_string()).collect::<Vec<_>>().join("|");
+        let key: String = key_cols
+            .iter()
+            .map(|k| values[k].to_string())
+            .collect::<Vec<_>>()
+            .join("|");
         let op = values.get("__op").and_then(|v| v.as_i64()).unwrap_or(0);
         if op == 1 {
             t.rows.remove(&key);
             continue;
         }
-        let entry = t.rows.entry(key).or_insert_with(|| types.keys().map(|c| (c.clone(), Value::default())).collect());
+        let entry = t.rows.entry(key).or_insert_with(|| {
+            types
+                .keys()
+                .map(|c| (c.clone(), Value::default()))
+                .collect()
+        });
         if !partial {
             // A full upsert replaces the row: unlisted columns take their default (NULL).
             for v in entry.values_mut() {
@@ -422,6 +553,10 @@ fn stream_load(state: &Mutex<State>, db: &str, table: &str, req: &Request, body:
         }
     }
     s.labels.insert(key, "FINISHED".into());
-    let status = if let Some(Fault::PublishTimeout) = fault { "Publish Timeout" } else { "Success" };
+    let status = if let Some(Fault::PublishTimeout) = fault {
+        "Publish Timeout"
+    } else {
+        "Success"
+    };
     answer(&mut s, status, "OK", rows.len(), good.len(), filtered, "")
 }
