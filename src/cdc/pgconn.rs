@@ -131,6 +131,30 @@ impl PgConn {
             .map_err(PgError::Io)
     }
 
+    /// Asks the kernel to wake a read only once `bytes` arrived (or the read timeout passed,
+    /// which then returns whatever is there). The walsender writes each change as its own
+    /// small segment; without this, a fast stream costs one wake-up and one recv per row.
+    /// The read timeout bounds the added latency when the stream is slow.
+    pub fn set_receive_low_water(&self, bytes: usize) -> Result<(), PgError> {
+        use std::os::fd::AsRawFd;
+        let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: the fd is a live socket owned by `self.stream`; the option value is a
+        // c_int on our stack whose size we pass.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(PgError::Io(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     fn flush(&mut self) -> Result<(), PgError> {
         self.stream.write_all(&self.out).map_err(PgError::Io)?;
         self.out.clear();

@@ -20,6 +20,8 @@ use super::{CdcError, Shared};
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 /// How long one read waits before the loop runs its timers.
 const TICK: Duration = Duration::from_millis(50);
+/// Bytes a read waits for (at most [`TICK`]) so a fast stream is read in large pieces.
+const RECEIVE_LOW_WATER_BYTES: usize = 64 << 10;
 /// Bound on the messages handled between two turns of the timers.
 const MESSAGES_PER_TURN: usize = 4096;
 /// Bound on the work produced in one turn before it goes to the ring.
@@ -39,6 +41,8 @@ pub fn start(conn: &mut PgConn, cfg: &SourceConfig, from: Lsn) -> Result<(), Cdc
     );
     conn.start_copy_both(&sql).map_err(CdcError::Replication)?;
     conn.set_read_timeout(TICK).map_err(CdcError::Replication)?;
+    conn.set_receive_low_water(RECEIVE_LOW_WATER_BYTES)
+        .map_err(CdcError::Replication)?;
     Ok(())
 }
 
