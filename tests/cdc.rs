@@ -602,3 +602,163 @@ fn bad_configuration_fails_clearly_and_creates_nothing() {
     let err = run_failing(&args);
     assert!(err.contains("cdc.starrocks"), "{err}");
 }
+
+fn http_post(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        code,
+        resp.split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+#[test]
+fn pause_holds_loads_and_resume_catches_up() {
+    let pg = start_pg("cdc-pause", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
+    let admin = cdc.admin.unwrap();
+    assert_eq!(http_post(admin, "/cdc/pause").0, 200);
+    c.batch_execute("INSERT INTO t SELECT g, 'p', g FROM generate_series(1, 100) g")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(sr.row_count(DB, "t"), 0, "loaded while paused");
+    let (_, status) = support::http_get(admin, "/cdc/status");
+    assert!(status.contains("\"paused\":true"), "{status}");
+    assert_eq!(http_post(admin, "/cdc/resume").0, 200);
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    // The stats follow the load's answer, a moment after the rows are visible.
+    let counted = eventually(Duration::from_secs(10), || {
+        let (_, status) = support::http_get(admin, "/cdc/status");
+        status.contains("\"rows\":100") && !status.contains("\"checkpoint_lsn\":\"0/0\"")
+    });
+    assert!(counted, "{}", support::http_get(admin, "/cdc/status").1);
+}
+
+#[test]
+fn soft_deletes_keep_the_row_with_audit_columns() {
+    let pg = start_pg("cdc-soft", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .unwrap();
+    sr.create_table(
+        DB,
+        "t",
+        &["id"],
+        &[
+            ("id", ColType::Int),
+            ("v", ColType::Text),
+            ("cdc_op_type", ColType::Int),
+            ("cdc_is_deleted", ColType::Bool),
+            ("cdc_synced_at", ColType::Text),
+            ("cdc_cdc_version", ColType::Any),
+        ],
+    );
+    let config = std::env::temp_dir().join(format!("pgprism-cdc-soft-{}.toml", rand_suffix()));
+    std::fs::write(
+        &config,
+        "[cdc]\ndelete-mode = \"soft\"\naudit-columns = true\naudit-prefix = \"cdc_\"\n",
+    )
+    .unwrap();
+    let mut args = base_args(&pg, &sr, "t");
+    args.extend(["--config".into(), config.display().to_string()]);
+    let cdc = Cdc::start(&args, &[]);
+    c.batch_execute("INSERT INTO t VALUES (1, 'a'), (2, 'b'); UPDATE t SET v = 'b2' WHERE id = 2; DELETE FROM t WHERE id = 1;")
+        .unwrap();
+    let want = vec![
+        vec![
+            Some("1".into()),
+            Some("a".into()),
+            Some("2".into()),
+            Some("true".into()),
+        ],
+        vec![
+            Some("2".into()),
+            Some("b2".into()),
+            Some("1".into()),
+            Some("false".into()),
+        ],
+    ];
+    let ok = eventually(Duration::from_secs(30), || {
+        sr.rows(DB, "t", &["id", "v", "cdc_op_type", "cdc_is_deleted"]) == want
+    });
+    assert!(
+        ok,
+        "{:?}\n{}",
+        sr.rows(
+            DB,
+            "t",
+            &[
+                "id",
+                "v",
+                "cdc_op_type",
+                "cdc_is_deleted",
+                "cdc_synced_at",
+                "cdc_cdc_version"
+            ]
+        ),
+        cdc.log()
+    );
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
+fn lost_slot_stops_with_instructions() {
+    let pg = start_pg(
+        "cdc-lost",
+        &[
+            ("max_slot_wal_keep_size", "1MB"),
+            ("max_wal_size", "32MB"),
+            ("min_wal_size", "32MB"),
+        ],
+    );
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    drop(Cdc::start(&base_args(&pg, &sr, "t"), &[]));
+    c.batch_execute("CREATE TABLE filler (x text)").unwrap();
+    let lost = eventually(Duration::from_secs(60), || {
+        c.batch_execute("INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 20000); SELECT pg_switch_wal(); CHECKPOINT;")
+            .unwrap();
+        pg_rows(
+            &mut c,
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'pgprism_cdc'",
+        ) == vec![vec![Some("lost".into())]]
+    });
+    assert!(lost, "could not make the slot lose its WAL");
+    let err = run_failing(&base_args(&pg, &sr, "t"));
+    assert!(
+        err.contains("lost") && err.contains("pg_drop_replication_slot"),
+        "{err}"
+    );
+    let slots = pg_rows(&mut c, "SELECT count(*)::text FROM pg_replication_slots");
+    assert_eq!(
+        slots,
+        vec![vec![Some("1".into())]],
+        "the lost slot must be left for the operator"
+    );
+}

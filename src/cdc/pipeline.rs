@@ -805,13 +805,42 @@ fn write_value(body: &mut Vec<u8>, kind: JsonKind, datum: Datum<'_>) {
     }
 }
 
-/// PostgreSQL prints numbers that are valid JSON numbers, except NaN and the infinities.
+/// True when `text` is a JSON number (`-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?`).
+/// PostgreSQL prints its numbers that way except NaN and the infinities, which (like anything
+/// unexpected) are written as strings instead.
 #[inline]
 fn is_json_number(text: &[u8]) -> bool {
-    match text {
-        [b'-', d, ..] | [d, ..] => d.is_ascii_digit(),
-        [] => false,
+    fn digits(t: &[u8], mut i: usize) -> usize {
+        while i < t.len() && t[i].is_ascii_digit() {
+            i += 1;
+        }
+        i
     }
+    let mut i = usize::from(text.first() == Some(&b'-'));
+    match text.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => i = digits(text, i + 1),
+        _ => return false,
+    }
+    if text.get(i) == Some(&b'.') {
+        let end = digits(text, i + 1);
+        if end == i + 1 {
+            return false;
+        }
+        i = end;
+    }
+    if matches!(text.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(text.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        let end = digits(text, i);
+        if end == i {
+            return false;
+        }
+        i = end;
+    }
+    i == text.len()
 }
 
 /// `{slot}-{table}-{commit}.{idx}-{commit}.{idx}`, limited to what StarRocks accepts in a
@@ -1006,6 +1035,35 @@ mod tests {
         );
         assert!(matches!(out[1], Work::Checkpoint(Lsn(210))));
         assert!(p.is_idle());
+    }
+
+    #[test]
+    fn json_numbers_are_validated() {
+        for ok in [
+            "0",
+            "-1",
+            "12.50",
+            "1e+20",
+            "-0.5E-3",
+            "123456789012345678901234567890",
+        ] {
+            assert!(is_json_number(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "-",
+            "NaN",
+            "Infinity",
+            "-Infinity",
+            "01",
+            "1.",
+            ".5",
+            "1e",
+            "1\"",
+            "1 ",
+        ] {
+            assert!(!is_json_number(bad.as_bytes()), "{bad}");
+        }
     }
 
     #[test]
