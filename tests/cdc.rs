@@ -70,6 +70,8 @@ fn base_args(pg: &Instance, sr: &StarRocks, tables: &str) -> Vec<String> {
         &sr.url(),
         "--database",
         DB,
+        "--starrocks-query-port",
+        &sr.query.port().to_string(),
         "--tables",
         tables,
         "--flush-interval-ms",
@@ -593,6 +595,7 @@ fn bad_configuration_fails_clearly_and_creates_nothing() {
 
     let mut args = base_args(&pg, &sr, "t");
     args[6] = "nodb".into();
+    assert_eq!(args[5], "--database");
     let err = run_failing(&args);
     assert!(err.contains("nodb.t"), "{err}");
     assert!(nothing_created(&mut c));
@@ -760,5 +763,46 @@ fn lost_slot_stops_with_instructions() {
         slots,
         vec![vec![Some("1".into())]],
         "the lost slot must be left for the operator"
+    );
+}
+
+#[test]
+fn truncate_empties_the_table_even_across_a_crash() {
+    let pg = start_pg("cdc-truncate", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let args = base_args(&pg, &sr, "t");
+    // The second load follows the TRUNCATE in the same transaction; dying right after it
+    // means the replay truncates again and must load those rows again, not skip them.
+    let mut cdc = Cdc::start(&args, &[("PGPRISM_FAILPOINTS", "cdc-after-load=2*kill")]);
+    c.batch_execute("INSERT INTO t SELECT g, 'before', g FROM generate_series(1, 50) g")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    c.batch_execute("BEGIN; TRUNCATE t; INSERT INTO t SELECT g, 'after', g FROM generate_series(100, 150) g; COMMIT;")
+        .unwrap();
+    assert!(
+        cdc.wait_death(Duration::from_secs(30)),
+        "failpoint did not fire\n{}",
+        cdc.log()
+    );
+    drop(cdc);
+    let cdc = Cdc::start(&args, &[]);
+    c.batch_execute("INSERT INTO t VALUES (500, 'later', 1)")
+        .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    assert!(
+        sr.statements()
+            .iter()
+            .any(|s| s.starts_with("TRUNCATE TABLE")),
+        "{:?}",
+        sr.statements()
     );
 }

@@ -24,6 +24,9 @@ pub struct CdcArgs {
     /// StarRocks FE URL (http://user:password@host:8030).
     #[arg(long)]
     starrocks: Option<String>,
+    /// StarRocks FE query (MySQL protocol) port, for TRUNCATE.
+    #[arg(long)]
+    starrocks_query_port: Option<u16>,
     /// StarRocks database.
     #[arg(long)]
     database: Option<String>,
@@ -66,6 +69,9 @@ impl CdcArgs {
         }
         if let Some(v) = self.starrocks {
             cfg.starrocks = v;
+        }
+        if let Some(v) = self.starrocks_query_port {
+            cfg.starrocks_query_port = v;
         }
         if let Some(v) = self.database {
             cfg.database = v;

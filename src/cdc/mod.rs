@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod cmd;
 pub mod failpoint;
 pub mod lsn;
+pub mod mysql;
 pub mod pgconn;
 pub mod pgoutput;
 pub mod pipeline;
@@ -208,6 +209,7 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
         sr_url,
         SinkConfig {
             database: cfg.database.clone(),
+            query_port: cfg.starrocks_query_port,
             max_filter_ratio: cfg.max_filter_ratio,
             attempts_max: cfg.load_attempts_max,
             backoff: Duration::from_millis(cfg.load_backoff_ms),
@@ -308,7 +310,10 @@ fn load_loop(
                 tracing::debug!(table = %batch.table, label = %batch.label, rows = batch.rows, ?outcome, "loaded");
                 failpoint::hit("cdc-after-load");
             }
-            Work::Truncate { table } => return Err(CdcError::Truncate { table }),
+            Work::Truncate { table } => {
+                sink.truncate(&table).map_err(CdcError::Load)?;
+                tracing::info!(%table, "truncated");
+            }
             Work::Boundary(lsn) => {
                 checkpoints
                     .store_pending(lsn)

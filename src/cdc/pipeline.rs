@@ -135,6 +135,13 @@ pub struct Pipeline {
     /// Replaying after a restart: cut the first cycle exactly at this commit.
     forced: Option<Lsn>,
     last_data: Instant,
+    /// A TRUNCATE was applied in the current transaction: end the cycle at its commit.
+    truncated_in_txn: bool,
+    /// Set from a TRUNCATE until the next checkpoint marker: labels of batches loaded in
+    /// that window carry this run's nonce. A replay re-runs the TRUNCATE, so it must reload
+    /// those rows, not have them skipped as already loaded; upserts make the reload exact.
+    salt: Option<String>,
+    nonce: String,
     streams: HashMap<u32, Streamed>,
     stream_bytes: usize,
     in_stream: bool,
@@ -159,6 +166,16 @@ impl Pipeline {
             txn_rows: false,
             forced: None,
             last_data: Instant::now(),
+            truncated_in_txn: false,
+            salt: None,
+            nonce: format!(
+                "{:x}{:x}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64 & 0xFFFF_FFFF)
+                    .unwrap_or(0)
+            ),
             streams: HashMap::new(),
             stream_bytes: 0,
             in_stream: false,
@@ -297,6 +314,13 @@ impl Pipeline {
             self.unflushed_commit = Some(end_lsn);
             self.cycle_start_us.get_or_insert(commit_ts_us);
         }
+        if std::mem::take(&mut self.truncated_in_txn) {
+            if self.forced.is_some_and(|f| end_lsn >= f) {
+                self.forced = None;
+            }
+            self.flush_all(out);
+            return;
+        }
         if let Some(forced) = self.forced {
             if end_lsn >= forced {
                 self.forced = None;
@@ -322,6 +346,7 @@ impl Pipeline {
         self.flush_open(out);
         if let Some(lsn) = self.unflushed_commit.take() {
             out.push(Work::Checkpoint(lsn));
+            self.salt = None;
         }
         self.cycle_start_us = None;
     }
@@ -361,7 +386,12 @@ impl Pipeline {
             .get(oid)
             .map(|s| s.target_name.clone())
             .unwrap_or_default();
-        let label = label(&self.cfg.slot, &table, b.first, b.last);
+        let mut label = label(&self.cfg.slot, &table, b.first, b.last);
+        if let Some(salt) = &self.salt {
+            label.truncate(128 - salt.len() - 2);
+            label.push_str("-r");
+            label.push_str(salt);
+        }
         out.push(Work::Load(Batch {
             table,
             columns: b.columns,
@@ -410,6 +440,8 @@ impl Pipeline {
             Message::Truncate { rels, .. } => {
                 self.flush_open(out);
                 self.txn_rows = true;
+                self.truncated_in_txn = true;
+                self.salt = Some(self.nonce.clone());
                 for oid in rels.iter() {
                     if let Ok(schema) = self.schema.get(oid) {
                         out.push(Work::Truncate {

@@ -17,6 +17,8 @@ use super::pipeline::Batch;
 #[derive(Clone)]
 pub struct StarRocksUrl {
     pub base: String,
+    /// Host alone (for the query port).
+    pub host: String,
     pub user: String,
     pub password: String,
 }
@@ -41,8 +43,16 @@ impl StarRocksUrl {
             return Err("expected http://user:password@host:port (no path)".into());
         }
         let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+        let bare = match host.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        };
         Ok(StarRocksUrl {
             base: format!("http://{host}"),
+            host: bare
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
             user: user.to_string(),
             password: password.to_string(),
         })
@@ -109,6 +119,7 @@ pub enum LoadOutcome {
 #[derive(Debug, Clone)]
 pub struct SinkConfig {
     pub database: String,
+    pub query_port: u16,
     pub max_filter_ratio: f64,
     pub attempts_max: u32,
     pub backoff: Duration,
@@ -117,7 +128,7 @@ pub struct SinkConfig {
 }
 
 pub struct StarRocks {
-    url: StarRocksUrl,
+    pub url: StarRocksUrl,
     cfg: SinkConfig,
     agent: ureq::Agent,
     auth: String,
@@ -188,6 +199,50 @@ impl StarRocks {
                 user: self.url.user.clone(),
             }),
         }
+    }
+
+    /// Empties a table (a TRUNCATE in PostgreSQL) over the FE's MySQL-protocol port, with the
+    /// same retry policy as loads (TRUNCATE is idempotent).
+    pub fn truncate(&mut self, table: &str) -> Result<(), LoadError> {
+        let quote = |s: &str| format!("`{}`", s.replace('`', "``"));
+        let sql = format!(
+            "TRUNCATE TABLE {}.{}",
+            quote(&self.cfg.database),
+            quote(table)
+        );
+        let mut delay = self.cfg.backoff;
+        let mut last = String::new();
+        for attempt in 1..=self.cfg.attempts_max {
+            if attempt > 1 {
+                self.retries += 1;
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(self.cfg.backoff_max);
+            }
+            let result = super::mysql::Mysql::connect(
+                &self.url.host,
+                self.cfg.query_port,
+                &self.url.user,
+                &self.url.password,
+                Duration::from_secs(30),
+            )
+            .and_then(|mut c| c.execute(&sql));
+            match result {
+                Ok(()) => return Ok(()),
+                Err(super::mysql::MysqlError::Server { code: 1045, .. }) => {
+                    return Err(LoadError::Auth {
+                        user: self.url.user.clone(),
+                        status: 1045,
+                    });
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(LoadError::GaveUp {
+            table: table.to_string(),
+            label: sql,
+            attempts: self.cfg.attempts_max,
+            last,
+        })
     }
 
     /// Loads one batch, retrying transient failures with backoff under the same label.

@@ -148,6 +148,8 @@ pub struct CdcConfig {
     pub source: String,
     /// StarRocks FE HTTP address, `http://user:password@host:8030`.
     pub starrocks: String,
+    /// StarRocks FE query (MySQL protocol) port, used only to apply a TRUNCATE.
+    pub starrocks_query_port: u16,
     /// StarRocks database the tables are loaded into.
     pub database: String,
     /// Source tables (`schema.table` or `table` for `public`); StarRocks tables have the same
@@ -202,6 +204,7 @@ impl Default for CdcConfig {
         CdcConfig {
             source: String::new(),
             starrocks: String::new(),
+            starrocks_query_port: 9030,
             database: String::new(),
             tables: Vec::new(),
             slot: "pgprism_cdc".into(),

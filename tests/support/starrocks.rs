@@ -10,6 +10,8 @@
 //!   filtered share exceeds `max_filter_ratio`, applies rows in order to a Primary Key table
 //!   (`__op` 0 upsert / 1 delete, `partial_update` merges the listed columns, a partial
 //!   update of a missing row inserts it with NULL defaults), and answers the documented JSON.
+//! * FE query port (MySQL protocol): handshake v10 with `mysql_native_password`, then
+//!   `TRUNCATE TABLE db.t` (the only statement CDC sends) empties the table.
 //! * Faults: the next loads can answer `Fail`, `Publish Timeout` (applied, then reported as
 //!   such), be delayed, or have the connection dropped before any answer.
 
@@ -59,12 +61,15 @@ struct State {
     faults: VecDeque<Fault>,
     /// (label, status) of every load answered.
     log: Vec<(String, String)>,
+    statements: Vec<String>,
     txn: u64,
 }
 
 pub struct StarRocks {
     pub fe: SocketAddr,
     pub be: SocketAddr,
+    /// FE query (MySQL protocol) port.
+    pub query: SocketAddr,
     state: Arc<Mutex<State>>,
 }
 
@@ -90,7 +95,28 @@ impl StarRocks {
                 }
             });
         }
-        StarRocks { fe, be, state }
+        let query_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let query = query_listener.local_addr().unwrap();
+        let qstate = Arc::clone(&state);
+        std::thread::spawn(move || {
+            for stream in query_listener.incoming().flatten() {
+                let state = Arc::clone(&qstate);
+                std::thread::spawn(move || {
+                    let _ = serve_mysql(stream, &state);
+                });
+            }
+        });
+        StarRocks {
+            fe,
+            be,
+            query,
+            state,
+        }
+    }
+
+    /// Statements run on the query port.
+    pub fn statements(&self) -> Vec<String> {
+        self.state.lock().unwrap().statements.clone()
     }
 
     /// `http://user:password@fe`.
@@ -559,4 +585,99 @@ fn stream_load(
         "Success"
     };
     answer(&mut s, status, "OK", rows.len(), good.len(), filtered, "")
+}
+
+fn mysql_read(stream: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 4];
+    stream.read_exact(&mut head)?;
+    let len = usize::from(head[0]) | usize::from(head[1]) << 8 | usize::from(head[2]) << 16;
+    let mut body = vec![0; len];
+    stream.read_exact(&mut body)?;
+    Ok((head[3], body))
+}
+
+fn mysql_write(stream: &mut TcpStream, seq: u8, body: &[u8]) -> std::io::Result<()> {
+    let mut p = (body.len() as u32).to_le_bytes()[..3].to_vec();
+    p.push(seq);
+    p.extend_from_slice(body);
+    stream.write_all(&p)
+}
+
+const MYSQL_OK: [u8; 7] = [0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00];
+
+fn mysql_err(code: u16, state: &str, message: &str) -> Vec<u8> {
+    let mut p = vec![0xFF];
+    p.extend_from_slice(&code.to_le_bytes());
+    p.push(b'#');
+    p.extend_from_slice(state.as_bytes());
+    p.extend_from_slice(message.as_bytes());
+    p
+}
+
+fn serve_mysql(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let scramble: [u8; 20] = *b"0123456789abcdefghij";
+    let mut hello = vec![10];
+    hello.extend_from_slice(b"5.1.0\0");
+    hello.extend_from_slice(&7u32.to_le_bytes());
+    hello.extend_from_slice(&scramble[..8]);
+    hello.push(0);
+    hello.extend_from_slice(&0xF7FFu16.to_le_bytes());
+    hello.push(33);
+    hello.extend_from_slice(&2u16.to_le_bytes());
+    hello.extend_from_slice(&0x0008u16.to_le_bytes());
+    hello.push(21);
+    hello.extend_from_slice(&[0; 10]);
+    hello.extend_from_slice(&scramble[8..]);
+    hello.push(0);
+    hello.extend_from_slice(b"mysql_native_password\0");
+    mysql_write(&mut stream, 0, &hello)?;
+    let (seq, resp) = mysql_read(&mut stream)?;
+    // caps(4) max(4) charset(1) filler(23) user\0 len auth
+    let rest = resp.get(32..).unwrap_or_default();
+    let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+    let user = String::from_utf8_lossy(&rest[..end]).into_owned();
+    let auth_len = rest.get(end + 1).copied().unwrap_or(0) as usize;
+    let auth = rest
+        .get(end + 2..end + 2 + auth_len)
+        .unwrap_or_default()
+        .to_vec();
+    let (want_user, password) = {
+        let s = state.lock().unwrap();
+        (s.user.clone(), s.password.clone())
+    };
+    let expected = pgprism::cdc::mysql::native_password(&password, &scramble);
+    if user != want_user || auth != expected {
+        let msg = format!("Access denied for user '{user}'");
+        return mysql_write(
+            &mut stream,
+            seq.wrapping_add(1),
+            &mysql_err(1045, "28000", &msg),
+        );
+    }
+    mysql_write(&mut stream, seq.wrapping_add(1), &MYSQL_OK)?;
+    while let Ok((seq, cmd)) = mysql_read(&mut stream) {
+        if cmd.first() != Some(&0x03) {
+            return Ok(());
+        }
+        let sql = String::from_utf8_lossy(&cmd[1..]).into_owned();
+        let mut s = state.lock().unwrap();
+        s.statements.push(sql.clone());
+        let target = sql
+            .strip_prefix("TRUNCATE TABLE ")
+            .map(|t| t.replace('`', ""));
+        let answer = match target {
+            Some(name) => match s.tables.get_mut(&name) {
+                Some(t) => {
+                    t.rows.clear();
+                    MYSQL_OK.to_vec()
+                }
+                None => mysql_err(1064, "42000", &format!("Unknown table '{name}'")),
+            },
+            None => mysql_err(1064, "42000", "emulator only runs TRUNCATE TABLE"),
+        };
+        drop(s);
+        mysql_write(&mut stream, seq.wrapping_add(1), &answer)?;
+    }
+    Ok(())
 }
