@@ -237,6 +237,7 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
                 cfg,
                 &url,
                 &name,
+                point,
                 &prepared.tables,
                 &pcfg,
                 &mut sink,
@@ -280,6 +281,20 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     let loaded = loader.join().map_err(|_| CdcError::LoaderPanicked)?;
     // The loader's error is the cause when it stopped first.
     loaded.and(streamed)
+}
+
+/// The CDC thread started by [`spawn`]; joining it gives the reason it stopped.
+pub type CdcThread = std::thread::JoinHandle<Result<(), CdcError>>;
+
+/// Starts CDC on its own thread, for running beside the proxy in one process. The returned
+/// [`Shared`] carries the counters, pause/resume and `stopped` (set it to stop).
+pub fn spawn(cfg: CdcConfig) -> std::io::Result<(Arc<Shared>, CdcThread)> {
+    let shared = Arc::new(Shared::default());
+    let thread_shared = Arc::clone(&shared);
+    let handle = std::thread::Builder::new()
+        .name("cdc".into())
+        .spawn(move || run(&cfg, thread_shared, || {}))?;
+    Ok((shared, handle))
 }
 
 fn load_loop(

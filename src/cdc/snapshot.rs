@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::checkpoint::qualified;
+use super::lsn::Lsn;
 use super::pgconn::{PgConn, quote_literal};
 use super::pipeline::{PipelineConfig, snapshot_batch};
 use super::schema::{Column, TableSchema};
@@ -22,6 +23,7 @@ pub fn copy(
     cfg: &CdcConfig,
     url: &PgUrl,
     snapshot: &str,
+    point: Lsn,
     tables: &[SourceTable],
     pcfg: &PipelineConfig,
     sink: &mut StarRocks,
@@ -82,14 +84,7 @@ pub fn copy(
                 break;
             }
             chunk += 1;
-            let batch = snapshot_batch(
-                pcfg,
-                &schema,
-                &rows,
-                chunk,
-                super::lsn::Lsn::ZERO,
-                &now_text(),
-            );
+            let batch = snapshot_batch(pcfg, &schema, &rows, chunk, point, &now_text());
             sink.load(&batch).map_err(CdcError::Load)?;
             if let Ok(mut t) = shared.tables.lock() {
                 let s = t.entry(batch.table.clone()).or_default();
