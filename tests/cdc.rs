@@ -806,3 +806,42 @@ fn truncate_empties_the_table_even_across_a_crash() {
         sr.statements()
     );
 }
+
+#[test]
+fn a_filtered_row_stops_the_stream_instead_of_being_lost() {
+    let pg = start_pg("cdc-filter", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    // StarRocks says `n` is an integer; the source sends text that is not one.
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text, n text)")
+        .unwrap();
+    sr.create_table(
+        DB,
+        "t",
+        &["id"],
+        &[
+            ("id", ColType::Int),
+            ("v", ColType::Text),
+            ("n", ColType::Int),
+        ],
+    );
+    let mut cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
+    c.batch_execute("INSERT INTO t VALUES (1, 'ok', '5'), (2, 'bad', 'five')")
+        .unwrap();
+    assert!(
+        cdc.wait_death(Duration::from_secs(30)),
+        "pgprism kept going after a filtered row"
+    );
+    let log = cdc.log();
+    assert!(
+        log.contains("filtered") && log.contains("_load_error_log"),
+        "{log}"
+    );
+    assert_eq!(sr.row_count(DB, "t"), 0, "a failed load must load nothing");
+    let ckpt = pg_rows(&mut c, "SELECT count(*)::text FROM pgprism_cdc_checkpoint WHERE lsn > '0/0'");
+    assert_eq!(
+        ckpt,
+        vec![vec![Some("0".into())]],
+        "nothing may be checkpointed past the failed load"
+    );
+}
