@@ -838,7 +838,10 @@ fn a_filtered_row_stops_the_stream_instead_of_being_lost() {
         "{log}"
     );
     assert_eq!(sr.row_count(DB, "t"), 0, "a failed load must load nothing");
-    let ckpt = pg_rows(&mut c, "SELECT count(*)::text FROM pgprism_cdc_checkpoint WHERE lsn > '0/0'");
+    let ckpt = pg_rows(
+        &mut c,
+        "SELECT count(*)::text FROM pgprism_cdc_checkpoint WHERE lsn > '0/0'",
+    );
     assert_eq!(
         ckpt,
         vec![vec![Some("0".into())]],
