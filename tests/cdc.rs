@@ -408,7 +408,7 @@ fn large_transaction_is_streamed_and_applied_once() {
     make_table(&mut c, &sr, "t");
     let cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
     c.batch_execute(
-        "BEGIN; INSERT INTO t SELECT g, 'row ' || g, g FROM generate_series(1, 200000) g;
+        "BEGIN; INSERT INTO t SELECT g, 'row ' || g, g FROM generate_series(1, 100000) g;
          SAVEPOINT s; INSERT INTO t VALUES (-1, 'aborted subtransaction', 0); ROLLBACK TO s;
          COMMIT;
          BEGIN; INSERT INTO t SELECT g, 'aborted', g FROM generate_series(300001, 350000) g; ROLLBACK;",
