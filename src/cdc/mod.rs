@@ -86,7 +86,10 @@ pub struct Shared {
     pub retries: AtomicU64,
     /// Unix ms of the last checkpoint write.
     pub checkpoint_unix_ms: AtomicU64,
-    /// Commit time (Unix ms) of the last loaded transaction, for lag in seconds.
+    /// Commit time (Unix ms) of the last checkpointed transaction, for lag in seconds.
+    pub checkpoint_commit_unix_ms: AtomicU64,
+    /// The source has handed everything over and the loader has done it all.
+    pub caught_up: AtomicBool,
     pub paused: AtomicBool,
     pub stopped: AtomicBool,
     pub tables: Mutex<BTreeMap<String, TableStats>>,
@@ -98,6 +101,7 @@ impl Shared {
         let server = self.server_lsn.load(Ordering::Relaxed);
         let confirmed = self.confirmed.load(Ordering::Relaxed);
         let ckpt_ms = self.checkpoint_unix_ms.load(Ordering::Relaxed);
+        let commit_ms = self.checkpoint_commit_unix_ms.load(Ordering::Relaxed);
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -109,7 +113,14 @@ impl Shared {
             "confirmed_lsn": Lsn(confirmed).to_string(),
             "checkpoint_lsn": Lsn(self.checkpointed.load(Ordering::Relaxed)).to_string(),
             "lag_bytes": server.saturating_sub(confirmed),
-            "lag_seconds_since_checkpoint": if ckpt_ms == 0 { 0 } else { now_ms.saturating_sub(ckpt_ms) / 1000 },
+            // Seconds between now and the commit of the last transaction StarRocks has, while
+            // anything is still on its way; 0 when caught up.
+            "lag_seconds": if self.caught_up.load(Ordering::Relaxed) || commit_ms == 0 {
+                0
+            } else {
+                now_ms.saturating_sub(commit_ms) / 1000
+            },
+            "last_checkpoint_unix_ms": ckpt_ms,
             "rows_decoded": self.rows_decoded.load(Ordering::Relaxed),
             "retries": self.retries.load(Ordering::Relaxed),
             "tables": sonic_rs::to_value(&tables).unwrap_or_default(),
@@ -334,7 +345,7 @@ fn load_loop(
                     .store_pending(lsn)
                     .map_err(CdcError::Checkpoint)?;
             }
-            Work::Checkpoint(lsn) => {
+            Work::Checkpoint(lsn, commit_unix_us) => {
                 failpoint::hit("cdc-before-checkpoint");
                 checkpoints.store(lsn).map_err(CdcError::Checkpoint)?;
                 shared.checkpointed.store(lsn.0, Ordering::Release);
@@ -343,6 +354,9 @@ fn load_loop(
                     .map(|d| d.as_millis() as u64)
                     .unwrap_or(0);
                 shared.checkpoint_unix_ms.store(now_ms, Ordering::Relaxed);
+                shared
+                    .checkpoint_commit_unix_ms
+                    .store((commit_unix_us / 1000).max(0) as u64, Ordering::Relaxed);
                 failpoint::hit("cdc-after-checkpoint");
             }
         }

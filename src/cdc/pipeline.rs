@@ -25,8 +25,9 @@ pub enum Work {
     Truncate {
         table: String,
     },
-    /// Everything before this marker is loaded: store and confirm this LSN.
-    Checkpoint(Lsn),
+    /// Everything before this marker is loaded: store and confirm this LSN (the commit
+    /// time, microseconds since the Unix epoch, is for the lag metric).
+    Checkpoint(Lsn, i64),
     /// The flush cycle now ending was cut by the wall clock (the stream went idle), not by
     /// the data: store this commit LSN as the pending boundary before loading the batches
     /// that follow, so a replay after a crash cuts its batches at the same place and gets the
@@ -126,6 +127,8 @@ pub struct Pipeline {
     txn_idx: u64,
     /// Latest commit whose rows may sit in open batches: the next checkpoint marker.
     unflushed_commit: Option<Lsn>,
+    /// Commit time (PostgreSQL epoch, µs) of `unflushed_commit`.
+    unflushed_commit_ts: i64,
     /// Latest commit seen at all.
     last_commit: Lsn,
     /// Commit time of the first transaction with rows in the current flush cycle.
@@ -161,6 +164,7 @@ impl Pipeline {
             txn: Lsn::ZERO,
             txn_idx: 0,
             unflushed_commit: None,
+            unflushed_commit_ts: 0,
             last_commit: Lsn::ZERO,
             cycle_start_us: None,
             txn_rows: false,
@@ -312,6 +316,7 @@ impl Pipeline {
         self.last_commit = end_lsn;
         if self.txn_rows || !self.open.is_empty() || self.unflushed_commit.is_some() {
             self.unflushed_commit = Some(end_lsn);
+            self.unflushed_commit_ts = commit_ts_us;
             self.cycle_start_us.get_or_insert(commit_ts_us);
         }
         if std::mem::take(&mut self.truncated_in_txn) {
@@ -345,7 +350,11 @@ impl Pipeline {
         }
         self.flush_open(out);
         if let Some(lsn) = self.unflushed_commit.take() {
-            out.push(Work::Checkpoint(lsn));
+            // PostgreSQL's epoch is 2000-01-01; the metric wants Unix time.
+            out.push(Work::Checkpoint(
+                lsn,
+                self.unflushed_commit_ts + 946_684_800_000_000,
+            ));
             self.salt = None;
         }
         self.cycle_start_us = None;
@@ -967,7 +976,7 @@ mod tests {
         assert!(out.is_empty(), "not due yet");
         let mut out = Vec::new();
         p.flush_all(&mut out);
-        let [Work::Load(batch), Work::Checkpoint(Lsn(120))] = &out[..] else {
+        let [Work::Load(batch), Work::Checkpoint(Lsn(120), _)] = &out[..] else {
             panic!("{out:?}")
         };
         assert_eq!(batch.columns, "id,v,__op");
@@ -1065,7 +1074,7 @@ mod tests {
             std::str::from_utf8(&b.body).unwrap(),
             r#"[{"id":9,"v":"s","__op":0},{"id":9,"v":null,"__op":1},{"id":10,"v":"s","__op":0}]"#
         );
-        assert!(matches!(out[1], Work::Checkpoint(Lsn(210))));
+        assert!(matches!(out[1], Work::Checkpoint(Lsn(210), _)));
         assert!(p.is_idle());
     }
 

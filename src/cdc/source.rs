@@ -111,6 +111,10 @@ pub fn run(
         shared
             .rows_decoded
             .store(pipeline.rows_in(), Ordering::Relaxed);
+        let caught_up = pipeline.is_idle()
+            && out.is_empty()
+            && shared.works_done.load(Ordering::Acquire) >= state.works_sent;
+        shared.caught_up.store(caught_up, Ordering::Relaxed);
         // A confirmed idle position precedes every work sent after it, so later work never
         // invalidates it.
         for work in out.drain(..) {
