@@ -848,3 +848,48 @@ fn a_filtered_row_stops_the_stream_instead_of_being_lost() {
         "nothing may be checkpointed past the failed load"
     );
 }
+
+#[test]
+fn dropped_replication_connection_reconnects_without_loss() {
+    let pg = start_pg("cdc-reconnect", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let mut cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
+    for round in 0..3 {
+        c.batch_execute(&format!(
+            "INSERT INTO t SELECT g, 'r{round}', g FROM generate_series({}, {}) g",
+            round * 100 + 1,
+            round * 100 + 100
+        ))
+        .unwrap();
+        // Cut the walsender (and with it pgprism's replication connection) mid-stream.
+        c.batch_execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'pgprism_cdc' AND active_pid IS NOT NULL",
+        )
+        .unwrap();
+        c.batch_execute(&format!("UPDATE t SET n = -n WHERE id % 3 = {round}"))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+    assert!(
+        matches!(cdc.child.try_wait(), Ok(None)),
+        "pgprism exited instead of reconnecting\n{}",
+        cdc.log()
+    );
+    assert!(
+        cdc.log().contains("resuming from the checkpoint"),
+        "{}",
+        cdc.log()
+    );
+    let slots = pg_rows(&mut c, "SELECT count(*)::text FROM pg_replication_slots");
+    assert_eq!(slots, vec![vec![Some("1".into())]]);
+}

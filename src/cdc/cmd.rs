@@ -145,7 +145,7 @@ pub fn main(args: CdcArgs) -> ExitCode {
         println!("pgprism cdc streaming slot {slot} admin {admin}");
         let _ = std::io::stdout().flush();
     };
-    match super::run(&cfg, shared, ready) {
+    match super::run_reconnecting(&cfg, shared, ready) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => report(&err),
     }

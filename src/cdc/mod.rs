@@ -91,8 +91,31 @@ pub struct Shared {
     /// The source has handed everything over and the loader has done it all.
     pub caught_up: AtomicBool,
     pub paused: AtomicBool,
+    /// Set by the owner to stop for good (not reset by a reconnect).
+    pub shutdown: AtomicBool,
+    /// Tells one run's threads to stop (set internally when either side ends).
     pub stopped: AtomicBool,
+    /// Reconnects after a lost PostgreSQL connection.
+    pub reconnects: AtomicU64,
     pub tables: Mutex<BTreeMap<String, TableStats>>,
+}
+
+impl CdcError {
+    /// A lost or refused PostgreSQL connection: worth reconnecting, resuming from the
+    /// checkpoint. Everything else (configuration, setup, StarRocks refusing data) is not.
+    pub fn is_transient(&self) -> bool {
+        let pg = match self {
+            CdcError::Replication(e) | CdcError::Checkpoint(e) => e,
+            CdcError::Setup(setup::SetupError::Connect(e)) => e,
+            _ => return false,
+        };
+        match pg {
+            PgError::Connect { .. } | PgError::Io(_) | PgError::Closed => true,
+            // Administrator command, crash shutdown, cannot connect now (server restarting).
+            PgError::Server(e) => matches!(e.code.as_str(), "57P01" | "57P02" | "57P03"),
+            _ => false,
+        }
+    }
 }
 
 impl Shared {
@@ -123,6 +146,7 @@ impl Shared {
             "last_checkpoint_unix_ms": ckpt_ms,
             "rows_decoded": self.rows_decoded.load(Ordering::Relaxed),
             "retries": self.retries.load(Ordering::Relaxed),
+            "reconnects": self.reconnects.load(Ordering::Relaxed),
             "tables": sonic_rs::to_value(&tables).unwrap_or_default(),
         });
         doc.to_string()
@@ -203,6 +227,42 @@ pub fn validate(cfg: &CdcConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Runs CDC like [`run`], reconnecting after a lost PostgreSQL connection (bounded by
+/// `cdc.reconnect-attempts-max`, with backoff). Each reconnect is a fresh start from the
+/// checkpoint: setup again (idempotent), replay, labels dedup what was already loaded.
+pub fn run_reconnecting(
+    cfg: &CdcConfig,
+    shared: Arc<Shared>,
+    ready: impl FnOnce(),
+) -> Result<(), CdcError> {
+    let mut ready = Some(ready);
+    let mut failures = 0u32;
+    loop {
+        let started = std::time::Instant::now();
+        shared.stopped.store(false, Ordering::Release);
+        let result = run(cfg, Arc::clone(&shared), || {
+            if let Some(ready) = ready.take() {
+                ready();
+            }
+        });
+        let err = match result {
+            Err(err) if err.is_transient() && !shared.shutdown.load(Ordering::Acquire) => err,
+            other => return other,
+        };
+        if started.elapsed() > Duration::from_secs(60) {
+            failures = 0;
+        }
+        failures += 1;
+        if failures > cfg.reconnect_attempts_max {
+            return Err(err);
+        }
+        let delay = Duration::from_millis(250u64 << failures.min(7)).min(Duration::from_secs(30));
+        tracing::warn!(error = %err, attempt = failures, ?delay, "PostgreSQL connection lost; resuming from the checkpoint");
+        shared.reconnects.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(delay);
+    }
+}
+
 /// Runs CDC until an error (or [`Shared::stopped`]). `ready` is called once setup is done and
 /// streaming starts.
 pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result<(), CdcError> {
@@ -273,6 +333,8 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     source::start(&mut repl, &scfg, start)?;
     ready();
 
+    // Counts of this run only (the source compares them with what it sent in this run).
+    shared.works_done.store(0, Ordering::Release);
     let (tx, rx) = crossbeam_channel::bounded::<Work>(cfg.ring_capacity);
     let loader_shared = Arc::clone(&shared);
     let loader = std::thread::Builder::new()
@@ -304,7 +366,7 @@ pub fn spawn(cfg: CdcConfig) -> std::io::Result<(Arc<Shared>, CdcThread)> {
     let thread_shared = Arc::clone(&shared);
     let handle = std::thread::Builder::new()
         .name("cdc".into())
-        .spawn(move || run(&cfg, thread_shared, || {}))?;
+        .spawn(move || run_reconnecting(&cfg, thread_shared, || {}))?;
     Ok((shared, handle))
 }
 

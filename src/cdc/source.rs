@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{SendTimeoutError, Sender};
 
 use super::lsn::Lsn;
-use super::pgconn::{PgConn, quote_ident, quote_literal};
+use super::pgconn::{PgConn, PgError, quote_ident, quote_literal};
 use super::pipeline::{Pipeline, Work};
 use super::{CdcError, Shared};
 
@@ -39,7 +39,17 @@ pub fn start(conn: &mut PgConn, cfg: &SourceConfig, from: Lsn) -> Result<(), Cdc
         quote_ident(&cfg.slot),
         quote_literal(&quote_ident(&cfg.publication))
     );
-    conn.start_copy_both(&sql).map_err(CdcError::Replication)?;
+    conn.start_copy_both(&sql).map_err(|e| match &e {
+        // The slot's WAL was removed while we were away: say what to do, not just why.
+        PgError::Server(s)
+            if s.code == "55000" && s.message.contains("can no longer get changes") =>
+        {
+            CdcError::Setup(super::setup::SetupError::SlotLost {
+                slot: cfg.slot.clone(),
+            })
+        }
+        _ => CdcError::Replication(e),
+    })?;
     conn.set_read_timeout(TICK).map_err(CdcError::Replication)?;
     conn.set_receive_low_water(RECEIVE_LOW_WATER_BYTES)
         .map_err(CdcError::Replication)?;
@@ -63,7 +73,7 @@ pub fn run(
     };
     let mut out = Vec::new();
     loop {
-        if shared.stopped.load(Ordering::Acquire) {
+        if shared.stopped.load(Ordering::Acquire) || shared.shutdown.load(Ordering::Acquire) {
             return Ok(());
         }
         let mut reply_now = false;

@@ -197,6 +197,9 @@ pub struct CdcConfig {
     pub connect_timeout_ms: u64,
     /// Standby status update interval (also answers keepalives earlier when asked).
     pub status_interval_ms: u64,
+    /// Reconnects in a row after a lost PostgreSQL connection before giving up (the count
+    /// resets after a minute of streaming); 0 exits on the first loss.
+    pub reconnect_attempts_max: u32,
 }
 
 impl Default for CdcConfig {
@@ -229,6 +232,7 @@ impl Default for CdcConfig {
             load_timeout_ms: 600_000,
             connect_timeout_ms: 10_000,
             status_interval_ms: 1_000,
+            reconnect_attempts_max: 10,
         }
     }
 }
