@@ -33,6 +33,8 @@ enum Command {
     },
     /// Run supervised PostgreSQL servers (in RAM or on disk) until SIGTERM.
     Embed(EmbedArgs),
+    /// Stream PostgreSQL changes (logical replication) into StarRocks with Stream Load.
+    Cdc(crate::cdc::cmd::CdcArgs),
     /// Validate a config file and print the effective configuration.
     Check {
         #[arg(long, short)]
@@ -469,6 +471,7 @@ pub fn main() -> ExitCode {
                 Err(err) => report(&err),
             };
         }
+        Command::Cdc(args) => return crate::cdc::cmd::main(args),
         Command::Run { config } => match Config::load(&config) {
             Ok(cfg) => return run_main(cfg),
             Err(err) => return report(&err),

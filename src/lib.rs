@@ -1,6 +1,7 @@
 //! pgprism: a thread-per-core, io_uring data plane for PostgreSQL traffic.
 
 pub mod bench;
+pub mod cdc;
 pub mod cli;
 pub mod compare;
 pub mod config;

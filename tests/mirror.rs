@@ -2,6 +2,7 @@
 
 mod support;
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use pgprism::embed::Instance;
@@ -584,4 +585,61 @@ port = {m_port}
     // The embedded servers are gone with it.
     assert!(std::net::TcpStream::connect(("127.0.0.1", p_port)).is_err());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn extended_protocol_copy_replays_and_keeps_the_session_in_step() {
+    let (p, m1) = (start_primary("xp"), start_primary("xm"));
+    let proxy = Proxy::start(
+        &p.url(),
+        &["--mirror", &mirror_url(&m1), "--mirror-timeout", "5s"],
+    );
+    let mut c = proxy.client();
+    c.batch_execute("CREATE TABLE cp (id int, v text)").unwrap();
+    // The postgres crate runs COPY through Bind/Execute/Sync, then the data, CopyDone, Sync:
+    // the server ignores the first Sync, and so must the session's accounting.
+    for round in 0..3 {
+        let mut w = c.copy_in("COPY cp FROM STDIN").unwrap();
+        for i in 0..1000 {
+            writeln!(w, "{}\tr{round}-{i}", round * 1000 + i).unwrap();
+        }
+        assert_eq!(w.finish().unwrap(), 1000);
+    }
+    c.batch_execute("INSERT INTO cp VALUES (-1, 'after')")
+        .unwrap();
+    drop(c);
+    assert!(converged(&p, &[&m1], "cp", "id, v"));
+    assert_eq!(proxy.metric("pgprism_mirror_timeouts_total"), 0);
+    assert_eq!(proxy.metric("pgprism_mirror_errors_total"), 0);
+    // The session was idle at the end (a drain would have closed it at once).
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_sessions_closed_total")
+        >= 1));
+}
+
+#[test]
+fn block_policy_passes_a_frame_larger_than_the_queue() {
+    let (p, m1) = (start_primary("kp"), start_primary("km"));
+    let proxy = Proxy::start(
+        &p.url(),
+        &[
+            "--mirror",
+            &mirror_url(&m1),
+            "--mirror-overflow",
+            "block",
+            "--mirror-queue-bytes",
+            "1024",
+        ],
+    );
+    let mut c = proxy.client();
+    c.batch_execute("CREATE TABLE big (v text)").unwrap();
+    let literal = "y".repeat(50_000);
+    for _ in 0..5 {
+        c.batch_execute(&format!("INSERT INTO big VALUES ('{literal}')"))
+            .unwrap();
+    }
+    drop(c);
+    assert!(converged(&p, &[&m1], "big", "length(v)"));
+    // The shard is responsive (a spin on the full queue would have frozen it).
+    proxy.client().query_one("SELECT 1", &[]).unwrap();
 }

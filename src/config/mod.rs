@@ -28,6 +28,8 @@ pub struct Config {
     pub shadow: ShadowConfig,
     pub compare: CompareConfig,
     pub embed: EmbedConfig,
+    /// `[cdc]`: logical replication into StarRocks.
+    pub cdc: CdcConfig,
 }
 
 /// `[shadow]`: the database compare mode checks against the primary.
@@ -377,6 +379,125 @@ impl Default for EmbedInstanceConfig {
             user: "postgres".into(),
             database: "postgres".into(),
             settings: BTreeMap::new(),
+        }
+    }
+}
+
+/// How a delete in PostgreSQL shows up in StarRocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CdcDeleteMode {
+    /// `__op` = 1 on a Primary Key table: the row is removed.
+    Hard,
+    /// The row stays, with the audit columns saying it was deleted (`is_deleted` = true).
+    Soft,
+}
+
+/// What to do with unchanged TOAST values (not sent by PostgreSQL on update).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CdcToastMode {
+    /// Fill them from the `REPLICA IDENTITY FULL` old row; where there is none, fall back to
+    /// a partial update that leaves those columns out.
+    FullRow,
+    /// Always a partial update listing only the columns present.
+    Partial,
+}
+
+/// Change data capture: PostgreSQL logical replication into StarRocks Stream Load.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct CdcConfig {
+    /// Source database, `postgres://user:password@host:port/database`; the user needs the
+    /// REPLICATION attribute (or superuser) and ownership of the tables for setup.
+    pub source: String,
+    /// StarRocks FE HTTP address, `http://user:password@host:8030`.
+    pub starrocks: String,
+    /// StarRocks FE query (MySQL protocol) port, used only to apply a TRUNCATE.
+    pub starrocks_query_port: u16,
+    /// StarRocks database the tables are loaded into.
+    pub database: String,
+    /// Source tables (`schema.table` or `table` for `public`); StarRocks tables have the same
+    /// (unqualified) names.
+    pub tables: Vec<String>,
+    /// Logical replication slot; created when absent, never dropped.
+    pub slot: String,
+    /// Publication; created when absent, extended with missing tables.
+    pub publication: String,
+    /// Table in the source database that holds the confirmed LSN per slot.
+    pub checkpoint_table: String,
+    /// Set `REPLICA IDENTITY FULL` on the tables during setup (needed to fill TOAST values
+    /// and for soft deletes of non-key columns).
+    pub replica_identity_full: bool,
+    pub delete_mode: CdcDeleteMode,
+    pub toast_mode: CdcToastMode,
+    /// Add the audit columns (`op_type`, `is_deleted`, `synced_at`, `cdc_version`) to every row.
+    pub audit_columns: bool,
+    /// Prefix of the audit column names.
+    pub audit_prefix: String,
+    /// Copy the tables' current content before streaming (only when the slot is created).
+    pub snapshot: bool,
+    /// Rows per snapshot chunk.
+    pub snapshot_chunk_rows: usize,
+    /// Flush a table's batch when it holds this many rows.
+    pub flush_rows: usize,
+    /// Flush a table's batch when its JSON body reaches this many bytes.
+    pub flush_bytes: usize,
+    /// Flush everything at the next transaction boundary after this long.
+    pub flush_interval_ms: u64,
+    /// Batches queued between the source and the loader (backpressure beyond it).
+    pub ring_capacity: usize,
+    /// Bytes of streamed, not yet committed transactions kept in memory before failing.
+    pub stream_buffer_bytes_max: usize,
+    /// Stream Load `max_filter_ratio`; 0 means a filtered row fails the load.
+    pub max_filter_ratio: f64,
+    /// Attempts per Stream Load before giving up (same label each time).
+    pub load_attempts_max: u32,
+    /// First retry delay; doubles per attempt up to `load-backoff-ms-max`.
+    pub load_backoff_ms: u64,
+    pub load_backoff_ms_max: u64,
+    /// Timeout of one Stream Load HTTP exchange.
+    pub load_timeout_ms: u64,
+    /// Timeout to connect to PostgreSQL and for setup queries.
+    pub connect_timeout_ms: u64,
+    /// Standby status update interval (also answers keepalives earlier when asked).
+    pub status_interval_ms: u64,
+    /// Reconnects in a row after a lost PostgreSQL connection before giving up (the count
+    /// resets after a minute of streaming); 0 exits on the first loss.
+    pub reconnect_attempts_max: u32,
+}
+
+impl Default for CdcConfig {
+    fn default() -> Self {
+        CdcConfig {
+            source: String::new(),
+            starrocks: String::new(),
+            starrocks_query_port: 9030,
+            database: String::new(),
+            tables: Vec::new(),
+            slot: "pgprism_cdc".into(),
+            publication: "pgprism_cdc".into(),
+            checkpoint_table: "pgprism_cdc_checkpoint".into(),
+            replica_identity_full: true,
+            delete_mode: CdcDeleteMode::Hard,
+            toast_mode: CdcToastMode::FullRow,
+            audit_columns: false,
+            audit_prefix: "pgprism_".into(),
+            snapshot: false,
+            snapshot_chunk_rows: 50_000,
+            flush_rows: 50_000,
+            flush_bytes: 32 << 20,
+            flush_interval_ms: 1_000,
+            ring_capacity: 8,
+            stream_buffer_bytes_max: 1 << 30,
+            max_filter_ratio: 0.0,
+            load_attempts_max: 10,
+            load_backoff_ms: 100,
+            load_backoff_ms_max: 10_000,
+            load_timeout_ms: 600_000,
+            connect_timeout_ms: 10_000,
+            status_interval_ms: 1_000,
+            reconnect_attempts_max: 10,
         }
     }
 }

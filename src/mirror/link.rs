@@ -80,6 +80,11 @@ struct InFlight {
 
 const RESYNC_SQL: &str = "ROLLBACK; DEALLOCATE ALL";
 
+/// Queue depth from which a link counts as lagging (see `Link::push`).
+const LAGGING_QUEUE_MESSAGES: usize = 64;
+/// Frames up to this size are copied when queued behind a lagging mirror.
+const COPY_FRAME_BYTES_MAX: usize = 4096;
+
 impl Link {
     /// A link for one client session. `client_params` are the client's startup parameters;
     /// user and database come from the mirror URL when it has them.
@@ -146,14 +151,27 @@ impl Link {
         matches!(self.state.get(), State::Connecting | State::Streaming)
     }
 
-    pub(super) fn push(&self, item: Item) -> Push {
+    /// Whether a frame of `len` bytes fits. An empty queue takes any frame, so a frame larger
+    /// than the byte bound still goes through (alone) instead of never fitting.
+    fn fits(&self, len: usize) -> bool {
         let cfg = &self.target.cfg;
+        let queue = self.queue.borrow();
+        queue.is_empty()
+            || (queue.len() < cfg.queue_messages_max
+                && self.queued_bytes.get() + len <= cfg.queue_bytes_max)
+    }
+
+    pub(super) fn push(&self, mut item: Item) -> Push {
         let len = item.frame.len();
-        let mut queue = self.queue.borrow_mut();
-        if queue.len() >= cfg.queue_messages_max
-            || self.queued_bytes.get() + len > cfg.queue_bytes_max
-        {
+        if !self.fits(len) {
             return Push::Full;
+        }
+        let mut queue = self.queue.borrow_mut();
+        // A frame is a slice of a whole read buffer: queued behind a lagging mirror it would
+        // keep that buffer alive, so the byte bound would not bound memory. While the mirror
+        // keeps up frames stay zero-copy; once it lags, small ones get their own copy.
+        if queue.len() >= LAGGING_QUEUE_MESSAGES && len <= COPY_FRAME_BYTES_MAX {
+            item.frame = Bytes::copy_from_slice(&item.frame);
         }
         queue.push_back(item);
         self.queued_bytes.set(self.queued_bytes.get() + len);
@@ -189,13 +207,11 @@ impl Link {
         dropped
     }
 
-    /// Waits until the queue has room (the `block` overflow policy).
-    pub async fn wait_space(&self) {
+    /// Waits until a frame of `len` bytes fits (the `block` overflow policy): the same test
+    /// as `push`, so the caller never spins between the two.
+    pub async fn wait_space(&self, len: usize) {
         futures_lite::future::poll_fn(|cx| {
-            let cfg = &self.target.cfg;
-            let full = self.queue.borrow().len() >= cfg.queue_messages_max
-                || self.queued_bytes.get() >= cfg.queue_bytes_max;
-            if !full || !self.accepting() {
+            if self.fits(len) || !self.accepting() {
                 return Poll::Ready(());
             }
             self.space.set(Some(cx.waker().clone()));
@@ -210,9 +226,20 @@ impl Link {
         let dropped = self.clear();
         MirrorStats::bump(&self.stats().counters.skipped_overflow, dropped);
         MirrorStats::bump(&self.stats().counters.transactions_cut, 1);
-        if matches!(self.state.get(), State::Streaming) {
-            self.enqueue_resync();
-            self.state.set(State::Skipping);
+        match self.state.get() {
+            State::Streaming => {
+                self.enqueue_resync();
+                self.state.set(State::Skipping);
+            }
+            // Nothing reached the mirror yet: no resync needed, but the session's opening
+            // traffic is gone, so start clean at the next boundary.
+            State::Connecting => {
+                self.prepared.borrow_mut().clear();
+                self.pending_sync.set(false);
+                self.copy_active.set(false);
+                self.state.set(State::Skipping);
+            }
+            _ => {}
         }
     }
 
@@ -228,6 +255,10 @@ impl Link {
         if !copy_fail.is_empty() {
             self.force_push(copy_fail, None);
         }
+        // An extended batch the mirror got part of is an implicit transaction that a Sync
+        // would commit: make it fail first (no such portal), so the Sync rolls it back.
+        let _ = wire::encode::execute(&mut out, "pgprism_resync_abort", 0);
+        self.force_push(out.split().freeze(), None);
         wire::encode::sync(&mut out);
         self.force_push(out.split().freeze(), Some(0));
         let _ = wire::encode::query(&mut out, RESYNC_SQL);
@@ -338,7 +369,9 @@ pub async fn run(link: Rc<Link>) {
                     // First connection: what queued meanwhile is the session's beginning.
                     State::Connecting => link.state.set(State::Streaming),
                     // After an outage: resume at the next transaction boundary.
-                    _ => link.state.set(State::Skipping),
+                    State::Down => link.state.set(State::Skipping),
+                    // Cut while connecting (Skipping) or already resumed: keep it.
+                    _ => {}
                 }
                 if stream_frames(&link, &stream).await {
                     break;
@@ -474,33 +507,28 @@ async fn stream_frames(link: &Link, stream: &TcpStream) -> bool {
                 None => {
                     // Nothing in flight: wait for the writer to send something (or for the
                     // mirror to close on us, which the next read reports).
+                    // `None`: the writer sent something; `Some(read)`: the mirror spoke (an
+                    // async message) or closed.
                     let woke = futures_lite::future::or(
                         async {
                             futures_lite::future::poll_fn(|cx| {
                                 if failed.get() || !inflight.borrow().is_empty() {
-                                    return Poll::Ready(true);
+                                    return Poll::Ready(None);
                                 }
                                 reader_waker.set(Some(cx.waker().clone()));
                                 Poll::Pending
                             })
                             .await
                         },
-                        async {
-                            let _ = stream.read_buf(&mut buf, 16 << 10).await;
-                            false
-                        },
+                        async { Some(stream.read_buf(&mut buf, 16 << 10).await) },
                     )
                     .await;
-                    if woke {
-                        if failed.get() {
-                            break;
-                        }
-                        continue;
+                    match woke {
+                        None if failed.get() => break,
+                        None => continue,
+                        // End-of-stream or an error ends the connection, whatever is buffered.
+                        Some(read) => read,
                     }
-                    if buf.is_empty() {
-                        break; // end-of-stream with nothing asked: the mirror closed
-                    }
-                    Ok(buf.len())
                 }
             };
             match read {
@@ -516,6 +544,12 @@ async fn stream_frames(link: &Link, stream: &TcpStream) -> bool {
                     {
                         MirrorStats::bump(&stats.counters.rows, rows);
                     }
+                }
+                tag::ERROR_RESPONSE
+                    if inflight.borrow().get(answered).is_some_and(|f| f.internal) =>
+                {
+                    // The resync's own errors (the deliberate abort, ROLLBACK outside a
+                    // transaction) are not the mirror's.
                 }
                 tag::ERROR_RESPONSE => {
                     let code = wire::ErrorNotice::new(body)

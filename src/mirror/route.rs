@@ -43,6 +43,16 @@ pub struct Router {
     last_fingerprint: u64,
 }
 
+impl Drop for Router {
+    /// However the session ends (its pumps finished, or a watchdog dropped them), its mirror
+    /// links drain and close instead of reconnecting forever.
+    fn drop(&mut self) {
+        for link in &self.links {
+            link.client_done();
+        }
+    }
+}
+
 /// Whether `class` passes a mirror's filter.
 fn passes(cfg: &MirrorConfig, class: Class) -> bool {
     use QueryFilter as F;
@@ -91,6 +101,9 @@ enum Route<'a> {
         name: &'a str,
     },
     CloseStatement {
+        name: &'a str,
+    },
+    ClosePortal {
         name: &'a str,
     },
     Sync,
@@ -144,6 +157,15 @@ impl Router {
             let link = self.links[i].clone();
             self.route_one(&link, &route, frame).await;
         }
+        match route {
+            Route::CloseStatement { name } => {
+                self.statements.remove(name);
+            }
+            Route::ClosePortal { name } => {
+                self.portals.remove(name);
+            }
+            _ => {}
+        }
     }
 
     /// Updates the session bookkeeping for one frame and says how to route it.
@@ -181,7 +203,9 @@ impl Router {
                         Statement {
                             class,
                             copy_from: is_copy_from(query.as_bytes(), class),
-                            parse: frame.clone(),
+                            // Its own copy: kept for the session's life, it must not pin the
+                            // read buffer it arrived in.
+                            parse: Bytes::copy_from_slice(frame),
                             fingerprint,
                         },
                     );
@@ -219,9 +243,11 @@ impl Router {
                 (Target::Statement, name) => Route::DescribeStatement { name },
                 (Target::Portal, name) => Route::Portal { name },
             },
+            // The names are forgotten after routing (see `route`): a closed name may be reused,
+            // and drivers that number their statements would otherwise fill the table.
             tag::CLOSE => match wire::Close::new(body).target().ok()? {
                 (Target::Statement, name) => Route::CloseStatement { name },
-                (Target::Portal, name) => Route::Portal { name },
+                (Target::Portal, name) => Route::ClosePortal { name },
             },
             tag::SYNC => Route::Sync,
             tag::FLUSH => Route::Flush,
@@ -266,10 +292,17 @@ impl Router {
                         text.extend_from_slice(&sql[range.clone()]);
                         text.push(b';');
                     }
+                    let copy = parts
+                        .iter()
+                        .zip(&pass)
+                        .any(|((r, c), p)| *p && is_copy_from(&sql[r.clone()], *c));
                     let mut out = BytesMut::with_capacity(text.len() + 6);
                     if let Ok(text) = std::str::from_utf8(&text)
                         && wire::encode::query(&mut out, text).is_ok()
                     {
+                        if copy {
+                            link.copy_active.set(link.accepting());
+                        }
                         self.send(link, out.freeze(), Some(self.last_fingerprint), true)
                             .await;
                     }
@@ -341,6 +374,18 @@ impl Router {
                     self.send(link, frame.clone(), None, false).await;
                 }
             }
+            Route::ClosePortal { name } => {
+                if self.portals.get(*name).is_some_and(|p| {
+                    passes(cfg, p.class) && link.prepared.borrow().contains(&p.statement)
+                }) {
+                    self.send(link, frame.clone(), None, false).await;
+                }
+            }
+            // During a COPY FROM STDIN started by Execute the server ignores Sync (no
+            // ReadyForQuery follows): forward it, but not as a sync point.
+            Route::Sync if link.copy_active.get() => {
+                self.send(link, frame.clone(), None, false).await;
+            }
             Route::Sync => {
                 if link.pending_sync.get()
                     && self
@@ -411,7 +456,7 @@ impl Router {
                         return false;
                     }
                     Overflow::Block => {
-                        link.wait_space().await;
+                        link.wait_space(frame.len()).await;
                         if !link.accepting() {
                             MirrorStats::bump(&stats.counters.skipped_down, 1);
                             return false;

@@ -168,11 +168,22 @@ struct SessionShared {
     /// An error to give the client before closing, set by the upstream pump.
     fatal: RefCell<Option<Bytes>>,
     closing: Cell<bool>,
+    /// The client is inside an extended-protocol batch (Parse/Bind/Execute... since its last
+    /// Sync): an implicit transaction may be open even though the status says idle.
+    extended_open: Cell<bool>,
+    /// The downstream pump is in the middle of writing to the client.
+    writing: Cell<bool>,
 }
 
 impl SessionShared {
+    /// At a transaction boundary with nothing in flight: safe to close (drain) or to resume a
+    /// mirror (nothing half-done would follow).
     fn is_idle(&self) -> bool {
-        self.ready.get() && self.status.get() == b'I' && self.sent.get() == self.done.get()
+        self.ready.get()
+            && self.status.get() == b'I'
+            && self.sent.get() == self.done.get()
+            && !self.extended_open.get()
+            && !self.writing.get()
     }
 }
 
@@ -391,6 +402,8 @@ async fn relay(
         client_ended: Cell::new(false),
         fatal: RefCell::new(None),
         closing: Cell::new(false),
+        extended_open: Cell::new(false),
+        writing: Cell::new(false),
     });
     shard.sessions.borrow_mut().insert(id, shared.clone());
     shard
@@ -476,12 +489,18 @@ async fn upstream(
     let settings = &shard.settings;
     let mut terminated = false;
     let mut primary_failed = false;
+    // COPY FROM STDIN started by an Execute: the server ignores the Syncs the client sends
+    // before CopyDone/CopyFail (they get no ReadyForQuery), so they must not count.
+    let mut after_execute = false;
+    let mut syncs_after_execute = 0u64;
+    let mut extended_open = false;
     // (tag, start, end) of each message in the batch, only when mirrors need them.
     let mut offsets: Vec<(u8, usize, usize)> = Vec::new();
     loop {
         if !buf.is_empty() {
             let read_at = Instant::now();
             let (mut statements, mut syncs, mut messages) = (0u64, 0u64, 0u64);
+            let mut swallowed = 0u64;
             let collect = router.is_some() || compare.is_some();
             let mut at = 0usize;
             offsets.clear();
@@ -496,9 +515,30 @@ async fn upstream(
                     b'Q' => {
                         statements += 1;
                         syncs += 1;
+                        after_execute = false;
                     }
-                    b'E' => statements += 1,
-                    b'S' | b'F' => syncs += 1,
+                    b'E' => {
+                        statements += 1;
+                        after_execute = true;
+                        syncs_after_execute = 0;
+                        extended_open = true;
+                    }
+                    b'P' | b'B' | b'D' | b'C' | b'H' => extended_open = true,
+                    b'S' => {
+                        syncs += 1;
+                        extended_open = false;
+                        if after_execute {
+                            syncs_after_execute += 1;
+                        }
+                    }
+                    b'c' | b'f' => {
+                        if after_execute {
+                            swallowed += syncs_after_execute;
+                        }
+                        after_execute = false;
+                        syncs_after_execute = 0;
+                    }
+                    b'F' => syncs += 1,
                     b'X' => terminated = true,
                     _ => {}
                 }
@@ -532,6 +572,20 @@ async fn upstream(
             } else {
                 for _ in 0..syncs {
                     push_stamp(shared, settings, read_at, 0);
+                }
+            }
+            shared.extended_open.set(extended_open);
+            if swallowed > 0 {
+                // Those Syncs were counted when they were read; the server ignored them.
+                let sent = shared
+                    .sent
+                    .get()
+                    .saturating_sub(swallowed)
+                    .max(shared.done.get());
+                shared.sent.set(sent);
+                let mut stamps = shared.stamps.borrow_mut();
+                while stamps.back().is_some_and(|&(seq, _, _)| seq >= sent) {
+                    stamps.pop_back();
                 }
             }
             let compared = match compare.as_mut() {
@@ -676,7 +730,10 @@ async fn downstream(
             continue;
         }
         let frames = buf.split_to(complete).freeze();
-        if client.write_all(&frames).await.is_err() {
+        shared.writing.set(true);
+        let written = client.write_all(&frames).await;
+        shared.writing.set(false);
+        if written.is_err() {
             shared.client_ended.set(true);
             break;
         }
@@ -704,8 +761,10 @@ async fn downstream(
         });
         let _ = client.write_all(&msg).await;
     }
-    // Wake the upstream pump if it is still reading the client.
+    // Wake the upstream pump whatever it waits on: reading the client, or writing to a
+    // primary that nobody reads any more (a dead client in the middle of a pipeline).
     client.shutdown();
+    primary.shutdown();
 }
 
 /// Primary + shadow → client in compare mode: relays the primary's startup verbatim, then
@@ -765,7 +824,10 @@ async fn downstream_compare(
             shared.status.set(status);
         }
         let frames = pbuf.split_to(complete).freeze();
-        if !frames.is_empty() && client.write_all(&frames).await.is_err() {
+        shared.writing.set(true);
+        let failed = !frames.is_empty() && client.write_all(&frames).await.is_err();
+        shared.writing.set(false);
+        if failed {
             shared.client_ended.set(true);
             running = false;
         }
@@ -866,7 +928,10 @@ async fn downstream_compare(
             out.clear();
         }
         for bytes in out.drain(..) {
-            if client.write_all(&bytes).await.is_err() {
+            shared.writing.set(true);
+            let written = client.write_all(&bytes).await;
+            shared.writing.set(false);
+            if written.is_err() {
                 shared.client_ended.set(true);
                 running = false;
                 break;
@@ -892,4 +957,5 @@ async fn downstream_compare(
     }
     client.shutdown();
     shadow.shutdown();
+    primary.shutdown();
 }

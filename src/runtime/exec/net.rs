@@ -204,7 +204,7 @@ impl TcpStream {
                     let n = n as usize;
                     // SAFETY: recv initialised exactly `n` bytes after the current length.
                     unsafe { buf.set_len(buf.len() + n) };
-                    if n > 0 && n < want {
+                    if n > 0 && n < want && !io.source.hup.get() {
                         // The socket was drained: wait for the next poll completion instead of
                         // paying a recv that would only say EAGAIN.
                         io.source.readable.set(false);

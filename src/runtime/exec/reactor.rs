@@ -29,6 +29,9 @@ pub(crate) struct Source {
     /// says EAGAIN (or drained the socket), set again by the next poll completion.
     pub readable: Cell<bool>,
     pub writable: Cell<bool>,
+    /// The peer closed or reset: set for good by the first completion that says so, because
+    /// that completion may also have announced the last data, and no further one will come.
+    pub hup: Cell<bool>,
     pub read_waker: Cell<Option<Waker>>,
     pub write_waker: Cell<Option<Waker>>,
 }
@@ -109,6 +112,7 @@ impl Reactor {
         let source = Rc::new(Source {
             token,
             readable: Cell::new(false),
+            hup: Cell::new(false),
             // A connected socket is writable until a send says otherwise; a connecting one
             // is not, and its owner clears this before waiting.
             writable: Cell::new(true),
@@ -240,6 +244,10 @@ impl Reactor {
                     } else {
                         READ_EVENTS | WRITE_EVENTS
                     };
+                    const CLOSED: u32 = (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as u32;
+                    if events & CLOSED != 0 {
+                        source.hup.set(true);
+                    }
                     if events & READ_EVENTS != 0 {
                         source.readable.set(true);
                         if let Some(w) = source.read_waker.take() {

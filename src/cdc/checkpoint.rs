@@ -1,0 +1,81 @@
+//! The checkpoint: the confirmed LSN per slot, stored in a table in the source database after
+//! every load up to it succeeded, and only then reported to PostgreSQL. A restart resumes from
+//! here; the replication slot's own position is never the only record.
+
+use std::time::Duration;
+
+use super::lsn::Lsn;
+use super::pgconn::{PgConn, PgError, quote_ident, quote_literal};
+use crate::config::PgUrl;
+
+pub struct Checkpoints {
+    conn: PgConn,
+    table: String,
+    slot: String,
+}
+
+impl Checkpoints {
+    pub fn connect(
+        url: &PgUrl,
+        table: &str,
+        slot: &str,
+        timeout: Duration,
+    ) -> Result<Checkpoints, PgError> {
+        Ok(Checkpoints {
+            conn: PgConn::connect(url, false, timeout)?,
+            table: qualified(table),
+            slot: slot.to_string(),
+        })
+    }
+
+    /// Creates the table if it is missing (setup does this before anything streams).
+    pub fn create_sql(table: &str) -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (slot text PRIMARY KEY, lsn pg_lsn NOT NULL, \
+             pending pg_lsn, updated_at timestamptz NOT NULL DEFAULT now())",
+            qualified(table)
+        )
+    }
+
+    /// Announces the end of the flush cycle being loaded (see `Work::Boundary`).
+    pub fn store_pending(&mut self, lsn: Lsn) -> Result<(), PgError> {
+        self.conn.query(&format!(
+            "INSERT INTO {} (slot, lsn, pending) VALUES ({}, '0/0', '{lsn}') \
+             ON CONFLICT (slot) DO UPDATE SET pending = excluded.pending, updated_at = now()",
+            self.table,
+            quote_literal(&self.slot)
+        ))?;
+        Ok(())
+    }
+
+    /// The stored position, if any.
+    pub fn load(&mut self) -> Result<Option<Lsn>, PgError> {
+        let rows = self.conn.query(&format!(
+            "SELECT lsn::text FROM {} WHERE slot = {}",
+            self.table,
+            quote_literal(&self.slot)
+        ))?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .and_then(|t| Lsn::parse(&t)))
+    }
+
+    pub fn store(&mut self, lsn: Lsn) -> Result<(), PgError> {
+        self.conn.query(&format!(
+            "INSERT INTO {} (slot, lsn) VALUES ({}, '{lsn}') \
+             ON CONFLICT (slot) DO UPDATE SET lsn = excluded.lsn, updated_at = now()",
+            self.table,
+            quote_literal(&self.slot)
+        ))?;
+        Ok(())
+    }
+}
+
+/// `name` or `schema.name`, each part quoted.
+pub fn qualified(table: &str) -> String {
+    match table.split_once('.') {
+        Some((s, t)) => format!("{}.{}", quote_ident(s), quote_ident(t)),
+        None => quote_ident(table),
+    }
+}

@@ -1,0 +1,428 @@
+//! Change data capture: PostgreSQL logical replication (pgoutput) into StarRocks Stream Load,
+//! exactly once.
+//!
+//! Threads: the CDC thread runs setup, then the replication source and the pipeline (parse,
+//! batch, JSON encode); the loader thread runs Stream Loads and writes checkpoints. A bounded
+//! crossbeam ring of batches sits between them. The loader publishes the checkpointed LSN
+//! and the source confirms that, and only that, to PostgreSQL.
+//!
+//! This module must never drop or recreate a replication slot, never confirm a position whose
+//! rows StarRocks does not have, and never load a batch without its deterministic label.
+
+pub mod checkpoint;
+pub mod cmd;
+pub mod failpoint;
+pub mod lsn;
+pub mod mysql;
+pub mod pgconn;
+pub mod pgoutput;
+pub mod pipeline;
+pub mod schema;
+pub mod setup;
+pub mod snapshot;
+pub mod source;
+pub mod starrocks;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+
+use self::checkpoint::Checkpoints;
+use self::lsn::Lsn;
+use self::pgconn::{PgConn, PgError};
+use self::pipeline::{Pipeline, PipelineConfig, PipelineError, Work};
+use self::starrocks::{LoadError, LoadOutcome, SinkConfig, StarRocks, StarRocksUrl};
+use crate::config::{CdcConfig, CdcDeleteMode, ConfigError, PgUrl};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CdcError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("CDC setup failed")]
+    Setup(#[from] setup::SetupError),
+    #[error("replication stream failed")]
+    Replication(#[source] PgError),
+    #[error("replication stream is malformed: {0}")]
+    BadStream(&'static str),
+    #[error("cannot process the replication stream")]
+    Pipeline(#[source] PipelineError),
+    #[error("loading into StarRocks failed")]
+    Load(#[source] LoadError),
+    #[error(
+        "TRUNCATE of {table} cannot be applied: StarRocks has no Stream Load truncate; truncate it in StarRocks and restart"
+    )]
+    Truncate { table: String },
+    #[error("writing the checkpoint failed")]
+    Checkpoint(#[source] PgError),
+    #[error("initial snapshot failed")]
+    Snapshot(#[source] PgError),
+    #[error("the loader thread panicked")]
+    LoaderPanicked,
+}
+
+/// Per-table load counters.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TableStats {
+    pub rows: u64,
+    pub bytes: u64,
+    pub loads: u64,
+    pub already_loaded: u64,
+}
+
+/// State shared by the CDC thread, the loader and the control side.
+#[derive(Default)]
+pub struct Shared {
+    /// Last LSN stored in the checkpoint table.
+    pub checkpointed: AtomicU64,
+    /// Last LSN confirmed to PostgreSQL.
+    pub confirmed: AtomicU64,
+    /// Highest WAL end the server reported.
+    pub server_lsn: AtomicU64,
+    pub works_done: AtomicU64,
+    pub rows_decoded: AtomicU64,
+    pub retries: AtomicU64,
+    /// Unix ms of the last checkpoint write.
+    pub checkpoint_unix_ms: AtomicU64,
+    /// Commit time (Unix ms) of the last checkpointed transaction, for lag in seconds.
+    pub checkpoint_commit_unix_ms: AtomicU64,
+    /// The source has handed everything over and the loader has done it all.
+    pub caught_up: AtomicBool,
+    pub paused: AtomicBool,
+    /// Set by the owner to stop for good (not reset by a reconnect).
+    pub shutdown: AtomicBool,
+    /// Tells one run's threads to stop (set internally when either side ends).
+    pub stopped: AtomicBool,
+    /// Reconnects after a lost PostgreSQL connection.
+    pub reconnects: AtomicU64,
+    pub tables: Mutex<BTreeMap<String, TableStats>>,
+}
+
+impl CdcError {
+    /// A lost or refused PostgreSQL connection: worth reconnecting, resuming from the
+    /// checkpoint. Everything else (configuration, setup, StarRocks refusing data) is not.
+    pub fn is_transient(&self) -> bool {
+        let pg = match self {
+            CdcError::Replication(e) | CdcError::Checkpoint(e) => e,
+            CdcError::Setup(setup::SetupError::Connect(e)) => e,
+            _ => return false,
+        };
+        match pg {
+            PgError::Connect { .. } | PgError::Io(_) | PgError::Closed => true,
+            // Administrator command, crash shutdown, cannot connect now (server restarting).
+            PgError::Server(e) => matches!(e.code.as_str(), "57P01" | "57P02" | "57P03"),
+            _ => false,
+        }
+    }
+}
+
+impl Shared {
+    /// A JSON status document (for the admin endpoint and logs).
+    pub fn status_json(&self) -> String {
+        let server = self.server_lsn.load(Ordering::Relaxed);
+        let confirmed = self.confirmed.load(Ordering::Relaxed);
+        let ckpt_ms = self.checkpoint_unix_ms.load(Ordering::Relaxed);
+        let commit_ms = self.checkpoint_commit_unix_ms.load(Ordering::Relaxed);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let tables = self.tables.lock().map(|t| t.clone()).unwrap_or_default();
+        let doc = sonic_rs::json!({
+            "paused": self.paused.load(Ordering::Relaxed),
+            "server_lsn": Lsn(server).to_string(),
+            "confirmed_lsn": Lsn(confirmed).to_string(),
+            "checkpoint_lsn": Lsn(self.checkpointed.load(Ordering::Relaxed)).to_string(),
+            "lag_bytes": server.saturating_sub(confirmed),
+            // Seconds between now and the commit of the last transaction StarRocks has, while
+            // anything is still on its way; 0 when caught up.
+            "lag_seconds": if self.caught_up.load(Ordering::Relaxed) || commit_ms == 0 {
+                0
+            } else {
+                now_ms.saturating_sub(commit_ms) / 1000
+            },
+            "last_checkpoint_unix_ms": ckpt_ms,
+            "rows_decoded": self.rows_decoded.load(Ordering::Relaxed),
+            "retries": self.retries.load(Ordering::Relaxed),
+            "reconnects": self.reconnects.load(Ordering::Relaxed),
+            "tables": sonic_rs::to_value(&tables).unwrap_or_default(),
+        });
+        doc.to_string()
+    }
+}
+
+/// Checks the `[cdc]` section, naming the key on error.
+pub fn validate(cfg: &CdcConfig) -> Result<(), ConfigError> {
+    let key = |path: &str, message: &str| ConfigError::Key {
+        path: format!("cdc.{path}"),
+        message: message.to_string(),
+    };
+    if cfg.source.is_empty() {
+        return Err(key(
+            "source",
+            "required: the source postgres://user@host:port/db URL",
+        ));
+    }
+    PgUrl::parse(&cfg.source).map_err(|e| key("source", &e))?;
+    if cfg.starrocks.is_empty() {
+        return Err(key(
+            "starrocks",
+            "required: the StarRocks FE http://user:password@host:8030 URL",
+        ));
+    }
+    StarRocksUrl::parse(&cfg.starrocks).map_err(|e| key("starrocks", &e))?;
+    if cfg.database.is_empty() {
+        return Err(key("database", "required: the StarRocks database"));
+    }
+    if cfg.tables.is_empty() || cfg.tables.iter().any(|t| t.trim().is_empty()) {
+        return Err(key("tables", "required: at least one table name"));
+    }
+    let ident_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
+    if !ident_ok(&cfg.slot) {
+        return Err(key(
+            "slot",
+            "expected 1 to 63 characters of a-z, 0-9 and _ (PostgreSQL slot names)",
+        ));
+    }
+    if cfg.publication.is_empty() {
+        return Err(key("publication", "required"));
+    }
+    for (name, value) in [
+        ("flush-rows", cfg.flush_rows as u64),
+        ("flush-bytes", cfg.flush_bytes as u64),
+        ("flush-interval-ms", cfg.flush_interval_ms),
+        ("ring-capacity", cfg.ring_capacity as u64),
+        ("load-attempts-max", u64::from(cfg.load_attempts_max)),
+        ("load-timeout-ms", cfg.load_timeout_ms),
+        ("connect-timeout-ms", cfg.connect_timeout_ms),
+        ("status-interval-ms", cfg.status_interval_ms),
+        ("snapshot-chunk-rows", cfg.snapshot_chunk_rows as u64),
+    ] {
+        if value == 0 {
+            return Err(key(name, "expected a value above 0"));
+        }
+    }
+    if cfg.flush_bytes > 100 << 20 {
+        return Err(key(
+            "flush-bytes",
+            "expected at most 104857600 (Stream Load's JSON body limit)",
+        ));
+    }
+    if !(0.0..=1.0).contains(&cfg.max_filter_ratio) {
+        return Err(key("max-filter-ratio", "expected a ratio from 0 to 1"));
+    }
+    if cfg.delete_mode == CdcDeleteMode::Soft && !cfg.audit_columns {
+        return Err(key(
+            "delete-mode",
+            "soft deletes need cdc.audit-columns = true (is_deleted marks them)",
+        ));
+    }
+    Ok(())
+}
+
+/// Runs CDC like [`run`], reconnecting after a lost PostgreSQL connection (bounded by
+/// `cdc.reconnect-attempts-max`, with backoff). Each reconnect is a fresh start from the
+/// checkpoint: setup again (idempotent), replay, labels dedup what was already loaded.
+pub fn run_reconnecting(
+    cfg: &CdcConfig,
+    shared: Arc<Shared>,
+    ready: impl FnOnce(),
+) -> Result<(), CdcError> {
+    let mut ready = Some(ready);
+    let mut failures = 0u32;
+    loop {
+        let started = std::time::Instant::now();
+        shared.stopped.store(false, Ordering::Release);
+        let result = run(cfg, Arc::clone(&shared), || {
+            if let Some(ready) = ready.take() {
+                ready();
+            }
+        });
+        let err = match result {
+            Err(err) if err.is_transient() && !shared.shutdown.load(Ordering::Acquire) => err,
+            other => return other,
+        };
+        if started.elapsed() > Duration::from_secs(60) {
+            failures = 0;
+        }
+        failures += 1;
+        if failures > cfg.reconnect_attempts_max {
+            return Err(err);
+        }
+        let delay = Duration::from_millis(250u64 << failures.min(7)).min(Duration::from_secs(30));
+        tracing::warn!(error = %err, attempt = failures, ?delay, "PostgreSQL connection lost; resuming from the checkpoint");
+        shared.reconnects.fetch_add(1, Ordering::Relaxed);
+        std::thread::sleep(delay);
+    }
+}
+
+/// Runs CDC until an error (or [`Shared::stopped`]). `ready` is called once setup is done and
+/// streaming starts.
+pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result<(), CdcError> {
+    validate(cfg)?;
+    let url = PgUrl::parse(&cfg.source).map_err(|message| ConfigError::Key {
+        path: "cdc.source".into(),
+        message,
+    })?;
+    let sr_url = StarRocksUrl::parse(&cfg.starrocks).map_err(|message| ConfigError::Key {
+        path: "cdc.starrocks".into(),
+        message,
+    })?;
+    let timeout = Duration::from_millis(cfg.connect_timeout_ms);
+    let mut sink = StarRocks::new(
+        sr_url,
+        SinkConfig {
+            database: cfg.database.clone(),
+            query_port: cfg.starrocks_query_port,
+            max_filter_ratio: cfg.max_filter_ratio,
+            attempts_max: cfg.load_attempts_max,
+            backoff: Duration::from_millis(cfg.load_backoff_ms),
+            backoff_max: Duration::from_millis(cfg.load_backoff_ms_max),
+            timeout: Duration::from_millis(cfg.load_timeout_ms),
+        },
+    );
+    let prepared = setup::prepare(cfg, &url, &sink, timeout)?;
+    let pcfg = PipelineConfig {
+        slot: cfg.slot.clone(),
+        flush_rows: cfg.flush_rows,
+        flush_bytes: cfg.flush_bytes,
+        flush_interval: Duration::from_millis(cfg.flush_interval_ms),
+        delete_mode: cfg.delete_mode,
+        toast_mode: cfg.toast_mode,
+        audit_prefix: cfg.audit_columns.then(|| cfg.audit_prefix.clone()),
+        stream_buffer_bytes_max: cfg.stream_buffer_bytes_max,
+    };
+    let mut checkpoints = Checkpoints::connect(&url, &cfg.checkpoint_table, &cfg.slot, timeout)
+        .map_err(CdcError::Checkpoint)?;
+    let mut start = prepared.checkpoint.unwrap_or(Lsn::ZERO);
+    let mut repl = match prepared.snapshot {
+        Some((repl, name, point)) => {
+            snapshot::copy(
+                cfg,
+                &url,
+                &name,
+                point,
+                &prepared.tables,
+                &pcfg,
+                &mut sink,
+                &shared,
+                timeout,
+            )?;
+            checkpoints.store(point).map_err(CdcError::Checkpoint)?;
+            start = point;
+            repl
+        }
+        None => PgConn::connect(&url, true, timeout).map_err(CdcError::Replication)?,
+    };
+    if let Some(lsn) = prepared.checkpoint {
+        shared.checkpointed.store(lsn.0, Ordering::Release);
+    }
+    tracing::info!(slot = %cfg.slot, from = %start, created = prepared.slot_created, "starting replication");
+    let scfg = source::SourceConfig {
+        slot: cfg.slot.clone(),
+        publication: cfg.publication.clone(),
+        status_interval: Duration::from_millis(cfg.status_interval_ms),
+    };
+    source::start(&mut repl, &scfg, start)?;
+    ready();
+
+    // Counts of this run only (the source compares them with what it sent in this run).
+    shared.works_done.store(0, Ordering::Release);
+    let (tx, rx) = crossbeam_channel::bounded::<Work>(cfg.ring_capacity);
+    let loader_shared = Arc::clone(&shared);
+    let loader = std::thread::Builder::new()
+        .name("cdc-loader".into())
+        .spawn(move || {
+            let result = load_loop(rx, &mut sink, &mut checkpoints, &loader_shared);
+            // Wake the source so it stops instead of waiting on a full ring.
+            loader_shared.stopped.store(true, Ordering::Release);
+            result
+        })
+        .map_err(|e| CdcError::Replication(PgError::Io(e)))?;
+    let mut pipeline = Pipeline::new(pcfg, prepared.keys);
+    pipeline.set_forced_boundary(prepared.pending);
+    let streamed = source::run(&mut repl, &scfg, &mut pipeline, &tx, &shared);
+    drop(tx);
+    shared.stopped.store(true, Ordering::Release);
+    let loaded = loader.join().map_err(|_| CdcError::LoaderPanicked)?;
+    // The loader's error is the cause when it stopped first.
+    loaded.and(streamed)
+}
+
+/// The CDC thread started by [`spawn`]; joining it gives the reason it stopped.
+pub type CdcThread = std::thread::JoinHandle<Result<(), CdcError>>;
+
+/// Starts CDC on its own thread, for running beside the proxy in one process. The returned
+/// [`Shared`] carries the counters, pause/resume and `stopped` (set it to stop).
+pub fn spawn(cfg: CdcConfig) -> std::io::Result<(Arc<Shared>, CdcThread)> {
+    let shared = Arc::new(Shared::default());
+    let thread_shared = Arc::clone(&shared);
+    let handle = std::thread::Builder::new()
+        .name("cdc".into())
+        .spawn(move || run_reconnecting(&cfg, thread_shared, || {}))?;
+    Ok((shared, handle))
+}
+
+fn load_loop(
+    rx: Receiver<Work>,
+    sink: &mut StarRocks,
+    checkpoints: &mut Checkpoints,
+    shared: &Shared,
+) -> Result<(), CdcError> {
+    for work in rx {
+        while shared.paused.load(Ordering::Acquire) && !shared.stopped.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        match work {
+            Work::Load(batch) => {
+                failpoint::hit("cdc-before-load");
+                let outcome = sink.load(&batch).map_err(CdcError::Load)?;
+                shared.retries.store(sink.retries, Ordering::Relaxed);
+                if let Ok(mut tables) = shared.tables.lock() {
+                    let t = tables.entry(batch.table.clone()).or_default();
+                    t.loads += 1;
+                    if outcome == LoadOutcome::AlreadyLoaded {
+                        t.already_loaded += 1;
+                    } else {
+                        t.rows += batch.rows;
+                        t.bytes += batch.body.len() as u64;
+                    }
+                }
+                tracing::debug!(table = %batch.table, label = %batch.label, rows = batch.rows, ?outcome, "loaded");
+                failpoint::hit("cdc-after-load");
+            }
+            Work::Truncate { table } => {
+                sink.truncate(&table).map_err(CdcError::Load)?;
+                tracing::info!(%table, "truncated");
+            }
+            Work::Boundary(lsn) => {
+                checkpoints
+                    .store_pending(lsn)
+                    .map_err(CdcError::Checkpoint)?;
+            }
+            Work::Checkpoint(lsn, commit_unix_us) => {
+                failpoint::hit("cdc-before-checkpoint");
+                checkpoints.store(lsn).map_err(CdcError::Checkpoint)?;
+                shared.checkpointed.store(lsn.0, Ordering::Release);
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                shared.checkpoint_unix_ms.store(now_ms, Ordering::Relaxed);
+                shared
+                    .checkpoint_commit_unix_ms
+                    .store((commit_unix_us / 1000).max(0) as u64, Ordering::Relaxed);
+                failpoint::hit("cdc-after-checkpoint");
+            }
+        }
+        shared.works_done.fetch_add(1, Ordering::Release);
+    }
+    Ok(())
+}

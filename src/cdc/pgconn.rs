@@ -1,0 +1,310 @@
+//! A small blocking PostgreSQL client on top of `wire`: startup and authentication, simple
+//! queries, and the CopyBoth stream of a replication connection.
+//!
+//! Why blocking std::net and not the shard runtime: CDC holds one replication connection
+//! and one checkpoint connection per stream, the work per byte is parsing and JSON encoding
+//! (CPU, not waiting), and the StarRocks loader is blocking HTTP anyway. A dedicated thread
+//! per stream keeps the source loop a plain loop with read timeouts as its only timer, and
+//! keeps CDC off the proxy shards' cores' event loops entirely. Every read has a timeout and
+//! every message a size limit.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::config::PgUrl;
+use crate::wire::{self, AuthProgress, BackendMessage, ClientAuth, encode};
+
+/// Largest message accepted from the server (a row of a big TOAST value fits easily).
+const MESSAGE_BYTES_MAX: usize = 1 << 30;
+const READ_CHUNK_BYTES: usize = 256 << 10;
+
+/// An error from PostgreSQL itself, with its SQLSTATE.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("PostgreSQL error {code}: {message}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+pub struct ServerError {
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("cannot connect to PostgreSQL at {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connection to PostgreSQL lost")]
+    Io(#[source] std::io::Error),
+    #[error("PostgreSQL closed the connection")]
+    Closed,
+    #[error("protocol error talking to PostgreSQL")]
+    Wire(#[from] wire::WireError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error("unexpected message {tag:?} from PostgreSQL while {during}", tag = *tag as char)]
+    Unexpected { tag: u8, during: &'static str },
+}
+
+impl PgError {
+    /// The SQLSTATE when the server reported the error.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            PgError::Server(e) => Some(&e.code),
+            _ => None,
+        }
+    }
+}
+
+/// One row of a simple-query result, text format.
+pub type Row = Vec<Option<String>>;
+
+pub struct PgConn {
+    stream: TcpStream,
+    inbuf: BytesMut,
+    out: BytesMut,
+    chunk: Vec<u8>,
+}
+
+impl PgConn {
+    /// Connects and authenticates. `replication` adds `replication=database` so the
+    /// connection accepts replication commands as well as SQL.
+    pub fn connect(url: &PgUrl, replication: bool, timeout: Duration) -> Result<PgConn, PgError> {
+        let addr = url.address();
+        let connect_err = |source| PgError::Connect {
+            addr: addr.clone(),
+            source,
+        };
+        let sock = (url.host.as_str(), url.port)
+            .to_socket_addrs()
+            .map_err(connect_err)?
+            .next()
+            .ok_or_else(|| connect_err(std::io::ErrorKind::NotFound.into()))?;
+        let stream = TcpStream::connect_timeout(&sock, timeout).map_err(connect_err)?;
+        let _ = stream.set_nodelay(true);
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(PgError::Io)?;
+        let mut conn = PgConn {
+            stream,
+            inbuf: BytesMut::with_capacity(READ_CHUNK_BYTES),
+            out: BytesMut::new(),
+            chunk: vec![0; READ_CHUNK_BYTES],
+        };
+        let user = url.user.clone().unwrap_or_else(|| "postgres".into());
+        let database = url.database.clone().unwrap_or_else(|| user.clone());
+        let mut params = vec![
+            ("user", user.as_str()),
+            ("database", database.as_str()),
+            ("application_name", "pgprism-cdc"),
+        ];
+        if replication {
+            params.push(("replication", "database"));
+        }
+        encode::startup_message(&mut conn.out, &params)?;
+        conn.flush()?;
+        let mut auth = ClientAuth::new(user.clone(), url.password.clone().unwrap_or_default());
+        loop {
+            let frame = conn.read_frame()?;
+            match BackendMessage::decode(frame.tag(), frame.body())? {
+                BackendMessage::Authentication(req) => {
+                    let progress = auth.step(&req, &mut conn.out)?;
+                    if progress == AuthProgress::Reply {
+                        conn.flush()?;
+                    }
+                }
+                BackendMessage::ErrorResponse(e) => return Err(server_error(&e)?.into()),
+                BackendMessage::ReadyForQuery(_) => return Ok(conn),
+                _ => {}
+            }
+        }
+    }
+
+    /// Sets the read timeout used by [`PgConn::read_copy_data`] and queries.
+    pub fn set_read_timeout(&self, timeout: Duration) -> Result<(), PgError> {
+        self.stream
+            .set_read_timeout(Some(timeout))
+            .map_err(PgError::Io)
+    }
+
+    /// Asks the kernel to wake a read only once `bytes` arrived (or the read timeout passed,
+    /// which then returns whatever is there). The walsender writes each change as its own
+    /// small segment; without this, a fast stream costs one wake-up and one recv per row.
+    /// The read timeout bounds the added latency when the stream is slow.
+    pub fn set_receive_low_water(&self, bytes: usize) -> Result<(), PgError> {
+        use std::os::fd::AsRawFd;
+        let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: the fd is a live socket owned by `self.stream`; the option value is a
+        // c_int on our stack whose size we pass.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(PgError::Io(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), PgError> {
+        self.stream.write_all(&self.out).map_err(PgError::Io)?;
+        self.out.clear();
+        Ok(())
+    }
+
+    /// Reads one whole message, waiting as long as the read timeout allows.
+    fn read_frame(&mut self) -> Result<wire::Frame, PgError> {
+        loop {
+            if let Some(frame) = self.try_frame()? {
+                return Ok(frame);
+            }
+            self.fill().map_err(PgError::Io)?;
+        }
+    }
+
+    fn try_frame(&mut self) -> Result<Option<wire::Frame>, PgError> {
+        Ok(wire::split_message(&mut self.inbuf, MESSAGE_BYTES_MAX)?)
+    }
+
+    /// One read(2) into the input buffer. EOF becomes `UnexpectedEof`.
+    fn fill(&mut self) -> std::io::Result<()> {
+        let n = self.stream.read(&mut self.chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.inbuf.extend_from_slice(&self.chunk[..n]);
+        Ok(())
+    }
+
+    /// Runs SQL (possibly several statements) and returns the rows of all results.
+    pub fn query(&mut self, sql: &str) -> Result<Vec<Row>, PgError> {
+        encode::query(&mut self.out, sql)?;
+        self.flush()?;
+        let mut rows = Vec::new();
+        let mut failure = None;
+        loop {
+            let frame = self.read_frame()?;
+            match BackendMessage::decode(frame.tag(), frame.body())? {
+                BackendMessage::DataRow(row) => rows.push(
+                    row.columns()?
+                        .iter()
+                        .map(|v| v.map(|b| String::from_utf8_lossy(b).into_owned()))
+                        .collect(),
+                ),
+                BackendMessage::ErrorResponse(e) => failure = Some(server_error(&e)?),
+                BackendMessage::ReadyForQuery(_) => {
+                    return match failure {
+                        Some(e) => Err(e.into()),
+                        None => Ok(rows),
+                    };
+                }
+                BackendMessage::CopyBothResponse(_) | BackendMessage::CopyOutResponse(_) => {
+                    return Err(PgError::Unexpected {
+                        tag: frame.tag(),
+                        during: "a simple query",
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends a command that answers with CopyBothResponse (START_REPLICATION).
+    pub fn start_copy_both(&mut self, sql: &str) -> Result<(), PgError> {
+        encode::query(&mut self.out, sql)?;
+        self.flush()?;
+        loop {
+            let frame = self.read_frame()?;
+            match BackendMessage::decode(frame.tag(), frame.body())? {
+                BackendMessage::CopyBothResponse(_) => return Ok(()),
+                BackendMessage::ErrorResponse(e) => {
+                    let err = server_error(&e)?;
+                    // Drain to ReadyForQuery so the error is the whole story.
+                    return Err(err.into());
+                }
+                BackendMessage::NoticeResponse(_) | BackendMessage::ParameterStatus(_) => {}
+                _ => {
+                    return Err(PgError::Unexpected {
+                        tag: frame.tag(),
+                        during: "START_REPLICATION",
+                    });
+                }
+            }
+        }
+    }
+
+    /// Next CopyData payload in the replication stream. `Ok(None)` when the read timeout
+    /// passed with nothing complete (the caller runs its timers), or the server ended the copy.
+    /// The payload shares the connection buffer (no copy).
+    pub fn read_copy_data(&mut self) -> Result<Option<Bytes>, PgError> {
+        loop {
+            if let Some(frame) = self.try_frame()? {
+                match frame.tag() {
+                    wire::tag::COPY_DATA => {
+                        let mut bytes = frame.into_bytes();
+                        let _ = bytes.split_to(wire::HEADER_BYTES);
+                        return Ok(Some(bytes));
+                    }
+                    wire::tag::ERROR_RESPONSE => {
+                        let msg = BackendMessage::decode(frame.tag(), frame.body())?;
+                        if let BackendMessage::ErrorResponse(e) = msg {
+                            return Err(server_error(&e)?.into());
+                        }
+                    }
+                    wire::tag::COPY_DONE => return Err(PgError::Closed),
+                    // Notices and parameter changes may arrive at any time.
+                    _ => continue,
+                }
+            }
+            match self.fill() {
+                Ok(()) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(None);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Err(PgError::Closed);
+                }
+                Err(e) => return Err(PgError::Io(e)),
+            }
+        }
+    }
+
+    /// Sends one CopyData message (a standby status update).
+    pub fn send_copy_data(&mut self, data: &[u8]) -> Result<(), PgError> {
+        encode::copy_data(&mut self.out, data)?;
+        self.flush()
+    }
+}
+
+fn server_error(e: &wire::ErrorNotice<'_>) -> Result<ServerError, PgError> {
+    let f = e.parse()?;
+    Ok(ServerError {
+        code: f.code.unwrap_or("XX000").to_string(),
+        message: f.message.unwrap_or("").to_string(),
+        detail: f.detail.map(str::to_string),
+    })
+}
+
+/// Quotes an SQL identifier (`"name"`, doubling inner quotes).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal (`'text'`, doubling inner quotes).
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}

@@ -1,0 +1,1137 @@
+//! The pipeline: pgoutput messages in, per-table JSON batches and checkpoint markers out.
+//!
+//! It owns transaction boundaries (a checkpoint marker only ever follows a commit), the
+//! buffering of streamed in-progress transactions until their Stream Commit, TOAST filling,
+//! key changes, and the batching policy (by rows, by bytes, at commit after the flush
+//! interval). It does no I/O: the caller feeds payloads and sends the produced [`Work`] over
+//! the bounded ring to the loader. A batch never mixes two column lists, and rows of one
+//! table stay in order because a table has at most one open batch.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::lsn::Lsn;
+use super::pgoutput::{Datum, DecodeError, Message, OldKind, Tuple};
+use super::schema::{JsonKind, KeyColumns, SchemaCache, SchemaError, TableSchema, json_string};
+use crate::config::{CdcDeleteMode, CdcToastMode};
+
+/// What the loader does, in order.
+#[derive(Debug)]
+pub enum Work {
+    Load(Batch),
+    /// Empty a StarRocks table (a TRUNCATE in PostgreSQL); every earlier batch is loaded first.
+    Truncate {
+        table: String,
+    },
+    /// Everything before this marker is loaded: store and confirm this LSN (the commit
+    /// time, microseconds since the Unix epoch, is for the lag metric).
+    Checkpoint(Lsn, i64),
+    /// The flush cycle now ending was cut by the wall clock (the stream went idle), not by
+    /// the data: store this commit LSN as the pending boundary before loading the batches
+    /// that follow, so a replay after a crash cuts its batches at the same place and gets the
+    /// same labels.
+    Boundary(Lsn),
+}
+
+/// One Stream Load.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// StarRocks table.
+    pub table: String,
+    /// `columns` header.
+    pub columns: String,
+    /// Send `partial_update: true`.
+    pub partial: bool,
+    /// A JSON array of objects.
+    pub body: Vec<u8>,
+    pub rows: u64,
+    /// Deterministic: the same changes replayed after a crash give the same label.
+    pub label: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub slot: String,
+    pub flush_rows: usize,
+    pub flush_bytes: usize,
+    pub flush_interval: Duration,
+    pub delete_mode: CdcDeleteMode,
+    pub toast_mode: CdcToastMode,
+    /// Audit column prefix, when audit columns are on.
+    pub audit_prefix: Option<String>,
+    pub stream_buffer_bytes_max: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error(
+        "streamed transactions hold more than cdc.stream-buffer-bytes-max ({max} bytes) in memory; raise it or lower logical_decoding_work_mem churn"
+    )]
+    StreamBufferFull { max: usize },
+    #[error("{what} outside a transaction")]
+    OutOfOrder { what: &'static str },
+}
+
+/// A row position that is the same every time PostgreSQL replays the change: the commit LSN
+/// of its transaction and its index inside the transaction. (Row LSNs alone are not unique:
+/// a multi-row insert gives many rows one LSN.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Pos {
+    txn: Lsn,
+    idx: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Shape {
+    Full,
+    /// Partial update with these columns present.
+    Partial(Vec<bool>),
+}
+
+struct OpenBatch {
+    generation: u64,
+    shape: Shape,
+    columns: String,
+    body: Vec<u8>,
+    rows: u64,
+    first: Pos,
+    last: Pos,
+}
+
+/// Operation kinds for the audit `op_type` column (as dbmazz writes them).
+#[derive(Clone, Copy)]
+enum OpType {
+    Insert = 0,
+    Update = 1,
+    Delete = 2,
+}
+
+struct Streamed {
+    /// (subtransaction xid, payload) in arrival order.
+    messages: Vec<(u32, Bytes)>,
+}
+
+pub struct Pipeline {
+    cfg: PipelineConfig,
+    schema: SchemaCache,
+    open: HashMap<u32, OpenBatch>,
+    open_rows: usize,
+    in_txn: bool,
+    txn: Lsn,
+    txn_idx: u64,
+    /// Latest commit whose rows may sit in open batches: the next checkpoint marker.
+    unflushed_commit: Option<Lsn>,
+    /// Commit time (PostgreSQL epoch, µs) of `unflushed_commit`.
+    unflushed_commit_ts: i64,
+    /// Latest commit seen at all.
+    last_commit: Lsn,
+    /// Commit time of the first transaction with rows in the current flush cycle.
+    cycle_start_us: Option<i64>,
+    /// The current transaction produced rows.
+    txn_rows: bool,
+    /// Replaying after a restart: cut the first cycle exactly at this commit.
+    forced: Option<Lsn>,
+    last_data: Instant,
+    /// A TRUNCATE was applied in the current transaction: end the cycle at its commit.
+    truncated_in_txn: bool,
+    /// Set from a TRUNCATE until the next checkpoint marker: labels of batches loaded in
+    /// that window carry this run's nonce. A replay re-runs the TRUNCATE, so it must reload
+    /// those rows, not have them skipped as already loaded; upserts make the reload exact.
+    salt: Option<String>,
+    nonce: String,
+    streams: HashMap<u32, Streamed>,
+    stream_bytes: usize,
+    in_stream: bool,
+    current_stream: Option<u32>,
+    synced_at: String,
+    rows_in: u64,
+}
+
+impl Pipeline {
+    pub fn new(cfg: PipelineConfig, keys: KeyColumns) -> Self {
+        Pipeline {
+            cfg,
+            schema: SchemaCache::new(keys),
+            open: HashMap::new(),
+            open_rows: 0,
+            in_txn: false,
+            txn: Lsn::ZERO,
+            txn_idx: 0,
+            unflushed_commit: None,
+            unflushed_commit_ts: 0,
+            last_commit: Lsn::ZERO,
+            cycle_start_us: None,
+            txn_rows: false,
+            forced: None,
+            last_data: Instant::now(),
+            truncated_in_txn: false,
+            salt: None,
+            nonce: format!(
+                "{:x}{:x}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64 & 0xFFFF_FFFF)
+                    .unwrap_or(0)
+            ),
+            streams: HashMap::new(),
+            stream_bytes: 0,
+            in_stream: false,
+            current_stream: None,
+            synced_at: String::from("1970-01-01 00:00:00"),
+            rows_in: 0,
+        }
+    }
+
+    /// Value written to the `synced_at` audit column (the caller refreshes it once a second).
+    pub fn set_synced_at(&mut self, text: String) {
+        self.synced_at = text;
+    }
+
+    /// Rows decoded so far.
+    pub fn rows_in(&self) -> u64 {
+        self.rows_in
+    }
+
+    /// True when nothing received is still waiting to be handed to the loader: no open
+    /// batch, no open or streamed transaction.
+    pub fn is_idle(&self) -> bool {
+        !self.in_txn && self.open.is_empty() && self.streams.is_empty() && !self.in_stream
+    }
+
+    /// The commit LSN the last checkpoint marker would carry if flushed now.
+    pub fn last_commit(&self) -> Lsn {
+        self.last_commit
+    }
+
+    /// Handles one pgoutput payload (an XLogData body).
+    pub fn handle(&mut self, payload: &Bytes, out: &mut Vec<Work>) -> Result<(), PipelineError> {
+        self.last_data = Instant::now();
+        let msg = Message::decode(payload, self.in_stream)?;
+        match msg {
+            Message::StreamStart { xid, .. } => {
+                self.in_stream = true;
+                self.streams.entry(xid).or_insert_with(|| Streamed {
+                    messages: Vec::new(),
+                });
+                self.current_stream = Some(xid);
+            }
+            Message::StreamStop => {
+                self.in_stream = false;
+                self.current_stream = None;
+            }
+            Message::StreamAbort { xid, subxid } => {
+                if xid == subxid {
+                    if let Some(s) = self.streams.remove(&xid) {
+                        self.stream_bytes -= s.messages.iter().map(|m| m.1.len()).sum::<usize>();
+                    }
+                } else if let Some(s) = self.streams.get_mut(&xid) {
+                    let before: usize = s.messages.iter().map(|m| m.1.len()).sum();
+                    s.messages.retain(|(sub, _)| *sub != subxid);
+                    let after: usize = s.messages.iter().map(|m| m.1.len()).sum();
+                    self.stream_bytes -= before - after;
+                }
+            }
+            Message::StreamCommit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                commit_ts_us,
+            } => {
+                let streamed = self.streams.remove(&xid);
+                self.begin(commit_lsn);
+                if let Some(s) = streamed {
+                    self.stream_bytes -= s.messages.iter().map(|m| m.1.len()).sum::<usize>();
+                    for (_, bytes) in &s.messages {
+                        let msg = Message::decode(bytes, true)?;
+                        self.apply(msg, out)?;
+                    }
+                }
+                self.commit(end_lsn, commit_ts_us, out);
+            }
+            msg if self.in_stream => {
+                let sub = match msg {
+                    Message::Relation { xid, .. }
+                    | Message::Type { xid, .. }
+                    | Message::Insert { xid, .. }
+                    | Message::Update { xid, .. }
+                    | Message::Delete { xid, .. }
+                    | Message::Truncate { xid, .. }
+                    | Message::Message { xid, .. } => xid.unwrap_or_default(),
+                    _ => 0,
+                };
+                let top = self.current_stream.unwrap_or(sub);
+                self.stream_bytes += payload.len();
+                if self.stream_bytes > self.cfg.stream_buffer_bytes_max {
+                    return Err(PipelineError::StreamBufferFull {
+                        max: self.cfg.stream_buffer_bytes_max,
+                    });
+                }
+                self.streams
+                    .entry(top)
+                    .or_insert_with(|| Streamed {
+                        messages: Vec::new(),
+                    })
+                    .messages
+                    .push((sub, payload.clone()));
+            }
+            Message::Begin { final_lsn, .. } => self.begin(final_lsn),
+            Message::Commit {
+                end_lsn,
+                commit_ts_us,
+                ..
+            } => {
+                if !self.in_txn {
+                    return Err(PipelineError::OutOfOrder { what: "Commit" });
+                }
+                self.commit(end_lsn, commit_ts_us, out);
+            }
+            msg => self.apply(msg, out)?,
+        }
+        Ok(())
+    }
+
+    fn begin(&mut self, txn: Lsn) {
+        self.in_txn = true;
+        self.txn = txn;
+        self.txn_idx = 0;
+        self.txn_rows = false;
+    }
+
+    /// After a restart: the boundary a crashed run had announced ([`Work::Boundary`]).
+    pub fn set_forced_boundary(&mut self, lsn: Option<Lsn>) {
+        self.forced = lsn;
+    }
+
+    /// Flush decisions at a commit depend only on the stream (row counts, commit timestamps),
+    /// never on the wall clock, so a replay after a crash cuts the same batches.
+    fn commit(&mut self, end_lsn: Lsn, commit_ts_us: i64, out: &mut Vec<Work>) {
+        self.in_txn = false;
+        self.last_commit = end_lsn;
+        if self.txn_rows || !self.open.is_empty() || self.unflushed_commit.is_some() {
+            self.unflushed_commit = Some(end_lsn);
+            self.unflushed_commit_ts = commit_ts_us;
+            self.cycle_start_us.get_or_insert(commit_ts_us);
+        }
+        if std::mem::take(&mut self.truncated_in_txn) {
+            if self.forced.is_some_and(|f| end_lsn >= f) {
+                self.forced = None;
+            }
+            self.flush_all(out);
+            return;
+        }
+        if let Some(forced) = self.forced {
+            if end_lsn >= forced {
+                self.forced = None;
+                self.flush_all(out);
+            }
+            return;
+        }
+        let interval_us = self.cfg.flush_interval.as_micros() as i64;
+        let aged = self
+            .cycle_start_us
+            .is_some_and(|start| commit_ts_us.saturating_sub(start) >= interval_us);
+        if self.unflushed_commit.is_some() && (self.open_rows >= self.cfg.flush_rows || aged) {
+            self.flush_all(out);
+        }
+    }
+
+    /// At a transaction boundary: hands every open batch to `out`, then the checkpoint
+    /// marker for the last commit they contain. Does nothing inside a transaction.
+    pub fn flush_all(&mut self, out: &mut Vec<Work>) {
+        if self.in_txn {
+            return;
+        }
+        self.flush_open(out);
+        if let Some(lsn) = self.unflushed_commit.take() {
+            // PostgreSQL's epoch is 2000-01-01; the metric wants Unix time.
+            out.push(Work::Checkpoint(
+                lsn,
+                self.unflushed_commit_ts + 946_684_800_000_000,
+            ));
+            self.salt = None;
+        }
+        self.cycle_start_us = None;
+    }
+
+    /// When no change arrived for the flush interval: flushes what waits, announcing the
+    /// boundary first (a wall-clock decision a replay could not repeat on its own).
+    pub fn idle_flush(&mut self, out: &mut Vec<Work>) {
+        if self.in_txn
+            || self.forced.is_some()
+            || self.last_data.elapsed() < self.cfg.flush_interval
+        {
+            return;
+        }
+        let Some(lsn) = self.unflushed_commit else {
+            return;
+        };
+        out.push(Work::Boundary(lsn));
+        self.flush_all(out);
+    }
+
+    fn flush_open(&mut self, out: &mut Vec<Work>) {
+        let mut oids: Vec<u32> = self.open.keys().copied().collect();
+        oids.sort_unstable();
+        for oid in oids {
+            self.flush_table(oid, out);
+        }
+    }
+
+    fn flush_table(&mut self, oid: u32, out: &mut Vec<Work>) {
+        let Some(mut b) = self.open.remove(&oid) else {
+            return;
+        };
+        self.open_rows -= b.rows as usize;
+        b.body.push(b']');
+        let table = self
+            .schema
+            .get(oid)
+            .map(|s| s.target_name.clone())
+            .unwrap_or_default();
+        let mut label = label(&self.cfg.slot, &table, b.first, b.last);
+        if let Some(salt) = &self.salt {
+            label.truncate(128 - salt.len() - 2);
+            label.push_str("-r");
+            label.push_str(salt);
+        }
+        out.push(Work::Load(Batch {
+            table,
+            columns: b.columns,
+            partial: matches!(b.shape, Shape::Partial(_)),
+            body: b.body,
+            rows: b.rows,
+            label,
+        }));
+    }
+
+    fn apply(&mut self, msg: Message<'_>, out: &mut Vec<Work>) -> Result<(), PipelineError> {
+        match msg {
+            Message::Relation { rel, .. } => {
+                let changed = self.schema.apply(&rel)?;
+                if changed {
+                    self.flush_table(rel.oid, out);
+                }
+            }
+            Message::Insert { rel, new, .. } => {
+                let schema = self.schema.get(rel)?;
+                let (oid, generation) = (schema.oid, schema.generation);
+                let pos = self.next_pos();
+                let shape = if new.has_unchanged() {
+                    Shape::Partial(new.iter().map(|d| d != Datum::Unchanged).collect())
+                } else {
+                    Shape::Full
+                };
+                self.row(
+                    oid,
+                    generation,
+                    shape,
+                    pos,
+                    new.iter(),
+                    Op::Upsert(OpType::Insert),
+                    out,
+                );
+            }
+            Message::Update { rel, old, new, .. } => self.update(rel, old, new, out)?,
+            Message::Delete {
+                rel, old_kind, old, ..
+            } => {
+                let schema = self.schema.get(rel)?;
+                let (oid, generation) = (schema.oid, schema.generation);
+                self.delete(oid, generation, old_kind, old, out);
+            }
+            Message::Truncate { rels, .. } => {
+                self.flush_open(out);
+                self.txn_rows = true;
+                self.truncated_in_txn = true;
+                self.salt = Some(self.nonce.clone());
+                for oid in rels.iter() {
+                    if let Ok(schema) = self.schema.get(oid) {
+                        out.push(Work::Truncate {
+                            table: schema.target_name.clone(),
+                        });
+                    }
+                }
+            }
+            // Types, origins and logical messages carry nothing to load.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn next_pos(&mut self) -> Pos {
+        self.txn_idx += 1;
+        self.txn_rows = true;
+        self.rows_in += 1;
+        Pos {
+            txn: self.txn,
+            idx: self.txn_idx,
+        }
+    }
+
+    fn update(
+        &mut self,
+        rel: u32,
+        old: Option<(OldKind, Tuple<'_>)>,
+        new: Tuple<'_>,
+        out: &mut Vec<Work>,
+    ) -> Result<(), PipelineError> {
+        let schema = self.schema.get(rel)?;
+        let (oid, generation) = (schema.oid, schema.generation);
+        if let Some((kind, old_t)) = old {
+            // A key change: the old key's row goes away first (the old tuple carries the key
+            // under both REPLICA IDENTITY DEFAULT and FULL).
+            let key = &schema.key;
+            let old_vals: Vec<Datum<'_>> = old_t.iter().collect();
+            let changed = new.iter().enumerate().any(|(i, d)| {
+                key.contains(&i) && d != Datum::Unchanged && old_vals.get(i) != Some(&d)
+            });
+            if changed {
+                self.delete(oid, generation, kind, old_t, out);
+            }
+        }
+        if !new.has_unchanged() {
+            let pos = self.next_pos();
+            self.row(
+                oid,
+                generation,
+                Shape::Full,
+                pos,
+                new.iter(),
+                Op::Upsert(OpType::Update),
+                out,
+            );
+            return Ok(());
+        }
+        // Unchanged TOAST values: fill them from the old row where we have it.
+        let old_vals: Vec<Datum<'_>> = match old {
+            Some((OldKind::Full, t)) if self.cfg.toast_mode == CdcToastMode::FullRow => {
+                t.iter().collect()
+            }
+            Some((OldKind::Key, t)) | Some((OldKind::Full, t)) => {
+                // Keys only (a key column can be TOASTed too).
+                let key = &self.schema.get(rel)?.key;
+                t.iter()
+                    .enumerate()
+                    .map(|(i, d)| {
+                        if key.contains(&i) {
+                            d
+                        } else {
+                            Datum::Unchanged
+                        }
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let filled: Vec<Datum<'_>> = new
+            .iter()
+            .enumerate()
+            .map(|(i, d)| match (d, old_vals.get(i)) {
+                (Datum::Unchanged, Some(o)) => *o,
+                (d, _) => d,
+            })
+            .collect();
+        let shape = if filled.contains(&Datum::Unchanged) {
+            Shape::Partial(filled.iter().map(|d| *d != Datum::Unchanged).collect())
+        } else {
+            Shape::Full
+        };
+        let pos = self.next_pos();
+        self.row(
+            oid,
+            generation,
+            shape,
+            pos,
+            filled.into_iter(),
+            Op::Upsert(OpType::Update),
+            out,
+        );
+        Ok(())
+    }
+
+    fn delete(
+        &mut self,
+        oid: u32,
+        generation: u64,
+        kind: OldKind,
+        old: Tuple<'_>,
+        out: &mut Vec<Work>,
+    ) {
+        let pos = self.next_pos();
+        match self.cfg.delete_mode {
+            CdcDeleteMode::Hard => {
+                self.row(
+                    oid,
+                    generation,
+                    Shape::Full,
+                    pos,
+                    old.iter(),
+                    Op::Delete,
+                    out,
+                );
+            }
+            CdcDeleteMode::Soft => {
+                let Ok(schema) = self.schema.get(oid) else {
+                    return;
+                };
+                let shape = if kind == OldKind::Full && !old.has_unchanged() {
+                    Shape::Full
+                } else {
+                    Shape::Partial(
+                        (0..schema.columns.len())
+                            .map(|i| schema.key.contains(&i))
+                            .collect(),
+                    )
+                };
+                let vals: Vec<Datum<'_>> = match &shape {
+                    Shape::Full => old.iter().collect(),
+                    Shape::Partial(mask) => old
+                        .iter()
+                        .zip(mask)
+                        .map(|(d, &m)| if m { d } else { Datum::Unchanged })
+                        .collect(),
+                };
+                self.row(
+                    oid,
+                    generation,
+                    shape,
+                    pos,
+                    vals.into_iter(),
+                    Op::SoftDelete,
+                    out,
+                );
+            }
+        }
+    }
+
+    /// Appends one row to the table's open batch, opening (and first flushing) as needed.
+    #[allow(clippy::too_many_arguments)]
+    fn row<'a>(
+        &mut self,
+        oid: u32,
+        generation: u64,
+        shape: Shape,
+        pos: Pos,
+        values: impl Iterator<Item = Datum<'a>>,
+        op: Op,
+        out: &mut Vec<Work>,
+    ) {
+        let reopen = match self.open.get(&oid) {
+            Some(b) => b.generation != generation || b.shape != shape,
+            None => true,
+        };
+        if reopen {
+            self.flush_table(oid, out);
+            let Ok(schema) = self.schema.get(oid) else {
+                return;
+            };
+            let columns = columns_header(
+                schema,
+                &shape,
+                self.cfg.delete_mode,
+                self.cfg.audit_prefix.as_deref(),
+            );
+            self.open.insert(
+                oid,
+                OpenBatch {
+                    generation,
+                    shape,
+                    columns,
+                    body: Vec::with_capacity(64 << 10),
+                    rows: 0,
+                    first: pos,
+                    last: pos,
+                },
+            );
+        }
+        let (Ok(schema), Some(batch)) = (self.schema.get(oid), self.open.get_mut(&oid)) else {
+            return;
+        };
+        batch.body.push(if batch.rows == 0 { b'[' } else { b',' });
+        write_row(
+            &mut batch.body,
+            schema,
+            values,
+            op,
+            self.cfg.delete_mode == CdcDeleteMode::Hard && batch.shape == Shape::Full,
+            self.cfg.audit_prefix.as_deref(),
+            &self.synced_at,
+            pos.txn,
+        );
+        batch.rows += 1;
+        batch.last = pos;
+        self.open_rows += 1;
+        if batch.rows as usize >= self.cfg.flush_rows || batch.body.len() >= self.cfg.flush_bytes {
+            self.flush_table(oid, out);
+        }
+    }
+}
+
+/// One chunk of the initial snapshot as a batch of upserts. The label names the chunk, so a
+/// copy that is repeated loads each chunk once.
+pub fn snapshot_batch(
+    cfg: &PipelineConfig,
+    schema: &TableSchema,
+    rows: &[Vec<Option<String>>],
+    chunk: u64,
+    point: Lsn,
+    synced_at: &str,
+) -> Batch {
+    let columns = columns_header(
+        schema,
+        &Shape::Full,
+        cfg.delete_mode,
+        cfg.audit_prefix.as_deref(),
+    );
+    let mut body = Vec::with_capacity(rows.len() * 64 + 2);
+    body.push(b'[');
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        let values = row.iter().map(|v| match v {
+            Some(text) => Datum::Text(text.as_bytes()),
+            None => Datum::Null,
+        });
+        write_row(
+            &mut body,
+            schema,
+            values,
+            Op::Upsert(OpType::Insert),
+            cfg.delete_mode == CdcDeleteMode::Hard,
+            cfg.audit_prefix.as_deref(),
+            synced_at,
+            point,
+        );
+    }
+    body.push(b']');
+    let name = sanitize(&format!("{}-{}", cfg.slot, schema.target_name));
+    Batch {
+        table: schema.target_name.clone(),
+        columns,
+        partial: false,
+        body,
+        rows: rows.len() as u64,
+        label: format!("{name}-snap-{:X}-{chunk}", point.0),
+    }
+}
+
+fn sanitize(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(100)
+        .collect()
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Upsert(OpType),
+    Delete,
+    SoftDelete,
+}
+
+fn columns_header(
+    schema: &TableSchema,
+    shape: &Shape,
+    mode: CdcDeleteMode,
+    audit: Option<&str>,
+) -> String {
+    let mut cols: Vec<&str> = Vec::with_capacity(schema.columns.len() + 5);
+    for (i, c) in schema.columns.iter().enumerate() {
+        if let Shape::Partial(mask) = shape
+            && !mask.get(i).copied().unwrap_or(false)
+        {
+            continue;
+        }
+        cols.push(&c.name);
+    }
+    let mut header = cols.join(",");
+    if mode == CdcDeleteMode::Hard && *shape == Shape::Full {
+        header.push_str(",__op");
+    }
+    if let Some(p) = audit {
+        for name in AUDIT_COLUMNS {
+            header.push(',');
+            header.push_str(p);
+            header.push_str(name);
+        }
+    }
+    header
+}
+
+const AUDIT_COLUMNS: [&str; 4] = ["op_type", "is_deleted", "synced_at", "cdc_version"];
+
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn write_row<'a>(
+    body: &mut Vec<u8>,
+    schema: &TableSchema,
+    values: impl Iterator<Item = Datum<'a>>,
+    op: Op,
+    op_column: bool,
+    audit: Option<&str>,
+    synced_at: &str,
+    lsn: Lsn,
+) {
+    body.push(b'{');
+    let mut first = true;
+    for (col, datum) in schema.columns.iter().zip(values) {
+        if datum == Datum::Unchanged {
+            continue;
+        }
+        if !first {
+            body.push(b',');
+        }
+        first = false;
+        body.extend_from_slice(&col.json_key);
+        write_value(body, col.kind, datum);
+    }
+    if op_column {
+        // Partial batches never carry deletes, so only Full-shape batches have `__op`.
+        match op {
+            Op::Delete => body.extend_from_slice(b",\"__op\":1"),
+            _ => body.extend_from_slice(b",\"__op\":0"),
+        }
+    }
+    if let Some(p) = audit {
+        let (op_type, deleted) = match op {
+            Op::Upsert(t) => (t as u8, false),
+            Op::Delete | Op::SoftDelete => (OpType::Delete as u8, true),
+        };
+        let key = |name: &str, body: &mut Vec<u8>| {
+            body.push(b',');
+            let mut k = String::with_capacity(p.len() + name.len());
+            k.push_str(p);
+            k.push_str(name);
+            json_string(body, &k);
+            body.push(b':');
+        };
+        key("op_type", body);
+        body.extend_from_slice(op_type.to_string().as_bytes());
+        key("is_deleted", body);
+        body.extend_from_slice(if deleted { b"true" } else { b"false" });
+        key("synced_at", body);
+        json_string(body, synced_at);
+        key("cdc_version", body);
+        body.extend_from_slice(lsn.0.to_string().as_bytes());
+    }
+    body.push(b'}');
+}
+
+#[inline]
+fn write_value(body: &mut Vec<u8>, kind: JsonKind, datum: Datum<'_>) {
+    match datum {
+        Datum::Null | Datum::Unchanged => body.extend_from_slice(b"null"),
+        Datum::Text(text) | Datum::Binary(text) => match kind {
+            JsonKind::Number if is_json_number(text) => body.extend_from_slice(text),
+            JsonKind::Bool => body.extend_from_slice(if text == b"t" { b"true" } else { b"false" }),
+            _ => match simdutf8::basic::from_utf8(text) {
+                Ok(s) => json_string(body, s),
+                Err(_) => json_string(body, &String::from_utf8_lossy(text)),
+            },
+        },
+    }
+}
+
+/// True when `text` is a JSON number (`-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?`).
+/// PostgreSQL prints its numbers that way except NaN and the infinities, which (like anything
+/// unexpected) are written as strings instead.
+#[inline]
+fn is_json_number(text: &[u8]) -> bool {
+    fn digits(t: &[u8], mut i: usize) -> usize {
+        while i < t.len() && t[i].is_ascii_digit() {
+            i += 1;
+        }
+        i
+    }
+    let mut i = usize::from(text.first() == Some(&b'-'));
+    match text.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => i = digits(text, i + 1),
+        _ => return false,
+    }
+    if text.get(i) == Some(&b'.') {
+        let end = digits(text, i + 1);
+        if end == i + 1 {
+            return false;
+        }
+        i = end;
+    }
+    if matches!(text.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(text.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        let end = digits(text, i);
+        if end == i {
+            return false;
+        }
+        i = end;
+    }
+    i == text.len()
+}
+
+/// `{slot}-{table}-{commit}.{idx}-{commit}.{idx}`, limited to what StarRocks accepts in a
+/// label (letters, digits, `-`, `_`, 128 characters at most).
+fn label(slot: &str, table: &str, first: Pos, last: Pos) -> String {
+    let name: String = format!("{slot}-{table}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    // (Not `sanitize`: that one truncates, and a truncated name could collide.)
+    let range = format!(
+        "{:X}_{}-{:X}_{}",
+        first.txn.0, first.idx, last.txn.0, last.idx
+    );
+    if name.len() + range.len() < 128 {
+        format!("{name}-{range}")
+    } else {
+        format!("{:016x}-{range}", fnv1a(name.as_bytes()))
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cdc::pgoutput::build;
+
+    fn cfg() -> PipelineConfig {
+        PipelineConfig {
+            slot: "s".into(),
+            flush_rows: 1000,
+            flush_bytes: 1 << 20,
+            flush_interval: Duration::from_secs(3600),
+            delete_mode: CdcDeleteMode::Hard,
+            toast_mode: CdcToastMode::FullRow,
+            audit_prefix: None,
+            stream_buffer_bytes_max: 1 << 20,
+        }
+    }
+
+    fn keys() -> KeyColumns {
+        [("public.t".to_string(), vec!["id".to_string()])].into()
+    }
+
+    fn feed(p: &mut Pipeline, msgs: &[Vec<u8>]) -> Vec<Work> {
+        let mut out = Vec::new();
+        for m in msgs {
+            p.handle(&Bytes::from(m.clone()), &mut out).unwrap();
+        }
+        out
+    }
+
+    fn rel() -> Vec<u8> {
+        let mut b = Vec::new();
+        build::relation(
+            &mut b,
+            1,
+            "public",
+            "t",
+            &[(true, "id", 23), (false, "v", 25)],
+        );
+        b
+    }
+
+    fn msg(f: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
+        let mut b = Vec::new();
+        f(&mut b);
+        b
+    }
+
+    #[test]
+    fn batches_rows_and_checkpoints_after_commit() {
+        let mut p = Pipeline::new(cfg(), keys());
+        let mut msgs = vec![msg(|b| build::begin(b, Lsn(100), 5)), rel()];
+        msgs.push(msg(|b| {
+            build::insert(b, 1, &[Some(Some("1")), Some(Some("a\"b"))])
+        }));
+        msgs.push(msg(|b| build::insert(b, 1, &[Some(Some("2")), None])));
+        msgs.push(msg(|b| build::commit(b, Lsn(100), Lsn(120))));
+        let out = feed(&mut p, &msgs);
+        assert!(out.is_empty(), "not due yet");
+        let mut out = Vec::new();
+        p.flush_all(&mut out);
+        let [Work::Load(batch), Work::Checkpoint(Lsn(120), _)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(batch.columns, "id,v,__op");
+        assert_eq!(
+            std::str::from_utf8(&batch.body).unwrap(),
+            r#"[{"id":1,"v":"a\"b","__op":0},{"id":2,"v":null,"__op":0}]"#
+        );
+        assert_eq!(batch.label, "s-t-64_1-64_2");
+        assert!(p.is_idle());
+    }
+
+    #[test]
+    fn toast_filled_from_full_old_row_else_partial() {
+        let mut p = Pipeline::new(cfg(), keys());
+        let update = |old: Option<(u8, &str)>| {
+            msg(|b| {
+                b.push(b'U');
+                b.extend_from_slice(&1u32.to_be_bytes());
+                if let Some((kind, v)) = old {
+                    b.push(kind);
+                    build::tuple(b, &[Some(Some("1")), Some(Some(v))]);
+                }
+                b.push(b'N');
+                build::tuple(b, &[Some(Some("1")), Some(None)]);
+            })
+        };
+        let msgs = vec![
+            msg(|b| build::begin(b, Lsn(100), 5)),
+            rel(),
+            msg(|b| build::insert(b, 1, &[Some(Some("2")), Some(Some("x"))])),
+            update(Some((b'O', "big"))),
+            update(None),
+            msg(|b| build::commit(b, Lsn(100), Lsn(120))),
+        ];
+        let mut out = feed(&mut p, &msgs);
+        p.flush_all(&mut out);
+        let loads: Vec<_> = out
+            .iter()
+            .filter_map(|w| match w {
+                Work::Load(b) => Some((
+                    b.partial,
+                    b.columns.clone(),
+                    String::from_utf8(b.body.clone()).unwrap(),
+                )),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            loads,
+            vec![
+                (
+                    false,
+                    "id,v,__op".into(),
+                    r#"[{"id":2,"v":"x","__op":0},{"id":1,"v":"big","__op":0}]"#.into()
+                ),
+                (true, "id".into(), r#"[{"id":1}]"#.into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn key_change_deletes_old_key_and_streams_apply_on_commit_only() {
+        let mut p = Pipeline::new(cfg(), keys());
+        let mut start = vec![b'S'];
+        start.extend_from_slice(&7u32.to_be_bytes());
+        start.push(1);
+        let mut streamed_rel = vec![b'R'];
+        streamed_rel.extend_from_slice(&7u32.to_be_bytes());
+        streamed_rel.extend_from_slice(&rel()[1..]);
+        let mut ins = vec![b'I'];
+        ins.extend_from_slice(&7u32.to_be_bytes());
+        ins.extend_from_slice(&1u32.to_be_bytes());
+        ins.push(b'N');
+        build::tuple(&mut ins, &[Some(Some("9")), Some(Some("s"))]);
+        let mut upd = vec![b'U'];
+        upd.extend_from_slice(&7u32.to_be_bytes());
+        upd.extend_from_slice(&1u32.to_be_bytes());
+        upd.push(b'K');
+        build::tuple(&mut upd, &[Some(Some("9")), None]);
+        upd.push(b'N');
+        build::tuple(&mut upd, &[Some(Some("10")), Some(Some("s"))]);
+        let mut commit = vec![b'c'];
+        commit.extend_from_slice(&7u32.to_be_bytes());
+        commit.push(0);
+        commit.extend_from_slice(&200u64.to_be_bytes());
+        commit.extend_from_slice(&210u64.to_be_bytes());
+        commit.extend_from_slice(&0i64.to_be_bytes());
+        let out = feed(&mut p, &[start, streamed_rel, ins, upd, vec![b'E']]);
+        assert!(out.is_empty());
+        assert!(!p.is_idle(), "a streamed transaction is pending");
+        let mut out = feed(&mut p, &[commit]);
+        p.flush_all(&mut out);
+        let Work::Load(b) = &out[0] else { panic!() };
+        assert_eq!(
+            std::str::from_utf8(&b.body).unwrap(),
+            r#"[{"id":9,"v":"s","__op":0},{"id":9,"v":null,"__op":1},{"id":10,"v":"s","__op":0}]"#
+        );
+        assert!(matches!(out[1], Work::Checkpoint(Lsn(210), _)));
+        assert!(p.is_idle());
+    }
+
+    #[test]
+    fn json_numbers_are_validated() {
+        for ok in [
+            "0",
+            "-1",
+            "12.50",
+            "1e+20",
+            "-0.5E-3",
+            "123456789012345678901234567890",
+        ] {
+            assert!(is_json_number(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "-",
+            "NaN",
+            "Infinity",
+            "-Infinity",
+            "01",
+            "1.",
+            ".5",
+            "1e",
+            "1\"",
+            "1 ",
+        ] {
+            assert!(!is_json_number(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn aborted_stream_is_dropped_and_labels_are_bounded() {
+        let mut p = Pipeline::new(cfg(), keys());
+        let mut start = vec![b'S'];
+        start.extend_from_slice(&7u32.to_be_bytes());
+        start.push(1);
+        let mut abort = vec![b'A'];
+        abort.extend_from_slice(&7u32.to_be_bytes());
+        abort.extend_from_slice(&7u32.to_be_bytes());
+        let out = feed(&mut p, &[start, vec![b'E'], abort]);
+        assert!(out.is_empty());
+        assert!(p.is_idle());
+        let long = "x".repeat(300);
+        let l = label(
+            &long,
+            "t",
+            Pos {
+                txn: Lsn(1),
+                idx: 1,
+            },
+            Pos {
+                txn: Lsn(2),
+                idx: 3,
+            },
+        );
+        assert!(l.len() <= 128, "{l}");
+    }
+}

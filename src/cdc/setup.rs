@@ -1,0 +1,292 @@
+//! Idempotent setup, in two phases so a failure leaves nothing half-created: first every
+//! check (privilege, tables and their keys, StarRocks credentials and tables, an existing
+//! slot's health), then the changes (replica identity, publication, checkpoint table, slot).
+//! An existing slot is reused as it is and never dropped: dropping it would lose every change
+//! made while pgprism was down.
+
+use std::time::Duration;
+
+use super::checkpoint::{Checkpoints, qualified};
+use super::lsn::Lsn;
+use super::pgconn::{PgConn, PgError, quote_ident, quote_literal};
+use super::schema::KeyColumns;
+use super::starrocks::{LoadError, StarRocks};
+use crate::config::{CdcConfig, PgUrl};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot connect to the source database")]
+    Connect(#[source] PgError),
+    #[error(
+        "user `{user}` lacks the REPLICATION attribute needed for logical replication; run: ALTER ROLE {user} REPLICATION"
+    )]
+    NoReplication { user: String },
+    #[error("source table {table} does not exist (cdc.tables)")]
+    TableMissing { table: String },
+    #[error(
+        "source table {table} has no primary key; StarRocks Primary Key tables and deletes need one"
+    )]
+    NoPrimaryKey { table: String },
+    #[error(
+        "replication slot `{slot}` exists with plugin `{plugin}` in database `{database}`; pgprism needs a pgoutput slot in `{expected_db}` (choose another cdc.slot)"
+    )]
+    SlotMismatch {
+        slot: String,
+        plugin: String,
+        database: String,
+        expected_db: String,
+    },
+    #[error(
+        "replication slot `{slot}` is lost (wal_status = lost): PostgreSQL removed WAL it still needed, so changes are missing. \
+         Reload the StarRocks tables from a fresh snapshot: drop the slot (SELECT pg_drop_replication_slot('{slot}')), \
+         delete the row for it from the checkpoint table, and restart with cdc.snapshot = true"
+    )]
+    SlotLost { slot: String },
+    #[error(
+        "replication slot `{slot}` was created for an initial snapshot that never finished; drop it (SELECT pg_drop_replication_slot('{slot}')) and restart to copy again"
+    )]
+    SnapshotUnfinished { slot: String },
+    #[error("StarRocks check failed")]
+    StarRocks(#[source] LoadError),
+    #[error("setup step failed: {step}")]
+    Step {
+        step: String,
+        #[source]
+        source: PgError,
+    },
+}
+
+fn step(what: impl Into<String>) -> impl FnOnce(PgError) -> SetupError {
+    let step = what.into();
+    move |source| SetupError::Step { step, source }
+}
+
+/// A table as setup found it.
+#[derive(Debug, Clone)]
+pub struct SourceTable {
+    /// `schema.table`.
+    pub name: String,
+    pub key: Vec<String>,
+    pub replica_identity: char,
+}
+
+/// What streaming starts from.
+pub struct Prepared {
+    pub tables: Vec<SourceTable>,
+    pub keys: KeyColumns,
+    /// The checkpoint, if any: where streaming resumes.
+    pub checkpoint: Option<Lsn>,
+    /// A flush boundary announced after the checkpoint by a run that then stopped.
+    pub pending: Option<Lsn>,
+    /// The slot was created just now.
+    pub slot_created: bool,
+    /// Created with an exported snapshot: the connection that created it (keep it idle until
+    /// the copy is done), the snapshot name and the slot's consistent point.
+    pub snapshot: Option<(PgConn, String, Lsn)>,
+}
+
+/// Splits `schema.table` (default schema `public`).
+pub fn split_table(name: &str) -> (&str, &str) {
+    name.split_once('.').unwrap_or(("public", name))
+}
+
+pub fn prepare(
+    cfg: &CdcConfig,
+    url: &PgUrl,
+    sink: &StarRocks,
+    timeout: Duration,
+) -> Result<Prepared, SetupError> {
+    let mut conn = PgConn::connect(url, false, timeout).map_err(SetupError::Connect)?;
+
+    // Phase 1: checks only.
+    let rows = conn
+        .query("SELECT current_user, (rolreplication OR rolsuper)::text, current_database() FROM pg_roles WHERE rolname = current_user")
+        .map_err(step("read the current role"))?;
+    let row = rows.first().cloned().unwrap_or_default();
+    let user = row.first().cloned().flatten().unwrap_or_default();
+    let database = row.get(2).cloned().flatten().unwrap_or_default();
+    if row.get(1).cloned().flatten().as_deref() != Some("true") {
+        return Err(SetupError::NoReplication { user });
+    }
+
+    let mut tables = Vec::new();
+    for name in &cfg.tables {
+        let (schema, table) = split_table(name);
+        let full = format!("{schema}.{table}");
+        let rows = conn
+            .query(&format!(
+                "SELECT c.relreplident::text, \
+                   (SELECT string_agg(a.attname, ',' ORDER BY array_position(i.indkey::int2[], a.attnum)) \
+                      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                     WHERE i.indrelid = c.oid AND i.indisprimary) \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = {} AND c.relname = {} AND c.relkind IN ('r', 'p')",
+                quote_literal(schema),
+                quote_literal(table)
+            ))
+            .map_err(step(format!("look up table {full}")))?;
+        let Some(row) = rows.first() else {
+            return Err(SetupError::TableMissing { table: full });
+        };
+        let Some(key) = row.get(1).cloned().flatten() else {
+            return Err(SetupError::NoPrimaryKey { table: full });
+        };
+        let replica_identity = row
+            .first()
+            .cloned()
+            .flatten()
+            .and_then(|s| s.chars().next())
+            .unwrap_or('d');
+        tables.push(SourceTable {
+            name: full,
+            key: key.split(',').map(str::to_string).collect(),
+            replica_identity,
+        });
+    }
+
+    for t in &tables {
+        sink.check_table(split_table(&t.name).1)
+            .map_err(SetupError::StarRocks)?;
+    }
+
+    let slot_rows = conn
+        .query(&format!(
+            "SELECT plugin, database, coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = {}",
+            quote_literal(&cfg.slot)
+        ))
+        .map_err(step(format!("look up replication slot {}", cfg.slot)))?;
+    let slot_exists = match slot_rows.first() {
+        None => false,
+        Some(row) => {
+            let plugin = row.first().cloned().flatten().unwrap_or_default();
+            let db = row.get(1).cloned().flatten().unwrap_or_default();
+            if plugin != "pgoutput" || db != database {
+                return Err(SetupError::SlotMismatch {
+                    slot: cfg.slot.clone(),
+                    plugin,
+                    database: db,
+                    expected_db: database,
+                });
+            }
+            if row.get(2).cloned().flatten().as_deref() == Some("lost") {
+                return Err(SetupError::SlotLost {
+                    slot: cfg.slot.clone(),
+                });
+            }
+            true
+        }
+    };
+
+    // Phase 2: changes, each idempotent.
+    if cfg.replica_identity_full {
+        for t in tables.iter_mut().filter(|t| t.replica_identity != 'f') {
+            conn.query(&format!(
+                "ALTER TABLE {} REPLICA IDENTITY FULL",
+                qualified(&t.name)
+            ))
+            .map_err(step(format!("set REPLICA IDENTITY FULL on {}", t.name)))?;
+            t.replica_identity = 'f';
+        }
+    }
+    let publication = quote_ident(&cfg.publication);
+    let published = conn
+        .query(&format!(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = {}",
+            quote_literal(&cfg.publication)
+        ))
+        .map_err(step("read the publication's tables"))?;
+    let exists = !conn
+        .query(&format!(
+            "SELECT 1 FROM pg_publication WHERE pubname = {}",
+            quote_literal(&cfg.publication)
+        ))
+        .map_err(step("look up the publication"))?
+        .is_empty();
+    let missing: Vec<String> = tables
+        .iter()
+        .filter(|t| {
+            !published
+                .iter()
+                .any(|r| r.first().cloned().flatten().as_deref() == Some(&t.name))
+        })
+        .map(|t| qualified(&t.name))
+        .collect();
+    if !exists {
+        conn.query(&format!(
+            "CREATE PUBLICATION {publication} FOR TABLE {}",
+            missing.join(", ")
+        ))
+        .map_err(step(format!("create publication {}", cfg.publication)))?;
+    } else if !missing.is_empty() {
+        conn.query(&format!(
+            "ALTER PUBLICATION {publication} ADD TABLE {}",
+            missing.join(", ")
+        ))
+        .map_err(step(format!(
+            "add {} to publication {}",
+            missing.join(", "),
+            cfg.publication
+        )))?;
+    }
+    conn.query(&Checkpoints::create_sql(&cfg.checkpoint_table))
+        .map_err(step(format!(
+            "create checkpoint table {}",
+            cfg.checkpoint_table
+        )))?;
+    let stored = conn
+        .query(&format!(
+            "SELECT lsn::text, pending::text FROM {} WHERE slot = {}",
+            qualified(&cfg.checkpoint_table),
+            quote_literal(&cfg.slot)
+        ))
+        .map_err(step("read the checkpoint"))?;
+    let field = |i: usize| {
+        stored
+            .first()
+            .and_then(|r| r.get(i).cloned().flatten())
+            .and_then(|t| Lsn::parse(&t))
+    };
+    let checkpoint = field(0);
+    let pending = field(1).filter(|p| Some(*p) > checkpoint);
+    if slot_exists && cfg.snapshot && checkpoint.is_none() {
+        return Err(SetupError::SnapshotUnfinished {
+            slot: cfg.slot.clone(),
+        });
+    }
+
+    let mut snapshot = None;
+    if !slot_exists {
+        let mut repl = PgConn::connect(url, true, timeout).map_err(SetupError::Connect)?;
+        let mode = if cfg.snapshot { "export" } else { "nothing" };
+        let rows = repl
+            .query(&format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{mode}')",
+                quote_ident(&cfg.slot)
+            ))
+            .map_err(step(format!("create replication slot {}", cfg.slot)))?;
+        tracing::info!(slot = %cfg.slot, "created replication slot");
+        if cfg.snapshot {
+            let row = rows.first().cloned().unwrap_or_default();
+            let point = row
+                .get(1)
+                .cloned()
+                .flatten()
+                .and_then(|t| Lsn::parse(&t))
+                .unwrap_or_default();
+            let name = row.get(2).cloned().flatten().unwrap_or_default();
+            snapshot = Some((repl, name, point));
+        }
+    }
+    let keys = tables
+        .iter()
+        .map(|t| (t.name.clone(), t.key.clone()))
+        .collect();
+    Ok(Prepared {
+        tables,
+        keys,
+        checkpoint,
+        pending,
+        slot_created: !slot_exists,
+        snapshot,
+    })
+}

@@ -1,0 +1,380 @@
+//! StarRocks sink: Stream Load over HTTP with ureq (blocking; runs on the loader thread only).
+//!
+//! The FE answers a Stream Load with `307` and a BE address; redirects are followed here, not
+//! by ureq, so the Basic credentials go to the BE too (ureq drops `Authorization` on a
+//! redirect to another host, as it should for arbitrary redirects). `Expect: 100-continue` is
+//! sent and ureq waits for the interim answer before the body, so a rejected load (or the
+//! FE's redirect) costs no body upload. Labels make every retry and every replay after a crash
+//! safe: StarRocks loads a label at most once.
+
+use std::time::Duration;
+
+use base64::Engine;
+
+use super::pipeline::Batch;
+
+/// `http://user:password@host:port`: the FE's HTTP address.
+#[derive(Clone)]
+pub struct StarRocksUrl {
+    pub base: String,
+    /// Host alone (for the query port).
+    pub host: String,
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for StarRocksUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (user {})", self.base, self.user)
+    }
+}
+
+impl StarRocksUrl {
+    pub fn parse(text: &str) -> Result<StarRocksUrl, String> {
+        let rest = text
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("expected http://user:password@host:port, got `{text}`"))?;
+        let rest = rest.trim_end_matches('/');
+        let (userinfo, host) = match rest.rsplit_once('@') {
+            Some((u, h)) => (u, h),
+            None => ("root:", rest),
+        };
+        if host.is_empty() || host.contains('/') {
+            return Err("expected http://user:password@host:port (no path)".into());
+        }
+        let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+        let bare = match host.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        };
+        Ok(StarRocksUrl {
+            base: format!("http://{host}"),
+            host: bare
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            user: user.to_string(),
+            password: password.to_string(),
+        })
+    }
+
+    fn authorization(&self) -> String {
+        let raw = format!("{}:{}", self.user, self.password);
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "StarRocks rejected the credentials of user `{user}` (HTTP {status}); check cdc.starrocks"
+    )]
+    Auth { user: String, status: u16 },
+    #[error("StarRocks table {database}.{table} does not exist or is not visible to `{user}`")]
+    TableMissing {
+        database: String,
+        table: String,
+        user: String,
+    },
+    #[error(
+        "Stream Load {label} into {table} filtered rows and failed: {message}{}",
+        error_url.as_deref().map(|u| format!(" (rejected rows: {u})")).unwrap_or_default()
+    )]
+    Filtered {
+        table: String,
+        label: String,
+        message: String,
+        error_url: Option<String>,
+    },
+    #[error("Stream Load {label} into {table} still failing after {attempts} attempts: {last}")]
+    GaveUp {
+        table: String,
+        label: String,
+        attempts: u32,
+        last: String,
+    },
+    #[error("StarRocks answered {what} without a usable response: {detail}")]
+    Protocol { what: &'static str, detail: String },
+}
+
+/// What one attempt ended with.
+enum Attempt {
+    Done(LoadOutcome),
+    Retry(String),
+}
+
+/// How a batch ended up in StarRocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadOutcome {
+    Loaded,
+    /// `Publish Timeout`: committed, becomes visible later.
+    Committed,
+    /// `Label Already Exists` with a finished job: an earlier run loaded it.
+    AlreadyLoaded,
+}
+
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    pub database: String,
+    pub query_port: u16,
+    pub max_filter_ratio: f64,
+    pub attempts_max: u32,
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+    pub timeout: Duration,
+}
+
+pub struct StarRocks {
+    pub url: StarRocksUrl,
+    cfg: SinkConfig,
+    agent: ureq::Agent,
+    auth: String,
+    /// Attempts that were retried, for the stats.
+    pub retries: u64,
+}
+
+/// The fields of the Stream Load response pgprism reads.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct Response {
+    #[serde(rename = "Status")]
+    status: String,
+    #[serde(rename = "Message")]
+    message: String,
+    #[serde(rename = "ExistingJobStatus")]
+    existing_job_status: Option<String>,
+    #[serde(rename = "ErrorURL")]
+    error_url: Option<String>,
+    #[serde(rename = "NumberFilteredRows")]
+    filtered_rows: u64,
+}
+
+impl StarRocks {
+    pub fn new(url: StarRocksUrl, cfg: SinkConfig) -> StarRocks {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_global(Some(cfg.timeout))
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .build();
+        let auth = url.authorization();
+        StarRocks {
+            url,
+            cfg,
+            agent: ureq::Agent::new_with_config(config),
+            auth,
+            retries: 0,
+        }
+    }
+
+    /// Checks the credentials and that the table exists (FE `GET /api/{db}/{table}/_schema`).
+    pub fn check_table(&self, table: &str) -> Result<(), LoadError> {
+        let url = format!(
+            "{}/api/{}/{}/_schema",
+            self.url.base, self.cfg.database, table
+        );
+        let mut resp = self
+            .agent
+            .get(&url)
+            .header("Authorization", &self.auth)
+            .call()
+            .map_err(|e| LoadError::Protocol {
+                what: "the schema request",
+                detail: e.to_string(),
+            })?;
+        let status = resp.status().as_u16();
+        let body = resp.body_mut().read_to_string().unwrap_or_default();
+        match status {
+            401 | 403 => Err(LoadError::Auth {
+                user: self.url.user.clone(),
+                status,
+            }),
+            200 if !missing_in(&body) => Ok(()),
+            _ => Err(LoadError::TableMissing {
+                database: self.cfg.database.clone(),
+                table: table.to_string(),
+                user: self.url.user.clone(),
+            }),
+        }
+    }
+
+    /// Empties a table (a TRUNCATE in PostgreSQL) over the FE's MySQL-protocol port, with the
+    /// same retry policy as loads (TRUNCATE is idempotent).
+    pub fn truncate(&mut self, table: &str) -> Result<(), LoadError> {
+        let quote = |s: &str| format!("`{}`", s.replace('`', "``"));
+        let sql = format!(
+            "TRUNCATE TABLE {}.{}",
+            quote(&self.cfg.database),
+            quote(table)
+        );
+        let mut delay = self.cfg.backoff;
+        let mut last = String::new();
+        for attempt in 1..=self.cfg.attempts_max {
+            if attempt > 1 {
+                self.retries += 1;
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(self.cfg.backoff_max);
+            }
+            let result = super::mysql::Mysql::connect(
+                &self.url.host,
+                self.cfg.query_port,
+                &self.url.user,
+                &self.url.password,
+                Duration::from_secs(30),
+            )
+            .and_then(|mut c| c.execute(&sql));
+            match result {
+                Ok(()) => return Ok(()),
+                Err(super::mysql::MysqlError::Server { code: 1045, .. }) => {
+                    return Err(LoadError::Auth {
+                        user: self.url.user.clone(),
+                        status: 1045,
+                    });
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(LoadError::GaveUp {
+            table: table.to_string(),
+            label: sql,
+            attempts: self.cfg.attempts_max,
+            last,
+        })
+    }
+
+    /// Loads one batch, retrying transient failures with backoff under the same label.
+    pub fn load(&mut self, batch: &Batch) -> Result<LoadOutcome, LoadError> {
+        let mut delay = self.cfg.backoff;
+        let mut last = String::new();
+        for attempt in 1..=self.cfg.attempts_max {
+            if attempt > 1 {
+                self.retries += 1;
+                tracing::warn!(label = %batch.label, table = %batch.table, attempt, error = %last, "retrying Stream Load");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(self.cfg.backoff_max);
+            }
+            match self.attempt(batch)? {
+                Attempt::Done(outcome) => return Ok(outcome),
+                Attempt::Retry(why) => last = why,
+            }
+        }
+        Err(LoadError::GaveUp {
+            table: batch.table.clone(),
+            label: batch.label.clone(),
+            attempts: self.cfg.attempts_max,
+            last,
+        })
+    }
+
+    fn attempt(&self, batch: &Batch) -> Result<Attempt, LoadError> {
+        let mut url = format!(
+            "{}/api/{}/{}/_stream_load",
+            self.url.base, self.cfg.database, batch.table
+        );
+        // FE → BE: one redirect is the protocol; a few more are tolerated, no loops.
+        for _ in 0..4 {
+            let mut req = self
+                .agent
+                .put(&url)
+                .header("Authorization", &self.auth)
+                .header("Expect", "100-continue")
+                .header("label", &batch.label)
+                .header("format", "json")
+                .header("strip_outer_array", "true")
+                .header("columns", &batch.columns)
+                .header("max_filter_ratio", self.cfg.max_filter_ratio.to_string())
+                .header("Content-Type", "application/json");
+            if batch.partial {
+                req = req
+                    .header("partial_update", "true")
+                    .header("partial_update_mode", "row");
+            }
+            let mut resp = match req.send(&batch.body[..]) {
+                Ok(r) => r,
+                Err(e) => return Ok(Attempt::Retry(format!("HTTP error: {e}"))),
+            };
+            let status = resp.status().as_u16();
+            if matches!(status, 301 | 302 | 303 | 307 | 308) {
+                let Some(location) = resp.headers().get("location").and_then(|v| v.to_str().ok())
+                else {
+                    return Err(LoadError::Protocol {
+                        what: "a redirect",
+                        detail: "no Location header".into(),
+                    });
+                };
+                url = location.to_string();
+                continue;
+            }
+            if status == 401 || status == 403 {
+                return Err(LoadError::Auth {
+                    user: self.url.user.clone(),
+                    status,
+                });
+            }
+            let body = match resp.body_mut().read_to_string() {
+                Ok(b) => b,
+                Err(e) => return Ok(Attempt::Retry(format!("reading the response: {e}"))),
+            };
+            if status != 200 {
+                return Ok(Attempt::Retry(format!("HTTP {status}: {body}")));
+            }
+            let parsed: Response = match sonic_rs::from_str(&body) {
+                Ok(r) => r,
+                Err(e) => return Ok(Attempt::Retry(format!("unreadable response ({e}): {body}"))),
+            };
+            return Ok(match parsed.status.as_str() {
+                "Success" => Attempt::Done(LoadOutcome::Loaded),
+                "Publish Timeout" => Attempt::Done(LoadOutcome::Committed),
+                "Label Already Exists" => match parsed.existing_job_status.as_deref() {
+                    // Still running under this label (an earlier attempt): wait for it.
+                    Some("RUNNING") | Some("PREPARE") | Some("PREPARED") => {
+                        Attempt::Retry(format!("label {} is still loading", batch.label))
+                    }
+                    _ => Attempt::Done(LoadOutcome::AlreadyLoaded),
+                },
+                _ if parsed.filtered_rows > 0 || parsed.message.contains("filtered") => {
+                    return Err(LoadError::Filtered {
+                        table: batch.table.clone(),
+                        label: batch.label.clone(),
+                        message: parsed.message,
+                        error_url: parsed.error_url,
+                    });
+                }
+                other => Attempt::Retry(format!("status {other}: {}", parsed.message)),
+            });
+        }
+        Err(LoadError::Protocol {
+            what: "Stream Load",
+            detail: "too many redirects".into(),
+        })
+    }
+}
+
+/// The FE answers a schema request for a missing table with 200 and an error document.
+fn missing_in(body: &str) -> bool {
+    let lower = body.to_ascii_lowercase();
+    lower.contains("\"status\":404")
+        || lower.contains("\"code\":\"404\"")
+        || lower.contains("not found")
+        || lower.contains("does not exist")
+        || lower.contains("unknown table")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls() {
+        let u = StarRocksUrl::parse("http://root:pw@fe:8030/").unwrap();
+        assert_eq!(
+            (u.base.as_str(), u.user.as_str(), u.password.as_str()),
+            ("http://fe:8030", "root", "pw")
+        );
+        assert!(StarRocksUrl::parse("https://fe").is_err());
+        assert!(format!("{u:?}").contains("root") && !format!("{u:?}").contains("pw"));
+    }
+}

@@ -1,0 +1,895 @@
+//! CDC end to end: real PostgreSQL (embed), the real `pgprism cdc` binary, and the Stream Load
+//! emulator in `support/starrocks.rs`. Every test ends by comparing the emulator's table with
+//! the source table, row for row.
+
+#[path = "support/starrocks.rs"]
+mod starrocks;
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use pgprism::embed::{Instance, InstanceConfig};
+use starrocks::{ColType, Fault, StarRocks};
+use support::{eventually, pgprism_command};
+
+const DB: &str = "analytics";
+
+fn start_pg(name: &str, settings: &[(&str, &str)]) -> Instance {
+    Instance::start(InstanceConfig {
+        name: name.into(),
+        settings: settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..InstanceConfig::default()
+    })
+    .expect("start PostgreSQL")
+}
+
+fn client(inst: &Instance) -> postgres::Client {
+    postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            inst.port()
+        ),
+        postgres::NoTls,
+    )
+    .expect("connect")
+}
+
+/// A running `pgprism cdc`, killed on drop.
+struct Cdc {
+    child: Child,
+    log_path: std::path::PathBuf,
+    admin: Option<std::net::SocketAddr>,
+}
+
+fn log_path(tag: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "pgprism-cdc-{}-{tag}-{}.log",
+        std::process::id(),
+        rand_suffix()
+    ))
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+fn base_args(pg: &Instance, sr: &StarRocks, tables: &str) -> Vec<String> {
+    [
+        "cdc",
+        "--source",
+        &pg.url(),
+        "--starrocks",
+        &sr.url(),
+        "--database",
+        DB,
+        "--starrocks-query-port",
+        &sr.query.port().to_string(),
+        "--tables",
+        tables,
+        "--flush-interval-ms",
+        "100",
+        "--log",
+        "pgprism=debug",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+impl Cdc {
+    fn start(args: &[String], env: &[(&str, &str)]) -> Cdc {
+        let log_path = log_path("run");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut cmd = pgprism_command();
+        cmd.args(args)
+            .args(["--admin", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn pgprism cdc");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        if !line.starts_with("pgprism cdc streaming") {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "pgprism cdc did not start: {line:?}\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
+        let admin = line.split_whitespace().last().and_then(|a| a.parse().ok());
+        Cdc {
+            child,
+            log_path,
+            admin,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits for the process to die on its own (a failpoint); returns whether it did.
+    fn wait_death(&mut self, limit: Duration) -> bool {
+        eventually(limit, || matches!(self.child.try_wait(), Ok(Some(_))))
+    }
+}
+
+impl Drop for Cdc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log_path);
+    }
+}
+
+/// Runs `pgprism cdc` expecting it to fail during setup; returns stderr.
+fn run_failing(args: &[String]) -> String {
+    let out = pgprism_command()
+        .args(args)
+        .stdout(Stdio::null())
+        .output()
+        .expect("run pgprism cdc");
+    assert!(!out.status.success(), "expected failure");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn pg_rows(c: &mut postgres::Client, sql: &str) -> Vec<Vec<Option<String>>> {
+    c.query(sql, &[])
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| r.get::<_, Option<String>>(i))
+                .collect()
+        })
+        .collect()
+}
+
+/// Waits until the emulator's table equals the source (`sql` selects the same columns as
+/// `::text`, ordered by the integer key).
+fn assert_converges(
+    sr: &StarRocks,
+    c: &mut postgres::Client,
+    table: &str,
+    cols: &[&str],
+    cdc: &Cdc,
+    limit: Duration,
+) {
+    let sql = format!(
+        "SELECT {} FROM {table} ORDER BY {table}.{}",
+        cols.iter()
+            .map(|c| format!("{c}::text"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        cols[0]
+    );
+    let expected = pg_rows(c, &sql);
+    let ok = eventually(limit, || sr.rows(DB, table, cols) == expected);
+    if !ok {
+        let got = sr.rows(DB, table, cols);
+        let show = |rows: &Vec<Vec<Option<String>>>| {
+            rows.iter()
+                .take(5)
+                .map(|r| format!("{r:?}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        panic!(
+            "{table}: emulator has {} rows, PostgreSQL {}\nfirst emulator rows:\n{}\nfirst source rows:\n{}\nlog:\n{}",
+            got.len(),
+            expected.len(),
+            show(&got),
+            show(&expected),
+            cdc.log()
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
+fn make_table(c: &mut postgres::Client, sr: &StarRocks, name: &str) {
+    c.batch_execute(&format!(
+        "CREATE TABLE {name} (id int PRIMARY KEY, v text, n int)"
+    ))
+    .unwrap();
+    sr.create_table(
+        DB,
+        name,
+        &["id"],
+        &[
+            ("id", ColType::Int),
+            ("v", ColType::Text),
+            ("n", ColType::Int),
+        ],
+    );
+}
+
+#[test]
+fn streams_inserts_updates_deletes_and_key_changes() {
+    let pg = start_pg("cdc-basic", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    make_table(&mut c, &sr, "u");
+    let cdc = Cdc::start(&base_args(&pg, &sr, "t,public.u"), &[]);
+    c.batch_execute(
+        "INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 500) g;
+         INSERT INTO u VALUES (1, 'quote \" and \\ backslash and é', NULL);
+         UPDATE t SET v = 'changed' WHERE id % 10 = 0;
+         DELETE FROM t WHERE id % 7 = 0;
+         UPDATE t SET id = id + 1000 WHERE id BETWEEN 1 AND 5;
+         BEGIN; INSERT INTO t VALUES (2000, 'in txn', 1); UPDATE t SET n = 42 WHERE id = 2000; COMMIT;
+         BEGIN; INSERT INTO t VALUES (3000, 'rolled back', 1); ROLLBACK;",
+    )
+    .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    assert_converges(
+        &sr,
+        &mut c,
+        "u",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    // Checkpoint stored and confirmed to PostgreSQL.
+    assert!(eventually(Duration::from_secs(10), || {
+        let rows = pg_rows(
+            &mut c,
+            "SELECT (confirmed_flush_lsn >= (SELECT lsn FROM pgprism_cdc_checkpoint))::text FROM pg_replication_slots WHERE slot_name = 'pgprism_cdc'",
+        );
+        rows == vec![vec![Some("true".into())]]
+    }));
+    // Every label is unique and deterministic-looking.
+    let log = sr.log();
+    assert!(
+        log.iter().all(|(l, _)| l.starts_with("pgprism_cdc-")),
+        "{log:?}"
+    );
+    // Status endpoint.
+    let (code, body) = support::http_get(cdc.admin.unwrap(), "/cdc/status");
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("\"t\"") && body.contains("checkpoint_lsn"),
+        "{body}"
+    );
+}
+
+#[test]
+fn idle_publication_advances_the_slot() {
+    let pg = start_pg("cdc-idle", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    c.batch_execute("CREATE TABLE other (id int PRIMARY KEY)")
+        .unwrap();
+    let cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
+    c.batch_execute("INSERT INTO other SELECT generate_series(1, 1000)")
+        .unwrap();
+    let target = pg_rows(&mut c, "SELECT pg_current_wal_lsn()::text")[0][0]
+        .clone()
+        .unwrap();
+    let ok = eventually(Duration::from_secs(30), || {
+        pg_rows(
+            &mut c,
+            &format!(
+                "SELECT (confirmed_flush_lsn >= '{target}')::text FROM pg_replication_slots WHERE slot_name = 'pgprism_cdc'"
+            ),
+        ) == vec![vec![Some("true".into())]]
+    });
+    assert!(ok, "slot did not advance past {target}\n{}", cdc.log());
+}
+
+#[test]
+fn toast_updates_mixed_with_inserts_keep_their_values() {
+    for mode in ["full-row", "partial"] {
+        let pg = start_pg("cdc-toast", &[]);
+        let sr = StarRocks::start("root", "pw");
+        let mut c = client(&pg);
+        c.batch_execute(
+            "CREATE TABLE d (id int PRIMARY KEY, big text, n int);
+             ALTER TABLE d ALTER COLUMN big SET STORAGE EXTERNAL;",
+        )
+        .unwrap();
+        sr.create_table(
+            DB,
+            "d",
+            &["id"],
+            &[
+                ("id", ColType::Int),
+                ("big", ColType::Text),
+                ("n", ColType::Int),
+            ],
+        );
+        let mut args = base_args(&pg, &sr, "d");
+        args.extend(["--toast-mode".into(), mode.into()]);
+        let cdc = Cdc::start(&args, &[]);
+        c.batch_execute(
+            "INSERT INTO d SELECT g, repeat(md5(g::text), 300), 0 FROM generate_series(1, 20) g",
+        )
+        .unwrap();
+        assert_converges(
+            &sr,
+            &mut c,
+            "d",
+            &["id", "big", "n"],
+            &cdc,
+            Duration::from_secs(30),
+        );
+        // One transaction, one batch window: inserts and updates that leave `big` untouched.
+        c.batch_execute(
+            "BEGIN;
+             INSERT INTO d SELECT g, repeat(md5(g::text), 300), 1 FROM generate_series(21, 30) g;
+             UPDATE d SET n = n + 5 WHERE id <= 25;
+             INSERT INTO d VALUES (31, 'small', 2);
+             COMMIT;",
+        )
+        .unwrap();
+        assert_converges(
+            &sr,
+            &mut c,
+            "d",
+            &["id", "big", "n"],
+            &cdc,
+            Duration::from_secs(30),
+        );
+        assert_eq!(
+            sr.rows(DB, "d", &["big"])
+                .iter()
+                .filter(|r| r[0].is_none())
+                .count(),
+            0,
+            "{mode}: a TOAST value became NULL"
+        );
+    }
+}
+
+#[test]
+fn added_column_is_picked_up() {
+    let pg = start_pg("cdc-schema", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
+    c.batch_execute("INSERT INTO t SELECT g, 'x', g FROM generate_series(1, 50) g")
+        .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    sr.add_column(DB, "t", "extra", ColType::Text);
+    c.batch_execute(
+        "ALTER TABLE t ADD COLUMN extra text;
+         INSERT INTO t SELECT g, 'y', g, 'e' || g FROM generate_series(51, 80) g;
+         UPDATE t SET extra = 'set' WHERE id = 3;",
+    )
+    .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n", "extra"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+}
+
+#[test]
+fn large_transaction_is_streamed_and_applied_once() {
+    // A tiny decoding memory makes PostgreSQL stream the transaction in pieces.
+    let pg = start_pg("cdc-large", &[("logical_decoding_work_mem", "64kB")]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
+    c.batch_execute(
+        "BEGIN; INSERT INTO t SELECT g, 'row ' || g, g FROM generate_series(1, 100000) g;
+         SAVEPOINT s; INSERT INTO t VALUES (-1, 'aborted subtransaction', 0); ROLLBACK TO s;
+         COMMIT;
+         BEGIN; INSERT INTO t SELECT g, 'aborted', g FROM generate_series(300001, 350000) g; ROLLBACK;",
+    )
+    .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(180),
+    );
+    let streamed = pg_rows(
+        &mut c,
+        "SELECT (stream_txns > 0)::text FROM pg_stat_replication_slots WHERE slot_name = 'pgprism_cdc'",
+    );
+    assert_eq!(
+        streamed,
+        vec![vec![Some("true".into())]],
+        "the transaction was not streamed"
+    );
+}
+
+#[test]
+fn injected_failures_are_retried_without_loss() {
+    let pg = start_pg("cdc-faults", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
+    sr.inject(Fault::Fail, 2);
+    sr.inject(Fault::Drop, 2);
+    sr.inject(Fault::PublishTimeout, 1);
+    sr.inject(Fault::Delay(Duration::from_millis(500)), 1);
+    for round in 0..5 {
+        c.batch_execute(&format!(
+            "INSERT INTO t SELECT g, 'r{round}', g FROM generate_series({}, {}) g",
+            round * 100 + 1,
+            round * 100 + 100
+        ))
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    c.batch_execute("DELETE FROM t WHERE id % 3 = 0").unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+    let statuses: Vec<String> = sr.log().into_iter().map(|(_, s)| s).collect();
+    assert!(statuses.iter().any(|s| s == "Fail"), "{statuses:?}");
+    assert!(
+        statuses.iter().any(|s| s == "Publish Timeout"),
+        "{statuses:?}"
+    );
+}
+
+#[test]
+fn crash_at_each_point_resumes_exactly_once() {
+    for point in [
+        "cdc-before-load",
+        "cdc-after-load",
+        "cdc-before-checkpoint",
+        "cdc-after-checkpoint",
+    ] {
+        let pg = start_pg("cdc-crash", &[]);
+        let sr = StarRocks::start("root", "pw");
+        let mut c = client(&pg);
+        make_table(&mut c, &sr, "t");
+        let args = base_args(&pg, &sr, "t");
+        let failpoint = format!("{point}=2*kill");
+        let mut cdc = Cdc::start(&args, &[("PGPRISM_FAILPOINTS", &failpoint)]);
+        for round in 0..4 {
+            c.batch_execute(&format!(
+                "INSERT INTO t SELECT g, 'a', g FROM generate_series({}, {}) g; UPDATE t SET n = -n WHERE id % 4 = {round};",
+                round * 50 + 1,
+                round * 50 + 50
+            ))
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(
+            cdc.wait_death(Duration::from_secs(30)),
+            "{point}: the failpoint did not fire\n{}",
+            cdc.log()
+        );
+        // Changes while pgprism is down.
+        c.batch_execute("INSERT INTO t SELECT g, 'while down', g FROM generate_series(1001, 1100) g; DELETE FROM t WHERE id % 5 = 0;")
+            .unwrap();
+        drop(cdc);
+        let cdc = Cdc::start(&args, &[]);
+        c.batch_execute("UPDATE t SET v = 'after restart' WHERE id % 9 = 0")
+            .unwrap();
+        assert_converges(
+            &sr,
+            &mut c,
+            "t",
+            &["id", "v", "n"],
+            &cdc,
+            Duration::from_secs(60),
+        );
+        let slots = pg_rows(&mut c, "SELECT count(*)::text FROM pg_replication_slots");
+        assert_eq!(
+            slots,
+            vec![vec![Some("1".into())]],
+            "{point}: the slot was recreated"
+        );
+        if point == "cdc-before-checkpoint" || point == "cdc-after-load" {
+            let dedup = sr
+                .log()
+                .iter()
+                .filter(|(_, s)| s == "Label Already Exists")
+                .count();
+            assert!(
+                dedup >= 1,
+                "{point}: the replayed batch was not deduplicated by label: {:?}",
+                sr.log()
+            );
+        }
+    }
+}
+
+#[test]
+fn initial_snapshot_then_stream_without_gap() {
+    let pg = start_pg("cdc-snapshot", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    c.batch_execute("INSERT INTO t SELECT g, 'before', g FROM generate_series(1, 3000) g")
+        .unwrap();
+    let mut args = base_args(&pg, &sr, "t");
+    args.push("--snapshot".into());
+    let cdc = Cdc::start(&args, &[]);
+    c.batch_execute("INSERT INTO t SELECT g, 'after', g FROM generate_series(3001, 3100) g; UPDATE t SET v = 'upd' WHERE id = 1;")
+        .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+}
+
+#[test]
+fn bad_configuration_fails_clearly_and_creates_nothing() {
+    let pg = start_pg("cdc-badcfg", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let nothing_created = |c: &mut postgres::Client| {
+        let slots = pg_rows(c, "SELECT count(*)::text FROM pg_replication_slots");
+        let pubs = pg_rows(c, "SELECT count(*)::text FROM pg_publication");
+        slots == vec![vec![Some("0".into())]] && pubs == vec![vec![Some("0".into())]]
+    };
+
+    let err = run_failing(&base_args(&pg, &sr, "t,missing_table"));
+    assert!(
+        err.contains("public.missing_table") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(nothing_created(&mut c));
+
+    c.batch_execute("CREATE ROLE plain LOGIN").unwrap();
+    let mut args = base_args(&pg, &sr, "t");
+    args[2] = pg.url_for("plain", "x", "postgres");
+    let err = run_failing(&args);
+    assert!(
+        err.contains("REPLICATION") && err.contains("plain"),
+        "{err}"
+    );
+    assert!(nothing_created(&mut c));
+
+    let mut args = base_args(&pg, &sr, "t");
+    args[4] = sr.url_with("root", "wrong");
+    let err = run_failing(&args);
+    assert!(err.contains("credentials"), "{err}");
+    assert!(nothing_created(&mut c));
+
+    let mut args = base_args(&pg, &sr, "t");
+    args[6] = "nodb".into();
+    assert_eq!(args[5], "--database");
+    let err = run_failing(&args);
+    assert!(err.contains("nodb.t"), "{err}");
+    assert!(nothing_created(&mut c));
+
+    let mut args = base_args(&pg, &sr, "t");
+    args[4] = "https://fe:8030".into();
+    let err = run_failing(&args);
+    assert!(err.contains("cdc.starrocks"), "{err}");
+}
+
+fn http_post(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        code,
+        resp.split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+#[test]
+fn pause_holds_loads_and_resume_catches_up() {
+    let pg = start_pg("cdc-pause", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
+    let admin = cdc.admin.unwrap();
+    assert_eq!(http_post(admin, "/cdc/pause").0, 200);
+    c.batch_execute("INSERT INTO t SELECT g, 'p', g FROM generate_series(1, 100) g")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(sr.row_count(DB, "t"), 0, "loaded while paused");
+    let (_, status) = support::http_get(admin, "/cdc/status");
+    assert!(status.contains("\"paused\":true"), "{status}");
+    assert_eq!(http_post(admin, "/cdc/resume").0, 200);
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    // The stats follow the load's answer, a moment after the rows are visible.
+    let counted = eventually(Duration::from_secs(10), || {
+        let (_, status) = support::http_get(admin, "/cdc/status");
+        status.contains("\"rows\":100") && !status.contains("\"checkpoint_lsn\":\"0/0\"")
+    });
+    assert!(counted, "{}", support::http_get(admin, "/cdc/status").1);
+}
+
+#[test]
+fn soft_deletes_keep_the_row_with_audit_columns() {
+    let pg = start_pg("cdc-soft", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .unwrap();
+    sr.create_table(
+        DB,
+        "t",
+        &["id"],
+        &[
+            ("id", ColType::Int),
+            ("v", ColType::Text),
+            ("cdc_op_type", ColType::Int),
+            ("cdc_is_deleted", ColType::Bool),
+            ("cdc_synced_at", ColType::Text),
+            ("cdc_cdc_version", ColType::Any),
+        ],
+    );
+    let config = std::env::temp_dir().join(format!("pgprism-cdc-soft-{}.toml", rand_suffix()));
+    std::fs::write(
+        &config,
+        "[cdc]\ndelete-mode = \"soft\"\naudit-columns = true\naudit-prefix = \"cdc_\"\n",
+    )
+    .unwrap();
+    let mut args = base_args(&pg, &sr, "t");
+    args.extend(["--config".into(), config.display().to_string()]);
+    let cdc = Cdc::start(&args, &[]);
+    c.batch_execute("INSERT INTO t VALUES (1, 'a'), (2, 'b'); UPDATE t SET v = 'b2' WHERE id = 2; DELETE FROM t WHERE id = 1;")
+        .unwrap();
+    let want = vec![
+        vec![
+            Some("1".into()),
+            Some("a".into()),
+            Some("2".into()),
+            Some("true".into()),
+        ],
+        vec![
+            Some("2".into()),
+            Some("b2".into()),
+            Some("1".into()),
+            Some("false".into()),
+        ],
+    ];
+    let ok = eventually(Duration::from_secs(30), || {
+        sr.rows(DB, "t", &["id", "v", "cdc_op_type", "cdc_is_deleted"]) == want
+    });
+    assert!(
+        ok,
+        "{:?}\n{}",
+        sr.rows(
+            DB,
+            "t",
+            &[
+                "id",
+                "v",
+                "cdc_op_type",
+                "cdc_is_deleted",
+                "cdc_synced_at",
+                "cdc_cdc_version"
+            ]
+        ),
+        cdc.log()
+    );
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
+fn lost_slot_stops_with_instructions() {
+    let pg = start_pg(
+        "cdc-lost",
+        &[
+            ("max_slot_wal_keep_size", "1MB"),
+            ("max_wal_size", "32MB"),
+            ("min_wal_size", "32MB"),
+        ],
+    );
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    drop(Cdc::start(&base_args(&pg, &sr, "t"), &[]));
+    c.batch_execute("CREATE TABLE filler (x text)").unwrap();
+    let lost = eventually(Duration::from_secs(60), || {
+        c.batch_execute("INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 20000); SELECT pg_switch_wal(); CHECKPOINT;")
+            .unwrap();
+        pg_rows(
+            &mut c,
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'pgprism_cdc'",
+        ) == vec![vec![Some("lost".into())]]
+    });
+    assert!(lost, "could not make the slot lose its WAL");
+    let err = run_failing(&base_args(&pg, &sr, "t"));
+    assert!(
+        err.contains("lost") && err.contains("pg_drop_replication_slot"),
+        "{err}"
+    );
+    let slots = pg_rows(&mut c, "SELECT count(*)::text FROM pg_replication_slots");
+    assert_eq!(
+        slots,
+        vec![vec![Some("1".into())]],
+        "the lost slot must be left for the operator"
+    );
+}
+
+#[test]
+fn truncate_empties_the_table_even_across_a_crash() {
+    let pg = start_pg("cdc-truncate", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let args = base_args(&pg, &sr, "t");
+    // The second load follows the TRUNCATE in the same transaction; dying right after it
+    // means the replay truncates again and must load those rows again, not skip them.
+    let mut cdc = Cdc::start(&args, &[("PGPRISM_FAILPOINTS", "cdc-after-load=2*kill")]);
+    c.batch_execute("INSERT INTO t SELECT g, 'before', g FROM generate_series(1, 50) g")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    c.batch_execute("BEGIN; TRUNCATE t; INSERT INTO t SELECT g, 'after', g FROM generate_series(100, 150) g; COMMIT;")
+        .unwrap();
+    assert!(
+        cdc.wait_death(Duration::from_secs(30)),
+        "failpoint did not fire\n{}",
+        cdc.log()
+    );
+    drop(cdc);
+    let cdc = Cdc::start(&args, &[]);
+    c.batch_execute("INSERT INTO t VALUES (500, 'later', 1)")
+        .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    assert!(
+        sr.statements()
+            .iter()
+            .any(|s| s.starts_with("TRUNCATE TABLE")),
+        "{:?}",
+        sr.statements()
+    );
+}
+
+#[test]
+fn a_filtered_row_stops_the_stream_instead_of_being_lost() {
+    let pg = start_pg("cdc-filter", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    // StarRocks says `n` is an integer; the source sends text that is not one.
+    c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text, n text)")
+        .unwrap();
+    sr.create_table(
+        DB,
+        "t",
+        &["id"],
+        &[
+            ("id", ColType::Int),
+            ("v", ColType::Text),
+            ("n", ColType::Int),
+        ],
+    );
+    let mut cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
+    c.batch_execute("INSERT INTO t VALUES (1, 'ok', '5'), (2, 'bad', 'five')")
+        .unwrap();
+    assert!(
+        cdc.wait_death(Duration::from_secs(30)),
+        "pgprism kept going after a filtered row"
+    );
+    let log = cdc.log();
+    assert!(
+        log.contains("filtered") && log.contains("_load_error_log"),
+        "{log}"
+    );
+    assert_eq!(sr.row_count(DB, "t"), 0, "a failed load must load nothing");
+    let ckpt = pg_rows(
+        &mut c,
+        "SELECT count(*)::text FROM pgprism_cdc_checkpoint WHERE lsn > '0/0'",
+    );
+    assert_eq!(
+        ckpt,
+        vec![vec![Some("0".into())]],
+        "nothing may be checkpointed past the failed load"
+    );
+}
+
+#[test]
+fn dropped_replication_connection_reconnects_without_loss() {
+    let pg = start_pg("cdc-reconnect", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let mut cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
+    for round in 0..3 {
+        c.batch_execute(&format!(
+            "INSERT INTO t SELECT g, 'r{round}', g FROM generate_series({}, {}) g",
+            round * 100 + 1,
+            round * 100 + 100
+        ))
+        .unwrap();
+        // Cut the walsender (and with it pgprism's replication connection) mid-stream.
+        c.batch_execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'pgprism_cdc' AND active_pid IS NOT NULL",
+        )
+        .unwrap();
+        c.batch_execute(&format!("UPDATE t SET n = -n WHERE id % 3 = {round}"))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+    assert!(
+        matches!(cdc.child.try_wait(), Ok(None)),
+        "pgprism exited instead of reconnecting\n{}",
+        cdc.log()
+    );
+    assert!(
+        cdc.log().contains("resuming from the checkpoint"),
+        "{}",
+        cdc.log()
+    );
+    let slots = pg_rows(&mut c, "SELECT count(*)::text FROM pg_replication_slots");
+    assert_eq!(slots, vec![vec![Some("1".into())]]);
+}

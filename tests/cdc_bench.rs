@@ -1,0 +1,217 @@
+//! CDC benchmarks as tests: the pipeline benchmark on a tiny input (so it cannot rot), and the
+//! end-to-end comparison with `pg_recvlogical`, ignored by default because it is a benchmark:
+//!
+//! `cargo nextest run --release --test cdc_bench --run-ignored only --no-capture`
+//! (`PGPRISM_BENCH_ROWS` sets the row count, default 1,000,000).
+
+#[allow(dead_code)]
+#[path = "../benches/cdc_pipeline.rs"]
+mod pipeline_bench;
+#[path = "support/starrocks.rs"]
+mod starrocks;
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use pgprism::embed::{Instance, InstanceConfig};
+use starrocks::{ColType, StarRocks};
+use support::{eventually, pgprism_command};
+
+#[test]
+fn pipeline_bench_runs_on_tiny_input() {
+    let a = pipeline_bench::run(2_500);
+    let b = pipeline_bench::run(2_500);
+    assert_eq!(a.rows, 2_500);
+    assert_eq!(a.checksum, b.checksum, "deterministic input and output");
+    println!("checksum {:016x}", a.checksum);
+}
+
+/// Runs of each side, alternated; medians are reported (the build machines are shared).
+const RUNS: usize = 3;
+
+#[test]
+#[ignore = "benchmark; run with --release --run-ignored only"]
+fn end_to_end_against_pg_recvlogical() {
+    let rows: usize = std::env::var("PGPRISM_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let pg = Instance::start(InstanceConfig {
+        name: "cdc-bench".into(),
+        settings: vec![
+            ("max_wal_size".into(), "4GB".into()),
+            ("max_replication_slots".into(), "16".into()),
+            ("max_wal_senders".into(), "16".into()),
+        ],
+        ..InstanceConfig::default()
+    })
+    .unwrap();
+    let mut c = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            pg.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    let sr = StarRocks::start("root", "pw");
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text, n bigint);
+         ALTER TABLE t REPLICA IDENTITY FULL;
+         CREATE PUBLICATION bench_pub FOR TABLE t;",
+    )
+    .unwrap();
+    // Every run gets its own slot made before the insert, so each drains the same change.
+    for run in 0..RUNS {
+        sr.create_table(
+            &format!("bench{run}"),
+            "t",
+            &["id"],
+            &[
+                ("id", ColType::Int),
+                ("v", ColType::Text),
+                ("n", ColType::Int),
+            ],
+        );
+        for slot in [format!("recv{run}"), format!("cdc{run}")] {
+            // One statement each: a slot cannot be created in a transaction that wrote.
+            c.batch_execute(&format!(
+                "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"
+            ))
+            .unwrap();
+        }
+    }
+    let per_txn = 10_000;
+    let mut sql = String::new();
+    for start in (0..rows).step_by(per_txn) {
+        let end = (start + per_txn).min(rows);
+        sql.push_str(&format!(
+            "INSERT INTO t SELECT g, 'row ' || g, g * 7 FROM generate_series({}, {end}) g;\n",
+            start + 1
+        ));
+    }
+    let t = Instant::now();
+    c.batch_execute(&sql).unwrap();
+    println!(
+        "inserted {rows} rows in {:.2} s ({per_txn} rows per transaction)",
+        t.elapsed().as_secs_f64()
+    );
+    let end_lsn: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .unwrap()
+        .get(0);
+
+    let recvlogical = pg.psql_path().with_file_name("pg_recvlogical");
+    let (mut recv_secs, mut cdc_secs) = (Vec::new(), Vec::new());
+    for run in 0..RUNS {
+        let t = Instant::now();
+        let status = std::process::Command::new(&recvlogical)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port().to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ])
+            .args([
+                "--slot",
+                &format!("recv{run}"),
+                "--start",
+                "--no-loop",
+                "--endpos",
+                &end_lsn,
+            ])
+            .args([
+                "-f",
+                "/dev/null",
+                "-o",
+                "proto_version=2",
+                "-o",
+                "publication_names=bench_pub",
+            ])
+            .args(["-o", "streaming=on"])
+            .status()
+            .expect("run pg_recvlogical");
+        recv_secs.push(t.elapsed().as_secs_f64());
+        assert!(status.success(), "pg_recvlogical failed");
+
+        let db = format!("bench{run}");
+        let t = Instant::now();
+        let mut child = pgprism_command()
+            .args([
+                "cdc",
+                "--source",
+                &pg.url(),
+                "--starrocks",
+                &sr.url(),
+                "--database",
+                &db,
+            ])
+            .args([
+                "--tables",
+                "t",
+                "--publication",
+                "bench_pub",
+                "--slot",
+                &format!("cdc{run}"),
+            ])
+            .args(["--log", "warn", "--flush-interval-ms", "200"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let done = eventually(Duration::from_secs(600), || sr.row_count(&db, "t") == rows);
+        cdc_secs.push(t.elapsed().as_secs_f64());
+        let cpu = cpu_seconds(&child.id().to_string());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            done,
+            "pgprism did not drain {rows} rows (has {})",
+            sr.row_count(&db, "t")
+        );
+        println!(
+            "run {run}: pg_recvlogical {:.2} s, pgprism {:.2} s (pgprism CPU {cpu:.2} s)",
+            recv_secs[run], cdc_secs[run]
+        );
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (recv, cdc) = (median(&mut recv_secs), median(&mut cdc_secs));
+    let (recv_rate, cdc_rate) = (rows as f64 / recv, rows as f64 / cdc);
+    println!("pg_recvlogical to /dev/null: median {recv:.2} s = {recv_rate:.0} rows/s");
+    println!("pgprism cdc into the emulator: median {cdc:.2} s = {cdc_rate:.0} rows/s");
+    println!(
+        "ratio pgprism / pg_recvlogical = {:.2}",
+        cdc_rate / recv_rate
+    );
+    println!("emulator (this process) CPU {:.2} s", cpu_seconds("self"));
+}
+
+/// utime + stime of a process, from /proc.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|x| x.1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
