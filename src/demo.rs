@@ -86,53 +86,38 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
         shadow.url()
     );
 
-    let mut proxy = Proxy::start(&primary, &shadow, args.port)?;
     println!(
-        "pgprism proxy listening on {} (admin http://{}), mirroring every statement to the shadow",
-        proxy.listen, proxy.admin
-    );
-    println!(
-        "\nrunning the built-in workload (pgbench-style point selects) for {} s: \
-         through pgprism, and directly on the shadow beside it",
+        "\n1. side-by-side latency: the built-in workload (pgbench-style point selects) on both \
+         servers at once for {} s",
         args.duration.as_secs_f64()
     );
+    bench::run(bench_args(&args, vec![primary.url(), shadow.url()], None))
+        .map_err(DemoError::Bench)?;
+
+    let _ = std::fs::create_dir_all(&args.out);
+    let report = args.out.join("mismatches.jsonl");
+    let _ = std::fs::remove_file(&report);
+    let mut proxy = Proxy::start(&primary, &shadow, args.port, &report)?;
+    println!(
+        "\n2. compare mode: pgprism on {} (admin http://{}) runs every statement on the primary \
+         and the shadow at once and compares the results",
+        proxy.listen, proxy.admin
+    );
     let through = format!("postgres://postgres@{}/postgres", proxy.listen);
-    let outcome = bench::run(BenchArgs {
-        targets: vec![through, shadow.url()],
-        labels: vec!["primary via pgprism".into(), "shadow".into()],
-        clients: args.clients,
-        threads: None,
-        duration: Some(args.duration),
-        transactions: None,
-        rate: None,
-        workload: bench::WorkloadKind::Select,
-        sql: Vec::new(),
-        scale: SCALE,
-        protocol: bench::Protocol::Prepared,
-        warmup: Duration::ZERO,
-        out: args.out.clone(),
-        seed: Some(7),
-        init: false,
-        tx_timeout: Duration::from_secs(30),
-        quiet: !std::io::stderr().is_terminal(),
-    });
+    let outcome = bench::run(bench_args(
+        &args,
+        vec![through],
+        Some(COMPARED_TRANSACTIONS),
+    ));
     if let Err(err) = outcome {
         proxy.stop();
         return Err(DemoError::Bench(err));
     }
+    audit(&primary, &proxy);
 
-    println!("\nlatency by statement, primary vs shadow, as pgprism measured it while mirroring:");
-    print_statement_latency(&proxy);
-
-    println!("\ndifferences between primary and shadow:");
-    let differences = diff_accounts(&primary, &shadow);
-    if differences.is_empty() {
-        println!("  none found");
-    } else {
-        for line in &differences {
-            println!("  {line}");
-        }
-    }
+    println!("\nwhat pgprism found (report: {}):", report.display());
+    let found = wait_for_findings(&report);
+    print_findings(&found);
     println!(
         "\nchart: {}  (open it in a browser; also latency.html there)",
         args.out.join("latency.svg").display()
@@ -178,6 +163,146 @@ fn seed(inst: &Instance, which: &'static str) -> Result<(), DemoError> {
     Ok(())
 }
 
+/// Point selects compared through pgprism (enough to show the slow plans, quick on a
+/// shadow that scans the table for each).
+const COMPARED_TRANSACTIONS: u64 = 100;
+
+fn bench_args(args: &DemoArgs, targets: Vec<String>, transactions: Option<u64>) -> BenchArgs {
+    let labels = if targets.len() == 2 {
+        vec!["primary".into(), "shadow".into()]
+    } else {
+        vec!["through pgprism".into()]
+    };
+    BenchArgs {
+        targets,
+        labels,
+        clients: args.clients,
+        threads: None,
+        duration: transactions.is_none().then_some(args.duration),
+        transactions,
+        rate: None,
+        workload: bench::WorkloadKind::Select,
+        sql: Vec::new(),
+        scale: SCALE,
+        protocol: bench::Protocol::Simple,
+        warmup: Duration::ZERO,
+        // The compared run writes its files elsewhere: the chart stays the side-by-side one.
+        out: if transactions.is_some() {
+            args.out.join("compared")
+        } else {
+            args.out.clone()
+        },
+        seed: Some(7),
+        init: false,
+        tx_timeout: Duration::from_secs(30),
+        quiet: !std::io::stderr().is_terminal(),
+    }
+}
+
+/// Statements an application's test suite would run, through pgprism: one of them reads the
+/// row that differs.
+fn audit(primary: &Instance, proxy: &Proxy) {
+    let statements = [
+        format!("SELECT aid, abalance FROM pgbench_accounts WHERE aid = {CHANGED_AID}"),
+        "SELECT bid, sum(abalance) FROM pgbench_accounts GROUP BY bid ORDER BY bid".to_string(),
+        "SELECT count(*) FROM pgbench_branches".to_string(),
+    ];
+    for sql in statements {
+        let out = Command::new(primary.psql_path())
+            .args(["-X", "-q", "-At", "-h", &proxy.listen.ip().to_string()])
+            .args([
+                "-p",
+                &proxy.listen.port().to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ])
+            .args(["-c", &sql])
+            .output();
+        if let Ok(out) = out
+            && !out.status.success()
+        {
+            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+/// The report lines, once the control thread wrote the mismatch (bounded wait: reports
+/// travel from the shards once a second).
+fn wait_for_findings(report: &std::path::Path) -> Vec<sonic_rs::Value> {
+    use sonic_rs::JsonValueTrait;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines: Vec<sonic_rs::Value> = std::fs::read_to_string(report)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| sonic_rs::from_str(l).ok())
+            .collect();
+        let mismatch = lines
+            .iter()
+            .any(|l| l.get("record").and_then(|v| v.as_str()) == Some("mismatch"));
+        if mismatch || std::time::Instant::now() >= deadline {
+            return lines;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn print_findings(lines: &[sonic_rs::Value]) {
+    use sonic_rs::JsonValueTrait;
+    let text = |v: &sonic_rs::Value, key: &str| {
+        v.get(key)
+            .and_then(|x| x.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let mismatches: Vec<_> = lines
+        .iter()
+        .filter(|l| text(l, "record") == "mismatch")
+        .collect();
+    let slow: Vec<_> = lines
+        .iter()
+        .filter(|l| text(l, "record") == "slow")
+        .collect();
+    if mismatches.is_empty() {
+        println!("  no result differences");
+    }
+    for m in mismatches.iter().take(3) {
+        println!("  MISMATCH  {}", text(m, "statement"));
+        println!("            {}", text(m, "description"));
+        let sample = |side: &str| {
+            m.get(side)
+                .and_then(|v| v.get("sample_rows"))
+                .map(|v| v.to_string())
+                .unwrap_or_default()
+        };
+        println!("            primary rows {}", sample("primary"));
+        println!("            shadow rows  {}", sample("shadow"));
+    }
+    if let Some(s) = slow.first() {
+        let plan = |side: &str| {
+            s.get(side)
+                .and_then(|v| v.get("plan"))
+                .and_then(|v| v.as_str())
+                .and_then(|p| p.lines().next())
+                .unwrap_or("(no plan)")
+                .trim()
+                .to_string()
+        };
+        let ms = |key: &str| s.get(key).and_then(|v| v.as_u64()).unwrap_or(0) as f64 / 1000.0;
+        println!(
+            "  SLOW      {} statement(s) slower on the shadow, e.g. {:.2} ms vs {:.2} ms on the primary:",
+            slow.len(),
+            ms("shadow_us"),
+            ms("primary_us")
+        );
+        println!("            {}", text(s, "statement"));
+        println!("            primary plan: {}", plan("primary"));
+        println!("            shadow plan:  {}", plan("shadow"));
+    }
+}
+
 /// `pgprism proxy` as a child process, stopped with SIGTERM (it drains and exits 0).
 struct Proxy {
     child: Child,
@@ -186,19 +311,20 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(primary: &Instance, shadow: &Instance, port: u16) -> Result<Proxy, DemoError> {
+    fn start(
+        primary: &Instance,
+        shadow: &Instance,
+        port: u16,
+        report: &std::path::Path,
+    ) -> Result<Proxy, DemoError> {
         let exe = std::env::current_exe().map_err(|e| DemoError::Proxy(e.to_string()))?;
         let spawn = |port: u16| {
             Command::new(&exe)
                 .args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
                 .args(["--admin", "127.0.0.1:0", "--primary", &primary.url()])
-                .args([
-                    "--mirror",
-                    &shadow.url(),
-                    "--mirror-all-queries",
-                    "--log",
-                    "warn",
-                ])
+                .args(["--shadow", &shadow.url(), "--log", "warn"])
+                .arg("--compare-report")
+                .arg(report)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .spawn()
@@ -234,114 +360,4 @@ impl Proxy {
         }
         let _ = self.child.wait();
     }
-
-    fn status(&self) -> Option<sonic_rs::Value> {
-        use std::io::{Read, Write};
-        let mut s =
-            std::net::TcpStream::connect_timeout(&self.admin, Duration::from_secs(2)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        s.write_all(b"GET /status HTTP/1.1\r\nHost: pgprism\r\n\r\n")
-            .ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        sonic_rs::from_str(text.split_once("\r\n\r\n")?.1).ok()
-    }
-}
-
-/// Primary vs shadow (mirror) latency per statement fingerprint from pgprism's /status. The
-/// shards report once a second, so wait for the figures to settle first.
-fn print_statement_latency(proxy: &Proxy) {
-    use sonic_rs::{JsonContainerTrait, JsonValueTrait};
-    std::thread::sleep(Duration::from_millis(1_500));
-    let Some(status) = proxy.status() else {
-        println!("  (status unavailable)");
-        return;
-    };
-    let Some(statements) = status.get("statements").and_then(|s| s.as_array()) else {
-        println!("  (no statements recorded)");
-        return;
-    };
-    println!(
-        "  {:<48} {:>9} {:>11} {:>11} {:>11} {:>11}",
-        "statement", "count", "primary p50", "shadow p50", "primary p99", "shadow p99"
-    );
-    for s in statements.iter().take(5) {
-        let text = s.get("statement").and_then(|v| v.as_str()).unwrap_or("?");
-        let count = s
-            .pointer(["primary", "count"])
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0);
-        let us =
-            |path: [&str; 2]| s.pointer(path).and_then(|v| v.as_u64()).unwrap_or(0) as f64 / 1000.0;
-        let mirror = s
-            .get("mirrors")
-            .and_then(|m| m.as_object())
-            .and_then(|m| m.iter().next().map(|(_, v)| v.clone()));
-        let mirror_us = |key: &str| {
-            mirror
-                .as_ref()
-                .and_then(|m| m.get(key))
-                .and_then(|v| v.as_u64())
-                .unwrap_or(0) as f64
-                / 1000.0
-        };
-        let shown: String = text.chars().take(48).collect();
-        println!(
-            "  {:<48} {:>9} {:>9.2}ms {:>9.2}ms {:>9.2}ms {:>9.2}ms",
-            shown,
-            count,
-            us(["primary", "p50_us"]),
-            mirror_us("p50_us"),
-            us(["primary", "p99_us"]),
-            mirror_us("p99_us"),
-        );
-    }
-}
-
-/// Rows of pgbench_accounts that differ, by primary key (at most a few, described).
-fn diff_accounts(primary: &Instance, shadow: &Instance) -> Vec<String> {
-    let digest = |inst: &Instance| {
-        inst.psql("SELECT aid || ':' || md5(a::text) FROM pgbench_accounts a ORDER BY aid")
-            .unwrap_or_default()
-    };
-    let (p, s) = (digest(primary), digest(shadow));
-    let mut out = Vec::new();
-    for (lp, ls) in p.lines().zip(s.lines()) {
-        if lp != ls && out.len() < 5 {
-            let aid = lp.split(':').next().unwrap_or("?");
-            let row = |inst: &Instance| {
-                inst.psql(&format!(
-                    "SELECT (aid, bid, abalance)::text FROM pgbench_accounts WHERE aid = {aid}"
-                ))
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-            };
-            out.push(format!(
-                "pgbench_accounts aid={aid}: primary {} / shadow {}",
-                row(primary),
-                row(shadow)
-            ));
-        }
-    }
-    let (np, ns) = (p.lines().count(), s.lines().count());
-    if np != ns {
-        out.push(format!(
-            "pgbench_accounts: {np} rows on the primary, {ns} on the shadow"
-        ));
-    }
-    let has_pkey = |inst: &Instance| {
-        inst.psql("SELECT count(*) FROM pg_indexes WHERE tablename = 'pgbench_accounts'")
-            .unwrap_or_default()
-            .trim()
-            .to_string()
-    };
-    if has_pkey(primary) != has_pkey(shadow) {
-        out.push(format!(
-            "pgbench_accounts indexes: {} on the primary, {} on the shadow (the shadow's selects scan the table)",
-            has_pkey(primary),
-            has_pkey(shadow)
-        ));
-    }
-    out
 }
