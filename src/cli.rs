@@ -489,12 +489,17 @@ pub fn main() -> ExitCode {
 }
 
 /// `pgprism run`: everything the file configures. Embedded servers start first (the proxy's
-/// primary may be one of them), the proxy serves their admin routes too, and they stop after
-/// the proxy has drained.
+/// primary or the CDC source may be one of them), then CDC on its own thread, then the proxy;
+/// the admin endpoint serves all their routes. On SIGTERM the proxy drains, then CDC stops
+/// (its position is checkpointed as always), then the servers stop.
 fn run_main(cfg: Config) -> ExitCode {
+    if let Err(err) = cfg.validate() {
+        return report(&err);
+    }
     let has_embed = !cfg.embed.instance.is_empty();
-    if has_embed && cfg.primary.url.is_empty() {
-        // Embedded servers only.
+    let has_cdc = !cfg.cdc.source.is_empty();
+    let has_proxy = !cfg.primary.url.is_empty();
+    if has_embed && !has_proxy && !has_cdc {
         let ready = |bound: &crate::embed::EmbedBound| {
             for inst in &bound.instances {
                 println!(
@@ -508,12 +513,10 @@ fn run_main(cfg: Config) -> ExitCode {
             Err(err) => report(&err),
         };
     }
+    crate::runtime::signals::block();
+    let mut routes: Vec<crate::control::ExtraRoutes> = Vec::new();
     let mut supervisor = None;
     if has_embed {
-        if let Err(err) = cfg.validate() {
-            return report(&err);
-        }
-        crate::runtime::signals::block();
         let started = crate::embed::Supervisor::start(
             crate::embed::SupervisorSettings::from_config(&cfg.embed),
         )
@@ -528,20 +531,94 @@ fn run_main(cfg: Config) -> ExitCode {
             Ok(sup)
         });
         match started {
-            Ok(sup) => supervisor = Some(sup),
+            Ok(sup) => {
+                routes.push(crate::embed::admin_routes(sup.handle()));
+                supervisor = Some(sup);
+            }
             Err(err) => return report(&err),
         }
     }
-    let routes = supervisor
-        .as_ref()
-        .map(|s| crate::embed::admin_routes(s.handle()));
-    let result = crate::runtime::run_proxy_with(&cfg, routes, print_ready);
+    let mut cdc = None;
+    if has_cdc {
+        match crate::cdc::spawn(cfg.cdc.clone()) {
+            Ok((shared, thread)) => {
+                routes.push(crate::cdc::cmd::admin_routes(shared.clone()));
+                println!("pgprism cdc started (slot {})", cfg.cdc.slot);
+                cdc = Some((shared, thread));
+            }
+            Err(err) => return report(&err),
+        }
+    }
+    let routes = compose_routes(routes);
+    let result = if has_proxy {
+        crate::runtime::run_proxy_with(&cfg, routes, print_ready).map_err(|e| e.to_string())
+    } else {
+        serve_until_stopped(&cfg, routes, cdc.as_ref().map(|(_, t)| t))
+    };
+    let mut failed = result.err();
+    if let Some((shared, thread)) = cdc {
+        shared
+            .stopped
+            .store(true, std::sync::atomic::Ordering::Release);
+        match thread.join() {
+            Ok(Err(err)) if failed.is_none() => failed = Some(format!("cdc stopped: {err}")),
+            Err(_) => failed = Some("the cdc thread panicked".into()),
+            _ => {}
+        }
+    }
     if let Some(sup) = supervisor {
         sup.shutdown();
     }
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => report(&err),
+    match failed {
+        None => ExitCode::SUCCESS,
+        Some(message) => {
+            eprintln!("pgprism: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Several subsystems' admin routes as one: the first that answers a request wins.
+fn compose_routes(routes: Vec<crate::control::ExtraRoutes>) -> Option<crate::control::ExtraRoutes> {
+    if routes.is_empty() {
+        return None;
+    }
+    Some(std::sync::Arc::new(move |method: &str, path: &str| {
+        routes.iter().find_map(|r| r(method, path))
+    }))
+}
+
+/// No proxy configured: serve the admin endpoint (CDC, embed routes) until SIGTERM/SIGINT or
+/// until CDC stops on its own.
+fn serve_until_stopped(
+    cfg: &Config,
+    routes: Option<crate::control::ExtraRoutes>,
+    cdc: Option<&crate::cdc::CdcThread>,
+) -> Result<(), String> {
+    use crate::runtime::signals;
+    let _admin = if cfg.admin.listen.is_empty() {
+        None
+    } else {
+        let addr = crate::config::parse_addr("admin.listen", &cfg.admin.listen)
+            .map_err(|e| e.to_string())?;
+        let state = std::sync::Arc::new(std::sync::Mutex::new(crate::control::ControlState::new(
+            0,
+            String::new(),
+            String::new(),
+            cfg.metrics.latency_us_max,
+        )));
+        let server = crate::control::AdminServer::start_with_routes(addr, state, routes)
+            .map_err(|e| format!("cannot start the admin endpoint on {addr}: {e}"))?;
+        println!("pgprism admin {}", server.addr);
+        Some(server)
+    };
+    loop {
+        if signals::wait(std::time::Duration::from_millis(200)) == Some(signals::Signal::Stop) {
+            return Ok(());
+        }
+        if cdc.is_some_and(|t| t.is_finished()) {
+            return Ok(()); // the join reports why
+        }
     }
 }
 

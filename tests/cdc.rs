@@ -893,3 +893,98 @@ fn dropped_replication_connection_reconnects_without_loss() {
     let slots = pg_rows(&mut c, "SELECT count(*)::text FROM pg_replication_slots");
     assert_eq!(slots, vec![vec![Some("1".into())]]);
 }
+
+#[test]
+fn run_config_streams_cdc_beside_the_proxy() {
+    let pg = start_pg("cdc-run", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let dir = std::env::temp_dir().join(format!("pgprism-cdc-run-{}", rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("pgprism.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[proxy]
+listen = "127.0.0.1:0"
+shards = 2
+pin-cores = false
+[admin]
+listen = "127.0.0.1:0"
+[primary]
+url = "{primary}"
+[cdc]
+source = "{primary}"
+starrocks = "{starrocks}"
+starrocks-query-port = {query}
+database = "{DB}"
+tables = ["t"]
+flush-interval-ms = 100
+"#,
+            primary = pg.url(),
+            starrocks = sr.url(),
+            query = sr.query.port(),
+        ),
+    )
+    .unwrap();
+    // `check` validates the [cdc] section and masks its passwords.
+    let checked = pgprism_command()
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&checked.stdout).contains(":pw@"));
+
+    let mut child = pgprism_command()
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (listen, admin) = loop {
+        let line = lines.next().expect("a ready line").unwrap();
+        if let Some(rest) = line.strip_prefix("pgprism listening on ") {
+            let mut words = rest.split_whitespace();
+            let listen: std::net::SocketAddr = words.next().unwrap().parse().unwrap();
+            let admin: std::net::SocketAddr = words.nth(1).unwrap().parse().unwrap();
+            break (listen, admin);
+        }
+    };
+    // CDC creates its slot on its own thread; changes before that are not in the slot (use
+    // `snapshot` for those), so wait until it streams.
+    assert!(eventually(Duration::from_secs(20), || {
+        let (_, body) = support::http_get(admin, "/cdc/status");
+        body.contains("server_lsn") && !body.contains("\"server_lsn\":\"0/0\"")
+    }));
+    // Writes through the proxy reach StarRocks through CDC, in the same process.
+    let mut through = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            listen.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    through
+        .batch_execute("INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 200) g")
+        .unwrap();
+    assert!(eventually(Duration::from_secs(30), || sr
+        .row_count(DB, "t")
+        == 200));
+    let (code, body) = support::http_get(admin, "/cdc/status");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("checkpoint_lsn"), "{body}");
+    assert_eq!(support::http_get(admin, "/health").0, 200);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -192,3 +192,27 @@ fn serve_admin(listener: TcpListener, shared: &Shared) {
         );
     }
 }
+
+/// The CDC routes for the shared admin endpoint (`pgprism run` with a `[cdc]` section):
+/// `GET /cdc/status`, `POST /cdc/pause`, `POST /cdc/resume`.
+pub fn admin_routes(shared: Arc<Shared>) -> crate::control::ExtraRoutes {
+    Arc::new(move |method: &str, path: &str| {
+        let json = |code, body: String| crate::control::RouteResponse {
+            code,
+            content_type: "application/json",
+            body,
+        };
+        match (method, path) {
+            ("GET", "/cdc/status") => Some(json(200, shared.status_json())),
+            ("POST", "/cdc/pause") => {
+                shared.paused.store(true, Ordering::Release);
+                Some(json(200, "{\"paused\":true}".into()))
+            }
+            ("POST", "/cdc/resume") => {
+                shared.paused.store(false, Ordering::Release);
+                Some(json(200, "{\"paused\":false}".into()))
+            }
+            _ => None,
+        }
+    })
+}

@@ -705,13 +705,23 @@ impl Config {
                 "expected at least 1000",
             ));
         }
-        if self.primary.url.is_empty() {
+        // A file may configure only embedded servers or only CDC; then no proxy runs and no
+        // primary is needed. Mirrors and a shadow need one.
+        let proxy_needed = !self.mirror.is_empty()
+            || !self.shadow.url.is_empty()
+            || (self.embed.instance.is_empty() && self.cdc.source.is_empty());
+        if self.primary.url.is_empty() && proxy_needed {
             return Err(ConfigError::key(
                 "primary.url",
                 "required: the primary's postgres://host:port URL",
             ));
         }
-        PgUrl::parse(&self.primary.url).map_err(|e| ConfigError::key("primary.url", e))?;
+        if !self.primary.url.is_empty() {
+            PgUrl::parse(&self.primary.url).map_err(|e| ConfigError::key("primary.url", e))?;
+        }
+        if !self.cdc.source.is_empty() {
+            crate::cdc::validate(&self.cdc)?;
+        }
         if !self.admin.listen.is_empty() {
             parse_addr("admin.listen", &self.admin.listen)?;
         }
@@ -837,6 +847,10 @@ impl Config {
                 m.url = u.masked();
             }
         }
+        if let Ok(u) = PgUrl::parse(&shown.cdc.source) {
+            shown.cdc.source = u.masked();
+        }
+        shown.cdc.starrocks = mask_http_password(&shown.cdc.starrocks);
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 
@@ -848,6 +862,20 @@ impl Config {
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
+    }
+}
+
+/// `http://user:secret@host` → `http://user:***@host`.
+fn mask_http_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_string(),
     }
 }
 
