@@ -36,10 +36,10 @@ for load in S N; do
   bench 55513 "$PLAIN_PID" "${args[@]}"; row "-$load" "pgprism, no mirror" "-"
   bench 55514 "$MIRROR_PID" "${args[@]}"; HEALTHY=$TPS; row "-$load" "pgprism + mirror" "1.00"
   stalled=$(pids_of_pg mirror)
-  kill -STOP $stalled
+  kill -STOP $stalled 2>/dev/null || true  # a backend may have exited meanwhile
   bench 55514 "$MIRROR_PID" "${args[@]}"
   row "-$load" "mirror stalled" "$(awk -v a="$TPS" -v b="$HEALTHY" 'BEGIN {printf "%.2f", a/b}')"
-  kill -CONT $stalled
+  kill -CONT $stalled 2>/dev/null || true
   "${RUNAS[@]}" "$BINDIR/pg_ctl" -D "$WORK/mirror" -m fast -w stop >/dev/null
   bench 55514 "$MIRROR_PID" "${args[@]}"
   row "-$load" "mirror dead" "$(awk -v a="$TPS" -v b="$HEALTHY" 'BEGIN {printf "%.2f", a/b}')"
