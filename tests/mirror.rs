@@ -643,3 +643,48 @@ fn block_policy_passes_a_frame_larger_than_the_queue() {
     // The shard is responsive (a spin on the full queue would have frozen it).
     proxy.client().query_one("SELECT 1", &[]).unwrap();
 }
+
+#[test]
+fn session_settings_are_replayed_after_a_mirror_reconnect() {
+    let (p, m1) = (start_primary("rp"), start_primary("rm"));
+    for inst in [&p, &m1] {
+        inst.psql("CREATE SCHEMA app; CREATE TABLE app.t (v int)")
+            .unwrap();
+    }
+    let proxy = Proxy::start(
+        &p.url(),
+        &["--mirror", &mirror_url(&m1), "--retry-delay", "20ms"],
+    );
+    let mut c = proxy.client();
+    c.batch_execute("SET search_path = app").unwrap();
+    c.batch_execute("INSERT INTO t VALUES (1)").unwrap();
+    assert!(eventually(Duration::from_secs(10), || m1
+        .psql("SELECT count(*) FROM app.t")
+        .unwrap()
+        .trim()
+        == "1"));
+    // The mirror session dies mid-session; pgprism reconnects.
+    m1.psql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(20), || proxy
+        .metric("pgprism_mirror_reconnects_total")
+        >= 1));
+    // Unqualified names keep resolving to `app` on the mirror: the SET was replayed there.
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            c.batch_execute("INSERT INTO t VALUES (2)").unwrap();
+            m1.psql("SELECT count(*) FROM app.t WHERE v = 2")
+                .unwrap()
+                .trim()
+                != "0"
+        }),
+        "{}",
+        proxy.admin_get("/status").1
+    );
+    // 42P01 (relation "t" does not exist) would mean the insert ran without the setting.
+    let (_, metrics) = proxy.admin_get("/metrics");
+    assert!(!metrics.contains("sqlstate=\"42P01\""), "{metrics}");
+}

@@ -62,6 +62,9 @@ pub struct Link {
     pub(super) pending_sync: Cell<bool>,
     /// The mirror is inside a COPY FROM STDIN that was forwarded: copy data follows it.
     pub(super) copy_active: Cell<bool>,
+    /// The connection was re-established after an outage and has none of the session's
+    /// settings yet.
+    fresh: Cell<bool>,
     writer: Cell<Option<Waker>>,
     space: Cell<Option<Waker>>,
     client_done: Cell<bool>,
@@ -128,6 +131,7 @@ impl Link {
             prepared: RefCell::new(HashSet::new()),
             pending_sync: Cell::new(false),
             copy_active: Cell::new(false),
+            fresh: Cell::new(false),
             writer: Cell::new(None),
             space: Cell::new(None),
             client_done: Cell::new(false),
@@ -288,16 +292,25 @@ impl Link {
     /// Called at the start of a client batch that begins at a transaction boundary. A link
     /// that was cut resumes only once its queue drained below half its bounds: resuming into
     /// a still-full queue would only cut the next transaction too, churning for nothing.
-    pub fn at_boundary(&self) {
+    /// Returns true when the link resumed on a fresh connection (a reconnect): the session's
+    /// settings must then be replayed before anything else.
+    pub fn at_boundary(&self) -> bool {
         if self.state.get() != State::Skipping {
-            return;
+            return false;
         }
         let cfg = &self.target.cfg;
         let drained = self.queue.borrow().len() <= cfg.queue_messages_max / 2
             && self.queued_bytes.get() <= cfg.queue_bytes_max / 2;
-        if drained {
-            self.state.set(State::Streaming);
+        if !drained {
+            return false;
         }
+        self.state.set(State::Streaming);
+        self.fresh.replace(false)
+    }
+
+    /// Queues a session setting being replayed onto a fresh connection (not client traffic).
+    pub(super) fn replay(&self, frame: Bytes) {
+        self.force_push(frame, Some(0));
     }
 
     /// The client session ended: drain what is queued, then close.
@@ -368,8 +381,12 @@ pub async fn run(link: Rc<Link>) {
                 match link.state.get() {
                     // First connection: what queued meanwhile is the session's beginning.
                     State::Connecting => link.state.set(State::Streaming),
-                    // After an outage: resume at the next transaction boundary.
-                    State::Down => link.state.set(State::Skipping),
+                    // After an outage: resume at the next transaction boundary, on a connection
+                    // that lacks the session's settings (replayed by the router then).
+                    State::Down => {
+                        link.fresh.set(true);
+                        link.state.set(State::Skipping);
+                    }
                     // Cut while connecting (Skipping) or already resumed: keep it.
                     _ => {}
                 }

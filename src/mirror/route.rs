@@ -19,6 +19,10 @@ use crate::wire::{self, Target, tag};
 /// tracked and statements using them are not mirrored (counted as filtered).
 const NAMES_MAX: usize = 10_000;
 
+/// Session settings (SET, RESET, ...) kept per session for replay onto a reconnected mirror;
+/// the oldest are forgotten beyond this.
+const SETTINGS_MAX: usize = 64;
+
 struct Statement {
     class: Class,
     copy_from: bool,
@@ -41,6 +45,8 @@ pub struct Router {
     portals: HashMap<String, Portal>,
     /// Fingerprint of the last statement seen, for the latency of the next sync point.
     last_fingerprint: u64,
+    /// The session's simple-protocol settings, in order (own copies, bounded).
+    settings: std::collections::VecDeque<Bytes>,
 }
 
 impl Drop for Router {
@@ -124,6 +130,7 @@ impl Router {
             statements: HashMap::new(),
             portals: HashMap::new(),
             last_fingerprint: 0,
+            settings: std::collections::VecDeque::new(),
         }
     }
 
@@ -136,8 +143,33 @@ impl Router {
     pub fn begin_batch(&self, boundary: bool) {
         if boundary {
             for link in &self.links {
-                link.at_boundary();
+                if link.at_boundary() {
+                    for setting in &self.settings {
+                        link.replay(setting.clone());
+                    }
+                }
             }
+        }
+    }
+
+    /// Keeps a session setting for replay after a mirror reconnects. `RESET ALL` and
+    /// `DISCARD ALL` make everything before them moot.
+    fn remember_setting(&mut self, sql: &[u8], frame: &Bytes) {
+        let text = String::from_utf8_lossy(sql).to_ascii_uppercase();
+        let words: Vec<&str> = text.split_whitespace().take(2).collect();
+        if matches!(
+            words.as_slice(),
+            ["RESET", "ALL" | "ALL;"] | ["DISCARD", "ALL" | "ALL;"]
+        ) {
+            self.settings.clear();
+        }
+        // LISTEN/UNLISTEN and DEALLOCATE are session state too, but replaying them is not
+        // needed for the mirror to apply the same data changes.
+        if matches!(words.first(), Some(&"SET") | Some(&"RESET")) {
+            if self.settings.len() >= SETTINGS_MAX {
+                self.settings.pop_front();
+            }
+            self.settings.push_back(Bytes::copy_from_slice(frame));
         }
     }
 
@@ -191,6 +223,9 @@ impl Router {
                     1 => (parts[0].1, Vec::new()),
                     _ => (Class::Other, parts),
                 };
+                if single == Class::Session && parts.is_empty() {
+                    self.remember_setting(sql, frame);
+                }
                 Route::Query { sql, single, parts }
             }
             tag::PARSE => {

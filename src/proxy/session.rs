@@ -636,6 +636,29 @@ async fn upstream(
     }
 }
 
+/// The session's last word to a client that is still there: the upstream pump's fatal error
+/// if it set one, else "lost the connection to primary" — unless the primary already said
+/// FATAL itself (`farewell`), which the client has received.
+async fn say_goodbye(shard: &ShardCtx, shared: &SessionShared, client: &TcpStream, farewell: bool) {
+    let primary_said_goodbye = farewell && shared.fatal.borrow().is_none();
+    if shared.client_ended.get() || primary_said_goodbye {
+        return;
+    }
+    let fatal = shared.fatal.borrow_mut().take();
+    let msg = fatal.unwrap_or_else(|| {
+        ShardStats::bump(&shard.stats.counters.primary_lost, 1);
+        error_bytes(
+            "FATAL",
+            sqlstate::CONNECTION_FAILURE,
+            &format!(
+                "pgprism lost the connection to primary {}",
+                shard.settings.primary_label
+            ),
+        )
+    });
+    let _ = client.write_all(&msg).await;
+}
+
 fn push_stamp(
     shared: &SessionShared,
     settings: &ProxySettings,
@@ -745,22 +768,7 @@ async fn downstream(
             }
         }
     }
-    let primary_said_goodbye = farewell && shared.fatal.borrow().is_none();
-    if !(shared.client_ended.get() || primary_said_goodbye) {
-        let fatal = shared.fatal.borrow_mut().take();
-        let msg = fatal.unwrap_or_else(|| {
-            ShardStats::bump(&stats.counters.primary_lost, 1);
-            error_bytes(
-                "FATAL",
-                sqlstate::CONNECTION_FAILURE,
-                &format!(
-                    "pgprism lost the connection to primary {}",
-                    settings.primary_label
-                ),
-            )
-        });
-        let _ = client.write_all(&msg).await;
-    }
+    say_goodbye(shard, shared, &client, farewell).await;
     // Wake the upstream pump whatever it waits on: reading the client, or writing to a
     // primary that nobody reads any more (a dead client in the middle of a pipeline).
     client.shutdown();
@@ -939,22 +947,7 @@ async fn downstream_compare(
             ShardStats::bump(&stats.counters.client_bytes_out, bytes.len() as u64);
         }
     }
-    let primary_said_goodbye = farewell && shared.fatal.borrow().is_none();
-    if !(shared.client_ended.get() || primary_said_goodbye) {
-        let fatal = shared.fatal.borrow_mut().take();
-        let msg = fatal.unwrap_or_else(|| {
-            ShardStats::bump(&stats.counters.primary_lost, 1);
-            error_bytes(
-                "FATAL",
-                sqlstate::CONNECTION_FAILURE,
-                &format!(
-                    "pgprism lost the connection to primary {}",
-                    settings.primary_label
-                ),
-            )
-        });
-        let _ = client.write_all(&msg).await;
-    }
+    say_goodbye(shard, shared, &client, farewell).await;
     client.shutdown();
     shadow.shutdown();
     primary.shutdown();
