@@ -65,6 +65,9 @@ pub struct Link {
     /// The connection was re-established after an outage and has none of the session's
     /// settings yet.
     fresh: Cell<bool>,
+    /// Sync points the mirror answered over this link's life (tells a healthy connection
+    /// from one that dies at once).
+    answered: Cell<u64>,
     writer: Cell<Option<Waker>>,
     space: Cell<Option<Waker>>,
     client_done: Cell<bool>,
@@ -132,6 +135,7 @@ impl Link {
             pending_sync: Cell::new(false),
             copy_active: Cell::new(false),
             fresh: Cell::new(false),
+            answered: Cell::new(0),
             writer: Cell::new(None),
             space: Cell::new(None),
             client_done: Cell::new(false),
@@ -371,13 +375,12 @@ pub async fn run(link: Rc<Link>) {
             link.message_bytes_max,
         )
         .await;
-        match opened {
+        let failure = match opened {
             Ok(stream) => {
                 if connected_before {
                     MirrorStats::bump(&stats.counters.reconnects, 1);
                 }
                 connected_before = true;
-                attempt = 0;
                 match link.state.get() {
                     // First connection: what queued meanwhile is the session's beginning.
                     State::Connecting => link.state.set(State::Streaming),
@@ -390,37 +393,47 @@ pub async fn run(link: Rc<Link>) {
                     // Cut while connecting (Skipping) or already resumed: keep it.
                     _ => {}
                 }
+                let answered_before = link.answered.get();
                 if stream_frames(&link, &stream).await {
                     break;
                 }
                 stream.shutdown();
                 link.lost();
+                // A connection that answered something was healthy: start backing off anew.
+                // One that died without answering counts as a failed attempt, so a mirror that
+                // drops every session right after authentication is not hammered.
+                if link.answered.get() > answered_before {
+                    attempt = 0;
+                    continue;
+                }
+                "connection lost before any answer".to_string()
             }
             Err(err) => {
                 MirrorStats::bump(&stats.counters.connect_failures, 1);
                 stats.record_error(err.sqlstate());
-                tracing::debug!(mirror = %target.name, error = %err, "mirror connection failed");
                 link.lost();
-                attempt += 1;
-                if attempt > cfg.retries {
-                    tracing::warn!(mirror = %target.name, attempts = attempt, "giving up on the mirror for this session");
-                    link.state.set(State::Failed);
-                    break;
-                }
-                // Wait, but stop early if the client leaves meanwhile.
-                let _ = within(
-                    link.backoff(attempt),
-                    futures_lite::future::poll_fn(|cx| {
-                        if link.client_done.get() {
-                            return Poll::Ready(());
-                        }
-                        link.writer.set(Some(cx.waker().clone()));
-                        Poll::Pending
-                    }),
-                )
-                .await;
+                err.to_string()
             }
+        };
+        tracing::debug!(mirror = %target.name, error = %failure, "mirror connection failed");
+        attempt += 1;
+        if attempt > cfg.retries {
+            tracing::warn!(mirror = %target.name, attempts = attempt, "giving up on the mirror for this session");
+            link.state.set(State::Failed);
+            break;
         }
+        // Wait, but stop early if the client leaves meanwhile.
+        let _ = within(
+            link.backoff(attempt),
+            futures_lite::future::poll_fn(|cx| {
+                if link.client_done.get() {
+                    return Poll::Ready(());
+                }
+                link.writer.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }),
+        )
+        .await;
     }
     let dropped = link.clear();
     MirrorStats::bump(&stats.counters.skipped_down, dropped);
@@ -581,6 +594,7 @@ async fn stream_frames(link: &Link, stream: &TcpStream) -> bool {
             });
             let Ok(complete) = scanned else { break };
             let _ = buf.split_to(complete);
+            link.answered.set(link.answered.get() + answered as u64);
             for _ in 0..answered {
                 let Some(done) = inflight.borrow_mut().pop_front() else {
                     break;

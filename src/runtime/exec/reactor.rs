@@ -19,6 +19,9 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 /// user_data of operations whose completions carry no information (poll removals).
 const IGNORED: u64 = u64::MAX;
 
+/// Re-arms of a poll in a row that ended in errors before giving up on it.
+const ERROR_REARMS_MAX: u32 = 8;
+
 const READ_EVENTS: u32 = (libc::POLLIN | libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as u32;
 const WRITE_EVENTS: u32 = (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) as u32;
 
@@ -42,6 +45,8 @@ struct SourceSlot {
     fd: RawFd,
     /// The owner dropped it; free the slot once the kernel confirms the poll is gone.
     released: bool,
+    /// Re-arms in a row after error completions (see `reap`).
+    error_rearms: u32,
 }
 
 pub(crate) struct Reactor {
@@ -50,6 +55,8 @@ pub(crate) struct Reactor {
     free: RefCell<Vec<u32>>,
     timers: RefCell<BTreeMap<(Instant, u64), Waker>>,
     next_timer: Cell<u64>,
+    /// Poll removals that did not fit in the submission queue (retried each turn).
+    pending_removals: RefCell<Vec<u64>>,
 }
 
 impl Reactor {
@@ -67,6 +74,7 @@ impl Reactor {
             free: RefCell::new(Vec::new()),
             timers: RefCell::new(BTreeMap::new()),
             next_timer: Cell::new(0),
+            pending_removals: RefCell::new(Vec::new()),
         })
     }
 
@@ -102,6 +110,7 @@ impl Reactor {
                         source: None,
                         fd: -1,
                         released: false,
+                        error_rearms: 0,
                     });
                     (slots.len() - 1) as u32
                 }
@@ -125,6 +134,7 @@ impl Reactor {
             slot.source = Some(source.clone());
             slot.fd = fd;
             slot.released = false;
+            slot.error_rearms = 0;
         }
         if let Err(err) = self.arm(fd, token) {
             self.free_slot(index);
@@ -145,7 +155,8 @@ impl Reactor {
             .build()
             .user_data(IGNORED);
         if self.push(entry).is_err() {
-            tracing::warn!("cannot queue a poll removal; the slot stays reserved");
+            // Retried at the next turn: until the removal is in, the kernel keeps the socket.
+            self.pending_removals.borrow_mut().push(source.token);
         }
     }
 
@@ -180,6 +191,13 @@ impl Reactor {
     /// Submits queued operations, waits for events (not at all when `tasks_ready`, else up to
     /// the next timer), then wakes whatever became ready.
     pub(crate) fn turn(&self, tasks_ready: bool) -> io::Result<()> {
+        let pending: Vec<u64> = std::mem::take(&mut *self.pending_removals.borrow_mut());
+        for token in pending {
+            let entry = opcode::PollRemove::new(token).build().user_data(IGNORED);
+            if self.push(entry).is_err() {
+                self.pending_removals.borrow_mut().push(token);
+            }
+        }
         let wait = if tasks_ready {
             Some(Duration::ZERO)
         } else {
@@ -264,8 +282,16 @@ impl Reactor {
                 if !cqueue::more(cqe.flags()) {
                     if slot.released {
                         rearm.push((index as u32, None));
-                    } else {
-                        // The kernel ended the multishot poll (overflow, error): re-arm.
+                    } else if result >= 0 || slot.error_rearms < ERROR_REARMS_MAX {
+                        // The kernel ended the multishot poll (CQ overflow, a transient error):
+                        // re-arm. Consecutive errors are capped: a permanent one (EBADF) would
+                        // otherwise loop here; the source was marked ready above, so its
+                        // owner's next syscall reports the error and the owner closes it.
+                        slot.error_rearms = if result >= 0 {
+                            0
+                        } else {
+                            slot.error_rearms + 1
+                        };
                         rearm.push((index as u32, Some((slot.fd, token))));
                     }
                 }
