@@ -27,9 +27,10 @@ start_pgprism 55523 --primary postgres://127.0.0.1:55521 "${extra[@]}"
 mkdir -p perf-results
 # shellcheck disable=SC2086
 pgbench -h 127.0.0.1 -p 55523 -U postgres -n $PGBENCH_ARGS -T "$DURATION" postgres >perf-results/pgbench.txt 2>&1 &
+PGBENCH_PID=$!
 sleep 1
 perf record -g -p "$PRISM_PID" -o perf-results/pgprism.data -- sleep $((DURATION - 2)) 2>/dev/null
-wait
+wait "$PGBENCH_PID"
 grep -E "^tps|processed" perf-results/pgbench.txt
 perf report -i perf-results/pgprism.data --no-children --sort dso,symbol 2>/dev/null |
   grep -v '^#' | grep '%' | grep -v '^ *|' | grep -v -- '--' | head -30
