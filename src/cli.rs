@@ -557,6 +557,10 @@ fn run_main(cfg: Config) -> ExitCode {
     };
     let mut failed = result.err();
     if let Some((shared, thread)) = cdc {
+        // `shutdown` first: a stop is final, not a lost connection to recover from.
+        shared
+            .shutdown
+            .store(true, std::sync::atomic::Ordering::Release);
         shared
             .stopped
             .store(true, std::sync::atomic::Ordering::Release);

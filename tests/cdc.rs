@@ -983,6 +983,16 @@ flush-interval-ms = 100
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("checkpoint_lsn"), "{body}");
     assert_eq!(support::http_get(admin, "/health").0, 200);
+    let (code, metrics) = support::http_get(admin, "/cdc/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("pgprism_cdc_rows_loaded_total{table=\"t\"} 200"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE pgprism_cdc_lag_bytes gauge"),
+        "{metrics}"
+    );
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());

@@ -174,6 +174,7 @@ fn serve_admin(listener: TcpListener, shared: &Shared) {
         let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
         let (code, body) = match (method, path) {
             ("GET", "/cdc/status") => (200, shared.status_json()),
+            ("GET", "/cdc/metrics") => (200, shared.prometheus()),
             ("POST", "/cdc/pause") => {
                 shared.paused.store(true, Ordering::Release);
                 (200, "{\"paused\":true}".to_string())
@@ -204,6 +205,11 @@ pub fn admin_routes(shared: Arc<Shared>) -> crate::control::ExtraRoutes {
         };
         match (method, path) {
             ("GET", "/cdc/status") => Some(json(200, shared.status_json())),
+            ("GET", "/cdc/metrics") => Some(crate::control::RouteResponse {
+                code: 200,
+                content_type: "text/plain; version=0.0.4",
+                body: shared.prometheus(),
+            }),
             ("POST", "/cdc/pause") => {
                 shared.paused.store(true, Ordering::Release);
                 Some(json(200, "{\"paused\":true}".into()))

@@ -153,6 +153,115 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// The same figures as [`Shared::status_json`] in Prometheus text format
+    /// (`GET /cdc/metrics`), per-table series labelled with the table.
+    pub fn prometheus(&self) -> String {
+        use std::fmt::Write;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let server = load(&self.server_lsn);
+        let confirmed = load(&self.confirmed);
+        let mut out = String::with_capacity(2048);
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP pgprism_cdc_{name} {help}");
+            let _ = writeln!(out, "# TYPE pgprism_cdc_{name} {kind}");
+            let _ = writeln!(out, "pgprism_cdc_{name} {value}");
+        };
+        metric(
+            "server_lsn",
+            "gauge",
+            "highest WAL position the server reported",
+            server,
+        );
+        metric(
+            "confirmed_lsn",
+            "gauge",
+            "position confirmed to PostgreSQL",
+            confirmed,
+        );
+        metric(
+            "checkpoint_lsn",
+            "gauge",
+            "position stored in the checkpoint table",
+            load(&self.checkpointed),
+        );
+        metric(
+            "lag_bytes",
+            "gauge",
+            "WAL bytes not yet confirmed",
+            server.saturating_sub(confirmed),
+        );
+        metric(
+            "last_checkpoint_unix_ms",
+            "gauge",
+            "time of the last checkpoint",
+            load(&self.checkpoint_unix_ms),
+        );
+        metric(
+            "rows_decoded_total",
+            "counter",
+            "rows decoded from pgoutput",
+            load(&self.rows_decoded),
+        );
+        metric(
+            "retries_total",
+            "counter",
+            "Stream Load retries",
+            load(&self.retries),
+        );
+        metric(
+            "reconnects_total",
+            "counter",
+            "reconnects after a lost PostgreSQL connection",
+            load(&self.reconnects),
+        );
+        metric(
+            "paused",
+            "gauge",
+            "1 while loading is paused",
+            self.paused.load(Ordering::Relaxed) as u64,
+        );
+        let tables = self.tables.lock().map(|t| t.clone()).unwrap_or_default();
+        for (name, kind, help, get) in [
+            (
+                "rows_loaded_total",
+                "counter",
+                "rows loaded into StarRocks",
+                (|t: &TableStats| t.rows) as fn(&TableStats) -> u64,
+            ),
+            (
+                "bytes_loaded_total",
+                "counter",
+                "JSON bytes loaded into StarRocks",
+                |t| t.bytes,
+            ),
+            (
+                "loads_total",
+                "counter",
+                "Stream Load requests that succeeded",
+                |t| t.loads,
+            ),
+            (
+                "loads_already_loaded_total",
+                "counter",
+                "loads StarRocks already had (label dedup)",
+                |t| t.already_loaded,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP pgprism_cdc_{name} {help}");
+            let _ = writeln!(out, "# TYPE pgprism_cdc_{name} {kind}");
+            for (table, stats) in &tables {
+                let _ = writeln!(
+                    out,
+                    "pgprism_cdc_{name}{{table=\"{table}\"}} {}",
+                    get(stats)
+                );
+            }
+        }
+        out
+    }
+}
+
 /// Checks the `[cdc]` section, naming the key on error.
 pub fn validate(cfg: &CdcConfig) -> Result<(), ConfigError> {
     let key = |path: &str, message: &str| ConfigError::Key {
