@@ -1,6 +1,6 @@
-//! Process orchestration: preflight checks, one listener and one pinned glommio executor per
+//! Process orchestration: preflight checks, one listener and one pinned executor thread per
 //! shard, the control loop on the main thread (reports, signals, drain). Shards share nothing
-//! but a stop flag and their report rings.
+//! but a stop notifier (an eventfd each) and their report rings.
 
 pub mod exec;
 mod listener;

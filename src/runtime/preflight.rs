@@ -33,15 +33,16 @@ pub(super) fn memlock_bytes() -> Option<u64> {
     Some(limit.rlim_cur)
 }
 
-/// A warning when each shard's registered io_uring memory would not fit the memlock limit.
-pub(super) fn memlock_problem(shards: usize, io_memory_bytes: usize) -> Option<String> {
+/// A warning when the shards' io_uring rings would not fit the memlock limit (kernels that
+/// account ring memory to RLIMIT_MEMLOCK refuse to create a ring past it).
+pub(super) fn memlock_problem(shards: usize, ring_bytes: usize) -> Option<String> {
     let limit = memlock_bytes()?;
-    let needed = (shards * io_memory_bytes) as u64;
+    let needed = (shards * ring_bytes) as u64;
     (needed > limit).then(|| {
         format!(
-            "locked-memory limit is {} KiB but {shards} shard(s) want {} KiB of registered \
-             io_uring buffers; they fall back to unregistered buffers (slower). Raise it with \
-             `ulimit -l unlimited` or LimitMEMLOCK=infinity in the systemd unit",
+            "locked-memory limit is {} KiB but {shards} shard(s) want {} KiB for their io_uring \
+             rings; on kernels that count ring memory against it, shards fail to start. Raise \
+             it with `ulimit -l unlimited` or LimitMEMLOCK=infinity in the systemd unit",
             limit / 1024,
             needed / 1024
         )
