@@ -900,19 +900,10 @@ fn run_config_streams_cdc_beside_the_proxy() {
     let sr = StarRocks::start("root", "pw");
     let mut c = client(&pg);
     make_table(&mut c, &sr, "t");
-    let dir = std::env::temp_dir().join(format!("pgprism-cdc-run-{}", rand_suffix()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("pgprism.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let (dir, config) = support::RunConfig::write(
+        "cdc",
+        &format!(
             r#"
-[proxy]
-listen = "127.0.0.1:0"
-shards = 2
-pin-cores = false
-[admin]
-listen = "127.0.0.1:0"
 [primary]
 url = "{primary}"
 [cdc]
@@ -927,8 +918,7 @@ flush-interval-ms = 100
             starrocks = sr.url(),
             query = sr.query.port(),
         ),
-    )
-    .unwrap();
+    );
     // `check` validates the [cdc] section and masks its passwords.
     let checked = pgprism_command()
         .args(["check", "--config"])
@@ -942,22 +932,8 @@ flush-interval-ms = 100
     );
     assert!(!String::from_utf8_lossy(&checked.stdout).contains(":pw@"));
 
-    let mut child = pgprism_command()
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (listen, admin) = loop {
-        let line = lines.next().expect("a ready line").unwrap();
-        if let Some(rest) = line.strip_prefix("pgprism listening on ") {
-            let mut words = rest.split_whitespace();
-            let listen: std::net::SocketAddr = words.next().unwrap().parse().unwrap();
-            let admin: std::net::SocketAddr = words.nth(1).unwrap().parse().unwrap();
-            break (listen, admin);
-        }
-    };
+    let mut run = support::RunConfig::start(dir, config);
+    let (listen, admin) = (run.listen, run.admin);
     // CDC creates its slot on its own thread; changes before that are not in the slot (use
     // `snapshot` for those), so wait until it streams.
     assert!(eventually(Duration::from_secs(20), || {
@@ -993,8 +969,5 @@ flush-interval-ms = 100
         metrics.contains("# TYPE pgprism_cdc_lag_bytes gauge"),
         "{metrics}"
     );
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(run.stop().success());
 }

@@ -518,51 +518,28 @@ fn run_config_starts_embedded_servers_a_proxy_and_a_mirror() {
             .port()
     };
     let (p_port, m_port) = (free(), free());
-    let dir = std::env::temp_dir().join(format!("pgprism-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("pgprism.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let (dir, config) = support::RunConfig::write(
+        "mirror",
+        &format!(
             r#"
-[proxy]
-listen = "127.0.0.1:0"
-shards = 2
-pin-cores = false
-[admin]
-listen = "127.0.0.1:0"
 [primary]
 url = "postgres://127.0.0.1:{p_port}"
 [[mirror]]
 name = "copy"
 url = "postgres://postgres@127.0.0.1:{m_port}/postgres"
 [embed]
-state-dir = "{state}"
+state-dir = "{{dir}}/state"
 [[embed.instance]]
 name = "primary"
 port = {p_port}
 [[embed.instance]]
 name = "copy"
 port = {m_port}
-"#,
-            state = dir.join("state").display()
+"#
         ),
-    )
-    .unwrap();
-    let mut child = support::pgprism_command()
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::BufRead;
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let listen = loop {
-        let line = lines.next().expect("a ready line").unwrap();
-        if let Some(rest) = line.strip_prefix("pgprism listening on ") {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
+    );
+    let mut run = support::RunConfig::start(dir, config);
+    let listen = run.listen.to_string();
     let conninfo = format!(
         "host=127.0.0.1 port={} user=postgres dbname=postgres",
         listen.rsplit(':').next().unwrap()
@@ -578,13 +555,10 @@ port = {m_port}
             .map(|row| row.get::<_, i64>(0) == 2)
             .unwrap_or(false)
     }));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let status = child.wait().unwrap();
+    let status = run.stop();
     assert!(status.success(), "{status}");
     // The embedded servers are gone with it.
     assert!(std::net::TcpStream::connect(("127.0.0.1", p_port)).is_err());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

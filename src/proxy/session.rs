@@ -176,6 +176,27 @@ struct SessionShared {
 }
 
 impl SessionShared {
+    /// The primary answered the oldest sync point (a ReadyForQuery read at `arrived`): count
+    /// it, and record its primary latency (overall and by fingerprint) when it was sampled.
+    /// Returns when the client's statement was read, for the client-observed latency.
+    fn answer_sync(&self, shard: &ShardCtx, arrived: Instant) -> Option<Instant> {
+        let seq = self.done.get();
+        self.done.set(seq + 1);
+        let mut stamps = self.stamps.borrow_mut();
+        if stamps.front().is_none_or(|&(s, _, _)| s != seq) {
+            return None;
+        }
+        let (_, read_at, fingerprint) = stamps.pop_front()?;
+        let stats = &shard.stats;
+        stats.record(&stats.primary_latency_us, arrived - read_at);
+        if fingerprint != 0 {
+            shard
+                .fingerprints
+                .record_primary(fingerprint, arrived - read_at);
+        }
+        Some(read_at)
+    }
+
     /// At a transaction boundary with nothing in flight: safe to close (drain) or to resume a
     /// mirror (nothing half-done would follow).
     fn is_idle(&self) -> bool {
@@ -734,18 +755,7 @@ async fn downstream(
                 shared.ready.set(true);
                 continue;
             }
-            let seq = shared.done.get();
-            shared.done.set(seq + 1);
-            let mut stamps = shared.stamps.borrow_mut();
-            if stamps.front().is_some_and(|&(s, _, _)| s == seq)
-                && let Some((_, read_at, fingerprint)) = stamps.pop_front()
-            {
-                stats.record(&stats.primary_latency_us, arrived - read_at);
-                if fingerprint != 0 {
-                    shard
-                        .fingerprints
-                        .record_primary(fingerprint, arrived - read_at);
-                }
+            if let Some(read_at) = shared.answer_sync(shard, arrived) {
                 answered.push(read_at);
             }
         }
@@ -914,19 +924,7 @@ async fn downstream_compare(
                         shared.status.set(status);
                     }
                     for _ in 0..fed.syncs {
-                        let seq = shared.done.get();
-                        shared.done.set(seq + 1);
-                        let mut stamps = shared.stamps.borrow_mut();
-                        if stamps.front().is_some_and(|&(s, _, _)| s == seq)
-                            && let Some((_, read_at, fingerprint)) = stamps.pop_front()
-                        {
-                            stats.record(&stats.primary_latency_us, arrived - read_at);
-                            if fingerprint != 0 {
-                                shard
-                                    .fingerprints
-                                    .record_primary(fingerprint, arrived - read_at);
-                            }
-                        }
+                        shared.answer_sync(shard, arrived);
                     }
                 }
             }

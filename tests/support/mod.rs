@@ -295,3 +295,76 @@ pub mod raw {
         s
     }
 }
+
+/// `pgprism run --config FILE` as a child process, for the tests of whole config files. The
+/// file is `RUN_HEADER` (proxy and admin on free ports) followed by the test's own sections.
+pub struct RunConfig {
+    pub child: Child,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub config: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+pub const RUN_HEADER: &str = "[proxy]\nlisten = \"127.0.0.1:0\"\nshards = 2\npin-cores = false\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+
+impl RunConfig {
+    /// Writes the config (`RUN_HEADER` + `sections`) to a fresh directory; `{dir}` in
+    /// `sections` stands for that directory (for state directories and the like).
+    pub fn write(tag: &str, sections: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "pgprism-run-{tag}-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).expect("config dir");
+        let config = dir.join("pgprism.toml");
+        let sections = sections.replace("{dir}", &dir.display().to_string());
+        std::fs::write(&config, format!("{RUN_HEADER}{sections}")).expect("write config");
+        (dir, config)
+    }
+
+    /// Runs a config written by [`RunConfig::write`] until its proxy is listening.
+    pub fn start(dir: std::path::PathBuf, config: std::path::PathBuf) -> RunConfig {
+        let mut child = pgprism_command()
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn pgprism run");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let (listen, admin) = loop {
+            let line = lines.next().expect("a ready line").expect("stdout");
+            if let Some(rest) = line.strip_prefix("pgprism listening on ") {
+                let mut words = rest.split_whitespace();
+                let listen = words.next().and_then(|w| w.parse().ok()).expect("listen");
+                let admin = words.nth(1).and_then(|w| w.parse().ok()).expect("admin");
+                break (listen, admin);
+            }
+        };
+        RunConfig {
+            child,
+            listen,
+            admin,
+            config,
+            dir,
+        }
+    }
+
+    /// SIGTERM and the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        self.child.wait().expect("wait for pgprism run")
+    }
+}
+
+impl Drop for RunConfig {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
