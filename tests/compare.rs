@@ -675,3 +675,114 @@ fn primary_only_patterns_keep_statements_off_the_shadow() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(p.reports().is_empty(), "{:?}", p.reports());
 }
+
+/// Drivers such as JDBC, pgx and rust-postgres describe a prepared statement once and then
+/// send Bind/Execute without Describe, asking for binary results: those executions are still
+/// checked against the statement's columns, and normalised with them.
+#[test]
+fn prepared_executions_without_describe_use_the_statements_columns() {
+    let p = pair("prep");
+    p.both(SEED);
+    p.shadow
+        .psql("UPDATE chg SET v = 'changed' WHERE id = 2")
+        .unwrap();
+    p.primary
+        .psql("INSERT INTO ign VALUES (1, 'monday'), (2, 'tuesday')")
+        .unwrap();
+    p.shadow
+        .psql("INSERT INTO ign VALUES (1, 'friday'), (2, 'saturday')")
+        .unwrap();
+    p.primary
+        .psql("CREATE TABLE typ (id int, v int); INSERT INTO typ VALUES (1, 10)")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE typ (id int, v bigint); INSERT INTO typ VALUES (1, 10)")
+        .unwrap();
+    p.primary
+        .psql("CREATE TABLE eqv (id int, n int8); INSERT INTO eqv VALUES (1, 5), (2, -7), (3, 123456789012)")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE eqv (id int, n numeric); INSERT INTO eqv VALUES (1, 5.00), (2, -7), (3, 123456789012.0)")
+        .unwrap();
+    p.primary
+        .psql("CREATE TABLE eqx (id int, n int8); INSERT INTO eqx VALUES (1, 5)")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE eqx (id int, n numeric); INSERT INTO eqx VALUES (1, 5.5)")
+        .unwrap();
+    let proxy = p.proxy(&[
+        "--compare-ignore-column",
+        "^updated_at$",
+        "--type-equivalence",
+        "int8=numeric",
+    ]);
+    let mut c = proxy.client();
+    // Described in this order, so a digester that kept the last description (ign's, whose
+    // second column is ignored) would hide chg's difference.
+    let chg = c.prepare("SELECT id, v FROM chg ORDER BY id").unwrap();
+    let ign = c
+        .prepare("SELECT id, updated_at FROM ign ORDER BY id")
+        .unwrap();
+    let typ = c.prepare("SELECT id, v FROM typ").unwrap();
+    let eqv = c.prepare("SELECT id, n FROM eqv ORDER BY id").unwrap();
+    let eqx = c.prepare("SELECT id, n FROM eqx").unwrap();
+    for _ in 0..2 {
+        let rows = c.query(&chg, &[]).unwrap();
+        assert_eq!(rows[1].get::<_, String>(1), "v2", "the primary's rows");
+        assert_eq!(c.query(&ign, &[]).unwrap().len(), 2);
+        assert_eq!(c.query(&typ, &[]).unwrap()[0].get::<_, i32>(1), 10);
+        assert_eq!(
+            c.query(&eqv, &[]).unwrap()[2].get::<_, i64>(1),
+            123456789012
+        );
+        assert_eq!(c.query(&eqx, &[]).unwrap()[0].get::<_, i64>(1), 5);
+    }
+    // A barrier: the last statement of the session, reported after everything before it.
+    c.simple_query("SELECT * FROM chg WHERE id = 2").unwrap();
+    p.report_for("SELECT * FROM chg WHERE id = 2");
+    let reports = p.reports();
+    let about = |sql: &str| -> Vec<&sonic_rs::Value> {
+        reports
+            .iter()
+            .filter(|r| r["statement"].as_str() == Some(sql))
+            .collect()
+    };
+    let chg_reports = about("SELECT id, v FROM chg ORDER BY id");
+    assert_eq!(chg_reports.len(), 2, "{reports:?}");
+    assert_eq!(
+        kinds(chg_reports[0]),
+        vec!["values"],
+        "{:?}",
+        chg_reports[0]
+    );
+    let columns = sonic_rs::to_string(&chg_reports[0]["primary"]["columns"]).unwrap();
+    assert!(
+        columns.contains("\"id\"") && columns.contains("\"v\""),
+        "the statement's described columns are in the report: {columns}"
+    );
+    let typ_reports = about("SELECT id, v FROM typ");
+    assert_eq!(typ_reports.len(), 2, "{reports:?}");
+    assert!(
+        description(typ_reports[0]).contains("column `v` type differs: primary int4, shadow int8"),
+        "{:?}",
+        typ_reports[0]
+    );
+    // Binary int8 5 and binary numeric 5.5 are different numbers.
+    let eqx_reports = about("SELECT id, n FROM eqx");
+    assert_eq!(eqx_reports.len(), 2, "{reports:?}");
+    assert_eq!(
+        kinds(eqx_reports[0]),
+        vec!["values"],
+        "{:?}",
+        eqx_reports[0]
+    );
+    // Ignored columns and declared equivalences hold for binary results too.
+    assert!(
+        about("SELECT id, updated_at FROM ign ORDER BY id").is_empty(),
+        "{reports:?}"
+    );
+    assert!(
+        about("SELECT id, n FROM eqv ORDER BY id").is_empty(),
+        "{reports:?}"
+    );
+}

@@ -4,10 +4,12 @@
 //! memory as a one-row one. This module never allocates per row on the fast path (no
 //! normalisation rules apply) and never fails: undecodable rows are hashed as raw bytes.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Instant;
 
-use crate::wire::{self, Format, tag};
+use crate::wire::{self, Format, Formats, tag};
 
 use super::rules::{ColumnRule, Rules};
 
@@ -90,6 +92,79 @@ impl Digest {
     }
 }
 
+/// Column names and type OIDs of one result.
+pub type Columns = Rc<Vec<(String, u32)>>;
+
+/// The result formats a Bind asked for, under the protocol's 0/1/N rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ResultFormats {
+    #[default]
+    Text,
+    Binary,
+    Each(Rc<[bool]>),
+}
+
+impl ResultFormats {
+    pub fn from_wire(formats: Formats<'_>) -> ResultFormats {
+        match formats.len() {
+            0 => ResultFormats::Text,
+            1 => match formats.get(0) {
+                Some(Format::Binary) => ResultFormats::Binary,
+                _ => ResultFormats::Text,
+            },
+            _ => ResultFormats::Each(formats.iter().map(|f| f == Format::Binary).collect()),
+        }
+    }
+
+    fn binary(&self, column: usize) -> bool {
+        match self {
+            ResultFormats::Text => false,
+            ResultFormats::Binary => true,
+            ResultFormats::Each(each) => each.get(column).copied().unwrap_or(false),
+        }
+    }
+}
+
+/// What Describe told of one prepared statement's result columns, per side (0: primary,
+/// 1: shadow). An Execute without its own Describe (JDBC, tokio-postgres, pgx after the first
+/// run) is checked and normalised with these.
+#[derive(Debug, Default)]
+pub struct Described {
+    sides: [RefCell<Option<Columns>>; 2],
+}
+
+impl Described {
+    pub fn get(&self, side: usize) -> Option<Columns> {
+        self.sides.get(side).and_then(|c| c.borrow().clone())
+    }
+
+    fn set(&self, side: usize, columns: Columns) {
+        if let Some(cell) = self.sides.get(side) {
+            *cell.borrow_mut() = Some(columns);
+        }
+    }
+}
+
+/// What the client asked, in order, that decides how one side's answer is read: which
+/// statement a RowDescription describes, which statement's rows an Execute returns, where a
+/// sync point ends. Queued by the upstream half before the frames are written, so an answer
+/// never arrives before its expectation.
+#[derive(Debug, Clone)]
+pub enum Expect {
+    /// Describe of a prepared statement: its RowDescription (or NoData) is remembered.
+    DescribeStatement(Rc<Described>),
+    /// Describe of a portal: its RowDescription describes the next Execute's rows, and is
+    /// remembered for the portal's statement.
+    DescribePortal(Rc<Described>),
+    /// Execute of a portal of this statement, with the Bind's result formats.
+    Execute(Rc<Described>, ResultFormats),
+    /// Query, Sync or FunctionCall: a ReadyForQuery ends it.
+    Sync,
+}
+
+/// One side's queue of [`Expect`]s.
+pub type Expects = Rc<RefCell<VecDeque<Expect>>>;
+
 /// One side's answer to one sync point (Query, Sync or FunctionCall).
 #[derive(Debug, Default)]
 pub struct SyncDigest {
@@ -102,11 +177,26 @@ pub struct SyncDigest {
 /// Folds one side's backend messages into digests.
 pub struct Digester {
     rules: Rc<Rules>,
-    /// Columns of the last RowDescription and how each column is normalised.
-    columns: Option<Rc<Vec<(String, u32)>>>,
+    /// 0: primary, 1: shadow (which half of each [`Described`] is this side's).
+    side: usize,
+    expects: Expects,
+    /// Columns of the current result and how each column is normalised.
+    columns: Option<Columns>,
     plan: Vec<ColumnRule>,
     /// No rule applies to any column: hash the DataRow body as is.
     raw: bool,
+    /// The current result's columns are known (a RowDescription came before its rows).
+    described: bool,
+    /// The current result has started (its description is settled).
+    begun: bool,
+    /// The last RowDescription body and what it gave, so a statement described again and
+    /// again (libpq describes every portal) costs a comparison, not a parse.
+    last_body: Vec<u8>,
+    last: Option<(Columns, Vec<ColumnRule>, bool)>,
+    /// The last plan built from a [`Described`] statement and Bind formats.
+    last_plan: Option<(Columns, ResultFormats, Vec<ColumnRule>, bool)>,
+    /// Scratch text for binary numbers.
+    scratch: String,
     current: Digest,
     in_result: bool,
     results: Vec<Digest>,
@@ -121,12 +211,26 @@ pub enum Step {
 }
 
 impl Digester {
+    /// A digester with no expectations: every result is described inline (simple protocol).
     pub fn new(rules: Rc<Rules>) -> Digester {
+        Digester::with_expects(rules, 0, Expects::default())
+    }
+
+    /// A digester for `side` reading `expects`, queued by the upstream half.
+    pub fn with_expects(rules: Rc<Rules>, side: usize, expects: Expects) -> Digester {
         Digester {
             rules,
+            side,
+            expects,
             columns: None,
             plan: Vec::new(),
             raw: true,
+            described: false,
+            begun: false,
+            last_body: Vec::new(),
+            last: None,
+            last_plan: None,
+            scratch: String::new(),
             current: Digest::default(),
             in_result: false,
             results: Vec::new(),
@@ -137,9 +241,14 @@ impl Digester {
     #[inline]
     pub fn visit(&mut self, tag: u8, body: &[u8]) -> Step {
         match tag {
-            tag::DATA_ROW => self.row(body),
+            tag::DATA_ROW => {
+                self.begin();
+                self.row(body)
+            }
             tag::ROW_DESCRIPTION => self.describe(body),
+            tag::NO_DATA => self.no_data(),
             tag::COMMAND_COMPLETE => {
+                self.begin();
                 let text = wire::CommandComplete::new(body).tag().unwrap_or("?");
                 self.current.tag.clear();
                 self.current.tag.push_str(text);
@@ -150,6 +259,7 @@ impl Digester {
                 self.end_result();
             }
             tag::PORTAL_SUSPENDED => {
+                self.begin();
                 self.current.tag = "SUSPENDED".into();
                 self.end_result();
             }
@@ -165,8 +275,19 @@ impl Digester {
                 }
                 self.end_result();
             }
-            tag::COPY_DATA => self.row(body),
+            tag::COPY_DATA => {
+                self.begin();
+                self.row(body)
+            }
             tag::READY_FOR_QUERY => {
+                // Whatever the sync point asked and did not get (skipped after an error)
+                // ends with it.
+                let mut expects = self.expects.borrow_mut();
+                while let Some(e) = expects.pop_front() {
+                    if matches!(e, Expect::Sync) {
+                        break;
+                    }
+                }
                 return Step::SyncEnd(body.first().copied().unwrap_or(b'I'));
             }
             _ => {}
@@ -180,7 +301,7 @@ impl Digester {
             // Rows with no CommandComplete (cannot happen with a sane server): keep them.
             self.end_result();
         }
-        self.columns = None;
+        self.forget_result();
         SyncDigest {
             results: std::mem::take(&mut self.results),
             status,
@@ -195,27 +316,121 @@ impl Digester {
         }
         self.results.push(digest);
         self.in_result = false;
-        // Extended protocol: a Describe's RowDescription applies to the next Execute only.
+        let mut expects = self.expects.borrow_mut();
+        if matches!(expects.front(), Some(Expect::Execute(..))) {
+            expects.pop_front();
+        }
+        drop(expects);
+        // A description applies to the result that follows it only.
+        self.forget_result();
+    }
+
+    fn forget_result(&mut self) {
         self.columns = None;
+        self.plan.clear();
+        self.raw = true;
+        self.described = false;
+        self.begun = false;
+    }
+
+    /// The first message of a result: with no RowDescription of its own, an Execute's rows are
+    /// described by what Describe told of its statement, in the formats its Bind asked for.
+    fn begin(&mut self) {
+        if self.begun {
+            return;
+        }
+        self.begun = true;
+        if self.described {
+            return;
+        }
+        let (described, formats) = match self.expects.borrow().front() {
+            Some(Expect::Execute(described, formats)) => (described.clone(), formats.clone()),
+            _ => return,
+        };
+        let Some(columns) = described.get(self.side) else {
+            return;
+        };
+        match &self.last_plan {
+            Some((c, f, plan, raw)) if Rc::ptr_eq(c, &columns) && *f == formats => {
+                self.plan.clone_from(plan);
+                self.raw = *raw;
+            }
+            _ => {
+                self.plan.clear();
+                for (i, (name, oid)) in columns.iter().enumerate() {
+                    let rule = self.rules.column_rule(name, *oid, formats.binary(i));
+                    self.plan.push(rule);
+                }
+                self.raw = self.plan.iter().all(|r| *r == ColumnRule::Raw);
+                self.last_plan = Some((columns.clone(), formats, self.plan.clone(), self.raw));
+            }
+        }
+        self.columns = Some(columns.clone());
+        self.current.columns = Some(columns);
+    }
+
+    /// Columns and plan of a RowDescription body (cached for the last body seen).
+    fn parse_description(&mut self, body: &[u8]) -> Option<(Columns, Vec<ColumnRule>, bool)> {
+        if let Some(last) = &self.last
+            && self.last_body == body
+        {
+            return Some(last.clone());
+        }
+        let fields = wire::RowDescription::new(body).fields().ok()?;
+        let mut columns = Vec::with_capacity(fields.len());
+        let mut plan = Vec::with_capacity(fields.len());
+        for f in fields {
+            plan.push(
+                self.rules
+                    .column_rule(f.name, f.type_oid, f.format == Format::Binary),
+            );
+            columns.push((f.name.to_string(), f.type_oid));
+        }
+        let raw = plan.iter().all(|r| *r == ColumnRule::Raw);
+        let parsed = (Rc::new(columns), plan, raw);
+        self.last_body.clear();
+        self.last_body.extend_from_slice(body);
+        self.last = Some(parsed.clone());
+        Some(parsed)
     }
 
     fn describe(&mut self, body: &[u8]) {
-        let Ok(fields) = wire::RowDescription::new(body).fields() else {
+        let Some((columns, plan, raw)) = self.parse_description(body) else {
             return;
         };
-        let mut columns = Vec::with_capacity(fields.len());
-        self.plan.clear();
-        for f in fields {
-            let rule = self
-                .rules
-                .column_rule(f.name, f.type_oid, f.format == Format::Binary);
-            self.plan.push(rule);
-            columns.push((f.name.to_string(), f.type_oid));
+        let front = {
+            let mut expects = self.expects.borrow_mut();
+            match expects.front() {
+                Some(Expect::DescribeStatement(_) | Expect::DescribePortal(_)) => {
+                    expects.pop_front()
+                }
+                _ => None,
+            }
+        };
+        match front {
+            Some(Expect::DescribeStatement(described)) => {
+                // Statement Describe: formats are not known until Bind; only the columns
+                // are kept, and no result follows.
+                described.set(self.side, columns);
+                return;
+            }
+            Some(Expect::DescribePortal(described)) => described.set(self.side, columns.clone()),
+            _ => {}
         }
-        self.raw = self.plan.iter().all(|r| *r == ColumnRule::Raw);
-        let columns = Rc::new(columns);
+        self.plan = plan;
+        self.raw = raw;
+        self.described = true;
         self.columns = Some(columns.clone());
         self.current.columns = Some(columns);
+    }
+
+    /// NoData: the described statement or portal returns no rows.
+    fn no_data(&mut self) {
+        let mut expects = self.expects.borrow_mut();
+        if let Some(Expect::DescribeStatement(d) | Expect::DescribePortal(d)) = expects.front() {
+            d.set(self.side, Rc::new(Vec::new()));
+            expects.pop_front();
+        }
     }
 
     #[inline]
@@ -259,6 +474,19 @@ impl Digester {
                     }
                 }
                 ColumnRule::NumericText => hash64(super::rules::canonical_number(bytes), 2),
+                ColumnRule::NumberBinary(oid) | ColumnRule::FloatNumberBinary(oid) => {
+                    self.scratch.clear();
+                    if !super::rules::binary_number_text(oid, bytes, &mut self.scratch) {
+                        hash64(bytes, 2)
+                    } else if rule == ColumnRule::NumberBinary(oid) {
+                        hash64(super::rules::canonical_number(self.scratch.as_bytes()), 2)
+                    } else {
+                        match self.scratch.parse::<f64>() {
+                            Ok(v) => fold(self.rules.quantise(v) ^ K0, K1),
+                            Err(_) => hash64(self.scratch.as_bytes(), 2),
+                        }
+                    }
+                }
             };
             acc = chain(acc, h);
         }

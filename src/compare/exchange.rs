@@ -15,7 +15,9 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
-use super::digest::{Digest, Digester, Step, SyncDigest};
+use super::digest::{
+    Described, Digest, Digester, Expect, Expects, ResultFormats, Step, SyncDigest,
+};
 use super::rules::type_name;
 use super::verdict::{self, Difference, Kind};
 use super::{Record, Side, Target};
@@ -38,6 +40,14 @@ pub struct Statement {
     /// Extended protocol with parameters: cannot be re-run for EXPLAIN.
     pub params: bool,
     pub primary_only: bool,
+    /// Its result columns, once a Describe told them (per side).
+    pub described: Rc<Described>,
+}
+
+/// A bound portal: its statement and the result formats its Bind asked for.
+struct Portal {
+    statement: Rc<Statement>,
+    formats: ResultFormats,
 }
 
 impl Statement {
@@ -50,6 +60,7 @@ impl Statement {
             read_only: sql::classify(text.as_bytes()) == sql::Class::Select,
             params,
             primary_only: rules.primary_only(text),
+            described: Rc::default(),
         }
     }
 
@@ -61,6 +72,7 @@ impl Statement {
             read_only: false,
             params: true,
             primary_only: false,
+            described: Rc::default(),
         }
     }
 }
@@ -81,6 +93,8 @@ pub struct Link {
     /// forwarded.
     shadow_kinds: RefCell<VecDeque<bool>>,
     rollback_due: Cell<bool>,
+    /// What each side's answers are read against: [primary, shadow].
+    expects: [Expects; 2],
 }
 
 /// The upstream half: tracks statements and writes client frames to the shadow.
@@ -89,8 +103,12 @@ pub struct Upstream {
     target: Rc<Target>,
     pub shadow: TcpStream,
     statements: HashMap<String, Rc<Statement>>,
-    portals: HashMap<String, Rc<Statement>>,
+    portals: HashMap<String, Portal>,
     batch: Vec<Rc<Statement>>,
+    /// Expectations of the frames held in `held`, queued for the shadow with them.
+    held_expects: Vec<Expect>,
+    /// Expectations of what the current client batch sends the shadow.
+    out_expects: Vec<Expect>,
     batch_primary_only: bool,
     /// With routing patterns: the frames of the current extended-protocol batch, held until
     /// its Sync decides whether the shadow gets the batch.
@@ -116,10 +134,15 @@ impl Upstream {
     pub fn plan(&mut self, frames: &Bytes, offsets: &[(u8, usize, usize)], read_at: Instant) {
         self.out.clear();
         self.out_syncs = 0;
+        self.out_expects.clear();
         let routes = self.target.rules.routes();
         for &(tag, start, end) in offsets {
             let body = &frames[start + wire::HEADER_BYTES..end];
             let frame = || frames.slice(start..end);
+            let expect = self.expect(tag, body);
+            if let Some(e) = &expect {
+                self.link.expects[PRIMARY].borrow_mut().push_back(e.clone());
+            }
             match tag {
                 tag::QUERY => {
                     let text = wire::Query::new(body).query().unwrap_or("");
@@ -132,6 +155,7 @@ impl Upstream {
                     self.push_meta(statements, shadow, read_at);
                     if shadow {
                         self.send(frame(), true);
+                        self.out_expects.push(Expect::Sync);
                     }
                 }
                 tag::PARSE => {
@@ -143,7 +167,7 @@ impl Upstream {
                             self.statements.insert(name.to_string(), statement);
                         }
                     }
-                    self.hold(frame(), routes);
+                    self.hold(frame(), routes, expect);
                 }
                 tag::BIND => {
                     if let Ok(parts) = wire::Bind::new(body).parts() {
@@ -154,22 +178,26 @@ impl Upstream {
                         if self.portals.len() < NAMES_MAX || parts.portal.is_empty() {
                             self.portals.insert(
                                 parts.portal.to_string(),
-                                statement.unwrap_or_else(|| Rc::new(Statement::unknown())),
+                                Portal {
+                                    statement: statement
+                                        .unwrap_or_else(|| Rc::new(Statement::unknown())),
+                                    formats: ResultFormats::from_wire(parts.result_formats),
+                                },
                             );
                         }
                     }
-                    self.hold(frame(), routes);
+                    self.hold(frame(), routes, expect);
                 }
                 tag::EXECUTE => {
                     let portal = wire::Execute::new(body).portal().unwrap_or("");
                     let statement = self
                         .portals
                         .get(portal)
-                        .cloned()
+                        .map(|p| p.statement.clone())
                         .unwrap_or_else(|| Rc::new(Statement::unknown()));
                     self.batch_primary_only |= statement.primary_only;
                     self.batch.push(statement);
-                    self.hold(frame(), routes);
+                    self.hold(frame(), routes, expect);
                 }
                 tag::DESCRIBE | tag::CLOSE => {
                     let target = if tag == tag::DESCRIBE {
@@ -178,18 +206,24 @@ impl Upstream {
                         wire::Close::new(body).target()
                     };
                     if let Ok((kind, name)) = target {
-                        let map = match kind {
-                            wire::Target::Statement => &mut self.statements,
-                            wire::Target::Portal => &mut self.portals,
+                        let primary_only = match kind {
+                            wire::Target::Statement => {
+                                self.statements.get(name).is_some_and(|s| s.primary_only)
+                            }
+                            wire::Target::Portal => self
+                                .portals
+                                .get(name)
+                                .is_some_and(|p| p.statement.primary_only),
                         };
-                        if map.get(name).is_some_and(|s| s.primary_only) {
-                            self.batch_primary_only = true;
-                        }
+                        self.batch_primary_only |= primary_only;
                         if tag == tag::CLOSE && !self.batch_primary_only {
-                            map.remove(name);
+                            match kind {
+                                wire::Target::Statement => drop(self.statements.remove(name)),
+                                wire::Target::Portal => drop(self.portals.remove(name)),
+                            }
                         }
                     }
-                    self.hold(frame(), routes);
+                    self.hold(frame(), routes, expect);
                 }
                 tag::SYNC => {
                     let statements = std::mem::take(&mut self.batch);
@@ -202,11 +236,16 @@ impl Upstream {
                             self.send(held, false);
                         }
                         self.send(frame(), true);
+                        self.out_expects.append(&mut self.held_expects);
+                        self.out_expects.push(Expect::Sync);
+                    } else {
+                        self.held_expects.clear();
                     }
                 }
                 tag::FUNCTION_CALL => {
                     self.push_meta(Vec::new(), true, read_at);
                     self.send(frame(), true);
+                    self.out_expects.push(Expect::Sync);
                 }
                 tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
                     if self.copy_to_shadow {
@@ -214,8 +253,42 @@ impl Upstream {
                     }
                 }
                 tag::TERMINATE => self.send(frame(), false),
-                _ => self.hold(frame(), routes),
+                _ => self.hold(frame(), routes, None),
             }
+        }
+    }
+
+    /// What the answer to one client frame will be read against (after the frame's own
+    /// bookkeeping for Parse and Bind, which [`plan`](Self::plan) does after this: a Describe
+    /// or Execute refers to statements and portals of earlier frames).
+    fn expect(&self, tag: u8, body: &[u8]) -> Option<Expect> {
+        let portal = |name: &str| self.portals.get(name);
+        match tag {
+            tag::QUERY | tag::SYNC | tag::FUNCTION_CALL => Some(Expect::Sync),
+            tag::DESCRIBE => {
+                let (kind, name) = wire::Describe::new(body).target().ok()?;
+                Some(match kind {
+                    wire::Target::Statement => Expect::DescribeStatement(
+                        self.statements
+                            .get(name)
+                            .map(|s| s.described.clone())
+                            .unwrap_or_default(),
+                    ),
+                    wire::Target::Portal => Expect::DescribePortal(
+                        portal(name)
+                            .map(|p| p.statement.described.clone())
+                            .unwrap_or_default(),
+                    ),
+                })
+            }
+            tag::EXECUTE => {
+                let name = wire::Execute::new(body).portal().ok()?;
+                Some(match portal(name) {
+                    Some(p) => Expect::Execute(p.statement.described.clone(), p.formats.clone()),
+                    None => Expect::Execute(Rc::default(), ResultFormats::Text),
+                })
+            }
+            _ => None,
         }
     }
 
@@ -236,11 +309,13 @@ impl Upstream {
         self.out.push(frame);
     }
 
-    fn hold(&mut self, frame: Bytes, routes: bool) {
+    fn hold(&mut self, frame: Bytes, routes: bool, expect: Option<Expect>) {
         if routes {
             self.held.extend_from_slice(&frame);
+            self.held_expects.extend(expect);
         } else {
             self.send(frame, false);
+            self.out_expects.extend(expect);
         }
     }
 
@@ -249,12 +324,19 @@ impl Upstream {
     pub async fn write(&mut self) -> bool {
         if self.dead {
             self.out.clear();
+            self.out_expects.clear();
             return true;
         }
         let mut buf = BytesMut::new();
-        if self.link.rollback_due.replace(false) {
-            let _ = wire::encode::query(&mut buf, "ROLLBACK");
-            self.link.shadow_kinds.borrow_mut().push_back(true);
+        {
+            // Queued before the bytes go out, so the answers always find them.
+            let mut expects = self.link.expects[SHADOW].borrow_mut();
+            if self.link.rollback_due.replace(false) {
+                let _ = wire::encode::query(&mut buf, "ROLLBACK");
+                self.link.shadow_kinds.borrow_mut().push_back(true);
+                expects.push_back(Expect::Sync);
+            }
+            expects.extend(self.out_expects.drain(..));
         }
         if self.out.is_empty() && buf.is_empty() {
             return true;
@@ -303,6 +385,7 @@ impl Tracker {
             metas: RefCell::new(VecDeque::new()),
             shadow_kinds: RefCell::new(VecDeque::new()),
             rollback_due: Cell::new(false),
+            expects: [Expects::default(), Expects::default()],
         });
         let source = usize::from(target.shadow_is_source());
         let fail = target.cfg.fail_on_differences;
@@ -313,6 +396,8 @@ impl Tracker {
             statements: HashMap::new(),
             portals: HashMap::new(),
             batch: Vec::new(),
+            held_expects: Vec::new(),
+            out_expects: Vec::new(),
             batch_primary_only: false,
             held: BytesMut::new(),
             copy_to_shadow: true,
@@ -322,8 +407,8 @@ impl Tracker {
         };
         let down = Comparer {
             digesters: [
-                Digester::new(target.rules.clone()),
-                Digester::new(target.rules.clone()),
+                Digester::with_expects(target.rules.clone(), PRIMARY, link.expects[0].clone()),
+                Digester::with_expects(target.rules.clone(), SHADOW, link.expects[1].clone()),
             ],
             target,
             link,
@@ -480,6 +565,7 @@ impl Comparer {
     pub fn shadow_lost(&mut self, out: &mut Vec<Bytes>) {
         self.shadow_alive = false;
         self.done[SHADOW].clear();
+        self.link.expects[SHADOW].borrow_mut().clear();
         if !self.pending.is_empty() {
             self.pending_base += self.pending.len();
             out.push(self.pending.split().freeze());

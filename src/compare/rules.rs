@@ -19,6 +19,11 @@ pub enum ColumnRule {
     FloatBinary8,
     /// A numeric type in a declared equivalence, text format: canonical text (`5.00` = `5`).
     NumericText,
+    /// A number type (by OID) in a declared equivalence, binary format: decoded to canonical
+    /// text, so int8 `5` and numeric `5.00` hash alike whatever their wire formats.
+    NumberBinary(u32),
+    /// Same, decoded and then quantised to the float tolerance.
+    FloatNumberBinary(u32),
 }
 
 pub struct Rules {
@@ -149,18 +154,27 @@ impl Rules {
         let equivalent = is_numeric(oid) && self.equivalent.iter().any(|&(a, _)| a == oid);
         if self.tolerance > 0.0 {
             // Numbers declared equivalent to a float or numeric column are quantised alike.
-            if equivalent && !binary {
-                return ColumnRule::FloatText;
+            if equivalent {
+                return if binary {
+                    ColumnRule::FloatNumberBinary(oid)
+                } else {
+                    ColumnRule::FloatText
+                };
             }
             match (oid, binary) {
                 (FLOAT4 | FLOAT8 | NUMERIC, false) => return ColumnRule::FloatText,
                 (FLOAT4, true) => return ColumnRule::FloatBinary4,
                 (FLOAT8, true) => return ColumnRule::FloatBinary8,
+                (NUMERIC, true) => return ColumnRule::FloatNumberBinary(NUMERIC),
                 _ => {}
             }
         }
-        if !binary && equivalent {
-            return ColumnRule::NumericText;
+        if equivalent {
+            return if binary {
+                ColumnRule::NumberBinary(oid)
+            } else {
+                ColumnRule::NumericText
+            };
         }
         ColumnRule::Raw
     }
@@ -184,6 +198,116 @@ pub fn float_value(rule: ColumnRule, bytes: &[u8]) -> Option<f64> {
         ColumnRule::FloatBinary8 => Some(f64::from_be_bytes(bytes.try_into().ok()?)),
         _ => None,
     }
+}
+
+/// A binary-format number of type `oid` (int2/4/8, oid, float4/8, numeric) as the text
+/// PostgreSQL would send for it (before [`canonical_number`]). `false`: not a number type or
+/// malformed bytes (the caller hashes them raw).
+pub fn binary_number_text(oid: u32, bytes: &[u8], out: &mut String) -> bool {
+    use std::fmt::Write;
+    let float = |out: &mut String, v: f64| {
+        if v.is_nan() {
+            out.push_str("NaN");
+        } else if v.is_infinite() {
+            out.push_str(if v > 0.0 { "Infinity" } else { "-Infinity" });
+        } else {
+            let _ = write!(out, "{v}");
+        }
+    };
+    match (oid, bytes.len()) {
+        (21, 2) => {
+            let _ = write!(out, "{}", i16::from_be_bytes([bytes[0], bytes[1]]));
+        }
+        (23, 4) => {
+            let _ = write!(
+                out,
+                "{}",
+                i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+            );
+        }
+        (26, 4) => {
+            let _ = write!(
+                out,
+                "{}",
+                u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+            );
+        }
+        (20, 8) => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(bytes);
+            let _ = write!(out, "{}", i64::from_be_bytes(b));
+        }
+        (FLOAT4, 4) => float(
+            out,
+            f64::from(f32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])),
+        ),
+        (FLOAT8, 8) => {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(bytes);
+            float(out, f64::from_be_bytes(b));
+        }
+        (NUMERIC, _) => return numeric_text(bytes, out),
+        _ => return false,
+    }
+    true
+}
+
+/// numeric's binary form: ndigits, weight (of the first base-10000 digit), sign, dscale, then
+/// the base-10000 digits.
+fn numeric_text(bytes: &[u8], out: &mut String) -> bool {
+    use std::fmt::Write;
+    let u16_at = |at: usize| {
+        bytes
+            .get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+    };
+    let (Some(n), Some(weight), Some(sign)) = (u16_at(0), u16_at(2), u16_at(4)) else {
+        return false;
+    };
+    let (n, weight) = (usize::from(n), i32::from(weight as i16));
+    if bytes.len() != 8 + 2 * n {
+        return false;
+    }
+    match sign {
+        0xC000 => out.push_str("NaN"),
+        0xD000 => out.push_str("Infinity"),
+        0xF000 => out.push_str("-Infinity"),
+        0x0000 | 0x4000 => {
+            let digit = |i: i32| -> u16 {
+                if i >= 0 && (i as usize) < n {
+                    u16_at(8 + 2 * i as usize).unwrap_or(0)
+                } else {
+                    0
+                }
+            };
+            if (0..n as i32).any(|i| digit(i) > 9999) {
+                return false;
+            }
+            if sign == 0x4000 && n > 0 {
+                out.push('-');
+            }
+            if weight < 0 {
+                out.push('0');
+            } else {
+                for i in 0..=weight {
+                    let _ = if i == 0 {
+                        write!(out, "{}", digit(i))
+                    } else {
+                        write!(out, "{:04}", digit(i))
+                    };
+                }
+            }
+            let last = n as i32 - 1;
+            if last > weight {
+                out.push('.');
+                for i in (weight + 1)..=last {
+                    let _ = write!(out, "{:04}", digit(i));
+                }
+            }
+        }
+        _ => return false,
+    }
+    true
 }
 
 /// `5.00` → `5`, `-0` → `0`, `1.50` → `1.5`: numbers that are equal compare equal across
@@ -215,6 +339,45 @@ mod tests {
         assert_eq!(canonical_number(b"1.50"), b"1.5");
         assert_eq!(canonical_number(b"100"), b"100");
         assert_eq!(canonical_number(b"-0.0"), b"0");
+    }
+
+    fn number(oid: u32, bytes: &[u8]) -> String {
+        let mut out = String::new();
+        assert!(binary_number_text(oid, bytes, &mut out), "{oid} {bytes:?}");
+        String::from_utf8(canonical_number(out.as_bytes()).to_vec()).unwrap()
+    }
+
+    #[test]
+    fn binary_numbers_decode_to_canonical_text() {
+        assert_eq!(number(20, &5i64.to_be_bytes()), "5");
+        assert_eq!(number(23, &(-42i32).to_be_bytes()), "-42");
+        assert_eq!(number(21, &7i16.to_be_bytes()), "7");
+        assert_eq!(number(FLOAT8, &1.5f64.to_be_bytes()), "1.5");
+        // numeric 5.00: 1 digit, weight 0, positive, dscale 2, digits [5]
+        assert_eq!(number(NUMERIC, &[0, 1, 0, 0, 0, 0, 0, 2, 0, 5]), "5");
+        // numeric -12345.6789: digits [1, 2345, 6789], weight 1
+        let mut b = vec![0, 3, 0, 1, 0x40, 0, 0, 4];
+        for d in [1u16, 2345, 6789] {
+            b.extend_from_slice(&d.to_be_bytes());
+        }
+        assert_eq!(number(NUMERIC, &b), "-12345.6789");
+        // numeric 0.00012: digits [1, 2000], weight -1
+        let mut b = vec![0, 2, 0xff, 0xff, 0, 0, 0, 5];
+        for d in [1u16, 2000] {
+            b.extend_from_slice(&d.to_be_bytes());
+        }
+        assert_eq!(number(NUMERIC, &b), "0.00012");
+        // numeric 20000 (trailing zero digit groups omitted): digits [2], weight 1
+        assert_eq!(number(NUMERIC, &[0, 1, 0, 1, 0, 0, 0, 0, 0, 2]), "20000");
+        assert_eq!(number(NUMERIC, &[0, 0, 0, 0, 0, 0, 0, 0]), "0");
+        let mut out = String::new();
+        assert!(!binary_number_text(NUMERIC, &[0, 1, 0, 0], &mut out));
+        assert!(!binary_number_text(
+            NUMERIC,
+            &[0, 1, 0, 0, 0, 0, 0, 0, 0x27, 0x10],
+            &mut out
+        ));
+        assert!(!binary_number_text(25, b"5", &mut out));
     }
 
     #[test]
