@@ -3,6 +3,7 @@
 #
 #   perf/record.sh                     # proxy, pgbench -S, 16 clients, 8 s
 #   MODE=mirror perf/record.sh         # with one mirror receiving every statement
+#   MODE=compare perf/record.sh        # with a shadow: every statement compared
 #   PGBENCH_ARGS="-N -c 8" perf/record.sh
 #
 # Needs perf (apt-get install linux-perf). Writes perf-results/pgprism.data; open it with
@@ -18,10 +19,14 @@ PGPRISM=$PWD/target/profiling/pgprism
 start_pg primary 55521
 pgbench -h 127.0.0.1 -p 55521 -U postgres -i -s 10 -q postgres >/dev/null 2>&1
 extra=()
-if [ "$MODE" = mirror ]; then
-  start_pg mirror 55522
+if [ "$MODE" = mirror ] || [ "$MODE" = compare ]; then
+  start_pg second 55522
   pgbench -h 127.0.0.1 -p 55522 -U postgres -i -s 10 -q postgres >/dev/null 2>&1
-  extra=(--mirror postgres://postgres@127.0.0.1:55522/postgres --mirror-all-queries)
+  if [ "$MODE" = mirror ]; then
+    extra=(--mirror postgres://postgres@127.0.0.1:55522/postgres --mirror-all-queries)
+  else
+    extra=(--shadow postgres://postgres@127.0.0.1:55522/postgres --compare-report "$WORK/compare.jsonl")
+  fi
 fi
 start_pgprism 55523 --primary postgres://127.0.0.1:55521 "${extra[@]}"
 mkdir -p perf-results
