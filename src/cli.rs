@@ -82,6 +82,37 @@ struct ProxyArgs {
     mirror: MirrorArgs,
     #[command(flatten)]
     compare: CompareArgs,
+    #[command(flatten)]
+    client_tls: ClientTlsArgs,
+}
+
+/// TLS between clients and pgprism (`[client-tls]`).
+#[derive(Args)]
+struct ClientTlsArgs {
+    /// disable, allow or require (default: allow when --client-tls-cert is given).
+    #[arg(long, value_parser = ["disable", "allow", "require"])]
+    client_tls_mode: Option<String>,
+    /// PEM certificate chain presented to clients.
+    #[arg(long, value_name = "FILE")]
+    client_tls_cert: Option<String>,
+    /// PEM private key of that certificate.
+    #[arg(long, value_name = "FILE")]
+    client_tls_key: Option<String>,
+}
+
+impl ClientTlsArgs {
+    fn apply(self, cfg: &mut Config) {
+        let t = &mut cfg.client_tls;
+        if let Some(v) = self.client_tls_mode {
+            t.mode = v;
+        }
+        if let Some(v) = self.client_tls_cert {
+            t.cert_file = v;
+        }
+        if let Some(v) = self.client_tls_key {
+            t.key_file = v;
+        }
+    }
 }
 
 /// Compare mode: run every statement on the primary and a shadow and compare the results.
@@ -420,6 +451,7 @@ impl ProxyArgs {
         }
         self.mirror.apply(&mut cfg);
         self.compare.apply(&mut cfg);
+        self.client_tls.apply(&mut cfg);
         Ok(cfg)
     }
 }

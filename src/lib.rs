@@ -13,4 +13,5 @@ pub mod proxy;
 pub mod report;
 pub mod runtime;
 pub mod sql;
+pub mod tls;
 pub mod wire;

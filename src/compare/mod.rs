@@ -211,7 +211,19 @@ pub(crate) async fn open_as(
     params.push(("user", &user));
     params.push(("database", &database));
     let password = url.password.clone().unwrap_or_default();
-    backend::open(addr, limit, &params, &user, &password, message_bytes_max).await
+    let tls = url
+        .tls_cached()
+        .map_err(|message| backend::BackendError::Tls { addr, message })?;
+    backend::open(
+        addr,
+        limit,
+        &params,
+        &user,
+        &password,
+        message_bytes_max,
+        &tls,
+    )
+    .await
 }
 
 pub(crate) fn unix_ms() -> u64 {

@@ -30,6 +30,46 @@ pub struct Config {
     pub embed: EmbedConfig,
     /// `[cdc]`: logical replication into StarRocks.
     pub cdc: CdcConfig,
+    /// `[client-tls]`: TLS between clients and pgprism.
+    pub client_tls: ClientTlsConfig,
+}
+
+/// `[client-tls]`: pgprism's TLS server side. (TLS towards the databases is set in their URLs
+/// with libpq's `sslmode`, `sslrootcert`, `sslcert` and `sslkey`.)
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ClientTlsConfig {
+    /// `disable`: SSLRequest is answered `N`. `allow`: clients that ask get TLS, the others
+    /// plain text. `require`: plain-text sessions are refused (SQLSTATE 28000). Empty:
+    /// `allow` when `cert-file` is set, else `disable`.
+    pub mode: String,
+    /// PEM certificate chain pgprism presents to clients.
+    pub cert_file: String,
+    /// PEM private key of that certificate.
+    pub key_file: String,
+}
+
+/// What `[client-tls]` asks for, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientTlsMode {
+    Disable,
+    Allow,
+    Require,
+}
+
+impl ClientTlsConfig {
+    pub fn effective_mode(&self) -> Result<ClientTlsMode, ConfigError> {
+        match self.mode.as_str() {
+            "" if self.cert_file.is_empty() => Ok(ClientTlsMode::Disable),
+            "" | "allow" | "prefer" => Ok(ClientTlsMode::Allow),
+            "disable" => Ok(ClientTlsMode::Disable),
+            "require" => Ok(ClientTlsMode::Require),
+            other => Err(ConfigError::key(
+                "client-tls.mode",
+                format!("expected disable, allow or require, got `{other}`"),
+            )),
+        }
+    }
 }
 
 /// `[shadow]`: the database compare mode checks against the primary.
@@ -717,7 +757,25 @@ impl Config {
             ));
         }
         if !self.primary.url.is_empty() {
-            PgUrl::parse(&self.primary.url).map_err(|e| ConfigError::key("primary.url", e))?;
+            PgUrl::parse(&self.primary.url)
+                .and_then(|u| u.tls())
+                .map_err(|e| ConfigError::key("primary.url", e))?;
+        }
+        if self.client_tls.effective_mode()? != ClientTlsMode::Disable {
+            if self.client_tls.cert_file.is_empty() {
+                return Err(ConfigError::key(
+                    "client-tls.cert-file",
+                    "required when client-tls.mode is allow or require",
+                ));
+            }
+            if self.client_tls.key_file.is_empty() {
+                return Err(ConfigError::key(
+                    "client-tls.key-file",
+                    "required with client-tls.cert-file",
+                ));
+            }
+            crate::tls::server_config(&self.client_tls.cert_file, &self.client_tls.key_file)
+                .map_err(|e| ConfigError::key("client-tls.cert-file", e))?;
         }
         if !self.cdc.source.is_empty() {
             crate::cdc::validate(&self.cdc)?;
@@ -734,7 +792,9 @@ impl Config {
                     "required: postgres://user:password@host:port/db",
                 ));
             }
-            PgUrl::parse(&m.url).map_err(|e| ConfigError::key(&key("url"), e))?;
+            PgUrl::parse(&m.url)
+                .and_then(|u| u.tls())
+                .map_err(|e| ConfigError::key(&key("url"), e))?;
             if !(0.0..=1.0).contains(&m.sample) {
                 return Err(ConfigError::key(
                     &key("sample"),
@@ -777,7 +837,9 @@ impl Config {
         if self.shadow.url.is_empty() {
             return Ok(());
         }
-        PgUrl::parse(&self.shadow.url).map_err(|e| ConfigError::key("shadow.url", e))?;
+        PgUrl::parse(&self.shadow.url)
+            .and_then(|u| u.tls())
+            .map_err(|e| ConfigError::key("shadow.url", e))?;
         let c = &self.compare;
         for (key, list) in [
             ("compare.exclude-patterns", &c.exclude_patterns),

@@ -10,6 +10,11 @@ pub struct PgUrl {
     pub host: String,
     pub port: u16,
     pub database: Option<String>,
+    /// libpq's TLS options: `sslmode`, `sslrootcert`, `sslcert`, `sslkey`.
+    pub sslmode: Option<String>,
+    pub sslrootcert: Option<String>,
+    pub sslcert: Option<String>,
+    pub sslkey: Option<String>,
 }
 
 impl fmt::Debug for PgUrl {
@@ -24,7 +29,22 @@ impl PgUrl {
             .strip_prefix("postgres://")
             .or_else(|| text.strip_prefix("postgresql://"))
             .ok_or_else(|| format!("expected a postgres://host:port URL, got `{text}`"))?;
-        let (rest, _query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (mut sslmode, mut sslrootcert, mut sslcert, mut sslkey) = (None, None, None, None);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = Some(percent_decode(value)?);
+            match key {
+                "sslmode" => sslmode = value,
+                "sslrootcert" => sslrootcert = value,
+                "sslcert" => sslcert = value,
+                "sslkey" => sslkey = value,
+                _ => {}
+            }
+        }
+        if let Some(mode) = &sslmode {
+            crate::tls::SslMode::parse(mode)?;
+        }
         let (authority, database) = match rest.split_once('/') {
             Some((a, d)) if !d.is_empty() => (a, Some(percent_decode(d)?)),
             Some((a, _)) => (a, None),
@@ -68,6 +88,46 @@ impl PgUrl {
             host,
             port,
             database,
+            sslmode,
+            sslrootcert,
+            sslcert,
+            sslkey,
+        })
+    }
+
+    /// The TLS side of connections to this database (files are read here: call it at
+    /// start-up). Without `sslmode`, `prefer`, as with libpq.
+    pub fn tls(&self) -> Result<crate::tls::Upstream, String> {
+        let mode = match &self.sslmode {
+            Some(mode) => crate::tls::SslMode::parse(mode)?,
+            None => crate::tls::SslMode::Prefer,
+        };
+        crate::tls::Upstream::new(
+            mode,
+            &self.host,
+            self.sslrootcert.as_deref(),
+            self.sslcert.as_deref(),
+            self.sslkey.as_deref(),
+        )
+    }
+
+    /// [`tls`](Self::tls), built once per thread and URL (shards open many connections).
+    pub fn tls_cached(&self) -> Result<crate::tls::Upstream, String> {
+        thread_local! {
+            static BUILT: std::cell::RefCell<std::collections::HashMap<String, crate::tls::Upstream>> =
+                std::cell::RefCell::default();
+        }
+        let key = format!(
+            "{}\0{:?}\0{:?}\0{:?}\0{:?}",
+            self.host, self.sslmode, self.sslrootcert, self.sslcert, self.sslkey
+        );
+        BUILT.with(|built| {
+            if let Some(tls) = built.borrow().get(&key) {
+                return Ok(tls.clone());
+            }
+            let tls = self.tls()?;
+            built.borrow_mut().insert(key, tls.clone());
+            Ok(tls)
         })
     }
 
@@ -94,6 +154,20 @@ impl PgUrl {
         if let Some(db) = &self.database {
             out.push('/');
             out.push_str(db);
+        }
+        let options = [
+            ("sslmode", &self.sslmode),
+            ("sslrootcert", &self.sslrootcert),
+            ("sslcert", &self.sslcert),
+            ("sslkey", &self.sslkey),
+        ];
+        let mut sep = '?';
+        for (name, value) in options {
+            if let Some(value) = value {
+                out.push(sep);
+                out.push_str(&format!("{name}={value}"));
+                sep = '&';
+            }
         }
         out
     }

@@ -366,15 +366,24 @@ pub async fn run(link: Rc<Link>) {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let opened = backend::open(
-            target.addr,
-            Duration::from_millis(cfg.connect_timeout_ms),
-            &params,
-            &link.user,
-            &link.password,
-            link.message_bytes_max,
-        )
-        .await;
+        let opened = match target.url.tls_cached() {
+            Ok(tls) => {
+                backend::open(
+                    target.addr,
+                    Duration::from_millis(cfg.connect_timeout_ms),
+                    &params,
+                    &link.user,
+                    &link.password,
+                    link.message_bytes_max,
+                    &tls,
+                )
+                .await
+            }
+            Err(message) => Err(backend::BackendError::Tls {
+                addr: target.addr,
+                message,
+            }),
+        };
         let failure = match opened {
             Ok(stream) => {
                 if connected_before {

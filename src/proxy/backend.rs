@@ -30,6 +30,8 @@ pub enum BackendError {
         code: String,
         message: String,
     },
+    #[error("TLS settings for {addr}: {message}")]
+    Tls { addr: SocketAddr, message: String },
     #[error("protocol error talking to {addr}")]
     Protocol {
         addr: SocketAddr,
@@ -58,11 +60,12 @@ pub async fn open(
     user: &str,
     password: &str,
     message_bytes_max: usize,
+    tls: &crate::tls::Upstream,
 ) -> Result<TcpStream, BackendError> {
     let limit_ms = limit.as_millis() as u64;
     match within(
         limit,
-        handshake(addr, limit, params, user, password, message_bytes_max),
+        handshake(addr, limit, params, user, password, message_bytes_max, tls),
     )
     .await
     {
@@ -78,12 +81,16 @@ async fn handshake(
     user: &str,
     password: &str,
     message_bytes_max: usize,
+    tls: &crate::tls::Upstream,
 ) -> Result<TcpStream, BackendError> {
     let protocol = |source| BackendError::Protocol { addr, source };
-    let stream = TcpStream::connect(addr, limit)
+    let mut stream = TcpStream::connect(addr, limit)
         .await
         .map_err(|source| BackendError::Connect { addr, source })?;
     let _ = stream.set_nodelay(true);
+    tls.negotiate(&mut stream)
+        .await
+        .map_err(|source| BackendError::Connect { addr, source })?;
     let mut out = BytesMut::new();
     wire::encode::startup_message(&mut out, params).map_err(protocol)?;
     let io = |source| BackendError::Connect { addr, source };

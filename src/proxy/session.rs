@@ -22,7 +22,7 @@ use crate::compare::{self, Comparer};
 use crate::mirror::{self, Link, MirrorStats, MirrorTarget, Router};
 use crate::runtime::exec::net::TcpStream;
 use crate::runtime::exec::{self, within};
-use crate::wire::{self, StartupPacket, sqlstate};
+use crate::wire::{self, StartupPacket, sqlstate, tag};
 use bytes::{Bytes, BytesMut};
 
 /// How long a shadow may take to finish what it was sent after the client left.
@@ -41,6 +41,12 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     pub sessions_per_shard_max: usize,
     pub pipeline_depth_max: usize,
+    /// `[client-tls]`: the TLS server side offered to clients that ask (None: answered `N`).
+    pub client_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// Plain-text sessions are refused.
+    pub client_tls_required: bool,
+    /// TLS towards the primary (its URL's `sslmode`).
+    pub primary_tls: crate::tls::Upstream,
 }
 
 /// Everything a shard owns for its sessions.
@@ -238,7 +244,7 @@ fn error_bytes(severity: &str, code: &str, message: &str) -> Bytes {
 }
 
 /// Serves one accepted client connection to its end.
-pub async fn serve_client(shard: Rc<ShardCtx>, client: TcpStream) {
+pub async fn serve_client(shard: Rc<ShardCtx>, mut client: TcpStream) {
     let accepted = Instant::now();
     let stats = &shard.stats;
     ShardStats::bump(&stats.counters.connections_accepted, 1);
@@ -259,7 +265,7 @@ pub async fn serve_client(shard: Rc<ShardCtx>, client: TcpStream) {
 
     let startup = within(
         shard.settings.startup_timeout,
-        read_startup(&shard, &client, &mut buf),
+        read_startup(&shard, &mut client, &mut buf),
     )
     .await;
     let packet = match startup {
@@ -310,21 +316,62 @@ enum Startup {
 /// The client closed the connection (or broke it) before a session could start.
 struct Closed;
 
-/// Reads the startup packet, answering SSLRequest and GSSENCRequest with `N` on the way.
+/// Reads the startup packet. SSLRequest starts TLS when `[client-tls]` offers it and is
+/// answered `N` otherwise; GSSENCRequest is answered `N`.
 async fn read_startup(
     shard: &ShardCtx,
-    client: &TcpStream,
+    client: &mut TcpStream,
     buf: &mut BytesMut,
 ) -> Result<Startup, Closed> {
+    let counters = &shard.stats.counters;
     loop {
         match wire::split_startup(buf, STARTUP_BYTES_MAX) {
             Ok(Some(packet)) => match StartupPacket::parse(&packet) {
+                Ok(StartupPacket::SslRequest) if !client.is_tls() => {
+                    let Some(config) = shard.settings.client_tls.clone() else {
+                        ShardStats::bump(&counters.ssl_refused, 1);
+                        client.write_all(b"N").await.map_err(|_| Closed)?;
+                        continue;
+                    };
+                    if !buf.is_empty() {
+                        // Bytes sent after SSLRequest before our answer would bypass TLS
+                        // (the attack of CVE-2021-23214): refuse them.
+                        ShardStats::bump(&counters.protocol_errors, 1);
+                        let msg = error_bytes(
+                            "FATAL",
+                            sqlstate::PROTOCOL_VIOLATION,
+                            "received unencrypted data after SSL request",
+                        );
+                        let _ = client.write_all(&msg).await;
+                        return Err(Closed);
+                    }
+                    client.write_all(b"S").await.map_err(|_| Closed)?;
+                    if let Err(err) = client.start_tls_server(config).await {
+                        ShardStats::bump(&counters.client_tls_failures, 1);
+                        tracing::debug!(shard = shard.index, error = %err, "client TLS handshake failed");
+                        return Err(Closed);
+                    }
+                    ShardStats::bump(&counters.client_tls_sessions, 1);
+                    continue;
+                }
                 Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => {
-                    ShardStats::bump(&shard.stats.counters.ssl_refused, 1);
+                    ShardStats::bump(&counters.ssl_refused, 1);
                     client.write_all(b"N").await.map_err(|_| Closed)?;
                     continue;
                 }
                 Ok(StartupPacket::Cancel { .. }) => return Ok(Startup::Cancel(packet)),
+                Ok(StartupPacket::Startup { .. })
+                    if shard.settings.client_tls_required && !client.is_tls() =>
+                {
+                    ShardStats::bump(&counters.client_tls_refused, 1);
+                    let msg = error_bytes(
+                        "FATAL",
+                        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                        "pgprism accepts TLS connections only (client-tls.mode = require)",
+                    );
+                    let _ = client.write_all(&msg).await;
+                    return Err(Closed);
+                }
                 Ok(StartupPacket::Startup { .. }) => return Ok(Startup::Session(packet)),
                 Err(err) => return Err(protocol_error(shard, client, &err).await),
             },
@@ -351,9 +398,21 @@ async fn protocol_error(shard: &ShardCtx, client: &TcpStream, err: &wire::WireEr
 
 async fn connect_primary(shard: &ShardCtx) -> io::Result<TcpStream> {
     let settings = &shard.settings;
-    let primary = TcpStream::connect(settings.primary_addr, settings.connect_timeout).await?;
+    let mut primary = TcpStream::connect(settings.primary_addr, settings.connect_timeout).await?;
     let _ = primary.set_nodelay(true);
-    Ok(primary)
+    let negotiated = within(
+        settings.connect_timeout,
+        settings.primary_tls.negotiate(&mut primary),
+    )
+    .await;
+    match negotiated {
+        Some(Ok(_)) => Ok(primary),
+        Some(Err(err)) => Err(err),
+        None => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "TLS negotiation timed out (proxy.connect-timeout-ms)",
+        )),
+    }
 }
 
 /// Forwards a CancelRequest verbatim: the key in it is the primary's own (see module doc).
@@ -694,6 +753,46 @@ fn push_stamp(
     }
 }
 
+/// A client without TLS must not be offered the SCRAM channel binding that only pgprism's own
+/// TLS connection to the primary could give (libpq refuses such an offer, and the binding
+/// would be to the wrong connection): SCRAM-SHA-256-PLUS is dropped from AuthenticationSASL,
+/// and the client authenticates with plain SCRAM-SHA-256, which the server accepts.
+fn without_channel_binding(frames: Bytes) -> Bytes {
+    const SASL: [u8; 4] = [0, 0, 0, 10];
+    let mut out = BytesMut::with_capacity(frames.len());
+    let mut changed = false;
+    let mut at = 0;
+    while let Some(head) = frames.get(at..at + wire::HEADER_BYTES) {
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let end = at + 1 + len;
+        let Some(body) = frames.get(at + wire::HEADER_BYTES..end) else {
+            break;
+        };
+        if head[0] == tag::AUTHENTICATION && body.starts_with(&SASL) {
+            let mut rebuilt = SASL.to_vec();
+            for mechanism in body[4..].split(|b| *b == 0) {
+                if !mechanism.is_empty() && mechanism != b"SCRAM-SHA-256-PLUS" {
+                    rebuilt.extend_from_slice(mechanism);
+                    rebuilt.push(0);
+                }
+            }
+            rebuilt.push(0);
+            out.extend_from_slice(&[tag::AUTHENTICATION]);
+            out.extend_from_slice(&((rebuilt.len() + 4) as u32).to_be_bytes());
+            out.extend_from_slice(&rebuilt);
+            changed = true;
+        } else {
+            out.extend_from_slice(&frames[at..end]);
+        }
+        at = end;
+    }
+    if !changed {
+        return frames;
+    }
+    out.extend_from_slice(&frames[at..]);
+    out.freeze()
+}
+
 /// Primary → client: relays every complete message, tracks ReadyForQuery (transaction status,
 /// latency), and tells the client clearly when the primary goes away.
 async fn downstream(
@@ -749,6 +848,7 @@ async fn downstream(
         ShardStats::bump(&stats.counters.primary_errors, errors);
         shared.status.set(status);
         answered.clear();
+        let starting = !shared.ready.get();
         for _ in 0..ready_for_query {
             if !shared.ready.get() {
                 // The first ReadyForQuery ends startup; no client sync point asked for it.
@@ -762,7 +862,10 @@ async fn downstream(
         if complete == 0 {
             continue;
         }
-        let frames = buf.split_to(complete).freeze();
+        let mut frames = buf.split_to(complete).freeze();
+        if starting && primary.is_tls() && !client.is_tls() {
+            frames = without_channel_binding(frames);
+        }
         shared.writing.set(true);
         let written = client.write_all(&frames).await;
         shared.writing.set(false);
@@ -841,7 +944,10 @@ async fn downstream_compare(
             shared.ready.set(true);
             shared.status.set(status);
         }
-        let frames = pbuf.split_to(complete).freeze();
+        let mut frames = pbuf.split_to(complete).freeze();
+        if primary.is_tls() && !client.is_tls() {
+            frames = without_channel_binding(frames);
+        }
         shared.writing.set(true);
         let failed = !frames.is_empty() && client.write_all(&frames).await.is_err();
         shared.writing.set(false);

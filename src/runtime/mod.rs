@@ -89,6 +89,23 @@ pub fn run_proxy_with(
             message,
         })?;
     let primary_label = primary.address();
+    let client_tls_mode = cfg.client_tls.effective_mode()?;
+    let client_tls = match client_tls_mode {
+        crate::config::ClientTlsMode::Disable => None,
+        _ => Some(
+            crate::tls::server_config(&cfg.client_tls.cert_file, &cfg.client_tls.key_file)
+                .map_err(|message| crate::config::ConfigError::Key {
+                    path: "client-tls.cert-file".into(),
+                    message,
+                })?,
+        ),
+    };
+    let primary_tls = primary
+        .tls()
+        .map_err(|message| crate::config::ConfigError::Key {
+            path: "primary.url".into(),
+            message,
+        })?;
     let primary_addr = primary_label
         .to_socket_addrs()
         .and_then(|mut addrs| {
@@ -163,6 +180,9 @@ pub fn run_proxy_with(
                 connect_timeout: Duration::from_millis(cfg.proxy.connect_timeout_ms),
                 sessions_per_shard_max: cfg.proxy.sessions_per_shard_max,
                 pipeline_depth_max: cfg.proxy.pipeline_depth_max,
+                client_tls: client_tls.clone(),
+                client_tls_required: client_tls_mode == crate::config::ClientTlsMode::Require,
+                primary_tls: primary_tls.clone(),
             },
             read_chunk_bytes: cfg.proxy.read_chunk_bytes,
             latency_us_max: cfg.metrics.latency_us_max,

@@ -17,6 +17,8 @@ pub const ADMIN_SHUTDOWN: &str = "57P01";
 pub const QUERY_CANCELED: &str = "57014";
 /// 28P01: the client's password was wrong.
 pub const INVALID_PASSWORD: &str = "28P01";
+/// invalid_authorization_specification (e.g. no pg_hba.conf entry: TLS required).
+pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";
 /// 53300: the connection limit is reached.
 pub const TOO_MANY_CONNECTIONS: &str = "53300";
 /// XX000: a bug in pgprism.

@@ -21,6 +21,7 @@
 pub mod net;
 mod reactor;
 mod timer;
+mod tls;
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;

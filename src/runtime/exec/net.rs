@@ -8,6 +8,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -15,11 +16,12 @@ use bytes::BytesMut;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::reactor::Source;
+use super::tls::Tls;
 use super::{current, within};
 
-struct Registered {
+pub(super) struct Registered {
     fd: OwnedFd,
-    source: Rc<Source>,
+    pub(super) source: Rc<Source>,
 }
 
 impl Registered {
@@ -28,12 +30,12 @@ impl Registered {
         Ok(Registered { fd, source })
     }
 
-    fn wait_readable(&self, cx: &Context<'_>) {
+    pub(super) fn wait_readable(&self, cx: &Context<'_>) {
         self.source.readable.set(false);
         self.source.read_waker.set(Some(cx.waker().clone()));
     }
 
-    fn wait_writable(&self, cx: &Context<'_>) {
+    pub(super) fn wait_writable(&self, cx: &Context<'_>) {
         self.source.writable.set(false);
         self.source.write_waker.set(Some(cx.waker().clone()));
     }
@@ -51,6 +53,50 @@ impl Drop for Registered {
 
 fn would_block(err: &io::Error) -> bool {
     err.kind() == io::ErrorKind::WouldBlock
+}
+
+/// One non-blocking `recv` into `buf` (EINTR retried).
+pub(super) fn sys_recv(io: &Registered, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: pointer and length describe the live, initialised slice `buf`.
+        let n = unsafe {
+            libc::recv(
+                io.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// One non-blocking `send` of `data` (EINTR retried).
+pub(super) fn sys_send(io: &Registered, data: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: pointer and length describe the live slice `data`.
+        let n = unsafe {
+            libc::send(
+                io.fd.as_raw_fd(),
+                data.as_ptr().cast(),
+                data.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
 }
 
 /// A listening socket whose accepted connections belong to this shard.
@@ -103,17 +149,45 @@ impl TcpListener {
     }
 }
 
-/// A connected TCP socket. Clone it to read in one task and write in another.
+/// A connected TCP socket, optionally with TLS over it. Clone it to read in one task and
+/// write in another.
 #[derive(Clone)]
 pub struct TcpStream {
     io: Rc<Registered>,
+    tls: Option<Rc<Tls>>,
 }
 
 impl TcpStream {
     fn from_fd(fd: OwnedFd) -> io::Result<TcpStream> {
         Ok(TcpStream {
             io: Rc::new(Registered::new(fd)?),
+            tls: None,
         })
+    }
+
+    /// Runs a TLS client handshake (after the server's `S`); from then on reads and writes
+    /// carry plaintext through TLS. Call before cloning the handle.
+    pub async fn start_tls_client(
+        &mut self,
+        config: Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+    ) -> io::Result<()> {
+        let tls = Tls::client(config, name)?;
+        tls.handshake(&self.io).await?;
+        self.tls = Some(Rc::new(tls));
+        Ok(())
+    }
+
+    /// Runs a TLS server handshake (after answering `S`). Call before cloning the handle.
+    pub async fn start_tls_server(&mut self, config: Arc<rustls::ServerConfig>) -> io::Result<()> {
+        let tls = Tls::server(config)?;
+        tls.handshake(&self.io).await?;
+        self.tls = Some(Rc::new(tls));
+        Ok(())
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| !t.is_handshaking())
     }
 
     /// Connects without blocking the shard, failing with `TimedOut` after `limit`.
@@ -182,6 +256,9 @@ impl TcpStream {
     ) -> impl Future<Output = io::Result<usize>> + 'a {
         futures_lite::future::poll_fn(move |cx| {
             let io = &self.io;
+            if let Some(tls) = &self.tls {
+                return tls.poll_read(io, cx, buf, chunk);
+            }
             if !io.source.readable.get() {
                 io.source.read_waker.set(Some(cx.waker().clone()));
                 return Poll::Pending;
@@ -226,6 +303,9 @@ impl TcpStream {
 
     /// Writes all of `data`, waiting for socket space as needed (backpressure).
     pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        if let Some(tls) = &self.tls {
+            return tls.write_all(&self.io, data).await;
+        }
         futures_lite::future::poll_fn(|cx| {
             let io = &self.io;
             while !data.is_empty() {
@@ -270,6 +350,10 @@ impl TcpStream {
     /// Best-effort immediate write of a short message (an ErrorResponse to a connection being
     /// closed); whatever does not fit in the socket buffer is dropped.
     pub fn write_now(&self, data: &[u8]) {
+        if let Some(tls) = &self.tls {
+            tls.write_now(&self.io, data);
+            return;
+        }
         // SAFETY: pointer and length describe the live slice `data`.
         unsafe {
             libc::send(
@@ -283,6 +367,9 @@ impl TcpStream {
 
     /// Shuts both directions down: every handle's reads see end-of-stream at once.
     pub fn shutdown(&self) {
+        if let Some(tls) = &self.tls {
+            tls.close(&self.io);
+        }
         let _ = socket2::SockRef::from(&self.io.fd).shutdown(std::net::Shutdown::Both);
     }
 }

@@ -1,0 +1,255 @@
+//! TLS over a shard socket, with rustls driven by hand: ciphertext moves between the socket and
+//! rustls in non-blocking `recv`/`send` calls on the shard's own readiness, so a TLS session
+//! costs no thread and no extra task. The state sits behind the socket's `Rc` handle like the
+//! socket itself: one task may read while another writes. Borrows of the rustls connection
+//! never span an `.await`.
+//!
+//! Reads: plaintext rustls already holds goes out first; then ciphertext read earlier but not
+//! yet taken by rustls; only then the socket. Writes: plaintext goes into rustls, the records
+//! it makes are queued in `outgoing` and sent from the front. Both directions may send from
+//! `outgoing` (the read side only without waiting, for alerts), always from its front, so
+//! records never interleave. Memory is bounded: one 16 KiB record in, rustls' own send buffer
+//! limit out (a writer waits until `outgoing` drains before handing rustls more).
+
+use std::cell::{Cell, RefCell};
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+
+use super::net::{Registered, sys_recv, sys_send};
+
+/// The largest TLS record (16 KiB of payload plus header and expansion).
+const RECORD_BYTES_MAX: usize = 16 * 1024 + 2048;
+
+pub(super) struct Tls {
+    conn: RefCell<rustls::Connection>,
+    /// Ciphertext read from the socket and not yet taken by rustls, from `incoming_at`.
+    incoming: RefCell<Vec<u8>>,
+    incoming_at: Cell<usize>,
+    /// Ciphertext made by rustls and not yet taken by the socket.
+    outgoing: RefCell<Vec<u8>>,
+}
+
+fn tls_error(err: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, err)
+}
+
+impl Tls {
+    pub(super) fn new(conn: rustls::Connection) -> Tls {
+        Tls {
+            conn: RefCell::new(conn),
+            incoming: RefCell::new(Vec::with_capacity(RECORD_BYTES_MAX)),
+            incoming_at: Cell::new(0),
+            outgoing: RefCell::new(Vec::new()),
+        }
+    }
+
+    pub(super) fn client(
+        config: Arc<rustls::ClientConfig>,
+        name: rustls::pki_types::ServerName<'static>,
+    ) -> io::Result<Tls> {
+        let conn = rustls::ClientConnection::new(config, name).map_err(tls_error)?;
+        Ok(Tls::new(conn.into()))
+    }
+
+    pub(super) fn server(config: Arc<rustls::ServerConfig>) -> io::Result<Tls> {
+        let conn = rustls::ServerConnection::new(config).map_err(tls_error)?;
+        Ok(Tls::new(conn.into()))
+    }
+
+    pub(super) fn is_handshaking(&self) -> bool {
+        self.conn.borrow().is_handshaking()
+    }
+
+    /// Moves every record rustls has made into `outgoing`.
+    fn collect_outgoing(&self) -> io::Result<()> {
+        let mut conn = self.conn.borrow_mut();
+        let mut out = self.outgoing.borrow_mut();
+        while conn.wants_write() {
+            conn.write_tls(&mut *out)?;
+        }
+        Ok(())
+    }
+
+    /// Feeds buffered ciphertext to rustls. `Ok(false)`: nothing was buffered.
+    fn feed(&self, io: &Registered) -> io::Result<bool> {
+        let at = self.incoming_at.get();
+        let incoming = self.incoming.borrow();
+        if at >= incoming.len() {
+            return Ok(false);
+        }
+        let mut rest = &incoming[at..];
+        let taken = self.conn.borrow_mut().read_tls(&mut rest)?;
+        self.incoming_at.set(at + taken);
+        drop(incoming);
+        let processed = self.conn.borrow_mut().process_new_packets();
+        // Handshake replies, alerts and key updates go out now, without waiting.
+        self.collect_outgoing()?;
+        self.try_flush(io);
+        processed.map_err(tls_error)?;
+        Ok(true)
+    }
+
+    /// Reads ciphertext from the socket into `incoming`. `Ready(Ok(0))` is end-of-stream.
+    fn poll_fill(&self, io: &Registered, cx: &Context<'_>) -> Poll<io::Result<usize>> {
+        if !io.source.readable.get() {
+            io.source.read_waker.set(Some(cx.waker().clone()));
+            return Poll::Pending;
+        }
+        let mut incoming = self.incoming.borrow_mut();
+        incoming.clear();
+        self.incoming_at.set(0);
+        incoming.resize(RECORD_BYTES_MAX, 0);
+        match sys_recv(io, &mut incoming[..]) {
+            Ok(n) => {
+                incoming.truncate(n);
+                Poll::Ready(Ok(n))
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                incoming.clear();
+                io.wait_readable(cx);
+                Poll::Pending
+            }
+            Err(err) => {
+                incoming.clear();
+                Poll::Ready(Err(err))
+            }
+        }
+    }
+
+    /// Sends what it can of `outgoing` without waiting.
+    pub(super) fn try_flush(&self, io: &Registered) {
+        let mut out = self.outgoing.borrow_mut();
+        while !out.is_empty() {
+            match sys_send(io, &out) {
+                Ok(n) if n > 0 => drop(out.drain(..n)),
+                _ => break,
+            }
+        }
+    }
+
+    /// Sends all of `outgoing`, waiting for socket space.
+    fn poll_flush(&self, io: &Registered, cx: &Context<'_>) -> Poll<io::Result<()>> {
+        let mut out = self.outgoing.borrow_mut();
+        while !out.is_empty() {
+            if !io.source.writable.get() {
+                io.source.write_waker.set(Some(cx.waker().clone()));
+                return Poll::Pending;
+            }
+            match sys_send(io, &out) {
+                Ok(n) => {
+                    out.drain(..n);
+                    if !out.is_empty() {
+                        io.wait_writable(cx);
+                        return Poll::Pending;
+                    }
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    io.wait_writable(cx);
+                    return Poll::Pending;
+                }
+                Err(err) => return Poll::Ready(Err(err)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    pub(super) async fn flush(&self, io: &Registered) -> io::Result<()> {
+        futures_lite::future::poll_fn(|cx| self.poll_flush(io, cx)).await
+    }
+
+    /// Runs the handshake to its end.
+    pub(super) async fn handshake(&self, io: &Registered) -> io::Result<()> {
+        loop {
+            self.collect_outgoing()?;
+            self.flush(io).await?;
+            if !self.is_handshaking() {
+                return Ok(());
+            }
+            if self.feed(io)? {
+                continue;
+            }
+            let n = futures_lite::future::poll_fn(|cx| self.poll_fill(io, cx)).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection during the TLS handshake",
+                ));
+            }
+        }
+    }
+
+    /// Plaintext into `buf` (at most `chunk` bytes). `Ok(0)` is end-of-stream (close_notify
+    /// or the socket's end).
+    pub(super) fn poll_read(
+        &self,
+        io: &Registered,
+        cx: &Context<'_>,
+        buf: &mut BytesMut,
+        chunk: usize,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            {
+                let mut conn = self.conn.borrow_mut();
+                let start = buf.len();
+                buf.resize(start + chunk.clamp(1, RECORD_BYTES_MAX), 0);
+                let read = conn.reader().read(&mut buf[start..]);
+                match read {
+                    Ok(n) => {
+                        buf.truncate(start + n);
+                        return Poll::Ready(Ok(n));
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => buf.truncate(start),
+                    Err(err) => {
+                        buf.truncate(start);
+                        return Poll::Ready(Err(err));
+                    }
+                }
+            }
+            match self.feed(io) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(err) => return Poll::Ready(Err(err)),
+            }
+            match self.poll_fill(io, cx) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Writes all of `data` (encrypted), waiting for socket space as needed.
+    pub(super) async fn write_all(&self, io: &Registered, mut data: &[u8]) -> io::Result<()> {
+        loop {
+            if !data.is_empty() {
+                let n = self.conn.borrow_mut().writer().write(data)?;
+                data = &data[n..];
+            }
+            self.collect_outgoing()?;
+            self.flush(io).await?;
+            if data.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Best effort, without waiting (see `TcpStream::write_now`).
+    pub(super) fn write_now(&self, io: &Registered, data: &[u8]) {
+        let _ = self.conn.borrow_mut().writer().write(data);
+        if self.collect_outgoing().is_ok() {
+            self.try_flush(io);
+        }
+    }
+
+    /// Sends close_notify, best effort.
+    pub(super) fn close(&self, io: &Registered) {
+        self.conn.borrow_mut().send_close_notify();
+        if self.collect_outgoing().is_ok() {
+            self.try_flush(io);
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! TLS settings, built once at start-up: pgprism as a TLS server for its clients
+//! (`[client-tls]`), and as a TLS client of the databases it connects to, with libpq's
+//! `sslmode`, `sslrootcert`, `sslcert` and `sslkey` in their URLs. The handshakes themselves
+//! run on the shard runtime (`runtime::exec::tls`).
+//!
+//! `sslmode` means what it means to libpq: `disable` and `allow` connect in plain text
+//! (pgprism does not retry `allow` with TLS), `prefer` asks for TLS and goes on in plain text
+//! when the server declines, `require` insists on TLS without checking the certificate,
+//! `verify-ca` checks the chain against `sslrootcert`, `verify-full` also the host name. Unix
+//! socket connections never use TLS (as with libpq).
+
+use std::io;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use crate::runtime::exec::net::TcpStream;
+
+/// ALPN protocol name PostgreSQL 17 registers; older servers ignore it.
+const ALPN: &[u8] = b"postgresql";
+
+/// SSLRequest: length 8, code 80877103.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SslMode {
+    Disable,
+    Allow,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn parse(text: &str) -> Result<SslMode, String> {
+        Ok(match text {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => {
+                return Err(format!(
+                    "sslmode `{other}`: expected disable, allow, prefer, require, verify-ca or verify-full"
+                ));
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_certs(path: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{what} `{path}`: {e}"))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{what} `{path}`: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{what} `{path}`: no PEM certificate in it"));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &str, what: &str) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{what} `{path}`: {e}"))
+}
+
+/// How pgprism connects to one database: plain, or TLS with this configuration.
+#[derive(Clone)]
+pub struct Upstream {
+    pub mode: SslMode,
+    config: Option<Arc<rustls::ClientConfig>>,
+    name: Option<ServerName<'static>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sslmode={}", self.mode.name())
+    }
+}
+
+impl Upstream {
+    pub fn plain() -> Upstream {
+        Upstream {
+            mode: SslMode::Disable,
+            config: None,
+            name: None,
+        }
+    }
+
+    /// Builds the client side of TLS for a database at `host` (a name, an IP address, or a
+    /// Unix socket directory). Errors name the file or value at fault.
+    pub fn new(
+        mode: SslMode,
+        host: &str,
+        root_cert: Option<&str>,
+        cert: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<Upstream, String> {
+        if mode <= SslMode::Allow || host.starts_with('/') {
+            return Ok(Upstream {
+                mode: SslMode::Disable,
+                config: None,
+                name: None,
+            });
+        }
+        let provider = provider();
+        let algorithms = provider.signature_verification_algorithms;
+        let verifier: Arc<dyn ServerCertVerifier> = if mode >= SslMode::VerifyCa {
+            let path = root_cert.ok_or_else(|| {
+                format!(
+                    "sslmode={} needs sslrootcert (a PEM file of the CA certificates to trust)",
+                    mode.name()
+                )
+            })?;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in read_certs(path, "sslrootcert")? {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("sslrootcert `{path}`: {e}"))?;
+            }
+            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                roots.into(),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| format!("sslrootcert `{path}`: {e}"))?;
+            Arc::new(Verifier {
+                webpki: Some(webpki),
+                check_name: mode == SslMode::VerifyFull,
+                algorithms,
+            })
+        } else {
+            Arc::new(Verifier {
+                webpki: None,
+                check_name: false,
+                algorithms,
+            })
+        };
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let mut config = match (cert, key) {
+            (Some(cert), Some(key)) => builder
+                .with_client_auth_cert(read_certs(cert, "sslcert")?, read_key(key, "sslkey")?)
+                .map_err(|e| format!("sslcert/sslkey: {e}"))?,
+            (None, None) => builder.with_no_client_auth(),
+            _ => return Err("sslcert and sslkey go together".to_string()),
+        };
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        let name = ServerName::try_from(host.to_string())
+            .map_err(|e| format!("host `{host}` is not a valid TLS server name: {e}"))?;
+        Ok(Upstream {
+            mode,
+            config: Some(Arc::new(config)),
+            name: Some(name),
+        })
+    }
+
+    /// After connecting: asks for TLS when the mode says so and runs the handshake.
+    /// `Ok(true)`: the connection is now encrypted.
+    pub async fn negotiate(&self, stream: &mut TcpStream) -> io::Result<bool> {
+        let (Some(config), Some(name)) = (&self.config, &self.name) else {
+            return Ok(false);
+        };
+        stream.write_all(&SSL_REQUEST).await?;
+        let mut answer = bytes::BytesMut::with_capacity(1);
+        while answer.is_empty() {
+            if stream.read_buf(&mut answer, 1).await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection after SSLRequest",
+                ));
+            }
+        }
+        match answer[0] {
+            b'S' => {
+                stream
+                    .start_tls_client(config.clone(), name.clone())
+                    .await?;
+                Ok(true)
+            }
+            b'N' if self.mode == SslMode::Prefer => Ok(false),
+            b'N' => Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!(
+                    "the server does not support TLS, but sslmode={}",
+                    self.mode.name()
+                ),
+            )),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected answer to SSLRequest: byte {other:#04x}"),
+            )),
+        }
+    }
+}
+
+/// Checks the certificate as the mode asks: nothing (`require`), the chain (`verify-ca`), or
+/// the chain and the name (`verify-full`). Handshake signatures are always verified, so the
+/// peer does hold the key of the certificate it showed.
+#[derive(Debug)]
+struct Verifier {
+    webpki: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    check_name: bool,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for Verifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(webpki) = &self.webpki else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) if !self.check_name => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// pgprism's own TLS server side for clients, from PEM files.
+pub fn server_config(cert_file: &str, key_file: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+    let certs = read_certs(cert_file, "client-tls.cert-file")?;
+    let key = read_key(key_file, "client-tls.key-file")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("client-tls: the key does not fit the certificate: {e}"))?;
+    // A client that offers ALPN must offer PostgreSQL's (PostgreSQL 17 does the same); clients
+    // that offer none are served.
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
