@@ -662,3 +662,445 @@ fn session_settings_are_replayed_after_a_mirror_reconnect() {
     let (_, metrics) = proxy.admin_get("/metrics");
     assert!(!metrics.contains("sqlstate=\"42P01\""), "{metrics}");
 }
+
+/// A simple Query on a raw connection; panics on an ErrorResponse.
+fn raw_query(s: &mut std::net::TcpStream, sql: &str) {
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    s.write_all(&support::raw::message(b'Q', &body)).unwrap();
+    expect_ready(s, sql);
+}
+
+/// Reads up to ReadyForQuery; panics on an ErrorResponse.
+fn expect_ready(s: &mut std::net::TcpStream, what: &str) {
+    let msgs = support::raw::read_until_ready(s);
+    assert_eq!(msgs.last().map(|m| m.0), Some(b'Z'), "{what}: {msgs:?}");
+    if let Some((_, body)) = msgs.iter().find(|m| m.0 == b'E') {
+        panic!(
+            "{what}: {:?}",
+            support::raw::error_field(body, b'M').unwrap_or_default()
+        );
+    }
+}
+
+fn cstr(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(s.as_bytes());
+    out.push(0);
+}
+
+/// Parse with explicit parameter types.
+fn parse_msg(name: &str, sql: &str, types: &[u32]) -> Vec<u8> {
+    let mut body = Vec::new();
+    cstr(&mut body, name);
+    cstr(&mut body, sql);
+    body.extend_from_slice(&(types.len() as u16).to_be_bytes());
+    for t in types {
+        body.extend_from_slice(&t.to_be_bytes());
+    }
+    support::raw::message(b'P', &body)
+}
+
+/// Bind (unnamed portal, text parameters), Execute and Sync.
+fn bind_execute_sync(statement: &str, params: &[&str]) -> Vec<u8> {
+    let mut body = Vec::new();
+    cstr(&mut body, "");
+    cstr(&mut body, statement);
+    body.extend_from_slice(&0u16.to_be_bytes());
+    body.extend_from_slice(&(params.len() as u16).to_be_bytes());
+    for p in params {
+        body.extend_from_slice(&(p.len() as i32).to_be_bytes());
+        body.extend_from_slice(p.as_bytes());
+    }
+    body.extend_from_slice(&0u16.to_be_bytes());
+    let mut out = support::raw::message(b'B', &body);
+    let mut exec = Vec::new();
+    cstr(&mut exec, "");
+    exec.extend_from_slice(&0i32.to_be_bytes());
+    out.extend(support::raw::message(b'E', &exec));
+    out.extend(support::raw::message(b'S', &[]));
+    out
+}
+
+/// Mirror ErrorResponses other than the FATAL 57P01 a terminated mirror session sends last.
+fn mirror_errors_but_terminations(proxy: &Proxy) -> u64 {
+    let (_, body) = proxy.admin_get("/metrics");
+    body.lines()
+        .filter(|l| {
+            l.starts_with("pgprism_mirror_errors_by_sqlstate_total{")
+                && !l.contains("sqlstate=\"57P01\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Ends every client session on `inst` (the mirror sessions pgprism holds there).
+fn terminate_sessions(inst: &Instance) {
+    inst.psql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+    )
+    .unwrap();
+}
+
+#[test]
+fn sql_prepared_statements_replay_under_the_default_filter() {
+    let (p, m1, m2) = (
+        start_primary("qp"),
+        start_primary("q1"),
+        start_primary("q2"),
+    );
+    let proxy = Proxy::start(
+        &p.url(),
+        &["--mirror", &mirror_url(&m1), "--mirror", &mirror_url(&m2)],
+    );
+    let mut c = proxy.client();
+    c.batch_execute("CREATE TABLE sp (id int PRIMARY KEY, v text); CREATE SEQUENCE sq")
+        .unwrap();
+    // Outside transactions, one statement per Query.
+    c.batch_execute("PREPARE ins(int, text) AS INSERT INTO sp VALUES ($1, $2)")
+        .unwrap();
+    c.batch_execute("EXECUTE ins(1, 'a')").unwrap();
+    c.batch_execute("EXECUTE ins(2, 'b')").unwrap();
+    // Inside transactions: a statement the mirror would reject there would abort the rest of
+    // the transaction on it (and the mirror would silently miss the rows).
+    c.batch_execute("BEGIN").unwrap();
+    c.batch_execute("EXECUTE ins(3, 'c')").unwrap();
+    c.batch_execute("EXECUTE ins(4, 'd')").unwrap();
+    c.batch_execute("COMMIT").unwrap();
+    // A SELECT's PREPARE is filtered; its EXECUTE and DEALLOCATE must not reach the mirrors.
+    // (nextval() makes a SELECT that reached a mirror visible there.)
+    c.batch_execute("PREPARE sel AS SELECT count(*), nextval('sq') FROM sp")
+        .unwrap();
+    c.batch_execute("EXECUTE sel").unwrap();
+    c.batch_execute("BEGIN").unwrap();
+    c.batch_execute("EXECUTE sel").unwrap();
+    c.batch_execute("EXECUTE ins(5, 'e')").unwrap();
+    c.batch_execute("COMMIT").unwrap();
+    // All of it in multi-statement Queries.
+    c.batch_execute(
+        "BEGIN; PREPARE upd(int) AS UPDATE sp SET v = v || '!' WHERE id = $1; \
+         EXECUTE upd(1); EXECUTE sel; EXECUTE ins(6, 'f'); COMMIT",
+    )
+    .unwrap();
+    c.batch_execute("EXECUTE sel; DEALLOCATE sel; EXECUTE upd(2)")
+        .unwrap();
+    c.batch_execute("DEALLOCATE sel; PREPARE sel AS SELECT 1; DEALLOCATE PREPARE sel")
+        .unwrap_err();
+    c.batch_execute("PREPARE sel AS SELECT 1; DEALLOCATE PREPARE sel")
+        .unwrap();
+    // Quoted names keep their case, unquoted ones fold to lower case.
+    c.batch_execute(r#"PREPARE "InsQ"(int) AS INSERT INTO sp VALUES ($1, 'quoted')"#)
+        .unwrap();
+    c.batch_execute(r#"EXECUTE "InsQ"(7)"#).unwrap();
+    c.batch_execute("PREPARE InsU(int) AS INSERT INTO sp VALUES ($1, 'folded')")
+        .unwrap();
+    c.batch_execute("EXECUTE insu(8); EXECUTE INSU(9)").unwrap();
+    // Deallocated where it exists, so preparing the name again works on the mirrors too.
+    c.batch_execute("DEALLOCATE ins").unwrap();
+    c.batch_execute("PREPARE ins(int, text) AS INSERT INTO sp VALUES ($1, $2 || '2')")
+        .unwrap();
+    c.batch_execute("EXECUTE ins(10, 'x')").unwrap();
+    c.batch_execute("DEALLOCATE ALL").unwrap();
+    c.batch_execute("PREPARE ins(int) AS INSERT INTO sp VALUES ($1, 'after all'); EXECUTE ins(11)")
+        .unwrap();
+    drop(c);
+    let cols = "id, v";
+    assert!(
+        converged(&p, &[&m1, &m2], "sp", cols),
+        "mirrors differ:\nprimary {}\nm1 {}\nm2 {}\n{}",
+        checksum(&p, "sp", cols),
+        checksum(&m1, "sp", cols),
+        checksum(&m2, "sp", cols),
+        proxy.admin_get("/status").1
+    );
+    assert_eq!(checksum(&p, "sp", "id").split(':').next(), Some("11"));
+    for m in [&m1, &m2] {
+        assert_eq!(
+            m.psql("SELECT is_called FROM sq").unwrap().trim(),
+            "f",
+            "a SELECT reached a mirror"
+        );
+    }
+    // 22 statements per mirror: everything but the SELECTs' PREPARE, EXECUTE and DEALLOCATE
+    // and the one Query the primary rejected (its DEALLOCATE of a statement already gone),
+    // none of which reached the mirrors.
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_mirror_statements_total")
+        >= 2 * 22));
+    assert_eq!(proxy.metric("pgprism_mirror_statements_total"), 2 * 22);
+    assert_eq!(
+        proxy.metric("pgprism_mirror_errors_total"),
+        0,
+        "{}",
+        proxy.admin_get("/status").1
+    );
+}
+
+#[test]
+fn sql_prepared_statements_follow_their_statement_under_dml_only() {
+    let (p, m1) = (start_primary("op"), start_primary("om"));
+    for inst in [&p, &m1] {
+        inst.psql("CREATE TABLE od (id int, v text); CREATE SEQUENCE oseq")
+            .unwrap();
+    }
+    let proxy = Proxy::start(
+        &p.url(),
+        &["--mirror", &mirror_url(&m1), "--mirror-dml-only"],
+    );
+    let mut c = proxy.client();
+    c.batch_execute("PREPARE ins(int) AS INSERT INTO od VALUES ($1, 'x')")
+        .unwrap();
+    // nextval() makes a SELECT that reached the mirror visible there.
+    c.batch_execute("PREPARE sel AS SELECT nextval('oseq')")
+        .unwrap();
+    c.batch_execute("EXECUTE ins(1)").unwrap();
+    c.batch_execute("EXECUTE sel").unwrap();
+    c.batch_execute("BEGIN").unwrap();
+    c.batch_execute("EXECUTE sel").unwrap();
+    c.batch_execute("EXECUTE ins(2)").unwrap();
+    c.batch_execute("COMMIT").unwrap();
+    c.batch_execute("BEGIN; EXECUTE sel; EXECUTE ins(3); DEALLOCATE sel; EXECUTE ins(4); COMMIT")
+        .unwrap();
+    c.batch_execute("DEALLOCATE ins").unwrap();
+    drop(c);
+    assert!(
+        converged(&p, &[&m1], "od", "id, v"),
+        "{}",
+        proxy.admin_get("/status").1
+    );
+    assert_eq!(checksum(&m1, "od", "id").split(':').next(), Some("4"));
+    assert_eq!(
+        m1.psql("SELECT is_called FROM oseq").unwrap().trim(),
+        "f",
+        "a SELECT reached the mirror"
+    );
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_mirror_skipped_filter_total")
+        >= 4));
+    assert_eq!(
+        proxy.metric("pgprism_mirror_errors_total"),
+        0,
+        "{}",
+        proxy.admin_get("/status").1
+    );
+}
+
+#[test]
+fn prepared_statements_are_prepared_again_after_a_mirror_reconnect() {
+    let (p, m1) = (start_primary("ap"), start_primary("am"));
+    for inst in [&p, &m1] {
+        inst.psql("CREATE TABLE rp (id int, how text)").unwrap();
+    }
+    let proxy = Proxy::start(
+        &p.url(),
+        &["--mirror", &mirror_url(&m1), "--retry-delay", "20ms"],
+    );
+    // A raw session: SQL-level and protocol-level statements side by side (one namespace).
+    let mut s = support::raw::connect_ready(proxy.listen);
+    raw_query(
+        &mut s,
+        "PREPARE ins(int) AS INSERT INTO rp VALUES ($1, 'sql')",
+    );
+    raw_query(
+        &mut s,
+        "PREPARE sqlbind(int) AS INSERT INTO rp VALUES ($1, 'sql, bound')",
+    );
+    let mut parse = parse_msg("proto_ins", "INSERT INTO rp VALUES ($1, 'protocol')", &[23]);
+    parse.extend(support::raw::message(b'S', &[]));
+    s.write_all(&parse).unwrap();
+    expect_ready(&mut s, "Parse proto_ins");
+    raw_query(&mut s, "EXECUTE ins(1)");
+    assert!(eventually(Duration::from_secs(10), || m1
+        .psql("SELECT count(*) FROM rp")
+        .unwrap()
+        .trim()
+        == "1"));
+    // The mirror session dies: its prepared statements with it.
+    terminate_sessions(&m1);
+    assert!(eventually(Duration::from_secs(20), || proxy
+        .metric("pgprism_mirror_reconnects_total")
+        >= 1));
+    // An EXECUTE of a statement prepared by PREPARE, one prepared by Parse (inside a
+    // transaction block), and a Bind of one prepared by PREPARE: each is prepared again on
+    // the new mirror session first.
+    raw_query(&mut s, "EXECUTE ins(2)");
+    raw_query(&mut s, "BEGIN");
+    raw_query(&mut s, "EXECUTE ins(3)");
+    raw_query(&mut s, "EXECUTE proto_ins(4)");
+    raw_query(&mut s, "COMMIT");
+    s.write_all(&bind_execute_sync("sqlbind", &["5"])).unwrap();
+    expect_ready(&mut s, "Bind sqlbind");
+    s.write_all(&bind_execute_sync("proto_ins", &["6"]))
+        .unwrap();
+    expect_ready(&mut s, "Bind proto_ins");
+    raw_query(&mut s, "EXECUTE sqlbind(7)");
+    drop(s);
+    assert!(
+        converged(&p, &[&m1], "rp", "id, how"),
+        "primary {}\nmirror {}\n{}",
+        checksum(&p, "rp", "id, how"),
+        checksum(&m1, "rp", "id, how"),
+        proxy.admin_get("/status").1
+    );
+    assert_eq!(checksum(&m1, "rp", "id").split(':').next(), Some("7"));
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_mirror_reprepared_total")
+        >= 3));
+    assert_eq!(proxy.metric("pgprism_mirror_reprepared_total"), 3);
+    assert_eq!(
+        mirror_errors_but_terminations(&proxy),
+        0,
+        "{}",
+        proxy.admin_get("/status").1
+    );
+}
+
+#[test]
+fn transaction_scoped_settings_are_not_replayed_after_a_reconnect() {
+    let (p, m1) = (start_primary("lp"), start_primary("lm"));
+    for inst in [&p, &m1] {
+        inst.psql(
+            "CREATE SCHEMA app; CREATE SCHEMA other; \
+             CREATE TABLE app.t (v int, tag text DEFAULT current_setting('app.tag', true)); \
+             CREATE TABLE other.t (LIKE app.t INCLUDING DEFAULTS)",
+        )
+        .unwrap();
+    }
+    let proxy = Proxy::start(
+        &p.url(),
+        &["--mirror", &mirror_url(&m1), "--retry-delay", "20ms"],
+    );
+    let mut c = proxy.client();
+    // The session's settings: one made in a multi-statement Query, one through the extended
+    // protocol (the postgres crate's `execute`).
+    c.batch_execute("SET search_path = app; INSERT INTO t VALUES (-1)")
+        .unwrap();
+    c.execute("SET app.tag = 'extended'", &[]).unwrap();
+    // Transaction-scoped settings, more of them than the kept settings' bound: kept as
+    // session state, they would push `search_path = app` out of what is replayed.
+    for i in 0..70 {
+        c.batch_execute("BEGIN").unwrap();
+        if i % 2 == 0 {
+            c.batch_execute("SET LOCAL search_path = other").unwrap();
+        } else {
+            c.batch_execute("SELECT set_config('search_path', 'other', true)")
+                .unwrap();
+        }
+        c.batch_execute(&format!("INSERT INTO t VALUES ({i})"))
+            .unwrap();
+        c.batch_execute("COMMIT").unwrap();
+    }
+    // A session-level SET that is rolled back is undone on the primary.
+    c.batch_execute("BEGIN").unwrap();
+    c.batch_execute("SET search_path = other").unwrap();
+    c.batch_execute("ROLLBACK").unwrap();
+    c.batch_execute("INSERT INTO t VALUES (100)").unwrap();
+    assert!(converged(&p, &[&m1], "other.t", "v, tag"));
+    assert!(converged(&p, &[&m1], "app.t", "v, tag"));
+    terminate_sessions(&m1);
+    assert!(eventually(Duration::from_secs(20), || proxy
+        .metric("pgprism_mirror_reconnects_total")
+        >= 1));
+    // After the reconnect the mirror session gets `search_path = app` and `app.tag` back,
+    // and nothing else.
+    c.batch_execute("INSERT INTO t VALUES (200)").unwrap();
+    c.batch_execute("INSERT INTO t VALUES (201)").unwrap();
+    drop(c);
+    assert!(
+        eventually(Duration::from_secs(20), || m1
+            .psql("SELECT count(*) FROM app.t WHERE v >= 200")
+            .unwrap()
+            .trim()
+            == "2"),
+        "app.t: {}, other.t: {}\n{}",
+        checksum(&m1, "app.t", "v, tag"),
+        checksum(&m1, "other.t", "v, tag"),
+        proxy.admin_get("/metrics").1
+    );
+    for table in ["app.t", "other.t"] {
+        assert_eq!(
+            checksum(&m1, table, "v, tag"),
+            checksum(&p, table, "v, tag"),
+            "{table}"
+        );
+    }
+    assert_eq!(
+        p.psql("SELECT count(*) FROM app.t WHERE tag = 'extended'")
+            .unwrap()
+            .trim(),
+        "3"
+    );
+    assert_eq!(
+        mirror_errors_but_terminations(&proxy),
+        0,
+        "{}",
+        proxy.admin_get("/status").1
+    );
+}
+
+#[test]
+fn settings_missed_while_a_cut_link_skips_are_replayed_when_it_resumes() {
+    let (p, m1) = (start_primary("kp2"), start_primary("km2"));
+    for inst in [&p, &m1] {
+        inst.psql("CREATE SCHEMA app; CREATE TABLE app.t (v int, pad text)")
+            .unwrap();
+    }
+    let proxy = Proxy::start(
+        &p.url(),
+        &[
+            "--mirror",
+            &mirror_url(&m1),
+            "--mirror-queue-messages",
+            "20",
+            "--mirror-queue-bytes",
+            "262144",
+        ],
+    );
+    // A lock on the mirror stalls its session, so its queue overflows and the link is cut.
+    let mut blocker = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            m1.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE app.t IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let mut c = proxy.client();
+    // 40 KB per transaction, until the socket buffers towards the stalled mirror are full and
+    // its queue overflows (bounded: 40 MB).
+    let pad = "x".repeat(20_000);
+    let mut t = 0;
+    while proxy.metric("pgprism_mirror_transactions_cut_total") == 0 {
+        assert!(t < 1000, "{}", proxy.admin_get("/status").1);
+        for _ in 0..50 {
+            c.batch_execute("BEGIN").unwrap();
+            for _ in 0..2 {
+                c.batch_execute(&format!("INSERT INTO app.t VALUES ({t}, '{pad}')"))
+                    .unwrap();
+            }
+            c.batch_execute("COMMIT").unwrap();
+            t += 1;
+        }
+    }
+    // The link skips until its queue drains: this SET never reaches the mirror as it is.
+    c.batch_execute("SET search_path = app").unwrap();
+    blocker.batch_execute("COMMIT").unwrap();
+    // Once the link resumes, unqualified names resolve on the mirror as on the primary.
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            c.batch_execute("INSERT INTO t VALUES (1000, '')").unwrap();
+            m1.psql("SELECT count(*) FROM app.t WHERE v = 1000")
+                .unwrap()
+                .trim()
+                != "0"
+        }),
+        "{}",
+        proxy.admin_get("/status").1
+    );
+    drop(c);
+    let (_, metrics) = proxy.admin_get("/metrics");
+    assert!(!metrics.contains("sqlstate=\"42P01\""), "{metrics}");
+}

@@ -56,14 +56,17 @@ pub struct Link {
     queue: RefCell<VecDeque<Item>>,
     queued_bytes: Cell<usize>,
     state: Cell<State>,
-    /// Statement names the mirror session has prepared (as far as what was sent goes).
+    /// Statement names the mirror session has prepared (as far as what was sent goes), by
+    /// Parse or by PREPARE: PostgreSQL keeps both in one namespace.
     pub(super) prepared: RefCell<HashSet<String>>,
     /// Something was forwarded since the last Sync (a lone Sync is not worth a round trip).
     pub(super) pending_sync: Cell<bool>,
     /// The mirror is inside a COPY FROM STDIN that was forwarded: copy data follows it.
     pub(super) copy_active: Cell<bool>,
-    /// The connection was re-established after an outage and has none of the session's
-    /// settings yet.
+    /// The mirror session may lack some of the client session's settings: the connection
+    /// was re-established after an outage, or the link was cut (queued frames dropped, the
+    /// transaction rolled back there, frames skipped until the boundary: SETs among them).
+    /// They are replayed when the link resumes.
     fresh: Cell<bool>,
     /// Sync points the mirror answered over this link's life (tells a healthy connection
     /// from one that dies at once).
@@ -234,6 +237,10 @@ impl Link {
         let dropped = self.clear();
         MirrorStats::bump(&self.stats().counters.skipped_overflow, dropped);
         MirrorStats::bump(&self.stats().counters.transactions_cut, 1);
+        // What the mirror had of this transaction is rolled back, SETs in it included, and
+        // SETs may be among the frames dropped now or skipped until the boundary: replay the
+        // settings when resuming.
+        self.fresh.set(true);
         match self.state.get() {
             State::Streaming => {
                 self.enqueue_resync();
@@ -296,8 +303,9 @@ impl Link {
     /// Called at the start of a client batch that begins at a transaction boundary. A link
     /// that was cut resumes only once its queue drained below half its bounds: resuming into
     /// a still-full queue would only cut the next transaction too, churning for nothing.
-    /// Returns true when the link resumed on a fresh connection (a reconnect): the session's
-    /// settings must then be replayed before anything else.
+    /// Returns true when the link resumed on a session that may lack some settings (after a
+    /// reconnect or a cut): the session's settings must then be replayed before anything
+    /// else (replaying one the mirror has is harmless).
     pub fn at_boundary(&self) -> bool {
         if self.state.get() != State::Skipping {
             return false;

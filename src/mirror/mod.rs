@@ -9,6 +9,7 @@
 
 mod link;
 mod route;
+mod settings;
 pub mod stats;
 
 use std::net::{SocketAddr, ToSocketAddrs};

@@ -1,34 +1,70 @@
 //! Per-session routing of client frames to mirrors: query filters, prepared statements and
-//! portals tracked so a mirror never sees a Bind for a statement it did not get (it is
-//! re-prepared from the client's own Parse, or skipped with everything that depends on it),
-//! COPY data following its COPY, and the overflow policy.
+//! portals tracked so a mirror never sees a Bind or an EXECUTE for a statement it did not get
+//! (it is re-prepared from the client's own Parse or PREPARE, or skipped with everything that
+//! depends on it), COPY data following its COPY, session settings kept for replay, and the
+//! overflow policy.
+//!
+//! Protocol-level (Parse) and SQL-level (`PREPARE`) statements share one namespace per
+//! session, as in PostgreSQL: one table here, one set of prepared names per mirror link.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
 
 use super::link::{Item, Link, Push};
+use super::settings::Settings;
 use super::stats::MirrorStats;
 use crate::config::{MirrorConfig, Overflow, QueryFilter};
 use crate::proxy::fingerprints::Fingerprints;
-use crate::sql::{self, Class};
+use crate::sql::{self, Class, Prepared};
 use crate::wire::{self, Target, tag};
 
 /// Prepared statements and portals tracked per session; beyond this, new names are not
 /// tracked and statements using them are not mirrored (counted as filtered).
 const NAMES_MAX: usize = 10_000;
 
-/// Session settings (SET, RESET, ...) kept per session for replay onto a reconnected mirror;
-/// the oldest are forgotten beyond this.
-const SETTINGS_MAX: usize = 64;
+/// Bytes of statement text kept per session to prepare a statement again on a mirror that
+/// lost it: the client's Parse frames and SQL-level PREPARE texts together. Statements
+/// beyond it are tracked without their text, so a mirror that lacks one skips what uses it
+/// (counted as `skipped_unprepared`) instead of preparing it again.
+const KEPT_TEXT_BYTES_MAX: usize = 4 << 20;
+
+/// The portal pgprism uses on a mirror to run a client's PREPARE text in the middle of an
+/// extended-protocol batch (closed right after).
+const REPREPARE_PORTAL: &str = "pgprism_reprepare";
+
+/// What creates a statement again on a mirror session that lacks it. Its own copy: kept for
+/// the session's life, it must not pin the read buffer it arrived in.
+#[derive(Clone)]
+enum Source {
+    /// The client's Parse frame.
+    Parse(Bytes),
+    /// The client's `PREPARE name ... AS ...` statement text.
+    Prepare(Bytes),
+    /// Not kept: over `KEPT_TEXT_BYTES_MAX`.
+    Lost,
+}
+
+impl Source {
+    fn bytes(&self) -> usize {
+        match self {
+            Source::Parse(b) | Source::Prepare(b) => b.len(),
+            Source::Lost => 0,
+        }
+    }
+}
 
 struct Statement {
     class: Class,
     copy_from: bool,
-    /// The client's Parse frame, replayed to a mirror that lacks the statement.
-    parse: Bytes,
+    source: Source,
     fingerprint: u64,
+    /// What running it does to the transaction block (for the settings' bookkeeping).
+    transaction: Option<sql::Transaction>,
+    /// It changes a session setting (SET, ... sent through the extended protocol).
+    setting: bool,
 }
 
 struct Portal {
@@ -36,6 +72,37 @@ struct Portal {
     copy_from: bool,
     statement: String,
     fingerprint: u64,
+    transaction: Option<sql::Transaction>,
+    /// A setting bound without parameters: its text alone replays it.
+    setting: bool,
+}
+
+/// One statement of a simple Query, with what routing it needs.
+struct Part {
+    range: Range<usize>,
+    class: Class,
+    prepared: Option<SqlPrepared>,
+}
+
+/// An SQL-level prepared-statement command, resolved against the session's statements as
+/// they were at that point of the Query.
+enum SqlPrepared {
+    /// `tracked`: within `NAMES_MAX` (untracked ones are never mirrored).
+    Prepare {
+        name: String,
+        tracked: bool,
+    },
+    /// `source` is `None` when the session has no such statement (as far as pgprism knows):
+    /// the primary rejects it, and it is not mirrored.
+    Execute {
+        name: String,
+        source: Option<Source>,
+    },
+    Deallocate {
+        name: String,
+    },
+    /// DEALLOCATE ALL, DISCARD ALL.
+    DeallocateAll,
 }
 
 pub struct Router {
@@ -45,8 +112,10 @@ pub struct Router {
     portals: HashMap<String, Portal>,
     /// Fingerprint of the last statement seen, for the latency of the next sync point.
     last_fingerprint: u64,
-    /// The session's simple-protocol settings, in order (own copies, bounded).
-    settings: std::collections::VecDeque<Bytes>,
+    /// Bytes held by the statements' sources (bounded by `KEPT_TEXT_BYTES_MAX`).
+    kept_bytes: usize,
+    /// The session's settings, for replay onto a mirror session that lost them.
+    settings: Settings,
 }
 
 impl Drop for Router {
@@ -84,12 +153,12 @@ fn is_copy_from(sql: &[u8], class: Class) -> bool {
 
 /// How one frame relates to the statement bookkeeping, computed once for all links.
 enum Route<'a> {
-    /// A simple Query: one statement (`parts` empty, no allocation: the common case) or
-    /// several, each with its class.
+    /// A simple Query: one statement (`single`, `parts` empty, no allocation: the common
+    /// case) or several (`parts`).
     Query {
         sql: &'a [u8],
-        single: Class,
-        parts: Vec<(std::ops::Range<usize>, Class)>,
+        single: Part,
+        parts: Vec<Part>,
     },
     Parse {
         name: &'a str,
@@ -130,7 +199,8 @@ impl Router {
             statements: HashMap::new(),
             portals: HashMap::new(),
             last_fingerprint: 0,
-            settings: std::collections::VecDeque::new(),
+            kept_bytes: 0,
+            settings: Settings::default(),
         }
     }
 
@@ -139,12 +209,14 @@ impl Router {
     }
 
     /// A client batch starts; `boundary` says the session is idle outside a transaction, so
-    /// links skipping a cut transaction may resume.
-    pub fn begin_batch(&self, boundary: bool) {
+    /// links skipping a cut transaction may resume (with the session's settings replayed
+    /// first when they lost them).
+    pub fn begin_batch(&mut self, boundary: bool) {
         if boundary {
+            self.settings.idle();
             for link in &self.links {
                 if link.at_boundary() {
-                    for setting in &self.settings {
+                    for setting in self.settings.frames() {
                         link.replay(setting.clone());
                     }
                 }
@@ -152,24 +224,106 @@ impl Router {
         }
     }
 
-    /// Keeps a session setting for replay after a mirror reconnects. `RESET ALL` and
-    /// `DISCARD ALL` make everything before them moot.
-    fn remember_setting(&mut self, sql: &[u8], frame: &Bytes) {
-        let text = String::from_utf8_lossy(sql).to_ascii_uppercase();
-        let words: Vec<&str> = text.split_whitespace().take(2).collect();
-        if matches!(
-            words.as_slice(),
-            ["RESET", "ALL" | "ALL;"] | ["DISCARD", "ALL" | "ALL;"]
-        ) {
-            self.settings.clear();
+    /// Tracks a statement the session now has, within the name and byte bounds. Returns
+    /// whether it is tracked.
+    fn insert_statement(
+        &mut self,
+        name: &str,
+        source: impl FnOnce() -> Source,
+        source_bytes: usize,
+        statement: impl FnOnce(Source) -> Statement,
+    ) -> bool {
+        if self.statements.len() >= NAMES_MAX && !self.statements.contains_key(name) {
+            return false;
         }
-        // LISTEN/UNLISTEN and DEALLOCATE are session state too, but replaying them is not
-        // needed for the mirror to apply the same data changes.
-        if matches!(words.first(), Some(&"SET") | Some(&"RESET")) {
-            if self.settings.len() >= SETTINGS_MAX {
-                self.settings.pop_front();
+        self.remove_statement(name);
+        let source = if self.kept_bytes + source_bytes <= KEPT_TEXT_BYTES_MAX {
+            self.kept_bytes += source_bytes;
+            source()
+        } else {
+            Source::Lost
+        };
+        self.statements.insert(name.to_string(), statement(source));
+        true
+    }
+
+    fn remove_statement(&mut self, name: &str) {
+        if let Some(old) = self.statements.remove(name) {
+            self.kept_bytes -= old.source.bytes();
+        }
+    }
+
+    fn clear_statements(&mut self) {
+        self.statements.clear();
+        self.kept_bytes = 0;
+    }
+
+    /// Classifies one statement of a simple Query and updates the session's bookkeeping
+    /// (SQL-level prepared statements, settings, transaction blocks) as running it does.
+    fn part(&mut self, sql: &[u8], range: Range<usize>) -> Part {
+        let text = &sql[range.clone()];
+        let mut class = sql::classify(text);
+        let prepared = match sql::prepared(text) {
+            None => None,
+            Some(Prepared::Prepare { name, body }) => {
+                let inner = &text[body..];
+                class = sql::classify(inner);
+                let fingerprint = self.fingerprints.intern(inner);
+                let tracked = self.insert_statement(
+                    &name,
+                    || Source::Prepare(Bytes::copy_from_slice(text)),
+                    text.len(),
+                    |source| Statement {
+                        class,
+                        // COPY cannot be prepared.
+                        copy_from: false,
+                        source,
+                        fingerprint,
+                        transaction: None,
+                        setting: false,
+                    },
+                );
+                Some(SqlPrepared::Prepare { name, tracked })
             }
-            self.settings.push_back(Bytes::copy_from_slice(frame));
+            Some(Prepared::Execute { name, runs }) => {
+                let source = self.statements.get(&name).map(|s| {
+                    // A plain EXPLAIN only plans it.
+                    class = if runs { s.class } else { Class::Select };
+                    s.source.clone()
+                });
+                Some(SqlPrepared::Execute { name, source })
+            }
+            Some(Prepared::Deallocate { name }) => {
+                self.remove_statement(&name);
+                Some(SqlPrepared::Deallocate { name })
+            }
+            Some(Prepared::DeallocateAll) => {
+                self.clear_statements();
+                Some(SqlPrepared::DeallocateAll)
+            }
+            Some(Prepared::DiscardAll) => {
+                self.clear_statements();
+                self.portals.clear();
+                Some(SqlPrepared::DeallocateAll)
+            }
+        };
+        match class {
+            Class::Session => {
+                if let Some(setting) = sql::setting(text) {
+                    self.settings.change(setting, text);
+                }
+            }
+            Class::Transaction => {
+                if let Some(transaction) = sql::transaction(text) {
+                    self.settings.transaction(transaction);
+                }
+            }
+            _ => {}
+        }
+        Part {
+            range,
+            class,
+            prepared,
         }
     }
 
@@ -191,7 +345,7 @@ impl Router {
         }
         match route {
             Route::CloseStatement { name } => {
-                self.statements.remove(name);
+                self.remove_statement(name);
             }
             Route::ClosePortal { name } => {
                 self.portals.remove(name);
@@ -206,45 +360,56 @@ impl Router {
             tag::QUERY => {
                 let sql = body.strip_suffix(&[0]).unwrap_or(body);
                 self.last_fingerprint = self.fingerprints.intern(sql);
-                let parts: Vec<_> = if memchr::memchr(b';', sql).is_some() {
+                let ranges = if memchr::memchr(b';', sql).is_some() {
                     sql::split_statements(sql)
-                        .into_iter()
-                        .map(|r| {
-                            let class = sql::classify(&sql[r.clone()]);
-                            (r, class)
-                        })
-                        .collect()
                 } else {
                     Vec::new()
                 };
                 // A lone trailing `;` splits into one part: treat it as a single statement.
-                let (single, parts) = match parts.len() {
-                    0 => (sql::classify(sql), parts),
-                    1 => (parts[0].1, Vec::new()),
-                    _ => (Class::Other, parts),
-                };
-                if single == Class::Session && parts.is_empty() {
-                    self.remember_setting(sql, frame);
+                if ranges.len() <= 1 {
+                    let range = ranges.into_iter().next().unwrap_or(0..sql.len());
+                    let single = self.part(sql, range);
+                    Route::Query {
+                        sql,
+                        single,
+                        parts: Vec::new(),
+                    }
+                } else {
+                    let parts = ranges.into_iter().map(|r| self.part(sql, r)).collect();
+                    Route::Query {
+                        sql,
+                        single: Part {
+                            range: 0..0,
+                            class: Class::Other,
+                            prepared: None,
+                        },
+                        parts,
+                    }
                 }
-                Route::Query { sql, single, parts }
             }
             tag::PARSE => {
                 let (name, query, _) = wire::Parse::new(body).parts().ok()?;
-                let class = sql::classify(query.as_bytes());
-                if self.statements.len() < NAMES_MAX || self.statements.contains_key(name) {
-                    let fingerprint = self.fingerprints.intern(query.as_bytes());
-                    self.statements.insert(
-                        name.to_string(),
-                        Statement {
-                            class,
-                            copy_from: is_copy_from(query.as_bytes(), class),
-                            // Its own copy: kept for the session's life, it must not pin the
-                            // read buffer it arrived in.
-                            parse: Bytes::copy_from_slice(frame),
-                            fingerprint,
-                        },
-                    );
-                }
+                let query = query.as_bytes();
+                let class = sql::classify(query);
+                let fingerprint = self.fingerprints.intern(query);
+                let transaction = match class {
+                    Class::Transaction => sql::transaction(query),
+                    _ => None,
+                };
+                let setting = class == Class::Session && sql::setting(query).is_some();
+                self.insert_statement(
+                    name,
+                    || Source::Parse(Bytes::copy_from_slice(frame)),
+                    frame.len(),
+                    |source| Statement {
+                        class,
+                        copy_from: is_copy_from(query, class),
+                        source,
+                        fingerprint,
+                        transaction,
+                        setting,
+                    },
+                );
                 Route::Parse { name }
             }
             tag::BIND => {
@@ -260,6 +425,9 @@ impl Router {
                             copy_from: s.copy_from,
                             statement: statement.to_string(),
                             fingerprint: s.fingerprint,
+                            transaction: s.transaction,
+                            setting: s.setting
+                                && bind.params().is_ok_and(|params| params.is_empty()),
                         },
                     );
                 } else {
@@ -271,6 +439,18 @@ impl Router {
                 let portal = wire::Execute::new(body).portal().ok()?;
                 if let Some(p) = self.portals.get(portal) {
                     self.last_fingerprint = p.fingerprint;
+                    if let Some(transaction) = p.transaction {
+                        self.settings.transaction(transaction);
+                    }
+                    if p.setting
+                        && let Some(Source::Parse(parse)) =
+                            self.statements.get(&p.statement).map(|s| &s.source)
+                        && let Ok((_, query, _)) =
+                            wire::Parse::new(&parse[wire::HEADER_BYTES..]).parts()
+                        && let Some(setting) = sql::setting(query.as_bytes())
+                    {
+                        self.settings.change(setting, query.as_bytes());
+                    }
                 }
                 Route::Execute { portal }
             }
@@ -297,54 +477,13 @@ impl Router {
         let cfg = &link.target.cfg;
         let stats = &link.target.stats;
         match route {
-            Route::Query { sql, single, parts } if parts.is_empty() => {
-                if !passes(cfg, *single) {
-                    MirrorStats::bump(&stats.counters.skipped_filter, 1);
-                    return;
-                }
-                let statement = *single != Class::Empty;
-                self.send(link, frame.clone(), Some(self.last_fingerprint), statement)
-                    .await;
-                if is_copy_from(sql, *single) {
-                    link.copy_active.set(link.accepting());
-                }
-            }
-            Route::Query { sql, parts, .. } => {
-                let pass: Vec<bool> = parts.iter().map(|(_, c)| passes(cfg, *c)).collect();
-                let statement = !parts.is_empty();
-                if pass.iter().all(|&p| p) {
-                    let copy = parts.iter().any(|(r, c)| is_copy_from(&sql[r.clone()], *c));
-                    self.send(link, frame.clone(), Some(self.last_fingerprint), statement)
-                        .await;
-                    if copy {
-                        link.copy_active.set(link.accepting());
-                    }
-                } else if pass.iter().any(|&p| p) {
-                    // Mixed text (e.g. `BEGIN; SELECT ...; COMMIT` under the DDL+DML filter):
-                    // send the statements that pass, as one Query.
-                    let mut text = Vec::with_capacity(sql.len());
-                    for ((range, _), _) in parts.iter().zip(&pass).filter(|(_, p)| **p) {
-                        text.extend_from_slice(&sql[range.clone()]);
-                        text.push(b';');
-                    }
-                    let copy = parts
-                        .iter()
-                        .zip(&pass)
-                        .any(|((r, c), p)| *p && is_copy_from(&sql[r.clone()], *c));
-                    let mut out = BytesMut::with_capacity(text.len() + 6);
-                    if let Ok(text) = std::str::from_utf8(&text)
-                        && wire::encode::query(&mut out, text).is_ok()
-                    {
-                        if copy {
-                            link.copy_active.set(link.accepting());
-                        }
-                        self.send(link, out.freeze(), Some(self.last_fingerprint), true)
-                            .await;
-                    }
-                    MirrorStats::bump(&stats.counters.skipped_filter, 1);
+            Route::Query { sql, single, parts } => {
+                let parts = if parts.is_empty() {
+                    std::slice::from_ref(single)
                 } else {
-                    MirrorStats::bump(&stats.counters.skipped_filter, 1);
-                }
+                    &parts[..]
+                };
+                self.route_query(link, sql, parts, frame).await;
             }
             Route::Parse { name } => {
                 let wanted = self
@@ -370,9 +509,24 @@ impl Router {
                 }
                 if link.accepting() && !link.prepared.borrow().contains(*statement) {
                     // The mirror lost or never got this statement (skipped, reconnected):
-                    // prepare it again from the client's own Parse before binding.
-                    let parse = s.parse.clone();
-                    if self.send(link, parse, None, false).await {
+                    // prepare it again from the client's own Parse or PREPARE before binding.
+                    let prepared = match &s.source {
+                        Source::Parse(parse) => self.send(link, parse.clone(), None, false).await,
+                        Source::Prepare(text) => {
+                            let Some(frames) = prepare_in_batch(text) else {
+                                return;
+                            };
+                            let sent = self.send(link, frames, None, false).await;
+                            if sent {
+                                // That ran through the unnamed statement: the mirror's is gone.
+                                link.prepared.borrow_mut().remove("");
+                            }
+                            sent
+                        }
+                        // Not kept: the Bind is skipped, and so is its Execute (counted there).
+                        Source::Lost => return,
+                    };
+                    if prepared {
                         MirrorStats::bump(&stats.counters.reprepared, 1);
                         link.prepared.borrow_mut().insert(statement.to_string());
                     }
@@ -383,8 +537,12 @@ impl Router {
                 let Some(p) = self.portals.get(*portal) else {
                     return;
                 };
-                if !passes(cfg, p.class) || !link.prepared.borrow().contains(&p.statement) {
+                if !passes(cfg, p.class) {
                     MirrorStats::bump(&stats.counters.skipped_filter, 1);
+                    return;
+                }
+                if link.accepting() && !link.prepared.borrow().contains(&p.statement) {
+                    MirrorStats::bump(&stats.counters.skipped_unprepared, 1);
                     return;
                 }
                 let copy = p.copy_from;
@@ -452,6 +610,175 @@ impl Router {
         }
     }
 
+    /// Routes a simple Query to one link: the statements that pass its filter, each EXECUTE
+    /// only if the mirror has (or is given again) its statement, each DEALLOCATE only if the
+    /// mirror has it. The client's frame goes as is when nothing changes, else a Query with
+    /// the statements that pass (and PREPAREs the mirror lacks, before their EXECUTE).
+    async fn route_query(&self, link: &Rc<Link>, sql: &[u8], parts: &[Part], frame: &Bytes) {
+        let cfg = &link.target.cfg;
+        let stats = &link.target.stats;
+        if let [part] = parts
+            && part.prepared.is_none()
+        {
+            // The common case, without allocation.
+            if !passes(cfg, part.class) {
+                MirrorStats::bump(&stats.counters.skipped_filter, 1);
+                return;
+            }
+            let statement = part.class != Class::Empty;
+            if self
+                .send(link, frame.clone(), Some(self.last_fingerprint), statement)
+                .await
+                && is_copy_from(&sql[part.range.clone()], part.class)
+            {
+                link.copy_active.set(true);
+            }
+            return;
+        }
+        let mut plan = QueryPlan::default();
+        {
+            let prepared = link.prepared.borrow();
+            // The mirror's statements as the Query goes: changes over `prepared`.
+            let mut changed: HashMap<&str, bool> = HashMap::new();
+            let mut cleared = false;
+            let has = |changed: &HashMap<&str, bool>, cleared: bool, name: &str| {
+                changed
+                    .get(name)
+                    .copied()
+                    .unwrap_or_else(|| !cleared && prepared.contains(name))
+            };
+            for (i, part) in parts.iter().enumerate() {
+                let pass = passes(cfg, part.class);
+                match &part.prepared {
+                    None | Some(SqlPrepared::Prepare { tracked: true, .. }) if pass => {
+                        if let Some(SqlPrepared::Prepare { name, .. }) = &part.prepared {
+                            changed.insert(name, true);
+                        }
+                        plan.send.push((i, None));
+                    }
+                    // Filtered, or a PREPARE beyond the name bound. A statement of that name
+                    // the mirror still has is stale: whatever uses the name is filtered too.
+                    None | Some(SqlPrepared::Prepare { .. }) => plan.filtered = true,
+                    Some(SqlPrepared::Execute { name, source }) => {
+                        let Some(source) = source.as_ref().filter(|_| pass) else {
+                            plan.filtered = true;
+                            continue;
+                        };
+                        if has(&changed, cleared, name) {
+                            plan.send.push((i, None));
+                            continue;
+                        }
+                        // The mirror lacks it (filtered, reconnected, cut): prepare it again.
+                        match source {
+                            Source::Prepare(text) => plan.send.push((i, Some(text.clone()))),
+                            Source::Parse(parse) => {
+                                plan.parses.push(parse.clone());
+                                plan.send.push((i, None));
+                            }
+                            Source::Lost => {
+                                plan.unprepared += 1;
+                                continue;
+                            }
+                        }
+                        plan.reprepared += 1;
+                        changed.insert(name, true);
+                    }
+                    Some(SqlPrepared::Deallocate { name }) => {
+                        // Only where it exists: else the mirror would fail where the primary
+                        // did not (and abort the transaction it is in).
+                        if has(&changed, cleared, name) {
+                            changed.insert(name, false);
+                            plan.send.push((i, None));
+                        }
+                    }
+                    Some(SqlPrepared::DeallocateAll) => {
+                        changed.clear();
+                        cleared = true;
+                        plan.send.push((i, None));
+                    }
+                }
+            }
+            plan.cleared = cleared;
+            plan.changed = changed
+                .into_iter()
+                .map(|(name, has)| (name.to_string(), has))
+                .collect();
+        }
+        if plan.filtered {
+            MirrorStats::bump(&stats.counters.skipped_filter, 1);
+        }
+        MirrorStats::bump(&stats.counters.skipped_unprepared, plan.unprepared);
+        if plan.send.is_empty() {
+            return;
+        }
+        let verbatim = plan.send.len() == parts.len()
+            && plan.parses.is_empty()
+            && plan.send.iter().all(|(_, prepare)| prepare.is_none());
+        let out = if verbatim {
+            frame.clone()
+        } else {
+            let mut text = Vec::with_capacity(sql.len());
+            for (i, prepare) in &plan.send {
+                if let Some(prepare) = prepare {
+                    text.extend_from_slice(prepare);
+                    text.push(b';');
+                }
+                text.extend_from_slice(&sql[parts[*i].range.clone()]);
+                text.push(b';');
+            }
+            let mut out = BytesMut::with_capacity(text.len() + 6);
+            match std::str::from_utf8(&text) {
+                Ok(text) if wire::encode::query(&mut out, text).is_ok() => out.freeze(),
+                // Not UTF-8 or holding a NUL: the primary rejects it too.
+                _ => return,
+            }
+        };
+        // Protocol-level statements an EXECUTE needs: Parse, then Sync so that a failing Parse
+        // cannot make the mirror ignore the Query (it skips everything up to a Sync).
+        if !plan.parses.is_empty() {
+            for parse in plan.parses {
+                if !self.send(link, parse, None, false).await {
+                    return;
+                }
+            }
+            let mut sync = BytesMut::new();
+            wire::encode::sync(&mut sync);
+            if !self.send(link, sync.freeze(), Some(0), false).await {
+                return;
+            }
+            link.pending_sync.set(false);
+        }
+        let statement = plan
+            .send
+            .iter()
+            .any(|(i, _)| parts[*i].class != Class::Empty);
+        let copy = plan
+            .send
+            .iter()
+            .any(|(i, _)| is_copy_from(&sql[parts[*i].range.clone()], parts[*i].class));
+        if !self
+            .send(link, out, Some(self.last_fingerprint), statement)
+            .await
+        {
+            return;
+        }
+        if copy {
+            link.copy_active.set(true);
+        }
+        MirrorStats::bump(&stats.counters.reprepared, plan.reprepared);
+        let mut prepared = link.prepared.borrow_mut();
+        if plan.cleared {
+            prepared.clear();
+        }
+        for (name, has) in plan.changed {
+            if has {
+                prepared.insert(name);
+            } else {
+                prepared.remove(&name);
+            }
+        }
+    }
+
     /// Queues a frame on a link under its overflow policy. Returns whether it was queued.
     async fn send(
         &self,
@@ -501,4 +828,36 @@ impl Router {
             }
         }
     }
+}
+
+/// How a simple Query goes to one link.
+#[derive(Default)]
+struct QueryPlan {
+    /// The parts sent, in order, each with the PREPARE text to run right before it.
+    send: Vec<(usize, Option<Bytes>)>,
+    /// Parse frames of protocol-level statements to prepare again before the Query.
+    parses: Vec<Bytes>,
+    /// The mirror's prepared names once the Query ran: all gone first (`cleared`), then
+    /// these present (true) or gone (false).
+    cleared: bool,
+    changed: Vec<(String, bool)>,
+    /// Some statement did not pass the filter.
+    filtered: bool,
+    /// EXECUTEs skipped: their statement is missing on the mirror and was not kept.
+    unprepared: u64,
+    reprepared: u64,
+}
+
+/// Frames that run a client's PREPARE text on a mirror in the middle of an extended-protocol
+/// batch (a simple Query there would end the batch): through the unnamed statement and a
+/// portal of pgprism's own, closed again. `None` when the text cannot be encoded (it then
+/// could not have run on the primary either).
+fn prepare_in_batch(text: &[u8]) -> Option<Bytes> {
+    let text = std::str::from_utf8(text).ok()?;
+    let mut out = BytesMut::new();
+    wire::encode::parse(&mut out, "", text, &[]).ok()?;
+    wire::encode::bind(&mut out, REPREPARE_PORTAL, "", &[], &[], &[]).ok()?;
+    wire::encode::execute(&mut out, REPREPARE_PORTAL, 0).ok()?;
+    wire::encode::close(&mut out, Target::Portal, REPREPARE_PORTAL).ok()?;
+    Some(out.freeze())
 }

@@ -14,12 +14,13 @@ pub enum Class {
     Ddl,
     /// BEGIN, START TRANSACTION, COMMIT, END, ROLLBACK, ABORT, SAVEPOINT, RELEASE.
     Transaction,
-    /// SET, RESET, DISCARD and other session state: replayed so later statements behave
-    /// the same on the mirror.
+    /// SET, RESET, DISCARD, `SELECT set_config(...)` and other session state: replayed so
+    /// later statements behave the same on the mirror.
     Session,
     /// Empty text (only whitespace and comments).
     Empty,
-    /// Anything else (EXECUTE of an SQL-level prepared statement, LOCK, ...).
+    /// Anything else (LOCK, ...), including SQL-level PREPARE and EXECUTE, whose class is
+    /// that of the prepared statement: see [`prepared`].
     Other,
 }
 
@@ -130,6 +131,12 @@ fn skip_dollar(sql: &[u8], i: usize) -> usize {
 
 /// Classifies one statement (the first one, if the text holds several).
 pub fn classify(sql: &[u8]) -> Class {
+    classify_at(sql, 0)
+}
+
+/// `depth` counts the EXPLAINs around `sql`: EXPLAIN cannot explain an EXPLAIN, and stopping
+/// there keeps a crafted `EXPLAIN ANALYZE EXPLAIN ANALYZE ...` from recursing without bound.
+fn classify_at(sql: &[u8], depth: usize) -> Class {
     let mut buf = [0u8; 16];
     let (first, end) = word_at(sql, 0, &mut buf);
     match first {
@@ -141,7 +148,12 @@ pub fn classify(sql: &[u8]) -> Class {
             }
         }
         b"SELECT" => {
-            if contains_keyword(&sql[end..], b"INTO") && !contains_keyword(&sql[end..], b"INSERT") {
+            if set_config_call(sql, end).is_some() && !contains_keyword(&sql[end..], b"FROM") {
+                // `SELECT set_config(...)` changes a setting, as SET does.
+                Class::Session
+            } else if contains_keyword(&sql[end..], b"INTO")
+                && !contains_keyword(&sql[end..], b"INSERT")
+            {
                 Class::Ddl
             } else {
                 Class::Select
@@ -159,26 +171,12 @@ pub fn classify(sql: &[u8]) -> Class {
                 Class::Select
             }
         }
-        b"EXPLAIN" => {
-            if contains_keyword(&sql[end..], b"ANALYZE")
-                || contains_keyword(&sql[end..], b"ANALYSE")
-            {
-                // EXPLAIN ANALYZE runs the statement: classify what it runs.
-                let mut i = end;
-                loop {
-                    let mut w = [0u8; 16];
-                    let (word, next) = word_at(sql, i, &mut w);
-                    if word.is_empty() || next >= sql.len() {
-                        return Class::Select;
-                    }
-                    if !matches!(word, b"ANALYZE" | b"ANALYSE" | b"VERBOSE") {
-                        return classify(&sql[skip_blank(sql, i)..]);
-                    }
-                    i = next;
-                }
-            }
-            Class::Select
-        }
+        b"EXPLAIN" if depth > 0 => Class::Other,
+        b"EXPLAIN" => match explained(sql, end) {
+            // EXPLAIN ANALYZE runs the statement: classify what it runs.
+            Some((target, true)) if target < sql.len() => classify_at(&sql[target..], depth + 1),
+            _ => Class::Select,
+        },
         b"INSERT" | b"UPDATE" | b"DELETE" | b"MERGE" | b"TRUNCATE" | b"CALL" | b"DO" => Class::Dml,
         // `COPY t FROM STDIN` writes; `COPY t TO ...` and `COPY (SELECT ... FROM t) TO ...`
         // read (the FROM of the latter is inside the query).
@@ -193,10 +191,392 @@ pub fn classify(sql: &[u8]) -> Class {
         | b"IMPORT" => Class::Ddl,
         b"BEGIN" | b"START" | b"COMMIT" | b"END" | b"ROLLBACK" | b"ABORT" | b"SAVEPOINT"
         | b"RELEASE" => Class::Transaction,
+        // Two-phase commit's first half ends the transaction block like COMMIT. `PREPARE name
+        // AS ...` stays `Other`: its class is its statement's, which the mirror's router
+        // reads with [`prepared`] (compare mode must not take it for a read).
+        b"PREPARE" if is_prepare_transaction(sql, end) => Class::Transaction,
         b"SET" | b"RESET" | b"DISCARD" | b"DEALLOCATE" | b"LISTEN" | b"UNLISTEN" | b"LOAD" => {
             Class::Session
         }
         _ => Class::Other,
+    }
+}
+
+/// PostgreSQL truncates identifiers to NAMEDATALEN - 1 bytes.
+const IDENTIFIER_BYTES_MAX: usize = 63;
+
+/// The identifier at or after `i` as PostgreSQL resolves it: a quoted one as written (`""`
+/// stands for `"`), an unquoted one folded to lower case, both truncated to 63 bytes.
+/// Returns the name, whether it was quoted, and the index after it.
+fn identifier(sql: &[u8], i: usize) -> Option<(String, bool, usize)> {
+    let start = skip_blank(sql, i);
+    let (mut name, quoted, end) = match *sql.get(start)? {
+        b'"' => {
+            let end = skip_quoted(sql, start);
+            if end < start + 3 || sql[end - 1] != b'"' {
+                // Unterminated, or `""` (a zero-length name is an error in PostgreSQL).
+                return None;
+            }
+            let text = std::str::from_utf8(&sql[start + 1..end - 1]).ok()?;
+            (text.replace("\"\"", "\""), true, end)
+        }
+        c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+            let mut end = start + 1;
+            while end < sql.len()
+                && (sql[end].is_ascii_alphanumeric()
+                    || matches!(sql[end], b'_' | b'$')
+                    || sql[end] >= 0x80)
+            {
+                end += 1;
+            }
+            let text = std::str::from_utf8(&sql[start..end]).ok()?;
+            (text.to_ascii_lowercase(), false, end)
+        }
+        _ => return None,
+    };
+    if name.len() > IDENTIFIER_BYTES_MAX {
+        let mut cut = IDENTIFIER_BYTES_MAX;
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        name.truncate(cut);
+    }
+    Some((name, quoted, end))
+}
+
+/// The index after the parenthesised list opening at `i` (quotes and comments respected), or
+/// `None` when it is not closed.
+fn skip_parens(sql: &[u8], i: usize) -> Option<usize> {
+    let (mut j, mut depth) = (i, 0usize);
+    while j < sql.len() {
+        match sql[j] {
+            b'\'' | b'"' => j = skip_quoted(sql, j),
+            b'-' if sql[j..].starts_with(b"--") => j = skip_blank(sql, j),
+            b'/' if sql[j..].starts_with(b"/*") => j = skip_blank(sql, j),
+            b'$' => j = skip_dollar(sql, j),
+            b'(' => {
+                depth += 1;
+                j += 1;
+            }
+            b')' => {
+                depth = depth.checked_sub(1)?;
+                j += 1;
+                if depth == 0 {
+                    return Some(j);
+                }
+            }
+            _ => j += 1,
+        }
+    }
+    None
+}
+
+/// The statement an EXPLAIN (whose keyword ends at `end`) is about, and whether it runs it
+/// (ANALYZE, in the old word form or in the parenthesised option list).
+fn explained(sql: &[u8], end: usize) -> Option<(usize, bool)> {
+    let mut i = skip_blank(sql, end);
+    let mut analyze = false;
+    if sql.get(i) == Some(&b'(') {
+        let close = skip_parens(sql, i)?;
+        for option in sql[i + 1..close - 1].split(|&b| b == b',') {
+            let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
+            let (name, next) = word_at(option, 0, &mut a);
+            if matches!(name, b"ANALYZE" | b"ANALYSE") {
+                let (value, _) = word_at(option, next, &mut b);
+                analyze = !matches!(value, b"FALSE" | b"OFF" | b"0" | b"NO");
+            }
+        }
+        i = close;
+    } else {
+        loop {
+            let mut w = [0u8; 16];
+            let (word, next) = word_at(sql, i, &mut w);
+            match word {
+                b"ANALYZE" | b"ANALYSE" => analyze = true,
+                b"VERBOSE" => {}
+                _ => break,
+            }
+            i = next;
+        }
+    }
+    Some((skip_blank(sql, i), analyze))
+}
+
+/// `PREPARE TRANSACTION 'gid'` (the word after PREPARE ends at `end`), not a statement that
+/// happens to be named `transaction`.
+fn is_prepare_transaction(sql: &[u8], end: usize) -> bool {
+    let mut w = [0u8; 16];
+    let (word, next) = word_at(sql, end, &mut w);
+    word == b"TRANSACTION" && sql.get(skip_blank(sql, next)) == Some(&b'\'')
+}
+
+/// `set_config(` (optionally `pg_catalog.set_config(`) right after index `i`: the index of
+/// its opening parenthesis.
+fn set_config_call(sql: &[u8], i: usize) -> Option<usize> {
+    let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
+    let (mut word, mut next) = word_at(sql, i, &mut a);
+    if word == b"PG_CATALOG" && sql.get(next) == Some(&b'.') {
+        (word, next) = word_at(sql, next + 1, &mut b);
+    }
+    let open = skip_blank(sql, next);
+    (word == b"SET_CONFIG" && sql.get(open) == Some(&b'(')).then_some(open)
+}
+
+/// An SQL-level prepared-statement command, read far enough to track what a session has
+/// prepared: PostgreSQL keeps these and the protocol's named statements in one namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prepared {
+    /// `PREPARE name [(types)] AS statement`; the statement starts at `body`.
+    Prepare { name: String, body: usize },
+    /// `EXECUTE name [(args)]`, also under EXPLAIN: `runs` is false for a plain EXPLAIN,
+    /// which only plans it.
+    Execute { name: String, runs: bool },
+    /// `DEALLOCATE [PREPARE] name`.
+    Deallocate { name: String },
+    /// `DEALLOCATE [PREPARE] ALL`.
+    DeallocateAll,
+    /// `DISCARD ALL`: drops every prepared statement and portal, resets every setting.
+    DiscardAll,
+}
+
+/// Reads one statement as an SQL-level prepared-statement command; `None` for anything else
+/// (and for text PostgreSQL would reject, such as `PREPARE p SELECT 1`).
+pub fn prepared(sql: &[u8]) -> Option<Prepared> {
+    let mut buf = [0u8; 16];
+    let (first, end) = word_at(sql, 0, &mut buf);
+    match first {
+        b"PREPARE" => {
+            let (name, _, after) = identifier(sql, end)?;
+            let mut i = skip_blank(sql, after);
+            if sql.get(i) == Some(&b'(') {
+                i = skip_parens(sql, i)?;
+            }
+            let mut w = [0u8; 16];
+            let (word, after) = word_at(sql, i, &mut w);
+            let body = skip_blank(sql, after);
+            (word == b"AS" && body < sql.len()).then_some(Prepared::Prepare { name, body })
+        }
+        b"EXECUTE" => execute_at(sql, end, true),
+        b"EXPLAIN" => {
+            let (target, runs) = explained(sql, end)?;
+            let mut w = [0u8; 16];
+            let (word, after) = word_at(sql, target, &mut w);
+            if word == b"EXECUTE" {
+                execute_at(sql, after, runs)
+            } else {
+                None
+            }
+        }
+        b"DEALLOCATE" => {
+            let (mut name, mut quoted, mut after) = identifier(sql, end)?;
+            // `DEALLOCATE PREPARE x`; a statement named `prepare` is `DEALLOCATE prepare`.
+            if !quoted && name == "prepare" && skip_blank(sql, after) < sql.len() {
+                (name, quoted, after) = identifier(sql, after)?;
+            }
+            if skip_blank(sql, after) < sql.len() {
+                return None;
+            }
+            Some(if !quoted && name == "all" {
+                Prepared::DeallocateAll
+            } else {
+                Prepared::Deallocate { name }
+            })
+        }
+        b"DISCARD" => {
+            let mut w = [0u8; 16];
+            let (word, after) = word_at(sql, end, &mut w);
+            (word == b"ALL" && skip_blank(sql, after) >= sql.len()).then_some(Prepared::DiscardAll)
+        }
+        _ => None,
+    }
+}
+
+fn execute_at(sql: &[u8], i: usize, runs: bool) -> Option<Prepared> {
+    let (name, _, after) = identifier(sql, i)?;
+    let next = skip_blank(sql, after);
+    (next >= sql.len() || sql[next] == b'(').then_some(Prepared::Execute { name, runs })
+}
+
+/// How a session-class statement changes what a reconnected mirror must replay to be in the
+/// same state as the client's session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Setting {
+    /// A session-level change to keep and replay. `key` names the parameter when it can be
+    /// read (lower case), else it is the statement's text: a later change with the same key
+    /// makes this one moot.
+    Set { key: String },
+    /// `RESET name`: what was kept for that parameter is moot.
+    Reset { key: String },
+    /// `RESET ALL`, `DISCARD ALL`: everything kept is moot.
+    ResetAll,
+}
+
+/// Reads a SET, RESET, DISCARD ALL or `SELECT set_config(...)`. `None` for statements that
+/// leave the session's settings alone once the transaction ends: `SET LOCAL`,
+/// `SET TRANSACTION`, `SET CONSTRAINTS`, `set_config(..., true)`, and anything else.
+pub fn setting(sql: &[u8]) -> Option<Setting> {
+    let mut buf = [0u8; 16];
+    let (first, end) = word_at(sql, 0, &mut buf);
+    match first {
+        b"SET" => {
+            let (mut name, mut quoted, mut after) = identifier(sql, end)?;
+            if !quoted && name == "local" {
+                return None;
+            }
+            if !quoted && name == "session" && skip_blank(sql, after) < sql.len() {
+                // `SET SESSION x` is `SET x`; `SET SESSION CHARACTERISTICS AS TRANSACTION`
+                // and `SET SESSION AUTHORIZATION` are session-level too.
+                (name, quoted, after) = identifier(sql, after)?;
+            }
+            if !quoted && matches!(name.as_str(), "transaction" | "constraints") {
+                return None;
+            }
+            Some(Setting::Set {
+                key: parameter_key(sql, name, quoted, after),
+            })
+        }
+        b"RESET" => {
+            let (mut name, mut quoted, mut after) = identifier(sql, end)?;
+            if !quoted && name == "all" {
+                return Some(Setting::ResetAll);
+            }
+            if !quoted && name == "session" && skip_blank(sql, after) < sql.len() {
+                (name, quoted, after) = identifier(sql, after)?;
+            }
+            Some(Setting::Reset {
+                key: parameter_key(sql, name, quoted, after),
+            })
+        }
+        b"DISCARD" => (prepared(sql) == Some(Prepared::DiscardAll)).then_some(Setting::ResetAll),
+        b"SELECT" => {
+            let open = set_config_call(sql, end)?;
+            let args = split_arguments(sql, open)?;
+            let arg = |n: usize| {
+                args.get(n).map(|r| {
+                    String::from_utf8_lossy(&sql[r.clone()])
+                        .trim()
+                        .to_ascii_lowercase()
+                })
+            };
+            let local = arg(2)?;
+            if matches!(
+                local.as_str(),
+                "true" | "'t'" | "'true'" | "'on'" | "'yes'" | "'y'" | "'1'"
+            ) {
+                return None;
+            }
+            let key = arg(0)
+                .and_then(|name| {
+                    let name = name.strip_prefix('\'')?.strip_suffix('\'')?;
+                    (!name.contains('\'')).then(|| name.to_string())
+                })
+                .unwrap_or_else(|| String::from_utf8_lossy(sql).trim().to_string());
+            Some(Setting::Set { key })
+        }
+        _ => None,
+    }
+}
+
+/// A parameter's key for [`Setting`]: the (possibly dotted) name, its syntax-sugar
+/// spellings mapped to the parameter they set.
+fn parameter_key(sql: &[u8], mut name: String, quoted: bool, mut after: usize) -> String {
+    while sql.get(after) == Some(&b'.') {
+        let Some((part, _, next)) = identifier(sql, after + 1) else {
+            break;
+        };
+        name.push('.');
+        name.push_str(&part);
+        after = next;
+    }
+    if quoted {
+        return name;
+    }
+    match name.as_str() {
+        "time" => "timezone".to_string(),
+        "schema" => "search_path".to_string(),
+        "names" => "client_encoding".to_string(),
+        _ => name,
+    }
+}
+
+/// The ranges of the top-level arguments of the call whose parenthesis opens at `open`.
+fn split_arguments(sql: &[u8], open: usize) -> Option<Vec<std::ops::Range<usize>>> {
+    let close = skip_parens(sql, open)?;
+    let inner = open + 1..close - 1;
+    let mut out = Vec::new();
+    let (mut start, mut i, mut depth) = (inner.start, inner.start, 0usize);
+    while i < inner.end {
+        match sql[i] {
+            b'\'' | b'"' => i = skip_quoted(sql, i),
+            b'$' => i = skip_dollar(sql, i),
+            b'(' => {
+                depth += 1;
+                i += 1;
+            }
+            b')' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            b',' if depth == 0 => {
+                out.push(start..i);
+                i += 1;
+                start = i;
+            }
+            _ => i += 1,
+        }
+    }
+    out.push(start..inner.end.max(start));
+    Some(out)
+}
+
+/// What a transaction-control statement does to the session's transaction block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transaction {
+    /// BEGIN, START TRANSACTION.
+    Begin,
+    /// COMMIT, END, PREPARE TRANSACTION; `chain`: AND CHAIN opens the next block at once.
+    Commit { chain: bool },
+    /// ROLLBACK, ABORT (not ROLLBACK TO SAVEPOINT).
+    Rollback { chain: bool },
+}
+
+/// Reads a statement that opens or ends a transaction block; `None` for anything else
+/// (savepoints, `COMMIT PREPARED`, ...).
+pub fn transaction(sql: &[u8]) -> Option<Transaction> {
+    let mut buf = [0u8; 16];
+    let (first, end) = word_at(sql, 0, &mut buf);
+    let ends = |commit: bool| {
+        let mut i = end;
+        let mut chain = false;
+        loop {
+            let mut w = [0u8; 16];
+            let (word, next) = word_at(sql, i, &mut w);
+            match word {
+                b"WORK" | b"TRANSACTION" => {}
+                b"TO" | b"PREPARED" => return None,
+                b"AND" => {
+                    let mut v = [0u8; 16];
+                    chain = word_at(sql, next, &mut v).0 == b"CHAIN";
+                    break;
+                }
+                _ => break,
+            }
+            i = next;
+        }
+        Some(if commit {
+            Transaction::Commit { chain }
+        } else {
+            Transaction::Rollback { chain }
+        })
+    };
+    match first {
+        b"BEGIN" | b"START" => Some(Transaction::Begin),
+        b"COMMIT" | b"END" => ends(true),
+        b"ROLLBACK" | b"ABORT" => ends(false),
+        b"PREPARE" if is_prepare_transaction(sql, end) => {
+            Some(Transaction::Commit { chain: false })
+        }
+        _ => None,
     }
 }
 
@@ -448,10 +828,247 @@ mod tests {
             b"$1$",
             b"\xff\xfe",
             b"(((",
+            b"PREPARE",
+            b"PREPARE \"",
+            b"PREPARE \"a\"\"",
+            b"PREPARE p (",
+            b"PREPARE p ())) AS",
+            b"EXECUTE",
+            b"EXPLAIN (",
+            b"EXPLAIN ())",
+            b"DEALLOCATE PREPARE",
+            b"SELECT set_config(",
+            b"SELECT set_config('a'",
+            b"SELECT set_config(')'",
+            b"SET",
+            b"SET SESSION",
+            b"RESET SESSION",
+            b"SET a.",
+            b"ROLLBACK AND",
+            b"PREPARE \xff\xfe AS SELECT",
         ] {
+            let _ = prepared(sql);
+            let _ = setting(sql);
+            let _ = transaction(sql);
             let _ = classify(sql);
             let _ = split_statements(sql);
             let _ = fingerprint(sql, 10);
+        }
+    }
+
+    #[test]
+    fn classifies_explain_options_prepare_transaction_and_set_config() {
+        let cases: &[(&str, Class)] = &[
+            (
+                "EXPLAIN (ANALYZE, BUFFERS) INSERT INTO t VALUES (1)",
+                Class::Dml,
+            ),
+            ("explain (analyze false) delete from t", Class::Select),
+            ("EXPLAIN (FORMAT JSON) DELETE FROM t", Class::Select),
+            ("EXPLAIN ANALYZE VERBOSE UPDATE t SET a = 1", Class::Dml),
+            ("EXPLAIN SELECT analyze FROM t", Class::Select),
+            ("EXPLAIN ANALYZE", Class::Select),
+            ("PREPARE TRANSACTION 'gid-1'", Class::Transaction),
+            ("COMMIT PREPARED 'gid-1'", Class::Transaction),
+            // Its class is its statement's, read by the mirror's router, not here.
+            ("PREPARE p AS INSERT INTO t VALUES (1)", Class::Other),
+            ("EXECUTE p", Class::Other),
+            ("DEALLOCATE p", Class::Session),
+            (
+                "SELECT set_config('search_path', 'app', false)",
+                Class::Session,
+            ),
+            (
+                "select pg_catalog.set_config('a.b', 'x', true), set_config('c.d', 'y', true)",
+                Class::Session,
+            ),
+            (
+                "SELECT set_config(k, v, false) FROM settings",
+                Class::Select,
+            ),
+            ("SELECT current_setting('search_path')", Class::Select),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(classify(sql.as_bytes()), *want, "{sql}");
+        }
+        // Nested EXPLAINs (invalid SQL) cannot recurse without bound.
+        let deep = "EXPLAIN ANALYZE ".repeat(200_000) + "INSERT INTO t VALUES (1)";
+        assert_eq!(classify(deep.as_bytes()), Class::Other);
+    }
+
+    #[test]
+    fn reads_sql_level_prepared_statement_commands() {
+        let prepare = |name: &str, body: &str| {
+            Some(Prepared::Prepare {
+                name: name.into(),
+                body: body.len(),
+            })
+        };
+        let execute = |name: &str, runs: bool| {
+            Some(Prepared::Execute {
+                name: name.into(),
+                runs,
+            })
+        };
+        let cases: &[(&str, Option<Prepared>)] = &[
+            (
+                "PREPARE ins(int) AS INSERT",
+                prepare("ins", "PREPARE ins(int) AS "),
+            ),
+            (
+                "prepare Ins (int, \"My Type\"(3), numeric(10,2))\n as\tINSERT",
+                prepare(
+                    "ins",
+                    "prepare Ins (int, \"My Type\"(3), numeric(10,2))\n as\t",
+                ),
+            ),
+            (
+                "PREPARE \"Foo\"\"Bar\" AS SELECT 1",
+                prepare("Foo\"Bar", "PREPARE \"Foo\"\"Bar\" AS "),
+            ),
+            (
+                "/* c */ PREPARE transaction AS SELECT 1",
+                prepare("transaction", "/* c */ PREPARE transaction AS "),
+            ),
+            ("PREPARE TRANSACTION 'x'", None),
+            ("PREPARE p SELECT 1", None),
+            ("PREPARE p AS", None),
+            ("PREPARE p(int AS SELECT 1", None),
+            ("PREPARE \"\" AS SELECT 1", None),
+            ("EXECUTE ins(1)", execute("ins", true)),
+            ("execute INS ( 'a;b' )", execute("ins", true)),
+            ("EXECUTE \"Foo\"", execute("Foo", true)),
+            ("EXECUTE ins 1", None),
+            ("EXPLAIN ANALYZE EXECUTE ins(1)", execute("ins", true)),
+            (
+                "EXPLAIN (ANALYZE off) EXECUTE ins(1)",
+                execute("ins", false),
+            ),
+            ("EXPLAIN EXECUTE ins(1)", execute("ins", false)),
+            ("EXPLAIN SELECT 1", None),
+            (
+                "DEALLOCATE sel",
+                Some(Prepared::Deallocate { name: "sel".into() }),
+            ),
+            (
+                "deallocate prepare \"Sel\"",
+                Some(Prepared::Deallocate { name: "Sel".into() }),
+            ),
+            (
+                "DEALLOCATE prepare",
+                Some(Prepared::Deallocate {
+                    name: "prepare".into(),
+                }),
+            ),
+            ("DEALLOCATE ALL", Some(Prepared::DeallocateAll)),
+            ("DEALLOCATE PREPARE all", Some(Prepared::DeallocateAll)),
+            (
+                "DEALLOCATE \"all\"",
+                Some(Prepared::Deallocate { name: "all".into() }),
+            ),
+            ("DEALLOCATE a b", None),
+            ("DISCARD ALL", Some(Prepared::DiscardAll)),
+            ("DISCARD PLANS", None),
+            ("SELECT 1", None),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(prepared(sql.as_bytes()), *want, "{sql}");
+        }
+        // Names are truncated like PostgreSQL's identifiers (63 bytes).
+        let long = "p".repeat(80);
+        assert_eq!(
+            prepared(format!("EXECUTE {long}").as_bytes()),
+            execute(&long[..63], true)
+        );
+    }
+
+    #[test]
+    fn reads_settings_that_outlive_the_transaction() {
+        let set = |key: &str| Some(Setting::Set { key: key.into() });
+        let cases: &[(&str, Option<Setting>)] = &[
+            ("SET search_path = app", set("search_path")),
+            ("set SESSION Search_Path to app", set("search_path")),
+            ("SET myapp.user_id = 7", set("myapp.user_id")),
+            ("SET TIME ZONE 'UTC'", set("timezone")),
+            ("SET SCHEMA 'app'", set("search_path")),
+            (
+                "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+                set("characteristics"),
+            ),
+            ("SET SESSION AUTHORIZATION bob", set("authorization")),
+            ("SET LOCAL search_path = app", None),
+            ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None),
+            ("SET CONSTRAINTS ALL DEFERRED", None),
+            (
+                "RESET search_path",
+                Some(Setting::Reset {
+                    key: "search_path".into(),
+                }),
+            ),
+            (
+                "RESET SESSION AUTHORIZATION",
+                Some(Setting::Reset {
+                    key: "authorization".into(),
+                }),
+            ),
+            ("RESET ALL", Some(Setting::ResetAll)),
+            ("DISCARD ALL", Some(Setting::ResetAll)),
+            ("DISCARD TEMP", None),
+            (
+                "SELECT set_config('Search_Path', 'app, public', false)",
+                set("search_path"),
+            ),
+            ("SELECT set_config('a.b', 'x', 'off')", set("a.b")),
+            ("SELECT set_config('a.b', 'x', true)", None),
+            ("SELECT set_config('a.b', 'x', 'on')", None),
+            ("SELECT set_config('a.b', 'x')", None),
+            (
+                "SELECT set_config(k(), 'x', false)",
+                set("SELECT set_config(k(), 'x', false)"),
+            ),
+            ("LISTEN chan", None),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(setting(sql.as_bytes()), *want, "{sql}");
+        }
+    }
+
+    #[test]
+    fn reads_transaction_blocks() {
+        let cases: &[(&str, Option<Transaction>)] = &[
+            ("BEGIN", Some(Transaction::Begin)),
+            (
+                "start transaction isolation level serializable",
+                Some(Transaction::Begin),
+            ),
+            ("COMMIT", Some(Transaction::Commit { chain: false })),
+            ("END WORK", Some(Transaction::Commit { chain: false })),
+            (
+                "COMMIT AND CHAIN",
+                Some(Transaction::Commit { chain: true }),
+            ),
+            (
+                "COMMIT AND NO CHAIN",
+                Some(Transaction::Commit { chain: false }),
+            ),
+            (
+                "PREPARE TRANSACTION 'g'",
+                Some(Transaction::Commit { chain: false }),
+            ),
+            ("ROLLBACK", Some(Transaction::Rollback { chain: false })),
+            (
+                "abort transaction and chain",
+                Some(Transaction::Rollback { chain: true }),
+            ),
+            ("ROLLBACK TO SAVEPOINT a", None),
+            ("ROLLBACK WORK TO a", None),
+            ("ROLLBACK PREPARED 'g'", None),
+            ("COMMIT PREPARED 'g'", None),
+            ("SAVEPOINT a", None),
+            ("SELECT 1", None),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(transaction(sql.as_bytes()), *want, "{sql}");
         }
     }
 
