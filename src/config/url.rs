@@ -204,7 +204,11 @@ mod tests {
         assert_eq!(u.password.as_deref(), Some("p@ss"));
         assert_eq!(u.address(), "db.local:5433");
         assert_eq!(u.database.as_deref(), Some("app"));
-        assert_eq!(u.masked(), "postgres://bob:***@db.local:5433/app");
+        assert_eq!(
+            u.masked(),
+            "postgres://bob:***@db.local:5433/app?sslmode=disable"
+        );
+        assert_eq!(u.sslmode.as_deref(), Some("disable"));
     }
 
     #[test]
