@@ -11,10 +11,9 @@ mod link;
 mod route;
 pub mod stats;
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 
-use crate::config::{Config, MirrorConfig, PgUrl};
+use crate::config::{Config, Endpoint, MirrorConfig, PgUrl};
 
 pub use link::{Link, start as start_link};
 pub use route::Router;
@@ -26,7 +25,7 @@ pub struct MirrorTarget {
     pub name: String,
     pub cfg: MirrorConfig,
     pub url: PgUrl,
-    pub addr: SocketAddr,
+    pub addr: Endpoint,
     pub stats: MirrorStats,
 }
 
@@ -36,7 +35,7 @@ pub struct Resolved {
     pub name: String,
     pub cfg: MirrorConfig,
     pub url: PgUrl,
-    pub addr: SocketAddr,
+    pub addr: Endpoint,
 }
 
 /// Resolves every configured mirror (on the main thread, before shards start: DNS blocks).
@@ -47,11 +46,8 @@ pub fn resolve(cfg: &Config) -> Result<Vec<Resolved>, String> {
         .map(|(i, m)| {
             let url = PgUrl::parse(&m.url).map_err(|e| format!("mirror[{i}].url: {e}"))?;
             let addr = url
-                .address()
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or_else(|| format!("mirror[{i}].url: cannot resolve {}", url.address()))?;
+                .endpoint()
+                .map_err(|e| format!("mirror[{i}].url: cannot resolve {}: {e}", url.address()))?;
             Ok(Resolved {
                 name: cfg.mirror_name(i),
                 cfg: m.clone(),
@@ -69,7 +65,7 @@ impl MirrorTarget {
             name: resolved.name.clone(),
             cfg: resolved.cfg.clone(),
             url: resolved.url.clone(),
-            addr: resolved.addr,
+            addr: resolved.addr.clone(),
             stats: MirrorStats::new(latency_us_max),
         })
     }

@@ -12,15 +12,15 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::fingerprints::Fingerprints;
 use super::stats::ShardStats;
 use crate::compare::{self, Comparer};
+use crate::config::Endpoint;
 use crate::mirror::{self, Link, MirrorStats, MirrorTarget, Router};
-use crate::runtime::exec::net::TcpStream;
+use crate::runtime::exec::net::Stream;
 use crate::runtime::exec::{self, within};
 use crate::wire::{self, StartupPacket, sqlstate};
 use bytes::{Bytes, BytesMut};
@@ -33,8 +33,8 @@ const STARTUP_BYTES_MAX: usize = 10_000;
 
 /// What every session of a shard needs to know, derived once from the config.
 pub struct ProxySettings {
-    pub primary_addr: SocketAddr,
-    /// `host:port` as configured, for messages.
+    pub primary_addr: Endpoint,
+    /// `host:port` as configured, or the socket file's path, for messages.
     pub primary_label: String,
     pub message_bytes_max: usize,
     pub startup_timeout: Duration,
@@ -152,7 +152,7 @@ impl ShardCtx {
 /// State both pumps of one session see. Single-threaded: `Cell`s, no locks.
 struct SessionShared {
     /// The client socket, for writes from outside the pumps (drain, watchdog).
-    client: TcpStream,
+    client: Stream,
     /// Set by the first ReadyForQuery: startup and authentication are complete.
     ready: Cell<bool>,
     /// Transaction status of the last ReadyForQuery: `I`, `T` or `E`.
@@ -238,10 +238,13 @@ fn error_bytes(severity: &str, code: &str, message: &str) -> Bytes {
 }
 
 /// Serves one accepted client connection to its end.
-pub async fn serve_client(shard: Rc<ShardCtx>, client: TcpStream) {
+pub async fn serve_client(shard: Rc<ShardCtx>, client: Stream) {
     let accepted = Instant::now();
     let stats = &shard.stats;
     ShardStats::bump(&stats.counters.connections_accepted, 1);
+    if client.is_unix() {
+        ShardStats::bump(&stats.counters.unix_connections_accepted, 1);
+    }
     if shard.sessions_active() >= shard.settings.sessions_per_shard_max {
         ShardStats::bump(&stats.counters.sessions_rejected, 1);
         let msg = error_bytes(
@@ -253,6 +256,7 @@ pub async fn serve_client(shard: Rc<ShardCtx>, client: TcpStream) {
         return;
     }
     // Nagle would hold back small protocol messages; latency matters more than packet count.
+    // (A Unix-socket client has no Nagle: this does nothing for it.)
     let _ = client.set_nodelay(true);
     let deadline = accepted + shard.settings.startup_timeout;
     let mut buf = BytesMut::new();
@@ -313,7 +317,7 @@ struct Closed;
 /// Reads the startup packet, answering SSLRequest and GSSENCRequest with `N` on the way.
 async fn read_startup(
     shard: &ShardCtx,
-    client: &TcpStream,
+    client: &Stream,
     buf: &mut BytesMut,
 ) -> Result<Startup, Closed> {
     loop {
@@ -338,7 +342,7 @@ async fn read_startup(
     }
 }
 
-async fn protocol_error(shard: &ShardCtx, client: &TcpStream, err: &wire::WireError) -> Closed {
+async fn protocol_error(shard: &ShardCtx, client: &Stream, err: &wire::WireError) -> Closed {
     ShardStats::bump(&shard.stats.counters.protocol_errors, 1);
     let msg = error_bytes(
         "FATAL",
@@ -349,11 +353,9 @@ async fn protocol_error(shard: &ShardCtx, client: &TcpStream, err: &wire::WireEr
     Closed
 }
 
-async fn connect_primary(shard: &ShardCtx) -> io::Result<TcpStream> {
+async fn connect_primary(shard: &ShardCtx) -> io::Result<Stream> {
     let settings = &shard.settings;
-    let primary = TcpStream::connect(settings.primary_addr, settings.connect_timeout).await?;
-    let _ = primary.set_nodelay(true);
-    Ok(primary)
+    super::backend::connect(&settings.primary_addr, settings.connect_timeout).await
 }
 
 /// Forwards a CancelRequest verbatim: the key in it is the primary's own (see module doc).
@@ -369,8 +371,8 @@ async fn forward_cancel(shard: &ShardCtx, packet: &Bytes) {
 /// authentication did not complete before `deadline`.
 async fn relay(
     shard: &Rc<ShardCtx>,
-    client: TcpStream,
-    primary: TcpStream,
+    client: Stream,
+    primary: Stream,
     startup: Bytes,
     leftover: BytesMut,
     deadline: Instant,
@@ -500,8 +502,8 @@ async fn relay(
 async fn upstream(
     shard: &ShardCtx,
     shared: &SessionShared,
-    client: TcpStream,
-    primary: TcpStream,
+    client: Stream,
+    primary: Stream,
     mut buf: BytesMut,
     mut router: Option<Router>,
     mut compare: Option<compare::Upstream>,
@@ -660,7 +662,7 @@ async fn upstream(
 /// The session's last word to a client that is still there: the upstream pump's fatal error
 /// if it set one, else "lost the connection to primary" — unless the primary already said
 /// FATAL itself (`farewell`), which the client has received.
-async fn say_goodbye(shard: &ShardCtx, shared: &SessionShared, client: &TcpStream, farewell: bool) {
+async fn say_goodbye(shard: &ShardCtx, shared: &SessionShared, client: &Stream, farewell: bool) {
     let primary_said_goodbye = farewell && shared.fatal.borrow().is_none();
     if shared.client_ended.get() || primary_said_goodbye {
         return;
@@ -696,12 +698,7 @@ fn push_stamp(
 
 /// Primary → client: relays every complete message, tracks ReadyForQuery (transaction status,
 /// latency), and tells the client clearly when the primary goes away.
-async fn downstream(
-    shard: &ShardCtx,
-    shared: &SessionShared,
-    primary: TcpStream,
-    client: TcpStream,
-) {
+async fn downstream(shard: &ShardCtx, shared: &SessionShared, primary: Stream, client: Stream) {
     let stats = &shard.stats;
     let settings = &shard.settings;
     let mut buf = BytesMut::new();
@@ -791,9 +788,9 @@ async fn downstream(
 async fn downstream_compare(
     shard: &ShardCtx,
     shared: &SessionShared,
-    primary: TcpStream,
-    shadow: TcpStream,
-    client: TcpStream,
+    primary: Stream,
+    shadow: Stream,
+    client: Stream,
     mut comparer: Comparer,
 ) {
     use compare::{PRIMARY, SHADOW};
