@@ -39,7 +39,7 @@ pub enum ListenError {
         path.display()
     )]
     NotASocket { path: PathBuf },
-    #[error("cannot listen on {}", path.display())]
+    #[error("cannot listen on {} (proxy.unix-socket-dir)", path.display())]
     UnixBind {
         path: PathBuf,
         #[source]
