@@ -403,9 +403,18 @@ fn mirror_and_shadow_urls_may_name_a_socket_directory() {
     let password = percent_encode(PASSWORD);
     let mirror_url = query_url(&mirror, &format!("{SCRAM_USER}:{password}"));
     let shadow_url = authority_url(&shadow, &format!("{MD5_USER}:{password}"));
+    let reports = SocketDir::new("reports");
+    let report = reports.0.join("mismatches.jsonl");
     let proxy = Proxy::start(
         &primary.url(),
-        &["--mirror", &mirror_url, "--shadow", &shadow_url],
+        &[
+            "--mirror",
+            &mirror_url,
+            "--shadow",
+            &shadow_url,
+            "--compare-report",
+            report.to_str().unwrap(),
+        ],
     );
     let mut c = proxy.client();
     c.batch_execute("INSERT INTO m VALUES (1), (2)").unwrap();
