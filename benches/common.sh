@@ -8,6 +8,8 @@ RUNAS=()
 if [ "$(id -u)" = 0 ]; then RUNAS=(runuser -u postgres --); chown postgres "$WORK"; fi
 PIDS=()
 SERVERS=()
+# Where pgbench and psql connect: 127.0.0.1, or a socket directory ($WORK) for Unix sockets.
+CLIENT_HOST=${CLIENT_HOST:-127.0.0.1}
 
 cleanup() {
   for p in "${PIDS[@]}"; do kill -CONT "$p" 2>/dev/null; kill "$p" 2>/dev/null || true; done
@@ -43,7 +45,7 @@ start_pgprism() {
 
 wait_ready() {
   for _ in $(seq 100); do
-    psql -h 127.0.0.1 -p "$1" -U postgres -XAtc 'select 1' postgres >/dev/null 2>&1 && return 0
+    psql -h "$CLIENT_HOST" -p "$1" -U postgres -XAtc 'select 1' postgres >/dev/null 2>&1 && return 0
     sleep 0.1
   done
   echo "nothing answers on port $1" >&2; return 1
@@ -58,7 +60,7 @@ bench() {
   local port=$1 pid=$2; shift 2
   local before=0 after=0 out
   [ -n "$pid" ] && before=$(ticks "$pid")
-  out=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -n "$@" postgres 2>&1)
+  out=$(pgbench -h "$CLIENT_HOST" -p "$port" -U postgres -n "$@" postgres 2>&1)
   [ -n "$pid" ] && after=$(ticks "$pid")
   TPS=$(echo "$out" | awk -F'= ' '/^tps/ {print $2+0}')
   TXNS=$(echo "$out" | awk -F': ' '/actually processed/ {split($2,a,"/"); print a[1]}')

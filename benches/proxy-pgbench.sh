@@ -6,6 +6,12 @@
 #   benches/proxy-pgbench.sh                 # 15 s per cell
 #   DURATION=5 CLIENTS="16" benches/proxy-pgbench.sh
 #   SHARDS=2 MODES="simple prepared" benches/proxy-pgbench.sh
+#   TRANSPORT=unix benches/proxy-pgbench.sh  # Unix sockets instead of loopback TCP
+#
+# TRANSPORT=tcp (default): every hop is loopback TCP. TRANSPORT=unix: every hop is a Unix
+# socket in $WORK, like for like: pgbench reaches PostgreSQL, pgprism (--unix-socket-dir) and
+# PgBouncer (unix_socket_dir) through their sockets, and both proxies reach PostgreSQL
+# through its socket.
 #
 # Needs: PostgreSQL server binaries, pgbench, pgbouncer (installed with apt-get when missing and
 # running as root). Runs as root or as a normal user; the servers run as `postgres` when root.
@@ -18,6 +24,11 @@ MODES=${MODES:-"simple prepared"}
 SCALE=${SCALE:-10}
 SHARDS=${SHARDS:-$(nproc)}
 OUT=${OUT:-bench-results}
+TRANSPORT=${TRANSPORT:-tcp}
+case $TRANSPORT in
+  tcp | unix) ;;
+  *) echo "TRANSPORT must be tcp or unix, not '$TRANSPORT'" >&2; exit 2 ;;
+esac
 
 if ! command -v pgbouncer >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
@@ -32,18 +43,32 @@ cargo build --release --quiet
 PGPRISM=$PWD/target/release/pgprism
 . benches/common.sh
 
-echo "== setup: PostgreSQL $("$BINDIR/postgres" --version | awk '{print $3}'), scale $SCALE, ${DURATION}s per cell, $(nproc) cores"
+# PostgreSQL's socket is in $WORK (start_pg passes -k $WORK).
+if [ "$TRANSPORT" = unix ]; then
+  CLIENT_HOST=$WORK
+  PRIMARY_URL="postgres://postgres@/postgres?host=$WORK&port=55501"
+  PRISM_UNIX=(--unix-socket-dir "$WORK")
+  BOUNCER_DB_HOST=$WORK
+  BOUNCER_SOCKET_DIR=$WORK
+else
+  PRIMARY_URL=postgres://127.0.0.1:55501
+  PRISM_UNIX=()
+  BOUNCER_DB_HOST=127.0.0.1
+  BOUNCER_SOCKET_DIR=
+fi
+
+echo "== setup: PostgreSQL $("$BINDIR/postgres" --version | awk '{print $3}'), scale $SCALE, ${DURATION}s per cell, $(nproc) cores, transport $TRANSPORT"
 start_pg pg 55501
-pgbench -h 127.0.0.1 -p 55501 -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
-start_pgprism 55502 --primary postgres://127.0.0.1:55501 --shards "$SHARDS"
+pgbench -h "$CLIENT_HOST" -p 55501 -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
+start_pgprism 55502 --primary "$PRIMARY_URL" --shards "$SHARDS" "${PRISM_UNIX[@]}"
 
 cat >"$WORK/pgbouncer.ini" <<INI
 [databases]
-postgres = host=127.0.0.1 port=55501 dbname=postgres
+postgres = host=$BOUNCER_DB_HOST port=55501 dbname=postgres
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = 55503
-unix_socket_dir =
+unix_socket_dir = $BOUNCER_SOCKET_DIR
 auth_type = trust
 auth_file = $WORK/userlist.txt
 pool_mode = session
@@ -60,7 +85,7 @@ BOUNCER_PID=$(cat "$WORK/pgbouncer.pid"); PIDS+=("$BOUNCER_PID")
 wait_ready 55503
 
 mkdir -p "$OUT"
-RESULT="$OUT/proxy-pgbench-$(date +%Y%m%d-%H%M%S).txt"
+RESULT="$OUT/proxy-pgbench-$TRANSPORT-$(date +%Y%m%d-%H%M%S).txt"
 printf '%-9s %-8s %-10s %12s %9s %14s\n' mode clients target tps vs_direct cpu_us_per_tx | tee "$RESULT"
 for mode in $MODES; do
   for c in $CLIENTS; do

@@ -54,7 +54,11 @@ struct ProxyArgs {
     /// Address clients connect to.
     #[arg(long)]
     listen: Option<String>,
-    /// Primary database URL (postgres://host:port).
+    /// Also listen on the Unix socket DIR/.s.PGSQL.<listen port> (`""` turns it off).
+    #[arg(long, value_name = "DIR")]
+    unix_socket_dir: Option<String>,
+    /// Primary database URL (postgres://host:port, or a socket directory:
+    /// postgres://%2Frun%2Fpostgresql:5432, postgres:///db?host=/run/postgresql).
     #[arg(long)]
     primary: Option<String>,
     /// Number of shards (0 = one per core).
@@ -425,6 +429,9 @@ impl ProxyArgs {
         if let Some(v) = self.listen {
             cfg.proxy.listen = v;
         }
+        if let Some(v) = self.unix_socket_dir {
+            cfg.proxy.unix_socket_dir = v;
+        }
         if let Some(v) = self.primary {
             cfg.primary.url = v;
         }
@@ -658,8 +665,12 @@ fn serve_until_stopped(
     }
 }
 
-/// One parseable line on stdout so scripts and tests know where to connect.
+/// One parseable line on stdout so scripts and tests know where to connect (the last one at
+/// start-up), preceded by the Unix socket's line when there is one.
 fn print_ready(bound: &crate::runtime::Bound) {
+    if let Some(path) = &bound.unix {
+        println!("pgprism unix socket {}", path.display());
+    }
     let admin = bound.admin.map(|a| a.to_string()).unwrap_or_default();
     println!("pgprism listening on {} admin {}", bound.listen, admin);
 }

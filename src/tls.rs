@@ -18,7 +18,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-use crate::runtime::exec::net::TcpStream;
+use crate::runtime::exec::net::Stream;
 
 /// ALPN protocol name PostgreSQL 17 registers; older servers ignore it.
 const ALPN: &[u8] = b"postgresql";
@@ -180,7 +180,7 @@ impl Upstream {
 
     /// After connecting: asks for TLS when the mode says so and runs the handshake.
     /// `Ok(true)`: the connection is now encrypted.
-    pub async fn negotiate(&self, stream: &mut TcpStream) -> io::Result<bool> {
+    pub async fn negotiate(&self, stream: &mut Stream) -> io::Result<bool> {
         let (Some(config), Some(name)) = (&self.config, &self.name) else {
             return Ok(false);
         };

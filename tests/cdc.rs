@@ -277,6 +277,46 @@ fn streams_inserts_updates_deletes_and_key_changes() {
 }
 
 #[test]
+fn source_on_the_servers_unix_socket() {
+    let pg = start_pg("cdc-unix", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let dir = pg
+        .socket_dir()
+        .and_then(|d| d.to_str())
+        .expect("the server has a Unix socket");
+    let url = format!(
+        "postgres://postgres@/postgres?host={dir}&port={}",
+        pg.port()
+    );
+    let mut args = base_args(&pg, &sr, "t");
+    args[2] = url;
+    let cdc = Cdc::start(&args, &[]);
+    c.batch_execute("INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 100) g")
+        .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    // Both the replication and the checkpoint connection came over the socket.
+    let row = c
+        .query_one(
+            "SELECT count(*) FILTER (WHERE client_port = -1), \
+                    count(*) FILTER (WHERE client_port <> -1) \
+             FROM pg_stat_activity WHERE application_name = 'pgprism-cdc'",
+            &[],
+        )
+        .unwrap();
+    let (local, tcp): (i64, i64) = (row.get(0), row.get(1));
+    assert!(local >= 1 && tcp == 0, "sessions: {local} local, {tcp} TCP");
+}
+
+#[test]
 fn idle_publication_advances_the_slot() {
     let pg = start_pg("cdc-idle", &[]);
     let sr = StarRocks::start("root", "pw");

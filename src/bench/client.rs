@@ -11,13 +11,12 @@
 
 use std::fmt;
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use bytes::BytesMut;
 
-use crate::config::PgUrl;
-use crate::runtime::exec::{self, net::TcpStream};
+use crate::config::{Endpoint, PgUrl};
+use crate::runtime::exec::{self, net::Stream};
 use crate::wire::{
     self, AuthProgress, BackendMessage, ClientAuth, ErrorNotice, Frame, TransactionStatus,
     WireError, encode,
@@ -38,7 +37,7 @@ const STARTUP_MESSAGES_MAX: usize = 1024;
 /// Everything needed to open a connection, with the host already resolved.
 #[derive(Clone)]
 pub struct ConnectParams {
-    pub addr: SocketAddr,
+    pub addr: Endpoint,
     pub user: String,
     pub password: Option<String>,
     pub database: String,
@@ -59,19 +58,14 @@ impl fmt::Debug for ConnectParams {
 }
 
 impl ConnectParams {
-    /// Resolves `url`'s host with the system resolver. This blocks: call it before entering
-    /// a shard. A URL without a user connects as `$USER` (as libpq does), and without a
-    /// database to the database named like the user.
+    /// Resolves `url`'s host with the system resolver (a socket directory needs none). This
+    /// blocks: call it before entering a shard. A URL without a user connects as `$USER` (as
+    /// libpq does), and without a database to the database named like the user.
     pub fn resolve(url: &PgUrl) -> Result<ConnectParams, ClientError> {
-        let address = url.address();
-        let addr = (url.host.as_str(), url.port)
-            .to_socket_addrs()
-            .map_err(|source| ClientError::Resolve {
-                address: address.clone(),
-                source,
-            })?
-            .next()
-            .ok_or(ClientError::NoAddress { address })?;
+        let addr = url.endpoint().map_err(|source| ClientError::Resolve {
+            address: url.address(),
+            source,
+        })?;
         let user = url
             .user
             .clone()
@@ -142,16 +136,14 @@ pub enum ClientError {
         #[source]
         source: io::Error,
     },
-    #[error("{address} resolves to no address")]
-    NoAddress { address: String },
     #[error("cannot connect to {addr}")]
     Connect {
-        addr: SocketAddr,
+        addr: Endpoint,
         #[source]
         source: io::Error,
     },
     #[error("connecting to {addr} timed out")]
-    ConnectTimeout { addr: SocketAddr },
+    ConnectTimeout { addr: Endpoint },
     #[error("connection I/O failed")]
     Io(#[source] io::Error),
     #[error("the server closed the connection")]
@@ -189,7 +181,7 @@ pub struct Completion {
 
 /// One authenticated connection, ready for queries.
 pub struct PgConnection {
-    stream: TcpStream,
+    stream: Stream,
     read: BytesMut,
     write: BytesMut,
     status: TransactionStatus,
@@ -201,24 +193,33 @@ impl PgConnection {
     /// Connects, authenticates and waits for the first ReadyForQuery, all within
     /// `params.connect_timeout`.
     pub async fn connect(params: &ConnectParams) -> Result<PgConnection, ClientError> {
-        let addr = params.addr;
+        let addr = params.addr.clone();
         exec::within(params.connect_timeout, Self::connect_unbounded(params))
             .await
             .unwrap_or(Err(ClientError::ConnectTimeout { addr }))
     }
 
     async fn connect_unbounded(params: &ConnectParams) -> Result<PgConnection, ClientError> {
-        let addr = params.addr;
-        let stream = TcpStream::connect(addr, params.connect_timeout)
-            .await
-            .map_err(|source| match source.kind() {
-                io::ErrorKind::TimedOut => ClientError::ConnectTimeout { addr },
-                _ => ClientError::Connect { addr, source },
-            })?;
-        // Requests are small and latency is the point: never let Nagle hold one back.
+        let addr = &params.addr;
+        let connected = match addr {
+            Endpoint::Tcp(tcp) => Stream::connect(*tcp, params.connect_timeout).await,
+            Endpoint::Unix(path) => Stream::connect_unix(path, params.connect_timeout).await,
+        };
+        let stream = connected.map_err(|source| match source.kind() {
+            io::ErrorKind::TimedOut => ClientError::ConnectTimeout { addr: addr.clone() },
+            _ => ClientError::Connect {
+                addr: addr.clone(),
+                source,
+            },
+        })?;
+        // Requests are small and latency is the point: never let Nagle hold one back (a
+        // no-op on a Unix socket).
         stream
             .set_nodelay(true)
-            .map_err(|source| ClientError::Connect { addr, source })?;
+            .map_err(|source| ClientError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
         let mut conn = PgConnection {
             stream,
             read: BytesMut::with_capacity(READ_CHUNK_BYTES),

@@ -9,12 +9,12 @@
 //! every message a size limit.
 
 use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use crate::config::PgUrl;
+use crate::config::{Endpoint, PgUrl};
 use crate::wire::{self, AuthProgress, BackendMessage, ClientAuth, encode};
 
 /// Largest message accepted from the server (a row of a big TOAST value fits easily).
@@ -64,7 +64,8 @@ impl PgError {
 pub type Row = Vec<Option<String>>;
 
 pub struct PgConn {
-    stream: TcpStream,
+    /// TCP or Unix-domain, whichever the URL names (see [`PgUrl::endpoint`]).
+    stream: Socket,
     inbuf: BytesMut,
     out: BytesMut,
     chunk: Vec<u8>,
@@ -79,13 +80,32 @@ impl PgConn {
             addr: addr.clone(),
             source,
         };
-        let sock = (url.host.as_str(), url.port)
-            .to_socket_addrs()
-            .map_err(connect_err)?
-            .next()
-            .ok_or_else(|| connect_err(std::io::ErrorKind::NotFound.into()))?;
-        let stream = TcpStream::connect_timeout(&sock, timeout).map_err(connect_err)?;
-        let _ = stream.set_nodelay(true);
+        let stream = match url.endpoint().map_err(connect_err)? {
+            Endpoint::Tcp(sock) => {
+                let domain = Domain::for_address(sock);
+                let stream = Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))
+                    .map_err(connect_err)?;
+                stream
+                    .connect_timeout(&sock.into(), timeout)
+                    .map_err(connect_err)?;
+                let _ = stream.set_tcp_nodelay(true);
+                stream
+            }
+            Endpoint::Unix(path) => {
+                let stream =
+                    Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(connect_err)?;
+                let sock = SockAddr::unix(&path).map_err(connect_err)?;
+                // A blocking connect: a Unix socket with a full backlog makes it wait (up to
+                // the send timeout), where a non-blocking one would say EAGAIN and never
+                // complete.
+                stream
+                    .set_write_timeout(Some(timeout))
+                    .map_err(connect_err)?;
+                stream.connect(&sock).map_err(connect_err)?;
+                stream.set_write_timeout(None).map_err(connect_err)?;
+                stream
+            }
+        };
         stream
             .set_read_timeout(Some(timeout))
             .map_err(PgError::Io)?;

@@ -22,7 +22,7 @@ use super::rules::type_name;
 use super::verdict::{self, Difference, Kind};
 use super::{Record, Side, Target};
 use crate::proxy::stats::ShardStats;
-use crate::runtime::exec::net::TcpStream;
+use crate::runtime::exec::net::Stream;
 use crate::sql;
 use crate::wire::{self, tag};
 
@@ -101,7 +101,7 @@ pub struct Link {
 pub struct Upstream {
     link: Rc<Link>,
     target: Rc<Target>,
-    pub shadow: TcpStream,
+    pub shadow: Stream,
     statements: HashMap<String, Rc<Statement>>,
     portals: HashMap<String, Portal>,
     batch: Vec<Rc<Statement>>,
@@ -377,7 +377,7 @@ impl Tracker {
     /// Builds the two halves for one session over its shadow connection.
     pub fn pair(
         target: Rc<Target>,
-        shadow: TcpStream,
+        shadow: Stream,
         session: u64,
         params: Vec<(String, String)>,
     ) -> (Upstream, Comparer) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 
 use super::{Record, Target, open_as};
-use crate::runtime::exec::net::TcpStream;
+use crate::runtime::exec::net::Stream;
 use crate::runtime::exec::within;
 use crate::wire::{self, tag};
 
@@ -27,13 +27,13 @@ pub async fn run(
     let (primary, shadow) = futures_lite::future::zip(
         plan(
             &target,
-            target.primary_addr,
+            &target.primary_addr,
             &target.primary_url,
             &params,
             &sql,
             limit,
         ),
-        plan(&target, target.addr, &target.url, &params, &sql, limit),
+        plan(&target, &target.addr, &target.url, &params, &sql, limit),
     )
     .await;
     record.primary.plan = Some(primary);
@@ -43,7 +43,7 @@ pub async fn run(
 
 async fn plan(
     target: &Target,
-    addr: std::net::SocketAddr,
+    addr: &crate::config::Endpoint,
     url: &crate::config::PgUrl,
     params: &[(String, String)],
     sql: &str,
@@ -65,7 +65,7 @@ async fn plan(
     text
 }
 
-async fn explain(stream: &TcpStream, sql: &str, max: usize) -> String {
+async fn explain(stream: &Stream, sql: &str, max: usize) -> String {
     let mut out = BytesMut::new();
     // A read-only transaction: even a misclassified statement cannot write.
     if wire::encode::query(&mut out, &format!("BEGIN READ ONLY; {sql}; ROLLBACK")).is_err() {

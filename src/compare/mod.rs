@@ -15,15 +15,14 @@ pub mod rules;
 pub mod verdict;
 
 use std::cell::Cell;
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 use std::time::Duration;
 
 use crossbeam_channel::{Sender, TrySendError};
 
-use crate::config::{CompareConfig, Config, PgUrl, SourceOfTruth};
+use crate::config::{CompareConfig, Config, Endpoint, PgUrl, SourceOfTruth};
 use crate::proxy::backend;
-use crate::runtime::exec::net::TcpStream;
+use crate::runtime::exec::net::Stream;
 
 pub use exchange::{Comparer, Fed, PRIMARY, SHADOW, Tracker, Upstream};
 pub use rules::{Rules, parse_equivalence};
@@ -71,7 +70,7 @@ pub struct Side {
 #[derive(Clone)]
 pub struct Resolved {
     pub url: PgUrl,
-    pub addr: SocketAddr,
+    pub addr: Endpoint,
     pub primary_url: PgUrl,
     pub cfg: CompareConfig,
     pub reports: Sender<Record>,
@@ -83,11 +82,8 @@ pub fn resolve(cfg: &Config, reports: Sender<Record>) -> Result<Option<Resolved>
     }
     let url = PgUrl::parse(&cfg.shadow.url).map_err(|e| format!("shadow.url: {e}"))?;
     let addr = url
-        .address()
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| format!("shadow.url: cannot resolve {}", url.address()))?;
+        .endpoint()
+        .map_err(|e| format!("shadow.url: cannot resolve {}: {e}", url.address()))?;
     let primary_url = PgUrl::parse(&cfg.primary.url).map_err(|e| format!("primary.url: {e}"))?;
     Ok(Some(Resolved {
         url,
@@ -107,9 +103,9 @@ pub struct CompareStats {
 /// Compare mode as one shard sees it.
 pub struct Target {
     pub url: PgUrl,
-    pub addr: SocketAddr,
+    pub addr: Endpoint,
     pub primary_url: PgUrl,
-    pub primary_addr: SocketAddr,
+    pub primary_addr: Endpoint,
     pub cfg: CompareConfig,
     pub rules: Rc<Rules>,
     pub reports: Sender<Record>,
@@ -122,12 +118,12 @@ pub struct Target {
 impl Target {
     pub fn new(
         resolved: &Resolved,
-        primary_addr: SocketAddr,
+        primary_addr: Endpoint,
         shard: usize,
     ) -> Result<Rc<Target>, String> {
         Ok(Rc::new(Target {
             url: resolved.url.clone(),
-            addr: resolved.addr,
+            addr: resolved.addr.clone(),
             primary_url: resolved.primary_url.clone(),
             primary_addr,
             cfg: resolved.cfg.clone(),
@@ -166,9 +162,9 @@ impl Target {
         &self,
         client_params: &[(String, String)],
         message_bytes_max: usize,
-    ) -> Result<TcpStream, backend::BackendError> {
+    ) -> Result<Stream, backend::BackendError> {
         open_as(
-            self.addr,
+            &self.addr,
             &self.url,
             client_params,
             Duration::from_millis(self.cfg.connect_timeout_ms),
@@ -181,12 +177,12 @@ impl Target {
 /// Opens a pgprism-owned session to `addr` for `url`, defaulting user and database to the
 /// client's.
 pub(crate) async fn open_as(
-    addr: SocketAddr,
+    addr: &Endpoint,
     url: &PgUrl,
     client_params: &[(String, String)],
     limit: Duration,
     message_bytes_max: usize,
-) -> Result<TcpStream, backend::BackendError> {
+) -> Result<Stream, backend::BackendError> {
     let param = |name: &str| {
         client_params
             .iter()
@@ -213,7 +209,10 @@ pub(crate) async fn open_as(
     let password = url.password.clone().unwrap_or_default();
     let tls = url
         .tls_cached()
-        .map_err(|message| backend::BackendError::Tls { addr, message })?;
+        .map_err(|message| backend::BackendError::Tls {
+            addr: addr.clone(),
+            message,
+        })?;
     backend::open(
         addr,
         limit,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use self::url::PgUrl;
+pub use self::url::{Endpoint, PgUrl, SOCKET_PATH_BYTES_MAX, socket_file};
 
 /// The whole configuration, as the file spells it (kebab-case keys).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -245,6 +245,10 @@ impl Default for MirrorConfig {
 pub struct ProxyConfig {
     /// Address clients connect to.
     pub listen: String,
+    /// Directory of a Unix-domain socket clients may also connect to, as PgBouncer's
+    /// `unix_socket_dir`: the socket is `<dir>/.s.PGSQL.<port of listen>`, so
+    /// `psql -h <dir> -p <port>` works. Empty: no Unix socket.
+    pub unix_socket_dir: String,
     /// Number of shards (one executor pinned to one core each); 0 means one per core.
     pub shards: usize,
     /// Pin each shard's thread to one core (turn off when sharing a machine with other
@@ -258,7 +262,7 @@ pub struct ProxyConfig {
     pub read_chunk_bytes: usize,
     /// Time a client has to send its startup packet and finish authentication.
     pub startup_timeout_ms: u64,
-    /// Time allowed to open a TCP connection to the primary.
+    /// Time allowed to open a connection to the primary.
     pub connect_timeout_ms: u64,
     /// On SIGTERM/SIGINT: how long running sessions may take to finish before pgprism exits.
     pub drain_timeout_ms: u64,
@@ -273,6 +277,7 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
             listen: "127.0.0.1:6432".into(),
+            unix_socket_dir: String::new(),
             shards: 0,
             pin_cores: true,
             backlog: 4096,
@@ -700,6 +705,7 @@ impl Config {
     /// Checks every value that serde cannot: ranges, addresses, URLs.
     pub fn validate(&self) -> Result<(), ConfigError> {
         parse_addr("proxy.listen", &self.proxy.listen)?;
+        self.validate_unix_socket_dir()?;
         if self.proxy.backlog == 0 {
             return Err(ConfigError::key("proxy.backlog", "expected at least 1"));
         }
@@ -831,6 +837,32 @@ impl Config {
         }
         self.validate_compare()?;
         self.embed.validate()
+    }
+
+    fn validate_unix_socket_dir(&self) -> Result<(), ConfigError> {
+        let dir = &self.proxy.unix_socket_dir;
+        let key = "proxy.unix-socket-dir";
+        if dir.is_empty() {
+            return Ok(());
+        }
+        if !dir.starts_with('/') || dir.contains('\0') {
+            return Err(ConfigError::key(
+                key,
+                format!("expected an absolute directory path, got `{dir}`"),
+            ));
+        }
+        // The longest socket file name it can get, whatever the port.
+        let longest = socket_file(dir, u16::MAX);
+        if longest.as_os_str().len() > SOCKET_PATH_BYTES_MAX {
+            return Err(ConfigError::key(
+                key,
+                format!(
+                    "{} would be longer than the {SOCKET_PATH_BYTES_MAX} bytes a socket path may have",
+                    longest.display()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn validate_compare(&self) -> Result<(), ConfigError> {
@@ -997,6 +1029,26 @@ mod tests {
         cfg.proxy.listen = "nowhere".into();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("proxy.listen"), "{err}");
+    }
+
+    #[test]
+    fn unix_socket_dir_is_checked_and_shown() {
+        let base = "[primary]\nurl = \"postgres://u@%2Frun%2Fpostgresql:5432/db\"\n";
+        let cfg = Config::parse(&format!("{base}[proxy]\nunix-socket-dir = \"/tmp\"\n")).unwrap();
+        cfg.validate().unwrap();
+        let shown = cfg.to_toml();
+        assert!(shown.contains("unix-socket-dir = \"/tmp\""), "{shown}");
+        assert!(shown.contains("%2Frun%2Fpostgresql:5432"), "{shown}");
+        assert_eq!(Config::parse(&shown).unwrap().proxy.unix_socket_dir, "/tmp");
+        for bad in ["tmp", &format!("/{}", "x".repeat(100))] {
+            let cfg =
+                Config::parse(&format!("{base}[proxy]\nunix-socket-dir = \"{bad}\"\n")).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains("proxy.unix-socket-dir"), "{err}");
+        }
+        let cfg = Config::parse("[primary]\nurl = \"postgres:///db?host=/tmp&port=x\"\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("primary.url"), "{err}");
     }
 
     #[test]

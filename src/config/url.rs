@@ -1,7 +1,41 @@
 //! `postgres://user:password@host:port/database?options` URLs for backends pgprism connects to.
-//! Only the parts pgprism uses are understood; anything else is an error, not ignored.
+//! Only the parts pgprism uses are understood; anything else is an error, not ignored, except
+//! query options other than `host` and `port` (`sslmode` and the like), which are skipped.
+//!
+//! As in libpq, a host starting with `/` is the directory of a Unix-domain socket, whose file
+//! is `<dir>/.s.PGSQL.<port>`. It is written percent-encoded in the authority
+//! (`postgres://u@%2Frun%2Fpostgresql:5432/db`) or as a query option
+//! (`postgres://u@/db?host=/run/postgresql&port=5432`).
 
 use std::fmt;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+
+/// `sun_path` holds 108 bytes including the terminating NUL.
+pub const SOCKET_PATH_BYTES_MAX: usize = 107;
+
+/// Where a backend is reached: resolved once, before the shards start (DNS blocks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Tcp(SocketAddr),
+    /// The socket file itself, `<dir>/.s.PGSQL.<port>`.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => addr.fmt(f),
+            Endpoint::Unix(path) => path.display().fmt(f),
+        }
+    }
+}
+
+/// The socket file PostgreSQL (and pgprism) listens on in `dir` for `port`.
+pub fn socket_file(dir: &str, port: u16) -> PathBuf {
+    PathBuf::from(dir).join(format!(".s.PGSQL.{port}"))
+}
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct PgUrl {
@@ -68,20 +102,44 @@ impl PgUrl {
             (h.to_string(), tail.strip_prefix(':'))
         } else {
             match hostport.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), Some(p)),
-                None => (hostport.to_string(), None),
+                Some((h, p)) => (percent_decode(h)?, Some(p)),
+                None => (percent_decode(hostport)?, None),
             }
         };
+        let mut host = host;
+        let mut port = port.map(str::to_string);
+        // libpq's query options override the authority's host and port.
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "host" => host = percent_decode(value)?,
+                "port" => port = Some(percent_decode(value)?),
+                _ => {}
+            }
+        }
         if host.is_empty() {
             // Not the URL itself: it may hold a password.
-            return Err("no host in the URL (expected postgres://host:port)".to_string());
+            return Err(
+                "no host in the URL (expected postgres://host:port, or a socket directory as \
+                 postgres://%2Fdir:port or postgres:///db?host=/dir)"
+                    .to_string(),
+            );
         }
-        let port = match port {
-            Some(p) => p
+        let port = match port.as_deref() {
+            Some(p) if !p.is_empty() => p
                 .parse::<u16>()
                 .map_err(|_| format!("port `{p}` is not a number from 1 to 65535"))?,
-            None => 5432,
+            _ => 5432,
         };
+        if host.starts_with('/') {
+            let path = socket_file(&host, port);
+            if path.as_os_str().len() > SOCKET_PATH_BYTES_MAX {
+                return Err(format!(
+                    "socket path {} is longer than {SOCKET_PATH_BYTES_MAX} bytes",
+                    path.display()
+                ));
+            }
+        }
         Ok(PgUrl {
             user: user.filter(|u| !u.is_empty()),
             password,
@@ -131,9 +189,18 @@ impl PgUrl {
         })
     }
 
-    /// `host:port`, the form used to connect and in error messages.
+    /// The socket file when the host is a directory (it starts with `/`, as in libpq).
+    pub fn socket_path(&self) -> Option<PathBuf> {
+        self.host
+            .starts_with('/')
+            .then(|| socket_file(&self.host, self.port))
+    }
+
+    /// `host:port`, or the socket file's path: the form used in error messages.
     pub fn address(&self) -> String {
-        if self.host.contains(':') {
+        if let Some(path) = self.socket_path() {
+            path.display().to_string()
+        } else if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
         } else {
             format!("{}:{}", self.host, self.port)
@@ -150,7 +217,19 @@ impl PgUrl {
             }
             out.push('@');
         }
-        out.push_str(&self.address());
+        if self.socket_path().is_some() {
+            // Percent-encoded so the masked URL still parses (`pgprism check` output).
+            for byte in self.host.bytes() {
+                if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+                    out.push(char::from(byte));
+                } else {
+                    out.push_str(&format!("%{byte:02X}"));
+                }
+            }
+            out.push_str(&format!(":{}", self.port));
+        } else {
+            out.push_str(&self.address());
+        }
         if let Some(db) = &self.database {
             out.push('/');
             out.push_str(db);
@@ -170,6 +249,21 @@ impl PgUrl {
             }
         }
         out
+    }
+}
+
+impl PgUrl {
+    /// Resolves the host with the system resolver (this blocks: call it before the shards
+    /// start); a socket directory needs no resolving.
+    pub fn endpoint(&self) -> io::Result<Endpoint> {
+        if let Some(path) = self.socket_path() {
+            return Ok(Endpoint::Unix(path));
+        }
+        (self.host.as_str(), self.port)
+            .to_socket_addrs()?
+            .next()
+            .map(Endpoint::Tcp)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))
     }
 }
 
@@ -218,6 +312,40 @@ mod tests {
             PgUrl::parse("postgres://[::1]:7/").unwrap().address(),
             "[::1]:7"
         );
+    }
+
+    #[test]
+    fn socket_directory_in_the_authority_or_the_query() {
+        let u = PgUrl::parse("postgres://bob@%2Fvar%2Frun%2Fpostgresql:5433/app").unwrap();
+        assert_eq!(u.host, "/var/run/postgresql");
+        assert_eq!(u.address(), "/var/run/postgresql/.s.PGSQL.5433");
+        assert_eq!(
+            u.endpoint().unwrap(),
+            Endpoint::Unix("/var/run/postgresql/.s.PGSQL.5433".into())
+        );
+        assert_eq!(u.database.as_deref(), Some("app"));
+        let q = PgUrl::parse("postgresql://bob@/app?host=/var/run/postgresql&port=5433").unwrap();
+        assert_eq!(q, u);
+        let q = PgUrl::parse("postgres:///app?host=%2Ftmp").unwrap();
+        assert_eq!(q.address(), "/tmp/.s.PGSQL.5432");
+        assert_eq!(q.user, None);
+        // The masked form (what `pgprism check` prints) parses back to the same place.
+        let m = PgUrl::parse("postgres://bob:pw@/app?host=/run/pg%20x&port=7").unwrap();
+        assert_eq!(m.masked(), "postgres://bob:***@%2Frun%2Fpg%20x:7/app");
+        let again = PgUrl::parse(&m.masked()).unwrap();
+        assert_eq!(again.address(), "/run/pg x/.s.PGSQL.7");
+        // A query host may also be a TCP host; it wins over the authority, as in libpq.
+        let t = PgUrl::parse("postgres://a:1/db?sslmode=disable&host=b").unwrap();
+        assert_eq!(t.address(), "b:1");
+    }
+
+    #[test]
+    fn rejects_bad_socket_urls() {
+        let long = format!("postgres:///db?host=/{}", "d".repeat(120));
+        assert!(PgUrl::parse(&long).unwrap_err().contains("longer than"));
+        assert!(PgUrl::parse("postgres:///db").is_err());
+        assert!(PgUrl::parse("postgres:///db?host=/tmp&port=x").is_err());
+        assert!(PgUrl::parse("postgres://%2Ftmp%zz/db").is_err());
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct ControlState {
     pub started: Instant,
     pub started_unix_s: u64,
     pub listen: String,
+    /// The Unix socket file clients may also use, if any.
+    pub unix_socket: Option<String>,
     pub primary: String,
     pub draining: bool,
     latency_us_max: u64,
@@ -67,6 +69,7 @@ impl ControlState {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             listen,
+            unix_socket: None,
             primary,
             draining: false,
             latency_us_max,

@@ -347,6 +347,7 @@ pub(super) fn status(state: &ControlState) -> String {
         "statements": statements,
         "version": env!("CARGO_PKG_VERSION"),
         "listen": state.listen.as_str(),
+        "unix_socket": state.unix_socket.as_deref(),
         "primary": state.primary.as_str(),
         "uptime_s": state.started.elapsed().as_secs(),
         "started_unix_s": state.started_unix_s,

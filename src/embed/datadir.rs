@@ -169,6 +169,14 @@ fn conf_quote(value: &str) -> String {
     format!("'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
 }
 
+/// Where the server's Unix socket goes unless the settings say otherwise: the data directory
+/// itself, when the socket path fits the kernel's limit. A longer path makes the postmaster
+/// fail; TCP alone is enough for everything here, so the socket is left out then.
+pub(super) fn default_socket_dir(dir: &Path) -> Option<&Path> {
+    let socket_path_bytes = dir.as_os_str().len() + "/.s.PGSQL.65535".len();
+    (socket_path_bytes <= SOCKET_PATH_BYTES_MAX).then_some(dir)
+}
+
 /// Writes the settings for one start into [`SETTINGS_FILE`] (rewritten each start, so a
 /// reused directory gets the new port instead of an ever-growing config).
 pub(super) fn write_settings(
@@ -178,15 +186,12 @@ pub(super) fn write_settings(
     memory: bool,
     owner: Option<&OsUser>,
 ) -> Result<(), EmbedError> {
-    let socket_dir = dir.to_string_lossy();
-    // A unix socket path over the kernel limit makes the postmaster fail; TCP alone is
-    // enough for everything here, so leave the socket out instead.
-    let socket_path_bytes = socket_dir.len() + "/.s.PGSQL.65535".len();
-    let socket_dirs = if socket_path_bytes <= SOCKET_PATH_BYTES_MAX {
-        socket_dir.into_owned()
-    } else {
-        tracing::warn!(dir = %dir.display(), "data dir path too long for a unix socket; TCP only");
-        String::new()
+    let socket_dirs = match default_socket_dir(dir) {
+        Some(socket_dir) => socket_dir.to_string_lossy().into_owned(),
+        None => {
+            tracing::warn!(dir = %dir.display(), "data dir path too long for a unix socket; TCP only");
+            String::new()
+        }
     };
     let port_text = port.to_string();
     let mut settings: Vec<(&str, &str)> = vec![

@@ -36,6 +36,8 @@ pub struct Instance {
     database: String,
     psql_path: PathBuf,
     stop_timeout: Duration,
+    /// The directory of the server's Unix socket, if it has one.
+    socket_dir: Option<PathBuf>,
 }
 
 impl Instance {
@@ -67,6 +69,7 @@ impl Instance {
         }
         let (child, port) = result?;
         let psql = bins.program("psql");
+        let socket_dir = socket_dir_of(&cfg, &data_dir);
         let mut instance = Instance {
             child: Some(child),
             host: cfg.host.clone(),
@@ -82,6 +85,7 @@ impl Instance {
                 PathBuf::from("psql")
             },
             stop_timeout: Duration::from_millis(cfg.stop_timeout_ms),
+            socket_dir,
         };
         // Dropping `instance` on error stops the server again.
         instance.ensure_database(&cfg.database)?;
@@ -101,6 +105,12 @@ impl Instance {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The directory holding the server's Unix socket `.s.PGSQL.<port>` (libpq's `host` for
+    /// a local connection); `None` when it listens on TCP only.
+    pub fn socket_dir(&self) -> Option<&Path> {
+        self.socket_dir.as_deref()
     }
 
     /// Process id of the postmaster; 0 once stopped.
@@ -211,6 +221,22 @@ impl Drop for Instance {
                 "stopping PostgreSQL on drop failed"
             );
         }
+    }
+}
+
+/// The first of `unix_socket_directories` when the settings name it, else the default.
+fn socket_dir_of(cfg: &InstanceConfig, data_dir: &Path) -> Option<PathBuf> {
+    match cfg
+        .settings
+        .iter()
+        .find(|(name, _)| name == "unix_socket_directories")
+    {
+        Some((_, dirs)) => dirs
+            .split(',')
+            .map(str::trim)
+            .find(|d| !d.is_empty())
+            .map(PathBuf::from),
+        None => datadir::default_socket_dir(data_dir).map(Path::to_path_buf),
     }
 }
 

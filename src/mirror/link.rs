@@ -14,7 +14,7 @@ use super::MirrorTarget;
 use super::stats::MirrorStats;
 use crate::proxy::backend;
 use crate::proxy::fingerprints::Fingerprints;
-use crate::runtime::exec::net::TcpStream;
+use crate::runtime::exec::net::Stream;
 use crate::runtime::exec::{self, within};
 use crate::wire::{self, tag};
 
@@ -377,7 +377,7 @@ pub async fn run(link: Rc<Link>) {
         let opened = match target.url.tls_cached() {
             Ok(tls) => {
                 backend::open(
-                    target.addr,
+                    &target.addr,
                     Duration::from_millis(cfg.connect_timeout_ms),
                     &params,
                     &link.user,
@@ -388,7 +388,7 @@ pub async fn run(link: Rc<Link>) {
                 .await
             }
             Err(message) => Err(backend::BackendError::Tls {
-                addr: target.addr,
+                addr: target.addr.clone(),
                 message,
             }),
         };
@@ -458,7 +458,7 @@ pub async fn run(link: Rc<Link>) {
 
 /// Writes queued frames and reads the answers until the client is done and everything was
 /// answered (returns true) or the connection fails or times out (false).
-async fn stream_frames(link: &Link, stream: &TcpStream) -> bool {
+async fn stream_frames(link: &Link, stream: &Stream) -> bool {
     let inflight: RefCell<VecDeque<InFlight>> = RefCell::new(VecDeque::new());
     let failed = Cell::new(false);
     let reader_waker: Cell<Option<Waker>> = Cell::new(None);

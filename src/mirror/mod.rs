@@ -12,10 +12,9 @@ mod route;
 mod settings;
 pub mod stats;
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 
-use crate::config::{Config, MirrorConfig, PgUrl};
+use crate::config::{Config, Endpoint, MirrorConfig, PgUrl};
 
 pub use link::{Link, start as start_link};
 pub use route::Router;
@@ -27,7 +26,7 @@ pub struct MirrorTarget {
     pub name: String,
     pub cfg: MirrorConfig,
     pub url: PgUrl,
-    pub addr: SocketAddr,
+    pub addr: Endpoint,
     pub stats: MirrorStats,
 }
 
@@ -37,7 +36,7 @@ pub struct Resolved {
     pub name: String,
     pub cfg: MirrorConfig,
     pub url: PgUrl,
-    pub addr: SocketAddr,
+    pub addr: Endpoint,
 }
 
 /// Resolves every configured mirror (on the main thread, before shards start: DNS blocks).
@@ -48,11 +47,8 @@ pub fn resolve(cfg: &Config) -> Result<Vec<Resolved>, String> {
         .map(|(i, m)| {
             let url = PgUrl::parse(&m.url).map_err(|e| format!("mirror[{i}].url: {e}"))?;
             let addr = url
-                .address()
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or_else(|| format!("mirror[{i}].url: cannot resolve {}", url.address()))?;
+                .endpoint()
+                .map_err(|e| format!("mirror[{i}].url: cannot resolve {}: {e}", url.address()))?;
             Ok(Resolved {
                 name: cfg.mirror_name(i),
                 cfg: m.clone(),
@@ -70,7 +66,7 @@ impl MirrorTarget {
             name: resolved.name.clone(),
             cfg: resolved.cfg.clone(),
             url: resolved.url.clone(),
-            addr: resolved.addr,
+            addr: resolved.addr.clone(),
             stats: MirrorStats::new(latency_us_max),
         })
     }

@@ -1,14 +1,14 @@
-//! Connections pgprism opens and authenticates itself (mirrors, and later shadows): startup,
+//! Connections pgprism opens and authenticates itself (mirrors, shadows, EXPLAIN): startup,
 //! client-side authentication with the configured credentials, and waiting for the first
-//! ReadyForQuery. Client sessions to the primary do not use this: their authentication is
-//! relayed from the client.
+//! ReadyForQuery. Client sessions to the primary only use [`connect`]: their authentication
+//! is relayed from the client.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
 
-use crate::runtime::exec::net::TcpStream;
+use crate::config::Endpoint;
+use crate::runtime::exec::net::Stream;
 use crate::runtime::exec::within;
 use crate::wire::{self, AuthProgress, AuthRequest, ClientAuth, tag};
 
@@ -16,25 +16,25 @@ use crate::wire::{self, AuthProgress, AuthRequest, ClientAuth, tag};
 pub enum BackendError {
     #[error("cannot connect to {addr}")]
     Connect {
-        addr: SocketAddr,
+        addr: Endpoint,
         #[source]
         source: std::io::Error,
     },
     #[error("{addr} did not complete startup within {limit_ms} ms")]
-    Timeout { addr: SocketAddr, limit_ms: u64 },
+    Timeout { addr: Endpoint, limit_ms: u64 },
     #[error("{addr} closed the connection during startup")]
-    Closed { addr: SocketAddr },
+    Closed { addr: Endpoint },
     #[error("{addr} refused the session: {code} {message}")]
     Refused {
-        addr: SocketAddr,
+        addr: Endpoint,
         code: String,
         message: String,
     },
     #[error("TLS settings for {addr}: {message}")]
-    Tls { addr: SocketAddr, message: String },
+    Tls { addr: Endpoint, message: String },
     #[error("protocol error talking to {addr}")]
     Protocol {
-        addr: SocketAddr,
+        addr: Endpoint,
         #[source]
         source: wire::WireError,
     },
@@ -51,17 +51,30 @@ impl BackendError {
     }
 }
 
+/// Connects to a backend over TCP (with TCP_NODELAY: protocol messages are small and latency
+/// is the point) or over its Unix socket, failing with `TimedOut` after `limit`.
+pub async fn connect(addr: &Endpoint, limit: Duration) -> std::io::Result<Stream> {
+    match addr {
+        Endpoint::Tcp(addr) => {
+            let stream = Stream::connect(*addr, limit).await?;
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Endpoint::Unix(path) => Stream::connect_unix(path, limit).await,
+    }
+}
+
 /// Opens a session: connect, StartupMessage with `params`, authenticate as `user` with
 /// `password`, wait for ReadyForQuery. Everything within `limit`.
 pub async fn open(
-    addr: SocketAddr,
+    addr: &Endpoint,
     limit: Duration,
     params: &[(&str, &str)],
     user: &str,
     password: &str,
     message_bytes_max: usize,
     tls: &crate::tls::Upstream,
-) -> Result<TcpStream, BackendError> {
+) -> Result<Stream, BackendError> {
     let limit_ms = limit.as_millis() as u64;
     match within(
         limit,
@@ -70,30 +83,34 @@ pub async fn open(
     .await
     {
         Some(result) => result,
-        None => Err(BackendError::Timeout { addr, limit_ms }),
+        None => Err(BackendError::Timeout {
+            addr: addr.clone(),
+            limit_ms,
+        }),
     }
 }
 
 async fn handshake(
-    addr: SocketAddr,
+    addr: &Endpoint,
     limit: Duration,
     params: &[(&str, &str)],
     user: &str,
     password: &str,
     message_bytes_max: usize,
     tls: &crate::tls::Upstream,
-) -> Result<TcpStream, BackendError> {
-    let protocol = |source| BackendError::Protocol { addr, source };
-    let mut stream = TcpStream::connect(addr, limit)
-        .await
-        .map_err(|source| BackendError::Connect { addr, source })?;
-    let _ = stream.set_nodelay(true);
-    tls.negotiate(&mut stream)
-        .await
-        .map_err(|source| BackendError::Connect { addr, source })?;
+) -> Result<Stream, BackendError> {
+    let protocol = |source| BackendError::Protocol {
+        addr: addr.clone(),
+        source,
+    };
+    let io = |source| BackendError::Connect {
+        addr: addr.clone(),
+        source,
+    };
+    let mut stream = connect(addr, limit).await.map_err(io)?;
+    tls.negotiate(&mut stream).await.map_err(io)?;
     let mut out = BytesMut::new();
     wire::encode::startup_message(&mut out, params).map_err(protocol)?;
-    let io = |source| BackendError::Connect { addr, source };
     stream.write_all(&out).await.map_err(io)?;
     let mut auth = ClientAuth::new(user, password);
     let mut buf = BytesMut::new();
@@ -102,7 +119,7 @@ async fn handshake(
             Some(frame) => frame,
             None => {
                 if stream.read_buf(&mut buf, 8192).await.map_err(io)? == 0 {
-                    return Err(BackendError::Closed { addr });
+                    return Err(BackendError::Closed { addr: addr.clone() });
                 }
                 continue;
             }
@@ -120,7 +137,7 @@ async fn handshake(
                     .parse()
                     .map_err(protocol)?;
                 return Err(BackendError::Refused {
-                    addr,
+                    addr: addr.clone(),
                     code: fields.code.unwrap_or("XX000").to_string(),
                     message: fields.message.unwrap_or("").to_string(),
                 });

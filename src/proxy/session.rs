@@ -12,15 +12,15 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::fingerprints::Fingerprints;
 use super::stats::ShardStats;
 use crate::compare::{self, Comparer};
+use crate::config::Endpoint;
 use crate::mirror::{self, Link, MirrorStats, MirrorTarget, Router};
-use crate::runtime::exec::net::TcpStream;
+use crate::runtime::exec::net::Stream;
 use crate::runtime::exec::{self, within};
 use crate::wire::{self, StartupPacket, sqlstate, tag};
 use bytes::{Bytes, BytesMut};
@@ -33,8 +33,8 @@ const STARTUP_BYTES_MAX: usize = 10_000;
 
 /// What every session of a shard needs to know, derived once from the config.
 pub struct ProxySettings {
-    pub primary_addr: SocketAddr,
-    /// `host:port` as configured, for messages.
+    pub primary_addr: Endpoint,
+    /// `host:port` as configured, or the socket file's path, for messages.
     pub primary_label: String,
     pub message_bytes_max: usize,
     pub startup_timeout: Duration,
@@ -158,7 +158,7 @@ impl ShardCtx {
 /// State both pumps of one session see. Single-threaded: `Cell`s, no locks.
 struct SessionShared {
     /// The client socket, for writes from outside the pumps (drain, watchdog).
-    client: TcpStream,
+    client: Stream,
     /// Set by the first ReadyForQuery: startup and authentication are complete.
     ready: Cell<bool>,
     /// Transaction status of the last ReadyForQuery: `I`, `T` or `E`.
@@ -244,10 +244,13 @@ fn error_bytes(severity: &str, code: &str, message: &str) -> Bytes {
 }
 
 /// Serves one accepted client connection to its end.
-pub async fn serve_client(shard: Rc<ShardCtx>, mut client: TcpStream) {
+pub async fn serve_client(shard: Rc<ShardCtx>, mut client: Stream) {
     let accepted = Instant::now();
     let stats = &shard.stats;
     ShardStats::bump(&stats.counters.connections_accepted, 1);
+    if client.is_unix() {
+        ShardStats::bump(&stats.counters.unix_connections_accepted, 1);
+    }
     if shard.sessions_active() >= shard.settings.sessions_per_shard_max {
         ShardStats::bump(&stats.counters.sessions_rejected, 1);
         let msg = error_bytes(
@@ -259,6 +262,7 @@ pub async fn serve_client(shard: Rc<ShardCtx>, mut client: TcpStream) {
         return;
     }
     // Nagle would hold back small protocol messages; latency matters more than packet count.
+    // (A Unix-socket client has no Nagle: this does nothing for it.)
     let _ = client.set_nodelay(true);
     let deadline = accepted + shard.settings.startup_timeout;
     let mut buf = BytesMut::new();
@@ -320,7 +324,7 @@ struct Closed;
 /// answered `N` otherwise; GSSENCRequest is answered `N`.
 async fn read_startup(
     shard: &ShardCtx,
-    client: &mut TcpStream,
+    client: &mut Stream,
     buf: &mut BytesMut,
 ) -> Result<Startup, Closed> {
     let counters = &shard.stats.counters;
@@ -360,8 +364,12 @@ async fn read_startup(
                     continue;
                 }
                 Ok(StartupPacket::Cancel { .. }) => return Ok(Startup::Cancel(packet)),
+                // As with PostgreSQL's `hostssl`, a Unix-domain socket (local, never TLS in
+                // libpq) is not held to it.
                 Ok(StartupPacket::Startup { .. })
-                    if shard.settings.client_tls_required && !client.is_tls() =>
+                    if shard.settings.client_tls_required
+                        && !client.is_tls()
+                        && !client.is_unix() =>
                 {
                     ShardStats::bump(&counters.client_tls_refused, 1);
                     let msg = error_bytes(
@@ -385,7 +393,7 @@ async fn read_startup(
     }
 }
 
-async fn protocol_error(shard: &ShardCtx, client: &TcpStream, err: &wire::WireError) -> Closed {
+async fn protocol_error(shard: &ShardCtx, client: &Stream, err: &wire::WireError) -> Closed {
     ShardStats::bump(&shard.stats.counters.protocol_errors, 1);
     let msg = error_bytes(
         "FATAL",
@@ -396,10 +404,10 @@ async fn protocol_error(shard: &ShardCtx, client: &TcpStream, err: &wire::WireEr
     Closed
 }
 
-async fn connect_primary(shard: &ShardCtx) -> io::Result<TcpStream> {
+async fn connect_primary(shard: &ShardCtx) -> io::Result<Stream> {
     let settings = &shard.settings;
-    let mut primary = TcpStream::connect(settings.primary_addr, settings.connect_timeout).await?;
-    let _ = primary.set_nodelay(true);
+    let mut primary =
+        super::backend::connect(&settings.primary_addr, settings.connect_timeout).await?;
     let negotiated = within(
         settings.connect_timeout,
         settings.primary_tls.negotiate(&mut primary),
@@ -428,8 +436,8 @@ async fn forward_cancel(shard: &ShardCtx, packet: &Bytes) {
 /// authentication did not complete before `deadline`.
 async fn relay(
     shard: &Rc<ShardCtx>,
-    client: TcpStream,
-    primary: TcpStream,
+    client: Stream,
+    primary: Stream,
     startup: Bytes,
     leftover: BytesMut,
     deadline: Instant,
@@ -559,8 +567,8 @@ async fn relay(
 async fn upstream(
     shard: &ShardCtx,
     shared: &SessionShared,
-    client: TcpStream,
-    primary: TcpStream,
+    client: Stream,
+    primary: Stream,
     mut buf: BytesMut,
     mut router: Option<Router>,
     mut compare: Option<compare::Upstream>,
@@ -719,7 +727,7 @@ async fn upstream(
 /// The session's last word to a client that is still there: the upstream pump's fatal error
 /// if it set one, else "lost the connection to primary" — unless the primary already said
 /// FATAL itself (`farewell`), which the client has received.
-async fn say_goodbye(shard: &ShardCtx, shared: &SessionShared, client: &TcpStream, farewell: bool) {
+async fn say_goodbye(shard: &ShardCtx, shared: &SessionShared, client: &Stream, farewell: bool) {
     let primary_said_goodbye = farewell && shared.fatal.borrow().is_none();
     if shared.client_ended.get() || primary_said_goodbye {
         return;
@@ -795,12 +803,7 @@ fn without_channel_binding(frames: Bytes) -> Bytes {
 
 /// Primary → client: relays every complete message, tracks ReadyForQuery (transaction status,
 /// latency), and tells the client clearly when the primary goes away.
-async fn downstream(
-    shard: &ShardCtx,
-    shared: &SessionShared,
-    primary: TcpStream,
-    client: TcpStream,
-) {
+async fn downstream(shard: &ShardCtx, shared: &SessionShared, primary: Stream, client: Stream) {
     let stats = &shard.stats;
     let settings = &shard.settings;
     let mut buf = BytesMut::new();
@@ -894,9 +897,9 @@ async fn downstream(
 async fn downstream_compare(
     shard: &ShardCtx,
     shared: &SessionShared,
-    primary: TcpStream,
-    shadow: TcpStream,
-    client: TcpStream,
+    primary: Stream,
+    shadow: Stream,
+    client: Stream,
     mut comparer: Comparer,
 ) {
     use compare::{PRIMARY, SHADOW};

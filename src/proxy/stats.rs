@@ -41,6 +41,7 @@ macro_rules! counters {
 
 counters! {
     connections_accepted: "client connections accepted",
+    unix_connections_accepted: "client connections accepted on the Unix socket (also in connections_accepted)",
     sessions_rejected: "clients refused because the shard was at proxy.sessions-per-shard-max",
     sessions_closed: "client sessions ended",
     startup_timeouts: "clients that did not finish startup within proxy.startup-timeout-ms",

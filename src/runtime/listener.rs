@@ -2,11 +2,18 @@
 //! spreads connections across shards. Before binding them, a probe bind *without*
 //! SO_REUSEPORT makes sure no other process already serves the address: otherwise a second
 //! pgprism (or anything else with SO_REUSEPORT) would silently take half of the connections.
+//!
+//! The optional Unix-domain listener is different: AF_UNIX has no SO_REUSEPORT balancing, so
+//! there is one listening socket, made here before the shards start, and every shard accepts
+//! from its own `dup` of it. A socket file left by a pgprism that died is replaced; one that
+//! something still answers on is not.
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -18,6 +25,23 @@ pub enum ListenError {
     #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{} is already served by another process (is another pgprism running?); \
+         stop it or choose another proxy.unix-socket-dir or proxy.listen port",
+        path.display()
+    )]
+    UnixInUse { path: PathBuf },
+    #[error(
+        "{} exists and is not a socket; remove it or choose another proxy.unix-socket-dir",
+        path.display()
+    )]
+    NotASocket { path: PathBuf },
+    #[error("cannot listen on {} (proxy.unix-socket-dir)", path.display())]
+    UnixBind {
+        path: PathBuf,
         #[source]
         source: io::Error,
     },
@@ -58,4 +82,165 @@ pub(super) fn bind_shard(addr: SocketAddr, backlog: u32) -> Result<Socket, Liste
         .listen(backlog.min(i32::MAX as u32) as i32)
         .map_err(wrap)?;
     Ok(socket)
+}
+
+/// The socket file pgprism created. Dropping it removes the file, unless another process has
+/// replaced it meanwhile (then it is that process's file, not ours). Device and inode alone
+/// do not tell: tmpfs hands a freed inode number to the next file, so the change time (with
+/// nanoseconds) is compared too.
+#[derive(Debug)]
+pub(super) struct SocketFile {
+    path: PathBuf,
+    identity: (u64, u64, i64, i64),
+}
+
+fn identity(meta: &std::fs::Metadata) -> (u64, u64, i64, i64) {
+    (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
+}
+
+impl SocketFile {
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) if identity(&meta) == self.identity => {
+                if let Err(err) = std::fs::remove_file(&self.path) {
+                    tracing::warn!(path = %self.path.display(), error = %err, "cannot remove the socket file");
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The one Unix-domain listening socket at `path` (mode 0777, as PostgreSQL's, so every local
+/// user may connect; pg_hba-style checks are the primary's job), and the guard that removes
+/// its file. The caller hands each shard a `dup` of the socket.
+pub(super) fn bind_unix(path: &Path, backlog: u32) -> Result<(Socket, SocketFile), ListenError> {
+    let wrap = |source| ListenError::UnixBind {
+        path: path.to_path_buf(),
+        source,
+    };
+    remove_if_stale(path)?;
+    let addr = SockAddr::unix(path).map_err(wrap)?;
+    let socket = Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(wrap)?;
+    match socket.bind(&addr) {
+        Ok(()) => {}
+        // Another process bound it between our check and our bind.
+        Err(err) if err.kind() == io::ErrorKind::AddrInUse => {
+            return Err(ListenError::UnixInUse {
+                path: path.to_path_buf(),
+            });
+        }
+        Err(err) => return Err(wrap(err)),
+    }
+    // The file is ours now: remove it again if anything below fails.
+    let chmod = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777));
+    let file = chmod
+        .and_then(|()| std::fs::symlink_metadata(path))
+        .map(|meta| SocketFile {
+            path: path.to_path_buf(),
+            identity: identity(&meta),
+        })
+        .map_err(|err| {
+            let _ = std::fs::remove_file(path);
+            wrap(err)
+        })?;
+    socket.set_nonblocking(true).map_err(wrap)?;
+    socket
+        .listen(backlog.min(i32::MAX as u32) as i32)
+        .map_err(wrap)?;
+    Ok((socket, file))
+}
+
+/// Leaves `path` free to bind: nothing there, or a socket file nobody listens on any more
+/// (a crashed pgprism's), which is removed. Refuses a live socket and anything not a socket.
+fn remove_if_stale(path: &Path) -> Result<(), ListenError> {
+    let wrap = |source| ListenError::UnixBind {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(wrap(err)),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ListenError::NotASocket {
+            path: path.to_path_buf(),
+        });
+    }
+    // Non-blocking, so a live server with a full backlog answers EAGAIN instead of making
+    // the probe wait.
+    let probe =
+        Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None).map_err(wrap)?;
+    let addr = SockAddr::unix(path).map_err(wrap)?;
+    match probe.connect(&addr) {
+        Ok(()) => Err(ListenError::UnixInUse {
+            path: path.to_path_buf(),
+        }),
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => Err(ListenError::UnixInUse {
+            path: path.to_path_buf(),
+        }),
+        Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {
+            tracing::info!(path = %path.display(), "removing a stale socket file nobody listens on");
+            match std::fs::remove_file(path) {
+                Ok(()) => Ok(()),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(err) => Err(wrap(err)),
+            }
+        }
+        Err(err) => Err(wrap(err)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pgprism-l-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn unix_socket_replaces_stale_refuses_live_and_cleans_up() {
+        let dir = scratch("unix");
+        let path = dir.join(".s.PGSQL.7");
+        // A stale file: bound, then its socket closed (the file stays, as after a crash).
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let (socket, file) = bind_unix(&path, 16).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o777);
+        let err = bind_unix(&path, 16).unwrap_err();
+        assert!(matches!(err, ListenError::UnixInUse { .. }), "{err}");
+        assert!(err.to_string().contains("already served"), "{err}");
+        drop(socket);
+        drop(file);
+        assert!(!path.exists(), "the guard removes the socket file");
+        std::fs::write(&path, b"not a socket").unwrap();
+        let err = bind_unix(&path, 16).unwrap_err();
+        assert!(matches!(err, ListenError::NotASocket { .. }), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_guard_leaves_a_replaced_file_alone() {
+        let dir = scratch("replaced");
+        let path = dir.join(".s.PGSQL.8");
+        let (socket, file) = bind_unix(&path, 16).unwrap();
+        drop(socket);
+        std::fs::remove_file(&path).unwrap();
+        let other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        drop(file);
+        assert!(path.exists(), "someone else's socket file stays");
+        drop(other);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -1,6 +1,7 @@
 //! Process orchestration: preflight checks, one listener and one pinned executor thread per
-//! shard, the control loop on the main thread (reports, signals, drain). Shards share nothing
-//! but a stop notifier (an eventfd each) and their report rings.
+//! shard (plus, optionally, one Unix-domain listener every shard accepts from), the control
+//! loop on the main thread (reports, signals, drain). Shards share nothing but a stop notifier
+//! (an eventfd each), the Unix listener's socket and their report rings.
 
 pub mod exec;
 mod listener;
@@ -8,12 +9,13 @@ mod preflight;
 mod shard;
 pub mod signals;
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, PgUrl, parse_addr};
+use crate::config::{Config, PgUrl, parse_addr, socket_file};
 use crate::control::{self, AdminServer, ControlState};
 use crate::proxy::ProxySettings;
 
@@ -59,6 +61,8 @@ const RING_MEMORY_BYTES: usize = RING_ENTRIES as usize * (64 + 2 * 16);
 #[derive(Debug, Clone)]
 pub struct Bound {
     pub listen: SocketAddr,
+    /// The Unix socket file, when `proxy.unix-socket-dir` is set.
+    pub unix: Option<PathBuf>,
     pub admin: Option<SocketAddr>,
 }
 
@@ -106,17 +110,10 @@ pub fn run_proxy_with(
             path: "primary.url".into(),
             message,
         })?;
-    let primary_addr = primary_label
-        .to_socket_addrs()
-        .and_then(|mut addrs| {
-            addrs
-                .next()
-                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))
-        })
-        .map_err(|source| RuntimeError::Resolve {
-            addr: primary_label.clone(),
-            source,
-        })?;
+    let primary_addr = primary.endpoint().map_err(|source| RuntimeError::Resolve {
+        addr: primary_label.clone(),
+        source,
+    })?;
 
     let mirrors = crate::mirror::resolve(cfg).map_err(RuntimeError::Mirror)?;
     // Compare reports: shards → control thread, bounded (a full ring drops and counts).
@@ -135,6 +132,17 @@ pub fn run_proxy_with(
         }
         sockets.push(socket);
     }
+    // One Unix listener for all shards (see `listener`); its file goes when `unix_file` does:
+    // at the start of a drain, or on any early return below.
+    let (unix_socket, mut unix_file) = match cfg.proxy.unix_socket_dir.as_str() {
+        "" => (None, None),
+        dir => {
+            let path = socket_file(dir, listen.port());
+            let (socket, file) = listener::bind_unix(&path, cfg.proxy.backlog)?;
+            (Some(socket), Some(file))
+        }
+    };
+    let unix_path = unix_file.as_ref().map(|f| f.path().to_path_buf());
 
     // Signals go to the control loop only: block them before any other thread exists.
     signals::block();
@@ -145,6 +153,7 @@ pub fn run_proxy_with(
         primary.masked(),
         cfg.metrics.latency_us_max,
     )));
+    control::lock(&state).unix_socket = unix_path.as_ref().map(|p| p.display().to_string());
     if compare.is_some() {
         control::lock(&state).compare = Some(crate::report::Book::new(&cfg.compare.report_path));
     }
@@ -169,11 +178,18 @@ pub fn run_proxy_with(
         rings.push(rx);
         let stop = exec::Notifier::new().map_err(|source| RuntimeError::Shard { index, source })?;
         stops.push(stop.clone());
+        // Each shard owns a dup of the one Unix listener, so each closes its own descriptor.
+        let unix = unix_socket
+            .as_ref()
+            .map(|s| s.try_clone())
+            .transpose()
+            .map_err(|source| RuntimeError::Shard { index, source })?;
         let plan = shard::ShardPlan {
             index,
             socket,
+            unix,
             settings: ProxySettings {
-                primary_addr,
+                primary_addr: primary_addr.clone(),
                 primary_label: primary_label.clone(),
                 message_bytes_max: cfg.proxy.message_bytes_max,
                 startup_timeout: Duration::from_millis(cfg.proxy.startup_timeout_ms),
@@ -216,15 +232,28 @@ pub fn run_proxy_with(
             .map_err(|source| RuntimeError::Shard { index, source })?;
         handles.push(handle);
     }
+    // The shards hold their dups; ours would keep accepting into the backlog after a drain.
+    drop(unix_socket);
 
     let bound = Bound {
         listen,
+        unix: unix_path,
         admin: admin.as_ref().map(|a| a.addr),
     };
-    tracing::info!(listen = %bound.listen, shards, primary = %primary.masked(), "pgprism proxy ready");
+    tracing::info!(
+        listen = %bound.listen,
+        unix = %bound.unix.as_deref().map_or("-".into(), |p| p.display().to_string()),
+        shards,
+        primary = %primary.masked(),
+        "pgprism proxy ready"
+    );
     on_ready(&bound);
+    let unix_note = bound
+        .unix
+        .as_deref()
+        .map_or(String::new(), |p| format!(" and {}", p.display()));
     control::systemd::notify(&format!(
-        "READY=1\nSTATUS=serving on {} with {shards} shard(s)",
+        "READY=1\nSTATUS=serving on {}{unix_note} with {shards} shard(s)",
         bound.listen
     ));
     let watchdog = control::systemd::watchdog_interval();
@@ -260,6 +289,8 @@ pub fn run_proxy_with(
         "stopping: no new connections, draining sessions"
     );
     control::lock(&state).draining = true;
+    // New local clients find no socket file; the shards close their listeners next.
+    unix_file.take();
     control::systemd::notify("STOPPING=1\nSTATUS=draining sessions");
     for stop in &stops {
         stop.notify();

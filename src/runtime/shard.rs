@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Sender, TrySendError};
 use socket2::Socket;
 
-use super::exec::net::TcpListener;
+use super::exec::net::Listener;
 use super::exec::{self, Notifier};
 
 use crate::mirror::MirrorTarget;
@@ -22,6 +22,8 @@ const DRAIN_POLL: Duration = Duration::from_millis(20);
 pub(super) struct ShardPlan {
     pub index: usize,
     pub socket: Socket,
+    /// This shard's dup of the Unix-domain listener, when there is one.
+    pub unix: Option<Socket>,
     pub settings: ProxySettings,
     pub read_chunk_bytes: usize,
     pub latency_us_max: u64,
@@ -35,10 +37,17 @@ pub(super) struct ShardPlan {
 }
 
 pub(super) async fn run(plan: ShardPlan) {
-    let listener = match TcpListener::from_socket(plan.socket) {
+    let listener = match Listener::from_socket(plan.socket) {
         Ok(listener) => listener,
         Err(err) => {
             tracing::error!(shard = plan.index, error = %err, "cannot register the listener");
+            return;
+        }
+    };
+    let unix_listener = match plan.unix.map(Listener::from_socket).transpose() {
+        Ok(listener) => listener,
+        Err(err) => {
+            tracing::error!(shard = plan.index, error = %err, "cannot register the Unix listener");
             return;
         }
     };
@@ -56,7 +65,11 @@ pub(super) async fn run(plan: ShardPlan) {
     let compare = match &plan.compare {
         None => None,
         Some(resolved) => {
-            match crate::compare::Target::new(resolved, plan.settings.primary_addr, plan.index) {
+            match crate::compare::Target::new(
+                resolved,
+                plan.settings.primary_addr.clone(),
+                plan.index,
+            ) {
                 Ok(target) => Some(target),
                 Err(err) => {
                     tracing::error!(shard = plan.index, error = %err, "cannot compile [compare] rules");
@@ -87,18 +100,12 @@ pub(super) async fn run(plan: ShardPlan) {
         }
     };
 
-    let accepting = async {
-        loop {
-            match listener.accept().await {
-                Ok(stream) => exec::spawn(serve_client(shard.clone(), stream)),
-                Err(err) => {
-                    // EMFILE and friends: back off briefly instead of spinning on accept.
-                    tracing::warn!(shard = plan.index, error = %err, "accept failed");
-                    exec::sleep(Duration::from_millis(10)).await;
-                }
-            }
+    let accepting = futures_lite::future::zip(accept_loop(&listener, &shard), async {
+        match &unix_listener {
+            Some(unix) => accept_loop(unix, &shard).await,
+            None => futures_lite::future::pending().await,
         }
-    };
+    });
     // Accept (and report) until the control thread asks us to stop.
     let stop = async {
         if let Err(err) = plan.stop.notified().await {
@@ -110,6 +117,7 @@ pub(super) async fn run(plan: ShardPlan) {
     })
     .await;
     drop(listener);
+    drop(unix_listener);
 
     let deadline = Instant::now() + plan.drain_timeout;
     loop {
@@ -135,6 +143,25 @@ pub(super) async fn run(plan: ShardPlan) {
     let _ = plan
         .reports
         .send_timeout(report(&shard), Duration::from_secs(1));
+}
+
+/// Accepts clients from one listener until the shard stops (the future is dropped).
+async fn accept_loop(listener: &Listener, shard: &Rc<ShardCtx>) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => exec::spawn(serve_client(shard.clone(), stream)),
+            Err(err) => {
+                // EMFILE and friends: back off briefly instead of spinning on accept.
+                tracing::warn!(
+                    shard = shard.index,
+                    unix = listener.is_unix(),
+                    error = %err,
+                    "accept failed"
+                );
+                exec::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
 }
 
 fn report(shard: &ShardCtx) -> ShardReport {

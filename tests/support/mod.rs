@@ -16,13 +16,16 @@ pub const SCRAM_USER: &str = "scramuser";
 pub const PASSWORD: &str = "s3cret pass";
 
 /// A PostgreSQL server with two password users besides the trusted superuser:
-/// `md5user` (md5) and `scramuser` (scram-sha-256), both with [`PASSWORD`].
+/// `md5user` (md5) and `scramuser` (scram-sha-256), both with [`PASSWORD`], over TCP and
+/// over the server's Unix socket alike.
 pub fn start_primary(name: &str) -> Instance {
     let inst = Instance::start(InstanceConfig {
         name: name.into(),
         hba: vec![
             format!("host all {MD5_USER} 127.0.0.1/32 md5"),
             format!("host all {SCRAM_USER} 127.0.0.1/32 scram-sha-256"),
+            format!("local all {MD5_USER} md5"),
+            format!("local all {SCRAM_USER} scram-sha-256"),
         ],
         ..InstanceConfig::default()
     })
@@ -39,6 +42,8 @@ pub fn start_primary(name: &str) -> Instance {
 pub struct Proxy {
     pub child: Child,
     pub listen: SocketAddr,
+    /// The Unix socket file, when started with `--unix-socket-dir`.
+    pub unix: Option<std::path::PathBuf>,
     pub admin: Option<SocketAddr>,
     stderr_path: std::path::PathBuf,
 }
@@ -59,6 +64,11 @@ pub fn pgprism_command() -> Command {
 impl Proxy {
     /// Starts `pgprism proxy` in front of `primary_url` on a free port with 2 shards.
     pub fn start(primary_url: &str, extra: &[&str]) -> Proxy {
+        Proxy::start_on("127.0.0.1:0", primary_url, extra)
+    }
+
+    /// [`Proxy::start`] on a given address.
+    pub fn start_on(listen: &str, primary_url: &str, extra: &[&str]) -> Proxy {
         let stderr_path = std::env::temp_dir().join(format!(
             "pgprism-test-proxy-{}-{}.log",
             std::process::id(),
@@ -72,7 +82,7 @@ impl Proxy {
             .args([
                 "proxy",
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--admin",
                 "127.0.0.1:0",
                 "--shards",
@@ -89,10 +99,18 @@ impl Proxy {
             .spawn()
             .expect("spawn pgprism");
         let stdout = child.stdout.take().expect("stdout");
+        let mut reader = BufReader::new(stdout);
         let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read ready line");
+        let mut unix = None;
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("read ready line");
+            // `pgprism unix socket PATH` comes before the ready line when there is one.
+            match line.trim_end().strip_prefix("pgprism unix socket ") {
+                Some(path) => unix = Some(std::path::PathBuf::from(path)),
+                None => break,
+            }
+        }
         let mut words = line.split_whitespace();
         let listen = words.nth(3).and_then(|w| w.parse().ok());
         let admin = words.nth(1).and_then(|w| w.parse().ok());
@@ -104,6 +122,7 @@ impl Proxy {
         Proxy {
             child,
             listen,
+            unix,
             admin,
             stderr_path,
         }

@@ -1,23 +1,29 @@
-//! TCP sockets on the shard runtime. A [`TcpStream`] is a cheap `Rc` handle: one task may read
-//! while another writes (each direction has its own waker slot), with no lock and no `dup`.
-//! The descriptor closes when the last handle is dropped, so a raw fd number is never used
-//! after the socket it named is gone.
+//! Stream sockets on the shard runtime: TCP and Unix-domain alike, since both are read and
+//! written with the same `recv`/`send` calls. A [`Stream`] is a cheap `Rc` handle: one task
+//! may read while another writes (each direction has its own waker slot), with no lock and no
+//! `dup`. The descriptor closes when the last handle is dropped, so a raw fd number is never
+//! used after the socket it named is gone.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use super::reactor::Source;
 use super::tls::Tls;
-use super::{current, within};
+use super::{current, sleep, within};
+
+/// First and largest pause between connect attempts to a Unix socket whose backlog is full.
+const UNIX_RETRY_FIRST: Duration = Duration::from_millis(1);
+const UNIX_RETRY_MAX: Duration = Duration::from_millis(50);
 
 pub(super) struct Registered {
     fd: OwnedFd,
@@ -99,23 +105,33 @@ pub(super) fn sys_send(io: &Registered, data: &[u8]) -> io::Result<usize> {
     }
 }
 
-/// A listening socket whose accepted connections belong to this shard.
-pub struct TcpListener {
+/// A listening socket whose accepted connections belong to this shard. A Unix-domain
+/// listener may be a `dup` of one socket that every shard accepts from: all of them are woken
+/// by a new connection, one `accept4` wins and the others get EAGAIN and wait again.
+pub struct Listener {
     io: Registered,
+    unix: bool,
 }
 
-impl TcpListener {
+impl Listener {
     /// Takes over a bound, listening socket (built with socket2 by the caller).
-    pub fn from_socket(socket: Socket) -> io::Result<TcpListener> {
+    pub fn from_socket(socket: Socket) -> io::Result<Listener> {
         socket.set_nonblocking(true)?;
+        let unix = socket.domain()? == Domain::UNIX;
         // SAFETY: into_raw_fd hands over sole ownership of the descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(socket.into_raw_fd()) };
-        Ok(TcpListener {
+        Ok(Listener {
             io: Registered::new(fd)?,
+            unix,
         })
     }
 
-    pub async fn accept(&self) -> io::Result<TcpStream> {
+    /// Whether this listener is a Unix-domain socket (for logs and counters).
+    pub fn is_unix(&self) -> bool {
+        self.unix
+    }
+
+    pub async fn accept(&self) -> io::Result<Stream> {
         let fd = futures_lite::future::poll_fn(|cx| {
             loop {
                 // SAFETY: accept4 with null address pointers is allowed; result checked.
@@ -145,22 +161,25 @@ impl TcpListener {
             }
         })
         .await?;
-        TcpStream::from_fd(fd)
+        Stream::from_fd(fd, self.unix)
     }
 }
 
-/// A connected TCP socket, optionally with TLS over it. Clone it to read in one task and
-/// write in another.
+/// A connected TCP or Unix-domain socket, optionally with TLS over it. Clone it to read in
+/// one task and write in another.
 #[derive(Clone)]
-pub struct TcpStream {
+pub struct Stream {
     io: Rc<Registered>,
     tls: Option<Rc<Tls>>,
+    /// AF_UNIX: there is no Nagle and no TCP option to set.
+    unix: bool,
 }
 
-impl TcpStream {
-    fn from_fd(fd: OwnedFd) -> io::Result<TcpStream> {
-        Ok(TcpStream {
+impl Stream {
+    fn from_fd(fd: OwnedFd, unix: bool) -> io::Result<Stream> {
+        Ok(Stream {
             io: Rc::new(Registered::new(fd)?),
+            unix,
             tls: None,
         })
     }
@@ -190,8 +209,8 @@ impl TcpStream {
         self.tls.as_ref().is_some_and(|t| !t.is_handshaking())
     }
 
-    /// Connects without blocking the shard, failing with `TimedOut` after `limit`.
-    pub async fn connect(addr: SocketAddr, limit: Duration) -> io::Result<TcpStream> {
+    /// Connects over TCP without blocking the shard, failing with `TimedOut` after `limit`.
+    pub async fn connect(addr: SocketAddr, limit: Duration) -> io::Result<Stream> {
         let domain = if addr.is_ipv6() {
             Domain::IPV6
         } else {
@@ -202,14 +221,47 @@ impl TcpStream {
             Type::STREAM.nonblocking().cloexec(),
             Some(Protocol::TCP),
         )?;
-        let in_progress = match socket.connect(&addr.into()) {
-            Ok(()) => false,
-            Err(err) if err.raw_os_error() == Some(libc::EINPROGRESS) => true,
-            Err(err) => return Err(err),
+        Stream::connect_socket(socket, &addr.into(), false, limit).await
+    }
+
+    /// Connects to the Unix-domain socket at `path` (e.g. `/run/postgresql/.s.PGSQL.5432`),
+    /// failing with `TimedOut` after `limit`.
+    pub async fn connect_unix(path: &Path, limit: Duration) -> io::Result<Stream> {
+        let socket = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None)?;
+        let addr = SockAddr::unix(path)?;
+        Stream::connect_socket(socket, &addr, true, limit).await
+    }
+
+    async fn connect_socket(
+        socket: Socket,
+        addr: &SockAddr,
+        unix: bool,
+        limit: Duration,
+    ) -> io::Result<Stream> {
+        let deadline = Instant::now() + limit;
+        let mut pause = UNIX_RETRY_FIRST;
+        let in_progress = loop {
+            match socket.connect(addr) {
+                Ok(()) => break false,
+                Err(err) if err.raw_os_error() == Some(libc::EINPROGRESS) => break true,
+                // A Unix socket whose listen backlog is full says EAGAIN and, unlike TCP, never
+                // completes the connect later: try again shortly, within the limit.
+                Err(err) if unix && would_block(&err) => {
+                    if Instant::now() + pause > deadline {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "connection timed out (the server's listen backlog stayed full)",
+                        ));
+                    }
+                    sleep(pause).await;
+                    pause = (pause * 2).min(UNIX_RETRY_MAX);
+                }
+                Err(err) => return Err(err),
+            }
         };
         // SAFETY: into_raw_fd hands over sole ownership of the descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(socket.into_raw_fd()) };
-        let stream = TcpStream::from_fd(fd)?;
+        let stream = Stream::from_fd(fd, unix)?;
         if in_progress {
             stream.io.source.writable.set(false);
             let connected = within(
@@ -243,7 +295,17 @@ impl TcpStream {
         self.io.fd.as_raw_fd()
     }
 
+    /// Whether this is a Unix-domain socket.
+    pub fn is_unix(&self) -> bool {
+        self.unix
+    }
+
+    /// TCP_NODELAY on a TCP socket; nothing at all on a Unix socket, which has no Nagle (and
+    /// would answer EOPNOTSUPP).
     pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        if self.unix {
+            return Ok(());
+        }
         socket2::SockRef::from(&self.io.fd).set_tcp_nodelay(on)
     }
 
@@ -371,5 +433,73 @@ impl TcpStream {
             tls.close(&self.io);
         }
         let _ = socket2::SockRef::from(&self.io.fd).shutdown(std::net::Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unix_connect_waits_out_a_full_backlog_then_reads_and_writes() {
+        let dir = std::env::temp_dir().join(format!("pgprism-net-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(".s.PGSQL.9");
+        let addr = SockAddr::unix(&path).unwrap();
+        let server = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        server.bind(&addr).unwrap();
+        server.listen(0).unwrap();
+        // Fill the backlog: connects until the kernel says EAGAIN.
+        let mut queued = Vec::new();
+        loop {
+            let s = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None).unwrap();
+            match s.connect(&addr) {
+                Ok(()) => queued.push(s),
+                Err(err) if would_block(&err) => break,
+                Err(err) => panic!("{err}"),
+            }
+            assert!(queued.len() < 64, "the backlog never filled");
+        }
+        let probe = path.clone();
+        run_in_shard(async move {
+            let err = Stream::connect_unix(&probe, Duration::from_millis(20))
+                .await
+                .err()
+                .expect("a full backlog times out");
+            assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        });
+        // Once the server accepts, a waiting connect gets through and the stream works.
+        let acceptor = std::thread::spawn(move || {
+            let mut accepted = Vec::new();
+            for _ in 0..=queued.len() {
+                accepted.push(server.accept().unwrap().0);
+            }
+            use std::io::{Read, Write};
+            let mut buf = [0u8; 4];
+            let mut last = accepted.pop().unwrap();
+            last.read_exact(&mut buf).unwrap();
+            last.write_all(b"pong").unwrap();
+            assert_eq!(&buf, b"ping");
+        });
+        run_in_shard(async move {
+            let stream = Stream::connect_unix(&path, Duration::from_secs(10))
+                .await
+                .unwrap();
+            assert!(stream.is_unix());
+            stream.set_nodelay(true).unwrap(); // a no-op, not EOPNOTSUPP
+            stream.write_all(b"ping").await.unwrap();
+            let mut buf = BytesMut::new();
+            while buf.len() < 4 {
+                assert!(stream.read_buf(&mut buf, 64).await.unwrap() > 0);
+            }
+            assert_eq!(&buf[..], b"pong");
+        });
+        acceptor.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn run_in_shard(task: impl Future<Output = ()> + 'static) {
+        super::super::run(64, task).unwrap();
     }
 }

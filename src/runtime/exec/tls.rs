@@ -237,7 +237,7 @@ impl Tls {
         }
     }
 
-    /// Best effort, without waiting (see `TcpStream::write_now`).
+    /// Best effort, without waiting (see `Stream::write_now`).
     pub(super) fn write_now(&self, io: &Registered, data: &[u8]) {
         let _ = self.conn.borrow_mut().writer().write(data);
         if self.collect_outgoing().is_ok() {
