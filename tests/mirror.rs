@@ -428,8 +428,12 @@ fn stalled_mirror_overflows_without_slowing_the_primary_or_splitting_transaction
         .metric("pgprism_mirror_transactions_cut_total")
         > 0));
     blocker.batch_execute("COMMIT").unwrap();
-    // Once released, the mirror catches up with what it kept, and it holds whole transactions
-    // only: never one part of a pair without the other.
+    // Once released, the mirror catches up with what it kept (the link resumes only once its
+    // queue has drained: on a loaded machine that takes a while), and it holds whole
+    // transactions only: never one part of a pair without the other.
+    assert!(eventually(Duration::from_secs(20), || proxy
+        .metric("pgprism_mirror_queue_messages")
+        == 0));
     for t in 200..210 {
         txn(&mut c, t);
     }

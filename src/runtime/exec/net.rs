@@ -31,8 +31,11 @@ pub(super) struct Registered {
 }
 
 impl Registered {
-    fn new(fd: OwnedFd) -> io::Result<Registered> {
-        let source = current().reactor.register(fd.as_raw_fd())?;
+    /// `write_on_demand`: see [`Reactor::register_with`](super::reactor::Reactor).
+    fn new(fd: OwnedFd, write_on_demand: bool) -> io::Result<Registered> {
+        let source = current()
+            .reactor
+            .register_with(fd.as_raw_fd(), write_on_demand)?;
         Ok(Registered { fd, source })
     }
 
@@ -44,6 +47,7 @@ impl Registered {
     pub(super) fn wait_writable(&self, cx: &Context<'_>) {
         self.source.writable.set(false);
         self.source.write_waker.set(Some(cx.waker().clone()));
+        current().reactor.want_writable(&self.source);
     }
 }
 
@@ -121,7 +125,7 @@ impl Listener {
         // SAFETY: into_raw_fd hands over sole ownership of the descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(socket.into_raw_fd()) };
         Ok(Listener {
-            io: Registered::new(fd)?,
+            io: Registered::new(fd, false)?,
             unix,
         })
     }
@@ -178,7 +182,7 @@ pub struct Stream {
 impl Stream {
     fn from_fd(fd: OwnedFd, unix: bool) -> io::Result<Stream> {
         Ok(Stream {
-            io: Rc::new(Registered::new(fd)?),
+            io: Rc::new(Registered::new(fd, unix)?),
             unix,
             tls: None,
         })
@@ -264,6 +268,7 @@ impl Stream {
         let stream = Stream::from_fd(fd, unix)?;
         if in_progress {
             stream.io.source.writable.set(false);
+            current().reactor.want_writable(&stream.io.source);
             let connected = within(
                 limit,
                 futures_lite::future::poll_fn(|cx| {
