@@ -79,6 +79,9 @@ struct ProxyArgs {
     /// Drain timeout on SIGTERM/SIGINT, in milliseconds.
     #[arg(long)]
     drain_timeout_ms: Option<u64>,
+    /// Re-resolve backend host names this often, in milliseconds (0: only at start-up).
+    #[arg(long)]
+    dns_refresh_ms: Option<u64>,
     /// Do not pin shard threads to cores.
     #[arg(long)]
     no_pin: bool,
@@ -449,6 +452,9 @@ impl ProxyArgs {
         }
         if let Some(v) = self.startup_timeout_ms {
             cfg.proxy.startup_timeout_ms = v;
+        }
+        if let Some(v) = self.dns_refresh_ms {
+            cfg.proxy.dns_refresh_ms = v;
         }
         if let Some(v) = self.drain_timeout_ms {
             cfg.proxy.drain_timeout_ms = v;

@@ -27,13 +27,20 @@ pub async fn run(
     let (primary, shadow) = futures_lite::future::zip(
         plan(
             &target,
-            &target.primary_addr,
+            &target.primary_addr.get(),
             &target.primary_url,
             &params,
             &sql,
             limit,
         ),
-        plan(&target, &target.addr, &target.url, &params, &sql, limit),
+        plan(
+            &target,
+            &target.addr.get(),
+            &target.url,
+            &params,
+            &sql,
+            limit,
+        ),
     )
     .await;
     record.primary.plan = Some(primary);

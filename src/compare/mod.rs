@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Sender, TrySendError};
 
-use crate::config::{CompareConfig, Config, Endpoint, PgUrl, SourceOfTruth};
+use crate::config::{CompareConfig, Config, Endpoint, LiveEndpoint, PgUrl, SourceOfTruth};
 use crate::proxy::backend;
 use crate::runtime::exec::net::Stream;
 
@@ -70,7 +70,7 @@ pub struct Side {
 #[derive(Clone)]
 pub struct Resolved {
     pub url: PgUrl,
-    pub addr: Endpoint,
+    pub addr: LiveEndpoint,
     pub primary_url: PgUrl,
     pub cfg: CompareConfig,
     pub reports: Sender<Record>,
@@ -81,8 +81,7 @@ pub fn resolve(cfg: &Config, reports: Sender<Record>) -> Result<Option<Resolved>
         return Ok(None);
     }
     let url = PgUrl::parse(&cfg.shadow.url).map_err(|e| format!("shadow.url: {e}"))?;
-    let addr = url
-        .endpoint()
+    let addr = crate::config::dns::resolve(&url)
         .map_err(|e| format!("shadow.url: cannot resolve {}: {e}", url.address()))?;
     let primary_url = PgUrl::parse(&cfg.primary.url).map_err(|e| format!("primary.url: {e}"))?;
     Ok(Some(Resolved {
@@ -103,9 +102,9 @@ pub struct CompareStats {
 /// Compare mode as one shard sees it.
 pub struct Target {
     pub url: PgUrl,
-    pub addr: Endpoint,
+    pub addr: LiveEndpoint,
     pub primary_url: PgUrl,
-    pub primary_addr: Endpoint,
+    pub primary_addr: LiveEndpoint,
     pub cfg: CompareConfig,
     pub rules: Rc<Rules>,
     pub reports: Sender<Record>,
@@ -118,7 +117,7 @@ pub struct Target {
 impl Target {
     pub fn new(
         resolved: &Resolved,
-        primary_addr: Endpoint,
+        primary_addr: LiveEndpoint,
         shard: usize,
     ) -> Result<Rc<Target>, String> {
         Ok(Rc::new(Target {
@@ -164,7 +163,7 @@ impl Target {
         message_bytes_max: usize,
     ) -> Result<Stream, backend::BackendError> {
         open_as(
-            &self.addr,
+            &self.addr.get(),
             &self.url,
             client_params,
             Duration::from_millis(self.cfg.connect_timeout_ms),

@@ -2,6 +2,7 @@
 //! validated before anything starts. Every error names the offending key path and what was
 //! expected. This module only reads and checks; it never opens sockets or starts threads.
 
+pub mod dns;
 mod env;
 mod url;
 
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use self::dns::LiveEndpoint;
 pub use self::url::{Endpoint, PgUrl, SOCKET_PATH_BYTES_MAX, socket_file};
 
 /// The whole configuration, as the file spells it (kebab-case keys).
@@ -264,6 +266,9 @@ pub struct ProxyConfig {
     pub startup_timeout_ms: u64,
     /// Time allowed to open a connection to the primary.
     pub connect_timeout_ms: u64,
+    /// How often backend host names (primary, mirrors, shadow) are resolved again, so new
+    /// connections follow a name that moved; 0: resolved once at start-up.
+    pub dns_refresh_ms: u64,
     /// On SIGTERM/SIGINT: how long running sessions may take to finish before pgprism exits.
     pub drain_timeout_ms: u64,
     /// Client sessions per shard; beyond it new clients get SQLSTATE 53300.
@@ -285,6 +290,7 @@ impl Default for ProxyConfig {
             read_chunk_bytes: 16 << 10,
             startup_timeout_ms: 10_000,
             connect_timeout_ms: 5_000,
+            dns_refresh_ms: 15_000,
             drain_timeout_ms: 30_000,
             sessions_per_shard_max: 10_000,
             pipeline_depth_max: 1024,

@@ -377,7 +377,7 @@ pub async fn run(link: Rc<Link>) {
         let opened = match target.url.tls_cached() {
             Ok(tls) => {
                 backend::open(
-                    &target.addr,
+                    &target.addr.get(),
                     Duration::from_millis(cfg.connect_timeout_ms),
                     &params,
                     &link.user,
@@ -388,7 +388,7 @@ pub async fn run(link: Rc<Link>) {
                 .await
             }
             Err(message) => Err(backend::BackendError::Tls {
-                addr: target.addr.clone(),
+                addr: target.addr.get(),
                 message,
             }),
         };

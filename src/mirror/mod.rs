@@ -14,7 +14,7 @@ pub mod stats;
 
 use std::rc::Rc;
 
-use crate::config::{Config, Endpoint, MirrorConfig, PgUrl};
+use crate::config::{Config, LiveEndpoint, MirrorConfig, PgUrl};
 
 pub use link::{Link, start as start_link};
 pub use route::Router;
@@ -26,7 +26,7 @@ pub struct MirrorTarget {
     pub name: String,
     pub cfg: MirrorConfig,
     pub url: PgUrl,
-    pub addr: Endpoint,
+    pub addr: LiveEndpoint,
     pub stats: MirrorStats,
 }
 
@@ -36,7 +36,7 @@ pub struct Resolved {
     pub name: String,
     pub cfg: MirrorConfig,
     pub url: PgUrl,
-    pub addr: Endpoint,
+    pub addr: LiveEndpoint,
 }
 
 /// Resolves every configured mirror (on the main thread, before shards start: DNS blocks).
@@ -46,8 +46,7 @@ pub fn resolve(cfg: &Config) -> Result<Vec<Resolved>, String> {
         .enumerate()
         .map(|(i, m)| {
             let url = PgUrl::parse(&m.url).map_err(|e| format!("mirror[{i}].url: {e}"))?;
-            let addr = url
-                .endpoint()
+            let addr = crate::config::dns::resolve(&url)
                 .map_err(|e| format!("mirror[{i}].url: cannot resolve {}: {e}", url.address()))?;
             Ok(Resolved {
                 name: cfg.mirror_name(i),

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use super::fingerprints::Fingerprints;
 use super::stats::ShardStats;
 use crate::compare::{self, Comparer};
-use crate::config::Endpoint;
 use crate::mirror::{self, Link, MirrorStats, MirrorTarget, Router};
 use crate::runtime::exec::net::Stream;
 use crate::runtime::exec::{self, within};
@@ -33,7 +32,7 @@ const STARTUP_BYTES_MAX: usize = 10_000;
 
 /// What every session of a shard needs to know, derived once from the config.
 pub struct ProxySettings {
-    pub primary_addr: Endpoint,
+    pub primary_addr: crate::config::LiveEndpoint,
     /// `host:port` as configured, or the socket file's path, for messages.
     pub primary_label: String,
     pub message_bytes_max: usize,
@@ -407,7 +406,7 @@ async fn protocol_error(shard: &ShardCtx, client: &Stream, err: &wire::WireError
 async fn connect_primary(shard: &ShardCtx) -> io::Result<Stream> {
     let settings = &shard.settings;
     let mut primary =
-        super::backend::connect(&settings.primary_addr, settings.connect_timeout).await?;
+        super::backend::connect(&settings.primary_addr.get(), settings.connect_timeout).await?;
     let negotiated = within(
         settings.connect_timeout,
         settings.primary_tls.negotiate(&mut primary),

@@ -110,15 +110,26 @@ pub fn run_proxy_with(
             path: "primary.url".into(),
             message,
         })?;
-    let primary_addr = primary.endpoint().map_err(|source| RuntimeError::Resolve {
-        addr: primary_label.clone(),
-        source,
-    })?;
+    let primary_addr =
+        crate::config::dns::resolve(&primary).map_err(|source| RuntimeError::Resolve {
+            addr: primary_label.clone(),
+            source,
+        })?;
 
     let mirrors = crate::mirror::resolve(cfg).map_err(RuntimeError::Mirror)?;
     // Compare reports: shards → control thread, bounded (a full ring drops and counts).
     let (report_tx, report_rx) = crossbeam_channel::bounded(cfg.compare.report_queue_max.max(1));
     let compare = crate::compare::resolve(cfg, report_tx).map_err(RuntimeError::Mirror)?;
+    // New connections follow backend host names that move (failover by DNS).
+    let mut followed = vec![("primary".to_string(), primary.clone(), primary_addr.clone())];
+    for m in &mirrors {
+        followed.push((format!("mirror {}", m.name), m.url.clone(), m.addr.clone()));
+    }
+    if let Some(c) = &compare {
+        followed.push(("shadow".to_string(), c.url.clone(), c.addr.clone()));
+    }
+    let _dns = crate::config::dns::start(followed, Duration::from_millis(cfg.proxy.dns_refresh_ms))
+        .map_err(|source| RuntimeError::Shard { index: 0, source })?;
     let mut listen = parse_addr("proxy.listen", &cfg.proxy.listen)?;
     listener::ensure_free(listen)?;
     let mut sockets = Vec::with_capacity(shards);

@@ -1,0 +1,117 @@
+//! A primary whose host name moves to another address (failover by DNS, as managed databases
+//! do): new sessions follow the name, open sessions stay where they are. The name lives in
+//! `/etc/hosts` for the length of the test, so it needs root (CI runs as root).
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::Path;
+use std::time::Duration;
+
+use pgprism::embed::{Instance, InstanceConfig};
+use support::{Proxy, eventually};
+
+const HOSTS: &str = "/etc/hosts";
+
+/// One `/etc/hosts` line of ours, replaced atomically and removed on drop.
+struct HostsEntry {
+    name: String,
+}
+
+impl HostsEntry {
+    fn point(name: &str, ip: Ipv4Addr) -> HostsEntry {
+        let entry = HostsEntry { name: name.into() };
+        entry.set(Some(ip));
+        entry
+    }
+
+    fn set(&self, ip: Option<Ipv4Addr>) {
+        let current = std::fs::read_to_string(HOSTS).unwrap_or_default();
+        let mut text: String = current
+            .lines()
+            .filter(|l| !l.split_whitespace().any(|w| w == self.name))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        if let Some(ip) = ip {
+            text.push_str(&format!("{ip} {}\n", self.name));
+        }
+        // A rename, so a lookup elsewhere never reads half a file.
+        let tmp = format!("{HOSTS}.pgprism-{}", std::process::id());
+        std::fs::write(&tmp, &text).unwrap();
+        if std::fs::rename(&tmp, HOSTS).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+            std::fs::write(HOSTS, &text).unwrap();
+        }
+    }
+}
+
+impl Drop for HostsEntry {
+    fn drop(&mut self) {
+        self.set(None);
+    }
+}
+
+/// A port free on both addresses.
+fn port_free_on(a: Ipv4Addr, b: Ipv4Addr) -> u16 {
+    for _ in 0..50 {
+        let first = TcpListener::bind(SocketAddr::from((a, 0))).unwrap();
+        let port = first.local_addr().unwrap().port();
+        if TcpListener::bind(SocketAddr::from((b, port))).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free on both {a} and {b}");
+}
+
+fn server_on(name: &str, ip: Ipv4Addr, port: u16) -> Instance {
+    Instance::start(InstanceConfig {
+        name: name.into(),
+        host: ip.to_string(),
+        port: Some(port),
+        hba: vec!["host all all 127.0.0.0/8 trust".into()],
+        ..InstanceConfig::default()
+    })
+    .expect("start PostgreSQL")
+}
+
+fn server_addr(c: &mut postgres::Client) -> String {
+    c.query_one("SELECT host(inet_server_addr())", &[])
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn new_sessions_follow_a_primary_name_that_moves() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new(HOSTS).exists() {
+        eprintln!("skipped: editing {HOSTS} needs root");
+        return;
+    }
+    let (a, b) = (Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3));
+    let port = port_free_on(a, b);
+    let (old, new) = (server_on("dnsa", a, port), server_on("dnsb", b, port));
+    let name = format!("pgprism-dns-{}.test", std::process::id());
+    let hosts = HostsEntry::point(&name, a);
+    let proxy = Proxy::start(
+        &format!("postgres://{name}:{port}"),
+        &["--dns-refresh-ms", "100"],
+    );
+    let mut before = proxy.client();
+    assert_eq!(server_addr(&mut before), a.to_string());
+
+    hosts.set(Some(b));
+    assert!(
+        eventually(Duration::from_secs(10), || server_addr(&mut proxy.client())
+            == b.to_string()),
+        "new sessions did not follow {name} to {b}:\n{}",
+        proxy.log()
+    );
+    // The session opened before the move stays on the old server.
+    assert_eq!(server_addr(&mut before), a.to_string());
+    assert!(
+        proxy.log().contains("resolves to a new address"),
+        "{}",
+        proxy.log()
+    );
+    drop((old, new));
+}
