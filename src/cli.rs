@@ -46,7 +46,7 @@ enum Command {
     Demo(crate::demo::DemoArgs),
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct ProxyArgs {
     /// Config file to start from; the flags below override it.
     #[arg(long, short)]
@@ -94,7 +94,7 @@ struct ProxyArgs {
 }
 
 /// TLS between clients and pgprism (`[client-tls]`).
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct ClientTlsArgs {
     /// disable, allow or require (default: allow when --client-tls-cert is given).
     #[arg(long, value_parser = ["disable", "allow", "require"])]
@@ -123,7 +123,7 @@ impl ClientTlsArgs {
 }
 
 /// Compare mode: run every statement on the primary and a shadow and compare the results.
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct CompareArgs {
     /// Shadow database URL (postgres://user:password@host:port/db): turns compare mode on.
     #[arg(long, value_name = "URL")]
@@ -208,7 +208,7 @@ impl CompareArgs {
 
 /// Mirror options, named as Frenzy names them where they fit. They apply to every mirror,
 /// those from `--mirror` and those of the config file.
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct MirrorArgs {
     /// Mirror database URL (postgres://user:password@host:port/db); repeat for several.
     #[arg(long = "mirror", value_name = "URL")]
@@ -518,16 +518,22 @@ pub fn main() -> ExitCode {
         }
         Command::Cdc(args) => return crate::cdc::cmd::main(args),
         Command::Run { config } => match Config::load(&config) {
-            Ok(cfg) => return run_main(cfg),
+            Ok(cfg) => {
+                let path = config.clone();
+                return run_main(cfg, Box::new(move || Config::load(&path)));
+            }
             Err(err) => return report(&err),
         },
         Command::Embed(args) => return embed_main(args),
-        Command::Proxy(args) => match args.into_config() {
-            Ok(cfg) => cfg,
+        Command::Proxy(args) => match args.clone().into_config() {
+            Ok(cfg) => (cfg, args),
             Err(err) => return report(&err),
         },
     };
-    match crate::runtime::run_proxy(&cfg, print_ready) {
+    let (cfg, args) = cfg;
+    // SIGHUP reads the file again (if any) with the same flags on top.
+    let reload: crate::runtime::Reload = Box::new(move || args.clone().into_config());
+    match crate::runtime::run_proxy_with(&cfg, None, Some(reload), print_ready) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => report(&err),
     }
@@ -537,7 +543,7 @@ pub fn main() -> ExitCode {
 /// primary or the CDC source may be one of them), then CDC on its own thread, then the proxy;
 /// the admin endpoint serves all their routes. On SIGTERM the proxy drains, then CDC stops
 /// (its position is checkpointed as always), then the servers stop.
-fn run_main(cfg: Config) -> ExitCode {
+fn run_main(cfg: Config, reload: crate::runtime::Reload) -> ExitCode {
     if let Err(err) = cfg.validate() {
         return report(&err);
     }
@@ -596,7 +602,8 @@ fn run_main(cfg: Config) -> ExitCode {
     }
     let routes = compose_routes(routes);
     let result = if has_proxy {
-        crate::runtime::run_proxy_with(&cfg, routes, print_ready).map_err(|e| e.to_string())
+        crate::runtime::run_proxy_with(&cfg, routes, Some(reload), print_ready)
+            .map_err(|e| e.to_string())
     } else {
         serve_until_stopped(&cfg, routes, cdc.as_ref().map(|(_, t)| t))
     };

@@ -271,6 +271,55 @@ impl ServerCertVerifier for Verifier {
     }
 }
 
+/// The client-side TLS settings every shard reads at each client's startup; SIGHUP replaces
+/// them (certificate rotation) without a restart.
+#[derive(Default)]
+pub struct ClientTlsSlot {
+    current: std::sync::RwLock<(Option<Arc<rustls::ServerConfig>>, bool)>,
+}
+
+impl ClientTlsSlot {
+    pub fn new(config: Option<Arc<rustls::ServerConfig>>, required: bool) -> ClientTlsSlot {
+        ClientTlsSlot {
+            current: std::sync::RwLock::new((config, required)),
+        }
+    }
+
+    /// The server configuration offered to clients (None: `N`), and whether TLS is required.
+    pub fn get(&self) -> (Option<Arc<rustls::ServerConfig>>, bool) {
+        match self.current.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn set(&self, config: Option<Arc<rustls::ServerConfig>>, required: bool) {
+        match self.current.write() {
+            Ok(mut c) => *c = (config, required),
+            Err(poisoned) => *poisoned.into_inner() = (config, required),
+        }
+    }
+}
+
+/// Builds what `[client-tls]` asks for: the server configuration (None when disabled) and
+/// whether TLS is required. Errors name the key at fault.
+pub fn client_side(
+    cfg: &crate::config::ClientTlsConfig,
+) -> Result<(Option<Arc<rustls::ServerConfig>>, bool), crate::config::ConfigError> {
+    use crate::config::ClientTlsMode;
+    let mode = cfg.effective_mode()?;
+    if mode == ClientTlsMode::Disable {
+        return Ok((None, false));
+    }
+    let config = server_config(&cfg.cert_file, &cfg.key_file).map_err(|message| {
+        crate::config::ConfigError::Key {
+            path: "client-tls.cert-file".into(),
+            message,
+        }
+    })?;
+    Ok((Some(config), mode == ClientTlsMode::Require))
+}
+
 /// pgprism's own TLS server side for clients, from PEM files.
 pub fn server_config(cert_file: &str, key_file: &str) -> Result<Arc<rustls::ServerConfig>, String> {
     let certs = read_certs(cert_file, "client-tls.cert-file")?;

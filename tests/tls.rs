@@ -369,3 +369,77 @@ fn check_names_the_tls_keys_at_fault() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(!Path::new(&dir).exists());
 }
+
+#[test]
+fn sighup_rotates_the_client_certificate_and_keeps_a_bad_one_out() {
+    let (first, second) = (Certs::make("rot1"), Certs::make("rot2"));
+    let primary = support::start_primary("tlsrot");
+    let dir = std::env::temp_dir().join(format!("pgprism-tls-rot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key, config) = (
+        dir.join("pgprism.crt"),
+        dir.join("pgprism.key"),
+        dir.join("pgprism.toml"),
+    );
+    let install = |certs: &Certs| {
+        std::fs::copy(certs.path("server.crt"), &cert).unwrap();
+        std::fs::copy(certs.path("server.key"), &key).unwrap();
+    };
+    install(&first);
+    std::fs::write(&config, "[proxy]\nbacklog = 100\n").unwrap();
+    let proxy = Proxy::start(
+        &primary.url(),
+        &[
+            "--config",
+            &config.display().to_string(),
+            "--client-tls-cert",
+            &cert.display().to_string(),
+            "--client-tls-key",
+            &key.display().to_string(),
+        ],
+    );
+    let trusting = |certs: &Certs| {
+        psql(
+            &primary,
+            proxy.port(),
+            &format!(
+                "user=postgres sslmode=verify-full sslrootcert={}",
+                certs.path("ca.crt")
+            ),
+            "SELECT 1",
+        )
+        .0
+    };
+    assert!(trusting(&first));
+    assert!(!trusting(&second));
+
+    // Rotation: new files at the same paths, then SIGHUP.
+    install(&second);
+    std::fs::write(&config, "[proxy]\nbacklog = 200\n").unwrap();
+    proxy.signal(libc::SIGHUP);
+    assert!(
+        eventually(Duration::from_secs(10), || trusting(&second)),
+        "{}",
+        proxy.log()
+    );
+    assert!(!trusting(&first));
+    assert!(eventually(Duration::from_secs(5), || {
+        let log = proxy.log();
+        log.contains("client TLS settings reloaded")
+            && log.contains("proxy.backlog")
+            && log.contains("takes effect at the next restart")
+    }));
+
+    // A broken certificate is refused; the running one stays.
+    std::fs::write(&cert, "not a certificate").unwrap();
+    proxy.signal(libc::SIGHUP);
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .log()
+            .contains("reload failed")),
+        "{}",
+        proxy.log()
+    );
+    assert!(trusting(&second));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -40,10 +40,9 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     pub sessions_per_shard_max: usize,
     pub pipeline_depth_max: usize,
-    /// `[client-tls]`: the TLS server side offered to clients that ask (None: answered `N`).
-    pub client_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
-    /// Plain-text sessions are refused.
-    pub client_tls_required: bool,
+    /// `[client-tls]`: the TLS server side offered to clients that ask (None: answered `N`)
+    /// and whether plain-text sessions are refused; replaced by a reload.
+    pub client_tls: std::sync::Arc<crate::tls::ClientTlsSlot>,
     /// TLS towards the primary (its URL's `sslmode`).
     pub primary_tls: crate::tls::Upstream,
 }
@@ -327,11 +326,12 @@ async fn read_startup(
     buf: &mut BytesMut,
 ) -> Result<Startup, Closed> {
     let counters = &shard.stats.counters;
+    let (client_tls, client_tls_required) = shard.settings.client_tls.get();
     loop {
         match wire::split_startup(buf, STARTUP_BYTES_MAX) {
             Ok(Some(packet)) => match StartupPacket::parse(&packet) {
                 Ok(StartupPacket::SslRequest) if !client.is_tls() => {
-                    let Some(config) = shard.settings.client_tls.clone() else {
+                    let Some(config) = client_tls.clone() else {
                         ShardStats::bump(&counters.ssl_refused, 1);
                         client.write_all(b"N").await.map_err(|_| Closed)?;
                         continue;
@@ -366,9 +366,7 @@ async fn read_startup(
                 // As with PostgreSQL's `hostssl`, a Unix-domain socket (local, never TLS in
                 // libpq) is not held to it.
                 Ok(StartupPacket::Startup { .. })
-                    if shard.settings.client_tls_required
-                        && !client.is_tls()
-                        && !client.is_unix() =>
+                    if client_tls_required && !client.is_tls() && !client.is_unix() =>
                 {
                     ShardStats::bump(&counters.client_tls_refused, 1);
                     let msg = error_bytes(

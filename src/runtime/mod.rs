@@ -66,9 +66,12 @@ pub struct Bound {
     pub admin: Option<SocketAddr>,
 }
 
+/// Reads the configuration again for SIGHUP (the file, with the command line's flags on top).
+pub type Reload = Box<dyn Fn() -> Result<Config, crate::config::ConfigError>>;
+
 /// Runs the proxy until SIGTERM/SIGINT, then drains and returns.
 pub fn run_proxy(cfg: &Config, on_ready: impl FnOnce(&Bound)) -> Result<(), RuntimeError> {
-    run_proxy_with(cfg, None, on_ready)
+    run_proxy_with(cfg, None, None, on_ready)
 }
 
 /// [`run_proxy`] with extra admin routes (the embed supervisor's, when `pgprism run` also
@@ -76,6 +79,7 @@ pub fn run_proxy(cfg: &Config, on_ready: impl FnOnce(&Bound)) -> Result<(), Runt
 pub fn run_proxy_with(
     cfg: &Config,
     routes: Option<crate::control::ExtraRoutes>,
+    reload: Option<Reload>,
     on_ready: impl FnOnce(&Bound),
 ) -> Result<(), RuntimeError> {
     cfg.validate()?;
@@ -93,17 +97,8 @@ pub fn run_proxy_with(
             message,
         })?;
     let primary_label = primary.address();
-    let client_tls_mode = cfg.client_tls.effective_mode()?;
-    let client_tls = match client_tls_mode {
-        crate::config::ClientTlsMode::Disable => None,
-        _ => Some(
-            crate::tls::server_config(&cfg.client_tls.cert_file, &cfg.client_tls.key_file)
-                .map_err(|message| crate::config::ConfigError::Key {
-                    path: "client-tls.cert-file".into(),
-                    message,
-                })?,
-        ),
-    };
+    let (tls_config, tls_required) = crate::tls::client_side(&cfg.client_tls)?;
+    let client_tls = std::sync::Arc::new(crate::tls::ClientTlsSlot::new(tls_config, tls_required));
     let primary_tls = primary
         .tls()
         .map_err(|message| crate::config::ConfigError::Key {
@@ -208,7 +203,6 @@ pub fn run_proxy_with(
                 sessions_per_shard_max: cfg.proxy.sessions_per_shard_max,
                 pipeline_depth_max: cfg.proxy.pipeline_depth_max,
                 client_tls: client_tls.clone(),
-                client_tls_required: client_tls_mode == crate::config::ClientTlsMode::Require,
                 primary_tls: primary_tls.clone(),
             },
             read_chunk_bytes: cfg.proxy.read_chunk_bytes,
@@ -277,8 +271,9 @@ pub fn run_proxy_with(
         match signals::wait(tick) {
             Some(signals::Signal::Stop) => break,
             Some(signals::Signal::Reload) => {
-                tracing::info!("SIGHUP: configuration reload is not supported yet; ignoring");
-                control::systemd::notify("READY=1\nSTATUS=reload not supported; still serving");
+                control::systemd::notify("RELOADING=1");
+                let status = reload_config(cfg, reload.as_ref(), &client_tls);
+                control::systemd::notify(&format!("READY=1\nSTATUS={status}"));
             }
             None => {}
         }
@@ -332,4 +327,92 @@ impl Drop for ExitCount {
     fn drop(&mut self) {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// SIGHUP: reads the configuration again and applies what can change while serving: the
+/// `[client-tls]` certificate, key and mode (files are read again even when their paths did
+/// not change, for certificate rotation). Every other changed key is named in the log as
+/// taking effect at the next restart. An invalid configuration changes nothing. Returns a
+/// one-line status.
+fn reload_config(
+    running: &Config,
+    reload: Option<&Reload>,
+    client_tls: &crate::tls::ClientTlsSlot,
+) -> String {
+    let Some(reload) = reload else {
+        tracing::info!("SIGHUP: started without a configuration file; nothing to reload");
+        return "nothing to reload".into();
+    };
+    let new = match reload().and_then(|c| c.validate().map(|()| c)) {
+        Ok(new) => new,
+        Err(err) => {
+            tracing::error!(error = %err, "SIGHUP: reload failed; the running configuration stays");
+            return format!("reload failed: {err}");
+        }
+    };
+    match crate::tls::client_side(&new.client_tls) {
+        Ok((config, required)) => {
+            let offered = config.is_some();
+            client_tls.set(config, required);
+            tracing::info!(
+                tls = offered,
+                required,
+                "SIGHUP: client TLS settings reloaded"
+            );
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "SIGHUP: reload failed; the running configuration stays");
+            return format!("reload failed: {err}");
+        }
+    }
+    let pending = changed_keys(running, &new)
+        .into_iter()
+        .filter(|k| !k.starts_with("client-tls."))
+        .collect::<Vec<_>>();
+    for key in &pending {
+        tracing::warn!(
+            key = %key,
+            "SIGHUP: changed, but takes effect at the next restart"
+        );
+    }
+    if pending.is_empty() {
+        "configuration reloaded".into()
+    } else {
+        format!(
+            "configuration reloaded; needs a restart for {}",
+            pending.join(", ")
+        )
+    }
+}
+
+/// Key paths (`proxy.backlog`, `mirror[0].url`, ...) whose values differ.
+fn changed_keys(a: &Config, b: &Config) -> Vec<String> {
+    fn walk(prefix: &str, a: Option<&toml::Value>, b: Option<&toml::Value>, out: &mut Vec<String>) {
+        match (a, b) {
+            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                for k in keys {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&path, x.get(k), y.get(k), out);
+                }
+            }
+            (Some(toml::Value::Array(x)), Some(toml::Value::Array(y))) if x.len() == y.len() => {
+                for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                    walk(&format!("{prefix}[{i}]"), Some(p), Some(q), out);
+                }
+            }
+            (x, y) if x != y => out.push(prefix.to_string()),
+            _ => {}
+        }
+    }
+    let value = |c: &Config| toml::Value::try_from(c).ok();
+    let mut out = Vec::new();
+    walk("", value(a).as_ref(), value(b).as_ref(), &mut out);
+    out
 }
