@@ -760,6 +760,12 @@ fn prepared_executions_without_describe_use_the_statements_columns() {
         columns.contains("\"id\"") && columns.contains("\"v\""),
         "the statement's described columns are in the report: {columns}"
     );
+    // Binary-format rows are shown as values, not bytes.
+    let text = sonic_rs::to_string(&chg_reports[0]).unwrap();
+    assert!(
+        text.contains("(2, v2)") && text.contains("(2, changed)"),
+        "{text}"
+    );
     let typ_reports = about("SELECT id, v FROM typ");
     assert_eq!(typ_reports.len(), 2, "{reports:?}");
     assert!(

@@ -183,6 +183,9 @@ pub struct Digester {
     /// Columns of the current result and how each column is normalised.
     columns: Option<Columns>,
     plan: Vec<ColumnRule>,
+    /// Type OID and binary format of each column of the current result, for rendering
+    /// sample rows.
+    shape: Vec<(u32, bool)>,
     /// No rule applies to any column: hash the DataRow body as is.
     raw: bool,
     /// The current result's columns are known (a RowDescription came before its rows).
@@ -224,6 +227,7 @@ impl Digester {
             expects,
             columns: None,
             plan: Vec::new(),
+            shape: Vec::new(),
             raw: true,
             described: false,
             begun: false,
@@ -328,6 +332,7 @@ impl Digester {
     fn forget_result(&mut self) {
         self.columns = None;
         self.plan.clear();
+        self.shape.clear();
         self.raw = true;
         self.described = false;
         self.begun = false;
@@ -362,9 +367,21 @@ impl Digester {
                     self.plan.push(rule);
                 }
                 self.raw = self.plan.iter().all(|r| *r == ColumnRule::Raw);
-                self.last_plan = Some((columns.clone(), formats, self.plan.clone(), self.raw));
+                self.last_plan = Some((
+                    columns.clone(),
+                    formats.clone(),
+                    self.plan.clone(),
+                    self.raw,
+                ));
             }
         }
+        self.shape.clear();
+        self.shape.extend(
+            columns
+                .iter()
+                .enumerate()
+                .map(|(i, (_, oid))| (*oid, formats.binary(i))),
+        );
         self.columns = Some(columns.clone());
         self.current.columns = Some(columns);
     }
@@ -419,6 +436,11 @@ impl Digester {
         }
         self.plan = plan;
         self.raw = raw;
+        self.shape.clear();
+        if let Ok(fields) = wire::RowDescription::new(body).fields() {
+            self.shape
+                .extend(fields.map(|f| (f.type_oid, f.format == Format::Binary)));
+        }
         self.described = true;
         self.columns = Some(columns.clone());
         self.current.columns = Some(columns);
@@ -447,7 +469,8 @@ impl Digester {
         d.unordered.0 = d.unordered.0.wrapping_add(hash);
         d.unordered.1 = d.unordered.1.wrapping_add(fold(hash ^ K2, K3));
         if d.sample.len() < self.rules.sample_rows_max {
-            d.sample.push((hash, render_row(body, &self.plan)));
+            d.sample
+                .push((hash, render_row(body, &self.plan, &self.shape)));
         }
     }
 
@@ -494,8 +517,10 @@ impl Digester {
     }
 }
 
-/// Renders a row for a report: `(1, 'abc', NULL)`; binary values as hex; long values cut.
-pub fn render_row(body: &[u8], plan: &[ColumnRule]) -> String {
+/// Renders a row for a report: `(1, abc, NULL)`; binary-format values of common types as
+/// their text (numbers, booleans, strings, uuids), others as hex; long values cut. `shape`:
+/// each column's type OID and whether it is in binary format (empty: all text).
+pub fn render_row(body: &[u8], plan: &[ColumnRule], shape: &[(u32, bool)]) -> String {
     const VALUE_CHARS_MAX: usize = 64;
     let Ok(values) = wire::DataRow::new(body).columns() else {
         return format!("<{} undecodable bytes>", body.len());
@@ -509,8 +534,15 @@ pub fn render_row(body: &[u8], plan: &[ColumnRule]) -> String {
             out.push_str("<ignored>");
             continue;
         }
+        let binary = shape
+            .get(i)
+            .filter(|(_, binary)| *binary)
+            .map(|(oid, _)| *oid);
         match value {
             None => out.push_str("NULL"),
+            Some(bytes) if binary.is_some() => {
+                render_binary(binary.unwrap_or(0), bytes, &mut out, VALUE_CHARS_MAX)
+            }
             Some(bytes) => match simdutf8::basic::from_utf8(bytes) {
                 Ok(text) => {
                     let cut: String = text.chars().take(VALUE_CHARS_MAX).collect();
@@ -532,6 +564,55 @@ pub fn render_row(body: &[u8], plan: &[ColumnRule]) -> String {
     out
 }
 
+/// One binary-format value as text, by type.
+fn render_binary(oid: u32, bytes: &[u8], out: &mut String, chars_max: usize) {
+    const TEXTUAL: &[u32] = &[18, 19, 25, 114, 142, 1042, 1043];
+    let mut text = String::new();
+    let rendered = match oid {
+        16 if bytes.len() == 1 => {
+            text.push(if bytes[0] != 0 { 't' } else { 'f' });
+            true
+        }
+        2950 if bytes.len() == 16 => {
+            for (i, b) in bytes.iter().enumerate() {
+                if matches!(i, 4 | 6 | 8 | 10) {
+                    text.push('-');
+                }
+                text.push_str(&format!("{b:02x}"));
+            }
+            true
+        }
+        // jsonb: a version byte (1), then the text.
+        3802 if bytes.first() == Some(&1) => match std::str::from_utf8(&bytes[1..]) {
+            Ok(s) => {
+                text.push_str(s);
+                true
+            }
+            Err(_) => false,
+        },
+        oid if TEXTUAL.contains(&oid) => match std::str::from_utf8(bytes) {
+            Ok(s) => {
+                text.push_str(s);
+                true
+            }
+            Err(_) => false,
+        },
+        oid => super::rules::binary_number_text(oid, bytes, &mut text),
+    };
+    if rendered {
+        let cut: String = text.chars().take(chars_max).collect();
+        out.push_str(&cut);
+        if cut.len() < text.len() {
+            out.push('…');
+        }
+        return;
+    }
+    out.push_str("\\x");
+    for b in bytes.iter().take(chars_max / 2) {
+        out.push_str(&format!("{b:02x}"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -548,6 +629,40 @@ mod tests {
             d[i] ^= 1;
             assert_ne!(hash64(&d, 0), hash64(&data, 0), "byte {i}");
         }
+    }
+
+    #[test]
+    fn binary_values_render_as_text_by_type() {
+        use bytes::BytesMut;
+        let mut buf = BytesMut::new();
+        let uuid = [0x12u8; 16];
+        wire::encode::data_row(
+            &mut buf,
+            &[
+                Some(&5i64.to_be_bytes()[..]),
+                Some(&[1u8][..]),
+                Some(b"h\xc3\xa9"),
+                Some(&uuid[..]),
+                Some(&[0u8, 1, 2][..]),
+                None,
+            ],
+        )
+        .unwrap();
+        let shape = [
+            (20, true),
+            (16, true),
+            (25, true),
+            (2950, true),
+            (17, true),
+            (23, true),
+        ];
+        let row = render_row(&buf[5..], &[], &shape);
+        assert_eq!(
+            row,
+            "(5, t, h\u{e9}, 12121212-1212-1212-1212-121212121212, \\x000102, NULL)"
+        );
+        // Text format: as sent.
+        assert_eq!(render_row(&buf[5..], &[], &[]).matches(", ").count(), 5);
     }
 
     #[test]
