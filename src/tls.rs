@@ -217,6 +217,44 @@ impl Upstream {
     }
 }
 
+impl Upstream {
+    /// [`negotiate`](Self::negotiate) for a blocking socket (CDC's own connections): the
+    /// TLS session to use, if any; the handshake is done.
+    pub fn negotiate_blocking<S: io::Read + io::Write>(
+        &self,
+        sock: &mut S,
+    ) -> io::Result<Option<rustls::ClientConnection>> {
+        let (Some(config), Some(name)) = (&self.config, &self.name) else {
+            return Ok(None);
+        };
+        sock.write_all(&SSL_REQUEST)?;
+        let mut answer = [0u8; 1];
+        sock.read_exact(&mut answer)?;
+        match answer[0] {
+            b'S' => {
+                let mut conn = rustls::ClientConnection::new(config.clone(), name.clone())
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                while conn.is_handshaking() {
+                    conn.complete_io(sock)?;
+                }
+                Ok(Some(conn))
+            }
+            b'N' if self.mode == SslMode::Prefer => Ok(None),
+            b'N' => Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!(
+                    "the server does not support TLS, but sslmode={}",
+                    self.mode.name()
+                ),
+            )),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected answer to SSLRequest: byte {other:#04x}"),
+            )),
+        }
+    }
+}
+
 /// Checks the certificate as the mode asks: nothing (`require`), the chain (`verify-ca`), or
 /// the chain and the name (`verify-full`). Handshake signatures are always verified, so the
 /// peer does hold the key of the certificate it showed.

@@ -443,3 +443,42 @@ fn sighup_rotates_the_client_certificate_and_keeps_a_bad_one_out() {
     assert!(trusting(&second));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// CDC's own blocking client (slot setup, checkpoints, the replication stream) honours the
+/// source URL's sslmode like the proxy's connections do.
+#[test]
+fn cdc_source_connections_use_tls_from_the_url() {
+    use pgprism::cdc::pgconn::PgConn;
+    let certs = Certs::make("cdc");
+    let source = start_tls_server("tlscdc", &certs);
+    let url = |mode: &str, ca: &str| {
+        pgprism::config::PgUrl::parse(&format!(
+            "postgres://{TLS_USER}:{}@127.0.0.1:{}/postgres?sslmode={mode}&sslrootcert={}",
+            PASSWORD.replace(' ', "%20"),
+            source.port(),
+            certs.path(ca)
+        ))
+        .unwrap()
+    };
+    let limit = Duration::from_secs(10);
+    let mut conn = PgConn::connect(&url("verify-full", "ca.crt"), false, limit)
+        .expect("TLS connection to a TLS-only user");
+    let rows = conn
+        .query("SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid(); SELECT repeat('y', 1000) FROM generate_series(1, 500)")
+        .unwrap();
+    assert_eq!(rows[0][0].as_deref(), Some("true"));
+    assert_eq!(rows.len(), 501);
+    assert!(
+        rows[1..]
+            .iter()
+            .all(|r| r[0].as_deref().map(str::len) == Some(1000))
+    );
+    let err = PgConn::connect(&url("verify-full", "other.crt"), false, limit)
+        .err()
+        .expect("an untrusted CA must fail");
+    assert!(format!("{err:?}").contains("InvalidCertificate"), "{err:?}");
+    let err = PgConn::connect(&url("disable", "ca.crt"), false, limit)
+        .err()
+        .expect("plain text is rejected by pg_hba");
+    assert_eq!(err.code(), Some("28000"), "{err}");
+}

@@ -274,7 +274,9 @@ pub fn validate(cfg: &CdcConfig) -> Result<(), ConfigError> {
             "required: the source postgres://user@host:port/db URL",
         ));
     }
-    PgUrl::parse(&cfg.source).map_err(|e| key("source", &e))?;
+    PgUrl::parse(&cfg.source)
+        .and_then(|u| u.tls())
+        .map_err(|e| key("source", &e))?;
     if cfg.starrocks.is_empty() {
         return Err(key(
             "starrocks",

@@ -66,6 +66,8 @@ pub type Row = Vec<Option<String>>;
 pub struct PgConn {
     /// TCP or Unix-domain, whichever the URL names (see [`PgUrl::endpoint`]).
     stream: Socket,
+    /// TLS over `stream` when the URL's `sslmode` asked for it and the server agreed.
+    tls: Option<rustls::ClientConnection>,
     inbuf: BytesMut,
     out: BytesMut,
     chunk: Vec<u8>,
@@ -109,8 +111,15 @@ impl PgConn {
         stream
             .set_read_timeout(Some(timeout))
             .map_err(PgError::Io)?;
+        let mut stream = stream;
+        let tls = url
+            .tls_cached()
+            .map_err(|message| connect_err(std::io::Error::other(message)))?
+            .negotiate_blocking(&mut stream)
+            .map_err(connect_err)?;
         let mut conn = PgConn {
             stream,
+            tls,
             inbuf: BytesMut::with_capacity(READ_CHUNK_BYTES),
             out: BytesMut::new(),
             chunk: vec![0; READ_CHUNK_BYTES],
@@ -176,7 +185,14 @@ impl PgConn {
     }
 
     fn flush(&mut self) -> Result<(), PgError> {
-        self.stream.write_all(&self.out).map_err(PgError::Io)?;
+        match &mut self.tls {
+            Some(tls) => {
+                let mut io = rustls::Stream::new(tls, &mut self.stream);
+                io.write_all(&self.out).map_err(PgError::Io)?;
+                io.flush().map_err(PgError::Io)?;
+            }
+            None => self.stream.write_all(&self.out).map_err(PgError::Io)?,
+        }
         self.out.clear();
         Ok(())
     }
@@ -197,7 +213,10 @@ impl PgConn {
 
     /// One read(2) into the input buffer. EOF becomes `UnexpectedEof`.
     fn fill(&mut self) -> std::io::Result<()> {
-        let n = self.stream.read(&mut self.chunk)?;
+        let n = match &mut self.tls {
+            Some(tls) => rustls::Stream::new(tls, &mut self.stream).read(&mut self.chunk)?,
+            None => self.stream.read(&mut self.chunk)?,
+        };
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
