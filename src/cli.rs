@@ -164,6 +164,9 @@ struct CompareArgs {
     /// Bytes held per statement in --fail-on-differences mode before falling back to report.
     #[arg(long)]
     compare_buffer_bytes: Option<usize>,
+    /// How long (ms) an answered statement waits for the shadow before comparing stops.
+    #[arg(long)]
+    compare_shadow_timeout_ms: Option<u64>,
 }
 
 impl CompareArgs {
@@ -199,6 +202,9 @@ impl CompareArgs {
         c.type_equivalences.extend(self.type_equivalences);
         if let Some(v) = self.compare_report {
             c.report_path = v;
+        }
+        if let Some(v) = self.compare_shadow_timeout_ms {
+            c.shadow_timeout_ms = v;
         }
         if let Some(v) = self.compare_buffer_bytes {
             c.buffer_bytes_max = v;

@@ -792,3 +792,56 @@ fn prepared_executions_without_describe_use_the_statements_columns() {
         "{reports:?}"
     );
 }
+
+/// A shadow that stops answering (here: blocked on a lock) must not hold the client in
+/// fail-on-differences mode: after compare.shadow-timeout-ms the session stops comparing and
+/// the client gets the primary's answer.
+#[test]
+fn a_shadow_that_falls_behind_stops_comparing_instead_of_holding_the_client() {
+    let p = pair("lag");
+    p.both("CREATE TABLE slow (id int); INSERT INTO slow VALUES (1)");
+    let proxy = p.proxy(&[
+        "--fail-on-differences",
+        "--compare-shadow-timeout-ms",
+        "300",
+    ]);
+    let mut blocker = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            p.shadow.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE slow IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let conninfo = proxy.conninfo("postgres", None);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+        let first = c.query("SELECT id FROM slow", &[]).map(|r| r.len());
+        let second = c.simple_query("SELECT 2").map(|r| r.len());
+        let _ = tx.send((first.map_err(|e| e.to_string()), second.is_ok()));
+    });
+    // Bounded: without the timeout the client would wait for the shadow forever.
+    let (first, second) = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the client got its answer although the shadow is blocked");
+    assert_eq!(first, Ok(1));
+    assert!(second, "the session goes on without comparing");
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_shadow_timeouts_total",
+        1
+    ));
+    blocker.batch_execute("ROLLBACK").unwrap();
+    // A new session compares again.
+    let mut c = proxy.client();
+    c.simple_query("SELECT id FROM slow").unwrap();
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_statements_total",
+        1
+    ));
+}

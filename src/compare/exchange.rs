@@ -461,6 +461,10 @@ pub const PRIMARY: usize = 0;
 pub const SHADOW: usize = 1;
 
 impl Comparer {
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
     pub fn shadow_alive(&self) -> bool {
         self.shadow_alive
     }
@@ -559,6 +563,17 @@ impl Comparer {
             self.pending_ends
                 .push_back((seq, self.pending_base + self.pending.len()));
         }
+    }
+
+    /// Since when the oldest sync point the primary has answered waits for the shadow, and
+    /// how many such sync points there are (None: nothing waits for the shadow).
+    pub fn shadow_wait(&self) -> Option<(Instant, usize)> {
+        if !self.shadow_alive {
+            return None;
+        }
+        let since = self.done[PRIMARY].front()?.finished?;
+        // After `settle`, an answered sync point is still here only when it needs the shadow.
+        Some((since, self.done[PRIMARY].len()))
     }
 
     /// The shadow is gone: stop comparing and release whatever waits for it.

@@ -133,6 +133,12 @@ pub struct CompareConfig {
     pub statement_bytes_max: usize,
     /// Time allowed to open and authenticate a shadow (or EXPLAIN) connection.
     pub connect_timeout_ms: u64,
+    /// How long a statement the primary has answered may wait for the shadow's answer; beyond
+    /// it the session stops comparing (the shadow is closed, held results are released).
+    pub shadow_timeout_ms: u64,
+    /// Sync points the primary has answered and the shadow not yet, per session; beyond it
+    /// the session stops comparing, as on a timeout.
+    pub shadow_lag_max: usize,
 }
 
 impl Default for CompareConfig {
@@ -160,6 +166,8 @@ impl Default for CompareConfig {
             report_queue_max: 1024,
             statement_bytes_max: 4096,
             connect_timeout_ms: 5_000,
+            shadow_timeout_ms: 30_000,
+            shadow_lag_max: 10_000,
         }
     }
 }

@@ -969,18 +969,59 @@ async fn downstream_compare(
                 None => (SHADOW, Ok(0)),
             }
         } else if shadow_open {
+            // A shadow that falls behind must not hold the client (fail-on-differences) or
+            // grow the session's memory (report mode) without bound. (When the shadow is the
+            // source of truth, its time is the client's own query time: no limit.)
+            let cfg = &comparer.target().cfg;
+            let wait = match comparer.source {
+                PRIMARY => comparer.shadow_wait(),
+                _ => None,
+            };
+            let limit = match wait {
+                Some((_, lag)) if lag > cfg.shadow_lag_max => Some(Duration::ZERO),
+                Some((since, _)) => Some(
+                    (since + Duration::from_millis(cfg.shadow_timeout_ms))
+                        .saturating_duration_since(Instant::now()),
+                ),
+                None => None,
+            };
             let p = async { (PRIMARY, primary.read_buf(&mut pbuf, chunk).await) };
             let s = async { (SHADOW, shadow.read_buf(&mut sbuf, chunk).await) };
-            if flip {
-                futures_lite::future::or(p, s).await
-            } else {
-                futures_lite::future::or(s, p).await
+            let both = async {
+                if flip {
+                    futures_lite::future::or(p, s).await
+                } else {
+                    futures_lite::future::or(s, p).await
+                }
+            };
+            let read = match limit {
+                None => Some(both.await),
+                Some(limit) if limit.is_zero() => None,
+                Some(limit) => within(limit, both).await,
+            };
+            match read {
+                Some(read) => read,
+                None => {
+                    ShardStats::bump(&stats.counters.compare_shadow_timeouts, 1);
+                    tracing::warn!(
+                        shard = shard.index,
+                        timeout_ms = cfg.shadow_timeout_ms,
+                        lag_max = cfg.shadow_lag_max,
+                        "the shadow fell behind; this session stops comparing"
+                    );
+                    shadow_open = false;
+                    shadow.shutdown();
+                    comparer.shadow_lost(&mut out);
+                    (PRIMARY, Ok(usize::MAX))
+                }
             }
         } else {
             (PRIMARY, primary.read_buf(&mut pbuf, chunk).await)
         };
         let arrived = Instant::now();
-        if matches!(read, Ok(0) | Err(_)) {
+        if matches!(read, Ok(usize::MAX)) {
+            // The shadow was given up on above: nothing was read; release what waited.
+        } else if matches!(read, Ok(0) | Err(_)) {
             if side == PRIMARY {
                 if shadow_open && comparer.source == PRIMARY && shared.client_ended.get() {
                     primary_done = true;

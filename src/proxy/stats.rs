@@ -72,6 +72,7 @@ counters! {
     compare_reports_dropped: "mismatch reports dropped because the ring to the control thread was full",
     compare_shadow_connect_failures: "sessions whose shadow connection could not be opened",
     compare_shadow_lost: "sessions whose shadow connection ended early (comparison stopped)",
+    compare_shadow_timeouts: "sessions that stopped comparing because the shadow fell behind (compare.shadow-timeout-ms or compare.shadow-lag-max)",
 }
 
 /// A shard's statistics: counters plus the two latency histograms.
