@@ -194,13 +194,20 @@ impl Upstream {
                 ));
             }
         }
-        match answer[0] {
-            b'S' => {
-                stream
-                    .start_tls_client(config.clone(), name.clone())
-                    .await?;
-                Ok(true)
-            }
+        if !self.accepts(answer[0])? {
+            return Ok(false);
+        }
+        stream
+            .start_tls_client(config.clone(), name.clone())
+            .await?;
+        Ok(true)
+    }
+
+    /// The server's one-byte answer to SSLRequest: `Ok(true)` to start TLS, `Ok(false)` to go
+    /// on in plain text (`prefer`), an error when the mode insists or the byte is not `S`/`N`.
+    fn accepts(&self, answer: u8) -> io::Result<bool> {
+        match answer {
+            b'S' => Ok(true),
             b'N' if self.mode == SslMode::Prefer => Ok(false),
             b'N' => Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
@@ -230,28 +237,15 @@ impl Upstream {
         sock.write_all(&SSL_REQUEST)?;
         let mut answer = [0u8; 1];
         sock.read_exact(&mut answer)?;
-        match answer[0] {
-            b'S' => {
-                let mut conn = rustls::ClientConnection::new(config.clone(), name.clone())
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                while conn.is_handshaking() {
-                    conn.complete_io(sock)?;
-                }
-                Ok(Some(conn))
-            }
-            b'N' if self.mode == SslMode::Prefer => Ok(None),
-            b'N' => Err(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
-                format!(
-                    "the server does not support TLS, but sslmode={}",
-                    self.mode.name()
-                ),
-            )),
-            other => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("unexpected answer to SSLRequest: byte {other:#04x}"),
-            )),
+        if !self.accepts(answer[0])? {
+            return Ok(None);
         }
+        let mut conn = rustls::ClientConnection::new(config.clone(), name.clone())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        while conn.is_handshaking() {
+            conn.complete_io(sock)?;
+        }
+        Ok(Some(conn))
     }
 }
 

@@ -27,6 +27,41 @@ fn mirror_url(m: &Instance) -> String {
     )
 }
 
+/// pgprism with one mirror whose queue is small (20 messages, 256 KiB), so a stalled mirror
+/// overflows it quickly.
+fn small_queue_proxy(p: &Instance, m1: &Instance) -> Proxy {
+    Proxy::start(
+        &p.url(),
+        &[
+            "--mirror",
+            &mirror_url(m1),
+            "--mirror-queue-messages",
+            "20",
+            "--mirror-queue-bytes",
+            "262144",
+        ],
+    )
+}
+
+/// Holds an exclusive lock on `table` of `inst` (in an open transaction) until the returned
+/// client ends it: the mirror's session blocks on its first statement touching the table.
+fn lock_table(inst: &Instance, table: &str) -> postgres::Client {
+    let mut blocker = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            inst.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    blocker
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+        ))
+        .unwrap();
+    blocker
+}
+
 /// Waits until `table` has the same contents on the primary and every mirror.
 fn converged(primary: &Instance, mirrors: &[&Instance], table: &str, cols: &str) -> bool {
     let want = checksum(primary, table, cols);
@@ -382,29 +417,9 @@ fn stalled_mirror_overflows_without_slowing_the_primary_or_splitting_transaction
         inst.psql("CREATE TABLE pairs (txn int, part int, pad text)")
             .unwrap();
     }
-    let proxy = Proxy::start(
-        &p.url(),
-        &[
-            "--mirror",
-            &mirror_url(&m1),
-            "--mirror-queue-messages",
-            "20",
-            "--mirror-queue-bytes",
-            "262144",
-        ],
-    );
+    let proxy = small_queue_proxy(&p, &m1);
     // Hold a lock on the mirror: its session blocks on the first INSERT.
-    let mut blocker = postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            m1.port()
-        ),
-        postgres::NoTls,
-    )
-    .unwrap();
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE pairs IN ACCESS EXCLUSIVE MODE")
-        .unwrap();
+    let mut blocker = lock_table(&m1, "pairs");
     let mut c = proxy.client();
     let started = Instant::now();
     // One statement per message, 40 KB per transaction: 8 MB in all, more than the socket
@@ -1049,29 +1064,9 @@ fn settings_missed_while_a_cut_link_skips_are_replayed_when_it_resumes() {
         inst.psql("CREATE SCHEMA app; CREATE TABLE app.t (v int, pad text)")
             .unwrap();
     }
-    let proxy = Proxy::start(
-        &p.url(),
-        &[
-            "--mirror",
-            &mirror_url(&m1),
-            "--mirror-queue-messages",
-            "20",
-            "--mirror-queue-bytes",
-            "262144",
-        ],
-    );
+    let proxy = small_queue_proxy(&p, &m1);
     // A lock on the mirror stalls its session, so its queue overflows and the link is cut.
-    let mut blocker = postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            m1.port()
-        ),
-        postgres::NoTls,
-    )
-    .unwrap();
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE app.t IN ACCESS EXCLUSIVE MODE")
-        .unwrap();
+    let mut blocker = lock_table(&m1, "app.t");
     let mut c = proxy.client();
     // 40 KB per transaction, until the socket buffers towards the stalled mirror are full and
     // its queue overflows (bounded: 40 MB).
