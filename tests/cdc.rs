@@ -11,6 +11,7 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use pgprism::embed::{Instance, InstanceConfig};
+use sonic_rs::JsonValueTrait;
 use starrocks::{ColType, Fault, StarRocks};
 use support::{eventually, pgprism_command};
 
@@ -122,7 +123,19 @@ impl Cdc {
 
     /// Waits for the process to die on its own (a failpoint); returns whether it did.
     fn wait_death(&mut self, limit: Duration) -> bool {
-        eventually(limit, || matches!(self.child.try_wait(), Ok(Some(_))))
+        eventually(limit, || self.exited())
+    }
+
+    /// Whether the process has exited (it is reaped; later calls keep saying so).
+    fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// A number from `GET /cdc/status`, e.g. `rows_decoded` or `reconnects`.
+    fn status_number(&self, key: &str) -> u64 {
+        let (_, body) = support::http_get(self.admin.expect("admin endpoint"), "/cdc/status");
+        let status: sonic_rs::Value = sonic_rs::from_str(&body).expect("status is JSON");
+        status[key].as_u64().unwrap_or(0)
     }
 }
 
@@ -491,6 +504,9 @@ fn injected_failures_are_retried_without_loss() {
             round * 100 + 100
         ))
         .unwrap();
+        // Pacing only, to spread the rounds over several loads. Not a wait for any state:
+        // the faults go to whichever load requests come next, retries included, and one
+        // load or five meet all of them in the same order.
         std::thread::sleep(Duration::from_millis(150));
     }
     c.batch_execute("DELETE FROM t WHERE id % 3 = 0").unwrap();
@@ -532,7 +548,16 @@ fn crash_at_each_point_resumes_exactly_once() {
                 round * 50 + 50
             ))
             .unwrap();
-            std::thread::sleep(Duration::from_millis(200));
+            // The failpoint acts on its second hit, so the rounds must not share one load:
+            // wait until this round is in StarRocks (or the failpoint has already fired)
+            // before the next one.
+            let want = (round as usize + 1) * 50;
+            assert!(
+                eventually(Duration::from_secs(30), || cdc.exited()
+                    || sr.row_count(DB, "t") >= want),
+                "{point}: round {round} was neither loaded nor did pgprism die\n{}",
+                cdc.log()
+            );
         }
         assert!(
             cdc.wait_death(Duration::from_secs(30)),
@@ -675,12 +700,38 @@ fn pause_holds_loads_and_resume_catches_up() {
     let sr = StarRocks::start("root", "pw");
     let mut c = client(&pg);
     make_table(&mut c, &sr, "t");
-    let cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
+    // With 100 rows per batch, the 100-row insert becomes a load as its last row is decoded.
+    let mut args = base_args(&pg, &sr, "t");
+    args.extend(["--flush-rows".into(), "100".into()]);
+    let cdc = Cdc::start(&args, &[]);
     let admin = cdc.admin.unwrap();
     assert_eq!(http_post(admin, "/cdc/pause").0, 200);
     c.batch_execute("INSERT INTO t SELECT g, 'p', g FROM generate_series(1, 100) g")
         .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        eventually(Duration::from_secs(30), || cdc
+            .status_number("rows_decoded")
+            >= 100),
+        "{}",
+        support::http_get(admin, "/cdc/status").1
+    );
+    // A later transaction, decoded in a later turn of the source: once it is counted, the
+    // source has handed the first batch over to the loader (src/cdc/source.rs sends a turn's
+    // work before its next read), which would now load it at once if pause did not hold it.
+    c.batch_execute("INSERT INTO t VALUES (101, 'p', 101)")
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || cdc
+            .status_number("rows_decoded")
+            >= 101),
+        "{}",
+        support::http_get(admin, "/cdc/status").1
+    );
+    // A paused loader does nothing by design, so no later event can show it has held the
+    // batch: holding it through this window (from the proven hand-over on) is the property
+    // under test, and any load request ends the window early as a failure.
+    let loaded = eventually(Duration::from_millis(500), || !sr.log().is_empty());
+    assert!(!loaded, "loaded while paused: {:?}", sr.log());
     assert_eq!(sr.row_count(DB, "t"), 0, "loaded while paused");
     let (_, status) = support::http_get(admin, "/cdc/status");
     assert!(status.contains("\"paused\":true"), "{status}");
@@ -696,7 +747,7 @@ fn pause_holds_loads_and_resume_catches_up() {
     // The stats follow the load's answer, a moment after the rows are visible.
     let counted = eventually(Duration::from_secs(10), || {
         let (_, status) = support::http_get(admin, "/cdc/status");
-        status.contains("\"rows\":100") && !status.contains("\"checkpoint_lsn\":\"0/0\"")
+        status.contains("\"rows\":101") && !status.contains("\"checkpoint_lsn\":\"0/0\"")
     });
     assert!(counted, "{}", support::http_get(admin, "/cdc/status").1);
 }
@@ -818,7 +869,13 @@ fn truncate_empties_the_table_even_across_a_crash() {
     let mut cdc = Cdc::start(&args, &[("PGPRISM_FAILPOINTS", "cdc-after-load=2*kill")]);
     c.batch_execute("INSERT INTO t SELECT g, 'before', g FROM generate_series(1, 50) g")
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // The first load (the failpoint's first hit) is these rows alone: wait until they are in
+    // StarRocks before the TRUNCATE transaction.
+    assert!(
+        eventually(Duration::from_secs(30), || sr.row_count(DB, "t") == 50),
+        "the first rows were not loaded\n{}",
+        cdc.log()
+    );
     c.batch_execute("BEGIN; TRUNCATE t; INSERT INTO t SELECT g, 'after', g FROM generate_series(100, 150) g; COMMIT;")
         .unwrap();
     assert!(
@@ -896,6 +953,7 @@ fn dropped_replication_connection_reconnects_without_loss() {
     let mut c = client(&pg);
     make_table(&mut c, &sr, "t");
     let mut cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
+    let mut cut: Option<String> = None;
     for round in 0..3 {
         c.batch_execute(&format!(
             "INSERT INTO t SELECT g, 'r{round}', g FROM generate_series({}, {}) g",
@@ -903,14 +961,37 @@ fn dropped_replication_connection_reconnects_without_loss() {
             round * 100 + 100
         ))
         .unwrap();
+        // pgprism's replication connection is up (a new walsender after the last cut).
+        let mut walsender = None;
+        let up = eventually(Duration::from_secs(30), || {
+            walsender = pg_rows(
+                &mut c,
+                "SELECT active_pid::text FROM pg_replication_slots WHERE slot_name = 'pgprism_cdc' AND active_pid IS NOT NULL",
+            )
+            .into_iter()
+            .next()
+            .and_then(|r| r.into_iter().next().flatten());
+            walsender.is_some() && walsender != cut
+        });
+        assert!(up, "round {round}: no new walsender\n{}", cdc.log());
         // Cut the walsender (and with it pgprism's replication connection) mid-stream.
-        c.batch_execute(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'pgprism_cdc' AND active_pid IS NOT NULL",
-        )
-        .unwrap();
+        let pid = walsender.clone().unwrap_or_default();
+        assert_eq!(
+            pg_rows(&mut c, &format!("SELECT pg_terminate_backend({pid})::text")),
+            vec![vec![Some("true".into())]]
+        );
+        cut = walsender;
         c.batch_execute(&format!("UPDATE t SET n = -n WHERE id % 3 = {round}"))
             .unwrap();
-        std::thread::sleep(Duration::from_millis(400));
+        // pgprism noticed the cut and goes on reconnecting.
+        let noticed = eventually(Duration::from_secs(30), || {
+            cdc.status_number("reconnects") > round
+        });
+        assert!(
+            noticed,
+            "round {round}: the cut went unnoticed\n{}",
+            cdc.log()
+        );
     }
     assert_converges(
         &sr,

@@ -259,13 +259,21 @@ fn differences_are_caught_and_described() {
     }
     let extended = p.report_for("SELECT v FROM chg WHERE id = $1");
     assert_eq!(kinds(&extended), vec!["values"], "{extended:?}");
-    // Give the non-reports time to show up if they were (wrongly) reported.
-    assert!(counter_reaches(
-        &proxy,
-        "pgprism_compare_statements_total",
-        13
-    ));
-    std::thread::sleep(Duration::from_millis(500));
+    // Barrier before the absences: end the session and wait until it is counted closed.
+    // A session ends only after its downstream pump has read the shadow to its end and
+    // judged every statement (src/proxy/session.rs), and the shard report counting the close
+    // also counts every mismatch of the session. Each mismatch sends exactly one report
+    // (`judge` in src/compare/exchange.rs), so 8 mismatches with the 8 reports above found
+    // leaves no room for a report about anything else.
+    drop(c);
+    assert!(counter_reaches(&proxy, "pgprism_sessions_closed_total", 1));
+    assert!(proxy.metric("pgprism_compare_statements_total") >= 13);
+    assert_eq!(
+        proxy.metric("pgprism_compare_mismatches_total"),
+        8,
+        "{:?}",
+        p.reports()
+    );
     for sql in &not_reported {
         assert!(
             !p.reported(sql),
@@ -273,7 +281,6 @@ fn differences_are_caught_and_described() {
             p.reports()
         );
     }
-    assert_eq!(proxy.metric("pgprism_compare_mismatches_total"), 8);
     // /status groups by fingerprint, with examples.
     let (code, body) = proxy.admin_get("/status");
     assert_eq!(code, 200);
@@ -428,13 +435,18 @@ fn divergence_in_a_transaction_is_reported_once_and_resynced() {
     assert_eq!(kinds(&report), vec!["values"]);
     let first = p.report_for("INSERT INTO only_p VALUES (1)");
     assert_eq!(kinds(&first), vec!["error"]);
+    // No wait needed for the absences: the report of the session's last statement is in.
+    // One session's sync points are judged in order, their reports go over one FIFO ring
+    // and the control thread writes them in that order (src/compare/exchange.rs `settle`,
+    // src/control/mod.rs `collect_compare`), so every report of the 20 skipped statements
+    // would be in the file before it.
+    assert_eq!(p.reports().len(), 2, "{:?}", p.reports());
+    // The shard report counting the last mismatch counts the earlier skips too.
     assert!(counter_reaches(
         &proxy,
         "pgprism_compare_mismatches_total",
         2
     ));
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(p.reports().len(), 2, "{:?}", p.reports());
     assert!(proxy.metric("pgprism_compare_skipped_total") >= 20);
 }
 
@@ -450,28 +462,33 @@ fn slow_statement_on_the_shadow_gets_both_plans() {
     let proxy = p.proxy(&["--slow-query-ratio", "3", "--slow-query-min-ms", "1"]);
     let mut c = proxy.client();
     let sql = "SELECT id FROM big WHERE k = 123456";
-    let mut found = None;
-    for _ in 0..5 {
+    // A single run can miss the ratio on a busy machine: run again until one is judged slow.
+    // Each run is waited for until it is counted as compared, then its verdict is read.
+    for run in 1..=5 {
         c.simple_query(sql).unwrap();
-        found = p
+        assert!(
+            counter_reaches(&proxy, "pgprism_compare_statements_total", run),
+            "run {run} was never compared"
+        );
+        // Bumped in the same verdict as the comparison count (`judge` in
+        // src/compare/exchange.rs), so the report that counts this run shows it.
+        if proxy.metric("pgprism_compare_slow_total") > 0 {
+            break;
+        }
+    }
+    assert!(
+        proxy.metric("pgprism_compare_slow_total") > 0,
+        "no run was judged slow"
+    );
+    // The slow report follows its EXPLAIN runs.
+    let mut report = None;
+    eventually(Duration::from_secs(20), || {
+        report = p
             .reports()
             .into_iter()
             .find(|r| r["record"].as_str() == Some("slow"));
-        if found.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    let mut report = found;
-    if report.is_none() {
-        eventually(Duration::from_secs(20), || {
-            report = p
-                .reports()
-                .into_iter()
-                .find(|r| r["record"].as_str() == Some("slow"));
-            report.is_some()
-        });
-    }
+        report.is_some()
+    });
     let report = report.unwrap_or_else(|| panic!("no slow report: {:?}", p.reports()));
     assert_eq!(report["statement"].as_str(), Some(sql));
     let primary_plan = report["primary"]["plan"].as_str().unwrap_or("");
@@ -597,12 +614,20 @@ fn identical_databases_and_ten_thousand_statements_give_zero_mismatches() {
         .collect();
     let total: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
     assert!(total >= 10_000);
+    // Barrier before the absences: the four clients have left; wait until their sessions are
+    // counted closed. A session ends only after its downstream pump has read the shadow to its
+    // end and judged every statement (src/proxy/session.rs), and the shard report counting
+    // the close also counts every mismatch of the session (each of which would send a report).
     assert!(
-        counter_reaches(&proxy, "pgprism_compare_statements_total", 9_000),
+        counter_reaches(&proxy, "pgprism_sessions_closed_total", 4),
+        "closed {}",
+        proxy.metric("pgprism_sessions_closed_total")
+    );
+    assert!(
+        proxy.metric("pgprism_compare_statements_total") >= 9_000,
         "compared {}",
         proxy.metric("pgprism_compare_statements_total")
     );
-    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         proxy.metric("pgprism_compare_mismatches_total"),
         0,
@@ -654,6 +679,14 @@ fn primary_only_patterns_keep_statements_off_the_shadow() {
             .trim(),
         "1"
     );
+    // The shadow runs one session's statements in order, so once it has the later row 78 it
+    // would have row 77 too, had that INSERT been sent to it.
+    assert!(eventually(Duration::from_secs(10), || p
+        .shadow
+        .psql("SELECT count(*) FROM miss WHERE id = 78")
+        .unwrap()
+        .trim()
+        == "1"));
     assert_eq!(
         p.shadow
             .psql("SELECT count(*) FROM miss WHERE id = 77")
@@ -661,18 +694,19 @@ fn primary_only_patterns_keep_statements_off_the_shadow() {
             .trim(),
         "0"
     );
-    assert!(eventually(Duration::from_secs(10), || p
-        .shadow
-        .psql("SELECT count(*) FROM miss WHERE id = 78")
-        .unwrap()
-        .trim()
-        == "1"));
-    assert!(counter_reaches(
-        &proxy,
-        "pgprism_compare_statements_total",
-        2
-    ));
-    std::thread::sleep(Duration::from_millis(300));
+    // Barrier before the absences: end the session and wait until it is counted closed. A
+    // session ends only after its downstream pump has read the shadow to its end and judged
+    // every statement (src/proxy/session.rs), and the shard report counting the close also
+    // counts every mismatch of the session (each of which would send a report).
+    drop(c);
+    assert!(counter_reaches(&proxy, "pgprism_sessions_closed_total", 1));
+    assert!(proxy.metric("pgprism_compare_statements_total") >= 2);
+    assert_eq!(
+        proxy.metric("pgprism_compare_mismatches_total"),
+        0,
+        "{:?}",
+        p.reports()
+    );
     assert!(p.reports().is_empty(), "{:?}", p.reports());
 }
 

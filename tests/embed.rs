@@ -303,6 +303,7 @@ fn server_dies_when_the_spawning_thread_exits() {
             reaped = true;
             break;
         }
+        // Polling interval of this bounded wait for the exit, not a wait in itself.
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -251,9 +251,11 @@ fn memory_instance_restarts_empty_after_a_crash() {
 #[test]
 fn crash_loop_stops_at_the_restart_cap_with_a_clear_message() {
     let scratch = ScratchDir::new("loop");
+    let backoff_max = Duration::from_millis(100);
     let sup = Supervisor::start(SupervisorSettings {
         restarts_max: 2,
         restart_backoff: Duration::from_millis(20),
+        restart_backoff_max: backoff_max,
         ..settings(&scratch.path("state"))
     })
     .expect("supervisor");
@@ -285,9 +287,22 @@ fn crash_loop_stops_at_the_restart_cap_with_a_clear_message() {
     ] {
         assert!(message.contains(needle), "{needle:?} missing in: {message}");
     }
-    // It stays failed: no more restarts behind our back.
-    std::thread::sleep(Duration::from_millis(300));
+    // It stays failed: no more restarts behind our back. Such a restart would wait on a
+    // retry timer of at most `backoff_max`, set when the last crash was noticed (before the
+    // failed state seen above): let that timer run out — the timer is the scenario, not a
+    // guess — then make sure the supervisor has run a monitor pass since. Its loop serves a
+    // request, then monitors, then takes the next request (src/embed/supervisor.rs `run`),
+    // so the second of two requests is answered after a monitor pass that began after the
+    // sleep, with the table published.
+    std::thread::sleep(backoff_max);
+    for _ in 0..2 {
+        assert!(sup.start("no-such-instance").is_err());
+    }
     assert_eq!(sup.get("loop").expect("instance").restarts, 2);
+    assert_eq!(
+        sup.get("loop").expect("instance").state,
+        InstanceState::Failed
+    );
     sup.shutdown();
 }
 
@@ -465,6 +480,7 @@ impl Embed {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Some(status);
             }
+            // Polling interval of this bounded wait for the exit, not a wait in itself.
             std::thread::sleep(Duration::from_millis(20));
         }
         None

@@ -272,6 +272,7 @@ fn fifty_megabyte_result_streams_without_buffering() {
                 bytes += body.len() as u64;
                 if rows % 5_000 == 0 {
                     // A slow reader: the proxy must hold back (backpressure), not buffer.
+                    // Part of the scenario (being slow), not a wait for any state.
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
@@ -337,8 +338,29 @@ fn cancel_request_reaches_the_right_backend() {
     let mut busy = proxy.client();
     let mut bystander = proxy.client();
     let token = busy.cancel_token();
+    let pid: i32 = busy
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let pg_port = pg.port();
     let canceller = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
+        // Cancel once the statement is running (seen directly on the primary), so the cancel
+        // cannot arrive before it.
+        let mut watcher = postgres::Client::connect(
+            &format!("host=127.0.0.1 port={pg_port} user=postgres dbname=postgres"),
+            postgres::NoTls,
+        )
+        .expect("watcher connects to the primary");
+        let running = eventually(Duration::from_secs(10), || {
+            watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE pid = $1 AND state = 'active' AND query LIKE '%pg_sleep%'",
+                    &[&pid],
+                )
+                .is_ok_and(|r| r.get::<_, i64>(0) == 1)
+        });
+        assert!(running, "pg_sleep never started");
         token.cancel_query(postgres::NoTls)
     });
     let started = Instant::now();
@@ -497,7 +519,15 @@ fn primary_dying_mid_query_gives_08006_and_the_proxy_lives_on() {
         .expect("a DataRow with the pid");
     s.write_all(&raw::message(b'Q', b"SELECT pg_sleep(30)\0"))
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Kill the backend only once it runs the statement (seen directly on the primary).
+    let running = eventually(Duration::from_secs(10), || {
+        pg.psql(&format!(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE pid = {pid} AND state = 'active' AND query LIKE '%pg_sleep%'"
+        ))
+        .is_ok_and(|out| out.trim() == "1")
+    });
+    assert!(running, "pg_sleep never started");
     // SAFETY: killing a PostgreSQL backend process we started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let (tag, body) = raw::read_message(&mut s).expect("an ErrorResponse");

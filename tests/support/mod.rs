@@ -163,6 +163,7 @@ impl Proxy {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status.code();
             }
+            // Polling interval of this bounded wait for the exit, not a wait in itself.
             std::thread::sleep(Duration::from_millis(20));
         }
         None
@@ -231,6 +232,7 @@ pub fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
+        // Polling interval: the condition decides, not this pause.
         std::thread::sleep(Duration::from_millis(50));
     }
 }

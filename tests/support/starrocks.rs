@@ -338,6 +338,7 @@ fn serve(
         (Role::Be, "PUT", "_stream_load") => {
             let fault = state.lock().unwrap().faults.pop_front();
             if let Some(Fault::Delay(d)) = &fault {
+                // The injected fault itself: a slow StarRocks answering late.
                 std::thread::sleep(*d);
             }
             if req
