@@ -536,7 +536,19 @@ async fn relay(
         }
     };
     let watchdog = async {
-        exec::sleep_until(deadline).await;
+        // The timer is dropped (cancelled) as soon as the session is ready, so the messages
+        // of a running session never touch the timer table.
+        let mut timer = Some(exec::sleep_until(deadline));
+        futures_lite::future::poll_fn(|cx| {
+            if shared.ready.get() {
+                timer = None;
+            }
+            match timer.as_mut() {
+                Some(sleep) => std::pin::Pin::new(sleep).poll(cx),
+                None => std::task::Poll::Pending,
+            }
+        })
+        .await;
         if !shared.ready.get() {
             ShardStats::bump(&shard.stats.counters.startup_timeouts, 1);
             let msg = error_bytes(
