@@ -760,6 +760,16 @@ fn prepared_executions_without_describe_use_the_statements_columns() {
     let typ = c.prepare("SELECT id, v FROM typ").unwrap();
     let eqv = c.prepare("SELECT id, n FROM eqv ORDER BY id").unwrap();
     let eqx = c.prepare("SELECT id, n FROM eqx").unwrap();
+    // SQL-level PREPARE/EXECUTE: the EXECUTE is compared as the statement it runs, here
+    // under its ORDER BY.
+    p.primary
+        .psql("CREATE TABLE ordp (id int, k int); INSERT INTO ordp SELECT g, g FROM generate_series(1, 6) g")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE ordp (id int, k int); INSERT INTO ordp SELECT g, -g FROM generate_series(1, 6) g")
+        .unwrap();
+    c.simple_query("PREPARE o AS SELECT id FROM ordp ORDER BY k; EXECUTE o")
+        .unwrap();
     for _ in 0..2 {
         let rows = c.query(&chg, &[]).unwrap();
         assert_eq!(rows[1].get::<_, String>(1), "v2", "the primary's rows");
@@ -816,6 +826,9 @@ fn prepared_executions_without_describe_use_the_statements_columns() {
         "{:?}",
         eqx_reports[0]
     );
+    let order = about("EXECUTE o");
+    assert_eq!(order.len(), 1, "{reports:?}");
+    assert_eq!(kinds(order[0]), vec!["order"], "{:?}", order[0]);
     // Ignored columns and declared equivalences hold for binary results too.
     assert!(
         about("SELECT id, updated_at FROM ign ORDER BY id").is_empty(),

@@ -54,7 +54,7 @@ impl Statement {
     fn new(text: &str, params: bool, target: &Target) -> Statement {
         let rules = &target.rules;
         Statement {
-            text: text.into(),
+            text: text.trim().into(),
             ordered: sql::has_top_level_order_by(text.as_bytes()),
             excluded: rules.excluded(text),
             read_only: sql::classify(text.as_bytes()) == sql::Class::Select,
@@ -148,7 +148,7 @@ impl Upstream {
                     let text = wire::Query::new(body).query().unwrap_or("");
                     let statements: Vec<Rc<Statement>> = sql::split_statements(text.as_bytes())
                         .into_iter()
-                        .map(|r| Rc::new(Statement::new(&text[r], false, &self.target)))
+                        .map(|r| self.simple_statement(&text[r]))
                         .collect();
                     let shadow = !(routes && self.target.rules.primary_only(text));
                     self.copy_to_shadow = shadow;
@@ -256,6 +256,48 @@ impl Upstream {
                 _ => self.hold(frame(), routes, None),
             }
         }
+    }
+
+    /// One statement of a simple Query. SQL-level prepared statements share the protocol's
+    /// namespace: `PREPARE x AS ...` is remembered like a Parse, and `EXECUTE x` is compared
+    /// as the statement it runs (its ORDER BY, whether it only reads), under its own text.
+    fn simple_statement(&mut self, text: &str) -> Rc<Statement> {
+        let own = Rc::new(Statement::new(text, false, &self.target));
+        match sql::prepared(text.as_bytes()) {
+            Some(sql::Prepared::Prepare { name, body }) => {
+                let inner = &text[body.min(text.len())..];
+                let params = inner.contains('$');
+                if self.statements.len() < NAMES_MAX {
+                    self.statements
+                        .insert(name, Rc::new(Statement::new(inner, params, &self.target)));
+                }
+            }
+            Some(sql::Prepared::Execute { name, runs: true }) => {
+                if let Some(inner) = self.statements.get(&name) {
+                    return Rc::new(Statement {
+                        text: own.text.clone(),
+                        ordered: inner.ordered,
+                        excluded: own.excluded || inner.excluded,
+                        read_only: inner.read_only,
+                        // Its EXPLAIN would need the statement prepared on the EXPLAIN
+                        // connection: never re-run.
+                        params: true,
+                        primary_only: inner.primary_only,
+                        described: inner.described.clone(),
+                    });
+                }
+            }
+            Some(sql::Prepared::Deallocate { name }) => {
+                self.statements.remove(&name);
+            }
+            Some(sql::Prepared::DeallocateAll) => self.statements.clear(),
+            Some(sql::Prepared::DiscardAll) => {
+                self.statements.clear();
+                self.portals.clear();
+            }
+            _ => {}
+        }
+        own
     }
 
     /// What the answer to one client frame will be read against (after the frame's own
