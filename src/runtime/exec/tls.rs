@@ -12,7 +12,7 @@
 //! limit out (a writer waits until `outgoing` drains before handing rustls more).
 
 use std::cell::{Cell, RefCell};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Write};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -192,20 +192,19 @@ impl Tls {
     ) -> Poll<io::Result<usize>> {
         loop {
             {
+                // Plaintext rustls holds is copied out as is (no zeroed buffer to read into).
                 let mut conn = self.conn.borrow_mut();
-                let start = buf.len();
-                buf.resize(start + chunk.clamp(1, RECORD_BYTES_MAX), 0);
-                let read = conn.reader().read(&mut buf[start..]);
-                match read {
-                    Ok(n) => {
-                        buf.truncate(start + n);
+                let mut reader = conn.reader();
+                match reader.fill_buf() {
+                    Ok(plain) => {
+                        // Empty: the peer's close_notify, end-of-stream.
+                        let n = plain.len().min(chunk.max(1));
+                        buf.extend_from_slice(&plain[..n]);
+                        reader.consume(n);
                         return Poll::Ready(Ok(n));
                     }
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => buf.truncate(start),
-                    Err(err) => {
-                        buf.truncate(start);
-                        return Poll::Ready(Err(err));
-                    }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(err) => return Poll::Ready(Err(err)),
                 }
             }
             match self.feed(io) {
