@@ -226,7 +226,10 @@ fn required_tls_is_enforced_on_both_legs() {
     let plain = support::start_primary("tlsplain");
     let secure = start_tls_server("tlssec", &certs);
 
-    // client-tls.mode = require: a plain-text client gets 28000.
+    // client-tls.mode = require: a plain-text client gets 28000 on TCP; the Unix socket (which
+    // libpq never encrypts) is exempt, as `local` is from `hostssl`.
+    let socket_dir = certs.dir.join("sock");
+    std::fs::create_dir_all(&socket_dir).unwrap();
     let proxy = Proxy::start(
         &secure.url(),
         &[
@@ -236,7 +239,23 @@ fn required_tls_is_enforced_on_both_legs() {
             &certs.path("server.crt"),
             "--client-tls-key",
             &certs.path("server.key"),
+            "--unix-socket-dir",
+            &socket_dir.display().to_string(),
         ],
+    );
+    let local = Command::new(secure.psql_path())
+        .arg(format!(
+            "host={} port={} dbname=postgres user=postgres connect_timeout=10",
+            socket_dir.display(),
+            proxy.port()
+        ))
+        .args(["-XAtq", "-c", "SELECT 'local'"])
+        .output()
+        .unwrap();
+    assert!(
+        local.status.success() && String::from_utf8_lossy(&local.stdout).trim() == "local",
+        "{}",
+        String::from_utf8_lossy(&local.stderr)
     );
     let (ok, _, err) = psql(
         &secure,
