@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use pgprism::embed::{Instance, InstanceConfig};
+use sonic_rs::JsonValueTrait;
 use support::{Proxy, eventually};
 
 const HOSTS: &str = "/etc/hosts";
@@ -113,5 +114,12 @@ fn new_sessions_follow_a_primary_name_that_moves() {
         "{}",
         proxy.log()
     );
+    // /status shows where new connections go now.
+    let status = proxy.admin_get("/status").1;
+    let parsed: sonic_rs::Value = sonic_rs::from_str(&status).unwrap();
+    let address = parsed["backends"][0]["address"]
+        .as_str()
+        .map(str::to_string);
+    assert_eq!(address, Some(format!("{b}:{port}")), "{status}");
     drop((old, new));
 }

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use pgprism::embed::{Instance, InstanceConfig};
+use sonic_rs::JsonValueTrait;
 use support::{PASSWORD, Proxy, eventually, pgprism_command};
 
 const TLS_USER: &str = "tlsuser";
@@ -178,6 +179,9 @@ fn tls_on_both_legs_with_verified_certificates() {
     );
     assert!(ok, "psql over TLS through pgprism: {err}");
     assert_eq!(out.trim(), "t|TLSv1.3", "the primary sees a TLS session");
+    let status = proxy.admin_get("/status").1;
+    let parsed: sonic_rs::Value = sonic_rs::from_str(&status).unwrap();
+    assert_eq!(parsed["client_tls"].as_str(), Some("allow"), "{status}");
     // 5 MB through both TLS legs, in many records each way.
     let (ok, out, err) = psql(
         &primary,

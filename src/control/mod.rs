@@ -28,6 +28,11 @@ pub struct ControlState {
     /// The Unix socket file clients may also use, if any.
     pub unix_socket: Option<String>,
     pub primary: String,
+    /// Backends by role (`primary`, `mirror NAME`, `shadow`) with the address new connections
+    /// go to now (it follows DNS).
+    pub backends: Vec<(String, crate::config::LiveEndpoint)>,
+    /// What `[client-tls]` offers now (a reload may change it).
+    pub client_tls: Option<std::sync::Arc<crate::tls::ClientTlsSlot>>,
     pub draining: bool,
     latency_us_max: u64,
     shards: Vec<Option<ShardReport>>,
@@ -71,6 +76,8 @@ impl ControlState {
             listen,
             unix_socket: None,
             primary,
+            backends: Vec::new(),
+            client_tls: None,
             draining: false,
             latency_us_max,
             shards: vec![None; shards],

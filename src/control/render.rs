@@ -349,6 +349,16 @@ pub(super) fn status(state: &ControlState) -> String {
         "listen": state.listen.as_str(),
         "unix_socket": state.unix_socket.as_deref(),
         "primary": state.primary.as_str(),
+        "backends": state
+            .backends
+            .iter()
+            .map(|(role, live)| sonic_rs::json!({"role": role.as_str(), "address": live.to_string()}))
+            .collect::<Vec<_>>(),
+        "client_tls": match state.client_tls.as_ref().map(|slot| slot.get()) {
+            Some((Some(_), true)) => "require",
+            Some((Some(_), false)) => "allow",
+            _ => "disable",
+        },
         "uptime_s": state.started.elapsed().as_secs(),
         "started_unix_s": state.started_unix_s,
         "draining": state.draining,

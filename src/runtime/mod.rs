@@ -123,6 +123,10 @@ pub fn run_proxy_with(
     if let Some(c) = &compare {
         followed.push(("shadow".to_string(), c.url.clone(), c.addr.clone()));
     }
+    let backends: Vec<_> = followed
+        .iter()
+        .map(|(role, _, live)| (role.clone(), live.clone()))
+        .collect();
     let _dns = crate::config::dns::start(followed, Duration::from_millis(cfg.proxy.dns_refresh_ms))
         .map_err(|source| RuntimeError::Shard { index: 0, source })?;
     let mut listen = parse_addr("proxy.listen", &cfg.proxy.listen)?;
@@ -159,7 +163,12 @@ pub fn run_proxy_with(
         primary.masked(),
         cfg.metrics.latency_us_max,
     )));
-    control::lock(&state).unix_socket = unix_path.as_ref().map(|p| p.display().to_string());
+    {
+        let mut locked = control::lock(&state);
+        locked.unix_socket = unix_path.as_ref().map(|p| p.display().to_string());
+        locked.backends = backends;
+        locked.client_tls = Some(client_tls.clone());
+    }
     if compare.is_some() {
         control::lock(&state).compare = Some(crate::report::Book::new(&cfg.compare.report_path));
     }
