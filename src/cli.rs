@@ -18,6 +18,10 @@ struct Cli {
     /// Log filter (e.g. `info`, `pgprism=debug`); RUST_LOG works too.
     #[arg(long, global = true, default_value = "info")]
     log: String,
+    /// Log line format: `text` for people and journald, `json` (one object per line) for log
+    /// shippers.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -486,18 +490,22 @@ fn report(err: &dyn std::error::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn init_logging(filter: &str) {
+fn init_logging(filter: &str, format: &str) {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = if format == "json" {
+        builder.json().with_current_span(false).try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log);
+    init_logging(&cli.log, &cli.log_format);
     let cfg = match cli.command {
         Command::Demo(args) => {
             return match crate::demo::run(args) {

@@ -671,3 +671,26 @@ fn check_prints_effective_config_and_names_bad_keys() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("proxy.backlog"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn log_format_json_writes_one_object_per_line() {
+    use sonic_rs::JsonValueTrait;
+    let primary = start_primary("logjson");
+    let proxy = Proxy::start(&primary.url(), &["--log-format", "json"]);
+    let mut c = proxy.client();
+    c.simple_query("SELECT 1").unwrap();
+    drop(c);
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .log()
+        .contains("pgprism proxy ready")));
+    let log = proxy.log();
+    let mut lines = 0;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: sonic_rs::Value =
+            sonic_rs::from_str(line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
+        assert!(v["level"].as_str().is_some(), "{line}");
+        assert!(v["fields"]["message"].as_str().is_some(), "{line}");
+        lines += 1;
+    }
+    assert!(lines >= 1, "{log}");
+}
