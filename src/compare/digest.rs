@@ -165,6 +165,15 @@ pub enum Expect {
 /// One side's queue of [`Expect`]s.
 pub type Expects = Rc<RefCell<VecDeque<Expect>>>;
 
+/// A RowDescription as the digester uses it: columns, how each is normalised, whether none is
+/// (rows hash as raw bytes), and each column's type OID and binary format (for samples).
+struct Parsed {
+    columns: Columns,
+    plan: Vec<ColumnRule>,
+    raw: bool,
+    shape: Vec<(u32, bool)>,
+}
+
 /// One side's answer to one sync point (Query, Sync or FunctionCall).
 #[derive(Debug, Default)]
 pub struct SyncDigest {
@@ -195,7 +204,7 @@ pub struct Digester {
     /// The last RowDescription body and what it gave, so a statement described again and
     /// again (libpq describes every portal) costs a comparison, not a parse.
     last_body: Vec<u8>,
-    last: Option<(Columns, Vec<ColumnRule>, bool)>,
+    last: Option<Parsed>,
     /// The last plan built from a [`Described`] statement and Bind formats.
     last_plan: Option<(Columns, ResultFormats, Vec<ColumnRule>, bool)>,
     /// Scratch text for binary numbers.
@@ -386,33 +395,35 @@ impl Digester {
         self.current.columns = Some(columns);
     }
 
-    /// Columns and plan of a RowDescription body (cached for the last body seen).
-    fn parse_description(&mut self, body: &[u8]) -> Option<(Columns, Vec<ColumnRule>, bool)> {
-        if let Some(last) = &self.last
-            && self.last_body == body
-        {
-            return Some(last.clone());
+    /// Parses a RowDescription body into `self.last`, which is kept while the same body comes
+    /// again. `None`: undecodable.
+    fn parse_description(&mut self, body: &[u8]) -> Option<&Parsed> {
+        if self.last.is_none() || self.last_body != body {
+            let fields = wire::RowDescription::new(body).fields().ok()?;
+            let mut columns = Vec::with_capacity(fields.len());
+            let mut plan = Vec::with_capacity(fields.len());
+            let mut shape = Vec::with_capacity(fields.len());
+            for f in fields {
+                let binary = f.format == Format::Binary;
+                plan.push(self.rules.column_rule(f.name, f.type_oid, binary));
+                columns.push((f.name.to_string(), f.type_oid));
+                shape.push((f.type_oid, binary));
+            }
+            let raw = plan.iter().all(|r| *r == ColumnRule::Raw);
+            self.last_body.clear();
+            self.last_body.extend_from_slice(body);
+            self.last = Some(Parsed {
+                columns: Rc::new(columns),
+                plan,
+                raw,
+                shape,
+            });
         }
-        let fields = wire::RowDescription::new(body).fields().ok()?;
-        let mut columns = Vec::with_capacity(fields.len());
-        let mut plan = Vec::with_capacity(fields.len());
-        for f in fields {
-            plan.push(
-                self.rules
-                    .column_rule(f.name, f.type_oid, f.format == Format::Binary),
-            );
-            columns.push((f.name.to_string(), f.type_oid));
-        }
-        let raw = plan.iter().all(|r| *r == ColumnRule::Raw);
-        let parsed = (Rc::new(columns), plan, raw);
-        self.last_body.clear();
-        self.last_body.extend_from_slice(body);
-        self.last = Some(parsed.clone());
-        Some(parsed)
+        self.last.as_ref()
     }
 
     fn describe(&mut self, body: &[u8]) {
-        let Some((columns, plan, raw)) = self.parse_description(body) else {
+        let Some(columns) = self.parse_description(body).map(|p| p.columns.clone()) else {
             return;
         };
         let front = {
@@ -434,12 +445,10 @@ impl Digester {
             Some(Expect::DescribePortal(described)) => described.set(self.side, columns.clone()),
             _ => {}
         }
-        self.plan = plan;
-        self.raw = raw;
-        self.shape.clear();
-        if let Ok(fields) = wire::RowDescription::new(body).fields() {
-            self.shape
-                .extend(fields.map(|f| (f.type_oid, f.format == Format::Binary)));
+        if let Some(parsed) = &self.last {
+            self.plan.clone_from(&parsed.plan);
+            self.raw = parsed.raw;
+            self.shape.clone_from(&parsed.shape);
         }
         self.described = true;
         self.columns = Some(columns.clone());

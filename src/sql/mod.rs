@@ -72,16 +72,28 @@ fn word_at<'o>(sql: &[u8], i: usize, out: &'o mut [u8; 16]) -> (&'o [u8], usize)
     (&out[..len], end)
 }
 
+/// When a quoted literal or identifier, a comment or a dollar-quoted string starts at `i`: the
+/// index after it. The scanners below step over these as single tokens.
+fn skip_opaque(sql: &[u8], i: usize) -> Option<usize> {
+    match sql[i] {
+        b'\'' | b'"' => Some(skip_quoted(sql, i)),
+        b'-' if sql[i..].starts_with(b"--") => Some(skip_blank(sql, i)),
+        b'/' if sql[i..].starts_with(b"/*") => Some(skip_blank(sql, i)),
+        b'$' => Some(skip_dollar(sql, i)),
+        _ => None,
+    }
+}
+
 /// Whether `word` appears as a whole keyword outside quotes, comments and parentheses depth
 /// restrictions are not applied (used for WITH ... INSERT and SELECT ... INTO).
 fn contains_keyword(sql: &[u8], word: &[u8]) -> bool {
     let mut i = 0;
     while i < sql.len() {
+        if let Some(next) = skip_opaque(sql, i) {
+            i = next;
+            continue;
+        }
         match sql[i] {
-            b'\'' | b'"' => i = skip_quoted(sql, i),
-            b'-' if sql[i..].starts_with(b"--") => i = skip_blank(sql, i),
-            b'/' if sql[i..].starts_with(b"/*") => i = skip_blank(sql, i),
-            b'$' => i = skip_dollar(sql, i),
             c if c.is_ascii_alphabetic() || c == b'_' => {
                 let start = i;
                 while i < sql.len() && (sql[i].is_ascii_alphanumeric() || sql[i] == b'_') {
@@ -249,11 +261,11 @@ fn identifier(sql: &[u8], i: usize) -> Option<(String, bool, usize)> {
 fn skip_parens(sql: &[u8], i: usize) -> Option<usize> {
     let (mut j, mut depth) = (i, 0usize);
     while j < sql.len() {
+        if let Some(next) = skip_opaque(sql, j) {
+            j = next;
+            continue;
+        }
         match sql[j] {
-            b'\'' | b'"' => j = skip_quoted(sql, j),
-            b'-' if sql[j..].starts_with(b"--") => j = skip_blank(sql, j),
-            b'/' if sql[j..].starts_with(b"/*") => j = skip_blank(sql, j),
-            b'$' => j = skip_dollar(sql, j),
             b'(' => {
                 depth += 1;
                 j += 1;
@@ -586,11 +598,11 @@ pub fn split_statements(sql: &[u8]) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let (mut start, mut i, mut depth) = (0usize, 0usize, 0i32);
     while i < sql.len() {
+        if let Some(next) = skip_opaque(sql, i) {
+            i = next;
+            continue;
+        }
         match sql[i] {
-            b'\'' | b'"' => i = skip_quoted(sql, i),
-            b'-' if sql[i..].starts_with(b"--") => i = skip_blank(sql, i),
-            b'/' if sql[i..].starts_with(b"/*") => i = skip_blank(sql, i),
-            b'$' => i = skip_dollar(sql, i),
             b'(' => {
                 depth += 1;
                 i += 1;
