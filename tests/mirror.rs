@@ -3,7 +3,7 @@
 mod support;
 
 use std::io::Write;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pgprism::embed::Instance;
 use support::{PASSWORD, Proxy, SCRAM_USER, eventually, start_primary};
@@ -383,11 +383,11 @@ fn dead_mirror_costs_the_primary_nothing_and_is_reconnected() {
         == "1"));
     // Kill the mirror mid-session: the client carries on as if nothing happened.
     m1.stop().unwrap();
-    let started = Instant::now();
+    // Every statement succeeds with the mirror gone (a hang here is what the test's timeout
+    // catches; no wall-clock bound is asserted).
     for n in 1..=50 {
         c.execute("INSERT INTO ev VALUES (1, $1)", &[&n]).unwrap();
     }
-    assert!(started.elapsed() < Duration::from_secs(10));
     assert!(eventually(Duration::from_secs(5), || proxy
         .metric("pgprism_mirror_skipped_down_total")
         > 0));
@@ -421,7 +421,6 @@ fn stalled_mirror_overflows_without_slowing_the_primary_or_splitting_transaction
     // Hold a lock on the mirror: its session blocks on the first INSERT.
     let mut blocker = lock_table(&m1, "pairs");
     let mut c = proxy.client();
-    let started = Instant::now();
     // One statement per message, 40 KB per transaction: 8 MB in all, more than the socket
     // buffers between pgprism and the stalled mirror can absorb.
     let pad = "x".repeat(20_000);
@@ -436,9 +435,15 @@ fn stalled_mirror_overflows_without_slowing_the_primary_or_splitting_transaction
     for t in 0..200 {
         txn(&mut c, t);
     }
-    // The primary never waited for the mirror (it is blocked for as long as the lock is held).
-    assert!(started.elapsed() < Duration::from_secs(15));
+    // The primary never waited for the mirror: all 200 transactions committed there while
+    // the mirror, still blocked by the lock, has applied none of them.
     assert_eq!(p.psql("SELECT count(*) FROM pairs").unwrap().trim(), "400");
+    // (Read by the lock's holder: anyone else would queue behind the lock.)
+    let on_mirror: i64 = blocker
+        .query_one("SELECT count(*) FROM pairs", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(on_mirror, 0, "the mirror applied rows through a held lock");
     assert!(eventually(Duration::from_secs(5), || proxy
         .metric("pgprism_mirror_transactions_cut_total")
         > 0));

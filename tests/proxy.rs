@@ -7,7 +7,7 @@ mod support;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::{MD5_USER, PASSWORD, Proxy, SCRAM_USER, eventually, raw, sqlstate, start_primary};
 
@@ -363,10 +363,10 @@ fn cancel_request_reaches_the_right_backend() {
         assert!(running, "pg_sleep never started");
         token.cancel_query(postgres::NoTls)
     });
-    let started = Instant::now();
+    // 57014 (query_canceled) is the proof the cancel reached this backend: pg_sleep(30)
+    // never ends with it otherwise.
     let err = busy.simple_query("SELECT pg_sleep(30)").unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(20));
     canceller.join().unwrap().unwrap();
     // Only that backend was cancelled: both sessions carry on.
     let one: i32 = busy.query_one("SELECT 1", &[]).unwrap().get(0);
@@ -466,12 +466,12 @@ fn stalled_startup_times_out() {
     silent
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let started = Instant::now();
+    // The client sends nothing: an ErrorResponse within the read timeout can only come from
+    // the startup timeout, and the connection is closed after it.
     let (tag, body) = raw::read_message(&mut silent).expect("an ErrorResponse");
     assert_eq!(tag, b'E');
     assert_eq!(raw::error_field(&body, b'C').as_deref(), Some("08P01"));
     assert!(raw::read_message(&mut silent).is_none());
-    assert!(started.elapsed() < Duration::from_secs(9));
     // Half a startup packet is a stall too.
     let mut half = TcpStream::connect(proxy.listen).unwrap();
     half.set_read_timeout(Some(Duration::from_secs(10)))

@@ -9,7 +9,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pgprism::embed::Instance;
 use support::{MD5_USER, PASSWORD, Proxy, SCRAM_USER, eventually, raw, sqlstate, start_primary};
@@ -255,10 +255,10 @@ fn cancel_over_the_unix_socket_reaches_the_backend() {
         assert!(running, "pg_sleep never started");
         token.cancel_query(postgres::NoTls)
     });
-    let started = Instant::now();
+    // 57014 (query_canceled) is the proof the cancel reached this backend: pg_sleep(30)
+    // never ends with it otherwise.
     let err = busy.simple_query("SELECT pg_sleep(30)").unwrap_err();
     assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(20));
     canceller.join().unwrap().unwrap();
     let one: i32 = busy.query_one("SELECT 1", &[]).unwrap().get(0);
     let two: i32 = bystander.query_one("SELECT 2", &[]).unwrap().get(0);
