@@ -13,12 +13,17 @@
 #
 #   benches/mirror-pgbench.sh            # 10 s per cell
 #   DURATION=5 CLIENTS=16 SLOW_RATE=1mbit benches/mirror-pgbench.sh
+#
+# The "+ mirror, flush N ms" row is the healthy mirror again with `--mirror-flush-delay-us`
+# (FLUSH_DELAY_US, default 20000): each session's statements for the mirror are coalesced into
+# one write per N ms.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
 CLIENTS=${CLIENTS:-16}
 SCALE=${SCALE:-10}
 SLOW_RATE=${SLOW_RATE:-2mbit}
+FLUSH_DELAY_US=${FLUSH_DELAY_US:-20000}
 OUT=${OUT:-bench-results}
 cargo build --release --quiet
 PGPRISM=$PWD/target/release/pgprism
@@ -71,6 +76,10 @@ PLAIN_PID=$PRISM_PID
 start_pgprism 55514 --primary postgres://127.0.0.1:55511 --mirror "postgres://postgres@$MIRROR_HOST:55512/postgres" \
   --mirror-all-queries --mirror-retries 1000000 --retry-delay 100ms
 MIRROR_PID=$PRISM_PID
+# The same mirror with coalesced writes (`flush-delay-us`): several statements per send.
+start_pgprism 55515 --primary postgres://127.0.0.1:55511 --mirror "postgres://postgres@$MIRROR_HOST:55512/postgres" \
+  --mirror-all-queries --mirror-retries 1000000 --retry-delay 100ms --mirror-flush-delay-us "$FLUSH_DELAY_US"
+COALESCED_PID=$PRISM_PID
 
 mkdir -p "$OUT"
 RESULT="$OUT/mirror-pgbench-$(date +%Y%m%d-%H%M%S).txt"
@@ -83,6 +92,8 @@ for load in S N; do
   bench 55511 "" "${args[@]}"; row "-$load" direct "-"
   bench 55513 "$PLAIN_PID" "${args[@]}"; row "-$load" "pgprism, no mirror" "-"
   bench 55514 "$MIRROR_PID" "${args[@]}"; HEALTHY=$TPS; row "-$load" "pgprism + mirror" "1.00"
+  bench 55515 "$COALESCED_PID" "${args[@]}"
+  row "-$load" "+ mirror, flush $((FLUSH_DELAY_US / 1000)) ms" "$(ratio)"
   if [ -n "$NS" ]; then
     tc qdisc add dev "${VETH}a" root tbf rate "$SLOW_RATE" burst 16kbit latency 200ms
     tc -n "$NS" qdisc add dev "${VETH}b" root tbf rate "$SLOW_RATE" burst 16kbit latency 200ms

@@ -232,6 +232,10 @@ struct MirrorArgs {
     /// First reconnection delay (doubles per attempt).
     #[arg(long, value_parser = parse_duration_ms)]
     retry_delay: Option<u64>,
+    /// Hold statements for a mirror up to this many microseconds so several go in one write
+    /// (0: send each at once).
+    #[arg(long, value_name = "US")]
+    mirror_flush_delay_us: Option<u64>,
     /// Mirrors never slow the client (default). `--async-mirrors false` makes every mirror
     /// use the `block` overflow policy: the client then waits for the slowest mirror.
     #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
@@ -317,6 +321,9 @@ impl MirrorArgs {
             if let Some(v) = self.retry_delay {
                 m.retry_delay_ms = v;
                 m.retry_delay_max_ms = m.retry_delay_max_ms.max(v);
+            }
+            if let Some(v) = self.mirror_flush_delay_us {
+                m.flush_delay_us = v;
             }
             if self.async_mirrors == Some(false) {
                 m.overflow = Overflow::Block;

@@ -1108,3 +1108,54 @@ fn settings_missed_while_a_cut_link_skips_are_replayed_when_it_resumes() {
     let (_, metrics) = proxy.admin_get("/metrics");
     assert!(!metrics.contains("sqlstate=\"42P01\""), "{metrics}");
 }
+
+#[test]
+fn flush_delay_coalesces_a_sessions_statements_in_order() {
+    let (p, m1) = (start_primary("fp"), start_primary("fm"));
+    for inst in [&p, &m1] {
+        inst.psql("CREATE TABLE seq (n int PRIMARY KEY, v text)")
+            .unwrap();
+    }
+    // A delay no test run reaches: only the client's leaving flushes this session's frames.
+    let proxy = Proxy::start(
+        &p.url(),
+        &[
+            "--mirror",
+            &mirror_url(&m1),
+            "--mirror-flush-delay-us",
+            "600000000",
+        ],
+    );
+    let mut c = proxy.client();
+    for n in 1..=30 {
+        c.execute("INSERT INTO seq VALUES ($1, 'a')", &[&n])
+            .unwrap();
+    }
+    // Order-dependent: the mirror ends with 'abc' only if it applied these in order.
+    c.batch_execute("BEGIN; UPDATE seq SET v = v || 'b' WHERE n = 1; COMMIT")
+        .unwrap();
+    c.batch_execute("UPDATE seq SET v = v || 'c' WHERE n = 1")
+        .unwrap();
+    // Held, not sent: the mirror has none of it while the session lasts.
+    assert_eq!(m1.psql("SELECT count(*) FROM seq").unwrap().trim(), "0");
+    drop(c);
+    assert!(
+        eventually(Duration::from_secs(20), || converged(
+            &p,
+            &[&m1],
+            "seq",
+            "n, v"
+        )),
+        "{}",
+        proxy.admin_get("/status").1
+    );
+    assert_eq!(
+        m1.psql("SELECT v FROM seq WHERE n = 1").unwrap().trim(),
+        "abc"
+    );
+    // 32 statements, one write.
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_mirror_statements_total")
+        == 32));
+    assert_eq!(proxy.metric("pgprism_mirror_writes_total"), 1);
+}

@@ -227,6 +227,10 @@ pub struct MirrorConfig {
     pub retry_delay_ms: u64,
     pub retry_delay_max_ms: u64,
     pub connect_timeout_ms: u64,
+    /// Hold frames up to this long so that several go to the mirror in one write (0: send
+    /// each at once). Fewer sends and fewer wake-ups of the mirror's backend per statement,
+    /// for a mirror that lags the primary by up to this much.
+    pub flush_delay_us: u64,
 }
 
 impl Default for MirrorConfig {
@@ -245,6 +249,7 @@ impl Default for MirrorConfig {
             retry_delay_ms: 100,
             retry_delay_max_ms: 5_000,
             connect_timeout_ms: 5_000,
+            flush_delay_us: 0,
         }
     }
 }

@@ -91,6 +91,9 @@ const RESYNC_SQL: &str = "ROLLBACK; DEALLOCATE ALL";
 
 /// Queue depth from which a link counts as lagging (see `Link::push`).
 const LAGGING_QUEUE_MESSAGES: usize = 64;
+/// One write to the mirror carries at most this many bytes of coalesced frames; with a flush
+/// delay, this much queued flushes at once.
+const BATCH_BYTES_MAX: usize = 64 << 10;
 /// Frames up to this size are copied when queued behind a lagging mirror.
 const COPY_FRAME_BYTES_MAX: usize = 4096;
 
@@ -216,6 +219,17 @@ impl Link {
             dropped += 1;
         }
         dropped
+    }
+
+    /// Enough is queued to send without waiting out the flush delay: a write's worth, or half
+    /// of a queue bound (so neither `drop` cuts nor `block` stalls a client for a mirror that
+    /// is only being held back by coalescing).
+    fn batch_full(&self) -> bool {
+        let cfg = &self.target.cfg;
+        let bytes = self.queued_bytes.get();
+        bytes >= BATCH_BYTES_MAX
+            || bytes >= cfg.queue_bytes_max / 2
+            || self.queue.borrow().len() * 2 >= cfg.queue_messages_max
     }
 
     /// Waits until a frame of `len` bytes fits (the `block` overflow policy): the same test
@@ -462,11 +476,36 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
     let inflight: RefCell<VecDeque<InFlight>> = RefCell::new(VecDeque::new());
     let failed = Cell::new(false);
     let reader_waker: Cell<Option<Waker>> = Cell::new(None);
+    let flush_delay = (link.target.cfg.flush_delay_us > 0)
+        .then(|| Duration::from_micros(link.target.cfg.flush_delay_us));
     let writer = async {
         let mut batch = BytesMut::new();
         loop {
             if failed.get() {
                 return false;
+            }
+            // Coalescing: hold the oldest frame up to `flush-delay-us` so the frames that
+            // follow it go out in the same write (one send and one wake-up of the mirror's
+            // backend for several statements), unless enough is queued already or the client
+            // left.
+            if let Some(delay) = flush_delay {
+                let first = link.queue.borrow().front().map(|i| i.enqueued);
+                if let Some(first) = first {
+                    let left = (first + delay).saturating_duration_since(Instant::now());
+                    if !left.is_zero() {
+                        let _ = within(
+                            left,
+                            futures_lite::future::poll_fn(|cx| {
+                                if failed.get() || link.client_done.get() || link.batch_full() {
+                                    return Poll::Ready(());
+                                }
+                                link.writer.set(Some(cx.waker().clone()));
+                                Poll::Pending
+                            }),
+                        )
+                        .await;
+                    }
+                }
             }
             batch.clear();
             let mut single: Option<Bytes> = None;
@@ -493,7 +532,7 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                         batch.extend_from_slice(&item.frame);
                     }
                 }
-                if batch.len() >= 64 << 10 {
+                if batch.len() >= BATCH_BYTES_MAX {
                     break;
                 }
             }
@@ -502,6 +541,7 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                 None => &batch,
             };
             if !out.is_empty() {
+                MirrorStats::bump(&link.target.stats.counters.writes, 1);
                 if stream.write_all(out).await.is_err() {
                     failed.set(true);
                     stream.shutdown();
@@ -537,6 +577,7 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
         let stats = &link.target.stats;
         let timeout = Duration::from_millis(link.target.cfg.timeout_ms);
         let mut buf = BytesMut::new();
+        let mut last_answer: Option<Instant> = None;
         loop {
             let oldest = inflight.borrow().front().map(|f| f.sent);
             let read = match oldest {
@@ -612,12 +653,27 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
             let Ok(complete) = scanned else { break };
             let _ = buf.split_to(complete);
             link.answered.set(link.answered.get() + answered as u64);
+            // A statement's latency runs from when it reached the mirror or when the mirror
+            // answered the one before it, whichever is later: time spent queued behind
+            // earlier statements of a coalesced or pipelined write is theirs, not its own.
+            // Answers that arrive in one read share the time since the first one's start.
+            let start = inflight
+                .borrow()
+                .front()
+                .map(|f| last_answer.map_or(f.sent, |last: Instant| f.sent.max(last)));
+            let share = match start {
+                Some(start) if answered > 0 => (arrived - start) / answered as u32,
+                _ => Duration::ZERO,
+            };
+            if answered > 0 {
+                last_answer = Some(arrived);
+            }
             for _ in 0..answered {
                 let Some(done) = inflight.borrow_mut().pop_front() else {
                     break;
                 };
                 if !done.internal {
-                    let elapsed = arrived - done.sent;
+                    let elapsed = share;
                     stats.record_latency(elapsed);
                     if done.fingerprint != 0 {
                         link.fingerprints.record_mirror(

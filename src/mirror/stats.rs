@@ -43,6 +43,7 @@ mirror_counters! {
     statements: "statements (Query, Execute) sent to the mirror",
     messages: "protocol messages sent to the mirror",
     bytes: "bytes sent to the mirror",
+    writes: "writes to the mirror's socket (statements / writes shows how much the flush delay coalesced)",
     rows: "rows the mirror returned or reported affected",
     errors: "ErrorResponses from the mirror",
     skipped_filter: "statements not mirrored because of the query filter",
