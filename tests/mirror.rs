@@ -1159,3 +1159,89 @@ fn flush_delay_coalesces_a_sessions_statements_in_order() {
         == 32));
     assert_eq!(proxy.metric("pgprism_mirror_writes_total"), 1);
 }
+
+#[test]
+fn sql_prepared_statements_through_the_extended_protocol_replay() {
+    let (p, m1) = (start_primary("xp"), start_primary("xm"));
+    for inst in [&p, &m1] {
+        inst.psql("CREATE TABLE xp (id int)").unwrap();
+    }
+    // DML only: a PREPARE passes as what it prepares, an EXECUTE as what it runs.
+    let proxy = Proxy::start(
+        &p.url(),
+        &[
+            "--mirror",
+            &mirror_url(&m1),
+            "--mirror-dml-only",
+            "--retry-delay",
+            "20ms",
+        ],
+    );
+    // The `postgres` crate sends each of these through Parse/Bind/Execute.
+    let mut c = proxy.client();
+    c.execute("PREPARE ins(int) AS INSERT INTO xp VALUES ($1)", &[])
+        .unwrap();
+    c.execute("PREPARE cnt AS SELECT count(*) FROM xp", &[])
+        .unwrap();
+    c.execute("EXECUTE ins(1)", &[]).unwrap();
+    let n: i64 = c.query_one("EXECUTE cnt", &[]).unwrap().get(0);
+    assert_eq!(n, 1);
+    assert!(eventually(Duration::from_secs(10), || m1
+        .psql("SELECT count(*) FROM xp")
+        .unwrap()
+        .trim()
+        == "1"));
+    // The mirror session dies with its prepared statements: the next EXECUTE prepares `ins`
+    // again there first.
+    terminate_sessions(&m1);
+    assert!(eventually(Duration::from_secs(20), || proxy
+        .metric("pgprism_mirror_reconnects_total")
+        >= 1));
+    c.execute("EXECUTE ins(2)", &[]).unwrap();
+    c.batch_execute("BEGIN").unwrap();
+    c.execute("EXECUTE ins(3)", &[]).unwrap();
+    c.execute("DEALLOCATE ins", &[]).unwrap();
+    c.execute("PREPARE ins(int) AS INSERT INTO xp VALUES ($1 * 10)", &[])
+        .unwrap();
+    c.execute("EXECUTE ins(4)", &[]).unwrap();
+    c.batch_execute("COMMIT").unwrap();
+    let n: i64 = c.query_one("EXECUTE cnt", &[]).unwrap().get(0);
+    assert_eq!(n, 4);
+    drop(c);
+    assert!(
+        eventually(Duration::from_secs(20), || converged(
+            &p,
+            &[&m1],
+            "xp",
+            "id"
+        )),
+        "primary {}\nmirror {}\n{}",
+        checksum(&p, "xp", "id"),
+        checksum(&m1, "xp", "id"),
+        proxy.admin_get("/status").1
+    );
+    assert_eq!(
+        p.psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM xp")
+            .unwrap()
+            .trim(),
+        "1,2,3,40"
+    );
+    assert_eq!(
+        mirror_errors_but_terminations(&proxy),
+        0,
+        "{}",
+        proxy.admin_get("/status").1
+    );
+    // `ins` was prepared again on the new mirror session.
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_mirror_reprepared_total")
+        >= 1));
+    // The SELECTs were not mirrored: PREPARE cnt and both EXECUTE cnt.
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .metric("pgprism_mirror_skipped_filter_total")
+            >= 3),
+        "{}",
+        proxy.admin_get("/metrics").1
+    );
+}

@@ -65,6 +65,9 @@ struct Statement {
     transaction: Option<sql::Transaction>,
     /// It changes a session setting (SET, ... sent through the extended protocol).
     setting: bool,
+    /// The text of an SQL-level prepared-statement command (PREPARE, EXECUTE, DEALLOCATE)
+    /// sent through the extended protocol: what it does is resolved when it runs.
+    command: Option<Bytes>,
 }
 
 struct Portal {
@@ -75,6 +78,7 @@ struct Portal {
     transaction: Option<sql::Transaction>,
     /// A setting bound without parameters: its text alone replays it.
     setting: bool,
+    command: Option<Bytes>,
 }
 
 /// One statement of a simple Query, with what routing it needs.
@@ -168,6 +172,8 @@ enum Route<'a> {
     },
     Execute {
         portal: &'a str,
+        /// An SQL-level prepared-statement command, resolved as it runs.
+        command: Option<Part>,
     },
     DescribeStatement {
         name: &'a str,
@@ -281,6 +287,7 @@ impl Router {
                         fingerprint,
                         transaction: None,
                         setting: false,
+                        command: None,
                     },
                 );
                 Some(SqlPrepared::Prepare { name, tracked })
@@ -390,7 +397,15 @@ impl Router {
             tag::PARSE => {
                 let (name, query, _) = wire::Parse::new(body).parts().ok()?;
                 let query = query.as_bytes();
-                let class = sql::classify(query);
+                let command = sql::prepared(query).map(|_| Bytes::copy_from_slice(query));
+                // A command's Parse, Bind and Describe reach every mirror (preparing or
+                // describing `EXECUTE x` runs nothing); whether its Execute goes depends on
+                // what it prepares, runs or drops, decided when it runs.
+                let class = if command.is_some() {
+                    Class::Session
+                } else {
+                    sql::classify(query)
+                };
                 let fingerprint = self.fingerprints.intern(query);
                 let transaction = match class {
                     Class::Transaction => sql::transaction(query),
@@ -408,6 +423,7 @@ impl Router {
                         fingerprint,
                         transaction,
                         setting,
+                        command,
                     },
                 );
                 Route::Parse { name }
@@ -428,6 +444,7 @@ impl Router {
                             transaction: s.transaction,
                             setting: s.setting
                                 && bind.params().is_ok_and(|params| params.is_empty()),
+                            command: s.command.clone(),
                         },
                     );
                 } else {
@@ -437,6 +454,16 @@ impl Router {
             }
             tag::EXECUTE => {
                 let portal = wire::Execute::new(body).portal().ok()?;
+                let command = self.portals.get(portal).and_then(|p| p.command.clone());
+                if let Some(text) = command {
+                    // Bookkeeping as a simple Query's PREPARE, EXECUTE or DEALLOCATE does it.
+                    self.last_fingerprint = self.portals.get(portal).map_or(0, |p| p.fingerprint);
+                    let command = self.part(&text, 0..text.len());
+                    return Some(Route::Execute {
+                        portal,
+                        command: Some(command),
+                    });
+                }
                 if let Some(p) = self.portals.get(portal) {
                     self.last_fingerprint = p.fingerprint;
                     if let Some(transaction) = p.transaction {
@@ -452,7 +479,10 @@ impl Router {
                         self.settings.change(setting, query.as_bytes());
                     }
                 }
-                Route::Execute { portal }
+                Route::Execute {
+                    portal,
+                    command: None,
+                }
             }
             tag::DESCRIBE => match wire::Describe::new(body).target().ok()? {
                 (Target::Statement, name) => Route::DescribeStatement { name },
@@ -533,16 +563,21 @@ impl Router {
                 }
                 self.send(link, frame.clone(), None, false).await;
             }
-            Route::Execute { portal } => {
+            Route::Execute { portal, command } => {
                 let Some(p) = self.portals.get(*portal) else {
                     return;
                 };
-                if !passes(cfg, p.class) {
+                let class = command.as_ref().map_or(p.class, |c| c.class);
+                if !passes(cfg, class) {
                     MirrorStats::bump(&stats.counters.skipped_filter, 1);
                     return;
                 }
                 if link.accepting() && !link.prepared.borrow().contains(&p.statement) {
                     MirrorStats::bump(&stats.counters.skipped_unprepared, 1);
+                    return;
+                }
+                if let Some(prepared) = command.as_ref().and_then(|c| c.prepared.as_ref()) {
+                    self.execute_command(link, prepared, frame).await;
                     return;
                 }
                 let copy = p.copy_from;
@@ -607,6 +642,68 @@ impl Router {
                 }
             }
             Route::Never => {}
+        }
+    }
+
+    /// Runs an SQL-level prepared-statement command that came through the extended protocol
+    /// (its class passed the filter) on one link, as `route_query` does for a simple Query:
+    /// an EXECUTE only if the mirror has (or is given again) its statement, a DEALLOCATE only
+    /// if the mirror has it.
+    async fn execute_command(&self, link: &Rc<Link>, prepared: &SqlPrepared, frame: &Bytes) {
+        let stats = &link.target.stats;
+        match prepared {
+            SqlPrepared::Prepare { name, tracked } => {
+                if !tracked {
+                    MirrorStats::bump(&stats.counters.skipped_filter, 1);
+                } else if self.send(link, frame.clone(), None, true).await {
+                    link.prepared.borrow_mut().insert(name.clone());
+                }
+            }
+            SqlPrepared::Execute { name, source } => {
+                // Unknown: the primary rejects it, and it is not mirrored.
+                let Some(source) = source else {
+                    MirrorStats::bump(&stats.counters.skipped_filter, 1);
+                    return;
+                };
+                if link.accepting() && !link.prepared.borrow().contains(name) {
+                    let prepared = match source {
+                        Source::Prepare(text) => match prepare_in_batch(text) {
+                            Some(frames) => {
+                                let sent = self.send(link, frames, None, false).await;
+                                if sent {
+                                    link.prepared.borrow_mut().remove("");
+                                }
+                                sent
+                            }
+                            None => false,
+                        },
+                        Source::Parse(parse) => self.send(link, parse.clone(), None, false).await,
+                        Source::Lost => {
+                            MirrorStats::bump(&stats.counters.skipped_unprepared, 1);
+                            return;
+                        }
+                    };
+                    if !prepared {
+                        return;
+                    }
+                    MirrorStats::bump(&stats.counters.reprepared, 1);
+                    link.prepared.borrow_mut().insert(name.clone());
+                }
+                self.send(link, frame.clone(), None, true).await;
+            }
+            SqlPrepared::Deallocate { name } => {
+                // Only where it exists: else the mirror would fail where the primary did not.
+                if link.prepared.borrow().contains(name)
+                    && self.send(link, frame.clone(), None, true).await
+                {
+                    link.prepared.borrow_mut().remove(name);
+                }
+            }
+            SqlPrepared::DeallocateAll => {
+                if self.send(link, frame.clone(), None, true).await {
+                    link.prepared.borrow_mut().clear();
+                }
+            }
         }
     }
 
