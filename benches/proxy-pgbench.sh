@@ -86,7 +86,7 @@ wait_ready 55503
 
 mkdir -p "$OUT"
 RESULT="$OUT/proxy-pgbench-$TRANSPORT-$(date +%Y%m%d-%H%M%S).txt"
-printf '%-9s %-8s %-10s %12s %9s %14s\n' mode clients target tps vs_direct cpu_us_per_tx | tee "$RESULT"
+printf '%-9s %-8s %-10s %12s %9s %14s %12s\n' mode clients target tps vs_direct cpu_us_per_tx tcp_segs_tx | tee "$RESULT"
 for mode in $MODES; do
   for c in $CLIENTS; do
     DIRECT=
@@ -96,10 +96,17 @@ for mode in $MODES; do
         pgprism) port=55502; pid=$PRISM_PID ;;
         pgbouncer) port=55503; pid=$BOUNCER_PID ;;
       esac
+      # TCP segments per transaction, all hops (kernel counters; "-" without nstat): a proxy
+      # cannot go below 4 (request and response, on each side) and extra pure ACKs or split
+      # writes would show here.
+      command -v nstat >/dev/null && nstat -n >/dev/null 2>&1
       bench "$port" "$pid" -S -M "$mode" -c "$c" -j 2 -T "$DURATION"
+      SEGS="-"
+      command -v nstat >/dev/null &&
+        SEGS=$(nstat -z 2>/dev/null | awk -v n="$TXNS" '$1 == "TcpOutSegs" {printf "%.2f", $2 / n}')
       [ -z "$DIRECT" ] && DIRECT=$TPS
       ratio=$(awk -v a="$TPS" -v b="$DIRECT" 'BEGIN {printf "%.2f", a/b}')
-      printf '%-9s %-8s %-10s %12.0f %9s %14s\n' "$mode" "$c" "$target" "$TPS" "$ratio" "$CPU" | tee -a "$RESULT"
+      printf '%-9s %-8s %-10s %12.0f %9s %14s %12s\n' "$mode" "$c" "$target" "$TPS" "$ratio" "$CPU" "$SEGS" | tee -a "$RESULT"
     done
   done
 done
