@@ -7,6 +7,8 @@
 #   DURATION=5 CLIENTS="16" benches/proxy-pgbench.sh
 #   SHARDS=2 MODES="simple prepared" benches/proxy-pgbench.sh
 #   TRANSPORT=unix benches/proxy-pgbench.sh  # Unix sockets instead of loopback TCP
+#   RATE=4000 benches/proxy-pgbench.sh       # a fixed load (pgbench -R): CPU per transaction
+#                                            # below saturation, where sleeps and wake-ups cost
 #
 # TRANSPORT=tcp (default): every hop is loopback TCP. TRANSPORT=unix: every hop is a Unix
 # socket in $WORK, like for like: pgbench reaches PostgreSQL, pgprism (--unix-socket-dir) and
@@ -25,6 +27,7 @@ SCALE=${SCALE:-10}
 SHARDS=${SHARDS:-$(nproc)}
 OUT=${OUT:-bench-results}
 TRANSPORT=${TRANSPORT:-tcp}
+RATE=${RATE:-}
 case $TRANSPORT in
   tcp | unix) ;;
   *) echo "TRANSPORT must be tcp or unix, not '$TRANSPORT'" >&2; exit 2 ;;
@@ -100,7 +103,7 @@ for mode in $MODES; do
       # cannot go below 4 (request and response, on each side) and extra pure ACKs or split
       # writes would show here.
       command -v nstat >/dev/null && nstat -n >/dev/null 2>&1
-      bench "$port" "$pid" -S -M "$mode" -c "$c" -j 2 -T "$DURATION"
+      bench "$port" "$pid" -S ${RATE:+-R "$RATE"} -M "$mode" -c "$c" -j 2 -T "$DURATION"
       SEGS="-"
       command -v nstat >/dev/null &&
         SEGS=$(nstat -z 2>/dev/null | awk -v n="$TXNS" '$1 == "TcpOutSegs" {printf "%.2f", $2 / n}')

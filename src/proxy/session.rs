@@ -900,6 +900,14 @@ async fn downstream(shard: &ShardCtx, shared: &SessionShared, primary: Stream, c
     primary.shutdown();
 }
 
+/// What one turn of the compare downstream loop woke up for.
+enum Turn {
+    /// A side's read: bytes, the end of its stream (`Ok(0)`) or an error.
+    Read(usize, io::Result<usize>),
+    /// The shadow fell behind and was given up on; nothing was read.
+    ShadowGivenUp,
+}
+
 /// Primary + shadow → client in compare mode: relays the primary's startup verbatim, then
 /// reads both answer streams, lets the [`Comparer`] pair and judge them, and writes the
 /// source of truth's bytes (streamed, or held until judged) to the client.
@@ -975,10 +983,10 @@ async fn downstream_compare(
     let mut flip = false;
     while running {
         flip = !flip;
-        let (side, read) = if primary_done {
+        let turn = if primary_done {
             match within(SHADOW_DRAIN, shadow.read_buf(&mut sbuf, chunk)).await {
-                Some(read) => (SHADOW, read),
-                None => (SHADOW, Ok(0)),
+                Some(read) => Turn::Read(SHADOW, read),
+                None => Turn::Read(SHADOW, Ok(0)),
             }
         } else if shadow_open {
             // A shadow that falls behind must not hold the client (fail-on-differences) or
@@ -1012,7 +1020,7 @@ async fn downstream_compare(
                 Some(limit) => within(limit, both).await,
             };
             match read {
-                Some(read) => read,
+                Some((side, read)) => Turn::Read(side, read),
                 None => {
                     ShardStats::bump(&stats.counters.compare_shadow_timeouts, 1);
                     tracing::warn!(
@@ -1024,66 +1032,70 @@ async fn downstream_compare(
                     shadow_open = false;
                     shadow.shutdown();
                     comparer.shadow_lost(&mut out);
-                    (PRIMARY, Ok(usize::MAX))
+                    Turn::ShadowGivenUp
                 }
             }
         } else {
-            (PRIMARY, primary.read_buf(&mut pbuf, chunk).await)
+            Turn::Read(PRIMARY, primary.read_buf(&mut pbuf, chunk).await)
         };
         let arrived = Instant::now();
-        if matches!(read, Ok(usize::MAX)) {
-            // The shadow was given up on above: nothing was read; release what waited.
-        } else if matches!(read, Ok(0) | Err(_)) {
-            if side == PRIMARY {
-                if shadow_open && comparer.source == PRIMARY && shared.client_ended.get() {
-                    primary_done = true;
-                    continue;
+        match turn {
+            // Nothing was read; `settle` below releases what waited for the shadow.
+            Turn::ShadowGivenUp => {}
+            Turn::Read(side, Ok(0) | Err(_)) => {
+                if side == PRIMARY {
+                    if shadow_open && comparer.source == PRIMARY && shared.client_ended.get() {
+                        primary_done = true;
+                        continue;
+                    }
+                    break;
                 }
-                break;
-            }
-            if primary_done {
-                break;
-            }
-            shadow_open = false;
-            if comparer.source == SHADOW {
-                *shared.fatal.borrow_mut() = Some(error_bytes(
-                    "FATAL",
-                    sqlstate::CONNECTION_FAILURE,
-                    "pgprism lost the connection to the shadow (compare.source-of-truth = shadow)",
-                ));
-                break;
-            }
-            ShardStats::bump(&stats.counters.compare_shadow_lost, 1);
-            comparer.shadow_lost(&mut out);
-        } else {
-            let buf = if side == PRIMARY {
-                &mut pbuf
-            } else {
-                &mut sbuf
-            };
-            let complete = match wire::complete_prefix(buf, settings.message_bytes_max, |_, _| {}) {
-                Ok(complete) => complete,
-                Err(err) => {
-                    let who = if side == PRIMARY { "primary" } else { "shadow" };
+                if primary_done {
+                    break;
+                }
+                shadow_open = false;
+                if comparer.source == SHADOW {
                     *shared.fatal.borrow_mut() = Some(error_bytes(
                         "FATAL",
-                        sqlstate::PROTOCOL_VIOLATION,
-                        &format!("pgprism: invalid message from the {who}: {err}"),
+                        sqlstate::CONNECTION_FAILURE,
+                        "pgprism lost the connection to the shadow (compare.source-of-truth = shadow)",
                     ));
                     break;
                 }
-            };
-            if complete > 0 {
-                let frames = buf.split_to(complete).freeze();
-                let fed = comparer.feed(side, &frames, &mut out);
-                if side == PRIMARY {
-                    ShardStats::bump(&stats.counters.primary_errors, fed.errors);
-                    farewell |= fed.farewell;
-                    if let Some(status) = fed.status {
-                        shared.status.set(status);
-                    }
-                    for _ in 0..fed.syncs {
-                        shared.answer_sync(shard, arrived);
+                ShardStats::bump(&stats.counters.compare_shadow_lost, 1);
+                comparer.shadow_lost(&mut out);
+            }
+            Turn::Read(side, Ok(_)) => {
+                let buf = if side == PRIMARY {
+                    &mut pbuf
+                } else {
+                    &mut sbuf
+                };
+                let complete =
+                    match wire::complete_prefix(buf, settings.message_bytes_max, |_, _| {}) {
+                        Ok(complete) => complete,
+                        Err(err) => {
+                            let who = if side == PRIMARY { "primary" } else { "shadow" };
+                            *shared.fatal.borrow_mut() = Some(error_bytes(
+                                "FATAL",
+                                sqlstate::PROTOCOL_VIOLATION,
+                                &format!("pgprism: invalid message from the {who}: {err}"),
+                            ));
+                            break;
+                        }
+                    };
+                if complete > 0 {
+                    let frames = buf.split_to(complete).freeze();
+                    let fed = comparer.feed(side, &frames, &mut out);
+                    if side == PRIMARY {
+                        ShardStats::bump(&stats.counters.primary_errors, fed.errors);
+                        farewell |= fed.farewell;
+                        if let Some(status) = fed.status {
+                            shared.status.set(status);
+                        }
+                        for _ in 0..fed.syncs {
+                            shared.answer_sync(shard, arrived);
+                        }
                     }
                 }
             }
