@@ -1245,3 +1245,46 @@ fn sql_prepared_statements_through_the_extended_protocol_replay() {
         proxy.admin_get("/metrics").1
     );
 }
+
+#[test]
+fn create_table_as_execute_of_a_filtered_select_reaches_the_mirror() {
+    let (p, m1) = (start_primary("cp"), start_primary("cm"));
+    // The default filter (DDL + DML): the PREPARE of a SELECT is not mirrored, but a CREATE
+    // TABLE AS EXECUTE of it is DDL, so the mirror is given the statement first.
+    let proxy = Proxy::start(&p.url(), &["--mirror", &mirror_url(&m1)]);
+    let mut c = proxy.client();
+    c.batch_execute("PREPARE sel(int) AS SELECT g FROM generate_series(1, $1) g")
+        .unwrap();
+    c.batch_execute("CREATE TABLE made AS EXECUTE sel(5)")
+        .unwrap();
+    // The same through the extended protocol.
+    c.execute("CREATE TABLE made2 AS EXECUTE sel(3) WITH DATA", &[])
+        .unwrap();
+    drop(c);
+    for (table, rows) in [("made", "5"), ("made2", "3")] {
+        assert!(
+            eventually(Duration::from_secs(20), || converged(
+                &p,
+                &[&m1],
+                table,
+                "g"
+            )),
+            "{table}: primary {} mirror {}\n{}",
+            checksum(&p, table, "g"),
+            checksum(&m1, table, "g"),
+            proxy.admin_get("/status").1
+        );
+        assert_eq!(
+            m1.psql(&format!("SELECT count(*) FROM {table}"))
+                .unwrap()
+                .trim(),
+            rows
+        );
+    }
+    assert_eq!(
+        mirror_errors_but_terminations(&proxy),
+        0,
+        "{}",
+        proxy.admin_get("/status").1
+    );
+}

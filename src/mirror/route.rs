@@ -300,6 +300,11 @@ impl Router {
                 });
                 Some(SqlPrepared::Execute { name, source })
             }
+            // DDL (it passes as DDL) that needs the statement on the mirror, as EXECUTE does.
+            Some(Prepared::CreateTableAsExecute { name }) => {
+                let source = self.statements.get(&name).map(|s| s.source.clone());
+                Some(SqlPrepared::Execute { name, source })
+            }
             Some(Prepared::Deallocate { name }) => {
                 self.remove_statement(&name);
                 Some(SqlPrepared::Deallocate { name })

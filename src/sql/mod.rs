@@ -349,6 +349,9 @@ pub enum Prepared {
     DeallocateAll,
     /// `DISCARD ALL`: drops every prepared statement and portal, resets every setting.
     DiscardAll,
+    /// `CREATE [TEMP | UNLOGGED] TABLE ... AS EXECUTE name [(args)]`: DDL that runs a prepared
+    /// statement, which must exist.
+    CreateTableAsExecute { name: String },
 }
 
 /// Reads one statement as an SQL-level prepared-statement command; `None` for anything else
@@ -399,8 +402,55 @@ pub fn prepared(sql: &[u8]) -> Option<Prepared> {
             let (word, after) = word_at(sql, end, &mut w);
             (word == b"ALL" && skip_blank(sql, after) >= sql.len()).then_some(Prepared::DiscardAll)
         }
+        b"CREATE" => {
+            create_table_as_execute(sql, end).map(|name| Prepared::CreateTableAsExecute { name })
+        }
         _ => None,
     }
+}
+
+/// After `CREATE` at `i`: the prepared statement's name when this is `CREATE [GLOBAL | LOCAL]
+/// [TEMP | TEMPORARY | UNLOGGED] TABLE ... AS EXECUTE name`. The query of a CREATE TABLE AS is
+/// introduced by the first `AS` outside parentheses (column lists and storage options are in
+/// them), so only the word right after that one counts: `AS SELECT 1 AS execute` is not it.
+fn create_table_as_execute(sql: &[u8], mut i: usize) -> Option<String> {
+    let mut w = [0u8; 16];
+    loop {
+        let (word, after) = word_at(sql, i, &mut w);
+        i = after;
+        match word {
+            b"GLOBAL" | b"LOCAL" | b"TEMP" | b"TEMPORARY" | b"UNLOGGED" => {}
+            b"TABLE" => break,
+            _ => return None,
+        }
+    }
+    let mut depth = 0usize;
+    while i < sql.len() {
+        if let Some(next) = skip_opaque(sql, i) {
+            i = next;
+            continue;
+        }
+        match sql[i] {
+            b'(' => depth += 1,
+            b')' => depth = depth.checked_sub(1)?,
+            c if depth == 0 && (c.is_ascii_alphabetic() || c == b'_') => {
+                let (word, after) = word_at(sql, i, &mut w);
+                if word == b"AS" {
+                    let (next, after) = word_at(sql, after, &mut w);
+                    if next != b"EXECUTE" {
+                        return None;
+                    }
+                    let (name, _, _) = identifier(sql, after)?;
+                    return Some(name);
+                }
+                i = after;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
 }
 
 fn execute_at(sql: &[u8], i: usize, runs: bool) -> Option<Prepared> {
@@ -981,6 +1031,22 @@ mod tests {
             ("DEALLOCATE a b", None),
             ("DISCARD ALL", Some(Prepared::DiscardAll)),
             ("DISCARD PLANS", None),
+            (
+                "CREATE TABLE t2 AS EXECUTE sel(1) WITH NO DATA",
+                Some(Prepared::CreateTableAsExecute { name: "sel".into() }),
+            ),
+            (
+                "create temp table if not exists \"T\" (a, \"as\") with (fillfactor=70) \
+                 on commit drop as /* q */ execute \"Sel\"",
+                Some(Prepared::CreateTableAsExecute { name: "Sel".into() }),
+            ),
+            ("CREATE TABLE t AS SELECT 1 AS execute FROM x", None),
+            ("CREATE TABLE t (a int)", None),
+            (
+                "CREATE FUNCTION f() RETURNS int AS 'EXECUTE x' LANGUAGE sql",
+                None,
+            ),
+            ("CREATE TABLE t (a int", None),
             ("SELECT 1", None),
         ];
         for (sql, want) in cases {
