@@ -1288,3 +1288,101 @@ fn create_table_as_execute_of_a_filtered_select_reaches_the_mirror() {
         proxy.admin_get("/status").1
     );
 }
+
+#[test]
+fn discard_all_and_trailing_semicolons_through_the_extended_protocol() {
+    let (p, m1) = (start_primary("dp"), start_primary("dm"));
+    for inst in [&p, &m1] {
+        inst.psql("CREATE TABLE dz (id int)").unwrap();
+    }
+    let proxy = Proxy::start(
+        &p.url(),
+        &["--mirror", &mirror_url(&m1), "--retry-delay", "20ms"],
+    );
+    let mut c = proxy.client();
+    c.execute("PREPARE ins(int) AS INSERT INTO dz VALUES ($1)", &[])
+        .unwrap();
+    c.execute("EXECUTE ins(1)", &[]).unwrap();
+    // DISCARD ALL drops `ins` on the primary; it must on the mirror too, or the next PREPARE
+    // of the same name fails there (42P05).
+    c.execute("DISCARD ALL", &[]).unwrap();
+    c.execute("PREPARE ins(int) AS INSERT INTO dz VALUES ($1 * 10)", &[])
+        .unwrap();
+    c.execute("EXECUTE ins(2);", &[]).unwrap();
+    // A filtered statement, deallocated with a trailing `;`: not sent where it never was.
+    c.execute("PREPARE sel AS SELECT count(*) FROM dz;", &[])
+        .unwrap();
+    c.execute("DEALLOCATE sel;", &[]).unwrap();
+    // After a reconnect, `EXECUTE ins;`-style text is prepared again first.
+    terminate_sessions(&m1);
+    assert!(eventually(Duration::from_secs(20), || proxy
+        .metric("pgprism_mirror_reconnects_total")
+        >= 1));
+    c.execute("EXECUTE ins(3) ;", &[]).unwrap();
+    drop(c);
+    assert!(
+        eventually(Duration::from_secs(20), || converged(
+            &p,
+            &[&m1],
+            "dz",
+            "id"
+        )),
+        "primary {}\nmirror {}\n{}",
+        checksum(&p, "dz", "id"),
+        checksum(&m1, "dz", "id"),
+        proxy.admin_get("/status").1
+    );
+    assert_eq!(
+        p.psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM dz")
+            .unwrap()
+            .trim(),
+        "1,20,30"
+    );
+    assert_eq!(
+        mirror_errors_but_terminations(&proxy),
+        0,
+        "{}",
+        proxy.admin_get("/status").1
+    );
+}
+
+#[test]
+fn a_large_statement_behind_coalesced_ones_does_not_cut_a_healthy_mirror() {
+    let (p, m1) = (start_primary("lp"), start_primary("lm"));
+    for inst in [&p, &m1] {
+        inst.psql("CREATE TABLE big (id int, pad text)").unwrap();
+    }
+    // 256 KiB queue; statements held for a long time.
+    let proxy = Proxy::start(
+        &p.url(),
+        &[
+            "--mirror",
+            &mirror_url(&m1),
+            "--mirror-queue-bytes",
+            "262144",
+            "--mirror-flush-delay-us",
+            "600000000",
+        ],
+    );
+    let mut c = proxy.client();
+    c.batch_execute("INSERT INTO big VALUES (1, 'small')")
+        .unwrap();
+    // Larger than the whole queue, behind a held statement: it goes in, and both are sent.
+    let pad = "x".repeat(300_000);
+    c.batch_execute(&format!("INSERT INTO big VALUES (2, '{pad}')"))
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || m1
+            .psql("SELECT count(*) FROM big")
+            .unwrap()
+            .trim()
+            == "2"),
+        "{}",
+        proxy.admin_get("/status").1
+    );
+    drop(c);
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_mirror_statements_total")
+        == 2));
+    assert_eq!(proxy.metric("pgprism_mirror_transactions_cut_total"), 0);
+}

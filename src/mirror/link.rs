@@ -165,14 +165,20 @@ impl Link {
         matches!(self.state.get(), State::Connecting | State::Streaming)
     }
 
-    /// Whether a frame of `len` bytes fits. An empty queue takes any frame, so a frame larger
-    /// than the byte bound still goes through (alone) instead of never fitting.
+    /// Whether a frame of `len` bytes fits. A queue under half its bounds (an empty one being
+    /// the extreme case) takes any frame: a frame larger than the byte bound would otherwise
+    /// never fit, and one that does not fit behind frames held back by the flush delay is no
+    /// sign of a lagging mirror. Memory stays bounded: half the bytes plus one message
+    /// (`proxy.message-bytes-max`). Past half, `batch_full` makes the writer send at once.
     fn fits(&self, len: usize) -> bool {
         let cfg = &self.target.cfg;
         let queue = self.queue.borrow();
+        let bytes = self.queued_bytes.get();
+        let under_half =
+            queue.len() * 2 < cfg.queue_messages_max && bytes * 2 < cfg.queue_bytes_max;
         queue.is_empty()
-            || (queue.len() < cfg.queue_messages_max
-                && self.queued_bytes.get() + len <= cfg.queue_bytes_max)
+            || under_half
+            || (queue.len() < cfg.queue_messages_max && bytes + len <= cfg.queue_bytes_max)
     }
 
     pub(super) fn push(&self, mut item: Item) -> Push {
@@ -222,8 +228,8 @@ impl Link {
     }
 
     /// Enough is queued to send without waiting out the flush delay: a write's worth, or half
-    /// of a queue bound (so neither `drop` cuts nor `block` stalls a client for a mirror that
-    /// is only being held back by coalescing).
+    /// of a queue bound. Below half, `fits` takes any frame, so coalescing alone never makes
+    /// `drop` cut or `block` wait.
     fn batch_full(&self) -> bool {
         let cfg = &self.target.cfg;
         let bytes = self.queued_bytes.get();
@@ -661,8 +667,15 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                 .borrow()
                 .front()
                 .map(|f| last_answer.map_or(f.sent, |last: Instant| f.sent.max(last)));
+            // pgprism's own (resync) answers take no share: they are not recorded.
+            let clients = inflight
+                .borrow()
+                .iter()
+                .take(answered)
+                .filter(|f| !f.internal)
+                .count();
             let share = match start {
-                Some(start) if answered > 0 => (arrived - start) / answered as u32,
+                Some(start) if clients > 0 => (arrived - start) / clients as u32,
                 _ => Duration::ZERO,
             };
             if answered > 0 {

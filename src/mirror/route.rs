@@ -31,8 +31,10 @@ const NAMES_MAX: usize = 10_000;
 /// (counted as `skipped_unprepared`) instead of preparing it again.
 const KEPT_TEXT_BYTES_MAX: usize = 4 << 20;
 
-/// The portal pgprism uses on a mirror to run a client's PREPARE text in the middle of an
-/// extended-protocol batch (closed right after).
+/// The statement and portal pgprism uses on a mirror to run a client's PREPARE text in the
+/// middle of an extended-protocol batch (both closed right after). Named, so the client's
+/// unnamed statement, and portals bound from it, are left alone.
+const REPREPARE_STATEMENT: &str = "pgprism_reprepare";
 const REPREPARE_PORTAL: &str = "pgprism_reprepare";
 
 /// What creates a statement again on a mirror session that lacks it. Its own copy: kept for
@@ -120,6 +122,8 @@ pub struct Router {
     kept_bytes: usize,
     /// The session's settings, for replay onto a mirror session that lost them.
     settings: Settings,
+    /// A DISCARD ALL was classified: the portals go once the frame is routed.
+    discard_portals: bool,
 }
 
 impl Drop for Router {
@@ -207,6 +211,7 @@ impl Router {
             last_fingerprint: 0,
             kept_bytes: 0,
             settings: Settings::default(),
+            discard_portals: false,
         }
     }
 
@@ -315,7 +320,8 @@ impl Router {
             }
             Some(Prepared::DiscardAll) => {
                 self.clear_statements();
-                self.portals.clear();
+                // After routing: a DISCARD ALL run through Execute still needs its own portal.
+                self.discard_portals = true;
                 Some(SqlPrepared::DeallocateAll)
             }
         };
@@ -363,6 +369,9 @@ impl Router {
                 self.portals.remove(name);
             }
             _ => {}
+        }
+        if std::mem::take(&mut self.discard_portals) {
+            self.portals.clear();
         }
     }
 
@@ -551,12 +560,7 @@ impl Router {
                             let Some(frames) = prepare_in_batch(text) else {
                                 return;
                             };
-                            let sent = self.send(link, frames, None, false).await;
-                            if sent {
-                                // That ran through the unnamed statement: the mirror's is gone.
-                                link.prepared.borrow_mut().remove("");
-                            }
-                            sent
+                            self.send(link, frames, None, false).await
                         }
                         // Not kept: the Bind is skipped, and so is its Execute (counted there).
                         Source::Lost => return,
@@ -673,13 +677,7 @@ impl Router {
                 if link.accepting() && !link.prepared.borrow().contains(name) {
                     let prepared = match source {
                         Source::Prepare(text) => match prepare_in_batch(text) {
-                            Some(frames) => {
-                                let sent = self.send(link, frames, None, false).await;
-                                if sent {
-                                    link.prepared.borrow_mut().remove("");
-                                }
-                                sent
-                            }
+                            Some(frames) => self.send(link, frames, None, false).await,
                             None => false,
                         },
                         Source::Parse(parse) => self.send(link, parse.clone(), None, false).await,
@@ -706,7 +704,7 @@ impl Router {
             }
             SqlPrepared::DeallocateAll => {
                 if self.send(link, frame.clone(), None, true).await {
-                    link.prepared.borrow_mut().clear();
+                    forget_named(&mut link.prepared.borrow_mut());
                 }
             }
         }
@@ -870,7 +868,7 @@ impl Router {
         MirrorStats::bump(&stats.counters.reprepared, plan.reprepared);
         let mut prepared = link.prepared.borrow_mut();
         if plan.cleared {
-            prepared.clear();
+            forget_named(&mut prepared);
         }
         for (name, has) in plan.changed {
             if has {
@@ -950,16 +948,31 @@ struct QueryPlan {
     reprepared: u64,
 }
 
+/// DEALLOCATE ALL and DISCARD ALL drop every named statement; the protocol's unnamed one
+/// stays (only the next Parse or simple Query replaces it).
+fn forget_named(prepared: &mut std::collections::HashSet<String>) {
+    prepared.retain(|name| name.is_empty());
+}
+
 /// Frames that run a client's PREPARE text on a mirror in the middle of an extended-protocol
-/// batch (a simple Query there would end the batch): through the unnamed statement and a
-/// portal of pgprism's own, closed again. `None` when the text cannot be encoded (it then
+/// batch (a simple Query there would end the batch): through a statement and a portal of
+/// pgprism's own, closed again. `None` when the text cannot be encoded (it then
 /// could not have run on the primary either).
 fn prepare_in_batch(text: &[u8]) -> Option<Bytes> {
     let text = std::str::from_utf8(text).ok()?;
     let mut out = BytesMut::new();
-    wire::encode::parse(&mut out, "", text, &[]).ok()?;
-    wire::encode::bind(&mut out, REPREPARE_PORTAL, "", &[], &[], &[]).ok()?;
+    wire::encode::parse(&mut out, REPREPARE_STATEMENT, text, &[]).ok()?;
+    wire::encode::bind(
+        &mut out,
+        REPREPARE_PORTAL,
+        REPREPARE_STATEMENT,
+        &[],
+        &[],
+        &[],
+    )
+    .ok()?;
     wire::encode::execute(&mut out, REPREPARE_PORTAL, 0).ok()?;
     wire::encode::close(&mut out, Target::Portal, REPREPARE_PORTAL).ok()?;
+    wire::encode::close(&mut out, Target::Statement, REPREPARE_STATEMENT).ok()?;
     Some(out.freeze())
 }

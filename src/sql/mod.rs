@@ -385,10 +385,10 @@ pub fn prepared(sql: &[u8]) -> Option<Prepared> {
         b"DEALLOCATE" => {
             let (mut name, mut quoted, mut after) = identifier(sql, end)?;
             // `DEALLOCATE PREPARE x`; a statement named `prepare` is `DEALLOCATE prepare`.
-            if !quoted && name == "prepare" && skip_blank(sql, after) < sql.len() {
+            if !quoted && name == "prepare" && !at_end(sql, after) {
                 (name, quoted, after) = identifier(sql, after)?;
             }
-            if skip_blank(sql, after) < sql.len() {
+            if !at_end(sql, after) {
                 return None;
             }
             Some(if !quoted && name == "all" {
@@ -400,7 +400,7 @@ pub fn prepared(sql: &[u8]) -> Option<Prepared> {
         b"DISCARD" => {
             let mut w = [0u8; 16];
             let (word, after) = word_at(sql, end, &mut w);
-            (word == b"ALL" && skip_blank(sql, after) >= sql.len()).then_some(Prepared::DiscardAll)
+            (word == b"ALL" && at_end(sql, after)).then_some(Prepared::DiscardAll)
         }
         b"CREATE" => {
             create_table_as_execute(sql, end).map(|name| Prepared::CreateTableAsExecute { name })
@@ -456,7 +456,20 @@ fn create_table_as_execute(sql: &[u8], mut i: usize) -> Option<String> {
 fn execute_at(sql: &[u8], i: usize, runs: bool) -> Option<Prepared> {
     let (name, _, after) = identifier(sql, i)?;
     let next = skip_blank(sql, after);
-    (next >= sql.len() || sql[next] == b'(').then_some(Prepared::Execute { name, runs })
+    (at_end(sql, next) || sql[next] == b'(').then_some(Prepared::Execute { name, runs })
+}
+
+/// Nothing but blanks, comments and `;` from `i` on: the end of a statement whose text came
+/// whole (a Parse keeps the trailing `;` that splitting a simple Query drops).
+fn at_end(sql: &[u8], mut i: usize) -> bool {
+    loop {
+        i = skip_blank(sql, i);
+        match sql.get(i) {
+            None => return true,
+            Some(b';') => i += 1,
+            Some(_) => return false,
+        }
+    }
 }
 
 /// How a session-class statement changes what a reconnected mirror must replay to be in the
@@ -1030,6 +1043,18 @@ mod tests {
             ),
             ("DEALLOCATE a b", None),
             ("DISCARD ALL", Some(Prepared::DiscardAll)),
+            ("DISCARD ALL ; -- end", Some(Prepared::DiscardAll)),
+            ("EXECUTE ins;", execute("ins", true)),
+            ("EXECUTE ins(1) ;;", execute("ins", true)),
+            ("EXECUTE ins; SELECT 1", None),
+            (
+                "DEALLOCATE sel;\n",
+                Some(Prepared::Deallocate { name: "sel".into() }),
+            ),
+            (
+                "DEALLOCATE PREPARE sel;",
+                Some(Prepared::Deallocate { name: "sel".into() }),
+            ),
             ("DISCARD PLANS", None),
             (
                 "CREATE TABLE t2 AS EXECUTE sel(1) WITH NO DATA",
