@@ -892,3 +892,75 @@ fn a_shadow_that_falls_behind_stops_comparing_instead_of_holding_the_client() {
         1
     ));
 }
+
+/// Parse (unnamed), Bind (unnamed portal), Execute: one extended-protocol statement without
+/// its Sync.
+fn raw_extended(sql: &str) -> Vec<u8> {
+    use support::raw::message;
+    let mut parse = Vec::new();
+    parse.extend_from_slice(sql.as_bytes());
+    let mut out = message(b'P', &[&[0u8][..], &parse, &[0, 0, 0]].concat());
+    // Bind: portal "", statement "", no formats, no parameters, no result formats.
+    out.extend(message(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]));
+    // Execute: portal "", no row limit.
+    out.extend(message(b'E', &[0, 0, 0, 0, 0]));
+    out
+}
+
+#[test]
+fn fail_mode_never_holds_what_the_client_waits_for_copy_flush_and_notifications() {
+    use std::io::Write;
+    let p = pair("fw");
+    p.both("CREATE TABLE cp (a int)");
+    let proxy = p.proxy(&["--fail-on-differences"]);
+    let mut c = proxy.client();
+    // COPY FROM STDIN through the extended protocol (Bind/Execute/Sync, data, CopyDone/Sync):
+    // the client waits for CopyInResponse before it sends any data.
+    let mut w = c.copy_in("COPY cp FROM STDIN").unwrap();
+    w.write_all(b"1\n2\n3\n").unwrap();
+    assert_eq!(w.finish().unwrap(), 3);
+    // The Sync the servers ignored during that COPY does not shift the pairing: an excluded
+    // statement stays excluded (it would fail with XX000 if judged as another).
+    c.query("SELECT now(), clock_timestamp()", &[]).unwrap();
+    let n: i64 = c.query_one("SELECT count(*) FROM cp", &[]).unwrap().get(0);
+    assert_eq!(n, 3);
+    // Execute then Flush, no Sync: the rows come before the client syncs.
+    let mut s = support::raw::connect_ready(proxy.listen);
+    let mut batch = raw_extended("SELECT a FROM cp ORDER BY a");
+    batch.extend(support::raw::message(b'H', &[]));
+    s.write_all(&batch).unwrap();
+    let mut tags = Vec::new();
+    while let Some((tag, _)) = support::raw::read_message(&mut s) {
+        tags.push(tag);
+        if tag == b'C' {
+            break;
+        }
+    }
+    assert_eq!(tags, b"12DDDC".to_vec(), "answers before Sync");
+    s.write_all(&support::raw::message(b'S', &[])).unwrap();
+    assert_eq!(support::raw::read_message(&mut s).map(|m| m.0), Some(b'Z'));
+    // A notification reaches an idle listener without waiting for its next statement.
+    s.write_all(&support::raw::message(b'Q', b"LISTEN ch\0"))
+        .unwrap();
+    let answered = support::raw::read_until_ready(&mut s);
+    assert_eq!(answered.last().map(|m| m.0), Some(b'Z'));
+    p.primary.psql("NOTIFY ch, 'hi'").unwrap();
+    let (tag, body) = support::raw::read_message(&mut s).expect("a notification");
+    assert_eq!(tag, b'A');
+    assert!(body.ends_with(b"ch\0hi\0"), "{body:?}");
+    // Nothing of this is a difference (both sessions closed, so every statement was judged).
+    drop(c);
+    drop(s);
+    assert!(counter_reaches(&proxy, "pgprism_sessions_closed_total", 2));
+    assert!(
+        proxy.metric("pgprism_compare_statements_total") >= 4,
+        "{}",
+        proxy.admin_get("/metrics").1
+    );
+    assert_eq!(
+        proxy.metric("pgprism_compare_mismatches_total"),
+        0,
+        "{:?}",
+        p.reports()
+    );
+}

@@ -95,6 +95,11 @@ pub struct Link {
     rollback_due: Cell<bool>,
     /// What each side's answers are read against: [primary, shadow].
     expects: [Expects; 2],
+    /// Sync points planned so far (the next one's number).
+    planned: Cell<u64>,
+    /// The client sent Flush without a Sync after it, and waits for the answers so far: the
+    /// sync point it is in (numbered as `planned`) cannot be held for the shadow.
+    flush_requested: Cell<Option<u64>>,
 }
 
 /// The upstream half: tracks statements and writes client frames to the shadow.
@@ -119,6 +124,13 @@ pub struct Upstream {
     out_syncs: usize,
     /// The shadow connection failed: nothing more is sent to it.
     dead: bool,
+    /// COPY FROM STDIN started by an Execute: the servers ignore the Syncs the client sends
+    /// before CopyDone/CopyFail (no ReadyForQuery), so the sync point such a Sync opened is
+    /// answered by the next Sync after the COPY, which must not open another.
+    after_execute: bool,
+    syncs_after_execute: u64,
+    /// Syncs still to pass without opening a sync point (see `after_execute`).
+    swallow: u64,
 }
 
 pub struct Fed {
@@ -136,9 +148,38 @@ impl Upstream {
         self.out_syncs = 0;
         self.out_expects.clear();
         let routes = self.target.rules.routes();
-        for &(tag, start, end) in offsets {
+        // A Flush after the batch's last Sync: the client waits for answers before it syncs.
+        let last_sync = offsets.iter().rposition(|o| o.0 == tag::SYNC);
+        for (index, &(tag, start, end)) in offsets.iter().enumerate() {
             let body = &frames[start + wire::HEADER_BYTES..end];
             let frame = || frames.slice(start..end);
+            match tag {
+                tag::QUERY => self.after_execute = false,
+                tag::EXECUTE => {
+                    self.after_execute = true;
+                    self.syncs_after_execute = 0;
+                }
+                tag::COPY_DONE | tag::COPY_FAIL => {
+                    if self.after_execute {
+                        self.swallow += self.syncs_after_execute;
+                    }
+                    self.after_execute = false;
+                    self.syncs_after_execute = 0;
+                }
+                tag::SYNC if self.swallow > 0 => {
+                    // The servers answer it for the sync point the ignored Sync opened.
+                    self.swallow -= 1;
+                    if self.copy_to_shadow {
+                        self.send(frame(), false);
+                    }
+                    continue;
+                }
+                tag::SYNC if self.after_execute => self.syncs_after_execute += 1,
+                tag::FLUSH if last_sync.is_none_or(|last| index > last) => {
+                    self.link.flush_requested.set(Some(self.link.planned.get()));
+                }
+                _ => {}
+            }
             let expect = self.expect(tag, body);
             if let Some(e) = &expect {
                 self.link.expects[PRIMARY].borrow_mut().push_back(e.clone());
@@ -229,6 +270,8 @@ impl Upstream {
                     let statements = std::mem::take(&mut self.batch);
                     let shadow = !self.batch_primary_only;
                     self.batch_primary_only = false;
+                    // A COPY this batch started follows the batch's routing.
+                    self.copy_to_shadow = shadow;
                     self.push_meta(statements, shadow, read_at);
                     let held = self.held.split().freeze();
                     if shadow {
@@ -336,6 +379,7 @@ impl Upstream {
 
     fn push_meta(&mut self, statements: Vec<Rc<Statement>>, shadow: bool, read_at: Instant) {
         let shadow = shadow && !self.dead;
+        self.link.planned.set(self.link.planned.get() + 1);
         self.link.metas.borrow_mut().push_back(SyncMeta {
             statements,
             shadow,
@@ -428,6 +472,8 @@ impl Tracker {
             shadow_kinds: RefCell::new(VecDeque::new()),
             rollback_due: Cell::new(false),
             expects: [Expects::default(), Expects::default()],
+            planned: Cell::new(0),
+            flush_requested: Cell::new(None),
         });
         let source = usize::from(target.shadow_is_source());
         let fail = target.cfg.fail_on_differences;
@@ -446,6 +492,9 @@ impl Tracker {
             out: Vec::new(),
             out_syncs: 0,
             dead: false,
+            after_execute: false,
+            syncs_after_execute: 0,
+            swallow: 0,
         };
         let down = Comparer {
             digesters: [
@@ -524,6 +573,12 @@ impl Comparer {
         let mut segment_start = 0usize;
         let now = Instant::now();
         let buf: &[u8] = frames;
+        if self.fail
+            && let Some(through) = self.link.flush_requested.take()
+        {
+            self.stream_now(through, out);
+        }
+        let mut copy_started = false;
         while at < buf.len() {
             let Some(head) = buf.get(at..at + wire::HEADER_BYTES) else {
                 break;
@@ -535,6 +590,22 @@ impl Comparer {
             if tag == tag::ERROR_RESPONSE {
                 fed.errors += 1;
                 fed.farewell |= body.starts_with(b"SFATAL\0") || body.starts_with(b"SPANIC\0");
+            }
+            if self.fail && side == self.source {
+                match tag {
+                    // Asynchronous: a notification is not part of any result, and one that
+                    // arrives while the session is idle would otherwise wait for the next
+                    // statement's answer.
+                    tag::NOTIFICATION_RESPONSE => {
+                        self.emit(frames.slice(segment_start..at), false, out);
+                        out.push(frames.slice(at..end));
+                        segment_start = end;
+                    }
+                    // The client answers CopyIn/CopyBoth with data before the sync point can
+                    // end: it cannot be held.
+                    tag::COPY_IN_RESPONSE | tag::COPY_BOTH_RESPONSE => copy_started = true,
+                    _ => {}
+                }
             }
             if let Step::SyncEnd(status) = self.digesters[side].visit(tag, body) {
                 fed.syncs += 1;
@@ -559,6 +630,9 @@ impl Comparer {
                 }
             }
             at = end;
+        }
+        if copy_started {
+            self.stream_now(self.source_seq, out);
         }
         if side == self.source && segment_start < buf.len() {
             let internal = side == SHADOW && self.link.shadow_kinds.borrow().front() == Some(&true);
@@ -585,6 +659,17 @@ impl Comparer {
             self.pending_ends.clear();
         }
         fed
+    }
+
+    /// Stops holding source bytes up to sync point `through` (fail-on-differences): what is
+    /// held goes out now, those sync points are judged afterwards (reported as fallbacks).
+    fn stream_now(&mut self, through: u64, out: &mut Vec<Bytes>) {
+        self.stream_through = Some(self.stream_through.map_or(through, |t| t.max(through)));
+        if !self.pending.is_empty() {
+            self.pending_base += self.pending.len();
+            out.push(self.pending.split().freeze());
+        }
+        self.pending_ends.clear();
     }
 
     /// Source bytes of the current client sync point; `ends`: they finish it.
