@@ -694,3 +694,45 @@ fn log_format_json_writes_one_object_per_line() {
     }
     assert!(lines >= 1, "{log}");
 }
+
+#[test]
+fn a_half_closed_client_still_gets_its_answers() {
+    let pg = start_primary("p-half");
+    let proxy = Proxy::start(&pg.url(), &[]);
+    let mut s = raw::connect_ready(proxy.listen);
+    s.write_all(&raw::message(b'Q', b"SELECT 42\0")).unwrap();
+    // The client is done sending (no Terminate), but still reads.
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut tags = Vec::new();
+    let mut value = None;
+    while let Some((tag, body)) = raw::read_message(&mut s) {
+        if tag == b'D' {
+            value = Some(body[6..].to_vec());
+        }
+        tags.push(tag);
+    }
+    assert_eq!(tags, b"TDCZ".to_vec());
+    assert_eq!(value.as_deref(), Some(&b"42"[..]));
+}
+
+#[test]
+fn startup_parameters_that_are_not_utf8_reach_the_primary() {
+    let pg = start_primary("p-latin1");
+    let proxy = Proxy::start(&pg.url(), &[]);
+    // What psql sends with PGAPPNAME in Latin-1.
+    let mut body = 196608u32.to_be_bytes().to_vec();
+    body.extend_from_slice(b"user\0postgres\0database\0postgres\0application_name\0caf\xe9\0\0");
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    let mut s = TcpStream::connect(proxy.listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(&packet).unwrap();
+    let startup = raw::read_until_ready(&mut s);
+    assert_eq!(startup.last().map(|m| m.0), Some(b'Z'), "{startup:?}");
+    s.write_all(&raw::message(b'Q', b"SHOW application_name\0"))
+        .unwrap();
+    let answer = raw::read_until_ready(&mut s);
+    let row = answer.iter().find(|m| m.0 == b'D').expect("a row");
+    // PostgreSQL itself replaces what is not ASCII in application_name.
+    assert_eq!(&row.1[6..], b"caf?");
+}

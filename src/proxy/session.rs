@@ -698,6 +698,8 @@ async fn upstream(
                 primary_failed = true;
                 break;
             }
+            drop(frames);
+            release_if_large(&mut buf, complete, shard.read_chunk_bytes);
             if compared
                 && let Some(up) = compare.as_mut()
                 && !up.write().await
@@ -721,8 +723,15 @@ async fn upstream(
             let _ = primary.write_all(&[b'X', 0, 0, 0, 4]).await;
         }
     }
-    // Wake the downstream pump: it sees end-of-stream from the primary and finishes.
-    primary.shutdown();
+    if shared.fatal.borrow().is_none() && !primary_failed {
+        // Only our sending side: a client that half-closed still reads the answers to what it
+        // sent, as it would directly. The primary closes after the Terminate (or the
+        // end-of-stream), which ends the downstream pump.
+        primary.shutdown_write();
+    } else {
+        // Wake the downstream pump: it sees end-of-stream from the primary and finishes.
+        primary.shutdown();
+    }
     if let Some(up) = compare {
         up.finish(terminated).await;
     }
@@ -730,6 +739,16 @@ async fn upstream(
         for link in router.links() {
             link.client_done();
         }
+    }
+}
+
+/// A read buffer that had to grow for a large message keeps that allocation for the rest of
+/// the session (the empty view still owns it): once such a message has gone out and nothing
+/// is left, start over with a fresh buffer, so an idle session holds a read chunk's worth and
+/// not the largest message it ever relayed.
+fn release_if_large(buf: &mut BytesMut, relayed: usize, read_chunk_bytes: usize) {
+    if buf.is_empty() && relayed > 4 * read_chunk_bytes {
+        *buf = BytesMut::new();
     }
 }
 
@@ -885,6 +904,7 @@ async fn downstream(shard: &ShardCtx, shared: &SessionShared, primary: Stream, c
             shared.client_ended.set(true);
             break;
         }
+        release_if_large(&mut buf, complete, shard.read_chunk_bytes);
         ShardStats::bump(&stats.counters.client_bytes_out, complete as u64);
         if !answered.is_empty() {
             let written = Instant::now();

@@ -89,17 +89,23 @@ impl StartupPacket {
     }
 }
 
-/// Name/value C-string pairs ending with an empty name.
+/// Name/value C-string pairs ending with an empty name. PostgreSQL takes any bytes here (a
+/// client in a Latin-1 locale sends its application name or role that way), so bytes that are
+/// not UTF-8 are accepted, read as U+FFFD. The packet itself is relayed to the primary
+/// verbatim; these decoded values serve pgprism's own sessions (mirrors, shadow) and logs.
 fn parse_params(mut cur: Cursor<'_>) -> Result<Vec<(String, String)>, WireError> {
     let mut params = Vec::new();
     loop {
-        let name = cur.cstr()?;
+        let name = cur.cstr_bytes()?;
         if name.is_empty() {
             cur.finish()?;
             return Ok(params);
         }
-        let value = cur.cstr()?;
-        params.push((name.to_owned(), value.to_owned()));
+        let value = cur.cstr_bytes()?;
+        params.push((
+            String::from_utf8_lossy(name).into_owned(),
+            String::from_utf8_lossy(value).into_owned(),
+        ));
     }
 }
 
@@ -145,11 +151,10 @@ mod tests {
 
     #[test]
     fn rejects_bad_startup_messages() {
-        let cases: [&[u8]; 4] = [
-            b"database\0db\0\0",   // no user
-            b"user\0alice\0",      // no final terminator
-            b"user\0ali",          // unterminated value
-            b"user\0\xff\xfe\0\0", // not UTF-8
+        let cases: [&[u8]; 3] = [
+            b"database\0db\0\0", // no user
+            b"user\0alice\0",    // no final terminator
+            b"user\0ali",        // unterminated value
         ];
         for rest in cases {
             assert!(
@@ -157,6 +162,13 @@ mod tests {
                 "{rest:?}"
             );
         }
+        // Bytes that are not UTF-8 are PostgreSQL's to judge (it takes them): accepted.
+        let latin1 = StartupPacket::parse(&packet(
+            PROTOCOL_3_0,
+            b"user\0alice\0application_name\0caf\xe9\0\0",
+        ))
+        .unwrap();
+        assert_eq!(latin1.param("application_name"), Some("caf\u{fffd}"));
         let err = StartupPacket::parse(&packet(2 << 16, b"user\0a\0\0")).unwrap_err();
         assert!(matches!(
             err,

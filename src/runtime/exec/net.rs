@@ -439,6 +439,15 @@ impl Stream {
         }
         let _ = socket2::SockRef::from(&self.io.fd).shutdown(std::net::Shutdown::Both);
     }
+
+    /// Ends the sending direction only: the peer reads end-of-stream, and what it still sends
+    /// can be read.
+    pub fn shutdown_write(&self) {
+        if let Some(tls) = &self.tls {
+            tls.close(&self.io);
+        }
+        let _ = socket2::SockRef::from(&self.io.fd).shutdown(std::net::Shutdown::Write);
+    }
 }
 
 #[cfg(test)]
