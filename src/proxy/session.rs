@@ -421,11 +421,26 @@ async fn connect_primary(shard: &ShardCtx) -> io::Result<Stream> {
 }
 
 /// Forwards a CancelRequest verbatim: the key in it is the primary's own (see module doc).
+/// Returns once the primary closed that connection (it has acted on the request by then), or
+/// after `proxy.connect-timeout-ms`: libpq and JDBC wait for that close before they send
+/// anything else, so that a late cancel cannot hit the next statement.
 async fn forward_cancel(shard: &ShardCtx, packet: &Bytes) {
     if let Ok(primary) = connect_primary(shard).await
         && primary.write_all(packet).await.is_ok()
     {
         ShardStats::bump(&shard.stats.counters.cancels_forwarded, 1);
+        let mut sink = BytesMut::new();
+        let _ = within(shard.settings.connect_timeout, async {
+            // The primary sends nothing on a cancel connection; whatever comes is dropped.
+            while let Ok(n) = primary.read_buf(&mut sink, 256).await {
+                if n == 0 {
+                    break;
+                }
+                sink.clear();
+            }
+        })
+        .await;
+        primary.shutdown();
     }
 }
 
