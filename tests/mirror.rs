@@ -19,6 +19,15 @@ fn checksum(inst: &Instance, table: &str, cols: &str) -> String {
     .to_string()
 }
 
+/// A primary and a mirror, each with the same schema (`ddl`).
+fn primary_and_mirror(primary: &str, mirror: &str, ddl: &str) -> (Instance, Instance) {
+    let (p, m1) = (start_primary(primary), start_primary(mirror));
+    for inst in [&p, &m1] {
+        inst.psql(ddl).unwrap();
+    }
+    (p, m1)
+}
+
 fn mirror_url(m: &Instance) -> String {
     format!(
         "postgres://{SCRAM_USER}:{}@127.0.0.1:{}/postgres",
@@ -412,11 +421,11 @@ fn dead_mirror_costs_the_primary_nothing_and_is_reconnected() {
 
 #[test]
 fn stalled_mirror_overflows_without_slowing_the_primary_or_splitting_transactions() {
-    let (p, m1) = (start_primary("sp"), start_primary("sm"));
-    for inst in [&p, &m1] {
-        inst.psql("CREATE TABLE pairs (txn int, part int, pad text)")
-            .unwrap();
-    }
+    let (p, m1) = primary_and_mirror(
+        "sp",
+        "sm",
+        "CREATE TABLE pairs (txn int, part int, pad text)",
+    );
     let proxy = small_queue_proxy(&p, &m1);
     // Hold a lock on the mirror: its session blocks on the first INSERT.
     let mut blocker = lock_table(&m1, "pairs");
@@ -644,11 +653,7 @@ fn block_policy_passes_a_frame_larger_than_the_queue() {
 
 #[test]
 fn session_settings_are_replayed_after_a_mirror_reconnect() {
-    let (p, m1) = (start_primary("rp"), start_primary("rm"));
-    for inst in [&p, &m1] {
-        inst.psql("CREATE SCHEMA app; CREATE TABLE app.t (v int)")
-            .unwrap();
-    }
+    let (p, m1) = primary_and_mirror("rp", "rm", "CREATE SCHEMA app; CREATE TABLE app.t (v int)");
     let proxy = Proxy::start(
         &p.url(),
         &["--mirror", &mirror_url(&m1), "--retry-delay", "20ms"],
@@ -862,11 +867,11 @@ fn sql_prepared_statements_replay_under_the_default_filter() {
 
 #[test]
 fn sql_prepared_statements_follow_their_statement_under_dml_only() {
-    let (p, m1) = (start_primary("op"), start_primary("om"));
-    for inst in [&p, &m1] {
-        inst.psql("CREATE TABLE od (id int, v text); CREATE SEQUENCE oseq")
-            .unwrap();
-    }
+    let (p, m1) = primary_and_mirror(
+        "op",
+        "om",
+        "CREATE TABLE od (id int, v text); CREATE SEQUENCE oseq",
+    );
     let proxy = Proxy::start(
         &p.url(),
         &["--mirror", &mirror_url(&m1), "--mirror-dml-only"],
@@ -911,10 +916,7 @@ fn sql_prepared_statements_follow_their_statement_under_dml_only() {
 
 #[test]
 fn prepared_statements_are_prepared_again_after_a_mirror_reconnect() {
-    let (p, m1) = (start_primary("ap"), start_primary("am"));
-    for inst in [&p, &m1] {
-        inst.psql("CREATE TABLE rp (id int, how text)").unwrap();
-    }
+    let (p, m1) = primary_and_mirror("ap", "am", "CREATE TABLE rp (id int, how text)");
     let proxy = Proxy::start(
         &p.url(),
         &["--mirror", &mirror_url(&m1), "--retry-delay", "20ms"],
@@ -1064,11 +1066,11 @@ fn transaction_scoped_settings_are_not_replayed_after_a_reconnect() {
 
 #[test]
 fn settings_missed_while_a_cut_link_skips_are_replayed_when_it_resumes() {
-    let (p, m1) = (start_primary("kp2"), start_primary("km2"));
-    for inst in [&p, &m1] {
-        inst.psql("CREATE SCHEMA app; CREATE TABLE app.t (v int, pad text)")
-            .unwrap();
-    }
+    let (p, m1) = primary_and_mirror(
+        "kp2",
+        "km2",
+        "CREATE SCHEMA app; CREATE TABLE app.t (v int, pad text)",
+    );
     let proxy = small_queue_proxy(&p, &m1);
     // A lock on the mirror stalls its session, so its queue overflows and the link is cut.
     let mut blocker = lock_table(&m1, "app.t");
@@ -1111,11 +1113,7 @@ fn settings_missed_while_a_cut_link_skips_are_replayed_when_it_resumes() {
 
 #[test]
 fn flush_delay_coalesces_a_sessions_statements_in_order() {
-    let (p, m1) = (start_primary("fp"), start_primary("fm"));
-    for inst in [&p, &m1] {
-        inst.psql("CREATE TABLE seq (n int PRIMARY KEY, v text)")
-            .unwrap();
-    }
+    let (p, m1) = primary_and_mirror("fp", "fm", "CREATE TABLE seq (n int PRIMARY KEY, v text)");
     // A delay no test run reaches: only the client's leaving flushes this session's frames.
     let proxy = Proxy::start(
         &p.url(),
@@ -1160,12 +1158,35 @@ fn flush_delay_coalesces_a_sessions_statements_in_order() {
     assert_eq!(proxy.metric("pgprism_mirror_writes_total"), 1);
 }
 
+/// The mirror's `table` converges on the primary's, whose ids (in order) are `ids`, and the
+/// mirror answered no error (but the terminations tests cause).
+fn assert_mirror_holds(p: &Instance, m1: &Instance, proxy: &Proxy, table: &str, ids: &str) {
+    assert!(
+        eventually(Duration::from_secs(20), || converged(p, &[m1], table, "id")),
+        "primary {}\nmirror {}\n{}",
+        checksum(p, table, "id"),
+        checksum(m1, table, "id"),
+        proxy.admin_get("/status").1
+    );
+    assert_eq!(
+        p.psql(&format!(
+            "SELECT string_agg(id::text, ',' ORDER BY id) FROM {table}"
+        ))
+        .unwrap()
+        .trim(),
+        ids
+    );
+    assert_eq!(
+        mirror_errors_but_terminations(proxy),
+        0,
+        "{}",
+        proxy.admin_get("/status").1
+    );
+}
+
 #[test]
 fn sql_prepared_statements_through_the_extended_protocol_replay() {
-    let (p, m1) = (start_primary("xp"), start_primary("xm"));
-    for inst in [&p, &m1] {
-        inst.psql("CREATE TABLE xp (id int)").unwrap();
-    }
+    let (p, m1) = primary_and_mirror("xp", "xm", "CREATE TABLE xp (id int)");
     // DML only: a PREPARE passes as what it prepares, an EXECUTE as what it runs.
     let proxy = Proxy::start(
         &p.url(),
@@ -1208,30 +1229,7 @@ fn sql_prepared_statements_through_the_extended_protocol_replay() {
     let n: i64 = c.query_one("EXECUTE cnt", &[]).unwrap().get(0);
     assert_eq!(n, 4);
     drop(c);
-    assert!(
-        eventually(Duration::from_secs(20), || converged(
-            &p,
-            &[&m1],
-            "xp",
-            "id"
-        )),
-        "primary {}\nmirror {}\n{}",
-        checksum(&p, "xp", "id"),
-        checksum(&m1, "xp", "id"),
-        proxy.admin_get("/status").1
-    );
-    assert_eq!(
-        p.psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM xp")
-            .unwrap()
-            .trim(),
-        "1,2,3,40"
-    );
-    assert_eq!(
-        mirror_errors_but_terminations(&proxy),
-        0,
-        "{}",
-        proxy.admin_get("/status").1
-    );
+    assert_mirror_holds(&p, &m1, &proxy, "xp", "1,2,3,40");
     // `ins` was prepared again on the new mirror session.
     assert!(eventually(Duration::from_secs(5), || proxy
         .metric("pgprism_mirror_reprepared_total")
@@ -1291,10 +1289,7 @@ fn create_table_as_execute_of_a_filtered_select_reaches_the_mirror() {
 
 #[test]
 fn discard_all_and_trailing_semicolons_through_the_extended_protocol() {
-    let (p, m1) = (start_primary("dp"), start_primary("dm"));
-    for inst in [&p, &m1] {
-        inst.psql("CREATE TABLE dz (id int)").unwrap();
-    }
+    let (p, m1) = primary_and_mirror("dp", "dm", "CREATE TABLE dz (id int)");
     let proxy = Proxy::start(
         &p.url(),
         &["--mirror", &mirror_url(&m1), "--retry-delay", "20ms"],
@@ -1320,38 +1315,12 @@ fn discard_all_and_trailing_semicolons_through_the_extended_protocol() {
         >= 1));
     c.execute("EXECUTE ins(3) ;", &[]).unwrap();
     drop(c);
-    assert!(
-        eventually(Duration::from_secs(20), || converged(
-            &p,
-            &[&m1],
-            "dz",
-            "id"
-        )),
-        "primary {}\nmirror {}\n{}",
-        checksum(&p, "dz", "id"),
-        checksum(&m1, "dz", "id"),
-        proxy.admin_get("/status").1
-    );
-    assert_eq!(
-        p.psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM dz")
-            .unwrap()
-            .trim(),
-        "1,20,30"
-    );
-    assert_eq!(
-        mirror_errors_but_terminations(&proxy),
-        0,
-        "{}",
-        proxy.admin_get("/status").1
-    );
+    assert_mirror_holds(&p, &m1, &proxy, "dz", "1,20,30");
 }
 
 #[test]
 fn a_large_statement_behind_coalesced_ones_does_not_cut_a_healthy_mirror() {
-    let (p, m1) = (start_primary("lp"), start_primary("lm"));
-    for inst in [&p, &m1] {
-        inst.psql("CREATE TABLE big (id int, pad text)").unwrap();
-    }
+    let (p, m1) = primary_and_mirror("lp", "lm", "CREATE TABLE big (id int, pad text)");
     // 256 KiB queue; statements held for a long time.
     let proxy = Proxy::start(
         &p.url(),
