@@ -736,3 +736,27 @@ fn startup_parameters_that_are_not_utf8_reach_the_primary() {
     // PostgreSQL itself replaces what is not ASCII in application_name.
     assert_eq!(&row.1[6..], b"caf?");
 }
+
+#[test]
+fn messages_before_a_malformed_frame_still_run() {
+    let pg = start_primary("p-badtail");
+    pg.psql("CREATE TABLE bf (a int)").unwrap();
+    let proxy = Proxy::start(&pg.url(), &[]);
+    let mut s = raw::connect_ready(proxy.listen);
+    // A good Query and, in the same write, a header whose length is below its own size.
+    let mut bytes = raw::message(b'Q', b"INSERT INTO bf VALUES (1)\0");
+    bytes.extend_from_slice(&[b'Q', 0, 0, 0, 2]);
+    s.write_all(&bytes).unwrap();
+    let mut tags = Vec::new();
+    let mut code = None;
+    while let Some((tag, body)) = raw::read_message(&mut s) {
+        if tag == b'E' {
+            code = raw::error_field(&body, b'C');
+        }
+        tags.push(tag);
+    }
+    // As PostgreSQL does: the INSERT's answer, then the error, then the end.
+    assert_eq!(tags, b"CZE".to_vec());
+    assert_eq!(code.as_deref(), Some("08P01"));
+    assert_eq!(pg.psql("SELECT count(*) FROM bf").unwrap().trim(), "1");
+}

@@ -608,6 +608,9 @@ async fn upstream(
     let mut extended_open = false;
     // (tag, start, end) of each message in the batch, only when mirrors need them.
     let mut offsets: Vec<(u8, usize, usize)> = Vec::new();
+    // The client sent a malformed frame: what came before it was forwarded, the session ends
+    // once the primary has answered that (and the client then gets the error).
+    let mut bad_frame = false;
     loop {
         if !buf.is_empty() {
             let read_at = Instant::now();
@@ -615,9 +618,11 @@ async fn upstream(
             let mut swallowed = 0u64;
             let collect = router.is_some() || compare.is_some();
             let mut at = 0usize;
+            let mut good = 0usize;
             offsets.clear();
             let scanned = wire::complete_prefix(&buf, settings.message_bytes_max, |tag, body| {
                 messages += 1;
+                good += wire::HEADER_BYTES + body.len();
                 if collect {
                     let end = at + wire::HEADER_BYTES + body.len();
                     offsets.push((tag, at, end));
@@ -655,17 +660,11 @@ async fn upstream(
                     _ => {}
                 }
             });
-            let complete = match scanned {
-                Ok(complete) => complete,
-                Err(err) => {
-                    ShardStats::bump(&stats.counters.protocol_errors, 1);
-                    *shared.fatal.borrow_mut() = Some(error_bytes(
-                        "FATAL",
-                        err.sqlstate(),
-                        &format!("pgprism: invalid message from client: {err}"),
-                    ));
-                    break;
-                }
+            // A malformed frame: the complete messages before it still go to the primary, as
+            // PostgreSQL itself runs what precedes a bad message before it rejects it.
+            let (complete, bad) = match scanned {
+                Ok(complete) => (complete, None),
+                Err(err) => (good, Some(err)),
             };
             ShardStats::bump(&stats.counters.client_messages_in, messages);
             ShardStats::bump(&stats.counters.statements, statements);
@@ -722,6 +721,16 @@ async fn upstream(
                 // The downstream pump sees the shadow's end and stops comparing.
                 up.mark_dead();
             }
+            if let Some(err) = bad {
+                ShardStats::bump(&stats.counters.protocol_errors, 1);
+                *shared.fatal.borrow_mut() = Some(error_bytes(
+                    "FATAL",
+                    err.sqlstate(),
+                    &format!("pgprism: invalid message from client: {err}"),
+                ));
+                bad_frame = true;
+                break;
+            }
             if terminated {
                 break;
             }
@@ -731,17 +740,19 @@ async fn upstream(
             Ok(n) => ShardStats::bump(&stats.counters.client_bytes_in, n as u64),
         }
     }
-    if shared.fatal.borrow().is_none() && !primary_failed {
-        // The client left (Terminate or EOF): nothing will be written to it any more.
+    let client_left = shared.fatal.borrow().is_none() && !primary_failed;
+    if client_left {
+        // The client left (Terminate or EOF): no error of ours will be written to it.
         shared.client_ended.set(true);
+    }
+    if (client_left || bad_frame) && !primary_failed {
         if !terminated && shared.ready.get() {
             let _ = primary.write_all(&[b'X', 0, 0, 0, 4]).await;
         }
-    }
-    if shared.fatal.borrow().is_none() && !primary_failed {
         // Only our sending side: a client that half-closed still reads the answers to what it
-        // sent, as it would directly. The primary closes after the Terminate (or the
-        // end-of-stream), which ends the downstream pump.
+        // sent, as it would directly (and one that sent a bad frame gets them before the
+        // error). The primary closes after the Terminate (or the end-of-stream), which ends
+        // the downstream pump.
         primary.shutdown_write();
     } else {
         // Wake the downstream pump: it sees end-of-stream from the primary and finishes.
