@@ -578,7 +578,8 @@ impl Comparer {
         {
             self.stream_now(through, out);
         }
-        let mut copy_started = false;
+        // The sync point a CopyIn/CopyBoth response belongs to (later ones stay held).
+        let mut copy_started: Option<u64> = None;
         while at < buf.len() {
             let Some(head) = buf.get(at..at + wire::HEADER_BYTES) else {
                 break;
@@ -597,13 +598,21 @@ impl Comparer {
                     // arrives while the session is idle would otherwise wait for the next
                     // statement's answer.
                     tag::NOTIFICATION_RESPONSE => {
-                        self.emit(frames.slice(segment_start..at), false, out);
+                        // What precedes it may be the answer to pgprism's own ROLLBACK (the
+                        // shadow as source): that is never the client's.
+                        let internal = side == SHADOW
+                            && self.link.shadow_kinds.borrow().front() == Some(&true);
+                        if !internal {
+                            self.emit(frames.slice(segment_start..at), false, out);
+                        }
                         out.push(frames.slice(at..end));
                         segment_start = end;
                     }
                     // The client answers CopyIn/CopyBoth with data before the sync point can
                     // end: it cannot be held.
-                    tag::COPY_IN_RESPONSE | tag::COPY_BOTH_RESPONSE => copy_started = true,
+                    tag::COPY_IN_RESPONSE | tag::COPY_BOTH_RESPONSE => {
+                        copy_started = Some(self.source_seq);
+                    }
                     _ => {}
                 }
             }
@@ -631,8 +640,8 @@ impl Comparer {
             }
             at = end;
         }
-        if copy_started {
-            self.stream_now(self.source_seq, out);
+        if let Some(seq) = copy_started {
+            self.stream_now(seq, out);
         }
         if side == self.source && segment_start < buf.len() {
             let internal = side == SHADOW && self.link.shadow_kinds.borrow().front() == Some(&true);
@@ -665,11 +674,25 @@ impl Comparer {
     /// held goes out now, those sync points are judged afterwards (reported as fallbacks).
     fn stream_now(&mut self, through: u64, out: &mut Vec<Bytes>) {
         self.stream_through = Some(self.stream_through.map_or(through, |t| t.max(through)));
-        if !self.pending.is_empty() {
-            self.pending_base += self.pending.len();
-            out.push(self.pending.split().freeze());
+        // Held sync points up to `through` go; later ones that already ended stay held.
+        let mut end = None;
+        while let Some(&(seq, ends_at)) = self.pending_ends.front() {
+            if seq > through {
+                break;
+            }
+            end = Some(ends_at);
+            self.pending_ends.pop_front();
         }
-        self.pending_ends.clear();
+        let n = if self.pending_ends.is_empty() && self.source_seq <= through {
+            // The open sync point is covered too: everything held goes.
+            self.pending.len()
+        } else {
+            end.map_or(0, |e| e - self.pending_base)
+        };
+        if n > 0 {
+            self.pending_base += n;
+            out.push(self.pending.split_to(n).freeze());
+        }
     }
 
     /// Source bytes of the current client sync point; `ends`: they finish it.

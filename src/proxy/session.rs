@@ -146,6 +146,11 @@ impl ShardCtx {
             // so this write does not interleave with one of its writes.
             session.client.write_now(&msg);
             session.client.shutdown();
+            if force {
+                // A busy session may be waiting on the primary (a long query, or one a client
+                // that already left is still running): wake that pump too.
+                session.primary.shutdown();
+            }
             ShardStats::bump(&self.stats.counters.shutdown_closed, 1);
             closed += 1;
         }
@@ -157,6 +162,8 @@ impl ShardCtx {
 struct SessionShared {
     /// The client socket, for writes from outside the pumps (drain, watchdog).
     client: Stream,
+    /// The primary socket, for a forced close from outside the pumps (drain timeout).
+    primary: Stream,
     /// Set by the first ReadyForQuery: startup and authentication are complete.
     ready: Cell<bool>,
     /// Transaction status of the last ReadyForQuery: `I`, `T` or `E`.
@@ -494,6 +501,7 @@ async fn relay(
     let router = shard.mirror_router(&params);
     let shared = Rc::new(SessionShared {
         client: client.clone(),
+        primary: primary.clone(),
         ready: Cell::new(false),
         status: Cell::new(0),
         sent: Cell::new(0),
