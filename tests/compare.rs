@@ -964,3 +964,40 @@ fn fail_mode_never_holds_what_the_client_waits_for_copy_flush_and_notifications(
         p.reports()
     );
 }
+
+#[test]
+fn a_copy_that_fails_before_it_starts_keeps_the_pairing() {
+    use std::io::Write;
+    use support::raw::{message, read_until_ready};
+    let p = pair("fc");
+    let proxy = p.proxy(&["--fail-on-differences"]);
+    let mut s = support::raw::connect_ready(proxy.listen);
+    let tags = |answer: &[(u8, Vec<u8>)]| answer.iter().map(|m| m.0).collect::<Vec<u8>>();
+    // Fails at Execute, before COPY mode starts: the servers answer its Sync...
+    let mut batch = raw_extended("COPY no_such_table FROM STDIN");
+    batch.extend(message(b'S', &[]));
+    s.write_all(&batch).unwrap();
+    assert_eq!(tags(&read_until_ready(&mut s)), b"12EZ".to_vec());
+    // ...and the CopyFail and Sync a client sends after it (as the `postgres` crate does):
+    // that Sync is answered too, and must not be taken for one a COPY swallowed.
+    let mut fail = message(b'f', b"no copy\0");
+    fail.extend(message(b'S', &[]));
+    s.write_all(&fail).unwrap();
+    assert_eq!(tags(&read_until_ready(&mut s)), b"Z".to_vec());
+    // Each later statement is paired with its own answer.
+    s.write_all(&message(b'Q', b"SELECT now(), clock_timestamp()\0"))
+        .unwrap();
+    assert_eq!(tags(&read_until_ready(&mut s)), b"TDCZ".to_vec());
+    s.write_all(&message(b'Q', b"SELECT 7\0")).unwrap();
+    let answer = read_until_ready(&mut s);
+    assert_eq!(tags(&answer), b"TDCZ".to_vec());
+    assert_eq!(&answer[1].1[6..], b"7");
+    drop(s);
+    assert!(counter_reaches(&proxy, "pgprism_sessions_closed_total", 1));
+    assert_eq!(
+        proxy.metric("pgprism_compare_mismatches_total"),
+        0,
+        "{:?}",
+        p.reports()
+    );
+}

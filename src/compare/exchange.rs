@@ -97,6 +97,9 @@ pub struct Link {
     expects: [Expects; 2],
     /// Sync points planned so far (the next one's number).
     planned: Cell<u64>,
+    /// The primary answered CopyInResponse/CopyBothResponse since the last Execute (see
+    /// `Upstream::after_execute`).
+    copy_in_seen: Cell<bool>,
     /// The client sent Flush without a Sync after it, and waits for the answers so far: the
     /// sync point it is in (numbered as `planned`) cannot be held for the shadow.
     flush_requested: Cell<Option<u64>>,
@@ -134,6 +137,8 @@ pub struct Upstream {
 }
 
 pub struct Fed {
+    /// A CopyInResponse or CopyBothResponse came.
+    pub copy_in: bool,
     pub syncs: u64,
     pub status: Option<u8>,
     pub errors: u64,
@@ -158,9 +163,12 @@ impl Upstream {
                 tag::EXECUTE => {
                     self.after_execute = true;
                     self.syncs_after_execute = 0;
+                    self.link.copy_in_seen.set(false);
                 }
                 tag::COPY_DONE | tag::COPY_FAIL => {
-                    if self.after_execute {
+                    // Only a COPY that started makes the servers ignore those Syncs; one that
+                    // failed at Execute answered them.
+                    if self.after_execute && self.link.copy_in_seen.get() {
                         self.swallow += self.syncs_after_execute;
                     }
                     self.after_execute = false;
@@ -473,6 +481,7 @@ impl Tracker {
             rollback_due: Cell::new(false),
             expects: [Expects::default(), Expects::default()],
             planned: Cell::new(0),
+            copy_in_seen: Cell::new(false),
             flush_requested: Cell::new(None),
         });
         let source = usize::from(target.shadow_is_source());
@@ -564,6 +573,7 @@ impl Comparer {
     /// are appended to `out`.
     pub fn feed(&mut self, side: usize, frames: &Bytes, out: &mut Vec<Bytes>) -> Fed {
         let mut fed = Fed {
+            copy_in: false,
             syncs: 0,
             status: None,
             errors: 0,
@@ -588,6 +598,12 @@ impl Comparer {
             let end = (at + 1 + len).min(buf.len());
             let tag = head[0];
             let body = &buf[at + wire::HEADER_BYTES..end];
+            if matches!(tag, tag::COPY_IN_RESPONSE | tag::COPY_BOTH_RESPONSE) {
+                fed.copy_in = true;
+                if side == PRIMARY {
+                    self.link.copy_in_seen.set(true);
+                }
+            }
             if tag == tag::ERROR_RESPONSE {
                 fed.errors += 1;
                 fed.farewell |= body.starts_with(b"SFATAL\0") || body.starts_with(b"SPANIC\0");

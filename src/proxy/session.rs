@@ -164,6 +164,10 @@ struct SessionShared {
     client: Stream,
     /// The primary socket, for a forced close from outside the pumps (drain timeout).
     primary: Stream,
+    /// The primary answered with CopyInResponse/CopyBothResponse since the last Execute: the
+    /// Syncs sent after that Execute are ignored until CopyDone/CopyFail. (A COPY that fails
+    /// before it starts answers them.)
+    copy_in_seen: Cell<bool>,
     /// Set by the first ReadyForQuery: startup and authentication are complete.
     ready: Cell<bool>,
     /// Transaction status of the last ReadyForQuery: `I`, `T` or `E`.
@@ -502,6 +506,7 @@ async fn relay(
     let shared = Rc::new(SessionShared {
         client: client.clone(),
         primary: primary.clone(),
+        copy_in_seen: Cell::new(false),
         ready: Cell::new(false),
         status: Cell::new(0),
         sent: Cell::new(0),
@@ -647,6 +652,7 @@ async fn upstream(
                         after_execute = true;
                         syncs_after_execute = 0;
                         extended_open = true;
+                        shared.copy_in_seen.set(false);
                     }
                     b'P' | b'B' | b'D' | b'C' | b'H' => extended_open = true,
                     b'S' => {
@@ -657,7 +663,7 @@ async fn upstream(
                         }
                     }
                     b'c' | b'f' => {
-                        if after_execute {
+                        if after_execute && shared.copy_in_seen.get() {
                             swallowed += syncs_after_execute;
                         }
                         after_execute = false;
@@ -886,6 +892,7 @@ async fn downstream(shard: &ShardCtx, shared: &SessionShared, primary: Stream, c
                     ready_for_query += 1;
                     status = body.first().copied().unwrap_or(status);
                 }
+                b'G' | b'W' => shared.copy_in_seen.set(true),
                 b'E' => {
                     errors += 1;
                     // PostgreSQL sends the severity field first; a FATAL/PANIC is the
@@ -1142,6 +1149,9 @@ async fn downstream_compare(
                     let frames = buf.split_to(complete).freeze();
                     let fed = comparer.feed(side, &frames, &mut out);
                     if side == PRIMARY {
+                        if fed.copy_in {
+                            shared.copy_in_seen.set(true);
+                        }
                         ShardStats::bump(&stats.counters.primary_errors, fed.errors);
                         farewell |= fed.farewell;
                         if let Some(status) = fed.status {
