@@ -1001,3 +1001,55 @@ fn a_copy_that_fails_before_it_starts_keeps_the_pairing() {
         p.reports()
     );
 }
+
+#[test]
+fn ties_under_order_by_may_come_in_any_order_but_the_keys_may_not() {
+    let p = pair("tie");
+    p.primary
+        .psql(
+            "CREATE TABLE tie (k int, v text); INSERT INTO tie VALUES (1, 'a'), (1, 'b'), (2, 'c')",
+        )
+        .unwrap();
+    p.shadow
+        .psql(
+            "CREATE TABLE tie (k int, v text); INSERT INTO tie VALUES (2, 'c'), (1, 'b'), (1, 'a')",
+        )
+        .unwrap();
+    // The same words, sorted by two collations: the sort keys' order itself differs.
+    p.primary
+        .psql("CREATE TABLE coll (v text COLLATE \"C\"); INSERT INTO coll VALUES ('a'), ('B')")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE coll (v text COLLATE \"und-x-icu\"); INSERT INTO coll VALUES ('a'), ('B')")
+        .unwrap();
+    let proxy = p.proxy(&[]);
+    let mut c = proxy.client();
+    for sql in [
+        "SELECT k, v FROM tie ORDER BY k",
+        "SELECT k, v FROM tie ORDER BY 1 DESC",
+        "SELECT tie.k AS k, v FROM tie ORDER BY tie.k",
+        "SELECT v FROM coll ORDER BY v",
+    ] {
+        c.simple_query(sql).unwrap();
+        c.query(sql, &[]).unwrap();
+    }
+    drop(c);
+    assert!(counter_reaches(&proxy, "pgprism_sessions_closed_total", 1));
+    let reports = p.reports();
+    let about = |sql: &str| {
+        reports
+            .iter()
+            .filter(|r| r["statement"].as_str() == Some(sql))
+            .collect::<Vec<_>>()
+    };
+    for sql in [
+        "SELECT k, v FROM tie ORDER BY k",
+        "SELECT k, v FROM tie ORDER BY 1 DESC",
+        "SELECT tie.k AS k, v FROM tie ORDER BY tie.k",
+    ] {
+        assert!(about(sql).is_empty(), "{sql}: {:?}", about(sql));
+    }
+    let coll = about("SELECT v FROM coll ORDER BY v");
+    assert_eq!(coll.len(), 2, "{reports:?}");
+    assert!(coll.iter().all(|r| kinds(r) == ["order"]), "{coll:?}");
+}

@@ -12,6 +12,7 @@ use std::time::Instant;
 use crate::wire::{self, Format, Formats, tag};
 
 use super::rules::{ColumnRule, Rules};
+use crate::sql::OrderKey;
 
 const K0: u64 = 0xa076_1d64_78bd_642f;
 const K1: u64 = 0xe703_7ed1_a0b4_28db;
@@ -74,6 +75,9 @@ pub struct Digest {
     /// Column names and type OIDs from the RowDescription that preceded the rows, if any.
     pub columns: Option<Rc<Vec<(String, u32)>>>,
     pub ordered: u64,
+    /// Under an ORDER BY of plain output columns: the chain of the sort keys' values only, so
+    /// rows whose keys tie may come in any order. `None`: not known, `ordered` decides.
+    pub ordered_keys: Option<u64>,
     /// Order-insensitive: wrapping sums of the row hashes and of a remix of them.
     pub unordered: (u64, u64),
     /// SQLSTATE of an ErrorResponse.
@@ -212,6 +216,11 @@ pub struct Digester {
     current: Digest,
     in_result: bool,
     results: Vec<Digest>,
+    /// The current result's statement's ORDER BY keys (set by the comparer before its first
+    /// row), and the column indices they resolved to once the columns were known.
+    order_keys: Option<Rc<[OrderKey]>>,
+    key_columns: Option<Vec<usize>>,
+    keys_resolved: bool,
 }
 
 /// What a message meant to the digester.
@@ -247,6 +256,9 @@ impl Digester {
             current: Digest::default(),
             in_result: false,
             results: Vec::new(),
+            order_keys: None,
+            key_columns: None,
+            keys_resolved: false,
         }
     }
 
@@ -339,6 +351,9 @@ impl Digester {
     }
 
     fn forget_result(&mut self) {
+        self.order_keys = None;
+        self.key_columns = None;
+        self.keys_resolved = false;
         self.columns = None;
         self.plan.clear();
         self.shape.clear();
@@ -464,8 +479,74 @@ impl Digester {
         }
     }
 
+    /// Results finished in the current sync point.
+    pub fn results_len(&self) -> usize {
+        self.results.len()
+    }
+
+    /// The current result still needs its statement's ORDER BY keys (before its first row).
+    #[inline]
+    pub fn keys_pending(&self) -> bool {
+        !self.keys_resolved
+    }
+
+    /// The ORDER BY keys of the statement whose result comes next (see `keys_pending`).
+    pub fn set_order_keys(&mut self, keys: Option<Rc<[OrderKey]>>) {
+        self.order_keys = keys;
+    }
+
+    /// Resolves the ORDER BY keys against the result's columns: all of them, or none (an
+    /// unknown or ambiguous name, a position past the end).
+    fn resolve_keys(&mut self) {
+        self.keys_resolved = true;
+        let (Some(keys), Some(columns)) = (&self.order_keys, &self.columns) else {
+            return;
+        };
+        let mut resolved = Vec::with_capacity(keys.len());
+        for key in keys.iter() {
+            let index = match key {
+                OrderKey::Position(i) => (*i < columns.len()).then_some(*i),
+                OrderKey::Name(name) => {
+                    let mut found = columns.iter().enumerate().filter(|(_, c)| c.0 == *name);
+                    match (found.next(), found.next()) {
+                        (Some((i, _)), None) => Some(i),
+                        _ => None,
+                    }
+                }
+            };
+            let Some(index) = index else {
+                return;
+            };
+            resolved.push(index);
+        }
+        self.key_columns = Some(resolved);
+    }
+
+    /// Hash of one row's sort-key values (raw bytes: keys that tie are byte-equal).
+    fn key_hash(body: &[u8], columns: &[usize]) -> u64 {
+        let Ok(values) = wire::DataRow::new(body).columns() else {
+            return hash64(body, 0);
+        };
+        let mut acc = K2;
+        for &i in columns {
+            acc = match values.iter().nth(i) {
+                Some(Some(bytes)) => chain(acc, hash64(bytes, 0)),
+                _ => chain(acc, K3),
+            };
+        }
+        acc
+    }
+
     #[inline]
     fn row(&mut self, body: &[u8]) {
+        if !self.keys_resolved {
+            self.resolve_keys();
+        }
+        if let Some(columns) = &self.key_columns {
+            let h = Self::key_hash(body, columns);
+            let d = &mut self.current;
+            d.ordered_keys = Some(chain(d.ordered_keys.unwrap_or(K0), h));
+        }
         self.in_result = true;
         let hash = if self.raw || self.plan.is_empty() {
             hash64(body, 0)

@@ -35,6 +35,8 @@ const NAMES_MAX: usize = 10_000;
 pub struct Statement {
     pub text: Box<str>,
     pub ordered: bool,
+    /// Its top-level ORDER BY's keys, when they are plain output columns.
+    pub order_keys: Option<Rc<[sql::OrderKey]>>,
     pub excluded: bool,
     pub read_only: bool,
     /// Extended protocol with parameters: cannot be re-run for EXPLAIN.
@@ -56,6 +58,7 @@ impl Statement {
         Statement {
             text: text.trim().into(),
             ordered: sql::has_top_level_order_by(text.as_bytes()),
+            order_keys: sql::order_by_keys(text.as_bytes()).map(Rc::from),
             excluded: rules.excluded(text),
             read_only: sql::classify(text.as_bytes()) == sql::Class::Select,
             params,
@@ -68,6 +71,7 @@ impl Statement {
         Statement {
             text: "".into(),
             ordered: false,
+            order_keys: None,
             excluded: false,
             read_only: false,
             params: true,
@@ -328,6 +332,7 @@ impl Upstream {
                     return Rc::new(Statement {
                         text: own.text.clone(),
                         ordered: inner.ordered,
+                        order_keys: inner.order_keys.clone(),
                         excluded: own.excluded || inner.excluded,
                         read_only: inner.read_only,
                         // Its EXPLAIN would need the statement prepared on the EXPLAIN
@@ -632,6 +637,10 @@ impl Comparer {
                     _ => {}
                 }
             }
+            if tag == tag::DATA_ROW && self.digesters[side].keys_pending() {
+                let keys = self.order_keys_for(side);
+                self.digesters[side].set_order_keys(keys);
+            }
             if let Step::SyncEnd(status) = self.digesters[side].visit(tag, body) {
                 fed.syncs += 1;
                 fed.status = Some(status);
@@ -684,6 +693,26 @@ impl Comparer {
             self.pending_ends.clear();
         }
         fed
+    }
+
+    /// The ORDER BY keys of the statement whose result `side` is reading: its sync point is
+    /// the first that side has not finished (the shadow skips those it never got), and its
+    /// statement the one at the index of the result, as `judge` pairs them.
+    fn order_keys_for(&self, side: usize) -> Option<Rc<[sql::OrderKey]>> {
+        let metas = self.link.metas.borrow();
+        let ahead = self.done[side].len();
+        let meta = if side == SHADOW {
+            metas.iter().filter(|m| m.shadow).nth(ahead)
+        } else {
+            metas.get(ahead)
+        }?;
+        let index = self.digesters[side].results_len();
+        let statement = meta.statements.get(index).or(meta.statements.last())?;
+        if statement.ordered {
+            statement.order_keys.clone()
+        } else {
+            None
+        }
     }
 
     /// Stops holding source bytes up to sync point `through` (fail-on-differences): what is

@@ -169,7 +169,13 @@ pub fn compare(primary: &Digest, shadow: &Digest, ordered: bool, rules: &Rules) 
         if primary.rows == shadow.rows {
             out.push(diff(Kind::Values, "row values differ".to_string()));
         }
-    } else if ordered && primary.ordered != shadow.ordered {
+    } else if ordered
+        && match (primary.ordered_keys, shadow.ordered_keys) {
+            // The sort keys' sequence: rows whose keys tie may come in any order.
+            (Some(p), Some(s)) => p != s,
+            _ => primary.ordered != shadow.ordered,
+        }
+    {
         out.push(diff(
             Kind::Order,
             "same rows in a different order under ORDER BY".to_string(),

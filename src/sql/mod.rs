@@ -819,9 +819,138 @@ pub fn has_top_level_order_by(sql: &[u8]) -> bool {
     false
 }
 
+/// One item of a top-level ORDER BY that names an output column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderKey {
+    /// `ORDER BY 2`: the output column at this index (0-based).
+    Position(usize),
+    /// `ORDER BY name` or `ORDER BY t.name`: the output column of that name (folded to lower
+    /// case unless quoted).
+    Name(String),
+}
+
+/// The sort keys of the statement's top-level ORDER BY when every item is a plain output
+/// column (a position or a column name, with ASC/DESC and NULLS FIRST/LAST); `None` when there
+/// is no top-level ORDER BY or an item is an expression. Rows whose keys tie may come in any
+/// order, so only the keys' sequence is an order to check.
+pub fn order_by_keys(sql: &[u8]) -> Option<Vec<OrderKey>> {
+    let mut i = order_by_end(sql)?;
+    let mut keys = Vec::new();
+    let mut w = [0u8; 16];
+    loop {
+        i = skip_blank(sql, i);
+        let key = match *sql.get(i)? {
+            c if c.is_ascii_digit() => {
+                let start = i;
+                while i < sql.len() && sql[i].is_ascii_digit() {
+                    i += 1;
+                }
+                let n: usize = std::str::from_utf8(&sql[start..i]).ok()?.parse().ok()?;
+                OrderKey::Position(n.checked_sub(1)?)
+            }
+            _ => {
+                // [qualifier.]...name: the last part names the output column.
+                let (mut name, _, mut after) = identifier(sql, i)?;
+                while sql.get(after) == Some(&b'.') {
+                    (name, _, after) = identifier(sql, after + 1)?;
+                }
+                i = after;
+                OrderKey::Name(name)
+            }
+        };
+        keys.push(key);
+        // Direction and null ordering, then `,` (another key) or the end of the clause.
+        loop {
+            let (word, after) = word_at(sql, i, &mut w);
+            match word {
+                b"ASC" | b"DESC" | b"NULLS" | b"FIRST" | b"LAST" => i = after,
+                _ => break,
+            }
+        }
+        i = skip_blank(sql, i);
+        match sql.get(i) {
+            Some(b',') => i += 1,
+            None | Some(b';') | Some(b')') => return Some(keys),
+            Some(_) => {
+                let (word, _) = word_at(sql, i, &mut w);
+                return matches!(word, b"LIMIT" | b"OFFSET" | b"FETCH" | b"FOR").then_some(keys);
+            }
+        }
+    }
+}
+
+/// The index right after the `BY` of the first top-level ORDER BY.
+fn order_by_end(sql: &[u8]) -> Option<usize> {
+    let (mut i, mut depth) = (0usize, 0usize);
+    let mut previous_was_order = false;
+    while i < sql.len() {
+        if let Some(next) = skip_opaque(sql, i) {
+            i = next;
+            previous_was_order = false;
+            continue;
+        }
+        match sql[i] {
+            b'(' => {
+                depth += 1;
+                i += 1;
+                previous_was_order = false;
+            }
+            b')' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+                previous_was_order = false;
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' => {
+                let start = i;
+                while i < sql.len() && (sql[i].is_ascii_alphanumeric() || sql[i] == b'_') {
+                    i += 1;
+                }
+                let word = &sql[start..i];
+                if depth == 0 && previous_was_order && word.eq_ignore_ascii_case(b"BY") {
+                    return Some(i);
+                }
+                previous_was_order = depth == 0 && word.eq_ignore_ascii_case(b"ORDER");
+            }
+            c if c.is_ascii_whitespace() => i += 1,
+            _ => {
+                i += 1;
+                previous_was_order = false;
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_order_by_keys() {
+        use OrderKey::{Name, Position};
+        let name = |n: &str| Name(n.into());
+        let cases: &[(&str, Option<Vec<OrderKey>>)] = &[
+            ("SELECT a, b FROM t ORDER BY a", Some(vec![name("a")])),
+            (
+                "select * from t order by T.Id desc nulls last, 2 , \"Mixed\" asc limit 5",
+                Some(vec![name("id"), Position(1), name("Mixed")]),
+            ),
+            ("SELECT 1 ORDER BY 1;", Some(vec![Position(0)])),
+            ("SELECT a FROM t ORDER BY lower(a)", None),
+            ("SELECT a FROM t ORDER BY a + 1", None),
+            ("SELECT a FROM t ORDER BY a COLLATE \"C\"", None),
+            ("SELECT a FROM t ORDER BY 0", None),
+            ("SELECT a FROM t", None),
+            ("SELECT string_agg(a, ',' ORDER BY a) FROM t", None),
+            (
+                "SELECT a, row_number() OVER (ORDER BY b) FROM t ORDER BY a FOR UPDATE",
+                Some(vec![name("a")]),
+            ),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(order_by_keys(sql.as_bytes()), *want, "{sql}");
+        }
+    }
 
     #[test]
     fn classifies_common_statements() {
