@@ -774,49 +774,7 @@ pub fn fingerprint(sql: &[u8], text_bytes_max: usize) -> (u64, String) {
 /// Whether the statement's outer query has an `ORDER BY` (outside parentheses, quotes and
 /// comments): its rows then come in a defined order and compare as a sequence.
 pub fn has_top_level_order_by(sql: &[u8]) -> bool {
-    let (mut i, mut depth) = (0usize, 0i32);
-    let mut previous_was_order = false;
-    while i < sql.len() {
-        match sql[i] {
-            b'\'' | b'"' => {
-                i = skip_quoted(sql, i);
-                previous_was_order = false;
-            }
-            b'-' if sql[i..].starts_with(b"--") => i = skip_blank(sql, i),
-            b'/' if sql[i..].starts_with(b"/*") => i = skip_blank(sql, i),
-            b'$' => {
-                i = skip_dollar(sql, i);
-                previous_was_order = false;
-            }
-            b'(' => {
-                depth += 1;
-                i += 1;
-                previous_was_order = false;
-            }
-            b')' => {
-                depth -= 1;
-                i += 1;
-                previous_was_order = false;
-            }
-            c if c.is_ascii_alphabetic() || c == b'_' => {
-                let start = i;
-                while i < sql.len() && (sql[i].is_ascii_alphanumeric() || sql[i] == b'_') {
-                    i += 1;
-                }
-                let word = &sql[start..i];
-                if depth <= 0 && previous_was_order && word.eq_ignore_ascii_case(b"BY") {
-                    return true;
-                }
-                previous_was_order = depth <= 0 && word.eq_ignore_ascii_case(b"ORDER");
-            }
-            c if c.is_ascii_whitespace() => i += 1,
-            _ => {
-                i += 1;
-                previous_was_order = false;
-            }
-        }
-    }
-    false
+    order_by_end(sql).is_some()
 }
 
 /// One item of a top-level ORDER BY that names an output column.
@@ -881,22 +839,27 @@ pub fn order_by_keys(sql: &[u8]) -> Option<Vec<OrderKey>> {
 
 /// The index right after the `BY` of the first top-level ORDER BY.
 fn order_by_end(sql: &[u8]) -> Option<usize> {
-    let (mut i, mut depth) = (0usize, 0usize);
+    let (mut i, mut depth) = (0usize, 0i32);
     let mut previous_was_order = false;
     while i < sql.len() {
-        if let Some(next) = skip_opaque(sql, i) {
-            i = next;
-            previous_was_order = false;
-            continue;
-        }
         match sql[i] {
+            b'\'' | b'"' => {
+                i = skip_quoted(sql, i);
+                previous_was_order = false;
+            }
+            b'-' if sql[i..].starts_with(b"--") => i = skip_blank(sql, i),
+            b'/' if sql[i..].starts_with(b"/*") => i = skip_blank(sql, i),
+            b'$' => {
+                i = skip_dollar(sql, i);
+                previous_was_order = false;
+            }
             b'(' => {
                 depth += 1;
                 i += 1;
                 previous_was_order = false;
             }
             b')' => {
-                depth = depth.saturating_sub(1);
+                depth -= 1;
                 i += 1;
                 previous_was_order = false;
             }
@@ -906,10 +869,10 @@ fn order_by_end(sql: &[u8]) -> Option<usize> {
                     i += 1;
                 }
                 let word = &sql[start..i];
-                if depth == 0 && previous_was_order && word.eq_ignore_ascii_case(b"BY") {
+                if depth <= 0 && previous_was_order && word.eq_ignore_ascii_case(b"BY") {
                     return Some(i);
                 }
-                previous_was_order = depth == 0 && word.eq_ignore_ascii_case(b"ORDER");
+                previous_was_order = depth <= 0 && word.eq_ignore_ascii_case(b"ORDER");
             }
             c if c.is_ascii_whitespace() => i += 1,
             _ => {
