@@ -172,13 +172,16 @@ impl Link {
     /// (`proxy.message-bytes-max`). Past half, `batch_full` makes the writer send at once.
     fn fits(&self, len: usize) -> bool {
         let cfg = &self.target.cfg;
-        let queue = self.queue.borrow();
-        let bytes = self.queued_bytes.get();
-        let under_half =
-            queue.len() * 2 < cfg.queue_messages_max && bytes * 2 < cfg.queue_bytes_max;
-        queue.is_empty()
-            || under_half
-            || (queue.len() < cfg.queue_messages_max && bytes + len <= cfg.queue_bytes_max)
+        !self.past_half()
+            || (self.queue.borrow().len() < cfg.queue_messages_max
+                && self.queued_bytes.get() + len <= cfg.queue_bytes_max)
+    }
+
+    /// The queue holds half of either bound or more.
+    fn past_half(&self) -> bool {
+        let cfg = &self.target.cfg;
+        self.queue.borrow().len() * 2 >= cfg.queue_messages_max
+            || self.queued_bytes.get() * 2 >= cfg.queue_bytes_max
     }
 
     pub(super) fn push(&self, mut item: Item) -> Push {
@@ -231,11 +234,7 @@ impl Link {
     /// of a queue bound. Below half, `fits` takes any frame, so coalescing alone never makes
     /// `drop` cut or `block` wait.
     fn batch_full(&self) -> bool {
-        let cfg = &self.target.cfg;
-        let bytes = self.queued_bytes.get();
-        bytes >= BATCH_BYTES_MAX
-            || bytes >= cfg.queue_bytes_max / 2
-            || self.queue.borrow().len() * 2 >= cfg.queue_messages_max
+        self.queued_bytes.get() >= BATCH_BYTES_MAX || self.past_half()
     }
 
     /// Waits until a frame of `len` bytes fits (the `block` overflow policy): the same test

@@ -551,24 +551,17 @@ impl Router {
                 if !passes(cfg, s.class) {
                     return;
                 }
-                if link.accepting() && !link.prepared.borrow().contains(*statement) {
-                    // The mirror lost or never got this statement (skipped, reconnected):
-                    // prepare it again from the client's own Parse or PREPARE before binding.
-                    let prepared = match &s.source {
-                        Source::Parse(parse) => self.send(link, parse.clone(), None, false).await,
-                        Source::Prepare(text) => {
-                            let Some(frames) = prepare_in_batch(text) else {
-                                return;
-                            };
-                            self.send(link, frames, None, false).await
-                        }
-                        // Not kept: the Bind is skipped, and so is its Execute (counted there).
-                        Source::Lost => return,
-                    };
-                    if prepared {
-                        MirrorStats::bump(&stats.counters.reprepared, 1);
-                        link.prepared.borrow_mut().insert(statement.to_string());
-                    }
+                // The mirror lost or never got this statement (skipped, reconnected): prepare
+                // it again before binding. Text not kept: the Bind is skipped, and so is its
+                // Execute (counted there).
+                if link.accepting()
+                    && !link.prepared.borrow().contains(*statement)
+                    && self
+                        .prepare_again(link, statement, &s.source)
+                        .await
+                        .is_none()
+                {
+                    return;
                 }
                 self.send(link, frame.clone(), None, false).await;
             }
@@ -654,6 +647,23 @@ impl Router {
         }
     }
 
+    /// Prepares statement `name` again on a link that lacks it, from the client's own Parse
+    /// or PREPARE text (counted as `reprepared`). `Some(queued)`, or `None` when that text was
+    /// not kept or cannot be encoded.
+    async fn prepare_again(&self, link: &Rc<Link>, name: &str, source: &Source) -> Option<bool> {
+        let frames = match source {
+            Source::Parse(parse) => parse.clone(),
+            Source::Prepare(text) => prepare_in_batch(text)?,
+            Source::Lost => return None,
+        };
+        let queued = self.send(link, frames, None, false).await;
+        if queued {
+            MirrorStats::bump(&link.target.stats.counters.reprepared, 1);
+            link.prepared.borrow_mut().insert(name.to_string());
+        }
+        Some(queued)
+    }
+
     /// Runs an SQL-level prepared-statement command that came through the extended protocol
     /// (its class passed the filter) on one link, as `route_query` does for a simple Query:
     /// an EXECUTE only if the mirror has (or is given again) its statement, a DEALLOCATE only
@@ -675,22 +685,14 @@ impl Router {
                     return;
                 };
                 if link.accepting() && !link.prepared.borrow().contains(name) {
-                    let prepared = match source {
-                        Source::Prepare(text) => match prepare_in_batch(text) {
-                            Some(frames) => self.send(link, frames, None, false).await,
-                            None => false,
-                        },
-                        Source::Parse(parse) => self.send(link, parse.clone(), None, false).await,
-                        Source::Lost => {
+                    match self.prepare_again(link, name, source).await {
+                        Some(true) => {}
+                        Some(false) => return,
+                        None => {
                             MirrorStats::bump(&stats.counters.skipped_unprepared, 1);
                             return;
                         }
-                    };
-                    if !prepared {
-                        return;
                     }
-                    MirrorStats::bump(&stats.counters.reprepared, 1);
-                    link.prepared.borrow_mut().insert(name.clone());
                 }
                 self.send(link, frame.clone(), None, true).await;
             }

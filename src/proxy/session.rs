@@ -726,7 +726,6 @@ async fn upstream(
                 primary_failed = true;
                 break;
             }
-            drop(frames);
             release_if_large(&mut buf, complete, shard.read_chunk_bytes);
             if compared
                 && let Some(up) = compare.as_mut()
