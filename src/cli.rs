@@ -236,6 +236,10 @@ struct MirrorArgs {
     /// (0: send each at once).
     #[arg(long, value_name = "US")]
     mirror_flush_delay_us: Option<u64>,
+    /// With a flush delay: time the statements of one mirror write in N (the others' answers
+    /// are read in one go and only counted); 1 times every statement.
+    #[arg(long, value_name = "N")]
+    mirror_latency_sample_every: Option<u32>,
     /// Mirrors never slow the client (default). `--async-mirrors false` makes every mirror
     /// use the `block` overflow policy: the client then waits for the slowest mirror.
     #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
@@ -324,6 +328,9 @@ impl MirrorArgs {
             }
             if let Some(v) = self.mirror_flush_delay_us {
                 m.flush_delay_us = v;
+            }
+            if let Some(v) = self.mirror_latency_sample_every {
+                m.latency_sample_every = v;
             }
             if self.async_mirrors == Some(false) {
                 m.overflow = Overflow::Block;

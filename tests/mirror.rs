@@ -1355,3 +1355,142 @@ fn a_large_statement_behind_coalesced_ones_does_not_cut_a_healthy_mirror() {
         == 2));
     assert_eq!(proxy.metric("pgprism_mirror_transactions_cut_total"), 0);
 }
+
+#[test]
+fn coalesced_answers_are_read_late_counted_all_and_timed_one_write_in_n() {
+    let (p, m1) = primary_and_mirror("dp", "dm", "CREATE TABLE d (id int PRIMARY KEY)");
+    // A flush delay no test run reaches, but a queue of 2 messages: half of it (one statement)
+    // sends at once. Only write 0 in 1000 is timed; the answers to the others are read a
+    // flush delay after their write (never, in this test), or at once when the client leaves.
+    let args = |every: &'static str| {
+        vec![
+            "--mirror".to_string(),
+            mirror_url(&m1),
+            "--mirror-all-queries".into(),
+            "--mirror-flush-delay-us".into(),
+            "600000000".into(),
+            "--mirror-queue-messages".into(),
+            "2".into(),
+            "--mirror-overflow".into(),
+            "block".into(),
+            "--mirror-timeout".into(),
+            "600s".into(),
+            "--mirror-latency-sample-every".into(),
+            every.into(),
+        ]
+    };
+    let run = |proxy: &Proxy, first: i32| {
+        let mut c = proxy.client();
+        // Write 0, alone: its answer is read before the others are sent.
+        c.batch_execute(&format!("INSERT INTO d VALUES ({first})"))
+            .unwrap();
+        assert!(
+            eventually(Duration::from_secs(20), || proxy
+                .metric("pgprism_mirror_rows_total")
+                == 1),
+            "{}",
+            proxy.admin_get("/metrics").1
+        );
+        for id in first + 1..first + 20 {
+            c.batch_execute(&format!("INSERT INTO d VALUES ({id})"))
+                .unwrap();
+        }
+        // Fails on both sides: the mirror's error is counted like its rows.
+        c.batch_execute("SELECT 1/0").unwrap_err();
+        assert!(
+            eventually(Duration::from_secs(20), || m1
+                .psql(&format!("SELECT count(*) FROM d WHERE id >= {first}"))
+                .unwrap()
+                .trim()
+                == "20"),
+            "{}",
+            proxy.admin_get("/status").1
+        );
+        c
+    };
+    let sampled_args = args("1000");
+    let sampled = Proxy::start(
+        &p.url(),
+        &sampled_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let c = run(&sampled, 1);
+    // The mirror ran all of them, but only write 0's answer was read so far.
+    assert!(
+        eventually(Duration::from_secs(20), || sampled
+            .metric("pgprism_mirror_statements_total")
+            == 21),
+        "{}",
+        sampled.admin_get("/metrics").1
+    );
+    assert_eq!(sampled.metric("pgprism_mirror_rows_total"), 1);
+    assert_eq!(mirror_errors_but_terminations(&sampled), 0);
+    drop(c);
+    // The client left: the rest is read at once and counted, but not timed.
+    assert!(
+        eventually(Duration::from_secs(20), || sampled
+            .metric("pgprism_mirror_rows_total")
+            == 20
+            && mirror_errors_but_terminations(&sampled) == 1),
+        "{}",
+        sampled.admin_get("/metrics").1
+    );
+    assert_eq!(sampled.metric("pgprism_mirror_latency_seconds_count"), 1);
+    assert_eq!(sampled.metric("pgprism_mirror_timeouts_total"), 0);
+
+    // Every write timed: every answer is read as it arrives.
+    let every_args = args("1");
+    let every = Proxy::start(
+        &p.url(),
+        &every_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let c = run(&every, 101);
+    assert!(
+        eventually(Duration::from_secs(20), || every
+            .metric("pgprism_mirror_rows_total")
+            == 20
+            && mirror_errors_but_terminations(&every) == 1),
+        "{}",
+        every.admin_get("/metrics").1
+    );
+    assert_eq!(every.metric("pgprism_mirror_latency_seconds_count"), 21);
+    drop(c);
+    assert!(converged(&p, &[&m1], "d", "id"));
+}
+
+#[test]
+fn a_mirror_that_stops_answering_late_read_statements_times_out() {
+    let (p, m1) = primary_and_mirror(
+        "tp",
+        "tm",
+        "CREATE TABLE w (id int); CREATE TABLE locked (id int)",
+    );
+    let proxy = Proxy::start(
+        &p.url(),
+        &[
+            "--mirror",
+            &mirror_url(&m1),
+            "--mirror-flush-delay-us",
+            "5000",
+            "--mirror-latency-sample-every",
+            "1000",
+            "--mirror-timeout",
+            "1s",
+        ],
+    );
+    let mut c = proxy.client();
+    // Write 0 (timed) is answered; what follows is read late.
+    c.batch_execute("INSERT INTO w VALUES (1)").unwrap();
+    assert!(eventually(Duration::from_secs(20), || proxy
+        .metric("pgprism_mirror_rows_total")
+        == 1));
+    let _lock = lock_table(&m1, "locked");
+    c.batch_execute("INSERT INTO locked VALUES (1)").unwrap();
+    // The mirror never answers it: the late reads find nothing, and the statement times out.
+    assert!(
+        eventually(Duration::from_secs(20), || proxy
+            .metric("pgprism_mirror_timeouts_total")
+            >= 1),
+        "{}",
+        proxy.admin_get("/metrics").1
+    );
+}

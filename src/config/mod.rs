@@ -231,6 +231,11 @@ pub struct MirrorConfig {
     /// each at once). Fewer sends and fewer wake-ups of the mirror's backend per statement,
     /// for a mirror that lags the primary by up to this much.
     pub flush_delay_us: u64,
+    /// With `flush-delay-us` above 0: the answers to one write in this many are read as they
+    /// arrive, and their statements timed; the others are read in one go a flush delay after
+    /// their write and only counted (rows, errors), which spares a wake-up and a read per
+    /// statement. 1: every statement is timed.
+    pub latency_sample_every: u32,
 }
 
 impl Default for MirrorConfig {
@@ -250,6 +255,7 @@ impl Default for MirrorConfig {
             retry_delay_max_ms: 5_000,
             connect_timeout_ms: 5_000,
             flush_delay_us: 0,
+            latency_sample_every: 8,
         }
     }
 }
@@ -843,6 +849,12 @@ impl Config {
                         "expected a duration above 0 ms",
                     ));
                 }
+            }
+            if m.latency_sample_every == 0 {
+                return Err(ConfigError::key(
+                    &key("latency-sample-every"),
+                    "expected 1 (time every write's statements) or more",
+                ));
             }
             if m.retry_delay_max_ms < m.retry_delay_ms {
                 return Err(ConfigError::key(

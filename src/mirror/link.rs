@@ -15,7 +15,7 @@ use super::stats::MirrorStats;
 use crate::proxy::backend;
 use crate::proxy::fingerprints::Fingerprints;
 use crate::runtime::exec::net::Stream;
-use crate::runtime::exec::{self, within};
+use crate::runtime::exec::{self, sleep_until, within};
 use crate::wire::{self, tag};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +85,18 @@ struct InFlight {
     sent: Instant,
     fingerprint: u64,
     internal: bool,
+    /// Its answer is read as it arrives and its latency recorded (see
+    /// `MirrorConfig::latency_sample_every`).
+    timed: bool,
 }
+
+/// SO_RCVLOWAT while the answers in flight are read late: the mirror's answers wait in the
+/// socket without waking the shard, until the deferred read or until this much is waiting.
+const DEFERRED_LOW_WATER: i32 = 256 << 10;
+/// Bytes per read call from a mirror connection.
+const READ_CHUNK: usize = 16 << 10;
+/// A deferred read takes at most this much before the answers are counted.
+const DEFERRED_READ_MAX: usize = 256 << 10;
 
 const RESYNC_SQL: &str = "ROLLBACK; DEALLOCATE ALL";
 
@@ -483,8 +494,30 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
     let reader_waker: Cell<Option<Waker>> = Cell::new(None);
     let flush_delay = (link.target.cfg.flush_delay_us > 0)
         .then(|| Duration::from_micros(link.target.cfg.flush_delay_us));
+    // With coalesced writes, the answers to most writes are read late, in one read: one
+    // write in `sample_every` is timed (read as its answers arrive), the rest only counted.
+    let sample_every = u64::from(link.target.cfg.latency_sample_every.max(1));
+    let defer = match flush_delay {
+        Some(delay) if sample_every > 1 && stream.defers_reads() => Some(delay),
+        _ => None,
+    };
+    // The socket's low-water mark is raised: answers wait in it without waking the shard.
+    let raised = Cell::new(false);
+    let set_mark = |raise: bool| {
+        if raise == raised.get() {
+            return;
+        }
+        let mark = if raise { DEFERRED_LOW_WATER } else { 1 };
+        match stream.set_read_low_water(mark) {
+            Ok(()) => raised.set(raise),
+            Err(err) => {
+                tracing::debug!(mirror = %link.target.name, error = %err, "SO_RCVLOWAT refused");
+            }
+        }
+    };
     let writer = async {
         let mut batch = BytesMut::new();
+        let mut writes = 0u64;
         loop {
             if failed.get() {
                 return false;
@@ -515,6 +548,13 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
             batch.clear();
             let mut single: Option<Bytes> = None;
             let now = Instant::now();
+            let timed = defer.is_none() || writes.is_multiple_of(sample_every);
+            // Before the write, so no answer to it can wake the shard: raised for an untimed
+            // write unless timed answers are still due (the reader lowers it when it reads
+            // them, and raises it when only untimed ones remain).
+            if defer.is_some() && !link.queue.borrow().is_empty() {
+                set_mark(!timed && !inflight.borrow().iter().any(|f| f.timed));
+            }
             while let Some(item) = link.pop() {
                 link.target.stats.note_lag(now - item.enqueued);
                 count_sent(link, &item);
@@ -523,6 +563,7 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                         sent: now,
                         fingerprint,
                         internal: item.internal,
+                        timed,
                     });
                     if let Some(w) = reader_waker.take() {
                         w.wake();
@@ -546,6 +587,7 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                 None => &batch,
             };
             if !out.is_empty() {
+                writes += 1;
                 MirrorStats::bump(&link.target.stats.counters.writes, 1);
                 if stream.write_all(out).await.is_err() {
                     failed.set(true);
@@ -555,7 +597,11 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                 continue;
             }
             if link.client_done.get() {
-                // Drained: wait for the last answers, then say goodbye.
+                // Drained: wait for the last answers (read at once from now on), then say
+                // goodbye.
+                if let Some(w) = reader_waker.take() {
+                    w.wake();
+                }
                 let answered = futures_lite::future::poll_fn(|cx| {
                     if failed.get() || inflight.borrow().is_empty() {
                         return Poll::Ready(!failed.get());
@@ -583,12 +629,76 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
         let timeout = Duration::from_millis(link.target.cfg.timeout_ms);
         let mut buf = BytesMut::new();
         let mut last_answer: Option<Instant> = None;
+        let mut last_deferred: Option<Instant> = None;
         loop {
-            let oldest = inflight.borrow().front().map(|f| f.sent);
-            let read = match oldest {
-                Some(sent) => {
+            let (oldest, deferred) = {
+                let inflight = inflight.borrow();
+                // Read late while the oldest answers due are untimed ones, unless a timed
+                // write follows them or the client left (its last answers are awaited).
+                let deferred = defer.filter(|_| {
+                    !link.client_done.get()
+                        && inflight.front().is_some_and(|f| !f.timed)
+                        && !inflight.back().is_some_and(|f| f.timed)
+                });
+                (inflight.front().map(|f| f.sent), deferred)
+            };
+            // Changed only with answers due: an idle connection keeps its mark until the
+            // next write says which kind it is.
+            if defer.is_some() && oldest.is_some() {
+                set_mark(deferred.is_some());
+            }
+            let read = match (oldest, deferred) {
+                (Some(sent), Some(delay)) => {
+                    let expires = sent + timeout;
+                    let due = (last_deferred.map_or(sent, |d| d.max(sent)) + delay).min(expires);
+                    // Until the read is due, or sooner: a timed write follows, the client
+                    // left, the connection failed (`None`), or the socket says readable despite
+                    // its low-water mark: end-of-stream, an error, or that much waiting.
+                    let woke = futures_lite::future::or(
+                        async {
+                            sleep_until(due).await;
+                            None
+                        },
+                        futures_lite::future::or(
+                            async {
+                                futures_lite::future::poll_fn(|cx| {
+                                    if failed.get()
+                                        || link.client_done.get()
+                                        || inflight.borrow().back().is_some_and(|f| f.timed)
+                                    {
+                                        return Poll::Ready(None);
+                                    }
+                                    reader_waker.set(Some(cx.waker().clone()));
+                                    Poll::Pending
+                                })
+                                .await
+                            },
+                            async { Some(stream.read_buf(&mut buf, READ_CHUNK).await) },
+                        ),
+                    )
+                    .await;
+                    match woke {
+                        Some(read) => read,
+                        None if failed.get() => break,
+                        None => {
+                            last_deferred = Some(Instant::now());
+                            match read_waiting(stream, &mut buf) {
+                                Ok(Waiting::Read(n)) => Ok(n),
+                                Ok(Waiting::Closed) => Ok(0),
+                                Err(err) => Err(err),
+                                Ok(Waiting::Nothing) if Instant::now() >= expires => {
+                                    MirrorStats::bump(&stats.counters.timeouts, 1);
+                                    tracing::debug!(mirror = %link.target.name, "mirror statement timed out");
+                                    break;
+                                }
+                                Ok(Waiting::Nothing) => continue,
+                            }
+                        }
+                    }
+                }
+                (Some(sent), None) => {
                     let left = (sent + timeout).saturating_duration_since(Instant::now());
-                    match within(left, stream.read_buf(&mut buf, 16 << 10)).await {
+                    match within(left, stream.read_buf(&mut buf, READ_CHUNK)).await {
                         Some(r) => r,
                         None => {
                             MirrorStats::bump(&stats.counters.timeouts, 1);
@@ -597,7 +707,7 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                         }
                     }
                 }
-                None => {
+                (None, _) => {
                     // Nothing in flight: wait for the writer to send something (or for the
                     // mirror to close on us, which the next read reports).
                     // `None`: the writer sent something; `Some(read)`: the mirror spoke (an
@@ -613,7 +723,7 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                             })
                             .await
                         },
-                        async { Some(stream.read_buf(&mut buf, 16 << 10).await) },
+                        async { Some(stream.read_buf(&mut buf, READ_CHUNK).await) },
                     )
                     .await;
                     match woke {
@@ -662,20 +772,25 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
             // answered the one before it, whichever is later: time spent queued behind
             // earlier statements of a coalesced or pipelined write is theirs, not its own.
             // Answers that arrive in one read share the time since the first one's start.
-            let start = inflight
-                .borrow()
-                .front()
-                .map(|f| last_answer.map_or(f.sent, |last: Instant| f.sent.max(last)));
-            // pgprism's own (resync) answers take no share: they are not recorded.
-            let clients = inflight
-                .borrow()
-                .iter()
-                .take(answered)
-                .filter(|f| !f.internal)
-                .count();
+            // pgprism's own (resync) answers and the untimed ones (read late) take no share:
+            // they are not recorded.
+            let (start, clients) = {
+                let inflight = inflight.borrow();
+                let mut timed = inflight
+                    .iter()
+                    .take(answered)
+                    .filter(|f| f.timed && !f.internal);
+                match timed.next() {
+                    Some(first) => (
+                        Some(last_answer.map_or(first.sent, |last: Instant| first.sent.max(last))),
+                        1 + timed.count(),
+                    ),
+                    None => (None, 0),
+                }
+            };
             let share = match start {
-                Some(start) if clients > 0 => (arrived - start) / clients as u32,
-                _ => Duration::ZERO,
+                Some(start) => arrived.saturating_duration_since(start) / clients.max(1) as u32,
+                None => Duration::ZERO,
             };
             if answered > 0 {
                 last_answer = Some(arrived);
@@ -684,7 +799,7 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                 let Some(done) = inflight.borrow_mut().pop_front() else {
                     break;
                 };
-                if !done.internal {
+                if !done.internal && done.timed {
                     let elapsed = share;
                     stats.record_latency(elapsed);
                     if done.fingerprint != 0 {
@@ -712,6 +827,36 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
     // included, so the writer's verdict is the one that counts.
     let (clean, ()) = futures_lite::future::zip(writer, reader).await;
     clean
+}
+
+enum Waiting {
+    Nothing,
+    Read(usize),
+    Closed,
+}
+
+/// A deferred read: takes what the mirror sent meanwhile, up to `DEFERRED_READ_MAX`.
+fn read_waiting(stream: &Stream, buf: &mut BytesMut) -> std::io::Result<Waiting> {
+    let mut total = 0;
+    while total < DEFERRED_READ_MAX {
+        match stream.read_now(buf, READ_CHUNK)? {
+            None => break,
+            // End-of-stream: what came before it is counted first; the next read says it.
+            Some(0) if total > 0 => break,
+            Some(0) => return Ok(Waiting::Closed),
+            Some(n) => {
+                total += n;
+                if n < READ_CHUNK {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(if total == 0 {
+        Waiting::Nothing
+    } else {
+        Waiting::Read(total)
+    })
 }
 
 fn count_sent(link: &Link, item: &Item) {

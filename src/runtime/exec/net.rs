@@ -432,6 +432,77 @@ impl Stream {
         }
     }
 
+    /// Whether reads may be deferred by [`set_read_low_water`](Self::set_read_low_water) and
+    /// made by [`read_now`](Self::read_now): plain TCP only. A Unix socket reports readable
+    /// whatever its low-water mark, and TLS must read whole records through its own buffer.
+    pub fn defers_reads(&self) -> bool {
+        !self.unix && self.tls.is_none()
+    }
+
+    /// SO_RCVLOWAT: the socket reports readable (and wakes its poll) only once this many bytes
+    /// are waiting, or at end-of-stream, on an error, or when its receive buffer runs short
+    /// (the kernel caps the mark at half the largest TCP receive buffer). 1 is the default.
+    pub fn set_read_low_water(&self, bytes: i32) -> io::Result<()> {
+        let bytes: libc::c_int = bytes.max(1);
+        // SAFETY: the option value is a live c_int of the given size.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.io.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&bytes as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Reads what is waiting now (at most `chunk` bytes) without waiting for the socket to
+    /// report readable, for a reader that chose when to read (see
+    /// [`set_read_low_water`](Self::set_read_low_water)). `Ok(None)`: nothing waiting;
+    /// `Ok(Some(0))`: end-of-stream. Plain sockets only (see
+    /// [`defers_reads`](Self::defers_reads)).
+    pub fn read_now(&self, buf: &mut BytesMut, chunk: usize) -> io::Result<Option<usize>> {
+        debug_assert!(self.tls.is_none(), "read_now bypasses TLS");
+        buf.reserve(chunk);
+        let spare = buf.spare_capacity_mut();
+        let want = spare.len().min(chunk.max(1));
+        loop {
+            // SAFETY: as in `read_buf`: the kernel writes at most `want` bytes into the spare
+            // capacity, and `set_len` marks exactly those as initialised.
+            let n = unsafe {
+                libc::recv(
+                    self.io.fd.as_raw_fd(),
+                    spare.as_mut_ptr().cast(),
+                    want,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 {
+                let n = n as usize;
+                // SAFETY: recv initialised exactly `n` bytes after the current length.
+                unsafe { buf.set_len(buf.len() + n) };
+                if n > 0 && n < want && !self.io.source.hup.get() {
+                    self.io.source.readable.set(false);
+                }
+                return Ok(Some(n));
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if would_block(&err) {
+                self.io.source.readable.set(false);
+                return Ok(None);
+            }
+            return Err(err);
+        }
+    }
+
     /// Shuts both directions down: every handle's reads see end-of-stream at once.
     pub fn shutdown(&self) {
         if let Some(tls) = &self.tls {
