@@ -1057,3 +1057,49 @@ fn ties_under_order_by_may_come_in_any_order_but_the_keys_may_not() {
     assert_eq!(coll.len(), 2, "{reports:?}");
     assert!(coll.iter().all(|r| kinds(r) == ["order"]), "{coll:?}");
 }
+
+#[test]
+fn a_client_that_stops_sending_still_gets_the_answers_held_for_the_shadow() {
+    use std::io::Write;
+    let p = pair("hc");
+    // The same answer from both, but one side takes longer, so either the primary or the
+    // shadow closes first once the client has sent all it will.
+    let slow_on = |port: u16| {
+        format!(
+            "SELECT 42, pg_sleep(CASE WHEN current_setting('port')::int = {port} THEN 0.3 ELSE 0 END)\0"
+        )
+    };
+    for source in ["primary", "shadow"] {
+        let proxy = p.proxy(&["--fail-on-differences", "--source-of-truth", source]);
+        for slow in [p.primary.port(), p.shadow.port()] {
+            let query = slow_on(slow);
+            let what = format!("source {source}, slow side on port {slow}");
+            // Half-closed: the query, then end-of-stream (no Terminate); it still reads.
+            let mut s = support::raw::connect_ready(proxy.listen);
+            s.write_all(&support::raw::message(b'Q', query.as_bytes()))
+                .unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut tags = Vec::new();
+            while let Some((tag, _)) = support::raw::read_message(&mut s) {
+                tags.push(tag);
+            }
+            assert_eq!(tags, b"TDCZ".to_vec(), "half-closed, {what}");
+            // A malformed frame after a query: the query's answer, then the FATAL.
+            let mut s = support::raw::connect_ready(proxy.listen);
+            let mut bytes = support::raw::message(b'Q', query.as_bytes());
+            bytes.extend_from_slice(&[b'Q', 0, 0, 0, 1]);
+            s.write_all(&bytes).unwrap();
+            let mut tags = Vec::new();
+            let mut code = None;
+            while let Some((tag, body)) = support::raw::read_message(&mut s) {
+                if tag == b'E' {
+                    code = support::raw::error_field(&body, b'C');
+                }
+                tags.push(tag);
+            }
+            assert_eq!(tags, b"TDCZE".to_vec(), "malformed frame, {what}");
+            assert_eq!(code.as_deref(), Some("08P01"), "{what}");
+        }
+        assert_no_mismatch_once_closed(&p, &proxy, 4);
+    }
+}

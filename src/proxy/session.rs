@@ -180,6 +180,12 @@ struct SessionShared {
     stamps: RefCell<VecDeque<(u64, Instant, u64)>>,
     /// The client is gone (or said Terminate): nothing more is written to it.
     client_ended: Cell<bool>,
+    /// The client said Terminate: it reads nothing more.
+    terminated: Cell<bool>,
+    /// The client sends nothing more (Terminate, end-of-stream or a malformed frame) and the
+    /// primary was told so: its closing then is the end of the client's statements, not a
+    /// failure, and what the shadow still owes is awaited (compare).
+    client_sent_all: Cell<bool>,
     /// An error to give the client before closing, set by the upstream pump.
     fatal: RefCell<Option<Bytes>>,
     closing: Cell<bool>,
@@ -513,6 +519,8 @@ async fn relay(
         done: Cell::new(0),
         stamps: RefCell::new(VecDeque::new()),
         client_ended: Cell::new(false),
+        terminated: Cell::new(false),
+        client_sent_all: Cell::new(false),
         fatal: RefCell::new(None),
         closing: Cell::new(false),
         extended_open: Cell::new(false),
@@ -759,6 +767,8 @@ async fn upstream(
         shared.client_ended.set(true);
     }
     if (client_left || bad_frame) && !primary_failed {
+        shared.terminated.set(terminated);
+        shared.client_sent_all.set(true);
         if !terminated && shared.ready.get() {
             let _ = primary.write_all(&[b'X', 0, 0, 0, 4]).await;
         }
@@ -1040,6 +1050,8 @@ async fn downstream_compare(
     let mut shadow_open = true;
     // The client and the primary are done; the shadow still runs what it was sent.
     let mut primary_done = false;
+    // A write to the client failed.
+    let mut client_gone = false;
     let mut flip = false;
     while running {
         flip = !flip;
@@ -1103,27 +1115,41 @@ async fn downstream_compare(
             // Nothing was read; `settle` below releases what waited for the shadow.
             Turn::ShadowGivenUp => {}
             Turn::Read(side, Ok(0) | Err(_)) => {
+                // The client sent all it will: the primary and the shadow close after their
+                // last answers, in either order, and what the client receives may still wait
+                // for the other one (fail-on-differences, or the shadow's own results).
+                let sent_all = shared.client_sent_all.get();
                 if side == PRIMARY {
-                    if shadow_open && comparer.source == PRIMARY && shared.client_ended.get() {
+                    if shadow_open && sent_all {
                         primary_done = true;
                         continue;
                     }
-                    break;
+                    if !sent_all {
+                        break;
+                    }
+                    // The shadow closed first: what it never answered is released unjudged.
+                    comparer.shadow_lost(&mut out);
+                    running = false;
+                } else if primary_done {
+                    // The shadow is done too (or took longer than the drain allows).
+                    comparer.shadow_lost(&mut out);
+                    running = false;
+                } else if sent_all {
+                    // Expected: the primary's last answers are still to come.
+                    shadow_open = false;
+                } else {
+                    shadow_open = false;
+                    if comparer.source == SHADOW {
+                        *shared.fatal.borrow_mut() = Some(error_bytes(
+                            "FATAL",
+                            sqlstate::CONNECTION_FAILURE,
+                            "pgprism lost the connection to the shadow (compare.source-of-truth = shadow)",
+                        ));
+                        break;
+                    }
+                    ShardStats::bump(&stats.counters.compare_shadow_lost, 1);
+                    comparer.shadow_lost(&mut out);
                 }
-                if primary_done {
-                    break;
-                }
-                shadow_open = false;
-                if comparer.source == SHADOW {
-                    *shared.fatal.borrow_mut() = Some(error_bytes(
-                        "FATAL",
-                        sqlstate::CONNECTION_FAILURE,
-                        "pgprism lost the connection to the shadow (compare.source-of-truth = shadow)",
-                    ));
-                    break;
-                }
-                ShardStats::bump(&stats.counters.compare_shadow_lost, 1);
-                comparer.shadow_lost(&mut out);
             }
             Turn::Read(side, Ok(_)) => {
                 let buf = if side == PRIMARY {
@@ -1164,7 +1190,9 @@ async fn downstream_compare(
             }
         }
         comparer.settle(stats, &mut out);
-        if shared.client_ended.get() {
+        // A client that half-closed, or sent a malformed frame, still reads its answers; one
+        // that said Terminate or cannot be written to does not.
+        if shared.terminated.get() || client_gone {
             out.clear();
         }
         for bytes in out.drain(..) {
@@ -1173,7 +1201,9 @@ async fn downstream_compare(
             shared.writing.set(false);
             if written.is_err() {
                 shared.client_ended.set(true);
-                running = false;
+                client_gone = true;
+                // While the shadow drains, the comparing goes on without the client.
+                running = primary_done;
                 break;
             }
             ShardStats::bump(&stats.counters.client_bytes_out, bytes.len() as u64);
