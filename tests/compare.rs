@@ -1103,3 +1103,87 @@ fn a_client_that_stops_sending_still_gets_the_answers_held_for_the_shadow() {
         assert_no_mismatch_once_closed(&p, &proxy, 4);
     }
 }
+
+#[test]
+fn a_shadow_left_in_a_failed_transaction_is_rolled_back_before_the_next_statement() {
+    let p = pair("rb");
+    p.both("CREATE TABLE t (id int); CREATE TABLE u (id int PRIMARY KEY)");
+    // Only the shadow has the row the transaction's last INSERT collides with.
+    p.shadow.psql("INSERT INTO u VALUES (1)").unwrap();
+    let shadow_port = p.shadow.port();
+    for mode in [&[][..], &["--fail-on-differences"][..]] {
+        p.both("TRUNCATE t");
+        p.primary.psql("TRUNCATE u").unwrap();
+        let proxy = p.proxy(mode);
+        let mut c = proxy.client();
+        c.batch_execute("BEGIN").unwrap();
+        // The primary commits at once; the shadow, slower, fails the INSERT and stays in a
+        // failed transaction block. Meanwhile the client (answered by the primary, in report
+        // mode) already sends its next statements.
+        let ending = format!(
+            "SELECT pg_sleep(CASE WHEN current_setting('port')::int = {shadow_port} THEN 0.5 ELSE 0 END); \
+             INSERT INTO u VALUES (1); COMMIT"
+        );
+        let result = c.batch_execute(&ending);
+        assert_eq!(result.is_err(), !mode.is_empty(), "{result:?}");
+        if mode.is_empty() {
+            // Outside any transaction on the primary: each commits at once, on the shadow too.
+            c.batch_execute("INSERT INTO t VALUES (2)").unwrap();
+            c.batch_execute("INSERT INTO t VALUES (3)").unwrap();
+            let n: i64 = c.query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
+            assert_eq!(n, 2);
+        } else {
+            // The client got the difference (XX000) and the primary's status, idle.
+            c.batch_execute("INSERT INTO t VALUES (2)").unwrap();
+            c.batch_execute("INSERT INTO t VALUES (3)").unwrap();
+        }
+        drop(c);
+        assert!(counter_reaches(&proxy, "pgprism_sessions_closed_total", 1));
+        assert_eq!(
+            p.shadow
+                .psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM t")
+                .unwrap()
+                .trim(),
+            "2,3",
+            "mode {mode:?}: the shadow ran the statements after the divergence outside it"
+        );
+        // Only the divergence itself differs: what follows is compared and agrees.
+        assert_eq!(
+            proxy.metric("pgprism_compare_mismatches_total"),
+            1,
+            "{:?}",
+            p.reports()
+        );
+        assert_eq!(proxy.metric("pgprism_compare_rollbacks_total"), 1);
+
+        // The other way round: the primary opens a transaction block, the shadow does not
+        // (the statement before the BEGIN fails there). The shadow gets a BEGIN of its own,
+        // so what the client then rolls back is rolled back there too.
+        p.primary.psql("TRUNCATE u").unwrap();
+        let mut c = proxy.client();
+        let opening = format!(
+            "SELECT pg_sleep(CASE WHEN current_setting('port')::int = {shadow_port} THEN 0.5 ELSE 0 END);              INSERT INTO u VALUES (1); BEGIN"
+        );
+        assert_eq!(c.batch_execute(&opening).is_err(), !mode.is_empty());
+        c.batch_execute("INSERT INTO t VALUES (4)").unwrap();
+        c.batch_execute("ROLLBACK").unwrap();
+        c.batch_execute("INSERT INTO t VALUES (5)").unwrap();
+        drop(c);
+        assert!(counter_reaches(&proxy, "pgprism_sessions_closed_total", 2));
+        assert_eq!(
+            p.shadow
+                .psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM t")
+                .unwrap()
+                .trim(),
+            "2,3,5",
+            "mode {mode:?}: the shadow kept what the primary rolled back"
+        );
+        assert_eq!(proxy.metric("pgprism_compare_begins_total"), 1);
+        assert_eq!(
+            proxy.metric("pgprism_compare_mismatches_total"),
+            2,
+            "{:?}",
+            p.reports()
+        );
+    }
+}

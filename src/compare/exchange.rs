@@ -11,6 +11,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
+use std::task::{Poll, Waker};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -42,6 +43,14 @@ pub struct Statement {
     /// Extended protocol with parameters: cannot be re-run for EXPLAIN.
     pub params: bool,
     pub primary_only: bool,
+    /// Opens or ends a transaction block (BEGIN, COMMIT, ROLLBACK...): with other statements
+    /// in the same sync point, the two sides may leave it in different states, so what
+    /// follows waits for both answers (see `Link::gate`).
+    pub transaction: bool,
+    /// Even alone it may leave the two sides apart: a BEGIN with options one engine may
+    /// refuse, or AND CHAIN. (A plain BEGIN opens a block on both; COMMIT and ROLLBACK end
+    /// it on both, failing or not.)
+    pub transaction_options: bool,
     /// Its result columns, once a Describe told them (per side).
     pub described: Rc<Described>,
 }
@@ -63,6 +72,8 @@ impl Statement {
             read_only: sql::classify(text.as_bytes()) == sql::Class::Select,
             params,
             primary_only: rules.primary_only(text),
+            transaction: sql::transaction(text.trim().as_bytes()).is_some(),
+            transaction_options: transaction_with_options(text),
             described: Rc::default(),
         }
     }
@@ -76,6 +87,8 @@ impl Statement {
             read_only: false,
             params: true,
             primary_only: false,
+            transaction: false,
+            transaction_options: false,
             described: Rc::default(),
         }
     }
@@ -89,6 +102,45 @@ struct SyncMeta {
     read_at: Instant,
 }
 
+/// A transaction-control statement that may leave the two sides apart even alone: a BEGIN
+/// or START TRANSACTION with anything after it (isolation level, access mode), or AND CHAIN.
+/// Anything not read plainly (comments) counts as such.
+fn transaction_with_options(text: &str) -> bool {
+    match sql::transaction(text.trim().as_bytes()) {
+        None => false,
+        Some(sql::Transaction::Commit { chain } | sql::Transaction::Rollback { chain }) => chain,
+        Some(sql::Transaction::Begin) => text
+            .trim()
+            .trim_end_matches(';')
+            .split_whitespace()
+            .skip(1)
+            .any(|w| !w.eq_ignore_ascii_case("WORK") && !w.eq_ignore_ascii_case("TRANSACTION")),
+    }
+}
+
+/// Whether a sync point of these statements gates what follows (see `Link::gate`).
+fn gates(statements: &[Rc<Statement>]) -> bool {
+    match statements {
+        [one] => one.transaction_options,
+        many => many.iter().any(|s| s.transaction || s.transaction_options),
+    }
+}
+
+/// Client bytes for the shadow, cut after each gating sync point.
+struct Segment {
+    frames: Vec<Bytes>,
+    bytes: usize,
+    /// Expectations of the answers to these frames (queued as they are written).
+    expects: Vec<Expect>,
+    /// Client sync points among them.
+    syncs: usize,
+    /// Ends with this gating sync point (see `Link::gate`).
+    gate: Option<u64>,
+}
+
+/// One shadow write carries at most about this much.
+const SHADOW_WRITE_BYTES: usize = 256 << 10;
+
 /// State both halves of a session's compare machinery see.
 pub struct Link {
     metas: RefCell<VecDeque<SyncMeta>>,
@@ -97,6 +149,24 @@ pub struct Link {
     /// forwarded.
     shadow_kinds: RefCell<VecDeque<bool>>,
     rollback_due: Cell<bool>,
+    /// The shadow left a transaction block the primary is in: a BEGIN goes first.
+    begin_due: Cell<bool>,
+    /// Client bytes for the shadow not yet written, in order (see [`ShadowWriter`]).
+    queue: RefCell<VecDeque<Segment>>,
+    queued_bytes: Cell<usize>,
+    /// A sync point written to the shadow that opens or ends a transaction block: the two
+    /// sides may leave it in different states (one failed, the other not), which `settle`
+    /// mends with a ROLLBACK or a BEGIN. What the client sent after it waits until it is
+    /// settled, so that it never runs in the shadow's stale transaction.
+    gate: Cell<Option<u64>>,
+    /// The session ended: the writer sends what is queued, then stops.
+    finished: Cell<bool>,
+    /// Nothing more goes to the shadow (it failed, fell behind, or the session is over).
+    dead: Cell<bool>,
+    /// A write to the shadow is under way (by the upstream half or the writer).
+    writing: Cell<bool>,
+    writer_waker: Cell<Option<Waker>>,
+    space_waker: Cell<Option<Waker>>,
     /// What each side's answers are read against: [primary, shadow].
     expects: [Expects; 2],
     /// Sync points planned so far (the next one's number).
@@ -126,9 +196,11 @@ pub struct Upstream {
     /// its Sync decides whether the shadow gets the batch.
     held: BytesMut,
     copy_to_shadow: bool,
-    /// What the current client batch sends the shadow.
+    /// What the current client batch sends the shadow: the segment being filled, and those
+    /// already cut after a gating sync point.
     out: Vec<Bytes>,
     out_syncs: usize,
+    segments: Vec<Segment>,
     /// The shadow connection failed: nothing more is sent to it.
     dead: bool,
     /// COPY FROM STDIN started by an Execute: the servers ignore the Syncs the client sends
@@ -156,6 +228,7 @@ impl Upstream {
         self.out.clear();
         self.out_syncs = 0;
         self.out_expects.clear();
+        self.segments.clear();
         let routes = self.target.rules.routes();
         // A Flush after the batch's last Sync: the client waits for answers before it syncs.
         let last_sync = offsets.iter().rposition(|o| o.0 == tag::SYNC);
@@ -205,10 +278,15 @@ impl Upstream {
                         .collect();
                     let shadow = !(routes && self.target.rules.primary_only(text));
                     self.copy_to_shadow = shadow;
+                    let gates = gates(&statements);
+                    let seq = self.link.planned.get();
                     self.push_meta(statements, shadow, read_at);
                     if shadow {
                         self.send(frame(), true);
                         self.out_expects.push(Expect::Sync);
+                        if gates {
+                            self.cut(Some(seq));
+                        }
                     }
                 }
                 tag::PARSE => {
@@ -284,6 +362,8 @@ impl Upstream {
                     self.batch_primary_only = false;
                     // A COPY this batch started follows the batch's routing.
                     self.copy_to_shadow = shadow;
+                    let gates = gates(&statements);
+                    let seq = self.link.planned.get();
                     self.push_meta(statements, shadow, read_at);
                     let held = self.held.split().freeze();
                     if shadow {
@@ -293,6 +373,9 @@ impl Upstream {
                         self.send(frame(), true);
                         self.out_expects.append(&mut self.held_expects);
                         self.out_expects.push(Expect::Sync);
+                        if gates {
+                            self.cut(Some(seq));
+                        }
                     } else {
                         self.held_expects.clear();
                     }
@@ -339,6 +422,8 @@ impl Upstream {
                         // connection: never re-run.
                         params: true,
                         primary_only: inner.primary_only,
+                        transaction: inner.transaction,
+                        transaction_options: inner.transaction_options,
                         described: inner.described.clone(),
                     });
                 }
@@ -418,42 +503,57 @@ impl Upstream {
         }
     }
 
-    /// Writes what [`plan`](Self::plan) prepared to the shadow (after the primary write).
-    /// `false`: the shadow connection failed.
+    /// Ends the segment being filled; `gate`: it ends with that gating sync point.
+    fn cut(&mut self, gate: Option<u64>) {
+        if self.out.is_empty() && self.out_expects.is_empty() && gate.is_none() {
+            return;
+        }
+        let frames = std::mem::take(&mut self.out);
+        self.segments.push(Segment {
+            bytes: frames.iter().map(Bytes::len).sum(),
+            frames,
+            expects: std::mem::take(&mut self.out_expects),
+            syncs: std::mem::take(&mut self.out_syncs),
+            gate,
+        });
+    }
+
+    /// Queues what [`plan`](Self::plan) prepared for the shadow (after the primary write);
+    /// the session's [`ShadowWriter`] writes it. Waits while more than
+    /// `compare.shadow-queue-bytes-max` is queued. `false`: the shadow connection failed.
     pub async fn write(&mut self) -> bool {
-        if self.dead {
+        let link = self.link.clone();
+        if self.dead || link.dead.get() {
             self.out.clear();
             self.out_expects.clear();
-            return true;
+            self.segments.clear();
+            return !link.dead.get();
         }
-        let mut buf = BytesMut::new();
-        {
-            // Queued before the bytes go out, so the answers always find them.
-            let mut expects = self.link.expects[SHADOW].borrow_mut();
-            if self.link.rollback_due.replace(false) {
-                let _ = wire::encode::query(&mut buf, "ROLLBACK");
-                self.link.shadow_kinds.borrow_mut().push_back(true);
-                expects.push_back(Expect::Sync);
-            }
-            expects.extend(self.out_expects.drain(..));
-        }
-        if self.out.is_empty() && buf.is_empty() {
+        self.cut(None);
+        if self.segments.is_empty() {
             return true;
         }
         {
-            let mut kinds = self.link.shadow_kinds.borrow_mut();
-            for _ in 0..self.out_syncs {
-                kinds.push_back(false);
+            let mut queue = link.queue.borrow_mut();
+            for segment in self.segments.drain(..) {
+                link.queued_bytes
+                    .set(link.queued_bytes.get() + segment.bytes);
+                queue.push_back(segment);
             }
         }
-        if buf.is_empty() && self.out.len() == 1 {
-            let frame = self.out.pop().unwrap_or_default();
-            return self.shadow.write_all(&frame).await.is_ok();
-        }
-        for frame in self.out.drain(..) {
-            buf.extend_from_slice(&frame);
-        }
-        self.shadow.write_all(&buf).await.is_ok()
+        // Mostly written here and now, as the client's batch arrived; what a gate holds
+        // back goes later, from the writer.
+        write_ready(&link, &self.shadow).await;
+        let max = self.target.cfg.shadow_queue_bytes_max;
+        futures_lite::future::poll_fn(|cx| {
+            if link.dead.get() || link.queued_bytes.get() <= max {
+                return Poll::Ready(());
+            }
+            link.space_waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await;
+        !link.dead.get()
     }
 
     pub fn mark_dead(&mut self) {
@@ -462,9 +562,147 @@ impl Upstream {
 
     /// The client left: end the shadow session too, once it has run everything it was sent
     /// (the downstream pump keeps reading it until it closes, bounded in time).
-    pub async fn finish(&self, said_terminate: bool) {
+    pub fn finish(&mut self, said_terminate: bool) {
         if !said_terminate && !self.dead {
-            let _ = self.shadow.write_all(&[b'X', 0, 0, 0, 4]).await;
+            self.out.clear();
+            self.out_expects.clear();
+            self.out_syncs = 0;
+            self.out.push(Bytes::from_static(&[b'X', 0, 0, 0, 4]));
+            self.cut(None);
+            let mut queue = self.link.queue.borrow_mut();
+            for segment in self.segments.drain(..) {
+                self.link
+                    .queued_bytes
+                    .set(self.link.queued_bytes.get() + segment.bytes);
+                queue.push_back(segment);
+            }
+        }
+        self.link.finished.set(true);
+        if let Some(w) = self.link.writer_waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// The only writer of a compare session's shadow connection: writes the client's bytes as
+/// the upstream half queues them, holding back what follows a gating sync point until that
+/// point is settled (and the shadow brought back in step when it diverged).
+pub struct ShadowWriter {
+    link: Rc<Link>,
+    shadow: Stream,
+}
+
+impl ShadowWriter {
+    /// Writes what becomes writable while the upstream half is not there to do it: what
+    /// waited behind a gate, or what was queued during another write.
+    pub async fn run(self) {
+        let link = &self.link;
+        loop {
+            let go = futures_lite::future::poll_fn(|cx| {
+                if link.dead.get() {
+                    return Poll::Ready(false);
+                }
+                if link.queue.borrow().is_empty() {
+                    if link.finished.get() {
+                        return Poll::Ready(false);
+                    }
+                } else if link.gate.get().is_none() && !link.writing.get() {
+                    return Poll::Ready(true);
+                }
+                link.writer_waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            })
+            .await;
+            if !go {
+                break;
+            }
+            write_ready(link, &self.shadow).await;
+        }
+    }
+}
+
+/// Writes to the shadow what may go now (a ROLLBACK or BEGIN that is due, then queued
+/// segments up to the next gate), unless another write is under way or nothing may go.
+async fn write_ready(link: &Link, shadow: &Stream) {
+    while !link.writing.get() && !link.dead.get() && link.gate.get().is_none() {
+        if link.queue.borrow().is_empty() {
+            break;
+        }
+        let mut frames: Vec<Bytes> = Vec::new();
+        let mut bytes = 0;
+        {
+            // Queued before the bytes go out, so the answers always find them.
+            let mut expects = link.expects[SHADOW].borrow_mut();
+            let mut kinds = link.shadow_kinds.borrow_mut();
+            for (due, sql) in [(&link.rollback_due, "ROLLBACK"), (&link.begin_due, "BEGIN")] {
+                if due.replace(false) {
+                    let mut buf = BytesMut::new();
+                    let _ = wire::encode::query(&mut buf, sql);
+                    bytes += buf.len();
+                    frames.push(buf.freeze());
+                    kinds.push_back(true);
+                    expects.push_back(Expect::Sync);
+                }
+            }
+            while link.gate.get().is_none() && bytes < SHADOW_WRITE_BYTES {
+                let Some(segment) = link.queue.borrow_mut().pop_front() else {
+                    break;
+                };
+                link.queued_bytes
+                    .set(link.queued_bytes.get().saturating_sub(segment.bytes));
+                bytes += segment.bytes;
+                frames.extend(segment.frames);
+                expects.extend(segment.expects);
+                for _ in 0..segment.syncs {
+                    kinds.push_back(false);
+                }
+                if segment.gate.is_some() {
+                    link.gate.set(segment.gate);
+                }
+            }
+        }
+        if let Some(w) = link.space_waker.take() {
+            w.wake();
+        }
+        link.writing.set(true);
+        // One frame goes out as is (zero-copy); several in one buffer write.
+        let written = match frames.as_slice() {
+            [] => Ok(()),
+            [frame] => shadow.write_all(frame).await,
+            _ => {
+                let mut buf = BytesMut::with_capacity(bytes);
+                for frame in &frames {
+                    buf.extend_from_slice(frame);
+                }
+                shadow.write_all(&buf).await
+            }
+        };
+        link.writing.set(false);
+        if written.is_err() {
+            link.stop();
+            return;
+        }
+    }
+    // Queued meanwhile (or released while this write was under way): the writer's turn.
+    if !link.queue.borrow().is_empty()
+        && let Some(w) = link.writer_waker.take()
+    {
+        w.wake();
+    }
+}
+
+impl Link {
+    /// Nothing more is written to the shadow; whoever waits on the queue is released.
+    fn stop(&self) {
+        self.dead.set(true);
+        self.gate.set(None);
+        self.queue.borrow_mut().clear();
+        self.queued_bytes.set(0);
+        if let Some(w) = self.writer_waker.take() {
+            w.wake();
+        }
+        if let Some(w) = self.space_waker.take() {
+            w.wake();
         }
     }
 }
@@ -479,11 +717,20 @@ impl Tracker {
         shadow: Stream,
         session: u64,
         params: Vec<(String, String)>,
-    ) -> (Upstream, Comparer) {
+    ) -> (Upstream, Comparer, ShadowWriter) {
         let link = Rc::new(Link {
             metas: RefCell::new(VecDeque::new()),
             shadow_kinds: RefCell::new(VecDeque::new()),
             rollback_due: Cell::new(false),
+            begin_due: Cell::new(false),
+            queue: RefCell::new(VecDeque::new()),
+            queued_bytes: Cell::new(0),
+            gate: Cell::new(None),
+            finished: Cell::new(false),
+            dead: Cell::new(false),
+            writing: Cell::new(false),
+            writer_waker: Cell::new(None),
+            space_waker: Cell::new(None),
             expects: [Expects::default(), Expects::default()],
             planned: Cell::new(0),
             copy_in_seen: Cell::new(false),
@@ -505,6 +752,7 @@ impl Tracker {
             copy_to_shadow: true,
             out: Vec::new(),
             out_syncs: 0,
+            segments: Vec::new(),
             dead: false,
             after_execute: false,
             syncs_after_execute: 0,
@@ -532,7 +780,11 @@ impl Tracker {
             transaction: 0,
             params: Rc::new(params),
         };
-        (up, down)
+        let writer = ShadowWriter {
+            link: up.link.clone(),
+            shadow: up.shadow.clone(),
+        };
+        (up, down, writer)
     }
 }
 
@@ -572,6 +824,11 @@ impl Comparer {
 
     pub fn shadow_alive(&self) -> bool {
         self.shadow_alive
+    }
+
+    /// The session is over: the shadow writer stops.
+    pub fn stop_shadow_writes(&self) {
+        self.link.stop();
     }
 
     /// Feeds complete messages read from `side` (after startup); the bytes for the client
@@ -774,6 +1031,7 @@ impl Comparer {
     /// The shadow is gone: stop comparing and release whatever waits for it.
     pub fn shadow_lost(&mut self, out: &mut Vec<Bytes>) {
         self.shadow_alive = false;
+        self.link.stop();
         self.done[SHADOW].clear();
         self.link.expects[SHADOW].borrow_mut().clear();
         if !self.pending.is_empty() {
@@ -823,6 +1081,13 @@ impl Comparer {
             }
             if let Some(shadow) = &shadow {
                 self.track_status(primary.status, shadow.status, stats);
+            }
+            if self.link.gate.get() == Some(seq) {
+                // Settled (and mended, if it diverged): what waited behind it may go.
+                self.link.gate.set(None);
+                if let Some(w) = self.link.writer_waker.take() {
+                    w.wake();
+                }
             }
             if primary.status == b'I' {
                 self.transaction += 1;
@@ -889,6 +1154,12 @@ impl Comparer {
             self.link.rollback_due.set(true);
             self.diverged = false;
             ShardStats::bump(&stats.counters.compare_rollbacks, 1);
+        } else if primary != b'I' && shadow == b'I' {
+            // The primary opened a transaction block the shadow did not (its BEGIN failed, or
+            // a statement before it in the same query): open one there too, so the statements
+            // that follow are undone with the primary's. Still diverged until both are idle.
+            self.link.begin_due.set(true);
+            ShardStats::bump(&stats.counters.compare_begins, 1);
         }
     }
 
@@ -1115,4 +1386,29 @@ fn detail(record: &Record) -> String {
         side(&record.primary),
         side(&record.shadow)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_transaction_statements_may_leave_the_sides_apart_alone() {
+        for (text, options) in [
+            ("BEGIN", false),
+            ("begin work;", false),
+            ("START TRANSACTION", false),
+            ("BEGIN ISOLATION LEVEL SERIALIZABLE", true),
+            ("START TRANSACTION READ ONLY", true),
+            ("COMMIT", false),
+            ("END", false),
+            ("ROLLBACK", false),
+            ("COMMIT AND CHAIN", true),
+            ("ROLLBACK AND CHAIN", true),
+            ("ROLLBACK TO SAVEPOINT a", false),
+            ("SELECT 1", false),
+        ] {
+            assert_eq!(transaction_with_options(text), options, "{text}");
+        }
+    }
 }

@@ -24,7 +24,7 @@ use crate::config::{CompareConfig, Config, Endpoint, LiveEndpoint, PgUrl, Source
 use crate::proxy::backend;
 use crate::runtime::exec::net::Stream;
 
-pub use exchange::{Comparer, Fed, PRIMARY, SHADOW, Tracker, Upstream};
+pub use exchange::{Comparer, Fed, PRIMARY, SHADOW, ShadowWriter, Tracker, Upstream};
 pub use rules::{Rules, parse_equivalence};
 pub use verdict::Kind;
 

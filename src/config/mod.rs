@@ -139,6 +139,10 @@ pub struct CompareConfig {
     /// Sync points the primary has answered and the shadow not yet, per session; beyond it
     /// the session stops comparing, as on a timeout.
     pub shadow_lag_max: usize,
+    /// Client bytes per session waiting to be written to the shadow, held behind a
+    /// transaction-control statement until both sides answered it; beyond it the client's
+    /// reads wait (backpressure).
+    pub shadow_queue_bytes_max: usize,
 }
 
 impl Default for CompareConfig {
@@ -168,6 +172,7 @@ impl Default for CompareConfig {
             connect_timeout_ms: 5_000,
             shadow_timeout_ms: 30_000,
             shadow_lag_max: 10_000,
+            shadow_queue_bytes_max: 4 << 20,
         }
     }
 }
@@ -938,6 +943,7 @@ impl Config {
         }
         for (key, value) in [
             ("compare.buffer-bytes-max", c.buffer_bytes_max),
+            ("compare.shadow-queue-bytes-max", c.shadow_queue_bytes_max),
             ("compare.report-queue-max", c.report_queue_max),
             ("compare.statement-bytes-max", c.statement_bytes_max),
             ("compare.connect-timeout-ms", c.connect_timeout_ms as usize),

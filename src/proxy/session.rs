@@ -553,7 +553,7 @@ async fn relay(
                 )
                 .await;
             }
-            Some((up, down)) => {
+            Some((up, down, writer)) => {
                 let shadow = up.shadow.clone();
                 futures_lite::future::zip(
                     upstream(
@@ -565,7 +565,10 @@ async fn relay(
                         router,
                         Some(up),
                     ),
-                    downstream_compare(shard, &shared, primary, shadow, client, down),
+                    futures_lite::future::zip(
+                        downstream_compare(shard, &shared, primary, shadow, client, down),
+                        writer.run(),
+                    ),
                 )
                 .await;
             }
@@ -781,8 +784,8 @@ async fn upstream(
         // Wake the downstream pump: it sees end-of-stream from the primary and finishes.
         primary.shutdown();
     }
-    if let Some(up) = compare {
-        up.finish(terminated).await;
+    if let Some(mut up) = compare {
+        up.finish(terminated);
     }
     if let Some(router) = router {
         for link in router.links() {
@@ -1209,6 +1212,7 @@ async fn downstream_compare(
             ShardStats::bump(&stats.counters.client_bytes_out, bytes.len() as u64);
         }
     }
+    comparer.stop_shadow_writes();
     say_goodbye(shard, shared, &client, farewell).await;
     client.shutdown();
     shadow.shutdown();

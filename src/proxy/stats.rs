@@ -67,6 +67,7 @@ counters! {
     compare_skipped: "statements not compared (excluded, diverged transaction, shadow unavailable)",
     compare_fallbacks: "fail-on-differences mismatches above compare.buffer-bytes-max: streamed and only reported",
     compare_rollbacks: "ROLLBACKs sent to a shadow left in a transaction the primary had ended",
+    compare_begins: "BEGINs sent to a shadow left outside a transaction the primary had opened",
     compare_slow: "statements slower on the shadow than compare.slow-query-ratio",
     compare_explains: "EXPLAIN (ANALYZE, BUFFERS) runs for slow statements",
     compare_reports_dropped: "mismatch reports dropped because the ring to the control thread was full",
