@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Interleaved A/B: two pgprism processes with different arguments in front of the same primary
+# (and, with MIRROR=1, the same mirror), pgbench against each in turn, ROUNDS times. On a
+# shared machine whose speed drifts by ±20% between runs, only alternating rounds resolve a
+# difference of a few percent. Prints TPS and each pgprism's CPU microseconds per transaction.
+#
+#   A="" B="--mirror-flush-delay-us 20000" MIRROR=1 benches/ab-pgbench.sh
+#   A="--mirror-latency-sample-every 1" B="" MIRROR=1 LOADS="S N" ROUNDS=5 benches/ab-pgbench.sh
+#   PGPRISM_A=/tmp/pgprism-old A="" B="" benches/ab-pgbench.sh    # two builds
+#
+# With MIRROR=1 both get `--mirror <mirror> --mirror-all-queries` before their own arguments.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-8}
+ROUNDS=${ROUNDS:-3}
+LOADS=${LOADS:-"S N"}
+CLIENTS=${CLIENTS:-16}
+SCALE=${SCALE:-10}
+MIRROR=${MIRROR:-0}
+A=${A:-}
+B=${B:-}
+cargo build --release --quiet
+PGPRISM_A=${PGPRISM_A:-$PWD/target/release/pgprism}
+PGPRISM_B=${PGPRISM_B:-$PWD/target/release/pgprism}
+. benches/common.sh
+
+start_pg primary 55611
+pgbench -h 127.0.0.1 -p 55611 -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
+COMMON=(--primary postgres://127.0.0.1:55611)
+if [ "$MIRROR" = 1 ]; then
+  start_pg mirror 55612
+  pgbench -h 127.0.0.1 -p 55612 -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
+  COMMON+=(--mirror postgres://postgres@127.0.0.1:55612/postgres --mirror-all-queries)
+fi
+# shellcheck disable=SC2086 # A and B are argument lists
+PGPRISM=$PGPRISM_A start_pgprism 55613 "${COMMON[@]}" $A
+PID_A=$PRISM_PID
+# shellcheck disable=SC2086
+PGPRISM=$PGPRISM_B start_pgprism 55614 "${COMMON[@]}" $B
+PID_B=$PRISM_PID
+echo "== A: ${A:-(no extra arguments)}"
+echo "== B: ${B:-(no extra arguments)}"
+printf '%-6s %-6s %-3s %10s %14s\n' round load arm tps cpu_us_per_tx
+for r in $(seq "$ROUNDS"); do
+  for load in $LOADS; do
+    bench 55613 "$PID_A" -"$load" -c "$CLIENTS" -j 2 -T "$DURATION"
+    printf '%-6s %-6s %-3s %10.0f %14s\n' "$r" "-$load" A "$TPS" "$CPU"
+    bench 55614 "$PID_B" -"$load" -c "$CLIENTS" -j 2 -T "$DURATION"
+    printf '%-6s %-6s %-3s %10.0f %14s\n' "$r" "-$load" B "$TPS" "$CPU"
+  done
+done
