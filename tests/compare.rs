@@ -1187,3 +1187,42 @@ fn a_shadow_left_in_a_failed_transaction_is_rolled_back_before_the_next_statemen
         );
     }
 }
+
+#[test]
+fn a_copy_in_the_same_query_as_begin_is_not_held_back_from_the_shadow() {
+    use std::io::Write;
+    let p = pair("gc");
+    p.both("CREATE TABLE cp (a int)");
+    for source in ["primary", "shadow"] {
+        let proxy = p.proxy(&["--fail-on-differences", "--source-of-truth", source]);
+        let mut s = support::raw::connect_ready(proxy.listen);
+        // A transaction statement with others in one query holds what follows off the
+        // shadow until both answered it; the COPY's own data must not wait with it.
+        s.write_all(&support::raw::message(b'Q', b"BEGIN; COPY cp FROM STDIN\0"))
+            .unwrap();
+        let mut tags = Vec::new();
+        while let Some((tag, _)) = support::raw::read_message(&mut s) {
+            tags.push(tag);
+            if tag == b'G' {
+                break;
+            }
+        }
+        assert_eq!(tags, b"CG".to_vec(), "source {source}");
+        let mut data = support::raw::message(b'd', b"1\n2\n");
+        data.extend(support::raw::message(b'c', &[]));
+        s.write_all(&data).unwrap();
+        let answered = support::raw::read_until_ready(&mut s);
+        let tags: Vec<u8> = answered.iter().map(|m| m.0).collect();
+        assert_eq!(tags, b"CZ".to_vec(), "source {source}");
+        s.write_all(&support::raw::message(b'Q', b"COMMIT\0"))
+            .unwrap();
+        let answered = support::raw::read_until_ready(&mut s);
+        assert_eq!(answered.first().map(|m| m.0), Some(b'C'));
+        drop(s);
+        assert_no_mismatch_once_closed(&p, &proxy, 1);
+    }
+    assert_eq!(
+        p.shadow.psql("SELECT count(*) FROM cp").unwrap().trim(),
+        "4"
+    );
+}

@@ -1494,3 +1494,78 @@ fn a_mirror_that_stops_answering_late_read_statements_times_out() {
         proxy.admin_get("/metrics").1
     );
 }
+
+#[test]
+fn a_client_that_leaves_with_a_backlog_gets_its_late_answers_counted() {
+    use std::io::Write;
+    use support::raw::{message, read_until_ready};
+    let (p, m1) = primary_and_mirror(
+        "bp",
+        "bm",
+        "CREATE TABLE w (id int); CREATE TABLE locked (a int, b text)",
+    );
+    // Late reads (1 ms flush delay), large queues so nothing is cut, and a statement timeout
+    // far below the test's patience: an answer left unread shows up as a timeout.
+    let proxy = Proxy::start(
+        &p.url(),
+        &[
+            "--mirror",
+            &mirror_url(&m1),
+            "--mirror-flush-delay-us",
+            "1000",
+            "--mirror-timeout",
+            "10s",
+            "--mirror-queue-bytes",
+            "400000000",
+            "--mirror-queue-messages",
+            "1000000",
+        ],
+    );
+    let line = format!("1\t{}\n", "y".repeat(200));
+    let mut want = 0u64;
+    for round in 0..2u64 {
+        let lines = 100_000 + 330 * round as usize;
+        want += lines as u64 + 2;
+        // The mirror cannot take the COPY: its data backs up in pgprism's writes, and the
+        // client leaves while they are under way.
+        let lock = lock_table(&m1, "locked");
+        let mut s = support::raw::connect_ready(proxy.listen);
+        for _ in 0..2 {
+            s.write_all(&message(b'Q', b"INSERT INTO w VALUES (1)\0"))
+                .unwrap();
+            read_until_ready(&mut s);
+            // Separate writes to the mirror (each past the 1 ms flush delay).
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        s.write_all(&message(b'Q', b"COPY locked FROM STDIN\0"))
+            .unwrap();
+        for chunk in line.repeat(lines).as_bytes().chunks(8192) {
+            s.write_all(&message(b'd', chunk)).unwrap();
+        }
+        s.write_all(&message(b'c', &[])).unwrap();
+        let answer = read_until_ready(&mut s);
+        assert_eq!(answer.last().map(|m| m.0), Some(b'Z'));
+        s.write_all(&message(b'X', &[])).unwrap();
+        drop(s);
+        // Meanwhile the late reads find nothing: the mirror is stuck behind the lock.
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(lock);
+        // Once the client is gone its last answers are read as they arrive: all counted
+        // before the statement timeout.
+        assert!(
+            eventually(Duration::from_secs(30), || proxy
+                .metric("pgprism_mirror_rows_total")
+                >= want
+                || proxy.metric("pgprism_mirror_timeouts_total") > 0),
+            "{}",
+            proxy.admin_get("/metrics").1
+        );
+        assert_eq!(
+            proxy.metric("pgprism_mirror_timeouts_total"),
+            0,
+            "round {round}: {}",
+            proxy.admin_get("/metrics").1
+        );
+        assert_eq!(proxy.metric("pgprism_mirror_rows_total"), want);
+    }
+}

@@ -51,6 +51,9 @@ pub struct Statement {
     /// refuse, or AND CHAIN. (A plain BEGIN opens a block on both; COMMIT and ROLLBACK end
     /// it on both, failing or not.)
     pub transaction_options: bool,
+    /// A COPY: the client's data for it follows its sync point, so that sync point never
+    /// gates (the shadow could not answer it without the data held behind the gate).
+    pub copy: bool,
     /// Its result columns, once a Describe told them (per side).
     pub described: Rc<Described>,
 }
@@ -74,6 +77,10 @@ impl Statement {
             primary_only: rules.primary_only(text),
             transaction: sql::transaction(text.trim().as_bytes()).is_some(),
             transaction_options: transaction_with_options(text),
+            copy: text
+                .trim_start()
+                .get(..4)
+                .is_some_and(|w| w.eq_ignore_ascii_case("COPY")),
             described: Rc::default(),
         }
     }
@@ -89,6 +96,7 @@ impl Statement {
             primary_only: false,
             transaction: false,
             transaction_options: false,
+            copy: false,
             described: Rc::default(),
         }
     }
@@ -118,8 +126,13 @@ fn transaction_with_options(text: &str) -> bool {
     }
 }
 
-/// Whether a sync point of these statements gates what follows (see `Link::gate`).
+/// Whether a sync point of these statements gates what follows (see `Link::gate`). Never
+/// one with a COPY, or one whose statements are unknown (an Execute of a portal not seen):
+/// their data and answers must flow.
 fn gates(statements: &[Rc<Statement>]) -> bool {
+    if statements.iter().any(|s| s.copy || s.text.is_empty()) {
+        return false;
+    }
     match statements {
         [one] => one.transaction_options,
         many => many.iter().any(|s| s.transaction || s.transaction_options),
@@ -424,6 +437,7 @@ impl Upstream {
                         primary_only: inner.primary_only,
                         transaction: inner.transaction,
                         transaction_options: inner.transaction_options,
+                        copy: inner.copy,
                         described: inner.described.clone(),
                     });
                 }

@@ -503,6 +503,10 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
     };
     // The socket's low-water mark is raised: answers wait in it without waking the shard.
     let raised = Cell::new(false);
+    // A late read found nothing: the mirror takes longer than the flush delay (a lock wait,
+    // a long statement). Until it answers, the reader waits for the answer rather than
+    // polling for it once per flush delay.
+    let slow = Cell::new(false);
     let set_mark = |raise: bool| {
         if raise == raised.get() {
             return;
@@ -550,10 +554,16 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
             let now = Instant::now();
             let timed = defer.is_none() || writes.is_multiple_of(sample_every);
             // Before the write, so no answer to it can wake the shard: raised for an untimed
-            // write unless timed answers are still due (the reader lowers it when it reads
-            // them, and raises it when only untimed ones remain).
+            // write unless the reader reads as answers arrive anyway (timed answers due, the
+            // client gone, or a mirror slower than the flush delay); the reader raises it again
+            // when only untimed answers remain.
             if defer.is_some() && !link.queue.borrow().is_empty() {
-                set_mark(!timed && !inflight.borrow().iter().any(|f| f.timed));
+                set_mark(
+                    !timed
+                        && !link.client_done.get()
+                        && !slow.get()
+                        && !inflight.borrow().iter().any(|f| f.timed),
+                );
             }
             while let Some(item) = link.pop() {
                 link.target.stats.note_lag(now - item.enqueued);
@@ -637,6 +647,7 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                 // write follows them or the client left (its last answers are awaited).
                 let deferred = defer.filter(|_| {
                     !link.client_done.get()
+                        && !slow.get()
                         && inflight.front().is_some_and(|f| !f.timed)
                         && !inflight.back().is_some_and(|f| f.timed)
                 });
@@ -691,7 +702,10 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                                     tracing::debug!(mirror = %link.target.name, "mirror statement timed out");
                                     break;
                                 }
-                                Ok(Waiting::Nothing) => continue,
+                                Ok(Waiting::Nothing) => {
+                                    slow.set(true);
+                                    continue;
+                                }
                             }
                         }
                     }
@@ -736,7 +750,7 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
             };
             match read {
                 Ok(0) | Err(_) => break,
-                Ok(_) => {}
+                Ok(_) => slow.set(false),
             }
             let arrived = Instant::now();
             let mut answered = 0usize;
@@ -772,25 +786,23 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
             // answered the one before it, whichever is later: time spent queued behind
             // earlier statements of a coalesced or pipelined write is theirs, not its own.
             // Answers that arrive in one read share the time since the first one's start.
-            // pgprism's own (resync) answers and the untimed ones (read late) take no share:
-            // they are not recorded.
-            let (start, clients) = {
-                let inflight = inflight.borrow();
-                let mut timed = inflight
-                    .iter()
-                    .take(answered)
-                    .filter(|f| f.timed && !f.internal);
-                match timed.next() {
-                    Some(first) => (
-                        Some(last_answer.map_or(first.sent, |last: Instant| first.sent.max(last))),
-                        1 + timed.count(),
-                    ),
-                    None => (None, 0),
-                }
-            };
+            // pgprism's own (resync) answers take no share. Untimed ones (read late) take
+            // theirs but are not recorded.
+            let start = inflight
+                .borrow()
+                .front()
+                .map(|f| last_answer.map_or(f.sent, |last: Instant| f.sent.max(last)));
+            let clients = inflight
+                .borrow()
+                .iter()
+                .take(answered)
+                .filter(|f| !f.internal)
+                .count();
             let share = match start {
-                Some(start) => arrived.saturating_duration_since(start) / clients.max(1) as u32,
-                None => Duration::ZERO,
+                Some(start) if clients > 0 => {
+                    arrived.saturating_duration_since(start) / clients as u32
+                }
+                _ => Duration::ZERO,
             };
             if answered > 0 {
                 last_answer = Some(arrived);
