@@ -7,7 +7,10 @@
 #   A="" B="--mirror-flush-delay-us 20000" MIRROR=1 benches/ab-pgbench.sh
 #   A="--mirror-latency-sample-every 1" B="" MIRROR=1 LOADS="S N" ROUNDS=5 benches/ab-pgbench.sh
 #   PGPRISM_A=/tmp/pgprism-old A="" B="" benches/ab-pgbench.sh    # two builds
+#   TRANSPORT=unix PGPRISM_A=/tmp/pgprism-old benches/ab-pgbench.sh
 #
+# TRANSPORT=unix: pgbench reaches each pgprism, and each pgprism the primary, through Unix
+# sockets (as in benches/proxy-pgbench.sh).
 # With MIRROR=1 both get `--mirror <mirror> --mirror-all-queries` before their own arguments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +20,7 @@ LOADS=${LOADS:-"S N"}
 CLIENTS=${CLIENTS:-16}
 SCALE=${SCALE:-10}
 MIRROR=${MIRROR:-0}
+TRANSPORT=${TRANSPORT:-tcp}
 A=${A:-}
 B=${B:-}
 cargo build --release --quiet
@@ -27,6 +31,10 @@ PGPRISM_B=${PGPRISM_B:-$PWD/target/release/pgprism}
 start_pg primary 55611
 pgbench -h 127.0.0.1 -p 55611 -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
 COMMON=(--primary postgres://127.0.0.1:55611)
+if [ "$TRANSPORT" = unix ]; then
+  CLIENT_HOST=$WORK
+  COMMON=(--primary "postgres://postgres@/postgres?host=$WORK&port=55611" --unix-socket-dir "$WORK")
+fi
 if [ "$MIRROR" = 1 ]; then
   start_pg mirror 55612
   pgbench -h 127.0.0.1 -p 55612 -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
