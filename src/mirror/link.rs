@@ -637,6 +637,10 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
     let reader = async {
         let stats = &link.target.stats;
         let timeout = Duration::from_millis(link.target.cfg.timeout_ms);
+        let timed_out = || {
+            MirrorStats::bump(&stats.counters.timeouts, 1);
+            tracing::debug!(mirror = %link.target.name, "mirror statement timed out");
+        };
         let mut buf = BytesMut::new();
         let mut last_answer: Option<Instant> = None;
         let mut last_deferred: Option<Instant> = None;
@@ -670,22 +674,11 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                             sleep_until(due).await;
                             None
                         },
-                        futures_lite::future::or(
-                            async {
-                                futures_lite::future::poll_fn(|cx| {
-                                    if failed.get()
-                                        || link.client_done.get()
-                                        || inflight.borrow().back().is_some_and(|f| f.timed)
-                                    {
-                                        return Poll::Ready(None);
-                                    }
-                                    reader_waker.set(Some(cx.waker().clone()));
-                                    Poll::Pending
-                                })
-                                .await
-                            },
-                            async { Some(stream.read_buf(&mut buf, READ_CHUNK).await) },
-                        ),
+                        signal_or_read(stream, &mut buf, &reader_waker, || {
+                            failed.get()
+                                || link.client_done.get()
+                                || inflight.borrow().back().is_some_and(|f| f.timed)
+                        }),
                     )
                     .await;
                     match woke {
@@ -698,8 +691,7 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                                 Ok(Waiting::Closed) => Ok(0),
                                 Err(err) => Err(err),
                                 Ok(Waiting::Nothing) if Instant::now() >= expires => {
-                                    MirrorStats::bump(&stats.counters.timeouts, 1);
-                                    tracing::debug!(mirror = %link.target.name, "mirror statement timed out");
+                                    timed_out();
                                     break;
                                 }
                                 Ok(Waiting::Nothing) => {
@@ -715,8 +707,7 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                     match within(left, stream.read_buf(&mut buf, READ_CHUNK)).await {
                         Some(r) => r,
                         None => {
-                            MirrorStats::bump(&stats.counters.timeouts, 1);
-                            tracing::debug!(mirror = %link.target.name, "mirror statement timed out");
+                            timed_out();
                             break;
                         }
                     }
@@ -726,19 +717,9 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                     // mirror to close on us, which the next read reports).
                     // `None`: the writer sent something; `Some(read)`: the mirror spoke (an
                     // async message) or closed.
-                    let woke = futures_lite::future::or(
-                        async {
-                            futures_lite::future::poll_fn(|cx| {
-                                if failed.get() || !inflight.borrow().is_empty() {
-                                    return Poll::Ready(None);
-                                }
-                                reader_waker.set(Some(cx.waker().clone()));
-                                Poll::Pending
-                            })
-                            .await
-                        },
-                        async { Some(stream.read_buf(&mut buf, READ_CHUNK).await) },
-                    )
+                    let woke = signal_or_read(stream, &mut buf, &reader_waker, || {
+                        failed.get() || !inflight.borrow().is_empty()
+                    })
                     .await;
                     match woke {
                         None if failed.get() => break,
@@ -839,6 +820,30 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
     // included, so the writer's verdict is the one that counts.
     let (clean, ()) = futures_lite::future::zip(writer, reader).await;
     clean
+}
+
+/// Waits until `ready()` holds (`None`; `waker` is woken by whoever may make it hold) or the
+/// socket has something to read or closed (`Some` with what the read returned).
+async fn signal_or_read(
+    stream: &Stream,
+    buf: &mut BytesMut,
+    waker: &Cell<Option<Waker>>,
+    ready: impl Fn() -> bool,
+) -> Option<std::io::Result<usize>> {
+    futures_lite::future::or(
+        async {
+            futures_lite::future::poll_fn(|cx| {
+                if ready() {
+                    return Poll::Ready(None);
+                }
+                waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            })
+            .await
+        },
+        async { Some(stream.read_buf(buf, READ_CHUNK).await) },
+    )
+    .await
 }
 
 enum Waiting {

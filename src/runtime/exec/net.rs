@@ -330,42 +330,55 @@ impl Stream {
                 io.source.read_waker.set(Some(cx.waker().clone()));
                 return Poll::Pending;
             }
-            buf.reserve(chunk);
-            let spare = buf.spare_capacity_mut();
-            let want = spare.len().min(chunk.max(1));
-            loop {
-                // SAFETY: the kernel writes at most `want` bytes into the spare capacity; we
-                // never read them before `set_len` below marks exactly those as initialised.
-                let n = unsafe {
-                    libc::recv(
-                        io.fd.as_raw_fd(),
-                        spare.as_mut_ptr().cast(),
-                        want,
-                        libc::MSG_DONTWAIT,
-                    )
-                };
-                if n >= 0 {
-                    let n = n as usize;
-                    // SAFETY: recv initialised exactly `n` bytes after the current length.
-                    unsafe { buf.set_len(buf.len() + n) };
-                    if n > 0 && n < want && !io.source.hup.get() {
-                        // The socket was drained: wait for the next poll completion instead of
-                        // paying a recv that would only say EAGAIN.
-                        io.source.readable.set(false);
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                if would_block(&err) {
+            match self.recv_now(buf, chunk) {
+                Ok(Some(n)) => Poll::Ready(Ok(n)),
+                Ok(None) => {
                     io.wait_readable(cx);
-                    return Poll::Pending;
+                    Poll::Pending
                 }
-                return Poll::Ready(Err(err));
+                Err(err) => Poll::Ready(Err(err)),
             }
         })
+    }
+
+    /// One non-blocking `recv` of at most `chunk` bytes appended to `buf` (EINTR retried);
+    /// `Ok(None)`: nothing waiting. Marks the source not readable once drained, so the next
+    /// read waits for a poll completion instead of paying a `recv` that would say EAGAIN.
+    fn recv_now(&self, buf: &mut BytesMut, chunk: usize) -> io::Result<Option<usize>> {
+        let source = &self.io.source;
+        buf.reserve(chunk);
+        let spare = buf.spare_capacity_mut();
+        let want = spare.len().min(chunk.max(1));
+        loop {
+            // SAFETY: the kernel writes at most `want` bytes into the spare capacity; we never
+            // read them before `set_len` below marks exactly those as initialised.
+            let n = unsafe {
+                libc::recv(
+                    self.io.fd.as_raw_fd(),
+                    spare.as_mut_ptr().cast(),
+                    want,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n >= 0 {
+                let n = n as usize;
+                // SAFETY: recv initialised exactly `n` bytes after the current length.
+                unsafe { buf.set_len(buf.len() + n) };
+                if n > 0 && n < want && !source.hup.get() {
+                    source.readable.set(false);
+                }
+                return Ok(Some(n));
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            if would_block(&err) {
+                source.readable.set(false);
+                return Ok(None);
+            }
+            return Err(err);
+        }
     }
 
     /// Writes all of `data`, waiting for socket space as needed (backpressure).
@@ -468,39 +481,7 @@ impl Stream {
     /// [`defers_reads`](Self::defers_reads)).
     pub fn read_now(&self, buf: &mut BytesMut, chunk: usize) -> io::Result<Option<usize>> {
         debug_assert!(self.tls.is_none(), "read_now bypasses TLS");
-        buf.reserve(chunk);
-        let spare = buf.spare_capacity_mut();
-        let want = spare.len().min(chunk.max(1));
-        loop {
-            // SAFETY: as in `read_buf`: the kernel writes at most `want` bytes into the spare
-            // capacity, and `set_len` marks exactly those as initialised.
-            let n = unsafe {
-                libc::recv(
-                    self.io.fd.as_raw_fd(),
-                    spare.as_mut_ptr().cast(),
-                    want,
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n >= 0 {
-                let n = n as usize;
-                // SAFETY: recv initialised exactly `n` bytes after the current length.
-                unsafe { buf.set_len(buf.len() + n) };
-                if n > 0 && n < want && !self.io.source.hup.get() {
-                    self.io.source.readable.set(false);
-                }
-                return Ok(Some(n));
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            if would_block(&err) {
-                self.io.source.readable.set(false);
-                return Ok(None);
-            }
-            return Err(err);
-        }
+        self.recv_now(buf, chunk)
     }
 
     /// Shuts both directions down: every handle's reads see end-of-stream at once.
