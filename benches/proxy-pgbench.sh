@@ -87,6 +87,12 @@ for _ in $(seq 50); do [ -s "$WORK/pgbouncer.pid" ] && break; sleep 0.1; done
 BOUNCER_PID=$(cat "$WORK/pgbouncer.pid"); PIDS+=("$BOUNCER_PID")
 wait_ready 55503
 
+# Warm-up, not measured: each target's first sessions, buffers and allocator arenas (the first
+# measured cell otherwise carried pgprism's, 2-4 us per transaction in 10 s cells).
+for port in 55501 55502 55503; do
+  pgbench -h "$CLIENT_HOST" -p "$port" -U postgres -n -S -c 16 -j 2 -T "${WARMUP:-3}" postgres >/dev/null 2>&1 || true
+done
+
 mkdir -p "$OUT"
 RESULT="$OUT/proxy-pgbench-$TRANSPORT-$(date +%Y%m%d-%H%M%S).txt"
 printf '%-9s %-8s %-10s %12s %9s %14s %12s\n' mode clients target tps vs_direct cpu_us_per_tx tcp_segs_tx | tee "$RESULT"
