@@ -1226,3 +1226,51 @@ fn a_copy_in_the_same_query_as_begin_is_not_held_back_from_the_shadow() {
         "4"
     );
 }
+
+#[test]
+fn a_copy_started_before_any_sync_follows_its_own_batchs_routing() {
+    use std::io::Write;
+    use support::raw::message;
+    let p = pair("cf");
+    p.both("CREATE TABLE cp (a int)");
+    let proxy = p.proxy(&[
+        "--fail-on-differences",
+        "--compare-primary-only",
+        "pg_catalog",
+    ]);
+    let mut s = support::raw::connect_ready(proxy.listen);
+    // The batch before is routed to the primary only.
+    s.write_all(&message(
+        b'Q',
+        b"SELECT count(*) FROM pg_catalog.pg_class\0",
+    ))
+    .unwrap();
+    support::raw::read_until_ready(&mut s);
+    // COPY through Parse/Bind/Execute and a Flush: the client waits for CopyInResponse before
+    // it sends the data and the Sync, so the batch's routing is decided at the Flush.
+    let mut batch = raw_extended("COPY cp FROM STDIN");
+    batch.extend(message(b'H', &[]));
+    s.write_all(&batch).unwrap();
+    let mut tags = Vec::new();
+    while let Some((tag, _)) = support::raw::read_message(&mut s) {
+        tags.push(tag);
+        if tag == b'G' {
+            break;
+        }
+    }
+    assert_eq!(tags, b"12G".to_vec());
+    let mut rest = message(b'd', b"1\n2\n3\n");
+    rest.extend(message(b'c', &[]));
+    rest.extend(message(b'S', &[]));
+    s.write_all(&rest).unwrap();
+    let answered = support::raw::read_until_ready(&mut s);
+    let tags: Vec<u8> = answered.iter().map(|m| m.0).collect();
+    assert_eq!(tags, b"CZ".to_vec());
+    drop(s);
+    assert_no_mismatch_once_closed(&p, &proxy, 1);
+    // The shadow ran the COPY with its data too.
+    assert_eq!(
+        p.shadow.psql("SELECT count(*) FROM cp").unwrap().trim(),
+        "3"
+    );
+}

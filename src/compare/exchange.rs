@@ -209,6 +209,10 @@ pub struct Upstream {
     /// its Sync decides whether the shadow gets the batch.
     held: BytesMut,
     copy_to_shadow: bool,
+    /// With routing patterns: a Flush sent the current batch's held frames to the shadow
+    /// before its Sync (the client waits for answers, e.g. a COPY's CopyInResponse, before it
+    /// syncs), so the rest of the batch, its Sync included, goes there too.
+    batch_released: bool,
     /// What the current client batch sends the shadow: the segment being filled, and those
     /// already cut after a gating sync point.
     out: Vec<Bytes>,
@@ -371,8 +375,9 @@ impl Upstream {
                 }
                 tag::SYNC => {
                     let statements = std::mem::take(&mut self.batch);
-                    let shadow = !self.batch_primary_only;
+                    let shadow = self.batch_released || !self.batch_primary_only;
                     self.batch_primary_only = false;
+                    self.batch_released = false;
                     // A COPY this batch started follows the batch's routing.
                     self.copy_to_shadow = shadow;
                     let gates = gates(&statements);
@@ -404,6 +409,23 @@ impl Upstream {
                     }
                 }
                 tag::TERMINATE => self.send(frame(), false),
+                tag::FLUSH if routes && !self.batch_released => {
+                    // The client waits for answers before it syncs: the batch's routing is
+                    // decided now, so that a COPY it started gets its data where it runs.
+                    if self.batch_primary_only {
+                        self.copy_to_shadow = false;
+                        self.hold(frame(), routes, None);
+                    } else {
+                        let held = self.held.split().freeze();
+                        if !held.is_empty() {
+                            self.send(held, false);
+                        }
+                        self.out_expects.append(&mut self.held_expects);
+                        self.batch_released = true;
+                        self.copy_to_shadow = true;
+                        self.send(frame(), false);
+                    }
+                }
                 _ => self.hold(frame(), routes, None),
             }
         }
@@ -508,7 +530,7 @@ impl Upstream {
     }
 
     fn hold(&mut self, frame: Bytes, routes: bool, expect: Option<Expect>) {
-        if routes {
+        if routes && !self.batch_released {
             self.held.extend_from_slice(&frame);
             self.held_expects.extend(expect);
         } else {
@@ -764,6 +786,7 @@ impl Tracker {
             batch_primary_only: false,
             held: BytesMut::new(),
             copy_to_shadow: true,
+            batch_released: false,
             out: Vec::new(),
             out_syncs: 0,
             segments: Vec::new(),
