@@ -409,9 +409,11 @@ impl Upstream {
                     }
                 }
                 tag::TERMINATE => self.send(frame(), false),
-                tag::FLUSH if routes && !self.batch_released => {
+                tag::FLUSH if routes && !self.batch_released && !self.held.is_empty() => {
                     // The client waits for answers before it syncs: the batch's routing is
-                    // decided now, so that a COPY it started gets its data where it runs.
+                    // decided now, so that a COPY it started gets its data where it runs. (A
+                    // Flush with nothing of the batch before it, e.g. right after a Sync,
+                    // decides nothing and waits with the next batch.)
                     if self.batch_primary_only {
                         self.copy_to_shadow = false;
                         self.hold(frame(), routes, None);
