@@ -67,6 +67,7 @@ struct Portal {
 impl Statement {
     fn new(text: &str, params: bool, target: &Target) -> Statement {
         let rules = &target.rules;
+        let transaction = sql::transaction(text.trim().as_bytes());
         Statement {
             text: text.trim().into(),
             ordered: sql::has_top_level_order_by(text.as_bytes()),
@@ -75,8 +76,8 @@ impl Statement {
             read_only: sql::classify(text.as_bytes()) == sql::Class::Select,
             params,
             primary_only: rules.primary_only(text),
-            transaction: sql::transaction(text.trim().as_bytes()).is_some(),
-            transaction_options: transaction_with_options(text),
+            transaction: transaction.is_some(),
+            transaction_options: transaction.is_some_and(|t| with_options(text, t)),
             copy: text
                 .trim_start()
                 .get(..4)
@@ -110,14 +111,13 @@ struct SyncMeta {
     read_at: Instant,
 }
 
-/// A transaction-control statement that may leave the two sides apart even alone: a BEGIN
-/// or START TRANSACTION with anything after it (isolation level, access mode), or AND CHAIN.
-/// Anything not read plainly (comments) counts as such.
-fn transaction_with_options(text: &str) -> bool {
-    match sql::transaction(text.trim().as_bytes()) {
-        None => false,
-        Some(sql::Transaction::Commit { chain } | sql::Transaction::Rollback { chain }) => chain,
-        Some(sql::Transaction::Begin) => text
+/// Whether transaction-control statement `text` (read as `kind`) may leave the two sides
+/// apart even alone: a BEGIN or START TRANSACTION with anything after it (isolation level,
+/// access mode), or AND CHAIN. Anything not read plainly (comments) counts as such.
+fn with_options(text: &str, kind: sql::Transaction) -> bool {
+    match kind {
+        sql::Transaction::Commit { chain } | sql::Transaction::Rollback { chain } => chain,
+        sql::Transaction::Begin => text
             .trim()
             .trim_end_matches(';')
             .split_whitespace()
@@ -135,7 +135,7 @@ fn gates(statements: &[Rc<Statement>]) -> bool {
     }
     match statements {
         [one] => one.transaction_options,
-        many => many.iter().any(|s| s.transaction || s.transaction_options),
+        many => many.iter().any(|s| s.transaction),
     }
 }
 
@@ -218,8 +218,6 @@ pub struct Upstream {
     out: Vec<Bytes>,
     out_syncs: usize,
     segments: Vec<Segment>,
-    /// The shadow connection failed: nothing more is sent to it.
-    dead: bool,
     /// COPY FROM STDIN started by an Execute: the servers ignore the Syncs the client sends
     /// before CopyDone/CopyFail (no ReadyForQuery), so the sync point such a Sync opened is
     /// answered by the next Sync after the COPY, which must not open another.
@@ -383,18 +381,15 @@ impl Upstream {
                     let gates = gates(&statements);
                     let seq = self.link.planned.get();
                     self.push_meta(statements, shadow, read_at);
-                    let held = self.held.split().freeze();
                     if shadow {
-                        if !held.is_empty() {
-                            self.send(held, false);
-                        }
+                        self.release_held();
                         self.send(frame(), true);
-                        self.out_expects.append(&mut self.held_expects);
                         self.out_expects.push(Expect::Sync);
                         if gates {
                             self.cut(Some(seq));
                         }
                     } else {
+                        self.held.clear();
                         self.held_expects.clear();
                     }
                 }
@@ -418,11 +413,7 @@ impl Upstream {
                         self.copy_to_shadow = false;
                         self.hold(frame(), routes, None);
                     } else {
-                        let held = self.held.split().freeze();
-                        if !held.is_empty() {
-                            self.send(held, false);
-                        }
-                        self.out_expects.append(&mut self.held_expects);
+                        self.release_held();
                         self.batch_released = true;
                         self.copy_to_shadow = true;
                         self.send(frame(), false);
@@ -514,7 +505,7 @@ impl Upstream {
     }
 
     fn push_meta(&mut self, statements: Vec<Rc<Statement>>, shadow: bool, read_at: Instant) {
-        let shadow = shadow && !self.dead;
+        let shadow = shadow && !self.link.dead.get();
         self.link.planned.set(self.link.planned.get() + 1);
         self.link.metas.borrow_mut().push_back(SyncMeta {
             statements,
@@ -529,6 +520,15 @@ impl Upstream {
         }
         // Adjacent slices of one read are merged back into one buffer write.
         self.out.push(frame);
+    }
+
+    /// Sends the shadow the batch's frames held until its routing was decided.
+    fn release_held(&mut self) {
+        if !self.held.is_empty() {
+            let held = self.held.split().freeze();
+            self.send(held, false);
+        }
+        self.out_expects.append(&mut self.held_expects);
     }
 
     fn hold(&mut self, frame: Bytes, routes: bool, expect: Option<Expect>) {
@@ -556,28 +556,31 @@ impl Upstream {
         });
     }
 
-    /// Queues what [`plan`](Self::plan) prepared for the shadow (after the primary write);
-    /// the session's [`ShadowWriter`] writes it. Waits while more than
-    /// `compare.shadow-queue-bytes-max` is queued. `false`: the shadow connection failed.
-    pub async fn write(&mut self) -> bool {
-        let link = self.link.clone();
-        if self.dead || link.dead.get() {
-            self.out.clear();
-            self.out_expects.clear();
-            self.segments.clear();
-            return !link.dead.get();
-        }
+    /// Moves the segments prepared so far to the queue the shadow is written from; dropped
+    /// once nothing more goes to the shadow.
+    fn enqueue(&mut self) {
         self.cut(None);
-        if self.segments.is_empty() {
-            return true;
+        let link = &self.link;
+        if link.dead.get() {
+            self.segments.clear();
+            return;
         }
-        {
-            let mut queue = link.queue.borrow_mut();
-            for segment in self.segments.drain(..) {
-                link.queued_bytes
-                    .set(link.queued_bytes.get() + segment.bytes);
-                queue.push_back(segment);
-            }
+        let mut queue = link.queue.borrow_mut();
+        for segment in self.segments.drain(..) {
+            link.queued_bytes
+                .set(link.queued_bytes.get() + segment.bytes);
+            queue.push_back(segment);
+        }
+    }
+
+    /// Queues what [`plan`](Self::plan) prepared for the shadow (after the primary write)
+    /// and writes what may go now; the session's [`ShadowWriter`] writes what a gate holds
+    /// back. Waits while more than `compare.shadow-queue-bytes-max` is queued.
+    pub async fn write(&mut self) {
+        self.enqueue();
+        let link = self.link.clone();
+        if link.dead.get() || link.queue.borrow().is_empty() {
+            return;
         }
         // Mostly written here and now, as the client's batch arrived; what a gate holds
         // back goes later, from the writer.
@@ -591,29 +594,14 @@ impl Upstream {
             Poll::Pending
         })
         .await;
-        !link.dead.get()
-    }
-
-    pub fn mark_dead(&mut self) {
-        self.dead = true;
     }
 
     /// The client left: end the shadow session too, once it has run everything it was sent
     /// (the downstream pump keeps reading it until it closes, bounded in time).
     pub fn finish(&mut self, said_terminate: bool) {
-        if !said_terminate && !self.dead {
-            self.out.clear();
-            self.out_expects.clear();
-            self.out_syncs = 0;
-            self.out.push(Bytes::from_static(&[b'X', 0, 0, 0, 4]));
-            self.cut(None);
-            let mut queue = self.link.queue.borrow_mut();
-            for segment in self.segments.drain(..) {
-                self.link
-                    .queued_bytes
-                    .set(self.link.queued_bytes.get() + segment.bytes);
-                queue.push_back(segment);
-            }
+        if !said_terminate {
+            self.send(Bytes::from_static(&[b'X', 0, 0, 0, 4]), false);
+            self.enqueue();
         }
         self.link.finished.set(true);
         if let Some(w) = self.link.writer_waker.take() {
@@ -792,7 +780,6 @@ impl Tracker {
             out: Vec::new(),
             out_syncs: 0,
             segments: Vec::new(),
-            dead: false,
             after_execute: false,
             syncs_after_execute: 0,
             swallow: 0,
@@ -1447,7 +1434,12 @@ mod tests {
             ("ROLLBACK TO SAVEPOINT a", false),
             ("SELECT 1", false),
         ] {
-            assert_eq!(transaction_with_options(text), options, "{text}");
+            let kind = sql::transaction(text.as_bytes());
+            assert_eq!(
+                kind.is_some_and(|k| with_options(text, k)),
+                options,
+                "{text}"
+            );
         }
     }
 }

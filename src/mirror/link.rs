@@ -507,6 +507,12 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
     // a long statement). Until it answers, the reader waits for the answer rather than
     // polling for it once per flush delay.
     let slow = Cell::new(false);
+    // Timed statements in flight (their answers are read as they arrive).
+    let timed_in_flight = Cell::new(0usize);
+    // The answers due are read late: no timed ones among them, the client still there (its
+    // last answers are awaited at once), and the mirror keeping up with the flush delay.
+    let reads_late =
+        || defer.is_some() && timed_in_flight.get() == 0 && !link.client_done.get() && !slow.get();
     let set_mark = |raise: bool| {
         if raise == raised.get() {
             return;
@@ -554,21 +560,18 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
             let now = Instant::now();
             let timed = defer.is_none() || writes.is_multiple_of(sample_every);
             // Before the write, so no answer to it can wake the shard: raised for an untimed
-            // write unless the reader reads as answers arrive anyway (timed answers due, the
-            // client gone, or a mirror slower than the flush delay); the reader raises it again
-            // when only untimed answers remain.
+            // write whose answers are read late; the reader raises it again when only untimed
+            // answers remain.
             if defer.is_some() && !link.queue.borrow().is_empty() {
-                set_mark(
-                    !timed
-                        && !link.client_done.get()
-                        && !slow.get()
-                        && !inflight.borrow().iter().any(|f| f.timed),
-                );
+                set_mark(!timed && reads_late());
             }
             while let Some(item) = link.pop() {
                 link.target.stats.note_lag(now - item.enqueued);
                 count_sent(link, &item);
                 if let Some(fingerprint) = item.sync {
+                    if timed {
+                        timed_in_flight.set(timed_in_flight.get() + 1);
+                    }
                     inflight.borrow_mut().push_back(InFlight {
                         sent: now,
                         fingerprint,
@@ -645,18 +648,8 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
         let mut last_answer: Option<Instant> = None;
         let mut last_deferred: Option<Instant> = None;
         loop {
-            let (oldest, deferred) = {
-                let inflight = inflight.borrow();
-                // Read late while the oldest answers due are untimed ones, unless a timed
-                // write follows them or the client left (its last answers are awaited).
-                let deferred = defer.filter(|_| {
-                    !link.client_done.get()
-                        && !slow.get()
-                        && inflight.front().is_some_and(|f| !f.timed)
-                        && !inflight.back().is_some_and(|f| f.timed)
-                });
-                (inflight.front().map(|f| f.sent), deferred)
-            };
+            let oldest = inflight.borrow().front().map(|f| f.sent);
+            let deferred = defer.filter(|_| reads_late());
             // Changed only with answers due: an idle connection keeps its mark until the
             // next write says which kind it is.
             if defer.is_some() && oldest.is_some() {
@@ -675,9 +668,7 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                             None
                         },
                         signal_or_read(stream, &mut buf, &reader_waker, || {
-                            failed.get()
-                                || link.client_done.get()
-                                || inflight.borrow().back().is_some_and(|f| f.timed)
+                            failed.get() || !reads_late()
                         }),
                     )
                     .await;
@@ -792,6 +783,9 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                 let Some(done) = inflight.borrow_mut().pop_front() else {
                     break;
                 };
+                if done.timed {
+                    timed_in_flight.set(timed_in_flight.get() - 1);
+                }
                 if !done.internal && done.timed {
                     let elapsed = share;
                     stats.record_latency(elapsed);

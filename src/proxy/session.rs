@@ -738,12 +738,10 @@ async fn upstream(
                 break;
             }
             release_if_large(&mut buf, complete, shard.read_chunk_bytes);
-            if compared
-                && let Some(up) = compare.as_mut()
-                && !up.write().await
-            {
-                // The downstream pump sees the shadow's end and stops comparing.
-                up.mark_dead();
+            // A failed shadow write stops the shadow's side (the downstream pump sees its end
+            // and stops comparing).
+            if compared && let Some(up) = compare.as_mut() {
+                up.write().await;
             }
             if let Some(err) = bad {
                 ShardStats::bump(&stats.counters.protocol_errors, 1);
