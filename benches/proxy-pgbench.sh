@@ -9,6 +9,9 @@
 #   TRANSPORT=unix benches/proxy-pgbench.sh  # Unix sockets instead of loopback TCP
 #   RATE=4000 benches/proxy-pgbench.sh       # a fixed load (pgbench -R): CPU per transaction
 #                                            # below saturation, where sleeps and wake-ups cost
+#   FLOOR=1 benches/proxy-pgbench.sh         # adds the floor: a bytes-only io_uring forwarder
+#                                            # (benches/floor-forwarder.rs), what the kernel
+#                                            # alone costs a proxy per transaction (TCP only)
 #
 # TRANSPORT=tcp (default): every hop is loopback TCP. TRANSPORT=unix: every hop is a Unix
 # socket in $WORK, like for like: pgbench reaches PostgreSQL, pgprism (--unix-socket-dir) and
@@ -28,6 +31,7 @@ SHARDS=${SHARDS:-$(nproc)}
 OUT=${OUT:-bench-results}
 TRANSPORT=${TRANSPORT:-tcp}
 RATE=${RATE:-}
+FLOOR=${FLOOR:-}
 case $TRANSPORT in
   tcp | unix) ;;
   *) echo "TRANSPORT must be tcp or unix, not '$TRANSPORT'" >&2; exit 2 ;;
@@ -44,6 +48,13 @@ fi
 systemctl stop pgbouncer >/dev/null 2>&1 || true
 cargo build --release --quiet
 PGPRISM=$PWD/target/release/pgprism
+TARGETS="direct pgprism pgbouncer"
+if [ -n "$FLOOR" ]; then
+  [ "$TRANSPORT" = tcp ] || { echo "FLOOR=1 needs TRANSPORT=tcp" >&2; exit 2; }
+  FLOOR_BIN=$(cargo build --release --quiet --bench floor-forwarder --message-format=json |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+  TARGETS="$TARGETS floor"
+fi
 . benches/common.sh
 
 # PostgreSQL's socket is in $WORK (start_pg passes -k $WORK).
@@ -86,10 +97,15 @@ echo '"postgres" ""' >"$WORK/userlist.txt"
 for _ in $(seq 50); do [ -s "$WORK/pgbouncer.pid" ] && break; sleep 0.1; done
 BOUNCER_PID=$(cat "$WORK/pgbouncer.pid"); PIDS+=("$BOUNCER_PID")
 wait_ready 55503
+if [ -n "$FLOOR" ]; then
+  "$FLOOR_BIN" 127.0.0.1:55504 127.0.0.1:55501 >"$WORK/floor.out" 2>&1 &
+  FLOOR_PID=$!; PIDS+=("$FLOOR_PID")
+  wait_ready 55504
+fi
 
 # Warm-up, not measured: each target's first sessions, buffers and allocator arenas (the first
 # measured cell otherwise carried pgprism's, 2-4 us per transaction in 10 s cells).
-for port in 55501 55502 55503; do
+for port in 55501 55502 55503 ${FLOOR:+55504}; do
   pgbench -h "$CLIENT_HOST" -p "$port" -U postgres -n -S -c 16 -j 2 -T "${WARMUP:-3}" postgres >/dev/null 2>&1 || true
 done
 
@@ -99,11 +115,12 @@ printf '%-9s %-8s %-10s %12s %9s %14s %12s\n' mode clients target tps vs_direct 
 for mode in $MODES; do
   for c in $CLIENTS; do
     DIRECT=
-    for target in direct pgprism pgbouncer; do
+    for target in $TARGETS; do
       case $target in
         direct) port=55501; pid="" ;;
         pgprism) port=55502; pid=$PRISM_PID ;;
         pgbouncer) port=55503; pid=$BOUNCER_PID ;;
+        floor) port=55504; pid=$FLOOR_PID ;;
       esac
       # TCP segments per transaction, all hops (kernel counters; "-" without nstat): a proxy
       # cannot go below 4 (request and response, on each side) and extra pure ACKs or split

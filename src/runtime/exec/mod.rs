@@ -18,6 +18,7 @@
 //! It must never block (no blocking syscalls on a shard) and never be touched from another
 //! thread: its types are `!Send` on purpose.
 
+mod channel;
 pub mod net;
 mod reactor;
 mod timer;
@@ -58,6 +59,20 @@ thread_local! {
 /// How many rounds of ready tasks run before the reactor is consulted again, so a task that
 /// keeps waking itself cannot starve I/O and timers.
 const ROUNDS_PER_TURN: usize = 16;
+
+thread_local! {
+    /// Bytes a socket's send queue may hold before writers wait (see channel.rs).
+    static SEND_QUEUE_BYTES: Cell<usize> = const { Cell::new(256 << 10) };
+}
+
+/// Sets this thread's send queue bound (`proxy.send-queue-bytes`), before [`run`].
+pub fn set_send_queue_bytes(bytes: usize) {
+    SEND_QUEUE_BYTES.with(|b| b.set(bytes.max(1)));
+}
+
+fn send_queue_bytes() -> usize {
+    SEND_QUEUE_BYTES.with(|b| b.get())
+}
 
 fn current() -> Rc<Executor> {
     CURRENT
@@ -172,6 +187,14 @@ pub fn run(ring_entries: u32, root: impl Future<Output = ()> + 'static) -> io::R
         .filter_map(|s| s.task.take())
         .collect();
     drop(tasks);
+    // What the tasks queued last (a farewell error, a Terminate) still goes out: the
+    // released channels' sends run for their linger time at most.
+    let _ = exec.reactor.turn(true);
+    while exec.reactor.has_lingering() {
+        if exec.reactor.turn(false).is_err() {
+            break;
+        }
+    }
     READY.with(|r| r.borrow_mut().clear());
     CURRENT.with(|c| *c.borrow_mut() = None);
     result

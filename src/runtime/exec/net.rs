@@ -1,8 +1,9 @@
 //! Stream sockets on the shard runtime: TCP and Unix-domain alike, since both are read and
-//! written with the same `recv`/`send` calls. A [`Stream`] is a cheap `Rc` handle: one task
-//! may read while another writes (each direction has its own waker slot), with no lock and no
-//! `dup`. The descriptor closes when the last handle is dropped, so a raw fd number is never
-//! used after the socket it named is gone.
+//! written with the same io_uring `RECV`/`SEND` operations (channel.rs). A [`Stream`] is a
+//! cheap `Rc` handle: one task may read while another writes (each direction has its own
+//! waker slot), with no lock and no `dup`. When the last handle is dropped the reactor sends
+//! what is still queued, then closes the descriptor, so a raw fd number is never used after
+//! the socket it named is gone.
 
 use std::future::Future;
 use std::io;
@@ -14,9 +15,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use super::channel::Channel;
 use super::reactor::Source;
 use super::tls::Tls;
 use super::{current, sleep, within};
@@ -25,29 +27,21 @@ use super::{current, sleep, within};
 const UNIX_RETRY_FIRST: Duration = Duration::from_millis(1);
 const UNIX_RETRY_MAX: Duration = Duration::from_millis(50);
 
-pub(super) struct Registered {
+/// A listener's descriptor, watched for readiness by a multishot poll.
+struct Registered {
     fd: OwnedFd,
-    pub(super) source: Rc<Source>,
+    source: Rc<Source>,
 }
 
 impl Registered {
-    /// `write_on_demand`: see [`Reactor::register_with`](super::reactor::Reactor).
-    fn new(fd: OwnedFd, write_on_demand: bool) -> io::Result<Registered> {
-        let source = current()
-            .reactor
-            .register_with(fd.as_raw_fd(), write_on_demand)?;
+    fn new(fd: OwnedFd) -> io::Result<Registered> {
+        let source = current().reactor.register(fd.as_raw_fd())?;
         Ok(Registered { fd, source })
     }
 
-    pub(super) fn wait_readable(&self, cx: &Context<'_>) {
+    fn wait_readable(&self, cx: &Context<'_>) {
         self.source.readable.set(false);
         self.source.read_waker.set(Some(cx.waker().clone()));
-    }
-
-    pub(super) fn wait_writable(&self, cx: &Context<'_>) {
-        self.source.writable.set(false);
-        self.source.write_waker.set(Some(cx.waker().clone()));
-        current().reactor.want_writable(&self.source);
     }
 }
 
@@ -63,50 +57,6 @@ impl Drop for Registered {
 
 fn would_block(err: &io::Error) -> bool {
     err.kind() == io::ErrorKind::WouldBlock
-}
-
-/// One non-blocking `recv` into `buf` (EINTR retried).
-pub(super) fn sys_recv(io: &Registered, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: pointer and length describe the live, initialised slice `buf`.
-        let n = unsafe {
-            libc::recv(
-                io.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
-
-/// One non-blocking `send` of `data` (EINTR retried).
-pub(super) fn sys_send(io: &Registered, data: &[u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: pointer and length describe the live slice `data`.
-        let n = unsafe {
-            libc::send(
-                io.fd.as_raw_fd(),
-                data.as_ptr().cast(),
-                data.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
 }
 
 /// A listening socket whose accepted connections belong to this shard. A Unix-domain
@@ -125,7 +75,7 @@ impl Listener {
         // SAFETY: into_raw_fd hands over sole ownership of the descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(socket.into_raw_fd()) };
         Ok(Listener {
-            io: Registered::new(fd, false)?,
+            io: Registered::new(fd)?,
             unix,
         })
     }
@@ -173,19 +123,44 @@ impl Listener {
 /// one task and write in another.
 #[derive(Clone)]
 pub struct Stream {
-    io: Rc<Registered>,
+    io: Rc<Conn>,
     tls: Option<Rc<Tls>>,
     /// AF_UNIX: there is no Nagle and no TCP option to set.
     unix: bool,
 }
 
+/// The handles' share of a channel: releases it to the reactor when the last one goes.
+pub(super) struct Conn {
+    pub(super) channel: Rc<Channel>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        super::CURRENT.with(|c| match c.borrow().as_ref() {
+            Some(exec) => exec.reactor.release_channel(&self.channel),
+            // No reactor, so nothing in flight: just close.
+            // SAFETY: the channel's own descriptor, closed once.
+            None => unsafe {
+                libc::close(self.channel.fd);
+            },
+        });
+    }
+}
+
 impl Stream {
     fn from_fd(fd: OwnedFd, unix: bool) -> io::Result<Stream> {
+        let channel = current().reactor.register_channel(fd)?;
         Ok(Stream {
-            io: Rc::new(Registered::new(fd, unix)?),
+            io: Rc::new(Conn { channel }),
             unix,
             tls: None,
         })
+    }
+
+    /// The descriptor, borrowed for socket options.
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        // SAFETY: the channel keeps its descriptor open while any handle exists.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(self.io.channel.fd) }
     }
 
     /// Runs a TLS client handshake (after the server's `S`); from then on reads and writes
@@ -196,7 +171,7 @@ impl Stream {
         name: rustls::pki_types::ServerName<'static>,
     ) -> io::Result<()> {
         let tls = Tls::client(config, name)?;
-        tls.handshake(&self.io).await?;
+        tls.handshake(&self.io.channel).await?;
         self.tls = Some(Rc::new(tls));
         Ok(())
     }
@@ -204,7 +179,7 @@ impl Stream {
     /// Runs a TLS server handshake (after answering `S`). Call before cloning the handle.
     pub async fn start_tls_server(&mut self, config: Arc<rustls::ServerConfig>) -> io::Result<()> {
         let tls = Tls::server(config)?;
-        tls.handshake(&self.io).await?;
+        tls.handshake(&self.io.channel).await?;
         self.tls = Some(Rc::new(tls));
         Ok(())
     }
@@ -267,26 +242,25 @@ impl Stream {
         let fd = unsafe { OwnedFd::from_raw_fd(socket.into_raw_fd()) };
         let stream = Stream::from_fd(fd, unix)?;
         if in_progress {
-            stream.io.source.writable.set(false);
-            current().reactor.want_writable(&stream.io.source);
+            let channel = &stream.io.channel;
+            channel.connecting();
             let connected = within(
                 limit,
-                futures_lite::future::poll_fn(|cx| {
-                    if stream.io.source.writable.get() {
-                        return Poll::Ready(());
-                    }
-                    stream.io.source.write_waker.set(Some(cx.waker().clone()));
-                    Poll::Pending
-                }),
+                futures_lite::future::poll_fn(|cx| channel.poll_connected(cx)),
             )
             .await;
-            if connected.is_none() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "connection timed out",
-                ));
+            match connected {
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "connection timed out",
+                    ));
+                }
+                Some(Err(err)) => return Err(err),
+                Some(Ok(())) => {}
             }
-            let probe = socket2::SockRef::from(&stream.io.fd);
+            let fd = stream.fd();
+            let probe = socket2::SockRef::from(&fd);
             if let Some(err) = probe.take_error()? {
                 return Err(err);
             }
@@ -297,7 +271,7 @@ impl Stream {
     }
 
     pub fn as_raw_fd(&self) -> RawFd {
-        self.io.fd.as_raw_fd()
+        self.io.channel.fd
     }
 
     /// Whether this is a Unix-domain socket.
@@ -311,138 +285,53 @@ impl Stream {
         if self.unix {
             return Ok(());
         }
-        socket2::SockRef::from(&self.io.fd).set_tcp_nodelay(on)
+        socket2::SockRef::from(&self.fd()).set_tcp_nodelay(on)
     }
 
-    /// Reads what is available (at most `chunk` bytes) and appends it to `buf`, growing it if
-    /// needed. `Ok(0)` is end-of-stream.
+    /// Reads what is available (at most `chunk` bytes) and appends it to `buf`. `Ok(0)` is
+    /// end-of-stream. Cancel-safe: a dropped read leaves its receive in flight, and what it
+    /// brings goes to the next read.
     pub fn read_buf<'a>(
         &'a self,
         buf: &'a mut BytesMut,
         chunk: usize,
     ) -> impl Future<Output = io::Result<usize>> + 'a {
-        futures_lite::future::poll_fn(move |cx| {
-            let io = &self.io;
-            if let Some(tls) = &self.tls {
-                return tls.poll_read(io, cx, buf, chunk);
-            }
-            if !io.source.readable.get() {
-                io.source.read_waker.set(Some(cx.waker().clone()));
-                return Poll::Pending;
-            }
-            match self.recv_now(buf, chunk) {
-                Ok(Some(n)) => Poll::Ready(Ok(n)),
-                Ok(None) => {
-                    io.wait_readable(cx);
-                    Poll::Pending
-                }
-                Err(err) => Poll::Ready(Err(err)),
-            }
+        futures_lite::future::poll_fn(move |cx| match &self.tls {
+            Some(tls) => tls.poll_read(&self.io.channel, cx, buf, chunk),
+            None => self.io.channel.poll_read(cx, buf, chunk),
         })
     }
 
-    /// One non-blocking `recv` of at most `chunk` bytes appended to `buf` (EINTR retried);
-    /// `Ok(None)`: nothing waiting. Marks the source not readable once drained, so the next
-    /// read waits for a poll completion instead of paying a `recv` that would say EAGAIN.
-    fn recv_now(&self, buf: &mut BytesMut, chunk: usize) -> io::Result<Option<usize>> {
-        let source = &self.io.source;
-        buf.reserve(chunk);
-        let spare = buf.spare_capacity_mut();
-        let want = spare.len().min(chunk.max(1));
-        loop {
-            // SAFETY: the kernel writes at most `want` bytes into the spare capacity; we never
-            // read them before `set_len` below marks exactly those as initialised.
-            let n = unsafe {
-                libc::recv(
-                    self.io.fd.as_raw_fd(),
-                    spare.as_mut_ptr().cast(),
-                    want,
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n >= 0 {
-                let n = n as usize;
-                // SAFETY: recv initialised exactly `n` bytes after the current length.
-                unsafe { buf.set_len(buf.len() + n) };
-                if n > 0 && n < want && !source.hup.get() {
-                    source.readable.set(false);
-                }
-                return Ok(Some(n));
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            if would_block(&err) {
-                source.readable.set(false);
-                return Ok(None);
-            }
-            return Err(err);
-        }
-    }
-
-    /// Writes all of `data`, waiting for socket space as needed (backpressure).
-    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+    /// Writes all of `data`: returns once it is queued for the socket and the socket's queue
+    /// is back within the send queue bound (backpressure). An error of an earlier send is
+    /// reported here.
+    pub async fn write_all(&self, data: &[u8]) -> io::Result<()> {
         if let Some(tls) = &self.tls {
-            return tls.write_all(&self.io, data).await;
+            return tls.write_all(&self.io.channel, data).await;
         }
-        futures_lite::future::poll_fn(|cx| {
-            let io = &self.io;
-            while !data.is_empty() {
-                if !io.source.writable.get() {
-                    io.source.write_waker.set(Some(cx.waker().clone()));
-                    return Poll::Pending;
-                }
-                // SAFETY: pointer and length describe the live slice `data`.
-                let n = unsafe {
-                    libc::send(
-                        io.fd.as_raw_fd(),
-                        data.as_ptr().cast(),
-                        data.len(),
-                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                    )
-                };
-                if n >= 0 {
-                    let n = n as usize;
-                    data = &data[n..];
-                    if !data.is_empty() {
-                        // Partial write: the socket buffer is full.
-                        io.wait_writable(cx);
-                        return Poll::Pending;
-                    }
-                    continue;
-                }
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                if would_block(&err) {
-                    io.wait_writable(cx);
-                    return Poll::Pending;
-                }
-                return Poll::Ready(Err(err));
-            }
-            Poll::Ready(Ok(()))
-        })
-        .await
+        self.write_bytes(Bytes::copy_from_slice(data)).await
     }
 
-    /// Best-effort immediate write of a short message (an ErrorResponse to a connection being
-    /// closed); whatever does not fit in the socket buffer is dropped.
+    /// As [`write_all`](Self::write_all), without a copy: the socket sends from `data`'s own
+    /// buffer (a frame split off a read buffer goes out as it came in).
+    pub async fn write_bytes(&self, data: Bytes) -> io::Result<()> {
+        let channel = &self.io.channel;
+        if let Some(tls) = &self.tls {
+            return tls.write_all(channel, &data).await;
+        }
+        channel.queue(data)?;
+        let limit = super::send_queue_bytes();
+        futures_lite::future::poll_fn(|cx| channel.poll_room(cx, limit)).await
+    }
+
+    /// Best-effort write of a short message (an ErrorResponse to a connection being closed),
+    /// without waiting: it is queued, and dropped if the socket fails.
     pub fn write_now(&self, data: &[u8]) {
         if let Some(tls) = &self.tls {
-            tls.write_now(&self.io, data);
+            tls.write_now(&self.io.channel, data);
             return;
         }
-        // SAFETY: pointer and length describe the live slice `data`.
-        unsafe {
-            libc::send(
-                self.io.fd.as_raw_fd(),
-                data.as_ptr().cast(),
-                data.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            );
-        }
+        let _ = self.io.channel.queue(Bytes::copy_from_slice(data));
     }
 
     /// Whether reads may be deferred by [`set_read_low_water`](Self::set_read_low_water) and
@@ -460,7 +349,7 @@ impl Stream {
         // SAFETY: the option value is a live c_int of the given size.
         let rc = unsafe {
             libc::setsockopt(
-                self.io.fd.as_raw_fd(),
+                self.io.channel.fd,
                 libc::SOL_SOCKET,
                 libc::SO_RCVLOWAT,
                 (&bytes as *const libc::c_int).cast(),
@@ -481,24 +370,26 @@ impl Stream {
     /// [`defers_reads`](Self::defers_reads)).
     pub fn read_now(&self, buf: &mut BytesMut, chunk: usize) -> io::Result<Option<usize>> {
         debug_assert!(self.tls.is_none(), "read_now bypasses TLS");
-        self.recv_now(buf, chunk)
+        self.io.channel.read_now(buf, chunk)
     }
 
-    /// Shuts both directions down: every handle's reads see end-of-stream at once.
+    /// Shuts both directions down: every handle's reads see end-of-stream at once and its
+    /// writes fail; what was already written still goes out before the peer reads
+    /// end-of-stream.
     pub fn shutdown(&self) {
         if let Some(tls) = &self.tls {
-            tls.close(&self.io);
+            tls.close(&self.io.channel);
         }
-        let _ = socket2::SockRef::from(&self.io.fd).shutdown(std::net::Shutdown::Both);
+        self.io.channel.shutdown();
     }
 
-    /// Ends the sending direction only: the peer reads end-of-stream, and what it still sends
-    /// can be read.
+    /// Ends the sending direction only: the peer reads end-of-stream after what was written,
+    /// and what it still sends can be read.
     pub fn shutdown_write(&self) {
         if let Some(tls) = &self.tls {
-            tls.close(&self.io);
+            tls.close(&self.io.channel);
         }
-        let _ = socket2::SockRef::from(&self.io.fd).shutdown(std::net::Shutdown::Write);
+        self.io.channel.shutdown_write();
     }
 }
 

@@ -1,14 +1,11 @@
-//! The io_uring side of the shard runtime: readiness of registered file descriptors through
+//! The io_uring side of the shard runtime: connected sockets as [`Channel`]s driven by
+//! `RECV`/`SEND` operations (see channel.rs), readiness of listeners and the eventfd through
 //! multishot `POLL_ADD`, timers through the `io_uring_enter` wait timeout, and cross-thread
 //! wake-ups through an `eventfd`.
 //!
-//! Readiness is watched with one multishot poll per descriptor. For Unix-domain sockets the
-//! multishot poll watches reads only, and write readiness is asked for only when a send found
-//! the socket full (a one-shot poll): a Unix socket announces new space every time its peer
-//! reads, which would cost a completion per message for nothing. TCP sockets announce space
-//! only after running out of it, and measured faster with writes in the multishot poll
-//! (`pgprism-old`/`pgprism-new` A/B runs, 4 rounds of pgbench -S -c 64: 22 against 23-37 us
-//! of CPU per transaction), so they keep it.
+//! Readiness (listeners, the eventfd) is watched with one multishot poll per descriptor, for
+//! reads only. Connected sockets have no poll: their receives and sends are operations of
+//! their own, and a connect in progress is watched by a one-shot write poll.
 //!
 //! A source's slot is only reused after the kernel has confirmed its poll is gone (the final
 //! CQE without `IORING_CQE_F_MORE`), so a stale completion can never reach a new socket.
@@ -16,7 +13,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
@@ -24,42 +21,41 @@ use std::time::{Duration, Instant};
 
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
+use super::channel::{Channel, LINGER, Submit};
+
 /// user_data of operations whose completions carry no information (poll removals).
 const IGNORED: u64 = u64::MAX;
 
 /// Marks the user_data of a one-shot write poll (the rest is the source's token).
 const WRITE_POLL: u64 = 1 << 62;
-/// Slot generations stay below the write bit.
-const GENERATION_MASK: u32 = (1 << 30) - 1;
+/// Marks the user_data of a channel's receive and send operations.
+const RECV_OP: u64 = 1 << 61;
+const SEND_OP: u64 = 1 << 60;
+const OP_MASK: u64 = WRITE_POLL | RECV_OP | SEND_OP;
+/// Slot generations stay below the operation bits.
+const GENERATION_MASK: u32 = (1 << 28) - 1;
 
 /// Re-arms of a poll in a row that ended in errors before giving up on it.
 const ERROR_REARMS_MAX: u32 = 8;
 
 const READ_EVENTS: u32 = (libc::POLLIN | libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as u32;
 const WRITE_EVENTS: u32 = (libc::POLLOUT | libc::POLLHUP | libc::POLLERR) as u32;
-const CLOSED: u32 = (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as u32;
 
-/// Readiness of one registered descriptor, shared by the handle and the reactor.
+/// Readiness of one registered descriptor (a listener, an eventfd), shared by the handle and
+/// the reactor.
 pub(crate) struct Source {
     token: u64,
-    /// Believed readable/writable: the next syscall is worth trying. Cleared when a syscall
-    /// says EAGAIN (or drained the socket), set again by the next poll completion.
+    /// Believed readable: the next syscall is worth trying. Cleared when a syscall says
+    /// EAGAIN, set again by the next poll completion.
     pub readable: Cell<bool>,
-    pub writable: Cell<bool>,
-    /// The peer closed or reset: set for good by the first completion that says so, because
-    /// that completion may also have announced the last data, and no further one will come.
-    pub hup: Cell<bool>,
     pub read_waker: Cell<Option<Waker>>,
-    pub write_waker: Cell<Option<Waker>>,
-    /// A one-shot write poll is in the kernel.
-    write_armed: Cell<bool>,
-    /// Writes are watched by one-shot polls on demand, not by the multishot poll.
-    write_on_demand: bool,
 }
 
 struct SourceSlot {
     generation: u32,
     source: Option<Rc<Source>>,
+    /// A connected socket driven by operations (no multishot poll); the slot owns its fd.
+    channel: Option<Rc<Channel>>,
     fd: RawFd,
     /// The owner dropped it; free the slot once the kernel confirms the poll is gone.
     released: bool,
@@ -77,6 +73,8 @@ pub(crate) struct Reactor {
     next_timer: Cell<u64>,
     /// Poll removals that did not fit in the submission queue (retried each turn).
     pending_removals: RefCell<Vec<u64>>,
+    /// Released channels still sending, with the instant their sends are cancelled.
+    lingering: RefCell<Vec<(Instant, u64)>>,
 }
 
 impl Reactor {
@@ -102,12 +100,17 @@ impl Reactor {
             timers: RefCell::new(BTreeMap::new()),
             next_timer: Cell::new(0),
             pending_removals: RefCell::new(Vec::new()),
+            lingering: RefCell::new(Vec::new()),
         })
     }
 
+    /// Queues `entry`, submitting the queue first when it is full.
+    ///
+    /// Every caller guarantees that memory the entry points to (a channel's receive buffer
+    /// or queued `Bytes`) stays valid until the entry's completion: see channel.rs.
     fn push(&self, entry: squeue::Entry) -> io::Result<()> {
         let mut ring = self.ring.borrow_mut();
-        // SAFETY: poll and poll-remove entries reference no user memory.
+        // SAFETY: see above; poll, cancel and poll-remove entries reference no user memory.
         if unsafe { ring.submission().push(&entry) }.is_ok() {
             return Ok(());
         }
@@ -115,6 +118,114 @@ impl Reactor {
         // SAFETY: as above.
         unsafe { ring.submission().push(&entry) }
             .map_err(|_| io::Error::other("io_uring submission queue full after submit"))
+    }
+
+    /// Starts driving the connected socket `fd` (owned by the reactor from now on: it closes
+    /// once the channel is released and its last operation has completed).
+    pub(crate) fn register_channel(&self, fd: OwnedFd) -> io::Result<Rc<Channel>> {
+        let (index, generation) = self.take_slot();
+        let token = ((generation as u64) << 32) | index as u64;
+        let channel = Rc::new(Channel::new(token, fd.into_raw_fd()));
+        let mut slots = self.slots.borrow_mut();
+        let slot = &mut slots[index as usize];
+        slot.channel = Some(channel.clone());
+        slot.fd = channel.fd;
+        slot.released = false;
+        Ok(channel)
+    }
+
+    /// Queues the operation a channel asked for.
+    pub(crate) fn submit(&self, channel: &Channel, submit: Submit) -> io::Result<()> {
+        let fd = types::Fd(channel.fd);
+        let entry = match submit {
+            Submit::Recv { ptr, len } => opcode::Recv::new(fd, ptr, len)
+                .build()
+                .user_data(channel.token | RECV_OP),
+            Submit::Send { ptr, len } => opcode::Send::new(fd, ptr, len)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(channel.token | SEND_OP),
+        };
+        let pushed = self.push(entry);
+        if pushed.is_err() {
+            // Nothing is in flight after all.
+            match submit {
+                Submit::Recv { .. } => channel.recv_busy.set(false),
+                Submit::Send { .. } => channel.send_busy.set(false),
+            }
+        }
+        pushed
+    }
+
+    /// One-shot poll for the end of a non-blocking connect.
+    pub(crate) fn watch_connect(&self, channel: &Channel) -> io::Result<()> {
+        let entry = opcode::PollAdd::new(types::Fd(channel.fd), WRITE_EVENTS)
+            .build()
+            .user_data(channel.token | WRITE_POLL);
+        self.push(entry)?;
+        channel.connect_busy.set(true);
+        Ok(())
+    }
+
+    /// Every handle of `channel` is gone: cancel its receive, let queued data go out for at
+    /// most [`LINGER`], then close.
+    pub(crate) fn release_channel(&self, channel: &Channel) {
+        channel.released.set(true);
+        if channel.recv_busy.get() {
+            self.cancel(channel.token | RECV_OP);
+        }
+        if channel.connect_busy.get() {
+            let entry = opcode::PollRemove::new(channel.token | WRITE_POLL)
+                .build()
+                .user_data(IGNORED);
+            if self.push(entry).is_err() {
+                self.pending_removals
+                    .borrow_mut()
+                    .push(channel.token | WRITE_POLL);
+            }
+        }
+        if channel.send_busy.get() {
+            let until = Instant::now() + LINGER;
+            channel.linger_until.set(Some(until));
+            self.lingering.borrow_mut().push((until, channel.token));
+        }
+        if !channel.busy() {
+            self.free_slot(channel.token as u32);
+        }
+    }
+
+    fn cancel(&self, user_data: u64) {
+        let entry = opcode::AsyncCancel::new(user_data)
+            .build()
+            .user_data(IGNORED);
+        if self.push(entry).is_err() {
+            tracing::warn!("cannot queue an io_uring cancel");
+        }
+    }
+
+    /// Whether released channels are still sending (the shard's last turns wait for them).
+    pub(crate) fn has_lingering(&self) -> bool {
+        !self.lingering.borrow().is_empty()
+    }
+
+    fn take_slot(&self) -> (u32, u32) {
+        let mut slots = self.slots.borrow_mut();
+        let index = match self.free.borrow_mut().pop() {
+            Some(index) => index,
+            None => {
+                slots.push(SourceSlot {
+                    generation: 0,
+                    source: None,
+                    channel: None,
+                    fd: -1,
+                    released: false,
+                    error_rearms: 0,
+                    events: 0,
+                });
+                (slots.len() - 1) as u32
+            }
+        };
+        (index, slots[index as usize].generation)
     }
 
     fn arm(&self, fd: RawFd, token: u64, events: u32) -> io::Result<()> {
@@ -125,49 +236,16 @@ impl Reactor {
         self.push(entry)
     }
 
-    /// Starts watching `fd` (which the caller keeps open until [`Reactor::release`]).
+    /// Starts watching `fd` for reads (the caller keeps it open until
+    /// [`Reactor::release`]).
     pub(crate) fn register(&self, fd: RawFd) -> io::Result<Rc<Source>> {
-        self.register_with(fd, false)
-    }
-
-    /// As [`register`](Self::register); `write_on_demand`: write readiness is polled only
-    /// when a writer waits for it (Unix-domain sockets, see the module doc).
-    pub(crate) fn register_with(&self, fd: RawFd, write_on_demand: bool) -> io::Result<Rc<Source>> {
-        let events = if write_on_demand {
-            READ_EVENTS
-        } else {
-            READ_EVENTS | WRITE_EVENTS
-        };
-        let (index, generation) = {
-            let mut slots = self.slots.borrow_mut();
-            let index = match self.free.borrow_mut().pop() {
-                Some(index) => index,
-                None => {
-                    slots.push(SourceSlot {
-                        generation: 0,
-                        source: None,
-                        fd: -1,
-                        released: false,
-                        error_rearms: 0,
-                        events,
-                    });
-                    (slots.len() - 1) as u32
-                }
-            };
-            (index, slots[index as usize].generation)
-        };
+        let events = READ_EVENTS;
+        let (index, generation) = self.take_slot();
         let token = ((generation as u64) << 32) | index as u64;
         let source = Rc::new(Source {
             token,
             readable: Cell::new(false),
-            hup: Cell::new(false),
-            // A connected socket is writable until a send says otherwise; a connecting one
-            // is not, and its owner clears this before waiting.
-            writable: Cell::new(true),
             read_waker: Cell::new(None),
-            write_waker: Cell::new(None),
-            write_armed: Cell::new(false),
-            write_on_demand,
         });
         {
             let mut slots = self.slots.borrow_mut();
@@ -185,29 +263,6 @@ impl Reactor {
         Ok(source)
     }
 
-    /// The owner found `source` full (`writable` is now false): asks the kernel to say when
-    /// it has space again, once.
-    pub(crate) fn want_writable(&self, source: &Source) {
-        if !source.write_on_demand || source.write_armed.get() {
-            return;
-        }
-        let index = source.token as u32 as usize;
-        let Some(fd) = self.slots.borrow().get(index).map(|slot| slot.fd) else {
-            return;
-        };
-        let entry = opcode::PollAdd::new(types::Fd(fd), WRITE_EVENTS)
-            .build()
-            .user_data(source.token | WRITE_POLL);
-        if self.push(entry).is_ok() {
-            source.write_armed.set(true);
-        } else {
-            // Cannot happen with a ring that was just submitted; rather than a writer waiting
-            // forever, let its next send try again.
-            tracing::warn!(fd, "cannot arm a write poll");
-            source.writable.set(true);
-        }
-    }
-
     /// The owner is done with the source: cancel its polls. The caller may close the fd right
     /// after; the kernel holds its own reference until the polls are removed.
     pub(crate) fn release(&self, source: &Source) {
@@ -216,17 +271,12 @@ impl Reactor {
             slot.released = true;
             slot.source = None;
         }
-        let mut tokens = vec![source.token];
-        if source.write_armed.get() {
-            tokens.push(source.token | WRITE_POLL);
-        }
-        for token in tokens {
-            let entry = opcode::PollRemove::new(token).build().user_data(IGNORED);
-            if self.push(entry).is_err() {
-                // Retried at the next turn: until the removal is in, the kernel keeps the
-                // socket.
-                self.pending_removals.borrow_mut().push(token);
-            }
+        let entry = opcode::PollRemove::new(source.token)
+            .build()
+            .user_data(IGNORED);
+        if self.push(entry).is_err() {
+            // Retried at the next turn: until the removal is in, the kernel keeps the socket.
+            self.pending_removals.borrow_mut().push(source.token);
         }
     }
 
@@ -234,6 +284,14 @@ impl Reactor {
         if let Some(slot) = self.slots.borrow_mut().get_mut(index as usize) {
             slot.generation = slot.generation.wrapping_add(1) & GENERATION_MASK;
             slot.source = None;
+            if let Some(channel) = slot.channel.take() {
+                // SAFETY: the channel's descriptor, owned by this slot, closed once: no
+                // operation on it is in flight and no handle is left.
+                unsafe { libc::close(channel.fd) };
+                self.lingering
+                    .borrow_mut()
+                    .retain(|&(_, token)| token != channel.token);
+            }
             slot.fd = -1;
             slot.released = false;
         }
@@ -271,11 +329,13 @@ impl Reactor {
         let wait = if tasks_ready {
             Some(Duration::ZERO)
         } else {
-            self.timers
-                .borrow()
-                .keys()
-                .next()
-                .map(|(deadline, _)| deadline.saturating_duration_since(Instant::now()))
+            let timer = self.timers.borrow().keys().next().map(|&(at, _)| at);
+            let linger = self.lingering.borrow().iter().map(|&(at, _)| at).min();
+            let next = match (timer, linger) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            next.map(|at| at.saturating_duration_since(Instant::now()))
         };
         {
             let ring = self.ring.borrow();
@@ -302,12 +362,37 @@ impl Reactor {
             }
         }
         self.reap();
+        self.end_lingering();
         self.fire_timers();
         Ok(())
     }
 
+    /// Cancels the sends of released channels whose linger time is up.
+    fn end_lingering(&self) {
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        self.lingering.borrow_mut().retain(|&(until, token)| {
+            if until <= now {
+                expired.push(token);
+            }
+            until > now
+        });
+        for token in expired {
+            let live = self
+                .slots
+                .borrow()
+                .get(token as u32 as usize)
+                .and_then(|slot| slot.channel.clone())
+                .filter(|c| c.token == token && c.send_busy.get());
+            if live.is_some() {
+                self.cancel(token | SEND_OP);
+            }
+        }
+    }
+
     fn reap(&self) {
         let mut rearm = Vec::new();
+        let mut channel_events = Vec::new();
         {
             let mut ring = self.ring.borrow_mut();
             let mut slots = self.slots.borrow_mut();
@@ -320,48 +405,22 @@ impl Reactor {
                 let Some(slot) = slots.get_mut(index) else {
                     continue;
                 };
-                if slot.generation != ((token & !WRITE_POLL) >> 32) as u32 {
+                if slot.generation != ((token & !OP_MASK) >> 32) as u32 {
                     continue;
                 }
                 let result = cqe.result();
-                if token & WRITE_POLL != 0 {
-                    // One-shot: space again (or an error the next send will report).
-                    if let Some(source) = &slot.source {
-                        source.write_armed.set(false);
-                        if result >= 0 && result as u32 & CLOSED != 0 {
-                            source.hup.set(true);
-                        }
-                        source.writable.set(true);
-                        if let Some(w) = source.write_waker.take() {
-                            w.wake();
-                        }
-                    }
+                if let Some(channel) = &slot.channel {
+                    // Handled below, outside the ring and slot borrows (a completion may
+                    // queue the next operation).
+                    channel_events.push((channel.clone(), token & OP_MASK, result));
                     continue;
                 }
                 if let Some(source) = &slot.source {
                     // An error completion (other than our own cancellation) is surfaced by
                     // letting the next syscall run and report it.
-                    let events = if result >= 0 {
-                        result as u32
-                    } else {
-                        READ_EVENTS | WRITE_EVENTS
-                    };
-                    if events & CLOSED != 0 {
-                        source.hup.set(true);
-                    }
-                    if events & READ_EVENTS != 0 {
-                        source.readable.set(true);
-                        if let Some(w) = source.read_waker.take() {
-                            w.wake();
-                        }
-                    }
-                    // A closed or failed socket fails its next send too: let a waiting writer
-                    // find out.
-                    if events & WRITE_EVENTS != 0 || result < 0 {
-                        source.writable.set(true);
-                        if let Some(w) = source.write_waker.take() {
-                            w.wake();
-                        }
+                    source.readable.set(true);
+                    if let Some(w) = source.read_waker.take() {
+                        w.wake();
                     }
                 }
                 if !cqueue::more(cqe.flags()) {
@@ -380,6 +439,23 @@ impl Reactor {
                         rearm.push((index as u32, Some((slot.fd, token, slot.events))));
                     }
                 }
+            }
+        }
+        for (channel, op, result) in channel_events {
+            match op {
+                RECV_OP => channel.received(result),
+                SEND_OP => {
+                    if let Some(next) = channel.sent(result)
+                        && let Err(err) = self.submit(&channel, next)
+                    {
+                        tracing::warn!(%err, "cannot queue a send");
+                        channel.sent(-libc::EIO);
+                    }
+                }
+                _ => channel.connect_done(),
+            }
+            if channel.released.get() && !channel.busy() {
+                self.free_slot(channel.token as u32);
             }
         }
         for (index, arm) in rearm {
@@ -405,6 +481,21 @@ impl Reactor {
                 }
             };
             waker.wake();
+        }
+    }
+}
+
+impl Drop for Reactor {
+    fn drop(&mut self) {
+        // Closing the ring cancels what is still in flight, but the kernel may finish with a
+        // buffer after this returns: leak the channels that still have operations out rather
+        // than free memory the kernel may write to (a shard's last moments only).
+        for slot in self.slots.get_mut().iter_mut() {
+            if let Some(channel) = slot.channel.take()
+                && channel.busy()
+            {
+                std::mem::forget(channel);
+            }
         }
     }
 }

@@ -1,24 +1,24 @@
 //! TLS over a shard socket, with rustls driven by hand: ciphertext moves between the socket and
-//! rustls in non-blocking `recv`/`send` calls on the shard's own readiness, so a TLS session
-//! costs no thread and no extra task. The state sits behind the socket's `Rc` handle like the
+//! rustls through the socket's channel (io_uring receives and queued sends, channel.rs), so a
+//! TLS session costs no thread and no extra task. The state sits behind the socket's `Rc` handle like the
 //! socket itself: one task may read while another writes. Borrows of the rustls connection
 //! never span an `.await`.
 //!
 //! Reads: plaintext rustls already holds goes out first; then ciphertext read earlier but not
 //! yet taken by rustls; only then the socket. Writes: plaintext goes into rustls, the records
-//! it makes are queued in `outgoing` and sent from the front. Both directions may send from
-//! `outgoing` (the read side only without waiting, for alerts), always from its front, so
-//! records never interleave. Memory is bounded: one 16 KiB record in, rustls' own send buffer
-//! limit out (a writer waits until `outgoing` drains before handing rustls more).
+//! it makes are collected in `outgoing` and handed to the channel's send queue whole, so
+//! records never interleave (both directions may hand records over: the read side for
+//! handshake replies and alerts). Memory is bounded: one 16 KiB record in, the channel's send
+//! queue bound out (a writer waits for room before handing rustls more).
 
 use std::cell::{Cell, RefCell};
 use std::io::{self, BufRead, Write};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
-use super::net::{Registered, sys_recv, sys_send};
+use super::channel::Channel;
 
 /// The largest TLS record (16 KiB of payload plus header and expansion).
 const RECORD_BYTES_MAX: usize = 16 * 1024 + 2048;
@@ -26,7 +26,7 @@ const RECORD_BYTES_MAX: usize = 16 * 1024 + 2048;
 pub(super) struct Tls {
     conn: RefCell<rustls::Connection>,
     /// Ciphertext read from the socket and not yet taken by rustls, from `incoming_at`.
-    incoming: RefCell<Vec<u8>>,
+    incoming: RefCell<BytesMut>,
     incoming_at: Cell<usize>,
     /// Ciphertext made by rustls and not yet taken by the socket.
     outgoing: RefCell<Vec<u8>>,
@@ -40,7 +40,7 @@ impl Tls {
     pub(super) fn new(conn: rustls::Connection) -> Tls {
         Tls {
             conn: RefCell::new(conn),
-            incoming: RefCell::new(Vec::with_capacity(RECORD_BYTES_MAX)),
+            incoming: RefCell::new(BytesMut::new()),
             incoming_at: Cell::new(0),
             outgoing: RefCell::new(Vec::new()),
         }
@@ -74,7 +74,7 @@ impl Tls {
     }
 
     /// Feeds buffered ciphertext to rustls. `Ok(false)`: nothing was buffered.
-    fn feed(&self, io: &Registered) -> io::Result<bool> {
+    fn feed(&self, io: &Channel) -> io::Result<bool> {
         let at = self.incoming_at.get();
         let incoming = self.incoming.borrow();
         if at >= incoming.len() {
@@ -93,75 +93,41 @@ impl Tls {
     }
 
     /// Reads ciphertext from the socket into `incoming`. `Ready(Ok(0))` is end-of-stream.
-    fn poll_fill(&self, io: &Registered, cx: &Context<'_>) -> Poll<io::Result<usize>> {
-        if !io.source.readable.get() {
-            io.source.read_waker.set(Some(cx.waker().clone()));
-            return Poll::Pending;
-        }
+    fn poll_fill(&self, io: &Channel, cx: &Context<'_>) -> Poll<io::Result<usize>> {
         let mut incoming = self.incoming.borrow_mut();
         incoming.clear();
         self.incoming_at.set(0);
-        incoming.resize(RECORD_BYTES_MAX, 0);
-        match sys_recv(io, &mut incoming[..]) {
-            Ok(n) => {
-                incoming.truncate(n);
-                Poll::Ready(Ok(n))
-            }
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                incoming.clear();
-                io.wait_readable(cx);
-                Poll::Pending
-            }
-            Err(err) => {
-                incoming.clear();
-                Poll::Ready(Err(err))
-            }
-        }
+        io.poll_read(cx, &mut incoming, RECORD_BYTES_MAX)
     }
 
-    /// Sends what it can of `outgoing` without waiting.
-    pub(super) fn try_flush(&self, io: &Registered) {
+    /// Hands every record in `outgoing` to the socket's send queue, without waiting.
+    pub(super) fn try_flush(&self, io: &Channel) {
         let mut out = self.outgoing.borrow_mut();
-        while !out.is_empty() {
-            match sys_send(io, &out) {
-                Ok(n) if n > 0 => drop(out.drain(..n)),
-                _ => break,
-            }
+        if !out.is_empty() {
+            let _ = io.queue(Bytes::from(std::mem::take(&mut *out)));
         }
     }
 
-    /// Sends all of `outgoing`, waiting for socket space.
-    fn poll_flush(&self, io: &Registered, cx: &Context<'_>) -> Poll<io::Result<()>> {
-        let mut out = self.outgoing.borrow_mut();
-        while !out.is_empty() {
-            if !io.source.writable.get() {
-                io.source.write_waker.set(Some(cx.waker().clone()));
-                return Poll::Pending;
-            }
-            match sys_send(io, &out) {
-                Ok(n) => {
-                    out.drain(..n);
-                    if !out.is_empty() {
-                        io.wait_writable(cx);
-                        return Poll::Pending;
-                    }
-                }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                    io.wait_writable(cx);
-                    return Poll::Pending;
-                }
-                Err(err) => return Poll::Ready(Err(err)),
+    /// Hands `outgoing` to the socket's send queue and waits for the queue to be within its
+    /// bound.
+    fn poll_flush(&self, io: &Channel, cx: &Context<'_>) -> Poll<io::Result<()>> {
+        {
+            let mut out = self.outgoing.borrow_mut();
+            if !out.is_empty()
+                && let Err(err) = io.queue(Bytes::from(std::mem::take(&mut *out)))
+            {
+                return Poll::Ready(Err(err));
             }
         }
-        Poll::Ready(Ok(()))
+        io.poll_room(cx, super::send_queue_bytes())
     }
 
-    pub(super) async fn flush(&self, io: &Registered) -> io::Result<()> {
+    pub(super) async fn flush(&self, io: &Channel) -> io::Result<()> {
         futures_lite::future::poll_fn(|cx| self.poll_flush(io, cx)).await
     }
 
     /// Runs the handshake to its end.
-    pub(super) async fn handshake(&self, io: &Registered) -> io::Result<()> {
+    pub(super) async fn handshake(&self, io: &Channel) -> io::Result<()> {
         loop {
             self.collect_outgoing()?;
             self.flush(io).await?;
@@ -185,7 +151,7 @@ impl Tls {
     /// or the socket's end).
     pub(super) fn poll_read(
         &self,
-        io: &Registered,
+        io: &Channel,
         cx: &Context<'_>,
         buf: &mut BytesMut,
         chunk: usize,
@@ -222,7 +188,7 @@ impl Tls {
     }
 
     /// Writes all of `data` (encrypted), waiting for socket space as needed.
-    pub(super) async fn write_all(&self, io: &Registered, mut data: &[u8]) -> io::Result<()> {
+    pub(super) async fn write_all(&self, io: &Channel, mut data: &[u8]) -> io::Result<()> {
         loop {
             if !data.is_empty() {
                 let n = self.conn.borrow_mut().writer().write(data)?;
@@ -237,7 +203,7 @@ impl Tls {
     }
 
     /// Best effort, without waiting (see `Stream::write_now`).
-    pub(super) fn write_now(&self, io: &Registered, data: &[u8]) {
+    pub(super) fn write_now(&self, io: &Channel, data: &[u8]) {
         let _ = self.conn.borrow_mut().writer().write(data);
         if self.collect_outgoing().is_ok() {
             self.try_flush(io);
@@ -245,7 +211,7 @@ impl Tls {
     }
 
     /// Sends close_notify, best effort.
-    pub(super) fn close(&self, io: &Registered) {
+    pub(super) fn close(&self, io: &Channel) {
         self.conn.borrow_mut().send_close_notify();
         if self.collect_outgoing().is_ok() {
             self.try_flush(io);
