@@ -694,13 +694,13 @@ async fn write_ready(link: &Link, shadow: &Stream) {
         // One frame goes out as is (zero-copy); several in one buffer write.
         let written = match frames.as_slice() {
             [] => Ok(()),
-            [frame] => shadow.write_all(frame).await,
+            [frame] => shadow.write_bytes(frame.clone()).await,
             _ => {
                 let mut buf = BytesMut::with_capacity(bytes);
                 for frame in &frames {
                     buf.extend_from_slice(frame);
                 }
-                shadow.write_all(&buf).await
+                shadow.write_bytes(buf.freeze()).await
             }
         };
         link.writing.set(false);

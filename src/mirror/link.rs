@@ -595,14 +595,14 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                     break;
                 }
             }
-            let out: &[u8] = match &single {
+            let out = match single {
                 Some(frame) => frame,
-                None => &batch,
+                None => batch.split().freeze(),
             };
             if !out.is_empty() {
                 writes += 1;
                 MirrorStats::bump(&link.target.stats.counters.writes, 1);
-                if stream.write_all(out).await.is_err() {
+                if stream.write_bytes(out).await.is_err() {
                     failed.set(true);
                     stream.shutdown();
                     return false;

@@ -732,7 +732,7 @@ async fn upstream(
                 }
                 _ => false,
             };
-            if complete > 0 && primary.write_all(&frames).await.is_err() {
+            if complete > 0 && primary.write_bytes(frames.clone()).await.is_err() {
                 // The primary is gone: the downstream pump sees it too and tells the client.
                 primary_failed = true;
                 break;
@@ -949,7 +949,7 @@ async fn downstream(shard: &ShardCtx, shared: &SessionShared, primary: Stream, c
             frames = without_channel_binding(frames);
         }
         shared.writing.set(true);
-        let written = client.write_all(&frames).await;
+        let written = client.write_bytes(frames).await;
         shared.writing.set(false);
         if written.is_err() {
             shared.client_ended.set(true);
@@ -1040,7 +1040,7 @@ async fn downstream_compare(
             frames = without_channel_binding(frames);
         }
         shared.writing.set(true);
-        let failed = !frames.is_empty() && client.write_all(&frames).await.is_err();
+        let failed = !frames.is_empty() && client.write_bytes(frames).await.is_err();
         shared.writing.set(false);
         if failed {
             shared.client_ended.set(true);
@@ -1198,7 +1198,8 @@ async fn downstream_compare(
         }
         for bytes in out.drain(..) {
             shared.writing.set(true);
-            let written = client.write_all(&bytes).await;
+            let len = bytes.len() as u64;
+            let written = client.write_bytes(bytes).await;
             shared.writing.set(false);
             if written.is_err() {
                 shared.client_ended.set(true);
@@ -1207,7 +1208,7 @@ async fn downstream_compare(
                 running = primary_done;
                 break;
             }
-            ShardStats::bump(&stats.counters.client_bytes_out, bytes.len() as u64);
+            ShardStats::bump(&stats.counters.client_bytes_out, len);
         }
     }
     comparer.stop_shadow_writes();
