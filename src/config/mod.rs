@@ -286,6 +286,9 @@ pub struct ProxyConfig {
     pub message_bytes_max: usize,
     /// Bytes read from a socket per read call (the per-connection buffer grows in these steps).
     pub read_chunk_bytes: usize,
+    /// Bytes written to a socket that may wait for the kernel to take them, per connection
+    /// (client, primary, mirror, shadow); beyond it the writer waits (backpressure).
+    pub send_queue_bytes: usize,
     /// Time a client has to send its startup packet and finish authentication.
     pub startup_timeout_ms: u64,
     /// Time allowed to open a connection to the primary.
@@ -312,6 +315,7 @@ impl Default for ProxyConfig {
             backlog: 4096,
             message_bytes_max: 64 << 20,
             read_chunk_bytes: 16 << 10,
+            send_queue_bytes: 64 << 10,
             startup_timeout_ms: 10_000,
             connect_timeout_ms: 5_000,
             dns_refresh_ms: 15_000,
@@ -751,6 +755,12 @@ impl Config {
                 "expected between 512 and 16777216 bytes",
             ));
         }
+        if !(4096..=(64 << 20)).contains(&self.proxy.send_queue_bytes) {
+            return Err(ConfigError::key(
+                "proxy.send-queue-bytes",
+                "expected between 4096 and 67108864 bytes",
+            ));
+        }
         for (key, value) in [
             ("proxy.startup-timeout-ms", self.proxy.startup_timeout_ms),
             ("proxy.connect-timeout-ms", self.proxy.connect_timeout_ms),
@@ -1063,6 +1073,10 @@ mod tests {
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("proxy.read-chunk-bytes"), "{err}");
         cfg.proxy.read_chunk_bytes = 4096;
+        cfg.proxy.send_queue_bytes = 100;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("proxy.send-queue-bytes"), "{err}");
+        cfg.proxy.send_queue_bytes = 65536;
         cfg.proxy.listen = "nowhere".into();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("proxy.listen"), "{err}");

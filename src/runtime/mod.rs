@@ -225,6 +225,7 @@ pub fn run_proxy_with(
             compare: compare.clone(),
         };
         let core = (cfg.proxy.pin_cores && !cores.is_empty()).then(|| cores[index % cores.len()]);
+        let send_queue_bytes = cfg.proxy.send_queue_bytes;
         let exited = ExitCount(exited.clone());
         let handle = std::thread::Builder::new()
             .name(format!("pgprism-shard-{index}"))
@@ -239,6 +240,7 @@ pub fn run_proxy_with(
                         "cannot pin shard to its core"
                     );
                 }
+                exec::set_send_queue_bytes(send_queue_bytes);
                 if let Err(err) = exec::run(RING_ENTRIES, shard::run(plan)) {
                     tracing::error!(shard = index, error = %err, "shard runtime failed");
                 }

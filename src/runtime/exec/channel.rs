@@ -45,6 +45,8 @@ pub(crate) struct Channel {
     rx: RefCell<BytesMut>,
     /// Length the receive in flight was armed with (for the completion's bounds check).
     rx_armed: Cell<usize>,
+    /// The last receive filled all it was armed with: more is probably waiting.
+    rx_filled: Cell<bool>,
     pub(super) recv_busy: Cell<bool>,
     rx_end: Cell<bool>,
     rx_error: Cell<Option<i32>>,
@@ -74,8 +76,17 @@ pub(crate) struct Channel {
 
 /// What the reactor must do after a completion or a request of the channel's.
 pub(crate) enum Submit {
-    Recv { ptr: *mut u8, len: u32 },
-    Send { ptr: *const u8, len: u32 },
+    /// `poll_first`: nothing is expected to be waiting, so the kernel should wait for data
+    /// before trying (`IORING_RECVSEND_POLL_FIRST`), not try a receive that finds nothing.
+    Recv {
+        ptr: *mut u8,
+        len: u32,
+        poll_first: bool,
+    },
+    Send {
+        ptr: *const u8,
+        len: u32,
+    },
 }
 
 fn os_error(code: i32) -> io::Error {
@@ -93,6 +104,7 @@ impl Channel {
             fd,
             rx: RefCell::new(BytesMut::new()),
             rx_armed: Cell::new(0),
+            rx_filled: Cell::new(false),
             recv_busy: Cell::new(false),
             rx_end: Cell::new(false),
             rx_error: Cell::new(None),
@@ -206,6 +218,9 @@ impl Channel {
         Submit::Recv {
             ptr: spare.as_mut_ptr().cast(),
             len: len as u32,
+            // A request/response peer has not answered yet when the reader comes back for
+            // more; a stream that filled the last receive has more waiting.
+            poll_first: !self.rx_filled.get(),
         }
     }
 
@@ -215,6 +230,7 @@ impl Channel {
         match result {
             n if n > 0 => {
                 let n = (n as usize).min(self.rx_armed.get());
+                self.rx_filled.set(n == self.rx_armed.get());
                 let mut rx = self.rx.borrow_mut();
                 // SAFETY: the kernel initialised `n` bytes of the spare capacity the receive
                 // was armed with (at most `rx_armed`), right after the (empty) contents.

@@ -62,7 +62,7 @@ const ROUNDS_PER_TURN: usize = 16;
 
 thread_local! {
     /// Bytes a socket's send queue may hold before writers wait (see channel.rs).
-    static SEND_QUEUE_BYTES: Cell<usize> = const { Cell::new(256 << 10) };
+    static SEND_QUEUE_BYTES: Cell<usize> = const { Cell::new(64 << 10) };
 }
 
 /// Sets this thread's send queue bound (`proxy.send-queue-bytes`), before [`run`].

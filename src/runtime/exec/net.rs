@@ -395,6 +395,7 @@ impl Stream {
 
 #[cfg(test)]
 mod tests {
+    use super::super::set_send_queue_bytes;
     use super::*;
 
     #[test]
@@ -454,6 +455,95 @@ mod tests {
         });
         acceptor.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A connected TCP pair: the shard's end is connected inside the shard, the other is a
+    /// plain blocking std socket for the test thread.
+    fn tcp_peer() -> (std::net::SocketAddr, std::net::TcpListener) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        (listener.local_addr().unwrap(), listener)
+    }
+
+    #[test]
+    fn a_dropped_read_loses_nothing_and_queued_writes_arrive_in_order() {
+        use std::io::{Read, Write};
+        let (addr, listener) = tcp_peer();
+        let peer = std::thread::spawn(move || {
+            let (mut sock, _) = listener.accept().unwrap();
+            let mut got = [0u8; 6];
+            sock.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"abcdef");
+            sock.write_all(b"late").unwrap();
+            // Half-close: the shard reads the rest, then end-of-stream.
+            sock.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            sock.read_to_end(&mut rest).unwrap();
+            rest
+        });
+        run_in_shard(async move {
+            let stream = Stream::connect(addr, Duration::from_secs(5)).await.unwrap();
+            let mut buf = BytesMut::new();
+            // Nothing to read yet: the read gives up, its receive stays in flight.
+            let early = within(Duration::from_millis(20), stream.read_buf(&mut buf, 64)).await;
+            assert!(early.is_none());
+            stream.write_all(b"ab").await.unwrap();
+            stream.write_bytes(Bytes::from_static(b"cd")).await.unwrap();
+            stream.write_now(b"ef");
+            while buf.len() < 4 {
+                assert!(stream.read_buf(&mut buf, 64).await.unwrap() > 0);
+            }
+            assert_eq!(&buf[..], b"late");
+            assert_eq!(stream.read_buf(&mut buf, 64).await.unwrap(), 0);
+            // Queued, then shut down: the peer gets it all before its end-of-stream.
+            stream.write_all(b"bye").await.unwrap();
+            stream.shutdown();
+            assert!(stream.write_all(b"too late").await.is_err());
+        });
+        assert_eq!(peer.join().unwrap(), b"bye");
+    }
+
+    #[test]
+    fn a_writer_waits_for_a_slow_reader_and_a_dropped_stream_still_sends_its_queue() {
+        use std::io::Read;
+        const TOTAL: usize = 8 << 20;
+        let (addr, listener) = tcp_peer();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let peer = std::thread::spawn(move || {
+            let (mut sock, _) = listener.accept().unwrap();
+            // Read nothing until the writer has been made to wait.
+            rx.recv().unwrap();
+            let mut all = Vec::new();
+            sock.read_to_end(&mut all).unwrap();
+            all
+        });
+        set_send_queue_bytes(64 << 10);
+        run_in_shard(async move {
+            let stream = Stream::connect(addr, Duration::from_secs(5)).await.unwrap();
+            let chunk = Bytes::from(vec![7u8; 64 << 10]);
+            let mut sent = 0;
+            let mut waited = false;
+            while sent < TOTAL {
+                let write = stream.write_bytes(chunk.clone());
+                match within(Duration::from_millis(200), write).await {
+                    Some(result) => result.unwrap(),
+                    None => {
+                        // The kernel buffers and our queue are full: backpressure. The chunk
+                        // was queued before the wait, so it counts as sent.
+                        waited = true;
+                        let _ = tx.send(());
+                    }
+                }
+                sent += chunk.len();
+            }
+            assert!(
+                waited,
+                "8 MiB to a peer that reads nothing never made the writer wait"
+            );
+            // Dropped with data queued: the reactor sends it before closing.
+        });
+        let all = peer.join().unwrap();
+        assert_eq!(all.len(), TOTAL);
+        assert!(all.iter().all(|&b| b == 7));
     }
 
     fn run_in_shard(task: impl Future<Output = ()> + 'static) {

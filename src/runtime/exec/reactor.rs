@@ -32,6 +32,8 @@ const WRITE_POLL: u64 = 1 << 62;
 const RECV_OP: u64 = 1 << 61;
 const SEND_OP: u64 = 1 << 60;
 const OP_MASK: u64 = WRITE_POLL | RECV_OP | SEND_OP;
+/// `IORING_RECVSEND_POLL_FIRST` (the io-uring crate exports it for some targets only).
+const RECVSEND_POLL_FIRST: u16 = 1;
 /// Slot generations stay below the operation bits.
 const GENERATION_MASK: u32 = (1 << 28) - 1;
 
@@ -138,7 +140,12 @@ impl Reactor {
     pub(crate) fn submit(&self, channel: &Channel, submit: Submit) -> io::Result<()> {
         let fd = types::Fd(channel.fd);
         let entry = match submit {
-            Submit::Recv { ptr, len } => opcode::Recv::new(fd, ptr, len)
+            Submit::Recv {
+                ptr,
+                len,
+                poll_first,
+            } => opcode::Recv::new(fd, ptr, len)
+                .ioprio(if poll_first { RECVSEND_POLL_FIRST } else { 0 })
                 .build()
                 .user_data(channel.token | RECV_OP),
             Submit::Send { ptr, len } => opcode::Send::new(fd, ptr, len)
