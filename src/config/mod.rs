@@ -289,6 +289,9 @@ pub struct ProxyConfig {
     /// Bytes written to a socket that may wait for the kernel to take them, per connection
     /// (client, primary, mirror, shadow); beyond it the writer waits (backpressure).
     pub send_queue_bytes: usize,
+    /// How long a closed connection may take to send what was written to it before the
+    /// close (a farewell error to a client that reads nothing, say); then it is cut.
+    pub close_linger_ms: u64,
     /// Time a client has to send its startup packet and finish authentication.
     pub startup_timeout_ms: u64,
     /// Time allowed to open a connection to the primary.
@@ -316,6 +319,7 @@ impl Default for ProxyConfig {
             message_bytes_max: 64 << 20,
             read_chunk_bytes: 16 << 10,
             send_queue_bytes: 64 << 10,
+            close_linger_ms: 5_000,
             startup_timeout_ms: 10_000,
             connect_timeout_ms: 5_000,
             dns_refresh_ms: 15_000,

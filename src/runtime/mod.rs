@@ -226,6 +226,7 @@ pub fn run_proxy_with(
         };
         let core = (cfg.proxy.pin_cores && !cores.is_empty()).then(|| cores[index % cores.len()]);
         let send_queue_bytes = cfg.proxy.send_queue_bytes;
+        let close_linger = Duration::from_millis(cfg.proxy.close_linger_ms);
         let exited = ExitCount(exited.clone());
         let handle = std::thread::Builder::new()
             .name(format!("pgprism-shard-{index}"))
@@ -241,6 +242,7 @@ pub fn run_proxy_with(
                     );
                 }
                 exec::set_send_queue_bytes(send_queue_bytes);
+                exec::set_close_linger(close_linger);
                 if let Err(err) = exec::run(RING_ENTRIES, shard::run(plan)) {
                     tracing::error!(shard = index, error = %err, "shard runtime failed");
                 }

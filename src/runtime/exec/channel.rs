@@ -14,19 +14,23 @@
 //!
 //! Writes return once the data is queued and the queue holds at most `send_queue_bytes`
 //! (backpressure beyond it). A channel whose handles are dropped keeps sending what was queued
-//! (an error message before a close, say) for at most [`LINGER`], then its descriptor closes.
+//! (an error message before a close, say) for at most the close linger time
+//! (`proxy.close-linger-ms`), then its descriptor closes.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
-/// How long a dropped channel may take to send what was queued before its close.
-pub(crate) const LINGER: Duration = Duration::from_secs(5);
+thread_local! {
+    /// Whether this kernel takes `IORING_RECVSEND_POLL_FIRST` (Linux 5.19+); cleared by the
+    /// first receive it refuses.
+    static POLL_FIRST: Cell<bool> = const { Cell::new(true) };
+}
 
 /// A receive is armed with at least this much room; below it the buffer takes a new block.
 const RECV_ROOM_MIN: usize = 2048;
@@ -47,6 +51,8 @@ pub(crate) struct Channel {
     rx_armed: Cell<usize>,
     /// The last receive filled all it was armed with: more is probably waiting.
     rx_filled: Cell<bool>,
+    /// The receive in flight was armed with `POLL_FIRST`.
+    rx_poll_first: Cell<bool>,
     pub(super) recv_busy: Cell<bool>,
     rx_end: Cell<bool>,
     rx_error: Cell<Option<i32>>,
@@ -105,6 +111,7 @@ impl Channel {
             rx: RefCell::new(BytesMut::new()),
             rx_armed: Cell::new(0),
             rx_filled: Cell::new(false),
+            rx_poll_first: Cell::new(false),
             recv_busy: Cell::new(false),
             rx_end: Cell::new(false),
             rx_error: Cell::new(None),
@@ -182,6 +189,11 @@ impl Channel {
         if self.rx_end.get() {
             return Ok(Some(0));
         }
+        if self.recv_busy.get() {
+            // The receive may already hold earlier bytes (completed in the kernel, its
+            // completion not yet reaped): a `recv` now would return later ones first.
+            return Ok(None);
+        }
         buf.reserve(chunk);
         let spare = buf.spare_capacity_mut();
         let want = spare.len().min(chunk.max(1));
@@ -215,12 +227,14 @@ impl Channel {
         let len = spare.len().min(chunk.max(1)).min(u32::MAX as usize);
         self.rx_armed.set(len);
         self.recv_busy.set(true);
+        let poll_first = !self.rx_filled.get() && POLL_FIRST.with(Cell::get);
+        self.rx_poll_first.set(poll_first);
         Submit::Recv {
             ptr: spare.as_mut_ptr().cast(),
             len: len as u32,
             // A request/response peer has not answered yet when the reader comes back for
             // more; a stream that filled the last receive has more waiting.
-            poll_first: !self.rx_filled.get(),
+            poll_first,
         }
     }
 
@@ -238,6 +252,10 @@ impl Channel {
                 unsafe { rx.set_len(len) };
             }
             0 => self.rx_end.set(true),
+            n if -n == libc::EINVAL && self.rx_poll_first.get() => {
+                // A kernel older than POLL_FIRST: the reader's next receive goes without it.
+                POLL_FIRST.with(|p| p.set(false));
+            }
             n if -n == libc::ECANCELED || -n == libc::EINTR || -n == libc::EAGAIN => {}
             n => self.rx_error.set(Some(-n)),
         }
@@ -263,7 +281,11 @@ impl Channel {
         self.tx.borrow_mut().push_back(data);
         if !self.send_busy.get() {
             let submit = self.arm_send();
-            super::current().reactor.submit(self, submit)?;
+            if let Err(err) = super::current().reactor.submit(self, submit) {
+                // The ring failed: nothing queued on this socket can go out any more.
+                self.sent(-libc::EIO);
+                return Err(err);
+            }
         }
         Ok(())
     }

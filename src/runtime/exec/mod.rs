@@ -74,6 +74,21 @@ fn send_queue_bytes() -> usize {
     SEND_QUEUE_BYTES.with(|b| b.get())
 }
 
+thread_local! {
+    /// How long a closed socket may take to send what was queued (see channel.rs).
+    static CLOSE_LINGER: Cell<std::time::Duration> =
+        const { Cell::new(std::time::Duration::from_secs(5)) };
+}
+
+/// Sets this thread's close linger time (`proxy.close-linger-ms`), before [`run`].
+pub fn set_close_linger(linger: std::time::Duration) {
+    CLOSE_LINGER.with(|l| l.set(linger));
+}
+
+fn close_linger() -> std::time::Duration {
+    CLOSE_LINGER.with(|l| l.get())
+}
+
 fn current() -> Rc<Executor> {
     CURRENT
         .with(|c| c.borrow().clone())
@@ -188,9 +203,15 @@ pub fn run(ring_entries: u32, root: impl Future<Output = ()> + 'static) -> io::R
         .collect();
     drop(tasks);
     // What the tasks queued last (a farewell error, a Terminate) still goes out: the
-    // released channels' sends run for their linger time at most.
+    // released channels' sends run for their linger time at most, then are cancelled; the
+    // loop ends when every released channel is closed (a timer bounds each wait in case a
+    // cancellation never completes).
     let _ = exec.reactor.turn(true);
-    while exec.reactor.has_lingering() {
+    let deadline = std::time::Instant::now() + close_linger() + std::time::Duration::from_secs(1);
+    let _ = exec
+        .reactor
+        .set_timer(deadline, None, std::task::Waker::noop().clone());
+    while exec.reactor.has_released_busy() && std::time::Instant::now() < deadline {
         if exec.reactor.turn(false).is_err() {
             break;
         }

@@ -395,7 +395,7 @@ impl Stream {
 
 #[cfg(test)]
 mod tests {
-    use super::super::set_send_queue_bytes;
+    use super::super::{set_send_queue_bytes, sleep};
     use super::*;
 
     #[test]
@@ -544,6 +544,84 @@ mod tests {
         let all = peer.join().unwrap();
         assert_eq!(all.len(), TOTAL);
         assert!(all.iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn read_now_never_overtakes_a_receive_in_flight() {
+        use std::io::Write;
+        let (addr, listener) = tcp_peer();
+        let (go, go_rx) = std::sync::mpsc::channel::<&'static [u8]>();
+        let (done, done_rx) = std::sync::mpsc::channel::<()>();
+        let peer = std::thread::spawn(move || {
+            let (mut sock, _) = listener.accept().unwrap();
+            while let Ok(data) = go_rx.recv() {
+                sock.write_all(data).unwrap();
+                done.send(()).unwrap();
+            }
+        });
+        run_in_shard(async move {
+            let stream = Stream::connect(addr, Duration::from_secs(5)).await.unwrap();
+            let mut buf = BytesMut::new();
+            // A read given up: its receive stays in flight.
+            let early = within(Duration::from_millis(20), stream.read_buf(&mut buf, 64)).await;
+            assert!(early.is_none());
+            go.send(b"AAAA").unwrap();
+            done_rx.recv().unwrap();
+            // Any system call of the shard lets the kernel complete that receive; its
+            // completion waits for the next turn.
+            std::thread::sleep(Duration::from_millis(30));
+            go.send(b"BBBB").unwrap();
+            done_rx.recv().unwrap();
+            std::thread::sleep(Duration::from_millis(30));
+            let _ = stream.read_now(&mut buf, 64).unwrap();
+            while buf.len() < 8 {
+                assert!(stream.read_buf(&mut buf, 64).await.unwrap() > 0);
+            }
+            assert_eq!(&buf[..], b"AAAABBBB");
+        });
+        peer.join().unwrap();
+    }
+
+    #[test]
+    fn a_stream_nobody_reads_is_cut_after_the_linger_time_when_the_shard_ends() {
+        use std::io::Read;
+        let (addr, listener) = tcp_peer();
+        let (ended, ended_rx) = std::sync::mpsc::channel::<()>();
+        let peer = std::thread::spawn(move || {
+            let (mut sock, _) = listener.accept().unwrap();
+            // Read nothing until the shard has ended.
+            ended_rx.recv().unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut total = 0usize;
+            let mut chunk = vec![0u8; 1 << 16];
+            loop {
+                match sock.read(&mut chunk) {
+                    Ok(0) => return Ok(total),
+                    Ok(n) => total += n,
+                    // Cut in the middle of a send: a reset is an end too.
+                    Err(err) if err.kind() == io::ErrorKind::ConnectionReset => return Ok(total),
+                    Err(err) => return Err((total, err.kind())),
+                }
+            }
+        });
+        set_send_queue_bytes(64 << 10);
+        super::super::set_close_linger(Duration::from_millis(200));
+        run_in_shard(async move {
+            let stream = Stream::connect(addr, Duration::from_secs(5)).await.unwrap();
+            let chunk = vec![7u8; 64 << 10];
+            for _ in 0..256 {
+                stream.write_now(&chunk);
+            }
+            sleep(Duration::from_millis(20)).await;
+        });
+        ended.send(()).unwrap();
+        let got = peer.join().unwrap();
+        let total = got.expect("the peer saw the end of the stream");
+        assert!(
+            total < 256 * (64 << 10),
+            "16 MiB fit in the socket buffers?"
+        );
     }
 
     fn run_in_shard(task: impl Future<Output = ()> + 'static) {
