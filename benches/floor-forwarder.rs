@@ -1,51 +1,83 @@
 //! The floor of any proxy on this machine: a byte forwarder that understands nothing of the
 //! PostgreSQL protocol and does the least work a proxy can do per message. One thread, one
-//! io_uring; every client connection gets one upstream connection; each direction is one
-//! `recv` into a fixed buffer and one `send` of what arrived, both as io_uring operations, so
-//! a loop turn submits all pending operations and reaps all completions with a single
-//! `io_uring_enter`.
+//! io_uring; every client connection gets one upstream connection (and, given a third
+//! address, one mirror connection); each direction is one `recv` into a fixed buffer and one
+//! `send` of what arrived, as io_uring operations, so a loop turn submits everything pending
+//! and reaps all completions with a single `io_uring_enter`.
 //!
 //! It exists to measure, in the same run as pgprism and PgBouncer, what the kernel alone costs
 //! per pgbench transaction (`FLOOR=1 benches/proxy-pgbench.sh`): a PostgreSQL proxy receives
-//! and sends every message this forwarder does, and more. It is not part of pgprism.
+//! and sends every message this forwarder does, and more. With a mirror address it also sends
+//! every client byte to the mirror and reads (and drops) the mirror's answers: the floor of a
+//! proxy with one mirror or one shadow (`FLOOR=1 benches/mirror-pgbench.sh`); its clients must
+//! not ask for TLS (`PGSSLMODE=disable`), since a byte copy of an SSLRequest followed by the
+//! startup packet, unanswered, is refused by the mirror. It is not part of pgprism.
 //!
-//!   cargo bench --bench floor-forwarder -- 127.0.0.1:55504 127.0.0.1:55501
+//!   cargo bench --bench floor-forwarder -- 127.0.0.1:55504 127.0.0.1:55501 [127.0.0.1:55601]
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 
-use io_uring::{IoUring, opcode, types};
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 const BUFFER: usize = 64 * 1024;
 const ACCEPT: u64 = u64::MAX;
 
-/// One direction of a connection pair: bytes read from `from` are written to `to`.
-struct Pipe {
-    from: RawFd,
-    to: RawFd,
+// Operations of a session, in the low bits of user_data (the session index above them).
+const RECV_CLIENT: u64 = 0;
+const SEND_SERVER: u64 = 1;
+const SEND_MIRROR: u64 = 2;
+const RECV_SERVER: u64 = 3;
+const SEND_CLIENT: u64 = 4;
+const RECV_MIRROR: u64 = 5;
+const OP_BITS: u64 = 3;
+
+/// A buffer being sent: `filled` bytes received, `sent` of them sent.
+struct Outgoing {
     buffer: Box<[u8]>,
-    /// Bytes of `buffer` received and not yet sent, and how many of them were sent.
     filled: usize,
-    sent: usize,
-    closed: bool,
+    sent_server: usize,
+    sent_mirror: usize,
+}
+
+struct Session {
+    client: RawFd,
+    server: RawFd,
+    mirror: Option<RawFd>,
+    /// Client bytes on their way to the server (and the mirror).
+    upstream: Outgoing,
+    /// Server bytes on their way to the client (`sent_server` counts what the client got).
+    downstream: Outgoing,
+    /// The mirror's answers, read and dropped.
+    sink: Box<[u8]>,
+    /// Operations in flight; the session is closed when it ends and none is left.
+    in_flight: u32,
+    ended: bool,
+}
+
+fn outgoing() -> Outgoing {
+    Outgoing {
+        buffer: vec![0; BUFFER].into_boxed_slice(),
+        filled: 0,
+        sent_server: 0,
+        sent_mirror: 0,
+    }
 }
 
 fn main() -> io::Result<()> {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let (Some(listen), Some(upstream)) = (args.first(), args.get(1)) else {
-        eprintln!("usage: floor-forwarder LISTEN_ADDR UPSTREAM_ADDR");
+        eprintln!("usage: floor-forwarder LISTEN_ADDR UPSTREAM_ADDR [MIRROR_ADDR]");
         std::process::exit(2);
     };
+    let mirror = args.get(2);
     let listener = TcpListener::bind(listen)?;
     let mut ring = IoUring::builder()
         .setup_coop_taskrun()
         .setup_single_issuer()
         .build(4096)?;
-    let mut pipes: Vec<Option<Pipe>> = Vec::new();
+    let mut sessions: Vec<Option<Session>> = Vec::new();
     let accept = opcode::Accept::new(
         types::Fd(listener.as_raw_fd()),
         std::ptr::null_mut(),
@@ -53,110 +85,198 @@ fn main() -> io::Result<()> {
     )
     .build()
     .user_data(ACCEPT);
-    // SAFETY: accept references no user memory.
-    unsafe { ring.submission().push(&accept) }.expect("empty queue");
+    push(&mut ring, &accept);
     let mut ready: Vec<(u64, i32)> = Vec::new();
     loop {
         ring.submit_and_wait(1)?;
         ready.extend(
             ring.completion()
-                .map(|c: io_uring::cqueue::Entry| (c.user_data(), c.result())),
+                .map(|c: cqueue::Entry| (c.user_data(), c.result())),
         );
         for (token, result) in ready.drain(..) {
             if token == ACCEPT {
                 if result >= 0 {
                     // SAFETY: the kernel handed us this new descriptor.
-                    let client =
-                        unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(result) };
-                    if let Ok(server) = TcpStream::connect(upstream.as_str()) {
-                        client.set_nodelay(true)?;
-                        server.set_nodelay(true)?;
-                        let (c, s) = (client.into_raw_fd(), server.into_raw_fd());
-                        for (from, to) in [(c, s), (s, c)] {
-                            let index = pipes.len();
-                            pipes.push(Some(Pipe {
-                                from,
-                                to,
-                                buffer: vec![0; BUFFER].into_boxed_slice(),
-                                filled: 0,
-                                sent: 0,
-                                closed: false,
-                            }));
-                            submit_recv(&mut ring, &mut pipes, index);
+                    let client = unsafe { TcpStream::from_raw_fd(result) };
+                    if let Some(session) = open(client, upstream, mirror)? {
+                        let index = sessions.len();
+                        sessions.push(Some(session));
+                        let session = sessions[index].as_mut().expect("just pushed");
+                        submit(&mut ring, session, index, RECV_CLIENT);
+                        submit(&mut ring, session, index, RECV_SERVER);
+                        if session.mirror.is_some() {
+                            submit(&mut ring, session, index, RECV_MIRROR);
                         }
                     }
                 }
-                // SAFETY: as above.
-                unsafe { ring.submission().push(&accept) }.expect("queue drained by submit");
+                push(&mut ring, &accept);
                 continue;
             }
-            let index = (token >> 1) as usize;
-            let is_send = token & 1 == 1;
-            let Some(pipe) = pipes[index].as_mut() else {
+            let index = (token >> OP_BITS) as usize;
+            let op = token & ((1 << OP_BITS) - 1);
+            let Some(session) = sessions[index].as_mut() else {
                 continue;
             };
-            if result <= 0 {
-                // End of stream or an error: close this pair's direction (the kernel's close
-                // ends the peer direction's recv with 0 or an error in turn).
-                if !pipe.closed {
-                    pipe.closed = true;
-                    // SAFETY: shutdown of descriptors this process owns.
-                    unsafe {
-                        libc::shutdown(pipe.from, libc::SHUT_RDWR);
-                        libc::shutdown(pipe.to, libc::SHUT_RDWR);
-                    }
-                }
-                let partner = index ^ 1;
-                if pipes[partner].as_ref().is_none_or(|p| p.closed) {
-                    for i in [index, partner] {
-                        if let Some(p) = pipes[i].take() {
-                            // SAFETY: each descriptor is closed once, by the pipe reading it.
-                            unsafe { libc::close(p.from) };
-                        }
-                    }
+            session.in_flight -= 1;
+            if result <= 0 || session.ended {
+                end(session);
+                if session.in_flight == 0 {
+                    close(session);
+                    sessions[index] = None;
                 }
                 continue;
             }
-            if is_send {
-                pipe.sent += result as usize;
-                if pipe.sent < pipe.filled {
-                    submit_send(&mut ring, &mut pipes, index);
-                } else {
-                    submit_recv(&mut ring, &mut pipes, index);
+            let n = result as usize;
+            match op {
+                RECV_CLIENT => {
+                    let up = &mut session.upstream;
+                    (up.filled, up.sent_server, up.sent_mirror) = (n, 0, 0);
+                    submit(&mut ring, session, index, SEND_SERVER);
+                    if session.mirror.is_some() {
+                        submit(&mut ring, session, index, SEND_MIRROR);
+                    }
                 }
-            } else {
-                pipe.filled = result as usize;
-                pipe.sent = 0;
-                submit_send(&mut ring, &mut pipes, index);
+                SEND_SERVER | SEND_MIRROR => {
+                    let up = &mut session.upstream;
+                    let sent = if op == SEND_SERVER {
+                        &mut up.sent_server
+                    } else {
+                        &mut up.sent_mirror
+                    };
+                    *sent += n;
+                    if *sent < up.filled {
+                        submit(&mut ring, session, index, op);
+                    } else if up.sent_server == up.filled
+                        && (session.mirror.is_none() || up.sent_mirror == up.filled)
+                    {
+                        // Both copies are out: read the client again.
+                        submit(&mut ring, session, index, RECV_CLIENT);
+                    }
+                }
+                RECV_SERVER => {
+                    let down = &mut session.downstream;
+                    (down.filled, down.sent_server) = (n, 0);
+                    submit(&mut ring, session, index, SEND_CLIENT);
+                }
+                SEND_CLIENT => {
+                    let down = &mut session.downstream;
+                    down.sent_server += n;
+                    let op = if down.sent_server < down.filled {
+                        SEND_CLIENT
+                    } else {
+                        RECV_SERVER
+                    };
+                    submit(&mut ring, session, index, op);
+                }
+                _ => submit(&mut ring, session, index, RECV_MIRROR),
             }
         }
     }
 }
 
-fn push(ring: &mut IoUring, entry: &io_uring::squeue::Entry) {
-    // SAFETY: the entry points into a pipe buffer that lives until its completion.
+fn open(
+    client: TcpStream,
+    upstream: &str,
+    mirror: Option<&String>,
+) -> io::Result<Option<Session>> {
+    let Ok(server) = TcpStream::connect(upstream) else {
+        return Ok(None);
+    };
+    let mirror = match mirror {
+        Some(addr) => match TcpStream::connect(addr.as_str()) {
+            Ok(m) => {
+                m.set_nodelay(true)?;
+                Some(m.into_raw_fd())
+            }
+            Err(_) => return Ok(None),
+        },
+        None => None,
+    };
+    client.set_nodelay(true)?;
+    server.set_nodelay(true)?;
+    Ok(Some(Session {
+        client: client.into_raw_fd(),
+        server: server.into_raw_fd(),
+        mirror,
+        upstream: outgoing(),
+        downstream: outgoing(),
+        sink: vec![0; BUFFER].into_boxed_slice(),
+        in_flight: 0,
+        ended: false,
+    }))
+}
+
+/// Shuts every socket of the session down, so its operations in flight complete.
+fn end(session: &mut Session) {
+    if session.ended {
+        return;
+    }
+    session.ended = true;
+    for fd in [Some(session.client), Some(session.server), session.mirror]
+        .into_iter()
+        .flatten()
+    {
+        // SAFETY: shutdown of descriptors this process owns.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+}
+
+fn close(session: &Session) {
+    for fd in [Some(session.client), Some(session.server), session.mirror]
+        .into_iter()
+        .flatten()
+    {
+        // SAFETY: each descriptor is closed once, after its last operation completed.
+        unsafe { libc::close(fd) };
+    }
+}
+
+fn push(ring: &mut IoUring, entry: &squeue::Entry) {
+    // SAFETY: every entry points into a session buffer that lives until its completion (a
+    // session is dropped only when no operation of its is in flight).
     while unsafe { ring.submission().push(entry) }.is_err() {
         ring.submit().expect("io_uring_enter");
     }
 }
 
-fn submit_recv(ring: &mut IoUring, pipes: &mut [Option<Pipe>], index: usize) {
-    let pipe = pipes[index].as_mut().expect("live pipe");
-    let entry = opcode::Recv::new(
-        types::Fd(pipe.from),
-        pipe.buffer.as_mut_ptr(),
-        pipe.buffer.len() as u32,
-    )
-    .build()
-    .user_data((index as u64) << 1);
-    push(ring, &entry);
-}
-
-fn submit_send(ring: &mut IoUring, pipes: &mut [Option<Pipe>], index: usize) {
-    let pipe = pipes[index].as_mut().expect("live pipe");
-    let rest = &pipe.buffer[pipe.sent..pipe.filled];
-    let entry = opcode::Send::new(types::Fd(pipe.to), rest.as_ptr(), rest.len() as u32)
-        .build()
-        .user_data(((index as u64) << 1) | 1);
-    push(ring, &entry);
+fn submit(ring: &mut IoUring, session: &mut Session, index: usize, op: u64) {
+    let user_data = ((index as u64) << OP_BITS) | op;
+    let up = &mut session.upstream;
+    let down = &mut session.downstream;
+    let entry = match op {
+        RECV_CLIENT => opcode::Recv::new(
+            types::Fd(session.client),
+            up.buffer.as_mut_ptr(),
+            BUFFER as u32,
+        )
+        .build(),
+        SEND_SERVER | SEND_MIRROR => {
+            let (fd, from) = if op == SEND_SERVER {
+                (session.server, up.sent_server)
+            } else {
+                (session.mirror.expect("a mirror"), up.sent_mirror)
+            };
+            let rest = &up.buffer[from..up.filled];
+            opcode::Send::new(types::Fd(fd), rest.as_ptr(), rest.len() as u32).build()
+        }
+        RECV_SERVER => opcode::Recv::new(
+            types::Fd(session.server),
+            down.buffer.as_mut_ptr(),
+            BUFFER as u32,
+        )
+        .build(),
+        SEND_CLIENT => {
+            let rest = &down.buffer[down.sent_server..down.filled];
+            opcode::Send::new(types::Fd(session.client), rest.as_ptr(), rest.len() as u32)
+                .build()
+        }
+        _ => opcode::Recv::new(
+            types::Fd(session.mirror.expect("a mirror")),
+            session.sink.as_mut_ptr(),
+            BUFFER as u32,
+        )
+        .build(),
+    };
+    session.in_flight += 1;
+    push(ring, &entry.user_data(user_data));
 }

@@ -13,6 +13,10 @@
 #
 #   benches/mirror-pgbench.sh            # 10 s per cell
 #   DURATION=5 CLIENTS=16 SLOW_RATE=1mbit benches/mirror-pgbench.sh
+#   SHARDS=1 benches/mirror-pgbench.sh   # one shard (default: one per core)
+#   FLOOR=1 benches/mirror-pgbench.sh    # adds the floor (benches/floor-forwarder.rs), bytes
+#                                        # only: without a mirror, and copying every client
+#                                        # byte to the mirror (what any mirroring proxy pays)
 #
 # The "+ mirror, flush N ms" row is the healthy mirror again with `--mirror-flush-delay-us`
 # (FLUSH_DELAY_US, default 20000): each session's statements for the mirror are coalesced into
@@ -24,6 +28,8 @@ CLIENTS=${CLIENTS:-16}
 SCALE=${SCALE:-10}
 SLOW_RATE=${SLOW_RATE:-2mbit}
 FLUSH_DELAY_US=${FLUSH_DELAY_US:-20000}
+FLOOR=${FLOOR:-}
+SHARDS=${SHARDS:-$(nproc)}
 OUT=${OUT:-bench-results}
 cargo build --release --quiet
 PGPRISM=$PWD/target/release/pgprism
@@ -71,15 +77,27 @@ start_mirror
 SERVERS+=("$WORK/mirror")
 pgbench -h 127.0.0.1 -p 55511 -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
 pgbench -h "$MIRROR_HOST" -p 55512 -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
-start_pgprism 55513 --primary postgres://127.0.0.1:55511
+start_pgprism 55513 --shards "$SHARDS" --primary postgres://127.0.0.1:55511
 PLAIN_PID=$PRISM_PID
-start_pgprism 55514 --primary postgres://127.0.0.1:55511 --mirror "postgres://postgres@$MIRROR_HOST:55512/postgres" \
+start_pgprism 55514 --shards "$SHARDS" --primary postgres://127.0.0.1:55511 --mirror "postgres://postgres@$MIRROR_HOST:55512/postgres" \
   --mirror-all-queries --mirror-retries 1000000 --retry-delay 100ms
 MIRROR_PID=$PRISM_PID
 # The same mirror with coalesced writes (`flush-delay-us`): several statements per send.
-start_pgprism 55515 --primary postgres://127.0.0.1:55511 --mirror "postgres://postgres@$MIRROR_HOST:55512/postgres" \
+start_pgprism 55515 --shards "$SHARDS" --primary postgres://127.0.0.1:55511 --mirror "postgres://postgres@$MIRROR_HOST:55512/postgres" \
   --mirror-all-queries --mirror-retries 1000000 --retry-delay 100ms --mirror-flush-delay-us "$FLUSH_DELAY_US"
 COALESCED_PID=$PRISM_PID
+if [ -n "$FLOOR" ]; then
+  # The floor (benches/floor-forwarder.rs): bytes only, without and with a copy of every client
+  # byte to the mirror, whose answers it reads and drops.
+  FLOOR_BIN=$(cargo build --release --quiet --bench floor-forwarder --message-format=json |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+  "$FLOOR_BIN" 127.0.0.1:55517 127.0.0.1:55511 >"$WORK/floor.out" 2>&1 &
+  FLOOR_PID=$!; PIDS+=("$FLOOR_PID")
+  "$FLOOR_BIN" 127.0.0.1:55516 127.0.0.1:55511 "$MIRROR_HOST:55512" >"$WORK/floor-mirror.out" 2>&1 &
+  FLOOR_MIRROR_PID=$!; PIDS+=("$FLOOR_MIRROR_PID")
+  wait_ready 55517
+  PGSSLMODE=disable wait_ready 55516
+fi
 
 mkdir -p "$OUT"
 RESULT="$OUT/mirror-pgbench-$(date +%Y%m%d-%H%M%S).txt"
@@ -94,6 +112,13 @@ for load in S N; do
   bench 55514 "$MIRROR_PID" "${args[@]}"; HEALTHY=$TPS; row "-$load" "pgprism + mirror" "1.00"
   bench 55515 "$COALESCED_PID" "${args[@]}"
   row "-$load" "+ mirror, flush $((FLUSH_DELAY_US / 1000)) ms" "$(ratio)"
+  if [ -n "$FLOOR" ]; then
+    # No SSLRequest: the mirror would get the startup packet before it answered one.
+    export PGSSLMODE=disable
+    bench 55517 "$FLOOR_PID" "${args[@]}"; row "-$load" "floor, no mirror" "-"
+    bench 55516 "$FLOOR_MIRROR_PID" "${args[@]}"; row "-$load" "floor + mirror" "$(ratio)"
+    unset PGSSLMODE
+  fi
   if [ -n "$NS" ]; then
     tc qdisc add dev "${VETH}a" root tbf rate "$SLOW_RATE" burst 16kbit latency 200ms
     tc -n "$NS" qdisc add dev "${VETH}b" root tbf rate "$SLOW_RATE" burst 16kbit latency 200ms
