@@ -66,7 +66,10 @@ fn outgoing() -> Outgoing {
 }
 
 fn main() -> io::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let (Some(listen), Some(upstream)) = (args.first(), args.get(1)) else {
         eprintln!("usage: floor-forwarder LISTEN_ADDR UPSTREAM_ADDR [MIRROR_ADDR]");
         std::process::exit(2);
@@ -174,11 +177,7 @@ fn main() -> io::Result<()> {
     }
 }
 
-fn open(
-    client: TcpStream,
-    upstream: &str,
-    mirror: Option<&String>,
-) -> io::Result<Option<Session>> {
+fn open(client: TcpStream, upstream: &str, mirror: Option<&String>) -> io::Result<Option<Session>> {
     let Ok(server) = TcpStream::connect(upstream) else {
         return Ok(None);
     };
@@ -267,8 +266,7 @@ fn submit(ring: &mut IoUring, session: &mut Session, index: usize, op: u64) {
         .build(),
         SEND_CLIENT => {
             let rest = &down.buffer[down.sent_server..down.filled];
-            opcode::Send::new(types::Fd(session.client), rest.as_ptr(), rest.len() as u32)
-                .build()
+            opcode::Send::new(types::Fd(session.client), rest.as_ptr(), rest.len() as u32).build()
         }
         _ => opcode::Recv::new(
             types::Fd(session.mirror.expect("a mirror")),
