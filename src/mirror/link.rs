@@ -667,7 +667,7 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                             sleep_until(due).await;
                             None
                         },
-                        signal_or_read(stream, &mut buf, &reader_waker, || {
+                        signal_or_readable(stream, &mut buf, &reader_waker, || {
                             failed.get() || !reads_late()
                         }),
                     )
@@ -708,10 +708,14 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                     // mirror to close on us, which the next read reports).
                     // `None`: the writer sent something; `Some(read)`: the mirror spoke (an
                     // async message) or closed.
-                    let woke = signal_or_read(stream, &mut buf, &reader_waker, || {
-                        failed.get() || !inflight.borrow().is_empty()
-                    })
-                    .await;
+                    let ready = || failed.get() || !inflight.borrow().is_empty();
+                    // A reader that reads late leaves no receive in flight (`read_now` would
+                    // then find nothing), so it waits for readiness instead.
+                    let woke = if defer.is_some() {
+                        signal_or_readable(stream, &mut buf, &reader_waker, ready).await
+                    } else {
+                        signal_or_read(stream, &mut buf, &reader_waker, ready).await
+                    };
                     match woke {
                         None if failed.get() => break,
                         None => continue,
@@ -838,6 +842,43 @@ async fn signal_or_read(
         async { Some(stream.read_buf(buf, READ_CHUNK).await) },
     )
     .await
+}
+
+/// As [`signal_or_read`], for a reader that reads late: waits for the socket to say readable
+/// (which its raised low-water mark holds back) without arming a receive, then takes what is
+/// waiting with [`read_waiting`].
+async fn signal_or_readable(
+    stream: &Stream,
+    buf: &mut BytesMut,
+    waker: &Cell<Option<Waker>>,
+    ready: impl Fn() -> bool,
+) -> Option<std::io::Result<usize>> {
+    loop {
+        let woke = futures_lite::future::or(
+            async {
+                futures_lite::future::poll_fn(|cx| {
+                    if ready() {
+                        return Poll::Ready(None);
+                    }
+                    waker.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                })
+                .await
+            },
+            async { Some(stream.readable().await) },
+        )
+        .await;
+        return match woke? {
+            Err(err) => Some(Err(err)),
+            Ok(()) => match read_waiting(stream, buf) {
+                Ok(Waiting::Read(n)) => Some(Ok(n)),
+                Ok(Waiting::Closed) => Some(Ok(0)),
+                Err(err) => Some(Err(err)),
+                // Readiness that a read did not confirm (its data went with an earlier read).
+                Ok(Waiting::Nothing) => continue,
+            },
+        };
+    }
 }
 
 enum Waiting {

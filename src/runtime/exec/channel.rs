@@ -70,6 +70,9 @@ pub(crate) struct Channel {
     /// `shutdown(2)` the sending side once the queue is sent.
     shut_when_sent: Cell<bool>,
     write_waker: Cell<Option<Waker>>,
+    // -- readiness without reading (a reader that chose when to read, see `poll_readable`)
+    pub(super) readable_busy: Cell<bool>,
+    readable: Cell<bool>,
     // -- connecting
     pub(super) connect_busy: Cell<bool>,
     connected: Cell<bool>,
@@ -124,6 +127,8 @@ impl Channel {
             write_closed: Cell::new(false),
             shut_when_sent: Cell::new(false),
             write_waker: Cell::new(None),
+            readable_busy: Cell::new(false),
+            readable: Cell::new(false),
             connect_busy: Cell::new(false),
             connected: Cell::new(true),
             released: Cell::new(false),
@@ -132,7 +137,10 @@ impl Channel {
     }
 
     pub(super) fn busy(&self) -> bool {
-        self.recv_busy.get() || self.send_busy.get() || self.connect_busy.get()
+        self.recv_busy.get()
+            || self.send_busy.get()
+            || self.connect_busy.get()
+            || self.readable_busy.get()
     }
 
     // ---------------------------------------------------------------- receiving
@@ -213,6 +221,34 @@ impl Channel {
                 io::ErrorKind::WouldBlock => return Ok(None),
                 _ => return Err(err),
             }
+        }
+    }
+
+    /// Ready once the socket has something to read (as its `SO_RCVLOWAT` counts), has ended
+    /// or failed, without reading it: a one-shot poll, so a reader that chose when to read
+    /// (`read_now`) leaves no receive in flight. A receive already in flight, or data it
+    /// brought, counts as readable too.
+    pub(super) fn poll_readable(&self, cx: &Context<'_>) -> Poll<io::Result<()>> {
+        if self.readable.replace(false)
+            || !self.rx.borrow().is_empty()
+            || self.rx_end.get()
+            || self.rx_error.get().is_some()
+        {
+            return Poll::Ready(Ok(()));
+        }
+        self.read_waker.set(Some(cx.waker().clone()));
+        if !self.recv_busy.get() && !self.readable_busy.get() {
+            super::current().reactor.watch_readable(self)?;
+        }
+        Poll::Pending
+    }
+
+    /// The readiness poll completed.
+    pub(super) fn readable_done(&self) {
+        self.readable_busy.set(false);
+        self.readable.set(true);
+        if let Some(waker) = self.read_waker.take() {
+            waker.wake();
         }
     }
 

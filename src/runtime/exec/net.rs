@@ -373,6 +373,15 @@ impl Stream {
         self.io.channel.read_now(buf, chunk)
     }
 
+    /// Completes once there is something to read (as the low-water mark of
+    /// [`set_read_low_water`](Self::set_read_low_water) counts), the peer closed or the socket
+    /// failed, without reading anything: then [`read_now`](Self::read_now) takes it. Plain
+    /// sockets only (see [`defers_reads`](Self::defers_reads)).
+    pub async fn readable(&self) -> io::Result<()> {
+        debug_assert!(self.tls.is_none(), "readable bypasses TLS");
+        futures_lite::future::poll_fn(|cx| self.io.channel.poll_readable(cx)).await
+    }
+
     /// Shuts both directions down: every handle's reads see end-of-stream at once and its
     /// writes fail; what was already written still goes out before the peer reads
     /// end-of-stream.

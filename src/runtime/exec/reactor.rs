@@ -31,11 +31,13 @@ const WRITE_POLL: u64 = 1 << 62;
 /// Marks the user_data of a channel's receive and send operations.
 const RECV_OP: u64 = 1 << 61;
 const SEND_OP: u64 = 1 << 60;
-const OP_MASK: u64 = WRITE_POLL | RECV_OP | SEND_OP;
+/// Marks the user_data of a channel's one-shot read poll (`Channel::poll_readable`).
+const READ_POLL: u64 = 1 << 59;
+const OP_MASK: u64 = WRITE_POLL | RECV_OP | SEND_OP | READ_POLL;
 /// `IORING_RECVSEND_POLL_FIRST` (the io-uring crate exports it for some targets only).
 const RECVSEND_POLL_FIRST: u16 = 1;
 /// Slot generations stay below the operation bits.
-const GENERATION_MASK: u32 = (1 << 28) - 1;
+const GENERATION_MASK: u32 = (1 << 27) - 1;
 
 /// Re-arms of a poll in a row that ended in errors before giving up on it.
 const ERROR_REARMS_MAX: u32 = 8;
@@ -179,6 +181,16 @@ impl Reactor {
         Ok(())
     }
 
+    /// One-shot poll for data to read (or the end), without reading it.
+    pub(crate) fn watch_readable(&self, channel: &Channel) -> io::Result<()> {
+        let entry = opcode::PollAdd::new(types::Fd(channel.fd), READ_EVENTS)
+            .build()
+            .user_data(channel.token | READ_POLL);
+        self.push(entry)?;
+        channel.readable_busy.set(true);
+        Ok(())
+    }
+
     /// Every handle of `channel` is gone: cancel its receive, let queued data go out for at
     /// most the close linger time (`proxy.close-linger-ms`), then close.
     pub(crate) fn release_channel(&self, channel: &Channel) {
@@ -189,6 +201,13 @@ impl Reactor {
         if channel.connect_busy.get() {
             self.push_or_retry(
                 opcode::PollRemove::new(channel.token | WRITE_POLL)
+                    .build()
+                    .user_data(IGNORED),
+            );
+        }
+        if channel.readable_busy.get() {
+            self.push_or_retry(
+                opcode::PollRemove::new(channel.token | READ_POLL)
                     .build()
                     .user_data(IGNORED),
             );
@@ -478,6 +497,7 @@ impl Reactor {
                         channel.sent(-libc::EIO);
                     }
                 }
+                READ_POLL => channel.readable_done(),
                 _ => channel.connect_done(),
             }
             if channel.released.get() && !channel.busy() {
