@@ -592,6 +592,35 @@ mod tests {
     }
 
     #[test]
+    fn readable_holds_to_the_low_water_mark_and_leaves_the_data_to_read_now() {
+        use std::io::Write;
+        let (addr, listener) = tcp_peer();
+        let (go, go_rx) = std::sync::mpsc::channel::<&'static [u8]>();
+        let peer = std::thread::spawn(move || {
+            let (mut sock, _) = listener.accept().unwrap();
+            while let Ok(data) = go_rx.recv() {
+                sock.write_all(data).unwrap();
+            }
+        });
+        run_in_shard(async move {
+            let stream = Stream::connect(addr, Duration::from_secs(5)).await.unwrap();
+            stream.set_read_low_water(8).unwrap();
+            go.send(b"1234").unwrap();
+            // Below the mark: not readable.
+            let early = within(Duration::from_millis(100), stream.readable()).await;
+            assert!(early.is_none());
+            go.send(b"5678").unwrap();
+            stream.readable().await.unwrap();
+            // No receive was armed: read_now takes it all.
+            let mut buf = BytesMut::new();
+            assert_eq!(stream.read_now(&mut buf, 64).unwrap(), Some(8));
+            assert_eq!(&buf[..], b"12345678");
+            assert_eq!(stream.read_now(&mut buf, 64).unwrap(), None);
+        });
+        peer.join().unwrap();
+    }
+
+    #[test]
     fn a_stream_nobody_reads_is_cut_after_the_linger_time_when_the_shard_ends() {
         use std::io::Read;
         let (addr, listener) = tcp_peer();
