@@ -822,25 +822,27 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
 
 /// Waits until `ready()` holds (`None`; `waker` is woken by whoever may make it hold) or the
 /// socket has something to read or closed (`Some` with what the read returned).
+/// `None` once `ready()` holds, woken through `waker`; never otherwise.
+async fn signalled<T>(waker: &Cell<Option<Waker>>, ready: impl Fn() -> bool) -> Option<T> {
+    futures_lite::future::poll_fn(|cx| {
+        if ready() {
+            return Poll::Ready(None);
+        }
+        waker.set(Some(cx.waker().clone()));
+        Poll::Pending
+    })
+    .await
+}
+
 async fn signal_or_read(
     stream: &Stream,
     buf: &mut BytesMut,
     waker: &Cell<Option<Waker>>,
     ready: impl Fn() -> bool,
 ) -> Option<std::io::Result<usize>> {
-    futures_lite::future::or(
-        async {
-            futures_lite::future::poll_fn(|cx| {
-                if ready() {
-                    return Poll::Ready(None);
-                }
-                waker.set(Some(cx.waker().clone()));
-                Poll::Pending
-            })
-            .await
-        },
-        async { Some(stream.read_buf(buf, READ_CHUNK).await) },
-    )
+    futures_lite::future::or(signalled(waker, ready), async {
+        Some(stream.read_buf(buf, READ_CHUNK).await)
+    })
     .await
 }
 
@@ -854,19 +856,9 @@ async fn signal_or_readable(
     ready: impl Fn() -> bool,
 ) -> Option<std::io::Result<usize>> {
     loop {
-        let woke = futures_lite::future::or(
-            async {
-                futures_lite::future::poll_fn(|cx| {
-                    if ready() {
-                        return Poll::Ready(None);
-                    }
-                    waker.set(Some(cx.waker().clone()));
-                    Poll::Pending
-                })
-                .await
-            },
-            async { Some(stream.readable().await) },
-        )
+        let woke = futures_lite::future::or(signalled(waker, &ready), async {
+            Some(stream.readable().await)
+        })
         .await;
         return match woke? {
             Err(err) => Some(Err(err)),

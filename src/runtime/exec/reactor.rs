@@ -173,21 +173,27 @@ impl Reactor {
 
     /// One-shot poll for the end of a non-blocking connect.
     pub(crate) fn watch_connect(&self, channel: &Channel) -> io::Result<()> {
-        let entry = opcode::PollAdd::new(types::Fd(channel.fd), WRITE_EVENTS)
-            .build()
-            .user_data(channel.token | WRITE_POLL);
-        self.push(entry)?;
-        channel.connect_busy.set(true);
-        Ok(())
+        self.poll_once(channel, WRITE_POLL, &channel.connect_busy)
     }
 
     /// One-shot poll for data to read (or the end), without reading it.
     pub(crate) fn watch_readable(&self, channel: &Channel) -> io::Result<()> {
-        let entry = opcode::PollAdd::new(types::Fd(channel.fd), READ_EVENTS)
+        self.poll_once(channel, READ_POLL, &channel.readable_busy)
+    }
+
+    /// The channel's one-shot polls: `op` is `WRITE_POLL` or `READ_POLL`; `busy` is set while
+    /// the poll is in the kernel.
+    fn poll_once(&self, channel: &Channel, op: u64, busy: &Cell<bool>) -> io::Result<()> {
+        let events = if op == WRITE_POLL {
+            WRITE_EVENTS
+        } else {
+            READ_EVENTS
+        };
+        let entry = opcode::PollAdd::new(types::Fd(channel.fd), events)
             .build()
-            .user_data(channel.token | READ_POLL);
+            .user_data(channel.token | op);
         self.push(entry)?;
-        channel.readable_busy.set(true);
+        busy.set(true);
         Ok(())
     }
 
@@ -198,19 +204,17 @@ impl Reactor {
         if channel.recv_busy.get() {
             self.cancel(channel.token | RECV_OP);
         }
-        if channel.connect_busy.get() {
-            self.push_or_retry(
-                opcode::PollRemove::new(channel.token | WRITE_POLL)
-                    .build()
-                    .user_data(IGNORED),
-            );
-        }
-        if channel.readable_busy.get() {
-            self.push_or_retry(
-                opcode::PollRemove::new(channel.token | READ_POLL)
-                    .build()
-                    .user_data(IGNORED),
-            );
+        for (busy, op) in [
+            (&channel.connect_busy, WRITE_POLL),
+            (&channel.readable_busy, READ_POLL),
+        ] {
+            if busy.get() {
+                self.push_or_retry(
+                    opcode::PollRemove::new(channel.token | op)
+                        .build()
+                        .user_data(IGNORED),
+                );
+            }
         }
         if channel.send_busy.get() {
             let until = Instant::now() + super::close_linger();

@@ -1,8 +1,8 @@
 //! TLS over a shard socket, with rustls driven by hand: ciphertext moves between the socket and
 //! rustls through the socket's channel (io_uring receives and queued sends, channel.rs), so a
-//! TLS session costs no thread and no extra task. The state sits behind the socket's `Rc` handle like the
-//! socket itself: one task may read while another writes. Borrows of the rustls connection
-//! never span an `.await`.
+//! TLS session costs no thread and no extra task. The state sits behind the socket's `Rc`
+//! handle like the socket itself: one task may read while another writes. Borrows of the
+//! rustls connection never span an `.await`.
 //!
 //! Reads: plaintext rustls already holds goes out first; then ciphertext read earlier but not
 //! yet taken by rustls; only then the socket. Writes: plaintext goes into rustls, the records
@@ -101,23 +101,25 @@ impl Tls {
     }
 
     /// Hands every record in `outgoing` to the socket's send queue, without waiting.
-    pub(super) fn try_flush(&self, io: &Channel) {
+    fn hand_over(&self, io: &Channel) -> io::Result<()> {
         let mut out = self.outgoing.borrow_mut();
-        if !out.is_empty() {
-            let _ = io.queue(Bytes::from(std::mem::take(&mut *out)));
+        if out.is_empty() {
+            return Ok(());
         }
+        io.queue(Bytes::from(std::mem::take(&mut *out)))
+    }
+
+    /// As [`hand_over`](Self::hand_over), for callers that do not wait (an error shows in the
+    /// next read or write).
+    pub(super) fn try_flush(&self, io: &Channel) {
+        let _ = self.hand_over(io);
     }
 
     /// Hands `outgoing` to the socket's send queue and waits for the queue to be within its
     /// bound.
     fn poll_flush(&self, io: &Channel, cx: &Context<'_>) -> Poll<io::Result<()>> {
-        {
-            let mut out = self.outgoing.borrow_mut();
-            if !out.is_empty()
-                && let Err(err) = io.queue(Bytes::from(std::mem::take(&mut *out)))
-            {
-                return Poll::Ready(Err(err));
-            }
+        if let Err(err) = self.hand_over(io) {
+            return Poll::Ready(Err(err));
         }
         io.poll_room(cx, super::send_queue_bytes())
     }
