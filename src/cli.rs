@@ -534,7 +534,8 @@ pub fn main() -> ExitCode {
             };
         }
         Command::Check { config } => {
-            let checked = Config::load(&config).and_then(|cfg| cfg.validate().map(|()| cfg));
+            let checked =
+                Config::load(&config).and_then(|cfg| crate::server::check(&cfg).map(|()| cfg));
             return match checked {
                 Ok(cfg) => {
                     print!("{}", cfg.to_toml());
@@ -560,8 +561,8 @@ pub fn main() -> ExitCode {
     };
     let (cfg, args) = cfg;
     // SIGHUP reads the file again (if any) with the same flags on top.
-    let reload: crate::runtime::Reload = Box::new(move || args.clone().into_config());
-    match crate::runtime::run_proxy_with(&cfg, None, Some(reload), print_ready) {
+    let reload: crate::server::Reload = Box::new(move || args.clone().into_config());
+    match crate::server::run_proxy_with(&cfg, None, Some(reload), print_ready) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => report(&err),
     }
@@ -571,8 +572,8 @@ pub fn main() -> ExitCode {
 /// primary or the CDC source may be one of them), then CDC on its own thread, then the proxy;
 /// the admin endpoint serves all their routes. On SIGTERM the proxy drains, then CDC stops
 /// (its position is checkpointed as always), then the servers stop.
-fn run_main(cfg: Config, reload: crate::runtime::Reload) -> ExitCode {
-    if let Err(err) = cfg.validate() {
+fn run_main(cfg: Config, reload: crate::server::Reload) -> ExitCode {
+    if let Err(err) = crate::server::check(&cfg) {
         return report(&err);
     }
     let has_embed = !cfg.embed.instance.is_empty();
@@ -592,7 +593,7 @@ fn run_main(cfg: Config, reload: crate::runtime::Reload) -> ExitCode {
             Err(err) => report(&err),
         };
     }
-    crate::runtime::signals::block();
+    crate::server::signals::block();
     let mut routes: Vec<crate::control::ExtraRoutes> = Vec::new();
     let mut supervisor = None;
     if has_embed {
@@ -630,7 +631,7 @@ fn run_main(cfg: Config, reload: crate::runtime::Reload) -> ExitCode {
     }
     let routes = compose_routes(routes);
     let result = if has_proxy {
-        crate::runtime::run_proxy_with(&cfg, routes, Some(reload), print_ready)
+        crate::server::run_proxy_with(&cfg, routes, Some(reload), print_ready)
             .map_err(|e| e.to_string())
     } else {
         serve_until_stopped(&cfg, routes, cdc.as_ref().map(|(_, t)| t))
@@ -679,7 +680,7 @@ fn serve_until_stopped(
     routes: Option<crate::control::ExtraRoutes>,
     cdc: Option<&crate::cdc::CdcThread>,
 ) -> Result<(), String> {
-    use crate::runtime::signals;
+    use crate::server::signals;
     let _admin = if cfg.admin.listen.is_empty() {
         None
     } else {
@@ -708,7 +709,7 @@ fn serve_until_stopped(
 
 /// One parseable line on stdout so scripts and tests know where to connect (the last one at
 /// start-up), preceded by the Unix socket's line when there is one.
-fn print_ready(bound: &crate::runtime::Bound) {
+fn print_ready(bound: &crate::server::Bound) {
     if let Some(path) = &bound.unix {
         println!("pgprism unix socket {}", path.display());
     }

@@ -63,7 +63,7 @@ const SCALE: u64 = 1;
 const CHANGED_AID: u32 = 4242;
 
 pub fn run(args: DemoArgs) -> Result<(), DemoError> {
-    crate::runtime::signals::block();
+    crate::server::signals::block();
     println!("pgprism demo: starting two in-memory PostgreSQL servers (primary, shadow)...");
     let primary = start("primary")?;
     let shadow = start("shadow")?;
@@ -133,8 +133,8 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
             proxy.admin,
             proxy.admin
         );
-        while crate::runtime::signals::wait(Duration::from_secs(1))
-            != Some(crate::runtime::signals::Signal::Stop)
+        while crate::server::signals::wait(Duration::from_secs(1))
+            != Some(crate::server::signals::Signal::Stop)
         {}
         println!("stopping...");
     }

@@ -1,17 +1,29 @@
 //! pgprism: a thread-per-core, io_uring data plane for PostgreSQL traffic.
+//!
+//! The core (`exec`, `wire`, `sql`, `session`, `backend`, `stats`, `tls`, `config`) knows no
+//! mode; the modes (`proxy`, `mirror`, `compare`, `cdc`, `embed`, `bench`) stand on it and
+//! never on each other; `server`, `control`, `cli` and `demo` assemble them
+//! (docs/architecture.md).
 
+// The core.
+pub mod backend;
+pub mod config;
+pub mod exec;
+pub mod sql;
+pub mod stats;
+pub mod tls;
+pub mod wire;
+
+// The modes.
 pub mod bench;
 pub mod cdc;
-pub mod cli;
 pub mod compare;
-pub mod config;
-pub mod control;
-pub mod demo;
 pub mod embed;
 pub mod mirror;
 pub mod proxy;
-pub mod report;
-pub mod runtime;
-pub mod sql;
-pub mod tls;
-pub mod wire;
+
+// The assembly.
+pub mod cli;
+pub mod control;
+pub mod demo;
+pub mod server;

@@ -1,7 +1,7 @@
 //! TLS settings, built once at start-up: pgprism as a TLS server for its clients
 //! (`[client-tls]`), and as a TLS client of the databases it connects to, with libpq's
 //! `sslmode`, `sslrootcert`, `sslcert` and `sslkey` in their URLs. The handshakes themselves
-//! run on the shard runtime (`runtime::exec::tls`).
+//! run on the shard runtime (`exec::tls`).
 //!
 //! `sslmode` means what it means to libpq: `disable` and `allow` connect in plain text
 //! (pgprism does not retry `allow` with TLS), `prefer` asks for TLS and goes on in plain text
@@ -18,7 +18,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-use crate::runtime::exec::net::Stream;
+use crate::exec::net::Stream;
 
 /// ALPN protocol name PostgreSQL 17 registers; older servers ignore it.
 const ALPN: &[u8] = b"postgresql";
@@ -26,44 +26,7 @@ const ALPN: &[u8] = b"postgresql";
 /// SSLRequest: length 8, code 80877103.
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum SslMode {
-    Disable,
-    Allow,
-    Prefer,
-    Require,
-    VerifyCa,
-    VerifyFull,
-}
-
-impl SslMode {
-    pub fn parse(text: &str) -> Result<SslMode, String> {
-        Ok(match text {
-            "disable" => SslMode::Disable,
-            "allow" => SslMode::Allow,
-            "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            other => {
-                return Err(format!(
-                    "sslmode `{other}`: expected disable, allow, prefer, require, verify-ca or verify-full"
-                ));
-            }
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Allow => "allow",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyCa => "verify-ca",
-            SslMode::VerifyFull => "verify-full",
-        }
-    }
-}
+pub use crate::config::SslMode;
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -99,6 +62,23 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
+    /// The TLS side of connections to the database of `url`. Certificate and key files are
+    /// read here, so this runs where a part starts (on the main thread, or `pgprism check`),
+    /// never on a shard. Without `sslmode`, `prefer`, as with libpq.
+    pub fn for_url(url: &crate::config::PgUrl) -> Result<Upstream, String> {
+        let mode = match &url.sslmode {
+            Some(mode) => SslMode::parse(mode)?,
+            None => SslMode::Prefer,
+        };
+        Upstream::new(
+            mode,
+            &url.host,
+            url.sslrootcert.as_deref(),
+            url.sslcert.as_deref(),
+            url.sslkey.as_deref(),
+        )
+    }
+
     pub fn plain() -> Upstream {
         Upstream {
             mode: SslMode::Disable,

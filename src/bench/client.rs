@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 
 use crate::config::{Endpoint, PgUrl};
-use crate::runtime::exec::{self, net::Stream};
+use crate::exec::{self, net::Stream};
 use crate::wire::{
     self, AuthProgress, BackendMessage, ClientAuth, ErrorNotice, Frame, TransactionStatus,
     WireError, encode,

@@ -22,7 +22,7 @@ use super::client::{ClientError, ConnectParams, PgConnection};
 use super::progress::Progress;
 use super::workload::{Keys, Protocol, Rng, Workload};
 use crate::config::PgUrl;
-use crate::runtime::exec;
+use crate::exec;
 use crate::wire::TransactionStatus;
 
 /// Submission queue entries per worker ring; one socket per client, few in flight.

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::PgUrl;
-use crate::runtime::exec;
+use crate::exec;
 
 pub use client::{ClientError, Completion, ConnectParams, PgConnection, ServerError};
 pub use workload::{Protocol, WorkloadKind, init_statements};

@@ -275,7 +275,7 @@ pub fn validate(cfg: &CdcConfig) -> Result<(), ConfigError> {
         ));
     }
     PgUrl::parse(&cfg.source)
-        .and_then(|u| u.tls())
+        .and_then(|u| crate::tls::Upstream::for_url(&u))
         .map_err(|e| key("source", &e))?;
     if cfg.starrocks.is_empty() {
         return Err(key(

@@ -112,8 +112,9 @@ impl PgConn {
             .set_read_timeout(Some(timeout))
             .map_err(PgError::Io)?;
         let mut stream = stream;
-        let tls = url
-            .tls_cached()
+        // CDC's own thread, a connection at start and per reconnect: reading the certificate
+        // files here costs no shard anything.
+        let tls = crate::tls::Upstream::for_url(url)
             .map_err(|message| connect_err(std::io::Error::other(message)))?
             .negotiate_blocking(&mut stream)
             .map_err(connect_err)?;

@@ -1,4 +1,4 @@
-//! One client session's two answer streams, paired. The upstream side ([`Upstream`]) records
+//! One client session's two answer streams, paired. The upstream side ([`Dispatch`]) records
 //! what each client sync point asked (statement texts, whether the shadow gets it) and writes
 //! the client's frames to the shadow; the downstream side ([`Comparer`]) folds both answer
 //! streams into digests, pairs sync point *i* of the primary with sync point *i* of the
@@ -22,9 +22,9 @@ use super::digest::{
 use super::rules::type_name;
 use super::verdict::{self, Difference, Kind};
 use super::{Record, Side, Target};
-use crate::proxy::stats::ShardStats;
-use crate::runtime::exec::net::Stream;
+use crate::exec::net::Stream;
 use crate::sql;
+use crate::stats::ShardStats;
 use crate::wire::{self, tag};
 
 /// Statement names and portals remembered per session for reports; beyond it statements are
@@ -45,7 +45,7 @@ pub struct Statement {
     pub primary_only: bool,
     /// Opens or ends a transaction block (BEGIN, COMMIT, ROLLBACK...): with other statements
     /// in the same sync point, the two sides may leave it in different states, so what
-    /// follows waits for both answers (see `Link::gate`).
+    /// follows waits for both answers (see `Pairing::gate`).
     pub transaction: bool,
     /// Even alone it may leave the two sides apart: a BEGIN with options one engine may
     /// refuse, or AND CHAIN. (A plain BEGIN opens a block on both; COMMIT and ROLLBACK end
@@ -126,7 +126,7 @@ fn with_options(text: &str, kind: sql::Transaction) -> bool {
     }
 }
 
-/// Whether a sync point of these statements gates what follows (see `Link::gate`). Never
+/// Whether a sync point of these statements gates what follows (see `Pairing::gate`). Never
 /// one with a COPY, or one whose statements are unknown (an Execute of a portal not seen):
 /// their data and answers must flow.
 fn gates(statements: &[Rc<Statement>]) -> bool {
@@ -147,7 +147,7 @@ struct Segment {
     expects: Vec<Expect>,
     /// Client sync points among them.
     syncs: usize,
-    /// Ends with this gating sync point (see `Link::gate`).
+    /// Ends with this gating sync point (see `Pairing::gate`).
     gate: Option<u64>,
 }
 
@@ -155,7 +155,7 @@ struct Segment {
 const SHADOW_WRITE_BYTES: usize = 256 << 10;
 
 /// State both halves of a session's compare machinery see.
-pub struct Link {
+pub struct Pairing {
     metas: RefCell<VecDeque<SyncMeta>>,
     /// Per sync point written to the shadow, in order: `true` for pgprism's own (a ROLLBACK
     /// that brings a diverged shadow back in step), whose answer is neither compared nor
@@ -185,7 +185,7 @@ pub struct Link {
     /// Sync points planned so far (the next one's number).
     planned: Cell<u64>,
     /// The primary answered CopyInResponse/CopyBothResponse since the last Execute (see
-    /// `Upstream::after_execute`).
+    /// `Dispatch::after_execute`).
     copy_in_seen: Cell<bool>,
     /// The client sent Flush without a Sync after it, and waits for the answers so far: the
     /// sync point it is in (numbered as `planned`) cannot be held for the shadow.
@@ -193,8 +193,8 @@ pub struct Link {
 }
 
 /// The upstream half: tracks statements and writes client frames to the shadow.
-pub struct Upstream {
-    link: Rc<Link>,
+pub struct Dispatch {
+    link: Rc<Pairing>,
     target: Rc<Target>,
     pub shadow: Stream,
     statements: HashMap<String, Rc<Statement>>,
@@ -236,7 +236,7 @@ pub struct Fed {
     pub farewell: bool,
 }
 
-impl Upstream {
+impl Dispatch {
     /// Records one batch of complete client frames (before it goes to the primary, so the
     /// downstream half always finds the sync points it pairs) and prepares the shadow's copy.
     pub fn plan(&mut self, frames: &Bytes, offsets: &[(u8, usize, usize)], read_at: Instant) {
@@ -614,7 +614,7 @@ impl Upstream {
 /// the upstream half queues them, holding back what follows a gating sync point until that
 /// point is settled (and the shadow brought back in step when it diverged).
 pub struct ShadowWriter {
-    link: Rc<Link>,
+    link: Rc<Pairing>,
     shadow: Stream,
 }
 
@@ -649,7 +649,7 @@ impl ShadowWriter {
 
 /// Writes to the shadow what may go now (a ROLLBACK or BEGIN that is due, then queued
 /// segments up to the next gate), unless another write is under way or nothing may go.
-async fn write_ready(link: &Link, shadow: &Stream) {
+async fn write_ready(link: &Pairing, shadow: &Stream) {
     while !link.writing.get() && !link.dead.get() && link.gate.get().is_none() {
         if link.queue.borrow().is_empty() {
             break;
@@ -717,7 +717,7 @@ async fn write_ready(link: &Link, shadow: &Stream) {
     }
 }
 
-impl Link {
+impl Pairing {
     /// Nothing more is written to the shadow; whoever waits on the queue is released.
     fn stop(&self) {
         self.dead.set(true);
@@ -733,18 +733,18 @@ impl Link {
     }
 }
 
-/// Marker for [`Tracker`]-style construction: upstream and downstream halves of one session.
-pub struct Tracker;
+/// Marker for [`Exchange`]-style construction: upstream and downstream halves of one session.
+pub struct Exchange;
 
-impl Tracker {
+impl Exchange {
     /// Builds the two halves for one session over its shadow connection.
     pub fn pair(
         target: Rc<Target>,
         shadow: Stream,
         session: u64,
         params: Vec<(String, String)>,
-    ) -> (Upstream, Comparer, ShadowWriter) {
-        let link = Rc::new(Link {
+    ) -> (Dispatch, Comparer, ShadowWriter) {
+        let link = Rc::new(Pairing {
             metas: RefCell::new(VecDeque::new()),
             shadow_kinds: RefCell::new(VecDeque::new()),
             rollback_due: Cell::new(false),
@@ -764,7 +764,7 @@ impl Tracker {
         });
         let source = usize::from(target.shadow_is_source());
         let fail = target.cfg.fail_on_differences;
-        let up = Upstream {
+        let up = Dispatch {
             link: link.clone(),
             target: target.clone(),
             shadow,
@@ -817,7 +817,7 @@ impl Tracker {
 /// The downstream half: digests both sides, pairs sync points, decides the client's bytes.
 pub struct Comparer {
     target: Rc<Target>,
-    link: Rc<Link>,
+    link: Rc<Pairing>,
     digesters: [Digester; 2],
     done: [VecDeque<SyncDigest>; 2],
     /// 0: the primary is the source of truth, 1: the shadow.
@@ -1314,7 +1314,7 @@ impl Comparer {
                     false,
                 );
                 record.record = "slow";
-                crate::runtime::exec::spawn(super::explain::run(
+                crate::exec::spawn(super::explain::run(
                     self.target.clone(),
                     self.params.clone(),
                     statement.text.to_string(),

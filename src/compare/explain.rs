@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 
 use super::{Record, Target, open_as};
-use crate::runtime::exec::net::Stream;
-use crate::runtime::exec::within;
+use crate::exec::net::Stream;
+use crate::exec::within;
 use crate::wire::{self, tag};
 
 /// Plan text kept per side.
@@ -29,6 +29,7 @@ pub async fn run(
             &target,
             &target.primary_addr.get(),
             &target.primary_url,
+            &target.primary_tls,
             &params,
             &sql,
             limit,
@@ -37,6 +38,7 @@ pub async fn run(
             &target,
             &target.addr.get(),
             &target.url,
+            &target.tls,
             &params,
             &sql,
             limit,
@@ -52,12 +54,13 @@ async fn plan(
     target: &Target,
     addr: &crate::config::Endpoint,
     url: &crate::config::PgUrl,
+    tls: &crate::tls::Upstream,
     params: &[(String, String)],
     sql: &str,
     limit: Duration,
 ) -> String {
     let max = 1 << 20;
-    let stream = match open_as(addr, url, params, limit, max).await {
+    let stream = match open_as(addr, url, tls, params, limit, max).await {
         Ok(stream) => stream,
         Err(err) => return format!("<cannot connect for EXPLAIN: {err}>"),
     };

@@ -11,6 +11,7 @@
 pub mod digest;
 mod exchange;
 mod explain;
+pub mod report;
 pub mod rules;
 pub mod verdict;
 
@@ -20,12 +21,13 @@ use std::time::Duration;
 
 use crossbeam_channel::{Sender, TrySendError};
 
+use crate::backend;
 use crate::config::{CompareConfig, Config, Endpoint, LiveEndpoint, PgUrl, SourceOfTruth};
-use crate::proxy::backend;
-use crate::runtime::exec::net::Stream;
+use crate::exec::net::Stream;
+use crate::tls::Upstream;
 
-pub use exchange::{Comparer, Fed, PRIMARY, SHADOW, ShadowWriter, Tracker, Upstream};
-pub use rules::{Rules, parse_equivalence};
+pub use exchange::{Comparer, Dispatch, Exchange, Fed, PRIMARY, SHADOW, ShadowWriter};
+pub use rules::{Rules, parse_equivalence, validate};
 pub use verdict::Kind;
 
 /// A mismatch or slow-query report, sent from a shard to the control thread.
@@ -72,6 +74,9 @@ pub struct Resolved {
     pub url: PgUrl,
     pub addr: LiveEndpoint,
     pub primary_url: PgUrl,
+    /// TLS towards the shadow and the primary (for EXPLAIN), certificates read at start-up.
+    pub tls: Upstream,
+    pub primary_tls: Upstream,
     pub cfg: CompareConfig,
     pub reports: Sender<Record>,
 }
@@ -84,10 +89,15 @@ pub fn resolve(cfg: &Config, reports: Sender<Record>) -> Result<Option<Resolved>
     let addr = crate::config::dns::resolve(&url)
         .map_err(|e| format!("shadow.url: cannot resolve {}: {e}", url.address()))?;
     let primary_url = PgUrl::parse(&cfg.primary.url).map_err(|e| format!("primary.url: {e}"))?;
+    validate(&cfg.compare).map_err(|e| e.to_string())?;
+    let tls = Upstream::for_url(&url).map_err(|e| format!("shadow.url: {e}"))?;
+    let primary_tls = Upstream::for_url(&primary_url).map_err(|e| format!("primary.url: {e}"))?;
     Ok(Some(Resolved {
         url,
         addr,
         primary_url,
+        tls,
+        primary_tls,
         cfg: cfg.compare.clone(),
         reports,
     }))
@@ -105,6 +115,8 @@ pub struct Target {
     pub addr: LiveEndpoint,
     pub primary_url: PgUrl,
     pub primary_addr: LiveEndpoint,
+    pub tls: Upstream,
+    pub primary_tls: Upstream,
     pub cfg: CompareConfig,
     pub rules: Rc<Rules>,
     pub reports: Sender<Record>,
@@ -125,6 +137,8 @@ impl Target {
             addr: resolved.addr.clone(),
             primary_url: resolved.primary_url.clone(),
             primary_addr,
+            tls: resolved.tls.clone(),
+            primary_tls: resolved.primary_tls.clone(),
             cfg: resolved.cfg.clone(),
             rules: Rc::new(Rules::new(&resolved.cfg)?),
             reports: resolved.reports.clone(),
@@ -165,6 +179,7 @@ impl Target {
         open_as(
             &self.addr.get(),
             &self.url,
+            &self.tls,
             client_params,
             Duration::from_millis(self.cfg.connect_timeout_ms),
             message_bytes_max,
@@ -178,6 +193,7 @@ impl Target {
 pub(crate) async fn open_as(
     addr: &Endpoint,
     url: &PgUrl,
+    tls: &Upstream,
     client_params: &[(String, String)],
     limit: Duration,
     message_bytes_max: usize,
@@ -206,12 +222,6 @@ pub(crate) async fn open_as(
     params.push(("user", &user));
     params.push(("database", &database));
     let password = url.password.clone().unwrap_or_default();
-    let tls = url
-        .tls_cached()
-        .map_err(|message| backend::BackendError::Tls {
-            addr: addr.clone(),
-            message,
-        })?;
     backend::open(
         addr,
         limit,
@@ -219,7 +229,7 @@ pub(crate) async fn open_as(
         &user,
         &password,
         message_bytes_max,
-        &tls,
+        tls,
     )
     .await
 }

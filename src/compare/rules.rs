@@ -4,7 +4,7 @@
 
 use regex::RegexSet;
 
-use crate::config::CompareConfig;
+use crate::config::{CompareConfig, ConfigError};
 
 /// How one column's values enter a row hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +108,26 @@ pub fn parse_equivalence(pair: &str) -> Result<(u32, u32), String> {
 
 fn is_numeric(oid: u32) -> bool {
     matches!(oid, 20 | 21 | 23 | 26 | FLOAT4 | FLOAT8 | NUMERIC)
+}
+
+/// Checks `[compare]`'s patterns and type names, naming the key (`config` is a leaf that
+/// knows no regex engine and no type table: this runs at start-up and in `pgprism check`).
+pub fn validate(cfg: &CompareConfig) -> Result<(), ConfigError> {
+    for (key, list) in [
+        ("compare.exclude-patterns", &cfg.exclude_patterns),
+        ("compare.primary-only-patterns", &cfg.primary_only_patterns),
+        ("compare.ignore-columns", &cfg.ignore_columns),
+    ] {
+        for (i, pattern) in list.iter().enumerate() {
+            regex::Regex::new(pattern)
+                .map_err(|e| ConfigError::key(&format!("{key}[{i}]"), e.to_string()))?;
+        }
+    }
+    for (i, pair) in cfg.type_equivalences.iter().enumerate() {
+        parse_equivalence(pair)
+            .map_err(|e| ConfigError::key(&format!("compare.type-equivalences[{i}]"), e))?;
+    }
+    Ok(())
 }
 
 impl Rules {
@@ -328,6 +348,28 @@ pub fn canonical_number(bytes: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn validation_names_the_key_of_a_bad_pattern_or_type() {
+        let bad = CompareConfig {
+            exclude_patterns: vec!["(".into()],
+            ..CompareConfig::default()
+        };
+        let err = validate(&bad).unwrap_err().to_string();
+        assert!(err.contains("compare.exclude-patterns[0]"), "{err}");
+        let bad = CompareConfig {
+            type_equivalences: vec!["int8=nope".into()],
+            ..CompareConfig::default()
+        };
+        let err = validate(&bad).unwrap_err().to_string();
+        assert!(err.contains("compare.type-equivalences[0]"), "{err}");
+        let good = CompareConfig {
+            type_equivalences: vec!["int8=numeric".into()],
+            ignore_columns: vec!["^updated_at$".into()],
+            ..CompareConfig::default()
+        };
+        validate(&good).unwrap();
+    }
 
     #[test]
     fn equivalences_parse_and_canonical_numbers() {

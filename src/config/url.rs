@@ -77,7 +77,7 @@ impl PgUrl {
             }
         }
         if let Some(mode) = &sslmode {
-            crate::tls::SslMode::parse(mode)?;
+            SslMode::parse(mode)?;
         }
         let (authority, database) = match rest.split_once('/') {
             Some((a, d)) if !d.is_empty() => (a, Some(percent_decode(d)?)),
@@ -150,42 +150,6 @@ impl PgUrl {
             sslrootcert,
             sslcert,
             sslkey,
-        })
-    }
-
-    /// The TLS side of connections to this database (files are read here: call it at
-    /// start-up). Without `sslmode`, `prefer`, as with libpq.
-    pub fn tls(&self) -> Result<crate::tls::Upstream, String> {
-        let mode = match &self.sslmode {
-            Some(mode) => crate::tls::SslMode::parse(mode)?,
-            None => crate::tls::SslMode::Prefer,
-        };
-        crate::tls::Upstream::new(
-            mode,
-            &self.host,
-            self.sslrootcert.as_deref(),
-            self.sslcert.as_deref(),
-            self.sslkey.as_deref(),
-        )
-    }
-
-    /// [`tls`](Self::tls), built once per thread and URL (shards open many connections).
-    pub fn tls_cached(&self) -> Result<crate::tls::Upstream, String> {
-        thread_local! {
-            static BUILT: std::cell::RefCell<std::collections::HashMap<String, crate::tls::Upstream>> =
-                std::cell::RefCell::default();
-        }
-        let key = format!(
-            "{}\0{:?}\0{:?}\0{:?}\0{:?}",
-            self.host, self.sslmode, self.sslrootcert, self.sslcert, self.sslkey
-        );
-        BUILT.with(|built| {
-            if let Some(tls) = built.borrow().get(&key) {
-                return Ok(tls.clone());
-            }
-            let tls = self.tls()?;
-            built.borrow_mut().insert(key, tls.clone());
-            Ok(tls)
         })
     }
 
@@ -353,5 +317,45 @@ mod tests {
         assert!(PgUrl::parse("mysql://x").is_err());
         assert!(PgUrl::parse("postgres://h:99999").is_err());
         assert!(PgUrl::parse("postgres://:5432").is_err());
+    }
+}
+
+/// libpq's `sslmode` of a URL; what each mode does is `tls::Upstream`'s business.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SslMode {
+    Disable,
+    Allow,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn parse(text: &str) -> Result<SslMode, String> {
+        Ok(match text {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            other => {
+                return Err(format!(
+                    "sslmode `{other}`: expected disable, allow, prefer, require, verify-ca or verify-full"
+                ));
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
     }
 }

@@ -15,8 +15,8 @@ use hdrhistogram::Histogram;
 use std::collections::HashMap;
 
 use crate::mirror::MirrorReport;
-use crate::proxy::fingerprints::FingerprintReport;
-use crate::proxy::stats::{Counters, ShardReport, new_histogram};
+use crate::stats::fingerprints::FingerprintReport;
+use crate::stats::{Counters, ShardReport, new_histogram};
 
 pub use admin::{AdminServer, ExtraRoutes, RouteResponse};
 
@@ -40,7 +40,7 @@ pub struct ControlState {
     fingerprints: Vec<HashMap<u64, FingerprintReport>>,
     pub mirror_names: Vec<String>,
     /// Compare mode's reports, grouped (None without a shadow).
-    pub compare: Option<crate::report::Book>,
+    pub compare: Option<crate::compare::report::Book>,
 }
 
 /// One statement fingerprint merged over shards.

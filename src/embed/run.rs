@@ -17,7 +17,7 @@ use crate::config::{
     AdminConfig, ConfigError, EMBED_DATA_MEMORY, EmbedConfig, EmbedInstanceConfig, parse_addr,
 };
 use crate::control::{AdminServer, ControlState, ExtraRoutes, RouteResponse};
-use crate::runtime::signals;
+use crate::server::signals;
 
 /// How often the main loop looks for a stop signal.
 const SIGNAL_TICK: Duration = Duration::from_millis(200);

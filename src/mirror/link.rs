@@ -12,10 +12,10 @@ use bytes::{Bytes, BytesMut};
 
 use super::MirrorTarget;
 use super::stats::MirrorStats;
-use crate::proxy::backend;
-use crate::proxy::fingerprints::Fingerprints;
-use crate::runtime::exec::net::Stream;
-use crate::runtime::exec::{self, sleep_until, within};
+use crate::backend;
+use crate::exec::net::Stream;
+use crate::exec::{self, sleep_until, within};
+use crate::stats::fingerprints::Fingerprints;
 use crate::wire::{self, tag};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -404,24 +404,16 @@ pub async fn run(link: Rc<Link>) {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let opened = match target.url.tls_cached() {
-            Ok(tls) => {
-                backend::open(
-                    &target.addr.get(),
-                    Duration::from_millis(cfg.connect_timeout_ms),
-                    &params,
-                    &link.user,
-                    &link.password,
-                    link.message_bytes_max,
-                    &tls,
-                )
-                .await
-            }
-            Err(message) => Err(backend::BackendError::Tls {
-                addr: target.addr.get(),
-                message,
-            }),
-        };
+        let opened = backend::open(
+            &target.addr.get(),
+            Duration::from_millis(cfg.connect_timeout_ms),
+            &params,
+            &link.user,
+            &link.password,
+            link.message_bytes_max,
+            &target.tls,
+        )
+        .await;
         let failure = match opened {
             Ok(stream) => {
                 if connected_before {

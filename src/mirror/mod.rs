@@ -15,6 +15,7 @@ pub mod stats;
 use std::rc::Rc;
 
 use crate::config::{Config, LiveEndpoint, MirrorConfig, PgUrl};
+use crate::tls::Upstream;
 
 pub use link::{Link, start as start_link};
 pub use route::Router;
@@ -27,6 +28,8 @@ pub struct MirrorTarget {
     pub cfg: MirrorConfig,
     pub url: PgUrl,
     pub addr: LiveEndpoint,
+    /// TLS towards the mirror, its certificate files read at start-up (never on a shard).
+    pub tls: Upstream,
     pub stats: MirrorStats,
 }
 
@@ -37,6 +40,7 @@ pub struct Resolved {
     pub cfg: MirrorConfig,
     pub url: PgUrl,
     pub addr: LiveEndpoint,
+    pub tls: Upstream,
 }
 
 /// Resolves every configured mirror (on the main thread, before shards start: DNS blocks).
@@ -48,7 +52,9 @@ pub fn resolve(cfg: &Config) -> Result<Vec<Resolved>, String> {
             let url = PgUrl::parse(&m.url).map_err(|e| format!("mirror[{i}].url: {e}"))?;
             let addr = crate::config::dns::resolve(&url)
                 .map_err(|e| format!("mirror[{i}].url: cannot resolve {}: {e}", url.address()))?;
+            let tls = Upstream::for_url(&url).map_err(|e| format!("mirror[{i}].url: {e}"))?;
             Ok(Resolved {
+                tls,
                 name: cfg.mirror_name(i),
                 cfg: m.clone(),
                 url,
@@ -66,6 +72,7 @@ impl MirrorTarget {
             cfg: resolved.cfg.clone(),
             url: resolved.url.clone(),
             addr: resolved.addr.clone(),
+            tls: resolved.tls.clone(),
             stats: MirrorStats::new(latency_us_max),
         })
     }

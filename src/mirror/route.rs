@@ -17,8 +17,8 @@ use super::link::{Item, Link, Push};
 use super::settings::Settings;
 use super::stats::MirrorStats;
 use crate::config::{MirrorConfig, Overflow, QueryFilter};
-use crate::proxy::fingerprints::Fingerprints;
 use crate::sql::{self, Class, Prepared};
+use crate::stats::fingerprints::Fingerprints;
 use crate::wire::{self, Target, tag};
 
 /// Prepared statements and portals tracked per session; beyond this, new names are not

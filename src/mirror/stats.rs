@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
-use crate::proxy::stats::new_histogram;
+use crate::stats::new_histogram;
 
 /// Distinct SQLSTATEs kept per mirror and shard; further ones are counted as `other`.
 const ERROR_CODES_MAX: usize = 64;

@@ -15,12 +15,12 @@ use std::io;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use super::fingerprints::Fingerprints;
-use super::stats::ShardStats;
 use crate::compare::{self, Comparer};
+use crate::exec::net::Stream;
+use crate::exec::{self, within};
 use crate::mirror::{self, Link, MirrorStats, MirrorTarget, Router};
-use crate::runtime::exec::net::Stream;
-use crate::runtime::exec::{self, within};
+use crate::stats::ShardStats;
+use crate::stats::fingerprints::Fingerprints;
 use crate::wire::{self, StartupPacket, sqlstate, tag};
 use bytes::{Bytes, BytesMut};
 
@@ -421,7 +421,7 @@ async fn protocol_error(shard: &ShardCtx, client: &Stream, err: &wire::WireError
 async fn connect_primary(shard: &ShardCtx) -> io::Result<Stream> {
     let settings = &shard.settings;
     let mut primary =
-        super::backend::connect(&settings.primary_addr.get(), settings.connect_timeout).await?;
+        crate::backend::connect(&settings.primary_addr.get(), settings.connect_timeout).await?;
     let negotiated = within(
         settings.connect_timeout,
         settings.primary_tls.negotiate(&mut primary),
@@ -484,7 +484,7 @@ async fn relay(
             .open_shadow(&params, shard.settings.message_bytes_max)
             .await
         {
-            Ok(shadow) => Some(compare::Tracker::pair(
+            Ok(shadow) => Some(compare::Exchange::pair(
                 target.clone(),
                 shadow,
                 ((shard.index as u64) << 48) | id,
@@ -619,7 +619,7 @@ async fn upstream(
     primary: Stream,
     mut buf: BytesMut,
     mut router: Option<Router>,
-    mut compare: Option<compare::Upstream>,
+    mut compare: Option<compare::Dispatch>,
 ) {
     let stats = &shard.stats;
     let settings = &shard.settings;

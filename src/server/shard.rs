@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Sender, TrySendError};
 use socket2::Socket;
 
-use super::exec::net::Listener;
-use super::exec::{self, Notifier};
+use crate::exec::net::Listener;
+use crate::exec::{self, Notifier};
 
 use crate::mirror::MirrorTarget;
-use crate::proxy::fingerprints::Fingerprints;
-use crate::proxy::stats::{ShardReport, ShardStats};
 use crate::proxy::{ProxySettings, ShardCtx, serve_client};
+use crate::stats::fingerprints::Fingerprints;
+use crate::stats::{ShardReport, ShardStats};
 
 /// How often a drain looks for sessions that became idle.
 const DRAIN_POLL: Duration = Duration::from_millis(20);

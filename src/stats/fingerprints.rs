@@ -40,7 +40,7 @@ pub struct FingerprintReport {
 fn histogram(latency_us_max: u64) -> Histogram<u64> {
     // Two significant digits keep each histogram a few KiB: there can be hundreds.
     Histogram::new_with_bounds(1, latency_us_max.max(2), 2)
-        .unwrap_or_else(|_| crate::proxy::stats::new_histogram(latency_us_max))
+        .unwrap_or_else(|_| crate::stats::new_histogram(latency_us_max))
 }
 
 impl Fingerprints {

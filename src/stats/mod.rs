@@ -2,6 +2,8 @@
 //! thread, so plain `Cell`s and `RefCell`s: no atomics on the hot path. The shard's reporter
 //! copies them into a [`ShardReport`] for the control thread.
 
+pub mod fingerprints;
+
 use std::cell::{Cell, RefCell};
 use std::time::Duration;
 
@@ -147,7 +149,7 @@ pub struct ShardReport {
     pub primary_latency_us: Histogram<u64>,
     pub mirrors: Vec<crate::mirror::MirrorReport>,
     /// Fingerprints whose latency changed since the previous report.
-    pub fingerprints: Vec<super::fingerprints::FingerprintReport>,
+    pub fingerprints: Vec<fingerprints::FingerprintReport>,
     /// Compare mismatches by kind (cumulative), empty without a shadow.
     pub compare_kinds: Vec<(&'static str, u64)>,
 }

@@ -3,12 +3,13 @@
 //! loop on the main thread (reports, signals, drain). Shards share nothing but a stop notifier
 //! (an eventfd each), the Unix listener's socket and their report rings.
 
-pub mod exec;
+mod check;
 mod listener;
 mod preflight;
 mod shard;
 pub mod signals;
 
+use crate::exec;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,6 +20,7 @@ use crate::config::{Config, PgUrl, parse_addr, socket_file};
 use crate::control::{self, AdminServer, ControlState};
 use crate::proxy::ProxySettings;
 
+pub use check::check;
 pub use listener::ListenError;
 
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +84,7 @@ pub fn run_proxy_with(
     reload: Option<Reload>,
     on_ready: impl FnOnce(&Bound),
 ) -> Result<(), RuntimeError> {
-    cfg.validate()?;
+    check(cfg)?;
     if let Some(problem) = preflight::io_uring_problem() {
         return Err(RuntimeError::IoUring(problem));
     }
@@ -99,12 +101,12 @@ pub fn run_proxy_with(
     let primary_label = primary.address();
     let (tls_config, tls_required) = crate::tls::client_side(&cfg.client_tls)?;
     let client_tls = std::sync::Arc::new(crate::tls::ClientTlsSlot::new(tls_config, tls_required));
-    let primary_tls = primary
-        .tls()
-        .map_err(|message| crate::config::ConfigError::Key {
+    let primary_tls = crate::tls::Upstream::for_url(&primary).map_err(|message| {
+        crate::config::ConfigError::Key {
             path: "primary.url".into(),
             message,
-        })?;
+        }
+    })?;
     let primary_addr =
         crate::config::dns::resolve(&primary).map_err(|source| RuntimeError::Resolve {
             addr: primary_label.clone(),
@@ -170,7 +172,8 @@ pub fn run_proxy_with(
         locked.client_tls = Some(client_tls.clone());
     }
     if compare.is_some() {
-        control::lock(&state).compare = Some(crate::report::Book::new(&cfg.compare.report_path));
+        control::lock(&state).compare =
+            Some(crate::compare::report::Book::new(&cfg.compare.report_path));
     }
     let admin = if cfg.admin.listen.is_empty() {
         None
@@ -356,7 +359,7 @@ fn reload_config(
         tracing::info!("SIGHUP: started without a configuration file; nothing to reload");
         return "nothing to reload".into();
     };
-    let new = match reload().and_then(|c| c.validate().map(|()| c)) {
+    let new = match reload().and_then(|c| check(&c).map(|()| c)) {
         Ok(new) => new,
         Err(err) => {
             tracing::error!(error = %err, "SIGHUP: reload failed; the running configuration stays");

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
-use crate::compare::{Record, Side};
+use super::{Record, Side};
 
 /// Examples kept per fingerprint group.
 const EXAMPLES_MAX: usize = 3;

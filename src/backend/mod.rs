@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 
 use crate::config::Endpoint;
-use crate::runtime::exec::net::Stream;
-use crate::runtime::exec::within;
+use crate::exec::net::Stream;
+use crate::exec::within;
 use crate::wire::{self, AuthProgress, AuthRequest, ClientAuth, tag};
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,32 @@
+//! `pgprism check` and the start-up check: the config's own validation, then what `config`
+//! must not do itself (it is a leaf): read the TLS files of every URL and of `[client-tls]`,
+//! compile compare's patterns, parse the StarRocks URL. Runs on the main (or control) thread,
+//! before any shard starts, so a bad file fails the start, never a shard's first connect.
+
+use crate::config::{Config, ConfigError, PgUrl};
+
+/// Everything [`Config::validate`] checks, plus the checks that need more than the config.
+pub fn check(cfg: &Config) -> Result<(), ConfigError> {
+    cfg.validate()?;
+    let url_tls = |key: &str, url: &str| -> Result<(), ConfigError> {
+        PgUrl::parse(url)
+            .and_then(|u| crate::tls::Upstream::for_url(&u))
+            .map(drop)
+            .map_err(|e| ConfigError::key(key, e))
+    };
+    if !cfg.primary.url.is_empty() {
+        url_tls("primary.url", &cfg.primary.url)?;
+    }
+    for (i, mirror) in cfg.mirror.iter().enumerate() {
+        url_tls(&format!("mirror[{i}].url"), &mirror.url)?;
+    }
+    if !cfg.shadow.url.is_empty() {
+        url_tls("shadow.url", &cfg.shadow.url)?;
+        crate::compare::validate(&cfg.compare)?;
+    }
+    crate::tls::client_side(&cfg.client_tls)?;
+    if !cfg.cdc.source.is_empty() {
+        crate::cdc::validate(&cfg.cdc)?;
+    }
+    Ok(())
+}
