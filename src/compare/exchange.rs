@@ -23,6 +23,7 @@ use super::rules::type_name;
 use super::verdict::{self, Difference, Kind};
 use super::{Record, Side, Target};
 use crate::exec::net::Stream;
+use crate::session::{Framed, Step as SessionStep, Tracker};
 use crate::sql;
 use crate::stats::ShardStats;
 use crate::wire::{self, tag};
@@ -184,9 +185,6 @@ pub struct Pairing {
     expects: [Expects; 2],
     /// Sync points planned so far (the next one's number).
     planned: Cell<u64>,
-    /// The primary answered CopyInResponse/CopyBothResponse since the last Execute (see
-    /// `Dispatch::after_execute`).
-    copy_in_seen: Cell<bool>,
     /// The client sent Flush without a Sync after it, and waits for the answers so far: the
     /// sync point it is in (numbered as `planned`) cannot be held for the shadow.
     flush_requested: Cell<Option<u64>>,
@@ -218,63 +216,48 @@ pub struct Dispatch {
     out: Vec<Bytes>,
     out_syncs: usize,
     segments: Vec<Segment>,
-    /// COPY FROM STDIN started by an Execute: the servers ignore the Syncs the client sends
-    /// before CopyDone/CopyFail (no ReadyForQuery), so the sync point such a Sync opened is
-    /// answered by the next Sync after the COPY, which must not open another.
-    after_execute: bool,
-    syncs_after_execute: u64,
-    /// Syncs still to pass without opening a sync point (see `after_execute`).
-    swallow: u64,
 }
 
+/// Where [`Comparer::feed`]'s walk stands within one read.
+struct Walk {
+    /// Start of the source's bytes not yet cut for the client.
+    segment_start: usize,
+    /// The sync point a CopyIn/CopyBoth response belongs to (later ones stay held).
+    copy_started: Option<u64>,
+    now: Instant,
+}
+
+/// What one [`Comparer::feed`] read: the primary's sync points answered and its errors (the
+/// rest of where the session stands is the tracker's).
 pub struct Fed {
-    /// A CopyInResponse or CopyBothResponse came.
-    pub copy_in: bool,
     pub syncs: u64,
-    pub status: Option<u8>,
     pub errors: u64,
-    pub farewell: bool,
 }
 
 impl Dispatch {
     /// Records one batch of complete client frames (before it goes to the primary, so the
     /// downstream half always finds the sync points it pairs) and prepares the shadow's copy.
-    pub fn plan(&mut self, frames: &Bytes, offsets: &[(u8, usize, usize)], read_at: Instant) {
+    pub fn plan(&mut self, frames: &Bytes, framed: &[Framed], read_at: Instant) {
         self.out.clear();
         self.out_syncs = 0;
         self.out_expects.clear();
         self.segments.clear();
         let routes = self.target.rules.routes();
         // A Flush after the batch's last Sync: the client waits for answers before it syncs.
-        let last_sync = offsets.iter().rposition(|o| o.0 == tag::SYNC);
-        for (index, &(tag, start, end)) in offsets.iter().enumerate() {
+        let last_sync = framed.iter().rposition(|f| f.tag == tag::SYNC);
+        for (index, f) in framed.iter().enumerate() {
+            let (tag, start, end) = (f.tag, f.start, f.end);
             let body = &frames[start + wire::HEADER_BYTES..end];
             let frame = || frames.slice(start..end);
             match tag {
-                tag::QUERY => self.after_execute = false,
-                tag::EXECUTE => {
-                    self.after_execute = true;
-                    self.syncs_after_execute = 0;
-                    self.link.copy_in_seen.set(false);
-                }
-                tag::COPY_DONE | tag::COPY_FAIL => {
-                    // Only a COPY that started makes the servers ignore those Syncs; one that
-                    // failed at Execute answered them.
-                    if self.after_execute && self.link.copy_in_seen.get() {
-                        self.swallow += self.syncs_after_execute;
-                    }
-                    self.after_execute = false;
-                    self.syncs_after_execute = 0;
-                }
-                tag::SYNC if self.swallow > 0 => {
-                    // The servers answer it for the sync point the ignored Sync opened.
-                    self.swallow -= 1;
+                // The session tracker's COPY rule: the servers answer this Sync for the sync
+                // point a Sync they ignored during the COPY opened.
+                tag::SYNC if f.step == SessionStep::QuietSync => {
                     if self.copy_to_shadow {
                         self.send(frame(), false);
                     }
                     continue;
                 }
-                tag::SYNC if self.after_execute => self.syncs_after_execute += 1,
                 tag::FLUSH if last_sync.is_none_or(|last| index > last) => {
                     self.link.flush_requested.set(Some(self.link.planned.get()));
                 }
@@ -759,7 +742,6 @@ impl Exchange {
             space_waker: Cell::new(None),
             expects: [Expects::default(), Expects::default()],
             planned: Cell::new(0),
-            copy_in_seen: Cell::new(false),
             flush_requested: Cell::new(None),
         });
         let source = usize::from(target.shadow_is_source());
@@ -780,9 +762,6 @@ impl Exchange {
             out: Vec::new(),
             out_syncs: 0,
             segments: Vec::new(),
-            after_execute: false,
-            syncs_after_execute: 0,
-            swallow: 0,
         };
         let down = Comparer {
             digesters: [
@@ -858,100 +837,53 @@ impl Comparer {
     }
 
     /// Feeds complete messages read from `side` (after startup); the bytes for the client
-    /// are appended to `out`.
-    pub fn feed(&mut self, side: usize, frames: &Bytes, out: &mut Vec<Bytes>) -> Fed {
-        let mut fed = Fed {
-            copy_in: false,
-            syncs: 0,
-            status: None,
-            errors: 0,
-            farewell: false,
+    /// are appended to `out`. `primary`: the session's tracker, fed the primary's frames in
+    /// the same walk.
+    pub fn feed(
+        &mut self,
+        side: usize,
+        frames: &Bytes,
+        mut primary: Option<&mut Tracker>,
+        out: &mut Vec<Bytes>,
+    ) -> Fed {
+        let mut fed = Fed { syncs: 0, errors: 0 };
+        let mut walk = Walk {
+            segment_start: 0,
+            copy_started: None,
+            now: Instant::now(),
         };
-        let mut at = 0usize;
-        let mut segment_start = 0usize;
-        let now = Instant::now();
-        let buf: &[u8] = frames;
         if self.fail
             && let Some(through) = self.link.flush_requested.take()
         {
             self.stream_now(through, out);
         }
-        // The sync point a CopyIn/CopyBoth response belongs to (later ones stay held).
-        let mut copy_started: Option<u64> = None;
-        while at < buf.len() {
-            let Some(head) = buf.get(at..at + wire::HEADER_BYTES) else {
-                break;
-            };
-            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-            let end = (at + 1 + len).min(buf.len());
-            let tag = head[0];
-            let body = &buf[at + wire::HEADER_BYTES..end];
-            if matches!(tag, tag::COPY_IN_RESPONSE | tag::COPY_BOTH_RESPONSE) {
-                fed.copy_in = true;
-                if side == PRIMARY {
-                    self.link.copy_in_seen.set(true);
-                }
+        // One framing walk, wire's: the caller split off complete frames, so it covers them
+        // all, and no length can slice past a frame.
+        let mut at = 0usize;
+        let walked = wire::complete_prefix(frames, usize::MAX, |tag, body| {
+            let end = at + wire::HEADER_BYTES + body.len();
+            if let Some(tracker) = primary.as_deref_mut() {
+                tracker.server(tag, body);
             }
             if tag == tag::ERROR_RESPONSE {
                 fed.errors += 1;
-                fed.farewell |= body.starts_with(b"SFATAL\0") || body.starts_with(b"SPANIC\0");
             }
-            if self.fail && side == self.source {
-                match tag {
-                    // Asynchronous: a notification is not part of any result, and one that
-                    // arrives while the session is idle would otherwise wait for the next
-                    // statement's answer.
-                    tag::NOTIFICATION_RESPONSE => {
-                        // What precedes it may be the answer to pgprism's own ROLLBACK (the
-                        // shadow as source): that is never the client's.
-                        let internal = side == SHADOW
-                            && self.link.shadow_kinds.borrow().front() == Some(&true);
-                        if !internal {
-                            self.emit(frames.slice(segment_start..at), false, out);
-                        }
-                        out.push(frames.slice(at..end));
-                        segment_start = end;
-                    }
-                    // The client answers CopyIn/CopyBoth with data before the sync point can
-                    // end: it cannot be held.
-                    tag::COPY_IN_RESPONSE | tag::COPY_BOTH_RESPONSE => {
-                        copy_started = Some(self.source_seq);
-                    }
-                    _ => {}
-                }
-            }
-            if tag == tag::DATA_ROW && self.digesters[side].keys_pending() {
-                let keys = self.order_keys_for(side);
-                self.digesters[side].set_order_keys(keys);
-            }
-            if let Step::SyncEnd(status) = self.digesters[side].visit(tag, body) {
-                fed.syncs += 1;
-                fed.status = Some(status);
-                let digest = self.digesters[side].finish_sync(status, now);
-                let internal = side == SHADOW
-                    && self
-                        .link
-                        .shadow_kinds
-                        .borrow_mut()
-                        .pop_front()
-                        .unwrap_or(false);
-                if !internal {
-                    self.done[side].push_back(digest);
-                }
-                if side == self.source {
-                    let segment = frames.slice(segment_start..end);
-                    segment_start = end;
-                    if !internal {
-                        self.emit(segment, true, out);
-                    }
-                }
-            }
+            fed.syncs += u64::from(self.visit(side, frames, (tag, body), at..end, &mut walk, out));
             at = end;
-        }
+        });
+        crate::invariant!(
+            walked.is_ok_and(|n| n == frames.len()),
+            "compare is fed complete frames only"
+        );
+        let Walk {
+            segment_start,
+            copy_started,
+            ..
+        } = walk;
         if let Some(seq) = copy_started {
             self.stream_now(seq, out);
         }
-        if side == self.source && segment_start < buf.len() {
+        if side == self.source && segment_start < frames.len() {
             let internal = side == SHADOW && self.link.shadow_kinds.borrow().front() == Some(&true);
             if !internal {
                 self.emit(frames.slice(segment_start..), false, out);
@@ -976,6 +908,70 @@ impl Comparer {
             self.pending_ends.clear();
         }
         fed
+    }
+
+    /// One frame of [`feed`](Self::feed) at `range` of `frames`: digests it, and cuts what
+    /// the client gets. Returns whether it ended a sync point.
+    fn visit(
+        &mut self,
+        side: usize,
+        frames: &Bytes,
+        (tag, body): (u8, &[u8]),
+        range: std::ops::Range<usize>,
+        walk: &mut Walk,
+        out: &mut Vec<Bytes>,
+    ) -> bool {
+        let (at, end) = (range.start, range.end);
+        if self.fail && side == self.source {
+            match tag {
+                // Asynchronous: a notification is not part of any result, and one that
+                // arrives while the session is idle would otherwise wait for the next
+                // statement's answer.
+                tag::NOTIFICATION_RESPONSE => {
+                    // What precedes it may be the answer to pgprism's own ROLLBACK (the
+                    // shadow as source): that is never the client's.
+                    let internal =
+                        side == SHADOW && self.link.shadow_kinds.borrow().front() == Some(&true);
+                    if !internal {
+                        self.emit(frames.slice(walk.segment_start..at), false, out);
+                    }
+                    out.push(frames.slice(at..end));
+                    walk.segment_start = end;
+                }
+                // The client answers CopyIn/CopyBoth with data before the sync point can
+                // end: it cannot be held.
+                tag::COPY_IN_RESPONSE | tag::COPY_BOTH_RESPONSE => {
+                    walk.copy_started = Some(self.source_seq);
+                }
+                _ => {}
+            }
+        }
+        if tag == tag::DATA_ROW && self.digesters[side].keys_pending() {
+            let keys = self.order_keys_for(side);
+            self.digesters[side].set_order_keys(keys);
+        }
+        let Step::SyncEnd(status) = self.digesters[side].visit(tag, body) else {
+            return false;
+        };
+        let digest = self.digesters[side].finish_sync(status, walk.now);
+        let internal = side == SHADOW
+            && self
+                .link
+                .shadow_kinds
+                .borrow_mut()
+                .pop_front()
+                .unwrap_or(false);
+        if !internal {
+            self.done[side].push_back(digest);
+        }
+        if side == self.source {
+            let segment = frames.slice(walk.segment_start..end);
+            walk.segment_start = end;
+            if !internal {
+                self.emit(segment, true, out);
+            }
+        }
+        true
     }
 
     /// The ORDER BY keys of the statement whose result `side` is reading: its sync point is

@@ -9,7 +9,7 @@
 
 mod link;
 mod route;
-mod settings;
+
 pub mod stats;
 
 use std::rc::Rc;

@@ -14,7 +14,7 @@ use std::rc::Rc;
 use bytes::{Bytes, BytesMut};
 
 use super::link::{Item, Link, Push};
-use super::settings::Settings;
+use crate::session::Settings;
 use super::stats::MirrorStats;
 use crate::config::{MirrorConfig, Overflow, QueryFilter};
 use crate::sql::{self, Class, Prepared};

@@ -21,6 +21,7 @@ use crate::exec::{self, within};
 use crate::mirror::{self, Link, MirrorStats, MirrorTarget, Router};
 use crate::stats::ShardStats;
 use crate::stats::fingerprints::Fingerprints;
+use crate::session::{Answer, Framed, Step, Tracker};
 use crate::wire::{self, StartupPacket, sqlstate, tag};
 use bytes::{Bytes, BytesMut};
 
@@ -40,6 +41,9 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     pub sessions_per_shard_max: usize,
     pub pipeline_depth_max: usize,
+    /// The bounds of each session's tracker (`proxy.session-names-max`, ...); statements are
+    /// decoded only when mirrors or compare need them.
+    pub session_limits: crate::session::Limits,
     /// `[client-tls]`: the TLS server side offered to clients that ask (None: answered `N`)
     /// and whether plain-text sessions are refused; replaced by a reload.
     pub client_tls: std::sync::Arc<crate::tls::ClientTlsSlot>,
@@ -164,19 +168,12 @@ struct SessionShared {
     client: Stream,
     /// The primary socket, for a forced close from outside the pumps (drain timeout).
     primary: Stream,
-    /// The primary answered with CopyInResponse/CopyBothResponse since the last Execute: the
-    /// Syncs sent after that Execute are ignored until CopyDone/CopyFail. (A COPY that fails
-    /// before it starts answers them.)
-    copy_in_seen: Cell<bool>,
-    /// Set by the first ReadyForQuery: startup and authentication are complete.
-    ready: Cell<bool>,
-    /// Transaction status of the last ReadyForQuery: `I`, `T` or `E`.
-    status: Cell<u8>,
-    /// Sync points (Query, Sync, FunctionCall) sent / answered by a ReadyForQuery.
-    sent: Cell<u64>,
-    done: Cell<u64>,
-    /// `(sequence, read time)` of in-flight sync points, bounded by `pipeline_depth_max`.
-    /// `(sequence, read time, fingerprint)` of in-flight sync points.
+    /// Where the session stands: sync points, COPY, transaction status, startup, batches
+    /// (the one home of those protocol rules). The upstream pump feeds it client frames
+    /// before forwarding them, the downstream pump the primary's frames as it reads them.
+    tracker: RefCell<Tracker>,
+    /// `(sequence, read time, fingerprint)` of in-flight sync points, bounded by
+    /// `pipeline_depth_max`.
     stamps: RefCell<VecDeque<(u64, Instant, u64)>>,
     /// The client is gone (or said Terminate): nothing more is written to it.
     client_ended: Cell<bool>,
@@ -189,20 +186,20 @@ struct SessionShared {
     /// An error to give the client before closing, set by the upstream pump.
     fatal: RefCell<Option<Bytes>>,
     closing: Cell<bool>,
-    /// The client is inside an extended-protocol batch (Parse/Bind/Execute... since its last
-    /// Sync): an implicit transaction may be open even though the status says idle.
-    extended_open: Cell<bool>,
     /// The downstream pump is in the middle of writing to the client.
     writing: Cell<bool>,
 }
 
 impl SessionShared {
+    /// Startup and authentication are complete (the first ReadyForQuery came).
+    fn ready(&self) -> bool {
+        self.tracker.borrow().ready()
+    }
+
     /// The primary answered the oldest sync point (a ReadyForQuery read at `arrived`): count
     /// it, and record its primary latency (overall and by fingerprint) when it was sampled.
     /// Returns when the client's statement was read, for the client-observed latency.
-    fn answer_sync(&self, shard: &ShardCtx, arrived: Instant) -> Option<Instant> {
-        let seq = self.done.get();
-        self.done.set(seq + 1);
+    fn answer_sync(&self, shard: &ShardCtx, seq: u64, arrived: Instant) -> Option<Instant> {
         let mut stamps = self.stamps.borrow_mut();
         if stamps.front().is_none_or(|&(s, _, _)| s != seq) {
             return None;
@@ -221,11 +218,7 @@ impl SessionShared {
     /// At a transaction boundary with nothing in flight: safe to close (drain) or to resume a
     /// mirror (nothing half-done would follow).
     fn is_idle(&self) -> bool {
-        self.ready.get()
-            && self.status.get() == b'I'
-            && self.sent.get() == self.done.get()
-            && !self.extended_open.get()
-            && !self.writing.get()
+        self.tracker.borrow().is_idle() && !self.writing.get()
     }
 }
 
@@ -512,18 +505,13 @@ async fn relay(
     let shared = Rc::new(SessionShared {
         client: client.clone(),
         primary: primary.clone(),
-        copy_in_seen: Cell::new(false),
-        ready: Cell::new(false),
-        status: Cell::new(0),
-        sent: Cell::new(0),
-        done: Cell::new(0),
+        tracker: RefCell::new(Tracker::new(shard.settings.session_limits)),
         stamps: RefCell::new(VecDeque::new()),
         client_ended: Cell::new(false),
         terminated: Cell::new(false),
         client_sent_all: Cell::new(false),
         fatal: RefCell::new(None),
         closing: Cell::new(false),
-        extended_open: Cell::new(false),
         writing: Cell::new(false),
     });
     shard.sessions.borrow_mut().insert(id, shared.clone());
@@ -579,7 +567,7 @@ async fn relay(
         // of a running session never touch the timer table.
         let mut timer = Some(exec::sleep_until(deadline));
         futures_lite::future::poll_fn(|cx| {
-            if shared.ready.get() {
+            if shared.ready() {
                 timer = None;
             }
             match timer.as_mut() {
@@ -588,7 +576,7 @@ async fn relay(
             }
         })
         .await;
-        if !shared.ready.get() {
+        if !shared.ready() {
             ShardStats::bump(&shard.stats.counters.startup_timeouts, 1);
             let msg = error_bytes(
                 "FATAL",
@@ -625,13 +613,8 @@ async fn upstream(
     let settings = &shard.settings;
     let mut terminated = false;
     let mut primary_failed = false;
-    // COPY FROM STDIN started by an Execute: the server ignores the Syncs the client sends
-    // before CopyDone/CopyFail (they get no ReadyForQuery), so they must not count.
-    let mut after_execute = false;
-    let mut syncs_after_execute = 0u64;
-    let mut extended_open = false;
-    // (tag, start, end) of each message in the batch, only when mirrors need them.
-    let mut offsets: Vec<(u8, usize, usize)> = Vec::new();
+    // Each frame of the batch with the tracker's step, only when mirrors or compare need them.
+    let mut framed: Vec<Framed> = Vec::new();
     // The client sent a malformed frame: what came before it was forwarded, the session ends
     // once the primary has answered that (and the client then gets the error).
     let mut bad_frame = false;
@@ -639,57 +622,40 @@ async fn upstream(
         if !buf.is_empty() {
             let read_at = Instant::now();
             let (mut statements, mut syncs, mut messages) = (0u64, 0u64, 0u64);
-            let mut swallowed = 0u64;
             let collect = router.is_some() || compare.is_some();
             let mut at = 0usize;
-            let mut good = 0usize;
-            offsets.clear();
+            framed.clear();
+            // Whether the session stood at a transaction boundary before this batch (mirrors
+            // resume only there).
+            let idle_before = router.is_some() && shared.is_idle();
+            let mut tracker = shared.tracker.borrow_mut();
+            let first_sync = tracker.sync_points().0;
             let scanned = wire::complete_prefix(&buf, settings.message_bytes_max, |tag, body| {
                 messages += 1;
-                good += wire::HEADER_BYTES + body.len();
+                let step = tracker.client(tag, body);
+                let end = at + wire::HEADER_BYTES + body.len();
                 if collect {
-                    let end = at + wire::HEADER_BYTES + body.len();
-                    offsets.push((tag, at, end));
-                    at = end;
+                    framed.push(Framed {
+                        tag,
+                        start: at,
+                        end,
+                        step,
+                    });
                 }
-                match tag {
-                    b'Q' => {
-                        statements += 1;
-                        syncs += 1;
-                        after_execute = false;
-                    }
-                    b'E' => {
-                        statements += 1;
-                        after_execute = true;
-                        syncs_after_execute = 0;
-                        extended_open = true;
-                        shared.copy_in_seen.set(false);
-                    }
-                    b'P' | b'B' | b'D' | b'C' | b'H' => extended_open = true,
-                    b'S' => {
-                        syncs += 1;
-                        extended_open = false;
-                        if after_execute {
-                            syncs_after_execute += 1;
-                        }
-                    }
-                    b'c' | b'f' => {
-                        if after_execute && shared.copy_in_seen.get() {
-                            swallowed += syncs_after_execute;
-                        }
-                        after_execute = false;
-                        syncs_after_execute = 0;
-                    }
-                    b'F' => syncs += 1,
-                    b'X' => terminated = true,
-                    _ => {}
+                at = end;
+                statements += u64::from(tag == tag::QUERY || tag == tag::EXECUTE);
+                match step {
+                    Step::SyncPoint => syncs += 1,
+                    Step::Terminate => terminated = true,
+                    Step::QuietSync | Step::Other => {}
                 }
             });
+            drop(tracker);
             // A malformed frame: the complete messages before it still go to the primary, as
             // PostgreSQL itself runs what precedes a bad message before it rejects it.
             let (complete, bad) = match scanned {
                 Ok(complete) => (complete, None),
-                Err(err) => (good, Some(err)),
+                Err(err) => (at, Some(err)),
             };
             ShardStats::bump(&stats.counters.client_messages_in, messages);
             ShardStats::bump(&stats.counters.statements, statements);
@@ -698,36 +664,24 @@ async fn upstream(
             if let Some(router) = router.as_mut() {
                 // Route before writing to the primary: routing never waits (unless a mirror
                 // uses the `block` policy), and it yields each sync point's fingerprint.
-                router.begin_batch(shared.is_idle());
-                for &(tag, start, end) in &offsets {
-                    router.route(tag, &frames.slice(start..end)).await;
-                    if matches!(tag, b'Q' | b'S' | b'F') {
-                        push_stamp(shared, settings, read_at, router.last_fingerprint());
+                router.begin_batch(idle_before);
+                let mut seq = first_sync;
+                for f in &framed {
+                    router.route(f.tag, &frames.slice(f.start..f.end)).await;
+                    if f.step == Step::SyncPoint {
+                        push_stamp(shared, settings, seq, read_at, router.last_fingerprint());
+                        seq += 1;
                     }
                 }
             } else {
-                for _ in 0..syncs {
-                    push_stamp(shared, settings, read_at, 0);
-                }
-            }
-            shared.extended_open.set(extended_open);
-            if swallowed > 0 {
-                // Those Syncs were counted when they were read; the server ignored them.
-                let sent = shared
-                    .sent
-                    .get()
-                    .saturating_sub(swallowed)
-                    .max(shared.done.get());
-                shared.sent.set(sent);
-                let mut stamps = shared.stamps.borrow_mut();
-                while stamps.back().is_some_and(|&(seq, _, _)| seq >= sent) {
-                    stamps.pop_back();
+                for seq in first_sync..first_sync + syncs {
+                    push_stamp(shared, settings, seq, read_at, 0);
                 }
             }
             let compared = match compare.as_mut() {
-                Some(up) if complete > 0 && shared.ready.get() => {
+                Some(up) if complete > 0 && shared.ready() => {
                     // Before the primary write, so the comparer finds every sync point it pairs.
-                    up.plan(&frames, &offsets, read_at);
+                    up.plan(&frames, &framed, read_at);
                     true
                 }
                 _ => false,
@@ -770,7 +724,7 @@ async fn upstream(
     if (client_left || bad_frame) && !primary_failed {
         shared.terminated.set(terminated);
         shared.client_sent_all.set(true);
-        if !terminated && shared.ready.get() {
+        if !terminated && shared.ready() {
             let _ = primary.write_all(&[b'X', 0, 0, 0, 4]).await;
         }
         // Only our sending side: a client that half-closed still reads the answers to what it
@@ -825,14 +779,14 @@ async fn say_goodbye(shard: &ShardCtx, shared: &SessionShared, client: &Stream, 
     let _ = client.write_all(&msg).await;
 }
 
+/// Remembers when sync point `seq` was read, for its latencies (within the pipeline bound).
 fn push_stamp(
     shared: &SessionShared,
     settings: &ProxySettings,
+    seq: u64,
     read_at: Instant,
     fingerprint: u64,
 ) {
-    let seq = shared.sent.get();
-    shared.sent.set(seq + 1);
     let mut stamps = shared.stamps.borrow_mut();
     if stamps.len() < settings.pipeline_depth_max {
         stamps.push_back((seq, read_at, fingerprint));
@@ -893,25 +847,24 @@ async fn downstream(shard: &ShardCtx, shared: &SessionShared, primary: Stream, c
             Ok(_) => {}
         }
         let arrived = Instant::now();
-        let (mut ready_for_query, mut errors, mut messages) = (0u64, 0u64, 0u64);
-        let mut status = shared.status.get();
+        let (mut answered_syncs, mut errors, mut messages) = (0u64, 0u64, 0u64);
+        let mut tracker = shared.tracker.borrow_mut();
+        let starting = !tracker.ready();
+        let first_answer = tracker.sync_points().1;
         let scanned = wire::complete_prefix(&buf, settings.message_bytes_max, |tag, body| {
             messages += 1;
-            match tag {
-                b'Z' => {
-                    ready_for_query += 1;
-                    status = body.first().copied().unwrap_or(status);
-                }
-                b'G' | b'W' => shared.copy_in_seen.set(true),
-                b'E' => {
+            match tracker.server(tag, body) {
+                Answer::SyncAnswered => answered_syncs += 1,
+                Answer::Error { farewell: last } => {
                     errors += 1;
-                    // PostgreSQL sends the severity field first; a FATAL/PANIC is the
-                    // primary's own farewell, so the client needs no second one from us.
-                    farewell |= body.starts_with(b"SFATAL\0") || body.starts_with(b"SPANIC\0");
+                    // A FATAL/PANIC is the primary's own farewell, so the client needs no
+                    // second one from us.
+                    farewell |= last;
                 }
-                _ => {}
+                Answer::Ready | Answer::CopyIn | Answer::Other => {}
             }
         });
+        drop(tracker);
         let complete = match scanned {
             Ok(complete) => complete,
             Err(err) => {
@@ -928,16 +881,9 @@ async fn downstream(shard: &ShardCtx, shared: &SessionShared, primary: Stream, c
         };
         ShardStats::bump(&stats.counters.primary_messages_in, messages);
         ShardStats::bump(&stats.counters.primary_errors, errors);
-        shared.status.set(status);
         answered.clear();
-        let starting = !shared.ready.get();
-        for _ in 0..ready_for_query {
-            if !shared.ready.get() {
-                // The first ReadyForQuery ends startup; no client sync point asked for it.
-                shared.ready.set(true);
-                continue;
-            }
-            if let Some(read_at) = shared.answer_sync(shard, arrived) {
+        for seq in first_answer..first_answer + answered_syncs {
+            if let Some(read_at) = shared.answer_sync(shard, seq, arrived) {
                 answered.push(read_at);
             }
         }
@@ -999,7 +945,7 @@ async fn downstream_compare(
     let mut farewell = false;
     let mut running = true;
     // Startup and authentication are the primary's alone (the shadow session is pgprism's).
-    while running && !shared.ready.get() {
+    while running && !shared.ready() {
         match primary.read_buf(&mut pbuf, chunk).await {
             Ok(0) | Err(_) => {
                 running = false;
@@ -1007,18 +953,18 @@ async fn downstream_compare(
             }
             Ok(_) => {}
         }
-        let mut status = None;
+        let mut tracker = shared.tracker.borrow_mut();
         let scanned =
             wire::complete_prefix_until(&pbuf, settings.message_bytes_max, |tag, body| {
-                if tag == b'E' {
-                    farewell |= body.starts_with(b"SFATAL\0") || body.starts_with(b"SPANIC\0");
-                }
-                if tag == b'Z' {
-                    status = Some(body.first().copied().unwrap_or(b'I'));
-                    return std::ops::ControlFlow::Break(());
+                match tracker.server(tag, body) {
+                    Answer::Error { farewell: last } => farewell |= last,
+                    // What follows startup is compared.
+                    Answer::Ready => return std::ops::ControlFlow::Break(()),
+                    _ => {}
                 }
                 std::ops::ControlFlow::Continue(())
             });
+        drop(tracker);
         let Ok(complete) = scanned else {
             *shared.fatal.borrow_mut() = Some(error_bytes(
                 "FATAL",
@@ -1031,10 +977,6 @@ async fn downstream_compare(
             running = false;
             break;
         };
-        if let Some(status) = status {
-            shared.ready.set(true);
-            shared.status.set(status);
-        }
         let mut frames = pbuf.split_to(complete).freeze();
         if primary.is_tls() && !client.is_tls() {
             frames = without_channel_binding(frames);
@@ -1173,19 +1115,18 @@ async fn downstream_compare(
                     };
                 if complete > 0 {
                     let frames = buf.split_to(complete).freeze();
-                    let fed = comparer.feed(side, &frames, &mut out);
                     if side == PRIMARY {
-                        if fed.copy_in {
-                            shared.copy_in_seen.set(true);
-                        }
+                        let mut tracker = shared.tracker.borrow_mut();
+                        let first_answer = tracker.sync_points().1;
+                        let fed = comparer.feed(side, &frames, Some(&mut tracker), &mut out);
+                        farewell |= tracker.farewell();
+                        drop(tracker);
                         ShardStats::bump(&stats.counters.primary_errors, fed.errors);
-                        farewell |= fed.farewell;
-                        if let Some(status) = fed.status {
-                            shared.status.set(status);
+                        for seq in first_answer..first_answer + fed.syncs {
+                            shared.answer_sync(shard, seq, arrived);
                         }
-                        for _ in 0..fed.syncs {
-                            shared.answer_sync(shard, arrived);
-                        }
+                    } else {
+                        comparer.feed(side, &frames, None, &mut out);
                     }
                 }
             }

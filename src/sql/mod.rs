@@ -334,6 +334,33 @@ fn set_config_call(sql: &[u8], i: usize) -> Option<usize> {
     (word == b"SET_CONFIG" && sql.get(open) == Some(&b'(')).then_some(open)
 }
 
+/// Which way a COPY statement moves data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copy {
+    /// `COPY t FROM ...`: the client sends data (CopyIn).
+    From,
+    /// `COPY t TO ...`, `COPY (query) TO ...`: the server sends data (CopyOut).
+    To,
+}
+
+/// The one "is this a COPY" rule: a statement whose first word is COPY, and its direction
+/// (the same reading as [`classify`]: FROM without TO writes). `None` for anything else.
+pub fn copy(sql: &[u8]) -> Option<Copy> {
+    let mut buf = [0u8; 16];
+    let (first, end) = word_at(sql, 0, &mut buf);
+    if first != b"COPY" {
+        return None;
+    }
+    let rest = sql.get(end..).unwrap_or_default();
+    Some(
+        if contains_keyword(rest, b"FROM") && !contains_keyword(rest, b"TO") {
+            Copy::From
+        } else {
+            Copy::To
+        },
+    )
+}
+
 /// An SQL-level prepared-statement command, read far enough to track what a session has
 /// prepared: PostgreSQL keeps these and the protocol's named statements in one namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]

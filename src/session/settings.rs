@@ -15,19 +15,23 @@ use bytes::{Bytes, BytesMut};
 use crate::sql::{Setting, Transaction};
 use crate::wire;
 
-/// Settings kept per session (one per parameter); the oldest are forgotten beyond this, and
-/// so are the oldest changes of an open transaction block.
-const SETTINGS_MAX: usize = 64;
+/// The default of `proxy.session-settings-max`: settings kept per session (one per
+/// parameter); the oldest are forgotten beyond it, and so are the oldest changes of an open
+/// transaction block.
+pub const SETTINGS_MAX: usize = 64;
 
 /// A change to what is kept; the frame is a Query holding just the statement.
+#[derive(Debug)]
 enum Change {
     Set { key: String, frame: Bytes },
     Reset { key: String },
     ResetAll,
 }
 
-#[derive(Default)]
-pub(super) struct Settings {
+#[derive(Debug)]
+pub struct Settings {
+    /// Settings kept at most (see [`SETTINGS_MAX`]).
+    max: usize,
     /// (key, Query frame), oldest first.
     kept: VecDeque<(String, Bytes)>,
     /// Changes made inside the open transaction block, applied when it commits.
@@ -36,14 +40,29 @@ pub(super) struct Settings {
     in_block: bool,
 }
 
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings::new(SETTINGS_MAX)
+    }
+}
+
 impl Settings {
+    pub fn new(max: usize) -> Settings {
+        Settings {
+            max: max.max(1),
+            kept: VecDeque::new(),
+            pending: VecDeque::new(),
+            in_block: false,
+        }
+    }
+
     /// The Query frames that bring a fresh mirror session to the client session's settings.
-    pub(super) fn frames(&self) -> impl Iterator<Item = &Bytes> {
+    pub fn frames(&self) -> impl Iterator<Item = &Bytes> {
         self.kept.iter().map(|(_, frame)| frame)
     }
 
     /// A client statement changed a setting; `text` is that statement alone.
-    pub(super) fn change(&mut self, setting: Setting, text: &[u8]) {
+    pub fn change(&mut self, setting: Setting, text: &[u8]) {
         let change = match setting {
             Setting::Set { key } => {
                 let mut out = BytesMut::new();
@@ -63,7 +82,7 @@ impl Settings {
             Setting::ResetAll => Change::ResetAll,
         };
         if self.in_block {
-            if self.pending.len() >= SETTINGS_MAX {
+            if self.pending.len() >= self.max {
                 self.pending.pop_front();
             }
             self.pending.push_back(change);
@@ -73,7 +92,7 @@ impl Settings {
     }
 
     /// A statement opened or ended a transaction block.
-    pub(super) fn transaction(&mut self, transaction: Transaction) {
+    pub fn transaction(&mut self, transaction: Transaction) {
         match transaction {
             Transaction::Begin => self.in_block = true,
             Transaction::Commit { chain } => {
@@ -90,7 +109,7 @@ impl Settings {
     /// The session is idle outside a transaction block (its server said so). A block still
     /// open here ended through a statement not seen as such; it is taken as committed, which
     /// is what keeping every setting did before blocks were tracked.
-    pub(super) fn idle(&mut self) {
+    pub fn idle(&mut self) {
         if self.in_block {
             self.commit();
             self.in_block = false;
@@ -109,7 +128,7 @@ impl Settings {
                 // Only the last value of a parameter matters; replaying the others would
                 // only crowd the bounded list.
                 self.kept.retain(|(k, _)| *k != key);
-                if self.kept.len() >= SETTINGS_MAX {
+                if self.kept.len() >= self.max {
                     self.kept.pop_front();
                 }
                 self.kept.push_back((key, frame));

@@ -1,0 +1,505 @@
+//! The session tracker (sans-IO): where one client session stands, from the frames it
+//! exchanges in both directions. It is the one home of the protocol rules every mode asks
+//! about: which client frames open a sync point (and which Syncs the server ignores during a
+//! COPY), whether an extended batch is open, the transaction status, whether startup is over,
+//! the farewells (a FATAL or PANIC from the server, a Terminate from the client), the
+//! statements and portals prepared (by protocol and by SQL `PREPARE`), the statements of the
+//! current batch, and the session settings that outlive their transaction.
+//!
+//! It owns no socket, never blocks, and allocates within named bounds ([`Limits`], config
+//! keys `proxy.session-names-max` and `proxy.session-settings-max`). Frame walking is
+//! `wire`'s; a body the tracker cannot read is the server's to reject: the statement is then
+//! unknown to the tracker (counted in [`Tracker::unreadable`]), never a panic.
+//!
+//! It must never do I/O or decide what a mode does with a frame: it answers, modes act.
+
+pub mod settings;
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use crate::sql;
+use crate::wire::{self, tag};
+
+pub use settings::Settings;
+
+/// The bounds of one session's tracker (config keys under `[proxy]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Prepared statements and portals remembered by name (`proxy.session-names-max`);
+    /// beyond it a new name is still tracked for sync points, its statement unknown.
+    pub names_max: usize,
+    /// Session settings kept (`proxy.session-settings-max`).
+    pub settings_max: usize,
+    /// Decode statements (texts, names, settings). A plain proxy needs only the sync points
+    /// and the COPY and transaction state, and pays for nothing more.
+    pub statements: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            names_max: 10_000,
+            settings_max: 64,
+            statements: true,
+        }
+    }
+}
+
+/// One statement as the client sent it (a Parse, `PREPARE`, or one statement of a Query).
+#[derive(Debug)]
+pub struct Statement {
+    pub text: Box<str>,
+    pub class: sql::Class,
+    /// A COPY, and which way (the one "is COPY" rule: [`sql::copy`]).
+    pub copy: Option<sql::Copy>,
+    /// It takes parameters (`$n`, or declared parameter types).
+    pub params: bool,
+}
+
+impl Statement {
+    fn new(text: &str, params: bool) -> Statement {
+        let bytes = text.as_bytes();
+        Statement {
+            text: text.trim().into(),
+            class: sql::classify(bytes),
+            copy: sql::copy(bytes),
+            params,
+        }
+    }
+
+    /// A statement the tracker could not learn (an Execute of a portal it never saw bound,
+    /// a name beyond the bound, an unreadable body).
+    pub fn unknown() -> Rc<Statement> {
+        Rc::new(Statement {
+            text: "".into(),
+            class: sql::Class::Other,
+            copy: None,
+            params: true,
+        })
+    }
+
+    pub fn is_known(&self) -> bool {
+        !self.text.is_empty()
+    }
+
+    /// The fingerprint of its text (computed on demand: the relay never needs it).
+    pub fn fingerprint(&self) -> u64 {
+        sql::fingerprint(self.text.as_bytes(), 0).0
+    }
+}
+
+/// What one client frame is, for the sync-point accounting every mode shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Query, Sync or FunctionCall: the server answers it with one ReadyForQuery.
+    SyncPoint,
+    /// A Sync sent after a COPY that an Execute started: the server ignored the Syncs sent
+    /// during the COPY, and answers this one for the sync point the ignored one opened.
+    QuietSync,
+    /// Terminate: the client's farewell.
+    Terminate,
+    /// Anything else.
+    Other,
+}
+
+/// One client frame of a batch and the tracker's [`Step`] for it: where it lies in the
+/// batch's bytes, for the modes that route or copy frames one by one.
+#[derive(Debug, Clone, Copy)]
+pub struct Framed {
+    pub tag: u8,
+    pub start: usize,
+    pub end: usize,
+    pub step: Step,
+}
+
+/// What one server frame told the tracker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The ReadyForQuery that ends startup (no client sync point asked for it).
+    Ready,
+    /// A ReadyForQuery answering the oldest open sync point.
+    SyncAnswered,
+    /// An ErrorResponse; `farewell` for FATAL and PANIC, after which the server closes.
+    Error { farewell: bool },
+    /// CopyInResponse or CopyBothResponse: the server now reads COPY data.
+    CopyIn,
+    Other,
+}
+
+/// Whether an ErrorResponse body is the server's farewell (FATAL or PANIC). PostgreSQL
+/// sends the severity field first.
+#[inline]
+pub fn is_farewell(error_body: &[u8]) -> bool {
+    error_body.starts_with(b"SFATAL\0") || error_body.starts_with(b"SPANIC\0")
+}
+
+/// The COPY-from-Execute rule: the server ignores the Syncs a client sends after an Execute
+/// that started COPY FROM STDIN until CopyDone/CopyFail (a COPY that fails at Execute, before
+/// it starts, answers them). Those Syncs opened sync points when read; the same number of
+/// Syncs after the COPY then open none.
+#[derive(Debug, Default, Clone, Copy)]
+struct CopySyncs {
+    /// An Execute came and no CopyDone/CopyFail or Query since.
+    after_execute: bool,
+    /// Syncs read since that Execute.
+    syncs_after_execute: u64,
+    /// The server answered CopyInResponse/CopyBothResponse since that Execute.
+    copy_in_seen: bool,
+    /// Syncs still to pass as [`Step::QuietSync`].
+    quiet: u64,
+}
+
+/// Where one session stands. Feed it every client frame ([`client`](Self::client)) before it
+/// is forwarded and every server frame ([`server`](Self::server)) as it is read.
+#[derive(Debug)]
+pub struct Tracker {
+    limits: Limits,
+    ready: bool,
+    status: u8,
+    /// Sync points opened / answered by a ReadyForQuery.
+    opened: u64,
+    answered: u64,
+    extended_open: bool,
+    copy: CopySyncs,
+    terminated: bool,
+    farewell: bool,
+    statements: HashMap<Box<str>, Rc<Statement>>,
+    portals: HashMap<Box<str>, Rc<Statement>>,
+    /// The statements of the batch being sent (since the last sync point).
+    batch: Vec<Rc<Statement>>,
+    /// A sync point closed the batch: the next statement starts a new one.
+    batch_closed: bool,
+    settings: Settings,
+    unreadable: u64,
+}
+
+impl Tracker {
+    pub fn new(limits: Limits) -> Tracker {
+        Tracker {
+            limits,
+            ready: false,
+            status: 0,
+            opened: 0,
+            answered: 0,
+            extended_open: false,
+            copy: CopySyncs::default(),
+            terminated: false,
+            farewell: false,
+            statements: HashMap::new(),
+            portals: HashMap::new(),
+            batch: Vec::new(),
+            batch_closed: false,
+            settings: Settings::new(limits.settings_max),
+            unreadable: 0,
+        }
+    }
+
+    /// One client frame, before it is forwarded.
+    pub fn client(&mut self, tag: u8, body: &[u8]) -> Step {
+        let step = match tag {
+            tag::QUERY => {
+                self.copy.after_execute = false;
+                self.batch_closed = true;
+                self.start_batch();
+                if self.limits.statements {
+                    self.query(body);
+                }
+                Step::SyncPoint
+            }
+            tag::EXECUTE => {
+                self.copy.after_execute = true;
+                self.copy.syncs_after_execute = 0;
+                self.copy.copy_in_seen = false;
+                self.extended_open = true;
+                if self.limits.statements {
+                    self.execute(body);
+                }
+                Step::Other
+            }
+            tag::PARSE | tag::BIND | tag::DESCRIBE | tag::CLOSE | tag::FLUSH => {
+                self.extended_open = true;
+                self.start_batch();
+                if self.limits.statements {
+                    self.extended(tag, body);
+                }
+                Step::Other
+            }
+            tag::SYNC if self.copy.quiet > 0 => {
+                self.copy.quiet -= 1;
+                self.extended_open = false;
+                Step::QuietSync
+            }
+            tag::SYNC => {
+                if self.copy.after_execute {
+                    self.copy.syncs_after_execute += 1;
+                }
+                self.extended_open = false;
+                Step::SyncPoint
+            }
+            tag::COPY_DONE | tag::COPY_FAIL => {
+                if self.copy.after_execute && self.copy.copy_in_seen {
+                    self.copy.quiet += self.copy.syncs_after_execute;
+                }
+                self.copy.after_execute = false;
+                self.copy.syncs_after_execute = 0;
+                Step::Other
+            }
+            tag::FUNCTION_CALL => Step::SyncPoint,
+            tag::TERMINATE => {
+                self.terminated = true;
+                Step::Terminate
+            }
+            _ => Step::Other,
+        };
+        match step {
+            Step::SyncPoint => {
+                self.opened += 1;
+                self.batch_closed = true;
+            }
+            Step::QuietSync => self.batch_closed = true,
+            _ => {}
+        }
+        step
+    }
+
+    /// One server frame, as it is read.
+    pub fn server(&mut self, tag: u8, body: &[u8]) -> Answer {
+        match tag {
+            tag::READY_FOR_QUERY => {
+                self.status = body.first().copied().unwrap_or(self.status);
+                if !self.ready {
+                    self.ready = true;
+                    return Answer::Ready;
+                }
+                // More answers than sync points is the server's protocol violation, not
+                // ours to count: the count stays at what the client asked.
+                self.answered = (self.answered + 1).min(self.opened);
+                if self.status == b'I' && self.limits.statements {
+                    self.settings.idle();
+                }
+                Answer::SyncAnswered
+            }
+            tag::ERROR_RESPONSE => {
+                let farewell = is_farewell(body);
+                self.farewell |= farewell;
+                Answer::Error { farewell }
+            }
+            tag::COPY_IN_RESPONSE | tag::COPY_BOTH_RESPONSE => {
+                self.copy.copy_in_seen = true;
+                Answer::CopyIn
+            }
+            _ => Answer::Other,
+        }
+    }
+
+    fn query(&mut self, body: &[u8]) {
+        let Ok(text) = wire::Query::new(body).query() else {
+            self.unreadable += 1;
+            return;
+        };
+        for range in sql::split_statements(text.as_bytes()) {
+            let one = &text[range];
+            let statement = self.simple_statement(one);
+            self.batch.push(statement);
+        }
+    }
+
+    /// One statement of a simple Query: SQL-level prepared statements share the protocol's
+    /// namespace, and settings are kept as PostgreSQL keeps them.
+    fn simple_statement(&mut self, text: &str) -> Rc<Statement> {
+        let bytes = text.as_bytes();
+        match sql::prepared(bytes) {
+            Some(sql::Prepared::Prepare { name, body }) => {
+                let inner = text.get(body..).unwrap_or("");
+                let statement = Rc::new(Statement::new(inner, inner.contains('$')));
+                self.remember_statement(&name, statement);
+            }
+            Some(sql::Prepared::Execute { name, runs: true }) => {
+                if let Some(inner) = self.statements.get(name.as_str()) {
+                    return inner.clone();
+                }
+            }
+            Some(sql::Prepared::Deallocate { name }) => {
+                self.statements.remove(name.as_str());
+            }
+            Some(sql::Prepared::DeallocateAll) => self.statements.clear(),
+            Some(sql::Prepared::DiscardAll) => {
+                self.statements.clear();
+                self.portals.clear();
+            }
+            _ => {}
+        }
+        if let Some(transaction) = sql::transaction(bytes) {
+            self.settings.transaction(transaction);
+        } else if let Some(setting) = sql::setting(bytes) {
+            self.settings.change(setting, bytes);
+        }
+        Rc::new(Statement::new(text, false))
+    }
+
+    fn extended(&mut self, tag: u8, body: &[u8]) {
+        match tag {
+            tag::PARSE => match wire::Parse::new(body).parts() {
+                Ok((name, query, types)) => {
+                    let params = !types.is_empty() || query.contains('$');
+                    self.remember_statement(name, Rc::new(Statement::new(query, params)));
+                }
+                Err(_) => self.unreadable += 1,
+            },
+            tag::BIND => match wire::Bind::new(body).parts() {
+                Ok(parts) => {
+                    let statement = self
+                        .statements
+                        .get(parts.statement)
+                        .cloned()
+                        .unwrap_or_else(Statement::unknown);
+                    if parts.portal.is_empty() || self.portals.len() < self.limits.names_max {
+                        self.portals.insert(parts.portal.into(), statement);
+                    }
+                }
+                Err(_) => self.unreadable += 1,
+            },
+            tag::CLOSE => match wire::Close::new(body).target() {
+                Ok((wire::Target::Statement, name)) => drop(self.statements.remove(name)),
+                Ok((wire::Target::Portal, name)) => drop(self.portals.remove(name)),
+                Err(_) => self.unreadable += 1,
+            },
+            _ => {}
+        }
+    }
+
+    fn execute(&mut self, body: &[u8]) {
+        let statement = match wire::Execute::new(body).portal() {
+            Ok(portal) => self.portals.get(portal).cloned(),
+            Err(_) => {
+                self.unreadable += 1;
+                None
+            }
+        };
+        let statement = statement.unwrap_or_else(Statement::unknown);
+        if statement.params || statement.text.is_empty() {
+            // A setting with parameters cannot be replayed from its text alone.
+        } else if let Some(transaction) = sql::transaction(statement.text.as_bytes()) {
+            self.settings.transaction(transaction);
+        } else if let Some(setting) = sql::setting(statement.text.as_bytes()) {
+            self.settings.change(setting, statement.text.as_bytes());
+        }
+        self.start_batch();
+        self.batch.push(statement);
+    }
+
+    /// The batch list holds the last sync point's statements until the next batch starts.
+    fn start_batch(&mut self) {
+        if self.batch_closed {
+            self.batch_closed = false;
+            self.batch.clear();
+        }
+    }
+
+    fn remember_statement(&mut self, name: &str, statement: Rc<Statement>) {
+        if name.is_empty() || self.statements.len() < self.limits.names_max {
+            self.statements.insert(name.into(), statement);
+        } else {
+            // Beyond the bound the name is forgotten; an Execute of it is then unknown.
+            self.statements.remove(name);
+        }
+    }
+
+    /// Startup and authentication are over (the first ReadyForQuery came).
+    pub fn ready(&self) -> bool {
+        self.ready
+    }
+
+    /// The transaction status of the last ReadyForQuery: `I`, `T` or `E` (0 before any).
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
+    /// Sync points opened so far, and answered so far.
+    pub fn sync_points(&self) -> (u64, u64) {
+        (self.opened, self.answered)
+    }
+
+    /// Sync points sent and not yet answered.
+    pub fn in_flight(&self) -> u64 {
+        self.opened - self.answered
+    }
+
+    /// Inside an extended-protocol batch (frames since the last Sync): an implicit
+    /// transaction may be open even though the status says idle.
+    pub fn extended_open(&self) -> bool {
+        self.extended_open
+    }
+
+    /// At a transaction boundary with nothing in flight.
+    pub fn is_idle(&self) -> bool {
+        self.ready && self.status == b'I' && self.in_flight() == 0 && !self.extended_open
+    }
+
+    pub fn terminated(&self) -> bool {
+        self.terminated
+    }
+
+    /// The server said FATAL or PANIC: it closes, and has told the client why.
+    pub fn farewell(&self) -> bool {
+        self.farewell
+    }
+
+    /// The statements of the current (or, after its sync point, the last) batch.
+    pub fn batch(&self) -> &[Rc<Statement>] {
+        &self.batch
+    }
+
+    /// A prepared statement by name (protocol or SQL `PREPARE`).
+    pub fn statement(&self, name: &str) -> Option<&Rc<Statement>> {
+        self.statements.get(name)
+    }
+
+    /// A bound portal's statement by portal name.
+    pub fn portal(&self, name: &str) -> Option<&Rc<Statement>> {
+        self.portals.get(name)
+    }
+
+    /// Prepared statements and portals remembered.
+    pub fn names(&self) -> (usize, usize) {
+        (self.statements.len(), self.portals.len())
+    }
+
+    /// The session settings that outlive their transaction, as Query frames.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Bodies the tracker could not read (the server rejects them; the statement is unknown).
+    pub fn unreadable(&self) -> u64 {
+        self.unreadable
+    }
+
+    /// Walks the complete client frames at the front of `buf` and feeds each; returns the
+    /// length of that prefix. For tests, fuzzing and replay: the relay feeds frames from its
+    /// own framing walk.
+    pub fn client_bytes(
+        &mut self,
+        buf: &[u8],
+        message_bytes_max: usize,
+    ) -> Result<usize, wire::WireError> {
+        wire::complete_prefix(buf, message_bytes_max, |tag, body| {
+            self.client(tag, body);
+        })
+    }
+
+    /// [`client_bytes`](Self::client_bytes) for server frames.
+    pub fn server_bytes(
+        &mut self,
+        buf: &[u8],
+        message_bytes_max: usize,
+    ) -> Result<usize, wire::WireError> {
+        wire::complete_prefix(buf, message_bytes_max, |tag, body| {
+            self.server(tag, body);
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,272 @@
+use super::*;
+use crate::wire::encode;
+use bytes::BytesMut;
+
+fn frames(build: impl FnOnce(&mut BytesMut)) -> BytesMut {
+    let mut buf = BytesMut::new();
+    build(&mut buf);
+    buf
+}
+
+fn message(buf: &mut BytesMut, tag: u8, body: &[u8]) {
+    buf.extend_from_slice(&[tag]);
+    buf.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    buf.extend_from_slice(body);
+}
+
+fn ready(buf: &mut BytesMut, status: u8) {
+    message(buf, tag::READY_FOR_QUERY, &[status]);
+}
+
+fn started() -> Tracker {
+    let mut t = Tracker::new(Limits::default());
+    let z = frames(|b| ready(b, b'I'));
+    t.server_bytes(&z, 1 << 20).unwrap();
+    assert!(t.ready());
+    t
+}
+
+fn feed_client(t: &mut Tracker, buf: &[u8]) -> Vec<Step> {
+    let mut steps = Vec::new();
+    crate::wire::complete_prefix(buf, 1 << 20, |tag, body| steps.push(t.client(tag, body)))
+        .unwrap();
+    steps
+}
+
+#[test]
+fn simple_queries_open_and_close_sync_points_and_track_the_status() {
+    let mut t = started();
+    let q = frames(|b| {
+        encode::query(b, "BEGIN; INSERT INTO t VALUES (1)").unwrap();
+    });
+    assert_eq!(feed_client(&mut t, &q), vec![Step::SyncPoint]);
+    assert_eq!(t.in_flight(), 1);
+    assert!(!t.is_idle());
+    let texts: Vec<&str> = t.batch().iter().map(|s| &*s.text).collect();
+    assert_eq!(texts, ["BEGIN", "INSERT INTO t VALUES (1)"]);
+    assert_eq!(t.batch()[1].class, sql::Class::Dml);
+    let z = frames(|b| ready(b, b'T'));
+    t.server_bytes(&z, 1 << 20).unwrap();
+    assert_eq!((t.in_flight(), t.status()), (0, b'T'));
+    assert!(!t.is_idle(), "inside a transaction block");
+    let q = frames(|b| encode::query(b, "COMMIT").unwrap());
+    feed_client(&mut t, &q);
+    t.server_bytes(&frames(|b| ready(b, b'I')), 1 << 20).unwrap();
+    assert!(t.is_idle());
+    assert_eq!(t.sync_points(), (2, 2));
+}
+
+#[test]
+fn extended_batches_name_their_statements_and_portals() {
+    let mut t = started();
+    let batch = frames(|b| {
+        encode::parse(b, "s1", "SELECT $1::int", &[]).unwrap();
+        encode::bind(b, "p1", "s1", &[], &[Some(b"1".as_slice())], &[]).unwrap();
+        encode::execute(b, "p1", 0).unwrap();
+    });
+    assert_eq!(
+        feed_client(&mut t, &batch),
+        vec![Step::Other, Step::Other, Step::Other]
+    );
+    assert!(t.extended_open(), "no Sync yet: an implicit transaction may be open");
+    assert_eq!(t.in_flight(), 0);
+    assert_eq!(&*t.statement("s1").unwrap().text, "SELECT $1::int");
+    assert!(t.statement("s1").unwrap().params);
+    assert_eq!(&*t.portal("p1").unwrap().text, "SELECT $1::int");
+    assert_eq!(t.batch().len(), 1);
+    let sync = frames(|b| encode::sync(b));
+    assert_eq!(feed_client(&mut t, &sync), vec![Step::SyncPoint]);
+    assert!(!t.extended_open());
+    assert_eq!(t.batch().len(), 1, "the batch is kept until the next one starts");
+    let close = frames(|b| {
+        encode::close(b, wire::Target::Statement, "s1").unwrap();
+        encode::sync(b);
+    });
+    feed_client(&mut t, &close);
+    assert!(t.statement("s1").is_none());
+    assert!(t.batch().is_empty(), "a new batch started");
+}
+
+#[test]
+fn sql_prepare_shares_the_protocol_namespace() {
+    let mut t = started();
+    let q = frames(|b| encode::query(b, "PREPARE q AS UPDATE t SET v = v + 1").unwrap());
+    feed_client(&mut t, &q);
+    assert_eq!(t.statement("q").unwrap().class, sql::Class::Dml);
+    let q = frames(|b| encode::query(b, "EXECUTE q").unwrap());
+    feed_client(&mut t, &q);
+    assert_eq!(t.batch()[0].class, sql::Class::Dml, "EXECUTE runs the prepared one");
+    let q = frames(|b| encode::query(b, "DEALLOCATE q").unwrap());
+    feed_client(&mut t, &q);
+    assert!(t.statement("q").is_none());
+}
+
+#[test]
+fn syncs_ignored_during_a_copy_from_execute_open_no_extra_sync_point() {
+    let mut t = started();
+    // libpq's shape: Parse/Bind/Execute/Sync, the data, then CopyDone + Sync.
+    let batch = frames(|b| {
+        encode::parse(b, "", "COPY t FROM STDIN", &[]).unwrap();
+        encode::bind(b, "", "", &[], &[], &[]).unwrap();
+        encode::execute(b, "", 0).unwrap();
+        encode::sync(b);
+    });
+    let steps = feed_client(&mut t, &batch);
+    assert_eq!(steps.last(), Some(&Step::SyncPoint));
+    assert_eq!(t.batch()[0].copy, Some(sql::Copy::From));
+    t.server_bytes(&frames(|b| message(b, tag::COPY_IN_RESPONSE, &[0, 0, 0])), 1 << 20)
+        .unwrap();
+    let data = frames(|b| {
+        message(b, tag::COPY_DATA, b"1\n");
+        message(b, tag::COPY_DONE, b"");
+        encode::sync(b);
+    });
+    assert_eq!(
+        feed_client(&mut t, &data),
+        vec![Step::Other, Step::Other, Step::QuietSync]
+    );
+    assert_eq!(t.in_flight(), 1, "one ReadyForQuery answers both Syncs");
+    t.server_bytes(&frames(|b| ready(b, b'I')), 1 << 20).unwrap();
+    assert!(t.is_idle());
+}
+
+#[test]
+fn a_copy_that_fails_at_execute_answers_its_syncs() {
+    let mut t = started();
+    let batch = frames(|b| {
+        encode::parse(b, "", "COPY missing FROM STDIN", &[]).unwrap();
+        encode::bind(b, "", "", &[], &[], &[]).unwrap();
+        encode::execute(b, "", 0).unwrap();
+        encode::sync(b);
+    });
+    feed_client(&mut t, &batch);
+    // No CopyInResponse: an error, then ReadyForQuery for that Sync.
+    t.server_bytes(&frames(|b| ready(b, b'I')), 1 << 20).unwrap();
+    let after = frames(|b| {
+        message(b, tag::COPY_FAIL, b"no\0");
+        encode::sync(b);
+    });
+    assert_eq!(feed_client(&mut t, &after), vec![Step::Other, Step::SyncPoint]);
+    assert_eq!(t.in_flight(), 1);
+}
+
+#[test]
+fn farewells_and_terminate_are_seen() {
+    let mut t = started();
+    let fatal = frames(|b| message(b, tag::ERROR_RESPONSE, b"SFATAL\0C57P01\0Mbye\0\0"));
+    t.server_bytes(&fatal, 1 << 20).unwrap();
+    assert!(t.farewell());
+    let error = frames(|b| message(b, tag::ERROR_RESPONSE, b"SERROR\0C42P01\0Mno\0\0"));
+    let mut u = started();
+    u.server_bytes(&error, 1 << 20).unwrap();
+    assert!(!u.farewell());
+    let x = frames(|b| message(b, tag::TERMINATE, b""));
+    assert_eq!(feed_client(&mut u, &x), vec![Step::Terminate]);
+    assert!(u.terminated());
+}
+
+#[test]
+fn settings_outlive_only_committed_blocks() {
+    let mut t = started();
+    for (sql, status) in [
+        ("SET search_path = a", b'I'),
+        ("BEGIN", b'T'),
+        ("SET statement_timeout = 5", b'T'),
+        ("ROLLBACK", b'I'),
+    ] {
+        feed_client(&mut t, &frames(|b| encode::query(b, sql).unwrap()));
+        t.server_bytes(&frames(|b| ready(b, status)), 1 << 20).unwrap();
+    }
+    let kept: Vec<_> = t.settings().frames().cloned().collect();
+    assert_eq!(kept.len(), 1, "the rolled-back SET is not kept");
+    assert!(kept[0].windows(11).any(|w| w == b"search_path"));
+}
+
+#[test]
+fn names_beyond_the_bound_are_unknown_not_kept() {
+    let mut t = Tracker::new(Limits {
+        names_max: 2,
+        ..Limits::default()
+    });
+    let batch = frames(|b| {
+        for name in ["a", "b", "c"] {
+            encode::parse(b, name, "SELECT 1", &[]).unwrap();
+        }
+        encode::sync(b);
+    });
+    feed_client(&mut t, &batch);
+    assert_eq!(t.names().0, 2);
+    assert!(t.statement("c").is_none());
+}
+
+#[test]
+fn a_plain_relay_tracker_decodes_no_statements() {
+    let mut t = Tracker::new(Limits {
+        statements: false,
+        ..Limits::default()
+    });
+    let batch = frames(|b| {
+        encode::parse(b, "s", "SELECT 1", &[]).unwrap();
+        encode::query(b, "SELECT 2").unwrap();
+    });
+    assert_eq!(feed_client(&mut t, &batch), vec![Step::Other, Step::SyncPoint]);
+    assert!(t.statement("s").is_none());
+    assert!(t.batch().is_empty());
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Any byte sequence, in either direction, in any split: `Ok` or `Err`, never a panic;
+    /// the counts stay consistent.
+    fn run(chunks: &[(bool, Vec<u8>)]) {
+        let mut t = Tracker::new(Limits {
+            names_max: 8,
+            settings_max: 4,
+            statements: true,
+        });
+        for (from_client, bytes) in chunks {
+            let fed = if *from_client {
+                t.client_bytes(bytes, 1 << 16)
+            } else {
+                t.server_bytes(bytes, 1 << 16)
+            };
+            if let Ok(n) = fed {
+                assert!(n <= bytes.len());
+            }
+            let (opened, answered) = t.sync_points();
+            assert!(answered <= opened);
+            assert!(t.names().0 <= 8 && t.names().1 <= 9);
+        }
+    }
+
+    fn tagged() -> impl Strategy<Value = Vec<u8>> {
+        let tags = prop::sample::select(b"QPBDESCHXFfdcZGWEpR".to_vec());
+        prop::collection::vec(
+            (tags, prop::collection::vec(any::<u8>(), 0..40)),
+            0..12,
+        )
+        .prop_map(|messages| {
+            let mut out = Vec::new();
+            for (tag, body) in messages {
+                out.push(tag);
+                out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+                out.extend_from_slice(&body);
+            }
+            out
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_never_panic(chunks in prop::collection::vec((any::<bool>(), prop::collection::vec(any::<u8>(), 0..64)), 0..16)) {
+            run(&chunks);
+        }
+
+        #[test]
+        fn well_framed_messages_with_any_bodies_never_panic(chunks in prop::collection::vec((any::<bool>(), tagged()), 0..8)) {
+            run(&chunks);
+        }
+    }
+}
