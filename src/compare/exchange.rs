@@ -79,10 +79,7 @@ impl Statement {
             primary_only: rules.primary_only(text),
             transaction: transaction.is_some(),
             transaction_options: transaction.is_some_and(|t| with_options(text, t)),
-            copy: text
-                .trim_start()
-                .get(..4)
-                .is_some_and(|w| w.eq_ignore_ascii_case("COPY")),
+            copy: sql::copy(text.as_bytes()).is_some(),
             described: Rc::default(),
         }
     }
@@ -846,7 +843,10 @@ impl Comparer {
         mut primary: Option<&mut Tracker>,
         out: &mut Vec<Bytes>,
     ) -> Fed {
-        let mut fed = Fed { syncs: 0, errors: 0 };
+        let mut fed = Fed {
+            syncs: 0,
+            errors: 0,
+        };
         let mut walk = Walk {
             segment_start: 0,
             copy_started: None,

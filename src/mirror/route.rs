@@ -14,9 +14,9 @@ use std::rc::Rc;
 use bytes::{Bytes, BytesMut};
 
 use super::link::{Item, Link, Push};
-use crate::session::Settings;
 use super::stats::MirrorStats;
 use crate::config::{MirrorConfig, Overflow, QueryFilter};
+use crate::session::Settings;
 use crate::sql::{self, Class, Prepared};
 use crate::stats::fingerprints::Fingerprints;
 use crate::wire::{self, Target, tag};
@@ -146,16 +146,6 @@ fn passes(cfg: &MirrorConfig, class: Class) -> bool {
         Class::Dml => matches!(cfg.queries, F::All | F::DdlDml | F::Dml),
         Class::Ddl => matches!(cfg.queries, F::All | F::DdlDml | F::Ddl),
         Class::Other => matches!(cfg.queries, F::All | F::DdlDml),
-    }
-}
-
-fn is_copy_from(sql: &[u8], class: Class) -> bool {
-    class == Class::Dml && {
-        let start = sql
-            .iter()
-            .position(|b| !b.is_ascii_whitespace())
-            .unwrap_or(sql.len());
-        sql[start..].len() >= 4 && sql[start..start + 4].eq_ignore_ascii_case(b"COPY")
     }
 }
 
@@ -432,7 +422,7 @@ impl Router {
                     frame.len(),
                     |source| Statement {
                         class,
-                        copy_from: is_copy_from(query, class),
+                        copy_from: sql::copy(query) == Some(sql::Copy::From),
                         source,
                         fingerprint,
                         transaction,
@@ -731,7 +721,8 @@ impl Router {
             if self
                 .send(link, frame.clone(), Some(self.last_fingerprint), statement)
                 .await
-                && is_copy_from(&sql[part.range.clone()], part.class)
+                && part.class == Class::Dml
+                && sql::copy(&sql[part.range.clone()]) == Some(sql::Copy::From)
             {
                 link.copy_active.set(true);
             }
@@ -854,10 +845,10 @@ impl Router {
             .send
             .iter()
             .any(|(i, _)| parts[*i].class != Class::Empty);
-        let copy = plan
-            .send
-            .iter()
-            .any(|(i, _)| is_copy_from(&sql[parts[*i].range.clone()], parts[*i].class));
+        let copy = plan.send.iter().any(|(i, _)| {
+            parts[*i].class == Class::Dml
+                && sql::copy(&sql[parts[*i].range.clone()]) == Some(sql::Copy::From)
+        });
         if !self
             .send(link, out, Some(self.last_fingerprint), statement)
             .await

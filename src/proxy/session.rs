@@ -19,9 +19,9 @@ use crate::compare::{self, Comparer};
 use crate::exec::net::Stream;
 use crate::exec::{self, within};
 use crate::mirror::{self, Link, MirrorStats, MirrorTarget, Router};
+use crate::session::{Answer, Framed, Step, Tracker};
 use crate::stats::ShardStats;
 use crate::stats::fingerprints::Fingerprints;
-use crate::session::{Answer, Framed, Step, Tracker};
 use crate::wire::{self, StartupPacket, sqlstate, tag};
 use bytes::{Bytes, BytesMut};
 

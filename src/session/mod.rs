@@ -121,7 +121,9 @@ pub enum Answer {
     /// A ReadyForQuery answering the oldest open sync point.
     SyncAnswered,
     /// An ErrorResponse; `farewell` for FATAL and PANIC, after which the server closes.
-    Error { farewell: bool },
+    Error {
+        farewell: bool,
+    },
     /// CopyInResponse or CopyBothResponse: the server now reads COPY data.
     CopyIn,
     Other,

@@ -51,7 +51,8 @@ fn simple_queries_open_and_close_sync_points_and_track_the_status() {
     assert!(!t.is_idle(), "inside a transaction block");
     let q = frames(|b| encode::query(b, "COMMIT").unwrap());
     feed_client(&mut t, &q);
-    t.server_bytes(&frames(|b| ready(b, b'I')), 1 << 20).unwrap();
+    t.server_bytes(&frames(|b| ready(b, b'I')), 1 << 20)
+        .unwrap();
     assert!(t.is_idle());
     assert_eq!(t.sync_points(), (2, 2));
 }
@@ -68,7 +69,10 @@ fn extended_batches_name_their_statements_and_portals() {
         feed_client(&mut t, &batch),
         vec![Step::Other, Step::Other, Step::Other]
     );
-    assert!(t.extended_open(), "no Sync yet: an implicit transaction may be open");
+    assert!(
+        t.extended_open(),
+        "no Sync yet: an implicit transaction may be open"
+    );
     assert_eq!(t.in_flight(), 0);
     assert_eq!(&*t.statement("s1").unwrap().text, "SELECT $1::int");
     assert!(t.statement("s1").unwrap().params);
@@ -77,7 +81,11 @@ fn extended_batches_name_their_statements_and_portals() {
     let sync = frames(|b| encode::sync(b));
     assert_eq!(feed_client(&mut t, &sync), vec![Step::SyncPoint]);
     assert!(!t.extended_open());
-    assert_eq!(t.batch().len(), 1, "the batch is kept until the next one starts");
+    assert_eq!(
+        t.batch().len(),
+        1,
+        "the batch is kept until the next one starts"
+    );
     let close = frames(|b| {
         encode::close(b, wire::Target::Statement, "s1").unwrap();
         encode::sync(b);
@@ -95,7 +103,11 @@ fn sql_prepare_shares_the_protocol_namespace() {
     assert_eq!(t.statement("q").unwrap().class, sql::Class::Dml);
     let q = frames(|b| encode::query(b, "EXECUTE q").unwrap());
     feed_client(&mut t, &q);
-    assert_eq!(t.batch()[0].class, sql::Class::Dml, "EXECUTE runs the prepared one");
+    assert_eq!(
+        t.batch()[0].class,
+        sql::Class::Dml,
+        "EXECUTE runs the prepared one"
+    );
     let q = frames(|b| encode::query(b, "DEALLOCATE q").unwrap());
     feed_client(&mut t, &q);
     assert!(t.statement("q").is_none());
@@ -114,8 +126,11 @@ fn syncs_ignored_during_a_copy_from_execute_open_no_extra_sync_point() {
     let steps = feed_client(&mut t, &batch);
     assert_eq!(steps.last(), Some(&Step::SyncPoint));
     assert_eq!(t.batch()[0].copy, Some(sql::Copy::From));
-    t.server_bytes(&frames(|b| message(b, tag::COPY_IN_RESPONSE, &[0, 0, 0])), 1 << 20)
-        .unwrap();
+    t.server_bytes(
+        &frames(|b| message(b, tag::COPY_IN_RESPONSE, &[0, 0, 0])),
+        1 << 20,
+    )
+    .unwrap();
     let data = frames(|b| {
         message(b, tag::COPY_DATA, b"1\n");
         message(b, tag::COPY_DONE, b"");
@@ -126,7 +141,8 @@ fn syncs_ignored_during_a_copy_from_execute_open_no_extra_sync_point() {
         vec![Step::Other, Step::Other, Step::QuietSync]
     );
     assert_eq!(t.in_flight(), 1, "one ReadyForQuery answers both Syncs");
-    t.server_bytes(&frames(|b| ready(b, b'I')), 1 << 20).unwrap();
+    t.server_bytes(&frames(|b| ready(b, b'I')), 1 << 20)
+        .unwrap();
     assert!(t.is_idle());
 }
 
@@ -141,12 +157,16 @@ fn a_copy_that_fails_at_execute_answers_its_syncs() {
     });
     feed_client(&mut t, &batch);
     // No CopyInResponse: an error, then ReadyForQuery for that Sync.
-    t.server_bytes(&frames(|b| ready(b, b'I')), 1 << 20).unwrap();
+    t.server_bytes(&frames(|b| ready(b, b'I')), 1 << 20)
+        .unwrap();
     let after = frames(|b| {
         message(b, tag::COPY_FAIL, b"no\0");
         encode::sync(b);
     });
-    assert_eq!(feed_client(&mut t, &after), vec![Step::Other, Step::SyncPoint]);
+    assert_eq!(
+        feed_client(&mut t, &after),
+        vec![Step::Other, Step::SyncPoint]
+    );
     assert_eq!(t.in_flight(), 1);
 }
 
@@ -175,7 +195,8 @@ fn settings_outlive_only_committed_blocks() {
         ("ROLLBACK", b'I'),
     ] {
         feed_client(&mut t, &frames(|b| encode::query(b, sql).unwrap()));
-        t.server_bytes(&frames(|b| ready(b, status)), 1 << 20).unwrap();
+        t.server_bytes(&frames(|b| ready(b, status)), 1 << 20)
+            .unwrap();
     }
     let kept: Vec<_> = t.settings().frames().cloned().collect();
     assert_eq!(kept.len(), 1, "the rolled-back SET is not kept");
@@ -209,7 +230,10 @@ fn a_plain_relay_tracker_decodes_no_statements() {
         encode::parse(b, "s", "SELECT 1", &[]).unwrap();
         encode::query(b, "SELECT 2").unwrap();
     });
-    assert_eq!(feed_client(&mut t, &batch), vec![Step::Other, Step::SyncPoint]);
+    assert_eq!(
+        feed_client(&mut t, &batch),
+        vec![Step::Other, Step::SyncPoint]
+    );
     assert!(t.statement("s").is_none());
     assert!(t.batch().is_empty());
 }
@@ -243,19 +267,17 @@ mod props {
 
     fn tagged() -> impl Strategy<Value = Vec<u8>> {
         let tags = prop::sample::select(b"QPBDESCHXFfdcZGWEpR".to_vec());
-        prop::collection::vec(
-            (tags, prop::collection::vec(any::<u8>(), 0..40)),
-            0..12,
+        prop::collection::vec((tags, prop::collection::vec(any::<u8>(), 0..40)), 0..12).prop_map(
+            |messages| {
+                let mut out = Vec::new();
+                for (tag, body) in messages {
+                    out.push(tag);
+                    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+                    out.extend_from_slice(&body);
+                }
+                out
+            },
         )
-        .prop_map(|messages| {
-            let mut out = Vec::new();
-            for (tag, body) in messages {
-                out.push(tag);
-                out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-                out.extend_from_slice(&body);
-            }
-            out
-        })
     }
 
     proptest! {

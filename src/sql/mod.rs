@@ -916,6 +916,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn copy_is_read_once_with_its_direction() {
+        for (text, expected) in [
+            ("COPY t FROM STDIN", Some(Copy::From)),
+            ("  copy t (a, b) from stdin with (format csv)", Some(Copy::From)),
+            ("/* c */ COPY t FROM STDIN", Some(Copy::From)),
+            ("COPY t TO STDOUT", Some(Copy::To)),
+            ("COPY (SELECT * FROM t) TO STDOUT", Some(Copy::To)),
+            ("SELECT 'COPY t FROM STDIN'", None),
+            ("COPYRIGHT", None),
+            ("", None),
+        ] {
+            assert_eq!(copy(text.as_bytes()), expected, "{text}");
+        }
+    }
+
+    #[test]
     fn reads_order_by_keys() {
         use OrderKey::{Name, Position};
         let name = |n: &str| Name(n.into());
