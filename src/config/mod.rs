@@ -127,6 +127,12 @@ pub struct CompareConfig {
     pub sample_rows_max: usize,
     /// JSON-lines file of mismatch and slow-query reports (empty: none).
     pub report_path: String,
+    /// Size at which the report file is rotated: a line that would take it past this starts
+    /// a new file (lines are never split, so only a single line longer than this exceeds it).
+    pub report_bytes_max: u64,
+    /// Rotated report files kept besides the live one (`report-path.1` newest ...
+    /// `report-path.N` oldest); the oldest is deleted on rotation.
+    pub report_files_max: usize,
     /// Reports queued from the shards to the control thread before new ones are dropped.
     pub report_queue_max: usize,
     /// Statement text kept per report, in bytes.
@@ -167,6 +173,8 @@ impl Default for CompareConfig {
             buffer_bytes_max: 16 << 20,
             sample_rows_max: 5,
             report_path: "pgprism-mismatches.jsonl".into(),
+            report_bytes_max: 64 << 20,
+            report_files_max: 5,
             report_queue_max: 1024,
             statement_bytes_max: 4096,
             connect_timeout_ms: 5_000,
@@ -176,6 +184,11 @@ impl Default for CompareConfig {
         }
     }
 }
+
+/// Smallest `compare.report-bytes-max`.
+const REPORT_BYTES_MIN: u64 = 4096;
+/// Most `compare.report-files-max`.
+const REPORT_FILES_MAX: usize = 1000;
 
 /// Which statements a mirror receives (Frenzy's `--mirror-*` options).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -944,6 +957,20 @@ impl Config {
                 return Err(ConfigError::key(key, "expected a value above 0"));
             }
         }
+        // A file smaller than a page would rotate on nearly every report.
+        if c.report_bytes_max < REPORT_BYTES_MIN {
+            return Err(ConfigError::key(
+                "compare.report-bytes-max",
+                format!("expected at least {REPORT_BYTES_MIN} bytes"),
+            ));
+        }
+        // Each rotation renames every kept file, on the control thread.
+        if !(1..=REPORT_FILES_MAX).contains(&c.report_files_max) {
+            return Err(ConfigError::key(
+                "compare.report-files-max",
+                format!("expected 1 to {REPORT_FILES_MAX} rotated files"),
+            ));
+        }
         Ok(())
     }
 
@@ -1152,5 +1179,20 @@ mod tests {
         .unwrap();
         let err = bad.validate().unwrap_err().to_string();
         assert!(err.contains("compare.primary-only-patterns"), "{err}");
+        for (key, value) in [
+            ("report-bytes-max", "4095"),
+            ("report-files-max", "0"),
+            ("report-files-max", "1001"),
+        ] {
+            let bad = Config::parse(&format!("{base}[compare]\n{key} = {value}\n")).unwrap();
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(&format!("compare.{key}")), "{err}");
+        }
+        let ok = Config::parse(&format!(
+            "{base}[compare]\nreport-bytes-max = 4096\nreport-files-max = 1\n"
+        ))
+        .unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.compare.report_bytes_max, 4096);
     }
 }

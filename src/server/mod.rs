@@ -39,6 +39,10 @@ pub enum RuntimeError {
     },
     #[error("{0}")]
     Mirror(String),
+    /// `compare::resolve` describes its failures as text that names the key (`shadow.url:
+    /// ...`), so there is no typed source to keep.
+    #[error("cannot set up compare mode: {0}")]
+    Compare(String),
     #[error("cannot start the admin endpoint on {addr}")]
     Admin {
         addr: SocketAddr,
@@ -48,6 +52,11 @@ pub enum RuntimeError {
     #[error("cannot start shard {index}")]
     Shard {
         index: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the DNS refresh thread")]
+    Dns {
         #[source]
         source: std::io::Error,
     },
@@ -116,7 +125,7 @@ pub fn run_proxy_with(
     let mirrors = crate::mirror::resolve(cfg).map_err(RuntimeError::Mirror)?;
     // Compare reports: shards → control thread, bounded (a full ring drops and counts).
     let (report_tx, report_rx) = crossbeam_channel::bounded(cfg.compare.report_queue_max.max(1));
-    let compare = crate::compare::resolve(cfg, report_tx).map_err(RuntimeError::Mirror)?;
+    let compare = crate::compare::resolve(cfg, report_tx).map_err(RuntimeError::Compare)?;
     // New connections follow backend host names that move (failover by DNS).
     let mut followed = vec![("primary".to_string(), primary.clone(), primary_addr.clone())];
     for m in &mirrors {
@@ -130,7 +139,7 @@ pub fn run_proxy_with(
         .map(|(role, _, live)| (role.clone(), live.clone()))
         .collect();
     let _dns = crate::config::dns::start(followed, Duration::from_millis(cfg.proxy.dns_refresh_ms))
-        .map_err(|source| RuntimeError::Shard { index: 0, source })?;
+        .map_err(|source| RuntimeError::Dns { source })?;
     let mut listen = parse_addr("proxy.listen", &cfg.proxy.listen)?;
     listener::ensure_free(listen)?;
     let mut sockets = Vec::with_capacity(shards);
@@ -172,8 +181,7 @@ pub fn run_proxy_with(
         locked.client_tls = Some(client_tls.clone());
     }
     if compare.is_some() {
-        control::lock(&state).compare =
-            Some(crate::compare::report::Book::new(&cfg.compare.report_path));
+        control::lock(&state).compare = Some(crate::compare::report::Book::new(&cfg.compare));
     }
     let admin = if cfg.admin.listen.is_empty() {
         None
@@ -431,4 +439,28 @@ fn changed_keys(a: &Config, b: &Config) -> Vec<String> {
     let mut out = Vec::new();
     walk("", value(a).as_ref(), value(b).as_ref(), &mut out);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error;
+
+    #[test]
+    fn start_up_errors_name_what_failed() {
+        let dns = RuntimeError::Dns {
+            source: std::io::Error::from(std::io::ErrorKind::OutOfMemory),
+        };
+        assert_eq!(dns.to_string(), "cannot start the DNS refresh thread");
+        let source = dns.source().expect("the spawn error is kept as the source");
+        assert_eq!(
+            source.downcast_ref::<std::io::Error>().map(|e| e.kind()),
+            Some(std::io::ErrorKind::OutOfMemory)
+        );
+        let compare = RuntimeError::Compare("shadow.url: cannot resolve db:5432".into());
+        assert_eq!(
+            compare.to_string(),
+            "cannot set up compare mode: shadow.url: cannot resolve db:5432"
+        );
+    }
 }
