@@ -11,6 +11,7 @@
 pub mod digest;
 mod exchange;
 mod explain;
+mod pump;
 pub mod report;
 pub mod rules;
 pub mod verdict;
@@ -27,6 +28,7 @@ use crate::exec::net::Stream;
 use crate::tls::Upstream;
 
 pub use exchange::{Comparer, Dispatch, Exchange, Fed, PRIMARY, SHADOW, ShadowWriter};
+pub use pump::{Host, Pump, PumpSettings};
 pub use rules::{Rules, parse_equivalence, validate};
 pub use verdict::Kind;
 

@@ -25,9 +25,6 @@ use crate::stats::fingerprints::Fingerprints;
 use crate::wire::{self, StartupPacket, sqlstate, tag};
 use bytes::{Bytes, BytesMut};
 
-/// How long a shadow may take to finish what it was sent after the client left.
-const SHADOW_DRAIN: Duration = Duration::from_secs(30);
-
 /// PostgreSQL's own limit on the untagged startup packet (MAX_STARTUP_PACKET_LENGTH).
 const STARTUP_BYTES_MAX: usize = 10_000;
 
@@ -628,29 +625,30 @@ async fn upstream(
             // Whether the session stood at a transaction boundary before this batch (mirrors
             // resume only there).
             let idle_before = router.is_some() && shared.is_idle();
-            let mut tracker = shared.tracker.borrow_mut();
-            let first_sync = tracker.sync_points().0;
-            let scanned = wire::complete_prefix(&buf, settings.message_bytes_max, |tag, body| {
-                messages += 1;
-                let step = tracker.client(tag, body);
-                let end = at + wire::HEADER_BYTES + body.len();
-                if collect {
-                    framed.push(Framed {
-                        tag,
-                        start: at,
-                        end,
-                        step,
-                    });
-                }
-                at = end;
-                statements += u64::from(tag == tag::QUERY || tag == tag::EXECUTE);
-                match step {
-                    Step::SyncPoint => syncs += 1,
-                    Step::Terminate => terminated = true,
-                    Step::QuietSync | Step::Other => {}
-                }
-            });
-            drop(tracker);
+            let first_sync = shared.tracker.borrow().sync_points().0;
+            let scanned = {
+                let mut tracker = shared.tracker.borrow_mut();
+                wire::complete_prefix(&buf, settings.message_bytes_max, |tag, body| {
+                    messages += 1;
+                    let step = tracker.client(tag, body);
+                    let end = at + wire::HEADER_BYTES + body.len();
+                    if collect {
+                        framed.push(Framed {
+                            tag,
+                            start: at,
+                            end,
+                            step,
+                        });
+                    }
+                    at = end;
+                    statements += u64::from(tag == tag::QUERY || tag == tag::EXECUTE);
+                    match step {
+                        Step::SyncPoint => syncs += 1,
+                        Step::Terminate => terminated = true,
+                        Step::QuietSync | Step::Other => {}
+                    }
+                })
+            };
             // A malformed frame: the complete messages before it still go to the primary, as
             // PostgreSQL itself runs what precedes a bad message before it rejects it.
             let (complete, bad) = match scanned {
@@ -848,23 +846,24 @@ async fn downstream(shard: &ShardCtx, shared: &SessionShared, primary: Stream, c
         }
         let arrived = Instant::now();
         let (mut answered_syncs, mut errors, mut messages) = (0u64, 0u64, 0u64);
-        let mut tracker = shared.tracker.borrow_mut();
-        let starting = !tracker.ready();
-        let first_answer = tracker.sync_points().1;
-        let scanned = wire::complete_prefix(&buf, settings.message_bytes_max, |tag, body| {
-            messages += 1;
-            match tracker.server(tag, body) {
-                Answer::SyncAnswered => answered_syncs += 1,
-                Answer::Error { farewell: last } => {
-                    errors += 1;
-                    // A FATAL/PANIC is the primary's own farewell, so the client needs no
-                    // second one from us.
-                    farewell |= last;
+        let starting = !shared.ready();
+        let first_answer = shared.tracker.borrow().sync_points().1;
+        let scanned = {
+            let mut tracker = shared.tracker.borrow_mut();
+            wire::complete_prefix(&buf, settings.message_bytes_max, |tag, body| {
+                messages += 1;
+                match tracker.server(tag, body) {
+                    Answer::SyncAnswered => answered_syncs += 1,
+                    Answer::Error { farewell: last } => {
+                        errors += 1;
+                        // A FATAL/PANIC is the primary's own farewell, so the client needs no
+                        // second one from us.
+                        farewell |= last;
+                    }
+                    Answer::Ready | Answer::CopyIn | Answer::Other => {}
                 }
-                Answer::Ready | Answer::CopyIn | Answer::Other => {}
-            }
-        });
-        drop(tracker);
+            })
+        };
         let complete = match scanned {
             Ok(complete) => complete,
             Err(err) => {
@@ -917,65 +916,120 @@ async fn downstream(shard: &ShardCtx, shared: &SessionShared, primary: Stream, c
     primary.shutdown();
 }
 
-/// What one turn of the compare downstream loop woke up for.
-enum Turn {
-    /// A side's read: bytes, the end of its stream (`Ok(0)`) or an error.
-    Read(usize, io::Result<usize>),
-    /// The shadow fell behind and was given up on; nothing was read.
-    ShadowGivenUp,
+/// The proxy session as the compare pump sees it.
+struct CompareHost<'a> {
+    shard: &'a ShardCtx,
+    shared: &'a SessionShared,
+}
+
+impl compare::Host for CompareHost<'_> {
+    fn tracker(&self) -> &RefCell<Tracker> {
+        &self.shared.tracker
+    }
+
+    fn answer_sync(&self, seq: u64, arrived: Instant) {
+        self.shared.answer_sync(self.shard, seq, arrived);
+    }
+
+    fn client_sent_all(&self) -> bool {
+        self.shared.client_sent_all.get()
+    }
+
+    fn client_said_terminate(&self) -> bool {
+        self.shared.terminated.get()
+    }
+
+    fn set_writing(&self, writing: bool) {
+        self.shared.writing.set(writing);
+    }
+
+    fn client_lost(&self) {
+        self.shared.client_ended.set(true);
+    }
+
+    fn fail(&self, code: &str, message: &str) {
+        *self.shared.fatal.borrow_mut() = Some(error_bytes("FATAL", code, message));
+    }
 }
 
 /// Primary + shadow → client in compare mode: relays the primary's startup verbatim, then
-/// reads both answer streams, lets the [`Comparer`] pair and judge them, and writes the
-/// source of truth's bytes (streamed, or held until judged) to the client.
+/// hands both answer streams to compare's pump.
 async fn downstream_compare(
     shard: &ShardCtx,
     shared: &SessionShared,
     primary: Stream,
     shadow: Stream,
     client: Stream,
-    mut comparer: Comparer,
+    comparer: Comparer,
 ) {
-    use compare::{PRIMARY, SHADOW};
-    let stats = &shard.stats;
-    let settings = &shard.settings;
-    let chunk = shard.read_chunk_bytes;
     let mut pbuf = BytesMut::new();
-    let mut sbuf = BytesMut::new();
     let mut farewell = false;
-    let mut running = true;
-    // Startup and authentication are the primary's alone (the shadow session is pgprism's).
-    while running && !shared.ready() {
-        match primary.read_buf(&mut pbuf, chunk).await {
-            Ok(0) | Err(_) => {
-                running = false;
-                break;
-            }
+    let started = relay_startup(shard, shared, &primary, &client, &mut pbuf, &mut farewell).await;
+    if started {
+        let host = CompareHost { shard, shared };
+        let settings = compare::PumpSettings {
+            message_bytes_max: shard.settings.message_bytes_max,
+            read_chunk_bytes: shard.read_chunk_bytes,
+            shard: shard.index,
+        };
+        let pump = compare::Pump::new(
+            &host,
+            &shard.stats,
+            settings,
+            primary.clone(),
+            shadow.clone(),
+            client.clone(),
+            comparer,
+            pbuf,
+        );
+        farewell |= pump.run().await;
+    } else {
+        comparer.stop_shadow_writes();
+    }
+    say_goodbye(shard, shared, &client, farewell).await;
+    client.shutdown();
+    shadow.shutdown();
+    primary.shutdown();
+}
+
+/// Startup and authentication are the primary's alone (the shadow session is pgprism's):
+/// relays them verbatim up to the first ReadyForQuery, leaving what follows it in `pbuf`.
+/// Returns whether the session started.
+async fn relay_startup(
+    shard: &ShardCtx,
+    shared: &SessionShared,
+    primary: &Stream,
+    client: &Stream,
+    pbuf: &mut BytesMut,
+    farewell: &mut bool,
+) -> bool {
+    while !shared.ready() {
+        match primary.read_buf(pbuf, shard.read_chunk_bytes).await {
+            Ok(0) | Err(_) => return false,
             Ok(_) => {}
         }
-        let mut tracker = shared.tracker.borrow_mut();
-        let scanned =
-            wire::complete_prefix_until(&pbuf, settings.message_bytes_max, |tag, body| {
+        let scanned = {
+            let mut tracker = shared.tracker.borrow_mut();
+            wire::complete_prefix_until(pbuf, shard.settings.message_bytes_max, |tag, body| {
                 match tracker.server(tag, body) {
-                    Answer::Error { farewell: last } => farewell |= last,
+                    Answer::Error { farewell: last } => *farewell |= last,
                     // What follows startup is compared.
                     Answer::Ready => return std::ops::ControlFlow::Break(()),
                     _ => {}
                 }
                 std::ops::ControlFlow::Continue(())
-            });
-        drop(tracker);
+            })
+        };
         let Ok(complete) = scanned else {
             *shared.fatal.borrow_mut() = Some(error_bytes(
                 "FATAL",
                 sqlstate::PROTOCOL_VIOLATION,
                 &format!(
                     "pgprism: invalid message from primary {}",
-                    settings.primary_label
+                    shard.settings.primary_label
                 ),
             ));
-            running = false;
-            break;
+            return false;
         };
         let mut frames = pbuf.split_to(complete).freeze();
         if primary.is_tls() && !client.is_tls() {
@@ -986,175 +1040,8 @@ async fn downstream_compare(
         shared.writing.set(false);
         if failed {
             shared.client_ended.set(true);
-            running = false;
+            return false;
         }
     }
-    let mut out: Vec<Bytes> = Vec::new();
-    let mut shadow_open = true;
-    // The client and the primary are done; the shadow still runs what it was sent.
-    let mut primary_done = false;
-    // A write to the client failed.
-    let mut client_gone = false;
-    let mut flip = false;
-    while running {
-        flip = !flip;
-        let turn = if primary_done {
-            match within(SHADOW_DRAIN, shadow.read_buf(&mut sbuf, chunk)).await {
-                Some(read) => Turn::Read(SHADOW, read),
-                None => Turn::Read(SHADOW, Ok(0)),
-            }
-        } else if shadow_open {
-            // A shadow that falls behind must not hold the client (fail-on-differences) or
-            // grow the session's memory (report mode) without bound. (When the shadow is the
-            // source of truth, its time is the client's own query time: no limit.)
-            let cfg = &comparer.target().cfg;
-            let wait = match comparer.source {
-                PRIMARY => comparer.shadow_wait(),
-                _ => None,
-            };
-            let limit = match wait {
-                Some((_, lag)) if lag > cfg.shadow_lag_max => Some(Duration::ZERO),
-                Some((since, _)) => Some(
-                    (since + Duration::from_millis(cfg.shadow_timeout_ms))
-                        .saturating_duration_since(Instant::now()),
-                ),
-                None => None,
-            };
-            let p = async { (PRIMARY, primary.read_buf(&mut pbuf, chunk).await) };
-            let s = async { (SHADOW, shadow.read_buf(&mut sbuf, chunk).await) };
-            let both = async {
-                if flip {
-                    futures_lite::future::or(p, s).await
-                } else {
-                    futures_lite::future::or(s, p).await
-                }
-            };
-            let read = match limit {
-                None => Some(both.await),
-                Some(limit) if limit.is_zero() => None,
-                Some(limit) => within(limit, both).await,
-            };
-            match read {
-                Some((side, read)) => Turn::Read(side, read),
-                None => {
-                    ShardStats::bump(&stats.counters.compare_shadow_timeouts, 1);
-                    tracing::warn!(
-                        shard = shard.index,
-                        timeout_ms = cfg.shadow_timeout_ms,
-                        lag_max = cfg.shadow_lag_max,
-                        "the shadow fell behind; this session stops comparing"
-                    );
-                    shadow_open = false;
-                    shadow.shutdown();
-                    comparer.shadow_lost(&mut out);
-                    Turn::ShadowGivenUp
-                }
-            }
-        } else {
-            Turn::Read(PRIMARY, primary.read_buf(&mut pbuf, chunk).await)
-        };
-        let arrived = Instant::now();
-        match turn {
-            // Nothing was read; `settle` below releases what waited for the shadow.
-            Turn::ShadowGivenUp => {}
-            Turn::Read(side, Ok(0) | Err(_)) => {
-                // The client sent all it will: the primary and the shadow close after their
-                // last answers, in either order, and what the client receives may still wait
-                // for the other one (fail-on-differences, or the shadow's own results).
-                let sent_all = shared.client_sent_all.get();
-                if side == PRIMARY {
-                    if shadow_open && sent_all {
-                        primary_done = true;
-                        continue;
-                    }
-                    if !sent_all {
-                        break;
-                    }
-                    // The shadow closed first: what it never answered is released unjudged.
-                    comparer.shadow_lost(&mut out);
-                    running = false;
-                } else if primary_done {
-                    // The shadow is done too (or took longer than the drain allows).
-                    comparer.shadow_lost(&mut out);
-                    running = false;
-                } else if sent_all {
-                    // Expected: the primary's last answers are still to come.
-                    shadow_open = false;
-                } else {
-                    shadow_open = false;
-                    if comparer.source == SHADOW {
-                        *shared.fatal.borrow_mut() = Some(error_bytes(
-                            "FATAL",
-                            sqlstate::CONNECTION_FAILURE,
-                            "pgprism lost the connection to the shadow (compare.source-of-truth = shadow)",
-                        ));
-                        break;
-                    }
-                    ShardStats::bump(&stats.counters.compare_shadow_lost, 1);
-                    comparer.shadow_lost(&mut out);
-                }
-            }
-            Turn::Read(side, Ok(_)) => {
-                let buf = if side == PRIMARY {
-                    &mut pbuf
-                } else {
-                    &mut sbuf
-                };
-                let complete =
-                    match wire::complete_prefix(buf, settings.message_bytes_max, |_, _| {}) {
-                        Ok(complete) => complete,
-                        Err(err) => {
-                            let who = if side == PRIMARY { "primary" } else { "shadow" };
-                            *shared.fatal.borrow_mut() = Some(error_bytes(
-                                "FATAL",
-                                sqlstate::PROTOCOL_VIOLATION,
-                                &format!("pgprism: invalid message from the {who}: {err}"),
-                            ));
-                            break;
-                        }
-                    };
-                if complete > 0 {
-                    let frames = buf.split_to(complete).freeze();
-                    if side == PRIMARY {
-                        let mut tracker = shared.tracker.borrow_mut();
-                        let first_answer = tracker.sync_points().1;
-                        let fed = comparer.feed(side, &frames, Some(&mut tracker), &mut out);
-                        farewell |= tracker.farewell();
-                        drop(tracker);
-                        ShardStats::bump(&stats.counters.primary_errors, fed.errors);
-                        for seq in first_answer..first_answer + fed.syncs {
-                            shared.answer_sync(shard, seq, arrived);
-                        }
-                    } else {
-                        comparer.feed(side, &frames, None, &mut out);
-                    }
-                }
-            }
-        }
-        comparer.settle(stats, &mut out);
-        // A client that half-closed, or sent a malformed frame, still reads its answers; one
-        // that said Terminate or cannot be written to does not.
-        if shared.terminated.get() || client_gone {
-            out.clear();
-        }
-        for bytes in out.drain(..) {
-            shared.writing.set(true);
-            let len = bytes.len() as u64;
-            let written = client.write_bytes(bytes).await;
-            shared.writing.set(false);
-            if written.is_err() {
-                shared.client_ended.set(true);
-                client_gone = true;
-                // While the shadow drains, the comparing goes on without the client.
-                running = primary_done;
-                break;
-            }
-            ShardStats::bump(&stats.counters.client_bytes_out, len);
-        }
-    }
-    comparer.stop_shadow_writes();
-    say_goodbye(shard, shared, &client, farewell).await;
-    client.shutdown();
-    shadow.shutdown();
-    primary.shutdown();
+    true
 }

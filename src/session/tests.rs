@@ -78,7 +78,7 @@ fn extended_batches_name_their_statements_and_portals() {
     assert!(t.statement("s1").unwrap().params);
     assert_eq!(&*t.portal("p1").unwrap().text, "SELECT $1::int");
     assert_eq!(t.batch().len(), 1);
-    let sync = frames(|b| encode::sync(b));
+    let sync = frames(encode::sync);
     assert_eq!(feed_client(&mut t, &sync), vec![Step::SyncPoint]);
     assert!(!t.extended_open());
     assert_eq!(

@@ -1,0 +1,335 @@
+//! The compare response pump: once a session's startup is over, reads the primary's and the
+//! shadow's answer streams, lets the [`Comparer`] pair and judge them, and writes the source
+//! of truth's bytes (streamed, or held until judged) to the client. It owns the shadow's
+//! time limits (`compare.shadow-timeout-ms`, `compare.shadow-lag-max`, the drain after the
+//! client left) and what happens when either side closes first.
+//!
+//! It must never write to the primary or the shadow (the upstream half and the shadow writer
+//! do), and knows the session that hosts it only through [`Host`].
+
+use std::cell::RefCell;
+use std::io;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+
+use super::{Comparer, PRIMARY, SHADOW};
+use crate::exec::net::Stream;
+use crate::exec::within;
+use crate::session::Tracker;
+use crate::stats::ShardStats;
+use crate::wire::{self, sqlstate};
+
+/// How long a shadow may take to finish what it was sent after the client left.
+const SHADOW_DRAIN: Duration = Duration::from_secs(30);
+
+/// What the pump needs of the client session that hosts it (the proxy's relay).
+pub trait Host {
+    /// Where the session stands; the pump feeds it the primary's frames.
+    fn tracker(&self) -> &RefCell<Tracker>;
+    /// The primary answered sync point `seq` at `arrived` (latency bookkeeping).
+    fn answer_sync(&self, seq: u64, arrived: Instant);
+    /// The client sends nothing more and the primary was told so.
+    fn client_sent_all(&self) -> bool;
+    /// The client said Terminate: it reads nothing more.
+    fn client_said_terminate(&self) -> bool;
+    /// The pump is (or is no longer) in the middle of a write to the client.
+    fn set_writing(&self, writing: bool);
+    /// A write to the client failed: nothing more is written to it.
+    fn client_lost(&self);
+    /// The session ends with this FATAL error for the client.
+    fn fail(&self, code: &str, message: &str);
+}
+
+/// The settings the pump runs with.
+pub struct PumpSettings {
+    pub message_bytes_max: usize,
+    pub read_chunk_bytes: usize,
+    pub shard: usize,
+}
+
+/// What one turn of the pump woke up for.
+enum Turn {
+    /// A side's read: bytes, the end of its stream (`Ok(0)`) or an error.
+    Read(usize, io::Result<usize>),
+    /// The shadow fell behind and was given up on; nothing was read.
+    ShadowGivenUp,
+}
+
+/// After a turn: go on to settle and write, skip to the next turn, or stop at once.
+enum Flow {
+    Settle,
+    Next,
+    Stop,
+}
+
+/// One session's pump.
+pub struct Pump<'a> {
+    host: &'a dyn Host,
+    stats: &'a ShardStats,
+    settings: PumpSettings,
+    primary: Stream,
+    shadow: Stream,
+    client: Stream,
+    comparer: Comparer,
+    pbuf: BytesMut,
+    sbuf: BytesMut,
+    out: Vec<Bytes>,
+    running: bool,
+    shadow_open: bool,
+    /// The client and the primary are done; the shadow still runs what it was sent.
+    primary_done: bool,
+    /// A write to the client failed.
+    client_gone: bool,
+    /// Alternates which side is polled first, so neither starves the other.
+    flip: bool,
+    /// The primary said FATAL or PANIC: the client got its farewell from it.
+    farewell: bool,
+}
+
+impl<'a> Pump<'a> {
+    /// `pbuf`: what was read from the primary after its startup's ReadyForQuery.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        host: &'a dyn Host,
+        stats: &'a ShardStats,
+        settings: PumpSettings,
+        primary: Stream,
+        shadow: Stream,
+        client: Stream,
+        comparer: Comparer,
+        pbuf: BytesMut,
+    ) -> Pump<'a> {
+        Pump {
+            host,
+            stats,
+            settings,
+            primary,
+            shadow,
+            client,
+            comparer,
+            pbuf,
+            sbuf: BytesMut::new(),
+            out: Vec::new(),
+            running: true,
+            shadow_open: true,
+            primary_done: false,
+            client_gone: false,
+            flip: false,
+            farewell: false,
+        }
+    }
+
+    /// Runs to the session's end; returns whether the primary said its own farewell.
+    pub async fn run(mut self) -> bool {
+        if !self.pbuf.is_empty() {
+            // Answers that came in the same read as the startup's end.
+            if let Flow::Stop = self.on_bytes(PRIMARY, Instant::now()) {
+                self.running = false;
+            } else {
+                self.flush_out().await;
+            }
+        }
+        while self.running {
+            let turn = self.next_turn().await;
+            let arrived = Instant::now();
+            let flow = match turn {
+                // Nothing was read; `settle` below releases what waited for the shadow.
+                Turn::ShadowGivenUp => Flow::Settle,
+                Turn::Read(side, Ok(0) | Err(_)) => self.on_end(side),
+                Turn::Read(side, Ok(_)) => self.on_bytes(side, arrived),
+            };
+            match flow {
+                Flow::Stop => break,
+                Flow::Next => continue,
+                Flow::Settle => {}
+            }
+            self.flush_out().await;
+        }
+        self.comparer.stop_shadow_writes();
+        self.shadow.shutdown();
+        self.farewell
+    }
+
+    /// Waits for the next read: both sides while the shadow is open (within its time
+    /// limits), only the shadow while it drains, only the primary once it was given up.
+    async fn next_turn(&mut self) -> Turn {
+        let chunk = self.settings.read_chunk_bytes;
+        self.flip = !self.flip;
+        if self.primary_done {
+            return match within(SHADOW_DRAIN, self.shadow.read_buf(&mut self.sbuf, chunk)).await {
+                Some(read) => Turn::Read(SHADOW, read),
+                None => Turn::Read(SHADOW, Ok(0)),
+            };
+        }
+        if !self.shadow_open {
+            return Turn::Read(PRIMARY, self.primary.read_buf(&mut self.pbuf, chunk).await);
+        }
+        let limit = self.shadow_limit();
+        let read = {
+            let (primary, shadow) = (&self.primary, &self.shadow);
+            let (pbuf, sbuf) = (&mut self.pbuf, &mut self.sbuf);
+            let p = async { (PRIMARY, primary.read_buf(pbuf, chunk).await) };
+            let s = async { (SHADOW, shadow.read_buf(sbuf, chunk).await) };
+            let flip = self.flip;
+            let both = async {
+                if flip {
+                    futures_lite::future::or(p, s).await
+                } else {
+                    futures_lite::future::or(s, p).await
+                }
+            };
+            match limit {
+                None => Some(both.await),
+                Some(limit) if limit.is_zero() => None,
+                Some(limit) => within(limit, both).await,
+            }
+        };
+        match read {
+            Some((side, read)) => Turn::Read(side, read),
+            None => {
+                self.give_up_shadow();
+                Turn::ShadowGivenUp
+            }
+        }
+    }
+
+    /// A shadow that falls behind must not hold the client (fail-on-differences) or grow the
+    /// session's memory (report mode) without bound. (When the shadow is the source of
+    /// truth, its time is the client's own query time: no limit.)
+    fn shadow_limit(&self) -> Option<Duration> {
+        let cfg = &self.comparer.target().cfg;
+        let wait = match self.comparer.source {
+            PRIMARY => self.comparer.shadow_wait(),
+            _ => None,
+        };
+        match wait {
+            Some((_, lag)) if lag > cfg.shadow_lag_max => Some(Duration::ZERO),
+            Some((since, _)) => Some(
+                (since + Duration::from_millis(cfg.shadow_timeout_ms))
+                    .saturating_duration_since(Instant::now()),
+            ),
+            None => None,
+        }
+    }
+
+    fn give_up_shadow(&mut self) {
+        let cfg = &self.comparer.target().cfg;
+        ShardStats::bump(&self.stats.counters.compare_shadow_timeouts, 1);
+        tracing::warn!(
+            shard = self.settings.shard,
+            timeout_ms = cfg.shadow_timeout_ms,
+            lag_max = cfg.shadow_lag_max,
+            "the shadow fell behind; this session stops comparing"
+        );
+        self.shadow_open = false;
+        self.shadow.shutdown();
+        self.comparer.shadow_lost(&mut self.out);
+    }
+
+    /// `side` closed (or failed). The client sent all it will: the primary and the shadow
+    /// close after their last answers, in either order, and what the client receives may
+    /// still wait for the other one (fail-on-differences, or the shadow's own results).
+    fn on_end(&mut self, side: usize) -> Flow {
+        let sent_all = self.host.client_sent_all();
+        if side == PRIMARY {
+            if self.shadow_open && sent_all {
+                self.primary_done = true;
+                return Flow::Next;
+            }
+            if !sent_all {
+                return Flow::Stop;
+            }
+            // The shadow closed first: what it never answered is released unjudged.
+            self.comparer.shadow_lost(&mut self.out);
+            self.running = false;
+        } else if self.primary_done {
+            // The shadow is done too (or took longer than the drain allows).
+            self.comparer.shadow_lost(&mut self.out);
+            self.running = false;
+        } else if sent_all {
+            // Expected: the primary's last answers are still to come.
+            self.shadow_open = false;
+        } else {
+            self.shadow_open = false;
+            if self.comparer.source == SHADOW {
+                self.host.fail(
+                    sqlstate::CONNECTION_FAILURE,
+                    "pgprism lost the connection to the shadow (compare.source-of-truth = shadow)",
+                );
+                return Flow::Stop;
+            }
+            ShardStats::bump(&self.stats.counters.compare_shadow_lost, 1);
+            self.comparer.shadow_lost(&mut self.out);
+        }
+        Flow::Settle
+    }
+
+    /// Bytes came from `side`: its complete frames go to the comparer (the primary's also
+    /// to the session's tracker, in the same walk).
+    fn on_bytes(&mut self, side: usize, arrived: Instant) -> Flow {
+        let buf = if side == PRIMARY {
+            &mut self.pbuf
+        } else {
+            &mut self.sbuf
+        };
+        let complete = match wire::complete_prefix(buf, self.settings.message_bytes_max, |_, _| {})
+        {
+            Ok(complete) => complete,
+            Err(err) => {
+                let who = if side == PRIMARY { "primary" } else { "shadow" };
+                self.host.fail(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    &format!("pgprism: invalid message from the {who}: {err}"),
+                );
+                return Flow::Stop;
+            }
+        };
+        if complete == 0 {
+            return Flow::Settle;
+        }
+        let frames = buf.split_to(complete).freeze();
+        if side == SHADOW {
+            self.comparer.feed(side, &frames, None, &mut self.out);
+            return Flow::Settle;
+        }
+        let mut tracker = self.host.tracker().borrow_mut();
+        let first_answer = tracker.sync_points().1;
+        let fed = self
+            .comparer
+            .feed(side, &frames, Some(&mut tracker), &mut self.out);
+        self.farewell |= tracker.farewell();
+        drop(tracker);
+        ShardStats::bump(&self.stats.counters.primary_errors, fed.errors);
+        for seq in first_answer..first_answer + fed.syncs {
+            self.host.answer_sync(seq, arrived);
+        }
+        Flow::Settle
+    }
+
+    /// Settles what both sides answered and writes what the client may have now.
+    async fn flush_out(&mut self) {
+        self.comparer.settle(self.stats, &mut self.out);
+        // A client that half-closed, or sent a malformed frame, still reads its answers; one
+        // that said Terminate or cannot be written to does not.
+        if self.host.client_said_terminate() || self.client_gone {
+            self.out.clear();
+        }
+        for bytes in self.out.drain(..) {
+            self.host.set_writing(true);
+            let len = bytes.len() as u64;
+            let written = self.client.write_bytes(bytes).await;
+            self.host.set_writing(false);
+            if written.is_err() {
+                self.host.client_lost();
+                self.client_gone = true;
+                // While the shadow drains, the comparing goes on without the client.
+                self.running = self.primary_done;
+                break;
+            }
+            ShardStats::bump(&self.stats.counters.client_bytes_out, len);
+        }
+        // What was not written is dropped with the client.
+        self.out.clear();
+    }
+}
