@@ -236,6 +236,10 @@ pub struct MirrorConfig {
     pub queue_messages_max: usize,
     /// Bytes queued per session for this mirror before the overflow policy applies.
     pub queue_bytes_max: usize,
+    /// Sync points (Query, Sync) sent to this mirror and not yet answered, per session. At
+    /// the bound the mirror connection waits for answers before sending the next one (what
+    /// waits meanwhile stays queued, under the queue bounds).
+    pub in_flight_messages_max: usize,
     /// A statement the mirror has not answered within this time counts as a timeout; the
     /// mirror connection is then reset and resumes at the next transaction boundary.
     pub timeout_ms: u64,
@@ -267,6 +271,7 @@ impl Default for MirrorConfig {
             overflow: Overflow::Drop,
             queue_messages_max: 10_000,
             queue_bytes_max: 16 << 20,
+            in_flight_messages_max: 65_536,
             timeout_ms: 30_000,
             retries: 10,
             retry_delay_ms: 100,
@@ -319,6 +324,11 @@ pub struct ProxyConfig {
     /// Statements in flight per session whose latency is recorded (pipelines deeper than this
     /// are still forwarded; only their latency samples are skipped).
     pub pipeline_depth_max: usize,
+    /// Prepared statements and portals each session's tracker remembers by name (for the
+    /// modes that need statements: mirrors, compare); beyond it a name's statement is unknown.
+    pub session_names_max: usize,
+    /// Session settings (SET, RESET, `set_config`) kept per session, one per parameter.
+    pub session_settings_max: usize,
 }
 
 impl Default for ProxyConfig {
@@ -339,6 +349,8 @@ impl Default for ProxyConfig {
             drain_timeout_ms: 30_000,
             sessions_per_shard_max: 10_000,
             pipeline_depth_max: 1024,
+            session_names_max: 10_000,
+            session_settings_max: 64,
         }
     }
 }
@@ -793,11 +805,14 @@ impl Config {
                 return Err(ConfigError::key(key, "expected a duration above 0 ms"));
             }
         }
-        if self.proxy.sessions_per_shard_max == 0 {
-            return Err(ConfigError::key(
-                "proxy.sessions-per-shard-max",
-                "expected at least 1",
-            ));
+        for (key, value) in [
+            ("proxy.sessions-per-shard-max", self.proxy.sessions_per_shard_max),
+            ("proxy.session-names-max", self.proxy.session_names_max),
+            ("proxy.session-settings-max", self.proxy.session_settings_max),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::key(key, "expected at least 1"));
+            }
         }
         if self.metrics.ring_capacity == 0 {
             return Err(ConfigError::key(
@@ -862,6 +877,12 @@ impl Config {
                 return Err(ConfigError::key(
                     &key("queue-messages-max"),
                     "expected at least 1 message and queue-bytes-max of at least 1024",
+                ));
+            }
+            if m.in_flight_messages_max == 0 {
+                return Err(ConfigError::key(
+                    &key("in-flight-messages-max"),
+                    "expected at least 1 statement awaiting its answer",
                 ));
             }
             for (field, v) in [

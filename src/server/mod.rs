@@ -222,6 +222,14 @@ pub fn run_proxy_with(
                 connect_timeout: Duration::from_millis(cfg.proxy.connect_timeout_ms),
                 sessions_per_shard_max: cfg.proxy.sessions_per_shard_max,
                 pipeline_depth_max: cfg.proxy.pipeline_depth_max,
+                session_limits: crate::session::Limits {
+                    names_max: cfg.proxy.session_names_max,
+                    settings_max: cfg.proxy.session_settings_max,
+                    // Mirror routing and compare planning still keep their own statement
+                    // maps (their payloads: re-prepare sources, result descriptions), so
+                    // no mode reads the tracker's yet: decoding them twice would only cost.
+                    statements: false,
+                },
                 client_tls: client_tls.clone(),
                 primary_tls: primary_tls.clone(),
             },
