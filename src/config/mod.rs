@@ -806,9 +806,15 @@ impl Config {
             }
         }
         for (key, value) in [
-            ("proxy.sessions-per-shard-max", self.proxy.sessions_per_shard_max),
+            (
+                "proxy.sessions-per-shard-max",
+                self.proxy.sessions_per_shard_max,
+            ),
             ("proxy.session-names-max", self.proxy.session_names_max),
-            ("proxy.session-settings-max", self.proxy.session_settings_max),
+            (
+                "proxy.session-settings-max",
+                self.proxy.session_settings_max,
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError::key(key, "expected at least 1"));

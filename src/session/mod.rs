@@ -13,6 +13,7 @@
 //!
 //! It must never do I/O or decide what a mode does with a frame: it answers, modes act.
 
+pub mod fuzzing;
 pub mod settings;
 
 use std::collections::HashMap;
@@ -174,6 +175,8 @@ pub struct Tracker {
     batch_closed: bool,
     settings: Settings,
     unreadable: u64,
+    unknown_executes: u64,
+    quiet_syncs: u64,
 }
 
 impl Tracker {
@@ -194,6 +197,8 @@ impl Tracker {
             batch_closed: false,
             settings: Settings::new(limits.settings_max),
             unreadable: 0,
+            unknown_executes: 0,
+            quiet_syncs: 0,
         }
     }
 
@@ -229,6 +234,7 @@ impl Tracker {
             }
             tag::SYNC if self.copy.quiet > 0 => {
                 self.copy.quiet -= 1;
+                self.quiet_syncs += 1;
                 self.extended_open = false;
                 Step::QuietSync
             }
@@ -379,7 +385,10 @@ impl Tracker {
                 None
             }
         };
-        let statement = statement.unwrap_or_else(Statement::unknown);
+        let statement = statement.unwrap_or_else(|| {
+            self.unknown_executes += 1;
+            Statement::unknown()
+        });
         if statement.params || statement.text.is_empty() {
             // A setting with parameters cannot be replayed from its text alone.
         } else if let Some(transaction) = sql::transaction(statement.text.as_bytes()) {
@@ -476,6 +485,16 @@ impl Tracker {
     /// Bodies the tracker could not read (the server rejects them; the statement is unknown).
     pub fn unreadable(&self) -> u64 {
         self.unreadable
+    }
+
+    /// Syncs that answered for one the server ignored during a COPY ([`Step::QuietSync`]).
+    pub fn quiet_syncs(&self) -> u64 {
+        self.quiet_syncs
+    }
+
+    /// Executes of a portal the tracker never saw bound (its statement is unknown).
+    pub fn unknown_executes(&self) -> u64 {
+        self.unknown_executes
     }
 
     /// Walks the complete client frames at the front of `buf` and feeds each; returns the
