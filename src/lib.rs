@@ -8,9 +8,9 @@
 // The core.
 pub mod backend;
 pub mod config;
-pub mod session;
 pub mod exec;
 pub mod invariant;
+pub mod session;
 pub mod sql;
 pub mod stats;
 pub mod tls;

@@ -919,7 +919,10 @@ mod tests {
     fn copy_is_read_once_with_its_direction() {
         for (text, expected) in [
             ("COPY t FROM STDIN", Some(Copy::From)),
-            ("  copy t (a, b) from stdin with (format csv)", Some(Copy::From)),
+            (
+                "  copy t (a, b) from stdin with (format csv)",
+                Some(Copy::From),
+            ),
             ("/* c */ COPY t FROM STDIN", Some(Copy::From)),
             ("COPY t TO STDOUT", Some(Copy::To)),
             ("COPY (SELECT * FROM t) TO STDOUT", Some(Copy::To)),
