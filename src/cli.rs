@@ -271,6 +271,10 @@ struct MirrorArgs {
     /// Bytes queued per session and mirror.
     #[arg(long)]
     mirror_queue_bytes: Option<usize>,
+    /// Sync points sent per session and mirror and not yet answered; at the bound the mirror
+    /// connection waits for answers.
+    #[arg(long)]
+    mirror_in_flight_messages: Option<usize>,
 }
 
 /// `250`, `250ms`, `5s`, `2m` → milliseconds.
@@ -353,6 +357,9 @@ impl MirrorArgs {
             }
             if let Some(v) = self.mirror_queue_bytes {
                 m.queue_bytes_max = v;
+            }
+            if let Some(v) = self.mirror_in_flight_messages {
+                m.in_flight_messages_max = v;
             }
         }
     }

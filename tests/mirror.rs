@@ -1569,3 +1569,166 @@ fn a_client_that_leaves_with_a_backlog_gets_its_late_answers_counted() {
         assert_eq!(proxy.metric("pgprism_mirror_rows_total"), want);
     }
 }
+
+#[test]
+fn an_in_flight_bound_of_one_sends_one_sync_point_per_write_and_loses_nothing() {
+    let (p, m1) = primary_and_mirror("ip", "im", "CREATE TABLE seq (n int PRIMARY KEY, v text)");
+    // Everything is held until the client leaves, as in the coalescing test, which sends it
+    // all in one write; with one answer in flight at a time, no write carries two sync points.
+    let proxy = Proxy::start(
+        &p.url(),
+        &[
+            "--mirror",
+            &mirror_url(&m1),
+            "--mirror-flush-delay-us",
+            "600000000",
+            "--mirror-in-flight-messages",
+            "1",
+        ],
+    );
+    let mut c = proxy.client();
+    for n in 1..=30 {
+        c.execute("INSERT INTO seq VALUES ($1, 'a')", &[&n])
+            .unwrap();
+    }
+    c.batch_execute("BEGIN; UPDATE seq SET v = v || 'b' WHERE n = 1; COMMIT")
+        .unwrap();
+    c.batch_execute("UPDATE seq SET v = v || 'c' WHERE n = 1")
+        .unwrap();
+    assert_eq!(m1.psql("SELECT count(*) FROM seq").unwrap().trim(), "0");
+    drop(c);
+    assert!(
+        converged(&p, &[&m1], "seq", "n, v"),
+        "{}",
+        proxy.admin_get("/status").1
+    );
+    // In order, and nothing cut, dropped or timed out.
+    assert_eq!(
+        m1.psql("SELECT v FROM seq WHERE n = 1").unwrap().trim(),
+        "abc"
+    );
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_mirror_statements_total")
+        == 32));
+    for counter in [
+        "pgprism_mirror_transactions_cut_total",
+        "pgprism_mirror_skipped_overflow_total",
+        "pgprism_mirror_skipped_down_total",
+        "pgprism_mirror_timeouts_total",
+        "pgprism_mirror_reconnects_total",
+    ] {
+        assert_eq!(proxy.metric(counter), 0, "{counter}");
+    }
+    // Each statement ends in its own sync point: at least one write per statement.
+    let writes = proxy.metric("pgprism_mirror_writes_total");
+    assert!(writes >= 32, "{writes} writes");
+    assert_eq!(mirror_errors_but_terminations(&proxy), 0);
+
+    // A bound of 0 could never send a statement: a configuration error naming the key.
+    let out = support::pgprism_command()
+        .args([
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "",
+            "--primary",
+            &p.url(),
+            "--mirror",
+            &mirror_url(&m1),
+            "--mirror-in-flight-messages",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("mirror[0].in-flight-messages-max"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_pipelining_client_behind_a_full_in_flight_bound_is_mirrored_while_it_stays() {
+    use support::raw::{message, read_until_ready};
+    let (p, m1) = primary_and_mirror("jp", "jm", "CREATE TABLE pl (id int PRIMARY KEY)");
+    // Late reads (1 write in 8 timed), due a flush delay after their write that no test run
+    // reaches, and a queue of 2 messages (half of it sends at once, a full one makes the client wait),
+    // with at most 2 answers in flight: a full bound makes the reader read at once, so the
+    // writer never waits out the flush delay (or the statement timeout) for room.
+    let proxy = Proxy::start(
+        &p.url(),
+        &[
+            "--mirror",
+            &mirror_url(&m1),
+            "--mirror-flush-delay-us",
+            "600000000",
+            "--mirror-queue-messages",
+            "2",
+            "--mirror-overflow",
+            "block",
+            "--mirror-in-flight-messages",
+            "2",
+            "--mirror-timeout",
+            "600s",
+        ],
+    );
+    let statements = 500u64;
+    let mut s = support::raw::connect_ready(proxy.listen);
+    let mut pipelined = Vec::new();
+    for id in 1..=statements {
+        pipelined.extend(message(
+            b'Q',
+            format!("INSERT INTO pl VALUES ({id})\0").as_bytes(),
+        ));
+    }
+    s.write_all(&pipelined).unwrap();
+    for _ in 0..statements {
+        let answer = read_until_ready(&mut s);
+        assert_eq!(answer.last().map(|m| m.0), Some(b'Z'), "{answer:?}");
+    }
+    // All of it reaches the mirror while the session lasts (the answers to the last writes
+    // may wait for their late read: they are counted once the client leaves).
+    assert!(
+        eventually(Duration::from_secs(20), || m1
+            .psql("SELECT count(*) FROM pl")
+            .unwrap()
+            .trim()
+            == statements.to_string()),
+        "{}",
+        proxy.admin_get("/metrics").1
+    );
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_mirror_statements_total")
+        == statements));
+    // No write carried more than 2 of the statements.
+    let writes = proxy.metric("pgprism_mirror_writes_total");
+    assert!(writes >= statements / 2, "{writes} writes");
+    s.write_all(&message(b'X', &[])).unwrap();
+    drop(s);
+    assert!(
+        eventually(Duration::from_secs(20), || proxy
+            .metric("pgprism_mirror_rows_total")
+            == statements),
+        "{}",
+        proxy.admin_get("/metrics").1
+    );
+    for counter in [
+        "pgprism_mirror_timeouts_total",
+        "pgprism_mirror_transactions_cut_total",
+        "pgprism_mirror_reconnects_total",
+    ] {
+        assert_eq!(proxy.metric(counter), 0, "{counter}");
+    }
+    assert_mirror_holds(
+        &p,
+        &m1,
+        &proxy,
+        "pl",
+        &(1..=statements)
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+}

@@ -1,6 +1,8 @@
 //! One client session's connection to one mirror: a bounded queue of frames, the mirror
 //! connection (opened, authenticated and re-opened with backoff), a writer draining the queue
 //! and a reader counting what the mirror answers. Everything runs on the session's shard.
+//! Both sides are bounded: the queue by `queue-messages-max` and `queue-bytes-max`, the
+//! answers awaited by `in-flight-messages-max`, where the writer waits rather than drop.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashSet, VecDeque};
@@ -219,17 +221,38 @@ impl Link {
     }
 
     fn pop(&self) -> Option<Item> {
-        let item = self.queue.borrow_mut().pop_front()?;
-        let len = item.frame.len() as u64;
-        self.queued_bytes
-            .set(self.queued_bytes.get() - item.frame.len());
+        let popped = self.queue.borrow_mut().pop_front();
+        let Some(item) = popped else {
+            invariant(
+                self.queued_bytes.get() == 0,
+                "queued bytes counted in an empty queue",
+            );
+            return None;
+        };
+        let len = item.frame.len();
         let stats = self.stats();
-        stats.queue_messages.set(stats.queue_messages.get() - 1);
-        stats.queue_bytes.set(stats.queue_bytes.get() - len);
+        let (Some(bytes), Some(shard_messages), Some(shard_bytes)) = (
+            self.queued_bytes.get().checked_sub(len),
+            stats.queue_messages.get().checked_sub(1),
+            stats.queue_bytes.get().checked_sub(len as u64),
+        ) else {
+            invariant_failed("a queue's message or byte count went below zero");
+        };
+        self.queued_bytes.set(bytes);
+        stats.queue_messages.set(shard_messages);
+        stats.queue_bytes.set(shard_bytes);
         if let Some(w) = self.space.take() {
             w.wake();
         }
         Some(item)
+    }
+
+    /// The next queued frame is a sync point (its answer will be awaited in flight).
+    fn next_is_sync(&self) -> bool {
+        self.queue
+            .borrow()
+            .front()
+            .is_some_and(|i| i.sync.is_some())
     }
 
     /// Empties the queue; returns how many frames were dropped.
@@ -481,248 +504,448 @@ pub async fn run(link: Rc<Link>) {
 /// Writes queued frames and reads the answers until the client is done and everything was
 /// answered (returns true) or the connection fails or times out (false).
 async fn stream_frames(link: &Link, stream: &Stream) -> bool {
-    let inflight: RefCell<VecDeque<InFlight>> = RefCell::new(VecDeque::new());
-    let failed = Cell::new(false);
-    let reader_waker: Cell<Option<Waker>> = Cell::new(None);
-    let flush_delay = (link.target.cfg.flush_delay_us > 0)
-        .then(|| Duration::from_micros(link.target.cfg.flush_delay_us));
-    // With coalesced writes, the answers to most writes are read late, in one read: one
-    // write in `sample_every` is timed (read as its answers arrive), the rest only counted.
-    let sample_every = u64::from(link.target.cfg.latency_sample_every.max(1));
-    let defer = match flush_delay {
-        Some(delay) if sample_every > 1 && stream.defers_reads() => Some(delay),
-        _ => None,
-    };
-    // The socket's low-water mark is raised: answers wait in it without waking the shard.
-    let raised = Cell::new(false);
-    // A late read found nothing: the mirror takes longer than the flush delay (a lock wait,
-    // a long statement). Until it answers, the reader waits for the answer rather than
-    // polling for it once per flush delay.
-    let slow = Cell::new(false);
-    // Timed statements in flight (their answers are read as they arrive).
-    let timed_in_flight = Cell::new(0usize);
-    // The answers due are read late: no timed ones among them, the client still there (its
-    // last answers are awaited at once), and the mirror keeping up with the flush delay.
-    let reads_late =
-        || defer.is_some() && timed_in_flight.get() == 0 && !link.client_done.get() && !slow.get();
-    let set_mark = |raise: bool| {
-        if raise == raised.get() {
+    let conn = Connection::new(link, stream);
+    // The reader ends (and marks `failed`) on any end of the connection, a clean goodbye
+    // included, so the writer's verdict is the one that counts.
+    let (clean, ()) = futures_lite::future::zip(conn.writer(), conn.reader()).await;
+    clean
+}
+
+/// One mirror connection of a link, shared by its writer and its reader: two futures that
+/// take turns on the shard. Neither holds a borrow of a shared field across an `.await`.
+/// It owns the answers in flight; the queue, the wakers and the counters stay the link's.
+struct Connection<'a> {
+    link: &'a Link,
+    stream: &'a Stream,
+    /// Sync points sent and not yet answered, oldest first; at most `in_flight_max`.
+    inflight: RefCell<VecDeque<InFlight>>,
+    /// `MirrorConfig::in_flight_messages_max`.
+    in_flight_max: usize,
+    /// Timed sync points among `inflight` (their answers are read as they arrive).
+    timed_in_flight: Cell<usize>,
+    /// The connection ended: read or write error, end of stream, timeout.
+    failed: Cell<bool>,
+    /// The reader, waiting for something to be sent (or for a reason to read at once).
+    reader_waker: Cell<Option<Waker>>,
+    flush_delay: Option<Duration>,
+    /// With coalesced writes, the answers to most writes are read late, in one read: one
+    /// write in `sample_every` is timed (read as its answers arrive), the rest only counted.
+    sample_every: u64,
+    /// The flush delay, when answers may be read late at all.
+    defer: Option<Duration>,
+    timeout: Duration,
+    /// The socket's low-water mark is raised: answers wait in it without waking the shard.
+    raised: Cell<bool>,
+    /// A late read found nothing: the mirror takes longer than the flush delay (a lock wait,
+    /// a long statement). Until it answers, the reader waits for the answer rather than
+    /// polling for it once per flush delay.
+    slow: Cell<bool>,
+}
+
+/// The writer's own state.
+struct Writes {
+    /// Frames coalesced into one write; reused from write to write.
+    batch: BytesMut,
+    /// Writes on this connection (picks the timed ones).
+    count: u64,
+}
+
+/// The reader's own state.
+struct Reads {
+    buf: BytesMut,
+    last_answer: Option<Instant>,
+    last_deferred: Option<Instant>,
+}
+
+/// What one of the reader's waits came to.
+enum Turn {
+    /// A read returned this (0: end of stream).
+    Read(std::io::Result<usize>),
+    /// Nothing to count yet: wait again.
+    Again,
+    /// The connection is over (failed or timed out).
+    End,
+}
+
+impl<'a> Connection<'a> {
+    fn new(link: &'a Link, stream: &'a Stream) -> Connection<'a> {
+        let cfg = &link.target.cfg;
+        let flush_delay =
+            (cfg.flush_delay_us > 0).then(|| Duration::from_micros(cfg.flush_delay_us));
+        let sample_every = u64::from(cfg.latency_sample_every.max(1));
+        let defer = match flush_delay {
+            Some(delay) if sample_every > 1 && stream.defers_reads() => Some(delay),
+            _ => None,
+        };
+        Connection {
+            link,
+            stream,
+            inflight: RefCell::new(VecDeque::new()),
+            // Validated above 0; a 0 would stall the writer before its first sync point.
+            in_flight_max: cfg.in_flight_messages_max.max(1),
+            timed_in_flight: Cell::new(0),
+            failed: Cell::new(false),
+            reader_waker: Cell::new(None),
+            flush_delay,
+            sample_every,
+            defer,
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            raised: Cell::new(false),
+            slow: Cell::new(false),
+        }
+    }
+
+    /// The answers due are read late: no timed ones among them, the client still there (its
+    /// last answers are awaited at once), the mirror keeping up with the flush delay, and the
+    /// writer not held up by the in-flight bound (it waits for these answers).
+    fn reads_late(&self) -> bool {
+        self.defer.is_some()
+            && self.timed_in_flight.get() == 0
+            && !self.link.client_done.get()
+            && !self.slow.get()
+            && !self.in_flight_full()
+    }
+
+    /// As many sync points await their answers as `in-flight-messages-max` allows.
+    fn in_flight_full(&self) -> bool {
+        self.inflight.borrow().len() >= self.in_flight_max
+    }
+
+    /// Raises the socket's SO_RCVLOWAT to `DEFERRED_LOW_WATER` or lowers it back to 1; a
+    /// refusal costs only the wake-ups the mark would have spared.
+    fn set_mark(&self, raise: bool) {
+        if raise == self.raised.get() {
             return;
         }
         let mark = if raise { DEFERRED_LOW_WATER } else { 1 };
-        match stream.set_read_low_water(mark) {
-            Ok(()) => raised.set(raise),
+        match self.stream.set_read_low_water(mark) {
+            Ok(()) => self.raised.set(raise),
             Err(err) => {
-                tracing::debug!(mirror = %link.target.name, error = %err, "SO_RCVLOWAT refused");
+                tracing::debug!(mirror = %self.link.target.name, error = %err, "SO_RCVLOWAT refused");
             }
         }
-    };
-    let writer = async {
-        let mut batch = BytesMut::new();
-        let mut writes = 0u64;
+    }
+
+    // The writer's turns.
+
+    /// Drains the queue into the connection until the client is done and every answer is in
+    /// (true) or the connection fails (false).
+    async fn writer(&self) -> bool {
+        let mut writes = Writes {
+            batch: BytesMut::new(),
+            count: 0,
+        };
         loop {
-            if failed.get() {
+            if self.failed.get() {
                 return false;
             }
-            // Coalescing: hold the oldest frame up to `flush-delay-us` so the frames that
-            // follow it go out in the same write (one send and one wake-up of the mirror's
-            // backend for several statements), unless enough is queued already or the client
-            // left.
-            if let Some(delay) = flush_delay {
-                let first = link.queue.borrow().front().map(|i| i.enqueued);
-                if let Some(first) = first {
-                    let left = (first + delay).saturating_duration_since(Instant::now());
-                    if !left.is_zero() {
-                        let _ = within(
-                            left,
-                            futures_lite::future::poll_fn(|cx| {
-                                if failed.get() || link.client_done.get() || link.batch_full() {
-                                    return Poll::Ready(());
-                                }
-                                link.writer.set(Some(cx.waker().clone()));
-                                Poll::Pending
-                            }),
-                        )
-                        .await;
-                    }
-                }
-            }
-            batch.clear();
-            let mut single: Option<Bytes> = None;
-            let now = Instant::now();
-            let timed = defer.is_none() || writes.is_multiple_of(sample_every);
-            // Before the write, so no answer to it can wake the shard: raised for an untimed
-            // write whose answers are read late; the reader raises it again when only untimed
-            // answers remain.
-            if defer.is_some() && !link.queue.borrow().is_empty() {
-                set_mark(!timed && reads_late());
-            }
-            while let Some(item) = link.pop() {
-                link.target.stats.note_lag(now - item.enqueued);
-                count_sent(link, &item);
-                if let Some(fingerprint) = item.sync {
-                    if timed {
-                        timed_in_flight.set(timed_in_flight.get() + 1);
-                    }
-                    inflight.borrow_mut().push_back(InFlight {
-                        sent: now,
-                        fingerprint,
-                        internal: item.internal,
-                        timed,
-                    });
-                    if let Some(w) = reader_waker.take() {
-                        w.wake();
-                    }
-                }
-                // One frame goes out as is (zero-copy); several are coalesced into one write.
-                match single.take() {
-                    None if batch.is_empty() => single = Some(item.frame),
-                    None => batch.extend_from_slice(&item.frame),
-                    Some(first) => {
-                        batch.extend_from_slice(&first);
-                        batch.extend_from_slice(&item.frame);
-                    }
-                }
-                if batch.len() >= BATCH_BYTES_MAX {
-                    break;
-                }
-            }
-            let out = match single {
-                Some(frame) => frame,
-                None => batch.split().freeze(),
-            };
+            self.hold().await;
+            let out = self.take(&mut writes);
             if !out.is_empty() {
-                writes += 1;
-                MirrorStats::bump(&link.target.stats.counters.writes, 1);
-                if stream.write_bytes(out).await.is_err() {
-                    failed.set(true);
-                    stream.shutdown();
+                if !self.write(out, &mut writes.count).await {
                     return false;
                 }
                 continue;
             }
-            if link.client_done.get() {
-                // Drained: wait for the last answers (read at once from now on), then say
-                // goodbye.
-                if let Some(w) = reader_waker.take() {
-                    w.wake();
-                }
-                let answered = futures_lite::future::poll_fn(|cx| {
-                    if failed.get() || inflight.borrow().is_empty() {
-                        return Poll::Ready(!failed.get());
-                    }
-                    link.writer.set(Some(cx.waker().clone()));
-                    Poll::Pending
-                })
-                .await;
-                let _ = stream.write_all(&[tag::TERMINATE, 0, 0, 0, 4]).await;
-                stream.shutdown();
-                return answered;
+            // Nothing taken from a queue that holds frames: its next sync point waits for
+            // room among the answers in flight.
+            if !self.link.queue.borrow().is_empty() {
+                self.wait_for_room().await;
+                continue;
             }
+            if self.link.client_done.get() {
+                return self.goodbye().await;
+            }
+            self.wait_for_frames().await;
+        }
+    }
+
+    /// Coalescing: holds the oldest frame up to `flush-delay-us` so the frames that follow it
+    /// go out in the same write (one send and one wake-up of the mirror's backend for several
+    /// statements), unless enough is queued already or the client left.
+    async fn hold(&self) {
+        let Some(delay) = self.flush_delay else {
+            return;
+        };
+        let first = self.link.queue.borrow().front().map(|i| i.enqueued);
+        let Some(first) = first else {
+            return;
+        };
+        let left = (first + delay).saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let link = self.link;
+        let _ = within(
+            left,
             futures_lite::future::poll_fn(|cx| {
-                if failed.get() || !link.queue.borrow().is_empty() || link.client_done.get() {
+                if self.failed.get() || link.client_done.get() || link.batch_full() {
                     return Poll::Ready(());
                 }
                 link.writer.set(Some(cx.waker().clone()));
                 Poll::Pending
-            })
-            .await;
+            }),
+        )
+        .await;
+    }
+
+    /// Takes queued frames for one write: one frame as is (zero-copy), several coalesced
+    /// into `writes.batch`, up to `BATCH_BYTES_MAX`, and up to the sync point that finds no
+    /// room in flight. Empty when nothing could be taken.
+    fn take(&self, writes: &mut Writes) -> Bytes {
+        let link = self.link;
+        let batch = &mut writes.batch;
+        batch.clear();
+        let mut single: Option<Bytes> = None;
+        let now = Instant::now();
+        let timed = self.defer.is_none() || writes.count.is_multiple_of(self.sample_every);
+        // Before the write, so no answer to it can wake the shard: raised for an untimed
+        // write whose answers are read late; the reader raises it again when only untimed
+        // answers remain.
+        if self.defer.is_some() && !link.queue.borrow().is_empty() {
+            self.set_mark(!timed && self.reads_late());
         }
-    };
-    let reader = async {
-        let stats = &link.target.stats;
-        let timeout = Duration::from_millis(link.target.cfg.timeout_ms);
-        let timed_out = || {
-            MirrorStats::bump(&stats.counters.timeouts, 1);
-            tracing::debug!(mirror = %link.target.name, "mirror statement timed out");
-        };
-        let mut buf = BytesMut::new();
-        let mut last_answer: Option<Instant> = None;
-        let mut last_deferred: Option<Instant> = None;
         loop {
-            let oldest = inflight.borrow().front().map(|f| f.sent);
-            let deferred = defer.filter(|_| reads_late());
-            // Changed only with answers due: an idle connection keeps its mark until the
-            // next write says which kind it is.
-            if defer.is_some() && oldest.is_some() {
-                set_mark(deferred.is_some());
+            // The frames before it go; the sync point waits for an answer (never dropped).
+            if self.in_flight_full() && link.next_is_sync() {
+                break;
             }
-            let read = match (oldest, deferred) {
-                (Some(sent), Some(delay)) => {
-                    let expires = sent + timeout;
-                    let due = (last_deferred.map_or(sent, |d| d.max(sent)) + delay).min(expires);
-                    // Until the read is due, or sooner: a timed write follows, the client
-                    // left, the connection failed (`None`), or the socket says readable despite
-                    // its low-water mark: end-of-stream, an error, or that much waiting.
-                    let woke = futures_lite::future::or(
-                        async {
-                            sleep_until(due).await;
-                            None
-                        },
-                        signal_or_readable(stream, &mut buf, &reader_waker, || {
-                            failed.get() || !reads_late()
-                        }),
-                    )
-                    .await;
-                    match woke {
-                        Some(read) => read,
-                        None if failed.get() => break,
-                        None => {
-                            last_deferred = Some(Instant::now());
-                            match read_waiting(stream, &mut buf) {
-                                Ok(Waiting::Read(n)) => Ok(n),
-                                Ok(Waiting::Closed) => Ok(0),
-                                Err(err) => Err(err),
-                                Ok(Waiting::Nothing) if Instant::now() >= expires => {
-                                    timed_out();
-                                    break;
-                                }
-                                Ok(Waiting::Nothing) => {
-                                    slow.set(true);
-                                    continue;
-                                }
-                            }
-                        }
-                    }
+            let Some(item) = link.pop() else {
+                break;
+            };
+            link.target.stats.note_lag(now - item.enqueued);
+            count_sent(link, &item);
+            if let Some(fingerprint) = item.sync {
+                self.sent_sync(fingerprint, item.internal, now, timed);
+            }
+            match single.take() {
+                None if batch.is_empty() => single = Some(item.frame),
+                None => batch.extend_from_slice(&item.frame),
+                Some(first) => {
+                    batch.extend_from_slice(&first);
+                    batch.extend_from_slice(&item.frame);
                 }
-                (Some(sent), None) => {
-                    let left = (sent + timeout).saturating_duration_since(Instant::now());
-                    match within(left, stream.read_buf(&mut buf, READ_CHUNK)).await {
-                        Some(r) => r,
-                        None => {
-                            timed_out();
-                            break;
-                        }
-                    }
-                }
-                (None, _) => {
-                    // Nothing in flight: wait for the writer to send something (or for the
-                    // mirror to close on us, which the next read reports).
-                    // `None`: the writer sent something; `Some(read)`: the mirror spoke (an
-                    // async message) or closed.
-                    let ready = || failed.get() || !inflight.borrow().is_empty();
-                    // A reader that reads late leaves no receive in flight (`read_now` would
-                    // then find nothing), so it waits for readiness instead.
-                    let woke = if defer.is_some() {
-                        signal_or_readable(stream, &mut buf, &reader_waker, ready).await
-                    } else {
-                        signal_or_read(stream, &mut buf, &reader_waker, ready).await
-                    };
-                    match woke {
-                        None if failed.get() => break,
-                        None => continue,
-                        // End-of-stream or an error ends the connection, whatever is buffered.
-                        Some(read) => read,
-                    }
-                }
+            }
+            if batch.len() >= BATCH_BYTES_MAX {
+                break;
+            }
+        }
+        match single {
+            Some(frame) => frame,
+            None => batch.split().freeze(),
+        }
+    }
+
+    /// A sync point is on its way: its answer is now awaited.
+    fn sent_sync(&self, fingerprint: u64, internal: bool, sent: Instant, timed: bool) {
+        let mut inflight = self.inflight.borrow_mut();
+        invariant(
+            inflight.len() < self.in_flight_max,
+            "a sync point was sent past in-flight-messages-max",
+        );
+        if timed {
+            self.timed_in_flight.set(self.timed_in_flight.get() + 1);
+        }
+        inflight.push_back(InFlight {
+            sent,
+            fingerprint,
+            internal,
+            timed,
+        });
+        drop(inflight);
+        if let Some(w) = self.reader_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Writes what `take` took; false (the connection failed) on an error.
+    async fn write(&self, out: Bytes, count: &mut u64) -> bool {
+        *count += 1;
+        MirrorStats::bump(&self.link.target.stats.counters.writes, 1);
+        if self.stream.write_bytes(out).await.is_err() {
+            self.failed.set(true);
+            self.stream.shutdown();
+            return false;
+        }
+        true
+    }
+
+    /// Waits until an answer makes room in flight (the reader wakes the writer for each
+    /// read that brings answers), or the connection fails.
+    async fn wait_for_room(&self) {
+        futures_lite::future::poll_fn(|cx| {
+            if self.failed.get() || !self.in_flight_full() {
+                return Poll::Ready(());
+            }
+            self.link.writer.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Waits until something is queued, the client leaves, or the connection fails.
+    async fn wait_for_frames(&self) {
+        let link = self.link;
+        futures_lite::future::poll_fn(|cx| {
+            if self.failed.get() || !link.queue.borrow().is_empty() || link.client_done.get() {
+                return Poll::Ready(());
+            }
+            link.writer.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// The client left and the queue is drained: waits for the last answers (read at once
+    /// from now on), then says goodbye. True when every answer came.
+    async fn goodbye(&self) -> bool {
+        if let Some(w) = self.reader_waker.take() {
+            w.wake();
+        }
+        let answered = futures_lite::future::poll_fn(|cx| {
+            if self.failed.get() || self.inflight.borrow().is_empty() {
+                return Poll::Ready(!self.failed.get());
+            }
+            self.link.writer.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await;
+        let _ = self.stream.write_all(&[tag::TERMINATE, 0, 0, 0, 4]).await;
+        self.stream.shutdown();
+        answered
+    }
+
+    // The reader's turns.
+
+    /// Reads and counts the mirror's answers until the connection ends, then marks it failed
+    /// and wakes the writer.
+    async fn reader(&self) {
+        let mut reads = Reads {
+            buf: BytesMut::new(),
+            last_answer: None,
+            last_deferred: None,
+        };
+        loop {
+            let read = match self.read(&mut reads).await {
+                Turn::Read(read) => read,
+                Turn::Again => continue,
+                Turn::End => break,
             };
             match read {
                 Ok(0) | Err(_) => break,
-                Ok(_) => slow.set(false),
+                Ok(_) => self.slow.set(false),
             }
-            let arrived = Instant::now();
-            let mut answered = 0usize;
-            let scanned = wire::complete_prefix(&buf, link.message_bytes_max, |t, body| match t {
+            if !self.account(&mut reads) {
+                break;
+            }
+        }
+        self.failed.set(true);
+        self.stream.shutdown();
+        if let Some(w) = self.link.writer.take() {
+            w.wake();
+        }
+    }
+
+    /// Waits for the next read and takes it: late, at once, or (nothing in flight) when the
+    /// writer sends something or the mirror speaks.
+    async fn read(&self, reads: &mut Reads) -> Turn {
+        let oldest = self.inflight.borrow().front().map(|f| f.sent);
+        let deferred = self.defer.filter(|_| self.reads_late());
+        // Changed only with answers due: an idle connection keeps its mark until the
+        // next write says which kind it is.
+        if self.defer.is_some() && oldest.is_some() {
+            self.set_mark(deferred.is_some());
+        }
+        match (oldest, deferred) {
+            (Some(sent), Some(delay)) => self.read_late(sent, delay, reads).await,
+            (Some(sent), None) => self.read_due(sent, &mut reads.buf).await,
+            (None, _) => self.wait_idle(&mut reads.buf).await,
+        }
+    }
+
+    /// A late read, a flush delay after the last one (or after the oldest statement's write).
+    async fn read_late(&self, sent: Instant, delay: Duration, reads: &mut Reads) -> Turn {
+        let expires = sent + self.timeout;
+        let due = (reads.last_deferred.map_or(sent, |d| d.max(sent)) + delay).min(expires);
+        // Until the read is due, or sooner: a timed write follows, the client left, the
+        // writer waits for room in flight, the connection failed (`None`), or the socket says
+        // readable despite its low-water mark: end-of-stream, an error, or that much waiting.
+        let woke = futures_lite::future::or(
+            async {
+                sleep_until(due).await;
+                None
+            },
+            signal_or_readable(self.stream, &mut reads.buf, &self.reader_waker, || {
+                self.failed.get() || !self.reads_late()
+            }),
+        )
+        .await;
+        match woke {
+            Some(read) => Turn::Read(read),
+            None if self.failed.get() => Turn::End,
+            None => {
+                reads.last_deferred = Some(Instant::now());
+                match read_waiting(self.stream, &mut reads.buf) {
+                    Ok(Waiting::Read(n)) => Turn::Read(Ok(n)),
+                    Ok(Waiting::Closed) => Turn::Read(Ok(0)),
+                    Err(err) => Turn::Read(Err(err)),
+                    Ok(Waiting::Nothing) if Instant::now() >= expires => {
+                        self.timed_out();
+                        Turn::End
+                    }
+                    Ok(Waiting::Nothing) => {
+                        self.slow.set(true);
+                        Turn::Again
+                    }
+                }
+            }
+        }
+    }
+
+    /// A read as the answers arrive, within the oldest statement's timeout.
+    async fn read_due(&self, sent: Instant, buf: &mut BytesMut) -> Turn {
+        let left = (sent + self.timeout).saturating_duration_since(Instant::now());
+        match within(left, self.stream.read_buf(buf, READ_CHUNK)).await {
+            Some(read) => Turn::Read(read),
+            None => {
+                self.timed_out();
+                Turn::End
+            }
+        }
+    }
+
+    /// Nothing in flight: waits for the writer to send something (`Again`), or for the
+    /// mirror to speak (an async message) or to close on us, which the read reports.
+    async fn wait_idle(&self, buf: &mut BytesMut) -> Turn {
+        let ready = || self.failed.get() || !self.inflight.borrow().is_empty();
+        // A reader that reads late leaves no receive in flight (`read_now` would then find
+        // nothing), so it waits for readiness instead.
+        let woke = if self.defer.is_some() {
+            signal_or_readable(self.stream, buf, &self.reader_waker, ready).await
+        } else {
+            signal_or_read(self.stream, buf, &self.reader_waker, ready).await
+        };
+        match woke {
+            None if self.failed.get() => Turn::End,
+            None => Turn::Again,
+            // End-of-stream or an error ends the connection, whatever is buffered.
+            Some(read) => Turn::Read(read),
+        }
+    }
+
+    fn timed_out(&self) {
+        MirrorStats::bump(&self.link.target.stats.counters.timeouts, 1);
+        tracing::debug!(mirror = %self.link.target.name, "mirror statement timed out");
+    }
+
+    /// Counts the complete answers read so far (rows, errors, sync points answered) and
+    /// settles their statements. False when what the mirror sent does not parse.
+    fn account(&self, reads: &mut Reads) -> bool {
+        let stats = &self.link.target.stats;
+        let arrived = Instant::now();
+        let mut answered = 0usize;
+        let scanned =
+            wire::complete_prefix(&reads.buf, self.link.message_bytes_max, |t, body| match t {
                 tag::COMMAND_COMPLETE => {
                     let text = body.strip_suffix(&[0]).unwrap_or(body);
                     if let Some(rows) = std::str::from_utf8(text).ok().and_then(wire::command_rows)
@@ -731,7 +954,11 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                     }
                 }
                 tag::ERROR_RESPONSE
-                    if inflight.borrow().get(answered).is_some_and(|f| f.internal) =>
+                    if self
+                        .inflight
+                        .borrow()
+                        .get(answered)
+                        .is_some_and(|f| f.internal) =>
                 {
                     // The resync's own errors (the deliberate abort, ROLLBACK outside a
                     // transaction) are not the mirror's.
@@ -747,73 +974,96 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
                 tag::READY_FOR_QUERY => answered += 1,
                 _ => {}
             });
-            let Ok(complete) = scanned else { break };
-            let _ = buf.split_to(complete);
-            link.answered.set(link.answered.get() + answered as u64);
-            // A statement's latency runs from when it reached the mirror or when the mirror
-            // answered the one before it, whichever is later: time spent queued behind
-            // earlier statements of a coalesced or pipelined write is theirs, not its own.
-            // Answers that arrive in one read share the time since the first one's start.
-            // pgprism's own (resync) answers take no share. Untimed ones (read late) take
-            // theirs but are not recorded.
-            let start = inflight
-                .borrow()
-                .front()
-                .map(|f| last_answer.map_or(f.sent, |last: Instant| f.sent.max(last)));
-            let clients = inflight
-                .borrow()
-                .iter()
-                .take(answered)
-                .filter(|f| !f.internal)
-                .count();
-            let share = match start {
-                Some(start) if clients > 0 => {
-                    arrived.saturating_duration_since(start) / clients as u32
-                }
-                _ => Duration::ZERO,
-            };
-            if answered > 0 {
-                last_answer = Some(arrived);
-            }
-            for _ in 0..answered {
-                let Some(done) = inflight.borrow_mut().pop_front() else {
-                    break;
-                };
-                if done.timed {
-                    timed_in_flight.set(timed_in_flight.get() - 1);
-                }
-                if !done.internal && done.timed {
-                    let elapsed = share;
-                    stats.record_latency(elapsed);
-                    if done.fingerprint != 0 {
-                        link.fingerprints.record_mirror(
-                            done.fingerprint,
-                            link.target.index,
-                            elapsed,
-                        );
-                    }
-                }
-            }
-            if answered > 0
-                && let Some(w) = link.writer.take()
-            {
-                w.wake();
-            }
-        }
-        failed.set(true);
-        stream.shutdown();
-        if let Some(w) = link.writer.take() {
+        let Ok(complete) = scanned else {
+            return false;
+        };
+        let _ = reads.buf.split_to(complete);
+        self.link
+            .answered
+            .set(self.link.answered.get() + answered as u64);
+        self.settle(answered, arrived, &mut reads.last_answer);
+        if answered > 0
+            && let Some(w) = self.link.writer.take()
+        {
             w.wake();
         }
-    };
-    // The reader ends (and marks `failed`) on any end of the connection, a clean goodbye
-    // included, so the writer's verdict is the one that counts.
-    let (clean, ()) = futures_lite::future::zip(writer, reader).await;
-    clean
+        true
+    }
+
+    /// Retires the `answered` oldest statements in flight, recording the latency of the timed
+    /// client ones.
+    ///
+    /// A statement's latency runs from when it reached the mirror or when the mirror
+    /// answered the one before it, whichever is later: time spent queued behind earlier
+    /// statements of a coalesced or pipelined write is theirs, not its own. Answers that
+    /// arrive in one read share the time since the first one's start. pgprism's own (resync)
+    /// answers take no share. Untimed ones (read late) take theirs but are not recorded.
+    fn settle(&self, answered: usize, arrived: Instant, last_answer: &mut Option<Instant>) {
+        let link = self.link;
+        let stats = &link.target.stats;
+        let start = self
+            .inflight
+            .borrow()
+            .front()
+            .map(|f| last_answer.map_or(f.sent, |last: Instant| f.sent.max(last)));
+        let clients = self
+            .inflight
+            .borrow()
+            .iter()
+            .take(answered)
+            .filter(|f| !f.internal)
+            .count();
+        let share = match start {
+            Some(start) if clients > 0 => arrived.saturating_duration_since(start) / clients as u32,
+            _ => Duration::ZERO,
+        };
+        if answered > 0 {
+            *last_answer = Some(arrived);
+        }
+        for _ in 0..answered {
+            let Some(done) = self.inflight.borrow_mut().pop_front() else {
+                break;
+            };
+            if done.timed {
+                let Some(timed) = self.timed_in_flight.get().checked_sub(1) else {
+                    invariant_failed("more timed answers than timed statements in flight");
+                };
+                self.timed_in_flight.set(timed);
+            }
+            if !done.internal && done.timed {
+                let elapsed = share;
+                stats.record_latency(elapsed);
+                if done.fingerprint != 0 {
+                    link.fingerprints
+                        .record_mirror(done.fingerprint, link.target.index, elapsed);
+                }
+            }
+        }
+        invariant(
+            self.timed_in_flight.get() <= self.inflight.borrow().len(),
+            "more timed statements counted in flight than are in flight",
+        );
+    }
 }
 
-/// Waits until `ready()` holds (`None`; `waker` is woken by whoever may make it hold) or the
-/// socket has something to read or closed (`Some` with what the read returned).
+/// An invariant of the link's accounting: checked always, in release builds too (a broken
+/// count would silently stall or mis-bound a link). The check is a compare and a branch; the
+/// failure lives out of line.
+#[inline(always)]
+#[track_caller]
+fn invariant(holds: bool, what: &str) {
+    if !holds {
+        invariant_failed(what);
+    }
+}
+
+#[cold]
+#[inline(never)]
+#[track_caller]
+fn invariant_failed(what: &str) -> ! {
+    panic!("mirror link invariant broken: {what}")
+}
+
 /// `None` once `ready()` holds, woken through `waker`; never otherwise.
 async fn signalled<T>(waker: &Cell<Option<Waker>>, ready: impl Fn() -> bool) -> Option<T> {
     futures_lite::future::poll_fn(|cx| {
@@ -826,6 +1076,8 @@ async fn signalled<T>(waker: &Cell<Option<Waker>>, ready: impl Fn() -> bool) -> 
     .await
 }
 
+/// Waits until `ready()` holds (`None`; `waker` is woken by whoever may make it hold) or the
+/// socket has something to read or closed (`Some` with what the read returned).
 async fn signal_or_read(
     stream: &Stream,
     buf: &mut BytesMut,
