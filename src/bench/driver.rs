@@ -106,7 +106,7 @@ pub(super) struct Shared {
 }
 
 impl Shared {
-    pub fn totals(&self, target: usize) -> (u64, u64) {
+    pub(crate) fn totals(&self, target: usize) -> (u64, u64) {
         self.counters
             .iter()
             .skip(target)
@@ -154,7 +154,7 @@ impl TargetStats {
         self.last_finish = self.last_finish.max(other.last_finish);
     }
 
-    pub fn error_count(&self) -> u64 {
+    pub(crate) fn error_count(&self) -> u64 {
         self.errors.values().sum()
     }
 }
@@ -169,7 +169,7 @@ pub(crate) struct Outcome {
 impl Outcome {
     /// The measured time of one target: from the start of measuring to its last completion
     /// (for a duration run, about the duration).
-    pub fn elapsed(&self, target: usize) -> Duration {
+    pub(crate) fn elapsed(&self, target: usize) -> Duration {
         self.targets[target]
             .last_finish
             .map_or(Duration::ZERO, |t| {

@@ -24,7 +24,7 @@ pub(super) struct Progress {
 }
 
 impl Progress {
-    pub fn new(plan: &Plan, enabled: bool) -> Progress {
+    pub(crate) fn new(plan: &Plan, enabled: bool) -> Progress {
         Progress {
             enabled,
             tty: std::io::stderr().is_terminal(),
@@ -38,12 +38,12 @@ impl Progress {
     }
 
     /// How long the caller sleeps between ticks.
-    pub fn period(&self) -> Duration {
+    pub(crate) fn period(&self) -> Duration {
         // Short even when not drawing: the caller also uses it to notice the workers ending.
         TTY_PERIOD
     }
 
-    pub fn tick(&mut self, shared: &Shared) {
+    pub(crate) fn tick(&mut self, shared: &Shared) {
         if !self.enabled {
             return;
         }
@@ -70,7 +70,7 @@ impl Progress {
     }
 
     /// Clears the in-place line so the summary starts on a clean line.
-    pub fn finish(&mut self, _shared: &Shared) {
+    pub(crate) fn finish(&mut self, _shared: &Shared) {
         if self.enabled && self.tty {
             let _ = write!(std::io::stderr(), "\r\x1b[K");
         }

@@ -74,7 +74,7 @@ fn ms(us: u64) -> f64 {
 }
 
 impl Summary {
-    pub fn new(plan: &Plan, infos: &[TargetInfo], outcome: &Outcome) -> Summary {
+    pub(crate) fn new(plan: &Plan, infos: &[TargetInfo], outcome: &Outcome) -> Summary {
         let targets = plan
             .targets
             .iter()
@@ -136,7 +136,7 @@ impl Summary {
     }
 
     /// One line describing the run, for the table and the chart's subtitle.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let load = match self.rate_per_target {
             Some(rate) => format!("constant rate {rate} tx/s"),
             None => "closed loop".to_string(),
@@ -154,7 +154,7 @@ impl Summary {
     }
 
     /// The table printed on stdout, with the ratios to the first target when there are more.
-    pub fn table(&self) -> String {
+    pub(crate) fn table(&self) -> String {
         let width = self
             .targets
             .iter()

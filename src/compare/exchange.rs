@@ -34,7 +34,7 @@ const NAMES_MAX: usize = 10_000;
 
 /// One statement as the client sent it.
 #[derive(Debug)]
-pub struct Statement {
+pub(crate) struct Statement {
     pub text: Box<str>,
     pub ordered: bool,
     /// Its top-level ORDER BY's keys, when they are plain output columns.
@@ -153,7 +153,7 @@ struct Segment {
 const SHADOW_WRITE_BYTES: usize = 256 << 10;
 
 /// State both halves of a session's compare machinery see.
-pub struct Pairing {
+pub(crate) struct Pairing {
     metas: RefCell<VecDeque<SyncMeta>>,
     /// Per sync point written to the shadow, in order: `true` for pgprism's own (a ROLLBACK
     /// that brings a diverged shadow back in step), whose answer is neither compared nor

@@ -16,7 +16,7 @@ use crate::wire::{self, tag};
 /// Plan text kept per side.
 const PLAN_BYTES_MAX: usize = 64 << 10;
 
-pub async fn run(
+pub(crate) async fn run(
     target: Rc<Target>,
     params: Rc<Vec<(String, String)>>,
     statement: String,

@@ -30,12 +30,12 @@ const NONCE_BYTES: usize = 18;
 
 /// Authentication request codes (the first int32 of an `R` message).
 mod code {
-    pub const OK: i32 = 0;
-    pub const CLEARTEXT_PASSWORD: i32 = 3;
-    pub const MD5_PASSWORD: i32 = 5;
-    pub const SASL: i32 = 10;
-    pub const SASL_CONTINUE: i32 = 11;
-    pub const SASL_FINAL: i32 = 12;
+    pub(crate) const OK: i32 = 0;
+    pub(crate) const CLEARTEXT_PASSWORD: i32 = 3;
+    pub(crate) const MD5_PASSWORD: i32 = 5;
+    pub(crate) const SASL: i32 = 10;
+    pub(crate) const SASL_CONTINUE: i32 = 11;
+    pub(crate) const SASL_FINAL: i32 = 12;
 }
 
 /// A decoded Authentication (`R`) message.

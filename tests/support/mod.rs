@@ -2,6 +2,9 @@
 //! and the real `pgprism` binary run as a child process, exactly as users run it.
 
 #![allow(dead_code)]
+// `pub` here is for the test crates that include this module privately, never reachable from
+// a crate root: the `unreachable_pub` lint does not apply.
+#![allow(unreachable_pub)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

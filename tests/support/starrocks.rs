@@ -15,6 +15,8 @@
 //! * Faults: the next loads can answer `Fail`, `Publish Timeout` (applied, then reported as
 //!   such), be delayed, or have the connection dropped before any answer.
 
+// Included privately by the test crates: `pub` is for them, `unreachable_pub` does not apply.
+#![allow(unreachable_pub)]
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
