@@ -47,7 +47,7 @@ pub(super) struct Item {
     pub internal: bool,
 }
 
-pub enum Push {
+pub(super) enum Push {
     Queued,
     Full,
 }
@@ -412,7 +412,7 @@ impl Link {
 
 /// Runs a link until the client session is over and the queue is drained (or the mirror is
 /// given up on).
-pub async fn run(link: Rc<Link>) {
+pub(super) async fn run(link: Rc<Link>) {
     let target = link.target.clone();
     let cfg = &target.cfg;
     let stats = &target.stats;
