@@ -468,35 +468,8 @@ async fn relay(
     };
     let id = shard.next_session.get();
     shard.next_session.set(id + 1);
-    let compare = match &shard.compare {
-        None => None,
-        Some(target) => match target
-            .open_shadow(&params, shard.settings.message_bytes_max)
-            .await
-        {
-            Ok(shadow) => Some(compare::Exchange::pair(
-                target.clone(),
-                shadow,
-                ((shard.index as u64) << 48) | id,
-                params.clone(),
-            )),
-            Err(err) => {
-                ShardStats::bump(&shard.stats.counters.compare_shadow_connect_failures, 1);
-                tracing::warn!(shard = shard.index, error = %err, "cannot open the shadow session");
-                if target.cfg.fail_on_differences || target.shadow_is_source() {
-                    // The client asked for verified (or shadow) answers: none can be given.
-                    primary.shutdown();
-                    let msg = error_bytes(
-                        "FATAL",
-                        sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
-                        &format!("pgprism could not open the shadow session: {err}"),
-                    );
-                    let _ = client.write_all(&msg).await;
-                    return Ok(());
-                }
-                None
-            }
-        },
+    let Ok(compare) = open_compare(shard, &client, &primary, &params, id).await else {
+        return Ok(());
     };
     let router = shard.mirror_router(&params);
     let shared = Rc::new(SessionShared {
@@ -521,78 +494,229 @@ async fn relay(
         id,
     };
 
-    let pumps = async {
-        match compare {
-            None => {
-                futures_lite::future::zip(
-                    upstream(
-                        shard,
-                        &shared,
-                        client.clone(),
-                        primary.clone(),
-                        leftover,
-                        router,
-                        None,
-                    ),
-                    downstream(shard, &shared, primary, client),
-                )
-                .await;
-            }
-            Some((up, down, writer)) => {
-                let shadow = up.shadow.clone();
-                futures_lite::future::zip(
-                    upstream(
-                        shard,
-                        &shared,
-                        client.clone(),
-                        primary.clone(),
-                        leftover,
-                        router,
-                        Some(up),
-                    ),
-                    futures_lite::future::zip(
-                        downstream_compare(shard, &shared, primary, shadow, client, down),
-                        writer.run(),
-                    ),
-                )
-                .await;
-            }
-        }
+    let pumps = run_pumps(shard, &shared, (client, primary), leftover, router, compare);
+    futures_lite::future::or(pumps, watchdog(shard, &shared, deadline)).await;
+    Ok(())
+}
+
+/// The shadow session of a compare-mode client, paired with the session's compare halves.
+/// `Err`: it could not be opened and the client, who asked for verified (or the shadow's)
+/// answers, was told so; `Ok(None)`: no compare mode, or comparing is given up on.
+async fn open_compare(
+    shard: &ShardCtx,
+    client: &Stream,
+    primary: &Stream,
+    params: &[(String, String)],
+    id: u64,
+) -> Result<Option<(compare::Dispatch, Comparer, compare::ShadowWriter)>, ()> {
+    let Some(target) = &shard.compare else {
+        return Ok(None);
     };
-    let watchdog = async {
-        // The timer is dropped (cancelled) as soon as the session is ready, so the messages
-        // of a running session never touch the timer table.
-        let mut timer = Some(exec::sleep_until(deadline));
-        futures_lite::future::poll_fn(|cx| {
-            if shared.ready() {
-                timer = None;
+    match target
+        .open_shadow(params, shard.settings.message_bytes_max)
+        .await
+    {
+        Ok(shadow) => Ok(Some(compare::Exchange::pair(
+            target.clone(),
+            shadow,
+            ((shard.index as u64) << 48) | id,
+            params.to_vec(),
+        ))),
+        Err(err) => {
+            ShardStats::bump(&shard.stats.counters.compare_shadow_connect_failures, 1);
+            tracing::warn!(shard = shard.index, error = %err, "cannot open the shadow session");
+            if !(target.cfg.fail_on_differences || target.shadow_is_source()) {
+                return Ok(None);
             }
-            match timer.as_mut() {
-                Some(sleep) => std::pin::Pin::new(sleep).poll(cx),
-                None => std::task::Poll::Pending,
-            }
-        })
-        .await;
-        if !shared.ready() {
-            ShardStats::bump(&shard.stats.counters.startup_timeouts, 1);
+            // The client asked for verified (or shadow) answers: none can be given.
+            primary.shutdown();
             let msg = error_bytes(
                 "FATAL",
-                sqlstate::PROTOCOL_VIOLATION,
-                "authentication not completed within proxy.startup-timeout-ms",
+                sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                &format!("pgprism could not open the shadow session: {err}"),
             );
-            shared.client.write_now(&msg);
-            return;
+            let _ = client.write_all(&msg).await;
+            Err(())
         }
-        std::future::pending::<()>().await
-    };
-    futures_lite::future::or(
-        async {
-            pumps.await;
-        },
-        watchdog,
-    )
+    }
+}
+
+/// Both pumps of a session (and, in compare mode, the shadow's writer), to their end.
+async fn run_pumps(
+    shard: &ShardCtx,
+    shared: &SessionShared,
+    (client, primary): (Stream, Stream),
+    leftover: BytesMut,
+    router: Option<Router>,
+    compare: Option<(compare::Dispatch, Comparer, compare::ShadowWriter)>,
+) {
+    let (client_up, primary_up) = (client.clone(), primary.clone());
+    match compare {
+        None => {
+            futures_lite::future::zip(
+                upstream(shard, shared, client_up, primary_up, leftover, router, None),
+                downstream(shard, shared, primary, client),
+            )
+            .await;
+        }
+        Some((up, down, writer)) => {
+            let shadow = up.shadow.clone();
+            futures_lite::future::zip(
+                upstream(
+                    shard,
+                    shared,
+                    client_up,
+                    primary_up,
+                    leftover,
+                    router,
+                    Some(up),
+                ),
+                futures_lite::future::zip(
+                    downstream_compare(shard, shared, primary, shadow, client, down),
+                    writer.run(),
+                ),
+            )
+            .await;
+        }
+    }
+}
+
+/// Ends a session whose authentication did not complete by `deadline` (a 08P01 for the
+/// client); pending forever once it did.
+async fn watchdog(shard: &ShardCtx, shared: &SessionShared, deadline: Instant) {
+    // The timer is dropped (cancelled) as soon as the session is ready, so the messages of a
+    // running session never touch the timer table.
+    let mut timer = Some(exec::sleep_until(deadline));
+    futures_lite::future::poll_fn(|cx| {
+        if shared.ready() {
+            timer = None;
+        }
+        match timer.as_mut() {
+            Some(sleep) => std::pin::Pin::new(sleep).poll(cx),
+            None => std::task::Poll::Pending,
+        }
+    })
     .await;
-    Ok(())
+    if !shared.ready() {
+        ShardStats::bump(&shard.stats.counters.startup_timeouts, 1);
+        let msg = error_bytes(
+            "FATAL",
+            sqlstate::PROTOCOL_VIOLATION,
+            "authentication not completed within proxy.startup-timeout-ms",
+        );
+        shared.client.write_now(&msg);
+        return;
+    }
+    std::future::pending::<()>().await
+}
+
+/// One read's complete client frames, as the tracker saw them.
+struct Scanned {
+    /// Bytes of complete, well-formed frames at the front of the buffer.
+    complete: usize,
+    /// The client sent a malformed frame after them.
+    bad: Option<wire::WireError>,
+    /// Sync points the frames opened, numbered from `first_sync`.
+    syncs: u64,
+    first_sync: u64,
+    terminated: bool,
+}
+
+/// Feeds the complete frames at the front of `buf` to the session's tracker and counts them;
+/// `framed` gets each frame with its step when mirrors or compare need them.
+fn scan(
+    shard: &ShardCtx,
+    shared: &SessionShared,
+    buf: &[u8],
+    framed: &mut Vec<Framed>,
+    collect: bool,
+) -> Scanned {
+    let (mut statements, mut syncs, mut messages) = (0u64, 0u64, 0u64);
+    let mut terminated = false;
+    let mut at = 0usize;
+    framed.clear();
+    let mut tracker = shared.tracker.borrow_mut();
+    let first_sync = tracker.sync_points().0;
+    let scanned = wire::complete_prefix(buf, shard.settings.message_bytes_max, |tag, body| {
+        messages += 1;
+        let step = tracker.client(tag, body);
+        let end = at + wire::HEADER_BYTES + body.len();
+        if collect {
+            framed.push(Framed {
+                tag,
+                start: at,
+                end,
+                step,
+            });
+        }
+        at = end;
+        statements += u64::from(tag == tag::QUERY || tag == tag::EXECUTE);
+        match step {
+            Step::SyncPoint => syncs += 1,
+            Step::Terminate => terminated = true,
+            Step::QuietSync | Step::Other => {}
+        }
+    });
+    crate::invariant!(
+        tracker.sync_points().0 == first_sync + syncs,
+        "every sync point the tracker opened is counted once"
+    );
+    let counters = &shard.stats.counters;
+    ShardStats::bump(&counters.client_messages_in, messages);
+    ShardStats::bump(&counters.statements, statements);
+    ShardStats::bump(&counters.sync_points, syncs);
+    // A malformed frame: the complete messages before it still go to the primary, as
+    // PostgreSQL itself runs what precedes a bad message before it rejects it.
+    let (complete, bad) = match scanned {
+        Ok(complete) => (complete, None),
+        Err(err) => (at, Some(err)),
+    };
+    Scanned {
+        complete,
+        bad,
+        syncs,
+        first_sync,
+        terminated,
+    }
+}
+
+/// Routes a batch to the mirrors before it goes to the primary (routing never waits, unless
+/// a mirror uses the `block` policy) and stamps each sync point with its fingerprint; without
+/// mirrors, only the stamps.
+async fn route_and_stamp(
+    shared: &SessionShared,
+    settings: &ProxySettings,
+    router: Option<&mut Router>,
+    (frames, framed): (&Bytes, &[Framed]),
+    scanned: &Scanned,
+    (read_at, idle_before): (Instant, bool),
+) {
+    let Some(router) = router else {
+        for seq in scanned.first_sync..scanned.first_sync + scanned.syncs {
+            push_stamp(shared, settings, seq, read_at, 0);
+        }
+        return;
+    };
+    router.begin_batch(idle_before);
+    let mut seq = scanned.first_sync;
+    for f in framed {
+        router.route(f.tag, &frames.slice(f.start..f.end)).await;
+        if f.step == Step::SyncPoint {
+            push_stamp(shared, settings, seq, read_at, router.last_fingerprint());
+            seq += 1;
+        }
+    }
+}
+
+/// How the upstream pump ended.
+#[derive(PartialEq, Eq)]
+enum UpstreamEnd {
+    /// The client left: Terminate, end-of-stream or a failed read.
+    ClientLeft,
+    /// The client sent a malformed frame; it gets the error after its answers.
+    BadFrame,
+    /// A write to the primary failed.
+    PrimaryFailed,
 }
 
 /// Client → primary: frames what the client sends and forwards every complete message, many
@@ -606,76 +730,24 @@ async fn upstream(
     mut router: Option<Router>,
     mut compare: Option<compare::Dispatch>,
 ) {
-    let stats = &shard.stats;
     let settings = &shard.settings;
     let mut terminated = false;
-    let mut primary_failed = false;
     // Each frame of the batch with the tracker's step, only when mirrors or compare need them.
     let mut framed: Vec<Framed> = Vec::new();
-    // The client sent a malformed frame: what came before it was forwarded, the session ends
-    // once the primary has answered that (and the client then gets the error).
-    let mut bad_frame = false;
-    loop {
+    let collect = router.is_some() || compare.is_some();
+    let end = loop {
         if !buf.is_empty() {
             let read_at = Instant::now();
-            let (mut statements, mut syncs, mut messages) = (0u64, 0u64, 0u64);
-            let collect = router.is_some() || compare.is_some();
-            let mut at = 0usize;
-            framed.clear();
             // Whether the session stood at a transaction boundary before this batch (mirrors
             // resume only there).
             let idle_before = router.is_some() && shared.is_idle();
-            let first_sync = shared.tracker.borrow().sync_points().0;
-            let scanned = {
-                let mut tracker = shared.tracker.borrow_mut();
-                wire::complete_prefix(&buf, settings.message_bytes_max, |tag, body| {
-                    messages += 1;
-                    let step = tracker.client(tag, body);
-                    let end = at + wire::HEADER_BYTES + body.len();
-                    if collect {
-                        framed.push(Framed {
-                            tag,
-                            start: at,
-                            end,
-                            step,
-                        });
-                    }
-                    at = end;
-                    statements += u64::from(tag == tag::QUERY || tag == tag::EXECUTE);
-                    match step {
-                        Step::SyncPoint => syncs += 1,
-                        Step::Terminate => terminated = true,
-                        Step::QuietSync | Step::Other => {}
-                    }
-                })
-            };
-            // A malformed frame: the complete messages before it still go to the primary, as
-            // PostgreSQL itself runs what precedes a bad message before it rejects it.
-            let (complete, bad) = match scanned {
-                Ok(complete) => (complete, None),
-                Err(err) => (at, Some(err)),
-            };
-            ShardStats::bump(&stats.counters.client_messages_in, messages);
-            ShardStats::bump(&stats.counters.statements, statements);
-            ShardStats::bump(&stats.counters.sync_points, syncs);
+            let scanned = scan(shard, shared, &buf, &mut framed, collect);
+            terminated |= scanned.terminated;
+            let complete = scanned.complete;
             let frames = buf.split_to(complete).freeze();
-            if let Some(router) = router.as_mut() {
-                // Route before writing to the primary: routing never waits (unless a mirror
-                // uses the `block` policy), and it yields each sync point's fingerprint.
-                router.begin_batch(idle_before);
-                let mut seq = first_sync;
-                for f in &framed {
-                    router.route(f.tag, &frames.slice(f.start..f.end)).await;
-                    if f.step == Step::SyncPoint {
-                        push_stamp(shared, settings, seq, read_at, router.last_fingerprint());
-                        seq += 1;
-                    }
-                }
-            } else {
-                for seq in first_sync..first_sync + syncs {
-                    push_stamp(shared, settings, seq, read_at, 0);
-                }
-            }
+            let batch = (&frames, framed.as_slice());
+            let when = (read_at, idle_before);
+            route_and_stamp(shared, settings, router.as_mut(), batch, &scanned, when).await;
             let compared = match compare.as_mut() {
                 Some(up) if complete > 0 && shared.ready() => {
                     // Before the primary write, so the comparer finds every sync point it pairs.
@@ -684,10 +756,9 @@ async fn upstream(
                 }
                 _ => false,
             };
-            if complete > 0 && primary.write_bytes(frames.clone()).await.is_err() {
+            if complete > 0 && primary.write_bytes(frames).await.is_err() {
                 // The primary is gone: the downstream pump sees it too and tells the client.
-                primary_failed = true;
-                break;
+                break UpstreamEnd::PrimaryFailed;
             }
             release_if_large(&mut buf, complete, shard.read_chunk_bytes);
             // A failed shadow write stops the shadow's side (the downstream pump sees its end
@@ -695,45 +766,25 @@ async fn upstream(
             if compared && let Some(up) = compare.as_mut() {
                 up.write().await;
             }
-            if let Some(err) = bad {
-                ShardStats::bump(&stats.counters.protocol_errors, 1);
+            if let Some(err) = scanned.bad {
+                ShardStats::bump(&shard.stats.counters.protocol_errors, 1);
                 *shared.fatal.borrow_mut() = Some(error_bytes(
                     "FATAL",
                     err.sqlstate(),
                     &format!("pgprism: invalid message from client: {err}"),
                 ));
-                bad_frame = true;
-                break;
+                break UpstreamEnd::BadFrame;
             }
             if terminated {
-                break;
+                break UpstreamEnd::ClientLeft;
             }
         }
         match client.read_buf(&mut buf, shard.read_chunk_bytes).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => ShardStats::bump(&stats.counters.client_bytes_in, n as u64),
+            Ok(0) | Err(_) => break UpstreamEnd::ClientLeft,
+            Ok(n) => ShardStats::bump(&shard.stats.counters.client_bytes_in, n as u64),
         }
-    }
-    let client_left = shared.fatal.borrow().is_none() && !primary_failed;
-    if client_left {
-        // The client left (Terminate or EOF): no error of ours will be written to it.
-        shared.client_ended.set(true);
-    }
-    if (client_left || bad_frame) && !primary_failed {
-        shared.terminated.set(terminated);
-        shared.client_sent_all.set(true);
-        if !terminated && shared.ready() {
-            let _ = primary.write_all(&[b'X', 0, 0, 0, 4]).await;
-        }
-        // Only our sending side: a client that half-closed still reads the answers to what it
-        // sent, as it would directly (and one that sent a bad frame gets them before the
-        // error). The primary closes after the Terminate (or the end-of-stream), which ends
-        // the downstream pump.
-        primary.shutdown_write();
-    } else {
-        // Wake the downstream pump: it sees end-of-stream from the primary and finishes.
-        primary.shutdown();
-    }
+    };
+    client_finished(shared, &primary, end, terminated).await;
     if let Some(mut up) = compare {
         up.finish(terminated);
     }
@@ -742,6 +793,34 @@ async fn upstream(
             link.client_done();
         }
     }
+}
+
+/// The client sends nothing more: tell the primary (and whoever waits on the session).
+async fn client_finished(
+    shared: &SessionShared,
+    primary: &Stream,
+    end: UpstreamEnd,
+    terminated: bool,
+) {
+    if end == UpstreamEnd::ClientLeft {
+        // The client left (Terminate or EOF): no error of ours will be written to it.
+        shared.client_ended.set(true);
+    }
+    if end == UpstreamEnd::PrimaryFailed {
+        // Wake the downstream pump: it sees end-of-stream from the primary and finishes.
+        primary.shutdown();
+        return;
+    }
+    shared.terminated.set(terminated);
+    shared.client_sent_all.set(true);
+    if !terminated && shared.ready() {
+        let _ = primary.write_all(&[b'X', 0, 0, 0, 4]).await;
+    }
+    // Only our sending side: a client that half-closed still reads the answers to what it
+    // sent, as it would directly (and one that sent a bad frame gets them before the error).
+    // The primary closes after the Terminate (or the end-of-stream), which ends the
+    // downstream pump.
+    primary.shutdown_write();
 }
 
 /// A read buffer that had to grow for a large message keeps that allocation for the rest of
