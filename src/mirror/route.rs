@@ -7,7 +7,7 @@
 //! Protocol-level (Parse) and SQL-level (`PREPARE`) statements share one namespace per
 //! session, as in PostgreSQL: one table here, one set of prepared names per mirror link.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::rc::Rc;
 
@@ -58,7 +58,9 @@ impl Source {
     }
 }
 
-struct Statement {
+/// A prepared statement the session has (from a Parse or an SQL-level PREPARE): how it
+/// routes, and what prepares it again on a mirror that lacks it.
+struct Replayable {
     class: Class,
     copy_from: bool,
     source: Source,
@@ -72,7 +74,9 @@ struct Statement {
     command: Option<Bytes>,
 }
 
-struct Portal {
+/// A portal the client bound: what its statement said when bound, and the statement's name
+/// (a mirror has the portal only where it has that statement).
+struct BoundPortal {
     class: Class,
     copy_from: bool,
     statement: String,
@@ -114,8 +118,8 @@ enum SqlPrepared {
 pub struct Router {
     links: Vec<Rc<Link>>,
     fingerprints: Rc<Fingerprints>,
-    statements: HashMap<String, Statement>,
-    portals: HashMap<String, Portal>,
+    statements: HashMap<String, Replayable>,
+    portals: HashMap<String, BoundPortal>,
     /// Fingerprint of the last statement seen, for the latency of the next sync point.
     last_fingerprint: u64,
     /// Bytes held by the statements' sources (bounded by `KEPT_TEXT_BYTES_MAX`).
@@ -232,7 +236,7 @@ impl Router {
         name: &str,
         source: impl FnOnce() -> Source,
         source_bytes: usize,
-        statement: impl FnOnce(Source) -> Statement,
+        statement: impl FnOnce(Source) -> Replayable,
     ) -> bool {
         if self.statements.len() >= NAMES_MAX && !self.statements.contains_key(name) {
             return false;
@@ -264,57 +268,83 @@ impl Router {
     fn part(&mut self, sql: &[u8], range: Range<usize>) -> Part {
         let text = &sql[range.clone()];
         let mut class = sql::classify(text);
-        let prepared = match sql::prepared(text) {
-            None => None,
-            Some(Prepared::Prepare { name, body }) => {
-                let inner = &text[body..];
-                class = sql::classify(inner);
-                let fingerprint = self.fingerprints.intern(inner);
-                let tracked = self.insert_statement(
-                    &name,
-                    || Source::Prepare(Bytes::copy_from_slice(text)),
-                    text.len(),
-                    |source| Statement {
-                        class,
-                        // COPY cannot be prepared.
-                        copy_from: false,
-                        source,
-                        fingerprint,
-                        transaction: None,
-                        setting: false,
-                        command: None,
-                    },
-                );
-                Some(SqlPrepared::Prepare { name, tracked })
+        let prepared = sql::prepared(text).map(|p| self.track_prepared(text, p, &mut class));
+        self.follow_statement(text, class);
+        Part {
+            range,
+            class,
+            prepared,
+        }
+    }
+
+    /// Updates the session's statements for an SQL-level prepared-statement command in
+    /// `text` and resolves it; `class` becomes that of what it prepares or runs.
+    fn track_prepared(
+        &mut self,
+        text: &[u8],
+        prepared: Prepared,
+        class: &mut Class,
+    ) -> SqlPrepared {
+        match prepared {
+            Prepared::Prepare { name, body } => {
+                *class = sql::classify(&text[body..]);
+                let tracked = self.track_prepare(&name, text, body, *class);
+                SqlPrepared::Prepare { name, tracked }
             }
-            Some(Prepared::Execute { name, runs }) => {
+            Prepared::Execute { name, runs } => {
                 let source = self.statements.get(&name).map(|s| {
                     // A plain EXPLAIN only plans it.
-                    class = if runs { s.class } else { Class::Select };
+                    *class = if runs { s.class } else { Class::Select };
                     s.source.clone()
                 });
-                Some(SqlPrepared::Execute { name, source })
+                SqlPrepared::Execute { name, source }
             }
             // DDL (it passes as DDL) that needs the statement on the mirror, as EXECUTE does.
-            Some(Prepared::CreateTableAsExecute { name }) => {
+            Prepared::CreateTableAsExecute { name } => {
                 let source = self.statements.get(&name).map(|s| s.source.clone());
-                Some(SqlPrepared::Execute { name, source })
+                SqlPrepared::Execute { name, source }
             }
-            Some(Prepared::Deallocate { name }) => {
+            Prepared::Deallocate { name } => {
                 self.remove_statement(&name);
-                Some(SqlPrepared::Deallocate { name })
+                SqlPrepared::Deallocate { name }
             }
-            Some(Prepared::DeallocateAll) => {
+            Prepared::DeallocateAll => {
                 self.clear_statements();
-                Some(SqlPrepared::DeallocateAll)
+                SqlPrepared::DeallocateAll
             }
-            Some(Prepared::DiscardAll) => {
+            Prepared::DiscardAll => {
                 self.clear_statements();
                 // After routing: a DISCARD ALL run through Execute still needs its own portal.
                 self.discard_portals = true;
-                Some(SqlPrepared::DeallocateAll)
+                SqlPrepared::DeallocateAll
             }
-        };
+        }
+    }
+
+    /// Tracks the statement an SQL-level `PREPARE` (`text`, preparing `text[body..]` of
+    /// class `class`) creates. Returns whether it is tracked.
+    fn track_prepare(&mut self, name: &str, text: &[u8], body: usize, class: Class) -> bool {
+        let fingerprint = self.fingerprints.intern(&text[body..]);
+        self.insert_statement(
+            name,
+            || Source::Prepare(Bytes::copy_from_slice(text)),
+            text.len(),
+            |source| Replayable {
+                class,
+                // COPY cannot be prepared.
+                copy_from: false,
+                source,
+                fingerprint,
+                transaction: None,
+                setting: false,
+                command: None,
+            },
+        )
+    }
+
+    /// Follows what running a statement of a simple Query does to the session's settings
+    /// and transaction block.
+    fn follow_statement(&mut self, text: &[u8], class: Class) {
         match class {
             Class::Session => {
                 if let Some(setting) = sql::setting(text) {
@@ -327,11 +357,6 @@ impl Router {
                 }
             }
             _ => {}
-        }
-        Part {
-            range,
-            class,
-            prepared,
         }
     }
 
@@ -368,126 +393,10 @@ impl Router {
     /// Updates the session bookkeeping for one frame and says how to route it.
     fn classify<'a>(&mut self, tag_byte: u8, frame: &Bytes, body: &'a [u8]) -> Option<Route<'a>> {
         Some(match tag_byte {
-            tag::QUERY => {
-                let sql = body.strip_suffix(&[0]).unwrap_or(body);
-                self.last_fingerprint = self.fingerprints.intern(sql);
-                let ranges = if memchr::memchr(b';', sql).is_some() {
-                    sql::split_statements(sql)
-                } else {
-                    Vec::new()
-                };
-                // A lone trailing `;` splits into one part: treat it as a single statement.
-                if ranges.len() <= 1 {
-                    let range = ranges.into_iter().next().unwrap_or(0..sql.len());
-                    let single = self.part(sql, range);
-                    Route::Query {
-                        sql,
-                        single,
-                        parts: Vec::new(),
-                    }
-                } else {
-                    let parts = ranges.into_iter().map(|r| self.part(sql, r)).collect();
-                    Route::Query {
-                        sql,
-                        single: Part {
-                            range: 0..0,
-                            class: Class::Other,
-                            prepared: None,
-                        },
-                        parts,
-                    }
-                }
-            }
-            tag::PARSE => {
-                let (name, query, _) = wire::Parse::new(body).parts().ok()?;
-                let query = query.as_bytes();
-                let command = sql::prepared(query).map(|_| Bytes::copy_from_slice(query));
-                // A command's Parse, Bind and Describe reach every mirror (preparing or
-                // describing `EXECUTE x` runs nothing); whether its Execute goes depends on
-                // what it prepares, runs or drops, decided when it runs.
-                let class = if command.is_some() {
-                    Class::Session
-                } else {
-                    sql::classify(query)
-                };
-                let fingerprint = self.fingerprints.intern(query);
-                let transaction = match class {
-                    Class::Transaction => sql::transaction(query),
-                    _ => None,
-                };
-                let setting = class == Class::Session && sql::setting(query).is_some();
-                self.insert_statement(
-                    name,
-                    || Source::Parse(Bytes::copy_from_slice(frame)),
-                    frame.len(),
-                    |source| Statement {
-                        class,
-                        copy_from: sql::copy(query) == Some(sql::Copy::From),
-                        source,
-                        fingerprint,
-                        transaction,
-                        setting,
-                        command,
-                    },
-                );
-                Route::Parse { name }
-            }
-            tag::BIND => {
-                let bind = wire::Bind::new(body);
-                let (portal, statement) = (bind.portal().ok()?, bind.statement().ok()?);
-                if let Some(s) = self.statements.get(statement)
-                    && (self.portals.len() < NAMES_MAX || self.portals.contains_key(portal))
-                {
-                    self.portals.insert(
-                        portal.to_string(),
-                        Portal {
-                            class: s.class,
-                            copy_from: s.copy_from,
-                            statement: statement.to_string(),
-                            fingerprint: s.fingerprint,
-                            transaction: s.transaction,
-                            setting: s.setting
-                                && bind.params().is_ok_and(|params| params.is_empty()),
-                            command: s.command.clone(),
-                        },
-                    );
-                } else {
-                    self.portals.remove(portal);
-                }
-                Route::Bind { statement }
-            }
-            tag::EXECUTE => {
-                let portal = wire::Execute::new(body).portal().ok()?;
-                let command = self.portals.get(portal).and_then(|p| p.command.clone());
-                if let Some(text) = command {
-                    // Bookkeeping as a simple Query's PREPARE, EXECUTE or DEALLOCATE does it.
-                    self.last_fingerprint = self.portals.get(portal).map_or(0, |p| p.fingerprint);
-                    let command = self.part(&text, 0..text.len());
-                    return Some(Route::Execute {
-                        portal,
-                        command: Some(command),
-                    });
-                }
-                if let Some(p) = self.portals.get(portal) {
-                    self.last_fingerprint = p.fingerprint;
-                    if let Some(transaction) = p.transaction {
-                        self.settings.transaction(transaction);
-                    }
-                    if p.setting
-                        && let Some(Source::Parse(parse)) =
-                            self.statements.get(&p.statement).map(|s| &s.source)
-                        && let Ok((_, query, _)) =
-                            wire::Parse::new(&parse[wire::HEADER_BYTES..]).parts()
-                        && let Some(setting) = sql::setting(query.as_bytes())
-                    {
-                        self.settings.change(setting, query.as_bytes());
-                    }
-                }
-                Route::Execute {
-                    portal,
-                    command: None,
-                }
-            }
+            tag::QUERY => self.classify_query(body),
+            tag::PARSE => self.classify_parse(frame, body)?,
+            tag::BIND => self.classify_bind(body)?,
+            tag::EXECUTE => self.classify_execute(body)?,
             tag::DESCRIBE => match wire::Describe::new(body).target().ok()? {
                 (Target::Statement, name) => Route::DescribeStatement { name },
                 (Target::Portal, name) => Route::Portal { name },
@@ -507,9 +416,141 @@ impl Router {
         })
     }
 
-    async fn route_one(&mut self, link: &Rc<Link>, route: &Route<'_>, frame: &Bytes) {
-        let cfg = &link.target.cfg;
-        let stats = &link.target.stats;
+    /// A simple Query: its fingerprint, and its statements classified in order.
+    fn classify_query<'a>(&mut self, body: &'a [u8]) -> Route<'a> {
+        let sql = body.strip_suffix(&[0]).unwrap_or(body);
+        self.last_fingerprint = self.fingerprints.intern(sql);
+        let ranges = if memchr::memchr(b';', sql).is_some() {
+            sql::split_statements(sql)
+        } else {
+            Vec::new()
+        };
+        // A lone trailing `;` splits into one part: treat it as a single statement.
+        if ranges.len() <= 1 {
+            let range = ranges.into_iter().next().unwrap_or(0..sql.len());
+            let single = self.part(sql, range);
+            Route::Query {
+                sql,
+                single,
+                parts: Vec::new(),
+            }
+        } else {
+            let parts = ranges.into_iter().map(|r| self.part(sql, r)).collect();
+            Route::Query {
+                sql,
+                single: Part {
+                    range: 0..0,
+                    class: Class::Other,
+                    prepared: None,
+                },
+                parts,
+            }
+        }
+    }
+
+    /// A Parse: the session now has its statement (within the bounds), kept for replay.
+    fn classify_parse<'a>(&mut self, frame: &Bytes, body: &'a [u8]) -> Option<Route<'a>> {
+        let (name, query, _) = wire::Parse::new(body).parts().ok()?;
+        let query = query.as_bytes();
+        let command = sql::prepared(query).map(|_| Bytes::copy_from_slice(query));
+        // A command's Parse, Bind and Describe reach every mirror (preparing or
+        // describing `EXECUTE x` runs nothing); whether its Execute goes depends on
+        // what it prepares, runs or drops, decided when it runs.
+        let class = if command.is_some() {
+            Class::Session
+        } else {
+            sql::classify(query)
+        };
+        let fingerprint = self.fingerprints.intern(query);
+        let transaction = match class {
+            Class::Transaction => sql::transaction(query),
+            _ => None,
+        };
+        let setting = class == Class::Session && sql::setting(query).is_some();
+        self.insert_statement(
+            name,
+            || Source::Parse(Bytes::copy_from_slice(frame)),
+            frame.len(),
+            |source| Replayable {
+                class,
+                copy_from: sql::copy(query) == Some(sql::Copy::From),
+                source,
+                fingerprint,
+                transaction,
+                setting,
+                command,
+            },
+        );
+        Some(Route::Parse { name })
+    }
+
+    /// A Bind: its portal takes what routing needs from its statement (or is forgotten when
+    /// the statement is unknown or the portals are at their bound).
+    fn classify_bind<'a>(&mut self, body: &'a [u8]) -> Option<Route<'a>> {
+        let bind = wire::Bind::new(body);
+        let (portal, statement) = (bind.portal().ok()?, bind.statement().ok()?);
+        if let Some(s) = self.statements.get(statement)
+            && (self.portals.len() < NAMES_MAX || self.portals.contains_key(portal))
+        {
+            self.portals.insert(
+                portal.to_string(),
+                BoundPortal {
+                    class: s.class,
+                    copy_from: s.copy_from,
+                    statement: statement.to_string(),
+                    fingerprint: s.fingerprint,
+                    transaction: s.transaction,
+                    setting: s.setting && bind.params().is_ok_and(|params| params.is_empty()),
+                    command: s.command.clone(),
+                },
+            );
+        } else {
+            self.portals.remove(portal);
+        }
+        Some(Route::Bind { statement })
+    }
+
+    /// An Execute: the session's bookkeeping as running its portal does it.
+    fn classify_execute<'a>(&mut self, body: &'a [u8]) -> Option<Route<'a>> {
+        let portal = wire::Execute::new(body).portal().ok()?;
+        let command = self.portals.get(portal).and_then(|p| p.command.clone());
+        if let Some(text) = command {
+            // Bookkeeping as a simple Query's PREPARE, EXECUTE or DEALLOCATE does it.
+            self.last_fingerprint = self.portals.get(portal).map_or(0, |p| p.fingerprint);
+            let command = self.part(&text, 0..text.len());
+            return Some(Route::Execute {
+                portal,
+                command: Some(command),
+            });
+        }
+        self.follow_portal(portal);
+        Some(Route::Execute {
+            portal,
+            command: None,
+        })
+    }
+
+    /// Follows what running a portal (no prepared-statement command) does to the session:
+    /// the fingerprint of the next sync point, the transaction block and the settings.
+    fn follow_portal(&mut self, portal: &str) {
+        let Some(p) = self.portals.get(portal) else {
+            return;
+        };
+        self.last_fingerprint = p.fingerprint;
+        if let Some(transaction) = p.transaction {
+            self.settings.transaction(transaction);
+        }
+        if p.setting
+            && let Some(Source::Parse(parse)) = self.statements.get(&p.statement).map(|s| &s.source)
+            && let Ok((_, query, _)) = wire::Parse::new(&parse[wire::HEADER_BYTES..]).parts()
+            && let Some(setting) = sql::setting(query.as_bytes())
+        {
+            self.settings.change(setting, query.as_bytes());
+        }
+    }
+
+    /// Routes one classified frame to one link.
+    async fn route_one(&self, link: &Rc<Link>, route: &Route<'_>, frame: &Bytes) {
         match route {
             Route::Query { sql, single, parts } => {
                 let parts = if parts.is_empty() {
@@ -519,72 +560,22 @@ impl Router {
                 };
                 self.route_query(link, sql, parts, frame).await;
             }
-            Route::Parse { name } => {
-                let wanted = self
-                    .statements
-                    .get(*name)
-                    .is_some_and(|s| passes(cfg, s.class));
-                if wanted {
-                    if self.send(link, frame.clone(), None, false).await {
-                        link.prepared.borrow_mut().insert(name.to_string());
-                    }
-                } else {
-                    // The mirror's statement of that name (if any) is now stale: anything bound
-                    // to the name is skipped from here on, because its class does not pass.
-                    MirrorStats::bump(&stats.counters.skipped_filter, 1);
-                }
-            }
-            Route::Bind { statement } => {
-                let Some(s) = self.statements.get(*statement) else {
-                    return;
-                };
-                if !passes(cfg, s.class) {
-                    return;
-                }
-                // The mirror lost or never got this statement (skipped, reconnected): prepare
-                // it again before binding. Text not kept: the Bind is skipped, and so is its
-                // Execute (counted there).
-                if link.accepting()
-                    && !link.prepared.borrow().contains(*statement)
-                    && self
-                        .prepare_again(link, statement, &s.source)
-                        .await
-                        .is_none()
-                {
-                    return;
-                }
-                self.send(link, frame.clone(), None, false).await;
-            }
+            Route::Parse { name } => self.route_parse(link, name, frame).await,
+            Route::Bind { statement } => self.route_bind(link, statement, frame).await,
             Route::Execute { portal, command } => {
-                let Some(p) = self.portals.get(*portal) else {
-                    return;
-                };
-                let class = command.as_ref().map_or(p.class, |c| c.class);
-                if !passes(cfg, class) {
-                    MirrorStats::bump(&stats.counters.skipped_filter, 1);
-                    return;
-                }
-                if link.accepting() && !link.prepared.borrow().contains(&p.statement) {
-                    MirrorStats::bump(&stats.counters.skipped_unprepared, 1);
-                    return;
-                }
-                if let Some(prepared) = command.as_ref().and_then(|c| c.prepared.as_ref()) {
-                    self.execute_command(link, prepared, frame).await;
-                    return;
-                }
-                let copy = p.copy_from;
-                if self.send(link, frame.clone(), None, true).await && copy {
-                    link.copy_active.set(true);
-                }
+                self.route_execute(link, portal, command.as_ref(), frame)
+                    .await;
             }
             Route::DescribeStatement { name } => {
                 if link.prepared.borrow().contains(*name) {
                     self.send(link, frame.clone(), None, false).await;
                 }
             }
-            Route::Portal { name } => {
+            // Describe or Close a portal: only where it passes and the mirror has its statement.
+            Route::Portal { name } | Route::ClosePortal { name } => {
                 if self.portals.get(*name).is_some_and(|p| {
-                    passes(cfg, p.class) && link.prepared.borrow().contains(&p.statement)
+                    passes(&link.target.cfg, p.class)
+                        && link.prepared.borrow().contains(&p.statement)
                 }) {
                     self.send(link, frame.clone(), None, false).await;
                 }
@@ -594,27 +585,7 @@ impl Router {
                     self.send(link, frame.clone(), None, false).await;
                 }
             }
-            Route::ClosePortal { name } => {
-                if self.portals.get(*name).is_some_and(|p| {
-                    passes(cfg, p.class) && link.prepared.borrow().contains(&p.statement)
-                }) {
-                    self.send(link, frame.clone(), None, false).await;
-                }
-            }
-            // During a COPY FROM STDIN started by Execute the server ignores Sync (no
-            // ReadyForQuery follows): forward it, but not as a sync point.
-            Route::Sync if link.copy_active.get() => {
-                self.send(link, frame.clone(), None, false).await;
-            }
-            Route::Sync => {
-                if link.pending_sync.get()
-                    && self
-                        .send(link, frame.clone(), Some(self.last_fingerprint), false)
-                        .await
-                {
-                    link.pending_sync.set(false);
-                }
-            }
+            Route::Sync => self.route_sync(link, frame).await,
             Route::Flush => {
                 if link.pending_sync.get() {
                     self.send(link, frame.clone(), None, false).await;
@@ -629,11 +600,99 @@ impl Router {
                 }
             }
             Route::FunctionCall => {
-                if cfg.queries == QueryFilter::All {
+                if link.target.cfg.queries == QueryFilter::All {
                     self.send(link, frame.clone(), Some(0), true).await;
                 }
             }
             Route::Never => {}
+        }
+    }
+
+    /// Routes a Parse to one link: only if its statement's class passes the link's filter.
+    async fn route_parse(&self, link: &Rc<Link>, name: &str, frame: &Bytes) {
+        let wanted = self
+            .statements
+            .get(name)
+            .is_some_and(|s| passes(&link.target.cfg, s.class));
+        if wanted {
+            if self.send(link, frame.clone(), None, false).await {
+                link.prepared.borrow_mut().insert(name.to_string());
+            }
+        } else {
+            // The mirror's statement of that name (if any) is now stale: anything bound
+            // to the name is skipped from here on, because its class does not pass.
+            MirrorStats::bump(&link.target.stats.counters.skipped_filter, 1);
+        }
+    }
+
+    /// Routes a Bind to one link: only if its statement passes, prepared again first where
+    /// the mirror lacks it.
+    async fn route_bind(&self, link: &Rc<Link>, statement: &str, frame: &Bytes) {
+        let Some(s) = self.statements.get(statement) else {
+            return;
+        };
+        if !passes(&link.target.cfg, s.class) {
+            return;
+        }
+        // The mirror lost or never got this statement (skipped, reconnected): prepare
+        // it again before binding. Text not kept: the Bind is skipped, and so is its
+        // Execute (counted there).
+        if link.accepting()
+            && !link.prepared.borrow().contains(statement)
+            && self
+                .prepare_again(link, statement, &s.source)
+                .await
+                .is_none()
+        {
+            return;
+        }
+        self.send(link, frame.clone(), None, false).await;
+    }
+
+    /// Routes an Execute to one link: only if its class passes and the mirror has its
+    /// statement; an SQL-level prepared-statement command is resolved as it runs.
+    async fn route_execute(
+        &self,
+        link: &Rc<Link>,
+        portal: &str,
+        command: Option<&Part>,
+        frame: &Bytes,
+    ) {
+        let stats = &link.target.stats;
+        let Some(p) = self.portals.get(portal) else {
+            return;
+        };
+        let class = command.map_or(p.class, |c| c.class);
+        if !passes(&link.target.cfg, class) {
+            MirrorStats::bump(&stats.counters.skipped_filter, 1);
+            return;
+        }
+        if link.accepting() && !link.prepared.borrow().contains(&p.statement) {
+            MirrorStats::bump(&stats.counters.skipped_unprepared, 1);
+            return;
+        }
+        if let Some(prepared) = command.and_then(|c| c.prepared.as_ref()) {
+            self.execute_command(link, prepared, frame).await;
+            return;
+        }
+        let copy = p.copy_from;
+        if self.send(link, frame.clone(), None, true).await && copy {
+            link.copy_active.set(true);
+        }
+    }
+
+    /// Routes a Sync to one link: a sync point when the link has frames it closes.
+    async fn route_sync(&self, link: &Rc<Link>, frame: &Bytes) {
+        // During a COPY FROM STDIN started by Execute the server ignores Sync (no
+        // ReadyForQuery follows): forward it, but not as a sync point.
+        if link.copy_active.get() {
+            self.send(link, frame.clone(), None, false).await;
+        } else if link.pending_sync.get()
+            && self
+                .send(link, frame.clone(), Some(self.last_fingerprint), false)
+                .await
+        {
+            link.pending_sync.set(false);
         }
     }
 
@@ -707,96 +766,14 @@ impl Router {
     /// mirror has it. The client's frame goes as is when nothing changes, else a Query with
     /// the statements that pass (and PREPAREs the mirror lacks, before their EXECUTE).
     async fn route_query(&self, link: &Rc<Link>, sql: &[u8], parts: &[Part], frame: &Bytes) {
-        let cfg = &link.target.cfg;
-        let stats = &link.target.stats;
         if let [part] = parts
             && part.prepared.is_none()
         {
-            // The common case, without allocation.
-            if !passes(cfg, part.class) {
-                MirrorStats::bump(&stats.counters.skipped_filter, 1);
-                return;
-            }
-            let statement = part.class != Class::Empty;
-            if self
-                .send(link, frame.clone(), Some(self.last_fingerprint), statement)
-                .await
-                && part.class == Class::Dml
-                && sql::copy(&sql[part.range.clone()]) == Some(sql::Copy::From)
-            {
-                link.copy_active.set(true);
-            }
+            self.route_statement(link, sql, part, frame).await;
             return;
         }
-        let mut plan = QueryPlan::default();
-        {
-            let prepared = link.prepared.borrow();
-            // The mirror's statements as the Query goes: changes over `prepared`.
-            let mut changed: HashMap<&str, bool> = HashMap::new();
-            let mut cleared = false;
-            let has = |changed: &HashMap<&str, bool>, cleared: bool, name: &str| {
-                changed
-                    .get(name)
-                    .copied()
-                    .unwrap_or_else(|| !cleared && prepared.contains(name))
-            };
-            for (i, part) in parts.iter().enumerate() {
-                let pass = passes(cfg, part.class);
-                match &part.prepared {
-                    None | Some(SqlPrepared::Prepare { tracked: true, .. }) if pass => {
-                        if let Some(SqlPrepared::Prepare { name, .. }) = &part.prepared {
-                            changed.insert(name, true);
-                        }
-                        plan.send.push((i, None));
-                    }
-                    // Filtered, or a PREPARE beyond the name bound. A statement of that name
-                    // the mirror still has is stale: whatever uses the name is filtered too.
-                    None | Some(SqlPrepared::Prepare { .. }) => plan.filtered = true,
-                    Some(SqlPrepared::Execute { name, source }) => {
-                        let Some(source) = source.as_ref().filter(|_| pass) else {
-                            plan.filtered = true;
-                            continue;
-                        };
-                        if has(&changed, cleared, name) {
-                            plan.send.push((i, None));
-                            continue;
-                        }
-                        // The mirror lacks it (filtered, reconnected, cut): prepare it again.
-                        match source {
-                            Source::Prepare(text) => plan.send.push((i, Some(text.clone()))),
-                            Source::Parse(parse) => {
-                                plan.parses.push(parse.clone());
-                                plan.send.push((i, None));
-                            }
-                            Source::Lost => {
-                                plan.unprepared += 1;
-                                continue;
-                            }
-                        }
-                        plan.reprepared += 1;
-                        changed.insert(name, true);
-                    }
-                    Some(SqlPrepared::Deallocate { name }) => {
-                        // Only where it exists: else the mirror would fail where the primary
-                        // did not (and abort the transaction it is in).
-                        if has(&changed, cleared, name) {
-                            changed.insert(name, false);
-                            plan.send.push((i, None));
-                        }
-                    }
-                    Some(SqlPrepared::DeallocateAll) => {
-                        changed.clear();
-                        cleared = true;
-                        plan.send.push((i, None));
-                    }
-                }
-            }
-            plan.cleared = cleared;
-            plan.changed = changed
-                .into_iter()
-                .map(|(name, has)| (name.to_string(), has))
-                .collect();
-        }
+        let stats = &link.target.stats;
+        let mut plan = QueryPlan::new(&link.target.cfg, &link.prepared.borrow(), parts);
         if plan.filtered {
             MirrorStats::bump(&stats.counters.skipped_filter, 1);
         }
@@ -804,51 +781,20 @@ impl Router {
         if plan.send.is_empty() {
             return;
         }
-        let verbatim = plan.send.len() == parts.len()
-            && plan.parses.is_empty()
-            && plan.send.iter().all(|(_, prepare)| prepare.is_none());
-        let out = if verbatim {
-            frame.clone()
-        } else {
-            let mut text = Vec::with_capacity(sql.len());
-            for (i, prepare) in &plan.send {
-                if let Some(prepare) = prepare {
-                    text.extend_from_slice(prepare);
-                    text.push(b';');
-                }
-                text.extend_from_slice(&sql[parts[*i].range.clone()]);
-                text.push(b';');
-            }
-            let mut out = BytesMut::with_capacity(text.len() + 6);
-            match std::str::from_utf8(&text) {
-                Ok(text) if wire::encode::query(&mut out, text).is_ok() => out.freeze(),
-                // Not UTF-8 or holding a NUL: the primary rejects it too.
-                _ => return,
-            }
+        let Some(out) = plan.frame(sql, parts, frame) else {
+            return;
         };
-        // Protocol-level statements an EXECUTE needs: Parse, then Sync so that a failing Parse
-        // cannot make the mirror ignore the Query (it skips everything up to a Sync).
-        if !plan.parses.is_empty() {
-            for parse in plan.parses {
-                if !self.send(link, parse, None, false).await {
-                    return;
-                }
-            }
-            let mut sync = BytesMut::new();
-            wire::encode::sync(&mut sync);
-            if !self.send(link, sync.freeze(), Some(0), false).await {
-                return;
-            }
-            link.pending_sync.set(false);
+        if !self
+            .send_parses(link, std::mem::take(&mut plan.parses))
+            .await
+        {
+            return;
         }
         let statement = plan
             .send
             .iter()
             .any(|(i, _)| parts[*i].class != Class::Empty);
-        let copy = plan.send.iter().any(|(i, _)| {
-            parts[*i].class == Class::Dml
-                && sql::copy(&sql[parts[*i].range.clone()]) == Some(sql::Copy::From)
-        });
+        let copy = plan.send.iter().any(|(i, _)| copies_from(sql, &parts[*i]));
         if !self
             .send(link, out, Some(self.last_fingerprint), statement)
             .await
@@ -859,17 +805,45 @@ impl Router {
             link.copy_active.set(true);
         }
         MirrorStats::bump(&stats.counters.reprepared, plan.reprepared);
-        let mut prepared = link.prepared.borrow_mut();
-        if plan.cleared {
-            forget_named(&mut prepared);
+        plan.commit(&mut link.prepared.borrow_mut());
+    }
+
+    /// Routes a Query of one statement that is no prepared-statement command to one link:
+    /// the common case, the client's frame as is, without allocation.
+    async fn route_statement(&self, link: &Rc<Link>, sql: &[u8], part: &Part, frame: &Bytes) {
+        if !passes(&link.target.cfg, part.class) {
+            MirrorStats::bump(&link.target.stats.counters.skipped_filter, 1);
+            return;
         }
-        for (name, has) in plan.changed {
-            if has {
-                prepared.insert(name);
-            } else {
-                prepared.remove(&name);
+        let statement = part.class != Class::Empty;
+        if self
+            .send(link, frame.clone(), Some(self.last_fingerprint), statement)
+            .await
+            && copies_from(sql, part)
+        {
+            link.copy_active.set(true);
+        }
+    }
+
+    /// Queues the Parse frames of protocol-level statements a Query's EXECUTEs need, then a
+    /// Sync so that a failing Parse cannot make the mirror ignore the Query (it skips
+    /// everything up to a Sync). Returns whether all were queued (true when there are none).
+    async fn send_parses(&self, link: &Rc<Link>, parses: Vec<Bytes>) -> bool {
+        if parses.is_empty() {
+            return true;
+        }
+        for parse in parses {
+            if !self.send(link, parse, None, false).await {
+                return false;
             }
         }
+        let mut sync = BytesMut::new();
+        wire::encode::sync(&mut sync);
+        if !self.send(link, sync.freeze(), Some(0), false).await {
+            return false;
+        }
+        link.pending_sync.set(false);
+        true
     }
 
     /// Queues a frame on a link under its overflow policy. Returns whether it was queued.
@@ -923,6 +897,11 @@ impl Router {
     }
 }
 
+/// Whether a statement of a simple Query starts a COPY FROM STDIN.
+fn copies_from(sql: &[u8], part: &Part) -> bool {
+    part.class == Class::Dml && sql::copy(&sql[part.range.clone()]) == Some(sql::Copy::From)
+}
+
 /// How a simple Query goes to one link.
 #[derive(Default)]
 struct QueryPlan {
@@ -941,9 +920,154 @@ struct QueryPlan {
     reprepared: u64,
 }
 
+/// The mirror's prepared names as a simple Query goes: the link's set before it (`before`,
+/// not copied) and the changes over it so far.
+struct NamesAsRun<'p, 'q> {
+    before: &'p HashSet<String>,
+    changed: HashMap<&'q str, bool>,
+    cleared: bool,
+}
+
+impl NamesAsRun<'_, '_> {
+    /// Whether the mirror has statement `name` at this point of the Query.
+    fn has(&self, name: &str) -> bool {
+        self.changed
+            .get(name)
+            .copied()
+            .unwrap_or_else(|| !self.cleared && self.before.contains(name))
+    }
+}
+
+impl QueryPlan {
+    /// Plans a simple Query of several statements (or a prepared-statement command) for a
+    /// link with filter `cfg` and prepared names `prepared`.
+    fn new(cfg: &MirrorConfig, prepared: &HashSet<String>, parts: &[Part]) -> QueryPlan {
+        let mut plan = QueryPlan::default();
+        let mut names = NamesAsRun {
+            before: prepared,
+            changed: HashMap::new(),
+            cleared: false,
+        };
+        for (i, part) in parts.iter().enumerate() {
+            plan.part(&mut names, i, part, passes(cfg, part.class));
+        }
+        plan.cleared = names.cleared;
+        plan.changed = names
+            .changed
+            .into_iter()
+            .map(|(name, has)| (name.to_string(), has))
+            .collect();
+        plan
+    }
+
+    /// Plans part `i` (`pass`: its class passes the link's filter).
+    fn part<'q>(&mut self, names: &mut NamesAsRun<'_, 'q>, i: usize, part: &'q Part, pass: bool) {
+        match &part.prepared {
+            None | Some(SqlPrepared::Prepare { tracked: true, .. }) if pass => {
+                if let Some(SqlPrepared::Prepare { name, .. }) = &part.prepared {
+                    names.changed.insert(name, true);
+                }
+                self.send.push((i, None));
+            }
+            // Filtered, or a PREPARE beyond the name bound. A statement of that name
+            // the mirror still has is stale: whatever uses the name is filtered too.
+            None | Some(SqlPrepared::Prepare { .. }) => self.filtered = true,
+            Some(SqlPrepared::Execute { name, source }) => {
+                self.execute(names, i, name, source.as_ref().filter(|_| pass));
+            }
+            Some(SqlPrepared::Deallocate { name }) => {
+                // Only where it exists: else the mirror would fail where the primary
+                // did not (and abort the transaction it is in).
+                if names.has(name) {
+                    names.changed.insert(name, false);
+                    self.send.push((i, None));
+                }
+            }
+            Some(SqlPrepared::DeallocateAll) => {
+                names.changed.clear();
+                names.cleared = true;
+                self.send.push((i, None));
+            }
+        }
+    }
+
+    /// Plans an EXECUTE (part `i`) of statement `name`: `source` is `None` when it is
+    /// filtered or unknown. It goes where the mirror has the statement or can be given it
+    /// again right before.
+    fn execute<'q>(
+        &mut self,
+        names: &mut NamesAsRun<'_, 'q>,
+        i: usize,
+        name: &'q str,
+        source: Option<&Source>,
+    ) {
+        let Some(source) = source else {
+            self.filtered = true;
+            return;
+        };
+        if names.has(name) {
+            self.send.push((i, None));
+            return;
+        }
+        // The mirror lacks it (filtered, reconnected, cut): prepare it again.
+        match source {
+            Source::Prepare(text) => self.send.push((i, Some(text.clone()))),
+            Source::Parse(parse) => {
+                self.parses.push(parse.clone());
+                self.send.push((i, None));
+            }
+            Source::Lost => {
+                self.unprepared += 1;
+                return;
+            }
+        }
+        self.reprepared += 1;
+        names.changed.insert(name, true);
+    }
+
+    /// The Query frame the link gets: the client's own when every part goes unchanged, else
+    /// one of the parts sent (PREPAREs before their EXECUTE). `None` when the text is not
+    /// UTF-8 or holds a NUL: the primary rejects it too.
+    fn frame(&self, sql: &[u8], parts: &[Part], frame: &Bytes) -> Option<Bytes> {
+        let verbatim = self.send.len() == parts.len()
+            && self.parses.is_empty()
+            && self.send.iter().all(|(_, prepare)| prepare.is_none());
+        if verbatim {
+            return Some(frame.clone());
+        }
+        let mut text = Vec::with_capacity(sql.len());
+        for (i, prepare) in &self.send {
+            if let Some(prepare) = prepare {
+                text.extend_from_slice(prepare);
+                text.push(b';');
+            }
+            text.extend_from_slice(&sql[parts[*i].range.clone()]);
+            text.push(b';');
+        }
+        let mut out = BytesMut::with_capacity(text.len() + 6);
+        let text = std::str::from_utf8(&text).ok()?;
+        wire::encode::query(&mut out, text).ok()?;
+        Some(out.freeze())
+    }
+
+    /// Applies the Query's changes to the link's prepared names once it is queued.
+    fn commit(self, prepared: &mut HashSet<String>) {
+        if self.cleared {
+            forget_named(prepared);
+        }
+        for (name, has) in self.changed {
+            if has {
+                prepared.insert(name);
+            } else {
+                prepared.remove(&name);
+            }
+        }
+    }
+}
+
 /// DEALLOCATE ALL and DISCARD ALL drop every named statement; the protocol's unnamed one
 /// stays (only the next Parse or simple Query replaces it).
-fn forget_named(prepared: &mut std::collections::HashSet<String>) {
+fn forget_named(prepared: &mut HashSet<String>) {
     prepared.retain(|name| name.is_empty());
 }
 
