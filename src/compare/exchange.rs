@@ -137,6 +137,16 @@ fn gates(statements: &[Rc<Statement>]) -> bool {
     }
 }
 
+/// One client frame as [`Dispatch::plan`] hands it to the method for its kind.
+struct Planned {
+    frame: Bytes,
+    /// What its answer will be read against.
+    expect: Option<Expect>,
+    /// The compare rules route statements (primary-only patterns).
+    routes: bool,
+    read_at: Instant,
+}
+
 /// Client bytes for the shadow, cut after each gating sync point.
 struct Segment {
     frames: Vec<Bytes>,
@@ -245,13 +255,13 @@ impl Dispatch {
         for (index, f) in framed.iter().enumerate() {
             let (tag, start, end) = (f.tag, f.start, f.end);
             let body = &frames[start + wire::HEADER_BYTES..end];
-            let frame = || frames.slice(start..end);
+            let frame = frames.slice(start..end);
             match tag {
                 // The session tracker's COPY rule: the servers answer this Sync for the sync
                 // point a Sync they ignored during the COPY opened.
                 tag::SYNC if f.step == SessionStep::QuietSync => {
                     if self.copy_to_shadow {
-                        self.send(frame(), false);
+                        self.send(frame, false);
                     }
                     continue;
                 }
@@ -264,143 +274,170 @@ impl Dispatch {
             if let Some(e) = &expect {
                 self.link.expects[PRIMARY].borrow_mut().push_back(e.clone());
             }
-            match tag {
-                tag::QUERY => {
-                    let text = wire::Query::new(body).query().unwrap_or("");
-                    let statements: Vec<Rc<Statement>> = sql::split_statements(text.as_bytes())
-                        .into_iter()
-                        .map(|r| self.simple_statement(&text[r]))
-                        .collect();
-                    let shadow = !(routes && self.target.rules.primary_only(text));
-                    self.copy_to_shadow = shadow;
-                    let gates = gates(&statements);
-                    let seq = self.link.planned.get();
-                    self.push_meta(statements, shadow, read_at);
-                    if shadow {
-                        self.send(frame(), true);
-                        self.out_expects.push(Expect::Sync);
-                        if gates {
-                            self.cut(Some(seq));
-                        }
-                    }
-                }
-                tag::PARSE => {
-                    if let Ok((name, query, types)) = wire::Parse::new(body).parts() {
-                        let params = !types.is_empty() || query.contains('$');
-                        let statement = Rc::new(Statement::new(query, params, &self.target));
-                        self.batch_primary_only |= statement.primary_only;
-                        if self.statements.len() < NAMES_MAX || name.is_empty() {
-                            self.statements.insert(name.to_string(), statement);
-                        }
-                    }
-                    self.hold(frame(), routes, expect);
-                }
-                tag::BIND => {
-                    if let Ok(parts) = wire::Bind::new(body).parts() {
-                        let statement = self.statements.get(parts.statement).cloned();
-                        if let Some(s) = &statement {
-                            self.batch_primary_only |= s.primary_only;
-                        }
-                        if self.portals.len() < NAMES_MAX || parts.portal.is_empty() {
-                            self.portals.insert(
-                                parts.portal.to_string(),
-                                Portal {
-                                    statement: statement
-                                        .unwrap_or_else(|| Rc::new(Statement::unknown())),
-                                    formats: ResultFormats::from_wire(parts.result_formats),
-                                },
-                            );
-                        }
-                    }
-                    self.hold(frame(), routes, expect);
-                }
-                tag::EXECUTE => {
-                    let portal = wire::Execute::new(body).portal().unwrap_or("");
-                    let statement = self
-                        .portals
-                        .get(portal)
-                        .map(|p| p.statement.clone())
-                        .unwrap_or_else(|| Rc::new(Statement::unknown()));
+            let planned = Planned {
+                frame,
+                expect,
+                routes,
+                read_at,
+            };
+            self.plan_frame(tag, body, planned);
+        }
+    }
+
+    /// One client frame of [`plan`](Self::plan), by kind.
+    fn plan_frame(&mut self, tag: u8, body: &[u8], f: Planned) {
+        match tag {
+            tag::QUERY => self.plan_query(body, f),
+            tag::PARSE => {
+                if let Ok((name, query, types)) = wire::Parse::new(body).parts() {
+                    let params = !types.is_empty() || query.contains('$');
+                    let statement = Rc::new(Statement::new(query, params, &self.target));
                     self.batch_primary_only |= statement.primary_only;
-                    self.batch.push(statement);
-                    self.hold(frame(), routes, expect);
-                }
-                tag::DESCRIBE | tag::CLOSE => {
-                    let target = if tag == tag::DESCRIBE {
-                        wire::Describe::new(body).target()
-                    } else {
-                        wire::Close::new(body).target()
-                    };
-                    if let Ok((kind, name)) = target {
-                        let primary_only = match kind {
-                            wire::Target::Statement => {
-                                self.statements.get(name).is_some_and(|s| s.primary_only)
-                            }
-                            wire::Target::Portal => self
-                                .portals
-                                .get(name)
-                                .is_some_and(|p| p.statement.primary_only),
-                        };
-                        self.batch_primary_only |= primary_only;
-                        if tag == tag::CLOSE && !self.batch_primary_only {
-                            match kind {
-                                wire::Target::Statement => drop(self.statements.remove(name)),
-                                wire::Target::Portal => drop(self.portals.remove(name)),
-                            }
-                        }
-                    }
-                    self.hold(frame(), routes, expect);
-                }
-                tag::SYNC => {
-                    let statements = std::mem::take(&mut self.batch);
-                    let shadow = self.batch_released || !self.batch_primary_only;
-                    self.batch_primary_only = false;
-                    self.batch_released = false;
-                    // A COPY this batch started follows the batch's routing.
-                    self.copy_to_shadow = shadow;
-                    let gates = gates(&statements);
-                    let seq = self.link.planned.get();
-                    self.push_meta(statements, shadow, read_at);
-                    if shadow {
-                        self.release_held();
-                        self.send(frame(), true);
-                        self.out_expects.push(Expect::Sync);
-                        if gates {
-                            self.cut(Some(seq));
-                        }
-                    } else {
-                        self.held.clear();
-                        self.held_expects.clear();
+                    if self.statements.len() < NAMES_MAX || name.is_empty() {
+                        self.statements.insert(name.to_string(), statement);
                     }
                 }
-                tag::FUNCTION_CALL => {
-                    self.push_meta(Vec::new(), true, read_at);
-                    self.send(frame(), true);
-                    self.out_expects.push(Expect::Sync);
-                }
-                tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
-                    if self.copy_to_shadow {
-                        self.send(frame(), false);
-                    }
-                }
-                tag::TERMINATE => self.send(frame(), false),
-                tag::FLUSH if routes && !self.batch_released && !self.held.is_empty() => {
-                    // The client waits for answers before it syncs: the batch's routing is
-                    // decided now, so that a COPY it started gets its data where it runs. (A
-                    // Flush with nothing of the batch before it, e.g. right after a Sync,
-                    // decides nothing and waits with the next batch.)
-                    if self.batch_primary_only {
-                        self.copy_to_shadow = false;
-                        self.hold(frame(), routes, None);
-                    } else {
-                        self.release_held();
-                        self.batch_released = true;
-                        self.copy_to_shadow = true;
-                        self.send(frame(), false);
-                    }
-                }
-                _ => self.hold(frame(), routes, None),
+                self.hold(f.frame, f.routes, f.expect);
             }
+            tag::BIND => self.plan_bind(body, f),
+            tag::EXECUTE => {
+                let portal = wire::Execute::new(body).portal().unwrap_or("");
+                let statement = self
+                    .portals
+                    .get(portal)
+                    .map(|p| p.statement.clone())
+                    .unwrap_or_else(|| Rc::new(Statement::unknown()));
+                self.batch_primary_only |= statement.primary_only;
+                self.batch.push(statement);
+                self.hold(f.frame, f.routes, f.expect);
+            }
+            tag::DESCRIBE | tag::CLOSE => self.plan_describe_or_close(tag, body, f),
+            tag::SYNC => self.plan_sync(f),
+            tag::FUNCTION_CALL => {
+                self.push_meta(Vec::new(), true, f.read_at);
+                self.send(f.frame, true);
+                self.out_expects.push(Expect::Sync);
+            }
+            tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
+                if self.copy_to_shadow {
+                    self.send(f.frame, false);
+                }
+            }
+            tag::TERMINATE => self.send(f.frame, false),
+            tag::FLUSH if f.routes && !self.batch_released && !self.held.is_empty() => {
+                self.plan_flush(f)
+            }
+            _ => self.hold(f.frame, f.routes, None),
+        }
+    }
+
+    /// A simple Query: one sync point of its statements, to the shadow unless routed to the
+    /// primary only.
+    fn plan_query(&mut self, body: &[u8], f: Planned) {
+        let text = wire::Query::new(body).query().unwrap_or("");
+        let statements: Vec<Rc<Statement>> = sql::split_statements(text.as_bytes())
+            .into_iter()
+            .map(|r| self.simple_statement(&text[r]))
+            .collect();
+        let shadow = !(f.routes && self.target.rules.primary_only(text));
+        self.copy_to_shadow = shadow;
+        let gates = gates(&statements);
+        let seq = self.link.planned.get();
+        self.push_meta(statements, shadow, f.read_at);
+        if shadow {
+            self.send(f.frame, true);
+            self.out_expects.push(Expect::Sync);
+            if gates {
+                self.cut(Some(seq));
+            }
+        }
+    }
+
+    /// Bind: remembers the portal's statement and the result formats it asked for.
+    fn plan_bind(&mut self, body: &[u8], f: Planned) {
+        if let Ok(parts) = wire::Bind::new(body).parts() {
+            let statement = self.statements.get(parts.statement).cloned();
+            if let Some(s) = &statement {
+                self.batch_primary_only |= s.primary_only;
+            }
+            if self.portals.len() < NAMES_MAX || parts.portal.is_empty() {
+                self.portals.insert(
+                    parts.portal.to_string(),
+                    Portal {
+                        statement: statement.unwrap_or_else(|| Rc::new(Statement::unknown())),
+                        formats: ResultFormats::from_wire(parts.result_formats),
+                    },
+                );
+            }
+        }
+        self.hold(f.frame, f.routes, f.expect);
+    }
+
+    /// Describe and Close: their target's routing joins the batch's; a Close forgets it
+    /// (unless the batch stays on the primary, where the shadow never saw it closed).
+    fn plan_describe_or_close(&mut self, tag: u8, body: &[u8], f: Planned) {
+        let target = if tag == tag::DESCRIBE {
+            wire::Describe::new(body).target()
+        } else {
+            wire::Close::new(body).target()
+        };
+        if let Ok((kind, name)) = target {
+            let primary_only = match kind {
+                wire::Target::Statement => {
+                    self.statements.get(name).is_some_and(|s| s.primary_only)
+                }
+                wire::Target::Portal => self
+                    .portals
+                    .get(name)
+                    .is_some_and(|p| p.statement.primary_only),
+            };
+            self.batch_primary_only |= primary_only;
+            if tag == tag::CLOSE && !self.batch_primary_only {
+                match kind {
+                    wire::Target::Statement => drop(self.statements.remove(name)),
+                    wire::Target::Portal => drop(self.portals.remove(name)),
+                }
+            }
+        }
+        self.hold(f.frame, f.routes, f.expect);
+    }
+
+    /// Sync: the batch's sync point; its routing decides where the held frames go.
+    fn plan_sync(&mut self, f: Planned) {
+        let statements = std::mem::take(&mut self.batch);
+        let shadow = self.batch_released || !self.batch_primary_only;
+        self.batch_primary_only = false;
+        self.batch_released = false;
+        // A COPY this batch started follows the batch's routing.
+        self.copy_to_shadow = shadow;
+        let gates = gates(&statements);
+        let seq = self.link.planned.get();
+        self.push_meta(statements, shadow, f.read_at);
+        if shadow {
+            self.release_held();
+            self.send(f.frame, true);
+            self.out_expects.push(Expect::Sync);
+            if gates {
+                self.cut(Some(seq));
+            }
+        } else {
+            self.held.clear();
+            self.held_expects.clear();
+        }
+    }
+
+    /// The client waits for answers before it syncs: the batch's routing is decided now, so
+    /// that a COPY it started gets its data where it runs. (A Flush with nothing of the batch
+    /// before it, e.g. right after a Sync, decides nothing and waits with the next batch.)
+    fn plan_flush(&mut self, f: Planned) {
+        if self.batch_primary_only {
+            self.copy_to_shadow = false;
+            self.hold(f.frame, f.routes, None);
+        } else {
+            self.release_held();
+            self.batch_released = true;
+            self.copy_to_shadow = true;
+            self.send(f.frame, false);
         }
     }
 
@@ -1256,69 +1293,105 @@ impl Comparer {
             if differences.is_empty() {
                 continue;
             }
-            ShardStats::bump(&stats.counters.compare_mismatches, 1);
-            for d in &differences {
-                let cell = &self.target.stats.kinds[d.kind.index()];
-                cell.set(cell.get() + 1);
-            }
-            let empty = Digest::default();
-            let record = self.record(
-                &statement,
-                &differences,
-                p.unwrap_or(&empty),
-                s.unwrap_or(&empty),
-                (primary_us, shadow_us, primary.status),
-                fallback,
-            );
+            let times = (primary_us, shadow_us, primary.status);
+            let reported =
+                self.report_mismatch(&statement, &differences, (p, s), times, stats, fallback);
             if failure.is_none() && !fallback {
-                failure = Some((record.description.clone(), detail(&record)));
-            }
-            if fallback {
-                ShardStats::bump(&stats.counters.compare_fallbacks, 1);
-            }
-            if !self.target.send(record) {
-                ShardStats::bump(&stats.counters.compare_reports_dropped, 1);
+                failure = Some(reported);
             }
         }
         ShardStats::bump(&stats.counters.compare_statements, compared);
         if slow && meta.statements.len() == 1 {
             ShardStats::bump(&stats.counters.compare_slow, 1);
-            let statement = &meta.statements[0];
-            if cfg.explain_slow_queries
-                && statement.read_only
-                && !statement.params
-                && !statement.excluded
-                && self.target.explains_left.get() > 0
-            {
-                self.target
-                    .explains_left
-                    .set(self.target.explains_left.get() - 1);
-                ShardStats::bump(&stats.counters.compare_explains, 1);
-                let mut record = self.record(
-                    statement,
-                    &[Difference {
-                        kind: Kind::Slow,
-                        text: format!(
-                            "shadow slower than primary: {shadow_us} us vs {primary_us} us (ratio {:.1}, limit {})",
-                            shadow_us as f64 / primary_us.max(1) as f64,
-                            cfg.slow_query_ratio
-                        ),
-                    }],
-                    primary.results.first().unwrap_or(&Digest::default()),
-                    shadow.results.first().unwrap_or(&Digest::default()),
-                    (primary_us, shadow_us, primary.status),
-                    false,
-                );
-                record.record = "slow";
-                crate::exec::spawn(super::explain::run(
-                    self.target.clone(),
-                    self.params.clone(),
-                    statement.text.to_string(),
-                    record,
-                ));
-            }
+            self.explain_slow(
+                &meta.statements[0],
+                (primary, shadow),
+                (primary_us, shadow_us),
+                stats,
+            );
         }
         if self.fail { failure } else { None }
+    }
+
+    /// Counts and reports one statement's differences; returns the description and detail
+    /// a fail-on-differences client is told.
+    fn report_mismatch(
+        &self,
+        statement: &Statement,
+        differences: &[Difference],
+        (p, s): (Option<&Digest>, Option<&Digest>),
+        times: (u64, u64, u8),
+        stats: &ShardStats,
+        fallback: bool,
+    ) -> (String, String) {
+        ShardStats::bump(&stats.counters.compare_mismatches, 1);
+        for d in differences {
+            let cell = &self.target.stats.kinds[d.kind.index()];
+            cell.set(cell.get() + 1);
+        }
+        let empty = Digest::default();
+        let record = self.record(
+            statement,
+            differences,
+            p.unwrap_or(&empty),
+            s.unwrap_or(&empty),
+            times,
+            fallback,
+        );
+        let reported = (record.description.clone(), detail(&record));
+        if fallback {
+            ShardStats::bump(&stats.counters.compare_fallbacks, 1);
+        }
+        if !self.target.send(record) {
+            ShardStats::bump(&stats.counters.compare_reports_dropped, 1);
+        }
+        reported
+    }
+
+    /// A statement much slower on the shadow: both plans are fetched (EXPLAIN ANALYZE, off the
+    /// session) when it only reads, can be re-run, and the budget allows.
+    fn explain_slow(
+        &self,
+        statement: &Statement,
+        (primary, shadow): (&SyncDigest, &SyncDigest),
+        (primary_us, shadow_us): (u64, u64),
+        stats: &ShardStats,
+    ) {
+        let cfg = &self.target.cfg;
+        if !(cfg.explain_slow_queries
+            && statement.read_only
+            && !statement.params
+            && !statement.excluded
+            && self.target.explains_left.get() > 0)
+        {
+            return;
+        }
+        self.target
+            .explains_left
+            .set(self.target.explains_left.get() - 1);
+        ShardStats::bump(&stats.counters.compare_explains, 1);
+        let mut record = self.record(
+            statement,
+            &[Difference {
+                kind: Kind::Slow,
+                text: format!(
+                    "shadow slower than primary: {shadow_us} us vs {primary_us} us (ratio {:.1}, limit {})",
+                    shadow_us as f64 / primary_us.max(1) as f64,
+                    cfg.slow_query_ratio
+                ),
+            }],
+            primary.results.first().unwrap_or(&Digest::default()),
+            shadow.results.first().unwrap_or(&Digest::default()),
+            (primary_us, shadow_us, primary.status),
+            false,
+        );
+        record.record = "slow";
+        crate::exec::spawn(super::explain::run(
+            self.target.clone(),
+            self.params.clone(),
+            statement.text.to_string(),
+            record,
+        ));
     }
 
     fn record(
