@@ -8,10 +8,12 @@
 #   A="--mirror-latency-sample-every 1" B="" MIRROR=1 LOADS="S N" ROUNDS=5 benches/ab-pgbench.sh
 #   PGPRISM_A=/tmp/pgprism-old A="" B="" benches/ab-pgbench.sh    # two builds
 #   TRANSPORT=unix PGPRISM_A=/tmp/pgprism-old benches/ab-pgbench.sh
+#   SHADOW=1 PGPRISM_A=/tmp/pgprism-old A="" B="" benches/ab-pgbench.sh  # compare mode
 #
 # TRANSPORT=unix: pgbench reaches each pgprism, and each pgprism the primary, through Unix
 # sockets (as in benches/proxy-pgbench.sh).
-# With MIRROR=1 both get `--mirror <mirror> --mirror-all-queries` before their own arguments.
+# With MIRROR=1 both get `--mirror <mirror> --mirror-all-queries` before their own arguments;
+# with SHADOW=1, `--shadow <shadow>` (compare mode, report only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-8}
@@ -20,6 +22,7 @@ LOADS=${LOADS:-"S N"}
 CLIENTS=${CLIENTS:-16}
 SCALE=${SCALE:-10}
 MIRROR=${MIRROR:-0}
+SHADOW=${SHADOW:-0}
 TRANSPORT=${TRANSPORT:-tcp}
 A=${A:-}
 B=${B:-}
@@ -39,6 +42,11 @@ if [ "$MIRROR" = 1 ]; then
   start_pg mirror 55612
   pgbench -h 127.0.0.1 -p 55612 -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
   COMMON+=(--mirror postgres://postgres@127.0.0.1:55612/postgres --mirror-all-queries)
+fi
+if [ "$SHADOW" = 1 ]; then
+  start_pg shadow 55615
+  pgbench -h 127.0.0.1 -p 55615 -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
+  COMMON+=(--shadow postgres://postgres@127.0.0.1:55615/postgres --compare-report "$WORK/ab-mismatches.jsonl")
 fi
 # shellcheck disable=SC2086 # A and B are argument lists
 PGPRISM=$PGPRISM_A start_pgprism 55613 "${COMMON[@]}" $A

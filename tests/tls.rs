@@ -322,22 +322,27 @@ fn required_tls_is_enforced_on_both_legs() {
     assert!(!ok && err.contains("rejects connection"), "{err}");
 }
 
+/// Mirrors connect with the TLS their URLs ask for, and the certificate files are read when
+/// pgprism starts, never on a shard's first mirror connection: the CA file is gone before the
+/// first client arrives, and every mirror session still verifies the server.
 #[test]
 fn mirrors_connect_with_tls_from_their_urls() {
     let certs = Certs::make("mirror");
     let primary = support::start_primary("tlsmp");
     let mirror = start_tls_server("tlsmm", &certs);
+    let ca_copy = certs.path("ca-for-pgprism.crt");
+    std::fs::copy(certs.path("ca.crt"), &ca_copy).unwrap();
     let mirror_url = format!(
-        "postgres://{TLS_USER}:{}@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={}",
+        "postgres://{TLS_USER}:{}@127.0.0.1:{}/postgres?sslmode=verify-full&sslrootcert={ca_copy}",
         PASSWORD.replace(' ', "%20"),
         mirror.port(),
-        certs.path("ca.crt")
     );
     for inst in [&primary, &mirror] {
         inst.psql("CREATE TABLE t (id int PRIMARY KEY, v text)")
             .unwrap();
     }
     let proxy = Proxy::start(&primary.url(), &["--mirror", &mirror_url]);
+    std::fs::remove_file(&ca_copy).unwrap();
     let mut c = proxy.client();
     for i in 0..50 {
         c.execute("INSERT INTO t VALUES ($1, $2)", &[&i, &format!("v{i}")])
