@@ -15,7 +15,7 @@ pub fn failed(what: &str) -> ! {
 /// `invariant!(condition, "what must hold")`: always on, in release builds too.
 #[macro_export]
 macro_rules! invariant {
-    ($cond:expr, $what:expr) => {
+    ($cond:expr, $what:expr $(,)?) => {
         if !$cond {
             $crate::invariant::failed($what)
         }

@@ -1127,6 +1127,10 @@ impl Comparer {
             };
             let seq = self.settled;
             self.settled += 1;
+            crate::invariant!(
+                self.settled + self.link.metas.borrow().len() as u64 == self.link.planned.get(),
+                "every planned sync point is settled once, in order"
+            );
             let fallback = self.stream_through.is_some_and(|t| seq <= t);
             let mut failure: Option<(String, String)> = None;
             match &shadow {
@@ -1176,6 +1180,10 @@ impl Comparer {
             return;
         }
         self.pending_ends.pop_front();
+        crate::invariant!(
+            end >= self.pending_base && end - self.pending_base <= self.pending.len(),
+            "a sync point's held answer lies within the bytes held"
+        );
         let n = end - self.pending_base;
         let chunk = self.pending.split_to(n).freeze();
         self.pending_base = end;

@@ -223,7 +223,7 @@ impl Link {
     fn pop(&self) -> Option<Item> {
         let popped = self.queue.borrow_mut().pop_front();
         let Some(item) = popped else {
-            invariant(
+            crate::invariant!(
                 self.queued_bytes.get() == 0,
                 "queued bytes counted in an empty queue",
             );
@@ -236,7 +236,7 @@ impl Link {
             stats.queue_messages.get().checked_sub(1),
             stats.queue_bytes.get().checked_sub(len as u64),
         ) else {
-            invariant_failed("a queue's message or byte count went below zero");
+            crate::invariant::failed("a queue's message or byte count went below zero");
         };
         self.queued_bytes.set(bytes);
         stats.queue_messages.set(shard_messages);
@@ -739,7 +739,7 @@ impl<'a> Connection<'a> {
     /// A sync point is on its way: its answer is now awaited.
     fn sent_sync(&self, fingerprint: u64, internal: bool, sent: Instant, timed: bool) {
         let mut inflight = self.inflight.borrow_mut();
-        invariant(
+        crate::invariant!(
             inflight.len() < self.in_flight_max,
             "a sync point was sent past in-flight-messages-max",
         );
@@ -1026,7 +1026,7 @@ impl<'a> Connection<'a> {
             };
             if done.timed {
                 let Some(timed) = self.timed_in_flight.get().checked_sub(1) else {
-                    invariant_failed("more timed answers than timed statements in flight");
+                    crate::invariant::failed("more timed answers than timed statements in flight");
                 };
                 self.timed_in_flight.set(timed);
             }
@@ -1039,29 +1039,11 @@ impl<'a> Connection<'a> {
                 }
             }
         }
-        invariant(
+        crate::invariant!(
             self.timed_in_flight.get() <= self.inflight.borrow().len(),
             "more timed statements counted in flight than are in flight",
         );
     }
-}
-
-/// An invariant of the link's accounting: checked always, in release builds too (a broken
-/// count would silently stall or mis-bound a link). The check is a compare and a branch; the
-/// failure lives out of line.
-#[inline(always)]
-#[track_caller]
-fn invariant(holds: bool, what: &str) {
-    if !holds {
-        invariant_failed(what);
-    }
-}
-
-#[cold]
-#[inline(never)]
-#[track_caller]
-fn invariant_failed(what: &str) -> ! {
-    panic!("mirror link invariant broken: {what}")
 }
 
 /// `None` once `ready()` holds, woken through `waker`; never otherwise.
