@@ -32,9 +32,10 @@ use crate::wire::{self, tag};
 /// still compared, under an unknown text.
 const NAMES_MAX: usize = 10_000;
 
-/// One statement as the client sent it.
+/// One statement as the client sent it, with what comparing its results needs (named apart
+/// from the session tracker's `session::Statement`, which knows no compare rules).
 #[derive(Debug)]
-pub(crate) struct Statement {
+pub(crate) struct Compared {
     pub text: Box<str>,
     pub ordered: bool,
     /// Its top-level ORDER BY's keys, when they are plain output columns.
@@ -61,15 +62,15 @@ pub(crate) struct Statement {
 
 /// A bound portal: its statement and the result formats its Bind asked for.
 struct Portal {
-    statement: Rc<Statement>,
+    statement: Rc<Compared>,
     formats: ResultFormats,
 }
 
-impl Statement {
-    fn new(text: &str, params: bool, target: &Target) -> Statement {
+impl Compared {
+    fn new(text: &str, params: bool, target: &Target) -> Compared {
         let rules = &target.rules;
         let transaction = sql::transaction(text.trim().as_bytes());
-        Statement {
+        Compared {
             text: text.trim().into(),
             ordered: sql::has_top_level_order_by(text.as_bytes()),
             order_keys: sql::order_by_keys(text.as_bytes()).map(Rc::from),
@@ -84,8 +85,8 @@ impl Statement {
         }
     }
 
-    fn unknown() -> Statement {
-        Statement {
+    fn unknown() -> Compared {
+        Compared {
             text: "".into(),
             ordered: false,
             order_keys: None,
@@ -103,7 +104,7 @@ impl Statement {
 
 /// What one client sync point asked.
 struct SyncMeta {
-    statements: Vec<Rc<Statement>>,
+    statements: Vec<Rc<Compared>>,
     /// Sent to the shadow too (not routed to the primary only).
     shadow: bool,
     read_at: Instant,
@@ -127,7 +128,7 @@ fn with_options(text: &str, kind: sql::Transaction) -> bool {
 /// Whether a sync point of these statements gates what follows (see `Pairing::gate`). Never
 /// one with a COPY, or one whose statements are unknown (an Execute of a portal not seen):
 /// their data and answers must flow.
-fn gates(statements: &[Rc<Statement>]) -> bool {
+fn gates(statements: &[Rc<Compared>]) -> bool {
     if statements.iter().any(|s| s.copy || s.text.is_empty()) {
         return false;
     }
@@ -202,9 +203,9 @@ pub struct Dispatch {
     link: Rc<Pairing>,
     target: Rc<Target>,
     pub shadow: Stream,
-    statements: HashMap<String, Rc<Statement>>,
+    statements: HashMap<String, Rc<Compared>>,
     portals: HashMap<String, Portal>,
-    batch: Vec<Rc<Statement>>,
+    batch: Vec<Rc<Compared>>,
     /// Expectations of the frames held in `held`, queued for the shadow with them.
     held_expects: Vec<Expect>,
     /// Expectations of what the current client batch sends the shadow.
@@ -291,7 +292,7 @@ impl Dispatch {
             tag::PARSE => {
                 if let Ok((name, query, types)) = wire::Parse::new(body).parts() {
                     let params = !types.is_empty() || query.contains('$');
-                    let statement = Rc::new(Statement::new(query, params, &self.target));
+                    let statement = Rc::new(Compared::new(query, params, &self.target));
                     self.batch_primary_only |= statement.primary_only;
                     if self.statements.len() < NAMES_MAX || name.is_empty() {
                         self.statements.insert(name.to_string(), statement);
@@ -306,7 +307,7 @@ impl Dispatch {
                     .portals
                     .get(portal)
                     .map(|p| p.statement.clone())
-                    .unwrap_or_else(|| Rc::new(Statement::unknown()));
+                    .unwrap_or_else(|| Rc::new(Compared::unknown()));
                 self.batch_primary_only |= statement.primary_only;
                 self.batch.push(statement);
                 self.hold(f.frame, f.routes, f.expect);
@@ -335,7 +336,7 @@ impl Dispatch {
     /// primary only.
     fn plan_query(&mut self, body: &[u8], f: Planned) {
         let text = wire::Query::new(body).query().unwrap_or("");
-        let statements: Vec<Rc<Statement>> = sql::split_statements(text.as_bytes())
+        let statements: Vec<Rc<Compared>> = sql::split_statements(text.as_bytes())
             .into_iter()
             .map(|r| self.simple_statement(&text[r]))
             .collect();
@@ -364,7 +365,7 @@ impl Dispatch {
                 self.portals.insert(
                     parts.portal.to_string(),
                     Portal {
-                        statement: statement.unwrap_or_else(|| Rc::new(Statement::unknown())),
+                        statement: statement.unwrap_or_else(|| Rc::new(Compared::unknown())),
                         formats: ResultFormats::from_wire(parts.result_formats),
                     },
                 );
@@ -444,20 +445,20 @@ impl Dispatch {
     /// One statement of a simple Query. SQL-level prepared statements share the protocol's
     /// namespace: `PREPARE x AS ...` is remembered like a Parse, and `EXECUTE x` is compared
     /// as the statement it runs (its ORDER BY, whether it only reads), under its own text.
-    fn simple_statement(&mut self, text: &str) -> Rc<Statement> {
-        let own = Rc::new(Statement::new(text, false, &self.target));
+    fn simple_statement(&mut self, text: &str) -> Rc<Compared> {
+        let own = Rc::new(Compared::new(text, false, &self.target));
         match sql::prepared(text.as_bytes()) {
             Some(sql::Prepared::Prepare { name, body }) => {
                 let inner = &text[body.min(text.len())..];
                 let params = inner.contains('$');
                 if self.statements.len() < NAMES_MAX {
                     self.statements
-                        .insert(name, Rc::new(Statement::new(inner, params, &self.target)));
+                        .insert(name, Rc::new(Compared::new(inner, params, &self.target)));
                 }
             }
             Some(sql::Prepared::Execute { name, runs: true }) => {
                 if let Some(inner) = self.statements.get(&name) {
-                    return Rc::new(Statement {
+                    return Rc::new(Compared {
                         text: own.text.clone(),
                         ordered: inner.ordered,
                         order_keys: inner.order_keys.clone(),
@@ -521,7 +522,7 @@ impl Dispatch {
         }
     }
 
-    fn push_meta(&mut self, statements: Vec<Rc<Statement>>, shadow: bool, read_at: Instant) {
+    fn push_meta(&mut self, statements: Vec<Rc<Compared>>, shadow: bool, read_at: Instant) {
         let shadow = shadow && !self.link.dead.get();
         self.link.planned.set(self.link.planned.get() + 1);
         self.link.metas.borrow_mut().push_back(SyncMeta {
@@ -1251,7 +1252,7 @@ impl Comparer {
             && shadow_us as f64 > cfg.slow_query_ratio * primary_us.max(1) as f64;
         let mut failure = None;
         let pairs = primary.results.len().max(shadow.results.len());
-        let unknown = Rc::new(Statement::unknown());
+        let unknown = Rc::new(Compared::unknown());
         let mut compared = 0u64;
         for i in 0..pairs {
             let statement = meta
@@ -1325,7 +1326,7 @@ impl Comparer {
     /// a fail-on-differences client is told.
     fn report_mismatch(
         &self,
-        statement: &Statement,
+        statement: &Compared,
         differences: &[Difference],
         (p, s): (Option<&Digest>, Option<&Digest>),
         times: (u64, u64, u8),
@@ -1360,7 +1361,7 @@ impl Comparer {
     /// session) when it only reads, can be re-run, and the budget allows.
     fn explain_slow(
         &self,
-        statement: &Statement,
+        statement: &Compared,
         (primary, shadow): (&SyncDigest, &SyncDigest),
         (primary_us, shadow_us): (u64, u64),
         stats: &ShardStats,
@@ -1404,7 +1405,7 @@ impl Comparer {
 
     fn record(
         &self,
-        statement: &Statement,
+        statement: &Compared,
         differences: &[Difference],
         p: &Digest,
         s: &Digest,
