@@ -64,6 +64,27 @@ const CHANGED_AID: u32 = 4242;
 
 pub fn run(args: DemoArgs) -> Result<(), DemoError> {
     crate::server::signals::block();
+    let (primary, shadow) = start_servers()?;
+    println!(
+        "\n1. side-by-side latency: the built-in workload (pgbench-style point selects) on both \
+         servers at once for {} s",
+        args.duration.as_secs_f64()
+    );
+    bench::run(bench_args(&args, vec![primary.url(), shadow.url()], None))
+        .map_err(DemoError::Bench)?;
+    let mut proxy = compare(&args, &primary, &shadow)?;
+    let serve = args.serve.unwrap_or_else(|| std::io::stdin().is_terminal());
+    if serve {
+        serve_until_stopped(&proxy);
+    }
+    proxy.stop();
+    drop(primary);
+    drop(shadow);
+    Ok(())
+}
+
+/// Starts and seeds the primary and the shadow, then makes the shadow differ.
+fn start_servers() -> Result<(Instance, Instance), DemoError> {
     println!("pgprism demo: starting two in-memory PostgreSQL servers (primary, shadow)...");
     let primary = start("primary")?;
     let shadow = start("shadow")?;
@@ -85,35 +106,28 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
         primary.url(),
         shadow.url()
     );
+    Ok((primary, shadow))
+}
 
-    println!(
-        "\n1. side-by-side latency: the built-in workload (pgbench-style point selects) on both \
-         servers at once for {} s",
-        args.duration.as_secs_f64()
-    );
-    bench::run(bench_args(&args, vec![primary.url(), shadow.url()], None))
-        .map_err(DemoError::Bench)?;
-
+/// Runs the workload through `pgprism proxy` in compare mode and prints what it found. The
+/// proxy is left running for the caller to serve or stop; on an error it is stopped here.
+fn compare(args: &DemoArgs, primary: &Instance, shadow: &Instance) -> Result<Proxy, DemoError> {
     let _ = std::fs::create_dir_all(&args.out);
     let report = args.out.join("mismatches.jsonl");
     let _ = std::fs::remove_file(&report);
-    let mut proxy = Proxy::start(&primary, &shadow, args.port, &report)?;
+    let mut proxy = Proxy::start(primary, shadow, args.port, &report)?;
     println!(
         "\n2. compare mode: pgprism on {} (admin http://{}) runs every statement on the primary \
          and the shadow at once and compares the results",
         proxy.listen, proxy.admin
     );
     let through = format!("postgres://postgres@{}/postgres", proxy.listen);
-    let outcome = bench::run(bench_args(
-        &args,
-        vec![through],
-        Some(COMPARED_TRANSACTIONS),
-    ));
+    let outcome = bench::run(bench_args(args, vec![through], Some(COMPARED_TRANSACTIONS)));
     if let Err(err) = outcome {
         proxy.stop();
         return Err(DemoError::Bench(err));
     }
-    audit(&primary, &proxy);
+    audit(primary, &proxy);
 
     println!("\nwhat pgprism found (report: {}):", report.display());
     let found = wait_for_findings(&report);
@@ -122,26 +136,23 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
         "\nchart: {}  (open it in a browser; also latency.html there)",
         args.out.join("latency.svg").display()
     );
+    Ok(proxy)
+}
 
-    let serve = args.serve.unwrap_or_else(|| std::io::stdin().is_terminal());
-    if serve {
-        println!(
-            "\npgprism keeps serving. Connect with:\n  psql -h {} -p {} -U postgres postgres\n\
-             metrics: curl http://{}/metrics   status: curl http://{}/status\nCtrl-C to stop.",
-            proxy.listen.ip(),
-            proxy.listen.port(),
-            proxy.admin,
-            proxy.admin
-        );
-        while crate::server::signals::wait(Duration::from_secs(1))
-            != Some(crate::server::signals::Signal::Stop)
-        {}
-        println!("stopping...");
-    }
-    proxy.stop();
-    drop(primary);
-    drop(shadow);
-    Ok(())
+/// Says how to connect and waits for Ctrl-C (or SIGTERM).
+fn serve_until_stopped(proxy: &Proxy) {
+    println!(
+        "\npgprism keeps serving. Connect with:\n  psql -h {} -p {} -U postgres postgres\n\
+         metrics: curl http://{}/metrics   status: curl http://{}/status\nCtrl-C to stop.",
+        proxy.listen.ip(),
+        proxy.listen.port(),
+        proxy.admin,
+        proxy.admin
+    );
+    while crate::server::signals::wait(Duration::from_secs(1))
+        != Some(crate::server::signals::Signal::Stop)
+    {}
+    println!("stopping...");
 }
 
 fn start(which: &'static str) -> Result<Instance, DemoError> {

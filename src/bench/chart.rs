@@ -73,31 +73,75 @@ fn decimals(step: f64) -> usize {
     (-step.log10().floor()).max(0.0) as usize
 }
 
+/// The plot's scales: how many nines the x axis shows and the y axis's step and top.
+struct Axes {
+    nines: u32,
+    x_max: f64,
+    plot_w: f64,
+    plot_h: f64,
+    step: f64,
+    y_max: f64,
+}
+
+impl Axes {
+    fn new(series: &[Series], samples_max: u64) -> Axes {
+        let nines = ((samples_max.max(1) as f64).log10().ceil() as u32).clamp(NINES_MIN, NINES_MAX);
+        let y_top = series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.1))
+            .fold(0.0f64, f64::max);
+        let step = nice_step(y_top * 1.05);
+        Axes {
+            nines,
+            x_max: f64::from(nines),
+            plot_w: WIDTH - LEFT - RIGHT,
+            plot_h: HEIGHT - TOP - BOTTOM,
+            step,
+            y_max: ((y_top * 1.05) / step).ceil().max(1.0) * step,
+        }
+    }
+
+    fn x_of(&self, quantile: f64) -> f64 {
+        // Quantile 1.0 (the max) sits at the right edge.
+        let x = if quantile >= 1.0 {
+            self.x_max
+        } else {
+            (1.0 / (1.0 - quantile)).log10().min(self.x_max)
+        };
+        LEFT + x / self.x_max * self.plot_w
+    }
+
+    /// The x of the tick at `nines` nines.
+    fn x_of_tick(&self, nines: u32) -> f64 {
+        LEFT + f64::from(nines) / self.x_max * self.plot_w
+    }
+
+    fn y_of(&self, ms: f64) -> f64 {
+        TOP + self.plot_h - ms / self.y_max * self.plot_h
+    }
+
+    fn y_ticks(&self) -> u32 {
+        (self.y_max / self.step).round() as u32
+    }
+}
+
 /// Builds the chart. `samples_max` (the largest histogram's count) sets how many nines the x
 /// axis shows: beyond log10(samples) the percentiles say nothing.
 pub(super) fn svg(title: &str, subtitle: &str, series: &[Series], samples_max: u64) -> String {
-    let nines = ((samples_max.max(1) as f64).log10().ceil() as u32).clamp(NINES_MIN, NINES_MAX);
-    let x_max = f64::from(nines);
-    let plot_w = WIDTH - LEFT - RIGHT;
-    let plot_h = HEIGHT - TOP - BOTTOM;
-    let y_top = series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.1))
-        .fold(0.0f64, f64::max);
-    let step = nice_step(y_top * 1.05);
-    let y_max = ((y_top * 1.05) / step).ceil().max(1.0) * step;
-    let x_of = |quantile: f64| {
-        // Quantile 1.0 (the max) sits at the right edge.
-        let x = if quantile >= 1.0 {
-            x_max
-        } else {
-            (1.0 / (1.0 - quantile)).log10().min(x_max)
-        };
-        LEFT + x / x_max * plot_w
-    };
-    let y_of = |ms: f64| TOP + plot_h - ms / y_max * plot_h;
-
+    let axes = Axes::new(series, samples_max);
     let mut out = String::new();
+    write_header(&mut out, title, subtitle);
+    write_grid(&mut out, &axes);
+    write_tick_labels(&mut out, &axes);
+    write_frame(&mut out, &axes);
+    write_lines(&mut out, &axes, series);
+    write_legend(&mut out, series);
+    out.push_str("</svg>\n");
+    out
+}
+
+/// The `<svg>` opening, the white background, the title and the subtitle.
+fn write_header(out: &mut String, title: &str, subtitle: &str) {
     let _ = writeln!(
         out,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#
@@ -118,47 +162,57 @@ pub(super) fn svg(title: &str, subtitle: &str, series: &[Series], samples_max: u
         WIDTH / 2.0,
         escape(subtitle)
     );
+}
 
-    // Grid and ticks.
+/// The grey grid lines, one per tick on each axis.
+fn write_grid(out: &mut String, axes: &Axes) {
     out.push_str(r##"<g stroke="#dddddd" stroke-width="1">"##);
     out.push('\n');
-    for n in 0..=nines {
-        let x = LEFT + f64::from(n) / x_max * plot_w;
+    for n in 0..=axes.nines {
+        let x = axes.x_of_tick(n);
         let _ = writeln!(
             out,
             r#"<line x1="{x:.1}" y1="{TOP}" x2="{x:.1}" y2="{:.1}"/>"#,
-            TOP + plot_h
+            TOP + axes.plot_h
         );
     }
-    let y_ticks = (y_max / step).round() as u32;
-    for i in 0..=y_ticks {
-        let y = y_of(f64::from(i) * step);
+    for i in 0..=axes.y_ticks() {
+        let y = axes.y_of(f64::from(i) * axes.step);
         let _ = writeln!(
             out,
             r#"<line x1="{LEFT}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}"/>"#,
-            LEFT + plot_w
+            LEFT + axes.plot_w
         );
     }
     out.push_str("</g>\n");
-    for n in 0..=nines {
-        let x = LEFT + f64::from(n) / x_max * plot_w;
+}
+
+/// The percentile labels under the x axis and the latency labels left of the y axis.
+fn write_tick_labels(out: &mut String, axes: &Axes) {
+    for n in 0..=axes.nines {
         let _ = writeln!(
             out,
-            r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-            TOP + plot_h + 18.0,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            axes.x_of_tick(n),
+            TOP + axes.plot_h + 18.0,
             percentile_label(n)
         );
     }
-    let places = decimals(step);
-    for i in 0..=y_ticks {
-        let value = f64::from(i) * step;
+    let places = decimals(axes.step);
+    for i in 0..=axes.y_ticks() {
+        let value = f64::from(i) * axes.step;
         let _ = writeln!(
             out,
             r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{value:.places$}</text>"#,
             LEFT - 8.0,
-            y_of(value) + 4.0
+            axes.y_of(value) + 4.0
         );
     }
+}
+
+/// The plot's border and the two axis titles.
+fn write_frame(out: &mut String, axes: &Axes) {
+    let (plot_w, plot_h) = (axes.plot_w, axes.plot_h);
     let _ = writeln!(
         out,
         r##"<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#888888"/>"##
@@ -175,12 +229,14 @@ pub(super) fn svg(title: &str, subtitle: &str, series: &[Series], samples_max: u
         TOP + plot_h / 2.0,
         TOP + plot_h / 2.0
     );
+}
 
-    // One line per target.
+/// One polyline per target.
+fn write_lines(out: &mut String, axes: &Axes, series: &[Series]) {
     for (s, colour) in series.iter().zip(PALETTE.iter().cycle()) {
         let mut points = String::new();
         for &(q, ms) in &s.points {
-            let _ = write!(points, "{:.1},{:.1} ", x_of(q), y_of(ms));
+            let _ = write!(points, "{:.1},{:.1} ", axes.x_of(q), axes.y_of(ms));
         }
         let _ = writeln!(
             out,
@@ -189,8 +245,10 @@ pub(super) fn svg(title: &str, subtitle: &str, series: &[Series], samples_max: u
             escape(&s.label)
         );
     }
+}
 
-    // Legend, top left inside the plot (the lines rise to the right).
+/// The legend, top left inside the plot (the lines rise to the right).
+fn write_legend(out: &mut String, series: &[Series]) {
     for (i, (s, colour)) in series.iter().zip(PALETTE.iter().cycle()).enumerate() {
         let y = TOP + 20.0 + i as f64 * 20.0;
         let _ = writeln!(
@@ -207,8 +265,6 @@ pub(super) fn svg(title: &str, subtitle: &str, series: &[Series], samples_max: u
             escape(&s.label)
         );
     }
-    out.push_str("</svg>\n");
-    out
 }
 
 #[cfg(test)]

@@ -200,6 +200,20 @@ impl PgConnection {
     }
 
     async fn connect_unbounded(params: &ConnectParams) -> Result<PgConnection, ClientError> {
+        let mut conn = PgConnection {
+            stream: Self::open_stream(params).await?,
+            read: BytesMut::with_capacity(READ_CHUNK_BYTES),
+            write: BytesMut::with_capacity(1024),
+            status: TransactionStatus::Idle,
+            parameters: Vec::new(),
+            backend_pid: None,
+        };
+        conn.startup(params).await?;
+        Ok(conn)
+    }
+
+    /// Opens the TCP or Unix socket to `params.addr`.
+    async fn open_stream(params: &ConnectParams) -> Result<Stream, ClientError> {
         let addr = &params.addr;
         let connected = match addr {
             Endpoint::Tcp(tcp) => Stream::connect(*tcp, params.connect_timeout).await,
@@ -220,48 +234,45 @@ impl PgConnection {
                 addr: addr.clone(),
                 source,
             })?;
-        let mut conn = PgConnection {
-            stream,
-            read: BytesMut::with_capacity(READ_CHUNK_BYTES),
-            write: BytesMut::with_capacity(1024),
-            status: TransactionStatus::Idle,
-            parameters: Vec::new(),
-            backend_pid: None,
-        };
+        Ok(stream)
+    }
+
+    /// Sends the StartupMessage, authenticates and reads up to the first ReadyForQuery.
+    async fn startup(&mut self, params: &ConnectParams) -> Result<(), ClientError> {
         encode::startup_message(
-            &mut conn.write,
+            &mut self.write,
             &[
                 ("user", &params.user),
                 ("database", &params.database),
                 ("application_name", &params.application_name),
             ],
         )?;
-        conn.flush().await?;
+        self.flush().await?;
         let mut auth = ClientAuth::new(
             params.user.clone(),
             params.password.clone().unwrap_or_default(),
         );
         for _ in 0..STARTUP_MESSAGES_MAX {
-            let frame = conn.read_frame().await?;
+            let frame = self.read_frame().await?;
             match BackendMessage::decode(frame.tag(), frame.body())? {
                 BackendMessage::Authentication(request) => {
-                    if auth.step(&request, &mut conn.write)? == AuthProgress::Reply {
-                        conn.flush().await?;
+                    if auth.step(&request, &mut self.write)? == AuthProgress::Reply {
+                        self.flush().await?;
                     }
                 }
                 BackendMessage::ParameterStatus(status) => {
                     let (name, value) = status.parts()?;
-                    conn.parameters.push((name.to_string(), value.to_string()));
+                    self.parameters.push((name.to_string(), value.to_string()));
                 }
-                BackendMessage::BackendKeyData(key) => conn.backend_pid = Some(key.pid()?),
+                BackendMessage::BackendKeyData(key) => self.backend_pid = Some(key.pid()?),
                 BackendMessage::ErrorResponse(notice) => {
                     return Err(ClientError::Server(Box::new(ServerError::from_notice(
                         &notice,
                     )?)));
                 }
                 BackendMessage::ReadyForQuery(ready) if auth.is_authenticated() => {
-                    conn.status = ready.status()?;
-                    return Ok(conn);
+                    self.status = ready.status()?;
+                    return Ok(());
                 }
                 // We asked for protocol 3.0 and no options; a server may still say what it
                 // supports, which changes nothing for us.

@@ -464,6 +464,43 @@ async fn open(plan: &Plan, target: usize) -> Result<PgConnection, BenchError> {
     Ok(conn)
 }
 
+/// When one client sends: on a constant-rate schedule, or at once (a closed loop).
+struct Schedule {
+    interval: Option<Duration>,
+    next_at: Instant,
+}
+
+impl Schedule {
+    fn new(plan: &Plan, index: usize, start: Instant) -> Schedule {
+        // Constant rate: this client sends every `clients / rate` seconds, its schedule offset
+        // by its index so the target's clients do not send in bursts.
+        let interval = plan
+            .rate
+            .map(|rate| Duration::from_secs_f64(plan.clients as f64 / rate));
+        let next_at = start
+            + interval.map_or(Duration::ZERO, |iv| {
+                iv.mul_f64(index as f64 / plan.clients as f64)
+            });
+        Schedule { interval, next_at }
+    }
+
+    /// When the next transaction should be sent.
+    fn next(&mut self) -> Instant {
+        match self.interval {
+            Some(iv) => {
+                let at = self.next_at;
+                self.next_at += iv;
+                at
+            }
+            None => Instant::now(),
+        }
+    }
+
+    fn is_constant_rate(&self) -> bool {
+        self.interval.is_some()
+    }
+}
+
 /// One client: sends transactions until its stop condition, recording each one.
 async fn client(spec: ClientSpec, conn: PgConnection, state: Rc<Worker>, start: Instant) {
     let plan = state.plan.clone();
@@ -472,15 +509,7 @@ async fn client(spec: ClientSpec, conn: PgConnection, state: Rc<Worker>, start: 
         Stop::Duration(d) => Some(measure_start + d),
         Stop::Transactions(_) => None,
     };
-    // Constant rate: this client sends every `clients / rate` seconds, its schedule offset
-    // by its index so the target's clients do not send in bursts.
-    let interval = plan
-        .rate
-        .map(|rate| Duration::from_secs_f64(plan.clients as f64 / rate));
-    let mut next_at = start
-        + interval.map_or(Duration::ZERO, |iv| {
-            iv.mul_f64(spec.index as f64 / plan.clients as f64)
-        });
+    let mut schedule = Schedule::new(&plan, spec.index, start);
     let mut rng = Rng::new(spec.seed);
     let mut scratch = String::new();
     let mut measured = 0u64;
@@ -488,14 +517,7 @@ async fn client(spec: ClientSpec, conn: PgConnection, state: Rc<Worker>, start: 
     // Every thread's clients begin together, at `start`.
     exec::sleep_until(start).await;
     loop {
-        let intended = match interval {
-            Some(iv) => {
-                let at = next_at;
-                next_at += iv;
-                at
-            }
-            None => Instant::now(),
-        };
+        let intended = schedule.next();
         if end.is_some_and(|end| intended >= end) || spec.budget.is_some_and(|b| measured >= b) {
             break;
         }
@@ -520,16 +542,12 @@ async fn client(spec: ClientSpec, conn: PgConnection, state: Rc<Worker>, start: 
         let finished = Instant::now();
         // Constant rate measures from the intended send time (coordinated omission);
         // a closed loop from the actual send.
-        let from = if interval.is_some() { intended } else { sent };
-        let ending = match &result {
-            Some(Ok(())) => Ending::Committed,
-            Some(Err(ClientError::Server(err))) => Ending::Failed(err.code.as_str()),
-            Some(Err(err)) => {
-                tracing::debug!(target = %plan.targets[spec.target].label, error = %err, "connection lost");
-                Ending::Failed(ERROR_CONNECTION)
-            }
-            None => Ending::Failed(ERROR_TIMEOUT),
+        let from = if schedule.is_constant_rate() {
+            intended
+        } else {
+            sent
         };
+        let ending = ending(&result, &plan.targets[spec.target].label);
         let connection_broken = !matches!(result, Some(Ok(()) | Err(ClientError::Server(_))));
         if from >= measure_start {
             measured += 1;
@@ -543,6 +561,19 @@ async fn client(spec: ClientSpec, conn: PgConnection, state: Rc<Worker>, start: 
         conn.close().await;
     }
     state.countdown.done();
+}
+
+/// How a transaction ended: its result, or `None` when it ran past `--tx-timeout`.
+fn ending<'a>(result: &'a Option<Result<(), ClientError>>, label: &str) -> Ending<'a> {
+    match result {
+        Some(Ok(())) => Ending::Committed,
+        Some(Err(ClientError::Server(err))) => Ending::Failed(err.code.as_str()),
+        Some(Err(err)) => {
+            tracing::debug!(target = %label, error = %err, "connection lost");
+            Ending::Failed(ERROR_CONNECTION)
+        }
+        None => Ending::Failed(ERROR_TIMEOUT),
+    }
 }
 
 /// Replaces a broken connection, a bounded number of times; `None` ends the client.

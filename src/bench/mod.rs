@@ -189,64 +189,9 @@ fn usage(message: impl Into<String>) -> BenchError {
 }
 
 fn plan(args: &BenchArgs) -> Result<Plan, BenchError> {
-    if args.targets.len() > TARGETS_MAX {
-        return Err(usage(format!("at most {TARGETS_MAX} --target URLs")));
-    }
-    if !args.labels.is_empty() && args.labels.len() != args.targets.len() {
-        return Err(usage(format!(
-            "{} --label names for {} --target URLs: give one per target or none",
-            args.labels.len(),
-            args.targets.len()
-        )));
-    }
-    if !(1..=CLIENTS_MAX).contains(&args.clients) {
-        return Err(usage(format!("--clients must be 1..={CLIENTS_MAX}")));
-    }
-    if let Some(rate) = args.rate
-        && !(rate.is_finite() && rate > 0.0)
-    {
-        return Err(usage("--rate must be a positive number of transactions/s"));
-    }
-    if args.transactions == Some(0) {
-        return Err(usage("--transactions must be at least 1"));
-    }
-    if args.duration.is_some_and(|d| d.is_zero()) {
-        return Err(usage("--duration must be positive"));
-    }
-    if args.tx_timeout.is_zero() {
-        return Err(usage("--tx-timeout must be positive"));
-    }
+    check_flags(args)?;
     let workload = Workload::new(args.workload, args.scale, &args.sql)?;
-    let mut targets = Vec::with_capacity(args.targets.len());
-    for (index, text) in args.targets.iter().enumerate() {
-        let given = args.labels.get(index).cloned();
-        let fallback = || format!("target{}", index + 1);
-        let url = PgUrl::parse(text).map_err(|reason| BenchError::Url {
-            label: given.clone().unwrap_or_else(fallback),
-            reason,
-        })?;
-        let label = given.unwrap_or_else(|| url.address());
-        if label.is_empty() {
-            return Err(usage("a --label may not be empty"));
-        }
-        let params = ConnectParams::resolve(&url).map_err(|source| BenchError::Connect {
-            label: label.clone(),
-            url: url.masked(),
-            source: Box::new(source),
-        })?;
-        targets.push(Target { label, url, params });
-    }
-    // Default labels can collide (the same server twice): number them.
-    let duplicated =
-        (1..targets.len()).any(|i| targets[..i].iter().any(|t| t.label == targets[i].label));
-    if duplicated {
-        if !args.labels.is_empty() {
-            return Err(usage("--label names must be distinct"));
-        }
-        for (index, target) in targets.iter_mut().enumerate() {
-            target.label = format!("target{}", index + 1);
-        }
-    }
+    let targets = targets(args)?;
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let clients_total = args.clients * targets.len();
     let threads = args.threads.unwrap_or(cores);
@@ -278,6 +223,73 @@ fn plan(args: &BenchArgs) -> Result<Plan, BenchError> {
         seed,
         tx_timeout: args.tx_timeout,
     })
+}
+
+/// The flags' ranges and their agreement with each other, before anything is resolved.
+fn check_flags(args: &BenchArgs) -> Result<(), BenchError> {
+    if args.targets.len() > TARGETS_MAX {
+        return Err(usage(format!("at most {TARGETS_MAX} --target URLs")));
+    }
+    if !args.labels.is_empty() && args.labels.len() != args.targets.len() {
+        return Err(usage(format!(
+            "{} --label names for {} --target URLs: give one per target or none",
+            args.labels.len(),
+            args.targets.len()
+        )));
+    }
+    if !(1..=CLIENTS_MAX).contains(&args.clients) {
+        return Err(usage(format!("--clients must be 1..={CLIENTS_MAX}")));
+    }
+    if let Some(rate) = args.rate
+        && !(rate.is_finite() && rate > 0.0)
+    {
+        return Err(usage("--rate must be a positive number of transactions/s"));
+    }
+    if args.transactions == Some(0) {
+        return Err(usage("--transactions must be at least 1"));
+    }
+    if args.duration.is_some_and(|d| d.is_zero()) {
+        return Err(usage("--duration must be positive"));
+    }
+    if args.tx_timeout.is_zero() {
+        return Err(usage("--tx-timeout must be positive"));
+    }
+    Ok(())
+}
+
+/// Parses and resolves each `--target` URL and gives it its label.
+fn targets(args: &BenchArgs) -> Result<Vec<Target>, BenchError> {
+    let mut targets = Vec::with_capacity(args.targets.len());
+    for (index, text) in args.targets.iter().enumerate() {
+        let given = args.labels.get(index).cloned();
+        let fallback = || format!("target{}", index + 1);
+        let url = PgUrl::parse(text).map_err(|reason| BenchError::Url {
+            label: given.clone().unwrap_or_else(fallback),
+            reason,
+        })?;
+        let label = given.unwrap_or_else(|| url.address());
+        if label.is_empty() {
+            return Err(usage("a --label may not be empty"));
+        }
+        let params = ConnectParams::resolve(&url).map_err(|source| BenchError::Connect {
+            label: label.clone(),
+            url: url.masked(),
+            source: Box::new(source),
+        })?;
+        targets.push(Target { label, url, params });
+    }
+    // Default labels can collide (the same server twice): number them.
+    let duplicated =
+        (1..targets.len()).any(|i| targets[..i].iter().any(|t| t.label == targets[i].label));
+    if duplicated {
+        if !args.labels.is_empty() {
+            return Err(usage("--label names must be distinct"));
+        }
+        for (index, target) in targets.iter_mut().enumerate() {
+            target.label = format!("target{}", index + 1);
+        }
+    }
+    Ok(targets)
 }
 
 /// What the pre-flight connection learnt about each target.

@@ -99,6 +99,18 @@ pub enum WorkloadError {
 
 impl Statement {
     fn parse(index: usize, sql: &str) -> Result<Statement, WorkloadError> {
+        let pieces = Statement::pieces(index, sql)?;
+        let (prepared_sql, params) = Statement::number_params(&pieces, sql.len());
+        Ok(Statement {
+            pieces,
+            prepared_sql,
+            params,
+            name: format!("pgprism_bench_{index}"),
+        })
+    }
+
+    /// Splits `sql` into text and the variables (`:aid`, `$1`, ...) between it.
+    fn pieces(index: usize, sql: &str) -> Result<Vec<Piece>, WorkloadError> {
         let mut pieces = Vec::new();
         let mut text = String::new();
         let bytes = sql.as_bytes();
@@ -154,9 +166,15 @@ impl Statement {
         if !text.is_empty() {
             pieces.push(Piece::Text(text));
         }
+        Ok(pieces)
+    }
+
+    /// The text for Parse, each distinct variable numbered `$n` in order of first use, and the
+    /// variable bound to each `$n`.
+    fn number_params(pieces: &[Piece], sql_len: usize) -> (String, Vec<Var>) {
         let mut params: Vec<Var> = Vec::new();
-        let mut prepared_sql = String::with_capacity(sql.len());
-        for piece in &pieces {
+        let mut prepared_sql = String::with_capacity(sql_len);
+        for piece in pieces {
             match piece {
                 Piece::Text(t) => prepared_sql.push_str(t),
                 Piece::Var(var) => {
@@ -173,12 +191,7 @@ impl Statement {
         }
         // Four variables exist, and each gets one `$n`.
         assert!(params.len() <= VARS_MAX);
-        Ok(Statement {
-            pieces,
-            prepared_sql,
-            params,
-            name: format!("pgprism_bench_{index}"),
-        })
+        (prepared_sql, params)
     }
 
     /// The SQL for Parse, with `$n` parameters.

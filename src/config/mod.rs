@@ -770,6 +770,21 @@ impl Config {
     /// the StarRocks URL) is checked where that part starts, and all of it by `pgprism check`
     /// (`server::check`): `config` is a leaf that imports no mode.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_proxy()?;
+        self.validate_durations_and_counts()?;
+        self.validate_metrics()?;
+        self.validate_primary()?;
+        self.validate_client_tls()?;
+        if !self.admin.listen.is_empty() {
+            parse_addr("admin.listen", &self.admin.listen)?;
+        }
+        self.validate_mirrors()?;
+        self.validate_compare()?;
+        self.embed.validate()
+    }
+
+    /// `[proxy]`: the listen address, the socket directory and the byte bounds.
+    fn validate_proxy(&self) -> Result<(), ConfigError> {
         parse_addr("proxy.listen", &self.proxy.listen)?;
         self.validate_unix_socket_dir()?;
         if self.proxy.backlog == 0 {
@@ -793,6 +808,11 @@ impl Config {
                 "expected between 4096 and 67108864 bytes",
             ));
         }
+        Ok(())
+    }
+
+    /// The timeouts and per-shard counts that must not be 0.
+    fn validate_durations_and_counts(&self) -> Result<(), ConfigError> {
         for (key, value) in [
             ("proxy.startup-timeout-ms", self.proxy.startup_timeout_ms),
             ("proxy.connect-timeout-ms", self.proxy.connect_timeout_ms),
@@ -820,6 +840,10 @@ impl Config {
                 return Err(ConfigError::key(key, "expected at least 1"));
             }
         }
+        Ok(())
+    }
+
+    fn validate_metrics(&self) -> Result<(), ConfigError> {
         if self.metrics.ring_capacity == 0 {
             return Err(ConfigError::key(
                 "metrics.ring-capacity",
@@ -832,6 +856,10 @@ impl Config {
                 "expected at least 1000",
             ));
         }
+        Ok(())
+    }
+
+    fn validate_primary(&self) -> Result<(), ConfigError> {
         // A file may configure only embedded servers or only CDC; then no proxy runs and no
         // primary is needed. Mirrors and a shadow need one.
         let proxy_needed = !self.mirror.is_empty()
@@ -846,6 +874,11 @@ impl Config {
         if !self.primary.url.is_empty() {
             PgUrl::parse(&self.primary.url).map_err(|e| ConfigError::key("primary.url", e))?;
         }
+        Ok(())
+    }
+
+    /// The mode, and a certificate and key whenever it is not `disable`.
+    fn validate_client_tls(&self) -> Result<(), ConfigError> {
         if self.client_tls.effective_mode()? != ClientTlsMode::Disable {
             if self.client_tls.cert_file.is_empty() {
                 return Err(ConfigError::key(
@@ -860,67 +893,22 @@ impl Config {
                 ));
             }
         }
-        if !self.admin.listen.is_empty() {
-            parse_addr("admin.listen", &self.admin.listen)?;
-        }
+        Ok(())
+    }
+
+    /// Every `[[mirror]]`, in order, and that their names are distinct.
+    fn validate_mirrors(&self) -> Result<(), ConfigError> {
         let mut names = std::collections::HashSet::new();
         for (i, m) in self.mirror.iter().enumerate() {
-            let key = |field: &str| format!("mirror[{i}].{field}");
-            if m.url.is_empty() {
-                return Err(ConfigError::key(
-                    &key("url"),
-                    "required: postgres://user:password@host:port/db",
-                ));
-            }
-            PgUrl::parse(&m.url).map_err(|e| ConfigError::key(&key("url"), e))?;
-            if !(0.0..=1.0).contains(&m.sample) {
-                return Err(ConfigError::key(
-                    &key("sample"),
-                    "expected a fraction from 0.0 to 1.0",
-                ));
-            }
-            if m.queue_messages_max == 0 || m.queue_bytes_max < 1024 {
-                return Err(ConfigError::key(
-                    &key("queue-messages-max"),
-                    "expected at least 1 message and queue-bytes-max of at least 1024",
-                ));
-            }
-            if m.in_flight_messages_max == 0 {
-                return Err(ConfigError::key(
-                    &key("in-flight-messages-max"),
-                    "expected at least 1 statement awaiting its answer",
-                ));
-            }
-            for (field, v) in [
-                ("timeout-ms", m.timeout_ms),
-                ("retry-delay-ms", m.retry_delay_ms),
-                ("connect-timeout-ms", m.connect_timeout_ms),
-            ] {
-                if v == 0 {
-                    return Err(ConfigError::key(
-                        &key(field),
-                        "expected a duration above 0 ms",
-                    ));
-                }
-            }
-            if m.latency_sample_every == 0 {
-                return Err(ConfigError::key(
-                    &key("latency-sample-every"),
-                    "expected 1 (time every write's statements) or more",
-                ));
-            }
-            if m.retry_delay_max_ms < m.retry_delay_ms {
-                return Err(ConfigError::key(
-                    &key("retry-delay-max-ms"),
-                    "expected at least retry-delay-ms",
-                ));
-            }
+            validate_mirror(i, m)?;
             if !names.insert(self.mirror_name(i)) {
-                return Err(ConfigError::key(&key("name"), "duplicate mirror name"));
+                return Err(ConfigError::key(
+                    &format!("mirror[{i}].name"),
+                    "duplicate mirror name",
+                ));
             }
         }
-        self.validate_compare()?;
-        self.embed.validate()
+        Ok(())
     }
 
     fn validate_unix_socket_dir(&self) -> Result<(), ConfigError> {
@@ -1040,6 +1028,61 @@ impl Config {
             .map(|n| n.get())
             .unwrap_or(1)
     }
+}
+
+/// One `[[mirror]]`'s URL and bounds; errors name `mirror[i].<key>`.
+fn validate_mirror(i: usize, m: &MirrorConfig) -> Result<(), ConfigError> {
+    let key = |field: &str| format!("mirror[{i}].{field}");
+    if m.url.is_empty() {
+        return Err(ConfigError::key(
+            &key("url"),
+            "required: postgres://user:password@host:port/db",
+        ));
+    }
+    PgUrl::parse(&m.url).map_err(|e| ConfigError::key(&key("url"), e))?;
+    if !(0.0..=1.0).contains(&m.sample) {
+        return Err(ConfigError::key(
+            &key("sample"),
+            "expected a fraction from 0.0 to 1.0",
+        ));
+    }
+    if m.queue_messages_max == 0 || m.queue_bytes_max < 1024 {
+        return Err(ConfigError::key(
+            &key("queue-messages-max"),
+            "expected at least 1 message and queue-bytes-max of at least 1024",
+        ));
+    }
+    if m.in_flight_messages_max == 0 {
+        return Err(ConfigError::key(
+            &key("in-flight-messages-max"),
+            "expected at least 1 statement awaiting its answer",
+        ));
+    }
+    for (field, v) in [
+        ("timeout-ms", m.timeout_ms),
+        ("retry-delay-ms", m.retry_delay_ms),
+        ("connect-timeout-ms", m.connect_timeout_ms),
+    ] {
+        if v == 0 {
+            return Err(ConfigError::key(
+                &key(field),
+                "expected a duration above 0 ms",
+            ));
+        }
+    }
+    if m.latency_sample_every == 0 {
+        return Err(ConfigError::key(
+            &key("latency-sample-every"),
+            "expected 1 (time every write's statements) or more",
+        ));
+    }
+    if m.retry_delay_max_ms < m.retry_delay_ms {
+        return Err(ConfigError::key(
+            &key("retry-delay-max-ms"),
+            "expected at least retry-delay-ms",
+        ));
+    }
+    Ok(())
 }
 
 /// `http://user:secret@host` → `http://user:***@host`.

@@ -64,49 +64,14 @@ impl PgUrl {
             .or_else(|| text.strip_prefix("postgresql://"))
             .ok_or_else(|| format!("expected a postgres://host:port URL, got `{text}`"))?;
         let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (mut sslmode, mut sslrootcert, mut sslcert, mut sslkey) = (None, None, None, None);
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = Some(percent_decode(value)?);
-            match key {
-                "sslmode" => sslmode = value,
-                "sslrootcert" => sslrootcert = value,
-                "sslcert" => sslcert = value,
-                "sslkey" => sslkey = value,
-                _ => {}
-            }
-        }
-        if let Some(mode) = &sslmode {
-            SslMode::parse(mode)?;
-        }
+        let ssl = SslOptions::parse(query)?;
         let (authority, database) = match rest.split_once('/') {
             Some((a, d)) if !d.is_empty() => (a, Some(percent_decode(d)?)),
             Some((a, _)) => (a, None),
             None => (rest, None),
         };
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
-        };
-        let (user, password) = match userinfo {
-            Some(info) => match info.split_once(':') {
-                Some((u, p)) => (Some(percent_decode(u)?), Some(percent_decode(p)?)),
-                None => (Some(percent_decode(info)?), None),
-            },
-            None => (None, None),
-        };
-        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-            let (h, tail) = v6
-                .split_once(']')
-                .ok_or_else(|| format!("unterminated IPv6 address in `{text}`"))?;
-            (h.to_string(), tail.strip_prefix(':'))
-        } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (percent_decode(h)?, Some(p)),
-                None => (percent_decode(hostport)?, None),
-            }
-        };
-        let mut host = host;
+        let (user, password, hostport) = split_userinfo(authority)?;
+        let (mut host, port) = split_host_port(hostport, text)?;
         let mut port = port.map(str::to_string);
         // libpq's query options override the authority's host and port.
         for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -146,10 +111,10 @@ impl PgUrl {
             host,
             port,
             database,
-            sslmode,
-            sslrootcert,
-            sslcert,
-            sslkey,
+            sslmode: ssl.sslmode,
+            sslrootcert: ssl.sslrootcert,
+            sslcert: ssl.sslcert,
+            sslkey: ssl.sslkey,
         })
     }
 
@@ -228,6 +193,73 @@ impl PgUrl {
             .next()
             .map(Endpoint::Tcp)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))
+    }
+}
+
+/// libpq's TLS options from a URL's query.
+struct SslOptions {
+    sslmode: Option<String>,
+    sslrootcert: Option<String>,
+    sslcert: Option<String>,
+    sslkey: Option<String>,
+}
+
+impl SslOptions {
+    /// Decodes every option's value (a bad escape anywhere is an error) and keeps the TLS
+    /// ones; `sslmode` must be one libpq knows.
+    fn parse(query: &str) -> Result<SslOptions, String> {
+        let (mut sslmode, mut sslrootcert, mut sslcert, mut sslkey) = (None, None, None, None);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = Some(percent_decode(value)?);
+            match key {
+                "sslmode" => sslmode = value,
+                "sslrootcert" => sslrootcert = value,
+                "sslcert" => sslcert = value,
+                "sslkey" => sslkey = value,
+                _ => {}
+            }
+        }
+        if let Some(mode) = &sslmode {
+            SslMode::parse(mode)?;
+        }
+        Ok(SslOptions {
+            sslmode,
+            sslrootcert,
+            sslcert,
+            sslkey,
+        })
+    }
+}
+
+/// Splits `user:password@hostport` into the decoded user, the decoded password and the rest.
+fn split_userinfo(authority: &str) -> Result<(Option<String>, Option<String>, &str), String> {
+    let (userinfo, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let (user, password) = match userinfo {
+        Some(info) => match info.split_once(':') {
+            Some((u, p)) => (Some(percent_decode(u)?), Some(percent_decode(p)?)),
+            None => (Some(percent_decode(info)?), None),
+        },
+        None => (None, None),
+    };
+    Ok((user, password, hostport))
+}
+
+/// Splits `host:port`, `[v6]:port` or a bare host into the decoded host and the port's text.
+fn split_host_port<'a>(hostport: &'a str, text: &str) -> Result<(String, Option<&'a str>), String> {
+    if let Some(v6) = hostport.strip_prefix('[') {
+        let (h, tail) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("unterminated IPv6 address in `{text}`"))?;
+        Ok((h.to_string(), tail.strip_prefix(':')))
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => Ok((percent_decode(h)?, Some(p))),
+            None => Ok((percent_decode(hostport)?, None)),
+        }
     }
 }
 

@@ -4,7 +4,8 @@ use std::fmt::Write;
 
 use hdrhistogram::Histogram;
 
-use super::ControlState;
+use super::{ControlState, FingerprintTotals};
+use crate::mirror::MirrorReport;
 
 const QUANTILES: [(f64, &str); 5] = [
     (0.5, "0.5"),
@@ -79,6 +80,15 @@ fn mirror_metrics(out: &mut String, state: &ControlState) {
     if mirrors.is_empty() {
         return;
     }
+    mirror_counters(out, &mirrors);
+    mirror_gauges(out, &mirrors);
+    mirror_errors(out, &mirrors);
+    mirror_latency(out, &mirrors);
+    statement_latency(out, state, &mirrors);
+}
+
+/// One counter per field of the mirrors' counters, labelled by mirror.
+fn mirror_counters(out: &mut String, mirrors: &[MirrorReport]) {
     let names: Vec<(&str, &str)> = mirrors[0]
         .counters
         .fields()
@@ -88,7 +98,7 @@ fn mirror_metrics(out: &mut String, state: &ControlState) {
     for (name, help) in names {
         let _ = writeln!(out, "# HELP pgprism_mirror_{name}_total {help}");
         let _ = writeln!(out, "# TYPE pgprism_mirror_{name}_total counter");
-        for m in &mirrors {
+        for m in mirrors {
             let value = m
                 .counters
                 .fields()
@@ -103,12 +113,15 @@ fn mirror_metrics(out: &mut String, state: &ControlState) {
             );
         }
     }
+}
+
+/// The mirrors' queue depths and lag.
+fn mirror_gauges(out: &mut String, mirrors: &[MirrorReport]) {
     for (metric, help, get) in [
         (
             "pgprism_mirror_queue_messages",
             "messages queued for the mirror now",
-            (|m: &crate::mirror::MirrorReport| m.queue_messages)
-                as fn(&crate::mirror::MirrorReport) -> u64,
+            (|m: &MirrorReport| m.queue_messages) as fn(&MirrorReport) -> u64,
         ),
         (
             "pgprism_mirror_queue_bytes",
@@ -123,10 +136,14 @@ fn mirror_metrics(out: &mut String, state: &ControlState) {
     ] {
         let _ = writeln!(out, "# HELP {metric} {help}");
         let _ = writeln!(out, "# TYPE {metric} gauge");
-        for m in &mirrors {
+        for m in mirrors {
             let _ = writeln!(out, "{metric}{{mirror=\"{}\"}} {}", m.name, get(m));
         }
     }
+}
+
+/// The mirrors' ErrorResponses by SQLSTATE, codes in order.
+fn mirror_errors(out: &mut String, mirrors: &[MirrorReport]) {
     let _ = writeln!(
         out,
         "# HELP pgprism_mirror_errors_by_sqlstate_total ErrorResponses from the mirror by SQLSTATE"
@@ -135,7 +152,7 @@ fn mirror_metrics(out: &mut String, state: &ControlState) {
         out,
         "# TYPE pgprism_mirror_errors_by_sqlstate_total counter"
     );
-    for m in &mirrors {
+    for m in mirrors {
         let mut codes: Vec<_> = m.errors_by_code.iter().collect();
         codes.sort();
         for (code, n) in codes {
@@ -146,12 +163,16 @@ fn mirror_metrics(out: &mut String, state: &ControlState) {
             );
         }
     }
+}
+
+/// Each mirror's statement latency as a summary.
+fn mirror_latency(out: &mut String, mirrors: &[MirrorReport]) {
     let _ = writeln!(
         out,
         "# HELP pgprism_mirror_latency_seconds statement latency on the mirror (sent to ReadyForQuery)"
     );
     let _ = writeln!(out, "# TYPE pgprism_mirror_latency_seconds summary");
-    for m in &mirrors {
+    for m in mirrors {
         for (q, label) in QUANTILES {
             let _ = writeln!(
                 out,
@@ -167,6 +188,10 @@ fn mirror_metrics(out: &mut String, state: &ControlState) {
             m.latency_us.len()
         );
     }
+}
+
+/// p50 and p99 of the top fingerprints, on the primary and on each mirror.
+fn statement_latency(out: &mut String, state: &ControlState, mirrors: &[MirrorReport]) {
     let _ = writeln!(
         out,
         "# HELP pgprism_statement_latency_seconds latency by statement fingerprint, primary and each mirror"
@@ -284,58 +309,11 @@ pub(super) fn status(state: &ControlState) -> String {
         })
         .collect();
     let mirrors = state.mirrors();
-    let mirrors_json: Vec<sonic_rs::Value> = mirrors
-        .iter()
-        .map(|m| {
-            let mut counters = sonic_rs::Object::new();
-            for (name, _, value) in m.counters.fields() {
-                counters.insert(&name, value);
-            }
-            let mut errors = sonic_rs::Object::new();
-            for (code, n) in &m.errors_by_code {
-                errors.insert(code, *n);
-            }
-            sonic_rs::json!({
-                "name": m.name.as_str(),
-                "counters": counters,
-                "queue_messages": m.queue_messages,
-                "queue_bytes": m.queue_bytes,
-                "lag_us": m.lag_us,
-                "errors_by_sqlstate": errors,
-                "latency": latency_json(&m.latency_us),
-            })
-        })
-        .collect();
+    let mirrors_json: Vec<sonic_rs::Value> = mirrors.iter().map(mirror_status).collect();
     let statements: Vec<sonic_rs::Value> = state
         .fingerprints(50)
         .iter()
-        .map(|f| {
-            let mut per_mirror = sonic_rs::Object::new();
-            for (m, h) in mirrors.iter().zip(&f.mirrors) {
-                let p50_ratio = ratio(h.value_at_quantile(0.5), f.primary.value_at_quantile(0.5));
-                let p99_ratio = ratio(h.value_at_quantile(0.99), f.primary.value_at_quantile(0.99));
-                per_mirror.insert(
-                    &m.name,
-                    sonic_rs::json!({
-                        "count": h.len(),
-                        "p50_us": h.value_at_quantile(0.5),
-                        "p99_us": h.value_at_quantile(0.99),
-                        "p50_ratio_to_primary": p50_ratio,
-                        "p99_ratio_to_primary": p99_ratio,
-                    }),
-                );
-            }
-            sonic_rs::json!({
-                "fingerprint": format!("{:016x}", f.id),
-                "statement": f.text.as_str(),
-                "primary": {
-                    "count": f.primary.len(),
-                    "p50_us": f.primary.value_at_quantile(0.5),
-                    "p99_us": f.primary.value_at_quantile(0.99),
-                },
-                "mirrors": per_mirror,
-            })
-        })
+        .map(|f| statement_status(f, &mirrors))
         .collect();
     let compare = match &state.compare {
         Some(book) => book.status_json(),
@@ -370,6 +348,57 @@ pub(super) fn status(state: &ControlState) -> String {
         "shards": shards,
     });
     sonic_rs::to_string_pretty(&value).unwrap_or_else(|_| "{}".into())
+}
+
+/// One mirror's entry in `/status`: counters, queue, lag, errors and latency.
+fn mirror_status(m: &MirrorReport) -> sonic_rs::Value {
+    let mut counters = sonic_rs::Object::new();
+    for (name, _, value) in m.counters.fields() {
+        counters.insert(&name, value);
+    }
+    let mut errors = sonic_rs::Object::new();
+    for (code, n) in &m.errors_by_code {
+        errors.insert(code, *n);
+    }
+    sonic_rs::json!({
+        "name": m.name.as_str(),
+        "counters": counters,
+        "queue_messages": m.queue_messages,
+        "queue_bytes": m.queue_bytes,
+        "lag_us": m.lag_us,
+        "errors_by_sqlstate": errors,
+        "latency": latency_json(&m.latency_us),
+    })
+}
+
+/// One fingerprint's entry in `/status`: its latency on the primary and on each mirror, with
+/// the mirror's ratio to the primary.
+fn statement_status(f: &FingerprintTotals, mirrors: &[MirrorReport]) -> sonic_rs::Value {
+    let mut per_mirror = sonic_rs::Object::new();
+    for (m, h) in mirrors.iter().zip(&f.mirrors) {
+        let p50_ratio = ratio(h.value_at_quantile(0.5), f.primary.value_at_quantile(0.5));
+        let p99_ratio = ratio(h.value_at_quantile(0.99), f.primary.value_at_quantile(0.99));
+        per_mirror.insert(
+            &m.name,
+            sonic_rs::json!({
+                "count": h.len(),
+                "p50_us": h.value_at_quantile(0.5),
+                "p99_us": h.value_at_quantile(0.99),
+                "p50_ratio_to_primary": p50_ratio,
+                "p99_ratio_to_primary": p99_ratio,
+            }),
+        );
+    }
+    sonic_rs::json!({
+        "fingerprint": format!("{:016x}", f.id),
+        "statement": f.text.as_str(),
+        "primary": {
+            "count": f.primary.len(),
+            "p50_us": f.primary.value_at_quantile(0.5),
+            "p99_us": f.primary.value_at_quantile(0.99),
+        },
+        "mirrors": per_mirror,
+    })
 }
 
 fn ratio(a: u64, b: u64) -> f64 {

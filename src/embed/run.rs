@@ -110,24 +110,7 @@ pub fn run_embed(
     }
     let admin_server = match admin_addr {
         None => None,
-        Some(addr) => {
-            let state = Arc::new(Mutex::new(ControlState::new(
-                0,
-                String::new(),
-                String::new(),
-                LATENCY_US_MAX,
-            )));
-            let server = AdminServer::start_with_routes(
-                addr,
-                state,
-                Some(admin_routes(supervisor.handle())),
-            )
-            .map_err(|source| EmbedError::Admin {
-                addr: addr.to_string(),
-                source,
-            })?;
-            Some(server)
-        }
+        Some(addr) => Some(start_admin(addr, &supervisor)?),
     };
     let bound = EmbedBound {
         instances,
@@ -139,6 +122,32 @@ pub fn run_embed(
         "pgprism embed ready"
     );
     on_ready(&bound);
+    wait_for_stop();
+    tracing::info!("stopping: shutting down every instance");
+    drop(admin_server);
+    supervisor.shutdown();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Serves the instance routes (and the empty proxy state behind `/metrics`) on `addr`.
+fn start_admin(addr: SocketAddr, supervisor: &Supervisor) -> Result<AdminServer, EmbedError> {
+    let state = Arc::new(Mutex::new(ControlState::new(
+        0,
+        String::new(),
+        String::new(),
+        LATENCY_US_MAX,
+    )));
+    AdminServer::start_with_routes(addr, state, Some(admin_routes(supervisor.handle()))).map_err(
+        |source| EmbedError::Admin {
+            addr: addr.to_string(),
+            source,
+        },
+    )
+}
+
+/// Blocks until SIGTERM or SIGINT; SIGHUP is logged and ignored.
+fn wait_for_stop() {
     loop {
         match signals::wait(SIGNAL_TICK) {
             Some(signals::Signal::Stop) => break,
@@ -148,11 +157,6 @@ pub fn run_embed(
             None => {}
         }
     }
-    tracing::info!("stopping: shutting down every instance");
-    drop(admin_server);
-    supervisor.shutdown();
-    tracing::info!("stopped");
-    Ok(())
 }
 
 #[derive(Serialize)]

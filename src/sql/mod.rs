@@ -1109,91 +1109,109 @@ mod tests {
         assert_eq!(classify(deep.as_bytes()), Class::Other);
     }
 
+    /// `Prepared::Prepare` for `name`, its body starting after `head`.
+    fn prepare_of(name: &str, head: &str) -> Option<Prepared> {
+        Some(Prepared::Prepare {
+            name: name.into(),
+            body: head.len(),
+        })
+    }
+
+    fn execute_of(name: &str, runs: bool) -> Option<Prepared> {
+        Some(Prepared::Execute {
+            name: name.into(),
+            runs,
+        })
+    }
+
+    fn deallocate_of(name: &str) -> Option<Prepared> {
+        Some(Prepared::Deallocate { name: name.into() })
+    }
+
+    fn assert_prepared(cases: &[(&str, Option<Prepared>)]) {
+        for (sql, want) in cases {
+            assert_eq!(prepared(sql.as_bytes()), *want, "{sql}");
+        }
+    }
+
     #[test]
-    fn reads_sql_level_prepared_statement_commands() {
-        let prepare = |name: &str, body: &str| {
-            Some(Prepared::Prepare {
-                name: name.into(),
-                body: body.len(),
-            })
-        };
-        let execute = |name: &str, runs: bool| {
-            Some(Prepared::Execute {
-                name: name.into(),
-                runs,
-            })
-        };
-        let cases: &[(&str, Option<Prepared>)] = &[
+    fn reads_sql_level_prepare() {
+        assert_prepared(&[
             (
                 "PREPARE ins(int) AS INSERT",
-                prepare("ins", "PREPARE ins(int) AS "),
+                prepare_of("ins", "PREPARE ins(int) AS "),
             ),
             (
                 "prepare Ins (int, \"My Type\"(3), numeric(10,2))\n as\tINSERT",
-                prepare(
+                prepare_of(
                     "ins",
                     "prepare Ins (int, \"My Type\"(3), numeric(10,2))\n as\t",
                 ),
             ),
             (
                 "PREPARE \"Foo\"\"Bar\" AS SELECT 1",
-                prepare("Foo\"Bar", "PREPARE \"Foo\"\"Bar\" AS "),
+                prepare_of("Foo\"Bar", "PREPARE \"Foo\"\"Bar\" AS "),
             ),
             (
                 "/* c */ PREPARE transaction AS SELECT 1",
-                prepare("transaction", "/* c */ PREPARE transaction AS "),
+                prepare_of("transaction", "/* c */ PREPARE transaction AS "),
             ),
             ("PREPARE TRANSACTION 'x'", None),
             ("PREPARE p SELECT 1", None),
             ("PREPARE p AS", None),
             ("PREPARE p(int AS SELECT 1", None),
             ("PREPARE \"\" AS SELECT 1", None),
-            ("EXECUTE ins(1)", execute("ins", true)),
-            ("execute INS ( 'a;b' )", execute("ins", true)),
-            ("EXECUTE \"Foo\"", execute("Foo", true)),
+            ("SELECT 1", None),
+        ]);
+    }
+
+    #[test]
+    fn reads_sql_level_execute() {
+        assert_prepared(&[
+            ("EXECUTE ins(1)", execute_of("ins", true)),
+            ("execute INS ( 'a;b' )", execute_of("ins", true)),
+            ("EXECUTE \"Foo\"", execute_of("Foo", true)),
             ("EXECUTE ins 1", None),
-            ("EXPLAIN ANALYZE EXECUTE ins(1)", execute("ins", true)),
+            ("EXPLAIN ANALYZE EXECUTE ins(1)", execute_of("ins", true)),
             (
                 "EXPLAIN (ANALYZE off) EXECUTE ins(1)",
-                execute("ins", false),
+                execute_of("ins", false),
             ),
-            ("EXPLAIN EXECUTE ins(1)", execute("ins", false)),
+            ("EXPLAIN EXECUTE ins(1)", execute_of("ins", false)),
             ("EXPLAIN SELECT 1", None),
-            (
-                "DEALLOCATE sel",
-                Some(Prepared::Deallocate { name: "sel".into() }),
-            ),
-            (
-                "deallocate prepare \"Sel\"",
-                Some(Prepared::Deallocate { name: "Sel".into() }),
-            ),
-            (
-                "DEALLOCATE prepare",
-                Some(Prepared::Deallocate {
-                    name: "prepare".into(),
-                }),
-            ),
+            ("EXECUTE ins;", execute_of("ins", true)),
+            ("EXECUTE ins(1) ;;", execute_of("ins", true)),
+            ("EXECUTE ins; SELECT 1", None),
+        ]);
+        // Names are truncated like PostgreSQL's identifiers (63 bytes).
+        let long = "p".repeat(80);
+        assert_eq!(
+            prepared(format!("EXECUTE {long}").as_bytes()),
+            execute_of(&long[..63], true)
+        );
+    }
+
+    #[test]
+    fn reads_sql_level_deallocate_and_discard() {
+        assert_prepared(&[
+            ("DEALLOCATE sel", deallocate_of("sel")),
+            ("deallocate prepare \"Sel\"", deallocate_of("Sel")),
+            ("DEALLOCATE prepare", deallocate_of("prepare")),
             ("DEALLOCATE ALL", Some(Prepared::DeallocateAll)),
             ("DEALLOCATE PREPARE all", Some(Prepared::DeallocateAll)),
-            (
-                "DEALLOCATE \"all\"",
-                Some(Prepared::Deallocate { name: "all".into() }),
-            ),
+            ("DEALLOCATE \"all\"", deallocate_of("all")),
             ("DEALLOCATE a b", None),
+            ("DEALLOCATE sel;\n", deallocate_of("sel")),
+            ("DEALLOCATE PREPARE sel;", deallocate_of("sel")),
             ("DISCARD ALL", Some(Prepared::DiscardAll)),
             ("DISCARD ALL ; -- end", Some(Prepared::DiscardAll)),
-            ("EXECUTE ins;", execute("ins", true)),
-            ("EXECUTE ins(1) ;;", execute("ins", true)),
-            ("EXECUTE ins; SELECT 1", None),
-            (
-                "DEALLOCATE sel;\n",
-                Some(Prepared::Deallocate { name: "sel".into() }),
-            ),
-            (
-                "DEALLOCATE PREPARE sel;",
-                Some(Prepared::Deallocate { name: "sel".into() }),
-            ),
             ("DISCARD PLANS", None),
+        ]);
+    }
+
+    #[test]
+    fn reads_create_table_as_execute() {
+        assert_prepared(&[
             (
                 "CREATE TABLE t2 AS EXECUTE sel(1) WITH NO DATA",
                 Some(Prepared::CreateTableAsExecute { name: "sel".into() }),
@@ -1210,17 +1228,7 @@ mod tests {
                 None,
             ),
             ("CREATE TABLE t (a int", None),
-            ("SELECT 1", None),
-        ];
-        for (sql, want) in cases {
-            assert_eq!(prepared(sql.as_bytes()), *want, "{sql}");
-        }
-        // Names are truncated like PostgreSQL's identifiers (63 bytes).
-        let long = "p".repeat(80);
-        assert_eq!(
-            prepared(format!("EXECUTE {long}").as_bytes()),
-            execute(&long[..63], true)
-        );
+        ]);
     }
 
     #[test]

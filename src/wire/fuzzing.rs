@@ -99,74 +99,81 @@ pub fn fuzz_backend(data: &[u8]) {
     let mut auth = ClientAuth::new("fuzz", "fuzz");
     let mut out = BytesMut::new();
     frames(data, |tag, body| {
-        let Ok(message) = BackendMessage::decode(tag, body) else {
-            return;
-        };
-        match message {
-            BackendMessage::Authentication(request) => {
+        match BackendMessage::decode(tag, body) {
+            Ok(BackendMessage::Authentication(request)) => {
                 // Once the state machine errors it is abandoned, as the connection would be.
                 if auth.step(&request, &mut out).is_err() {
                     auth = ClientAuth::new("fuzz", "fuzz");
                 }
                 out.clear();
             }
-            BackendMessage::BackendKeyData(k) => {
-                let _ = (k.pid(), k.secret(), k.parts());
-            }
-            BackendMessage::ParameterStatus(p) => drop(p.parts()),
-            BackendMessage::ReadyForQuery(r) => drop(r.status()),
-            BackendMessage::RowDescription(r) => {
-                if let Ok(fields) = r.fields() {
-                    let len = fields.len();
-                    assert_eq!(fields.count(), len);
-                }
-            }
-            BackendMessage::DataRow(d) => {
-                if let Ok(columns) = d.columns() {
-                    assert_eq!(columns.iter().count(), columns.len());
-                }
-            }
-            BackendMessage::CommandComplete(c) => {
-                let _ = (c.tag(), c.rows());
-            }
-            BackendMessage::ErrorResponse(e) | BackendMessage::NoticeResponse(e) => {
-                let _ = (e.parse(), e.code());
-                if let Ok(fields) = e.fields() {
-                    let _ = fields.count();
-                }
-            }
-            BackendMessage::NotificationResponse(n) => drop(n.parts()),
-            BackendMessage::CopyInResponse(c)
-            | BackendMessage::CopyOutResponse(c)
-            | BackendMessage::CopyBothResponse(c) => {
-                if let Ok((_, formats)) = c.parts() {
-                    let _ = formats.iter().count();
-                }
-            }
-            BackendMessage::ParameterDescription(p) => {
-                if let Ok(types) = p.types() {
-                    let _ = types.iter().count();
-                }
-            }
-            BackendMessage::NegotiateProtocolVersion(n) => {
-                let _ = n.newest_minor();
-                if let Ok(options) = n.options() {
-                    let _ = options.count();
-                }
-            }
-            BackendMessage::EmptyQueryResponse
-            | BackendMessage::CopyData(_)
-            | BackendMessage::CopyDone
-            | BackendMessage::NoData
-            | BackendMessage::ParseComplete
-            | BackendMessage::BindComplete
-            | BackendMessage::CloseComplete
-            | BackendMessage::PortalSuspended
-            | BackendMessage::Other { .. } => {}
+            Ok(message) => backend_accessors(message),
+            Err(_) => return,
         }
         // Auth requests are also parsed standalone, outside any exchange.
         let _ = AuthRequest::parse(body);
     });
+}
+
+/// Calls every accessor of a decoded backend message, checking that counts agree.
+fn backend_accessors(message: BackendMessage<'_>) {
+    match message {
+        BackendMessage::BackendKeyData(k) => {
+            let _ = (k.pid(), k.secret(), k.parts());
+        }
+        BackendMessage::ParameterStatus(p) => drop(p.parts()),
+        BackendMessage::ReadyForQuery(r) => drop(r.status()),
+        BackendMessage::RowDescription(r) => {
+            if let Ok(fields) = r.fields() {
+                let len = fields.len();
+                assert_eq!(fields.count(), len);
+            }
+        }
+        BackendMessage::DataRow(d) => {
+            if let Ok(columns) = d.columns() {
+                assert_eq!(columns.iter().count(), columns.len());
+            }
+        }
+        BackendMessage::CommandComplete(c) => {
+            let _ = (c.tag(), c.rows());
+        }
+        BackendMessage::ErrorResponse(e) | BackendMessage::NoticeResponse(e) => {
+            let _ = (e.parse(), e.code());
+            if let Ok(fields) = e.fields() {
+                let _ = fields.count();
+            }
+        }
+        BackendMessage::NotificationResponse(n) => drop(n.parts()),
+        BackendMessage::CopyInResponse(c)
+        | BackendMessage::CopyOutResponse(c)
+        | BackendMessage::CopyBothResponse(c) => {
+            if let Ok((_, formats)) = c.parts() {
+                let _ = formats.iter().count();
+            }
+        }
+        BackendMessage::ParameterDescription(p) => {
+            if let Ok(types) = p.types() {
+                let _ = types.iter().count();
+            }
+        }
+        BackendMessage::NegotiateProtocolVersion(n) => {
+            let _ = n.newest_minor();
+            if let Ok(options) = n.options() {
+                let _ = options.count();
+            }
+        }
+        BackendMessage::EmptyQueryResponse
+        | BackendMessage::CopyData(_)
+        | BackendMessage::CopyDone
+        | BackendMessage::NoData
+        | BackendMessage::ParseComplete
+        | BackendMessage::BindComplete
+        | BackendMessage::CloseComplete
+        | BackendMessage::PortalSuspended
+        | BackendMessage::Other { .. } => {}
+        // Driven through the client auth state machine by `fuzz_backend`.
+        BackendMessage::Authentication(_) => {}
+    }
 }
 
 /// Startup phase: split the first packet and parse it; then treat the rest as a frontend
@@ -186,6 +193,8 @@ pub fn fuzz_startup(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::encode::{self, ErrorSpec};
+    use crate::wire::{FieldDescription, Format, Target, TransactionStatus};
     use std::path::Path;
 
     /// The CI smoke run of the fuzzers: every committed corpus file through its target.
@@ -213,16 +222,46 @@ mod tests {
         }
     }
 
+    type Build = Box<dyn Fn(&mut BytesMut)>;
+    /// Named seed builders for one fuzz target.
+    type Seeds = Vec<(&'static str, Build)>;
+
     /// Regenerates the seed corpus from the builders:
     /// `cargo test --lib write_seed_corpus -- --ignored`.
     #[test]
     #[ignore = "writes files under fuzz/corpus; run by hand when the seeds change"]
     fn write_seed_corpus() {
-        use crate::wire::encode::{self, ErrorSpec};
-        use crate::wire::{FieldDescription, Format, Target, TransactionStatus};
+        let frontend = [frontend_statement_seeds(), frontend_other_seeds()]
+            .into_iter()
+            .flatten()
+            .collect::<Seeds>();
+        let backend = [
+            backend_startup_seeds(),
+            backend_query_seeds(),
+            backend_other_seeds(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Seeds>();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        for (target, seeds) in [
+            ("frontend_decode", frontend),
+            ("backend_decode", backend),
+            ("startup_decode", startup_seeds()),
+        ] {
+            let dir = root.join(target);
+            std::fs::create_dir_all(&dir).expect("corpus dir");
+            for (name, build) in seeds {
+                let mut buf = BytesMut::new();
+                build(&mut buf);
+                std::fs::write(dir.join(name), &buf).expect("corpus file");
+            }
+        }
+    }
 
-        type Build = Box<dyn Fn(&mut BytesMut)>;
-        let frontend: Vec<(&str, Build)> = vec![
+    /// Simple and extended query messages.
+    fn frontend_statement_seeds() -> Seeds {
+        vec![
             (
                 "query",
                 Box::new(|b| encode::query(b, "select 1; select 2").unwrap()),
@@ -267,6 +306,12 @@ mod tests {
                 "close",
                 Box::new(|b| encode::close(b, Target::Portal, "p").unwrap()),
             ),
+        ]
+    }
+
+    /// Flush, Terminate, COPY, authentication replies and malformed frames.
+    fn frontend_other_seeds() -> Seeds {
+        vec![
             (
                 "flush_terminate",
                 Box::new(|b| {
@@ -302,17 +347,12 @@ mod tests {
                 "bad_length",
                 Box::new(|b| b.extend_from_slice(b"S\0\0\0\x02")),
             ),
-        ];
-        let field = FieldDescription {
-            name: "id",
-            table_oid: 16384,
-            column_attr: 1,
-            type_oid: 23,
-            type_size: 4,
-            type_modifier: -1,
-            format: Format::Text,
-        };
-        let backend: Vec<(&str, Build)> = vec![
+        ]
+    }
+
+    /// Authentication requests and the reply to a startup.
+    fn backend_startup_seeds() -> Seeds {
+        vec![
             ("auth_ok", Box::new(encode::authentication_ok)),
             (
                 "auth_md5",
@@ -335,6 +375,21 @@ mod tests {
                     encode::ready_for_query(b, TransactionStatus::Idle);
                 }),
             ),
+        ]
+    }
+
+    /// Answers to a query: rows, an error, a notice.
+    fn backend_query_seeds() -> Seeds {
+        let field = FieldDescription {
+            name: "id",
+            table_oid: 16384,
+            column_attr: 1,
+            type_oid: 23,
+            type_size: 4,
+            type_modifier: -1,
+            format: Format::Text,
+        };
+        vec![
             (
                 "select",
                 Box::new(move |b| {
@@ -372,6 +427,12 @@ mod tests {
                     encode::notice_response(b, &spec).unwrap();
                 }),
             ),
+        ]
+    }
+
+    /// Extended-protocol replies, COPY, notifications and protocol negotiation.
+    fn backend_other_seeds() -> Seeds {
+        vec![
             ("empty_query", Box::new(encode::empty_query_response)),
             (
                 "extended_replies",
@@ -399,8 +460,12 @@ mod tests {
                 "negotiate",
                 Box::new(|b| b.extend_from_slice(b"v\0\0\0\x13\0\0\0\0\0\0\0\x01_pq_.x\0")),
             ),
-        ];
-        let startup: Vec<(&str, Build)> = vec![
+        ]
+    }
+
+    /// Startup packets, SSL/GSS/cancel requests and malformed ones.
+    fn startup_seeds() -> Seeds {
+        vec![
             (
                 "startup",
                 Box::new(|b| {
@@ -457,20 +522,6 @@ mod tests {
                 "unterminated",
                 Box::new(|b| b.extend_from_slice(b"\0\0\0\x0e\0\x03\0\0user\0u")),
             ),
-        ];
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-        for (target, seeds) in [
-            ("frontend_decode", frontend),
-            ("backend_decode", backend),
-            ("startup_decode", startup),
-        ] {
-            let dir = root.join(target);
-            std::fs::create_dir_all(&dir).expect("corpus dir");
-            for (name, build) in seeds {
-                let mut buf = BytesMut::new();
-                build(&mut buf);
-                std::fs::write(dir.join(name), &buf).expect("corpus file");
-            }
-        }
+        ]
     }
 }
