@@ -5,7 +5,7 @@ use bytes::BytesMut;
 use pgprism::wire::fuzzing::{fuzz_backend, fuzz_frontend, fuzz_startup};
 use pgprism::wire::{
     self, AuthRequest, BackendMessage, ErrorSpec, FieldDescription, Format, FrontendMessage,
-    StartupPacket, Target, TransactionStatus, encode,
+    ObjectKind, StartupPacket, TransactionStatus, encode,
 };
 use proptest::prelude::*;
 
@@ -165,7 +165,7 @@ proptest! {
 
     #[test]
     fn describe_close_execute_round_trip(name in cstring(), portal_target in any::<bool>(), max_rows in any::<i32>()) {
-        let target = if portal_target { Target::Portal } else { Target::Statement };
+        let target = if portal_target { ObjectKind::Portal } else { ObjectKind::Statement };
         let mut buf = BytesMut::new();
         encode::describe(&mut buf, target, &name).unwrap();
         let frame = only_frame(&mut buf);

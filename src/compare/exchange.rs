@@ -384,10 +384,10 @@ impl Dispatch {
         };
         if let Ok((kind, name)) = target {
             let primary_only = match kind {
-                wire::Target::Statement => {
+                wire::ObjectKind::Statement => {
                     self.statements.get(name).is_some_and(|s| s.primary_only)
                 }
-                wire::Target::Portal => self
+                wire::ObjectKind::Portal => self
                     .portals
                     .get(name)
                     .is_some_and(|p| p.statement.primary_only),
@@ -395,8 +395,8 @@ impl Dispatch {
             self.batch_primary_only |= primary_only;
             if tag == tag::CLOSE && !self.batch_primary_only {
                 match kind {
-                    wire::Target::Statement => drop(self.statements.remove(name)),
-                    wire::Target::Portal => drop(self.portals.remove(name)),
+                    wire::ObjectKind::Statement => drop(self.statements.remove(name)),
+                    wire::ObjectKind::Portal => drop(self.portals.remove(name)),
                 }
             }
         }
@@ -498,13 +498,13 @@ impl Dispatch {
             tag::DESCRIBE => {
                 let (kind, name) = wire::Describe::new(body).target().ok()?;
                 Some(match kind {
-                    wire::Target::Statement => Expect::DescribeStatement(
+                    wire::ObjectKind::Statement => Expect::DescribeStatement(
                         self.statements
                             .get(name)
                             .map(|s| s.described.clone())
                             .unwrap_or_default(),
                     ),
-                    wire::Target::Portal => Expect::DescribePortal(
+                    wire::ObjectKind::Portal => Expect::DescribePortal(
                         portal(name)
                             .map(|p| p.statement.described.clone())
                             .unwrap_or_default(),

@@ -19,7 +19,7 @@ use crate::config::{MirrorConfig, Overflow, QueryFilter};
 use crate::session::Settings;
 use crate::sql::{self, Class, Prepared};
 use crate::stats::fingerprints::Fingerprints;
-use crate::wire::{self, Target, tag};
+use crate::wire::{self, ObjectKind, tag};
 
 /// Prepared statements and portals tracked per session; beyond this, new names are not
 /// tracked and statements using them are not mirrored (counted as filtered).
@@ -398,14 +398,14 @@ impl Router {
             tag::BIND => self.classify_bind(body)?,
             tag::EXECUTE => self.classify_execute(body)?,
             tag::DESCRIBE => match wire::Describe::new(body).target().ok()? {
-                (Target::Statement, name) => Route::DescribeStatement { name },
-                (Target::Portal, name) => Route::Portal { name },
+                (ObjectKind::Statement, name) => Route::DescribeStatement { name },
+                (ObjectKind::Portal, name) => Route::Portal { name },
             },
             // The names are forgotten after routing (see `route`): a closed name may be reused,
             // and drivers that number their statements would otherwise fill the table.
             tag::CLOSE => match wire::Close::new(body).target().ok()? {
-                (Target::Statement, name) => Route::CloseStatement { name },
-                (Target::Portal, name) => Route::ClosePortal { name },
+                (ObjectKind::Statement, name) => Route::CloseStatement { name },
+                (ObjectKind::Portal, name) => Route::ClosePortal { name },
             },
             tag::SYNC => Route::Sync,
             tag::FLUSH => Route::Flush,
@@ -1089,7 +1089,7 @@ fn prepare_in_batch(text: &[u8]) -> Option<Bytes> {
     )
     .ok()?;
     wire::encode::execute(&mut out, REPREPARE_PORTAL, 0).ok()?;
-    wire::encode::close(&mut out, Target::Portal, REPREPARE_PORTAL).ok()?;
-    wire::encode::close(&mut out, Target::Statement, REPREPARE_STATEMENT).ok()?;
+    wire::encode::close(&mut out, ObjectKind::Portal, REPREPARE_PORTAL).ok()?;
+    wire::encode::close(&mut out, ObjectKind::Statement, REPREPARE_STATEMENT).ok()?;
     Some(out.freeze())
 }

@@ -369,8 +369,8 @@ impl Tracker {
                 Err(_) => self.unreadable += 1,
             },
             tag::CLOSE => match wire::Close::new(body).target() {
-                Ok((wire::Target::Statement, name)) => drop(self.statements.remove(name)),
-                Ok((wire::Target::Portal, name)) => drop(self.portals.remove(name)),
+                Ok((wire::ObjectKind::Statement, name)) => drop(self.statements.remove(name)),
+                Ok((wire::ObjectKind::Portal, name)) => drop(self.portals.remove(name)),
                 Err(_) => self.unreadable += 1,
             },
             _ => {}

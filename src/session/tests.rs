@@ -87,7 +87,7 @@ fn extended_batches_name_their_statements_and_portals() {
         "the batch is kept until the next one starts"
     );
     let close = frames(|b| {
-        encode::close(b, wire::Target::Statement, "s1").unwrap();
+        encode::close(b, wire::ObjectKind::Statement, "s1").unwrap();
         encode::sync(b);
     });
     feed_client(&mut t, &close);

@@ -8,7 +8,7 @@ use bytes::{BufMut, BytesMut};
 use super::backend::{FieldDescription, TransactionStatus, error_field};
 use super::error::WireError;
 use super::format::Format;
-use super::frontend::Target;
+use super::frontend::ObjectKind;
 use super::startup::{CANCEL_REQUEST_CODE, PROTOCOL_3_0};
 use super::tag;
 
@@ -253,7 +253,7 @@ pub fn bind(
 }
 
 /// Describe a statement or portal.
-pub fn describe(buf: &mut BytesMut, target: Target, name: &str) -> Result<(), WireError> {
+pub fn describe(buf: &mut BytesMut, target: ObjectKind, name: &str) -> Result<(), WireError> {
     framed(buf, Some(tag::DESCRIBE), |b| {
         b.put_u8(target.byte());
         put_cstr(b, name.as_bytes(), "Describe name")
@@ -261,7 +261,7 @@ pub fn describe(buf: &mut BytesMut, target: Target, name: &str) -> Result<(), Wi
 }
 
 /// Close a statement or portal.
-pub fn close(buf: &mut BytesMut, target: Target, name: &str) -> Result<(), WireError> {
+pub fn close(buf: &mut BytesMut, target: ObjectKind, name: &str) -> Result<(), WireError> {
     framed(buf, Some(tag::CLOSE), |b| {
         b.put_u8(target.byte());
         put_cstr(b, name.as_bytes(), "Close name")

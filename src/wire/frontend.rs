@@ -211,12 +211,12 @@ impl<'a> Bind<'a> {
 
 /// What Describe and Close refer to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Target {
+pub enum ObjectKind {
     Statement,
     Portal,
 }
 
-impl Target {
+impl ObjectKind {
     /// The wire byte: `S` or `P`.
     pub fn byte(self) -> u8 {
         match self {
@@ -226,11 +226,14 @@ impl Target {
     }
 }
 
-fn target_and_name<'a>(body: &'a [u8], what: &'static str) -> Result<(Target, &'a str), WireError> {
+fn target_and_name<'a>(
+    body: &'a [u8],
+    what: &'static str,
+) -> Result<(ObjectKind, &'a str), WireError> {
     let mut cur = Cursor::new(body, what);
     let target = match cur.u8()? {
-        b'S' => Target::Statement,
-        b'P' => Target::Portal,
+        b'S' => ObjectKind::Statement,
+        b'P' => ObjectKind::Portal,
         other => {
             return Err(WireError::InvalidValue {
                 what,
@@ -249,7 +252,7 @@ view!(
 );
 
 impl<'a> Describe<'a> {
-    pub fn target(&self) -> Result<(Target, &'a str), WireError> {
+    pub fn target(&self) -> Result<(ObjectKind, &'a str), WireError> {
         target_and_name(self.body, "Describe")
     }
 }
@@ -260,7 +263,7 @@ view!(
 );
 
 impl<'a> Close<'a> {
-    pub fn target(&self) -> Result<(Target, &'a str), WireError> {
+    pub fn target(&self) -> Result<(ObjectKind, &'a str), WireError> {
         target_and_name(self.body, "Close")
     }
 }
@@ -428,7 +431,7 @@ mod tests {
         assert!(Parse::new(b"s1\0select\0\0\x02\0\0\0\x17").parts().is_err());
         assert_eq!(
             Describe::new(b"Pp\0").target().unwrap(),
-            (Target::Portal, "p")
+            (ObjectKind::Portal, "p")
         );
         assert!(Close::new(b"Xp\0").target().is_err());
         assert_eq!(Execute::new(b"\0\0\0\0\x05").parts().unwrap(), ("", 5));

@@ -194,7 +194,7 @@ pub fn fuzz_startup(data: &[u8]) {
 mod tests {
     use super::*;
     use crate::wire::encode::{self, ErrorSpec};
-    use crate::wire::{FieldDescription, Format, Target, TransactionStatus};
+    use crate::wire::{FieldDescription, Format, ObjectKind, TransactionStatus};
     use std::path::Path;
 
     /// The CI smoke run of the fuzzers: every committed corpus file through its target.
@@ -286,7 +286,7 @@ mod tests {
             ),
             (
                 "describe",
-                Box::new(|b| encode::describe(b, Target::Statement, "s1").unwrap()),
+                Box::new(|b| encode::describe(b, ObjectKind::Statement, "s1").unwrap()),
             ),
             (
                 "execute",
@@ -297,14 +297,14 @@ mod tests {
                 Box::new(|b| {
                     encode::parse(b, "", "select $1", &[]).unwrap();
                     encode::bind(b, "", "", &[], &[Some(b"x")], &[]).unwrap();
-                    encode::describe(b, Target::Portal, "").unwrap();
+                    encode::describe(b, ObjectKind::Portal, "").unwrap();
                     encode::execute(b, "", 0).unwrap();
                     encode::sync(b);
                 }),
             ),
             (
                 "close",
-                Box::new(|b| encode::close(b, Target::Portal, "p").unwrap()),
+                Box::new(|b| encode::close(b, ObjectKind::Portal, "p").unwrap()),
             ),
         ]
     }

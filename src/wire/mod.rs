@@ -39,8 +39,8 @@ pub use frame::{
     split_startup,
 };
 pub use frontend::{
-    Bind, BindParts, Close, CopyFail, Describe, Execute, FrontendMessage, Parse, Password, Query,
-    SaslInitial, Target,
+    Bind, BindParts, Close, CopyFail, Describe, Execute, FrontendMessage, ObjectKind, Parse,
+    Password, Query, SaslInitial,
 };
 pub use startup::{
     CANCEL_REQUEST_CODE, GSSENC_REQUEST_CODE, PROTOCOL_3_0, SSL_REQUEST_CODE, StartupPacket,
