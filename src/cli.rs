@@ -587,37 +587,13 @@ fn run_main(cfg: Config, reload: crate::server::Reload) -> ExitCode {
     let has_cdc = !cfg.cdc.source.is_empty();
     let has_proxy = !cfg.primary.url.is_empty();
     if has_embed && !has_proxy && !has_cdc {
-        let ready = |bound: &crate::embed::EmbedBound| {
-            for inst in &bound.instances {
-                println!(
-                    "pgprism embed: instance {} ready on port {}",
-                    inst.name, inst.port
-                );
-            }
-        };
-        return match crate::embed::run_embed(&cfg.embed, &cfg.admin, ready) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => report(&err),
-        };
+        return run_embed_only(&cfg);
     }
     crate::server::signals::block();
     let mut routes: Vec<crate::control::ExtraRoutes> = Vec::new();
     let mut supervisor = None;
     if has_embed {
-        let started = crate::embed::Supervisor::start(
-            crate::embed::SupervisorSettings::from_config(&cfg.embed),
-        )
-        .and_then(|sup| {
-            for inst in &cfg.embed.instance {
-                let info = sup.add(crate::embed::instance_config(&cfg.embed, inst))?;
-                println!(
-                    "pgprism embed: instance {} ready on port {}",
-                    info.name, info.port
-                );
-            }
-            Ok(sup)
-        });
-        match started {
+        match start_supervisor(&cfg) {
             Ok(sup) => {
                 routes.push(crate::embed::admin_routes(sup.handle()));
                 supervisor = Some(sup);
@@ -645,18 +621,7 @@ fn run_main(cfg: Config, reload: crate::server::Reload) -> ExitCode {
     };
     let mut failed = result.err();
     if let Some((shared, thread)) = cdc {
-        // `shutdown` first: a stop is final, not a lost connection to recover from.
-        shared
-            .shutdown
-            .store(true, std::sync::atomic::Ordering::Release);
-        shared
-            .stopped
-            .store(true, std::sync::atomic::Ordering::Release);
-        match thread.join() {
-            Ok(Err(err)) if failed.is_none() => failed = Some(format!("cdc stopped: {err}")),
-            Err(_) => failed = Some("the cdc thread panicked".into()),
-            _ => {}
-        }
+        failed = stop_cdc(&shared, thread, failed);
     }
     if let Some(sup) = supervisor {
         sup.shutdown();
@@ -668,6 +633,59 @@ fn run_main(cfg: Config, reload: crate::server::Reload) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `pgprism run` with only embedded servers: the supervisor runs them until SIGTERM.
+fn run_embed_only(cfg: &Config) -> ExitCode {
+    let ready = |bound: &crate::embed::EmbedBound| {
+        for inst in &bound.instances {
+            println!(
+                "pgprism embed: instance {} ready on port {}",
+                inst.name, inst.port
+            );
+        }
+    };
+    match crate::embed::run_embed(&cfg.embed, &cfg.admin, ready) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => report(&err),
+    }
+}
+
+/// Starts the embed supervisor and every configured instance, one ready line each.
+fn start_supervisor(cfg: &Config) -> Result<crate::embed::Supervisor, crate::embed::EmbedError> {
+    crate::embed::Supervisor::start(crate::embed::SupervisorSettings::from_config(&cfg.embed))
+        .and_then(|sup| {
+            for inst in &cfg.embed.instance {
+                let info = sup.add(crate::embed::instance_config(&cfg.embed, inst))?;
+                println!(
+                    "pgprism embed: instance {} ready on port {}",
+                    info.name, info.port
+                );
+            }
+            Ok(sup)
+        })
+}
+
+/// Stops CDC (its position is checkpointed as always) and waits for its thread; returns the
+/// run's failure, CDC's own when the run had none.
+fn stop_cdc(
+    shared: &crate::cdc::Shared,
+    thread: crate::cdc::CdcThread,
+    mut failed: Option<String>,
+) -> Option<String> {
+    // `shutdown` first: a stop is final, not a lost connection to recover from.
+    shared
+        .shutdown
+        .store(true, std::sync::atomic::Ordering::Release);
+    shared
+        .stopped
+        .store(true, std::sync::atomic::Ordering::Release);
+    match thread.join() {
+        Ok(Err(err)) if failed.is_none() => failed = Some(format!("cdc stopped: {err}")),
+        Err(_) => failed = Some("the cdc thread panicked".into()),
+        _ => {}
+    }
+    failed
 }
 
 /// Several subsystems' admin routes as one: the first that answers a request wins.

@@ -15,6 +15,10 @@ use std::path::{Path, PathBuf};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use crate::config::{Config, parse_addr, socket_file};
+
+use super::RuntimeError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
     #[error(
@@ -57,7 +61,7 @@ fn socket_for(addr: SocketAddr) -> io::Result<Socket> {
 }
 
 /// Fails when anything is bound to `addr` already.
-pub(super) fn ensure_free(addr: SocketAddr) -> Result<(), ListenError> {
+fn ensure_free(addr: SocketAddr) -> Result<(), ListenError> {
     let probe = socket_for(addr).map_err(|source| ListenError::Bind { addr, source })?;
     // SO_REUSEADDR (not REUSEPORT) lets the probe ignore TIME_WAIT leftovers while still
     // failing against a listening socket.
@@ -71,7 +75,7 @@ pub(super) fn ensure_free(addr: SocketAddr) -> Result<(), ListenError> {
 
 /// A listening socket for one shard. `addr` may have port 0 only for the first shard; the
 /// caller passes the resolved address to the others.
-pub(super) fn bind_shard(addr: SocketAddr, backlog: u32) -> Result<Socket, ListenError> {
+fn bind_shard(addr: SocketAddr, backlog: u32) -> Result<Socket, ListenError> {
     let wrap = |source| ListenError::Bind { addr, source };
     let socket = socket_for(addr).map_err(wrap)?;
     socket.set_reuse_address(true).map_err(wrap)?;
@@ -82,6 +86,51 @@ pub(super) fn bind_shard(addr: SocketAddr, backlog: u32) -> Result<Socket, Liste
         .listen(backlog.min(i32::MAX as u32) as i32)
         .map_err(wrap)?;
     Ok(socket)
+}
+
+/// Every listening socket of the proxy, bound before any shard starts.
+pub(super) struct Listeners {
+    /// The TCP address, with the port the first bind picked when `proxy.listen` asks for 0.
+    pub(super) listen: SocketAddr,
+    /// One SO_REUSEPORT socket per shard.
+    pub(super) sockets: Vec<Socket>,
+    /// The one Unix listener every shard accepts from through its own dup.
+    pub(super) unix_socket: Option<Socket>,
+    /// Removes the Unix socket's file when dropped: at the start of a drain, or on any early
+    /// return of the start-up.
+    pub(super) unix_file: Option<SocketFile>,
+}
+
+/// Checks that `proxy.listen` is free, binds one socket per shard on it and, when
+/// `proxy.unix-socket-dir` is set, the Unix socket named for the port.
+pub(super) fn bind_all(cfg: &Config, shards: usize) -> Result<Listeners, RuntimeError> {
+    let mut listen = parse_addr("proxy.listen", &cfg.proxy.listen)?;
+    ensure_free(listen)?;
+    let mut sockets = Vec::with_capacity(shards);
+    for _ in 0..shards {
+        let socket = bind_shard(listen, cfg.proxy.backlog)?;
+        if listen.port() == 0 {
+            // Port 0: the first bind picks the port, the other shards join it.
+            if let Some(local) = socket.local_addr().ok().and_then(|a| a.as_socket()) {
+                listen = local;
+            }
+        }
+        sockets.push(socket);
+    }
+    let (unix_socket, unix_file) = match cfg.proxy.unix_socket_dir.as_str() {
+        "" => (None, None),
+        dir => {
+            let path = socket_file(dir, listen.port());
+            let (socket, file) = bind_unix(&path, cfg.proxy.backlog)?;
+            (Some(socket), Some(file))
+        }
+    };
+    Ok(Listeners {
+        listen,
+        sockets,
+        unix_socket,
+        unix_file,
+    })
 }
 
 /// The socket file pgprism created. Dropping it removes the file, unless another process has
@@ -120,7 +169,7 @@ impl Drop for SocketFile {
 /// The one Unix-domain listening socket at `path` (mode 0777, as PostgreSQL's, so every local
 /// user may connect; pg_hba-style checks are the primary's job), and the guard that removes
 /// its file. The caller hands each shard a `dup` of the socket.
-pub(super) fn bind_unix(path: &Path, backlog: u32) -> Result<(Socket, SocketFile), ListenError> {
+fn bind_unix(path: &Path, backlog: u32) -> Result<(Socket, SocketFile), ListenError> {
     let wrap = |source| ListenError::UnixBind {
         path: path.to_path_buf(),
         source,

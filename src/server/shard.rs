@@ -19,38 +19,86 @@ use crate::stats::{ShardReport, ShardStats};
 /// How often a drain looks for sessions that became idle.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
 
+/// Everything a shard starts with, built on the main thread by `spawn`.
 pub(super) struct ShardPlan {
     pub index: usize,
     pub socket: Socket,
     /// This shard's dup of the Unix-domain listener, when there is one.
     pub unix: Option<Socket>,
-    pub settings: ProxySettings,
-    pub read_chunk_bytes: usize,
-    pub latency_us_max: u64,
+    pub context: ContextPlan,
     pub report_interval: Duration,
     pub drain_timeout: Duration,
     pub reports: Sender<ShardReport>,
     pub stop: Notifier,
+}
+
+/// What the shard's [`ShardCtx`] (its sessions' shared state) is built from.
+pub(super) struct ContextPlan {
+    pub settings: ProxySettings,
+    pub read_chunk_bytes: usize,
+    pub latency_us_max: u64,
     pub mirrors: Vec<crate::mirror::Resolved>,
     pub fingerprints_max: usize,
     pub compare: Option<crate::compare::Resolved>,
 }
 
+/// The shard's life: accept until told to stop, drain, send the final report.
 pub(super) async fn run(plan: ShardPlan) {
-    let listener = match Listener::from_socket(plan.socket) {
+    let Some((listener, unix_listener)) = register_listeners(plan.index, plan.socket, plan.unix)
+    else {
+        return;
+    };
+    let Some(shard) = context(plan.index, plan.context) else {
+        return;
+    };
+    let listeners = Listeners {
+        tcp: &listener,
+        unix: unix_listener.as_ref(),
+    };
+    serve_until_stopped(
+        &shard,
+        listeners,
+        &plan.reports,
+        plan.report_interval,
+        &plan.stop,
+    )
+    .await;
+    drop(listener);
+    drop(unix_listener);
+    drain(&shard, plan.drain_timeout).await;
+    // The final report must arrive: it carries the exact totals. Block briefly if needed;
+    // the shard has no sessions left to delay.
+    let _ = plan
+        .reports
+        .send_timeout(report(&shard), Duration::from_secs(1));
+}
+
+/// Registers the shard's listening sockets with its executor; `None` (logged) when one fails.
+fn register_listeners(
+    index: usize,
+    socket: Socket,
+    unix: Option<Socket>,
+) -> Option<(Listener, Option<Listener>)> {
+    let listener = match Listener::from_socket(socket) {
         Ok(listener) => listener,
         Err(err) => {
-            tracing::error!(shard = plan.index, error = %err, "cannot register the listener");
-            return;
+            tracing::error!(shard = index, error = %err, "cannot register the listener");
+            return None;
         }
     };
-    let unix_listener = match plan.unix.map(Listener::from_socket).transpose() {
+    let unix_listener = match unix.map(Listener::from_socket).transpose() {
         Ok(listener) => listener,
         Err(err) => {
-            tracing::error!(shard = plan.index, error = %err, "cannot register the Unix listener");
-            return;
+            tracing::error!(shard = index, error = %err, "cannot register the Unix listener");
+            return None;
         }
     };
+    Some((listener, unix_listener))
+}
+
+/// Builds the shard's context: mirror targets, fingerprints, the compiled compare rules;
+/// `None` (logged) when the rules do not compile.
+fn context(index: usize, plan: ContextPlan) -> Option<Rc<ShardCtx>> {
     let mirrors: Vec<_> = plan
         .mirrors
         .iter()
@@ -65,61 +113,68 @@ pub(super) async fn run(plan: ShardPlan) {
     let compare = match &plan.compare {
         None => None,
         Some(resolved) => {
-            match crate::compare::Target::new(
-                resolved,
-                plan.settings.primary_addr.clone(),
-                plan.index,
-            ) {
+            match crate::compare::Target::new(resolved, plan.settings.primary_addr.clone(), index) {
                 Ok(target) => Some(target),
                 Err(err) => {
-                    tracing::error!(shard = plan.index, error = %err, "cannot compile [compare] rules");
-                    return;
+                    tracing::error!(shard = index, error = %err, "cannot compile [compare] rules");
+                    return None;
                 }
             }
         }
     };
-    let shard = Rc::new(ShardCtx::new(
-        plan.index,
+    Some(Rc::new(ShardCtx::new(
+        index,
         plan.settings,
         ShardStats::new(plan.latency_us_max),
         plan.read_chunk_bytes,
         mirrors,
         fingerprints,
         compare,
-    ));
+    )))
+}
 
-    let reporter = {
-        let shard = shard.clone();
-        let reports = plan.reports.clone();
-        let interval = plan.report_interval;
-        async move {
-            loop {
-                exec::sleep(interval).await;
-                send_report(&shard, &reports);
-            }
+/// The shard's registered listeners, TCP and (optionally) Unix.
+#[derive(Clone, Copy)]
+struct Listeners<'a> {
+    tcp: &'a Listener,
+    unix: Option<&'a Listener>,
+}
+
+/// Accepts (and reports) until the control thread asks the shard to stop.
+async fn serve_until_stopped(
+    shard: &Rc<ShardCtx>,
+    listeners: Listeners<'_>,
+    reports: &Sender<ShardReport>,
+    report_interval: Duration,
+    stop: &Notifier,
+) {
+    let reporter = async {
+        loop {
+            exec::sleep(report_interval).await;
+            send_report(shard, reports);
         }
     };
-
-    let accepting = futures_lite::future::zip(accept_loop(&listener, &shard), async {
-        match &unix_listener {
-            Some(unix) => accept_loop(unix, &shard).await,
+    let accepting = futures_lite::future::zip(accept_loop(listeners.tcp, shard), async {
+        match listeners.unix {
+            Some(unix) => accept_loop(unix, shard).await,
             None => futures_lite::future::pending().await,
         }
     });
-    // Accept (and report) until the control thread asks us to stop.
-    let stop = async {
-        if let Err(err) = plan.stop.notified().await {
-            tracing::error!(shard = plan.index, error = %err, "stop notifier failed");
+    let stopped = async {
+        if let Err(err) = stop.notified().await {
+            tracing::error!(shard = shard.index, error = %err, "stop notifier failed");
         }
     };
-    futures_lite::future::or(stop, async {
+    futures_lite::future::or(stopped, async {
         futures_lite::future::zip(accepting, reporter).await;
     })
     .await;
-    drop(listener);
-    drop(unix_listener);
+}
 
-    let deadline = Instant::now() + plan.drain_timeout;
+/// Closes sessions as they become idle until none is left or `drain_timeout` passes, then
+/// closes the busy ones too.
+async fn drain(shard: &ShardCtx, drain_timeout: Duration) {
+    let deadline = Instant::now() + drain_timeout;
     loop {
         shard.close_idle_sessions(false);
         if shard.sessions_active() == 0 {
@@ -128,7 +183,7 @@ pub(super) async fn run(plan: ShardPlan) {
         if Instant::now() >= deadline {
             let forced = shard.close_idle_sessions(true);
             tracing::warn!(
-                shard = plan.index,
+                shard = shard.index,
                 sessions = forced,
                 "drain timeout: closing busy sessions"
             );
@@ -138,11 +193,6 @@ pub(super) async fn run(plan: ShardPlan) {
         }
         exec::sleep(DRAIN_POLL).await;
     }
-    // The final report must arrive: it carries the exact totals. Block briefly if needed;
-    // the shard has no sessions left to delay.
-    let _ = plan
-        .reports
-        .send_timeout(report(&shard), Duration::from_secs(1));
 }
 
 /// Accepts clients from one listener until the shard stops (the future is dropped).
@@ -164,6 +214,7 @@ async fn accept_loop(listener: &Listener, shard: &Rc<ShardCtx>) {
     }
 }
 
+/// The shard's counters, histograms, mirror stats, fingerprints and compare verdict counts.
 fn report(shard: &ShardCtx) -> ShardReport {
     let mut report = shard.stats.report(shard.index);
     report.mirrors = shard
@@ -178,6 +229,7 @@ fn report(shard: &ShardCtx) -> ShardReport {
     report
 }
 
+/// Sends a periodic report without blocking; a full ring drops it and counts the drop.
 fn send_report(shard: &ShardCtx, reports: &Sender<ShardReport>) {
     match reports.try_send(report(shard)) {
         Ok(()) => {}

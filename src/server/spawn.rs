@@ -1,0 +1,181 @@
+//! Starting the shards: one executor thread per listening socket, pinned to a core when asked,
+//! each with its report ring and stop notifier. It owns the threads' handles until the drain
+//! joins them; it never touches a shard's sessions, which only the shard's thread may.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use socket2::Socket;
+
+use crate::config::Config;
+use crate::exec;
+use crate::proxy::ProxySettings;
+use crate::stats::ShardReport;
+
+use super::shard::{self, ContextPlan, ShardPlan};
+use super::upstreams::Upstreams;
+use super::{RING_ENTRIES, RuntimeError};
+
+/// The running shard threads, as the control thread sees them.
+pub(super) struct ShardThreads {
+    /// One report ring per shard, read by the control loop.
+    pub(super) rings: Vec<Receiver<ShardReport>>,
+    handles: Vec<JoinHandle<()>>,
+    stops: Vec<exec::Notifier>,
+    /// Counts shards whose executor returned, so the control loop notices one that died early.
+    exited: Arc<AtomicUsize>,
+}
+
+impl ShardThreads {
+    /// Starts one shard per socket; each gets its own dup of the Unix listener, if any.
+    pub(super) fn spawn(
+        cfg: &Config,
+        sockets: Vec<Socket>,
+        unix_socket: Option<&Socket>,
+        upstreams: &Upstreams,
+    ) -> Result<Self, RuntimeError> {
+        let shards = sockets.len();
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let mut threads = ShardThreads {
+            rings: Vec::with_capacity(shards),
+            handles: Vec::with_capacity(shards),
+            stops: Vec::with_capacity(shards),
+            exited: Arc::new(AtomicUsize::new(0)),
+        };
+        for (index, socket) in sockets.into_iter().enumerate() {
+            let (tx, rx) = crossbeam_channel::bounded(cfg.metrics.ring_capacity);
+            threads.rings.push(rx);
+            let stop =
+                exec::Notifier::new().map_err(|source| RuntimeError::Shard { index, source })?;
+            threads.stops.push(stop.clone());
+            // Each shard owns a dup of the one Unix listener, so each closes its own descriptor.
+            let unix = unix_socket
+                .map(|s| s.try_clone())
+                .transpose()
+                .map_err(|source| RuntimeError::Shard { index, source })?;
+            let plan = shard_plan(cfg, upstreams, index, socket, unix, tx, stop);
+            let core =
+                (cfg.proxy.pin_cores && !cores.is_empty()).then(|| cores[index % cores.len()]);
+            let exited = ExitCount(threads.exited.clone());
+            threads.handles.push(spawn_thread(cfg, plan, core, exited)?);
+        }
+        Ok(threads)
+    }
+
+    /// Whether any shard's executor has returned (or panicked) already.
+    pub(super) fn any_exited(&self) -> bool {
+        self.exited.load(Ordering::Relaxed) > 0
+    }
+
+    /// Tells every shard to stop accepting and drain.
+    pub(super) fn stop_all(&self) {
+        for stop in &self.stops {
+            stop.notify();
+        }
+    }
+
+    /// Waits for every shard to finish its drain; a panic is logged, not propagated.
+    pub(super) fn join_all(&mut self) {
+        for handle in self.handles.drain(..) {
+            if handle.join().is_err() {
+                tracing::error!("a shard panicked during shutdown");
+            }
+        }
+    }
+}
+
+/// Everything shard `index` is started with.
+fn shard_plan(
+    cfg: &Config,
+    upstreams: &Upstreams,
+    index: usize,
+    socket: Socket,
+    unix: Option<Socket>,
+    reports: Sender<ShardReport>,
+    stop: exec::Notifier,
+) -> ShardPlan {
+    ShardPlan {
+        index,
+        socket,
+        unix,
+        context: ContextPlan {
+            settings: proxy_settings(cfg, upstreams),
+            read_chunk_bytes: cfg.proxy.read_chunk_bytes,
+            latency_us_max: cfg.metrics.latency_us_max,
+            mirrors: upstreams.mirrors.clone(),
+            fingerprints_max: cfg.metrics.fingerprints_max,
+            compare: upstreams.compare.clone(),
+        },
+        report_interval: Duration::from_millis(cfg.metrics.report_interval_ms),
+        drain_timeout: Duration::from_millis(cfg.proxy.drain_timeout_ms),
+        reports,
+        stop,
+    }
+}
+
+/// The settings every session of a shard runs with.
+fn proxy_settings(cfg: &Config, upstreams: &Upstreams) -> ProxySettings {
+    ProxySettings {
+        primary_addr: upstreams.primary_addr.clone(),
+        primary_label: upstreams.primary_label.clone(),
+        message_bytes_max: cfg.proxy.message_bytes_max,
+        startup_timeout: Duration::from_millis(cfg.proxy.startup_timeout_ms),
+        connect_timeout: Duration::from_millis(cfg.proxy.connect_timeout_ms),
+        sessions_per_shard_max: cfg.proxy.sessions_per_shard_max,
+        pipeline_depth_max: cfg.proxy.pipeline_depth_max,
+        session_limits: crate::session::Limits {
+            names_max: cfg.proxy.session_names_max,
+            settings_max: cfg.proxy.session_settings_max,
+            // Mirror routing and compare planning still keep their own statement
+            // maps (their payloads: re-prepare sources, result descriptions), so
+            // no mode reads the tracker's yet: decoding them twice would only cost.
+            statements: false,
+        },
+        client_tls: upstreams.client_tls.clone(),
+        primary_tls: upstreams.primary_tls.clone(),
+    }
+}
+
+/// Starts the shard's thread: pins it, sets the executor's per-thread limits, runs the shard.
+fn spawn_thread(
+    cfg: &Config,
+    plan: ShardPlan,
+    core: Option<core_affinity::CoreId>,
+    exited: ExitCount,
+) -> Result<JoinHandle<()>, RuntimeError> {
+    let index = plan.index;
+    let send_queue_bytes = cfg.proxy.send_queue_bytes;
+    let close_linger = Duration::from_millis(cfg.proxy.close_linger_ms);
+    std::thread::Builder::new()
+        .name(format!("pgprism-shard-{index}"))
+        .spawn(move || {
+            let _exited = exited;
+            if let Some(core) = core
+                && !core_affinity::set_for_current(core)
+            {
+                tracing::warn!(
+                    shard = index,
+                    core = core.id,
+                    "cannot pin shard to its core"
+                );
+            }
+            exec::set_send_queue_bytes(send_queue_bytes);
+            exec::set_close_linger(close_linger);
+            if let Err(err) = exec::run(RING_ENTRIES, shard::run(plan)) {
+                tracing::error!(shard = index, error = %err, "shard runtime failed");
+            }
+        })
+        .map_err(|source| RuntimeError::Shard { index, source })
+}
+
+/// Increments the shared count when dropped: on a shard's normal return and on a panic alike.
+struct ExitCount(Arc<AtomicUsize>);
+
+impl Drop for ExitCount {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
