@@ -123,3 +123,39 @@ fn new_sessions_follow_a_primary_name_that_moves() {
     assert_eq!(address, Some(format!("{b}:{port}")), "{status}");
     drop((old, new));
 }
+
+/// A primary given by name starts the DNS refresh thread; a SIGTERM still drains (exit status
+/// 0, the Unix socket file removed). The thread starts after signals are blocked: started
+/// before, it would take a SIGTERM that arrives while the control loop is not waiting in
+/// `sigtimedwait` and end the process on the spot. That window is timing: this test checks
+/// the drain with the thread running, and would catch the race only when it lands.
+#[test]
+fn sigterm_drains_when_a_dns_thread_runs() {
+    let pg = Instance::start(InstanceConfig {
+        name: "dns-sigterm".into(),
+        ..InstanceConfig::default()
+    })
+    .expect("start PostgreSQL");
+    let dir = std::env::temp_dir().join(format!("pgprism-dns-sig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut proxy = Proxy::start(
+        &format!("postgres://localhost:{}", pg.port()),
+        &[
+            "--dns-refresh-ms",
+            "1000",
+            "--unix-socket-dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let socket = proxy.unix.clone().expect("unix socket");
+    assert!(socket.exists());
+    proxy.signal(libc::SIGTERM);
+    assert_eq!(
+        proxy.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        proxy.log()
+    );
+    assert!(!socket.exists(), "the socket file is removed by the drain");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -38,6 +38,10 @@ impl<'a> Server<'a> {
         routes: Option<ExtraRoutes>,
     ) -> Result<Self, RuntimeError> {
         let shards = preflight(cfg)?;
+        // Signals go to the control loop only: block them before any other thread exists
+        // (the DNS refresh thread below inherits the mask; started before it, it could take
+        // a SIGTERM and end the process without a drain).
+        signals::block();
         let upstreams = Upstreams::resolve(cfg)?;
         let (backends, dns) = upstreams.follow_dns(cfg)?;
         // One Unix listener for all shards (see `listener`); its file goes when `unix_file`
@@ -49,9 +53,6 @@ impl<'a> Server<'a> {
             unix_file,
         } = listener::bind_all(cfg, shards)?;
         let unix_path = unix_file.as_ref().map(|f| f.path().to_path_buf());
-
-        // Signals go to the control loop only: block them before any other thread exists.
-        signals::block();
 
         let unix = unix_path.as_deref();
         let state = control_state(cfg, shards, listen, unix, &upstreams, backends);
