@@ -21,7 +21,7 @@ use super::digest::{
 };
 use super::rules::type_name;
 use super::verdict::{self, Difference, Kind};
-use super::{Record, Side, Target};
+use super::{CompareTarget, Record, Side};
 use crate::exec::net::Stream;
 use crate::session::{Framed, Step as SessionStep, Tracker};
 use crate::sql;
@@ -67,7 +67,7 @@ struct Portal {
 }
 
 impl Compared {
-    fn new(text: &str, params: bool, target: &Target) -> Compared {
+    fn new(text: &str, params: bool, target: &CompareTarget) -> Compared {
         let rules = &target.rules;
         let transaction = sql::transaction(text.trim().as_bytes());
         Compared {
@@ -201,7 +201,7 @@ pub(crate) struct Pairing {
 /// The upstream half: tracks statements and writes client frames to the shadow.
 pub struct Dispatch {
     link: Rc<Pairing>,
-    target: Rc<Target>,
+    target: Rc<CompareTarget>,
     pub shadow: Stream,
     statements: HashMap<String, Rc<Compared>>,
     portals: HashMap<String, Portal>,
@@ -757,7 +757,7 @@ pub struct Exchange;
 impl Exchange {
     /// Builds the two halves for one session over its shadow connection.
     pub fn pair(
-        target: Rc<Target>,
+        target: Rc<CompareTarget>,
         shadow: Stream,
         session: u64,
         params: Vec<(String, String)>,
@@ -830,7 +830,7 @@ impl Exchange {
 
 /// The downstream half: digests both sides, pairs sync points, decides the client's bytes.
 pub struct Comparer {
-    target: Rc<Target>,
+    target: Rc<CompareTarget>,
     link: Rc<Pairing>,
     digesters: [Digester; 2],
     done: [VecDeque<SyncDigest>; 2],
@@ -858,7 +858,7 @@ pub const PRIMARY: usize = 0;
 pub const SHADOW: usize = 1;
 
 impl Comparer {
-    pub fn target(&self) -> &Target {
+    pub fn target(&self) -> &CompareTarget {
         &self.target
     }
 

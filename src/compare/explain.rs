@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
-use super::{Record, Target, open_as};
+use super::{CompareTarget, Record, open_as};
 use crate::exec::net::Stream;
 use crate::exec::within;
 use crate::wire::{self, tag};
@@ -17,7 +17,7 @@ use crate::wire::{self, tag};
 const PLAN_BYTES_MAX: usize = 64 << 10;
 
 pub(crate) async fn run(
-    target: Rc<Target>,
+    target: Rc<CompareTarget>,
     params: Rc<Vec<(String, String)>>,
     statement: String,
     mut record: Record,
@@ -51,7 +51,7 @@ pub(crate) async fn run(
 }
 
 async fn plan(
-    target: &Target,
+    target: &CompareTarget,
     addr: &crate::config::Endpoint,
     url: &crate::config::PgUrl,
     tls: &crate::tls::Upstream,

@@ -112,7 +112,7 @@ pub struct CompareStats {
 }
 
 /// Compare mode as one shard sees it.
-pub struct Target {
+pub struct CompareTarget {
     pub url: PgUrl,
     pub addr: LiveEndpoint,
     pub primary_url: PgUrl,
@@ -128,13 +128,13 @@ pub struct Target {
     pub shard: usize,
 }
 
-impl Target {
+impl CompareTarget {
     pub fn new(
         resolved: &Resolved,
         primary_addr: LiveEndpoint,
         shard: usize,
-    ) -> Result<Rc<Target>, String> {
-        Ok(Rc::new(Target {
+    ) -> Result<Rc<CompareTarget>, String> {
+        Ok(Rc::new(CompareTarget {
             url: resolved.url.clone(),
             addr: resolved.addr.clone(),
             primary_url: resolved.primary_url.clone(),

@@ -61,7 +61,7 @@ pub struct ShardCtx {
     pub mirrors: Vec<Rc<MirrorTarget>>,
     pub fingerprints: Rc<Fingerprints>,
     /// Compare mode: the shadow every session also runs its statements on.
-    pub compare: Option<Rc<compare::Target>>,
+    pub compare: Option<Rc<compare::CompareTarget>>,
     /// xorshift state for session sampling.
     sample_state: Cell<u64>,
 }
@@ -74,7 +74,7 @@ impl ShardCtx {
         read_chunk_bytes: usize,
         mirrors: Vec<Rc<MirrorTarget>>,
         fingerprints: Rc<Fingerprints>,
-        compare: Option<Rc<compare::Target>>,
+        compare: Option<Rc<compare::CompareTarget>>,
     ) -> ShardCtx {
         ShardCtx {
             index,

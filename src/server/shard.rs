@@ -113,7 +113,11 @@ fn context(index: usize, plan: ContextPlan) -> Option<Rc<ShardCtx>> {
     let compare = match &plan.compare {
         None => None,
         Some(resolved) => {
-            match crate::compare::Target::new(resolved, plan.settings.primary_addr.clone(), index) {
+            match crate::compare::CompareTarget::new(
+                resolved,
+                plan.settings.primary_addr.clone(),
+                index,
+            ) {
                 Ok(target) => Some(target),
                 Err(err) => {
                     tracing::error!(shard = index, error = %err, "cannot compile [compare] rules");
