@@ -78,70 +78,12 @@ fn column_list(cols: &[(String, u32)]) -> String {
 /// Compares one statement's two digests. `ordered`: the statement has a top-level ORDER BY,
 /// so row order matters.
 pub fn compare(primary: &Digest, shadow: &Digest, ordered: bool, rules: &Rules) -> Vec<Difference> {
-    let mut out = Vec::new();
-    match (primary.error_code(), shadow.error_code()) {
-        (Some(p), Some(s)) => {
-            if p != s {
-                out.push(diff(
-                    Kind::Sqlstate,
-                    format!(
-                        "SQLSTATE differs: primary {p} ({}), shadow {s} ({})",
-                        primary.message, shadow.message
-                    ),
-                ));
-            }
-            return out;
-        }
-        (Some(p), None) => {
-            out.push(diff(
-                Kind::Error,
-                format!(
-                    "error on primary only: {p} ({}); shadow returned `{}`",
-                    primary.message, shadow.tag
-                ),
-            ));
-            return out;
-        }
-        (None, Some(s)) => {
-            out.push(diff(
-                Kind::Error,
-                format!(
-                    "error on shadow only: {s} ({}); primary returned `{}`",
-                    shadow.message, primary.tag
-                ),
-            ));
-            return out;
-        }
-        (None, None) => {}
+    if let Some(errors) = compare_errors(primary, shadow) {
+        return errors.into_iter().collect();
     }
+    let mut out = Vec::new();
     if let (Some(pc), Some(sc)) = (&primary.columns, &shadow.columns) {
-        let names_p: Vec<&str> = pc.iter().map(|c| c.0.as_str()).collect();
-        let names_s: Vec<&str> = sc.iter().map(|c| c.0.as_str()).collect();
-        if names_p != names_s {
-            out.push(diff(
-                Kind::Columns,
-                format!(
-                    "columns differ: primary {} ({}), shadow {} ({})",
-                    pc.len(),
-                    column_list(pc),
-                    sc.len(),
-                    column_list(sc)
-                ),
-            ));
-        } else {
-            for ((name, pt), (_, st)) in pc.iter().zip(sc.iter()) {
-                if !rules.same_type(*pt, *st) {
-                    out.push(diff(
-                        Kind::ColumnTypes,
-                        format!(
-                            "column `{name}` type differs: primary {}, shadow {}",
-                            type_name(*pt),
-                            type_name(*st)
-                        ),
-                    ));
-                }
-            }
-        }
+        compare_columns(pc, sc, rules, &mut out);
     }
     let structural = !out.is_empty();
     if primary.rows != shadow.rows {
@@ -182,6 +124,71 @@ pub fn compare(primary: &Digest, shadow: &Digest, ordered: bool, rules: &Rules) 
         ));
     }
     out
+}
+
+/// When either side failed, the errors are the whole verdict: `Some` (with the difference,
+/// if any); `None` when both succeeded.
+fn compare_errors(primary: &Digest, shadow: &Digest) -> Option<Option<Difference>> {
+    Some(match (primary.error_code(), shadow.error_code()) {
+        (Some(p), Some(s)) if p == s => None,
+        (Some(p), Some(s)) => Some(diff(
+            Kind::Sqlstate,
+            format!(
+                "SQLSTATE differs: primary {p} ({}), shadow {s} ({})",
+                primary.message, shadow.message
+            ),
+        )),
+        (Some(p), None) => Some(diff(
+            Kind::Error,
+            format!(
+                "error on primary only: {p} ({}); shadow returned `{}`",
+                primary.message, shadow.tag
+            ),
+        )),
+        (None, Some(s)) => Some(diff(
+            Kind::Error,
+            format!(
+                "error on shadow only: {s} ({}); primary returned `{}`",
+                shadow.message, primary.tag
+            ),
+        )),
+        (None, None) => return None,
+    })
+}
+
+/// Column names, then (when the names agree) each column's type under the rules.
+fn compare_columns(
+    pc: &[(String, u32)],
+    sc: &[(String, u32)],
+    rules: &Rules,
+    out: &mut Vec<Difference>,
+) {
+    let same_names = pc.len() == sc.len() && pc.iter().zip(sc).all(|(p, s)| p.0 == s.0);
+    if !same_names {
+        out.push(diff(
+            Kind::Columns,
+            format!(
+                "columns differ: primary {} ({}), shadow {} ({})",
+                pc.len(),
+                column_list(pc),
+                sc.len(),
+                column_list(sc)
+            ),
+        ));
+        return;
+    }
+    for ((name, pt), (_, st)) in pc.iter().zip(sc.iter()) {
+        if !rules.same_type(*pt, *st) {
+            out.push(diff(
+                Kind::ColumnTypes,
+                format!(
+                    "column `{name}` type differs: primary {}, shadow {}",
+                    type_name(*pt),
+                    type_name(*st)
+                ),
+            ));
+        }
+    }
 }
 
 /// Sample rows present on one side and not the other (within the kept samples).
