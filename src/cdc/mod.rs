@@ -157,70 +157,83 @@ impl Shared {
     /// The same figures as [`Shared::status_json`] in Prometheus text format
     /// (`GET /cdc/metrics`), per-table series labelled with the table.
     pub fn prometheus(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        self.write_run_metrics(&mut out);
+        self.write_table_metrics(&mut out);
+        out
+    }
+
+    /// The run's own series, one value each.
+    fn write_run_metrics(&self, out: &mut String) {
         use std::fmt::Write;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let server = load(&self.server_lsn);
         let confirmed = load(&self.confirmed);
-        let mut out = String::with_capacity(2048);
-        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        for (name, kind, help, value) in [
+            (
+                "server_lsn",
+                "gauge",
+                "highest WAL position the server reported",
+                server,
+            ),
+            (
+                "confirmed_lsn",
+                "gauge",
+                "position confirmed to PostgreSQL",
+                confirmed,
+            ),
+            (
+                "checkpoint_lsn",
+                "gauge",
+                "position stored in the checkpoint table",
+                load(&self.checkpointed),
+            ),
+            (
+                "lag_bytes",
+                "gauge",
+                "WAL bytes not yet confirmed",
+                server.saturating_sub(confirmed),
+            ),
+            (
+                "last_checkpoint_unix_ms",
+                "gauge",
+                "time of the last checkpoint",
+                load(&self.checkpoint_unix_ms),
+            ),
+            (
+                "rows_decoded_total",
+                "counter",
+                "rows decoded from pgoutput",
+                load(&self.rows_decoded),
+            ),
+            (
+                "retries_total",
+                "counter",
+                "Stream Load retries",
+                load(&self.retries),
+            ),
+            (
+                "reconnects_total",
+                "counter",
+                "reconnects after a lost PostgreSQL connection",
+                load(&self.reconnects),
+            ),
+            (
+                "paused",
+                "gauge",
+                "1 while loading is paused",
+                self.paused.load(Ordering::Relaxed) as u64,
+            ),
+        ] {
             let _ = writeln!(out, "# HELP pgprism_cdc_{name} {help}");
             let _ = writeln!(out, "# TYPE pgprism_cdc_{name} {kind}");
             let _ = writeln!(out, "pgprism_cdc_{name} {value}");
-        };
-        metric(
-            "server_lsn",
-            "gauge",
-            "highest WAL position the server reported",
-            server,
-        );
-        metric(
-            "confirmed_lsn",
-            "gauge",
-            "position confirmed to PostgreSQL",
-            confirmed,
-        );
-        metric(
-            "checkpoint_lsn",
-            "gauge",
-            "position stored in the checkpoint table",
-            load(&self.checkpointed),
-        );
-        metric(
-            "lag_bytes",
-            "gauge",
-            "WAL bytes not yet confirmed",
-            server.saturating_sub(confirmed),
-        );
-        metric(
-            "last_checkpoint_unix_ms",
-            "gauge",
-            "time of the last checkpoint",
-            load(&self.checkpoint_unix_ms),
-        );
-        metric(
-            "rows_decoded_total",
-            "counter",
-            "rows decoded from pgoutput",
-            load(&self.rows_decoded),
-        );
-        metric(
-            "retries_total",
-            "counter",
-            "Stream Load retries",
-            load(&self.retries),
-        );
-        metric(
-            "reconnects_total",
-            "counter",
-            "reconnects after a lost PostgreSQL connection",
-            load(&self.reconnects),
-        );
-        metric(
-            "paused",
-            "gauge",
-            "1 while loading is paused",
-            self.paused.load(Ordering::Relaxed) as u64,
-        );
+        }
+    }
+
+    /// The per-table series, labelled with the table.
+    fn write_table_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
         let tables = self.tables.lock().map(|t| t.clone()).unwrap_or_default();
         for (name, kind, help, get) in [
             (
@@ -258,37 +271,52 @@ impl Shared {
                 );
             }
         }
-        out
     }
 }
 
 /// Checks the `[cdc]` section, naming the key on error.
 pub fn validate(cfg: &CdcConfig) -> Result<(), ConfigError> {
-    let key = |path: &str, message: &str| ConfigError::Key {
+    validate_endpoints(cfg)?;
+    validate_names(cfg)?;
+    validate_limits(cfg)
+}
+
+/// A [`ConfigError`] for the key `cdc.{path}`.
+fn key_error(path: &str, message: &str) -> ConfigError {
+    ConfigError::Key {
         path: format!("cdc.{path}"),
         message: message.to_string(),
-    };
+    }
+}
+
+/// The source and StarRocks URLs.
+fn validate_endpoints(cfg: &CdcConfig) -> Result<(), ConfigError> {
     if cfg.source.is_empty() {
-        return Err(key(
+        return Err(key_error(
             "source",
             "required: the source postgres://user@host:port/db URL",
         ));
     }
     PgUrl::parse(&cfg.source)
         .and_then(|u| crate::tls::Upstream::for_url(&u))
-        .map_err(|e| key("source", &e))?;
+        .map_err(|e| key_error("source", &e))?;
     if cfg.starrocks.is_empty() {
-        return Err(key(
+        return Err(key_error(
             "starrocks",
             "required: the StarRocks FE http://user:password@host:8030 URL",
         ));
     }
-    StarRocksUrl::parse(&cfg.starrocks).map_err(|e| key("starrocks", &e))?;
+    StarRocksUrl::parse(&cfg.starrocks).map_err(|e| key_error("starrocks", &e))?;
+    Ok(())
+}
+
+/// The database, tables, slot and publication names.
+fn validate_names(cfg: &CdcConfig) -> Result<(), ConfigError> {
     if cfg.database.is_empty() {
-        return Err(key("database", "required: the StarRocks database"));
+        return Err(key_error("database", "required: the StarRocks database"));
     }
     if cfg.tables.is_empty() || cfg.tables.iter().any(|t| t.trim().is_empty()) {
-        return Err(key("tables", "required: at least one table name"));
+        return Err(key_error("tables", "required: at least one table name"));
     }
     let ident_ok = |s: &str| {
         !s.is_empty()
@@ -297,14 +325,19 @@ pub fn validate(cfg: &CdcConfig) -> Result<(), ConfigError> {
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     };
     if !ident_ok(&cfg.slot) {
-        return Err(key(
+        return Err(key_error(
             "slot",
             "expected 1 to 63 characters of a-z, 0-9 and _ (PostgreSQL slot names)",
         ));
     }
     if cfg.publication.is_empty() {
-        return Err(key("publication", "required"));
+        return Err(key_error("publication", "required"));
     }
+    Ok(())
+}
+
+/// The sizes, counts and timeouts, and the settings that depend on each other.
+fn validate_limits(cfg: &CdcConfig) -> Result<(), ConfigError> {
     for (name, value) in [
         ("flush-rows", cfg.flush_rows as u64),
         ("flush-bytes", cfg.flush_bytes as u64),
@@ -317,20 +350,23 @@ pub fn validate(cfg: &CdcConfig) -> Result<(), ConfigError> {
         ("snapshot-chunk-rows", cfg.snapshot_chunk_rows as u64),
     ] {
         if value == 0 {
-            return Err(key(name, "expected a value above 0"));
+            return Err(key_error(name, "expected a value above 0"));
         }
     }
     if cfg.flush_bytes > 100 << 20 {
-        return Err(key(
+        return Err(key_error(
             "flush-bytes",
             "expected at most 104857600 (Stream Load's JSON body limit)",
         ));
     }
     if !(0.0..=1.0).contains(&cfg.max_filter_ratio) {
-        return Err(key("max-filter-ratio", "expected a ratio from 0 to 1"));
+        return Err(key_error(
+            "max-filter-ratio",
+            "expected a ratio from 0 to 1",
+        ));
     }
     if cfg.delete_mode == CdcDeleteMode::Soft && !cfg.audit_columns {
-        return Err(key(
+        return Err(key_error(
             "delete-mode",
             "soft deletes need cdc.audit-columns = true (is_deleted marks them)",
         ));
@@ -387,29 +423,9 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
         message,
     })?;
     let timeout = Duration::from_millis(cfg.connect_timeout_ms);
-    let mut sink = StarRocks::new(
-        sr_url,
-        SinkConfig {
-            database: cfg.database.clone(),
-            query_port: cfg.starrocks_query_port,
-            max_filter_ratio: cfg.max_filter_ratio,
-            attempts_max: cfg.load_attempts_max,
-            backoff: Duration::from_millis(cfg.load_backoff_ms),
-            backoff_max: Duration::from_millis(cfg.load_backoff_ms_max),
-            timeout: Duration::from_millis(cfg.load_timeout_ms),
-        },
-    );
+    let mut sink = StarRocks::new(sr_url, sink_config(cfg));
     let prepared = setup::prepare(cfg, &url, &sink, timeout)?;
-    let pcfg = PipelineConfig {
-        slot: cfg.slot.clone(),
-        flush_rows: cfg.flush_rows,
-        flush_bytes: cfg.flush_bytes,
-        flush_interval: Duration::from_millis(cfg.flush_interval_ms),
-        delete_mode: cfg.delete_mode,
-        toast_mode: cfg.toast_mode,
-        audit_prefix: cfg.audit_columns.then(|| cfg.audit_prefix.clone()),
-        stream_buffer_bytes_max: cfg.stream_buffer_bytes_max,
-    };
+    let pcfg = pipeline_config(cfg);
     let mut checkpoints = Checkpoints::connect(&url, &cfg.checkpoint_table, &cfg.slot, timeout)
         .map_err(CdcError::Checkpoint)?;
     let mut start = prepared.checkpoint.unwrap_or(Lsn::ZERO);
@@ -447,16 +463,7 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     // Counts of this run only (the source compares them with what it sent in this run).
     shared.works_done.store(0, Ordering::Release);
     let (tx, rx) = crossbeam_channel::bounded::<Work>(cfg.ring_capacity);
-    let loader_shared = Arc::clone(&shared);
-    let loader = std::thread::Builder::new()
-        .name("cdc-loader".into())
-        .spawn(move || {
-            let result = load_loop(rx, &mut sink, &mut checkpoints, &loader_shared);
-            // Wake the source so it stops instead of waiting on a full ring.
-            loader_shared.stopped.store(true, Ordering::Release);
-            result
-        })
-        .map_err(|e| CdcError::Replication(PgError::Io(e)))?;
+    let loader = spawn_loader(rx, sink, checkpoints, Arc::clone(&shared))?;
     let mut pipeline = Pipeline::new(pcfg, prepared.keys);
     pipeline.set_forced_boundary(prepared.pending);
     let streamed = source::run(&mut repl, &scfg, &mut pipeline, &tx, &shared);
@@ -465,6 +472,49 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     let loaded = loader.join().map_err(|_| CdcError::LoaderPanicked)?;
     // The loader's error is the cause when it stopped first.
     loaded.and(streamed)
+}
+
+fn sink_config(cfg: &CdcConfig) -> SinkConfig {
+    SinkConfig {
+        database: cfg.database.clone(),
+        query_port: cfg.starrocks_query_port,
+        max_filter_ratio: cfg.max_filter_ratio,
+        attempts_max: cfg.load_attempts_max,
+        backoff: Duration::from_millis(cfg.load_backoff_ms),
+        backoff_max: Duration::from_millis(cfg.load_backoff_ms_max),
+        timeout: Duration::from_millis(cfg.load_timeout_ms),
+    }
+}
+
+fn pipeline_config(cfg: &CdcConfig) -> PipelineConfig {
+    PipelineConfig {
+        slot: cfg.slot.clone(),
+        flush_rows: cfg.flush_rows,
+        flush_bytes: cfg.flush_bytes,
+        flush_interval: Duration::from_millis(cfg.flush_interval_ms),
+        delete_mode: cfg.delete_mode,
+        toast_mode: cfg.toast_mode,
+        audit_prefix: cfg.audit_columns.then(|| cfg.audit_prefix.clone()),
+        stream_buffer_bytes_max: cfg.stream_buffer_bytes_max,
+    }
+}
+
+/// Starts the loader thread: it loads what arrives on `rx` and writes the checkpoints.
+fn spawn_loader(
+    rx: Receiver<Work>,
+    mut sink: StarRocks,
+    mut checkpoints: Checkpoints,
+    shared: Arc<Shared>,
+) -> Result<std::thread::JoinHandle<Result<(), CdcError>>, CdcError> {
+    std::thread::Builder::new()
+        .name("cdc-loader".into())
+        .spawn(move || {
+            let result = load_loop(rx, &mut sink, &mut checkpoints, &shared);
+            // Wake the source so it stops instead of waiting on a full ring.
+            shared.stopped.store(true, Ordering::Release);
+            result
+        })
+        .map_err(|e| CdcError::Replication(PgError::Io(e)))
 }
 
 /// The CDC thread started by [`spawn`]; joining it gives the reason it stopped.

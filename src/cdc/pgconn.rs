@@ -82,32 +82,7 @@ impl PgConn {
             addr: addr.clone(),
             source,
         };
-        let stream = match url.endpoint().map_err(connect_err)? {
-            Endpoint::Tcp(sock) => {
-                let domain = Domain::for_address(sock);
-                let stream = Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))
-                    .map_err(connect_err)?;
-                stream
-                    .connect_timeout(&sock.into(), timeout)
-                    .map_err(connect_err)?;
-                let _ = stream.set_tcp_nodelay(true);
-                stream
-            }
-            Endpoint::Unix(path) => {
-                let stream =
-                    Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(connect_err)?;
-                let sock = SockAddr::unix(&path).map_err(connect_err)?;
-                // A blocking connect: a Unix socket with a full backlog makes it wait (up to
-                // the send timeout), where a non-blocking one would say EAGAIN and never
-                // complete.
-                stream
-                    .set_write_timeout(Some(timeout))
-                    .map_err(connect_err)?;
-                stream.connect(&sock).map_err(connect_err)?;
-                stream.set_write_timeout(None).map_err(connect_err)?;
-                stream
-            }
-        };
+        let stream = open_socket(url, timeout, connect_err)?;
         stream
             .set_read_timeout(Some(timeout))
             .map_err(PgError::Io)?;
@@ -125,6 +100,12 @@ impl PgConn {
             out: BytesMut::new(),
             chunk: vec![0; READ_CHUNK_BYTES],
         };
+        conn.start_up(url, replication)?;
+        Ok(conn)
+    }
+
+    /// Sends the startup message and answers authentication until the server is ready.
+    fn start_up(&mut self, url: &PgUrl, replication: bool) -> Result<(), PgError> {
         let user = url.user.clone().unwrap_or_else(|| "postgres".into());
         let database = url.database.clone().unwrap_or_else(|| user.clone());
         let mut params = vec![
@@ -135,20 +116,20 @@ impl PgConn {
         if replication {
             params.push(("replication", "database"));
         }
-        encode::startup_message(&mut conn.out, &params)?;
-        conn.flush()?;
+        encode::startup_message(&mut self.out, &params)?;
+        self.flush()?;
         let mut auth = ClientAuth::new(user.clone(), url.password.clone().unwrap_or_default());
         loop {
-            let frame = conn.read_frame()?;
+            let frame = self.read_frame()?;
             match BackendMessage::decode(frame.tag(), frame.body())? {
                 BackendMessage::Authentication(req) => {
-                    let progress = auth.step(&req, &mut conn.out)?;
+                    let progress = auth.step(&req, &mut self.out)?;
                     if progress == AuthProgress::Reply {
-                        conn.flush()?;
+                        self.flush()?;
                     }
                 }
                 BackendMessage::ErrorResponse(e) => return Err(server_error(&e)?.into()),
-                BackendMessage::ReadyForQuery(_) => return Ok(conn),
+                BackendMessage::ReadyForQuery(_) => return Ok(()),
                 _ => {}
             }
         }
@@ -328,6 +309,41 @@ impl PgConn {
         encode::copy_data(&mut self.out, data)?;
         self.flush()
     }
+}
+
+/// A connected socket to the URL's endpoint, TCP or Unix-domain; errors go through
+/// `connect_err`.
+fn open_socket(
+    url: &PgUrl,
+    timeout: Duration,
+    connect_err: impl Fn(std::io::Error) -> PgError,
+) -> Result<Socket, PgError> {
+    Ok(match url.endpoint().map_err(&connect_err)? {
+        Endpoint::Tcp(sock) => {
+            let domain = Domain::for_address(sock);
+            let stream = Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))
+                .map_err(&connect_err)?;
+            stream
+                .connect_timeout(&sock.into(), timeout)
+                .map_err(&connect_err)?;
+            let _ = stream.set_tcp_nodelay(true);
+            stream
+        }
+        Endpoint::Unix(path) => {
+            let stream =
+                Socket::new(Domain::UNIX, Type::STREAM.cloexec(), None).map_err(&connect_err)?;
+            let sock = SockAddr::unix(&path).map_err(&connect_err)?;
+            // A blocking connect: a Unix socket with a full backlog makes it wait (up to
+            // the send timeout), where a non-blocking one would say EAGAIN and never
+            // complete.
+            stream
+                .set_write_timeout(Some(timeout))
+                .map_err(&connect_err)?;
+            stream.connect(&sock).map_err(&connect_err)?;
+            stream.set_write_timeout(None).map_err(&connect_err)?;
+            stream
+        }
+    })
 }
 
 fn server_error(e: &wire::ErrorNotice<'_>) -> Result<ServerError, PgError> {

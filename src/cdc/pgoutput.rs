@@ -255,163 +255,38 @@ impl<'a> Message<'a> {
                 problem: "no message type",
             });
         };
-        let what = name_of(tag);
-        let mut cur = Cursor::new(rest, what);
-        let xid = |cur: &mut Cursor<'a>| -> Result<Option<u32>, DecodeError> {
-            if in_stream {
-                Ok(Some(cur.u32()?))
-            } else {
-                Ok(None)
-            }
-        };
+        let mut cur = Cursor::new(rest, name_of(tag));
+        let cur = &mut cur;
         let msg = match tag {
             b'B' => Message::Begin {
                 final_lsn: cur.lsn()?,
                 commit_ts_us: cur.i64()?,
                 xid: cur.u32()?,
             },
-            b'C' => {
-                let _flags = cur.u8()?;
-                Message::Commit {
-                    commit_lsn: cur.lsn()?,
-                    end_lsn: cur.lsn()?,
-                    commit_ts_us: cur.i64()?,
-                }
-            }
+            b'C' => Self::commit(cur)?,
             b'O' => Message::Origin {
                 lsn: cur.lsn()?,
                 name: cur.cstr()?,
             },
-            b'R' => {
-                let xid = xid(&mut cur)?;
-                let oid = cur.u32()?;
-                let namespace = cur.cstr()?;
-                let name = cur.cstr()?;
-                let replica_identity = cur.u8()?;
-                let column_count = usize::from(cur.u16()?);
-                let start = cur.buf;
-                for _ in 0..column_count {
-                    read_column(&mut cur)?;
-                }
-                let used = start.len() - cur.buf.len();
-                Message::Relation {
-                    xid,
-                    rel: Relation {
-                        oid,
-                        namespace,
-                        name,
-                        replica_identity,
-                        columns_raw: &start[..used],
-                        column_count,
-                    },
-                }
-            }
+            b'R' => Self::relation(cur, in_stream)?,
             b'Y' => Message::Type {
-                xid: xid(&mut cur)?,
+                xid: cur.xid(in_stream)?,
                 oid: cur.u32()?,
                 namespace: cur.cstr()?,
                 name: cur.cstr()?,
             },
-            b'I' => {
-                let xid = xid(&mut cur)?;
-                let rel = cur.u32()?;
-                if cur.u8()? != b'N' {
-                    return Err(cur.bad("expected N before the new tuple"));
-                }
-                Message::Insert {
-                    xid,
-                    rel,
-                    new: Tuple::read(&mut cur)?,
-                }
-            }
-            b'U' => {
-                let xid = xid(&mut cur)?;
-                let rel = cur.u32()?;
-                let mut marker = cur.u8()?;
-                let mut old = None;
-                if marker == b'K' || marker == b'O' {
-                    let kind = if marker == b'K' {
-                        OldKind::Key
-                    } else {
-                        OldKind::Full
-                    };
-                    old = Some((kind, Tuple::read(&mut cur)?));
-                    marker = cur.u8()?;
-                }
-                if marker != b'N' {
-                    return Err(cur.bad("expected N before the new tuple"));
-                }
-                Message::Update {
-                    xid,
-                    rel,
-                    old,
-                    new: Tuple::read(&mut cur)?,
-                }
-            }
-            b'D' => {
-                let xid = xid(&mut cur)?;
-                let rel = cur.u32()?;
-                let old_kind = match cur.u8()? {
-                    b'K' => OldKind::Key,
-                    b'O' => OldKind::Full,
-                    _ => return Err(cur.bad("expected K or O before the old tuple")),
-                };
-                Message::Delete {
-                    xid,
-                    rel,
-                    old_kind,
-                    old: Tuple::read(&mut cur)?,
-                }
-            }
-            b'T' => {
-                let xid = xid(&mut cur)?;
-                let count = cur.u32()? as usize;
-                let options = cur.u8()?;
-                let raw = cur.take(count.checked_mul(4).ok_or(cur.bad("count"))?)?;
-                Message::Truncate {
-                    xid,
-                    cascade: options & 1 != 0,
-                    restart_identity: options & 2 != 0,
-                    rels: RelIds { raw },
-                }
-            }
-            b'M' => {
-                let xid = xid(&mut cur)?;
-                let transactional = cur.u8()? & 1 == 1;
-                let lsn = cur.lsn()?;
-                let prefix = cur.cstr()?;
-                let len = cur.len32()?;
-                Message::Message {
-                    xid,
-                    transactional,
-                    lsn,
-                    prefix,
-                    content: cur.take(len)?,
-                }
-            }
+            b'I' => Self::insert(cur, in_stream)?,
+            b'U' => Self::update(cur, in_stream)?,
+            b'D' => Self::delete(cur, in_stream)?,
+            b'T' => Self::truncate(cur, in_stream)?,
+            b'M' => Self::logical_message(cur, in_stream)?,
             b'S' => Message::StreamStart {
                 xid: cur.u32()?,
                 first_segment: cur.u8()? == 1,
             },
             b'E' => Message::StreamStop,
-            b'c' => {
-                let xid = cur.u32()?;
-                let _flags = cur.u8()?;
-                Message::StreamCommit {
-                    xid,
-                    commit_lsn: cur.lsn()?,
-                    end_lsn: cur.lsn()?,
-                    commit_ts_us: cur.i64()?,
-                }
-            }
-            b'A' => {
-                let xid = cur.u32()?;
-                let subxid = cur.u32()?;
-                // Protocol 4 (`streaming parallel`) appends the abort LSN and time; we ask
-                // for version 2, but tolerate the extra fields rather than reject them.
-                cur.buf = &[];
-                Message::StreamAbort { xid, subxid }
-            }
+            b'c' => Self::stream_commit(cur)?,
+            b'A' => Self::stream_abort(cur)?,
             _ => {
                 return Err(DecodeError {
                     what: "unknown",
@@ -423,6 +298,156 @@ impl<'a> Message<'a> {
             return Err(cur.bad("trailing bytes"));
         }
         Ok(msg)
+    }
+
+    // The readers of the message kinds with more than plain fields, one each, called from
+    // `decode`'s small match (which checks for trailing bytes after them). `#[inline]` keeps
+    // the hot path what it was when they were arms of that match.
+
+    #[inline]
+    fn commit(cur: &mut Cursor<'a>) -> Result<Message<'a>, DecodeError> {
+        let _flags = cur.u8()?;
+        Ok(Message::Commit {
+            commit_lsn: cur.lsn()?,
+            end_lsn: cur.lsn()?,
+            commit_ts_us: cur.i64()?,
+        })
+    }
+
+    #[inline]
+    fn relation(cur: &mut Cursor<'a>, in_stream: bool) -> Result<Message<'a>, DecodeError> {
+        let xid = cur.xid(in_stream)?;
+        let oid = cur.u32()?;
+        let namespace = cur.cstr()?;
+        let name = cur.cstr()?;
+        let replica_identity = cur.u8()?;
+        let column_count = usize::from(cur.u16()?);
+        let start = cur.buf;
+        for _ in 0..column_count {
+            read_column(cur)?;
+        }
+        let used = start.len() - cur.buf.len();
+        Ok(Message::Relation {
+            xid,
+            rel: Relation {
+                oid,
+                namespace,
+                name,
+                replica_identity,
+                columns_raw: &start[..used],
+                column_count,
+            },
+        })
+    }
+
+    #[inline]
+    fn insert(cur: &mut Cursor<'a>, in_stream: bool) -> Result<Message<'a>, DecodeError> {
+        let xid = cur.xid(in_stream)?;
+        let rel = cur.u32()?;
+        if cur.u8()? != b'N' {
+            return Err(cur.bad("expected N before the new tuple"));
+        }
+        Ok(Message::Insert {
+            xid,
+            rel,
+            new: Tuple::read(cur)?,
+        })
+    }
+
+    #[inline]
+    fn update(cur: &mut Cursor<'a>, in_stream: bool) -> Result<Message<'a>, DecodeError> {
+        let xid = cur.xid(in_stream)?;
+        let rel = cur.u32()?;
+        let mut marker = cur.u8()?;
+        let mut old = None;
+        if marker == b'K' || marker == b'O' {
+            let kind = if marker == b'K' {
+                OldKind::Key
+            } else {
+                OldKind::Full
+            };
+            old = Some((kind, Tuple::read(cur)?));
+            marker = cur.u8()?;
+        }
+        if marker != b'N' {
+            return Err(cur.bad("expected N before the new tuple"));
+        }
+        Ok(Message::Update {
+            xid,
+            rel,
+            old,
+            new: Tuple::read(cur)?,
+        })
+    }
+
+    #[inline]
+    fn delete(cur: &mut Cursor<'a>, in_stream: bool) -> Result<Message<'a>, DecodeError> {
+        let xid = cur.xid(in_stream)?;
+        let rel = cur.u32()?;
+        let old_kind = match cur.u8()? {
+            b'K' => OldKind::Key,
+            b'O' => OldKind::Full,
+            _ => return Err(cur.bad("expected K or O before the old tuple")),
+        };
+        Ok(Message::Delete {
+            xid,
+            rel,
+            old_kind,
+            old: Tuple::read(cur)?,
+        })
+    }
+
+    #[inline]
+    fn truncate(cur: &mut Cursor<'a>, in_stream: bool) -> Result<Message<'a>, DecodeError> {
+        let xid = cur.xid(in_stream)?;
+        let count = cur.u32()? as usize;
+        let options = cur.u8()?;
+        let raw = cur.take(count.checked_mul(4).ok_or(cur.bad("count"))?)?;
+        Ok(Message::Truncate {
+            xid,
+            cascade: options & 1 != 0,
+            restart_identity: options & 2 != 0,
+            rels: RelIds { raw },
+        })
+    }
+
+    /// A logical decoding message (`pg_logical_emit_message`).
+    #[inline]
+    fn logical_message(cur: &mut Cursor<'a>, in_stream: bool) -> Result<Message<'a>, DecodeError> {
+        let xid = cur.xid(in_stream)?;
+        let transactional = cur.u8()? & 1 == 1;
+        let lsn = cur.lsn()?;
+        let prefix = cur.cstr()?;
+        let len = cur.len32()?;
+        Ok(Message::Message {
+            xid,
+            transactional,
+            lsn,
+            prefix,
+            content: cur.take(len)?,
+        })
+    }
+
+    #[inline]
+    fn stream_commit(cur: &mut Cursor<'a>) -> Result<Message<'a>, DecodeError> {
+        let xid = cur.u32()?;
+        let _flags = cur.u8()?;
+        Ok(Message::StreamCommit {
+            xid,
+            commit_lsn: cur.lsn()?,
+            end_lsn: cur.lsn()?,
+            commit_ts_us: cur.i64()?,
+        })
+    }
+
+    #[inline]
+    fn stream_abort(cur: &mut Cursor<'a>) -> Result<Message<'a>, DecodeError> {
+        let xid = cur.u32()?;
+        let subxid = cur.u32()?;
+        // Protocol 4 (`streaming parallel`) appends the abort LSN and time; we ask
+        // for version 2, but tolerate the extra fields rather than reject them.
+        cur.buf = &[];
+        Ok(Message::StreamAbort { xid, subxid })
     }
 }
 
@@ -499,6 +524,16 @@ impl<'a> Cursor<'a> {
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
         Ok(i64::from_be_bytes(a))
+    }
+
+    /// The (sub)transaction xid that data messages carry only inside a streamed block.
+    #[inline]
+    fn xid(&mut self, in_stream: bool) -> Result<Option<u32>, DecodeError> {
+        if in_stream {
+            Ok(Some(self.u32()?))
+        } else {
+            Ok(None)
+        }
     }
 
     fn lsn(&mut self) -> Result<Lsn, DecodeError> {

@@ -226,61 +226,14 @@ impl Pipeline {
                 self.in_stream = false;
                 self.current_stream = None;
             }
-            Message::StreamAbort { xid, subxid } => {
-                if xid == subxid {
-                    if let Some(s) = self.streams.remove(&xid) {
-                        self.stream_bytes -= s.messages.iter().map(|m| m.1.len()).sum::<usize>();
-                    }
-                } else if let Some(s) = self.streams.get_mut(&xid) {
-                    let before: usize = s.messages.iter().map(|m| m.1.len()).sum();
-                    s.messages.retain(|(sub, _)| *sub != subxid);
-                    let after: usize = s.messages.iter().map(|m| m.1.len()).sum();
-                    self.stream_bytes -= before - after;
-                }
-            }
+            Message::StreamAbort { xid, subxid } => self.stream_abort(xid, subxid),
             Message::StreamCommit {
                 xid,
                 commit_lsn,
                 end_lsn,
                 commit_ts_us,
-            } => {
-                let streamed = self.streams.remove(&xid);
-                self.begin(commit_lsn);
-                if let Some(s) = streamed {
-                    self.stream_bytes -= s.messages.iter().map(|m| m.1.len()).sum::<usize>();
-                    for (_, bytes) in &s.messages {
-                        let msg = Message::decode(bytes, true)?;
-                        self.apply(msg, out)?;
-                    }
-                }
-                self.commit(end_lsn, commit_ts_us, out);
-            }
-            msg if self.in_stream => {
-                let sub = match msg {
-                    Message::Relation { xid, .. }
-                    | Message::Type { xid, .. }
-                    | Message::Insert { xid, .. }
-                    | Message::Update { xid, .. }
-                    | Message::Delete { xid, .. }
-                    | Message::Truncate { xid, .. }
-                    | Message::Message { xid, .. } => xid.unwrap_or_default(),
-                    _ => 0,
-                };
-                let top = self.current_stream.unwrap_or(sub);
-                self.stream_bytes += payload.len();
-                if self.stream_bytes > self.cfg.stream_buffer_bytes_max {
-                    return Err(PipelineError::StreamBufferFull {
-                        max: self.cfg.stream_buffer_bytes_max,
-                    });
-                }
-                self.streams
-                    .entry(top)
-                    .or_insert_with(|| Streamed {
-                        messages: Vec::new(),
-                    })
-                    .messages
-                    .push((sub, payload.clone()));
-            }
+            } => self.stream_commit(xid, commit_lsn, end_lsn, commit_ts_us, out)?,
+            msg if self.in_stream => self.buffer_streamed(&msg, payload)?,
             Message::Begin { final_lsn, .. } => self.begin(final_lsn),
             Message::Commit {
                 end_lsn,
@@ -294,6 +247,72 @@ impl Pipeline {
             }
             msg => self.apply(msg, out)?,
         }
+        Ok(())
+    }
+
+    /// Drops an aborted streamed transaction, or one subtransaction of it.
+    fn stream_abort(&mut self, xid: u32, subxid: u32) {
+        if xid == subxid {
+            if let Some(s) = self.streams.remove(&xid) {
+                self.stream_bytes -= s.messages.iter().map(|m| m.1.len()).sum::<usize>();
+            }
+        } else if let Some(s) = self.streams.get_mut(&xid) {
+            let before: usize = s.messages.iter().map(|m| m.1.len()).sum();
+            s.messages.retain(|(sub, _)| *sub != subxid);
+            let after: usize = s.messages.iter().map(|m| m.1.len()).sum();
+            self.stream_bytes -= before - after;
+        }
+    }
+
+    /// Applies a streamed transaction's buffered messages as one transaction.
+    fn stream_commit(
+        &mut self,
+        xid: u32,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_ts_us: i64,
+        out: &mut Vec<Work>,
+    ) -> Result<(), PipelineError> {
+        let streamed = self.streams.remove(&xid);
+        self.begin(commit_lsn);
+        if let Some(s) = streamed {
+            self.stream_bytes -= s.messages.iter().map(|m| m.1.len()).sum::<usize>();
+            for (_, bytes) in &s.messages {
+                let msg = Message::decode(bytes, true)?;
+                self.apply(msg, out)?;
+            }
+        }
+        self.commit(end_lsn, commit_ts_us, out);
+        Ok(())
+    }
+
+    /// Keeps a message of an in-progress streamed transaction until its Stream Commit, within
+    /// `stream_buffer_bytes_max`.
+    fn buffer_streamed(&mut self, msg: &Message<'_>, payload: &Bytes) -> Result<(), PipelineError> {
+        let sub = match *msg {
+            Message::Relation { xid, .. }
+            | Message::Type { xid, .. }
+            | Message::Insert { xid, .. }
+            | Message::Update { xid, .. }
+            | Message::Delete { xid, .. }
+            | Message::Truncate { xid, .. }
+            | Message::Message { xid, .. } => xid.unwrap_or_default(),
+            _ => 0,
+        };
+        let top = self.current_stream.unwrap_or(sub);
+        self.stream_bytes += payload.len();
+        if self.stream_bytes > self.cfg.stream_buffer_bytes_max {
+            return Err(PipelineError::StreamBufferFull {
+                max: self.cfg.stream_buffer_bytes_max,
+            });
+        }
+        self.streams
+            .entry(top)
+            .or_insert_with(|| Streamed {
+                messages: Vec::new(),
+            })
+            .messages
+            .push((sub, payload.clone()));
         Ok(())
     }
 
@@ -487,12 +506,7 @@ impl Pipeline {
         if let Some((kind, old_t)) = old {
             // A key change: the old key's row goes away first (the old tuple carries the key
             // under both REPLICA IDENTITY DEFAULT and FULL).
-            let key = &schema.key;
-            let old_vals: Vec<Datum<'_>> = old_t.iter().collect();
-            let changed = new.iter().enumerate().any(|(i, d)| {
-                key.contains(&i) && d != Datum::Unchanged && old_vals.get(i) != Some(&d)
-            });
-            if changed {
+            if key_changed(&schema.key, old_t, new) {
                 self.delete(oid, generation, kind, old_t, out);
             }
         }
@@ -509,7 +523,33 @@ impl Pipeline {
             );
             return Ok(());
         }
-        // Unchanged TOAST values: fill them from the old row where we have it.
+        let filled = self.fill_unchanged(rel, old, new)?;
+        let shape = if filled.contains(&Datum::Unchanged) {
+            Shape::Partial(filled.iter().map(|d| *d != Datum::Unchanged).collect())
+        } else {
+            Shape::Full
+        };
+        let pos = self.next_pos();
+        self.row(
+            oid,
+            generation,
+            shape,
+            pos,
+            filled.into_iter(),
+            Op::Upsert(OpType::Update),
+            out,
+        );
+        Ok(())
+    }
+
+    /// Unchanged TOAST values: fills them from the old row where we have it (the whole old
+    /// row only with `cdc.toast-mode = full-row`, else its key columns); the rest stay unchanged.
+    fn fill_unchanged<'t>(
+        &self,
+        rel: u32,
+        old: Option<(OldKind, Tuple<'t>)>,
+        new: Tuple<'t>,
+    ) -> Result<Vec<Datum<'t>>, PipelineError> {
         let old_vals: Vec<Datum<'_>> = match old {
             Some((OldKind::Full, t)) if self.cfg.toast_mode == CdcToastMode::FullRow => {
                 t.iter().collect()
@@ -530,30 +570,14 @@ impl Pipeline {
             }
             None => Vec::new(),
         };
-        let filled: Vec<Datum<'_>> = new
+        Ok(new
             .iter()
             .enumerate()
             .map(|(i, d)| match (d, old_vals.get(i)) {
                 (Datum::Unchanged, Some(o)) => *o,
                 (d, _) => d,
             })
-            .collect();
-        let shape = if filled.contains(&Datum::Unchanged) {
-            Shape::Partial(filled.iter().map(|d| *d != Datum::Unchanged).collect())
-        } else {
-            Shape::Full
-        };
-        let pos = self.next_pos();
-        self.row(
-            oid,
-            generation,
-            shape,
-            pos,
-            filled.into_iter(),
-            Op::Upsert(OpType::Update),
-            out,
-        );
-        Ok(())
+            .collect())
     }
 
     fn delete(
@@ -882,6 +906,15 @@ fn is_json_number(text: &[u8]) -> bool {
         i = end;
     }
     i == text.len()
+}
+
+/// Whether an update changes a key column: `new` differs from `old` in a key column it
+/// carries (an unchanged TOAST value is not a change).
+fn key_changed(key: &[usize], old: Tuple<'_>, new: Tuple<'_>) -> bool {
+    let old_vals: Vec<Datum<'_>> = old.iter().collect();
+    new.iter()
+        .enumerate()
+        .any(|(i, d)| key.contains(&i) && d != Datum::Unchanged && old_vals.get(i) != Some(&d))
 }
 
 /// `{slot}-{table}-{commit}.{idx}-{commit}.{idx}`, limited to what StarRocks accepts in a

@@ -90,6 +90,7 @@ pub fn split_table(name: &str) -> (&str, &str) {
     name.split_once('.').unwrap_or(("public", name))
 }
 
+/// Checks everything first, then makes the changes (see the module doc).
 pub fn prepare(
     cfg: &CdcConfig,
     url: &PgUrl,
@@ -99,6 +100,50 @@ pub fn prepare(
     let mut conn = PgConn::connect(url, false, timeout).map_err(SetupError::Connect)?;
 
     // Phase 1: checks only.
+    let database = check_role(&mut conn)?;
+    let mut tables = Vec::new();
+    for name in &cfg.tables {
+        tables.push(look_up_table(&mut conn, name)?);
+    }
+    for t in &tables {
+        sink.check_table(split_table(&t.name).1)
+            .map_err(SetupError::StarRocks)?;
+    }
+    let slot_exists = check_slot(&mut conn, &cfg.slot, database)?;
+
+    // Phase 2: changes, each idempotent.
+    if cfg.replica_identity_full {
+        set_replica_identity_full(&mut conn, &mut tables)?;
+    }
+    ensure_publication(&mut conn, &cfg.publication, &tables)?;
+    let (checkpoint, pending) = read_checkpoint(&mut conn, cfg)?;
+    if slot_exists && cfg.snapshot && checkpoint.is_none() {
+        return Err(SetupError::SnapshotUnfinished {
+            slot: cfg.slot.clone(),
+        });
+    }
+
+    let snapshot = if slot_exists {
+        None
+    } else {
+        create_slot(cfg, url, timeout)?
+    };
+    let keys = tables
+        .iter()
+        .map(|t| (t.name.clone(), t.key.clone()))
+        .collect();
+    Ok(Prepared {
+        tables,
+        keys,
+        checkpoint,
+        pending,
+        slot_created: !slot_exists,
+        snapshot,
+    })
+}
+
+/// Checks that the current role may replicate; returns the current database.
+fn check_role(conn: &mut PgConn) -> Result<String, SetupError> {
     let rows = conn
         .query("SELECT current_user, (rolreplication OR rolsuper)::text, current_database() FROM pg_roles WHERE rolname = current_user")
         .map_err(step("read the current role"))?;
@@ -108,97 +153,105 @@ pub fn prepare(
     if row.get(1).cloned().flatten().as_deref() != Some("true") {
         return Err(SetupError::NoReplication { user });
     }
+    Ok(database)
+}
 
-    let mut tables = Vec::new();
-    for name in &cfg.tables {
-        let (schema, table) = split_table(name);
-        let full = format!("{schema}.{table}");
-        let rows = conn
-            .query(&format!(
-                "SELECT c.relreplident::text, \
-                   (SELECT string_agg(a.attname, ',' ORDER BY array_position(i.indkey::int2[], a.attnum)) \
-                      FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-                     WHERE i.indrelid = c.oid AND i.indisprimary) \
-                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = {} AND c.relname = {} AND c.relkind IN ('r', 'p')",
-                quote_literal(schema),
-                quote_literal(table)
-            ))
-            .map_err(step(format!("look up table {full}")))?;
-        let Some(row) = rows.first() else {
-            return Err(SetupError::TableMissing { table: full });
-        };
-        let Some(key) = row.get(1).cloned().flatten() else {
-            return Err(SetupError::NoPrimaryKey { table: full });
-        };
-        let replica_identity = row
-            .first()
-            .cloned()
-            .flatten()
-            .and_then(|s| s.chars().next())
-            .unwrap_or('d');
-        tables.push(SourceTable {
-            name: full,
-            key: key.split(',').map(str::to_string).collect(),
-            replica_identity,
-        });
-    }
+/// Finds a source table with its primary key and replica identity.
+fn look_up_table(conn: &mut PgConn, name: &str) -> Result<SourceTable, SetupError> {
+    let (schema, table) = split_table(name);
+    let full = format!("{schema}.{table}");
+    let rows = conn
+        .query(&format!(
+            "SELECT c.relreplident::text, \
+               (SELECT string_agg(a.attname, ',' ORDER BY array_position(i.indkey::int2[], a.attnum)) \
+                  FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                 WHERE i.indrelid = c.oid AND i.indisprimary) \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = {} AND c.relname = {} AND c.relkind IN ('r', 'p')",
+            quote_literal(schema),
+            quote_literal(table)
+        ))
+        .map_err(step(format!("look up table {full}")))?;
+    let Some(row) = rows.first() else {
+        return Err(SetupError::TableMissing { table: full });
+    };
+    let Some(key) = row.get(1).cloned().flatten() else {
+        return Err(SetupError::NoPrimaryKey { table: full });
+    };
+    let replica_identity = row
+        .first()
+        .cloned()
+        .flatten()
+        .and_then(|s| s.chars().next())
+        .unwrap_or('d');
+    Ok(SourceTable {
+        name: full,
+        key: key.split(',').map(str::to_string).collect(),
+        replica_identity,
+    })
+}
 
-    for t in &tables {
-        sink.check_table(split_table(&t.name).1)
-            .map_err(SetupError::StarRocks)?;
-    }
-
+/// Whether the slot exists; an existing one must be a healthy pgoutput slot in `database`.
+fn check_slot(conn: &mut PgConn, slot: &str, database: String) -> Result<bool, SetupError> {
     let slot_rows = conn
         .query(&format!(
             "SELECT plugin, database, coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = {}",
-            quote_literal(&cfg.slot)
+            quote_literal(slot)
         ))
-        .map_err(step(format!("look up replication slot {}", cfg.slot)))?;
-    let slot_exists = match slot_rows.first() {
-        None => false,
-        Some(row) => {
-            let plugin = row.first().cloned().flatten().unwrap_or_default();
-            let db = row.get(1).cloned().flatten().unwrap_or_default();
-            if plugin != "pgoutput" || db != database {
-                return Err(SetupError::SlotMismatch {
-                    slot: cfg.slot.clone(),
-                    plugin,
-                    database: db,
-                    expected_db: database,
-                });
-            }
-            if row.get(2).cloned().flatten().as_deref() == Some("lost") {
-                return Err(SetupError::SlotLost {
-                    slot: cfg.slot.clone(),
-                });
-            }
-            true
-        }
+        .map_err(step(format!("look up replication slot {slot}")))?;
+    let Some(row) = slot_rows.first() else {
+        return Ok(false);
     };
-
-    // Phase 2: changes, each idempotent.
-    if cfg.replica_identity_full {
-        for t in tables.iter_mut().filter(|t| t.replica_identity != 'f') {
-            conn.query(&format!(
-                "ALTER TABLE {} REPLICA IDENTITY FULL",
-                qualified(&t.name)
-            ))
-            .map_err(step(format!("set REPLICA IDENTITY FULL on {}", t.name)))?;
-            t.replica_identity = 'f';
-        }
+    let plugin = row.first().cloned().flatten().unwrap_or_default();
+    let db = row.get(1).cloned().flatten().unwrap_or_default();
+    if plugin != "pgoutput" || db != database {
+        return Err(SetupError::SlotMismatch {
+            slot: slot.to_string(),
+            plugin,
+            database: db,
+            expected_db: database,
+        });
     }
-    let publication = quote_ident(&cfg.publication);
+    if row.get(2).cloned().flatten().as_deref() == Some("lost") {
+        return Err(SetupError::SlotLost {
+            slot: slot.to_string(),
+        });
+    }
+    Ok(true)
+}
+
+fn set_replica_identity_full(
+    conn: &mut PgConn,
+    tables: &mut [SourceTable],
+) -> Result<(), SetupError> {
+    for t in tables.iter_mut().filter(|t| t.replica_identity != 'f') {
+        conn.query(&format!(
+            "ALTER TABLE {} REPLICA IDENTITY FULL",
+            qualified(&t.name)
+        ))
+        .map_err(step(format!("set REPLICA IDENTITY FULL on {}", t.name)))?;
+        t.replica_identity = 'f';
+    }
+    Ok(())
+}
+
+/// Creates the publication, or adds the tables it lacks.
+fn ensure_publication(
+    conn: &mut PgConn,
+    name: &str,
+    tables: &[SourceTable],
+) -> Result<(), SetupError> {
+    let publication = quote_ident(name);
     let published = conn
         .query(&format!(
             "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = {}",
-            quote_literal(&cfg.publication)
+            quote_literal(name)
         ))
         .map_err(step("read the publication's tables"))?;
     let exists = !conn
         .query(&format!(
             "SELECT 1 FROM pg_publication WHERE pubname = {}",
-            quote_literal(&cfg.publication)
+            quote_literal(name)
         ))
         .map_err(step("look up the publication"))?
         .is_empty();
@@ -216,18 +269,25 @@ pub fn prepare(
             "CREATE PUBLICATION {publication} FOR TABLE {}",
             missing.join(", ")
         ))
-        .map_err(step(format!("create publication {}", cfg.publication)))?;
+        .map_err(step(format!("create publication {name}")))?;
     } else if !missing.is_empty() {
         conn.query(&format!(
             "ALTER PUBLICATION {publication} ADD TABLE {}",
             missing.join(", ")
         ))
         .map_err(step(format!(
-            "add {} to publication {}",
+            "add {} to publication {name}",
             missing.join(", "),
-            cfg.publication
         )))?;
     }
+    Ok(())
+}
+
+/// Creates the checkpoint table if needed and reads the slot's checkpoint and pending boundary.
+fn read_checkpoint(
+    conn: &mut PgConn,
+    cfg: &CdcConfig,
+) -> Result<(Option<Lsn>, Option<Lsn>), SetupError> {
     conn.query(&Checkpoints::create_sql(&cfg.checkpoint_table))
         .map_err(step(format!(
             "create checkpoint table {}",
@@ -248,45 +308,35 @@ pub fn prepare(
     };
     let checkpoint = field(0);
     let pending = field(1).filter(|p| Some(*p) > checkpoint);
-    if slot_exists && cfg.snapshot && checkpoint.is_none() {
-        return Err(SetupError::SnapshotUnfinished {
-            slot: cfg.slot.clone(),
-        });
-    }
+    Ok((checkpoint, pending))
+}
 
-    let mut snapshot = None;
-    if !slot_exists {
-        let mut repl = PgConn::connect(url, true, timeout).map_err(SetupError::Connect)?;
-        let mode = if cfg.snapshot { "export" } else { "nothing" };
-        let rows = repl
-            .query(&format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{mode}')",
-                quote_ident(&cfg.slot)
-            ))
-            .map_err(step(format!("create replication slot {}", cfg.slot)))?;
-        tracing::info!(slot = %cfg.slot, "created replication slot");
-        if cfg.snapshot {
-            let row = rows.first().cloned().unwrap_or_default();
-            let point = row
-                .get(1)
-                .cloned()
-                .flatten()
-                .and_then(|t| Lsn::parse(&t))
-                .unwrap_or_default();
-            let name = row.get(2).cloned().flatten().unwrap_or_default();
-            snapshot = Some((repl, name, point));
-        }
+/// Creates the slot on a replication connection; with `cfg.snapshot`, returns that connection
+/// with the exported snapshot's name and the slot's consistent point.
+fn create_slot(
+    cfg: &CdcConfig,
+    url: &PgUrl,
+    timeout: Duration,
+) -> Result<Option<(PgConn, String, Lsn)>, SetupError> {
+    let mut repl = PgConn::connect(url, true, timeout).map_err(SetupError::Connect)?;
+    let mode = if cfg.snapshot { "export" } else { "nothing" };
+    let rows = repl
+        .query(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{mode}')",
+            quote_ident(&cfg.slot)
+        ))
+        .map_err(step(format!("create replication slot {}", cfg.slot)))?;
+    tracing::info!(slot = %cfg.slot, "created replication slot");
+    if !cfg.snapshot {
+        return Ok(None);
     }
-    let keys = tables
-        .iter()
-        .map(|t| (t.name.clone(), t.key.clone()))
-        .collect();
-    Ok(Prepared {
-        tables,
-        keys,
-        checkpoint,
-        pending,
-        slot_created: !slot_exists,
-        snapshot,
-    })
+    let row = rows.first().cloned().unwrap_or_default();
+    let point = row
+        .get(1)
+        .cloned()
+        .flatten()
+        .and_then(|t| Lsn::parse(&t))
+        .unwrap_or_default();
+    let name = row.get(2).cloned().flatten().unwrap_or_default();
+    Ok(Some((repl, name, point)))
 }

@@ -76,74 +76,10 @@ pub fn run(
         if shared.stopped.load(Ordering::Acquire) || shared.shutdown.load(Ordering::Acquire) {
             return Ok(());
         }
-        let mut reply_now = false;
-        // Up to a bounded number of messages per turn, so timers and the ring still run
-        // while the server streams without pause.
-        for _ in 0..MESSAGES_PER_TURN {
-            let Some(data) = conn.read_copy_data().map_err(CdcError::Replication)? else {
-                break;
-            };
-            match data.first() {
-                Some(b'w') if data.len() >= 25 => {
-                    let wal_end = Lsn(u64::from_be_bytes(
-                        data[9..17].try_into().unwrap_or_default(),
-                    ));
-                    shared.server_lsn.fetch_max(wal_end.0, Ordering::Relaxed);
-                    let payload = data.slice(25..);
-                    pipeline
-                        .handle(&payload, &mut out)
-                        .map_err(CdcError::Pipeline)?;
-                }
-                Some(b'k') if data.len() >= 18 => {
-                    let wal_end = Lsn(u64::from_be_bytes(
-                        data[1..9].try_into().unwrap_or_default(),
-                    ));
-                    shared.server_lsn.fetch_max(wal_end.0, Ordering::Relaxed);
-                    reply_now |= data[17] == 1;
-                    if pipeline.is_idle() && out.is_empty() {
-                        // Everything before this keepalive has been handed over: once the
-                        // loader has done all of it, this position can be confirmed.
-                        state.idle_candidate = Some((wal_end, state.works_sent));
-                    }
-                    break;
-                }
-                _ => return Err(CdcError::BadStream("unknown replication message")),
-            }
-            if out.len() >= WORKS_PER_TURN {
-                break;
-            }
-        }
-        if state.clock_refreshed.elapsed() >= Duration::from_secs(1) {
-            pipeline.set_synced_at(now_text());
-            state.clock_refreshed = Instant::now();
-        }
-        pipeline.idle_flush(&mut out);
-        shared
-            .rows_decoded
-            .store(pipeline.rows_in(), Ordering::Relaxed);
-        let caught_up = pipeline.is_idle()
-            && out.is_empty()
-            && shared.works_done.load(Ordering::Acquire) >= state.works_sent;
-        shared.caught_up.store(caught_up, Ordering::Relaxed);
-        // A confirmed idle position precedes every work sent after it, so later work never
-        // invalidates it.
-        for work in out.drain(..) {
-            state.works_sent += 1;
-            let mut work = work;
-            loop {
-                match ring.send_timeout(work, TICK) {
-                    Ok(()) => break,
-                    Err(SendTimeoutError::Timeout(w)) => {
-                        // The loader is behind: keep the server from timing us out meanwhile.
-                        work = w;
-                        state.maybe_report(conn, cfg, shared, false)?;
-                        if shared.stopped.load(Ordering::Acquire) {
-                            return Ok(());
-                        }
-                    }
-                    Err(SendTimeoutError::Disconnected(_)) => return Ok(()),
-                }
-            }
+        let reply_now = state.read_turn(conn, pipeline, &mut out, shared)?;
+        state.tick(pipeline, &mut out, shared);
+        if !state.hand_over(conn, cfg, ring, &mut out, shared)? {
+            return Ok(());
         }
         state.maybe_report(conn, cfg, shared, reply_now)?;
     }
@@ -158,6 +94,100 @@ struct State {
 }
 
 impl State {
+    /// Reads up to a bounded number of messages, so timers and the ring still run while the
+    /// server streams without pause. Returns whether the server asked for a reply now.
+    fn read_turn(
+        &mut self,
+        conn: &mut PgConn,
+        pipeline: &mut Pipeline,
+        out: &mut Vec<Work>,
+        shared: &Shared,
+    ) -> Result<bool, CdcError> {
+        let mut reply_now = false;
+        for _ in 0..MESSAGES_PER_TURN {
+            let Some(data) = conn.read_copy_data().map_err(CdcError::Replication)? else {
+                break;
+            };
+            match data.first() {
+                Some(b'w') if data.len() >= 25 => {
+                    let wal_end = Lsn(u64::from_be_bytes(
+                        data[9..17].try_into().unwrap_or_default(),
+                    ));
+                    shared.server_lsn.fetch_max(wal_end.0, Ordering::Relaxed);
+                    let payload = data.slice(25..);
+                    pipeline.handle(&payload, out).map_err(CdcError::Pipeline)?;
+                }
+                Some(b'k') if data.len() >= 18 => {
+                    let wal_end = Lsn(u64::from_be_bytes(
+                        data[1..9].try_into().unwrap_or_default(),
+                    ));
+                    shared.server_lsn.fetch_max(wal_end.0, Ordering::Relaxed);
+                    reply_now |= data[17] == 1;
+                    if pipeline.is_idle() && out.is_empty() {
+                        // Everything before this keepalive has been handed over: once the
+                        // loader has done all of it, this position can be confirmed.
+                        self.idle_candidate = Some((wal_end, self.works_sent));
+                    }
+                    break;
+                }
+                _ => return Err(CdcError::BadStream("unknown replication message")),
+            }
+            if out.len() >= WORKS_PER_TURN {
+                break;
+            }
+        }
+        Ok(reply_now)
+    }
+
+    /// The timers of one turn: the audit clock, the idle flush, and the stats.
+    fn tick(&mut self, pipeline: &mut Pipeline, out: &mut Vec<Work>, shared: &Shared) {
+        if self.clock_refreshed.elapsed() >= Duration::from_secs(1) {
+            pipeline.set_synced_at(now_text());
+            self.clock_refreshed = Instant::now();
+        }
+        pipeline.idle_flush(out);
+        shared
+            .rows_decoded
+            .store(pipeline.rows_in(), Ordering::Relaxed);
+        let caught_up = pipeline.is_idle()
+            && out.is_empty()
+            && shared.works_done.load(Ordering::Acquire) >= self.works_sent;
+        shared.caught_up.store(caught_up, Ordering::Relaxed);
+    }
+
+    /// Sends `out` over the ring, answering the server while the ring is full. Returns false
+    /// when the loader has stopped (the run ends).
+    fn hand_over(
+        &mut self,
+        conn: &mut PgConn,
+        cfg: &SourceConfig,
+        ring: &Sender<Work>,
+        out: &mut Vec<Work>,
+        shared: &Shared,
+    ) -> Result<bool, CdcError> {
+        // A confirmed idle position precedes every work sent after it, so later work never
+        // invalidates it.
+        for work in out.drain(..) {
+            self.works_sent += 1;
+            let mut work = work;
+            loop {
+                match ring.send_timeout(work, TICK) {
+                    Ok(()) => break,
+                    Err(SendTimeoutError::Timeout(w)) => {
+                        // The loader is behind: keep the server from timing us out meanwhile.
+                        work = w;
+                        self.maybe_report(conn, cfg, shared, false)?;
+                        if shared.stopped.load(Ordering::Acquire) {
+                            return Ok(false);
+                        }
+                    }
+                    Err(SendTimeoutError::Disconnected(_)) => return Ok(false),
+                }
+            }
+        }
+        Ok(true)
+    }
+
     fn confirmed(&self, shared: &Shared) -> Lsn {
         let mut lsn = Lsn(shared.checkpointed.load(Ordering::Acquire));
         if let Some((candidate, needed)) = self.idle_candidate

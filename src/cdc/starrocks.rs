@@ -276,23 +276,7 @@ impl StarRocks {
         );
         // FE → BE: one redirect is the protocol; a few more are tolerated, no loops.
         for _ in 0..4 {
-            let mut req = self
-                .agent
-                .put(&url)
-                .header("Authorization", &self.auth)
-                .header("Expect", "100-continue")
-                .header("label", &batch.label)
-                .header("format", "json")
-                .header("strip_outer_array", "true")
-                .header("columns", &batch.columns)
-                .header("max_filter_ratio", self.cfg.max_filter_ratio.to_string())
-                .header("Content-Type", "application/json");
-            if batch.partial {
-                req = req
-                    .header("partial_update", "true")
-                    .header("partial_update_mode", "row");
-            }
-            let mut resp = match req.send(&batch.body[..]) {
+            let mut resp = match self.request(&url, batch).send(&batch.body[..]) {
                 Ok(r) => r,
                 Err(e) => return Ok(Attempt::Retry(format!("HTTP error: {e}"))),
             };
@@ -325,32 +309,58 @@ impl StarRocks {
                 Ok(r) => r,
                 Err(e) => return Ok(Attempt::Retry(format!("unreadable response ({e}): {body}"))),
             };
-            return Ok(match parsed.status.as_str() {
-                "Success" => Attempt::Done(LoadOutcome::Loaded),
-                "Publish Timeout" => Attempt::Done(LoadOutcome::Committed),
-                "Label Already Exists" => match parsed.existing_job_status.as_deref() {
-                    // Still running under this label (an earlier attempt): wait for it.
-                    Some("RUNNING") | Some("PREPARE") | Some("PREPARED") => {
-                        Attempt::Retry(format!("label {} is still loading", batch.label))
-                    }
-                    _ => Attempt::Done(LoadOutcome::AlreadyLoaded),
-                },
-                _ if parsed.filtered_rows > 0 || parsed.message.contains("filtered") => {
-                    return Err(LoadError::Filtered {
-                        table: batch.table.clone(),
-                        label: batch.label.clone(),
-                        message: parsed.message,
-                        error_url: parsed.error_url,
-                    });
-                }
-                other => Attempt::Retry(format!("status {other}: {}", parsed.message)),
-            });
+            return outcome(batch, parsed);
         }
         Err(LoadError::Protocol {
             what: "Stream Load",
             detail: "too many redirects".into(),
         })
     }
+
+    /// The Stream Load PUT for `batch` to `url` (the FE, or the BE it redirected to).
+    fn request(&self, url: &str, batch: &Batch) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
+        let req = self
+            .agent
+            .put(url)
+            .header("Authorization", &self.auth)
+            .header("Expect", "100-continue")
+            .header("label", &batch.label)
+            .header("format", "json")
+            .header("strip_outer_array", "true")
+            .header("columns", &batch.columns)
+            .header("max_filter_ratio", self.cfg.max_filter_ratio.to_string())
+            .header("Content-Type", "application/json");
+        if batch.partial {
+            req.header("partial_update", "true")
+                .header("partial_update_mode", "row")
+        } else {
+            req
+        }
+    }
+}
+
+/// What a Stream Load's JSON answer means for `batch`.
+fn outcome(batch: &Batch, parsed: Response) -> Result<Attempt, LoadError> {
+    Ok(match parsed.status.as_str() {
+        "Success" => Attempt::Done(LoadOutcome::Loaded),
+        "Publish Timeout" => Attempt::Done(LoadOutcome::Committed),
+        "Label Already Exists" => match parsed.existing_job_status.as_deref() {
+            // Still running under this label (an earlier attempt): wait for it.
+            Some("RUNNING") | Some("PREPARE") | Some("PREPARED") => {
+                Attempt::Retry(format!("label {} is still loading", batch.label))
+            }
+            _ => Attempt::Done(LoadOutcome::AlreadyLoaded),
+        },
+        _ if parsed.filtered_rows > 0 || parsed.message.contains("filtered") => {
+            return Err(LoadError::Filtered {
+                table: batch.table.clone(),
+                label: batch.label.clone(),
+                message: parsed.message,
+                error_url: parsed.error_url,
+            });
+        }
+        other => Attempt::Retry(format!("status {other}: {}", parsed.message)),
+    })
 }
 
 /// The FE answers a schema request for a missing table with 200 and an error document.
