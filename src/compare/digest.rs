@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Instant;
 
-use crate::wire::{self, Format, Formats, tag};
+use crate::wire::{self, Format, tag};
 
 use super::rules::{ColumnRule, Rules};
 use crate::sql::OrderKey;
@@ -99,35 +99,7 @@ impl Digest {
 /// Column names and type OIDs of one result.
 pub type Columns = Rc<Vec<(String, u32)>>;
 
-/// The result formats a Bind asked for, under the protocol's 0/1/N rule.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum ResultFormats {
-    #[default]
-    Text,
-    Binary,
-    Each(Rc<[bool]>),
-}
-
-impl ResultFormats {
-    pub fn from_wire(formats: Formats<'_>) -> ResultFormats {
-        match formats.len() {
-            0 => ResultFormats::Text,
-            1 => match formats.get(0) {
-                Some(Format::Binary) => ResultFormats::Binary,
-                _ => ResultFormats::Text,
-            },
-            _ => ResultFormats::Each(formats.iter().map(|f| f == Format::Binary).collect()),
-        }
-    }
-
-    fn binary(&self, column: usize) -> bool {
-        match self {
-            ResultFormats::Text => false,
-            ResultFormats::Binary => true,
-            ResultFormats::Each(each) => each.get(column).copied().unwrap_or(false),
-        }
-    }
-}
+pub use crate::session::ResultFormats;
 
 /// What Describe told of one prepared statement's result columns, per side (0: primary,
 /// 1: shadow). An Execute without its own Describe (JDBC, tokio-postgres, pgx after the first

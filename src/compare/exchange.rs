@@ -9,28 +9,24 @@
 //! `compare.buffer-bytes-max`) until the other side has answered the same sync point.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
-use super::digest::{
-    Described, Digest, Digester, Expect, Expects, ResultFormats, Step, SyncDigest,
-};
+use super::digest::{Described, Digest, Digester, Expect, Expects, Step, SyncDigest};
 use super::rules::type_name;
 use super::verdict::{self, Difference, Kind};
 use super::{CompareTarget, Record, Side};
 use crate::exec::net::Stream;
-use crate::session::{Framed, Step as SessionStep, Tracker};
+use crate::session::{
+    Framed, QueryPart, Refers, ResultFormats, Slot, Statement, Step as SessionStep, Tracker,
+};
 use crate::sql;
 use crate::stats::ShardStats;
 use crate::wire::{self, tag};
-
-/// Statement names and portals remembered per session for reports; beyond it statements are
-/// still compared, under an unknown text.
-const NAMES_MAX: usize = 10_000;
 
 /// One statement as the client sent it, with what comparing its results needs (named apart
 /// from the session tracker's `session::Statement`, which knows no compare rules).
@@ -60,12 +56,6 @@ pub(crate) struct Compared {
     pub described: Rc<Described>,
 }
 
-/// A bound portal: its statement and the result formats its Bind asked for.
-struct Portal {
-    statement: Rc<Compared>,
-    formats: ResultFormats,
-}
-
 impl Compared {
     fn new(text: &str, params: bool, target: &CompareTarget) -> Compared {
         let rules = &target.rules;
@@ -83,6 +73,17 @@ impl Compared {
             copy: sql::copy(text.as_bytes()).is_some(),
             described: Rc::default(),
         }
+    }
+
+    /// What compare derives from one of the session tracker's statements, once per statement
+    /// (kept in the statement's compare slot); an unknown statement is compared as such.
+    fn of(statement: &Statement, target: &CompareTarget) -> Rc<Compared> {
+        if !statement.is_known() {
+            return Rc::new(Compared::unknown());
+        }
+        statement.extension(Slot::Compare, || {
+            Compared::new(&statement.text, statement.params, target)
+        })
     }
 
     fn unknown() -> Compared {
@@ -203,8 +204,6 @@ pub struct Dispatch {
     link: Rc<Pairing>,
     target: Rc<CompareTarget>,
     pub shadow: Stream,
-    statements: HashMap<String, Rc<Compared>>,
-    portals: HashMap<String, Portal>,
     batch: Vec<Rc<Compared>>,
     /// Expectations of the frames held in `held`, queued for the shadow with them.
     held_expects: Vec<Expect>,
@@ -271,7 +270,7 @@ impl Dispatch {
                 }
                 _ => {}
             }
-            let expect = self.expect(tag, body);
+            let expect = self.expect(tag, &f.refers);
             if let Some(e) = &expect {
                 self.link.expects[PRIMARY].borrow_mut().push_back(e.clone());
             }
@@ -281,38 +280,31 @@ impl Dispatch {
                 routes,
                 read_at,
             };
-            self.plan_frame(tag, body, planned);
+            self.plan_frame(tag, body, &f.refers, planned);
         }
     }
 
     /// One client frame of [`plan`](Self::plan), by kind.
-    fn plan_frame(&mut self, tag: u8, body: &[u8], f: Planned) {
+    /// One client frame of [`plan`](Self::plan), by kind; `refers`: what the session tracker
+    /// resolved it to (the statements and portals are the tracker's, not compare's).
+    fn plan_frame(&mut self, tag: u8, body: &[u8], refers: &Refers, f: Planned) {
         match tag {
-            tag::QUERY => self.plan_query(body, f),
-            tag::PARSE => {
-                if let Ok((name, query, types)) = wire::Parse::new(body).parts() {
-                    let params = !types.is_empty() || query.contains('$');
-                    let statement = Rc::new(Compared::new(query, params, &self.target));
+            tag::QUERY => self.plan_query(body, refers, f),
+            tag::PARSE | tag::BIND | tag::DESCRIBE | tag::CLOSE => {
+                // What the frame names joins the batch's routing.
+                if let Some(statement) = self.referred(refers) {
                     self.batch_primary_only |= statement.primary_only;
-                    if self.statements.len() < NAMES_MAX || name.is_empty() {
-                        self.statements.insert(name.to_string(), statement);
-                    }
                 }
                 self.hold(f.frame, f.routes, f.expect);
             }
-            tag::BIND => self.plan_bind(body, f),
             tag::EXECUTE => {
-                let portal = wire::Execute::new(body).portal().unwrap_or("");
                 let statement = self
-                    .portals
-                    .get(portal)
-                    .map(|p| p.statement.clone())
+                    .referred(refers)
                     .unwrap_or_else(|| Rc::new(Compared::unknown()));
                 self.batch_primary_only |= statement.primary_only;
                 self.batch.push(statement);
                 self.hold(f.frame, f.routes, f.expect);
             }
-            tag::DESCRIBE | tag::CLOSE => self.plan_describe_or_close(tag, body, f),
             tag::SYNC => self.plan_sync(f),
             tag::FUNCTION_CALL => {
                 self.push_meta(Vec::new(), true, f.read_at);
@@ -332,14 +324,23 @@ impl Dispatch {
         }
     }
 
+    /// The statement a frame names (a portal's statement for a portal), as compare sees it.
+    fn referred(&self, refers: &Refers) -> Option<Rc<Compared>> {
+        match refers {
+            Refers::Statement(statement) => Some(Compared::of(statement, &self.target)),
+            Refers::Portal(portal) => Some(Compared::of(&portal.statement, &self.target)),
+            Refers::Query(_) | Refers::Unknown(_) | Refers::Nothing => None,
+        }
+    }
+
     /// A simple Query: one sync point of its statements, to the shadow unless routed to the
     /// primary only.
-    fn plan_query(&mut self, body: &[u8], f: Planned) {
+    fn plan_query(&mut self, body: &[u8], refers: &Refers, f: Planned) {
         let text = wire::Query::new(body).query().unwrap_or("");
-        let statements: Vec<Rc<Compared>> = sql::split_statements(text.as_bytes())
-            .into_iter()
-            .map(|r| self.simple_statement(&text[r]))
-            .collect();
+        let statements: Vec<Rc<Compared>> = match refers {
+            Refers::Query(parts) => parts.iter().map(|p| self.query_part(p)).collect(),
+            _ => Vec::new(),
+        };
         let shadow = !(f.routes && self.target.rules.primary_only(text));
         self.copy_to_shadow = shadow;
         let gates = gates(&statements);
@@ -352,55 +353,6 @@ impl Dispatch {
                 self.cut(Some(seq));
             }
         }
-    }
-
-    /// Bind: remembers the portal's statement and the result formats it asked for.
-    fn plan_bind(&mut self, body: &[u8], f: Planned) {
-        if let Ok(parts) = wire::Bind::new(body).parts() {
-            let statement = self.statements.get(parts.statement).cloned();
-            if let Some(s) = &statement {
-                self.batch_primary_only |= s.primary_only;
-            }
-            if self.portals.len() < NAMES_MAX || parts.portal.is_empty() {
-                self.portals.insert(
-                    parts.portal.to_string(),
-                    Portal {
-                        statement: statement.unwrap_or_else(|| Rc::new(Compared::unknown())),
-                        formats: ResultFormats::from_wire(parts.result_formats),
-                    },
-                );
-            }
-        }
-        self.hold(f.frame, f.routes, f.expect);
-    }
-
-    /// Describe and Close: their target's routing joins the batch's; a Close forgets it
-    /// (unless the batch stays on the primary, where the shadow never saw it closed).
-    fn plan_describe_or_close(&mut self, tag: u8, body: &[u8], f: Planned) {
-        let target = if tag == tag::DESCRIBE {
-            wire::Describe::new(body).target()
-        } else {
-            wire::Close::new(body).target()
-        };
-        if let Ok((kind, name)) = target {
-            let primary_only = match kind {
-                wire::ObjectKind::Statement => {
-                    self.statements.get(name).is_some_and(|s| s.primary_only)
-                }
-                wire::ObjectKind::Portal => self
-                    .portals
-                    .get(name)
-                    .is_some_and(|p| p.statement.primary_only),
-            };
-            self.batch_primary_only |= primary_only;
-            if tag == tag::CLOSE && !self.batch_primary_only {
-                match kind {
-                    wire::ObjectKind::Statement => drop(self.statements.remove(name)),
-                    wire::ObjectKind::Portal => drop(self.portals.remove(name)),
-                }
-            }
-        }
-        self.hold(f.frame, f.routes, f.expect);
     }
 
     /// Sync: the batch's sync point; its routing decides where the held frames go.
@@ -442,82 +394,52 @@ impl Dispatch {
         }
     }
 
-    /// One statement of a simple Query. SQL-level prepared statements share the protocol's
-    /// namespace: `PREPARE x AS ...` is remembered like a Parse, and `EXECUTE x` is compared
-    /// as the statement it runs (its ORDER BY, whether it only reads), under its own text.
-    fn simple_statement(&mut self, text: &str) -> Rc<Compared> {
-        let own = Rc::new(Compared::new(text, false, &self.target));
-        match sql::prepared(text.as_bytes()) {
-            Some(sql::Prepared::Prepare { name, body }) => {
-                let inner = &text[body.min(text.len())..];
-                let params = inner.contains('$');
-                if self.statements.len() < NAMES_MAX {
-                    self.statements
-                        .insert(name, Rc::new(Compared::new(inner, params, &self.target)));
-                }
-            }
-            Some(sql::Prepared::Execute { name, runs: true }) => {
-                if let Some(inner) = self.statements.get(&name) {
-                    return Rc::new(Compared {
-                        text: own.text.clone(),
-                        ordered: inner.ordered,
-                        order_keys: inner.order_keys.clone(),
-                        excluded: own.excluded || inner.excluded,
-                        read_only: inner.read_only,
-                        // Its EXPLAIN would need the statement prepared on the EXPLAIN
-                        // connection: never re-run.
-                        params: true,
-                        primary_only: inner.primary_only,
-                        transaction: inner.transaction,
-                        transaction_options: inner.transaction_options,
-                        copy: inner.copy,
-                        described: inner.described.clone(),
-                    });
-                }
-            }
-            Some(sql::Prepared::Deallocate { name }) => {
-                self.statements.remove(&name);
-            }
-            Some(sql::Prepared::DeallocateAll) => self.statements.clear(),
-            Some(sql::Prepared::DiscardAll) => {
-                self.statements.clear();
-                self.portals.clear();
-            }
-            _ => {}
-        }
-        own
+    /// One statement of a simple Query. `EXECUTE name` is compared as the statement it runs
+    /// (its ORDER BY, whether it only reads), under its own text; the tracker resolved which
+    /// one that is (SQL-level prepared statements share the protocol's namespace).
+    fn query_part(&self, part: &QueryPart) -> Rc<Compared> {
+        let own = Compared::of(&part.own, &self.target);
+        let Some(runs) = &part.runs else {
+            return own;
+        };
+        let inner = Compared::of(runs, &self.target);
+        Rc::new(Compared {
+            text: own.text.clone(),
+            ordered: inner.ordered,
+            order_keys: inner.order_keys.clone(),
+            excluded: own.excluded || inner.excluded,
+            read_only: inner.read_only,
+            // Its EXPLAIN would need the statement prepared on the EXPLAIN connection: never
+            // re-run.
+            params: true,
+            primary_only: inner.primary_only,
+            transaction: inner.transaction,
+            transaction_options: inner.transaction_options,
+            copy: inner.copy,
+            described: inner.described.clone(),
+        })
     }
 
     /// What the answer to one client frame will be read against (after the frame's own
     /// bookkeeping for Parse and Bind, which [`plan`](Self::plan) does after this: a Describe
     /// or Execute refers to statements and portals of earlier frames).
-    fn expect(&self, tag: u8, body: &[u8]) -> Option<Expect> {
-        let portal = |name: &str| self.portals.get(name);
-        match tag {
-            tag::QUERY | tag::SYNC | tag::FUNCTION_CALL => Some(Expect::Sync),
-            tag::DESCRIBE => {
-                let (kind, name) = wire::Describe::new(body).target().ok()?;
-                Some(match kind {
-                    wire::ObjectKind::Statement => Expect::DescribeStatement(
-                        self.statements
-                            .get(name)
-                            .map(|s| s.described.clone())
-                            .unwrap_or_default(),
-                    ),
-                    wire::ObjectKind::Portal => Expect::DescribePortal(
-                        portal(name)
-                            .map(|p| p.statement.described.clone())
-                            .unwrap_or_default(),
-                    ),
-                })
+    fn expect(&self, tag: u8, refers: &Refers) -> Option<Expect> {
+        let described =
+            |statement: &Statement| Compared::of(statement, &self.target).described.clone();
+        match (tag, refers) {
+            (tag::QUERY | tag::SYNC | tag::FUNCTION_CALL, _) => Some(Expect::Sync),
+            (tag::DESCRIBE, Refers::Statement(s)) => Some(Expect::DescribeStatement(described(s))),
+            (tag::DESCRIBE, Refers::Portal(p)) => {
+                Some(Expect::DescribePortal(described(&p.statement)))
             }
-            tag::EXECUTE => {
-                let name = wire::Execute::new(body).portal().ok()?;
-                Some(match portal(name) {
-                    Some(p) => Expect::Execute(p.statement.described.clone(), p.formats.clone()),
-                    None => Expect::Execute(Rc::default(), ResultFormats::Text),
-                })
+            (tag::DESCRIBE, Refers::Unknown(wire::ObjectKind::Portal)) => {
+                Some(Expect::DescribePortal(Rc::default()))
             }
+            (tag::DESCRIBE, _) => Some(Expect::DescribeStatement(Rc::default())),
+            (tag::EXECUTE, Refers::Portal(p)) => {
+                Some(Expect::Execute(described(&p.statement), p.formats.clone()))
+            }
+            (tag::EXECUTE, _) => Some(Expect::Execute(Rc::default(), ResultFormats::Text)),
             _ => None,
         }
     }
@@ -785,8 +707,6 @@ impl Exchange {
             link: link.clone(),
             target: target.clone(),
             shadow,
-            statements: HashMap::new(),
-            portals: HashMap::new(),
             batch: Vec::new(),
             held_expects: Vec::new(),
             out_expects: Vec::new(),

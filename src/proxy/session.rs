@@ -475,7 +475,13 @@ async fn relay(
     let shared = Rc::new(SessionShared {
         client: client.clone(),
         primary: primary.clone(),
-        tracker: RefCell::new(Tracker::new(shard.settings.session_limits)),
+        tracker: RefCell::new(Tracker::new(crate::session::Limits {
+            // Compare planning reads the statements and portals off the tracker; mirror
+            // routing still keeps its own (with the bytes that re-create a statement on a
+            // mirror), so a plain or mirror-only session decodes none here.
+            statements: compare.is_some(),
+            ..shard.settings.session_limits
+        })),
         stamps: RefCell::new(VecDeque::new()),
         client_ended: Cell::new(false),
         terminated: Cell::new(false),
@@ -647,6 +653,7 @@ fn scan(
                 start: at,
                 end,
                 step,
+                refers: tracker.take_refers(),
             });
         }
         at = end;

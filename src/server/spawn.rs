@@ -129,9 +129,8 @@ fn proxy_settings(cfg: &Config, upstreams: &Upstreams) -> ProxySettings {
         session_limits: crate::session::Limits {
             names_max: cfg.proxy.session_names_max,
             settings_max: cfg.proxy.session_settings_max,
-            // Mirror routing and compare planning still keep their own statement
-            // maps (their payloads: re-prepare sources, result descriptions), so
-            // no mode reads the tracker's yet: decoding them twice would only cost.
+            // Decided per session (`proxy::relay`): only a session that compares
+            // reads the tracker's statements.
             statements: false,
         },
         client_tls: upstreams.client_tls.clone(),

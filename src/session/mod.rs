@@ -16,6 +16,8 @@
 pub mod fuzzing;
 pub mod settings;
 
+use std::any::Any;
+use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -56,6 +58,93 @@ pub struct Statement {
     pub copy: Option<sql::Copy>,
     /// It takes parameters (`$n`, or declared parameter types).
     pub params: bool,
+    extensions: Extensions,
+}
+
+/// Which mode an [`Extensions`] slot belongs to.
+#[derive(Debug, Clone, Copy)]
+pub enum Slot {
+    Compare = 0,
+    Mirror = 1,
+}
+
+/// What modes derive from a statement once (compare's rules and result columns, say),
+/// living and dying with the statement, so that no mode keeps a statement table of its own.
+#[derive(Default)]
+struct Extensions {
+    slots: [OnceCell<Rc<dyn Any>>; 2],
+}
+
+impl std::fmt::Debug for Extensions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set: Vec<bool> = self.slots.iter().map(|s| s.get().is_some()).collect();
+        f.debug_struct("Extensions").field("set", &set).finish()
+    }
+}
+
+/// A bound portal: its statement and the result formats its Bind asked for.
+#[derive(Debug)]
+pub struct Portal {
+    pub statement: Rc<Statement>,
+    pub formats: ResultFormats,
+}
+
+/// The result formats a Bind asked for, under the protocol's 0/1/N rule (which columns come
+/// in binary).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ResultFormats {
+    #[default]
+    Text,
+    Binary,
+    Each(Rc<[bool]>),
+}
+
+impl ResultFormats {
+    pub fn from_wire(formats: wire::Formats<'_>) -> ResultFormats {
+        match formats.len() {
+            0 => ResultFormats::Text,
+            1 => match formats.get(0) {
+                Some(wire::Format::Binary) => ResultFormats::Binary,
+                _ => ResultFormats::Text,
+            },
+            _ => ResultFormats::Each(formats.iter().map(|f| f == wire::Format::Binary).collect()),
+        }
+    }
+
+    /// Whether result column `column` comes in binary.
+    pub fn binary(&self, column: usize) -> bool {
+        match self {
+            ResultFormats::Text => false,
+            ResultFormats::Binary => true,
+            ResultFormats::Each(each) => each.get(column).copied().unwrap_or(false),
+        }
+    }
+}
+
+/// One statement of a simple Query: its own text, and for `EXECUTE name` the prepared
+/// statement it runs.
+#[derive(Debug, Clone)]
+pub struct QueryPart {
+    pub own: Rc<Statement>,
+    pub runs: Option<Rc<Statement>>,
+}
+
+/// What a client frame refers to, resolved when the tracker read it (so a mode handling the
+/// frames of a batch one by one sees each as it stood then, not after the batch's Closes).
+#[derive(Debug, Clone, Default)]
+pub enum Refers {
+    #[default]
+    Nothing,
+    /// Parse: the statement it prepares; Describe or Close of a known statement: that one.
+    Statement(Rc<Statement>),
+    /// Bind: the portal it binds; Execute, Describe or Close of a portal: that one (a
+    /// portal never bound is one of an unknown statement).
+    Portal(Rc<Portal>),
+    /// Query: its statements.
+    Query(Rc<[QueryPart]>),
+    /// Describe or Close of a name the tracker does not know (never prepared, or beyond
+    /// `proxy.session-names-max`), with what kind of name it is.
+    Unknown(wire::ObjectKind),
 }
 
 impl Statement {
@@ -66,6 +155,18 @@ impl Statement {
             class: sql::classify(bytes),
             copy: sql::copy(bytes),
             params,
+            extensions: Extensions::default(),
+        }
+    }
+
+    /// What mode `slot` derives from this statement, made by `init` the first time it asks.
+    pub fn extension<T: Any>(&self, slot: Slot, init: impl FnOnce() -> T) -> Rc<T> {
+        let any = self.extensions.slots[slot as usize]
+            .get_or_init(|| Rc::new(init()) as Rc<dyn Any>)
+            .clone();
+        match any.downcast::<T>() {
+            Ok(t) => t,
+            Err(_) => crate::invariant::failed("a statement extension slot holds one type"),
         }
     }
 
@@ -77,6 +178,7 @@ impl Statement {
             class: sql::Class::Other,
             copy: None,
             params: true,
+            extensions: Extensions::default(),
         })
     }
 
@@ -106,12 +208,13 @@ pub enum Step {
 
 /// One client frame of a batch and the tracker's [`Step`] for it: where it lies in the
 /// batch's bytes, for the modes that route or copy frames one by one.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Framed {
     pub tag: u8,
     pub start: usize,
     pub end: usize,
     pub step: Step,
+    pub refers: Refers,
 }
 
 /// What one server frame told the tracker.
@@ -168,7 +271,9 @@ pub struct Tracker {
     terminated: bool,
     farewell: bool,
     statements: HashMap<Box<str>, Rc<Statement>>,
-    portals: HashMap<Box<str>, Rc<Statement>>,
+    portals: HashMap<Box<str>, Rc<Portal>>,
+    /// What the last client frame referred to (see [`take_refers`](Self::take_refers)).
+    refers: Refers,
     /// The statements of the batch being sent (since the last sync point).
     batch: Vec<Rc<Statement>>,
     /// A sync point closed the batch: the next statement starts a new one.
@@ -193,6 +298,7 @@ impl Tracker {
             farewell: false,
             statements: HashMap::new(),
             portals: HashMap::new(),
+            refers: Refers::Nothing,
             batch: Vec::new(),
             batch_closed: false,
             settings: Settings::new(limits.settings_max),
@@ -204,6 +310,7 @@ impl Tracker {
 
     /// One client frame, before it is forwarded.
     pub fn client(&mut self, tag: u8, body: &[u8]) -> Step {
+        self.refers = Refers::Nothing;
         let step = match tag {
             tag::QUERY => {
                 self.copy.after_execute = false;
@@ -306,17 +413,21 @@ impl Tracker {
             self.unreadable += 1;
             return;
         };
+        let mut parts = Vec::new();
         for range in sql::split_statements(text.as_bytes()) {
-            let one = &text[range];
-            let statement = self.simple_statement(one);
-            self.batch.push(statement);
+            let part = self.simple_statement(&text[range]);
+            self.batch
+                .push(part.runs.clone().unwrap_or_else(|| part.own.clone()));
+            parts.push(part);
         }
+        self.refers = Refers::Query(parts.into());
     }
 
     /// One statement of a simple Query: SQL-level prepared statements share the protocol's
     /// namespace, and settings are kept as PostgreSQL keeps them.
-    fn simple_statement(&mut self, text: &str) -> Rc<Statement> {
+    fn simple_statement(&mut self, text: &str) -> QueryPart {
         let bytes = text.as_bytes();
+        let own = Rc::new(Statement::new(text, false));
         match sql::prepared(bytes) {
             Some(sql::Prepared::Prepare { name, body }) => {
                 let inner = text.get(body..).unwrap_or("");
@@ -325,7 +436,8 @@ impl Tracker {
             }
             Some(sql::Prepared::Execute { name, runs: true }) => {
                 if let Some(inner) = self.statements.get(name.as_str()) {
-                    return inner.clone();
+                    let runs = Some(inner.clone());
+                    return QueryPart { own, runs };
                 }
             }
             Some(sql::Prepared::Deallocate { name }) => {
@@ -343,7 +455,7 @@ impl Tracker {
         } else if let Some(setting) = sql::setting(bytes) {
             self.settings.change(setting, bytes);
         }
-        Rc::new(Statement::new(text, false))
+        QueryPart { own, runs: None }
     }
 
     fn extended(&mut self, tag: u8, body: &[u8]) {
@@ -351,7 +463,9 @@ impl Tracker {
             tag::PARSE => match wire::Parse::new(body).parts() {
                 Ok((name, query, types)) => {
                     let params = !types.is_empty() || query.contains('$');
-                    self.remember_statement(name, Rc::new(Statement::new(query, params)));
+                    let statement = Rc::new(Statement::new(query, params));
+                    self.refers = Refers::Statement(statement.clone());
+                    self.remember_statement(name, statement);
                 }
                 Err(_) => self.unreadable += 1,
             },
@@ -362,33 +476,66 @@ impl Tracker {
                         .get(parts.statement)
                         .cloned()
                         .unwrap_or_else(Statement::unknown);
+                    let portal = Rc::new(Portal {
+                        statement,
+                        formats: ResultFormats::from_wire(parts.result_formats),
+                    });
+                    self.refers = Refers::Portal(portal.clone());
                     if parts.portal.is_empty() || self.portals.len() < self.limits.names_max {
-                        self.portals.insert(parts.portal.into(), statement);
+                        self.portals.insert(parts.portal.into(), portal);
                     }
                 }
                 Err(_) => self.unreadable += 1,
             },
+            tag::DESCRIBE => match wire::Describe::new(body).target() {
+                Ok((kind, name)) => self.refers = self.named(kind, name),
+                Err(_) => self.unreadable += 1,
+            },
             tag::CLOSE => match wire::Close::new(body).target() {
-                Ok((wire::ObjectKind::Statement, name)) => drop(self.statements.remove(name)),
-                Ok((wire::ObjectKind::Portal, name)) => drop(self.portals.remove(name)),
+                Ok((kind, name)) => {
+                    self.refers = self.named(kind, name);
+                    match kind {
+                        wire::ObjectKind::Statement => drop(self.statements.remove(name)),
+                        wire::ObjectKind::Portal => drop(self.portals.remove(name)),
+                    }
+                }
                 Err(_) => self.unreadable += 1,
             },
             _ => {}
         }
     }
 
+    /// What a Describe or Close names, as it stands now.
+    fn named(&self, kind: wire::ObjectKind, name: &str) -> Refers {
+        match kind {
+            wire::ObjectKind::Statement => self
+                .statements
+                .get(name)
+                .map_or(Refers::Unknown(kind), |s| Refers::Statement(s.clone())),
+            wire::ObjectKind::Portal => self
+                .portals
+                .get(name)
+                .map_or(Refers::Unknown(kind), |p| Refers::Portal(p.clone())),
+        }
+    }
+
     fn execute(&mut self, body: &[u8]) {
-        let statement = match wire::Execute::new(body).portal() {
+        let portal = match wire::Execute::new(body).portal() {
             Ok(portal) => self.portals.get(portal).cloned(),
             Err(_) => {
                 self.unreadable += 1;
                 None
             }
         };
-        let statement = statement.unwrap_or_else(|| {
+        let portal = portal.unwrap_or_else(|| {
             self.unknown_executes += 1;
-            Statement::unknown()
+            Rc::new(Portal {
+                statement: Statement::unknown(),
+                formats: ResultFormats::Text,
+            })
         });
+        let statement = portal.statement.clone();
+        self.refers = Refers::Portal(portal);
         if statement.params || statement.text.is_empty() {
             // A setting with parameters cannot be replayed from its text alone.
         } else if let Some(transaction) = sql::transaction(statement.text.as_bytes()) {
@@ -467,9 +614,15 @@ impl Tracker {
         self.statements.get(name)
     }
 
-    /// A bound portal's statement by portal name.
-    pub fn portal(&self, name: &str) -> Option<&Rc<Statement>> {
+    /// A bound portal by name.
+    pub fn portal(&self, name: &str) -> Option<&Rc<Portal>> {
         self.portals.get(name)
+    }
+
+    /// What the last client frame referred to (`Nothing` unless statements are decoded);
+    /// taken, so each frame's answer is handed on once.
+    pub fn take_refers(&mut self) -> Refers {
+        std::mem::take(&mut self.refers)
     }
 
     /// Prepared statements and portals remembered.

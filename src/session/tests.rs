@@ -76,7 +76,7 @@ fn extended_batches_name_their_statements_and_portals() {
     assert_eq!(t.in_flight(), 0);
     assert_eq!(&*t.statement("s1").unwrap().text, "SELECT $1::int");
     assert!(t.statement("s1").unwrap().params);
-    assert_eq!(&*t.portal("p1").unwrap().text, "SELECT $1::int");
+    assert_eq!(&*t.portal("p1").unwrap().statement.text, "SELECT $1::int");
     assert_eq!(t.batch().len(), 1);
     let sync = frames(encode::sync);
     assert_eq!(feed_client(&mut t, &sync), vec![Step::SyncPoint]);
