@@ -615,7 +615,7 @@ fn run_main(cfg: Config, reload: crate::server::Reload) -> ExitCode {
     let routes = compose_routes(routes);
     let result = if has_proxy {
         crate::server::run_proxy_with(&cfg, routes, Some(reload), print_ready)
-            .map_err(|e| e.to_string())
+            .map_err(RunError::Proxy)
     } else {
         serve_until_stopped(&cfg, routes, cdc.as_ref().map(|(_, t)| t))
     };
@@ -628,11 +628,27 @@ fn run_main(cfg: Config, reload: crate::server::Reload) -> ExitCode {
     }
     match failed {
         None => ExitCode::SUCCESS,
-        Some(message) => {
-            eprintln!("pgprism: error: {message}");
-            ExitCode::FAILURE
-        }
+        Some(err) => report(&err),
     }
+}
+
+/// Why `pgprism run` stopped on a failure once its parts were started.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error(transparent)]
+    Proxy(crate::server::RuntimeError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot start the admin endpoint on {addr}")]
+    Admin {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cdc stopped")]
+    Cdc(#[source] crate::cdc::CdcError),
+    #[error("the cdc thread panicked")]
+    CdcPanicked,
 }
 
 /// `pgprism run` with only embedded servers: the supervisor runs them until SIGTERM.
@@ -671,8 +687,8 @@ fn start_supervisor(cfg: &Config) -> Result<crate::embed::Supervisor, crate::emb
 fn stop_cdc(
     shared: &crate::cdc::Shared,
     thread: crate::cdc::CdcThread,
-    mut failed: Option<String>,
-) -> Option<String> {
+    mut failed: Option<RunError>,
+) -> Option<RunError> {
     // `shutdown` first: a stop is final, not a lost connection to recover from.
     shared
         .shutdown
@@ -681,8 +697,8 @@ fn stop_cdc(
         .stopped
         .store(true, std::sync::atomic::Ordering::Release);
     match thread.join() {
-        Ok(Err(err)) if failed.is_none() => failed = Some(format!("cdc stopped: {err}")),
-        Err(_) => failed = Some("the cdc thread panicked".into()),
+        Ok(Err(err)) if failed.is_none() => failed = Some(RunError::Cdc(err)),
+        Err(_) => failed = Some(RunError::CdcPanicked),
         _ => {}
     }
     failed
@@ -704,13 +720,12 @@ fn serve_until_stopped(
     cfg: &Config,
     routes: Option<crate::control::ExtraRoutes>,
     cdc: Option<&crate::cdc::CdcThread>,
-) -> Result<(), String> {
+) -> Result<(), RunError> {
     use crate::server::signals;
     let _admin = if cfg.admin.listen.is_empty() {
         None
     } else {
-        let addr = crate::config::parse_addr("admin.listen", &cfg.admin.listen)
-            .map_err(|e| e.to_string())?;
+        let addr = crate::config::parse_addr("admin.listen", &cfg.admin.listen)?;
         let state = std::sync::Arc::new(std::sync::Mutex::new(crate::control::ControlState::new(
             0,
             String::new(),
@@ -718,7 +733,7 @@ fn serve_until_stopped(
             cfg.metrics.latency_us_max,
         )));
         let server = crate::control::AdminServer::start_with_routes(addr, state, routes)
-            .map_err(|e| format!("cannot start the admin endpoint on {addr}: {e}"))?;
+            .map_err(|source| RunError::Admin { addr, source })?;
         println!("pgprism admin {}", server.addr);
         Some(server)
     };

@@ -12,12 +12,14 @@
 use std::io;
 use std::sync::Arc;
 
+use rustls::client::VerifierBuilderError;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, InvalidDnsNameError, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
+use crate::config::{PgUrl, UrlError};
 use crate::exec::net::Stream;
 
 /// ALPN protocol name PostgreSQL 17 registers; older servers ignore it.
@@ -32,19 +34,76 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read_certs(path: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+/// Why TLS settings cannot be built; each names the option or file at fault (`what` is the
+/// option: `sslrootcert`, `sslcert`, `sslkey`, `client-tls.cert-file`, ...).
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(transparent)]
+    SslMode(#[from] UrlError),
+    #[error("sslmode={mode} needs sslrootcert (a PEM file of the CA certificates to trust)")]
+    NoRootCert { mode: &'static str },
+    #[error("{what} `{path}`")]
+    Pem {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: pem::Error,
+    },
+    #[error("{what} `{path}`: no PEM certificate in it")]
+    NoCertificate { what: &'static str, path: String },
+    #[error("sslrootcert `{path}`")]
+    RootCert {
+        path: String,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("sslrootcert `{path}`")]
+    Verifier {
+        path: String,
+        #[source]
+        source: VerifierBuilderError,
+    },
+    #[error("no TLS protocol version the crypto provider supports")]
+    Versions(#[source] rustls::Error),
+    #[error("sslcert/sslkey")]
+    ClientCert(#[source] rustls::Error),
+    #[error("sslcert and sslkey go together")]
+    CertWithoutKey,
+    #[error("host `{host}` is not a valid TLS server name")]
+    ServerName {
+        host: String,
+        #[source]
+        source: InvalidDnsNameError,
+    },
+    #[error("client-tls: the key does not fit the certificate")]
+    KeyMismatch(#[source] rustls::Error),
+}
+
+fn read_certs(path: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem_error = |source| TlsError::Pem {
+        what,
+        path: path.to_string(),
+        source,
+    };
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{what} `{path}`: {e}"))?
+        .map_err(pem_error)?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{what} `{path}`: {e}"))?;
+        .map_err(pem_error)?;
     if certs.is_empty() {
-        return Err(format!("{what} `{path}`: no PEM certificate in it"));
+        return Err(TlsError::NoCertificate {
+            what,
+            path: path.to_string(),
+        });
     }
     Ok(certs)
 }
 
-fn read_key(path: &str, what: &str) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{what} `{path}`: {e}"))
+fn read_key(path: &str, what: &'static str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Pem {
+        what,
+        path: path.to_string(),
+        source,
+    })
 }
 
 /// How pgprism connects to one database: plain, or TLS with this configuration.
@@ -61,11 +120,13 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-impl Upstream {
+impl TryFrom<&PgUrl> for Upstream {
+    type Error = TlsError;
+
     /// The TLS side of connections to the database of `url`. Certificate and key files are
     /// read here, so this runs where a part starts (on the main thread, or `pgprism check`),
     /// never on a shard. Without `sslmode`, `prefer`, as with libpq.
-    pub fn for_url(url: &crate::config::PgUrl) -> Result<Upstream, String> {
+    fn try_from(url: &PgUrl) -> Result<Upstream, TlsError> {
         let mode = match &url.sslmode {
             Some(mode) => SslMode::parse(mode)?,
             None => SslMode::Prefer,
@@ -77,6 +138,15 @@ impl Upstream {
             url.sslcert.as_deref(),
             url.sslkey.as_deref(),
         )
+    }
+}
+
+impl Upstream {
+    /// [`Upstream::try_from`] with the error as text (its source chain on one line), for callers that still report errors
+    /// as text (`cdc`, `server::check`); everything else uses `Upstream::try_from` and keeps
+    /// the [`TlsError`]. Goes once those callers keep it too.
+    pub fn for_url(url: &PgUrl) -> Result<Upstream, String> {
+        Upstream::try_from(url).map_err(|e| crate::config::error_text(&e))
     }
 
     pub fn plain() -> Upstream {
@@ -95,7 +165,7 @@ impl Upstream {
         root_cert: Option<&str>,
         cert: Option<&str>,
         key: Option<&str>,
-    ) -> Result<Upstream, String> {
+    ) -> Result<Upstream, TlsError> {
         if mode <= SslMode::Allow || host.starts_with('/') {
             return Ok(Upstream {
                 mode: SslMode::Disable,
@@ -106,24 +176,23 @@ impl Upstream {
         let provider = provider();
         let algorithms = provider.signature_verification_algorithms;
         let verifier: Arc<dyn ServerCertVerifier> = if mode >= SslMode::VerifyCa {
-            let path = root_cert.ok_or_else(|| {
-                format!(
-                    "sslmode={} needs sslrootcert (a PEM file of the CA certificates to trust)",
-                    mode.name()
-                )
-            })?;
+            let path = root_cert.ok_or(TlsError::NoRootCert { mode: mode.name() })?;
             let mut roots = rustls::RootCertStore::empty();
             for cert in read_certs(path, "sslrootcert")? {
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("sslrootcert `{path}`: {e}"))?;
+                roots.add(cert).map_err(|source| TlsError::RootCert {
+                    path: path.to_string(),
+                    source,
+                })?;
             }
             let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
                 roots.into(),
                 provider.clone(),
             )
             .build()
-            .map_err(|e| format!("sslrootcert `{path}`: {e}"))?;
+            .map_err(|source| TlsError::Verifier {
+                path: path.to_string(),
+                source,
+            })?;
             Arc::new(Verifier {
                 webpki: Some(webpki),
                 check_name: mode == SslMode::VerifyFull,
@@ -138,19 +207,22 @@ impl Upstream {
         };
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .map_err(TlsError::Versions)?
             .dangerous()
             .with_custom_certificate_verifier(verifier);
         let mut config = match (cert, key) {
             (Some(cert), Some(key)) => builder
                 .with_client_auth_cert(read_certs(cert, "sslcert")?, read_key(key, "sslkey")?)
-                .map_err(|e| format!("sslcert/sslkey: {e}"))?,
+                .map_err(TlsError::ClientCert)?,
             (None, None) => builder.with_no_client_auth(),
-            _ => return Err("sslcert and sslkey go together".to_string()),
+            _ => return Err(TlsError::CertWithoutKey),
         };
         config.alpn_protocols = vec![ALPN.to_vec()];
-        let name = ServerName::try_from(host.to_string())
-            .map_err(|e| format!("host `{host}` is not a valid TLS server name: {e}"))?;
+        let name =
+            ServerName::try_from(host.to_string()).map_err(|source| TlsError::ServerName {
+                host: host.to_string(),
+                source,
+            })?;
         Ok(Upstream {
             mode,
             config: Some(Arc::new(config)),
@@ -323,25 +395,24 @@ pub fn client_side(
     if mode == ClientTlsMode::Disable {
         return Ok((None, false));
     }
-    let config = server_config(&cfg.cert_file, &cfg.key_file).map_err(|message| {
-        crate::config::ConfigError::Key {
-            path: "client-tls.cert-file".into(),
-            message,
-        }
-    })?;
+    let config = server_config(&cfg.cert_file, &cfg.key_file)
+        .map_err(|e| crate::config::ConfigError::invalid("client-tls.cert-file", &e))?;
     Ok((Some(config), mode == ClientTlsMode::Require))
 }
 
 /// pgprism's own TLS server side for clients, from PEM files.
-pub fn server_config(cert_file: &str, key_file: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+pub fn server_config(
+    cert_file: &str,
+    key_file: &str,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let certs = read_certs(cert_file, "client-tls.cert-file")?;
     let key = read_key(key_file, "client-tls.key-file")?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Versions)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("client-tls: the key does not fit the certificate: {e}"))?;
+        .map_err(TlsError::KeyMismatch)?;
     // A client that offers ALPN must offer PostgreSQL's (PostgreSQL 17 does the same); clients
     // that offer none are served.
     config.alpn_protocols = vec![ALPN.to_vec()];

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::PgUrl;
+use crate::config::{PgUrl, UrlError};
 use crate::exec;
 
 pub use client::{ClientError, Completion, ConnectParams, PgConnection, ServerError};
@@ -106,8 +106,12 @@ pub enum BenchError {
     Usage(String),
     #[error("invalid workload")]
     Workload(#[from] workload::WorkloadError),
-    #[error("target `{label}`: {reason}")]
-    Url { label: String, reason: String },
+    #[error("target `{label}`: invalid URL")]
+    Url {
+        label: String,
+        #[source]
+        source: UrlError,
+    },
     #[error("cannot connect to target `{label}` ({url})")]
     Connect {
         label: String,
@@ -263,9 +267,9 @@ fn targets(args: &BenchArgs) -> Result<Vec<Target>, BenchError> {
     for (index, text) in args.targets.iter().enumerate() {
         let given = args.labels.get(index).cloned();
         let fallback = || format!("target{}", index + 1);
-        let url = PgUrl::parse(text).map_err(|reason| BenchError::Url {
+        let url = text.parse::<PgUrl>().map_err(|source| BenchError::Url {
             label: given.clone().unwrap_or_else(fallback),
-            reason,
+            source,
         })?;
         let label = given.unwrap_or_else(|| url.address());
         if label.is_empty() {

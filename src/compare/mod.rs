@@ -23,9 +23,11 @@ use std::time::Duration;
 use crossbeam_channel::{Sender, TrySendError};
 
 use crate::backend;
-use crate::config::{CompareConfig, Config, Endpoint, LiveEndpoint, PgUrl, SourceOfTruth};
+use crate::config::{
+    CompareConfig, Config, ConfigError, Endpoint, LiveEndpoint, PgUrl, SourceOfTruth, UrlError,
+};
 use crate::exec::net::Stream;
-use crate::tls::Upstream;
+use crate::tls::{TlsError, Upstream};
 
 pub use exchange::{Comparer, Dispatch, Exchange, Fed, PRIMARY, SHADOW, ShadowWriter};
 pub use pump::{Host, Pump, PumpSettings};
@@ -70,6 +72,43 @@ pub struct Side {
     pub plan: Option<String>,
 }
 
+/// Why compare mode cannot start: its URLs, TLS files or rules. `key` is the config key at
+/// fault (`shadow.url`, `primary.url`, `compare.exclude-patterns`, ...).
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    #[error("{key}: invalid URL")]
+    Url {
+        key: &'static str,
+        #[source]
+        source: UrlError,
+    },
+    #[error("{key}: cannot resolve {addr}")]
+    Resolve {
+        key: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{key}: invalid TLS settings")]
+    Tls {
+        key: &'static str,
+        #[source]
+        source: TlsError,
+    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{key}: a pattern does not compile")]
+    Pattern {
+        key: &'static str,
+        #[source]
+        source: regex::Error,
+    },
+    #[error("expected `type=type` (e.g. int8=numeric), got `{pair}`")]
+    Equivalence { pair: String },
+    #[error("unknown type `{name}`")]
+    UnknownType { name: String },
+}
+
 /// The configured shadow with its address resolved (on the main thread: DNS blocks).
 #[derive(Clone)]
 pub struct Resolved {
@@ -83,17 +122,27 @@ pub struct Resolved {
     pub reports: Sender<Record>,
 }
 
-pub fn resolve(cfg: &Config, reports: Sender<Record>) -> Result<Option<Resolved>, String> {
+pub fn resolve(cfg: &Config, reports: Sender<Record>) -> Result<Option<Resolved>, CompareError> {
     if cfg.shadow.url.is_empty() {
         return Ok(None);
     }
-    let url = PgUrl::parse(&cfg.shadow.url).map_err(|e| format!("shadow.url: {e}"))?;
-    let addr = crate::config::dns::resolve(&url)
-        .map_err(|e| format!("shadow.url: cannot resolve {}: {e}", url.address()))?;
-    let primary_url = PgUrl::parse(&cfg.primary.url).map_err(|e| format!("primary.url: {e}"))?;
-    validate(&cfg.compare).map_err(|e| e.to_string())?;
-    let tls = Upstream::for_url(&url).map_err(|e| format!("shadow.url: {e}"))?;
-    let primary_tls = Upstream::for_url(&primary_url).map_err(|e| format!("primary.url: {e}"))?;
+    let parse = |key, text: &str| {
+        text.parse::<PgUrl>()
+            .map_err(|source| CompareError::Url { key, source })
+    };
+    let upstream = |key, url: &PgUrl| {
+        Upstream::try_from(url).map_err(|source| CompareError::Tls { key, source })
+    };
+    let url = parse("shadow.url", &cfg.shadow.url)?;
+    let addr = crate::config::dns::resolve(&url).map_err(|source| CompareError::Resolve {
+        key: "shadow.url",
+        addr: url.address(),
+        source,
+    })?;
+    let primary_url = parse("primary.url", &cfg.primary.url)?;
+    validate(&cfg.compare)?;
+    let tls = upstream("shadow.url", &url)?;
+    let primary_tls = upstream("primary.url", &primary_url)?;
     Ok(Some(Resolved {
         url,
         addr,
@@ -133,7 +182,7 @@ impl CompareTarget {
         resolved: &Resolved,
         primary_addr: LiveEndpoint,
         shard: usize,
-    ) -> Result<Rc<CompareTarget>, String> {
+    ) -> Result<Rc<CompareTarget>, CompareError> {
         Ok(Rc::new(CompareTarget {
             url: resolved.url.clone(),
             addr: resolved.addr.clone(),

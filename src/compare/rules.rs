@@ -4,6 +4,7 @@
 
 use regex::RegexSet;
 
+use super::CompareError;
 use crate::config::{CompareConfig, ConfigError};
 
 /// How one column's values enter a row hash.
@@ -98,11 +99,17 @@ pub fn type_name(oid: u32) -> String {
 }
 
 /// `int8=numeric` → the two OIDs.
-pub fn parse_equivalence(pair: &str) -> Result<(u32, u32), String> {
+pub fn parse_equivalence(pair: &str) -> Result<(u32, u32), CompareError> {
     let (a, b) = pair
         .split_once('=')
-        .ok_or_else(|| format!("expected `type=type` (e.g. int8=numeric), got `{pair}`"))?;
-    let oid = |t: &str| type_oid(t).ok_or_else(|| format!("unknown type `{}`", t.trim()));
+        .ok_or_else(|| CompareError::Equivalence {
+            pair: pair.to_string(),
+        })?;
+    let oid = |t: &str| {
+        type_oid(t).ok_or_else(|| CompareError::UnknownType {
+            name: t.trim().to_string(),
+        })
+    };
     Ok((oid(a)?, oid(b)?))
 }
 
@@ -125,15 +132,17 @@ pub fn validate(cfg: &CompareConfig) -> Result<(), ConfigError> {
     }
     for (i, pair) in cfg.type_equivalences.iter().enumerate() {
         parse_equivalence(pair)
-            .map_err(|e| ConfigError::key(&format!("compare.type-equivalences[{i}]"), e))?;
+            .map_err(|e| ConfigError::invalid(&format!("compare.type-equivalences[{i}]"), &e))?;
     }
     Ok(())
 }
 
 impl Rules {
     /// Compiles the rules; the config was validated, so errors here are reported, not fatal.
-    pub fn new(cfg: &CompareConfig) -> Result<Rules, String> {
-        let set = |list: &[String]| RegexSet::new(list).map_err(|e| e.to_string());
+    pub fn new(cfg: &CompareConfig) -> Result<Rules, CompareError> {
+        let set = |key: &'static str, list: &[String]| {
+            RegexSet::new(list).map_err(|source| CompareError::Pattern { key, source })
+        };
         let mut equivalent = Vec::new();
         for pair in &cfg.type_equivalences {
             let (a, b) = parse_equivalence(pair)?;
@@ -141,9 +150,9 @@ impl Rules {
             equivalent.push((b, a));
         }
         Ok(Rules {
-            exclude: set(&cfg.exclude_patterns)?,
-            primary_only: set(&cfg.primary_only_patterns)?,
-            ignore_columns: set(&cfg.ignore_columns)?,
+            exclude: set("compare.exclude-patterns", &cfg.exclude_patterns)?,
+            primary_only: set("compare.primary-only-patterns", &cfg.primary_only_patterns)?,
+            ignore_columns: set("compare.ignore-columns", &cfg.ignore_columns)?,
             tolerance: cfg.float_tolerance,
             equivalent,
             sample_rows_max: cfg.sample_rows_max,
@@ -373,10 +382,14 @@ mod tests {
 
     #[test]
     fn equivalences_parse_and_canonical_numbers() {
-        assert_eq!(parse_equivalence("int8=numeric"), Ok((20, 1700)));
-        assert_eq!(parse_equivalence("bigint = decimal"), Ok((20, 1700)));
-        assert!(parse_equivalence("int8").is_err());
-        assert!(parse_equivalence("int8=nope").is_err());
+        assert_eq!(parse_equivalence("int8=numeric").unwrap(), (20, 1700));
+        assert_eq!(parse_equivalence("bigint = decimal").unwrap(), (20, 1700));
+        assert!(matches!(
+            parse_equivalence("int8"),
+            Err(CompareError::Equivalence { .. })
+        ));
+        let err = parse_equivalence("int8=nope").unwrap_err();
+        assert_eq!(err.to_string(), "unknown type `nope`");
         assert_eq!(canonical_number(b"5.00"), b"5");
         assert_eq!(canonical_number(b"1.50"), b"1.5");
         assert_eq!(canonical_number(b"100"), b"100");

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use self::dns::LiveEndpoint;
-pub use self::url::{Endpoint, PgUrl, SOCKET_PATH_BYTES_MAX, SslMode, socket_file};
+pub use self::url::{Endpoint, PgUrl, SOCKET_PATH_BYTES_MAX, SslMode, UrlError, socket_file};
 
 /// The whole configuration, as the file spells it (kebab-case keys).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -739,6 +739,26 @@ impl ConfigError {
             message: message.into(),
         }
     }
+
+    /// The key at `path` holds a value `error` rejects. The message is the error with its
+    /// whole source chain: `Key` stays text because SIGHUP's log line and status, and
+    /// `pgprism check`'s callers, print a `ConfigError` without walking its sources.
+    pub fn invalid(path: &str, error: &dyn std::error::Error) -> ConfigError {
+        ConfigError::key(path, error_text(error))
+    }
+}
+
+/// An error with its source chain on one line (`error: cause: cause`), for messages that
+/// are text by design and for log lines.
+pub fn error_text(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 impl Config {
@@ -872,7 +892,10 @@ impl Config {
             ));
         }
         if !self.primary.url.is_empty() {
-            PgUrl::parse(&self.primary.url).map_err(|e| ConfigError::key("primary.url", e))?;
+            self.primary
+                .url
+                .parse::<PgUrl>()
+                .map_err(|e| ConfigError::invalid("primary.url", &e))?;
         }
         Ok(())
     }
@@ -941,7 +964,10 @@ impl Config {
         if self.shadow.url.is_empty() {
             return Ok(());
         }
-        PgUrl::parse(&self.shadow.url).map_err(|e| ConfigError::key("shadow.url", e))?;
+        self.shadow
+            .url
+            .parse::<PgUrl>()
+            .map_err(|e| ConfigError::invalid("shadow.url", &e))?;
         let c = &self.compare;
         if !c.primary_only_patterns.is_empty() && c.source_of_truth == SourceOfTruth::Shadow {
             return Err(ConfigError::key(
@@ -1001,18 +1027,21 @@ impl Config {
     /// masked so the output can be pasted into a ticket.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
-        shown.primary.url = PgUrl::parse(&shown.primary.url)
+        shown.primary.url = shown
+            .primary
+            .url
+            .parse::<PgUrl>()
             .map(|u| u.masked())
             .unwrap_or(shown.primary.url);
-        if let Ok(u) = PgUrl::parse(&shown.shadow.url) {
+        if let Ok(u) = shown.shadow.url.parse::<PgUrl>() {
             shown.shadow.url = u.masked();
         }
         for m in &mut shown.mirror {
-            if let Ok(u) = PgUrl::parse(&m.url) {
+            if let Ok(u) = m.url.parse::<PgUrl>() {
                 m.url = u.masked();
             }
         }
-        if let Ok(u) = PgUrl::parse(&shown.cdc.source) {
+        if let Ok(u) = shown.cdc.source.parse::<PgUrl>() {
             shown.cdc.source = u.masked();
         }
         shown.cdc.starrocks = mask_http_password(&shown.cdc.starrocks);
@@ -1039,7 +1068,9 @@ fn validate_mirror(i: usize, m: &MirrorConfig) -> Result<(), ConfigError> {
             "required: postgres://user:password@host:port/db",
         ));
     }
-    PgUrl::parse(&m.url).map_err(|e| ConfigError::key(&key("url"), e))?;
+    m.url
+        .parse::<PgUrl>()
+        .map_err(|e| ConfigError::invalid(&key("url"), &e))?;
     if !(0.0..=1.0).contains(&m.sample) {
         return Err(ConfigError::key(
             &key("sample"),

@@ -10,10 +10,42 @@
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::ParseIntError;
 use std::path::PathBuf;
+use std::str::FromStr;
+use std::string::FromUtf8Error;
 
 /// `sun_path` holds 108 bytes including the terminating NUL.
 pub const SOCKET_PATH_BYTES_MAX: usize = 107;
+
+/// Why a URL or an `sslmode` was rejected. The messages never quote a whole URL once it may
+/// hold a password (only one that is not `postgres://` at all).
+#[derive(Debug, thiserror::Error)]
+pub enum UrlError {
+    #[error("expected a postgres://host:port URL, got `{text}`")]
+    Scheme { text: String },
+    #[error(
+        "no host in the URL (expected postgres://host:port, or a socket directory as \
+         postgres://%2Fdir:port or postgres:///db?host=/dir)"
+    )]
+    NoHost,
+    #[error("port `{port}` is not a number from 1 to 65535")]
+    Port {
+        port: String,
+        #[source]
+        source: ParseIntError,
+    },
+    #[error("socket path {} is longer than {SOCKET_PATH_BYTES_MAX} bytes", path.display())]
+    SocketPathTooLong { path: PathBuf },
+    #[error("unterminated IPv6 address in `{text}`")]
+    UnterminatedIpv6 { text: String },
+    #[error("bad %-escape in URL")]
+    Escape,
+    #[error("URL is not UTF-8 after %-decoding")]
+    NotUtf8(#[source] FromUtf8Error),
+    #[error("sslmode `{mode}`: expected disable, allow, prefer, require, verify-ca or verify-full")]
+    SslMode { mode: String },
+}
 
 /// Where a backend is reached: resolved once, before the shards start (DNS blocks).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,11 +90,24 @@ impl fmt::Debug for PgUrl {
 }
 
 impl PgUrl {
+    /// `text.parse::<PgUrl>()` with the error as text, for callers that still report errors
+    /// as text (`cdc`, `server::check`); everything else uses `str::parse` and keeps the
+    /// [`UrlError`]. Goes once those callers keep it too.
     pub fn parse(text: &str) -> Result<PgUrl, String> {
+        text.parse().map_err(|e: UrlError| e.to_string())
+    }
+}
+
+impl FromStr for PgUrl {
+    type Err = UrlError;
+
+    fn from_str(text: &str) -> Result<PgUrl, UrlError> {
         let rest = text
             .strip_prefix("postgres://")
             .or_else(|| text.strip_prefix("postgresql://"))
-            .ok_or_else(|| format!("expected a postgres://host:port URL, got `{text}`"))?;
+            .ok_or_else(|| UrlError::Scheme {
+                text: text.to_string(),
+            })?;
         let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
         let ssl = SslOptions::parse(query)?;
         let (authority, database) = match rest.split_once('/') {
@@ -84,25 +129,18 @@ impl PgUrl {
         }
         if host.is_empty() {
             // Not the URL itself: it may hold a password.
-            return Err(
-                "no host in the URL (expected postgres://host:port, or a socket directory as \
-                 postgres://%2Fdir:port or postgres:///db?host=/dir)"
-                    .to_string(),
-            );
+            return Err(UrlError::NoHost);
         }
-        let port = match port.as_deref() {
+        let port = match port {
             Some(p) if !p.is_empty() => p
                 .parse::<u16>()
-                .map_err(|_| format!("port `{p}` is not a number from 1 to 65535"))?,
+                .map_err(|source| UrlError::Port { port: p, source })?,
             _ => 5432,
         };
         if host.starts_with('/') {
             let path = socket_file(&host, port);
             if path.as_os_str().len() > SOCKET_PATH_BYTES_MAX {
-                return Err(format!(
-                    "socket path {} is longer than {SOCKET_PATH_BYTES_MAX} bytes",
-                    path.display()
-                ));
+                return Err(UrlError::SocketPathTooLong { path });
             }
         }
         Ok(PgUrl {
@@ -117,7 +155,9 @@ impl PgUrl {
             sslkey: ssl.sslkey,
         })
     }
+}
 
+impl PgUrl {
     /// The socket file when the host is a directory (it starts with `/`, as in libpq).
     pub fn socket_path(&self) -> Option<PathBuf> {
         self.host
@@ -207,7 +247,7 @@ struct SslOptions {
 impl SslOptions {
     /// Decodes every option's value (a bad escape anywhere is an error) and keeps the TLS
     /// ones; `sslmode` must be one libpq knows.
-    fn parse(query: &str) -> Result<SslOptions, String> {
+    fn parse(query: &str) -> Result<SslOptions, UrlError> {
         let (mut sslmode, mut sslrootcert, mut sslcert, mut sslkey) = (None, None, None, None);
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -233,7 +273,7 @@ impl SslOptions {
 }
 
 /// Splits `user:password@hostport` into the decoded user, the decoded password and the rest.
-fn split_userinfo(authority: &str) -> Result<(Option<String>, Option<String>, &str), String> {
+fn split_userinfo(authority: &str) -> Result<(Option<String>, Option<String>, &str), UrlError> {
     let (userinfo, hostport) = match authority.rsplit_once('@') {
         Some((u, h)) => (Some(u), h),
         None => (None, authority),
@@ -249,11 +289,16 @@ fn split_userinfo(authority: &str) -> Result<(Option<String>, Option<String>, &s
 }
 
 /// Splits `host:port`, `[v6]:port` or a bare host into the decoded host and the port's text.
-fn split_host_port<'a>(hostport: &'a str, text: &str) -> Result<(String, Option<&'a str>), String> {
+fn split_host_port<'a>(
+    hostport: &'a str,
+    text: &str,
+) -> Result<(String, Option<&'a str>), UrlError> {
     if let Some(v6) = hostport.strip_prefix('[') {
         let (h, tail) = v6
             .split_once(']')
-            .ok_or_else(|| format!("unterminated IPv6 address in `{text}`"))?;
+            .ok_or_else(|| UrlError::UnterminatedIpv6 {
+                text: text.to_string(),
+            })?;
         Ok((h.to_string(), tail.strip_prefix(':')))
     } else {
         match hostport.rsplit_once(':') {
@@ -263,7 +308,7 @@ fn split_host_port<'a>(hostport: &'a str, text: &str) -> Result<(String, Option<
     }
 }
 
-fn percent_decode(text: &str) -> Result<String, String> {
+fn percent_decode(text: &str) -> Result<String, UrlError> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -272,7 +317,7 @@ fn percent_decode(text: &str) -> Result<String, String> {
             let hex = text
                 .get(i + 1..i + 3)
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| "bad %-escape in URL".to_string())?;
+                .ok_or(UrlError::Escape)?;
             out.push(hex);
             i += 3;
         } else {
@@ -280,7 +325,7 @@ fn percent_decode(text: &str) -> Result<String, String> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| "URL is not UTF-8 after %-decoding".to_string())
+    String::from_utf8(out).map_err(UrlError::NotUtf8)
 }
 
 #[cfg(test)]
@@ -338,6 +383,9 @@ mod tests {
     #[test]
     fn rejects_bad_socket_urls() {
         let long = format!("postgres:///db?host=/{}", "d".repeat(120));
+        let err = long.parse::<PgUrl>().unwrap_err();
+        assert!(matches!(err, UrlError::SocketPathTooLong { .. }), "{err:?}");
+        assert!(err.to_string().contains("longer than"));
         assert!(PgUrl::parse(&long).unwrap_err().contains("longer than"));
         assert!(PgUrl::parse("postgres:///db").is_err());
         assert!(PgUrl::parse("postgres:///db?host=/tmp&port=x").is_err());
@@ -349,6 +397,14 @@ mod tests {
         assert!(PgUrl::parse("mysql://x").is_err());
         assert!(PgUrl::parse("postgres://h:99999").is_err());
         assert!(PgUrl::parse("postgres://:5432").is_err());
+        let err = "postgres://h?sslmode=sometimes"
+            .parse::<PgUrl>()
+            .unwrap_err();
+        assert!(matches!(err, UrlError::SslMode { .. }), "{err:?}");
+        assert!(err.to_string().starts_with("sslmode `sometimes`"));
+        let err = "postgres://h:x".parse::<PgUrl>().unwrap_err();
+        assert_eq!(err.to_string(), "port `x` is not a number from 1 to 65535");
+        assert!(std::error::Error::source(&err).is_some());
     }
 }
 
@@ -364,7 +420,7 @@ pub enum SslMode {
 }
 
 impl SslMode {
-    pub fn parse(text: &str) -> Result<SslMode, String> {
+    pub fn parse(text: &str) -> Result<SslMode, UrlError> {
         Ok(match text {
             "disable" => SslMode::Disable,
             "allow" => SslMode::Allow,
@@ -373,9 +429,9 @@ impl SslMode {
             "verify-ca" => SslMode::VerifyCa,
             "verify-full" => SslMode::VerifyFull,
             other => {
-                return Err(format!(
-                    "sslmode `{other}`: expected disable, allow, prefer, require, verify-ca or verify-full"
-                ));
+                return Err(UrlError::SslMode {
+                    mode: other.to_string(),
+                });
             }
         })
     }

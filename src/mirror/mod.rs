@@ -14,8 +14,8 @@ pub mod stats;
 
 use std::rc::Rc;
 
-use crate::config::{Config, LiveEndpoint, MirrorConfig, PgUrl};
-use crate::tls::Upstream;
+use crate::config::{Config, LiveEndpoint, MirrorConfig, PgUrl, UrlError};
+use crate::tls::{TlsError, Upstream};
 
 pub use link::{Link, start as start_link};
 pub use route::Router;
@@ -43,19 +43,51 @@ pub struct Resolved {
     pub tls: Upstream,
 }
 
+/// Why a mirror cannot be set up; `index` is its place in the config (`mirror[INDEX].url`).
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error("mirror[{index}].url: invalid URL")]
+    Url {
+        index: usize,
+        #[source]
+        source: UrlError,
+    },
+    #[error("mirror[{index}].url: cannot resolve {addr}")]
+    Resolve {
+        index: usize,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mirror[{index}].url: invalid TLS settings")]
+    Tls {
+        index: usize,
+        #[source]
+        source: TlsError,
+    },
+}
+
 /// Resolves every configured mirror (on the main thread, before shards start: DNS blocks).
-pub fn resolve(cfg: &Config) -> Result<Vec<Resolved>, String> {
+pub fn resolve(cfg: &Config) -> Result<Vec<Resolved>, MirrorError> {
     cfg.mirror
         .iter()
         .enumerate()
-        .map(|(i, m)| {
-            let url = PgUrl::parse(&m.url).map_err(|e| format!("mirror[{i}].url: {e}"))?;
-            let addr = crate::config::dns::resolve(&url)
-                .map_err(|e| format!("mirror[{i}].url: cannot resolve {}: {e}", url.address()))?;
-            let tls = Upstream::for_url(&url).map_err(|e| format!("mirror[{i}].url: {e}"))?;
+        .map(|(index, m)| {
+            let url = m
+                .url
+                .parse::<PgUrl>()
+                .map_err(|source| MirrorError::Url { index, source })?;
+            let addr =
+                crate::config::dns::resolve(&url).map_err(|source| MirrorError::Resolve {
+                    index,
+                    addr: url.address(),
+                    source,
+                })?;
+            let tls =
+                Upstream::try_from(&url).map_err(|source| MirrorError::Tls { index, source })?;
             Ok(Resolved {
                 tls,
-                name: cfg.mirror_name(i),
+                name: cfg.mirror_name(index),
                 cfg: m.clone(),
                 url,
                 addr,

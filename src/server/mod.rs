@@ -40,12 +40,10 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Mirror(String),
-    /// `compare::resolve` describes its failures as text that names the key (`shadow.url:
-    /// ...`), so there is no typed source to keep.
-    #[error("cannot set up compare mode: {0}")]
-    Compare(String),
+    #[error("cannot set up the mirrors")]
+    Mirror(#[source] crate::mirror::MirrorError),
+    #[error("cannot set up compare mode")]
+    Compare(#[source] crate::compare::CompareError),
     #[error("cannot start the admin endpoint on {addr}")]
     Admin {
         addr: SocketAddr,
@@ -119,10 +117,19 @@ mod tests {
             source.downcast_ref::<std::io::Error>().map(|e| e.kind()),
             Some(std::io::ErrorKind::OutOfMemory)
         );
-        let compare = RuntimeError::Compare("shadow.url: cannot resolve db:5432".into());
-        assert_eq!(
-            compare.to_string(),
-            "cannot set up compare mode: shadow.url: cannot resolve db:5432"
+        let compare = RuntimeError::Compare(crate::compare::CompareError::Resolve {
+            key: "shadow.url",
+            addr: "db:5432".into(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+        assert_eq!(compare.to_string(), "cannot set up compare mode");
+        let cause = compare
+            .source()
+            .expect("compare's error is kept as the source");
+        assert_eq!(cause.to_string(), "shadow.url: cannot resolve db:5432");
+        assert!(
+            cause.source().is_some(),
+            "and the resolver's error under it"
         );
     }
 }

@@ -120,7 +120,8 @@ fn context(index: usize, plan: ContextPlan) -> Option<Rc<ShardCtx>> {
             ) {
                 Ok(target) => Some(target),
                 Err(err) => {
-                    tracing::error!(shard = index, error = %err, "cannot compile [compare] rules");
+                    let error = crate::config::error_text(&err);
+                    tracing::error!(shard = index, %error, "cannot compile [compare] rules");
                     return None;
                 }
             }

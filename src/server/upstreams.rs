@@ -34,17 +34,16 @@ impl Upstreams {
     /// Parses and resolves the primary, the client TLS files, the mirrors and the shadow, in
     /// that order (so the first problem in the file is the one reported).
     pub(super) fn resolve(cfg: &Config) -> Result<Self, RuntimeError> {
-        let primary = PgUrl::parse(&cfg.primary.url).map_err(|message| ConfigError::Key {
-            path: "primary.url".into(),
-            message,
-        })?;
+        let primary = cfg
+            .primary
+            .url
+            .parse::<PgUrl>()
+            .map_err(|e| ConfigError::invalid("primary.url", &e))?;
         let primary_label = primary.address();
         let (tls_config, tls_required) = crate::tls::client_side(&cfg.client_tls)?;
         let client_tls = Arc::new(ClientTlsSlot::new(tls_config, tls_required));
-        let primary_tls = Upstream::for_url(&primary).map_err(|message| ConfigError::Key {
-            path: "primary.url".into(),
-            message,
-        })?;
+        let primary_tls =
+            Upstream::try_from(&primary).map_err(|e| ConfigError::invalid("primary.url", &e))?;
         let primary_addr =
             crate::config::dns::resolve(&primary).map_err(|source| RuntimeError::Resolve {
                 addr: primary_label.clone(),
