@@ -58,6 +58,9 @@ pub struct Statement {
     pub copy: Option<sql::Copy>,
     /// It takes parameters (`$n`, or declared parameter types).
     pub params: bool,
+    /// An SQL-level prepared-statement command (PREPARE, DEALLOCATE, DISCARD ALL...): run by
+    /// an Execute, it changes the session's statements as it does in a simple Query.
+    command: Option<sql::Prepared>,
     extensions: Extensions,
 }
 
@@ -149,12 +152,14 @@ pub enum Refers {
 
 impl Statement {
     fn new(text: &str, params: bool) -> Statement {
+        let text = text.trim();
         let bytes = text.as_bytes();
         Statement {
-            text: text.trim().into(),
+            text: text.into(),
             class: sql::classify(bytes),
             copy: sql::copy(bytes),
             params,
+            command: sql::prepared(bytes),
             extensions: Extensions::default(),
         }
     }
@@ -178,6 +183,7 @@ impl Statement {
             class: sql::Class::Other,
             copy: None,
             params: true,
+            command: None,
             extensions: Extensions::default(),
         })
     }
@@ -342,6 +348,11 @@ impl Tracker {
             tag::SYNC if self.copy.quiet > 0 => {
                 self.copy.quiet -= 1;
                 self.quiet_syncs += 1;
+                // It may also fall in the next COPY an Execute started (pipelined without a
+                // Sync between): then the server ignores it too.
+                if self.copy.after_execute {
+                    self.copy.syncs_after_execute += 1;
+                }
                 self.extended_open = false;
                 Step::QuietSync
             }
@@ -428,27 +439,12 @@ impl Tracker {
     fn simple_statement(&mut self, text: &str) -> QueryPart {
         let bytes = text.as_bytes();
         let own = Rc::new(Statement::new(text, false));
-        match sql::prepared(bytes) {
-            Some(sql::Prepared::Prepare { name, body }) => {
-                let inner = text.get(body..).unwrap_or("");
-                let statement = Rc::new(Statement::new(inner, inner.contains('$')));
-                self.remember_statement(&name, statement);
-            }
-            Some(sql::Prepared::Execute { name, runs: true }) => {
-                if let Some(inner) = self.statements.get(name.as_str()) {
-                    let runs = Some(inner.clone());
-                    return QueryPart { own, runs };
-                }
-            }
-            Some(sql::Prepared::Deallocate { name }) => {
-                self.statements.remove(name.as_str());
-            }
-            Some(sql::Prepared::DeallocateAll) => self.statements.clear(),
-            Some(sql::Prepared::DiscardAll) => {
-                self.statements.clear();
-                self.portals.clear();
-            }
-            _ => {}
+        let runs = own
+            .command
+            .as_ref()
+            .and_then(|command| self.apply_command(&own.text, command));
+        if runs.is_some() {
+            return QueryPart { own, runs };
         }
         if let Some(transaction) = sql::transaction(bytes) {
             self.settings.transaction(transaction);
@@ -456,6 +452,32 @@ impl Tracker {
             self.settings.change(setting, bytes);
         }
         QueryPart { own, runs: None }
+    }
+
+    /// An SQL-level prepared-statement command `text` (read as `command`), run by a Query or
+    /// an Execute: what it does to the session's statements. Returns the prepared statement
+    /// an `EXECUTE name` runs.
+    fn apply_command(&mut self, text: &str, command: &sql::Prepared) -> Option<Rc<Statement>> {
+        match command {
+            sql::Prepared::Prepare { name, body } => {
+                let inner = text.get(*body..).unwrap_or("");
+                let statement = Rc::new(Statement::new(inner, inner.contains('$')));
+                self.remember_statement(name, statement);
+            }
+            sql::Prepared::Execute { name, runs: true } => {
+                return self.statements.get(name.as_str()).cloned();
+            }
+            sql::Prepared::Deallocate { name } => {
+                self.statements.remove(name.as_str());
+            }
+            sql::Prepared::DeallocateAll => self.statements.clear(),
+            sql::Prepared::DiscardAll => {
+                self.statements.clear();
+                self.portals.clear();
+            }
+            _ => {}
+        }
+        None
     }
 
     fn extended(&mut self, tag: u8, body: &[u8]) {
@@ -536,6 +558,11 @@ impl Tracker {
         });
         let statement = portal.statement.clone();
         self.refers = Refers::Portal(portal);
+        if let Some(command) = &statement.command {
+            // PREPARE, DEALLOCATE or DISCARD ALL through the extended protocol. (An EXECUTE
+            // runs here under its own text: the statement it runs is not swapped in.)
+            self.apply_command(&statement.text, command);
+        }
         if statement.params || statement.text.is_empty() {
             // A setting with parameters cannot be replayed from its text alone.
         } else if let Some(transaction) = sql::transaction(statement.text.as_bytes()) {

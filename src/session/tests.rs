@@ -114,6 +114,39 @@ fn sql_prepare_shares_the_protocol_namespace() {
 }
 
 #[test]
+fn prepared_statement_commands_through_the_extended_protocol_change_the_namespace() {
+    let mut t = started();
+    let run = |t: &mut Tracker, sql: &str| {
+        let batch = frames(|b| {
+            encode::parse(b, "", sql, &[]).unwrap();
+            encode::bind(b, "", "", &[], &[], &[]).unwrap();
+            encode::execute(b, "", 0).unwrap();
+            encode::sync(b);
+        });
+        feed_client(t, &batch);
+    };
+    run(&mut t, "PREPARE ins (int) AS INSERT INTO t VALUES ($1)");
+    assert_eq!(t.statement("ins").unwrap().class, sql::Class::Dml);
+    let q = frames(|b| encode::query(b, "EXECUTE ins(1)").unwrap());
+    feed_client(&mut t, &q);
+    assert_eq!(
+        t.batch()[0].class,
+        sql::Class::Dml,
+        "EXECUTE runs the prepared one"
+    );
+    run(&mut t, "DEALLOCATE ins");
+    assert!(t.statement("ins").is_none());
+    let named = frames(|b| {
+        encode::parse(b, "s", "SELECT 1", &[]).unwrap();
+        encode::bind(b, "p", "s", &[], &[], &[]).unwrap();
+        encode::sync(b);
+    });
+    feed_client(&mut t, &named);
+    run(&mut t, "DISCARD ALL");
+    assert!(t.statement("s").is_none() && t.portal("p").is_none());
+}
+
+#[test]
 fn syncs_ignored_during_a_copy_from_execute_open_no_extra_sync_point() {
     let mut t = started();
     // libpq's shape: Parse/Bind/Execute/Sync, the data, then CopyDone + Sync.
@@ -125,7 +158,7 @@ fn syncs_ignored_during_a_copy_from_execute_open_no_extra_sync_point() {
     });
     let steps = feed_client(&mut t, &batch);
     assert_eq!(steps.last(), Some(&Step::SyncPoint));
-    assert_eq!(t.batch()[0].copy, Some(sql::Copy::From));
+    assert_eq!(t.batch()[0].copy, Some(sql::Copy::FromStdin));
     t.server_bytes(
         &frames(|b| message(b, tag::COPY_IN_RESPONSE, &[0, 0, 0])),
         1 << 20,
@@ -144,6 +177,40 @@ fn syncs_ignored_during_a_copy_from_execute_open_no_extra_sync_point() {
     t.server_bytes(&frames(|b| ready(b, b'I')), 1 << 20)
         .unwrap();
     assert!(t.is_idle());
+}
+
+#[test]
+fn a_second_copy_pipelined_before_a_sync_swallows_the_quiet_sync_too() {
+    let mut t = started();
+    let copy = |b: &mut BytesMut, table: &str| {
+        encode::parse(b, "", &format!("COPY {table} FROM STDIN"), &[]).unwrap();
+        encode::bind(b, "", "", &[], &[], &[]).unwrap();
+        encode::execute(b, "", 0).unwrap();
+        encode::sync(b);
+    };
+    let copy_in = frames(|b| message(b, tag::COPY_IN_RESPONSE, &[0, 0, 0]));
+    feed_client(&mut t, &frames(|b| copy(b, "a")));
+    t.server_bytes(&copy_in, 1 << 20).unwrap();
+    // The first COPY's data and end, then the second COPY with its Sync, no Sync between.
+    let rest = frames(|b| {
+        message(b, tag::COPY_DATA, b"1\n");
+        message(b, tag::COPY_DONE, b"");
+        copy(b, "b");
+    });
+    feed_client(&mut t, &rest);
+    t.server_bytes(&copy_in, 1 << 20).unwrap();
+    let end = frames(|b| {
+        message(b, tag::COPY_DATA, b"2\n");
+        message(b, tag::COPY_DONE, b"");
+        encode::sync(b);
+    });
+    feed_client(&mut t, &end);
+    // The server ignored the first two Syncs (each came during a COPY) and answers the
+    // third once.
+    assert_eq!(t.in_flight(), 1);
+    t.server_bytes(&frames(|b| ready(b, b'I')), 1 << 20)
+        .unwrap();
+    assert!(t.is_idle(), "{:?}", t.sync_points());
 }
 
 #[test]
