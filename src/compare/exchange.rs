@@ -57,20 +57,22 @@ pub(crate) struct Compared {
 }
 
 impl Compared {
-    fn new(text: &str, params: bool, target: &CompareTarget) -> Compared {
+    /// What compare needs of `statement` (its class and COPY as the tracker read them).
+    fn new(statement: &Statement, target: &CompareTarget) -> Compared {
         let rules = &target.rules;
-        let transaction = sql::transaction(text.trim().as_bytes());
+        let text = &*statement.text;
+        let transaction = sql::transaction(text.as_bytes());
         Compared {
-            text: text.trim().into(),
+            text: text.into(),
             ordered: sql::has_top_level_order_by(text.as_bytes()),
             order_keys: sql::order_by_keys(text.as_bytes()).map(Rc::from),
             excluded: rules.excluded(text),
-            read_only: sql::classify(text.as_bytes()) == sql::Class::Select,
-            params,
+            read_only: statement.class == sql::Class::Select,
+            params: statement.params,
             primary_only: rules.primary_only(text),
             transaction: transaction.is_some(),
             transaction_options: transaction.is_some_and(|t| with_options(text, t)),
-            copy: sql::copy(text.as_bytes()).is_some(),
+            copy: statement.copy.is_some(),
             described: Rc::default(),
         }
     }
@@ -81,9 +83,7 @@ impl Compared {
         if !statement.is_known() {
             return Rc::new(Compared::unknown());
         }
-        statement.extension(Slot::Compare, || {
-            Compared::new(&statement.text, statement.params, target)
-        })
+        statement.extension(Slot::Compare, || Compared::new(statement, target))
     }
 
     fn unknown() -> Compared {
@@ -784,6 +784,11 @@ impl Comparer {
 
     pub fn shadow_alive(&self) -> bool {
         self.shadow_alive
+    }
+
+    /// Answers of the source of truth are held for the shadow (fail-on-differences).
+    pub fn holds_answers(&self) -> bool {
+        !self.pending.is_empty() || !self.pending_ends.is_empty()
     }
 
     /// The session is over: the shadow writer stops.

@@ -35,6 +35,9 @@ pub trait Host {
     fn client_said_terminate(&self) -> bool;
     /// The pump is (or is no longer) in the middle of a write to the client.
     fn set_writing(&self, writing: bool);
+    /// The pump holds answers the client has not been given yet (waiting for the shadow):
+    /// the session is not idle, whatever the primary said.
+    fn set_holding(&self, holding: bool);
     /// A write to the client failed: nothing more is written to it.
     fn client_lost(&self);
     /// The session ends with this FATAL error for the client.
@@ -310,6 +313,7 @@ impl<'a> Pump<'a> {
     /// Settles what both sides answered and writes what the client may have now.
     async fn flush_out(&mut self) {
         self.comparer.settle(self.stats, &mut self.out);
+        self.host.set_holding(self.comparer.holds_answers());
         // A client that half-closed, or sent a malformed frame, still reads its answers; one
         // that said Terminate or cannot be written to does not.
         if self.host.client_said_terminate() || self.client_gone {

@@ -21,10 +21,6 @@ use crate::sql::{self, Class, Prepared};
 use crate::stats::fingerprints::Fingerprints;
 use crate::wire::{self, ObjectKind, tag};
 
-/// Prepared statements and portals tracked per session; beyond this, new names are not
-/// tracked and statements using them are not mirrored (counted as filtered).
-const NAMES_MAX: usize = 10_000;
-
 /// Bytes of statement text kept per session to prepare a statement again on a mirror that
 /// lost it: the client's Parse frames and SQL-level PREPARE texts together. Statements
 /// beyond it are tracked without their text, so a mirror that lacks one skips what uses it
@@ -97,7 +93,7 @@ struct Part {
 /// An SQL-level prepared-statement command, resolved against the session's statements as
 /// they were at that point of the Query.
 enum SqlPrepared {
-    /// `tracked`: within `NAMES_MAX` (untracked ones are never mirrored).
+    /// `tracked`: within `proxy.session-names-max` (untracked ones are never mirrored).
     Prepare {
         name: String,
         tracked: bool,
@@ -128,6 +124,8 @@ pub struct Router {
     settings: Settings,
     /// A DISCARD ALL was classified: the portals go once the frame is routed.
     discard_portals: bool,
+    /// Prepared statements and portals tracked at most (`proxy.session-names-max`).
+    names_max: usize,
 }
 
 impl Drop for Router {
@@ -196,7 +194,14 @@ enum Route<'a> {
 }
 
 impl Router {
-    pub fn new(links: Vec<Rc<Link>>, fingerprints: Rc<Fingerprints>) -> Router {
+    /// `limits`: the session's bounds (`proxy.session-names-max`: prepared statements and
+    /// portals tracked; beyond it new names are not tracked and what uses them is not
+    /// mirrored, counted as filtered; `proxy.session-settings-max`: settings kept).
+    pub fn new(
+        links: Vec<Rc<Link>>,
+        fingerprints: Rc<Fingerprints>,
+        limits: crate::session::Limits,
+    ) -> Router {
         Router {
             links,
             fingerprints,
@@ -204,7 +209,8 @@ impl Router {
             portals: HashMap::new(),
             last_fingerprint: 0,
             kept_bytes: 0,
-            settings: Settings::default(),
+            settings: Settings::new(limits.settings_max),
+            names_max: limits.names_max,
             discard_portals: false,
         }
     }
@@ -238,7 +244,7 @@ impl Router {
         source_bytes: usize,
         statement: impl FnOnce(Source) -> Replayable,
     ) -> bool {
-        if self.statements.len() >= NAMES_MAX && !self.statements.contains_key(name) {
+        if self.statements.len() >= self.names_max && !self.statements.contains_key(name) {
             return false;
         }
         self.remove_statement(name);
@@ -473,7 +479,7 @@ impl Router {
             frame.len(),
             |source| Replayable {
                 class,
-                copy_from: sql::copy(query) == Some(sql::Copy::From),
+                copy_from: sql::copy(query) == Some(sql::Copy::FromStdin),
                 source,
                 fingerprint,
                 transaction,
@@ -490,7 +496,7 @@ impl Router {
         let bind = wire::Bind::new(body);
         let (portal, statement) = (bind.portal().ok()?, bind.statement().ok()?);
         if let Some(s) = self.statements.get(statement)
-            && (self.portals.len() < NAMES_MAX || self.portals.contains_key(portal))
+            && (self.portals.len() < self.names_max || self.portals.contains_key(portal))
         {
             self.portals.insert(
                 portal.to_string(),
@@ -899,7 +905,7 @@ impl Router {
 
 /// Whether a statement of a simple Query starts a COPY FROM STDIN.
 fn copies_from(sql: &[u8], part: &Part) -> bool {
-    part.class == Class::Dml && sql::copy(&sql[part.range.clone()]) == Some(sql::Copy::From)
+    part.class == Class::Dml && sql::copy(&sql[part.range.clone()]) == Some(sql::Copy::FromStdin)
 }
 
 /// How a simple Query goes to one link.

@@ -121,7 +121,11 @@ impl ShardCtx {
             mirror::start_link(&link);
             links.push(link);
         }
-        Some(Router::new(links, self.fingerprints.clone()))
+        Some(Router::new(
+            links,
+            self.fingerprints.clone(),
+            self.settings.session_limits,
+        ))
     }
 
     pub fn sessions_active(&self) -> usize {
@@ -185,6 +189,8 @@ struct SessionShared {
     closing: Cell<bool>,
     /// The downstream pump is in the middle of writing to the client.
     writing: Cell<bool>,
+    /// Compare holds answers the client has not been given yet (they wait for the shadow).
+    holding: Cell<bool>,
 }
 
 impl SessionShared {
@@ -198,6 +204,11 @@ impl SessionShared {
     /// Returns when the client's statement was read, for the client-observed latency.
     fn answer_sync(&self, shard: &ShardCtx, seq: u64, arrived: Instant) -> Option<Instant> {
         let mut stamps = self.stamps.borrow_mut();
+        // A stamp older than the answer can never be answered (a server that answered fewer
+        // sync points than were counted): it must not block the ones after it.
+        while stamps.front().is_some_and(|&(s, _, _)| s < seq) {
+            stamps.pop_front();
+        }
         if stamps.front().is_none_or(|&(s, _, _)| s != seq) {
             return None;
         }
@@ -215,7 +226,7 @@ impl SessionShared {
     /// At a transaction boundary with nothing in flight: safe to close (drain) or to resume a
     /// mirror (nothing half-done would follow).
     fn is_idle(&self) -> bool {
-        self.tracker.borrow().is_idle() && !self.writing.get()
+        self.tracker.borrow().is_idle() && !self.writing.get() && !self.holding.get()
     }
 }
 
@@ -489,6 +500,7 @@ async fn relay(
         fatal: RefCell::new(None),
         closing: Cell::new(false),
         writing: Cell::new(false),
+        holding: Cell::new(false),
     });
     shard.sessions.borrow_mut().insert(id, shared.clone());
     shard
@@ -1027,6 +1039,10 @@ impl compare::Host for CompareHost<'_> {
 
     fn set_writing(&self, writing: bool) {
         self.shared.writing.set(writing);
+    }
+
+    fn set_holding(&self, holding: bool) {
+        self.shared.holding.set(holding);
     }
 
     fn client_lost(&self) {

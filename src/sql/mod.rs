@@ -337,9 +337,11 @@ fn set_config_call(sql: &[u8], i: usize) -> Option<usize> {
 /// Which way a COPY statement moves data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Copy {
-    /// `COPY t FROM ...`: the client sends data (CopyIn).
-    From,
-    /// `COPY t TO ...`, `COPY (query) TO ...`: the server sends data (CopyOut).
+    /// `COPY t FROM STDIN`: the client sends the data (CopyIn).
+    FromStdin,
+    /// `COPY t FROM 'file'` or `FROM PROGRAM`: the server reads it; the client sends none.
+    FromServer,
+    /// `COPY t TO ...`, `COPY (query) TO ...`: the server sends or writes data.
     To,
 }
 
@@ -353,10 +355,12 @@ pub fn copy(sql: &[u8]) -> Option<Copy> {
     }
     let rest = sql.get(end..).unwrap_or_default();
     Some(
-        if contains_keyword(rest, b"FROM") && !contains_keyword(rest, b"TO") {
-            Copy::From
-        } else {
+        if !contains_keyword(rest, b"FROM") || contains_keyword(rest, b"TO") {
             Copy::To
+        } else if contains_keyword(rest, b"STDIN") {
+            Copy::FromStdin
+        } else {
+            Copy::FromServer
         },
     )
 }
@@ -918,12 +922,20 @@ mod tests {
     #[test]
     fn copy_is_read_once_with_its_direction() {
         for (text, expected) in [
-            ("COPY t FROM STDIN", Some(Copy::From)),
+            ("COPY t FROM STDIN", Some(Copy::FromStdin)),
             (
                 "  copy t (a, b) from stdin with (format csv)",
-                Some(Copy::From),
+                Some(Copy::FromStdin),
             ),
-            ("/* c */ COPY t FROM STDIN", Some(Copy::From)),
+            ("/* c */ COPY t FROM STDIN", Some(Copy::FromStdin)),
+            (
+                "COPY t FROM '/srv/t.csv' WITH (FORMAT csv)",
+                Some(Copy::FromServer),
+            ),
+            (
+                "COPY t FROM PROGRAM 'cat /srv/t.csv'",
+                Some(Copy::FromServer),
+            ),
             ("COPY t TO STDOUT", Some(Copy::To)),
             ("COPY (SELECT * FROM t) TO STDOUT", Some(Copy::To)),
             ("SELECT 'COPY t FROM STDIN'", None),
