@@ -142,13 +142,6 @@ impl TryFrom<&PgUrl> for Upstream {
 }
 
 impl Upstream {
-    /// [`Upstream::try_from`] with the error as text (its source chain on one line), for callers that still report errors
-    /// as text (`cdc`, `server::check`); everything else uses `Upstream::try_from` and keeps
-    /// the [`TlsError`]. Goes once those callers keep it too.
-    pub fn for_url(url: &PgUrl) -> Result<Upstream, String> {
-        Upstream::try_from(url).map_err(|e| crate::config::error_text(&e))
-    }
-
     pub fn plain() -> Upstream {
         Upstream {
             mode: SslMode::Disable,

@@ -297,9 +297,11 @@ fn validate_endpoints(cfg: &CdcConfig) -> Result<(), ConfigError> {
             "required: the source postgres://user@host:port/db URL",
         ));
     }
-    PgUrl::parse(&cfg.source)
-        .and_then(|u| crate::tls::Upstream::for_url(&u))
-        .map_err(|e| key_error("source", &e))?;
+    let url: PgUrl = cfg
+        .source
+        .parse()
+        .map_err(|e| ConfigError::invalid("cdc.source", &e))?;
+    crate::tls::Upstream::try_from(&url).map_err(|e| ConfigError::invalid("cdc.source", &e))?;
     if cfg.starrocks.is_empty() {
         return Err(key_error(
             "starrocks",
@@ -414,10 +416,10 @@ pub fn run_reconnecting(
 /// streaming starts.
 pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result<(), CdcError> {
     validate(cfg)?;
-    let url = PgUrl::parse(&cfg.source).map_err(|message| ConfigError::Key {
-        path: "cdc.source".into(),
-        message,
-    })?;
+    let url: PgUrl = cfg
+        .source
+        .parse()
+        .map_err(|e| ConfigError::invalid("cdc.source", &e))?;
     let sr_url = StarRocksUrl::parse(&cfg.starrocks).map_err(|message| ConfigError::Key {
         path: "cdc.starrocks".into(),
         message,

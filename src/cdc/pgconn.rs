@@ -89,8 +89,8 @@ impl PgConn {
         let mut stream = stream;
         // CDC's own thread, a connection at start and per reconnect: reading the certificate
         // files here costs no shard anything.
-        let tls = crate::tls::Upstream::for_url(url)
-            .map_err(|message| connect_err(std::io::Error::other(message)))?
+        let tls = crate::tls::Upstream::try_from(url)
+            .map_err(|e| connect_err(std::io::Error::other(e)))?
             .negotiate_blocking(&mut stream)
             .map_err(connect_err)?;
         let mut conn = PgConn {

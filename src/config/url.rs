@@ -90,11 +90,9 @@ impl fmt::Debug for PgUrl {
 }
 
 impl PgUrl {
-    /// `text.parse::<PgUrl>()` with the error as text, for callers that still report errors
-    /// as text (`cdc`, `server::check`); everything else uses `str::parse` and keeps the
-    /// [`UrlError`]. Goes once those callers keep it too.
-    pub fn parse(text: &str) -> Result<PgUrl, String> {
-        text.parse().map_err(|e: UrlError| e.to_string())
+    /// `text.parse::<PgUrl>()`, by name.
+    pub fn parse(text: &str) -> Result<PgUrl, UrlError> {
+        text.parse()
     }
 }
 
@@ -386,7 +384,12 @@ mod tests {
         let err = long.parse::<PgUrl>().unwrap_err();
         assert!(matches!(err, UrlError::SocketPathTooLong { .. }), "{err:?}");
         assert!(err.to_string().contains("longer than"));
-        assert!(PgUrl::parse(&long).unwrap_err().contains("longer than"));
+        assert!(
+            PgUrl::parse(&long)
+                .unwrap_err()
+                .to_string()
+                .contains("longer than")
+        );
         assert!(PgUrl::parse("postgres:///db").is_err());
         assert!(PgUrl::parse("postgres:///db?host=/tmp&port=x").is_err());
         assert!(PgUrl::parse("postgres://%2Ftmp%zz/db").is_err());

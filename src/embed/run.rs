@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::supervisor::{
-    InstanceInfo, Supervisor, SupervisorHandle, SupervisorSettings, error_text,
-};
+use super::supervisor::{InstanceInfo, Supervisor, SupervisorHandle, SupervisorSettings};
 use super::{DataDir, EmbedError, InstanceConfig};
 use crate::config::{
     AdminConfig, ConfigError, EMBED_DATA_MEMORY, EmbedConfig, EmbedInstanceConfig, parse_addr,
@@ -211,7 +209,7 @@ pub fn admin_routes(handle: SupervisorHandle) -> ExtraRoutes {
                 match result {
                     Ok(info) => json(200, &info),
                     Err(e @ EmbedError::UnknownInstance { .. }) => error(404, e.to_string()),
-                    Err(e) => error(500, error_text(&e)),
+                    Err(e) => error(500, crate::config::error_text(&e)),
                 }
             }
             _ => error(

@@ -452,7 +452,7 @@ impl SupervisorLoop {
             if let Err(error) = self.start_slot(index) {
                 let slot = &mut self.slots[index];
                 slot.state = InstanceState::Failed;
-                slot.last_error = Some(error_text(&error));
+                slot.last_error = Some(crate::config::error_text(&error));
                 return Err(error);
             }
         }
@@ -538,7 +538,7 @@ impl SupervisorLoop {
                             }
                             continue;
                         }
-                        Err(error) => error_text(&error),
+                        Err(error) => crate::config::error_text(&error),
                     };
                     let pid = instance.pid();
                     // Dropping reaps it and removes a memory directory.
@@ -623,24 +623,12 @@ impl SupervisorLoop {
                 );
             }
             Err(error) => {
-                let reason = format!("restart failed: {}", error_text(&error));
+                let reason = format!("restart failed: {}", crate::config::error_text(&error));
                 tracing::warn!(instance = %self.slots[index].cfg.name, "{reason}");
                 self.schedule_restart(index, reason);
             }
         }
     }
-}
-
-/// An error with its source chain on one line, for the table and the logs.
-pub(super) fn error_text(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The table is only read and replaced whole; a panic elsewhere must not hide it.

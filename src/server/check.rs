@@ -9,10 +9,10 @@ use crate::config::{Config, ConfigError, PgUrl};
 pub fn check(cfg: &Config) -> Result<(), ConfigError> {
     cfg.validate()?;
     let url_tls = |key: &str, url: &str| -> Result<(), ConfigError> {
-        PgUrl::parse(url)
-            .and_then(|u| crate::tls::Upstream::for_url(&u))
+        let url: PgUrl = url.parse().map_err(|e| ConfigError::invalid(key, &e))?;
+        crate::tls::Upstream::try_from(&url)
             .map(drop)
-            .map_err(|e| ConfigError::key(key, e))
+            .map_err(|e| ConfigError::invalid(key, &e))
     };
     if !cfg.primary.url.is_empty() {
         url_tls("primary.url", &cfg.primary.url)?;
