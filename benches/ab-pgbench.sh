@@ -57,11 +57,16 @@ PID_B=$PRISM_PID
 echo "== A: ${A:-(no extra arguments)}"
 echo "== B: ${B:-(no extra arguments)}"
 printf '%-6s %-6s %-3s %10s %14s\n' round load arm tps cpu_us_per_tx
+# Odd rounds run A first, even rounds B first: whatever the first run of a pair leaves
+# behind (dirty pages, a checkpoint, autovacuum) does not always fall on the same arm.
+run_arm() {
+  if [ "$1" = A ]; then port=55613 pid=$PID_A; else port=55614 pid=$PID_B; fi
+  bench "$port" "$pid" -"$2" -c "$CLIENTS" -j 2 -T "$DURATION"
+  printf '%-6s %-6s %-3s %10.0f %14s\n' "$3" "-$2" "$1" "$TPS" "$CPU"
+}
 for r in $(seq "$ROUNDS"); do
   for load in $LOADS; do
-    bench 55613 "$PID_A" -"$load" -c "$CLIENTS" -j 2 -T "$DURATION"
-    printf '%-6s %-6s %-3s %10.0f %14s\n' "$r" "-$load" A "$TPS" "$CPU"
-    bench 55614 "$PID_B" -"$load" -c "$CLIENTS" -j 2 -T "$DURATION"
-    printf '%-6s %-6s %-3s %10.0f %14s\n' "$r" "-$load" B "$TPS" "$CPU"
+    if [ $((r % 2)) = 1 ]; then order="A B"; else order="B A"; fi
+    for arm in $order; do run_arm "$arm" "$load" "$r"; done
   done
 done

@@ -32,7 +32,7 @@ use crate::wire::{self, tag};
 /// from the session tracker's `session::Statement`, which knows no compare rules).
 #[derive(Debug)]
 pub(crate) struct Compared {
-    pub text: Box<str>,
+    pub text: Rc<str>,
     pub ordered: bool,
     /// Its top-level ORDER BY's keys, when they are plain output columns.
     pub order_keys: Option<Rc<[sql::OrderKey]>>,
@@ -61,9 +61,9 @@ impl Compared {
     fn new(statement: &Statement, target: &CompareTarget) -> Compared {
         let rules = &target.rules;
         let text = &*statement.text;
-        let transaction = sql::transaction(text.as_bytes());
+        let transaction = statement.transaction;
         Compared {
-            text: text.into(),
+            text: statement.text.clone(),
             ordered: sql::has_top_level_order_by(text.as_bytes()),
             order_keys: sql::order_by_keys(text.as_bytes()).map(Rc::from),
             excluded: rules.excluded(text),

@@ -132,6 +132,8 @@ fn proxy_settings(cfg: &Config, upstreams: &Upstreams) -> ProxySettings {
             // Decided per session (`proxy::relay`): only a session that compares
             // reads the tracker's statements.
             statements: false,
+            // No mode reads the tracker's settings yet (mirror routing keeps its own).
+            settings: false,
         },
         client_tls: upstreams.client_tls.clone(),
         primary_tls: upstreams.primary_tls.clone(),

@@ -17,6 +17,7 @@ pub fn fuzz_session(data: &[u8]) {
         names_max: 8,
         settings_max: 4,
         statements: true,
+        settings: true,
     });
     let mut buffers: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
     let mut rest = data;

@@ -34,9 +34,11 @@ pub struct Limits {
     pub names_max: usize,
     /// Session settings kept (`proxy.session-settings-max`).
     pub settings_max: usize,
-    /// Decode statements (texts, names, settings). A plain proxy needs only the sync points
-    /// and the COPY and transaction state, and pays for nothing more.
+    /// Decode statements (texts, names). A plain proxy needs only the sync points and the
+    /// COPY and transaction state, and pays for nothing more.
     pub statements: bool,
+    /// Keep the session settings too (with `statements`), for the modes that replay them.
+    pub settings: bool,
 }
 
 impl Default for Limits {
@@ -45,6 +47,7 @@ impl Default for Limits {
             names_max: 10_000,
             settings_max: 64,
             statements: true,
+            settings: true,
         }
     }
 }
@@ -52,12 +55,16 @@ impl Default for Limits {
 /// One statement as the client sent it (a Parse, `PREPARE`, or one statement of a Query).
 #[derive(Debug)]
 pub struct Statement {
-    pub text: Box<str>,
+    /// Shared, so a mode that keeps the text (compare's reports) takes a reference, not a
+    /// copy.
+    pub text: Rc<str>,
     pub class: sql::Class,
     /// A COPY, and which way (the one "is COPY" rule: [`sql::copy`]).
     pub copy: Option<sql::Copy>,
     /// It takes parameters (`$n`, or declared parameter types).
     pub params: bool,
+    /// What it does to the transaction block (BEGIN, COMMIT, ROLLBACK...), read once.
+    pub transaction: Option<sql::Transaction>,
     /// An SQL-level prepared-statement command (PREPARE, DEALLOCATE, DISCARD ALL...): run by
     /// an Execute, it changes the session's statements as it does in a simple Query.
     command: Option<sql::Prepared>,
@@ -159,6 +166,7 @@ impl Statement {
             class: sql::classify(bytes),
             copy: sql::copy(bytes),
             params,
+            transaction: sql::transaction(bytes),
             command: sql::prepared(bytes),
             extensions: Extensions::default(),
         }
@@ -183,6 +191,7 @@ impl Statement {
             class: sql::Class::Other,
             copy: None,
             params: true,
+            transaction: None,
             command: None,
             extensions: Extensions::default(),
         })
@@ -401,7 +410,7 @@ impl Tracker {
                 // More answers than sync points is the server's protocol violation, not
                 // ours to count: the count stays at what the client asked.
                 self.answered = (self.answered + 1).min(self.opened);
-                if self.status == b'I' && self.limits.statements {
+                if self.status == b'I' && self.limits.statements && self.limits.settings {
                     self.settings.idle();
                 }
                 Answer::SyncAnswered
@@ -424,14 +433,17 @@ impl Tracker {
             self.unreadable += 1;
             return;
         };
-        let mut parts = Vec::new();
-        for range in sql::split_statements(text.as_bytes()) {
-            let part = self.simple_statement(&text[range]);
-            self.batch
-                .push(part.runs.clone().unwrap_or_else(|| part.own.clone()));
-            parts.push(part);
-        }
-        self.refers = Refers::Query(parts.into());
+        // Collected straight into the shared slice: one allocation for the parts.
+        let parts: Rc<[QueryPart]> = sql::split_statements(text.as_bytes())
+            .into_iter()
+            .map(|range| {
+                let part = self.simple_statement(&text[range]);
+                self.batch
+                    .push(part.runs.clone().unwrap_or_else(|| part.own.clone()));
+                part
+            })
+            .collect();
+        self.refers = Refers::Query(parts);
     }
 
     /// One statement of a simple Query: SQL-level prepared statements share the protocol's
@@ -446,11 +458,7 @@ impl Tracker {
         if runs.is_some() {
             return QueryPart { own, runs };
         }
-        if let Some(transaction) = sql::transaction(bytes) {
-            self.settings.transaction(transaction);
-        } else if let Some(setting) = sql::setting(bytes) {
-            self.settings.change(setting, bytes);
-        }
+        self.follow_settings(&own, bytes);
         QueryPart { own, runs: None }
     }
 
@@ -563,15 +571,24 @@ impl Tracker {
             // runs here under its own text: the statement it runs is not swapped in.)
             self.apply_command(&statement.text, command);
         }
-        if statement.params || statement.text.is_empty() {
-            // A setting with parameters cannot be replayed from its text alone.
-        } else if let Some(transaction) = sql::transaction(statement.text.as_bytes()) {
-            self.settings.transaction(transaction);
-        } else if let Some(setting) = sql::setting(statement.text.as_bytes()) {
-            self.settings.change(setting, statement.text.as_bytes());
+        // A setting with parameters cannot be replayed from its text alone.
+        if !statement.params && statement.is_known() {
+            self.follow_settings(&statement, statement.text.as_bytes());
         }
         self.start_batch();
         self.batch.push(statement);
+    }
+
+    /// What running `statement` (its text `bytes`) does to the kept session settings.
+    fn follow_settings(&mut self, statement: &Statement, bytes: &[u8]) {
+        if !self.limits.settings {
+            return;
+        }
+        if let Some(transaction) = statement.transaction {
+            self.settings.transaction(transaction);
+        } else if let Some(setting) = sql::setting(bytes) {
+            self.settings.change(setting, bytes);
+        }
     }
 
     /// The batch list holds the last sync point's statements until the next batch starts.

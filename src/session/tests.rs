@@ -316,6 +316,7 @@ mod props {
             names_max: 8,
             settings_max: 4,
             statements: true,
+            settings: true,
         });
         for (from_client, bytes) in chunks {
             let fed = if *from_client {
