@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Instructions per transaction of two pgprism builds, counted by callgrind: on a shared
+# machine whose CPU time per transaction drifts by ±20% between runs, instruction counts
+# repeat within a few percent, so they resolve a hot-path change that benches/ab-pgbench.sh
+# cannot. One pgbench client (so batching does not depend on timing), one shard; each build
+# runs T1 and T2 transactions under callgrind and the per-transaction figure is
+# (Ir(T2) - Ir(T1)) / (T2 - T1), which cancels start-up and shutdown.
+#
+#   benches/callgrind-ab.sh /tmp/pgprism-old target/release/pgprism          # proxy, -S
+#   LOAD=-N MIRROR=1 benches/callgrind-ab.sh /tmp/pgprism-old target/release/pgprism
+#   LOAD=-N SHADOW=1 benches/callgrind-ab.sh /tmp/pgprism-old target/release/pgprism
+#
+# Needs valgrind. Counts user-space instructions only: the kernel's share of a proxy's CPU
+# (most of it, on loopback) is not in them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T1=${T1:-100}
+T2=${T2:-600}
+LOAD=${LOAD:--S}
+[ $# -ge 1 ] || { echo "usage: $0 PGPRISM_BINARY..." >&2; exit 2; }
+command -v valgrind >/dev/null || { echo "valgrind is needed" >&2; exit 2; }
+. benches/common.sh
+
+start_pg primary 55711
+pgbench -h 127.0.0.1 -p 55711 -U postgres -i -s 2 -q postgres >/dev/null 2>&1
+EXTRA=()
+if [ "${MIRROR:-0}" = 1 ]; then
+  start_pg mirror 55712
+  pgbench -h 127.0.0.1 -p 55712 -U postgres -i -s 2 -q postgres >/dev/null 2>&1
+  EXTRA+=(--mirror postgres://postgres@127.0.0.1:55712/postgres --mirror-all-queries)
+fi
+if [ "${SHADOW:-0}" = 1 ]; then
+  start_pg shadow 55713
+  pgbench -h 127.0.0.1 -p 55713 -U postgres -i -s 2 -q postgres >/dev/null 2>&1
+  EXTRA+=(--shadow postgres://postgres@127.0.0.1:55713/postgres --compare-report "$WORK/r.jsonl")
+fi
+
+# instructions BINARY TXNS: callgrind's program total for TXNS transactions.
+instructions() {
+  valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" -q "$1" proxy \
+    --listen 127.0.0.1:55714 --admin "" --log warn --shards 1 \
+    --primary postgres://127.0.0.1:55711 "${EXTRA[@]}" >/dev/null 2>"$WORK/vg.err" &
+  local vpid=$!
+  # Under valgrind the start takes seconds.
+  for _ in $(seq 300); do
+    psql -h 127.0.0.1 -p 55714 -U postgres -XAtc 'select 1' postgres >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  pgbench -h 127.0.0.1 -p 55714 -U postgres -n "$LOAD" -c 1 -t "$2" postgres >/dev/null 2>&1
+  kill -TERM "$vpid"
+  wait "$vpid" || true
+  callgrind_annotate "$WORK"/cg.* 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'
+  rm -f "$WORK"/cg.*
+}
+
+printf '%-40s %14s %14s %12s\n' build "Ir($T1)" "Ir($T2)" Ir_per_tx
+for bin in "$@"; do
+  a=$(instructions "$bin" "$T1")
+  b=$(instructions "$bin" "$T2")
+  printf '%-40s %14s %14s %12s\n' "$bin" "$a" "$b" "$(( (b - a) / (T2 - T1) ))"
+done
