@@ -324,6 +324,7 @@ impl Tracker {
     }
 
     /// One client frame, before it is forwarded.
+    #[inline]
     pub fn client(&mut self, tag: u8, body: &[u8]) -> Step {
         self.refers = Refers::Nothing;
         let step = match tag {
@@ -399,6 +400,7 @@ impl Tracker {
     }
 
     /// One server frame, as it is read.
+    #[inline]
     pub fn server(&mut self, tag: u8, body: &[u8]) -> Answer {
         match tag {
             tag::READY_FOR_QUERY => {
