@@ -1111,6 +1111,19 @@ fn settings_missed_while_a_cut_link_skips_are_replayed_when_it_resumes() {
     assert!(!metrics.contains("sqlstate=\"42P01\""), "{metrics}");
 }
 
+/// 30 inserts, then two updates of row 1: the mirror ends with 'abc' there only if it
+/// applied them in order.
+fn ordered_writes(c: &mut postgres::Client) {
+    for n in 1..=30 {
+        c.execute("INSERT INTO seq VALUES ($1, 'a')", &[&n])
+            .unwrap();
+    }
+    c.batch_execute("BEGIN; UPDATE seq SET v = v || 'b' WHERE n = 1; COMMIT")
+        .unwrap();
+    c.batch_execute("UPDATE seq SET v = v || 'c' WHERE n = 1")
+        .unwrap();
+}
+
 #[test]
 fn flush_delay_coalesces_a_sessions_statements_in_order() {
     let (p, m1) = primary_and_mirror("fp", "fm", "CREATE TABLE seq (n int PRIMARY KEY, v text)");
@@ -1125,15 +1138,7 @@ fn flush_delay_coalesces_a_sessions_statements_in_order() {
         ],
     );
     let mut c = proxy.client();
-    for n in 1..=30 {
-        c.execute("INSERT INTO seq VALUES ($1, 'a')", &[&n])
-            .unwrap();
-    }
-    // Order-dependent: the mirror ends with 'abc' only if it applied these in order.
-    c.batch_execute("BEGIN; UPDATE seq SET v = v || 'b' WHERE n = 1; COMMIT")
-        .unwrap();
-    c.batch_execute("UPDATE seq SET v = v || 'c' WHERE n = 1")
-        .unwrap();
+    ordered_writes(&mut c);
     // Held, not sent: the mirror has none of it while the session lasts.
     assert_eq!(m1.psql("SELECT count(*) FROM seq").unwrap().trim(), "0");
     drop(c);
@@ -1587,14 +1592,7 @@ fn an_in_flight_bound_of_one_sends_one_sync_point_per_write_and_loses_nothing() 
         ],
     );
     let mut c = proxy.client();
-    for n in 1..=30 {
-        c.execute("INSERT INTO seq VALUES ($1, 'a')", &[&n])
-            .unwrap();
-    }
-    c.batch_execute("BEGIN; UPDATE seq SET v = v || 'b' WHERE n = 1; COMMIT")
-        .unwrap();
-    c.batch_execute("UPDATE seq SET v = v || 'c' WHERE n = 1")
-        .unwrap();
+    ordered_writes(&mut c);
     assert_eq!(m1.psql("SELECT count(*) FROM seq").unwrap().trim(), "0");
     drop(c);
     assert!(
