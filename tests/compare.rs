@@ -1274,3 +1274,45 @@ fn a_copy_started_before_any_sync_follows_its_own_batchs_routing() {
         "3"
     );
 }
+
+/// With the shadow as the source of truth, the client's answer is the shadow's: a drain that
+/// comes after the primary answered but before the shadow did must wait for it, not close the
+/// session as idle with 57P01 (the statement ran; its result must reach the client).
+#[test]
+fn a_drain_waits_for_the_answer_the_shadow_still_owes() {
+    let p = pair("drainsot");
+    let mut proxy = p.proxy(&["--source-of-truth", "shadow", "--drain-timeout-ms", "20000"]);
+    let sql = format!(
+        "SELECT pg_sleep(CASE WHEN current_setting('port') = '{}' THEN 3 ELSE 0 END), 'done'",
+        p.shadow.port()
+    );
+    let conninfo = proxy.conninfo("postgres", None);
+    let client = std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+        let msgs = c.simple_query(&sql)?;
+        Ok::<_, postgres::Error>(msgs.iter().find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => r.get(1).map(str::to_string),
+            _ => None,
+        }))
+    });
+    let running = |inst: &Instance| {
+        inst.psql(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE 'SELECT pg_sleep(CASE%'",
+        )
+        .map(|n| n.trim() == "1")
+        .unwrap_or(false)
+    };
+    // The primary has answered (its sleep is 0) while the shadow still sleeps.
+    assert!(eventually(Duration::from_secs(10), || running(&p.shadow)
+        && !running(&p.primary)));
+    proxy.signal(libc::SIGTERM);
+    let answer = client.join().unwrap();
+    let answer = answer.unwrap_or_else(|e| panic!("{e:?}\n{}", proxy.log()));
+    assert_eq!(answer.as_deref(), Some("done"));
+    assert_eq!(
+        proxy.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        proxy.log()
+    );
+}

@@ -81,7 +81,9 @@ impl Compared {
     /// (kept in the statement's compare slot); an unknown statement is compared as such.
     fn of(statement: &Statement, target: &CompareTarget) -> Rc<Compared> {
         if !statement.is_known() {
-            return Rc::new(Compared::unknown());
+            // One per portal bound to it (the tracker makes an unknown statement per Bind),
+            // so a Describe of the portal still tells its later Executes the columns.
+            return statement.extension(Slot::Compare, Compared::unknown);
         }
         statement.extension(Slot::Compare, || Compared::new(statement, target))
     }
@@ -786,9 +788,13 @@ impl Comparer {
         self.shadow_alive
     }
 
-    /// Answers of the source of truth are held for the shadow (fail-on-differences).
-    pub fn holds_answers(&self) -> bool {
-        !self.pending.is_empty() || !self.pending_ends.is_empty()
+    /// The client is owed answers it has not been given: the source of truth's bytes held
+    /// for the other side (fail-on-differences), or, with the shadow as the source, sync
+    /// points the shadow has not finished (the primary's answer says nothing of those).
+    pub fn owes_client(&self) -> bool {
+        !self.pending.is_empty()
+            || !self.pending_ends.is_empty()
+            || (self.source == SHADOW && self.source_seq < self.link.planned.get())
     }
 
     /// The session is over: the shadow writer stops.

@@ -313,7 +313,7 @@ impl<'a> Pump<'a> {
     /// Settles what both sides answered and writes what the client may have now.
     async fn flush_out(&mut self) {
         self.comparer.settle(self.stats, &mut self.out);
-        self.host.set_holding(self.comparer.holds_answers());
+        self.host.set_holding(self.comparer.owes_client());
         // A client that half-closed, or sent a malformed frame, still reads its answers; one
         // that said Terminate or cannot be written to does not.
         if self.host.client_said_terminate() || self.client_gone {

@@ -513,7 +513,10 @@ impl Tracker {
                         formats: ResultFormats::from_wire(parts.result_formats),
                     });
                     self.refers = Refers::Portal(portal.clone());
-                    if parts.portal.is_empty() || self.portals.len() < self.limits.names_max {
+                    if parts.portal.is_empty()
+                        || self.portals.len() < self.limits.names_max
+                        || self.portals.contains_key(parts.portal)
+                    {
                         self.portals.insert(parts.portal.into(), portal);
                     }
                 }
@@ -602,7 +605,10 @@ impl Tracker {
     }
 
     fn remember_statement(&mut self, name: &str, statement: Rc<Statement>) {
-        if name.is_empty() || self.statements.len() < self.limits.names_max {
+        if name.is_empty()
+            || self.statements.len() < self.limits.names_max
+            || self.statements.contains_key(name)
+        {
             self.statements.insert(name.into(), statement);
         } else {
             // Beyond the bound the name is forgotten; an Execute of it is then unknown.

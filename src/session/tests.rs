@@ -288,6 +288,30 @@ fn names_beyond_the_bound_are_unknown_not_kept() {
 }
 
 #[test]
+fn names_already_known_are_replaced_at_the_bound() {
+    let mut t = Tracker::new(Limits {
+        names_max: 2,
+        ..Limits::default()
+    });
+    let batch = frames(|b| {
+        encode::parse(b, "a", "SELECT 1", &[]).unwrap();
+        encode::parse(b, "b", "SELECT 2", &[]).unwrap();
+        encode::bind(b, "p", "a", &[], &[], &[]).unwrap();
+        encode::bind(b, "q", "a", &[], &[], &[]).unwrap();
+        encode::sync(b);
+    });
+    feed_client(&mut t, &batch);
+    let again = frames(|b| {
+        encode::parse(b, "a", "SELECT 3", &[]).unwrap();
+        encode::bind(b, "p", "b", &[], &[], &[]).unwrap();
+        encode::sync(b);
+    });
+    feed_client(&mut t, &again);
+    assert_eq!(&*t.statement("a").unwrap().text, "SELECT 3");
+    assert_eq!(&*t.portal("p").unwrap().statement.text, "SELECT 2");
+}
+
+#[test]
 fn a_plain_relay_tracker_decodes_no_statements() {
     let mut t = Tracker::new(Limits {
         statements: false,
