@@ -1,12 +1,17 @@
 //! Per-session routing of client frames to mirrors: query filters, prepared statements and
-//! portals tracked so a mirror never sees a Bind or an EXECUTE for a statement it did not get
+//! portals followed so a mirror never sees a Bind or an EXECUTE for a statement it did not get
 //! (it is re-prepared from the client's own Parse or PREPARE, or skipped with everything that
 //! depends on it), COPY data following its COPY, session settings kept for replay, and the
 //! overflow policy.
 //!
-//! Protocol-level (Parse) and SQL-level (`PREPARE`) statements share one namespace per
-//! session, as in PostgreSQL: one table here, one set of prepared names per mirror link.
+//! The session's statements and portals are the tracker's (`session::Tracker`): each frame
+//! comes with what the tracker resolved it to (`session::Refers`, and for prepared-statement
+//! commands `session::Applied`), and what routing derives from a prepared statement
+//! ([`Mirrored`]: its class, the bytes that re-create it) lives in the statement's
+//! `Slot::Mirror` extension. What stays here is each mirror link's own set of prepared names
+//! (`Link::prepared`: the mirror server's state) and the settings to replay.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::rc::Rc;
@@ -16,15 +21,18 @@ use bytes::{Bytes, BytesMut};
 use super::link::{Item, Link, Push};
 use super::stats::MirrorStats;
 use crate::config::{MirrorConfig, Overflow, QueryFilter};
-use crate::session::Settings;
+use crate::session::{Applied, Framed, QueryPart, Refers, Settings, Slot, Statement};
 use crate::sql::{self, Class, Prepared};
 use crate::stats::fingerprints::Fingerprints;
 use crate::wire::{self, ObjectKind, tag};
 
 /// Bytes of statement text kept per session to prepare a statement again on a mirror that
 /// lost it: the client's Parse frames and SQL-level PREPARE texts together. Statements
-/// beyond it are tracked without their text, so a mirror that lacks one skips what uses it
-/// (counted as `skipped_unprepared`) instead of preparing it again.
+/// beyond it are followed without their text, so a mirror that lacks one skips what uses it
+/// (counted as `skipped_unprepared`) instead of preparing it again. A source's bytes leave
+/// the count when its statement is dropped: when the tracker forgets the name and nothing
+/// else (a portal bound from it, the batch list, compare's metadata) still holds it, so a
+/// replaced or closed statement may count a little longer than its name lives.
 const KEPT_TEXT_BYTES_MAX: usize = 4 << 20;
 
 /// The statement and portal pgprism uses on a mirror to run a client's PREPARE text in the
@@ -34,12 +42,12 @@ const REPREPARE_STATEMENT: &str = "pgprism_reprepare";
 const REPREPARE_PORTAL: &str = "pgprism_reprepare";
 
 /// What creates a statement again on a mirror session that lacks it. Its own copy: kept for
-/// the session's life, it must not pin the read buffer it arrived in.
+/// the statement's life, it must not pin the read buffer it arrived in.
 #[derive(Clone)]
 enum Source {
     /// The client's Parse frame.
     Parse(Bytes),
-    /// The client's `PREPARE name ... AS ...` statement text.
+    /// The text of the client's `PREPARE name ... AS ...` statement.
     Prepare(Bytes),
     /// Not kept: over `KEPT_TEXT_BYTES_MAX`.
     Lost,
@@ -54,9 +62,20 @@ impl Source {
     }
 }
 
-/// A prepared statement the session has (from a Parse or an SQL-level PREPARE): how it
-/// routes, and what prepares it again on a mirror that lacks it.
-struct Replayable {
+/// Where a prepared statement came from, when routing first meets it.
+enum Origin<'a> {
+    /// A Parse: the client's frame.
+    Parse(&'a [u8]),
+    /// An SQL-level `PREPARE`: its text.
+    Prepare(&'a [u8]),
+    /// Met after it was made (not expected: routing sees every frame the tracker saw).
+    Unseen,
+}
+
+/// What routing derives from a prepared statement (a Parse or an SQL-level PREPARE), once,
+/// in its `Slot::Mirror` extension: how it routes, and what prepares it again on a mirror
+/// that lacks it.
+struct Mirrored {
     class: Class,
     copy_from: bool,
     source: Source,
@@ -65,47 +84,46 @@ struct Replayable {
     transaction: Option<sql::Transaction>,
     /// It changes a session setting (SET, ... sent through the extended protocol).
     setting: bool,
-    /// The text of an SQL-level prepared-statement command (PREPARE, EXECUTE, DEALLOCATE)
-    /// sent through the extended protocol: what it does is resolved when it runs.
-    command: Option<Bytes>,
+    /// An SQL-level prepared-statement command (PREPARE, EXECUTE, DEALLOCATE) sent through
+    /// the extended protocol: what it does is resolved when it runs.
+    command: bool,
+    /// The session's count of kept source bytes, given back when the statement goes.
+    kept: Rc<Cell<usize>>,
 }
 
-/// A portal the client bound: what its statement said when bound, and the statement's name
-/// (a mirror has the portal only where it has that statement).
-struct BoundPortal {
-    class: Class,
-    copy_from: bool,
-    statement: String,
-    fingerprint: u64,
-    transaction: Option<sql::Transaction>,
-    /// A setting bound without parameters: its text alone replays it.
-    setting: bool,
-    command: Option<Bytes>,
+impl Drop for Mirrored {
+    fn drop(&mut self) {
+        self.kept.set(self.kept.get() - self.source.bytes());
+    }
 }
+
+/// A prepared statement by the name the mirror links know it under, with what routing
+/// derived from it.
+type Named<'a> = (&'a str, Rc<Mirrored>);
 
 /// One statement of a simple Query, with what routing it needs.
-struct Part {
+struct Part<'a> {
     range: Range<usize>,
     class: Class,
-    prepared: Option<SqlPrepared>,
+    prepared: Option<SqlPrepared<'a>>,
 }
 
 /// An SQL-level prepared-statement command, resolved against the session's statements as
 /// they were at that point of the Query.
-enum SqlPrepared {
+enum SqlPrepared<'a> {
     /// `tracked`: within `proxy.session-names-max` (untracked ones are never mirrored).
     Prepare {
-        name: String,
+        name: &'a str,
         tracked: bool,
     },
     /// `source` is `None` when the session has no such statement (as far as pgprism knows):
     /// the primary rejects it, and it is not mirrored.
     Execute {
-        name: String,
+        name: &'a str,
         source: Option<Source>,
     },
     Deallocate {
-        name: String,
+        name: &'a str,
     },
     /// DEALLOCATE ALL, DISCARD ALL.
     DeallocateAll,
@@ -114,18 +132,16 @@ enum SqlPrepared {
 pub struct Router {
     links: Vec<Rc<Link>>,
     fingerprints: Rc<Fingerprints>,
-    statements: HashMap<String, Replayable>,
-    portals: HashMap<String, BoundPortal>,
     /// Fingerprint of the last statement seen, for the latency of the next sync point.
     last_fingerprint: u64,
-    /// Bytes held by the statements' sources (bounded by `KEPT_TEXT_BYTES_MAX`).
-    kept_bytes: usize,
-    /// The session's settings, for replay onto a mirror session that lost them.
+    /// Bytes held by the statements' sources (bounded by `KEPT_TEXT_BYTES_MAX`), shared with
+    /// each statement's [`Mirrored`], which gives its bytes back when it goes.
+    kept: Rc<Cell<usize>>,
+    /// The session's settings, for replay onto a mirror session that lost them. Routing's
+    /// own: the tracker keeps settings only when a mode asks (`session::Limits::settings`),
+    /// and these follow what the mirrors were sent (a parameterless extended-protocol SET
+    /// replays from its text).
     settings: Settings,
-    /// A DISCARD ALL was classified: the portals go once the frame is routed.
-    discard_portals: bool,
-    /// Prepared statements and portals tracked at most (`proxy.session-names-max`).
-    names_max: usize,
 }
 
 impl Drop for Router {
@@ -157,30 +173,31 @@ enum Route<'a> {
     /// case) or several (`parts`).
     Query {
         sql: &'a [u8],
-        single: Part,
-        parts: Vec<Part>,
+        single: Part<'a>,
+        parts: Vec<Part<'a>>,
     },
+    /// `None`: beyond `proxy.session-names-max`, not followed.
     Parse {
-        name: &'a str,
+        statement: Option<Named<'a>>,
     },
+    /// `None`: its statement is unknown.
     Bind {
-        statement: &'a str,
+        statement: Option<Named<'a>>,
     },
+    /// `None`: its portal or the portal's statement is unknown.
     Execute {
-        portal: &'a str,
+        statement: Option<Named<'a>>,
         /// An SQL-level prepared-statement command, resolved as it runs.
-        command: Option<Part>,
+        command: Option<Part<'a>>,
     },
     DescribeStatement {
         name: &'a str,
     },
+    /// Describe or Close a portal: `None` when it or its statement is unknown.
     Portal {
-        name: &'a str,
+        statement: Option<Named<'a>>,
     },
     CloseStatement {
-        name: &'a str,
-    },
-    ClosePortal {
         name: &'a str,
     },
     Sync,
@@ -194,9 +211,9 @@ enum Route<'a> {
 }
 
 impl Router {
-    /// `limits`: the session's bounds (`proxy.session-names-max`: prepared statements and
-    /// portals tracked; beyond it new names are not tracked and what uses them is not
-    /// mirrored, counted as filtered; `proxy.session-settings-max`: settings kept).
+    /// `limits`: the session's bounds (`proxy.session-settings-max`: settings kept; the
+    /// names the tracker keeps, `proxy.session-names-max`, bound what routing follows:
+    /// beyond it what uses a new name is not mirrored, counted as filtered).
     pub fn new(
         links: Vec<Rc<Link>>,
         fingerprints: Rc<Fingerprints>,
@@ -205,13 +222,9 @@ impl Router {
         Router {
             links,
             fingerprints,
-            statements: HashMap::new(),
-            portals: HashMap::new(),
             last_fingerprint: 0,
-            kept_bytes: 0,
+            kept: Rc::new(Cell::new(0)),
             settings: Settings::new(limits.settings_max),
-            names_max: limits.names_max,
-            discard_portals: false,
         }
     }
 
@@ -235,117 +248,141 @@ impl Router {
         }
     }
 
-    /// Tracks a statement the session now has, within the name and byte bounds. Returns
-    /// whether it is tracked.
-    fn insert_statement(
-        &mut self,
-        name: &str,
-        source: impl FnOnce() -> Source,
-        source_bytes: usize,
-        statement: impl FnOnce(Source) -> Replayable,
-    ) -> bool {
-        if self.statements.len() >= self.names_max && !self.statements.contains_key(name) {
-            return false;
-        }
-        self.remove_statement(name);
-        let source = if self.kept_bytes + source_bytes <= KEPT_TEXT_BYTES_MAX {
-            self.kept_bytes += source_bytes;
-            source()
-        } else {
-            Source::Lost
+    /// What routing derives from prepared statement `statement`, made the first time it
+    /// meets it (from `origin`, its source kept within `KEPT_TEXT_BYTES_MAX`).
+    fn mirrored(&self, statement: &Statement, origin: Origin<'_>) -> Rc<Mirrored> {
+        statement.extension(Slot::Mirror, || {
+            let keep = |bytes: &[u8], make: fn(Bytes) -> Source| {
+                if self.kept.get() + bytes.len() <= KEPT_TEXT_BYTES_MAX {
+                    self.kept.set(self.kept.get() + bytes.len());
+                    make(Bytes::copy_from_slice(bytes))
+                } else {
+                    Source::Lost
+                }
+            };
+            let text = statement.text.as_bytes();
+            let fingerprint = self.fingerprints.intern(text);
+            if let Origin::Prepare(prepare) = origin {
+                return Mirrored {
+                    class: statement.class,
+                    // COPY cannot be prepared.
+                    copy_from: false,
+                    source: keep(prepare, Source::Prepare),
+                    fingerprint,
+                    transaction: None,
+                    setting: false,
+                    command: false,
+                    kept: self.kept.clone(),
+                };
+            }
+            let command = statement.command().is_some();
+            // A command's Parse, Bind and Describe reach every mirror (preparing or
+            // describing `EXECUTE x` runs nothing); whether its Execute goes depends on
+            // what it prepares, runs or drops, decided when it runs.
+            let class = if command {
+                Class::Session
+            } else {
+                statement.class
+            };
+            Mirrored {
+                class,
+                copy_from: statement.copy == Some(sql::Copy::FromStdin),
+                source: match origin {
+                    Origin::Parse(frame) => keep(frame, Source::Parse),
+                    _ => Source::Lost,
+                },
+                fingerprint,
+                transaction: match class {
+                    Class::Transaction => statement.transaction,
+                    _ => None,
+                },
+                setting: class == Class::Session && sql::setting(text).is_some(),
+                command,
+                kept: self.kept.clone(),
+            }
+        })
+    }
+
+    /// A prepared statement the tracker knows by name, with what routing derived from it.
+    fn named<'a>(&self, statement: &'a Statement, origin: Origin<'_>) -> Option<Named<'a>> {
+        let name = statement.name.as_deref()?;
+        Some((name, self.mirrored(statement, origin)))
+    }
+
+    /// One statement of a simple Query as the tracker read it, with the session's settings
+    /// followed as running it does.
+    fn part<'a>(&mut self, sql: &[u8], part: &'a QueryPart) -> Part<'a> {
+        let (class, prepared) = match part.own.command() {
+            Some(command) => {
+                let text = &sql[part.range.clone()];
+                self.command(&part.own, text, command, &part.applied)
+            }
+            None => (part.own.class, None),
         };
-        self.statements.insert(name.to_string(), statement(source));
-        true
-    }
-
-    fn remove_statement(&mut self, name: &str) {
-        if let Some(old) = self.statements.remove(name) {
-            self.kept_bytes -= old.source.bytes();
-        }
-    }
-
-    fn clear_statements(&mut self) {
-        self.statements.clear();
-        self.kept_bytes = 0;
-    }
-
-    /// Classifies one statement of a simple Query and updates the session's bookkeeping
-    /// (SQL-level prepared statements, settings, transaction blocks) as running it does.
-    fn part(&mut self, sql: &[u8], range: Range<usize>) -> Part {
-        let text = &sql[range.clone()];
-        let mut class = sql::classify(text);
-        let prepared = sql::prepared(text).map(|p| self.track_prepared(text, p, &mut class));
-        self.follow_statement(text, class);
+        self.follow_statement(&sql[part.range.clone()], class);
         Part {
-            range,
+            range: part.range.clone(),
             class,
             prepared,
         }
     }
 
-    /// Updates the session's statements for an SQL-level prepared-statement command in
-    /// `text` and resolves it; `class` becomes that of what it prepares or runs.
-    fn track_prepared(
-        &mut self,
+    /// Resolves an SQL-level prepared-statement command (`own`, the client's bytes `text`,
+    /// read as `command`) by what the tracker says it did (`applied`): the class it routes as
+    /// (that of what it prepares or runs), and what it does to the mirrors' names.
+    fn command<'a>(
+        &self,
+        own: &'a Statement,
         text: &[u8],
-        prepared: Prepared,
-        class: &mut Class,
-    ) -> SqlPrepared {
-        match prepared {
-            Prepared::Prepare { name, body } => {
-                *class = sql::classify(&text[body..]);
-                let tracked = self.track_prepare(&name, text, body, *class);
-                SqlPrepared::Prepare { name, tracked }
-            }
+        command: &'a Prepared,
+        applied: &Applied,
+    ) -> (Class, Option<SqlPrepared<'a>>) {
+        match command {
+            Prepared::Prepare { name, body } => match &applied.prepares {
+                Some(s) => {
+                    let m = self.mirrored(s, Origin::Prepare(text));
+                    (
+                        m.class,
+                        Some(SqlPrepared::Prepare {
+                            name,
+                            tracked: true,
+                        }),
+                    )
+                }
+                None => {
+                    let class = sql::classify(own.text.as_bytes().get(*body..).unwrap_or(b""));
+                    (
+                        class,
+                        Some(SqlPrepared::Prepare {
+                            name,
+                            tracked: false,
+                        }),
+                    )
+                }
+            },
             Prepared::Execute { name, runs } => {
-                let source = self.statements.get(&name).map(|s| {
+                let mut class = own.class;
+                let source = applied.names.as_ref().map(|s| {
+                    let m = self.mirrored(s, Origin::Unseen);
                     // A plain EXPLAIN only plans it.
-                    *class = if runs { s.class } else { Class::Select };
-                    s.source.clone()
+                    class = if *runs { m.class } else { Class::Select };
+                    m.source.clone()
                 });
-                SqlPrepared::Execute { name, source }
+                (class, Some(SqlPrepared::Execute { name, source }))
             }
             // DDL (it passes as DDL) that needs the statement on the mirror, as EXECUTE does.
             Prepared::CreateTableAsExecute { name } => {
-                let source = self.statements.get(&name).map(|s| s.source.clone());
-                SqlPrepared::Execute { name, source }
+                let source = applied
+                    .names
+                    .as_ref()
+                    .map(|s| self.mirrored(s, Origin::Unseen).source.clone());
+                (own.class, Some(SqlPrepared::Execute { name, source }))
             }
-            Prepared::Deallocate { name } => {
-                self.remove_statement(&name);
-                SqlPrepared::Deallocate { name }
-            }
-            Prepared::DeallocateAll => {
-                self.clear_statements();
-                SqlPrepared::DeallocateAll
-            }
-            Prepared::DiscardAll => {
-                self.clear_statements();
-                // After routing: a DISCARD ALL run through Execute still needs its own portal.
-                self.discard_portals = true;
-                SqlPrepared::DeallocateAll
+            Prepared::Deallocate { name } => (own.class, Some(SqlPrepared::Deallocate { name })),
+            Prepared::DeallocateAll | Prepared::DiscardAll => {
+                (own.class, Some(SqlPrepared::DeallocateAll))
             }
         }
-    }
-
-    /// Tracks the statement an SQL-level `PREPARE` (`text`, preparing `text[body..]` of
-    /// class `class`) creates. Returns whether it is tracked.
-    fn track_prepare(&mut self, name: &str, text: &[u8], body: usize, class: Class) -> bool {
-        let fingerprint = self.fingerprints.intern(&text[body..]);
-        self.insert_statement(
-            name,
-            || Source::Prepare(Bytes::copy_from_slice(text)),
-            text.len(),
-            |source| Replayable {
-                class,
-                // COPY cannot be prepared.
-                copy_from: false,
-                source,
-                fingerprint,
-                transaction: None,
-                setting: false,
-                command: None,
-            },
-        )
     }
 
     /// Follows what running a statement of a simple Query does to the session's settings
@@ -371,10 +408,11 @@ impl Router {
         self.last_fingerprint
     }
 
-    /// Routes one complete client frame (`frame` includes its header) to every link.
-    pub async fn route(&mut self, tag_byte: u8, frame: &Bytes) {
+    /// Routes one complete client frame (`frame` includes its header), with what the tracker
+    /// resolved it to (`framed`), to every link.
+    pub async fn route(&mut self, framed: &Framed, frame: &Bytes) {
         let body = &frame[wire::HEADER_BYTES..];
-        let route = match self.classify(tag_byte, frame, body) {
+        let route = match self.classify(framed, frame, body) {
             Some(route) => route,
             None => return,
         };
@@ -382,36 +420,37 @@ impl Router {
             let link = self.links[i].clone();
             self.route_one(&link, &route, frame).await;
         }
-        match route {
-            Route::CloseStatement { name } => {
-                self.remove_statement(name);
-            }
-            Route::ClosePortal { name } => {
-                self.portals.remove(name);
-            }
-            _ => {}
-        }
-        if std::mem::take(&mut self.discard_portals) {
-            self.portals.clear();
-        }
     }
 
-    /// Updates the session bookkeeping for one frame and says how to route it.
-    fn classify<'a>(&mut self, tag_byte: u8, frame: &Bytes, body: &'a [u8]) -> Option<Route<'a>> {
-        Some(match tag_byte {
-            tag::QUERY => self.classify_query(body),
-            tag::PARSE => self.classify_parse(frame, body)?,
-            tag::BIND => self.classify_bind(body)?,
-            tag::EXECUTE => self.classify_execute(body)?,
+    /// Follows the session's bookkeeping for one frame and says how to route it.
+    fn classify<'a>(
+        &mut self,
+        framed: &'a Framed,
+        frame: &[u8],
+        body: &'a [u8],
+    ) -> Option<Route<'a>> {
+        Some(match framed.tag {
+            tag::QUERY => self.classify_query(body, &framed.refers),
+            tag::PARSE => match &framed.refers {
+                Refers::Statement(s) => Route::Parse {
+                    statement: self.named(s, Origin::Parse(frame)),
+                },
+                _ => return None,
+            },
+            tag::BIND => match &framed.refers {
+                Refers::Portal(p) => Route::Bind {
+                    statement: self.named(&p.statement, Origin::Unseen),
+                },
+                _ => return None,
+            },
+            tag::EXECUTE => self.classify_execute(framed)?,
             tag::DESCRIBE => match wire::Describe::new(body).target().ok()? {
                 (ObjectKind::Statement, name) => Route::DescribeStatement { name },
-                (ObjectKind::Portal, name) => Route::Portal { name },
+                (ObjectKind::Portal, _) => self.portal(&framed.refers),
             },
-            // The names are forgotten after routing (see `route`): a closed name may be reused,
-            // and drivers that number their statements would otherwise fill the table.
             tag::CLOSE => match wire::Close::new(body).target().ok()? {
                 (ObjectKind::Statement, name) => Route::CloseStatement { name },
-                (ObjectKind::Portal, name) => Route::ClosePortal { name },
+                (ObjectKind::Portal, _) => self.portal(&framed.refers),
             },
             tag::SYNC => Route::Sync,
             tag::FLUSH => Route::Flush,
@@ -422,26 +461,88 @@ impl Router {
         })
     }
 
-    /// A simple Query: its fingerprint, and its statements classified in order.
-    fn classify_query<'a>(&mut self, body: &'a [u8]) -> Route<'a> {
+    /// A Describe or Close of a portal, as the tracker knew it then.
+    fn portal<'a>(&self, refers: &'a Refers) -> Route<'a> {
+        let statement = match refers {
+            Refers::Portal(p) => self.named(&p.statement, Origin::Unseen),
+            _ => None,
+        };
+        Route::Portal { statement }
+    }
+
+    /// A simple Query: its fingerprint, and its statements as the tracker read them.
+    fn classify_query<'a>(&mut self, body: &'a [u8], refers: &'a Refers) -> Route<'a> {
         let sql = body.strip_suffix(&[0]).unwrap_or(body);
         self.last_fingerprint = self.fingerprints.intern(sql);
+        let parts: &[QueryPart] = match refers {
+            Refers::Query(parts) => parts,
+            _ => return self.unread_query(sql),
+        };
+        match parts {
+            // Nothing but blanks and comments.
+            [] => Route::Query {
+                sql,
+                single: self.plain_part(sql, 0..sql.len()),
+                parts: Vec::new(),
+            },
+            [part] => Route::Query {
+                sql,
+                single: self.part(sql, part),
+                parts: Vec::new(),
+            },
+            _ => {
+                let parts = parts.iter().map(|p| self.part(sql, p)).collect();
+                Route::Query {
+                    sql,
+                    single: Part {
+                        range: 0..0,
+                        class: Class::Other,
+                        prepared: None,
+                    },
+                    parts,
+                }
+            }
+        }
+    }
+
+    /// A statement of a Query the tracker could not read, classified here (no prepared-
+    /// statement command: those are not mirrored, their statements being unknown).
+    fn plain_part<'a>(&mut self, sql: &[u8], range: Range<usize>) -> Part<'a> {
+        let text = &sql[range.clone()];
+        let class = sql::classify(text);
+        let prepared = sql::prepared(text).map(|_| SqlPrepared::Execute {
+            name: "",
+            source: None,
+        });
+        self.follow_statement(text, class);
+        Part {
+            range,
+            class,
+            prepared,
+        }
+    }
+
+    /// A Query the tracker could not read (not UTF-8, say: PostgreSQL takes other client
+    /// encodings): its statements split and classified here.
+    fn unread_query<'a>(&mut self, sql: &'a [u8]) -> Route<'a> {
         let ranges = if memchr::memchr(b';', sql).is_some() {
             sql::split_statements(sql)
         } else {
             Vec::new()
         };
-        // A lone trailing `;` splits into one part: treat it as a single statement.
         if ranges.len() <= 1 {
             let range = ranges.into_iter().next().unwrap_or(0..sql.len());
-            let single = self.part(sql, range);
+            let single = self.plain_part(sql, range);
             Route::Query {
                 sql,
                 single,
                 parts: Vec::new(),
             }
         } else {
-            let parts = ranges.into_iter().map(|r| self.part(sql, r)).collect();
+            let parts = ranges
+                .into_iter()
+                .map(|r| self.plain_part(sql, r))
+                .collect();
             Route::Query {
                 sql,
                 single: Part {
@@ -454,105 +555,48 @@ impl Router {
         }
     }
 
-    /// A Parse: the session now has its statement (within the bounds), kept for replay.
-    fn classify_parse<'a>(&mut self, frame: &Bytes, body: &'a [u8]) -> Option<Route<'a>> {
-        let (name, query, _) = wire::Parse::new(body).parts().ok()?;
-        let query = query.as_bytes();
-        let command = sql::prepared(query).map(|_| Bytes::copy_from_slice(query));
-        // A command's Parse, Bind and Describe reach every mirror (preparing or
-        // describing `EXECUTE x` runs nothing); whether its Execute goes depends on
-        // what it prepares, runs or drops, decided when it runs.
-        let class = if command.is_some() {
-            Class::Session
-        } else {
-            sql::classify(query)
-        };
-        let fingerprint = self.fingerprints.intern(query);
-        let transaction = match class {
-            Class::Transaction => sql::transaction(query),
-            _ => None,
-        };
-        let setting = class == Class::Session && sql::setting(query).is_some();
-        self.insert_statement(
-            name,
-            || Source::Parse(Bytes::copy_from_slice(frame)),
-            frame.len(),
-            |source| Replayable {
-                class,
-                copy_from: sql::copy(query) == Some(sql::Copy::FromStdin),
-                source,
-                fingerprint,
-                transaction,
-                setting,
-                command,
-            },
-        );
-        Some(Route::Parse { name })
-    }
-
-    /// A Bind: its portal takes what routing needs from its statement (or is forgotten when
-    /// the statement is unknown or the portals are at their bound).
-    fn classify_bind<'a>(&mut self, body: &'a [u8]) -> Option<Route<'a>> {
-        let bind = wire::Bind::new(body);
-        let (portal, statement) = (bind.portal().ok()?, bind.statement().ok()?);
-        if let Some(s) = self.statements.get(statement)
-            && (self.portals.len() < self.names_max || self.portals.contains_key(portal))
-        {
-            self.portals.insert(
-                portal.to_string(),
-                BoundPortal {
-                    class: s.class,
-                    copy_from: s.copy_from,
-                    statement: statement.to_string(),
-                    fingerprint: s.fingerprint,
-                    transaction: s.transaction,
-                    setting: s.setting && bind.params().is_ok_and(|params| params.is_empty()),
-                    command: s.command.clone(),
-                },
-            );
-        } else {
-            self.portals.remove(portal);
-        }
-        Some(Route::Bind { statement })
-    }
-
     /// An Execute: the session's bookkeeping as running its portal does it.
-    fn classify_execute<'a>(&mut self, body: &'a [u8]) -> Option<Route<'a>> {
-        let portal = wire::Execute::new(body).portal().ok()?;
-        let command = self.portals.get(portal).and_then(|p| p.command.clone());
-        if let Some(text) = command {
-            // Bookkeeping as a simple Query's PREPARE, EXECUTE or DEALLOCATE does it.
-            self.last_fingerprint = self.portals.get(portal).map_or(0, |p| p.fingerprint);
-            let command = self.part(&text, 0..text.len());
+    fn classify_execute<'a>(&mut self, framed: &'a Framed) -> Option<Route<'a>> {
+        let Refers::Portal(p) = &framed.refers else {
+            return None;
+        };
+        let Some((name, m)) = self.named(&p.statement, Origin::Unseen) else {
             return Some(Route::Execute {
-                portal,
-                command: Some(command),
+                statement: None,
+                command: None,
+            });
+        };
+        self.last_fingerprint = m.fingerprint;
+        if m.command
+            && let Some(command) = p.statement.command()
+        {
+            // Bookkeeping as a simple Query's PREPARE, EXECUTE or DEALLOCATE does it.
+            let text = p.statement.text.as_bytes();
+            let (class, prepared) = self.command(&p.statement, text, command, &framed.applied);
+            self.follow_statement(text, class);
+            return Some(Route::Execute {
+                statement: Some((name, m)),
+                command: Some(Part {
+                    range: 0..text.len(),
+                    class,
+                    prepared,
+                }),
             });
         }
-        self.follow_portal(portal);
-        Some(Route::Execute {
-            portal,
-            command: None,
-        })
-    }
-
-    /// Follows what running a portal (no prepared-statement command) does to the session:
-    /// the fingerprint of the next sync point, the transaction block and the settings.
-    fn follow_portal(&mut self, portal: &str) {
-        let Some(p) = self.portals.get(portal) else {
-            return;
-        };
-        self.last_fingerprint = p.fingerprint;
-        if let Some(transaction) = p.transaction {
+        if let Some(transaction) = m.transaction {
             self.settings.transaction(transaction);
         }
-        if p.setting
-            && let Some(Source::Parse(parse)) = self.statements.get(&p.statement).map(|s| &s.source)
-            && let Ok((_, query, _)) = wire::Parse::new(&parse[wire::HEADER_BYTES..]).parts()
-            && let Some(setting) = sql::setting(query.as_bytes())
-        {
-            self.settings.change(setting, query.as_bytes());
+        // A setting bound with parameters cannot be replayed from its text alone.
+        if m.setting && !p.params {
+            let text = p.statement.text.as_bytes();
+            if let Some(setting) = sql::setting(text) {
+                self.settings.change(setting, text);
+            }
         }
+        Some(Route::Execute {
+            statement: Some((name, m)),
+            command: None,
+        })
     }
 
     /// Routes one classified frame to one link.
@@ -566,11 +610,17 @@ impl Router {
                 };
                 self.route_query(link, sql, parts, frame).await;
             }
-            Route::Parse { name } => self.route_parse(link, name, frame).await,
-            Route::Bind { statement } => self.route_bind(link, statement, frame).await,
-            Route::Execute { portal, command } => {
-                self.route_execute(link, portal, command.as_ref(), frame)
-                    .await;
+            Route::Parse { statement } => self.route_parse(link, statement.as_ref(), frame).await,
+            Route::Bind { statement } => {
+                if let Some(statement) = statement {
+                    self.route_bind(link, statement, frame).await;
+                }
+            }
+            Route::Execute { statement, command } => {
+                if let Some(statement) = statement {
+                    self.route_execute(link, statement, command.as_ref(), frame)
+                        .await;
+                }
             }
             Route::DescribeStatement { name } => {
                 if link.prepared.borrow().contains(*name) {
@@ -578,10 +628,9 @@ impl Router {
                 }
             }
             // Describe or Close a portal: only where it passes and the mirror has its statement.
-            Route::Portal { name } | Route::ClosePortal { name } => {
-                if self.portals.get(*name).is_some_and(|p| {
-                    passes(&link.target.cfg, p.class)
-                        && link.prepared.borrow().contains(&p.statement)
+            Route::Portal { statement } => {
+                if statement.as_ref().is_some_and(|(name, m)| {
+                    passes(&link.target.cfg, m.class) && link.prepared.borrow().contains(*name)
                 }) {
                     self.send(link, frame.clone(), None, false).await;
                 }
@@ -614,41 +663,33 @@ impl Router {
         }
     }
 
-    /// Routes a Parse to one link: only if its statement's class passes the link's filter.
-    async fn route_parse(&self, link: &Rc<Link>, name: &str, frame: &Bytes) {
-        let wanted = self
-            .statements
-            .get(name)
-            .is_some_and(|s| passes(&link.target.cfg, s.class));
-        if wanted {
-            if self.send(link, frame.clone(), None, false).await {
-                link.prepared.borrow_mut().insert(name.to_string());
+    /// Routes a Parse to one link: only if its statement is followed and its class passes
+    /// the link's filter.
+    async fn route_parse(&self, link: &Rc<Link>, statement: Option<&Named<'_>>, frame: &Bytes) {
+        match statement {
+            Some((name, m)) if passes(&link.target.cfg, m.class) => {
+                if self.send(link, frame.clone(), None, false).await {
+                    link.prepared.borrow_mut().insert(name.to_string());
+                }
             }
-        } else {
             // The mirror's statement of that name (if any) is now stale: anything bound
             // to the name is skipped from here on, because its class does not pass.
-            MirrorStats::bump(&link.target.stats.counters.skipped_filter, 1);
+            _ => MirrorStats::bump(&link.target.stats.counters.skipped_filter, 1),
         }
     }
 
     /// Routes a Bind to one link: only if its statement passes, prepared again first where
     /// the mirror lacks it.
-    async fn route_bind(&self, link: &Rc<Link>, statement: &str, frame: &Bytes) {
-        let Some(s) = self.statements.get(statement) else {
-            return;
-        };
-        if !passes(&link.target.cfg, s.class) {
+    async fn route_bind(&self, link: &Rc<Link>, (name, m): &Named<'_>, frame: &Bytes) {
+        if !passes(&link.target.cfg, m.class) {
             return;
         }
         // The mirror lost or never got this statement (skipped, reconnected): prepare
         // it again before binding. Text not kept: the Bind is skipped, and so is its
         // Execute (counted there).
         if link.accepting()
-            && !link.prepared.borrow().contains(statement)
-            && self
-                .prepare_again(link, statement, &s.source)
-                .await
-                .is_none()
+            && !link.prepared.borrow().contains(*name)
+            && self.prepare_again(link, name, &m.source).await.is_none()
         {
             return;
         }
@@ -660,20 +701,17 @@ impl Router {
     async fn route_execute(
         &self,
         link: &Rc<Link>,
-        portal: &str,
-        command: Option<&Part>,
+        (name, m): &Named<'_>,
+        command: Option<&Part<'_>>,
         frame: &Bytes,
     ) {
         let stats = &link.target.stats;
-        let Some(p) = self.portals.get(portal) else {
-            return;
-        };
-        let class = command.map_or(p.class, |c| c.class);
+        let class = command.map_or(m.class, |c| c.class);
         if !passes(&link.target.cfg, class) {
             MirrorStats::bump(&stats.counters.skipped_filter, 1);
             return;
         }
-        if link.accepting() && !link.prepared.borrow().contains(&p.statement) {
+        if link.accepting() && !link.prepared.borrow().contains(*name) {
             MirrorStats::bump(&stats.counters.skipped_unprepared, 1);
             return;
         }
@@ -681,8 +719,7 @@ impl Router {
             self.execute_command(link, prepared, frame).await;
             return;
         }
-        let copy = p.copy_from;
-        if self.send(link, frame.clone(), None, true).await && copy {
+        if self.send(link, frame.clone(), None, true).await && m.copy_from {
             link.copy_active.set(true);
         }
     }
@@ -723,14 +760,14 @@ impl Router {
     /// (its class passed the filter) on one link, as `route_query` does for a simple Query:
     /// an EXECUTE only if the mirror has (or is given again) its statement, a DEALLOCATE only
     /// if the mirror has it.
-    async fn execute_command(&self, link: &Rc<Link>, prepared: &SqlPrepared, frame: &Bytes) {
+    async fn execute_command(&self, link: &Rc<Link>, prepared: &SqlPrepared<'_>, frame: &Bytes) {
         let stats = &link.target.stats;
         match prepared {
             SqlPrepared::Prepare { name, tracked } => {
                 if !tracked {
                     MirrorStats::bump(&stats.counters.skipped_filter, 1);
                 } else if self.send(link, frame.clone(), None, true).await {
-                    link.prepared.borrow_mut().insert(name.clone());
+                    link.prepared.borrow_mut().insert(name.to_string());
                 }
             }
             SqlPrepared::Execute { name, source } => {
@@ -739,7 +776,7 @@ impl Router {
                     MirrorStats::bump(&stats.counters.skipped_filter, 1);
                     return;
                 };
-                if link.accepting() && !link.prepared.borrow().contains(name) {
+                if link.accepting() && !link.prepared.borrow().contains(*name) {
                     match self.prepare_again(link, name, source).await {
                         Some(true) => {}
                         Some(false) => return,
@@ -753,10 +790,10 @@ impl Router {
             }
             SqlPrepared::Deallocate { name } => {
                 // Only where it exists: else the mirror would fail where the primary did not.
-                if link.prepared.borrow().contains(name)
+                if link.prepared.borrow().contains(*name)
                     && self.send(link, frame.clone(), None, true).await
                 {
-                    link.prepared.borrow_mut().remove(name);
+                    link.prepared.borrow_mut().remove(*name);
                 }
             }
             SqlPrepared::DeallocateAll => {
@@ -771,7 +808,7 @@ impl Router {
     /// only if the mirror has (or is given again) its statement, each DEALLOCATE only if the
     /// mirror has it. The client's frame goes as is when nothing changes, else a Query with
     /// the statements that pass (and PREPAREs the mirror lacks, before their EXECUTE).
-    async fn route_query(&self, link: &Rc<Link>, sql: &[u8], parts: &[Part], frame: &Bytes) {
+    async fn route_query(&self, link: &Rc<Link>, sql: &[u8], parts: &[Part<'_>], frame: &Bytes) {
         if let [part] = parts
             && part.prepared.is_none()
         {
@@ -816,7 +853,7 @@ impl Router {
 
     /// Routes a Query of one statement that is no prepared-statement command to one link:
     /// the common case, the client's frame as is, without allocation.
-    async fn route_statement(&self, link: &Rc<Link>, sql: &[u8], part: &Part, frame: &Bytes) {
+    async fn route_statement(&self, link: &Rc<Link>, sql: &[u8], part: &Part<'_>, frame: &Bytes) {
         if !passes(&link.target.cfg, part.class) {
             MirrorStats::bump(&link.target.stats.counters.skipped_filter, 1);
             return;
@@ -1034,7 +1071,7 @@ impl QueryPlan {
     /// The Query frame the link gets: the client's own when every part goes unchanged, else
     /// one of the parts sent (PREPAREs before their EXECUTE). `None` when the text is not
     /// UTF-8 or holds a NUL: the primary rejects it too.
-    fn frame(&self, sql: &[u8], parts: &[Part], frame: &Bytes) -> Option<Bytes> {
+    fn frame(&self, sql: &[u8], parts: &[Part<'_>], frame: &Bytes) -> Option<Bytes> {
         let verbatim = self.send.len() == parts.len()
             && self.parses.is_empty()
             && self.send.iter().all(|(_, prepare)| prepare.is_none());

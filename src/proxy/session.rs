@@ -487,10 +487,9 @@ async fn relay(
         client: client.clone(),
         primary: primary.clone(),
         tracker: RefCell::new(Tracker::new(crate::session::Limits {
-            // Compare planning reads the statements and portals off the tracker; mirror
-            // routing still keeps its own (with the bytes that re-create a statement on a
-            // mirror), so a plain or mirror-only session decodes none here.
-            statements: compare.is_some(),
+            // Compare planning and mirror routing read the statements and portals off the
+            // tracker; a plain session decodes none.
+            statements: compare.is_some() || router.is_some(),
             ..shard.settings.session_limits
         })),
         stamps: RefCell::new(VecDeque::new()),
@@ -666,6 +665,7 @@ fn scan(
                 end,
                 step,
                 refers: tracker.take_refers(),
+                applied: tracker.take_applied(),
             });
         }
         at = end;
@@ -719,7 +719,7 @@ async fn route_and_stamp(
     router.begin_batch(idle_before);
     let mut seq = scanned.first_sync;
     for f in framed {
-        router.route(f.tag, &frames.slice(f.start..f.end)).await;
+        router.route(f, &frames.slice(f.start..f.end)).await;
         if f.step == Step::SyncPoint {
             push_stamp(shared, settings, seq, read_at, router.last_fingerprint());
             seq += 1;

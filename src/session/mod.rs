@@ -19,6 +19,7 @@ pub mod settings;
 use std::any::Any;
 use std::cell::OnceCell;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::rc::Rc;
 
 use crate::sql;
@@ -68,6 +69,11 @@ pub struct Statement {
     /// An SQL-level prepared-statement command (PREPARE, DEALLOCATE, DISCARD ALL...): run by
     /// an Execute, it changes the session's statements as it does in a simple Query.
     command: Option<sql::Prepared>,
+    /// The name the session prepared it under (a Parse or `PREPARE`; `""` for the unnamed
+    /// statement), when the tracker remembered it; `None` for a Query's own statements, one
+    /// beyond `proxy.session-names-max`, and an unknown one. An empty-text Parse is a
+    /// prepared statement all the same (its text is empty, its name is not `None`).
+    pub name: Option<Rc<str>>,
     extensions: Extensions,
 }
 
@@ -97,6 +103,8 @@ impl std::fmt::Debug for Extensions {
 pub struct Portal {
     pub statement: Rc<Statement>,
     pub formats: ResultFormats,
+    /// Its Bind carried parameter values.
+    pub params: bool,
 }
 
 /// The result formats a Bind asked for, under the protocol's 0/1/N rule (which columns come
@@ -131,12 +139,28 @@ impl ResultFormats {
     }
 }
 
-/// One statement of a simple Query: its own text, and for `EXECUTE name` the prepared
-/// statement it runs.
+/// One statement of a simple Query: its own text, where it lies in the Query's text, for
+/// `EXECUTE name` the prepared statement it runs, and what it does to the session's
+/// prepared statements.
 #[derive(Debug, Clone)]
 pub struct QueryPart {
     pub own: Rc<Statement>,
     pub runs: Option<Rc<Statement>>,
+    /// Its bytes in the Query's text (without the terminating NUL).
+    pub range: Range<usize>,
+    pub applied: Applied,
+}
+
+/// What an SQL-level prepared-statement command did to the session's statements as it ran
+/// (in a simple Query or through an Execute), resolved then.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    /// `PREPARE name AS ...`: the statement it created (`None` beyond
+    /// `proxy.session-names-max`: the name is then forgotten).
+    pub prepares: Option<Rc<Statement>>,
+    /// `EXECUTE name`, under EXPLAIN too, or `CREATE TABLE ... AS EXECUTE name`: the prepared
+    /// statement it names (`None` when the session has none of that name).
+    pub names: Option<Rc<Statement>>,
 }
 
 /// What a client frame refers to, resolved when the tracker read it (so a mode handling the
@@ -158,7 +182,7 @@ pub enum Refers {
 }
 
 impl Statement {
-    fn new(text: &str, params: bool) -> Statement {
+    fn new(text: &str, params: bool, name: Option<Rc<str>>) -> Statement {
         let text = text.trim();
         let bytes = text.as_bytes();
         Statement {
@@ -168,6 +192,7 @@ impl Statement {
             params,
             transaction: sql::transaction(bytes),
             command: sql::prepared(bytes),
+            name,
             extensions: Extensions::default(),
         }
     }
@@ -193,8 +218,14 @@ impl Statement {
             params: true,
             transaction: None,
             command: None,
+            name: None,
             extensions: Extensions::default(),
         })
+    }
+
+    /// The SQL-level prepared-statement command it is, if any.
+    pub fn command(&self) -> Option<&sql::Prepared> {
+        self.command.as_ref()
     }
 
     pub fn is_known(&self) -> bool {
@@ -230,6 +261,8 @@ pub struct Framed {
     pub end: usize,
     pub step: Step,
     pub refers: Refers,
+    /// An Execute of a prepared-statement command: what it did (see [`Applied`]).
+    pub applied: Applied,
 }
 
 /// What one server frame told the tracker.
@@ -285,10 +318,16 @@ pub struct Tracker {
     copy: CopySyncs,
     terminated: bool,
     farewell: bool,
-    statements: HashMap<Box<str>, Rc<Statement>>,
+    /// Keyed by the name the statement holds too (one allocation for both).
+    statements: HashMap<Rc<str>, Rc<Statement>>,
+    /// The unnamed statement's name, shared (an empty `Rc<str>` still allocates).
+    unnamed: Rc<str>,
     portals: HashMap<Box<str>, Rc<Portal>>,
     /// What the last client frame referred to (see [`take_refers`](Self::take_refers)).
     refers: Refers,
+    /// What the last client frame's prepared-statement command did (see
+    /// [`take_applied`](Self::take_applied)).
+    applied: Applied,
     /// The statements of the batch being sent (since the last sync point).
     batch: Vec<Rc<Statement>>,
     /// A sync point closed the batch: the next statement starts a new one.
@@ -312,8 +351,10 @@ impl Tracker {
             terminated: false,
             farewell: false,
             statements: HashMap::new(),
+            unnamed: "".into(),
             portals: HashMap::new(),
             refers: Refers::Nothing,
+            applied: Applied::default(),
             batch: Vec::new(),
             batch_closed: false,
             settings: Settings::new(limits.settings_max),
@@ -327,6 +368,7 @@ impl Tracker {
     #[inline]
     pub fn client(&mut self, tag: u8, body: &[u8]) -> Step {
         self.refers = Refers::Nothing;
+        self.applied = Applied::default();
         let step = match tag {
             tag::QUERY => {
                 self.copy.after_execute = false;
@@ -439,7 +481,7 @@ impl Tracker {
         let parts: Rc<[QueryPart]> = sql::split_statements(text.as_bytes())
             .into_iter()
             .map(|range| {
-                let part = self.simple_statement(&text[range]);
+                let part = self.simple_statement(text, range);
                 self.batch
                     .push(part.runs.clone().unwrap_or_else(|| part.own.clone()));
                 part
@@ -450,32 +492,42 @@ impl Tracker {
 
     /// One statement of a simple Query: SQL-level prepared statements share the protocol's
     /// namespace, and settings are kept as PostgreSQL keeps them.
-    fn simple_statement(&mut self, text: &str) -> QueryPart {
-        let bytes = text.as_bytes();
-        let own = Rc::new(Statement::new(text, false));
-        let runs = own
-            .command
-            .as_ref()
-            .and_then(|command| self.apply_command(&own.text, command));
-        if runs.is_some() {
-            return QueryPart { own, runs };
+    fn simple_statement(&mut self, query: &str, range: Range<usize>) -> QueryPart {
+        let text = &query[range.clone()];
+        let own = Rc::new(Statement::new(text, false, None));
+        let applied = match &own.command {
+            Some(command) => self.apply_command(&own.text, command),
+            None => Applied::default(),
+        };
+        let runs = match &own.command {
+            Some(sql::Prepared::Execute { runs: true, .. }) => applied.names.clone(),
+            _ => None,
+        };
+        if runs.is_none() {
+            self.follow_settings(&own, text.as_bytes());
         }
-        self.follow_settings(&own, bytes);
-        QueryPart { own, runs: None }
+        QueryPart {
+            own,
+            runs,
+            range,
+            applied,
+        }
     }
 
     /// An SQL-level prepared-statement command `text` (read as `command`), run by a Query or
-    /// an Execute: what it does to the session's statements. Returns the prepared statement
-    /// an `EXECUTE name` runs.
-    fn apply_command(&mut self, text: &str, command: &sql::Prepared) -> Option<Rc<Statement>> {
+    /// an Execute: what it does to the session's statements, and the statements it creates
+    /// or names.
+    fn apply_command(&mut self, text: &str, command: &sql::Prepared) -> Applied {
+        let mut applied = Applied::default();
         match command {
             sql::Prepared::Prepare { name, body } => {
                 let inner = text.get(*body..).unwrap_or("");
-                let statement = Rc::new(Statement::new(inner, inner.contains('$')));
-                self.remember_statement(name, statement);
+                applied.prepares = self.remember_statement(name, |name| {
+                    Statement::new(inner, inner.contains('$'), name)
+                });
             }
-            sql::Prepared::Execute { name, runs: true } => {
-                return self.statements.get(name.as_str()).cloned();
+            sql::Prepared::Execute { name, .. } | sql::Prepared::CreateTableAsExecute { name } => {
+                applied.names = self.statements.get(name.as_str()).cloned();
             }
             sql::Prepared::Deallocate { name } => {
                 self.statements.remove(name.as_str());
@@ -485,9 +537,8 @@ impl Tracker {
                 self.statements.clear();
                 self.portals.clear();
             }
-            _ => {}
         }
-        None
+        applied
     }
 
     fn extended(&mut self, tag: u8, body: &[u8]) {
@@ -495,9 +546,12 @@ impl Tracker {
             tag::PARSE => match wire::Parse::new(body).parts() {
                 Ok((name, query, types)) => {
                     let params = !types.is_empty() || query.contains('$');
-                    let statement = Rc::new(Statement::new(query, params));
-                    self.refers = Refers::Statement(statement.clone());
-                    self.remember_statement(name, statement);
+                    let statement =
+                        self.remember_statement(name, |name| Statement::new(query, params, name));
+                    self.refers = Refers::Statement(statement.unwrap_or_else(|| {
+                        // Beyond the bound: known for this frame, under no name.
+                        Rc::new(Statement::new(query, params, None))
+                    }));
                 }
                 Err(_) => self.unreadable += 1,
             },
@@ -511,6 +565,7 @@ impl Tracker {
                     let portal = Rc::new(Portal {
                         statement,
                         formats: ResultFormats::from_wire(parts.result_formats),
+                        params: !parts.params.is_empty(),
                     });
                     self.refers = Refers::Portal(portal.clone());
                     if parts.portal.is_empty()
@@ -567,6 +622,7 @@ impl Tracker {
             Rc::new(Portal {
                 statement: Statement::unknown(),
                 formats: ResultFormats::Text,
+                params: false,
             })
         });
         let statement = portal.statement.clone();
@@ -574,7 +630,7 @@ impl Tracker {
         if let Some(command) = &statement.command {
             // PREPARE, DEALLOCATE or DISCARD ALL through the extended protocol. (An EXECUTE
             // runs here under its own text: the statement it runs is not swapped in.)
-            self.apply_command(&statement.text, command);
+            self.applied = self.apply_command(&statement.text, command);
         }
         // A setting with parameters cannot be replayed from its text alone.
         if !statement.params && statement.is_known() {
@@ -604,16 +660,31 @@ impl Tracker {
         }
     }
 
-    fn remember_statement(&mut self, name: &str, statement: Rc<Statement>) {
-        if name.is_empty()
-            || self.statements.len() < self.limits.names_max
-            || self.statements.contains_key(name)
-        {
-            self.statements.insert(name.into(), statement);
-        } else {
-            // Beyond the bound the name is forgotten; an Execute of it is then unknown.
-            self.statements.remove(name);
+    /// Remembers the statement `make` builds (given the name it is remembered under) as
+    /// `name`, within the bound; returns it, or `None` beyond the bound (the name is then
+    /// forgotten, and an Execute of it is unknown).
+    fn remember_statement(
+        &mut self,
+        name: &str,
+        make: impl FnOnce(Option<Rc<str>>) -> Statement,
+    ) -> Option<Rc<Statement>> {
+        // A name already known is replaced under its key (one lookup, no new key).
+        if let Some(slot) = self.statements.get_mut(name) {
+            let statement = Rc::new(make(slot.name.clone()));
+            *slot = statement.clone();
+            return Some(statement);
         }
+        if !name.is_empty() && self.statements.len() >= self.limits.names_max {
+            return None;
+        }
+        let key: Rc<str> = if name.is_empty() {
+            self.unnamed.clone()
+        } else {
+            name.into()
+        };
+        let statement = Rc::new(make(Some(key.clone())));
+        self.statements.insert(key, statement.clone());
+        Some(statement)
     }
 
     /// Startup and authentication are over (the first ReadyForQuery came).
@@ -675,6 +746,13 @@ impl Tracker {
     /// taken, so each frame's answer is handed on once.
     pub fn take_refers(&mut self) -> Refers {
         std::mem::take(&mut self.refers)
+    }
+
+    /// What the last client frame, an Execute of an SQL-level prepared-statement command,
+    /// did to the session's statements (empty otherwise); taken, as
+    /// [`take_refers`](Self::take_refers).
+    pub fn take_applied(&mut self) -> Applied {
+        std::mem::take(&mut self.applied)
     }
 
     /// Prepared statements and portals remembered.

@@ -146,6 +146,138 @@ fn prepared_statement_commands_through_the_extended_protocol_change_the_namespac
     assert!(t.statement("s").is_none() && t.portal("p").is_none());
 }
 
+/// Feeds `buf` and returns each frame's tag with what the tracker resolved it to.
+fn feed_resolved(t: &mut Tracker, buf: &[u8]) -> Vec<(u8, Refers, Applied)> {
+    let mut out = Vec::new();
+    crate::wire::complete_prefix(buf, 1 << 20, |tag, body| {
+        t.client(tag, body);
+        out.push((tag, t.take_refers(), t.take_applied()));
+    })
+    .unwrap();
+    out
+}
+
+fn query_parts(refers: &Refers) -> Rc<[QueryPart]> {
+    match refers {
+        Refers::Query(parts) => parts.clone(),
+        other => panic!("not a Query: {other:?}"),
+    }
+}
+
+#[test]
+fn query_parts_tell_their_range_and_the_statements_their_commands_prepare_or_name() {
+    let mut t = started();
+    let text = "PREPARE q AS SELECT 1; EXPLAIN EXECUTE q; CREATE TABLE c AS EXECUTE q; EXECUTE q";
+    let q = frames(|b| encode::query(b, text).unwrap());
+    let resolved = feed_resolved(&mut t, &q);
+    let parts = query_parts(&resolved[0].1);
+    assert_eq!(parts.len(), 4);
+    for part in parts.iter() {
+        assert_eq!(text[part.range.clone()].trim(), &*part.own.text);
+    }
+    let prepared = parts[0]
+        .applied
+        .prepares
+        .clone()
+        .expect("PREPARE creates q");
+    assert_eq!(prepared.name.as_deref(), Some("q"));
+    assert!(Rc::ptr_eq(&prepared, t.statement("q").unwrap()));
+    for part in &parts[1..] {
+        let named = part.applied.names.as_ref().expect("names q");
+        assert!(Rc::ptr_eq(named, &prepared), "{}", part.own.text);
+    }
+    assert!(parts[1].runs.is_none(), "a plain EXPLAIN only plans it");
+    assert!(parts[2].runs.is_none());
+    assert!(Rc::ptr_eq(parts[3].runs.as_ref().unwrap(), &prepared));
+    assert!(
+        parts[0].own.name.is_none(),
+        "a Query's own statements are unnamed"
+    );
+    assert!(matches!(
+        parts[0].own.command(),
+        Some(sql::Prepared::Prepare { .. })
+    ));
+}
+
+#[test]
+fn an_execute_of_a_prepare_tells_the_statement_it_created() {
+    let mut t = started();
+    let batch = frames(|b| {
+        encode::parse(b, "", "PREPARE ins AS INSERT INTO t VALUES (1)", &[]).unwrap();
+        encode::bind(b, "", "", &[], &[], &[]).unwrap();
+        encode::execute(b, "", 0).unwrap();
+        encode::parse(b, "", "EXECUTE ins", &[]).unwrap();
+        encode::bind(b, "", "", &[], &[], &[]).unwrap();
+        encode::execute(b, "", 0).unwrap();
+        encode::sync(b);
+    });
+    let resolved = feed_resolved(&mut t, &batch);
+    let ins = t.statement("ins").unwrap().clone();
+    let (tag, _, applied) = &resolved[2];
+    assert_eq!(*tag, tag::EXECUTE);
+    assert!(Rc::ptr_eq(applied.prepares.as_ref().unwrap(), &ins));
+    let (_, _, applied) = &resolved[5];
+    assert!(Rc::ptr_eq(applied.names.as_ref().unwrap(), &ins));
+    assert!(resolved[6].2.prepares.is_none() && resolved[6].2.names.is_none());
+}
+
+#[test]
+fn statements_carry_their_name_and_portals_whether_bound_with_parameters() {
+    let mut t = started();
+    let batch = frames(|b| {
+        encode::parse(b, "", "", &[]).unwrap();
+        encode::parse(b, "s", "SELECT $1", &[]).unwrap();
+        encode::bind(b, "p", "s", &[], &[Some(b"1")], &[]).unwrap();
+        encode::bind(b, "", "", &[], &[], &[]).unwrap();
+        encode::sync(b);
+    });
+    let resolved = feed_resolved(&mut t, &batch);
+    let Refers::Statement(empty) = &resolved[0].1 else {
+        panic!("a Parse refers to its statement");
+    };
+    assert_eq!(
+        empty.name.as_deref(),
+        Some(""),
+        "an empty-text Parse is named"
+    );
+    assert!(!empty.is_known(), "its text is empty");
+    let Refers::Portal(p) = &resolved[2].1 else {
+        panic!("a Bind refers to its portal");
+    };
+    assert!(p.params && p.statement.name.as_deref() == Some("s"));
+    let Refers::Portal(unnamed) = &resolved[3].1 else {
+        panic!("a Bind refers to its portal");
+    };
+    assert!(!unnamed.params);
+    assert!(Statement::unknown().name.is_none());
+}
+
+#[test]
+fn a_statement_beyond_the_bound_has_no_name() {
+    let mut t = Tracker::new(Limits {
+        names_max: 1,
+        ..Limits::default()
+    });
+    let batch = frames(|b| {
+        encode::parse(b, "a", "SELECT 1", &[]).unwrap();
+        encode::parse(b, "b", "SELECT 2", &[]).unwrap();
+        encode::parse(b, "a", "SELECT 3", &[]).unwrap();
+        encode::sync(b);
+    });
+    let resolved = feed_resolved(&mut t, &batch);
+    let names: Vec<Option<String>> = resolved[..3]
+        .iter()
+        .map(|(_, refers, _)| match refers {
+            Refers::Statement(s) => s.name.as_deref().map(str::to_string),
+            _ => panic!("a Parse refers to its statement"),
+        })
+        .collect();
+    assert_eq!(names, [Some("a".into()), None, Some("a".into())]);
+    let q = frames(|b| encode::query(b, "PREPARE c AS SELECT 1").unwrap());
+    let resolved = feed_resolved(&mut t, &q);
+    assert!(query_parts(&resolved[0].1)[0].applied.prepares.is_none());
+}
+
 #[test]
 fn syncs_ignored_during_a_copy_from_execute_open_no_extra_sync_point() {
     let mut t = started();
