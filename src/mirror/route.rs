@@ -108,6 +108,18 @@ struct Part<'a> {
     prepared: Option<SqlPrepared<'a>>,
 }
 
+impl<'a> Route<'a> {
+    /// A simple Query of several statements (`single` unused).
+    fn several(sql: &'a [u8], parts: Vec<Part<'a>>) -> Route<'a> {
+        let single = Part {
+            range: 0..0,
+            class: Class::Other,
+            prepared: None,
+        };
+        Route::Query { sql, single, parts }
+    }
+}
+
 /// An SQL-level prepared-statement command, resolved against the session's statements as
 /// they were at that point of the Query.
 enum SqlPrepared<'a> {
@@ -492,15 +504,7 @@ impl Router {
             },
             _ => {
                 let parts = parts.iter().map(|p| self.part(sql, p)).collect();
-                Route::Query {
-                    sql,
-                    single: Part {
-                        range: 0..0,
-                        class: Class::Other,
-                        prepared: None,
-                    },
-                    parts,
-                }
+                Route::several(sql, parts)
             }
         }
     }
@@ -543,15 +547,7 @@ impl Router {
                 .into_iter()
                 .map(|r| self.plain_part(sql, r))
                 .collect();
-            Route::Query {
-                sql,
-                single: Part {
-                    range: 0..0,
-                    class: Class::Other,
-                    prepared: None,
-                },
-                parts,
-            }
+            Route::several(sql, parts)
         }
     }
 
