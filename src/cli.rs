@@ -95,6 +95,8 @@ struct ProxyArgs {
     compare: CompareArgs,
     #[command(flatten)]
     client_tls: ClientTlsArgs,
+    #[command(flatten)]
+    pool: PoolArgs,
 }
 
 /// TLS between clients and pgprism (`[client-tls]`).
@@ -275,6 +277,81 @@ struct MirrorArgs {
     /// connection waits for answers.
     #[arg(long)]
     mirror_in_flight_messages: Option<usize>,
+}
+
+/// Pool options, named as PgBouncer names them (Frenzy's in brackets).
+#[derive(Args, Clone)]
+struct PoolArgs {
+    /// `session` (each client owns its primary connection; default) or `transaction`
+    /// (connections are lent per transaction).
+    #[arg(long, value_parser = ["session", "transaction"])]
+    pool_mode: Option<String>,
+    /// Most primary connections per (user, database) for the process [--max-conns].
+    #[arg(long, value_name = "N")]
+    pool_size: Option<usize>,
+    /// Connections per (user, database) kept open when idle [--min-conns].
+    #[arg(long, value_name = "N")]
+    pool_min_size: Option<usize>,
+    /// Close a primary connection older than this when it comes back [--max-conn-lifetime].
+    #[arg(long, value_parser = parse_duration_ms)]
+    server_lifetime: Option<u64>,
+    /// Close a primary connection idle longer than this [--max-conn-idle-time].
+    #[arg(long, value_parser = parse_duration_ms)]
+    server_idle_timeout: Option<u64>,
+    /// A client waiting longer than this for a connection gets 53300.
+    #[arg(long, value_parser = parse_duration_ms)]
+    query_wait_timeout: Option<u64>,
+    /// PgBouncer-format userlist (`"user" "secret"` per line) for client authentication.
+    #[arg(long, value_name = "FILE")]
+    auth_file: Option<String>,
+    /// How clients authenticate in transaction mode: scram-sha-256, md5, plain or trust.
+    #[arg(long, value_parser = ["scram-sha-256", "md5", "plain", "trust"])]
+    auth_type: Option<String>,
+    /// Connections to each mirror for the whole process (0: one per client session).
+    #[arg(long, value_name = "N")]
+    mirror_pool_size: Option<usize>,
+}
+
+impl PoolArgs {
+    fn apply(self, cfg: &mut Config) {
+        use crate::config::{AuthType, PoolMode};
+        let p = &mut cfg.pool;
+        match self.pool_mode.as_deref() {
+            Some("transaction") => p.mode = PoolMode::Transaction,
+            Some("session") => p.mode = PoolMode::Session,
+            _ => {}
+        }
+        if let Some(v) = self.pool_size {
+            p.size = v;
+        }
+        if let Some(v) = self.pool_min_size {
+            p.min_size = v;
+        }
+        if let Some(v) = self.server_lifetime {
+            p.server_lifetime_ms = v;
+        }
+        if let Some(v) = self.server_idle_timeout {
+            p.server_idle_timeout_ms = v;
+        }
+        if let Some(v) = self.query_wait_timeout {
+            p.query_wait_timeout_ms = v;
+        }
+        if let Some(v) = self.auth_file {
+            p.auth_file = v;
+        }
+        match self.auth_type.as_deref() {
+            Some("scram-sha-256") => p.auth_type = AuthType::ScramSha256,
+            Some("md5") => p.auth_type = AuthType::Md5,
+            Some("plain") => p.auth_type = AuthType::Plain,
+            Some("trust") => p.auth_type = AuthType::Trust,
+            _ => {}
+        }
+        if let Some(v) = self.mirror_pool_size {
+            for m in &mut cfg.mirror {
+                m.pool_size = v;
+            }
+        }
+    }
 }
 
 /// `250`, `250ms`, `5s`, `2m` → milliseconds.
@@ -496,6 +573,8 @@ impl ProxyArgs {
         self.mirror.apply(&mut cfg);
         self.compare.apply(&mut cfg);
         self.client_tls.apply(&mut cfg);
+        // After the mirrors: `--mirror-pool-size` applies to those of `--mirror` too.
+        self.pool.apply(&mut cfg);
         Ok(cfg)
     }
 }

@@ -5,6 +5,7 @@
 pub mod dns;
 mod env;
 mod url;
+mod pool;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use self::dns::LiveEndpoint;
+pub use self::pool::{AuthType, PoolConfig, PoolMode};
 pub use self::url::{Endpoint, PgUrl, SOCKET_PATH_BYTES_MAX, SslMode, UrlError, socket_file};
 
 /// The whole configuration, as the file spells it (kebab-case keys).
@@ -34,6 +36,8 @@ pub struct Config {
     pub cdc: CdcConfig,
     /// `[client-tls]`: TLS between clients and pgprism.
     pub client_tls: ClientTlsConfig,
+    /// `[pool]`: pool mode, pool bounds, client authentication and the console's users.
+    pub pool: PoolConfig,
 }
 
 /// `[client-tls]`: pgprism's TLS server side. (TLS towards the databases is set in their URLs
@@ -258,6 +262,10 @@ pub struct MirrorConfig {
     /// their write and only counted (rows, errors), which spares a wake-up and a read per
     /// statement. 1: every statement is timed.
     pub latency_sample_every: u32,
+    /// Connections to this mirror for the whole process, however many clients: client
+    /// transactions are replayed on them whole, at transaction boundaries (0: one mirror
+    /// connection per client session, as before pooling).
+    pub pool_size: usize,
 }
 
 impl Default for MirrorConfig {
@@ -279,6 +287,7 @@ impl Default for MirrorConfig {
             connect_timeout_ms: 5_000,
             flush_delay_us: 0,
             latency_sample_every: 8,
+            pool_size: 0,
         }
     }
 }
@@ -800,6 +809,7 @@ impl Config {
         }
         self.validate_mirrors()?;
         self.validate_compare()?;
+        self.pool.validate()?;
         self.embed.validate()
     }
 

@@ -3,6 +3,7 @@
 //! copies them into a [`ShardReport`] for the control thread.
 
 pub mod fingerprints;
+pub mod pools;
 
 use std::cell::{Cell, RefCell};
 use std::time::Duration;
