@@ -1,7 +1,9 @@
-//! Connections pgprism opens and authenticates itself (mirrors, shadows, EXPLAIN): startup,
-//! client-side authentication with the configured credentials, and waiting for the first
-//! ReadyForQuery. Client sessions to the primary only use [`connect`]: their authentication
-//! is relayed from the client.
+//! Connections pgprism opens and authenticates itself (mirrors, shadows, EXPLAIN, and the
+//! pooled primary connections of transaction mode): startup, client-side authentication
+//! with the configured credentials or with what a client's own authentication left
+//! ([`ServerLogin`]), and waiting for the first ReadyForQuery. Client sessions relayed in
+//! session mode only use [`connect`]: their authentication is relayed from the client.
+
 
 use std::time::Duration;
 
@@ -10,7 +12,23 @@ use bytes::BytesMut;
 use crate::config::Endpoint;
 use crate::exec::net::Stream;
 use crate::exec::within;
-use crate::wire::{self, AuthProgress, AuthRequest, ClientAuth, tag};
+use crate::wire::{self, AuthProgress, AuthRequest, ClientAuth, ServerLogin, tag};
+
+/// ParameterStatus messages kept from one startup. PostgreSQL sends about 15; a server
+/// sending more than this is broken or hostile.
+const PARAMETER_STATUS_MAX: usize = 256;
+
+/// A session opened by [`open_as`], with what the server said during startup.
+pub struct Opened {
+    pub stream: Stream,
+    /// ParameterStatus (name, value) in the order the server sent them.
+    pub params: Vec<(String, String)>,
+    /// BackendKeyData (process id, secret key), for cancelling.
+    pub key: Option<(i32, i32)>,
+    /// Bytes read after ReadyForQuery (normally empty: the server says nothing more until
+    /// asked).
+    pub leftover: BytesMut,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -75,10 +93,28 @@ pub async fn open(
     message_bytes_max: usize,
     tls: &crate::tls::Upstream,
 ) -> Result<Stream, BackendError> {
+    let login = ServerLogin::Password(password.to_owned());
+    let opened = open_as(addr, limit, params, &login, user, message_bytes_max, tls).await?;
+    Ok(opened.stream)
+}
+
+/// Opens a session as [`open`] does, authenticating as `user` with `login` (a password, a
+/// stored MD5 hash, SCRAM keys or nothing), and keeps what the server said during startup.
+/// `params` must include `user`.
+pub async fn open_as(
+    addr: &Endpoint,
+    limit: Duration,
+    params: &[(&str, &str)],
+    login: &ServerLogin,
+    user: &str,
+    message_bytes_max: usize,
+    tls: &crate::tls::Upstream,
+) -> Result<Opened, BackendError> {
     let limit_ms = limit.as_millis() as u64;
+    let auth = ClientAuth::with_login(user, login.clone());
     match within(
         limit,
-        handshake(addr, limit, params, user, password, message_bytes_max, tls),
+        handshake(addr, limit, params, auth, message_bytes_max, tls),
     )
     .await
     {
@@ -94,11 +130,10 @@ async fn handshake(
     addr: &Endpoint,
     limit: Duration,
     params: &[(&str, &str)],
-    user: &str,
-    password: &str,
+    mut auth: ClientAuth,
     message_bytes_max: usize,
     tls: &crate::tls::Upstream,
-) -> Result<Stream, BackendError> {
+) -> Result<Opened, BackendError> {
     let protocol = |source| BackendError::Protocol {
         addr: addr.clone(),
         source,
@@ -112,8 +147,9 @@ async fn handshake(
     let mut out = BytesMut::new();
     wire::encode::startup_message(&mut out, params).map_err(protocol)?;
     stream.write_all(&out).await.map_err(io)?;
-    let mut auth = ClientAuth::new(user, password);
     let mut buf = BytesMut::new();
+    let mut server_params = Vec::new();
+    let mut key = None;
     loop {
         let frame = match wire::split_message(&mut buf, message_bytes_max).map_err(protocol)? {
             Some(frame) => frame,
@@ -142,8 +178,42 @@ async fn handshake(
                     message: fields.message.unwrap_or("").to_string(),
                 });
             }
-            tag::READY_FOR_QUERY => return Ok(stream),
-            // ParameterStatus, BackendKeyData, NoticeResponse, NegotiateProtocolVersion.
+            tag::PARAMETER_STATUS => {
+                if server_params.len() == PARAMETER_STATUS_MAX {
+                    return Err(protocol(wire::WireError::TooManyItems {
+                        what: "ParameterStatus messages during startup",
+                        count: PARAMETER_STATUS_MAX + 1,
+                    }));
+                }
+                let (name, value) = wire::ParameterStatus::new(frame.body())
+                    .parts()
+                    .map_err(protocol)?;
+                server_params.push((name.to_owned(), value.to_owned()));
+            }
+            tag::BACKEND_KEY_DATA => {
+                let data = wire::BackendKeyData::new(frame.body());
+                key = Some((
+                    data.pid().map_err(protocol)?,
+                    data.secret().map_err(protocol)?,
+                ));
+            }
+            tag::READY_FOR_QUERY => {
+                // A server that lets us in without the exchange it started (or with none
+                // while we hold a secret: trust) is fine; one that skips AuthenticationOk
+                // is not talking PostgreSQL.
+                if !auth.is_authenticated() {
+                    return Err(protocol(wire::WireError::AuthOutOfOrder {
+                        what: "ReadyForQuery before AuthenticationOk",
+                    }));
+                }
+                return Ok(Opened {
+                    stream,
+                    params: server_params,
+                    key,
+                    leftover: buf,
+                });
+            }
+            // NoticeResponse, NegotiateProtocolVersion.
             _ => {}
         }
     }

@@ -1,9 +1,11 @@
 //! Client-side authentication: decoding Authentication requests and answering them as a
 //! PostgreSQL client would (cleartext, MD5, SCRAM-SHA-256 without channel binding). pgprism
 //! uses it for its own connections to mirrors, shadows, the CDC source and in the bench
-//! tool. Sans-IO: it turns requests into reply bytes and never touches a socket. It must
-//! never accept a SCRAM exchange whose server signature does not verify, and never log or
-//! return the password.
+//! tool, and, in transaction pooling, to log in to the primary with what it learnt while
+//! authenticating the client ([`ServerLogin`]: a password, a stored MD5 hash, or the SCRAM
+//! ClientKey/ServerKey recovered from the client's proof). Sans-IO: it turns requests into
+//! reply bytes and never touches a socket. It must never accept a SCRAM exchange whose
+//! server signature does not verify, and never log or return the password or keys.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -29,7 +31,7 @@ pub const SCRAM_ITERATIONS_MAX: u32 = 1_000_000;
 const NONCE_BYTES: usize = 18;
 
 /// Authentication request codes (the first int32 of an `R` message).
-mod code {
+pub(super) mod code {
     pub(crate) const OK: i32 = 0;
     pub(crate) const CLEARTEXT_PASSWORD: i32 = 3;
     pub(crate) const MD5_PASSWORD: i32 = 5;
@@ -129,10 +131,52 @@ enum State {
     Authenticated,
 }
 
+/// How pgprism may log in to a server as a user: what [`ClientAuth`] answers with.
+///
+/// Besides a password, transaction pooling logs in with what the client's own
+/// authentication left behind ([`crate::wire::ServerAuth`]), so pgprism never needs the
+/// cleartext password of a user whose secret is a hash.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ServerLogin {
+    /// The password itself: answers cleartext, MD5 and SCRAM.
+    Password(String),
+    /// A stored MD5 hash, `md5` + md5_hex(password + user) as in `pg_authid.rolpassword`:
+    /// answers MD5 only (`md5_hex(hash_hex + salt)`).
+    Md5Hash(String),
+    /// SCRAM-SHA-256 keys recovered from a client's proof: answer SCRAM only, and only a
+    /// server whose secret has the same salt and iteration count (the same secret), since
+    /// the proof is computed from ClientKey without the salted password.
+    ScramKeys {
+        client_key: [u8; 32],
+        server_key: [u8; 32],
+    },
+    /// Nothing: only a server that asks for no password (trust) lets this login in.
+    None,
+}
+
+impl ServerLogin {
+    /// The kind of login, for error messages and logs (never the secret).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Password(_) => "password",
+            Self::Md5Hash(_) => "MD5 hash",
+            Self::ScramKeys { .. } => "SCRAM keys",
+            Self::None => "no secret",
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerLogin {
+    // Hand-written so no secret reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServerLogin({})", self.kind())
+    }
+}
+
 /// Client side of PostgreSQL authentication, one per connection.
 pub struct ClientAuth {
     user: String,
-    password: String,
+    login: ServerLogin,
     state: State,
 }
 
@@ -141,15 +185,21 @@ impl std::fmt::Debug for ClientAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientAuth")
             .field("user", &self.user)
+            .field("login", &self.login.kind())
             .finish_non_exhaustive()
     }
 }
 
 impl ClientAuth {
     pub fn new(user: impl Into<String>, password: impl Into<String>) -> Self {
+        Self::with_login(user, ServerLogin::Password(password.into()))
+    }
+
+    /// Answers with `login` instead of a password.
+    pub fn with_login(user: impl Into<String>, login: ServerLogin) -> Self {
         Self {
             user: user.into(),
-            password: password.into(),
+            login,
             state: State::Start,
         }
     }
@@ -179,11 +229,18 @@ impl ClientAuth {
                 (State::Authenticated, AuthProgress::Authenticated)
             }
             (State::Start, AuthRequest::CleartextPassword) => {
-                encode::password(out, self.password.as_bytes())?;
+                let ServerLogin::Password(password) = &self.login else {
+                    return Err(self.cannot_answer("cleartext password"));
+                };
+                encode::password(out, password.as_bytes())?;
                 (State::PasswordSent, AuthProgress::Reply)
             }
             (State::Start, AuthRequest::Md5Password { salt }) => {
-                let hashed = md5_password(&self.user, &self.password, *salt);
+                let hashed = match &self.login {
+                    ServerLogin::Password(password) => md5_password(&self.user, password, *salt),
+                    ServerLogin::Md5Hash(hash) => md5_salted(hash, *salt),
+                    _ => return Err(self.cannot_answer("MD5")),
+                };
                 encode::password(out, hashed.as_bytes())?;
                 (State::PasswordSent, AuthProgress::Reply)
             }
@@ -192,6 +249,12 @@ impl ClientAuth {
                     return Err(WireError::UnsupportedAuth {
                         method: format!("SASL {}", mechanisms.join(" ")),
                     });
+                }
+                if !matches!(
+                    self.login,
+                    ServerLogin::Password(_) | ServerLogin::ScramKeys { .. }
+                ) {
+                    return Err(self.cannot_answer(SCRAM_SHA_256));
                 }
                 // PostgreSQL takes the user from the startup packet and ignores this one.
                 let scram = ScramClient::new("", nonce()?);
@@ -203,7 +266,7 @@ impl ClientAuth {
                 (State::ScramFirstSent(scram), AuthProgress::Reply)
             }
             (State::ScramFirstSent(scram), AuthRequest::SaslContinue { data }) => {
-                let (client_final, server_signature) = scram.client_final(&self.password, data)?;
+                let (client_final, server_signature) = scram.client_final(&self.login, data)?;
                 encode::sasl_response(out, client_final.as_bytes())?;
                 (
                     State::ScramFinalSent { server_signature },
@@ -232,17 +295,51 @@ impl ClientAuth {
     }
 }
 
+impl ClientAuth {
+    #[cold]
+    fn cannot_answer(&self, method: &str) -> WireError {
+        WireError::UnsupportedAuth {
+            method: format!(
+                "{method}: pgprism holds only {} for user \"{}\", which cannot answer it",
+                self.login.kind(),
+                self.user
+            ),
+        }
+    }
+}
+
 /// `"md5" + md5_hex(md5_hex(password + user) + salt)`, PostgreSQL's MD5 password reply.
 pub fn md5_password(user: &str, password: &str, salt: [u8; 4]) -> String {
-    let inner = hex(&Md5::new()
+    md5_salted(&md5_secret(user, password), salt)
+}
+
+/// `"md5" + md5_hex(password + user)`: PostgreSQL's stored MD5 secret.
+pub(super) fn md5_secret(user: &str, password: &str) -> String {
+    let inner = Md5::new()
         .chain_update(password)
         .chain_update(user)
-        .finalize());
-    let outer = Md5::new().chain_update(inner).chain_update(salt).finalize();
+        .finalize();
+    format!("md5{}", hex(&inner))
+}
+
+/// The MD5 reply from a stored hash (with or without its `md5` prefix):
+/// `"md5" + md5_hex(hash_hex + salt)`.
+pub(super) fn md5_salted(hash: &str, salt: [u8; 4]) -> String {
+    let hex_part = hash.strip_prefix("md5").unwrap_or(hash);
+    let outer = Md5::new()
+        .chain_update(hex_part)
+        .chain_update(salt)
+        .finalize();
     format!("md5{}", hex(&outer))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Equality that takes the same time wherever the first difference is: for proofs,
+/// signatures and hashes derived from secrets. Lengths are not secret.
+pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub(super) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for &b in bytes {
@@ -252,13 +349,13 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
-fn random_nonce() -> Result<String, WireError> {
+pub(super) fn random_nonce() -> Result<String, WireError> {
     let mut raw = [0u8; NONCE_BYTES];
     getrandom::fill(&mut raw).map_err(|source| WireError::Random { source })?;
     Ok(BASE64.encode(raw))
 }
 
-fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+pub(super) fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     // HMAC takes keys of any length, so this cannot fail.
     let mut mac = <HmacSha256 as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
     for part in parts {
@@ -268,7 +365,7 @@ fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 }
 
 /// PBKDF2-HMAC-SHA-256 with one output block, which is SCRAM's `Hi()` (RFC 5802 §2.2).
-fn pbkdf2_sha256(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+pub(super) fn pbkdf2_sha256(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
     let keyed =
         <HmacSha256 as KeyInit>::new_from_slice(password).unwrap_or_else(|_| unreachable!());
     // Cloning the keyed state saves re-hashing the key pads on every iteration.
@@ -311,9 +408,10 @@ impl ScramClient {
     }
 
     /// Parses server-first, returns client-final and the server signature to expect.
+    /// `login` is a password or SCRAM keys (the caller checked).
     fn client_final(
         &self,
-        password: &str,
+        login: &ServerLogin,
         server_first: &[u8],
     ) -> Result<(String, [u8; 32]), WireError> {
         let server_first =
@@ -362,17 +460,34 @@ impl ScramClient {
         let without_proof = format!("c=biws,r={nonce}");
         let auth_message = format!("{},{server_first},{without_proof}", self.client_first_bare);
 
-        // SASLprep is not applied: for ASCII passwords it is the identity, and PostgreSQL
-        // itself falls back to the raw bytes when preparation fails.
-        let salted = pbkdf2_sha256(password.as_bytes(), &salt, iterations);
-        let client_key = hmac(&salted, &[b"Client Key"]);
+        let (client_key, server_key) = match login {
+            ServerLogin::Password(password) => {
+                // SASLprep is not applied: for ASCII passwords it is the identity, and
+                // PostgreSQL itself falls back to the raw bytes when preparation fails.
+                let salted = pbkdf2_sha256(password.as_bytes(), &salt, iterations);
+                (
+                    hmac(&salted, &[b"Client Key"]),
+                    hmac(&salted, &[b"Server Key"]),
+                )
+            }
+            // The salt and iterations are the server's; the keys only fit if they are the
+            // ones the keys were made with, which the server's verdict tells.
+            ServerLogin::ScramKeys {
+                client_key,
+                server_key,
+            } => (*client_key, *server_key),
+            ServerLogin::Md5Hash(_) | ServerLogin::None => {
+                return Err(WireError::AuthOutOfOrder {
+                    what: "SCRAM without a password or keys",
+                });
+            }
+        };
         let stored_key: [u8; 32] = <Sha256 as sha2::Digest>::digest(client_key).into();
         let client_signature = hmac(&stored_key, &[auth_message.as_bytes()]);
         let mut proof = client_key;
         for (p, s) in proof.iter_mut().zip(client_signature) {
             *p ^= s;
         }
-        let server_key = hmac(&salted, &[b"Server Key"]);
         let server_signature = hmac(&server_key, &[auth_message.as_bytes()]);
         Ok((
             format!("{without_proof},p={}", BASE64.encode(proof)),
@@ -404,13 +519,7 @@ fn verify_server_final(data: &[u8], expected: &[u8; 32]) -> Result<(), WireError
             source,
         })?;
     // Constant-time comparison: the signature is a secret-derived value.
-    if signature.len() == expected.len()
-        && signature
-            .iter()
-            .zip(expected)
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-    {
+    if constant_time_eq(&signature, expected) {
         Ok(())
     } else {
         Err(WireError::ScramServerSignature)
@@ -428,6 +537,10 @@ mod tests {
     const RFC_CLIENT_FINAL: &str = "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=";
     const RFC_SERVER_FINAL: &str = "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=";
 
+    fn pencil() -> ServerLogin {
+        ServerLogin::Password("pencil".into())
+    }
+
     fn one_frame(out: &mut BytesMut) -> Frame {
         let frame = split_message(out, 1 << 20).unwrap().unwrap();
         assert!(out.is_empty());
@@ -439,7 +552,7 @@ mod tests {
         let scram = ScramClient::new("user", RFC_NONCE.to_owned());
         assert_eq!(scram.client_first(), "n,,n=user,r=rOprNGfwEbeRWgbNEkqO");
         let (client_final, signature) = scram
-            .client_final("pencil", RFC_SERVER_FIRST.as_bytes())
+            .client_final(&pencil(), RFC_SERVER_FIRST.as_bytes())
             .unwrap();
         assert_eq!(client_final, RFC_CLIENT_FINAL);
         verify_server_final(RFC_SERVER_FINAL.as_bytes(), &signature).unwrap();
@@ -470,7 +583,7 @@ mod tests {
         ];
         for case in cases {
             assert!(
-                scram.client_final("pencil", case.as_bytes()).is_err(),
+                scram.client_final(&pencil(), case.as_bytes()).is_err(),
                 "{case}"
             );
         }
@@ -505,7 +618,7 @@ mod tests {
         assert_eq!(auth.step(&cont, &mut out).unwrap(), AuthProgress::Reply);
         let frame = one_frame(&mut out);
         let (expected, signature) = ScramClient::new("", RFC_NONCE.to_owned())
-            .client_final("pencil", RFC_SERVER_FIRST.as_bytes())
+            .client_final(&pencil(), RFC_SERVER_FIRST.as_bytes())
             .unwrap();
         assert_eq!(frame.body(), expected.as_bytes());
 
@@ -639,6 +752,102 @@ mod tests {
             AuthRequest::Unsupported(7)
         );
         assert!(AuthRequest::parse(&[0, 0]).is_err());
+    }
+
+    #[test]
+    fn scram_keys_answer_like_the_password_they_come_from() {
+        // RFC 7677's salt and iteration count, keys derived from "pencil" by hand.
+        let salt = BASE64.decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap();
+        let salted = pbkdf2_sha256(b"pencil", &salt, 4096);
+        let keys = ServerLogin::ScramKeys {
+            client_key: hmac(&salted, &[b"Client Key"]),
+            server_key: hmac(&salted, &[b"Server Key"]),
+        };
+        let scram = ScramClient::new("user", RFC_NONCE.to_owned());
+        let (client_final, signature) = scram
+            .client_final(&keys, RFC_SERVER_FIRST.as_bytes())
+            .unwrap();
+        assert_eq!(client_final, RFC_CLIENT_FINAL);
+        verify_server_final(RFC_SERVER_FINAL.as_bytes(), &signature).unwrap();
+        // Keys of another secret make another proof (the server refuses it).
+        let other = ServerLogin::ScramKeys {
+            client_key: [1; 32],
+            server_key: [2; 32],
+        };
+        let (wrong, _) = scram
+            .client_final(&other, RFC_SERVER_FIRST.as_bytes())
+            .unwrap();
+        assert_ne!(wrong, RFC_CLIENT_FINAL);
+    }
+
+    #[test]
+    fn md5_hash_answers_md5_as_the_password_would() {
+        let salt = [9, 8, 7, 6];
+        let hash = md5_secret("alice", "secret");
+        assert_eq!(hash.len(), 35);
+        for stored in [hash.clone(), hash[3..].to_owned()] {
+            let mut auth = ClientAuth::with_login("alice", ServerLogin::Md5Hash(stored));
+            let mut out = BytesMut::new();
+            auth.step(&AuthRequest::Md5Password { salt }, &mut out)
+                .unwrap();
+            let frame = one_frame(&mut out);
+            let FrontendMessage::Password(p) =
+                FrontendMessage::decode(frame.tag(), frame.body()).unwrap()
+            else {
+                panic!("not a password message");
+            };
+            assert_eq!(
+                p.password().unwrap(),
+                md5_password("alice", "secret", salt).as_bytes()
+            );
+        }
+    }
+
+    #[test]
+    fn derived_logins_refuse_what_they_cannot_answer() {
+        let keys = ServerLogin::ScramKeys {
+            client_key: [1; 32],
+            server_key: [2; 32],
+        };
+        let md5 = ServerLogin::Md5Hash(md5_secret("u", "p"));
+        let sasl = AuthRequest::Sasl {
+            mechanisms: vec![SCRAM_SHA_256],
+        };
+        let cases = [
+            (keys.clone(), AuthRequest::CleartextPassword),
+            (keys.clone(), AuthRequest::Md5Password { salt: [0; 4] }),
+            (md5.clone(), AuthRequest::CleartextPassword),
+            (md5, sasl.clone()),
+            (ServerLogin::None, AuthRequest::CleartextPassword),
+            (ServerLogin::None, AuthRequest::Md5Password { salt: [0; 4] }),
+            (ServerLogin::None, sasl),
+        ];
+        for (login, request) in cases {
+            let kind = login.kind();
+            let mut auth = ClientAuth::with_login("u", login);
+            let mut out = BytesMut::new();
+            let err = auth.step(&request, &mut out).unwrap_err();
+            assert!(matches!(err, WireError::UnsupportedAuth { .. }), "{kind}");
+            assert!(err.to_string().contains(kind), "{err}");
+            assert!(out.is_empty());
+        }
+        // Trust needs nothing.
+        let mut auth = ClientAuth::with_login("u", ServerLogin::None);
+        let mut out = BytesMut::new();
+        assert_eq!(
+            auth.step(&AuthRequest::Ok, &mut out).unwrap(),
+            AuthProgress::Authenticated
+        );
+        // No secret in Debug output.
+        let shown = format!(
+            "{:?} {:?}",
+            ServerLogin::Password("hunter2".into()),
+            ClientAuth::with_login("u", ServerLogin::Md5Hash("md5abc".into()))
+        );
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("md5abc"),
+            "{shown}"
+        );
     }
 
     #[test]

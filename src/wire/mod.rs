@@ -1,7 +1,8 @@
 //! PostgreSQL wire protocol v3, sans-IO: framing of the client and server byte streams,
 //! lazy zero-copy views over message bodies, builders for the messages pgprism writes,
-//! the startup phase (StartupMessage, SSL/GSS requests, CancelRequest), client-side
-//! authentication (cleartext, MD5, SCRAM-SHA-256) and the SQLSTATEs pgprism reports.
+//! the startup phase (StartupMessage, SSL/GSS requests, CancelRequest), authentication on
+//! both sides (cleartext, MD5, SCRAM-SHA-256: pgprism as a client, and as the server that
+//! checks its own clients when it pools connections) and the SQLSTATEs pgprism reports.
 //!
 //! This module owns the byte layout of the protocol and nothing else. It must never do I/O,
 //! never block, never panic on bytes from a peer (every decoder returns `Result`), and never
@@ -9,6 +10,7 @@
 //! buffer as refcounted `Bytes` and views borrow from them.
 
 mod auth;
+mod auth_server;
 mod backend;
 mod cursor;
 pub mod encode;
@@ -23,7 +25,12 @@ mod startup;
 pub mod tag;
 
 pub use auth::{
-    AuthProgress, AuthRequest, ClientAuth, SCRAM_ITERATIONS_MAX, SCRAM_SHA_256, md5_password,
+    AuthProgress, AuthRequest, ClientAuth, SCRAM_ITERATIONS_MAX, SCRAM_SHA_256, ServerLogin,
+    md5_password,
+};
+pub use auth_server::{
+    AUTH_MESSAGE_BYTES_MAX, AuthMethod, SCRAM_ITERATIONS_DEFAULT, ScramSecret, Secret, SecretError,
+    ServerAuth, ServerAuthError, ServerProgress,
 };
 pub use backend::{
     BackendKeyData, BackendMessage, CommandComplete, CopyResponse, DataRow, ErrorFields,
