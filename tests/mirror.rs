@@ -1730,3 +1730,426 @@ fn a_pipelining_client_behind_a_full_in_flight_bound_is_mirrored_while_it_stays(
             .join(","),
     );
 }
+
+// Pooled mirrors (`--mirror-pool-size`): a few connections per mirror, shared by every session.
+
+/// A server like `start_primary`'s (the mirror URL's SCRAM user), with extra settings.
+fn start_server_with(name: &str, settings: &[(&str, &str)]) -> Instance {
+    let inst = Instance::start(pgprism::embed::InstanceConfig {
+        name: name.into(),
+        hba: vec![format!("host all {SCRAM_USER} 127.0.0.1/32 scram-sha-256")],
+        settings: settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..pgprism::embed::InstanceConfig::default()
+    })
+    .expect("start PostgreSQL");
+    inst.psql(&format!(
+        "SET password_encryption = 'scram-sha-256'; \
+         CREATE ROLE {SCRAM_USER} LOGIN SUPERUSER PASSWORD '{PASSWORD}';"
+    ))
+    .expect("create the mirror's role");
+    inst
+}
+
+/// The connections pgprism holds on a mirror (it logs in as the mirror URL's user; the
+/// tests' own connections as `postgres`).
+const POOL_CONNECTIONS_SQL: &str =
+    "SELECT count(*)::int FROM pg_stat_activity WHERE usename = 'scramuser'";
+
+/// Samples the connections pgprism holds on `m` until `stop`; returns the most seen at once.
+fn sample_pool_connections(
+    m: &Instance,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<i32> {
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        m.port()
+    );
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+        let mut most = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let seen: i32 = c.query_one(POOL_CONNECTIONS_SQL, &[]).unwrap().get(0);
+            most = most.max(seen);
+            // Sampling interval: the maximum over the run is what counts.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        most
+    })
+}
+
+/// Close (statement) and Sync.
+fn close_sync(statement: &str) -> Vec<u8> {
+    let mut body = vec![b'S'];
+    cstr(&mut body, statement);
+    let mut out = support::raw::message(b'C', &body);
+    out.extend(support::raw::message(b'S', &[]));
+    out
+}
+
+/// The statement every session prepares as `S_1`, one of three texts (`variant`): sessions
+/// sharing a pool connection prepare the same name with different texts.
+fn s1_text(variant: usize) -> String {
+    format!(
+        "INSERT INTO pooled VALUES ($1, $2, 'variant-{variant}', \
+         current_setting('application_name'))"
+    )
+}
+
+/// One session's workload: transactions over several batches, autocommit statements, two
+/// pipelined ones, session settings read back into the rows (one undone by a rollback), the
+/// protocol-level statement `S_1` (replaced halfway by another text) alone and in a block,
+/// and an in-order append to the session's own row. Returns the rows it committed.
+fn pooled_session(addr: std::net::SocketAddr, s: usize, rounds: usize) -> usize {
+    let mut c = support::raw::connect_ready(addr);
+    let n = std::cell::Cell::new(0);
+    let next = || {
+        n.set(n.get() + 1);
+        n.get()
+    };
+    let insert = |kind: &str, note: &str| {
+        format!(
+            "INSERT INTO pooled VALUES ({s}, {}, '{kind}', {note})",
+            next()
+        )
+    };
+    raw_query(
+        &mut c,
+        &format!("INSERT INTO pooled VALUES ({s}, 0, 'seq', '')"),
+    );
+    c.write_all(&parse_msg("S_1", &s1_text(s % 3), &[23, 23]))
+        .unwrap();
+    c.write_all(&support::raw::message(b'S', &[])).unwrap();
+    expect_ready(&mut c, "parse S_1");
+    // Round r writes rows 8r+1 ..= 8r+8; 8r+6 ..= 8r+8 read the round's setting.
+    for r in 0..rounds {
+        raw_query(&mut c, "BEGIN");
+        raw_query(&mut c, &insert("block", "'a'"));
+        raw_query(&mut c, &insert("block", "'b'"));
+        raw_query(&mut c, "COMMIT");
+        raw_query(&mut c, &insert("auto", "'c'"));
+        let mut pipelined = Vec::new();
+        for _ in 0..2 {
+            let sql = insert("pipelined", "'d'");
+            pipelined.extend(support::raw::message(b'Q', format!("{sql}\0").as_bytes()));
+        }
+        c.write_all(&pipelined).unwrap();
+        expect_ready(&mut c, "pipelined 1");
+        expect_ready(&mut c, "pipelined 2");
+        raw_query(&mut c, &format!("SET application_name = 'app-{s}-{r}'"));
+        raw_query(
+            &mut c,
+            &insert("setting", "current_setting('application_name')"),
+        );
+        c.write_all(&bind_execute_sync(
+            "S_1",
+            &[&s.to_string(), &next().to_string()],
+        ))
+        .unwrap();
+        expect_ready(&mut c, "S_1 alone");
+        raw_query(&mut c, "BEGIN");
+        c.write_all(&bind_execute_sync(
+            "S_1",
+            &[&s.to_string(), &next().to_string()],
+        ))
+        .unwrap();
+        expect_ready(&mut c, "S_1 in a block");
+        raw_query(&mut c, "COMMIT");
+        raw_query(
+            &mut c,
+            &format!("UPDATE pooled SET note = note || ',{r}' WHERE session = {s} AND n = 0"),
+        );
+        // Undone on the primary, so on the mirror too: the setting included.
+        raw_query(&mut c, "BEGIN");
+        raw_query(&mut c, "SET application_name = 'never'");
+        raw_query(
+            &mut c,
+            &format!("INSERT INTO pooled VALUES ({s}, -1, 'never', '')"),
+        );
+        raw_query(&mut c, "ROLLBACK");
+        if r == rounds / 2 {
+            c.write_all(&close_sync("S_1")).unwrap();
+            expect_ready(&mut c, "close S_1");
+            c.write_all(&parse_msg("S_1", &s1_text((s + 1) % 3), &[23, 23]))
+                .unwrap();
+            c.write_all(&support::raw::message(b'S', &[])).unwrap();
+            expect_ready(&mut c, "parse S_1 again");
+        }
+    }
+    c.write_all(&support::raw::message(b'X', &[])).unwrap();
+    n.get() + 1
+}
+
+/// Counters that say something was not mirrored.
+const SKIPPED: [&str; 7] = [
+    "pgprism_mirror_skipped_overflow_total",
+    "pgprism_mirror_skipped_down_total",
+    "pgprism_mirror_skipped_resync_total",
+    "pgprism_mirror_skipped_unprepared_total",
+    "pgprism_mirror_transactions_cut_total",
+    "pgprism_mirror_units_lost_total",
+    "pgprism_mirror_timeouts_total",
+];
+
+#[test]
+fn pooled_mirror_replays_sixty_sessions_on_four_connections() {
+    const SESSIONS: usize = 60;
+    const ROUNDS: usize = 4;
+    let ddl = "CREATE TABLE pooled (session int, n int, kind text, note text, \
+               PRIMARY KEY (session, n))";
+    let p = start_primary("pp");
+    // 60 sessions with a connection each would be refused past 20.
+    let m1 = start_server_with("pm", &[("max_connections", "20")]);
+    for inst in [&p, &m1] {
+        inst.psql(ddl).unwrap();
+    }
+    let proxy = Proxy::start(
+        &p.url(),
+        &["--mirror", &mirror_url(&m1), "--mirror-pool-size", "4"],
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_pool_connections(&m1, stop.clone());
+    let addr = proxy.listen;
+    let sessions: Vec<_> = (0..SESSIONS)
+        .map(|s| std::thread::spawn(move || pooled_session(addr, s, ROUNDS)))
+        .collect();
+    let rows: usize = sessions.into_iter().map(|t| t.join().unwrap()).sum();
+    let cols = "session, n, kind, note";
+    assert_eq!(
+        p.psql("SELECT count(*) FROM pooled").unwrap().trim(),
+        rows.to_string()
+    );
+    assert!(
+        converged(&p, &[&m1], "pooled", cols),
+        "primary {}\nmirror {}\n{}",
+        checksum(&p, "pooled", cols),
+        checksum(&m1, "pooled", cols),
+        proxy.admin_get("/metrics").1
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most = sampler.join().unwrap();
+    assert!(
+        (1..=4).contains(&most),
+        "{most} pgprism connections on the mirror at once"
+    );
+    // The settings reached the rows that read them, the rolled-back one nowhere.
+    assert_eq!(
+        m1.psql(
+            "SELECT count(*) FROM pooled WHERE n > 0 AND (n - 1) % 8 >= 5 \
+             AND note = 'app-' || session || '-' || (n - 1) / 8"
+        )
+        .unwrap()
+        .trim(),
+        (SESSIONS * ROUNDS * 3).to_string()
+    );
+    assert_eq!(
+        m1.psql("SELECT count(*) FROM pooled WHERE note = 'never' OR kind = 'never'")
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_mirror_units_total")
+        >= (SESSIONS * ROUNDS * 8) as u64));
+    for counter in SKIPPED {
+        assert_eq!(proxy.metric(counter), 0, "{counter}");
+    }
+    assert_eq!(
+        proxy.metric("pgprism_mirror_errors_total"),
+        0,
+        "{}",
+        proxy.admin_get("/metrics").1
+    );
+    // Sessions sharing a connection prepared S_1 under different texts.
+    assert!(proxy.metric("pgprism_mirror_reprepared_total") > 0);
+    // Several sessions' units went out in one write.
+    assert!(
+        proxy.metric("pgprism_mirror_writes_total") < proxy.metric("pgprism_mirror_units_total")
+    );
+}
+
+#[test]
+fn pooled_connections_move_between_the_databases_clients_use() {
+    let ddl = "CREATE TABLE t (session int, n int, PRIMARY KEY (session, n))";
+    let (p, m1) = (start_primary("dp"), start_server_with("dm", &[]));
+    for inst in [&p, &m1] {
+        inst.psql("CREATE DATABASE other").unwrap();
+        inst.psql(ddl).unwrap();
+        inst.psql_db("other", ddl).unwrap();
+    }
+    // No database in the URL: each session's own, so two pools share one connection per shard.
+    let url = format!(
+        "postgres://{SCRAM_USER}:{}@127.0.0.1:{}",
+        PASSWORD.replace(' ', "%20"),
+        m1.port()
+    );
+    let proxy = Proxy::start(&p.url(), &["--mirror", &url, "--mirror-pool-size", "2"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = sample_pool_connections(&m1, stop.clone());
+    let sessions: Vec<_> = (0..6)
+        .map(|s| {
+            let database = if s % 2 == 0 { "postgres" } else { "other" };
+            let conninfo = format!(
+                "host=127.0.0.1 port={} user=postgres dbname={database}",
+                proxy.port()
+            );
+            std::thread::spawn(move || {
+                let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+                for n in 0..30 {
+                    c.batch_execute(&format!("INSERT INTO t VALUES ({s}, {n})"))
+                        .unwrap();
+                    if n % 10 == 9 {
+                        // Let the other database's sessions take the connection.
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            })
+        })
+        .collect();
+    for s in sessions {
+        s.join().unwrap();
+    }
+    for database in ["postgres", "other"] {
+        let count = |inst: &Instance| {
+            inst.psql_db(database, "SELECT count(*) FROM t")
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        assert_eq!(count(&p), "90");
+        assert!(
+            eventually(Duration::from_secs(20), || count(&m1) == "90"),
+            "{database}: {}\n{}",
+            count(&m1),
+            proxy.admin_get("/metrics").1
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most = sampler.join().unwrap();
+    assert!(
+        (1..=2).contains(&most),
+        "{most} pgprism connections at once"
+    );
+    for counter in SKIPPED {
+        assert_eq!(proxy.metric(counter), 0, "{counter}");
+    }
+}
+
+#[test]
+fn a_killed_pool_connection_is_replaced_and_its_units_counted_lost() {
+    let (p, m1) = primary_and_mirror(
+        "kp",
+        "km",
+        "CREATE TABLE killed (session int, n int, PRIMARY KEY (session, n))",
+    );
+    let proxy = Proxy::start(
+        &p.url(),
+        &[
+            "--mirror",
+            &mirror_url(&m1),
+            "--mirror-pool-size",
+            "2",
+            "--retry-delay",
+            "20ms",
+        ],
+    );
+    // The mirror holds every unit in flight behind a lock.
+    let blocker = lock_table(&m1, "killed");
+    let sessions: Vec<_> = (0..8)
+        .map(|s| {
+            let conninfo = proxy.conninfo("postgres", None);
+            std::thread::spawn(move || {
+                let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+                for n in 0..20 {
+                    c.batch_execute(&format!("INSERT INTO killed VALUES ({s}, {n})"))
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for s in sessions {
+        s.join().unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || m1
+            .psql(&format!(
+                "{POOL_CONNECTIONS_SQL} AND wait_event_type = 'Lock'"
+            ))
+            .unwrap()
+            .trim()
+            != "0"),
+        "{}",
+        proxy.admin_get("/metrics").1
+    );
+    m1.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'scramuser'")
+        .unwrap();
+    drop(blocker);
+    assert!(eventually(Duration::from_secs(20), || proxy
+        .metric("pgprism_mirror_units_lost_total")
+        > 0
+        && proxy.metric("pgprism_mirror_reconnects_total") > 0));
+    // The connections were replaced: later units reach the mirror.
+    let mut c = proxy.client();
+    for n in 0..10 {
+        c.batch_execute(&format!("INSERT INTO killed VALUES (99, {n})"))
+            .unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || m1
+            .psql("SELECT count(*) FROM killed WHERE session = 99")
+            .unwrap()
+            .trim()
+            == "10"),
+        "{}",
+        proxy.admin_get("/metrics").1
+    );
+    // Every unit the mirror lacks was counted lost (one insert each), none skipped.
+    let primary: u64 = p
+        .psql("SELECT count(*) FROM killed")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let mirror: u64 = m1
+                .psql("SELECT count(*) FROM killed")
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            mirror + proxy.metric("pgprism_mirror_units_lost_total") == primary
+        }),
+        "mirror {} of {primary}\n{}",
+        m1.psql("SELECT count(*) FROM killed").unwrap(),
+        proxy.admin_get("/metrics").1
+    );
+    assert!(m1.psql(POOL_CONNECTIONS_SQL).unwrap().trim() != "0");
+    assert_eq!(proxy.metric("pgprism_mirror_skipped_down_total"), 0);
+}
+
+#[test]
+fn a_pool_smaller_than_the_shards_is_refused_naming_its_key() {
+    let out = support::pgprism_command()
+        .args([
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "2",
+            "--no-pin",
+            "--primary",
+            "postgres://postgres@127.0.0.1:1/postgres",
+            "--mirror",
+            "postgres://postgres@127.0.0.1:1/postgres",
+            "--mirror-pool-size",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("mirror[0].pool-size"), "{stderr}");
+}

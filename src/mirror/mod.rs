@@ -1,6 +1,11 @@
 //! Mirror mode: every client session gets, per mirror, its own mirror session on the same
 //! shard, fed with the client's frames (the same refcounted `Bytes`) through a bounded queue.
 //!
+//! With `pool-size` above 0 a mirror's connections are pooled per shard instead (`pool`): a
+//! session's frames are collected until a transaction boundary and the whole unit is replayed
+//! on a shared connection, so the mirror's connection count does not depend on the number of
+//! clients.
+//!
 //! This module owns the routing decision per message (filters, prepared-statement tracking,
 //! resync at transaction boundaries), the per-session queues and the mirror connections. It
 //! must never make the client wait, except under the `block` overflow policy the user asked
@@ -8,6 +13,7 @@
 //! skipped up to the next transaction boundary (with a ROLLBACK on the mirror) and counted.
 
 mod link;
+mod pool;
 mod route;
 
 pub mod stats;
@@ -18,6 +24,7 @@ use crate::config::{Config, LiveEndpoint, MirrorConfig, PgUrl, UrlError};
 use crate::tls::{TlsError, Upstream};
 
 pub use link::{Link, start as start_link};
+pub use pool::shard_share;
 pub use route::Router;
 pub use stats::{MirrorReport, MirrorStats};
 
@@ -31,6 +38,8 @@ pub struct MirrorTarget {
     /// TLS towards the mirror, its certificate files read at start-up (never on a shard).
     pub tls: Upstream,
     pub stats: MirrorStats,
+    /// The shard's pools of connections to the mirror (`None`: one per client session).
+    pools: Option<pool::Pools>,
 }
 
 /// A configured mirror with its address resolved.
@@ -41,6 +50,8 @@ pub struct Resolved {
     pub url: PgUrl,
     pub addr: LiveEndpoint,
     pub tls: Upstream,
+    /// Shards the process runs (`pool-size` is split over them).
+    pub shards: usize,
 }
 
 /// Why a mirror cannot be set up; `index` is its place in the config (`mirror[INDEX].url`).
@@ -91,13 +102,28 @@ pub fn resolve(cfg: &Config) -> Result<Vec<Resolved>, MirrorError> {
                 cfg: m.clone(),
                 url,
                 addr,
+                shards: cfg.shard_count(),
             })
         })
         .collect()
 }
 
 impl MirrorTarget {
+    /// The mirror as shard 0 sees it.
     pub fn new(index: usize, resolved: &Resolved, latency_us_max: u64) -> Rc<MirrorTarget> {
+        MirrorTarget::on_shard(index, resolved, latency_us_max, 0)
+    }
+
+    /// The mirror as shard `shard` sees it: with `pool-size` above 0, the shard's share of
+    /// the pool ([`shard_share`]).
+    pub fn on_shard(
+        index: usize,
+        resolved: &Resolved,
+        latency_us_max: u64,
+        shard: usize,
+    ) -> Rc<MirrorTarget> {
+        let pools = (resolved.cfg.pool_size > 0)
+            .then(|| pool::Pools::new(shard_share(resolved.cfg.pool_size, resolved.shards, shard)));
         Rc::new(MirrorTarget {
             index,
             name: resolved.name.clone(),
@@ -106,6 +132,13 @@ impl MirrorTarget {
             addr: resolved.addr.clone(),
             tls: resolved.tls.clone(),
             stats: MirrorStats::new(latency_us_max),
+            pools,
         })
+    }
+
+    /// Nothing of the mirror's pooled units waits or is in flight (always true without
+    /// pools: per-session links flush as their sessions end).
+    pub fn flushed(&self) -> bool {
+        self.pools.as_ref().is_none_or(pool::Pools::flushed)
     }
 }

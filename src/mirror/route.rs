@@ -10,6 +10,12 @@
 //! ([`Mirrored`]: its class, the bytes that re-create it) lives in the statement's
 //! `Slot::Mirror` extension. What stays here is each mirror link's own set of prepared names
 //! (`Link::prepared`: the mirror server's state) and the settings to replay.
+//!
+//! For pooled mirrors it also says where a session's units end: at a sync point (or the end of
+//! a simple Query's COPY) outside a transaction block, as far as the statements routed tell,
+//! or when the session is found idle. A pooled link's names start empty with each unit, so a
+//! unit prepares again whatever it uses; what a frame does to the names is noted on the link
+//! (`Link::note`) for the pool connection that runs the unit.
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
@@ -19,9 +25,10 @@ use std::rc::Rc;
 use bytes::{Bytes, BytesMut};
 
 use super::link::{Item, Link, Push};
+use super::pool::{Names, Snapshot, signature};
 use super::stats::MirrorStats;
 use crate::config::{MirrorConfig, Overflow, QueryFilter};
-use crate::session::{Applied, Framed, QueryPart, Refers, Settings, Slot, Statement};
+use crate::session::{Applied, Framed, QueryPart, Refers, Settings, Slot, Statement, Step};
 use crate::sql::{self, Class, Prepared};
 use crate::stats::fingerprints::Fingerprints;
 use crate::wire::{self, ObjectKind, tag};
@@ -60,6 +67,21 @@ impl Source {
             Source::Lost => 0,
         }
     }
+
+    /// What tells this statement from another of the same name on a pooled connection.
+    fn ident(&self) -> Option<Bytes> {
+        match self {
+            Source::Parse(b) | Source::Prepare(b) => Some(b.clone()),
+            Source::Lost => None,
+        }
+    }
+}
+
+/// A statement prepared again before what needs it: its frames, its name and its `ident`.
+struct Reprepare {
+    frames: Bytes,
+    name: String,
+    ident: Option<Bytes>,
 }
 
 /// Where a prepared statement came from, when routing first meets it.
@@ -123,10 +145,12 @@ impl<'a> Route<'a> {
 /// An SQL-level prepared-statement command, resolved against the session's statements as
 /// they were at that point of the Query.
 enum SqlPrepared<'a> {
-    /// `tracked`: within `proxy.session-names-max` (untracked ones are never mirrored).
+    /// `tracked`: within `proxy.session-names-max` (untracked ones are never mirrored);
+    /// `ident`: its text, as kept.
     Prepare {
         name: &'a str,
         tracked: bool,
+        ident: Option<Bytes>,
     },
     /// `source` is `None` when the session has no such statement (as far as pgprism knows):
     /// the primary rejects it, and it is not mirrored.
@@ -149,6 +173,16 @@ pub struct Router {
     /// Bytes held by the statements' sources (bounded by `KEPT_TEXT_BYTES_MAX`), shared with
     /// each statement's [`Mirrored`], which gives its bytes back when it goes.
     kept: Rc<Cell<usize>>,
+    /// Some link is pooled: the session's units are delimited.
+    pooled: bool,
+    /// A transaction block is open, as far as the statements routed tell.
+    in_block: bool,
+    /// Every pooled link has a unit open (its settings at the start taken).
+    unit_open: bool,
+    /// The open unit changed a setting the snapshots do not capture (bound with parameters).
+    untracked: bool,
+    /// The last snapshot of `settings` taken (reused while they do not change).
+    snapshot: Rc<Snapshot>,
     /// The session's settings, for replay onto a mirror session that lost them. Routing's
     /// own: the tracker keeps settings only when a mode asks (`session::Limits::settings`),
     /// and these follow what the mirrors were sent (a parameterless extended-protocol SET
@@ -231,11 +265,17 @@ impl Router {
         fingerprints: Rc<Fingerprints>,
         limits: crate::session::Limits,
     ) -> Router {
+        let pooled = links.iter().any(|l| l.pooled());
         Router {
             links,
             fingerprints,
             last_fingerprint: 0,
             kept: Rc::new(Cell::new(0)),
+            pooled,
+            in_block: false,
+            unit_open: false,
+            untracked: false,
+            snapshot: Rc::new(Snapshot::new(Vec::new())),
             settings: Settings::new(limits.settings_max),
         }
     }
@@ -250,6 +290,12 @@ impl Router {
     pub fn begin_batch(&mut self, boundary: bool) {
         if boundary {
             self.settings.idle();
+            if self.pooled {
+                // Idle on the primary: a block still open here ended through a statement not
+                // seen as such, and whatever the session sent is a whole unit.
+                self.in_block = false;
+                self.close_units(false);
+            }
             for link in &self.links {
                 if link.at_boundary() {
                     for setting in self.settings.frames() {
@@ -258,6 +304,39 @@ impl Router {
                 }
             }
         }
+    }
+
+    /// The session's settings now, as a pooled unit carries them.
+    fn snapshot(&mut self) -> Rc<Snapshot> {
+        if signature(self.settings.frames()) != self.snapshot.sig {
+            self.snapshot = Rc::new(Snapshot::new(self.settings.frames().cloned().collect()));
+        }
+        self.snapshot.clone()
+    }
+
+    /// Pooled links whose unit ends here hand it over (`copy_end`: at a CopyDone or
+    /// CopyFail, which ends only a unit whose COPY came in a simple Query). A link with a
+    /// COPY under way keeps its unit open.
+    fn close_units(&mut self, copy_end: bool) {
+        let after = self.snapshot();
+        for link in &self.links {
+            if !link.pooled() || link.copy_active.get() || (copy_end && !link.copy_ends_unit()) {
+                continue;
+            }
+            link.close_unit(&after, self.untracked);
+            self.unit_open = false;
+        }
+        if !self.unit_open {
+            self.untracked = false;
+        }
+    }
+
+    /// A statement opened or ended a transaction block.
+    fn follow_block(&mut self, transaction: sql::Transaction) {
+        self.in_block = match transaction {
+            sql::Transaction::Begin => true,
+            sql::Transaction::Commit { chain } | sql::Transaction::Rollback { chain } => chain,
+        };
     }
 
     /// What routing derives from prepared statement `statement`, made the first time it
@@ -358,6 +437,7 @@ impl Router {
                         Some(SqlPrepared::Prepare {
                             name,
                             tracked: true,
+                            ident: m.source.ident(),
                         }),
                     )
                 }
@@ -368,6 +448,7 @@ impl Router {
                         Some(SqlPrepared::Prepare {
                             name,
                             tracked: false,
+                            ident: None,
                         }),
                     )
                 }
@@ -409,6 +490,7 @@ impl Router {
             Class::Transaction => {
                 if let Some(transaction) = sql::transaction(text) {
                     self.settings.transaction(transaction);
+                    self.follow_block(transaction);
                 }
             }
             _ => {}
@@ -423,14 +505,26 @@ impl Router {
     /// Routes one complete client frame (`frame` includes its header), with what the tracker
     /// resolved it to (`framed`), to every link.
     pub async fn route(&mut self, framed: &Framed, frame: &Bytes) {
+        if self.pooled && !self.unit_open {
+            let settings = self.snapshot();
+            for link in &self.links {
+                link.unit_begins(&settings);
+            }
+            self.unit_open = true;
+        }
         let body = &frame[wire::HEADER_BYTES..];
-        let route = match self.classify(framed, frame, body) {
-            Some(route) => route,
-            None => return,
-        };
-        for i in 0..self.links.len() {
-            let link = self.links[i].clone();
-            self.route_one(&link, &route, frame).await;
+        if let Some(route) = self.classify(framed, frame, body) {
+            for i in 0..self.links.len() {
+                let link = self.links[i].clone();
+                self.route_one(&link, &route, frame).await;
+            }
+        }
+        if self.pooled && !self.in_block {
+            match (framed.step, framed.tag) {
+                (Step::SyncPoint | Step::QuietSync, _) => self.close_units(false),
+                (_, tag::COPY_DONE | tag::COPY_FAIL) => self.close_units(true),
+                _ => {}
+            }
         }
     }
 
@@ -581,6 +675,7 @@ impl Router {
         }
         if let Some(transaction) = m.transaction {
             self.settings.transaction(transaction);
+            self.follow_block(transaction);
         }
         // A setting bound with parameters cannot be replayed from its text alone.
         if m.setting && !p.params {
@@ -588,6 +683,8 @@ impl Router {
             if let Some(setting) = sql::setting(text) {
                 self.settings.change(setting, text);
             }
+        } else if m.setting {
+            self.untracked = true;
         }
         Some(Route::Execute {
             statement: Some((name, m)),
@@ -632,8 +729,10 @@ impl Router {
                 }
             }
             Route::CloseStatement { name } => {
-                if link.prepared.borrow_mut().remove(*name) {
-                    self.send(link, frame.clone(), None, false).await;
+                if link.prepared.borrow_mut().remove(*name)
+                    && self.send(link, frame.clone(), None, false).await
+                {
+                    link.note(Names::Drop(name.to_string()));
                 }
             }
             Route::Sync => self.route_sync(link, frame).await,
@@ -666,6 +765,11 @@ impl Router {
             Some((name, m)) if passes(&link.target.cfg, m.class) => {
                 if self.send(link, frame.clone(), None, false).await {
                     link.prepared.borrow_mut().insert(name.to_string());
+                    link.note(Names::Create {
+                        name: name.to_string(),
+                        ident: m.source.ident(),
+                        elidable: false,
+                    });
                 }
             }
             // The mirror's statement of that name (if any) is now stale: anything bound
@@ -744,10 +848,19 @@ impl Router {
             Source::Prepare(text) => prepare_in_batch(text)?,
             Source::Lost => return None,
         };
-        let queued = self.send(link, frames, None, false).await;
+        let queued = self.send_reprepare(link, frames, None).await;
         if queued {
-            MirrorStats::bump(&link.target.stats.counters.reprepared, 1);
+            // A pooled link prepares again in every unit what it uses: its pool counts those
+            // it does send.
+            if !link.pooled() {
+                MirrorStats::bump(&link.target.stats.counters.reprepared, 1);
+            }
             link.prepared.borrow_mut().insert(name.to_string());
+            link.note(Names::Create {
+                name: name.to_string(),
+                ident: source.ident(),
+                elidable: true,
+            });
         }
         Some(queued)
     }
@@ -759,11 +872,20 @@ impl Router {
     async fn execute_command(&self, link: &Rc<Link>, prepared: &SqlPrepared<'_>, frame: &Bytes) {
         let stats = &link.target.stats;
         match prepared {
-            SqlPrepared::Prepare { name, tracked } => {
+            SqlPrepared::Prepare {
+                name,
+                tracked,
+                ident,
+            } => {
                 if !tracked {
                     MirrorStats::bump(&stats.counters.skipped_filter, 1);
                 } else if self.send(link, frame.clone(), None, true).await {
                     link.prepared.borrow_mut().insert(name.to_string());
+                    link.note(Names::Create {
+                        name: name.to_string(),
+                        ident: ident.clone(),
+                        elidable: false,
+                    });
                 }
             }
             SqlPrepared::Execute { name, source } => {
@@ -790,11 +912,13 @@ impl Router {
                     && self.send(link, frame.clone(), None, true).await
                 {
                     link.prepared.borrow_mut().remove(*name);
+                    link.note(Names::Drop(name.to_string()));
                 }
             }
             SqlPrepared::DeallocateAll => {
                 if self.send(link, frame.clone(), None, true).await {
                     forget_named(&mut link.prepared.borrow_mut());
+                    link.note(Names::DropAll);
                 }
             }
         }
@@ -812,7 +936,12 @@ impl Router {
             return;
         }
         let stats = &link.target.stats;
-        let mut plan = QueryPlan::new(&link.target.cfg, &link.prepared.borrow(), parts);
+        let mut plan = QueryPlan::new(
+            &link.target.cfg,
+            &link.prepared.borrow(),
+            parts,
+            link.pooled(),
+        );
         if plan.filtered {
             MirrorStats::bump(&stats.counters.skipped_filter, 1);
         }
@@ -842,9 +971,12 @@ impl Router {
         }
         if copy {
             link.copy_active.set(true);
+            link.copy_from_query();
         }
-        MirrorStats::bump(&stats.counters.reprepared, plan.reprepared);
-        plan.commit(&mut link.prepared.borrow_mut());
+        if !link.pooled() {
+            MirrorStats::bump(&stats.counters.reprepared, plan.reprepared);
+        }
+        plan.commit(link);
     }
 
     /// Routes a Query of one statement that is no prepared-statement command to one link:
@@ -861,24 +993,30 @@ impl Router {
             && copies_from(sql, part)
         {
             link.copy_active.set(true);
+            link.copy_from_query();
         }
     }
 
     /// Queues the Parse frames of protocol-level statements a Query's EXECUTEs need, then a
     /// Sync so that a failing Parse cannot make the mirror ignore the Query (it skips
     /// everything up to a Sync). Returns whether all were queued (true when there are none).
-    async fn send_parses(&self, link: &Rc<Link>, parses: Vec<Bytes>) -> bool {
+    async fn send_parses(&self, link: &Rc<Link>, parses: Vec<Reprepare>) -> bool {
         if parses.is_empty() {
             return true;
         }
         for parse in parses {
-            if !self.send(link, parse, None, false).await {
+            if !self.send_reprepare(link, parse.frames, None).await {
                 return false;
             }
+            link.note(Names::Create {
+                name: parse.name,
+                ident: parse.ident,
+                elidable: true,
+            });
         }
         let mut sync = BytesMut::new();
         wire::encode::sync(&mut sync);
-        if !self.send(link, sync.freeze(), Some(0), false).await {
+        if !self.send_reprepare(link, sync.freeze(), Some(0)).await {
             return false;
         }
         link.pending_sync.set(false);
@@ -892,6 +1030,23 @@ impl Router {
         frame: Bytes,
         sync: Option<u64>,
         statement: bool,
+    ) -> bool {
+        self.send_item(link, frame, sync, statement, false).await
+    }
+
+    /// [`send`](Self::send) for pgprism's own preparation of a statement again (or the Sync
+    /// after some), which a pooled connection leaves out where it has the statement.
+    async fn send_reprepare(&self, link: &Rc<Link>, frame: Bytes, sync: Option<u64>) -> bool {
+        self.send_item(link, frame, sync, false, true).await
+    }
+
+    async fn send_item(
+        &self,
+        link: &Rc<Link>,
+        frame: Bytes,
+        sync: Option<u64>,
+        statement: bool,
+        reprepare: bool,
     ) -> bool {
         let stats = &link.target.stats;
         if !link.accepting() {
@@ -908,6 +1063,7 @@ impl Router {
             sync,
             statement,
             internal: false,
+            reprepare,
         };
         loop {
             match link.push(item()) {
@@ -916,6 +1072,11 @@ impl Router {
                         link.pending_sync.set(true);
                     }
                     return true;
+                }
+                Push::TooLarge => {
+                    link.cut();
+                    MirrorStats::bump(&stats.counters.skipped_overflow, 1);
+                    return false;
                 }
                 Push::Full => match link.target.cfg.overflow {
                     Overflow::Drop => {
@@ -946,24 +1107,28 @@ fn copies_from(sql: &[u8], part: &Part) -> bool {
 struct QueryPlan {
     /// The parts sent, in order, each with the PREPARE text to run right before it.
     send: Vec<(usize, Option<Bytes>)>,
-    /// Parse frames of protocol-level statements to prepare again before the Query.
-    parses: Vec<Bytes>,
+    /// Statements to prepare again before the Query: Parse frames of protocol-level ones,
+    /// and for a pooled link SQL-level ones too (run in a batch, so that a pooled
+    /// connection that has them leaves them out).
+    parses: Vec<Reprepare>,
     /// The mirror's prepared names once the Query ran: all gone first (`cleared`), then
-    /// these present (true) or gone (false).
+    /// these present (true, with what created them) or gone (false).
     cleared: bool,
-    changed: Vec<(String, bool)>,
+    changed: Vec<(String, bool, Option<Bytes>)>,
     /// Some statement did not pass the filter.
     filtered: bool,
     /// EXECUTEs skipped: their statement is missing on the mirror and was not kept.
     unprepared: u64,
     reprepared: u64,
+    /// The link is pooled (see `parses`).
+    pooled: bool,
 }
 
 /// The mirror's prepared names as a simple Query goes: the link's set before it (`before`,
-/// not copied) and the changes over it so far.
+/// not copied) and the changes over it so far (with what created the names present).
 struct NamesAsRun<'p, 'q> {
     before: &'p HashSet<String>,
-    changed: HashMap<&'q str, bool>,
+    changed: HashMap<&'q str, (bool, Option<Bytes>)>,
     cleared: bool,
 }
 
@@ -972,7 +1137,7 @@ impl NamesAsRun<'_, '_> {
     fn has(&self, name: &str) -> bool {
         self.changed
             .get(name)
-            .copied()
+            .map(|(has, _)| *has)
             .unwrap_or_else(|| !self.cleared && self.before.contains(name))
     }
 }
@@ -980,8 +1145,16 @@ impl NamesAsRun<'_, '_> {
 impl QueryPlan {
     /// Plans a simple Query of several statements (or a prepared-statement command) for a
     /// link with filter `cfg` and prepared names `prepared`.
-    fn new(cfg: &MirrorConfig, prepared: &HashSet<String>, parts: &[Part]) -> QueryPlan {
-        let mut plan = QueryPlan::default();
+    fn new(
+        cfg: &MirrorConfig,
+        prepared: &HashSet<String>,
+        parts: &[Part],
+        pooled: bool,
+    ) -> QueryPlan {
+        let mut plan = QueryPlan {
+            pooled,
+            ..QueryPlan::default()
+        };
         let mut names = NamesAsRun {
             before: prepared,
             changed: HashMap::new(),
@@ -994,7 +1167,7 @@ impl QueryPlan {
         plan.changed = names
             .changed
             .into_iter()
-            .map(|(name, has)| (name.to_string(), has))
+            .map(|(name, (has, ident))| (name.to_string(), has, ident))
             .collect();
         plan
     }
@@ -1003,8 +1176,8 @@ impl QueryPlan {
     fn part<'q>(&mut self, names: &mut NamesAsRun<'_, 'q>, i: usize, part: &'q Part, pass: bool) {
         match &part.prepared {
             None | Some(SqlPrepared::Prepare { tracked: true, .. }) if pass => {
-                if let Some(SqlPrepared::Prepare { name, .. }) = &part.prepared {
-                    names.changed.insert(name, true);
+                if let Some(SqlPrepared::Prepare { name, ident, .. }) = &part.prepared {
+                    names.changed.insert(name, (true, ident.clone()));
                 }
                 self.send.push((i, None));
             }
@@ -1018,7 +1191,7 @@ impl QueryPlan {
                 // Only where it exists: else the mirror would fail where the primary
                 // did not (and abort the transaction it is in).
                 if names.has(name) {
-                    names.changed.insert(name, false);
+                    names.changed.insert(name, (false, None));
                     self.send.push((i, None));
                 }
             }
@@ -1049,10 +1222,25 @@ impl QueryPlan {
             return;
         }
         // The mirror lacks it (filtered, reconnected, cut): prepare it again.
+        let again = |frames| Reprepare {
+            frames,
+            name: name.to_string(),
+            ident: source.ident(),
+        };
         match source {
+            Source::Prepare(text) if self.pooled => match prepare_in_batch(text) {
+                Some(frames) => {
+                    self.parses.push(again(frames));
+                    self.send.push((i, None));
+                }
+                None => {
+                    self.unprepared += 1;
+                    return;
+                }
+            },
             Source::Prepare(text) => self.send.push((i, Some(text.clone()))),
             Source::Parse(parse) => {
-                self.parses.push(parse.clone());
+                self.parses.push(again(parse.clone()));
                 self.send.push((i, None));
             }
             Source::Lost => {
@@ -1061,7 +1249,7 @@ impl QueryPlan {
             }
         }
         self.reprepared += 1;
-        names.changed.insert(name, true);
+        names.changed.insert(name, (true, source.ident()));
     }
 
     /// The Query frame the link gets: the client's own when every part goes unchanged, else
@@ -1089,16 +1277,25 @@ impl QueryPlan {
         Some(out.freeze())
     }
 
-    /// Applies the Query's changes to the link's prepared names once it is queued.
-    fn commit(self, prepared: &mut HashSet<String>) {
+    /// Applies the Query's changes to the link's prepared names once it is queued (and notes
+    /// them for a pooled connection).
+    fn commit(self, link: &Link) {
+        let mut prepared = link.prepared.borrow_mut();
         if self.cleared {
-            forget_named(prepared);
+            forget_named(&mut prepared);
+            link.note(Names::DropAll);
         }
-        for (name, has) in self.changed {
+        for (name, has, ident) in self.changed {
             if has {
-                prepared.insert(name);
+                prepared.insert(name.clone());
+                link.note(Names::Create {
+                    name,
+                    ident,
+                    elidable: false,
+                });
             } else {
                 prepared.remove(&name);
+                link.note(Names::Drop(name));
             }
         }
     }

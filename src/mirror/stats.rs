@@ -55,6 +55,8 @@ mirror_counters! {
     reprepared: "statements prepared again on the mirror before a Bind or EXECUTE",
     timeouts: "statements the mirror did not answer within its timeout",
     reconnects: "mirror connections re-established after a failure",
+    units: "transactions (or autocommit statements and batches) handed whole to the mirror's pool",
+    units_lost: "pooled transactions lost with a pool connection that failed before answering them (they may or may not have been applied)",
     connect_failures: "mirror connection or authentication failures",
 }
 

@@ -19,6 +19,18 @@ pub fn check(cfg: &Config) -> Result<(), ConfigError> {
     }
     for (i, mirror) in cfg.mirror.iter().enumerate() {
         url_tls(&format!("mirror[{i}].url"), &mirror.url)?;
+        // Each shard pools its own connections: the size is split over them.
+        let shards = cfg.shard_count();
+        if mirror.pool_size > 0 && mirror.pool_size < shards {
+            return Err(ConfigError::key(
+                &format!("mirror[{i}].pool-size"),
+                format!(
+                    "{} connections cannot be split over {shards} shards: expected at least one \
+                     per shard, or 0 for one mirror connection per client session",
+                    mirror.pool_size
+                ),
+            ));
+        }
     }
     if !cfg.shadow.url.is_empty() {
         url_tls("shadow.url", &cfg.shadow.url)?;

@@ -103,7 +103,7 @@ fn context(index: usize, plan: ContextPlan) -> Option<Rc<ShardCtx>> {
         .mirrors
         .iter()
         .enumerate()
-        .map(|(i, m)| MirrorTarget::new(i, m, plan.latency_us_max))
+        .map(|(i, m)| MirrorTarget::on_shard(i, m, plan.latency_us_max, index))
         .collect();
     let fingerprints = Rc::new(Fingerprints::new(
         plan.fingerprints_max,
@@ -176,13 +176,13 @@ async fn serve_until_stopped(
     .await;
 }
 
-/// Closes sessions as they become idle until none is left or `drain_timeout` passes, then
-/// closes the busy ones too.
+/// Closes sessions as they become idle until none is left (and pooled mirrors sent what their
+/// sessions left them) or `drain_timeout` passes, then closes the busy ones too.
 async fn drain(shard: &ShardCtx, drain_timeout: Duration) {
     let deadline = Instant::now() + drain_timeout;
     loop {
         shard.close_idle_sessions(false);
-        if shard.sessions_active() == 0 {
+        if shard.sessions_active() == 0 && shard.mirrors.iter().all(|m| m.flushed()) {
             break;
         }
         if Instant::now() >= deadline {
