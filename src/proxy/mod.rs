@@ -2,6 +2,7 @@
 //! Everything here runs on a shard's executor and must never block it.
 
 pub mod auth;
+pub mod console;
 pub mod credentials;
 mod session;
 
