@@ -4,6 +4,7 @@
 //! ([`ServerLogin`]), and waiting for the first ReadyForQuery. Client sessions relayed in
 //! session mode only use [`connect`]: their authentication is relayed from the client.
 
+pub mod pool;
 
 use std::time::Duration;
 

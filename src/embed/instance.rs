@@ -178,6 +178,18 @@ impl Instance {
         )
     }
 
+    /// [`psql`](Self::psql) in another database of the server.
+    pub fn psql_db(&self, database: &str, sql: &str) -> Result<String, EmbedError> {
+        run_psql(
+            &self.psql_path,
+            &self.host,
+            self.port,
+            &self.superuser,
+            database,
+            sql,
+        )
+    }
+
     /// Fast shutdown, a bounded wait, SIGKILL if it did not stop; then removes a memory
     /// data directory.
     pub fn stop(mut self) -> Result<(), EmbedError> {

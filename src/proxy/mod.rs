@@ -4,6 +4,10 @@
 pub mod auth;
 pub mod console;
 pub mod credentials;
+mod login;
+mod pooled;
 mod session;
 
-pub use session::{ProxySettings, ShardCtx, serve_client};
+pub use login::{ConsoleCtx, Secrets};
+pub use pooled::{CancelKeys, pool_care};
+pub use session::{Pooling, ProxySettings, ShardCtx, serve_client};

@@ -46,6 +46,8 @@ pub struct ProxySettings {
     pub client_tls: std::sync::Arc<crate::tls::ClientTlsSlot>,
     /// TLS towards the primary (its URL's `sslmode`).
     pub primary_tls: crate::tls::Upstream,
+    /// `pool.mode = "transaction"`: clients are served by `pooled`.
+    pub transaction_pooling: bool,
 }
 
 /// Everything a shard owns for its sessions.
@@ -64,6 +66,51 @@ pub struct ShardCtx {
     pub compare: Option<Rc<compare::CompareTarget>>,
     /// xorshift state for session sampling.
     sample_state: Cell<u64>,
+    /// Transaction pooling (`pool.mode = "transaction"`) and the console's authentication:
+    /// this shard's pools of primary connections.
+    pub pools: Option<Rc<crate::backend::pool::Pools>>,
+    /// Cancel keys of pooled sessions, shared by every shard.
+    pub cancel_keys: super::pooled::CancelKeys,
+    /// Pooled and console sessions: their client sockets and whether each holds a
+    /// connection (a drain closes those that hold none).
+    pooled: RefCell<std::collections::HashMap<u64, PooledEntry>>,
+    /// Process-wide state the console reads and acts on.
+    pub console: Option<std::sync::Arc<super::login::ConsoleCtx>>,
+    /// Where pooled clients' secrets come from.
+    pub secrets: Option<Rc<super::login::Secrets>>,
+}
+
+/// What a shard's pooled sessions share, when transaction pooling or the console is on.
+#[derive(Default)]
+pub struct Pooling {
+    pub pools: Option<Rc<crate::backend::pool::Pools>>,
+    pub cancel_keys: super::pooled::CancelKeys,
+    pub console: Option<std::sync::Arc<super::login::ConsoleCtx>>,
+    pub secrets: Option<Rc<super::login::Secrets>>,
+}
+
+/// A pooled session as the shard sees it from outside.
+struct PooledEntry {
+    client: Stream,
+    state: Rc<super::pooled::ClientState>,
+    closing: Cell<bool>,
+}
+
+/// Removes a pooled session from its shard's table, however it ends.
+pub(super) struct PooledRegistration {
+    shard: Rc<ShardCtx>,
+    id: u64,
+}
+
+impl Drop for PooledRegistration {
+    fn drop(&mut self) {
+        self.shard.pooled.borrow_mut().remove(&self.id);
+        let stats = &self.shard.stats;
+        stats
+            .sessions_active
+            .set(self.shard.sessions_active() as u64);
+        ShardStats::bump(&stats.counters.sessions_closed, 1);
+    }
 }
 
 impl ShardCtx {
@@ -87,6 +134,80 @@ impl ShardCtx {
             fingerprints,
             compare,
             sample_state: Cell::new(0x9E37_79B9_7F4A_7C15 ^ (index as u64 + 1)),
+            pools: None,
+            cancel_keys: Default::default(),
+            pooled: RefCell::new(Default::default()),
+            console: None,
+            secrets: None,
+        }
+    }
+
+    /// Transaction pooling and the console (when configured).
+    pub fn with_pooling(mut self, pooling: Pooling) -> ShardCtx {
+        self.pools = pooling.pools;
+        self.cancel_keys = pooling.cancel_keys;
+        self.console = pooling.console;
+        self.secrets = pooling.secrets;
+        self
+    }
+
+    /// The pooled and console sessions' states (for the console's SHOW CLIENTS/SERVERS).
+    pub(super) fn pooled_states(&self) -> Vec<Rc<super::pooled::ClientState>> {
+        self.pooled
+            .borrow()
+            .values()
+            .map(|e| e.state.clone())
+            .collect()
+    }
+
+    /// Closes the pooled clients of `database` (console KILL).
+    pub(super) fn kill_pooled(&self, database: &str) {
+        for entry in self.pooled.borrow().values() {
+            if entry.state.database == database && !entry.closing.replace(true) {
+                let msg = error_bytes(
+                    "FATAL",
+                    sqlstate::ADMIN_SHUTDOWN,
+                    "terminating connection due to administrator command (KILL)",
+                );
+                entry.client.write_now(&msg);
+                entry.client.shutdown();
+            }
+        }
+    }
+
+    /// A new session number, unique on this shard.
+    pub(super) fn next_session_id(&self) -> u64 {
+        let id = self.next_session.get();
+        self.next_session.set(id + 1);
+        id
+    }
+
+    pub(super) fn read_chunk_bytes(&self) -> usize {
+        self.read_chunk_bytes
+    }
+
+    /// Enters a pooled (or console) session in the shard's table until the registration
+    /// drops; `busy` says whether it holds a server connection.
+    pub(super) fn register_pooled(
+        self: &Rc<Self>,
+        id: u64,
+        client: &Stream,
+        state: Rc<super::pooled::ClientState>,
+    ) -> PooledRegistration {
+        self.pooled.borrow_mut().insert(
+            id,
+            PooledEntry {
+                client: client.clone(),
+                state,
+                closing: Cell::new(false),
+            },
+        );
+        self.stats
+            .sessions_active
+            .set(self.sessions_active() as u64);
+        PooledRegistration {
+            shard: self.clone(),
+            id,
         }
     }
 
@@ -129,7 +250,7 @@ impl ShardCtx {
     }
 
     pub fn sessions_active(&self) -> usize {
-        self.sessions.borrow().len()
+        self.sessions.borrow().len() + self.pooled.borrow().len()
     }
 
     /// Closes every session that is idle (authenticated, outside a transaction, nothing in
@@ -158,6 +279,25 @@ impl ShardCtx {
             }
             ShardStats::bump(&self.stats.counters.shutdown_closed, 1);
             closed += 1;
+        }
+        for session in self.pooled.borrow().values() {
+            if session.closing.get() || (!force && session.state.busy.get()) {
+                continue;
+            }
+            session.closing.set(true);
+            let msg = error_bytes(
+                "FATAL",
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection because pgprism is shutting down",
+            );
+            // An idle pooled session waits on a read of its client only.
+            session.client.write_now(&msg);
+            session.client.shutdown();
+            ShardStats::bump(&self.stats.counters.shutdown_closed, 1);
+            closed += 1;
+        }
+        if let Some(pools) = &self.pools {
+            pools.close_idle();
         }
         closed
     }
@@ -247,7 +387,7 @@ impl Drop for Registration {
     }
 }
 
-fn error_bytes(severity: &str, code: &str, message: &str) -> Bytes {
+pub(super) fn error_bytes(severity: &str, code: &str, message: &str) -> Bytes {
     let mut buf = BytesMut::new();
     let spec = wire::encode::ErrorSpec::new(severity, code, message);
     if wire::encode::error_response(&mut buf, &spec).is_err() {
@@ -306,6 +446,22 @@ pub async fn serve_client(shard: Rc<ShardCtx>, mut client: Stream) {
         }
         Some(Ok(Startup::Session(packet))) => packet,
     };
+    if shard.pools.is_some() {
+        let params = match StartupPacket::parse(&packet) {
+            Ok(StartupPacket::Startup { params, .. }) => params,
+            _ => Vec::new(),
+        };
+        let database = params
+            .iter()
+            .find(|(k, _)| k == "database")
+            .map(|(_, v)| v.as_str());
+        if shard.settings.transaction_pooling
+            || database.is_some_and(super::console::is_console_database)
+        {
+            super::pooled::serve(shard.clone(), client, params, buf, deadline).await;
+            return;
+        }
+    }
 
     let primary = match connect_primary(&shard).await {
         Ok(primary) => primary,
@@ -443,6 +599,19 @@ async fn connect_primary(shard: &ShardCtx) -> io::Result<Stream> {
 /// after `proxy.connect-timeout-ms`: libpq and JDBC wait for that close before they send
 /// anything else, so that a late cancel cannot hit the next statement.
 async fn forward_cancel(shard: &ShardCtx, packet: &Bytes) {
+    // A pooled client's key is pgprism's own: cancel what runs on the connection lent to it.
+    let mut rewritten = None;
+    if let Ok(StartupPacket::Cancel { pid, secret }) = StartupPacket::parse(packet)
+        && let Some(found) = shard.cancel_keys.lookup(pid, secret)
+    {
+        let Some((server_pid, server_secret)) = found else {
+            return;
+        };
+        let mut out = BytesMut::new();
+        wire::encode::cancel_request(&mut out, server_pid, server_secret);
+        rewritten = Some(out.freeze());
+    }
+    let packet = rewritten.as_ref().unwrap_or(packet);
     if let Ok(primary) = connect_primary(shard).await
         && primary.write_all(packet).await.is_ok()
     {

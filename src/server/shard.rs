@@ -40,6 +40,12 @@ pub(super) struct ContextPlan {
     pub mirrors: Vec<crate::mirror::Resolved>,
     pub fingerprints_max: usize,
     pub compare: Option<crate::compare::Resolved>,
+    /// Transaction pooling and the console, when configured.
+    pub pooling: super::spawn::PoolingPlan,
+    /// The primary URL's credentials (pooled connections of that user log in with them).
+    pub primary_user: String,
+    pub primary_password: String,
+    pub shards: usize,
 }
 
 /// The shard's life: accept until told to stop, drain, send the final report.
@@ -127,15 +133,51 @@ fn context(index: usize, plan: ContextPlan) -> Option<Rc<ShardCtx>> {
             }
         }
     };
-    Some(Rc::new(ShardCtx::new(
-        index,
-        plan.settings,
-        ShardStats::new(plan.latency_us_max),
-        plan.read_chunk_bytes,
-        mirrors,
-        fingerprints,
-        compare,
-    )))
+    let pooling = match plan.pooling {
+        None => crate::proxy::Pooling::default(),
+        Some(shared) => {
+            let upstream = crate::backend::pool::Upstream {
+                addr: plan.settings.primary_addr.clone(),
+                label: plan.settings.primary_label.clone(),
+                tls: plan.settings.primary_tls.clone(),
+                connect_timeout: plan.settings.connect_timeout,
+                message_bytes_max: plan.settings.message_bytes_max,
+                url_user: plan.primary_user.clone(),
+                url_password: plan.primary_password.clone(),
+            };
+            let secrets = crate::proxy::Secrets::new(
+                shared.cfg.auth_type,
+                shared.userlist.clone(),
+                shared.cfg.auth_query.clone(),
+                shared.cfg.auth_user.clone(),
+            );
+            let pools = crate::backend::pool::Pools::new(
+                index,
+                shared.cfg.clone(),
+                upstream,
+                shared.budgets.clone(),
+                plan.shards,
+            );
+            crate::proxy::Pooling {
+                pools: Some(Rc::new(pools)),
+                cancel_keys: shared.cancel_keys.clone(),
+                console: Some(shared.console.clone()),
+                secrets: Some(Rc::new(secrets)),
+            }
+        }
+    };
+    Some(Rc::new(
+        ShardCtx::new(
+            index,
+            plan.settings,
+            ShardStats::new(plan.latency_us_max),
+            plan.read_chunk_bytes,
+            mirrors,
+            fingerprints,
+            compare,
+        )
+        .with_pooling(pooling),
+    ))
 }
 
 /// The shard's registered listeners, TCP and (optionally) Unix.
@@ -170,8 +212,14 @@ async fn serve_until_stopped(
             tracing::error!(shard = shard.index, error = %err, "stop notifier failed");
         }
     };
+    let pool_care = async {
+        match &shard.pools {
+            Some(_) => crate::proxy::pool_care(shard.clone()).await,
+            None => futures_lite::future::pending().await,
+        }
+    };
     futures_lite::future::or(stopped, async {
-        futures_lite::future::zip(accepting, reporter).await;
+        futures_lite::future::zip(accepting, futures_lite::future::zip(reporter, pool_care)).await;
     })
     .await;
 }

@@ -38,6 +38,7 @@ impl ShardThreads {
         upstreams: &Upstreams,
     ) -> Result<Self, RuntimeError> {
         let shards = sockets.len();
+        let pooling = pooling_plan(cfg, shards)?;
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let mut threads = ShardThreads {
             rings: Vec::with_capacity(shards),
@@ -56,7 +57,9 @@ impl ShardThreads {
                 .map(|s| s.try_clone())
                 .transpose()
                 .map_err(|source| RuntimeError::Shard { index, source })?;
-            let plan = shard_plan(cfg, upstreams, index, socket, unix, tx, stop);
+            let mut plan = shard_plan(cfg, upstreams, index, socket, unix, tx, stop);
+            plan.context.pooling = pooling.clone();
+            plan.context.shards = shards;
             let core =
                 (cfg.proxy.pin_cores && !cores.is_empty()).then(|| cores[index % cores.len()]);
             let exited = ExitCount(threads.exited.clone());
@@ -108,6 +111,10 @@ fn shard_plan(
             mirrors: upstreams.mirrors.clone(),
             fingerprints_max: cfg.metrics.fingerprints_max,
             compare: upstreams.compare.clone(),
+            pooling: None,
+            primary_user: upstreams.primary.user.clone().unwrap_or_default(),
+            primary_password: upstreams.primary.password.clone().unwrap_or_default(),
+            shards: 0,
         },
         report_interval: Duration::from_millis(cfg.metrics.report_interval_ms),
         drain_timeout: Duration::from_millis(cfg.proxy.drain_timeout_ms),
@@ -137,7 +144,47 @@ fn proxy_settings(cfg: &Config, upstreams: &Upstreams) -> ProxySettings {
         },
         client_tls: upstreams.client_tls.clone(),
         primary_tls: upstreams.primary_tls.clone(),
+        transaction_pooling: cfg.pool.mode == crate::config::PoolMode::Transaction,
     }
+}
+
+/// What every shard's pools share: the process-wide budgets, the cancel keys of pooled
+/// clients, the auth file, the console's state. `None` when neither transaction pooling
+/// nor the console is configured (a plain session-mode proxy pays for none of it).
+#[derive(Clone)]
+pub(super) struct PoolingShared {
+    pub cfg: crate::config::PoolConfig,
+    pub budgets: crate::backend::pool::Budgets,
+    pub cancel_keys: crate::proxy::CancelKeys,
+    pub userlist: Option<Arc<crate::proxy::credentials::Userlist>>,
+    pub console: Arc<crate::proxy::ConsoleCtx>,
+}
+
+pub(super) type PoolingPlan = Option<PoolingShared>;
+
+/// The pooling every shard shares, read once (the auth file) on the main thread.
+fn pooling_plan(cfg: &Config, shards: usize) -> Result<PoolingPlan, RuntimeError> {
+    let p = &cfg.pool;
+    let wanted = p.mode == crate::config::PoolMode::Transaction
+        || !p.admin_users.is_empty()
+        || !p.stats_users.is_empty();
+    if !wanted {
+        return Ok(None);
+    }
+    let userlist = if p.auth_file.is_empty() {
+        None
+    } else {
+        let list = crate::proxy::credentials::Userlist::load(std::path::Path::new(&p.auth_file))
+            .map_err(|e| crate::config::ConfigError::invalid("pool.auth-file", &e))?;
+        Some(Arc::new(list))
+    };
+    Ok(Some(PoolingShared {
+        cfg: p.clone(),
+        budgets: Default::default(),
+        cancel_keys: Default::default(),
+        userlist,
+        console: Arc::new(crate::proxy::ConsoleCtx::new(cfg.clone(), shards)),
+    }))
 }
 
 /// Starts the shard's thread: pins it, sets the executor's per-thread limits, runs the shard.

@@ -14,6 +14,7 @@
 //! It must never do I/O or decide what a mode does with a frame: it answers, modes act.
 
 pub mod fuzzing;
+pub mod replies;
 pub mod settings;
 
 use std::any::Any;
@@ -82,13 +83,16 @@ pub struct Statement {
 pub enum Slot {
     Compare = 0,
     Mirror = 1,
+    /// Transaction pooling: the statement's name on pooled connections and the bytes that
+    /// prepare it there.
+    Pool = 2,
 }
 
 /// What modes derive from a statement once (compare's rules and result columns, say),
 /// living and dying with the statement, so that no mode keeps a statement table of its own.
 #[derive(Default)]
 struct Extensions {
-    slots: [OnceCell<Rc<dyn Any>>; 2],
+    slots: [OnceCell<Rc<dyn Any>>; 3],
 }
 
 impl std::fmt::Debug for Extensions {
@@ -158,8 +162,9 @@ pub struct Applied {
     /// `PREPARE name AS ...`: the statement it created (`None` beyond
     /// `proxy.session-names-max`: the name is then forgotten).
     pub prepares: Option<Rc<Statement>>,
-    /// `EXECUTE name`, under EXPLAIN too, or `CREATE TABLE ... AS EXECUTE name`: the prepared
-    /// statement it names (`None` when the session has none of that name).
+    /// `EXECUTE name`, under EXPLAIN too, `CREATE TABLE ... AS EXECUTE name`, or
+    /// `DEALLOCATE name`: the prepared statement it names (for DEALLOCATE, the one it drops;
+    /// `None` when the session has none of that name).
     pub names: Option<Rc<Statement>>,
 }
 
@@ -530,7 +535,7 @@ impl Tracker {
                 applied.names = self.statements.get(name.as_str()).cloned();
             }
             sql::Prepared::Deallocate { name } => {
-                self.statements.remove(name.as_str());
+                applied.names = self.statements.remove(name.as_str());
             }
             sql::Prepared::DeallocateAll => self.statements.clear(),
             sql::Prepared::DiscardAll => {

@@ -365,6 +365,135 @@ pub fn copy(sql: &[u8]) -> Option<Copy> {
     )
 }
 
+/// Session state a statement leaves on its server connection that a pooled connection
+/// cannot carry to another client: the client must keep that connection until it leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pin {
+    /// `LISTEN`: notifications arrive on the connection that listens.
+    Listen,
+    /// A session-level advisory lock (`pg_advisory_lock`, `pg_try_advisory_lock` and their
+    /// `_shared` forms; the `_xact_` ones end with the transaction).
+    AdvisoryLock,
+    /// `CREATE TEMP TABLE` (or any temporary object): it lives in the connection's session.
+    TempObject,
+    /// `DECLARE ... WITH HOLD`: the cursor outlives its transaction.
+    HoldCursor,
+}
+
+impl Pin {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pin::Listen => "listen",
+            Pin::AdvisoryLock => "advisory-lock",
+            Pin::TempObject => "temporary-object",
+            Pin::HoldCursor => "with-hold-cursor",
+        }
+    }
+}
+
+/// What in `sql` (one statement) pins a pooled client to its server connection, if anything.
+/// Reads words outside quotes and comments only.
+pub fn pins(sql: &[u8]) -> Option<Pin> {
+    let mut buf = [0u8; 16];
+    let (first, end) = word_at(sql, 0, &mut buf);
+    match first {
+        b"LISTEN" => return Some(Pin::Listen),
+        b"DECLARE" if has_words(sql, end, &[b"WITH", b"HOLD"]) => return Some(Pin::HoldCursor),
+        b"CREATE" => {
+            let mut word = [0u8; 16];
+            let (second, after) = word_at(sql, end, &mut word);
+            let second = match second {
+                b"OR" | b"GLOBAL" | b"LOCAL" => {
+                    // CREATE OR REPLACE TEMP VIEW, CREATE GLOBAL TEMPORARY TABLE
+                    let mut w = [0u8; 16];
+                    let (third, after3) = word_at(sql, after, &mut w);
+                    if third == b"REPLACE" {
+                        let mut w4 = [0u8; 16];
+                        let (fourth, _) = word_at(sql, after3, &mut w4);
+                        fourth == b"TEMP" || fourth == b"TEMPORARY"
+                    } else {
+                        third == b"TEMP" || third == b"TEMPORARY"
+                    }
+                }
+                b"TEMP" | b"TEMPORARY" => true,
+                _ => false,
+            };
+            if second {
+                return Some(Pin::TempObject);
+            }
+        }
+        _ => {}
+    }
+    if has_advisory_lock_call(sql) {
+        return Some(Pin::AdvisoryLock);
+    }
+    None
+}
+
+/// `words` appear one after the other somewhere after `from`, outside quotes and comments.
+fn has_words(sql: &[u8], from: usize, words: &[&[u8]]) -> bool {
+    let mut i = from;
+    let mut matched = 0;
+    while i < sql.len() {
+        if let Some(next) = skip_opaque(sql, i) {
+            i = next;
+            continue;
+        }
+        if sql[i].is_ascii_alphabetic() || sql[i] == b'_' {
+            let start = i;
+            while i < sql.len() && (sql[i].is_ascii_alphanumeric() || sql[i] == b'_') {
+                i += 1;
+            }
+            if sql[start..i].eq_ignore_ascii_case(words[matched]) {
+                matched += 1;
+                if matched == words.len() {
+                    return true;
+                }
+            } else {
+                matched = usize::from(sql[start..i].eq_ignore_ascii_case(words[0]));
+            }
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
+/// A call of a session-level advisory lock function.
+fn has_advisory_lock_call(sql: &[u8]) -> bool {
+    if memchr::memmem::find(&sql.to_ascii_lowercase(), b"advisory").is_none() {
+        return false;
+    }
+    let mut i = 0;
+    while i < sql.len() {
+        if let Some(next) = skip_opaque(sql, i) {
+            i = next;
+            continue;
+        }
+        if sql[i].is_ascii_alphabetic() || sql[i] == b'_' {
+            let start = i;
+            while i < sql.len() && (sql[i].is_ascii_alphanumeric() || sql[i] == b'_') {
+                i += 1;
+            }
+            let word = &sql[start..i];
+            if [
+                &b"pg_advisory_lock"[..],
+                b"pg_advisory_lock_shared",
+                b"pg_try_advisory_lock",
+                b"pg_try_advisory_lock_shared",
+            ]
+            .iter()
+            .any(|f| word.eq_ignore_ascii_case(f))
+            {
+                return true;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    false
+}
+
 /// An SQL-level prepared-statement command, read far enough to track what a session has
 /// prepared: PostgreSQL keeps these and the protocol's named statements in one namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -917,6 +1046,37 @@ fn order_by_end(sql: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pins_what_a_pooled_connection_cannot_share() {
+        use super::{Pin, pins};
+        assert_eq!(pins(b"LISTEN jobs"), Some(Pin::Listen));
+        assert_eq!(pins(b"  listen \"x\""), Some(Pin::Listen));
+        assert_eq!(pins(b"select pg_advisory_lock(1)"), Some(Pin::AdvisoryLock));
+        assert_eq!(
+            pins(b"SELECT PG_TRY_ADVISORY_LOCK_SHARED(1, 2)"),
+            Some(Pin::AdvisoryLock)
+        );
+        assert_eq!(pins(b"select pg_advisory_xact_lock(1)"), None);
+        assert_eq!(pins(b"select 'pg_advisory_lock(1)'"), None);
+        assert_eq!(pins(b"CREATE TEMP TABLE t (a int)"), Some(Pin::TempObject));
+        assert_eq!(
+            pins(b"create temporary table t as select 1"),
+            Some(Pin::TempObject)
+        );
+        assert_eq!(
+            pins(b"CREATE OR REPLACE TEMP VIEW v AS SELECT 1"),
+            Some(Pin::TempObject)
+        );
+        assert_eq!(pins(b"create table temp (a int)"), None);
+        assert_eq!(
+            pins(b"DECLARE c CURSOR WITH HOLD FOR SELECT 1"),
+            Some(Pin::HoldCursor)
+        );
+        assert_eq!(pins(b"DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1"), None);
+        assert_eq!(pins(b"DECLARE c CURSOR FOR SELECT 'with hold'"), None);
+        assert_eq!(pins(b"select 1"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -1,0 +1,860 @@
+//! Per-shard pools of primary connections, one per (user, database), lent to client sessions
+//! in transaction mode.
+//!
+//! Thread-per-core: each shard lends its own connections and never touches another shard's.
+//! The one thing shards share is each pair's process-wide bound (`pool.size`): a [`Budget`] of
+//! two atomics, touched only when a connection opens or closes, or when a client has to wait
+//! — never per statement. A shard whose clients wait while the bound is reached says so in
+//! the budget (`wanted`), and shards with connections to spare close them when they come back
+//! (or, idle, at the next maintenance tick), so the connections follow the clients.
+//!
+//! Every wait is bounded: a client waits at most `pool.query-wait-timeout-ms`, and at most
+//! `pool.waiters-max` clients wait per shard and pair.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::BytesMut;
+
+use crate::config::{LiveEndpoint, PoolConfig};
+use crate::exec::net::Stream;
+use crate::exec::{self, within};
+use crate::stats::pools::{PoolRow, ServerRow};
+use crate::wire::{self, ServerLogin, tag};
+
+/// How often a waiting client looks again for room another shard may have made.
+const WAIT_RETRY: Duration = Duration::from_millis(5);
+
+/// The hash of "no settings beyond the connection's defaults".
+pub const NO_SETTINGS: u64 = 0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(
+        "no server connection for pool {user}@{database} within pool.query-wait-timeout-ms ({ms} ms)"
+    )]
+    WaitTimeout {
+        user: String,
+        database: String,
+        ms: u64,
+    },
+    #[error("too many clients waiting for pool {user}@{database} (pool.waiters-max)")]
+    WaitersFull { user: String, database: String },
+    #[error(transparent)]
+    Backend(#[from] super::BackendError),
+}
+
+impl PoolError {
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            PoolError::WaitTimeout { .. } | PoolError::WaitersFull { .. } => {
+                wire::sqlstate::TOO_MANY_CONNECTIONS
+            }
+            PoolError::Backend(err) => err.sqlstate(),
+        }
+    }
+}
+
+/// A pair's bound over the whole process.
+#[derive(Debug, Default)]
+pub struct Budget {
+    open: AtomicUsize,
+    /// Clients waiting for this pair on any shard.
+    wanted: AtomicUsize,
+    /// The server's ParameterStatus values for this pair, from the first connection any
+    /// shard opened (what a new client is told at startup, on every shard).
+    params: std::sync::OnceLock<Vec<(String, String)>>,
+}
+
+impl Budget {
+    fn try_take(&self, limit: usize) -> bool {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    fn wanted(&self) -> usize {
+        self.wanted.load(Ordering::Acquire)
+    }
+}
+
+/// The budgets of every pair, shared by all shards; locked only when a shard meets a pair
+/// for the first time.
+#[derive(Debug, Default, Clone)]
+pub struct Budgets(Arc<Mutex<BudgetMap>>);
+
+type BudgetMap = HashMap<(String, String), Arc<Budget>>;
+
+/// A shard's pools by (user, database).
+type PoolMap = HashMap<(Rc<str>, Rc<str>), Rc<Pool>>;
+
+impl Budgets {
+    fn get(&self, user: &str, database: &str) -> Arc<Budget> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry((user.to_string(), database.to_string()))
+            .or_default()
+            .clone()
+    }
+}
+
+/// Where pool connections go and how.
+pub struct Upstream {
+    pub addr: LiveEndpoint,
+    pub label: String,
+    pub tls: crate::tls::Upstream,
+    pub connect_timeout: Duration,
+    pub message_bytes_max: usize,
+    /// The primary URL's user and password: the login of a pair whose clients gave none
+    /// that pgprism can reuse (trust).
+    pub url_user: String,
+    pub url_password: String,
+}
+
+/// A server-side prepared statement cache with least-recently-used eviction.
+#[derive(Debug, Default)]
+pub struct PreparedSet {
+    /// Statement hash → last use tick.
+    used: HashMap<u64, u64>,
+    tick: u64,
+}
+
+impl PreparedSet {
+    pub fn contains(&mut self, hash: u64) -> bool {
+        self.tick += 1;
+        match self.used.get_mut(&hash) {
+            Some(t) => {
+                *t = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records `hash` as prepared; returns the statement to close first when that makes more
+    /// than `max`.
+    pub fn insert(&mut self, hash: u64, max: usize) -> Option<u64> {
+        self.tick += 1;
+        self.used.insert(hash, self.tick);
+        if self.used.len() <= max {
+            return None;
+        }
+        let victim = self
+            .used
+            .iter()
+            .filter(|(h, _)| **h != hash)
+            .min_by_key(|(_, t)| **t)
+            .map(|(h, _)| *h)?;
+        self.used.remove(&victim);
+        Some(victim)
+    }
+
+    pub fn remove(&mut self, hash: u64) {
+        self.used.remove(&hash);
+    }
+
+    pub fn clear(&mut self) {
+        self.used.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.used.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.used.is_empty()
+    }
+}
+
+/// One primary connection of a pool, with what pgprism knows of its session state.
+pub struct ServerConn {
+    pub id: u64,
+    pub stream: Stream,
+    /// Bytes read from the server and not yet handled.
+    pub buf: BytesMut,
+    /// The server's BackendKeyData (for cancels).
+    pub key: Option<(i32, i32)>,
+    pub opened: Instant,
+    pub opened_at: SystemTime,
+    pub last_used: Instant,
+    /// Hash of the settings applied on top of the connection's defaults
+    /// ([`NO_SETTINGS`]: none).
+    pub settings: u64,
+    /// Protocol-level statements prepared, by content hash (their names derive from it).
+    pub prepared: PreparedSet,
+    /// SQL-level statements (`PREPARE name`): name → hash of the PREPARE text.
+    pub sql_prepared: HashMap<Box<str>, u64>,
+    /// What the unnamed statement holds (content hash), when known.
+    pub unnamed: Option<u64>,
+    /// Something may be left on it that a reset must clear (a pinned client used it).
+    pub dirty: bool,
+}
+
+impl ServerConn {
+    /// Forget every statement and setting (after DISCARD ALL, or when unsure).
+    pub fn forget_state(&mut self) {
+        self.prepared.clear();
+        self.sql_prepared.clear();
+        self.unnamed = None;
+        self.settings = NO_SETTINGS;
+    }
+}
+
+/// Counters of one pool (cumulative), for SHOW POOLS / STATS and /metrics.
+#[derive(Debug, Default)]
+pub struct PoolCounters {
+    pub xact_count: Cell<u64>,
+    pub query_count: Cell<u64>,
+    pub bytes_received: Cell<u64>,
+    pub bytes_sent: Cell<u64>,
+    pub xact_time_us: Cell<u64>,
+    pub query_time_us: Cell<u64>,
+    pub wait_time_us: Cell<u64>,
+    pub servers_opened: Cell<u64>,
+    pub servers_closed: Cell<u64>,
+    pub lends: Cell<u64>,
+    pub wait_timeouts: Cell<u64>,
+    pub pins: Cell<u64>,
+    pub reprepares: Cell<u64>,
+    pub settings_applied: Cell<u64>,
+    pub servers_lost: Cell<u64>,
+    pub dirty_closed: Cell<u64>,
+}
+
+pub fn bump(cell: &Cell<u64>, by: u64) {
+    cell.set(cell.get().wrapping_add(by));
+}
+
+struct Waiter {
+    conn: RefCell<Option<ServerConn>>,
+    waker: Cell<Option<Waker>>,
+    since: Instant,
+}
+
+/// One (user, database) pool on one shard.
+pub struct Pool {
+    pub user: Rc<str>,
+    pub database: Rc<str>,
+    idle: RefCell<Vec<ServerConn>>,
+    /// Connections of this shard: idle, lent and being opened.
+    open: Cell<usize>,
+    connecting: Cell<usize>,
+    waiters: RefCell<VecDeque<Rc<Waiter>>>,
+    budget: Arc<Budget>,
+    /// How pgprism logs in to the server as this user (from the latest client that
+    /// authenticated, or the primary URL's password).
+    login: RefCell<ServerLogin>,
+    /// Statements (content hashes) some connection of this pool prepared without an error:
+    /// a client's Parse of one of them, alone before its Sync, is answered without lending a
+    /// connection (pgbench and libpq's PQprepare wait for it synchronously, so a client
+    /// thread that serves several connections would otherwise wait on itself).
+    pub known: RefCell<std::collections::HashSet<u64>>,
+    /// Clients of this pair on this shard, and those of them linked to a connection.
+    pub clients: Cell<u64>,
+    pub linked: Cell<u64>,
+    pub pinned: Cell<u64>,
+    pub counters: PoolCounters,
+}
+
+impl Pool {
+    /// The server's ParameterStatus values (empty until a connection of the pair opened on
+    /// some shard).
+    pub fn params(&self) -> Vec<(String, String)> {
+        self.budget.params.get().cloned().unwrap_or_default()
+    }
+
+    pub fn set_login(&self, login: ServerLogin) {
+        if !matches!(login, ServerLogin::None) {
+            *self.login.borrow_mut() = login;
+        }
+    }
+
+    /// A statement prepared without an error (bounded: forgotten wholesale beyond it).
+    pub fn learn(&self, hash: u64, max: usize) {
+        let mut known = self.known.borrow_mut();
+        if known.len() >= max {
+            known.clear();
+        }
+        known.insert(hash);
+    }
+
+    pub fn open_here(&self) -> usize {
+        self.open.get()
+    }
+
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
+    /// The longest current wait.
+    fn max_wait(&self, now: Instant) -> Duration {
+        self.waiters
+            .borrow()
+            .iter()
+            .map(|w| now.saturating_duration_since(w.since))
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+/// The pools of one shard.
+pub struct Pools {
+    pub shard: usize,
+    pub cfg: PoolConfig,
+    pub upstream: Upstream,
+    budgets: Budgets,
+    pools: RefCell<PoolMap>,
+    next_id: Cell<u64>,
+    /// Lending is paused (console PAUSE): clients wait (bounded) for RESUME.
+    pub paused: Cell<bool>,
+    /// Databases paused one by one.
+    paused_databases: RefCell<Vec<String>>,
+    /// Generation of RECONNECT: connections opened before it are closed when they come back.
+    reconnect_before: Cell<Option<Instant>>,
+    /// Shards in the process (each keeps its share of `min-size`).
+    shards: usize,
+}
+
+impl Pools {
+    pub fn new(
+        shard: usize,
+        cfg: PoolConfig,
+        upstream: Upstream,
+        budgets: Budgets,
+        shards: usize,
+    ) -> Pools {
+        Pools {
+            shard,
+            cfg,
+            upstream,
+            budgets,
+            pools: RefCell::new(HashMap::new()),
+            next_id: Cell::new(1),
+            paused: Cell::new(false),
+            paused_databases: RefCell::new(Vec::new()),
+            reconnect_before: Cell::new(None),
+            shards: shards.max(1),
+        }
+    }
+
+    /// The pool of (user, database), made on first use.
+    pub fn pool(&self, user: &str, database: &str) -> Rc<Pool> {
+        let mut pools = self.pools.borrow_mut();
+        if let Some(pool) = pools.get(&(user.into(), database.into())) {
+            return pool.clone();
+        }
+        let (user, database): (Rc<str>, Rc<str>) = (user.into(), database.into());
+        let login = if self.upstream.url_user == *user && !self.upstream.url_password.is_empty() {
+            ServerLogin::Password(self.upstream.url_password.clone())
+        } else {
+            ServerLogin::None
+        };
+        let pool = Rc::new(Pool {
+            budget: self.budgets.get(&user, &database),
+            user: user.clone(),
+            database: database.clone(),
+            idle: RefCell::new(Vec::new()),
+            open: Cell::new(0),
+            connecting: Cell::new(0),
+            waiters: RefCell::new(VecDeque::new()),
+            login: RefCell::new(login),
+            known: RefCell::new(Default::default()),
+            clients: Cell::new(0),
+            linked: Cell::new(0),
+            pinned: Cell::new(0),
+            counters: PoolCounters::default(),
+        });
+        pools.insert((user, database), pool.clone());
+        pool
+    }
+
+    pub fn all(&self) -> Vec<Rc<Pool>> {
+        self.pools.borrow().values().cloned().collect()
+    }
+
+    /// A connection of `pool` for a client, waiting (bounded) when none is free.
+    pub async fn acquire(&self, pool: &Rc<Pool>) -> Result<ServerConn, PoolError> {
+        let started = Instant::now();
+        let wait_limit = Duration::from_millis(self.cfg.query_wait_timeout_ms);
+        let deadline = started + wait_limit;
+        let result = self.acquire_until(pool, started, deadline).await;
+        bump(
+            &pool.counters.wait_time_us,
+            started.elapsed().as_micros() as u64,
+        );
+        match &result {
+            Ok(_) => bump(&pool.counters.lends, 1),
+            Err(PoolError::WaitTimeout { .. }) => bump(&pool.counters.wait_timeouts, 1),
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn acquire_until(
+        &self,
+        pool: &Rc<Pool>,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<ServerConn, PoolError> {
+        loop {
+            if !self.is_paused(&pool.database) {
+                loop {
+                    let idle = pool.idle.borrow_mut().pop();
+                    let Some(conn) = idle else {
+                        break;
+                    };
+                    if let Some(conn) = self.usable(pool, conn).await {
+                        return Ok(conn);
+                    }
+                }
+                let waited = started.elapsed();
+                let limit = if waited >= Duration::from_millis(self.cfg.reserve_timeout_ms) {
+                    self.cfg.size + self.cfg.reserve_size
+                } else {
+                    self.cfg.size
+                };
+                if pool.budget.try_take(limit) {
+                    return self.open(pool).await.map_err(PoolError::from);
+                }
+            }
+            if pool.waiters.borrow().len() >= self.cfg.waiters_max {
+                return Err(PoolError::WaitersFull {
+                    user: pool.user.to_string(),
+                    database: pool.database.to_string(),
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(PoolError::WaitTimeout {
+                    user: pool.user.to_string(),
+                    database: pool.database.to_string(),
+                    ms: self.cfg.query_wait_timeout_ms,
+                });
+            }
+            let waiter = Rc::new(Waiter {
+                conn: RefCell::new(None),
+                waker: Cell::new(None),
+                since: started,
+            });
+            pool.waiters.borrow_mut().push_back(waiter.clone());
+            pool.budget.wanted.fetch_add(1, Ordering::AcqRel);
+            let slice = WAIT_RETRY.min(deadline - now);
+            let handed = within(
+                slice,
+                futures_lite::future::poll_fn(|cx| {
+                    if waiter.conn.borrow().is_some() {
+                        return Poll::Ready(());
+                    }
+                    waiter.waker.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                }),
+            )
+            .await;
+            pool.budget.wanted.fetch_sub(1, Ordering::AcqRel);
+            pool.waiters
+                .borrow_mut()
+                .retain(|w| !Rc::ptr_eq(w, &waiter));
+            let conn = waiter.conn.borrow_mut().take();
+            if let Some(conn) = conn {
+                return Ok(conn);
+            }
+            let _ = handed;
+        }
+    }
+
+    /// An idle connection about to be lent: closed when too old, checked when idle long.
+    async fn usable(&self, pool: &Rc<Pool>, mut conn: ServerConn) -> Option<ServerConn> {
+        let now = Instant::now();
+        if self.expired(&conn, now) {
+            self.close(pool, conn);
+            return None;
+        }
+        let delay = Duration::from_millis(self.cfg.server_check_delay_ms);
+        if !self.cfg.server_check_query.is_empty()
+            && now.saturating_duration_since(conn.last_used) >= delay
+        {
+            let check = self.cfg.server_check_query.clone();
+            if run_simple(&mut conn, &check, &self.upstream).await.is_err() {
+                bump(&pool.counters.servers_lost, 1);
+                self.close(pool, conn);
+                return None;
+            }
+        }
+        Some(conn)
+    }
+
+    fn expired(&self, conn: &ServerConn, now: Instant) -> bool {
+        let lifetime = self.cfg.server_lifetime_ms;
+        (lifetime > 0 && now.saturating_duration_since(conn.opened).as_millis() as u64 >= lifetime)
+            || self
+                .reconnect_before
+                .get()
+                .is_some_and(|before| conn.opened < before)
+    }
+
+    async fn open(&self, pool: &Rc<Pool>) -> Result<ServerConn, super::BackendError> {
+        pool.open.set(pool.open.get() + 1);
+        pool.connecting.set(pool.connecting.get() + 1);
+        let params = [("user", &*pool.user), ("database", &*pool.database)];
+        let login = pool.login.borrow().clone();
+        let up = &self.upstream;
+        let opened = super::open_as(
+            &up.addr.get(),
+            up.connect_timeout,
+            &params,
+            &login,
+            &pool.user,
+            up.message_bytes_max,
+            &up.tls,
+        )
+        .await;
+        pool.connecting.set(pool.connecting.get() - 1);
+        match opened {
+            Ok(opened) => {
+                let _ = pool.budget.params.set(opened.params);
+                bump(&pool.counters.servers_opened, 1);
+                let id = self.next_id.get();
+                self.next_id.set(id + 1);
+                let now = Instant::now();
+                Ok(ServerConn {
+                    id: ((self.shard as u64) << 40) | id,
+                    stream: opened.stream,
+                    buf: opened.leftover,
+                    key: opened.key,
+                    opened: now,
+                    opened_at: SystemTime::now(),
+                    last_used: now,
+                    settings: NO_SETTINGS,
+                    prepared: PreparedSet::default(),
+                    sql_prepared: HashMap::new(),
+                    unnamed: None,
+                    dirty: false,
+                })
+            }
+            Err(err) => {
+                pool.open.set(pool.open.get() - 1);
+                pool.budget.give_back();
+                self.wake_one(pool);
+                Err(err)
+            }
+        }
+    }
+
+    /// A connection comes back from a client. `clean`: at a transaction boundary with
+    /// nothing in flight and nothing left that another client must not see; otherwise it is
+    /// closed (never lent dirty).
+    pub async fn release(&self, pool: &Rc<Pool>, mut conn: ServerConn, clean: bool) {
+        conn.last_used = Instant::now();
+        if !clean {
+            bump(&pool.counters.dirty_closed, 1);
+            self.close(pool, conn);
+            return;
+        }
+        if conn.dirty {
+            let reset = self.cfg.server_reset_query.clone();
+            if reset.is_empty() || run_simple(&mut conn, &reset, &self.upstream).await.is_err() {
+                bump(&pool.counters.dirty_closed, 1);
+                self.close(pool, conn);
+                return;
+            }
+            conn.forget_state();
+            conn.dirty = false;
+        }
+        self.put_back(pool, conn);
+    }
+
+    fn put_back(&self, pool: &Rc<Pool>, conn: ServerConn) {
+        if self.expired(&conn, conn.last_used) {
+            self.close(pool, conn);
+            return;
+        }
+        // A client of this shard waits: hand it over directly.
+        let waiter = pool.waiters.borrow_mut().pop_front();
+        if let Some(waiter) = waiter {
+            *waiter.conn.borrow_mut() = Some(conn);
+            if let Some(waker) = waiter.waker.take() {
+                waker.wake();
+            }
+            return;
+        }
+        // Clients of another shard wait for this pair at the bound: make room for them.
+        if pool.budget.wanted() > 0 {
+            self.close(pool, conn);
+            return;
+        }
+        pool.idle.borrow_mut().push(conn);
+    }
+
+    /// Closes a connection (Terminate, then the socket) and frees its place in the budget.
+    pub fn close(&self, pool: &Rc<Pool>, conn: ServerConn) {
+        let mut bye = BytesMut::new();
+        wire::encode::terminate(&mut bye);
+        conn.stream.write_now(&bye);
+        conn.stream.shutdown();
+        pool.open.set(pool.open.get().saturating_sub(1));
+        pool.budget.give_back();
+        bump(&pool.counters.servers_closed, 1);
+        self.wake_one(pool);
+    }
+
+    /// A connection that broke while lent (its socket is gone): free its place.
+    pub fn lost(&self, pool: &Rc<Pool>, conn: ServerConn) {
+        bump(&pool.counters.servers_lost, 1);
+        self.close(pool, conn);
+    }
+
+    /// Room was made in the budget: the first local waiter may open a connection now
+    /// rather than at its next retry.
+    fn wake_one(&self, pool: &Pool) {
+        if let Some(waiter) = pool.waiters.borrow().front()
+            && let Some(waker) = waiter.waker.take()
+        {
+            waker.wake();
+        }
+    }
+
+    /// Periodic care: close idle connections past their idle timeout or lifetime (keeping
+    /// `min-size`), make room for other shards' waiting clients, open up to `min-size`.
+    pub fn maintain(self: &Rc<Self>) {
+        let now = Instant::now();
+        let idle_limit = self.cfg.server_idle_timeout_ms;
+        for pool in self.all() {
+            let mut closing = Vec::new();
+            {
+                let mut idle = pool.idle.borrow_mut();
+                let keep = self.min_share();
+                let mut i = 0;
+                while i < idle.len() {
+                    let conn = &idle[i];
+                    let idle_for = now.saturating_duration_since(conn.last_used);
+                    let too_idle = idle_limit > 0
+                        && idle_for.as_millis() as u64 >= idle_limit
+                        && pool.open.get() - closing.len() > keep;
+                    let others_wait =
+                        pool.budget.wanted() > closing.len() && pool.waiters.borrow().is_empty();
+                    if too_idle || self.expired(conn, now) || others_wait {
+                        closing.push(idle.swap_remove(i));
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            for conn in closing {
+                self.close(&pool, conn);
+            }
+            let share = self.min_share();
+            let known_login = !matches!(*pool.login.borrow(), ServerLogin::None)
+                || pool.budget.params.get().is_some();
+            if known_login && pool.open.get() < share && pool.budget.try_take(self.cfg.size) {
+                let pools = self.clone();
+                let pool = pool.clone();
+                exec::spawn(async move {
+                    if let Ok(conn) = pools.open(&pool).await {
+                        pools.put_back(&pool, conn);
+                    }
+                });
+            }
+        }
+    }
+
+    /// Console PAUSE/RESUME: everything, or these databases.
+    pub fn set_paused(&self, all: bool, databases: Vec<String>) {
+        self.paused.set(all);
+        *self.paused_databases.borrow_mut() = databases;
+    }
+
+    fn is_paused(&self, database: &str) -> bool {
+        self.paused.get() || self.paused_databases.borrow().iter().any(|d| d == database)
+    }
+
+    /// This shard's part of `min-size` (the process-wide minimum).
+    fn min_share(&self) -> usize {
+        let min = self.cfg.min_size;
+        min / self.shards + usize::from(self.shard < min % self.shards)
+    }
+
+    /// Console RECONNECT: connections opened before now are closed as they come back.
+    pub fn reconnect(&self) {
+        self.reconnect_before.set(Some(Instant::now()));
+        for pool in self.all() {
+            let conns: Vec<_> = pool.idle.borrow_mut().drain(..).collect();
+            for conn in conns {
+                self.close(&pool, conn);
+            }
+        }
+    }
+
+    /// Closes every idle connection (shutdown).
+    pub fn close_idle(&self) {
+        for pool in self.all() {
+            let conns: Vec<_> = pool.idle.borrow_mut().drain(..).collect();
+            for conn in conns {
+                self.close(&pool, conn);
+            }
+        }
+    }
+
+    /// This shard's pools for the console.
+    pub fn rows(&self, mode: &'static str) -> (Vec<PoolRow>, Vec<ServerRow>) {
+        let now = Instant::now();
+        let mut rows = Vec::new();
+        let mut servers = Vec::new();
+        let check_delay = Duration::from_millis(self.cfg.server_check_delay_ms);
+        for pool in self.all() {
+            let idle = pool.idle.borrow();
+            let used = idle
+                .iter()
+                .filter(|c| now.saturating_duration_since(c.last_used) >= check_delay)
+                .count() as u64;
+            let lent = pool.open.get() - idle.len() - pool.connecting.get();
+            let c = &pool.counters;
+            rows.push(PoolRow {
+                database: pool.database.to_string(),
+                user: pool.user.to_string(),
+                pool_mode: mode,
+                cl_active: pool.linked.get(),
+                cl_waiting: pool.waiters.borrow().len() as u64,
+                cl_idle: pool.clients.get().saturating_sub(pool.linked.get()),
+                sv_active: lent as u64,
+                sv_idle: idle.len() as u64 - used,
+                sv_used: used,
+                sv_tested: 0,
+                sv_login: pool.connecting.get() as u64,
+                maxwait_us: pool.max_wait(now).as_micros() as u64,
+                pinned: pool.pinned.get(),
+                pool_size: self.cfg.size as u64,
+                reserve_size: self.cfg.reserve_size as u64,
+                min_size: self.cfg.min_size as u64,
+                xact_count: c.xact_count.get(),
+                query_count: c.query_count.get(),
+                bytes_received: c.bytes_received.get(),
+                bytes_sent: c.bytes_sent.get(),
+                xact_time_us: c.xact_time_us.get(),
+                query_time_us: c.query_time_us.get(),
+                wait_time_us: c.wait_time_us.get(),
+                servers_opened: c.servers_opened.get(),
+                servers_closed: c.servers_closed.get(),
+                lends: c.lends.get(),
+                wait_timeouts: c.wait_timeouts.get(),
+                pins: c.pins.get(),
+                reprepares: c.reprepares.get(),
+                settings_applied: c.settings_applied.get(),
+            });
+            for conn in idle.iter() {
+                servers.push(self.server_row(&pool, conn, None, now, check_delay));
+            }
+        }
+        (rows, servers)
+    }
+
+    /// A server row for SHOW SERVERS (`link`: the client it is lent to).
+    pub fn server_row(
+        &self,
+        pool: &Pool,
+        conn: &ServerConn,
+        link: Option<u64>,
+        now: Instant,
+        check_delay: Duration,
+    ) -> ServerRow {
+        let state = if link.is_some() {
+            "active"
+        } else if now.saturating_duration_since(conn.last_used) >= check_delay {
+            "used"
+        } else {
+            "idle"
+        };
+        let (addr, port) = match self.upstream.addr.get() {
+            crate::config::Endpoint::Tcp(a) => (a.ip().to_string(), a.port()),
+            crate::config::Endpoint::Unix(p) => (p.display().to_string(), 0),
+        };
+        ServerRow {
+            id: conn.id,
+            shard: self.shard,
+            user: pool.user.to_string(),
+            database: pool.database.to_string(),
+            state,
+            addr,
+            port,
+            local_addr: String::new(),
+            local_port: 0,
+            connect_time: conn.opened_at,
+            request_time: SystemTime::now() - now.saturating_duration_since(conn.last_used),
+            link,
+            remote_pid: conn.key.map(|k| k.0).unwrap_or(0),
+            tls: conn.stream.is_tls(),
+            prepared_statements: conn.prepared.len() as u64,
+        }
+    }
+}
+
+/// Runs one simple query on an otherwise idle connection and reads up to its ReadyForQuery
+/// (within the connect timeout); `Err` when the server errs, closes or takes too long.
+pub async fn run_simple(conn: &mut ServerConn, sql: &str, up: &Upstream) -> Result<(), ()> {
+    let mut out = BytesMut::new();
+    wire::encode::query(&mut out, sql).map_err(|_| ())?;
+    conn.stream.write_all(&out).await.map_err(|_| ())?;
+    let limit = up.connect_timeout;
+    let max = up.message_bytes_max;
+    let read = async {
+        let mut failed = false;
+        loop {
+            while let Some(frame) = wire::split_message(&mut conn.buf, max).map_err(|_| ())? {
+                match frame.tag() {
+                    tag::ERROR_RESPONSE => failed = true,
+                    tag::READY_FOR_QUERY => {
+                        return if failed || frame.body().first() != Some(&b'I') {
+                            Err(())
+                        } else {
+                            Ok(())
+                        };
+                    }
+                    _ => {}
+                }
+            }
+            match conn.stream.read_buf(&mut conn.buf, 8192).await {
+                Ok(0) | Err(_) => return Err(()),
+                Ok(_) => {}
+            }
+        }
+    };
+    within(limit, read).await.unwrap_or(Err(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepared_set_evicts_the_least_recently_used() {
+        let mut set = PreparedSet::default();
+        assert_eq!(set.insert(1, 2), None);
+        assert_eq!(set.insert(2, 2), None);
+        assert!(set.contains(1));
+        assert_eq!(set.insert(3, 2), Some(2));
+        assert!(set.contains(1) && set.contains(3) && !set.contains(2));
+    }
+
+    #[test]
+    fn budget_holds_its_bound() {
+        let b = Budget::default();
+        assert!(b.try_take(2) && b.try_take(2));
+        assert!(!b.try_take(2));
+        b.give_back();
+        assert!(b.try_take(2));
+        assert_eq!(b.open(), 2);
+    }
+}

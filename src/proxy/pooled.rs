@@ -1,0 +1,1352 @@
+//! A client session in transaction pooling mode: pgprism authenticates the client itself,
+//! answers its startup, and lends it a primary connection from the shard's pool from the
+//! first message of a transaction until the server reports idle with nothing in flight.
+//!
+//! The client keeps its session state whichever connection it gets:
+//! * its settings (startup parameters, then its `SET`/`RESET`/`set_config` as the tracker
+//!   keeps them) are applied to a connection that differs, as hidden statements whose answers
+//!   the client never sees;
+//! * its protocol-level prepared statements are prepared on the connections under a name
+//!   derived from their text and parameter types (so clients share them), on demand, and its
+//!   Parse of a statement a connection already holds, and its Close, are answered by pgprism
+//!   in their place among the server's answers ([`Replies`]);
+//! * its SQL-level `PREPARE`d statements are re-prepared under their own name on a connection
+//!   that lacks them (or holds another client's of that name) before an `EXECUTE`.
+//!
+//! What a connection cannot carry to another client (`LISTEN`, session advisory locks,
+//! temporary objects, `WITH HOLD` cursors) pins the client to its connection until it leaves;
+//! the connection is then reset with `pool.server-reset-query` before anyone else gets it.
+//! A client that leaves mid-transaction has its transaction rolled back first; one that
+//! leaves with a statement in flight costs the pool that connection (closed, never lent
+//! dirty).
+
+use std::cell::Cell;
+use std::hash::{Hash, Hasher};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::session::{ShardCtx, error_bytes};
+use crate::backend::pool::{NO_SETTINGS, Pool, PoolError, Pools, ServerConn, bump};
+use crate::exec::net::Stream;
+use crate::session::replies::{Awaits, Replies, Route, Settled};
+use crate::session::{Refers, Slot, Statement, Step, Tracker};
+use crate::sql::{self, Pin};
+use crate::stats::ShardStats;
+use crate::wire::{self, sqlstate, tag};
+
+/// Settings hash meaning "unknown: apply everything".
+const SETTINGS_UNKNOWN: u64 = u64::MAX;
+
+/// Key of a hidden statement that brings settings (its failure makes them unknown).
+const KEY_SETTINGS: u64 = 0;
+/// Key of a hidden re-Parse of the unnamed statement.
+const KEY_UNNAMED: u64 = 1;
+
+/// What the pool derived from a client's prepared statement (kept in the statement's
+/// [`Slot::Pool`]).
+enum PoolDef {
+    /// A Parse: its content hash, its name on pooled connections, and the Parse body after
+    /// the name (query text and parameter types).
+    Protocol {
+        hash: u64,
+        server_name: Box<str>,
+        rest: Bytes,
+    },
+    /// `PREPARE name ...`: the name, and the statement text that prepares it.
+    Sql { hash: u64, text: Rc<str> },
+}
+
+fn content_hash(bytes: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    // 0 and 1 are keys of their own (KEY_SETTINGS, KEY_UNNAMED).
+    h.finish().max(2)
+}
+
+/// A Parse body's name, and what follows it.
+fn split_name(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let nul = memchr::memchr(0, body)?;
+    Some((&body[..nul], &body[nul + 1..]))
+}
+
+impl PoolDef {
+    fn protocol(parse_body: &[u8]) -> PoolDef {
+        let rest = split_name(parse_body).map(|(_, r)| r).unwrap_or_default();
+        let hash = content_hash(rest);
+        PoolDef::Protocol {
+            hash,
+            server_name: format!("pgprism_{hash:016x}").into(),
+            rest: Bytes::copy_from_slice(rest),
+        }
+    }
+}
+
+/// A frame `tag` whose body is `parts` one after the other.
+fn frame_of(out: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    out.put_u8(tag);
+    out.put_u32((4 + len) as u32);
+    for part in parts {
+        out.put_slice(part);
+    }
+}
+
+fn query_frame(out: &mut BytesMut, sql: &str) -> bool {
+    wire::encode::query(out, sql).is_ok()
+}
+
+/// A `SET` for a startup parameter the client sent (PostgreSQL applies those as session
+/// defaults; a pooled connection gets them as settings). Parameters that are not settings
+/// (`user`, `database`, `replication`, `options`) and names that are not plain identifiers
+/// are left out.
+fn startup_set(key: &str, value: &str) -> Option<Bytes> {
+    if matches!(key, "user" | "database" | "replication" | "options")
+        || key.is_empty()
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+    {
+        return None;
+    }
+    let quoted = value.replace('\'', "''");
+    let mut out = BytesMut::new();
+    query_frame(&mut out, &format!("SET {key} = '{quoted}'")).then(|| out.freeze())
+}
+
+/// `-c name=value` and `--name=value` of a startup `options` parameter.
+fn options_sets(options: &str) -> Vec<Bytes> {
+    let mut sets = Vec::new();
+    let mut words = options.split_ascii_whitespace();
+    while let Some(word) = words.next() {
+        let pair = if word == "-c" {
+            words.next()
+        } else if let Some(rest) = word.strip_prefix("--") {
+            Some(rest)
+        } else {
+            word.strip_prefix("-c")
+        };
+        if let Some((key, value)) = pair.and_then(|p| p.split_once('='))
+            && let Some(frame) = startup_set(&key.replace('-', "_"), value)
+        {
+            sets.push(frame);
+        }
+    }
+    sets
+}
+
+/// The cancel keys of pooled sessions, shared by all shards: a CancelRequest may arrive on
+/// any of them. Each session's slot holds the key of the server connection lent to it (0:
+/// none), updated when it is lent and returned.
+#[derive(Default, Clone)]
+pub struct CancelKeys(Arc<std::sync::Mutex<CancelMap>>);
+
+/// Client pid → (client secret, the lent connection's packed key).
+type CancelMap = std::collections::HashMap<i32, (i32, Arc<AtomicU64>)>;
+
+impl CancelKeys {
+    fn insert(&self, pid: i32, secret: i32, slot: Arc<AtomicU64>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pid, (secret, slot));
+    }
+
+    fn remove(&self, pid: i32) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid);
+    }
+
+    /// The server key to cancel for a client's (pid, secret); `None` when the pid is not a
+    /// pooled session's (a session-mode client's key is the primary's own) — `Some(None)`
+    /// when it is but nothing runs or the secret is wrong.
+    pub fn lookup(&self, pid: i32, secret: i32) -> Option<Option<(i32, i32)>> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (expected, slot) = map.get(&pid)?;
+        if *expected != secret {
+            return Some(None);
+        }
+        let packed = slot.load(Ordering::Acquire);
+        if packed == 0 {
+            return Some(None);
+        }
+        Some(Some(((packed >> 32) as i32, packed as u32 as i32)))
+    }
+}
+
+fn pack_key(key: Option<(i32, i32)>) -> u64 {
+    match key {
+        Some((pid, secret)) => ((pid as u32 as u64) << 32) | secret as u32 as u64,
+        None => 0,
+    }
+}
+
+/// A random BackendKeyData for a pooled client: the pid carries the shard and a session
+/// number, negative so it can never be a real server pid (those are positive).
+fn client_key(shard: usize, id: u64) -> (i32, i32) {
+    let pid = -(1 + (((shard as i64) << 22) | (id as i64 & 0x3F_FFFF)) as i32).abs();
+    let mut secret = [0u8; 4];
+    let _ = getrandom::fill(&mut secret);
+    (pid, i32::from_be_bytes(secret))
+}
+
+/// Where the session loop stands after a turn.
+enum Turn {
+    Continue,
+    /// The session is over (the client left, or was told why).
+    End,
+}
+
+struct Session<'a> {
+    shard: &'a ShardCtx,
+    pools: &'a Pools,
+    pool: Rc<Pool>,
+    client: Stream,
+    tracker: Tracker,
+    replies: Replies,
+    conn: Option<ServerConn>,
+    lent_at: Instant,
+    statements_in_lend: u64,
+    /// `SET` frames from the startup packet.
+    base: Vec<Bytes>,
+    pinned: Option<Pin>,
+    cancel_slot: Arc<AtomicU64>,
+    /// Bytes for the server and for the client, gathered over a turn.
+    to_server: BytesMut,
+    to_client: BytesMut,
+    /// Names of hidden SQL re-prepares, by key, to forget them on the connection if they fail.
+    hidden_sql: Vec<(u64, Box<str>)>,
+    state: Rc<ClientState>,
+}
+
+/// What the console sees of a pooled client, updated as it goes.
+pub(super) struct ClientState {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub addr: String,
+    pub port: u16,
+    pub local_addr: String,
+    pub local_port: u16,
+    pub connect_time: SystemTime,
+    pub application_name: String,
+    pub tls: bool,
+    pub remote_pid: i32,
+    /// It holds a server connection.
+    pub busy: Cell<bool>,
+    /// It waits for one, since then.
+    pub waiting_since: Cell<Option<Instant>>,
+    pub request_time: Cell<SystemTime>,
+    /// The connection lent to it: (id, server pid, opened at).
+    pub server: Cell<Option<(u64, i32, SystemTime)>>,
+    pub pinned: Cell<Option<&'static str>>,
+}
+
+impl ClientState {
+    pub(super) fn new(
+        id: u64,
+        user: &str,
+        database: &str,
+        client: &Stream,
+        params: &[(String, String)],
+        remote_pid: i32,
+    ) -> ClientState {
+        let (addr, port) = peer(client, true);
+        let (local_addr, local_port) = peer(client, false);
+        let application_name = params
+            .iter()
+            .find(|(k, _)| k == "application_name")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        ClientState {
+            id,
+            user: user.to_string(),
+            database: database.to_string(),
+            addr,
+            port,
+            local_addr,
+            local_port,
+            connect_time: SystemTime::now(),
+            application_name,
+            tls: client.is_tls(),
+            remote_pid,
+            busy: Cell::new(false),
+            waiting_since: Cell::new(None),
+            request_time: Cell::new(SystemTime::now()),
+            server: Cell::new(None),
+            pinned: Cell::new(None),
+        }
+    }
+
+    pub(super) fn row(&self, shard: usize, now: Instant) -> crate::stats::pools::ClientRow {
+        let waiting = self.waiting_since.get();
+        crate::stats::pools::ClientRow {
+            id: self.id,
+            shard,
+            user: self.user.clone(),
+            database: self.database.clone(),
+            state: if waiting.is_some() {
+                "waiting"
+            } else if self.busy.get() {
+                "active"
+            } else {
+                "idle"
+            },
+            addr: self.addr.clone(),
+            port: self.port,
+            local_addr: self.local_addr.clone(),
+            local_port: self.local_port,
+            connect_time: self.connect_time,
+            request_time: self.request_time.get(),
+            wait_us: waiting
+                .map(|w| now.saturating_duration_since(w).as_micros() as u64)
+                .unwrap_or(0),
+            link: self.server.get().map(|s| s.0),
+            remote_pid: self.remote_pid,
+            tls: self.tls,
+            application_name: self.application_name.clone(),
+            pinned: self.pinned.get(),
+        }
+    }
+}
+
+/// The peer's (or, `!remote`, our own) address and port of a client socket.
+fn peer(client: &Stream, remote: bool) -> (String, u16) {
+    if client.is_unix() {
+        return ("unix".into(), 0);
+    }
+    // SAFETY: the descriptor stays open for the duration of this call (the stream holds it).
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(client.as_raw_fd()) };
+    let sock = socket2::SockRef::from(&fd);
+    let addr = if remote {
+        sock.peer_addr()
+    } else {
+        sock.local_addr()
+    };
+    match addr.ok().and_then(|a| a.as_socket()) {
+        Some(a) => (a.ip().to_string(), a.port()),
+        None => (String::new(), 0),
+    }
+}
+
+/// Serves a client in transaction pooling mode (authentication, startup, the session).
+pub(super) async fn serve(
+    shard: Rc<ShardCtx>,
+    client: Stream,
+    params: Vec<(String, String)>,
+    mut buf: BytesMut,
+    deadline: Instant,
+) {
+    let Some(pools) = shard.pools.as_ref() else {
+        return;
+    };
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let Some(user) = param("user").filter(|u| !u.is_empty()).map(str::to_string) else {
+        let msg = error_bytes(
+            "FATAL",
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+            "no PostgreSQL user name specified in startup packet",
+        );
+        let _ = client.write_all(&msg).await;
+        return;
+    };
+    let database = param("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user)
+        .to_string();
+    let login =
+        match super::login::authenticate_client(&shard, &client, &mut buf, &user, deadline).await {
+            Some(login) => login,
+            None => return,
+        };
+    if super::console::is_console_database(&database) {
+        if super::console::Access::of(&pools.cfg, &user).is_none() {
+            let mut msg = BytesMut::new();
+            super::console::not_allowed(&mut msg);
+            let _ = client.write_all(&msg).await;
+            return;
+        }
+        super::login::serve_console(&shard, client, &user, buf).await;
+        return;
+    }
+    let pool = pools.pool(&user, &database);
+    pool.set_login(login);
+    let id = shard.next_session_id();
+    if pool.params().is_empty() {
+        // The first client of this pair: one connection tells what the server reports (and
+        // whether it takes this user and database at all).
+        match pools.acquire(&pool).await {
+            Ok(conn) => pools.release(&pool, conn, true).await,
+            Err(err) => {
+                refuse(&shard, &client, &err).await;
+                return;
+            }
+        }
+    }
+    let (pid, secret) = client_key(shard.index, id);
+    let cancel_slot = Arc::new(AtomicU64::new(0));
+    shard.cancel_keys.insert(pid, secret, cancel_slot.clone());
+    let mut hello = BytesMut::new();
+    wire::encode::authentication_ok(&mut hello);
+    let mut reported: Vec<(String, String)> = pool.params();
+    for (key, value) in &params {
+        if let Some(slot) = reported.iter_mut().find(|(k, _)| k == key) {
+            slot.1 = value.clone();
+        }
+    }
+    for (key, value) in &reported {
+        let _ = wire::encode::parameter_status(&mut hello, key, value);
+    }
+    wire::encode::backend_key_data(&mut hello, pid, secret);
+    wire::encode::ready_for_query(&mut hello, wire::TransactionStatus::Idle);
+    let mut base: Vec<Bytes> = params
+        .iter()
+        .filter_map(|(k, v)| startup_set(k, v))
+        .collect();
+    if let Some(options) = param("options") {
+        base.extend(options_sets(options));
+    }
+    let mut tracker = Tracker::new(crate::session::Limits {
+        statements: true,
+        settings: true,
+        ..shard.settings.session_limits
+    });
+    // The startup is answered by pgprism: the tracker learns it from the same bytes.
+    let _ = wire::complete_prefix(&hello, usize::MAX, |t, b| {
+        tracker.server(t, b);
+    });
+    if client.write_all(&hello).await.is_err() {
+        shard.cancel_keys.remove(pid);
+        return;
+    }
+    pool.clients.set(pool.clients.get() + 1);
+    let state = Rc::new(ClientState::new(
+        id, &user, &database, &client, &params, pid,
+    ));
+    let registration = shard.register_pooled(id, &client, state.clone());
+    let mut session = Session {
+        shard: &shard,
+        pools,
+        pool: pool.clone(),
+        client,
+        tracker,
+        replies: Replies::default(),
+        conn: None,
+        lent_at: Instant::now(),
+        statements_in_lend: 0,
+        base,
+        pinned: None,
+        cancel_slot,
+        to_server: BytesMut::new(),
+        to_client: BytesMut::new(),
+        hidden_sql: Vec::new(),
+        state,
+    };
+    session.run(buf).await;
+    session.finish().await;
+    drop(registration);
+    pool.clients.set(pool.clients.get().saturating_sub(1));
+    shard.cancel_keys.remove(pid);
+}
+
+/// Tells a client why it gets no connection.
+async fn refuse(shard: &ShardCtx, client: &Stream, err: &PoolError) {
+    ShardStats::bump(&shard.stats.counters.primary_connect_failures, 1);
+    let message = match err {
+        PoolError::Backend(crate::backend::BackendError::Refused { message, .. }) => {
+            message.clone()
+        }
+        other => format!("pgprism: {}", crate::config::error_text(other)),
+    };
+    let msg = error_bytes("FATAL", err.sqlstate(), &message);
+    let _ = client.write_all(&msg).await;
+}
+
+impl Session<'_> {
+    async fn run(&mut self, mut cbuf: BytesMut) {
+        let chunk = self.shard.read_chunk_bytes();
+        loop {
+            if let Turn::End = self.client_frames(&mut cbuf).await {
+                return;
+            }
+            if let Turn::End = self.flush().await {
+                return;
+            }
+            if self.conn.is_some() {
+                // Read whichever side speaks first: the client may pipeline more while the
+                // server answers.
+                let conn = self.conn.as_mut().expect("checked above");
+                let (server, sbuf) = (&conn.stream, &mut conn.buf);
+                let client = &self.client;
+                let event = futures_lite::future::or(
+                    async { (true, server.read_buf(sbuf, chunk).await) },
+                    async { (false, client.read_buf(&mut cbuf, chunk).await) },
+                )
+                .await;
+                match event {
+                    (true, Ok(n)) if n > 0 => {
+                        if let Turn::End = self.server_frames().await {
+                            return;
+                        }
+                    }
+                    (true, _) => {
+                        self.server_lost().await;
+                        return;
+                    }
+                    (false, Ok(n)) if n > 0 => {
+                        ShardStats::bump(&self.shard.stats.counters.client_bytes_in, n as u64);
+                    }
+                    (false, _) => return,
+                }
+            } else {
+                match self.client.read_buf(&mut cbuf, chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => ShardStats::bump(&self.shard.stats.counters.client_bytes_in, n as u64),
+                }
+            }
+        }
+    }
+
+    /// Handles the complete client frames at the front of `cbuf`.
+    async fn client_frames(&mut self, cbuf: &mut BytesMut) -> Turn {
+        let max = self.shard.settings.message_bytes_max;
+        loop {
+            let frame = match wire::split_message(cbuf, max) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Turn::Continue,
+                Err(err) => {
+                    ShardStats::bump(&self.shard.stats.counters.protocol_errors, 1);
+                    // What came before still reaches the server.
+                    let _ = self.flush().await;
+                    self.to_client.extend_from_slice(&error_bytes(
+                        "FATAL",
+                        err.sqlstate(),
+                        &format!("pgprism: invalid message from client: {err}"),
+                    ));
+                    self.drain_answers().await;
+                    let _ = self.client.write_all(&self.to_client.split()).await;
+                    return Turn::End;
+                }
+            };
+            if frame.tag() == tag::TERMINATE {
+                self.tracker.client(frame.tag(), frame.body());
+                let _ = self.flush().await;
+                return Turn::End;
+            }
+            if self.conn.is_none() && self.answer_known_parses(&frame, cbuf) {
+                continue;
+            }
+            if self.conn.is_none() {
+                // Anything the client sends that the server must answer needs a connection.
+                if let Turn::End = self.lend().await {
+                    return Turn::End;
+                }
+            }
+            self.forward(frame);
+        }
+    }
+
+    /// A client between transactions that only prepares statements some connection already
+    /// prepared (named Parses, then Sync) is answered by pgprism: ParseComplete for each and
+    /// ReadyForQuery, no connection lent. Its statements are prepared on the connection it
+    /// gets later, on demand. `frame` is the first of them, already split off `cbuf`;
+    /// returns false (leaving `cbuf` alone) when the batch is anything else or incomplete.
+    fn answer_known_parses(&mut self, frame: &wire::Frame, cbuf: &mut BytesMut) -> bool {
+        if frame.tag() != tag::PARSE || !self.tracker.is_idle() {
+            return false;
+        }
+        let known = self.pool.known.borrow();
+        let is_known = |body: &[u8]| match split_name(body) {
+            Some((name, rest)) => !name.is_empty() && known.contains(&content_hash(rest)),
+            None => false,
+        };
+        if !is_known(frame.body()) {
+            return false;
+        }
+        // The rest of the batch, up to its Sync, must be complete and all known Parses.
+        let max = self.shard.settings.message_bytes_max;
+        let mut end = None;
+        let walk = wire::complete_prefix_until(cbuf, max, |t, body| {
+            if t == tag::SYNC {
+                end = Some(());
+                return std::ops::ControlFlow::Break(());
+            }
+            if t != tag::PARSE || !is_known(body) {
+                return std::ops::ControlFlow::Break(());
+            }
+            std::ops::ControlFlow::Continue(())
+        });
+        let Ok(len) = walk else {
+            return false;
+        };
+        if end.is_none() {
+            return false;
+        }
+        drop(known);
+        let rest = cbuf.split_to(len).freeze();
+        let mut frames = vec![(frame.tag(), frame.body().to_vec())];
+        let _ = wire::complete_prefix(&rest, max, |t, body| frames.push((t, body.to_vec())));
+        for (t, body) in frames {
+            self.tracker.client(t, &body);
+            if let Refers::Statement(statement) = self.tracker.take_refers() {
+                // What its later Bind needs to prepare it on a connection.
+                statement.extension(Slot::Pool, || PoolDef::protocol(&body));
+            }
+            let _ = self.tracker.take_applied();
+            if t == tag::PARSE {
+                self.to_client.put_u8(tag::PARSE_COMPLETE);
+                self.to_client.put_u32(4);
+            }
+        }
+        let at = self.to_client.len();
+        wire::encode::ready_for_query(&mut self.to_client, wire::TransactionStatus::Idle);
+        let ready = self.to_client[at..].to_vec();
+        self.tracker.server(ready[0], &ready[wire::HEADER_BYTES..]);
+        true
+    }
+
+    /// Gets a connection from the pool and makes it match the client's settings.
+    async fn lend(&mut self) -> Turn {
+        self.state.waiting_since.set(Some(Instant::now()));
+        self.state.request_time.set(SystemTime::now());
+        let acquired = self.pools.acquire(&self.pool).await;
+        self.state.waiting_since.set(None);
+        match acquired {
+            Ok(conn) => {
+                self.cancel_slot
+                    .store(pack_key(conn.key), Ordering::Release);
+                self.state.server.set(Some((
+                    conn.id,
+                    conn.key.map(|k| k.0).unwrap_or(0),
+                    conn.opened_at,
+                )));
+                self.conn = Some(conn);
+                self.lent_at = Instant::now();
+                self.statements_in_lend = 0;
+                self.state.busy.set(true);
+                self.pool.linked.set(self.pool.linked.get() + 1);
+                self.match_settings();
+                Turn::Continue
+            }
+            Err(err) => {
+                let message = format!("pgprism: {}", crate::config::error_text(&err));
+                let msg = error_bytes("FATAL", err.sqlstate(), &message);
+                let _ = self.client.write_all(&msg).await;
+                Turn::End
+            }
+        }
+    }
+
+    /// The client's settings: startup parameters, then what it set since.
+    fn settings_hash(&self) -> u64 {
+        let frames = self.tracker.settings().frames();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut any = false;
+        for frame in self.base.iter().chain(frames) {
+            frame.hash(&mut h);
+            any = true;
+        }
+        if !any {
+            return NO_SETTINGS;
+        }
+        h.finish().clamp(1, SETTINGS_UNKNOWN - 1)
+    }
+
+    fn match_settings(&mut self) {
+        let wanted = self.settings_hash();
+        let conn = self.conn.as_mut().expect("lent");
+        if conn.settings == wanted {
+            return;
+        }
+        bump(&self.pool.counters.settings_applied, 1);
+        if conn.settings != NO_SETTINGS {
+            query_frame(&mut self.to_server, "RESET ALL");
+            self.replies.hidden(Awaits::Ready, KEY_SETTINGS);
+        }
+        for frame in self.base.iter().chain(self.tracker.settings().frames()) {
+            self.to_server.extend_from_slice(frame);
+            self.replies.hidden(Awaits::Ready, KEY_SETTINGS);
+        }
+        conn.settings = wanted;
+    }
+
+    /// One client frame on its way to the lent connection, rewritten where pooling needs it.
+    fn forward(&mut self, frame: wire::Frame) {
+        let (t, body) = (frame.tag(), frame.body());
+        let step = self.tracker.client(t, body);
+        let refers = self.tracker.take_refers();
+        let applied = self.tracker.take_applied();
+        match t {
+            tag::PARSE => self.parse(&frame, &refers),
+            tag::BIND => {
+                let Some((portal, rest)) = split_name(body) else {
+                    return self.pass(frame, Awaits::Bind);
+                };
+                let statement = match &refers {
+                    Refers::Portal(p) => Some(p.statement.clone()),
+                    _ => None,
+                };
+                match statement.and_then(|s| self.server_name(&s)) {
+                    Some(name) => {
+                        let rest = split_name(rest).map(|(_, r)| r).unwrap_or_default();
+                        let parts: [&[u8]; 5] = [portal, b"\0", name.as_bytes(), b"\0", rest];
+                        frame_of(&mut self.to_server, t, &parts);
+                        self.replies.client(Awaits::Bind);
+                    }
+                    None => self.pass(frame, Awaits::Bind),
+                }
+            }
+            tag::DESCRIBE | tag::CLOSE => {
+                let kind = body.first().copied().unwrap_or(0);
+                let awaits = if t == tag::CLOSE {
+                    Awaits::Close
+                } else if kind == b'S' {
+                    Awaits::DescribeStatement
+                } else {
+                    Awaits::DescribePortal
+                };
+                let named = kind == b'S' && body.get(1).is_some_and(|b| *b != 0);
+                if t == tag::CLOSE && named {
+                    // The statement stays prepared on the connections for whoever shares
+                    // it; only the client's name goes (the tracker forgot it).
+                    let mut done = BytesMut::new();
+                    done.put_u8(tag::CLOSE_COMPLETE);
+                    done.put_u32(4);
+                    if let Some(answer) = self.replies.own(done.freeze()) {
+                        self.to_client.extend_from_slice(&answer);
+                    }
+                    return;
+                }
+                let statement = match &refers {
+                    Refers::Statement(s) if kind == b'S' => Some(s.clone()),
+                    _ => None,
+                };
+                match statement.and_then(|s| self.server_name(&s)) {
+                    Some(name) => {
+                        frame_of(&mut self.to_server, t, &[&[kind], name.as_bytes(), b"\0"]);
+                        self.replies.client(awaits);
+                    }
+                    None => self.pass(frame, awaits),
+                }
+            }
+            tag::EXECUTE => {
+                if let Refers::Portal(p) = &refers {
+                    self.check_pin(&p.statement.text);
+                }
+                self.statements_in_lend += 1;
+                self.pass(frame, Awaits::Execute);
+            }
+            tag::QUERY => {
+                if let Refers::Query(parts) = &refers {
+                    for part in parts.iter() {
+                        self.check_pin(&part.own.text);
+                        self.sql_prepared(part, &applied);
+                        // A RESET goes back to the connection's defaults, not to the
+                        // client's startup parameters: re-apply them at the next lend.
+                        if matches!(
+                            sql::setting(part.own.text.as_bytes()),
+                            Some(sql::Setting::Reset { .. } | sql::Setting::ResetAll)
+                        ) && let Some(conn) = self.conn.as_mut()
+                        {
+                            conn.settings = SETTINGS_UNKNOWN;
+                        }
+                    }
+                }
+                if let Some(conn) = self.conn.as_mut() {
+                    conn.unnamed = None;
+                }
+                self.statements_in_lend += 1;
+                self.pass(frame, Awaits::Ready);
+            }
+            tag::SYNC if step == Step::QuietSync => self.pass_silent(frame),
+            tag::SYNC | tag::FUNCTION_CALL => self.pass(frame, Awaits::Ready),
+            _ => self.pass_silent(frame),
+        }
+    }
+
+    fn pass(&mut self, frame: wire::Frame, awaits: Awaits) {
+        self.to_server.extend_from_slice(frame.bytes());
+        self.replies.client(awaits);
+    }
+
+    fn pass_silent(&mut self, frame: wire::Frame) {
+        self.to_server.extend_from_slice(frame.bytes());
+    }
+
+    /// A client Parse: named statements go to the connections under their shared name,
+    /// prepared once per connection.
+    fn parse(&mut self, frame: &wire::Frame, refers: &Refers) {
+        let body = frame.body();
+        let Some((name, _)) = split_name(body) else {
+            return self.pass(frame.clone(), Awaits::Parse);
+        };
+        let Refers::Statement(statement) = refers else {
+            return self.pass(frame.clone(), Awaits::Parse);
+        };
+        let def = statement.extension(Slot::Pool, || PoolDef::protocol(body));
+        let PoolDef::Protocol {
+            hash,
+            server_name,
+            rest,
+        } = &*def
+        else {
+            return self.pass(frame.clone(), Awaits::Parse);
+        };
+        let conn = self.conn.as_mut().expect("lent");
+        if name.is_empty() {
+            conn.unnamed = Some(*hash);
+            self.to_server.extend_from_slice(frame.bytes());
+            self.replies.client_keyed(Awaits::Parse, KEY_UNNAMED);
+            return;
+        }
+        if conn.prepared.contains(*hash) {
+            let mut done = BytesMut::new();
+            done.put_u8(tag::PARSE_COMPLETE);
+            done.put_u32(4);
+            if let Some(answer) = self.replies.own(done.freeze()) {
+                self.to_client.extend_from_slice(&answer);
+            }
+            return;
+        }
+        if let Some(victim) = conn
+            .prepared
+            .insert(*hash, self.pools.cfg.prepared_statements_max)
+        {
+            let victim_name = format!("pgprism_{victim:016x}");
+            frame_of(
+                &mut self.to_server,
+                tag::CLOSE,
+                &[b"S", victim_name.as_bytes(), b"\0"],
+            );
+            self.replies.hidden(Awaits::Close, victim);
+        }
+        frame_of(
+            &mut self.to_server,
+            tag::PARSE,
+            &[server_name.as_bytes(), b"\0", rest],
+        );
+        self.replies.client_keyed(Awaits::Parse, *hash);
+    }
+
+    /// The name `statement` has on the lent connection, preparing it there first when the
+    /// connection lacks it; `None`: send the client's frame unchanged.
+    fn server_name(&mut self, statement: &Rc<Statement>) -> Option<Box<str>> {
+        let name = statement.name.as_ref()?;
+        let def = statement.extension(Slot::Pool, || PoolDef::Sql {
+            hash: 0,
+            text: "".into(),
+        });
+        let conn = self.conn.as_mut()?;
+        match &*def {
+            PoolDef::Protocol {
+                hash,
+                server_name,
+                rest,
+            } => {
+                if name.is_empty() {
+                    if conn.unnamed != Some(*hash) {
+                        frame_of(&mut self.to_server, tag::PARSE, &[b"\0", rest]);
+                        self.replies.hidden(Awaits::Parse, KEY_UNNAMED);
+                        conn.unnamed = Some(*hash);
+                        bump(&self.pool.counters.reprepares, 1);
+                    }
+                    return None;
+                }
+                if !conn.prepared.contains(*hash) {
+                    if let Some(victim) = conn
+                        .prepared
+                        .insert(*hash, self.pools.cfg.prepared_statements_max)
+                    {
+                        let victim_name = format!("pgprism_{victim:016x}");
+                        frame_of(
+                            &mut self.to_server,
+                            tag::CLOSE,
+                            &[b"S", victim_name.as_bytes(), b"\0"],
+                        );
+                        self.replies.hidden(Awaits::Close, victim);
+                    }
+                    frame_of(
+                        &mut self.to_server,
+                        tag::PARSE,
+                        &[server_name.as_bytes(), b"\0", rest],
+                    );
+                    self.replies.hidden(Awaits::Parse, *hash);
+                    bump(&self.pool.counters.reprepares, 1);
+                }
+                Some(server_name.clone())
+            }
+            // SQL-level statements keep their names (re-prepared before an EXECUTE).
+            PoolDef::Sql { .. } => None,
+        }
+    }
+
+    /// SQL-level PREPARE/EXECUTE/DEALLOCATE of one Query statement on the lent connection.
+    fn sql_prepared(
+        &mut self,
+        part: &crate::session::QueryPart,
+        _applied: &crate::session::Applied,
+    ) {
+        let Some(command) = part.own.command() else {
+            return;
+        };
+        let conn = self.conn.as_mut().expect("lent");
+        match command {
+            sql::Prepared::Prepare { name, .. } => {
+                let hash = content_hash(part.own.text.as_bytes());
+                if let Some(created) = &part.applied.prepares {
+                    created.extension(Slot::Pool, || PoolDef::Sql {
+                        hash,
+                        text: part.own.text.clone(),
+                    });
+                }
+                // Another client's statement of that name holds it on this connection.
+                if conn
+                    .sql_prepared
+                    .get(name.as_str())
+                    .is_some_and(|h| *h != hash)
+                {
+                    let dealloc = format!("DEALLOCATE {}", quote_ident(name));
+                    if query_frame(&mut self.to_server, &dealloc) {
+                        self.replies.hidden(Awaits::Ready, KEY_SETTINGS + 2);
+                    }
+                }
+                conn.sql_prepared.insert(name.as_str().into(), hash);
+            }
+            sql::Prepared::Execute { name, .. } | sql::Prepared::CreateTableAsExecute { name } => {
+                self.ensure_sql(name, part.applied.names.as_ref());
+            }
+            sql::Prepared::Deallocate { name } => {
+                // It must find the client's own statement of that name there to drop.
+                self.ensure_sql(name, part.applied.names.as_ref());
+                if let Some(conn) = self.conn.as_mut() {
+                    conn.sql_prepared.remove(name.as_str());
+                }
+            }
+            sql::Prepared::DeallocateAll => conn.sql_prepared.clear(),
+            sql::Prepared::DiscardAll => {
+                conn.forget_state();
+                // The connection is back at its defaults, without the client's startup
+                // parameters: re-apply them at the next lend.
+                conn.settings = SETTINGS_UNKNOWN;
+            }
+        }
+    }
+
+    /// Makes the lent connection hold the client's SQL-level statement `name` (created by
+    /// its `PREPARE`), replacing another client's of that name.
+    fn ensure_sql(&mut self, name: &str, statement: Option<&Rc<Statement>>) {
+        let Some(statement) = statement else {
+            return;
+        };
+        let def = statement.extension(Slot::Pool, || PoolDef::Sql {
+            hash: 0,
+            text: "".into(),
+        });
+        let PoolDef::Sql { hash, text } = &*def else {
+            return;
+        };
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        if *hash == 0 || conn.sql_prepared.get(name) == Some(hash) {
+            return;
+        }
+        if conn.sql_prepared.contains_key(name) {
+            let dealloc = format!("DEALLOCATE {}", quote_ident(name));
+            if query_frame(&mut self.to_server, &dealloc) {
+                self.replies.hidden(Awaits::Ready, KEY_SETTINGS + 2);
+            }
+        }
+        if query_frame(&mut self.to_server, text) {
+            let key = content_hash(name.as_bytes());
+            self.replies.hidden(Awaits::Ready, key);
+            self.hidden_sql.push((key, name.into()));
+            conn.sql_prepared.insert(name.into(), *hash);
+            bump(&self.pool.counters.reprepares, 1);
+        }
+    }
+
+    fn check_pin(&mut self, text: &str) {
+        if self.pinned.is_some() {
+            return;
+        }
+        if let Some(pin) = sql::pins(text.as_bytes()) {
+            self.pinned = Some(pin);
+            self.state.pinned.set(Some(pin.name()));
+            self.pool.pinned.set(self.pool.pinned.get() + 1);
+            bump(&self.pool.counters.pins, 1);
+            if let Some(conn) = self.conn.as_mut() {
+                conn.dirty = true;
+            }
+        }
+    }
+
+    /// Sends what the turn gathered: to the server, then to the client.
+    async fn flush(&mut self) -> Turn {
+        if !self.to_server.is_empty() {
+            let out = self.to_server.split().freeze();
+            bump(&self.pool.counters.bytes_received, out.len() as u64);
+            let conn = self
+                .conn
+                .as_ref()
+                .expect("lent when there is something to send");
+            if conn.stream.write_bytes(out).await.is_err() {
+                self.server_lost().await;
+                return Turn::End;
+            }
+        }
+        if !self.to_client.is_empty() {
+            let out = self.to_client.split().freeze();
+            let len = out.len() as u64;
+            if self.client.write_bytes(out).await.is_err() {
+                return Turn::End;
+            }
+            ShardStats::bump(&self.shard.stats.counters.client_bytes_out, len);
+        }
+        Turn::Continue
+    }
+
+    /// Handles the complete server frames read; returns the connection when the client is
+    /// at a transaction boundary with nothing in flight.
+    async fn server_frames(&mut self) -> Turn {
+        let max = self.shard.settings.message_bytes_max;
+        let mut settled = Settled::default();
+        loop {
+            let conn = self.conn.as_mut().expect("lent");
+            let frame = match wire::split_message(&mut conn.buf, max) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(_) => {
+                    self.to_client.extend_from_slice(&error_bytes(
+                        "FATAL",
+                        sqlstate::PROTOCOL_VIOLATION,
+                        "pgprism: invalid message from the primary",
+                    ));
+                    let _ = self.flush_client().await;
+                    self.drop_conn(false).await;
+                    return Turn::End;
+                }
+            };
+            settled.own.clear();
+            let route = self.replies.server(frame.tag(), &mut settled);
+            for key in settled.failed.drain(..) {
+                self.forget(key);
+            }
+            for key in settled.done.drain(..) {
+                if key > KEY_UNNAMED && !self.hidden_sql.iter().any(|(k, _)| *k == key) {
+                    self.pool
+                        .learn(key, self.pools.cfg.prepared_statements_max.max(1024) * 4);
+                }
+            }
+            if route == Route::Client {
+                self.tracker.server(frame.tag(), frame.body());
+                self.to_client.extend_from_slice(frame.bytes());
+                if frame.tag() == tag::ERROR_RESPONSE && crate::session::is_farewell(frame.body()) {
+                    let _ = self.flush_client().await;
+                    self.drop_conn(false).await;
+                    return Turn::End;
+                }
+            }
+            for answer in settled.own.drain(..) {
+                self.to_client.extend_from_slice(&answer);
+            }
+        }
+        if let Turn::End = self.flush_client().await {
+            return Turn::End;
+        }
+        if self.tracker.is_idle() && self.replies.is_empty() && self.pinned.is_none() {
+            self.give_back(true).await;
+        }
+        Turn::Continue
+    }
+
+    async fn flush_client(&mut self) -> Turn {
+        if self.to_client.is_empty() {
+            return Turn::Continue;
+        }
+        let out = self.to_client.split().freeze();
+        let len = out.len() as u64;
+        bump(&self.pool.counters.bytes_sent, len);
+        if self.client.write_bytes(out).await.is_err() {
+            return Turn::End;
+        }
+        ShardStats::bump(&self.shard.stats.counters.client_bytes_out, len);
+        Turn::Continue
+    }
+
+    /// A hidden message failed (or the client's own Parse did): forget what it would have
+    /// left on the connection.
+    fn forget(&mut self, key: u64) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        match key {
+            KEY_SETTINGS => conn.settings = SETTINGS_UNKNOWN,
+            KEY_UNNAMED => conn.unnamed = None,
+            _ => {
+                conn.prepared.remove(key);
+                if let Some(at) = self.hidden_sql.iter().position(|(k, _)| *k == key) {
+                    let (_, name) = self.hidden_sql.swap_remove(at);
+                    conn.sql_prepared.remove(&name);
+                }
+            }
+        }
+    }
+
+    /// The connection goes back to the pool (or is closed when not `clean`).
+    async fn give_back(&mut self, clean: bool) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        self.unlink();
+        let c = &self.pool.counters;
+        bump(&c.xact_count, 1);
+        bump(&c.query_count, self.statements_in_lend);
+        bump(&c.xact_time_us, self.lent_at.elapsed().as_micros() as u64);
+        if conn.settings != SETTINGS_UNKNOWN {
+            conn.settings = self.settings_hash();
+        }
+        let _ = &mut conn;
+        self.hidden_sql.clear();
+        self.replies.clear();
+        self.pools.release(&self.pool, conn, clean).await;
+    }
+
+    /// The client no longer holds a connection.
+    fn unlink(&mut self) {
+        self.cancel_slot.store(0, Ordering::Release);
+        self.state.server.set(None);
+        if self.state.busy.replace(false) {
+            self.pool
+                .linked
+                .set(self.pool.linked.get().saturating_sub(1));
+        }
+    }
+
+    async fn drop_conn(&mut self, clean: bool) {
+        self.give_back(clean).await;
+    }
+
+    /// The lent connection failed: the client is told (08006) and the pool replaces it.
+    async fn server_lost(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.unlink();
+            self.pools.lost(&self.pool, conn);
+        }
+        ShardStats::bump(&self.shard.stats.counters.primary_lost, 1);
+        let msg = error_bytes(
+            "FATAL",
+            sqlstate::CONNECTION_FAILURE,
+            &format!(
+                "pgprism lost the server connection of pool {}@{}",
+                self.pool.user, self.pool.database
+            ),
+        );
+        let _ = self.client.write_all(&msg).await;
+    }
+
+    /// Before a fatal error to the client: let what was sent be answered first.
+    async fn drain_answers(&mut self) {
+        while self.conn.is_some() && !self.replies.is_empty() {
+            let chunk = self.shard.read_chunk_bytes();
+            let conn = self.conn.as_mut().expect("checked");
+            match crate::exec::within(
+                self.pools.upstream.connect_timeout,
+                conn.stream.read_buf(&mut conn.buf, chunk),
+            )
+            .await
+            {
+                Some(Ok(n)) if n > 0 => {
+                    if let Turn::End = self.server_frames().await {
+                        return;
+                    }
+                }
+                _ => {
+                    self.drop_conn(false).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The client left: its connection goes back clean (rolled back when a transaction was
+    /// open) or is closed.
+    async fn finish(&mut self) {
+        if self.pinned.take().is_some() {
+            self.pool
+                .pinned
+                .set(self.pool.pinned.get().saturating_sub(1));
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let quiet = self.tracker.in_flight() == 0 && self.replies.is_empty();
+        if !quiet || self.tracker.extended_open() {
+            self.drop_conn(false).await;
+            return;
+        }
+        if self.tracker.status() != b'I' {
+            let ok = crate::backend::pool::run_simple(conn, "ROLLBACK", &self.pools.upstream)
+                .await
+                .is_ok();
+            self.drop_conn(ok).await;
+            return;
+        }
+        self.drop_conn(true).await;
+    }
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A shard's pool care: the pools' maintenance (idle timeouts, lifetimes, min-size, room
+/// for other shards' clients), the console's actions (PAUSE, RECONNECT, KILL), and the
+/// snapshot the console reads.
+pub async fn pool_care(shard: Rc<ShardCtx>) {
+    const TICK: Duration = Duration::from_millis(50);
+    const PUBLISH_EVERY: u32 = 5;
+    const MODES_EVERY: u32 = 20;
+    let Some(pools) = shard.pools.clone() else {
+        return;
+    };
+    let mut reconnects = 0;
+    let mut kills = 0;
+    let mut tick = 0u32;
+    loop {
+        crate::exec::sleep(TICK).await;
+        if let Some(console) = &shard.console {
+            pools.set_paused(
+                console.paused_all.load(Ordering::Acquire),
+                console.paused_databases(),
+            );
+
+            let r = console.reconnects.load(Ordering::Acquire);
+            if r != reconnects {
+                reconnects = r;
+                pools.reconnect();
+            }
+            let k = console.kills.load(Ordering::Acquire);
+            if k != kills {
+                kills = k;
+                let database = console
+                    .kill_database
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                shard.kill_pooled(&database);
+            }
+        }
+        pools.maintain();
+        tick = tick.wrapping_add(1);
+        if tick.is_multiple_of(PUBLISH_EVERY) {
+            publish(&shard, &pools);
+        }
+        if tick.is_multiple_of(MODES_EVERY)
+            && let Some(console) = &shard.console
+        {
+            let mirrors = shard
+                .mirrors
+                .iter()
+                .map(|m| super::console::MirrorRow::from(&m.stats.report(m.index, &m.name)))
+                .collect();
+            let compare = shard
+                .compare
+                .as_ref()
+                .map(|_| super::console::CompareRow::from(&shard.stats.counters.snapshot()));
+            console.publish_modes(shard.index, mirrors, compare);
+        }
+    }
+}
+
+/// Publishes this shard's pools, clients and servers for the console.
+pub(super) fn publish(shard: &ShardCtx, pools: &Pools) {
+    let Some(console) = &shard.console else {
+        return;
+    };
+    let mode = if shard.settings.transaction_pooling {
+        "transaction"
+    } else {
+        "session"
+    };
+    let now = Instant::now();
+    let (pool_rows, mut servers) = pools.rows(mode);
+    let mut clients = Vec::new();
+    for state in shard.pooled_states() {
+        clients.push(state.row(shard.index, now));
+        if let Some((id, pid, opened)) = state.server.get() {
+            servers.push(crate::stats::pools::ServerRow {
+                id,
+                shard: shard.index,
+                user: state.user.clone(),
+                database: state.database.clone(),
+                state: "active",
+                addr: pools.upstream.label.clone(),
+                port: 0,
+                local_addr: String::new(),
+                local_port: 0,
+                connect_time: opened,
+                request_time: state.request_time.get(),
+                link: Some(state.id),
+                remote_pid: pid,
+                tls: false,
+                prepared_statements: 0,
+            });
+        }
+    }
+    console.board.publish(crate::stats::pools::ShardPools {
+        shard: shard.index,
+        taken: Some(SystemTime::now()),
+        paused: pools.paused.get(),
+        pools: pool_rows,
+        clients,
+        servers,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_parameters_become_settings() {
+        let set = startup_set("application_name", "it's").unwrap();
+        assert_eq!(&set[5..set.len() - 1], b"SET application_name = 'it''s'");
+        assert!(startup_set("user", "x").is_none());
+        assert!(startup_set("bad;key", "x").is_none());
+        let sets = options_sets("-c search_path=a,b --statement-timeout=5s -cwork_mem=4MB");
+        assert_eq!(sets.len(), 3);
+        assert!(sets[1].ends_with(b"SET statement_timeout = '5s'\0"));
+    }
+
+    #[test]
+    fn cancel_keys_pack_and_unpack() {
+        let keys = CancelKeys::default();
+        let slot = Arc::new(AtomicU64::new(0));
+        keys.insert(-5, 42, slot.clone());
+        assert_eq!(keys.lookup(-5, 42), Some(None));
+        slot.store(pack_key(Some((1234, -7))), Ordering::Release);
+        assert_eq!(keys.lookup(-5, 42), Some(Some((1234, -7))));
+        assert_eq!(keys.lookup(-5, 41), Some(None));
+        assert_eq!(keys.lookup(99, 42), None);
+    }
+
+    #[test]
+    fn client_pids_are_never_server_pids() {
+        for id in [0, 1, 0x3F_FFFF, u64::MAX] {
+            for shard in [0, 1, 63] {
+                assert!(client_key(shard, id).0 < 0);
+            }
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! Transaction pooling against a real PostgreSQL server, with real clients: many clients on
+//! few server connections, session state (settings, prepared statements, SQL PREPARE) that
+//! follows each client from connection to connection, pinning, and the faults (a client that
+//! leaves mid-transaction, a server connection that dies, a pool that stays exhausted, a
+//! cancel).
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use std::io::Write;
+
+use support::{PASSWORD, Proxy, SCRAM_USER, eventually, raw, sqlstate, start_primary};
+
+/// A proxy in transaction mode with `pool_size` connections per (user, database); clients
+/// need no password (`--auth-type trust`) unless `extra` says otherwise.
+fn pooled(primary: &str, pool_size: usize, extra: &[&str]) -> Proxy {
+    let size = pool_size.to_string();
+    let mut args = vec!["--pool-mode", "transaction", "--pool-size", &size];
+    if !extra.contains(&"--auth-type") && !extra.contains(&"--auth-file") {
+        args.extend(["--auth-type", "trust"]);
+    }
+    args.extend_from_slice(extra);
+    Proxy::start(primary, &args)
+}
+
+/// Server connections the primary has for `db` right now (pgprism's pooled ones).
+fn backends(pg: &pgprism::embed::Instance, db: &str) -> usize {
+    pg.psql(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND backend_type = 'client backend'"
+    ))
+    .expect("count backends")
+    .trim()
+    .parse()
+    .unwrap_or(usize::MAX)
+}
+
+#[test]
+fn many_clients_share_few_connections_and_keep_their_own_state() {
+    let pg = start_primary("pool-many");
+    pg.psql("CREATE DATABASE app").unwrap();
+    pg.psql_db(
+        "app",
+        "CREATE TABLE t (client int, n int, tz text, app text)",
+    )
+    .unwrap();
+    let proxy = pooled(&pg.url(), 4, &[]);
+    let clients = 24;
+    let rounds = 15;
+    let stop = Arc::new(AtomicBool::new(false));
+    let max_seen = Arc::new(AtomicUsize::new(0));
+    let watcher = {
+        let (stop, max_seen) = (stop.clone(), max_seen.clone());
+        let url = pg.url();
+        std::thread::spawn(move || {
+            let mut direct = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            while !stop.load(Ordering::Acquire) {
+                let n: i64 = direct
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND backend_type = 'client backend'",
+                        &[],
+                    )
+                    .unwrap()
+                    .get(0);
+                max_seen.fetch_max(n as usize, Ordering::AcqRel);
+                // Sampling interval of an observer; no assertion depends on its timing.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let workers: Vec<_> = (0..clients)
+        .map(|i| {
+            let conninfo = format!(
+                "host=127.0.0.1 port={} user=postgres dbname=app application_name=client{i} connect_timeout=10",
+                proxy.port()
+            );
+            std::thread::spawn(move || {
+                let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+                // Session settings that must follow this client to whichever connection.
+                let tz = ["UTC", "Asia/Tokyo", "America/Lima"][i % 3];
+                c.batch_execute(&format!("SET TimeZone = '{tz}'")).unwrap();
+                c.batch_execute(&format!("SET search_path = s{i}, public"))
+                    .unwrap();
+                // Named prepared statements: every client's first one is called `s0` by the
+                // driver, with a different text per client.
+                let insert = c
+                    .prepare(&format!(
+                        "INSERT INTO t VALUES ({i}, $1, current_setting('TimeZone'), current_setting('application_name'))"
+                    ))
+                    .unwrap();
+                let mine = c
+                    .prepare(&format!("SELECT count(*) + 0 * {i} FROM t WHERE client = $1"))
+                    .unwrap();
+                for n in 0..rounds as i32 {
+                    if n % 2 == 0 {
+                        let mut tx = c.transaction().unwrap();
+                        tx.execute(&insert, &[&n]).unwrap();
+                        let path: String = tx
+                            .query_one("SELECT current_setting('search_path')", &[])
+                            .unwrap()
+                            .get(0);
+                        assert_eq!(path, format!("s{i}, public"));
+                        tx.commit().unwrap();
+                    } else {
+                        c.execute(&insert, &[&n]).unwrap();
+                    }
+                    let count: i64 = c.query_one(&mine, &[&(i as i32)]).unwrap().get(0);
+                    assert_eq!(count, n as i64 + 1, "client {i} sees its own rows");
+                    let shown: String = c.query_one("SHOW TimeZone", &[]).unwrap().get(0);
+                    assert_eq!(shown, tz, "client {i} keeps its TimeZone");
+                }
+                // SQL-level prepared statements across transactions (and connections).
+                c.batch_execute(&format!("PREPARE mine AS SELECT {i} + $1::int"))
+                    .unwrap();
+                for k in 0..5 {
+                    let rows = c.simple_query(&format!("EXECUTE mine({k})")).unwrap();
+                    let got = rows.iter().find_map(|m| match m {
+                        postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                        _ => None,
+                    });
+                    assert_eq!(got, Some((i + k).to_string()), "client {i} EXECUTE mine");
+                }
+                c.batch_execute("DEALLOCATE mine").unwrap();
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("a client failed");
+    }
+    stop.store(true, Ordering::Release);
+    watcher.join().unwrap();
+    let rows = pg
+        .psql_db("app", "SELECT count(*), count(DISTINCT client) FROM t")
+        .unwrap();
+    assert_eq!(rows.trim(), format!("{}|{clients}", clients * rounds));
+    let wrong = pg
+        .psql_db(
+            "app",
+            "SELECT count(*) FROM t WHERE app <> 'client' || client OR tz NOT IN ('UTC', 'Asia/Tokyo', 'America/Lima')",
+        )
+        .unwrap();
+    assert_eq!(
+        wrong.trim(),
+        "0",
+        "every row written with its client's settings"
+    );
+    let max = max_seen.load(Ordering::Acquire);
+    assert!(
+        (1..=4).contains(&max),
+        "at most pool.size server connections for (postgres, app); saw {max}"
+    );
+    assert!(backends(&pg, "app") <= 4);
+}
+
+#[test]
+fn real_clients_in_transaction_mode() {
+    let pg = start_primary("pool-clients");
+    let proxy = pooled(&pg.url(), 3, &[]);
+    let port = proxy.port().to_string();
+    // pgbench, prepared: named statements on shared connections.
+    let init = std::process::Command::new("pgbench")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-i",
+            "-s",
+            "1",
+            "postgres",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    for mode in ["simple", "extended", "prepared"] {
+        let run = std::process::Command::new("pgbench")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-M",
+                mode,
+                "-c",
+                "12",
+                "-j",
+                "2",
+                "-t",
+                "50",
+                "postgres",
+            ])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&run.stdout);
+        assert!(
+            run.status.success() && out.contains("number of failed transactions: 0"),
+            "pgbench -M {mode}: {out}\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        assert!(
+            out.contains("number of transactions actually processed: 600/600"),
+            "{out}"
+        );
+    }
+    // psql: variables, \copy, a transaction.
+    let out = std::process::Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            "CREATE TABLE c (a int)",
+            "-c",
+            "\\copy c from program 'seq 1 100'",
+            "-c",
+            "BEGIN; INSERT INTO c VALUES (0); COMMIT;",
+            "-c",
+            "SELECT count(*), sum(a) FROM c",
+            "postgres",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "psql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("101|5050"));
+    assert!(backends(&pg, "postgres") <= 3 + 1);
+}
+
+#[test]
+fn scram_clients_authenticate_against_the_auth_file_and_log_in_with_their_keys() {
+    let pg = start_primary("pool-scram");
+    // The role's own SCRAM secret, as PgBouncer users copy it from pg_authid.
+    let secret = pg
+        .psql(&format!(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = '{SCRAM_USER}'"
+        ))
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("pgprism-pool-scram-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let userlist = dir.join("userlist.txt");
+    std::fs::write(
+        &userlist,
+        format!(
+            "\"{SCRAM_USER}\" \"{}\"\n\"postgres\" \"\"\n",
+            secret.trim()
+        ),
+    )
+    .unwrap();
+    let file = userlist.to_str().unwrap();
+    let proxy = pooled(&pg.url(), 2, &["--auth-file", file]);
+    let mut c =
+        postgres::Client::connect(&proxy.conninfo(SCRAM_USER, Some(PASSWORD)), postgres::NoTls)
+            .expect("SCRAM through the pool");
+    for _ in 0..3 {
+        let who: String = c
+            .query_one("SELECT current_user::text", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(who, SCRAM_USER);
+    }
+    let wrong =
+        postgres::Client::connect(&proxy.conninfo(SCRAM_USER, Some("nope")), postgres::NoTls)
+            .err()
+            .expect("a wrong password is refused");
+    assert_eq!(sqlstate(&wrong).as_deref(), Some("28P01"), "{wrong}");
+    let unknown = postgres::Client::connect(&proxy.conninfo("nobody", Some("x")), postgres::NoTls)
+        .err()
+        .expect("an unknown user is refused");
+    assert_eq!(sqlstate(&unknown).as_deref(), Some("28P01"), "{unknown}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn pinned_clients_keep_their_connection() {
+    let pg = start_primary("pool-pin");
+    let proxy = pooled(&pg.url(), 2, &[]);
+    let mut a = proxy.client();
+    a.batch_execute("CREATE TEMP TABLE mine (v int)").unwrap();
+    let mut others: Vec<_> = (0..3).map(|_| proxy.client()).collect();
+    for round in 0..5 {
+        a.execute("INSERT INTO mine VALUES ($1)", &[&round])
+            .unwrap();
+        // The others share what is left of the pool meanwhile.
+        for o in others.iter_mut() {
+            let one: i32 = o.query_one("SELECT 1", &[]).unwrap().get(0);
+            assert_eq!(one, 1);
+        }
+    }
+    let n: i64 = a
+        .query_one("SELECT count(*) FROM mine", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 5, "the temporary table stayed with its client");
+    drop(a);
+    // The pinned connection is reset before anyone else gets it: no one sees `mine`.
+    for o in others.iter_mut() {
+        for _ in 0..3 {
+            let seen: i64 = o
+                .query_one(
+                    "SELECT count(*) FROM pg_class WHERE relname = 'mine' AND relpersistence = 't'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            assert_eq!(seen, 0);
+        }
+    }
+}
+
+#[test]
+fn a_client_that_leaves_mid_transaction_never_leaves_it_to_the_next() {
+    let pg = start_primary("pool-leave");
+    pg.psql("CREATE TABLE t (v int)").unwrap();
+    let proxy = pooled(&pg.url(), 1, &[]);
+    {
+        let mut a = proxy.client();
+        a.batch_execute("BEGIN; INSERT INTO t VALUES (1)").unwrap();
+        // Dropped without COMMIT: the connection goes back rolled back.
+    }
+    let mut b = proxy.client();
+    let n: i64 = b.query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
+    assert_eq!(n, 0, "the abandoned insert was rolled back");
+    let mut tx = b.transaction().unwrap();
+    tx.execute("INSERT INTO t VALUES (2)", &[]).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(pg.psql("SELECT count(*) FROM t").unwrap().trim(), "1");
+}
+
+#[test]
+fn a_server_that_dies_is_replaced_and_its_client_told() {
+    let pg = start_primary("pool-die");
+    let proxy = pooled(&pg.url(), 1, &[]);
+    let mut a = proxy.client();
+    let mut tx = a.transaction().unwrap();
+    let pid: i32 = tx.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    pg.psql(&format!("SELECT pg_terminate_backend({pid})"))
+        .unwrap();
+    let err = tx.query_one("SELECT 1", &[]).unwrap_err();
+    let code = sqlstate(&err);
+    assert!(
+        matches!(code.as_deref(), Some("57P01") | Some("08006")) || err.is_closed(),
+        "the client learns its connection died: {err}"
+    );
+    drop(tx);
+    drop(a);
+    let mut b = proxy.client();
+    let other: i32 = b.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    assert_ne!(other, pid, "a new server connection replaced the dead one");
+}
+
+#[test]
+fn an_exhausted_pool_makes_clients_wait_a_bounded_time() {
+    let pg = start_primary("pool-wait");
+    let proxy = pooled(&pg.url(), 1, &["--query-wait-timeout", "300ms"]);
+    let mut holder = proxy.client();
+    let mut tx = holder.transaction().unwrap();
+    tx.execute("SELECT 1", &[]).unwrap();
+    // A raw client, to read the error exactly as it comes.
+    let mut waiter = raw::connect_ready(proxy.listen);
+    let started = Instant::now();
+    waiter
+        .write_all(&raw::message(b'Q', b"SELECT 1\0"))
+        .unwrap();
+    let (tag, body) = raw::read_message(&mut waiter).expect("an answer");
+    assert_eq!(tag, b'E');
+    assert_eq!(raw::error_field(&body, b'C').as_deref(), Some("53300"));
+    let message = raw::error_field(&body, b'M').unwrap_or_default();
+    assert!(
+        message.contains("postgres@postgres"),
+        "names the pool: {message}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    tx.commit().unwrap();
+    // With the connection back, a new client gets it.
+    let mut c = proxy.client();
+    assert_eq!(c.query_one("SELECT 2", &[]).unwrap().get::<_, i32>(0), 2);
+}
+
+#[test]
+fn cancel_reaches_the_lent_connection() {
+    let pg = start_primary("pool-cancel");
+    let proxy = pooled(&pg.url(), 2, &[]);
+    let mut c = proxy.client();
+    let token = c.cancel_token();
+    let canceller = std::thread::spawn(move || {
+        // Cancel once the statement runs (polled from a direct connection below).
+        token
+    });
+    let token = canceller.join().unwrap();
+    let url = pg.url();
+    let t = std::thread::spawn(move || {
+        let mut direct = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        assert!(eventually(Duration::from_secs(10), || {
+            let n: i64 = direct
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            n == 1
+        }));
+        token.cancel_query(postgres::NoTls).unwrap();
+    });
+    let started = Instant::now();
+    let err = c.simple_query("SELECT pg_sleep(30)").unwrap_err();
+    t.join().unwrap();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // The session goes on.
+    assert_eq!(c.query_one("SELECT 3", &[]).unwrap().get::<_, i32>(0), 3);
+}
