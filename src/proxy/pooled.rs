@@ -222,6 +222,8 @@ struct Session<'a> {
     /// Names of hidden SQL re-prepares, by key, to forget them on the connection if they fail.
     hidden_sql: Vec<(u64, Box<str>)>,
     state: Rc<ClientState>,
+    /// Since when the lent connection has had answers outstanding (query time).
+    busy_since: Option<Instant>,
 }
 
 /// What the console sees of a pooled client, updated as it goes.
@@ -451,6 +453,7 @@ pub(super) async fn serve(
         to_client: BytesMut::new(),
         hidden_sql: Vec::new(),
         state,
+        busy_since: None,
     };
     session.run(buf).await;
     session.finish().await;
@@ -1061,6 +1064,14 @@ impl Session<'_> {
                 self.to_client.extend_from_slice(&answer);
             }
         }
+        if self.replies.is_empty()
+            && let Some(since) = self.busy_since.take()
+        {
+            bump(
+                &self.pool.counters.query_time_us,
+                since.elapsed().as_micros() as u64,
+            );
+        }
         if let Turn::End = self.flush_client().await {
             return Turn::End;
         }
@@ -1251,6 +1262,7 @@ pub async fn pool_care(shard: Rc<ShardCtx>) {
         tick = tick.wrapping_add(1);
         if tick.is_multiple_of(PUBLISH_EVERY) {
             publish(&shard, &pools);
+            count_pools(&shard, &pools);
         }
         if tick.is_multiple_of(MODES_EVERY)
             && let Some(console) = &shard.console
@@ -1266,6 +1278,48 @@ pub async fn pool_care(shard: Rc<ShardCtx>) {
                 .map(|_| super::console::CompareRow::from(&shard.stats.counters.snapshot()));
             console.publish_modes(shard.index, mirrors, compare);
         }
+    }
+}
+
+/// Copies the pools' cumulative counters into the shard's (for `/metrics`).
+fn count_pools(shard: &ShardCtx, pools: &Pools) {
+    let mut totals = [0u64; 11];
+    for pool in pools.all() {
+        let c = &pool.counters;
+        for (t, v) in totals.iter_mut().zip([
+            c.lends.get(),
+            c.xact_count.get(),
+            c.wait_time_us.get(),
+            c.wait_timeouts.get(),
+            c.pins.get(),
+            c.reprepares.get(),
+            c.settings_applied.get(),
+            c.servers_opened.get(),
+            c.servers_closed.get(),
+            c.servers_lost.get(),
+            c.dirty_closed.get(),
+        ]) {
+            *t += v;
+        }
+    }
+    let s = &shard.stats.counters;
+    for (cell, v) in [
+        &s.pool_lends,
+        &s.pool_transactions,
+        &s.pool_wait_us,
+        &s.pool_wait_timeouts,
+        &s.pool_pins,
+        &s.pool_reprepares,
+        &s.pool_settings_applied,
+        &s.pool_servers_opened,
+        &s.pool_servers_closed,
+        &s.pool_servers_lost,
+        &s.pool_dirty_closed,
+    ]
+    .into_iter()
+    .zip(totals)
+    {
+        cell.set(v);
     }
 }
 

@@ -78,6 +78,17 @@ counters! {
     compare_shadow_connect_failures: "sessions whose shadow connection could not be opened",
     compare_shadow_lost: "sessions whose shadow connection ended early (comparison stopped)",
     compare_shadow_timeouts: "sessions that stopped comparing because the shadow fell behind (compare.shadow-timeout-ms or compare.shadow-lag-max)",
+    pool_lends: "transaction pooling: primary connections lent to clients",
+    pool_transactions: "transaction pooling: lends that ended with the connection back in the pool or closed",
+    pool_wait_us: "transaction pooling: microseconds clients waited for a connection",
+    pool_wait_timeouts: "transaction pooling: clients that waited past pool.query-wait-timeout-ms (53300)",
+    pool_pins: "transaction pooling: clients pinned to their connection (LISTEN, session advisory lock, temporary object, WITH HOLD cursor)",
+    pool_reprepares: "transaction pooling: statements prepared on a lent connection on demand",
+    pool_settings_applied: "transaction pooling: lends that first brought the connection to the client's settings",
+    pool_servers_opened: "transaction pooling: primary connections opened",
+    pool_servers_closed: "transaction pooling: primary connections closed",
+    pool_servers_lost: "transaction pooling: primary connections that failed (while lent or at a check)",
+    pool_dirty_closed: "transaction pooling: connections closed instead of returned (client left mid-statement, failed rollback or reset)",
 }
 
 /// A shard's statistics: counters plus the two latency histograms.
