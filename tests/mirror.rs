@@ -2165,3 +2165,77 @@ fn a_pool_smaller_than_the_shards_is_refused_naming_its_key() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("mirror[0].pool-size"), "{stderr}");
 }
+
+#[test]
+fn a_pooled_mirror_under_block_holds_clients_back_and_skips_a_transaction_too_large() {
+    let (p, m1) = primary_and_mirror(
+        "bp",
+        "bm",
+        "CREATE TABLE big (id int PRIMARY KEY); CREATE TABLE held (id int PRIMARY KEY)",
+    );
+    // 20 messages per session, 2 sync points in flight per connection.
+    let proxy = Proxy::start(
+        &p.url(),
+        &[
+            "--mirror",
+            &mirror_url(&m1),
+            "--mirror-pool-size",
+            "2",
+            "--mirror-overflow",
+            "block",
+            "--mirror-queue-messages",
+            "20",
+            "--mirror-in-flight-messages",
+            "2",
+        ],
+    );
+    // A transaction of 32 frames can never be handed over whole: skipped, the client not held.
+    let mut s = support::raw::connect_ready(proxy.listen);
+    raw_query(&mut s, "BEGIN");
+    for id in 0..30 {
+        raw_query(&mut s, &format!("INSERT INTO big VALUES ({id})"));
+    }
+    raw_query(&mut s, "COMMIT");
+    raw_query(&mut s, "INSERT INTO big VALUES (100)");
+    assert!(
+        eventually(Duration::from_secs(20), || m1
+            .psql("SELECT count(*) FROM big WHERE id = 100")
+            .unwrap()
+            .trim()
+            == "1"),
+        "{}",
+        proxy.admin_get("/metrics").1
+    );
+    assert_eq!(m1.psql("SELECT count(*) FROM big").unwrap().trim(), "1");
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_mirror_transactions_cut_total")
+        == 1));
+    // A mirror that cannot keep up holds the client back (its units wait in the pool, up to
+    // the session's bound), and gets everything once it can.
+    let blocker = lock_table(&m1, "held");
+    let conninfo = proxy.conninfo("postgres", None);
+    let client = std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+        for id in 0..60 {
+            c.batch_execute(&format!("INSERT INTO held VALUES ({id})"))
+                .unwrap();
+        }
+    });
+    let on_primary = || -> u64 {
+        p.psql("SELECT count(*) FROM held")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!(eventually(Duration::from_secs(20), || on_primary() >= 20));
+    // Held: the bound does not let it through while the mirror is locked.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(on_primary() < 60, "the client was not held back");
+    drop(blocker);
+    client.join().unwrap();
+    assert!(converged(&p, &[&m1], "held", "id"));
+    assert_eq!(proxy.metric("pgprism_mirror_transactions_cut_total"), 1);
+    assert_eq!(proxy.metric("pgprism_mirror_units_lost_total"), 0);
+    assert_eq!(proxy.metric("pgprism_mirror_skipped_down_total"), 0);
+}
