@@ -41,8 +41,9 @@
 #                             TPS is pgbench's "without initial connection time" everywhere
 #   MIRROR=1                  adds a second PostgreSQL as a mirror: pgprism with `--mirror ...
 #                             --mirror-pool-size $MIRROR_POOL --mirror-all-queries` (its admin
-#                             endpoint on, for the mirror's lag and its skipped_* and
-#                             units_lost counters: statements the mirror missed) and, with
+#                             endpoint on, for the mirror's lag, the statements it was sent
+#                             per transaction (-S: 1.00 when every one reaches it) and its
+#                             skipped_* and units_lost counters) and, with
 #                             FLOOR=1, the floor copying every client byte to the mirror
 #   MIRROR_POOL=8             --mirror-pool-size
 #   PG_MAX_CONNECTIONS=       max_connections of the servers (default 300, or as FLOOR says)
@@ -293,10 +294,13 @@ for t in "${TARGETS[@]}"; do
   pgbench -h "$CLIENT_HOST" -p "${PORT[$t]}" -U postgres -n -S -c 16 -j 2 -T "$WARMUP" postgres >/dev/null 2>&1 || true
 done
 
-# Sum of the mirror's skipped-statement and lost-unit counters on an admin endpoint.
-mirror_skipped() {
-  curl -s --max-time 2 "http://$1/metrics" 2>/dev/null |
-    awk '/^pgprism_mirror_(skipped_[a-z_]*|units_lost)_total/ {s += $2} END {print s + 0}' || true
+# The mirror's counters on an admin endpoint: "statements sent, skipped-statement and
+# lost-unit counters summed".
+mirror_counters() {
+  curl -s --max-time 2 "http://$1/metrics" 2>/dev/null | awk '
+    /^pgprism_mirror_statements_total/ {n += $2}
+    /^pgprism_mirror_(skipped_[a-z_]*|units_lost)_total/ {s += $2}
+    END {print n + 0, s + 0}' || true
 }
 mirror_lag_us() {
   curl -s --max-time 1 "http://$1/metrics" 2>/dev/null |
@@ -312,14 +316,14 @@ percentile() {
 }
 
 # Aggregates per cell and target, keyed "clients|mode|target".
-declare -A TPS_LIST=() TICKS=() TXNS_SUM=() FAILS=() DIED=() SKIPPED=()
+declare -A TPS_LIST=() TICKS=() TXNS_SUM=() FAILS=() DIED=() SKIPPED=() MIRRORED=()
 mkdir -p "$WORK/lat"
 
 # run_one TARGET CLIENTS MODE ROUND: one pgbench run, added to the cell's aggregates.
 run_one() {
   local t=$1 c=$2 mode=$3 r=$4
   local key="$c|$mode|$t" port=${PORT[$t]} pid=${PID[$t]} admin=${ADMIN[$t]:-}
-  local prefix="$WORK/lat/run" out="$WORK/pgbench.out" rc=0 before after tps txns failed aborted err p99 skipped_before=0
+  local prefix="$WORK/lat/run" out="$WORK/pgbench.out" rc=0 before after tps txns failed aborted errors err p99 counters_before="0 0"
   # One server connection per client: PostgreSQL forks a backend per client before the first
   # transaction (2,000 take about 8 s on 2 cores), inside pgbench's -T.
   local slack=0
@@ -327,7 +331,7 @@ run_one() {
   local args=(-h "$CLIENT_HOST" -p "$port" -U postgres -n "${WL[@]}" -M "$mode" -c "$c" -j "$JOBS" -T $((DURATION + slack)))
   [ "$LATENCY_LOG" = 1 ] && args+=(-l --log-prefix "$prefix")
   rm -f "$prefix".*
-  [ -n "$admin" ] && skipped_before=$(mirror_skipped "$admin")
+  [ -n "$admin" ] && counters_before=$(mirror_counters "$admin")
   before=$(proc_ticks "$pid")
   timeout -k 10 $((DURATION + slack + GRACE)) pgbench "${args[@]}" postgres >"$out" 2>&1 &
   local bp=$!
@@ -343,6 +347,9 @@ run_one() {
   txns=$(awk -F': ' '/actually processed/ {split($2, a, "/"); print a[1] + 0}' "$out"); txns=${txns:-0}
   failed=$(awk -F': ' '/number of failed transactions/ {print $2 + 0}' "$out"); failed=${failed:-0}
   aborted=$(grep -cE 'client [0-9]+ (script [0-9]+ )?aborted' "$out" || true)
+  # Errors a client went on after (pgbench logs a failed Parse and carries on: through
+  # PgBouncer 1.18, "P_0" ends up prepared by some client on every server connection).
+  errors=$(grep -c 'ERROR:' "$out" || true)
   # The first error, without pgbench's prefixes ("client 3 script 0 aborted in command 1 ...").
   err=$(grep -m1 -E 'ERROR|FATAL|error:|aborted' "$out" |
     sed -E 's/^.*(ERROR|FATAL): +//; s/^pgbench: error: //; s/  +/ /g' | cut -c1-90 || true)
@@ -362,11 +369,12 @@ run_one() {
   fi
   [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null && DIED[$key]=1
   [ "$txns" = 0 ] && [ -z "$err" ] && err="no transaction completed"
-  if [ "$rc" != 0 ] || [ "$aborted" -gt 0 ] || [ "$failed" -gt 0 ] || [ "$txns" = 0 ]; then
+  if [ "$rc" != 0 ] || [ "$aborted" -gt 0 ] || [ "$failed" -gt 0 ] || [ "$errors" -gt 0 ] || [ "$txns" = 0 ]; then
     head -c 20000 "$out" >"$WORK/pgbench-$t-$c-$mode-r$r.out" # saved with the logs
     local f="pgbench rc $rc"
     [ "$aborted" -gt 0 ] && f+=", $aborted/$c clients aborted"
     [ "$failed" -gt 0 ] && f+=", $failed failed txns"
+    [ "$errors" -gt "$aborted" ] && f+=", $errors errors"
     [ -n "$err" ] && f+=": $err"
     # Each distinct error once per cell.
     if [ -z "$err" ] || [[ "${FAILS[$key]:-}" != *"$err"* ]]; then
@@ -374,7 +382,10 @@ run_one() {
     fi
   fi
   if [ -n "$admin" ]; then
-    SKIPPED[$key]=$((${SKIPPED[$key]:-0} + $(mirror_skipped "$admin") - skipped_before))
+    local counters_after
+    counters_after=$(mirror_counters "$admin")
+    MIRRORED[$key]=$((${MIRRORED[$key]:-0} + ${counters_after% *} - ${counters_before% *}))
+    SKIPPED[$key]=$((${SKIPPED[$key]:-0} + ${counters_after#* } - ${counters_before#* }))
   fi
   local cpu=-
   [ "$before" -ge 0 ] && [ "$after" -ge 0 ] && [ -n "$pid" ] && [ "$txns" -gt 0 ] &&
@@ -422,7 +433,7 @@ failed_cell() { [ -n "${FAILS[$1]:-}" ] || [ -n "${DIED[$1]:-}" ]; }
   hdr="| clients | mode | target | TPS | p99 ms | CPU µs/tx | TPS ÷ PgB | CPU ÷ PgB |"
   sep="|---:|---|---|---:|---:|---:|---:|---:|"
   [ -n "$FLOOR" ] && { hdr+=" CPU ÷ floor |"; sep+="---:|"; }
-  [ -n "$MIRROR" ] && { hdr+=" mirror lag p99 ms | mirror skipped+lost |"; sep+="---:|---:|"; }
+  [ -n "$MIRROR" ] && { hdr+=" mirror stmts/tx | mirror lag p99 ms | mirror skipped+lost |"; sep+="---:|---:|---:|"; }
   echo "$hdr failures |"
   echo "$sep---|"
   for c in $CLIENTS; do
@@ -446,15 +457,18 @@ failed_cell() { [ -n "${FAILS[$1]:-}" ] || [ -n "${DIED[$1]:-}" ]; }
           if [ -n "${PORT[${fk##*|}]:-}" ] && ! failed_cell "$fk"; then row+=" $(ratio "$cpu" "$(cpu_of "$fk")") |"; else row+=" - |"; fi
         fi
         if [ -n "$MIRROR" ]; then
-          lag=- skipped=-
+          lag=- skipped=- mirrored=-
           if [ -n "${ADMIN[$t]:-}" ]; then
             [ -s "$WORK/lat/$k.lag" ] && lag=$(awk -v u="$(percentile 99 "$WORK/lat/$k.lag")" 'BEGIN {printf "%.2f", u / 1000}')
             skipped=${SKIPPED[$k]:-0}
+            [ "${TXNS_SUM[$k]:-0}" -gt 0 ] && mirrored=$(awk -v m="${MIRRORED[$k]:-0}" -v n="${TXNS_SUM[$k]}" 'BEGIN {printf "%.2f", m / n}')
           fi
-          row+=" $lag | $skipped |"
+          row+=" $mirrored | $lag | $skipped |"
         fi
         f=${FAILS[$k]:-}
         [ -n "${DIED[$k]:-}" ] && [ -z "$f" ] && f="process exited (log in $LOGS)"
+        [ -n "${ADMIN[$t]:-}" ] && [ "${MIRRORED[$k]:-0}" = 0 ] && [ "${TXNS_SUM[$k]:-0}" -gt 0 ] &&
+          f="${f:+$f; }the mirror was sent no statement"
         [ -n "$f" ] && f="fails: $f"
         echo "$row ${f:--} |"
       done
