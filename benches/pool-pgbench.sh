@@ -9,7 +9,7 @@
 # fail (pgbench aborts its clients on "prepared statement "P_0" already exists" or "... does not
 # exist") and that is a row of the table, not an abort.
 #
-#   benches/pool-pgbench.sh                          # the default cells, about 4-5 minutes
+#   benches/pool-pgbench.sh                          # the default cells: 32 runs of 10 s, ~6 min
 #   CLIENTS="16 64" DURATION=5 ROUNDS=1 benches/pool-pgbench.sh     # a minute after the build
 #   SHARDS="0 1" benches/pool-pgbench.sh             # pgprism with one shard per core AND one
 #   FLOOR=1 benches/pool-pgbench.sh                  # adds the bytes-only floor
