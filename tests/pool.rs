@@ -431,3 +431,54 @@ fn cancel_reaches_the_lent_connection() {
     // The session goes on.
     assert_eq!(c.query_one("SELECT 3", &[]).unwrap().get::<_, i32>(0), 3);
 }
+
+#[test]
+fn pooled_clients_are_mirrored_on_a_pooled_mirror() {
+    let pg = start_primary("pool-mirror-p");
+    let mirror = start_primary("pool-mirror-m");
+    for inst in [&pg, &mirror] {
+        inst.psql("CREATE TABLE t (client int, n int, app text)")
+            .unwrap();
+    }
+    let mirror_url = mirror.url();
+    let proxy = pooled(
+        &pg.url(),
+        2,
+        &["--mirror", &mirror_url, "--mirror-pool-size", "2"],
+    );
+    let workers: Vec<_> = (0..8)
+        .map(|i| {
+            let conninfo = format!(
+                "host=127.0.0.1 port={} user=postgres dbname=postgres application_name=c{i} connect_timeout=10",
+                proxy.port()
+            );
+            std::thread::spawn(move || {
+                let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+                let insert = c
+                    .prepare("INSERT INTO t VALUES ($1, $2, current_setting('application_name'))")
+                    .unwrap();
+                for n in 0..10 {
+                    if n % 2 == 0 {
+                        let mut tx = c.transaction().unwrap();
+                        tx.execute(&insert, &[&i, &n]).unwrap();
+                        tx.commit().unwrap();
+                    } else {
+                        c.execute(&insert, &[&i, &n]).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("a client failed");
+    }
+    let rows = "SELECT count(*), count(DISTINCT app) FROM t WHERE app = 'c' || client";
+    assert_eq!(pg.psql(rows).unwrap().trim(), "80|8");
+    assert!(
+        eventually(Duration::from_secs(30), || mirror
+            .psql(rows)
+            .is_ok_and(|r| r.trim() == "80|8")),
+        "the mirror got every write with its client's settings: {:?}",
+        mirror.psql(rows)
+    );
+}

@@ -243,6 +243,10 @@ struct Waiter {
     conn: RefCell<Option<ServerConn>>,
     waker: Cell<Option<Waker>>,
     since: Instant,
+    /// It left the queue (served or timed out); removed lazily from the front.
+    done: Cell<bool>,
+    /// Room was made (or it became first in line): look again.
+    kicked: Cell<bool>,
 }
 
 /// One (user, database) pool on one shard.
@@ -254,6 +258,8 @@ pub struct Pool {
     open: Cell<usize>,
     connecting: Cell<usize>,
     waiters: RefCell<VecDeque<Rc<Waiter>>>,
+    /// Waiters still waiting (the queue may hold some that left).
+    waiting: Cell<usize>,
     budget: Arc<Budget>,
     /// How pgprism logs in to the server as this user (from the latest client that
     /// authenticated, or the primary URL's password).
@@ -300,11 +306,21 @@ impl Pool {
         &self.budget
     }
 
+    /// The first waiter still waiting (dropping those that left from the front).
+    fn first_waiter(&self) -> Option<Rc<Waiter>> {
+        let mut waiters = self.waiters.borrow_mut();
+        while waiters.front().is_some_and(|w| w.done.get()) {
+            waiters.pop_front();
+        }
+        waiters.front().cloned()
+    }
+
     /// The longest current wait.
     fn max_wait(&self, now: Instant) -> Duration {
         self.waiters
             .borrow()
             .iter()
+            .filter(|w| !w.done.get())
             .map(|w| now.saturating_duration_since(w.since))
             .max()
             .unwrap_or_default()
@@ -371,6 +387,7 @@ impl Pools {
             open: Cell::new(0),
             connecting: Cell::new(0),
             waiters: RefCell::new(VecDeque::new()),
+            waiting: Cell::new(0),
             login: RefCell::new(login),
             known: RefCell::new(Default::default()),
             clients: Cell::new(0),
@@ -410,53 +427,47 @@ impl Pools {
         started: Instant,
         deadline: Instant,
     ) -> Result<ServerConn, PoolError> {
-        loop {
-            if !self.is_paused(&pool.database) {
-                loop {
-                    let idle = pool.idle.borrow_mut().pop();
-                    let Some(conn) = idle else {
-                        break;
-                    };
-                    if let Some(conn) = self.usable(pool, conn).await {
-                        return Ok(conn);
-                    }
-                }
-                let waited = started.elapsed();
-                let limit = if waited >= Duration::from_millis(self.cfg.reserve_timeout_ms) {
-                    self.cfg.size + self.cfg.reserve_size
-                } else {
-                    self.cfg.size
-                };
-                if pool.budget.try_take(limit) {
-                    return self.open(pool).await.map_err(PoolError::from);
-                }
-            }
-            if pool.waiters.borrow().len() >= self.cfg.waiters_max {
-                return Err(PoolError::WaitersFull {
-                    user: pool.user.to_string(),
-                    database: pool.database.to_string(),
-                });
-            }
+        if let Some(conn) = self.try_take(pool, started).await? {
+            return Ok(conn);
+        }
+        if pool.waiting.get() >= self.cfg.waiters_max {
+            return Err(PoolError::WaitersFull {
+                user: pool.user.to_string(),
+                database: pool.database.to_string(),
+            });
+        }
+        // Join the queue once and keep the place: connections coming back are handed over
+        // in arrival order. Only the first in line also looks every WAIT_RETRY for room other
+        // shards made; the others sleep until handed a connection, kicked or timed out.
+        let waiter = Rc::new(Waiter {
+            conn: RefCell::new(None),
+            waker: Cell::new(None),
+            since: started,
+            done: Cell::new(false),
+            kicked: Cell::new(false),
+        });
+        pool.waiters.borrow_mut().push_back(waiter.clone());
+        pool.waiting.set(pool.waiting.get() + 1);
+        pool.budget.wanted.fetch_add(1, Ordering::AcqRel);
+        let result = loop {
             let now = Instant::now();
             if now >= deadline {
-                return Err(PoolError::WaitTimeout {
+                break Err(PoolError::WaitTimeout {
                     user: pool.user.to_string(),
                     database: pool.database.to_string(),
                     ms: self.cfg.query_wait_timeout_ms,
                 });
             }
-            let waiter = Rc::new(Waiter {
-                conn: RefCell::new(None),
-                waker: Cell::new(None),
-                since: started,
-            });
-            pool.waiters.borrow_mut().push_back(waiter.clone());
-            pool.budget.wanted.fetch_add(1, Ordering::AcqRel);
-            let slice = WAIT_RETRY.min(deadline - now);
-            let handed = within(
+            let first = pool.first_waiter().is_some_and(|w| Rc::ptr_eq(&w, &waiter));
+            let slice = if first {
+                WAIT_RETRY.min(deadline - now)
+            } else {
+                deadline - now
+            };
+            let _ = within(
                 slice,
                 futures_lite::future::poll_fn(|cx| {
-                    if waiter.conn.borrow().is_some() {
+                    if waiter.conn.borrow().is_some() || waiter.kicked.replace(false) {
                         return Poll::Ready(());
                     }
                     waiter.waker.set(Some(cx.waker().clone()));
@@ -464,16 +475,60 @@ impl Pools {
                 }),
             )
             .await;
-            pool.budget.wanted.fetch_sub(1, Ordering::AcqRel);
-            pool.waiters
-                .borrow_mut()
-                .retain(|w| !Rc::ptr_eq(w, &waiter));
-            let conn = waiter.conn.borrow_mut().take();
-            if let Some(conn) = conn {
-                return Ok(conn);
+            let handed = waiter.conn.borrow_mut().take();
+            if let Some(conn) = handed {
+                break Ok(conn);
             }
-            let _ = handed;
+            match self.try_take(pool, started).await {
+                Ok(Some(conn)) => break Ok(conn),
+                Ok(None) => {}
+                Err(err) => break Err(err),
+            }
+        };
+        waiter.done.set(true);
+        pool.waiting.set(pool.waiting.get().saturating_sub(1));
+        pool.budget.wanted.fetch_sub(1, Ordering::AcqRel);
+        // A connection handed over while this waiter was leaving goes to the next one.
+        let late = waiter.conn.borrow_mut().take();
+        if let Some(conn) = late {
+            match result {
+                Ok(_) => self.put_back(pool, conn),
+                Err(_) => return Ok(conn),
+            }
         }
+        // The next in line becomes first (and looks for room itself).
+        self.wake_one(pool);
+        result
+    }
+
+    /// An idle connection, or a new one when the bound allows; `None`: wait.
+    async fn try_take(
+        &self,
+        pool: &Rc<Pool>,
+        started: Instant,
+    ) -> Result<Option<ServerConn>, PoolError> {
+        if self.is_paused(&pool.database) {
+            return Ok(None);
+        }
+        loop {
+            let idle = pool.idle.borrow_mut().pop();
+            let Some(conn) = idle else {
+                break;
+            };
+            if let Some(conn) = self.usable(pool, conn).await {
+                return Ok(Some(conn));
+            }
+        }
+        let waited = started.elapsed();
+        let limit = if waited >= Duration::from_millis(self.cfg.reserve_timeout_ms) {
+            self.cfg.size + self.cfg.reserve_size
+        } else {
+            self.cfg.size
+        };
+        if pool.budget.try_take(limit) {
+            return self.open(pool).await.map(Some).map_err(PoolError::from);
+        }
+        Ok(None)
     }
 
     /// An idle connection about to be lent: closed when too old, checked when idle long.
@@ -582,9 +637,10 @@ impl Pools {
             self.close(pool, conn);
             return;
         }
-        // A client of this shard waits: hand it over directly.
-        let waiter = pool.waiters.borrow_mut().pop_front();
-        if let Some(waiter) = waiter {
+        // A client of this shard waits: hand it over directly, first come first served.
+        if let Some(waiter) = pool.first_waiter() {
+            pool.waiters.borrow_mut().pop_front();
+            waiter.done.set(true);
             *waiter.conn.borrow_mut() = Some(conn);
             if let Some(waker) = waiter.waker.take() {
                 waker.wake();
@@ -620,10 +676,11 @@ impl Pools {
     /// Room was made in the budget: the first local waiter may open a connection now
     /// rather than at its next retry.
     fn wake_one(&self, pool: &Pool) {
-        if let Some(waiter) = pool.waiters.borrow().front()
-            && let Some(waker) = waiter.waker.take()
-        {
-            waker.wake();
+        if let Some(waiter) = pool.first_waiter() {
+            waiter.kicked.set(true);
+            if let Some(waker) = waiter.waker.take() {
+                waker.wake();
+            }
         }
     }
 
@@ -645,7 +702,7 @@ impl Pools {
                         && idle_for.as_millis() as u64 >= idle_limit
                         && pool.open.get() - closing.len() > keep;
                     let others_wait =
-                        pool.budget.wanted() > closing.len() && pool.waiters.borrow().is_empty();
+                        pool.budget.wanted() > closing.len() && pool.waiting.get() == 0;
                     if too_idle || self.expired(conn, now) || others_wait {
                         closing.push(idle.swap_remove(i));
                     } else {
@@ -727,7 +784,7 @@ impl Pools {
                 user: pool.user.to_string(),
                 pool_mode: mode,
                 cl_active: pool.linked.get(),
-                cl_waiting: pool.waiters.borrow().len() as u64,
+                cl_waiting: pool.waiting.get() as u64,
                 cl_idle: pool.clients.get().saturating_sub(pool.linked.get()),
                 sv_active: lent as u64,
                 sv_idle: idle.len() as u64 - used,

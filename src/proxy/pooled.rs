@@ -224,6 +224,10 @@ struct Session<'a> {
     state: Rc<ClientState>,
     /// Since when the lent connection has had answers outstanding (query time).
     busy_since: Option<Instant>,
+    /// The session's mirror links (frames are replayed on the mirrors as in session mode).
+    router: Option<crate::mirror::Router>,
+    /// Client frames to route to the mirrors, with what the tracker made of them.
+    to_route: Vec<(crate::session::Framed, Bytes)>,
 }
 
 /// What the console sees of a pooled client, updated as it goes.
@@ -454,6 +458,8 @@ pub(super) async fn serve(
         hidden_sql: Vec::new(),
         state,
         busy_since: None,
+        router: shard.mirror_router(&params),
+        to_route: Vec::new(),
     };
     session.run(buf).await;
     session.finish().await;
@@ -523,10 +529,14 @@ impl Session<'_> {
     /// Handles the complete client frames at the front of `cbuf`.
     async fn client_frames(&mut self, cbuf: &mut BytesMut) -> Turn {
         let max = self.shard.settings.message_bytes_max;
+        let idle_before = self.tracker.is_idle();
         loop {
             let frame = match wire::split_message(cbuf, max) {
                 Ok(Some(frame)) => frame,
-                Ok(None) => return Turn::Continue,
+                Ok(None) => {
+                    self.route(idle_before).await;
+                    return Turn::Continue;
+                }
                 Err(err) => {
                     ShardStats::bump(&self.shard.stats.counters.protocol_errors, 1);
                     // What came before still reaches the server.
@@ -543,6 +553,7 @@ impl Session<'_> {
             };
             if frame.tag() == tag::TERMINATE {
                 self.tracker.client(frame.tag(), frame.body());
+                self.route(idle_before).await;
                 let _ = self.flush().await;
                 return Turn::End;
             }
@@ -600,12 +611,18 @@ impl Session<'_> {
         let mut frames = vec![(frame.tag(), frame.body().to_vec())];
         let _ = wire::complete_prefix(&rest, max, |t, body| frames.push((t, body.to_vec())));
         for (t, body) in frames {
-            self.tracker.client(t, &body);
-            if let Refers::Statement(statement) = self.tracker.take_refers() {
+            let step = self.tracker.client(t, &body);
+            let refers = self.tracker.take_refers();
+            if let Refers::Statement(statement) = &refers {
                 // What its later Bind needs to prepare it on a connection.
                 statement.extension(Slot::Pool, || PoolDef::protocol(&body));
             }
-            let _ = self.tracker.take_applied();
+            let applied = self.tracker.take_applied();
+            if self.router.is_some() {
+                let mut bytes = BytesMut::with_capacity(body.len() + 5);
+                frame_of(&mut bytes, t, &[&body]);
+                self.queue_route(t, step, refers, applied, bytes.freeze());
+            }
             if t == tag::PARSE {
                 self.to_client.put_u8(tag::PARSE_COMPLETE);
                 self.to_client.put_u32(4);
@@ -689,6 +706,10 @@ impl Session<'_> {
         let step = self.tracker.client(t, body);
         let refers = self.tracker.take_refers();
         let applied = self.tracker.take_applied();
+        if self.router.is_some() {
+            let bytes = frame.bytes().clone();
+            self.queue_route(t, step, refers.clone(), applied.clone(), bytes);
+        }
         match t {
             tag::PARSE => self.parse(&frame, &refers),
             tag::BIND => {
@@ -756,10 +777,15 @@ impl Session<'_> {
                         self.sql_prepared(part, &applied);
                         // A RESET goes back to the connection's defaults, not to the
                         // client's startup parameters: re-apply them at the next lend.
-                        if matches!(
-                            sql::setting(part.own.text.as_bytes()),
-                            Some(sql::Setting::Reset { .. } | sql::Setting::ResetAll)
-                        ) && let Some(conn) = self.conn.as_mut()
+                        let text = part.own.text.as_bytes();
+                        if text
+                            .first()
+                            .is_some_and(|b| matches!(b, b'r' | b'R' | b'd' | b'D'))
+                            && matches!(
+                                sql::setting(text),
+                                Some(sql::Setting::Reset { .. } | sql::Setting::ResetAll)
+                            )
+                            && let Some(conn) = self.conn.as_mut()
                         {
                             conn.settings = SETTINGS_UNKNOWN;
                         }
@@ -774,6 +800,41 @@ impl Session<'_> {
             tag::SYNC if step == Step::QuietSync => self.pass_silent(frame),
             tag::SYNC | tag::FUNCTION_CALL => self.pass(frame, Awaits::Ready),
             _ => self.pass_silent(frame),
+        }
+    }
+
+    /// Keeps a frame for the mirrors (routed once the turn's frames are read).
+    fn queue_route(
+        &mut self,
+        tag: u8,
+        step: Step,
+        refers: Refers,
+        applied: crate::session::Applied,
+        bytes: Bytes,
+    ) {
+        let framed = crate::session::Framed {
+            tag,
+            start: 0,
+            end: bytes.len(),
+            step,
+            refers,
+            applied,
+        };
+        self.to_route.push((framed, bytes));
+    }
+
+    /// Routes the frames read this turn to the mirrors (the client never waits for them,
+    /// unless a mirror uses the `block` policy).
+    async fn route(&mut self, idle_before: bool) {
+        let Some(router) = self.router.as_mut() else {
+            return;
+        };
+        if self.to_route.is_empty() {
+            return;
+        }
+        router.begin_batch(idle_before);
+        for (framed, bytes) in self.to_route.drain(..) {
+            router.route(&framed, &bytes).await;
         }
     }
 
@@ -1193,6 +1254,12 @@ impl Session<'_> {
     /// The client left: its connection goes back clean (rolled back when a transaction was
     /// open) or is closed.
     async fn finish(&mut self) {
+        self.route(false).await;
+        if let Some(router) = self.router.take() {
+            for link in router.links() {
+                link.client_done();
+            }
+        }
         if self.pinned.take().is_some() {
             self.pool
                 .pinned

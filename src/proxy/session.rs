@@ -222,7 +222,7 @@ impl ShardCtx {
     }
 
     /// The mirror links of a new session, one per mirror that samples it.
-    fn mirror_router(&self, params: &[(String, String)]) -> Option<Router> {
+    pub(super) fn mirror_router(&self, params: &[(String, String)]) -> Option<Router> {
         if self.mirrors.is_empty() {
             return None;
         }
