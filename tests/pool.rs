@@ -481,3 +481,40 @@ fn pooled_clients_are_mirrored_on_a_pooled_mirror() {
         mirror.psql(rows)
     );
 }
+
+#[test]
+fn what_one_client_does_to_a_connection_never_reaches_the_next() {
+    let pg = start_primary("pool-leak");
+    pg.psql("CREATE ROLE secret").unwrap();
+    let proxy = pooled(&pg.url(), 1, &[]);
+    let mut a = proxy.client();
+    let mut b = proxy.client();
+    // A role is not reset by RESET ALL: it must not follow the connection to B.
+    a.batch_execute("SET ROLE secret").unwrap();
+    let who = |c: &mut postgres::Client| -> String {
+        c.query_one("SELECT current_user::text", &[])
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(who(&mut b), "postgres");
+    assert_eq!(who(&mut a), "secret", "A keeps its own role");
+    // DEALLOCATE ALL drops the shared protocol-level statements too: B's must still work.
+    let stmt = b.prepare("SELECT 40 + $1::int").unwrap();
+    assert_eq!(b.query_one(&stmt, &[&2]).unwrap().get::<_, i32>(0), 42);
+    a.batch_execute("DEALLOCATE ALL").unwrap();
+    assert_eq!(b.query_one(&stmt, &[&3]).unwrap().get::<_, i32>(0), 43);
+    // A SET the server rolled back (its Query failed) is not re-applied later.
+    let err = a
+        .batch_execute("SET search_path = nosuch; SELECT 1/0")
+        .unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("22012"));
+    let _ = who(&mut b);
+    let path: String = a.query_one("SHOW search_path", &[]).unwrap().get(0);
+    assert_eq!(path, "\"$user\", public");
+    // PREPARE, DEALLOCATE and PREPARE again under the same name.
+    a.batch_execute("PREPARE p AS SELECT 1; DEALLOCATE p; PREPARE p AS SELECT 2")
+        .unwrap();
+    let _ = who(&mut b);
+    a.batch_execute("DEALLOCATE p; PREPARE p AS SELECT 3")
+        .unwrap();
+}

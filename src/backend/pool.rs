@@ -648,6 +648,11 @@ impl Pools {
             self.close(pool, conn);
             return;
         }
+        // Paused (console PAUSE): nothing is lent until RESUME.
+        if self.is_paused(&pool.database) {
+            pool.idle.borrow_mut().push(conn);
+            return;
+        }
         // A client of this shard waits: hand it over directly, first come first served.
         if let Some(waiter) = pool.first_waiter() {
             pool.waiters.borrow_mut().pop_front();
@@ -658,8 +663,9 @@ impl Pools {
             }
             return;
         }
-        // Clients of another shard wait for this pair at the bound: make room for them.
-        if pool.budget.wanted() > 0 {
+        // Clients of another shard wait for this pair at the bound: make room for them. (The
+        // budget counts this shard's waiters too, those just handed a connection included.)
+        if pool.budget.wanted() > pool.waiting.get() {
             self.close(pool, conn);
             return;
         }
@@ -712,8 +718,8 @@ impl Pools {
                     let too_idle = idle_limit > 0
                         && idle_for.as_millis() as u64 >= idle_limit
                         && pool.open.get() - closing.len() > keep;
-                    let others_wait =
-                        pool.budget.wanted() > closing.len() && pool.waiting.get() == 0;
+                    let others_wait = pool.budget.wanted() > pool.waiting.get() + closing.len()
+                        && pool.waiting.get() == 0;
                     if too_idle || self.expired(conn, now) || others_wait {
                         closing.push(idle.swap_remove(i));
                     } else {
@@ -741,8 +747,17 @@ impl Pools {
 
     /// Console PAUSE/RESUME: everything, or these databases.
     pub fn set_paused(&self, all: bool, databases: Vec<String>) {
+        let was = self.paused.get() || !self.paused_databases.borrow().is_empty();
         self.paused.set(all);
         *self.paused_databases.borrow_mut() = databases;
+        if was {
+            // Resumed (some of) them: the first waiter of each pool looks again.
+            for pool in self.all() {
+                if !self.is_paused(&pool.database) {
+                    self.wake_one(&pool);
+                }
+            }
+        }
     }
 
     fn is_paused(&self, database: &str) -> bool {
@@ -872,6 +887,8 @@ impl Pools {
 /// Runs one simple query on an otherwise idle connection and reads up to its ReadyForQuery
 /// (within the connect timeout); `Err` when the server errs, closes or takes too long.
 pub async fn run_simple(conn: &mut ServerConn, sql: &str, up: &Upstream) -> Result<(), ()> {
+    // A simple query replaces the unnamed statement.
+    conn.unnamed = None;
     let mut out = BytesMut::new();
     wire::encode::query(&mut out, sql).map_err(|_| ())?;
     conn.stream.write_all(&out).await.map_err(|_| ())?;

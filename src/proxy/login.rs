@@ -20,6 +20,11 @@ use crate::wire::{Secret, ServerLogin, sqlstate};
 
 /// How long a secret found by `auth-query` is trusted before it is asked again.
 const AUTH_QUERY_CACHE: Duration = Duration::from_secs(60);
+/// User names remembered per shard (beyond it the cache starts over).
+const AUTH_QUERY_CACHE_MAX: usize = 10_000;
+/// `auth-query` lookups running at once per shard; beyond it a login fails (28P01) rather
+/// than open yet another primary connection for a client that has not authenticated.
+const AUTH_QUERY_CONCURRENT_MAX: usize = 8;
 
 /// A shard's view of the users' secrets.
 pub struct Secrets {
@@ -29,6 +34,8 @@ pub struct Secrets {
     auth_user: String,
     /// auth-query results: user → (secret, when read).
     cache: RefCell<HashMap<String, (Option<Secret>, Instant)>>,
+    /// Lookups running now.
+    lookups: std::cell::Cell<usize>,
 }
 
 impl Secrets {
@@ -44,6 +51,7 @@ impl Secrets {
             auth_query,
             auth_user,
             cache: RefCell::new(HashMap::new()),
+            lookups: std::cell::Cell::new(0),
         }
     }
 
@@ -60,6 +68,11 @@ impl Secrets {
             && at.elapsed() < AUTH_QUERY_CACHE
         {
             return secret.clone();
+        }
+        // Unauthenticated clients choose the user names: bound what they can make pgprism
+        // do (lookups at once, and names remembered).
+        if self.lookups.get() >= AUTH_QUERY_CONCURRENT_MAX {
+            return None;
         }
         let pools = shard.pools.as_ref()?;
         let up = &pools.upstream;
@@ -84,9 +97,14 @@ impl Secrets {
             message_bytes_max: up.message_bytes_max,
             tls: &up.tls,
         };
+        self.lookups.set(self.lookups.get() + 1);
         let found = super::credentials::lookup(&target, user).await;
+        self.lookups.set(self.lookups.get() - 1);
         match found {
             Ok(secret) => {
+                if self.cache.borrow().len() >= AUTH_QUERY_CACHE_MAX {
+                    self.cache.borrow_mut().clear();
+                }
                 self.cache
                     .borrow_mut()
                     .insert(user.to_string(), (secret.clone(), Instant::now()));

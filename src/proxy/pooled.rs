@@ -221,6 +221,8 @@ struct Session<'a> {
     to_client: BytesMut,
     /// Names of hidden SQL re-prepares, by key, to forget them on the connection if they fail.
     hidden_sql: Vec<(u64, Box<str>)>,
+    /// Hidden SQL re-preparations not answered yet: (key, name, hash).
+    pending_sql: Vec<(u64, Box<str>, u64)>,
     state: Rc<ClientState>,
     /// Since when the lent connection has had answers outstanding (query time).
     busy_since: Option<Instant>,
@@ -456,6 +458,7 @@ pub(super) async fn serve(
         to_server: BytesMut::new(),
         to_client: BytesMut::new(),
         hidden_sql: Vec::new(),
+        pending_sql: Vec::new(),
         state,
         busy_since: None,
         router: shard.mirror_router(&params),
@@ -695,9 +698,17 @@ impl Session<'_> {
         }
         bump(&self.pool.counters.settings_applied, 1);
         if conn.settings != NO_SETTINGS {
-            query_frame(&mut self.to_server, "RESET ALL");
+            // RESET ALL leaves the role and the session authorization alone (PostgreSQL
+            // exempts them): reset them first, or one client's SET ROLE would be the next
+            // client's.
+            query_frame(
+                &mut self.to_server,
+                "SET SESSION AUTHORIZATION DEFAULT; RESET ROLE; RESET ALL",
+            );
             self.replies.hidden(Awaits::Ready, KEY_SETTINGS);
         }
+        // Any simple query replaces the unnamed statement.
+        conn.unnamed = None;
         for frame in self.base.iter().chain(self.tracker.settings().frames()) {
             self.to_server.extend_from_slice(frame);
             self.replies.hidden(Awaits::Ready, KEY_SETTINGS);
@@ -771,6 +782,7 @@ impl Session<'_> {
             tag::EXECUTE => {
                 if let Refers::Portal(p) = &refers {
                     self.check_pin(&p.statement.text);
+                    self.executed_command(&p.statement);
                 }
                 self.statements_in_lend += 1;
                 self.pass(frame, Awaits::Execute);
@@ -901,6 +913,12 @@ impl Session<'_> {
         }
         frame_of(
             &mut self.to_server,
+            tag::CLOSE,
+            &[b"S", server_name.as_bytes(), b"\0"],
+        );
+        self.replies.hidden(Awaits::Close, KEY_SETTINGS + 2);
+        frame_of(
+            &mut self.to_server,
             tag::PARSE,
             &[server_name.as_bytes(), b"\0", rest],
         );
@@ -944,6 +962,14 @@ impl Session<'_> {
                         );
                         self.replies.hidden(Awaits::Close, victim);
                     }
+                    // Close first: a Close of a missing statement is no error, and one the
+                    // server still holds (an eviction skipped after an error) goes away.
+                    frame_of(
+                        &mut self.to_server,
+                        tag::CLOSE,
+                        &[b"S", server_name.as_bytes(), b"\0"],
+                    );
+                    self.replies.hidden(Awaits::Close, KEY_SETTINGS + 2);
                     frame_of(
                         &mut self.to_server,
                         tag::PARSE,
@@ -978,16 +1004,10 @@ impl Session<'_> {
                         text: part.own.text.clone(),
                     });
                 }
-                // Another client's statement of that name holds it on this connection.
-                if conn
-                    .sql_prepared
-                    .get(name.as_str())
-                    .is_some_and(|h| *h != hash)
-                {
-                    let dealloc = format!("DEALLOCATE {}", quote_ident(name));
-                    if query_frame(&mut self.to_server, &dealloc) {
-                        self.replies.hidden(Awaits::Ready, KEY_SETTINGS + 2);
-                    }
+                // A statement of that name on this connection (another client's, or this
+                // client's own from before its DEALLOCATE elsewhere) goes first.
+                if conn.sql_prepared.contains_key(name.as_str()) {
+                    Self::drop_sql_name(&mut self.to_server, &mut self.replies, name);
                 }
                 conn.sql_prepared.insert(name.as_str().into(), hash);
             }
@@ -1001,13 +1021,50 @@ impl Session<'_> {
                     conn.sql_prepared.remove(name.as_str());
                 }
             }
-            sql::Prepared::DeallocateAll => conn.sql_prepared.clear(),
+            // PostgreSQL drops the protocol-level statements too.
+            sql::Prepared::DeallocateAll => {
+                conn.sql_prepared.clear();
+                conn.prepared.clear();
+                conn.unnamed = None;
+            }
             sql::Prepared::DiscardAll => {
                 conn.forget_state();
                 // The connection is back at its defaults, without the client's startup
                 // parameters: re-apply them at the next lend.
                 conn.settings = SETTINGS_UNKNOWN;
             }
+        }
+    }
+
+    /// An Execute of a statement that changes the connection's session (DISCARD ALL,
+    /// DEALLOCATE, PREPARE, RESET sent through the extended protocol, as JDBC does): what
+    /// pgprism knows of the connection follows.
+    fn executed_command(&mut self, statement: &Statement) {
+        let text = statement.text.as_bytes();
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        match statement.command() {
+            Some(sql::Prepared::DiscardAll) => {
+                conn.forget_state();
+                conn.settings = SETTINGS_UNKNOWN;
+            }
+            Some(sql::Prepared::DeallocateAll) => {
+                conn.sql_prepared.clear();
+                conn.prepared.clear();
+                conn.unnamed = None;
+            }
+            Some(sql::Prepared::Deallocate { name } | sql::Prepared::Prepare { name, .. }) => {
+                // Whatever it holds under that name now is not known for sure.
+                conn.sql_prepared.remove(name.as_str());
+            }
+            _ => {}
+        }
+        if matches!(
+            sql::setting(text),
+            Some(sql::Setting::Reset { .. } | sql::Setting::ResetAll)
+        ) {
+            conn.settings = SETTINGS_UNKNOWN;
         }
     }
 
@@ -1030,19 +1087,28 @@ impl Session<'_> {
         if *hash == 0 || conn.sql_prepared.get(name) == Some(hash) {
             return;
         }
-        if conn.sql_prepared.contains_key(name) {
-            let dealloc = format!("DEALLOCATE {}", quote_ident(name));
-            if query_frame(&mut self.to_server, &dealloc) {
-                self.replies.hidden(Awaits::Ready, KEY_SETTINGS + 2);
-            }
-        }
+        Self::drop_sql_name(&mut self.to_server, &mut self.replies, name);
+        conn.unnamed = None;
         if query_frame(&mut self.to_server, text) {
             let key = content_hash(name.as_bytes());
             self.replies.hidden(Awaits::Ready, key);
+            // Recorded once it worked (see `server_frames`).
+            conn.sql_prepared.remove(name);
             self.hidden_sql.push((key, name.into()));
-            conn.sql_prepared.insert(name.into(), *hash);
+            self.pending_sql.push((key, name.into(), *hash));
             bump(&self.pool.counters.reprepares, 1);
         }
+    }
+
+    /// Drops whatever statement `name` the connection may hold, without an error when it
+    /// holds none (a protocol Close, then a Sync for its answer; inside a transaction block
+    /// the Sync ends nothing): DEALLOCATE of a missing name would fail, and abort the
+    /// client's transaction.
+    fn drop_sql_name(out: &mut BytesMut, replies: &mut Replies, name: &str) {
+        frame_of(out, tag::CLOSE, &[b"S", name.as_bytes(), b"\0"]);
+        replies.hidden(Awaits::Close, KEY_SETTINGS + 2);
+        wire::encode::sync(out);
+        replies.hidden(Awaits::Ready, KEY_SETTINGS + 2);
     }
 
     fn check_pin(&mut self, text: &str) {
@@ -1110,6 +1176,14 @@ impl Session<'_> {
             let route = self.replies.server(frame.tag(), &mut settled);
             for key in settled.failed.drain(..) {
                 self.forget(key);
+            }
+            for key in settled.done.iter() {
+                if let Some(at) = self.pending_sql.iter().position(|(k, _, _)| k == key) {
+                    let (_, name, hash) = self.pending_sql.swap_remove(at);
+                    if let Some(conn) = self.conn.as_mut() {
+                        conn.sql_prepared.insert(name, hash);
+                    }
+                }
             }
             for key in settled.done.drain(..) {
                 if key > KEY_UNNAMED && !self.hidden_sql.iter().any(|(k, _)| *k == key) {
@@ -1195,6 +1269,7 @@ impl Session<'_> {
         }
         let _ = &mut conn;
         self.hidden_sql.clear();
+        self.pending_sql.clear();
         self.replies.clear();
         self.pools.release(&self.pool, conn, clean).await;
     }
@@ -1287,10 +1362,6 @@ impl Session<'_> {
         }
         self.drop_conn(true).await;
     }
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// A shard's pool care: the pools' maintenance (idle timeouts, lifetimes, min-size, room

@@ -281,7 +281,9 @@ impl ShardCtx {
             closed += 1;
         }
         for session in self.pooled.borrow().values() {
-            if session.closing.get() || (!force && session.state.busy.get()) {
+            // A session waiting for a connection is busy too: its frames would still run.
+            let busy = session.state.busy.get() || session.state.waiting_since.get().is_some();
+            if session.closing.get() || (!force && busy) {
                 continue;
             }
             session.closing.set(true);

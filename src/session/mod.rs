@@ -19,7 +19,7 @@ pub mod settings;
 
 use std::any::Any;
 use std::cell::OnceCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::rc::Rc;
 
@@ -27,6 +27,10 @@ use crate::sql;
 use crate::wire::{self, tag};
 
 pub use settings::Settings;
+
+/// Multi-statement Queries in flight whose settings are held until their answer (a deeper
+/// pipeline keeps them as before: applied at once).
+const IMPLICIT_MAX: usize = 64;
 
 /// The bounds of one session's tracker (config keys under `[proxy]`).
 #[derive(Debug, Clone, Copy)]
@@ -338,6 +342,11 @@ pub struct Tracker {
     /// A sync point closed the batch: the next statement starts a new one.
     batch_closed: bool,
     settings: Settings,
+    /// Sync points (numbers) of multi-statement Queries in flight, whose settings wait for
+    /// the answer (bounded by [`IMPLICIT_MAX`]).
+    implicit: VecDeque<u64>,
+    /// An ErrorResponse came since the last ReadyForQuery.
+    answer_failed: bool,
     unreadable: u64,
     unknown_executes: u64,
     quiet_syncs: u64,
@@ -363,6 +372,8 @@ impl Tracker {
             batch: Vec::new(),
             batch_closed: false,
             settings: Settings::new(limits.settings_max),
+            implicit: VecDeque::new(),
+            answer_failed: false,
             unreadable: 0,
             unknown_executes: 0,
             quiet_syncs: 0,
@@ -458,13 +469,23 @@ impl Tracker {
                 }
                 // More answers than sync points is the server's protocol violation, not
                 // ours to count: the count stays at what the client asked.
+                let point = self.answered;
                 self.answered = (self.answered + 1).min(self.opened);
-                if self.status == b'I' && self.limits.statements && self.limits.settings {
-                    self.settings.idle();
+                if self.limits.statements && self.limits.settings {
+                    if self.implicit.front() == Some(&point) {
+                        self.implicit.pop_front();
+                        let failed = self.answer_failed;
+                        self.settings.end_implicit(failed, self.status != b'I');
+                    }
+                    if self.status == b'I' {
+                        self.settings.idle();
+                    }
                 }
+                self.answer_failed = false;
                 Answer::SyncAnswered
             }
             tag::ERROR_RESPONSE => {
+                self.answer_failed = true;
                 let farewell = is_farewell(body);
                 self.farewell |= farewell;
                 Answer::Error { farewell }
@@ -482,8 +503,14 @@ impl Tracker {
             self.unreadable += 1;
             return;
         };
+        let ranges = sql::split_statements(text.as_bytes());
+        if ranges.len() > 1 && self.limits.settings && self.implicit.len() < IMPLICIT_MAX {
+            // Several statements run in one implicit block: an error undoes their SETs.
+            self.implicit.push_back(self.opened);
+            self.settings.begin_implicit();
+        }
         // Collected straight into the shared slice: one allocation for the parts.
-        let parts: Rc<[QueryPart]> = sql::split_statements(text.as_bytes())
+        let parts: Rc<[QueryPart]> = ranges
             .into_iter()
             .map(|range| {
                 let part = self.simple_statement(text, range);

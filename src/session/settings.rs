@@ -38,6 +38,8 @@ pub struct Settings {
     pending: VecDeque<Change>,
     /// A transaction block is open, as far as the statements seen tell.
     in_block: bool,
+    /// The block is the implicit one of a multi-statement Query (opened here, not by BEGIN).
+    implicit: bool,
 }
 
 impl Default for Settings {
@@ -53,6 +55,7 @@ impl Settings {
             kept: VecDeque::new(),
             pending: VecDeque::new(),
             in_block: false,
+            implicit: false,
         }
     }
 
@@ -104,6 +107,33 @@ impl Settings {
                 self.in_block = chain;
             }
         }
+    }
+
+    /// A Query of several statements starts: outside a transaction block they run in one
+    /// implicit block, and an error rolls back the settings they changed too.
+    pub fn begin_implicit(&mut self) {
+        if !self.in_block {
+            self.in_block = true;
+            self.implicit = true;
+        }
+    }
+
+    /// That Query was answered: `failed` when an error ended it (its implicit block rolled
+    /// back); `in_block`: an explicit block it opened is still open.
+    pub fn end_implicit(&mut self, failed: bool, in_block: bool) {
+        if !self.implicit {
+            return;
+        }
+        self.implicit = false;
+        if in_block {
+            return;
+        }
+        if failed {
+            self.pending.clear();
+        } else {
+            self.commit();
+        }
+        self.in_block = false;
     }
 
     /// The session is idle outside a transaction block (its server said so). A block still

@@ -516,3 +516,39 @@ mod props {
         }
     }
 }
+
+#[test]
+fn a_failed_multi_statement_query_keeps_none_of_its_settings() {
+    let mut t = started();
+    let kept = |t: &Tracker| t.settings().frames().count();
+    // Several statements run in one implicit block: the error undoes the SET.
+    feed_client(
+        &mut t,
+        &frames(|b| encode::query(b, "SET search_path = nosuch; SELECT 1/0").unwrap()),
+    );
+    let answer = frames(|b| {
+        message(
+            b,
+            tag::ERROR_RESPONSE,
+            b"SERROR\0C22012\0Mdivision by zero\0\0",
+        );
+        ready(b, b'I');
+    });
+    t.server_bytes(&answer, 1 << 20).unwrap();
+    assert_eq!(kept(&t), 0, "the rolled-back SET is not kept");
+    // The same without an error is kept, and so is a lone SET.
+    feed_client(
+        &mut t,
+        &frames(|b| encode::query(b, "SET search_path = app; SELECT 1").unwrap()),
+    );
+    t.server_bytes(&frames(|b| ready(b, b'I')), 1 << 20)
+        .unwrap();
+    assert_eq!(kept(&t), 1);
+    feed_client(
+        &mut t,
+        &frames(|b| encode::query(b, "SET TimeZone = 'UTC'").unwrap()),
+    );
+    t.server_bytes(&frames(|b| ready(b, b'I')), 1 << 20)
+        .unwrap();
+    assert_eq!(kept(&t), 2);
+}
