@@ -4,8 +4,8 @@
 
 pub mod dns;
 mod env;
-mod url;
 mod pool;
+mod url;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -978,6 +978,13 @@ impl Config {
             .url
             .parse::<PgUrl>()
             .map_err(|e| ConfigError::invalid("shadow.url", &e))?;
+        if self.pool.mode == PoolMode::Transaction {
+            // Refused rather than silently not compared: a pooled session has no shadow yet.
+            return Err(ConfigError::key(
+                "pool.mode",
+                "compare mode (shadow.url) does not work with pool.mode = \"transaction\" yet: use session mode to compare",
+            ));
+        }
         let c = &self.compare;
         if !c.primary_only_patterns.is_empty() && c.source_of_truth == SourceOfTruth::Shadow {
             return Err(ConfigError::key(
@@ -1157,6 +1164,16 @@ pub fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn compare_with_transaction_pooling_is_refused_by_name() {
+        let cfg = Config::parse(
+            "[primary]\nurl = \"postgres://127.0.0.1:5432\"\n[shadow]\nurl = \"postgres://127.0.0.1:5433\"\n[pool]\nmode = \"transaction\"\n",
+        )
+        .unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("pool.mode"), "{err}");
+    }
+
     use super::*;
 
     #[test]
