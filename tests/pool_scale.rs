@@ -308,15 +308,12 @@ fn head(text: &str, lines: usize) -> String {
 /// each client reaches it: a thread serving several clients waits for that answer while its
 /// other clients sit in their transactions holding server connections. pgprism answers a
 /// Parse of a statement its pool already prepared without lending a connection (the pool's
-/// `known` statements), so that wait never needs a connection. But that knowledge is kept
-/// per shard: the thread's first client on the other shard still needs one for its BEGIN,
-/// while its clients on the first shard hold the whole pool. With one pgbench thread, 16
-/// clients and a pool of 1 over 2 shards, the run stops until query-wait-timeout (53300)
-/// unless all 16 connections happen to land on one shard (1 in 2^15).
+/// `known` statements), so that wait never needs a connection. That knowledge is shared by
+/// the shards: the thread's first client on the other shard must not need a connection for
+/// its BEGIN while its clients on the first shard hold the whole pool. With one pgbench
+/// thread, 16 clients and a pool of 1 over 2 shards, per-shard knowledge stopped the run
+/// until query-wait-timeout (53300).
 #[test]
-#[ignore = "pgprism bug: the pool's known statements are per shard, so pgbench -M prepared \
-            with several clients per thread waits on itself (53300) when the first client on \
-            the second shard prepares BEGIN while the first shard's clients hold the pool"]
 fn pgbench_prepared_with_clients_on_both_shards_never_waits_on_itself() {
     let primary = start_server("knownp", 20);
     primary

@@ -69,6 +69,13 @@ pub struct Budget {
     /// The server's ParameterStatus values for this pair, from the first connection any
     /// shard opened (what a new client is told at startup, on every shard).
     params: std::sync::OnceLock<Vec<(String, String)>>,
+    /// Statements (content hashes) some connection of this pair prepared without an error,
+    /// on any shard: a client's Parse of one of them, alone before its Sync, is answered
+    /// without lending a connection (pgbench and libpq's PQprepare wait for it
+    /// synchronously, so a client thread that serves several connections would otherwise
+    /// wait on itself). Shared by the shards (one thread's clients land on several), locked
+    /// only for such a batch and when a connection first prepares a statement.
+    known: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Budget {
@@ -264,11 +271,6 @@ pub struct Pool {
     /// How pgprism logs in to the server as this user (from the latest client that
     /// authenticated, or the primary URL's password).
     login: RefCell<ServerLogin>,
-    /// Statements (content hashes) some connection of this pool prepared without an error:
-    /// a client's Parse of one of them, alone before its Sync, is answered without lending a
-    /// connection (pgbench and libpq's PQprepare wait for it synchronously, so a client
-    /// thread that serves several connections would otherwise wait on itself).
-    pub known: RefCell<std::collections::HashSet<u64>>,
     /// Clients of this pair on this shard, and those of them linked to a connection.
     pub clients: Cell<u64>,
     pub linked: Cell<u64>,
@@ -291,11 +293,17 @@ impl Pool {
 
     /// A statement prepared without an error (bounded: forgotten wholesale beyond it).
     pub fn learn(&self, hash: u64, max: usize) {
-        let mut known = self.known.borrow_mut();
+        let mut known = self.budget.known.lock().unwrap_or_else(|e| e.into_inner());
         if known.len() >= max {
             known.clear();
         }
         known.insert(hash);
+    }
+
+    /// Whether every statement of `hashes` is known (see [`Budget`]'s `known`).
+    pub fn knows_all(&self, hashes: &[u64]) -> bool {
+        let known = self.budget.known.lock().unwrap_or_else(|e| e.into_inner());
+        hashes.iter().all(|h| known.contains(h))
     }
 
     pub fn open_here(&self) -> usize {
@@ -389,7 +397,6 @@ impl Pools {
             waiters: RefCell::new(VecDeque::new()),
             waiting: Cell::new(0),
             login: RefCell::new(login),
-            known: RefCell::new(Default::default()),
             clients: Cell::new(0),
             linked: Cell::new(0),
             pinned: Cell::new(0),

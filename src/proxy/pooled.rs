@@ -582,15 +582,16 @@ impl Session<'_> {
         if frame.tag() != tag::PARSE || !self.tracker.is_idle() {
             return false;
         }
-        let known = self.pool.known.borrow();
-        let is_known = |body: &[u8]| match split_name(body) {
-            Some((name, rest)) => !name.is_empty() && known.contains(&content_hash(rest)),
-            None => false,
+        // The batch up to its Sync must be complete and all named Parses; then every one of
+        // them must be known (one lock for the lot).
+        let parsed = |body: &[u8]| match split_name(body) {
+            Some((name, rest)) if !name.is_empty() => Some(content_hash(rest)),
+            _ => None,
         };
-        if !is_known(frame.body()) {
+        let Some(first) = parsed(frame.body()) else {
             return false;
-        }
-        // The rest of the batch, up to its Sync, must be complete and all known Parses.
+        };
+        let mut hashes = vec![first];
         let max = self.shard.settings.message_bytes_max;
         let mut end = None;
         let walk = wire::complete_prefix_until(cbuf, max, |t, body| {
@@ -598,18 +599,18 @@ impl Session<'_> {
                 end = Some(());
                 return std::ops::ControlFlow::Break(());
             }
-            if t != tag::PARSE || !is_known(body) {
-                return std::ops::ControlFlow::Break(());
+            match (t == tag::PARSE).then(|| parsed(body)).flatten() {
+                Some(hash) => hashes.push(hash),
+                None => return std::ops::ControlFlow::Break(()),
             }
             std::ops::ControlFlow::Continue(())
         });
         let Ok(len) = walk else {
             return false;
         };
-        if end.is_none() {
+        if end.is_none() || !self.pool.knows_all(&hashes) {
             return false;
         }
-        drop(known);
         let rest = cbuf.split_to(len).freeze();
         let mut frames = vec![(frame.tag(), frame.body().to_vec())];
         let _ = wire::complete_prefix(&rest, max, |t, body| frames.push((t, body.to_vec())));

@@ -111,6 +111,10 @@ fn preflight(cfg: &Config) -> Result<usize, RuntimeError> {
     if let Some(warning) = preflight::memlock_problem(shards, RING_MEMORY_BYTES) {
         tracing::warn!("{warning}");
     }
+    // Warn only below a modest floor: the per-shard session bound is a ceiling, not a plan.
+    if let Some(warning) = preflight::raise_open_files(4096) {
+        tracing::warn!("{warning}");
+    }
     Ok(shards)
 }
 

@@ -48,3 +48,38 @@ pub(super) fn memlock_problem(shards: usize, ring_bytes: usize) -> Option<String
         )
     })
 }
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit (as PgBouncer and most servers do: each
+/// client costs a descriptor, each backend connection another, and the default soft limit of
+/// 1024 would make `accept` fail with EMFILE near 500 proxied clients). Returns a warning
+/// when even the hard limit is below what `sessions` clients need.
+pub(super) fn raise_open_files(sessions: u64) -> Option<String> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct we own; raising the soft limit up to the hard
+        // one needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit.rlim_cur = limit.rlim_max;
+        }
+    }
+    let needed = sessions.saturating_mul(2).saturating_add(64);
+    (limit.rlim_cur != libc::RLIM_INFINITY && limit.rlim_cur < needed).then(|| {
+        format!(
+            "open files limit is {} (hard limit): about {} client sessions fit (each needs a \
+             descriptor and a server connection); raise LimitNOFILE / ulimit -n",
+            limit.rlim_cur,
+            limit.rlim_cur.saturating_sub(64) / 2
+        )
+    })
+}

@@ -832,7 +832,7 @@ pub fn split_statements(sql: &[u8]) -> Vec<std::ops::Range<usize>> {
     match memchr::memchr(b';', sql) {
         None => {
             return if skip_blank(sql, 0) < sql.len() {
-                vec![0..sql.len()]
+                std::iter::once(0..sql.len()).collect()
             } else {
                 Vec::new()
             };
@@ -845,7 +845,7 @@ pub fn split_statements(sql: &[u8]) -> Vec<std::ops::Range<usize>> {
                     <= memchr::memchr_iter(b')', sql).count() =>
         {
             return if skip_blank(&sql[..at], 0) < at {
-                vec![0..at]
+                std::iter::once(0..at).collect()
             } else {
                 Vec::new()
             };
