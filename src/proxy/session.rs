@@ -603,6 +603,7 @@ async fn connect_primary(shard: &ShardCtx) -> io::Result<Stream> {
 async fn forward_cancel(shard: &ShardCtx, packet: &Bytes) {
     // A pooled client's key is pgprism's own: cancel what runs on the connection lent to it.
     let mut rewritten = None;
+    let mut pooled = None;
     if let Ok(StartupPacket::Cancel { pid, secret }) = StartupPacket::parse(packet)
         && let Some(found) = shard.cancel_keys.lookup(pid, secret)
     {
@@ -612,11 +613,21 @@ async fn forward_cancel(shard: &ShardCtx, packet: &Bytes) {
         let mut out = BytesMut::new();
         wire::encode::cancel_request(&mut out, server_pid, server_secret);
         rewritten = Some(out.freeze());
+        pooled = Some((pid, secret, (server_pid, server_secret)));
     }
     let packet = rewritten.as_ref().unwrap_or(packet);
-    if let Ok(primary) = connect_primary(shard).await
-        && primary.write_all(packet).await.is_ok()
+    let Ok(primary) = connect_primary(shard).await else {
+        return;
+    };
+    // The connection may have gone back to the pool (and to another client) while the cancel
+    // connection opened: cancel only if it is still this client's.
+    if let Some((pid, secret, key)) = pooled
+        && shard.cancel_keys.lookup(pid, secret) != Some(Some(key))
     {
+        primary.shutdown();
+        return;
+    }
+    if primary.write_all(packet).await.is_ok() {
         ShardStats::bump(&shard.stats.counters.cancels_forwarded, 1);
         let mut sink = BytesMut::new();
         let _ = within(shard.settings.connect_timeout, async {
