@@ -2239,3 +2239,53 @@ fn a_pooled_mirror_under_block_holds_clients_back_and_skips_a_transaction_too_la
     assert_eq!(proxy.metric("pgprism_mirror_units_lost_total"), 0);
     assert_eq!(proxy.metric("pgprism_mirror_skipped_down_total"), 0);
 }
+
+/// A pooled proxy (2 connections) over a primary and a mirror with `ddl`.
+fn pooled_pair(primary: &str, mirror: &str, ddl: &str) -> (Instance, Instance, Proxy) {
+    let (p, m1) = primary_and_mirror(primary, mirror, ddl);
+    let proxy = Proxy::start(
+        &p.url(),
+        &["--mirror", &mirror_url(&m1), "--mirror-pool-size", "2"],
+    );
+    (p, m1, proxy)
+}
+
+#[test]
+fn pooled_mirror_keeps_a_unit_open_while_the_primary_stays_in_a_failed_block() {
+    let (p, m1, proxy) = pooled_pair("fbp", "fbm", "CREATE TABLE t (id int, v text)");
+    let mut c =
+        postgres::Client::connect(&proxy.conninfo("postgres", None), postgres::NoTls).unwrap();
+    // The error skips the COMMIT: the primary stays in the failed block.
+    let err = c
+        .batch_execute(
+            "BEGIN; INSERT INTO t VALUES (1, 'a'); INSERT INTO t VALUES (1/0, 'x'); COMMIT",
+        )
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("22012"));
+    std::thread::sleep(Duration::from_millis(200));
+    let err = c
+        .batch_execute("INSERT INTO t VALUES (2, 'after-error')")
+        .unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("25P02"));
+    std::thread::sleep(Duration::from_millis(200));
+    c.batch_execute("ROLLBACK").unwrap();
+    c.batch_execute("INSERT INTO t VALUES (3, 'clean')")
+        .unwrap();
+    // A block that commits in one Query, the client leaving right after it.
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (4, 'a'); COMMIT")
+        .unwrap();
+    drop(c);
+    assert!(
+        converged(&p, &[&m1], "t", "id, v"),
+        "primary {} mirror {}\n{}",
+        checksum(&p, "t", "id, v"),
+        checksum(&m1, "t", "id, v"),
+        proxy.admin_get("/metrics").1
+    );
+    assert_eq!(
+        p.psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM t")
+            .unwrap()
+            .trim(),
+        "3,4"
+    );
+}

@@ -78,6 +78,9 @@ struct Member {
     /// The open unit's COPY FROM STDIN came in a simple Query: it ends with the COPY (a COPY
     /// an Execute started ends at the Sync after it).
     copy_from_query: Cell<bool>,
+    /// The open unit reached a sync point after which the primary may or may not be idle:
+    /// it is handed over if the client leaves before it closes.
+    deferred: Cell<bool>,
 }
 
 pub struct Link {
@@ -194,6 +197,7 @@ impl Link {
                 effects: RefCell::new(Vec::new()),
                 before: RefCell::new(None),
                 copy_from_query: Cell::new(false),
+                deferred: Cell::new(false),
             }
         });
         let state = match pooled {
@@ -531,6 +535,7 @@ impl Link {
             return;
         };
         let before = member.before.take();
+        member.deferred.set(false);
         member.copy_from_query.set(false);
         self.prepared.borrow_mut().clear();
         let effects = std::mem::take(&mut *member.effects.borrow_mut());
@@ -570,6 +575,14 @@ impl Link {
         pool::dispatch(&self.target, &member.pool, unit);
     }
 
+    /// The open unit stands where the primary may be idle or still in a block: kept open,
+    /// and handed over as it is (with what follows) if the client leaves before it closes.
+    pub(super) fn defer_unit(&self) {
+        if let Some(member) = &self.pooled {
+            member.deferred.set(true);
+        }
+    }
+
     /// Queues a session setting being replayed onto a fresh connection (not client traffic).
     pub(super) fn replay(&self, frame: Bytes) {
         self.force_push(frame, Some(0));
@@ -579,6 +592,13 @@ impl Link {
     pub fn client_done(&self) {
         self.client_done.set(true);
         if let Some(member) = &self.pooled {
+            // A unit whose end was unsure ended on the primary or is rolled back there as the
+            // client leaves: run it, the pool connection rolling back a block it leaves open.
+            // The settings it leaves are not known here: the connection's count as unknown.
+            if member.deferred.replace(false) {
+                let after = member.baseline.clone();
+                self.close_unit(&after, true);
+            }
             // The open unit never ended on the primary either (the client left inside a
             // transaction or a batch: the primary rolls it back). Units handed over stay.
             self.clear();

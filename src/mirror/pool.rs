@@ -1026,6 +1026,7 @@ impl Live<'_> {
                 tag::READY_FOR_QUERY => {
                     if flight.is_some_and(|f| f.ends.is_some()) && body.first() != Some(&b'I') {
                         self.conn.leaked.set(true);
+                        MirrorStats::bump(&stats.counters.units_rolled_back, 1);
                     }
                     answered += 1;
                 }

@@ -177,6 +177,19 @@ pub struct Router {
     pooled: bool,
     /// A transaction block is open, as far as the statements routed tell.
     in_block: bool,
+    /// Statements run since the last sync point (a simple Query counts each of its own).
+    region_statements: usize,
+    /// Since the last sync point a block ended after another statement of the same sync
+    /// point: had that one failed, the end was skipped and the primary is still in the
+    /// (failed) block, which only its ReadyForQuery tells.
+    region_unsure: bool,
+    /// Since the last sync point a block ended by the sync point's first statement (a
+    /// COMMIT or ROLLBACK ends a block, failed or not).
+    region_sure_end: bool,
+    /// The open unit reached a sync point where the primary may still be in a block
+    /// (`region_unsure`): it is handed over when the next batch finds the session idle, and
+    /// goes on as a block otherwise.
+    deferred: bool,
     /// Every pooled link has a unit open (its settings at the start taken).
     unit_open: bool,
     /// The open unit changed a setting the snapshots do not capture (bound with parameters).
@@ -273,6 +286,10 @@ impl Router {
             kept: Rc::new(Cell::new(0)),
             pooled,
             in_block: false,
+            region_statements: 0,
+            region_unsure: false,
+            region_sure_end: false,
+            deferred: false,
             unit_open: false,
             untracked: false,
             snapshot: Rc::new(Snapshot::new(Vec::new())),
@@ -303,6 +320,12 @@ impl Router {
                     }
                 }
             }
+        } else if self.deferred {
+            // Not idle after a unit whose end was unsure: the primary is still in a block (a
+            // failed one, its COMMIT skipped) or still busy; the unit goes on until the
+            // session is found idle or a block end is sure.
+            self.deferred = false;
+            self.in_block = true;
         }
     }
 
@@ -328,15 +351,36 @@ impl Router {
         }
         if !self.unit_open {
             self.untracked = false;
+            self.deferred = false;
+        }
+    }
+
+    /// The open unit reached a sync point whose end is unsure: held, and handed over as it
+    /// is should the client leave before it closes (the primary then rolls back what a
+    /// block left open; so does the pool connection, that unit ending inside one).
+    fn defer_units(&mut self) {
+        self.deferred = true;
+        for link in &self.links {
+            if link.pooled() && !link.copy_active.get() {
+                link.defer_unit();
+            }
         }
     }
 
     /// A statement opened or ended a transaction block.
     fn follow_block(&mut self, transaction: sql::Transaction) {
+        let ends = !matches!(transaction, sql::Transaction::Begin);
         self.in_block = match transaction {
             sql::Transaction::Begin => true,
             sql::Transaction::Commit { chain } | sql::Transaction::Rollback { chain } => chain,
         };
+        if ends {
+            if self.region_statements > 1 {
+                self.region_unsure = true;
+            } else {
+                self.region_sure_end = true;
+            }
+        }
     }
 
     /// What routing derives from prepared statement `statement`, made the first time it
@@ -512,6 +556,15 @@ impl Router {
             }
             self.unit_open = true;
         }
+        if self.pooled {
+            self.region_statements += match (framed.tag, &framed.refers) {
+                (tag::QUERY, Refers::Query(parts)) => parts.len().max(1),
+                // Not read: as if several.
+                (tag::QUERY, _) => 2,
+                (tag::EXECUTE, _) => 1,
+                _ => 0,
+            };
+        }
         let body = &frame[wire::HEADER_BYTES..];
         if let Some(route) = self.classify(framed, frame, body) {
             for i in 0..self.links.len() {
@@ -519,12 +572,33 @@ impl Router {
                 self.route_one(&link, &route, frame).await;
             }
         }
-        if self.pooled && !self.in_block {
-            match (framed.step, framed.tag) {
-                (Step::SyncPoint | Step::QuietSync, _) => self.close_units(false),
-                (_, tag::COPY_DONE | tag::COPY_FAIL) => self.close_units(true),
-                _ => {}
+        if !self.pooled {
+            return;
+        }
+        match (framed.step, framed.tag) {
+            (Step::SyncPoint | Step::QuietSync, _) => {
+                // The primary's ReadyForQuery, not the statements sent, says whether the
+                // session stands idle: a block ended after another statement of the same
+                // sync point may still be open there (that statement failed, the end was
+                // skipped), so the unit waits for the next batch to find the session idle.
+                if self.region_unsure {
+                    self.deferred = !self.in_block;
+                } else if self.region_sure_end {
+                    self.deferred = false;
+                }
+                self.region_statements = 0;
+                self.region_unsure = false;
+                self.region_sure_end = false;
+                match (self.in_block, self.deferred) {
+                    (true, _) => {}
+                    (false, true) => self.defer_units(),
+                    (false, false) => self.close_units(false),
+                }
             }
+            (_, tag::COPY_DONE | tag::COPY_FAIL) if !self.in_block && !self.deferred => {
+                self.close_units(true)
+            }
+            _ => {}
         }
     }
 

@@ -57,6 +57,7 @@ mirror_counters! {
     reconnects: "mirror connections re-established after a failure",
     units: "transactions (or autocommit statements and batches) handed whole to the mirror's pool",
     units_lost: "pooled transactions lost with a pool connection that failed before answering them (they may or may not have been applied)",
+    units_rolled_back: "pooled units that ended inside a transaction block on the mirror, rolled back there before the connection's next unit",
     connect_failures: "mirror connection or authentication failures",
 }
 
