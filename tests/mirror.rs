@@ -2289,3 +2289,46 @@ fn pooled_mirror_keeps_a_unit_open_while_the_primary_stays_in_a_failed_block() {
         "3,4"
     );
 }
+
+#[test]
+fn pooled_mirror_rolls_back_a_unit_left_in_a_block_before_other_sessions_units() {
+    let (p, m1, proxy) = pooled_pair("gbp", "gbm", "CREATE TABLE t (id int, v text)");
+    // Only the primary has `f`: on the mirror the block below fails before its COMMIT.
+    p.psql("CREATE TABLE f (id int)").unwrap();
+    let blocker = lock_table(&m1, "t");
+    let mut a =
+        postgres::Client::connect(&proxy.conninfo("postgres", None), postgres::NoTls).unwrap();
+    a.batch_execute("BEGIN; INSERT INTO t VALUES (100, 'a'); INSERT INTO f VALUES (1); COMMIT")
+        .unwrap();
+    a.batch_execute("SELECT 1").unwrap();
+    // Other sessions' units queue behind it on the same connections (one per shard).
+    for s in 0..4 {
+        let mut b =
+            postgres::Client::connect(&proxy.conninfo("postgres", None), postgres::NoTls).unwrap();
+        for i in 0..2 {
+            b.batch_execute(&format!("INSERT INTO t VALUES ({}, 'b')", 10 + s * 2 + i))
+                .unwrap();
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    drop(blocker);
+    assert!(
+        eventually(Duration::from_secs(20), || m1
+            .psql("SELECT count(*) FROM t WHERE v = 'b'")
+            .unwrap()
+            .trim()
+            == "8"),
+        "mirror {}\n{}",
+        checksum(&m1, "t", "id, v"),
+        proxy.admin_get("/metrics").1
+    );
+    assert_eq!(
+        m1.psql("SELECT count(*) FROM t WHERE id = 100")
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_mirror_units_rolled_back_total")
+        == 1));
+}

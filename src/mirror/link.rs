@@ -530,7 +530,7 @@ impl Link {
     /// the session's units drained below half the bounds. The next unit starts with no
     /// statement names: whatever it uses is prepared again in it, and left out on a
     /// connection that has it as it is.
-    pub(super) fn close_unit(&self, after: &Rc<Snapshot>, untracked: bool) {
+    pub(super) fn close_unit(&self, after: &Rc<Snapshot>, untracked: bool, guard: bool) {
         let Some(member) = &self.pooled else {
             return;
         };
@@ -569,6 +569,7 @@ impl Link {
             } else {
                 pool::combined(member.baseline.sig, after.sig)
             },
+            guard,
             closed: Instant::now(),
             bytes,
         };
@@ -597,7 +598,7 @@ impl Link {
             // The settings it leaves are not known here: the connection's count as unknown.
             if member.deferred.replace(false) {
                 let after = member.baseline.clone();
-                self.close_unit(&after, true);
+                self.close_unit(&after, true, true);
             }
             // The open unit never ended on the primary either (the client left inside a
             // transaction or a batch: the primary rolls it back). Units handed over stay.

@@ -182,6 +182,9 @@ pub(super) struct Unit {
     pub(super) before: Rc<Snapshot>,
     /// The connection's signature once the unit ran (`DIRTY` when unknown).
     pub(super) after: u64,
+    /// It may end inside a transaction block (it holds transaction control): an internal
+    /// ROLLBACK follows it at once, so the units written behind it never run in its block.
+    pub(super) guard: bool,
     pub(super) closed: Instant,
     pub(super) bytes: usize,
 }
@@ -438,6 +441,8 @@ struct Flight {
     internal: bool,
     /// It ends its unit: answered (or lost), the unit's session is done with it.
     ends: Option<Rc<Share>>,
+    /// Its unit is followed by its own ROLLBACK (`Unit::guard`).
+    guarded: bool,
 }
 
 /// A frame on its way out of a connection.
@@ -447,6 +452,7 @@ struct Out {
     /// pgprism's own preparation of the connection.
     owner: Option<Rc<Share>>,
     ends: Option<Rc<Share>>,
+    guarded: bool,
 }
 
 /// One place in a pool: a connection, opened again when it fails, and what it is sending.
@@ -795,6 +801,7 @@ impl Live<'_> {
                 fingerprint,
                 internal: item.internal,
                 ends: out.ends.clone(),
+                guarded: out.guarded,
             });
             if let Some(w) = self.conn.reader.take() {
                 w.wake();
@@ -839,6 +846,7 @@ impl Live<'_> {
             },
             owner: None,
             ends: None,
+            guarded: false,
         };
         if conn.leaked.replace(false) {
             outbox.push_back(internal(query_frame("ROLLBACK"), true));
@@ -886,6 +894,7 @@ impl Live<'_> {
                 item,
                 owner: Some(unit.share.clone()),
                 ends: None,
+                guarded: false,
             });
         }
         let last = outbox
@@ -894,14 +903,24 @@ impl Live<'_> {
             .rev()
             .find(|o| o.item.sync.is_some());
         match last {
-            Some(last) => last.ends = Some(unit.share.clone()),
+            Some(last) => {
+                last.ends = Some(unit.share.clone());
+                last.guarded = unit.guard;
+            }
             None => {
                 let mut sync = BytesMut::new();
                 wire::encode::sync(&mut sync);
                 let mut out = internal(sync.freeze(), true);
                 out.ends = Some(unit.share.clone());
+                out.guarded = unit.guard;
                 outbox.push_back(out);
             }
+        }
+        if unit.guard {
+            // Written with the unit, before any other session's: a block it left open (a
+            // failed one too) ends here, not around the next units (only a warning when
+            // none is open).
+            outbox.push_back(internal(query_frame("ROLLBACK"), true));
         }
     }
 
@@ -1024,8 +1043,12 @@ impl Live<'_> {
                     stats.record_error(code);
                 }
                 tag::READY_FOR_QUERY => {
-                    if flight.is_some_and(|f| f.ends.is_some()) && body.first() != Some(&b'I') {
-                        self.conn.leaked.set(true);
+                    if let Some(f) = flight.filter(|f| f.ends.is_some())
+                        && body.first() != Some(&b'I')
+                    {
+                        if !f.guarded {
+                            self.conn.leaked.set(true);
+                        }
                         MirrorStats::bump(&stats.counters.units_rolled_back, 1);
                     }
                     answered += 1;

@@ -192,6 +192,8 @@ pub struct Router {
     deferred: bool,
     /// Every pooled link has a unit open (its settings at the start taken).
     unit_open: bool,
+    /// The open unit holds transaction control: it may end inside a block on the mirror.
+    unit_block: bool,
     /// The open unit changed a setting the snapshots do not capture (bound with parameters).
     untracked: bool,
     /// The last snapshot of `settings` taken (reused while they do not change).
@@ -291,6 +293,7 @@ impl Router {
             region_sure_end: false,
             deferred: false,
             unit_open: false,
+            unit_block: false,
             untracked: false,
             snapshot: Rc::new(Snapshot::new(Vec::new())),
             settings: Settings::new(limits.settings_max),
@@ -346,12 +349,13 @@ impl Router {
             if !link.pooled() || link.copy_active.get() || (copy_end && !link.copy_ends_unit()) {
                 continue;
             }
-            link.close_unit(&after, self.untracked);
+            link.close_unit(&after, self.untracked, self.unit_block || self.in_block);
             self.unit_open = false;
         }
         if !self.unit_open {
             self.untracked = false;
             self.deferred = false;
+            self.unit_block = false;
         }
     }
 
@@ -370,6 +374,7 @@ impl Router {
     /// A statement opened or ended a transaction block.
     fn follow_block(&mut self, transaction: sql::Transaction) {
         let ends = !matches!(transaction, sql::Transaction::Begin);
+        self.unit_block = true;
         self.in_block = match transaction {
             sql::Transaction::Begin => true,
             sql::Transaction::Commit { chain } | sql::Transaction::Rollback { chain } => chain,
