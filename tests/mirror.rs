@@ -2332,3 +2332,25 @@ fn pooled_mirror_rolls_back_a_unit_left_in_a_block_before_other_sessions_units()
         .metric("pgprism_mirror_units_rolled_back_total")
         == 1));
 }
+
+#[test]
+fn pooled_mirror_prepares_again_a_statement_whose_unit_failed_there() {
+    let (p, m1, proxy) = pooled_pair("npp", "npm", "CREATE TABLE t (id int, v text)");
+    // Only the primary has `f`: on the mirror the Query fails before its PREPARE.
+    p.psql("CREATE TABLE f (id int)").unwrap();
+    let mut c =
+        postgres::Client::connect(&proxy.conninfo("postgres", None), postgres::NoTls).unwrap();
+    c.batch_execute("INSERT INTO f VALUES (1); PREPARE p AS INSERT INTO t VALUES ($1, 'p')")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    c.batch_execute("EXECUTE p(5)").unwrap();
+    c.batch_execute("INSERT INTO t VALUES (6, 'plain')")
+        .unwrap();
+    assert!(
+        converged(&p, &[&m1], "t", "id, v"),
+        "primary {} mirror {}\n{}",
+        checksum(&p, "t", "id, v"),
+        checksum(&m1, "t", "id, v"),
+        proxy.admin_get("/metrics").1
+    );
+}

@@ -443,6 +443,9 @@ struct Flight {
     ends: Option<Rc<Share>>,
     /// Its unit is followed by its own ROLLBACK (`Unit::guard`).
     guarded: bool,
+    /// The statement names its unit creates or drops (all the connection had, for a
+    /// DEALLOCATE ALL): unknown on the connection if the unit fails.
+    names: Option<Rc<[String]>>,
 }
 
 /// A frame on its way out of a connection.
@@ -453,6 +456,7 @@ struct Out {
     owner: Option<Rc<Share>>,
     ends: Option<Rc<Share>>,
     guarded: bool,
+    names: Option<Rc<[String]>>,
 }
 
 /// One place in a pool: a connection, opened again when it fails, and what it is sending.
@@ -471,6 +475,8 @@ struct Conn {
     inflight: RefCell<VecDeque<Flight>>,
     /// Statement names prepared on the connection, with what created them (`None`: not kept).
     names: RefCell<HashMap<String, Option<Bytes>>>,
+    /// A session's statement of the unit being answered failed.
+    unit_failed: Cell<bool>,
     /// The signature of the settings the connection runs with (see `Snapshot`).
     sig: Cell<u64>,
     /// A unit ended inside a transaction block on the mirror: roll it back before the next.
@@ -490,6 +496,7 @@ impl Conn {
             outbox: RefCell::new(VecDeque::new()),
             inflight: RefCell::new(VecDeque::new()),
             names: RefCell::new(HashMap::new()),
+            unit_failed: Cell::new(false),
             sig: Cell::new(FRESH),
             leaked: Cell::new(false),
             answered: Cell::new(0),
@@ -533,6 +540,7 @@ impl Conn {
         self.names.borrow_mut().clear();
         self.sig.set(FRESH);
         self.leaked.set(false);
+        self.unit_failed.set(false);
     }
 }
 
@@ -802,6 +810,7 @@ impl Live<'_> {
                 internal: item.internal,
                 ends: out.ends.clone(),
                 guarded: out.guarded,
+                names: out.names.clone(),
             });
             if let Some(w) = self.conn.reader.take() {
                 w.wake();
@@ -847,6 +856,7 @@ impl Live<'_> {
             owner: None,
             ends: None,
             guarded: false,
+            names: None,
         };
         if conn.leaked.replace(false) {
             outbox.push_back(internal(query_frame("ROLLBACK"), true));
@@ -866,6 +876,7 @@ impl Live<'_> {
             outbox.push_back(internal(query_frame("DEALLOCATE ALL"), true));
             names.clear();
         }
+        let unsure = unsure_names(&names, &unit.effects);
         let (closes, elided) = plan_names(&mut names, &unit.effects, unit.items.len());
         drop(names);
         if !closes.is_empty() {
@@ -895,6 +906,7 @@ impl Live<'_> {
                 owner: Some(unit.share.clone()),
                 ends: None,
                 guarded: false,
+                names: None,
             });
         }
         let last = outbox
@@ -906,6 +918,7 @@ impl Live<'_> {
             Some(last) => {
                 last.ends = Some(unit.share.clone());
                 last.guarded = unit.guard;
+                last.names = unsure;
             }
             None => {
                 let mut sync = BytesMut::new();
@@ -913,6 +926,7 @@ impl Live<'_> {
                 let mut out = internal(sync.freeze(), true);
                 out.ends = Some(unit.share.clone());
                 out.guarded = unit.guard;
+                out.names = unsure;
                 outbox.push_back(out);
             }
         }
@@ -1041,9 +1055,26 @@ impl Live<'_> {
                         .flatten()
                         .unwrap_or("XX000");
                     stats.record_error(code);
+                    self.conn.unit_failed.set(true);
                 }
                 tag::READY_FOR_QUERY => {
-                    if let Some(f) = flight.filter(|f| f.ends.is_some())
+                    let ends = flight.filter(|f| f.ends.is_some());
+                    // The names were planned as if the unit succeeded: those of one that
+                    // failed (or ended in a block) may or may not exist, under whatever text.
+                    // Marked unknown, the next unit creating one closes it first and
+                    // prepares it again.
+                    if let Some(f) = ends {
+                        let failed = self.conn.unit_failed.replace(false);
+                        if (failed || body.first() != Some(&b'I'))
+                            && let Some(unsure) = &f.names
+                        {
+                            let mut names = self.conn.names.borrow_mut();
+                            for name in unsure.iter() {
+                                names.insert(name.clone(), None);
+                            }
+                        }
+                    }
+                    if let Some(f) = ends
                         && body.first() != Some(&b'I')
                     {
                         if !f.guarded {
@@ -1171,6 +1202,27 @@ fn plan_names(
         }
     }
     (closes, elided)
+}
+
+/// The names a unit's `effects` create or drop, and all of `names` if it drops them all:
+/// what may be left as it was, or half done, should the unit fail. `None` when none.
+fn unsure_names(
+    names: &HashMap<String, Option<Bytes>>,
+    effects: &[Effect],
+) -> Option<Rc<[String]>> {
+    if effects.is_empty() {
+        return None;
+    }
+    let mut unsure: HashSet<&str> = HashSet::new();
+    for effect in effects {
+        match &effect.names {
+            Names::Create { name, .. } | Names::Drop(name) => {
+                unsure.insert(name);
+            }
+            Names::DropAll => unsure.extend(names.keys().map(String::as_str)),
+        }
+    }
+    Some(unsure.into_iter().map(str::to_string).collect())
 }
 
 /// A Query frame of pgprism's own text (ASCII, no NUL: always encodes).
