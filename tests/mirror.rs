@@ -2354,3 +2354,41 @@ fn pooled_mirror_prepares_again_a_statement_whose_unit_failed_there() {
         proxy.admin_get("/metrics").1
     );
 }
+
+#[test]
+fn pooled_mirror_restores_startup_parameters_after_a_reset() {
+    let (p, m1, proxy) = pooled_pair("rsp", "rsm", "CREATE TABLE t (id int, v text)");
+    let conninfo = format!("{} application_name=appX", proxy.conninfo("postgres", None));
+    let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    let steps = [
+        "INSERT INTO t SELECT 1, current_setting('application_name')",
+        "SET application_name = 'changed'",
+        "INSERT INTO t SELECT 2, current_setting('application_name')",
+        "RESET ALL",
+        "INSERT INTO t SELECT 3, current_setting('application_name')",
+        "SET application_name = 'again'",
+        "RESET application_name",
+        "INSERT INTO t SELECT 4, current_setting('application_name')",
+        "SET application_name = 'more'",
+        "DISCARD ALL",
+        "INSERT INTO t SELECT 5, current_setting('application_name')",
+    ];
+    for sql in steps {
+        c.batch_execute(sql).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        converged(&p, &[&m1], "t", "id, v"),
+        "primary {}\nmirror {}",
+        p.psql("SELECT string_agg(id || '=' || v, ',' ORDER BY id) FROM t")
+            .unwrap(),
+        m1.psql("SELECT string_agg(id || '=' || v, ',' ORDER BY id) FROM t")
+            .unwrap()
+    );
+    assert_eq!(
+        p.psql("SELECT count(*) FROM t WHERE v = 'appX'")
+            .unwrap()
+            .trim(),
+        "4"
+    );
+}

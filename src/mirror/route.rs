@@ -527,12 +527,22 @@ impl Router {
         }
     }
 
+    /// A RESET (of one parameter or all, DISCARD ALL among them) returns a pool connection
+    /// to its own login's defaults, not to the session's startup parameters: the unit leaves
+    /// the connection's settings unknown, so the next unit on it applies them again.
+    fn follow_reset(&mut self, setting: &sql::Setting) {
+        if self.pooled && matches!(setting, sql::Setting::Reset { .. } | sql::Setting::ResetAll) {
+            self.untracked = true;
+        }
+    }
+
     /// Follows what running a statement of a simple Query does to the session's settings
     /// and transaction block.
     fn follow_statement(&mut self, text: &[u8], class: Class) {
         match class {
             Class::Session => {
                 if let Some(setting) = sql::setting(text) {
+                    self.follow_reset(&setting);
                     self.settings.change(setting, text);
                 }
             }
@@ -760,6 +770,7 @@ impl Router {
         if m.setting && !p.params {
             let text = p.statement.text.as_bytes();
             if let Some(setting) = sql::setting(text) {
+                self.follow_reset(&setting);
                 self.settings.change(setting, text);
             }
         } else if m.setting {
