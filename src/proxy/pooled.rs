@@ -900,9 +900,21 @@ impl Session<'_> {
             }
             return;
         }
+        self.prepare_shared(*hash, server_name, rest, false);
+    }
+
+    /// Prepares the shared statement `server_name` (content `hash`, Parse body after the name
+    /// `rest`) on the lent connection: the least recently used one closed beyond
+    /// `prepared-statements-max`, then a Close of the name itself (no error when missing,
+    /// and one the server still holds after a skipped eviction goes away), then the Parse,
+    /// answered to the client (its own Parse) or swallowed (`hidden`, before its Bind).
+    fn prepare_shared(&mut self, hash: u64, server_name: &str, rest: &[u8], hidden: bool) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
         if let Some(victim) = conn
             .prepared
-            .insert(*hash, self.pools.cfg.prepared_statements_max)
+            .insert(hash, self.pools.cfg.prepared_statements_max)
         {
             let victim_name = format!("pgprism_{victim:016x}");
             frame_of(
@@ -923,7 +935,12 @@ impl Session<'_> {
             tag::PARSE,
             &[server_name.as_bytes(), b"\0", rest],
         );
-        self.replies.client_keyed(Awaits::Parse, *hash);
+        if hidden {
+            self.replies.hidden(Awaits::Parse, hash);
+            bump(&self.pool.counters.reprepares, 1);
+        } else {
+            self.replies.client_keyed(Awaits::Parse, hash);
+        }
     }
 
     /// The name `statement` has on the lent connection, preparing it there first when the
@@ -951,33 +968,8 @@ impl Session<'_> {
                     return None;
                 }
                 if !conn.prepared.contains(*hash) {
-                    if let Some(victim) = conn
-                        .prepared
-                        .insert(*hash, self.pools.cfg.prepared_statements_max)
-                    {
-                        let victim_name = format!("pgprism_{victim:016x}");
-                        frame_of(
-                            &mut self.to_server,
-                            tag::CLOSE,
-                            &[b"S", victim_name.as_bytes(), b"\0"],
-                        );
-                        self.replies.hidden(Awaits::Close, victim);
-                    }
-                    // Close first: a Close of a missing statement is no error, and one the
-                    // server still holds (an eviction skipped after an error) goes away.
-                    frame_of(
-                        &mut self.to_server,
-                        tag::CLOSE,
-                        &[b"S", server_name.as_bytes(), b"\0"],
-                    );
-                    self.replies.hidden(Awaits::Close, KEY_SETTINGS + 2);
-                    frame_of(
-                        &mut self.to_server,
-                        tag::PARSE,
-                        &[server_name.as_bytes(), b"\0", rest],
-                    );
-                    self.replies.hidden(Awaits::Parse, *hash);
-                    bump(&self.pool.counters.reprepares, 1);
+                    let (hash, rest) = (*hash, rest.clone());
+                    self.prepare_shared(hash, server_name, &rest, true);
                 }
                 Some(server_name.clone())
             }
