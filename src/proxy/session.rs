@@ -263,15 +263,9 @@ impl ShardCtx {
                 continue;
             }
             session.closing.set(true);
-            let msg = error_bytes(
-                "FATAL",
-                sqlstate::ADMIN_SHUTDOWN,
-                "terminating connection because pgprism is shutting down",
-            );
             // The downstream pump is parked on a read of the primary (the session is idle),
             // so this write does not interleave with one of its writes.
-            session.client.write_now(&msg);
-            session.client.shutdown();
+            shutdown_farewell(&session.client);
             if force {
                 // A busy session may be waiting on the primary (a long query, or one a client
                 // that already left is still running): wake that pump too.
@@ -287,14 +281,8 @@ impl ShardCtx {
                 continue;
             }
             session.closing.set(true);
-            let msg = error_bytes(
-                "FATAL",
-                sqlstate::ADMIN_SHUTDOWN,
-                "terminating connection because pgprism is shutting down",
-            );
             // An idle pooled session waits on a read of its client only.
-            session.client.write_now(&msg);
-            session.client.shutdown();
+            shutdown_farewell(&session.client);
             ShardStats::bump(&self.stats.counters.shutdown_closed, 1);
             closed += 1;
         }
@@ -387,6 +375,17 @@ impl Drop for Registration {
             .set(self.shard.sessions.borrow().len() as u64);
         ShardStats::bump(&stats.counters.sessions_closed, 1);
     }
+}
+
+/// A drain's last word to a client (57P01, as PostgreSQL's fast shutdown), then the close.
+fn shutdown_farewell(client: &Stream) {
+    let msg = error_bytes(
+        "FATAL",
+        sqlstate::ADMIN_SHUTDOWN,
+        "terminating connection because pgprism is shutting down",
+    );
+    client.write_now(&msg);
+    client.shutdown();
 }
 
 pub(super) fn error_bytes(severity: &str, code: &str, message: &str) -> Bytes {

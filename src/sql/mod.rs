@@ -432,31 +432,41 @@ pub fn pins(sql: &[u8]) -> Option<Pin> {
 
 /// `words` appear one after the other somewhere after `from`, outside quotes and comments.
 fn has_words(sql: &[u8], from: usize, words: &[&[u8]]) -> bool {
-    let mut i = from;
     let mut matched = 0;
-    while i < sql.len() {
-        if let Some(next) = skip_opaque(sql, i) {
-            i = next;
-            continue;
-        }
-        if sql[i].is_ascii_alphabetic() || sql[i] == b'_' {
-            let start = i;
-            while i < sql.len() && (sql[i].is_ascii_alphanumeric() || sql[i] == b'_') {
-                i += 1;
-            }
-            if sql[start..i].eq_ignore_ascii_case(words[matched]) {
-                matched += 1;
-                if matched == words.len() {
-                    return true;
-                }
-            } else {
-                matched = usize::from(sql[start..i].eq_ignore_ascii_case(words[0]));
+    for word in words_from(sql, from) {
+        if word.eq_ignore_ascii_case(words[matched]) {
+            matched += 1;
+            if matched == words.len() {
+                return true;
             }
         } else {
-            i += 1;
+            matched = usize::from(word.eq_ignore_ascii_case(words[0]));
         }
     }
     false
+}
+
+/// The words (letters, digits, underscore) of `sql` from `from` on, stepping over quoted
+/// literals and identifiers, comments and dollar quotes.
+fn words_from(sql: &[u8], from: usize) -> impl Iterator<Item = &[u8]> {
+    let mut i = from;
+    std::iter::from_fn(move || {
+        while i < sql.len() {
+            if let Some(next) = skip_opaque(sql, i) {
+                i = next;
+                continue;
+            }
+            if sql[i].is_ascii_alphabetic() || sql[i] == b'_' {
+                let start = i;
+                while i < sql.len() && (sql[i].is_ascii_alphanumeric() || sql[i] == b'_') {
+                    i += 1;
+                }
+                return Some(&sql[start..i]);
+            }
+            i += 1;
+        }
+        None
+    })
 }
 
 /// A call of a session-level advisory lock function.
@@ -472,34 +482,16 @@ fn has_advisory_lock_call(sql: &[u8]) -> bool {
     if !mentions {
         return false;
     }
-    let mut i = 0;
-    while i < sql.len() {
-        if let Some(next) = skip_opaque(sql, i) {
-            i = next;
-            continue;
-        }
-        if sql[i].is_ascii_alphabetic() || sql[i] == b'_' {
-            let start = i;
-            while i < sql.len() && (sql[i].is_ascii_alphanumeric() || sql[i] == b'_') {
-                i += 1;
-            }
-            let word = &sql[start..i];
-            if [
-                &b"pg_advisory_lock"[..],
-                b"pg_advisory_lock_shared",
-                b"pg_try_advisory_lock",
-                b"pg_try_advisory_lock_shared",
-            ]
-            .iter()
-            .any(|f| word.eq_ignore_ascii_case(f))
-            {
-                return true;
-            }
-        } else {
-            i += 1;
-        }
-    }
-    false
+    words_from(sql, 0).any(|word| {
+        [
+            &b"pg_advisory_lock"[..],
+            b"pg_advisory_lock_shared",
+            b"pg_try_advisory_lock",
+            b"pg_try_advisory_lock_shared",
+        ]
+        .iter()
+        .any(|f| word.eq_ignore_ascii_case(f))
+    })
 }
 
 /// An SQL-level prepared-statement command, read far enough to track what a session has
