@@ -317,6 +317,10 @@ struct PoolArgs {
     /// Connections to each mirror for the whole process (0: one per client session).
     #[arg(long, value_name = "N")]
     mirror_pool_size: Option<usize>,
+    /// Pipelined lending: up to N clients' autocommit statements in flight on one shared
+    /// primary connection (1: off).
+    #[arg(long, value_name = "N")]
+    shared_depth_max: Option<usize>,
 }
 
 impl PoolArgs {
@@ -352,6 +356,9 @@ impl PoolArgs {
             Some("plain") => p.auth_type = AuthType::Plain,
             Some("trust") => p.auth_type = AuthType::Trust,
             _ => {}
+        }
+        if let Some(v) = self.shared_depth_max {
+            p.shared_depth_max = v;
         }
         if let Some(v) = self.mirror_pool_size {
             for m in &mut cfg.mirror {
