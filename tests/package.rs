@@ -152,7 +152,9 @@ fn package_holds_the_binary_unit_config_user_man_pages_and_completions() {
     assert!(!postinst.contains("deb-systemd-invoke"), "{postinst}");
     let postrm = read("postrm");
     assert!(postrm.contains("userdel pgprism"), "{postrm}");
-    assert!(postrm.contains("rm -rf /var/lib/pgprism /var/log/pgprism /run/pgprism"));
+    assert!(
+        postrm.contains("rm -rf /var/lib/pgprism /var/cache/pgprism /var/log/pgprism /run/pgprism")
+    );
 
     // The payload: the unit runs the packaged binary, the example config passes `check`, the
     // man page and the completions come from the real command.
@@ -476,4 +478,129 @@ fn installs_on_a_fresh_debian_checks_as_pgprism_and_purges_clean() {
         .unwrap();
     assert!(!gone.status.success(), "user left behind: {}", text(&gone));
     let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A port no one listens on now (bound, then released), for an embedded server the config
+/// names before it starts.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `pgprism run`, stopped with SIGTERM (then SIGKILL) when dropped.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                // Polling interval of this bounded wait for the exit.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn runs_embedded_servers_as_the_units_unprivileged_user() {
+    // The unit runs pgprism as `pgprism`, not root, with no capabilities: embedded servers
+    // then run as that same user (embed.os-user applies only to root), their state and
+    // template directories where the unit's environment puts them. Here: user 65534, no
+    // capabilities, the same two variables.
+    assert_root();
+    use std::io::BufRead;
+    let dir = scratch("unprivileged");
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    let port = free_port();
+    let config = dir.join("pgprism.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nshards = 2\npin-cores = false\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\
+             [primary]\nurl = \"postgres://127.0.0.1:{port}\"\n\
+             [[embed.instance]]\nname = \"unit-user\"\nport = {port}\ndata = \"memory\"\n\
+             settings = {{ jit = \"off\" }}\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_pgprism"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("PGPRISM_STATE_DIR", dir.join("state"))
+        .env("PGPRISM_TEMPLATE_DIR", dir.join("templates"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+        .spawn()
+        .expect("spawn setpriv pgprism run");
+    let stdout = child.stdout.take().unwrap();
+    let mut run = Running(child);
+    // The ready line, or EOF when pgprism exits.
+    let listen = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| {
+            let rest = line.strip_prefix("pgprism listening on ")?;
+            rest.split_whitespace()
+                .next()?
+                .parse::<std::net::SocketAddr>()
+                .ok()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "pgprism run did not start:\n{}",
+                std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+            )
+        });
+    let mut client = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            listen.port()
+        ),
+        postgres::NoTls,
+    )
+    .expect("connect through pgprism");
+    let row = client
+        .query_one("SELECT pg_backend_pid(), current_setting('jit')", &[])
+        .unwrap();
+    assert_eq!(row.get::<_, String>(1), "off");
+    // The backend serving this query runs as the unprivileged user.
+    let backend: i32 = row.get(0);
+    let status = std::fs::read_to_string(format!("/proc/{backend}/status")).unwrap();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap();
+    assert_eq!(uid, "65534", "{status}");
+    drop(client);
+    // SIGTERM drains and stops the server: a clean exit.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(run.0.id() as libc::pid_t, libc::SIGTERM) };
+    let status = run.0.wait().expect("wait for pgprism run");
+    assert!(
+        status.success(),
+        "{status}\n{}",
+        std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+    );
+    drop(run);
+    let _ = std::fs::remove_dir_all(dir);
 }
