@@ -292,3 +292,88 @@ fn link_and_anchor_helpers_follow_github() {
         vec!["a.md#b".to_string(), "https://e.invalid".to_string()]
     );
 }
+
+/// The `pgprism ...` command lines of the pages' code blocks (`\` continuations joined,
+/// `# comments` dropped), with the page they are on.
+fn command_lines() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for page in pages() {
+        let text = std::fs::read_to_string(&page).expect("read page");
+        let name = page
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let mut fenced = false;
+        let mut joined = String::new();
+        for line in text.lines() {
+            if line.trim_start().starts_with("```") {
+                fenced = !fenced;
+                joined.clear();
+                continue;
+            }
+            if !fenced {
+                continue;
+            }
+            let line = line.split(" #").next().unwrap_or("").trim();
+            joined.push_str(line.trim_end_matches('\\'));
+            joined.push(' ');
+            if line.ends_with('\\') {
+                continue;
+            }
+            let command = std::mem::take(&mut joined);
+            let command = command.trim();
+            let rest = command
+                .strip_prefix("pgprism ")
+                .or_else(|| command.strip_prefix("cargo run --release -- "));
+            if let Some(rest) = rest {
+                out.push((name.clone(), rest.to_string()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_documented_command_line_uses_real_subcommands_and_flags() {
+    let mut help: BTreeMap<String, String> = BTreeMap::new();
+    let mut wrong = Vec::new();
+    let lines = command_lines();
+    assert!(
+        lines.len() >= 10,
+        "only {} command lines found",
+        lines.len()
+    );
+    for (page, line) in &lines {
+        let mut words = line.split_whitespace();
+        let Some(sub) = words.next() else { continue };
+        let text = help.entry(sub.to_string()).or_insert_with(|| {
+            let out = Command::new(env!("CARGO_BIN_EXE_pgprism"))
+                .args([sub, "--help"])
+                .output()
+                .expect("run pgprism --help");
+            match out.status.success() {
+                true => String::from_utf8_lossy(&out.stdout).into_owned(),
+                false => String::new(),
+            }
+        });
+        if text.is_empty() {
+            wrong.push(format!("{page}: `pgprism {sub}` is not a subcommand"));
+            continue;
+        }
+        for word in words {
+            let word = word.trim_matches(|c| c == '[' || c == ']');
+            let Some(flag) = word.strip_prefix("--") else {
+                continue;
+            };
+            let flag = flag.split('=').next().unwrap_or("");
+            let known = text.match_indices(&format!("--{flag}")).any(|(at, m)| {
+                !text[at + m.len()..].starts_with(|c: char| c.is_alphanumeric() || c == '-')
+            });
+            if !known {
+                wrong.push(format!("{page}: `pgprism {sub}` has no flag `--{flag}`"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
