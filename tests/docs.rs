@@ -377,3 +377,41 @@ fn every_documented_command_line_uses_real_subcommands_and_flags() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// The `PGPRISM_*` names in the Rust sources under `dir`.
+fn env_names_in(dir: &Path, out: &mut BTreeSet<String>) {
+    for entry in std::fs::read_dir(dir).expect("read source dir") {
+        let path = entry.expect("source entry").path();
+        if path.is_dir() {
+            env_names_in(&path, out);
+            continue;
+        }
+        if path.extension().is_none_or(|e| e != "rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).expect("read source");
+        for (at, _) in text.match_indices("\"PGPRISM_") {
+            let name: String = text[at + 1..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            out.insert(name);
+        }
+    }
+}
+
+#[test]
+fn every_environment_variable_pgprism_reads_is_documented() {
+    let mut names = BTreeSet::new();
+    env_names_in(&root().join("src"), &mut names);
+    assert!(names.len() >= 3, "{names:?}");
+    let page = std::fs::read_to_string(root().join("docs/configuration.md")).expect("page");
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|n| !page.contains(&format!("`{n}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "environment variables read in src/ but not in docs/configuration.md's Environment table (src/config/reference.rs): {missing:?}"
+    );
+}

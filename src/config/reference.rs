@@ -209,8 +209,21 @@ Unknown keys are refused, and every error names the key path (`mirror[0].url`). 
 `url` in each `[[mirror]]`); a flag column names the flags that set the key and the commands \
 that take them.\n";
 
-/// A short file to start from; appended to the generated tables.
+/// The environment pgprism reads besides `${VAR}` in the file, and a short file to start
+/// from; appended to the generated tables. (Variables are read where they act, not in the
+/// config types, so they are listed here; `tests/docs.rs` checks every `PGPRISM_` variable
+/// the sources read appears on the page.)
 const EXAMPLE: &str = "
+## Environment
+
+| variable | meaning |
+|---|---|
+| `RUST_LOG` | Log filter (`info`, `pgprism=debug`, ...); overrides `--log`. |
+| `PGPRISM_STATE_DIR` | Where the registry of embedded servers lives when `embed.state-dir` is unset. |
+| `PGPRISM_TEMPLATE_DIR` | The `initdb` template cache of embedded servers (default `/var/tmp/pgprism-templates`); a user who cannot write a cache made by root sets their own. |
+| `PGPRISM_FAILPOINTS` | Crash tests only: CDC failpoints, `name=action[,name=action]` with `kill`, `exit` or `N*action`. Unset in production. |
+| `NOTIFY_SOCKET`, `WATCHDOG_USEC`, `WATCHDOG_PID` | Set by systemd: readiness (`READY=1`), stop and watchdog notifications. |
+
 ## Example
 
 ```toml
