@@ -415,3 +415,74 @@ fn every_environment_variable_pgprism_reads_is_documented() {
         "environment variables read in src/ but not in docs/configuration.md's Environment table (src/config/reference.rs): {missing:?}"
     );
 }
+
+/// `${NAME:-default}` as its default and `${NAME}` as `x`: examples name variables a reader
+/// sets, which this process has not.
+fn without_environment(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("${") {
+        out.push_str(&rest[..at]);
+        let Some(end) = rest[at..].find('}') else {
+            out.push_str(&rest[at..]);
+            return out;
+        };
+        let inner = &rest[at + 2..at + end];
+        out.push_str(inner.split_once(":-").map_or("x", |(_, default)| default));
+        rest = &rest[at + end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn every_toml_example_loads() {
+    let mut examples: Vec<(String, String)> = Vec::new();
+    for page in pages() {
+        let text = std::fs::read_to_string(&page).expect("read page");
+        let name = page
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let mut block: Option<(usize, String)> = None;
+        for (i, line) in text.lines().enumerate() {
+            match &mut block {
+                None if line.trim_start().starts_with("```toml") => {
+                    block = Some((i + 1, String::new()));
+                }
+                Some((start, body)) if line.trim_start().starts_with("```") => {
+                    examples.push((format!("{name} line {start}"), std::mem::take(body)));
+                    block = None;
+                }
+                Some((_, body)) => {
+                    body.push_str(line);
+                    body.push('\n');
+                }
+                None => {}
+            }
+        }
+    }
+    let example_file = root().join("packaging/pgprism.toml");
+    if let Ok(text) = std::fs::read_to_string(&example_file) {
+        examples.push(("packaging/pgprism.toml".into(), text));
+    }
+    assert!(
+        examples.len() >= 4,
+        "only {} TOML examples found",
+        examples.len()
+    );
+    let refused: Vec<String> = examples
+        .iter()
+        .filter_map(|(place, text)| {
+            pgprism::config::Config::parse(&without_environment(text))
+                .err()
+                .map(|e| format!("{place}: {e}"))
+        })
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "TOML examples the loader refuses:\n  {}",
+        refused.join("\n  ")
+    );
+}
