@@ -1,10 +1,11 @@
 //! Command line: subcommands and flags. Flags override the config file; the merged config is
 //! validated once, before anything starts.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::config::Config;
 
@@ -48,6 +49,9 @@ enum Command {
     Bench(crate::bench::BenchArgs),
     /// Two in-memory servers, pgprism in front, a short workload, the differences it finds.
     Demo(crate::demo::DemoArgs),
+    /// Print the configuration reference (every key, type, default, flag and meaning) as
+    /// Markdown: the source of docs/configuration.md.
+    ConfigReference,
     /// Writes the man pages and shell completions the Debian package installs
     /// (packaging/build-deb): OUT/man/*.1 and OUT/completions/{pgprism.bash,_pgprism,pgprism.fish}.
     #[command(hide = true)]
@@ -646,6 +650,15 @@ pub fn main() -> ExitCode {
             };
         }
         Command::Cdc(args) => return crate::cdc::cmd::main(args),
+        Command::ConfigReference => {
+            return match crate::config::reference::Reference::build() {
+                Ok(reference) => {
+                    print!("{}", reference.markdown(&flag_keys()));
+                    ExitCode::SUCCESS
+                }
+                Err(err) => report(&err),
+            };
+        }
         Command::PackageAssets { out } => {
             return match package_assets(&out) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -890,4 +903,157 @@ fn print_ready(bound: &crate::server::Bound) {
     }
     let admin = bound.admin.map(|a| a.to_string()).unwrap_or_default();
     println!("pgprism listening on {} admin {}", bound.listen, admin);
+}
+
+/// The subcommands whose flags set config keys, each with a command line to start from: a
+/// mirror and an embedded instance, so that flags that change every mirror or add an
+/// instance have something to show on.
+const FLAG_PROBES: &[(&str, &[&str])] = &[
+    (
+        "proxy",
+        &[
+            "--primary",
+            "postgres://127.0.0.1:1",
+            "--mirror",
+            "postgres://127.0.0.1:2",
+        ],
+    ),
+    ("embed", &["--instance", "base:5:memory"]),
+    ("cdc", &[]),
+];
+
+/// Which config keys each flag sets, for the configuration reference: every flag of the
+/// subcommands above is applied to their command line through the real `into_config`, and
+/// the keys whose values change are the flag's. Found by trial rather than listed so that the
+/// reference cannot name a flag for a key it does not set, and a new flag appears in it
+/// without a table to keep. Key -> "`--flag` (commands)".
+fn flag_keys() -> BTreeMap<String, Vec<String>> {
+    let mut found: BTreeMap<String, BTreeMap<String, BTreeSet<&str>>> = BTreeMap::new();
+    let cli = Cli::command();
+    for &(name, base) in FLAG_PROBES {
+        let (Some(sub), Some(before)) = (cli.find_subcommand(name), probe_config(name, base, &[]))
+        else {
+            continue;
+        };
+        for arg in sub.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if arg.is_global_set() || long == "config" {
+                continue;
+            }
+            let flag = format!("--{long}");
+            for value in probe_values(arg) {
+                let extra: Vec<&str> = std::iter::once(flag.as_str())
+                    .chain(value.as_deref())
+                    .collect();
+                let Some(after) = probe_config(name, base, &extra) else {
+                    continue;
+                };
+                let mut keys = BTreeSet::new();
+                changed_keys(&before, &after, "", &mut keys);
+                for key in keys {
+                    found
+                        .entry(key)
+                        .or_default()
+                        .entry(flag.clone())
+                        .or_default()
+                        .insert(name);
+                }
+            }
+        }
+    }
+    found
+        .into_iter()
+        .map(|(key, flags)| {
+            let flags = flags
+                .into_iter()
+                .map(|(flag, commands)| {
+                    let commands: Vec<&str> = commands.into_iter().collect();
+                    format!("`{flag}` ({})", commands.join(", "))
+                })
+                .collect();
+            (key, flags)
+        })
+        .collect()
+}
+
+/// Values to try a flag with: none for a switch, each possible value, else a number and an
+/// instance spec (every other flag takes one of those: a count, a duration, a string).
+fn probe_values(arg: &clap::Arg) -> Vec<Option<String>> {
+    if !arg.get_action().takes_values() {
+        return vec![None];
+    }
+    let possible = arg.get_possible_values();
+    if !possible.is_empty() {
+        return possible
+            .iter()
+            .map(|v| Some(v.get_name().to_string()))
+            .collect();
+    }
+    vec![Some("7".into()), Some("probe:7:/probe".into())]
+}
+
+/// The configuration `pgprism SUB BASE EXTRA` would run with, serialized; `None` when the
+/// command line is refused.
+fn probe_config(sub: &str, base: &[&str], extra: &[&str]) -> Option<toml::Value> {
+    let argv = ["pgprism", sub]
+        .into_iter()
+        .chain(base.iter().copied())
+        .chain(extra.iter().copied());
+    let cfg = match Cli::try_parse_from(argv).ok()?.command {
+        Command::Proxy(args) => args.into_config().ok()?,
+        Command::Embed(args) => args.into_config().ok()?,
+        Command::Cdc(args) => {
+            let (cdc, admin) = args.into_config().ok()?;
+            let mut cfg = Config {
+                cdc,
+                ..Config::default()
+            };
+            if let Some(admin) = admin {
+                cfg.admin.listen = admin;
+            }
+            cfg
+        }
+        _ => return None,
+    };
+    toml::Value::try_from(&cfg).ok()
+}
+
+/// The dotted keys whose values differ between two serialized configurations (`[]` for an
+/// element of an array of tables; an element only in `after` is compared with the first of
+/// `before`, so an added mirror shows as the keys its flag set).
+fn changed_keys(
+    before: &toml::Value,
+    after: &toml::Value,
+    prefix: &str,
+    out: &mut BTreeSet<String>,
+) {
+    use toml::Value;
+    match (before, after) {
+        (Value::Table(b), Value::Table(a)) => {
+            for (name, value) in a {
+                let key = format!("{prefix}{name}");
+                match b.get(name) {
+                    Some(old) => changed_keys(old, value, &format!("{key}."), out),
+                    None => {
+                        out.insert(key);
+                    }
+                }
+            }
+        }
+        (Value::Array(b), Value::Array(a))
+            if matches!(a.first(), Some(Value::Table(_)))
+                || matches!(b.first(), Some(Value::Table(_))) =>
+        {
+            let key = prefix.trim_end_matches('.');
+            let empty = Value::Table(toml::Table::new());
+            for (i, value) in a.iter().enumerate() {
+                let old = b.get(i).or(b.first()).unwrap_or(&empty);
+                changed_keys(old, value, &format!("{key}[]."), out);
+            }
+        }
+        (b, a) if b != a => {
+            out.insert(prefix.trim_end_matches('.').to_string());
+        }
+        _ => {}
+    }
 }

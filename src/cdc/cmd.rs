@@ -59,7 +59,9 @@ pub struct CdcArgs {
 }
 
 impl CdcArgs {
-    fn into_config(self) -> Result<(CdcConfig, Option<String>), crate::config::ConfigError> {
+    pub(crate) fn into_config(
+        self,
+    ) -> Result<(CdcConfig, Option<String>), crate::config::ConfigError> {
         let mut cfg = match &self.config {
             Some(path) => Config::load(path)?.cdc,
             None => CdcConfig::default(),

@@ -5,6 +5,7 @@
 pub mod dns;
 mod env;
 mod pool;
+pub mod reference;
 mod url;
 
 use std::collections::BTreeMap;
@@ -251,7 +252,9 @@ pub struct MirrorConfig {
     pub retries: u32,
     /// First reconnection delay; doubles per attempt up to `retry-delay-max-ms`.
     pub retry_delay_ms: u64,
+    /// Longest reconnection delay.
     pub retry_delay_max_ms: u64,
+    /// Time allowed to open and authenticate a mirror connection.
     pub connect_timeout_ms: u64,
     /// Hold frames up to this long so that several go to the mirror in one write (0: send
     /// each at once). Fewer sends and fewer wake-ups of the mirror's backend per statement,
@@ -368,7 +371,9 @@ impl Default for ProxyConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct PrimaryConfig {
-    /// `postgres://host:port` (user, password and database come from each client).
+    /// `postgres://host:port` (user, password and database come from each client), or its
+    /// socket directory: `postgres://%2Fdir:port`, `postgres:///?host=/dir&port=N`; TLS with
+    /// `?sslmode=...&sslrootcert=...` as in libpq. Required when a proxy runs.
     pub url: String,
 }
 
@@ -572,6 +577,7 @@ pub struct CdcConfig {
     pub load_attempts_max: u32,
     /// First retry delay; doubles per attempt up to `load-backoff-ms-max`.
     pub load_backoff_ms: u64,
+    /// Longest retry delay between Stream Load attempts.
     pub load_backoff_ms_max: u64,
     /// Timeout of one Stream Load HTTP exchange.
     pub load_timeout_ms: u64,
