@@ -383,13 +383,16 @@ fn a_bad_config_at_upgrade_leaves_the_old_process_serving_and_shards_may_change(
     assert!(proxy.log().contains("\"shards\":3"), "{}", proxy.log());
     let conninfo = proxy.conninfo();
     let connects_all = || {
-        (0..24).all(|_| {
+        (0..24).try_for_each(|i| {
             postgres::Client::connect(&conninfo, postgres::NoTls)
                 .and_then(|mut c| c.simple_query("SELECT 1"))
-                .is_ok()
+                .map(|_| ())
+                .map_err(|e| format!("connection {i}: {e:?}"))
         })
     };
-    assert!(connects_all(), "{}", proxy.log());
+    if let Err(err) = connects_all() {
+        panic!("{err}\n{}", proxy.log());
+    }
     // The old process keeps its session to the end, and goes when the client does.
     session.simple_query("SELECT 4").unwrap();
     assert!(!gone(first));
@@ -401,6 +404,24 @@ fn a_bad_config_at_upgrade_leaves_the_old_process_serving_and_shards_may_change(
     std::fs::write(&config, "[proxy]\nshards = 1\n").unwrap();
     let third = proxy.upgrade();
     assert!(eventually(DEADLINE, || gone(second)), "{}", proxy.log());
-    assert!(connects_all(), "{}", proxy.log());
+    if let Err(err) = connects_all() {
+        panic!("{err}\n{}", proxy.log());
+    }
     assert_eq!(proxy.pid(), Some(third));
+
+    // SIGTERM (what `systemctl stop` sends every process of the unit) ends an old process's
+    // patience: its idle session gets 57P01 now instead of at the 60 s drain timeout.
+    let mut session = postgres::Client::connect(&proxy.conninfo(), postgres::NoTls).unwrap();
+    session.simple_query("SELECT 5").unwrap();
+    let fourth = proxy.upgrade();
+    assert!(!gone(third), "the session keeps it");
+    signal(third, libc::SIGTERM);
+    assert!(
+        eventually(Duration::from_secs(20), || gone(third)),
+        "{}",
+        proxy.log()
+    );
+    let err = session.simple_query("SELECT 6").unwrap_err();
+    assert_eq!(support::sqlstate(&err).as_deref(), Some("57P01"), "{err:?}");
+    assert!(!gone(fourth), "{}", proxy.log());
 }

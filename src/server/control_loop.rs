@@ -24,7 +24,8 @@ pub(super) enum Outcome {
     /// SIGTERM/SIGINT, or a shard that stopped: drain and exit.
     Stopped,
     /// A new process serves on our sockets: stop accepting, let the sessions end, exit.
-    HandedOver,
+    /// `hurry`: a stop signal came too, so idle sessions are closed at once.
+    HandedOver { hurry: bool },
 }
 
 impl Server<'_> {
@@ -37,7 +38,7 @@ impl Server<'_> {
         loop {
             self.collect();
             match signals::wait(tick) {
-                Some(signals::Signal::Stop) => return Outcome::Stopped,
+                Some(signals::Signal::Stop) => return stop_during(successor.as_mut()),
                 Some(signals::Signal::Reload) => self.reload(reload),
                 Some(signals::Signal::Upgrade) => {
                     if let Some(started) = self.upgrade(upgrades, successor.as_ref()) {
@@ -56,7 +57,7 @@ impl Server<'_> {
                              lets its sessions end"
                         );
                         upgrade.handed_over();
-                        return Outcome::HandedOver;
+                        return Outcome::HandedOver { hurry: false };
                     }
                     Progress::Failed(why) => {
                         tracing::error!(
@@ -160,7 +161,7 @@ impl Server<'_> {
     /// on their own (up to `proxy.drain-timeout-ms`, then 57P01) and returns. It leaves the
     /// Unix socket file and the pid file to the new process and tells systemd nothing: the
     /// unit's main process is the new one.
-    pub(super) fn hand_off(mut self) {
+    pub(super) fn hand_off(mut self, hurry: bool) {
         tracing::info!(
             drain_timeout_ms = self.cfg.proxy.drain_timeout_ms,
             "upgraded: no new connections here, waiting for this process's sessions to end"
@@ -171,7 +172,27 @@ impl Server<'_> {
         if let Some(file) = self.unix_file.take() {
             file.keep();
         }
-        self.threads.stop_all(true);
+        self.threads.stop_all(!hurry);
+        // Signals still matter while the sessions end: SIGTERM (say, `systemctl stop`, which
+        // signals every process of the unit) ends the patience.
+        let tick = Duration::from_millis(200);
+        while !self.threads.all_exited() {
+            match signals::wait(tick) {
+                Some(signals::Signal::Stop) => {
+                    tracing::info!(
+                        "stop signal while draining after an upgrade: closing idle sessions now"
+                    );
+                    self.threads.hurry();
+                }
+                Some(signals::Signal::Upgrade) => {
+                    tracing::warn!("SIGUSR2: this process has handed over already; ignoring");
+                }
+                Some(signals::Signal::Reload) => {
+                    tracing::warn!("SIGHUP: this process has handed over already; ignoring");
+                }
+                None => {}
+            }
+        }
         self.finish();
     }
 
@@ -187,6 +208,34 @@ impl Server<'_> {
             statements = totals.counters.statements,
             "stopped"
         );
+    }
+}
+
+/// A stop signal: with an upgrade under way, the new process may be serving already (it
+/// wrote the pid file and told systemd before it tells us); then this process hands over all
+/// the same, in a hurry, instead of taking the sockets' files and the unit's status with it.
+fn stop_during(successor: Option<&mut Successor>) -> Outcome {
+    let Some(successor) = successor else {
+        return Outcome::Stopped;
+    };
+    match successor.settle(Duration::from_secs(2)) {
+        Progress::Ready(pid) => {
+            tracing::info!(
+                pid,
+                "stop signal during an upgrade: the new process serves; this one drains"
+            );
+            successor.handed_over();
+            Outcome::HandedOver { hurry: true }
+        }
+        Progress::Failed(why) => {
+            tracing::warn!(
+                pid = successor.pid(),
+                "stop signal during an upgrade: {why}"
+            );
+            Outcome::Stopped
+        }
+        // `settle` answers Waiting never; were it to, dropping the successor stops it.
+        Progress::Waiting => Outcome::Stopped,
     }
 }
 

@@ -133,7 +133,7 @@ pub fn run_proxy_with(
             }
         }
         // The pid file is the new process's now.
-        control_loop::Outcome::HandedOver => server.hand_off(),
+        control_loop::Outcome::HandedOver { hurry } => server.hand_off(hurry),
     }
     Ok(())
 }

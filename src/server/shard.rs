@@ -2,6 +2,7 @@
 //! sessions and their backend sockets, its counters and histograms. It talks to the control
 //! thread only through a bounded ring and a stop notifier, both off the per-message path.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -64,8 +65,10 @@ pub(super) async fn run(plan: ShardPlan) {
     let Some(shard) = context(plan.index, plan.context) else {
         return;
     };
+    let clients = Clients::default();
     serve_until_stopped(
         &shard,
+        &clients,
         &listeners,
         &plan.reports,
         plan.report_interval,
@@ -73,12 +76,7 @@ pub(super) async fn run(plan: ShardPlan) {
     )
     .await;
     drop(listeners);
-    drain(
-        &shard,
-        plan.drain_timeout,
-        plan.patient.load(Ordering::Acquire),
-    )
-    .await;
+    drain(&shard, &clients, plan.drain_timeout, &plan.patient).await;
     // The final report must arrive: it carries the exact totals. Block briefly if needed;
     // the shard has no sessions left to delay.
     let _ = plan
@@ -182,6 +180,7 @@ fn context(index: usize, plan: ContextPlan) -> Option<Rc<ShardCtx>> {
 /// Accepts (and reports) until the control thread asks the shard to stop.
 async fn serve_until_stopped(
     shard: &Rc<ShardCtx>,
+    clients: &Clients,
     listeners: &[Listener],
     reports: &Sender<ShardReport>,
     report_interval: Duration,
@@ -193,7 +192,7 @@ async fn serve_until_stopped(
             send_report(shard, reports);
         }
     };
-    let accepting = accept_all(listeners, shard);
+    let accepting = accept_all(listeners, shard, clients);
     let stopped = async {
         if let Err(err) = stop.notified().await {
             tracing::error!(shard = shard.index, error = %err, "stop notifier failed");
@@ -211,18 +210,43 @@ async fn serve_until_stopped(
     .await;
 }
 
+/// The client connections a shard serves, counted from accept to the end of `serve_client`:
+/// unlike the sessions, this includes clients still in their startup and authentication.
+#[derive(Default)]
+struct Clients(Rc<Cell<usize>>);
+
+impl Clients {
+    /// Counts one client until the returned guard is dropped.
+    fn count(&self) -> ClientCounted {
+        self.0.set(self.0.get() + 1);
+        ClientCounted(self.0.clone())
+    }
+}
+
+struct ClientCounted(Rc<Cell<usize>>);
+
+impl Drop for ClientCounted {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
+}
+
 /// Closes sessions as they become idle until none is left (and pooled mirrors sent what their
 /// sessions left them) or `drain_timeout` passes, then closes the busy ones too. A `patient`
 /// drain (after an upgrade) closes no session before the timeout: its client may still send
-/// a transaction, and only this process can run it.
-async fn drain(shard: &ShardCtx, drain_timeout: Duration, patient: bool) {
+/// a transaction, and only this process can run it. The flag is read every turn: a SIGTERM
+/// during a patient drain makes it an ordinary one.
+async fn drain(shard: &ShardCtx, clients: &Clients, drain_timeout: Duration, patient: &AtomicBool) {
     let deadline = Instant::now() + drain_timeout;
     loop {
-        if !patient || shard.sessions_active() == 0 {
+        // A client still in its startup is no session yet, but it will be one: wait for it
+        // (it is closed as idle, or served to its end, like the others), never drop it.
+        let none_left = shard.sessions_active() == 0 && clients.0.get() == 0;
+        if !patient.load(Ordering::Acquire) || none_left {
             // Patient or not, with no session left this closes the idle pooled servers.
             shard.close_idle_sessions(false);
         }
-        if shard.sessions_active() == 0 && shard.mirrors.iter().all(|m| m.flushed()) {
+        if none_left && shard.mirrors.iter().all(|m| m.flushed()) {
             break;
         }
         if Instant::now() >= deadline {
@@ -241,10 +265,11 @@ async fn drain(shard: &ShardCtx, drain_timeout: Duration, patient: bool) {
 }
 
 /// Accepts from every listener of the shard until the shard stops (the future is dropped).
-async fn accept_all(listeners: &[Listener], shard: &Rc<ShardCtx>) {
-    let mut loops: Vec<Pin<Box<dyn Future<Output = ()> + '_>>> = listeners
+async fn accept_all(listeners: &[Listener], shard: &Rc<ShardCtx>, clients: &Clients) {
+    type Accepting<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
+    let mut loops: Vec<Accepting<'_>> = listeners
         .iter()
-        .map(|l| Box::pin(accept_loop(l, shard)) as Pin<Box<dyn Future<Output = ()> + '_>>)
+        .map(|l| Box::pin(accept_loop(l, shard, clients)) as Accepting<'_>)
         .collect();
     // Each loop runs forever; polling all of them on every wake costs a few accept4 calls
     // that answer EAGAIN, on a handful of listeners.
@@ -258,10 +283,17 @@ async fn accept_all(listeners: &[Listener], shard: &Rc<ShardCtx>) {
 }
 
 /// Accepts clients from one listener until the shard stops (the future is dropped).
-async fn accept_loop(listener: &Listener, shard: &Rc<ShardCtx>) {
+async fn accept_loop(listener: &Listener, shard: &Rc<ShardCtx>, clients: &Clients) {
     loop {
         match listener.accept().await {
-            Ok(stream) => exec::spawn(serve_client(shard.clone(), stream)),
+            Ok(stream) => {
+                let counted = clients.count();
+                let shard = shard.clone();
+                exec::spawn(async move {
+                    let _counted = counted;
+                    serve_client(shard, stream).await;
+                });
+            }
             Err(err) => {
                 // EMFILE and friends: back off briefly instead of spinning on accept.
                 tracing::warn!(

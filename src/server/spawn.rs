@@ -27,7 +27,7 @@ pub(super) struct ShardThreads {
     stops: Vec<exec::Notifier>,
     /// Counts shards whose executor returned, so the control loop notices one that died early.
     exited: Arc<AtomicUsize>,
-    /// Makes the drain patient (an upgrade): read by each shard once it is told to stop.
+    /// Makes the drain patient (an upgrade): read by each shard on every turn of its drain.
     patient: Arc<AtomicBool>,
 }
 
@@ -82,6 +82,16 @@ impl ShardThreads {
             threads.handles.push(spawn_thread(cfg, plan, core, exited)?);
         }
         Ok(threads)
+    }
+
+    /// Makes a patient drain an ordinary one: idle sessions are closed from now on.
+    pub(super) fn hurry(&self) {
+        self.patient.store(false, Ordering::Release);
+    }
+
+    /// Whether every shard's executor has returned.
+    pub(super) fn all_exited(&self) -> bool {
+        self.exited.load(Ordering::Relaxed) >= self.handles.len()
     }
 
     /// Whether any shard's executor has returned (or panicked) already.

@@ -388,7 +388,11 @@ impl Successor {
                 self.abort();
                 return Progress::Failed(format!("it sent `{text}` instead of ready"));
             }
+            // A process that exits with our message unread resets the pair instead.
             Ok(_) => return self.exited("it closed the upgrade channel"),
+            Err(err) if err.kind() == io::ErrorKind::ConnectionReset => {
+                return self.exited("it closed the upgrade channel");
+            }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
             Err(err) => {
                 self.abort();
@@ -405,6 +409,26 @@ impl Successor {
             );
         }
         Progress::Waiting
+    }
+
+    /// Like [`Successor::progress`], but waits up to `limit` for an answer: a stop signal
+    /// during an upgrade must not kill a new process that is about to say it serves (it may
+    /// have written the pid file and told systemd already).
+    pub(super) fn settle(&mut self, limit: Duration) -> Progress {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.progress() {
+                Progress::Waiting if Instant::now() < deadline => {
+                    // Polling interval of this bounded wait for the new process's answer.
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Progress::Waiting => {
+                    self.abort();
+                    return Progress::Failed("stopped before it was ready".into());
+                }
+                settled => return settled,
+            }
+        }
     }
 
     /// The channel closed: the child is exiting or gone; reap it (bounded) and say how it ended.
