@@ -35,6 +35,10 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Write the process id here once serving; after an upgrade (SIGUSR2) the new
+        /// process writes its own.
+        #[arg(long, value_name = "FILE")]
+        pid_file: Option<PathBuf>,
     },
     /// Run supervised PostgreSQL servers (in RAM or on disk) until SIGTERM.
     Embed(EmbedArgs),
@@ -82,6 +86,13 @@ struct ProxyArgs {
     /// Admin endpoint address (`""` disables it).
     #[arg(long)]
     admin: Option<String>,
+    /// File with the bearer token the admin endpoint requires (`admin.token-file`).
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<String>,
+    /// Write the process id here once serving; after an upgrade (SIGUSR2) the new process
+    /// writes its own.
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
     /// listen(2) backlog per shard.
     #[arg(long)]
     backlog: Option<u32>,
@@ -471,6 +482,9 @@ struct EmbedArgs {
     /// Admin endpoint address (`""` disables it).
     #[arg(long)]
     admin: Option<String>,
+    /// File with the bearer token the admin endpoint requires (`admin.token-file`).
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<String>,
     /// Directory with `postgres` and `initdb`.
     #[arg(long)]
     bindir: Option<PathBuf>,
@@ -501,6 +515,9 @@ impl EmbedArgs {
         }
         if let Some(v) = self.admin {
             cfg.admin.listen = v;
+        }
+        if let Some(v) = self.admin_token_file {
+            cfg.admin.token_file = v;
         }
         if self.bindir.is_some() {
             cfg.embed.bindir = self.bindir;
@@ -569,6 +586,9 @@ impl ProxyArgs {
         }
         if let Some(v) = self.admin {
             cfg.admin.listen = v;
+        }
+        if let Some(v) = self.admin_token_file {
+            cfg.admin.token_file = v;
         }
         if let Some(v) = self.backlog {
             cfg.proxy.backlog = v;
@@ -665,10 +685,10 @@ pub fn main() -> ExitCode {
                 Err(err) => report(&err),
             };
         }
-        Command::Run { config } => match Config::load(&config) {
+        Command::Run { config, pid_file } => match Config::load(&config) {
             Ok(cfg) => {
                 let path = config.clone();
-                return run_main(cfg, Box::new(move || Config::load(&path)));
+                return run_main(cfg, Box::new(move || Config::load(&path)), pid_file);
             }
             Err(err) => return report(&err),
         },
@@ -679,9 +699,15 @@ pub fn main() -> ExitCode {
         },
     };
     let (cfg, args) = cfg;
+    let pid_file = args.pid_file.clone();
     // SIGHUP reads the file again (if any) with the same flags on top.
     let reload: crate::server::Reload = Box::new(move || args.clone().into_config());
-    match crate::server::run_proxy_with(&cfg, None, Some(reload), print_ready) {
+    let opts = crate::server::Options {
+        reload: Some(reload),
+        pid_file,
+        ..Default::default()
+    };
+    match crate::server::run_proxy_with(&cfg, opts, print_ready) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => report(&err),
     }
@@ -727,7 +753,7 @@ fn package_assets(out: &std::path::Path) -> std::io::Result<()> {
 /// primary or the CDC source may be one of them), then CDC on its own thread, then the proxy;
 /// the admin endpoint serves all their routes. On SIGTERM the proxy drains, then CDC stops
 /// (its position is checkpointed as always), then the servers stop.
-fn run_main(cfg: Config, reload: crate::server::Reload) -> ExitCode {
+fn run_main(cfg: Config, reload: crate::server::Reload, pid_file: Option<PathBuf>) -> ExitCode {
     if let Err(err) = crate::server::check(&cfg) {
         return report(&err);
     }
@@ -762,8 +788,18 @@ fn run_main(cfg: Config, reload: crate::server::Reload) -> ExitCode {
     }
     let routes = compose_routes(routes);
     let result = if has_proxy {
-        crate::server::run_proxy_with(&cfg, routes, Some(reload), print_ready)
-            .map_err(RunError::Proxy)
+        let opts = crate::server::Options {
+            routes,
+            reload: Some(reload),
+            pid_file,
+            // CDC holds its replication slot and the servers are our children: neither can
+            // move to a new process, and a second copy of either would fight the first.
+            upgrade_refused: (has_embed || has_cdc).then_some(
+                "this process also runs CDC or embedded servers, which cannot be handed to a \
+                 new binary; restart it to run a new version",
+            ),
+        };
+        crate::server::run_proxy_with(&cfg, opts, print_ready).map_err(RunError::Proxy)
     } else {
         serve_until_stopped(&cfg, routes, cdc.as_ref().map(|(_, t)| t))
     };
@@ -787,12 +823,8 @@ enum RunError {
     Proxy(crate::server::RuntimeError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    #[error("cannot start the admin endpoint on {addr}")]
-    Admin {
-        addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot start the admin endpoint")]
+    Admin(#[source] crate::control::AdminError),
     #[error("cdc stopped")]
     Cdc(#[source] crate::cdc::CdcError),
     #[error("the cdc thread panicked")]
@@ -870,24 +902,25 @@ fn serve_until_stopped(
     cdc: Option<&crate::cdc::CdcThread>,
 ) -> Result<(), RunError> {
     use crate::server::signals;
-    let _admin = if cfg.admin.listen.is_empty() {
-        None
-    } else {
-        let addr = crate::config::parse_addr("admin.listen", &cfg.admin.listen)?;
-        let state = std::sync::Arc::new(std::sync::Mutex::new(crate::control::ControlState::new(
-            0,
-            String::new(),
-            String::new(),
-            cfg.metrics.latency_us_max,
-        )));
-        let server = crate::control::AdminServer::start_with_routes(addr, state, routes)
-            .map_err(|source| RunError::Admin { addr, source })?;
+    let state = std::sync::Arc::new(std::sync::Mutex::new(crate::control::ControlState::new(
+        0,
+        String::new(),
+        String::new(),
+        cfg.metrics.latency_us_max,
+    )));
+    let _admin =
+        crate::control::AdminServer::start(&cfg.admin, state, routes).map_err(RunError::Admin)?;
+    if let Some(server) = &_admin {
         println!("pgprism admin {}", server.addr);
-        Some(server)
-    };
+    }
     loop {
-        if signals::wait(std::time::Duration::from_millis(200)) == Some(signals::Signal::Stop) {
-            return Ok(());
+        match signals::wait(std::time::Duration::from_millis(200)) {
+            Some(signals::Signal::Stop) => return Ok(()),
+            Some(signals::Signal::Upgrade) => tracing::warn!(
+                "SIGUSR2: an upgrade hands over a proxy's sockets and this process runs no \
+                 proxy; ignoring (restart pgprism to run a new version)"
+            ),
+            _ => {}
         }
         if cdc.is_some_and(|t| t.is_finished()) {
             return Ok(()); // the join reports why
@@ -898,11 +931,16 @@ fn serve_until_stopped(
 /// One parseable line on stdout so scripts and tests know where to connect (the last one at
 /// start-up), preceded by the Unix socket's line when there is one.
 fn print_ready(bound: &crate::server::Bound) {
+    use std::io::Write;
+    // Not println!: after an upgrade stdout may be a pipe its reader closed long ago, and a
+    // failed write must not end a proxy that serves.
+    let mut out = std::io::stdout().lock();
     if let Some(path) = &bound.unix {
-        println!("pgprism unix socket {}", path.display());
+        let _ = writeln!(out, "pgprism unix socket {}", path.display());
     }
     let admin = bound.admin.map(|a| a.to_string()).unwrap_or_default();
-    println!("pgprism listening on {} admin {}", bound.listen, admin);
+    let _ = writeln!(out, "pgprism listening on {} admin {}", bound.listen, admin);
+    let _ = out.flush();
 }
 
 /// The subcommands whose flags set config keys, each with a command line to start from: a
@@ -1004,14 +1042,11 @@ fn probe_config(sub: &str, base: &[&str], extra: &[&str]) -> Option<toml::Value>
         Command::Embed(args) => args.into_config().ok()?,
         Command::Cdc(args) => {
             let (cdc, admin) = args.into_config().ok()?;
-            let mut cfg = Config {
+            Config {
                 cdc,
+                admin,
                 ..Config::default()
-            };
-            if let Some(admin) = admin {
-                cfg.admin.listen = admin;
             }
-            cfg
         }
         _ => return None,
     };

@@ -91,7 +91,8 @@ impl Cdc {
         let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = pgprism_command();
         cmd.args(args)
-            .args(["--admin", "127.0.0.1:0"])
+            .args(["--admin", "127.0.0.1:0", "--admin-token-file"])
+            .arg(support::admin_token_file())
             .stdout(Stdio::piped())
             .stderr(log);
         for (k, v) in env {
@@ -671,27 +672,10 @@ fn bad_configuration_fails_clearly_and_creates_nothing() {
     assert!(err.contains("cdc.starrocks"), "{err}");
 }
 
+/// A POST with the admin token (pause and resume change state, so they need it).
 fn http_post(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let code = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        code,
-        resp.split_once("\r\n\r\n")
-            .map(|x| x.1.to_string())
-            .unwrap_or_default(),
-    )
+    let (code, _, body) = support::http_request(addr, "POST", path, Some(support::ADMIN_TOKEN));
+    (code, body)
 }
 
 #[test]

@@ -330,7 +330,12 @@ pub struct ProxyConfig {
     /// connections follow a name that moved; 0: resolved once at start-up.
     pub dns_refresh_ms: u64,
     /// On SIGTERM/SIGINT: how long running sessions may take to finish before pgprism exits.
+    /// After an upgrade (SIGUSR2) the old process waits this long for its sessions to end on
+    /// their own, then closes the rest with 57P01.
     pub drain_timeout_ms: u64,
+    /// On SIGUSR2: how long the new binary has to validate its config, take over the
+    /// listening sockets and report ready; past it the old process kills it and keeps serving.
+    pub upgrade_timeout_ms: u64,
     /// Client sessions per shard; beyond it new clients get SQLSTATE 53300.
     pub sessions_per_shard_max: usize,
     /// Statements in flight per session whose latency is recorded (pipelines deeper than this
@@ -359,6 +364,7 @@ impl Default for ProxyConfig {
             connect_timeout_ms: 5_000,
             dns_refresh_ms: 15_000,
             drain_timeout_ms: 30_000,
+            upgrade_timeout_ms: 30_000,
             sessions_per_shard_max: 10_000,
             pipeline_depth_max: 1024,
             session_names_max: 10_000,
@@ -381,14 +387,62 @@ pub struct PrimaryConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct AdminConfig {
-    /// Address of the admin endpoint; empty disables it.
+    /// Address of the admin endpoint; empty disables it. An address beyond loopback needs
+    /// `token-file`.
     pub listen: String,
+    /// File holding the bearer token (one line, at least 16 characters) that requests must
+    /// carry as `Authorization: Bearer <token>`: every state-changing request (any method but
+    /// GET), and on an address beyond loopback every request. The file must not be readable
+    /// or writable by group or others (as ssh insists for keys). Empty: no token, and
+    /// state-changing requests are refused with 403.
+    pub token_file: String,
+    /// PEM certificate chain the admin endpoint presents: set it (with `key-file`) to serve
+    /// HTTPS instead of plain HTTP.
+    pub cert_file: String,
+    /// PEM private key of that certificate.
+    pub key_file: String,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: "127.0.0.1:9930".into(),
+            token_file: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The address and token rules that need no file: a listen address beyond loopback
+    /// needs a token; certificate and key go together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(());
+        }
+        let addr = parse_addr("admin.listen", &self.listen)?;
+        if !addr.ip().is_loopback() && self.token_file.is_empty() {
+            return Err(ConfigError::key(
+                "admin.token-file",
+                format!(
+                    "admin.listen `{}` is reachable beyond this machine, so every request \
+                     must carry a bearer token: set admin.token-file (a file only pgprism's \
+                     user can read) or listen on 127.0.0.1",
+                    self.listen
+                ),
+            ));
+        }
+        match (self.cert_file.is_empty(), self.key_file.is_empty()) {
+            (false, true) => Err(ConfigError::key(
+                "admin.key-file",
+                "admin.cert-file is set: set admin.key-file too (its private key)",
+            )),
+            (true, false) => Err(ConfigError::key(
+                "admin.cert-file",
+                "admin.key-file is set: set admin.cert-file too (the certificate chain)",
+            )),
+            _ => Ok(()),
         }
     }
 }
@@ -810,9 +864,7 @@ impl Config {
         self.validate_metrics()?;
         self.validate_primary()?;
         self.validate_client_tls()?;
-        if !self.admin.listen.is_empty() {
-            parse_addr("admin.listen", &self.admin.listen)?;
-        }
+        self.admin.validate()?;
         self.validate_mirrors()?;
         self.validate_compare()?;
         self.pool.validate()?;
@@ -852,6 +904,7 @@ impl Config {
         for (key, value) in [
             ("proxy.startup-timeout-ms", self.proxy.startup_timeout_ms),
             ("proxy.connect-timeout-ms", self.proxy.connect_timeout_ms),
+            ("proxy.upgrade-timeout-ms", self.proxy.upgrade_timeout_ms),
             (
                 "metrics.report-interval-ms",
                 self.metrics.report_interval_ms,
