@@ -49,9 +49,18 @@ pub struct CdcArgs {
     /// Add the audit columns to every row.
     #[arg(long)]
     audit_columns: bool,
-    /// Copy the tables first when the slot is created.
-    #[arg(long)]
+    /// Copy the tables first when the slot is created (the default).
+    #[arg(long, conflicts_with = "no_snapshot")]
     snapshot: bool,
+    /// Do not copy the tables' existing rows when the slot is created: stream changes only.
+    #[arg(long)]
+    no_snapshot: bool,
+    /// Connections copying snapshot chunks in parallel.
+    #[arg(long)]
+    snapshot_workers: Option<usize>,
+    /// Rows per snapshot chunk.
+    #[arg(long)]
+    snapshot_chunk_rows: Option<usize>,
     /// Control endpoint address (GET /cdc/status, POST /cdc/pause, POST /cdc/resume).
     #[arg(long)]
     admin: Option<String>,
@@ -114,7 +123,18 @@ impl CdcArgs {
             _ => {}
         }
         cfg.audit_columns |= self.audit_columns;
-        cfg.snapshot |= self.snapshot;
+        if self.snapshot {
+            cfg.snapshot = true;
+        }
+        if self.no_snapshot {
+            cfg.snapshot = false;
+        }
+        if let Some(v) = self.snapshot_workers {
+            cfg.snapshot_workers = v;
+        }
+        if let Some(v) = self.snapshot_chunk_rows {
+            cfg.snapshot_chunk_rows = v;
+        }
         Ok((cfg, admin))
     }
 }

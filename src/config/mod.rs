@@ -611,10 +611,18 @@ pub struct CdcConfig {
     pub audit_columns: bool,
     /// Prefix of the audit column names.
     pub audit_prefix: String,
-    /// Copy the tables' current content before streaming (only when the slot is created).
+    /// Copy the tables' current content when the slot is created (the default); the copy
+    /// runs beside streaming in primary-key chunks and resumes after a restart.
     pub snapshot: bool,
-    /// Rows per snapshot chunk.
+    /// Rows per snapshot chunk (one primary-key range, one SELECT between two watermarks).
     pub snapshot_chunk_rows: usize,
+    /// Connections copying snapshot chunks in parallel.
+    pub snapshot_workers: usize,
+    /// Attempts per snapshot chunk (a chunk is read again when its watermark window cannot
+    /// be trusted) before the snapshot fails.
+    pub snapshot_chunk_attempts_max: u32,
+    /// Changed keys remembered per open watermark window; beyond it the chunk is read again.
+    pub snapshot_window_keys_max: usize,
     /// Flush a table's batch when it holds this many rows.
     pub flush_rows: usize,
     /// Flush a table's batch when its JSON body reaches this many bytes.
@@ -660,8 +668,11 @@ impl Default for CdcConfig {
             toast_mode: CdcToastMode::FullRow,
             audit_columns: false,
             audit_prefix: "pgprism_".into(),
-            snapshot: false,
+            snapshot: true,
             snapshot_chunk_rows: 50_000,
+            snapshot_workers: 2,
+            snapshot_chunk_attempts_max: 5,
+            snapshot_window_keys_max: 1_000_000,
             flush_rows: 50_000,
             flush_bytes: 32 << 20,
             flush_interval_ms: 1_000,
