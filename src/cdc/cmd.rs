@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use clap::Args;
 
 use super::Shared;
-use crate::config::{CdcConfig, CdcDeleteMode, CdcToastMode, Config};
+use crate::config::{CdcConfig, CdcDeleteMode, CdcToastMode, CdcTransactionMode, Config};
 
 #[derive(Args, Debug)]
 pub struct CdcArgs {
@@ -47,6 +47,9 @@ pub struct CdcArgs {
     /// `full-row` or `partial`.
     #[arg(long, value_parser = ["full-row", "partial"])]
     toast_mode: Option<String>,
+    /// `multi-table` (StarRocks 4.0+), `per-table` (2.4 to 3.x) or `none` (plain Stream Load).
+    #[arg(long, value_parser = ["multi-table", "per-table", "none"])]
+    transaction_mode: Option<String>,
     /// Add the audit columns to every row.
     #[arg(long)]
     audit_columns: bool,
@@ -99,6 +102,12 @@ impl CdcArgs {
         match self.toast_mode.as_deref() {
             Some("partial") => cfg.toast_mode = CdcToastMode::Partial,
             Some("full-row") => cfg.toast_mode = CdcToastMode::FullRow,
+            _ => {}
+        }
+        match self.transaction_mode.as_deref() {
+            Some("multi-table") => cfg.transaction_mode = CdcTransactionMode::MultiTable,
+            Some("per-table") => cfg.transaction_mode = CdcTransactionMode::PerTable,
+            Some("none") => cfg.transaction_mode = CdcTransactionMode::None,
             _ => {}
         }
         cfg.audit_columns |= self.audit_columns;
