@@ -10,7 +10,9 @@ use std::sync::atomic::Ordering;
 use clap::Args;
 
 use super::Shared;
-use crate::config::{AdminConfig, CdcConfig, CdcDeleteMode, CdcToastMode, Config};
+use crate::config::{
+    AdminConfig, CdcConfig, CdcDeleteMode, CdcToastMode, CdcTransactionMode, Config,
+};
 
 #[derive(Args, Debug)]
 pub struct CdcArgs {
@@ -46,6 +48,9 @@ pub struct CdcArgs {
     /// `full-row` or `partial`.
     #[arg(long, value_parser = ["full-row", "partial"])]
     toast_mode: Option<String>,
+    /// `multi-table` (StarRocks 4.0+), `per-table` (2.4 to 3.x) or `none` (plain Stream Load).
+    #[arg(long, value_parser = ["multi-table", "per-table", "none"])]
+    transaction_mode: Option<String>,
     /// Add the audit columns to every row.
     #[arg(long)]
     audit_columns: bool,
@@ -120,6 +125,12 @@ impl CdcArgs {
         match self.toast_mode.as_deref() {
             Some("partial") => cfg.toast_mode = CdcToastMode::Partial,
             Some("full-row") => cfg.toast_mode = CdcToastMode::FullRow,
+            _ => {}
+        }
+        match self.transaction_mode.as_deref() {
+            Some("multi-table") => cfg.transaction_mode = CdcTransactionMode::MultiTable,
+            Some("per-table") => cfg.transaction_mode = CdcTransactionMode::PerTable,
+            Some("none") => cfg.transaction_mode = CdcTransactionMode::None,
             _ => {}
         }
         cfg.audit_columns |= self.audit_columns;

@@ -580,6 +580,21 @@ pub enum CdcToastMode {
     Partial,
 }
 
+/// How loads are grouped into StarRocks transactions (the Stream Load transaction interface).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CdcTransactionMode {
+    /// One StarRocks transaction per flush cycle across every table (StarRocks 4.0 and
+    /// later): a source transaction that changed several tables becomes visible at once.
+    MultiTable,
+    /// One StarRocks transaction per table per flush cycle (StarRocks 2.4 to 3.x): each
+    /// table's share of a source transaction is all or nothing, but two tables become
+    /// visible one after the other.
+    PerTable,
+    /// Plain Stream Load, one load per batch (any StarRocks): a batch is all or nothing.
+    None,
+}
+
 /// Change data capture: PostgreSQL logical replication into StarRocks Stream Load.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -635,6 +650,8 @@ pub struct CdcConfig {
     pub stream_buffer_bytes_max: usize,
     /// Stream Load `max_filter_ratio`; 0 means a filtered row fails the load.
     pub max_filter_ratio: f64,
+    /// How loads are grouped into StarRocks transactions.
+    pub transaction_mode: CdcTransactionMode,
     /// Attempts per Stream Load before giving up (same label each time).
     pub load_attempts_max: u32,
     /// First retry delay; doubles per attempt up to `load-backoff-ms-max`.
@@ -679,6 +696,7 @@ impl Default for CdcConfig {
             ring_capacity: 8,
             stream_buffer_bytes_max: 1 << 30,
             max_filter_ratio: 0.0,
+            transaction_mode: CdcTransactionMode::MultiTable,
             load_attempts_max: 10,
             load_backoff_ms: 100,
             load_backoff_ms_max: 10_000,
