@@ -539,7 +539,7 @@ impl Dispatch {
             && self.target.port.is_some()
             && !self.batch_unordered
             && !statements.iter().any(|s| s.copy);
-        let start = self.start(&statements);
+        let start = self.start(&statements, !shadow);
         if start.1.writes {
             self.link
                 .in_flight
@@ -559,7 +559,7 @@ impl Dispatch {
 
     /// Tells the ledger a sync point of these statements goes to the primary now (a write is
     /// in flight until answered). One that may end a transaction carries what it wrote.
-    fn start(&self, statements: &[Rc<Compared>]) -> Start {
+    fn start(&self, statements: &[Rc<Compared>], only: bool) -> Start {
         let Some(port) = &self.target.port else {
             return Start::default();
         };
@@ -570,7 +570,7 @@ impl Dispatch {
                 footprint.join(&self.link.written.borrow());
             }
         }
-        let started = port.ledger.start(self.link.order_session, &footprint);
+        let started = port.ledger.start(self.link.order_session, &footprint, only);
         (footprint, started)
     }
 
@@ -1204,7 +1204,9 @@ impl Comparer {
         {
             let mut written = self.link.written.borrow_mut();
             if status == b'I' {
-                footprint.join(&std::mem::take(&mut *written));
+                let ended = std::mem::take(&mut *written);
+                footprint.ends = !ended.is_empty();
+                footprint.join(&ended);
             } else {
                 written.join(&footprint.written());
             }
@@ -1218,7 +1220,10 @@ impl Comparer {
             while in_flight.front().is_some_and(|(s, _)| *s < seq) {
                 in_flight.pop_front();
             }
-            start.1.writes = in_flight.pop_front().is_some_and(|(s, _)| s == seq);
+            start.1.writes = in_flight.front().is_some_and(|(s, _)| *s == seq);
+            if start.1.writes {
+                in_flight.pop_front();
+            }
         }
         if self.link.dead.get() {
             port.ledger.answered(session, &footprint, &start);

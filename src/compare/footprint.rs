@@ -19,6 +19,13 @@ pub struct Footprint {
     pub write: bool,
     /// It may touch any relation.
     pub wild: bool,
+    /// It ends a transaction that wrote (COMMIT, ROLLBACK, END): it waits only for earlier
+    /// reads of what it touches. Earlier writes there that conflicted at the row level had
+    /// to wait for its row locks on the primary, so they came after it; when the completion
+    /// order says otherwise, pgprism saw the two answers in the other order (microseconds
+    /// apart), and waiting for such a write would wait for it to get the lock this
+    /// transaction holds on the shadow: a cycle only the bound would break.
+    pub ends: bool,
 }
 
 impl Footprint {
@@ -28,6 +35,7 @@ impl Footprint {
             lanes: Vec::new(),
             write: true,
             wild: true,
+            ends: false,
         }
     }
 
@@ -43,6 +51,16 @@ impl Footprint {
             self.lanes.extend_from_slice(&other.lanes);
             self.lanes.sort_unstable();
             self.lanes.dedup();
+        }
+    }
+
+    /// Whether a sync point of this footprint waits for an earlier conflicting one that
+    /// writes (`write`) or only reads.
+    pub fn waits_for(&self, write: bool) -> bool {
+        if self.ends {
+            !write
+        } else {
+            write || self.write
         }
     }
 
@@ -375,6 +393,7 @@ pub fn scan(text: &str, class: sql::Class) -> Scan {
             lanes,
             write: locks_rows,
             wild: false,
+            ends: false,
         },
         sql::Class::Dml => {
             let first = all.first();
@@ -385,6 +404,7 @@ pub fn scan(text: &str, class: sql::Class) -> Scan {
                     lanes,
                     write: true,
                     wild: false,
+                    ends: false,
                 }
             }
         }

@@ -60,6 +60,10 @@ struct Recent {
     writes: [(u64, u64); 2],
     /// Writes sent to the primary and not answered yet: (session, how many).
     in_flight: Vec<(u64, u32)>,
+    /// Those of them that never run on the shadow (primary-only routing, calibration):
+    /// whenever they land, the shadow may see them, so a read the shadow completes while one
+    /// is in flight is not pinned.
+    only_in_flight: Vec<(u64, u32)>,
 }
 
 impl Recent {
@@ -78,24 +82,38 @@ impl Recent {
             || self.in_flight.iter().any(|&(s, n)| s != session && n > 0)
     }
 
-    fn start(&mut self, session: u64) {
-        match self.in_flight.iter_mut().find(|(s, _)| *s == session) {
-            Some((_, n)) => *n += 1,
-            None => self.in_flight.push((session, 1)),
+    fn start(&mut self, session: u64, only: bool) {
+        count_up(&mut self.in_flight, session);
+        if only {
+            count_up(&mut self.only_in_flight, session);
         }
     }
 
-    fn end(&mut self, session: u64) {
-        if let Some(i) = self.in_flight.iter().position(|(s, _)| *s == session) {
-            self.in_flight[i].1 -= 1;
-            if self.in_flight[i].1 == 0 {
-                self.in_flight.swap_remove(i);
-            }
+    fn end(&mut self, session: u64, only: bool) {
+        count_down(&mut self.in_flight, session);
+        if only {
+            count_down(&mut self.only_in_flight, session);
         }
     }
 
     fn idle(&self) -> bool {
         self.in_flight.is_empty()
+    }
+}
+
+fn count_up(counts: &mut Vec<(u64, u32)>, session: u64) {
+    match counts.iter_mut().find(|(s, _)| *s == session) {
+        Some((_, n)) => *n += 1,
+        None => counts.push((session, 1)),
+    }
+}
+
+fn count_down(counts: &mut Vec<(u64, u32)>, session: u64) {
+    if let Some(i) = counts.iter().position(|(s, _)| *s == session) {
+        counts[i].1 -= 1;
+        if counts[i].1 == 0 {
+            counts.swap_remove(i);
+        }
     }
 }
 
@@ -175,18 +193,24 @@ pub struct Started {
     pub since: u64,
     /// It writes, and was counted in flight.
     pub writes: bool,
+    /// It runs on the primary only.
+    pub only: bool,
 }
 
 impl Ledger {
     /// A sync point of `session` touching `footprint` is sent to the primary now.
-    pub fn start(&self, session: u64, footprint: &Footprint) -> Started {
+    pub fn start(&self, session: u64, footprint: &Footprint, only: bool) -> Started {
         let mut book = self.book();
         let since = book.next.max(1);
         let writes = footprint.write && !footprint.is_empty();
         if writes {
-            book.each_recent(footprint, |r| r.start(session));
+            book.each_recent(footprint, |r| r.start(session, only));
         }
-        Started { since, writes }
+        Started {
+            since,
+            writes,
+            only,
+        }
     }
 
     /// The primary answered a sync point of `session` sent at `started`: it is no longer in
@@ -201,7 +225,7 @@ impl Ledger {
     ) -> bool {
         let (counted, started) = (&started.0, started.1);
         if started.writes {
-            book.each_recent(counted, |r| r.end(session));
+            book.each_recent(counted, |r| r.end(session, started.only));
         }
         let mut overlapped = false;
         if !footprint.is_empty() {
@@ -234,7 +258,7 @@ impl Ledger {
         let mut book = self.book();
         for (footprint, s) in started {
             if s.writes {
-                book.each_recent(footprint, |r| r.end(session));
+                book.each_recent(footprint, |r| r.end(session, s.only));
             }
         }
     }
@@ -333,6 +357,17 @@ impl Ledger {
             return;
         };
         let blockers = book.conflicting(session, &footprint, c);
+        tracing::debug!(
+            c,
+            session,
+            lanes = footprint.lanes.len(),
+            write = footprint.write,
+            blockers = ?blockers
+                .iter()
+                .filter_map(|b| book.entries.get(b).map(|e| (*b, e.session, e.footprint.lanes.len(), e.footprint.write)))
+                .collect::<Vec<_>>(),
+            "compare ordering: a wait ran out"
+        );
         for b in blockers.into_iter().chain([c]) {
             if let Some(e) = book.entries.get_mut(&b) {
                 e.overtaken = true;
@@ -349,7 +384,18 @@ impl Ledger {
             return Pinned::Overtaken;
         };
         book.release(&entry.footprint, this_shard);
-        if entry.overtaken {
+        let mut only = book
+            .recent_wild
+            .only_in_flight
+            .iter()
+            .any(|(s, _)| *s != entry.session);
+        for lane in &entry.footprint.lanes {
+            only |= book
+                .recent
+                .get(lane)
+                .is_some_and(|r| r.only_in_flight.iter().any(|(s, _)| *s != entry.session));
+        }
+        if entry.overtaken || only {
             Pinned::Overtaken
         } else {
             Pinned::InOrder
@@ -456,7 +502,7 @@ impl Book {
         self.lanes_of(footprint)
             .filter_map(|lane| {
                 lane.range(..before)
-                    .find(|(_, (s, w))| *s != session && (*w || footprint.write))
+                    .find(|(_, (s, w))| *s != session && footprint.waits_for(*w))
                     .map(|(c, _)| *c)
             })
             .min()
@@ -469,7 +515,7 @@ impl Book {
             .lanes_of(footprint)
             .flat_map(|lane| {
                 lane.range(..before)
-                    .filter(|(_, (s, w))| *s != session && (*w || footprint.write))
+                    .filter(|(_, (s, w))| *s != session && footprint.waits_for(*w))
                     .map(|(c, _)| *c)
             })
             .collect();
@@ -618,7 +664,7 @@ mod tests {
 
     /// Sent to the primary and answered at once.
     fn now(ledger: &Ledger, session: u64, footprint: Footprint) -> u64 {
-        let started = ledger.start(session, &footprint);
+        let started = ledger.start(session, &footprint, false);
         ledger.complete(session, footprint.clone(), &(footprint, started))
     }
 
@@ -626,14 +672,14 @@ mod tests {
     fn a_read_that_overlapped_a_write_of_another_session_is_not_pinned() {
         let ledger = Ledger::default();
         let read = fp(&[7], false);
-        let started = ledger.start(1, &read);
+        let started = ledger.start(1, &read, false);
         let write = now(&ledger, 2, fp(&[7], true));
         let c = ledger.complete(1, read.clone(), &(read.clone(), started));
         assert_eq!(ledger.done(write, 0), Pinned::InOrder);
         assert_eq!(ledger.done(c, 0), Pinned::Overtaken);
         // A write still in flight when the read completes overlaps it too.
         let w = fp(&[7], true);
-        let in_flight = ledger.start(2, &w);
+        let in_flight = ledger.start(2, &w, false);
         let c = now(&ledger, 1, read.clone());
         assert_eq!(ledger.done(c, 0), Pinned::Overtaken);
         ledger.unstart(2, &[(w, in_flight)]);
@@ -646,6 +692,7 @@ mod tests {
             lanes: lanes.to_vec(),
             write,
             wild: false,
+            ends: false,
         }
     }
 
@@ -699,7 +746,7 @@ mod tests {
         let read = now(&ledger, 1, fp(&[7], false));
         for write in [true, false] {
             let f = fp(&[7], write);
-            let started = ledger.start(2, &f);
+            let started = ledger.start(2, &f, true);
             ledger.primary_only(2, &f, &(f.clone(), started));
         }
         assert_eq!(ledger.done(read, 0), Pinned::Overtaken);
