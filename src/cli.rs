@@ -195,6 +195,14 @@ struct CompareArgs {
     /// How long (ms) an answered statement waits for the shadow before comparing stops.
     #[arg(long)]
     compare_shadow_timeout_ms: Option<u64>,
+    /// How long (ms) a statement may wait for earlier conflicting ones to complete on the
+    /// shadow (ordered dispatch); 0 turns ordering off.
+    #[arg(long)]
+    compare_order_wait_ms: Option<u64>,
+    /// A/A calibration: the shadow is the primary itself (--shadow defaults to the primary's
+    /// URL); writes run on the primary only and every difference counts as noise.
+    #[arg(long)]
+    calibrate: bool,
 }
 
 impl CompareArgs {
@@ -236,6 +244,15 @@ impl CompareArgs {
         }
         if let Some(v) = self.compare_buffer_bytes {
             c.buffer_bytes_max = v;
+        }
+        if let Some(v) = self.compare_order_wait_ms {
+            c.order_wait_ms = v;
+        }
+        if self.calibrate {
+            c.calibrate = true;
+            if cfg.shadow.url.is_empty() {
+                cfg.shadow.url = cfg.primary.url.clone();
+            }
         }
     }
 }

@@ -154,6 +154,14 @@ pub struct CompareConfig {
     /// transaction-control statement until both sides answered it; beyond it the client's
     /// reads wait (backpressure).
     pub shadow_queue_bytes_max: usize,
+    /// Ordered shadow dispatch: how long a statement the primary has answered may wait for
+    /// earlier conflicting statements (of other sessions) to complete on the shadow; beyond it
+    /// it goes anyway and a difference in its result is inconclusive (concurrent), not a
+    /// mismatch. 0 turns ordering off (each session's statements go as they arrive).
+    pub order_wait_ms: u64,
+    /// Calibration (A/A): the shadow is the primary itself, so writes run on the primary only
+    /// and every difference is noise; reports carry the noise rate per fingerprint.
+    pub calibrate: bool,
 }
 
 impl Default for CompareConfig {
@@ -186,6 +194,8 @@ impl Default for CompareConfig {
             shadow_timeout_ms: 30_000,
             shadow_lag_max: 10_000,
             shadow_queue_bytes_max: 4 << 20,
+            order_wait_ms: 2_000,
+            calibrate: false,
         }
     }
 }
