@@ -11,6 +11,7 @@ mod assembly;
 mod check;
 mod control_loop;
 mod listener;
+mod low_port;
 mod preflight;
 mod reload;
 mod shard;
