@@ -77,7 +77,9 @@ pub struct CdcArgs {
 impl CdcArgs {
     /// The `[cdc]` section with the flags on top, and the control endpoint's `[admin]` (off
     /// unless `--admin` names an address; its token and certificate from the file).
-    pub(crate) fn into_config(self) -> Result<(CdcConfig, AdminConfig), crate::config::ConfigError> {
+    pub(crate) fn into_config(
+        self,
+    ) -> Result<(CdcConfig, AdminConfig), crate::config::ConfigError> {
         let (mut cfg, mut admin) = match &self.config {
             Some(path) => {
                 let file = Config::load(path)?;
