@@ -52,6 +52,13 @@ enum Command {
     Bench(crate::bench::BenchArgs),
     /// Two in-memory servers, pgprism in front, a short workload, the differences it finds.
     Demo(crate::demo::DemoArgs),
+    /// Writes the man pages and shell completions the Debian package installs
+    /// (packaging/build-deb): OUT/man/*.1 and OUT/completions/{pgprism.bash,_pgprism,pgprism.fish}.
+    #[command(hide = true)]
+    PackageAssets {
+        #[arg(long, value_name = "OUT")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -321,6 +328,10 @@ struct PoolArgs {
     /// Connections to each mirror for the whole process (0: one per client session).
     #[arg(long, value_name = "N")]
     mirror_pool_size: Option<usize>,
+    /// Pipelined lending: up to N clients' autocommit statements in flight on one shared
+    /// primary connection (1: off).
+    #[arg(long, value_name = "N")]
+    shared_depth_max: Option<usize>,
 }
 
 impl PoolArgs {
@@ -356,6 +367,9 @@ impl PoolArgs {
             Some("plain") => p.auth_type = AuthType::Plain,
             Some("trust") => p.auth_type = AuthType::Trust,
             _ => {}
+        }
+        if let Some(v) = self.shared_depth_max {
+            p.shared_depth_max = v;
         }
         if let Some(v) = self.mirror_pool_size {
             for m in &mut cfg.mirror {
@@ -652,6 +666,12 @@ pub fn main() -> ExitCode {
             };
         }
         Command::Cdc(args) => return crate::cdc::cmd::main(args),
+        Command::PackageAssets { out } => {
+            return match package_assets(&out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => report(&err),
+            };
+        }
         Command::Run { config, pid_file } => match Config::load(&config) {
             Ok(cfg) => {
                 let path = config.clone();
@@ -678,6 +698,42 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => report(&err),
     }
+}
+
+/// The man pages (one for pgprism, one per visible subcommand, as `git` has) and the bash, zsh
+/// and fish completions, all from the clap command itself so they cannot drift from it.
+fn package_assets(out: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let man = out.join("man");
+    let completions = out.join("completions");
+    std::fs::create_dir_all(&man)?;
+    std::fs::create_dir_all(&completions)?;
+    let mut cmd = Cli::command();
+    cmd.build();
+    let mut page = Vec::new();
+    clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+    std::fs::write(man.join("pgprism.1"), page)?;
+    // After `build`, a subcommand's display name is `pgprism-NAME`, the page's name.
+    let pages = cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help");
+    for sub in pages {
+        let name = sub.get_display_name().unwrap_or(sub.get_name());
+        let mut page = Vec::new();
+        clap_mangen::Man::new(sub.clone()).render(&mut page)?;
+        std::fs::write(man.join(format!("{name}.1")), page)?;
+    }
+    use clap_complete::Shell;
+    for (shell, file) in [
+        (Shell::Bash, "pgprism.bash"),
+        (Shell::Zsh, "_pgprism"),
+        (Shell::Fish, "pgprism.fish"),
+    ] {
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut cmd, "pgprism", &mut script);
+        std::fs::write(completions.join(file), script)?;
+    }
+    Ok(())
 }
 
 /// `pgprism run`: everything the file configures. Embedded servers start first (the proxy's

@@ -815,6 +815,34 @@ pub fn transaction(sql: &[u8]) -> Option<Transaction> {
     }
 }
 
+/// Whether one statement may run on a server connection shared with other clients'
+/// statements (pipelined lending), as its own implicit transaction: a read or a write
+/// (SELECT, VALUES, TABLE, SHOW, EXPLAIN, INSERT, UPDATE, DELETE, MERGE, WITH ...) that can
+/// neither open a transaction block nor leave anything on the connection for the next
+/// client. Not: transaction control, settings (`SET`, `set_config` anywhere, even inside a
+/// query), SQL-level PREPARE/EXECUTE/DEALLOCATE, COPY (its data comes later), what pins
+/// (LISTEN, session advisory locks, temporary objects, WITH HOLD cursors), CALL and DO
+/// (procedures may commit and set), cursors (FETCH, MOVE), several statements, and
+/// everything unclassified. Errs on the side of "no": such a statement is lent a
+/// connection of its own, as any other.
+pub fn shareable_alone(sql: &[u8]) -> bool {
+    let mut buf = [0u8; 16];
+    let (first, _) = word_at(sql, 0, &mut buf);
+    if matches!(
+        first,
+        b"CALL" | b"DO" | b"FETCH" | b"MOVE" | b"TRUNCATE" | b"LOCK"
+    ) {
+        return false;
+    }
+    matches!(classify(sql), Class::Select | Class::Dml)
+        && transaction(sql).is_none()
+        && copy(sql).is_none()
+        && prepared(sql).is_none()
+        && pins(sql).is_none()
+        && !words_from(sql, 0).any(|w| w.eq_ignore_ascii_case(b"set_config"))
+        && split_statements(sql).len() <= 1
+}
+
 /// Splits a simple-query string into statements at top-level semicolons (quotes, comments and
 /// dollar quoting respected). Returned ranges exclude the semicolons; empty ones are dropped.
 pub fn split_statements(sql: &[u8]) -> Vec<std::ops::Range<usize>> {
@@ -1077,6 +1105,47 @@ fn order_by_end(sql: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn shareable_statements_are_plain_reads_and_writes_alone() {
+        for yes in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1",
+            "  select 1",
+            "UPDATE t SET v = v + 1 WHERE id = $1",
+            "insert into t values (1)",
+            "WITH x AS (DELETE FROM t RETURNING *) SELECT count(*) FROM x",
+            "SELECT 1;",
+            "SELECT 'set_config' AS word",
+            "SELECT pg_advisory_xact_lock(1)",
+        ] {
+            assert!(super::shareable_alone(yes.as_bytes()), "{yes}");
+        }
+        for no in [
+            "BEGIN",
+            "COMMIT",
+            "SET search_path = x",
+            "SELECT set_config('search_path', 'x', false) FROM t",
+            "PREPARE p AS SELECT 1",
+            "EXECUTE p",
+            "COPY t FROM STDIN",
+            "COPY t TO STDOUT",
+            "LISTEN c",
+            "SELECT pg_advisory_lock(1)",
+            "CREATE TEMP TABLE x (a int)",
+            "CALL p()",
+            "DO $$ BEGIN PERFORM 1; END $$",
+            "FETCH 1 FROM c",
+            "SELECT 1; SELECT 2",
+            "LOCK TABLE t",
+            "TRUNCATE t",
+            "CREATE TABLE t (a int)",
+            "SELECT * INTO x FROM t",
+            "VACUUM",
+            "",
+        ] {
+            assert!(!super::shareable_alone(no.as_bytes()), "{no}");
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn the_split_fast_path_agrees_with_the_walk(

@@ -88,14 +88,18 @@ impl Proxy {
                 listen,
                 "--admin",
                 "127.0.0.1:0",
-                "--shards",
-                "2",
                 "--no-pin",
                 "--log",
                 "pgprism=debug",
                 "--primary",
                 primary_url,
             ])
+            // Two shards unless the test says otherwise.
+            .args(if extra.contains(&"--shards") {
+                &[][..]
+            } else {
+                &["--shards", "2"][..]
+            })
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(stderr)
