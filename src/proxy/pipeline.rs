@@ -208,11 +208,12 @@ impl Pipeline {
         {
             return None;
         }
+        // The least loaded one, so that units spread over the connections lent.
         shard
             .pipelines
             .borrow()
             .iter()
-            .find(|p| {
+            .filter(|p| {
                 Rc::ptr_eq(&p.pool, pool)
                     && p.settings == settings
                     && !p.retired.get()
@@ -221,6 +222,7 @@ impl Pipeline {
                     && (pool.waiting() == 0
                         || p.served.get() < SERVED_PER_DEPTH * p.depth_max as u64)
             })
+            .min_by_key(|p| p.queue.borrow().len())
             .cloned()
     }
 

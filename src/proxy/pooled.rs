@@ -595,7 +595,7 @@ impl Session<'_> {
                 // An autocommit unit may share a connection with other clients' units.
                 let unit = self.shareable(&frame, cbuf);
                 if let Some((len, hashes)) = &unit
-                    && !self.pool.has_idle()
+                    && self.pool.under_pressure(self.pools.cfg.size)
                     && let Some(pipeline) = Pipeline::find(
                         self.shard,
                         &self.pool,
