@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use pgprism::embed::{Instance, InstanceConfig};
+
 mod support;
 
 fn repo() -> &'static Path {
@@ -715,6 +717,72 @@ impl Drop for Booted {
     }
 }
 
+/// Enables the unit in `root` and boots it (systemd as PID 1, the host's network).
+fn boot(root: &Path) -> Booted {
+    ok(&mut in_root(
+        root,
+        &["systemctl", "enable", "pgprism.service"],
+    ));
+    let log = root.with_extension("boot.log");
+    Booted {
+        child: Command::new("systemd-nspawn")
+            .args(["--quiet", "--register=no", "--keep-unit", "--boot", "-D"])
+            .arg(root)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("systemd-nspawn"),
+        log,
+    }
+}
+
+/// The container's PID 1 (its systemd), as seen from here: the descendant of the nspawn
+/// process whose pid in its own namespace is 1.
+fn container_init(nspawn: u32) -> Option<u32> {
+    let status = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/status")).ok();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let text = status(pid)?;
+        let nspid = text.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+        (nspid.split_whitespace().nth(1) == Some("1")).then_some(())?;
+        // Up the parents to the nspawn process (a few steps at most).
+        let mut at = pid;
+        for _ in 0..4 {
+            let parent: u32 = status(at)?
+                .lines()
+                .find_map(|l| l.strip_prefix("PPid:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            if parent == nspawn {
+                return Some(pid);
+            }
+            at = parent;
+        }
+        None
+    })
+}
+
+/// `systemctl ARGS` inside the container (nsenter into its namespaces); stdout, trimmed.
+fn systemctl_in(init: u32, args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--target={init}"))
+        .args([
+            "--mount",
+            "--uts",
+            "--ipc",
+            "--net",
+            "--pid",
+            "--",
+            "systemctl",
+        ])
+        .args(args)
+        .output()
+        .expect("nsenter");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 #[test]
 fn the_unit_runs_the_proxy_and_an_embedded_server_under_systemd() {
     // The package on a fresh Debian booted with systemd as PID 1 (systemd-nspawn, sharing the
@@ -738,22 +806,7 @@ fn the_unit_runs_the_proxy_and_an_embedded_server_under_systemd() {
         ),
     )
     .unwrap();
-    ok(&mut in_root(
-        &root,
-        &["systemctl", "enable", "pgprism.service"],
-    ));
-    let log = root.with_extension("boot.log");
-    let mut booted = Booted {
-        child: Command::new("systemd-nspawn")
-            .args(["--quiet", "--register=no", "--keep-unit", "--boot", "-D"])
-            .arg(&root)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("systemd-nspawn"),
-        log,
-    };
+    let mut booted = boot(&root);
     let conninfo =
         format!("host=127.0.0.1 port={listen} user=postgres dbname=postgres connect_timeout=5");
     let mut client = None;
@@ -829,6 +882,102 @@ fn the_unit_runs_the_proxy_and_an_embedded_server_under_systemd() {
         "the server was not stopped cleanly; boot log:\n{}",
         booted.log()
     );
+    drop(booted);
+    let _ = std::fs::remove_file(root.with_extension("boot.log"));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn usr2_under_the_unit_hands_over_to_a_new_process_systemd_follows() {
+    // `systemctl kill -s USR2 pgprism` under the shipped unit: the new process (a child of the
+    // old one) tells systemd its pid (NotifyAccess=all), the old one drains and exits, and
+    // the service stays active with the new main pid, serving throughout. (Upgrades refuse
+    // while pgprism runs embedded servers, so the primary runs here, on the host.)
+    assert_root();
+    let primary = Instance::start(InstanceConfig {
+        name: "unit-upgrade".into(),
+        ..InstanceConfig::default()
+    })
+    .expect("start PostgreSQL");
+    let root = debian_root();
+    std::fs::copy(package(), root.join("tmp/pgprism.deb")).unwrap();
+    ok(&mut in_root(&root, &["dpkg", "-i", "/tmp/pgprism.deb"]));
+    let (listen, admin) = (free_port(), free_port());
+    std::fs::write(
+        root.join("etc/pgprism/pgprism.toml"),
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{listen}\"\nshards = 2\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [primary]\nurl = \"postgres://127.0.0.1:{}\"\n",
+            primary.port()
+        ),
+    )
+    .unwrap();
+    let booted = boot(&root);
+    let conninfo =
+        format!("host=127.0.0.1 port={listen} user=postgres dbname=postgres connect_timeout=5");
+    assert!(
+        support::eventually(std::time::Duration::from_secs(120), || {
+            postgres::Client::connect(&conninfo, postgres::NoTls).is_ok()
+        }),
+        "pgprism did not serve on {listen}; boot log:\n{}",
+        booted.log()
+    );
+    let init = container_init(booted.child.id()).expect("the container's systemd");
+    let main_pid = || {
+        systemctl_in(
+            init,
+            &["show", "--property=MainPID", "--value", "pgprism.service"],
+        )
+    };
+    assert_eq!(
+        systemctl_in(init, &["is-active", "pgprism.service"]),
+        "active"
+    );
+    let main_before = main_pid();
+    let old = listener_pid(listen).expect("pgprism listening");
+    // A session open across the upgrade finishes on the old process.
+    let mut session = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+
+    // What `systemctl kill -s USR2 pgprism` sends the main process.
+    // SAFETY: plain kill(2) to the pid found listening.
+    unsafe { libc::kill(old as libc::pid_t, libc::SIGUSR2) };
+    let mut main_after = String::new();
+    assert!(
+        support::eventually(std::time::Duration::from_secs(60), || {
+            main_after = main_pid();
+            !main_after.is_empty() && main_after != "0" && main_after != main_before
+        }),
+        "systemd kept main pid {main_before}; boot log:\n{}",
+        booted.log()
+    );
+    assert_eq!(
+        session.query_one("SELECT 1", &[]).unwrap().get::<_, i32>(0),
+        1
+    );
+    drop(session);
+    assert!(
+        support::eventually(std::time::Duration::from_secs(60), || {
+            !Path::new(&format!("/proc/{old}")).exists() || proc_status(old, "State") == "Z"
+        }),
+        "the old process did not exit"
+    );
+    let new = listener_pid(listen).expect("the new process listening");
+    assert_ne!(new, old);
+    let mut client = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    assert_eq!(
+        client.query_one("SELECT 2", &[]).unwrap().get::<_, i32>(0),
+        2
+    );
+    assert_eq!(
+        systemctl_in(init, &["is-active", "pgprism.service"]),
+        "active"
+    );
+    assert_eq!(main_pid(), main_after);
+    assert_eq!(proc_status(new, "CapEff"), "0000000000000000");
+    assert_eq!(proc_status(new, "NoNewPrivs"), "1");
+    assert_eq!(proc_status(new, "Seccomp"), "2");
+    drop(client);
     drop(booted);
     let _ = std::fs::remove_file(root.with_extension("boot.log"));
     let _ = std::fs::remove_dir_all(&root);
