@@ -778,7 +778,7 @@ fn run_main(cfg: Config, reload: crate::server::Reload, pid_file: Option<PathBuf
     let has_cdc = !cfg.cdc.source.is_empty();
     let has_proxy = !cfg.primary.url.is_empty();
     if has_embed && !has_proxy && !has_cdc {
-        return run_embed_only(&cfg);
+        return run_embed_only(&cfg, pid_file.as_deref());
     }
     crate::server::signals::block();
     let mut routes: Vec<crate::control::ExtraRoutes> = Vec::new();
@@ -818,7 +818,14 @@ fn run_main(cfg: Config, reload: crate::server::Reload, pid_file: Option<PathBuf
         };
         crate::server::run_proxy_with(&cfg, opts, print_ready).map_err(RunError::Proxy)
     } else {
-        serve_until_stopped(&cfg, routes, cdc.as_ref().map(|(_, t)| t))
+        if let Some(path) = &pid_file {
+            crate::server::write_pid_file(path);
+        }
+        let served = serve_until_stopped(&cfg, routes, cdc.as_ref().map(|(_, t)| t));
+        if let Some(path) = &pid_file {
+            crate::server::remove_pid_file(path);
+        }
+        served
     };
     let mut failed = result.err();
     if let Some((shared, thread)) = cdc {
@@ -849,7 +856,7 @@ enum RunError {
 }
 
 /// `pgprism run` with only embedded servers: the supervisor runs them until SIGTERM.
-fn run_embed_only(cfg: &Config) -> ExitCode {
+fn run_embed_only(cfg: &Config, pid_file: Option<&std::path::Path>) -> ExitCode {
     let ready = |bound: &crate::embed::EmbedBound| {
         for inst in &bound.instances {
             println!(
@@ -857,8 +864,15 @@ fn run_embed_only(cfg: &Config) -> ExitCode {
                 inst.name, inst.port
             );
         }
+        if let Some(path) = pid_file {
+            crate::server::write_pid_file(path);
+        }
     };
-    match crate::embed::run_embed(&cfg.embed, &cfg.admin, ready) {
+    let result = crate::embed::run_embed(&cfg.embed, &cfg.admin, ready);
+    if let Some(path) = pid_file {
+        crate::server::remove_pid_file(path);
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => report(&err),
     }

@@ -184,6 +184,26 @@ fn a_token_file_others_can_read_is_refused() {
         err.contains("admin.token-file") && err.contains("0644") && err.contains("chmod 600"),
         "{err}"
     );
+    // `pgprism check` (the unit's ExecStartPre) says the same before anything starts.
+    let config = dir.join("pgprism.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[primary]\nurl = \"{}\"\n[admin]\ntoken-file = \"{}\"\n",
+            pg.url(),
+            path.display()
+        ),
+    )
+    .unwrap();
+    let err = refuses(&[
+        "check".into(),
+        "--config".into(),
+        config.display().to_string(),
+    ]);
+    assert!(
+        err.contains("admin.token-file") && err.contains("0644"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

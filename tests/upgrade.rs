@@ -425,3 +425,48 @@ fn a_bad_config_at_upgrade_leaves_the_old_process_serving_and_shards_may_change(
     assert_eq!(support::sqlstate(&err).as_deref(), Some("57P01"), "{err:?}");
     assert!(!gone(fourth), "{}", proxy.log());
 }
+
+#[test]
+fn embed_refuses_an_upgrade_and_keeps_its_servers() {
+    let dir = scratch("embed");
+    let state = dir.join("state");
+    let log = dir.join("stderr");
+    let mut child = pgprism_command()
+        .args(["embed", "--admin", "", "--instance", "a:0", "--state-dir"])
+        .arg(&state)
+        .stdout(Stdio::piped())
+        .stderr(File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn pgprism embed");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut port = None;
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0 {
+        if let Some(rest) = line.split(" ready on ").nth(1) {
+            port = rest
+                .split_whitespace()
+                .next()
+                .and_then(|a| a.rsplit(':').next()?.parse::<u16>().ok());
+        }
+        if line.starts_with("pgprism embed ready") {
+            break;
+        }
+        line.clear();
+    }
+    let port = port.expect("the instance's port");
+    signal(child.id(), libc::SIGUSR2);
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        eventually(DEADLINE, || read_log().contains("SIGUSR2")),
+        "{}",
+        read_log()
+    );
+    assert!(child.try_wait().unwrap().is_none(), "{}", read_log());
+    let conninfo = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let mut client = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    client.simple_query("SELECT 1").unwrap();
+    drop(client);
+    signal(child.id(), libc::SIGTERM);
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -352,3 +352,40 @@ fn respond(
     stream.write_all(body.as_bytes())?;
     stream.flush()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(bytes: &[u8]) -> Head {
+        read_head(&mut std::io::Cursor::new(bytes.to_vec())).expect("a cursor does not fail")
+    }
+
+    #[test]
+    fn request_heads_parse_without_trusting_the_bytes() {
+        let Head::Request(r) = parse(
+            b"POST /cdc/pause?x=1 HTTP/1.1\r\nHost: a\r\nauthorization:  Bearer t0k \r\n\r\n",
+        ) else {
+            panic!("a request");
+        };
+        assert_eq!((r.method.as_str(), r.path.as_str()), ("POST", "/cdc/pause"));
+        assert_eq!(r.authorization.as_deref(), Some(&b"Bearer t0k"[..]));
+        // A header named like it in the body is not one; headers end at the empty line.
+        let Head::Request(r) = parse(b"GET / HTTP/1.1\r\nX: y\r\n\r\nAuthorization: Bearer z\r\n")
+        else {
+            panic!("a request");
+        };
+        assert_eq!(r.authorization, None);
+        for junk in [
+            &b"\r\n\r\n"[..],
+            b"\xff\xfe \x00\r\n:\r\n\r\n",
+            b"GET\r\nAuthorization\r\n: \r\n\r\n",
+            b"GET / HTTP/1.1\nAuthorization:\n\n\r\n\r\n",
+        ] {
+            assert!(matches!(parse(junk), Head::Request(_)));
+        }
+        assert!(matches!(parse(b"GET / HTTP/1.1\r\n"), Head::Closed));
+        let long = [b'a'; REQUEST_BYTES_MAX + 10];
+        assert!(matches!(parse(&long), Head::TooLarge));
+    }
+}

@@ -21,6 +21,16 @@ use crate::stats::{Counters, ShardReport, new_histogram};
 
 pub use admin::{AdminError, AdminServer, ExtraRoutes, RouteResponse};
 
+/// Reads what the admin endpoint of `cfg` would read at start-up (the token file, the
+/// certificate and key) and applies the same rules, binding nothing: for `pgprism check`.
+pub fn check_admin(cfg: &crate::config::AdminConfig) -> Result<(), crate::config::ConfigError> {
+    if cfg.listen.is_empty() {
+        return Ok(());
+    }
+    let addr = crate::config::parse_addr("admin.listen", &cfg.listen)?;
+    access::Access::load(cfg, addr).map(drop)
+}
+
 /// What the admin endpoint shows; updated by the control loop, read by the admin thread.
 pub struct ControlState {
     pub started: Instant,

@@ -127,7 +127,7 @@ impl<'a> Server<'a> {
 
 /// Writes this process's id to `path` (through a temporary file and a rename, so a reader
 /// never sees half a pid). A failure is logged: the proxy serves all the same.
-fn write_pid_file(path: &Path) {
+pub fn write_pid_file(path: &Path) {
     let pid = std::process::id();
     let mut temporary = path.as_os_str().to_owned();
     temporary.push(format!(".{pid}.tmp"));
@@ -141,7 +141,7 @@ fn write_pid_file(path: &Path) {
 
 /// Removes the pid file at a stop, when it still names this process (after an upgrade that
 /// failed late, it may name another one).
-pub(super) fn remove_pid_file(path: &Path) {
+pub fn remove_pid_file(path: &Path) {
     let ours = std::fs::read_to_string(path)
         .ok()
         .and_then(|text| text.trim().parse::<u32>().ok())

@@ -25,6 +25,7 @@ use std::path::PathBuf;
 
 use crate::config::Config;
 
+pub use assembly::{remove_pid_file, write_pid_file};
 pub use check::check;
 pub use listener::ListenError;
 pub use upgrade::UpgradeError;

@@ -328,9 +328,18 @@ impl Successor {
             deadline: Instant::now() + timeout,
             serving: false,
         };
-        if let Err(err) = successor.send_sockets(hand_over, admin) {
-            successor.abort();
-            return Err(err);
+        match successor.send_sockets(hand_over, admin) {
+            Ok(()) => {}
+            // It died already (a crash at start): `progress` reports how it ended.
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) => {}
+            Err(err) => {
+                successor.abort();
+                return Err(err);
+            }
         }
         // From here on the channel is polled.
         // SAFETY: F_SETFL on a descriptor we own.
@@ -595,6 +604,69 @@ mod tests {
         };
         let err = again.take_tcp(moved).err().unwrap();
         assert!(err.to_string().contains("restart pgprism"), "{err}");
+    }
+
+    /// Runs `program args` as the "new binary" of an upgrade, with an empty hand-over.
+    fn successor(program: &str, args: &[&str], timeout: Duration) -> Successor {
+        let invocation = Invocation {
+            program: PathBuf::from(program),
+            args: args.iter().map(OsString::from).collect(),
+        };
+        let hand_over = HandOver {
+            tcp: Vec::new(),
+            unix: None,
+        };
+        Successor::start(&invocation, &hand_over, None, timeout).expect("spawn")
+    }
+
+    fn settle(successor: &mut Successor) -> Progress {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match successor.progress() {
+                Progress::Waiting if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    #[test]
+    fn a_new_process_that_says_ready_is_left_running_and_others_fail_with_a_reason() {
+        // bash, as a stand-in for the new binary: it answers on the descriptor it is given.
+        let mut ready = successor(
+            "bash",
+            &[
+                "-c",
+                "printf 'ready %s' $$ >&\"$PGPRISM_UPGRADE_FD\"; exec sleep 30",
+            ],
+            Duration::from_secs(20),
+        );
+        let pid = ready.pid();
+        assert!(matches!(settle(&mut ready), Progress::Ready(p) if p == pid));
+        ready.handed_over();
+        // Left running by the upgrade (it serves now); the test ends it.
+        let _ = ready.child.kill();
+        let _ = ready.child.wait();
+        drop(ready);
+
+        let mut crashed = successor("false", &[], Duration::from_secs(20));
+        match settle(&mut crashed) {
+            Progress::Failed(why) => assert!(why.contains("exit"), "{why}"),
+            _ => panic!("a process that exits is not ready"),
+        }
+
+        let mut silent = successor("sleep", &["30"], Duration::from_millis(200));
+        let pid = silent.pid();
+        match settle(&mut silent) {
+            Progress::Failed(why) => {
+                assert!(why.contains("proxy.upgrade-timeout-ms"), "{why}");
+            }
+            _ => panic!("a silent process is not ready"),
+        }
+        // Killed and reaped: no such process any more.
+        // SAFETY: kill with signal 0 only checks that the pid exists.
+        assert_ne!(unsafe { libc::kill(pid as libc::pid_t, 0) }, 0);
     }
 
     #[test]
