@@ -889,10 +889,11 @@ fn the_unit_runs_the_proxy_and_an_embedded_server_under_systemd() {
 
 #[test]
 fn usr2_under_the_unit_hands_over_to_a_new_process_systemd_follows() {
-    // `systemctl kill -s USR2 pgprism` under the shipped unit: the new process (a child of the
-    // old one) tells systemd its pid (NotifyAccess=all), the old one drains and exits, and
-    // the service stays active with the new main pid, serving throughout. (Upgrades refuse
-    // while pgprism runs embedded servers, so the primary runs here, on the host.)
+    // `systemctl kill -s USR2 --kill-whom=main pgprism` under the shipped unit: the new process
+    // (a child of the old one) tells systemd its pid (NotifyAccess=all), the old one drains
+    // and exits, and the service stays active with the new main pid, serving throughout.
+    // (Upgrades refuse while pgprism runs embedded servers, so the primary runs here, on the
+    // host.)
     assert_root();
     let primary = Instance::start(InstanceConfig {
         name: "unit-upgrade".into(),
@@ -939,9 +940,11 @@ fn usr2_under_the_unit_hands_over_to_a_new_process_systemd_follows() {
     // A session open across the upgrade finishes on the old process.
     let mut session = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
 
-    // What `systemctl kill -s USR2 pgprism` sends the main process.
-    // SAFETY: plain kill(2) to the pid found listening.
-    unsafe { libc::kill(old as libc::pid_t, libc::SIGUSR2) };
+    // As docs/upgrade.md says, run inside the container: only the main process gets USR2.
+    systemctl_in(
+        init,
+        &["kill", "-s", "USR2", "--kill-whom=main", "pgprism.service"],
+    );
     let mut main_after = String::new();
     assert!(
         support::eventually(std::time::Duration::from_secs(60), || {
