@@ -107,6 +107,50 @@ fn dashboard_is_well_formed() {
 }
 
 #[test]
+fn every_panel_query_is_valid_promql() {
+    // promtool (Debian's prometheus package) parses each query as a recording rule, with
+    // Grafana's variables replaced by what Grafana would put there.
+    let dash = dashboard();
+    let mut rules = Vec::new();
+    for panel in dash["panels"].as_array().unwrap().iter() {
+        let Some(targets) = panel["targets"].as_array() else {
+            continue;
+        };
+        for t in targets.iter() {
+            let expr = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m")
+                .replace("$instance", ".*");
+            rules.push(sonic_rs::json!({
+                "record": format!("dashboard:query_{}", rules.len()),
+                "expr": expr,
+            }));
+        }
+    }
+    assert!(rules.len() > 40);
+    let file = std::env::temp_dir().join(format!(
+        "pgprism-dashboard-rules-{}.json",
+        std::process::id()
+    ));
+    // JSON is YAML: promtool reads it as a rules file.
+    let doc = sonic_rs::json!({"groups": [{"name": "dashboard", "rules": rules}]});
+    std::fs::write(&file, sonic_rs::to_string(&doc).unwrap()).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool (apt-get install prometheus)");
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn every_metric_the_dashboard_queries_is_exported() {
     let used = names_in(&expressions(&dashboard()));
     // What the dashboard promises to show: throughput, latency, mirrors, compare, CDC, pool.

@@ -11,6 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use pgprism::embed::{Instance, InstanceConfig};
+
+mod support;
+
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -56,11 +60,24 @@ fn assert_root() {
     assert_eq!(uid, 0, "these tests need root (chroot, setpriv), as CI has");
 }
 
-/// The package, built once per test process around the binary the tests run (dev profile).
+/// The package, built once per test process around the binary the tests run (dev profile),
+/// in `target/package-tests/<pid>/`; directories of processes that are gone are removed first.
 fn package() -> &'static Path {
     static DEB: OnceLock<PathBuf> = OnceLock::new();
     DEB.get_or_init(|| {
-        let out = scratch("deb").join("pgprism.deb");
+        let parent = target_dir().join("package-tests");
+        if let Ok(dirs) = std::fs::read_dir(&parent) {
+            for dir in dirs.flatten() {
+                let pid = dir.file_name().to_str().and_then(|n| n.parse::<u32>().ok());
+                if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                    let _ = std::fs::remove_dir_all(dir.path());
+                }
+            }
+        }
+        let out = parent
+            .join(std::process::id().to_string())
+            .join("pgprism.deb");
+        std::fs::create_dir_all(out.parent().unwrap()).expect("package dir");
         ok(Command::new(repo().join("packaging/build-deb"))
             .args(["--profile", "dev", "--fast", "--no-build", "--output"])
             .arg(&out)
@@ -201,7 +218,7 @@ fn package_holds_the_binary_unit_config_user_man_pages_and_completions() {
                 && l.ends_with("/var/lib/pgprism /usr/sbin/nologin")),
         "{sysusers}"
     );
-    for dir in [dir, root, package().parent().unwrap().to_path_buf()] {
+    for dir in [dir, root] {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
@@ -367,12 +384,22 @@ fn release_and_mirror() -> (String, String) {
     (codename, mirror)
 }
 
-/// A fresh Debian with systemd (for systemd-sysusers and deb-systemd-helper), made once by
-/// debootstrap and kept under /var/tmp; every run installs into its own copy.
+/// A fresh Debian with systemd (systemd-sysusers and deb-systemd-helper for the package, and
+/// PID 1 for booting the unit) and PostgreSQL (for embedded servers under the unit), made once
+/// by debootstrap and kept under /var/tmp; every run installs into its own copy.
 fn debian_root() -> PathBuf {
     let (codename, mirror) = release_and_mirror();
-    let cached = PathBuf::from(format!("/var/tmp/pgprism-test-debian-{codename}"));
-    if !cached.join("usr/bin/systemd-sysusers").exists() {
+    // The suffix names the recipe: a cache made with other packages gets another name.
+    let cached = PathBuf::from(format!("/var/tmp/pgprism-test-debian-{codename}-pg"));
+    let ready = |root: &Path| {
+        root.join("usr/bin/systemd-sysusers").exists() && root.join("usr/lib/postgresql").is_dir()
+    };
+    // One debootstrap at a time (the tests using it run in parallel processes).
+    let lock = std::fs::File::create("/var/tmp/pgprism-test-debian.lock").expect("lock file");
+    // SAFETY: flock on a descriptor we own; the lock goes with the file at the end of scope.
+    let locked = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    assert_eq!(locked, 0, "flock");
+    if !ready(&cached) {
         let building = PathBuf::from(format!(
             "{}.partial-{}",
             cached.display(),
@@ -380,13 +407,22 @@ fn debian_root() -> PathBuf {
         ));
         let _ = std::fs::remove_dir_all(&building);
         ok(Command::new("debootstrap")
-            .args(["--variant=minbase", "--include=systemd", &codename])
+            .args([
+                "--variant=minbase",
+                "--include=systemd,postgresql",
+                &codename,
+            ])
             .arg(&building)
             .arg(&mirror));
+        assert!(
+            ready(&building),
+            "debootstrap left no systemd or PostgreSQL"
+        );
         // A whole tree or none: rename is atomic, a failed debootstrap leaves no cache.
         let _ = std::fs::remove_dir_all(&cached);
-        std::fs::rename(&building, &cached).expect("keep the chroot");
+        std::fs::rename(&building, &cached).expect("keep the Debian tree");
     }
+    drop(lock);
     let copy = scratch("chroot");
     ok(Command::new("cp")
         .arg("-a")
@@ -603,4 +639,349 @@ fn runs_embedded_servers_as_the_units_unprivileged_user() {
     );
     drop(run);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The pid of the process listening on 127.0.0.1:`port` (from /proc/net/tcp's socket inode),
+/// whatever mount namespace it runs in.
+fn listener_pid(port: u16) -> Option<u32> {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let local = format!("0100007F:{port:04X}");
+    let inode = tcp.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // local_address, state 0A = LISTEN, inode
+        (f.get(1) == Some(&local.as_str()) && f.get(3) == Some(&"0A"))
+            .then(|| f.get(9).map(|i| i.to_string()))?
+    })?;
+    let wanted = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let fds = std::fs::read_dir(entry.path().join("fd")).ok()?;
+            fds.flatten()
+                .any(|fd| {
+                    std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == wanted.as_str())
+                })
+                .then_some(pid)
+        })
+}
+
+/// `Name:\tvalue` of /proc/PID/status.
+fn proc_status(pid: u32, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+}
+
+/// A booted container (`systemd-nspawn --boot`), shut down (SIGTERM: an orderly poweroff)
+/// when dropped.
+struct Booted {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Booted {
+    /// Waits (bounded) for the container to power off; true when it did.
+    fn shut_down(&mut self) -> bool {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return true;
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            // Polling interval of this bounded wait for the poweroff.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        false
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Booted {
+    fn drop(&mut self) {
+        if !self.shut_down() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Enables the unit in `root` and boots it (systemd as PID 1, the host's network).
+fn boot(root: &Path) -> Booted {
+    ok(&mut in_root(
+        root,
+        &["systemctl", "enable", "pgprism.service"],
+    ));
+    let log = root.with_extension("boot.log");
+    Booted {
+        child: Command::new("systemd-nspawn")
+            .args(["--quiet", "--register=no", "--keep-unit", "--boot", "-D"])
+            .arg(root)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("systemd-nspawn"),
+        log,
+    }
+}
+
+/// The container's PID 1 (its systemd), as seen from here: the descendant of the nspawn
+/// process whose pid in its own namespace is 1.
+fn container_init(nspawn: u32) -> Option<u32> {
+    let status = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/status")).ok();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let text = status(pid)?;
+        let nspid = text.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+        (nspid.split_whitespace().nth(1) == Some("1")).then_some(())?;
+        // Up the parents to the nspawn process (a few steps at most).
+        let mut at = pid;
+        for _ in 0..4 {
+            let parent: u32 = status(at)?
+                .lines()
+                .find_map(|l| l.strip_prefix("PPid:"))?
+                .trim()
+                .parse()
+                .ok()?;
+            if parent == nspawn {
+                return Some(pid);
+            }
+            at = parent;
+        }
+        None
+    })
+}
+
+/// `systemctl ARGS` inside the container (nsenter into its namespaces); stdout, trimmed.
+fn systemctl_in(init: u32, args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--target={init}"))
+        .args([
+            "--mount",
+            "--uts",
+            "--ipc",
+            "--net",
+            "--pid",
+            "--",
+            "systemctl",
+        ])
+        .args(args)
+        .output()
+        .expect("nsenter");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn the_unit_runs_the_proxy_and_an_embedded_server_under_systemd() {
+    // The package on a fresh Debian booted with systemd as PID 1 (systemd-nspawn, sharing the
+    // host's network): the unit starts with its whole sandbox, `pgprism run` supervises an
+    // embedded PostgreSQL server whose data lives in the StateDirectory, and the proxy in
+    // front of it answers from the host.
+    assert_root();
+    let root = debian_root();
+    std::fs::copy(package(), root.join("tmp/pgprism.deb")).unwrap();
+    ok(&mut in_root(&root, &["dpkg", "-i", "/tmp/pgprism.deb"]));
+    let (server, listen, admin) = (free_port(), free_port(), free_port());
+    // Written in place: the conffile keeps its owner and mode (root:pgprism 0640).
+    std::fs::write(
+        root.join("etc/pgprism/pgprism.toml"),
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{listen}\"\nshards = 2\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [primary]\nurl = \"postgres://127.0.0.1:{server}\"\n\
+             [[embed.instance]]\nname = \"db\"\nport = {server}\n\
+             data = \"/var/lib/pgprism/db\"\nsettings = {{ jit = \"off\" }}\n"
+        ),
+    )
+    .unwrap();
+    let mut booted = boot(&root);
+    let conninfo =
+        format!("host=127.0.0.1 port={listen} user=postgres dbname=postgres connect_timeout=5");
+    let mut client = None;
+    assert!(
+        support::eventually(std::time::Duration::from_secs(120), || {
+            client = postgres::Client::connect(&conninfo, postgres::NoTls).ok();
+            client.is_some()
+        }),
+        "pgprism did not serve on {listen}; boot log:\n{}",
+        booted.log()
+    );
+    let mut client = client.unwrap();
+    client
+        .batch_execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1), (2)")
+        .unwrap();
+    let row = client
+        .query_one(
+            "SELECT count(*), current_setting('data_directory') FROM t",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 2);
+    assert_eq!(row.get::<_, String>(1), "/var/lib/pgprism/db");
+
+    // pgprism as the unit runs it: the pgprism user, no capabilities, no new privileges, a
+    // seccomp filter; its server inherits all of it.
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap();
+    let uid = passwd
+        .lines()
+        .find_map(|l| l.strip_prefix("pgprism:x:"))
+        .and_then(|l| l.split(':').next())
+        .expect("pgprism in /etc/passwd")
+        .to_string();
+    let pgprism = listener_pid(listen).expect("the process listening for clients");
+    // pg_backend_pid() is a pid of the container's namespace; the postmaster, pgprism's child,
+    // is found from here by its parent.
+    let postmaster = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+                s.lines().any(|l| l == format!("PPid:\t{pgprism}"))
+                    && s.lines().any(|l| l == "Name:\tpostgres")
+            })
+        })
+        .expect("the embedded server, a child of pgprism");
+    for pid in [pgprism, postmaster] {
+        assert_eq!(proc_status(pid, "Uid"), uid, "pid {pid}");
+        assert_eq!(proc_status(pid, "CapEff"), "0000000000000000", "pid {pid}");
+        assert_eq!(proc_status(pid, "CapBnd"), "0000000000000000", "pid {pid}");
+        assert_eq!(proc_status(pid, "NoNewPrivs"), "1", "pid {pid}");
+        assert_eq!(proc_status(pid, "Seccomp"), "2", "pid {pid}");
+    }
+    let cmdline = std::fs::read(format!("/proc/{pgprism}/cmdline")).unwrap();
+    assert!(cmdline.starts_with(b"/usr/bin/pgprism\0run\0--config\0/etc/pgprism/pgprism.toml"));
+    let (code, metrics) = support::http_get(
+        std::net::SocketAddr::from(([127, 0, 0, 1], admin)),
+        "/metrics",
+    );
+    assert_eq!(code, 200);
+    assert!(metrics.contains("pgprism_statements_total"), "{metrics}");
+    drop(client);
+
+    // An orderly poweroff stops the unit (drain, then the server) like `systemctl stop`.
+    assert!(booted.shut_down(), "the container did not power off");
+    assert!(root.join("var/lib/pgprism/db/PG_VERSION").is_file());
+    use std::os::unix::fs::MetadataExt;
+    let data = std::fs::metadata(root.join("var/lib/pgprism/db")).unwrap();
+    assert_eq!(data.uid().to_string(), uid);
+    assert!(
+        !root.join("var/lib/pgprism/db/postmaster.pid").exists(),
+        "the server was not stopped cleanly; boot log:\n{}",
+        booted.log()
+    );
+    drop(booted);
+    let _ = std::fs::remove_file(root.with_extension("boot.log"));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn usr2_under_the_unit_hands_over_to_a_new_process_systemd_follows() {
+    // `systemctl kill -s USR2 --kill-whom=main pgprism` under the shipped unit: the new process
+    // (a child of the old one) tells systemd its pid (NotifyAccess=all), the old one drains
+    // and exits, and the service stays active with the new main pid, serving throughout.
+    // (Upgrades refuse while pgprism runs embedded servers, so the primary runs here, on the
+    // host.)
+    assert_root();
+    let primary = Instance::start(InstanceConfig {
+        name: "unit-upgrade".into(),
+        ..InstanceConfig::default()
+    })
+    .expect("start PostgreSQL");
+    let root = debian_root();
+    std::fs::copy(package(), root.join("tmp/pgprism.deb")).unwrap();
+    ok(&mut in_root(&root, &["dpkg", "-i", "/tmp/pgprism.deb"]));
+    let (listen, admin) = (free_port(), free_port());
+    std::fs::write(
+        root.join("etc/pgprism/pgprism.toml"),
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{listen}\"\nshards = 2\n\
+             [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+             [primary]\nurl = \"postgres://127.0.0.1:{}\"\n",
+            primary.port()
+        ),
+    )
+    .unwrap();
+    let booted = boot(&root);
+    let conninfo =
+        format!("host=127.0.0.1 port={listen} user=postgres dbname=postgres connect_timeout=5");
+    assert!(
+        support::eventually(std::time::Duration::from_secs(120), || {
+            postgres::Client::connect(&conninfo, postgres::NoTls).is_ok()
+        }),
+        "pgprism did not serve on {listen}; boot log:\n{}",
+        booted.log()
+    );
+    let init = container_init(booted.child.id()).expect("the container's systemd");
+    let main_pid = || {
+        systemctl_in(
+            init,
+            &["show", "--property=MainPID", "--value", "pgprism.service"],
+        )
+    };
+    assert_eq!(
+        systemctl_in(init, &["is-active", "pgprism.service"]),
+        "active"
+    );
+    let main_before = main_pid();
+    let old = listener_pid(listen).expect("pgprism listening");
+    // A session open across the upgrade finishes on the old process.
+    let mut session = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+
+    // As docs/upgrade.md says, run inside the container: only the main process gets USR2.
+    systemctl_in(
+        init,
+        &["kill", "-s", "USR2", "--kill-whom=main", "pgprism.service"],
+    );
+    let mut main_after = String::new();
+    assert!(
+        support::eventually(std::time::Duration::from_secs(60), || {
+            main_after = main_pid();
+            !main_after.is_empty() && main_after != "0" && main_after != main_before
+        }),
+        "systemd kept main pid {main_before}; boot log:\n{}",
+        booted.log()
+    );
+    assert_eq!(
+        session.query_one("SELECT 1", &[]).unwrap().get::<_, i32>(0),
+        1
+    );
+    drop(session);
+    assert!(
+        support::eventually(std::time::Duration::from_secs(60), || {
+            !Path::new(&format!("/proc/{old}")).exists() || proc_status(old, "State") == "Z"
+        }),
+        "the old process did not exit"
+    );
+    let new = listener_pid(listen).expect("the new process listening");
+    assert_ne!(new, old);
+    let mut client = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    assert_eq!(
+        client.query_one("SELECT 2", &[]).unwrap().get::<_, i32>(0),
+        2
+    );
+    assert_eq!(
+        systemctl_in(init, &["is-active", "pgprism.service"]),
+        "active"
+    );
+    assert_eq!(main_pid(), main_after);
+    assert_eq!(proc_status(new, "CapEff"), "0000000000000000");
+    assert_eq!(proc_status(new, "NoNewPrivs"), "1");
+    assert_eq!(proc_status(new, "Seccomp"), "2");
+    drop(client);
+    drop(booted);
+    let _ = std::fs::remove_file(root.with_extension("boot.log"));
+    let _ = std::fs::remove_dir_all(&root);
 }
