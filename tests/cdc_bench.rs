@@ -278,7 +278,11 @@ fn snapshot_against_copy() {
         let cpu = cpu_seconds(&child.id().to_string());
         let _ = child.kill();
         let _ = child.wait();
-        assert!(done, "the snapshot did not copy {rows} rows (has {})", sr.row_count(&db, "t"));
+        assert!(
+            done,
+            "the snapshot did not copy {rows} rows (has {})",
+            sr.row_count(&db, "t")
+        );
         println!(
             "run {run}: COPY TO STDOUT {:.2} s, pgprism snapshot {:.2} s (pgprism CPU {cpu:.2} s)",
             copy_secs[run], snap_secs[run]
@@ -291,7 +295,9 @@ fn snapshot_against_copy() {
     let (copy, snap) = (median(&mut copy_secs), median(&mut snap_secs));
     let (copy_rate, snap_rate) = (rows as f64 / copy, rows as f64 / snap);
     println!("COPY t TO STDOUT > /dev/null: median {copy:.2} s = {copy_rate:.0} rows/s");
-    println!("pgprism snapshot into the emulator (2 workers): median {snap:.2} s = {snap_rate:.0} rows/s");
+    println!(
+        "pgprism snapshot into the emulator (2 workers): median {snap:.2} s = {snap_rate:.0} rows/s"
+    );
     println!("ratio snapshot / COPY = {:.2}", snap_rate / copy_rate);
 }
 
