@@ -512,6 +512,101 @@ fn large_transaction_is_streamed_and_applied_once() {
     );
 }
 
+/// Peak resident memory of a process (`VmHWM` in /proc/PID/status), in bytes.
+fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("VmHWM in /proc/PID/status")
+}
+
+#[test]
+fn transaction_larger_than_memory_spills_to_files() {
+    // A tiny decoding memory makes PostgreSQL stream the transactions in pieces; a 1 MiB
+    // stream buffer makes pgprism spill them.
+    let pg = start_pg("cdc-spill", &[("logical_decoding_work_mem", "64kB")]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let dir = std::env::temp_dir().join(format!("pgprism-cdc-spill-{}", rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let spill_files = || std::fs::read_dir(&dir).unwrap().count();
+    let mut args = base_args(&pg, &sr, "t");
+    args.extend(
+        [
+            "--stream-buffer-bytes-max",
+            "1048576",
+            "--spill-dir",
+            dir.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    let txn = "BEGIN; INSERT INTO t SELECT g, 'row ' || g, g FROM generate_series(1, 200000) g;
+         SAVEPOINT s; INSERT INTO t SELECT g, 'aborted subtransaction', g FROM generate_series(300001, 310000) g;
+         ROLLBACK TO s; UPDATE t SET v = 'updated' WHERE id % 1000 = 0; COMMIT;
+         BEGIN; INSERT INTO t SELECT g, 'aborted', g FROM generate_series(400001, 450000) g; ROLLBACK;";
+
+    // Above the spill bound: a clear error, and nothing confirmed past the transaction.
+    let mut small = args.clone();
+    small.extend(["--spill-bytes-max", "300000"].map(String::from));
+    let mut cdc = Cdc::start(&small, &[]);
+    let before = pg_rows(&mut c, "SELECT pg_current_wal_lsn()::text")[0][0]
+        .clone()
+        .unwrap();
+    c.batch_execute(txn).unwrap();
+    assert!(
+        cdc.wait_death(Duration::from_secs(60)),
+        "pgprism kept going past the spill bound"
+    );
+    assert!(cdc.log().contains("cdc.spill-bytes-max"), "{}", cdc.log());
+    let ckpt = pg_rows(
+        &mut c,
+        &format!("SELECT count(*)::text FROM pgprism_cdc_checkpoint WHERE lsn > '{before}'"),
+    );
+    assert_eq!(ckpt, vec![vec![Some("0".into())]]);
+    assert_eq!(sr.row_count(DB, "t"), 0);
+    drop(cdc);
+
+    // A crashed run's file is removed at the next start.
+    let leftover = dir.join("pgprism_cdc-4242.spill");
+    std::fs::write(&leftover, b"left by a crash").unwrap();
+    let cdc = Cdc::start(&args, &[]);
+    assert!(!leftover.exists(), "the leftover spill file is still there");
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(180),
+    );
+    let (_, body) = support::http_get(cdc.admin.unwrap(), "/cdc/status");
+    let status: sonic_rs::Value = sonic_rs::from_str(&body).unwrap();
+    let streams = &status["streams"];
+    assert!(
+        streams["transactions_spilled_total"].as_u64() >= Some(1),
+        "{body}"
+    );
+    assert!(
+        streams["spilled_bytes_total"].as_u64() > Some(1 << 20),
+        "{body}"
+    );
+    assert!(
+        streams["memory_bytes_peak"].as_u64() <= Some(1 << 20),
+        "{body}"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || spill_files() == 0),
+        "spill files of committed and aborted transactions are removed"
+    );
+    let peak = peak_rss_bytes(cdc.child.id());
+    assert!(peak < 256 << 20, "peak RSS {peak} bytes");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn injected_failures_are_retried_without_loss() {
     // Plain Stream Load retries a batch under its label; a transaction that meets a failed or

@@ -66,6 +66,15 @@ pub struct CdcArgs {
     /// Rows per snapshot chunk.
     #[arg(long)]
     snapshot_chunk_rows: Option<usize>,
+    /// Bytes of streamed, uncommitted transactions held in memory before spilling to files.
+    #[arg(long)]
+    stream_buffer_bytes_max: Option<usize>,
+    /// Directory of the spill files.
+    #[arg(long)]
+    spill_dir: Option<String>,
+    /// Bytes of spill files at most.
+    #[arg(long)]
+    spill_bytes_max: Option<u64>,
     /// Control endpoint address (GET /cdc/status, POST /cdc/pause, POST /cdc/resume).
     #[arg(long)]
     admin: Option<String>,
@@ -147,6 +156,15 @@ impl CdcArgs {
         }
         if let Some(v) = self.snapshot_chunk_rows {
             cfg.snapshot_chunk_rows = v;
+        }
+        if let Some(v) = self.stream_buffer_bytes_max {
+            cfg.stream_buffer_bytes_max = v;
+        }
+        if let Some(v) = self.spill_dir {
+            cfg.spill_dir = v;
+        }
+        if let Some(v) = self.spill_bytes_max {
+            cfg.spill_bytes_max = v;
         }
         Ok((cfg, admin))
     }

@@ -21,7 +21,9 @@ pub mod schema;
 pub mod setup;
 pub mod snapshot;
 pub mod source;
+pub mod spill;
 pub mod starrocks;
+pub mod streams;
 pub mod txn;
 
 use std::collections::BTreeMap;
@@ -101,6 +103,8 @@ pub struct Shared {
     pub tables: Mutex<BTreeMap<String, TableStats>>,
     /// The initial snapshot's progress.
     pub snapshot: snapshot::Progress,
+    /// Streamed transactions' memory and spill figures (the source copies them).
+    pub streams: Mutex<streams::StreamStats>,
 }
 
 impl CdcError {
@@ -128,6 +132,17 @@ impl CdcError {
 }
 
 impl Shared {
+    fn streams_json(&self) -> sonic_rs::Value {
+        let s = self.streams.lock().map(|s| *s).unwrap_or_default();
+        sonic_rs::json!({
+            "memory_bytes": s.memory_bytes,
+            "memory_bytes_peak": s.memory_bytes_peak,
+            "spill_bytes": s.spill_bytes,
+            "spilled_bytes_total": s.spilled_bytes_total,
+            "transactions_spilled_total": s.transactions_spilled_total,
+        })
+    }
+
     /// A JSON status document (for the admin endpoint and logs).
     pub fn status_json(&self) -> String {
         let server = self.server_lsn.load(Ordering::Relaxed);
@@ -158,6 +173,7 @@ impl Shared {
             "reconnects": self.reconnects.load(Ordering::Relaxed),
             "tables": sonic_rs::to_value(&tables).unwrap_or_default(),
             "snapshot": self.snapshot.json(),
+            "streams": self.streams_json(),
         });
         doc.to_string()
     }
@@ -369,6 +385,11 @@ fn validate_limits(cfg: &CdcConfig) -> Result<(), ConfigError> {
             "snapshot-window-keys-max",
             cfg.snapshot_window_keys_max as u64,
         ),
+        (
+            "stream-buffer-bytes-max",
+            cfg.stream_buffer_bytes_max as u64,
+        ),
+        ("spill-bytes-max", cfg.spill_bytes_max),
     ] {
         if value == 0 {
             return Err(key_error(name, "expected a value above 0"));
@@ -485,6 +506,7 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     let loader = spawn_loader(rx, sink, txns, checkpoints, Arc::clone(&shared))?;
     let mut pipeline = Pipeline::new(pcfg.clone(), prepared.keys);
     pipeline.set_forced_boundary(prepared.pending);
+    pipeline.set_spill(spill_limits(cfg)?);
     let workers = match snapshot {
         Some(snapshot) => {
             pipeline.set_windows(snapshot.windows(cfg.snapshot_window_keys_max));
@@ -499,6 +521,26 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     let copied = workers.map_or(Ok(()), snapshot::Workers::join);
     // The loader's error is the cause when it stopped first, then a snapshot worker's.
     loaded.and(copied).and(streamed)
+}
+
+/// The spill directory and bound; removes the files a crashed run left there (their
+/// transactions come again from their first change).
+fn spill_limits(cfg: &CdcConfig) -> Result<streams::SpillLimits, CdcError> {
+    let dir = if cfg.spill_dir.is_empty() {
+        std::env::temp_dir().join("pgprism-spill")
+    } else {
+        std::path::PathBuf::from(&cfg.spill_dir)
+    };
+    let removed = spill::remove_leftovers(&dir, &cfg.slot)
+        .map_err(|e| CdcError::Pipeline(PipelineError::Stream(e.into())))?;
+    if removed > 0 {
+        tracing::info!(dir = %dir.display(), files = removed, "removed the spill files of an earlier run");
+    }
+    Ok(streams::SpillLimits {
+        dir,
+        slot: cfg.slot.clone(),
+        bytes_max: cfg.spill_bytes_max,
+    })
 }
 
 fn sink_config(cfg: &CdcConfig) -> SinkConfig {

@@ -1,7 +1,8 @@
 //! The pipeline: pgoutput messages in, per-table JSON batches and checkpoint markers out.
 //!
 //! It owns transaction boundaries (a checkpoint marker only ever follows a commit), the
-//! buffering of streamed in-progress transactions until their Stream Commit, TOAST filling,
+//! buffering of streamed in-progress transactions until their Stream Commit (through
+//! `streams`, which spills what does not fit in memory to files: the one I/O here), TOAST filling,
 //! key changes, and the batching policy (by rows, by bytes, at commit after the flush
 //! interval). It does no I/O: the caller feeds payloads and sends the produced [`Work`] over
 //! the bounded ring to the loader. A batch never mixes two column lists, and rows of one
@@ -16,6 +17,7 @@ use super::lsn::Lsn;
 use super::pgoutput::{Datum, DecodeError, Message, OldKind, Tuple};
 use super::schema::{JsonKind, KeyColumns, SchemaCache, SchemaError, TableSchema, json_string};
 use super::snapshot::window::{Windows, encode_key};
+use super::streams::{Replay, SpillLimits, StreamBuffers, StreamError, StreamStats};
 use crate::config::{CdcDeleteMode, CdcToastMode};
 
 /// What the loader does, in order.
@@ -77,10 +79,8 @@ pub enum PipelineError {
     Decode(#[from] DecodeError),
     #[error(transparent)]
     Schema(#[from] SchemaError),
-    #[error(
-        "streamed transactions hold more than cdc.stream-buffer-bytes-max ({max} bytes) in memory; raise it or lower logical_decoding_work_mem churn"
-    )]
-    StreamBufferFull { max: usize },
+    #[error(transparent)]
+    Stream(#[from] StreamError),
     #[error("{what} outside a transaction")]
     OutOfOrder { what: &'static str },
 }
@@ -119,10 +119,18 @@ enum OpType {
     Delete = 2,
 }
 
-struct Streamed {
-    /// (subtransaction xid, payload) in arrival order.
-    messages: Vec<(u32, Bytes)>,
+/// A committed streamed transaction being applied, a bounded number of messages per call
+/// ([`Pipeline::pump`]), so its work reaches the ring as it is made.
+struct Replaying {
+    replay: Replay,
+    end_lsn: Lsn,
+    commit_ts_us: i64,
 }
+
+/// Work items a replay turn stops at, so the caller hands them over first.
+const REPLAY_WORKS_PER_PUMP: usize = 4;
+/// Messages a replay turn applies at most.
+const REPLAY_MESSAGES_PER_PUMP: usize = 4096;
 
 pub struct Pipeline {
     cfg: PipelineConfig,
@@ -154,8 +162,8 @@ pub struct Pipeline {
     /// those rows, not have them skipped as already loaded; upserts make the reload exact.
     salt: Option<String>,
     nonce: String,
-    streams: HashMap<u32, Streamed>,
-    stream_bytes: usize,
+    streams: StreamBuffers,
+    replaying: Option<Replaying>,
     in_stream: bool,
     current_stream: Option<u32>,
     synced_at: String,
@@ -169,6 +177,7 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn new(cfg: PipelineConfig, keys: KeyColumns) -> Self {
         Pipeline {
+            streams: StreamBuffers::new(cfg.stream_buffer_bytes_max),
             cfg,
             schema: SchemaCache::new(keys),
             open: HashMap::new(),
@@ -194,8 +203,7 @@ impl Pipeline {
                     .map(|d| d.as_millis() as u64 & 0xFFFF_FFFF)
                     .unwrap_or(0)
             ),
-            streams: HashMap::new(),
-            stream_bytes: 0,
+            replaying: None,
             in_stream: false,
             current_stream: None,
             synced_at: String::from("1970-01-01 00:00:00"),
@@ -223,7 +231,11 @@ impl Pipeline {
     /// True when nothing received is still waiting to be handed to the loader: no open
     /// batch, no open or streamed transaction.
     pub fn is_idle(&self) -> bool {
-        !self.in_txn && self.open.is_empty() && self.streams.is_empty() && !self.in_stream
+        !self.in_txn
+            && self.open.is_empty()
+            && self.streams.is_empty()
+            && !self.in_stream
+            && self.replaying.is_none()
     }
 
     /// The commit LSN the last checkpoint marker would carry if flushed now.
@@ -234,20 +246,22 @@ impl Pipeline {
     /// Handles one pgoutput payload (an XLogData body).
     pub fn handle(&mut self, payload: &Bytes, out: &mut Vec<Work>) -> Result<(), PipelineError> {
         self.last_data = Instant::now();
+        if self.replaying.is_some() {
+            // A caller that does not pump: finish the committed transaction first.
+            self.pump_with(out, usize::MAX)?;
+        }
         let msg = Message::decode(payload, self.in_stream)?;
         match msg {
             Message::StreamStart { xid, .. } => {
                 self.in_stream = true;
-                self.streams.entry(xid).or_insert_with(|| Streamed {
-                    messages: Vec::new(),
-                });
+                self.streams.start(xid);
                 self.current_stream = Some(xid);
             }
             Message::StreamStop => {
                 self.in_stream = false;
                 self.current_stream = None;
             }
-            Message::StreamAbort { xid, subxid } => self.stream_abort(xid, subxid),
+            Message::StreamAbort { xid, subxid } => self.streams.abort(xid, subxid),
             Message::StreamCommit {
                 xid,
                 commit_lsn,
@@ -274,21 +288,7 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Drops an aborted streamed transaction, or one subtransaction of it.
-    fn stream_abort(&mut self, xid: u32, subxid: u32) {
-        if xid == subxid {
-            if let Some(s) = self.streams.remove(&xid) {
-                self.stream_bytes -= s.messages.iter().map(|m| m.1.len()).sum::<usize>();
-            }
-        } else if let Some(s) = self.streams.get_mut(&xid) {
-            let before: usize = s.messages.iter().map(|m| m.1.len()).sum();
-            s.messages.retain(|(sub, _)| *sub != subxid);
-            let after: usize = s.messages.iter().map(|m| m.1.len()).sum();
-            self.stream_bytes -= before - after;
-        }
-    }
-
-    /// Applies a streamed transaction's buffered messages as one transaction.
+    /// Starts applying a committed streamed transaction (see [`Pipeline::pump`]).
     fn stream_commit(
         &mut self,
         xid: u32,
@@ -297,22 +297,61 @@ impl Pipeline {
         commit_ts_us: i64,
         out: &mut Vec<Work>,
     ) -> Result<(), PipelineError> {
-        let streamed = self.streams.remove(&xid);
+        let replay = self.streams.take(xid)?;
         self.begin(commit_lsn);
         self.xid = xid;
-        if let Some(s) = streamed {
-            self.stream_bytes -= s.messages.iter().map(|m| m.1.len()).sum::<usize>();
-            for (_, bytes) in &s.messages {
-                let msg = Message::decode(bytes, true)?;
-                self.apply(msg, out)?;
+        self.replaying = Some(Replaying {
+            replay,
+            end_lsn,
+            commit_ts_us,
+        });
+        self.pump(out)
+    }
+
+    /// Whether a committed streamed transaction is still being applied: call
+    /// [`Pipeline::pump`] (after handing `out` over) before the next [`Pipeline::handle`].
+    pub fn is_replaying(&self) -> bool {
+        self.replaying.is_some()
+    }
+
+    /// Applies more of the committed streamed transaction, until a few work items are out
+    /// (a large transaction goes to the ring batch by batch, never all in memory at once).
+    pub fn pump(&mut self, out: &mut Vec<Work>) -> Result<(), PipelineError> {
+        self.pump_with(out, REPLAY_WORKS_PER_PUMP)
+    }
+
+    fn pump_with(&mut self, out: &mut Vec<Work>, works_max: usize) -> Result<(), PipelineError> {
+        let Some(mut r) = self.replaying.take() else {
+            return Ok(());
+        };
+        for _ in 0..REPLAY_MESSAGES_PER_PUMP.max(works_max) {
+            if out.len() >= works_max {
+                break;
             }
+            let Some(bytes) = r.replay.next_message().map_err(StreamError::from)? else {
+                self.commit(r.end_lsn, r.commit_ts_us, out);
+                return Ok(());
+            };
+            let msg = Message::decode(bytes, true)?;
+            self.apply(msg, out)?;
         }
-        self.commit(end_lsn, commit_ts_us, out);
+        self.replaying = Some(r);
         Ok(())
     }
 
-    /// Keeps a message of an in-progress streamed transaction until its Stream Commit, within
-    /// `stream_buffer_bytes_max`.
+    /// Spills streamed transactions beyond `stream_buffer_bytes_max` to files instead of
+    /// failing.
+    pub fn set_spill(&mut self, limits: SpillLimits) {
+        self.streams.set_spill(limits);
+    }
+
+    /// Memory and spill figures of the streamed transactions.
+    pub fn stream_stats(&self) -> StreamStats {
+        self.streams.stats()
+    }
+
+    /// Keeps a message of an in-progress streamed transaction until its Stream Commit: in
+    /// memory within `stream_buffer_bytes_max`, beyond it in spill files.
     fn buffer_streamed(&mut self, msg: &Message<'_>, payload: &Bytes) -> Result<(), PipelineError> {
         let sub = match *msg {
             Message::Relation { xid, .. }
@@ -325,19 +364,7 @@ impl Pipeline {
             _ => 0,
         };
         let top = self.current_stream.unwrap_or(sub);
-        self.stream_bytes += payload.len();
-        if self.stream_bytes > self.cfg.stream_buffer_bytes_max {
-            return Err(PipelineError::StreamBufferFull {
-                max: self.cfg.stream_buffer_bytes_max,
-            });
-        }
-        self.streams
-            .entry(top)
-            .or_insert_with(|| Streamed {
-                messages: Vec::new(),
-            })
-            .messages
-            .push((sub, payload.clone()));
+        self.streams.push(top, sub, payload)?;
         Ok(())
     }
 

@@ -107,6 +107,14 @@ impl State {
     ) -> Result<bool, CdcError> {
         let mut reply_now = false;
         for _ in 0..MESSAGES_PER_TURN {
+            if pipeline.is_replaying() {
+                // A committed streamed transaction first, its work handed over as it comes.
+                pipeline.pump(out).map_err(CdcError::Pipeline)?;
+                if out.len() >= WORKS_PER_TURN || pipeline.is_replaying() {
+                    break;
+                }
+                continue;
+            }
             let Some(data) = conn.read_copy_data().map_err(CdcError::Replication)? else {
                 break;
             };
@@ -151,6 +159,9 @@ impl State {
         shared
             .rows_decoded
             .store(pipeline.rows_in(), Ordering::Relaxed);
+        if let Ok(mut s) = shared.streams.lock() {
+            *s = pipeline.stream_stats();
+        }
         let caught_up = pipeline.is_idle()
             && out.is_empty()
             && shared.works_done.load(Ordering::Acquire) >= self.works_sent;

@@ -656,8 +656,14 @@ pub struct CdcConfig {
     pub flush_interval_ms: u64,
     /// Batches queued between the source and the loader (backpressure beyond it).
     pub ring_capacity: usize,
-    /// Bytes of streamed, not yet committed transactions kept in memory before failing.
+    /// Bytes of streamed, not yet committed transactions kept in memory; beyond it the
+    /// largest goes to a spill file.
     pub stream_buffer_bytes_max: usize,
+    /// Directory of the spill files (`""`: `pgprism-spill` in the system temporary directory).
+    pub spill_dir: String,
+    /// Bytes of spill files at most; beyond it the stream stops with an error (nothing is
+    /// confirmed past the transaction, so a restart with a higher bound goes on).
+    pub spill_bytes_max: u64,
     /// Stream Load `max_filter_ratio`; 0 means a filtered row fails the load.
     pub max_filter_ratio: f64,
     /// How loads are grouped into StarRocks transactions.
@@ -704,7 +710,9 @@ impl Default for CdcConfig {
             flush_bytes: 32 << 20,
             flush_interval_ms: 1_000,
             ring_capacity: 8,
-            stream_buffer_bytes_max: 1 << 30,
+            stream_buffer_bytes_max: 64 << 20,
+            spill_dir: String::new(),
+            spill_bytes_max: 64 << 30,
             max_filter_ratio: 0.0,
             transaction_mode: CdcTransactionMode::MultiTable,
             load_attempts_max: 10,

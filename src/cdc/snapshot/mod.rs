@@ -127,10 +127,12 @@ pub struct Progress {
     started_unix_ms: AtomicU64,
 }
 
-const STATE_SKIPPED: u8 = 0;
-const STATE_NONE: u8 = 1;
-const STATE_COPYING: u8 = 2;
-const STATE_DONE: u8 = 3;
+/// Before setup has read the chunk table.
+const STATE_STARTING: u8 = 0;
+const STATE_SKIPPED: u8 = 1;
+const STATE_NONE: u8 = 2;
+const STATE_COPYING: u8 = 3;
+const STATE_DONE: u8 = 4;
 
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -142,6 +144,7 @@ fn unix_ms() -> u64 {
 impl Progress {
     fn state_name(&self) -> &'static str {
         match self.state.load(Ordering::Relaxed) {
+            STATE_STARTING => "starting",
             STATE_SKIPPED => "skipped",
             STATE_NONE => "not-needed",
             STATE_COPYING => "copying",
