@@ -11,6 +11,7 @@
 
 pub mod checkpoint;
 pub mod cmd;
+pub mod ddl;
 pub mod failpoint;
 pub mod lsn;
 pub mod mysql;
@@ -484,6 +485,7 @@ fn sink_config(cfg: &CdcConfig) -> SinkConfig {
     SinkConfig {
         database: cfg.database.clone(),
         query_port: cfg.starrocks_query_port,
+        schema_change_timeout: Duration::from_millis(cfg.schema_change_timeout_ms),
         max_filter_ratio: cfg.max_filter_ratio,
         attempts_max: cfg.load_attempts_max,
         backoff: Duration::from_millis(cfg.load_backoff_ms),
@@ -502,6 +504,7 @@ fn pipeline_config(cfg: &CdcConfig) -> PipelineConfig {
         toast_mode: cfg.toast_mode,
         audit_prefix: cfg.audit_columns.then(|| cfg.audit_prefix.clone()),
         stream_buffer_bytes_max: cfg.stream_buffer_bytes_max,
+        schema_changes: cfg.schema_changes,
     }
 }
 
@@ -582,6 +585,18 @@ fn load_loop(
                 }
                 sink.truncate(&table).map_err(CdcError::Load)?;
                 tracing::info!(%table, "truncated");
+            }
+            Work::Schema { change, apply } => {
+                let statements = sink.plan_schema(&change, apply).map_err(CdcError::Load)?;
+                // A schema change waits for the table's open transactions: end ours first.
+                if let Some(txns) = txns.as_deref_mut()
+                    && !statements.is_empty()
+                {
+                    txns.commit_all(sink).map_err(CdcError::Load)?;
+                }
+                for statement in &statements {
+                    sink.ddl(&change.table, statement).map_err(CdcError::Load)?;
+                }
             }
             Work::Boundary(lsn) => {
                 checkpoints
