@@ -859,6 +859,141 @@ fn commit_in_doubt_is_settled_by_the_label_state() {
     assert_eq!(txns.get("PREPARED"), None, "{txns:?}");
 }
 
+/// The emulator's columns of `table` as (name, type) pairs, sorted by name.
+fn sr_columns(sr: &StarRocks, table: &str) -> Vec<(String, String)> {
+    sr.columns(DB, table).into_iter().collect()
+}
+
+#[test]
+fn schema_changes_follow_the_source_mid_stream() {
+    let pg = start_pg("cdc-ddl", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    c.batch_execute("CREATE TABLE t (v varchar(10), id int PRIMARY KEY, n int, gone text)")
+        .unwrap();
+    // A first run with nothing prepared in StarRocks.
+    let mut args = base_args(&pg, &sr, "t");
+    args.push("--create-tables".into());
+    let cdc = Cdc::start(&args, &[]);
+    let pair = |n: &str, t: &str| (n.to_string(), t.to_string());
+    assert_eq!(
+        sr_columns(&sr, "t"),
+        [
+            pair("gone", "varchar(65533)"),
+            pair("id", "int(11)"),
+            pair("n", "int(11)"),
+            pair("v", "varchar(40)"),
+        ]
+    );
+    c.batch_execute("INSERT INTO t SELECT 'a' || g, g, g, 'x' FROM generate_series(1, 50) g")
+        .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n", "gone"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    // Added columns, in a transaction that also changes rows; then widened types, a value
+    // only the wider types hold, a dropped column and rows without it.
+    c.batch_execute(
+        "BEGIN;
+         ALTER TABLE t ADD COLUMN extra varchar(20), ADD COLUMN amount numeric(10,2);
+         INSERT INTO t SELECT 'b', g, g, 'y', 'e' || g, 1.5 FROM generate_series(51, 80) g;
+         COMMIT;",
+    )
+    .unwrap();
+    c.batch_execute("ALTER TABLE t ALTER COLUMN n TYPE bigint, ALTER COLUMN v TYPE text")
+        .unwrap();
+    c.batch_execute("INSERT INTO t VALUES (repeat('long', 10), 81, 5000000000, 'z', 'big', NULL)")
+        .unwrap();
+    c.batch_execute("ALTER TABLE t DROP COLUMN gone").unwrap();
+    c.batch_execute("UPDATE t SET extra = 'after drop' WHERE id <= 3; DELETE FROM t WHERE id = 4")
+        .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n", "extra"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        sr_columns(&sr, "t"),
+        [
+            pair("amount", "decimal(10,2)"),
+            pair("extra", "varchar(80)"),
+            pair("id", "int(11)"),
+            pair("n", "bigint(20)"),
+            pair("v", "varchar(65533)"),
+        ]
+    );
+    // Every load found its columns: pgprism waited for each asynchronous ALTER job.
+    let failed: Vec<_> = sr.log().into_iter().filter(|(_, s)| s == "Fail").collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    let alters = sr
+        .statements()
+        .iter()
+        .filter(|s| s.starts_with("ALTER TABLE"))
+        .count();
+    assert_eq!(alters, 5, "{:?}", sr.statements());
+}
+
+#[test]
+fn incompatible_type_change_stops_naming_it_and_loses_nothing() {
+    let pg = start_pg("cdc-ddl-bad", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let args = base_args(&pg, &sr, "t");
+    let mut cdc = Cdc::start(&args, &[]);
+    c.batch_execute("INSERT INTO t SELECT g, 'x', g FROM generate_series(1, 20) g")
+        .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    c.batch_execute("ALTER TABLE t ALTER COLUMN v TYPE integer USING length(v)")
+        .unwrap();
+    c.batch_execute("INSERT INTO t VALUES (21, 7, 21)").unwrap();
+    assert!(
+        cdc.wait_death(Duration::from_secs(30)),
+        "an incompatible change did not stop the stream"
+    );
+    let log = cdc.log();
+    assert!(
+        log.contains("column v of public.t changed type from text to integer"),
+        "{log}"
+    );
+    assert_eq!(
+        sr.row_count(DB, "t"),
+        20,
+        "a row after the change was loaded"
+    );
+    drop(cdc);
+    // Changed by hand in StarRocks: a restart goes on from where it stopped.
+    sr.add_column(DB, "t", "v", ColType::Int);
+    let cdc = Cdc::start(&args, &[]);
+    let want = vec![
+        Some("21".to_string()),
+        Some("7".to_string()),
+        Some("21".to_string()),
+    ];
+    assert!(
+        eventually(Duration::from_secs(30), || sr
+            .rows(DB, "t", &["id", "v", "n"])
+            .contains(&want)),
+        "the row after the change never arrived\n{}",
+        cdc.log()
+    );
+    assert_eq!(sr.row_count(DB, "t"), 21);
+}
+
 #[test]
 fn initial_snapshot_then_stream_without_gap() {
     let pg = start_pg("cdc-snapshot", &[]);
