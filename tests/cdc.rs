@@ -995,6 +995,40 @@ fn incompatible_type_change_stops_naming_it_and_loses_nothing() {
 }
 
 #[test]
+fn schema_changes_fail_stops_at_a_change_starrocks_lacks() {
+    let pg = start_pg("cdc-ddl-fail", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let mut args = base_args(&pg, &sr, "t");
+    args.extend(["--schema-changes".to_string(), "fail".to_string()]);
+    let mut cdc = Cdc::start(&args, &[]);
+    c.batch_execute("INSERT INTO t SELECT g, 'x', g FROM generate_series(1, 10) g")
+        .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    c.batch_execute("ALTER TABLE t ADD COLUMN extra text; INSERT INTO t VALUES (11, 'y', 11, 'e')")
+        .unwrap();
+    assert!(
+        cdc.wait_death(Duration::from_secs(30)),
+        "the change did not stop the stream"
+    );
+    let log = cdc.log();
+    assert!(
+        log.contains("schema-changes = \"fail\"") && log.contains("ADD COLUMN `extra`"),
+        "{log}"
+    );
+    assert_eq!(sr.row_count(DB, "t"), 10);
+    assert!(!sr.statements().iter().any(|s| s.starts_with("ALTER")));
+}
+
+#[test]
 fn initial_snapshot_then_stream_without_gap() {
     let pg = start_pg("cdc-snapshot", &[]);
     let sr = StarRocks::start("root", "pw");

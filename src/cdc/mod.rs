@@ -99,6 +99,9 @@ pub struct Shared {
     pub stopped: AtomicBool,
     /// Reconnects after a lost PostgreSQL connection.
     pub reconnects: AtomicU64,
+    /// StarRocks transactions committed inside a source transaction because one table's
+    /// column list changed there (see `txn`).
+    pub transactions_split: AtomicU64,
     pub tables: Mutex<BTreeMap<String, TableStats>>,
 }
 
@@ -151,6 +154,7 @@ impl Shared {
             "rows_decoded": self.rows_decoded.load(Ordering::Relaxed),
             "retries": self.retries.load(Ordering::Relaxed),
             "reconnects": self.reconnects.load(Ordering::Relaxed),
+            "transactions_split": self.transactions_split.load(Ordering::Relaxed),
             "tables": sonic_rs::to_value(&tables).unwrap_or_default(),
         });
         doc.to_string()
@@ -221,6 +225,12 @@ impl Shared {
                 "counter",
                 "reconnects after a lost PostgreSQL connection",
                 load(&self.reconnects),
+            ),
+            (
+                "transactions_split_total",
+                "counter",
+                "StarRocks transactions committed inside a source transaction",
+                load(&self.transactions_split),
             ),
             (
                 "paused",
@@ -560,7 +570,13 @@ fn load_loop(
             Work::Load(batch) => {
                 failpoint::hit("cdc-before-load");
                 let outcome = match txns.as_deref_mut() {
-                    Some(txns) => txns.load(sink, &batch),
+                    Some(txns) => {
+                        let outcome = txns.load(sink, &batch);
+                        shared
+                            .transactions_split
+                            .store(txns.splits, Ordering::Relaxed);
+                        outcome
+                    }
                     None => sink.load(&batch),
                 }
                 .map_err(CdcError::Load)?;
