@@ -604,14 +604,21 @@ fn load_loop(
             }
             Work::Schema { change, apply } => {
                 let statements = sink.plan_schema(&change, apply).map_err(CdcError::Load)?;
-                // A schema change waits for the table's open transactions: end ours first.
-                if let Some(txns) = txns.as_deref_mut()
-                    && !statements.is_empty()
-                {
-                    txns.commit_all(sink).map_err(CdcError::Load)?;
-                }
+                // A schema change waits for the table's open transactions: none of ours may be.
+                let rolled_back = match txns.as_deref_mut() {
+                    Some(txns) if !statements.is_empty() => {
+                        txns.settle_for_ddl(sink).map_err(CdcError::Load)?
+                    }
+                    _ => false,
+                };
                 for statement in &statements {
                     sink.ddl(&change.table, statement).map_err(CdcError::Load)?;
+                }
+                if rolled_back {
+                    return Err(CdcError::Load(LoadError::TxnAborted {
+                        label: change.table.clone(),
+                        why: "rolled back for a schema change of the table".into(),
+                    }));
                 }
             }
             Work::Boundary(lsn) => {

@@ -208,6 +208,30 @@ impl Transactions {
         Ok(())
     }
 
+    /// Before a schema change of StarRocks, which waits for every transaction open on the
+    /// table: commits what an earlier run prepared (as the cycle's end would), and rolls back
+    /// what this run is loading. Returns whether it rolled anything back: the cycle must then
+    /// be loaded again from the checkpoint. (Committing it here instead would cut the
+    /// StarRocks transaction at a place a replay, finding the schema change done, would not
+    /// cut again.)
+    pub fn settle_for_ddl(&mut self, sink: &mut StarRocks) -> Result<bool, LoadError> {
+        let scopes: Vec<String> = self.open.keys().cloned().collect();
+        for scope in &scopes {
+            let table = self.scope_table(scope).map(str::to_string);
+            if let Some(txn) = self.open.get_mut(scope)
+                && txn.state == TxnState::Prepared
+            {
+                commit(sink, &txn.label, table.as_deref())?;
+                txn.state = TxnState::Committed;
+            }
+        }
+        let loading = self.open.values().any(|t| t.state == TxnState::Loading);
+        if loading {
+            self.abort_all(sink);
+        }
+        Ok(loading)
+    }
+
     /// Rolls back every transaction this run began and has not prepared (best effort: an
     /// unanswered one times out in StarRocks), and forgets the cycle.
     pub fn abort_all(&mut self, sink: &mut StarRocks) {
