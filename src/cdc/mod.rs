@@ -364,6 +364,7 @@ fn validate_limits(cfg: &CdcConfig) -> Result<(), ConfigError> {
         ("connect-timeout-ms", cfg.connect_timeout_ms),
         ("status-interval-ms", cfg.status_interval_ms),
         ("snapshot-chunk-rows", cfg.snapshot_chunk_rows as u64),
+        ("schema-change-timeout-ms", cfg.schema_change_timeout_ms),
     ] {
         if value == 0 {
             return Err(key_error(name, "expected a value above 0"));
