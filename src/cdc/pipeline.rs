@@ -18,6 +18,7 @@ use super::pgoutput::{Datum, DecodeError, Message, OldKind, Tuple};
 use super::schema::{
     Applied, JsonKind, KeyColumns, SchemaCache, SchemaError, TableSchema, json_string,
 };
+use super::snapshot::window::{Windows, encode_key};
 use crate::config::{CdcDeleteMode, CdcSchemaChanges, CdcToastMode};
 
 /// What the loader does, in order.
@@ -42,6 +43,12 @@ pub enum Work {
     /// that follow, so a replay after a crash cuts its batches at the same place and gets the
     /// same labels.
     Boundary(Lsn),
+    /// Every batch of this initial-snapshot chunk is loaded: record the chunk as done.
+    SnapshotChunk {
+        table: String,
+        chunk: u32,
+        rows: u64,
+    },
 }
 
 /// One Stream Load.
@@ -163,6 +170,10 @@ pub struct Pipeline {
     current_stream: Option<u32>,
     synced_at: String,
     rows_in: u64,
+    /// The initial snapshot's watermark windows, while a snapshot runs.
+    windows: Option<Windows>,
+    /// Top-level xid of the current transaction.
+    xid: u32,
 }
 
 impl Pipeline {
@@ -199,7 +210,14 @@ impl Pipeline {
             current_stream: None,
             synced_at: String::from("1970-01-01 00:00:00"),
             rows_in: 0,
+            windows: None,
+            xid: 0,
         }
+    }
+
+    /// Follows the initial snapshot's watermarks (see `snapshot::window`).
+    pub fn set_windows(&mut self, windows: Windows) {
+        self.windows = Some(windows);
     }
 
     /// Value written to the `synced_at` audit column (the caller refreshes it once a second).
@@ -247,7 +265,10 @@ impl Pipeline {
                 commit_ts_us,
             } => self.stream_commit(xid, commit_lsn, end_lsn, commit_ts_us, out)?,
             msg if self.in_stream => self.buffer_streamed(&msg, payload)?,
-            Message::Begin { final_lsn, .. } => self.begin(final_lsn),
+            Message::Begin { final_lsn, xid, .. } => {
+                self.begin(final_lsn);
+                self.xid = xid;
+            }
             Message::Commit {
                 end_lsn,
                 commit_ts_us,
@@ -288,6 +309,7 @@ impl Pipeline {
     ) -> Result<(), PipelineError> {
         let streamed = self.streams.remove(&xid);
         self.begin(commit_lsn);
+        self.xid = xid;
         if let Some(s) = streamed {
             self.stream_bytes -= s.messages.iter().map(|m| m.1.len()).sum::<usize>();
             for (_, bytes) in &s.messages {
@@ -346,6 +368,9 @@ impl Pipeline {
     /// never on the wall clock, so a replay after a crash cuts the same batches.
     fn commit(&mut self, end_lsn: Lsn, commit_ts_us: i64, out: &mut Vec<Work>) {
         self.in_txn = false;
+        if let Some(windows) = &mut self.windows {
+            windows.committed(self.xid, self.txn);
+        }
         self.last_commit = end_lsn;
         if self.txn_rows || !self.open.is_empty() || self.unflushed_commit.is_some() {
             self.unflushed_commit = Some(end_lsn);
@@ -460,6 +485,7 @@ impl Pipeline {
                 self.follow_schema(rel.oid, applied, out)?;
             }
             Message::Insert { rel, new, .. } => {
+                self.note_keys(rel, [Some(new), None]);
                 let schema = self.schema.get(rel)?;
                 let (oid, generation) = (schema.oid, schema.generation);
                 let pos = self.next_pos();
@@ -478,10 +504,14 @@ impl Pipeline {
                     out,
                 );
             }
-            Message::Update { rel, old, new, .. } => self.update(rel, old, new, out)?,
+            Message::Update { rel, old, new, .. } => {
+                self.note_keys(rel, [Some(new), old.map(|(_, t)| t)]);
+                self.update(rel, old, new, out)?;
+            }
             Message::Delete {
                 rel, old_kind, old, ..
             } => {
+                self.note_keys(rel, [Some(old), None]);
                 let schema = self.schema.get(rel)?;
                 let (oid, generation) = (schema.oid, schema.generation);
                 self.delete(oid, generation, old_kind, old, out);
@@ -499,7 +529,10 @@ impl Pipeline {
                     }
                 }
             }
-            // Types, origins and logical messages carry nothing to load.
+            Message::Message {
+                prefix, content, ..
+            } => self.watermark(prefix, content, out),
+            // Types and origins carry nothing to load.
             _ => {}
         }
         Ok(())
@@ -541,6 +574,51 @@ impl Pipeline {
             });
         }
         Ok(())
+    }
+
+    /// Tells the open snapshot windows on this table which keys a change touched.
+    fn note_keys(&mut self, rel: u32, tuples: [Option<Tuple<'_>>; 2]) {
+        let (Some(windows), Ok(schema)) = (self.windows.as_mut(), self.schema.get(rel)) else {
+            return;
+        };
+        if !windows.watching(&schema.source_name) {
+            return;
+        }
+        for tuple in tuples.into_iter().flatten() {
+            windows.touched(&schema.source_name, key_text(&schema.key, tuple));
+        }
+    }
+
+    /// A logical message: at a snapshot chunk's high watermark, the chunk's rows go out here,
+    /// after every change of that table before it.
+    fn watermark(&mut self, prefix: &str, content: &[u8], out: &mut Vec<Work>) {
+        let Some(windows) = &mut self.windows else {
+            return;
+        };
+        let Some(emitted) = windows.message(prefix, content, self.txn) else {
+            return;
+        };
+        let oids: Vec<u32> = self
+            .open
+            .keys()
+            .copied()
+            .filter(|oid| {
+                self.schema
+                    .get(*oid)
+                    .is_ok_and(|s| s.source_name == emitted.table)
+            })
+            .collect();
+        for oid in oids {
+            self.flush_table(oid, out);
+        }
+        out.extend(emitted.batches.into_iter().map(Work::Load));
+        out.push(Work::SnapshotChunk {
+            table: emitted.table,
+            chunk: emitted.chunk,
+            rows: emitted.rows,
+        });
+        // The checkpoint must pass this point only once those loads are done.
+        self.txn_rows = true;
     }
 
     /// A table's batch must close because its column list changes. A StarRocks transaction
@@ -773,56 +851,58 @@ impl Pipeline {
     }
 }
 
-/// One chunk of the initial snapshot as a batch of upserts. The label names the chunk, so a
-/// copy that is repeated loads each chunk once.
-pub fn snapshot_batch(
-    cfg: &PipelineConfig,
-    schema: &TableSchema,
-    rows: &[Vec<Option<String>>],
-    chunk: u64,
-    point: Lsn,
-    synced_at: &str,
-) -> Batch {
-    let columns = columns_header(
+/// The `columns` header of initial-snapshot rows (whole rows, upserts).
+pub fn snapshot_columns(cfg: &PipelineConfig, schema: &TableSchema) -> String {
+    columns_header(
         schema,
         &Shape::Full,
         cfg.delete_mode,
         cfg.audit_prefix.as_deref(),
-    );
-    let mut body = Vec::with_capacity(rows.len() * 64 + 2);
-    body.push(b'[');
-    for (i, row) in rows.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        let values = row.iter().map(|v| match v {
-            Some(text) => Datum::Text(text.as_bytes()),
-            None => Datum::Null,
-        });
-        write_row(
-            &mut body,
-            schema,
-            values,
-            Op::Upsert(OpType::Insert),
-            cfg.delete_mode == CdcDeleteMode::Hard,
-            cfg.audit_prefix.as_deref(),
-            synced_at,
-            point,
-        );
-    }
-    body.push(b']');
-    let name = sanitize(&format!("{}-{}", cfg.slot, schema.target_name));
-    Batch {
-        table: schema.target_name.clone(),
-        columns,
-        partial: false,
-        body,
-        rows: rows.len() as u64,
-        label: format!("{name}-snap-{:X}-{chunk}", point.0),
-    }
+    )
 }
 
-fn sanitize(text: &str) -> String {
+/// Appends one initial-snapshot row (values as PostgreSQL prints them, `None` for NULL) to
+/// `body` as a JSON upsert; `lsn` goes into the `cdc_version` audit column.
+pub fn write_snapshot_row<'a>(
+    cfg: &PipelineConfig,
+    schema: &TableSchema,
+    body: &mut Vec<u8>,
+    values: impl Iterator<Item = Option<&'a [u8]>>,
+    synced_at: &str,
+    lsn: Lsn,
+) {
+    let values = values.map(|v| match v {
+        Some(text) => Datum::Text(text),
+        None => Datum::Null,
+    });
+    write_row(
+        body,
+        schema,
+        values,
+        Op::Upsert(OpType::Insert),
+        cfg.delete_mode == CdcDeleteMode::Hard,
+        cfg.audit_prefix.as_deref(),
+        synced_at,
+        lsn,
+    );
+}
+
+/// The key of a changed row for the snapshot's windows; `None` when a key column was not
+/// sent (an unchanged TOAST value).
+fn key_text(key: &[usize], tuple: Tuple<'_>) -> Option<Box<[u8]>> {
+    let values: Vec<Datum<'_>> = tuple.iter().collect();
+    let mut parts = Vec::with_capacity(key.len());
+    for &i in key {
+        parts.push(match values.get(i)? {
+            Datum::Text(v) | Datum::Binary(v) => Some(*v),
+            Datum::Null => None,
+            Datum::Unchanged => return None,
+        });
+    }
+    Some(encode_key(parts.into_iter()))
+}
+
+pub(crate) fn sanitize(text: &str) -> String {
     text.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '_' || c == '-' {

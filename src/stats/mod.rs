@@ -67,7 +67,10 @@ counters! {
     primary_messages_in: "messages read from the primary",
     reports_dropped: "reports to the control thread dropped because its ring was full",
     compare_statements: "statements whose primary and shadow results were compared",
-    compare_mismatches: "compared statements whose results differ between primary and shadow",
+    compare_mismatches: "compared statements whose results differ between primary and shadow (real incompatibilities)",
+    compare_inconclusive_concurrent: "compared statements whose results differ but whose order with a conflicting statement of another session could not be reproduced on the shadow",
+    compare_inconclusive_nondeterministic: "compared statements whose results differ by nature (volatile functions, server-local values, LIMIT without ORDER BY)",
+    compare_order_waits_expired: "statements sent to the shadow after waiting compare.order-wait-ms for earlier conflicting ones (their order not reproduced)",
     compare_skipped: "statements not compared (excluded, diverged transaction, shadow unavailable)",
     compare_fallbacks: "fail-on-differences mismatches above compare.buffer-bytes-max: streamed and only reported",
     compare_rollbacks: "ROLLBACKs sent to a shadow left in a transaction the primary had ended",
@@ -89,6 +92,10 @@ counters! {
     pool_servers_closed: "transaction pooling: primary connections closed",
     pool_servers_lost: "transaction pooling: primary connections that failed (while lent or at a check)",
     pool_dirty_closed: "transaction pooling: connections closed instead of returned (client left mid-statement, failed rollback or reset)",
+    pool_pipelines: "pipelined lending: connections lent to several clients' autocommit statements at once",
+    pool_shared_units: "pipelined lending: client statements (a Query, or a batch up to its Sync) sent on a shared connection",
+    pool_shared_behind: "pipelined lending: shared statements queued behind another client's on the connection",
+    pool_shared_writes: "pipelined lending: writes to shared connections (each carries one or more clients' statements)",
 }
 
 /// A shard's statistics: counters plus the two latency histograms.
