@@ -1329,6 +1329,50 @@ fn snapshot_under_concurrent_writes_ends_equal() {
 }
 
 #[test]
+fn snapshot_chunks_in_transactions_survive_a_kill_at_recording() {
+    // With StarRocks transactions a chunk is recorded after the transaction holding its rows
+    // commits; killed there, the restart finds the rows or copies the chunk again.
+    let pg = start_pg("cdc-snap-txn", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    make_table(&mut c, &sr, "u");
+    c.batch_execute(
+        "INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 12000) g;
+         INSERT INTO u SELECT g, 'w' || g, g FROM generate_series(1, 3000) g; ANALYZE t, u",
+    )
+    .unwrap();
+    let mut args = base_args(&pg, &sr, "t,u");
+    args.extend(["--snapshot-chunk-rows", "2000", "--snapshot-workers", "2"].map(String::from));
+    let mut cdc = Cdc::spawn(
+        &args,
+        &[("PGPRISM_FAILPOINTS", "cdc-mid-snapshot-chunk=3*kill")],
+    );
+    paired_transactions(&mut c, 1000, 5);
+    assert!(
+        cdc.wait_death(Duration::from_secs(60)),
+        "the failpoint did not fire\n{}",
+        cdc.log()
+    );
+    paired_transactions(&mut c, 1100, 5);
+    drop(cdc);
+    let cdc = Cdc::spawn(&args, &[]);
+    for table in ["t", "u"] {
+        assert_converges(
+            &sr,
+            &mut c,
+            table,
+            &["id", "v", "n"],
+            &cdc,
+            Duration::from_secs(90),
+        );
+    }
+    let txns = sr.transactions();
+    assert_eq!(txns.get("PREPARE"), None, "{txns:?}");
+    assert_eq!(txns.get("PREPARED"), None, "{txns:?}");
+}
+
+#[test]
 fn killed_mid_snapshot_chunk_resumes_from_the_next_chunk() {
     let pg = start_pg("cdc-snap-kill", &[]);
     let sr = StarRocks::start("root", "pw");
