@@ -16,7 +16,7 @@ use bytes::Bytes;
 use pgprism::cdc::lsn::Lsn;
 use pgprism::cdc::pgoutput::build;
 use pgprism::cdc::pipeline::{Pipeline, PipelineConfig, Work};
-use pgprism::config::{CdcDeleteMode, CdcToastMode};
+use pgprism::config::{CdcDeleteMode, CdcSchemaChanges, CdcToastMode};
 
 /// Captured-style input: one payload per XLogData message.
 pub fn input(rows: usize, seed: u64) -> Vec<Bytes> {
@@ -98,6 +98,7 @@ pub fn run(rows: usize) -> Report {
         toast_mode: CdcToastMode::FullRow,
         audit_prefix: None,
         stream_buffer_bytes_max: 1 << 30,
+        schema_changes: CdcSchemaChanges::Ignore,
     };
     let keys = [("public.t".to_string(), vec!["id".to_string()])].into();
     let mut pipeline = Pipeline::new(cfg, keys);

@@ -980,6 +980,196 @@ fn commit_in_doubt_is_settled_by_the_label_state() {
     assert_eq!(txns.get("PREPARED"), None, "{txns:?}");
 }
 
+/// The emulator's columns of `table` as (name, type) pairs, sorted by name.
+fn sr_columns(sr: &StarRocks, table: &str) -> Vec<(String, String)> {
+    sr.columns(DB, table).into_iter().collect()
+}
+
+#[test]
+fn schema_changes_follow_the_source_mid_stream() {
+    let pg = start_pg("cdc-ddl", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    c.batch_execute("CREATE TABLE t (v varchar(10), id int PRIMARY KEY, n int, gone text)")
+        .unwrap();
+    // A first run with nothing prepared in StarRocks.
+    let mut args = base_args(&pg, &sr, "t");
+    args.push("--create-tables".into());
+    let cdc = Cdc::start(&args, &[]);
+    let pair = |n: &str, t: &str| (n.to_string(), t.to_string());
+    assert_eq!(
+        sr_columns(&sr, "t"),
+        [
+            pair("gone", "varchar(65533)"),
+            pair("id", "int(11)"),
+            pair("n", "int(11)"),
+            pair("v", "varchar(40)"),
+        ]
+    );
+    c.batch_execute("INSERT INTO t SELECT 'a' || g, g, g, 'x' FROM generate_series(1, 50) g")
+        .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n", "gone"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    // Added columns, in a transaction that also changes rows; then widened types, a value
+    // only the wider types hold, a dropped column and rows without it.
+    c.batch_execute(
+        "BEGIN;
+         ALTER TABLE t ADD COLUMN extra varchar(20), ADD COLUMN amount numeric(10,2);
+         INSERT INTO t SELECT 'b', g, g, 'y', 'e' || g, 1.5 FROM generate_series(51, 80) g;
+         COMMIT;",
+    )
+    .unwrap();
+    c.batch_execute("ALTER TABLE t ALTER COLUMN n TYPE bigint, ALTER COLUMN v TYPE text")
+        .unwrap();
+    c.batch_execute("INSERT INTO t VALUES (repeat('long', 10), 81, 5000000000, 'z', 'big', NULL)")
+        .unwrap();
+    c.batch_execute("ALTER TABLE t DROP COLUMN gone").unwrap();
+    c.batch_execute("UPDATE t SET extra = 'after drop' WHERE id <= 3; DELETE FROM t WHERE id = 4")
+        .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n", "extra"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+    assert_eq!(cdc.status_number("reconnects"), 0);
+    // A column added between rows of one transaction: the StarRocks transaction holding the
+    // first rows is rolled back for the ALTER and the cycle loaded again from the checkpoint.
+    c.batch_execute(
+        "BEGIN;
+         INSERT INTO t (id, v, n, extra) VALUES (90, 'm', 90, 'mid');
+         ALTER TABLE t ADD COLUMN late int;
+         INSERT INTO t (id, v, n, extra, late) VALUES (91, 'm', 91, 'mid', 7);
+         COMMIT;",
+    )
+    .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n", "extra", "late"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+    assert!(cdc.status_number("reconnects") >= 1);
+    assert_eq!(
+        sr_columns(&sr, "t"),
+        [
+            pair("amount", "decimal(10,2)"),
+            pair("extra", "varchar(80)"),
+            pair("id", "int(11)"),
+            pair("late", "int(11)"),
+            pair("n", "bigint(20)"),
+            pair("v", "varchar(65533)"),
+        ]
+    );
+    // Every load found its columns: pgprism waited for each asynchronous ALTER job.
+    let failed: Vec<_> = sr.log().into_iter().filter(|(_, s)| s == "Fail").collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    let alters = sr
+        .statements()
+        .iter()
+        .filter(|s| s.starts_with("ALTER TABLE"))
+        .count();
+    assert_eq!(alters, 6, "{:?}", sr.statements());
+}
+
+#[test]
+fn incompatible_type_change_stops_naming_it_and_loses_nothing() {
+    let pg = start_pg("cdc-ddl-bad", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let args = base_args(&pg, &sr, "t");
+    let mut cdc = Cdc::start(&args, &[]);
+    c.batch_execute("INSERT INTO t SELECT g, 'x', g FROM generate_series(1, 20) g")
+        .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    c.batch_execute("ALTER TABLE t ALTER COLUMN v TYPE integer USING length(v)")
+        .unwrap();
+    c.batch_execute("INSERT INTO t VALUES (21, 7, 21)").unwrap();
+    assert!(
+        cdc.wait_death(Duration::from_secs(30)),
+        "an incompatible change did not stop the stream"
+    );
+    let log = cdc.log();
+    assert!(
+        log.contains("column v of public.t changed type from text to integer"),
+        "{log}"
+    );
+    assert_eq!(
+        sr.row_count(DB, "t"),
+        20,
+        "a row after the change was loaded"
+    );
+    drop(cdc);
+    // Changed by hand in StarRocks: a restart goes on from where it stopped.
+    sr.add_column(DB, "t", "v", ColType::Int);
+    let cdc = Cdc::start(&args, &[]);
+    let want = vec![
+        Some("21".to_string()),
+        Some("7".to_string()),
+        Some("21".to_string()),
+    ];
+    assert!(
+        eventually(Duration::from_secs(30), || sr
+            .rows(DB, "t", &["id", "v", "n"])
+            .contains(&want)),
+        "the row after the change never arrived\n{}",
+        cdc.log()
+    );
+    assert_eq!(sr.row_count(DB, "t"), 21);
+}
+
+#[test]
+fn schema_changes_fail_stops_at_a_change_starrocks_lacks() {
+    let pg = start_pg("cdc-ddl-fail", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let mut args = base_args(&pg, &sr, "t");
+    args.extend(["--schema-changes".to_string(), "fail".to_string()]);
+    let mut cdc = Cdc::start(&args, &[]);
+    c.batch_execute("INSERT INTO t SELECT g, 'x', g FROM generate_series(1, 10) g")
+        .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    c.batch_execute("ALTER TABLE t ADD COLUMN extra text; INSERT INTO t VALUES (11, 'y', 11, 'e')")
+        .unwrap();
+    assert!(
+        cdc.wait_death(Duration::from_secs(30)),
+        "the change did not stop the stream"
+    );
+    let log = cdc.log();
+    assert!(
+        log.contains("schema-changes = \"fail\"") && log.contains("ADD COLUMN `extra`"),
+        "{log}"
+    );
+    assert_eq!(sr.row_count(DB, "t"), 10);
+    assert!(!sr.statements().iter().any(|s| s.starts_with("ALTER")));
+}
+
 #[test]
 fn initial_snapshot_then_stream_without_gap() {
     let pg = start_pg("cdc-snapshot", &[]);
@@ -1012,6 +1202,10 @@ fn snapshot_args(pg: &Instance, sr: &StarRocks, tables: &str, chunk_rows: u32) -
             &chunk_rows.to_string(),
             "--snapshot-workers",
             "2",
+            // These tests count each chunk's own Stream Load by its label; in a StarRocks
+            // transaction the loads go under the cycle's label instead.
+            "--transaction-mode",
+            "none",
         ]
         .map(String::from),
     );
@@ -1227,6 +1421,50 @@ fn snapshot_under_concurrent_writes_ends_equal() {
     // asserted; the window rules have their own tests in `snapshot::window`.)
     let snap = cdc.snapshot();
     println!("{writes} writes during the snapshot; {snap:?}");
+}
+
+#[test]
+fn snapshot_chunks_in_transactions_survive_a_kill_at_recording() {
+    // With StarRocks transactions a chunk is recorded after the transaction holding its rows
+    // commits; killed there, the restart finds the rows or copies the chunk again.
+    let pg = start_pg("cdc-snap-txn", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    make_table(&mut c, &sr, "u");
+    c.batch_execute(
+        "INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 12000) g;
+         INSERT INTO u SELECT g, 'w' || g, g FROM generate_series(1, 3000) g; ANALYZE t, u",
+    )
+    .unwrap();
+    let mut args = base_args(&pg, &sr, "t,u");
+    args.extend(["--snapshot-chunk-rows", "2000", "--snapshot-workers", "2"].map(String::from));
+    let mut cdc = Cdc::spawn(
+        &args,
+        &[("PGPRISM_FAILPOINTS", "cdc-mid-snapshot-chunk=3*kill")],
+    );
+    paired_transactions(&mut c, 1000, 5);
+    assert!(
+        cdc.wait_death(Duration::from_secs(60)),
+        "the failpoint did not fire\n{}",
+        cdc.log()
+    );
+    paired_transactions(&mut c, 1100, 5);
+    drop(cdc);
+    let cdc = Cdc::spawn(&args, &[]);
+    for table in ["t", "u"] {
+        assert_converges(
+            &sr,
+            &mut c,
+            table,
+            &["id", "v", "n"],
+            &cdc,
+            Duration::from_secs(90),
+        );
+    }
+    let txns = sr.transactions();
+    assert_eq!(txns.get("PREPARE"), None, "{txns:?}");
+    assert_eq!(txns.get("PREPARED"), None, "{txns:?}");
 }
 
 #[test]

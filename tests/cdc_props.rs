@@ -5,7 +5,7 @@ use bytes::Bytes;
 use pgprism::cdc::lsn::Lsn;
 use pgprism::cdc::pgoutput::{Datum, Message, build};
 use pgprism::cdc::pipeline::{Pipeline, PipelineConfig, Work};
-use pgprism::config::{CdcDeleteMode, CdcToastMode};
+use pgprism::config::{CdcDeleteMode, CdcSchemaChanges, CdcToastMode};
 use proptest::prelude::*;
 
 fn pipeline() -> Pipeline {
@@ -18,6 +18,7 @@ fn pipeline() -> Pipeline {
         toast_mode: CdcToastMode::FullRow,
         audit_prefix: Some("a_".into()),
         stream_buffer_bytes_max: 1 << 20,
+        schema_changes: CdcSchemaChanges::Ignore,
     };
     Pipeline::new(
         cfg,

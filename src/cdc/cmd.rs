@@ -11,7 +11,8 @@ use clap::Args;
 
 use super::Shared;
 use crate::config::{
-    AdminConfig, CdcConfig, CdcDeleteMode, CdcToastMode, CdcTransactionMode, Config,
+    AdminConfig, CdcConfig, CdcDeleteMode, CdcSchemaChanges, CdcToastMode, CdcTransactionMode,
+    Config,
 };
 
 #[derive(Args, Debug)]
@@ -51,6 +52,12 @@ pub struct CdcArgs {
     /// `multi-table` (StarRocks 4.0+), `per-table` (2.4 to 3.x) or `none` (plain Stream Load).
     #[arg(long, value_parser = ["multi-table", "per-table", "none"])]
     transaction_mode: Option<String>,
+    /// `apply`, `ignore` or `fail`: what a column change in a source table does in StarRocks.
+    #[arg(long, value_parser = ["apply", "ignore", "fail"])]
+    schema_changes: Option<String>,
+    /// Create missing StarRocks tables from the source's definition.
+    #[arg(long)]
+    create_tables: bool,
     /// Add the audit columns to every row.
     #[arg(long)]
     audit_columns: bool,
@@ -144,6 +151,13 @@ impl CdcArgs {
             Some("none") => cfg.transaction_mode = CdcTransactionMode::None,
             _ => {}
         }
+        match self.schema_changes.as_deref() {
+            Some("apply") => cfg.schema_changes = CdcSchemaChanges::Apply,
+            Some("ignore") => cfg.schema_changes = CdcSchemaChanges::Ignore,
+            Some("fail") => cfg.schema_changes = CdcSchemaChanges::Fail,
+            _ => {}
+        }
+        cfg.create_tables |= self.create_tables;
         cfg.audit_columns |= self.audit_columns;
         if self.snapshot {
             cfg.snapshot = true;

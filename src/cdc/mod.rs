@@ -11,6 +11,7 @@
 
 pub mod checkpoint;
 pub mod cmd;
+pub mod ddl;
 pub mod failpoint;
 pub mod lsn;
 pub mod mysql;
@@ -100,6 +101,9 @@ pub struct Shared {
     pub stopped: AtomicBool,
     /// Reconnects after a lost PostgreSQL connection.
     pub reconnects: AtomicU64,
+    /// StarRocks transactions committed inside a source transaction because one table's
+    /// column list changed there (see `txn`).
+    pub transactions_split: AtomicU64,
     pub tables: Mutex<BTreeMap<String, TableStats>>,
     /// The initial snapshot's progress.
     pub snapshot: snapshot::Progress,
@@ -171,6 +175,7 @@ impl Shared {
             "rows_decoded": self.rows_decoded.load(Ordering::Relaxed),
             "retries": self.retries.load(Ordering::Relaxed),
             "reconnects": self.reconnects.load(Ordering::Relaxed),
+            "transactions_split": self.transactions_split.load(Ordering::Relaxed),
             "tables": sonic_rs::to_value(&tables).unwrap_or_default(),
             "snapshot": self.snapshot.json(),
             "streams": self.streams_json(),
@@ -243,6 +248,12 @@ impl Shared {
                 "counter",
                 "reconnects after a lost PostgreSQL connection",
                 load(&self.reconnects),
+            ),
+            (
+                "transactions_split_total",
+                "counter",
+                "StarRocks transactions committed inside a source transaction",
+                load(&self.transactions_split),
             ),
             (
                 "paused",
@@ -376,6 +387,7 @@ fn validate_limits(cfg: &CdcConfig) -> Result<(), ConfigError> {
         ("connect-timeout-ms", cfg.connect_timeout_ms),
         ("status-interval-ms", cfg.status_interval_ms),
         ("snapshot-chunk-rows", cfg.snapshot_chunk_rows as u64),
+        ("schema-change-timeout-ms", cfg.schema_change_timeout_ms),
         ("snapshot-workers", cfg.snapshot_workers as u64),
         (
             "snapshot-chunk-attempts-max",
@@ -547,6 +559,7 @@ fn sink_config(cfg: &CdcConfig) -> SinkConfig {
     SinkConfig {
         database: cfg.database.clone(),
         query_port: cfg.starrocks_query_port,
+        schema_change_timeout: Duration::from_millis(cfg.schema_change_timeout_ms),
         max_filter_ratio: cfg.max_filter_ratio,
         attempts_max: cfg.load_attempts_max,
         backoff: Duration::from_millis(cfg.load_backoff_ms),
@@ -565,6 +578,7 @@ fn pipeline_config(cfg: &CdcConfig) -> PipelineConfig {
         toast_mode: cfg.toast_mode,
         audit_prefix: cfg.audit_columns.then(|| cfg.audit_prefix.clone()),
         stream_buffer_bytes_max: cfg.stream_buffer_bytes_max,
+        schema_changes: cfg.schema_changes,
     }
 }
 
@@ -591,6 +605,24 @@ fn spawn_loader(
         .map_err(|e| CdcError::Replication(PgError::Io(e)))
 }
 
+/// Records a snapshot chunk as copied (its rows are in StarRocks).
+fn record_chunk(
+    checkpoints: &mut Checkpoints,
+    shared: &Shared,
+    table: &str,
+    chunk: u32,
+    rows: u64,
+) -> Result<(), CdcError> {
+    failpoint::hit("cdc-mid-snapshot-chunk");
+    checkpoints
+        .store_chunk_done(table, chunk, rows)
+        .map_err(CdcError::Checkpoint)?;
+    if shared.snapshot.chunk_recorded(rows) {
+        snapshot::log_finished(&shared.snapshot);
+    }
+    Ok(())
+}
+
 /// The CDC thread started by [`spawn`]; joining it gives the reason it stopped.
 pub type CdcThread = std::thread::JoinHandle<Result<(), CdcError>>;
 
@@ -612,6 +644,9 @@ fn load_loop(
     checkpoints: &mut Checkpoints,
     shared: &Shared,
 ) -> Result<(), CdcError> {
+    // Snapshot chunks whose rows wait in the open StarRocks transaction (bounded by the
+    // chunks one flush cycle can hold).
+    let mut chunks_pending: Vec<(String, u32, u64)> = Vec::new();
     for work in rx {
         while shared.paused.load(Ordering::Acquire) && !shared.stopped.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(50));
@@ -620,7 +655,13 @@ fn load_loop(
             Work::Load(batch) => {
                 failpoint::hit("cdc-before-load");
                 let outcome = match txns.as_deref_mut() {
-                    Some(txns) => txns.load(sink, &batch),
+                    Some(txns) => {
+                        let outcome = txns.load(sink, &batch);
+                        shared
+                            .transactions_split
+                            .store(txns.splits, Ordering::Relaxed);
+                        outcome
+                    }
                     None => sink.load(&batch),
                 }
                 .map_err(CdcError::Load)?;
@@ -643,16 +684,41 @@ fn load_loop(
                 if let Some(txns) = txns.as_deref_mut() {
                     txns.commit_all(sink).map_err(CdcError::Load)?;
                 }
+                for (table, chunk, rows) in chunks_pending.drain(..) {
+                    record_chunk(checkpoints, shared, &table, chunk, rows)?;
+                }
                 sink.truncate(&table).map_err(CdcError::Load)?;
                 tracing::info!(%table, "truncated");
             }
+            Work::Schema { change, apply } => {
+                let statements = sink.plan_schema(&change, apply).map_err(CdcError::Load)?;
+                // A schema change waits for the table's open transactions: none of ours may be.
+                let rolled_back = match txns.as_deref_mut() {
+                    Some(txns) if !statements.is_empty() => {
+                        txns.settle_for_ddl(sink).map_err(CdcError::Load)?
+                    }
+                    _ => false,
+                };
+                for statement in &statements {
+                    sink.ddl(&change.table, statement).map_err(CdcError::Load)?;
+                }
+                if rolled_back {
+                    return Err(CdcError::Load(LoadError::TxnAborted {
+                        label: change.table.clone(),
+                        why: "rolled back for a schema change of the table".into(),
+                    }));
+                }
+            }
             Work::SnapshotChunk { table, chunk, rows } => {
-                failpoint::hit("cdc-mid-snapshot-chunk");
-                checkpoints
-                    .store_chunk_done(&table, chunk, rows)
-                    .map_err(CdcError::Checkpoint)?;
-                if shared.snapshot.chunk_recorded(rows) {
-                    snapshot::log_finished(&shared.snapshot);
+                if txns.is_some() {
+                    // The chunk's rows sit in the cycle's open StarRocks transaction: record
+                    // the chunk once that commits (recorded before, a crash could leave it
+                    // done without its rows). Not committing here: a resumed run does not
+                    // copy this chunk again at this place, so a cut here would not repeat
+                    // and a replay could skip rows under the cut-off label.
+                    chunks_pending.push((table, chunk, rows));
+                } else {
+                    record_chunk(checkpoints, shared, &table, chunk, rows)?;
                 }
             }
             Work::Boundary(lsn) => {
@@ -665,6 +731,9 @@ fn load_loop(
                     txns.commit_all(sink).map_err(CdcError::Load)?;
                     shared.retries.store(sink.retries, Ordering::Relaxed);
                     failpoint::hit("cdc-after-commit");
+                }
+                for (table, chunk, rows) in chunks_pending.drain(..) {
+                    record_chunk(checkpoints, shared, &table, chunk, rows)?;
                 }
                 failpoint::hit("cdc-before-checkpoint");
                 checkpoints.store(lsn).map_err(CdcError::Checkpoint)?;

@@ -105,6 +105,68 @@ impl Mysql {
         check_ok(&answer)
     }
 
+    /// Runs one statement and returns its text result set: the column names and the rows
+    /// (at most `ROWS_MAX`; NULL is `None`). A statement without rows gives none.
+    pub fn query(&mut self, sql: &str) -> Result<ResultSet, MysqlError> {
+        self.seq = 0;
+        let mut packet = Vec::with_capacity(sql.len() + 1);
+        packet.push(0x03);
+        packet.extend_from_slice(sql.as_bytes());
+        self.write_packet(&packet)?;
+        let first = self.read_packet()?;
+        if matches!(first.first(), Some(0x00 | 0xFF)) {
+            check_ok(&first)?;
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let mut cur = &first[..];
+        let count = lenenc_int(&mut cur).ok_or(MysqlError::Protocol("column count"))?;
+        if count > 4096 {
+            return Err(MysqlError::Protocol("too many columns"));
+        }
+        let mut names = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let def = self.read_packet()?;
+            let mut cur = &def[..];
+            // catalog, schema, table, org_table, then the name.
+            let mut name = None;
+            for _ in 0..5 {
+                name = lenenc_str(&mut cur);
+            }
+            let name = name.ok_or(MysqlError::Protocol("column definition"))?;
+            names.push(name);
+        }
+        let eof = self.read_packet()?;
+        if !is_eof(&eof) {
+            return Err(MysqlError::Protocol("expected EOF after the columns"));
+        }
+        let mut rows = Vec::new();
+        loop {
+            let row = self.read_packet()?;
+            if is_eof(&row) {
+                break;
+            }
+            if row.first() == Some(&0xFF) {
+                check_ok(&row)?;
+            }
+            if rows.len() >= ROWS_MAX {
+                return Err(MysqlError::Protocol("result set too large"));
+            }
+            let mut cur = &row[..];
+            let mut values = Vec::with_capacity(names.len());
+            for _ in 0..names.len() {
+                if cur.first() == Some(&0xFB) {
+                    cur = &cur[1..];
+                    values.push(None);
+                } else {
+                    let v = lenenc_str(&mut cur).ok_or(MysqlError::Protocol("row"))?;
+                    values.push(Some(v));
+                }
+            }
+            rows.push(values);
+        }
+        Ok((names, rows))
+    }
+
     fn read_packet(&mut self) -> Result<Vec<u8>, MysqlError> {
         let mut head = [0u8; 4];
         self.stream.read_exact(&mut head)?;
@@ -128,6 +190,46 @@ impl Mysql {
         self.seq = self.seq.wrapping_add(1);
         Ok(())
     }
+}
+
+/// A text result set: column names, then rows (NULL is `None`).
+pub type ResultSet = (Vec<String>, Vec<Vec<Option<String>>>);
+
+/// Rows one [`Mysql::query`] takes (pgprism asks only for a table's columns or jobs).
+const ROWS_MAX: usize = 100_000;
+
+/// An EOF packet (0xFE and under 9 bytes; a longer 0xFE packet is data).
+fn is_eof(p: &[u8]) -> bool {
+    p.first() == Some(&0xFE) && p.len() < 9
+}
+
+/// A length-encoded integer, advancing `cur`.
+fn lenenc_int(cur: &mut &[u8]) -> Option<u64> {
+    let (&first, rest) = cur.split_first()?;
+    let (n, width) = match first {
+        0..=0xFA => (u64::from(first), 0),
+        0xFC => (0, 2),
+        0xFD => (0, 3),
+        0xFE => (0, 8),
+        _ => return None,
+    };
+    if width == 0 {
+        *cur = rest;
+        return Some(n);
+    }
+    let bytes = rest.get(..width)?;
+    let mut buf = [0u8; 8];
+    buf[..width].copy_from_slice(bytes);
+    *cur = &rest[width..];
+    Some(u64::from_le_bytes(buf))
+}
+
+/// A length-encoded string, advancing `cur` (NULL, 0xFB, is the caller's to check).
+fn lenenc_str(cur: &mut &[u8]) -> Option<String> {
+    let len = usize::try_from(lenenc_int(cur)?).ok()?;
+    let bytes = cur.get(..len)?;
+    *cur = &cur[len..];
+    Some(String::from_utf8_lossy(bytes).into_owned())
 }
 
 fn parse_handshake(p: &[u8]) -> Result<(Vec<u8>, String), MysqlError> {

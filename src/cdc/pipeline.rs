@@ -13,12 +13,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::ddl::SchemaChange;
 use super::lsn::Lsn;
 use super::pgoutput::{Datum, DecodeError, Message, OldKind, Tuple};
-use super::schema::{JsonKind, KeyColumns, SchemaCache, SchemaError, TableSchema, json_string};
+use super::schema::{
+    Applied, JsonKind, KeyColumns, SchemaCache, SchemaError, TableSchema, json_string,
+};
 use super::snapshot::window::{Windows, encode_key};
 use super::streams::{Replay, SpillLimits, StreamBuffers, StreamError, StreamStats};
-use crate::config::{CdcDeleteMode, CdcToastMode};
+use crate::config::{CdcDeleteMode, CdcSchemaChanges, CdcToastMode};
 
 /// What the loader does, in order.
 #[derive(Debug)]
@@ -27,6 +30,12 @@ pub enum Work {
     /// Empty a StarRocks table (a TRUNCATE in PostgreSQL); every earlier batch is loaded first.
     Truncate {
         table: String,
+    },
+    /// Make the StarRocks table follow a source table's new columns (`apply`: change it;
+    /// `fail`: stop if it differs), before any later load.
+    Schema {
+        change: SchemaChange,
+        apply: bool,
     },
     /// Everything before this marker is loaded: store and confirm this LSN (the commit
     /// time, microseconds since the Unix epoch, is for the lag metric).
@@ -71,6 +80,7 @@ pub struct PipelineConfig {
     /// Audit column prefix, when audit columns are on.
     pub audit_prefix: Option<String>,
     pub stream_buffer_bytes_max: usize,
+    pub schema_changes: CdcSchemaChanges,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -495,10 +505,11 @@ impl Pipeline {
     fn apply(&mut self, msg: Message<'_>, out: &mut Vec<Work>) -> Result<(), PipelineError> {
         match msg {
             Message::Relation { rel, .. } => {
-                let changed = self.schema.apply(&rel)?;
-                if changed && self.open.contains_key(&rel.oid) {
+                let applied = self.schema.apply(&rel)?;
+                if matches!(applied, Applied::Changed(_)) && self.open.contains_key(&rel.oid) {
                     self.cut_for_new_columns(rel.oid, out);
                 }
+                self.follow_schema(rel.oid, applied, out)?;
             }
             Message::Insert { rel, new, .. } => {
                 self.note_keys(rel, [Some(new), None]);
@@ -550,6 +561,44 @@ impl Pipeline {
             } => self.watermark(prefix, content, out),
             // Types and origins carry nothing to load.
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// After a Relation message: what StarRocks must do before rows with these columns load.
+    /// The first one of a run only makes sure StarRocks has every column (a change made
+    /// while pgprism was down); a later one is compared with the columns before.
+    fn follow_schema(
+        &mut self,
+        oid: u32,
+        applied: Applied,
+        out: &mut Vec<Work>,
+    ) -> Result<(), PipelineError> {
+        let mode = self.cfg.schema_changes;
+        if mode == CdcSchemaChanges::Ignore {
+            return Ok(());
+        }
+        let schema = self.schema.get(oid)?;
+        let change = match applied {
+            Applied::Unchanged => return Ok(()),
+            Applied::New => super::ddl::diff(
+                &schema.source_name,
+                &schema.target_name,
+                &[],
+                &schema.columns,
+            ),
+            Applied::Changed(old) => super::ddl::diff(
+                &schema.source_name,
+                &schema.target_name,
+                &old,
+                &schema.columns,
+            ),
+        };
+        if !change.is_empty() {
+            out.push(Work::Schema {
+                change,
+                apply: mode == CdcSchemaChanges::Apply,
+            });
         }
         Ok(())
     }
@@ -1096,6 +1145,7 @@ mod tests {
             toast_mode: CdcToastMode::FullRow,
             audit_prefix: None,
             stream_buffer_bytes_max: 1 << 20,
+            schema_changes: CdcSchemaChanges::Ignore,
         }
     }
 

@@ -33,6 +33,8 @@ impl JsonKind {
 pub struct Column {
     pub name: String,
     pub type_oid: u32,
+    /// `atttypmod` (`varchar(n)` length, `numeric(p, s)`); -1 when unknown or unbounded.
+    pub type_mod: i32,
     pub kind: JsonKind,
     /// `"name":` already JSON-escaped, written before each value.
     pub json_key: Vec<u8>,
@@ -50,6 +52,17 @@ pub struct TableSchema {
     pub key: Vec<usize>,
     /// Changes whenever the column list changes.
     pub generation: u64,
+}
+
+/// What a Relation message did to the cache.
+#[derive(Debug)]
+pub enum Applied {
+    /// The same columns as before.
+    Unchanged,
+    /// The first Relation for this relation id in this run.
+    New,
+    /// The column list changed; these were the columns before.
+    Changed(Vec<Column>),
 }
 
 /// Primary key columns per `schema.table`, from setup.
@@ -73,6 +86,7 @@ impl Column {
         Column {
             name: name.to_string(),
             type_oid,
+            type_mod: -1,
             kind: JsonKind::of(type_oid),
             json_key,
         }
@@ -101,9 +115,9 @@ impl SchemaCache {
             .ok_or(SchemaError::UnknownRelation { oid })
     }
 
-    /// Applies a Relation message. Returns true when the column list changed (the caller
-    /// flushes batches of the old shape first).
-    pub fn apply(&mut self, rel: &Relation<'_>) -> Result<bool, SchemaError> {
+    /// Applies a Relation message; a changed column list makes the caller flush batches of
+    /// the old shape first.
+    pub fn apply(&mut self, rel: &Relation<'_>) -> Result<Applied, SchemaError> {
         let source_name = format!("{}.{}", rel.namespace, rel.name);
         let key_names = self
             .keys
@@ -113,7 +127,10 @@ impl SchemaCache {
             })?;
         let columns: Vec<Column> = rel
             .columns()
-            .map(|c| Column::new(c.name, c.type_oid))
+            .map(|c| Column {
+                type_mod: c.type_mod,
+                ..Column::new(c.name, c.type_oid)
+            })
             .collect();
         let key = key_names
             .iter()
@@ -127,17 +144,19 @@ impl SchemaCache {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some(old) = self.tables.get(&rel.oid) {
-            let same = old.columns.len() == columns.len()
-                && old
-                    .columns
-                    .iter()
-                    .zip(&columns)
-                    .all(|(a, b)| a.name == b.name && a.type_oid == b.type_oid);
-            if same {
-                return Ok(false);
+        let applied = match self.tables.get(&rel.oid) {
+            Some(old) => {
+                let same = old.columns.len() == columns.len()
+                    && old.columns.iter().zip(&columns).all(|(a, b)| {
+                        a.name == b.name && a.type_oid == b.type_oid && a.type_mod == b.type_mod
+                    });
+                if same {
+                    return Ok(Applied::Unchanged);
+                }
+                Applied::Changed(old.columns.clone())
             }
-        }
+            None => Applied::New,
+        };
         self.generation += 1;
         let target_name = rel.name.to_string();
         self.tables.insert(
@@ -151,7 +170,7 @@ impl SchemaCache {
                 generation: self.generation,
             },
         );
-        Ok(true)
+        Ok(applied)
     }
 }
 

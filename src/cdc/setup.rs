@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use super::checkpoint::{Checkpoints, qualified};
+use super::ddl::{PgType, SourceColumn};
 use super::lsn::Lsn;
 use super::pgconn::{PgConn, PgError, quote_ident, quote_literal};
 use super::schema::KeyColumns;
@@ -98,13 +99,20 @@ pub fn prepare(
     for name in &cfg.tables {
         tables.push(look_up_table(&mut conn, name)?);
     }
+    let mut to_create = Vec::new();
     for t in &tables {
-        sink.check_table(split_table(&t.name).1)
-            .map_err(SetupError::StarRocks)?;
+        match sink.check_table(split_table(&t.name).1) {
+            Ok(()) => {}
+            Err(LoadError::TableMissing { .. }) if cfg.create_tables => to_create.push(t),
+            Err(e) => return Err(SetupError::StarRocks(e)),
+        }
     }
     let slot_exists = check_slot(&mut conn, &cfg.slot, database)?;
 
     // Phase 2: changes, each idempotent.
+    for t in to_create {
+        create_table(&mut conn, cfg, sink, t)?;
+    }
     if cfg.replica_identity_full {
         set_replica_identity_full(&mut conn, &mut tables)?;
     }
@@ -129,6 +137,41 @@ pub fn prepare(
         pending,
         slot_created: !slot_exists,
     })
+}
+
+/// Creates the StarRocks table for `t` (`cdc.create-tables`) from its PostgreSQL columns.
+fn create_table(
+    conn: &mut PgConn,
+    cfg: &CdcConfig,
+    sink: &StarRocks,
+    t: &SourceTable,
+) -> Result<(), SetupError> {
+    let rows = conn
+        .query(&format!(
+            "SELECT a.attname, a.atttypid::text, a.atttypmod::text FROM pg_attribute a \
+             WHERE a.attrelid = {}::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            quote_literal(&qualified(&t.name))
+        ))
+        .map_err(step(format!("read the columns of {}", t.name)))?;
+    let columns: Vec<SourceColumn> = rows
+        .iter()
+        .filter_map(|r| {
+            let field = |i: usize| r.get(i).cloned().flatten();
+            Some(SourceColumn {
+                name: field(0)?,
+                ty: PgType {
+                    oid: field(1)?.parse().ok()?,
+                    typmod: field(2)?.parse().ok()?,
+                },
+            })
+        })
+        .collect();
+    let table = split_table(&t.name).1;
+    let audit = cfg.audit_columns.then_some(cfg.audit_prefix.as_str());
+    let sql = super::ddl::create_table(&cfg.database, table, &columns, &t.key, audit);
+    sink.ddl(table, &sql).map_err(SetupError::StarRocks)?;
+    tracing::info!(table = %t.name, "created the StarRocks table");
+    Ok(())
 }
 
 /// Checks that the current role may replicate; returns the current database.

@@ -105,6 +105,20 @@ pub enum LoadError {
         "StarRocks transaction {label} was aborted ({why}); loading it again from the checkpoint"
     )]
     TxnAborted { label: String, why: String },
+    #[error(transparent)]
+    Schema(Box<super::ddl::Incompatible>),
+    #[error("StarRocks refused `{statement}`")]
+    Ddl {
+        statement: String,
+        #[source]
+        source: super::mysql::MysqlError,
+    },
+    #[error("StarRocks schema change `{statement}` ended {state}: {message}")]
+    SchemaChange {
+        statement: String,
+        state: String,
+        message: String,
+    },
     #[error(
         "StarRocks refused a transaction on {table}: {message}; StarRocks before 4.0 takes one table per transaction (set cdc.transaction-mode = \"per-table\")"
     )]
@@ -131,6 +145,8 @@ pub enum LoadOutcome {
 pub struct SinkConfig {
     pub database: String,
     pub query_port: u16,
+    /// Longest wait for an asynchronous schema change job.
+    pub schema_change_timeout: Duration,
     pub max_filter_ratio: f64,
     pub attempts_max: u32,
     pub backoff: Duration,
@@ -145,6 +161,12 @@ pub struct StarRocks {
     auth: String,
     /// Attempts that were retried, for the stats.
     pub retries: u64,
+}
+
+impl From<super::ddl::Incompatible> for LoadError {
+    fn from(e: super::ddl::Incompatible) -> LoadError {
+        LoadError::Schema(Box::new(e))
+    }
 }
 
 /// What a call of the Stream Load transaction interface answered (documented fields only).
@@ -484,6 +506,144 @@ impl StarRocks {
             status,
         }
     }
+}
+
+impl StarRocks {
+    /// A connection to the FE query port.
+    fn query_conn(&self) -> Result<super::mysql::Mysql, LoadError> {
+        super::mysql::Mysql::connect(
+            &self.url.host,
+            self.cfg.query_port,
+            &self.url.user,
+            &self.url.password,
+            Duration::from_secs(30),
+        )
+        .map_err(|source| match source {
+            super::mysql::MysqlError::Server { code: 1045, .. } => self.auth_error(1045),
+            source => LoadError::Ddl {
+                statement: "(connect)".into(),
+                source,
+            },
+        })
+    }
+
+    /// Runs one DDL statement and waits for the schema change job it starts (StarRocks runs
+    /// ALTER TABLE asynchronously: the statement returns, then the job runs; `SHOW ALTER
+    /// TABLE COLUMN` tells its state, and loads with the new columns fail until it finishes).
+    pub fn ddl(&self, table: &str, statement: &str) -> Result<(), LoadError> {
+        let mut conn = self.query_conn()?;
+        let err = |source| LoadError::Ddl {
+            statement: statement.to_string(),
+            source,
+        };
+        let jobs_sql = format!(
+            "SHOW ALTER TABLE COLUMN FROM {} WHERE TableName = \"{}\"",
+            super::ddl::quote(&self.cfg.database),
+            table.replace('"', "")
+        );
+        let before = alter_jobs(&mut conn, &jobs_sql)
+            .map_err(err)?
+            .iter()
+            .map(|j| j.0)
+            .max()
+            .unwrap_or(0);
+        conn.execute(statement).map_err(err)?;
+        tracing::info!(%statement, "schema change");
+        let deadline = std::time::Instant::now() + self.cfg.schema_change_timeout;
+        loop {
+            let jobs = alter_jobs(&mut conn, &jobs_sql).map_err(err)?;
+            let mine: Vec<_> = jobs.iter().filter(|j| j.0 > before).collect();
+            if let Some(bad) = mine.iter().find(|j| j.1 == "CANCELLED") {
+                return Err(LoadError::SchemaChange {
+                    statement: statement.to_string(),
+                    state: bad.1.clone(),
+                    message: bad.2.clone(),
+                });
+            }
+            if mine.iter().all(|j| j.1 == "FINISHED") {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(LoadError::SchemaChange {
+                    statement: statement.to_string(),
+                    state: format!("still {} after cdc.schema-change-timeout-ms", mine[0].1),
+                    message: String::new(),
+                });
+            }
+            // Polling interval for a job that takes seconds to hours.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// StarRocks' columns of `table`: (name, type as `information_schema.columns` says).
+    pub fn columns(&self, table: &str) -> Result<Vec<(String, String)>, LoadError> {
+        let sql = format!(
+            "SELECT COLUMN_NAME, COLUMN_TYPE FROM information_schema.columns WHERE TABLE_SCHEMA = '{}' AND TABLE_NAME = '{}'",
+            self.cfg.database.replace('\'', "''"),
+            table.replace('\'', "''")
+        );
+        let (_, rows) = self
+            .query_conn()?
+            .query(&sql)
+            .map_err(|source| LoadError::Ddl {
+                statement: sql.clone(),
+                source,
+            })?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| {
+                let mut r = r.into_iter();
+                Some((r.next()??, r.next().flatten().unwrap_or_default()))
+            })
+            .collect())
+    }
+
+    /// The statements that make the StarRocks table follow `change` (none when it already
+    /// does, as after a replay); without `apply` (`schema-changes = "fail"`), an error if
+    /// any is needed.
+    pub fn plan_schema(
+        &self,
+        change: &super::ddl::SchemaChange,
+        apply: bool,
+    ) -> Result<Vec<String>, LoadError> {
+        let existing = self.columns(&change.table)?;
+        if let Some(blocker) = change.blocker(&existing) {
+            return Err(blocker.into());
+        }
+        let statements = super::ddl::alter_statements(&self.cfg.database, change, &existing, apply);
+        if !apply && !statements.is_empty() {
+            return Err(super::ddl::Incompatible::Refused {
+                table: change.source.clone(),
+                what: statements.join("; "),
+            }
+            .into());
+        }
+        Ok(statements)
+    }
+}
+
+/// (JobId, State, Msg) of the schema change jobs `sql` lists.
+fn alter_jobs(
+    conn: &mut super::mysql::Mysql,
+    sql: &str,
+) -> Result<Vec<(u64, String, String)>, super::mysql::MysqlError> {
+    let (names, rows) = conn.query(sql)?;
+    let at = |name: &str| names.iter().position(|n| n.eq_ignore_ascii_case(name));
+    let (Some(id), Some(state)) = (at("JobId"), at("State")) else {
+        return Ok(Vec::new());
+    };
+    let msg = at("Msg");
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let get = |i: Option<usize>| i.and_then(|i| r.get(i).cloned().flatten());
+            (
+                get(Some(id)).and_then(|v| v.parse().ok()).unwrap_or(0),
+                get(Some(state)).unwrap_or_default().to_ascii_uppercase(),
+                get(msg).unwrap_or_default(),
+            )
+        })
+        .collect())
 }
 
 /// What a Stream Load's JSON answer means for `batch`.

@@ -18,6 +18,7 @@
 //! have been applied, and loading it twice would duplicate rows. Any such failure rolls the
 //! transaction back and the cycle is loaded again from the checkpoint.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 use super::failpoint;
@@ -87,20 +88,19 @@ impl Transactions {
             tracing::warn!(table = %batch.table, label = %batch.label, "a second column list for one table ends the StarRocks transaction early");
             self.commit_scope(sink, &scope)?;
         }
-        if !self.open.contains_key(&scope) {
-            let table = (self.mode == CdcTransactionMode::PerTable).then_some(&*batch.table);
-            let state = self.begin(sink, &batch.label, table)?;
-            self.open.insert(
-                scope.clone(),
-                Txn {
+        let txn = match self.open.entry(scope) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                // The first load's table goes with begin in either mode: StarRocks 4.0 then
+                // takes loads into other tables of the database too, and older versions bind
+                // the transaction to it.
+                let state = begin(sink, &batch.label, &batch.table)?;
+                e.insert(Txn {
                     label: batch.label.clone(),
                     params: HashMap::new(),
                     state,
-                },
-            );
-        }
-        let Some(txn) = self.open.get_mut(&scope) else {
-            unreachable!("inserted above")
+                })
+            }
         };
         txn.params.insert(batch.table.clone(), params);
         if txn.state != TxnState::Loading {
@@ -144,74 +144,6 @@ impl Transactions {
             label: label.to_string(),
             why: format!("load into {}: {} {}", batch.table, r.status, r.message),
         }
-    }
-
-    /// Begins the transaction `label`, or finds what an earlier run left under it.
-    fn begin(
-        &self,
-        sink: &mut StarRocks,
-        label: &str,
-        table: Option<&str>,
-    ) -> Result<TxnState, LoadError> {
-        let cfg = sink.config().clone();
-        let mut delay = cfg.backoff;
-        let mut last = String::new();
-        for attempt in 1..=cfg.attempts_max {
-            if attempt > 1 {
-                sink.retries += 1;
-                tracing::warn!(%label, attempt, error = %last, "retrying transaction begin");
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(cfg.backoff_max);
-            }
-            let r = match sink.txn_call("begin", label, table, None) {
-                Ok(r) => r,
-                Err(why) => {
-                    // Maybe begun: the next attempt finds the label open and rolls it back.
-                    last = why;
-                    continue;
-                }
-            };
-            match r.status.as_str() {
-                "OK" => return Ok(TxnState::Loading),
-                "AUTH" => return Err(sink.auth_error(401)),
-                "LABEL_ALREADY_EXISTS" | "Label Already Exists" => {
-                    match sink.label_state(label).as_deref() {
-                        Ok("VISIBLE") | Ok("COMMITTED") => {
-                            tracing::info!(%label, "transaction committed by an earlier run");
-                            return Ok(TxnState::Committed);
-                        }
-                        Ok("PREPARED") => {
-                            tracing::info!(%label, "transaction prepared by an earlier run; committing it at the cycle's end");
-                            return Ok(TxnState::Prepared);
-                        }
-                        Ok("PREPARE") => {
-                            // Left open by a run that stopped while loading: its loads are
-                            // not all there. Roll back and load the cycle afresh.
-                            tracing::info!(%label, "rolling back a transaction an earlier run left open");
-                            let _ = sink.txn_call("rollback", label, table, None);
-                            last = format!("label {label} was open");
-                        }
-                        Ok(state) => last = format!("label {label} is {state}"),
-                        Err(why) => last = why.clone(),
-                    }
-                }
-                status => {
-                    last = format!("{status}: {}", r.message);
-                    if self.mode == CdcTransactionMode::MultiTable && r.message.contains("table") {
-                        return Err(LoadError::MultiTableUnsupported {
-                            table: table.unwrap_or("(several)").to_string(),
-                            message: r.message,
-                        });
-                    }
-                }
-            }
-        }
-        Err(LoadError::GaveUp {
-            table: table.unwrap_or("(transaction)").to_string(),
-            label: label.to_string(),
-            attempts: cfg.attempts_max,
-            last,
-        })
     }
 
     /// Prepares every open transaction of the cycle, then commits them; afterwards the
@@ -276,6 +208,30 @@ impl Transactions {
         Ok(())
     }
 
+    /// Before a schema change of StarRocks, which waits for every transaction open on the
+    /// table: commits what an earlier run prepared (as the cycle's end would), and rolls back
+    /// what this run is loading. Returns whether it rolled anything back: the cycle must then
+    /// be loaded again from the checkpoint. (Committing it here instead would cut the
+    /// StarRocks transaction at a place a replay, finding the schema change done, would not
+    /// cut again.)
+    pub fn settle_for_ddl(&mut self, sink: &mut StarRocks) -> Result<bool, LoadError> {
+        let scopes: Vec<String> = self.open.keys().cloned().collect();
+        for scope in &scopes {
+            let table = self.scope_table(scope).map(str::to_string);
+            if let Some(txn) = self.open.get_mut(scope)
+                && txn.state == TxnState::Prepared
+            {
+                commit(sink, &txn.label, table.as_deref())?;
+                txn.state = TxnState::Committed;
+            }
+        }
+        let loading = self.open.values().any(|t| t.state == TxnState::Loading);
+        if loading {
+            self.abort_all(sink);
+        }
+        Ok(loading)
+    }
+
     /// Rolls back every transaction this run began and has not prepared (best effort: an
     /// unanswered one times out in StarRocks), and forgets the cycle.
     pub fn abort_all(&mut self, sink: &mut StarRocks) {
@@ -286,6 +242,62 @@ impl Transactions {
             }
         }
     }
+}
+
+/// Begins the transaction `label` (its first load goes into `table`), or finds what an
+/// earlier run left under it.
+fn begin(sink: &mut StarRocks, label: &str, table: &str) -> Result<TxnState, LoadError> {
+    let cfg = sink.config().clone();
+    let mut delay = cfg.backoff;
+    let mut last = String::new();
+    for attempt in 1..=cfg.attempts_max {
+        if attempt > 1 {
+            sink.retries += 1;
+            tracing::warn!(%label, attempt, error = %last, "retrying transaction begin");
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(cfg.backoff_max);
+        }
+        let r = match sink.txn_call("begin", label, Some(table), None) {
+            Ok(r) => r,
+            Err(why) => {
+                // Maybe begun: the next attempt finds the label open and rolls it back.
+                last = why;
+                continue;
+            }
+        };
+        match r.status.as_str() {
+            "OK" => return Ok(TxnState::Loading),
+            "AUTH" => return Err(sink.auth_error(401)),
+            "LABEL_ALREADY_EXISTS" | "Label Already Exists" => {
+                match sink.label_state(label).as_deref() {
+                    Ok("VISIBLE") | Ok("COMMITTED") => {
+                        tracing::info!(%label, "transaction committed by an earlier run");
+                        return Ok(TxnState::Committed);
+                    }
+                    Ok("PREPARED") => {
+                        tracing::info!(%label, "transaction prepared by an earlier run; committing it at the cycle's end");
+                        return Ok(TxnState::Prepared);
+                    }
+                    Ok("PREPARE") => {
+                        // Left open by a run that stopped while loading: its loads are
+                        // not all there. Roll back and load the cycle afresh.
+                        tracing::info!(%label, "rolling back a transaction an earlier run left open");
+                        let _ = sink.txn_call("rollback", label, Some(table), None);
+                        last = format!("label {label} was open");
+                    }
+                    Ok(state) => last = format!("label {label} is {state}"),
+                    Err(why) => last = why.clone(),
+                }
+            }
+            status => last = format!("{status}: {}", r.message),
+        }
+    }
+    Err(LoadError::GaveUp {
+        table: table.to_string(),
+        label: label.to_string(),
+        attempts: cfg.attempts_max,
+        last,
+    })
 }
 
 /// Commits a prepared transaction. An error answer or none at all is not the end: a commit

@@ -605,6 +605,19 @@ pub enum CdcTransactionMode {
     None,
 }
 
+/// What a column change in a source table does to the StarRocks table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CdcSchemaChanges {
+    /// Add added columns, widen widened ones and drop dropped ones, before the first row
+    /// that needs it loads.
+    Apply,
+    /// Change nothing in StarRocks; the source's columns are sent as they are.
+    Ignore,
+    /// Stop the stream at a change, naming it.
+    Fail,
+}
+
 /// Change data capture: PostgreSQL logical replication into StarRocks Stream Load.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -668,6 +681,12 @@ pub struct CdcConfig {
     pub max_filter_ratio: f64,
     /// How loads are grouped into StarRocks transactions.
     pub transaction_mode: CdcTransactionMode,
+    /// What a column change in a source table does in StarRocks.
+    pub schema_changes: CdcSchemaChanges,
+    /// Create missing StarRocks tables as Primary Key tables from the source's definition.
+    pub create_tables: bool,
+    /// Longest wait for a StarRocks schema change job (ALTER TABLE runs asynchronously).
+    pub schema_change_timeout_ms: u64,
     /// Attempts per Stream Load before giving up (same label each time).
     pub load_attempts_max: u32,
     /// First retry delay; doubles per attempt up to `load-backoff-ms-max`.
@@ -715,6 +734,9 @@ impl Default for CdcConfig {
             spill_bytes_max: 64 << 30,
             max_filter_ratio: 0.0,
             transaction_mode: CdcTransactionMode::MultiTable,
+            schema_changes: CdcSchemaChanges::Apply,
+            create_tables: false,
+            schema_change_timeout_ms: 1_800_000,
             load_attempts_max: 10,
             load_backoff_ms: 100,
             load_backoff_ms_max: 10_000,

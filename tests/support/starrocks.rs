@@ -80,6 +80,24 @@ impl TxnState {
     }
 }
 
+/// One `ALTER TABLE` column job: PENDING, then RUNNING, then FINISHED, when the table's
+/// columns change.
+struct Job {
+    id: u64,
+    /// `db.table`.
+    table: String,
+    op: AlterOp,
+    created: std::time::Instant,
+    finished: bool,
+}
+
+#[derive(Clone, Debug)]
+enum AlterOp {
+    Add(String, String),
+    Modify(String, String),
+    Drop(String),
+}
+
 struct Txn {
     id: u64,
     /// The table named at begin (required before StarRocks 4.0).
@@ -96,6 +114,8 @@ struct Txn {
 pub struct Table {
     pub key: Vec<String>,
     pub columns: BTreeMap<String, ColType>,
+    /// Column types as `information_schema.columns` prints them.
+    pub types: BTreeMap<String, String>,
     /// Key (JSON text of the key values) → column → value.
     pub rows: BTreeMap<String, BTreeMap<String, Value>>,
 }
@@ -118,6 +138,10 @@ struct State {
     single_table_txns: bool,
     /// `db.table` names whose keys are recorded after every visible change.
     watched: Vec<String>,
+    /// Schema change jobs (ALTER TABLE runs asynchronously).
+    jobs: Vec<Job>,
+    /// How long a schema change job takes.
+    job_duration: Duration,
     /// The watched tables' keys after each visible change.
     visible: Vec<BTreeMap<String, std::collections::BTreeSet<String>>>,
 }
@@ -135,6 +159,7 @@ impl StarRocks {
         let state = Arc::new(Mutex::new(State {
             user: user.into(),
             password: password.into(),
+            job_duration: Duration::from_millis(300),
             ..State::default()
         }));
         let fe_listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -194,6 +219,10 @@ impl StarRocks {
             Table {
                 key: key.iter().map(|k| k.to_string()).collect(),
                 columns: columns.iter().map(|(c, t)| (c.to_string(), *t)).collect(),
+                types: columns
+                    .iter()
+                    .map(|(c, t)| (c.to_string(), type_text(*t).to_string()))
+                    .collect(),
                 rows: BTreeMap::new(),
             },
         );
@@ -203,7 +232,24 @@ impl StarRocks {
         let mut s = self.state.lock().unwrap();
         if let Some(t) = s.tables.get_mut(&format!("{db}.{table}")) {
             t.columns.insert(column.to_string(), ty);
+            t.types
+                .insert(column.to_string(), type_text(ty).to_string());
         }
+    }
+
+    /// How long each schema change job takes before its columns change (default 300 ms).
+    pub fn schema_change_duration(&self, d: Duration) {
+        self.state.lock().unwrap().job_duration = d;
+    }
+
+    /// The table's columns (name → type text), once its schema change jobs are done.
+    pub fn columns(&self, db: &str, table: &str) -> BTreeMap<String, String> {
+        let mut s = self.state.lock().unwrap();
+        advance_jobs(&mut s);
+        s.tables
+            .get(&format!("{db}.{table}"))
+            .map(|t| t.types.clone())
+            .unwrap_or_default()
     }
 
     /// Behave like StarRocks before 4.0: one table per transaction, named at begin.
@@ -519,6 +565,74 @@ impl Refusal {
 }
 
 /// Parses and checks a load's body against `db.table` as StarRocks does before writing.
+/// Column types from a type name in DDL (`BIGINT`, `VARCHAR(12)`, `DECIMAL(10,2)`).
+fn col_type(ty: &str) -> ColType {
+    let base = ty
+        .split('(')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_uppercase();
+    match base.as_str() {
+        "TINYINT" | "SMALLINT" | "INT" | "INTEGER" | "BIGINT" | "LARGEINT" => ColType::Int,
+        "VARCHAR" | "CHAR" | "STRING" => ColType::Text,
+        "BOOLEAN" => ColType::Bool,
+        _ => ColType::Any,
+    }
+}
+
+fn type_text(t: ColType) -> &'static str {
+    match t {
+        ColType::Int => "int(11)",
+        ColType::Text => "varchar(65533)",
+        ColType::Bool => "boolean",
+        ColType::Any => "json",
+    }
+}
+
+/// `information_schema.columns` spelling of a DDL type.
+fn ddl_type_text(ty: &str) -> String {
+    let t = ty.trim().to_ascii_lowercase();
+    match t.as_str() {
+        "string" => "varchar(65533)".into(),
+        "int" => "int(11)".into(),
+        "bigint" => "bigint(20)".into(),
+        "smallint" => "smallint(6)".into(),
+        "tinyint" => "tinyint(4)".into(),
+        _ => t,
+    }
+}
+
+/// Finishes the schema change jobs whose time has come: their column changes happen now.
+fn advance_jobs(s: &mut State) {
+    let due = s.job_duration;
+    let mut done = Vec::new();
+    for job in s.jobs.iter_mut().filter(|j| !j.finished) {
+        if job.created.elapsed() >= due {
+            job.finished = true;
+            done.push((job.table.clone(), job.op.clone()));
+        }
+    }
+    for (table, op) in done {
+        let Some(t) = s.tables.get_mut(&table) else {
+            continue;
+        };
+        match op {
+            AlterOp::Add(name, ty) | AlterOp::Modify(name, ty) => {
+                t.columns.insert(name.clone(), col_type(&ty));
+                t.types.insert(name, ddl_type_text(&ty));
+            }
+            AlterOp::Drop(name) => {
+                t.columns.remove(&name);
+                t.types.remove(&name);
+                for row in t.rows.values_mut() {
+                    row.remove(&name);
+                }
+            }
+        }
+    }
+}
+
 fn parse_rows(
     s: &State,
     db: &str,
@@ -690,6 +804,7 @@ fn stream_load(
     fault: Option<Fault>,
 ) -> String {
     let mut s = state.lock().unwrap();
+    advance_jobs(&mut s);
     s.txn += 1;
     let txn = s.txn;
     let label = req
@@ -1004,6 +1119,7 @@ fn txn_load(
     fault: &Option<Fault>,
 ) -> String {
     let mut s = state.lock().unwrap();
+    advance_jobs(&mut s);
     let key = format!("{db}/{label}");
     let single = s.single_table_txns;
     let (id, txn_state, bound, params) = match s.txns.get(&key) {
@@ -1101,6 +1217,272 @@ fn mysql_err(code: u16, state: &str, message: &str) -> Vec<u8> {
     p
 }
 
+/// A length-encoded string.
+fn lenenc(out: &mut Vec<u8>, text: &str) {
+    let len = text.len();
+    if len < 251 {
+        out.push(len as u8);
+    } else {
+        out.push(0xFC);
+        out.extend_from_slice(&(len as u16).to_le_bytes());
+    }
+    out.extend_from_slice(text.as_bytes());
+}
+
+const MYSQL_EOF: [u8; 5] = [0xFE, 0x00, 0x00, 0x02, 0x00];
+
+/// A text result set: column count, definitions, EOF, rows, EOF.
+fn result_set(names: &[&str], rows: &[Vec<Option<String>>]) -> Vec<Vec<u8>> {
+    let mut out = vec![vec![names.len() as u8]];
+    for name in names {
+        let mut def = Vec::new();
+        for part in ["def", "", "", ""] {
+            lenenc(&mut def, part);
+        }
+        lenenc(&mut def, name);
+        lenenc(&mut def, name);
+        def.push(0x0C);
+        def.extend_from_slice(&33u16.to_le_bytes());
+        def.extend_from_slice(&1024u32.to_le_bytes());
+        def.push(0xFD);
+        def.extend_from_slice(&[0, 0, 0, 0, 0]);
+        out.push(def);
+    }
+    out.push(MYSQL_EOF.to_vec());
+    for row in rows {
+        let mut p = Vec::new();
+        for v in row {
+            match v {
+                Some(v) => lenenc(&mut p, v),
+                None => p.push(0xFB),
+            }
+        }
+        out.push(p);
+    }
+    out.push(MYSQL_EOF.to_vec());
+    out
+}
+
+/// `` `db`.`t` `` or `db.t` → `db.t`.
+fn unquote_name(text: &str) -> String {
+    text.trim().replace('`', "")
+}
+
+/// The text between the first `open` at depth 0 and its matching `)`.
+fn parenthesized(text: &str) -> Option<(&str, &str)> {
+    let start = text.find('(')?;
+    let mut depth = 0;
+    for (i, c) in text[start..].char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some((&text[start + 1..start + i], &text[start + i + 1..]));
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Splits at commas outside parentheses.
+fn split_top(text: &str) -> Vec<String> {
+    let (mut parts, mut cur, mut depth) = (Vec::new(), String::new(), 0);
+    for c in text.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(std::mem::take(&mut cur).trim().to_string());
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    if !cur.trim().is_empty() {
+        parts.push(cur.trim().to_string());
+    }
+    parts
+}
+
+/// `` `name` TYPE [NOT] NULL `` → (name, TYPE).
+fn column_def(def: &str) -> Option<(String, String)> {
+    let def = def.trim();
+    let rest = def.strip_prefix('`')?;
+    let end = rest.find('`')?;
+    let name = rest[..end].to_string();
+    let ty = rest[end + 1..]
+        .trim()
+        .trim_end_matches("NOT NULL")
+        .trim_end_matches("NULL")
+        .trim()
+        .to_string();
+    Some((name, ty))
+}
+
+/// The FE query port's statements CDC sends: TRUNCATE TABLE, CREATE TABLE (a Primary Key
+/// table, created at once), ALTER TABLE ADD / MODIFY / DROP COLUMN (a job that finishes
+/// later; another ALTER of the table while one runs is refused, as in StarRocks), SHOW ALTER
+/// TABLE COLUMN, and the columns from `information_schema.columns`.
+fn run_statement(s: &mut State, sql: &str) -> Vec<Vec<u8>> {
+    let err = |m: &str| vec![mysql_err(1064, "42000", m)];
+    if let Some(name) = sql.strip_prefix("TRUNCATE TABLE ") {
+        let name = unquote_name(name);
+        return match s.tables.get_mut(&name) {
+            Some(t) => {
+                t.rows.clear();
+                vec![MYSQL_OK.to_vec()]
+            }
+            None => err(&format!("Unknown table '{name}'")),
+        };
+    }
+    if let Some(rest) = sql.strip_prefix("CREATE TABLE IF NOT EXISTS ") {
+        let name_end = rest.find('(').unwrap_or(rest.len());
+        let name = unquote_name(&rest[..name_end]);
+        let Some((defs, tail)) = parenthesized(rest) else {
+            return err("malformed CREATE TABLE");
+        };
+        let Some((keys, _)) = tail
+            .find("PRIMARY KEY")
+            .and_then(|i| parenthesized(&tail[i..]))
+        else {
+            return err("the emulator creates Primary Key tables only");
+        };
+        if s.tables.contains_key(&name) {
+            return vec![MYSQL_OK.to_vec()];
+        }
+        let cols: Vec<(String, String)> = split_top(defs)
+            .iter()
+            .filter_map(|d| column_def(d))
+            .collect();
+        let key: Vec<String> = split_top(keys).iter().map(|k| unquote_name(k)).collect();
+        // StarRocks: the key columns lead the column list.
+        if cols.iter().take(key.len()).map(|c| &c.0).ne(key.iter()) {
+            return err("The primary key columns must be the first columns of the table");
+        }
+        s.tables.insert(
+            name,
+            Table {
+                key,
+                columns: cols.iter().map(|(n, t)| (n.clone(), col_type(t))).collect(),
+                types: cols
+                    .iter()
+                    .map(|(n, t)| (n.clone(), ddl_type_text(t)))
+                    .collect(),
+                rows: BTreeMap::new(),
+            },
+        );
+        return vec![MYSQL_OK.to_vec()];
+    }
+    if let Some(rest) = sql.strip_prefix("ALTER TABLE ") {
+        let Some((name, action)) = rest.split_once(' ') else {
+            return err("malformed ALTER TABLE");
+        };
+        let name = unquote_name(name);
+        let Some(t) = s.tables.get(&name) else {
+            return err(&format!("Unknown table '{name}'"));
+        };
+        if s.jobs.iter().any(|j| j.table == name && !j.finished) {
+            return err(&format!(
+                "Table[{name}]'s state(SCHEMA_CHANGE) is not NORMAL. Do not allow doing ALTER ops"
+            ));
+        }
+        let op = if let Some(def) = action.strip_prefix("ADD COLUMN ") {
+            match column_def(def) {
+                Some((n, _)) if t.columns.contains_key(&n) => {
+                    return err(&format!(
+                        "Can not add column which already exists in base table: {n}"
+                    ));
+                }
+                Some((n, ty)) => AlterOp::Add(n, ty),
+                None => return err("malformed ADD COLUMN"),
+            }
+        } else if let Some(def) = action.strip_prefix("MODIFY COLUMN ") {
+            match column_def(def) {
+                Some((n, ty)) if t.columns.contains_key(&n) => AlterOp::Modify(n, ty),
+                _ => return err("Column does not exists"),
+            }
+        } else if let Some(col) = action.strip_prefix("DROP COLUMN ") {
+            let n = unquote_name(col);
+            if t.key.contains(&n) {
+                return err("Can not drop key column in primary data model table");
+            }
+            if !t.columns.contains_key(&n) {
+                return err(&format!("Column does not exists: {n}"));
+            }
+            AlterOp::Drop(n)
+        } else {
+            return err("the emulator runs ADD, MODIFY and DROP COLUMN");
+        };
+        s.txn += 1;
+        let id = s.txn;
+        s.jobs.push(Job {
+            id,
+            table: name,
+            op,
+            created: std::time::Instant::now(),
+            finished: false,
+        });
+        return vec![MYSQL_OK.to_vec()];
+    }
+    if let Some(rest) = sql.strip_prefix("SHOW ALTER TABLE COLUMN FROM ") {
+        let db = unquote_name(rest.split_whitespace().next().unwrap_or(""));
+        let table = rest
+            .split_once("TableName = ")
+            .map(|(_, t)| t.trim().trim_matches('"').to_string());
+        let due = s.job_duration;
+        let rows: Vec<Vec<Option<String>>> = s
+            .jobs
+            .iter()
+            .filter(|j| {
+                let (jdb, jt) = j.table.split_once('.').unwrap_or(("", ""));
+                jdb == db && table.as_deref().is_none_or(|t| t == jt)
+            })
+            .map(|j| {
+                let state = if j.finished {
+                    "FINISHED"
+                } else if j.created.elapsed() >= due / 2 {
+                    "RUNNING"
+                } else {
+                    "PENDING"
+                };
+                let name = j.table.split_once('.').map(|x| x.1).unwrap_or("");
+                vec![
+                    Some(j.id.to_string()),
+                    Some(name.to_string()),
+                    Some(state.to_string()),
+                    Some(String::new()),
+                ]
+            })
+            .collect();
+        return result_set(&["JobId", "TableName", "State", "Msg"], &rows);
+    }
+    if sql.starts_with("SELECT COLUMN_NAME, COLUMN_TYPE FROM information_schema.columns") {
+        let value = |key: &str| {
+            sql.split_once(&format!("{key} = '"))
+                .and_then(|(_, r)| r.split_once('\''))
+                .map(|(v, _)| v.to_string())
+                .unwrap_or_default()
+        };
+        let name = format!("{}.{}", value("TABLE_SCHEMA"), value("TABLE_NAME"));
+        let rows: Vec<Vec<Option<String>>> = s
+            .tables
+            .get(&name)
+            .map(|t| {
+                t.types
+                    .iter()
+                    .map(|(n, ty)| vec![Some(n.clone()), Some(ty.clone())])
+                    .collect()
+            })
+            .unwrap_or_default();
+        return result_set(&["COLUMN_NAME", "COLUMN_TYPE"], &rows);
+    }
+    err("statement not supported by the emulator")
+}
+
 fn serve_mysql(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let scramble: [u8; 20] = *b"0123456789abcdefghij";
@@ -1150,21 +1532,12 @@ fn serve_mysql(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<(
         let sql = String::from_utf8_lossy(&cmd[1..]).into_owned();
         let mut s = state.lock().unwrap();
         s.statements.push(sql.clone());
-        let target = sql
-            .strip_prefix("TRUNCATE TABLE ")
-            .map(|t| t.replace('`', ""));
-        let answer = match target {
-            Some(name) => match s.tables.get_mut(&name) {
-                Some(t) => {
-                    t.rows.clear();
-                    MYSQL_OK.to_vec()
-                }
-                None => mysql_err(1064, "42000", &format!("Unknown table '{name}'")),
-            },
-            None => mysql_err(1064, "42000", "emulator only runs TRUNCATE TABLE"),
-        };
+        advance_jobs(&mut s);
+        let packets = run_statement(&mut s, &sql);
         drop(s);
-        mysql_write(&mut stream, seq.wrapping_add(1), &answer)?;
+        for (i, packet) in packets.iter().enumerate() {
+            mysql_write(&mut stream, seq.wrapping_add(1 + i as u8), packet)?;
+        }
     }
     Ok(())
 }
