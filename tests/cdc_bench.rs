@@ -2,7 +2,8 @@
 //! end-to-end comparison with `pg_recvlogical`, ignored by default because it is a benchmark:
 //!
 //! `cargo nextest run --release --test cdc_bench --run-ignored only --no-capture`
-//! (`PGPRISM_BENCH_ROWS` sets the row count, default 1,000,000).
+//! (`PGPRISM_BENCH_ROWS` sets the row count, default 1,000,000), and the initial snapshot
+//! against `COPY ... TO STDOUT` into /dev/null (`benches/cdc-snapshot.sh`).
 
 #[allow(dead_code)]
 #[path = "../benches/cdc_pipeline.rs"]
@@ -196,6 +197,102 @@ fn end_to_end_against_pg_recvlogical() {
         cdc_rate / recv_rate
     );
     println!("emulator (this process) CPU {:.2} s", cpu_seconds("self"));
+}
+
+/// The initial snapshot of one table (2 workers) against `psql -c "COPY t TO STDOUT"` into
+/// /dev/null, same table, same run, alternated; medians. The snapshot's time runs from the
+/// start of `pgprism cdc` until the emulator holds every row (setup and slot creation
+/// included); COPY's from the start of psql to its exit.
+#[test]
+#[ignore = "benchmark; run with benches/cdc-snapshot.sh"]
+fn snapshot_against_copy() {
+    let rows: usize = std::env::var("PGPRISM_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let pg = Instance::start(InstanceConfig {
+        name: "cdc-snap-bench".into(),
+        settings: vec![
+            ("max_wal_size".into(), "4GB".into()),
+            ("max_replication_slots".into(), "16".into()),
+            ("max_wal_senders".into(), "16".into()),
+        ],
+        ..InstanceConfig::default()
+    })
+    .unwrap();
+    let mut c = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            pg.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    c.batch_execute(&format!(
+        "CREATE TABLE t (id int PRIMARY KEY, v text, n bigint);
+         INSERT INTO t SELECT g, 'row ' || g, g * 7 FROM generate_series(1, {rows}) g;
+         VACUUM ANALYZE t;"
+    ))
+    .unwrap();
+    let sr = StarRocks::start("root", "pw");
+    let (mut copy_secs, mut snap_secs) = (Vec::new(), Vec::new());
+    for run in 0..RUNS {
+        let t = Instant::now();
+        let status = std::process::Command::new(pg.psql_path())
+            .args(["-h", "127.0.0.1", "-p", &pg.port().to_string()])
+            .args(["-U", "postgres", "-d", "postgres", "-X", "-q"])
+            .args(["-c", "COPY t TO STDOUT"])
+            .stdout(Stdio::from(std::fs::File::create("/dev/null").unwrap()))
+            .status()
+            .expect("run psql");
+        copy_secs.push(t.elapsed().as_secs_f64());
+        assert!(status.success(), "COPY failed");
+
+        // Created afresh each run: the emulator keeps every row in memory.
+        let db = "snap".to_string();
+        sr.create_table(
+            &db,
+            "t",
+            &["id"],
+            &[
+                ("id", ColType::Int),
+                ("v", ColType::Text),
+                ("n", ColType::Int),
+            ],
+        );
+        let t = Instant::now();
+        let mut child = pgprism_command()
+            .args(["cdc", "--source", &pg.url(), "--starrocks", &sr.url()])
+            .args(["--database", &db, "--tables", "t"])
+            .args(["--slot", &format!("snap{run}"), "--snapshot-workers", "2"])
+            .args(["--log", "warn"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let done = eventually(Duration::from_secs(1800), || sr.row_count(&db, "t") == rows);
+        snap_secs.push(t.elapsed().as_secs_f64());
+        let cpu = cpu_seconds(&child.id().to_string());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(done, "the snapshot did not copy {rows} rows (has {})", sr.row_count(&db, "t"));
+        println!(
+            "run {run}: COPY TO STDOUT {:.2} s, pgprism snapshot {:.2} s (pgprism CPU {cpu:.2} s)",
+            copy_secs[run], snap_secs[run]
+        );
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (copy, snap) = (median(&mut copy_secs), median(&mut snap_secs));
+    let (copy_rate, snap_rate) = (rows as f64 / copy, rows as f64 / snap);
+    println!("COPY t TO STDOUT > /dev/null: median {copy:.2} s = {copy_rate:.0} rows/s");
+    println!("pgprism snapshot into the emulator (2 workers): median {snap:.2} s = {snap_rate:.0} rows/s");
+    println!("ratio snapshot / COPY = {:.2}", snap_rate / copy_rate);
 }
 
 /// utime + stime of a process, from /proc.

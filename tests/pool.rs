@@ -518,3 +518,192 @@ fn what_one_client_does_to_a_connection_never_reaches_the_next() {
     a.batch_execute("DEALLOCATE p; PREPARE p AS SELECT 3")
         .unwrap();
 }
+
+/// Pipelined lending: with more clients than connections, autocommit statements of several
+/// clients share a connection; each client gets exactly its own answers, its errors stay its
+/// own, its transactions still get a connection to themselves, and a cancel reaches only the
+/// statement of the client that sent it.
+#[test]
+fn pipelined_lending_shares_connections_and_keeps_answers_apart() {
+    let pg = start_primary("pool-pipelined");
+    pg.psql("CREATE DATABASE app").unwrap();
+    pg.psql_db(
+        "app",
+        "CREATE TABLE t (id int PRIMARY KEY, v int NOT NULL); \
+         INSERT INTO t SELECT g, 0 FROM generate_series(0, 63) g",
+    )
+    .unwrap();
+    let proxy = pooled(&pg.url(), 2, &["--shared-depth-max", "8"]);
+    let clients: i32 = 32;
+    let rounds: i32 = 30;
+    let workers: Vec<_> = (0..clients)
+        .map(|i| {
+            let conninfo = format!(
+                "host=127.0.0.1 port={} user=postgres dbname=app connect_timeout=10",
+                proxy.port()
+            );
+            std::thread::spawn(move || {
+                let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+                let bump = c.prepare("UPDATE t SET v = v + 1 WHERE id = $1").unwrap();
+                let read = c
+                    .prepare("SELECT v, $2::int AS echo FROM t WHERE id = $1")
+                    .unwrap();
+                let mut expected = 0;
+                for n in 0..rounds {
+                    if n % 5 == 4 {
+                        // A transaction of its own, between shared statements.
+                        let mut tx = c.transaction().unwrap();
+                        tx.execute(&bump, &[&i]).unwrap();
+                        tx.execute(&bump, &[&i]).unwrap();
+                        tx.commit().unwrap();
+                        expected += 2;
+                    } else {
+                        assert_eq!(c.execute(&bump, &[&i]).unwrap(), 1);
+                        expected += 1;
+                    }
+                    // Prepared (Bind/Execute/Sync): the answer is this client's row and echo.
+                    let tag = i * 1000 + n;
+                    let row = c.query_one(&read, &[&i, &tag]).unwrap();
+                    assert_eq!(row.get::<_, i32>(0), expected, "client {i} round {n}");
+                    assert_eq!(row.get::<_, i32>(1), tag, "client {i} got another's answer");
+                    // Simple protocol, and an unnamed statement (Parse/Bind/Execute/Sync).
+                    let rows = c.simple_query(&format!("SELECT {i}, {n}")).unwrap();
+                    let got = rows.iter().find_map(|m| match m {
+                        postgres::SimpleQueryMessage::Row(r) => {
+                            Some((r.get(0).unwrap().to_string(), r.get(1).unwrap().to_string()))
+                        }
+                        _ => None,
+                    });
+                    assert_eq!(got, Some((i.to_string(), n.to_string())));
+                    let unnamed: i64 = c
+                        .query_one("SELECT $1::bigint * 2", &[&(tag as i64)])
+                        .unwrap()
+                        .get(0);
+                    assert_eq!(unnamed, tag as i64 * 2);
+                    // A long answer (1 MB) comes through in parts while others share.
+                    if n % 10 == 0 {
+                        let rows = c
+                            .simple_query("SELECT repeat('x', 1000) FROM generate_series(1, 1000)")
+                            .unwrap();
+                        let got = rows
+                            .iter()
+                            .filter(|m| matches!(m, postgres::SimpleQueryMessage::Row(_)))
+                            .count();
+                        assert_eq!(got, 1000);
+                    }
+                    // An error is this client's alone; its next statement works.
+                    if n % 7 == 3 {
+                        let err = c.simple_query("SELECT 1 / 0").unwrap_err();
+                        assert_eq!(sqlstate(&err).as_deref(), Some("22012"), "{err}");
+                        let err = c.query_one("SELECT $1::int / 0", &[&1i32]).unwrap_err();
+                        assert_eq!(sqlstate(&err).as_deref(), Some("22012"), "{err}");
+                    }
+                }
+                expected
+            })
+        })
+        .collect();
+    let expected: Vec<i32> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let url = pg
+        .url()
+        .rsplit_once('/')
+        .map(|(base, _)| format!("{base}/app"))
+        .unwrap();
+    let mut direct = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    for (i, want) in expected.iter().enumerate() {
+        let v: i32 = direct
+            .query_one("SELECT v FROM t WHERE id = $1", &[&(i as i32)])
+            .unwrap()
+            .get(0);
+        assert_eq!(v, *want, "row of client {i}");
+    }
+    drop(direct);
+    // Statements did share connections, several in flight on one.
+    assert!(eventually(Duration::from_secs(10), || proxy
+        .metric("pgprism_pool_shared_units_total")
+        > 0));
+    assert!(proxy.metric("pgprism_pool_shared_behind_total") > 0);
+    assert!(proxy.metric("pgprism_pool_shared_writes_total") > 0);
+    assert!(backends(&pg, "app") <= 2);
+}
+
+/// A cancel on a shared connection reaches only the statement of the client that sent it: a
+/// client alone on the connection cancels its statement; one whose statement waits behind
+/// another's, or has another's behind it, has its cancel dropped (PostgreSQL's cancel is best
+/// effort) rather than risk cancelling someone else's.
+#[test]
+fn a_cancel_on_a_shared_connection_reaches_only_its_own_statement() {
+    let pg = start_primary("pool-pipelined-cancel");
+    let proxy = pooled(&pg.url(), 1, &["--shared-depth-max", "4", "--shards", "1"]);
+    let mut a = proxy.client();
+    let mut b = proxy.client();
+    let b_cancel = b.cancel_token();
+    let a_cancel = a.cancel_token();
+    // The connection takes the clients' startup settings once (a unit that needs settings
+    // applied first runs on a connection of its own).
+    a.simple_query("SELECT 1").unwrap();
+    b.simple_query("SELECT 1").unwrap();
+    let url = pg.url();
+    let sleeping = move |text: &'static str| {
+        let mut direct = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        assert!(eventually(Duration::from_secs(10), || {
+            let n: i64 = direct
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'",
+                    &[&text],
+                )
+                .unwrap()
+                .get(0);
+            n == 1
+        }));
+    };
+    let behind = |at_least: u64| {
+        assert!(eventually(Duration::from_secs(10), || proxy
+            .metric("pgprism_pool_shared_behind_total")
+            >= at_least));
+    };
+    // B's cancel while its statement waits behind A's: A's statement finishes normally.
+    let before = proxy.metric("pgprism_pool_shared_behind_total");
+    let a_thread = std::thread::spawn(move || a.simple_query("SELECT pg_sleep(2)").map(|_| a));
+    sleeping("SELECT pg_sleep(2)");
+    let b_thread = std::thread::spawn(move || {
+        let rows = b.simple_query("SELECT 42").unwrap();
+        (rows.len(), b)
+    });
+    behind(before + 1);
+    b_cancel.cancel_query(postgres::NoTls).unwrap();
+    let mut a = a_thread
+        .join()
+        .unwrap()
+        .expect("A's statement is not cancelled by B");
+    let (n, mut b) = b_thread.join().unwrap();
+    assert!(n > 0);
+    // A alone on the shared connection cancels its own statement.
+    let forty_three = b.prepare("SELECT 43").unwrap();
+    let a_thread = std::thread::spawn(move || {
+        let err = a
+            .simple_query("SELECT pg_sleep(30)")
+            .map(|_| ())
+            .unwrap_err();
+        (err, a)
+    });
+    sleeping("SELECT pg_sleep(30)");
+    a_cancel.cancel_query(postgres::NoTls).unwrap();
+    let (err, mut a) = a_thread.join().unwrap();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    // With B's unit (prepared before, so the connection holds it: Bind, Execute, Sync)
+    // queued behind A's, A's cancel could reach B's statement once A's ends: it is dropped,
+    // and both are answered as if nothing happened.
+    let before = proxy.metric("pgprism_pool_shared_behind_total");
+    let a_thread = std::thread::spawn(move || a.simple_query("SELECT pg_sleep(2)").map(|_| ()));
+    sleeping("SELECT pg_sleep(2)");
+    let b_thread =
+        std::thread::spawn(move || b.query_one(&forty_three, &[]).map(|r| r.get::<_, i32>(0)));
+    behind(before + 1);
+    a_cancel.cancel_query(postgres::NoTls).unwrap();
+    a_thread
+        .join()
+        .unwrap()
+        .expect("A's cancel is dropped while B waits behind it");
+    assert_eq!(b_thread.join().unwrap().unwrap(), 43);
+}

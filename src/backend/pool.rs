@@ -240,6 +240,12 @@ pub struct PoolCounters {
     pub settings_applied: Cell<u64>,
     pub servers_lost: Cell<u64>,
     pub dirty_closed: Cell<u64>,
+    /// Pipelined lending: pipelines started, units that shared a connection, those of them
+    /// queued behind another client's unit, and writes that carried them.
+    pub pipelines: Cell<u64>,
+    pub shared_units: Cell<u64>,
+    pub shared_behind: Cell<u64>,
+    pub shared_writes: Cell<u64>,
 }
 
 pub fn bump(cell: &Cell<u64>, by: u64) {
@@ -308,6 +314,22 @@ impl Pool {
 
     pub fn open_here(&self) -> usize {
         self.open.get()
+    }
+
+    /// Whether a client wanting a connection now would have to wait: nothing idle here and
+    /// the pair at its bound, or someone already waiting.
+    pub fn under_pressure(&self, size: usize) -> bool {
+        self.waiting.get() > 0 || (self.idle.borrow().is_empty() && self.budget.open() >= size)
+    }
+
+    /// Clients of this shard waiting for a connection of this pair.
+    pub fn waiting(&self) -> usize {
+        self.waiting.get()
+    }
+
+    /// Whether an idle connection is ready here.
+    pub fn has_idle(&self) -> bool {
+        !self.idle.borrow().is_empty()
     }
 
     pub fn budget(&self) -> &Budget {
@@ -767,7 +789,7 @@ impl Pools {
         }
     }
 
-    fn is_paused(&self, database: &str) -> bool {
+    pub fn is_paused(&self, database: &str) -> bool {
         self.paused.get() || self.paused_databases.borrow().iter().any(|d| d == database)
     }
 

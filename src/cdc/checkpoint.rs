@@ -11,6 +11,8 @@ use crate::config::PgUrl;
 pub struct Checkpoints {
     conn: PgConn,
     table: String,
+    /// The configured name (the snapshot's chunk table is named after it).
+    configured: String,
     slot: String,
 }
 
@@ -24,6 +26,7 @@ impl Checkpoints {
         Ok(Checkpoints {
             conn: PgConn::connect(url, false, timeout)?,
             table: qualified(table),
+            configured: table.to_string(),
             slot: slot.to_string(),
         })
     }
@@ -59,6 +62,13 @@ impl Checkpoints {
             .first()
             .and_then(|r| r.first().cloned().flatten())
             .and_then(|t| Lsn::parse(&t)))
+    }
+
+    /// Records an initial-snapshot chunk as done (its rows are in StarRocks).
+    pub fn store_chunk_done(&mut self, table: &str, chunk: u32, rows: u64) -> Result<(), PgError> {
+        let sql = super::snapshot::chunk_done_sql(&self.configured, &self.slot, table, chunk, rows);
+        self.conn.query(&sql)?;
+        Ok(())
     }
 
     pub fn store(&mut self, lsn: Lsn) -> Result<(), PgError> {

@@ -22,6 +22,7 @@ pub mod setup;
 pub mod snapshot;
 pub mod source;
 pub mod starrocks;
+pub mod txn;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -58,7 +59,7 @@ pub enum CdcError {
     #[error("writing the checkpoint failed")]
     Checkpoint(#[source] PgError),
     #[error("initial snapshot failed")]
-    Snapshot(#[source] PgError),
+    Snapshot(#[source] snapshot::SnapshotError),
     #[error("the loader thread panicked")]
     LoaderPanicked,
 }
@@ -98,6 +99,8 @@ pub struct Shared {
     /// Reconnects after a lost PostgreSQL connection.
     pub reconnects: AtomicU64,
     pub tables: Mutex<BTreeMap<String, TableStats>>,
+    /// The initial snapshot's progress.
+    pub snapshot: snapshot::Progress,
 }
 
 impl CdcError {
@@ -105,8 +108,14 @@ impl CdcError {
     /// checkpoint. Everything else (configuration, setup, StarRocks refusing data) is not.
     pub fn is_transient(&self) -> bool {
         let pg = match self {
+            // The cycle is loaded again from the checkpoint, under the same label.
+            CdcError::Load(LoadError::TxnAborted { .. }) => return true,
             CdcError::Replication(e) | CdcError::Checkpoint(e) => e,
             CdcError::Setup(setup::SetupError::Connect(e)) => e,
+            CdcError::Snapshot(e) => match e.pg() {
+                Some(e) => e,
+                None => return false,
+            },
             _ => return false,
         };
         match pg {
@@ -148,6 +157,7 @@ impl Shared {
             "retries": self.retries.load(Ordering::Relaxed),
             "reconnects": self.reconnects.load(Ordering::Relaxed),
             "tables": sonic_rs::to_value(&tables).unwrap_or_default(),
+            "snapshot": self.snapshot.json(),
         });
         doc.to_string()
     }
@@ -350,10 +360,25 @@ fn validate_limits(cfg: &CdcConfig) -> Result<(), ConfigError> {
         ("connect-timeout-ms", cfg.connect_timeout_ms),
         ("status-interval-ms", cfg.status_interval_ms),
         ("snapshot-chunk-rows", cfg.snapshot_chunk_rows as u64),
+        ("snapshot-workers", cfg.snapshot_workers as u64),
+        (
+            "snapshot-chunk-attempts-max",
+            u64::from(cfg.snapshot_chunk_attempts_max),
+        ),
+        (
+            "snapshot-window-keys-max",
+            cfg.snapshot_window_keys_max as u64,
+        ),
     ] {
         if value == 0 {
             return Err(key_error(name, "expected a value above 0"));
         }
+    }
+    if cfg.snapshot_workers > 64 {
+        return Err(key_error(
+            "snapshot-workers",
+            "expected at most 64 (each is a PostgreSQL connection)",
+        ));
     }
     if cfg.flush_bytes > 100 << 20 {
         return Err(key_error(
@@ -425,31 +450,22 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
         message,
     })?;
     let timeout = Duration::from_millis(cfg.connect_timeout_ms);
-    let mut sink = StarRocks::new(sr_url, sink_config(cfg));
+    let sink = StarRocks::new(sr_url, sink_config(cfg));
     let prepared = setup::prepare(cfg, &url, &sink, timeout)?;
     let pcfg = pipeline_config(cfg);
-    let mut checkpoints = Checkpoints::connect(&url, &cfg.checkpoint_table, &cfg.slot, timeout)
+    let checkpoints = Checkpoints::connect(&url, &cfg.checkpoint_table, &cfg.slot, timeout)
         .map_err(CdcError::Checkpoint)?;
-    let mut start = prepared.checkpoint.unwrap_or(Lsn::ZERO);
-    let mut repl = match prepared.snapshot {
-        Some((repl, name, point)) => {
-            snapshot::copy(
-                cfg,
-                &url,
-                &name,
-                point,
-                &prepared.tables,
-                &pcfg,
-                &mut sink,
-                &shared,
-                timeout,
-            )?;
-            checkpoints.store(point).map_err(CdcError::Checkpoint)?;
-            start = point;
-            repl
-        }
-        None => PgConn::connect(&url, true, timeout).map_err(CdcError::Replication)?,
-    };
+    let start = prepared.checkpoint.unwrap_or(Lsn::ZERO);
+    let snapshot = snapshot::resume(
+        cfg,
+        &url,
+        &prepared.tables,
+        prepared.slot_created,
+        &shared,
+        timeout,
+    )
+    .map_err(CdcError::Snapshot)?;
+    let mut repl = PgConn::connect(&url, true, timeout).map_err(CdcError::Replication)?;
     if let Some(lsn) = prepared.checkpoint {
         shared.checkpointed.store(lsn.0, Ordering::Release);
     }
@@ -465,15 +481,24 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     // Counts of this run only (the source compares them with what it sent in this run).
     shared.works_done.store(0, Ordering::Release);
     let (tx, rx) = crossbeam_channel::bounded::<Work>(cfg.ring_capacity);
-    let loader = spawn_loader(rx, sink, checkpoints, Arc::clone(&shared))?;
-    let mut pipeline = Pipeline::new(pcfg, prepared.keys);
+    let txns = txn::Transactions::new(cfg.transaction_mode);
+    let loader = spawn_loader(rx, sink, txns, checkpoints, Arc::clone(&shared))?;
+    let mut pipeline = Pipeline::new(pcfg.clone(), prepared.keys);
     pipeline.set_forced_boundary(prepared.pending);
+    let workers = match snapshot {
+        Some(snapshot) => {
+            pipeline.set_windows(snapshot.windows(cfg.snapshot_window_keys_max));
+            Some(snapshot.spawn(cfg, &url, &pcfg, &shared, timeout)?)
+        }
+        None => None,
+    };
     let streamed = source::run(&mut repl, &scfg, &mut pipeline, &tx, &shared);
     drop(tx);
     shared.stopped.store(true, Ordering::Release);
     let loaded = loader.join().map_err(|_| CdcError::LoaderPanicked)?;
-    // The loader's error is the cause when it stopped first.
-    loaded.and(streamed)
+    let copied = workers.map_or(Ok(()), snapshot::Workers::join);
+    // The loader's error is the cause when it stopped first, then a snapshot worker's.
+    loaded.and(copied).and(streamed)
 }
 
 fn sink_config(cfg: &CdcConfig) -> SinkConfig {
@@ -505,13 +530,18 @@ fn pipeline_config(cfg: &CdcConfig) -> PipelineConfig {
 fn spawn_loader(
     rx: Receiver<Work>,
     mut sink: StarRocks,
+    mut txns: Option<txn::Transactions>,
     mut checkpoints: Checkpoints,
     shared: Arc<Shared>,
 ) -> Result<std::thread::JoinHandle<Result<(), CdcError>>, CdcError> {
     std::thread::Builder::new()
         .name("cdc-loader".into())
         .spawn(move || {
-            let result = load_loop(rx, &mut sink, &mut checkpoints, &shared);
+            let result = load_loop(rx, &mut sink, txns.as_mut(), &mut checkpoints, &shared);
+            if let Some(txns) = txns.as_mut() {
+                // A cycle cut off by the stop: its rows come again from the checkpoint.
+                txns.abort_all(&mut sink);
+            }
             // Wake the source so it stops instead of waiting on a full ring.
             shared.stopped.store(true, Ordering::Release);
             result
@@ -536,6 +566,7 @@ pub fn spawn(cfg: CdcConfig) -> std::io::Result<(Arc<Shared>, CdcThread)> {
 fn load_loop(
     rx: Receiver<Work>,
     sink: &mut StarRocks,
+    mut txns: Option<&mut txn::Transactions>,
     checkpoints: &mut Checkpoints,
     shared: &Shared,
 ) -> Result<(), CdcError> {
@@ -546,7 +577,11 @@ fn load_loop(
         match work {
             Work::Load(batch) => {
                 failpoint::hit("cdc-before-load");
-                let outcome = sink.load(&batch).map_err(CdcError::Load)?;
+                let outcome = match txns.as_deref_mut() {
+                    Some(txns) => txns.load(sink, &batch),
+                    None => sink.load(&batch),
+                }
+                .map_err(CdcError::Load)?;
                 shared.retries.store(sink.retries, Ordering::Relaxed);
                 if let Ok(mut tables) = shared.tables.lock() {
                     let t = tables.entry(batch.table.clone()).or_default();
@@ -562,8 +597,21 @@ fn load_loop(
                 failpoint::hit("cdc-after-load");
             }
             Work::Truncate { table } => {
+                // TRUNCATE is no part of a StarRocks transaction: what came before it goes first.
+                if let Some(txns) = txns.as_deref_mut() {
+                    txns.commit_all(sink).map_err(CdcError::Load)?;
+                }
                 sink.truncate(&table).map_err(CdcError::Load)?;
                 tracing::info!(%table, "truncated");
+            }
+            Work::SnapshotChunk { table, chunk, rows } => {
+                failpoint::hit("cdc-mid-snapshot-chunk");
+                checkpoints
+                    .store_chunk_done(&table, chunk, rows)
+                    .map_err(CdcError::Checkpoint)?;
+                if shared.snapshot.chunk_recorded(rows) {
+                    snapshot::log_finished(&shared.snapshot);
+                }
             }
             Work::Boundary(lsn) => {
                 checkpoints
@@ -571,6 +619,11 @@ fn load_loop(
                     .map_err(CdcError::Checkpoint)?;
             }
             Work::Checkpoint(lsn, commit_unix_us) => {
+                if let Some(txns) = txns.as_deref_mut() {
+                    txns.commit_all(sink).map_err(CdcError::Load)?;
+                    shared.retries.store(sink.retries, Ordering::Relaxed);
+                    failpoint::hit("cdc-after-commit");
+                }
                 failpoint::hit("cdc-before-checkpoint");
                 checkpoints.store(lsn).map_err(CdcError::Checkpoint)?;
                 shared.checkpointed.store(lsn.0, Ordering::Release);

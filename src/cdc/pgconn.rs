@@ -239,6 +239,43 @@ impl PgConn {
         }
     }
 
+    /// Runs one query and hands each row's values to `each` as views over the receive buffer
+    /// (no per-value allocation: the snapshot reads millions of rows this way). Returns the
+    /// number of rows.
+    pub fn query_each(
+        &mut self,
+        sql: &str,
+        mut each: impl FnMut(wire::ValuesIter<'_>),
+    ) -> Result<u64, PgError> {
+        encode::query(&mut self.out, sql)?;
+        self.flush()?;
+        let mut rows = 0u64;
+        let mut failure = None;
+        loop {
+            let frame = self.read_frame()?;
+            match BackendMessage::decode(frame.tag(), frame.body())? {
+                BackendMessage::DataRow(row) => {
+                    rows += 1;
+                    each(row.columns()?.iter());
+                }
+                BackendMessage::ErrorResponse(e) => failure = Some(server_error(&e)?),
+                BackendMessage::ReadyForQuery(_) => {
+                    return match failure {
+                        Some(e) => Err(e.into()),
+                        None => Ok(rows),
+                    };
+                }
+                BackendMessage::CopyBothResponse(_) | BackendMessage::CopyOutResponse(_) => {
+                    return Err(PgError::Unexpected {
+                        tag: frame.tag(),
+                        during: "a simple query",
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Sends a command that answers with CopyBothResponse (START_REPLICATION).
     pub fn start_copy_both(&mut self, sql: &str) -> Result<(), PgError> {
         encode::query(&mut self.out, sql)?;

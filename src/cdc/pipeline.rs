@@ -15,6 +15,7 @@ use bytes::Bytes;
 use super::lsn::Lsn;
 use super::pgoutput::{Datum, DecodeError, Message, OldKind, Tuple};
 use super::schema::{JsonKind, KeyColumns, SchemaCache, SchemaError, TableSchema, json_string};
+use super::snapshot::window::{Windows, encode_key};
 use crate::config::{CdcDeleteMode, CdcToastMode};
 
 /// What the loader does, in order.
@@ -33,6 +34,12 @@ pub enum Work {
     /// that follow, so a replay after a crash cuts its batches at the same place and gets the
     /// same labels.
     Boundary(Lsn),
+    /// Every batch of this initial-snapshot chunk is loaded: record the chunk as done.
+    SnapshotChunk {
+        table: String,
+        chunk: u32,
+        rows: u64,
+    },
 }
 
 /// One Stream Load.
@@ -135,6 +142,8 @@ pub struct Pipeline {
     cycle_start_us: Option<i64>,
     /// The current transaction produced rows.
     txn_rows: bool,
+    /// A row of the current transaction sits in a batch (open or handed over).
+    txn_batched: bool,
     /// Replaying after a restart: cut the first cycle exactly at this commit.
     forced: Option<Lsn>,
     last_data: Instant,
@@ -151,6 +160,10 @@ pub struct Pipeline {
     current_stream: Option<u32>,
     synced_at: String,
     rows_in: u64,
+    /// The initial snapshot's watermark windows, while a snapshot runs.
+    windows: Option<Windows>,
+    /// Top-level xid of the current transaction.
+    xid: u32,
 }
 
 impl Pipeline {
@@ -168,6 +181,7 @@ impl Pipeline {
             last_commit: Lsn::ZERO,
             cycle_start_us: None,
             txn_rows: false,
+            txn_batched: false,
             forced: None,
             last_data: Instant::now(),
             truncated_in_txn: false,
@@ -186,7 +200,14 @@ impl Pipeline {
             current_stream: None,
             synced_at: String::from("1970-01-01 00:00:00"),
             rows_in: 0,
+            windows: None,
+            xid: 0,
         }
+    }
+
+    /// Follows the initial snapshot's watermarks (see `snapshot::window`).
+    pub fn set_windows(&mut self, windows: Windows) {
+        self.windows = Some(windows);
     }
 
     /// Value written to the `synced_at` audit column (the caller refreshes it once a second).
@@ -234,7 +255,10 @@ impl Pipeline {
                 commit_ts_us,
             } => self.stream_commit(xid, commit_lsn, end_lsn, commit_ts_us, out)?,
             msg if self.in_stream => self.buffer_streamed(&msg, payload)?,
-            Message::Begin { final_lsn, .. } => self.begin(final_lsn),
+            Message::Begin { final_lsn, xid, .. } => {
+                self.begin(final_lsn);
+                self.xid = xid;
+            }
             Message::Commit {
                 end_lsn,
                 commit_ts_us,
@@ -275,6 +299,7 @@ impl Pipeline {
     ) -> Result<(), PipelineError> {
         let streamed = self.streams.remove(&xid);
         self.begin(commit_lsn);
+        self.xid = xid;
         if let Some(s) = streamed {
             self.stream_bytes -= s.messages.iter().map(|m| m.1.len()).sum::<usize>();
             for (_, bytes) in &s.messages {
@@ -321,6 +346,7 @@ impl Pipeline {
         self.txn = txn;
         self.txn_idx = 0;
         self.txn_rows = false;
+        self.txn_batched = false;
     }
 
     /// After a restart: the boundary a crashed run had announced ([`Work::Boundary`]).
@@ -332,6 +358,9 @@ impl Pipeline {
     /// never on the wall clock, so a replay after a crash cuts the same batches.
     fn commit(&mut self, end_lsn: Lsn, commit_ts_us: i64, out: &mut Vec<Work>) {
         self.in_txn = false;
+        if let Some(windows) = &mut self.windows {
+            windows.committed(self.xid, self.txn);
+        }
         self.last_commit = end_lsn;
         if self.txn_rows || !self.open.is_empty() || self.unflushed_commit.is_some() {
             self.unflushed_commit = Some(end_lsn);
@@ -367,6 +396,12 @@ impl Pipeline {
         if self.in_txn {
             return;
         }
+        self.end_cycle(out);
+    }
+
+    /// Hands every open batch to `out`, then the checkpoint marker for the last commit they
+    /// contain; the caller knows no row of an unfinished transaction is among them.
+    fn end_cycle(&mut self, out: &mut Vec<Work>) {
         self.flush_open(out);
         if let Some(lsn) = self.unflushed_commit.take() {
             // PostgreSQL's epoch is 2000-01-01; the metric wants Unix time.
@@ -434,11 +469,12 @@ impl Pipeline {
         match msg {
             Message::Relation { rel, .. } => {
                 let changed = self.schema.apply(&rel)?;
-                if changed {
-                    self.flush_table(rel.oid, out);
+                if changed && self.open.contains_key(&rel.oid) {
+                    self.cut_for_new_columns(rel.oid, out);
                 }
             }
             Message::Insert { rel, new, .. } => {
+                self.note_keys(rel, [Some(new), None]);
                 let schema = self.schema.get(rel)?;
                 let (oid, generation) = (schema.oid, schema.generation);
                 let pos = self.next_pos();
@@ -457,10 +493,14 @@ impl Pipeline {
                     out,
                 );
             }
-            Message::Update { rel, old, new, .. } => self.update(rel, old, new, out)?,
+            Message::Update { rel, old, new, .. } => {
+                self.note_keys(rel, [Some(new), old.map(|(_, t)| t)]);
+                self.update(rel, old, new, out)?;
+            }
             Message::Delete {
                 rel, old_kind, old, ..
             } => {
+                self.note_keys(rel, [Some(old), None]);
                 let schema = self.schema.get(rel)?;
                 let (oid, generation) = (schema.oid, schema.generation);
                 self.delete(oid, generation, old_kind, old, out);
@@ -478,10 +518,71 @@ impl Pipeline {
                     }
                 }
             }
-            // Types, origins and logical messages carry nothing to load.
+            Message::Message {
+                prefix, content, ..
+            } => self.watermark(prefix, content, out),
+            // Types and origins carry nothing to load.
             _ => {}
         }
         Ok(())
+    }
+
+    /// Tells the open snapshot windows on this table which keys a change touched.
+    fn note_keys(&mut self, rel: u32, tuples: [Option<Tuple<'_>>; 2]) {
+        let (Some(windows), Ok(schema)) = (self.windows.as_mut(), self.schema.get(rel)) else {
+            return;
+        };
+        if !windows.watching(&schema.source_name) {
+            return;
+        }
+        for tuple in tuples.into_iter().flatten() {
+            windows.touched(&schema.source_name, key_text(&schema.key, tuple));
+        }
+    }
+
+    /// A logical message: at a snapshot chunk's high watermark, the chunk's rows go out here,
+    /// after every change of that table before it.
+    fn watermark(&mut self, prefix: &str, content: &[u8], out: &mut Vec<Work>) {
+        let Some(windows) = &mut self.windows else {
+            return;
+        };
+        let Some(emitted) = windows.message(prefix, content, self.txn) else {
+            return;
+        };
+        let oids: Vec<u32> = self
+            .open
+            .keys()
+            .copied()
+            .filter(|oid| {
+                self.schema
+                    .get(*oid)
+                    .is_ok_and(|s| s.source_name == emitted.table)
+            })
+            .collect();
+        for oid in oids {
+            self.flush_table(oid, out);
+        }
+        out.extend(emitted.batches.into_iter().map(Work::Load));
+        out.push(Work::SnapshotChunk {
+            table: emitted.table,
+            chunk: emitted.chunk,
+            rows: emitted.rows,
+        });
+        // The checkpoint must pass this point only once those loads are done.
+        self.txn_rows = true;
+    }
+
+    /// A table's batch must close because its column list changes. A StarRocks transaction
+    /// takes one column list per table, so the loader commits there; when nothing of the
+    /// current source transaction is batched yet, end the whole cycle at the last commit
+    /// instead, so the cut falls between source transactions and none is split. (The
+    /// decision depends on the stream alone: a replay cuts at the same place.)
+    fn cut_for_new_columns(&mut self, oid: u32, out: &mut Vec<Work>) {
+        if self.txn_batched || self.unflushed_commit.is_none() {
+            self.flush_table(oid, out);
+            return;
+        }
+        self.end_cycle(out);
     }
 
     fn next_pos(&mut self) -> Pos {
@@ -652,7 +753,9 @@ impl Pipeline {
             None => true,
         };
         if reopen {
-            self.flush_table(oid, out);
+            if self.open.contains_key(&oid) {
+                self.cut_for_new_columns(oid, out);
+            }
             let Ok(schema) = self.schema.get(oid) else {
                 return;
             };
@@ -692,62 +795,65 @@ impl Pipeline {
         batch.rows += 1;
         batch.last = pos;
         self.open_rows += 1;
+        self.txn_batched = true;
         if batch.rows as usize >= self.cfg.flush_rows || batch.body.len() >= self.cfg.flush_bytes {
             self.flush_table(oid, out);
         }
     }
 }
 
-/// One chunk of the initial snapshot as a batch of upserts. The label names the chunk, so a
-/// copy that is repeated loads each chunk once.
-pub fn snapshot_batch(
-    cfg: &PipelineConfig,
-    schema: &TableSchema,
-    rows: &[Vec<Option<String>>],
-    chunk: u64,
-    point: Lsn,
-    synced_at: &str,
-) -> Batch {
-    let columns = columns_header(
+/// The `columns` header of initial-snapshot rows (whole rows, upserts).
+pub fn snapshot_columns(cfg: &PipelineConfig, schema: &TableSchema) -> String {
+    columns_header(
         schema,
         &Shape::Full,
         cfg.delete_mode,
         cfg.audit_prefix.as_deref(),
-    );
-    let mut body = Vec::with_capacity(rows.len() * 64 + 2);
-    body.push(b'[');
-    for (i, row) in rows.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        let values = row.iter().map(|v| match v {
-            Some(text) => Datum::Text(text.as_bytes()),
-            None => Datum::Null,
-        });
-        write_row(
-            &mut body,
-            schema,
-            values,
-            Op::Upsert(OpType::Insert),
-            cfg.delete_mode == CdcDeleteMode::Hard,
-            cfg.audit_prefix.as_deref(),
-            synced_at,
-            point,
-        );
-    }
-    body.push(b']');
-    let name = sanitize(&format!("{}-{}", cfg.slot, schema.target_name));
-    Batch {
-        table: schema.target_name.clone(),
-        columns,
-        partial: false,
-        body,
-        rows: rows.len() as u64,
-        label: format!("{name}-snap-{:X}-{chunk}", point.0),
-    }
+    )
 }
 
-fn sanitize(text: &str) -> String {
+/// Appends one initial-snapshot row (values as PostgreSQL prints them, `None` for NULL) to
+/// `body` as a JSON upsert; `lsn` goes into the `cdc_version` audit column.
+pub fn write_snapshot_row<'a>(
+    cfg: &PipelineConfig,
+    schema: &TableSchema,
+    body: &mut Vec<u8>,
+    values: impl Iterator<Item = Option<&'a [u8]>>,
+    synced_at: &str,
+    lsn: Lsn,
+) {
+    let values = values.map(|v| match v {
+        Some(text) => Datum::Text(text),
+        None => Datum::Null,
+    });
+    write_row(
+        body,
+        schema,
+        values,
+        Op::Upsert(OpType::Insert),
+        cfg.delete_mode == CdcDeleteMode::Hard,
+        cfg.audit_prefix.as_deref(),
+        synced_at,
+        lsn,
+    );
+}
+
+/// The key of a changed row for the snapshot's windows; `None` when a key column was not
+/// sent (an unchanged TOAST value).
+fn key_text(key: &[usize], tuple: Tuple<'_>) -> Option<Box<[u8]>> {
+    let values: Vec<Datum<'_>> = tuple.iter().collect();
+    let mut parts = Vec::with_capacity(key.len());
+    for &i in key {
+        parts.push(match values.get(i)? {
+            Datum::Text(v) | Datum::Binary(v) => Some(*v),
+            Datum::Null => None,
+            Datum::Unchanged => return None,
+        });
+    }
+    Some(encode_key(parts.into_iter()))
+}
+
+pub(crate) fn sanitize(text: &str) -> String {
     text.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
@@ -1109,6 +1215,51 @@ mod tests {
         );
         assert!(matches!(out[1], Work::Checkpoint(Lsn(210), _)));
         assert!(p.is_idle());
+    }
+
+    #[test]
+    fn new_columns_end_the_cycle_between_transactions() {
+        let keys: KeyColumns = [
+            ("public.t".to_string(), vec!["id".to_string()]),
+            ("public.u".to_string(), vec!["id".to_string()]),
+        ]
+        .into();
+        let mut p = Pipeline::new(cfg(), keys);
+        let rel_u = msg(|b| build::relation(b, 2, "public", "u", &[(true, "id", 23)]));
+        let rel_t2 = msg(|b| {
+            build::relation(
+                b,
+                1,
+                "public",
+                "t",
+                &[(true, "id", 23), (false, "v", 25), (false, "w", 25)],
+            )
+        });
+        let out = feed(
+            &mut p,
+            &[
+                msg(|b| build::begin(b, Lsn(100), 5)),
+                rel(),
+                rel_u,
+                msg(|b| build::insert(b, 1, &[Some(Some("1")), Some(Some("a"))])),
+                msg(|b| build::insert(b, 2, &[Some(Some("1"))])),
+                msg(|b| build::commit(b, Lsn(100), Lsn(120))),
+                msg(|b| build::begin(b, Lsn(200), 6)),
+                rel_t2,
+                msg(|b| build::insert(b, 1, &[Some(Some("2")), Some(Some("b")), Some(Some("c"))])),
+            ],
+        );
+        // The first transaction's rows of both tables, then its checkpoint: a StarRocks
+        // transaction ends there and the second source transaction starts a new one.
+        let kinds: Vec<String> = out
+            .iter()
+            .map(|w| match w {
+                Work::Load(b) => format!("load {}", b.table),
+                Work::Checkpoint(lsn, _) => format!("checkpoint {lsn}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["load t", "load u", "checkpoint 0/78"]);
     }
 
     #[test]

@@ -42,10 +42,6 @@ pub enum SetupError {
          delete the row for it from the checkpoint table, and restart with cdc.snapshot = true"
     )]
     SlotLost { slot: String },
-    #[error(
-        "replication slot `{slot}` was created for an initial snapshot that never finished; drop it (SELECT pg_drop_replication_slot('{slot}')) and restart to copy again"
-    )]
-    SnapshotUnfinished { slot: String },
     #[error("StarRocks check failed")]
     StarRocks(#[source] LoadError),
     #[error("setup step failed: {step}")]
@@ -80,9 +76,6 @@ pub struct Prepared {
     pub pending: Option<Lsn>,
     /// The slot was created just now.
     pub slot_created: bool,
-    /// Created with an exported snapshot: the connection that created it (keep it idle until
-    /// the copy is done), the snapshot name and the slot's consistent point.
-    pub snapshot: Option<(PgConn, String, Lsn)>,
 }
 
 /// Splits `schema.table` (default schema `public`).
@@ -117,17 +110,14 @@ pub fn prepare(
     }
     ensure_publication(&mut conn, &cfg.publication, &tables)?;
     let (checkpoint, pending) = read_checkpoint(&mut conn, cfg)?;
-    if slot_exists && cfg.snapshot && checkpoint.is_none() {
-        return Err(SetupError::SnapshotUnfinished {
-            slot: cfg.slot.clone(),
-        });
+    conn.query(&super::snapshot::create_sql(cfg))
+        .map_err(step("create the snapshot's chunk table"))?;
+    if !slot_exists {
+        // The plan goes first: a slot created without one would never be copied.
+        conn.query(&super::snapshot::plan_sql(cfg, &tables))
+            .map_err(step("plan the initial snapshot"))?;
+        create_slot(cfg, url, timeout)?;
     }
-
-    let snapshot = if slot_exists {
-        None
-    } else {
-        create_slot(cfg, url, timeout)?
-    };
     let keys = tables
         .iter()
         .map(|t| (t.name.clone(), t.key.clone()))
@@ -138,7 +128,6 @@ pub fn prepare(
         checkpoint,
         pending,
         slot_created: !slot_exists,
-        snapshot,
     })
 }
 
@@ -311,32 +300,15 @@ fn read_checkpoint(
     Ok((checkpoint, pending))
 }
 
-/// Creates the slot on a replication connection; with `cfg.snapshot`, returns that connection
-/// with the exported snapshot's name and the slot's consistent point.
-fn create_slot(
-    cfg: &CdcConfig,
-    url: &PgUrl,
-    timeout: Duration,
-) -> Result<Option<(PgConn, String, Lsn)>, SetupError> {
+/// Creates the slot on a replication connection. No snapshot is exported: the initial
+/// snapshot reads its chunks between watermarks instead (see `snapshot`), which needs none.
+fn create_slot(cfg: &CdcConfig, url: &PgUrl, timeout: Duration) -> Result<(), SetupError> {
     let mut repl = PgConn::connect(url, true, timeout).map_err(SetupError::Connect)?;
-    let mode = if cfg.snapshot { "export" } else { "nothing" };
-    let rows = repl
-        .query(&format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{mode}')",
-            quote_ident(&cfg.slot)
-        ))
-        .map_err(step(format!("create replication slot {}", cfg.slot)))?;
+    repl.query(&format!(
+        "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'nothing')",
+        quote_ident(&cfg.slot)
+    ))
+    .map_err(step(format!("create replication slot {}", cfg.slot)))?;
     tracing::info!(slot = %cfg.slot, "created replication slot");
-    if !cfg.snapshot {
-        return Ok(None);
-    }
-    let row = rows.first().cloned().unwrap_or_default();
-    let point = row
-        .get(1)
-        .cloned()
-        .flatten()
-        .and_then(|t| Lsn::parse(&t))
-        .unwrap_or_default();
-    let name = row.get(2).cloned().flatten().unwrap_or_default();
-    Ok(Some((repl, name, point)))
+    Ok(())
 }

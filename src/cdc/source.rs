@@ -33,9 +33,11 @@ pub struct SourceConfig {
     pub status_interval: Duration,
 }
 
+/// Starts the stream. `messages 'true'` brings the logical messages, among them the initial
+/// snapshot's watermarks.
 pub fn start(conn: &mut PgConn, cfg: &SourceConfig, from: Lsn) -> Result<(), CdcError> {
     let sql = format!(
-        "START_REPLICATION SLOT {} LOGICAL {from} (proto_version '2', publication_names {}, streaming 'on')",
+        "START_REPLICATION SLOT {} LOGICAL {from} (proto_version '2', publication_names {}, streaming 'on', messages 'true')",
         quote_ident(&cfg.slot),
         quote_literal(&quote_ident(&cfg.publication))
     );

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod console;
 pub mod credentials;
 mod login;
+mod pipeline;
 mod pooled;
 mod session;
 

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::pipeline::{Part, Pipeline, UNIT_BYTES_MAX};
 use super::session::{ShardCtx, error_bytes};
 use crate::backend::pool::{NO_SETTINGS, Pool, PoolError, Pools, ServerConn, bump};
 use crate::exec::net::Stream;
@@ -55,6 +56,9 @@ enum PoolDef {
         hash: u64,
         server_name: Box<str>,
         rest: Bytes,
+        /// Whether its statement may run on a connection shared with other clients
+        /// ([`sql::shareable_alone`]).
+        shareable: bool,
     },
     /// `PREPARE name ...`: the name, and the statement text that prepares it.
     Sql { hash: u64, text: Rc<str> },
@@ -77,12 +81,33 @@ impl PoolDef {
     fn protocol(parse_body: &[u8]) -> PoolDef {
         let rest = split_name(parse_body).map(|(_, r)| r).unwrap_or_default();
         let hash = content_hash(rest);
+        let text = memchr::memchr(0, rest).map(|n| &rest[..n]).unwrap_or(rest);
         PoolDef::Protocol {
             hash,
             server_name: format!("pgprism_{hash:016x}").into(),
             rest: Bytes::copy_from_slice(rest),
+            shareable: sql::shareable_alone(text),
         }
     }
+}
+
+/// What [`Session::shareable`] learns of an extended batch, frame by frame.
+#[derive(Default)]
+struct UnitScan {
+    /// Shared statements the connection must hold.
+    hashes: Vec<u64>,
+    /// The batch parses the unnamed statement.
+    unnamed: bool,
+    /// Names the batch parses.
+    named: Vec<Vec<u8>>,
+}
+
+/// Whether `pipeline`'s connection holds every shared statement of `hashes`.
+fn holds_all(pipeline: &Pipeline, hashes: &[u64]) -> bool {
+    let mut state = pipeline.state.borrow_mut();
+    state
+        .as_mut()
+        .is_some_and(|conn| hashes.iter().all(|h| conn.prepared.contains(*h)))
 }
 
 /// A frame `tag` whose body is `parts` one after the other.
@@ -179,7 +204,7 @@ impl CancelKeys {
     }
 }
 
-fn pack_key(key: Option<(i32, i32)>) -> u64 {
+pub(super) fn pack_key(key: Option<(i32, i32)>) -> u64 {
     match key {
         Some((pid, secret)) => ((pid as u32 as u64) << 32) | secret as u32 as u64,
         None => 0,
@@ -204,6 +229,8 @@ enum Turn {
 
 struct Session<'a> {
     shard: &'a ShardCtx,
+    /// The shard, for the tasks a session starts (a pipeline's).
+    owner: Rc<ShardCtx>,
     pools: &'a Pools,
     pool: Rc<Pool>,
     client: Stream,
@@ -444,6 +471,7 @@ pub(super) async fn serve(
     let registration = shard.register_pooled(id, &client, state.clone());
     let mut session = Session {
         shard: &shard,
+        owner: shard.clone(),
         pools,
         pool: pool.clone(),
         client,
@@ -564,9 +592,45 @@ impl Session<'_> {
                 continue;
             }
             if self.conn.is_none() {
+                // An autocommit unit may share a connection with other clients' units.
+                let unit = self.shareable(&frame, cbuf);
+                if let Some((len, hashes)) = &unit
+                    && !self.pool.has_idle()
+                    && let Some(pipeline) = Pipeline::find(
+                        self.shard,
+                        &self.pool,
+                        self.settings_hash(),
+                        frame.bytes().len() + len,
+                    )
+                    && holds_all(&pipeline, hashes)
+                {
+                    match self.share(pipeline, frame, cbuf, *len, idle_before).await {
+                        Turn::Continue => continue,
+                        Turn::End => return Turn::End,
+                    }
+                }
+                let pressed = unit.is_some() && self.pool.under_pressure(self.pools.cfg.size);
                 // Anything the client sends that the server must answer needs a connection.
                 if let Turn::End = self.lend().await {
                     return Turn::End;
+                }
+                // Others wait for connections: this one becomes a pipeline they may join,
+                // provided it already holds what the unit needs (nothing hidden goes ahead
+                // of a shared unit).
+                if let Some((len, hashes)) = unit
+                    && (pressed || self.pool.under_pressure(self.pools.cfg.size))
+                    && self.to_server.is_empty()
+                    && let Some(mut conn) = self.conn.take()
+                {
+                    if hashes.iter().all(|h| conn.prepared.contains(*h)) {
+                        self.unlink();
+                        let pipeline = Pipeline::start(&self.owner, &self.pool, conn);
+                        match self.share(pipeline, frame, cbuf, len, idle_before).await {
+                            Turn::Continue => continue,
+                            Turn::End => return Turn::End,
+                        }
+                    }
+                    self.conn = Some(conn);
                 }
             }
             self.forward(frame);
@@ -637,6 +701,221 @@ impl Session<'_> {
         let ready = self.to_client[at..].to_vec();
         self.tracker.server(ready[0], &ready[wire::HEADER_BYTES..]);
         true
+    }
+
+    /// The unit at the front of the client's bytes (`frame`, then the rest of `cbuf` up to
+    /// its Sync), when it may share a connection with other clients' units: the length of
+    /// its rest in `cbuf`, and the shared statements (content hashes) its Binds need on the
+    /// connection. A unit shares when it is complete, the client is between transactions
+    /// with nothing in flight, and it is one Query or one extended batch (Parses, Binds,
+    /// Describes, Executes, Closes, one Sync) whose statements are
+    /// [`sql::shareable_alone`].
+    fn shareable(&self, frame: &wire::Frame, cbuf: &BytesMut) -> Option<(usize, Vec<u64>)> {
+        if self.pools.cfg.shared_depth_max < 2
+            || !self.tracker.is_idle()
+            || self.pinned.is_some()
+            || !self.replies.is_empty()
+        {
+            return None;
+        }
+        match frame.tag() {
+            tag::QUERY if frame.bytes().len() <= UNIT_BYTES_MAX => {
+                let body = frame.body();
+                let text = body.strip_suffix(b"\0").unwrap_or(body);
+                sql::shareable_alone(text).then(|| (0, Vec::new()))
+            }
+            tag::PARSE | tag::BIND | tag::DESCRIBE | tag::CLOSE => {
+                let mut scan = UnitScan::default();
+                if !self.unit_frame(frame.tag(), frame.body(), &mut scan) {
+                    return None;
+                }
+                let (mut ok, mut synced) = (true, false);
+                let max = self.shard.settings.message_bytes_max;
+                let len = wire::complete_prefix_until(cbuf, max, |t, body| {
+                    if t == tag::SYNC {
+                        synced = true;
+                    } else if !self.unit_frame(t, body, &mut scan) {
+                        ok = false;
+                    } else {
+                        return std::ops::ControlFlow::Continue(());
+                    }
+                    std::ops::ControlFlow::Break(())
+                })
+                .ok()?;
+                (ok && synced && frame.bytes().len() + len <= UNIT_BYTES_MAX)
+                    .then_some((len, scan.hashes))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether one frame of an extended batch may be part of a shared unit (see
+    /// [`Session::shareable`]); collects the shared statements it needs on the connection.
+    fn unit_frame(&self, t: u8, body: &[u8], scan: &mut UnitScan) -> bool {
+        match t {
+            tag::PARSE => {
+                let Some((name, rest)) = split_name(body) else {
+                    return false;
+                };
+                let text = memchr::memchr(0, rest).map(|n| &rest[..n]).unwrap_or(rest);
+                if !sql::shareable_alone(text) {
+                    return false;
+                }
+                if name.is_empty() {
+                    scan.unnamed = true;
+                } else {
+                    // A named statement shares only where the connection already holds it
+                    // (pgprism then answers the Parse itself).
+                    scan.hashes.push(content_hash(rest));
+                    scan.named.push(name.to_vec());
+                }
+                true
+            }
+            tag::BIND => {
+                let Some((_, rest)) = split_name(body) else {
+                    return false;
+                };
+                let Some((name, _)) = split_name(rest) else {
+                    return false;
+                };
+                self.known_statement(name, scan)
+            }
+            // A portal, or a statement the unit parsed or the connection holds (drivers ask
+            // for parameter and result types before they bind).
+            tag::DESCRIBE => match body.split_first() {
+                Some((b'P', _)) => true,
+                Some((b'S', name)) => {
+                    let name = name.strip_suffix(b"\0").unwrap_or(name);
+                    self.known_statement(name, scan)
+                }
+                _ => false,
+            },
+            // A statement's Close is answered by pgprism (the shared statement stays); a
+            // portal's ends what the unit bound.
+            tag::CLOSE | tag::EXECUTE => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the statement `name` refers to in a shared unit is one it may use: parsed in
+    /// the unit, or a shareable statement of the client's (its shared name then needed on
+    /// the connection; the unnamed one is parsed again, as every unit parses its own).
+    fn known_statement(&self, name: &[u8], scan: &mut UnitScan) -> bool {
+        if name.is_empty() && scan.unnamed || scan.named.iter().any(|n| n == name) {
+            return true;
+        }
+        let Some(statement) = std::str::from_utf8(name)
+            .ok()
+            .and_then(|n| self.tracker.statement(n))
+        else {
+            return false;
+        };
+        let def = statement.extension(Slot::Pool, || PoolDef::Sql {
+            hash: 0,
+            text: "".into(),
+        });
+        match &*def {
+            PoolDef::Protocol {
+                hash, shareable, ..
+            } if *shareable => {
+                if !name.is_empty() {
+                    scan.hashes.push(*hash);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Sends the unit at the front (`frame`, then `len` bytes of `cbuf`) on `pipeline`,
+    /// shared with other clients' units, and hands the client its answer.
+    async fn share(
+        &mut self,
+        pipeline: Rc<Pipeline>,
+        frame: wire::Frame,
+        cbuf: &mut BytesMut,
+        len: usize,
+        idle_before: bool,
+    ) -> Turn {
+        let mut rest = cbuf.split_to(len);
+        // The connection's state, for the rewrite (shared statement names), given back
+        // before anything awaits.
+        self.conn = pipeline.state.borrow_mut().take();
+        let Some(conn) = self.conn.as_mut() else {
+            crate::invariant::failed("a pipeline open for units holds its connection")
+        };
+        // Every unit brings its own unnamed statement: one another client sent before may
+        // have failed.
+        conn.unnamed = None;
+        let server = (conn.id, conn.key.map(|k| k.0).unwrap_or(0), conn.opened_at);
+        self.forward(frame);
+        let max = self.shard.settings.message_bytes_max;
+        while let Ok(Some(next)) = wire::split_message(&mut rest, max) {
+            self.forward(next);
+        }
+        *pipeline.state.borrow_mut() = self.conn.take();
+        self.state.server.set(Some(server));
+        self.state.busy.set(true);
+        self.state.request_time.set(SystemTime::now());
+        let started = Instant::now();
+        let readies = self.replies.readies();
+        let waiting = pipeline.submit(self.to_server.split(), readies, self.cancel_slot.clone());
+        self.route(idle_before).await;
+        let turn = loop {
+            let (part, last) = match waiting.share.next(&pipeline).await {
+                Part::More(part) => (part, false),
+                Part::Last(part) => (part, true),
+                Part::Lost => {
+                    self.replies.clear();
+                    let _ = self.flush_client().await;
+                    self.server_lost().await;
+                    break Turn::End;
+                }
+            };
+            self.shared_answer(&pipeline, part);
+            if let Turn::End = self.flush_client().await {
+                // `waiting` goes: the rest of the answer is dropped as it comes.
+                break Turn::End;
+            }
+            if last {
+                break Turn::Continue;
+            }
+        };
+        self.state.busy.set(false);
+        self.state.server.set(None);
+        if let Turn::End = turn {
+            return Turn::End;
+        }
+        self.replies.clear();
+        let c = &self.pool.counters;
+        bump(&c.xact_count, 1);
+        bump(&c.query_count, 1);
+        let spent = started.elapsed().as_micros() as u64;
+        bump(&c.xact_time_us, spent);
+        bump(&c.query_time_us, spent);
+        Turn::Continue
+    }
+
+    /// Hands the client a part of its shared unit's answer (whole messages).
+    fn shared_answer(&mut self, pipeline: &Pipeline, mut part: BytesMut) {
+        let mut settled = Settled::default();
+        while let Ok(Some(frame)) = wire::split_message(&mut part, usize::MAX) {
+            settled.own.clear();
+            let route = self.replies.server(frame.tag(), &mut settled);
+            if settled.failed.drain(..).any(|key| key == KEY_UNNAMED)
+                && let Some(conn) = pipeline.state.borrow_mut().as_mut()
+            {
+                conn.unnamed = None;
+            }
+            settled.done.clear();
+            if route == Route::Client {
+                self.tracker.server(frame.tag(), frame.body());
+                self.to_client.extend_from_slice(frame.bytes());
+            }
+            for own in settled.own.drain(..) {
+                self.to_client.extend_from_slice(&own);
+            }
+        }
     }
 
     /// Gets a connection from the pool and makes it match the client's settings.
@@ -880,6 +1159,7 @@ impl Session<'_> {
             hash,
             server_name,
             rest,
+            ..
         } = &*def
         else {
             return self.pass(frame.clone(), Awaits::Parse);
@@ -957,6 +1237,7 @@ impl Session<'_> {
                 hash,
                 server_name,
                 rest,
+                ..
             } => {
                 if name.is_empty() {
                     if conn.unnamed != Some(*hash) {
@@ -1419,7 +1700,7 @@ pub async fn pool_care(shard: Rc<ShardCtx>) {
 
 /// Copies the pools' cumulative counters into the shard's (for `/metrics`).
 fn count_pools(shard: &ShardCtx, pools: &Pools) {
-    let mut totals = [0u64; 11];
+    let mut totals = [0u64; 15];
     for pool in pools.all() {
         let c = &pool.counters;
         for (t, v) in totals.iter_mut().zip([
@@ -1434,6 +1715,10 @@ fn count_pools(shard: &ShardCtx, pools: &Pools) {
             c.servers_closed.get(),
             c.servers_lost.get(),
             c.dirty_closed.get(),
+            c.pipelines.get(),
+            c.shared_units.get(),
+            c.shared_behind.get(),
+            c.shared_writes.get(),
         ]) {
             *t += v;
         }
@@ -1451,6 +1736,10 @@ fn count_pools(shard: &ShardCtx, pools: &Pools) {
         &s.pool_servers_closed,
         &s.pool_servers_lost,
         &s.pool_dirty_closed,
+        &s.pool_pipelines,
+        &s.pool_shared_units,
+        &s.pool_shared_behind,
+        &s.pool_shared_writes,
     ]
     .into_iter()
     .zip(totals)

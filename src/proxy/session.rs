@@ -78,6 +78,8 @@ pub struct ShardCtx {
     pub console: Option<std::sync::Arc<super::login::ConsoleCtx>>,
     /// Where pooled clients' secrets come from.
     pub secrets: Option<Rc<super::login::Secrets>>,
+    /// Pipelined lending: the connections now shared by several clients' statements.
+    pub(super) pipelines: RefCell<Vec<Rc<super::pipeline::Pipeline>>>,
 }
 
 /// What a shard's pooled sessions share, when transaction pooling or the console is on.
@@ -139,6 +141,7 @@ impl ShardCtx {
             pooled: RefCell::new(Default::default()),
             console: None,
             secrets: None,
+            pipelines: RefCell::new(Vec::new()),
         }
     }
 

@@ -40,5 +40,5 @@ pub fn check(cfg: &Config) -> Result<(), ConfigError> {
     if !cfg.cdc.source.is_empty() {
         crate::cdc::validate(&cfg.cdc)?;
     }
-    Ok(())
+    super::low_port::check(cfg)
 }

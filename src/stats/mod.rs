@@ -92,6 +92,10 @@ counters! {
     pool_servers_closed: "transaction pooling: primary connections closed",
     pool_servers_lost: "transaction pooling: primary connections that failed (while lent or at a check)",
     pool_dirty_closed: "transaction pooling: connections closed instead of returned (client left mid-statement, failed rollback or reset)",
+    pool_pipelines: "pipelined lending: connections lent to several clients' autocommit statements at once",
+    pool_shared_units: "pipelined lending: client statements (a Query, or a batch up to its Sync) sent on a shared connection",
+    pool_shared_behind: "pipelined lending: shared statements queued behind another client's on the connection",
+    pool_shared_writes: "pipelined lending: writes to shared connections (each carries one or more clients' statements)",
 }
 
 /// A shard's statistics: counters plus the two latency histograms.

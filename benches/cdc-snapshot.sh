@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The initial snapshot's rate against COPY: one table of ROWS rows (id int primary key, text,
+# bigint), copied by `pgprism cdc` (2 snapshot workers, default chunk size) into the Stream
+# Load emulator, and read by `psql -c "COPY t TO STDOUT" > /dev/null`, alternated three
+# times in the same run; prints both medians and their ratio.
+#
+#   benches/cdc-snapshot.sh [ROWS]    (default 10000000)
+#
+# Runs the ignored `snapshot_against_copy` test of tests/cdc_bench.rs in release. Needs the
+# PostgreSQL server binaries (`apt-get install postgresql`). The emulator runs in the test
+# process and parses every JSON row, so on a small machine it competes with pgprism and
+# PostgreSQL for the same cores (COPY's side has no such consumer).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rows="${1:-10000000}"
+PGPRISM_BENCH_ROWS="$rows" cargo test --release --quiet --test cdc_bench \
+    snapshot_against_copy -- --exact --ignored --nocapture 2>&1 |
+    grep -E '^(run [0-9]|COPY|pgprism|ratio)'

@@ -1,0 +1,876 @@
+//! The initial snapshot: copies the tables' existing rows beside streaming, in primary-key
+//! chunks read by parallel workers, each chunk placed into the stream between two watermarks
+//! (DBLog; see [`window`]). Chunks are planned one key range at a time and recorded in the
+//! chunk table (`{checkpoint-table}_snapshot`) when they are planned and again when their rows
+//! are in StarRocks, so a restart copies only the chunks not yet done.
+//!
+//! Every CDC table has a primary key (setup refuses one without: StarRocks Primary Key tables
+//! and deletes need it), so every table is chunked by key; there is no unchunked path.
+//!
+//! This module must never hold more than one chunk per worker in memory, never mark a chunk
+//! done before the loader has its rows in StarRocks, and never emit rows without a window.
+
+pub mod window;
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::RecvTimeoutError;
+
+use self::window::{Exchange, Fetched, Piece, Verdict, Windows, encode_key, watermark_text};
+use super::checkpoint::qualified;
+use super::lsn::Lsn;
+use super::pgconn::{PgConn, PgError, quote_ident, quote_literal};
+use super::pipeline::{PipelineConfig, sanitize, snapshot_columns, write_snapshot_row};
+use super::schema::{Column, TableSchema};
+use super::setup::{SourceTable, split_table};
+use super::source::now_text;
+use super::{CdcError, Shared};
+use crate::config::{CdcConfig, PgUrl};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot query failed: {what}")]
+    Query {
+        what: String,
+        #[source]
+        source: PgError,
+    },
+    #[error(
+        "snapshot chunk {chunk} of {table} could not be read in {attempts} attempts (last reason: {reason}); \
+         lower cdc.snapshot-chunk-rows or raise cdc.snapshot-chunk-attempts-max"
+    )]
+    Attempts {
+        table: String,
+        chunk: u32,
+        attempts: u32,
+        reason: &'static str,
+    },
+}
+
+impl SnapshotError {
+    /// The PostgreSQL error underneath, if any (for the reconnect decision).
+    pub fn pg(&self) -> Option<&PgError> {
+        match self {
+            SnapshotError::Query { source, .. } => Some(source),
+            SnapshotError::Attempts { .. } => None,
+        }
+    }
+}
+
+fn query(what: impl Into<String>) -> impl FnOnce(PgError) -> SnapshotError {
+    let what = what.into();
+    move |source| SnapshotError::Query { what, source }
+}
+
+/// The chunk table's name for a checkpoint table.
+fn chunk_table(cfg: &CdcConfig) -> String {
+    qualified(&format!("{}_snapshot", cfg.checkpoint_table))
+}
+
+/// Setup's SQL for the chunk table: one row per chunk planned (`lo`, `hi`: the key range,
+/// `last`: the open-ended one) and, with chunk number 0, one per table the snapshot owes.
+pub fn create_sql(cfg: &CdcConfig) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {} (slot text NOT NULL, tbl text NOT NULL, chunk int NOT NULL, \
+         lo text[], hi text[], last bool NOT NULL DEFAULT false, rows bigint, done_at timestamptz, \
+         PRIMARY KEY (slot, tbl, chunk))",
+        chunk_table(cfg)
+    )
+}
+
+/// Setup's SQL, run before a slot is created: the plan of the new slot, replacing whatever an
+/// earlier slot of that name left.
+pub fn plan_sql(cfg: &CdcConfig, tables: &[SourceTable]) -> String {
+    let t = chunk_table(cfg);
+    let slot = quote_literal(&cfg.slot);
+    let mut sql = format!("DELETE FROM {t} WHERE slot = {slot};");
+    if cfg.snapshot {
+        for table in tables {
+            sql.push_str(&format!(
+                " INSERT INTO {t} (slot, tbl, chunk) VALUES ({slot}, {}, 0);",
+                quote_literal(&table.name)
+            ));
+        }
+    }
+    sql
+}
+
+/// The loader's SQL when a chunk's rows are all in StarRocks.
+pub fn chunk_done_sql(cfg_table: &str, slot: &str, table: &str, chunk: u32, rows: u64) -> String {
+    format!(
+        "UPDATE {} SET rows = {rows}, done_at = now() WHERE slot = {} AND tbl = {} AND chunk = {chunk}",
+        qualified(&format!("{cfg_table}_snapshot")),
+        quote_literal(slot),
+        quote_literal(table)
+    )
+}
+
+/// Where the snapshot stands, for `/cdc/status` and the progress line.
+#[derive(Default)]
+pub struct Progress {
+    state: AtomicU8,
+    rows_copied: AtomicU64,
+    /// Rows copied by earlier runs (chunks already done when this run started).
+    rows_before: AtomicU64,
+    rows_estimate: AtomicU64,
+    rows_dropped: AtomicU64,
+    chunks_done: AtomicU64,
+    chunks_resumed: AtomicU64,
+    chunks_retried: AtomicU64,
+    /// Chunks handed to the loader by this run, and whether the planner ran out.
+    chunks_taken: AtomicU64,
+    planned_all: AtomicBool,
+    started_unix_ms: AtomicU64,
+}
+
+const STATE_SKIPPED: u8 = 0;
+const STATE_NONE: u8 = 1;
+const STATE_COPYING: u8 = 2;
+const STATE_DONE: u8 = 3;
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Progress {
+    fn state_name(&self) -> &'static str {
+        match self.state.load(Ordering::Relaxed) {
+            STATE_SKIPPED => "skipped",
+            STATE_NONE => "not-needed",
+            STATE_COPYING => "copying",
+            _ => "done",
+        }
+    }
+
+    /// Rows per second copied by this run, and the seconds left at that rate (when known).
+    fn rate_and_eta(&self) -> (u64, Option<u64>) {
+        let started = self.started_unix_ms.load(Ordering::Relaxed);
+        let copied = self.rows_copied.load(Ordering::Relaxed);
+        let this_run = copied.saturating_sub(self.rows_before.load(Ordering::Relaxed));
+        let ms = unix_ms().saturating_sub(started).max(1);
+        let rate = if started == 0 {
+            0
+        } else {
+            this_run * 1000 / ms
+        };
+        let estimate = self.rows_estimate.load(Ordering::Relaxed);
+        let eta = (rate > 0 && estimate > 0).then(|| estimate.saturating_sub(copied) / rate);
+        (rate, eta)
+    }
+
+    /// The `snapshot` object of `/cdc/status`.
+    pub fn json(&self) -> sonic_rs::Value {
+        let (rate, eta) = self.rate_and_eta();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        sonic_rs::json!({
+            "state": self.state_name(),
+            "rows_copied": load(&self.rows_copied),
+            "rows_total_estimate": load(&self.rows_estimate),
+            "rows_per_second": rate,
+            "eta_seconds": eta,
+            "rows_dropped_for_newer_changes": load(&self.rows_dropped),
+            "chunks_done": load(&self.chunks_done),
+            "chunks_resumed": load(&self.chunks_resumed),
+            "chunks_retried": load(&self.chunks_retried),
+        })
+    }
+
+    /// One line for a terminal.
+    fn line(&self) -> String {
+        let (rate, eta) = self.rate_and_eta();
+        let copied = self.rows_copied.load(Ordering::Relaxed);
+        let estimate = self.rows_estimate.load(Ordering::Relaxed);
+        let eta = eta.map(|s| format!(", ETA {}m{:02}s", s / 60, s % 60));
+        format!(
+            "snapshot: {copied} of ~{estimate} rows, {rate} rows/s{}, {} chunks",
+            eta.unwrap_or_default(),
+            self.chunks_done.load(Ordering::Relaxed)
+        )
+    }
+
+    /// The loader recorded a chunk; returns true when that finished the snapshot.
+    pub fn chunk_recorded(&self, rows: u64) -> bool {
+        self.rows_copied.fetch_add(rows, Ordering::Relaxed);
+        self.chunks_done.fetch_add(1, Ordering::AcqRel);
+        self.check_finished()
+    }
+
+    fn check_finished(&self) -> bool {
+        let done =
+            self.chunks_done.load(Ordering::Acquire) - self.chunks_resumed.load(Ordering::Relaxed);
+        let finished = self.planned_all.load(Ordering::Acquire)
+            && done >= self.chunks_taken.load(Ordering::Acquire);
+        finished
+            && self
+                .state
+                .compare_exchange(
+                    STATE_COPYING,
+                    STATE_DONE,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+}
+
+/// A chunk: the rows of `table` with key in (`lo`, `hi`] (no bound where `None`).
+#[derive(Debug, Clone)]
+struct Chunk {
+    table: usize,
+    number: u32,
+    lo: Option<Vec<String>>,
+    hi: Option<Vec<String>>,
+}
+
+/// Where one table's snapshot stands.
+struct TablePlan {
+    source: SourceTable,
+    /// Planned in an earlier run, not done.
+    pending: VecDeque<Chunk>,
+    /// The next chunk to plan (its number and lower bound); `None` once the last is planned.
+    next: Option<(u32, Option<Vec<String>>)>,
+}
+
+/// Plans chunks one key range at a time (the N-th key after the previous bound, an
+/// index-only walk of the primary key) and records each before it is handed out.
+struct Planner {
+    conn: PgConn,
+    tables: Vec<TablePlan>,
+    chunk_table: String,
+    slot: String,
+    chunk_rows: usize,
+}
+
+impl Planner {
+    fn next(&mut self) -> Result<Option<Chunk>, SnapshotError> {
+        for i in 0..self.tables.len() {
+            if let Some(chunk) = self.tables[i].pending.pop_front() {
+                return Ok(Some(chunk));
+            }
+            if self.tables[i].next.is_some() {
+                return self.plan(i).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    fn plan(&mut self, i: usize) -> Result<Chunk, SnapshotError> {
+        let t = &self.tables[i];
+        let (number, lo) = t.next.clone().unwrap_or((1, None));
+        let name = qualified(&t.source.name);
+        let key = key_list(&t.source.key);
+        // Aliased, so ORDER BY names the columns (an output column of the same name would
+        // win, and sort as text); a plain list, so the primary key index gives the order.
+        let texts: Vec<String> = t
+            .source
+            .key
+            .iter()
+            .enumerate()
+            .map(|(i, k)| format!("{}::text AS k{i}", quote_ident(k)))
+            .collect();
+        let order: Vec<String> = t.source.key.iter().map(|k| quote_ident(k)).collect();
+        let sql = format!(
+            "SELECT {} FROM {name}{} ORDER BY {} OFFSET {} LIMIT 1",
+            texts.join(", "),
+            lower_bound(&key, lo.as_deref()),
+            order.join(", "),
+            self.chunk_rows - 1
+        );
+        let rows = self
+            .conn
+            .query(&sql)
+            .map_err(query(format!("plan a chunk of {}", t.source.name)))?;
+        let hi: Option<Vec<String>> = rows
+            .first()
+            .map(|r| r.iter().map(|v| v.clone().unwrap_or_default()).collect());
+        let record = format!(
+            "INSERT INTO {} (slot, tbl, chunk, lo, hi, last) VALUES ({}, {}, {number}, {}, {}, {}) \
+             ON CONFLICT (slot, tbl, chunk) DO UPDATE SET lo = excluded.lo, hi = excluded.hi, last = excluded.last",
+            self.chunk_table,
+            quote_literal(&self.slot),
+            quote_literal(&t.source.name),
+            array_literal(lo.as_deref()),
+            array_literal(hi.as_deref()),
+            hi.is_none()
+        );
+        self.conn
+            .query(&record)
+            .map_err(query(format!("record a chunk of {}", t.source.name)))?;
+        let t = &mut self.tables[i];
+        t.next = hi.clone().map(|h| (number + 1, Some(h)));
+        Ok(Chunk {
+            table: i,
+            number,
+            lo,
+            hi,
+        })
+    }
+}
+
+fn key_list(key: &[String]) -> String {
+    format!(
+        "({})",
+        key.iter()
+            .map(|k| quote_ident(k))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// The text values as a row of untyped literals, which PostgreSQL types like the key.
+fn row_literal(values: &[String]) -> String {
+    format!(
+        "({})",
+        values
+            .iter()
+            .map(|v| quote_literal(v))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+fn lower_bound(key: &str, lo: Option<&[String]>) -> String {
+    match lo {
+        Some(lo) => format!(" WHERE {key} > {}", row_literal(lo)),
+        None => String::new(),
+    }
+}
+
+fn array_literal(values: Option<&[String]>) -> String {
+    match values {
+        Some(v) => format!(
+            "ARRAY[{}]::text[]",
+            v.iter()
+                .map(|s| quote_literal(s))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        None => "NULL".into(),
+    }
+}
+
+/// A snapshot this run owes: what is left of it.
+pub struct Snapshot {
+    planner: Planner,
+    tag: String,
+    exchange: Arc<Exchange>,
+}
+
+/// Reads the chunk table: the snapshot still owed by this slot, if any. Sets the progress
+/// state either way and logs which it is.
+pub fn resume(
+    cfg: &CdcConfig,
+    url: &PgUrl,
+    tables: &[SourceTable],
+    slot_created: bool,
+    shared: &Shared,
+    timeout: Duration,
+) -> Result<Option<Snapshot>, SnapshotError> {
+    let progress = &shared.snapshot;
+    let mut conn = PgConn::connect(url, false, timeout).map_err(query("connect"))?;
+    let t = chunk_table(cfg);
+    let rows = conn
+        .query(&format!(
+            "SELECT tbl, chunk::text, array_to_json(lo)::text, array_to_json(hi)::text, last::text, \
+             (done_at IS NOT NULL)::text, coalesce(rows, 0)::text FROM {t} WHERE slot = {} ORDER BY tbl, chunk",
+            quote_literal(&cfg.slot)
+        ))
+        .map_err(query("read the chunk table"))?;
+    if rows.is_empty() || !cfg.snapshot {
+        let (state, why) = match (slot_created, cfg.snapshot) {
+            (true, false) => (
+                STATE_SKIPPED,
+                "snapshot = false: existing rows are not copied",
+            ),
+            (_, false) if !rows.is_empty() => (
+                STATE_SKIPPED,
+                "snapshot = false: the unfinished initial snapshot is not resumed",
+            ),
+            _ => (STATE_NONE, "the slot exists and owes no snapshot"),
+        };
+        progress.state.store(state, Ordering::Relaxed);
+        tracing::info!(slot = %cfg.slot, "no initial snapshot: {why}");
+        return Ok(None);
+    }
+    let mut plans: Vec<TablePlan> = tables
+        .iter()
+        .filter(|s| {
+            rows.iter()
+                .any(|r| r.first().cloned().flatten().as_deref() == Some(&s.name))
+        })
+        .map(|s| TablePlan {
+            source: s.clone(),
+            pending: VecDeque::new(),
+            next: Some((1, None)),
+        })
+        .collect();
+    let (mut resumed, mut rows_before) = (0u64, 0u64);
+    for r in &rows {
+        let field = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+        let Some(ti) = plans.iter().position(|p| p.source.name == field(0)) else {
+            continue;
+        };
+        let number: u32 = field(1).parse().unwrap_or(0);
+        if number == 0 {
+            continue;
+        }
+        let (lo, hi) = (text_array(&field(2)), text_array(&field(3)));
+        let plan = &mut plans[ti];
+        // Chunks are planned in order, so the last one read says where planning goes on.
+        plan.next = (field(4) != "true").then(|| (number + 1, hi.clone()));
+        if field(5) == "true" {
+            resumed += 1;
+            rows_before += field(6).parse::<u64>().unwrap_or(0);
+        } else {
+            plan.pending.push_back(Chunk {
+                table: ti,
+                number,
+                lo,
+                hi,
+            });
+        }
+    }
+    plans.retain(|p| !p.pending.is_empty() || p.next.is_some());
+    for (i, p) in plans.iter_mut().enumerate() {
+        for c in &mut p.pending {
+            c.table = i;
+        }
+    }
+    progress.chunks_resumed.store(resumed, Ordering::Relaxed);
+    progress.chunks_done.store(resumed, Ordering::Relaxed);
+    progress.rows_copied.store(rows_before, Ordering::Relaxed);
+    progress.rows_before.store(rows_before, Ordering::Relaxed);
+    if plans.is_empty() {
+        progress.state.store(STATE_DONE, Ordering::Relaxed);
+        tracing::info!(slot = %cfg.slot, chunks = resumed, "initial snapshot already done");
+        return Ok(None);
+    }
+    let names: Vec<String> = plans
+        .iter()
+        .map(|p| quote_literal(&qualified(&p.source.name)))
+        .collect();
+    let estimate = conn
+        .query(&format!(
+            "SELECT coalesce(sum(greatest(reltuples, 0)), 0)::int8::text FROM pg_class \
+             WHERE oid IN ({})",
+            names
+                .iter()
+                .map(|n| format!("{n}::regclass"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .map_err(query("estimate the rows"))?
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .and_then(|t| t.parse::<u64>().ok())
+        .unwrap_or(0);
+    progress
+        .rows_estimate
+        .store(estimate.max(rows_before), Ordering::Relaxed);
+    progress.started_unix_ms.store(unix_ms(), Ordering::Relaxed);
+    progress.state.store(STATE_COPYING, Ordering::Release);
+    if resumed > 0 {
+        tracing::info!(slot = %cfg.slot, chunks_done = resumed, rows_done = rows_before, "resuming the initial snapshot after the chunks already done");
+    } else {
+        tracing::info!(slot = %cfg.slot, tables = plans.len(), rows_estimate = estimate, chunk_rows = cfg.snapshot_chunk_rows, workers = cfg.snapshot_workers, "initial snapshot: copying the existing rows beside streaming");
+    }
+    let nonce = format!("{:x}{:x}", std::process::id(), unix_ms());
+    Ok(Some(Snapshot {
+        planner: Planner {
+            conn,
+            tables: plans,
+            chunk_table: t,
+            slot: cfg.slot.clone(),
+            chunk_rows: cfg.snapshot_chunk_rows,
+        },
+        tag: format!("{} {nonce}", cfg.slot),
+        exchange: Arc::new(Exchange::default()),
+    }))
+}
+
+/// `["a","b"]` (from `array_to_json`) as strings; `None` for SQL NULL.
+fn text_array(json: &str) -> Option<Vec<String>> {
+    if json.is_empty() {
+        return None;
+    }
+    sonic_rs::from_str::<Vec<String>>(json).ok()
+}
+
+/// The running workers of one run.
+pub struct Workers {
+    handles: Vec<std::thread::JoinHandle<Result<(), SnapshotError>>>,
+}
+
+impl Workers {
+    /// Waits for the workers; the first error wins.
+    pub fn join(self) -> Result<(), CdcError> {
+        let mut result = Ok(());
+        for h in self.handles {
+            let r = h.join().map_err(|_| CdcError::LoaderPanicked)?;
+            if result.is_ok() {
+                result = r.map_err(CdcError::Snapshot);
+            }
+        }
+        result
+    }
+}
+
+/// What the workers share.
+struct Ctx {
+    planner: Mutex<Planner>,
+    exchange: Arc<Exchange>,
+    tag: String,
+    next_id: AtomicU64,
+    pcfg: PipelineConfig,
+    attempts_max: u32,
+    url: PgUrl,
+    timeout: Duration,
+    shared: Arc<Shared>,
+    running: AtomicU64,
+}
+
+impl Snapshot {
+    /// The stream side of this snapshot, for the pipeline.
+    pub fn windows(&self, keys_max: usize) -> Windows {
+        Windows::new(self.tag.clone(), Arc::clone(&self.exchange), keys_max)
+    }
+
+    /// Starts the workers (and a progress line when stderr is a terminal). Call after
+    /// streaming started: a watermark before the stream's start would never be seen.
+    pub fn spawn(
+        self,
+        cfg: &CdcConfig,
+        url: &PgUrl,
+        pcfg: &PipelineConfig,
+        shared: &Arc<Shared>,
+        timeout: Duration,
+    ) -> Result<Workers, CdcError> {
+        let ctx = Arc::new(Ctx {
+            planner: Mutex::new(self.planner),
+            exchange: self.exchange,
+            tag: self.tag,
+            next_id: AtomicU64::new(1),
+            pcfg: pcfg.clone(),
+            attempts_max: cfg.snapshot_chunk_attempts_max,
+            url: url.clone(),
+            timeout,
+            shared: Arc::clone(shared),
+            running: AtomicU64::new(cfg.snapshot_workers as u64),
+        });
+        let mut handles = Vec::with_capacity(cfg.snapshot_workers);
+        for n in 0..cfg.snapshot_workers {
+            let ctx = Arc::clone(&ctx);
+            let handle = std::thread::Builder::new()
+                .name(format!("cdc-snapshot-{n}"))
+                .spawn(move || {
+                    let result = Worker::run(&ctx);
+                    if result.is_err() {
+                        // The run ends; a restart resumes after the chunks done.
+                        ctx.shared.stopped.store(true, Ordering::Release);
+                    }
+                    if ctx.running.fetch_sub(1, Ordering::AcqRel) == 1 && result.is_ok() {
+                        let p = &ctx.shared.snapshot;
+                        p.planned_all.store(true, Ordering::Release);
+                        if p.check_finished() {
+                            log_finished(p);
+                        }
+                    }
+                    result
+                })
+                .map_err(|e| CdcError::Replication(PgError::Io(e)))?;
+            handles.push(handle);
+        }
+        // SAFETY: isatty only inspects the descriptor number it is given.
+        if unsafe { libc::isatty(2) } == 1 {
+            let shared = Arc::clone(shared);
+            let _ = std::thread::Builder::new()
+                .name("cdc-snapshot-progress".into())
+                .spawn(move || progress_line(&shared));
+        }
+        Ok(Workers { handles })
+    }
+}
+
+/// Logs the end of the snapshot (once, by whoever saw it finish).
+pub fn log_finished(progress: &Progress) {
+    tracing::info!(
+        rows = progress.rows_copied.load(Ordering::Relaxed),
+        chunks = progress.chunks_done.load(Ordering::Relaxed),
+        retried = progress.chunks_retried.load(Ordering::Relaxed),
+        "initial snapshot done"
+    );
+}
+
+/// Rewrites one stderr line each second while the snapshot copies.
+fn progress_line(shared: &Shared) {
+    let p = &shared.snapshot;
+    let mut err = std::io::stderr();
+    while p.state.load(Ordering::Acquire) == STATE_COPYING
+        && !shared.stopped.load(Ordering::Acquire)
+    {
+        let _ = write!(err, "\r{}\x1b[K", p.line());
+        let _ = err.flush();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let _ = writeln!(err, "\r{}\x1b[K", p.line());
+}
+
+/// One worker: its connection and the column lists it has read.
+struct Worker<'a> {
+    ctx: &'a Ctx,
+    conn: PgConn,
+    schemas: Vec<Option<Arc<Read>>>,
+}
+
+/// How a worker reads one table.
+struct Read {
+    schema: TableSchema,
+    /// `SELECT` list and `FROM`.
+    select: String,
+    key: String,
+    /// Positions of the key columns in the row.
+    key_at: Vec<usize>,
+    columns: String,
+    label: String,
+}
+
+impl<'a> Worker<'a> {
+    fn run(ctx: &'a Ctx) -> Result<(), SnapshotError> {
+        let conn = PgConn::connect(&ctx.url, false, ctx.timeout).map_err(query("connect"))?;
+        let mut worker = Worker {
+            ctx,
+            conn,
+            schemas: Vec::new(),
+        };
+        loop {
+            if ctx.shared.stopped.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let chunk = match ctx.planner.lock() {
+                Ok(mut planner) => planner.next()?,
+                Err(_) => return Ok(()),
+            };
+            let Some(chunk) = chunk else {
+                return Ok(());
+            };
+            worker.copy(&chunk)?;
+        }
+    }
+
+    fn read_of(&mut self, table: usize) -> Result<Arc<Read>, SnapshotError> {
+        if let Some(Some(r)) = self.schemas.get(table) {
+            return Ok(Arc::clone(r));
+        }
+        let source = match self.ctx.planner.lock() {
+            Ok(p) => p.tables.get(table).map(|t| t.source.clone()),
+            Err(_) => None,
+        }
+        .unwrap_or_else(|| SourceTable {
+            name: String::new(),
+            key: Vec::new(),
+            replica_identity: 'd',
+        });
+        let name = qualified(&source.name);
+        // The columns the publication sends (PostgreSQL 15 leaves generated ones out).
+        let cols = self
+            .conn
+            .query(&format!(
+                "SELECT attname, atttypid::int8::text FROM pg_attribute \
+                 WHERE attrelid = {}::regclass AND attnum > 0 AND NOT attisdropped AND attgenerated = '' \
+                 ORDER BY attnum",
+                quote_literal(&name)
+            ))
+            .map_err(query(format!("read the columns of {}", source.name)))?;
+        let columns: Vec<Column> = cols
+            .iter()
+            .map(|r| {
+                let n = r.first().cloned().flatten().unwrap_or_default();
+                let oid = r
+                    .get(1)
+                    .cloned()
+                    .flatten()
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(25);
+                Column::new(&n, oid)
+            })
+            .collect();
+        let key_at: Vec<usize> = source
+            .key
+            .iter()
+            .filter_map(|k| columns.iter().position(|c| &c.name == k))
+            .collect();
+        let list: Vec<String> = columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let target = split_table(&source.name).1.to_string();
+        let schema = TableSchema {
+            oid: 0,
+            source_name: source.name.clone(),
+            target_name: target.clone(),
+            columns,
+            key: key_at.clone(),
+            generation: 0,
+        };
+        let read = Arc::new(Read {
+            select: format!("SELECT {} FROM {name}", list.join(", ")),
+            key: key_list(&source.key),
+            key_at,
+            columns: snapshot_columns(&self.ctx.pcfg, &schema),
+            label: sanitize(&format!("{}-{}", self.ctx.pcfg.slot, target)),
+            schema,
+        });
+        if self.schemas.len() <= table {
+            self.schemas.resize(table + 1, None);
+        }
+        self.schemas[table] = Some(Arc::clone(&read));
+        Ok(read)
+    }
+
+    /// Copies one chunk: low watermark, read, high watermark, then the stream's verdict;
+    /// again while the verdict is to retry, within `snapshot-chunk-attempts-max`.
+    fn copy(&mut self, chunk: &Chunk) -> Result<(), SnapshotError> {
+        let read = self.read_of(chunk.table)?;
+        let table = read.schema.source_name.clone();
+        let mut reason = "";
+        for _ in 0..self.ctx.attempts_max {
+            let id = self.ctx.next_id.fetch_add(1, Ordering::Relaxed);
+            let low = self.watermark(id, false, &table)?;
+            let (reply, verdict) = crossbeam_channel::bounded(1);
+            let fetched = self.read_chunk(&read, chunk, low, reply)?;
+            self.ctx.exchange.put(id, fetched);
+            self.watermark(id, true, &table)?;
+            let progress = &self.ctx.shared.snapshot;
+            let verdict = loop {
+                match verdict.recv_timeout(Duration::from_millis(100)) {
+                    Ok(v) => break v,
+                    Err(RecvTimeoutError::Timeout)
+                        if !self.ctx.shared.stopped.load(Ordering::Acquire) => {}
+                    Err(_) => return Ok(()),
+                }
+            };
+            match verdict {
+                Verdict::Taken { rows, dropped } => {
+                    progress.chunks_taken.fetch_add(1, Ordering::AcqRel);
+                    progress.rows_dropped.fetch_add(dropped, Ordering::Relaxed);
+                    tracing::debug!(%table, chunk = chunk.number, rows, dropped, "snapshot chunk read");
+                    return Ok(());
+                }
+                Verdict::Retry { reason: why } => {
+                    progress.chunks_retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%table, chunk = chunk.number, reason = why, "reading a snapshot chunk again");
+                    reason = why;
+                }
+            }
+        }
+        Err(SnapshotError::Attempts {
+            table,
+            chunk: chunk.number,
+            attempts: self.ctx.attempts_max,
+            reason,
+        })
+    }
+
+    /// Writes a watermark into the WAL (a transactional logical message: committed, so
+    /// flushed and placed in commit order); returns its LSN.
+    fn watermark(&mut self, id: u64, high: bool, table: &str) -> Result<Lsn, SnapshotError> {
+        let text = watermark_text(&self.ctx.tag, id, high, table);
+        let rows = self
+            .conn
+            .query(&format!(
+                "SELECT pg_logical_emit_message(true, {}, {})::text",
+                quote_literal(window::WATERMARK_PREFIX),
+                quote_literal(&text)
+            ))
+            .map_err(query("write a snapshot watermark"))?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .and_then(|t| Lsn::parse(&t))
+            .unwrap_or_default())
+    }
+
+    /// Reads the chunk's rows as Stream Load bodies, with the transactions its snapshot
+    /// could not see.
+    fn read_chunk(
+        &mut self,
+        read: &Read,
+        chunk: &Chunk,
+        low: Lsn,
+        reply: crossbeam_channel::Sender<Verdict>,
+    ) -> Result<Fetched, SnapshotError> {
+        let table = &read.schema.source_name;
+        self.conn
+            .query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .map_err(query("begin a chunk"))?;
+        let xip = self
+            .conn
+            .query("SELECT pg_snapshot_xip(pg_current_snapshot())::text")
+            .map_err(query("read the chunk's snapshot"))?
+            .iter()
+            .filter_map(|r| r.first().cloned().flatten())
+            .filter_map(|t| t.parse::<u64>().ok())
+            .map(|x| x as u32)
+            .collect();
+        let mut filter = Vec::new();
+        if let Some(lo) = &chunk.lo {
+            filter.push(format!("{} > {}", read.key, row_literal(lo)));
+        }
+        if let Some(hi) = &chunk.hi {
+            filter.push(format!("{} <= {}", read.key, row_literal(hi)));
+        }
+        let sql = if filter.is_empty() {
+            read.select.clone()
+        } else {
+            format!("{} WHERE {}", read.select, filter.join(" AND "))
+        };
+        let flush_bytes = self.ctx.pcfg.flush_bytes;
+        let synced_at = now_text();
+        let mut pieces: Vec<Piece> = vec![Piece::default()];
+        self.conn
+            .query_each(&sql, |values| {
+                let piece = match pieces.last_mut() {
+                    Some(p) if p.body.len() < flush_bytes => p,
+                    _ => {
+                        pieces.push(Piece::default());
+                        let Some(p) = pieces.last_mut() else { return };
+                        p
+                    }
+                };
+                piece
+                    .body
+                    .push(if piece.body.is_empty() { b'[' } else { b',' });
+                let start = piece.body.len() as u32;
+                let key = encode_key(read.key_at.iter().map(|&i| values.clone().nth(i).flatten()));
+                write_snapshot_row(
+                    &self.ctx.pcfg,
+                    &read.schema,
+                    &mut piece.body,
+                    values,
+                    &synced_at,
+                    low,
+                );
+                piece.rows.push((key, start, piece.body.len() as u32));
+            })
+            .map_err(query(format!("read chunk {} of {table}", chunk.number)))?;
+        self.conn.query("COMMIT").map_err(query("end a chunk"))?;
+        pieces.retain(|p| !p.rows.is_empty());
+        for p in &mut pieces {
+            p.body.push(b']');
+        }
+        Ok(Fetched {
+            table: table.clone(),
+            chunk: chunk.number,
+            pieces,
+            target: read.schema.target_name.clone(),
+            columns: read.columns.clone(),
+            label: format!("{}-snap{}-{:X}", read.label, chunk.number, low.0),
+            xip,
+            reply,
+        })
+    }
+}

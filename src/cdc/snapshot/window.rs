@@ -1,0 +1,446 @@
+//! DBLog watermark windows, the part that lives in the stream (sans-IO, fed by the pipeline).
+//!
+//! A snapshot worker writes a low watermark into the WAL, reads one chunk of a table (a
+//! primary-key range), and writes a high watermark (Andreadis & Kozlowski, "DBLog: A
+//! Watermark Based Change-Data-Capture Framework", 2020). The chunk's rows wait here until
+//! the stream reaches the high watermark; every key the stream changed between the two
+//! watermarks is dropped from the chunk, because the stream already carries a newer (or the
+//! same) version of that row. The rows left are emitted at the high watermark's place in the
+//! stream, so every change after it lands on top of them. No exported snapshot is needed,
+//! which is what makes a chunk correct on its own, and so the snapshot resumable.
+//!
+//! PostgreSQL makes a committed transaction visible slightly after its commit record is in
+//! the WAL. A transaction that committed before the low watermark but was still invisible
+//! to the chunk's SELECT would leave that chunk older than the stream. The worker therefore
+//! hands over the SELECT's in-progress transaction ids (`pg_snapshot_xip`); if one of them
+//! committed before the low watermark (this module remembers the last [`RECENT_COMMITS`]
+//! commits), the chunk is refused and read again.
+//!
+//! This module must never emit a chunk row whose key the stream changed inside its window,
+//! and never emit a chunk it cannot vouch for: it refuses instead, and the worker retries.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::Sender;
+
+use crate::cdc::lsn::Lsn;
+use crate::cdc::pipeline::Batch;
+
+/// The logical-message prefix of the watermarks (`pg_logical_emit_message`).
+pub const WATERMARK_PREFIX: &str = "pgprism-snapshot";
+
+/// Commits remembered for the visibility check (about 16 bytes each). A transaction whose
+/// commit record preceded the low watermark by more commits than this while it was still
+/// invisible to the chunk's SELECT would go unnoticed; PostgreSQL makes a transaction visible
+/// microseconds after its commit record, so in practice none does.
+pub const RECENT_COMMITS: usize = 65_536;
+
+/// A chunk a worker read, waiting for its high watermark.
+pub struct Fetched {
+    /// The source table (`schema.table`).
+    pub table: String,
+    /// The chunk's number within its table.
+    pub chunk: u32,
+    /// StarRocks Stream Load bodies of at most `flush-bytes` each, with the key of each row.
+    pub pieces: Vec<Piece>,
+    /// The StarRocks table and `columns` header.
+    pub target: String,
+    pub columns: String,
+    /// Label prefix; the piece number is appended.
+    pub label: String,
+    /// Transactions in progress for the chunk's SELECT (low 32 bits of their ids).
+    pub xip: Vec<u32>,
+    /// Where the worker hears whether its chunk was taken.
+    pub reply: Sender<Verdict>,
+}
+
+/// One Stream Load body of chunk rows: `[row,row,...]` and, per row, its key and byte range.
+#[derive(Default)]
+pub struct Piece {
+    pub body: Vec<u8>,
+    pub rows: Vec<(Box<[u8]>, u32, u32)>,
+}
+
+/// What became of a chunk at its high watermark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Its rows were handed to the loader (this many, after dropping changed keys).
+    Taken { rows: u64, dropped: u64 },
+    /// The window cannot vouch for it: read it again (`reason` for the log).
+    Retry { reason: &'static str },
+}
+
+/// Chunks read by the workers, by watermark id, until the stream reaches their high
+/// watermark. A worker puts its chunk here before it writes that watermark.
+#[derive(Default)]
+pub struct Exchange {
+    fetched: Mutex<HashMap<u64, Fetched>>,
+}
+
+impl Exchange {
+    pub fn put(&self, id: u64, chunk: Fetched) {
+        if let Ok(mut f) = self.fetched.lock() {
+            f.insert(id, chunk);
+        }
+    }
+
+    fn take(&self, id: u64) -> Option<Fetched> {
+        self.fetched.lock().ok().and_then(|mut f| f.remove(&id))
+    }
+}
+
+/// A chunk's rows as the stream emits them at its high watermark.
+pub struct Emitted {
+    pub table: String,
+    pub chunk: u32,
+    pub batches: Vec<Batch>,
+    pub rows: u64,
+}
+
+struct Window {
+    id: u64,
+    table: String,
+    /// Commit LSN of the low watermark.
+    low: Lsn,
+    keys: HashSet<Box<[u8]>>,
+    /// More keys changed than `keys_max`, or a change whose key could not be read.
+    untrusted: Option<&'static str>,
+}
+
+/// The open windows of this run, and the recent commits for the visibility check.
+pub struct Windows {
+    /// `{slot} {run}`: watermarks of other runs and other slots are not ours.
+    tag: String,
+    exchange: Arc<Exchange>,
+    open: Vec<Window>,
+    recent: VecDeque<(u32, Lsn)>,
+    keys_max: usize,
+}
+
+/// A row's key as the snapshot compares keys: each key column's text (as PostgreSQL prints
+/// it, the same in a SELECT and in pgoutput) and a NUL, which text values cannot contain;
+/// a NULL is a 0x01 byte.
+pub fn encode_key<'a>(parts: impl Iterator<Item = Option<&'a [u8]>>) -> Box<[u8]> {
+    let mut text = Vec::with_capacity(16);
+    for part in parts {
+        match part {
+            Some(v) => text.extend_from_slice(v),
+            None => text.push(1),
+        }
+        text.push(0);
+    }
+    text.into_boxed_slice()
+}
+
+/// The watermark text: `{tag} {id} {L|H} {table}`.
+pub fn watermark_text(tag: &str, id: u64, high: bool, table: &str) -> String {
+    format!("{tag} {id} {} {table}", if high { 'H' } else { 'L' })
+}
+
+impl Windows {
+    pub fn new(tag: String, exchange: Arc<Exchange>, keys_max: usize) -> Windows {
+        Windows {
+            tag,
+            exchange,
+            open: Vec::new(),
+            recent: VecDeque::with_capacity(1024),
+            keys_max,
+        }
+    }
+
+    /// Whether changes to `table` must be noted (a window on it is open).
+    #[inline]
+    pub fn watching(&self, table: &str) -> bool {
+        !self.open.is_empty() && self.open.iter().any(|w| w.table == table)
+    }
+
+    /// A change to the row with this key (`None`: the key could not be read).
+    pub fn touched(&mut self, table: &str, key: Option<Box<[u8]>>) {
+        for w in self.open.iter_mut().filter(|w| w.table == table) {
+            match &key {
+                _ if w.untrusted.is_some() => {}
+                Some(k) => {
+                    if w.keys.len() >= self.keys_max {
+                        w.untrusted = Some("more changed keys than cdc.snapshot-window-keys-max");
+                        w.keys = HashSet::new();
+                    } else {
+                        w.keys.insert(k.clone());
+                    }
+                }
+                None => w.untrusted = Some("a change whose key was not sent"),
+            }
+        }
+    }
+
+    /// A transaction committed (top-level xid, commit LSN).
+    pub fn committed(&mut self, xid: u32, lsn: Lsn) {
+        if self.recent.len() == RECENT_COMMITS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((xid, lsn));
+    }
+
+    /// A logical message at commit LSN `lsn`. A high watermark of this run returns the
+    /// chunk's rows to emit now, after every change before it.
+    pub fn message(&mut self, prefix: &str, content: &[u8], lsn: Lsn) -> Option<Emitted> {
+        if prefix != WATERMARK_PREFIX {
+            return None;
+        }
+        let text = std::str::from_utf8(content).ok()?;
+        let rest = text.strip_prefix(&self.tag)?.strip_prefix(' ')?;
+        let mut parts = rest.splitn(3, ' ');
+        let id: u64 = parts.next()?.parse().ok()?;
+        let kind = parts.next()?;
+        let table = parts.next()?.to_string();
+        match kind {
+            "L" => {
+                self.open.push(Window {
+                    id,
+                    table,
+                    low: lsn,
+                    keys: HashSet::new(),
+                    untrusted: None,
+                });
+                None
+            }
+            "H" => self.close(id),
+            _ => None,
+        }
+    }
+
+    fn close(&mut self, id: u64) -> Option<Emitted> {
+        let window = self
+            .open
+            .iter()
+            .position(|w| w.id == id)
+            .map(|i| self.open.swap_remove(i));
+        let fetched = self.exchange.take(id)?;
+        let verdict = match &window {
+            None => Some("the low watermark was not seen"),
+            Some(w) => w
+                .untrusted
+                .or_else(|| self.invisible_before(w.low, &fetched.xip)),
+        };
+        if let Some(reason) = verdict {
+            let _ = fetched.reply.send(Verdict::Retry { reason });
+            return None;
+        }
+        let keys = window.map(|w| w.keys).unwrap_or_default();
+        let reply = fetched.reply.clone();
+        let (emitted, dropped) = emit(fetched, &keys);
+        let _ = reply.send(Verdict::Taken {
+            rows: emitted.rows,
+            dropped,
+        });
+        Some(emitted)
+    }
+
+    /// Whether a transaction the chunk's SELECT could not see committed before the low
+    /// watermark (so the chunk may be older than the stream).
+    fn invisible_before(&self, low: Lsn, xip: &[u32]) -> Option<&'static str> {
+        if xip.is_empty() {
+            return None;
+        }
+        if self.recent.front().is_some_and(|(_, lsn)| *lsn > low) {
+            return Some("too many commits since the low watermark to check visibility");
+        }
+        self.recent
+            .iter()
+            .rev()
+            .skip_while(|(_, lsn)| *lsn >= low)
+            .any(|(xid, _)| xip.contains(xid))
+            .then_some("a transaction invisible to the chunk committed before its low watermark")
+    }
+}
+
+/// The batches of a chunk without the rows whose keys are in `changed`; the second value is
+/// the number of rows dropped.
+fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>) -> (Emitted, u64) {
+    let mut batches = Vec::with_capacity(chunk.pieces.len());
+    let (mut rows, mut dropped) = (0u64, 0u64);
+    for (n, piece) in chunk.pieces.into_iter().enumerate() {
+        let keep = if changed.is_empty() {
+            piece.rows.len()
+        } else {
+            piece
+                .rows
+                .iter()
+                .filter(|(k, _, _)| !changed.contains(k))
+                .count()
+        };
+        dropped += (piece.rows.len() - keep) as u64;
+        if keep == 0 {
+            continue;
+        }
+        let body = if keep == piece.rows.len() {
+            piece.body
+        } else {
+            let mut body = Vec::with_capacity(piece.body.len());
+            body.push(b'[');
+            for (k, start, end) in &piece.rows {
+                if changed.contains(k) {
+                    continue;
+                }
+                if body.len() > 1 {
+                    body.push(b',');
+                }
+                let row = piece.body.get(*start as usize..*end as usize);
+                body.extend_from_slice(row.unwrap_or_default());
+            }
+            body.push(b']');
+            body
+        };
+        rows += keep as u64;
+        batches.push(Batch {
+            table: chunk.target.clone(),
+            columns: chunk.columns.clone(),
+            partial: false,
+            body,
+            rows: keep as u64,
+            label: format!("{}-{n}", chunk.label),
+        });
+    }
+    let emitted = Emitted {
+        table: chunk.table,
+        chunk: chunk.chunk,
+        batches,
+        rows,
+    };
+    (emitted, dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(k: &str) -> Box<[u8]> {
+        encode_key([Some(k.as_bytes())].into_iter())
+    }
+
+    /// A fetched chunk of rows `keys`, and where its verdict arrives.
+    fn fetched(keys: &[&str], xip: Vec<u32>) -> (Fetched, crossbeam_channel::Receiver<Verdict>) {
+        let (reply, verdict) = crossbeam_channel::bounded(1);
+        let mut piece = Piece::default();
+        for k in keys {
+            piece
+                .body
+                .push(if piece.body.is_empty() { b'[' } else { b',' });
+            let start = piece.body.len() as u32;
+            piece
+                .body
+                .extend_from_slice(format!("{{\"id\":{k}}}").as_bytes());
+            piece.rows.push((key(k), start, piece.body.len() as u32));
+        }
+        piece.body.push(b']');
+        let chunk = Fetched {
+            table: "public.t".into(),
+            chunk: 3,
+            pieces: vec![piece],
+            target: "t".into(),
+            columns: "id".into(),
+            label: "s-t-snap3-10".into(),
+            xip,
+            reply,
+        };
+        (chunk, verdict)
+    }
+
+    fn windows(keys_max: usize) -> (Windows, Arc<Exchange>) {
+        let exchange = Arc::new(Exchange::default());
+        (
+            Windows::new("s run1".into(), Arc::clone(&exchange), keys_max),
+            exchange,
+        )
+    }
+
+    fn mark(w: &mut Windows, id: u64, high: bool, lsn: u64) -> Option<Emitted> {
+        let text = watermark_text("s run1", id, high, "public.t");
+        w.message(WATERMARK_PREFIX, text.as_bytes(), Lsn(lsn))
+    }
+
+    #[test]
+    fn keys_changed_inside_the_window_are_dropped() {
+        let (mut w, exchange) = windows(100);
+        w.touched("public.t", Some(key("1")));
+        assert!(mark(&mut w, 7, false, 100).is_none());
+        assert!(w.watching("public.t") && !w.watching("public.u"));
+        w.touched("public.t", Some(key("2")));
+        w.touched("public.u", Some(key("3")));
+        let (chunk, verdict) = fetched(&["1", "2", "3"], vec![]);
+        exchange.put(7, chunk);
+        let out = mark(&mut w, 7, true, 200).expect("emitted at the high watermark");
+        assert_eq!(out.rows, 2);
+        assert_eq!(out.batches.len(), 1);
+        assert_eq!(out.batches[0].body, br#"[{"id":1},{"id":3}]"#);
+        assert_eq!(out.batches[0].label, "s-t-snap3-10-0");
+        assert_eq!(
+            verdict.try_recv(),
+            Ok(Verdict::Taken {
+                rows: 2,
+                dropped: 1
+            })
+        );
+        assert!(!w.watching("public.t"), "the window closed");
+    }
+
+    #[test]
+    fn an_invisible_transaction_committed_before_the_window_forces_a_retry() {
+        let (mut w, exchange) = windows(100);
+        w.committed(900, Lsn(50));
+        mark(&mut w, 1, false, 100);
+        w.committed(901, Lsn(150));
+        // 901 committed inside the window: harmless. 900 committed before it, yet the
+        // chunk's SELECT did not see it: the chunk may be older than the stream.
+        let (chunk, verdict) = fetched(&["1"], vec![901]);
+        exchange.put(1, chunk);
+        assert!(mark(&mut w, 1, true, 200).is_some());
+        assert!(matches!(verdict.try_recv(), Ok(Verdict::Taken { .. })));
+        mark(&mut w, 2, false, 300);
+        let (chunk, verdict) = fetched(&["1"], vec![900]);
+        exchange.put(2, chunk);
+        assert!(mark(&mut w, 2, true, 400).is_none());
+        assert!(matches!(verdict.try_recv(), Ok(Verdict::Retry { .. })));
+    }
+
+    #[test]
+    fn too_many_changed_keys_or_a_missing_key_force_a_retry() {
+        let (mut w, exchange) = windows(2);
+        mark(&mut w, 1, false, 100);
+        for k in ["1", "2", "3"] {
+            w.touched("public.t", Some(key(k)));
+        }
+        let (chunk, verdict) = fetched(&["9"], vec![]);
+        exchange.put(1, chunk);
+        assert!(mark(&mut w, 1, true, 200).is_none());
+        assert!(matches!(verdict.try_recv(), Ok(Verdict::Retry { .. })));
+        mark(&mut w, 2, false, 300);
+        w.touched("public.t", None);
+        let (chunk, verdict) = fetched(&["9"], vec![]);
+        exchange.put(2, chunk);
+        assert!(mark(&mut w, 2, true, 400).is_none());
+        assert!(matches!(verdict.try_recv(), Ok(Verdict::Retry { .. })));
+    }
+
+    #[test]
+    fn watermarks_of_other_runs_and_prefixes_are_ignored() {
+        let (mut w, exchange) = windows(100);
+        let (chunk, verdict) = fetched(&["1"], vec![]);
+        exchange.put(5, chunk);
+        let old = watermark_text("s run0", 5, true, "public.t");
+        assert!(
+            w.message(WATERMARK_PREFIX, old.as_bytes(), Lsn(1))
+                .is_none()
+        );
+        let ours = watermark_text("s run1", 5, true, "public.t");
+        assert!(w.message("other", ours.as_bytes(), Lsn(1)).is_none());
+        assert!(w.message(WATERMARK_PREFIX, b"\xff\xfe", Lsn(1)).is_none());
+        assert!(verdict.try_recv().is_err(), "nothing decided yet");
+        // A high watermark without its low one (a restart in between) is not trusted.
+        assert!(
+            w.message(WATERMARK_PREFIX, ours.as_bytes(), Lsn(2))
+                .is_none()
+        );
+        assert!(matches!(verdict.try_recv(), Ok(Verdict::Retry { .. })));
+    }
+}

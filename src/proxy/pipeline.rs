@@ -1,0 +1,432 @@
+//! Pipelined lending (`pool.shared-depth-max` > 1): several clients' autocommit units (one
+//! simple Query, or one extended batch ending in its Sync, outside a transaction block, with
+//! the same settings) share one server connection. Their bytes go out in one write, in the
+//! order the sessions handed them over, and the answers are split back by sync point: the
+//! server answers each unit up to its own `ReadyForQuery`, so everything up to the n-th
+//! `ReadyForQuery` belongs to the n-th unit.
+//!
+//! An error in one unit never touches another: each unit ends in its own Sync (or is its own
+//! Query), so the server's error recovery stops at that unit's end, and a unit is admitted
+//! only when it can neither open a transaction block nor change what the connection carries
+//! to the next unit (settings, names, pins: see `Session::shareable` in `pooled.rs` and
+//! [`crate::sql::shareable_alone`]). Should the server still end a unit outside idle, the
+//! connection is closed at once, so that PostgreSQL rolls back whatever ran after it, and the
+//! clients whose units were on it are told the connection was lost: no client is ever
+//! answered from inside another's transaction.
+//!
+//! One task per pipeline owns the socket: it writes what the sessions queued and reads the
+//! answers, handing each session its answer as it comes (in parts beyond
+//! [`STREAM_BYTES`]; reading stops while the running unit's client has [`HELD_BYTES_MAX`]
+//! not taken yet). When the last unit is answered the pipeline retires and its connection
+//! goes back to the pool. PgBouncer lends one connection per transaction and pays a wake-up
+//! and two system calls per statement on the server leg; a pipeline of depth d pays them once
+//! per d statements.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
+
+use bytes::BytesMut;
+
+use super::session::ShardCtx;
+use crate::backend::pool::{Pool, ServerConn, bump};
+use crate::exec::net::Stream;
+use crate::wire::{self, tag};
+
+/// A unit's answer is handed to its session in parts once this much has gathered.
+const STREAM_BYTES: usize = 32 << 10;
+/// The pipeline stops reading the server while the running unit's session has this much of
+/// its answer not taken yet (its client reads slowly).
+const HELD_BYTES_MAX: usize = 256 << 10;
+/// Largest unit that may share a connection, and most bytes queued on one not yet written:
+/// far below the socket buffers, so a write never waits on a server that is itself waiting
+/// for its answers to be read.
+pub(super) const UNIT_BYTES_MAX: usize = 8 << 10;
+const QUEUED_BYTES_MAX: usize = 64 << 10;
+/// A pipeline takes new units only until it has served this many times its depth while
+/// clients wait for a connection of their own: then it drains and its connection goes back
+/// to the pool (lifetime, RECONNECT and PAUSE apply there).
+const SERVED_PER_DEPTH: u64 = 4;
+
+/// What a unit's session gets from [`Share::next`].
+pub(super) enum Part {
+    /// A part of its answer (whole messages); more follows.
+    More(BytesMut),
+    /// The rest of its answer, up to and including its ReadyForQuery.
+    Last(BytesMut),
+    /// The connection failed (or was closed) before its answer was complete.
+    Lost,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Outcome {
+    Pending,
+    Answered,
+    Lost,
+}
+
+/// One unit in a pipeline: where its answer gathers, and who waits for it.
+pub(super) struct Share {
+    answer: RefCell<BytesMut>,
+    outcome: Cell<Outcome>,
+    waker: Cell<Option<Waker>>,
+    /// ReadyForQuery answers still to come (one per unit today; counted, not assumed).
+    readies: Cell<usize>,
+    /// Its session is gone: the rest of its answer is read and dropped.
+    abandoned: Cell<bool>,
+    /// The session's cancel slot: holds the connection's key only while this unit is the
+    /// only one on the wire (running, nothing queued behind it), so that a client's cancel
+    /// never reaches another client's statement.
+    cancel_slot: Arc<AtomicU64>,
+}
+
+impl Share {
+    /// The next part of the answer.
+    pub(super) fn next<'a>(self: &'a Rc<Self>, pipeline: &'a Pipeline) -> ShareWait<'a> {
+        ShareWait(self, pipeline)
+    }
+
+    /// The session leaves without the rest of its answer.
+    fn abandon(&self, pipeline: &Pipeline) {
+        self.abandoned.set(true);
+        self.answer.borrow_mut().clear();
+        pipeline.wake_task();
+    }
+}
+
+/// A session's hold on its unit: should the session end (or be dropped) before the whole
+/// answer came, the rest is read and dropped, so the pipeline never waits on it.
+pub(super) struct Waiting {
+    pub(super) share: Rc<Share>,
+    pub(super) pipeline: Rc<Pipeline>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.share.outcome.get() == Outcome::Pending {
+            self.share.abandon(&self.pipeline);
+        }
+    }
+}
+
+pub(super) struct ShareWait<'a>(&'a Rc<Share>, &'a Pipeline);
+
+impl Future for ShareWait<'_> {
+    type Output = Part;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Part> {
+        let (share, pipeline) = (self.0, self.1);
+        match share.outcome.get() {
+            Outcome::Answered => Poll::Ready(Part::Last(share.answer.take())),
+            Outcome::Lost => Poll::Ready(Part::Lost),
+            Outcome::Pending if share.answer.borrow().len() >= STREAM_BYTES => {
+                // The pipeline may have stopped reading for this one.
+                pipeline.wake_task();
+                Poll::Ready(Part::More(share.answer.take()))
+            }
+            Outcome::Pending => {
+                share.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// A server connection lent to several sessions' units at once.
+pub(super) struct Pipeline {
+    pub(super) pool: Rc<Pool>,
+    /// The settings every unit on it runs with (the connection's).
+    pub(super) settings: u64,
+    /// The connection's state (statements, unnamed statement, settings). A session takes it
+    /// while it rewrites its unit for this connection, synchronously, and puts it back
+    /// before it queues the bytes: the state always describes the bytes queued so far, in
+    /// their order on the wire.
+    pub(super) state: RefCell<Option<ServerConn>>,
+    stream: Stream,
+    key: u64,
+    queue: RefCell<VecDeque<Rc<Share>>>,
+    outbox: RefCell<BytesMut>,
+    /// The pipeline task, parked until there is something to write, or room to read again.
+    task: Cell<Option<Waker>>,
+    /// Retired (drained, or its connection lost): no unit may join any more.
+    retired: Cell<bool>,
+    /// Units it took.
+    served: Cell<u64>,
+    depth_max: usize,
+}
+
+impl Pipeline {
+    /// Makes a pipeline of `conn` (registered on the shard) and starts its task.
+    pub(super) fn start(
+        shard: &Rc<ShardCtx>,
+        pool: &Rc<Pool>,
+        mut conn: ServerConn,
+    ) -> Rc<Pipeline> {
+        let depth_max = shard
+            .pools
+            .as_ref()
+            .map(|p| p.cfg.shared_depth_max)
+            .unwrap_or(1);
+        let buf = std::mem::take(&mut conn.buf);
+        let pipeline = Rc::new(Pipeline {
+            pool: pool.clone(),
+            settings: conn.settings,
+            stream: conn.stream.clone(),
+            key: super::pooled::pack_key(conn.key),
+            state: RefCell::new(Some(conn)),
+            queue: RefCell::new(VecDeque::new()),
+            outbox: RefCell::new(BytesMut::new()),
+            task: Cell::new(None),
+            retired: Cell::new(false),
+            served: Cell::new(0),
+            depth_max,
+        });
+        shard.pipelines.borrow_mut().push(pipeline.clone());
+        bump(&pool.counters.pipelines, 1);
+        pool.linked.set(pool.linked.get() + 1);
+        crate::exec::spawn(pipeline.clone().run(shard.clone(), buf));
+        pipeline
+    }
+
+    /// A pipeline of `pool` on this shard that takes one more unit of `bytes` with
+    /// `settings`.
+    pub(super) fn find(
+        shard: &ShardCtx,
+        pool: &Rc<Pool>,
+        settings: u64,
+        bytes: usize,
+    ) -> Option<Rc<Pipeline>> {
+        if shard
+            .pools
+            .as_ref()
+            .is_some_and(|p| p.is_paused(&pool.database))
+        {
+            return None;
+        }
+        shard
+            .pipelines
+            .borrow()
+            .iter()
+            .find(|p| {
+                Rc::ptr_eq(&p.pool, pool)
+                    && p.settings == settings
+                    && !p.retired.get()
+                    && p.queue.borrow().len() < p.depth_max
+                    && p.outbox.borrow().len() + bytes <= QUEUED_BYTES_MAX
+                    && (pool.waiting() == 0
+                        || p.served.get() < SERVED_PER_DEPTH * p.depth_max as u64)
+            })
+            .cloned()
+    }
+
+    /// Queues a unit's bytes, answered by `readies` ReadyForQuery messages; its answer
+    /// comes through the returned [`Share`].
+    pub(super) fn submit(
+        self: &Rc<Self>,
+        bytes: BytesMut,
+        readies: usize,
+        cancel_slot: Arc<AtomicU64>,
+    ) -> Waiting {
+        let share = Rc::new(Share {
+            answer: RefCell::new(BytesMut::new()),
+            outcome: Cell::new(Outcome::Pending),
+            waker: Cell::new(None),
+            readies: Cell::new(readies.max(1)),
+            abandoned: Cell::new(false),
+            cancel_slot,
+        });
+        let mut queue = self.queue.borrow_mut();
+        // Only a unit alone on the wire may be cancelled: one queued behind another, or one
+        // with another behind it, could see its cancel reach the other's statement.
+        match queue.back() {
+            None => share.cancel_slot.store(self.key, Ordering::Release),
+            Some(_) => {
+                share.cancel_slot.store(0, Ordering::Release);
+                if let Some(front) = queue.front() {
+                    front.cancel_slot.store(0, Ordering::Release);
+                }
+                bump(&self.pool.counters.shared_behind, 1);
+            }
+        }
+        queue.push_back(share.clone());
+        self.outbox.borrow_mut().extend_from_slice(&bytes);
+        self.served.set(self.served.get() + 1);
+        bump(&self.pool.counters.shared_units, 1);
+        self.wake_task();
+        Waiting {
+            share,
+            pipeline: self.clone(),
+        }
+    }
+
+    fn wake_task(&self) {
+        if let Some(waker) = self.task.take() {
+            waker.wake();
+        }
+    }
+
+    /// The pipeline's task: writes what was queued (all of it in one write), reads the
+    /// answers and hands each unit its own, until the queue is answered.
+    async fn run(self: Rc<Self>, shard: Rc<ShardCtx>, mut buf: BytesMut) {
+        let max = shard.settings.message_bytes_max;
+        let chunk = shard.read_chunk_bytes();
+        loop {
+            // Yield once, so that every session woken in this round queues its unit before
+            // the write.
+            futures_lite::future::yield_now().await;
+            let out = self.outbox.borrow_mut().split().freeze();
+            if !out.is_empty() {
+                bump(&self.pool.counters.bytes_received, out.len() as u64);
+                bump(&self.pool.counters.shared_writes, 1);
+                if self.stream.write_bytes(out).await.is_err() {
+                    return self.lose(&shard);
+                }
+                continue;
+            }
+            if self.queue.borrow().is_empty() {
+                return self.retire(&shard, buf).await;
+            }
+            if self.head_full() {
+                // The running unit's client has not taken what it was given: wait for it
+                // (or for more to write).
+                WaitWork(&self, true).await;
+                continue;
+            }
+            let read = futures_lite::future::or(
+                async { Some(self.stream.read_buf(&mut buf, chunk).await) },
+                WaitWork(&self, false),
+            )
+            .await;
+            match read {
+                None => continue,
+                Some(Ok(n)) if n > 0 => {}
+                Some(_) => return self.lose(&shard),
+            }
+            loop {
+                let frame = match wire::split_message(&mut buf, max) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(_) => return self.lose(&shard),
+                };
+                let Some(head) = self.queue.borrow().front().cloned() else {
+                    // Between units the server may only note something; anything else means
+                    // the answers and the units no longer line up.
+                    if matches!(frame.tag(), tag::NOTICE_RESPONSE | tag::PARAMETER_STATUS) {
+                        continue;
+                    }
+                    return self.lose(&shard);
+                };
+                if frame.tag() == tag::READY_FOR_QUERY && frame.body().first() != Some(&b'I') {
+                    // Never expected (no shared unit opens a transaction block): whatever
+                    // ran after it ran inside it. Closing the connection rolls it all back;
+                    // every client on it is told the connection was lost.
+                    return self.lose(&shard);
+                }
+                if !head.abandoned.get() {
+                    head.answer.borrow_mut().extend_from_slice(frame.bytes());
+                }
+                if frame.tag() != tag::READY_FOR_QUERY {
+                    if head.answer.borrow().len() >= STREAM_BYTES
+                        && let Some(waker) = head.waker.take()
+                    {
+                        waker.wake();
+                    }
+                    continue;
+                }
+                head.readies.set(head.readies.get() - 1);
+                if head.readies.get() > 0 {
+                    continue;
+                }
+                let mut queue = self.queue.borrow_mut();
+                queue.pop_front();
+                head.cancel_slot.store(0, Ordering::Release);
+                head.outcome.set(Outcome::Answered);
+                if let Some(waker) = head.waker.take() {
+                    waker.wake();
+                }
+                if queue.len() == 1
+                    && let Some(next) = queue.front()
+                {
+                    next.cancel_slot.store(self.key, Ordering::Release);
+                }
+            }
+        }
+    }
+
+    /// Whether the running unit holds as much of its answer as its session may leave there.
+    fn head_full(&self) -> bool {
+        self.queue
+            .borrow()
+            .front()
+            .is_some_and(|h| h.answer.borrow().len() >= HELD_BYTES_MAX)
+    }
+
+    /// Every unit answered: the connection goes back to the pool.
+    async fn retire(&self, shard: &Rc<ShardCtx>, buf: BytesMut) {
+        self.retired.set(true);
+        self.unregister(shard);
+        let Some(mut conn) = self.state.borrow_mut().take() else {
+            return;
+        };
+        // A unit's unnamed Parse may have failed after the state said it holds it (its
+        // session learns that only now).
+        conn.unnamed = None;
+        let clean = buf.is_empty();
+        conn.buf = buf;
+        self.pool
+            .linked
+            .set(self.pool.linked.get().saturating_sub(1));
+        if let Some(pools) = shard.pools.as_ref() {
+            pools.release(&self.pool, conn, clean).await;
+        }
+    }
+
+    /// The connection failed (or must not be used again): every unit still waiting learns
+    /// it, the connection is closed and the pool replaces it.
+    fn lose(&self, shard: &Rc<ShardCtx>) {
+        self.retired.set(true);
+        self.unregister(shard);
+        for share in self.queue.borrow_mut().drain(..) {
+            share.cancel_slot.store(0, Ordering::Release);
+            share.outcome.set(Outcome::Lost);
+            if let Some(waker) = share.waker.take() {
+                waker.wake();
+            }
+        }
+        self.pool
+            .linked
+            .set(self.pool.linked.get().saturating_sub(1));
+        if let (Some(conn), Some(pools)) = (self.state.borrow_mut().take(), shard.pools.as_ref()) {
+            pools.lost(&self.pool, conn);
+        }
+    }
+
+    fn unregister(&self, shard: &ShardCtx) {
+        shard
+            .pipelines
+            .borrow_mut()
+            .retain(|p| !std::ptr::eq(Rc::as_ptr(p), self));
+    }
+}
+
+/// Resolves when the pipeline has bytes to write (a session queued a unit), or, with
+/// `for_room`, when the running unit's session took its answer (or left).
+struct WaitWork<'a>(&'a Pipeline, bool);
+
+impl Future for WaitWork<'_> {
+    type Output = Option<std::io::Result<usize>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let pipeline = self.0;
+        if !pipeline.outbox.borrow().is_empty() || (self.1 && !pipeline.head_full()) {
+            return Poll::Ready(None);
+        }
+        pipeline.task.set(Some(cx.waker().clone()));
+        Poll::Pending
+    }
+}
