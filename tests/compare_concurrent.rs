@@ -326,4 +326,27 @@ fn calibration_against_the_primary_itself_finds_no_mismatch() {
     assert_eq!(mismatches, 0, "{first:?}");
     // The writes ran once: on the primary.
     assert_eq!(sum_v(&p.primary).trim(), "800");
+    // The noise rate per fingerprint, on /status: every read compared, the differences
+    // counted as noise.
+    let mut row = None;
+    let counted = eventually(Duration::from_secs(10), || {
+        let (_, body) = proxy.admin_get("/status");
+        let status: sonic_rs::Value = sonic_rs::from_str(&body).expect("status JSON");
+        row = status["compare"]["calibration"]
+            .as_array()
+            .and_then(|rows| {
+                rows.iter()
+                    .find(|r| r["statement"].as_str() == Some("select v from hot where id = ?"))
+                    .cloned()
+            });
+        row.as_ref()
+            .is_some_and(|r| r["compared"].as_u64() == Some(800))
+    });
+    let row = row.unwrap_or_default();
+    assert!(counted, "calibration row on /status: {row:?}");
+    assert_eq!(row["differed"].as_u64(), Some(concurrent));
+    eprintln!(
+        "calibration noise rate of the read: {:?}",
+        row["noise_rate"].as_f64()
+    );
 }

@@ -1537,6 +1537,12 @@ impl Comparer {
                 }
             };
             compared += 1;
+            if cfg.calibrate {
+                self.target.calibrated(
+                    &statement.text,
+                    differences.iter().any(|d| d.kind != Kind::Slow),
+                );
+            }
             if slow && cfg.fail_on_slow_queries && pairs == 1 {
                 differences.push(Difference {
                     kind: Kind::Slow,
