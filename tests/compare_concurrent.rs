@@ -350,3 +350,40 @@ fn calibration_against_the_primary_itself_finds_no_mismatch() {
         row["noise_rate"].as_f64()
     );
 }
+
+#[test]
+fn a_statement_cancelled_on_one_side_only_is_inconclusive() {
+    let p = pair("cancel");
+    let proxy = p.proxy(&[]);
+    let mut client = proxy.client();
+    let token = client.cancel_token();
+    let primary = p.primary.url();
+    let canceller = std::thread::spawn(move || {
+        let mut watch = postgres::Client::connect(&primary, postgres::NoTls).expect("watch");
+        let running = eventually(Duration::from_secs(10), || {
+            watch
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(3)' AND state = 'active'",
+                    &[],
+                )
+                .map(|r| r.get::<_, i64>(0) > 0)
+                .unwrap_or(false)
+        });
+        assert!(running, "the statement never ran on the primary");
+        token.cancel_query(postgres::NoTls).expect("cancel");
+    });
+    let err = client
+        .simple_query("SELECT pg_sleep(3)")
+        .expect_err("cancelled");
+    canceller.join().expect("canceller");
+    assert_eq!(support::sqlstate(&err).as_deref(), Some("57014"));
+    let found = eventually(Duration::from_secs(20), || {
+        p.reports().iter().any(|r| {
+            r["statement"].as_str() == Some("SELECT pg_sleep(3)")
+                && r["record"].as_str() == Some("inconclusive")
+                && r["reason"].as_str() == Some("a statement cancelled on one side")
+        })
+    });
+    assert!(found, "reports: {:?}", p.reports());
+    assert_eq!(proxy.metric("pgprism_compare_mismatches_total"), 0);
+}
