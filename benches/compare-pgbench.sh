@@ -38,6 +38,7 @@ trap cleanup EXIT
 
 PRIMARY_PORT=$BASE_PORT; SHADOW_PORT=$((BASE_PORT + 1))
 PLAIN_PORT=$((BASE_PORT + 2)); MIRROR_PORT=$((BASE_PORT + 3)); COMPARE_PORT=$((BASE_PORT + 4))
+UNORDERED_PORT=$((BASE_PORT + 5))
 echo "== setup: PostgreSQL $("$BINDIR/postgres" --version | awk '{print $3}'), scale $SCALE, ${DURATION}s per cell, $(nproc) cores"
 for db in primary shadow; do
   port=$PRIMARY_PORT; [ $db = shadow ] && port=$SHADOW_PORT
@@ -62,8 +63,12 @@ MIRROR_PID=$(start_prism "$MIRROR_PORT" --mirror "$SHADOW_URL" --mirror-all-quer
 # statements "5x slower" on one side, and each EXPLAIN opens two connections.
 COMPARE_PID=$(start_prism "$COMPARE_PORT" --shadow "$SHADOW_URL" --compare-report "$WORK/mismatches.jsonl" \
   --slow-query-min-ms 60000)
-PIDS+=("$PLAIN_PID" "$MIRROR_PID" "$COMPARE_PID")
-for port in "$PLAIN_PORT" "$MIRROR_PORT" "$COMPARE_PORT"; do
+# compare-unordered: compare mode without the ordered shadow dispatch (compare.order-wait-ms
+# = 0, as before issue 15), for the cost of ordering in the same run.
+UNORDERED_PID=$(start_prism "$UNORDERED_PORT" --shadow "$SHADOW_URL" --compare-report "$WORK/unordered.jsonl" \
+  --slow-query-min-ms 60000 --compare-order-wait-ms 0)
+PIDS+=("$PLAIN_PID" "$MIRROR_PID" "$COMPARE_PID" "$UNORDERED_PID")
+for port in "$PLAIN_PORT" "$MIRROR_PORT" "$COMPARE_PORT" "$UNORDERED_PORT"; do
   for _ in $(seq 100); do
     psql -h 127.0.0.1 -p "$port" -U postgres -XAtc 'select 1' postgres >/dev/null 2>&1 && break
     sleep 0.1
@@ -74,16 +79,17 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 mkdir -p "$OUT"
 RESULT="$OUT/compare-pgbench-$(date +%Y%m%d-%H%M%S).txt"
-printf '%-9s %-8s %-10s %12s %9s %14s\n' mode clients target tps vs_direct cpu_us_per_tx | tee "$RESULT"
+printf '%-9s %-8s %-17s %12s %9s %14s\n' mode clients target tps vs_direct cpu_us_per_tx | tee "$RESULT"
 for mode in $MODES; do
   for c in $CLIENTS; do
     declare -A TPS=()
-    for target in direct proxy mirror compare; do
+    for target in direct proxy mirror compare-unordered compare; do
       case $target in
         direct) port=$PRIMARY_PORT; pid="" ;;
         proxy) port=$PLAIN_PORT; pid=$PLAIN_PID ;;
         mirror) port=$MIRROR_PORT; pid=$MIRROR_PID ;;
         compare) port=$COMPARE_PORT; pid=$COMPARE_PID ;;
+        compare-unordered) port=$UNORDERED_PORT; pid=$UNORDERED_PID ;;
       esac
       before=0; [ -n "$pid" ] && before=$(ticks "$pid")
       out=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -n -S -M "$mode" -c "$c" -j 2 -T "$DURATION" postgres 2>&1)
@@ -94,7 +100,7 @@ for mode in $MODES; do
       ratio=$(awk -v a="$tps" -v b="${TPS[direct]}" 'BEGIN {printf "%.2f", a/b}')
       cpu="-"
       [ -n "$pid" ] && cpu=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$txns" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
-      printf '%-9s %-8s %-10s %12.0f %9s %14s\n' "$mode" "$c" "$target" "$tps" "$ratio" "$cpu" | tee -a "$RESULT"
+      printf '%-9s %-8s %-17s %12.0f %9s %14s\n' "$mode" "$c" "$target" "$tps" "$ratio" "$cpu" | tee -a "$RESULT"
     done
   done
 done

@@ -1537,6 +1537,12 @@ impl Comparer {
                 }
             };
             compared += 1;
+            if cfg.calibrate {
+                self.target.calibrated(
+                    &statement.text,
+                    differences.iter().any(|d| d.kind != Kind::Slow),
+                );
+            }
             if slow && cfg.fail_on_slow_queries && pairs == 1 {
                 differences.push(Difference {
                     kind: Kind::Slow,
@@ -1549,9 +1555,17 @@ impl Comparer {
             if differences.is_empty() {
                 continue;
             }
+            // A statement cancelled on one side only (the client's CancelRequest reaches the
+            // primary) says nothing about the other side's engine.
+            let cancelled = [p, s]
+                .iter()
+                .any(|d| d.and_then(|d| d.error_code()) == Some(wire::sqlstate::QUERY_CANCELED));
             let verdict = Verdict::of(
                 &differences,
-                statement.scan.nondeterministic,
+                statement
+                    .scan
+                    .nondeterministic
+                    .or(cancelled.then_some("a statement cancelled on one side")),
                 shadow.overtaken || primary.overtaken,
             );
             let times = (primary_us, shadow_us, primary.status);

@@ -188,7 +188,13 @@ pub struct CompareTarget {
     pub shard: usize,
     /// Ordered shadow dispatch (None: `compare.order-wait-ms` = 0).
     pub port: Option<Rc<order::Port>>,
+    /// Calibration (A/A): per fingerprint, its text, statements compared and those that
+    /// differed; at most [`CALIBRATION_FINGERPRINTS_MAX`] fingerprints.
+    pub calibration: std::cell::RefCell<std::collections::HashMap<u64, (String, u64, u64)>>,
 }
+
+/// Fingerprints a shard counts while calibrating; further ones are counted under 0.
+pub const CALIBRATION_FINGERPRINTS_MAX: usize = 1000;
 
 impl CompareTarget {
     pub fn new(
@@ -211,11 +217,35 @@ impl CompareTarget {
             shard,
             port: (resolved.cfg.order_wait_ms > 0)
                 .then(|| order::Port::new(resolved.ledger.clone(), shard)),
+            calibration: Default::default(),
         }))
     }
 
     pub fn shadow_is_source(&self) -> bool {
         self.cfg.source_of_truth == SourceOfTruth::Shadow
+    }
+
+    /// Counts one compared statement while calibrating.
+    pub(crate) fn calibrated(&self, text: &str, differed: bool) {
+        let (mut id, fingerprint) = crate::sql::fingerprint(text.as_bytes(), 200);
+        let mut table = self.calibration.borrow_mut();
+        if !table.contains_key(&id) && table.len() >= CALIBRATION_FINGERPRINTS_MAX {
+            id = 0;
+        }
+        let entry = table.entry(id).or_insert_with(|| {
+            let text = if id == 0 { "other".into() } else { fingerprint };
+            (text, 0, 0)
+        });
+        entry.1 += 1;
+        entry.2 += u64::from(differed);
+    }
+
+    pub fn calibration(&self) -> Vec<(u64, String, u64, u64)> {
+        self.calibration
+            .borrow()
+            .iter()
+            .map(|(id, (text, compared, differed))| (*id, text.clone(), *compared, *differed))
+            .collect()
     }
 
     pub fn kind_counts(&self) -> Vec<(&'static str, u64)> {

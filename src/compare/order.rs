@@ -312,7 +312,9 @@ impl Ledger {
         if !footprint.write || footprint.is_empty() {
             return;
         }
-        Ledger::overtake(&mut book, session, footprint);
+        // Its own session's pending sync points too: they are on their way to the shadow
+        // and this write, which the shadow never runs, is already there.
+        Ledger::overtake(&mut book, footprint);
     }
 
     /// The primary answered a sync point that went to the shadow unordered (a COPY, or one a
@@ -324,8 +326,9 @@ impl Ledger {
         Ledger::finish(&mut book, session, footprint, started, c);
     }
 
-    fn overtake(book: &mut Book, session: u64, footprint: &Footprint) {
-        let blockers = book.conflicting(session, footprint, u64::MAX);
+    fn overtake(book: &mut Book, footprint: &Footprint) {
+        // No session is 0: every pending conflicting sync point.
+        let blockers = book.conflicting(0, footprint, u64::MAX);
         for c in blockers {
             if let Some(e) = book.entries.get_mut(&c) {
                 e.overtaken = true;
@@ -384,16 +387,13 @@ impl Ledger {
             return Pinned::Overtaken;
         };
         book.release(&entry.footprint, this_shard);
-        let mut only = book
-            .recent_wild
-            .only_in_flight
-            .iter()
-            .any(|(s, _)| *s != entry.session);
+        // Whatever the session: the shadow may already see a primary-only write of its own.
+        let mut only = !book.recent_wild.only_in_flight.is_empty();
         for lane in &entry.footprint.lanes {
             only |= book
                 .recent
                 .get(lane)
-                .is_some_and(|r| r.only_in_flight.iter().any(|(s, _)| *s != entry.session));
+                .is_some_and(|r| !r.only_in_flight.is_empty());
         }
         if entry.overtaken || only {
             Pinned::Overtaken

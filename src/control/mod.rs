@@ -229,6 +229,24 @@ pub fn collect_compare(state: &Mutex<ControlState>, records: &Receiver<crate::co
 
 /// Mismatches by kind merged over shards.
 impl ControlState {
+    /// Compare calibration: per fingerprint, merged over shards, noisiest first.
+    pub fn calibration(&self) -> Vec<(u64, String, u64, u64)> {
+        let mut merged: HashMap<u64, (String, u64, u64)> = HashMap::new();
+        for report in self.shards.iter().flatten() {
+            for (id, text, compared, noisy) in &report.calibration {
+                let entry = merged.entry(*id).or_insert_with(|| (text.clone(), 0, 0));
+                entry.1 += compared;
+                entry.2 += noisy;
+            }
+        }
+        let mut out: Vec<(u64, String, u64, u64)> = merged
+            .into_iter()
+            .map(|(id, (text, compared, noisy))| (id, text, compared, noisy))
+            .collect();
+        out.sort_by_key(|f| (std::cmp::Reverse(f.3), std::cmp::Reverse(f.2)));
+        out
+    }
+
     pub fn compare_kinds(&self) -> Vec<(&'static str, u64)> {
         let mut merged: Vec<(&'static str, u64)> = Vec::new();
         for report in self.shards.iter().flatten() {

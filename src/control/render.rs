@@ -334,10 +334,29 @@ pub(super) fn status(state: &ControlState) -> String {
         .iter()
         .map(|f| statement_status(f, &mirrors))
         .collect();
-    let compare = match &state.compare {
+    let mut compare = match &state.compare {
         Some(book) => book.status_json(),
         None => sonic_rs::json!(null),
     };
+    let calibration = state.calibration();
+    if !calibration.is_empty()
+        && let Some(object) = sonic_rs::JsonValueMutTrait::as_object_mut(&mut compare)
+    {
+        // A/A: every difference is noise; its rate per fingerprint is what calibration is for.
+        let rows: Vec<sonic_rs::Value> = calibration
+            .iter()
+            .map(|(id, text, compared, noisy)| {
+                sonic_rs::json!({
+                    "fingerprint": format!("{id:016x}"),
+                    "statement": text.as_str(),
+                    "compared": compared,
+                    "differed": noisy,
+                    "noise_rate": *noisy as f64 / (*compared).max(1) as f64,
+                })
+            })
+            .collect();
+        object.insert("calibration", rows);
+    }
     let value = sonic_rs::json!({
         "compare": compare,
         "mirrors": mirrors_json,

@@ -319,6 +319,7 @@ fn report(shard: &ShardCtx) -> ShardReport {
     report.fingerprints = shard.fingerprints.report();
     if let Some(compare) = &shard.compare {
         report.compare_kinds = compare.kind_counts();
+        report.calibration = compare.calibration();
     }
     report
 }

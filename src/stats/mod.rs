@@ -142,6 +142,7 @@ impl ShardStats {
             mirrors: Vec::new(),
             fingerprints: Vec::new(),
             compare_kinds: Vec::new(),
+            calibration: Vec::new(),
         }
     }
 }
@@ -172,4 +173,7 @@ pub struct ShardReport {
     pub fingerprints: Vec<fingerprints::FingerprintReport>,
     /// Compare mismatches by kind (cumulative), empty without a shadow.
     pub compare_kinds: Vec<(&'static str, u64)>,
+    /// Compare calibration (A/A): per fingerprint, its text, statements compared and those
+    /// that differed (the noise).
+    pub calibration: Vec<(u64, String, u64, u64)>,
 }
