@@ -562,10 +562,10 @@ fn sigterm_drains_sessions_then_exits_zero() {
     let pg = start_primary("p-drain");
     let mut proxy = Proxy::start(&pg.url(), &["--drain-timeout-ms", "20000"]);
     pg.psql("CREATE TABLE d (v int)").unwrap();
-    let mut busy = proxy.client();
+    let mut busy = raw::connect_ready(proxy.listen);
     let mut idle = proxy.client();
-    busy.batch_execute("BEGIN; INSERT INTO d VALUES (1)")
-        .unwrap();
+    let begun = raw::query(&mut busy, "BEGIN; INSERT INTO d VALUES (1)");
+    assert_eq!(begun.last(), Some(&(b'Z', b"T".to_vec())), "{begun:?}");
     proxy.signal(libc::SIGTERM);
     // New connections are refused once the listeners are closed.
     assert!(eventually(Duration::from_secs(5), || TcpStream::connect(
@@ -578,8 +578,7 @@ fn sigterm_drains_sessions_then_exits_zero() {
         err.is_closed() || sqlstate(&err).as_deref() == Some("57P01"),
         "{err:?}"
     );
-    busy.batch_execute("INSERT INTO d VALUES (2); COMMIT")
-        .unwrap();
+    raw::finish_while_draining(&mut busy, "INSERT INTO d VALUES (2); COMMIT", b"CC");
     assert_eq!(
         proxy.wait_exit(Duration::from_secs(10)),
         Some(0),

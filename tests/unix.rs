@@ -368,10 +368,13 @@ fn sigterm_drains_unix_sessions_and_removes_the_socket_file() {
     );
     let path = proxy.unix.clone().expect("unix socket");
     pg.psql("CREATE TABLE d (v int)").unwrap();
-    let mut busy = unix_client(dir.arg(), proxy.port(), "postgres", None);
-    let mut idle = unix_client(dir.arg(), proxy.port(), "postgres", None);
-    busy.batch_execute("BEGIN; INSERT INTO d VALUES (1)")
+    let busy = UnixStream::connect(&path).unwrap();
+    busy.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
+    let mut busy = raw::start_session(busy);
+    let mut idle = unix_client(dir.arg(), proxy.port(), "postgres", None);
+    let begun = raw::query(&mut busy, "BEGIN; INSERT INTO d VALUES (1)");
+    assert_eq!(begun.last(), Some(&(b'Z', b"T".to_vec())), "{begun:?}");
     proxy.signal(libc::SIGTERM);
     // New local clients find no socket once the drain starts.
     assert!(eventually(Duration::from_secs(5), || !path.exists()
@@ -392,8 +395,7 @@ fn sigterm_drains_unix_sessions_and_removes_the_socket_file() {
         err.is_closed() || sqlstate(&err).as_deref() == Some("57P01"),
         "{err:?}"
     );
-    busy.batch_execute("INSERT INTO d VALUES (2); COMMIT")
-        .unwrap();
+    raw::finish_while_draining(&mut busy, "INSERT INTO d VALUES (2); COMMIT", b"CC");
     assert_eq!(
         proxy.wait_exit(Duration::from_secs(10)),
         Some(0),

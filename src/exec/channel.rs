@@ -171,6 +171,11 @@ impl Channel {
         Poll::Pending
     }
 
+    /// Bytes a receive brought in that no read has taken yet (its reader is woken, not run).
+    pub(super) fn has_received(&self) -> bool {
+        !self.recv_busy.get() && !self.rx.borrow().is_empty()
+    }
+
     fn take_received(&self, buf: &mut BytesMut) -> Option<usize> {
         if self.recv_busy.get() {
             return None;

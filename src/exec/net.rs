@@ -302,6 +302,13 @@ impl Stream {
         })
     }
 
+    /// Whether bytes received from the socket wait for a read in this process (their reader
+    /// was woken and has not run yet). Bytes still in the kernel's buffer do not count, nor,
+    /// on a TLS stream, ciphertext rustls took already.
+    pub fn has_unread(&self) -> bool {
+        self.io.channel.has_received()
+    }
+
     /// Writes all of `data`: returns once it is queued for the socket and the socket's queue
     /// is back within the send queue bound (backpressure). An error of an earlier send is
     /// reported here.

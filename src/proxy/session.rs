@@ -262,7 +262,11 @@ impl ShardCtx {
     pub fn close_idle_sessions(&self, force: bool) -> usize {
         let mut closed = 0;
         for session in self.sessions.borrow().values() {
-            if session.closing.get() || !(force || session.is_idle()) {
+            // Bytes the client sent that were received but not yet read (the upstream pump is
+            // woken, not run: the drain may run first in the shard's turn) make the session
+            // busy: its statement is served, and the session closed at a later poll.
+            let idle = session.is_idle() && !session.client.has_unread();
+            if session.closing.get() || !(force || idle) {
                 continue;
             }
             session.closing.set(true);
@@ -985,6 +989,12 @@ async fn upstream(
         match client.read_buf(&mut buf, shard.read_chunk_bytes).await {
             Ok(0) | Err(_) => break UpstreamEnd::ClientLeft,
             Ok(n) => ShardStats::bump(&shard.stats.counters.client_bytes_in, n as u64),
+        }
+        // The drain closed the session: its 57P01 is on the way to the client, which must be
+        // able to trust that nothing it sent after its last answer ran. What a read still
+        // hands over (received before the close, read after it) is dropped, not forwarded.
+        if shared.closing.get() {
+            break UpstreamEnd::ClientLeft;
         }
     };
     client_finished(shared, &primary, end, terminated).await;

@@ -318,7 +318,7 @@ pub mod raw {
     }
 
     /// Reads one backend message: (tag, body). `None` on EOF.
-    pub fn read_message(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    pub fn read_message(s: &mut impl Read) -> Option<(u8, Vec<u8>)> {
         let mut head = [0u8; 5];
         s.read_exact(&mut head).ok()?;
         let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
@@ -328,7 +328,7 @@ pub mod raw {
     }
 
     /// Reads messages until ReadyForQuery; returns all of them.
-    pub fn read_until_ready(s: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+    pub fn read_until_ready(s: &mut impl Read) -> Vec<(u8, Vec<u8>)> {
         let mut out = Vec::new();
         while let Some((tag, body)) = read_message(s) {
             out.push((tag, body));
@@ -355,14 +355,54 @@ pub mod raw {
         None
     }
 
+    /// Reads messages until the other side closes the connection; returns all of them.
+    pub fn read_to_end(s: &mut impl Read) -> Vec<(u8, Vec<u8>)> {
+        std::iter::from_fn(|| read_message(s)).collect()
+    }
+
+    /// Sends `sql` as one simple Query and reads its answer up to ReadyForQuery.
+    pub fn query(s: &mut (impl Read + Write), sql: &str) -> Vec<(u8, Vec<u8>)> {
+        let mut body = sql.as_bytes().to_vec();
+        body.push(0);
+        s.write_all(&message(b'Q', &body)).unwrap();
+        read_until_ready(s)
+    }
+
     /// Connects and authenticates (trust) as `postgres`, returning the ready socket.
     pub fn connect_ready(addr: SocketAddr) -> TcpStream {
-        let mut s = TcpStream::connect(addr).expect("connect");
+        let s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        start_session(s)
+    }
+
+    /// Starts a session (trust, as `postgres`) on a connected socket; returns it ready.
+    pub fn start_session<S: Read + Write>(mut s: S) -> S {
         s.write_all(&startup("postgres", "postgres")).unwrap();
         let msgs = read_until_ready(&mut s);
         assert_eq!(msgs.last().map(|m| m.0), Some(b'Z'), "startup: {msgs:?}");
         s
+    }
+
+    /// Finishes the transaction a drain let run (`sql` ends it) and reads to the end: the
+    /// answer comes whole, ReadyForQuery 'I', and only then the drain's 57P01 and the close.
+    /// Read message by message, as the order is what counts: the farewell may share a read
+    /// with the answer (the postgres crate then reports it as the error of the call).
+    pub fn finish_while_draining(s: &mut (impl Read + Write), sql: &str, answer_tags: &[u8]) {
+        let mut body = sql.as_bytes().to_vec();
+        body.push(0);
+        s.write_all(&message(b'Q', &body)).unwrap();
+        let msgs = read_to_end(s);
+        let tags: Vec<u8> = msgs.iter().map(|m| m.0).collect();
+        let mut expected = answer_tags.to_vec();
+        expected.extend_from_slice(b"ZE");
+        assert_eq!(tags, expected, "{msgs:?}");
+        assert_eq!(
+            msgs[msgs.len() - 2].1,
+            b"I",
+            "idle after the transaction: {msgs:?}"
+        );
+        let code = error_field(&msgs[msgs.len() - 1].1, b'C');
+        assert_eq!(code.as_deref(), Some("57P01"), "{msgs:?}");
     }
 }
 
