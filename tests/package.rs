@@ -565,8 +565,7 @@ fn runs_embedded_servers_as_the_units_unprivileged_user() {
             "[proxy]\nlisten = \"127.0.0.1:0\"\nshards = 2\npin-cores = false\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\
              [primary]\nurl = \"postgres://127.0.0.1:{port}\"\n\
-             [[embed.instance]]\nname = \"unit-user\"\nport = {port}\ndata = \"memory\"\n\
-             settings = {{ jit = \"off\" }}\n"
+             [[embed.instance]]\nname = \"unit-user\"\nport = {port}\ndata = \"memory\"\n"
         ),
     )
     .unwrap();
@@ -615,6 +614,7 @@ fn runs_embedded_servers_as_the_units_unprivileged_user() {
     )
     .expect("connect through pgprism");
     let row = client
+        // jit is off by default for embedded servers (the unit forbids its W+X memory).
         .query_one("SELECT pg_backend_pid(), current_setting('jit')", &[])
         .unwrap();
     assert_eq!(row.get::<_, String>(1), "off");
@@ -802,7 +802,7 @@ fn the_unit_runs_the_proxy_and_an_embedded_server_under_systemd() {
              [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
              [primary]\nurl = \"postgres://127.0.0.1:{server}\"\n\
              [[embed.instance]]\nname = \"db\"\nport = {server}\n\
-             data = \"/var/lib/pgprism/db\"\nsettings = {{ jit = \"off\" }}\n"
+             data = \"/var/lib/pgprism/db\"\n"
         ),
     )
     .unwrap();
@@ -824,12 +824,13 @@ fn the_unit_runs_the_proxy_and_an_embedded_server_under_systemd() {
         .unwrap();
     let row = client
         .query_one(
-            "SELECT count(*), current_setting('data_directory') FROM t",
+            "SELECT count(*), current_setting('data_directory'), current_setting('jit') FROM t",
             &[],
         )
         .unwrap();
     assert_eq!(row.get::<_, i64>(0), 2);
     assert_eq!(row.get::<_, String>(1), "/var/lib/pgprism/db");
+    assert_eq!(row.get::<_, String>(2), "off");
 
     // pgprism as the unit runs it: the pgprism user, no capabilities, no new privileges, a
     // seccomp filter; its server inherits all of it.
