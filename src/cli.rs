@@ -1,10 +1,11 @@
 //! Command line: subcommands and flags. Flags override the config file; the merged config is
 //! validated once, before anything starts.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::config::Config;
 
@@ -34,6 +35,10 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Write the process id here once serving; after an upgrade (SIGUSR2) the new
+        /// process writes its own.
+        #[arg(long, value_name = "FILE")]
+        pid_file: Option<PathBuf>,
     },
     /// Run supervised PostgreSQL servers (in RAM or on disk) until SIGTERM.
     Embed(EmbedArgs),
@@ -48,6 +53,9 @@ enum Command {
     Bench(crate::bench::BenchArgs),
     /// Two in-memory servers, pgprism in front, a short workload, the differences it finds.
     Demo(crate::demo::DemoArgs),
+    /// Print the configuration reference (every key, type, default, flag and meaning) as
+    /// Markdown: the source of docs/configuration.md.
+    ConfigReference,
     /// Writes the man pages and shell completions the Debian package installs
     /// (packaging/build-deb): OUT/man/*.1 and OUT/completions/{pgprism.bash,_pgprism,pgprism.fish}.
     #[command(hide = true)]
@@ -78,6 +86,13 @@ struct ProxyArgs {
     /// Admin endpoint address (`""` disables it).
     #[arg(long)]
     admin: Option<String>,
+    /// File with the bearer token the admin endpoint requires (`admin.token-file`).
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<String>,
+    /// Write the process id here once serving; after an upgrade (SIGUSR2) the new process
+    /// writes its own.
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
     /// listen(2) backlog per shard.
     #[arg(long)]
     backlog: Option<u32>,
@@ -180,6 +195,14 @@ struct CompareArgs {
     /// How long (ms) an answered statement waits for the shadow before comparing stops.
     #[arg(long)]
     compare_shadow_timeout_ms: Option<u64>,
+    /// How long (ms) a statement may wait for earlier conflicting ones to complete on the
+    /// shadow (ordered dispatch); 0 turns ordering off.
+    #[arg(long)]
+    compare_order_wait_ms: Option<u64>,
+    /// A/A calibration: the shadow is the primary itself (--shadow defaults to the primary's
+    /// URL); writes run on the primary only and every difference counts as noise.
+    #[arg(long)]
+    calibrate: bool,
 }
 
 impl CompareArgs {
@@ -221,6 +244,15 @@ impl CompareArgs {
         }
         if let Some(v) = self.compare_buffer_bytes {
             c.buffer_bytes_max = v;
+        }
+        if let Some(v) = self.compare_order_wait_ms {
+            c.order_wait_ms = v;
+        }
+        if self.calibrate {
+            c.calibrate = true;
+            if cfg.shadow.url.is_empty() {
+                cfg.shadow.url = cfg.primary.url.clone();
+            }
         }
     }
 }
@@ -467,6 +499,9 @@ struct EmbedArgs {
     /// Admin endpoint address (`""` disables it).
     #[arg(long)]
     admin: Option<String>,
+    /// File with the bearer token the admin endpoint requires (`admin.token-file`).
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<String>,
     /// Directory with `postgres` and `initdb`.
     #[arg(long)]
     bindir: Option<PathBuf>,
@@ -497,6 +532,9 @@ impl EmbedArgs {
         }
         if let Some(v) = self.admin {
             cfg.admin.listen = v;
+        }
+        if let Some(v) = self.admin_token_file {
+            cfg.admin.token_file = v;
         }
         if self.bindir.is_some() {
             cfg.embed.bindir = self.bindir;
@@ -565,6 +603,9 @@ impl ProxyArgs {
         }
         if let Some(v) = self.admin {
             cfg.admin.listen = v;
+        }
+        if let Some(v) = self.admin_token_file {
+            cfg.admin.token_file = v;
         }
         if let Some(v) = self.backlog {
             cfg.proxy.backlog = v;
@@ -646,16 +687,25 @@ pub fn main() -> ExitCode {
             };
         }
         Command::Cdc(args) => return crate::cdc::cmd::main(args),
+        Command::ConfigReference => {
+            return match crate::config::reference::Reference::build() {
+                Ok(reference) => {
+                    print!("{}", reference.markdown(&flag_keys()));
+                    ExitCode::SUCCESS
+                }
+                Err(err) => report(&err),
+            };
+        }
         Command::PackageAssets { out } => {
             return match package_assets(&out) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => report(&err),
             };
         }
-        Command::Run { config } => match Config::load(&config) {
+        Command::Run { config, pid_file } => match Config::load(&config) {
             Ok(cfg) => {
                 let path = config.clone();
-                return run_main(cfg, Box::new(move || Config::load(&path)));
+                return run_main(cfg, Box::new(move || Config::load(&path)), pid_file);
             }
             Err(err) => return report(&err),
         },
@@ -666,9 +716,15 @@ pub fn main() -> ExitCode {
         },
     };
     let (cfg, args) = cfg;
+    let pid_file = args.pid_file.clone();
     // SIGHUP reads the file again (if any) with the same flags on top.
     let reload: crate::server::Reload = Box::new(move || args.clone().into_config());
-    match crate::server::run_proxy_with(&cfg, None, Some(reload), print_ready) {
+    let opts = crate::server::Options {
+        reload: Some(reload),
+        pid_file,
+        ..Default::default()
+    };
+    match crate::server::run_proxy_with(&cfg, opts, print_ready) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => report(&err),
     }
@@ -714,7 +770,7 @@ fn package_assets(out: &std::path::Path) -> std::io::Result<()> {
 /// primary or the CDC source may be one of them), then CDC on its own thread, then the proxy;
 /// the admin endpoint serves all their routes. On SIGTERM the proxy drains, then CDC stops
 /// (its position is checkpointed as always), then the servers stop.
-fn run_main(cfg: Config, reload: crate::server::Reload) -> ExitCode {
+fn run_main(cfg: Config, reload: crate::server::Reload, pid_file: Option<PathBuf>) -> ExitCode {
     if let Err(err) = crate::server::check(&cfg) {
         return report(&err);
     }
@@ -722,7 +778,7 @@ fn run_main(cfg: Config, reload: crate::server::Reload) -> ExitCode {
     let has_cdc = !cfg.cdc.source.is_empty();
     let has_proxy = !cfg.primary.url.is_empty();
     if has_embed && !has_proxy && !has_cdc {
-        return run_embed_only(&cfg);
+        return run_embed_only(&cfg, pid_file.as_deref());
     }
     crate::server::signals::block();
     let mut routes: Vec<crate::control::ExtraRoutes> = Vec::new();
@@ -749,10 +805,27 @@ fn run_main(cfg: Config, reload: crate::server::Reload) -> ExitCode {
     }
     let routes = compose_routes(routes);
     let result = if has_proxy {
-        crate::server::run_proxy_with(&cfg, routes, Some(reload), print_ready)
-            .map_err(RunError::Proxy)
+        let opts = crate::server::Options {
+            routes,
+            reload: Some(reload),
+            pid_file,
+            // CDC holds its replication slot and the servers are our children: neither can
+            // move to a new process, and a second copy of either would fight the first.
+            upgrade_refused: (has_embed || has_cdc).then_some(
+                "this process also runs CDC or embedded servers, which cannot be handed to a \
+                 new binary; restart it to run a new version",
+            ),
+        };
+        crate::server::run_proxy_with(&cfg, opts, print_ready).map_err(RunError::Proxy)
     } else {
-        serve_until_stopped(&cfg, routes, cdc.as_ref().map(|(_, t)| t))
+        if let Some(path) = &pid_file {
+            crate::server::write_pid_file(path);
+        }
+        let served = serve_until_stopped(&cfg, routes, cdc.as_ref().map(|(_, t)| t));
+        if let Some(path) = &pid_file {
+            crate::server::remove_pid_file(path);
+        }
+        served
     };
     let mut failed = result.err();
     if let Some((shared, thread)) = cdc {
@@ -774,12 +847,8 @@ enum RunError {
     Proxy(crate::server::RuntimeError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    #[error("cannot start the admin endpoint on {addr}")]
-    Admin {
-        addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot start the admin endpoint")]
+    Admin(#[source] crate::control::AdminError),
     #[error("cdc stopped")]
     Cdc(#[source] crate::cdc::CdcError),
     #[error("the cdc thread panicked")]
@@ -787,7 +856,7 @@ enum RunError {
 }
 
 /// `pgprism run` with only embedded servers: the supervisor runs them until SIGTERM.
-fn run_embed_only(cfg: &Config) -> ExitCode {
+fn run_embed_only(cfg: &Config, pid_file: Option<&std::path::Path>) -> ExitCode {
     let ready = |bound: &crate::embed::EmbedBound| {
         for inst in &bound.instances {
             println!(
@@ -795,8 +864,15 @@ fn run_embed_only(cfg: &Config) -> ExitCode {
                 inst.name, inst.port
             );
         }
+        if let Some(path) = pid_file {
+            crate::server::write_pid_file(path);
+        }
     };
-    match crate::embed::run_embed(&cfg.embed, &cfg.admin, ready) {
+    let result = crate::embed::run_embed(&cfg.embed, &cfg.admin, ready);
+    if let Some(path) = pid_file {
+        crate::server::remove_pid_file(path);
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => report(&err),
     }
@@ -857,24 +933,25 @@ fn serve_until_stopped(
     cdc: Option<&crate::cdc::CdcThread>,
 ) -> Result<(), RunError> {
     use crate::server::signals;
-    let _admin = if cfg.admin.listen.is_empty() {
-        None
-    } else {
-        let addr = crate::config::parse_addr("admin.listen", &cfg.admin.listen)?;
-        let state = std::sync::Arc::new(std::sync::Mutex::new(crate::control::ControlState::new(
-            0,
-            String::new(),
-            String::new(),
-            cfg.metrics.latency_us_max,
-        )));
-        let server = crate::control::AdminServer::start_with_routes(addr, state, routes)
-            .map_err(|source| RunError::Admin { addr, source })?;
+    let state = std::sync::Arc::new(std::sync::Mutex::new(crate::control::ControlState::new(
+        0,
+        String::new(),
+        String::new(),
+        cfg.metrics.latency_us_max,
+    )));
+    let _admin =
+        crate::control::AdminServer::start(&cfg.admin, state, routes).map_err(RunError::Admin)?;
+    if let Some(server) = &_admin {
         println!("pgprism admin {}", server.addr);
-        Some(server)
-    };
+    }
     loop {
-        if signals::wait(std::time::Duration::from_millis(200)) == Some(signals::Signal::Stop) {
-            return Ok(());
+        match signals::wait(std::time::Duration::from_millis(200)) {
+            Some(signals::Signal::Stop) => return Ok(()),
+            Some(signals::Signal::Upgrade) => tracing::warn!(
+                "SIGUSR2: an upgrade hands over a proxy's sockets and this process runs no \
+                 proxy; ignoring (restart pgprism to run a new version)"
+            ),
+            _ => {}
         }
         if cdc.is_some_and(|t| t.is_finished()) {
             return Ok(()); // the join reports why
@@ -885,9 +962,164 @@ fn serve_until_stopped(
 /// One parseable line on stdout so scripts and tests know where to connect (the last one at
 /// start-up), preceded by the Unix socket's line when there is one.
 fn print_ready(bound: &crate::server::Bound) {
+    use std::io::Write;
+    // Not println!: after an upgrade stdout may be a pipe its reader closed long ago, and a
+    // failed write must not end a proxy that serves.
+    let mut out = std::io::stdout().lock();
     if let Some(path) = &bound.unix {
-        println!("pgprism unix socket {}", path.display());
+        let _ = writeln!(out, "pgprism unix socket {}", path.display());
     }
     let admin = bound.admin.map(|a| a.to_string()).unwrap_or_default();
-    println!("pgprism listening on {} admin {}", bound.listen, admin);
+    let _ = writeln!(out, "pgprism listening on {} admin {}", bound.listen, admin);
+    let _ = out.flush();
+}
+
+/// The subcommands whose flags set config keys, each with a command line to start from: a
+/// mirror and an embedded instance, so that flags that change every mirror or add an
+/// instance have something to show on.
+const FLAG_PROBES: &[(&str, &[&str])] = &[
+    (
+        "proxy",
+        &[
+            "--primary",
+            "postgres://127.0.0.1:1",
+            "--mirror",
+            "postgres://127.0.0.1:2",
+        ],
+    ),
+    ("embed", &["--instance", "base:5:memory"]),
+    ("cdc", &[]),
+];
+
+/// Which config keys each flag sets, for the configuration reference: every flag of the
+/// subcommands above is applied to their command line through the real `into_config`, and
+/// the keys whose values change are the flag's. Found by trial rather than listed so that the
+/// reference cannot name a flag for a key it does not set, and a new flag appears in it
+/// without a table to keep. Key -> "`--flag` (commands)".
+fn flag_keys() -> BTreeMap<String, Vec<String>> {
+    let mut found: BTreeMap<String, BTreeMap<String, BTreeSet<&str>>> = BTreeMap::new();
+    let cli = Cli::command();
+    for &(name, base) in FLAG_PROBES {
+        let (Some(sub), Some(before)) = (cli.find_subcommand(name), probe_config(name, base, &[]))
+        else {
+            continue;
+        };
+        for arg in sub.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if arg.is_global_set() || long == "config" {
+                continue;
+            }
+            let flag = format!("--{long}");
+            for value in probe_values(arg) {
+                let extra: Vec<&str> = std::iter::once(flag.as_str())
+                    .chain(value.as_deref())
+                    .collect();
+                let Some(after) = probe_config(name, base, &extra) else {
+                    continue;
+                };
+                let mut keys = BTreeSet::new();
+                changed_keys(&before, &after, "", &mut keys);
+                for key in keys {
+                    found
+                        .entry(key)
+                        .or_default()
+                        .entry(flag.clone())
+                        .or_default()
+                        .insert(name);
+                }
+            }
+        }
+    }
+    found
+        .into_iter()
+        .map(|(key, flags)| {
+            let flags = flags
+                .into_iter()
+                .map(|(flag, commands)| {
+                    let commands: Vec<&str> = commands.into_iter().collect();
+                    format!("`{flag}` ({})", commands.join(", "))
+                })
+                .collect();
+            (key, flags)
+        })
+        .collect()
+}
+
+/// Values to try a flag with: none for a switch, each possible value, else a number and an
+/// instance spec (every other flag takes one of those: a count, a duration, a string).
+fn probe_values(arg: &clap::Arg) -> Vec<Option<String>> {
+    if !arg.get_action().takes_values() {
+        return vec![None];
+    }
+    let possible = arg.get_possible_values();
+    if !possible.is_empty() {
+        return possible
+            .iter()
+            .map(|v| Some(v.get_name().to_string()))
+            .collect();
+    }
+    vec![Some("7".into()), Some("probe:7:/probe".into())]
+}
+
+/// The configuration `pgprism SUB BASE EXTRA` would run with, serialized; `None` when the
+/// command line is refused.
+fn probe_config(sub: &str, base: &[&str], extra: &[&str]) -> Option<toml::Value> {
+    let argv = ["pgprism", sub]
+        .into_iter()
+        .chain(base.iter().copied())
+        .chain(extra.iter().copied());
+    let cfg = match Cli::try_parse_from(argv).ok()?.command {
+        Command::Proxy(args) => args.into_config().ok()?,
+        Command::Embed(args) => args.into_config().ok()?,
+        Command::Cdc(args) => {
+            let (cdc, admin) = args.into_config().ok()?;
+            Config {
+                cdc,
+                admin,
+                ..Config::default()
+            }
+        }
+        _ => return None,
+    };
+    toml::Value::try_from(&cfg).ok()
+}
+
+/// The dotted keys whose values differ between two serialized configurations (`[]` for an
+/// element of an array of tables; an element only in `after` is compared with the first of
+/// `before`, so an added mirror shows as the keys its flag set).
+fn changed_keys(
+    before: &toml::Value,
+    after: &toml::Value,
+    prefix: &str,
+    out: &mut BTreeSet<String>,
+) {
+    use toml::Value;
+    match (before, after) {
+        (Value::Table(b), Value::Table(a)) => {
+            for (name, value) in a {
+                let key = format!("{prefix}{name}");
+                match b.get(name) {
+                    Some(old) => changed_keys(old, value, &format!("{key}."), out),
+                    None => {
+                        out.insert(key);
+                    }
+                }
+            }
+        }
+        (Value::Array(b), Value::Array(a))
+            if matches!(a.first(), Some(Value::Table(_)))
+                || matches!(b.first(), Some(Value::Table(_))) =>
+        {
+            let key = prefix.trim_end_matches('.');
+            let empty = Value::Table(toml::Table::new());
+            for (i, value) in a.iter().enumerate() {
+                let old = b.get(i).or(b.first()).unwrap_or(&empty);
+                changed_keys(old, value, &format!("{key}[]."), out);
+            }
+        }
+        (b, a) if b != a => {
+            out.insert(prefix.trim_end_matches('.').to_string());
+        }
+        _ => {}
+    }
 }

@@ -75,7 +75,7 @@ pub enum TlsError {
         #[source]
         source: InvalidDnsNameError,
     },
-    #[error("client-tls: the key does not fit the certificate")]
+    #[error("the key does not fit the certificate")]
     KeyMismatch(#[source] rustls::Error),
 }
 
@@ -398,16 +398,43 @@ pub fn server_config(
     cert_file: &str,
     key_file: &str,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let certs = read_certs(cert_file, "client-tls.cert-file")?;
-    let key = read_key(key_file, "client-tls.key-file")?;
+    // A client that offers ALPN must offer PostgreSQL's (PostgreSQL 17 does the same); clients
+    // that offer none are served.
+    server_config_for(
+        ("client-tls.cert-file", cert_file),
+        ("client-tls.key-file", key_file),
+        ALPN,
+    )
+}
+
+/// The admin endpoint's HTTPS server side (`admin.cert-file`, `admin.key-file`), loaded as
+/// `[client-tls]` is; it speaks HTTP/1.1 only, which is what it tells ALPN.
+pub fn https_server_config(
+    cert_file: &str,
+    key_file: &str,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    server_config_for(
+        ("admin.cert-file", cert_file),
+        ("admin.key-file", key_file),
+        b"http/1.1",
+    )
+}
+
+/// A TLS server configuration from a PEM chain and key (each with the config key that named
+/// it, for errors), offering one ALPN protocol.
+fn server_config_for(
+    (cert_key, cert_file): (&'static str, &str),
+    (key_key, key_file): (&'static str, &str),
+    alpn: &[u8],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let certs = read_certs(cert_file, cert_key)?;
+    let key = read_key(key_file, key_key)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Versions)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(TlsError::KeyMismatch)?;
-    // A client that offers ALPN must offer PostgreSQL's (PostgreSQL 17 does the same); clients
-    // that offer none are served.
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
 }

@@ -135,7 +135,8 @@ fn check_svg(path: &Path) -> usize {
         }
     }
     assert!(open.is_empty(), "unclosed elements: {open:?}");
-    assert!(svg.contains("Percentile") && svg.contains("Latency (ms)"));
+    // "Latency (ms)" or, with --latency-axis log, "Latency (ms, log scale)".
+    assert!(svg.contains("Percentile") && svg.contains("Latency (ms"));
     svg.matches("<polyline").count()
 }
 
@@ -183,6 +184,49 @@ fn select_closed_loop_fixed_count_writes_well_formed_files() {
     let html = std::fs::read_to_string(out.join("latency.html")).unwrap();
     assert!(
         html.starts_with("<!DOCTYPE html>") && html.contains("<svg") && html.contains("direct")
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn log_latency_axis_ticks_are_powers_of_ten() {
+    let pg = server_with_pgbench_tables("b-log");
+    let out = out_dir("log-axis");
+    let summary = bench_ok(
+        &out,
+        &[
+            "--target",
+            &pg.url(),
+            "--transactions",
+            "500",
+            "--seed",
+            "7",
+            "--latency-axis",
+            "log",
+        ],
+    );
+    let t = &summary.targets[0];
+    assert_eq!((t.count, t.errors), (500, 0), "{t:?}");
+    assert_eq!(check_svg(&out.join("latency.svg")), 1);
+    let svg = std::fs::read_to_string(out.join("latency.svg")).unwrap();
+    assert!(svg.contains("Latency (ms, log scale)"));
+    let ticks: Vec<f64> = svg
+        .split(r#"class="y-tick">"#)
+        .skip(1)
+        .map(|rest| rest.split('<').next().unwrap().parse().unwrap())
+        .collect();
+    // Consecutive powers of ten from below the fastest transaction to above the slowest.
+    assert!(ticks.len() >= 2, "{ticks:?}");
+    for pair in ticks.windows(2) {
+        assert!((pair[1] / pair[0] - 10.0).abs() < 1e-6, "{ticks:?}");
+    }
+    for tick in &ticks {
+        let exponent = tick.log10();
+        assert!((exponent - exponent.round()).abs() < 1e-9, "{ticks:?}");
+    }
+    assert!(
+        ticks[0] <= t.p50_ms && t.max_ms <= *ticks.last().unwrap(),
+        "{ticks:?} {t:?}"
     );
     let _ = std::fs::remove_dir_all(&out);
 }

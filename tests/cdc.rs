@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use pgprism::embed::{Instance, InstanceConfig};
 use sonic_rs::JsonValueTrait;
-use starrocks::{ColType, Fault, StarRocks};
+use starrocks::{ColType, Fault, StarRocks, TxnFault};
 use support::{eventually, pgprism_command};
 
 const DB: &str = "analytics";
@@ -105,7 +105,8 @@ impl Cdc {
         let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = pgprism_command();
         cmd.args(args)
-            .args(["--admin", "127.0.0.1:0"])
+            .args(["--admin", "127.0.0.1:0", "--admin-token-file"])
+            .arg(support::admin_token_file())
             .stdout(Stdio::piped())
             .stderr(log);
         for (k, v) in env {
@@ -608,42 +609,58 @@ fn transaction_larger_than_memory_spills_to_files() {
 
 #[test]
 fn injected_failures_are_retried_without_loss() {
-    let pg = start_pg("cdc-faults", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
-    let cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
-    sr.inject(Fault::Fail, 2);
-    sr.inject(Fault::Drop, 2);
-    sr.inject(Fault::PublishTimeout, 1);
-    sr.inject(Fault::Delay(Duration::from_millis(500)), 1);
-    for round in 0..5 {
-        c.batch_execute(&format!(
-            "INSERT INTO t SELECT g, 'r{round}', g FROM generate_series({}, {}) g",
-            round * 100 + 1,
-            round * 100 + 100
-        ))
-        .unwrap();
-        // Pacing only, to spread the rounds over several loads. Not a wait for any state:
-        // the faults go to whichever load requests come next, retries included, and one
-        // load or five meet all of them in the same order.
-        std::thread::sleep(Duration::from_millis(150));
+    // Plain Stream Load retries a batch under its label; a transaction that meets a failed or
+    // unanswered load is rolled back and its cycle loaded again from the checkpoint.
+    for mode in ["none", "multi-table"] {
+        let pg = start_pg("cdc-faults", &[]);
+        let sr = StarRocks::start("root", "pw");
+        let mut c = client(&pg);
+        make_table(&mut c, &sr, "t");
+        let mut args = base_args(&pg, &sr, "t");
+        args.extend(["--transaction-mode".to_string(), mode.to_string()]);
+        let cdc = Cdc::start(&args, &[]);
+        sr.inject(Fault::Fail, 2);
+        sr.inject(Fault::Drop, 2);
+        sr.inject(Fault::PublishTimeout, 1);
+        sr.inject(Fault::Delay(Duration::from_millis(500)), 1);
+        for round in 0..5 {
+            c.batch_execute(&format!(
+                "INSERT INTO t SELECT g, 'r{round}', g FROM generate_series({}, {}) g",
+                round * 100 + 1,
+                round * 100 + 100
+            ))
+            .unwrap();
+            // Pacing only, to spread the rounds over several loads. Not a wait for any state:
+            // the faults go to whichever load requests come next, retries included, and one
+            // load or five meet all of them in the same order.
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        c.batch_execute("DELETE FROM t WHERE id % 3 = 0").unwrap();
+        assert_converges(
+            &sr,
+            &mut c,
+            "t",
+            &["id", "v", "n"],
+            &cdc,
+            Duration::from_secs(60),
+        );
+        let statuses: Vec<String> = sr.log().into_iter().map(|(_, s)| s).collect();
+        assert!(statuses.iter().any(|s| s == "Fail"), "{mode}: {statuses:?}");
+        if mode == "none" {
+            assert!(
+                statuses.iter().any(|s| s == "Publish Timeout"),
+                "{statuses:?}"
+            );
+        } else {
+            // Each failed transaction was loaded again from the checkpoint.
+            assert!(cdc.status_number("reconnects") >= 1, "{statuses:?}");
+            assert_eq!(
+                sr.transactions().get("PREPARE"),
+                None,
+                "a transaction was left open"
+            );
+        }
     }
-    c.batch_execute("DELETE FROM t WHERE id % 3 = 0").unwrap();
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(60),
-    );
-    let statuses: Vec<String> = sr.log().into_iter().map(|(_, s)| s).collect();
-    assert!(statuses.iter().any(|s| s == "Fail"), "{statuses:?}");
-    assert!(
-        statuses.iter().any(|s| s == "Publish Timeout"),
-        "{statuses:?}"
-    );
 }
 
 #[test]
@@ -709,7 +726,7 @@ fn crash_at_each_point_resumes_exactly_once() {
             let dedup = sr
                 .log()
                 .iter()
-                .filter(|(_, s)| s == "Label Already Exists")
+                .filter(|(_, s)| s == "Label Already Exists" || s == "LABEL_ALREADY_EXISTS")
                 .count();
             assert!(
                 dedup >= 1,
@@ -718,6 +735,249 @@ fn crash_at_each_point_resumes_exactly_once() {
             );
         }
     }
+}
+
+/// Source transactions that each change `t` and `u` alike (same keys inserted, updated,
+/// deleted in both), `count` of them from `first`.
+fn paired_transactions(c: &mut postgres::Client, first: i32, count: i32) {
+    for i in first..first + count {
+        let lo = i * 20;
+        c.batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO t SELECT g, 'x', g FROM generate_series({lo}, {lo} + 19) g;
+             INSERT INTO u SELECT g, 'y', g FROM generate_series({lo}, {lo} + 19) g;
+             DELETE FROM t WHERE id = {lo} - 7; DELETE FROM u WHERE id = {lo} - 7;
+             COMMIT;"
+        ))
+        .unwrap();
+    }
+}
+
+/// Whether the emulator ever showed `t` and `u` with different keys.
+fn saw_half_transaction(sr: &StarRocks) -> bool {
+    let t = format!("{DB}.t");
+    let u = format!("{DB}.u");
+    sr.visible_history()
+        .iter()
+        .any(|snap| snap.get(&t) != snap.get(&u))
+}
+
+/// Labels committed more than once (a cycle loaded twice).
+fn twice_committed(sr: &StarRocks) -> Vec<String> {
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    for (label, status) in sr.log() {
+        if status == "COMMIT" {
+            *seen.entry(label).or_default() += 1;
+        }
+    }
+    seen.into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(l, _)| l)
+        .collect()
+}
+
+#[test]
+fn two_table_transactions_become_visible_at_once() {
+    // Small batches, so one source transaction's rows of two tables travel in several loads.
+    // Plain Stream Load shows them one load at a time (the control); transactions never.
+    for (mode, atomic) in [("none", false), ("multi-table", true)] {
+        let pg = start_pg("cdc-atomic", &[]);
+        let sr = StarRocks::start("root", "pw");
+        let mut c = client(&pg);
+        make_table(&mut c, &sr, "t");
+        make_table(&mut c, &sr, "u");
+        sr.watch(DB, &["t", "u"]);
+        let mut args = base_args(&pg, &sr, "t,u");
+        args.extend(
+            ["--transaction-mode", mode, "--flush-rows", "7"]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        let cdc = Cdc::start(&args, &[]);
+        paired_transactions(&mut c, 1, 30);
+        for table in ["t", "u"] {
+            assert_converges(
+                &sr,
+                &mut c,
+                table,
+                &["id", "v", "n"],
+                &cdc,
+                Duration::from_secs(60),
+            );
+        }
+        let history = sr.visible_history();
+        assert!(
+            history.len() >= 2,
+            "{mode}: {} visible changes",
+            history.len()
+        );
+        assert_eq!(
+            saw_half_transaction(&sr),
+            !atomic,
+            "{mode}: a transaction's rows of t and u were {} seen apart",
+            if atomic { "" } else { "never" }
+        );
+        if atomic {
+            assert!(twice_committed(&sr).is_empty(), "{:?}", sr.log());
+            assert_eq!(sr.transactions().get("PREPARE"), None);
+            assert_eq!(sr.transactions().get("PREPARED"), None);
+        }
+    }
+}
+
+#[test]
+fn per_table_transactions_before_starrocks_4() {
+    let pg = start_pg("cdc-per-table", &[]);
+    let sr = StarRocks::start("root", "pw");
+    sr.single_table_transactions();
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    make_table(&mut c, &sr, "u");
+    let args = base_args(&pg, &sr, "t,u");
+    // The default (multi-table) on a StarRocks that takes one table per transaction: a clear
+    // error naming the setting, and nothing loaded.
+    let mut cdc = Cdc::start(&args, &[]);
+    paired_transactions(&mut c, 1, 3);
+    assert!(
+        cdc.wait_death(Duration::from_secs(30)),
+        "multi-table on a single-table StarRocks did not stop"
+    );
+    let log = cdc.log();
+    assert!(log.contains("per-table"), "{log}");
+    assert_eq!(sr.row_count(DB, "t") + sr.row_count(DB, "u"), 0);
+    drop(cdc);
+    let mut args = args;
+    args.extend(["--transaction-mode".to_string(), "per-table".to_string()]);
+    let cdc = Cdc::start(&args, &[]);
+    paired_transactions(&mut c, 4, 5);
+    for table in ["t", "u"] {
+        assert_converges(
+            &sr,
+            &mut c,
+            table,
+            &["id", "v", "n"],
+            &cdc,
+            Duration::from_secs(60),
+        );
+    }
+    assert!(twice_committed(&sr).is_empty(), "{:?}", sr.log());
+}
+
+#[test]
+fn crash_between_prepare_and_commit_and_after_commit_loses_and_repeats_nothing() {
+    for point in ["cdc-after-prepare", "cdc-after-commit"] {
+        let pg = start_pg("cdc-txn-crash", &[]);
+        let sr = StarRocks::start("root", "pw");
+        let mut c = client(&pg);
+        make_table(&mut c, &sr, "t");
+        make_table(&mut c, &sr, "u");
+        sr.watch(DB, &["t", "u"]);
+        let args = base_args(&pg, &sr, "t,u");
+        let failpoint = format!("{point}=2*kill");
+        let mut cdc = Cdc::start(&args, &[("PGPRISM_FAILPOINTS", &failpoint)]);
+        for round in 0..3 {
+            paired_transactions(&mut c, round * 2 + 1, 2);
+            // One cycle per round, so the failpoint's second hit is the second round: each
+            // round adds 40 keys and deletes at most 2.
+            let want = (round as usize + 1) * 38;
+            assert!(
+                eventually(Duration::from_secs(30), || cdc.exited()
+                    || sr.row_count(DB, "t") >= want),
+                "{point}: round {round} was neither loaded nor did pgprism die\n{}",
+                cdc.log()
+            );
+        }
+        assert!(
+            cdc.wait_death(Duration::from_secs(30)),
+            "{point}: the failpoint did not fire\n{}",
+            cdc.log()
+        );
+        if point == "cdc-after-prepare" {
+            assert_eq!(
+                sr.transactions().get("PREPARED"),
+                Some(&1),
+                "the crash should leave one transaction prepared"
+            );
+        }
+        paired_transactions(&mut c, 50, 3);
+        drop(cdc);
+        let cdc = Cdc::start(&args, &[]);
+        paired_transactions(&mut c, 60, 2);
+        for table in ["t", "u"] {
+            assert_converges(
+                &sr,
+                &mut c,
+                table,
+                &["id", "v", "n"],
+                &cdc,
+                Duration::from_secs(60),
+            );
+        }
+        assert!(!saw_half_transaction(&sr), "{point}: t and u seen apart");
+        assert!(
+            twice_committed(&sr).is_empty(),
+            "{point}: a cycle was committed twice: {:?}",
+            sr.log()
+        );
+        let txns = sr.transactions();
+        assert_eq!(txns.get("PREPARE"), None, "{point}: {txns:?}");
+        assert_eq!(txns.get("PREPARED"), None, "{point}: {txns:?}");
+        let found = sr
+            .log()
+            .iter()
+            .filter(|(_, s)| s == "LABEL_ALREADY_EXISTS")
+            .count();
+        assert!(
+            found >= 1,
+            "{point}: the restart did not find the crashed cycle's label: {:?}",
+            sr.log()
+        );
+    }
+}
+
+#[test]
+fn commit_in_doubt_is_settled_by_the_label_state() {
+    let pg = start_pg("cdc-txn-doubt", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    make_table(&mut c, &sr, "u");
+    sr.watch(DB, &["t", "u"]);
+    let cdc = Cdc::start(&base_args(&pg, &sr, "t,u"), &[]);
+    sr.inject_txn(TxnFault::CommitAnswersError, 1);
+    sr.inject_txn(TxnFault::FeRestart, 1);
+    sr.inject_txn(TxnFault::Delay(Duration::from_millis(300)), 1);
+    sr.inject_txn(TxnFault::FeRestart, 1);
+    // A cycle per round (each waits for the one before), so every fault meets a commit.
+    for round in 0..6 {
+        paired_transactions(&mut c, round * 3 + 1, 3);
+        let want = (round as usize + 1) * 57;
+        assert!(
+            eventually(Duration::from_secs(30), || sr.row_count(DB, "t") >= want),
+            "round {round} did not arrive\n{}",
+            cdc.log()
+        );
+    }
+    for table in ["t", "u"] {
+        assert_converges(
+            &sr,
+            &mut c,
+            table,
+            &["id", "v", "n"],
+            &cdc,
+            Duration::from_secs(60),
+        );
+    }
+    let log = sr.log();
+    assert!(
+        log.iter().filter(|(_, s)| s == "FE restart").count() == 2,
+        "{log:?}"
+    );
+    assert!(!saw_half_transaction(&sr));
+    assert!(twice_committed(&sr).is_empty(), "{log:?}");
+    let txns = sr.transactions();
+    assert_eq!(txns.get("PREPARE"), None, "{txns:?}");
+    assert_eq!(txns.get("PREPARED"), None, "{txns:?}");
 }
 
 #[test]
@@ -767,12 +1027,14 @@ fn chunks_done(c: &mut postgres::Client) -> Vec<Vec<Option<String>>> {
     )
 }
 
-/// Snapshot loads in the emulator's log (labels with `-snap{chunk}-`), per chunk number.
+/// Snapshot loads in the emulator's log (labels with `-snap{chunk}-`), per chunk number: plain
+/// Stream Loads, or loads into a transaction a chunk began (the loader commits the open
+/// transaction before it records a chunk, so each chunk begins its own).
 fn snapshot_loads(sr: &StarRocks, from: usize) -> Vec<u32> {
     sr.log()
         .iter()
         .skip(from)
-        .filter(|(_, status)| status == "Success")
+        .filter(|(_, status)| status == "Success" || status == "LOAD")
         .filter_map(|(label, _)| {
             let rest = label.split("-snap").nth(1)?;
             rest.split('-').next()?.parse().ok()
@@ -1101,27 +1363,10 @@ fn bad_configuration_fails_clearly_and_creates_nothing() {
     assert!(err.contains("cdc.starrocks"), "{err}");
 }
 
+/// A POST with the admin token (pause and resume change state, so they need it).
 fn http_post(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
-    )
-    .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let code = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        code,
-        resp.split_once("\r\n\r\n")
-            .map(|x| x.1.to_string())
-            .unwrap_or_default(),
-    )
+    let (code, _, body) = support::http_request(addr, "POST", path, Some(support::ADMIN_TOKEN));
+    (code, body)
 }
 
 #[test]

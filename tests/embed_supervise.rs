@@ -5,8 +5,8 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -430,7 +430,9 @@ struct Embed {
 impl Embed {
     fn start(state: &Path, args: &[&str]) -> Embed {
         let mut child = pgprism_command()
-            .args(["embed", "--admin", "127.0.0.1:0", "--state-dir"])
+            .args(["embed", "--admin", "127.0.0.1:0", "--admin-token-file"])
+            .arg(support::admin_token_file())
+            .arg("--state-dir")
             .arg(state)
             .args(args)
             .stdout(Stdio::piped())
@@ -499,22 +501,9 @@ impl Drop for Embed {
     }
 }
 
+/// A POST with the admin token (the instance actions change state, so they need it).
 fn http_post(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
-    )
-    .expect("write");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("read");
-    let code = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map_or("", |x| x.1).to_owned();
+    let (code, _, body) = support::http_request(addr, "POST", path, Some(support::ADMIN_TOKEN));
     (code, body)
 }
 

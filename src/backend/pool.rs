@@ -322,6 +322,11 @@ impl Pool {
         self.waiting.get() > 0 || (self.idle.borrow().is_empty() && self.budget.open() >= size)
     }
 
+    /// Clients of this shard waiting for a connection of this pair.
+    pub fn waiting(&self) -> usize {
+        self.waiting.get()
+    }
+
     /// Whether an idle connection is ready here.
     pub fn has_idle(&self) -> bool {
         !self.idle.borrow().is_empty()
@@ -784,7 +789,7 @@ impl Pools {
         }
     }
 
-    fn is_paused(&self, database: &str) -> bool {
+    pub fn is_paused(&self, database: &str) -> bool {
         self.paused.get() || self.paused_databases.borrow().iter().any(|d| d == database)
     }
 

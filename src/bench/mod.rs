@@ -11,6 +11,7 @@
 //! unbounded: every transaction has a timeout and reconnects are limited.
 
 mod chart;
+pub use chart::LatencyAxis;
 pub mod client;
 mod driver;
 mod progress;
@@ -96,6 +97,10 @@ pub struct BenchArgs {
     /// No progress line on stderr.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// Latency axis of the chart: `log` (powers of ten) keeps a fast target readable beside
+    /// a slow one, which `linear` flattens onto zero.
+    #[arg(long, value_enum, default_value = "linear")]
+    pub latency_axis: LatencyAxis,
 }
 
 /// An error that stops `pgprism bench`.
@@ -181,7 +186,7 @@ pub fn run(args: BenchArgs) -> Result<(), BenchError> {
     let outcome = driver::run(plan.clone(), progress)?;
     let summary = report::Summary::new(&plan, &preflight, &outcome);
     print!("{}", summary.table());
-    let written = report::write_files(&args.out, &summary, &outcome)?;
+    let written = report::write_files(&args.out, &summary, &outcome, args.latency_axis)?;
     for path in written {
         println!("wrote {}", path.display());
     }

@@ -294,6 +294,7 @@ pub(super) fn write_files(
     dir: &Path,
     summary: &Summary,
     outcome: &Outcome,
+    latency_axis: chart::LatencyAxis,
 ) -> Result<Vec<PathBuf>, BenchError> {
     let write = |name: &str, content: &str| -> Result<PathBuf, BenchError> {
         let path = dir.join(name);
@@ -330,6 +331,7 @@ pub(super) fn write_files(
             .map(|s| s.histogram.len())
             .max()
             .unwrap_or(0),
+        latency_axis,
     );
     written.push(write(SVG_FILE, &svg)?);
     written.push(write(HTML_FILE, &html(summary, &svg))?);

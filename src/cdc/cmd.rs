@@ -1,8 +1,7 @@
 //! `pgprism cdc`: flags on top of an optional config file's `[cdc]` section, and a small
 //! control endpoint (status, pause, resume) for this mode.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,7 +10,9 @@ use std::sync::atomic::Ordering;
 use clap::Args;
 
 use super::Shared;
-use crate::config::{CdcConfig, CdcDeleteMode, CdcToastMode, Config};
+use crate::config::{
+    AdminConfig, CdcConfig, CdcDeleteMode, CdcToastMode, CdcTransactionMode, Config,
+};
 
 #[derive(Args, Debug)]
 pub struct CdcArgs {
@@ -47,6 +48,9 @@ pub struct CdcArgs {
     /// `full-row` or `partial`.
     #[arg(long, value_parser = ["full-row", "partial"])]
     toast_mode: Option<String>,
+    /// `multi-table` (StarRocks 4.0+), `per-table` (2.4 to 3.x) or `none` (plain Stream Load).
+    #[arg(long, value_parser = ["multi-table", "per-table", "none"])]
+    transaction_mode: Option<String>,
     /// Add the audit columns to every row.
     #[arg(long)]
     audit_columns: bool,
@@ -74,14 +78,29 @@ pub struct CdcArgs {
     /// Control endpoint address (GET /cdc/status, POST /cdc/pause, POST /cdc/resume).
     #[arg(long)]
     admin: Option<String>,
+    /// File with the bearer token the control endpoint requires (`admin.token-file`).
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<String>,
 }
 
 impl CdcArgs {
-    fn into_config(self) -> Result<(CdcConfig, Option<String>), crate::config::ConfigError> {
-        let mut cfg = match &self.config {
-            Some(path) => Config::load(path)?.cdc,
-            None => CdcConfig::default(),
+    /// The `[cdc]` section with the flags on top, and the control endpoint's `[admin]` (off
+    /// unless `--admin` names an address; its token and certificate from the file).
+    pub(crate) fn into_config(
+        self,
+    ) -> Result<(CdcConfig, AdminConfig), crate::config::ConfigError> {
+        let (mut cfg, mut admin) = match &self.config {
+            Some(path) => {
+                let file = Config::load(path)?;
+                (file.cdc, file.admin)
+            }
+            None => (CdcConfig::default(), AdminConfig::default()),
         };
+        admin.listen = self.admin.unwrap_or_default();
+        if let Some(v) = self.admin_token_file {
+            admin.token_file = v;
+        }
+        admin.validate()?;
         if let Some(v) = self.source {
             cfg.source = v;
         }
@@ -119,6 +138,12 @@ impl CdcArgs {
             Some("full-row") => cfg.toast_mode = CdcToastMode::FullRow,
             _ => {}
         }
+        match self.transaction_mode.as_deref() {
+            Some("multi-table") => cfg.transaction_mode = CdcTransactionMode::MultiTable,
+            Some("per-table") => cfg.transaction_mode = CdcTransactionMode::PerTable,
+            Some("none") => cfg.transaction_mode = CdcTransactionMode::None,
+            _ => {}
+        }
         cfg.audit_columns |= self.audit_columns;
         if self.snapshot {
             cfg.snapshot = true;
@@ -141,7 +166,7 @@ impl CdcArgs {
         if let Some(v) = self.spill_bytes_max {
             cfg.spill_bytes_max = v;
         }
-        Ok((cfg, self.admin))
+        Ok((cfg, admin))
     }
 }
 
@@ -162,20 +187,19 @@ pub fn main(args: CdcArgs) -> ExitCode {
         Err(err) => return report(&err),
     };
     let shared = Arc::new(Shared::default());
-    let admin_addr = match admin.filter(|a| !a.is_empty()) {
-        Some(addr) => match TcpListener::bind(&addr) {
-            Ok(listener) => {
-                let local = listener.local_addr().ok();
-                let s = Arc::clone(&shared);
-                let _ = std::thread::Builder::new()
-                    .name("cdc-admin".into())
-                    .spawn(move || serve_admin(listener, &s));
-                local
-            }
-            Err(err) => return report(&err),
-        },
-        None => None,
+    // The shared admin endpoint (its access rule included) with only the CDC routes behind it.
+    let state = Arc::new(std::sync::Mutex::new(crate::control::ControlState::new(
+        0,
+        String::new(),
+        String::new(),
+        crate::config::MetricsConfig::default().latency_us_max,
+    )));
+    let routes = admin_routes(Arc::clone(&shared));
+    let admin_server = match crate::control::AdminServer::start(&admin, state, Some(routes)) {
+        Ok(server) => server,
+        Err(err) => return report(&err),
     };
+    let admin_addr = admin_server.as_ref().map(|s| s.addr);
     let slot = cfg.slot.clone();
     let ready = || {
         let admin = admin_addr.map(|a| a.to_string()).unwrap_or_default();
@@ -186,49 +210,6 @@ pub fn main(args: CdcArgs) -> ExitCode {
     match super::run_reconnecting(&cfg, shared, ready) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => report(&err),
-    }
-}
-
-/// Blocking, one request per connection; this endpoint is for operators, not traffic.
-fn serve_admin(listener: TcpListener, shared: &Shared) {
-    for stream in listener.incoming() {
-        let Ok(mut stream) = stream else { continue };
-        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-        let mut line = String::new();
-        let mut reader = BufReader::new(&stream);
-        if reader.read_line(&mut line).is_err() {
-            continue;
-        }
-        // Skip the headers; requests here have no body that matters.
-        let mut header = String::new();
-        while reader
-            .read_line(&mut header)
-            .map(|n| n > 2)
-            .unwrap_or(false)
-        {
-            header.clear();
-        }
-        let mut parts = line.split_whitespace();
-        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        let (code, body) = match (method, path) {
-            ("GET", "/cdc/status") => (200, shared.status_json()),
-            ("GET", "/cdc/metrics") => (200, shared.prometheus()),
-            ("POST", "/cdc/pause") => {
-                shared.paused.store(true, Ordering::Release);
-                (200, "{\"paused\":true}".to_string())
-            }
-            ("POST", "/cdc/resume") => {
-                shared.paused.store(false, Ordering::Release);
-                (200, "{\"paused\":false}".to_string())
-            }
-            _ => (404, "{\"error\":\"not found\"}".to_string()),
-        };
-        let _ = write!(
-            stream,
-            "HTTP/1.1 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            if code == 200 { "OK" } else { "Not Found" },
-            body.len()
-        );
     }
 }
 

@@ -24,6 +24,7 @@ pub mod source;
 pub mod spill;
 pub mod starrocks;
 pub mod streams;
+pub mod txn;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -111,6 +112,8 @@ impl CdcError {
     /// checkpoint. Everything else (configuration, setup, StarRocks refusing data) is not.
     pub fn is_transient(&self) -> bool {
         let pg = match self {
+            // The cycle is loaded again from the checkpoint, under the same label.
+            CdcError::Load(LoadError::TxnAborted { .. }) => return true,
             CdcError::Replication(e) | CdcError::Checkpoint(e) => e,
             CdcError::Setup(setup::SetupError::Connect(e)) => e,
             CdcError::Snapshot(e) => match e.pg() {
@@ -499,7 +502,8 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     // Counts of this run only (the source compares them with what it sent in this run).
     shared.works_done.store(0, Ordering::Release);
     let (tx, rx) = crossbeam_channel::bounded::<Work>(cfg.ring_capacity);
-    let loader = spawn_loader(rx, sink, checkpoints, Arc::clone(&shared))?;
+    let txns = txn::Transactions::new(cfg.transaction_mode);
+    let loader = spawn_loader(rx, sink, txns, checkpoints, Arc::clone(&shared))?;
     let mut pipeline = Pipeline::new(pcfg.clone(), prepared.keys);
     pipeline.set_forced_boundary(prepared.pending);
     pipeline.set_spill(spill_limits(cfg)?);
@@ -568,13 +572,18 @@ fn pipeline_config(cfg: &CdcConfig) -> PipelineConfig {
 fn spawn_loader(
     rx: Receiver<Work>,
     mut sink: StarRocks,
+    mut txns: Option<txn::Transactions>,
     mut checkpoints: Checkpoints,
     shared: Arc<Shared>,
 ) -> Result<std::thread::JoinHandle<Result<(), CdcError>>, CdcError> {
     std::thread::Builder::new()
         .name("cdc-loader".into())
         .spawn(move || {
-            let result = load_loop(rx, &mut sink, &mut checkpoints, &shared);
+            let result = load_loop(rx, &mut sink, txns.as_mut(), &mut checkpoints, &shared);
+            if let Some(txns) = txns.as_mut() {
+                // A cycle cut off by the stop: its rows come again from the checkpoint.
+                txns.abort_all(&mut sink);
+            }
             // Wake the source so it stops instead of waiting on a full ring.
             shared.stopped.store(true, Ordering::Release);
             result
@@ -599,6 +608,7 @@ pub fn spawn(cfg: CdcConfig) -> std::io::Result<(Arc<Shared>, CdcThread)> {
 fn load_loop(
     rx: Receiver<Work>,
     sink: &mut StarRocks,
+    mut txns: Option<&mut txn::Transactions>,
     checkpoints: &mut Checkpoints,
     shared: &Shared,
 ) -> Result<(), CdcError> {
@@ -609,7 +619,11 @@ fn load_loop(
         match work {
             Work::Load(batch) => {
                 failpoint::hit("cdc-before-load");
-                let outcome = sink.load(&batch).map_err(CdcError::Load)?;
+                let outcome = match txns.as_deref_mut() {
+                    Some(txns) => txns.load(sink, &batch),
+                    None => sink.load(&batch),
+                }
+                .map_err(CdcError::Load)?;
                 shared.retries.store(sink.retries, Ordering::Relaxed);
                 if let Ok(mut tables) = shared.tables.lock() {
                     let t = tables.entry(batch.table.clone()).or_default();
@@ -625,10 +639,20 @@ fn load_loop(
                 failpoint::hit("cdc-after-load");
             }
             Work::Truncate { table } => {
+                // TRUNCATE is no part of a StarRocks transaction: what came before it goes first.
+                if let Some(txns) = txns.as_deref_mut() {
+                    txns.commit_all(sink).map_err(CdcError::Load)?;
+                }
                 sink.truncate(&table).map_err(CdcError::Load)?;
                 tracing::info!(%table, "truncated");
             }
             Work::SnapshotChunk { table, chunk, rows } => {
+                // The chunk is recorded as done only once its rows are committed in StarRocks.
+                // (Its high watermark is a transaction of its own, so committing here never
+                // splits a source transaction.)
+                if let Some(txns) = txns.as_deref_mut() {
+                    txns.commit_all(sink).map_err(CdcError::Load)?;
+                }
                 failpoint::hit("cdc-mid-snapshot-chunk");
                 checkpoints
                     .store_chunk_done(&table, chunk, rows)
@@ -643,6 +667,11 @@ fn load_loop(
                     .map_err(CdcError::Checkpoint)?;
             }
             Work::Checkpoint(lsn, commit_unix_us) => {
+                if let Some(txns) = txns.as_deref_mut() {
+                    txns.commit_all(sink).map_err(CdcError::Load)?;
+                    shared.retries.store(sink.retries, Ordering::Relaxed);
+                    failpoint::hit("cdc-after-commit");
+                }
                 failpoint::hit("cdc-before-checkpoint");
                 checkpoints.store(lsn).map_err(CdcError::Checkpoint)?;
                 shared.checkpointed.store(lsn.0, Ordering::Release);

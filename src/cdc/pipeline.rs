@@ -150,6 +150,8 @@ pub struct Pipeline {
     cycle_start_us: Option<i64>,
     /// The current transaction produced rows.
     txn_rows: bool,
+    /// A row of the current transaction sits in a batch (open or handed over).
+    txn_batched: bool,
     /// Replaying after a restart: cut the first cycle exactly at this commit.
     forced: Option<Lsn>,
     last_data: Instant,
@@ -188,6 +190,7 @@ impl Pipeline {
             last_commit: Lsn::ZERO,
             cycle_start_us: None,
             txn_rows: false,
+            txn_batched: false,
             forced: None,
             last_data: Instant::now(),
             truncated_in_txn: false,
@@ -370,6 +373,7 @@ impl Pipeline {
         self.txn = txn;
         self.txn_idx = 0;
         self.txn_rows = false;
+        self.txn_batched = false;
     }
 
     /// After a restart: the boundary a crashed run had announced ([`Work::Boundary`]).
@@ -419,6 +423,12 @@ impl Pipeline {
         if self.in_txn {
             return;
         }
+        self.end_cycle(out);
+    }
+
+    /// Hands every open batch to `out`, then the checkpoint marker for the last commit they
+    /// contain; the caller knows no row of an unfinished transaction is among them.
+    fn end_cycle(&mut self, out: &mut Vec<Work>) {
         self.flush_open(out);
         if let Some(lsn) = self.unflushed_commit.take() {
             // PostgreSQL's epoch is 2000-01-01; the metric wants Unix time.
@@ -486,8 +496,8 @@ impl Pipeline {
         match msg {
             Message::Relation { rel, .. } => {
                 let changed = self.schema.apply(&rel)?;
-                if changed {
-                    self.flush_table(rel.oid, out);
+                if changed && self.open.contains_key(&rel.oid) {
+                    self.cut_for_new_columns(rel.oid, out);
                 }
             }
             Message::Insert { rel, new, .. } => {
@@ -587,6 +597,19 @@ impl Pipeline {
         });
         // The checkpoint must pass this point only once those loads are done.
         self.txn_rows = true;
+    }
+
+    /// A table's batch must close because its column list changes. A StarRocks transaction
+    /// takes one column list per table, so the loader commits there; when nothing of the
+    /// current source transaction is batched yet, end the whole cycle at the last commit
+    /// instead, so the cut falls between source transactions and none is split. (The
+    /// decision depends on the stream alone: a replay cuts at the same place.)
+    fn cut_for_new_columns(&mut self, oid: u32, out: &mut Vec<Work>) {
+        if self.txn_batched || self.unflushed_commit.is_none() {
+            self.flush_table(oid, out);
+            return;
+        }
+        self.end_cycle(out);
     }
 
     fn next_pos(&mut self) -> Pos {
@@ -757,7 +780,9 @@ impl Pipeline {
             None => true,
         };
         if reopen {
-            self.flush_table(oid, out);
+            if self.open.contains_key(&oid) {
+                self.cut_for_new_columns(oid, out);
+            }
             let Ok(schema) = self.schema.get(oid) else {
                 return;
             };
@@ -797,6 +822,7 @@ impl Pipeline {
         batch.rows += 1;
         batch.last = pos;
         self.open_rows += 1;
+        self.txn_batched = true;
         if batch.rows as usize >= self.cfg.flush_rows || batch.body.len() >= self.cfg.flush_bytes {
             self.flush_table(oid, out);
         }
@@ -1216,6 +1242,51 @@ mod tests {
         );
         assert!(matches!(out[1], Work::Checkpoint(Lsn(210), _)));
         assert!(p.is_idle());
+    }
+
+    #[test]
+    fn new_columns_end_the_cycle_between_transactions() {
+        let keys: KeyColumns = [
+            ("public.t".to_string(), vec!["id".to_string()]),
+            ("public.u".to_string(), vec!["id".to_string()]),
+        ]
+        .into();
+        let mut p = Pipeline::new(cfg(), keys);
+        let rel_u = msg(|b| build::relation(b, 2, "public", "u", &[(true, "id", 23)]));
+        let rel_t2 = msg(|b| {
+            build::relation(
+                b,
+                1,
+                "public",
+                "t",
+                &[(true, "id", 23), (false, "v", 25), (false, "w", 25)],
+            )
+        });
+        let out = feed(
+            &mut p,
+            &[
+                msg(|b| build::begin(b, Lsn(100), 5)),
+                rel(),
+                rel_u,
+                msg(|b| build::insert(b, 1, &[Some(Some("1")), Some(Some("a"))])),
+                msg(|b| build::insert(b, 2, &[Some(Some("1"))])),
+                msg(|b| build::commit(b, Lsn(100), Lsn(120))),
+                msg(|b| build::begin(b, Lsn(200), 6)),
+                rel_t2,
+                msg(|b| build::insert(b, 1, &[Some(Some("2")), Some(Some("b")), Some(Some("c"))])),
+            ],
+        );
+        // The first transaction's rows of both tables, then its checkpoint: a StarRocks
+        // transaction ends there and the second source transaction starts a new one.
+        let kinds: Vec<String> = out
+            .iter()
+            .map(|w| match w {
+                Work::Load(b) => format!("load {}", b.table),
+                Work::Checkpoint(lsn, _) => format!("checkpoint {lsn}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["load t", "load u", "checkpoint 0/78"]);
     }
 
     #[test]

@@ -98,6 +98,17 @@ pub enum LoadError {
     },
     #[error("StarRocks answered {what} without a usable response: {detail}")]
     Protocol { what: &'static str, detail: String },
+    /// A StarRocks transaction ended without its rows (a failed load, prepare or commit, an
+    /// FE restart): nothing of it is visible, and the flush cycle is loaded again from the
+    /// checkpoint under the same label (StarRocks lets an aborted label be used again).
+    #[error(
+        "StarRocks transaction {label} was aborted ({why}); loading it again from the checkpoint"
+    )]
+    TxnAborted { label: String, why: String },
+    #[error(
+        "StarRocks refused a transaction on {table}: {message}; StarRocks before 4.0 takes one table per transaction (set cdc.transaction-mode = \"per-table\")"
+    )]
+    MultiTableUnsupported { table: String, message: String },
 }
 
 /// What one attempt ended with.
@@ -134,6 +145,22 @@ pub struct StarRocks {
     auth: String,
     /// Attempts that were retried, for the stats.
     pub retries: u64,
+}
+
+/// What a call of the Stream Load transaction interface answered (documented fields only).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+pub(super) struct TxnReply {
+    #[serde(rename = "Status")]
+    pub status: String,
+    #[serde(rename = "Message")]
+    pub message: String,
+    #[serde(rename = "ExistingJobStatus")]
+    pub existing_job_status: Option<String>,
+    #[serde(rename = "NumberFilteredRows")]
+    pub filtered_rows: u64,
+    #[serde(rename = "ErrorURL")]
+    pub error_url: Option<String>,
 }
 
 /// The fields of the Stream Load response pgprism reads.
@@ -276,7 +303,10 @@ impl StarRocks {
         );
         // FE → BE: one redirect is the protocol; a few more are tolerated, no loops.
         for _ in 0..4 {
-            let mut resp = match self.request(&url, batch).send(&batch.body[..]) {
+            let mut resp = match self
+                .request(&url, batch, &batch.label)
+                .send(&batch.body[..])
+            {
                 Ok(r) => r,
                 Err(e) => return Ok(Attempt::Retry(format!("HTTP error: {e}"))),
             };
@@ -317,14 +347,20 @@ impl StarRocks {
         })
     }
 
-    /// The Stream Load PUT for `batch` to `url` (the FE, or the BE it redirected to).
-    fn request(&self, url: &str, batch: &Batch) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
+    /// The Stream Load PUT for `batch` to `url` (the FE, or the BE it redirected to), under
+    /// `label` (the batch's own, or the transaction's).
+    fn request(
+        &self,
+        url: &str,
+        batch: &Batch,
+        label: &str,
+    ) -> ureq::RequestBuilder<ureq::typestate::WithBody> {
         let req = self
             .agent
             .put(url)
             .header("Authorization", &self.auth)
             .header("Expect", "100-continue")
-            .header("label", &batch.label)
+            .header("label", label)
             .header("format", "json")
             .header("strip_outer_array", "true")
             .header("columns", &batch.columns)
@@ -335,6 +371,117 @@ impl StarRocks {
                 .header("partial_update_mode", "row")
         } else {
             req
+        }
+    }
+}
+
+impl StarRocks {
+    /// One call of the Stream Load transaction interface (`/api/transaction/{op}`) on the FE,
+    /// following its redirect to a BE for `load`. `Err` is a call without an answer (a lost
+    /// connection, a timeout): whether it happened is unknown.
+    pub(super) fn txn_call(
+        &self,
+        op: &str,
+        label: &str,
+        table: Option<&str>,
+        batch: Option<&Batch>,
+    ) -> Result<TxnReply, String> {
+        let mut url = format!("{}/api/transaction/{op}", self.url.base);
+        let timeout_s = self.cfg.timeout.as_secs().max(1).to_string();
+        for _ in 0..4 {
+            let sent = match batch {
+                Some(batch) => self
+                    .request(&url, batch, label)
+                    .header("db", &self.cfg.database)
+                    .header("table", &batch.table)
+                    .send(&batch.body[..]),
+                None => {
+                    let mut req = self
+                        .agent
+                        .post(&url)
+                        .header("Authorization", &self.auth)
+                        .header("label", label)
+                        .header("db", &self.cfg.database);
+                    if let Some(table) = table {
+                        req = req.header("table", table);
+                    }
+                    if op == "begin" {
+                        req = req
+                            .header("timeout", &timeout_s)
+                            .header("idle_transaction_timeout", &timeout_s);
+                    }
+                    req.send_empty()
+                }
+            };
+            let mut resp = sent.map_err(|e| format!("HTTP error: {e}"))?;
+            let status = resp.status().as_u16();
+            if matches!(status, 301 | 302 | 303 | 307 | 308) {
+                url = resp
+                    .headers()
+                    .get("location")
+                    .and_then(|v| v.to_str().ok())
+                    .ok_or("a redirect without Location")?
+                    .to_string();
+                continue;
+            }
+            let body = resp
+                .body_mut()
+                .read_to_string()
+                .map_err(|e| format!("reading the answer: {e}"))?;
+            if status == 401 || status == 403 {
+                return Ok(TxnReply {
+                    status: "AUTH".into(),
+                    message: format!("HTTP {status}"),
+                    ..TxnReply::default()
+                });
+            }
+            if status != 200 {
+                return Err(format!("HTTP {status}: {body}"));
+            }
+            return sonic_rs::from_str(&body)
+                .map_err(|e| format!("unreadable answer ({e}): {body}"));
+        }
+        Err("too many redirects".into())
+    }
+
+    /// The state of the load or transaction under `label` (`GET /api/{db}/get_load_state`):
+    /// `UNKNOWN`, `PREPARE`, `PREPARED`, `COMMITTED`, `VISIBLE` or `ABORTED`.
+    pub(super) fn label_state(&self, label: &str) -> Result<String, String> {
+        let url = format!(
+            "{}/api/{}/get_load_state?label={label}",
+            self.url.base, self.cfg.database
+        );
+        let mut resp = self
+            .agent
+            .get(&url)
+            .header("Authorization", &self.auth)
+            .call()
+            .map_err(|e| format!("HTTP error: {e}"))?;
+        let body = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        let doc: sonic_rs::Value =
+            sonic_rs::from_str(&body).map_err(|e| format!("unreadable answer ({e}): {body}"))?;
+        use sonic_rs::JsonValueTrait;
+        ["state", "State"]
+            .iter()
+            .find_map(|k| {
+                doc.get(*k)
+                    .and_then(|v| v.as_str())
+                    .map(str::to_ascii_uppercase)
+            })
+            .ok_or_else(|| format!("no state in {body}"))
+    }
+
+    pub(super) fn config(&self) -> &SinkConfig {
+        &self.cfg
+    }
+
+    pub(super) fn auth_error(&self, status: u16) -> LoadError {
+        LoadError::Auth {
+            user: self.url.user.clone(),
+            status,
         }
     }
 }

@@ -157,6 +157,9 @@ pub struct SyncDigest {
     /// Transaction status of the ReadyForQuery.
     pub status: u8,
     pub finished: Option<Instant>,
+    /// (The shadow's) its order with a conflicting sync point of another session was not
+    /// reproduced: a difference is inconclusive.
+    pub overtaken: bool,
 }
 
 /// Folds one side's backend messages into digests.
@@ -303,6 +306,7 @@ impl Digester {
             results: std::mem::take(&mut self.results),
             status,
             finished: Some(at),
+            overtaken: false,
         }
     }
 

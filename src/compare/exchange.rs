@@ -17,8 +17,10 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 
 use super::digest::{Described, Digest, Digester, Expect, Expects, Step, SyncDigest};
+use super::footprint::{self, Footprint, Scan};
+use super::order::{Pinned, Start};
 use super::rules::type_name;
-use super::verdict::{self, Difference, Kind};
+use super::verdict::{self, Difference, Kind, Verdict};
 use super::{CompareTarget, Record, Side};
 use crate::exec::net::Stream;
 use crate::session::{
@@ -54,6 +56,8 @@ pub(crate) struct Compared {
     pub copy: bool,
     /// Its result columns, once a Describe told them (per side).
     pub described: Rc<Described>,
+    /// What it touches (ordered dispatch) and whether its result may differ by nature.
+    pub scan: Scan,
 }
 
 impl Compared {
@@ -74,6 +78,7 @@ impl Compared {
             transaction_options: transaction.is_some_and(|t| with_options(text, t)),
             copy: statement.copy.is_some(),
             described: Rc::default(),
+            scan: scan_all(text, statement.class),
         }
     }
 
@@ -101,8 +106,28 @@ impl Compared {
             transaction_options: false,
             copy: false,
             described: Rc::default(),
+            scan: Scan {
+                footprint: Footprint::wild(),
+                nondeterministic: None,
+            },
         }
     }
+}
+
+/// What every statement of `text` touches (a simple Query may hold several), and the first
+/// reason its result may differ by nature.
+fn scan_all(text: &str, class: sql::Class) -> Scan {
+    let ranges = sql::split_statements(text.as_bytes());
+    if ranges.len() <= 1 {
+        return footprint::scan(text, class);
+    }
+    let mut all = Scan::default();
+    for one in ranges.into_iter().filter_map(|r| text.get(r)) {
+        let scan = footprint::scan(one, sql::classify(one.as_bytes()));
+        all.footprint.join(&scan.footprint);
+        all.nondeterministic = all.nondeterministic.or(scan.nondeterministic);
+    }
+    all
 }
 
 /// What one client sync point asked.
@@ -110,6 +135,11 @@ struct SyncMeta {
     statements: Vec<Rc<Compared>>,
     /// Sent to the shadow too (not routed to the primary only).
     shadow: bool,
+    /// Goes to the shadow in the primary's completion order (see `order`): its frames wait
+    /// for the primary's answer and for earlier conflicting sync points of other sessions.
+    ordered: bool,
+    /// What it touched as it was sent to the primary, and where the order stood then.
+    start: Start,
     read_at: Instant,
 }
 
@@ -161,6 +191,29 @@ struct Segment {
     syncs: usize,
     /// Ends with this gating sync point (see `Pairing::gate`).
     gate: Option<u64>,
+    /// Whether it may be written now, as far as the completion order goes.
+    order: Order,
+}
+
+/// Where a segment stands with the ordered dispatch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// Goes as soon as what precedes it went.
+    Free,
+    /// Ends ordered sync point `seq`: waits for the primary's answer and the ledger.
+    Await(u64),
+    /// Its turn came: it carries the ledger's number of its sync point (None: it touches
+    /// nothing another session could see).
+    Cleared(Option<u64>),
+}
+
+/// What one sync point written to the shadow is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShadowSync {
+    /// pgprism's own ROLLBACK or BEGIN: neither compared nor forwarded.
+    Own,
+    /// The client's, with its number in the completion order when it was ordered.
+    Client(Option<u64>),
 }
 
 /// One shadow write carries at most about this much.
@@ -169,10 +222,23 @@ const SHADOW_WRITE_BYTES: usize = 256 << 10;
 /// State both halves of a session's compare machinery see.
 pub(crate) struct Pairing {
     metas: RefCell<VecDeque<SyncMeta>>,
-    /// Per sync point written to the shadow, in order: `true` for pgprism's own (a ROLLBACK
-    /// that brings a diverged shadow back in step), whose answer is neither compared nor
-    /// forwarded.
-    shadow_kinds: RefCell<VecDeque<bool>>,
+    /// Per sync point written to the shadow, in order: pgprism's own (a ROLLBACK that brings
+    /// a diverged shadow back in step), whose answer is neither compared nor forwarded, or
+    /// the client's.
+    shadow_kinds: RefCell<VecDeque<ShadowSync>>,
+    /// Ordered sync points the primary has answered, in order: (sync point, ledger number).
+    tickets: RefCell<VecDeque<(u64, Option<u64>)>>,
+    /// Ledger numbers of this session still pending on the shadow (abandoned at the end).
+    issued: RefCell<Vec<u64>>,
+    /// This session in the ledger.
+    order_session: u64,
+    /// Ordered waits that ran out (`compare.order-wait-ms`), not yet counted.
+    order_expired: Cell<u64>,
+    /// What the primary's open transaction has written so far: its end makes it visible.
+    written: RefCell<Footprint>,
+    /// Writing sync points sent to the primary and not answered yet.
+    in_flight: RefCell<VecDeque<(u64, Start)>>,
+    port: Option<Rc<super::order::Port>>,
     rollback_due: Cell<bool>,
     /// The shadow left a transaction block the primary is in: a BEGIN goes first.
     begin_due: Cell<bool>,
@@ -225,6 +291,14 @@ pub struct Dispatch {
     out: Vec<Bytes>,
     out_syncs: usize,
     segments: Vec<Segment>,
+    /// An extended-protocol batch is open: frames of it are in `out` before its Sync (they
+    /// wait there for it, so the batch goes to the shadow whole, in its turn).
+    open_batch: bool,
+    /// The open batch's frames went to the shadow before its Sync (a Flush: the client waits
+    /// for answers): its sync point is not ordered.
+    batch_unordered: bool,
+    /// A Flush came in the current read.
+    flushed: bool,
 }
 
 /// Where [`Comparer::feed`]'s walk stands within one read.
@@ -247,10 +321,9 @@ impl Dispatch {
     /// Records one batch of complete client frames (before it goes to the primary, so the
     /// downstream half always finds the sync points it pairs) and prepares the shadow's copy.
     pub fn plan(&mut self, frames: &Bytes, framed: &[Framed], read_at: Instant) {
-        self.out.clear();
-        self.out_syncs = 0;
-        self.out_expects.clear();
+        // Frames of a batch still open from the last read stay in `out`.
         self.segments.clear();
+        self.flushed = false;
         let routes = self.target.rules.routes();
         // A Flush after the batch's last Sync: the client waits for answers before it syncs.
         let last_sync = framed.iter().rposition(|f| f.tag == tag::SYNC);
@@ -269,6 +342,7 @@ impl Dispatch {
                 }
                 tag::FLUSH if last_sync.is_none_or(|last| index > last) => {
                     self.link.flush_requested.set(Some(self.link.planned.get()));
+                    self.flushed = true;
                 }
                 _ => {}
             }
@@ -309,9 +383,12 @@ impl Dispatch {
             }
             tag::SYNC => self.plan_sync(f),
             tag::FUNCTION_CALL => {
-                self.push_meta(Vec::new(), true, f.read_at);
+                // It may touch anything: an unknown statement.
+                let seq = self.link.planned.get();
+                let ordered = self.push_meta(vec![Rc::new(Compared::unknown())], true, f.read_at);
                 self.send(f.frame, true);
                 self.out_expects.push(Expect::Sync);
+                self.cut(None, self.order_of(seq, ordered));
             }
             tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
                 if self.copy_to_shadow {
@@ -347,13 +424,11 @@ impl Dispatch {
         self.copy_to_shadow = shadow;
         let gates = gates(&statements);
         let seq = self.link.planned.get();
-        self.push_meta(statements, shadow, f.read_at);
+        let ordered = self.push_meta(statements, shadow, f.read_at);
         if shadow {
             self.send(f.frame, true);
             self.out_expects.push(Expect::Sync);
-            if gates {
-                self.cut(Some(seq));
-            }
+            self.cut(gates.then_some(seq), self.order_of(seq, ordered));
         }
     }
 
@@ -367,14 +442,14 @@ impl Dispatch {
         self.copy_to_shadow = shadow;
         let gates = gates(&statements);
         let seq = self.link.planned.get();
-        self.push_meta(statements, shadow, f.read_at);
+        let ordered = self.push_meta(statements, shadow, f.read_at);
+        self.open_batch = false;
+        self.batch_unordered = false;
         if shadow {
             self.release_held();
             self.send(f.frame, true);
             self.out_expects.push(Expect::Sync);
-            if gates {
-                self.cut(Some(seq));
-            }
+            self.cut(gates.then_some(seq), self.order_of(seq, ordered));
         } else {
             self.held.clear();
             self.held_expects.clear();
@@ -419,6 +494,14 @@ impl Dispatch {
             transaction_options: inner.transaction_options,
             copy: inner.copy,
             described: inner.described.clone(),
+            scan: Scan {
+                footprint: {
+                    let mut f = own.scan.footprint.clone();
+                    f.join(&inner.scan.footprint);
+                    f
+                },
+                nondeterministic: inner.scan.nondeterministic,
+            },
         })
     }
 
@@ -446,14 +529,57 @@ impl Dispatch {
         }
     }
 
-    fn push_meta(&mut self, statements: Vec<Rc<Compared>>, shadow: bool, read_at: Instant) {
+    /// Records one sync point; returns whether it goes to the shadow in the completion
+    /// order: not when ordering is off, nor for a COPY (the client's data for it reaches the
+    /// shadow only after its frames, so they cannot wait for the primary's answer), nor when
+    /// a Flush already sent part of it.
+    fn push_meta(&mut self, statements: Vec<Rc<Compared>>, shadow: bool, read_at: Instant) -> bool {
         let shadow = shadow && !self.link.dead.get();
+        let ordered = shadow
+            && self.target.port.is_some()
+            && !self.batch_unordered
+            && !statements.iter().any(|s| s.copy);
+        let start = self.start(&statements, !shadow);
+        if start.1.writes {
+            self.link
+                .in_flight
+                .borrow_mut()
+                .push_back((self.link.planned.get(), start.clone()));
+        }
         self.link.planned.set(self.link.planned.get() + 1);
         self.link.metas.borrow_mut().push_back(SyncMeta {
             statements,
             shadow,
+            ordered,
+            start,
             read_at,
         });
+        ordered
+    }
+
+    /// Tells the ledger a sync point of these statements goes to the primary now (a write is
+    /// in flight until answered). One that may end a transaction carries what it wrote.
+    fn start(&self, statements: &[Rc<Compared>], only: bool) -> Start {
+        let Some(port) = &self.target.port else {
+            return Start::default();
+        };
+        let mut footprint = Footprint::default();
+        for statement in statements {
+            footprint.join(&statement.scan.footprint);
+            if statement.transaction {
+                footprint.join(&self.link.written.borrow());
+            }
+        }
+        let started = port.ledger.start(self.link.order_session, &footprint, only);
+        (footprint, started)
+    }
+
+    fn order_of(&self, seq: u64, ordered: bool) -> Order {
+        if ordered {
+            Order::Await(seq)
+        } else {
+            Order::Free
+        }
     }
 
     fn send(&mut self, frame: Bytes, sync: bool) {
@@ -478,13 +604,14 @@ impl Dispatch {
             self.held.extend_from_slice(&frame);
             self.held_expects.extend(expect);
         } else {
+            self.open_batch = true;
             self.send(frame, false);
             self.out_expects.extend(expect);
         }
     }
 
     /// Ends the segment being filled; `gate`: it ends with that gating sync point.
-    fn cut(&mut self, gate: Option<u64>) {
+    fn cut(&mut self, gate: Option<u64>, order: Order) {
         if self.out.is_empty() && self.out_expects.is_empty() && gate.is_none() {
             return;
         }
@@ -495,13 +622,20 @@ impl Dispatch {
             expects: std::mem::take(&mut self.out_expects),
             syncs: std::mem::take(&mut self.out_syncs),
             gate,
+            order,
         });
     }
 
     /// Moves the segments prepared so far to the queue the shadow is written from; dropped
-    /// once nothing more goes to the shadow.
-    fn enqueue(&mut self) {
-        self.cut(None);
+    /// once nothing more goes to the shadow. Frames of an extended batch whose Sync has not
+    /// come stay for it, unless the client flushed (it waits for answers) or `all`.
+    fn enqueue(&mut self, all: bool) {
+        if all || !self.open_batch || self.flushed {
+            if self.open_batch && !(self.out.is_empty() && self.out_expects.is_empty()) {
+                self.batch_unordered = true;
+            }
+            self.cut(None, Order::Free);
+        }
         let link = &self.link;
         if link.dead.get() {
             self.segments.clear();
@@ -519,7 +653,7 @@ impl Dispatch {
     /// and writes what may go now; the session's [`ShadowWriter`] writes what a gate holds
     /// back. Waits while more than `compare.shadow-queue-bytes-max` is queued.
     pub async fn write(&mut self) {
-        self.enqueue();
+        self.enqueue(false);
         let link = self.link.clone();
         if link.dead.get() || link.queue.borrow().is_empty() {
             return;
@@ -543,8 +677,8 @@ impl Dispatch {
     pub fn finish(&mut self, said_terminate: bool) {
         if !said_terminate {
             self.send(Bytes::from_static(&[b'X', 0, 0, 0, 4]), false);
-            self.enqueue();
         }
+        self.enqueue(true);
         self.link.finished.set(true);
         if let Some(w) = self.link.writer_waker.take() {
             w.wake();
@@ -558,6 +692,7 @@ impl Dispatch {
 pub struct ShadowWriter {
     link: Rc<Pairing>,
     shadow: Stream,
+    target: Rc<CompareTarget>,
 }
 
 impl ShadowWriter {
@@ -584,7 +719,53 @@ impl ShadowWriter {
             if !go {
                 break;
             }
+            if let Some(seq) = link.awaiting() {
+                self.clear(seq).await;
+                continue;
+            }
             write_ready(link, &self.shadow).await;
+        }
+    }
+
+    /// The segment at the queue's front ends ordered sync point `seq`: waits for the
+    /// primary's answer to it, then for its turn in the completion order (at most
+    /// `compare.order-wait-ms`; beyond it, it goes anyway, overtaken).
+    async fn clear(&self, seq: u64) {
+        let link = &self.link;
+        let ticket = futures_lite::future::poll_fn(|cx| {
+            if link.dead.get() || link.awaiting() != Some(seq) {
+                return Poll::Ready(None);
+            }
+            let mut tickets = link.tickets.borrow_mut();
+            // Tickets of sync points whose frames never came this far (dropped) go.
+            while tickets.front().is_some_and(|(s, _)| *s < seq) {
+                tickets.pop_front();
+            }
+            if let Some(&(s, c)) = tickets.front()
+                && s == seq
+            {
+                tickets.pop_front();
+                return Poll::Ready(Some(c));
+            }
+            link.writer_waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await;
+        let Some(c) = ticket else {
+            return;
+        };
+        if let (Some(c), Some(port)) = (c, &self.target.port) {
+            let limit = std::time::Duration::from_millis(self.target.cfg.order_wait_ms);
+            if crate::exec::within(limit, port.wait(c)).await.is_none() {
+                port.give_up(c);
+                port.ledger.force(c);
+                link.order_expired.set(link.order_expired.get() + 1);
+            }
+        }
+        if let Some(front) = link.queue.borrow_mut().front_mut()
+            && front.order == Order::Await(seq)
+        {
+            front.order = Order::Cleared(c);
         }
     }
 }
@@ -593,7 +774,7 @@ impl ShadowWriter {
 /// segments up to the next gate), unless another write is under way or nothing may go.
 async fn write_ready(link: &Pairing, shadow: &Stream) {
     while !link.writing.get() && !link.dead.get() && link.gate.get().is_none() {
-        if link.queue.borrow().is_empty() {
+        if link.queue.borrow().is_empty() || link.awaiting().is_some() {
             break;
         }
         let mut frames: Vec<Bytes> = Vec::new();
@@ -608,13 +789,20 @@ async fn write_ready(link: &Pairing, shadow: &Stream) {
                     let _ = wire::encode::query(&mut buf, sql);
                     bytes += buf.len();
                     frames.push(buf.freeze());
-                    kinds.push_back(true);
+                    kinds.push_back(ShadowSync::Own);
                     expects.push_back(Expect::Sync);
                 }
             }
             while link.gate.get().is_none() && bytes < SHADOW_WRITE_BYTES {
+                if link.awaiting().is_some() {
+                    break;
+                }
                 let Some(segment) = link.queue.borrow_mut().pop_front() else {
                     break;
+                };
+                let number = match segment.order {
+                    Order::Cleared(c) => c,
+                    _ => None,
                 };
                 link.queued_bytes
                     .set(link.queued_bytes.get().saturating_sub(segment.bytes));
@@ -622,7 +810,7 @@ async fn write_ready(link: &Pairing, shadow: &Stream) {
                 frames.extend(segment.frames);
                 expects.extend(segment.expects);
                 for _ in 0..segment.syncs {
-                    kinds.push_back(false);
+                    kinds.push_back(ShadowSync::Client(number));
                 }
                 if segment.gate.is_some() {
                     link.gate.set(segment.gate);
@@ -660,8 +848,22 @@ async fn write_ready(link: &Pairing, shadow: &Stream) {
 }
 
 impl Pairing {
+    /// The ordered sync point the segment at the queue's front waits for, if it waits.
+    fn awaiting(&self) -> Option<u64> {
+        match self.queue.borrow().front()?.order {
+            Order::Await(seq) => Some(seq),
+            _ => None,
+        }
+    }
+
+    /// Whether the next answer the shadow owes is to pgprism's own ROLLBACK or BEGIN.
+    fn own_next(&self) -> bool {
+        self.shadow_kinds.borrow().front() == Some(&ShadowSync::Own)
+    }
+
     /// Nothing more is written to the shadow; whoever waits on the queue is released.
     fn stop(&self) {
+        self.abandon();
         self.dead.set(true);
         self.gate.set(None);
         self.queue.borrow_mut().clear();
@@ -672,6 +874,30 @@ impl Pairing {
         if let Some(w) = self.space_waker.take() {
             w.wake();
         }
+    }
+}
+
+impl Pairing {
+    /// The session's sync points still pending in the ledger never complete on the shadow.
+    fn abandon(&self) {
+        let issued = std::mem::take(&mut *self.issued.borrow_mut());
+        let in_flight: Vec<Start> = self
+            .in_flight
+            .borrow_mut()
+            .drain(..)
+            .map(|(_, s)| s)
+            .collect();
+        if let Some(port) = &self.port {
+            port.ledger.unstart(self.order_session, &in_flight);
+            port.ledger.abandon(&issued, port.shard());
+            port.drain();
+        }
+    }
+}
+
+impl Drop for Pairing {
+    fn drop(&mut self) {
+        self.abandon();
     }
 }
 
@@ -686,9 +912,17 @@ impl Exchange {
         session: u64,
         params: Vec<(String, String)>,
     ) -> (Dispatch, Comparer, ShadowWriter) {
+        let port = target.port.clone();
         let link = Rc::new(Pairing {
             metas: RefCell::new(VecDeque::new()),
             shadow_kinds: RefCell::new(VecDeque::new()),
+            tickets: RefCell::new(VecDeque::new()),
+            issued: RefCell::new(Vec::new()),
+            order_session: port.as_ref().map_or(0, |p| p.ledger.session()),
+            order_expired: Cell::new(0),
+            written: RefCell::new(Footprint::default()),
+            in_flight: RefCell::new(VecDeque::new()),
+            port,
             rollback_due: Cell::new(false),
             begin_due: Cell::new(false),
             queue: RefCell::new(VecDeque::new()),
@@ -719,6 +953,9 @@ impl Exchange {
             out: Vec::new(),
             out_syncs: 0,
             segments: Vec::new(),
+            open_batch: false,
+            batch_unordered: false,
+            flushed: false,
         };
         let down = Comparer {
             digesters: [
@@ -745,6 +982,7 @@ impl Exchange {
         let writer = ShadowWriter {
             link: up.link.clone(),
             shadow: up.shadow.clone(),
+            target: up.target.clone(),
         };
         (up, down, writer)
     }
@@ -853,7 +1091,7 @@ impl Comparer {
             self.stream_now(seq, out);
         }
         if side == self.source && segment_start < frames.len() {
-            let internal = side == SHADOW && self.link.shadow_kinds.borrow().front() == Some(&true);
+            let internal = side == SHADOW && self.link.own_next();
             if !internal {
                 self.emit(frames.slice(segment_start..), false, out);
             }
@@ -899,8 +1137,7 @@ impl Comparer {
                 tag::NOTIFICATION_RESPONSE => {
                     // What precedes it may be the answer to pgprism's own ROLLBACK (the
                     // shadow as source): that is never the client's.
-                    let internal =
-                        side == SHADOW && self.link.shadow_kinds.borrow().front() == Some(&true);
+                    let internal = side == SHADOW && self.link.own_next();
                     if !internal {
                         self.emit(frames.slice(walk.segment_start..at), false, out);
                     }
@@ -922,14 +1159,17 @@ impl Comparer {
         let Step::SyncEnd(status) = self.digesters[side].visit(tag, body) else {
             return false;
         };
-        let digest = self.digesters[side].finish_sync(status, walk.now);
-        let internal = side == SHADOW
-            && self
-                .link
-                .shadow_kinds
-                .borrow_mut()
-                .pop_front()
-                .unwrap_or(false);
+        let mut digest = self.digesters[side].finish_sync(status, walk.now);
+        let kind = if side == SHADOW {
+            self.link.shadow_kinds.borrow_mut().pop_front()
+        } else {
+            self.primary_completed(status);
+            None
+        };
+        let internal = kind == Some(ShadowSync::Own);
+        if let Some(ShadowSync::Client(Some(c))) = kind {
+            digest.overtaken = self.shadow_completed(c) == Pinned::Overtaken;
+        }
         if !internal {
             self.done[side].push_back(digest);
         }
@@ -941,6 +1181,78 @@ impl Comparer {
             }
         }
         true
+    }
+
+    /// The primary answered the next sync point (ending with transaction status `status`):
+    /// it takes its place in the completion order, and its frames may go to the shadow in
+    /// their turn. What a transaction writes becomes visible to others when it ends, so the
+    /// sync point that ends it carries everything it wrote.
+    fn primary_completed(&mut self, status: u8) {
+        let Some(port) = &self.target.port else {
+            return;
+        };
+        let metas = self.link.metas.borrow();
+        let index = self.done[PRIMARY].len();
+        let Some(meta) = metas.get(index) else {
+            return;
+        };
+        let seq = self.settled + index as u64;
+        let mut footprint = Footprint::default();
+        for statement in &meta.statements {
+            footprint.join(&statement.scan.footprint);
+        }
+        {
+            let mut written = self.link.written.borrow_mut();
+            if status == b'I' {
+                let ended = std::mem::take(&mut *written);
+                footprint.ends = !ended.is_empty();
+                footprint.join(&ended);
+            } else {
+                written.join(&footprint.written());
+            }
+        }
+        footprint.join(&meta.start.0);
+        let session = self.link.order_session;
+        let mut start = meta.start.clone();
+        {
+            // Counted in flight unless the session's end already took it back.
+            let mut in_flight = self.link.in_flight.borrow_mut();
+            while in_flight.front().is_some_and(|(s, _)| *s < seq) {
+                in_flight.pop_front();
+            }
+            start.1.writes = in_flight.front().is_some_and(|(s, _)| *s == seq);
+            if start.1.writes {
+                in_flight.pop_front();
+            }
+        }
+        if self.link.dead.get() {
+            port.ledger.answered(session, &footprint, &start);
+        } else if meta.ordered {
+            let c =
+                (!footprint.is_empty()).then(|| port.ledger.complete(session, footprint, &start));
+            if let Some(c) = c {
+                self.link.issued.borrow_mut().push(c);
+            }
+            self.link.tickets.borrow_mut().push_back((seq, c));
+            if let Some(w) = self.link.writer_waker.take() {
+                w.wake();
+            }
+        } else if !meta.shadow {
+            port.ledger.primary_only(session, &footprint, &start);
+        } else {
+            port.ledger.answered(session, &footprint, &start);
+        }
+    }
+
+    /// The shadow answered ordered sync point `c`: whoever waited for it may go.
+    fn shadow_completed(&mut self, c: u64) -> Pinned {
+        let Some(port) = &self.target.port else {
+            return Pinned::InOrder;
+        };
+        self.link.issued.borrow_mut().retain(|&i| i != c);
+        let pinned = port.ledger.done(c, port.shard());
+        port.drain();
+        pinned
     }
 
     /// The ORDER BY keys of the statement whose result `side` is reading: its sync point is
@@ -1036,6 +1348,10 @@ impl Comparer {
     /// Pairs and judges every sync point both sides have finished; releases (or replaces)
     /// held bytes into `out`.
     pub fn settle(&mut self, stats: &ShardStats, out: &mut Vec<Bytes>) {
+        ShardStats::bump(
+            &stats.counters.compare_order_waits_expired,
+            self.link.order_expired.take(),
+        );
         loop {
             let need_shadow = match self.link.metas.borrow().front() {
                 None => return,
@@ -1233,10 +1549,21 @@ impl Comparer {
             if differences.is_empty() {
                 continue;
             }
+            let verdict = Verdict::of(
+                &differences,
+                statement.scan.nondeterministic,
+                shadow.overtaken || primary.overtaken,
+            );
             let times = (primary_us, shadow_us, primary.status);
-            let reported =
-                self.report_mismatch(&statement, &differences, (p, s), times, stats, fallback);
-            if failure.is_none() && !fallback {
+            let reported = self.report_mismatch(
+                &statement,
+                &differences,
+                (p, s),
+                times,
+                stats,
+                (fallback, verdict),
+            );
+            if failure.is_none() && !fallback && verdict == Verdict::Mismatch {
                 failure = Some(reported);
             }
         }
@@ -1262,15 +1589,22 @@ impl Comparer {
         (p, s): (Option<&Digest>, Option<&Digest>),
         times: (u64, u64, u8),
         stats: &ShardStats,
-        fallback: bool,
+        (fallback, verdict): (bool, Verdict),
     ) -> (String, String) {
-        ShardStats::bump(&stats.counters.compare_mismatches, 1);
-        for d in differences {
-            let cell = &self.target.stats.kinds[d.kind.index()];
-            cell.set(cell.get() + 1);
+        let counter = match verdict {
+            Verdict::Mismatch => &stats.counters.compare_mismatches,
+            Verdict::Concurrent => &stats.counters.compare_inconclusive_concurrent,
+            Verdict::Nondeterministic(_) => &stats.counters.compare_inconclusive_nondeterministic,
+        };
+        ShardStats::bump(counter, 1);
+        if verdict == Verdict::Mismatch {
+            for d in differences {
+                let cell = &self.target.stats.kinds[d.kind.index()];
+                cell.set(cell.get() + 1);
+            }
         }
         let empty = Digest::default();
-        let record = self.record(
+        let mut record = self.record(
             statement,
             differences,
             p.unwrap_or(&empty),
@@ -1278,8 +1612,16 @@ impl Comparer {
             times,
             fallback,
         );
+        record.record = verdict.record();
+        record.verdict = verdict.name();
+        if let Verdict::Nondeterministic(why) = verdict {
+            record.reason = why;
+        }
+        if verdict != Verdict::Mismatch {
+            record.failed_client = false;
+        }
         let reported = (record.description.clone(), detail(&record));
-        if fallback {
+        if fallback && verdict == Verdict::Mismatch {
             ShardStats::bump(&stats.counters.compare_fallbacks, 1);
         }
         if !self.target.send(record) {
@@ -1326,6 +1668,7 @@ impl Comparer {
             false,
         );
         record.record = "slow";
+        record.verdict = "";
         crate::exec::spawn(super::explain::run(
             self.target.clone(),
             self.params.clone(),
@@ -1379,6 +1722,8 @@ impl Comparer {
             .join("; ");
         Record {
             record: "mismatch",
+            verdict: "mismatch",
+            reason: "",
             kinds: differences.iter().map(|d| d.kind.name()).collect(),
             description,
             statement: text,

@@ -11,6 +11,8 @@
 pub mod digest;
 mod exchange;
 mod explain;
+pub mod footprint;
+pub mod order;
 mod pump;
 pub mod report;
 pub mod rules;
@@ -18,6 +20,7 @@ pub mod verdict;
 
 use std::cell::Cell;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Sender, TrySendError};
@@ -37,8 +40,13 @@ pub use verdict::Kind;
 /// A mismatch or slow-query report, sent from a shard to the control thread.
 #[derive(Debug, Clone, Default)]
 pub struct Record {
-    /// `mismatch` or `slow`.
+    /// `mismatch`, `inconclusive` or `slow`.
     pub record: &'static str,
+    /// `mismatch`, `inconclusive: concurrent` or `inconclusive: nondeterministic` (empty for
+    /// `slow`).
+    pub verdict: &'static str,
+    /// Why an inconclusive result differs by nature (`now()`, `an OID`...), or empty.
+    pub reason: &'static str,
     pub kinds: Vec<&'static str>,
     pub description: String,
     pub statement: String,
@@ -120,6 +128,8 @@ pub struct Resolved {
     pub primary_tls: Upstream,
     pub cfg: CompareConfig,
     pub reports: Sender<Record>,
+    /// The primary's completion order, shared by every shard (ordered shadow dispatch).
+    pub ledger: Arc<order::Ledger>,
 }
 
 pub fn resolve(cfg: &Config, reports: Sender<Record>) -> Result<Option<Resolved>, CompareError> {
@@ -151,6 +161,7 @@ pub fn resolve(cfg: &Config, reports: Sender<Record>) -> Result<Option<Resolved>
         primary_tls,
         cfg: cfg.compare.clone(),
         reports,
+        ledger: Arc::default(),
     }))
 }
 
@@ -175,6 +186,8 @@ pub struct CompareTarget {
     /// EXPLAIN runs left for this shard.
     pub explains_left: Cell<u64>,
     pub shard: usize,
+    /// Ordered shadow dispatch (None: `compare.order-wait-ms` = 0).
+    pub port: Option<Rc<order::Port>>,
 }
 
 impl CompareTarget {
@@ -196,6 +209,8 @@ impl CompareTarget {
             stats: CompareStats::default(),
             explains_left: Cell::new(resolved.cfg.explains_max),
             shard,
+            port: (resolved.cfg.order_wait_ms > 0)
+                .then(|| order::Port::new(resolved.ledger.clone(), shard)),
         }))
     }
 

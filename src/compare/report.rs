@@ -223,6 +223,8 @@ fn side_json(side: &Side) -> sonic_rs::Value {
 pub fn record_json(r: &Record) -> sonic_rs::Value {
     sonic_rs::json!({
         "record": r.record,
+        "verdict": r.verdict,
+        "reason": r.reason,
         "kinds": r.kinds.clone(),
         "description": r.description.as_str(),
         "statement": r.statement.as_str(),

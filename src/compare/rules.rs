@@ -35,6 +35,8 @@ pub struct Rules {
     /// Pairs of type OIDs declared equal (both orders).
     equivalent: Vec<(u32, u32)>,
     pub sample_rows_max: usize,
+    /// `compare.calibrate`: writes run on the primary only.
+    calibrate: bool,
 }
 
 pub const FLOAT4: u32 = 700;
@@ -137,6 +139,18 @@ pub fn validate(cfg: &CompareConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Whether any statement of `text` writes (or locks rows), as the ordered dispatch reads it.
+fn writes(text: &str) -> bool {
+    crate::sql::split_statements(text.as_bytes())
+        .into_iter()
+        .filter_map(|r| text.get(r))
+        .any(|one| {
+            super::footprint::scan(one, crate::sql::classify(one.as_bytes()))
+                .footprint
+                .write
+        })
+}
+
 impl Rules {
     /// Compiles the rules; the config was validated, so errors here are reported, not fatal.
     pub fn new(cfg: &CompareConfig) -> Result<Rules, CompareError> {
@@ -156,6 +170,7 @@ impl Rules {
             tolerance: cfg.float_tolerance,
             equivalent,
             sample_rows_max: cfg.sample_rows_max,
+            calibrate: cfg.calibrate,
         })
     }
 
@@ -163,12 +178,16 @@ impl Rules {
         !self.exclude.is_empty() && self.exclude.is_match(statement)
     }
 
+    /// Whether `statement` runs on the primary only: it matches `compare.primary-only-patterns`,
+    /// or it writes while calibrating (the shadow is the primary itself, so a write would run
+    /// twice there).
     pub fn primary_only(&self, statement: &str) -> bool {
-        !self.primary_only.is_empty() && self.primary_only.is_match(statement)
+        (!self.primary_only.is_empty() && self.primary_only.is_match(statement))
+            || (self.calibrate && writes(statement))
     }
 
     pub fn routes(&self) -> bool {
-        !self.primary_only.is_empty()
+        !self.primary_only.is_empty() || self.calibrate
     }
 
     /// The two column types compare equal (same OID or declared equivalent).

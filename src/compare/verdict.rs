@@ -58,6 +58,58 @@ impl Kind {
     }
 }
 
+/// What a difference means (issue 15's three verdicts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// A real incompatibility: counted, reported, and under `fail-on-differences` the client
+    /// gets XX000.
+    Mismatch,
+    /// The statement's order with a conflicting statement of another session could not be
+    /// reproduced on the shadow (`compare.order-wait-ms` ran out, or a write ran on the
+    /// primary only): either answer may be right. Reported, never fails the client.
+    Concurrent,
+    /// The result differs by nature (a volatile function, a server-local value, LIMIT
+    /// without ORDER BY): reported with the reason, never fails the client.
+    Nondeterministic(&'static str),
+}
+
+impl Verdict {
+    /// Which verdict a statement's differences get: `nondeterministic` is the statement's
+    /// reason to differ by nature, `overtaken` whether its order was not reproduced. A
+    /// slow-only verdict stays a mismatch (it is about time, not order).
+    pub fn of(
+        differences: &[Difference],
+        nondeterministic: Option<&'static str>,
+        overtaken: bool,
+    ) -> Verdict {
+        if differences.iter().all(|d| d.kind == Kind::Slow) {
+            return Verdict::Mismatch;
+        }
+        match nondeterministic {
+            Some(why) => Verdict::Nondeterministic(why),
+            None if overtaken => Verdict::Concurrent,
+            None => Verdict::Mismatch,
+        }
+    }
+
+    /// The report's `record` field.
+    pub fn record(self) -> &'static str {
+        match self {
+            Verdict::Mismatch => "mismatch",
+            Verdict::Concurrent | Verdict::Nondeterministic(_) => "inconclusive",
+        }
+    }
+
+    /// The report's `verdict` field.
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Mismatch => "mismatch",
+            Verdict::Concurrent => "inconclusive: concurrent",
+            Verdict::Nondeterministic(_) => "inconclusive: nondeterministic",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Difference {
     pub kind: Kind,

@@ -5,6 +5,7 @@
 pub mod dns;
 mod env;
 mod pool;
+pub mod reference;
 mod url;
 
 use std::collections::BTreeMap;
@@ -153,6 +154,14 @@ pub struct CompareConfig {
     /// transaction-control statement until both sides answered it; beyond it the client's
     /// reads wait (backpressure).
     pub shadow_queue_bytes_max: usize,
+    /// Ordered shadow dispatch: how long a statement the primary has answered may wait for
+    /// earlier conflicting statements (of other sessions) to complete on the shadow; beyond it
+    /// it goes anyway and a difference in its result is inconclusive (concurrent), not a
+    /// mismatch. 0 turns ordering off (each session's statements go as they arrive).
+    pub order_wait_ms: u64,
+    /// Calibration (A/A): the shadow is the primary itself, so writes run on the primary only
+    /// and every difference is noise; reports carry the noise rate per fingerprint.
+    pub calibrate: bool,
 }
 
 impl Default for CompareConfig {
@@ -185,6 +194,8 @@ impl Default for CompareConfig {
             shadow_timeout_ms: 30_000,
             shadow_lag_max: 10_000,
             shadow_queue_bytes_max: 4 << 20,
+            order_wait_ms: 2_000,
+            calibrate: false,
         }
     }
 }
@@ -251,7 +262,9 @@ pub struct MirrorConfig {
     pub retries: u32,
     /// First reconnection delay; doubles per attempt up to `retry-delay-max-ms`.
     pub retry_delay_ms: u64,
+    /// Longest reconnection delay.
     pub retry_delay_max_ms: u64,
+    /// Time allowed to open and authenticate a mirror connection.
     pub connect_timeout_ms: u64,
     /// Hold frames up to this long so that several go to the mirror in one write (0: send
     /// each at once). Fewer sends and fewer wake-ups of the mirror's backend per statement,
@@ -327,7 +340,12 @@ pub struct ProxyConfig {
     /// connections follow a name that moved; 0: resolved once at start-up.
     pub dns_refresh_ms: u64,
     /// On SIGTERM/SIGINT: how long running sessions may take to finish before pgprism exits.
+    /// After an upgrade (SIGUSR2) the old process waits this long for its sessions to end on
+    /// their own, then closes the rest with 57P01.
     pub drain_timeout_ms: u64,
+    /// On SIGUSR2: how long the new binary has to validate its config, take over the
+    /// listening sockets and report ready; past it the old process kills it and keeps serving.
+    pub upgrade_timeout_ms: u64,
     /// Client sessions per shard; beyond it new clients get SQLSTATE 53300.
     pub sessions_per_shard_max: usize,
     /// Statements in flight per session whose latency is recorded (pipelines deeper than this
@@ -356,6 +374,7 @@ impl Default for ProxyConfig {
             connect_timeout_ms: 5_000,
             dns_refresh_ms: 15_000,
             drain_timeout_ms: 30_000,
+            upgrade_timeout_ms: 30_000,
             sessions_per_shard_max: 10_000,
             pipeline_depth_max: 1024,
             session_names_max: 10_000,
@@ -368,7 +387,9 @@ impl Default for ProxyConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct PrimaryConfig {
-    /// `postgres://host:port` (user, password and database come from each client).
+    /// `postgres://host:port` (user, password and database come from each client), or its
+    /// socket directory: `postgres://%2Fdir:port`, `postgres:///?host=/dir&port=N`; TLS with
+    /// `?sslmode=...&sslrootcert=...` as in libpq. Required when a proxy runs.
     pub url: String,
 }
 
@@ -376,14 +397,62 @@ pub struct PrimaryConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct AdminConfig {
-    /// Address of the admin endpoint; empty disables it.
+    /// Address of the admin endpoint; empty disables it. An address beyond loopback needs
+    /// `token-file`.
     pub listen: String,
+    /// File holding the bearer token (one line, at least 16 characters) that requests must
+    /// carry as `Authorization: Bearer <token>`: every state-changing request (any method but
+    /// GET), and on an address beyond loopback every request. The file must not be readable
+    /// or writable by group or others (as ssh insists for keys). Empty: no token, and
+    /// state-changing requests are refused with 403.
+    pub token_file: String,
+    /// PEM certificate chain the admin endpoint presents: set it (with `key-file`) to serve
+    /// HTTPS instead of plain HTTP.
+    pub cert_file: String,
+    /// PEM private key of that certificate.
+    pub key_file: String,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: "127.0.0.1:9930".into(),
+            token_file: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The address and token rules that need no file: a listen address beyond loopback
+    /// needs a token; certificate and key go together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(());
+        }
+        let addr = parse_addr("admin.listen", &self.listen)?;
+        if !addr.ip().is_loopback() && self.token_file.is_empty() {
+            return Err(ConfigError::key(
+                "admin.token-file",
+                format!(
+                    "admin.listen `{}` is reachable beyond this machine, so every request \
+                     must carry a bearer token: set admin.token-file (a file only pgprism's \
+                     user can read) or listen on 127.0.0.1",
+                    self.listen
+                ),
+            ));
+        }
+        match (self.cert_file.is_empty(), self.key_file.is_empty()) {
+            (false, true) => Err(ConfigError::key(
+                "admin.key-file",
+                "admin.cert-file is set: set admin.key-file too (its private key)",
+            )),
+            (true, false) => Err(ConfigError::key(
+                "admin.cert-file",
+                "admin.key-file is set: set admin.cert-file too (the certificate chain)",
+            )),
+            _ => Ok(()),
         }
     }
 }
@@ -521,6 +590,21 @@ pub enum CdcToastMode {
     Partial,
 }
 
+/// How loads are grouped into StarRocks transactions (the Stream Load transaction interface).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CdcTransactionMode {
+    /// One StarRocks transaction per flush cycle across every table (StarRocks 4.0 and
+    /// later): a source transaction that changed several tables becomes visible at once.
+    MultiTable,
+    /// One StarRocks transaction per table per flush cycle (StarRocks 2.4 to 3.x): each
+    /// table's share of a source transaction is all or nothing, but two tables become
+    /// visible one after the other.
+    PerTable,
+    /// Plain Stream Load, one load per batch (any StarRocks): a batch is all or nothing.
+    None,
+}
+
 /// Change data capture: PostgreSQL logical replication into StarRocks Stream Load.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -582,10 +666,13 @@ pub struct CdcConfig {
     pub spill_bytes_max: u64,
     /// Stream Load `max_filter_ratio`; 0 means a filtered row fails the load.
     pub max_filter_ratio: f64,
+    /// How loads are grouped into StarRocks transactions.
+    pub transaction_mode: CdcTransactionMode,
     /// Attempts per Stream Load before giving up (same label each time).
     pub load_attempts_max: u32,
     /// First retry delay; doubles per attempt up to `load-backoff-ms-max`.
     pub load_backoff_ms: u64,
+    /// Longest retry delay between Stream Load attempts.
     pub load_backoff_ms_max: u64,
     /// Timeout of one Stream Load HTTP exchange.
     pub load_timeout_ms: u64,
@@ -627,6 +714,7 @@ impl Default for CdcConfig {
             spill_dir: String::new(),
             spill_bytes_max: 64 << 30,
             max_filter_ratio: 0.0,
+            transaction_mode: CdcTransactionMode::MultiTable,
             load_attempts_max: 10,
             load_backoff_ms: 100,
             load_backoff_ms_max: 10_000,
@@ -823,9 +911,7 @@ impl Config {
         self.validate_metrics()?;
         self.validate_primary()?;
         self.validate_client_tls()?;
-        if !self.admin.listen.is_empty() {
-            parse_addr("admin.listen", &self.admin.listen)?;
-        }
+        self.admin.validate()?;
         self.validate_mirrors()?;
         self.validate_compare()?;
         self.pool.validate()?;
@@ -865,6 +951,7 @@ impl Config {
         for (key, value) in [
             ("proxy.startup-timeout-ms", self.proxy.startup_timeout_ms),
             ("proxy.connect-timeout-ms", self.proxy.connect_timeout_ms),
+            ("proxy.upgrade-timeout-ms", self.proxy.upgrade_timeout_ms),
             (
                 "metrics.report-interval-ms",
                 self.metrics.report_interval_ms,

@@ -26,7 +26,10 @@ pub enum PoolMode {
 pub enum AuthType {
     /// SCRAM-SHA-256 against the user's secret (a SCRAM secret or a plain password); a user
     /// whose secret is an MD5 hash is asked for MD5 instead, as PostgreSQL does.
+    // PostgreSQL's spelling (pg_hba.conf, `--auth-type`); kebab-case alone would make it
+    // `scram-sha256`, which the file accepted before and still does.
     #[default]
+    #[serde(rename = "scram-sha-256", alias = "scram-sha256")]
     ScramSha256,
     /// MD5 against an MD5 hash or a plain password; a SCRAM secret is asked for SCRAM.
     Md5,
@@ -39,6 +42,7 @@ pub enum AuthType {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct PoolConfig {
+    /// How client sessions get their primary connections.
     pub mode: PoolMode,
     /// Most primary connections per (user, database) for the whole process, however many
     /// shards (`--pool-size`; Frenzy's `--max-conns`).
@@ -49,6 +53,7 @@ pub struct PoolConfig {
     /// Extra connections a pair may open beyond `size` for clients that waited longer than
     /// `reserve-timeout-ms`.
     pub reserve_size: usize,
+    /// How long a client waits for a connection before it may use the reserve.
     pub reserve_timeout_ms: u64,
     /// A connection older than this is closed when it comes back (Frenzy's
     /// `--max-conn-lifetime`); 0: never.
@@ -68,6 +73,8 @@ pub struct PoolConfig {
     /// Run on a connection idle longer than `server-check-delay-ms` before it is lent; empty:
     /// no check.
     pub server_check_query: String,
+    /// Idle time after which a connection is checked with `server-check-query` before it
+    /// is lent.
     pub server_check_delay_ms: u64,
     /// Server-side prepared statements kept per connection (PgBouncer's
     /// `max_prepared_statements`); the least recently used is closed beyond it.
@@ -75,6 +82,8 @@ pub struct PoolConfig {
     /// Several clients' autocommit statements may share one connection in one write, up to
     /// this many sync points in flight on it (1: one client per connection at a time).
     pub shared_depth_max: usize,
+    /// How pgprism authenticates clients in transaction mode (session mode relays
+    /// authentication to the primary).
     pub auth_type: AuthType,
     /// PgBouncer's userlist format: `"user" "password or md5... or SCRAM-SHA-256$..."` per
     /// line.

@@ -2,6 +2,7 @@
 //! histograms, and serves the admin endpoint. It does the blocking and slow work (HTTP,
 //! formatting) so shards never do, and it never holds anything a shard waits on.
 
+mod access;
 mod admin;
 mod render;
 pub mod systemd;
@@ -18,7 +19,17 @@ use crate::mirror::MirrorReport;
 use crate::stats::fingerprints::FingerprintReport;
 use crate::stats::{Counters, ShardReport, new_histogram};
 
-pub use admin::{AdminServer, ExtraRoutes, RouteResponse};
+pub use admin::{AdminError, AdminServer, ExtraRoutes, RouteResponse};
+
+/// Reads what the admin endpoint of `cfg` would read at start-up (the token file, the
+/// certificate and key) and applies the same rules, binding nothing: for `pgprism check`.
+pub fn check_admin(cfg: &crate::config::AdminConfig) -> Result<(), crate::config::ConfigError> {
+    if cfg.listen.is_empty() {
+        return Ok(());
+    }
+    let addr = crate::config::parse_addr("admin.listen", &cfg.listen)?;
+    access::Access::load(cfg, addr).map(drop)
+}
 
 /// What the admin endpoint shows; updated by the control loop, read by the admin thread.
 pub struct ControlState {
@@ -34,6 +45,10 @@ pub struct ControlState {
     /// What `[client-tls]` offers now (a reload may change it).
     pub client_tls: Option<std::sync::Arc<crate::tls::ClientTlsSlot>>,
     pub draining: bool,
+    /// Admin requests refused with 401 (no or wrong bearer token).
+    pub admin_unauthorized: u64,
+    /// State-changing admin requests refused with 403 (no token configured).
+    pub admin_forbidden: u64,
     latency_us_max: u64,
     shards: Vec<Option<ShardReport>>,
     /// Latest copy of every fingerprint per shard (reports carry only the changed ones).
@@ -79,6 +94,8 @@ impl ControlState {
             backends: Vec::new(),
             client_tls: None,
             draining: false,
+            admin_unauthorized: 0,
+            admin_forbidden: 0,
             latency_us_max,
             shards: vec![None; shards],
             fingerprints: vec![HashMap::new(); shards],

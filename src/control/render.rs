@@ -69,7 +69,26 @@ pub(super) fn metrics(state: &ControlState) -> String {
         "pgprism_uptime_seconds {}",
         state.started.elapsed().as_secs_f64()
     );
+    admin_metrics(&mut out, state);
     out
+}
+
+/// Requests the admin endpoint refused, by reason.
+fn admin_metrics(out: &mut String, state: &ControlState) {
+    let _ = writeln!(
+        out,
+        "# HELP pgprism_admin_requests_refused_total admin requests refused: unauthorized (401, no or wrong bearer token), forbidden (403, state-changing request and no admin.token-file)"
+    );
+    let _ = writeln!(out, "# TYPE pgprism_admin_requests_refused_total counter");
+    for (reason, value) in [
+        ("unauthorized", state.admin_unauthorized),
+        ("forbidden", state.admin_forbidden),
+    ] {
+        let _ = writeln!(
+            out,
+            "pgprism_admin_requests_refused_total{{reason=\"{reason}\"}} {value}"
+        );
+    }
 }
 
 /// Fingerprints exposed on /metrics (label cardinality stays bounded).

@@ -205,6 +205,10 @@ pub(super) fn write_settings(
         ("max_wal_senders", "10"),
         ("max_replication_slots", "10"),
         ("shared_buffers", "32MB"),
+        // LLVM JIT maps memory writable and executable, which the packaged unit forbids
+        // (MemoryDenyWriteExecute): a query above jit_above_cost would fail there. A user's
+        // own `jit` setting (below) still wins.
+        ("jit", "off"),
     ];
     if memory {
         // Data in RAM dies with the server anyway: durability buys nothing and costs time.

@@ -12,9 +12,9 @@ use serde::Serialize;
 use super::supervisor::{InstanceInfo, Supervisor, SupervisorHandle, SupervisorSettings};
 use super::{DataDir, EmbedError, InstanceConfig};
 use crate::config::{
-    AdminConfig, ConfigError, EMBED_DATA_MEMORY, EmbedConfig, EmbedInstanceConfig, parse_addr,
+    AdminConfig, ConfigError, EMBED_DATA_MEMORY, EmbedConfig, EmbedInstanceConfig,
 };
-use crate::control::{AdminServer, ControlState, ExtraRoutes, RouteResponse};
+use crate::control::{AdminError, AdminServer, ControlState, ExtraRoutes, RouteResponse};
 use crate::server::signals;
 
 /// How often the main loop looks for a stop signal.
@@ -93,11 +93,7 @@ pub fn run_embed(
             message: "no instances: pass --instance NAME:PORT[:memory|:DIR] or add [[embed.instance]] to the config".into(),
         }));
     }
-    let admin_addr = if admin.listen.is_empty() {
-        None
-    } else {
-        Some(parse_addr("admin.listen", &admin.listen).map_err(EmbedError::Config)?)
-    };
+    admin.validate().map_err(EmbedError::Config)?;
     // Signals go to this loop only: block them before any other thread exists.
     signals::block();
     let supervisor = Supervisor::start(SupervisorSettings::from_config(cfg))?;
@@ -106,10 +102,7 @@ pub fn run_embed(
         // On error the supervisor is dropped, which stops the instances already running.
         instances.push(supervisor.add(instance_config(cfg, inst))?);
     }
-    let admin_server = match admin_addr {
-        None => None,
-        Some(addr) => Some(start_admin(addr, &supervisor)?),
-    };
+    let admin_server = start_admin(admin, &supervisor)?;
     let bound = EmbedBound {
         instances,
         admin: admin_server.as_ref().map(|server| server.addr),
@@ -128,20 +121,27 @@ pub fn run_embed(
     Ok(())
 }
 
-/// Serves the instance routes (and the empty proxy state behind `/metrics`) on `addr`.
-fn start_admin(addr: SocketAddr, supervisor: &Supervisor) -> Result<AdminServer, EmbedError> {
+/// Serves the instance routes (and the empty proxy state behind `/metrics`) on
+/// `admin.listen`, with its access rule; `None` when it is empty.
+fn start_admin(
+    admin: &AdminConfig,
+    supervisor: &Supervisor,
+) -> Result<Option<AdminServer>, EmbedError> {
     let state = Arc::new(Mutex::new(ControlState::new(
         0,
         String::new(),
         String::new(),
         LATENCY_US_MAX,
     )));
-    AdminServer::start_with_routes(addr, state, Some(admin_routes(supervisor.handle()))).map_err(
-        |source| EmbedError::Admin {
-            addr: addr.to_string(),
-            source,
-        },
-    )
+    AdminServer::start(admin, state, Some(admin_routes(supervisor.handle()))).map_err(|err| {
+        match err {
+            AdminError::Config(err) => EmbedError::Config(err),
+            other => EmbedError::Admin {
+                addr: admin.listen.clone(),
+                source: std::io::Error::other(other),
+            },
+        }
+    })
 }
 
 /// Blocks until SIGTERM or SIGINT; SIGHUP is logged and ignored.
@@ -151,6 +151,14 @@ fn wait_for_stop() {
             Some(signals::Signal::Stop) => break,
             Some(signals::Signal::Reload) => {
                 tracing::info!("SIGHUP: configuration reload is not supported by embed; ignoring");
+            }
+            Some(signals::Signal::Upgrade) => {
+                // The servers are this process's children: a new binary cannot take them
+                // over, and starting them twice would fight over their ports and data.
+                tracing::warn!(
+                    "SIGUSR2: embed cannot hand its servers to a new binary; ignoring (restart \
+                     pgprism to run a new version)"
+                );
             }
             None => {}
         }

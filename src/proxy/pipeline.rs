@@ -8,13 +8,19 @@
 //! An error in one unit never touches another: each unit ends in its own Sync (or is its own
 //! Query), so the server's error recovery stops at that unit's end, and a unit is admitted
 //! only when it can neither open a transaction block nor change what the connection carries
-//! to the next unit (settings, names, pins: see `Session::shareable` in `pooled.rs`).
+//! to the next unit (settings, names, pins: see `Session::shareable` in `pooled.rs` and
+//! [`crate::sql::shareable_alone`]). Should the server still end a unit outside idle, the
+//! connection is closed at once, so that PostgreSQL rolls back whatever ran after it, and the
+//! clients whose units were on it are told the connection was lost: no client is ever
+//! answered from inside another's transaction.
 //!
 //! One task per pipeline owns the socket: it writes what the sessions queued and reads the
-//! answers, waking each session when its answer is complete. When the last unit is answered
-//! the pipeline retires and its connection goes back to the pool. PgBouncer lends one
-//! connection per transaction and pays a wake-up and two system calls per statement on the
-//! server leg; a pipeline of depth d pays them once per d statements.
+//! answers, handing each session its answer as it comes (in parts beyond
+//! [`STREAM_BYTES`]; reading stops while the running unit's client has [`HELD_BYTES_MAX`]
+//! not taken yet). When the last unit is answered the pipeline retires and its connection
+//! goes back to the pool. PgBouncer lends one connection per transaction and pays a wake-up
+//! and two system calls per statement on the server leg; a pipeline of depth d pays them once
+//! per d statements.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -32,13 +38,35 @@ use crate::backend::pool::{Pool, ServerConn, bump};
 use crate::exec::net::Stream;
 use crate::wire::{self, tag};
 
-/// How a unit's wait ended.
+/// A unit's answer is handed to its session in parts once this much has gathered.
+const STREAM_BYTES: usize = 32 << 10;
+/// The pipeline stops reading the server while the running unit's session has this much of
+/// its answer not taken yet (its client reads slowly).
+const HELD_BYTES_MAX: usize = 256 << 10;
+/// Largest unit that may share a connection, and most bytes queued on one not yet written:
+/// far below the socket buffers, so a write never waits on a server that is itself waiting
+/// for its answers to be read.
+pub(super) const UNIT_BYTES_MAX: usize = 8 << 10;
+const QUEUED_BYTES_MAX: usize = 64 << 10;
+/// A pipeline takes new units only until it has served this many times its depth while
+/// clients wait for a connection of their own: then it drains and its connection goes back
+/// to the pool (lifetime, RECONNECT and PAUSE apply there).
+const SERVED_PER_DEPTH: u64 = 4;
+
+/// What a unit's session gets from [`Share::next`].
+pub(super) enum Part {
+    /// A part of its answer (whole messages); more follows.
+    More(BytesMut),
+    /// The rest of its answer, up to and including its ReadyForQuery.
+    Last(BytesMut),
+    /// The connection failed (or was closed) before its answer was complete.
+    Lost,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) enum Outcome {
+enum Outcome {
     Pending,
-    /// Its answer is complete (up to and including its ReadyForQuery).
     Answered,
-    /// The connection failed before its answer was complete.
     Lost,
 }
 
@@ -47,33 +75,64 @@ pub(super) struct Share {
     answer: RefCell<BytesMut>,
     outcome: Cell<Outcome>,
     waker: Cell<Option<Waker>>,
+    /// ReadyForQuery answers still to come (one per unit today; counted, not assumed).
+    readies: Cell<usize>,
+    /// Its session is gone: the rest of its answer is read and dropped.
+    abandoned: Cell<bool>,
     /// The session's cancel slot: holds the connection's key only while this unit is the
-    /// one the server runs (the head of the queue), so a client's cancel never reaches
-    /// another client's statement.
+    /// only one on the wire (running, nothing queued behind it), so that a client's cancel
+    /// never reaches another client's statement.
     cancel_slot: Arc<AtomicU64>,
 }
 
 impl Share {
-    /// The answer, once complete (or `None` when the connection was lost).
-    pub(super) fn wait(self: &Rc<Self>) -> impl Future<Output = Option<BytesMut>> + '_ {
-        ShareWait(self)
+    /// The next part of the answer.
+    pub(super) fn next<'a>(self: &'a Rc<Self>, pipeline: &'a Pipeline) -> ShareWait<'a> {
+        ShareWait(self, pipeline)
+    }
+
+    /// The session leaves without the rest of its answer.
+    fn abandon(&self, pipeline: &Pipeline) {
+        self.abandoned.set(true);
+        self.answer.borrow_mut().clear();
+        pipeline.wake_task();
     }
 }
 
-struct ShareWait<'a>(&'a Rc<Share>);
+/// A session's hold on its unit: should the session end (or be dropped) before the whole
+/// answer came, the rest is read and dropped, so the pipeline never waits on it.
+pub(super) struct Waiting {
+    pub(super) share: Rc<Share>,
+    pub(super) pipeline: Rc<Pipeline>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.share.outcome.get() == Outcome::Pending {
+            self.share.abandon(&self.pipeline);
+        }
+    }
+}
+
+pub(super) struct ShareWait<'a>(&'a Rc<Share>, &'a Pipeline);
 
 impl Future for ShareWait<'_> {
-    type Output = Option<BytesMut>;
+    type Output = Part;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<BytesMut>> {
-        let share = self.0;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Part> {
+        let (share, pipeline) = (self.0, self.1);
         match share.outcome.get() {
+            Outcome::Answered => Poll::Ready(Part::Last(share.answer.take())),
+            Outcome::Lost => Poll::Ready(Part::Lost),
+            Outcome::Pending if share.answer.borrow().len() >= STREAM_BYTES => {
+                // The pipeline may have stopped reading for this one.
+                pipeline.wake_task();
+                Poll::Ready(Part::More(share.answer.take()))
+            }
             Outcome::Pending => {
                 share.waker.set(Some(cx.waker().clone()));
                 Poll::Pending
             }
-            Outcome::Answered => Poll::Ready(Some(std::mem::take(&mut *share.answer.borrow_mut()))),
-            Outcome::Lost => Poll::Ready(None),
         }
     }
 }
@@ -92,24 +151,28 @@ pub(super) struct Pipeline {
     key: u64,
     queue: RefCell<VecDeque<Rc<Share>>>,
     outbox: RefCell<BytesMut>,
-    /// The pipeline task, parked until there is something to write or to read.
+    /// The pipeline task, parked until there is something to write, or room to read again.
     task: Cell<Option<Waker>>,
-    /// The server ended a unit outside idle (never expected: the connection is closed, not
-    /// lent again, once its queue is answered).
-    broken: Cell<bool>,
-    /// Retired: no unit may join any more.
+    /// Retired (drained, or its connection lost): no unit may join any more.
     retired: Cell<bool>,
+    /// Units it took.
+    served: Cell<u64>,
     depth_max: usize,
 }
 
 impl Pipeline {
     /// Makes a pipeline of `conn` (registered on the shard) and starts its task.
-    pub(super) fn start(shard: &Rc<ShardCtx>, pool: &Rc<Pool>, conn: ServerConn) -> Rc<Pipeline> {
+    pub(super) fn start(
+        shard: &Rc<ShardCtx>,
+        pool: &Rc<Pool>,
+        mut conn: ServerConn,
+    ) -> Rc<Pipeline> {
         let depth_max = shard
             .pools
             .as_ref()
             .map(|p| p.cfg.shared_depth_max)
             .unwrap_or(1);
+        let buf = std::mem::take(&mut conn.buf);
         let pipeline = Rc::new(Pipeline {
             pool: pool.clone(),
             settings: conn.settings,
@@ -119,19 +182,32 @@ impl Pipeline {
             queue: RefCell::new(VecDeque::new()),
             outbox: RefCell::new(BytesMut::new()),
             task: Cell::new(None),
-            broken: Cell::new(false),
             retired: Cell::new(false),
+            served: Cell::new(0),
             depth_max,
         });
         shard.pipelines.borrow_mut().push(pipeline.clone());
         bump(&pool.counters.pipelines, 1);
         pool.linked.set(pool.linked.get() + 1);
-        crate::exec::spawn(pipeline.clone().run(shard.clone()));
+        crate::exec::spawn(pipeline.clone().run(shard.clone(), buf));
         pipeline
     }
 
-    /// A pipeline of `pool` on this shard that takes one more unit with `settings`.
-    pub(super) fn find(shard: &ShardCtx, pool: &Rc<Pool>, settings: u64) -> Option<Rc<Pipeline>> {
+    /// A pipeline of `pool` on this shard that takes one more unit of `bytes` with
+    /// `settings`.
+    pub(super) fn find(
+        shard: &ShardCtx,
+        pool: &Rc<Pool>,
+        settings: u64,
+        bytes: usize,
+    ) -> Option<Rc<Pipeline>> {
+        if shard
+            .pools
+            .as_ref()
+            .is_some_and(|p| p.is_paused(&pool.database))
+        {
+            return None;
+        }
         shard
             .pipelines
             .borrow()
@@ -140,44 +216,65 @@ impl Pipeline {
                 Rc::ptr_eq(&p.pool, pool)
                     && p.settings == settings
                     && !p.retired.get()
-                    && !p.broken.get()
                     && p.queue.borrow().len() < p.depth_max
+                    && p.outbox.borrow().len() + bytes <= QUEUED_BYTES_MAX
+                    && (pool.waiting() == 0
+                        || p.served.get() < SERVED_PER_DEPTH * p.depth_max as u64)
             })
             .cloned()
     }
 
-    /// Queues a unit's bytes; its answer comes through the returned [`Share`].
-    pub(super) fn submit(&self, bytes: BytesMut, cancel_slot: Arc<AtomicU64>) -> Rc<Share> {
+    /// Queues a unit's bytes, answered by `readies` ReadyForQuery messages; its answer
+    /// comes through the returned [`Share`].
+    pub(super) fn submit(
+        self: &Rc<Self>,
+        bytes: BytesMut,
+        readies: usize,
+        cancel_slot: Arc<AtomicU64>,
+    ) -> Waiting {
         let share = Rc::new(Share {
             answer: RefCell::new(BytesMut::new()),
             outcome: Cell::new(Outcome::Pending),
             waker: Cell::new(None),
+            readies: Cell::new(readies.max(1)),
+            abandoned: Cell::new(false),
             cancel_slot,
         });
         let mut queue = self.queue.borrow_mut();
-        // Only the unit the server runs may be cancelled.
-        let head = queue.is_empty();
-        share
-            .cancel_slot
-            .store(if head { self.key } else { 0 }, Ordering::Release);
+        // Only a unit alone on the wire may be cancelled: one queued behind another, or one
+        // with another behind it, could see its cancel reach the other's statement.
+        match queue.back() {
+            None => share.cancel_slot.store(self.key, Ordering::Release),
+            Some(_) => {
+                share.cancel_slot.store(0, Ordering::Release);
+                if let Some(front) = queue.front() {
+                    front.cancel_slot.store(0, Ordering::Release);
+                }
+                bump(&self.pool.counters.shared_behind, 1);
+            }
+        }
         queue.push_back(share.clone());
         self.outbox.borrow_mut().extend_from_slice(&bytes);
+        self.served.set(self.served.get() + 1);
         bump(&self.pool.counters.shared_units, 1);
-        if !head {
-            bump(&self.pool.counters.shared_behind, 1);
+        self.wake_task();
+        Waiting {
+            share,
+            pipeline: self.clone(),
         }
+    }
+
+    fn wake_task(&self) {
         if let Some(waker) = self.task.take() {
             waker.wake();
         }
-        share
     }
 
     /// The pipeline's task: writes what was queued (all of it in one write), reads the
     /// answers and hands each unit its own, until the queue is answered.
-    async fn run(self: Rc<Self>, shard: Rc<ShardCtx>) {
+    async fn run(self: Rc<Self>, shard: Rc<ShardCtx>, mut buf: BytesMut) {
         let max = shard.settings.message_bytes_max;
         let chunk = shard.read_chunk_bytes();
-        let mut buf = BytesMut::new();
         loop {
             // Yield once, so that every session woken in this round queues its unit before
             // the write.
@@ -194,9 +291,15 @@ impl Pipeline {
             if self.queue.borrow().is_empty() {
                 return self.retire(&shard, buf).await;
             }
+            if self.head_full() {
+                // The running unit's client has not taken what it was given: wait for it
+                // (or for more to write).
+                WaitWork(&self, true).await;
+                continue;
+            }
             let read = futures_lite::future::or(
                 async { Some(self.stream.read_buf(&mut buf, chunk).await) },
-                WaitWork(&self),
+                WaitWork(&self, false),
             )
             .await;
             match read {
@@ -211,43 +314,70 @@ impl Pipeline {
                     Err(_) => return self.lose(&shard),
                 };
                 let Some(head) = self.queue.borrow().front().cloned() else {
-                    // Nothing the server says between units is anyone's (a notice at most);
-                    // a farewell is followed by the end of the connection.
-                    continue;
+                    // Between units the server may only note something; anything else means
+                    // the answers and the units no longer line up.
+                    if matches!(frame.tag(), tag::NOTICE_RESPONSE | tag::PARAMETER_STATUS) {
+                        continue;
+                    }
+                    return self.lose(&shard);
                 };
-                head.answer.borrow_mut().extend_from_slice(frame.bytes());
+                if frame.tag() == tag::READY_FOR_QUERY && frame.body().first() != Some(&b'I') {
+                    // Never expected (no shared unit opens a transaction block): whatever
+                    // ran after it ran inside it. Closing the connection rolls it all back;
+                    // every client on it is told the connection was lost.
+                    return self.lose(&shard);
+                }
+                if !head.abandoned.get() {
+                    head.answer.borrow_mut().extend_from_slice(frame.bytes());
+                }
                 if frame.tag() != tag::READY_FOR_QUERY {
+                    if head.answer.borrow().len() >= STREAM_BYTES
+                        && let Some(waker) = head.waker.take()
+                    {
+                        waker.wake();
+                    }
                     continue;
                 }
-                if frame.body().first() != Some(&b'I') {
-                    self.broken.set(true);
+                head.readies.set(head.readies.get() - 1);
+                if head.readies.get() > 0 {
+                    continue;
                 }
-                self.queue.borrow_mut().pop_front();
+                let mut queue = self.queue.borrow_mut();
+                queue.pop_front();
                 head.cancel_slot.store(0, Ordering::Release);
                 head.outcome.set(Outcome::Answered);
                 if let Some(waker) = head.waker.take() {
                     waker.wake();
                 }
-                if let Some(next) = self.queue.borrow().front() {
+                if queue.len() == 1
+                    && let Some(next) = queue.front()
+                {
                     next.cancel_slot.store(self.key, Ordering::Release);
                 }
             }
         }
     }
 
-    /// Every unit answered: the connection goes back to the pool (closed if the server
-    /// ever ended a unit outside idle).
+    /// Whether the running unit holds as much of its answer as its session may leave there.
+    fn head_full(&self) -> bool {
+        self.queue
+            .borrow()
+            .front()
+            .is_some_and(|h| h.answer.borrow().len() >= HELD_BYTES_MAX)
+    }
+
+    /// Every unit answered: the connection goes back to the pool.
     async fn retire(&self, shard: &Rc<ShardCtx>, buf: BytesMut) {
         self.retired.set(true);
         self.unregister(shard);
         let Some(mut conn) = self.state.borrow_mut().take() else {
             return;
         };
-        conn.buf = buf;
         // A unit's unnamed Parse may have failed after the state said it holds it (its
         // session learns that only now).
         conn.unnamed = None;
-        let clean = !self.broken.get() && conn.buf.is_empty();
+        let clean = buf.is_empty();
+        conn.buf = buf;
         self.pool
             .linked
             .set(self.pool.linked.get().saturating_sub(1));
@@ -256,7 +386,8 @@ impl Pipeline {
         }
     }
 
-    /// The connection failed: every unit still waiting learns it, the pool replaces it.
+    /// The connection failed (or must not be used again): every unit still waiting learns
+    /// it, the connection is closed and the pool replaces it.
     fn lose(&self, shard: &Rc<ShardCtx>) {
         self.retired.set(true);
         self.unregister(shard);
@@ -283,17 +414,19 @@ impl Pipeline {
     }
 }
 
-/// Resolves when the pipeline has bytes to write (a session queued a unit).
-struct WaitWork<'a>(&'a Pipeline);
+/// Resolves when the pipeline has bytes to write (a session queued a unit), or, with
+/// `for_room`, when the running unit's session took its answer (or left).
+struct WaitWork<'a>(&'a Pipeline, bool);
 
 impl Future for WaitWork<'_> {
     type Output = Option<std::io::Result<usize>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if !self.0.outbox.borrow().is_empty() {
+        let pipeline = self.0;
+        if !pipeline.outbox.borrow().is_empty() || (self.1 && !pipeline.head_full()) {
             return Poll::Ready(None);
         }
-        self.0.task.set(Some(cx.waker().clone()));
+        pipeline.task.set(Some(cx.waker().clone()));
         Poll::Pending
     }
 }

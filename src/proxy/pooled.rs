@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::pipeline::Pipeline;
+use super::pipeline::{Part, Pipeline, UNIT_BYTES_MAX};
 use super::session::{ShardCtx, error_bytes};
 use crate::backend::pool::{NO_SETTINGS, Pool, PoolError, Pools, ServerConn, bump};
 use crate::exec::net::Stream;
@@ -595,8 +595,13 @@ impl Session<'_> {
                 // An autocommit unit may share a connection with other clients' units.
                 let unit = self.shareable(&frame, cbuf);
                 if let Some((len, hashes)) = &unit
-                    && let Some(pipeline) =
-                        Pipeline::find(self.shard, &self.pool, self.settings_hash())
+                    && !self.pool.has_idle()
+                    && let Some(pipeline) = Pipeline::find(
+                        self.shard,
+                        &self.pool,
+                        self.settings_hash(),
+                        frame.bytes().len() + len,
+                    )
                     && holds_all(&pipeline, hashes)
                 {
                     match self.share(pipeline, frame, cbuf, *len, idle_before).await {
@@ -714,7 +719,7 @@ impl Session<'_> {
             return None;
         }
         match frame.tag() {
-            tag::QUERY => {
+            tag::QUERY if frame.bytes().len() <= UNIT_BYTES_MAX => {
                 let body = frame.body();
                 let text = body.strip_suffix(b"\0").unwrap_or(body);
                 sql::shareable_alone(text).then(|| (0, Vec::new()))
@@ -737,7 +742,8 @@ impl Session<'_> {
                     std::ops::ControlFlow::Break(())
                 })
                 .ok()?;
-                (ok && synced).then_some((len, scan.hashes))
+                (ok && synced && frame.bytes().len() + len <= UNIT_BYTES_MAX)
+                    .then_some((len, scan.hashes))
             }
             _ => None,
         }
@@ -850,19 +856,50 @@ impl Session<'_> {
         *pipeline.state.borrow_mut() = self.conn.take();
         self.state.server.set(Some(server));
         self.state.busy.set(true);
+        self.state.request_time.set(SystemTime::now());
         let started = Instant::now();
-        let share = pipeline.submit(self.to_server.split(), self.cancel_slot.clone());
+        let readies = self.replies.readies();
+        let waiting = pipeline.submit(self.to_server.split(), readies, self.cancel_slot.clone());
         self.route(idle_before).await;
-        let answer = share.wait().await;
+        let turn = loop {
+            let (part, last) = match waiting.share.next(&pipeline).await {
+                Part::More(part) => (part, false),
+                Part::Last(part) => (part, true),
+                Part::Lost => {
+                    self.replies.clear();
+                    let _ = self.flush_client().await;
+                    self.server_lost().await;
+                    break Turn::End;
+                }
+            };
+            self.shared_answer(&pipeline, part);
+            if let Turn::End = self.flush_client().await {
+                // `waiting` goes: the rest of the answer is dropped as it comes.
+                break Turn::End;
+            }
+            if last {
+                break Turn::Continue;
+            }
+        };
         self.state.busy.set(false);
         self.state.server.set(None);
-        let Some(mut answer) = answer else {
-            self.replies.clear();
-            self.server_lost().await;
+        if let Turn::End = turn {
             return Turn::End;
-        };
+        }
+        self.replies.clear();
+        let c = &self.pool.counters;
+        bump(&c.xact_count, 1);
+        bump(&c.query_count, 1);
+        let spent = started.elapsed().as_micros() as u64;
+        bump(&c.xact_time_us, spent);
+        bump(&c.query_time_us, spent);
+        Turn::Continue
+    }
+
+    /// Hands the client a part of its shared unit's answer (whole messages).
+    fn shared_answer(&mut self, pipeline: &Pipeline, mut part: BytesMut) {
         let mut settled = Settled::default();
-        while let Ok(Some(frame)) = wire::split_message(&mut answer, usize::MAX) {
+        while let Ok(Some(frame)) = wire::split_message(&mut part, usize::MAX) {
             settled.own.clear();
             let route = self.replies.server(frame.tag(), &mut settled);
             if settled.failed.drain(..).any(|key| key == KEY_UNNAMED)
@@ -879,14 +916,6 @@ impl Session<'_> {
                 self.to_client.extend_from_slice(&own);
             }
         }
-        self.replies.clear();
-        let c = &self.pool.counters;
-        bump(&c.xact_count, 1);
-        bump(&c.query_count, 1);
-        let spent = started.elapsed().as_micros() as u64;
-        bump(&c.xact_time_us, spent);
-        bump(&c.query_time_us, spent);
-        self.flush_client().await
     }
 
     /// Gets a connection from the pool and makes it match the client's settings.

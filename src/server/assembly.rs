@@ -7,12 +7,13 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use crate::config::Config;
 use crate::config::dns::Refresher;
-use crate::config::{Config, parse_addr};
 use crate::control::{self, AdminServer, ControlState, ExtraRoutes};
 
 use super::listener::{self, Listeners, SocketFile};
 use super::spawn::ShardThreads;
+use super::upgrade::{HandOver, Inherited};
 use super::upstreams::{Backends, Upstreams};
 use super::{Bound, RING_MEMORY_BYTES, RuntimeError, check, preflight, signals};
 
@@ -26,6 +27,9 @@ pub(super) struct Server<'a> {
     /// Removes the Unix socket's file when taken and dropped, at the start of a drain.
     pub(super) unix_file: Option<SocketFile>,
     pub(super) admin: Option<AdminServer>,
+    /// Descriptors of every listening socket for an upgrade to hand over; closed at the start
+    /// of any drain, or the sockets would outlive the shards' and fill their backlogs.
+    pub(super) hand_over: Option<HandOver>,
     pub(super) bound: Bound,
     /// Stops the DNS refresh thread when dropped, after the drain.
     _dns: Option<Refresher>,
@@ -33,9 +37,11 @@ pub(super) struct Server<'a> {
 
 impl<'a> Server<'a> {
     /// Runs every start-up step up to serving shards; the first that fails is the error.
+    /// `inherited`: the sockets an upgraded process handed over, used instead of binding.
     pub(super) fn start(
         cfg: &'a Config,
         routes: Option<ExtraRoutes>,
+        mut inherited: Option<&mut Inherited>,
     ) -> Result<Self, RuntimeError> {
         let shards = preflight(cfg)?;
         // Signals go to the control loop only: block them before any other thread exists
@@ -51,13 +57,14 @@ impl<'a> Server<'a> {
             sockets,
             unix_socket,
             unix_file,
-        } = listener::bind_all(cfg, shards)?;
+        } = listener::bind_all(cfg, shards, inherited.as_deref_mut())?;
         let unix_path = unix_file.as_ref().map(|f| f.path().to_path_buf());
 
         let unix = unix_path.as_deref();
         let state = control_state(cfg, shards, listen, unix, &upstreams, backends);
-        let admin = start_admin(cfg, &state, routes)?;
-        let threads = ShardThreads::spawn(cfg, sockets, unix_socket.as_ref(), &upstreams)?;
+        let admin = start_admin(cfg, &state, routes, inherited)?;
+        let hand_over = hand_over(&sockets, unix_socket.as_ref(), unix_path.as_deref());
+        let threads = ShardThreads::spawn(cfg, shards, sockets, unix_socket.as_ref(), &upstreams)?;
         // The shards hold their dups; ours would keep accepting into the backlog after a drain.
         drop(unix_socket);
 
@@ -74,30 +81,100 @@ impl<'a> Server<'a> {
             upstreams,
             unix_file,
             admin,
+            hand_over,
             bound,
             _dns: dns,
         })
     }
 
-    /// Logs that the proxy is ready, tells the caller where it listens, then tells systemd.
-    pub(super) fn announce(&self, on_ready: impl FnOnce(&Bound)) {
+    /// Logs that the proxy is ready, tells the caller where it listens, writes the pid file,
+    /// then tells systemd (with this process's pid after an upgrade: the unit's main process
+    /// changes to this one).
+    pub(super) fn announce(
+        &self,
+        on_ready: impl FnOnce(&Bound),
+        pid_file: Option<&Path>,
+        upgraded: bool,
+    ) {
         let bound = &self.bound;
         tracing::info!(
             listen = %bound.listen,
             unix = %bound.unix.as_deref().map_or("-".into(), |p| p.display().to_string()),
             shards = self.shards,
             primary = %self.upstreams.primary.masked(),
+            upgraded,
             "pgprism proxy ready"
         );
         on_ready(bound);
+        if let Some(path) = pid_file {
+            write_pid_file(path);
+        }
         let unix_note = bound
             .unix
             .as_deref()
             .map_or(String::new(), |p| format!(" and {}", p.display()));
+        let main_pid = if upgraded {
+            format!("MAINPID={}\n", std::process::id())
+        } else {
+            String::new()
+        };
         control::systemd::notify(&format!(
-            "READY=1\nSTATUS=serving on {}{unix_note} with {} shard(s)",
+            "READY=1\n{main_pid}STATUS=serving on {}{unix_note} with {} shard(s)",
             bound.listen, self.shards
         ));
+    }
+}
+
+/// Writes this process's id to `path` (through a temporary file and a rename, so a reader
+/// never sees half a pid). A failure is logged: the proxy serves all the same.
+pub fn write_pid_file(path: &Path) {
+    let pid = std::process::id();
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(format!(".{pid}.tmp"));
+    let written = std::fs::write(&temporary, format!("{pid}\n"))
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if let Err(err) = written {
+        let _ = std::fs::remove_file(&temporary);
+        tracing::warn!(path = %path.display(), error = %err, "cannot write the pid file");
+    }
+}
+
+/// Removes the pid file at a stop, when it still names this process (after an upgrade that
+/// failed late, it may name another one).
+pub fn remove_pid_file(path: &Path) {
+    let ours = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok())
+        == Some(std::process::id());
+    if ours && let Err(err) = std::fs::remove_file(path) {
+        tracing::warn!(path = %path.display(), error = %err, "cannot remove the pid file");
+    }
+}
+
+/// A second descriptor of every listening socket, for an upgrade to hand over; `None` when
+/// the kernel will not give one (an upgrade then says so).
+fn hand_over(
+    sockets: &[socket2::Socket],
+    unix_socket: Option<&socket2::Socket>,
+    unix_path: Option<&Path>,
+) -> Option<HandOver> {
+    let dup = || -> std::io::Result<HandOver> {
+        let tcp = sockets
+            .iter()
+            .map(|s| s.try_clone())
+            .collect::<Result<_, _>>()?;
+        let unix = match (unix_socket, unix_path) {
+            (Some(socket), Some(path)) => Some((path.to_path_buf(), socket.try_clone()?)),
+            _ => None,
+        };
+        Ok(HandOver { tcp, unix })
+    };
+    match dup() {
+        Ok(hand_over) => Some(hand_over),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot keep the listening sockets for an upgrade (SIGUSR2)");
+            None
+        }
     }
 }
 
@@ -145,17 +222,22 @@ fn control_state(
     state
 }
 
-/// The admin endpoint, when `admin.listen` is set, serving the proxy's routes and `routes`.
+/// The admin endpoint, when `admin.listen` is set, serving the proxy's routes and `routes`;
+/// on the socket an upgraded process handed over when it listens where `admin.listen` asks.
 fn start_admin(
     cfg: &Config,
     state: &Arc<Mutex<ControlState>>,
     routes: Option<ExtraRoutes>,
+    inherited: Option<&mut Inherited>,
 ) -> Result<Option<AdminServer>, RuntimeError> {
-    if cfg.admin.listen.is_empty() {
-        return Ok(None);
+    let configured = match cfg.admin.listen.as_str() {
+        "" => None,
+        listen => Some(crate::config::parse_addr("admin.listen", listen)?),
+    };
+    match inherited.and_then(|i| i.take_admin(configured)) {
+        Some(listener) => AdminServer::start_on(listener, &cfg.admin, state.clone(), routes)
+            .map(Some)
+            .map_err(RuntimeError::Admin),
+        None => AdminServer::start(&cfg.admin, state.clone(), routes).map_err(RuntimeError::Admin),
     }
-    let addr = parse_addr("admin.listen", &cfg.admin.listen)?;
-    AdminServer::start_with_routes(addr, state.clone(), routes)
-        .map(Some)
-        .map_err(|source| RuntimeError::Admin { addr, source })
 }

@@ -1,5 +1,6 @@
 //! `pgprism check` and the start-up check: the config's own validation, then what `config`
 //! must not do itself (it is a leaf): read the TLS files of every URL and of `[client-tls]`,
+//! the admin endpoint's token file and certificate,
 //! compile compare's patterns, parse the StarRocks URL. Runs on the main (or control) thread,
 //! before any shard starts, so a bad file fails the start, never a shard's first connect.
 
@@ -37,8 +38,11 @@ pub fn check(cfg: &Config) -> Result<(), ConfigError> {
         crate::compare::validate(&cfg.compare)?;
     }
     crate::tls::client_side(&cfg.client_tls)?;
+    // The admin token file (present, private, long enough) and certificate, as the endpoint
+    // will read them.
+    crate::control::check_admin(&cfg.admin)?;
     if !cfg.cdc.source.is_empty() {
         crate::cdc::validate(&cfg.cdc)?;
     }
-    Ok(())
+    super::low_port::check(cfg)
 }

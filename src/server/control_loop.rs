@@ -1,6 +1,7 @@
 //! The control thread after start-up: collect the shards' reports, answer signals (SIGHUP
-//! reloads, SIGTERM/SIGINT stop), ping the systemd watchdog, notice a shard that died; then
-//! drain. It never blocks on a shard: reports come through bounded rings it polls.
+//! reloads, SIGTERM/SIGINT stop, SIGUSR2 upgrades), ping the systemd watchdog, notice a shard
+//! that died; then drain, or hand over to the new process. It never blocks on a shard:
+//! reports come through bounded rings it polls.
 
 use std::time::{Duration, Instant};
 
@@ -8,24 +9,118 @@ use crate::control;
 
 use super::assembly::Server;
 use super::reload::reload_config;
+use super::upgrade::{Invocation, Progress, Successor};
 use super::{Reload, signals};
 
+/// What SIGUSR2 needs: how this process was started, and whether it may upgrade at all.
+pub(super) struct Upgrades {
+    pub(super) invocation: Invocation,
+    /// Why this process cannot hand over (it runs more than the proxy); `None`: it can.
+    pub(super) refused: Option<&'static str>,
+}
+
+/// How serving ended.
+pub(super) enum Outcome {
+    /// SIGTERM/SIGINT, or a shard that stopped: drain and exit.
+    Stopped,
+    /// A new process serves on our sockets: stop accepting, let the sessions end, exit.
+    /// `hurry`: a stop signal came too, so idle sessions are closed at once.
+    HandedOver { hurry: bool },
+}
+
 impl Server<'_> {
-    /// Runs control-loop turns until a stop signal or a shard that stopped on its own.
-    pub(super) fn serve(&self, reload: Option<&Reload>) {
+    /// Runs control-loop turns until a stop signal, a shard that stopped on its own, or a new
+    /// process that took over after SIGUSR2.
+    pub(super) fn serve(&self, reload: Option<&Reload>, upgrades: &Upgrades) -> Outcome {
         let mut watchdog = Watchdog::new();
+        let mut successor: Option<Successor> = None;
         let tick = Duration::from_millis(self.cfg.metrics.report_interval_ms.min(200));
         loop {
             self.collect();
             match signals::wait(tick) {
-                Some(signals::Signal::Stop) => break,
+                Some(signals::Signal::Stop) => return stop_during(successor.as_mut()),
                 Some(signals::Signal::Reload) => self.reload(reload),
+                Some(signals::Signal::Upgrade) => {
+                    if let Some(started) = self.upgrade(upgrades, successor.as_ref()) {
+                        successor = Some(started);
+                    }
+                }
                 None => {}
+            }
+            if let Some(upgrade) = successor.as_mut() {
+                match upgrade.progress() {
+                    Progress::Waiting => {}
+                    Progress::Ready(pid) => {
+                        tracing::info!(
+                            pid,
+                            "upgrade: the new process serves; this one stops accepting and \
+                             lets its sessions end"
+                        );
+                        upgrade.handed_over();
+                        return Outcome::HandedOver { hurry: false };
+                    }
+                    Progress::Failed(why) => {
+                        tracing::error!(
+                            pid = upgrade.pid(),
+                            "upgrade failed: the new process did not take over: {why}; this \
+                             process keeps serving (fix the cause, then send SIGUSR2 again)"
+                        );
+                        successor = None;
+                        control::systemd::notify("STATUS=serving (the last upgrade failed)");
+                    }
+                }
             }
             watchdog.ping_when_due();
             if self.threads.any_exited() {
                 tracing::error!("a shard stopped unexpectedly; shutting down");
-                break;
+                return Outcome::Stopped;
+            }
+        }
+    }
+
+    /// SIGUSR2: starts the binary at the path this process was started from, with the same
+    /// arguments, and sends it the listening sockets; `None` (logged) when it cannot.
+    fn upgrade(&self, upgrades: &Upgrades, under_way: Option<&Successor>) -> Option<Successor> {
+        if let Some(why) = upgrades.refused {
+            tracing::warn!("SIGUSR2: cannot upgrade: {why}; ignoring");
+            return None;
+        }
+        if let Some(successor) = under_way {
+            tracing::warn!(
+                pid = successor.pid(),
+                "SIGUSR2: an upgrade is under way already; ignoring"
+            );
+            return None;
+        }
+        let Some(hand_over) = &self.hand_over else {
+            tracing::error!("SIGUSR2: cannot upgrade: the listening sockets were not kept");
+            return None;
+        };
+        let admin = match self.admin.as_ref().map(|a| a.listener()).transpose() {
+            Ok(admin) => admin,
+            Err(err) => {
+                tracing::error!(error = %err, "SIGUSR2: cannot upgrade: no descriptor of the admin socket");
+                return None;
+            }
+        };
+        let timeout = Duration::from_millis(self.cfg.proxy.upgrade_timeout_ms);
+        match Successor::start(&upgrades.invocation, hand_over, admin.as_ref(), timeout) {
+            Ok(successor) => {
+                tracing::info!(
+                    pid = successor.pid(),
+                    program = %upgrades.invocation.program().display(),
+                    "upgrade: started the new process and handed it the listening sockets"
+                );
+                control::systemd::notify("STATUS=upgrading: a new process is starting");
+                Some(successor)
+            }
+            Err(err) => {
+                tracing::error!(
+                    program = %upgrades.invocation.program().display(),
+                    error = %err,
+                    "upgrade failed: cannot start the new process; this process keeps serving"
+                );
+                None
             }
         }
     }
@@ -51,10 +146,58 @@ impl Server<'_> {
             "stopping: no new connections, draining sessions"
         );
         control::lock(&self.state).draining = true;
+        // Our descriptors would keep the sockets listening after the shards close theirs.
+        self.hand_over.take();
         // New local clients find no socket file; the shards close their listeners next.
         self.unix_file.take();
         control::systemd::notify("STOPPING=1\nSTATUS=draining sessions");
-        self.threads.stop_all();
+        self.threads.stop_all(false);
+        self.finish();
+        drop(self.admin.take());
+    }
+
+    /// After an upgrade: the new process holds every listening socket (and their backlogs)
+    /// and answers the admin endpoint; this one closes its descriptors, lets its sessions end
+    /// on their own (up to `proxy.drain-timeout-ms`, then 57P01) and returns. It leaves the
+    /// Unix socket file and the pid file to the new process and tells systemd nothing: the
+    /// unit's main process is the new one.
+    pub(super) fn hand_off(mut self, hurry: bool) {
+        tracing::info!(
+            drain_timeout_ms = self.cfg.proxy.drain_timeout_ms,
+            "upgraded: no new connections here, waiting for this process's sessions to end"
+        );
+        // Ours would answer some of the admin requests (with a 503) for as long as we drain.
+        drop(self.admin.take());
+        self.hand_over.take();
+        if let Some(file) = self.unix_file.take() {
+            file.keep();
+        }
+        self.threads.stop_all(!hurry);
+        // Signals still matter while the sessions end: SIGTERM (say, `systemctl stop`, which
+        // signals every process of the unit) ends the patience.
+        let tick = Duration::from_millis(200);
+        while !self.threads.all_exited() {
+            match signals::wait(tick) {
+                Some(signals::Signal::Stop) => {
+                    tracing::info!(
+                        "stop signal while draining after an upgrade: closing idle sessions now"
+                    );
+                    self.threads.hurry();
+                }
+                Some(signals::Signal::Upgrade) => {
+                    tracing::warn!("SIGUSR2: this process has handed over already; ignoring");
+                }
+                Some(signals::Signal::Reload) => {
+                    tracing::warn!("SIGHUP: this process has handed over already; ignoring");
+                }
+                None => {}
+            }
+        }
+        self.finish();
+    }
+
+    /// Waits for every shard's drain, then logs the totals.
+    fn finish(&mut self) {
         let drain_started = Instant::now();
         self.threads.join_all();
         self.collect();
@@ -65,7 +208,34 @@ impl Server<'_> {
             statements = totals.counters.statements,
             "stopped"
         );
-        drop(self.admin.take());
+    }
+}
+
+/// A stop signal: with an upgrade under way, the new process may be serving already (it
+/// wrote the pid file and told systemd before it tells us); then this process hands over all
+/// the same, in a hurry, instead of taking the sockets' files and the unit's status with it.
+fn stop_during(successor: Option<&mut Successor>) -> Outcome {
+    let Some(successor) = successor else {
+        return Outcome::Stopped;
+    };
+    match successor.settle(Duration::from_secs(2)) {
+        Progress::Ready(pid) => {
+            tracing::info!(
+                pid,
+                "stop signal during an upgrade: the new process serves; this one drains"
+            );
+            successor.handed_over();
+            Outcome::HandedOver { hurry: true }
+        }
+        Progress::Failed(why) => {
+            tracing::warn!(
+                pid = successor.pid(),
+                "stop signal during an upgrade: {why}"
+            );
+            Outcome::Stopped
+        }
+        // `settle` answers Waiting never; were it to, dropping the successor stops it.
+        Progress::Waiting => Outcome::Stopped,
     }
 }
 

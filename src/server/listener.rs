@@ -18,6 +18,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use crate::config::{Config, parse_addr, socket_file};
 
 use super::RuntimeError;
+use super::upgrade::Inherited;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -102,12 +103,44 @@ pub(super) struct Listeners {
 }
 
 /// Checks that `proxy.listen` is free, binds one socket per shard on it and, when
-/// `proxy.unix-socket-dir` is set, the Unix socket named for the port.
-pub(super) fn bind_all(cfg: &Config, shards: usize) -> Result<Listeners, RuntimeError> {
+/// `proxy.unix-socket-dir` is set, the Unix socket named for the port. After an upgrade the
+/// sockets the old process handed over are used instead and only what is missing is bound:
+/// more shards than before join the same SO_REUSEPORT group; fewer keep every inherited
+/// socket (the spawner gives the extra ones to shards as second listeners), because closing
+/// a listener of the group would reset the connections waiting in its backlog.
+pub(super) fn bind_all(
+    cfg: &Config,
+    shards: usize,
+    inherited: Option<&mut Inherited>,
+) -> Result<Listeners, RuntimeError> {
     let mut listen = parse_addr("proxy.listen", &cfg.proxy.listen)?;
-    ensure_free(listen)?;
     let mut sockets = Vec::with_capacity(shards);
-    for _ in 0..shards {
+    let mut unix_inherited = None;
+    match inherited {
+        Some(inherited) => {
+            sockets = inherited.take_tcp(listen).map_err(RuntimeError::Upgrade)?;
+            if let Some(local) = sockets
+                .first()
+                .and_then(|s| s.local_addr().ok())
+                .and_then(|a| a.as_socket())
+            {
+                listen = local;
+            }
+            let wanted = match cfg.proxy.unix_socket_dir.as_str() {
+                "" => None,
+                dir => Some(socket_file(dir, listen.port())),
+            };
+            unix_inherited = inherited
+                .take_unix(wanted.as_deref())
+                .map_err(RuntimeError::Upgrade)?;
+        }
+        None => ensure_free(listen)?,
+    }
+    if sockets.is_empty() {
+        // An old process without TCP sockets (none handed over) would leave the port free.
+        ensure_free(listen)?;
+    }
+    while sockets.len() < shards {
         let socket = bind_shard(listen, cfg.proxy.backlog)?;
         if listen.port() == 0 {
             // Port 0: the first bind picks the port, the other shards join it.
@@ -117,9 +150,13 @@ pub(super) fn bind_all(cfg: &Config, shards: usize) -> Result<Listeners, Runtime
         }
         sockets.push(socket);
     }
-    let (unix_socket, unix_file) = match cfg.proxy.unix_socket_dir.as_str() {
-        "" => (None, None),
-        dir => {
+    let (unix_socket, unix_file) = match (unix_inherited, cfg.proxy.unix_socket_dir.as_str()) {
+        (Some((path, socket)), _) => {
+            let file = SocketFile::adopt(&path)?;
+            (Some(socket), Some(file))
+        }
+        (None, "") => (None, None),
+        (None, dir) => {
             let path = socket_file(dir, listen.port());
             let (socket, file) = bind_unix(&path, cfg.proxy.backlog)?;
             (Some(socket), Some(file))
@@ -150,6 +187,29 @@ fn identity(meta: &std::fs::Metadata) -> (u64, u64, i64, i64) {
 impl SocketFile {
     pub(super) fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Takes charge of the file of a socket handed over by an upgrade: this process removes
+    /// it when it stops, as if it had bound it.
+    fn adopt(path: &Path) -> Result<SocketFile, ListenError> {
+        let meta = std::fs::symlink_metadata(path).map_err(|source| ListenError::UnixBind {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if !meta.file_type().is_socket() {
+            return Err(ListenError::NotASocket {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(SocketFile {
+            path: path.to_path_buf(),
+            identity: identity(&meta),
+        })
+    }
+
+    /// Leaves the file in place: the process this one handed its sockets to serves it now.
+    pub(super) fn keep(self) {
+        std::mem::forget(self);
     }
 }
 

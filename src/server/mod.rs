@@ -11,11 +11,13 @@ mod assembly;
 mod check;
 mod control_loop;
 mod listener;
+mod low_port;
 mod preflight;
 mod reload;
 mod shard;
 pub mod signals;
 mod spawn;
+mod upgrade;
 mod upstreams;
 
 use std::net::SocketAddr;
@@ -23,8 +25,10 @@ use std::path::PathBuf;
 
 use crate::config::Config;
 
+pub use assembly::{remove_pid_file, write_pid_file};
 pub use check::check;
 pub use listener::ListenError;
+pub use upgrade::UpgradeError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -44,12 +48,8 @@ pub enum RuntimeError {
     Mirror(#[source] crate::mirror::MirrorError),
     #[error("cannot set up compare mode")]
     Compare(#[source] crate::compare::CompareError),
-    #[error("cannot start the admin endpoint on {addr}")]
-    Admin {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot start the admin endpoint")]
+    Admin(#[source] crate::control::AdminError),
     #[error("cannot start shard {index}")]
     Shard {
         index: usize,
@@ -61,6 +61,8 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot take over from the process being upgraded")]
+    Upgrade(#[source] UpgradeError),
 }
 
 /// Submission queue entries per shard ring. Each socket holds one multishot poll, which
@@ -81,23 +83,60 @@ pub struct Bound {
 /// Reads the configuration again for SIGHUP (the file, with the command line's flags on top).
 pub type Reload = Box<dyn Fn() -> Result<Config, crate::config::ConfigError>>;
 
-/// Runs the proxy until SIGTERM/SIGINT, then drains and returns.
-pub fn run_proxy(cfg: &Config, on_ready: impl FnOnce(&Bound)) -> Result<(), RuntimeError> {
-    run_proxy_with(cfg, None, None, on_ready)
+/// What the caller adds to a proxy run beyond its configuration.
+#[derive(Default)]
+pub struct Options {
+    /// Extra admin routes (the embed supervisor's and CDC's, under `pgprism run`).
+    pub routes: Option<crate::control::ExtraRoutes>,
+    /// How SIGHUP reads the configuration again.
+    pub reload: Option<Reload>,
+    /// `--pid-file`: written once serving; after an upgrade the new process writes its own.
+    pub pid_file: Option<PathBuf>,
+    /// Why SIGUSR2 cannot upgrade this process (it runs more than the proxy); `None`: it can.
+    pub upgrade_refused: Option<&'static str>,
 }
 
-/// [`run_proxy`] with extra admin routes (the embed supervisor's, when `pgprism run` also
-/// runs embedded servers).
+/// Runs the proxy until SIGTERM/SIGINT, then drains and returns.
+pub fn run_proxy(cfg: &Config, on_ready: impl FnOnce(&Bound)) -> Result<(), RuntimeError> {
+    run_proxy_with(cfg, Options::default(), on_ready)
+}
+
+/// [`run_proxy`] with [`Options`]. Started by an upgrade (SIGUSR2 to a running pgprism), it
+/// serves on the sockets the old process hands over and tells it when it is ready; on SIGUSR2
+/// itself it hands them to a new process and, once that one serves, drains and returns.
 pub fn run_proxy_with(
     cfg: &Config,
-    routes: Option<crate::control::ExtraRoutes>,
-    reload: Option<Reload>,
+    opts: Options,
     on_ready: impl FnOnce(&Bound),
 ) -> Result<(), RuntimeError> {
-    let server = assembly::Server::start(cfg, routes)?;
-    server.announce(on_ready);
-    server.serve(reload.as_ref());
-    server.drain();
+    // As this process was started, before anything could change: a package upgrade replaces
+    // the file at this path, and the next SIGUSR2 starts what is there then.
+    let invocation = upgrade::Invocation::current();
+    let (predecessor, mut inherited) = match upgrade::Predecessor::take() {
+        Ok(Some((predecessor, inherited))) => (Some(predecessor), Some(inherited)),
+        Ok(None) => (None, None),
+        Err(err) => return Err(RuntimeError::Upgrade(err)),
+    };
+    let server = assembly::Server::start(cfg, opts.routes, inherited.as_mut())?;
+    drop(inherited);
+    server.announce(on_ready, opts.pid_file.as_deref(), predecessor.is_some());
+    if let Some(predecessor) = predecessor {
+        predecessor.ready();
+    }
+    let upgrades = control_loop::Upgrades {
+        invocation,
+        refused: opts.upgrade_refused,
+    };
+    match server.serve(opts.reload.as_ref(), &upgrades) {
+        control_loop::Outcome::Stopped => {
+            server.drain();
+            if let Some(path) = &opts.pid_file {
+                assembly::remove_pid_file(path);
+            }
+        }
+        // The pid file is the new process's now.
+        control_loop::Outcome::HandedOver { hurry } => server.hand_off(hurry),
+    }
     Ok(())
 }
 

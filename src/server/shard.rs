@@ -2,7 +2,13 @@
 //! sessions and their backend sockets, its counters and histograms. It talks to the control
 //! thread only through a bounded ring and a stop notifier, both off the per-message path.
 
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, TrySendError};
@@ -22,9 +28,12 @@ const DRAIN_POLL: Duration = Duration::from_millis(20);
 /// Everything a shard starts with, built on the main thread by `spawn`.
 pub(super) struct ShardPlan {
     pub index: usize,
-    pub socket: Socket,
-    /// This shard's dup of the Unix-domain listener, when there is one.
-    pub unix: Option<Socket>,
+    /// The shard's listening sockets: its TCP socket of the SO_REUSEPORT group (more than one
+    /// after an upgrade to fewer shards), and its dup of the Unix-domain listener, if any.
+    pub sockets: Vec<Socket>,
+    /// Set before `stop` when the process hands over to a new one (an upgrade): sessions end
+    /// on their own until the drain timeout instead of being closed as soon as they are idle.
+    pub patient: Arc<AtomicBool>,
     pub context: ContextPlan,
     pub report_interval: Duration,
     pub drain_timeout: Duration,
@@ -50,28 +59,24 @@ pub(super) struct ContextPlan {
 
 /// The shard's life: accept until told to stop, drain, send the final report.
 pub(super) async fn run(plan: ShardPlan) {
-    let Some((listener, unix_listener)) = register_listeners(plan.index, plan.socket, plan.unix)
-    else {
+    let Some(listeners) = register_listeners(plan.index, plan.sockets) else {
         return;
     };
     let Some(shard) = context(plan.index, plan.context) else {
         return;
     };
-    let listeners = Listeners {
-        tcp: &listener,
-        unix: unix_listener.as_ref(),
-    };
+    let clients = Clients::default();
     serve_until_stopped(
         &shard,
-        listeners,
+        &clients,
+        &listeners,
         &plan.reports,
         plan.report_interval,
         &plan.stop,
     )
     .await;
-    drop(listener);
-    drop(unix_listener);
-    drain(&shard, plan.drain_timeout).await;
+    drop(listeners);
+    drain(&shard, &clients, plan.drain_timeout, &plan.patient).await;
     // The final report must arrive: it carries the exact totals. Block briefly if needed;
     // the shard has no sessions left to delay.
     let _ = plan
@@ -80,26 +85,18 @@ pub(super) async fn run(plan: ShardPlan) {
 }
 
 /// Registers the shard's listening sockets with its executor; `None` (logged) when one fails.
-fn register_listeners(
-    index: usize,
-    socket: Socket,
-    unix: Option<Socket>,
-) -> Option<(Listener, Option<Listener>)> {
-    let listener = match Listener::from_socket(socket) {
-        Ok(listener) => listener,
-        Err(err) => {
-            tracing::error!(shard = index, error = %err, "cannot register the listener");
-            return None;
+fn register_listeners(index: usize, sockets: Vec<Socket>) -> Option<Vec<Listener>> {
+    let mut listeners = Vec::with_capacity(sockets.len());
+    for socket in sockets {
+        match Listener::from_socket(socket) {
+            Ok(listener) => listeners.push(listener),
+            Err(err) => {
+                tracing::error!(shard = index, error = %err, "cannot register a listener");
+                return None;
+            }
         }
-    };
-    let unix_listener = match unix.map(Listener::from_socket).transpose() {
-        Ok(listener) => listener,
-        Err(err) => {
-            tracing::error!(shard = index, error = %err, "cannot register the Unix listener");
-            return None;
-        }
-    };
-    Some((listener, unix_listener))
+    }
+    Some(listeners)
 }
 
 /// Builds the shard's context: mirror targets, fingerprints, the compiled compare rules;
@@ -180,17 +177,11 @@ fn context(index: usize, plan: ContextPlan) -> Option<Rc<ShardCtx>> {
     ))
 }
 
-/// The shard's registered listeners, TCP and (optionally) Unix.
-#[derive(Clone, Copy)]
-struct Listeners<'a> {
-    tcp: &'a Listener,
-    unix: Option<&'a Listener>,
-}
-
 /// Accepts (and reports) until the control thread asks the shard to stop.
 async fn serve_until_stopped(
     shard: &Rc<ShardCtx>,
-    listeners: Listeners<'_>,
+    clients: &Clients,
+    listeners: &[Listener],
     reports: &Sender<ShardReport>,
     report_interval: Duration,
     stop: &Notifier,
@@ -201,12 +192,7 @@ async fn serve_until_stopped(
             send_report(shard, reports);
         }
     };
-    let accepting = futures_lite::future::zip(accept_loop(listeners.tcp, shard), async {
-        match listeners.unix {
-            Some(unix) => accept_loop(unix, shard).await,
-            None => futures_lite::future::pending().await,
-        }
-    });
+    let accepting = accept_all(listeners, shard, clients);
     let stopped = async {
         if let Err(err) = stop.notified().await {
             tracing::error!(shard = shard.index, error = %err, "stop notifier failed");
@@ -224,13 +210,43 @@ async fn serve_until_stopped(
     .await;
 }
 
+/// The client connections a shard serves, counted from accept to the end of `serve_client`:
+/// unlike the sessions, this includes clients still in their startup and authentication.
+#[derive(Default)]
+struct Clients(Rc<Cell<usize>>);
+
+impl Clients {
+    /// Counts one client until the returned guard is dropped.
+    fn count(&self) -> ClientCounted {
+        self.0.set(self.0.get() + 1);
+        ClientCounted(self.0.clone())
+    }
+}
+
+struct ClientCounted(Rc<Cell<usize>>);
+
+impl Drop for ClientCounted {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
+}
+
 /// Closes sessions as they become idle until none is left (and pooled mirrors sent what their
-/// sessions left them) or `drain_timeout` passes, then closes the busy ones too.
-async fn drain(shard: &ShardCtx, drain_timeout: Duration) {
+/// sessions left them) or `drain_timeout` passes, then closes the busy ones too. A `patient`
+/// drain (after an upgrade) closes no session before the timeout: its client may still send
+/// a transaction, and only this process can run it. The flag is read every turn: a SIGTERM
+/// during a patient drain makes it an ordinary one.
+async fn drain(shard: &ShardCtx, clients: &Clients, drain_timeout: Duration, patient: &AtomicBool) {
     let deadline = Instant::now() + drain_timeout;
     loop {
-        shard.close_idle_sessions(false);
-        if shard.sessions_active() == 0 && shard.mirrors.iter().all(|m| m.flushed()) {
+        // A client still in its startup is no session yet, but it will be one: wait for it
+        // (it is closed as idle, or served to its end, like the others), never drop it.
+        let none_left = shard.sessions_active() == 0 && clients.0.get() == 0;
+        if !patient.load(Ordering::Acquire) || none_left {
+            // Patient or not, with no session left this closes the idle pooled servers.
+            shard.close_idle_sessions(false);
+        }
+        if none_left && shard.mirrors.iter().all(|m| m.flushed()) {
             break;
         }
         if Instant::now() >= deadline {
@@ -248,11 +264,36 @@ async fn drain(shard: &ShardCtx, drain_timeout: Duration) {
     }
 }
 
+/// Accepts from every listener of the shard until the shard stops (the future is dropped).
+async fn accept_all(listeners: &[Listener], shard: &Rc<ShardCtx>, clients: &Clients) {
+    type Accepting<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
+    let mut loops: Vec<Accepting<'_>> = listeners
+        .iter()
+        .map(|l| Box::pin(accept_loop(l, shard, clients)) as Accepting<'_>)
+        .collect();
+    // Each loop runs forever; polling all of them on every wake costs a few accept4 calls
+    // that answer EAGAIN, on a handful of listeners.
+    futures_lite::future::poll_fn(|cx| {
+        for accepting in &mut loops {
+            let _ = accepting.as_mut().poll(cx);
+        }
+        Poll::<()>::Pending
+    })
+    .await;
+}
+
 /// Accepts clients from one listener until the shard stops (the future is dropped).
-async fn accept_loop(listener: &Listener, shard: &Rc<ShardCtx>) {
+async fn accept_loop(listener: &Listener, shard: &Rc<ShardCtx>, clients: &Clients) {
     loop {
         match listener.accept().await {
-            Ok(stream) => exec::spawn(serve_client(shard.clone(), stream)),
+            Ok(stream) => {
+                let counted = clients.count();
+                let shard = shard.clone();
+                exec::spawn(async move {
+                    let _counted = counted;
+                    serve_client(shard, stream).await;
+                });
+            }
             Err(err) => {
                 // EMFILE and friends: back off briefly instead of spinning on accept.
                 tracing::warn!(

@@ -9,6 +9,8 @@ pub enum Signal {
     Stop,
     /// SIGHUP: reload the configuration.
     Reload,
+    /// SIGUSR2: start the binary again and hand it the listening sockets (`upgrade`).
+    Upgrade,
 }
 
 fn set() -> libc::sigset_t {
@@ -19,6 +21,9 @@ fn set() -> libc::sigset_t {
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGHUP);
+        // Blocked everywhere pgprism blocks the others: its default action would end the
+        // process, and a process that cannot upgrade must only log that it will not.
+        libc::sigaddset(&mut set, libc::SIGUSR2);
         set
     }
 }
@@ -45,6 +50,7 @@ pub fn wait(limit: Duration) -> Option<Signal> {
     match sig {
         libc::SIGTERM | libc::SIGINT => Some(Signal::Stop),
         libc::SIGHUP => Some(Signal::Reload),
+        libc::SIGUSR2 => Some(Signal::Upgrade),
         _ => None,
     }
 }

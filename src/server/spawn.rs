@@ -3,7 +3,7 @@
 //! joins them; it never touches a shard's sessions, which only the shard's thread may.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -27,17 +27,29 @@ pub(super) struct ShardThreads {
     stops: Vec<exec::Notifier>,
     /// Counts shards whose executor returned, so the control loop notices one that died early.
     exited: Arc<AtomicUsize>,
+    /// Makes the drain patient (an upgrade): read by each shard on every turn of its drain.
+    patient: Arc<AtomicBool>,
 }
 
 impl ShardThreads {
-    /// Starts one shard per socket; each gets its own dup of the Unix listener, if any.
+    /// Starts `shards` shards; shard `i` accepts from the TCP sockets `i`, `i + shards`, ...
+    /// (one each, unless an upgrade inherited more than there are shards) and from its own
+    /// dup of the Unix listener, if any.
     pub(super) fn spawn(
         cfg: &Config,
+        shards: usize,
         sockets: Vec<Socket>,
         unix_socket: Option<&Socket>,
         upstreams: &Upstreams,
     ) -> Result<Self, RuntimeError> {
-        let shards = sockets.len();
+        assert!(
+            shards > 0 && sockets.len() >= shards,
+            "a socket for every shard"
+        );
+        let mut per_shard: Vec<Vec<Socket>> = (0..shards).map(|_| Vec::new()).collect();
+        for (i, socket) in sockets.into_iter().enumerate() {
+            per_shard[i % shards].push(socket);
+        }
         let pooling = pooling_plan(cfg, shards)?;
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let mut threads = ShardThreads {
@@ -45,19 +57,23 @@ impl ShardThreads {
             handles: Vec::with_capacity(shards),
             stops: Vec::with_capacity(shards),
             exited: Arc::new(AtomicUsize::new(0)),
+            patient: Arc::new(AtomicBool::new(false)),
         };
-        for (index, socket) in sockets.into_iter().enumerate() {
+        for (index, mut sockets) in per_shard.into_iter().enumerate() {
             let (tx, rx) = crossbeam_channel::bounded(cfg.metrics.ring_capacity);
             threads.rings.push(rx);
             let stop =
                 exec::Notifier::new().map_err(|source| RuntimeError::Shard { index, source })?;
             threads.stops.push(stop.clone());
             // Each shard owns a dup of the one Unix listener, so each closes its own descriptor.
-            let unix = unix_socket
-                .map(|s| s.try_clone())
-                .transpose()
-                .map_err(|source| RuntimeError::Shard { index, source })?;
-            let mut plan = shard_plan(cfg, upstreams, index, socket, unix, tx, stop);
+            if let Some(unix) = unix_socket {
+                sockets.push(
+                    unix.try_clone()
+                        .map_err(|source| RuntimeError::Shard { index, source })?,
+                );
+            }
+            let mut plan = shard_plan(cfg, upstreams, index, sockets, tx, stop);
+            plan.patient = threads.patient.clone();
             plan.context.pooling = pooling.clone();
             plan.context.shards = shards;
             let core =
@@ -68,13 +84,25 @@ impl ShardThreads {
         Ok(threads)
     }
 
+    /// Makes a patient drain an ordinary one: idle sessions are closed from now on.
+    pub(super) fn hurry(&self) {
+        self.patient.store(false, Ordering::Release);
+    }
+
+    /// Whether every shard's executor has returned.
+    pub(super) fn all_exited(&self) -> bool {
+        self.exited.load(Ordering::Relaxed) >= self.handles.len()
+    }
+
     /// Whether any shard's executor has returned (or panicked) already.
     pub(super) fn any_exited(&self) -> bool {
         self.exited.load(Ordering::Relaxed) > 0
     }
 
-    /// Tells every shard to stop accepting and drain.
-    pub(super) fn stop_all(&self) {
+    /// Tells every shard to stop accepting and drain; `patient` (an upgrade) lets sessions
+    /// end on their own until the drain timeout.
+    pub(super) fn stop_all(&self, patient: bool) {
+        self.patient.store(patient, Ordering::Release);
         for stop in &self.stops {
             stop.notify();
         }
@@ -95,15 +123,14 @@ fn shard_plan(
     cfg: &Config,
     upstreams: &Upstreams,
     index: usize,
-    socket: Socket,
-    unix: Option<Socket>,
+    sockets: Vec<Socket>,
     reports: Sender<ShardReport>,
     stop: exec::Notifier,
 ) -> ShardPlan {
     ShardPlan {
         index,
-        socket,
-        unix,
+        sockets,
+        patient: Arc::new(AtomicBool::new(false)),
         context: ContextPlan {
             settings: proxy_settings(cfg, upstreams),
             read_chunk_bytes: cfg.proxy.read_chunk_bytes,

@@ -125,6 +125,25 @@ impl Replies {
         self.queue.clear();
     }
 
+    /// ReadyForQuery answers expected (client and hidden Syncs and Queries).
+    pub fn readies(&self) -> usize {
+        self.queue
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    Entry::Client {
+                        awaits: Awaits::Ready,
+                        ..
+                    } | Entry::Hidden {
+                        awaits: Awaits::Ready,
+                        ..
+                    }
+                )
+            })
+            .count()
+    }
+
     /// A client message is forwarded.
     pub fn client(&mut self, awaits: Awaits) {
         self.queue.push_back(Entry::Client { awaits, key: None });

@@ -826,6 +826,20 @@ pub fn transaction(sql: &[u8]) -> Option<Transaction> {
 /// everything unclassified. Errs on the side of "no": such a statement is lent a
 /// connection of its own, as any other.
 pub fn shareable_alone(sql: &[u8]) -> bool {
+    // What the scanners below could misread, refused outright: a backslash (escapes in
+    // E'...' strings, which the quote scanner does not know), a `$` that is not a parameter
+    // (dollar quotes, and `$` inside identifiers, where a dollar quote cannot start), and the
+    // functions and views that change settings or take session locks under any spelling
+    // (quoted, schema-qualified, or through pg_settings).
+    if memchr::memchr(b'\\', sql).is_some()
+        || memchr::memchr_iter(b'$', sql).any(|at| !sql.get(at + 1).is_some_and(u8::is_ascii_digit))
+    {
+        return false;
+    }
+    const NEVER: [&[u8]; 4] = [b"set_config", b"advisory", b"pg_settings", b"lo_"];
+    if NEVER.iter().any(|word| contains_ignore_case(sql, word)) {
+        return false;
+    }
     let mut buf = [0u8; 16];
     let (first, _) = word_at(sql, 0, &mut buf);
     if matches!(
@@ -834,13 +848,33 @@ pub fn shareable_alone(sql: &[u8]) -> bool {
     ) {
         return false;
     }
+    // `SELECT ... INTO` (under WITH too) creates a table; TEMP objects pin.
+    let (mut into, mut writes) = (false, false);
+    for word in words_from(sql, 0) {
+        if [&b"TEMP"[..], b"TEMPORARY", b"UNLOGGED"]
+            .iter()
+            .any(|w| word.eq_ignore_ascii_case(w))
+        {
+            return false;
+        }
+        into |= word.eq_ignore_ascii_case(b"INTO");
+        writes |= word.eq_ignore_ascii_case(b"INSERT") || word.eq_ignore_ascii_case(b"MERGE");
+    }
+    if into && !writes {
+        return false;
+    }
     matches!(classify(sql), Class::Select | Class::Dml)
         && transaction(sql).is_none()
         && copy(sql).is_none()
         && prepared(sql).is_none()
         && pins(sql).is_none()
-        && !words_from(sql, 0).any(|w| w.eq_ignore_ascii_case(b"set_config"))
         && split_statements(sql).len() <= 1
+}
+
+/// Whether `needle` (lowercase ASCII) occurs in `hay`, case aside.
+fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// Splits a simple-query string into statements at top-level semicolons (quotes, comments and
@@ -1114,8 +1148,7 @@ mod tests {
             "insert into t values (1)",
             "WITH x AS (DELETE FROM t RETURNING *) SELECT count(*) FROM x",
             "SELECT 1;",
-            "SELECT 'set_config' AS word",
-            "SELECT pg_advisory_xact_lock(1)",
+            "SELECT $1::int + $2",
         ] {
             assert!(super::shareable_alone(yes.as_bytes()), "{yes}");
         }
@@ -1141,6 +1174,15 @@ mod tests {
             "SELECT * INTO x FROM t",
             "VACUUM",
             "",
+            r"SELECT E'\''; BEGIN",
+            "SELECT 1 AS a$b$; BEGIN",
+            "SELECT $$x$$",
+            r#"SELECT "set_config"('search_path', 'x', false)"#,
+            r#"SELECT "pg_advisory_lock"(1)"#,
+            "UPDATE pg_settings SET setting = 'x' WHERE name = 'search_path'",
+            "WITH x AS (SELECT 1) SELECT * INTO TEMP t FROM x",
+            "WITH x AS (SELECT 1) SELECT * INTO t FROM x",
+            "SELECT lo_open(1, 2)",
         ] {
             assert!(!super::shareable_alone(no.as_bytes()), "{no}");
         }

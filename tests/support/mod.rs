@@ -228,6 +228,48 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (code, body)
 }
 
+/// The bearer token of [`admin_token_file`].
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+/// A file holding [`ADMIN_TOKEN`] with the mode pgprism accepts (0600), for
+/// `--admin-token-file`: state-changing admin requests need the token.
+pub fn admin_token_file() -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("pgprism-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("token dir");
+    let path = dir.join("admin.token");
+    std::fs::write(&path, format!("{ADMIN_TOKEN}\n")).expect("write token");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    path
+}
+
+/// One HTTP/1.1 request with `Authorization: Bearer TOKEN` when a token is given; returns
+/// (status code, response head, body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("admin connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("admin read");
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    (code, head.to_string(), body.to_string())
+}
+
 /// Polls `check` until it returns true or `limit` passes. For state that becomes visible
 /// asynchronously (metrics reports); it returns as soon as the condition holds.
 pub fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {

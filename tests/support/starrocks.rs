@@ -46,6 +46,52 @@ pub enum Fault {
     Drop,
 }
 
+/// Faults of the transaction interface, taken by the next commits in order.
+#[derive(Clone, Debug)]
+pub enum TxnFault {
+    /// The FE restarts while the commit is on its way: the connection drops unanswered, the
+    /// commit never happens, transactions still loading lose their BE side and are aborted,
+    /// prepared ones survive (they are in the FE's journal).
+    FeRestart,
+    /// The commit happens but the answer says it failed (`commit timeout`), as after an FE
+    /// leader change.
+    CommitAnswersError,
+    /// The commit's answer comes late (a client timeout).
+    Delay(Duration),
+}
+
+/// Transaction states as `get_load_state` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxnState {
+    Prepare,
+    Prepared,
+    Visible,
+    Aborted,
+}
+
+impl TxnState {
+    fn name(self) -> &'static str {
+        match self {
+            TxnState::Prepare => "PREPARE",
+            TxnState::Prepared => "PREPARED",
+            TxnState::Visible => "VISIBLE",
+            TxnState::Aborted => "ABORTED",
+        }
+    }
+}
+
+struct Txn {
+    id: u64,
+    /// The table named at begin (required before StarRocks 4.0).
+    table: Option<String>,
+    state: TxnState,
+    /// Checked loads, applied in order at commit.
+    staged: Vec<(String, Parsed)>,
+    /// Load parameters per table: later loads must repeat the first one's.
+    params: HashMap<String, (String, bool)>,
+    deadline: std::time::Instant,
+}
+
 #[derive(Default)]
 pub struct Table {
     pub key: Vec<String>,
@@ -65,6 +111,15 @@ struct State {
     log: Vec<(String, String)>,
     statements: Vec<String>,
     txn: u64,
+    /// Stream Load transactions by `db/label`.
+    txns: HashMap<String, Txn>,
+    txn_faults: VecDeque<TxnFault>,
+    /// Before StarRocks 4.0: a transaction takes one table, named at begin.
+    single_table_txns: bool,
+    /// `db.table` names whose keys are recorded after every visible change.
+    watched: Vec<String>,
+    /// The watched tables' keys after each visible change.
+    visible: Vec<BTreeMap<String, std::collections::BTreeSet<String>>>,
 }
 
 pub struct StarRocks {
@@ -149,6 +204,39 @@ impl StarRocks {
         if let Some(t) = s.tables.get_mut(&format!("{db}.{table}")) {
             t.columns.insert(column.to_string(), ty);
         }
+    }
+
+    /// Behave like StarRocks before 4.0: one table per transaction, named at begin.
+    pub fn single_table_transactions(&self) {
+        self.state.lock().unwrap().single_table_txns = true;
+    }
+
+    pub fn inject_txn(&self, fault: TxnFault, times: usize) {
+        let mut s = self.state.lock().unwrap();
+        for _ in 0..times {
+            s.txn_faults.push_back(fault.clone());
+        }
+    }
+
+    /// Records the keys of these tables after every change that becomes visible.
+    pub fn watch(&self, db: &str, tables: &[&str]) {
+        let mut s = self.state.lock().unwrap();
+        s.watched = tables.iter().map(|t| format!("{db}.{t}")).collect();
+    }
+
+    /// The watched tables' keys (`db.table` → keys) after each visible change, in order.
+    pub fn visible_history(&self) -> Vec<BTreeMap<String, std::collections::BTreeSet<String>>> {
+        self.state.lock().unwrap().visible.clone()
+    }
+
+    /// Transactions by state name (`PREPARE`, `PREPARED`, `VISIBLE`, `ABORTED`).
+    pub fn transactions(&self) -> BTreeMap<&'static str, usize> {
+        let s = self.state.lock().unwrap();
+        let mut out = BTreeMap::new();
+        for t in s.txns.values() {
+            *out.entry(t.state.name()).or_insert(0) += 1;
+        }
+        out
     }
 
     pub fn inject(&self, fault: Fault, times: usize) {
@@ -287,14 +375,6 @@ fn serve(
         .unwrap_or("")
         .split('/')
         .collect();
-    // ["", "api", db, table, action]
-    let (db, table, action) = match segments.as_slice() {
-        ["", "api", db, table, action] => (db.to_string(), table.to_string(), *action),
-        _ => {
-            respond(&mut writer, 404, "Not Found", "", "{}");
-            return Ok(());
-        }
-    };
     if !authorized(&req, state) {
         respond(
             &mut writer,
@@ -305,6 +385,27 @@ fn serve(
         );
         return Ok(());
     }
+    match segments.as_slice() {
+        ["", "api", "transaction", op] => {
+            let op = op.to_string();
+            return serve_txn(&mut reader, &mut writer, role, be, &req, &op, state);
+        }
+        ["", "api", db, "get_load_state"] => {
+            let label = query_param(&req.path, "label").unwrap_or_default();
+            let body = load_state(&state.lock().unwrap(), db, &label);
+            respond(&mut writer, 200, "OK", "", &body);
+            return Ok(());
+        }
+        _ => {}
+    }
+    // ["", "api", db, table, action]
+    let (db, table, action) = match segments.as_slice() {
+        ["", "api", db, table, action] => (db.to_string(), table.to_string(), *action),
+        _ => {
+            respond(&mut writer, 404, "Not Found", "", "{}");
+            return Ok(());
+        }
+    };
     match (role, req.method.as_str(), action) {
         (_, "GET", "_schema") => {
             let exists = state
@@ -387,6 +488,199 @@ fn check(ty: ColType, v: &Value) -> bool {
     }
 }
 
+/// Rows of one load, checked against the table: what [`apply_rows`] writes.
+struct Parsed {
+    /// Each good row: column → value (`__op` included when listed).
+    good: Vec<BTreeMap<String, Value>>,
+    total: usize,
+    filtered: usize,
+    partial: bool,
+    /// The `columns` header and `partial_update` (a transaction takes one set per table).
+    params: (String, bool),
+}
+
+/// Why a load was refused: the message, total and filtered rows, and an error URL.
+struct Refusal {
+    message: String,
+    total: usize,
+    filtered: usize,
+    error_url: Option<String>,
+}
+
+impl Refusal {
+    fn new(message: impl Into<String>) -> Refusal {
+        Refusal {
+            message: message.into(),
+            total: 0,
+            filtered: 0,
+            error_url: None,
+        }
+    }
+}
+
+/// Parses and checks a load's body against `db.table` as StarRocks does before writing.
+fn parse_rows(
+    s: &State,
+    db: &str,
+    table: &str,
+    req: &Request,
+    body: &[u8],
+    txn: u64,
+) -> Result<Parsed, Refusal> {
+    let Some(t) = s.tables.get(&format!("{db}.{table}")) else {
+        return Err(Refusal::new(format!("Table {table} does not exist")));
+    };
+    let key_cols = &t.key;
+    let types = &t.columns;
+    let columns: Vec<String> = match req.headers.get("columns") {
+        Some(c) => c.split(',').map(|c| c.trim().to_string()).collect(),
+        None => types.keys().cloned().collect(),
+    };
+    let json = req.headers.get("format").is_some_and(|f| f == "json");
+    let strip = req
+        .headers
+        .get("strip_outer_array")
+        .is_some_and(|v| v == "true");
+    let partial = req
+        .headers
+        .get("partial_update")
+        .is_some_and(|v| v == "true");
+    let max_ratio: f64 = req
+        .headers
+        .get("max_filter_ratio")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    if !json {
+        return Err(Refusal::new("emulator only speaks format: json"));
+    }
+    let parsed: Value =
+        sonic_rs::from_slice(body).map_err(|e| Refusal::new(format!("invalid JSON: {e}")))?;
+    let rows: Vec<Value> = if strip {
+        match parsed.as_array() {
+            Some(a) => a.iter().cloned().collect(),
+            None => return Err(Refusal::new("strip_outer_array needs an array")),
+        }
+    } else {
+        vec![parsed]
+    };
+    // Unknown columns in the header fail the whole load, as in StarRocks.
+    for c in &columns {
+        if c != "__op" && !types.contains_key(c) {
+            return Err(Refusal {
+                total: rows.len(),
+                ..Refusal::new(format!("Unknown column '{c}' in '{table}'"))
+            });
+        }
+    }
+    let mut good = Vec::new();
+    let mut filtered = 0;
+    for row in &rows {
+        let Some(obj) = row.as_object() else {
+            filtered += 1;
+            continue;
+        };
+        let mut values: BTreeMap<String, Value> = BTreeMap::new();
+        let mut ok = true;
+        for c in &columns {
+            let v = obj.get(c).cloned().unwrap_or_default();
+            if c != "__op" && !check(types[c], &v) {
+                ok = false;
+            }
+            values.insert(c.clone(), v);
+        }
+        if key_cols
+            .iter()
+            .any(|k| values.get(k).is_none_or(|v| v.is_null()))
+        {
+            ok = false;
+        }
+        if ok {
+            good.push(values);
+        } else {
+            filtered += 1;
+        }
+    }
+    if !rows.is_empty() && filtered as f64 / rows.len() as f64 > max_ratio {
+        return Err(Refusal {
+            message: "too many filtered rows".into(),
+            total: rows.len(),
+            filtered,
+            error_url: Some(format!(
+                "http://emulator/api/_load_error_log?file=error_{txn}"
+            )),
+        });
+    }
+    Ok(Parsed {
+        good,
+        total: rows.len(),
+        filtered,
+        partial,
+        params: (
+            req.headers.get("columns").cloned().unwrap_or_default(),
+            partial,
+        ),
+    })
+}
+
+/// Writes checked rows into `db.table` in order (upserts, `__op` = 1 deletes, partial
+/// updates merge the listed columns).
+fn apply_rows(s: &mut State, db: &str, table: &str, parsed: &Parsed) {
+    let Some(t) = s.tables.get_mut(&format!("{db}.{table}")) else {
+        return;
+    };
+    let key_cols = t.key.clone();
+    let types = t.columns.clone();
+    for values in &parsed.good {
+        let key: String = key_cols
+            .iter()
+            .map(|k| values[k].to_string())
+            .collect::<Vec<_>>()
+            .join("|");
+        let op = values.get("__op").and_then(|v| v.as_i64()).unwrap_or(0);
+        if op == 1 {
+            t.rows.remove(&key);
+            continue;
+        }
+        let entry = t.rows.entry(key).or_insert_with(|| {
+            types
+                .keys()
+                .map(|c| (c.clone(), Value::default()))
+                .collect()
+        });
+        if !parsed.partial {
+            // A full upsert replaces the row: unlisted columns take their default (NULL).
+            for v in entry.values_mut() {
+                *v = Value::default();
+            }
+        }
+        for (c, v) in values {
+            if c != "__op" {
+                entry.insert(c.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// After every change that became visible: the watched tables' keys, when watching.
+fn record_visible(s: &mut State) {
+    if s.watched.is_empty() {
+        return;
+    }
+    let snapshot = s
+        .watched
+        .iter()
+        .map(|name| {
+            let keys = s
+                .tables
+                .get(name)
+                .map(|t| t.rows.keys().cloned().collect())
+                .unwrap_or_default();
+            (name.clone(), keys)
+        })
+        .collect();
+    s.visible.push(snapshot);
+}
+
 fn stream_load(
     state: &Mutex<State>,
     db: &str,
@@ -420,6 +714,11 @@ fn stream_load(
     };
     let key = format!("{db}/{label}");
     if s.labels.contains_key(&key) {
+        let existing = match s.txns.get(&key).map(|t| t.state) {
+            Some(TxnState::Prepare) => "RUNNING",
+            Some(TxnState::Prepared) => "PREPARED",
+            _ => "FINISHED",
+        };
         return answer(
             &mut s,
             "Label Already Exists",
@@ -427,167 +726,352 @@ fn stream_load(
             0,
             0,
             0,
-            ",\"ExistingJobStatus\":\"FINISHED\"",
+            &format!(",\"ExistingJobStatus\":\"{existing}\""),
         );
     }
     if let Some(Fault::Fail) = fault {
         return answer(&mut s, "Fail", "injected failure", 0, 0, 0, "");
     }
-    let Some(t) = s.tables.get(&format!("{db}.{table}")) else {
-        return answer(
-            &mut s,
-            "Fail",
-            &format!("Table {table} does not exist"),
-            0,
-            0,
-            0,
-            "",
-        );
+    let parsed = match parse_rows(&s, db, table, req, body, txn) {
+        Ok(p) => p,
+        Err(r) => {
+            let extra = r
+                .error_url
+                .map(|u| format!(",\"ErrorURL\":\"{u}\""))
+                .unwrap_or_default();
+            return answer(&mut s, "Fail", &r.message, r.total, 0, r.filtered, &extra);
+        }
     };
-    let key_cols = t.key.clone();
-    let types = t.columns.clone();
-    let columns: Vec<String> = match req.headers.get("columns") {
-        Some(c) => c.split(',').map(|c| c.trim().to_string()).collect(),
-        None => types.keys().cloned().collect(),
-    };
-    let json = req.headers.get("format").is_some_and(|f| f == "json");
-    let strip = req
-        .headers
-        .get("strip_outer_array")
-        .is_some_and(|v| v == "true");
-    let partial = req
-        .headers
-        .get("partial_update")
-        .is_some_and(|v| v == "true");
-    let max_ratio: f64 = req
-        .headers
-        .get("max_filter_ratio")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    if !json {
-        return answer(
-            &mut s,
-            "Fail",
-            "emulator only speaks format: json",
-            0,
-            0,
-            0,
-            "",
-        );
-    }
-    let parsed: Value = match sonic_rs::from_slice(body) {
-        Ok(v) => v,
-        Err(e) => return answer(&mut s, "Fail", &format!("invalid JSON: {e}"), 0, 0, 0, ""),
-    };
-    let rows: Vec<Value> = if strip {
-        match parsed.as_array() {
-            Some(a) => a.iter().cloned().collect(),
-            None => {
-                return answer(
-                    &mut s,
-                    "Fail",
-                    "strip_outer_array needs an array",
-                    0,
-                    0,
-                    0,
-                    "",
-                );
-            }
-        }
-    } else {
-        vec![parsed]
-    };
-    // Unknown columns in the header fail the whole load, as in StarRocks.
-    for c in &columns {
-        if c != "__op" && !types.contains_key(c) {
-            return answer(
-                &mut s,
-                "Fail",
-                &format!("Unknown column '{c}' in '{table}'"),
-                rows.len(),
-                0,
-                0,
-                "",
-            );
-        }
-    }
-    let mut good = Vec::new();
-    let mut filtered = 0;
-    for row in &rows {
-        let Some(obj) = row.as_object() else {
-            filtered += 1;
-            continue;
-        };
-        let mut values: BTreeMap<String, Value> = BTreeMap::new();
-        let mut ok = true;
-        for c in &columns {
-            let v = obj.get(c).cloned().unwrap_or_default();
-            if c != "__op" && !check(types[c], &v) {
-                ok = false;
-            }
-            values.insert(c.clone(), v);
-        }
-        if key_cols
-            .iter()
-            .any(|k| values.get(k).is_none_or(|v| v.is_null()))
-        {
-            ok = false;
-        }
-        if ok {
-            good.push(values);
-        } else {
-            filtered += 1;
-        }
-    }
-    if !rows.is_empty() && filtered as f64 / rows.len() as f64 > max_ratio {
-        let url = format!("http://emulator/api/_load_error_log?file=error_{txn}");
-        return answer(
-            &mut s,
-            "Fail",
-            "too many filtered rows",
-            rows.len(),
-            0,
-            filtered,
-            &format!(",\"ErrorURL\":\"{url}\""),
-        );
-    }
-    let t = s.tables.get_mut(&format!("{db}.{table}")).unwrap();
-    for values in &good {
-        let key: String = key_cols
-            .iter()
-            .map(|k| values[k].to_string())
-            .collect::<Vec<_>>()
-            .join("|");
-        let op = values.get("__op").and_then(|v| v.as_i64()).unwrap_or(0);
-        if op == 1 {
-            t.rows.remove(&key);
-            continue;
-        }
-        let entry = t.rows.entry(key).or_insert_with(|| {
-            types
-                .keys()
-                .map(|c| (c.clone(), Value::default()))
-                .collect()
-        });
-        if !partial {
-            // A full upsert replaces the row: unlisted columns take their default (NULL).
-            for v in entry.values_mut() {
-                *v = Value::default();
-            }
-        }
-        for (c, v) in values {
-            if c != "__op" {
-                entry.insert(c.clone(), v.clone());
-            }
-        }
-    }
+    apply_rows(&mut s, db, table, &parsed);
+    record_visible(&mut s);
     s.labels.insert(key, "FINISHED".into());
     let status = if let Some(Fault::PublishTimeout) = fault {
         "Publish Timeout"
     } else {
         "Success"
     };
-    answer(&mut s, status, "OK", rows.len(), good.len(), filtered, "")
+    answer(
+        &mut s,
+        status,
+        "OK",
+        parsed.total,
+        parsed.good.len(),
+        parsed.filtered,
+        "",
+    )
+}
+
+fn query_param(path: &str, name: &str) -> Option<String> {
+    let query = path.split_once('?')?.1;
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| v.to_string())
+    })
+}
+
+/// `GET /api/{db}/get_load_state?label=`: the state of a transaction or load by label.
+fn load_state(s: &State, db: &str, label: &str) -> String {
+    let key = format!("{db}/{label}");
+    let state = match s.txns.get(&key) {
+        Some(t) => t.state.name(),
+        None if s.labels.contains_key(&key) => "VISIBLE",
+        None => "UNKNOWN",
+    };
+    format!("{{\"status\":\"OK\",\"msg\":\"Success\",\"state\":\"{state}\"}}")
+}
+
+fn txn_answer(id: u64, label: &str, status: &str, message: &str, extra: &str) -> String {
+    format!(
+        "{{\"TxnId\":{id},\"Label\":{},\"Status\":\"{status}\",\"Message\":{}{extra}}}",
+        sonic_rs::to_string(label).unwrap(),
+        sonic_rs::to_string(message).unwrap()
+    )
+}
+
+/// The Stream Load transaction interface. The FE answers begin, prepare, commit and rollback
+/// and redirects a load to a BE, which checks the rows and stages them in the transaction;
+/// the commit applies every staged load of every table at once, under one lock, so no
+/// reader ever sees a part of it.
+fn serve_txn(
+    reader: &mut BufReader<TcpStream>,
+    writer: &mut TcpStream,
+    role: Role,
+    be: SocketAddr,
+    req: &Request,
+    op: &str,
+    state: &Mutex<State>,
+) -> std::io::Result<()> {
+    let header = |name: &str| req.headers.get(name).cloned().unwrap_or_default();
+    let (label, db, table) = (
+        header("label"),
+        header("db"),
+        req.headers.get("table").cloned(),
+    );
+    if op == "load" {
+        let expects = req
+            .headers
+            .get("expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+        if role == Role::Fe {
+            if !expects {
+                let len: usize = req
+                    .headers
+                    .get("content-length")
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(0);
+                let mut sink = vec![0; len];
+                reader.read_exact(&mut sink)?;
+            }
+            let location = format!("Location: http://{be}{}\r\n", req.path);
+            respond(writer, 307, "Temporary Redirect", &location, "");
+            return Ok(());
+        }
+        let fault = state.lock().unwrap().faults.pop_front();
+        if let Some(Fault::Delay(d)) = &fault {
+            std::thread::sleep(*d);
+        }
+        if expects {
+            writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        }
+        let len: usize = req
+            .headers
+            .get("content-length")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        reader.read_exact(&mut body)?;
+        let answer = txn_load(
+            state,
+            &db,
+            table.as_deref().unwrap_or(""),
+            &label,
+            req,
+            &body,
+            &fault,
+        );
+        if let Some(Fault::Drop) = fault {
+            // Staged, but the answer is lost.
+            let _ = writer.shutdown(std::net::Shutdown::Both);
+            return Ok(());
+        }
+        respond(writer, 200, "OK", "", &answer);
+        return Ok(());
+    }
+    let fault = if op == "commit" {
+        state.lock().unwrap().txn_faults.pop_front()
+    } else {
+        None
+    };
+    if let Some(TxnFault::FeRestart) = fault {
+        let mut s = state.lock().unwrap();
+        for t in s.txns.values_mut() {
+            if t.state == TxnState::Prepare {
+                t.state = TxnState::Aborted;
+            }
+        }
+        s.labels.retain(|_, status| status != "PREPARE");
+        s.log.push((label.clone(), "FE restart".into()));
+        drop(s);
+        let _ = writer.shutdown(std::net::Shutdown::Both);
+        return Ok(());
+    }
+    let timeout = req
+        .headers
+        .get("timeout")
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs);
+    let mut answer = txn_control(state, op, &db, &label, table.as_deref(), timeout);
+    match fault {
+        Some(TxnFault::CommitAnswersError) => {
+            let id = state
+                .lock()
+                .unwrap()
+                .txns
+                .get(&format!("{db}/{label}"))
+                .map_or(0, |t| t.id);
+            answer = txn_answer(id, &label, "FAILED", "commit timeout", "");
+        }
+        Some(TxnFault::Delay(d)) => std::thread::sleep(d),
+        _ => {}
+    }
+    respond(writer, 200, "OK", "", &answer);
+    Ok(())
+}
+
+/// Begin, prepare, commit and rollback.
+/// `timeout` (begin): how long the transaction may take to be prepared (default 600 s, the
+/// FE's `stream_load_default_timeout_second`).
+fn txn_control(
+    state: &Mutex<State>,
+    op: &str,
+    db: &str,
+    label: &str,
+    table: Option<&str>,
+    timeout: Option<Duration>,
+) -> String {
+    let mut s = state.lock().unwrap();
+    let key = format!("{db}/{label}");
+    if label.is_empty() || db.is_empty() {
+        return txn_answer(0, label, "FAILED", "label and db are required", "");
+    }
+    let now = std::time::Instant::now();
+    if op == "begin" {
+        if s.single_table_txns && table.is_none() {
+            return txn_answer(0, label, "FAILED", "No table name in request", "");
+        }
+        let existing = s.txns.get(&key).map(|t| t.state);
+        if existing.is_some_and(|st| st != TxnState::Aborted)
+            || (existing.is_none() && s.labels.contains_key(&key))
+        {
+            let job = match existing {
+                Some(TxnState::Prepare) => "RUNNING",
+                Some(TxnState::Prepared) => "PREPARED",
+                _ => "FINISHED",
+            };
+            s.log
+                .push((label.to_string(), "LABEL_ALREADY_EXISTS".into()));
+            return txn_answer(
+                0,
+                label,
+                "LABEL_ALREADY_EXISTS",
+                &format!("Label [{label}] has already been used."),
+                &format!(",\"ExistingJobStatus\":\"{job}\""),
+            );
+        }
+        s.txn += 1;
+        let id = s.txn;
+        s.txns.insert(
+            key.clone(),
+            Txn {
+                id,
+                table: table.map(str::to_string),
+                state: TxnState::Prepare,
+                staged: Vec::new(),
+                params: HashMap::new(),
+                deadline: now + timeout.unwrap_or(Duration::from_secs(600)),
+            },
+        );
+        s.labels.insert(key, "PREPARE".into());
+        s.log.push((label.to_string(), "BEGIN".into()));
+        return txn_answer(id, label, "OK", "", ",\"BeginTxnTimeMs\":0");
+    }
+    let Some(t) = s.txns.get_mut(&key) else {
+        return txn_answer(0, label, "FAILED", "Transcation Not Exist", "");
+    };
+    let id = t.id;
+    if t.state == TxnState::Prepare && now > t.deadline {
+        t.state = TxnState::Aborted;
+    }
+    let status = match (op, t.state) {
+        ("prepare", TxnState::Prepare) => {
+            t.state = TxnState::Prepared;
+            "PREPARED"
+        }
+        ("commit", TxnState::Prepared) => {
+            let staged = std::mem::take(&mut t.staged);
+            t.state = TxnState::Visible;
+            for (table, parsed) in &staged {
+                apply_rows(&mut s, db, table, parsed);
+            }
+            record_visible(&mut s);
+            s.labels.insert(key, "VISIBLE".into());
+            "COMMIT"
+        }
+        ("commit", TxnState::Visible) => {
+            return txn_answer(id, label, "OK", "Transaction already commited", "");
+        }
+        ("rollback", TxnState::Prepare | TxnState::Prepared) => {
+            t.state = TxnState::Aborted;
+            t.staged.clear();
+            s.labels.remove(&key);
+            "ROLLBACK"
+        }
+        _ => return txn_answer(id, label, "FAILED", "Transcation State Invalid", ""),
+    };
+    s.log.push((label.to_string(), status.into()));
+    txn_answer(id, label, "OK", "", "")
+}
+
+/// A load into an open transaction: checked now, applied at commit. Any failure aborts the
+/// transaction, as StarRocks documents.
+fn txn_load(
+    state: &Mutex<State>,
+    db: &str,
+    table: &str,
+    label: &str,
+    req: &Request,
+    body: &[u8],
+    fault: &Option<Fault>,
+) -> String {
+    let mut s = state.lock().unwrap();
+    let key = format!("{db}/{label}");
+    let single = s.single_table_txns;
+    let (id, txn_state, bound, params) = match s.txns.get(&key) {
+        Some(t) => (t.id, t.state, t.table.clone(), t.params.get(table).cloned()),
+        None => return txn_answer(0, label, "FAILED", "TXN_NOT_EXISTS", ""),
+    };
+    let abort = |s: &mut State, message: &str, filtered: usize, url: Option<String>| {
+        if let Some(t) = s.txns.get_mut(&key) {
+            t.state = TxnState::Aborted;
+            t.staged.clear();
+        }
+        s.labels.remove(&key);
+        s.log.push((label.to_string(), "Fail".into()));
+        let extra = format!(
+            ",\"NumberFilteredRows\":{filtered}{}",
+            url.map(|u| format!(",\"ErrorURL\":\"{u}\""))
+                .unwrap_or_default()
+        );
+        txn_answer(id, label, "FAILED", message, &extra)
+    };
+    if txn_state != TxnState::Prepare {
+        return txn_answer(id, label, "FAILED", "Transcation State Invalid", "");
+    }
+    if let Some(Fault::Fail) = fault {
+        return abort(&mut s, "injected failure", 0, None);
+    }
+    if single && bound.as_deref() != Some(table) {
+        return abort(
+            &mut s,
+            &format!(
+                "load into {table} in a transaction begun for another table: multi-table transactions need StarRocks 4.0"
+            ),
+            0,
+            None,
+        );
+    }
+    let parsed = match parse_rows(&s, db, table, req, body, id) {
+        Ok(p) => p,
+        Err(r) => return abort(&mut s, &r.message, r.filtered, r.error_url),
+    };
+    if params.is_some_and(|p| p != parsed.params) {
+        return abort(
+            &mut s,
+            &format!(
+                "the parameters of a load into {table} differ from the transaction's first load into it"
+            ),
+            0,
+            None,
+        );
+    }
+    let (total, loaded, filtered) = (parsed.total, parsed.good.len(), parsed.filtered);
+    let Some(t) = s.txns.get_mut(&key) else {
+        return txn_answer(id, label, "FAILED", "TXN_NOT_EXISTS", "");
+    };
+    t.params.insert(table.to_string(), parsed.params.clone());
+    t.staged.push((table.to_string(), parsed));
+    let seq = t.staged.len() - 1;
+    s.log.push((label.to_string(), "LOAD".into()));
+    txn_answer(
+        id,
+        label,
+        "OK",
+        "",
+        &format!(
+            ",\"Seq\":{seq},\"NumberTotalRows\":{total},\"NumberLoadedRows\":{loaded},\"NumberFilteredRows\":{filtered},\"NumberUnselectedRows\":0,\"LoadBytes\":{}",
+            body.len()
+        ),
+    )
 }
 
 fn mysql_read(stream: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {

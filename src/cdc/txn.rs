@@ -1,0 +1,333 @@
+//! Atomic flush cycles: the loader's side of the Stream Load transaction interface
+//! (`/api/transaction/begin`, `load`, `prepare`, `commit`, `rollback`).
+//!
+//! A flush cycle (the loads up to the next checkpoint marker, which only ever follows a
+//! source commit) is one StarRocks transaction with `multi-table` (StarRocks 4.0 takes several
+//! tables of one database in one transaction), or one per table with `per-table`. It begins at
+//! the cycle's first load under that load's label, which is derived from the LSN range: a
+//! replay after a crash cuts the same cycle and finds the same label. It is prepared and
+//! committed before the checkpoint is written, so a source transaction becomes visible in
+//! StarRocks whole or not at all, and the checkpoint never names rows StarRocks lacks.
+//!
+//! A label found already in use tells what an earlier run left: committed (skip the cycle's
+//! loads), prepared (skip them, commit at the cycle's end), still open (roll it back, begin
+//! again) or aborted (begin again). A commit whose answer is an error or is lost may still
+//! have happened (an FE restart between commit and answer): the label's state decides.
+//!
+//! This module must never retry a load inside a transaction: a load whose answer was lost may
+//! have been applied, and loading it twice would duplicate rows. Any such failure rolls the
+//! transaction back and the cycle is loaded again from the checkpoint.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::failpoint;
+use super::pipeline::Batch;
+use super::starrocks::{LoadError, LoadOutcome, StarRocks, TxnReply};
+use crate::config::CdcTransactionMode;
+
+/// Where one StarRocks transaction of the current cycle stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxnState {
+    /// Begun by this run: loads go into it.
+    Loading,
+    /// Prepared (by this run, or by an earlier run that then stopped): commit it.
+    Prepared,
+    /// Committed by an earlier run: nothing to send.
+    Committed,
+}
+
+struct Txn {
+    label: String,
+    /// Stream Load parameters (`columns`, partial update) per table: a transaction takes one
+    /// set per table, StarRocks plans the table's loads with the first one's.
+    params: HashMap<String, (String, bool)>,
+    state: TxnState,
+}
+
+/// The open StarRocks transactions of the current flush cycle.
+pub struct Transactions {
+    mode: CdcTransactionMode,
+    /// Scope (`""` for `multi-table`, the table for `per-table`) → its transaction.
+    open: BTreeMap<String, Txn>,
+    /// Cycles cut in two because one table needed a second parameter set.
+    pub splits: u64,
+}
+
+impl Transactions {
+    /// `None` for `transaction-mode = none` (plain Stream Load).
+    pub fn new(mode: CdcTransactionMode) -> Option<Transactions> {
+        (mode != CdcTransactionMode::None).then(|| Transactions {
+            mode,
+            open: BTreeMap::new(),
+            splits: 0,
+        })
+    }
+
+    fn scope(&self, table: &str) -> String {
+        match self.mode {
+            CdcTransactionMode::PerTable => table.to_string(),
+            _ => String::new(),
+        }
+    }
+
+    /// Adds `batch` to the cycle's transaction, beginning it when this is the first load.
+    pub fn load(&mut self, sink: &mut StarRocks, batch: &Batch) -> Result<LoadOutcome, LoadError> {
+        let scope = self.scope(&batch.table);
+        let params = (batch.columns.clone(), batch.partial);
+        let clash = self
+            .open
+            .get(&scope)
+            .and_then(|t| t.params.get(&batch.table))
+            .is_some_and(|p| *p != params);
+        if clash {
+            // A second column list for one table (a schema change, a partial TOAST update)
+            // cannot join the transaction: commit what it holds and go on in a new one. The
+            // cut depends only on the stream, so a replay cuts at the same load.
+            self.splits += 1;
+            tracing::warn!(table = %batch.table, label = %batch.label, "a second column list for one table ends the StarRocks transaction early");
+            self.commit_scope(sink, &scope)?;
+        }
+        if !self.open.contains_key(&scope) {
+            let table = (self.mode == CdcTransactionMode::PerTable).then_some(&*batch.table);
+            let state = self.begin(sink, &batch.label, table)?;
+            self.open.insert(
+                scope.clone(),
+                Txn {
+                    label: batch.label.clone(),
+                    params: HashMap::new(),
+                    state,
+                },
+            );
+        }
+        let Some(txn) = self.open.get_mut(&scope) else {
+            unreachable!("inserted above")
+        };
+        txn.params.insert(batch.table.clone(), params);
+        if txn.state != TxnState::Loading {
+            return Ok(LoadOutcome::AlreadyLoaded);
+        }
+        let label = txn.label.clone();
+        let reply = sink.txn_call("load", &label, Some(&batch.table), Some(batch));
+        match reply {
+            Ok(r) if r.status == "OK" || r.status == "Success" => Ok(LoadOutcome::Loaded),
+            Ok(r) => {
+                self.abort_all(sink);
+                Err(self.load_failure(sink, batch, &label, r))
+            }
+            Err(why) => {
+                self.abort_all(sink);
+                Err(LoadError::TxnAborted { label, why })
+            }
+        }
+    }
+
+    /// The error for a load the transaction refused (it is rolled back already).
+    fn load_failure(&self, sink: &StarRocks, batch: &Batch, label: &str, r: TxnReply) -> LoadError {
+        if r.status == "AUTH" {
+            return sink.auth_error(401);
+        }
+        if r.filtered_rows > 0 || r.message.contains("filtered") {
+            return LoadError::Filtered {
+                table: batch.table.clone(),
+                label: label.to_string(),
+                message: r.message,
+                error_url: r.error_url,
+            };
+        }
+        if self.mode == CdcTransactionMode::MultiTable && r.message.contains("multi-table") {
+            return LoadError::MultiTableUnsupported {
+                table: batch.table.clone(),
+                message: r.message,
+            };
+        }
+        LoadError::TxnAborted {
+            label: label.to_string(),
+            why: format!("load into {}: {} {}", batch.table, r.status, r.message),
+        }
+    }
+
+    /// Begins the transaction `label`, or finds what an earlier run left under it.
+    fn begin(
+        &self,
+        sink: &mut StarRocks,
+        label: &str,
+        table: Option<&str>,
+    ) -> Result<TxnState, LoadError> {
+        let cfg = sink.config().clone();
+        let mut delay = cfg.backoff;
+        let mut last = String::new();
+        for attempt in 1..=cfg.attempts_max {
+            if attempt > 1 {
+                sink.retries += 1;
+                tracing::warn!(%label, attempt, error = %last, "retrying transaction begin");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(cfg.backoff_max);
+            }
+            let r = match sink.txn_call("begin", label, table, None) {
+                Ok(r) => r,
+                Err(why) => {
+                    // Maybe begun: the next attempt finds the label open and rolls it back.
+                    last = why;
+                    continue;
+                }
+            };
+            match r.status.as_str() {
+                "OK" => return Ok(TxnState::Loading),
+                "AUTH" => return Err(sink.auth_error(401)),
+                "LABEL_ALREADY_EXISTS" | "Label Already Exists" => {
+                    match sink.label_state(label).as_deref() {
+                        Ok("VISIBLE") | Ok("COMMITTED") => {
+                            tracing::info!(%label, "transaction committed by an earlier run");
+                            return Ok(TxnState::Committed);
+                        }
+                        Ok("PREPARED") => {
+                            tracing::info!(%label, "transaction prepared by an earlier run; committing it at the cycle's end");
+                            return Ok(TxnState::Prepared);
+                        }
+                        Ok("PREPARE") => {
+                            // Left open by a run that stopped while loading: its loads are
+                            // not all there. Roll back and load the cycle afresh.
+                            tracing::info!(%label, "rolling back a transaction an earlier run left open");
+                            let _ = sink.txn_call("rollback", label, table, None);
+                            last = format!("label {label} was open");
+                        }
+                        Ok(state) => last = format!("label {label} is {state}"),
+                        Err(why) => last = why.clone(),
+                    }
+                }
+                status => {
+                    last = format!("{status}: {}", r.message);
+                    if self.mode == CdcTransactionMode::MultiTable && r.message.contains("table") {
+                        return Err(LoadError::MultiTableUnsupported {
+                            table: table.unwrap_or("(several)").to_string(),
+                            message: r.message,
+                        });
+                    }
+                }
+            }
+        }
+        Err(LoadError::GaveUp {
+            table: table.unwrap_or("(transaction)").to_string(),
+            label: label.to_string(),
+            attempts: cfg.attempts_max,
+            last,
+        })
+    }
+
+    /// Prepares every open transaction of the cycle, then commits them; afterwards the
+    /// checkpoint may name the cycle's end.
+    pub fn commit_all(&mut self, sink: &mut StarRocks) -> Result<(), LoadError> {
+        let scopes: Vec<String> = self.open.keys().cloned().collect();
+        for scope in &scopes {
+            self.prepare(sink, scope)?;
+        }
+        if !scopes.is_empty() {
+            failpoint::hit("cdc-after-prepare");
+        }
+        for scope in &scopes {
+            if let Some(txn) = self.open.remove(scope)
+                && txn.state == TxnState::Prepared
+            {
+                commit(sink, &txn.label, self.scope_table(scope))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Prepares and commits one scope's transaction (a cut inside a cycle).
+    fn commit_scope(&mut self, sink: &mut StarRocks, scope: &str) -> Result<(), LoadError> {
+        self.prepare(sink, scope)?;
+        if let Some(txn) = self.open.remove(scope)
+            && txn.state == TxnState::Prepared
+        {
+            commit(sink, &txn.label, self.scope_table(scope))?;
+        }
+        Ok(())
+    }
+
+    fn scope_table<'a>(&self, scope: &'a str) -> Option<&'a str> {
+        (self.mode == CdcTransactionMode::PerTable).then_some(scope)
+    }
+
+    fn prepare(&mut self, sink: &mut StarRocks, scope: &str) -> Result<(), LoadError> {
+        let table = self.scope_table(scope).map(str::to_string);
+        let Some(txn) = self.open.get_mut(scope) else {
+            return Ok(());
+        };
+        if txn.state != TxnState::Loading {
+            return Ok(());
+        }
+        let label = txn.label.clone();
+        let why = match sink.txn_call("prepare", &label, table.as_deref(), None) {
+            Ok(r) if r.status == "OK" => None,
+            Ok(r) => Some(format!("prepare: {} {}", r.status, r.message)),
+            Err(e) => Some(format!("prepare: {e}")),
+        };
+        if let Some(why) = why {
+            // A prepare whose answer was lost may have happened.
+            if sink.label_state(&label).as_deref() != Ok("PREPARED") {
+                self.abort_all(sink);
+                return Err(LoadError::TxnAborted { label, why });
+            }
+        }
+        if let Some(txn) = self.open.get_mut(scope) {
+            txn.state = TxnState::Prepared;
+        }
+        Ok(())
+    }
+
+    /// Rolls back every transaction this run began and has not prepared (best effort: an
+    /// unanswered one times out in StarRocks), and forgets the cycle.
+    pub fn abort_all(&mut self, sink: &mut StarRocks) {
+        let open = std::mem::take(&mut self.open);
+        for (scope, txn) in open {
+            if txn.state == TxnState::Loading {
+                let _ = sink.txn_call("rollback", &txn.label, self.scope_table(&scope), None);
+            }
+        }
+    }
+}
+
+/// Commits a prepared transaction. An error answer or none at all is not the end: a commit
+/// may succeed and still answer an error (an FE restarting under it), so the label's state
+/// decides, and a transaction still prepared is committed again.
+fn commit(sink: &mut StarRocks, label: &str, table: Option<&str>) -> Result<(), LoadError> {
+    let cfg = sink.config().clone();
+    let mut delay = cfg.backoff;
+    let mut last = String::new();
+    for attempt in 1..=cfg.attempts_max {
+        if attempt > 1 {
+            sink.retries += 1;
+            tracing::warn!(%label, attempt, error = %last, "commit in doubt; checking the label");
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(cfg.backoff_max);
+        }
+        match sink.txn_call("commit", label, table, None) {
+            Ok(r) if r.status == "OK" => return Ok(()),
+            // Committed; the data becomes visible when publishing finishes.
+            Ok(r) if r.message.to_ascii_lowercase().contains("publish timeout") => return Ok(()),
+            Ok(r) => last = format!("commit: {} {}", r.status, r.message),
+            Err(e) => last = format!("commit: {e}"),
+        }
+        match sink.label_state(label).as_deref() {
+            Ok("VISIBLE") | Ok("COMMITTED") => {
+                tracing::info!(%label, error = %last, "the commit answered an error but happened");
+                return Ok(());
+            }
+            Ok("PREPARED") | Ok("PREPARE") => {}
+            Ok(state) => {
+                return Err(LoadError::TxnAborted {
+                    label: label.to_string(),
+                    why: format!("{last}; the label is {state}"),
+                });
+            }
+            Err(e) => last = format!("{last}; label state: {e}"),
+        }
+    }
+    Err(LoadError::GaveUp {
+        table: table.unwrap_or("(transaction)").to_string(),
+        label: label.to_string(),
+        attempts: cfg.attempts_max,
+        last,
+    })
+}

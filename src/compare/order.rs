@@ -1,0 +1,768 @@
+//! Ordered shadow dispatch: the shadow runs conflicting statements in the order the primary
+//! completed them, across every session and shard.
+//!
+//! The model is Oracle Database Replay's commit-order synchronisation in its OBJECT_ID mode
+//! (an action waits only for earlier actions that touched the same objects), with the
+//! primary's completion order as the clock: each sync point the primary answers gets the next
+//! number of one process-wide sequence (the one cross-thread cost compare mode pays; the plain
+//! proxy and mirror paths never touch this module). A sync point goes to the shadow once every
+//! conflicting sync point of another session with a smaller number has completed on the
+//! shadow: two conflict when they share a relation and one writes (see [`Footprint`]). Reads
+//! of the same relation stay parallel, and so do unrelated relations. A transaction's COMMIT
+//! (or any sync point that ends it) carries every relation the transaction wrote, because
+//! that is when its writes become visible to others.
+//!
+//! Waiting on the completion order rather than the start order is what makes contended rows
+//! reproducible: on the primary, an autocommit UPDATE and a SELECT of the same row that
+//! overlap in time can go either way, but the one that completed first is, but for a window
+//! of microseconds, the one that took effect first.
+//!
+//! Every wait is bounded (`compare.order-wait-ms`): a sync point that waited that long goes
+//! anyway, and it and the earlier ones it overtook are marked *overtaken*: their order was not
+//! reproduced, so a difference in their results is inconclusive (concurrent), never a
+//! mismatch. The same happens to a pending read when a conflicting write runs on the primary
+//! only (primary-only routing, calibration). This is also what breaks the one cycle the
+//! ordering could form with the shadow's own locks (a statement held by pgprism for an earlier
+//! one that the shadow blocks on a lock the first one's transaction holds): it cannot last
+//! longer than the bound.
+//!
+//! Wake-ups cross threads through one `eventfd` per shard ([`Notifier`]); within a shard they
+//! are direct. The book is one `Mutex`: held for a few map operations per sync point.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
+
+use super::footprint::Footprint;
+use crate::exec::Notifier;
+
+/// One sync point the primary completed, pending on the shadow.
+#[derive(Debug)]
+struct Entry {
+    session: u64,
+    footprint: Footprint,
+    /// Its order with a conflicting sync point was not reproduced.
+    overtaken: bool,
+}
+
+/// What the primary did on one relation lately: which conflicting writes a sync point
+/// overlapped there. The completion order is the primary's order only up to the time it
+/// takes pgprism to see an answer: a sync point that overlapped a write of another session
+/// on a relation it touches may have seen it or not, and a difference in its result is
+/// inconclusive (concurrent) rather than a mismatch.
+#[derive(Debug, Default, Clone)]
+struct Recent {
+    /// The two latest writes completed on the primary, of two different sessions:
+    /// (completion number, session).
+    writes: [(u64, u64); 2],
+    /// Writes sent to the primary and not answered yet: (session, how many).
+    in_flight: Vec<(u64, u32)>,
+    /// Those of them that never run on the shadow (primary-only routing, calibration):
+    /// whenever they land, the shadow may see them, so a read the shadow completes while one
+    /// is in flight is not pinned.
+    only_in_flight: Vec<(u64, u32)>,
+}
+
+impl Recent {
+    fn wrote(&mut self, c: u64, session: u64) {
+        if self.writes[0].1 != session {
+            self.writes[1] = self.writes[0];
+        }
+        self.writes[0] = (c, session);
+    }
+
+    /// Whether another session's write completed after `since` or is in flight.
+    fn overlaps(&self, session: u64, since: u64) -> bool {
+        self.writes
+            .iter()
+            .any(|&(c, s)| s != session && s != 0 && c >= since)
+            || self.in_flight.iter().any(|&(s, n)| s != session && n > 0)
+    }
+
+    fn start(&mut self, session: u64, only: bool) {
+        count_up(&mut self.in_flight, session);
+        if only {
+            count_up(&mut self.only_in_flight, session);
+        }
+    }
+
+    fn end(&mut self, session: u64, only: bool) {
+        count_down(&mut self.in_flight, session);
+        if only {
+            count_down(&mut self.only_in_flight, session);
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.in_flight.is_empty()
+    }
+}
+
+fn count_up(counts: &mut Vec<(u64, u32)>, session: u64) {
+    match counts.iter_mut().find(|(s, _)| *s == session) {
+        Some((_, n)) => *n += 1,
+        None => counts.push((session, 1)),
+    }
+}
+
+fn count_down(counts: &mut Vec<(u64, u32)>, session: u64) {
+    if let Some(i) = counts.iter().position(|(s, _)| *s == session) {
+        counts[i].1 -= 1;
+        if counts[i].1 == 0 {
+            counts.swap_remove(i);
+        }
+    }
+}
+
+/// Relations whose recent history is kept; beyond it, idle ones are forgotten (a forgotten
+/// relation's next overlap goes unseen: its difference would be judged by order alone).
+const RECENT_MAX: usize = 1 << 16;
+
+/// Pending sync points per lane, by completion number: `(session, writes)`.
+type Lane = BTreeMap<u64, (u64, bool)>;
+
+/// A sync point waiting to go to the shadow.
+struct Waiter {
+    shard: usize,
+}
+
+#[derive(Default)]
+struct Book {
+    /// The next completion number (starts at 1: 0 means "none").
+    next: u64,
+    recent: HashMap<u64, Recent>,
+    /// Writes that may touch every relation.
+    recent_wild: Recent,
+    entries: HashMap<u64, Entry>,
+    lanes: HashMap<u64, Lane>,
+    /// Pending sync points that touch every relation.
+    wild: Lane,
+    /// Every pending sync point (what a wild one checks).
+    all: Lane,
+    waiters: BTreeMap<u64, Waiter>,
+    inboxes: Vec<Option<Arc<Inbox>>>,
+}
+
+/// Completion numbers released for one shard by another thread.
+struct Inbox {
+    released: Mutex<Vec<u64>>,
+    notifier: Notifier,
+}
+
+/// The process-wide completion order, shared by every shard's compare mode.
+pub struct Ledger {
+    book: Mutex<Book>,
+    sessions: AtomicU64,
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Ledger {
+            book: Mutex::new(Book::default()),
+            sessions: AtomicU64::new(1),
+        }
+    }
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ledger")
+    }
+}
+
+/// What [`Ledger::done`] learnt of a sync point the shadow completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pinned {
+    /// It ran on the shadow after every conflicting earlier sync point and before every
+    /// conflicting later one.
+    InOrder,
+    /// Its order with a conflicting sync point was not reproduced.
+    Overtaken,
+}
+
+/// What a sync point touched when it was sent to the primary, and where the order stood.
+pub type Start = (Footprint, Started);
+
+/// Where a sync point stood when it was sent to the primary.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Started {
+    /// The completion number current then: writes completed from it on overlapped it.
+    pub since: u64,
+    /// It writes, and was counted in flight.
+    pub writes: bool,
+    /// It runs on the primary only.
+    pub only: bool,
+}
+
+impl Ledger {
+    /// A sync point of `session` touching `footprint` is sent to the primary now.
+    pub fn start(&self, session: u64, footprint: &Footprint, only: bool) -> Started {
+        let mut book = self.book();
+        let since = book.next.max(1);
+        let writes = footprint.write && !footprint.is_empty();
+        if writes {
+            book.each_recent(footprint, |r| r.start(session, only));
+        }
+        Started {
+            since,
+            writes,
+            only,
+        }
+    }
+
+    /// The primary answered a sync point of `session` sent at `started`: it is no longer in
+    /// flight, a write is remembered on its relations, and the answer is whether it
+    /// overlapped a conflicting write of another session.
+    fn finish(
+        book: &mut Book,
+        session: u64,
+        footprint: &Footprint,
+        started: &Start,
+        c: u64,
+    ) -> bool {
+        let (counted, started) = (&started.0, started.1);
+        if started.writes {
+            book.each_recent(counted, |r| r.end(session, started.only));
+        }
+        let mut overlapped = false;
+        if !footprint.is_empty() {
+            overlapped = book.recent_wild.overlaps(session, started.since);
+            if footprint.wild {
+                overlapped |= book
+                    .recent
+                    .values()
+                    .any(|r| r.overlaps(session, started.since));
+            } else {
+                for lane in &footprint.lanes {
+                    overlapped |= book
+                        .recent
+                        .get(lane)
+                        .is_some_and(|r| r.overlaps(session, started.since));
+                }
+            }
+        }
+        if footprint.write && !footprint.is_empty() {
+            book.each_recent(footprint, |r| r.wrote(c, session));
+        }
+        if book.recent.len() > RECENT_MAX {
+            book.recent.retain(|_, r| !r.idle());
+        }
+        overlapped
+    }
+
+    /// The session ended before the primary answered sync points sent at `started`.
+    pub fn unstart(&self, session: u64, started: &[Start]) {
+        let mut book = self.book();
+        for (footprint, s) in started {
+            if s.writes {
+                book.each_recent(footprint, |r| r.end(session, s.only));
+            }
+        }
+    }
+
+    fn book(&self) -> MutexGuard<'_, Book> {
+        // A shard that panicked while holding the book left it consistent enough: every
+        // method leaves it valid between map operations, and a stale entry costs one bounded
+        // wait.
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A number for a new compare session, unique in the process.
+    pub fn session(&self) -> u64 {
+        self.sessions.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The primary completed a sync point of `session` that goes to the shadow: its number
+    /// in the completion order. It is pending until [`done`](Self::done).
+    pub fn complete(&self, session: u64, footprint: Footprint, started: &Start) -> u64 {
+        let mut book = self.book();
+        let c = book.next.max(1);
+        book.next = c + 1;
+        let overlapped = Ledger::finish(&mut book, session, &footprint, started, c);
+        let key = (session, footprint.write);
+        if footprint.wild {
+            book.wild.insert(c, key);
+        }
+        for &lane in &footprint.lanes {
+            book.lanes.entry(lane).or_default().insert(c, key);
+        }
+        book.all.insert(c, key);
+        book.entries.insert(
+            c,
+            Entry {
+                session,
+                footprint,
+                overtaken: overlapped,
+            },
+        );
+        c
+    }
+
+    /// The primary completed a write of `session` that the shadow never runs (routed to the
+    /// primary only): the conflicting sync points still pending on the shadow may see its
+    /// effect there, out of order.
+    pub fn primary_only(&self, session: u64, footprint: &Footprint, started: &Start) {
+        let mut book = self.book();
+        let c = book.next.max(1);
+        book.next = c + 1;
+        Ledger::finish(&mut book, session, footprint, started, c);
+        if !footprint.write || footprint.is_empty() {
+            return;
+        }
+        Ledger::overtake(&mut book, session, footprint);
+    }
+
+    /// The primary answered a sync point that went to the shadow unordered (a COPY, or one a
+    /// Flush sent early): it is no longer in flight, and a write is remembered.
+    pub fn answered(&self, session: u64, footprint: &Footprint, started: &Start) {
+        let mut book = self.book();
+        let c = book.next.max(1);
+        book.next = c + 1;
+        Ledger::finish(&mut book, session, footprint, started, c);
+    }
+
+    fn overtake(book: &mut Book, session: u64, footprint: &Footprint) {
+        let blockers = book.conflicting(session, footprint, u64::MAX);
+        for c in blockers {
+            if let Some(e) = book.entries.get_mut(&c) {
+                e.overtaken = true;
+            }
+        }
+    }
+
+    /// Whether sync point `c` (on `shard`) may go to the shadow now. When not, it is woken
+    /// through the shard's inbox once it may.
+    pub fn acquire(&self, c: u64, shard: usize) -> bool {
+        let mut book = self.book();
+        if !book.blocked(c) {
+            return true;
+        }
+        book.waiters.insert(c, Waiter { shard });
+        false
+    }
+
+    /// Sync point `c` waited as long as it may: it goes now, and it and every earlier
+    /// conflicting one still pending are overtaken.
+    pub fn force(&self, c: u64) {
+        let mut book = self.book();
+        book.waiters.remove(&c);
+        let Some((session, footprint)) = book
+            .entries
+            .get(&c)
+            .map(|e| (e.session, e.footprint.clone()))
+        else {
+            return;
+        };
+        let blockers = book.conflicting(session, &footprint, c);
+        tracing::debug!(
+            c,
+            session,
+            lanes = footprint.lanes.len(),
+            write = footprint.write,
+            blockers = ?blockers
+                .iter()
+                .filter_map(|b| book.entries.get(b).map(|e| (*b, e.session, e.footprint.lanes.len(), e.footprint.write)))
+                .collect::<Vec<_>>(),
+            "compare ordering: a wait ran out"
+        );
+        for b in blockers.into_iter().chain([c]) {
+            if let Some(e) = book.entries.get_mut(&b) {
+                e.overtaken = true;
+            }
+        }
+    }
+
+    /// The shadow completed sync point `c`: it is no longer pending, and what waited for it
+    /// may go. `this_shard`'s releases go to its inbox without a wake-up (the caller drains
+    /// it).
+    pub fn done(&self, c: u64, this_shard: usize) -> Pinned {
+        let mut book = self.book();
+        let Some(entry) = book.remove(c) else {
+            return Pinned::Overtaken;
+        };
+        book.release(&entry.footprint, this_shard);
+        let mut only = book
+            .recent_wild
+            .only_in_flight
+            .iter()
+            .any(|(s, _)| *s != entry.session);
+        for lane in &entry.footprint.lanes {
+            only |= book
+                .recent
+                .get(lane)
+                .is_some_and(|r| r.only_in_flight.iter().any(|(s, _)| *s != entry.session));
+        }
+        if entry.overtaken || only {
+            Pinned::Overtaken
+        } else {
+            Pinned::InOrder
+        }
+    }
+
+    /// The session ended (or stopped comparing): its pending sync points will never complete
+    /// on the shadow.
+    pub fn abandon(&self, cs: &[u64], this_shard: usize) {
+        if cs.is_empty() {
+            return;
+        }
+        let mut book = self.book();
+        let mut freed = Footprint::default();
+        for &c in cs {
+            book.waiters.remove(&c);
+            if let Some(entry) = book.remove(c) {
+                freed.join(&entry.footprint);
+            }
+        }
+        // What waited for any of them is checked again.
+        freed.write = true;
+        book.release(&freed, this_shard);
+    }
+
+    /// Registers shard `shard`'s inbox; returns it.
+    fn inbox(&self, shard: usize) -> std::io::Result<Arc<Inbox>> {
+        let mut book = self.book();
+        if book.inboxes.len() <= shard {
+            book.inboxes.resize(shard + 1, None);
+        }
+        if let Some(inbox) = &book.inboxes[shard] {
+            return Ok(inbox.clone());
+        }
+        let inbox = Arc::new(Inbox {
+            released: Mutex::new(Vec::new()),
+            notifier: Notifier::new()?,
+        });
+        book.inboxes[shard] = Some(inbox.clone());
+        Ok(inbox)
+    }
+
+    #[cfg(test)]
+    fn pending(&self) -> usize {
+        self.book().entries.len()
+    }
+}
+
+impl Book {
+    /// Applies `f` to the recent history of every relation `footprint` touches.
+    fn each_recent(&mut self, footprint: &Footprint, mut f: impl FnMut(&mut Recent)) {
+        if footprint.wild {
+            f(&mut self.recent_wild);
+        }
+        for lane in &footprint.lanes {
+            f(self.recent.entry(*lane).or_default());
+        }
+    }
+
+    fn remove(&mut self, c: u64) -> Option<Entry> {
+        let entry = self.entries.remove(&c)?;
+        self.all.remove(&c);
+        if entry.footprint.wild {
+            self.wild.remove(&c);
+        }
+        for lane in &entry.footprint.lanes {
+            if let Some(l) = self.lanes.get_mut(lane) {
+                l.remove(&c);
+                if l.is_empty() {
+                    self.lanes.remove(lane);
+                }
+            }
+        }
+        Some(entry)
+    }
+
+    /// Whether pending sync point `c` must still wait for an earlier conflicting one.
+    fn blocked(&self, c: u64) -> bool {
+        let Some(entry) = self.entries.get(&c) else {
+            return false;
+        };
+        self.first_conflict(entry.session, &entry.footprint, c)
+            .is_some()
+    }
+
+    fn lanes_of<'a>(&'a self, footprint: &'a Footprint) -> impl Iterator<Item = &'a Lane> {
+        let every: Box<dyn Iterator<Item = &Lane>> = if footprint.wild {
+            Box::new(std::iter::once(&self.all))
+        } else {
+            Box::new(
+                footprint
+                    .lanes
+                    .iter()
+                    .filter_map(|l| self.lanes.get(l))
+                    .chain(std::iter::once(&self.wild)),
+            )
+        };
+        every
+    }
+
+    /// The earliest pending sync point before `before`, of another session, that conflicts
+    /// with `footprint`.
+    fn first_conflict(&self, session: u64, footprint: &Footprint, before: u64) -> Option<u64> {
+        self.lanes_of(footprint)
+            .filter_map(|lane| {
+                lane.range(..before)
+                    .find(|(_, (s, w))| *s != session && footprint.waits_for(*w))
+                    .map(|(c, _)| *c)
+            })
+            .min()
+    }
+
+    /// Every pending sync point before `before`, of another session, that conflicts with
+    /// `footprint`.
+    fn conflicting(&self, session: u64, footprint: &Footprint, before: u64) -> Vec<u64> {
+        let mut out: Vec<u64> = self
+            .lanes_of(footprint)
+            .flat_map(|lane| {
+                lane.range(..before)
+                    .filter(|(_, (s, w))| *s != session && footprint.waits_for(*w))
+                    .map(|(c, _)| *c)
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Something touching `freed` left the book: the waiters it may have held are checked
+    /// again, and those free to go are sent to their shard's inbox.
+    fn release(&mut self, freed: &Footprint, this_shard: usize) {
+        let mut go: Vec<(u64, usize)> = Vec::new();
+        for (&c, waiter) in &self.waiters {
+            let Some(entry) = self.entries.get(&c) else {
+                go.push((c, waiter.shard));
+                continue;
+            };
+            let mut freed = freed.clone();
+            freed.write = true;
+            if !entry.footprint.conflicts(&freed) && !entry.footprint.is_empty() {
+                continue;
+            }
+            if self
+                .first_conflict(entry.session, &entry.footprint, c)
+                .is_none()
+            {
+                go.push((c, waiter.shard));
+            }
+        }
+        for &(c, shard) in &go {
+            self.waiters.remove(&c);
+            let Some(Some(inbox)) = self.inboxes.get(shard) else {
+                continue;
+            };
+            let mut released = inbox.released.lock().unwrap_or_else(|e| e.into_inner());
+            let first = released.is_empty();
+            released.push(c);
+            drop(released);
+            if first && shard != this_shard {
+                inbox.notifier.notify();
+            }
+        }
+    }
+}
+
+/// One shard's side of the ledger: the wakers of its sessions' writers waiting on it.
+pub struct Port {
+    pub ledger: Arc<Ledger>,
+    shard: usize,
+    inbox: Option<Arc<Inbox>>,
+    waiters: RefCell<HashMap<u64, Waker>>,
+    released: RefCell<HashSet<u64>>,
+    listening: Cell<bool>,
+}
+
+impl Port {
+    pub fn new(ledger: Arc<Ledger>, shard: usize) -> Rc<Port> {
+        let inbox = match ledger.inbox(shard) {
+            Ok(inbox) => Some(inbox),
+            Err(err) => {
+                // Without an eventfd, releases from other shards are picked up when this
+                // shard's own sessions complete something, or at the bounded wait's end.
+                tracing::warn!(shard, error = %err, "compare ordering: no eventfd for this shard");
+                None
+            }
+        };
+        Rc::new(Port {
+            ledger,
+            shard,
+            inbox,
+            waiters: RefCell::new(HashMap::new()),
+            released: RefCell::new(HashSet::new()),
+            listening: Cell::new(false),
+        })
+    }
+
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+
+    /// Moves what the inbox holds to the released set and wakes those writers.
+    pub fn drain(&self) {
+        let Some(inbox) = &self.inbox else {
+            return;
+        };
+        let taken = std::mem::take(&mut *inbox.released.lock().unwrap_or_else(|e| e.into_inner()));
+        if taken.is_empty() {
+            return;
+        }
+        let mut waiters = self.waiters.borrow_mut();
+        let mut released = self.released.borrow_mut();
+        for c in taken {
+            released.insert(c);
+            if let Some(w) = waiters.remove(&c) {
+                w.wake();
+            }
+        }
+    }
+
+    /// Waits until sync point `c` may go to the shadow (the caller bounds the wait).
+    pub async fn wait(self: &Rc<Self>, c: u64) {
+        if self.ledger.acquire(c, self.shard) {
+            return;
+        }
+        self.listen();
+        futures_lite::future::poll_fn(|cx| {
+            self.drain();
+            if self.released.borrow_mut().remove(&c) {
+                return Poll::Ready(());
+            }
+            self.waiters.borrow_mut().insert(c, cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
+    }
+
+    /// The wait for `c` ended without a release (its bound, or the session ended).
+    pub fn give_up(&self, c: u64) {
+        self.waiters.borrow_mut().remove(&c);
+        self.released.borrow_mut().remove(&c);
+    }
+
+    /// Starts the shard's listener for releases from other threads, once.
+    fn listen(self: &Rc<Self>) {
+        if self.listening.replace(true) {
+            return;
+        }
+        let Some(inbox) = self.inbox.clone() else {
+            return;
+        };
+        let port = Rc::downgrade(self);
+        crate::exec::spawn(async move {
+            while inbox.notifier.notified().await.is_ok() {
+                let Some(port) = port.upgrade() else {
+                    break;
+                };
+                port.drain();
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sent to the primary and answered at once.
+    fn now(ledger: &Ledger, session: u64, footprint: Footprint) -> u64 {
+        let started = ledger.start(session, &footprint, false);
+        ledger.complete(session, footprint.clone(), &(footprint, started))
+    }
+
+    #[test]
+    fn a_read_that_overlapped_a_write_of_another_session_is_not_pinned() {
+        let ledger = Ledger::default();
+        let read = fp(&[7], false);
+        let started = ledger.start(1, &read, false);
+        let write = now(&ledger, 2, fp(&[7], true));
+        let c = ledger.complete(1, read.clone(), &(read.clone(), started));
+        assert_eq!(ledger.done(write, 0), Pinned::InOrder);
+        assert_eq!(ledger.done(c, 0), Pinned::Overtaken);
+        // A write still in flight when the read completes overlaps it too.
+        let w = fp(&[7], true);
+        let in_flight = ledger.start(2, &w, false);
+        let c = now(&ledger, 1, read.clone());
+        assert_eq!(ledger.done(c, 0), Pinned::Overtaken);
+        ledger.unstart(2, &[(w, in_flight)]);
+        let c = now(&ledger, 1, read);
+        assert_eq!(ledger.done(c, 0), Pinned::InOrder);
+    }
+
+    fn fp(lanes: &[u64], write: bool) -> Footprint {
+        Footprint {
+            lanes: lanes.to_vec(),
+            write,
+            wild: false,
+            ends: false,
+        }
+    }
+
+    #[test]
+    fn conflicting_sync_points_go_in_completion_order() {
+        let ledger = Ledger::default();
+        let _ = ledger.inbox(0);
+        let update = now(&ledger, 1, fp(&[7], true));
+        let read = now(&ledger, 2, fp(&[7], false));
+        let other = now(&ledger, 3, fp(&[8], true));
+        let own = now(&ledger, 1, fp(&[7], false));
+        assert!(ledger.acquire(update, 0));
+        // The read waits for the earlier write of another session; unrelated relations and
+        // the writer's own session do not wait.
+        assert!(!ledger.acquire(read, 0));
+        assert!(ledger.acquire(other, 0));
+        assert!(ledger.acquire(own, 0));
+        assert_eq!(ledger.done(update, 0), Pinned::InOrder);
+        let inbox = ledger.inbox(0).unwrap();
+        assert_eq!(*inbox.released.lock().unwrap(), vec![read]);
+        // Two reads do not conflict.
+        let read2 = now(&ledger, 4, fp(&[7], false));
+        assert!(ledger.acquire(read2, 0));
+        // A later write waits for both reads.
+        let write = now(&ledger, 5, fp(&[7], true));
+        assert!(!ledger.acquire(write, 0));
+        assert_eq!(ledger.done(read, 0), Pinned::InOrder);
+        assert_eq!(ledger.done(read2, 0), Pinned::InOrder);
+        assert!(!inbox.released.lock().unwrap().contains(&write));
+        assert_eq!(ledger.done(own, 0), Pinned::InOrder);
+        assert!(inbox.released.lock().unwrap().contains(&write));
+    }
+
+    #[test]
+    fn a_forced_sync_point_and_what_it_overtook_are_overtaken() {
+        let ledger = Ledger::default();
+        let first = now(&ledger, 1, fp(&[7], true));
+        let second = now(&ledger, 2, fp(&[7], true));
+        let unrelated = now(&ledger, 3, fp(&[9], true));
+        assert!(!ledger.acquire(second, 0));
+        ledger.force(second);
+        assert_eq!(ledger.done(second, 0), Pinned::Overtaken);
+        assert_eq!(ledger.done(first, 0), Pinned::Overtaken);
+        assert_eq!(ledger.done(unrelated, 0), Pinned::InOrder);
+        assert_eq!(ledger.pending(), 0);
+    }
+
+    #[test]
+    fn a_primary_only_write_overtakes_pending_reads() {
+        let ledger = Ledger::default();
+        let read = now(&ledger, 1, fp(&[7], false));
+        for write in [true, false] {
+            let f = fp(&[7], write);
+            let started = ledger.start(2, &f, true);
+            ledger.primary_only(2, &f, &(f.clone(), started));
+        }
+        assert_eq!(ledger.done(read, 0), Pinned::Overtaken);
+    }
+
+    #[test]
+    fn wild_sync_points_conflict_with_everything_and_abandoning_releases() {
+        let ledger = Ledger::default();
+        let _ = ledger.inbox(0);
+        let ddl = now(&ledger, 1, Footprint::wild());
+        let read = now(&ledger, 2, fp(&[3], false));
+        assert!(!ledger.acquire(read, 0));
+        ledger.abandon(&[ddl], 0);
+        let inbox = ledger.inbox(0).unwrap();
+        assert_eq!(*inbox.released.lock().unwrap(), vec![read]);
+        let wild_after = now(&ledger, 3, Footprint::wild());
+        assert!(!ledger.acquire(wild_after, 0));
+    }
+}

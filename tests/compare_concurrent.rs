@@ -1,0 +1,317 @@
+//! Compare mode on live concurrent traffic (issue 15): pgbench clients through `pgprism proxy
+//! --shadow` against two real PostgreSQL servers. On identical databases, contended rows must
+//! not produce mismatches (the shadow runs conflicting statements in the primary's completion
+//! order); real divergences on the shadow must still be found and named.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use pgprism::embed::Instance;
+use sonic_rs::{JsonContainerTrait, JsonValueTrait};
+use support::{Proxy, eventually, start_primary};
+
+const HOT: &str = "CREATE TABLE hot (id int PRIMARY KEY, v int NOT NULL);
+    INSERT INTO hot SELECT g, 0 FROM generate_series(1, 5) g;";
+
+const HOT_SCRIPT: &str = "\\set id random(1, 5)
+UPDATE hot SET v = v + 1 WHERE id = :id;
+SELECT v FROM hot WHERE id = :id;
+";
+
+struct Pair {
+    primary: Instance,
+    shadow: Instance,
+    report: PathBuf,
+    script: PathBuf,
+}
+
+fn pair(name: &str) -> Pair {
+    let tmp = std::env::temp_dir();
+    let pid = std::process::id();
+    let report = tmp.join(format!("pgprism-cc-{pid}-{name}.jsonl"));
+    let script = tmp.join(format!("pgprism-cc-{pid}-{name}.sql"));
+    let _ = std::fs::remove_file(&report);
+    std::fs::write(&script, HOT_SCRIPT).expect("write the pgbench script");
+    Pair {
+        primary: start_primary(&format!("cc{name}p")),
+        shadow: start_primary(&format!("cc{name}s")),
+        report,
+        script,
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.report);
+        let _ = std::fs::remove_file(&self.script);
+    }
+}
+
+impl Pair {
+    fn both(&self, sql: &str) {
+        self.primary.psql(sql).expect("seed primary");
+        self.shadow.psql(sql).expect("seed shadow");
+    }
+
+    fn proxy(&self, extra: &[&str]) -> Proxy {
+        let shadow = self.shadow.url();
+        let report = self.report.display().to_string();
+        let mut args = vec![
+            "--shadow",
+            &shadow,
+            "--compare-report",
+            &report,
+            "--slow-query-min-ms",
+            "60000",
+        ];
+        args.extend_from_slice(extra);
+        Proxy::start(&self.primary.url(), &args)
+    }
+
+    fn reports(&self) -> Vec<sonic_rs::Value> {
+        std::fs::read_to_string(&self.report)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| sonic_rs::from_str(l).ok())
+            .collect()
+    }
+}
+
+/// Runs pgbench through the proxy (`-n`: no vacuum of tables it may not have).
+fn pgbench(proxy: &Proxy, args: &[&str]) -> String {
+    let port = proxy.port().to_string();
+    let out = Command::new("pgbench")
+        .args(["-n", "-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
+        .args(args)
+        .arg("postgres")
+        .output()
+        .expect("run pgbench");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "pgbench {args:?}: {stderr}\nproxy log:\n{}",
+        proxy.log()
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Statements judged so far: compared ones (those with differences included) and skipped.
+fn judged(proxy: &Proxy) -> u64 {
+    proxy.metric("pgprism_compare_statements_total") + proxy.metric("pgprism_compare_skipped_total")
+}
+
+/// Waits until the shadow caught up with `statements` statements; returns
+/// (mismatches, inconclusive concurrent, inconclusive nondeterministic, compared).
+fn verdicts(proxy: &Proxy, statements: u64) -> (u64, u64, u64, u64) {
+    let caught_up = eventually(Duration::from_secs(60), || judged(proxy) >= statements);
+    if !caught_up {
+        let (_, metrics) = proxy.admin_get("/metrics");
+        let compare: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("pgprism_compare") || l.starts_with("pgprism_sync_points"))
+            .collect();
+        panic!(
+            "the shadow did not catch up: {} of {statements} judged\n{}",
+            judged(proxy),
+            compare.join("\n")
+        );
+    }
+    (
+        proxy.metric("pgprism_compare_mismatches_total"),
+        proxy.metric("pgprism_compare_inconclusive_concurrent_total"),
+        proxy.metric("pgprism_compare_inconclusive_nondeterministic_total"),
+        proxy.metric("pgprism_compare_statements_total"),
+    )
+}
+
+fn sum_v(inst: &Instance) -> String {
+    inst.psql("SELECT sum(v) FROM hot").expect("sum")
+}
+
+/// Runs the hot-row workload at `clients` and asserts the issue's bound.
+fn hot_rows_without_false_mismatches(name: &str, clients: usize, per_client: usize) {
+    let p = pair(name);
+    p.both(HOT);
+    let proxy = p.proxy(&[]);
+    let script = p.script.display().to_string();
+    let c = clients.to_string();
+    let t = per_client.to_string();
+    pgbench(&proxy, &["-c", &c, "-j", "2", "-t", &t, "-f", &script]);
+    let statements = (clients * per_client * 2) as u64;
+    let (mismatches, concurrent, nondeterministic, compared) = verdicts(&proxy, statements);
+    let rate = concurrent as f64 / compared.max(1) as f64;
+    eprintln!(
+        "hot rows, {clients} clients: {compared} compared, {mismatches} mismatches, \
+         {concurrent} inconclusive (concurrent, {:.3}%), {nondeterministic} nondeterministic, \
+         {} waits expired",
+        rate * 100.0,
+        proxy.metric("pgprism_compare_order_waits_expired_total")
+    );
+    assert_eq!(
+        mismatches,
+        0,
+        "false mismatches on identical databases: {:?}",
+        p.reports().first()
+    );
+    assert!(rate <= 0.01, "inconclusive rate {rate} above 1%");
+    assert!(
+        compared >= statements,
+        "{compared} of {statements} compared"
+    );
+    assert_eq!(
+        sum_v(&p.primary),
+        sum_v(&p.shadow),
+        "both sides ran every update"
+    );
+}
+
+#[test]
+fn hot_rows_at_8_clients_give_no_false_mismatch() {
+    hot_rows_without_false_mismatches("h8", 8, 150);
+}
+
+#[test]
+fn hot_rows_at_64_clients_give_no_false_mismatch() {
+    hot_rows_without_false_mismatches("h64", 64, 25);
+}
+
+#[test]
+fn pgbench_builtin_workloads_give_no_false_mismatch() {
+    let p = pair("pgb");
+    for inst in [&p.primary, &p.shadow] {
+        let port = inst.port().to_string();
+        let out = Command::new("pgbench")
+            .args(["-i", "-s", "1", "-q", "-h", inst.host(), "-p", &port])
+            .args(["-U", "postgres", "postgres"])
+            .output()
+            .expect("pgbench -i");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let proxy = p.proxy(&[]);
+    // -N: 5 statements a transaction (BEGIN, UPDATE, SELECT, INSERT, END); TPC-B: 7.
+    pgbench(&proxy, &["-N", "-c", "8", "-j", "2", "-t", "60"]);
+    pgbench(&proxy, &["-c", "8", "-j", "2", "-t", "60"]);
+    let statements = 8 * 60 * (5 + 7);
+    let (mismatches, concurrent, _, compared) = verdicts(&proxy, statements);
+    let rate = concurrent as f64 / compared.max(1) as f64;
+    eprintln!(
+        "pgbench -N and TPC-B, 8 clients: {compared} compared, {mismatches} mismatches, \
+         {concurrent} inconclusive ({:.3}%)",
+        rate * 100.0
+    );
+    assert_eq!(mismatches, 0, "{:?}", p.reports().first());
+    assert!(rate <= 0.01, "inconclusive rate {rate} above 1%");
+    let balance = "SELECT sum(bbalance), sum(tbalance) FROM pgbench_branches, pgbench_tellers";
+    assert_eq!(p.primary.psql(balance).ok(), p.shadow.psql(balance).ok());
+}
+
+/// Waits for a mismatch report whose statement starts with `prefix` and has `kind`.
+fn mismatch_named(p: &Pair, prefix: &str, kind: &str) -> bool {
+    eventually(Duration::from_secs(20), || {
+        p.reports().iter().any(|r| {
+            r["record"].as_str() == Some("mismatch")
+                && r["statement"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(prefix))
+                && r["kinds"]
+                    .as_array()
+                    .is_some_and(|k| k.iter().any(|k| k.as_str() == Some(kind)))
+        })
+    })
+}
+
+#[test]
+fn real_divergences_under_concurrency_are_mismatches() {
+    let p = pair("div");
+    p.both(HOT);
+    // The shadow alters 1 write in 50; has a column of another type; and a unique index the
+    // primary lacks.
+    p.shadow
+        .psql(
+            "CREATE SEQUENCE every;
+             CREATE FUNCTION skew() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF nextval('every') % 50 = 0 THEN NEW.v := NEW.v + 1000; END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER skew BEFORE UPDATE ON hot FOR EACH ROW EXECUTE FUNCTION skew();",
+        )
+        .unwrap();
+    p.primary
+        .psql("CREATE TABLE typed (id int PRIMARY KEY, n int); INSERT INTO typed VALUES (1, 7)")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE typed (id int PRIMARY KEY, n bigint); INSERT INTO typed VALUES (1, 7)")
+        .unwrap();
+    p.primary
+        .psql("CREATE TABLE uniq (id serial PRIMARY KEY, k int)")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE uniq (id serial PRIMARY KEY, k int UNIQUE)")
+        .unwrap();
+    let extra = std::env::temp_dir().join(format!("pgprism-cc-{}-extra.sql", std::process::id()));
+    std::fs::write(
+        &extra,
+        "\\set k random(1, 1000000)
+SELECT n FROM typed WHERE id = 1;
+INSERT INTO uniq (k) VALUES (:k % 40);
+",
+    )
+    .unwrap();
+    let proxy = p.proxy(&[]);
+    let script = p.script.display().to_string();
+    let extra_script = extra.display().to_string();
+    pgbench(&proxy, &["-c", "8", "-j", "2", "-t", "100", "-f", &script]);
+    pgbench(
+        &proxy,
+        &["-c", "4", "-j", "2", "-t", "25", "-f", &extra_script],
+    );
+    let _ = std::fs::remove_file(&extra);
+    assert!(
+        mismatch_named(&p, "SELECT v FROM hot", "values"),
+        "the skewed writes were not found"
+    );
+    assert!(
+        mismatch_named(&p, "SELECT n FROM typed", "column_types"),
+        "the column of another type was not found"
+    );
+    assert!(
+        mismatch_named(&p, "INSERT INTO uniq", "error"),
+        "the unique violation on one side was not found"
+    );
+}
+
+#[test]
+fn calibration_against_the_primary_itself_finds_no_mismatch() {
+    let p = pair("aa");
+    p.primary.psql(HOT).unwrap();
+    let report = p.report.display().to_string();
+    let proxy = Proxy::start(
+        &p.primary.url(),
+        &[
+            "--calibrate",
+            "--compare-report",
+            &report,
+            "--slow-query-min-ms",
+            "60000",
+        ],
+    );
+    let script = p.script.display().to_string();
+    pgbench(&proxy, &["-c", "8", "-j", "2", "-t", "100", "-f", &script]);
+    let (mismatches, concurrent, _, compared) = verdicts(&proxy, 8 * 100 * 2);
+    eprintln!("calibration: {compared} compared, {concurrent} inconclusive");
+    let first = p
+        .reports()
+        .into_iter()
+        .find(|r| r["record"].as_str() == Some("mismatch"));
+    assert_eq!(mismatches, 0, "{first:?}");
+    // The writes ran once: on the primary.
+    assert_eq!(sum_v(&p.primary).trim(), "800");
+}

@@ -1,0 +1,606 @@
+//! The Debian package and the systemd unit, as an administrator meets them: the package built
+//! by `packaging/build-deb` (dev profile, to spare CI a release build), read back with
+//! `dpkg-deb`; installed with `dpkg -i` on a fresh Debian made by `debootstrap` (cached under
+//! /var/tmp, copied per run), where `pgprism check` runs as the `pgprism` user, and purged
+//! again; the unit's `systemd-analyze security` score and `systemd-analyze verify`.
+//!
+//! Needs root (chroot, setpriv), dpkg-deb, cargo-deb, debootstrap and systemd-analyze:
+//! `.ci/run` installs them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The target directory the test binaries were built in (`target/debug/pgprism`'s grandparent).
+fn target_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_pgprism"))
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pgprism-package-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// Runs `cmd`, failing the test with its output unless it succeeds.
+fn ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn text(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn assert_root() {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(uid, 0, "these tests need root (chroot, setpriv), as CI has");
+}
+
+/// The package, built once per test process around the binary the tests run (dev profile).
+fn package() -> &'static Path {
+    static DEB: OnceLock<PathBuf> = OnceLock::new();
+    DEB.get_or_init(|| {
+        let out = scratch("deb").join("pgprism.deb");
+        ok(Command::new(repo().join("packaging/build-deb"))
+            .args(["--profile", "dev", "--fast", "--no-build", "--output"])
+            .arg(&out)
+            .env("CARGO_TARGET_DIR", target_dir()));
+        out
+    })
+}
+
+fn field(deb: &Path, name: &str) -> String {
+    text(&ok(Command::new("dpkg-deb")
+        .arg("--field")
+        .arg(deb)
+        .arg(name)))
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn package_holds_the_binary_unit_config_user_man_pages_and_completions() {
+    let deb = package();
+    assert_eq!(field(deb, "Package"), "pgprism");
+    assert_eq!(field(deb, "Architecture"), "amd64");
+    assert_eq!(
+        field(deb, "Version"),
+        format!("{}-1", env!("CARGO_PKG_VERSION"))
+    );
+    let depends = field(deb, "Depends");
+    assert!(depends.contains("libc6 (>="), "{depends}");
+    assert!(
+        depends.contains("systemd | systemd-standalone-sysusers | systemd-sysusers"),
+        "{depends}"
+    );
+
+    // Files and their modes, as `dpkg-deb -c` lists them.
+    let listing = text(&ok(Command::new("dpkg-deb").arg("-c").arg(deb)));
+    let mode_of = |path: &str| -> String {
+        listing
+            .lines()
+            .find(|l| l.ends_with(&format!(".{path}")))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{path} not in the package:\n{listing}"))
+            .to_string()
+    };
+    assert_eq!(mode_of("/usr/bin/pgprism"), "-rwxr-xr-x");
+    for file in [
+        "/usr/lib/systemd/system/pgprism.service",
+        "/usr/lib/sysusers.d/pgprism.conf",
+        "/etc/pgprism/pgprism.toml",
+        "/etc/sysctl.d/60-pgprism.conf",
+        "/etc/security/limits.d/pgprism.conf",
+        "/usr/share/man/man1/pgprism.1.gz",
+        "/usr/share/man/man1/pgprism-run.1.gz",
+        "/usr/share/man/man1/pgprism-check.1.gz",
+        "/usr/share/bash-completion/completions/pgprism",
+        "/usr/share/zsh/vendor-completions/_pgprism",
+        "/usr/share/fish/vendor_completions.d/pgprism.fish",
+        "/usr/share/doc/pgprism/examples/low-port.conf",
+        "/usr/share/doc/pgprism/examples/grafana/pgprism.json",
+        "/usr/share/doc/pgprism/install.md",
+        "/usr/share/doc/pgprism/copyright",
+    ] {
+        assert_eq!(mode_of(file), "-rw-r--r--", "{file}");
+    }
+    // The hidden generator subcommand gets no page.
+    assert!(!listing.contains("package-assets"), "{listing}");
+
+    // Control files: the conffiles are exactly the /etc files; the maintainer scripts create
+    // the user on configure and remove it (with the state) on purge.
+    let dir = scratch("control");
+    ok(Command::new("dpkg-deb").arg("-e").arg(deb).arg(&dir));
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).expect(name);
+    let mut conffiles: Vec<String> = read("conffiles").lines().map(String::from).collect();
+    conffiles.sort();
+    assert_eq!(
+        conffiles,
+        [
+            "/etc/pgprism/pgprism.toml",
+            "/etc/security/limits.d/pgprism.conf",
+            "/etc/sysctl.d/60-pgprism.conf"
+        ]
+    );
+    let postinst = read("postinst");
+    assert!(
+        postinst.contains("systemd-sysusers ${DPKG_ROOT:+--root=\"$DPKG_ROOT\"} pgprism.conf"),
+        "{postinst}"
+    );
+    assert!(postinst.contains("chown root:pgprism /etc/pgprism/pgprism.toml"));
+    // Installed, not started or restarted: a restart on upgrade would drop every client.
+    assert!(!postinst.contains("deb-systemd-invoke"), "{postinst}");
+    let postrm = read("postrm");
+    assert!(postrm.contains("userdel pgprism"), "{postrm}");
+    assert!(
+        postrm.contains("rm -rf /var/lib/pgprism /var/cache/pgprism /var/log/pgprism /run/pgprism")
+    );
+
+    // The payload: the unit runs the packaged binary, the example config passes `check`, the
+    // man page and the completions come from the real command.
+    let root = scratch("payload");
+    ok(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root));
+    let unit =
+        std::fs::read_to_string(root.join("usr/lib/systemd/system/pgprism.service")).expect("unit");
+    assert_eq!(
+        unit,
+        std::fs::read_to_string(repo().join("systemd/pgprism.service")).unwrap()
+    );
+    for line in unit.lines().filter(|l| l.starts_with("ExecStart")) {
+        let program = line.split_once('=').unwrap().1.split_whitespace().next();
+        assert_eq!(program, Some("/usr/bin/pgprism"), "{line}");
+    }
+    let checked = ok(Command::new(root.join("usr/bin/pgprism"))
+        .args(["check", "--config"])
+        .arg(root.join("etc/pgprism/pgprism.toml")));
+    assert!(text(&checked).contains("[primary]"));
+    let man = text(&ok(Command::new("gzip")
+        .arg("-dc")
+        .arg(root.join("usr/share/man/man1/pgprism.1.gz"))));
+    assert!(man.starts_with(".ie"), "not roff: {man}");
+    assert!(man.contains(".TH pgprism 1"), "{man}");
+    assert!(man.contains("pgprism\\-run(1)"), "{man}");
+    let bash = std::fs::read_to_string(root.join("usr/share/bash-completion/completions/pgprism"))
+        .unwrap();
+    assert!(bash.contains("complete -F _pgprism"), "{bash}");
+    for sub in ["proxy", "run", "embed", "cdc", "check", "bench", "demo"] {
+        assert!(bash.contains(&format!("pgprism,{sub})")), "{sub} missing");
+    }
+    let fish =
+        std::fs::read_to_string(root.join("usr/share/fish/vendor_completions.d/pgprism.fish"))
+            .unwrap();
+    assert!(fish.contains("complete -c pgprism"));
+    let zsh =
+        std::fs::read_to_string(root.join("usr/share/zsh/vendor-completions/_pgprism")).unwrap();
+    assert!(zsh.starts_with("#compdef pgprism"));
+    let sysusers = std::fs::read_to_string(root.join("usr/lib/sysusers.d/pgprism.conf")).unwrap();
+    assert!(
+        sysusers
+            .lines()
+            .any(|l| l.starts_with("u pgprism - ")
+                && l.ends_with("/var/lib/pgprism /usr/sbin/nologin")),
+        "{sysusers}"
+    );
+    for dir in [dir, root, package().parent().unwrap().to_path_buf()] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// `systemd-analyze security --offline=yes`'s overall exposure of a unit file.
+fn exposure(unit: &Path) -> f64 {
+    let out = ok(Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(unit));
+    let report = text(&out);
+    report
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for pgprism.service: "))
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no overall exposure in:\n{report}"))
+}
+
+#[test]
+fn unit_scores_ok_with_and_without_the_low_port_drop_in() {
+    let unit = repo().join("systemd/pgprism.service");
+    let score = exposure(&unit);
+    assert!(score <= 2.0, "exposure {score} above 2.0 (OK)");
+    // The drop-in adds CAP_NET_BIND_SERVICE and gives up PrivateUsers: still OK. Drop-ins
+    // extend the [Service] section, so appending it to a copy is the unit systemd would load.
+    let dir = scratch("low-port");
+    let mut merged = std::fs::read_to_string(&unit).unwrap();
+    merged.push_str(&std::fs::read_to_string(repo().join("systemd/low-port.conf")).unwrap());
+    std::fs::write(dir.join("pgprism.service"), merged).unwrap();
+    let with_drop_in = exposure(&dir.join("pgprism.service"));
+    assert!(with_drop_in > score, "{with_drop_in} <= {score}");
+    assert!(
+        with_drop_in <= 2.0,
+        "exposure {with_drop_in} above 2.0 (OK)"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn unit_verifies_clean() {
+    // `verify` wants the ExecStart programs to exist and `man:` documentation to resolve. The
+    // binary is not installed at /usr/bin/pgprism on a build machine, so verify a copy whose
+    // only change is that path, pointing at the built binary; the man page comes from the
+    // same generator the package uses, through MANPATH.
+    let dir = scratch("verify");
+    let unit = std::fs::read_to_string(repo().join("systemd/pgprism.service")).unwrap();
+    let binary = env!("CARGO_BIN_EXE_pgprism");
+    std::fs::write(
+        dir.join("pgprism.service"),
+        unit.replace("/usr/bin/pgprism ", &format!("{binary} ")),
+    )
+    .unwrap();
+    let assets = dir.join("assets");
+    ok(Command::new(binary)
+        .args(["package-assets", "--out"])
+        .arg(&assets));
+    std::fs::create_dir_all(dir.join("man/man1")).unwrap();
+    std::fs::copy(assets.join("man/pgprism.1"), dir.join("man/man1/pgprism.1")).unwrap();
+    let out = ok(Command::new("systemd-analyze")
+        .args(["verify", "--no-pager"])
+        .arg(dir.join("pgprism.service"))
+        .env("MANPATH", dir.join("man")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.trim().is_empty(), "verify complained:\n{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn check_names_a_low_port_the_process_may_not_bind() {
+    assert_root();
+    let dir = scratch("check-low-port");
+    let low = dir.join("low.toml");
+    std::fs::write(
+        &low,
+        "[proxy]\nlisten = \"127.0.0.1:443\"\n[primary]\nurl = \"postgres://127.0.0.1:5432\"\n",
+    )
+    .unwrap();
+    let high = dir.join("high.toml");
+    std::fs::write(
+        &high,
+        "[proxy]\nlisten = \"127.0.0.1:6432\"\n[primary]\nurl = \"postgres://127.0.0.1:5432\"\n",
+    )
+    .unwrap();
+    let check = |config: &Path, unprivileged: bool| -> Output {
+        let mut cmd = if unprivileged {
+            // As the unit runs it: another user, no capabilities at all.
+            let mut c = Command::new("setpriv");
+            c.args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+            ])
+            .arg(env!("CARGO_BIN_EXE_pgprism"));
+            c
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_pgprism"))
+        };
+        cmd.args(["check", "--config"])
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    // Root holds CAP_NET_BIND_SERVICE: port 443 is fine.
+    assert!(check(&low, false).status.success());
+    // Without it, `check` refuses and names the key and the drop-in.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let refused = check(&low, true);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("`proxy.listen`: port 443 is below"), "{why}");
+    assert!(why.contains("CAP_NET_BIND_SERVICE"), "{why}");
+    assert!(why.contains("pgprism.service.d/low-port.conf"), "{why}");
+    // A port from 1024 up needs nothing.
+    let fine = check(&high, true);
+    assert!(
+        fine.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fine.stderr)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The Debian release of this machine (`VERSION_CODENAME`) and its first apt mirror, for a
+/// chroot of the same release from the same place.
+fn release_and_mirror() -> (String, String) {
+    let os = std::fs::read_to_string("/etc/os-release").expect("/etc/os-release");
+    let codename = os
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .expect("VERSION_CODENAME")
+        .trim_matches('"')
+        .to_string();
+    let mut sources = String::new();
+    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        for entry in dir.flatten() {
+            sources.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+            sources.push('\n');
+        }
+    }
+    sources.push_str(&std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default());
+    // deb822 (`URIs: ...` with `Suites: bookworm ...`) or one-line (`deb URI bookworm main`).
+    let deb822 = sources.split("\n\n").find_map(|stanza| {
+        let suites = stanza.lines().find_map(|l| l.strip_prefix("Suites:"))?;
+        suites
+            .split_whitespace()
+            .any(|s| s == codename)
+            .then_some(())?;
+        let uri = stanza.lines().find_map(|l| l.strip_prefix("URIs:"))?;
+        uri.split_whitespace().next().map(String::from)
+    });
+    let one_line = || {
+        sources.lines().find_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next()? == "deb").then_some(())?;
+            let uri = w.next()?;
+            (w.next()? == codename).then(|| uri.to_string())
+        })
+    };
+    let mirror = deb822
+        .or_else(one_line)
+        .expect("an apt source for this release");
+    (codename, mirror)
+}
+
+/// A fresh Debian with systemd (for systemd-sysusers and deb-systemd-helper), made once by
+/// debootstrap and kept under /var/tmp; every run installs into its own copy.
+fn debian_root() -> PathBuf {
+    let (codename, mirror) = release_and_mirror();
+    let cached = PathBuf::from(format!("/var/tmp/pgprism-test-debian-{codename}"));
+    if !cached.join("usr/bin/systemd-sysusers").exists() {
+        let building = PathBuf::from(format!(
+            "{}.partial-{}",
+            cached.display(),
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&building);
+        ok(Command::new("debootstrap")
+            .args(["--variant=minbase", "--include=systemd", &codename])
+            .arg(&building)
+            .arg(&mirror));
+        // A whole tree or none: rename is atomic, a failed debootstrap leaves no cache.
+        let _ = std::fs::remove_dir_all(&cached);
+        std::fs::rename(&building, &cached).expect("keep the chroot");
+    }
+    let copy = scratch("chroot");
+    ok(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", cached.display()))
+        .arg(&copy));
+    copy
+}
+
+/// `chroot [--userspec=UID:GID] ROOT ARGS...` with a clean environment.
+fn in_root_as(root: &Path, user: Option<&str>, args: &[&str]) -> Command {
+    let mut cmd = Command::new("chroot");
+    if let Some(user) = user {
+        cmd.arg(format!("--userspec={user}"));
+    }
+    cmd.arg(root)
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    cmd
+}
+
+fn in_root(root: &Path, args: &[&str]) -> Command {
+    in_root_as(root, None, args)
+}
+
+#[test]
+fn installs_on_a_fresh_debian_checks_as_pgprism_and_purges_clean() {
+    assert_root();
+    let root = debian_root();
+    std::fs::copy(package(), root.join("tmp/pgprism.deb")).unwrap();
+    ok(&mut in_root(&root, &["dpkg", "-i", "/tmp/pgprism.deb"]));
+
+    // The user, made by systemd-sysusers from the package's sysusers.d file.
+    let passwd = text(&ok(&mut in_root(&root, &["getent", "passwd", "pgprism"])));
+    let fields: Vec<&str> = passwd.trim().split(':').collect();
+    assert_eq!(fields[5], "/var/lib/pgprism", "{passwd}");
+    assert_eq!(fields[6], "/usr/sbin/nologin", "{passwd}");
+    let uid: u32 = fields[2].parse().unwrap();
+    assert!(uid < 1000, "not a system user: {passwd}");
+    let gid = fields[3];
+
+    // The config: root's, readable by the service's group only.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(root.join("etc/pgprism/pgprism.toml")).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o640));
+    assert_eq!(meta.gid().to_string(), gid);
+
+    // `pgprism check`, as the unit's ExecStartPre runs it: the pgprism user, no capabilities.
+    let user = format!("{uid}:{gid}");
+    let as_pgprism = |config: &str| {
+        in_root_as(
+            &root,
+            Some(&user),
+            &["/usr/bin/pgprism", "check", "--config", config],
+        )
+        .output()
+        .unwrap()
+    };
+    let checked = as_pgprism("/etc/pgprism/pgprism.toml");
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(String::from_utf8_lossy(&checked.stderr).contains("is valid"));
+    assert!(String::from_utf8_lossy(&checked.stdout).contains("listen = \"127.0.0.1:6432\""));
+    // The installed man page and the unit where systemd looks for them.
+    assert!(root.join("usr/share/man/man1/pgprism.1.gz").is_file());
+    assert!(
+        root.join("usr/lib/systemd/system/pgprism.service")
+            .is_file()
+    );
+    // Registered with deb-systemd-helper, not enabled: the config names no primary yet.
+    assert!(
+        !root
+            .join("etc/systemd/system/multi-user.target.wants/pgprism.service")
+            .exists()
+    );
+
+    // Purge: the files, the conffiles, the state and the user go.
+    std::fs::create_dir_all(root.join("var/lib/pgprism/scratch")).unwrap();
+    ok(&mut in_root(&root, &["dpkg", "--purge", "pgprism"]));
+    assert!(!root.join("usr/bin/pgprism").exists());
+    assert!(!root.join("etc/pgprism").exists());
+    assert!(!root.join("etc/sysctl.d/60-pgprism.conf").exists());
+    assert!(!root.join("var/lib/pgprism").exists());
+    let gone = in_root(&root, &["getent", "passwd", "pgprism"])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success(), "user left behind: {}", text(&gone));
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// A port no one listens on now (bound, then released), for an embedded server the config
+/// names before it starts.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `pgprism run`, stopped with SIGTERM (then SIGKILL) when dropped.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                // Polling interval of this bounded wait for the exit.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn runs_embedded_servers_as_the_units_unprivileged_user() {
+    // The unit runs pgprism as `pgprism`, not root, with no capabilities: embedded servers
+    // then run as that same user (embed.os-user applies only to root), their state and
+    // template directories where the unit's environment puts them. Here: user 65534, no
+    // capabilities, the same two variables.
+    assert_root();
+    use std::io::BufRead;
+    let dir = scratch("unprivileged");
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    let port = free_port();
+    let config = dir.join("pgprism.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nshards = 2\npin-cores = false\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\
+             [primary]\nurl = \"postgres://127.0.0.1:{port}\"\n\
+             [[embed.instance]]\nname = \"unit-user\"\nport = {port}\ndata = \"memory\"\n\
+             settings = {{ jit = \"off\" }}\n"
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_pgprism"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("PGPRISM_STATE_DIR", dir.join("state"))
+        .env("PGPRISM_TEMPLATE_DIR", dir.join("templates"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+        .spawn()
+        .expect("spawn setpriv pgprism run");
+    let stdout = child.stdout.take().unwrap();
+    let mut run = Running(child);
+    // The ready line, or EOF when pgprism exits.
+    let listen = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| {
+            let rest = line.strip_prefix("pgprism listening on ")?;
+            rest.split_whitespace()
+                .next()?
+                .parse::<std::net::SocketAddr>()
+                .ok()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "pgprism run did not start:\n{}",
+                std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+            )
+        });
+    let mut client = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            listen.port()
+        ),
+        postgres::NoTls,
+    )
+    .expect("connect through pgprism");
+    let row = client
+        .query_one("SELECT pg_backend_pid(), current_setting('jit')", &[])
+        .unwrap();
+    assert_eq!(row.get::<_, String>(1), "off");
+    // The backend serving this query runs as the unprivileged user.
+    let backend: i32 = row.get(0);
+    let status = std::fs::read_to_string(format!("/proc/{backend}/status")).unwrap();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap();
+    assert_eq!(uid, "65534", "{status}");
+    drop(client);
+    // SIGTERM drains and stops the server: a clean exit.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(run.0.id() as libc::pid_t, libc::SIGTERM) };
+    let status = run.0.wait().expect("wait for pgprism run");
+    assert!(
+        status.success(),
+        "{status}\n{}",
+        std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+    );
+    drop(run);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,472 @@
+//! Upgrade without dropping a client, against the real binary and a real PostgreSQL: SIGUSR2
+//! starts the binary again, hands it the listening sockets (TCP, Unix, admin), and the old
+//! process lets its sessions end. pgbench (a new connection per transaction, and long
+//! sessions) runs through pgprism while it is upgraded twice; a bad configuration at upgrade
+//! time leaves the old process serving; the shard count may change between the two.
+
+mod support;
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pgprism::embed::{Instance, InstanceConfig};
+use support::{eventually, http_get, pgprism_command};
+
+/// Generous bound on anything that should take a second: upgrades, exits, ready lines.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pgprism-upgrade-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Whether the process is gone: no such pid, or a zombie nobody reaped (the old process's
+/// parent after the first upgrade is init, which may not reap in a container).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+    }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) on a pid this test started (directly or through an upgrade).
+    unsafe { libc::kill(pid as libc::pid_t, sig) };
+}
+
+/// A pgprism proxy the test upgrades: every process it becomes shares the pid file, the log
+/// and stdout files, and the systemd notification socket of the test.
+struct Upgradable {
+    first: Child,
+    dir: PathBuf,
+    pid_file: PathBuf,
+    notify: UnixDatagram,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    unix: Option<PathBuf>,
+    /// Every pid it has had, so a failing test leaves no process behind.
+    pids: Vec<u32>,
+}
+
+impl Upgradable {
+    fn start(dir: &Path, args: &[&str]) -> Upgradable {
+        let pid_file = dir.join("pgprism.pid");
+        let notify_path = dir.join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
+        notify.set_nonblocking(true).unwrap();
+        let first = pgprism_command()
+            .args(args)
+            .args(["--log-format", "json", "--pid-file"])
+            .arg(&pid_file)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdout(File::create(dir.join("stdout")).unwrap())
+            .stderr(File::create(dir.join("stderr")).unwrap())
+            .spawn()
+            .expect("spawn pgprism");
+        let mut proxy = Upgradable {
+            pids: vec![first.id()],
+            first,
+            dir: dir.to_path_buf(),
+            pid_file,
+            notify,
+            listen: SocketAddr::from(([0, 0, 0, 0], 0)),
+            admin: SocketAddr::from(([0, 0, 0, 0], 0)),
+            unix: None,
+        };
+        let ready = eventually(DEADLINE, || {
+            proxy.pid() == Some(proxy.pids[0]) && proxy.stdout().contains("pgprism listening on")
+        });
+        assert!(ready, "pgprism did not start:\n{}", proxy.log());
+        let stdout = proxy.stdout();
+        for line in stdout.lines() {
+            if let Some(path) = line.strip_prefix("pgprism unix socket ") {
+                proxy.unix = Some(PathBuf::from(path));
+            }
+            if let Some(rest) = line.strip_prefix("pgprism listening on ") {
+                let words: Vec<&str> = rest.split_whitespace().collect();
+                proxy.listen = words[0].parse().expect("listen address");
+                proxy.admin = words[2].parse().expect("admin address");
+            }
+        }
+        proxy
+    }
+
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stdout")).unwrap_or_default()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+
+    /// The pid in the pid file, once it is there.
+    fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(&self.pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// SIGUSR2 to the serving process; returns the new pid once the pid file names it.
+    fn upgrade(&mut self) -> u32 {
+        let old = self.pid().expect("a pid file");
+        signal(old, libc::SIGUSR2);
+        let changed = eventually(DEADLINE, || self.pid().is_some_and(|p| p != old));
+        assert!(changed, "no new process took over:\n{}", self.log());
+        let new = self.pid().expect("the new pid");
+        self.pids.push(new);
+        new
+    }
+
+    /// Every systemd notification received so far.
+    fn notifications(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.notify.recv(&mut buf) {
+            out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        out
+    }
+
+    /// Statements the serving process has counted (its own, since its start).
+    fn statements(&self) -> u64 {
+        let (_, body) = http_get(self.admin, "/metrics");
+        body.lines()
+            .filter(|l| l.starts_with("pgprism_statements_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    fn conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=10",
+            self.listen.port()
+        )
+    }
+}
+
+impl Drop for Upgradable {
+    fn drop(&mut self) {
+        for &pid in &self.pids {
+            if !gone(pid) {
+                signal(pid, libc::SIGKILL);
+            }
+        }
+        let _ = self.first.kill();
+        let _ = self.first.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn primary(name: &str) -> Instance {
+    Instance::start(InstanceConfig {
+        name: name.into(),
+        ..InstanceConfig::default()
+    })
+    .expect("start PostgreSQL")
+}
+
+fn pgbench(host: &str, port: u16, args: &[&str]) -> Command {
+    let mut cmd = Command::new("pgbench");
+    cmd.args(["-h", host, "-p", &port.to_string(), "-U", "postgres"])
+        .args(args)
+        .arg("postgres")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Waits (bounded) for a pgbench run and checks it lost nothing: exit status 0 (an aborted
+/// client, e.g. a refused connection, makes it 2), no error, no failed transaction.
+fn clean_run(what: &str, child: Child) -> u64 {
+    let deadline = Instant::now() + DEADLINE;
+    let mut child = child;
+    while child.try_wait().expect("pgbench status").is_none() {
+        assert!(Instant::now() < deadline, "{what}: pgbench did not finish");
+        // Polling interval of this bounded wait for pgbench's own -T.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().expect("pgbench output");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&stdout),
+        String::from_utf8_lossy(&stderr),
+    );
+    assert!(status.success(), "{what}: {status}\n{stdout}\n{stderr}");
+    assert!(
+        !stderr.contains("error") && !stderr.contains("aborted"),
+        "{what}: {stderr}"
+    );
+    let number = |label: &str| -> u64 {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(label))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{what}: no `{label}` in\n{stdout}"))
+    };
+    assert_eq!(
+        number("number of failed transactions: "),
+        0,
+        "{what}: {stdout}"
+    );
+    let processed = number("number of transactions actually processed: ");
+    assert!(processed > 0, "{what}: {stdout}");
+    // For the record (shown with --no-capture): what ran through the upgrades.
+    eprintln!("{what}: {processed} transactions, 0 failed, no client aborted");
+    processed
+}
+
+#[test]
+fn two_upgrades_under_pgbench_lose_no_transaction_and_refuse_no_connection() {
+    let pg = primary("upgrade-bench");
+    let init = pgbench("127.0.0.1", pg.port(), &["-i", "-q", "-s", "1"])
+        .output()
+        .expect("pgbench -i");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let dir = scratch("bench");
+    let sockets = dir.display().to_string();
+    let url = pg.url();
+    let mut proxy = Upgradable::start(
+        &dir,
+        &[
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--unix-socket-dir",
+            &sockets,
+            "--shards",
+            "2",
+            "--no-pin",
+            // Long enough for the long sessions to end on their own (pgbench -T 20).
+            "--drain-timeout-ms",
+            "60000",
+            "--primary",
+            &url,
+        ],
+    );
+    let first = proxy.pid().unwrap();
+    let port = proxy.listen.port();
+    // A new connection per transaction over TCP and over the Unix socket, and long sessions.
+    let per_tcp = pgbench(
+        "127.0.0.1",
+        port,
+        &["-n", "-C", "-S", "-T", "20", "-c", "2"],
+    )
+    .spawn()
+    .expect("pgbench -C");
+    let per_unix = pgbench(&sockets, port, &["-n", "-C", "-S", "-T", "20", "-c", "2"])
+        .spawn()
+        .expect("pgbench -C over the Unix socket");
+    let sessions = pgbench("127.0.0.1", port, &["-n", "-T", "20", "-c", "4", "-j", "2"])
+        .spawn()
+        .expect("pgbench");
+
+    assert!(
+        eventually(DEADLINE, || proxy.statements() > 0),
+        "no traffic"
+    );
+    let second = proxy.upgrade();
+    // The admin endpoint is the new process's now: its own counters start at zero.
+    assert!(
+        eventually(DEADLINE, || proxy.statements() > 0),
+        "the new process serves nothing:\n{}",
+        proxy.log()
+    );
+    let third = proxy.upgrade();
+    assert!(eventually(DEADLINE, || proxy.statements() > 0));
+    assert!(first != second && second != third && first != third);
+
+    let done = [
+        clean_run("pgbench -C over TCP", per_tcp),
+        clean_run("pgbench -C over the Unix socket", per_unix),
+        clean_run("pgbench with long sessions", sessions),
+    ];
+    assert!(done.iter().all(|&n| n > 0));
+    // The old processes end once their sessions have.
+    assert!(
+        eventually(DEADLINE, || gone(first) && gone(second)),
+        "an old process is still running:\n{}",
+        proxy.log()
+    );
+    assert!(!gone(third));
+    assert_eq!(proxy.pid(), Some(third), "the pid file follows");
+    // systemd heard READY with each new main pid.
+    let notes = proxy.notifications();
+    for pid in [second, third] {
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("READY=1") && n.contains(&format!("MAINPID={pid}\n"))),
+            "{notes:?}"
+        );
+    }
+    let log = proxy.log();
+    assert!(!log.contains("upgrade failed"), "{log}");
+    // The last one serves TCP and the Unix socket, and removes its files when it stops.
+    let mut client = postgres::Client::connect(&proxy.conninfo(), postgres::NoTls).unwrap();
+    client.simple_query("SELECT 1").unwrap();
+    drop(client);
+    let unix = proxy.unix.clone().expect("the Unix socket");
+    assert!(unix.exists());
+    signal(third, libc::SIGTERM);
+    assert!(eventually(DEADLINE, || gone(third)));
+    assert!(!unix.exists(), "the last process removes the socket file");
+    assert!(!proxy.pid_file.exists(), "and the pid file");
+}
+
+#[test]
+fn a_bad_config_at_upgrade_leaves_the_old_process_serving_and_shards_may_change() {
+    let pg = primary("upgrade-config");
+    let dir = scratch("config");
+    let config = dir.join("pgprism.toml");
+    std::fs::write(&config, "[proxy]\nshards = 2\n").unwrap();
+    let config_arg = config.display().to_string();
+    let url = pg.url();
+    let mut proxy = Upgradable::start(
+        &dir,
+        &[
+            "proxy",
+            "--config",
+            &config_arg,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--no-pin",
+            "--drain-timeout-ms",
+            "60000",
+            "--primary",
+            &url,
+        ],
+    );
+    let first = proxy.pid().unwrap();
+    let mut session = postgres::Client::connect(&proxy.conninfo(), postgres::NoTls).unwrap();
+    session.simple_query("SELECT 1").unwrap();
+
+    std::fs::write(&config, "[proxy]\nshards = \"many\"\n").unwrap();
+    signal(first, libc::SIGUSR2);
+    assert!(
+        eventually(DEADLINE, || proxy.log().contains("upgrade failed")),
+        "{}",
+        proxy.log()
+    );
+    assert!(proxy.log().contains("proxy.shards"), "{}", proxy.log());
+    assert_eq!(proxy.pid(), Some(first));
+    assert!(!gone(first));
+    session.simple_query("SELECT 2").unwrap();
+    let mut fresh = postgres::Client::connect(&proxy.conninfo(), postgres::NoTls).unwrap();
+    fresh.simple_query("SELECT 3").unwrap();
+    drop(fresh);
+
+    // Fixed, and with one shard more: the new process binds the missing socket.
+    std::fs::write(&config, "[proxy]\nshards = 3\n").unwrap();
+    let second = proxy.upgrade();
+    assert!(proxy.log().contains("\"shards\":3"), "{}", proxy.log());
+    let conninfo = proxy.conninfo();
+    let connects_all = || {
+        (0..24).try_for_each(|i| {
+            postgres::Client::connect(&conninfo, postgres::NoTls)
+                .and_then(|mut c| c.simple_query("SELECT 1"))
+                .map(|_| ())
+                .map_err(|e| format!("connection {i}: {e:?}"))
+        })
+    };
+    if let Err(err) = connects_all() {
+        panic!("{err}\n{}", proxy.log());
+    }
+    // The old process keeps its session to the end, and goes when the client does.
+    session.simple_query("SELECT 4").unwrap();
+    assert!(!gone(first));
+    drop(session);
+    assert!(eventually(DEADLINE, || gone(first)), "{}", proxy.log());
+
+    // Down to one shard: it accepts from all three inherited sockets, so every one of the
+    // connections the kernel spreads over them is served.
+    std::fs::write(&config, "[proxy]\nshards = 1\n").unwrap();
+    let third = proxy.upgrade();
+    assert!(eventually(DEADLINE, || gone(second)), "{}", proxy.log());
+    if let Err(err) = connects_all() {
+        panic!("{err}\n{}", proxy.log());
+    }
+    assert_eq!(proxy.pid(), Some(third));
+
+    // SIGTERM (what `systemctl stop` sends every process of the unit) ends an old process's
+    // patience: its idle session gets 57P01 now instead of at the 60 s drain timeout.
+    let mut session = postgres::Client::connect(&proxy.conninfo(), postgres::NoTls).unwrap();
+    session.simple_query("SELECT 5").unwrap();
+    let fourth = proxy.upgrade();
+    assert!(!gone(third), "the session keeps it");
+    signal(third, libc::SIGTERM);
+    assert!(
+        eventually(Duration::from_secs(20), || gone(third)),
+        "{}",
+        proxy.log()
+    );
+    let err = session.simple_query("SELECT 6").unwrap_err();
+    assert_eq!(support::sqlstate(&err).as_deref(), Some("57P01"), "{err:?}");
+    assert!(!gone(fourth), "{}", proxy.log());
+}
+
+#[test]
+fn embed_refuses_an_upgrade_and_keeps_its_servers() {
+    let dir = scratch("embed");
+    let state = dir.join("state");
+    let log = dir.join("stderr");
+    let mut child = pgprism_command()
+        .args(["embed", "--admin", "", "--instance", "a:0", "--state-dir"])
+        .arg(&state)
+        .stdout(Stdio::piped())
+        .stderr(File::create(&log).unwrap())
+        .spawn()
+        .expect("spawn pgprism embed");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut port = None;
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0 {
+        if let Some(rest) = line.split(" ready on ").nth(1) {
+            port = rest
+                .split_whitespace()
+                .next()
+                .and_then(|a| a.rsplit(':').next()?.parse::<u16>().ok());
+        }
+        if line.starts_with("pgprism embed ready") {
+            break;
+        }
+        line.clear();
+    }
+    let port = port.expect("the instance's port");
+    signal(child.id(), libc::SIGUSR2);
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        eventually(DEADLINE, || read_log().contains("SIGUSR2")),
+        "{}",
+        read_log()
+    );
+    assert!(child.try_wait().unwrap().is_none(), "{}", read_log());
+    let conninfo = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let mut client = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    client.simple_query("SELECT 1").unwrap();
+    drop(client);
+    signal(child.id(), libc::SIGTERM);
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
