@@ -43,7 +43,7 @@ enum Command {
     /// Run supervised PostgreSQL servers (in RAM or on disk) until SIGTERM.
     Embed(EmbedArgs),
     /// Stream PostgreSQL changes (logical replication) into StarRocks with Stream Load.
-    Cdc(crate::cdc::cmd::CdcArgs),
+    Cdc(Box<crate::cdc::cmd::CdcArgs>),
     /// Validate a config file and print the effective configuration.
     Check {
         #[arg(long, short)]
@@ -686,7 +686,7 @@ pub fn main() -> ExitCode {
                 Err(err) => report(&err),
             };
         }
-        Command::Cdc(args) => return crate::cdc::cmd::main(args),
+        Command::Cdc(args) => return crate::cdc::cmd::main(*args),
         Command::ConfigReference => {
             return match crate::config::reference::Reference::build() {
                 Ok(reference) => {
