@@ -191,9 +191,9 @@ fn tokens(sql: &[u8]) -> impl Iterator<Item = Token<'_>> {
         while i < sql.len() {
             let c = sql[i];
             match c {
-                b'\'' => i = after_quote(sql, i, b'\''),
+                b'\'' => i = crate::sql::skip_quoted(sql, i),
                 b'"' => {
-                    let end = after_quote(sql, i, b'"');
+                    let end = crate::sql::skip_quoted(sql, i);
                     let inner = &sql[i + 1..end.saturating_sub(1).max(i + 1)];
                     i = end;
                     return Some(Token::Quoted(inner));
@@ -201,7 +201,7 @@ fn tokens(sql: &[u8]) -> impl Iterator<Item = Token<'_>> {
                 b'-' if sql.get(i + 1) == Some(&b'-') => {
                     i = memchr::memchr(b'\n', &sql[i..]).map_or(sql.len(), |n| i + n + 1);
                 }
-                b'/' if sql.get(i + 1) == Some(&b'*') => i = after_block_comment(sql, i),
+                b'/' if sql.get(i + 1) == Some(&b'*') => i = crate::sql::skip_block_comment(sql, i),
                 b'$' => match dollar_tag(sql, i) {
                     Some(tag_end) => {
                         let tag = &sql[i..tag_end];
@@ -233,42 +233,6 @@ fn tokens(sql: &[u8]) -> impl Iterator<Item = Token<'_>> {
         }
         None
     })
-}
-
-/// The index after the quoted run starting at `i` (a doubled quote stays inside).
-fn after_quote(sql: &[u8], i: usize, quote: u8) -> usize {
-    let mut j = i + 1;
-    while j < sql.len() {
-        if sql[j] == quote {
-            if sql.get(j + 1) == Some(&quote) {
-                j += 2;
-                continue;
-            }
-            return j + 1;
-        }
-        j += 1;
-    }
-    sql.len()
-}
-
-fn after_block_comment(sql: &[u8], mut i: usize) -> usize {
-    // PostgreSQL block comments nest.
-    let mut depth = 0usize;
-    while i < sql.len() {
-        if sql[i..].starts_with(b"/*") {
-            depth += 1;
-            i += 2;
-        } else if sql[i..].starts_with(b"*/") {
-            depth -= 1;
-            i += 2;
-            if depth == 0 {
-                return i;
-            }
-        } else {
-            i += 1;
-        }
-    }
-    sql.len()
 }
 
 /// The end of a dollar-quote opening tag (`$$` or `$tag$`) at `i`, if one is there.

@@ -36,26 +36,31 @@ fn skip_blank(sql: &[u8], mut i: usize) -> usize {
                 None => sql.len(),
             };
         } else if sql[i..].starts_with(b"/*") {
-            // PostgreSQL block comments nest.
-            let mut depth = 0usize;
-            while i < sql.len() {
-                if sql[i..].starts_with(b"/*") {
-                    depth += 1;
-                    i += 2;
-                } else if sql[i..].starts_with(b"*/") {
-                    depth -= 1;
-                    i += 2;
-                    if depth == 0 {
-                        break;
-                    }
-                } else {
-                    i += 1;
-                }
-            }
+            i = skip_block_comment(sql, i);
         } else {
             return i;
         }
     }
+}
+
+/// The index after the block comment starting at `i` (PostgreSQL block comments nest).
+pub(crate) fn skip_block_comment(sql: &[u8], mut i: usize) -> usize {
+    let mut depth = 0usize;
+    while i < sql.len() {
+        if sql[i..].starts_with(b"/*") {
+            depth += 1;
+            i += 2;
+        } else if sql[i..].starts_with(b"*/") {
+            depth -= 1;
+            i += 2;
+            if depth == 0 {
+                return i;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    sql.len()
 }
 
 /// The next word (letters, digits, underscore) at or after `i`, uppercased into `out`.
@@ -109,7 +114,9 @@ fn contains_keyword(sql: &[u8], word: &[u8]) -> bool {
     false
 }
 
-fn skip_quoted(sql: &[u8], i: usize) -> usize {
+/// The index after the quoted run (`'...'` or `"..."`) starting at `i`; a doubled quote stays
+/// inside.
+pub(crate) fn skip_quoted(sql: &[u8], i: usize) -> usize {
     let quote = sql[i];
     let mut j = i + 1;
     while j < sql.len() {
