@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::{AdminConfig, ConfigError, parse_addr};
 
@@ -19,6 +19,10 @@ use super::{SharedState, lock, render};
 /// Largest request head accepted; admin requests are one short line plus a few headers.
 const REQUEST_BYTES_MAX: usize = 8 << 10;
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most one connection may take, TLS handshake, request and answer together: the thread
+/// serves one connection at a time, so a peer trickling a byte per read timeout must not hold
+/// it (and `/health`, and an upgrade's hand-over, which waits for this thread) for hours.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(5);
 
 /// A response produced by [`ExtraRoutes`].
 pub struct RouteResponse {
@@ -136,6 +140,45 @@ impl Drop for AdminServer {
     }
 }
 
+/// A connection whose every read and write ends by `until` (each also within
+/// [`IO_TIMEOUT`]).
+struct Deadline {
+    stream: TcpStream,
+    until: Instant,
+}
+
+impl Deadline {
+    fn remaining(&self) -> io::Result<Duration> {
+        match self.until.checked_duration_since(Instant::now()) {
+            Some(left) if !left.is_zero() => Ok(left.min(IO_TIMEOUT)),
+            _ => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "admin connection past its deadline",
+            )),
+        }
+    }
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.remaining()?;
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Deadline {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.remaining()?;
+        self.stream.set_write_timeout(Some(left))?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
 /// What the admin thread answers with.
 struct Endpoint {
     access: Access,
@@ -173,8 +216,10 @@ impl Endpoint {
     /// One request on one connection, over TLS when the endpoint has a certificate.
     fn connection(&self, stream: TcpStream) -> io::Result<()> {
         stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        let stream = Deadline {
+            stream,
+            until: Instant::now() + CONNECTION_DEADLINE,
+        };
         match &self.access.tls {
             None => self.exchange(&mut { stream }),
             Some(config) => {

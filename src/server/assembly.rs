@@ -106,6 +106,10 @@ impl<'a> Server<'a> {
             "pgprism proxy ready"
         );
         on_ready(bound);
+        // An adopted socket file is this process's from now on.
+        if let Some(file) = &self.unix_file {
+            file.arm();
+        }
         if let Some(path) = pid_file {
             write_pid_file(path);
         }

@@ -166,13 +166,15 @@ impl Server<'_> {
             drain_timeout_ms = self.cfg.proxy.drain_timeout_ms,
             "upgraded: no new connections here, waiting for this process's sessions to end"
         );
+        // The shards stop accepting first: the admin thread may take up to its connection
+        // deadline to end.
+        self.threads.stop_all(!hurry);
         // Ours would answer some of the admin requests (with a 503) for as long as we drain.
         drop(self.admin.take());
         self.hand_over.take();
         if let Some(file) = self.unix_file.take() {
             file.keep();
         }
-        self.threads.stop_all(!hurry);
         // Signals still matter while the sessions end: SIGTERM (say, `systemctl stop`, which
         // signals every process of the unit) ends the patience.
         let tick = Duration::from_millis(200);

@@ -178,6 +178,10 @@ pub(super) fn bind_all(
 pub(super) struct SocketFile {
     path: PathBuf,
     identity: (u64, u64, i64, i64),
+    /// Whether dropping it removes the file: a file adopted from an upgrade is the old
+    /// process's until this one is ready (a new process that fails before must not remove
+    /// the file the old one still serves).
+    armed: std::cell::Cell<bool>,
 }
 
 fn identity(meta: &std::fs::Metadata) -> (u64, u64, i64, i64) {
@@ -189,8 +193,8 @@ impl SocketFile {
         &self.path
     }
 
-    /// Takes charge of the file of a socket handed over by an upgrade: this process removes
-    /// it when it stops, as if it had bound it.
+    /// Takes charge of the file of a socket handed over by an upgrade: once this process is
+    /// ready ([`SocketFile::arm`]) it removes the file when it stops, as if it had bound it.
     fn adopt(path: &Path) -> Result<SocketFile, ListenError> {
         let meta = std::fs::symlink_metadata(path).map_err(|source| ListenError::UnixBind {
             path: path.to_path_buf(),
@@ -204,7 +208,13 @@ impl SocketFile {
         Ok(SocketFile {
             path: path.to_path_buf(),
             identity: identity(&meta),
+            armed: std::cell::Cell::new(false),
         })
+    }
+
+    /// The file is this process's now (it serves the socket): removed when it stops.
+    pub(super) fn arm(&self) {
+        self.armed.set(true);
     }
 
     /// Leaves the file in place: the process this one handed its sockets to serves it now.
@@ -215,6 +225,9 @@ impl SocketFile {
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
+        if !self.armed.get() {
+            return;
+        }
         match std::fs::symlink_metadata(&self.path) {
             Ok(meta) if identity(&meta) == self.identity => {
                 if let Err(err) = std::fs::remove_file(&self.path) {
@@ -254,6 +267,7 @@ fn bind_unix(path: &Path, backlog: u32) -> Result<(Socket, SocketFile), ListenEr
         .map(|meta| SocketFile {
             path: path.to_path_buf(),
             identity: identity(&meta),
+            armed: std::cell::Cell::new(true),
         })
         .map_err(|err| {
             let _ = std::fs::remove_file(path);
