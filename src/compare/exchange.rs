@@ -1565,7 +1565,7 @@ impl Comparer {
                 statement
                     .scan
                     .nondeterministic
-                    .or(cancelled.then_some("a statement cancelled on one side")),
+                    .or(cancelled.then_some(super::verdict::CANCELLED)),
                 shadow.overtaken || primary.overtaken,
             );
             let times = (primary_us, shadow_us, primary.status);

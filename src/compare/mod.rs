@@ -272,11 +272,27 @@ impl CompareTarget {
         client_params: &[(String, String)],
         message_bytes_max: usize,
     ) -> Result<Stream, backend::BackendError> {
+        // Calibrating, the "shadow" is the primary itself: whatever the scanner takes for a
+        // read but writes (a function, nextval, a FunctionCall) must fail there, not run twice
+        // on production.
+        let read_only;
+        let params = if self.cfg.calibrate {
+            let mut params = client_params.to_vec();
+            let guard = "-c default_transaction_read_only=on";
+            match params.iter_mut().find(|(k, _)| k == "options") {
+                Some((_, options)) => *options = format!("{options} {guard}"),
+                None => params.push(("options".into(), guard.into())),
+            }
+            read_only = params;
+            &read_only[..]
+        } else {
+            client_params
+        };
         open_as(
             &self.addr.get(),
             &self.url,
             &self.tls,
-            client_params,
+            params,
             Duration::from_millis(self.cfg.connect_timeout_ms),
             message_bytes_max,
         )

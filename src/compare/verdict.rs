@@ -58,6 +58,10 @@ impl Kind {
     }
 }
 
+/// The nondeterministic reason of a statement cancelled on one side only (the only one that
+/// explains an error on one side).
+pub const CANCELLED: &str = "a statement cancelled on one side";
+
 /// What a difference means (issue 15's three verdicts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -85,10 +89,24 @@ impl Verdict {
         if differences.iter().all(|d| d.kind == Kind::Slow) {
             return Verdict::Mismatch;
         }
+        // What each excuse can explain: neither order nor nature changes a result's shape;
+        // an error on one side is explained by order (a lock, a race for a key) or by a
+        // cancel, not by a volatile function.
+        let explains = |kind: Kind, concurrent: bool, cancelled: bool| match kind {
+            Kind::Slow => true,
+            Kind::Columns | Kind::ColumnTypes => false,
+            Kind::Error | Kind::Sqlstate => concurrent || cancelled,
+            Kind::CommandTag | Kind::RowCount | Kind::Values | Kind::Order | Kind::Results => true,
+        };
+        let all = |concurrent: bool, cancelled: bool| {
+            differences
+                .iter()
+                .all(|d| explains(d.kind, concurrent, cancelled))
+        };
         match nondeterministic {
-            Some(why) => Verdict::Nondeterministic(why),
-            None if overtaken => Verdict::Concurrent,
-            None => Verdict::Mismatch,
+            Some(why) if all(false, why == CANCELLED) => Verdict::Nondeterministic(why),
+            _ if overtaken && all(true, false) => Verdict::Concurrent,
+            _ => Verdict::Mismatch,
         }
     }
 
