@@ -283,7 +283,10 @@ impl ShardCtx {
         }
         for session in self.pooled.borrow().values() {
             // A session waiting for a connection is busy too: its frames would still run.
-            let busy = session.state.busy.get() || session.state.waiting_since.get().is_some();
+            // So is one whose client sent bytes not read yet (a statement that just came).
+            let busy = session.state.busy.get()
+                || session.state.waiting_since.get().is_some()
+                || session.client.has_unread();
             if session.closing.get() || (!force && busy) {
                 continue;
             }
