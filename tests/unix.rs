@@ -12,7 +12,10 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use pgprism::embed::Instance;
-use support::{MD5_USER, PASSWORD, Proxy, SCRAM_USER, eventually, raw, sqlstate, start_primary};
+use support::{
+    MD5_USER, PASSWORD, Proxy, SCRAM_USER, closed_by_server, eventually, raw, sqlstate,
+    start_primary,
+};
 
 /// A short, fresh directory for pgprism's socket (socket paths are limited to 107 bytes),
 /// removed on drop.
@@ -391,10 +394,7 @@ fn sigterm_drains_unix_sessions_and_removes_the_socket_file() {
             Err(err) => Some(err),
         })
         .expect("the idle session was never closed");
-    assert!(
-        err.is_closed() || sqlstate(&err).as_deref() == Some("57P01"),
-        "{err:?}"
-    );
+    assert!(closed_by_server(&err), "{err:?}");
     raw::finish_while_draining(&mut busy, "INSERT INTO d VALUES (2); COMMIT", b"CC");
     assert_eq!(
         proxy.wait_exit(Duration::from_secs(10)),

@@ -291,6 +291,22 @@ pub fn sqlstate(err: &postgres::Error) -> Option<String> {
     err.code().map(|c| c.code().to_string())
 }
 
+/// Whether `err` says the server side closed the session (a drain's 57P01): the client read
+/// the 57P01 or the end of the connection, or, when its query went out after the close, its
+/// write failed.
+#[allow(dead_code)]
+pub fn closed_by_server(err: &postgres::Error) -> bool {
+    let write_failed = std::error::Error::source(err)
+        .and_then(|e| e.downcast_ref::<std::io::Error>())
+        .is_some_and(|e| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            )
+        });
+    err.is_closed() || sqlstate(err).as_deref() == Some("57P01") || write_failed
+}
+
 /// Minimal raw protocol helpers for what the client crates will not do (garbage, pipelining).
 pub mod raw {
     use super::*;
