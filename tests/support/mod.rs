@@ -301,7 +301,10 @@ pub fn closed_by_server(err: &postgres::Error) -> bool {
         .is_some_and(|e| {
             matches!(
                 e.kind(),
-                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::UnexpectedEof
             )
         });
     err.is_closed() || sqlstate(err).as_deref() == Some("57P01") || write_failed
