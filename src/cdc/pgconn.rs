@@ -208,35 +208,15 @@ impl PgConn {
 
     /// Runs SQL (possibly several statements) and returns the rows of all results.
     pub fn query(&mut self, sql: &str) -> Result<Vec<Row>, PgError> {
-        encode::query(&mut self.out, sql)?;
-        self.flush()?;
         let mut rows = Vec::new();
-        let mut failure = None;
-        loop {
-            let frame = self.read_frame()?;
-            match BackendMessage::decode(frame.tag(), frame.body())? {
-                BackendMessage::DataRow(row) => rows.push(
-                    row.columns()?
-                        .iter()
-                        .map(|v| v.map(|b| String::from_utf8_lossy(b).into_owned()))
-                        .collect(),
-                ),
-                BackendMessage::ErrorResponse(e) => failure = Some(server_error(&e)?),
-                BackendMessage::ReadyForQuery(_) => {
-                    return match failure {
-                        Some(e) => Err(e.into()),
-                        None => Ok(rows),
-                    };
-                }
-                BackendMessage::CopyBothResponse(_) | BackendMessage::CopyOutResponse(_) => {
-                    return Err(PgError::Unexpected {
-                        tag: frame.tag(),
-                        during: "a simple query",
-                    });
-                }
-                _ => {}
-            }
-        }
+        self.query_each(sql, |values| {
+            rows.push(
+                values
+                    .map(|v| v.map(|b| String::from_utf8_lossy(b).into_owned()))
+                    .collect(),
+            )
+        })?;
+        Ok(rows)
     }
 
     /// Runs one query and hands each row's values to `each` as views over the receive buffer
