@@ -199,6 +199,10 @@ struct CompareArgs {
     /// shadow (ordered dispatch); 0 turns ordering off.
     #[arg(long)]
     compare_order_wait_ms: Option<u64>,
+    /// How long (ms) the statements a transaction holding locks waits for may run on the
+    /// shadow before it goes anyway (they most likely wait for its locks); 0: no such break.
+    #[arg(long)]
+    compare_order_lock_wait_ms: Option<u64>,
     /// A/A calibration: the shadow is the primary itself (--shadow defaults to the primary's
     /// URL); writes run on the primary only and every difference counts as noise.
     #[arg(long)]
@@ -247,6 +251,9 @@ impl CompareArgs {
         }
         if let Some(v) = self.compare_order_wait_ms {
             c.order_wait_ms = v;
+        }
+        if let Some(v) = self.compare_order_lock_wait_ms {
+            c.order_lock_wait_ms = v;
         }
         if self.calibrate {
             c.calibrate = true;

@@ -155,9 +155,10 @@ fn hot_rows_without_false_mismatches(
     eprintln!(
         "hot rows, {clients} clients: {compared} compared, {mismatches} mismatches, \
          {concurrent} inconclusive (concurrent, {:.3}%), {nondeterministic} nondeterministic, \
-         {} waits expired",
+         {} waits expired, {} lock breaks",
         rate * 100.0,
-        proxy.metric("pgprism_compare_order_waits_expired_total")
+        proxy.metric("pgprism_compare_order_waits_expired_total"),
+        proxy.metric("pgprism_compare_order_lock_breaks_total")
     );
     assert_eq!(
         mismatches,
@@ -215,8 +216,10 @@ fn pgbench_builtin_workloads_give_no_false_mismatch() {
     let rate = concurrent as f64 / compared.max(1) as f64;
     eprintln!(
         "pgbench -N and TPC-B, 8 clients: {compared} compared, {mismatches} mismatches, \
-         {concurrent} inconclusive ({:.3}%)",
-        rate * 100.0
+         {concurrent} inconclusive ({:.3}%), {} waits expired, {} lock breaks",
+        rate * 100.0,
+        proxy.metric("pgprism_compare_order_waits_expired_total"),
+        proxy.metric("pgprism_compare_order_lock_breaks_total")
     );
     assert_eq!(mismatches, 0, "{:?}", p.reports().first());
     assert!(rate <= 0.01, "inconclusive rate {rate} above 1%");

@@ -234,6 +234,9 @@ pub(crate) struct Pairing {
     order_session: u64,
     /// Ordered waits that ran out (`compare.order-wait-ms`), not yet counted.
     order_expired: Cell<u64>,
+    /// Ordered waits broken because the blockers wait on the shadow for this session's
+    /// locks (`compare.order-lock-wait-ms`), not yet counted.
+    order_lock_breaks: Cell<u64>,
     /// What the primary's open transaction has written so far: its end makes it visible.
     written: RefCell<Footprint>,
     /// Writing sync points sent to the primary and not answered yet.
@@ -755,11 +758,35 @@ impl ShadowWriter {
             return;
         };
         if let (Some(c), Some(port)) = (c, &self.target.port) {
-            let limit = std::time::Duration::from_millis(self.target.cfg.order_wait_ms);
-            if crate::exec::within(limit, port.wait(c)).await.is_none() {
-                port.give_up(c);
-                port.ledger.force(c);
-                link.order_expired.set(link.order_expired.get() + 1);
+            let cfg = &self.target.cfg;
+            let limit = std::time::Duration::from_millis(cfg.order_wait_ms);
+            let grace = std::time::Duration::from_millis(cfg.order_lock_wait_ms);
+            let deadline = std::time::Instant::now() + limit;
+            let wait = port.wait(c);
+            let mut wait = std::pin::pin!(wait);
+            loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                // Looked at every `grace` while it waits (only then: a timer per slice).
+                let slice = if grace.is_zero() {
+                    left
+                } else {
+                    left.min(grace)
+                };
+                if crate::exec::within(slice, wait.as_mut()).await.is_some() {
+                    break;
+                }
+                if left <= slice {
+                    port.give_up(c);
+                    port.ledger.force(c);
+                    link.order_expired.set(link.order_expired.get() + 1);
+                    break;
+                }
+                if port.ledger.held_by_own_locks(c, grace) {
+                    port.give_up(c);
+                    port.ledger.force(c);
+                    link.order_lock_breaks.set(link.order_lock_breaks.get() + 1);
+                    break;
+                }
             }
         }
         if let Some(front) = link.queue.borrow_mut().front_mut()
@@ -920,6 +947,7 @@ impl Exchange {
             issued: RefCell::new(Vec::new()),
             order_session: port.as_ref().map_or(0, |p| p.ledger.session()),
             order_expired: Cell::new(0),
+            order_lock_breaks: Cell::new(0),
             written: RefCell::new(Footprint::default()),
             in_flight: RefCell::new(VecDeque::new()),
             port,
@@ -1201,8 +1229,10 @@ impl Comparer {
         for statement in &meta.statements {
             footprint.join(&statement.scan.footprint);
         }
+        let holds_locks;
         {
             let mut written = self.link.written.borrow_mut();
+            holds_locks = !written.is_empty();
             if status == b'I' {
                 let ended = std::mem::take(&mut *written);
                 footprint.ends = !ended.is_empty();
@@ -1228,8 +1258,10 @@ impl Comparer {
         if self.link.dead.get() {
             port.ledger.answered(session, &footprint, &start);
         } else if meta.ordered {
-            let c =
-                (!footprint.is_empty()).then(|| port.ledger.complete(session, footprint, &start));
+            let c = (!footprint.is_empty()).then(|| {
+                port.ledger
+                    .complete(session, footprint, &start, holds_locks)
+            });
             if let Some(c) = c {
                 self.link.issued.borrow_mut().push(c);
             }
@@ -1351,6 +1383,10 @@ impl Comparer {
         ShardStats::bump(
             &stats.counters.compare_order_waits_expired,
             self.link.order_expired.take(),
+        );
+        ShardStats::bump(
+            &stats.counters.compare_order_lock_breaks,
+            self.link.order_lock_breaks.take(),
         );
         loop {
             let need_shadow = match self.link.metas.borrow().front() {

@@ -26,6 +26,15 @@
 //! one that the shadow blocks on a lock the first one's transaction holds): it cannot last
 //! longer than the bound.
 //!
+//! A cycle the shadow's locks close is broken sooner when it can be seen: a sync point whose
+//! transaction already wrote (so holds row locks on the shadow while it waits) and whose
+//! every blocker has been running on the shadow for `compare.order-lock-wait-ms` goes then
+//! (see [`Ledger::held_by_own_locks`]). Those blockers are most likely waiting for its
+//! locks: on the primary they were answered just after it released them, and pgprism saw
+//! the answers in the other order (two sockets, often two shards; on a loaded machine the
+//! window is milliseconds). On a hot row every transaction would otherwise queue behind each
+//! such inversion for the whole bound.
+//!
 //! Wake-ups cross threads through one `eventfd` per shard ([`Notifier`]); within a shard they
 //! are direct. The book is one `Mutex`: held for a few map operations per sync point.
 
@@ -35,6 +44,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 use super::footprint::Footprint;
 use crate::exec::Notifier;
@@ -44,6 +54,10 @@ use crate::exec::Notifier;
 struct Entry {
     session: u64,
     footprint: Footprint,
+    /// Its transaction had written when it was sent: it holds row locks on the shadow.
+    holds_locks: bool,
+    /// When it was cleared to go to the shadow (it is written there at once).
+    cleared: Option<Instant>,
     /// Its order with a conflicting sync point was not reproduced.
     overtaken: bool,
 }
@@ -276,8 +290,15 @@ impl Ledger {
     }
 
     /// The primary completed a sync point of `session` that goes to the shadow: its number
-    /// in the completion order. It is pending until [`done`](Self::done).
-    pub fn complete(&self, session: u64, footprint: Footprint, started: &Start) -> u64 {
+    /// in the completion order. It is pending until [`done`](Self::done). `holds_locks`:
+    /// its transaction had written before it (see [`held_by_own_locks`](Self::held_by_own_locks)).
+    pub fn complete(
+        &self,
+        session: u64,
+        footprint: Footprint,
+        started: &Start,
+        holds_locks: bool,
+    ) -> u64 {
         let mut book = self.book();
         let c = book.next.max(1);
         book.next = c + 1;
@@ -295,6 +316,8 @@ impl Ledger {
             Entry {
                 session,
                 footprint,
+                holds_locks,
+                cleared: None,
                 overtaken: overlapped,
             },
         );
@@ -341,6 +364,7 @@ impl Ledger {
     pub fn acquire(&self, c: u64, shard: usize) -> bool {
         let mut book = self.book();
         if !book.blocked(c) {
+            book.clear(c);
             return true;
         }
         book.waiters.insert(c, Waiter { shard });
@@ -376,6 +400,31 @@ impl Ledger {
                 e.overtaken = true;
             }
         }
+        book.clear(c);
+    }
+
+    /// Whether pending sync point `c` most likely waits for statements that wait on the
+    /// shadow for its own transaction's locks: it holds locks there, and every earlier
+    /// conflicting sync point it waits for was cleared to the shadow at least `grace` ago
+    /// and has not completed. (Sound only as a reason to stop waiting: a blocker that is
+    /// merely slow looks the same, and then the order is not reproduced, which
+    /// [`force`](Self::force) records.)
+    pub fn held_by_own_locks(&self, c: u64, grace: Duration) -> bool {
+        let book = self.book();
+        let Some(entry) = book.entries.get(&c) else {
+            return false;
+        };
+        if !entry.holds_locks {
+            return false;
+        }
+        let blockers = book.conflicting(entry.session, &entry.footprint, c);
+        !blockers.is_empty()
+            && blockers.iter().all(|b| {
+                book.entries
+                    .get(b)
+                    .and_then(|e| e.cleared)
+                    .is_some_and(|t| t.elapsed() >= grace)
+            })
     }
 
     /// The shadow completed sync point `c`: it is no longer pending, and what waited for it
@@ -452,6 +501,13 @@ impl Book {
         }
         for lane in &footprint.lanes {
             f(self.recent.entry(*lane).or_default());
+        }
+    }
+
+    /// Sync point `c` goes to the shadow now.
+    fn clear(&mut self, c: u64) {
+        if let Some(e) = self.entries.get_mut(&c) {
+            e.cleared.get_or_insert_with(Instant::now);
         }
     }
 
@@ -547,6 +603,7 @@ impl Book {
         }
         for &(c, shard) in &go {
             self.waiters.remove(&c);
+            self.clear(c);
             let Some(Some(inbox)) = self.inboxes.get(shard) else {
                 continue;
             };
@@ -665,7 +722,7 @@ mod tests {
     /// Sent to the primary and answered at once.
     fn now(ledger: &Ledger, session: u64, footprint: Footprint) -> u64 {
         let started = ledger.start(session, &footprint, false);
-        ledger.complete(session, footprint.clone(), &(footprint, started))
+        ledger.complete(session, footprint.clone(), &(footprint, started), false)
     }
 
     #[test]
@@ -674,7 +731,7 @@ mod tests {
         let read = fp(&[7], false);
         let started = ledger.start(1, &read, false);
         let write = now(&ledger, 2, fp(&[7], true));
-        let c = ledger.complete(1, read.clone(), &(read.clone(), started));
+        let c = ledger.complete(1, read.clone(), &(read.clone(), started), false);
         assert_eq!(ledger.done(write, 0), Pinned::InOrder);
         assert_eq!(ledger.done(c, 0), Pinned::Overtaken);
         // A write still in flight when the read completes overlaps it too.
@@ -724,6 +781,38 @@ mod tests {
         assert!(!inbox.released.lock().unwrap().contains(&write));
         assert_eq!(ledger.done(own, 0), Pinned::InOrder);
         assert!(inbox.released.lock().unwrap().contains(&write));
+    }
+
+    #[test]
+    fn a_transaction_holding_locks_stops_waiting_for_blockers_running_on_the_shadow() {
+        // Session 2's UPDATE of row 7 was held by the primary on session 1's lock and seen
+        // answered before session 1's COMMIT: on the shadow it waits for that lock.
+        let ledger = Ledger::default();
+        let row = fp(&[7], true);
+        let update = now(&ledger, 2, row.clone());
+        let started = ledger.start(1, &row, false);
+        let commit = ledger.complete(1, row.clone(), &(row.clone(), started), true);
+        assert!(!ledger.acquire(commit, 0));
+        let grace = Duration::from_millis(5);
+        assert!(
+            !ledger.held_by_own_locks(commit, grace),
+            "the UPDATE is not on the shadow yet"
+        );
+        assert!(ledger.acquire(update, 0));
+        assert!(!ledger.held_by_own_locks(commit, Duration::from_secs(3600)));
+        // The grace elapsing is what is tested here, not a wait for an outcome.
+        std::thread::sleep(grace);
+        assert!(ledger.held_by_own_locks(commit, grace));
+        // A session holding no locks keeps waiting.
+        let started = ledger.start(3, &row, false);
+        let read = ledger.complete(3, row.clone(), &(row, started), false);
+        assert!(!ledger.acquire(read, 0));
+        assert!(!ledger.held_by_own_locks(read, grace));
+        ledger.force(commit);
+        for x in [update, commit, read] {
+            ledger.done(x, 0);
+        }
+        assert_eq!(ledger.pending(), 0);
     }
 
     #[test]

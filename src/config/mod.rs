@@ -159,6 +159,13 @@ pub struct CompareConfig {
     /// it goes anyway and a difference in its result is inconclusive (concurrent), not a
     /// mismatch. 0 turns ordering off (each session's statements go as they arrive).
     pub order_wait_ms: u64,
+    /// Ordered shadow dispatch: a statement whose transaction has written (so holds row
+    /// locks on the shadow) stops waiting once every earlier statement it waits for has been
+    /// running on the shadow this long: those are most likely waiting for its locks (the
+    /// primary answered them just after it, and pgprism saw the answers in the other order).
+    /// Its difference, if any, is inconclusive (concurrent). 0: only `order-wait-ms` bounds
+    /// the wait.
+    pub order_lock_wait_ms: u64,
     /// Calibration (A/A): the shadow is the primary itself, so writes run on the primary only
     /// and every difference is noise; reports carry the noise rate per fingerprint.
     pub calibrate: bool,
@@ -195,6 +202,7 @@ impl Default for CompareConfig {
             shadow_lag_max: 10_000,
             shadow_queue_bytes_max: 4 << 20,
             order_wait_ms: 2_000,
+            order_lock_wait_ms: 50,
             calibrate: false,
         }
     }

@@ -71,6 +71,7 @@ counters! {
     compare_inconclusive_concurrent: "compared statements whose results differ but whose order with a conflicting statement of another session could not be reproduced on the shadow",
     compare_inconclusive_nondeterministic: "compared statements whose results differ by nature (volatile functions, server-local values, LIMIT without ORDER BY)",
     compare_order_waits_expired: "statements sent to the shadow after waiting compare.order-wait-ms for earlier conflicting ones (their order not reproduced)",
+    compare_order_lock_breaks: "statements of a transaction holding locks sent to the shadow while the earlier conflicting ones they waited for ran there for compare.order-lock-wait-ms, most likely waiting for those locks (their order not reproduced)",
     compare_skipped: "statements not compared (excluded, diverged transaction, shadow unavailable)",
     compare_fallbacks: "fail-on-differences mismatches above compare.buffer-bytes-max: streamed and only reported",
     compare_rollbacks: "ROLLBACKs sent to a shadow left in a transaction the primary had ended",
