@@ -701,16 +701,46 @@ impl Pools {
         pool.idle.borrow_mut().push(conn);
     }
 
-    /// Closes a connection (Terminate, then the socket) and frees its place in the budget.
+    /// Closes a connection (Terminate, then the socket) and frees its place in the budget
+    /// once the server has closed its end (`pool.server-close-wait-ms`): until then its
+    /// backend still counts against the server's `max_connections`, and a connection opened
+    /// in its place would take the pair past `pool.size` as the server counts.
     pub fn close(&self, pool: &Rc<Pool>, conn: ServerConn) {
+        let wait = Duration::from_millis(self.cfg.server_close_wait_ms);
+        self.close_after(pool, conn, wait);
+    }
+
+    fn close_after(&self, pool: &Rc<Pool>, mut conn: ServerConn, wait: Duration) {
         let mut bye = BytesMut::new();
         wire::encode::terminate(&mut bye);
         conn.stream.write_now(&bye);
-        conn.stream.shutdown();
         pool.open.set(pool.open.get().saturating_sub(1));
-        pool.budget.give_back();
         bump(&pool.counters.servers_closed, 1);
-        self.wake_one(pool);
+        if wait.is_zero() {
+            conn.stream.shutdown();
+            pool.budget.give_back();
+            wake_one(pool);
+            return;
+        }
+        conn.stream.shutdown_write();
+        let pool = pool.clone();
+        crate::exec::spawn(async move {
+            // The server ends its side after the Terminate: end-of-stream (or an error) is
+            // the backend gone. What it still sends (a notice) is read and dropped.
+            let gone = async {
+                loop {
+                    conn.buf.clear();
+                    match conn.stream.read_buf(&mut conn.buf, 4096).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            };
+            let _ = crate::exec::within(wait, gone).await;
+            conn.stream.shutdown();
+            pool.budget.give_back();
+            wake_one(&pool);
+        });
     }
 
     /// A connection that broke while lent (its socket is gone): free its place.
@@ -722,12 +752,7 @@ impl Pools {
     /// Room was made in the budget: the first local waiter may open a connection now
     /// rather than at its next retry.
     fn wake_one(&self, pool: &Pool) {
-        if let Some(waiter) = pool.first_waiter() {
-            waiter.kicked.set(true);
-            if let Some(waker) = waiter.waker.take() {
-                waker.wake();
-            }
-        }
+        wake_one(pool);
     }
 
     /// Periodic care: close idle connections past their idle timeout or lifetime (keeping
@@ -946,6 +971,17 @@ pub async fn run_simple(conn: &mut ServerConn, sql: &str, up: &Upstream) -> Resu
         }
     };
     within(limit, read).await.unwrap_or(Err(()))
+}
+
+/// Room was made in `pool`'s budget: its first local waiter may open a connection now
+/// rather than at its next retry.
+fn wake_one(pool: &Pool) {
+    if let Some(waiter) = pool.first_waiter() {
+        waiter.kicked.set(true);
+        if let Some(waker) = waiter.waker.take() {
+            waker.wake();
+        }
+    }
 }
 
 #[cfg(test)]

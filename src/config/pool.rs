@@ -61,6 +61,10 @@ pub struct PoolConfig {
     /// A connection idle longer than this is closed (Frenzy's `--max-conn-idle-time`);
     /// 0: never.
     pub server_idle_timeout_ms: u64,
+    /// A connection pgprism closes keeps its place in `size` until the server has closed its
+    /// end too (its backend has left `pg_stat_activity` and no longer counts against
+    /// `max_connections`), at most this long; 0: its place is free at once.
+    pub server_close_wait_ms: u64,
     /// A client that waits longer than this for a connection gets SQLSTATE 53300 naming the
     /// pool (every wait has a bound: 0 is refused).
     pub query_wait_timeout_ms: u64,
@@ -110,6 +114,7 @@ impl Default for PoolConfig {
             reserve_timeout_ms: 5_000,
             server_lifetime_ms: 3_600_000,
             server_idle_timeout_ms: 600_000,
+            server_close_wait_ms: 2_000,
             query_wait_timeout_ms: 120_000,
             waiters_max: 10_000,
             server_reset_query: "DISCARD ALL".into(),
