@@ -2338,14 +2338,31 @@ fn pooled_mirror_prepares_again_a_statement_whose_unit_failed_there() {
     let (p, m1, proxy) = pooled_pair("npp", "npm", "CREATE TABLE t (id int, v text)");
     // Only the primary has `f`: on the mirror the Query fails before its PREPARE.
     p.psql("CREATE TABLE f (id int)").unwrap();
+    for inst in [&p, &m1] {
+        inst.psql("CREATE TABLE g (id int)").unwrap();
+    }
+    // The unit waits on the mirror for `g`'s lock, so the next units go out behind it before
+    // its failure is known: planned on the strength of a PREPARE not answered yet, they must
+    // prepare `p` again all the same.
+    let blocker = lock_table(&m1, "g");
     let mut c =
         postgres::Client::connect(&proxy.conninfo("postgres", None), postgres::NoTls).unwrap();
-    c.batch_execute("INSERT INTO f VALUES (1); PREPARE p AS INSERT INTO t VALUES ($1, 'p')")
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    c.batch_execute(
+        "INSERT INTO g VALUES (1); INSERT INTO f VALUES (1); \
+         PREPARE p AS INSERT INTO t VALUES ($1, 'p')",
+    )
+    .unwrap();
+    let sent = || proxy.metric("pgprism_mirror_statements_total");
+    assert!(eventually(Duration::from_secs(10), || sent() >= 1));
+    let before = sent();
     c.batch_execute("EXECUTE p(5)").unwrap();
     c.batch_execute("INSERT INTO t VALUES (6, 'plain')")
         .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || sent() >= before + 2),
+        "the next units did not go out behind the blocked one"
+    );
+    drop(blocker);
     assert!(
         converged(&p, &[&m1], "t", "id, v"),
         "primary {} mirror {}\n{}",

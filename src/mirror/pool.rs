@@ -876,6 +876,30 @@ impl Live<'_> {
             outbox.push_back(internal(query_frame("DEALLOCATE ALL"), true));
             names.clear();
         }
+        // A name an earlier unit creates or drops that has not been answered yet (queued or in
+        // flight) exists only if that unit succeeds: a preparation of it again is kept (after
+        // a Close, which does nothing where the name is absent) rather than left out on the
+        // strength of a success not known yet.
+        let pending: Vec<Rc<[String]>> = conn
+            .inflight
+            .borrow()
+            .iter()
+            .filter_map(|f| f.names.clone())
+            .chain(outbox.iter().filter_map(|o| o.names.clone()))
+            .collect();
+        if !pending.is_empty() {
+            for effect in &unit.effects {
+                if let Names::Create {
+                    name,
+                    elidable: true,
+                    ..
+                } = &effect.names
+                    && pending.iter().any(|p| p.iter().any(|n| n == name))
+                {
+                    names.insert(name.clone(), None);
+                }
+            }
+        }
         let unsure = unsure_names(&names, &unit.effects);
         let (closes, elided) = plan_names(&mut names, &unit.effects, unit.items.len());
         drop(names);
