@@ -183,6 +183,9 @@ struct CompareArgs {
     /// Absolute tolerance for float4/float8/numeric values.
     #[arg(long)]
     float_tolerance: Option<f64>,
+    /// Tolerance (ms) for timestamp/timestamptz/time/timetz values (0: exact).
+    #[arg(long, alias = "compare-timestamp-tolerance-ms", value_name = "MS")]
+    timestamp_tolerance_ms: Option<u64>,
     /// Types declared equal across sides, e.g. int8=numeric (repeatable).
     #[arg(long = "type-equivalence", value_name = "TYPE=TYPE")]
     type_equivalences: Vec<String>,
@@ -238,6 +241,9 @@ impl CompareArgs {
         c.ignore_columns.extend(self.ignore_columns);
         if let Some(v) = self.float_tolerance {
             c.float_tolerance = v;
+        }
+        if let Some(v) = self.timestamp_tolerance_ms {
+            c.timestamp_tolerance_ms = v;
         }
         c.type_equivalences.extend(self.type_equivalences);
         if let Some(v) = self.compare_report {

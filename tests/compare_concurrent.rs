@@ -360,7 +360,8 @@ fn a_statement_cancelled_on_one_side_only_is_inconclusive() {
     let p = pair("cancel");
     let proxy = p.proxy(&[]);
     let mut client = proxy.client();
-    let token = client.cancel_token();
+    // Cancelled on the primary alone (by another session there: a client's own CancelRequest
+    // through pgprism reaches the shadow too, see tests/cancel.rs), the shadow runs it on.
     let primary = p.primary.url();
     let canceller = std::thread::spawn(move || {
         let mut watch = postgres::Client::connect(&primary, postgres::NoTls).expect("watch");
@@ -374,7 +375,12 @@ fn a_statement_cancelled_on_one_side_only_is_inconclusive() {
                 .unwrap_or(false)
         });
         assert!(running, "the statement never ran on the primary");
-        token.cancel_query(postgres::NoTls).expect("cancel");
+        watch
+            .execute(
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(3)' AND state = 'active'",
+                &[],
+            )
+            .expect("cancel");
     });
     let err = client
         .simple_query("SELECT pg_sleep(3)")

@@ -4,6 +4,7 @@
 //! ([`ServerLogin`]), and waiting for the first ReadyForQuery. Client sessions relayed in
 //! session mode only use [`connect`]: their authentication is relayed from the client.
 
+pub mod cancel;
 pub mod pool;
 
 use std::time::Duration;
@@ -84,7 +85,8 @@ pub async fn connect(addr: &Endpoint, limit: Duration) -> std::io::Result<Stream
 }
 
 /// Opens a session: connect, StartupMessage with `params`, authenticate as `user` with
-/// `password`, wait for ReadyForQuery. Everything within `limit`.
+/// `password`, wait for ReadyForQuery. Everything within `limit`. The key it returns is for
+/// cancelling what the session runs.
 pub async fn open(
     addr: &Endpoint,
     limit: Duration,
@@ -93,10 +95,9 @@ pub async fn open(
     password: &str,
     message_bytes_max: usize,
     tls: &crate::tls::Upstream,
-) -> Result<Stream, BackendError> {
+) -> Result<Opened, BackendError> {
     let login = ServerLogin::Password(password.to_owned());
-    let opened = open_as(addr, limit, params, &login, user, message_bytes_max, tls).await?;
-    Ok(opened.stream)
+    open_as(addr, limit, params, &login, user, message_bytes_max, tls).await
 }
 
 /// Opens a session as [`open`] does, authenticating as `user` with `login` (a password, a

@@ -563,6 +563,12 @@ impl Digester {
                     }
                 }
                 ColumnRule::NumericText => hash64(super::rules::canonical_number(bytes), 2),
+                ColumnRule::TimeText | ColumnRule::TimeBinary(_) => {
+                    match super::rules::time_value(rule, bytes) {
+                        Some(us) => fold(self.rules.quantise_time(us) ^ K2, K3),
+                        None => hash64(bytes, 2),
+                    }
+                }
                 ColumnRule::NumberBinary(oid) | ColumnRule::FloatNumberBinary(oid) => {
                     self.scratch.clear();
                     if !super::rules::binary_number_text(oid, bytes, &mut self.scratch) {

@@ -187,8 +187,8 @@ struct Segment {
     bytes: usize,
     /// Expectations of the answers to these frames (queued as they are written).
     expects: Vec<Expect>,
-    /// Client sync points among them.
-    syncs: usize,
+    /// Client sync points among them (their numbers).
+    syncs: Vec<u64>,
     /// Ends with this gating sync point (see `Pairing::gate`).
     gate: Option<u64>,
     /// Whether it may be written now, as far as the completion order goes.
@@ -212,8 +212,9 @@ enum Order {
 enum ShadowSync {
     /// pgprism's own ROLLBACK or BEGIN: neither compared nor forwarded.
     Own,
-    /// The client's, with its number in the completion order when it was ordered.
-    Client(Option<u64>),
+    /// The client's, with its number in the completion order when it was ordered, and its
+    /// client sync point number (the session tracker's).
+    Client(Option<u64>, u64),
 }
 
 /// One shadow write carries at most about this much.
@@ -268,6 +269,31 @@ pub(crate) struct Pairing {
     /// The client sent Flush without a Sync after it, and waits for the answers so far: the
     /// sync point it is in (numbered as `planned`) cannot be held for the shadow.
     flush_requested: Cell<Option<u64>>,
+    /// The session tracker's number of this session's sync point 0 (see `Dispatch::plan`).
+    numbering: Cell<u64>,
+    /// A client's cancel, as far as the shadow goes (see `backend::cancel::Pending`).
+    cancel: crate::backend::cancel::Pending,
+    /// The shadow connection's BackendKeyData.
+    shadow_key: Option<(i32, i32)>,
+    target: Rc<CompareTarget>,
+}
+
+/// The shadow's part in a client's CancelRequest, for the session that owns it.
+#[derive(Clone)]
+pub struct Cancel(Rc<Pairing>);
+
+impl Cancel {
+    /// The client asked to cancel while the primary ran sync point `seq` (the session
+    /// tracker's numbers).
+    pub fn request(&self, seq: u64) {
+        self.0.cancel.request(seq);
+    }
+
+    /// The primary answered sync point `seq`, `cancelled` (57014) or not.
+    pub fn primary_answered(&self, seq: u64, cancelled: bool) {
+        self.0.cancel.primary_answered(seq, cancelled);
+        self.0.check_cancel();
+    }
 }
 
 /// The upstream half: tracks statements and writes client frames to the shadow.
@@ -292,7 +318,8 @@ pub struct Dispatch {
     /// What the current client batch sends the shadow: the segment being filled, and those
     /// already cut after a gating sync point.
     out: Vec<Bytes>,
-    out_syncs: usize,
+    /// Client sync points (numbers) among `out`.
+    out_syncs: Vec<u64>,
     segments: Vec<Segment>,
     /// An extended-protocol batch is open: frames of it are in `out` before its Sync (they
     /// wait there for it, so the batch goes to the shadow whole, in its turn).
@@ -323,7 +350,13 @@ pub struct Fed {
 impl Dispatch {
     /// Records one batch of complete client frames (before it goes to the primary, so the
     /// downstream half always finds the sync points it pairs) and prepares the shadow's copy.
-    pub fn plan(&mut self, frames: &Bytes, framed: &[Framed], read_at: Instant) {
+    /// `first_sync`: the session tracker's number of the batch's first sync point.
+    pub fn plan(&mut self, frames: &Bytes, framed: &[Framed], read_at: Instant, first_sync: u64) {
+        // Sync points before the session was ready (none, for a client that waits for its
+        // authentication) were never planned: the tracker's numbers are offset by them.
+        self.link
+            .numbering
+            .set(first_sync.saturating_sub(self.link.planned.get()));
         // Frames of a batch still open from the last read stay in `out`.
         self.segments.clear();
         self.flushed = false;
@@ -339,7 +372,7 @@ impl Dispatch {
                 // point a Sync they ignored during the COPY opened.
                 tag::SYNC if f.step == SessionStep::QuietSync => {
                     if self.copy_to_shadow {
-                        self.send(frame, false);
+                        self.send(frame, None);
                     }
                     continue;
                 }
@@ -389,16 +422,16 @@ impl Dispatch {
                 // It may touch anything: an unknown statement.
                 let seq = self.link.planned.get();
                 let ordered = self.push_meta(vec![Rc::new(Compared::unknown())], true, f.read_at);
-                self.send(f.frame, true);
+                self.send(f.frame, Some(seq));
                 self.out_expects.push(Expect::Sync);
                 self.cut(None, self.order_of(seq, ordered));
             }
             tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {
                 if self.copy_to_shadow {
-                    self.send(f.frame, false);
+                    self.send(f.frame, None);
                 }
             }
-            tag::TERMINATE => self.send(f.frame, false),
+            tag::TERMINATE => self.send(f.frame, None),
             tag::FLUSH if f.routes && !self.batch_released && !self.held.is_empty() => {
                 self.plan_flush(f)
             }
@@ -429,7 +462,7 @@ impl Dispatch {
         let seq = self.link.planned.get();
         let ordered = self.push_meta(statements, shadow, f.read_at);
         if shadow {
-            self.send(f.frame, true);
+            self.send(f.frame, Some(seq));
             self.out_expects.push(Expect::Sync);
             self.cut(gates.then_some(seq), self.order_of(seq, ordered));
         }
@@ -450,7 +483,7 @@ impl Dispatch {
         self.batch_unordered = false;
         if shadow {
             self.release_held();
-            self.send(f.frame, true);
+            self.send(f.frame, Some(seq));
             self.out_expects.push(Expect::Sync);
             self.cut(gates.then_some(seq), self.order_of(seq, ordered));
         } else {
@@ -470,7 +503,7 @@ impl Dispatch {
             self.release_held();
             self.batch_released = true;
             self.copy_to_shadow = true;
-            self.send(f.frame, false);
+            self.send(f.frame, None);
         }
     }
 
@@ -585,9 +618,10 @@ impl Dispatch {
         }
     }
 
-    fn send(&mut self, frame: Bytes, sync: bool) {
-        if sync {
-            self.out_syncs += 1;
+    /// `sync`: the frame ends client sync point number `sync`.
+    fn send(&mut self, frame: Bytes, sync: Option<u64>) {
+        if let Some(seq) = sync {
+            self.out_syncs.push(seq + self.link.numbering.get());
         }
         // Adjacent slices of one read are merged back into one buffer write.
         self.out.push(frame);
@@ -597,7 +631,7 @@ impl Dispatch {
     fn release_held(&mut self) {
         if !self.held.is_empty() {
             let held = self.held.split().freeze();
-            self.send(held, false);
+            self.send(held, None);
         }
         self.out_expects.append(&mut self.held_expects);
     }
@@ -608,7 +642,7 @@ impl Dispatch {
             self.held_expects.extend(expect);
         } else {
             self.open_batch = true;
-            self.send(frame, false);
+            self.send(frame, None);
             self.out_expects.extend(expect);
         }
     }
@@ -679,7 +713,7 @@ impl Dispatch {
     /// (the downstream pump keeps reading it until it closes, bounded in time).
     pub fn finish(&mut self, said_terminate: bool) {
         if !said_terminate {
-            self.send(Bytes::from_static(&[b'X', 0, 0, 0, 4]), false);
+            self.send(Bytes::from_static(&[b'X', 0, 0, 0, 4]), None);
         }
         self.enqueue(true);
         self.link.finished.set(true);
@@ -799,7 +833,7 @@ impl ShadowWriter {
 
 /// Writes to the shadow what may go now (a ROLLBACK or BEGIN that is due, then queued
 /// segments up to the next gate), unless another write is under way or nothing may go.
-async fn write_ready(link: &Pairing, shadow: &Stream) {
+async fn write_ready(link: &Rc<Pairing>, shadow: &Stream) {
     while !link.writing.get() && !link.dead.get() && link.gate.get().is_none() {
         if link.queue.borrow().is_empty() || link.awaiting().is_some() {
             break;
@@ -836,8 +870,8 @@ async fn write_ready(link: &Pairing, shadow: &Stream) {
                 bytes += segment.bytes;
                 frames.extend(segment.frames);
                 expects.extend(segment.expects);
-                for _ in 0..segment.syncs {
-                    kinds.push_back(ShadowSync::Client(number));
+                for seq in segment.syncs {
+                    kinds.push_back(ShadowSync::Client(number, seq));
                 }
                 if segment.gate.is_some() {
                     link.gate.set(segment.gate);
@@ -865,6 +899,7 @@ async fn write_ready(link: &Pairing, shadow: &Stream) {
             link.stop();
             return;
         }
+        link.check_cancel();
     }
     // Queued meanwhile (or released while this write was under way): the writer's turn.
     if !link.queue.borrow().is_empty()
@@ -875,6 +910,38 @@ async fn write_ready(link: &Pairing, shadow: &Stream) {
 }
 
 impl Pairing {
+    /// Cancels the shadow's statement when it is the one the client's cancel reached on the
+    /// primary (see `backend::cancel::Pending`): looked at whenever what the shadow runs
+    /// changes (a write to an idle shadow, an answer) and when the primary's answer comes.
+    fn check_cancel(self: &Rc<Self>) {
+        // The shadow runs the oldest sync point written and not answered.
+        let running = match self.shadow_kinds.borrow().front() {
+            Some(ShadowSync::Client(_, seq)) => Some(*seq),
+            _ => None,
+        };
+        if !self.cancel.due(running) {
+            return;
+        }
+        let (Some(key), false, Some(seq)) = (self.shadow_key, self.dead.get(), running) else {
+            return;
+        };
+        let target = self.target.clone();
+        let kinds = Rc::downgrade(self);
+        crate::exec::spawn(async move {
+            let limit = std::time::Duration::from_millis(target.cfg.connect_timeout_ms);
+            let addr = target.addr.get();
+            let still = || {
+                kinds.upgrade().is_some_and(|link| {
+                    matches!(link.shadow_kinds.borrow().front(), Some(ShadowSync::Client(_, s)) if *s == seq)
+                })
+            };
+            if crate::backend::cancel::send(&addr, &target.tls, key, limit, still).await {
+                let counted = &target.stats.cancels_forwarded;
+                counted.set(counted.get() + 1);
+            }
+        });
+    }
+
     /// The ordered sync point the segment at the queue's front waits for, if it waits.
     fn awaiting(&self) -> Option<u64> {
         match self.queue.borrow().front()?.order {
@@ -935,11 +1002,13 @@ impl Exchange {
     /// Builds the two halves for one session over its shadow connection.
     pub fn pair(
         target: Rc<CompareTarget>,
-        shadow: Stream,
+        shadow: crate::backend::Opened,
         session: u64,
         params: Vec<(String, String)>,
     ) -> (Dispatch, Comparer, ShadowWriter) {
         let port = target.port.clone();
+        let shadow_key = shadow.key;
+        let shadow = shadow.stream;
         let link = Rc::new(Pairing {
             metas: RefCell::new(VecDeque::new()),
             shadow_kinds: RefCell::new(VecDeque::new()),
@@ -964,6 +1033,10 @@ impl Exchange {
             expects: [Expects::default(), Expects::default()],
             planned: Cell::new(0),
             flush_requested: Cell::new(None),
+            numbering: Cell::new(0),
+            cancel: Default::default(),
+            shadow_key,
+            target: target.clone(),
         });
         let source = usize::from(target.shadow_is_source());
         let fail = target.cfg.fail_on_differences;
@@ -979,7 +1052,7 @@ impl Exchange {
             copy_to_shadow: true,
             batch_released: false,
             out: Vec::new(),
-            out_syncs: 0,
+            out_syncs: Vec::new(),
             segments: Vec::new(),
             open_batch: false,
             batch_unordered: false,
@@ -1052,6 +1125,11 @@ impl Comparer {
 
     pub fn shadow_alive(&self) -> bool {
         self.shadow_alive
+    }
+
+    /// The shadow's part in the session's cancels.
+    pub fn cancel(&self) -> Cancel {
+        Cancel(self.link.clone())
     }
 
     /// The client is owed answers it has not been given: the source of truth's bytes held
@@ -1189,13 +1267,15 @@ impl Comparer {
         };
         let mut digest = self.digesters[side].finish_sync(status, walk.now);
         let kind = if side == SHADOW {
-            self.link.shadow_kinds.borrow_mut().pop_front()
+            let kind = self.link.shadow_kinds.borrow_mut().pop_front();
+            self.link.check_cancel();
+            kind
         } else {
             self.primary_completed(status);
             None
         };
         let internal = kind == Some(ShadowSync::Own);
-        if let Some(ShadowSync::Client(Some(c))) = kind {
+        if let Some(ShadowSync::Client(Some(c), _)) = kind {
             digest.overtaken = self.shadow_completed(c) == Pinned::Overtaken;
         }
         if !internal {

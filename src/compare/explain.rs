@@ -61,7 +61,7 @@ async fn plan(
 ) -> String {
     let max = 1 << 20;
     let stream = match open_as(addr, url, tls, params, limit, max).await {
-        Ok(stream) => stream,
+        Ok(opened) => opened.stream,
         Err(err) => return format!("<cannot connect for EXPLAIN: {err}>"),
     };
     // EXPLAIN ANALYZE runs the statement: bound it like the statement itself might be.

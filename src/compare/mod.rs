@@ -29,10 +29,9 @@ use crate::backend;
 use crate::config::{
     CompareConfig, Config, ConfigError, Endpoint, LiveEndpoint, PgUrl, SourceOfTruth, UrlError,
 };
-use crate::exec::net::Stream;
 use crate::tls::{TlsError, Upstream};
 
-pub use exchange::{Comparer, Dispatch, Exchange, Fed, PRIMARY, SHADOW, ShadowWriter};
+pub use exchange::{Cancel, Comparer, Dispatch, Exchange, Fed, PRIMARY, SHADOW, ShadowWriter};
 pub use pump::{Host, Pump, PumpSettings};
 pub use rules::{Rules, parse_equivalence, validate};
 pub use verdict::Kind;
@@ -169,6 +168,8 @@ pub fn resolve(cfg: &Config, reports: Sender<Record>) -> Result<Option<Resolved>
 #[derive(Default)]
 pub struct CompareStats {
     pub kinds: [Cell<u64>; Kind::ALL.len()],
+    /// CancelRequests sent to the shadow for a statement a client cancelled.
+    pub cancels_forwarded: Cell<u64>,
 }
 
 /// Compare mode as one shard sees it.
@@ -271,7 +272,7 @@ impl CompareTarget {
         &self,
         client_params: &[(String, String)],
         message_bytes_max: usize,
-    ) -> Result<Stream, backend::BackendError> {
+    ) -> Result<backend::Opened, backend::BackendError> {
         // Calibrating, the "shadow" is the primary itself: whatever the scanner takes for a
         // read but writes (a function, nextval, a FunctionCall) must fail there, not run twice
         // on production.
@@ -309,7 +310,7 @@ pub(crate) async fn open_as(
     client_params: &[(String, String)],
     limit: Duration,
     message_bytes_max: usize,
-) -> Result<Stream, backend::BackendError> {
+) -> Result<backend::Opened, backend::BackendError> {
     let param = |name: &str| {
         client_params
             .iter()

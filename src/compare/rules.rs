@@ -25,6 +25,11 @@ pub enum ColumnRule {
     NumberBinary(u32),
     /// Same, decoded and then quantised to the float tolerance.
     FloatNumberBinary(u32),
+    /// timestamp/timestamptz/time/timetz in text (ISO DateStyle), read as microseconds and
+    /// rounded to the timestamp tolerance.
+    TimeText,
+    /// The same in binary format (of type OID `.0`).
+    TimeBinary(u32),
 }
 
 pub struct Rules {
@@ -32,6 +37,8 @@ pub struct Rules {
     primary_only: RegexSet,
     ignore_columns: RegexSet,
     tolerance: f64,
+    /// `compare.timestamp-tolerance-ms` in microseconds (0: exact).
+    time_step_us: i64,
     /// Pairs of type OIDs declared equal (both orders).
     equivalent: Vec<(u32, u32)>,
     pub sample_rows_max: usize,
@@ -42,6 +49,10 @@ pub struct Rules {
 pub const FLOAT4: u32 = 700;
 pub const FLOAT8: u32 = 701;
 pub const NUMERIC: u32 = 1700;
+pub const TIME: u32 = 1083;
+pub const TIMESTAMP: u32 = 1114;
+pub const TIMESTAMPTZ: u32 = 1184;
+pub const TIMETZ: u32 = 1266;
 
 /// Type names accepted in `type-equivalences`, with their OIDs.
 const TYPES: &[(&str, u32)] = &[
@@ -168,6 +179,8 @@ impl Rules {
             primary_only: set("compare.primary-only-patterns", &cfg.primary_only_patterns)?,
             ignore_columns: set("compare.ignore-columns", &cfg.ignore_columns)?,
             tolerance: cfg.float_tolerance,
+            // Validated to at most a day, so this cannot overflow.
+            time_step_us: cfg.timestamp_tolerance_ms.saturating_mul(1000) as i64,
             equivalent,
             sample_rows_max: cfg.sample_rows_max,
             calibrate: cfg.calibrate,
@@ -198,6 +211,13 @@ impl Rules {
     pub fn column_rule(&self, name: &str, oid: u32, binary: bool) -> ColumnRule {
         if !self.ignore_columns.is_empty() && self.ignore_columns.is_match(name) {
             return ColumnRule::Skip;
+        }
+        if self.time_step_us > 0 && matches!(oid, TIME | TIMESTAMP | TIMESTAMPTZ | TIMETZ) {
+            return if binary {
+                ColumnRule::TimeBinary(oid)
+            } else {
+                ColumnRule::TimeText
+            };
         }
         let equivalent = is_numeric(oid) && self.equivalent.iter().any(|&(a, _)| a == oid);
         if self.tolerance > 0.0 {
@@ -237,6 +257,110 @@ impl Rules {
         // -0.0 and 0.0 are the same grid point.
         if q == 0.0 { 0 } else { q.to_bits() }
     }
+}
+
+impl Rules {
+    /// A time value (microseconds) rounded to the nearest step of the timestamp tolerance,
+    /// as the step's index.
+    pub fn quantise_time(&self, us: i64) -> u64 {
+        if self.time_step_us <= 0 {
+            return us as u64;
+        }
+        let step = self.time_step_us;
+        us.saturating_add(step / 2).div_euclid(step) as u64
+    }
+}
+
+/// A time value of `rule` as microseconds (UTC for the types with a zone; since any fixed
+/// origin: only differences matter). `None`: not readable as one (another DateStyle,
+/// `infinity`, BC, malformed bytes): the caller hashes the bytes as they are.
+pub fn time_value(rule: ColumnRule, bytes: &[u8]) -> Option<i64> {
+    match rule {
+        ColumnRule::TimeText => time_text(std::str::from_utf8(bytes).ok()?),
+        ColumnRule::TimeBinary(TIMETZ) => {
+            // Microseconds of the day, then the zone in seconds west of UTC.
+            let us = i64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+            let west = i32::from_be_bytes(bytes.get(8..12)?.try_into().ok()?);
+            (bytes.len() == 12).then(|| us + i64::from(west) * 1_000_000)
+        }
+        ColumnRule::TimeBinary(_) => {
+            // Microseconds since 2000-01-01 (timestamps) or since midnight (time); the
+            // extremes are +/-infinity.
+            let us = i64::from_be_bytes(bytes.try_into().ok()?);
+            (us != i64::MAX && us != i64::MIN).then_some(us)
+        }
+        _ => None,
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS[.ffffff][+HH[:MM[:SS]]]` (timestamp, timestamptz) or
+/// `HH:MM:SS[.ffffff][+HH[:MM[:SS]]]` (time, timetz), as PostgreSQL writes them under the ISO
+/// DateStyle, to microseconds (UTC when a zone is given).
+fn time_text(text: &str) -> Option<i64> {
+    let text = text.trim();
+    let (days, clock) = match text.split_once(' ') {
+        Some((date, clock)) => (date_days(date)?, clock),
+        None if text.contains('-') && !text.contains(':') => (date_days(text)?, "00:00:00"),
+        None => (0, text),
+    };
+    // The zone starts at the first sign after the clock's digits.
+    let (clock, zone) = match clock.find(['+', '-']) {
+        Some(at) => (&clock[..at], Some(&clock[at..])),
+        None => (clock, None),
+    };
+    let mut parts = clock.splitn(3, ':');
+    let hours: i64 = digits(parts.next()?)?;
+    let minutes: i64 = digits(parts.next()?)?;
+    let seconds = parts.next()?;
+    let (whole, fraction) = seconds.split_once('.').unwrap_or((seconds, ""));
+    if fraction.len() > 6 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let micros = if fraction.is_empty() {
+        0
+    } else {
+        fraction.parse::<i64>().ok()? * 10i64.pow(6 - fraction.len() as u32)
+    };
+    let mut us = ((days * 24 + hours) * 60 + minutes) * 60 + digits::<i64>(whole)?;
+    us = us * 1_000_000 + micros;
+    if let Some(zone) = zone {
+        let (sign, rest) = zone.split_at(1);
+        let mut fields = rest.splitn(3, ':');
+        let mut offset = digits::<i64>(fields.next()?)? * 3600;
+        offset += fields.next().map_or(Some(0), digits::<i64>)? * 60;
+        offset += fields.next().map_or(Some(0), digits::<i64>)?;
+        // Local time minus the offset east of UTC is UTC.
+        us -= if sign == "+" { offset } else { -offset } * 1_000_000;
+    }
+    Some(us)
+}
+
+/// Digits only (no sign, no spaces).
+fn digits<T: std::str::FromStr>(text: &str) -> Option<T> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// Days from 1970-01-01 to the proleptic Gregorian `YYYY-MM-DD` (years of four digits or
+/// more, AD only).
+fn date_days(date: &str) -> Option<i64> {
+    let mut parts = date.splitn(3, '-');
+    let year: i64 = digits(parts.next()?)?;
+    let month: i64 = digits(parts.next()?)?;
+    let day: i64 = digits(parts.next()?)?;
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return None;
+    }
+    // Counted from March, so the leap day ends the year.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let month_from_march = (month + 9) % 12;
+    let day_of_year = (153 * month_from_march + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    Some(era * 146_097 + day_of_era - 719_468)
 }
 
 pub fn float_value(rule: ColumnRule, bytes: &[u8]) -> Option<f64> {
@@ -462,5 +586,55 @@ mod tests {
         assert!(rules.excluded("SHOW server_version"));
         assert!(rules.excluded("SELECT version ()"));
         assert!(!rules.excluded("SELECT id FROM shown WHERE nowhere = 1"));
+    }
+
+    #[test]
+    fn time_values_read_as_microseconds_and_round_to_the_tolerance() {
+        let text = |t: &str| time_value(ColumnRule::TimeText, t.as_bytes());
+        assert_eq!(text("1970-01-01 00:00:00"), Some(0));
+        assert_eq!(text("2000-01-01 00:00:00"), Some(946_684_800_000_000));
+        assert_eq!(text("2024-02-29 12:30:15.25"), Some(1_709_209_815_250_000));
+        assert_eq!(
+            text("2024-02-29 14:30:15.25+02"),
+            text("2024-02-29 12:30:15.25")
+        );
+        assert_eq!(
+            text("2024-02-29 07:00:15.25-05:30"),
+            text("2024-02-29 12:30:15.25")
+        );
+        assert_eq!(text("12:00:00.000001"), Some(43_200_000_001));
+        assert_eq!(text("infinity"), None);
+        assert_eq!(text("Thu Feb 29 12:30:15 2024"), None);
+        assert_eq!(text("2024-13-01 00:00:00"), None);
+        // Binary: microseconds since 2000-01-01; timetz carries its zone west of UTC.
+        let binary = |oid, bytes: &[u8]| time_value(ColumnRule::TimeBinary(oid), bytes);
+        assert_eq!(binary(TIMESTAMP, &5i64.to_be_bytes()), Some(5));
+        assert_eq!(binary(TIMESTAMPTZ, &i64::MAX.to_be_bytes()), None);
+        assert_eq!(binary(TIMESTAMP, &[1, 2, 3]), None);
+        let mut timetz = 10i64.to_be_bytes().to_vec();
+        timetz.extend_from_slice(&(-3600i32).to_be_bytes());
+        assert_eq!(binary(TIMETZ, &timetz), Some(10 - 3_600_000_000));
+
+        let cfg = CompareConfig {
+            timestamp_tolerance_ms: 1000,
+            ..Default::default()
+        };
+        let rules = Rules::new(&cfg).unwrap();
+        assert_eq!(
+            rules.column_rule("t", TIMESTAMPTZ, false),
+            ColumnRule::TimeText
+        );
+        assert_eq!(
+            rules.column_rule("t", TIME, true),
+            ColumnRule::TimeBinary(TIME)
+        );
+        assert_eq!(rules.column_rule("t", 25, false), ColumnRule::Raw);
+        let a = text("2026-12-03 09:57:46.100").unwrap();
+        let b = text("2026-12-03 09:57:46.400").unwrap();
+        let c = text("2026-12-03 09:57:48.100").unwrap();
+        assert_eq!(rules.quantise_time(a), rules.quantise_time(b));
+        assert_ne!(rules.quantise_time(a), rules.quantise_time(c));
+        let exact = Rules::new(&CompareConfig::default()).unwrap();
+        assert_eq!(exact.column_rule("t", TIMESTAMPTZ, false), ColumnRule::Raw);
     }
 }

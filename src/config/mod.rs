@@ -123,6 +123,12 @@ pub struct CompareConfig {
     pub ignore_columns: Vec<String>,
     /// Absolute tolerance for float4/float8/numeric values (0: exact).
     pub float_tolerance: f64,
+    /// Tolerance for timestamp/timestamptz/time/timetz values, in milliseconds (0: exact):
+    /// values a step of this size apart or less compare equal, so a `now()` each side stored
+    /// from its own clock and read back later agrees. Like the float tolerance it is a grid
+    /// (values are rounded to the nearest multiple), the only form a streaming row hash
+    /// allows: two values within it that straddle a step's midpoint still differ.
+    pub timestamp_tolerance_ms: u64,
     /// Types declared equal across the two sides, e.g. `int8=numeric`.
     pub type_equivalences: Vec<String>,
     /// Bytes of the source of truth's answer held per sync point in fail-on-differences
@@ -189,6 +195,7 @@ impl Default for CompareConfig {
             primary_only_patterns: Vec::new(),
             ignore_columns: Vec::new(),
             float_tolerance: 0.0,
+            timestamp_tolerance_ms: 0,
             type_equivalences: Vec::new(),
             buffer_bytes_max: 16 << 20,
             sample_rows_max: 5,
@@ -208,6 +215,8 @@ impl Default for CompareConfig {
     }
 }
 
+/// Most `compare.timestamp-tolerance-ms`: a day (a wider grid says nothing about a clock).
+const TIMESTAMP_TOLERANCE_MS_MAX: u64 = 86_400_000;
 /// Smallest `compare.report-bytes-max`.
 const REPORT_BYTES_MIN: u64 = 4096;
 /// Most `compare.report-files-max`.
@@ -1132,6 +1141,12 @@ impl Config {
             return Err(ConfigError::key(
                 "compare.float-tolerance",
                 "expected a finite value of at least 0",
+            ));
+        }
+        if c.timestamp_tolerance_ms > TIMESTAMP_TOLERANCE_MS_MAX {
+            return Err(ConfigError::key(
+                "compare.timestamp-tolerance-ms",
+                "expected at most 86400000 (one day)",
             ));
         }
         if c.slow_query_ratio.is_nan() || c.slow_query_ratio < 1.0 {

@@ -44,6 +44,9 @@ pub enum State {
 pub(super) struct Item {
     pub frame: Bytes,
     pub enqueued: Instant,
+    /// The client sync point it belongs to (the session tracker's number; pgprism's own
+    /// frames carry the one being routed, and are never cancelled).
+    pub seq: u64,
     /// This frame is a sync point (Query or Sync): the mirror answers it with ReadyForQuery.
     /// The value is the fingerprint for latency (0: none), `None` for other frames.
     pub sync: Option<u64>,
@@ -113,11 +116,18 @@ pub struct Link {
     message_bytes_max: usize,
     /// Pooled (`pool-size` above 0): the link has no connection, its units go to the pool.
     pooled: Option<Member>,
+    /// A client's cancel, as far as this mirror goes (see `backend::cancel::Pending`).
+    cancel: crate::backend::cancel::Pending,
+    /// The connection the session's statements run on now, by its BackendKeyData, and the
+    /// client sync point it runs (None: pgprism's own frames, or nothing).
+    running: Rc<Running>,
 }
 
 /// Statements sent to the mirror and not yet answered, oldest first.
 struct InFlight {
     sent: Instant,
+    /// The client sync point it belongs to (None: pgprism's own).
+    seq: Option<u64>,
     fingerprint: u64,
     internal: bool,
     /// Its answer is read as it arrives and its latency recorded (see
@@ -223,7 +233,38 @@ impl Link {
             password,
             message_bytes_max,
             pooled,
+            cancel: Default::default(),
+            running: Rc::new(Cell::new((None, None))),
         })
+    }
+
+    /// The client asked to cancel while the primary ran sync point `seq`.
+    pub fn cancel_request(&self, seq: u64) {
+        match &self.pooled {
+            Some(member) => member.share.cancel.request(seq),
+            None => self.cancel.request(seq),
+        }
+    }
+
+    /// The primary answered sync point `seq`, `cancelled` (57014) or not.
+    pub fn primary_answered(&self, seq: u64, cancelled: bool) {
+        match &self.pooled {
+            Some(member) => {
+                member.share.cancel.primary_answered(seq, cancelled);
+                member.share.check_cancel(&self.target);
+            }
+            None => {
+                self.cancel.primary_answered(seq, cancelled);
+                check_cancel(&self.target, &self.cancel, &self.running);
+            }
+        }
+    }
+
+    /// What the mirror runs of this session changed: the connection (by key) and the client
+    /// sync point at the front of its answers awaited.
+    fn runs(&self, key: Option<(i32, i32)>, seq: Option<u64>) {
+        self.running.set((key, seq));
+        check_cancel(&self.target, &self.cancel, &self.running);
     }
 
     /// Whether the link hands units to a pool instead of holding a connection.
@@ -447,6 +488,7 @@ impl Link {
         self.queue.borrow_mut().push_back(Item {
             frame,
             enqueued: Instant::now(),
+            seq: 0,
             sync,
             statement: false,
             internal: true,
@@ -637,6 +679,40 @@ impl Link {
     }
 }
 
+/// What a session runs on a mirror connection now: the connection's BackendKeyData and the
+/// client sync point at the front of its answers awaited (None: nothing of the client's).
+pub(super) type Running = Cell<(Option<(i32, i32)>, Option<u64>)>;
+
+/// Cancels the mirror's statement when it is the one the client's cancel reached on the
+/// primary (see `backend::cancel::Pending`); `running` is what the session runs on the mirror
+/// now (the connection's key, the client sync point at the front of its answers awaited).
+/// That is known from the answers read: one answered but not read yet (a deferred read)
+/// leaves the front a sync point behind for that long, which `flush-delay-us` bounds. Right
+/// before the request goes, the session must still run that sync point on that connection.
+pub(super) fn check_cancel(
+    target: &Rc<MirrorTarget>,
+    cancel: &crate::backend::cancel::Pending,
+    running: &Rc<Running>,
+) {
+    let now = running.get();
+    let (Some(key), Some(_)) = now else {
+        return;
+    };
+    if !cancel.due(now.1) {
+        return;
+    }
+    let target = target.clone();
+    let running = Rc::downgrade(running);
+    exec::spawn(async move {
+        let limit = Duration::from_millis(target.cfg.connect_timeout_ms);
+        let addr = target.addr.get();
+        let still = || running.upgrade().is_some_and(|r| r.get() == now);
+        if crate::backend::cancel::send(&addr, &target.tls, key, limit, still).await {
+            MirrorStats::bump(&target.stats.counters.cancels_forwarded, 1);
+        }
+    });
+}
+
 /// Runs a link until the client session is over and the queue is drained (or the mirror is
 /// given up on).
 pub(super) async fn run(link: Rc<Link>) {
@@ -665,7 +741,8 @@ pub(super) async fn run(link: Rc<Link>) {
         )
         .await;
         let failure = match opened {
-            Ok(stream) => {
+            Ok(opened) => {
+                let (stream, key) = (opened.stream, opened.key);
                 if connected_before {
                     MirrorStats::bump(&stats.counters.reconnects, 1);
                 }
@@ -683,7 +760,9 @@ pub(super) async fn run(link: Rc<Link>) {
                     _ => {}
                 }
                 let answered_before = link.answered.get();
-                if stream_frames(&link, &stream).await {
+                let clean = stream_frames(&link, &stream, key).await;
+                link.runs(None, None);
+                if clean {
                     break;
                 }
                 stream.shutdown();
@@ -730,8 +809,9 @@ pub(super) async fn run(link: Rc<Link>) {
 
 /// Writes queued frames and reads the answers until the client is done and everything was
 /// answered (returns true) or the connection fails or times out (false).
-async fn stream_frames(link: &Link, stream: &Stream) -> bool {
-    let conn = Connection::new(link, stream);
+async fn stream_frames(link: &Link, stream: &Stream, key: Option<(i32, i32)>) -> bool {
+    let mut conn = Connection::new(link, stream);
+    conn.key = key;
     // The reader ends (and marks `failed`) on any end of the connection, a clean goodbye
     // included, so the writer's verdict is the one that counts.
     let (clean, ()) = futures_lite::future::zip(conn.writer(), conn.reader()).await;
@@ -744,6 +824,8 @@ async fn stream_frames(link: &Link, stream: &Stream) -> bool {
 struct Connection<'a> {
     link: &'a Link,
     stream: &'a Stream,
+    /// The connection's BackendKeyData (for cancels).
+    key: Option<(i32, i32)>,
     /// Sync points sent and not yet answered, oldest first; at most `in_flight_max`.
     inflight: RefCell<VecDeque<InFlight>>,
     /// `MirrorConfig::in_flight_messages_max`.
@@ -807,6 +889,7 @@ impl<'a> Connection<'a> {
         Connection {
             link,
             stream,
+            key: None,
             inflight: RefCell::new(VecDeque::new()),
             // Validated above 0; a 0 would stall the writer before its first sync point.
             in_flight_max: cfg.in_flight_messages_max.max(1),
@@ -943,7 +1026,8 @@ impl<'a> Connection<'a> {
             link.target.stats.note_lag(now - item.enqueued);
             count_sent(&link.target.stats, &item);
             if let Some(fingerprint) = item.sync {
-                self.sent_sync(fingerprint, item.internal, now, timed);
+                let seq = (!item.internal).then_some(item.seq);
+                self.sent_sync(fingerprint, seq, now, timed);
             }
             match single.take() {
                 None if batch.is_empty() => single = Some(item.frame),
@@ -964,7 +1048,8 @@ impl<'a> Connection<'a> {
     }
 
     /// A sync point is on its way: its answer is now awaited.
-    fn sent_sync(&self, fingerprint: u64, internal: bool, sent: Instant, timed: bool) {
+    fn sent_sync(&self, fingerprint: u64, seq: Option<u64>, sent: Instant, timed: bool) {
+        let internal = seq.is_none();
         let mut inflight = self.inflight.borrow_mut();
         crate::invariant!(
             inflight.len() < self.in_flight_max,
@@ -973,13 +1058,18 @@ impl<'a> Connection<'a> {
         if timed {
             self.timed_in_flight.set(self.timed_in_flight.get() + 1);
         }
+        let front = inflight.is_empty();
         inflight.push_back(InFlight {
             sent,
+            seq,
             fingerprint,
             internal,
             timed,
         });
         drop(inflight);
+        if front {
+            self.link.runs(self.key, seq);
+        }
         if let Some(w) = self.reader_waker.take() {
             w.wake();
         }
@@ -1270,6 +1360,10 @@ impl<'a> Connection<'a> {
             self.timed_in_flight.get() <= self.inflight.borrow().len(),
             "more timed statements counted in flight than are in flight",
         );
+        if answered > 0 {
+            let front = self.inflight.borrow().front().and_then(|f| f.seq);
+            link.runs(self.key, front);
+        }
     }
 }
 

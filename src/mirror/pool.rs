@@ -132,9 +132,25 @@ pub(super) struct Share {
     pub(super) space: Cell<Option<Waker>>,
     bound: Cell<Option<u64>>,
     units: Cell<usize>,
+    /// A client's cancel, as far as this mirror goes (see `backend::cancel::Pending`).
+    pub(super) cancel: crate::backend::cancel::Pending,
+    /// The pool connection the session's unit runs on now (its key) and the client sync
+    /// point it runs there (None: nothing of the session's).
+    running: Rc<super::link::Running>,
 }
 
 impl Share {
+    /// Cancels the session's statement on the connection running it, when it is the one
+    /// the client's cancel reached on the primary.
+    pub(super) fn check_cancel(&self, target: &Rc<MirrorTarget>) {
+        super::link::check_cancel(target, &self.cancel, &self.running);
+    }
+
+    fn runs(&self, target: &Rc<MirrorTarget>, key: Option<(i32, i32)>, seq: Option<u64>) {
+        self.running.set((key, seq));
+        self.check_cancel(target);
+    }
+
     fn bind(&self, conn: u64) {
         crate::invariant!(
             self.bound.get().is_none_or(|b| b == conn),
@@ -437,6 +453,8 @@ pub(super) fn dispatch(target: &Rc<MirrorTarget>, pool: &Rc<Pool>, unit: Unit) {
 /// A sync point sent on a pool connection and not yet answered.
 struct Flight {
     sent: Instant,
+    /// The session whose unit it belongs to, and its client sync point (None: pgprism's own).
+    owner: Option<(Rc<Share>, u64)>,
     fingerprint: u64,
     internal: bool,
     /// It ends its unit: answered (or lost), the unit's session is done with it.
@@ -479,6 +497,10 @@ struct Conn {
     unit_failed: Cell<bool>,
     /// The signature of the settings the connection runs with (see `Snapshot`).
     sig: Cell<u64>,
+    /// The open connection's BackendKeyData (for cancels).
+    key: Cell<Option<(i32, i32)>>,
+    /// The session whose sync point the connection runs now (the front of `inflight`).
+    running: RefCell<Option<Rc<Share>>>,
     /// A unit ended inside a transaction block on the mirror: roll it back before the next.
     leaked: Cell<bool>,
     answered: Cell<u64>,
@@ -498,6 +520,8 @@ impl Conn {
             names: RefCell::new(HashMap::new()),
             unit_failed: Cell::new(false),
             sig: Cell::new(FRESH),
+            key: Cell::new(None),
+            running: RefCell::new(None),
             leaked: Cell::new(false),
             answered: Cell::new(0),
         }
@@ -581,7 +605,9 @@ async fn serve(target: Rc<MirrorTarget>, pool: Rc<Pool>, conn: Rc<Conn>) {
         )
         .await;
         let failure = match opened {
-            Ok(stream) => {
+            Ok(opened) => {
+                let stream = opened.stream;
+                conn.key.set(opened.key);
                 if opened_before {
                     MirrorStats::bump(&stats.counters.reconnects, 1);
                 }
@@ -601,6 +627,10 @@ async fn serve(target: Rc<MirrorTarget>, pool: Rc<Pool>, conn: Rc<Conn>) {
                 stream.shutdown();
                 conn.up.set(false);
                 pool.live.set(pool.live.get() - 1);
+                conn.key.set(None);
+                if let Some(session) = conn.running.borrow_mut().take() {
+                    session.runs(&target, None, None);
+                }
                 conn.lost(stats);
                 if clean {
                     break;
@@ -804,17 +834,47 @@ impl Live<'_> {
             }
         }
         if let Some(fingerprint) = item.sync {
+            let owner = match &out.owner {
+                Some(share) if !item.internal => Some((share.clone(), item.seq)),
+                _ => None,
+            };
+            let front = self.conn.inflight.borrow().is_empty();
             self.conn.inflight.borrow_mut().push_back(Flight {
                 sent: now,
+                owner,
                 fingerprint,
                 internal: item.internal,
                 ends: out.ends.clone(),
                 guarded: out.guarded,
                 names: out.names.clone(),
             });
+            if front {
+                self.front_changed();
+            }
             if let Some(w) = self.conn.reader.take() {
                 w.wake();
             }
+        }
+    }
+
+    /// The sync point at the front of the answers awaited changed: the session it belongs
+    /// to runs it now (and the one before runs nothing here any more).
+    fn front_changed(&self) {
+        let (owner, seq) = match self.conn.inflight.borrow().front() {
+            Some(Flight {
+                owner: Some((share, seq)),
+                ..
+            }) => (Some(share.clone()), Some(*seq)),
+            _ => (None, None),
+        };
+        let before = self.conn.running.replace(owner.clone());
+        if let Some(before) = before
+            && !owner.as_ref().is_some_and(|o| Rc::ptr_eq(o, &before))
+        {
+            before.runs(self.target, None, None);
+        }
+        if let Some(owner) = owner {
+            owner.runs(self.target, self.conn.key.get(), seq);
         }
     }
 
@@ -848,6 +908,7 @@ impl Live<'_> {
             item: Item {
                 frame,
                 enqueued: now,
+                seq: 0,
                 sync: sync.then_some(0),
                 statement: false,
                 internal: true,
@@ -1169,6 +1230,7 @@ impl Live<'_> {
                 units_done = true;
             }
         }
+        self.front_changed();
         // A session unbound now may have units waiting that other connections skipped.
         if units_done && !self.pool.ready.borrow().is_empty() {
             for conn in self.pool.conns.borrow().iter() {

@@ -167,6 +167,9 @@ enum SqlPrepared<'a> {
 
 pub struct Router {
     links: Vec<Rc<Link>>,
+    /// The session tracker's number of the client sync point being routed (for cancels:
+    /// each frame queued carries it).
+    sync_number: u64,
     fingerprints: Rc<Fingerprints>,
     /// Fingerprint of the last statement seen, for the latency of the next sync point.
     last_fingerprint: u64,
@@ -283,6 +286,7 @@ impl Router {
         let pooled = links.iter().any(|l| l.pooled());
         Router {
             links,
+            sync_number: 0,
             fingerprints,
             last_fingerprint: 0,
             kept: Rc::new(Cell::new(0)),
@@ -586,6 +590,9 @@ impl Router {
                 let link = self.links[i].clone();
                 self.route_one(&link, &route, frame).await;
             }
+        }
+        if framed.step == Step::SyncPoint {
+            self.sync_number += 1;
         }
         if !self.pooled {
             return;
@@ -1150,6 +1157,7 @@ impl Router {
         let item = || Item {
             frame: frame.clone(),
             enqueued: std::time::Instant::now(),
+            seq: self.sync_number,
             sync,
             statement,
             internal: false,

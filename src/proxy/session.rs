@@ -80,6 +80,9 @@ pub struct ShardCtx {
     pub secrets: Option<Rc<super::login::Secrets>>,
     /// Pipelined lending: the connections now shared by several clients' statements.
     pub(super) pipelines: RefCell<Vec<Rc<super::pipeline::Pipeline>>>,
+    /// Sessions whose statements also run on a shadow or mirrors, by the key their clients
+    /// hold, shared by every shard (None: neither is configured).
+    pub cancel_registry: Option<crate::backend::cancel::Registry>,
 }
 
 /// What a shard's pooled sessions share, when transaction pooling or the console is on.
@@ -142,6 +145,39 @@ impl ShardCtx {
             console: None,
             secrets: None,
             pipelines: RefCell::new(Vec::new()),
+            cancel_registry: None,
+        }
+    }
+
+    /// The registry that carries clients' cancels to the shadow and mirrors.
+    pub fn with_cancel_registry(
+        mut self,
+        registry: Option<crate::backend::cancel::Registry>,
+    ) -> ShardCtx {
+        self.cancel_registry = registry;
+        self
+    }
+
+    /// Hands the shard's sessions the cancels their clients asked for on any shard, until
+    /// the shard stops (runs only with a registry).
+    pub async fn serve_cancels(self: &Rc<Self>) {
+        let Some(registry) = &self.cancel_registry else {
+            return std::future::pending().await;
+        };
+        loop {
+            let ids = match registry.next(self.index).await {
+                Ok(ids) => ids,
+                Err(err) => {
+                    tracing::error!(shard = self.index, error = %err, "cancel inbox failed");
+                    return std::future::pending().await;
+                }
+            };
+            for id in ids {
+                let session = self.sessions.borrow().get(&id).cloned();
+                if let Some(session) = session {
+                    session.cancel_requested();
+                }
+            }
         }
     }
 
@@ -331,6 +367,22 @@ struct SessionShared {
     writing: Cell<bool>,
     /// Compare holds answers the client has not been given yet (they wait for the shadow).
     holding: Cell<bool>,
+    /// The session number on its shard.
+    id: u64,
+    /// Where the session's statements also run (the shadow, mirrors), for a client's
+    /// cancel; `None` for a plain proxy session, which pays nothing for it.
+    sides: Option<Sides>,
+}
+
+/// The sides of a session besides the primary, for a client's CancelRequest: it reaches
+/// them through the shard-shared registry (`backend::cancel`), which the session enters once
+/// its key is known.
+struct Sides {
+    shadow: Option<compare::Cancel>,
+    mirrors: Vec<Rc<Link>>,
+    /// The primary's sync point a cancel was asked during.
+    wanted: Cell<Option<u64>>,
+    registered: RefCell<Option<crate::backend::cancel::Registered>>,
 }
 
 impl SessionShared {
@@ -343,6 +395,7 @@ impl SessionShared {
     /// it, and record its primary latency (overall and by fingerprint) when it was sampled.
     /// Returns when the client's statement was read, for the client-observed latency.
     fn answer_sync(&self, shard: &ShardCtx, seq: u64, arrived: Instant) -> Option<Instant> {
+        self.cancel_answered(seq);
         let mut stamps = self.stamps.borrow_mut();
         // A stamp older than the answer can never be answered (a server that answered fewer
         // sync points than were counted): it must not block the ones after it.
@@ -361,6 +414,60 @@ impl SessionShared {
                 .record_primary(fingerprint, arrived - read_at);
         }
         Some(read_at)
+    }
+
+    /// Enters the session in the cancel registry once the primary's key is known (the
+    /// client holds that key: a CancelRequest carries it).
+    fn register_cancel(&self, shard: &ShardCtx) {
+        let (Some(sides), Some(registry)) = (&self.sides, &shard.cancel_registry) else {
+            return;
+        };
+        if sides.registered.borrow().is_some() {
+            return;
+        }
+        if let Some(key) = self.tracker.borrow().key() {
+            *sides.registered.borrow_mut() = Some(registry.register(key, shard.index, self.id));
+        }
+    }
+
+    /// The client asked to cancel (heard from whichever shard got its CancelRequest): the
+    /// sync point the primary runs now is the one it may cancel; each side cancels it once
+    /// the primary's answer says it was (see `backend::cancel::Pending`).
+    fn cancel_requested(&self) {
+        let Some(sides) = &self.sides else {
+            return;
+        };
+        let (opened, answered) = self.tracker.borrow().sync_points();
+        if answered >= opened {
+            // Nothing runs: the primary ignores the cancel, and so does every side.
+            return;
+        }
+        sides.wanted.set(Some(answered));
+        if let Some(shadow) = &sides.shadow {
+            shadow.request(answered);
+        }
+        for link in &sides.mirrors {
+            link.cancel_request(answered);
+        }
+    }
+
+    /// The primary answered sync point `seq`: if a cancel was asked during it, the sides
+    /// learn whether it took.
+    fn cancel_answered(&self, seq: u64) {
+        let Some(sides) = &self.sides else {
+            return;
+        };
+        if sides.wanted.get() != Some(seq) {
+            return;
+        }
+        sides.wanted.set(None);
+        let cancelled = self.tracker.borrow().cancelled(seq);
+        if let Some(shadow) = &sides.shadow {
+            shadow.primary_answered(seq, cancelled);
+        }
+        for link in &sides.mirrors {
+            link.primary_answered(seq, cancelled);
+        }
     }
 
     /// At a transaction boundary with nothing in flight: safe to close (drain) or to resume a
@@ -610,6 +717,13 @@ async fn connect_primary(shard: &ShardCtx) -> io::Result<Stream> {
 /// after `proxy.connect-timeout-ms`: libpq and JDBC wait for that close before they send
 /// anything else, so that a late cancel cannot hit the next statement.
 async fn forward_cancel(shard: &ShardCtx, packet: &Bytes) {
+    // The session's shard hears of it first, so that it knows which statement the primary
+    // runs before the primary's answer to the cancel can come.
+    if let (Some(registry), Ok(StartupPacket::Cancel { pid, secret })) =
+        (&shard.cancel_registry, StartupPacket::parse(packet))
+    {
+        registry.request((pid, secret));
+    }
     // A pooled client's key is pgprism's own: cancel what runs on the connection lent to it.
     let mut rewritten = None;
     let mut pooled = None;
@@ -674,6 +788,17 @@ async fn relay(
         return Ok(());
     };
     let router = shard.mirror_router(&params);
+    let mirrors: Vec<Rc<Link>> = router
+        .as_ref()
+        .map(|r| r.links().to_vec())
+        .unwrap_or_default();
+    let shadow = compare.as_ref().map(|(_, comparer, _)| comparer.cancel());
+    let sides = (shadow.is_some() || !mirrors.is_empty()).then(|| Sides {
+        shadow,
+        mirrors,
+        wanted: Cell::new(None),
+        registered: RefCell::new(None),
+    });
     let shared = Rc::new(SessionShared {
         client: client.clone(),
         primary: primary.clone(),
@@ -691,6 +816,8 @@ async fn relay(
         closing: Cell::new(false),
         writing: Cell::new(false),
         holding: Cell::new(false),
+        id,
+        sides,
     });
     shard.sessions.borrow_mut().insert(id, shared.clone());
     shard
@@ -961,7 +1088,7 @@ async fn upstream(
             let compared = match compare.as_mut() {
                 Some(up) if complete > 0 && shared.ready() => {
                     // Before the primary write, so the comparer finds every sync point it pairs.
-                    up.plan(&frames, &framed, read_at);
+                    up.plan(&frames, &framed, read_at, scanned.first_sync);
                     true
                 }
                 _ => false,
@@ -1175,6 +1302,9 @@ async fn downstream(shard: &ShardCtx, shared: &SessionShared, primary: Stream, c
         };
         ShardStats::bump(&stats.counters.primary_messages_in, messages);
         ShardStats::bump(&stats.counters.primary_errors, errors);
+        if starting && shared.ready() {
+            shared.register_cancel(shard);
+        }
         answered.clear();
         for seq in first_answer..first_answer + answered_syncs {
             if let Some(read_at) = shared.answer_sync(shard, seq, arrived) {
@@ -1265,6 +1395,7 @@ async fn downstream_compare(
     let mut farewell = false;
     let started = relay_startup(shard, shared, &primary, &client, &mut pbuf, &mut farewell).await;
     if started {
+        shared.register_cancel(shard);
         let host = CompareHost { shard, shared };
         let settings = compare::PumpSettings {
             message_bytes_max: shard.settings.message_bytes_max,

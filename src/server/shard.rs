@@ -51,6 +51,8 @@ pub(super) struct ContextPlan {
     pub compare: Option<crate::compare::Resolved>,
     /// Transaction pooling and the console, when configured.
     pub pooling: super::spawn::PoolingPlan,
+    /// Carries clients' cancels to the shadow and mirrors (None: neither configured).
+    pub cancel_registry: Option<crate::backend::cancel::Registry>,
     /// The primary URL's credentials (pooled connections of that user log in with them).
     pub primary_user: String,
     pub primary_password: String,
@@ -173,7 +175,8 @@ fn context(index: usize, plan: ContextPlan) -> Option<Rc<ShardCtx>> {
             fingerprints,
             compare,
         )
-        .with_pooling(pooling),
+        .with_pooling(pooling)
+        .with_cancel_registry(plan.cancel_registry),
     ))
 }
 
@@ -204,8 +207,13 @@ async fn serve_until_stopped(
             None => futures_lite::future::pending().await,
         }
     };
+    let cancels = shard.serve_cancels();
     futures_lite::future::or(stopped, async {
-        futures_lite::future::zip(accepting, futures_lite::future::zip(reporter, pool_care)).await;
+        futures_lite::future::zip(
+            accepting,
+            futures_lite::future::zip(reporter, futures_lite::future::zip(pool_care, cancels)),
+        )
+        .await;
     })
     .await;
 }
@@ -319,6 +327,8 @@ fn report(shard: &ShardCtx) -> ShardReport {
     report.fingerprints = shard.fingerprints.report();
     if let Some(compare) = &shard.compare {
         report.compare_kinds = compare.kind_counts();
+        // Counted by compare's own cancel tasks, which see no shard stats.
+        report.counters.shadow_cancels_forwarded = compare.stats.cancels_forwarded.get();
         report.calibration = compare.calibration();
     }
     report

@@ -51,6 +51,15 @@ impl ShardThreads {
             per_shard[i % shards].push(socket);
         }
         let pooling = pooling_plan(cfg, shards)?;
+        // Clients' cancels reach the shadow and mirrors through it; a plain proxy has none.
+        let cancel_registry = if upstreams.mirrors.is_empty() && upstreams.compare.is_none() {
+            None
+        } else {
+            Some(
+                crate::backend::cancel::Registry::new(shards)
+                    .map_err(|source| RuntimeError::Shard { index: 0, source })?,
+            )
+        };
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let mut threads = ShardThreads {
             rings: Vec::with_capacity(shards),
@@ -75,6 +84,7 @@ impl ShardThreads {
             let mut plan = shard_plan(cfg, upstreams, index, sockets, tx, stop);
             plan.patient = threads.patient.clone();
             plan.context.pooling = pooling.clone();
+            plan.context.cancel_registry = cancel_registry.clone();
             plan.context.shards = shards;
             let core =
                 (cfg.proxy.pin_cores && !cores.is_empty()).then(|| cores[index % cores.len()]);
@@ -139,6 +149,7 @@ fn shard_plan(
             fingerprints_max: cfg.metrics.fingerprints_max,
             compare: upstreams.compare.clone(),
             pooling: None,
+            cancel_registry: None,
             primary_user: upstreams.primary.user.clone().unwrap_or_default(),
             primary_password: upstreams.primary.password.clone().unwrap_or_default(),
             shards: 0,

@@ -350,6 +350,10 @@ pub struct Tracker {
     unreadable: u64,
     unknown_executes: u64,
     quiet_syncs: u64,
+    /// The server's BackendKeyData (process id, secret key), for cancelling.
+    key: Option<(i32, i32)>,
+    /// The last sync point whose answer said it was cancelled (57014).
+    cancelled: Option<u64>,
 }
 
 impl Tracker {
@@ -377,6 +381,8 @@ impl Tracker {
             unreadable: 0,
             unknown_executes: 0,
             quiet_syncs: 0,
+            key: None,
+            cancelled: None,
         }
     }
 
@@ -486,6 +492,12 @@ impl Tracker {
             }
             tag::ERROR_RESPONSE => {
                 self.answer_failed = true;
+                // Read only for 57014 (errors are rare; a statement's rows are not).
+                if let Ok(Some(wire::sqlstate::QUERY_CANCELED)) =
+                    wire::ErrorNotice::new(body).code()
+                {
+                    self.cancelled = Some(self.answered);
+                }
                 let farewell = is_farewell(body);
                 self.farewell |= farewell;
                 Answer::Error { farewell }
@@ -493,6 +505,13 @@ impl Tracker {
             tag::COPY_IN_RESPONSE | tag::COPY_BOTH_RESPONSE => {
                 self.copy.copy_in_seen = true;
                 Answer::CopyIn
+            }
+            tag::BACKEND_KEY_DATA => {
+                let data = wire::BackendKeyData::new(body);
+                if let (Ok(pid), Ok(secret)) = (data.pid(), data.secret()) {
+                    self.key = Some((pid, secret));
+                }
+                Answer::Other
             }
             _ => Answer::Other,
         }
@@ -727,6 +746,16 @@ impl Tracker {
     /// The transaction status of the last ReadyForQuery: `I`, `T` or `E` (0 before any).
     pub fn status(&self) -> u8 {
         self.status
+    }
+
+    /// The server's BackendKeyData, once it came (a protocol 3.0 key).
+    pub fn key(&self) -> Option<(i32, i32)> {
+        self.key
+    }
+
+    /// Whether the answer to sync point `seq` (one answered last) said it was cancelled.
+    pub fn cancelled(&self, seq: u64) -> bool {
+        self.cancelled == Some(seq)
     }
 
     /// Sync points opened so far, and answered so far.

@@ -1,0 +1,318 @@
+//! A client's CancelRequest reaches every side a session runs on (the primary, the shadow of
+//! compare mode, each mirror), and values each side takes from its own clock agree within
+//! `compare.timestamp-tolerance-ms`. Real PostgreSQL servers on every side.
+
+mod support;
+
+use std::time::Duration;
+
+use pgprism::embed::Instance;
+use support::{Proxy, eventually, start_primary};
+
+/// Compare mode's report file for one test, removed on drop.
+struct Report(std::path::PathBuf);
+
+impl Report {
+    fn new(name: &str) -> Report {
+        let path = std::env::temp_dir().join(format!(
+            "pgprism-cancel-{}-{name}.jsonl",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        Report(path)
+    }
+
+    fn path(&self) -> String {
+        self.0.display().to_string()
+    }
+
+    fn lines(&self) -> String {
+        std::fs::read_to_string(&self.0).unwrap_or_default()
+    }
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Starts compare mode between `primary` and `shadow`.
+fn compare_proxy(primary: &Instance, shadow: &Instance, report: &Report, extra: &[&str]) -> Proxy {
+    let shadow = shadow.url();
+    let report = report.path();
+    let mut args = vec![
+        "--shadow",
+        &shadow,
+        "--compare-report",
+        &report,
+        "--slow-query-min-ms",
+        "60000",
+    ];
+    args.extend_from_slice(extra);
+    Proxy::start(&primary.url(), &args)
+}
+
+/// Waits until every session the proxy served is counted closed (each one's statements are
+/// all judged by then).
+fn closed(proxy: &Proxy, sessions: u64) {
+    assert!(eventually(Duration::from_secs(20), || proxy
+        .metric("pgprism_sessions_closed_total")
+        >= sessions));
+}
+
+#[test]
+fn timestamps_from_each_sides_clock_agree_within_the_tolerance() {
+    let primary = start_primary("tsp");
+    let shadow = start_primary("tss");
+    let seed = "CREATE TABLE stamped (id int PRIMARY KEY, at timestamptz DEFAULT now(), \
+                local timestamp DEFAULT localtimestamp, t time DEFAULT localtime)";
+    primary.psql(seed).unwrap();
+    shadow.psql(seed).unwrap();
+    let read = "SELECT id, at, local, t FROM stamped ORDER BY id";
+
+    // Exact: each side stored its own now(), a value apart by the time between them.
+    let report = Report::new("ts-exact");
+    let proxy = compare_proxy(&primary, &shadow, &report, &[]);
+    let mut c = proxy.client();
+    c.simple_query("INSERT INTO stamped (id) VALUES (1)")
+        .unwrap();
+    c.simple_query(read).unwrap();
+    drop(c);
+    closed(&proxy, 1);
+    assert_eq!(
+        proxy.metric("pgprism_compare_mismatches_total"),
+        1,
+        "{}",
+        report.lines()
+    );
+    assert!(report.lines().contains("values"), "{}", report.lines());
+    drop(proxy);
+
+    // Within a minute: equal, in text (simple query) and binary (extended) formats alike.
+    // (A grid step, as floats: values a few ms apart straddle a step's midpoint once in
+    // about ten thousand.)
+    let report = Report::new("ts-tolerant");
+    let proxy = compare_proxy(
+        &primary,
+        &shadow,
+        &report,
+        &["--timestamp-tolerance-ms", "60000"],
+    );
+    let mut c = proxy.client();
+    c.simple_query("INSERT INTO stamped (id) VALUES (2)")
+        .unwrap();
+    c.simple_query(read).unwrap();
+    assert_eq!(c.query(read, &[]).unwrap().len(), 2);
+    drop(c);
+    closed(&proxy, 1);
+    assert!(proxy.metric("pgprism_compare_statements_total") >= 3);
+    assert_eq!(
+        proxy.metric("pgprism_compare_mismatches_total"),
+        0,
+        "{}",
+        report.lines()
+    );
+}
+
+/// Statements `sql` the server runs now (active), as `pg_stat_activity` shows them.
+fn active(server: &Instance, sql: &str) -> i64 {
+    let Ok(mut watch) = postgres::Client::connect(&server.url(), postgres::NoTls) else {
+        return -1;
+    };
+    watch
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'",
+            &[&sql],
+        )
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(-1)
+}
+
+/// The client cancels `sql` once it runs on every server of `wait_on`: its answer is 57014.
+fn cancel_while_running(proxy: &Proxy, sql: &'static str, wait_on: Vec<String>) {
+    let mut client = proxy.client();
+    let token = client.cancel_token();
+    let canceller = std::thread::spawn(move || {
+        for url in wait_on {
+            let running = eventually(Duration::from_secs(10), || {
+                let Ok(mut watch) = postgres::Client::connect(&url, postgres::NoTls) else {
+                    return false;
+                };
+                watch
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'",
+                        &[&sql],
+                    )
+                    .is_ok_and(|r| r.get::<_, i64>(0) > 0)
+            });
+            assert!(running, "{sql} never ran on {url}");
+        }
+        token.cancel_query(postgres::NoTls).expect("cancel");
+    });
+    let err = client.simple_query(sql).expect_err("cancelled");
+    canceller.join().expect("canceller");
+    assert_eq!(support::sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    // The session goes on, on every side.
+    assert_eq!(client.simple_query("SELECT 1").unwrap().len(), 3);
+}
+
+const SLEEP: &str = "SELECT pg_sleep(30)";
+
+#[test]
+fn a_cancel_reaches_the_shadow_whether_it_runs_the_statement_already_or_later() {
+    let primary = start_primary("cxp");
+    let shadow = start_primary("cxs");
+    // Ordered dispatch (the default): the shadow gets the statement once the primary answered
+    // it, cancelled; it is cancelled there as it starts. Unordered: the shadow runs it at the
+    // same time, and is cancelled once the primary's answer says the cancel took.
+    for (name, extra, wait_on) in [
+        ("ordered", &[][..], vec![primary.url()]),
+        (
+            "unordered",
+            &["--compare-order-wait-ms", "0"][..],
+            vec![primary.url(), shadow.url()],
+        ),
+    ] {
+        let report = Report::new(name);
+        let proxy = compare_proxy(&primary, &shadow, &report, extra);
+        cancel_while_running(&proxy, SLEEP, wait_on);
+        // Gone from the shadow long before its 30 s.
+        assert!(
+            eventually(Duration::from_secs(10), || active(&shadow, SLEEP) == 0),
+            "{name}: still running on the shadow"
+        );
+        assert!(
+            eventually(Duration::from_secs(10), || proxy
+                .metric("pgprism_shadow_cancels_forwarded_total")
+                >= 1),
+            "{name}: no cancel went to the shadow"
+        );
+        // Closing waits for the shadow's every answer (both 57014: equal, nothing to report).
+        closed(&proxy, 1);
+        assert_eq!(active(&primary, SLEEP), 0);
+        assert_eq!(
+            proxy.metric("pgprism_compare_mismatches_total"),
+            0,
+            "{name}: {}",
+            report.lines()
+        );
+        assert!(
+            !report.lines().contains("pg_sleep"),
+            "{name}: {}",
+            report.lines()
+        );
+    }
+}
+
+fn mirror_url(m: &Instance) -> String {
+    format!("postgres://postgres@127.0.0.1:{}/postgres", m.port())
+}
+
+#[test]
+fn a_cancel_reaches_each_mirror_on_its_own_and_on_pooled_connections() {
+    let primary = start_primary("cmp");
+    let mirror = start_primary("cmm");
+    let url = mirror_url(&mirror);
+    for (name, pooled) in [("session", false), ("pooled", true)] {
+        let mut args = vec!["--mirror", &url, "--mirror-all-queries"];
+        if pooled {
+            args.extend_from_slice(&["--mirror-pool-size", "2"]);
+        }
+        let proxy = Proxy::start(&primary.url(), &args);
+        // A session's own mirror connection runs the statement as the primary does; a pooled
+        // one may get it once the primary answered (its unit whole), and is cancelled as it
+        // starts it.
+        let wait_on = if pooled {
+            vec![primary.url()]
+        } else {
+            vec![primary.url(), mirror.url()]
+        };
+        cancel_while_running(&proxy, SLEEP, wait_on);
+        assert!(
+            eventually(Duration::from_secs(10), || proxy
+                .metric("pgprism_mirror_cancels_forwarded_total")
+                >= 1),
+            "{name}: no cancel went to the mirror"
+        );
+        assert!(
+            eventually(Duration::from_secs(10), || active(&mirror, SLEEP) == 0),
+            "{name}: still running on the mirror"
+        );
+        // The mirror ran the statement and was cancelled there, then ran the next one.
+        assert!(
+            eventually(Duration::from_secs(10), || proxy
+                .metric("pgprism_mirror_errors_total")
+                >= 1),
+            "{name}"
+        );
+        assert_eq!(active(&primary, SLEEP), 0);
+    }
+}
+
+#[test]
+fn a_wrong_secret_cancels_nothing_anywhere() {
+    use std::io::Write;
+    let primary = start_primary("cwp");
+    let shadow = start_primary("cws");
+    let mirror = start_primary("cwm");
+    let report = Report::new("wrong");
+    let url = mirror_url(&mirror);
+    let proxy = compare_proxy(
+        &primary,
+        &shadow,
+        &report,
+        &[
+            "--mirror",
+            &url,
+            "--mirror-all-queries",
+            "--compare-order-wait-ms",
+            "0",
+        ],
+    );
+    let mut s = std::net::TcpStream::connect(proxy.listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(&support::raw::startup("postgres", "postgres"))
+        .unwrap();
+    let hello = support::raw::read_until_ready(&mut s);
+    let key = hello
+        .iter()
+        .find(|(tag, _)| *tag == b'K')
+        .map(|(_, body)| body.clone())
+        .expect("BackendKeyData");
+    let sql = "SELECT pg_sleep(2)";
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    s.write_all(&support::raw::message(b'Q', &body)).unwrap();
+    for server in [&primary, &shadow, &mirror] {
+        assert!(eventually(Duration::from_secs(10), || active(server, sql) == 1));
+    }
+    // The right pid with a wrong secret.
+    let mut wrong = key.clone();
+    wrong[7] ^= 0x55;
+    let mut packet = 16u32.to_be_bytes().to_vec();
+    packet.extend_from_slice(&80877102u32.to_be_bytes());
+    packet.extend_from_slice(&wrong);
+    let mut c = std::net::TcpStream::connect(proxy.listen).unwrap();
+    c.write_all(&packet).unwrap();
+    let _ = support::raw::read_to_end(&mut c);
+    // The statement completes everywhere: no 57014 on the primary...
+    let answer = support::raw::read_until_ready(&mut s);
+    assert!(answer.iter().all(|(tag, _)| *tag != b'E'), "{answer:?}");
+    // ...nor on the shadow (compared equal) or the mirror (its answers read in order: a
+    // later statement's row counted means the sleep's answer was counted before it).
+    let answer = support::raw::query(&mut s, "SELECT 1");
+    assert!(answer.iter().all(|(tag, _)| *tag != b'E'), "{answer:?}");
+    assert!(eventually(Duration::from_secs(10), || proxy
+        .metric("pgprism_mirror_rows_total")
+        >= 2));
+    assert_eq!(proxy.metric("pgprism_mirror_errors_total"), 0);
+    assert_eq!(proxy.metric("pgprism_mirror_cancels_forwarded_total"), 0);
+    s.write_all(&support::raw::message(b'X', &[])).unwrap();
+    closed(&proxy, 1);
+    assert_eq!(proxy.metric("pgprism_compare_mismatches_total"), 0);
+    assert_eq!(proxy.metric("pgprism_shadow_cancels_forwarded_total"), 0);
+    // (The primary got the request verbatim, as PostgreSQL's clients send it, and checked the
+    // secret itself: its statement completed above.)
+    assert!(!report.lines().contains("pg_sleep"), "{}", report.lines());
+}
