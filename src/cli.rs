@@ -666,6 +666,8 @@ fn init_logging(filter: &str, format: &str) {
 }
 
 pub fn main() -> ExitCode {
+    // Before any thread: the upgrade's descriptor number must not reach what we spawn.
+    crate::server::take_upgrade_environment();
     let cli = Cli::parse();
     init_logging(&cli.log, &cli.log_format);
     let cfg = match cli.command {

@@ -354,6 +354,10 @@ pub struct ProxyConfig {
     /// On SIGUSR2: how long the new binary has to validate its config, take over the
     /// listening sockets and report ready; past it the old process kills it and keeps serving.
     pub upgrade_timeout_ms: u64,
+    /// At start-up: how long the shards have to set up their io_uring rings, listeners and
+    /// pools before pgprism gives up; it says ready (and, after an upgrade, takes over) only
+    /// once every shard can serve.
+    pub shard_start_timeout_ms: u64,
     /// Client sessions per shard; beyond it new clients get SQLSTATE 53300.
     pub sessions_per_shard_max: usize,
     /// Statements in flight per session whose latency is recorded (pipelines deeper than this
@@ -383,6 +387,7 @@ impl Default for ProxyConfig {
             dns_refresh_ms: 15_000,
             drain_timeout_ms: 30_000,
             upgrade_timeout_ms: 30_000,
+            shard_start_timeout_ms: 10_000,
             sessions_per_shard_max: 10_000,
             pipeline_depth_max: 1024,
             session_names_max: 10_000,
@@ -982,6 +987,10 @@ impl Config {
             ("proxy.startup-timeout-ms", self.proxy.startup_timeout_ms),
             ("proxy.connect-timeout-ms", self.proxy.connect_timeout_ms),
             ("proxy.upgrade-timeout-ms", self.proxy.upgrade_timeout_ms),
+            (
+                "proxy.shard-start-timeout-ms",
+                self.proxy.shard_start_timeout_ms,
+            ),
             (
                 "metrics.report-interval-ms",
                 self.metrics.report_interval_ms,
