@@ -214,6 +214,9 @@ impl Predecessor {
         let Some(value) = handed() else {
             return Ok(None);
         };
+        // Before this process blocks any signal: where a second SIGUSR2 would end it but for
+        // the mask the old process set between fork and exec.
+        crate::cdc::failpoint::hit("upgrade-start");
         let text = value.to_string_lossy().into_owned();
         let fd: RawFd = text
             .parse()
