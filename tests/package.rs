@@ -581,8 +581,9 @@ fn runs_embedded_servers_as_the_units_unprivileged_user() {
         format!(
             "[proxy]\nlisten = \"127.0.0.1:0\"\nshards = 2\npin-cores = false\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\
-             [primary]\nurl = \"postgres://127.0.0.1:{port}\"\n\
-             [[embed.instance]]\nname = \"unit-user\"\nport = {port}\ndata = \"memory\"\n"
+             [primary]\nurl = \"postgres://postgres:unit-pw@127.0.0.1:{port}\"\n\
+             [[embed.instance]]\nname = \"unit-user\"\nport = {port}\ndata = \"memory\"\n\
+             password = \"unit-pw\"\n"
         ),
     )
     .unwrap();
@@ -624,7 +625,7 @@ fn runs_embedded_servers_as_the_units_unprivileged_user() {
         });
     let mut client = postgres::Client::connect(
         &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            "host=127.0.0.1 port={} user=postgres password=unit-pw dbname=postgres",
             listen.port()
         ),
         postgres::NoTls,
@@ -819,15 +820,16 @@ fn the_unit_runs_the_proxy_and_an_embedded_server_under_systemd() {
         format!(
             "[proxy]\nlisten = \"127.0.0.1:{listen}\"\nshards = 2\n\
              [admin]\nlisten = \"127.0.0.1:{admin}\"\n\
-             [primary]\nurl = \"postgres://127.0.0.1:{server}\"\n\
+             [primary]\nurl = \"postgres://postgres:db-pw@127.0.0.1:{server}\"\n\
              [[embed.instance]]\nname = \"db\"\nport = {server}\n\
-             data = \"/var/lib/pgprism/db\"\n"
+             data = \"/var/lib/pgprism/db\"\npassword = \"db-pw\"\n"
         ),
     )
     .unwrap();
     let mut booted = boot(&root);
-    let conninfo =
-        format!("host=127.0.0.1 port={listen} user=postgres dbname=postgres connect_timeout=5");
+    let conninfo = format!(
+        "host=127.0.0.1 port={listen} user=postgres password=db-pw dbname=postgres connect_timeout=5"
+    );
     let mut client = None;
     assert!(
         support::eventually(std::time::Duration::from_secs(120), || {

@@ -459,20 +459,30 @@ fn a_bad_config_at_upgrade_leaves_the_old_process_serving_and_shards_may_change(
     assert!(!gone(fourth), "{}", proxy.log());
 }
 
+/// The environment of a process, as it was exec'd.
+fn environment(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    String::from_utf8_lossy(&raw).replace('\0', "\n")
+}
+
 #[test]
-fn embed_refuses_an_upgrade_and_keeps_its_servers() {
+fn embed_refuses_an_upgrade_keeps_its_servers_and_they_want_a_password() {
     let dir = scratch("embed");
     let state = dir.join("state");
     let log = dir.join("stderr");
+    // As if started by an upgrade: the variable must not reach the servers it spawns.
     let mut child = pgprism_command()
         .args(["embed", "--admin", "", "--instance", "a:0", "--state-dir"])
         .arg(&state)
+        .env("PGPRISM_UPGRADE_FD", "99")
         .stdout(Stdio::piped())
         .stderr(File::create(&log).unwrap())
         .spawn()
         .expect("spawn pgprism embed");
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut port = None;
+    let mut passfile = None;
+    let mut postmaster = None;
     let mut line = String::new();
     while std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0 {
         if let Some(rest) = line.split(" ready on ").nth(1) {
@@ -480,6 +490,15 @@ fn embed_refuses_an_upgrade_and_keeps_its_servers() {
                 .split_whitespace()
                 .next()
                 .and_then(|a| a.rsplit(':').next()?.parse::<u16>().ok());
+            passfile = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("PGPASSFILE="))
+                .map(PathBuf::from);
+            let words: Vec<&str> = line.split_whitespace().collect();
+            postmaster = words
+                .iter()
+                .position(|w| *w == "pid")
+                .and_then(|i| words.get(i + 1)?.parse::<u32>().ok());
         }
         if line.starts_with("pgprism embed ready") {
             break;
@@ -487,6 +506,7 @@ fn embed_refuses_an_upgrade_and_keeps_its_servers() {
         line.clear();
     }
     let port = port.expect("the instance's port");
+    let passfile = passfile.expect("the instance's passfile");
     signal(child.id(), libc::SIGUSR2);
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
@@ -494,14 +514,88 @@ fn embed_refuses_an_upgrade_and_keeps_its_servers() {
         "{}",
         read_log()
     );
+    assert!(
+        read_log().contains("cannot hand its servers"),
+        "{}",
+        read_log()
+    );
     assert!(child.try_wait().unwrap().is_none(), "{}", read_log());
+
+    // Over TCP the superuser needs the password; the passfile holds it, for its owner alone.
     let conninfo = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
-    let mut client = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    let refused = postgres::Client::connect(&conninfo, postgres::NoTls)
+        .err()
+        .expect("refused without the password");
+    // The server asked for a password (SCRAM) the client does not have.
+    assert!(
+        format!("{refused:?}").contains("password missing"),
+        "{refused:?}"
+    );
+    let wrong = postgres::Client::connect(&format!("{conninfo} password=guess"), postgres::NoTls)
+        .err()
+        .expect("refused with a wrong password");
+    assert_eq!(
+        support::sqlstate(&wrong).as_deref(),
+        Some("28P01"),
+        "{wrong:?}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&passfile).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", passfile.display());
+    let password = pgprism::embed::kept_password(passfile.parent().unwrap()).expect("password");
+    let mut client =
+        postgres::Client::connect(&format!("{conninfo} password={password}"), postgres::NoTls)
+            .unwrap();
     client.simple_query("SELECT 1").unwrap();
+    // The postmaster's environment, as pgprism exec'd it.
+    let env = environment(postmaster.expect("the postmaster's pid"));
+    assert!(env.contains("PATH="), "{env}");
+    assert!(!env.contains("PGPRISM_UPGRADE_FD"), "{env}");
     drop(client);
     signal(child.id(), libc::SIGTERM);
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn run_with_embedded_servers_logs_why_it_refuses_an_upgrade_and_keeps_serving() {
+    let dir = scratch("run-embed");
+    let server = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.join("pgprism.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nshards = 1\npin-cores = false\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\
+             [primary]\nurl = \"postgres://postgres:run-pw@127.0.0.1:{server}\"\n\
+             [embed]\nstate-dir = \"{}\"\n\
+             [[embed.instance]]\nname = \"db\"\nport = {server}\npassword = \"run-pw\"\n",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let proxy = Upgradable::start(&dir, &["run", "--config", &config]);
+    let first = proxy.pid().unwrap();
+    let conninfo = format!("{} password=run-pw", proxy.conninfo());
+    let mut session = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    session.simple_query("SELECT 1").unwrap();
+    signal(first, libc::SIGUSR2);
+    proxy.wait_log("SIGUSR2: cannot upgrade: this process also runs CDC or embedded servers");
+    // Nothing else happened: the same process serves the old session and new ones.
+    assert!(
+        !proxy.log().contains("started the new process"),
+        "{}",
+        proxy.log()
+    );
+    assert_eq!(proxy.pid(), Some(first));
+    session.simple_query("SELECT 2").unwrap();
+    let mut fresh = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    fresh.simple_query("SELECT 3").unwrap();
 }
 
 /// `[proxy]` settings of a test's config file, with the primary's URL.

@@ -560,8 +560,13 @@ pub struct EmbedInstanceConfig {
     pub port: u16,
     /// `memory` (tmpfs, fsync off, gone on stop) or a directory (persistent).
     pub data: String,
-    /// Database superuser (authenticates with `trust` from localhost).
+    /// Database superuser. Over TCP it authenticates with scram-sha-256 and this password;
+    /// through the server's Unix socket (in the data directory, mode 0700) without one.
     pub user: String,
+    /// The superuser's password for TCP connections. Empty: generated (a directory keeps its
+    /// own across restarts). Either way it is written to `pgpass` in the data directory
+    /// (mode 0600, libpq's passfile format: `PGPASSFILE=DATA/pgpass psql ...`).
+    pub password: String,
     /// Database created at first start when missing.
     pub database: String,
     /// Extra `postgresql.conf` settings; they win over pgprism's defaults.
@@ -576,6 +581,7 @@ impl Default for EmbedInstanceConfig {
             port: 0,
             data: EMBED_DATA_MEMORY.into(),
             user: "postgres".into(),
+            password: String::new(),
             database: "postgres".into(),
             settings: BTreeMap::new(),
         }
