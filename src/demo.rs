@@ -121,7 +121,9 @@ fn compare(args: &DemoArgs, primary: &Instance, shadow: &Instance) -> Result<Pro
          and the shadow at once and compares the results",
         proxy.listen, proxy.admin
     );
-    let through = format!("postgres://postgres@{}/postgres", proxy.listen);
+    // The client's password reaches the primary through pgprism, which relays the login.
+    let password = primary.password().unwrap_or_default();
+    let through = format!("postgres://postgres:{password}@{}/postgres", proxy.listen);
     let outcome = bench::run(bench_args(args, vec![through], Some(COMPARED_TRANSACTIONS)));
     if let Err(err) = outcome {
         proxy.stop();
