@@ -578,12 +578,14 @@ fn embed_main(args: EmbedArgs) -> ExitCode {
     let ready = |bound: &crate::embed::EmbedBound| {
         for inst in &bound.instances {
             println!(
-                "pgprism embed: instance {} ready on {}:{} pid {} data {} connect: psql '{}'",
+                "pgprism embed: instance {} ready on {}:{} pid {} data {} connect: \
+                 PGPASSFILE={} psql '{}'",
                 inst.name,
                 inst.host,
                 inst.port,
                 inst.pid.unwrap_or(0),
                 inst.data,
+                inst.passfile,
                 inst.url
             );
         }
@@ -672,6 +674,8 @@ fn init_logging(filter: &str, format: &str) {
 }
 
 pub fn main() -> ExitCode {
+    // Before any thread: the upgrade's descriptor number must not reach what we spawn.
+    crate::server::take_upgrade_environment();
     let cli = Cli::parse();
     init_logging(&cli.log, &cli.log_format);
     let cfg = match cli.command {
@@ -873,8 +877,8 @@ fn run_embed_only(cfg: &Config, pid_file: Option<&std::path::Path>) -> ExitCode 
     let ready = |bound: &crate::embed::EmbedBound| {
         for inst in &bound.instances {
             println!(
-                "pgprism embed: instance {} ready on port {}",
-                inst.name, inst.port
+                "pgprism embed: instance {} ready on port {} passfile {}",
+                inst.name, inst.port, inst.passfile
             );
         }
         if let Some(path) = pid_file {
@@ -896,10 +900,10 @@ fn start_supervisor(cfg: &Config) -> Result<crate::embed::Supervisor, crate::emb
     crate::embed::Supervisor::start(crate::embed::SupervisorSettings::from_config(&cfg.embed))
         .and_then(|sup| {
             for inst in &cfg.embed.instance {
-                let info = sup.add(crate::embed::instance_config(&cfg.embed, inst))?;
+                let info = sup.add(crate::embed::instance_config(&cfg.embed, inst)?)?;
                 println!(
-                    "pgprism embed: instance {} ready on port {}",
-                    info.name, info.port
+                    "pgprism embed: instance {} ready on port {} passfile {}",
+                    info.name, info.port, info.passfile
                 );
             }
             Ok(sup)

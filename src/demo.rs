@@ -121,7 +121,9 @@ fn compare(args: &DemoArgs, primary: &Instance, shadow: &Instance) -> Result<Pro
          and the shadow at once and compares the results",
         proxy.listen, proxy.admin
     );
-    let through = format!("postgres://postgres@{}/postgres", proxy.listen);
+    // The client's password reaches the primary through pgprism, which relays the login.
+    let password = primary.password().unwrap_or_default();
+    let through = format!("postgres://postgres:{password}@{}/postgres", proxy.listen);
     let outcome = bench::run(bench_args(args, vec![through], Some(COMPARED_TRANSACTIONS)));
     if let Err(err) = outcome {
         proxy.stop();
@@ -156,9 +158,15 @@ fn serve_until_stopped(proxy: &Proxy) {
 }
 
 fn start(which: &'static str) -> Result<Instance, DemoError> {
+    // A password on TCP, as every server pgprism runs for a user has (see `embed`).
+    let password = crate::embed::generate_password().map_err(|err| DemoError::Instance {
+        which,
+        source: crate::embed::EmbedError::io("generate a password for", "demo")(err),
+    })?;
     Instance::start(InstanceConfig {
         name: format!("demo-{which}"),
         settings: vec![("max_connections".into(), "100".into())],
+        password: Some(password),
         ..InstanceConfig::default()
     })
     .map_err(|source| DemoError::Instance { which, source })
@@ -223,6 +231,7 @@ fn audit(primary: &Instance, proxy: &Proxy) {
     ];
     for sql in statements {
         let out = Command::new(primary.psql_path())
+            .env("PGPASSWORD", primary.password().unwrap_or_default())
             .args(["-X", "-q", "-At", "-h", &proxy.listen.ip().to_string()])
             .args([
                 "-p",

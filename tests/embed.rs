@@ -349,3 +349,73 @@ fn start_time_with_a_cached_template() {
     }
     println!("Instance::start with a cached template: {timings_ms:?} ms");
 }
+
+/// A server with a password takes TCP connections only with it (no superuser shell for any
+/// local user through `COPY ... TO PROGRAM`); its passfile (mode 0600) holds it, and the
+/// helpers (url, psql) use it.
+#[test]
+fn a_server_with_a_password_refuses_tcp_without_it() {
+    let scratch = ScratchDir::new("password");
+    let data = scratch.0.join("data");
+    let password = pgprism::embed::generate_password().unwrap();
+    assert_eq!(password.len(), 32);
+    let inst = Instance::start(InstanceConfig {
+        password: Some(password.clone()),
+        data: DataDir::Path(data.clone()),
+        ..config("password")
+    })
+    .expect("start");
+    let bare = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        inst.port()
+    );
+    let err = postgres::Client::connect(&bare, postgres::NoTls)
+        .err()
+        .expect("refused without the password");
+    // The server asked for a password (SCRAM) the client does not have.
+    assert!(format!("{err:?}").contains("password missing"), "{err:?}");
+    let out = psql_with_password(&inst, "postgres", "guess", "SELECT 1");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("password authentication failed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The URL carries it; psql() uses it.
+    let mut client = postgres::Client::connect(&inst.url(), postgres::NoTls).unwrap();
+    client.simple_query("SELECT 1").unwrap();
+    assert_eq!(inst.psql("SELECT 2").unwrap().trim(), "2");
+    assert!(!inst.url_without_password().contains(&password));
+    use std::os::unix::fs::PermissionsExt;
+    let passfile = inst.passfile().expect("a passfile");
+    let mode = std::fs::metadata(&passfile).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(pgprism::embed::kept_password(&data), Some(password.clone()));
+    // libpq takes the file as it is (PGPASSFILE).
+    let out = Command::new(inst.psql_path())
+        .args([
+            "-X",
+            "-At",
+            "-w",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ])
+        .arg("-p")
+        .arg(inst.port().to_string())
+        .args(["-c", "SELECT 3"])
+        .env("PGPASSFILE", &passfile)
+        .env_remove("PGPASSWORD")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(client);
+    inst.stop().unwrap();
+}

@@ -424,6 +424,8 @@ struct Embed {
     child: Child,
     /// name → (port, pid)
     instances: Vec<(String, u16, u32)>,
+    /// Each instance's superuser password (TCP takes no connection without it).
+    passwords: Vec<String>,
     admin: Option<SocketAddr>,
 }
 
@@ -441,6 +443,7 @@ impl Embed {
             .expect("spawn pgprism embed");
         let mut reader = BufReader::new(child.stdout.take().expect("stdout"));
         let mut instances = Vec::new();
+        let mut passwords = Vec::new();
         let mut admin = None;
         loop {
             let mut line = String::new();
@@ -460,11 +463,18 @@ impl Embed {
                 port.expect("port"),
                 words[8].parse().expect("pid"),
             ));
-            assert!(line.contains("connect: psql 'postgres://"), "{line}");
+            assert!(line.contains(" psql 'postgres://"), "{line}");
+            // The password is in the instance's passfile, not in the line.
+            let passfile = words[12]
+                .strip_prefix("PGPASSFILE=")
+                .unwrap_or_else(|| panic!("no passfile in {line}"));
+            let password = pgprism::embed::kept_password(Path::new(passfile).parent().unwrap());
+            passwords.push(password.expect("a password in the passfile"));
         }
         Embed {
             child,
             instances,
+            passwords,
             admin,
         }
     }
@@ -559,8 +569,9 @@ fn killed_pgprism_embed_leaves_no_server_and_the_next_start_cleans_up() {
     let second = Embed::start(&state, &["--instance", &format!("b:0:{data}")]);
     assert_eq!(stale(&state), 0, "entries of the killed pgprism kept");
     let (_, port, _) = &second.instances[0];
+    let password = &second.passwords[0];
     let mut client = postgres::Client::connect(
-        &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
+        &format!("host=127.0.0.1 port={port} user=postgres password={password} dbname=postgres"),
         postgres::NoTls,
     )
     .expect("connect");

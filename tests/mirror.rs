@@ -559,29 +559,33 @@ fn run_config_starts_embedded_servers_a_proxy_and_a_mirror() {
 url = "postgres://127.0.0.1:{p_port}"
 [[mirror]]
 name = "copy"
-url = "postgres://postgres@127.0.0.1:{m_port}/postgres"
+url = "postgres://postgres:mirror-pw@127.0.0.1:{m_port}/postgres"
 [embed]
 state-dir = "{{dir}}/state"
 [[embed.instance]]
 name = "primary"
 port = {p_port}
+password = "primary-pw"
 [[embed.instance]]
 name = "copy"
 port = {m_port}
+password = "mirror-pw"
 "#
         ),
     );
     let mut run = support::RunConfig::start(dir, config);
     let listen = run.listen.to_string();
+    // Embedded servers take passwords on TCP; the client's reaches the primary through pgprism.
     let conninfo = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        "host=127.0.0.1 port={} user=postgres password=primary-pw dbname=postgres",
         listen.rsplit(':').next().unwrap()
     );
     let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
     c.batch_execute("CREATE TABLE r (v int); INSERT INTO r VALUES (1), (2)")
         .unwrap();
     drop(c);
-    let mirror = format!("host=127.0.0.1 port={m_port} user=postgres dbname=postgres");
+    let mirror =
+        format!("host=127.0.0.1 port={m_port} user=postgres password=mirror-pw dbname=postgres");
     assert!(eventually(Duration::from_secs(10), || {
         postgres::Client::connect(&mirror, postgres::NoTls)
             .and_then(|mut m| m.query_one("SELECT count(*) FROM r", &[]))

@@ -59,6 +59,11 @@ struct Upgradable {
 
 impl Upgradable {
     fn start(dir: &Path, args: &[&str]) -> Upgradable {
+        Upgradable::start_with(dir, args, &[])
+    }
+
+    /// [`Upgradable::start`] with environment variables (failpoints) for every process.
+    fn start_with(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Upgradable {
         let pid_file = dir.join("pgprism.pid");
         let notify_path = dir.join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
@@ -68,6 +73,7 @@ impl Upgradable {
             .args(["--log-format", "json", "--pid-file"])
             .arg(&pid_file)
             .env("NOTIFY_SOCKET", &notify_path)
+            .envs(env.iter().copied())
             .stdout(File::create(dir.join("stdout")).unwrap())
             .stderr(File::create(dir.join("stderr")).unwrap())
             .spawn()
@@ -106,6 +112,33 @@ impl Upgradable {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until the shared log says `what`.
+    fn wait_log(&self, what: &str) {
+        assert!(
+            eventually(DEADLINE, || self.log().contains(what)),
+            "the log never said `{what}`:\n{}",
+            self.log()
+        );
+    }
+
+    /// The pid of the new process the serving one started for the last SIGUSR2, from its log.
+    fn successor_pid(&self) -> u32 {
+        let log = self.log();
+        let line = log
+            .lines()
+            .rfind(|l| l.contains("started the new process"))
+            .unwrap_or_else(|| panic!("no new process started:\n{log}"));
+        line.split("\"pid\":")
+            .nth(1)
+            .and_then(|rest| {
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no pid in {line}"))
     }
 
     /// The pid in the pid file, once it is there.
@@ -426,20 +459,30 @@ fn a_bad_config_at_upgrade_leaves_the_old_process_serving_and_shards_may_change(
     assert!(!gone(fourth), "{}", proxy.log());
 }
 
+/// The environment of a process, as it was exec'd.
+fn environment(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    String::from_utf8_lossy(&raw).replace('\0', "\n")
+}
+
 #[test]
-fn embed_refuses_an_upgrade_and_keeps_its_servers() {
+fn embed_refuses_an_upgrade_keeps_its_servers_and_they_want_a_password() {
     let dir = scratch("embed");
     let state = dir.join("state");
     let log = dir.join("stderr");
+    // As if started by an upgrade: the variable must not reach the servers it spawns.
     let mut child = pgprism_command()
         .args(["embed", "--admin", "", "--instance", "a:0", "--state-dir"])
         .arg(&state)
+        .env("PGPRISM_UPGRADE_FD", "99")
         .stdout(Stdio::piped())
         .stderr(File::create(&log).unwrap())
         .spawn()
         .expect("spawn pgprism embed");
     let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut port = None;
+    let mut passfile = None;
+    let mut postmaster = None;
     let mut line = String::new();
     while std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0 {
         if let Some(rest) = line.split(" ready on ").nth(1) {
@@ -447,6 +490,15 @@ fn embed_refuses_an_upgrade_and_keeps_its_servers() {
                 .split_whitespace()
                 .next()
                 .and_then(|a| a.rsplit(':').next()?.parse::<u16>().ok());
+            passfile = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("PGPASSFILE="))
+                .map(PathBuf::from);
+            let words: Vec<&str> = line.split_whitespace().collect();
+            postmaster = words
+                .iter()
+                .position(|w| *w == "pid")
+                .and_then(|i| words.get(i + 1)?.parse::<u32>().ok());
         }
         if line.starts_with("pgprism embed ready") {
             break;
@@ -454,6 +506,7 @@ fn embed_refuses_an_upgrade_and_keeps_its_servers() {
         line.clear();
     }
     let port = port.expect("the instance's port");
+    let passfile = passfile.expect("the instance's passfile");
     signal(child.id(), libc::SIGUSR2);
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
@@ -461,12 +514,243 @@ fn embed_refuses_an_upgrade_and_keeps_its_servers() {
         "{}",
         read_log()
     );
+    assert!(
+        read_log().contains("cannot hand its servers"),
+        "{}",
+        read_log()
+    );
     assert!(child.try_wait().unwrap().is_none(), "{}", read_log());
+
+    // Over TCP the superuser needs the password; the passfile holds it, for its owner alone.
     let conninfo = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
-    let mut client = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    let refused = postgres::Client::connect(&conninfo, postgres::NoTls)
+        .err()
+        .expect("refused without the password");
+    // The server asked for a password (SCRAM) the client does not have.
+    assert!(
+        format!("{refused:?}").contains("password missing"),
+        "{refused:?}"
+    );
+    let wrong = postgres::Client::connect(&format!("{conninfo} password=guess"), postgres::NoTls)
+        .err()
+        .expect("refused with a wrong password");
+    assert_eq!(
+        support::sqlstate(&wrong).as_deref(),
+        Some("28P01"),
+        "{wrong:?}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&passfile).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", passfile.display());
+    let password = pgprism::embed::kept_password(passfile.parent().unwrap()).expect("password");
+    let mut client =
+        postgres::Client::connect(&format!("{conninfo} password={password}"), postgres::NoTls)
+            .unwrap();
     client.simple_query("SELECT 1").unwrap();
+    // The postmaster's environment, as pgprism exec'd it.
+    let env = environment(postmaster.expect("the postmaster's pid"));
+    assert!(env.contains("PATH="), "{env}");
+    assert!(!env.contains("PGPRISM_UPGRADE_FD"), "{env}");
     drop(client);
     signal(child.id(), libc::SIGTERM);
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn run_with_embedded_servers_logs_why_it_refuses_an_upgrade_and_keeps_serving() {
+    let dir = scratch("run-embed");
+    let server = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.join("pgprism.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nshards = 1\npin-cores = false\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\
+             [primary]\nurl = \"postgres://postgres:run-pw@127.0.0.1:{server}\"\n\
+             [embed]\nstate-dir = \"{}\"\n\
+             [[embed.instance]]\nname = \"db\"\nport = {server}\npassword = \"run-pw\"\n",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let proxy = Upgradable::start(&dir, &["run", "--config", &config]);
+    let first = proxy.pid().unwrap();
+    let conninfo = format!("{} password=run-pw", proxy.conninfo());
+    let mut session = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    session.simple_query("SELECT 1").unwrap();
+    signal(first, libc::SIGUSR2);
+    proxy.wait_log("SIGUSR2: cannot upgrade: this process also runs CDC or embedded servers");
+    // Nothing else happened: the same process serves the old session and new ones.
+    assert!(
+        !proxy.log().contains("started the new process"),
+        "{}",
+        proxy.log()
+    );
+    assert_eq!(proxy.pid(), Some(first));
+    session.simple_query("SELECT 2").unwrap();
+    let mut fresh = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    fresh.simple_query("SELECT 3").unwrap();
+}
+
+/// `[proxy]` settings of a test's config file, with the primary's URL.
+fn config_file(dir: &Path, url: &str, proxy: &str) -> String {
+    let path = dir.join("pgprism.toml");
+    std::fs::write(
+        &path,
+        format!("[primary]\nurl = \"{url}\"\n[proxy]\n{proxy}\n"),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+fn upgradable_args(config: &str) -> Vec<String> {
+    [
+        "proxy",
+        "--config",
+        config,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--no-pin",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[test]
+fn a_new_process_that_fails_before_it_is_ready_costs_no_client_and_never_takes_over() {
+    let pg = primary("upgrade-fail");
+    let url = pg.url();
+
+    // It dies 3 s after its start-up, more shards than before: the connections opened in
+    // the meantime must all be the old process's (no accept before ready, and the sockets
+    // it adds do not listen yet), so all of them still work once it is gone.
+    let dir = scratch("fail-open");
+    let config = config_file(&dir, &url, "shards = 1");
+    let args = upgradable_args(&config);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let failpoint = [("PGPRISM_FAILPOINTS", "upgrade-before-open=exit-after-3000")];
+    let proxy = Upgradable::start_with(&dir, &args, &failpoint);
+    let first = proxy.pid().unwrap();
+    config_file(&dir, &url, "shards = 4");
+    signal(first, libc::SIGUSR2);
+    proxy.wait_log("failpoint upgrade-before-open fired");
+    let mut clients: Vec<postgres::Client> = (0..16)
+        .map(|i| {
+            let mut client = postgres::Client::connect(&proxy.conninfo(), postgres::NoTls)
+                .unwrap_or_else(|e| panic!("connection {i}: {e}\n{}", proxy.log()));
+            client.simple_query("SELECT 1").unwrap();
+            client
+        })
+        .collect();
+    proxy.wait_log("upgrade failed");
+    for (i, client) in clients.iter_mut().enumerate() {
+        if let Err(err) = client.simple_query("SELECT 2") {
+            panic!(
+                "connection {i} died with the failed new process: {err:?}\n{}",
+                proxy.log()
+            );
+        }
+    }
+    assert_eq!(proxy.pid(), Some(first));
+    assert!(
+        !proxy.notifications().iter().any(|n| n.contains("MAINPID=")),
+        "a process that failed told systemd it is the main one"
+    );
+    drop(clients);
+    drop(proxy);
+
+    // A shard whose ring cannot be made: the new process never says ready.
+    let dir = scratch("fail-ring");
+    let config = config_file(&dir, &url, "shards = 2");
+    let args = upgradable_args(&config);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let failpoint = [("PGPRISM_FAILPOINTS", "upgrade-shard-ring=error")];
+    let proxy = Upgradable::start_with(&dir, &args, &failpoint);
+    let first = proxy.pid().unwrap();
+    let mut session = postgres::Client::connect(&proxy.conninfo(), postgres::NoTls).unwrap();
+    signal(first, libc::SIGUSR2);
+    proxy.wait_log("upgrade failed");
+    assert!(
+        proxy.log().contains("a shard stopped during start-up"),
+        "{}",
+        proxy.log()
+    );
+    assert_eq!(proxy.pid(), Some(first), "{}", proxy.log());
+    assert!(!proxy.notifications().iter().any(|n| n.contains("MAINPID=")));
+    session.simple_query("SELECT 1").unwrap();
+    let mut fresh = postgres::Client::connect(&proxy.conninfo(), postgres::NoTls).unwrap();
+    fresh.simple_query("SELECT 2").unwrap();
+}
+
+#[test]
+fn the_old_process_never_kills_an_announced_one_and_a_second_usr2_does_not_kill_the_new() {
+    let pg = primary("upgrade-race");
+    let url = pg.url();
+
+    // Slower than proxy.upgrade-timeout-ms between serving and saying ready: the old process
+    // kills it, so it must not have written the pid file or told systemd MAINPID before.
+    let dir = scratch("race-kill");
+    let config = config_file(&dir, &url, "upgrade-timeout-ms = 1000");
+    let args = upgradable_args(&config);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let failpoint = [(
+        "PGPRISM_FAILPOINTS",
+        "upgrade-before-ready-message=pause-4000",
+    )];
+    let proxy = Upgradable::start_with(&dir, &args, &failpoint);
+    let first = proxy.pid().unwrap();
+    signal(first, libc::SIGUSR2);
+    proxy.wait_log("upgrade failed");
+    assert!(
+        proxy.log().contains("proxy.upgrade-timeout-ms"),
+        "{}",
+        proxy.log()
+    );
+    assert_eq!(
+        proxy.pid(),
+        Some(first),
+        "the pid file names a killed process"
+    );
+    let notes = proxy.notifications();
+    assert!(!notes.iter().any(|n| n.contains("MAINPID=")), "{notes:?}");
+    let mut client = postgres::Client::connect(&proxy.conninfo(), postgres::NoTls).unwrap();
+    client.simple_query("SELECT 1").unwrap();
+    drop(client);
+    drop(proxy);
+
+    // A second SIGUSR2 that reaches the new process while it starts (before it blocks the
+    // signal itself) must not end it: the old process blocked it between fork and exec.
+    let dir = scratch("race-usr2");
+    let config = config_file(&dir, &url, "shards = 1");
+    let args = upgradable_args(&config);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let failpoint = [("PGPRISM_FAILPOINTS", "upgrade-start=pause-2000")];
+    let mut proxy = Upgradable::start_with(&dir, &args, &failpoint);
+    let first = proxy.pid().unwrap();
+    signal(first, libc::SIGUSR2);
+    proxy.wait_log("failpoint upgrade-start fired");
+    let child = proxy.successor_pid();
+    proxy.pids.push(child);
+    signal(child, libc::SIGUSR2);
+    assert!(
+        eventually(DEADLINE, || proxy.pid() == Some(child)),
+        "the new process did not take over:\n{}",
+        proxy.log()
+    );
+    proxy.wait_log("SIGUSR2 reached this process while it took over; ignored");
+    assert!(!proxy.log().contains("upgrade failed"), "{}", proxy.log());
+    assert!(eventually(DEADLINE, || gone(first)), "{}", proxy.log());
+    let mut client = postgres::Client::connect(&proxy.conninfo(), postgres::NoTls).unwrap();
+    client.simple_query("SELECT 1").unwrap();
+    // The one that took over serves on; the SIGUSR2 started no upgrade of its own.
+    assert!(!gone(child));
+    assert_eq!(proxy.pid(), Some(child));
 }

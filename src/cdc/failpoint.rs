@@ -1,7 +1,10 @@
 //! Named failpoints for crash tests, driven by `PGPRISM_FAILPOINTS`:
 //! `name=action[,name=action]` where action is `kill` (SIGKILL ourselves, like a power cut
-//! for this process), `exit` (exit code 86 without cleanup) or `N*action` (act on the N-th
-//! hit only). Unset (production) costs one relaxed load per hit.
+//! for this process), `exit` (exit code 86 without cleanup), `exit-after-MS` (sleep, then
+//! exit: a process that dies while a test acts on it), `pause-MS` (sleep, then go on),
+//! `error` (the caller fails the step, see [`fails`]) or `N*action` (act on the N-th hit
+//! only). Unset (production) costs one relaxed load per hit. CDC's crash tests and the
+//! upgrade's (`server::upgrade`) use them.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -39,19 +42,49 @@ fn points() -> &'static HashMap<String, Point> {
 
 /// Passes through unless the failpoint `name` is armed and due.
 pub fn hit(name: &str) {
+    if let Some(action) = due(name) {
+        act(name, action);
+    }
+}
+
+/// Like [`hit`], and answers true when the armed action is `error`: the caller then fails
+/// the step it guards as if the operation had failed.
+pub fn fails(name: &str) -> bool {
+    match due(name) {
+        Some("error") => {
+            eprintln!("pgprism: failpoint {name} fired (error)");
+            true
+        }
+        Some(action) => {
+            act(name, action);
+            false
+        }
+        None => false,
+    }
+}
+
+/// The action of `name` when it is armed and this hit is the one it acts on.
+fn due(name: &str) -> Option<&'static str> {
     let points = points();
     if points.is_empty() {
-        return;
+        return None;
     }
-    let Some(point) = points.get(name) else {
-        return;
-    };
+    let point = points.get(name)?;
     let n = point.hits.fetch_add(1, Ordering::Relaxed) + 1;
-    if n != point.on_hit {
+    (n == point.on_hit).then_some(point.action.as_str())
+}
+
+fn act(name: &str, action: &str) {
+    eprintln!("pgprism: failpoint {name} fired ({action})");
+    let millis = |prefix: &str| action.strip_prefix(prefix)?.parse::<u64>().ok();
+    if let Some(ms) = millis("pause-") {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
         return;
     }
-    eprintln!("pgprism: failpoint {name} fired ({})", point.action);
-    match point.action.as_str() {
+    if let Some(ms) = millis("exit-after-") {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+    match action {
         // SAFETY: raising a signal against our own pid has no memory-safety preconditions.
         "kill" => unsafe {
             libc::kill(libc::getpid(), libc::SIGKILL);

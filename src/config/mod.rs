@@ -363,6 +363,10 @@ pub struct ProxyConfig {
     /// On SIGUSR2: how long the new binary has to validate its config, take over the
     /// listening sockets and report ready; past it the old process kills it and keeps serving.
     pub upgrade_timeout_ms: u64,
+    /// At start-up: how long the shards have to set up their io_uring rings, listeners and
+    /// pools before pgprism gives up; it says ready (and, after an upgrade, takes over) only
+    /// once every shard can serve.
+    pub shard_start_timeout_ms: u64,
     /// Client sessions per shard; beyond it new clients get SQLSTATE 53300.
     pub sessions_per_shard_max: usize,
     /// Statements in flight per session whose latency is recorded (pipelines deeper than this
@@ -392,6 +396,7 @@ impl Default for ProxyConfig {
             dns_refresh_ms: 15_000,
             drain_timeout_ms: 30_000,
             upgrade_timeout_ms: 30_000,
+            shard_start_timeout_ms: 10_000,
             sessions_per_shard_max: 10_000,
             pipeline_depth_max: 1024,
             session_names_max: 10_000,
@@ -564,8 +569,13 @@ pub struct EmbedInstanceConfig {
     pub port: u16,
     /// `memory` (tmpfs, fsync off, gone on stop) or a directory (persistent).
     pub data: String,
-    /// Database superuser (authenticates with `trust` from localhost).
+    /// Database superuser. Over TCP it authenticates with scram-sha-256 and this password;
+    /// through the server's Unix socket (in the data directory, mode 0700) without one.
     pub user: String,
+    /// The superuser's password for TCP connections. Empty: generated (a directory keeps its
+    /// own across restarts). Either way it is written to `pgpass` in the data directory
+    /// (mode 0600, libpq's passfile format: `PGPASSFILE=DATA/pgpass psql ...`).
+    pub password: String,
     /// Database created at first start when missing.
     pub database: String,
     /// Extra `postgresql.conf` settings; they win over pgprism's defaults.
@@ -580,6 +590,7 @@ impl Default for EmbedInstanceConfig {
             port: 0,
             data: EMBED_DATA_MEMORY.into(),
             user: "postgres".into(),
+            password: String::new(),
             database: "postgres".into(),
             settings: BTreeMap::new(),
         }
@@ -991,6 +1002,10 @@ impl Config {
             ("proxy.startup-timeout-ms", self.proxy.startup_timeout_ms),
             ("proxy.connect-timeout-ms", self.proxy.connect_timeout_ms),
             ("proxy.upgrade-timeout-ms", self.proxy.upgrade_timeout_ms),
+            (
+                "proxy.shard-start-timeout-ms",
+                self.proxy.shard_start_timeout_ms,
+            ),
             (
                 "metrics.report-interval-ms",
                 self.metrics.report_interval_ms,

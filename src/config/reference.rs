@@ -222,7 +222,7 @@ const EXAMPLE: &str = "
 | `PGPRISM_STATE_DIR` | Where the registry of embedded servers lives when `embed.state-dir` is unset. |
 | `PGPRISM_TEMPLATE_DIR` | The `initdb` template cache of embedded servers (default `/var/tmp/pgprism-templates`); a user who cannot write a cache made by root sets their own. |
 | `PGPRISM_UPGRADE_FD` | Set by pgprism itself for the new process of an upgrade (`SIGUSR2`): the socket it takes the listening sockets from ([upgrade.md](upgrade.md)). Never set it by hand. |
-| `PGPRISM_FAILPOINTS` | Crash tests only: CDC failpoints, `name=action[,name=action]` with `kill`, `exit` or `N*action`. Unset in production. |
+| `PGPRISM_FAILPOINTS` | Crash tests only: CDC and upgrade failpoints, `name=action[,name=action]` with `kill`, `exit`, `exit-after-MS`, `pause-MS`, `error` or `N*action`. Unset in production. |
 | `NOTIFY_SOCKET`, `WATCHDOG_USEC`, `WATCHDOG_PID` | Set by systemd: readiness (`READY=1`), stop and watchdog notifications. |
 
 ## Example

@@ -198,6 +198,9 @@ pub(super) fn write_settings(
         ("port", &port_text),
         ("listen_addresses", &cfg.host),
         ("unix_socket_directories", &socket_dirs),
+        // The socket is trusted (`write_hba`): only the server's OS user (and root) may
+        // connect to it, wherever the settings put it.
+        ("unix_socket_permissions", "0700"),
         // Tests open a couple of hundred concurrent clients.
         ("max_connections", "300"),
         // CDC reads logical replication from these servers.
@@ -230,11 +233,14 @@ pub(super) fn write_settings(
     write_owned(&dir.join(SETTINGS_FILE), &text, owner)
 }
 
-/// Writes `pg_hba.conf`: the caller's lines first (first match wins), then trust for local
-/// connections, including replication.
+/// Writes `pg_hba.conf`: the caller's lines first (first match wins), then the Unix socket
+/// trusted (only the server's OS user and root can reach it: it lives in the 0700 data
+/// directory, or has mode 0700, see [`write_settings`]) and loopback TCP with scram-sha-256
+/// when `password` (else trusted too), replication included.
 pub(super) fn write_hba(
     dir: &Path,
     hba: &[String],
+    password: bool,
     owner: Option<&OsUser>,
 ) -> Result<(), EmbedError> {
     let mut text = String::from("# Written by pgprism embed on every start; edits are lost.\n");
@@ -242,12 +248,62 @@ pub(super) fn write_hba(
         text.push_str(line);
         text.push('\n');
     }
+    let tcp = if password { "scram-sha-256" } else { "trust" };
     for database in ["all", "replication"] {
         text.push_str(&format!("local {database} all trust\n"));
-        text.push_str(&format!("host {database} all 127.0.0.1/32 trust\n"));
-        text.push_str(&format!("host {database} all ::1/128 trust\n"));
+        text.push_str(&format!("host {database} all 127.0.0.1/32 {tcp}\n"));
+        text.push_str(&format!("host {database} all ::1/128 {tcp}\n"));
     }
     write_owned(&dir.join("pg_hba.conf"), &text, owner)
+}
+
+/// The file in the data directory holding the superuser's password, in libpq's passfile
+/// format so `PGPASSFILE=` can name it.
+pub const PASSFILE: &str = "pgpass";
+
+/// Writes [`PASSFILE`] (mode 0600, the server's OS user's: libpq refuses a passfile others
+/// may read) for `user`, any host, port and database.
+pub(super) fn write_passfile(
+    dir: &Path,
+    user: &str,
+    password: &str,
+    owner: Option<&OsUser>,
+) -> Result<(), EmbedError> {
+    let line = format!(
+        "*:*:*:{}:{}\n",
+        pgpass_escape(user),
+        pgpass_escape(password)
+    );
+    write_owned(&dir.join(PASSFILE), &line, owner)
+}
+
+/// The password [`write_passfile`] left in `dir`, if any (a directory instance keeps its
+/// password across restarts).
+pub fn kept_password(dir: &Path) -> Option<String> {
+    let text = fs::read_to_string(dir.join(PASSFILE)).ok()?;
+    let line = text.lines().next()?;
+    // Five fields split at unescaped colons; the last is the password.
+    let mut fields = vec![String::new()];
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => fields.last_mut()?.push(chars.next()?),
+            ':' => fields.push(String::new()),
+            c => fields.last_mut()?.push(c),
+        }
+    }
+    (fields.len() == 5 && !fields[4].is_empty()).then(|| fields.swap_remove(4))
+}
+
+fn pgpass_escape(text: &str) -> String {
+    text.replace('\\', "\\\\").replace(':', "\\:")
+}
+
+/// A fresh password: 32 hex digits from the kernel's random source.
+pub fn generate_password() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Makes sure `postgresql.conf` includes [`SETTINGS_FILE`] (the template has it; a cluster

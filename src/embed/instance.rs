@@ -33,6 +33,8 @@ pub struct Instance {
     /// Memory instances remove their directory when they stop.
     memory: bool,
     superuser: String,
+    /// The superuser's password on TCP (`None`: loopback TCP is trusted).
+    password: Option<String>,
     database: String,
     psql_path: PathBuf,
     stop_timeout: Duration,
@@ -77,6 +79,7 @@ impl Instance {
             data_dir,
             memory,
             superuser: cfg.superuser.clone(),
+            password: None,
             // initdb always creates `postgres`; use it until cfg.database surely exists.
             database: "postgres".to_owned(),
             psql_path: if psql.is_file() {
@@ -88,6 +91,9 @@ impl Instance {
             socket_dir,
         };
         // Dropping `instance` on error stops the server again.
+        if let Some(password) = &cfg.password {
+            instance.set_password(password, run_as.as_ref())?;
+        }
         instance.ensure_database(&cfg.database)?;
         instance.database = cfg.database;
         tracing::debug!(
@@ -143,8 +149,17 @@ impl Instance {
         &self.psql_path
     }
 
-    /// `postgres://superuser@host:port/database`; the superuser authenticates with `trust`.
+    /// `postgres://superuser[:password]@host:port/database`, to connect with.
     pub fn url(&self) -> String {
+        match &self.password {
+            Some(password) => self.url_for(&self.superuser, password, &self.database),
+            None => self.url_without_password(),
+        }
+    }
+
+    /// `postgres://superuser@host:port/database`, to show (the password is in
+    /// [`Instance::passfile`]).
+    pub fn url_without_password(&self) -> String {
         format!(
             "postgres://{}@{}:{}/{}",
             percent_encode(&self.superuser),
@@ -152,6 +167,18 @@ impl Instance {
             self.port,
             percent_encode(&self.database)
         )
+    }
+
+    /// The superuser's password on TCP; `None` when loopback TCP is trusted.
+    pub fn password(&self) -> Option<&str> {
+        self.password.as_deref()
+    }
+
+    /// The passfile holding the superuser's password (libpq's format), when it has one.
+    pub fn passfile(&self) -> Option<PathBuf> {
+        self.password
+            .as_ref()
+            .map(|_| self.data_dir.join(datadir::PASSFILE))
     }
 
     pub fn url_for(&self, user: &str, password: &str, database: &str) -> String {
@@ -172,7 +199,7 @@ impl Instance {
             &self.psql_path,
             &self.host,
             self.port,
-            &self.superuser,
+            (&self.superuser, self.password.as_deref()),
             &self.database,
             sql,
         )
@@ -184,10 +211,34 @@ impl Instance {
             &self.psql_path,
             &self.host,
             self.port,
-            &self.superuser,
+            (&self.superuser, self.password.as_deref()),
             database,
             sql,
         )
+    }
+
+    /// Sets the superuser's password through the Unix socket (trusted, reachable only by the
+    /// server's OS user and root) and writes the passfile; TCP takes only this password from
+    /// the start (a role without one cannot log in with scram-sha-256).
+    fn set_password(&mut self, password: &str, owner: Option<&OsUser>) -> Result<(), EmbedError> {
+        let Some(socket_dir) = self.socket_dir.clone() else {
+            return Err(EmbedError::NoSocketForPassword {
+                data_dir: self.data_dir.clone(),
+            });
+        };
+        datadir::write_passfile(&self.data_dir, &self.superuser, password, owner)?;
+        let role = self.superuser.replace('"', "\"\"");
+        let literal = password.replace('\'', "''");
+        run_psql(
+            &self.psql_path,
+            &socket_dir.to_string_lossy(),
+            self.port,
+            (&self.superuser, None),
+            "postgres",
+            &format!("ALTER ROLE \"{role}\" PASSWORD '{literal}'"),
+        )?;
+        self.password = Some(password.to_owned());
+        Ok(())
     }
 
     /// Fast shutdown, a bounded wait, SIGKILL if it did not stop; then removes a memory
@@ -274,7 +325,7 @@ fn start_in(
         datadir::copy_tree(template, data_dir, run_as)?;
     }
     datadir::ensure_settings_include(data_dir)?;
-    datadir::write_hba(data_dir, &cfg.hba, run_as)?;
+    datadir::write_hba(data_dir, &cfg.hba, cfg.password.is_some(), run_as)?;
     let mut attempt = 1;
     loop {
         let port = match cfg.port {
@@ -411,15 +462,20 @@ fn port_of(cfg: &InstanceConfig, data_dir: &Path) -> u16 {
         .unwrap_or(0)
 }
 
+/// `psql` as `user` (with its password, if any) on `host` (a Unix socket's directory too).
 fn run_psql(
     psql: &Path,
     host: &str,
     port: u16,
-    user: &str,
+    (user, password): (&str, Option<&str>),
     database: &str,
     sql: &str,
 ) -> Result<String, EmbedError> {
-    let output = Command::new(psql)
+    let mut command = Command::new(psql);
+    if let Some(password) = password {
+        command.env("PGPASSWORD", password);
+    }
+    let output = command
         .args([
             "-X",
             "-v",

@@ -29,6 +29,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use binaries::PgBinaries;
+pub use datadir::{PASSFILE, generate_password, kept_password};
 pub use instance::Instance;
 pub use registry::{STATE_DIR_ENV, default_state_dir};
 pub use run::{EmbedBound, admin_routes, instance_config, parse_instance_flag, run_embed};
@@ -61,8 +62,15 @@ pub struct InstanceConfig {
     /// OS user the server runs as when we are root (PostgreSQL refuses to run as root).
     /// `None` means `postgres`. Ignored when we are not root: the server then runs as us.
     pub os_user: Option<String>,
-    /// Database superuser created by `initdb`; authenticates with `trust` by default.
+    /// Database superuser created by `initdb`.
     pub superuser: String,
+    /// The superuser's password. `Some`: TCP connections authenticate with scram-sha-256
+    /// (the password is set through the Unix socket after the start and written to `pgpass`
+    /// in the data directory, mode 0600); what pgprism runs for a user (`pgprism embed`,
+    /// `pgprism run`, `pgprism demo`) always has one, or any local user could connect as
+    /// superuser and run programs as the server's OS user (`COPY ... TO PROGRAM`). `None`:
+    /// loopback TCP is trusted, for servers a test starts for itself.
+    pub password: Option<String>,
     /// Database in [`Instance::url`]; created after start when it does not exist.
     pub database: String,
     /// Extra `postgresql.conf` settings, applied after the defaults so they win.
@@ -86,6 +94,7 @@ impl Default for InstanceConfig {
             data: DataDir::Memory,
             os_user: None,
             superuser: "postgres".to_owned(),
+            password: None,
             database: "postgres".to_owned(),
             settings: Vec::new(),
             hba: Vec::new(),
@@ -128,6 +137,13 @@ pub enum EmbedError {
         "data directory {path} is not empty and holds no PostgreSQL cluster; refusing to use it"
     )]
     DataDirNotEmpty { path: PathBuf },
+
+    #[error(
+        "the server in {data_dir} has no Unix socket (unix_socket_directories is empty, or the \
+         data directory's path is too long for one), which pgprism needs to set the \
+         superuser's password"
+    )]
+    NoSocketForPassword { data_dir: PathBuf },
 
     #[error("timed out after {waited_ms} ms waiting for the template lock {path}")]
     TemplateLockTimeout { path: PathBuf, waited_ms: u64 },

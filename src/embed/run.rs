@@ -56,26 +56,43 @@ pub fn parse_instance_flag(spec: &str) -> Result<EmbedInstanceConfig, ConfigErro
     })
 }
 
-/// The [`InstanceConfig`] for one `[[embed.instance]]`.
-pub fn instance_config(cfg: &EmbedConfig, inst: &EmbedInstanceConfig) -> InstanceConfig {
-    InstanceConfig {
+/// The [`InstanceConfig`] for one `[[embed.instance]]`: always with a password (the
+/// configured one, else the one a directory kept, else a new one), which the supervisor
+/// keeps across restarts.
+pub fn instance_config(
+    cfg: &EmbedConfig,
+    inst: &EmbedInstanceConfig,
+) -> Result<InstanceConfig, EmbedError> {
+    let data = if inst.data == EMBED_DATA_MEMORY {
+        DataDir::Memory
+    } else {
+        DataDir::Path(PathBuf::from(&inst.data))
+    };
+    let kept = match &data {
+        DataDir::Path(dir) => super::datadir::kept_password(dir),
+        DataDir::Memory => None,
+    };
+    let password = match (inst.password.as_str(), kept) {
+        ("", Some(kept)) => kept,
+        ("", None) => super::datadir::generate_password()
+            .map_err(EmbedError::io("generate a password for", &inst.data))?,
+        (given, _) => given.to_owned(),
+    };
+    Ok(InstanceConfig {
         name: inst.name.clone(),
         host: inst.host.clone(),
         port: (inst.port != 0).then_some(inst.port),
-        data: if inst.data == EMBED_DATA_MEMORY {
-            DataDir::Memory
-        } else {
-            DataDir::Path(PathBuf::from(&inst.data))
-        },
+        data,
         os_user: Some(cfg.os_user.clone()),
         superuser: inst.user.clone(),
+        password: Some(password),
         database: inst.database.clone(),
         settings: inst.settings_text(),
         hba: Vec::new(),
         bindir: cfg.bindir.clone(),
         start_timeout_ms: cfg.start_timeout_ms,
         stop_timeout_ms: cfg.stop_timeout_ms,
-    }
+    })
 }
 
 /// Runs `pgprism embed` until SIGTERM/SIGINT: cleans up after a killed predecessor, starts
@@ -100,7 +117,7 @@ pub fn run_embed(
     let mut instances = Vec::with_capacity(cfg.instance.len());
     for inst in &cfg.instance {
         // On error the supervisor is dropped, which stops the instances already running.
-        instances.push(supervisor.add(instance_config(cfg, inst))?);
+        instances.push(supervisor.add(instance_config(cfg, inst)?)?);
     }
     let admin_server = start_admin(admin, &supervisor)?;
     let bound = EmbedBound {

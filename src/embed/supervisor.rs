@@ -98,8 +98,11 @@ pub struct InstanceInfo {
     /// Automatic restarts after crashes since the instance was added (requested restarts do
     /// not count).
     pub restarts: u32,
-    /// `postgres://user@host:port/database`
+    /// `postgres://user@host:port/database` (no password: it is in `passfile`).
     pub url: String,
+    /// The file holding the superuser's password (libpq's passfile format, mode 0600), while
+    /// the server runs; empty for a server without one.
+    pub passfile: String,
     /// Why it last crashed, failed to start, or was given up on.
     pub last_error: Option<String>,
     #[serde(skip)]
@@ -317,7 +320,12 @@ impl Slot {
             url: self
                 .instance
                 .as_ref()
-                .map_or_else(String::new, Instance::url),
+                .map_or_else(String::new, Instance::url_without_password),
+            passfile: self
+                .instance
+                .as_ref()
+                .and_then(Instance::passfile)
+                .map_or_else(String::new, |p| p.display().to_string()),
             last_error: self.last_error.clone(),
             started_at: self.started_at,
         }

@@ -30,6 +30,9 @@ pub(super) struct Server<'a> {
     /// Descriptors of every listening socket for an upgrade to hand over; closed at the start
     /// of any drain, or the sockets would outlive the shards' and fill their backlogs.
     pub(super) hand_over: Option<HandOver>,
+    /// The sockets an upgrade added (more shards than before), bound but not listening until
+    /// [`Server::open`]: descriptors of the ones the shards own.
+    pending: Vec<socket2::Socket>,
     pub(super) bound: Bound,
     /// Stops the DNS refresh thread when dropped, after the drain.
     _dns: Option<Refresher>,
@@ -55,6 +58,7 @@ impl<'a> Server<'a> {
         let Listeners {
             listen,
             sockets,
+            pending,
             unix_socket,
             unix_file,
         } = listener::bind_all(cfg, shards, inherited.as_deref_mut())?;
@@ -63,10 +67,34 @@ impl<'a> Server<'a> {
         let unix = unix_path.as_deref();
         let state = control_state(cfg, shards, listen, unix, &upstreams, backends);
         let admin = start_admin(cfg, &state, routes, inherited)?;
-        let hand_over = hand_over(&sockets, unix_socket.as_ref(), unix_path.as_deref());
-        let threads = ShardThreads::spawn(cfg, shards, sockets, unix_socket.as_ref(), &upstreams)?;
+        let hand_over = hand_over(
+            &sockets,
+            &pending,
+            unix_socket.as_ref(),
+            unix_path.as_deref(),
+        );
+        let to_listen = pending
+            .iter()
+            .map(|s| s.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(RuntimeError::ListenLate)?;
+        let mut threads = ShardThreads::spawn(
+            cfg,
+            shards,
+            sockets,
+            pending,
+            unix_socket.as_ref(),
+            &upstreams,
+        )?;
         // The shards hold their dups; ours would keep accepting into the backlog after a drain.
         drop(unix_socket);
+        // Ready will mean able to serve: every shard has its ring, listeners and context.
+        let waited = std::time::Duration::from_millis(cfg.proxy.shard_start_timeout_ms);
+        if let Err(err) = threads.wait_started(waited) {
+            threads.stop_all(false);
+            threads.join_all();
+            return Err(err);
+        }
 
         let bound = Bound {
             listen,
@@ -82,9 +110,22 @@ impl<'a> Server<'a> {
             unix_file,
             admin,
             hand_over,
+            pending: to_listen,
             bound,
             _dns: dns,
         })
+    }
+
+    /// Lets the shards accept: the sockets an upgrade added start listening (joining the
+    /// SO_REUSEPORT group only now), then every shard registers its listeners. Before this a
+    /// new process of an upgrade takes no connection, so one that fails its start-up costs
+    /// no client.
+    pub(super) fn open(&mut self) -> Result<(), RuntimeError> {
+        for socket in self.pending.drain(..) {
+            listener::listen(&socket, self.cfg.proxy.backlog).map_err(RuntimeError::ListenLate)?;
+        }
+        self.threads.open_all();
+        Ok(())
     }
 
     /// Logs that the proxy is ready, tells the caller where it listens, writes the pid file,
@@ -159,12 +200,15 @@ pub fn remove_pid_file(path: &Path) {
 /// the kernel will not give one (an upgrade then says so).
 fn hand_over(
     sockets: &[socket2::Socket],
+    pending: &[socket2::Socket],
     unix_socket: Option<&socket2::Socket>,
     unix_path: Option<&Path>,
 ) -> Option<HandOver> {
     let dup = || -> std::io::Result<HandOver> {
+        // The pending ones listen by the time an upgrade can start (after `open`).
         let tcp = sockets
             .iter()
+            .chain(pending)
             .map(|s| s.try_clone())
             .collect::<Result<_, _>>()?;
         let unix = match (unix_socket, unix_path) {

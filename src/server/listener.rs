@@ -74,27 +74,38 @@ fn ensure_free(addr: SocketAddr) -> Result<(), ListenError> {
     }
 }
 
-/// A listening socket for one shard. `addr` may have port 0 only for the first shard; the
-/// caller passes the resolved address to the others.
-fn bind_shard(addr: SocketAddr, backlog: u32) -> Result<Socket, ListenError> {
+/// A socket for one shard, listening unless `listen` is false (then [`listen`] later). `addr`
+/// may have port 0 only for the first shard; the caller passes the resolved address to the
+/// others.
+fn bind_shard(addr: SocketAddr, backlog: u32, listen: bool) -> Result<Socket, ListenError> {
     let wrap = |source| ListenError::Bind { addr, source };
     let socket = socket_for(addr).map_err(wrap)?;
     socket.set_reuse_address(true).map_err(wrap)?;
     socket.set_reuse_port(true).map_err(wrap)?;
     socket.set_nonblocking(true).map_err(wrap)?;
     socket.bind(&addr.into()).map_err(wrap)?;
-    socket
-        .listen(backlog.min(i32::MAX as u32) as i32)
-        .map_err(wrap)?;
+    if listen {
+        self::listen(&socket, backlog).map_err(wrap)?;
+    }
     Ok(socket)
+}
+
+/// Starts listening on a socket [`bind_all`] left bound only.
+pub(super) fn listen(socket: &Socket, backlog: u32) -> io::Result<()> {
+    socket.listen(backlog.min(i32::MAX as u32) as i32)
 }
 
 /// Every listening socket of the proxy, bound before any shard starts.
 pub(super) struct Listeners {
     /// The TCP address, with the port the first bind picked when `proxy.listen` asks for 0.
     pub(super) listen: SocketAddr,
-    /// One SO_REUSEPORT socket per shard.
+    /// One SO_REUSEPORT socket per shard, listening (or more, inherited from an upgrade).
     pub(super) sockets: Vec<Socket>,
+    /// After an upgrade to more shards than before: the extra shards' sockets, bound but not
+    /// listening until the process is ready. A listening member of the SO_REUSEPORT group
+    /// gets its share of new connections at once, and a new process that failed its start-up
+    /// would take the ones in its backlog with it.
+    pub(super) pending: Vec<Socket>,
     /// The one Unix listener every shard accepts from through its own dup.
     pub(super) unix_socket: Option<Socket>,
     /// Removes the Unix socket's file when dropped: at the start of a drain, or on any early
@@ -105,7 +116,8 @@ pub(super) struct Listeners {
 /// Checks that `proxy.listen` is free, binds one socket per shard on it and, when
 /// `proxy.unix-socket-dir` is set, the Unix socket named for the port. After an upgrade the
 /// sockets the old process handed over are used instead and only what is missing is bound:
-/// more shards than before join the same SO_REUSEPORT group; fewer keep every inherited
+/// more shards than before join the same SO_REUSEPORT group once ready (`pending`); fewer
+/// keep every inherited
 /// socket (the spawner gives the extra ones to shards as second listeners), because closing
 /// a listener of the group would reset the connections waiting in its backlog.
 pub(super) fn bind_all(
@@ -116,6 +128,7 @@ pub(super) fn bind_all(
     let mut listen = parse_addr("proxy.listen", &cfg.proxy.listen)?;
     let mut sockets = Vec::with_capacity(shards);
     let mut unix_inherited = None;
+    let upgrading = inherited.is_some();
     match inherited {
         Some(inherited) => {
             sockets = inherited.take_tcp(listen).map_err(RuntimeError::Upgrade)?;
@@ -140,15 +153,20 @@ pub(super) fn bind_all(
         // An old process without TCP sockets (none handed over) would leave the port free.
         ensure_free(listen)?;
     }
-    while sockets.len() < shards {
-        let socket = bind_shard(listen, cfg.proxy.backlog)?;
+    let mut pending = Vec::new();
+    while sockets.len() + pending.len() < shards {
+        let socket = bind_shard(listen, cfg.proxy.backlog, !upgrading)?;
         if listen.port() == 0 {
             // Port 0: the first bind picks the port, the other shards join it.
             if let Some(local) = socket.local_addr().ok().and_then(|a| a.as_socket()) {
                 listen = local;
             }
         }
-        sockets.push(socket);
+        if upgrading {
+            pending.push(socket);
+        } else {
+            sockets.push(socket);
+        }
     }
     let (unix_socket, unix_file) = match (unix_inherited, cfg.proxy.unix_socket_dir.as_str()) {
         (Some((path, socket)), _) => {
@@ -165,6 +183,7 @@ pub(super) fn bind_all(
     Ok(Listeners {
         listen,
         sockets,
+        pending,
         unix_socket,
         unix_file,
     })

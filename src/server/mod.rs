@@ -29,6 +29,7 @@ pub use assembly::{remove_pid_file, write_pid_file};
 pub use check::check;
 pub use listener::ListenError;
 pub use upgrade::UpgradeError;
+pub use upgrade::take_environment as take_upgrade_environment;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -56,6 +57,12 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("a shard stopped during start-up (its error is logged above)")]
+    ShardStopped,
+    #[error("the shards did not start within proxy.shard-start-timeout-ms ({waited_ms} ms)")]
+    ShardStartTimeout { waited_ms: u64 },
+    #[error("cannot listen on the sockets added after an upgrade")]
+    ListenLate(#[source] std::io::Error),
     #[error("cannot start the DNS refresh thread")]
     Dns {
         #[source]
@@ -112,17 +119,33 @@ pub fn run_proxy_with(
     // As this process was started, before anything could change: a package upgrade replaces
     // the file at this path, and the next SIGUSR2 starts what is there then.
     let invocation = upgrade::Invocation::current();
+    let upgraded = upgrade::started_by_upgrade();
     let (predecessor, mut inherited) = match upgrade::Predecessor::take() {
         Ok(Some((predecessor, inherited))) => (Some(predecessor), Some(inherited)),
         Ok(None) => (None, None),
         Err(err) => return Err(RuntimeError::Upgrade(err)),
     };
-    let server = assembly::Server::start(cfg, opts.routes, inherited.as_mut())?;
+    // Every shard has its ring, listeners and context when this returns; none accepts yet.
+    let mut server = assembly::Server::start(cfg, opts.routes, inherited.as_mut())?;
     drop(inherited);
-    server.announce(on_ready, opts.pid_file.as_deref(), predecessor.is_some());
+    if predecessor.is_some() {
+        crate::cdc::failpoint::hit("upgrade-before-open");
+    }
+    // Ready means able to serve: the shards accept from here on (and the sockets an upgrade
+    // added listen), then the old process hears it and lets go, then systemd and the pid file.
+    if let Err(err) = server.open() {
+        server.drain();
+        return Err(err);
+    }
     if let Some(predecessor) = predecessor {
         predecessor.ready();
+        if signals::discard_pending_upgrade() {
+            tracing::info!(
+                "SIGUSR2 reached this process while it took over; ignored (it is the upgrade)"
+            );
+        }
     }
+    server.announce(on_ready, opts.pid_file.as_deref(), upgraded);
     let upgrades = control_loop::Upgrades {
         invocation,
         refused: opts.upgrade_refused,

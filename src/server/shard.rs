@@ -31,6 +31,13 @@ pub(super) struct ShardPlan {
     /// The shard's listening sockets: its TCP socket of the SO_REUSEPORT group (more than one
     /// after an upgrade to fewer shards), and its dup of the Unix-domain listener, if any.
     pub sockets: Vec<Socket>,
+    /// Sockets an upgrade added, which listen only once the process is ready: registered
+    /// after `open`.
+    pub pending: Vec<Socket>,
+    /// Told once the shard's ring, listeners and context exist.
+    pub started: Option<crossbeam_channel::Sender<()>>,
+    /// Notified when the process is ready: the shard accepts from then on.
+    pub open: Notifier,
     /// Set before `stop` when the process hands over to a new one (an upgrade): sessions end
     /// on their own until the drain timeout instead of being closed as soon as they are idle.
     pub patient: Arc<AtomicBool>,
@@ -61,12 +68,25 @@ pub(super) struct ContextPlan {
 
 /// The shard's life: accept until told to stop, drain, send the final report.
 pub(super) async fn run(plan: ShardPlan) {
-    let Some(listeners) = register_listeners(plan.index, plan.sockets) else {
+    let Some(mut listeners) = register_listeners(plan.index, plan.sockets) else {
         return;
     };
     let Some(shard) = context(plan.index, plan.context) else {
         return;
     };
+    if let Some(started) = plan.started {
+        let _ = started.send(());
+    }
+    // Nothing is accepted before the process is ready (a stop notifies `open` too, and the
+    // stop is then seen first below).
+    if let Err(err) = plan.open.notified().await {
+        tracing::error!(shard = plan.index, error = %err, "open notifier failed");
+        return;
+    }
+    match register_listeners(plan.index, plan.pending) {
+        Some(late) => listeners.extend(late),
+        None => return,
+    }
     let clients = Clients::default();
     serve_until_stopped(
         &shard,

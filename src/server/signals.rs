@@ -54,3 +54,20 @@ pub fn wait(limit: Duration) -> Option<Signal> {
         _ => None,
     }
 }
+
+/// Takes a pending SIGUSR2 off the process, if one is pending: a new process of an upgrade
+/// drops the one that reached it while it started (`upgrade`). Returns whether there was one.
+pub(super) fn discard_pending_upgrade() -> bool {
+    // SAFETY: sigemptyset/sigaddset fill a set we own; sigtimedwait with a zero timeout only
+    // takes a pending signal of that set (blocked in every thread, see `block`).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        libc::sigtimedwait(&set, std::ptr::null_mut(), &zero) == libc::SIGUSR2
+    }
+}

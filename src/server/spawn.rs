@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use socket2::Socket;
 
 use crate::config::Config;
@@ -25,6 +25,10 @@ pub(super) struct ShardThreads {
     pub(super) rings: Vec<Receiver<ShardReport>>,
     handles: Vec<JoinHandle<()>>,
     stops: Vec<exec::Notifier>,
+    /// Lets each shard accept (see [`ShardThreads::open_all`]).
+    opens: Vec<exec::Notifier>,
+    /// One message from each shard once its ring, listeners and context exist.
+    started: Receiver<()>,
     /// Counts shards whose executor returned, so the control loop notices one that died early.
     exited: Arc<AtomicUsize>,
     /// Makes the drain patient (an upgrade): read by each shard on every turn of its drain.
@@ -33,23 +37,33 @@ pub(super) struct ShardThreads {
 
 impl ShardThreads {
     /// Starts `shards` shards; shard `i` accepts from the TCP sockets `i`, `i + shards`, ...
-    /// (one each, unless an upgrade inherited more than there are shards) and from its own
-    /// dup of the Unix listener, if any.
+    /// of `sockets` then `pending` (one each, unless an upgrade inherited more than there are
+    /// shards) and from its own dup of the Unix listener, if any. No shard accepts before
+    /// [`ShardThreads::open_all`]; the `pending` sockets listen only by then.
     pub(super) fn spawn(
         cfg: &Config,
         shards: usize,
         sockets: Vec<Socket>,
+        pending: Vec<Socket>,
         unix_socket: Option<&Socket>,
         upstreams: &Upstreams,
     ) -> Result<Self, RuntimeError> {
         assert!(
-            shards > 0 && sockets.len() >= shards,
+            shards > 0 && sockets.len() + pending.len() >= shards,
             "a socket for every shard"
         );
-        let mut per_shard: Vec<Vec<Socket>> = (0..shards).map(|_| Vec::new()).collect();
-        for (i, socket) in sockets.into_iter().enumerate() {
-            per_shard[i % shards].push(socket);
+        let listening = sockets.len();
+        let mut per_shard: Vec<(Vec<Socket>, Vec<Socket>)> =
+            (0..shards).map(|_| (Vec::new(), Vec::new())).collect();
+        for (i, socket) in sockets.into_iter().chain(pending).enumerate() {
+            let (ready, later) = &mut per_shard[i % shards];
+            if i < listening {
+                ready.push(socket);
+            } else {
+                later.push(socket);
+            }
         }
+        let (started_tx, started) = crossbeam_channel::bounded(shards);
         let pooling = pooling_plan(cfg, shards)?;
         // Clients' cancels reach the shadow and mirrors through it; a plain proxy has none.
         let cancel_registry = if upstreams.mirrors.is_empty() && upstreams.compare.is_none() {
@@ -65,15 +79,20 @@ impl ShardThreads {
             rings: Vec::with_capacity(shards),
             handles: Vec::with_capacity(shards),
             stops: Vec::with_capacity(shards),
+            opens: Vec::with_capacity(shards),
+            started,
             exited: Arc::new(AtomicUsize::new(0)),
             patient: Arc::new(AtomicBool::new(false)),
         };
-        for (index, mut sockets) in per_shard.into_iter().enumerate() {
+        for (index, (mut sockets, pending)) in per_shard.into_iter().enumerate() {
             let (tx, rx) = crossbeam_channel::bounded(cfg.metrics.ring_capacity);
             threads.rings.push(rx);
             let stop =
                 exec::Notifier::new().map_err(|source| RuntimeError::Shard { index, source })?;
             threads.stops.push(stop.clone());
+            let open =
+                exec::Notifier::new().map_err(|source| RuntimeError::Shard { index, source })?;
+            threads.opens.push(open.clone());
             // Each shard owns a dup of the one Unix listener, so each closes its own descriptor.
             if let Some(unix) = unix_socket {
                 sockets.push(
@@ -82,6 +101,9 @@ impl ShardThreads {
                 );
             }
             let mut plan = shard_plan(cfg, upstreams, index, sockets, tx, stop);
+            plan.pending = pending;
+            plan.open = open;
+            plan.started = Some(started_tx.clone());
             plan.patient = threads.patient.clone();
             plan.context.pooling = pooling.clone();
             plan.context.cancel_registry = cancel_registry.clone();
@@ -92,6 +114,41 @@ impl ShardThreads {
             threads.handles.push(spawn_thread(cfg, plan, core, exited)?);
         }
         Ok(threads)
+    }
+
+    /// Waits until every shard has its ring, listeners and context (ready means able to
+    /// serve); fails when one stops on the way or `limit` passes.
+    pub(super) fn wait_started(&self, limit: Duration) -> Result<(), RuntimeError> {
+        let deadline = Instant::now() + limit;
+        let mut started = 0;
+        while started < self.handles.len() {
+            if self.any_exited() {
+                return Err(RuntimeError::ShardStopped);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(RuntimeError::ShardStartTimeout {
+                    waited_ms: limit.as_millis() as u64,
+                });
+            }
+            // Short turns, so a shard that stopped is noticed before the deadline.
+            match self
+                .started
+                .recv_timeout(left.min(Duration::from_millis(20)))
+            {
+                Ok(()) => started += 1,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err(RuntimeError::ShardStopped),
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets every shard accept from its listeners.
+    pub(super) fn open_all(&self) {
+        for open in &self.opens {
+            open.notify();
+        }
     }
 
     /// Makes a patient drain an ordinary one: idle sessions are closed from now on.
@@ -116,6 +173,8 @@ impl ShardThreads {
         for stop in &self.stops {
             stop.notify();
         }
+        // A shard still waiting to open wakes, sees the stop first and drains at once.
+        self.open_all();
     }
 
     /// Waits for every shard to finish its drain; a panic is logged, not propagated.
@@ -140,6 +199,9 @@ fn shard_plan(
     ShardPlan {
         index,
         sockets,
+        pending: Vec::new(),
+        started: None,
+        open: stop.clone(),
         patient: Arc::new(AtomicBool::new(false)),
         context: ContextPlan {
             settings: proxy_settings(cfg, upstreams),
@@ -250,6 +312,13 @@ fn spawn_thread(
             }
             exec::set_send_queue_bytes(send_queue_bytes);
             exec::set_close_linger(close_linger);
+            // Stands in for a ring the kernel refuses, in the upgrade's tests.
+            if super::upgrade::started_by_upgrade()
+                && crate::cdc::failpoint::fails("upgrade-shard-ring")
+            {
+                tracing::error!(shard = index, "shard runtime failed: failpoint");
+                return;
+            }
             if let Err(err) = exec::run(RING_ENTRIES, shard::run(plan)) {
                 tracing::error!(shard = index, error = %err, "shard runtime failed");
             }

@@ -13,7 +13,18 @@
 //!
 //! The protocol on the socketpair (SOCK_SEQPACKET, so each message keeps its bounds):
 //! old → new: messages of at most [`FDS_PER_MESSAGE`] descriptors, each with one text line
-//! per descriptor (`tcp`, `unix PATH`, `admin`), then `end`; new → old: `ready PID`.
+//! per descriptor (`tcp`, `unix PATH`, `admin`), then `end`; new → old: `ready PID`; old →
+//! new: `ack`. The new process accepts from the sockets once it can serve, says `ready`, and
+//! only after the `ack` (the old process has let go: it will not kill it any more) writes the
+//! pid file and tells systemd its MAINPID. So a new process the old one kills (too slow, a
+//! stop signal) has never become the unit's main process, and once it has, nothing the old
+//! one does on its way out touches it: it sends no signal, leaves the pid file and the Unix
+//! socket's file alone, and tells systemd nothing.
+//!
+//! Between fork and exec the child blocks SIGUSR2 and SIGHUP (a second `systemctl kill -s USR2`
+//! reaching every process of the unit, say): their default action would end it. The mask
+//! carries over the exec; the new pgprism blocks both anyway and drops a SIGUSR2 that came
+//! while it started (it is the upgrade that signal asked for).
 
 use std::ffi::OsString;
 use std::io;
@@ -34,8 +45,36 @@ const FDS_PER_MESSAGE: usize = 200;
 /// Largest hand-over message: one line per descriptor, a Unix path the longest.
 const MESSAGE_BYTES_MAX: usize = 64 << 10;
 /// How long the new process waits for the sockets, which the old one sends right after the
-/// spawn: only a wedged old process takes longer.
+/// spawn, and for the `ack` to its `ready`: only a wedged old process takes longer.
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `PGPRISM_UPGRADE_FD` as this process was started with, taken out of the environment by
+/// [`take_environment`] so nothing this process spawns inherits it.
+static HANDED: std::sync::OnceLock<Option<OsString>> = std::sync::OnceLock::new();
+
+/// Takes `PGPRISM_UPGRADE_FD` out of the environment: embedded servers, `pgbench` runs and a
+/// later upgrade must not see a descriptor number that means nothing to them. Call it first
+/// thing in `main`, before any thread exists.
+pub fn take_environment() {
+    let value = std::env::var_os(ENV_FD);
+    if value.is_some() {
+        // SAFETY: called at the top of `main` (`cli::main`), before any other thread exists,
+        // so no thread reads the environment while it changes.
+        unsafe { std::env::remove_var(ENV_FD) };
+    }
+    let _ = HANDED.set(value);
+}
+
+/// The hand-over channel's descriptor number this process was started with, if any. A
+/// library caller that never ran [`take_environment`] reads the environment (and leaves it).
+fn handed() -> Option<OsString> {
+    HANDED.get_or_init(|| std::env::var_os(ENV_FD)).clone()
+}
+
+/// Whether this process was started by an upgrade (for the upgrade's failpoints).
+pub(super) fn started_by_upgrade() -> bool {
+    handed().is_some()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
@@ -172,9 +211,12 @@ impl Predecessor {
     /// When this process was started by an upgrade: the sockets handed over, and the channel
     /// to say `ready` on. `None` for an ordinary start.
     pub(super) fn take() -> Result<Option<(Predecessor, Inherited)>, UpgradeError> {
-        let Some(value) = std::env::var_os(ENV_FD) else {
+        let Some(value) = handed() else {
             return Ok(None);
         };
+        // Before this process blocks any signal: where a second SIGUSR2 would end it but for
+        // the mask the old process set between fork and exec.
+        crate::cdc::failpoint::hit("upgrade-start");
         let text = value.to_string_lossy().into_owned();
         let fd: RawFd = text
             .parse()
@@ -206,13 +248,33 @@ impl Predecessor {
         )))
     }
 
-    /// Tells the old process this one serves; it stops accepting and drains.
+    /// Tells the old process this one serves (it stops accepting and drains) and waits
+    /// (bounded) for its `ack`: from then on it will not kill this one, which may become the
+    /// unit's main process. The channel closes with it.
     pub(super) fn ready(self) {
+        crate::cdc::failpoint::hit("upgrade-before-ready-message");
         let line = format!("ready {}", std::process::id());
         if let Err(err) = send(self.channel.as_raw_fd(), line.as_bytes(), &[]) {
             // It died meanwhile, or is gone: either way we serve, and a leftover old process
             // keeps only its own sessions.
             tracing::warn!(error = %err, "cannot tell the replaced process that this one is ready");
+            return;
+        }
+        let channel = Socket::from(self.channel);
+        let mut buf = [0u8; 16];
+        match recv(channel.as_raw_fd(), &mut buf) {
+            Ok((len, _)) if &buf[..len] == b"ack" => {}
+            // Closed: the old process is gone; nothing can kill this one now.
+            Ok((0, _)) => {}
+            Ok((len, _)) => tracing::warn!(
+                answer = %String::from_utf8_lossy(&buf[..len]),
+                "the replaced process answered `ready` with something else than `ack`"
+            ),
+            Err(err) if err.kind() == io::ErrorKind::ConnectionReset => {}
+            Err(err) => tracing::warn!(
+                error = %err,
+                "no `ack` from the replaced process; serving all the same"
+            ),
         }
     }
 }
@@ -310,12 +372,22 @@ impl Successor {
             // systemd's watchdog pid is ours; without it the new process pings by its
             // interval alone, and systemd takes its pings once MAINPID names it.
             .env_remove("WATCHDOG_PID");
-        // SAFETY: fcntl is async-signal-safe and the closure allocates nothing; it only
-        // clears close-on-exec on the new process's end of the pair.
+        // SAFETY: fcntl, sigemptyset, sigaddset and pthread_sigmask are async-signal-safe and
+        // the closure allocates nothing; it clears close-on-exec on the new process's end of
+        // the pair and blocks SIGUSR2 and SIGHUP up to the new pgprism's own signal mask (std
+        // empties the mask in the child before this runs; see the module comment).
         unsafe {
             command.pre_exec(move || {
                 if libc::fcntl(theirs_fd, libc::F_SETFD, 0) < 0 {
                     return Err(io::Error::last_os_error());
+                }
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigaddset(&mut set, libc::SIGUSR2);
+                libc::sigaddset(&mut set, libc::SIGHUP);
+                let failed = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                if failed != 0 {
+                    return Err(io::Error::from_raw_os_error(failed));
                 }
                 Ok(())
             });
@@ -358,9 +430,14 @@ impl Successor {
         self.child.id()
     }
 
-    /// The new process serves; dropping this no longer stops it.
+    /// The new process serves; dropping this no longer stops it, and it hears so (`ack`)
+    /// before it tells systemd it is the main process.
     pub(super) fn handed_over(&mut self) {
         self.serving = true;
+        if let Err(err) = send(self.channel.as_raw_fd(), b"ack", &[]) {
+            // It waits for the ack a bounded time, then serves all the same.
+            tracing::warn!(error = %err, "cannot acknowledge the new process's ready");
+        }
     }
 
     fn send_sockets(&self, hand_over: &HandOver, admin: Option<&TcpListener>) -> io::Result<()> {
