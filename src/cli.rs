@@ -366,6 +366,10 @@ struct PoolArgs {
     /// primary connection (1: off).
     #[arg(long, value_name = "N")]
     shared_depth_max: Option<usize>,
+    /// Pipelined lending: how long a shared connection with every statement answered waits
+    /// for the next one before it goes back to the pool, in microseconds (0: at once).
+    #[arg(long, value_name = "US")]
+    shared_linger_us: Option<u64>,
 }
 
 impl PoolArgs {
@@ -404,6 +408,9 @@ impl PoolArgs {
         }
         if let Some(v) = self.shared_depth_max {
             p.shared_depth_max = v;
+        }
+        if let Some(v) = self.shared_linger_us {
+            p.shared_linger_us = v;
         }
         if let Some(v) = self.mirror_pool_size {
             for m in &mut cfg.mirror {

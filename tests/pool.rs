@@ -710,3 +710,98 @@ fn a_cancel_on_a_shared_connection_reaches_only_its_own_statement() {
         .expect("A's cancel is dropped while B waits behind it");
     assert_eq!(b_thread.join().unwrap().unwrap(), 43);
 }
+
+/// A shared connection whose statements are all answered lingers for the next one
+/// (`--shared-linger-us`): a statement after an idle gap joins it without a lend or a new
+/// pipeline. A client that needs a connection of its own (a transaction) gets it at once,
+/// not after the linger; and once clients stop, the connection goes back to the pool (where
+/// the idle timeout closes it).
+#[test]
+fn a_lingering_shared_connection_is_reused_and_still_goes_back() {
+    let pg = start_primary("pool-pipelined-linger");
+    let proxy = pooled(
+        &pg.url(),
+        1,
+        &[
+            "--shared-depth-max",
+            "4",
+            "--shards",
+            "1",
+            // Longer than the test waits for anything: the connection goes back only when
+            // a client needs it, or the linger ends.
+            "--shared-linger-us",
+            "5000000",
+            "--query-wait-timeout",
+            "3000",
+            "--server-idle-timeout",
+            "200",
+        ],
+    );
+    let mut direct = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    let mut a = proxy.client();
+    let mut b = proxy.client();
+    a.simple_query("SELECT 1").unwrap();
+    b.simple_query("SELECT 1").unwrap();
+    // A holds the only connection; B's statement waits for it, then makes it a pipeline.
+    let mut pipeline = |mut a: postgres::Client, b: &mut postgres::Client| {
+        let a_thread =
+            std::thread::spawn(move || a.simple_query("SELECT pg_sleep(0.5)").map(|_| a));
+        assert!(eventually(Duration::from_secs(10), || {
+            let n: i64 = direct
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE query = 'SELECT pg_sleep(0.5)' AND state = 'active'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            n == 1
+        }));
+        let before = proxy.metric("pgprism_pool_pipelines_total");
+        assert!(!b.simple_query("SELECT 7").unwrap().is_empty());
+        // (Counters reach the admin endpoint within a tick.)
+        assert!(eventually(Duration::from_secs(10), || proxy
+            .metric("pgprism_pool_pipelines_total")
+            == before + 1));
+        a_thread.join().unwrap().unwrap()
+    };
+    let mut a = pipeline(a, &mut b);
+    let lends = proxy.metric("pgprism_pool_lends_total");
+    let units = proxy.metric("pgprism_pool_shared_units_total");
+    // After the gap, both clients' statements run on the lingering pipeline.
+    for n in [8, 9, 10] {
+        let client = if n == 9 { &mut b } else { &mut a };
+        let rows = client.simple_query(&format!("SELECT {n}")).unwrap();
+        let got = rows.iter().find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        });
+        assert_eq!(got, Some(n.to_string()));
+    }
+    assert!(eventually(Duration::from_secs(10), || proxy
+        .metric("pgprism_pool_shared_units_total")
+        == units + 3));
+    assert_eq!(proxy.metric("pgprism_pool_pipelines_total"), 1);
+    assert_eq!(proxy.metric("pgprism_pool_lends_total"), lends);
+    // A transaction needs the connection itself: the pipeline gives it back at once (the
+    // linger would outlast the client's 3 s wait bound, 53300).
+    let mut tx = a.transaction().unwrap();
+    let v: i32 = tx.query_one("SELECT 11", &[]).unwrap().get(0);
+    assert_eq!(v, 11);
+    tx.commit().unwrap();
+    assert!(eventually(Duration::from_secs(10), || proxy
+        .metric("pgprism_pool_lends_total")
+        > lends));
+    assert_eq!(proxy.metric("pgprism_pool_wait_timeouts_total"), 0);
+    // Shared again, then the clients stop: the connection goes back to the pool when the
+    // linger ends, and the idle timeout closes it there.
+    let a = pipeline(a, &mut b);
+    drop(a);
+    drop(b);
+    let ours = "SELECT count(*) FROM pg_stat_activity \
+                WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()";
+    assert!(eventually(Duration::from_secs(20), || {
+        let n: i64 = direct.query_one(ours, &[]).unwrap().get(0);
+        n == 0
+    }));
+}

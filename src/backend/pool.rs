@@ -322,6 +322,12 @@ impl Pool {
         self.waiting.get() > 0 || (self.idle.borrow().is_empty() && self.budget.open() >= size)
     }
 
+    /// Whether a client waits for a connection of this pair: one of this shard still in
+    /// line, or one of another shard (the budget's count beyond this shard's).
+    pub fn wants_conn(&self) -> bool {
+        self.first_waiter().is_some() || self.budget.wanted() > self.waiting.get()
+    }
+
     /// Clients of this shard waiting for a connection of this pair.
     pub fn waiting(&self) -> usize {
         self.waiting.get()
@@ -592,7 +598,8 @@ impl Pools {
         Some(conn)
     }
 
-    fn expired(&self, conn: &ServerConn, now: Instant) -> bool {
+    /// Whether `conn` is past `server-lifetime-ms` or older than the last RECONNECT.
+    pub fn expired(&self, conn: &ServerConn, now: Instant) -> bool {
         let lifetime = self.cfg.server_lifetime_ms;
         (lifetime > 0 && now.saturating_duration_since(conn.opened).as_millis() as u64 >= lifetime)
             || self

@@ -86,6 +86,10 @@ pub struct PoolConfig {
     /// Several clients' autocommit statements may share one connection in one write, up to
     /// this many sync points in flight on it (1: one client per connection at a time).
     pub shared_depth_max: usize,
+    /// How long a shared connection whose statements are all answered waits for the next
+    /// one before it goes back to the pool (0: at once). It goes back sooner when a client
+    /// waits for a connection of its own, on any shard, or the pool is paused.
+    pub shared_linger_us: u64,
     /// How pgprism authenticates clients in transaction mode (session mode relays
     /// authentication to the primary).
     pub auth_type: AuthType,
@@ -122,6 +126,7 @@ impl Default for PoolConfig {
             server_check_delay_ms: 30_000,
             prepared_statements_max: 200,
             shared_depth_max: 1,
+            shared_linger_us: 1_000,
             auth_type: AuthType::ScramSha256,
             auth_file: String::new(),
             auth_query: "SELECT usename, passwd FROM pg_shadow WHERE usename = $1".into(),
@@ -154,6 +159,12 @@ impl PoolConfig {
             return Err(ConfigError::key(
                 "pool.min-size",
                 format!("expected at most pool.size ({})", self.size),
+            ));
+        }
+        if self.shared_linger_us > 10_000_000 {
+            return Err(ConfigError::key(
+                "pool.shared-linger-us",
+                "expected at most 10000000 (10 s)",
             ));
         }
         if self.shared_depth_max > 1024 {

@@ -17,10 +17,16 @@
 //! One task per pipeline owns the socket: it writes what the sessions queued and reads the
 //! answers, handing each session its answer as it comes (in parts beyond
 //! [`STREAM_BYTES`]; reading stops while the running unit's client has [`HELD_BYTES_MAX`]
-//! not taken yet). When the last unit is answered the pipeline retires and its connection
-//! goes back to the pool. PgBouncer lends one connection per transaction and pays a wake-up
-//! and two system calls per statement on the server leg; a pipeline of depth d pays them once
-//! per d statements.
+//! not taken yet). When the last unit is answered the pipeline lingers for the next one, up to
+//! `pool.shared-linger-us`: a client with a shareable unit joins it without a lend (no
+//! acquire, no release, no new task), so that under load a shared connection stays shared
+//! across the short gaps between its clients' statements rather than going back to the pool
+//! and being lent (and a pipeline started) again for nearly every statement. It goes back at
+//! once when a client waits for a connection of its own (on any shard), the pool is paused,
+//! or the connection is past its lifetime; and it stops taking units after
+//! [`SERVED_PER_DEPTH`] times its depth in a row while clients wait. PgBouncer lends one
+//! connection per transaction and pays a wake-up and two system calls per statement on the
+//! server leg; a pipeline of depth d pays them once per d statements.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -48,9 +54,9 @@ const HELD_BYTES_MAX: usize = 256 << 10;
 /// for its answers to be read.
 pub(super) const UNIT_BYTES_MAX: usize = 8 << 10;
 const QUEUED_BYTES_MAX: usize = 64 << 10;
-/// A pipeline takes new units only until it has served this many times its depth while
-/// clients wait for a connection of their own: then it drains and its connection goes back
-/// to the pool (lifetime, RECONNECT and PAUSE apply there).
+/// A pipeline takes new units only until it has served this many times its depth since its
+/// queue was last empty while clients wait for a connection of their own: then it drains and
+/// its connection goes back to the pool (lifetime, RECONNECT and PAUSE apply there).
 const SERVED_PER_DEPTH: u64 = 4;
 
 /// What a unit's session gets from [`Share::next`].
@@ -155,9 +161,11 @@ pub(super) struct Pipeline {
     task: Cell<Option<Waker>>,
     /// Retired (drained, or its connection lost): no unit may join any more.
     retired: Cell<bool>,
-    /// Units it took.
+    /// Units it took since its queue was last empty.
     served: Cell<u64>,
     depth_max: usize,
+    /// How long it waits for another unit once every unit is answered.
+    linger: std::time::Duration,
 }
 
 impl Pipeline {
@@ -167,11 +175,11 @@ impl Pipeline {
         pool: &Rc<Pool>,
         mut conn: ServerConn,
     ) -> Rc<Pipeline> {
-        let depth_max = shard
+        let (depth_max, linger_us) = shard
             .pools
             .as_ref()
-            .map(|p| p.cfg.shared_depth_max)
-            .unwrap_or(1);
+            .map(|p| (p.cfg.shared_depth_max, p.cfg.shared_linger_us))
+            .unwrap_or((1, 0));
         let buf = std::mem::take(&mut conn.buf);
         let pipeline = Rc::new(Pipeline {
             pool: pool.clone(),
@@ -185,6 +193,7 @@ impl Pipeline {
             retired: Cell::new(false),
             served: Cell::new(0),
             depth_max,
+            linger: std::time::Duration::from_micros(linger_us),
         });
         shard.pipelines.borrow_mut().push(pipeline.clone());
         bump(&pool.counters.pipelines, 1);
@@ -194,12 +203,14 @@ impl Pipeline {
     }
 
     /// A pipeline of `pool` on this shard that takes one more unit of `bytes` with
-    /// `settings`.
+    /// `settings`. Without `pressed` (connections to spare) only one with nothing in flight,
+    /// where the unit waits behind no other.
     pub(super) fn find(
         shard: &ShardCtx,
         pool: &Rc<Pool>,
         settings: u64,
         bytes: usize,
+        pressed: bool,
     ) -> Option<Rc<Pipeline>> {
         if shard
             .pools
@@ -217,7 +228,7 @@ impl Pipeline {
                 Rc::ptr_eq(&p.pool, pool)
                     && p.settings == settings
                     && !p.retired.get()
-                    && p.queue.borrow().len() < p.depth_max
+                    && p.queue.borrow().len() < if pressed { p.depth_max } else { 1 }
                     && p.outbox.borrow().len() + bytes <= QUEUED_BYTES_MAX
                     && (pool.waiting() == 0
                         || p.served.get() < SERVED_PER_DEPTH * p.depth_max as u64)
@@ -272,17 +283,74 @@ impl Pipeline {
         }
     }
 
+    /// A client of `pool` on this shard is about to wait for a connection of its own: the
+    /// pipelines lingering with nothing in flight look again whether to go back to the pool.
+    pub(super) fn nudge(shard: &ShardCtx, pool: &Rc<Pool>) {
+        for p in shard.pipelines.borrow().iter() {
+            if Rc::ptr_eq(&p.pool, pool) && p.queue.borrow().is_empty() {
+                p.wake_task();
+            }
+        }
+    }
+
+    /// Whether a pipeline with nothing in flight must give its connection back now rather
+    /// than linger: a client waits for a connection of its own (here or on another shard),
+    /// the pool is paused, or the connection is past its lifetime (or a RECONNECT).
+    fn must_go_back(&self, shard: &ShardCtx, now: std::time::Instant) -> bool {
+        let Some(pools) = shard.pools.as_ref() else {
+            return true;
+        };
+        self.pool.wants_conn()
+            || pools.is_paused(&self.pool.database)
+            || self
+                .state
+                .borrow()
+                .as_ref()
+                .is_none_or(|conn| pools.expired(conn, now))
+    }
+
+    /// Every unit is answered: waits up to the linger time for another. True when one came;
+    /// false when the connection is to go back to the pool.
+    async fn linger(&self, shard: &ShardCtx) -> bool {
+        if self.linger.is_zero() {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        let deadline = now + self.linger;
+        if self.must_go_back(shard, now) {
+            return false;
+        }
+        futures_lite::future::or(
+            futures_lite::future::poll_fn(|cx| {
+                if !self.outbox.borrow().is_empty() {
+                    return Poll::Ready(true);
+                }
+                // Woken by a nudge (or by a session that left): look again.
+                if self.must_go_back(shard, std::time::Instant::now()) {
+                    return Poll::Ready(false);
+                }
+                self.task.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }),
+            async {
+                crate::exec::sleep_until(deadline).await;
+                false
+            },
+        )
+        .await
+    }
+
     /// The pipeline's task: writes what was queued (all of it in one write), reads the
     /// answers and hands each unit its own, until the queue is answered.
     async fn run(self: Rc<Self>, shard: Rc<ShardCtx>, mut buf: BytesMut) {
         let max = shard.settings.message_bytes_max;
         let chunk = shard.read_chunk_bytes();
         loop {
-            // Yield once, so that every session woken in this round queues its unit before
-            // the write.
-            futures_lite::future::yield_now().await;
-            let out = self.outbox.borrow_mut().split().freeze();
-            if !out.is_empty() {
+            if !self.outbox.borrow().is_empty() {
+                // Yield once before a write, so that every session woken in this round
+                // queues its unit first: they all go out in this one write.
+                futures_lite::future::yield_now().await;
+                let out = self.outbox.borrow_mut().split().freeze();
                 bump(&self.pool.counters.bytes_received, out.len() as u64);
                 bump(&self.pool.counters.shared_writes, 1);
                 if self.stream.write_bytes(out).await.is_err() {
@@ -291,6 +359,10 @@ impl Pipeline {
                 continue;
             }
             if self.queue.borrow().is_empty() {
+                self.served.set(0);
+                if self.linger(&shard).await {
+                    continue;
+                }
                 return self.retire(&shard, buf).await;
             }
             if self.head_full() {

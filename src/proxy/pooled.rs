@@ -595,12 +595,12 @@ impl Session<'_> {
                 // An autocommit unit may share a connection with other clients' units.
                 let unit = self.shareable(&frame, cbuf);
                 if let Some((len, hashes)) = &unit
-                    && self.pool.under_pressure(self.pools.cfg.size)
                     && let Some(pipeline) = Pipeline::find(
                         self.shard,
                         &self.pool,
                         self.settings_hash(),
                         frame.bytes().len() + len,
+                        self.pool.under_pressure(self.pools.cfg.size),
                     )
                     && holds_all(&pipeline, hashes)
                 {
@@ -922,6 +922,10 @@ impl Session<'_> {
     async fn lend(&mut self) -> Turn {
         self.state.waiting_since.set(Some(Instant::now()));
         self.state.request_time.set(SystemTime::now());
+        if !self.pool.has_idle() {
+            // A lingering pipeline holds a connection this client may need.
+            Pipeline::nudge(self.shard, &self.pool);
+        }
         let acquired = self.pools.acquire(&self.pool).await;
         self.state.waiting_since.set(None);
         match acquired {
