@@ -1820,6 +1820,93 @@ fn truncate_empties_the_table_even_across_a_crash() {
 }
 
 #[test]
+fn truncate_then_crash_between_prepare_and_commit_settles_the_prepared_transaction() {
+    for point in ["cdc-after-prepare", "cdc-after-commit"] {
+        let pg = start_pg("cdc-truncate-txn", &[]);
+        let sr = StarRocks::start("root", "pw");
+        let mut c = client(&pg);
+        make_table(&mut c, &sr, "t");
+        make_table(&mut c, &sr, "u");
+        let args = base_args(&pg, &sr, "t,u");
+        // Prepares: 1 the first cycle, 2 the rows before the TRUNCATE (committed before it
+        // runs), 3 the rows after it, which the crash leaves prepared. Checkpoints (where
+        // the other failpoint is): 1 the first cycle, 2 the transaction with the TRUNCATE,
+        // whose rows after it the crash leaves committed without a checkpoint.
+        let nth = if point == "cdc-after-prepare" { 3 } else { 2 };
+        let failpoint = format!("{point}={nth}*kill");
+        let mut cdc = Cdc::start(&args, &[("PGPRISM_FAILPOINTS", &failpoint)]);
+        c.batch_execute("INSERT INTO t SELECT g, 'before', g FROM generate_series(1, 50) g")
+            .unwrap();
+        assert!(
+            eventually(Duration::from_secs(30), || sr.row_count(DB, "t") == 50),
+            "{point}: the first rows were not loaded\n{}",
+            cdc.log()
+        );
+        c.batch_execute(
+            "BEGIN; \
+             INSERT INTO t SELECT g, 'doomed', g FROM generate_series(60, 70) g; \
+             TRUNCATE t; \
+             INSERT INTO t SELECT g, 'after', g FROM generate_series(100, 150) g; \
+             INSERT INTO u SELECT g, 'beside', g FROM generate_series(1, 20) g; \
+             COMMIT;",
+        )
+        .unwrap();
+        assert!(
+            cdc.wait_death(Duration::from_secs(30)),
+            "{point}: the failpoint did not fire\n{}",
+            cdc.log()
+        );
+        if point == "cdc-after-prepare" {
+            assert_eq!(
+                sr.transactions().get("PREPARED"),
+                Some(&1),
+                "{point}: the crash should leave the rows after the TRUNCATE prepared"
+            );
+        }
+        drop(cdc);
+        let cdc = Cdc::start(&args, &[]);
+        c.batch_execute(
+            "INSERT INTO t VALUES (500, 'later', 1); INSERT INTO u VALUES (500, 'later', 1)",
+        )
+        .unwrap();
+        for table in ["t", "u"] {
+            assert_converges(
+                &sr,
+                &mut c,
+                table,
+                &["id", "v", "n"],
+                &cdc,
+                Duration::from_secs(60),
+            );
+        }
+        let txns = sr.transactions();
+        assert_eq!(txns.get("PREPARE"), None, "{point}: {txns:?}");
+        assert_eq!(txns.get("PREPARED"), None, "{point}: {txns:?}");
+        // The restart found the crashed cycle by its label, and did not empty the table a
+        // second time (which would run before that cycle's rows are committed again, or
+        // lose them where they were committed already).
+        assert!(
+            sr.log()
+                .iter()
+                .any(|(l, s)| s == "LABEL_ALREADY_EXISTS" && l.contains("-t-")),
+            "{point}: the restart did not find the crashed cycle's label: {:?}",
+            sr.log()
+        );
+        let truncates = sr
+            .statements()
+            .iter()
+            .filter(|s| s.starts_with("TRUNCATE TABLE"))
+            .count();
+        assert_eq!(truncates, 1, "{point}: {:?}", sr.statements());
+        assert!(
+            twice_committed(&sr).is_empty(),
+            "{point}: a cycle was committed twice: {:?}",
+            sr.log()
+        );
+    }
+}
+
+#[test]
 fn a_filtered_row_stops_the_stream_instead_of_being_lost() {
     let pg = start_pg("cdc-filter", &[]);
     let sr = StarRocks::start("root", "pw");

@@ -647,6 +647,8 @@ fn load_loop(
     // Snapshot chunks whose rows wait in the open StarRocks transaction (bounded by the
     // chunks one flush cycle can hold).
     let mut chunks_pending: Vec<(String, u32, u64)> = Vec::new();
+    // The last TRUNCATE applied (by this run or an earlier one).
+    let mut truncated = checkpoints.load_truncated().map_err(CdcError::Checkpoint)?;
     for work in rx {
         while shared.paused.load(Ordering::Acquire) && !shared.stopped.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(50));
@@ -679,16 +681,31 @@ fn load_loop(
                 tracing::debug!(table = %batch.table, label = %batch.label, rows = batch.rows, ?outcome, "loaded");
                 failpoint::hit("cdc-after-load");
             }
-            Work::Truncate { table } => {
-                // TRUNCATE is no part of a StarRocks transaction: what came before it goes first.
+            Work::Truncate { tables, at } => {
+                // TRUNCATE is no part of a StarRocks transaction: what came before it goes
+                // first (also when it is skipped below: that ends the cycle's transaction,
+                // as it did in the run that applied it).
                 if let Some(txns) = txns.as_deref_mut() {
                     txns.commit_all(sink).map_err(CdcError::Load)?;
                 }
                 for (table, chunk, rows) in chunks_pending.drain(..) {
                     record_chunk(checkpoints, shared, &table, chunk, rows)?;
                 }
-                sink.truncate(&table).map_err(CdcError::Load)?;
-                tracing::info!(%table, "truncated");
+                if truncated.is_some_and(|done| at <= done) {
+                    // An earlier run emptied the tables here and may have loaded (and
+                    // committed, under these same labels) rows that followed: emptying them
+                    // again would lose those rows.
+                    tracing::info!(?tables, "TRUNCATE already applied by an earlier run");
+                } else {
+                    for table in &tables {
+                        sink.truncate(table).map_err(CdcError::Load)?;
+                        tracing::info!(%table, "truncated");
+                    }
+                    checkpoints
+                        .store_truncated(at)
+                        .map_err(CdcError::Checkpoint)?;
+                    truncated = Some(at);
+                }
             }
             Work::Schema { change, apply } => {
                 let statements = sink.plan_schema(&change, apply).map_err(CdcError::Load)?;
