@@ -980,6 +980,61 @@ fn commit_in_doubt_is_settled_by_the_label_state() {
     assert_eq!(txns.get("PREPARED"), None, "{txns:?}");
 }
 
+#[test]
+fn a_transaction_starrocks_aborts_at_its_timeout_is_loaded_again_once() {
+    let pg = start_pg("cdc-txn-timeout", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    make_table(&mut c, &sr, "u");
+    sr.watch(DB, &["t", "u"]);
+    let mut args = base_args(&pg, &sr, "t,u");
+    args.extend(["--transaction-timeout-ms".into(), "1000".into()]);
+    let cdc = Cdc::start(&args, &[]);
+    // The cycle's first load reaches StarRocks after the transaction's 1 s timeout: the FE
+    // has aborted it, and the load is refused as StarRocks documents it.
+    sr.inject(Fault::Delay(Duration::from_millis(2500)), 1);
+    for i in 0..3 {
+        let lo = i * 100 + 1;
+        c.batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO t SELECT g, 'x', g FROM generate_series({lo}, {lo} + 49) g;
+             INSERT INTO u SELECT g, 'y', g FROM generate_series({lo}, {lo} + 49) g;
+             COMMIT;"
+        ))
+        .unwrap();
+    }
+    for table in ["t", "u"] {
+        assert_converges(
+            &sr,
+            &mut c,
+            table,
+            &["id", "v", "n"],
+            &cdc,
+            Duration::from_secs(60),
+        );
+    }
+    let log = sr.log();
+    assert!(
+        log.iter().any(|(_, s)| s == "TIMEOUT"),
+        "no transaction timed out: {log:?}"
+    );
+    assert!(
+        cdc.log().contains("StarRocks aborted the transaction"),
+        "{}",
+        cdc.log()
+    );
+    assert!(cdc.status_number("reconnects") >= 1);
+    // Begun again under the same label, each row written once: nothing lost, nothing doubled.
+    assert_eq!(sr.applied_rows(DB, "t"), 150, "{log:?}");
+    assert_eq!(sr.applied_rows(DB, "u"), 150, "{log:?}");
+    assert!(!saw_half_transaction(&sr));
+    assert!(twice_committed(&sr).is_empty(), "{log:?}");
+    let txns = sr.transactions();
+    assert_eq!(txns.get("PREPARE"), None, "{txns:?}");
+    assert_eq!(txns.get("PREPARED"), None, "{txns:?}");
+}
+
 /// The emulator's columns of `table` as (name, type) pairs, sorted by name.
 fn sr_columns(sr: &StarRocks, table: &str) -> Vec<(String, String)> {
     sr.columns(DB, table).into_iter().collect()

@@ -384,6 +384,7 @@ fn validate_limits(cfg: &CdcConfig) -> Result<(), ConfigError> {
         ("ring-capacity", cfg.ring_capacity as u64),
         ("load-attempts-max", u64::from(cfg.load_attempts_max)),
         ("load-timeout-ms", cfg.load_timeout_ms),
+        ("transaction-timeout-ms", cfg.transaction_timeout_ms),
         ("connect-timeout-ms", cfg.connect_timeout_ms),
         ("status-interval-ms", cfg.status_interval_ms),
         ("snapshot-chunk-rows", cfg.snapshot_chunk_rows as u64),
@@ -464,7 +465,16 @@ pub fn run_reconnecting(
             return Err(err);
         }
         let delay = Duration::from_millis(250u64 << failures.min(7)).min(Duration::from_secs(30));
-        tracing::warn!(error = %err, attempt = failures, ?delay, "PostgreSQL connection lost; resuming from the checkpoint");
+        // The whole chain: the cause (a lost connection, a transaction StarRocks aborted)
+        // sits below the top-level error.
+        let mut error = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(e) = source {
+            error.push_str(": ");
+            error.push_str(&e.to_string());
+            source = e.source();
+        }
+        tracing::warn!(%error, attempt = failures, ?delay, "resuming from the checkpoint");
         shared.reconnects.fetch_add(1, Ordering::Relaxed);
         std::thread::sleep(delay);
     }
@@ -565,6 +575,7 @@ fn sink_config(cfg: &CdcConfig) -> SinkConfig {
         backoff: Duration::from_millis(cfg.load_backoff_ms),
         backoff_max: Duration::from_millis(cfg.load_backoff_ms_max),
         timeout: Duration::from_millis(cfg.load_timeout_ms),
+        txn_timeout: Duration::from_millis(cfg.transaction_timeout_ms),
     }
 }
 
