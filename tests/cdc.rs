@@ -1476,6 +1476,15 @@ fn snapshot_under_concurrent_writes_ends_equal() {
         &cdc,
         Duration::from_secs(60),
     );
+    // A writer's transaction caught between its commit record and its visibility when a
+    // chunk is read (frequent on a loaded machine) costs that chunk its straggler's keys,
+    // never a read again: this once failed the snapshot after five unlucky reads of one
+    // chunk. The straggler's keys are remembered (fewer than snapshot-window-keys-max).
+    assert!(
+        !cdc.log().contains("invisible to the chunk"),
+        "a chunk was read again for a straggler\n{}",
+        cdc.log()
+    );
     // (Whether a chunk met a change in its window depends on timing, so it is printed, not
     // asserted; the window rules have their own tests in `snapshot::window`.)
     let snap = cdc.snapshot();

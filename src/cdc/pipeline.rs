@@ -593,12 +593,13 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Tells the open snapshot windows on this table which keys a change touched.
+    /// Tells the snapshot's windows which keys a change touched (the open windows on this
+    /// table, and the transaction's keys while the snapshot copies).
     fn note_keys(&mut self, rel: u32, tuples: [Option<Tuple<'_>>; 2]) {
         let (Some(windows), Ok(schema)) = (self.windows.as_mut(), self.schema.get(rel)) else {
             return;
         };
-        if !windows.watching(&schema.source_name) {
+        if !windows.recording() {
             return;
         }
         for tuple in tuples.into_iter().flatten() {
