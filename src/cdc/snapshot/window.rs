@@ -126,12 +126,15 @@ struct Window {
     untrusted: Option<&'static str>,
 }
 
+/// Keys a transaction changed, each with its table.
+type ChangedKeys = Vec<(Arc<str>, Box<[u8]>)>;
+
 /// A recent commit: its top-level xid, commit LSN, and the keys it changed per table
 /// (`None` once forgotten, or when there were more than `keys_max`).
 struct Commit {
     xid: u32,
     lsn: Lsn,
-    keys: Option<Vec<(Arc<str>, Box<[u8]>)>>,
+    keys: Option<ChangedKeys>,
 }
 
 /// The open windows of this run, and the recent commits for the visibility check.
@@ -144,7 +147,7 @@ pub struct Windows {
     /// Keys held in `recent`, at most `keys_max`.
     recent_keys: usize,
     /// Keys the current transaction changed (`None`: more than `keys_max`, or one unreadable).
-    txn_keys: Option<Vec<(Arc<str>, Box<[u8]>)>>,
+    txn_keys: Option<ChangedKeys>,
     /// Table names, shared by the remembered keys.
     names: Vec<Arc<str>>,
     keys_max: usize,
@@ -240,7 +243,7 @@ impl Windows {
 
     /// A transaction committed (top-level xid, commit LSN).
     pub fn committed(&mut self, xid: u32, lsn: Lsn) {
-        let keys = std::mem::replace(&mut self.txn_keys, Some(Vec::new()));
+        let keys = self.txn_keys.replace(Vec::new());
         if self.recent.len() == RECENT_COMMITS
             && let Some(old) = self.recent.pop_front()
         {
