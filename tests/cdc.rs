@@ -980,6 +980,61 @@ fn commit_in_doubt_is_settled_by_the_label_state() {
     assert_eq!(txns.get("PREPARED"), None, "{txns:?}");
 }
 
+#[test]
+fn a_transaction_starrocks_aborts_at_its_timeout_is_loaded_again_once() {
+    let pg = start_pg("cdc-txn-timeout", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    make_table(&mut c, &sr, "u");
+    sr.watch(DB, &["t", "u"]);
+    let mut args = base_args(&pg, &sr, "t,u");
+    args.extend(["--transaction-timeout-ms".into(), "1000".into()]);
+    let cdc = Cdc::start(&args, &[]);
+    // The cycle's first load reaches StarRocks after the transaction's 1 s timeout: the FE
+    // has aborted it, and the load is refused as StarRocks documents it.
+    sr.inject(Fault::Delay(Duration::from_millis(2500)), 1);
+    for i in 0..3 {
+        let lo = i * 100 + 1;
+        c.batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO t SELECT g, 'x', g FROM generate_series({lo}, {lo} + 49) g;
+             INSERT INTO u SELECT g, 'y', g FROM generate_series({lo}, {lo} + 49) g;
+             COMMIT;"
+        ))
+        .unwrap();
+    }
+    for table in ["t", "u"] {
+        assert_converges(
+            &sr,
+            &mut c,
+            table,
+            &["id", "v", "n"],
+            &cdc,
+            Duration::from_secs(60),
+        );
+    }
+    let log = sr.log();
+    assert!(
+        log.iter().any(|(_, s)| s == "TIMEOUT"),
+        "no transaction timed out: {log:?}"
+    );
+    assert!(
+        cdc.log().contains("StarRocks aborted the transaction"),
+        "{}",
+        cdc.log()
+    );
+    assert!(cdc.status_number("reconnects") >= 1);
+    // Begun again under the same label, each row written once: nothing lost, nothing doubled.
+    assert_eq!(sr.applied_rows(DB, "t"), 150, "{log:?}");
+    assert_eq!(sr.applied_rows(DB, "u"), 150, "{log:?}");
+    assert!(!saw_half_transaction(&sr));
+    assert!(twice_committed(&sr).is_empty(), "{log:?}");
+    let txns = sr.transactions();
+    assert_eq!(txns.get("PREPARE"), None, "{txns:?}");
+    assert_eq!(txns.get("PREPARED"), None, "{txns:?}");
+}
+
 /// The emulator's columns of `table` as (name, type) pairs, sorted by name.
 fn sr_columns(sr: &StarRocks, table: &str) -> Vec<(String, String)> {
     sr.columns(DB, table).into_iter().collect()
@@ -1421,6 +1476,15 @@ fn snapshot_under_concurrent_writes_ends_equal() {
         &cdc,
         Duration::from_secs(60),
     );
+    // A writer's transaction caught between its commit record and its visibility when a
+    // chunk is read (frequent on a loaded machine) costs that chunk its straggler's keys,
+    // never a read again: this once failed the snapshot after five unlucky reads of one
+    // chunk. The straggler's keys are remembered (fewer than snapshot-window-keys-max).
+    assert!(
+        !cdc.log().contains("invisible to the chunk"),
+        "a chunk was read again for a straggler\n{}",
+        cdc.log()
+    );
     // (Whether a chunk met a change in its window depends on timing, so it is printed, not
     // asserted; the window rules have their own tests in `snapshot::window`.)
     let snap = cdc.snapshot();
@@ -1817,6 +1881,93 @@ fn truncate_empties_the_table_even_across_a_crash() {
         "{:?}",
         sr.statements()
     );
+}
+
+#[test]
+fn truncate_then_crash_between_prepare_and_commit_settles_the_prepared_transaction() {
+    for point in ["cdc-after-prepare", "cdc-after-commit"] {
+        let pg = start_pg("cdc-truncate-txn", &[]);
+        let sr = StarRocks::start("root", "pw");
+        let mut c = client(&pg);
+        make_table(&mut c, &sr, "t");
+        make_table(&mut c, &sr, "u");
+        let args = base_args(&pg, &sr, "t,u");
+        // Prepares: 1 the first cycle, 2 the rows before the TRUNCATE (committed before it
+        // runs), 3 the rows after it, which the crash leaves prepared. Checkpoints (where
+        // the other failpoint is): 1 the first cycle, 2 the transaction with the TRUNCATE,
+        // whose rows after it the crash leaves committed without a checkpoint.
+        let nth = if point == "cdc-after-prepare" { 3 } else { 2 };
+        let failpoint = format!("{point}={nth}*kill");
+        let mut cdc = Cdc::start(&args, &[("PGPRISM_FAILPOINTS", &failpoint)]);
+        c.batch_execute("INSERT INTO t SELECT g, 'before', g FROM generate_series(1, 50) g")
+            .unwrap();
+        assert!(
+            eventually(Duration::from_secs(30), || sr.row_count(DB, "t") == 50),
+            "{point}: the first rows were not loaded\n{}",
+            cdc.log()
+        );
+        c.batch_execute(
+            "BEGIN; \
+             INSERT INTO t SELECT g, 'doomed', g FROM generate_series(60, 70) g; \
+             TRUNCATE t; \
+             INSERT INTO t SELECT g, 'after', g FROM generate_series(100, 150) g; \
+             INSERT INTO u SELECT g, 'beside', g FROM generate_series(1, 20) g; \
+             COMMIT;",
+        )
+        .unwrap();
+        assert!(
+            cdc.wait_death(Duration::from_secs(30)),
+            "{point}: the failpoint did not fire\n{}",
+            cdc.log()
+        );
+        if point == "cdc-after-prepare" {
+            assert_eq!(
+                sr.transactions().get("PREPARED"),
+                Some(&1),
+                "{point}: the crash should leave the rows after the TRUNCATE prepared"
+            );
+        }
+        drop(cdc);
+        let cdc = Cdc::start(&args, &[]);
+        c.batch_execute(
+            "INSERT INTO t VALUES (500, 'later', 1); INSERT INTO u VALUES (500, 'later', 1)",
+        )
+        .unwrap();
+        for table in ["t", "u"] {
+            assert_converges(
+                &sr,
+                &mut c,
+                table,
+                &["id", "v", "n"],
+                &cdc,
+                Duration::from_secs(60),
+            );
+        }
+        let txns = sr.transactions();
+        assert_eq!(txns.get("PREPARE"), None, "{point}: {txns:?}");
+        assert_eq!(txns.get("PREPARED"), None, "{point}: {txns:?}");
+        // The restart found the crashed cycle by its label, and did not empty the table a
+        // second time (which would run before that cycle's rows are committed again, or
+        // lose them where they were committed already).
+        assert!(
+            sr.log()
+                .iter()
+                .any(|(l, s)| s == "LABEL_ALREADY_EXISTS" && l.contains("-t-")),
+            "{point}: the restart did not find the crashed cycle's label: {:?}",
+            sr.log()
+        );
+        let truncates = sr
+            .statements()
+            .iter()
+            .filter(|s| s.starts_with("TRUNCATE TABLE"))
+            .count();
+        assert_eq!(truncates, 1, "{point}: {:?}", sr.statements());
+        assert!(
+            twice_committed(&sr).is_empty(),
+            "{point}: a cycle was committed twice: {:?}",
+            sr.log()
+        );
+    }
 }
 
 #[test]

@@ -31,13 +31,43 @@ impl Checkpoints {
         })
     }
 
-    /// Creates the table if it is missing (setup does this before anything streams).
+    /// Creates the table if it is missing (setup does this before anything streams), and
+    /// adds the columns of the last TRUNCATE applied to a table made by an older version.
     pub fn create_sql(table: &str) -> String {
+        let table = qualified(table);
         format!(
-            "CREATE TABLE IF NOT EXISTS {} (slot text PRIMARY KEY, lsn pg_lsn NOT NULL, \
-             pending pg_lsn, updated_at timestamptz NOT NULL DEFAULT now())",
-            qualified(table)
+            "CREATE TABLE IF NOT EXISTS {table} (slot text PRIMARY KEY, lsn pg_lsn NOT NULL, \
+             pending pg_lsn, updated_at timestamptz NOT NULL DEFAULT now()); \
+             ALTER TABLE {table} ADD COLUMN IF NOT EXISTS truncated_lsn pg_lsn, \
+             ADD COLUMN IF NOT EXISTS truncated_idx bigint"
         )
+    }
+
+    /// Records that the TRUNCATE at `at` (see `Work::Truncate`) emptied its StarRocks tables.
+    pub fn store_truncated(&mut self, at: (Lsn, u64)) -> Result<(), PgError> {
+        self.conn.query(&format!(
+            "INSERT INTO {} (slot, lsn, truncated_lsn, truncated_idx) VALUES ({}, '0/0', '{}', {}) \
+             ON CONFLICT (slot) DO UPDATE SET truncated_lsn = excluded.truncated_lsn, \
+             truncated_idx = excluded.truncated_idx, updated_at = now()",
+            self.table,
+            quote_literal(&self.slot),
+            at.0,
+            at.1
+        ))?;
+        Ok(())
+    }
+
+    /// The place of the last TRUNCATE applied, if any.
+    pub fn load_truncated(&mut self) -> Result<Option<(Lsn, u64)>, PgError> {
+        let rows = self.conn.query(&format!(
+            "SELECT truncated_lsn::text, truncated_idx::text FROM {} WHERE slot = {}",
+            self.table,
+            quote_literal(&self.slot)
+        ))?;
+        let field = |i: usize| rows.first().and_then(|r| r.get(i).cloned().flatten());
+        Ok(field(0)
+            .and_then(|t| Lsn::parse(&t))
+            .zip(field(1).and_then(|t| t.parse().ok())))
     }
 
     /// Announces the end of the flush cycle being loaded (see `Work::Boundary`).

@@ -43,6 +43,9 @@ pub struct CdcArgs {
     flush_rows: Option<usize>,
     #[arg(long)]
     flush_interval_ms: Option<u64>,
+    /// StarRocks transaction timeout (`cdc.transaction-timeout-ms`).
+    #[arg(long)]
+    transaction_timeout_ms: Option<u64>,
     /// `hard` (`__op` delete) or `soft` (audit columns mark the row).
     #[arg(long, value_parser = ["hard", "soft"])]
     delete_mode: Option<String>,
@@ -134,6 +137,9 @@ impl CdcArgs {
         }
         if let Some(v) = self.flush_interval_ms {
             cfg.flush_interval_ms = v;
+        }
+        if let Some(v) = self.transaction_timeout_ms {
+            cfg.transaction_timeout_ms = v;
         }
         match self.delete_mode.as_deref() {
             Some("soft") => cfg.delete_mode = CdcDeleteMode::Soft,

@@ -384,6 +384,7 @@ fn validate_limits(cfg: &CdcConfig) -> Result<(), ConfigError> {
         ("ring-capacity", cfg.ring_capacity as u64),
         ("load-attempts-max", u64::from(cfg.load_attempts_max)),
         ("load-timeout-ms", cfg.load_timeout_ms),
+        ("transaction-timeout-ms", cfg.transaction_timeout_ms),
         ("connect-timeout-ms", cfg.connect_timeout_ms),
         ("status-interval-ms", cfg.status_interval_ms),
         ("snapshot-chunk-rows", cfg.snapshot_chunk_rows as u64),
@@ -464,7 +465,16 @@ pub fn run_reconnecting(
             return Err(err);
         }
         let delay = Duration::from_millis(250u64 << failures.min(7)).min(Duration::from_secs(30));
-        tracing::warn!(error = %err, attempt = failures, ?delay, "PostgreSQL connection lost; resuming from the checkpoint");
+        // The whole chain: the cause (a lost connection, a transaction StarRocks aborted)
+        // sits below the top-level error.
+        let mut error = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(e) = source {
+            error.push_str(": ");
+            error.push_str(&e.to_string());
+            source = e.source();
+        }
+        tracing::warn!(%error, attempt = failures, ?delay, "resuming from the checkpoint");
         shared.reconnects.fetch_add(1, Ordering::Relaxed);
         std::thread::sleep(delay);
     }
@@ -565,6 +575,7 @@ fn sink_config(cfg: &CdcConfig) -> SinkConfig {
         backoff: Duration::from_millis(cfg.load_backoff_ms),
         backoff_max: Duration::from_millis(cfg.load_backoff_ms_max),
         timeout: Duration::from_millis(cfg.load_timeout_ms),
+        txn_timeout: Duration::from_millis(cfg.transaction_timeout_ms),
     }
 }
 
@@ -647,6 +658,8 @@ fn load_loop(
     // Snapshot chunks whose rows wait in the open StarRocks transaction (bounded by the
     // chunks one flush cycle can hold).
     let mut chunks_pending: Vec<(String, u32, u64)> = Vec::new();
+    // The last TRUNCATE applied (by this run or an earlier one).
+    let mut truncated = checkpoints.load_truncated().map_err(CdcError::Checkpoint)?;
     for work in rx {
         while shared.paused.load(Ordering::Acquire) && !shared.stopped.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(50));
@@ -679,16 +692,31 @@ fn load_loop(
                 tracing::debug!(table = %batch.table, label = %batch.label, rows = batch.rows, ?outcome, "loaded");
                 failpoint::hit("cdc-after-load");
             }
-            Work::Truncate { table } => {
-                // TRUNCATE is no part of a StarRocks transaction: what came before it goes first.
+            Work::Truncate { tables, at } => {
+                // TRUNCATE is no part of a StarRocks transaction: what came before it goes
+                // first (also when it is skipped below: that ends the cycle's transaction,
+                // as it did in the run that applied it).
                 if let Some(txns) = txns.as_deref_mut() {
                     txns.commit_all(sink).map_err(CdcError::Load)?;
                 }
                 for (table, chunk, rows) in chunks_pending.drain(..) {
                     record_chunk(checkpoints, shared, &table, chunk, rows)?;
                 }
-                sink.truncate(&table).map_err(CdcError::Load)?;
-                tracing::info!(%table, "truncated");
+                if truncated.is_some_and(|done| at <= done) {
+                    // An earlier run emptied the tables here and may have loaded (and
+                    // committed, under these same labels) rows that followed: emptying them
+                    // again would lose those rows.
+                    tracing::info!(?tables, "TRUNCATE already applied by an earlier run");
+                } else {
+                    for table in &tables {
+                        sink.truncate(table).map_err(CdcError::Load)?;
+                        tracing::info!(%table, "truncated");
+                    }
+                    checkpoints
+                        .store_truncated(at)
+                        .map_err(CdcError::Checkpoint)?;
+                    truncated = Some(at);
+                }
             }
             Work::Schema { change, apply } => {
                 let statements = sink.plan_schema(&change, apply).map_err(CdcError::Load)?;

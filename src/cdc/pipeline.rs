@@ -27,9 +27,14 @@ use crate::config::{CdcDeleteMode, CdcSchemaChanges, CdcToastMode};
 #[derive(Debug)]
 pub enum Work {
     Load(Batch),
-    /// Empty a StarRocks table (a TRUNCATE in PostgreSQL); every earlier batch is loaded first.
+    /// Empty StarRocks tables (a TRUNCATE in PostgreSQL); every earlier batch is loaded first.
+    /// `at` (commit LSN of the source transaction, index inside it) is the TRUNCATE's place in
+    /// the stream, the same in every replay: the loader records it once the tables are empty,
+    /// and a replay skips a TRUNCATE at or before the recorded place, so rows an earlier run
+    /// loaded after it (under the same labels) are not emptied again.
     Truncate {
-        table: String,
+        tables: Vec<String>,
+        at: (Lsn, u64),
     },
     /// Make the StarRocks table follow a source table's new columns (`apply`: change it;
     /// `fail`: stop if it differs), before any later load.
@@ -167,11 +172,6 @@ pub struct Pipeline {
     last_data: Instant,
     /// A TRUNCATE was applied in the current transaction: end the cycle at its commit.
     truncated_in_txn: bool,
-    /// Set from a TRUNCATE until the next checkpoint marker: labels of batches loaded in
-    /// that window carry this run's nonce. A replay re-runs the TRUNCATE, so it must reload
-    /// those rows, not have them skipped as already loaded; upserts make the reload exact.
-    salt: Option<String>,
-    nonce: String,
     streams: StreamBuffers,
     replaying: Option<Replaying>,
     in_stream: bool,
@@ -204,15 +204,6 @@ impl Pipeline {
             forced: None,
             last_data: Instant::now(),
             truncated_in_txn: false,
-            salt: None,
-            nonce: format!(
-                "{:x}{:x}",
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64 & 0xFFFF_FFFF)
-                    .unwrap_or(0)
-            ),
             replaying: None,
             in_stream: false,
             current_stream: None,
@@ -446,7 +437,6 @@ impl Pipeline {
                 lsn,
                 self.unflushed_commit_ts + 946_684_800_000_000,
             ));
-            self.salt = None;
         }
         self.cycle_start_us = None;
     }
@@ -486,12 +476,7 @@ impl Pipeline {
             .get(oid)
             .map(|s| s.target_name.clone())
             .unwrap_or_default();
-        let mut label = label(&self.cfg.slot, &table, b.first, b.last);
-        if let Some(salt) = &self.salt {
-            label.truncate(128 - salt.len() - 2);
-            label.push_str("-r");
-            label.push_str(salt);
-        }
+        let label = label(&self.cfg.slot, &table, b.first, b.last);
         out.push(Work::Load(Batch {
             table,
             columns: b.columns,
@@ -547,13 +532,18 @@ impl Pipeline {
                 self.flush_open(out);
                 self.txn_rows = true;
                 self.truncated_in_txn = true;
-                self.salt = Some(self.nonce.clone());
-                for oid in rels.iter() {
-                    if let Ok(schema) = self.schema.get(oid) {
-                        out.push(Work::Truncate {
-                            table: schema.target_name.clone(),
-                        });
-                    }
+                // Its own place in the transaction (not a row: the row counters stay).
+                self.txn_idx += 1;
+                let tables: Vec<String> = rels
+                    .iter()
+                    .filter_map(|oid| self.schema.get(oid).ok())
+                    .map(|schema| schema.target_name.clone())
+                    .collect();
+                if !tables.is_empty() {
+                    out.push(Work::Truncate {
+                        tables,
+                        at: (self.txn, self.txn_idx),
+                    });
                 }
             }
             Message::Message {
@@ -603,12 +593,13 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Tells the open snapshot windows on this table which keys a change touched.
+    /// Tells the snapshot's windows which keys a change touched (the open windows on this
+    /// table, and the transaction's keys while the snapshot copies).
     fn note_keys(&mut self, rel: u32, tuples: [Option<Tuple<'_>>; 2]) {
         let (Some(windows), Ok(schema)) = (self.windows.as_mut(), self.schema.get(rel)) else {
             return;
         };
-        if !windows.watching(&schema.source_name) {
+        if !windows.recording() {
             return;
         }
         for tuple in tuples.into_iter().flatten() {

@@ -152,6 +152,8 @@ pub struct SinkConfig {
     pub backoff: Duration,
     pub backoff_max: Duration,
     pub timeout: Duration,
+    /// StarRocks transaction timeout (`timeout` and `idle_transaction_timeout` at begin).
+    pub txn_timeout: Duration,
 }
 
 pub struct StarRocks {
@@ -409,7 +411,14 @@ impl StarRocks {
         batch: Option<&Batch>,
     ) -> Result<TxnReply, String> {
         let mut url = format!("{}/api/transaction/{op}", self.url.base);
-        let timeout_s = self.cfg.timeout.as_secs().max(1).to_string();
+        // Whole seconds, rounded up: StarRocks must not abort before the configured time.
+        let timeout_s = self
+            .cfg
+            .txn_timeout
+            .as_millis()
+            .div_ceil(1000)
+            .max(1)
+            .to_string();
         for _ in 0..4 {
             let sent = match batch {
                 Some(batch) => self

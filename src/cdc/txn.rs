@@ -111,7 +111,13 @@ impl Transactions {
         match reply {
             Ok(r) if r.status == "OK" || r.status == "Success" => Ok(LoadOutcome::Loaded),
             Ok(r) => {
+                // Asked before the rollback below, which would abort it anyway.
+                let timed_out = refused_as_gone(&r.message)
+                    && sink.label_state(&label).as_deref() == Ok("ABORTED");
                 self.abort_all(sink);
+                if timed_out {
+                    return Err(timed_out_error(sink, &label, &batch.table, &r));
+                }
                 Err(self.load_failure(sink, batch, &label, r))
             }
             Err(why) => {
@@ -197,8 +203,14 @@ impl Transactions {
         };
         if let Some(why) = why {
             // A prepare whose answer was lost may have happened.
-            if sink.label_state(&label).as_deref() != Ok("PREPARED") {
+            let state = sink.label_state(&label);
+            if state.as_deref() != Ok("PREPARED") {
                 self.abort_all(sink);
+                let why = if state.as_deref() == Ok("ABORTED") {
+                    format!("{why}; {}", aborted_note(sink))
+                } else {
+                    why
+                };
                 return Err(LoadError::TxnAborted { label, why });
             }
         }
@@ -241,6 +253,34 @@ impl Transactions {
                 let _ = sink.txn_call("rollback", &txn.label, self.scope_table(&scope), None);
             }
         }
+    }
+}
+
+/// Whether a load was refused because its transaction is no longer open (the answers
+/// StarRocks documents for a load into an unknown or aborted transaction).
+fn refused_as_gone(message: &str) -> bool {
+    message.contains("State Invalid") || message.contains("TXN_NOT_EXISTS")
+}
+
+/// Why StarRocks aborts a transaction on its own, naming the setting.
+fn aborted_note(sink: &StarRocks) -> String {
+    format!(
+        "StarRocks aborted the transaction: not prepared within its timeout, or idle that long \
+         (cdc.transaction-timeout-ms = {}); the cycle is loaded again from the checkpoint",
+        sink.config().txn_timeout.as_millis()
+    )
+}
+
+/// A load refused because StarRocks aborted the transaction under it (its timeout passed).
+fn timed_out_error(sink: &StarRocks, label: &str, table: &str, r: &TxnReply) -> LoadError {
+    LoadError::TxnAborted {
+        label: label.to_string(),
+        why: format!(
+            "load into {table}: {} {}; {}",
+            r.status,
+            r.message,
+            aborted_note(sink)
+        ),
     }
 }
 

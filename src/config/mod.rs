@@ -723,6 +723,12 @@ pub struct CdcConfig {
     pub load_backoff_ms_max: u64,
     /// Timeout of one Stream Load HTTP exchange.
     pub load_timeout_ms: u64,
+    /// StarRocks transaction timeout, sent (in whole seconds, rounded up) with each begin as
+    /// `timeout` (a transaction not prepared within it is aborted by the FE) and
+    /// `idle_transaction_timeout` (one that received no load for that long is rolled back).
+    /// A flush cycle must load and prepare within it; an aborted one is loaded again from the
+    /// checkpoint.
+    pub transaction_timeout_ms: u64,
     /// Timeout to connect to PostgreSQL and for setup queries.
     pub connect_timeout_ms: u64,
     /// Standby status update interval (also answers keepalives earlier when asked).
@@ -769,6 +775,7 @@ impl Default for CdcConfig {
             load_backoff_ms: 100,
             load_backoff_ms_max: 10_000,
             load_timeout_ms: 600_000,
+            transaction_timeout_ms: 600_000,
             connect_timeout_ms: 10_000,
             status_interval_ms: 1_000,
             reconnect_attempts_max: 10,

@@ -14,6 +14,10 @@
 //!   `TRUNCATE TABLE db.t` (the only statement CDC sends) empties the table.
 //! * Faults: the next loads can answer `Fail`, `Publish Timeout` (applied, then reported as
 //!   such), be delayed, or have the connection dropped before any answer.
+//! * Transaction timeouts as the FE enforces them: begin's `timeout` (not prepared in time)
+//!   and `idle_transaction_timeout` (no load for that long), prepare's `prepared_timeout`
+//!   (not committed in time) abort the transaction; a load into it is then refused with
+//!   `Transcation State Invalid`, and its label may be begun again.
 
 // Included privately by the test crates: `pub` is for them, `unreachable_pub` does not apply.
 #![allow(unreachable_pub)]
@@ -107,7 +111,15 @@ struct Txn {
     staged: Vec<(String, Parsed)>,
     /// Load parameters per table: later loads must repeat the first one's.
     params: HashMap<String, (String, bool)>,
+    /// Begin's `timeout`: the FE aborts a transaction not prepared by then.
     deadline: std::time::Instant,
+    /// Begin's `idle_transaction_timeout`: the FE rolls back a transaction that received no
+    /// load for this long.
+    idle: Option<Duration>,
+    /// When it was begun or last received a load.
+    active: std::time::Instant,
+    /// Prepare's `prepared_timeout` (default 86400 s): aborted if not committed by then.
+    prepared_deadline: Option<std::time::Instant>,
 }
 
 #[derive(Default)]
@@ -144,6 +156,9 @@ struct State {
     job_duration: Duration,
     /// The watched tables' keys after each visible change.
     visible: Vec<BTreeMap<String, std::collections::BTreeSet<String>>>,
+    /// Rows written per `db.table` (upserts and deletes, each time a load or a commit
+    /// applies them): a row loaded twice counts twice.
+    applied: HashMap<String, usize>,
 }
 
 pub struct StarRocks {
@@ -321,6 +336,16 @@ impl StarRocks {
             .unwrap_or(0)
     }
 
+    /// Rows written into `db.table` so far, counting every time a load or commit applied
+    /// one (a row loaded twice counts twice, though the table shows it once).
+    pub fn applied_rows(&self, db: &str, table: &str) -> usize {
+        let s = self.state.lock().unwrap();
+        s.applied
+            .get(&format!("{db}.{table}"))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// (label, status) of every load answered so far.
     pub fn log(&self) -> Vec<(String, String)> {
         self.state.lock().unwrap().log.clone()
@@ -438,7 +463,10 @@ fn serve(
         }
         ["", "api", db, "get_load_state"] => {
             let label = query_param(&req.path, "label").unwrap_or_default();
-            let body = load_state(&state.lock().unwrap(), db, &label);
+            let mut s = state.lock().unwrap();
+            expire(&mut s);
+            let body = load_state(&s, db, &label);
+            drop(s);
             respond(&mut writer, 200, "OK", "", &body);
             return Ok(());
         }
@@ -739,6 +767,7 @@ fn parse_rows(
 /// Writes checked rows into `db.table` in order (upserts, `__op` = 1 deletes, partial
 /// updates merge the listed columns).
 fn apply_rows(s: &mut State, db: &str, table: &str, parsed: &Parsed) {
+    *s.applied.entry(format!("{db}.{table}")).or_default() += parsed.good.len();
     let Some(t) = s.tables.get_mut(&format!("{db}.{table}")) else {
         return;
     };
@@ -884,6 +913,36 @@ fn query_param(path: &str, name: &str) -> Option<String> {
     })
 }
 
+/// The FE's transaction timeouts, as StarRocks documents them: a transaction not prepared
+/// within begin's `timeout`, or that received no load for `idle_transaction_timeout`, is
+/// aborted; a prepared one not committed within prepare's `prepared_timeout` too. (The FE
+/// checks on its own schedule; checking at every request is indistinguishable to a client.)
+fn expire(s: &mut State) {
+    let now = std::time::Instant::now();
+    let mut expired = Vec::new();
+    for (key, t) in s.txns.iter_mut() {
+        let gone = match t.state {
+            TxnState::Prepare => {
+                now > t.deadline || t.idle.is_some_and(|idle| now > t.active + idle)
+            }
+            TxnState::Prepared => t.prepared_deadline.is_some_and(|d| now > d),
+            _ => false,
+        };
+        if gone {
+            t.state = TxnState::Aborted;
+            t.staged.clear();
+            expired.push(key.clone());
+        }
+    }
+    for key in expired {
+        s.labels.remove(&key);
+        let label = key
+            .split_once('/')
+            .map_or(key.clone(), |(_, l)| l.to_string());
+        s.log.push((label, "TIMEOUT".into()));
+    }
+}
+
 /// `GET /api/{db}/get_load_state?label=`: the state of a transaction or load by label.
 fn load_state(s: &State, db: &str, label: &str) -> String {
     let key = format!("{db}/{label}");
@@ -990,12 +1049,18 @@ fn serve_txn(
         let _ = writer.shutdown(std::net::Shutdown::Both);
         return Ok(());
     }
-    let timeout = req
-        .headers
-        .get("timeout")
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_secs);
-    let mut answer = txn_control(state, op, &db, &label, table.as_deref(), timeout);
+    let seconds = |name: &str| {
+        req.headers
+            .get(name)
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_secs)
+    };
+    let timeouts = Timeouts {
+        timeout: seconds("timeout"),
+        idle: seconds("idle_transaction_timeout"),
+        prepared: seconds("prepared_timeout"),
+    };
+    let mut answer = txn_control(state, op, &db, &label, table.as_deref(), timeouts);
     match fault {
         Some(TxnFault::CommitAnswersError) => {
             let id = state
@@ -1013,18 +1078,29 @@ fn serve_txn(
     Ok(())
 }
 
+/// The timeout headers of begin and prepare.
+struct Timeouts {
+    /// `timeout` (begin): how long the transaction may take to be prepared (default 600 s,
+    /// the FE's `stream_load_default_timeout_second`).
+    timeout: Option<Duration>,
+    /// `idle_transaction_timeout` (begin): longest time without a load.
+    idle: Option<Duration>,
+    /// `prepared_timeout` (prepare): how long it may stay prepared (default 86400 s, the FE's
+    /// `prepared_transaction_default_timeout_second`).
+    prepared: Option<Duration>,
+}
+
 /// Begin, prepare, commit and rollback.
-/// `timeout` (begin): how long the transaction may take to be prepared (default 600 s, the
-/// FE's `stream_load_default_timeout_second`).
 fn txn_control(
     state: &Mutex<State>,
     op: &str,
     db: &str,
     label: &str,
     table: Option<&str>,
-    timeout: Option<Duration>,
+    timeouts: Timeouts,
 ) -> String {
     let mut s = state.lock().unwrap();
+    expire(&mut s);
     let key = format!("{db}/{label}");
     if label.is_empty() || db.is_empty() {
         return txn_answer(0, label, "FAILED", "label and db are required", "");
@@ -1063,7 +1139,10 @@ fn txn_control(
                 state: TxnState::Prepare,
                 staged: Vec::new(),
                 params: HashMap::new(),
-                deadline: now + timeout.unwrap_or(Duration::from_secs(600)),
+                deadline: now + timeouts.timeout.unwrap_or(Duration::from_secs(600)),
+                idle: timeouts.idle,
+                active: now,
+                prepared_deadline: None,
             },
         );
         s.labels.insert(key, "PREPARE".into());
@@ -1074,12 +1153,11 @@ fn txn_control(
         return txn_answer(0, label, "FAILED", "Transcation Not Exist", "");
     };
     let id = t.id;
-    if t.state == TxnState::Prepare && now > t.deadline {
-        t.state = TxnState::Aborted;
-    }
     let status = match (op, t.state) {
         ("prepare", TxnState::Prepare) => {
             t.state = TxnState::Prepared;
+            t.prepared_deadline =
+                Some(now + timeouts.prepared.unwrap_or(Duration::from_secs(86_400)));
             "PREPARED"
         }
         ("commit", TxnState::Prepared) => {
@@ -1120,6 +1198,8 @@ fn txn_load(
 ) -> String {
     let mut s = state.lock().unwrap();
     advance_jobs(&mut s);
+    // A load that arrives after the transaction's timeout finds it aborted.
+    expire(&mut s);
     let key = format!("{db}/{label}");
     let single = s.single_table_txns;
     let (id, txn_state, bound, params) = match s.txns.get(&key) {
@@ -1175,6 +1255,7 @@ fn txn_load(
         return txn_answer(id, label, "FAILED", "TXN_NOT_EXISTS", "");
     };
     t.params.insert(table.to_string(), parsed.params.clone());
+    t.active = std::time::Instant::now();
     t.staged.push((table.to_string(), parsed));
     let seq = t.staged.len() - 1;
     s.log.push((label.to_string(), "LOAD".into()));

@@ -578,7 +578,11 @@ impl Snapshot {
                         // The run ends; a restart resumes after the chunks done.
                         ctx.shared.stopped.store(true, Ordering::Release);
                     }
-                    if ctx.running.fetch_sub(1, Ordering::AcqRel) == 1 && result.is_ok() {
+                    let last = ctx.running.fetch_sub(1, Ordering::AcqRel) == 1;
+                    if last {
+                        ctx.exchange.set_workers_done();
+                    }
+                    if last && result.is_ok() {
                         let p = &ctx.shared.snapshot;
                         p.planned_all.store(true, Ordering::Release);
                         if p.check_finished() {

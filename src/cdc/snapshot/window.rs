@@ -11,10 +11,16 @@
 //!
 //! PostgreSQL makes a committed transaction visible slightly after its commit record is in
 //! the WAL. A transaction that committed before the low watermark but was still invisible
-//! to the chunk's SELECT would leave that chunk older than the stream. The worker therefore
-//! hands over the SELECT's in-progress transaction ids (`pg_snapshot_xip`); if one of them
-//! committed before the low watermark (this module remembers the last [`RECENT_COMMITS`]
-//! commits), the chunk is refused and read again.
+//! to the chunk's SELECT would leave that chunk older than the stream for the rows it
+//! changed. The worker therefore hands over the SELECT's in-progress transaction ids
+//! (`pg_snapshot_xip`). While the snapshot copies, this module remembers the last
+//! [`RECENT_COMMITS`] commits and the keys each changed (at most `keys_max` keys over all of
+//! them): the keys of such a straggler are dropped from the chunk like the keys changed
+//! inside the window, since the stream carried the straggler's versions before the low
+//! watermark. Only when its keys are no longer remembered is the chunk refused and read
+//! again. (On a busy, loaded server a committing transaction is often caught between its
+//! commit record and its visibility; refusing every such chunk made the snapshot fail after
+//! `snapshot-chunk-attempts-max` unlucky reads.)
 //!
 //! This module must never emit a chunk row whose key the stream changed inside its window,
 //! and never emit a chunk it cannot vouch for: it refuses instead, and the worker retries.
@@ -76,9 +82,21 @@ pub enum Verdict {
 #[derive(Default)]
 pub struct Exchange {
     fetched: Mutex<HashMap<u64, Fetched>>,
+    /// Every worker has stopped: no more low watermarks will come.
+    workers_done: std::sync::atomic::AtomicBool,
 }
 
 impl Exchange {
+    /// The last worker stopped (the stream stops remembering keys once no window is open).
+    pub fn set_workers_done(&self) {
+        self.workers_done
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn workers_done(&self) -> bool {
+        self.workers_done.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn put(&self, id: u64, chunk: Fetched) {
         if let Ok(mut f) = self.fetched.lock() {
             f.insert(id, chunk);
@@ -108,13 +126,30 @@ struct Window {
     untrusted: Option<&'static str>,
 }
 
+/// Keys a transaction changed, each with its table.
+type ChangedKeys = Vec<(Arc<str>, Box<[u8]>)>;
+
+/// A recent commit: its top-level xid, commit LSN, and the keys it changed per table
+/// (`None` once forgotten, or when there were more than `keys_max`).
+struct Commit {
+    xid: u32,
+    lsn: Lsn,
+    keys: Option<ChangedKeys>,
+}
+
 /// The open windows of this run, and the recent commits for the visibility check.
 pub struct Windows {
     /// `{slot} {run}`: watermarks of other runs and other slots are not ours.
     tag: String,
     exchange: Arc<Exchange>,
     open: Vec<Window>,
-    recent: VecDeque<(u32, Lsn)>,
+    recent: VecDeque<Commit>,
+    /// Keys held in `recent`, at most `keys_max`.
+    recent_keys: usize,
+    /// Keys the current transaction changed (`None`: more than `keys_max`, or one unreadable).
+    txn_keys: Option<ChangedKeys>,
+    /// Table names, shared by the remembered keys.
+    names: Vec<Arc<str>>,
     keys_max: usize,
 }
 
@@ -145,6 +180,9 @@ impl Windows {
             exchange,
             open: Vec::new(),
             recent: VecDeque::with_capacity(1024),
+            recent_keys: 0,
+            txn_keys: Some(Vec::new()),
+            names: Vec::new(),
             keys_max,
         }
     }
@@ -155,8 +193,38 @@ impl Windows {
         !self.open.is_empty() && self.open.iter().any(|w| w.table == table)
     }
 
+    /// Whether changed keys must be noted at all: while the snapshot copies (a later chunk
+    /// may need to drop a straggler's keys) or a window is open.
+    #[inline]
+    pub fn recording(&self) -> bool {
+        !self.open.is_empty() || !self.exchange.workers_done()
+    }
+
+    fn name(&mut self, table: &str) -> Arc<str> {
+        if let Some(n) = self.names.iter().find(|n| &***n == table) {
+            return Arc::clone(n);
+        }
+        let n: Arc<str> = Arc::from(table);
+        self.names.push(Arc::clone(&n));
+        n
+    }
+
     /// A change to the row with this key (`None`: the key could not be read).
     pub fn touched(&mut self, table: &str, key: Option<Box<[u8]>>) {
+        if !self.exchange.workers_done() {
+            let remembered = match (&key, self.txn_keys.as_ref().map(Vec::len)) {
+                (Some(_), Some(n)) => n < self.keys_max,
+                _ => false,
+            };
+            if remembered {
+                let name = self.name(table);
+                if let (Some(keys), Some(k)) = (self.txn_keys.as_mut(), &key) {
+                    keys.push((name, k.clone()));
+                }
+            } else {
+                self.txn_keys = None;
+            }
+        }
         for w in self.open.iter_mut().filter(|w| w.table == table) {
             match &key {
                 _ if w.untrusted.is_some() => {}
@@ -175,10 +243,23 @@ impl Windows {
 
     /// A transaction committed (top-level xid, commit LSN).
     pub fn committed(&mut self, xid: u32, lsn: Lsn) {
-        if self.recent.len() == RECENT_COMMITS {
-            self.recent.pop_front();
+        let keys = self.txn_keys.replace(Vec::new());
+        if self.recent.len() == RECENT_COMMITS
+            && let Some(old) = self.recent.pop_front()
+        {
+            self.recent_keys -= old.keys.map_or(0, |k| k.len());
         }
-        self.recent.push_back((xid, lsn));
+        self.recent_keys += keys.as_ref().map_or(0, Vec::len);
+        self.recent.push_back(Commit { xid, lsn, keys });
+        // Within the bound, forget the oldest commits' keys first.
+        for old in self.recent.iter_mut() {
+            if self.recent_keys <= self.keys_max {
+                break;
+            }
+            if let Some(k) = old.keys.take() {
+                self.recent_keys -= k.len();
+            }
+        }
     }
 
     /// A logical message at commit LSN `lsn`. A high watermark of this run returns the
@@ -217,16 +298,21 @@ impl Windows {
             .map(|i| self.open.swap_remove(i));
         let fetched = self.exchange.take(id)?;
         let verdict = match &window {
-            None => Some("the low watermark was not seen"),
-            Some(w) => w
-                .untrusted
-                .or_else(|| self.invisible_before(w.low, &fetched.xip)),
+            None => Err("the low watermark was not seen"),
+            Some(w) => match w.untrusted {
+                Some(reason) => Err(reason),
+                None => self.invisible_before(w.low, &fetched.xip, &fetched.table),
+            },
         };
-        if let Some(reason) = verdict {
-            let _ = fetched.reply.send(Verdict::Retry { reason });
-            return None;
-        }
-        let keys = window.map(|w| w.keys).unwrap_or_default();
+        let stragglers = match verdict {
+            Ok(keys) => keys,
+            Err(reason) => {
+                let _ = fetched.reply.send(Verdict::Retry { reason });
+                return None;
+            }
+        };
+        let mut keys = window.map(|w| w.keys).unwrap_or_default();
+        keys.extend(stragglers);
         let reply = fetched.reply.clone();
         let (emitted, dropped) = emit(fetched, &keys);
         let _ = reply.send(Verdict::Taken {
@@ -236,21 +322,42 @@ impl Windows {
         Some(emitted)
     }
 
-    /// Whether a transaction the chunk's SELECT could not see committed before the low
-    /// watermark (so the chunk may be older than the stream).
-    fn invisible_before(&self, low: Lsn, xip: &[u32]) -> Option<&'static str> {
+    /// The keys of `table` changed by transactions the chunk's SELECT could not see that
+    /// committed before the low watermark (the chunk is older than the stream for those
+    /// rows); an error when such a transaction's keys are not remembered.
+    fn invisible_before(
+        &self,
+        low: Lsn,
+        xip: &[u32],
+        table: &str,
+    ) -> Result<Vec<Box<[u8]>>, &'static str> {
         if xip.is_empty() {
-            return None;
+            return Ok(Vec::new());
         }
-        if self.recent.front().is_some_and(|(_, lsn)| *lsn > low) {
-            return Some("too many commits since the low watermark to check visibility");
+        if self.recent.front().is_some_and(|c| c.lsn > low) {
+            return Err("too many commits since the low watermark to check visibility");
         }
-        self.recent
+        let mut keys = Vec::new();
+        for c in self
+            .recent
             .iter()
             .rev()
-            .skip_while(|(_, lsn)| *lsn >= low)
-            .any(|(xid, _)| xip.contains(xid))
-            .then_some("a transaction invisible to the chunk committed before its low watermark")
+            .skip_while(|c| c.lsn >= low)
+            .filter(|c| xip.contains(&c.xid))
+        {
+            let Some(changed) = &c.keys else {
+                return Err(
+                    "a transaction invisible to the chunk committed before its low watermark, and its keys are not remembered",
+                );
+            };
+            keys.extend(
+                changed
+                    .iter()
+                    .filter(|(t, _)| &**t == table)
+                    .map(|(_, k)| k.clone()),
+            );
+        }
+        Ok(keys)
     }
 }
 
@@ -387,6 +494,8 @@ mod tests {
     #[test]
     fn an_invisible_transaction_committed_before_the_window_forces_a_retry() {
         let (mut w, exchange) = windows(100);
+        // 900's keys are unknown (a change whose key was not sent).
+        w.touched("public.t", None);
         w.committed(900, Lsn(50));
         mark(&mut w, 1, false, 100);
         w.committed(901, Lsn(150));
@@ -401,6 +510,44 @@ mod tests {
         exchange.put(2, chunk);
         assert!(mark(&mut w, 2, true, 400).is_none());
         assert!(matches!(verdict.try_recv(), Ok(Verdict::Retry { .. })));
+    }
+
+    #[test]
+    fn an_invisible_transactions_keys_are_dropped_while_remembered() {
+        let (mut w, exchange) = windows(3);
+        // 900 changed keys 1 and 2 of t (and one of u) and committed before the low
+        // watermark, yet the chunk's SELECT did not see it: those rows of the chunk are
+        // older than the stream's, so they are dropped; the rest is taken.
+        w.touched("public.t", Some(key("1")));
+        w.touched("public.u", Some(key("1")));
+        w.touched("public.t", Some(key("2")));
+        w.committed(900, Lsn(50));
+        mark(&mut w, 1, false, 100);
+        let (chunk, verdict) = fetched(&["1", "2", "3"], vec![900]);
+        exchange.put(1, chunk);
+        let out = mark(&mut w, 1, true, 200).expect("taken");
+        assert_eq!(out.batches[0].body, br#"[{"id":3}]"#);
+        assert_eq!(
+            verdict.try_recv(),
+            Ok(Verdict::Taken {
+                rows: 1,
+                dropped: 2
+            })
+        );
+        // Beyond keys_max over the recent commits, the oldest commits' keys are forgotten:
+        // a chunk that needs them is read again.
+        for (xid, k) in [(901, "4"), (902, "5")] {
+            w.touched("public.t", Some(key(k)));
+            w.committed(xid, Lsn(250 + u64::from(xid - 900)));
+        }
+        mark(&mut w, 2, false, 300);
+        let (chunk, verdict) = fetched(&["1"], vec![900]);
+        exchange.put(2, chunk);
+        assert!(mark(&mut w, 2, true, 400).is_none());
+        assert!(matches!(verdict.try_recv(), Ok(Verdict::Retry { .. })));
+        // Once the workers are done, nothing more is remembered.
+        exchange.set_workers_done();
+        assert!(!w.recording());
     }
 
     #[test]
