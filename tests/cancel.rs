@@ -214,10 +214,19 @@ fn a_cancel_reaches_each_mirror_on_its_own_and_on_pooled_connections() {
     let primary = start_primary("cmp");
     let mirror = start_primary("cmm");
     let url = mirror_url(&mirror);
-    for (name, pooled) in [("session", false), ("pooled", true)] {
+    // Session mode with the session's own mirror connection, with pooled mirror
+    // connections, and a transaction-pooled client (its key is pgprism's own).
+    for (name, pooled, clients_pooled) in [
+        ("session", false, false),
+        ("pooled", true, false),
+        ("transaction pooling", false, true),
+    ] {
         let mut args = vec!["--mirror", &url, "--mirror-all-queries"];
         if pooled {
             args.extend_from_slice(&["--mirror-pool-size", "2"]);
+        }
+        if clients_pooled {
+            args.extend_from_slice(&["--pool-mode", "transaction", "--auth-type", "trust"]);
         }
         let proxy = Proxy::start(&primary.url(), &args);
         // A session's own mirror connection runs the statement as the primary does; a pooled

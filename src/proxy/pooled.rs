@@ -257,6 +257,8 @@ struct Session<'a> {
     router: Option<crate::mirror::Router>,
     /// Client frames to route to the mirrors, with what the tracker made of them.
     to_route: Vec<(crate::session::Framed, Bytes)>,
+    /// The session's mirrors, for its client's cancels (None: no mirror).
+    cancel: Option<Rc<super::session::Sides>>,
 }
 
 /// What the console sees of a pooled client, updated as it goes.
@@ -491,9 +493,19 @@ pub(super) async fn serve(
         busy_since: None,
         router: shard.mirror_router(&params),
         to_route: Vec::new(),
+        cancel: None,
     };
+    // A cancel reaches the mirrors too (through the registry, under pgprism's own key).
+    let mirrors = session.router.as_ref().map(|r| r.links().to_vec());
+    if let Some(sides) = super::session::Sides::of(None, mirrors.unwrap_or_default()) {
+        sides.register(&shard, (pid, secret), id);
+        let sides = Rc::new(sides);
+        shard.pooled_sides.borrow_mut().insert(id, sides.clone());
+        session.cancel = Some(sides);
+    }
     session.run(buf).await;
     session.finish().await;
+    shard.pooled_sides.borrow_mut().remove(&id);
     drop(registration);
     pool.clients.set(pool.clients.get().saturating_sub(1));
     shard.cancel_keys.remove(pid);
@@ -680,6 +692,7 @@ impl Session<'_> {
         let _ = wire::complete_prefix(&rest, max, |t, body| frames.push((t, body.to_vec())));
         for (t, body) in frames {
             let step = self.tracker.client(t, &body);
+            self.cancel_points();
             let refers = self.tracker.take_refers();
             if let Refers::Statement(statement) = &refers {
                 // What its later Bind needs to prepare it on a connection.
@@ -700,6 +713,7 @@ impl Session<'_> {
         wire::encode::ready_for_query(&mut self.to_client, wire::TransactionStatus::Idle);
         let ready = self.to_client[at..].to_vec();
         self.tracker.server(ready[0], &ready[wire::HEADER_BYTES..]);
+        self.cancel_points();
         true
     }
 
@@ -910,6 +924,7 @@ impl Session<'_> {
             settled.done.clear();
             if route == Route::Client {
                 self.tracker.server(frame.tag(), frame.body());
+                self.cancel_points();
                 self.to_client.extend_from_slice(frame.bytes());
             }
             for own in settled.own.drain(..) {
@@ -1000,10 +1015,25 @@ impl Session<'_> {
         conn.settings = wanted;
     }
 
+    /// Tells the session's cancel sides where its sync points stand (its tracker is its
+    /// own), and which of them the primary answered since, cancelled or not. Nothing without
+    /// mirrors.
+    fn cancel_points(&self) {
+        let Some(sides) = &self.cancel else {
+            return;
+        };
+        let (opened, answered) = self.tracker.sync_points();
+        let (_, before) = sides.points.replace((opened, answered));
+        for seq in before..answered {
+            sides.answered(seq, self.tracker.cancelled(seq));
+        }
+    }
+
     /// One client frame on its way to the lent connection, rewritten where pooling needs it.
     fn forward(&mut self, frame: wire::Frame) {
         let (t, body) = (frame.tag(), frame.body());
         let step = self.tracker.client(t, body);
+        self.cancel_points();
         let refers = self.tracker.take_refers();
         let applied = self.tracker.take_applied();
         if self.router.is_some() {
@@ -1471,6 +1501,7 @@ impl Session<'_> {
             }
             if route == Route::Client {
                 self.tracker.server(frame.tag(), frame.body());
+                self.cancel_points();
                 self.to_client.extend_from_slice(frame.bytes());
                 if frame.tag() == tag::ERROR_RESPONSE && crate::session::is_farewell(frame.body()) {
                     let _ = self.flush_client().await;

@@ -83,6 +83,8 @@ pub struct ShardCtx {
     /// Sessions whose statements also run on a shadow or mirrors, by the key their clients
     /// hold, shared by every shard (None: neither is configured).
     pub cancel_registry: Option<crate::backend::cancel::Registry>,
+    /// Pooled sessions' sides for cancels, by session number.
+    pub(super) pooled_sides: RefCell<std::collections::HashMap<u64, Rc<Sides>>>,
 }
 
 /// What a shard's pooled sessions share, when transaction pooling or the console is on.
@@ -146,6 +148,7 @@ impl ShardCtx {
             secrets: None,
             pipelines: RefCell::new(Vec::new()),
             cancel_registry: None,
+            pooled_sides: RefCell::new(Default::default()),
         }
     }
 
@@ -176,6 +179,10 @@ impl ShardCtx {
                 let session = self.sessions.borrow().get(&id).cloned();
                 if let Some(session) = session {
                     session.cancel_requested();
+                }
+                let pooled = self.pooled_sides.borrow().get(&id).cloned();
+                if let Some(sides) = pooled {
+                    sides.requested(sides.points.get());
                 }
             }
         }
@@ -377,12 +384,72 @@ struct SessionShared {
 /// The sides of a session besides the primary, for a client's CancelRequest: it reaches
 /// them through the shard-shared registry (`backend::cancel`), which the session enters once
 /// its key is known.
-struct Sides {
+pub(super) struct Sides {
     shadow: Option<compare::Cancel>,
     mirrors: Vec<Rc<Link>>,
     /// The primary's sync point a cancel was asked during.
     wanted: Cell<Option<u64>>,
     registered: RefCell<Option<crate::backend::cancel::Registered>>,
+    /// A pooled session's sync points (opened, answered), as its tracker (not shared) last
+    /// told them.
+    pub(super) points: Cell<(u64, u64)>,
+}
+
+impl Sides {
+    /// The sides of a session (`None`: none besides the primary).
+    pub(super) fn of(shadow: Option<compare::Cancel>, mirrors: Vec<Rc<Link>>) -> Option<Sides> {
+        (shadow.is_some() || !mirrors.is_empty()).then(|| Sides {
+            shadow,
+            mirrors,
+            wanted: Cell::new(None),
+            registered: RefCell::new(None),
+            points: Cell::new((0, 0)),
+        })
+    }
+
+    /// Enters the session in the registry under `key`, the key its client holds.
+    pub(super) fn register(&self, shard: &ShardCtx, key: (i32, i32), id: u64) {
+        if let Some(registry) = &shard.cancel_registry {
+            *self.registered.borrow_mut() = Some(registry.register(key, shard.index, id));
+        }
+    }
+
+    /// The client asked to cancel while the primary had answered `answered` of the
+    /// `opened` sync points: the one it runs now is the one it may cancel; each side cancels
+    /// it once the primary's answer says it was (see `backend::cancel::Pending`).
+    pub(super) fn requested(&self, (opened, answered): (u64, u64)) {
+        if answered >= opened {
+            // Nothing runs: the primary ignores the cancel, and so does every side.
+            return;
+        }
+        self.wanted.set(Some(answered));
+        if let Some(shadow) = &self.shadow {
+            shadow.request(answered);
+        }
+        for link in &self.mirrors {
+            link.cancel_request(answered);
+        }
+    }
+
+    /// Whether a cancel waits for the primary's answer to sync point `seq`.
+    pub(super) fn waits_for(&self, seq: u64) -> bool {
+        self.wanted.get() == Some(seq)
+    }
+
+    /// The primary answered sync point `seq` (`cancelled`: with 57014): if a cancel was
+    /// asked during it, the sides learn whether it took.
+    pub(super) fn answered(&self, seq: u64, cancelled: bool) {
+        if !self.waits_for(seq) {
+            return;
+        }
+        self.wanted.set(None);
+        if let Some(shadow) = &self.shadow {
+            shadow.primary_answered(seq, cancelled);
+        }
+        for link in &self.mirrors {
+            link.primary_answered(seq, cancelled);
+        }
+    }
 }
 
 impl SessionShared {
@@ -419,54 +486,31 @@ impl SessionShared {
     /// Enters the session in the cancel registry once the primary's key is known (the
     /// client holds that key: a CancelRequest carries it).
     fn register_cancel(&self, shard: &ShardCtx) {
-        let (Some(sides), Some(registry)) = (&self.sides, &shard.cancel_registry) else {
+        let Some(sides) = &self.sides else {
             return;
         };
         if sides.registered.borrow().is_some() {
             return;
         }
         if let Some(key) = self.tracker.borrow().key() {
-            *sides.registered.borrow_mut() = Some(registry.register(key, shard.index, self.id));
+            sides.register(shard, key, self.id);
         }
     }
 
-    /// The client asked to cancel (heard from whichever shard got its CancelRequest): the
-    /// sync point the primary runs now is the one it may cancel; each side cancels it once
-    /// the primary's answer says it was (see `backend::cancel::Pending`).
+    /// The client asked to cancel (heard from whichever shard got its CancelRequest).
     fn cancel_requested(&self) {
-        let Some(sides) = &self.sides else {
-            return;
-        };
-        let (opened, answered) = self.tracker.borrow().sync_points();
-        if answered >= opened {
-            // Nothing runs: the primary ignores the cancel, and so does every side.
-            return;
-        }
-        sides.wanted.set(Some(answered));
-        if let Some(shadow) = &sides.shadow {
-            shadow.request(answered);
-        }
-        for link in &sides.mirrors {
-            link.cancel_request(answered);
+        if let Some(sides) = &self.sides {
+            sides.requested(self.tracker.borrow().sync_points());
         }
     }
 
-    /// The primary answered sync point `seq`: if a cancel was asked during it, the sides
-    /// learn whether it took.
+    /// The primary answered sync point `seq`.
     fn cancel_answered(&self, seq: u64) {
-        let Some(sides) = &self.sides else {
-            return;
-        };
-        if sides.wanted.get() != Some(seq) {
-            return;
-        }
-        sides.wanted.set(None);
-        let cancelled = self.tracker.borrow().cancelled(seq);
-        if let Some(shadow) = &sides.shadow {
-            shadow.primary_answered(seq, cancelled);
-        }
-        for link in &sides.mirrors {
-            link.primary_answered(seq, cancelled);
+        if let Some(sides) = &self.sides
+            && sides.waits_for(seq)
+        {
+            let cancelled = self.tracker.borrow().cancelled(seq);
+            sides.answered(seq, cancelled);
         }
     }
 
@@ -793,12 +837,7 @@ async fn relay(
         .map(|r| r.links().to_vec())
         .unwrap_or_default();
     let shadow = compare.as_ref().map(|(_, comparer, _)| comparer.cancel());
-    let sides = (shadow.is_some() || !mirrors.is_empty()).then(|| Sides {
-        shadow,
-        mirrors,
-        wanted: Cell::new(None),
-        registered: RefCell::new(None),
-    });
+    let sides = Sides::of(shadow, mirrors);
     let shared = Rc::new(SessionShared {
         client: client.clone(),
         primary: primary.clone(),
