@@ -57,10 +57,18 @@ static HANDED: std::sync::OnceLock<Option<OsString>> = std::sync::OnceLock::new(
 /// thing in `main`, before any thread exists.
 pub fn take_environment() {
     let value = std::env::var_os(ENV_FD);
-    if value.is_some() {
+    if let Some(text) = &value {
         // SAFETY: called at the top of `main` (`cli::main`), before any other thread exists,
         // so no thread reads the environment while it changes.
         unsafe { std::env::remove_var(ENV_FD) };
+        // And the descriptor itself is close-on-exec from here on, whoever reads it: a
+        // command that never takes it over (`pgprism embed`) must not pass it on either.
+        let fd = text.to_str().and_then(|t| t.parse::<RawFd>().ok());
+        if let Some(fd) = fd.filter(|fd| *fd > 2) {
+            // SAFETY: F_SETFD only changes a descriptor's close-on-exec flag; on a number that
+            // names no open descriptor it fails and changes nothing.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
     }
     let _ = HANDED.set(value);
 }
