@@ -24,7 +24,9 @@
 //! Between fork and exec the child blocks SIGUSR2 and SIGHUP (a second `systemctl kill -s USR2`
 //! reaching every process of the unit, say): their default action would end it. The mask
 //! carries over the exec; the new pgprism blocks both anyway and drops a SIGUSR2 that came
-//! while it started (it is the upgrade that signal asked for).
+//! while it started (it is the upgrade that signal asked for). The control thread that forks
+//! has both blocked already, but whether the child keeps that mask is up to std's `Command`
+//! (it has reset it to empty in the child before): the explicit block does not depend on it.
 
 use std::ffi::OsString;
 use std::io;
@@ -382,8 +384,8 @@ impl Successor {
             .env_remove("WATCHDOG_PID");
         // SAFETY: fcntl, sigemptyset, sigaddset and pthread_sigmask are async-signal-safe and
         // the closure allocates nothing; it clears close-on-exec on the new process's end of
-        // the pair and blocks SIGUSR2 and SIGHUP up to the new pgprism's own signal mask (std
-        // empties the mask in the child before this runs; see the module comment).
+        // the pair and blocks SIGUSR2 and SIGHUP up to the new pgprism's own signal mask, after
+        // anything std did to the child's mask (see the module comment).
         unsafe {
             command.pre_exec(move || {
                 if libc::fcntl(theirs_fd, libc::F_SETFD, 0) < 0 {
