@@ -24,7 +24,9 @@
 //! Between fork and exec the child blocks SIGUSR2 and SIGHUP (a second `systemctl kill -s USR2`
 //! reaching every process of the unit, say): their default action would end it. The mask
 //! carries over the exec; the new pgprism blocks both anyway and drops a SIGUSR2 that came
-//! while it started (it is the upgrade that signal asked for).
+//! while it started (it is the upgrade that signal asked for). The control thread that forks
+//! has both blocked already, but whether the child keeps that mask is up to std's `Command`
+//! (it has reset it to empty in the child before): the explicit block does not depend on it.
 
 use std::ffi::OsString;
 use std::io;
@@ -57,10 +59,18 @@ static HANDED: std::sync::OnceLock<Option<OsString>> = std::sync::OnceLock::new(
 /// thing in `main`, before any thread exists.
 pub fn take_environment() {
     let value = std::env::var_os(ENV_FD);
-    if value.is_some() {
+    if let Some(text) = &value {
         // SAFETY: called at the top of `main` (`cli::main`), before any other thread exists,
         // so no thread reads the environment while it changes.
         unsafe { std::env::remove_var(ENV_FD) };
+        // And the descriptor itself is close-on-exec from here on, whoever reads it: a
+        // command that never takes it over (`pgprism embed`) must not pass it on either.
+        let fd = text.to_str().and_then(|t| t.parse::<RawFd>().ok());
+        if let Some(fd) = fd.filter(|fd| *fd > 2) {
+            // SAFETY: F_SETFD only changes a descriptor's close-on-exec flag; on a number that
+            // names no open descriptor it fails and changes nothing.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
     }
     let _ = HANDED.set(value);
 }
@@ -374,8 +384,8 @@ impl Successor {
             .env_remove("WATCHDOG_PID");
         // SAFETY: fcntl, sigemptyset, sigaddset and pthread_sigmask are async-signal-safe and
         // the closure allocates nothing; it clears close-on-exec on the new process's end of
-        // the pair and blocks SIGUSR2 and SIGHUP up to the new pgprism's own signal mask (std
-        // empties the mask in the child before this runs; see the module comment).
+        // the pair and blocks SIGUSR2 and SIGHUP up to the new pgprism's own signal mask, after
+        // anything std did to the child's mask (see the module comment).
         unsafe {
             command.pre_exec(move || {
                 if libc::fcntl(theirs_fd, libc::F_SETFD, 0) < 0 {
