@@ -219,7 +219,9 @@ impl Pipeline {
         {
             return None;
         }
-        // The least loaded one, so that units spread over the connections lent.
+        // One with a write pending in this round first (the unit goes out in that write and
+        // waits only behind the units in it), else the least loaded one, so that units
+        // spread over the connections lent.
         shard
             .pipelines
             .borrow()
@@ -233,7 +235,7 @@ impl Pipeline {
                     && (pool.waiting() == 0
                         || p.served.get() < SERVED_PER_DEPTH * p.depth_max as u64)
             })
-            .min_by_key(|p| p.queue.borrow().len())
+            .min_by_key(|p| (p.outbox.borrow().is_empty(), p.queue.borrow().len()))
             .cloned()
     }
 
