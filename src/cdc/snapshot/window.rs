@@ -146,6 +146,8 @@ pub struct Windows {
     recent: VecDeque<Commit>,
     /// Keys held in `recent`, at most `keys_max`.
     recent_keys: usize,
+    /// Entries of `recent` before this one have had their keys forgotten (oldest first).
+    forgotten: usize,
     /// Keys the current transaction changed (`None`: more than `keys_max`, or one unreadable).
     txn_keys: Option<ChangedKeys>,
     /// Table names, shared by the remembered keys.
@@ -181,6 +183,7 @@ impl Windows {
             open: Vec::new(),
             recent: VecDeque::with_capacity(1024),
             recent_keys: 0,
+            forgotten: 0,
             txn_keys: Some(Vec::new()),
             names: Vec::new(),
             keys_max,
@@ -248,17 +251,17 @@ impl Windows {
             && let Some(old) = self.recent.pop_front()
         {
             self.recent_keys -= old.keys.map_or(0, |k| k.len());
+            self.forgotten = self.forgotten.saturating_sub(1);
         }
         self.recent_keys += keys.as_ref().map_or(0, Vec::len);
         self.recent.push_back(Commit { xid, lsn, keys });
-        // Within the bound, forget the oldest commits' keys first.
-        for old in self.recent.iter_mut() {
-            if self.recent_keys <= self.keys_max {
-                break;
-            }
-            if let Some(k) = old.keys.take() {
+        // Within the bound, forget the oldest commits' keys first (from where the last
+        // forgetting stopped, so each commit is visited once).
+        while self.recent_keys > self.keys_max && self.forgotten < self.recent.len() {
+            if let Some(k) = self.recent[self.forgotten].keys.take() {
                 self.recent_keys -= k.len();
             }
+            self.forgotten += 1;
         }
     }
 
