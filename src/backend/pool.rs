@@ -322,12 +322,6 @@ impl Pool {
         self.waiting.get() > 0 || (self.idle.borrow().is_empty() && self.budget.open() >= size)
     }
 
-    /// Whether a client waits for a connection of this pair: one of this shard still in
-    /// line, or one of another shard (the budget's count beyond this shard's).
-    pub fn wants_conn(&self) -> bool {
-        self.first_waiter().is_some() || self.budget.wanted() > self.waiting.get()
-    }
-
     /// Clients of this shard waiting for a connection of this pair.
     pub fn waiting(&self) -> usize {
         self.waiting.get()
@@ -596,6 +590,17 @@ impl Pools {
             }
         }
         Some(conn)
+    }
+
+    /// Whether a connection of `pool` lent out but free now (a lingering shared one) should
+    /// go back for a waiting client: one of this shard still in line, or one of another shard
+    /// (the budget's count beyond this shard's) while this shard holds more than its even
+    /// share of `pool.size` (at or below it, the other shards hold the rest, and their own
+    /// connections come back to their waiters).
+    pub fn wants_conn(&self, pool: &Pool) -> bool {
+        pool.first_waiter().is_some()
+            || (pool.budget.wanted() > pool.waiting.get()
+                && pool.open.get() > self.cfg.size / self.shards.max(1))
     }
 
     /// Whether `conn` is past `server-lifetime-ms` or older than the last RECONNECT.

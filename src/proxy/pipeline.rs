@@ -296,13 +296,14 @@ impl Pipeline {
     }
 
     /// Whether a pipeline with nothing in flight must give its connection back now rather
-    /// than linger: a client waits for a connection of its own (here or on another shard),
+    /// than linger: a client waits for a connection of its own (here, or on another shard
+    /// while this one holds more than its share),
     /// the pool is paused, or the connection is past its lifetime (or a RECONNECT).
     fn must_go_back(&self, shard: &ShardCtx, now: std::time::Instant) -> bool {
         let Some(pools) = shard.pools.as_ref() else {
             return true;
         };
-        self.pool.wants_conn()
+        pools.wants_conn(&self.pool)
             || pools.is_paused(&self.pool.database)
             || self
                 .state
