@@ -281,7 +281,10 @@ pub fn time_value(rule: ColumnRule, bytes: &[u8]) -> Option<i64> {
             // Microseconds of the day, then the zone in seconds west of UTC.
             let us = i64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
             let west = i32::from_be_bytes(bytes.get(8..12)?.try_into().ok()?);
-            (bytes.len() == 12).then(|| us + i64::from(west) * 1_000_000)
+            if bytes.len() != 12 {
+                return None;
+            }
+            us.checked_add(i64::from(west) * 1_000_000)
         }
         ColumnRule::TimeBinary(_) => {
             // Microseconds since 2000-01-01 (timestamps) or since midnight (time); the
@@ -309,8 +312,10 @@ fn time_text(text: &str) -> Option<i64> {
         None => (clock, None),
     };
     let mut parts = clock.splitn(3, ':');
-    let hours: i64 = digits(parts.next()?)?;
-    let minutes: i64 = digits(parts.next()?)?;
+    // Bounded as PostgreSQL writes them (24:00:00 is a valid time), so the sums below
+    // cannot overflow whatever the bytes say.
+    let hours: i64 = digits(parts.next()?).filter(|h| *h <= 24)?;
+    let minutes: i64 = digits(parts.next()?).filter(|m| *m < 60)?;
     let seconds = parts.next()?;
     let (whole, fraction) = seconds.split_once('.').unwrap_or((seconds, ""));
     if fraction.len() > 6 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
@@ -321,16 +326,25 @@ fn time_text(text: &str) -> Option<i64> {
     } else {
         fraction.parse::<i64>().ok()? * 10i64.pow(6 - fraction.len() as u32)
     };
-    let mut us = ((days * 24 + hours) * 60 + minutes) * 60 + digits::<i64>(whole)?;
-    us = us * 1_000_000 + micros;
+    let whole: i64 = digits(whole).filter(|s| *s <= 60)?;
+    // Counted from 1970, PostgreSQL's last years pass i64's microseconds: checked.
+    let mut us = days
+        .checked_mul(86_400)?
+        .checked_add((hours * 60 + minutes) * 60 + whole)?
+        .checked_mul(1_000_000)?
+        .checked_add(micros)?;
     if let Some(zone) = zone {
         let (sign, rest) = zone.split_at(1);
         let mut fields = rest.splitn(3, ':');
-        let mut offset = digits::<i64>(fields.next()?)? * 3600;
-        offset += fields.next().map_or(Some(0), digits::<i64>)? * 60;
-        offset += fields.next().map_or(Some(0), digits::<i64>)?;
+        let field = |f: Option<&str>, max: i64| match f {
+            None => Some(0),
+            Some(f) => digits::<i64>(f).filter(|v| *v <= max),
+        };
+        let offset = field(fields.next(), 99)? * 3600
+            + field(fields.next(), 59)? * 60
+            + field(fields.next(), 59)?;
         // Local time minus the offset east of UTC is UTC.
-        us -= if sign == "+" { offset } else { -offset } * 1_000_000;
+        us = us.checked_sub(if sign == "+" { offset } else { -offset } * 1_000_000)?;
     }
     Some(us)
 }
@@ -347,7 +361,8 @@ fn digits<T: std::str::FromStr>(text: &str) -> Option<T> {
 /// more, AD only).
 fn date_days(date: &str) -> Option<i64> {
     let mut parts = date.splitn(3, '-');
-    let year: i64 = digits(parts.next()?)?;
+    // PostgreSQL's timestamps end in 294276 AD; more digits are not a date it writes.
+    let year: i64 = digits(parts.next()?).filter(|y| *y <= 294_276)?;
     let month: i64 = digits(parts.next()?)?;
     let day: i64 = digits(parts.next()?)?;
     if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
@@ -614,6 +629,18 @@ mod tests {
         let mut timetz = 10i64.to_be_bytes().to_vec();
         timetz.extend_from_slice(&(-3600i32).to_be_bytes());
         assert_eq!(binary(TIMETZ, &timetz), Some(10 - 3_600_000_000));
+        // Extremes never overflow (a row value must not panic a debug build): the last
+        // millennia PostgreSQL can store pass i64's microseconds from 1970 and are compared
+        // as bytes, like what it never writes.
+        assert!(text("262000-12-31 23:59:59.999999+14").is_some());
+        assert_eq!(text("294276-12-31 23:59:59.999999+14"), None);
+        assert_eq!(text("294277-01-01 00:00:00"), None);
+        assert_eq!(text("99999999999999999999-01-01 00:00:00"), None);
+        assert_eq!(text("2024-01-01 999999999999:00:00"), None);
+        assert_eq!(text("2024-01-01 00:00:00+999999999999"), None);
+        let mut extreme = (i64::MAX - 1).to_be_bytes().to_vec();
+        extreme.extend_from_slice(&i32::MAX.to_be_bytes());
+        assert_eq!(binary(TIMETZ, &extreme), None);
 
         let cfg = CompareConfig {
             timestamp_tolerance_ms: 1000,
