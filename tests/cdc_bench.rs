@@ -152,6 +152,9 @@ fn end_to_end_against_pg_recvlogical() {
                 &sr.url(),
                 "--database",
                 &db,
+                // Schema changes follow the source by default: the FE query port is needed.
+                "--starrocks-query-port",
+                &sr.query.port().to_string(),
             ])
             .args([
                 "--tables",
