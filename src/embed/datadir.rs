@@ -403,12 +403,47 @@ pub(super) fn remove_memory_dir(dir: &Path) {
 
 #[cfg(test)]
 mod tests {
-    use super::conf_quote;
+    use super::{conf_quote, write_owned};
+    use std::fs;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     #[test]
     fn quotes_conf_values() {
         assert_eq!(conf_quote("300"), "'300'");
         assert_eq!(conf_quote("it's"), "'it''s'");
         assert_eq!(conf_quote(r"a\b"), r"'a\\b'");
+    }
+
+    /// A private file replaces what was there (a readable file, a planted link) with a new
+    /// 0600 file, never writing through the link or keeping the old mode; no temp file stays.
+    #[test]
+    fn owned_files_are_private_and_replace_links() {
+        let dir = std::env::temp_dir().join(format!("pgprism-write-owned-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pgpass");
+        fs::write(&path, "old").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        write_owned(&path, "secret", None).unwrap();
+        let meta = fs::symlink_metadata(&path).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_eq!(fs::read_to_string(&path).unwrap(), "secret");
+
+        let elsewhere = dir.join("elsewhere");
+        fs::write(&elsewhere, "untouched").unwrap();
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
+        write_owned(&path, "secret 2", None).unwrap();
+        assert!(fs::symlink_metadata(&path).unwrap().is_file());
+        assert_eq!(fs::read_to_string(&path).unwrap(), "secret 2");
+        assert_eq!(fs::read_to_string(&elsewhere).unwrap(), "untouched");
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["elsewhere", "pgpass"]);
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

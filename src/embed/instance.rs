@@ -634,7 +634,37 @@ fn percent_encode(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{percent_encode, url_host};
+    use super::{percent_encode, scram_verifier, sql_literal, url_host};
+    use crate::wire::ScramSecret;
+
+    #[test]
+    fn literals_mean_the_text_whatever_standard_conforming_strings_is() {
+        assert_eq!(sql_literal("plain"), "'plain'");
+        assert_eq!(sql_literal("it's"), "'it''s'");
+        // With a backslash: an escape string, the same under both settings.
+        assert_eq!(sql_literal(r"a\'b\"), r"E'a\\''b\\'");
+    }
+
+    #[test]
+    fn verifiers_are_salted_scram_of_the_password_in_safe_characters() {
+        let password = "p\\'w";
+        let first = scram_verifier(password).unwrap();
+        let second = scram_verifier(password).unwrap();
+        assert_ne!(first, second, "a fresh salt each time");
+        let parsed = ScramSecret::parse(&first).unwrap();
+        assert_eq!(parsed.iterations(), 4096);
+        assert_eq!(parsed.salt().len(), 16);
+        assert_eq!(
+            parsed,
+            ScramSecret::from_password(password, parsed.salt(), 4096)
+        );
+        assert!(
+            first
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+/=:$-".contains(c)),
+            "{first}"
+        );
+    }
 
     #[test]
     fn encodes_url_parts() {
