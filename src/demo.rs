@@ -75,7 +75,7 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
     let mut proxy = compare(&args, &primary, &shadow)?;
     let serve = args.serve.unwrap_or_else(|| std::io::stdin().is_terminal());
     if serve {
-        serve_until_stopped(&proxy);
+        serve_until_stopped(&proxy, &primary);
     }
     proxy.stop();
     drop(primary);
@@ -141,10 +141,16 @@ fn compare(args: &DemoArgs, primary: &Instance, shadow: &Instance) -> Result<Pro
     Ok(proxy)
 }
 
-/// Says how to connect and waits for Ctrl-C (or SIGTERM).
-fn serve_until_stopped(proxy: &Proxy) {
+/// Says how to connect and waits for Ctrl-C (or SIGTERM). The password is the primary's
+/// (pgprism relays the login), read by psql from the primary's passfile (mode 0600, any
+/// host and port) rather than printed.
+fn serve_until_stopped(proxy: &Proxy, primary: &Instance) {
+    let passfile = primary
+        .passfile()
+        .map(|path| format!("PGPASSFILE={} ", path.display()))
+        .unwrap_or_default();
     println!(
-        "\npgprism keeps serving. Connect with:\n  psql -h {} -p {} -U postgres postgres\n\
+        "\npgprism keeps serving. Connect with:\n  {passfile}psql -h {} -p {} -U postgres postgres\n\
          metrics: curl http://{}/metrics   status: curl http://{}/status\nCtrl-C to stop.",
         proxy.listen.ip(),
         proxy.listen.port(),
