@@ -75,7 +75,7 @@ pub fn run(args: DemoArgs) -> Result<(), DemoError> {
     let mut proxy = compare(&args, &primary, &shadow)?;
     let serve = args.serve.unwrap_or_else(|| std::io::stdin().is_terminal());
     if serve {
-        serve_until_stopped(&proxy);
+        serve_until_stopped(&proxy, &primary);
     }
     proxy.stop();
     drop(primary);
@@ -103,8 +103,8 @@ fn start_servers() -> Result<(Instance, Instance), DemoError> {
         })?;
     println!(
         "  primary  {}\n  shadow   {}  (no primary key on pgbench_accounts; aid {CHANGED_AID} differs)",
-        primary.url(),
-        shadow.url()
+        primary.url_without_password(),
+        shadow.url_without_password()
     );
     Ok((primary, shadow))
 }
@@ -141,10 +141,16 @@ fn compare(args: &DemoArgs, primary: &Instance, shadow: &Instance) -> Result<Pro
     Ok(proxy)
 }
 
-/// Says how to connect and waits for Ctrl-C (or SIGTERM).
-fn serve_until_stopped(proxy: &Proxy) {
+/// Says how to connect and waits for Ctrl-C (or SIGTERM). The password is the primary's
+/// (pgprism relays the login), read by psql from the primary's passfile (mode 0600, any
+/// host and port) rather than printed.
+fn serve_until_stopped(proxy: &Proxy, primary: &Instance) {
+    let passfile = primary
+        .passfile()
+        .map(|path| format!("PGPASSFILE={} ", path.display()))
+        .unwrap_or_default();
     println!(
-        "\npgprism keeps serving. Connect with:\n  psql -h {} -p {} -U postgres postgres\n\
+        "\npgprism keeps serving. Connect with:\n  {passfile}psql -h {} -p {} -U postgres postgres\n\
          metrics: curl http://{}/metrics   status: curl http://{}/status\nCtrl-C to stop.",
         proxy.listen.ip(),
         proxy.listen.port(),
@@ -341,17 +347,35 @@ impl Proxy {
         report: &std::path::Path,
     ) -> Result<Proxy, DemoError> {
         let exe = std::env::current_exe().map_err(|e| DemoError::Proxy(e.to_string()))?;
+        // The URLs carry the servers' passwords: they go in a 0600 config file, not in the
+        // child's argv (`/proc/PID/cmdline` is readable by every local user), and the file
+        // is removed as soon as the child has read it (it is listening then).
+        let secrets = report.with_file_name(format!("proxy-{}.toml", std::process::id()));
+        write_private(&secrets, &proxy_config(primary, shadow))
+            .map_err(|e| DemoError::Proxy(format!("{}: {e}", secrets.display())))?;
         let spawn = |port: u16| {
             Command::new(&exe)
                 .args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
-                .args(["--admin", "127.0.0.1:0", "--primary", &primary.url()])
-                .args(["--shadow", &shadow.url(), "--log", "warn"])
+                .arg("--config")
+                .arg(&secrets)
+                .args(["--admin", "127.0.0.1:0", "--log", "warn"])
                 .arg("--compare-report")
                 .arg(report)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .spawn()
         };
+        let started = Self::spawn_listening(port, spawn);
+        let _ = std::fs::remove_file(&secrets);
+        started
+    }
+
+    /// Spawns the proxy on `port`, then on any port if that one is taken, and reads the
+    /// addresses from its first line.
+    fn spawn_listening(
+        port: u16,
+        spawn: impl Fn(u16) -> std::io::Result<Child>,
+    ) -> Result<Proxy, DemoError> {
         // The usual port may be taken (another pgprism, a PgBouncer): fall back to any.
         for port in [port, 0] {
             let mut child = spawn(port).map_err(|e| DemoError::Proxy(e.to_string()))?;
@@ -383,4 +407,31 @@ impl Proxy {
         }
         let _ = self.child.wait();
     }
+}
+
+/// The proxy's config file: the primary and the shadow, with their passwords.
+fn proxy_config(primary: &Instance, shadow: &Instance) -> String {
+    let url = |inst: &Instance| toml::Value::String(inst.url()).to_string();
+    format!(
+        "[primary]\nurl = {}\n\n[shadow]\nurl = {}\n",
+        url(primary),
+        url(shadow)
+    )
+}
+
+/// Writes `text` to a new file only its owner can read, mode 0600 from the start (a file
+/// of that name left over is replaced, never reused with its old mode).
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())
 }

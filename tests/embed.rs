@@ -419,3 +419,98 @@ fn a_server_with_a_password_refuses_tcp_without_it() {
     drop(client);
     inst.stop().unwrap();
 }
+
+/// Processes whose command line (`/proc/PID/cmdline`, readable by every local user)
+/// contains `secret`.
+fn processes_showing(secret: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let line = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if line.contains(secret) {
+            found.push(line);
+        }
+    }
+    found
+}
+
+/// The superuser's password never shows: not in any process's argv while the server starts
+/// or after, not in the server log even with every statement logged, not in the catalog
+/// (which holds a SCRAM-SHA-256 verifier of 4096 iterations made from it). A password and a
+/// database name with quotes and backslashes survive `standard_conforming_strings = off`.
+#[test]
+fn the_password_shows_nowhere_and_survives_any_quoting() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let scratch = ScratchDir::new("password-hidden");
+    let data = scratch.0.join("data");
+    let password = format!(
+        "p\\'w\" x'{}\\",
+        pgprism::embed::generate_password().unwrap()
+    );
+    let database = "db\\'q";
+    // Watch every process's argv for as long as the start takes.
+    let done = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let watcher = {
+        let (done, seen, password) = (done.clone(), seen.clone(), password.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                seen.lock().unwrap().extend(processes_showing(&password));
+            }
+        })
+    };
+    let started = Instance::start(InstanceConfig {
+        password: Some(password.clone()),
+        database: database.to_owned(),
+        data: DataDir::Path(data.clone()),
+        settings: vec![
+            ("standard_conforming_strings".into(), "off".into()),
+            ("log_statement".into(), "all".into()),
+        ],
+        ..config("password-hidden")
+    });
+    done.store(true, Ordering::Relaxed);
+    watcher.join().unwrap();
+    let inst = started.expect("start");
+    assert_eq!(*seen.lock().unwrap(), Vec::<String>::new());
+    assert_eq!(processes_showing(&password), Vec::<String>::new());
+
+    // Login with it works, into the database with the odd name; the setting is in force.
+    let mut client = postgres::Client::connect(&inst.url(), postgres::NoTls).unwrap();
+    let row = client
+        .query_one(
+            "SELECT current_database(), current_setting('standard_conforming_strings')",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), database);
+    assert_eq!(row.get::<_, String>(1), "off");
+
+    // The catalog holds the verifier of this very password.
+    let stored: String = client
+        .query_one(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = 'postgres'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let secret = pgprism::wire::ScramSecret::parse(&stored).expect("a SCRAM verifier");
+    assert_eq!(secret.iterations(), 4096);
+    assert_eq!(secret.salt().len(), 16);
+    assert_eq!(
+        secret,
+        pgprism::wire::ScramSecret::from_password(&password, secret.salt(), 4096)
+    );
+    // Logging works (the statement above is in the log), and never showed the password.
+    let log = std::fs::read_to_string(data.join("server.log")).expect("server log");
+    assert!(log.contains("pg_authid"), "{log}");
+    assert!(!log.contains(&password), "{log}");
+    inst.stop().unwrap();
+}

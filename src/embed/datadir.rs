@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -326,11 +326,34 @@ pub(super) fn include_line() -> String {
     format!("include_if_exists = '{SETTINGS_FILE}'")
 }
 
+/// Writes `text` to `path`, mode 0600 and owned by `owner`, from the first byte on: a
+/// temporary file beside it is created with that mode (`O_EXCL`, so never an existing
+/// file or a link someone planted), written, given to `owner`, then renamed over `path`.
+/// A reader sees the old file or the whole new one, never a readable half-made one.
 fn write_owned(path: &Path, text: &str, owner: Option<&OsUser>) -> Result<(), EmbedError> {
-    fs::write(path, text).map_err(EmbedError::io("write", path))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-        .map_err(EmbedError::io("set permissions of", path))?;
-    chown(path, owner)
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp-{}", std::process::id()));
+    let temp = path.with_file_name(name);
+    // A temp file left by an earlier crash of this same pid (pids are reused).
+    let _ = fs::remove_file(&temp);
+    let result = (|| {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(EmbedError::io("create", &temp))?;
+        // The umask cannot widen 0600, but a parent's default ACL could: set it exactly.
+        file.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(EmbedError::io("set permissions of", &temp))?;
+        io::Write::write_all(&mut file, text.as_bytes()).map_err(EmbedError::io("write", &temp))?;
+        chown(&temp, owner)?;
+        fs::rename(&temp, path).map_err(EmbedError::io("rename into place", path))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    result
 }
 
 /// Opens (appending) the server log, owned by the server's user so it can be read there too.
@@ -380,12 +403,47 @@ pub(super) fn remove_memory_dir(dir: &Path) {
 
 #[cfg(test)]
 mod tests {
-    use super::conf_quote;
+    use super::{conf_quote, write_owned};
+    use std::fs;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     #[test]
     fn quotes_conf_values() {
         assert_eq!(conf_quote("300"), "'300'");
         assert_eq!(conf_quote("it's"), "'it''s'");
         assert_eq!(conf_quote(r"a\b"), r"'a\\b'");
+    }
+
+    /// A private file replaces what was there (a readable file, a planted link) with a new
+    /// 0600 file, never writing through the link or keeping the old mode; no temp file stays.
+    #[test]
+    fn owned_files_are_private_and_replace_links() {
+        let dir = std::env::temp_dir().join(format!("pgprism-write-owned-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pgpass");
+        fs::write(&path, "old").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        write_owned(&path, "secret", None).unwrap();
+        let meta = fs::symlink_metadata(&path).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_eq!(fs::read_to_string(&path).unwrap(), "secret");
+
+        let elsewhere = dir.join("elsewhere");
+        fs::write(&elsewhere, "untouched").unwrap();
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
+        write_owned(&path, "secret 2", None).unwrap();
+        assert!(fs::symlink_metadata(&path).unwrap().is_file());
+        assert_eq!(fs::read_to_string(&path).unwrap(), "secret 2");
+        assert_eq!(fs::read_to_string(&elsewhere).unwrap(), "untouched");
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["elsewhere", "pgpass"]);
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

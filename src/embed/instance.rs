@@ -14,6 +14,7 @@ use super::datadir;
 use super::process::{self, OsUser};
 use super::template;
 use super::{DataDir, EmbedError, InstanceConfig};
+use crate::wire::{SCRAM_ITERATIONS_DEFAULT, ScramSecret};
 
 /// Bound on start attempts when we pick the port and other processes keep taking it first.
 const PORT_ATTEMPTS_MAX: u32 = 10;
@@ -220,6 +221,11 @@ impl Instance {
     /// Sets the superuser's password through the Unix socket (trusted, reachable only by the
     /// server's OS user and root) and writes the passfile; TCP takes only this password from
     /// the start (a role without one cannot log in with scram-sha-256).
+    ///
+    /// The server gets the SCRAM-SHA-256 verifier computed here (random salt, 4096
+    /// iterations, as libpq's `PQencryptPasswordConn`), never the password itself, and the
+    /// statement goes to psql on its stdin: the password reaches no process's argv, no
+    /// server log and no `pg_stat_statements`.
     fn set_password(&mut self, password: &str, owner: Option<&OsUser>) -> Result<(), EmbedError> {
         let Some(socket_dir) = self.socket_dir.clone() else {
             return Err(EmbedError::NoSocketForPassword {
@@ -227,15 +233,17 @@ impl Instance {
             });
         };
         datadir::write_passfile(&self.data_dir, &self.superuser, password, owner)?;
-        let role = self.superuser.replace('"', "\"\"");
-        let literal = password.replace('\'', "''");
-        run_psql(
+        let verifier = scram_verifier(password).map_err(EmbedError::io(
+            "draw a salt for the password of",
+            &self.data_dir,
+        ))?;
+        run_psql_stdin(
             &self.psql_path,
             &socket_dir.to_string_lossy(),
             self.port,
-            (&self.superuser, None),
+            &self.superuser,
             "postgres",
-            &format!("ALTER ROLE \"{role}\" PASSWORD '{literal}'"),
+            &alter_role_password(&self.superuser, &verifier),
         )?;
         self.password = Some(password.to_owned());
         Ok(())
@@ -264,9 +272,9 @@ impl Instance {
         if database == self.database {
             return Ok(());
         }
-        let literal = database.replace('\'', "''");
+        let literal = sql_literal(database);
         let exists = self.psql(&format!(
-            "SELECT 1 FROM pg_database WHERE datname = '{literal}'"
+            "SELECT 1 FROM pg_database WHERE datname = {literal}"
         ))?;
         if exists.trim().is_empty() {
             let ident = database.replace('"', "\"\"");
@@ -471,11 +479,57 @@ fn run_psql(
     database: &str,
     sql: &str,
 ) -> Result<String, EmbedError> {
-    let mut command = Command::new(psql);
+    let mut command = psql_command(psql, host, port, user, database);
     if let Some(password) = password {
         command.env("PGPASSWORD", password);
     }
-    let output = command
+    command.arg("-c").arg(sql).stdin(Stdio::null());
+    let output = command.output().map_err(|source| EmbedError::Spawn {
+        program: psql.to_path_buf(),
+        source,
+    })?;
+    psql_output(output)
+}
+
+/// `psql` as `user` (trusted: a Unix socket) running `script` read from its stdin, so the
+/// script shows in no process's argv (`/proc/PID/cmdline` is readable by every local user).
+fn run_psql_stdin(
+    psql: &Path,
+    host: &str,
+    port: u16,
+    user: &str,
+    database: &str,
+    script: &str,
+) -> Result<String, EmbedError> {
+    let spawn_error = |source| EmbedError::Spawn {
+        program: psql.to_path_buf(),
+        source,
+    };
+    let mut child = psql_command(psql, host, port, user, database)
+        .args(["-q", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .map_err(spawn_error)?;
+    // The script is small (far below a pipe's buffer), so writing it all before reading the
+    // output cannot deadlock; dropping the handle closes psql's stdin.
+    let written = child
+        .stdin
+        .take()
+        .map(|mut stdin| std::io::Write::write_all(&mut stdin, script.as_bytes()));
+    let output = child.wait_with_output().map_err(spawn_error)?;
+    if let Some(Err(source)) = written
+        && output.status.success()
+    {
+        return Err(spawn_error(source));
+    }
+    psql_output(output)
+}
+
+/// The psql command line both runners share: no psqlrc, stop at the first error, bare
+/// output, never prompt.
+fn psql_command(psql: &Path, host: &str, port: u16, user: &str, database: &str) -> Command {
+    let mut command = Command::new(psql);
+    command
         .args([
             "-X",
             "-v",
@@ -490,19 +544,18 @@ fn run_psql(
         ])
         .arg("-p")
         .arg(port.to_string())
-        .arg("-c")
-        .arg(sql)
         // Never prompt: a password prompt would hang the test instead of failing it.
         .arg("-w")
         .env("PGCONNECT_TIMEOUT", "10")
         .env_remove("PGOPTIONS")
         .env_remove("PGSERVICE")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| EmbedError::Spawn {
-            program: psql.to_path_buf(),
-            source,
-        })?;
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// psql's stdout, or its stderr as the error when it failed.
+fn psql_output(output: std::process::Output) -> Result<String, EmbedError> {
     if !output.status.success() {
         return Err(EmbedError::PsqlFailed {
             status: output.status.to_string(),
@@ -510,6 +563,50 @@ fn run_psql(
         });
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Bytes of random salt in a verifier (PostgreSQL's `SCRAM_DEFAULT_SALT_LEN`).
+const SCRAM_SALT_BYTES: usize = 16;
+
+/// The SCRAM-SHA-256 verifier of `password` with a fresh random salt:
+/// `SCRAM-SHA-256$4096:<salt>$<StoredKey>:<ServerKey>` (base64 parts, so only
+/// `[A-Za-z0-9+/=:$-]`).
+fn scram_verifier(password: &str) -> std::io::Result<String> {
+    let mut salt = [0u8; SCRAM_SALT_BYTES];
+    getrandom::fill(&mut salt).map_err(std::io::Error::other)?;
+    Ok(ScramSecret::from_password(password, &salt, SCRAM_ITERATIONS_DEFAULT).to_rolpassword())
+}
+
+/// The script that sets `role`'s password to `verifier`. Its literals hold whatever
+/// `standard_conforming_strings` the instance's settings chose (the session forces it on
+/// and [`sql_literal`] does not depend on it anyway), and the statement is kept out of the
+/// server log even where the settings log every statement.
+fn alter_role_password(role: &str, verifier: &str) -> String {
+    format!(
+        "SET standard_conforming_strings = on;\n\
+         SET log_statement = 'none';\n\
+         SET log_min_duration_statement = -1;\n\
+         ALTER ROLE {} PASSWORD {};\n",
+        sql_identifier(role),
+        sql_literal(verifier)
+    )
+}
+
+/// A quoted SQL identifier (double quotes doubled).
+fn sql_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A SQL string literal that means `text` whatever `standard_conforming_strings` is (as
+/// libpq's `PQescapeLiteral`): with a backslash in it, an escape string `E'...'` with the
+/// backslashes doubled; quotes doubled in either form.
+fn sql_literal(text: &str) -> String {
+    let quoted = text.replace('\'', "''");
+    if text.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
+    }
 }
 
 /// IPv6 literals need brackets in URLs.
@@ -537,7 +634,37 @@ fn percent_encode(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{percent_encode, url_host};
+    use super::{percent_encode, scram_verifier, sql_literal, url_host};
+    use crate::wire::ScramSecret;
+
+    #[test]
+    fn literals_mean_the_text_whatever_standard_conforming_strings_is() {
+        assert_eq!(sql_literal("plain"), "'plain'");
+        assert_eq!(sql_literal("it's"), "'it''s'");
+        // With a backslash: an escape string, the same under both settings.
+        assert_eq!(sql_literal(r"a\'b\"), r"E'a\\''b\\'");
+    }
+
+    #[test]
+    fn verifiers_are_salted_scram_of_the_password_in_safe_characters() {
+        let password = "p\\'w";
+        let first = scram_verifier(password).unwrap();
+        let second = scram_verifier(password).unwrap();
+        assert_ne!(first, second, "a fresh salt each time");
+        let parsed = ScramSecret::parse(&first).unwrap();
+        assert_eq!(parsed.iterations(), 4096);
+        assert_eq!(parsed.salt().len(), 16);
+        assert_eq!(
+            parsed,
+            ScramSecret::from_password(password, parsed.salt(), 4096)
+        );
+        assert!(
+            first
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+/=:$-".contains(c)),
+            "{first}"
+        );
+    }
 
     #[test]
     fn encodes_url_parts() {
