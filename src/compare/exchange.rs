@@ -914,13 +914,27 @@ impl Pairing {
     /// primary (see `backend::cancel::Pending`): looked at whenever what the shadow runs
     /// changes (a write to an idle shadow, an answer) and when the primary's answer comes.
     fn check_cancel(self: &Rc<Self>) {
+        use crate::backend::cancel::Due;
         // The shadow runs the oldest sync point written and not answered.
-        let running = match self.shadow_kinds.borrow().front() {
-            Some(ShadowSync::Client(_, seq)) => Some(*seq),
-            _ => None,
+        // A cancel may only go while that sync point is the only one written and unanswered:
+        // the shadow's answers are read late (it may have finished it already), and anything
+        // written behind it could be what runs when the cancel arrives.
+        let (running, alone) = {
+            let kinds = self.shadow_kinds.borrow();
+            let running = match kinds.front() {
+                Some(ShadowSync::Client(_, seq)) => Some(*seq),
+                _ => None,
+            };
+            (running, kinds.len() == 1)
         };
-        if !self.cancel.due(running) {
-            return;
+        match self.cancel.due(running, alone) {
+            Due::Fire => {}
+            Due::No => return,
+            Due::Skip => {
+                let skipped = &self.target.stats.cancels_skipped;
+                skipped.set(skipped.get() + 1);
+                return;
+            }
         }
         let (Some(key), false, Some(seq)) = (self.shadow_key, self.dead.get(), running) else {
             return;
@@ -932,7 +946,9 @@ impl Pairing {
             let addr = target.addr.get();
             let still = || {
                 kinds.upgrade().is_some_and(|link| {
-                    matches!(link.shadow_kinds.borrow().front(), Some(ShadowSync::Client(_, s)) if *s == seq)
+                    let kinds = link.shadow_kinds.borrow();
+                    kinds.len() == 1
+                        && matches!(kinds.front(), Some(ShadowSync::Client(_, s)) if *s == seq)
                 })
             };
             if crate::backend::cancel::send(&addr, &target.tls, key, limit, still).await {

@@ -234,7 +234,7 @@ impl Link {
             message_bytes_max,
             pooled,
             cancel: Default::default(),
-            running: Rc::new(Cell::new((None, None))),
+            running: Rc::new(Cell::new((None, None, true))),
         })
     }
 
@@ -261,9 +261,9 @@ impl Link {
     }
 
     /// What the mirror runs of this session changed: the connection (by key) and the client
-    /// sync point at the front of its answers awaited.
-    fn runs(&self, key: Option<(i32, i32)>, seq: Option<u64>) {
-        self.running.set((key, seq));
+    /// sync point at the front of its answers awaited, and whether it is the only one sent.
+    fn runs(&self, key: Option<(i32, i32)>, seq: Option<u64>, alone: bool) {
+        self.running.set((key, seq, alone));
         check_cancel(&self.target, &self.cancel, &self.running);
     }
 
@@ -679,27 +679,38 @@ impl Link {
     }
 }
 
-/// What a session runs on a mirror connection now: the connection's BackendKeyData and the
-/// client sync point at the front of its answers awaited (None: nothing of the client's).
-pub(super) type Running = Cell<(Option<(i32, i32)>, Option<u64>)>;
+/// What a session runs on a mirror connection now: the connection's BackendKeyData, the
+/// client sync point at the front of its answers awaited (None: nothing of the client's),
+/// and whether nothing else is written behind it on that connection (its own later sync
+/// points, another session's units on a pooled connection).
+pub(super) type Running = Cell<(Option<(i32, i32)>, Option<u64>, bool)>;
 
 /// Cancels the mirror's statement when it is the one the client's cancel reached on the
 /// primary (see `backend::cancel::Pending`); `running` is what the session runs on the mirror
 /// now (the connection's key, the client sync point at the front of its answers awaited).
 /// That is known from the answers read: one answered but not read yet (a deferred read)
 /// leaves the front a sync point behind for that long, which `flush-delay-us` bounds. Right
-/// before the request goes, the session must still run that sync point on that connection.
+/// before the request goes, the session must still run that sync point on that connection,
+/// still with nothing written behind it. A cancel is never sent while something follows the
+/// cancelled statement on the wire (it could land on that, see `Pending::due`): it is
+/// counted in `cancels_skipped` and the statement runs to completion on the mirror.
 pub(super) fn check_cancel(
     target: &Rc<MirrorTarget>,
     cancel: &crate::backend::cancel::Pending,
     running: &Rc<Running>,
 ) {
+    use crate::backend::cancel::Due;
     let now = running.get();
-    let (Some(key), Some(_)) = now else {
+    let (Some(key), Some(_), alone) = now else {
         return;
     };
-    if !cancel.due(now.1) {
-        return;
+    match cancel.due(now.1, alone) {
+        Due::Fire => {}
+        Due::No => return,
+        Due::Skip => {
+            MirrorStats::bump(&target.stats.counters.cancels_skipped, 1);
+            return;
+        }
     }
     let target = target.clone();
     let running = Rc::downgrade(running);
@@ -761,7 +772,7 @@ pub(super) async fn run(link: Rc<Link>) {
                 }
                 let answered_before = link.answered.get();
                 let clean = stream_frames(&link, &stream, key).await;
-                link.runs(None, None);
+                link.runs(None, None, true);
                 if clean {
                     break;
                 }
@@ -1066,9 +1077,14 @@ impl<'a> Connection<'a> {
             internal,
             timed,
         });
+        // The front runs alone until a second sync point follows it on the wire.
+        let first = inflight.front().and_then(|f| f.seq);
+        let len = inflight.len();
         drop(inflight);
         if front {
-            self.link.runs(self.key, seq);
+            self.link.runs(self.key, seq, true);
+        } else if len == 2 {
+            self.link.runs(self.key, first, false);
         }
         if let Some(w) = self.reader_waker.take() {
             w.wake();
@@ -1361,8 +1377,11 @@ impl<'a> Connection<'a> {
             "more timed statements counted in flight than are in flight",
         );
         if answered > 0 {
-            let front = self.inflight.borrow().front().and_then(|f| f.seq);
-            link.runs(self.key, front);
+            let inflight = self.inflight.borrow();
+            let front = inflight.front().and_then(|f| f.seq);
+            let alone = inflight.len() <= 1;
+            drop(inflight);
+            link.runs(self.key, front, alone);
         }
     }
 }

@@ -146,8 +146,14 @@ impl Share {
         super::link::check_cancel(target, &self.cancel, &self.running);
     }
 
-    fn runs(&self, target: &Rc<MirrorTarget>, key: Option<(i32, i32)>, seq: Option<u64>) {
-        self.running.set((key, seq));
+    fn runs(
+        &self,
+        target: &Rc<MirrorTarget>,
+        key: Option<(i32, i32)>,
+        seq: Option<u64>,
+        alone: bool,
+    ) {
+        self.running.set((key, seq, alone));
         self.check_cancel(target);
     }
 
@@ -629,7 +635,7 @@ async fn serve(target: Rc<MirrorTarget>, pool: Rc<Pool>, conn: Rc<Conn>) {
                 pool.live.set(pool.live.get() - 1);
                 conn.key.set(None);
                 if let Some(session) = conn.running.borrow_mut().take() {
-                    session.runs(&target, None, None);
+                    session.runs(&target, None, None, true);
                 }
                 conn.lost(stats);
                 if clean {
@@ -838,7 +844,6 @@ impl Live<'_> {
                 Some(share) if !item.internal => Some((share.clone(), item.seq)),
                 _ => None,
             };
-            let front = self.conn.inflight.borrow().is_empty();
             self.conn.inflight.borrow_mut().push_back(Flight {
                 sent: now,
                 owner,
@@ -848,7 +853,8 @@ impl Live<'_> {
                 guarded: out.guarded,
                 names: out.names.clone(),
             });
-            if front {
+            // A first sync point runs now; a second one ends the first's running alone.
+            if self.conn.inflight.borrow().len() <= 2 {
                 self.front_changed();
             }
             if let Some(w) = self.conn.reader.take() {
@@ -860,21 +866,25 @@ impl Live<'_> {
     /// The sync point at the front of the answers awaited changed: the session it belongs
     /// to runs it now (and the one before runs nothing here any more).
     fn front_changed(&self) {
-        let (owner, seq) = match self.conn.inflight.borrow().front() {
-            Some(Flight {
-                owner: Some((share, seq)),
-                ..
-            }) => (Some(share.clone()), Some(*seq)),
-            _ => (None, None),
+        let (owner, seq, alone) = {
+            let inflight = self.conn.inflight.borrow();
+            let alone = inflight.len() <= 1;
+            match inflight.front() {
+                Some(Flight {
+                    owner: Some((share, seq)),
+                    ..
+                }) => (Some(share.clone()), Some(*seq), alone),
+                _ => (None, None, alone),
+            }
         };
         let before = self.conn.running.replace(owner.clone());
         if let Some(before) = before
             && !owner.as_ref().is_some_and(|o| Rc::ptr_eq(o, &before))
         {
-            before.runs(self.target, None, None);
+            before.runs(self.target, None, None, true);
         }
         if let Some(owner) = owner {
-            owner.runs(self.target, self.conn.key.get(), seq);
+            owner.runs(self.target, self.conn.key.get(), seq, alone);
         }
     }
 
