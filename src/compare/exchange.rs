@@ -273,6 +273,10 @@ pub(crate) struct Pairing {
     numbering: Cell<u64>,
     /// A client's cancel, as far as the shadow goes (see `backend::cancel::Pending`).
     cancel: crate::backend::cancel::Pending,
+    /// Writes to the shadow held while a cancel for the one statement it runs is on its way
+    /// (written behind it, the next statement could be what the cancel hits): from the
+    /// decision until the cancel connection is done, at most twice `compare.connect-timeout-ms`.
+    cancel_held: Cell<bool>,
     /// The shadow connection's BackendKeyData.
     shadow_key: Option<(i32, i32)>,
     target: Rc<CompareTarget>,
@@ -746,7 +750,10 @@ impl ShadowWriter {
                     if link.finished.get() {
                         return Poll::Ready(false);
                     }
-                } else if link.gate.get().is_none() && !link.writing.get() {
+                } else if link.gate.get().is_none()
+                    && !link.writing.get()
+                    && !link.cancel_held.get()
+                {
                     return Poll::Ready(true);
                 }
                 link.writer_waker.set(Some(cx.waker().clone()));
@@ -834,7 +841,11 @@ impl ShadowWriter {
 /// Writes to the shadow what may go now (a ROLLBACK or BEGIN that is due, then queued
 /// segments up to the next gate), unless another write is under way or nothing may go.
 async fn write_ready(link: &Rc<Pairing>, shadow: &Stream) {
-    while !link.writing.get() && !link.dead.get() && link.gate.get().is_none() {
+    while !link.writing.get()
+        && !link.dead.get()
+        && link.gate.get().is_none()
+        && !link.cancel_held.get()
+    {
         if link.queue.borrow().is_empty() || link.awaiting().is_some() {
             break;
         }
@@ -940,6 +951,7 @@ impl Pairing {
             return;
         };
         let target = self.target.clone();
+        self.cancel_held.set(true);
         let kinds = Rc::downgrade(self);
         crate::exec::spawn(async move {
             let limit = std::time::Duration::from_millis(target.cfg.connect_timeout_ms);
@@ -954,6 +966,12 @@ impl Pairing {
             if crate::backend::cancel::send(&addr, &target.tls, key, limit, still).await {
                 let counted = &target.stats.cancels_forwarded;
                 counted.set(counted.get() + 1);
+            }
+            if let Some(link) = kinds.upgrade() {
+                link.cancel_held.set(false);
+                if let Some(w) = link.writer_waker.take() {
+                    w.wake();
+                }
             }
         });
     }
@@ -1051,6 +1069,7 @@ impl Exchange {
             flush_requested: Cell::new(None),
             numbering: Cell::new(0),
             cancel: Default::default(),
+            cancel_held: Cell::new(false),
             shadow_key,
             target: target.clone(),
         });

@@ -121,6 +121,8 @@ pub struct Link {
     /// The connection the session's statements run on now, by its BackendKeyData, and the
     /// client sync point it runs (None: pgprism's own frames, or nothing).
     running: Rc<Running>,
+    /// The session's connection's writes, held while a cancel is on its way.
+    cancel_hold: Rc<Hold>,
 }
 
 /// Statements sent to the mirror and not yet answered, oldest first.
@@ -235,6 +237,7 @@ impl Link {
             pooled,
             cancel: Default::default(),
             running: Rc::new(Cell::new((None, None, true))),
+            cancel_hold: Rc::default(),
         })
     }
 
@@ -255,7 +258,7 @@ impl Link {
             }
             None => {
                 self.cancel.primary_answered(seq, cancelled);
-                check_cancel(&self.target, &self.cancel, &self.running);
+                check_cancel(&self.target, &self.cancel, &self.running, &self.cancel_hold);
             }
         }
     }
@@ -264,7 +267,7 @@ impl Link {
     /// sync point at the front of its answers awaited, and whether it is the only one sent.
     fn runs(&self, key: Option<(i32, i32)>, seq: Option<u64>, alone: bool) {
         self.running.set((key, seq, alone));
-        check_cancel(&self.target, &self.cancel, &self.running);
+        check_cancel(&self.target, &self.cancel, &self.running, &self.cancel_hold);
     }
 
     /// Whether the link hands units to a pool instead of holding a connection.
@@ -685,19 +688,53 @@ impl Link {
 /// points, another session's units on a pooled connection).
 pub(super) type Running = Cell<(Option<(i32, i32)>, Option<u64>, bool)>;
 
+/// A connection's writes held while a cancel for the one statement it runs is on its way:
+/// written behind it, the next statement could be what runs when the cancel arrives. Held
+/// from the decision until the cancel connection is done (bounded by twice the mirror's
+/// `connect-timeout-ms`, see `backend::cancel::send`).
+#[derive(Default)]
+pub(super) struct Hold {
+    held: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Hold {
+    fn release(&self) {
+        self.held.set(false);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Returns once writes may go.
+    pub(super) async fn wait(&self) {
+        futures_lite::future::poll_fn(|cx| {
+            if !self.held.get() {
+                return Poll::Ready(());
+            }
+            self.waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await
+    }
+}
+
 /// Cancels the mirror's statement when it is the one the client's cancel reached on the
 /// primary (see `backend::cancel::Pending`); `running` is what the session runs on the mirror
 /// now (the connection's key, the client sync point at the front of its answers awaited).
 /// That is known from the answers read: one answered but not read yet (a deferred read)
 /// leaves the front a sync point behind for that long, which `flush-delay-us` bounds. Right
 /// before the request goes, the session must still run that sync point on that connection,
-/// still with nothing written behind it. A cancel is never sent while something follows the
-/// cancelled statement on the wire (it could land on that, see `Pending::due`): it is
-/// counted in `cancels_skipped` and the statement runs to completion on the mirror.
+/// still with nothing written behind it: from the decision until the cancel connection is
+/// done, `hold` keeps the connection's writer from writing more. A cancel is never sent while
+/// something follows the cancelled statement on the wire already (it could land on that, see
+/// `Pending::due`): it is counted in `cancels_skipped` and the statement runs to completion
+/// on the mirror.
 pub(super) fn check_cancel(
     target: &Rc<MirrorTarget>,
     cancel: &crate::backend::cancel::Pending,
     running: &Rc<Running>,
+    hold: &Rc<Hold>,
 ) {
     use crate::backend::cancel::Due;
     let now = running.get();
@@ -714,6 +751,8 @@ pub(super) fn check_cancel(
     }
     let target = target.clone();
     let running = Rc::downgrade(running);
+    hold.held.set(true);
+    let hold = hold.clone();
     exec::spawn(async move {
         let limit = Duration::from_millis(target.cfg.connect_timeout_ms);
         let addr = target.addr.get();
@@ -721,6 +760,7 @@ pub(super) fn check_cancel(
         if crate::backend::cancel::send(&addr, &target.tls, key, limit, still).await {
             MirrorStats::bump(&target.stats.counters.cancels_forwarded, 1);
         }
+        hold.release();
     });
 }
 
@@ -961,6 +1001,7 @@ impl<'a> Connection<'a> {
                 return false;
             }
             self.hold().await;
+            self.link.cancel_hold.wait().await;
             let out = self.take(&mut writes);
             if !out.is_empty() {
                 if !self.write(out, &mut writes.count).await {

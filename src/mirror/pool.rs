@@ -137,13 +137,16 @@ pub(super) struct Share {
     /// The pool connection the session's unit runs on now (its key) and the client sync
     /// point it runs there (None: nothing of the session's).
     running: Rc<super::link::Running>,
+    /// The writes of the pool connection it runs on, held while a cancel is on its way.
+    hold: RefCell<Rc<super::link::Hold>>,
 }
 
 impl Share {
     /// Cancels the session's statement on the connection running it, when it is the one
     /// the client's cancel reached on the primary.
     pub(super) fn check_cancel(&self, target: &Rc<MirrorTarget>) {
-        super::link::check_cancel(target, &self.cancel, &self.running);
+        let hold = self.hold.borrow().clone();
+        super::link::check_cancel(target, &self.cancel, &self.running, &hold);
     }
 
     fn runs(
@@ -152,8 +155,10 @@ impl Share {
         key: Option<(i32, i32)>,
         seq: Option<u64>,
         alone: bool,
+        hold: &Rc<super::link::Hold>,
     ) {
         self.running.set((key, seq, alone));
+        *self.hold.borrow_mut() = hold.clone();
         self.check_cancel(target);
     }
 
@@ -507,6 +512,8 @@ struct Conn {
     key: Cell<Option<(i32, i32)>>,
     /// The session whose sync point the connection runs now (the front of `inflight`).
     running: RefCell<Option<Rc<Share>>>,
+    /// Writes held while a cancel for the one statement in flight is on its way.
+    hold: Rc<super::link::Hold>,
     /// A unit ended inside a transaction block on the mirror: roll it back before the next.
     leaked: Cell<bool>,
     answered: Cell<u64>,
@@ -528,6 +535,7 @@ impl Conn {
             sig: Cell::new(FRESH),
             key: Cell::new(None),
             running: RefCell::new(None),
+            hold: Rc::default(),
             leaked: Cell::new(false),
             answered: Cell::new(0),
         }
@@ -635,7 +643,7 @@ async fn serve(target: Rc<MirrorTarget>, pool: Rc<Pool>, conn: Rc<Conn>) {
                 pool.live.set(pool.live.get() - 1);
                 conn.key.set(None);
                 if let Some(session) = conn.running.borrow_mut().take() {
-                    session.runs(&target, None, None, true);
+                    session.runs(&target, None, None, true, &conn.hold);
                 }
                 conn.lost(stats);
                 if clean {
@@ -720,6 +728,7 @@ impl Live<'_> {
                 return false;
             }
             self.hold().await;
+            self.conn.hold.wait().await;
             let out = self.take(&mut batch);
             if !out.is_empty() {
                 if !self.write(out).await {
@@ -881,10 +890,16 @@ impl Live<'_> {
         if let Some(before) = before
             && !owner.as_ref().is_some_and(|o| Rc::ptr_eq(o, &before))
         {
-            before.runs(self.target, None, None, true);
+            before.runs(self.target, None, None, true, &self.conn.hold);
         }
         if let Some(owner) = owner {
-            owner.runs(self.target, self.conn.key.get(), seq, alone);
+            owner.runs(
+                self.target,
+                self.conn.key.get(),
+                seq,
+                alone,
+                &self.conn.hold,
+            );
         }
     }
 
