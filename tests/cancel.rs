@@ -180,7 +180,10 @@ fn a_cancel_reaches_the_shadow_whether_it_runs_the_statement_already_or_later() 
         // Gone from the shadow long before its 30 s.
         assert!(
             eventually(Duration::from_secs(10), || active(&shadow, SLEEP) == 0),
-            "{name}: still running on the shadow"
+            "{name}: still running on the shadow (cancels forwarded {}, skipped {}); log:\n{}",
+            proxy.metric("pgprism_shadow_cancels_forwarded_total"),
+            proxy.metric("pgprism_shadow_cancels_skipped_total"),
+            proxy.log()
         );
         assert!(
             eventually(Duration::from_secs(10), || proxy
