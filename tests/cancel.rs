@@ -180,7 +180,10 @@ fn a_cancel_reaches_the_shadow_whether_it_runs_the_statement_already_or_later() 
         // Gone from the shadow long before its 30 s.
         assert!(
             eventually(Duration::from_secs(10), || active(&shadow, SLEEP) == 0),
-            "{name}: still running on the shadow"
+            "{name}: still running on the shadow (cancels forwarded {}, skipped {}); log:\n{}",
+            proxy.metric("pgprism_shadow_cancels_forwarded_total"),
+            proxy.metric("pgprism_shadow_cancels_skipped_total"),
+            proxy.log()
         );
         assert!(
             eventually(Duration::from_secs(10), || proxy
@@ -203,6 +206,79 @@ fn a_cancel_reaches_the_shadow_whether_it_runs_the_statement_already_or_later() 
             report.lines()
         );
     }
+}
+
+/// Rows of `table` on `server` (-1 when it cannot be read).
+fn rows(server: &Instance, table: &str) -> i64 {
+    let Ok(mut c) = postgres::Client::connect(&server.url(), postgres::NoTls) else {
+        return -1;
+    };
+    c.query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(-1)
+}
+
+#[test]
+fn a_cancel_never_lands_on_the_statement_queued_behind_it_on_the_shadow() {
+    let primary = start_primary("cqp");
+    let shadow = start_primary("cqs");
+    let seed = "CREATE TABLE held (id int); CREATE TABLE hit (id int); CREATE TABLE after (id int)";
+    primary.psql(seed).unwrap();
+    shadow.psql(seed).unwrap();
+    let report = Report::new("queued");
+    let proxy = compare_proxy(&primary, &shadow, &report, &[]);
+    // The shadow lags: a lock there holds the session's first statement, and what follows
+    // is written behind it.
+    let mut shadow_lock = postgres::Client::connect(&shadow.url(), postgres::NoTls).unwrap();
+    shadow_lock
+        .batch_execute("BEGIN; LOCK TABLE held IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    // On the primary a lock holds the second statement, which the client cancels there.
+    let mut primary_lock = postgres::Client::connect(&primary.url(), postgres::NoTls).unwrap();
+    primary_lock
+        .batch_execute("BEGIN; LOCK TABLE hit IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let mut c = proxy.client();
+    c.simple_query("INSERT INTO held VALUES (0)").unwrap();
+    let cancelled = "INSERT INTO hit VALUES (1)";
+    let token = c.cancel_token();
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            assert!(
+                eventually(Duration::from_secs(10), || active(&primary, cancelled) == 1),
+                "never waited on the primary"
+            );
+            token.cancel_query(postgres::NoTls).expect("cancel");
+        });
+        let err = c.simple_query(cancelled).expect_err("cancelled");
+        assert_eq!(support::sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    });
+    primary_lock.batch_execute("ROLLBACK").unwrap();
+    // The next statement, long enough on the shadow that a cancel meant for the one before
+    // would catch it there.
+    c.simple_query("INSERT INTO after SELECT 2 FROM pg_sleep(1)")
+        .unwrap();
+    assert_eq!(
+        active(&shadow, "INSERT INTO held VALUES (0)"),
+        1,
+        "the shadow lags behind its lock"
+    );
+    shadow_lock.batch_execute("ROLLBACK").unwrap();
+    // Everything queued runs on the shadow: the cancelled statement, left running there (a
+    // later one was written behind it), and the later one, never hit.
+    assert!(
+        eventually(Duration::from_secs(10), || rows(&shadow, "after") == 1),
+        "the statement behind the cancelled one did not complete on the shadow"
+    );
+    assert_eq!(rows(&shadow, "hit"), 1);
+    assert_eq!(rows(&shadow, "held"), 1);
+    assert_eq!(rows(&primary, "hit"), 0);
+    drop(c);
+    closed(&proxy, 1);
+    assert!(eventually(Duration::from_secs(10), || proxy
+        .metric("pgprism_shadow_cancels_skipped_total")
+        >= 1));
+    assert_eq!(proxy.metric("pgprism_shadow_cancels_forwarded_total"), 0);
 }
 
 fn mirror_url(m: &Instance) -> String {

@@ -58,10 +58,13 @@ impl Registry {
     /// Enters session `session` of `shard` under the key its client holds, until the
     /// returned registration drops.
     pub fn register(&self, key: (i32, i32), shard: usize, session: u64) -> Registered {
+        // A key the server handed out twice (another session got it back meanwhile) goes to
+        // the newest holder; the older one's leaving must not take it away from it.
         lock(&self.0.sessions).insert(key, (shard, session));
         Registered {
             registry: self.clone(),
             key,
+            owner: (shard, session),
         }
     }
 
@@ -110,11 +113,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Registered {
     registry: Registry,
     key: (i32, i32),
+    owner: (usize, u64),
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        lock(&self.registry.0.sessions).remove(&self.key);
+        let mut sessions = lock(&self.registry.0.sessions);
+        if sessions.get(&self.key) == Some(&self.owner) {
+            sessions.remove(&self.key);
+        }
     }
 }
 
@@ -155,22 +162,42 @@ impl Pending {
         }
     }
 
-    /// The side now runs sync point `running` (None: nothing of the client's). True when
-    /// its statement is to be cancelled now (once).
-    pub fn due(&self, running: Option<u64>) -> bool {
+    /// The side now runs sync point `running` (None: nothing of the client's); `alone`:
+    /// nothing after it is written on that connection yet. [`Due::Fire`] when its statement
+    /// is to be cancelled now (once).
+    ///
+    /// A cancel takes a connection's time to arrive, and PostgreSQL cancels whatever the
+    /// backend runs when it does: with a later statement already written behind `running`
+    /// (a packed shadow write, a mirror's pipelined sync points, other sessions' units on a
+    /// pooled connection), the cancelled one may have finished by then and the signal would
+    /// hit the next. Such a side is not cancelled ([`Due::Skip`]): the statement runs to
+    /// completion there (for compare a one-sided cancel, inconclusive).
+    pub fn due(&self, running: Option<u64>, alone: bool) -> Due {
         let (Some((want, confirmed)), Some(running)) = (self.want.get(), running) else {
-            return false;
+            return Due::No;
         };
         if running > want {
             self.want.set(None);
-            return false;
+            return Due::No;
         }
         if confirmed && running == want {
             self.want.set(None);
-            return true;
+            return if alone { Due::Fire } else { Due::Skip };
         }
-        false
+        Due::No
     }
+}
+
+/// What [`Pending::due`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// Nothing to do now.
+    No,
+    /// Cancel the side's statement now.
+    Fire,
+    /// The side runs the cancelled statement, but something follows it on the wire: it is
+    /// left to run (counted as skipped).
+    Skip,
 }
 
 /// Sends a CancelRequest for `key` to `addr` (TLS as `tls` says) and waits for the server to
@@ -227,32 +254,40 @@ mod tests {
         // Running it when the primary's 57014 comes: cancelled then.
         let p = Pending::default();
         p.request(4);
-        assert!(
-            !p.due(Some(4)),
+        assert_eq!(
+            p.due(Some(4), true),
+            Due::No,
             "not before the primary said it was cancelled"
         );
         p.primary_answered(4, true);
-        assert!(p.due(Some(4)));
-        assert!(!p.due(Some(4)), "once");
+        assert_eq!(p.due(Some(4), true), Due::Fire);
+        assert_eq!(p.due(Some(4), true), Due::No, "once");
         // Behind: the earlier statement runs on, the cancelled one is cancelled as it starts.
         let p = Pending::default();
         p.request(7);
         p.primary_answered(7, true);
-        assert!(!p.due(Some(6)));
-        assert!(!p.due(None));
+        assert_eq!(p.due(Some(6), true), Due::No);
+        assert_eq!(p.due(None, true), Due::No);
         p.primary_answered(8, false);
-        assert!(p.due(Some(7)));
+        assert_eq!(p.due(Some(7), true), Due::Fire);
         // The primary completed it anyway (the cancel came too late): nothing anywhere.
         let p = Pending::default();
         p.request(2);
         p.primary_answered(2, false);
-        assert!(!p.due(Some(2)));
+        assert_eq!(p.due(Some(2), true), Due::No);
         // Past it already: nothing, and the next statement is never hit.
         let p = Pending::default();
         p.request(3);
         p.primary_answered(3, true);
-        assert!(!p.due(Some(4)));
-        assert!(!p.due(Some(3)));
+        assert_eq!(p.due(Some(4), true), Due::No);
+        assert_eq!(p.due(Some(3), true), Due::No);
+        // Running it, but the next statement is already written behind it: never fired
+        // (it might land on the next one), and not later either.
+        let p = Pending::default();
+        p.request(5);
+        p.primary_answered(5, true);
+        assert_eq!(p.due(Some(5), false), Due::Skip);
+        assert_eq!(p.due(Some(5), true), Due::No);
     }
 
     #[test]
@@ -266,5 +301,13 @@ mod tests {
         assert!(lock(&registry.0.inboxes[0].sessions).is_empty());
         drop(entry);
         assert!(!registry.request((100, 7)), "gone with the session");
+        // The same key entered again by a newer session: the older one leaving keeps it.
+        let older = registry.register((5, 5), 0, 1);
+        let newer = registry.register((5, 5), 1, 2);
+        drop(older);
+        assert!(registry.request((5, 5)), "the newer session still holds it");
+        assert_eq!(lock(&registry.0.inboxes[1].sessions).last(), Some(&2));
+        drop(newer);
+        assert!(!registry.request((5, 5)));
     }
 }

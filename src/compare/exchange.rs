@@ -273,6 +273,10 @@ pub(crate) struct Pairing {
     numbering: Cell<u64>,
     /// A client's cancel, as far as the shadow goes (see `backend::cancel::Pending`).
     cancel: crate::backend::cancel::Pending,
+    /// Writes to the shadow held while a cancel for the one statement it runs is on its way
+    /// (written behind it, the next statement could be what the cancel hits): from the
+    /// decision until the cancel connection is done, at most twice `compare.connect-timeout-ms`.
+    cancel_held: Cell<bool>,
     /// The shadow connection's BackendKeyData.
     shadow_key: Option<(i32, i32)>,
     target: Rc<CompareTarget>,
@@ -746,7 +750,10 @@ impl ShadowWriter {
                     if link.finished.get() {
                         return Poll::Ready(false);
                     }
-                } else if link.gate.get().is_none() && !link.writing.get() {
+                } else if link.gate.get().is_none()
+                    && !link.writing.get()
+                    && !link.cancel_held.get()
+                {
                     return Poll::Ready(true);
                 }
                 link.writer_waker.set(Some(cx.waker().clone()));
@@ -834,7 +841,11 @@ impl ShadowWriter {
 /// Writes to the shadow what may go now (a ROLLBACK or BEGIN that is due, then queued
 /// segments up to the next gate), unless another write is under way or nothing may go.
 async fn write_ready(link: &Rc<Pairing>, shadow: &Stream) {
-    while !link.writing.get() && !link.dead.get() && link.gate.get().is_none() {
+    while !link.writing.get()
+        && !link.dead.get()
+        && link.gate.get().is_none()
+        && !link.cancel_held.get()
+    {
         if link.queue.borrow().is_empty() || link.awaiting().is_some() {
             break;
         }
@@ -914,30 +925,53 @@ impl Pairing {
     /// primary (see `backend::cancel::Pending`): looked at whenever what the shadow runs
     /// changes (a write to an idle shadow, an answer) and when the primary's answer comes.
     fn check_cancel(self: &Rc<Self>) {
+        use crate::backend::cancel::Due;
         // The shadow runs the oldest sync point written and not answered.
-        let running = match self.shadow_kinds.borrow().front() {
-            Some(ShadowSync::Client(_, seq)) => Some(*seq),
-            _ => None,
+        // A cancel may only go while that sync point is the only one written and unanswered:
+        // the shadow's answers are read late (it may have finished it already), and anything
+        // written behind it could be what runs when the cancel arrives.
+        let (running, alone) = {
+            let kinds = self.shadow_kinds.borrow();
+            let running = match kinds.front() {
+                Some(ShadowSync::Client(_, seq)) => Some(*seq),
+                _ => None,
+            };
+            (running, kinds.len() == 1)
         };
-        if !self.cancel.due(running) {
-            return;
+        match self.cancel.due(running, alone) {
+            Due::Fire => {}
+            Due::No => return,
+            Due::Skip => {
+                let skipped = &self.target.stats.cancels_skipped;
+                skipped.set(skipped.get() + 1);
+                return;
+            }
         }
         let (Some(key), false, Some(seq)) = (self.shadow_key, self.dead.get(), running) else {
             return;
         };
         let target = self.target.clone();
+        self.cancel_held.set(true);
         let kinds = Rc::downgrade(self);
         crate::exec::spawn(async move {
             let limit = std::time::Duration::from_millis(target.cfg.connect_timeout_ms);
             let addr = target.addr.get();
             let still = || {
                 kinds.upgrade().is_some_and(|link| {
-                    matches!(link.shadow_kinds.borrow().front(), Some(ShadowSync::Client(_, s)) if *s == seq)
+                    let kinds = link.shadow_kinds.borrow();
+                    kinds.len() == 1
+                        && matches!(kinds.front(), Some(ShadowSync::Client(_, s)) if *s == seq)
                 })
             };
             if crate::backend::cancel::send(&addr, &target.tls, key, limit, still).await {
                 let counted = &target.stats.cancels_forwarded;
                 counted.set(counted.get() + 1);
+            }
+            if let Some(link) = kinds.upgrade() {
+                link.cancel_held.set(false);
+                if let Some(w) = link.writer_waker.take() {
+                    w.wake();
+                }
             }
         });
     }
@@ -1035,6 +1069,7 @@ impl Exchange {
             flush_requested: Cell::new(None),
             numbering: Cell::new(0),
             cancel: Default::default(),
+            cancel_held: Cell::new(false),
             shadow_key,
             target: target.clone(),
         });

@@ -170,6 +170,9 @@ pub struct CompareStats {
     pub kinds: [Cell<u64>; Kind::ALL.len()],
     /// CancelRequests sent to the shadow for a statement a client cancelled.
     pub cancels_forwarded: Cell<u64>,
+    /// Cancels not sent to the shadow because its next statement was already written behind
+    /// the cancelled one (a cancel could land on it).
+    pub cancels_skipped: Cell<u64>,
 }
 
 /// Compare mode as one shard sees it.

@@ -121,6 +121,8 @@ pub struct Link {
     /// The connection the session's statements run on now, by its BackendKeyData, and the
     /// client sync point it runs (None: pgprism's own frames, or nothing).
     running: Rc<Running>,
+    /// The session's connection's writes, held while a cancel is on its way.
+    cancel_hold: Rc<Hold>,
 }
 
 /// Statements sent to the mirror and not yet answered, oldest first.
@@ -234,7 +236,8 @@ impl Link {
             message_bytes_max,
             pooled,
             cancel: Default::default(),
-            running: Rc::new(Cell::new((None, None))),
+            running: Rc::new(Cell::new((None, None, true))),
+            cancel_hold: Rc::default(),
         })
     }
 
@@ -255,16 +258,16 @@ impl Link {
             }
             None => {
                 self.cancel.primary_answered(seq, cancelled);
-                check_cancel(&self.target, &self.cancel, &self.running);
+                check_cancel(&self.target, &self.cancel, &self.running, &self.cancel_hold);
             }
         }
     }
 
     /// What the mirror runs of this session changed: the connection (by key) and the client
-    /// sync point at the front of its answers awaited.
-    fn runs(&self, key: Option<(i32, i32)>, seq: Option<u64>) {
-        self.running.set((key, seq));
-        check_cancel(&self.target, &self.cancel, &self.running);
+    /// sync point at the front of its answers awaited, and whether it is the only one sent.
+    fn runs(&self, key: Option<(i32, i32)>, seq: Option<u64>, alone: bool) {
+        self.running.set((key, seq, alone));
+        check_cancel(&self.target, &self.cancel, &self.running, &self.cancel_hold);
     }
 
     /// Whether the link hands units to a pool instead of holding a connection.
@@ -679,30 +682,77 @@ impl Link {
     }
 }
 
-/// What a session runs on a mirror connection now: the connection's BackendKeyData and the
-/// client sync point at the front of its answers awaited (None: nothing of the client's).
-pub(super) type Running = Cell<(Option<(i32, i32)>, Option<u64>)>;
+/// What a session runs on a mirror connection now: the connection's BackendKeyData, the
+/// client sync point at the front of its answers awaited (None: nothing of the client's),
+/// and whether nothing else is written behind it on that connection (its own later sync
+/// points, another session's units on a pooled connection).
+pub(super) type Running = Cell<(Option<(i32, i32)>, Option<u64>, bool)>;
+
+/// A connection's writes held while a cancel for the one statement it runs is on its way:
+/// written behind it, the next statement could be what runs when the cancel arrives. Held
+/// from the decision until the cancel connection is done (bounded by twice the mirror's
+/// `connect-timeout-ms`, see `backend::cancel::send`).
+#[derive(Default)]
+pub(super) struct Hold {
+    held: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Hold {
+    fn release(&self) {
+        self.held.set(false);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Returns once writes may go.
+    pub(super) async fn wait(&self) {
+        futures_lite::future::poll_fn(|cx| {
+            if !self.held.get() {
+                return Poll::Ready(());
+            }
+            self.waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await
+    }
+}
 
 /// Cancels the mirror's statement when it is the one the client's cancel reached on the
 /// primary (see `backend::cancel::Pending`); `running` is what the session runs on the mirror
 /// now (the connection's key, the client sync point at the front of its answers awaited).
 /// That is known from the answers read: one answered but not read yet (a deferred read)
 /// leaves the front a sync point behind for that long, which `flush-delay-us` bounds. Right
-/// before the request goes, the session must still run that sync point on that connection.
+/// before the request goes, the session must still run that sync point on that connection,
+/// still with nothing written behind it: from the decision until the cancel connection is
+/// done, `hold` keeps the connection's writer from writing more. A cancel is never sent while
+/// something follows the cancelled statement on the wire already (it could land on that, see
+/// `Pending::due`): it is counted in `cancels_skipped` and the statement runs to completion
+/// on the mirror.
 pub(super) fn check_cancel(
     target: &Rc<MirrorTarget>,
     cancel: &crate::backend::cancel::Pending,
     running: &Rc<Running>,
+    hold: &Rc<Hold>,
 ) {
+    use crate::backend::cancel::Due;
     let now = running.get();
-    let (Some(key), Some(_)) = now else {
+    let (Some(key), Some(_), alone) = now else {
         return;
     };
-    if !cancel.due(now.1) {
-        return;
+    match cancel.due(now.1, alone) {
+        Due::Fire => {}
+        Due::No => return,
+        Due::Skip => {
+            MirrorStats::bump(&target.stats.counters.cancels_skipped, 1);
+            return;
+        }
     }
     let target = target.clone();
     let running = Rc::downgrade(running);
+    hold.held.set(true);
+    let hold = hold.clone();
     exec::spawn(async move {
         let limit = Duration::from_millis(target.cfg.connect_timeout_ms);
         let addr = target.addr.get();
@@ -710,6 +760,7 @@ pub(super) fn check_cancel(
         if crate::backend::cancel::send(&addr, &target.tls, key, limit, still).await {
             MirrorStats::bump(&target.stats.counters.cancels_forwarded, 1);
         }
+        hold.release();
     });
 }
 
@@ -761,7 +812,7 @@ pub(super) async fn run(link: Rc<Link>) {
                 }
                 let answered_before = link.answered.get();
                 let clean = stream_frames(&link, &stream, key).await;
-                link.runs(None, None);
+                link.runs(None, None, true);
                 if clean {
                     break;
                 }
@@ -950,6 +1001,7 @@ impl<'a> Connection<'a> {
                 return false;
             }
             self.hold().await;
+            self.link.cancel_hold.wait().await;
             let out = self.take(&mut writes);
             if !out.is_empty() {
                 if !self.write(out, &mut writes.count).await {
@@ -1066,9 +1118,14 @@ impl<'a> Connection<'a> {
             internal,
             timed,
         });
+        // The front runs alone until a second sync point follows it on the wire.
+        let first = inflight.front().and_then(|f| f.seq);
+        let len = inflight.len();
         drop(inflight);
         if front {
-            self.link.runs(self.key, seq);
+            self.link.runs(self.key, seq, true);
+        } else if len == 2 {
+            self.link.runs(self.key, first, false);
         }
         if let Some(w) = self.reader_waker.take() {
             w.wake();
@@ -1361,8 +1418,11 @@ impl<'a> Connection<'a> {
             "more timed statements counted in flight than are in flight",
         );
         if answered > 0 {
-            let front = self.inflight.borrow().front().and_then(|f| f.seq);
-            link.runs(self.key, front);
+            let inflight = self.inflight.borrow();
+            let front = inflight.front().and_then(|f| f.seq);
+            let alone = inflight.len() <= 1;
+            drop(inflight);
+            link.runs(self.key, front, alone);
         }
     }
 }

@@ -137,17 +137,28 @@ pub(super) struct Share {
     /// The pool connection the session's unit runs on now (its key) and the client sync
     /// point it runs there (None: nothing of the session's).
     running: Rc<super::link::Running>,
+    /// The writes of the pool connection it runs on, held while a cancel is on its way.
+    hold: RefCell<Rc<super::link::Hold>>,
 }
 
 impl Share {
     /// Cancels the session's statement on the connection running it, when it is the one
     /// the client's cancel reached on the primary.
     pub(super) fn check_cancel(&self, target: &Rc<MirrorTarget>) {
-        super::link::check_cancel(target, &self.cancel, &self.running);
+        let hold = self.hold.borrow().clone();
+        super::link::check_cancel(target, &self.cancel, &self.running, &hold);
     }
 
-    fn runs(&self, target: &Rc<MirrorTarget>, key: Option<(i32, i32)>, seq: Option<u64>) {
-        self.running.set((key, seq));
+    fn runs(
+        &self,
+        target: &Rc<MirrorTarget>,
+        key: Option<(i32, i32)>,
+        seq: Option<u64>,
+        alone: bool,
+        hold: &Rc<super::link::Hold>,
+    ) {
+        self.running.set((key, seq, alone));
+        *self.hold.borrow_mut() = hold.clone();
         self.check_cancel(target);
     }
 
@@ -501,6 +512,8 @@ struct Conn {
     key: Cell<Option<(i32, i32)>>,
     /// The session whose sync point the connection runs now (the front of `inflight`).
     running: RefCell<Option<Rc<Share>>>,
+    /// Writes held while a cancel for the one statement in flight is on its way.
+    hold: Rc<super::link::Hold>,
     /// A unit ended inside a transaction block on the mirror: roll it back before the next.
     leaked: Cell<bool>,
     answered: Cell<u64>,
@@ -522,6 +535,7 @@ impl Conn {
             sig: Cell::new(FRESH),
             key: Cell::new(None),
             running: RefCell::new(None),
+            hold: Rc::default(),
             leaked: Cell::new(false),
             answered: Cell::new(0),
         }
@@ -629,7 +643,7 @@ async fn serve(target: Rc<MirrorTarget>, pool: Rc<Pool>, conn: Rc<Conn>) {
                 pool.live.set(pool.live.get() - 1);
                 conn.key.set(None);
                 if let Some(session) = conn.running.borrow_mut().take() {
-                    session.runs(&target, None, None);
+                    session.runs(&target, None, None, true, &conn.hold);
                 }
                 conn.lost(stats);
                 if clean {
@@ -714,6 +728,7 @@ impl Live<'_> {
                 return false;
             }
             self.hold().await;
+            self.conn.hold.wait().await;
             let out = self.take(&mut batch);
             if !out.is_empty() {
                 if !self.write(out).await {
@@ -838,7 +853,6 @@ impl Live<'_> {
                 Some(share) if !item.internal => Some((share.clone(), item.seq)),
                 _ => None,
             };
-            let front = self.conn.inflight.borrow().is_empty();
             self.conn.inflight.borrow_mut().push_back(Flight {
                 sent: now,
                 owner,
@@ -848,7 +862,8 @@ impl Live<'_> {
                 guarded: out.guarded,
                 names: out.names.clone(),
             });
-            if front {
+            // A first sync point runs now; a second one ends the first's running alone.
+            if self.conn.inflight.borrow().len() <= 2 {
                 self.front_changed();
             }
             if let Some(w) = self.conn.reader.take() {
@@ -860,21 +875,31 @@ impl Live<'_> {
     /// The sync point at the front of the answers awaited changed: the session it belongs
     /// to runs it now (and the one before runs nothing here any more).
     fn front_changed(&self) {
-        let (owner, seq) = match self.conn.inflight.borrow().front() {
-            Some(Flight {
-                owner: Some((share, seq)),
-                ..
-            }) => (Some(share.clone()), Some(*seq)),
-            _ => (None, None),
+        let (owner, seq, alone) = {
+            let inflight = self.conn.inflight.borrow();
+            let alone = inflight.len() <= 1;
+            match inflight.front() {
+                Some(Flight {
+                    owner: Some((share, seq)),
+                    ..
+                }) => (Some(share.clone()), Some(*seq), alone),
+                _ => (None, None, alone),
+            }
         };
         let before = self.conn.running.replace(owner.clone());
         if let Some(before) = before
             && !owner.as_ref().is_some_and(|o| Rc::ptr_eq(o, &before))
         {
-            before.runs(self.target, None, None);
+            before.runs(self.target, None, None, true, &self.conn.hold);
         }
         if let Some(owner) = owner {
-            owner.runs(self.target, self.conn.key.get(), seq);
+            owner.runs(
+                self.target,
+                self.conn.key.get(),
+                seq,
+                alone,
+                &self.conn.hold,
+            );
         }
     }
 

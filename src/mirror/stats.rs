@@ -56,6 +56,7 @@ mirror_counters! {
     timeouts: "statements the mirror did not answer within its timeout",
     reconnects: "mirror connections re-established after a failure",
     cancels_forwarded: "CancelRequests sent to the mirror for the statement a client cancelled on the primary",
+    cancels_skipped: "client cancels not sent to the mirror because a later statement was already written behind the cancelled one on that connection",
     units: "transactions (or autocommit statements and batches) handed whole to the mirror's pool",
     units_lost: "pooled transactions lost with a pool connection that failed before answering them (they may or may not have been applied)",
     units_rolled_back: "pooled units that ended inside a transaction block on the mirror, rolled back there before the connection's next unit",

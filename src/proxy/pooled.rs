@@ -467,6 +467,14 @@ pub(super) async fn serve(
         return;
     }
     pool.clients.set(pool.clients.get() + 1);
+    // What the session holds in the shard leaves with it, however it ends (its future is
+    // dropped mid-session when the shard stops, too).
+    let held = Held {
+        shard: shard.clone(),
+        pool: pool.clone(),
+        id,
+        pid,
+    };
     let state = Rc::new(ClientState::new(
         id, &user, &database, &client, &params, pid,
     ));
@@ -505,10 +513,28 @@ pub(super) async fn serve(
     }
     session.run(buf).await;
     session.finish().await;
-    shard.pooled_sides.borrow_mut().remove(&id);
     drop(registration);
-    pool.clients.set(pool.clients.get().saturating_sub(1));
-    shard.cancel_keys.remove(pid);
+    drop(held);
+}
+
+/// A pooled session's entries in its shard (its cancel sides with their registry entry and
+/// mirror links, its count in the pool, its cancel key), removed when it drops.
+struct Held {
+    shard: Rc<ShardCtx>,
+    pool: Rc<Pool>,
+    id: u64,
+    pid: i32,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let sides = self.shard.pooled_sides.borrow_mut().remove(&self.id);
+        drop(sides);
+        self.pool
+            .clients
+            .set(self.pool.clients.get().saturating_sub(1));
+        self.shard.cancel_keys.remove(self.pid);
+    }
 }
 
 /// Tells a client why it gets no connection.

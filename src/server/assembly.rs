@@ -92,7 +92,11 @@ impl<'a> Server<'a> {
         let waited = std::time::Duration::from_millis(cfg.proxy.shard_start_timeout_ms);
         if let Err(err) = threads.wait_started(waited) {
             threads.stop_all(false);
-            threads.join_all();
+            // A shard that never started may never see the stop either: bounded like the
+            // start, after which its thread is left to the process's exit.
+            if !threads.join_within(waited) {
+                tracing::error!("a shard did not stop after a failed start; leaving it");
+            }
             return Err(err);
         }
 

@@ -213,9 +213,11 @@ impl Server<'_> {
     }
 }
 
-/// A stop signal: with an upgrade under way, the new process may be serving already (it
-/// wrote the pid file and told systemd before it tells us); then this process hands over all
-/// the same, in a hurry, instead of taking the sockets' files and the unit's status with it.
+/// A stop signal: with an upgrade under way, the new process may have said it is ready (it
+/// serves already, and waits, bounded, for our ack before it writes the pid file and tells
+/// systemd its MAINPID); then this process acknowledges and hands over all the same, in a
+/// hurry, so the new process takes the pid file and the unit over. A new process not ready
+/// within the short wait is stopped, and this one stops as asked.
 fn stop_during(successor: Option<&mut Successor>) -> Outcome {
     let Some(successor) = successor else {
         return Outcome::Stopped;

@@ -349,6 +349,7 @@ fn report(shard: &ShardCtx) -> ShardReport {
         report.compare_kinds = compare.kind_counts();
         // Counted by compare's own cancel tasks, which see no shard stats.
         report.counters.shadow_cancels_forwarded = compare.stats.cancels_forwarded.get();
+        report.counters.shadow_cancels_skipped = compare.stats.cancels_skipped.get();
         report.calibration = compare.calibration();
     }
     report

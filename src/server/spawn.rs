@@ -177,6 +177,23 @@ impl ShardThreads {
         self.open_all();
     }
 
+    /// Joins every shard thread that ends within `limit`; false when one did not (its handle
+    /// is dropped, the thread left detached). A panic is logged, not propagated.
+    pub(super) fn join_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while !self.handles.iter().all(|h| h.is_finished()) && Instant::now() < deadline {
+            // Polling interval of this bounded wait (std threads have no timed join).
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let all = self.handles.iter().all(|h| h.is_finished());
+        for handle in self.handles.drain(..) {
+            if handle.is_finished() && handle.join().is_err() {
+                tracing::error!("a shard panicked during shutdown");
+            }
+        }
+        all
+    }
+
     /// Waits for every shard to finish its drain; a panic is logged, not propagated.
     pub(super) fn join_all(&mut self) {
         for handle in self.handles.drain(..) {

@@ -32,6 +32,11 @@ pub use settings::Settings;
 /// pipeline keeps them as before: applied at once).
 const IMPLICIT_MAX: usize = 64;
 
+/// Cancelled sync points a tracker remembers (see `Tracker::cancelled`). Those who ask do so
+/// right after each read of the primary's answers, and a client's pipeline rarely has more
+/// than a few statements cancelled in one read; older ones fall off.
+const CANCELLED_KEPT: usize = 16;
+
 /// The bounds of one session's tracker (config keys under `[proxy]`).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -352,8 +357,10 @@ pub struct Tracker {
     quiet_syncs: u64,
     /// The server's BackendKeyData (process id, secret key), for cancelling.
     key: Option<(i32, i32)>,
-    /// The last sync point whose answer said it was cancelled (57014).
-    cancelled: Option<u64>,
+    /// The latest sync points whose answers said they were cancelled (57014), oldest first,
+    /// at most [`CANCELLED_KEPT`]: one read of the primary's answers may answer several
+    /// sync points, each cancelled, before anyone asks.
+    cancelled: VecDeque<u64>,
 }
 
 impl Tracker {
@@ -382,7 +389,7 @@ impl Tracker {
             unknown_executes: 0,
             quiet_syncs: 0,
             key: None,
-            cancelled: None,
+            cancelled: VecDeque::new(),
         }
     }
 
@@ -496,7 +503,10 @@ impl Tracker {
                 if let Ok(Some(wire::sqlstate::QUERY_CANCELED)) =
                     wire::ErrorNotice::new(body).code()
                 {
-                    self.cancelled = Some(self.answered);
+                    if self.cancelled.len() >= CANCELLED_KEPT {
+                        self.cancelled.pop_front();
+                    }
+                    self.cancelled.push_back(self.answered);
                 }
                 let farewell = is_farewell(body);
                 self.farewell |= farewell;
@@ -753,9 +763,10 @@ impl Tracker {
         self.key
     }
 
-    /// Whether the answer to sync point `seq` (one answered last) said it was cancelled.
+    /// Whether the answer to sync point `seq` (one of the [`CANCELLED_KEPT`] latest cancelled
+    /// ones) said it was cancelled.
     pub fn cancelled(&self, seq: u64) -> bool {
-        self.cancelled == Some(seq)
+        self.cancelled.contains(&seq)
     }
 
     /// Sync points opened so far, and answered so far.

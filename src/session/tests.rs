@@ -552,3 +552,25 @@ fn a_failed_multi_statement_query_keeps_none_of_its_settings() {
         .unwrap();
     assert_eq!(kept(&t), 2);
 }
+
+#[test]
+fn every_cancelled_sync_point_of_one_read_is_remembered() {
+    let mut t = started();
+    for sql in ["SELECT 1", "SELECT 2", "SELECT 3"] {
+        let q = frames(|b| encode::query(b, sql).unwrap());
+        feed_client(&mut t, &q);
+    }
+    // One read answers all three: the first and the last were cancelled.
+    let answers = frames(|b| {
+        message(b, tag::ERROR_RESPONSE, b"SERROR\0C57014\0Mcanceled\0\0");
+        ready(b, b'I');
+        ready(b, b'I');
+        message(b, tag::ERROR_RESPONSE, b"SERROR\0C57014\0Mcanceled\0\0");
+        ready(b, b'I');
+    });
+    t.server_bytes(&answers, 1 << 20).unwrap();
+    assert_eq!(t.sync_points(), (3, 3));
+    assert!(t.cancelled(0), "the earlier 57014 is not overwritten");
+    assert!(!t.cancelled(1));
+    assert!(t.cancelled(2));
+}

@@ -55,6 +55,7 @@ counters! {
     client_tls_refused: "plain-text sessions refused (client-tls.mode = require)",
     cancels_forwarded: "CancelRequests forwarded to the primary",
     shadow_cancels_forwarded: "CancelRequests sent to the shadow for the statement a client cancelled on the primary",
+    shadow_cancels_skipped: "client cancels not sent to the shadow because a later statement was already written behind the cancelled one",
     auth_failures: "pooled or console clients that failed pgprism's own authentication",
     primary_connect_failures: "sessions whose primary connection could not be opened",
     primary_lost: "sessions whose primary connection ended while the client was still connected",
