@@ -499,8 +499,21 @@ impl SessionShared {
 
     /// The client asked to cancel (heard from whichever shard got its CancelRequest).
     fn cancel_requested(&self) {
-        if let Some(sides) = &self.sides {
-            sides.requested(self.tracker.borrow().sync_points());
+        let Some(sides) = &self.sides else {
+            return;
+        };
+        let tracker = self.tracker.borrow();
+        let (opened, answered) = tracker.sync_points();
+        // The cancel went to the primary from the shard that got it while this notice was on
+        // its way: the primary's 57014 may have been read first. Nothing runs now, and the
+        // last sync point the primary answered was cancelled: that is the one.
+        let late = answered >= opened && answered > 0 && tracker.cancelled(answered - 1);
+        drop(tracker);
+        if late {
+            sides.requested((answered, answered - 1));
+            sides.answered(answered - 1, true);
+        } else {
+            sides.requested((opened, answered));
         }
     }
 
