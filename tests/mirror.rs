@@ -767,12 +767,18 @@ fn mirror_errors_but_terminations(proxy: &Proxy) -> u64 {
 }
 
 /// Ends every client session on `inst` (the mirror sessions pgprism holds there).
+/// Terminates every client session on `inst`, waiting (bounded) until there is at least
+/// one: the mirror's connection may still be on its way when the test gets here (its
+/// statements wait for it), and terminating nothing would leave nothing to reconnect.
 fn terminate_sessions(inst: &Instance) {
-    inst.psql(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
-    )
-    .unwrap();
+    let terminated = eventually(Duration::from_secs(10), || {
+        inst.psql(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+        )
+        .is_ok_and(|n| n.trim() != "0")
+    });
+    assert!(terminated, "no client session to terminate on the mirror");
 }
 
 #[test]
