@@ -721,6 +721,10 @@ fn a_cancel_on_a_shared_connection_reaches_only_its_own_statement() {
 #[test]
 fn a_lingering_shared_connection_is_reused_and_still_goes_back() {
     let pg = start_primary("pool-pipelined-linger");
+    // The console (SHOW SERVERS) for the test's own user.
+    let config = std::env::temp_dir().join(format!("pgprism-linger-{}.toml", std::process::id()));
+    std::fs::write(&config, "[pool]\nadmin-users = [\"postgres\"]\n").unwrap();
+    let config = config.display().to_string();
     let proxy = pooled(
         &pg.url(),
         1,
@@ -737,6 +741,8 @@ fn a_lingering_shared_connection_is_reused_and_still_goes_back() {
             "3000",
             "--server-idle-timeout",
             "200",
+            "--config",
+            &config,
         ],
     );
     let mut direct = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
@@ -785,6 +791,42 @@ fn a_lingering_shared_connection_is_reused_and_still_goes_back() {
         == units + 3));
     assert_eq!(proxy.metric("pgprism_pool_pipelines_total"), 1);
     assert_eq!(proxy.metric("pgprism_pool_lends_total"), lends);
+    // The lingering shared connection is lent: SHOW SERVERS lists it as active (its pid is
+    // the backend that ran the last statement), and it is the only server.
+    let pid = pg
+        .psql("SELECT pid FROM pg_stat_activity WHERE query = 'SELECT 10'")
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut console = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=pgbouncer connect_timeout=10",
+            proxy.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    let mut servers = Vec::new();
+    let listed = eventually(Duration::from_secs(10), || {
+        servers = console
+            .simple_query("SHOW SERVERS")
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => Some((
+                    r.get("state").unwrap_or_default().to_string(),
+                    r.get("remote_pid").unwrap_or_default().to_string(),
+                )),
+                _ => None,
+            })
+            .collect();
+        servers == [("active".to_string(), pid.clone())]
+    });
+    assert!(
+        listed,
+        "SHOW SERVERS: {servers:?}, want one active row of pid {pid}"
+    );
+    drop(console);
     // A transaction needs the connection itself: the pipeline gives it back at once (the
     // linger would outlast the client's 3 s wait bound, 53300).
     let mut tx = a.transaction().unwrap();
@@ -806,4 +848,5 @@ fn a_lingering_shared_connection_is_reused_and_still_goes_back() {
         let n: i64 = direct.query_one(ours, &[]).unwrap().get(0);
         n == 0
     }));
+    let _ = std::fs::remove_file(&config);
 }

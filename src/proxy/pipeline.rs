@@ -483,6 +483,23 @@ impl Pipeline {
         }
     }
 
+    /// Its connection as a SHOW SERVERS row: `active` (lent, to the units on it or lingering
+    /// for the next), linked to no one client, since several share it. `None` once retired.
+    pub(super) fn server_row(
+        &self,
+        pools: &crate::backend::pool::Pools,
+        now: std::time::Instant,
+        check_delay: std::time::Duration,
+    ) -> Option<crate::stats::pools::ServerRow> {
+        if self.retired.get() {
+            return None;
+        }
+        let state = self.state.borrow();
+        let mut row = pools.server_row(&self.pool, state.as_ref()?, None, now, check_delay);
+        row.state = "active";
+        Some(row)
+    }
+
     fn unregister(&self, shard: &ShardCtx) {
         shard
             .pipelines

@@ -1821,6 +1821,15 @@ pub(super) fn publish(shard: &ShardCtx, pools: &Pools) {
     };
     let now = Instant::now();
     let (pool_rows, mut servers) = pools.rows(mode);
+    // Shared connections (pipelined lending) are lent too, to several clients at once.
+    let check_delay = std::time::Duration::from_millis(pools.cfg.server_check_delay_ms);
+    servers.extend(
+        shard
+            .pipelines
+            .borrow()
+            .iter()
+            .filter_map(|p| p.server_row(pools, now, check_delay)),
+    );
     let mut clients = Vec::new();
     for state in shard.pooled_states() {
         clients.push(state.row(shard.index, now));
