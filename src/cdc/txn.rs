@@ -284,52 +284,28 @@ fn timed_out_error(sink: &StarRocks, label: &str, table: &str, r: &TxnReply) -> 
     }
 }
 
-/// Begins the transaction `label` (its first load goes into `table`), or finds what an
-/// earlier run left under it.
-fn begin(sink: &mut StarRocks, label: &str, table: &str) -> Result<TxnState, LoadError> {
+/// Runs `step` until it settles (`Some`), at most `attempts-max` times, with the sink's
+/// backoff between attempts (each retry counted and logged with `what` and the last error,
+/// which `step` keeps in the `String`); gives up naming `table` and `label`.
+fn with_retries<T>(
+    sink: &mut StarRocks,
+    label: &str,
+    table: &str,
+    what: &str,
+    mut step: impl FnMut(&mut StarRocks, &mut String) -> Option<Result<T, LoadError>>,
+) -> Result<T, LoadError> {
     let cfg = sink.config().clone();
     let mut delay = cfg.backoff;
     let mut last = String::new();
     for attempt in 1..=cfg.attempts_max {
         if attempt > 1 {
             sink.retries += 1;
-            tracing::warn!(%label, attempt, error = %last, "retrying transaction begin");
+            tracing::warn!(%label, attempt, error = %last, "{what}");
             std::thread::sleep(delay);
             delay = (delay * 2).min(cfg.backoff_max);
         }
-        let r = match sink.txn_call("begin", label, Some(table), None) {
-            Ok(r) => r,
-            Err(why) => {
-                // Maybe begun: the next attempt finds the label open and rolls it back.
-                last = why;
-                continue;
-            }
-        };
-        match r.status.as_str() {
-            "OK" => return Ok(TxnState::Loading),
-            "AUTH" => return Err(sink.auth_error(401)),
-            "LABEL_ALREADY_EXISTS" | "Label Already Exists" => {
-                match sink.label_state(label).as_deref() {
-                    Ok("VISIBLE") | Ok("COMMITTED") => {
-                        tracing::info!(%label, "transaction committed by an earlier run");
-                        return Ok(TxnState::Committed);
-                    }
-                    Ok("PREPARED") => {
-                        tracing::info!(%label, "transaction prepared by an earlier run; committing it at the cycle's end");
-                        return Ok(TxnState::Prepared);
-                    }
-                    Ok("PREPARE") => {
-                        // Left open by a run that stopped while loading: its loads are
-                        // not all there. Roll back and load the cycle afresh.
-                        tracing::info!(%label, "rolling back a transaction an earlier run left open");
-                        let _ = sink.txn_call("rollback", label, Some(table), None);
-                        last = format!("label {label} was open");
-                    }
-                    Ok(state) => last = format!("label {label} is {state}"),
-                    Err(why) => last = why.clone(),
-                }
-            }
-            status => last = format!("{status}: {}", r.message),
+        if let Some(settled) = step(sink, &mut last) {
+            return settled;
         }
     }
     Err(LoadError::GaveUp {
@@ -340,46 +316,89 @@ fn begin(sink: &mut StarRocks, label: &str, table: &str) -> Result<TxnState, Loa
     })
 }
 
+/// Begins the transaction `label` (its first load goes into `table`), or finds what an
+/// earlier run left under it.
+fn begin(sink: &mut StarRocks, label: &str, table: &str) -> Result<TxnState, LoadError> {
+    with_retries(
+        sink,
+        label,
+        table,
+        "retrying transaction begin",
+        |sink, last| {
+            let r = match sink.txn_call("begin", label, Some(table), None) {
+                Ok(r) => r,
+                Err(why) => {
+                    // Maybe begun: the next attempt finds the label open and rolls it back.
+                    *last = why;
+                    return None;
+                }
+            };
+            match r.status.as_str() {
+                "OK" => return Some(Ok(TxnState::Loading)),
+                "AUTH" => return Some(Err(sink.auth_error(401))),
+                "LABEL_ALREADY_EXISTS" | "Label Already Exists" => {
+                    match sink.label_state(label).as_deref() {
+                        Ok("VISIBLE") | Ok("COMMITTED") => {
+                            tracing::info!(%label, "transaction committed by an earlier run");
+                            return Some(Ok(TxnState::Committed));
+                        }
+                        Ok("PREPARED") => {
+                            tracing::info!(%label, "transaction prepared by an earlier run; committing it at the cycle's end");
+                            return Some(Ok(TxnState::Prepared));
+                        }
+                        Ok("PREPARE") => {
+                            // Left open by a run that stopped while loading: its loads are
+                            // not all there. Roll back and load the cycle afresh.
+                            tracing::info!(%label, "rolling back a transaction an earlier run left open");
+                            let _ = sink.txn_call("rollback", label, Some(table), None);
+                            *last = format!("label {label} was open");
+                        }
+                        Ok(state) => *last = format!("label {label} is {state}"),
+                        Err(why) => *last = why.clone(),
+                    }
+                }
+                status => *last = format!("{status}: {}", r.message),
+            }
+            None
+        },
+    )
+}
+
 /// Commits a prepared transaction. An error answer or none at all is not the end: a commit
 /// may succeed and still answer an error (an FE restarting under it), so the label's state
 /// decides, and a transaction still prepared is committed again.
 fn commit(sink: &mut StarRocks, label: &str, table: Option<&str>) -> Result<(), LoadError> {
-    let cfg = sink.config().clone();
-    let mut delay = cfg.backoff;
-    let mut last = String::new();
-    for attempt in 1..=cfg.attempts_max {
-        if attempt > 1 {
-            sink.retries += 1;
-            tracing::warn!(%label, attempt, error = %last, "commit in doubt; checking the label");
-            std::thread::sleep(delay);
-            delay = (delay * 2).min(cfg.backoff_max);
-        }
-        match sink.txn_call("commit", label, table, None) {
-            Ok(r) if r.status == "OK" => return Ok(()),
-            // Committed; the data becomes visible when publishing finishes.
-            Ok(r) if r.message.to_ascii_lowercase().contains("publish timeout") => return Ok(()),
-            Ok(r) => last = format!("commit: {} {}", r.status, r.message),
-            Err(e) => last = format!("commit: {e}"),
-        }
-        match sink.label_state(label).as_deref() {
-            Ok("VISIBLE") | Ok("COMMITTED") => {
-                tracing::info!(%label, error = %last, "the commit answered an error but happened");
-                return Ok(());
+    let named = table.unwrap_or("(transaction)");
+    with_retries(
+        sink,
+        label,
+        named,
+        "commit in doubt; checking the label",
+        |sink, last| {
+            match sink.txn_call("commit", label, table, None) {
+                Ok(r) if r.status == "OK" => return Some(Ok(())),
+                // Committed; the data becomes visible when publishing finishes.
+                Ok(r) if r.message.to_ascii_lowercase().contains("publish timeout") => {
+                    return Some(Ok(()));
+                }
+                Ok(r) => *last = format!("commit: {} {}", r.status, r.message),
+                Err(e) => *last = format!("commit: {e}"),
             }
-            Ok("PREPARED") | Ok("PREPARE") => {}
-            Ok(state) => {
-                return Err(LoadError::TxnAborted {
+            match sink.label_state(label).as_deref() {
+                Ok("VISIBLE") | Ok("COMMITTED") => {
+                    tracing::info!(%label, error = %last, "the commit answered an error but happened");
+                    Some(Ok(()))
+                }
+                Ok("PREPARED") | Ok("PREPARE") => None,
+                Ok(state) => Some(Err(LoadError::TxnAborted {
                     label: label.to_string(),
                     why: format!("{last}; the label is {state}"),
-                });
+                })),
+                Err(e) => {
+                    *last = format!("{last}; label state: {e}");
+                    None
+                }
             }
-            Err(e) => last = format!("{last}; label state: {e}"),
-        }
-    }
-    Err(LoadError::GaveUp {
-        table: table.unwrap_or("(transaction)").to_string(),
-        label: label.to_string(),
-        attempts: cfg.attempts_max,
-        last,
-    })
+        },
+    )
 }
