@@ -39,18 +39,7 @@ impl Drop for Report {
 
 /// Starts compare mode between `primary` and `shadow`.
 fn compare_proxy(primary: &Instance, shadow: &Instance, report: &Report, extra: &[&str]) -> Proxy {
-    let shadow = shadow.url();
-    let report = report.path();
-    let mut args = vec![
-        "--shadow",
-        &shadow,
-        "--compare-report",
-        &report,
-        "--slow-query-min-ms",
-        "60000",
-    ];
-    args.extend_from_slice(extra);
-    Proxy::start(&primary.url(), &args)
+    Proxy::compare(&primary.url(), Some(&shadow.url()), &report.path(), extra)
 }
 
 /// Waits until every session the proxy served is counted closed (each one's statements are

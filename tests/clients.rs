@@ -140,16 +140,11 @@ fn jdbc_and_psycopg2_through_compare_mode_agree_with_an_identical_shadow() {
         std::process::id()
     ));
     let _ = std::fs::remove_file(&report);
-    let proxy = Proxy::start(
+    let proxy = Proxy::compare(
         &primary.url(),
-        &[
-            "--shadow",
-            &shadow.url(),
-            "--compare-report",
-            &report.display().to_string(),
-            "--slow-query-min-ms",
-            "60000",
-        ],
+        Some(&shadow.url()),
+        &report.display().to_string(),
+        &[],
     );
     assert_jdbc(&jdbc(proxy.port(), "jdbc_t"));
     assert_psycopg(&psycopg(proxy.port(), "psy_t"));

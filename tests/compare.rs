@@ -36,15 +36,13 @@ impl Pair {
     }
 
     fn proxy(&self, extra: &[&str]) -> Proxy {
-        let shadow = self.shadow.url();
         let report = self.report.display().to_string();
-        let mut args = vec!["--shadow", &shadow, "--compare-report", &report];
-        if !extra.contains(&"--slow-query-min-ms") {
-            // Timing noise on a busy test machine must not add slow-query reports.
-            args.extend_from_slice(&["--slow-query-min-ms", "60000"]);
-        }
-        args.extend_from_slice(extra);
-        Proxy::start(&self.primary.url(), &args)
+        Proxy::compare(
+            &self.primary.url(),
+            Some(&self.shadow.url()),
+            &report,
+            extra,
+        )
     }
 
     fn reports(&self) -> Vec<sonic_rs::Value> {

@@ -57,18 +57,13 @@ impl Pair {
     }
 
     fn proxy(&self, extra: &[&str]) -> Proxy {
-        let shadow = self.shadow.url();
         let report = self.report.display().to_string();
-        let mut args = vec![
-            "--shadow",
-            &shadow,
-            "--compare-report",
+        Proxy::compare(
+            &self.primary.url(),
+            Some(&self.shadow.url()),
             &report,
-            "--slow-query-min-ms",
-            "60000",
-        ];
-        args.extend_from_slice(extra);
-        Proxy::start(&self.primary.url(), &args)
+            extra,
+        )
     }
 
     fn reports(&self) -> Vec<sonic_rs::Value> {
@@ -309,16 +304,7 @@ fn calibration_against_the_primary_itself_finds_no_mismatch() {
     let p = pair("aa");
     p.primary.psql(HOT).unwrap();
     let report = p.report.display().to_string();
-    let proxy = Proxy::start(
-        &p.primary.url(),
-        &[
-            "--calibrate",
-            "--compare-report",
-            &report,
-            "--slow-query-min-ms",
-            "60000",
-        ],
-    );
+    let proxy = Proxy::compare(&p.primary.url(), None, &report, &["--calibrate"]);
     let script = p.script.display().to_string();
     pgbench(&proxy, &["-c", "8", "-j", "2", "-t", "100", "-f", &script]);
     let (mismatches, concurrent, _, compared) = verdicts(&proxy, 8 * 100 * 2);

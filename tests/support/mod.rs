@@ -70,6 +70,29 @@ impl Proxy {
         Proxy::start_on("127.0.0.1:0", primary_url, extra)
     }
 
+    /// A compare-mode proxy: `shadow_url` as the shadow (`None`: the arguments in `extra`
+    /// say, e.g. `--calibrate`), differences reported to `report`, and no slow-query reports
+    /// unless `extra` sets `--slow-query-min-ms` (timing noise on a busy test machine must
+    /// not add them).
+    #[allow(dead_code)] // not every test binary compares
+    pub fn compare(
+        primary_url: &str,
+        shadow_url: Option<&str>,
+        report: &str,
+        extra: &[&str],
+    ) -> Proxy {
+        let mut args = Vec::new();
+        if let Some(shadow) = shadow_url {
+            args.extend(["--shadow", shadow]);
+        }
+        args.extend(["--compare-report", report]);
+        if !extra.contains(&"--slow-query-min-ms") {
+            args.extend(["--slow-query-min-ms", "60000"]);
+        }
+        args.extend_from_slice(extra);
+        Proxy::start(primary_url, &args)
+    }
+
     /// [`Proxy::start`] on a given address.
     pub fn start_on(listen: &str, primary_url: &str, extra: &[&str]) -> Proxy {
         let stderr_path = std::env::temp_dir().join(format!(
