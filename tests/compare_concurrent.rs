@@ -156,6 +156,7 @@ fn hot_rows_without_false_mismatches(
         proxy.metric("pgprism_compare_order_waits_expired_total"),
         proxy.metric("pgprism_compare_order_lock_breaks_total")
     );
+    eprintln!("{}", drift(&p.reports()));
     assert_eq!(
         mismatches,
         0,
@@ -175,6 +176,26 @@ fn hot_rows_without_false_mismatches(
         sum_v(&p.shadow),
         "both sides ran every update"
     );
+}
+
+/// Where the shadow put the reads that differed: the shadow's value minus the primary's
+/// (each write adds 1), counted by drift. Positive: the shadow ran the read after writes
+/// the primary's read had not seen.
+fn drift(reports: &[sonic_rs::Value]) -> String {
+    let mut counts = std::collections::BTreeMap::<i64, u32>::new();
+    let value = |side: &sonic_rs::Value| -> Option<i64> {
+        let row = side["sample_rows"][0].as_str()?;
+        row.trim_start_matches('(')
+            .trim_end_matches(')')
+            .parse()
+            .ok()
+    };
+    for r in reports {
+        if let (Some(p), Some(s)) = (value(&r["primary"]), value(&r["shadow"])) {
+            *counts.entry(s - p).or_default() += 1;
+        }
+    }
+    format!("drift of the differing reads (shadow - primary: count): {counts:?}")
 }
 
 #[test]

@@ -130,9 +130,37 @@ fn scan_all(text: &str, class: sql::Class) -> Scan {
     all
 }
 
+/// `template` (a prepared statement's footprint) with the values of a Bind of it: the rows
+/// its parameters name. A Bind pgprism cannot read leaves the parameters unknown.
+fn bind(template: &Footprint, bind: wire::Bind<'_>) -> Footprint {
+    let Ok(parts) = bind.parts() else {
+        return template.clone();
+    };
+    let values: Vec<Option<footprint::Value>> = parts
+        .params
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let v = v?;
+            match parts.param_format(i) {
+                wire::Format::Text => footprint::text_value(v, false),
+                wire::Format::Binary => Some(footprint::binary_value(v)),
+            }
+        })
+        .collect();
+    template.bind(|n| {
+        values
+            .get(usize::from(n).checked_sub(1)?)
+            .copied()
+            .flatten()
+    })
+}
+
 /// What one client sync point asked.
 struct SyncMeta {
     statements: Vec<Rc<Compared>>,
+    /// What they touch, with their parameters' values.
+    footprint: Footprint,
     /// Sent to the shadow too (not routed to the primary only).
     shadow: bool,
     /// Goes to the shadow in the primary's completion order (see `order`): its frames wait
@@ -306,6 +334,8 @@ pub struct Dispatch {
     target: Rc<CompareTarget>,
     pub shadow: Stream,
     batch: Vec<Rc<Compared>>,
+    /// What the batch's Executes touch, with their Binds' values.
+    batch_footprint: Footprint,
     /// Expectations of the frames held in `held`, queued for the shadow with them.
     held_expects: Vec<Expect>,
     /// Expectations of what the current client batch sends the shadow.
@@ -410,6 +440,12 @@ impl Dispatch {
                 // What the frame names joins the batch's routing.
                 if let Some(statement) = self.referred(refers) {
                     self.batch_primary_only |= statement.primary_only;
+                    if let (tag::BIND, Refers::Portal(portal)) = (tag, refers) {
+                        // The rows an Execute of this binding touches, read once.
+                        portal.extension(Slot::Compare, || {
+                            bind(&statement.scan.footprint, wire::Bind::new(body))
+                        });
+                    }
                 }
                 self.hold(f.frame, f.routes, f.expect);
             }
@@ -418,6 +454,12 @@ impl Dispatch {
                     .referred(refers)
                     .unwrap_or_else(|| Rc::new(Compared::unknown()));
                 self.batch_primary_only |= statement.primary_only;
+                match refers {
+                    Refers::Portal(portal) => self.batch_footprint.join(
+                        &portal.extension(Slot::Compare, || statement.scan.footprint.clone()),
+                    ),
+                    _ => self.batch_footprint.join(&statement.scan.footprint),
+                }
                 self.batch.push(statement);
                 self.hold(f.frame, f.routes, f.expect);
             }
@@ -425,7 +467,12 @@ impl Dispatch {
             tag::FUNCTION_CALL => {
                 // It may touch anything: an unknown statement.
                 let seq = self.link.planned.get();
-                let ordered = self.push_meta(vec![Rc::new(Compared::unknown())], true, f.read_at);
+                let ordered = self.push_meta(
+                    vec![Rc::new(Compared::unknown())],
+                    Footprint::wild(),
+                    true,
+                    f.read_at,
+                );
                 self.send(f.frame, Some(seq));
                 self.out_expects.push(Expect::Sync);
                 self.cut(None, self.order_of(seq, ordered));
@@ -464,7 +511,11 @@ impl Dispatch {
         self.copy_to_shadow = shadow;
         let gates = gates(&statements);
         let seq = self.link.planned.get();
-        let ordered = self.push_meta(statements, shadow, f.read_at);
+        let mut footprint = Footprint::default();
+        for statement in &statements {
+            footprint.join(&statement.scan.footprint);
+        }
+        let ordered = self.push_meta(statements, footprint, shadow, f.read_at);
         if shadow {
             self.send(f.frame, Some(seq));
             self.out_expects.push(Expect::Sync);
@@ -475,6 +526,7 @@ impl Dispatch {
     /// Sync: the batch's sync point; its routing decides where the held frames go.
     fn plan_sync(&mut self, f: Planned) {
         let statements = std::mem::take(&mut self.batch);
+        let footprint = std::mem::take(&mut self.batch_footprint);
         let shadow = self.batch_released || !self.batch_primary_only;
         self.batch_primary_only = false;
         self.batch_released = false;
@@ -482,7 +534,7 @@ impl Dispatch {
         self.copy_to_shadow = shadow;
         let gates = gates(&statements);
         let seq = self.link.planned.get();
-        let ordered = self.push_meta(statements, shadow, f.read_at);
+        let ordered = self.push_meta(statements, footprint, shadow, f.read_at);
         self.open_batch = false;
         self.batch_unordered = false;
         if shadow {
@@ -573,13 +625,20 @@ impl Dispatch {
     /// order: not when ordering is off, nor for a COPY (the client's data for it reaches the
     /// shadow only after its frames, so they cannot wait for the primary's answer), nor when
     /// a Flush already sent part of it.
-    fn push_meta(&mut self, statements: Vec<Rc<Compared>>, shadow: bool, read_at: Instant) -> bool {
+    /// `footprint`: what its statements touch, parameters bound.
+    fn push_meta(
+        &mut self,
+        statements: Vec<Rc<Compared>>,
+        footprint: Footprint,
+        shadow: bool,
+        read_at: Instant,
+    ) -> bool {
         let shadow = shadow && !self.link.dead.get();
         let ordered = shadow
             && self.target.port.is_some()
             && !self.batch_unordered
             && !statements.iter().any(|s| s.copy);
-        let start = self.start(&statements, !shadow);
+        let start = self.start(&statements, &footprint, !shadow);
         if start.1.writes {
             self.link
                 .in_flight
@@ -589,6 +648,7 @@ impl Dispatch {
         self.link.planned.set(self.link.planned.get() + 1);
         self.link.metas.borrow_mut().push_back(SyncMeta {
             statements,
+            footprint,
             shadow,
             ordered,
             start,
@@ -599,16 +659,13 @@ impl Dispatch {
 
     /// Tells the ledger a sync point of these statements goes to the primary now (a write is
     /// in flight until answered). One that may end a transaction carries what it wrote.
-    fn start(&self, statements: &[Rc<Compared>], only: bool) -> Start {
+    fn start(&self, statements: &[Rc<Compared>], touched: &Footprint, only: bool) -> Start {
         let Some(port) = &self.target.port else {
             return Start::default();
         };
-        let mut footprint = Footprint::default();
-        for statement in statements {
-            footprint.join(&statement.scan.footprint);
-            if statement.transaction {
-                footprint.join(&self.link.written.borrow());
-            }
+        let mut footprint = touched.clone();
+        if statements.iter().any(|s| s.transaction) {
+            footprint.join(&self.link.written.borrow());
         }
         let started = port.ledger.start(self.link.order_session, &footprint, only);
         (footprint, started)
@@ -1080,6 +1137,7 @@ impl Exchange {
             target: target.clone(),
             shadow,
             batch: Vec::new(),
+            batch_footprint: Footprint::default(),
             held_expects: Vec::new(),
             out_expects: Vec::new(),
             batch_primary_only: false,
@@ -1340,10 +1398,7 @@ impl Comparer {
             return;
         };
         let seq = self.settled + index as u64;
-        let mut footprint = Footprint::default();
-        for statement in &meta.statements {
-            footprint.join(&statement.scan.footprint);
-        }
+        let mut footprint = meta.footprint.clone();
         let holds_locks;
         {
             let mut written = self.link.written.borrow_mut();

@@ -9,12 +9,16 @@
 
 use crate::sql;
 
-/// The relations one statement (or one sync point, or a transaction so far) touches.
+/// The relations one statement (or one sync point, or a transaction so far) touches, and
+/// for some of them the rows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Footprint {
     /// Hashes of the relation names (unqualified, folded to lower case unless quoted), sorted
     /// and without duplicates.
     pub lanes: Vec<u64>,
+    /// The rows of some of those relations, sorted by lane: a relation with probes is
+    /// touched only in rows that match one of them; one without is touched whole.
+    pub probes: Vec<Probe>,
     /// It writes (or locks rows of) what it touches.
     pub write: bool,
     /// It may touch any relation.
@@ -28,11 +32,81 @@ pub struct Footprint {
     pub ends: bool,
 }
 
+/// Rows of one relation: those where every `column = value` pair holds (a top-level
+/// conjunction of equalities in a WHERE, or the values of one row an INSERT writes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub lane: u64,
+    /// (column hash, value), sorted by column, one per column, never empty.
+    pub pairs: Vec<(u64, Value)>,
+}
+
+/// A value a key column is compared with, in a canonical form: two spellings of one value
+/// must never read as two different values (that would order two statements on one row as
+/// if they touched two). Forms of different kinds are never taken for different values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Value {
+    /// An integer spelled canonically (a bare number, or a string or text parameter of
+    /// digits without leading zeros), at most 15 digits (exact in a float8 too).
+    Int(i64),
+    /// Any other string or text parameter, folded (ASCII case, whitespace, `-`, braces and
+    /// boolean spellings): a hash.
+    Text(u64),
+    /// A binary parameter: its length and a hash of its bytes.
+    Bytes(u32, u64),
+    /// Parameter `$n` (1-based) of an extended-protocol statement, not bound yet.
+    Param(u16),
+}
+
+impl Value {
+    /// Whether the two are certainly different values.
+    fn differs(self, other: Value) -> bool {
+        match (self, other) {
+            (Value::Int(a), Value::Int(b)) => a != b,
+            (Value::Text(a), Value::Text(b)) => a != b,
+            (Value::Bytes(la, a), Value::Bytes(lb, b)) => la == lb && a != b,
+            _ => false,
+        }
+    }
+}
+
+impl Probe {
+    /// Whether no row matches both: a column both name with certainly different values.
+    fn disjoint(&self, other: &Probe) -> bool {
+        let (mut i, mut j) = (0, 0);
+        while i < self.pairs.len() && j < other.pairs.len() {
+            let (a, b) = (self.pairs[i], other.pairs[j]);
+            match a.0.cmp(&b.0) {
+                std::cmp::Ordering::Less => i += 1,
+                std::cmp::Ordering::Greater => j += 1,
+                std::cmp::Ordering::Equal => {
+                    if a.1.differs(b.1) {
+                        return true;
+                    }
+                    i += 1;
+                    j += 1;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// Whether two statements' rows of one relation (empty: the whole relation) cannot meet.
+pub fn rows_disjoint(a: &[Probe], b: &[Probe]) -> bool {
+    !a.is_empty() && !b.is_empty() && a.iter().all(|x| b.iter().all(|y| x.disjoint(y)))
+}
+
+/// Probes of one relation kept per footprint; beyond it, the relation is touched whole (a
+/// transaction that wrote many rows of it, a long IN list).
+const PROBES_MAX: usize = 32;
+
 impl Footprint {
     /// Every relation, written.
     pub fn wild() -> Footprint {
         Footprint {
             lanes: Vec::new(),
+            probes: Vec::new(),
             write: true,
             wild: true,
             ends: false,
@@ -43,15 +117,57 @@ impl Footprint {
         self.lanes.is_empty() && !self.wild
     }
 
-    /// Adds `other`'s relations (a write to any of them makes the union a write).
+    /// The rows of relation `lane` it touches (empty: all of them, or none if it does not
+    /// touch the relation).
+    pub fn rows(&self, lane: u64) -> &[Probe] {
+        let start = self.probes.partition_point(|p| p.lane < lane);
+        let end = start + self.probes[start..].partition_point(|p| p.lane == lane);
+        &self.probes[start..end]
+    }
+
+    /// Adds `other`'s relations and rows (a write to any of them makes the union a write).
     pub fn join(&mut self, other: &Footprint) {
         self.write |= other.write;
         self.wild |= other.wild;
-        if !other.lanes.is_empty() {
-            self.lanes.extend_from_slice(&other.lanes);
-            self.lanes.sort_unstable();
-            self.lanes.dedup();
+        if other.lanes.is_empty() {
+            return;
         }
+        if self.lanes.is_empty() {
+            self.lanes.clone_from(&other.lanes);
+            self.probes.clone_from(&other.probes);
+            return;
+        }
+        let mut lanes = Vec::with_capacity(self.lanes.len() + other.lanes.len());
+        let mut probes = Vec::new();
+        let (mut i, mut j) = (0, 0);
+        while i < self.lanes.len() || j < other.lanes.len() {
+            let (a, b) = (self.lanes.get(i), other.lanes.get(j));
+            let lane = match (a, b) {
+                (Some(&a), Some(&b)) => a.min(b),
+                (Some(&a), None) => a,
+                (None, Some(&b)) => b,
+                (None, None) => break,
+            };
+            let in_self = a == Some(&lane);
+            let in_other = b == Some(&lane);
+            let (mine, theirs) = (self.rows(lane), other.rows(lane));
+            // A relation touched whole by either side is touched whole by the union.
+            let whole = (in_self && mine.is_empty())
+                || (in_other && theirs.is_empty())
+                || mine.len() + theirs.len() > PROBES_MAX;
+            if !whole {
+                for p in mine.iter().chain(theirs) {
+                    if !probes.contains(p) {
+                        probes.push(p.clone());
+                    }
+                }
+            }
+            lanes.push(lane);
+            i += usize::from(in_self);
+            j += usize::from(in_other);
+        }
+        self.lanes = lanes;
+        self.probes = probes;
     }
 
     /// Whether a sync point of this footprint waits for an earlier conflicting one that
@@ -74,7 +190,14 @@ impl Footprint {
     }
 
     /// Whether the two may see each other's effects: they share a relation (or one is wild)
-    /// and at least one writes.
+    /// and at least one writes, and, when only one writes, their rows of that relation may
+    /// meet.
+    ///
+    /// Two writes of one relation conflict whatever their rows: a unique (or exclusion)
+    /// constraint on a column neither statement names makes the second of two writes to
+    /// different rows fail, so their order decides which one does, and the statement text
+    /// cannot tell which columns are unique. (A departure from ordering writes by row too;
+    /// reads, which are what contended rows make differ, are ordered by row.)
     pub fn conflicts(&self, other: &Footprint) -> bool {
         if !(self.write || other.write) {
             return false;
@@ -88,10 +211,66 @@ impl Footprint {
             match self.lanes[i].cmp(&other.lanes[j]) {
                 std::cmp::Ordering::Less => i += 1,
                 std::cmp::Ordering::Greater => j += 1,
-                std::cmp::Ordering::Equal => return true,
+                std::cmp::Ordering::Equal => {
+                    let lane = self.lanes[i];
+                    if (self.write && other.write)
+                        || !rows_disjoint(self.rows(lane), other.rows(lane))
+                    {
+                        return true;
+                    }
+                    i += 1;
+                    j += 1;
+                }
             }
         }
         false
+    }
+
+    /// Whether an access to relation `lane` (`write`, in rows `rows`) and this footprint's
+    /// conflict there (the ledger's per-relation check).
+    pub fn conflicts_in(&self, lane: u64, write: bool, rows: &[Probe]) -> bool {
+        (self.write && write) || !rows_disjoint(self.rows(lane), rows)
+    }
+
+    /// The footprint with parameters bound: `value(n)` gives parameter `$n`'s canonical
+    /// value, or None (NULL, unknown): a pair whose value is unknown says nothing, and a
+    /// probe left without pairs makes its relation touched whole.
+    pub fn bind(&self, value: impl Fn(u16) -> Option<Value>) -> Footprint {
+        if !self
+            .probes
+            .iter()
+            .any(|p| p.pairs.iter().any(|(_, v)| matches!(v, Value::Param(_))))
+        {
+            return self.clone();
+        }
+        let mut probes: Vec<Probe> = Vec::with_capacity(self.probes.len());
+        let mut whole: Vec<u64> = Vec::new();
+        for probe in &self.probes {
+            let pairs: Vec<(u64, Value)> = probe
+                .pairs
+                .iter()
+                .filter_map(|&(c, v)| match v {
+                    Value::Param(n) => value(n).map(|v| (c, v)),
+                    v => Some((c, v)),
+                })
+                .collect();
+            if pairs.is_empty() {
+                whole.push(probe.lane);
+            } else {
+                probes.push(Probe {
+                    lane: probe.lane,
+                    pairs,
+                });
+            }
+        }
+        probes.retain(|p| !whole.contains(&p.lane));
+        Footprint {
+            lanes: self.lanes.clone(),
+            probes,
+            write: self.write,
+            wild: self.wild,
+            ends: self.ends,
+        }
     }
 }
 
@@ -182,16 +361,39 @@ enum Token<'a> {
     /// A quoted identifier, without its quotes.
     Quoted(&'a [u8]),
     Punct(u8),
+    /// A plain string literal, without its quotes (a doubled quote still doubled).
+    Str(&'a [u8]),
+    /// A bare number, as written.
+    Num(&'a [u8]),
+    /// Parameter `$n`.
+    Param(u16),
+    /// A literal whose value the scan does not read (a prefixed or dollar-quoted string).
+    Opaque,
 }
 
-/// The tokens of `sql`, stepping over literals, comments and dollar quotes.
+/// The tokens of `sql`, stepping over comments.
 fn tokens(sql: &[u8]) -> impl Iterator<Item = Token<'_>> {
     let mut i = 0usize;
     std::iter::from_fn(move || {
         while i < sql.len() {
             let c = sql[i];
             match c {
-                b'\'' => i = crate::sql::skip_quoted(sql, i),
+                b'\'' => {
+                    let start = i;
+                    i = crate::sql::skip_quoted(sql, i);
+                    // E'..', B'..', X'..', U&'..' and N'..' read otherwise: not read.
+                    let prefixed = start > 0
+                        && (sql[start - 1].is_ascii_alphanumeric()
+                            || sql[start - 1] == b'_'
+                            || sql[start - 1] == b'&');
+                    let inner = sql.get(start + 1..i.saturating_sub(1).max(start + 1));
+                    return Some(match inner {
+                        Some(inner) if !prefixed && i > start + 1 && sql[i - 1] == b'\'' => {
+                            Token::Str(inner)
+                        }
+                        _ => Token::Opaque,
+                    });
+                }
                 b'"' => {
                     let end = crate::sql::skip_quoted(sql, i);
                     let inner = &sql[i + 1..end.saturating_sub(1).max(i + 1)];
@@ -207,8 +409,22 @@ fn tokens(sql: &[u8]) -> impl Iterator<Item = Token<'_>> {
                         let tag = &sql[i..tag_end];
                         i = memchr::memmem::find(&sql[tag_end..], tag)
                             .map_or(sql.len(), |n| tag_end + n + tag.len());
+                        return Some(Token::Opaque);
                     }
-                    None => i += 1,
+                    None => {
+                        let start = i + 1;
+                        i = start;
+                        while i < sql.len() && sql[i].is_ascii_digit() {
+                            i += 1;
+                        }
+                        if i == start {
+                            return Some(Token::Punct(b'$'));
+                        }
+                        let n = std::str::from_utf8(&sql[start..i])
+                            .ok()
+                            .and_then(|d| d.parse::<u16>().ok());
+                        return Some(n.map_or(Token::Opaque, Token::Param));
+                    }
                 },
                 c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                     let start = i;
@@ -220,9 +436,11 @@ fn tokens(sql: &[u8]) -> impl Iterator<Item = Token<'_>> {
                     return Some(Token::Word(&sql[start..i]));
                 }
                 b'0'..=b'9' => {
+                    let start = i;
                     while i < sql.len() && (sql[i].is_ascii_alphanumeric() || sql[i] == b'.') {
                         i += 1;
                     }
+                    return Some(Token::Num(&sql[start..i]));
                 }
                 c if c.is_ascii_whitespace() => i += 1,
                 c => {
@@ -337,9 +555,14 @@ pub fn scan(text: &str, class: sql::Class) -> Scan {
             {
                 locks_rows = true;
             }
-            if BEFORE_RELATION
-                .iter()
-                .any(|b| w.eq_ignore_ascii_case(b.as_bytes()))
+            // DELETE ... USING names relations too (JOIN ... USING is followed by a
+            // parenthesis).
+            let using = w.eq_ignore_ascii_case(b"using")
+                && !matches!(all.get(i + 1), Some(Token::Punct(b'(')));
+            if using
+                || BEFORE_RELATION
+                    .iter()
+                    .any(|b| w.eq_ignore_ascii_case(b.as_bytes()))
             {
                 i = relation_list(&all, i + 1, &mut lanes);
                 continue;
@@ -350,10 +573,17 @@ pub fn scan(text: &str, class: sql::Class) -> Scan {
     if nondeterministic.is_none() && limit && !sql::has_top_level_order_by(sql) {
         nondeterministic = Some("LIMIT without ORDER BY");
     }
+    let references = lanes.len();
     lanes.sort_unstable();
     lanes.dedup();
+    // Rows only for a statement naming one relation once (a join's rows are not one key's).
+    let rows = |lanes: &[u64]| match (references, lanes) {
+        (1, [lane]) if matches!(class, sql::Class::Select | sql::Class::Dml) => probes(&all, *lane),
+        _ => Vec::new(),
+    };
     let footprint = match class {
         sql::Class::Select => Footprint {
+            probes: rows(&lanes),
             lanes,
             write: locks_rows,
             wild: false,
@@ -365,6 +595,7 @@ pub fn scan(text: &str, class: sql::Class) -> Scan {
                 Footprint::wild()
             } else {
                 Footprint {
+                    probes: rows(&lanes),
                     lanes,
                     write: true,
                     wild: false,
@@ -378,6 +609,410 @@ pub fn scan(text: &str, class: sql::Class) -> Scan {
     Scan {
         footprint,
         nondeterministic,
+    }
+}
+
+/// The canonical value of a string literal's or a text parameter's bytes (a literal still
+/// with its doubled quotes: `quoted`), or None when the scan cannot be sure of one spelling
+/// per value: a string that starts with a digit but is no canonical integer (`03`, `3.0`,
+/// `1e3`, a date, an interval), one with a backslash (an escape with
+/// `standard_conforming_strings` off), or text not in UTF-8.
+pub fn text_value(bytes: &[u8], quoted: bool) -> Option<Value> {
+    if let Some(n) = canonical_int(bytes) {
+        return Some(Value::Int(n));
+    }
+    if bytes.contains(&b'\\') || std::str::from_utf8(bytes).is_err() {
+        return None;
+    }
+    let mut folded: Vec<u8> = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        i += 1;
+        if quoted && b == b'\'' {
+            // The second quote of a doubled one.
+            i += usize::from(bytes.get(i) == Some(&b'\''));
+        }
+        // Spellings one type reads as the same value fold to one: case (uuid, citext in
+        // ASCII, booleans), blanks (bpchar, numbers), a uuid's hyphens and braces.
+        if !(b.is_ascii_whitespace() || b == b'-' || b == b'{' || b == b'}') {
+            folded.push(b.to_ascii_lowercase());
+        }
+    }
+    if folded
+        .first()
+        .is_some_and(|b| b.is_ascii_digit() || *b == b'+' || *b == b'.')
+        && !(folded.len() == 32 && folded.iter().all(u8::is_ascii_hexdigit))
+    {
+        return None;
+    }
+    // Every spelling of a boolean (its unique prefixes included) is one of two values.
+    let boolean =
+        |word: &str, short: usize| folded.len() >= short && word.as_bytes().starts_with(&folded);
+    if boolean("true", 1) || boolean("yes", 1) || folded == b"on" {
+        folded = b"true".to_vec();
+    } else if boolean("false", 1) || boolean("no", 1) || boolean("off", 2) {
+        folded = b"false".to_vec();
+    }
+    Some(Value::Text(lane(&folded, true)))
+}
+
+/// A binary parameter's canonical value: its bytes, of its length.
+pub fn binary_value(bytes: &[u8]) -> Value {
+    Value::Bytes(
+        u32::try_from(bytes.len()).unwrap_or(u32::MAX),
+        lane(bytes, true),
+    )
+}
+
+/// `-?[1-9][0-9]{0,14}` or `0`: the one spelling of an integer every type that reads it
+/// (integers, numeric, floats, text) takes for a value of its own.
+fn canonical_int(bytes: &[u8]) -> Option<i64> {
+    let (negative, digits) = match bytes.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, bytes),
+    };
+    let ok = match digits {
+        [b'0'] => !negative,
+        [first, ..] => {
+            *first != b'0' && digits.len() <= 15 && digits.iter().all(u8::is_ascii_digit)
+        }
+        [] => false,
+    };
+    if !ok {
+        return None;
+    }
+    let n: i64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(if negative { -n } else { n })
+}
+
+/// A bare number's value: an integer of at most 15 digits (leading zeros are no other
+/// spelling of a number written bare); anything with a point or exponent is not read.
+fn number_value(digits: &[u8], negative: bool) -> Option<Value> {
+    let trimmed = match digits.iter().position(|&b| b != b'0') {
+        Some(at) => &digits[at..],
+        None if !digits.is_empty() => b"0".as_slice(),
+        None => return None,
+    };
+    if trimmed.len() > 15 || !trimmed.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: i64 = std::str::from_utf8(trimmed).ok()?.parse().ok()?;
+    Some(Value::Int(if negative { -n } else { n }))
+}
+
+/// The value at `at` (a literal, a parameter, or a minus and a number) and the index after
+/// it.
+fn value_at(all: &[Token], at: usize) -> Option<(Value, usize)> {
+    match all.get(at)? {
+        Token::Str(s) => Some((text_value(s, true)?, at + 1)),
+        Token::Num(n) => Some((number_value(n, false)?, at + 1)),
+        Token::Param(n) => Some((Value::Param(*n), at + 1)),
+        Token::Punct(b'-') => match all.get(at + 1)? {
+            Token::Num(n) => Some((number_value(n, true)?, at + 2)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// A column name at `at` (possibly qualified: its last part) and the index after it.
+fn column_at(all: &[Token], at: usize) -> Option<(u64, usize)> {
+    let (name, quoted, end) = qualified_name(all, at)?;
+    if !quoted
+        && ["true", "false", "null", "default"]
+            .iter()
+            .any(|w| name.eq_ignore_ascii_case(w.as_bytes()))
+    {
+        return None;
+    }
+    Some((lane(name, quoted), end))
+}
+
+/// Functions that read no relation and so cannot widen what a statement touches.
+const PLAIN_CALLS: &[&str] = &[
+    "count",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "coalesce",
+    "nullif",
+    "greatest",
+    "least",
+    "abs",
+    "lower",
+    "upper",
+    "length",
+    "char_length",
+    "round",
+    "trunc",
+    "floor",
+    "ceil",
+    "ceiling",
+    "trim",
+    "btrim",
+    "ltrim",
+    "rtrim",
+    "substr",
+    "substring",
+    "concat",
+    "cast",
+    "now",
+];
+/// Words a `(` may follow without being a call.
+const BEFORE_PAREN: &[&str] = &[
+    "in",
+    "values",
+    "and",
+    "or",
+    "not",
+    "where",
+    "set",
+    "on",
+    "when",
+    "then",
+    "else",
+    "any",
+    "all",
+    "is",
+    "as",
+    "by",
+    "using",
+    "select",
+    "row",
+    "distinct",
+    "returning",
+];
+
+/// Whether `all` calls a function that may read rows the text does not name.
+fn calls(all: &[Token]) -> bool {
+    all.windows(2).any(|w| match (&w[0], &w[1]) {
+        (Token::Word(name), Token::Punct(b'(')) => !PLAIN_CALLS
+            .iter()
+            .chain(BEFORE_PAREN)
+            .any(|k| name.eq_ignore_ascii_case(k.as_bytes())),
+        (Token::Quoted(_), Token::Punct(b'(')) => true,
+        _ => false,
+    })
+}
+
+/// Words that end a WHERE clause's conjunction.
+const AFTER_WHERE: &[&str] = &[
+    "order",
+    "group",
+    "limit",
+    "offset",
+    "fetch",
+    "for",
+    "returning",
+    "having",
+    "window",
+];
+
+/// The rows of relation `lane` a statement of one relation reference touches, when its text
+/// says so with certainty (see [`Probe`]); empty otherwise (the relation whole).
+fn probes(all: &[Token], relation: u64) -> Vec<Probe> {
+    let Some(Token::Word(first)) = all.first() else {
+        return Vec::new();
+    };
+    let select = first.eq_ignore_ascii_case(b"select");
+    let update = first.eq_ignore_ascii_case(b"update");
+    let delete = first.eq_ignore_ascii_case(b"delete");
+    if first.eq_ignore_ascii_case(b"insert") {
+        return insert_probes(all, relation);
+    }
+    if !(select || update || delete) {
+        return Vec::new();
+    }
+    // A subquery, a set operation or a CTE reads more than the WHERE says.
+    let selects = all.iter().filter(|t| is_word(t, "select")).count();
+    if selects != usize::from(select)
+        || all.iter().any(|t| {
+            ["with", "union", "intersect", "except"]
+                .iter()
+                .any(|w| is_word(t, w))
+        })
+        || calls(all)
+    {
+        return Vec::new();
+    }
+    let mut depth = 0i32;
+    let mut where_at = None;
+    let mut assigned: Vec<u64> = Vec::new();
+    let mut in_set = false;
+    for (i, t) in all.iter().enumerate() {
+        match t {
+            Token::Punct(b'(' | b'[') => depth += 1,
+            Token::Punct(b')' | b']') => depth -= 1,
+            _ if depth != 0 => {}
+            _ if is_word(t, "where") => {
+                where_at = Some(i);
+                break;
+            }
+            _ if update && is_word(t, "set") => in_set = true,
+            _ if in_set && (is_word(t, "from") || is_word(t, "returning")) => in_set = false,
+            _ => {}
+        }
+        // UPDATE's targets: the name after SET or a comma (a row of targets is not read).
+        if in_set && depth == 0 && (is_word(t, "set") || matches!(t, Token::Punct(b','))) {
+            match all.get(i + 1) {
+                Some(Token::Punct(b'(')) => return Vec::new(),
+                Some(Token::Word(w)) => assigned.push(lane(w, false)),
+                Some(Token::Quoted(q)) => assigned.push(lane(q, true)),
+                _ => {}
+            }
+        }
+    }
+    let Some(where_at) = where_at else {
+        return Vec::new();
+    };
+    let mut pairs: Vec<(u64, Value)> = Vec::new();
+    let mut depth = 0i32;
+    let mut start = where_at + 1;
+    let mut i = start;
+    loop {
+        let t = all.get(i);
+        let end = match t {
+            None | Some(Token::Punct(b';')) => true,
+            Some(t) if depth == 0 => AFTER_WHERE.iter().any(|w| is_word(t, w)),
+            _ => false,
+        };
+        if end || (depth == 0 && t.is_some_and(|t| is_word(t, "and"))) {
+            if let Some((column, value)) = equality(&all[start..i])
+                && !pairs.iter().any(|(c, _)| *c == column)
+            {
+                pairs.push((column, value));
+            }
+            if end {
+                break;
+            }
+            start = i + 1;
+        }
+        match t {
+            Some(Token::Punct(b'(' | b'[')) => depth += 1,
+            Some(Token::Punct(b')' | b']')) => depth -= 1,
+            // Not a conjunction (and BETWEEN's AND is not one).
+            Some(t) if depth == 0 && (is_word(t, "or") || is_word(t, "between")) => {
+                return Vec::new();
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    // An UPDATE that moves rows out of the key (or into another) touches more than it says.
+    if pairs.is_empty() || pairs.iter().any(|(c, _)| assigned.contains(c)) {
+        return Vec::new();
+    }
+    pairs.sort_unstable_by_key(|(c, _)| *c);
+    vec![Probe {
+        lane: relation,
+        pairs,
+    }]
+}
+
+/// `column = value` or `value = column`, the whole of one conjunct.
+fn equality(conjunct: &[Token]) -> Option<(u64, Value)> {
+    if let Some((column, at)) = column_at(conjunct, 0)
+        && conjunct.get(at) == Some(&Token::Punct(b'='))
+        && let Some((value, end)) = value_at(conjunct, at + 1)
+        && end == conjunct.len()
+    {
+        return Some((column, value));
+    }
+    let (value, at) = value_at(conjunct, 0)?;
+    if conjunct.get(at) != Some(&Token::Punct(b'=')) {
+        return None;
+    }
+    let (column, end) = column_at(conjunct, at + 1)?;
+    (end == conjunct.len()).then_some((column, value))
+}
+
+/// The rows an `INSERT INTO t (columns) VALUES (...), ...` writes: one probe per row, of the
+/// columns given a plain value. Anything else (a SELECT, ON CONFLICT, DEFAULT VALUES, no
+/// column list, an expression with parentheses) is not read.
+fn insert_probes(all: &[Token], relation: u64) -> Vec<Probe> {
+    let mut at = 1;
+    if !all.get(at).is_some_and(|t| is_word(t, "into")) {
+        return Vec::new();
+    }
+    let Some((_, _, end)) = qualified_name(all, at + 1) else {
+        return Vec::new();
+    };
+    at = end;
+    if all.get(at).is_some_and(|t| is_word(t, "as")) {
+        at += 2;
+    }
+    if all.get(at) != Some(&Token::Punct(b'(')) {
+        return Vec::new();
+    }
+    let mut columns: Vec<u64> = Vec::new();
+    at += 1;
+    loop {
+        match all.get(at) {
+            Some(Token::Word(w)) => columns.push(lane(w, false)),
+            Some(Token::Quoted(q)) => columns.push(lane(q, true)),
+            _ => return Vec::new(),
+        }
+        match all.get(at + 1) {
+            Some(Token::Punct(b',')) => at += 2,
+            Some(Token::Punct(b')')) => {
+                at += 2;
+                break;
+            }
+            _ => return Vec::new(),
+        }
+    }
+    if !all.get(at).is_some_and(|t| is_word(t, "values")) {
+        return Vec::new();
+    }
+    at += 1;
+    let mut probes = Vec::new();
+    loop {
+        if all.get(at) != Some(&Token::Punct(b'(')) {
+            return Vec::new();
+        }
+        at += 1;
+        let mut pairs: Vec<(u64, Value)> = Vec::new();
+        for (k, &column) in columns.iter().enumerate() {
+            let start = at;
+            while !matches!(all.get(at), None | Some(Token::Punct(b',' | b')' | b'('))) {
+                at += 1;
+            }
+            let closes = k + 1 == columns.len();
+            match all.get(at) {
+                Some(Token::Punct(b',')) if !closes => {}
+                Some(Token::Punct(b')')) if closes => {}
+                _ => return Vec::new(),
+            }
+            if let Some((value, end)) = value_at(all, start)
+                && end == at
+                && !pairs.iter().any(|(c, _)| *c == column)
+            {
+                pairs.push((column, value));
+            }
+            at += 1;
+        }
+        if pairs.is_empty() || probes.len() == PROBES_MAX {
+            return Vec::new();
+        }
+        pairs.sort_unstable_by_key(|(c, _)| *c);
+        probes.push(Probe {
+            lane: relation,
+            pairs,
+        });
+        match all.get(at) {
+            Some(Token::Punct(b',')) => at += 1,
+            None | Some(Token::Punct(b';')) => return probes,
+            Some(t) if is_word(t, "returning") => {
+                return if calls(&all[at..]) || all[at..].iter().any(|t| is_word(t, "select")) {
+                    Vec::new()
+                } else {
+                    probes
+                };
+            }
+            _ => return Vec::new(),
+        }
     }
 }
 
@@ -471,6 +1106,157 @@ mod tests {
         assert!(fp("BEGIN").is_empty() && fp("SET x = 1").is_empty());
         // A name in a literal or a comment is no relation.
         assert!(fp("SELECT 'from hot' -- from hot\n").is_empty());
+    }
+
+    /// The rows `text` touches of its one relation, with parameters bound to `params`
+    /// (text format).
+    fn rows(text: &str, params: &[&str]) -> Vec<Vec<(u64, Value)>> {
+        let f = fp(text).bind(|n| {
+            params
+                .get(usize::from(n) - 1)
+                .and_then(|v| text_value(v.as_bytes(), false))
+        });
+        f.probes.into_iter().map(|p| p.pairs).collect()
+    }
+
+    fn col(name: &str) -> u64 {
+        lane(name.as_bytes(), false)
+    }
+
+    #[test]
+    fn rows_are_read_from_equalities_in_a_top_level_conjunction() {
+        let id3 = vec![vec![(col("id"), Value::Int(3))]];
+        assert_eq!(rows("SELECT v FROM hot WHERE id = 3", &[]), id3);
+        assert_eq!(rows("UPDATE hot SET v = v + 1 WHERE id = $1", &["3"]), id3);
+        assert_eq!(rows("SELECT v FROM hot h WHERE h.id = '3'", &[]), id3);
+        assert_eq!(
+            rows("DELETE FROM hot WHERE 3 = \"id\" RETURNING v", &[]),
+            id3
+        );
+        assert_eq!(
+            rows("SELECT v FROM hot WHERE id = 3 AND v > 0 FOR UPDATE", &[]),
+            id3
+        );
+        assert_eq!(
+            rows(
+                "SELECT count(*) FROM hot WHERE (v > 0 OR v < 0) AND id = 03",
+                &[]
+            ),
+            id3
+        );
+        let two = rows("SELECT * FROM t WHERE b = -2 AND a = 'x'", &[]);
+        assert_eq!(two[0].len(), 2);
+        // What is not read with certainty touches the whole relation.
+        for whole in [
+            "SELECT v FROM hot",
+            "SELECT v FROM hot WHERE id = 3 OR id = 4",
+            "SELECT v FROM hot WHERE id BETWEEN 1 AND 3",
+            "SELECT v FROM hot WHERE id = (SELECT max(id) FROM cold)",
+            "SELECT v FROM hot WHERE id = f(3)",
+            "SELECT f(v) FROM hot WHERE id = 3",
+            "SELECT v FROM hot a JOIN hot b USING (id) WHERE a.id = 3",
+            "SELECT v FROM hot, cold WHERE hot.id = 3",
+            "WITH x AS (SELECT 1) SELECT v FROM hot WHERE id = 3",
+            "UPDATE hot SET id = 4 WHERE id = 3",
+            "UPDATE hot SET (id, v) = (4, 0) WHERE id = 3",
+            "UPDATE hot SET v = 1 FROM cold WHERE hot.id = 3",
+            "DELETE FROM hot USING cold WHERE hot.id = 3",
+            "SELECT v FROM hot WHERE id = 3.0",
+            "SELECT v FROM hot WHERE id = E'3'",
+            "SELECT v FROM hot WHERE id = '2024-01-01'",
+            "SELECT v FROM hot WHERE id >= 3",
+            "SELECT v FROM hot WHERE id = $1",
+        ] {
+            assert_eq!(rows(whole, &[]), Vec::<Vec<_>>::new(), "{whole}");
+        }
+        // DELETE ... USING names its other relations.
+        assert_eq!(
+            fp("DELETE FROM hot USING cold WHERE hot.id = cold.id")
+                .lanes
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn inserts_name_the_rows_they_write() {
+        let r = rows(
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES ($1, $2, $3, $4, CURRENT_TIMESTAMP)",
+            &["1", "2", "3", "-5"],
+        );
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].len(), 4);
+        assert_eq!(rows("INSERT INTO t (a) VALUES (1), (2)", &[]).len(), 2);
+        for whole in [
+            "INSERT INTO t VALUES (1)",
+            "INSERT INTO t (a) SELECT 1",
+            "INSERT INTO t (a) VALUES (1) ON CONFLICT (a) DO UPDATE SET b = 2",
+            "INSERT INTO t (a) VALUES (f(1))",
+            "INSERT INTO t (a, b) VALUES (1)",
+            "INSERT INTO t DEFAULT VALUES",
+        ] {
+            assert_eq!(rows(whole, &[]), Vec::<Vec<_>>::new(), "{whole}");
+        }
+    }
+
+    #[test]
+    fn values_of_one_row_spelled_apart_are_never_different_rows() {
+        let v = |s: &str| text_value(s.as_bytes(), false);
+        let differ = |a: &str, b: &str| match (v(a), v(b)) {
+            (Some(a), Some(b)) => a.differs(b),
+            _ => false,
+        };
+        assert_eq!(v("42"), Some(Value::Int(42)));
+        assert_eq!(v("-42"), Some(Value::Int(-42)));
+        for (a, b) in [
+            ("3", "03"),
+            ("3", " 3"),
+            ("3", "3.0"),
+            ("t", "true"),
+            ("yes", "on"),
+            ("f", "off"),
+            ("ABC", "abc"),
+            ("a ", "a"),
+            (
+                "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+                "{A0EEBC999C0B4EF8BB6D6BB9BD380A11}",
+            ),
+            ("2024-01-01", "2024-1-1"),
+            ("3", "x"),
+        ] {
+            assert!(!differ(a, b), "{a} and {b}");
+        }
+        assert!(differ("3", "4"));
+        assert!(differ("alice", "bob"));
+        assert!(binary_value(&[0, 0, 0, 3]).differs(binary_value(&[0, 0, 0, 4])));
+        assert!(!binary_value(&[0, 0, 0, 3]).differs(binary_value(&[0, 0, 0, 0, 0, 0, 0, 3])));
+        assert!(!binary_value(&[0, 0, 0, 3]).differs(Value::Int(4)));
+    }
+
+    #[test]
+    fn conflicts_are_judged_by_row_for_a_read_and_a_write() {
+        let update = fp("UPDATE hot SET v = v + 1 WHERE id = 3");
+        let same = fp("SELECT v FROM hot WHERE id = 3");
+        let other = fp("SELECT v FROM hot WHERE id = 4");
+        let by_v = fp("SELECT id FROM hot WHERE v = 4");
+        let whole = fp("SELECT v FROM hot");
+        assert!(update.conflicts(&same) && !update.conflicts(&other));
+        assert!(update.conflicts(&by_v) && update.conflicts(&whole));
+        // Two writes of a relation conflict whatever their rows.
+        assert!(update.conflicts(&fp("UPDATE hot SET v = 0 WHERE id = 4")));
+        // A transaction's writes, joined, keep their rows; a whole relation absorbs them.
+        let mut written = Footprint::default();
+        written.join(&update);
+        written.join(&fp("UPDATE hot SET v = 0 WHERE id = 5"));
+        assert_eq!(written.probes.len(), 2);
+        assert!(
+            !written.conflicts(&other) && written.conflicts(&fp("SELECT v FROM hot WHERE id = 5"))
+        );
+        written.join(&fp("UPDATE cold SET v = 0"));
+        assert_eq!(written.lanes.len(), 2);
+        assert_eq!(written.probes.len(), 2);
+        written.join(&fp("DELETE FROM hot"));
+        assert!(written.probes.is_empty() && written.conflicts(&other));
     }
 
     #[test]

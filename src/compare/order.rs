@@ -39,14 +39,14 @@
 //! are direct. The book is one `Mutex`: held for a few map operations per sync point.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use super::footprint::Footprint;
+use super::footprint::{Footprint, Probe, rows_disjoint};
 use crate::exec::Notifier;
 
 /// One sync point the primary completed, pending on the shadow.
@@ -65,69 +65,77 @@ struct Entry {
 /// What the primary did on one relation lately: which conflicting writes a sync point
 /// overlapped there. The completion order is the primary's order only up to the time it
 /// takes pgprism to see an answer: a sync point that overlapped a write of another session
-/// on a relation it touches may have seen it or not, and a difference in its result is
+/// on rows it touches may have seen it or not, and a difference in its result is
 /// inconclusive (concurrent) rather than a mismatch.
 #[derive(Debug, Default, Clone)]
 struct Recent {
-    /// The two latest writes completed on the primary, of two different sessions:
-    /// (completion number, session).
-    writes: [(u64, u64); 2],
-    /// Writes sent to the primary and not answered yet: (session, how many).
-    in_flight: Vec<(u64, u32)>,
-    /// Those of them that never run on the shadow (primary-only routing, calibration):
-    /// whenever they land, the shadow may see them, so a read the shadow completes while one
-    /// is in flight is not pinned.
-    only_in_flight: Vec<(u64, u32)>,
+    /// The latest writes completed on the primary, oldest first: (completion number,
+    /// session, rows of this relation; empty: all of them).
+    writes: VecDeque<(u64, u64, Vec<Probe>)>,
+    /// The newest completion number among the writes no longer in `writes`: a sync point
+    /// that started before it may have overlapped any of them.
+    forgotten: u64,
+    /// Writes sent to the primary and not answered yet: (session, rows, never runs on the
+    /// shadow). Those of primary-only routing or calibration land whenever they do, so a
+    /// read the shadow completes while one is in flight is not pinned.
+    in_flight: Vec<(u64, Vec<Probe>, bool)>,
 }
 
+/// Writes remembered per relation (older ones count as overlapping whatever started
+/// before them; at tens of thousands of writes a second that is still milliseconds).
+const WRITES_KEPT: usize = 64;
+
 impl Recent {
-    fn wrote(&mut self, c: u64, session: u64) {
-        if self.writes[0].1 != session {
-            self.writes[1] = self.writes[0];
+    fn wrote(&mut self, c: u64, session: u64, rows: &[Probe]) {
+        if self.writes.len() == WRITES_KEPT
+            && let Some((old, _, _)) = self.writes.pop_front()
+        {
+            self.forgotten = old;
         }
-        self.writes[0] = (c, session);
+        self.writes.push_back((c, session, rows.to_vec()));
     }
 
-    /// Whether another session's write completed after `since` or is in flight.
-    fn overlaps(&self, session: u64, since: u64) -> bool {
-        self.writes
+    /// Whether another session's write of rows that may meet `rows` (any, for a write of
+    /// its own: see [`Footprint::conflicts`]) completed from `since` on or is in flight.
+    fn overlaps(&self, session: u64, since: u64, write: bool, rows: &[Probe]) -> bool {
+        let meets = |r: &[Probe]| write || !rows_disjoint(rows, r);
+        self.forgotten >= since
+            || self
+                .writes
+                .iter()
+                .rev()
+                .take_while(|(c, _, _)| *c >= since)
+                .any(|(_, s, r)| *s != session && meets(r))
+            || self
+                .in_flight
+                .iter()
+                .any(|(s, r, _)| *s != session && meets(r))
+    }
+
+    /// Whether a write that never runs on the shadow, of rows that may meet `rows`, is in
+    /// flight.
+    fn only_in_flight(&self, write: bool, rows: &[Probe]) -> bool {
+        self.in_flight
             .iter()
-            .any(|&(c, s)| s != session && s != 0 && c >= since)
-            || self.in_flight.iter().any(|&(s, n)| s != session && n > 0)
+            .any(|(_, r, only)| *only && (write || !rows_disjoint(rows, r)))
     }
 
-    fn start(&mut self, session: u64, only: bool) {
-        count_up(&mut self.in_flight, session);
-        if only {
-            count_up(&mut self.only_in_flight, session);
-        }
+    fn start(&mut self, session: u64, rows: &[Probe], only: bool) {
+        self.in_flight.push((session, rows.to_vec(), only));
     }
 
-    fn end(&mut self, session: u64, only: bool) {
-        count_down(&mut self.in_flight, session);
-        if only {
-            count_down(&mut self.only_in_flight, session);
+    fn end(&mut self, session: u64, rows: &[Probe], only: bool) {
+        if let Some(i) = self
+            .in_flight
+            .iter()
+            .position(|(s, r, o)| *s == session && *o == only && r == rows)
+        {
+            self.in_flight.swap_remove(i);
         }
     }
 
     fn idle(&self) -> bool {
         self.in_flight.is_empty()
-    }
-}
-
-fn count_up(counts: &mut Vec<(u64, u32)>, session: u64) {
-    match counts.iter_mut().find(|(s, _)| *s == session) {
-        Some((_, n)) => *n += 1,
-        None => counts.push((session, 1)),
-    }
-}
-
-fn count_down(counts: &mut Vec<(u64, u32)>, session: u64) {
-    if let Some(i) = counts.iter().position(|(s, _)| *s == session) {
-        counts[i].1 -= 1;
-        if counts[i].1 == 0 {
-            counts.swap_remove(i);
-        }
     }
 }
 
@@ -218,7 +226,7 @@ impl Ledger {
         let since = book.next.max(1);
         let writes = footprint.write && !footprint.is_empty();
         if writes {
-            book.each_recent(footprint, |r| r.start(session, only));
+            book.each_recent(footprint, |r, rows| r.start(session, rows, only));
         }
         Started {
             since,
@@ -239,27 +247,28 @@ impl Ledger {
     ) -> bool {
         let (counted, started) = (&started.0, started.1);
         if started.writes {
-            book.each_recent(counted, |r| r.end(session, started.only));
+            book.each_recent(counted, |r, rows| r.end(session, rows, started.only));
         }
         let mut overlapped = false;
         if !footprint.is_empty() {
-            overlapped = book.recent_wild.overlaps(session, started.since);
+            let (since, write) = (started.since, footprint.write);
+            overlapped = book.recent_wild.overlaps(session, since, write, &[]);
             if footprint.wild {
                 overlapped |= book
                     .recent
                     .values()
-                    .any(|r| r.overlaps(session, started.since));
+                    .any(|r| r.overlaps(session, since, write, &[]));
             } else {
                 for lane in &footprint.lanes {
                     overlapped |= book
                         .recent
                         .get(lane)
-                        .is_some_and(|r| r.overlaps(session, started.since));
+                        .is_some_and(|r| r.overlaps(session, since, write, footprint.rows(*lane)));
                 }
             }
         }
         if footprint.write && !footprint.is_empty() {
-            book.each_recent(footprint, |r| r.wrote(c, session));
+            book.each_recent(footprint, |r, rows| r.wrote(c, session, rows));
         }
         if book.recent.len() > RECENT_MAX {
             book.recent.retain(|_, r| !r.idle());
@@ -272,7 +281,7 @@ impl Ledger {
         let mut book = self.book();
         for (footprint, s) in started {
             if s.writes {
-                book.each_recent(footprint, |r| r.end(session, s.only));
+                book.each_recent(footprint, |r, rows| r.end(session, rows, s.only));
             }
         }
     }
@@ -437,12 +446,13 @@ impl Ledger {
         };
         book.release(&entry.footprint, this_shard);
         // Whatever the session: the shadow may already see a primary-only write of its own.
-        let mut only = !book.recent_wild.only_in_flight.is_empty();
+        let write = entry.footprint.write;
+        let mut only = book.recent_wild.only_in_flight(write, &[]);
         for lane in &entry.footprint.lanes {
             only |= book
                 .recent
                 .get(lane)
-                .is_some_and(|r| !r.only_in_flight.is_empty());
+                .is_some_and(|r| r.only_in_flight(write, entry.footprint.rows(*lane)));
         }
         if entry.overtaken || only {
             Pinned::Overtaken
@@ -494,13 +504,14 @@ impl Ledger {
 }
 
 impl Book {
-    /// Applies `f` to the recent history of every relation `footprint` touches.
-    fn each_recent(&mut self, footprint: &Footprint, mut f: impl FnMut(&mut Recent)) {
+    /// Applies `f` to the recent history of every relation `footprint` touches, with the
+    /// rows it touches there.
+    fn each_recent(&mut self, footprint: &Footprint, mut f: impl FnMut(&mut Recent, &[Probe])) {
         if footprint.wild {
-            f(&mut self.recent_wild);
+            f(&mut self.recent_wild, &[]);
         }
         for lane in &footprint.lanes {
-            f(self.recent.entry(*lane).or_default());
+            f(self.recent.entry(*lane).or_default(), footprint.rows(*lane));
         }
     }
 
@@ -537,28 +548,53 @@ impl Book {
             .is_some()
     }
 
-    fn lanes_of<'a>(&'a self, footprint: &'a Footprint) -> impl Iterator<Item = &'a Lane> {
-        let every: Box<dyn Iterator<Item = &Lane>> = if footprint.wild {
-            Box::new(std::iter::once(&self.all))
+    /// The pending sync points `footprint` may conflict with, by relation (None: the
+    /// pending ones that touch every relation, or every pending one for a wild footprint).
+    fn lanes_of<'a>(
+        &'a self,
+        footprint: &'a Footprint,
+    ) -> impl Iterator<Item = (Option<u64>, &'a Lane)> {
+        let every: Box<dyn Iterator<Item = (Option<u64>, &Lane)>> = if footprint.wild {
+            Box::new(std::iter::once((None, &self.all)))
         } else {
             Box::new(
                 footprint
                     .lanes
                     .iter()
-                    .filter_map(|l| self.lanes.get(l))
-                    .chain(std::iter::once(&self.wild)),
+                    .filter_map(|l| self.lanes.get(l).map(|lane| (Some(*l), lane)))
+                    .chain(std::iter::once((None, &self.wild))),
             )
         };
         every
+    }
+
+    /// Whether pending sync point `c` (of `session`, writing or not: `write`) on relation
+    /// `lane` is one `footprint`, of another session, waits for.
+    fn waits_on(
+        &self,
+        footprint: &Footprint,
+        session: u64,
+        lane: Option<u64>,
+        (c, (s, write)): (&u64, &(u64, bool)),
+    ) -> bool {
+        *s != session
+            && footprint.waits_for(*write)
+            && match lane {
+                None => true,
+                Some(lane) => self.entries.get(c).is_none_or(|e| {
+                    footprint.conflicts_in(lane, e.footprint.write, e.footprint.rows(lane))
+                }),
+            }
     }
 
     /// The earliest pending sync point before `before`, of another session, that conflicts
     /// with `footprint`.
     fn first_conflict(&self, session: u64, footprint: &Footprint, before: u64) -> Option<u64> {
         self.lanes_of(footprint)
-            .filter_map(|lane| {
-                lane.range(..before)
-                    .find(|(_, (s, w))| *s != session && footprint.waits_for(*w))
+            .filter_map(|(lane, pending)| {
+                pending
+                    .range(..before)
+                    .find(|&e| self.waits_on(footprint, session, lane, e))
                     .map(|(c, _)| *c)
             })
             .min()
@@ -569,9 +605,10 @@ impl Book {
     fn conflicting(&self, session: u64, footprint: &Footprint, before: u64) -> Vec<u64> {
         let mut out: Vec<u64> = self
             .lanes_of(footprint)
-            .flat_map(|lane| {
-                lane.range(..before)
-                    .filter(|(_, (s, w))| *s != session && footprint.waits_for(*w))
+            .flat_map(|(lane, pending)| {
+                pending
+                    .range(..before)
+                    .filter(move |&e| self.waits_on(footprint, session, lane, e))
                     .map(|(c, _)| *c)
             })
             .collect();
@@ -747,10 +784,96 @@ mod tests {
     fn fp(lanes: &[u64], write: bool) -> Footprint {
         Footprint {
             lanes: lanes.to_vec(),
+            probes: Vec::new(),
             write,
             wild: false,
             ends: false,
         }
+    }
+
+    /// Relation `lane`, in the row where column 1 holds `key`.
+    fn row(lane: u64, key: i64, write: bool) -> Footprint {
+        Footprint {
+            lanes: vec![lane],
+            probes: vec![Probe {
+                lane,
+                pairs: vec![(1, crate::compare::footprint::Value::Int(key))],
+            }],
+            write,
+            wild: false,
+            ends: false,
+        }
+    }
+
+    #[test]
+    fn reads_and_writes_of_different_rows_neither_wait_nor_overlap() {
+        let ledger = Ledger::default();
+        let _ = ledger.inbox(0);
+        // A read of row 2 overlapping a write of row 1: neither waits, the read is pinned.
+        let read = row(7, 2, false);
+        let started = ledger.start(1, &read, false);
+        let write = now(&ledger, 2, row(7, 1, true));
+        let c = ledger.complete(1, read.clone(), &(read.clone(), started), false);
+        assert!(ledger.acquire(write, 0));
+        assert!(ledger.acquire(c, 0), "a read of another row does not wait");
+        assert_eq!(ledger.done(c, 0), Pinned::InOrder);
+        assert_eq!(ledger.done(write, 0), Pinned::InOrder);
+        // The same row: the read waits, and overlapped.
+        let started = ledger.start(1, &read, false);
+        let write = now(&ledger, 2, row(7, 2, true));
+        let c = ledger.complete(1, read.clone(), &(read.clone(), started), false);
+        assert!(!ledger.acquire(c, 0));
+        assert_eq!(ledger.done(write, 0), Pinned::InOrder);
+        assert_eq!(ledger.done(c, 0), Pinned::Overtaken);
+        // A whole-relation read waits for a write of any row.
+        let write = now(&ledger, 2, row(7, 9, true));
+        let whole = now(&ledger, 1, fp(&[7], false));
+        assert!(!ledger.acquire(whole, 0));
+        // Two writes of different rows are ordered still (unique constraints span rows).
+        let other = now(&ledger, 3, row(7, 8, true));
+        assert!(!ledger.acquire(other, 0));
+        // A write in flight overlaps a read of its row only.
+        let w = row(7, 5, true);
+        let in_flight = ledger.start(4, &w, false);
+        let same = now(&ledger, 5, row(7, 5, false));
+        let apart = now(&ledger, 6, row(7, 6, false));
+        ledger.unstart(4, &[(w, in_flight)]);
+        for x in [write, whole, other] {
+            ledger.done(x, 0);
+        }
+        assert_eq!(ledger.done(same, 0), Pinned::Overtaken);
+        assert_eq!(ledger.done(apart, 0), Pinned::InOrder);
+        assert_eq!(ledger.pending(), 0);
+    }
+
+    #[test]
+    fn a_commit_waits_only_for_reads_of_the_rows_its_transaction_wrote() {
+        let ledger = Ledger::default();
+        let _ = ledger.inbox(0);
+        let other_row = now(&ledger, 2, row(7, 2, false));
+        let same_row = now(&ledger, 3, row(7, 1, false));
+        let mut commit = row(7, 1, true);
+        commit.ends = true;
+        let commit = now(&ledger, 1, commit);
+        assert!(ledger.acquire(other_row, 0) && ledger.acquire(same_row, 0));
+        assert!(!ledger.acquire(commit, 0));
+        assert_eq!(ledger.done(same_row, 0), Pinned::InOrder);
+        let inbox = ledger.inbox(0).unwrap();
+        assert_eq!(*inbox.released.lock().unwrap(), vec![commit]);
+        ledger.done(other_row, 0);
+        ledger.done(commit, 0);
+    }
+
+    #[test]
+    fn a_primary_only_write_overtakes_pending_reads_of_its_rows_only() {
+        let ledger = Ledger::default();
+        let same = now(&ledger, 1, row(7, 1, false));
+        let apart = now(&ledger, 1, row(7, 2, false));
+        let f = row(7, 1, true);
+        let started = ledger.start(2, &f, true);
+        ledger.primary_only(2, &f, &(f.clone(), started));
+        assert_eq!(ledger.done(same, 0), Pinned::Overtaken);
+        assert_eq!(ledger.done(apart, 0), Pinned::InOrder);
     }
 
     #[test]

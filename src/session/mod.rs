@@ -118,6 +118,22 @@ pub struct Portal {
     pub formats: ResultFormats,
     /// Its Bind carried parameter values.
     pub params: bool,
+    /// What modes derive from its Bind (compare: the rows its parameters name).
+    extensions: Extensions,
+}
+
+impl Portal {
+    /// What mode `slot` derives from this portal's Bind, made by `init` the first time it
+    /// asks (a portal is made per Bind, so this lives and dies with one binding).
+    pub fn extension<T: Any>(&self, slot: Slot, init: impl FnOnce() -> T) -> Rc<T> {
+        let any = self.extensions.slots[slot as usize]
+            .get_or_init(|| Rc::new(init()) as Rc<dyn Any>)
+            .clone();
+        match any.downcast::<T>() {
+            Ok(t) => t,
+            Err(_) => crate::invariant::failed("a portal extension slot holds one type"),
+        }
+    }
 }
 
 /// The result formats a Bind asked for, under the protocol's 0/1/N rule (which columns come
@@ -627,6 +643,7 @@ impl Tracker {
                         statement,
                         formats: ResultFormats::from_wire(parts.result_formats),
                         params: !parts.params.is_empty(),
+                        extensions: Extensions::default(),
                     });
                     self.refers = Refers::Portal(portal.clone());
                     if parts.portal.is_empty()
@@ -684,6 +701,7 @@ impl Tracker {
                 statement: Statement::unknown(),
                 formats: ResultFormats::Text,
                 params: false,
+                extensions: Extensions::default(),
             })
         });
         let statement = portal.statement.clone();
