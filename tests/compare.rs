@@ -1058,6 +1058,98 @@ fn ties_under_order_by_may_come_in_any_order_but_the_keys_may_not() {
     assert!(coll.iter().all(|r| kinds(r) == ["order"]), "{coll:?}");
 }
 
+/// Under an ORDER BY whose keys are not output columns (an expression, a column not selected),
+/// rows in another order are re-checked with the keys in the output: ties in another order
+/// are no difference, keys in another order (another collation) are a mismatch, and what
+/// cannot be re-checked is inconclusive, never a mismatch.
+#[test]
+fn order_by_keys_not_in_the_output_are_re_checked_with_the_keys() {
+    let p = pair("rechk");
+    // Equal keys in another physical order: small sorts keep it, so the sides differ.
+    p.primary
+        .psql("CREATE TABLE ex (id int, k text, v text); INSERT INTO ex VALUES (1, 'a', 'x'), (2, 'A', 'y'), (3, 'b', 'z')")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE ex (id int, k text, v text); INSERT INTO ex VALUES (2, 'A', 'y'), (1, 'a', 'x'), (3, 'b', 'z')")
+        .unwrap();
+    // The same words under two collations: the keys themselves sort apart.
+    p.primary
+        .psql("CREATE TABLE cl (id int, w text COLLATE \"C\"); INSERT INTO cl VALUES (1, 'a'), (2, 'B')")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE cl (id int, w text COLLATE \"und-x-icu\"); INSERT INTO cl VALUES (1, 'a'), (2, 'B')")
+        .unwrap();
+    let proxy = p.proxy(&[]);
+    let mut c = proxy.client();
+    let ties = [
+        "SELECT id FROM ex ORDER BY lower(k)",
+        "SELECT id, v FROM ex ORDER BY lower(k) DESC NULLS LAST, id > 5",
+    ];
+    let orders = [
+        "SELECT id FROM cl ORDER BY w",
+        "SELECT id FROM cl ORDER BY w || ''",
+    ];
+    for sql in ties.iter().chain(&orders) {
+        c.simple_query(sql).unwrap();
+        c.query(*sql, &[]).unwrap();
+    }
+    // Not rewritable with certainty, or with parameters: inconclusive, whatever the cause.
+    let with = "WITH x AS (SELECT * FROM cl) SELECT id FROM x ORDER BY w";
+    c.simple_query(with).unwrap();
+    let param = "SELECT id FROM ex WHERE id > $1 ORDER BY lower(k)";
+    c.query(param, &[&0i32]).unwrap();
+    drop(c);
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_order_rechecks_total",
+        8
+    ));
+    assert_eq!(proxy.metric("pgprism_compare_order_rechecks_total"), 8);
+    assert_eq!(proxy.metric("pgprism_compare_order_recheck_ties_total"), 4);
+    eventually(Duration::from_secs(10), || p.reports().len() >= 6);
+    let reports = p.reports();
+    let about = |sql: &str| {
+        reports
+            .iter()
+            .filter(|r| r["statement"].as_str() == Some(sql))
+            .collect::<Vec<_>>()
+    };
+    for sql in ties {
+        assert!(about(sql).is_empty(), "{sql}: {:?}", about(sql));
+    }
+    for sql in orders {
+        let found = about(sql);
+        assert_eq!(found.len(), 2, "{sql}: {reports:?}");
+        for r in found {
+            assert_eq!(r["verdict"].as_str(), Some("mismatch"), "{r:?}");
+            assert_eq!(kinds(r), ["order"], "{r:?}");
+            assert!(
+                description(r).contains("sort keys in a different order"),
+                "{r:?}"
+            );
+        }
+    }
+    for sql in [with, param] {
+        let found = about(sql);
+        assert_eq!(found.len(), 1, "{sql}: {reports:?}");
+        assert_eq!(
+            found[0]["verdict"].as_str(),
+            Some("inconclusive: nondeterministic"),
+            "{:?}",
+            found[0]
+        );
+        assert!(
+            found[0]["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("not re-checked"),
+            "{:?}",
+            found[0]
+        );
+    }
+    assert_eq!(proxy.metric("pgprism_compare_mismatches_total"), 4);
+}
+
 #[test]
 fn a_client_that_stops_sending_still_gets_the_answers_held_for_the_shadow() {
     use std::io::Write;

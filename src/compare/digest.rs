@@ -80,6 +80,8 @@ pub struct Digest {
     pub ordered_keys: Option<u64>,
     /// Order-insensitive: wrapping sums of the row hashes and of a remix of them.
     pub unordered: (u64, u64),
+    /// Some column came in binary format (its values hash as the binary bytes).
+    pub binary: bool,
     /// SQLSTATE of an ErrorResponse.
     pub error: Option<[u8; 5]>,
     /// Error message, for reports only (never compared).
@@ -382,6 +384,7 @@ impl Digester {
                 .enumerate()
                 .map(|(i, (_, oid))| (*oid, formats.binary(i))),
         );
+        self.current.binary = self.shape.iter().any(|(_, binary)| *binary);
         self.columns = Some(columns.clone());
         self.current.columns = Some(columns);
     }
@@ -442,6 +445,7 @@ impl Digester {
             self.shape.clone_from(&parsed.shape);
         }
         self.described = true;
+        self.current.binary = self.shape.iter().any(|(_, binary)| *binary);
         self.columns = Some(columns.clone());
         self.current.columns = Some(columns);
     }
@@ -453,6 +457,12 @@ impl Digester {
             d.set(self.side, Rc::new(Vec::new()));
             expects.pop_front();
         }
+    }
+
+    /// The order-insensitive sums of the current result's rows so far: the difference across
+    /// one row is that row's hash (normalised as the rules say).
+    pub fn current_unordered(&self) -> (u64, u64) {
+        self.current.unordered
     }
 
     /// Results finished in the current sync point.

@@ -1706,20 +1706,36 @@ impl Comparer {
             if differences.is_empty() {
                 continue;
             }
+            let times = (primary_us, shadow_us, primary.status);
+            let overtaken = shadow.overtaken || primary.overtaken;
+            // Rows in another order under an ORDER BY whose keys the digests never saw: ties
+            // or not, only a re-check with the keys in the output can tell.
+            let mut unsettled = None;
+            if let (Some(p), Some(s)) = (p, s)
+                && statement.scan.nondeterministic.is_none()
+                && !overtaken
+                && order_keys_unseen(&differences, p, s)
+            {
+                match self.recheck_order(&statement, &differences, (p, s), times) {
+                    None => continue,
+                    Some(why) => unsettled = Some(Verdict::Nondeterministic(why)),
+                }
+            }
             // A statement cancelled on one side only (the client's CancelRequest reaches the
             // primary) says nothing about the other side's engine.
             let cancelled = [p, s]
                 .iter()
                 .any(|d| d.and_then(|d| d.error_code()) == Some(wire::sqlstate::QUERY_CANCELED));
-            let verdict = Verdict::of(
-                &differences,
-                statement
-                    .scan
-                    .nondeterministic
-                    .or(cancelled.then_some(super::verdict::CANCELLED)),
-                shadow.overtaken || primary.overtaken,
-            );
-            let times = (primary_us, shadow_us, primary.status);
+            let verdict = unsettled.unwrap_or_else(|| {
+                Verdict::of(
+                    &differences,
+                    statement
+                        .scan
+                        .nondeterministic
+                        .or(cancelled.then_some(super::verdict::CANCELLED)),
+                    overtaken,
+                )
+            });
             let reported = self.report_mismatch(
                 &statement,
                 &differences,
@@ -1743,6 +1759,37 @@ impl Comparer {
             );
         }
         if self.fail { failure } else { None }
+    }
+
+    /// Starts an order re-check of `statement` (see `recheck`); `None` when it started (its
+    /// task reports what it finds), else why the difference stays unsettled.
+    fn recheck_order(
+        &self,
+        statement: &Compared,
+        differences: &[Difference],
+        (p, s): (&Digest, &Digest),
+        times: (u64, u64, u8),
+    ) -> Option<&'static str> {
+        let stats = &self.target.stats;
+        let plan = (statement.read_only && !statement.params)
+            .then(|| super::recheck::plan(&statement.text, p.columns.as_deref()?))
+            .flatten();
+        let Some(plan) = plan else {
+            return Some(super::recheck::NOT_REWRITABLE);
+        };
+        if stats.rechecks_running.get() >= self.target.cfg.order_rechecks_max {
+            return Some(super::recheck::BUSY);
+        }
+        stats.rechecks_running.set(stats.rechecks_running.get() + 1);
+        let record = self.record(statement, differences, p, s, times, false);
+        crate::exec::spawn(super::recheck::run(
+            self.target.clone(),
+            self.params.clone(),
+            plan,
+            [p.clone(), s.clone()],
+            record,
+        ));
+        None
     }
 
     /// Counts and reports one statement's differences; returns the description and detail
@@ -1907,6 +1954,13 @@ impl Comparer {
             unix_ms: super::unix_ms(),
         }
     }
+}
+
+/// Whether the only difference is the rows' order under an ORDER BY whose keys the digests
+/// could not follow (not all output columns): ties and a real order difference look alike.
+fn order_keys_unseen(differences: &[Difference], p: &Digest, s: &Digest) -> bool {
+    matches!(differences, [d] if d.kind == Kind::Order)
+        && (p.ordered_keys.is_none() || s.ordered_keys.is_none())
 }
 
 /// The DETAIL of the client's XX000 error: the statement and both sides' verdicts.

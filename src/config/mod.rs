@@ -172,6 +172,12 @@ pub struct CompareConfig {
     /// Its difference, if any, is inconclusive (concurrent). 0: only `order-wait-ms` bounds
     /// the wait.
     pub order_lock_wait_ms: u64,
+    /// Order re-checks running at once per shard. Rows that agree but come in another order
+    /// under an ORDER BY whose keys are not all output columns (an expression, a column not
+    /// selected) are re-read on both sides over two read-only connections with the sort keys
+    /// appended to the output, to tell ties from a real order difference. Beyond this many,
+    /// or 0, such a difference is inconclusive (nondeterministic).
+    pub order_rechecks_max: u64,
     /// Calibration (A/A): the shadow is the primary itself, so writes run on the primary only
     /// and every difference is noise; reports carry the noise rate per fingerprint.
     pub calibrate: bool,
@@ -210,6 +216,7 @@ impl Default for CompareConfig {
             shadow_queue_bytes_max: 4 << 20,
             order_wait_ms: 2_000,
             order_lock_wait_ms: 50,
+            order_rechecks_max: 8,
             calibrate: false,
         }
     }

@@ -80,6 +80,8 @@ counters! {
     compare_begins: "BEGINs sent to a shadow left outside a transaction the primary had opened",
     compare_slow: "statements slower on the shadow than compare.slow-query-ratio",
     compare_explains: "EXPLAIN (ANALYZE, BUFFERS) runs for slow statements",
+    compare_order_rechecks: "order re-checks: statements whose rows came in another order under an ORDER BY of keys not all in the output, read again on both sides with the keys appended",
+    compare_order_recheck_ties: "order re-checks that found the keys in the same order on both sides (ties in another order: no difference)",
     compare_reports_dropped: "mismatch reports dropped because the ring to the control thread was full",
     compare_shadow_connect_failures: "sessions whose shadow connection could not be opened",
     compare_shadow_lost: "sessions whose shadow connection ended early (comparison stopped)",
