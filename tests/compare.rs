@@ -840,6 +840,81 @@ fn prepared_executions_without_describe_use_the_statements_columns() {
     );
 }
 
+/// Declared equivalences compare values by what they mean across types, in text and binary
+/// formats: int4/int8, float4/float8 (0.1 as float4 is 0.1, not 0.10000000149), a timestamp
+/// stored at 3 digits against one stored at 6 (rounded as PostgreSQL stores it),
+/// timestamptz/timestamp, time(3)/time. Values that differ beyond that still differ.
+#[test]
+fn equivalent_types_compare_by_value_in_text_and_binary() {
+    let p = pair("eqty");
+    p.primary
+        .psql(
+            "CREATE TABLE eqt (id int, a int4, b float4, t timestamp(3), z timestamptz, m time(3));
+             INSERT INTO eqt VALUES
+               (1, 5, 0.1, '2024-01-01 10:00:00.1234', '2024-01-01 10:00:00+00', '10:00:00.1234'),
+               (2, -7, 1e20, '1999-12-31 23:59:59.9996', '1999-12-31 23:59:59.5+00', '23:59:59.9994');
+             CREATE TABLE eqd (id int, a int4, b float4, t timestamp(3), m time(3));
+             INSERT INTO eqd VALUES (1, 5, 0.1, '2024-01-01 10:00:00.123', '10:00:00.123')",
+        )
+        .unwrap();
+    p.shadow
+        .psql(
+            "CREATE TABLE eqt (id int, a int8, b float8, t timestamp, z timestamp, m time);
+             INSERT INTO eqt VALUES
+               (1, 5, 0.1, '2024-01-01 10:00:00.1234', '2024-01-01 10:00:00', '10:00:00.1234'),
+               (2, -7, 1e20, '1999-12-31 23:59:59.9996', '1999-12-31 23:59:59.5', '23:59:59.9994');
+             CREATE TABLE eqd (id int, a int8, b float8, t timestamp, m time);
+             INSERT INTO eqd VALUES (1, 6, 0.2, '2024-01-01 10:00:00.1244', '10:00:00.1236')",
+        )
+        .unwrap();
+    let proxy = p.proxy(&[
+        "--type-equivalence",
+        "int4=int8",
+        "--type-equivalence",
+        "float4=float8",
+        "--type-equivalence",
+        "timestamp(3)=timestamp",
+        "--type-equivalence",
+        "timestamptz=timestamp",
+        "--type-equivalence",
+        "time(3)=time",
+    ]);
+    let mut c = proxy.client();
+    c.simple_query("SET TIME ZONE 'UTC'").unwrap();
+    let same = "SELECT id, a, b, t, z, m FROM eqt ORDER BY id";
+    let differ = [
+        "SELECT id, a FROM eqd",
+        "SELECT id, b FROM eqd",
+        "SELECT id, t FROM eqd",
+        "SELECT id, m FROM eqd",
+    ];
+    for sql in std::iter::once(&same).chain(&differ) {
+        // Text (simple protocol), then binary (the postgres crate asks for binary results).
+        c.simple_query(sql).unwrap();
+        c.query(*sql, &[]).unwrap();
+    }
+    drop(c);
+    assert!(counter_reaches(&proxy, "pgprism_sessions_closed_total", 1));
+    eventually(Duration::from_secs(10), || p.reports().len() >= 8);
+    let reports = p.reports();
+    let about = |sql: &str| {
+        reports
+            .iter()
+            .filter(|r| r["statement"].as_str() == Some(sql))
+            .collect::<Vec<_>>()
+    };
+    assert!(about(same).is_empty(), "{:?}", about(same));
+    for sql in differ {
+        let found = about(sql);
+        assert_eq!(found.len(), 2, "{sql}: {reports:?}");
+        for r in found {
+            assert_eq!(kinds(r), ["values"], "{r:?}");
+            assert_eq!(r["verdict"].as_str(), Some("mismatch"), "{r:?}");
+        }
+    }
+    assert_eq!(reports.len(), 8, "{reports:?}");
+}
+
 /// A shadow that stops answering (here: blocked on a lock) must not hold the client in
 /// fail-on-differences mode: after compare.shadow-timeout-ms the session stops comparing and
 /// the client gets the primary's answer.
