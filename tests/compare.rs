@@ -998,6 +998,87 @@ fn raw_extended(sql: &str) -> Vec<u8> {
     out
 }
 
+/// An extended batch is held for the shadow until its Sync only up to
+/// compare.shadow-batch-bytes-max: a longer pipeline goes to the shadow as it comes (and is
+/// still compared), and one routed to the primary only stops being held.
+#[test]
+fn a_long_pipelined_batch_is_bounded_before_its_sync() {
+    use std::io::Write;
+    use support::raw::{message, read_until_ready};
+    let p = pair("bbat");
+    p.primary
+        .psql("CREATE TABLE bb (id int, v text); INSERT INTO bb SELECT g, 'v' || g FROM generate_series(1, 300) g")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE bb (id int, v text); INSERT INTO bb SELECT g, 'v' || g FROM generate_series(1, 300) g; UPDATE bb SET v = 'changed' WHERE id = 250")
+        .unwrap();
+    let proxy = p.proxy(&["--compare-batch-bytes", "2048"]);
+    let mut s = support::raw::connect_ready(proxy.listen);
+    // 300 statements in one batch, written in parts before the Sync.
+    let statements: Vec<Vec<u8>> = (1..=300)
+        .map(|i| raw_extended(&format!("SELECT v FROM bb WHERE id = {i}")))
+        .collect();
+    for part in statements.chunks(50) {
+        s.write_all(&part.concat()).unwrap();
+        s.flush().unwrap();
+    }
+    s.write_all(&message(b'S', &[])).unwrap();
+    let answers = read_until_ready(&mut s);
+    let rows = answers.iter().filter(|m| m.0 == b'D').count();
+    assert_eq!(rows, 300, "every row reached the client");
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_batches_released_total",
+        1
+    ));
+    // Still compared: the one row the shadow changed is reported.
+    p.report_for("SELECT v FROM bb WHERE id = 250");
+    assert_eq!(proxy.metric("pgprism_compare_batches_released_total"), 1);
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_mismatches_total",
+        1
+    ));
+    assert_eq!(proxy.metric("pgprism_compare_mismatches_total"), 1);
+    // The session goes on in step: a statement after the batch compares.
+    support::raw::query(&mut s, "SELECT v FROM bb WHERE id = 250 ORDER BY 1");
+    p.report_for("SELECT v FROM bb WHERE id = 250 ORDER BY 1");
+    drop(s);
+    drop(proxy);
+
+    // Routed to the primary only by its first statement: past the bound, nothing more of it
+    // is held, and the shadow never runs it.
+    let proxy = p.proxy(&[
+        "--compare-batch-bytes",
+        "2048",
+        "--compare-primary-only",
+        "pg_catalog",
+    ]);
+    let mut s = support::raw::connect_ready(proxy.listen);
+    s.write_all(&raw_extended(
+        "SELECT count(*) > 0 FROM pg_catalog.pg_class",
+    ))
+    .unwrap();
+    let statements: Vec<Vec<u8>> = (1..=300)
+        .map(|i| raw_extended(&format!("SELECT v, {i} FROM bb WHERE id = {i}")))
+        .collect();
+    for part in statements.chunks(50) {
+        s.write_all(&part.concat()).unwrap();
+        s.flush().unwrap();
+    }
+    s.write_all(&message(b'S', &[])).unwrap();
+    let answers = read_until_ready(&mut s);
+    assert_eq!(answers.iter().filter(|m| m.0 == b'D').count(), 301);
+    support::raw::query(&mut s, "SELECT v, 0 FROM bb WHERE id = 250");
+    p.report_for("SELECT v, 0 FROM bb WHERE id = 250");
+    assert!(!p.reported("SELECT v, 250 FROM bb WHERE id = 250"));
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_batches_released_total",
+        1
+    ));
+}
+
 #[test]
 fn fail_mode_never_holds_what_the_client_waits_for_copy_flush_and_notifications() {
     use std::io::Write;

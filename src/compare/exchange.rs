@@ -333,6 +333,14 @@ pub struct Dispatch {
     batch_unordered: bool,
     /// A Flush came in the current read.
     flushed: bool,
+    /// Bytes in `out` (what the current client batch sends the shadow, not yet cut).
+    out_bytes: usize,
+    /// The open batch passed `compare.shadow-batch-bytes-max` in the current read: it goes
+    /// to the shadow now, as after a Flush.
+    overflowed: bool,
+    /// The open batch passed the bound while routed to the primary only: the rest of it is
+    /// not held (nor sent to the shadow) until its Sync.
+    batch_withheld: bool,
 }
 
 /// Where [`Comparer::feed`]'s walk stands within one read.
@@ -364,6 +372,7 @@ impl Dispatch {
         // Frames of a batch still open from the last read stay in `out`.
         self.segments.clear();
         self.flushed = false;
+        self.overflowed = false;
         let routes = self.target.rules.routes();
         // A Flush after the batch's last Sync: the client waits for answers before it syncs.
         let last_sync = framed.iter().rposition(|f| f.tag == tag::SYNC);
@@ -397,10 +406,40 @@ impl Dispatch {
                 read_at,
             };
             self.plan_frame(tag, body, &f.refers, planned);
+            self.bound_batch();
         }
     }
 
-    /// One client frame of [`plan`](Self::plan), by kind.
+    /// Keeps what an open extended batch holds for the shadow within
+    /// `compare.shadow-batch-bytes-max`: beyond it the batch's routing is decided now and
+    /// what it holds goes to the shadow (or, routed to the primary only, is dropped), as
+    /// after a Flush; the batch is then not ordered.
+    fn bound_batch(&mut self) {
+        let target = self.target.clone();
+        let (max, stats) = (target.cfg.shadow_batch_bytes_max, &target.stats);
+        if !self.batch_released && !self.batch_withheld && self.held.len() > max {
+            stats.batches_released.set(stats.batches_released.get() + 1);
+            if self.batch_primary_only {
+                self.held.clear();
+                self.held_expects.clear();
+                self.batch_withheld = true;
+                self.copy_to_shadow = false;
+            } else {
+                self.release_held();
+                self.batch_released = true;
+                self.copy_to_shadow = true;
+                self.open_batch = true;
+            }
+        }
+        if self.open_batch && !self.overflowed && self.out_bytes > max {
+            // Counted once per batch (a batch released to the shadow is counted above).
+            if !self.batch_released && !self.batch_unordered {
+                stats.batches_released.set(stats.batches_released.get() + 1);
+            }
+            self.overflowed = true;
+        }
+    }
+
     /// One client frame of [`plan`](Self::plan), by kind; `refers`: what the session tracker
     /// resolved it to (the statements and portals are the tracker's, not compare's).
     fn plan_frame(&mut self, tag: u8, body: &[u8], refers: &Refers, f: Planned) {
@@ -475,9 +514,10 @@ impl Dispatch {
     /// Sync: the batch's sync point; its routing decides where the held frames go.
     fn plan_sync(&mut self, f: Planned) {
         let statements = std::mem::take(&mut self.batch);
-        let shadow = self.batch_released || !self.batch_primary_only;
+        let shadow = !self.batch_withheld && (self.batch_released || !self.batch_primary_only);
         self.batch_primary_only = false;
         self.batch_released = false;
+        self.batch_withheld = false;
         // A COPY this batch started follows the batch's routing.
         self.copy_to_shadow = shadow;
         let gates = gates(&statements);
@@ -627,6 +667,7 @@ impl Dispatch {
         if let Some(seq) = sync {
             self.out_syncs.push(seq + self.link.numbering.get());
         }
+        self.out_bytes += frame.len();
         // Adjacent slices of one read are merged back into one buffer write.
         self.out.push(frame);
     }
@@ -641,6 +682,9 @@ impl Dispatch {
     }
 
     fn hold(&mut self, frame: Bytes, routes: bool, expect: Option<Expect>) {
+        if self.batch_withheld {
+            return;
+        }
         if routes && !self.batch_released {
             self.held.extend_from_slice(&frame);
             self.held_expects.extend(expect);
@@ -657,6 +701,7 @@ impl Dispatch {
             return;
         }
         let frames = std::mem::take(&mut self.out);
+        self.out_bytes = 0;
         self.segments.push(Segment {
             bytes: frames.iter().map(Bytes::len).sum(),
             frames,
@@ -671,7 +716,7 @@ impl Dispatch {
     /// once nothing more goes to the shadow. Frames of an extended batch whose Sync has not
     /// come stay for it, unless the client flushed (it waits for answers) or `all`.
     fn enqueue(&mut self, all: bool) {
-        if all || !self.open_batch || self.flushed {
+        if all || !self.open_batch || self.flushed || self.overflowed {
             if self.open_batch && !(self.out.is_empty() && self.out_expects.is_empty()) {
                 self.batch_unordered = true;
             }
@@ -1092,6 +1137,9 @@ impl Exchange {
             open_batch: false,
             batch_unordered: false,
             flushed: false,
+            out_bytes: 0,
+            overflowed: false,
+            batch_withheld: false,
         };
         let down = Comparer {
             digesters: [

@@ -184,6 +184,8 @@ pub struct CompareStats {
     pub rechecked: [Cell<u64>; 3],
     /// Their reports dropped because the ring to the control thread was full.
     pub reports_dropped: Cell<u64>,
+    /// Extended batches that passed `compare.shadow-batch-bytes-max` before their Sync.
+    pub batches_released: Cell<u64>,
 }
 
 /// Compare mode as one shard sees it.

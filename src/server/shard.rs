@@ -359,6 +359,7 @@ fn report(shard: &ShardCtx) -> ShardReport {
         counters.compare_inconclusive_concurrent += stats.rechecked[1].get();
         counters.compare_inconclusive_nondeterministic += stats.rechecked[2].get();
         counters.compare_reports_dropped += stats.reports_dropped.get();
+        counters.compare_batches_released = stats.batches_released.get();
         report.calibration = compare.calibration();
     }
     report

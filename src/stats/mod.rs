@@ -76,6 +76,7 @@ counters! {
     compare_order_lock_breaks: "statements of a transaction holding locks sent to the shadow while the earlier conflicting ones they waited for ran there for compare.order-lock-wait-ms, most likely waiting for those locks (their order not reproduced)",
     compare_skipped: "statements not compared (excluded, diverged transaction, shadow unavailable)",
     compare_fallbacks: "fail-on-differences mismatches above compare.buffer-bytes-max: streamed and only reported",
+    compare_batches_released: "extended-protocol batches sent to the shadow before their Sync because they passed compare.shadow-batch-bytes-max (not ordered)",
     compare_rollbacks: "ROLLBACKs sent to a shadow left in a transaction the primary had ended",
     compare_begins: "BEGINs sent to a shadow left outside a transaction the primary had opened",
     compare_slow: "statements slower on the shadow than compare.slow-query-ratio",
