@@ -198,6 +198,10 @@ struct CompareArgs {
     /// How long (ms) an answered statement waits for the shadow before comparing stops.
     #[arg(long)]
     compare_shadow_timeout_ms: Option<u64>,
+    /// Bytes of one extended-protocol batch held for the shadow until its Sync; beyond it
+    /// the batch goes to the shadow at once, unordered.
+    #[arg(long)]
+    compare_batch_bytes: Option<usize>,
     /// How long (ms) a statement may wait for earlier conflicting ones to complete on the
     /// shadow (ordered dispatch); 0 turns ordering off.
     #[arg(long)]
@@ -254,6 +258,9 @@ impl CompareArgs {
         }
         if let Some(v) = self.compare_buffer_bytes {
             c.buffer_bytes_max = v;
+        }
+        if let Some(v) = self.compare_batch_bytes {
+            c.shadow_batch_bytes_max = v;
         }
         if let Some(v) = self.compare_order_wait_ms {
             c.order_wait_ms = v;

@@ -838,6 +838,81 @@ fn prepared_executions_without_describe_use_the_statements_columns() {
     );
 }
 
+/// Declared equivalences compare values by what they mean across types, in text and binary
+/// formats: int4/int8, float4/float8 (0.1 as float4 is 0.1, not 0.10000000149), a timestamp
+/// stored at 3 digits against one stored at 6 (rounded as PostgreSQL stores it),
+/// timestamptz/timestamp, time(3)/time. Values that differ beyond that still differ.
+#[test]
+fn equivalent_types_compare_by_value_in_text_and_binary() {
+    let p = pair("eqty");
+    p.primary
+        .psql(
+            "CREATE TABLE eqt (id int, a int4, b float4, t timestamp(3), z timestamptz, m time(3));
+             INSERT INTO eqt VALUES
+               (1, 5, 0.1, '2024-01-01 10:00:00.1234', '2024-01-01 10:00:00+00', '10:00:00.1234'),
+               (2, -7, 1e20, '1999-12-31 23:59:59.9996', '1999-12-31 23:59:59.5+00', '23:59:59.9994');
+             CREATE TABLE eqd (id int, a int4, b float4, t timestamp(3), m time(3));
+             INSERT INTO eqd VALUES (1, 5, 0.1, '2024-01-01 10:00:00.123', '10:00:00.123')",
+        )
+        .unwrap();
+    p.shadow
+        .psql(
+            "CREATE TABLE eqt (id int, a int8, b float8, t timestamp, z timestamp, m time);
+             INSERT INTO eqt VALUES
+               (1, 5, 0.1, '2024-01-01 10:00:00.1234', '2024-01-01 10:00:00', '10:00:00.1234'),
+               (2, -7, 1e20, '1999-12-31 23:59:59.9996', '1999-12-31 23:59:59.5', '23:59:59.9994');
+             CREATE TABLE eqd (id int, a int8, b float8, t timestamp, m time);
+             INSERT INTO eqd VALUES (1, 6, 0.2, '2024-01-01 10:00:00.1244', '10:00:00.1236')",
+        )
+        .unwrap();
+    let proxy = p.proxy(&[
+        "--type-equivalence",
+        "int4=int8",
+        "--type-equivalence",
+        "float4=float8",
+        "--type-equivalence",
+        "timestamp(3)=timestamp",
+        "--type-equivalence",
+        "timestamptz=timestamp",
+        "--type-equivalence",
+        "time(3)=time",
+    ]);
+    let mut c = proxy.client();
+    c.simple_query("SET TIME ZONE 'UTC'").unwrap();
+    let same = "SELECT id, a, b, t, z, m FROM eqt ORDER BY id";
+    let differ = [
+        "SELECT id, a FROM eqd",
+        "SELECT id, b FROM eqd",
+        "SELECT id, t FROM eqd",
+        "SELECT id, m FROM eqd",
+    ];
+    for sql in std::iter::once(&same).chain(&differ) {
+        // Text (simple protocol), then binary (the postgres crate asks for binary results).
+        c.simple_query(sql).unwrap();
+        c.query(*sql, &[]).unwrap();
+    }
+    drop(c);
+    assert!(counter_reaches(&proxy, "pgprism_sessions_closed_total", 1));
+    eventually(Duration::from_secs(10), || p.reports().len() >= 8);
+    let reports = p.reports();
+    let about = |sql: &str| {
+        reports
+            .iter()
+            .filter(|r| r["statement"].as_str() == Some(sql))
+            .collect::<Vec<_>>()
+    };
+    assert!(about(same).is_empty(), "{:?}", about(same));
+    for sql in differ {
+        let found = about(sql);
+        assert_eq!(found.len(), 2, "{sql}: {reports:?}");
+        for r in found {
+            assert_eq!(kinds(r), ["values"], "{r:?}");
+            assert_eq!(r["verdict"].as_str(), Some("mismatch"), "{r:?}");
+        }
+    }
+    assert_eq!(reports.len(), 8, "{reports:?}");
+}
+
 /// A shadow that stops answering (here: blocked on a lock) must not hold the client in
 /// fail-on-differences mode: after compare.shadow-timeout-ms the session stops comparing and
 /// the client gets the primary's answer.
@@ -919,6 +994,87 @@ fn raw_extended(sql: &str) -> Vec<u8> {
     // Execute: portal "", no row limit.
     out.extend(message(b'E', &[0, 0, 0, 0, 0]));
     out
+}
+
+/// An extended batch is held for the shadow until its Sync only up to
+/// compare.shadow-batch-bytes-max: a longer pipeline goes to the shadow as it comes (and is
+/// still compared), and one routed to the primary only stops being held.
+#[test]
+fn a_long_pipelined_batch_is_bounded_before_its_sync() {
+    use std::io::Write;
+    use support::raw::{message, read_until_ready};
+    let p = pair("bbat");
+    p.primary
+        .psql("CREATE TABLE bb (id int, v text); INSERT INTO bb SELECT g, 'v' || g FROM generate_series(1, 300) g")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE bb (id int, v text); INSERT INTO bb SELECT g, 'v' || g FROM generate_series(1, 300) g; UPDATE bb SET v = 'changed' WHERE id = 250")
+        .unwrap();
+    let proxy = p.proxy(&["--compare-batch-bytes", "2048"]);
+    let mut s = support::raw::connect_ready(proxy.listen);
+    // 300 statements in one batch, written in parts before the Sync.
+    let statements: Vec<Vec<u8>> = (1..=300)
+        .map(|i| raw_extended(&format!("SELECT v FROM bb WHERE id = {i}")))
+        .collect();
+    for part in statements.chunks(50) {
+        s.write_all(&part.concat()).unwrap();
+        s.flush().unwrap();
+    }
+    s.write_all(&message(b'S', &[])).unwrap();
+    let answers = read_until_ready(&mut s);
+    let rows = answers.iter().filter(|m| m.0 == b'D').count();
+    assert_eq!(rows, 300, "every row reached the client");
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_batches_released_total",
+        1
+    ));
+    // Still compared: the one row the shadow changed is reported.
+    p.report_for("SELECT v FROM bb WHERE id = 250");
+    assert_eq!(proxy.metric("pgprism_compare_batches_released_total"), 1);
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_mismatches_total",
+        1
+    ));
+    assert_eq!(proxy.metric("pgprism_compare_mismatches_total"), 1);
+    // The session goes on in step: a statement after the batch compares.
+    support::raw::query(&mut s, "SELECT v FROM bb WHERE id = 250 ORDER BY 1");
+    p.report_for("SELECT v FROM bb WHERE id = 250 ORDER BY 1");
+    drop(s);
+    drop(proxy);
+
+    // Routed to the primary only by its first statement: past the bound, nothing more of it
+    // is held, and the shadow never runs it.
+    let proxy = p.proxy(&[
+        "--compare-batch-bytes",
+        "2048",
+        "--compare-primary-only",
+        "pg_catalog",
+    ]);
+    let mut s = support::raw::connect_ready(proxy.listen);
+    s.write_all(&raw_extended(
+        "SELECT count(*) > 0 FROM pg_catalog.pg_class",
+    ))
+    .unwrap();
+    let statements: Vec<Vec<u8>> = (1..=300)
+        .map(|i| raw_extended(&format!("SELECT v, {i} FROM bb WHERE id = {i}")))
+        .collect();
+    for part in statements.chunks(50) {
+        s.write_all(&part.concat()).unwrap();
+        s.flush().unwrap();
+    }
+    s.write_all(&message(b'S', &[])).unwrap();
+    let answers = read_until_ready(&mut s);
+    assert_eq!(answers.iter().filter(|m| m.0 == b'D').count(), 301);
+    support::raw::query(&mut s, "SELECT v, 0 FROM bb WHERE id = 250");
+    p.report_for("SELECT v, 0 FROM bb WHERE id = 250");
+    assert!(!p.reported("SELECT v, 250 FROM bb WHERE id = 250"));
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_batches_released_total",
+        1
+    ));
 }
 
 #[test]
@@ -1054,6 +1210,98 @@ fn ties_under_order_by_may_come_in_any_order_but_the_keys_may_not() {
     let coll = about("SELECT v FROM coll ORDER BY v");
     assert_eq!(coll.len(), 2, "{reports:?}");
     assert!(coll.iter().all(|r| kinds(r) == ["order"]), "{coll:?}");
+}
+
+/// Under an ORDER BY whose keys are not output columns (an expression, a column not selected),
+/// rows in another order are re-checked with the keys in the output: ties in another order
+/// are no difference, keys in another order (another collation) are a mismatch, and what
+/// cannot be re-checked is inconclusive, never a mismatch.
+#[test]
+fn order_by_keys_not_in_the_output_are_re_checked_with_the_keys() {
+    let p = pair("rechk");
+    // Equal keys in another physical order: small sorts keep it, so the sides differ.
+    p.primary
+        .psql("CREATE TABLE ex (id int, k text, v text); INSERT INTO ex VALUES (1, 'a', 'x'), (2, 'A', 'y'), (3, 'b', 'z')")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE ex (id int, k text, v text); INSERT INTO ex VALUES (2, 'A', 'y'), (1, 'a', 'x'), (3, 'b', 'z')")
+        .unwrap();
+    // The same words under two collations: the keys themselves sort apart.
+    p.primary
+        .psql("CREATE TABLE cl (id int, w text COLLATE \"C\"); INSERT INTO cl VALUES (1, 'a'), (2, 'B')")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE cl (id int, w text COLLATE \"und-x-icu\"); INSERT INTO cl VALUES (1, 'a'), (2, 'B')")
+        .unwrap();
+    let proxy = p.proxy(&[]);
+    let mut c = proxy.client();
+    let ties = [
+        "SELECT id FROM ex ORDER BY lower(k)",
+        "SELECT id, v FROM ex ORDER BY lower(k) DESC NULLS LAST, id > 5",
+    ];
+    let orders = [
+        "SELECT id FROM cl ORDER BY w",
+        "SELECT id FROM cl ORDER BY w || ''",
+    ];
+    for sql in ties.iter().chain(&orders) {
+        c.simple_query(sql).unwrap();
+        c.query(*sql, &[]).unwrap();
+    }
+    // Not rewritable with certainty, or with parameters: inconclusive, whatever the cause.
+    let with = "WITH x AS (SELECT * FROM cl) SELECT id FROM x ORDER BY w";
+    c.simple_query(with).unwrap();
+    let param = "SELECT id FROM ex WHERE id > $1 ORDER BY lower(k)";
+    c.query(param, &[&0i32]).unwrap();
+    drop(c);
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_order_rechecks_total",
+        8
+    ));
+    assert_eq!(proxy.metric("pgprism_compare_order_rechecks_total"), 8);
+    assert_eq!(proxy.metric("pgprism_compare_order_recheck_ties_total"), 4);
+    eventually(Duration::from_secs(10), || p.reports().len() >= 6);
+    let reports = p.reports();
+    let about = |sql: &str| {
+        reports
+            .iter()
+            .filter(|r| r["statement"].as_str() == Some(sql))
+            .collect::<Vec<_>>()
+    };
+    for sql in ties {
+        assert!(about(sql).is_empty(), "{sql}: {:?}", about(sql));
+    }
+    for sql in orders {
+        let found = about(sql);
+        assert_eq!(found.len(), 2, "{sql}: {reports:?}");
+        for r in found {
+            assert_eq!(r["verdict"].as_str(), Some("mismatch"), "{r:?}");
+            assert_eq!(kinds(r), ["order"], "{r:?}");
+            assert!(
+                description(r).contains("sort keys in a different order"),
+                "{r:?}"
+            );
+        }
+    }
+    for sql in [with, param] {
+        let found = about(sql);
+        assert_eq!(found.len(), 1, "{sql}: {reports:?}");
+        assert_eq!(
+            found[0]["verdict"].as_str(),
+            Some("inconclusive: nondeterministic"),
+            "{:?}",
+            found[0]
+        );
+        assert!(
+            found[0]["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("not re-checked"),
+            "{:?}",
+            found[0]
+        );
+    }
+    assert_eq!(proxy.metric("pgprism_compare_mismatches_total"), 4);
 }
 
 #[test]

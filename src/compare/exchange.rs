@@ -363,6 +363,14 @@ pub struct Dispatch {
     batch_unordered: bool,
     /// A Flush came in the current read.
     flushed: bool,
+    /// Bytes in `out` (what the current client batch sends the shadow, not yet cut).
+    out_bytes: usize,
+    /// The open batch passed `compare.shadow-batch-bytes-max` in the current read: it goes
+    /// to the shadow now, as after a Flush.
+    overflowed: bool,
+    /// The open batch passed the bound while routed to the primary only: the rest of it is
+    /// not held (nor sent to the shadow) until its Sync.
+    batch_withheld: bool,
 }
 
 /// Where [`Comparer::feed`]'s walk stands within one read.
@@ -394,6 +402,7 @@ impl Dispatch {
         // Frames of a batch still open from the last read stay in `out`.
         self.segments.clear();
         self.flushed = false;
+        self.overflowed = false;
         let routes = self.target.rules.routes();
         // A Flush after the batch's last Sync: the client waits for answers before it syncs.
         let last_sync = framed.iter().rposition(|f| f.tag == tag::SYNC);
@@ -427,10 +436,40 @@ impl Dispatch {
                 read_at,
             };
             self.plan_frame(tag, body, &f.refers, planned);
+            self.bound_batch();
         }
     }
 
-    /// One client frame of [`plan`](Self::plan), by kind.
+    /// Keeps what an open extended batch holds for the shadow within
+    /// `compare.shadow-batch-bytes-max`: beyond it the batch's routing is decided now and
+    /// what it holds goes to the shadow (or, routed to the primary only, is dropped), as
+    /// after a Flush; the batch is then not ordered.
+    fn bound_batch(&mut self) {
+        let target = self.target.clone();
+        let (max, stats) = (target.cfg.shadow_batch_bytes_max, &target.stats);
+        if !self.batch_released && !self.batch_withheld && self.held.len() > max {
+            stats.batches_released.set(stats.batches_released.get() + 1);
+            if self.batch_primary_only {
+                self.held.clear();
+                self.held_expects.clear();
+                self.batch_withheld = true;
+                self.copy_to_shadow = false;
+            } else {
+                self.release_held();
+                self.batch_released = true;
+                self.copy_to_shadow = true;
+                self.open_batch = true;
+            }
+        }
+        if self.open_batch && !self.overflowed && self.out_bytes > max {
+            // Counted once per batch (a batch released to the shadow is counted above).
+            if !self.batch_released && !self.batch_unordered {
+                stats.batches_released.set(stats.batches_released.get() + 1);
+            }
+            self.overflowed = true;
+        }
+    }
+
     /// One client frame of [`plan`](Self::plan), by kind; `refers`: what the session tracker
     /// resolved it to (the statements and portals are the tracker's, not compare's).
     fn plan_frame(&mut self, tag: u8, body: &[u8], refers: &Refers, f: Planned) {
@@ -527,9 +566,10 @@ impl Dispatch {
     fn plan_sync(&mut self, f: Planned) {
         let statements = std::mem::take(&mut self.batch);
         let footprint = std::mem::take(&mut self.batch_footprint);
-        let shadow = self.batch_released || !self.batch_primary_only;
+        let shadow = !self.batch_withheld && (self.batch_released || !self.batch_primary_only);
         self.batch_primary_only = false;
         self.batch_released = false;
+        self.batch_withheld = false;
         // A COPY this batch started follows the batch's routing.
         self.copy_to_shadow = shadow;
         let gates = gates(&statements);
@@ -684,6 +724,7 @@ impl Dispatch {
         if let Some(seq) = sync {
             self.out_syncs.push(seq + self.link.numbering.get());
         }
+        self.out_bytes += frame.len();
         // Adjacent slices of one read are merged back into one buffer write.
         self.out.push(frame);
     }
@@ -698,6 +739,9 @@ impl Dispatch {
     }
 
     fn hold(&mut self, frame: Bytes, routes: bool, expect: Option<Expect>) {
+        if self.batch_withheld {
+            return;
+        }
         if routes && !self.batch_released {
             self.held.extend_from_slice(&frame);
             self.held_expects.extend(expect);
@@ -714,6 +758,7 @@ impl Dispatch {
             return;
         }
         let frames = std::mem::take(&mut self.out);
+        self.out_bytes = 0;
         self.segments.push(Segment {
             bytes: frames.iter().map(Bytes::len).sum(),
             frames,
@@ -728,7 +773,7 @@ impl Dispatch {
     /// once nothing more goes to the shadow. Frames of an extended batch whose Sync has not
     /// come stay for it, unless the client flushed (it waits for answers) or `all`.
     fn enqueue(&mut self, all: bool) {
-        if all || !self.open_batch || self.flushed {
+        if all || !self.open_batch || self.flushed || self.overflowed {
             if self.open_batch && !(self.out.is_empty() && self.out_expects.is_empty()) {
                 self.batch_unordered = true;
             }
@@ -1150,6 +1195,9 @@ impl Exchange {
             open_batch: false,
             batch_unordered: false,
             flushed: false,
+            out_bytes: 0,
+            overflowed: false,
+            batch_withheld: false,
         };
         let down = Comparer {
             digesters: [
@@ -1761,20 +1809,36 @@ impl Comparer {
             if differences.is_empty() {
                 continue;
             }
+            let times = (primary_us, shadow_us, primary.status);
+            let overtaken = shadow.overtaken || primary.overtaken;
+            // Rows in another order under an ORDER BY whose keys the digests never saw: ties
+            // or not, only a re-check with the keys in the output can tell.
+            let mut unsettled = None;
+            if let (Some(p), Some(s)) = (p, s)
+                && statement.scan.nondeterministic.is_none()
+                && !overtaken
+                && order_keys_unseen(&differences, p, s)
+            {
+                match self.recheck_order(&statement, &differences, (p, s), times) {
+                    None => continue,
+                    Some(why) => unsettled = Some(Verdict::Nondeterministic(why)),
+                }
+            }
             // A statement cancelled on one side only (the client's CancelRequest reaches the
             // primary) says nothing about the other side's engine.
             let cancelled = [p, s]
                 .iter()
                 .any(|d| d.and_then(|d| d.error_code()) == Some(wire::sqlstate::QUERY_CANCELED));
-            let verdict = Verdict::of(
-                &differences,
-                statement
-                    .scan
-                    .nondeterministic
-                    .or(cancelled.then_some(super::verdict::CANCELLED)),
-                shadow.overtaken || primary.overtaken,
-            );
-            let times = (primary_us, shadow_us, primary.status);
+            let verdict = unsettled.unwrap_or_else(|| {
+                Verdict::of(
+                    &differences,
+                    statement
+                        .scan
+                        .nondeterministic
+                        .or(cancelled.then_some(super::verdict::CANCELLED)),
+                    overtaken,
+                )
+            });
             let reported = self.report_mismatch(
                 &statement,
                 &differences,
@@ -1798,6 +1862,37 @@ impl Comparer {
             );
         }
         if self.fail { failure } else { None }
+    }
+
+    /// Starts an order re-check of `statement` (see `recheck`); `None` when it started (its
+    /// task reports what it finds), else why the difference stays unsettled.
+    fn recheck_order(
+        &self,
+        statement: &Compared,
+        differences: &[Difference],
+        (p, s): (&Digest, &Digest),
+        times: (u64, u64, u8),
+    ) -> Option<&'static str> {
+        let stats = &self.target.stats;
+        let plan = (statement.read_only && !statement.params)
+            .then(|| super::recheck::plan(&statement.text, p.columns.as_deref()?))
+            .flatten();
+        let Some(plan) = plan else {
+            return Some(super::recheck::NOT_REWRITABLE);
+        };
+        if stats.rechecks_running.get() >= self.target.cfg.order_rechecks_max {
+            return Some(super::recheck::BUSY);
+        }
+        stats.rechecks_running.set(stats.rechecks_running.get() + 1);
+        let record = self.record(statement, differences, p, s, times, false);
+        crate::exec::spawn(super::recheck::run(
+            self.target.clone(),
+            self.params.clone(),
+            plan,
+            [p.clone(), s.clone()],
+            record,
+        ));
+        None
     }
 
     /// Counts and reports one statement's differences; returns the description and detail
@@ -1962,6 +2057,13 @@ impl Comparer {
             unix_ms: super::unix_ms(),
         }
     }
+}
+
+/// Whether the only difference is the rows' order under an ORDER BY whose keys the digests
+/// could not follow (not all output columns): ties and a real order difference look alike.
+fn order_keys_unseen(differences: &[Difference], p: &Digest, s: &Digest) -> bool {
+    matches!(differences, [d] if d.kind == Kind::Order)
+        && (p.ordered_keys.is_none() || s.ordered_keys.is_none())
 }
 
 /// The DETAIL of the client's XX000 error: the statement and both sides' verdicts.

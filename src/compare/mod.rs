@@ -14,6 +14,7 @@ mod explain;
 pub mod footprint;
 pub mod order;
 mod pump;
+mod recheck;
 pub mod report;
 pub mod rules;
 pub mod verdict;
@@ -173,6 +174,18 @@ pub struct CompareStats {
     /// Cancels not sent to the shadow because its next statement was already written behind
     /// the cancelled one (a cancel could land on it).
     pub cancels_skipped: Cell<u64>,
+    /// Order re-checks running now (at most `compare.order-rechecks-max`).
+    pub rechecks_running: Cell<u64>,
+    /// Order re-checks done, and those that found ties only (no difference).
+    pub order_rechecks: Cell<u64>,
+    pub order_recheck_ties: Cell<u64>,
+    /// Verdicts of order re-checks (mismatch, inconclusive: concurrent, inconclusive:
+    /// nondeterministic), reached after the statement was settled.
+    pub rechecked: [Cell<u64>; 3],
+    /// Their reports dropped because the ring to the control thread was full.
+    pub reports_dropped: Cell<u64>,
+    /// Extended batches that passed `compare.shadow-batch-bytes-max` before their Sync.
+    pub batches_released: Cell<u64>,
 }
 
 /// Compare mode as one shard sees it.

@@ -160,6 +160,13 @@ pub struct CompareConfig {
     /// transaction-control statement until both sides answered it; beyond it the client's
     /// reads wait (backpressure).
     pub shadow_queue_bytes_max: usize,
+    /// Client bytes of one extended-protocol batch (Parse/Bind/Execute... before its Sync)
+    /// held for the shadow until its Sync, which sends the batch whole in its turn of the
+    /// completion order and decides its routing (`primary-only-patterns`). Beyond it, what
+    /// is held goes to the shadow at once, as after a Flush: the batch is not ordered, and its
+    /// routing is decided there (a batch already routed to the primary only stops being
+    /// held; its frames are dropped for the shadow).
+    pub shadow_batch_bytes_max: usize,
     /// Ordered shadow dispatch: how long a statement the primary has answered may wait for
     /// earlier conflicting statements (of other sessions) to complete on the shadow; beyond it
     /// it goes anyway and a difference in its result is inconclusive (concurrent), not a
@@ -172,6 +179,12 @@ pub struct CompareConfig {
     /// Its difference, if any, is inconclusive (concurrent). 0: only `order-wait-ms` bounds
     /// the wait.
     pub order_lock_wait_ms: u64,
+    /// Order re-checks running at once per shard. Rows that agree but come in another order
+    /// under an ORDER BY whose keys are not all output columns (an expression, a column not
+    /// selected) are re-read on both sides over two read-only connections with the sort keys
+    /// appended to the output, to tell ties from a real order difference. Beyond this many,
+    /// or 0, such a difference is inconclusive (nondeterministic).
+    pub order_rechecks_max: u64,
     /// Calibration (A/A): the shadow is the primary itself, so writes run on the primary only
     /// and every difference is noise; reports carry the noise rate per fingerprint.
     pub calibrate: bool,
@@ -208,8 +221,10 @@ impl Default for CompareConfig {
             shadow_timeout_ms: 30_000,
             shadow_lag_max: 10_000,
             shadow_queue_bytes_max: 4 << 20,
+            shadow_batch_bytes_max: 4 << 20,
             order_wait_ms: 2_000,
             order_lock_wait_ms: 50,
+            order_rechecks_max: 8,
             calibrate: false,
         }
     }

@@ -350,6 +350,16 @@ fn report(shard: &ShardCtx) -> ShardReport {
         // Counted by compare's own cancel tasks, which see no shard stats.
         report.counters.shadow_cancels_forwarded = compare.stats.cancels_forwarded.get();
         report.counters.shadow_cancels_skipped = compare.stats.cancels_skipped.get();
+        // Order re-checks settle after their statement, in tasks that see no shard stats.
+        let stats = &compare.stats;
+        let counters = &mut report.counters;
+        counters.compare_order_rechecks = stats.order_rechecks.get();
+        counters.compare_order_recheck_ties = stats.order_recheck_ties.get();
+        counters.compare_mismatches += stats.rechecked[0].get();
+        counters.compare_inconclusive_concurrent += stats.rechecked[1].get();
+        counters.compare_inconclusive_nondeterministic += stats.rechecked[2].get();
+        counters.compare_reports_dropped += stats.reports_dropped.get();
+        counters.compare_batches_released = stats.batches_released.get();
         report.calibration = compare.calibration();
     }
     report

@@ -1097,6 +1097,245 @@ pub fn order_by_keys(sql: &[u8]) -> Option<Vec<OrderKey>> {
     }
 }
 
+/// One item of a top-level ORDER BY as text (see [`sort_items`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SortItem {
+    /// The item's expression, without ASC/DESC and NULLS FIRST/LAST.
+    pub range: std::ops::Range<usize>,
+    /// When the item is a position (`2`) or an unqualified name (which PostgreSQL reads as an
+    /// output column's name first): that key; `None` for an expression or a qualified name.
+    pub key: Option<OrderKey>,
+}
+
+/// A plain SELECT with a top-level ORDER BY, as text that can be re-run with its sort keys
+/// appended to the output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SortItems {
+    /// Where the outer select list ends (before the top-level FROM, or the first clause).
+    pub list_end: usize,
+    pub items: Vec<SortItem>,
+}
+
+/// One token of [`sort_items`]' walk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    /// A bare word (keyword or unquoted identifier) at `start..end`.
+    Word,
+    Open,
+    Close,
+    Comma,
+    Semicolon,
+    /// A literal, a quoted identifier, a number, an operator.
+    Other,
+}
+
+/// The tokens of `sql` with their ranges (comments skipped).
+fn tokens(sql: &[u8]) -> Vec<(Token, usize, usize)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    loop {
+        i = skip_blank(sql, i);
+        let Some(&c) = sql.get(i) else {
+            return out;
+        };
+        let start = i;
+        let token = match c {
+            b'\'' | b'"' => {
+                i = skip_quoted(sql, i);
+                Token::Other
+            }
+            b'$' => {
+                i = skip_dollar(sql, i);
+                Token::Other
+            }
+            b'(' | b'[' => {
+                i += 1;
+                Token::Open
+            }
+            b')' | b']' => {
+                i += 1;
+                Token::Close
+            }
+            b',' => {
+                i += 1;
+                Token::Comma
+            }
+            b';' => {
+                i += 1;
+                Token::Semicolon
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+                while i < sql.len()
+                    && (sql[i].is_ascii_alphanumeric()
+                        || matches!(sql[i], b'_' | b'$')
+                        || sql[i] >= 0x80)
+                {
+                    i += 1;
+                }
+                Token::Word
+            }
+            c if c.is_ascii_digit() => {
+                while i < sql.len() && (sql[i].is_ascii_alphanumeric() || sql[i] == b'.') {
+                    i += 1;
+                }
+                Token::Other
+            }
+            _ => {
+                i += 1;
+                Token::Other
+            }
+        };
+        out.push((token, start, i));
+    }
+}
+
+/// The top-level ORDER BY of a statement that is one plain `SELECT list FROM ... ORDER BY
+/// items [LIMIT|OFFSET|FETCH ...]`, read so that compare can re-run it with the sort keys
+/// appended to the select list (their values then come with each row). `None` whenever that
+/// rewrite is not certain to return the same rows: no top-level ORDER BY, not a SELECT (a
+/// WITH, VALUES, TABLE), DISTINCT (the appended keys would change which rows are distinct),
+/// a set operation (UNION, INTERSECT, EXCEPT: their ORDER BY names output columns only),
+/// INTO, a `USING` sort operator, an empty select list, several statements, a backslash
+/// anywhere (escape strings, which this walk does not read), unbalanced parentheses.
+pub fn sort_items(sql: &[u8]) -> Option<SortItems> {
+    if memchr::memchr(b'\\', sql).is_some() {
+        return None;
+    }
+    let tokens = tokens(sql);
+    let word = |t: &(Token, usize, usize), w: &[u8]| {
+        t.0 == Token::Word && sql[t.1..t.2].eq_ignore_ascii_case(w)
+    };
+    let first = tokens.first()?;
+    if !word(first, b"SELECT") {
+        return None;
+    }
+    if tokens.get(1).is_some_and(|t| word(t, b"DISTINCT")) {
+        return None;
+    }
+    let mut depth = 0i32;
+    let mut list_end = None;
+    let mut order_at = None;
+    for (index, t) in tokens.iter().enumerate().skip(1) {
+        match t.0 {
+            Token::Open => depth += 1,
+            Token::Close => {
+                depth -= 1;
+                if depth < 0 {
+                    return None;
+                }
+            }
+            // Only a final `;` (with nothing after it).
+            Token::Semicolon if depth == 0 && index + 1 != tokens.len() => return None,
+            Token::Word if depth == 0 => {
+                let w = &sql[t.1..t.2];
+                let is = |k: &[u8]| w.eq_ignore_ascii_case(k);
+                if is(b"INTO") || is(b"UNION") || is(b"INTERSECT") || is(b"EXCEPT") {
+                    return None;
+                }
+                let clause = [
+                    &b"FROM"[..],
+                    b"WHERE",
+                    b"GROUP",
+                    b"HAVING",
+                    b"WINDOW",
+                    b"ORDER",
+                    b"LIMIT",
+                    b"OFFSET",
+                    b"FETCH",
+                    b"FOR",
+                ]
+                .iter()
+                .any(|k| is(k));
+                if clause && list_end.is_none() {
+                    if index == 1 {
+                        return None;
+                    }
+                    list_end = Some(t.1);
+                }
+                if is(b"ORDER")
+                    && order_at.is_none()
+                    && tokens.get(index + 1).is_some_and(|n| word(n, b"BY"))
+                {
+                    order_at = Some(index + 2);
+                }
+            }
+            _ => {}
+        }
+    }
+    if depth != 0 {
+        return None;
+    }
+    let list_end = list_end?;
+    let mut items = Vec::new();
+    let mut item: Vec<&(Token, usize, usize)> = Vec::new();
+    let mut depth = 0i32;
+    for t in tokens.get(order_at?..)?.iter().chain(std::iter::once(&(
+        Token::Semicolon,
+        sql.len(),
+        sql.len(),
+    ))) {
+        let ends_clause = depth == 0
+            && (t.0 == Token::Semicolon
+                || [&b"LIMIT"[..], b"OFFSET", b"FETCH", b"FOR"]
+                    .iter()
+                    .any(|k| word(t, k)));
+        if ends_clause || (depth == 0 && t.0 == Token::Comma) {
+            items.push(sort_item(sql, &item)?);
+            item.clear();
+            if ends_clause {
+                return Some(SortItems { list_end, items });
+            }
+            continue;
+        }
+        match t.0 {
+            Token::Open => depth += 1,
+            Token::Close => depth -= 1,
+            Token::Word if depth == 0 && word(t, b"USING") => return None,
+            _ => {}
+        }
+        item.push(t);
+    }
+    None
+}
+
+/// One ORDER BY item's tokens without its direction and null ordering.
+fn sort_item(sql: &[u8], tokens: &[&(Token, usize, usize)]) -> Option<SortItem> {
+    let word = |t: &&(Token, usize, usize), w: &[u8]| {
+        t.0 == Token::Word && sql[t.1..t.2].eq_ignore_ascii_case(w)
+    };
+    let mut tokens = tokens;
+    if let [rest @ .., nulls, last] = tokens
+        && word(nulls, b"NULLS")
+        && (word(last, b"FIRST") || word(last, b"LAST"))
+    {
+        tokens = rest;
+    }
+    if let [rest @ .., last] = tokens
+        && (word(last, b"ASC") || word(last, b"DESC"))
+    {
+        tokens = rest;
+    }
+    let (first, last) = (tokens.first()?, tokens.last()?);
+    let range = first.1..last.2;
+    let text = &sql[range.clone()];
+    let key = match tokens {
+        [(Token::Other, ..)] if text.iter().all(u8::is_ascii_digit) => std::str::from_utf8(text)
+            .ok()?
+            .parse::<usize>()
+            .ok()
+            .and_then(|n| n.checked_sub(1))
+            .map(OrderKey::Position),
+        [(Token::Word, ..)] => {
+            identifier(sql, range.start).map(|(name, _, _)| OrderKey::Name(name))
+        }
+        [(Token::Other, ..)] if text.first() == Some(&b'"') => {
+            identifier(sql, range.start).map(|(name, _, _)| OrderKey::Name(name))
+        }
+        _ => None,
+    };
+    Some(SortItem { range, key })
+}
+
 /// The index right after the `BY` of the first top-level ORDER BY.
 fn order_by_end(sql: &[u8]) -> Option<usize> {
     let (mut i, mut depth) = (0usize, 0i32);
@@ -1239,6 +1478,61 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn sort_items_read_a_plain_select_for_a_re_run_with_its_keys() {
+        let read = |sql: &str| {
+            sort_items(sql.as_bytes()).map(|s| {
+                let items: Vec<(String, Option<OrderKey>)> = s
+                    .items
+                    .iter()
+                    .map(|i| (sql[i.range.clone()].to_string(), i.key.clone()))
+                    .collect();
+                (sql[..s.list_end].trim_end().to_string(), items)
+            })
+        };
+        let name = |n: &str| Some(OrderKey::Name(n.into()));
+        assert_eq!(
+            read("SELECT id FROM t ORDER BY lower(v) DESC NULLS LAST, 2, k, t.k ASC LIMIT 5"),
+            Some((
+                "SELECT id".into(),
+                vec![
+                    ("lower(v)".into(), None),
+                    ("2".into(), Some(OrderKey::Position(1))),
+                    ("k".into(), name("k")),
+                    ("t.k".into(), None),
+                ]
+            ))
+        );
+        assert_eq!(
+            read(
+                "select a, extract(year from d) as y from t where x in (select 1 from u order by 1) order by v || '' ;"
+            ),
+            Some((
+                "select a, extract(year from d) as y".into(),
+                vec![("v || ''".into(), None)]
+            ))
+        );
+        assert_eq!(
+            read("SELECT 1 AS x ORDER BY \"X\""),
+            Some(("SELECT 1 AS x".into(), vec![("\"X\"".into(), name("X"))]))
+        );
+        for no in [
+            "SELECT id FROM t",
+            "SELECT DISTINCT id FROM t ORDER BY id",
+            "SELECT id FROM t UNION SELECT id FROM u ORDER BY 1",
+            "WITH x AS (SELECT 1) SELECT * FROM x ORDER BY 1",
+            "SELECT id INTO n FROM t ORDER BY id",
+            "SELECT id FROM t ORDER BY id USING <",
+            "SELECT FROM t ORDER BY id",
+            "SELECT id FROM t ORDER BY id; SELECT 2",
+            "SELECT E'\\'' FROM t ORDER BY 1",
+            "SELECT id FROM t ORDER BY (id",
+            "VALUES (1) ORDER BY 1",
+        ] {
+            assert_eq!(read(no), None, "{no}");
+        }
+    }
 
     #[test]
     fn copy_is_read_once_with_its_direction() {

@@ -1,0 +1,478 @@
+//! Order re-checks. Rows that agree as multisets but come in another order under an ORDER BY
+//! whose keys are not all output columns (an expression such as `lower(v)`, a column not
+//! selected) may be ties, which an engine may return in any order, or a real order
+//! difference (another collation): the digests cannot tell, since they never saw the keys. A
+//! re-check reads the statement again on both sides, over two fresh connections of its own
+//! (as the slow-query analyzer's EXPLAIN does), with the sort keys appended to the output,
+//! and compares the sequences of key values and the rows of each run of equal keys.
+//!
+//! It never writes (the statement runs in a READ ONLY transaction that is rolled back), never
+//! re-runs a statement with parameters or one [`crate::sql::sort_items`] cannot rewrite with
+//! certainty, runs at most `compare.order-rechecks-max` at once per shard, and is bounded in
+//! time (`compare.connect-timeout-ms` to connect, `compare.shadow-timeout-ms` to read).
+//! Whatever it cannot settle with certainty is inconclusive, never a mismatch.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+
+use super::digest::{Digest, Digester, Step, chain, hash64};
+use super::rules::Rules;
+use super::verdict::Verdict;
+use super::{CompareTarget, Record, open_as};
+use crate::exec::net::Stream;
+use crate::exec::within;
+use crate::sql::{self, OrderKey};
+use crate::wire::{self, tag};
+
+/// Why an order difference under an ORDER BY of keys not in the output was not settled (the
+/// `reason` of its inconclusive verdict).
+pub(super) const NOT_REWRITABLE: &str = "rows in another order under an ORDER BY whose keys are not all output columns (not re-checked: parameters, a write, or a statement the re-check cannot rewrite)";
+pub(super) const BUSY: &str = "rows in another order under an ORDER BY whose keys are not all output columns (not re-checked: compare.order-rechecks-max re-checks running)";
+const UNREACHABLE: &str = "rows in another order under an ORDER BY whose keys are not all output columns (the re-check could not connect)";
+const TIMED_OUT: &str = "rows in another order under an ORDER BY whose keys are not all output columns (the re-check timed out)";
+const FAILED: &str = "rows in another order under an ORDER BY whose keys are not all output columns (the re-check failed or returned another shape)";
+
+/// A NULL key value in the key hash.
+const NULL_KEY: u64 = 0x5899_65cc_7537_4cc3;
+
+/// A statement rewritten to return its sort keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Plan {
+    /// The statement with the keys that are not output columns appended to its select list.
+    pub sql: String,
+    /// Output columns of the statement itself.
+    columns: usize,
+    /// Output columns of the re-run.
+    width: usize,
+    /// Per sort key, in order: its column in the re-run's rows.
+    keys: Vec<usize>,
+}
+
+/// The re-run of `text`, whose result had `columns`; `None` when it cannot be rewritten with
+/// certainty (see [`sql::sort_items`]).
+pub(crate) fn plan(text: &str, columns: &[(String, u32)]) -> Option<Plan> {
+    let items = sql::sort_items(text.as_bytes())?;
+    let n = columns.len();
+    let mut appended: Vec<&str> = Vec::new();
+    let mut keys = Vec::with_capacity(items.items.len());
+    for item in &items.items {
+        // PostgreSQL reads a bare name as an output column's first, then as an input one.
+        let output = match &item.key {
+            Some(OrderKey::Position(i)) => Some((*i < n).then_some(*i)?),
+            Some(OrderKey::Name(name)) => {
+                let mut found = columns.iter().enumerate().filter(|(_, c)| c.0 == *name);
+                match (found.next(), found.next()) {
+                    (Some((i, _)), None) => Some(i),
+                    (Some(_), Some(_)) => return None,
+                    _ => None,
+                }
+            }
+            None => None,
+        };
+        keys.push(match output {
+            Some(i) => i,
+            None => {
+                appended.push(text.get(item.range.clone())?);
+                n + appended.len() - 1
+            }
+        });
+    }
+    let head = text.get(..items.list_end)?.trim_end();
+    let tail = text.get(items.list_end..)?.trim_end();
+    let tail = tail.strip_suffix(';').unwrap_or(tail).trim_end();
+    let sql = if appended.is_empty() {
+        format!("{head} {tail}")
+    } else {
+        format!("{head}, {} {tail}", appended.join(", "))
+    };
+    Some(Plan {
+        sql,
+        columns: n,
+        width: n + appended.len(),
+        keys,
+    })
+}
+
+/// One side's re-run, folded as it streams.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Folded {
+    rows: u64,
+    /// The sort keys' values, in order.
+    keys: u64,
+    /// Per run of equal keys, in order: its keys and the (normalised) rows in it, whatever
+    /// their order within the run.
+    groups: u64,
+    /// The rows without the appended keys, folded by the rules as the statement's were.
+    projected: Digest,
+}
+
+/// Folds one side's answer to the re-run (`BEGIN READ ONLY; <plan>; ROLLBACK`).
+struct Folder<'p> {
+    plan: &'p Plan,
+    digester: Digester,
+    folded: Folded,
+    /// The current run of equal keys: its key hash and the row sums where it began.
+    group: Option<(u64, u64)>,
+    in_select: bool,
+    selected: bool,
+    scratch: BytesMut,
+}
+
+impl<'p> Folder<'p> {
+    fn new(plan: &'p Plan, rules: Rc<Rules>) -> Folder<'p> {
+        Folder {
+            plan,
+            digester: Digester::new(rules),
+            folded: Folded::default(),
+            group: None,
+            in_select: false,
+            selected: false,
+            scratch: BytesMut::new(),
+        }
+    }
+
+    /// One backend message; `Ok(Some)` at the end, `Err` when the re-run failed.
+    fn visit(&mut self, tag: u8, body: &[u8]) -> Result<Option<Folded>, &'static str> {
+        match tag {
+            tag::ROW_DESCRIPTION => {
+                let fields: Vec<_> = wire::RowDescription::new(body)
+                    .fields()
+                    .map_err(|_| FAILED)?
+                    .collect();
+                if fields.len() != self.plan.width || self.selected {
+                    return Err(FAILED);
+                }
+                self.scratch.clear();
+                wire::encode::row_description(&mut self.scratch, &fields[..self.plan.columns])
+                    .map_err(|_| FAILED)?;
+                self.feed(tag::ROW_DESCRIPTION);
+                self.in_select = true;
+            }
+            tag::DATA_ROW if self.in_select => self.row(body)?,
+            tag::COMMAND_COMPLETE if self.in_select => {
+                self.close_group();
+                self.digester.visit(tag, body);
+                self.in_select = false;
+                self.selected = true;
+            }
+            tag::ERROR_RESPONSE => return Err(FAILED),
+            tag::READY_FOR_QUERY => {
+                if !self.selected {
+                    return Err(FAILED);
+                }
+                if let Step::SyncEnd(status) = self.digester.visit(tag, body) {
+                    let mut sync = self.digester.finish_sync(status, std::time::Instant::now());
+                    if sync.results.len() != 1 {
+                        return Err(FAILED);
+                    }
+                    self.folded.projected = sync.results.remove(0);
+                }
+                return Ok(Some(std::mem::take(&mut self.folded)));
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    /// Feeds the digester the message encoded in `scratch`.
+    fn feed(&mut self, tag: u8) {
+        let body = self.scratch.get(wire::HEADER_BYTES..).unwrap_or_default();
+        self.digester.visit(tag, body);
+    }
+
+    fn row(&mut self, body: &[u8]) -> Result<(), &'static str> {
+        let values: Vec<Option<&[u8]>> = wire::DataRow::new(body)
+            .columns()
+            .map_err(|_| FAILED)?
+            .iter()
+            .collect();
+        if values.len() != self.plan.width {
+            return Err(FAILED);
+        }
+        let mut key = NULL_KEY;
+        for &i in &self.plan.keys {
+            key = chain(key, values[i].map_or(NULL_KEY, |v| hash64(v, 0)));
+        }
+        if self.group.is_some_and(|(k, _)| k != key) {
+            self.close_group();
+        }
+        if self.group.is_none() {
+            self.group = Some((key, self.digester.current_unordered().0));
+        }
+        self.folded.rows += 1;
+        self.folded.keys = chain(self.folded.keys, key);
+        self.scratch.clear();
+        wire::encode::data_row(&mut self.scratch, &values[..self.plan.columns])
+            .map_err(|_| FAILED)?;
+        self.feed(tag::DATA_ROW);
+        Ok(())
+    }
+
+    /// Ends the current run of equal keys: its keys and the sum of its rows' hashes.
+    fn close_group(&mut self) {
+        if let Some((key, start)) = self.group.take() {
+            let rows = self.digester.current_unordered().0.wrapping_sub(start);
+            self.folded.groups = chain(chain(self.folded.groups, key), rows);
+        }
+    }
+}
+
+/// What the re-check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The keys come in the same order on both sides: the rows differed in order only within
+    /// runs of equal keys, which either engine may return in any order. Not a difference.
+    Ties,
+    /// The keys (or the rows of a run of equal keys) differ in order: a real difference.
+    Order,
+    /// The re-runs read other rows than the statement did (the data changed meanwhile, or
+    /// the statement saw its own transaction's writes).
+    Changed,
+    /// Not settled (a reason for the inconclusive verdict).
+    Failed(&'static str),
+}
+
+/// Judges the two re-runs against the statement's own results (`original`: primary, shadow).
+pub(crate) fn decide(original: [&Digest; 2], rerun: [Result<Folded, &'static str>; 2]) -> Outcome {
+    let [p, s] = rerun;
+    let (p, s) = match (p, s) {
+        (Ok(p), Ok(s)) => (p, s),
+        (Err(why), _) | (_, Err(why)) => return Outcome::Failed(why),
+    };
+    for (o, r) in original.iter().zip([&p, &s]) {
+        // Rows that came in binary format hash as other bytes than the re-run's text: their
+        // count is what can be checked.
+        if r.rows != o.rows || (!o.binary && r.projected.unordered != o.unordered) {
+            return Outcome::Changed;
+        }
+    }
+    if p.rows != s.rows || p.projected.unordered != s.projected.unordered {
+        return Outcome::Changed;
+    }
+    if p.keys != s.keys || p.groups != s.groups {
+        return Outcome::Order;
+    }
+    Outcome::Ties
+}
+
+/// Re-runs `plan` on both sides and reports what it found: nothing for ties, else `record`
+/// with its verdict (a mismatch for a real order difference, inconclusive otherwise).
+pub(crate) async fn run(
+    target: Rc<CompareTarget>,
+    params: Rc<Vec<(String, String)>>,
+    plan: Plan,
+    original: [Digest; 2],
+    mut record: Record,
+) {
+    let rules = target.rules.clone();
+    let (primary, shadow) = futures_lite::future::zip(
+        side(
+            &target,
+            (&target.primary_addr.get(), &target.primary_url),
+            &target.primary_tls,
+            &params,
+            &plan,
+            rules.clone(),
+        ),
+        side(
+            &target,
+            (&target.addr.get(), &target.url),
+            &target.tls,
+            &params,
+            &plan,
+            rules,
+        ),
+    )
+    .await;
+    let stats = &target.stats;
+    stats.rechecks_running.set(stats.rechecks_running.get() - 1);
+    stats.order_rechecks.set(stats.order_rechecks.get() + 1);
+    let outcome = decide([&original[0], &original[1]], [primary, shadow]);
+    let verdict = match outcome {
+        Outcome::Ties => {
+            stats
+                .order_recheck_ties
+                .set(stats.order_recheck_ties.get() + 1);
+            return;
+        }
+        Outcome::Order => {
+            record.description = "sort keys in a different order under ORDER BY (re-checked with the keys in the output)".into();
+            let cell = &stats.kinds[super::Kind::Order.index()];
+            cell.set(cell.get() + 1);
+            Verdict::Mismatch
+        }
+        Outcome::Changed => {
+            record.description = "same rows in a different order under ORDER BY; the re-check read other rows (the data changed meanwhile, or the statement saw its own transaction's writes)".into();
+            Verdict::Concurrent
+        }
+        Outcome::Failed(why) => Verdict::Nondeterministic(why),
+    };
+    let index = match verdict {
+        Verdict::Mismatch => 0,
+        Verdict::Concurrent => 1,
+        Verdict::Nondeterministic(_) => 2,
+    };
+    stats.rechecked[index].set(stats.rechecked[index].get() + 1);
+    record.record = verdict.record();
+    record.verdict = verdict.name();
+    if let Verdict::Nondeterministic(why) = verdict {
+        record.reason = why;
+    }
+    // Judged after the client had its answer: it was never failed for this.
+    record.failed_client = false;
+    if !target.send(record) {
+        stats.reports_dropped.set(stats.reports_dropped.get() + 1);
+    }
+}
+
+/// One side's re-run over a connection of its own.
+async fn side(
+    target: &CompareTarget,
+    (addr, url): (&crate::config::Endpoint, &crate::config::PgUrl),
+    tls: &crate::tls::Upstream,
+    params: &[(String, String)],
+    plan: &Plan,
+    rules: Rc<Rules>,
+) -> Result<Folded, &'static str> {
+    let cfg = &target.cfg;
+    let limit = Duration::from_millis(cfg.connect_timeout_ms);
+    let max = cfg.buffer_bytes_max.max(1 << 20);
+    let stream = open_as(addr, url, tls, params, limit, max)
+        .await
+        .map_err(|_| UNREACHABLE)?
+        .stream;
+    let budget = Duration::from_millis(cfg.shadow_timeout_ms.max(1));
+    let folded = within(budget, read(&stream, plan, rules, max))
+        .await
+        .unwrap_or(Err(TIMED_OUT));
+    let _ = stream.write_all(&[b'X', 0, 0, 0, 4]).await;
+    stream.shutdown();
+    folded
+}
+
+async fn read(
+    stream: &Stream,
+    plan: &Plan,
+    rules: Rc<Rules>,
+    max: usize,
+) -> Result<Folded, &'static str> {
+    let mut out = BytesMut::new();
+    // A read-only transaction: even a misclassified statement cannot write.
+    let sql = format!("BEGIN READ ONLY; {}; ROLLBACK", plan.sql);
+    wire::encode::query(&mut out, &sql).map_err(|_| FAILED)?;
+    stream.write_all(&out).await.map_err(|_| UNREACHABLE)?;
+    let mut folder = Folder::new(plan, rules);
+    let mut buf = BytesMut::new();
+    loop {
+        match wire::split_message(&mut buf, max) {
+            Ok(Some(frame)) => {
+                if let Some(folded) = folder.visit(frame.tag(), frame.body())? {
+                    return Ok(folded);
+                }
+            }
+            Ok(None) => match stream.read_buf(&mut buf, 64 << 10).await {
+                Ok(0) | Err(_) => return Err(UNREACHABLE),
+                Ok(_) => {}
+            },
+            Err(_) => return Err(FAILED),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CompareConfig;
+
+    fn columns(names: &[&str]) -> Vec<(String, u32)> {
+        names.iter().map(|n| (n.to_string(), 25)).collect()
+    }
+
+    #[test]
+    fn plans_append_the_keys_that_are_not_output_columns() {
+        let plan = plan(
+            "SELECT id, v AS w FROM t ORDER BY lower(v), w DESC, 1, k;",
+            &columns(&["id", "w"]),
+        )
+        .unwrap();
+        assert_eq!(
+            plan.sql,
+            "SELECT id, v AS w, lower(v), k FROM t ORDER BY lower(v), w DESC, 1, k"
+        );
+        assert_eq!((plan.columns, plan.width), (2, 4));
+        assert_eq!(plan.keys, vec![2, 1, 0, 3]);
+        // A position past the output, an ambiguous name, no rewrite: no plan.
+        assert!(super::plan("SELECT id FROM t ORDER BY 2", &columns(&["id"])).is_none());
+        assert!(
+            super::plan(
+                "SELECT a AS x, b AS x FROM t ORDER BY x",
+                &columns(&["x", "x"])
+            )
+            .is_none()
+        );
+        assert!(super::plan("SELECT DISTINCT id FROM t ORDER BY id", &columns(&["id"])).is_none());
+    }
+
+    /// Folds a re-run answer of rows `(id, key)` for a plan with one output column.
+    fn fold(rows: &[(&str, &str)]) -> Folded {
+        let plan = plan("SELECT id FROM t ORDER BY k", &columns(&["id"])).unwrap();
+        let rules = Rc::new(Rules::new(&CompareConfig::default()).unwrap());
+        let mut folder = Folder::new(&plan, rules);
+        let mut buf = BytesMut::new();
+        wire::encode::command_complete(&mut buf, "BEGIN").unwrap();
+        let field = |name| wire::FieldDescription {
+            name,
+            table_oid: 0,
+            column_attr: 0,
+            type_oid: 25,
+            type_size: -1,
+            type_modifier: -1,
+            format: wire::Format::Text,
+        };
+        wire::encode::row_description(&mut buf, &[field("id"), field("k")]).unwrap();
+        for (id, k) in rows {
+            wire::encode::data_row(&mut buf, &[Some(id.as_bytes()), Some(k.as_bytes())]).unwrap();
+        }
+        wire::encode::command_complete(&mut buf, "SELECT").unwrap();
+        wire::encode::command_complete(&mut buf, "ROLLBACK").unwrap();
+        wire::encode::ready_for_query(&mut buf, wire::TransactionStatus::Idle);
+        let mut at = 0;
+        while at < buf.len() {
+            let len =
+                u32::from_be_bytes([buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]]) as usize;
+            if let Some(folded) = folder.visit(buf[at], &buf[at + 5..at + 1 + len]).unwrap() {
+                return folded;
+            }
+            at += 1 + len;
+        }
+        panic!("no ReadyForQuery")
+    }
+
+    #[test]
+    fn ties_agree_and_keys_in_another_order_do_not() {
+        let a = fold(&[("1", "a"), ("2", "a"), ("3", "b")]);
+        let ties = fold(&[("2", "a"), ("1", "a"), ("3", "b")]);
+        let order = fold(&[("3", "b"), ("1", "a"), ("2", "a")]);
+        let changed = fold(&[("1", "a"), ("2", "a"), ("4", "b")]);
+        let original = a.projected.clone();
+        let decide =
+            |p: &Folded, s: &Folded| decide([&original, &original], [Ok(p.clone()), Ok(s.clone())]);
+        assert_eq!(decide(&a, &ties), Outcome::Ties);
+        assert_eq!(decide(&a, &order), Outcome::Order);
+        assert_eq!(decide(&a, &changed), Outcome::Changed);
+        // The same key sequence with other rows in a run of equal keys.
+        let regrouped = fold(&[("1", "a"), ("3", "a"), ("2", "b")]);
+        let other = fold(&[("2", "a"), ("3", "a"), ("1", "b")]);
+        let o = regrouped.projected.clone();
+        assert_eq!(
+            super::decide([&o, &o], [Ok(regrouped.clone()), Ok(other)]),
+            Outcome::Order
+        );
+        assert_eq!(
+            super::decide([&original, &original], [Ok(a), Err(TIMED_OUT)]),
+            Outcome::Failed(TIMED_OUT)
+        );
+    }
+}
