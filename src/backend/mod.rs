@@ -6,6 +6,7 @@
 
 pub mod cancel;
 pub mod pool;
+pub mod replay;
 
 use std::time::Duration;
 
