@@ -24,9 +24,9 @@
 //! Between fork and exec the child blocks SIGUSR2 and SIGHUP (a second `systemctl kill -s USR2`
 //! reaching every process of the unit, say): their default action would end it. The mask
 //! carries over the exec; the new pgprism blocks both anyway and drops a SIGUSR2 that came
-//! while it started (it is the upgrade that signal asked for). The control thread that forks
-//! has both blocked already, but whether the child keeps that mask is up to std's `Command`
-//! (it has reset it to empty in the child before): the explicit block does not depend on it.
+//! while it started (it is the upgrade that signal asked for). The child's signal state is
+//! reset first (`crate::subprocess`: the control thread's mask would otherwise carry over,
+//! SIGTERM and SIGINT included), then those two are blocked on purpose.
 
 use std::ffi::OsString;
 use std::io;
@@ -376,6 +376,8 @@ impl Successor {
         )?;
         let theirs_fd = theirs.as_raw_fd();
         let mut command = Command::new(&invocation.program);
+        // First: a clean mask and default dispositions, then the two blocks below on top.
+        crate::subprocess::reset_signals(&mut command);
         command
             .args(&invocation.args)
             .env(ENV_FD, theirs_fd.to_string())
