@@ -674,6 +674,18 @@ fn report(err: &dyn std::error::Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// An error and its causes on one line, for a log field.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 fn init_logging(filter: &str, format: &str) {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
     let builder = tracing_subscriber::fmt()
@@ -823,44 +835,53 @@ fn run_main(cfg: Config, reload: crate::server::Reload, pid_file: Option<PathBuf
             Err(err) => return report(&err),
         }
     }
-    let mut cdc = None;
-    if has_cdc {
-        match crate::cdc::spawn(cfg.cdc.clone()) {
-            Ok((shared, thread)) => {
-                routes.push(crate::cdc::cmd::admin_routes(shared.clone()));
-                println!("pgprism cdc started (slot {})", cfg.cdc.slot);
-                cdc = Some((shared, thread));
+    let cdc = has_cdc.then(|| std::sync::Arc::new(RunCdc::new(cfg.cdc.clone())));
+    if let Some(cdc) = &cdc {
+        routes.push(crate::cdc::cmd::admin_routes(cdc.shared.clone()));
+        // After an upgrade the old process runs CDC until it has released it (the slot
+        // admits one reader): this one starts it then, from the take-over thread.
+        if !(has_proxy && crate::server::started_by_upgrade()) {
+            if let Err(err) = cdc.start() {
+                return report(&err);
             }
-            Err(err) => return report(&err),
+            println!("pgprism cdc started (slot {})", cfg.cdc.slot);
         }
     }
     let routes = compose_routes(routes);
     let result = if has_proxy {
+        let movable = cdc.as_ref().map(|cdc| {
+            let (old, new) = (cdc.clone(), cdc.clone());
+            crate::server::Movable {
+                release: Box::new(move || old.release()),
+                take_over: Box::new(move |release| new.take_over(release)),
+            }
+        });
         let opts = crate::server::Options {
             routes,
             reload: Some(reload),
             pid_file,
-            // CDC holds its replication slot and the servers are our children: neither can
-            // move to a new process, and a second copy of either would fight the first.
-            upgrade_refused: (has_embed || has_cdc).then_some(
-                "this process also runs CDC or embedded servers, which cannot be handed to a \
-                 new binary; restart it to run a new version",
+            // The servers are our children: they cannot move to a new process, and a second
+            // copy would fight the first over ports and data directories.
+            upgrade_refused: has_embed.then_some(
+                "this process also runs embedded servers, which cannot be handed to a new \
+                 binary; restart it to run a new version",
             ),
+            movable,
         };
         crate::server::run_proxy_with(&cfg, opts, print_ready).map_err(RunError::Proxy)
     } else {
         if let Some(path) = &pid_file {
             crate::server::write_pid_file(path);
         }
-        let served = serve_until_stopped(&cfg, routes, cdc.as_ref().map(|(_, t)| t));
+        let served = serve_until_stopped(&cfg, routes, cdc.as_deref());
         if let Some(path) = &pid_file {
             crate::server::remove_pid_file(path);
         }
         served
     };
     let mut failed = result.err();
-    if let Some((shared, thread)) = cdc {
-        failed = stop_cdc(&shared, thread, failed);
+    if let Some(cdc) = cdc {
+        failed = cdc.finish(failed);
     }
     if let Some(sup) = supervisor {
         sup.shutdown();
@@ -868,6 +889,152 @@ fn run_main(cfg: Config, reload: crate::server::Reload, pid_file: Option<PathBuf
     match failed {
         None => ExitCode::SUCCESS,
         Some(err) => report(&err),
+    }
+}
+
+/// CDC under `pgprism run`: started at once, or (in a process an upgrade started) once the
+/// old process has released it; stopped at the end, or released to the new process of an
+/// upgrade. Its counters exist from the start, so the admin routes serve them throughout.
+struct RunCdc {
+    cfg: crate::config::CdcConfig,
+    shared: std::sync::Arc<crate::cdc::Shared>,
+    state: std::sync::Mutex<CdcState>,
+}
+
+enum CdcState {
+    /// Not started yet (an upgrade's new process waiting for the old one's release).
+    Waiting,
+    Running(crate::cdc::CdcThread),
+    /// Stopped for a new process (or left to end with this one when it would not stop in
+    /// time): nothing to stop at the end.
+    Released,
+    /// The run is over: a late take-over starts nothing.
+    Closed,
+}
+
+impl RunCdc {
+    fn new(cfg: crate::config::CdcConfig) -> RunCdc {
+        RunCdc {
+            cfg,
+            shared: std::sync::Arc::new(crate::cdc::Shared::default()),
+            state: std::sync::Mutex::new(CdcState::Waiting),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CdcState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the CDC thread, unless it runs already or the run is over.
+    fn start(&self) -> Result<(), RunError> {
+        let mut state = self.lock();
+        if !matches!(*state, CdcState::Waiting) {
+            return Ok(());
+        }
+        let thread = crate::cdc::handover::spawn_with(self.cfg.clone(), self.shared.clone())
+            .map_err(RunError::CdcSpawn)?;
+        *state = CdcState::Running(thread);
+        Ok(())
+    }
+
+    /// In a process an upgrade started, once it serves: waits (up to
+    /// `cdc.handover-timeout-ms`) for the old process to release CDC and for the slot to be
+    /// free, then starts CDC from the checkpoint.
+    fn take_over(&self, release: crate::server::Release) {
+        let limit = std::time::Duration::from_millis(self.cfg.handover_timeout_ms);
+        let deadline = std::time::Instant::now() + limit;
+        match release.wait(limit) {
+            crate::server::Released::Said => {
+                tracing::info!("upgrade: the old process stopped its CDC; starting it here");
+            }
+            crate::server::Released::Gone => {
+                tracing::info!("upgrade: the old process runs no CDC (any more); starting it here");
+            }
+            crate::server::Released::TimedOut => tracing::warn!(
+                handover_timeout_ms = self.cfg.handover_timeout_ms,
+                "upgrade: the old process did not release CDC within cdc.handover-timeout-ms; \
+                 starting it once the slot is free"
+            ),
+        }
+        match crate::cdc::handover::wait_slot_free(&self.cfg, deadline) {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                slot = %self.cfg.slot,
+                "upgrade: the replication slot is still in use at cdc.handover-timeout-ms; \
+                 starting CDC all the same (PostgreSQL refuses a second reader)"
+            ),
+            Err(err) => tracing::warn!(
+                error = %error_chain(&err),
+                "upgrade: cannot check the replication slot; starting CDC all the same"
+            ),
+        }
+        match self.start() {
+            Ok(()) => {
+                tracing::info!(slot = %self.cfg.slot, "pgprism cdc started after the upgrade")
+            }
+            Err(err) => tracing::error!(error = %err, "upgrade: cannot start CDC"),
+        }
+    }
+
+    /// In the old process, once the new one serves: stops CDC (bounded by
+    /// `cdc.handover-timeout-ms`); whether it stopped.
+    fn release(&self) -> bool {
+        let thread = match std::mem::replace(&mut *self.lock(), CdcState::Released) {
+            CdcState::Running(thread) => thread,
+            // Never started, or over: nothing holds the slot.
+            _ => return true,
+        };
+        let limit = std::time::Duration::from_millis(self.cfg.handover_timeout_ms);
+        match crate::cdc::handover::stop(&self.shared, thread, limit) {
+            crate::cdc::handover::Stopped::Ended(result) => {
+                if let Err(err) = result {
+                    tracing::warn!(error = %error_chain(&err), "CDC had stopped on an error");
+                }
+                tracing::info!(
+                    checkpoint = %crate::cdc::lsn::Lsn(self.shared.checkpointed.load(std::sync::atomic::Ordering::Acquire)),
+                    "upgrade: CDC stopped here (checkpointed); the new process takes it over"
+                );
+                true
+            }
+            crate::cdc::handover::Stopped::Panicked => {
+                tracing::error!("the cdc thread panicked");
+                true
+            }
+            crate::cdc::handover::Stopped::Running(_) => {
+                tracing::error!(
+                    handover_timeout_ms = self.cfg.handover_timeout_ms,
+                    "upgrade: CDC did not stop within cdc.handover-timeout-ms; it ends with this \
+                     process, and the new one starts it once the slot is free"
+                );
+                false
+            }
+        }
+    }
+
+    /// At the end of the run: stops CDC if it runs here (its position is checkpointed as
+    /// always) and returns the run's failure, CDC's own when the run had none.
+    fn finish(&self, mut failed: Option<RunError>) -> Option<RunError> {
+        let state = std::mem::replace(&mut *self.lock(), CdcState::Closed);
+        let CdcState::Running(thread) = state else {
+            return failed;
+        };
+        self.shared
+            .shutdown
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.shared
+            .stopped
+            .store(true, std::sync::atomic::Ordering::Release);
+        match thread.join() {
+            Ok(Err(err)) if failed.is_none() => failed = Some(RunError::Cdc(err)),
+            Err(_) => failed = Some(RunError::CdcPanicked),
+            _ => {}
+        }
+        failed
+    }
+
+    /// Whether the CDC thread has ended on its own.
+    fn thread_finished(&self) -> bool {
+        matches!(&*self.lock(), CdcState::Running(thread) if thread.is_finished())
     }
 }
 
@@ -884,6 +1051,8 @@ enum RunError {
     Cdc(#[source] crate::cdc::CdcError),
     #[error("the cdc thread panicked")]
     CdcPanicked,
+    #[error("cannot start the cdc thread")]
+    CdcSpawn(#[source] std::io::Error),
 }
 
 /// `pgprism run` with only embedded servers: the supervisor runs them until SIGTERM.
@@ -924,28 +1093,6 @@ fn start_supervisor(cfg: &Config) -> Result<crate::embed::Supervisor, crate::emb
         })
 }
 
-/// Stops CDC (its position is checkpointed as always) and waits for its thread; returns the
-/// run's failure, CDC's own when the run had none.
-fn stop_cdc(
-    shared: &crate::cdc::Shared,
-    thread: crate::cdc::CdcThread,
-    mut failed: Option<RunError>,
-) -> Option<RunError> {
-    // `shutdown` first: a stop is final, not a lost connection to recover from.
-    shared
-        .shutdown
-        .store(true, std::sync::atomic::Ordering::Release);
-    shared
-        .stopped
-        .store(true, std::sync::atomic::Ordering::Release);
-    match thread.join() {
-        Ok(Err(err)) if failed.is_none() => failed = Some(RunError::Cdc(err)),
-        Err(_) => failed = Some(RunError::CdcPanicked),
-        _ => {}
-    }
-    failed
-}
-
 /// Several subsystems' admin routes as one: the first that answers a request wins.
 fn compose_routes(routes: Vec<crate::control::ExtraRoutes>) -> Option<crate::control::ExtraRoutes> {
     if routes.is_empty() {
@@ -961,7 +1108,7 @@ fn compose_routes(routes: Vec<crate::control::ExtraRoutes>) -> Option<crate::con
 fn serve_until_stopped(
     cfg: &Config,
     routes: Option<crate::control::ExtraRoutes>,
-    cdc: Option<&crate::cdc::CdcThread>,
+    cdc: Option<&RunCdc>,
 ) -> Result<(), RunError> {
     use crate::server::signals;
     let state = std::sync::Arc::new(std::sync::Mutex::new(crate::control::ControlState::new(
@@ -984,7 +1131,7 @@ fn serve_until_stopped(
             ),
             _ => {}
         }
-        if cdc.is_some_and(|t| t.is_finished()) {
+        if cdc.is_some_and(RunCdc::thread_finished) {
             return Ok(()); // the join reports why
         }
     }

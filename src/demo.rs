@@ -236,7 +236,7 @@ fn audit(primary: &Instance, proxy: &Proxy) {
         "SELECT count(*) FROM pgbench_branches".to_string(),
     ];
     for sql in statements {
-        let out = Command::new(primary.psql_path())
+        let out = crate::subprocess::reset_signals(&mut Command::new(primary.psql_path()))
             .env("PGPASSWORD", primary.password().unwrap_or_default())
             .args(["-X", "-q", "-At", "-h", &proxy.listen.ip().to_string()])
             .args([
@@ -354,7 +354,7 @@ impl Proxy {
         write_private(&secrets, &proxy_config(primary, shadow))
             .map_err(|e| DemoError::Proxy(format!("{}: {e}", secrets.display())))?;
         let spawn = |port: u16| {
-            Command::new(&exe)
+            crate::subprocess::reset_signals(&mut Command::new(&exe))
                 .args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
                 .arg("--config")
                 .arg(&secrets)

@@ -13,6 +13,7 @@ pub mod invariant;
 pub mod session;
 pub mod sql;
 pub mod stats;
+pub mod subprocess;
 pub mod tls;
 pub mod wire;
 

@@ -2,13 +2,16 @@
 //! exports. The exported names come from a real `pgprism run` with every metrics section
 //! present (proxy, a mirror, a compare shadow, CDC into the Stream Load emulator) scraping
 //! `/metrics` and `/cdc/metrics`, so a renamed or removed metric fails here, not on a
-//! dashboard in production.
+//! dashboard in production. The same goes for labels: every label a query filters on
+//! (`{mirror="..."}`), groups by (`by (shard)`), reads in `label_values` or shows in a
+//! legend (`{{table}}`) must be on the exported series of the metrics it applies to, and a
+//! filter's literal value (`quantile="0.999"`) on one of them.
 
 #[path = "support/starrocks.rs"]
 mod starrocks;
 mod support;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use pgprism::embed::{Instance, InstanceConfig};
@@ -68,6 +71,293 @@ fn exported(text: &str) -> BTreeSet<String> {
         }
     }
     names
+}
+
+/// Labels Prometheus puts on every series it scrapes (the target's), not pgprism's to export.
+const TARGET_LABELS: [&str; 2] = ["instance", "job"];
+
+/// What the dashboard asks of one metric's labels.
+#[derive(Debug, Default)]
+struct LabelUse {
+    /// Labels it filters on, groups by, or reads (`label_values`).
+    labels: BTreeSet<String>,
+    /// `label="literal"` filters: some exported series must have that value.
+    values: BTreeSet<(String, String)>,
+    /// Where each label is asked for, for the failure message.
+    queries: BTreeSet<String>,
+}
+
+/// The index of the parenthesis closing the one at `open`.
+fn closing(text: &str, open: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    for (i, c) in text[open..].char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(open + i);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The index of the parenthesis opening the one that closes at `close`.
+fn opening(text: &str, close: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    for (i, c) in text[..=close].char_indices().rev() {
+        match c {
+            ')' => depth += 1,
+            '(' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Each label list (`by`, `without`, `on`, `ignoring`, `group_left`, `group_right`) with the
+/// metrics it applies to: an aggregation's argument (`sum by (x) (ARG)` or `sum (ARG) by
+/// (x)`); for vector matching, both operands, taken as the whole expression.
+fn label_lists(expr: &str) -> Vec<(BTreeSet<String>, BTreeSet<String>)> {
+    let clause =
+        regex::Regex::new(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+            .unwrap();
+    let mut out = Vec::new();
+    for found in clause.captures_iter(expr) {
+        let whole = found.get(0).unwrap();
+        let labels: BTreeSet<String> = found[2]
+            .split(',')
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect();
+        let scope = match &found[1] {
+            "by" | "without" => {
+                let after = expr[whole.end()..].trim_start();
+                if after.starts_with('(') {
+                    let open = expr.len() - after.len();
+                    closing(expr, open).map(|close| &expr[open..=close])
+                } else {
+                    let before = expr[..whole.start()].trim_end();
+                    before
+                        .strip_suffix(')')
+                        .and_then(|_| opening(expr, before.len() - 1))
+                        .map(|open| &expr[open..before.len()])
+                }
+            }
+            _ => Some(expr),
+        };
+        let scope =
+            scope.unwrap_or_else(|| panic!("no argument for `{}` in {expr}", whole.as_str()));
+        out.push((labels, names_in(&[scope.to_string()])));
+    }
+    out
+}
+
+/// What every query (and legend) asks of each metric's labels, and the legends that show a
+/// label their query aggregates away.
+fn label_uses(dash: &sonic_rs::Value) -> (BTreeMap<String, LabelUse>, Vec<String>) {
+    let selector = regex::Regex::new(r"(pgprism_[a-z0-9_]+)\s*\{([^}]*)\}").unwrap();
+    let matcher =
+        regex::Regex::new(r#"([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)""#).unwrap();
+    let legend_label = regex::Regex::new(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}").unwrap();
+    let label_values =
+        regex::Regex::new(r"label_values\((.*),\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\)").unwrap();
+    let mut uses: BTreeMap<String, LabelUse> = BTreeMap::new();
+    let mut ask = |metric: &str, label: &str, value: Option<&str>, query: &str| {
+        let entry = uses.entry(metric.to_string()).or_default();
+        entry.labels.insert(label.to_string());
+        if let Some(value) = value {
+            entry.values.insert((label.to_string(), value.to_string()));
+        }
+        entry.queries.insert(query.to_string());
+    };
+    let aggregation = regex::Regex::new(r"\b(sum|max|min|avg|count)\s*(by|without|\()").unwrap();
+    let mut lost = Vec::new();
+    let mut queries: Vec<(String, Option<String>)> = Vec::new();
+    for panel in dash["panels"].as_array().unwrap().iter() {
+        if let Some(targets) = panel["targets"].as_array() {
+            for t in targets.iter() {
+                let expr = t["expr"].as_str().unwrap().to_string();
+                queries.push((expr, t["legendFormat"].as_str().map(str::to_string)));
+            }
+        }
+    }
+    for (expr, legend) in &queries {
+        for sel in selector.captures_iter(expr) {
+            for m in matcher.captures_iter(&sel[2]) {
+                // A literal equality must match a series; a regex or a variable may not.
+                let literal = (&m[2] == "=" && !m[3].contains('$')).then_some(&m[3]);
+                ask(&sel[1], &m[1], literal, expr);
+            }
+        }
+        let lists = label_lists(expr);
+        for (labels, metrics) in &lists {
+            for label in labels {
+                for metric in metrics {
+                    ask(metric, label, None, expr);
+                }
+            }
+        }
+        // A legend shows labels of the result: those the outermost aggregation keeps, or the
+        // series' own when nothing aggregates.
+        let shown: Vec<String> = legend
+            .iter()
+            .flat_map(|l| legend_label.captures_iter(l).map(|c| c[1].to_string()))
+            .collect();
+        let aggregates = aggregation.is_match(expr);
+        for label in &shown {
+            if aggregates {
+                if !lists.iter().any(|(labels, _)| labels.contains(label)) {
+                    lost.push(format!(
+                        "the legend shows {{{{{label}}}}} but the query aggregates it away: {expr}"
+                    ));
+                }
+            } else {
+                for metric in names_in(std::slice::from_ref(expr)) {
+                    ask(&metric, label, None, expr);
+                }
+            }
+        }
+    }
+    for var in dash["templating"]["list"].as_array().unwrap().iter() {
+        if let Some(def) = var["definition"].as_str()
+            && let Some(found) = label_values.captures(def)
+        {
+            for metric in names_in(&[found[1].to_string()]) {
+                ask(&metric, &found[2], None, def);
+            }
+        }
+    }
+    (uses, lost)
+}
+
+/// Label names and values of each exported metric's samples (summaries' `quantile` on the
+/// family's own name).
+fn exported_labels(text: &str) -> BTreeMap<String, BTreeSet<(String, String)>> {
+    let pair = regex::Regex::new(r#"([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)""#).unwrap();
+    let mut out: BTreeMap<String, BTreeSet<(String, String)>> = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let name = line.split(['{', ' ']).next().unwrap_or_default();
+        let entry = out.entry(name.to_string()).or_default();
+        if let Some((_, rest)) = line.split_once('{')
+            && let Some((labels, _)) = rest.rsplit_once('}')
+        {
+            for p in pair.captures_iter(labels) {
+                entry.insert((p[1].to_string(), p[2].to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// Every label the dashboard asks of a metric is on its exported samples (and each literal
+/// value on one of them); a metric asked for a label must have samples to check.
+fn check_labels(
+    uses: &BTreeMap<String, LabelUse>,
+    exported: &BTreeMap<String, BTreeSet<(String, String)>>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (metric, want) in uses {
+        let own: BTreeSet<&str> = want
+            .labels
+            .iter()
+            .map(String::as_str)
+            .filter(|l| !TARGET_LABELS.contains(l))
+            .collect();
+        if own.is_empty() {
+            continue;
+        }
+        let Some(have) = exported.get(metric) else {
+            problems.push(format!(
+                "{metric}: no samples exported to check {own:?} against"
+            ));
+            continue;
+        };
+        let names: BTreeSet<&str> = have.iter().map(|(l, _)| l.as_str()).collect();
+        for label in own.iter().filter(|l| !names.contains(**l)) {
+            problems.push(format!(
+                "{metric} has no label `{label}` (it has {names:?}), asked by {:?}",
+                want.queries
+            ));
+        }
+        for (label, value) in &want.values {
+            if !TARGET_LABELS.contains(&label.as_str())
+                && names.contains(label.as_str())
+                && !have.contains(&(label.clone(), value.clone()))
+            {
+                problems.push(format!(
+                    "no {metric} series has {label}=\"{value}\", asked by {:?}",
+                    want.queries
+                ));
+            }
+        }
+    }
+    problems
+}
+
+#[test]
+fn the_label_check_finds_what_it_should() {
+    // The checker itself, on a made-up exposition: it must see each kind of label use.
+    let dash: sonic_rs::Value = sonic_rs::from_str(
+        r#"{"panels": [{"targets": [
+            {"expr": "sum by (shard) (rate(pgprism_a_total{instance=~\"$instance\"}[1m]))", "legendFormat": "{{shard}}"},
+            {"expr": "max(pgprism_b_seconds{quantile=\"0.999\"})"},
+            {"expr": "sum(rate(pgprism_c_total[1m])) by (mirror) / on (mirror) pgprism_d", "legendFormat": "{{mirror}}"},
+            {"expr": "pgprism_e", "legendFormat": "{{table}}"},
+            {"expr": "sum(pgprism_f)", "legendFormat": "{{kind}}"}
+        ]}], "templating": {"list": [{"definition": "label_values(pgprism_g, db)"}]}}"#,
+    )
+    .unwrap();
+    let good = "pgprism_a_total{shard=\"0\"} 1\npgprism_b_seconds{quantile=\"0.999\"} 1\n\
+                pgprism_c_total{mirror=\"m\"} 1\npgprism_d{mirror=\"m\"} 1\n\
+                pgprism_e{table=\"t\"} 1\npgprism_f 1\npgprism_g{db=\"x\"} 1\n";
+    let (uses, lost) = label_uses(&dash);
+    assert_eq!(lost.len(), 1, "{lost:?}");
+    assert!(lost[0].contains("{{kind}}"), "{lost:?}");
+    assert_eq!(
+        check_labels(&uses, &exported_labels(good)),
+        Vec::<String>::new()
+    );
+    let bad = good
+        .replace("shard=", "core=")
+        .replace("0.999", "0.99")
+        .replace("pgprism_d{mirror", "pgprism_d{target")
+        .replace("table=", "relation=")
+        .replace("db=", "database=");
+    let problems = check_labels(&uses, &exported_labels(&bad)).join("\n");
+    for expected in [
+        "pgprism_a_total has no label `shard`",
+        "no pgprism_b_seconds series has quantile=\"0.999\"",
+        "pgprism_d has no label `mirror`",
+        "pgprism_e has no label `table`",
+        "pgprism_g has no label `db`",
+    ] {
+        assert!(
+            problems.contains(expected),
+            "{expected} not in:\n{problems}"
+        );
+    }
+    assert!(
+        !problems.lines().any(|p| p.starts_with("pgprism_c_total")),
+        "{problems}"
+    );
+    let none = check_labels(&uses, &exported_labels(""));
+    assert!(
+        none.iter()
+            .any(|p| p.contains("pgprism_a_total: no samples")),
+        "{none:?}"
+    );
 }
 
 #[test]
@@ -232,6 +522,11 @@ flush-interval-ms = 100
     client
         .batch_execute("INSERT INTO t VALUES (1, 'a'); SELECT * FROM t")
         .unwrap();
+    // A statement the mirror fails (42P01), for the series labelled by SQLSTATE.
+    primary
+        .psql("CREATE TABLE only_primary (id int)")
+        .expect("create table");
+    client.batch_execute("SELECT * FROM only_primary").unwrap();
 
     // Mirror and compare sections appear once the shards have reported them.
     let mut metrics = String::new();
@@ -240,6 +535,7 @@ flush-interval-ms = 100
             metrics = support::http_get(run.admin, "/metrics").1;
             metrics.contains("# TYPE pgprism_mirror_lag_seconds_micro")
                 && metrics.contains("# TYPE pgprism_compare_mismatch_kinds_total")
+                && metrics.contains("pgprism_mirror_errors_by_sqlstate_total{")
         }),
         "no mirror or compare metrics:\n{metrics}"
     );
@@ -251,5 +547,17 @@ flush-interval-ms = 100
     assert!(
         missing.is_empty(),
         "the dashboard queries metrics pgprism does not export: {missing:?}\nexported: {names:?}"
+    );
+    let mut labels = exported_labels(&metrics);
+    labels.extend(exported_labels(&cdc));
+    let (uses, mut problems) = label_uses(&dashboard());
+    problems.extend(check_labels(&uses, &labels));
+    // For the record (--no-capture): what was checked.
+    let asked: usize = uses.values().map(|u| u.labels.len()).sum();
+    eprintln!("{asked} label uses over {} metrics checked", uses.len());
+    assert!(
+        problems.is_empty(),
+        "the dashboard asks for labels pgprism does not export:\n{}\n\n{metrics}\n{cdc}",
+        problems.join("\n")
     );
 }

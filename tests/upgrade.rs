@@ -2,8 +2,12 @@
 //! starts the binary again, hands it the listening sockets (TCP, Unix, admin), and the old
 //! process lets its sessions end. pgbench (a new connection per transaction, and long
 //! sessions) runs through pgprism while it is upgraded twice; a bad configuration at upgrade
-//! time leaves the old process serving; the shard count may change between the two.
+//! time leaves the old process serving; the shard count may change between the two. A
+//! `pgprism run` with CDC hands its stream over (every row in the Stream Load emulator
+//! exactly once across two upgrades).
 
+#[path = "support/starrocks.rs"]
+mod starrocks;
 mod support;
 
 use std::fs::File;
@@ -585,7 +589,7 @@ fn run_with_embedded_servers_logs_why_it_refuses_an_upgrade_and_keeps_serving() 
     let mut session = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
     session.simple_query("SELECT 1").unwrap();
     signal(first, libc::SIGUSR2);
-    proxy.wait_log("SIGUSR2: cannot upgrade: this process also runs CDC or embedded servers");
+    proxy.wait_log("SIGUSR2: cannot upgrade: this process also runs embedded servers");
     // Nothing else happened: the same process serves the old session and new ones.
     assert!(
         !proxy.log().contains("started the new process"),
@@ -753,4 +757,138 @@ fn the_old_process_never_kills_an_announced_one_and_a_second_usr2_does_not_kill_
     // The one that took over serves on; the SIGUSR2 started no upgrade of its own.
     assert!(!gone(child));
     assert_eq!(proxy.pid(), Some(child));
+}
+
+/// Rows the writer has inserted (ids 1..=n, one autocommit INSERT each), written directly to
+/// the source until `stop`.
+fn writer(
+    url: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<i64> {
+    std::thread::spawn(move || {
+        let mut client = postgres::Client::connect(&url, postgres::NoTls).expect("writer connects");
+        let mut id = 0i64;
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            id += 1;
+            client
+                .execute("INSERT INTO moving VALUES ($1, 'row')", &[&(id as i32)])
+                .expect("insert");
+            // Pacing of the writer (a few hundred rows a second), not a wait for anything.
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        id
+    })
+}
+
+#[test]
+fn cdc_moves_to_the_new_process_and_every_row_arrives_exactly_once() {
+    use starrocks::{ColType, StarRocks};
+    const DB: &str = "moved";
+    let pg = primary("upgrade-cdc");
+    pg.psql("CREATE TABLE moving (id int PRIMARY KEY, v text)")
+        .expect("create table");
+    let sr = StarRocks::start("root", "pw");
+    sr.create_table(
+        DB,
+        "moving",
+        &["id"],
+        &[("id", ColType::Int), ("v", ColType::Text)],
+    );
+    let dir = scratch("cdc");
+    let config = dir.join("pgprism.toml");
+    let good = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nshards = 1\npin-cores = false\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\
+         [primary]\nurl = \"{url}\"\n\
+         [cdc]\nsource = \"{url}\"\nstarrocks = \"{sr}\"\nstarrocks-query-port = {query}\n\
+         database = \"{DB}\"\ntables = [\"moving\"]\nflush-interval-ms = 100\n\
+         handover-timeout-ms = 30000\nsnapshot = false\n",
+        url = pg.url(),
+        sr = sr.url(),
+        query = sr.query.port(),
+    );
+    std::fs::write(&config, &good).unwrap();
+    let config_arg = config.display().to_string();
+    let mut proxy = Upgradable::start(&dir, &["run", "--config", &config_arg]);
+    let first = proxy.pid().unwrap();
+    // No initial snapshot (its copy of a row the stream also carries would be a second,
+    // legitimate application): every row comes from the stream, written once it runs.
+    proxy.wait_log("starting replication");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writing = writer(pg.url(), stop.clone());
+    // Rows arrive, and keep arriving: each check waits for more than a count seen before.
+    let more_than = |seen: usize, proxy: &Upgradable| {
+        assert!(
+            eventually(DEADLINE, || sr.row_count(DB, "moving") > seen),
+            "no rows beyond {seen} reached StarRocks:\n{}",
+            proxy.log()
+        );
+        sr.row_count(DB, "moving")
+    };
+    let mut seen = more_than(0, &proxy);
+
+    // A new process that fails leaves the old one's CDC running.
+    std::fs::write(&config, "[proxy]\nshards = \"many\"\n").unwrap();
+    signal(first, libc::SIGUSR2);
+    proxy.wait_log("upgrade failed");
+    assert_eq!(proxy.pid(), Some(first));
+    assert!(!proxy.log().contains("CDC stopped here"), "{}", proxy.log());
+    seen = more_than(seen, &proxy);
+    std::fs::write(&config, &good).unwrap();
+
+    // Two upgrades while the writer writes: each old process stops its CDC, the new one
+    // starts it from the checkpoint, and rows keep arriving.
+    let mut pids = vec![first];
+    for round in 1..=2 {
+        let new = proxy.upgrade();
+        let count = |what: &str| proxy.log().matches(what).count();
+        assert!(
+            eventually(DEADLINE, || count("pgprism cdc started after the upgrade")
+                == round),
+            "round {round}: the new process did not start CDC:\n{}",
+            proxy.log()
+        );
+        assert_eq!(
+            count("upgrade: CDC stopped here (checkpointed)"),
+            round,
+            "{}",
+            proxy.log()
+        );
+        assert_eq!(
+            count("the old process stopped its CDC; starting it here"),
+            round
+        );
+        seen = more_than(seen, &proxy);
+        pids.push(new);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let written = writing.join().expect("writer") as usize;
+    let converged = eventually(DEADLINE, || sr.row_count(DB, "moving") == written);
+    assert!(
+        converged,
+        "StarRocks has {} of {written} rows:\n{}",
+        sr.row_count(DB, "moving"),
+        proxy.log()
+    );
+    // Exactly once: no row applied twice (a load repeated under its label is answered as
+    // loaded, never applied), and every id there.
+    assert_eq!(
+        sr.applied_rows(DB, "moving"),
+        written,
+        "rows applied more than once:\n{}",
+        proxy.log()
+    );
+    let ids: std::collections::BTreeSet<i64> = sr
+        .rows(DB, "moving", &["id"])
+        .into_iter()
+        .filter_map(|r| r[0].as_ref()?.parse().ok())
+        .collect();
+    assert_eq!(ids.len(), written);
+    assert_eq!(ids.last().copied(), Some(written as i64));
+    eprintln!("{written} rows through two upgrades, each applied once");
+    // The old processes are gone (no sessions of theirs), the last one serves.
+    for old in &pids[..2] {
+        assert!(eventually(DEADLINE, || gone(*old)), "{}", proxy.log());
+    }
+    assert_eq!(proxy.pid(), Some(pids[2]));
 }

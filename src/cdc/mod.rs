@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod cmd;
 pub mod ddl;
 pub mod failpoint;
+pub mod handover;
 pub mod lsn;
 pub mod mysql;
 pub mod pgconn;

@@ -751,6 +751,12 @@ pub struct CdcConfig {
     /// Reconnects in a row after a lost PostgreSQL connection before giving up (the count
     /// resets after a minute of streaming); 0 exits on the first loss.
     pub reconnect_attempts_max: u32,
+    /// Upgrade of a `pgprism run` (SIGUSR2): how long the old process waits for its CDC to
+    /// stop (the cycle under way loaded and checkpointed, the replication connection closed),
+    /// and how long the new process waits for that and then for the replication slot to be
+    /// free before it starts CDC from the checkpoint (past it, it starts all the same and
+    /// PostgreSQL refuses a second reader of an active slot).
+    pub handover_timeout_ms: u64,
 }
 
 impl Default for CdcConfig {
@@ -794,6 +800,7 @@ impl Default for CdcConfig {
             connect_timeout_ms: 10_000,
             status_interval_ms: 1_000,
             reconnect_attempts_max: 10,
+            handover_timeout_ms: 60_000,
         }
     }
 }

@@ -54,7 +54,7 @@ impl PgBinaries {
 
     fn from_bindir(dir: &Path) -> Result<Self, EmbedError> {
         let program = dir.join("postgres");
-        let output = Command::new(&program)
+        let output = crate::subprocess::reset_signals(&mut Command::new(&program))
             .arg("--version")
             .output()
             .map_err(|source| EmbedError::Spawn {
@@ -80,7 +80,10 @@ fn has_server(dir: &Path) -> bool {
 }
 
 fn pg_config_bindir() -> Option<PathBuf> {
-    let output = Command::new("pg_config").arg("--bindir").output().ok()?;
+    let output = crate::subprocess::reset_signals(&mut Command::new("pg_config"))
+        .arg("--bindir")
+        .output()
+        .ok()?;
     if !output.status.success() {
         return None;
     }

@@ -529,6 +529,7 @@ fn run_psql_stdin(
 /// output, never prompt.
 fn psql_command(psql: &Path, host: &str, port: u16, user: &str, database: &str) -> Command {
     let mut command = Command::new(psql);
+    crate::subprocess::reset_signals(&mut command);
     command
         .args([
             "-X",

@@ -80,6 +80,7 @@ fn lookup_os_user(name: &str) -> Result<OsUser, EmbedError> {
 /// `tests/embed.rs`), so setting the signal in `pre_exec` is late enough to stick.
 pub(super) fn supervised_command(program: &Path, run_as: Option<&OsUser>) -> Command {
     let mut cmd = Command::new(program);
+    crate::subprocess::reset_signals(&mut cmd);
     if let Some(user) = run_as {
         cmd.uid(user.uid).gid(user.gid);
         // initdb and postgres look at HOME/USER only for messages, but a root HOME they

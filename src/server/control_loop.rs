@@ -24,8 +24,9 @@ pub(super) enum Outcome {
     /// SIGTERM/SIGINT, or a shard that stopped: drain and exit.
     Stopped,
     /// A new process serves on our sockets: stop accepting, let the sessions end, exit.
-    /// `hurry`: a stop signal came too, so idle sessions are closed at once.
-    HandedOver { hurry: bool },
+    /// `hurry`: a stop signal came too, so idle sessions are closed at once. `successor`:
+    /// the new process (the channel to it stays open for what it must hear next).
+    HandedOver { hurry: bool, successor: Successor },
 }
 
 impl Server<'_> {
@@ -38,7 +39,7 @@ impl Server<'_> {
         loop {
             self.collect();
             match signals::wait(tick) {
-                Some(signals::Signal::Stop) => return stop_during(successor.as_mut()),
+                Some(signals::Signal::Stop) => return stop_during(successor.take()),
                 Some(signals::Signal::Reload) => self.reload(reload),
                 Some(signals::Signal::Upgrade) => {
                     if let Some(started) = self.upgrade(upgrades, successor.as_ref()) {
@@ -57,7 +58,12 @@ impl Server<'_> {
                              lets its sessions end"
                         );
                         upgrade.handed_over();
-                        return Outcome::HandedOver { hurry: false };
+                        if let Some(successor) = successor.take() {
+                            return Outcome::HandedOver {
+                                hurry: false,
+                                successor,
+                            };
+                        }
                     }
                     Progress::Failed(why) => {
                         tracing::error!(
@@ -218,8 +224,8 @@ impl Server<'_> {
 /// systemd its MAINPID); then this process acknowledges and hands over all the same, in a
 /// hurry, so the new process takes the pid file and the unit over. A new process not ready
 /// within the short wait is stopped, and this one stops as asked.
-fn stop_during(successor: Option<&mut Successor>) -> Outcome {
-    let Some(successor) = successor else {
+fn stop_during(successor: Option<Successor>) -> Outcome {
+    let Some(mut successor) = successor else {
         return Outcome::Stopped;
     };
     match successor.settle(Duration::from_secs(2)) {
@@ -229,7 +235,10 @@ fn stop_during(successor: Option<&mut Successor>) -> Outcome {
                 "stop signal during an upgrade: the new process serves; this one drains"
             );
             successor.handed_over();
-            Outcome::HandedOver { hurry: true }
+            Outcome::HandedOver {
+                hurry: true,
+                successor,
+            }
         }
         Progress::Failed(why) => {
             tracing::warn!(

@@ -30,6 +30,7 @@ pub use check::check;
 pub use listener::ListenError;
 pub use upgrade::UpgradeError;
 pub use upgrade::take_environment as take_upgrade_environment;
+pub use upgrade::{Release, Released};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -101,6 +102,27 @@ pub struct Options {
     pub pid_file: Option<PathBuf>,
     /// Why SIGUSR2 cannot upgrade this process (it runs more than the proxy); `None`: it can.
     pub upgrade_refused: Option<&'static str>,
+    /// What moves to the new process on an upgrade rather than running in both.
+    pub movable: Option<Movable>,
+}
+
+/// Parts of a `pgprism run` that move to the new process on an upgrade instead of running in
+/// both (CDC: its replication slot admits one reader, and two loaders would race).
+pub struct Movable {
+    /// In the old process, once the new one serves (and on a thread of its own, while the
+    /// sessions drain): stops them; `true` once they have stopped, and the new process hears
+    /// `released`; `false` when they did not in time, and the channel stays open until this
+    /// process exits.
+    pub release: Box<dyn FnOnce() -> bool + Send>,
+    /// In a process an upgrade started, once it serves (on a thread of its own): waits for
+    /// the old process's release, then starts them.
+    pub take_over: Box<dyn FnOnce(Release) + Send>,
+}
+
+/// Whether this process was started by an upgrade (`pgprism run` starts what moves with an
+/// upgrade only once the old process has released it).
+pub fn started_by_upgrade() -> bool {
+    upgrade::started_by_upgrade()
 }
 
 /// Runs the proxy until SIGTERM/SIGINT, then drains and returns.
@@ -137,8 +159,22 @@ pub fn run_proxy_with(
         server.drain();
         return Err(err);
     }
+    let (release, take_over) = match opts.movable {
+        Some(movable) => (Some(movable.release), Some(movable.take_over)),
+        None => (None, None),
+    };
     if let Some(predecessor) = predecessor {
-        predecessor.ready();
+        let released = predecessor.ready();
+        if let Some(take_over) = take_over {
+            // Its wait is bounded by the caller's key; nothing joins it: a stop meanwhile
+            // is the caller's to notice (it starts nothing once stopping).
+            let started = std::thread::Builder::new()
+                .name("upgrade-take-over".into())
+                .spawn(move || take_over(released));
+            if let Err(err) = started {
+                tracing::error!(error = %err, "cannot start the take-over thread; CDC stays stopped");
+            }
+        }
         if signals::discard_pending_upgrade() {
             tracing::info!(
                 "SIGUSR2 reached this process while it took over; ignored (it is the upgrade)"
@@ -158,7 +194,40 @@ pub fn run_proxy_with(
             }
         }
         // The pid file is the new process's now.
-        control_loop::Outcome::HandedOver { hurry } => server.hand_off(hurry),
+        control_loop::Outcome::HandedOver { hurry, successor } => {
+            let channel = successor.into_release();
+            // Stopped while the sessions drain, so the new process starts them as soon as it
+            // can; the drain does not wait for it, the exit does.
+            let releasing = match release {
+                Some(release) => Some(
+                    std::thread::Builder::new()
+                        .name("upgrade-release".into())
+                        .spawn(move || {
+                            let stopped = release();
+                            match (stopped, channel) {
+                                (true, Some(channel)) => channel.released(),
+                                (false, Some(channel)) => channel.hold(),
+                                (_, None) => {}
+                            }
+                        }),
+                ),
+                // Nothing to release: the new process hears so now, not after the drain.
+                None => {
+                    drop(channel);
+                    None
+                }
+            };
+            server.hand_off(hurry);
+            match releasing {
+                Some(Ok(thread)) => {
+                    let _ = thread.join();
+                }
+                Some(Err(err)) => {
+                    tracing::error!(error = %err, "cannot start the release thread");
+                }
+                None => {}
+            }
+        }
     }
     Ok(())
 }

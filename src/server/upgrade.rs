@@ -14,7 +14,10 @@
 //! The protocol on the socketpair (SOCK_SEQPACKET, so each message keeps its bounds):
 //! old → new: messages of at most [`FDS_PER_MESSAGE`] descriptors, each with one text line
 //! per descriptor (`tcp`, `unix PATH`, `admin`), then `end`; new → old: `ready PID`; old →
-//! new: `ack`. The new process accepts from the sockets once it can serve, says `ready`, and
+//! new: `ack`; then, from a process that runs parts which cannot run twice (CDC holds its
+//! replication slot), `released` once it has stopped them, or nothing (the channel closes
+//! with the old process, or at once when it runs none). The new process accepts from the
+//! sockets once it can serve, says `ready`, and
 //! only after the `ack` (the old process has let go: it will not kill it any more) writes the
 //! pid file and tells systemd its MAINPID. So a new process the old one kills (too slow, a
 //! stop signal) has never become the unit's main process, and once it has, nothing the old
@@ -24,9 +27,9 @@
 //! Between fork and exec the child blocks SIGUSR2 and SIGHUP (a second `systemctl kill -s USR2`
 //! reaching every process of the unit, say): their default action would end it. The mask
 //! carries over the exec; the new pgprism blocks both anyway and drops a SIGUSR2 that came
-//! while it started (it is the upgrade that signal asked for). The control thread that forks
-//! has both blocked already, but whether the child keeps that mask is up to std's `Command`
-//! (it has reset it to empty in the child before): the explicit block does not depend on it.
+//! while it started (it is the upgrade that signal asked for). The child's signal state is
+//! reset first (`crate::subprocess`: the control thread's mask would otherwise carry over,
+//! SIGTERM and SIGINT included), then those two are blocked on purpose.
 
 use std::ffi::OsString;
 use std::io;
@@ -260,15 +263,15 @@ impl Predecessor {
 
     /// Tells the old process this one serves (it stops accepting and drains) and waits
     /// (bounded) for its `ack`: from then on it will not kill this one, which may become the
-    /// unit's main process. The channel closes with it.
-    pub(super) fn ready(self) {
+    /// unit's main process. The channel stays open for the old process's [`Release`].
+    pub(super) fn ready(self) -> Release {
         crate::cdc::failpoint::hit("upgrade-before-ready-message");
         let line = format!("ready {}", std::process::id());
         if let Err(err) = send(self.channel.as_raw_fd(), line.as_bytes(), &[]) {
             // It died meanwhile, or is gone: either way we serve, and a leftover old process
             // keeps only its own sessions.
             tracing::warn!(error = %err, "cannot tell the replaced process that this one is ready");
-            return;
+            return Release { channel: None };
         }
         let channel = Socket::from(self.channel);
         let mut buf = [0u8; 16];
@@ -286,6 +289,93 @@ impl Predecessor {
                 "no `ack` from the replaced process; serving all the same"
             ),
         }
+        Release {
+            channel: Some(channel.into()),
+        }
+    }
+}
+
+/// How the process an upgrade replaced let go of what cannot run twice (CDC and its
+/// replication slot), as [`Release::wait`] saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Released {
+    /// It said `released`: it stopped them, cleanly.
+    Said,
+    /// The channel closed without it: the old process ran none of them, or it exited (and
+    /// what it ran ended with it).
+    Gone,
+    /// Neither within the limit: it still runs them, or is wedged stopping them.
+    TimedOut,
+}
+
+/// The new process's end of the upgrade channel after the `ack`: the old process says on it
+/// when it has let go of what cannot run twice.
+pub struct Release {
+    channel: Option<OwnedFd>,
+}
+
+impl Release {
+    /// Waits up to `limit` for the old process's `released`, or for the channel to close.
+    pub fn wait(self, limit: Duration) -> Released {
+        let Some(channel) = self.channel else {
+            return Released::Gone;
+        };
+        let channel = Socket::from(channel);
+        let deadline = Instant::now() + limit;
+        let mut buf = [0u8; 32];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Released::TimedOut;
+            }
+            // A zero read timeout would mean none: at least a millisecond.
+            if channel
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .is_err()
+            {
+                return Released::Gone;
+            }
+            match recv(channel.as_raw_fd(), &mut buf) {
+                Ok((len, _)) if &buf[..len] == RELEASED => return Released::Said,
+                Ok((0, _)) => return Released::Gone,
+                Ok((len, _)) => tracing::warn!(
+                    message = %String::from_utf8_lossy(&buf[..len]),
+                    "unexpected message from the replaced process; waiting on"
+                ),
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => return Released::Gone,
+            }
+        }
+    }
+}
+
+/// What the old process says once it has stopped what cannot run twice.
+const RELEASED: &[u8] = b"released";
+
+/// The old process's end of the upgrade channel once the new process serves.
+pub(super) struct ReleaseSender {
+    channel: OwnedFd,
+}
+
+impl ReleaseSender {
+    /// Tells the new process that what cannot run twice has stopped here.
+    pub(super) fn released(self) {
+        if let Err(err) = send(self.channel.as_raw_fd(), RELEASED, &[]) {
+            // Gone or not waiting: a new process that left has nothing to start.
+            tracing::warn!(error = %err, "cannot tell the new process that CDC is released");
+        }
+    }
+
+    /// Says nothing and keeps the channel open until this process exits: what did not stop
+    /// in time ends with it, and the new process learns so when the channel closes.
+    pub(super) fn hold(self) {
+        std::mem::forget(self.channel);
     }
 }
 
@@ -376,6 +466,8 @@ impl Successor {
         )?;
         let theirs_fd = theirs.as_raw_fd();
         let mut command = Command::new(&invocation.program);
+        // First: a clean mask and default dispositions, then the two blocks below on top.
+        crate::subprocess::reset_signals(&mut command);
         command
             .args(&invocation.args)
             .env(ENV_FD, theirs_fd.to_string())
@@ -438,6 +530,21 @@ impl Successor {
 
     pub(super) fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// After [`Successor::handed_over`]: the channel, for saying when what cannot run twice
+    /// has stopped here. The new process is none of our business any more.
+    /// `None` when the descriptor cannot be duplicated: the channel then closes now, which
+    /// the new process takes as "nothing held here" only once it finds the slot free.
+    pub(super) fn into_release(mut self) -> Option<ReleaseSender> {
+        self.serving = true;
+        match self.channel.try_clone() {
+            Ok(channel) => Some(ReleaseSender { channel }),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot keep the upgrade channel");
+                None
+            }
+        }
     }
 
     /// The new process serves; dropping this no longer stops it, and it hears so (`ack`)
