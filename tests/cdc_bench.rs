@@ -17,6 +17,11 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use pgprism::embed::{Instance, InstanceConfig};
+
+/// The emulator runs in this process and allocates per row: glibc's malloc spent a tenth of the
+/// benchmark's CPU consolidating its free lists. mimalloc is what pgprism itself runs on.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use starrocks::{ColType, StarRocks};
 use support::{eventually, pgprism_command};
 
@@ -385,6 +390,104 @@ fn large_transaction_in_bounded_memory() {
     );
     println!("pgprism peak RSS (VmHWM) {} MiB", peak_kb / 1024);
     assert!(peak_kb < 256 * 1024, "peak RSS {peak_kb} kB");
+}
+
+/// The Stream Load emulator alone, without PostgreSQL or pgprism: ROWS rows (default
+/// 1,000,000) of the benchmarks' table, as pgprism writes them, loaded through the transaction
+/// interface in transactions of 50,000 rows (`snapshot-chunk-rows`) from one client thread.
+/// The rate is the emulator's ceiling on this machine, to compare with the end-to-end figures.
+#[test]
+#[ignore = "benchmark; run with --release --run-ignored only"]
+fn emulator_alone() {
+    let rows: usize = std::env::var("PGPRISM_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let sr = StarRocks::start("root", "pw");
+    sr.create_table(
+        "alone",
+        "t",
+        &["id"],
+        &[
+            ("id", ColType::Int),
+            ("v", ColType::Text),
+            ("n", ColType::Int),
+        ],
+    );
+    let per_txn = 50_000;
+    let bodies: Vec<String> = (0..rows)
+        .step_by(per_txn)
+        .map(|start| {
+            let rows = (start + 1..=(start + per_txn).min(rows))
+                .map(|g| {
+                    format!(
+                        "{{\"id\":{g},\"v\":\"row {g}\",\"n\":{},\"__op\":0}}",
+                        g * 7
+                    )
+                })
+                .collect::<Vec<_>>();
+            format!("[{}]", rows.join(","))
+        })
+        .collect();
+    let cpu_before = cpu_seconds("self");
+    let t = Instant::now();
+    for (i, body) in bodies.iter().enumerate() {
+        let label = format!("alone-{i}");
+        let headers = [("label", label.as_str()), ("db", "alone"), ("table", "t")];
+        for op in ["begin", "load", "prepare", "commit"] {
+            let load = [
+                ("format", "json"),
+                ("strip_outer_array", "true"),
+                ("columns", "id,v,n,__op"),
+            ];
+            let extra: &[(&str, &str)] = if op == "load" { &load } else { &[] };
+            let body = if op == "load" { body.as_str() } else { "" };
+            let answer = http(
+                sr.be,
+                &format!("/api/transaction/{op}"),
+                &headers,
+                extra,
+                body,
+            );
+            assert!(answer.contains("\"Status\":\"OK\""), "{op}: {answer}");
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = cpu_seconds("self") - cpu_before;
+    assert_eq!(sr.row_count("alone", "t"), rows);
+    println!(
+        "emulator alone: {rows} rows in {secs:.2} s = {:.0} rows/s, {cpu:.2} s CPU ({:.2} us per row)",
+        rows as f64 / secs,
+        cpu * 1e6 / rows as f64
+    );
+}
+
+/// One HTTP/1.1 request with Basic auth (`root:pw`); the answer's body.
+fn http(
+    to: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    extra: &[(&str, &str)],
+    body: &str,
+) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(to).unwrap();
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {to}\r\nAuthorization: Basic cm9vdDpwdw==\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers.iter().chain(extra) {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or(answer)
 }
 
 /// utime + stime of a process, from /proc.

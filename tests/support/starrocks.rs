@@ -122,14 +122,184 @@ struct Txn {
     prepared_deadline: Option<std::time::Instant>,
 }
 
+/// A stored value, as a load wrote it. Strings, integers, booleans and NULL (nearly every
+/// value CDC sends) are kept without the JSON document they came in; anything else (a
+/// fraction, an integer beyond i64, an object or array) keeps its JSON value.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Cell {
+    #[default]
+    Null,
+    Bool(bool),
+    Int(i64),
+    Str(Box<str>),
+    Json(Value),
+}
+
+impl Cell {
+    fn from_json(v: &Value) -> Cell {
+        if v.is_null() {
+            Cell::Null
+        } else if let Some(s) = v.as_str() {
+            Cell::Str(s.into())
+        } else if let Some(i) = v.as_i64() {
+            Cell::Int(i)
+        } else if let Some(b) = v.as_bool() {
+            Cell::Bool(b)
+        } else {
+            Cell::Json(v.clone())
+        }
+    }
+
+    fn is_null(&self) -> bool {
+        matches!(self, Cell::Null)
+    }
+
+    /// The value's JSON text (the key of a row is made of these).
+    fn write_json(&self, out: &mut String) {
+        match self {
+            Cell::Null => out.push_str("null"),
+            Cell::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Cell::Int(i) => {
+                // By hand: this runs once per row loaded, and `fmt` costs more than the rest.
+                let mut digits = [0u8; 20];
+                let (mut n, mut at) = (i.unsigned_abs(), digits.len());
+                loop {
+                    at -= 1;
+                    digits[at] = b'0' + (n % 10) as u8;
+                    n /= 10;
+                    if n == 0 {
+                        break;
+                    }
+                }
+                if *i < 0 {
+                    out.push('-');
+                }
+                out.extend(digits[at..].iter().map(|&d| char::from(d)));
+            }
+            Cell::Str(s) => out.push_str(&sonic_rs::to_string(&**s).unwrap_or_default()),
+            Cell::Json(v) => out.push_str(&v.to_string()),
+        }
+    }
+}
+
+/// FxHash (the rustc hasher) with a final mix: the row maps hold millions of short keys, and
+/// SipHash's cost shows in the benchmarks' emulator CPU. No adversary feeds the emulator.
+#[derive(Default, Clone, Copy)]
+pub struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let word = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        // hashbrown takes its control bits from the top: spread the low bits up.
+        let h = self.0 ^ (self.0 >> 29);
+        h.wrapping_mul(0xbf58_476d_1ce4_e5b9) ^ (h >> 32)
+    }
+}
+
+/// A row's key: its text, with its hash kept beside it so that growing the map never reads
+/// the text again (a cache miss per row, which showed in the snapshot benchmark).
+#[derive(Clone, PartialEq, Eq)]
+struct RowKey {
+    hash: u64,
+    text: Box<str>,
+}
+
+impl RowKey {
+    fn new(text: &str) -> RowKey {
+        let mut h = FxHasher::default();
+        std::hash::Hasher::write(&mut h, text.as_bytes());
+        RowKey {
+            hash: std::hash::Hasher::finish(&h),
+            text: text.into(),
+        }
+    }
+}
+
+impl std::hash::Hash for RowKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+/// Passes a [`RowKey`]'s kept hash through.
+#[derive(Default, Clone, Copy)]
+struct KeptHash(u64);
+
+impl std::hash::Hasher for KeptHash {
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used; anything else still hashes.
+        let mut h = FxHasher(self.0);
+        h.write(bytes);
+        self.0 = h.finish();
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 #[derive(Default)]
 pub struct Table {
     pub key: Vec<String>,
     pub columns: BTreeMap<String, ColType>,
     /// Column types as `information_schema.columns` prints them.
     pub types: BTreeMap<String, String>,
-    /// Key (JSON text of the key values) → column → value.
-    pub rows: BTreeMap<String, BTreeMap<String, Value>>,
+    /// Where each column's value sits in a stored row. A dropped column's slot is never
+    /// reused, so a column added again under the same name starts out NULL in every row.
+    slots: HashMap<String, usize>,
+    /// Slots handed out so far.
+    width: usize,
+    /// Key (JSON text of the key values, `|`-joined) → the row's values by slot (a row
+    /// shorter than `width` has NULL in the slots added after it was written).
+    rows: HashMap<RowKey, Box<[Cell]>, std::hash::BuildHasherDefault<KeptHash>>,
+}
+
+impl Table {
+    fn new(key: Vec<String>, columns: Vec<(String, ColType, String)>) -> Table {
+        let mut t = Table {
+            key,
+            ..Table::default()
+        };
+        for (name, ty, text) in columns {
+            t.set_column(name, ty, text);
+        }
+        t
+    }
+
+    /// Adds a column, or changes the type of one that exists (its values stay).
+    fn set_column(&mut self, name: String, ty: ColType, text: String) {
+        if !self.slots.contains_key(&name) {
+            self.slots.insert(name.clone(), self.width);
+            self.width += 1;
+        }
+        self.columns.insert(name.clone(), ty);
+        self.types.insert(name, text);
+    }
+
+    fn drop_column(&mut self, name: &str) {
+        self.columns.remove(name);
+        self.types.remove(name);
+        self.slots.remove(name);
+    }
+
+    fn value<'a>(&self, row: &'a [Cell], column: &str) -> Option<&'a Cell> {
+        self.slots.get(column).and_then(|&i| row.get(i))
+    }
 }
 
 #[derive(Default)]
@@ -231,24 +401,20 @@ impl StarRocks {
         let mut s = self.state.lock().unwrap();
         s.tables.insert(
             format!("{db}.{name}"),
-            Table {
-                key: key.iter().map(|k| k.to_string()).collect(),
-                columns: columns.iter().map(|(c, t)| (c.to_string(), *t)).collect(),
-                types: columns
+            Table::new(
+                key.iter().map(|k| k.to_string()).collect(),
+                columns
                     .iter()
-                    .map(|(c, t)| (c.to_string(), type_text(*t).to_string()))
+                    .map(|(c, t)| (c.to_string(), *t, type_text(*t).to_string()))
                     .collect(),
-                rows: BTreeMap::new(),
-            },
+            ),
         );
     }
 
     pub fn add_column(&self, db: &str, table: &str, column: &str, ty: ColType) {
         let mut s = self.state.lock().unwrap();
         if let Some(t) = s.tables.get_mut(&format!("{db}.{table}")) {
-            t.columns.insert(column.to_string(), ty);
-            t.types
-                .insert(column.to_string(), type_text(ty).to_string());
+            t.set_column(column.to_string(), ty, type_text(ty).to_string());
         }
     }
 
@@ -320,7 +486,7 @@ impl StarRocks {
             .map(|row| {
                 columns
                     .iter()
-                    .map(|c| row.get(*c).and_then(text_of))
+                    .map(|c| t.value(row, c).and_then(text_of))
                     .collect()
             })
             .collect();
@@ -357,16 +523,15 @@ fn sort_key(row: &[Option<String>]) -> (i128, String) {
     (first.parse::<i128>().unwrap_or(i128::MAX), first)
 }
 
-/// PostgreSQL `::text` rendering of a JSON scalar.
-pub fn text_of(v: &Value) -> Option<String> {
-    if v.is_null() {
-        None
-    } else if let Some(s) = v.as_str() {
-        Some(s.to_string())
-    } else if let Some(b) = v.as_bool() {
-        Some(if b { "true" } else { "false" }.to_string())
-    } else {
-        Some(v.to_string())
+/// PostgreSQL `::text` rendering of a stored value.
+pub fn text_of(v: &Cell) -> Option<String> {
+    match v {
+        Cell::Null => None,
+        Cell::Str(s) => Some(s.to_string()),
+        Cell::Bool(b) => Some(if *b { "true" } else { "false" }.to_string()),
+        Cell::Int(i) => Some(i.to_string()),
+        Cell::Json(v) if v.is_null() => None,
+        Cell::Json(v) => Some(v.to_string()),
     }
 }
 
@@ -548,24 +713,28 @@ fn serve(
     Ok(())
 }
 
-fn check(ty: ColType, v: &Value) -> bool {
-    if v.is_null() {
-        return true;
-    }
-    match ty {
-        ColType::Any => true,
-        ColType::Int => {
-            v.is_i64() || v.is_u64() || v.as_str().is_some_and(|s| s.parse::<i64>().is_ok())
-        }
-        ColType::Text => v.is_str() || v.is_number(),
-        ColType::Bool => v.is_boolean(),
+fn check(ty: ColType, v: &Cell) -> bool {
+    match (ty, v) {
+        (_, Cell::Null) | (ColType::Any, _) => true,
+        (ColType::Int, Cell::Int(_)) => true,
+        (ColType::Int, Cell::Json(v)) => v.is_u64(),
+        (ColType::Int, Cell::Str(s)) => s.parse::<i64>().is_ok(),
+        (ColType::Text, Cell::Str(_) | Cell::Int(_)) => true,
+        (ColType::Text, Cell::Json(v)) => v.is_number(),
+        (ColType::Bool, Cell::Bool(_)) => true,
+        _ => false,
     }
 }
 
 /// Rows of one load, checked against the table: what [`apply_rows`] writes.
 struct Parsed {
-    /// Each good row: column → value (`__op` included when listed).
-    good: Vec<BTreeMap<String, Value>>,
+    /// The load's columns: the `columns` header (`__op` included when listed), or the
+    /// table's.
+    columns: Vec<String>,
+    /// The good rows' values in `columns` order, one row after the other.
+    cells: Vec<Cell>,
+    /// Good rows.
+    loaded: usize,
     total: usize,
     filtered: usize,
     partial: bool,
@@ -573,6 +742,22 @@ struct Parsed {
     params: (String, bool),
 }
 
+/// What a load is checked against: the table's key and columns when the load began (as
+/// StarRocks plans a load against the schema of its start).
+struct Schema {
+    key: Vec<String>,
+    columns: BTreeMap<String, ColType>,
+}
+
+fn schema_of(s: &State, db: &str, table: &str) -> Result<Schema, Refusal> {
+    match s.tables.get(&format!("{db}.{table}")) {
+        Some(t) => Ok(Schema {
+            key: t.key.clone(),
+            columns: t.columns.clone(),
+        }),
+        None => Err(Refusal::new(format!("Table {table} does not exist"))),
+    }
+}
 /// Why a load was refused: the message, total and filtered rows, and an error URL.
 struct Refusal {
     message: String,
@@ -647,33 +832,23 @@ fn advance_jobs(s: &mut State) {
         };
         match op {
             AlterOp::Add(name, ty) | AlterOp::Modify(name, ty) => {
-                t.columns.insert(name.clone(), col_type(&ty));
-                t.types.insert(name, ddl_type_text(&ty));
+                t.set_column(name, col_type(&ty), ddl_type_text(&ty));
             }
-            AlterOp::Drop(name) => {
-                t.columns.remove(&name);
-                t.types.remove(&name);
-                for row in t.rows.values_mut() {
-                    row.remove(&name);
-                }
-            }
+            AlterOp::Drop(name) => t.drop_column(&name),
         }
     }
 }
 
+/// Parses and checks a load's body as StarRocks does before writing. Runs without the
+/// emulator's lock, so loads in parallel parse in parallel.
 fn parse_rows(
-    s: &State,
-    db: &str,
+    schema: &Schema,
     table: &str,
     req: &Request,
     body: &[u8],
     txn: u64,
 ) -> Result<Parsed, Refusal> {
-    let Some(t) = s.tables.get(&format!("{db}.{table}")) else {
-        return Err(Refusal::new(format!("Table {table} does not exist")));
-    };
-    let key_cols = &t.key;
-    let types = &t.columns;
+    let types = &schema.columns;
     let columns: Vec<String> = match req.headers.get("columns") {
         Some(c) => c.split(',').map(|c| c.trim().to_string()).collect(),
         None => types.keys().cloned().collect(),
@@ -697,13 +872,13 @@ fn parse_rows(
     }
     let parsed: Value =
         sonic_rs::from_slice(body).map_err(|e| Refusal::new(format!("invalid JSON: {e}")))?;
-    let rows: Vec<Value> = if strip {
+    let rows: &[Value] = if strip {
         match parsed.as_array() {
-            Some(a) => a.iter().cloned().collect(),
+            Some(a) => a.as_slice(),
             None => return Err(Refusal::new("strip_outer_array needs an array")),
         }
     } else {
-        vec![parsed]
+        std::slice::from_ref(&parsed)
     };
     // Unknown columns in the header fail the whole load, as in StarRocks.
     for c in &columns {
@@ -714,31 +889,43 @@ fn parse_rows(
             });
         }
     }
-    let mut good = Vec::new();
-    let mut filtered = 0;
-    for row in &rows {
+    // Per column of the load: its type to check (none for `__op`).
+    let checks: Vec<Option<ColType>> = columns
+        .iter()
+        .map(|c| (c != "__op").then(|| types[c]))
+        .collect();
+    // Where each key column sits in the load (a key column the load does not name is NULL).
+    let key_at: Vec<Option<usize>> = schema
+        .key
+        .iter()
+        .map(|k| columns.iter().position(|c| c == k))
+        .collect();
+    let mut cells = Vec::with_capacity(rows.len() * columns.len());
+    let (mut loaded, mut filtered) = (0, 0);
+    for row in rows {
         let Some(obj) = row.as_object() else {
             filtered += 1;
             continue;
         };
-        let mut values: BTreeMap<String, Value> = BTreeMap::new();
+        let start = cells.len();
         let mut ok = true;
-        for c in &columns {
-            let v = obj.get(c).cloned().unwrap_or_default();
-            if c != "__op" && !check(types[c], &v) {
+        for (c, ty) in columns.iter().zip(&checks) {
+            let v = obj.get(c).map(Cell::from_json).unwrap_or_default();
+            if ty.is_some_and(|ty| !check(ty, &v)) {
                 ok = false;
             }
-            values.insert(c.clone(), v);
+            cells.push(v);
         }
-        if key_cols
+        if key_at
             .iter()
-            .any(|k| values.get(k).is_none_or(|v| v.is_null()))
+            .any(|at| at.is_none_or(|i| cells[start + i].is_null()))
         {
             ok = false;
         }
         if ok {
-            good.push(values);
+            loaded += 1;
         } else {
+            cells.truncate(start);
             filtered += 1;
         }
     }
@@ -753,7 +940,9 @@ fn parse_rows(
         });
     }
     Ok(Parsed {
-        good,
+        columns,
+        cells,
+        loaded,
         total: rows.len(),
         filtered,
         partial,
@@ -765,45 +954,70 @@ fn parse_rows(
 }
 
 /// Writes checked rows into `db.table` in order (upserts, `__op` = 1 deletes, partial
-/// updates merge the listed columns).
-fn apply_rows(s: &mut State, db: &str, table: &str, parsed: &Parsed) {
-    *s.applied.entry(format!("{db}.{table}")).or_default() += parsed.good.len();
+/// updates merge the listed columns). The values move into the table, uncopied.
+fn apply_rows(s: &mut State, db: &str, table: &str, parsed: Parsed) {
+    *s.applied.entry(format!("{db}.{table}")).or_default() += parsed.loaded;
     let Some(t) = s.tables.get_mut(&format!("{db}.{table}")) else {
         return;
     };
-    let key_cols = t.key.clone();
-    let types = t.columns.clone();
-    for values in &parsed.good {
-        let key: String = key_cols
-            .iter()
-            .map(|k| values[k].to_string())
-            .collect::<Vec<_>>()
-            .join("|");
-        let op = values.get("__op").and_then(|v| v.as_i64()).unwrap_or(0);
-        if op == 1 {
-            t.rows.remove(&key);
+    let width = parsed.columns.len();
+    if width == 0 {
+        return;
+    }
+    // Columns dropped since the load was checked are not written.
+    let slot_of: Vec<Option<usize>> = parsed
+        .columns
+        .iter()
+        .map(|c| t.slots.get(c).copied())
+        .collect();
+    let op_at = parsed.columns.iter().position(|c| c == "__op");
+    let Some(key_at) = t
+        .key
+        .iter()
+        .map(|k| parsed.columns.iter().position(|c| c == k))
+        .collect::<Option<Vec<usize>>>()
+    else {
+        // Checked at parse: a row without its key is filtered.
+        return;
+    };
+    let slots = t.width;
+    let mut key = String::new();
+    let mut values = parsed.cells.into_iter();
+    let mut row: Vec<Cell> = Vec::with_capacity(width);
+    for _ in 0..parsed.loaded {
+        row.clear();
+        row.extend(values.by_ref().take(width));
+        key.clear();
+        for (n, &i) in key_at.iter().enumerate() {
+            if n > 0 {
+                key.push('|');
+            }
+            row[i].write_json(&mut key);
+        }
+        if op_at.is_some_and(|i| row[i] == Cell::Int(1)) {
+            t.rows.remove(&RowKey::new(&key));
             continue;
         }
-        let entry = t.rows.entry(key).or_insert_with(|| {
-            types
-                .keys()
-                .map(|c| (c.clone(), Value::default()))
-                .collect()
-        });
+        let stored = t
+            .rows
+            .entry(RowKey::new(&key))
+            .or_insert_with(|| vec![Cell::Null; slots].into_boxed_slice());
+        if stored.len() < slots {
+            let mut wider = std::mem::take(stored).into_vec();
+            wider.resize(slots, Cell::Null);
+            *stored = wider.into_boxed_slice();
+        }
         if !parsed.partial {
             // A full upsert replaces the row: unlisted columns take their default (NULL).
-            for v in entry.values_mut() {
-                *v = Value::default();
-            }
+            stored.fill(Cell::Null);
         }
-        for (c, v) in values {
-            if c != "__op" {
-                entry.insert(c.clone(), v.clone());
+        for (v, slot) in row.drain(..).zip(&slot_of) {
+            if let Some(&i) = slot.as_ref() {
+                stored[i] = v;
             }
         }
     }
 }
-
 /// After every change that became visible: the watched tables' keys, when watching.
 fn record_visible(s: &mut State) {
     if s.watched.is_empty() {
@@ -816,7 +1030,7 @@ fn record_visible(s: &mut State) {
             let keys = s
                 .tables
                 .get(name)
-                .map(|t| t.rows.keys().cloned().collect())
+                .map(|t| t.rows.keys().map(|k| k.text.to_string()).collect())
                 .unwrap_or_default();
             (name.clone(), keys)
         })
@@ -861,6 +1075,7 @@ fn stream_load(
         let existing = match s.txns.get(&key).map(|t| t.state) {
             Some(TxnState::Prepare) => "RUNNING",
             Some(TxnState::Prepared) => "PREPARED",
+            None if s.labels[&key] == "RUNNING" => "RUNNING",
             _ => "FINISHED",
         };
         return answer(
@@ -876,17 +1091,32 @@ fn stream_load(
     if let Some(Fault::Fail) = fault {
         return answer(&mut s, "Fail", "injected failure", 0, 0, 0, "");
     }
-    let parsed = match parse_rows(&s, db, table, req, body, txn) {
+    let refuse = |s: &mut State, r: Refusal| {
+        let extra = r
+            .error_url
+            .map(|u| format!(",\"ErrorURL\":\"{u}\""))
+            .unwrap_or_default();
+        answer(s, "Fail", &r.message, r.total, 0, r.filtered, &extra)
+    };
+    let schema = match schema_of(&s, db, table) {
+        Ok(schema) => schema,
+        Err(r) => return refuse(&mut s, r),
+    };
+    // The label is the load's while it runs: a second load under it is told so.
+    s.labels.insert(key.clone(), "RUNNING".into());
+    drop(s);
+    let parsed = parse_rows(&schema, table, req, body, txn);
+    let mut s = state.lock().unwrap();
+    let parsed = match parsed {
         Ok(p) => p,
         Err(r) => {
-            let extra = r
-                .error_url
-                .map(|u| format!(",\"ErrorURL\":\"{u}\""))
-                .unwrap_or_default();
-            return answer(&mut s, "Fail", &r.message, r.total, 0, r.filtered, &extra);
+            // A failed load leaves its label free.
+            s.labels.remove(&key);
+            return refuse(&mut s, r);
         }
     };
-    apply_rows(&mut s, db, table, &parsed);
+    let (total, loaded, filtered) = (parsed.total, parsed.loaded, parsed.filtered);
+    apply_rows(&mut s, db, table, parsed);
     record_visible(&mut s);
     s.labels.insert(key, "FINISHED".into());
     let status = if let Some(Fault::PublishTimeout) = fault {
@@ -894,15 +1124,7 @@ fn stream_load(
     } else {
         "Success"
     };
-    answer(
-        &mut s,
-        status,
-        "OK",
-        parsed.total,
-        parsed.good.len(),
-        parsed.filtered,
-        "",
-    )
+    answer(&mut s, status, "OK", total, loaded, filtered, "")
 }
 
 fn query_param(path: &str, name: &str) -> Option<String> {
@@ -948,6 +1170,8 @@ fn load_state(s: &State, db: &str, label: &str) -> String {
     let key = format!("{db}/{label}");
     let state = match s.txns.get(&key) {
         Some(t) => t.state.name(),
+        // A plain load still running is a transaction not yet committed.
+        None if s.labels.get(&key).is_some_and(|l| l == "RUNNING") => "PREPARE",
         None if s.labels.contains_key(&key) => "VISIBLE",
         None => "UNKNOWN",
     };
@@ -1163,8 +1387,8 @@ fn txn_control(
         ("commit", TxnState::Prepared) => {
             let staged = std::mem::take(&mut t.staged);
             t.state = TxnState::Visible;
-            for (table, parsed) in &staged {
-                apply_rows(&mut s, db, table, parsed);
+            for (table, parsed) in staged {
+                apply_rows(&mut s, db, &table, parsed);
             }
             record_visible(&mut s);
             s.labels.insert(key, "VISIBLE".into());
@@ -1202,8 +1426,8 @@ fn txn_load(
     expire(&mut s);
     let key = format!("{db}/{label}");
     let single = s.single_table_txns;
-    let (id, txn_state, bound, params) = match s.txns.get(&key) {
-        Some(t) => (t.id, t.state, t.table.clone(), t.params.get(table).cloned()),
+    let (id, txn_state, bound) = match s.txns.get(&key) {
+        Some(t) => (t.id, t.state, t.table.clone()),
         None => return txn_answer(0, label, "FAILED", "TXN_NOT_EXISTS", ""),
     };
     let abort = |s: &mut State, message: &str, filtered: usize, url: Option<String>| {
@@ -1236,10 +1460,27 @@ fn txn_load(
             None,
         );
     }
-    let parsed = match parse_rows(&s, db, table, req, body, id) {
+    let schema = match schema_of(&s, db, table) {
+        Ok(schema) => schema,
+        Err(r) => return abort(&mut s, &r.message, r.filtered, r.error_url),
+    };
+    // Parsed without the lock: loads in parallel (snapshot workers) parse in parallel.
+    drop(s);
+    let parsed = parse_rows(&schema, table, req, body, id);
+    let mut s = state.lock().unwrap();
+    // Meanwhile the transaction may have been rolled back, or begun again under its label.
+    if !s
+        .txns
+        .get(&key)
+        .is_some_and(|t| t.id == id && t.state == TxnState::Prepare)
+    {
+        return txn_answer(id, label, "FAILED", "Transcation State Invalid", "");
+    }
+    let parsed = match parsed {
         Ok(p) => p,
         Err(r) => return abort(&mut s, &r.message, r.filtered, r.error_url),
     };
+    let params = s.txns.get(&key).and_then(|t| t.params.get(table).cloned());
     if params.is_some_and(|p| p != parsed.params) {
         return abort(
             &mut s,
@@ -1250,7 +1491,7 @@ fn txn_load(
             None,
         );
     }
-    let (total, loaded, filtered) = (parsed.total, parsed.good.len(), parsed.filtered);
+    let (total, loaded, filtered) = (parsed.total, parsed.loaded, parsed.filtered);
     let Some(t) = s.txns.get_mut(&key) else {
         return txn_answer(id, label, "FAILED", "TXN_NOT_EXISTS", "");
     };
@@ -1446,15 +1687,12 @@ fn run_statement(s: &mut State, sql: &str) -> Vec<Vec<u8>> {
         }
         s.tables.insert(
             name,
-            Table {
+            Table::new(
                 key,
-                columns: cols.iter().map(|(n, t)| (n.clone(), col_type(t))).collect(),
-                types: cols
-                    .iter()
-                    .map(|(n, t)| (n.clone(), ddl_type_text(t)))
+                cols.iter()
+                    .map(|(n, t)| (n.clone(), col_type(t), ddl_type_text(t)))
                     .collect(),
-                rows: BTreeMap::new(),
-            },
+            ),
         );
         return vec![MYSQL_OK.to_vec()];
     }
