@@ -153,13 +153,30 @@ fn hot_rows_without_false_mismatches(
     let statements = (clients * per_client * 2) as u64;
     let (mismatches, concurrent, nondeterministic, compared) = verdicts(&proxy, statements);
     let rate = concurrent as f64 / compared.max(1) as f64;
+    // The shadow's lag behind the primary, per sync point, on /status and /metrics.
+    let (_, status) = proxy.admin_get("/status");
+    let status: sonic_rs::Value = sonic_rs::from_str(&status).expect("status JSON");
+    let lag = &status["compare_shadow_lag"];
     eprintln!(
         "hot rows, {clients} clients: {compared} compared, {mismatches} mismatches, \
          {concurrent} inconclusive (concurrent, {:.3}%), {nondeterministic} nondeterministic, \
-         {} waits expired, {} lock breaks",
+         {} unpinned, {} waits expired, {} lock breaks, shadow lag p50 {:?} us, p99 {:?} us, \
+         max {:?} us",
         rate * 100.0,
+        proxy.metric("pgprism_compare_unpinned_total"),
         proxy.metric("pgprism_compare_order_waits_expired_total"),
-        proxy.metric("pgprism_compare_order_lock_breaks_total")
+        proxy.metric("pgprism_compare_order_lock_breaks_total"),
+        lag["p50_us"].as_u64(),
+        lag["p99_us"].as_u64(),
+        lag["max_us"].as_u64(),
+    );
+    assert!(
+        lag["count"].as_u64().unwrap_or(0) >= statements,
+        "every sync point's lag is recorded: {lag:?}"
+    );
+    assert!(
+        proxy.metric("pgprism_compare_shadow_lag_seconds_count") >= statements,
+        "the lag is on /metrics"
     );
     eprintln!("{}", drift(&p.reports()));
     assert_eq!(
