@@ -1749,6 +1749,9 @@ impl Comparer {
                 .unwrap_or(0)
         };
         let (primary_us, shadow_us) = (elapsed(primary), elapsed(shadow));
+        if let (Some(p), Some(s)) = (primary.finished, shadow.finished) {
+            stats.record(&stats.shadow_lag_us, s.saturating_duration_since(p));
+        }
         let slow = shadow_us >= cfg.slow_query_min_ms * 1000
             && shadow_us as f64 > cfg.slow_query_ratio * primary_us.max(1) as f64;
         let mut failure = None;
@@ -1852,6 +1855,9 @@ impl Comparer {
             }
         }
         ShardStats::bump(&stats.counters.compare_statements, compared);
+        if shadow.overtaken || primary.overtaken {
+            ShardStats::bump(&stats.counters.compare_unpinned, compared);
+        }
         if slow && meta.statements.len() == 1 {
             ShardStats::bump(&stats.counters.compare_slow, 1);
             self.explain_slow(

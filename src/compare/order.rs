@@ -81,9 +81,11 @@ struct Recent {
     in_flight: Vec<(u64, Vec<Probe>, bool)>,
 }
 
-/// Writes remembered per relation (older ones count as overlapping whatever started
-/// before them; at tens of thousands of writes a second that is still milliseconds).
-const WRITES_KEPT: usize = 64;
+/// Writes remembered per relation: older ones count as overlapping whatever started before
+/// them (a read whose time on the primary spans more writes of its relation than this is
+/// not pinned, whatever the rows). With [`RECENT_MAX`] relations, at most about 16 Ki x 32
+/// writes of a few dozen bytes each.
+const WRITES_KEPT: usize = 32;
 
 impl Recent {
     fn wrote(&mut self, c: u64, session: u64, rows: &[Probe]) {
@@ -141,7 +143,7 @@ impl Recent {
 
 /// Relations whose recent history is kept; beyond it, idle ones are forgotten (a forgotten
 /// relation's next overlap goes unseen: its difference would be judged by order alone).
-const RECENT_MAX: usize = 1 << 16;
+const RECENT_MAX: usize = 1 << 14;
 
 /// Pending sync points per lane, by completion number: `(session, writes)`.
 type Lane = BTreeMap<u64, (u64, bool)>;
@@ -414,10 +416,11 @@ impl Ledger {
 
     /// Whether pending sync point `c` most likely waits for statements that wait on the
     /// shadow for its own transaction's locks: it holds locks there, and every earlier
-    /// conflicting sync point it waits for was cleared to the shadow at least `grace` ago
-    /// and has not completed. (Sound only as a reason to stop waiting: a blocker that is
-    /// merely slow looks the same, and then the order is not reproduced, which
-    /// [`force`](Self::force) records.)
+    /// conflicting sync point it waits for is stuck: cleared to the shadow at least `grace`
+    /// ago and not completed, or itself waiting in the ledger only for stuck ones (a chain:
+    /// `c` waits for `b`, which waits for `d`, which the shadow holds on `c`'s locks).
+    /// (Sound only as a reason to stop waiting: a blocker that is merely slow looks the
+    /// same, and then the order is not reproduced, which [`force`](Self::force) records.)
     pub fn held_by_own_locks(&self, c: u64, grace: Duration) -> bool {
         let book = self.book();
         let Some(entry) = book.entries.get(&c) else {
@@ -427,13 +430,11 @@ impl Ledger {
             return false;
         }
         let blockers = book.conflicting(entry.session, &entry.footprint, c);
+        let mut seen = Vec::new();
         !blockers.is_empty()
-            && blockers.iter().all(|b| {
-                book.entries
-                    .get(b)
-                    .and_then(|e| e.cleared)
-                    .is_some_and(|t| t.elapsed() >= grace)
-            })
+            && blockers
+                .iter()
+                .all(|&b| book.stuck(b, grace, CHAIN_DEPTH_MAX, &mut seen))
     }
 
     /// The shadow completed sync point `c`: it is no longer pending, and what waited for it
@@ -503,7 +504,38 @@ impl Ledger {
     }
 }
 
+/// How far [`Ledger::held_by_own_locks`] follows a chain of waits in the ledger, and how many
+/// sync points it looks at in all (it runs under the book's lock).
+const CHAIN_DEPTH_MAX: u32 = 4;
+const CHAIN_SEEN_MAX: usize = 64;
+
 impl Book {
+    /// Whether pending sync point `c` cannot go on by itself: it has run on the shadow for
+    /// `grace` without an answer, or waits in the ledger only for such ones (followed
+    /// `depth` more links; `seen` holds what was judged already).
+    fn stuck(&self, c: u64, grace: Duration, depth: u32, seen: &mut Vec<(u64, bool)>) -> bool {
+        if let Some(&(_, stuck)) = seen.iter().find(|(s, _)| *s == c) {
+            return stuck;
+        }
+        let Some(entry) = self.entries.get(&c) else {
+            return false;
+        };
+        let stuck = match entry.cleared {
+            Some(t) => t.elapsed() >= grace,
+            None if depth == 0 || seen.len() >= CHAIN_SEEN_MAX => false,
+            None => {
+                // Earlier numbers only: the walk ends.
+                let blockers = self.conflicting(entry.session, &entry.footprint, c);
+                !blockers.is_empty()
+                    && blockers
+                        .iter()
+                        .all(|&b| self.stuck(b, grace, depth - 1, seen))
+            }
+        };
+        seen.push((c, stuck));
+        stuck
+    }
+
     /// Applies `f` to the recent history of every relation `footprint` touches, with the
     /// rows it touches there.
     fn each_recent(&mut self, footprint: &Footprint, mut f: impl FnMut(&mut Recent, &[Probe])) {
@@ -936,6 +968,29 @@ mod tests {
             ledger.done(x, 0);
         }
         assert_eq!(ledger.pending(), 0);
+    }
+
+    #[test]
+    fn a_transaction_holding_locks_sees_through_a_chain_of_waits() {
+        // Session 3's UPDATE runs on the shadow, held there by session 1's lock; session 2's
+        // read of the row waits for it in the ledger, and session 1's COMMIT for the read.
+        let ledger = Ledger::default();
+        let update = now(&ledger, 3, row(7, 1, true));
+        let read = now(&ledger, 2, row(7, 1, false));
+        let mut end = row(7, 1, true);
+        end.ends = true;
+        let started = ledger.start(1, &end, false);
+        let commit = ledger.complete(1, end.clone(), &(end, started), true);
+        assert!(ledger.acquire(update, 0));
+        assert!(!ledger.acquire(read, 0));
+        assert!(!ledger.acquire(commit, 0));
+        let grace = Duration::from_millis(5);
+        // The grace elapsing is what is tested here, not a wait for an outcome.
+        std::thread::sleep(grace);
+        assert!(ledger.held_by_own_locks(commit, grace));
+        // Once the head of the chain is answered, nothing is stuck.
+        ledger.done(update, 0);
+        assert!(!ledger.held_by_own_locks(commit, grace));
     }
 
     #[test]

@@ -72,6 +72,7 @@ pub struct Totals {
     pub sessions_active: u64,
     pub client_latency_us: Histogram<u64>,
     pub primary_latency_us: Histogram<u64>,
+    pub shadow_lag_us: Histogram<u64>,
     pub shards_reporting: usize,
 }
 
@@ -176,6 +177,7 @@ impl ControlState {
             sessions_active: 0,
             client_latency_us: new_histogram(self.latency_us_max),
             primary_latency_us: new_histogram(self.latency_us_max),
+            shadow_lag_us: new_histogram(self.latency_us_max),
             shards_reporting: 0,
         };
         for report in self.shards.iter().flatten() {
@@ -186,6 +188,7 @@ impl ControlState {
             // mean a sample range mismatch, which we surface as a missing merge, not a crash.
             let _ = totals.client_latency_us.add(&report.client_latency_us);
             let _ = totals.primary_latency_us.add(&report.primary_latency_us);
+            let _ = totals.shadow_lag_us.add(&report.shadow_lag_us);
         }
         totals
     }

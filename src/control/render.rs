@@ -61,6 +61,14 @@ pub(super) fn metrics(state: &ControlState) -> String {
         &totals.primary_latency_us,
     );
     mirror_metrics(&mut out, state);
+    if state.compare.is_some() {
+        summary(
+            &mut out,
+            "pgprism_compare_shadow_lag_seconds",
+            "compare: how long after the primary's answer to a sync point the shadow's came (read of one to read of the other; 1 us when the shadow was first)",
+            &totals.shadow_lag_us,
+        );
+    }
     compare_metrics(&mut out, state);
     let _ = writeln!(out, "# HELP pgprism_uptime_seconds seconds since start");
     let _ = writeln!(out, "# TYPE pgprism_uptime_seconds gauge");
@@ -383,6 +391,7 @@ pub(super) fn status(state: &ControlState) -> String {
         "counters": counters,
         "client_latency": latency_json(&totals.client_latency_us),
         "primary_latency": latency_json(&totals.primary_latency_us),
+        "compare_shadow_lag": latency_json(&totals.shadow_lag_us),
         "shards": shards,
     });
     sonic_rs::to_string_pretty(&value).unwrap_or_else(|_| "{}".into())

@@ -72,6 +72,7 @@ counters! {
     compare_mismatches: "compared statements whose results differ between primary and shadow (real incompatibilities)",
     compare_inconclusive_concurrent: "compared statements whose results differ but whose order with a conflicting statement of another session could not be reproduced on the shadow",
     compare_inconclusive_nondeterministic: "compared statements whose results differ by nature (volatile functions, server-local values, LIMIT without ORDER BY)",
+    compare_unpinned: "compared statements whose order with a conflicting write of another session was not pinned (they overlapped it on the primary, or a wait for it ran out): a difference in them is inconclusive (concurrent)",
     compare_order_waits_expired: "statements sent to the shadow after waiting compare.order-wait-ms for earlier conflicting ones (their order not reproduced)",
     compare_order_lock_breaks: "statements of a transaction holding locks sent to the shadow while the earlier conflicting ones they waited for ran there for compare.order-lock-wait-ms, most likely waiting for those locks (their order not reproduced)",
     compare_skipped: "statements not compared (excluded, diverged transaction, shadow unavailable)",
@@ -104,7 +105,7 @@ counters! {
     pool_shared_writes: "pipelined lending: writes to shared connections (each carries one or more clients' statements)",
 }
 
-/// A shard's statistics: counters plus the two latency histograms.
+/// A shard's statistics: counters plus the latency histograms.
 pub struct ShardStats {
     pub counters: ShardCounters,
     pub sessions_active: Cell<u64>,
@@ -112,6 +113,9 @@ pub struct ShardStats {
     pub client_latency_us: RefCell<Histogram<u64>>,
     /// From pgprism reading a statement to it reading the primary's ReadyForQuery.
     pub primary_latency_us: RefCell<Histogram<u64>>,
+    /// Compare mode: from pgprism reading the primary's answer to a sync point to it reading
+    /// the shadow's answer to the same sync point (0 when the shadow answered first).
+    pub shadow_lag_us: RefCell<Histogram<u64>>,
     latency_us_max: u64,
 }
 
@@ -122,6 +126,7 @@ impl ShardStats {
             sessions_active: Cell::new(0),
             client_latency_us: RefCell::new(new_histogram(latency_us_max)),
             primary_latency_us: RefCell::new(new_histogram(latency_us_max)),
+            shadow_lag_us: RefCell::new(new_histogram(latency_us_max)),
             latency_us_max,
         }
     }
@@ -145,6 +150,7 @@ impl ShardStats {
             sessions_active: self.sessions_active.get(),
             client_latency_us: self.client_latency_us.borrow().clone(),
             primary_latency_us: self.primary_latency_us.borrow().clone(),
+            shadow_lag_us: self.shadow_lag_us.borrow().clone(),
             mirrors: Vec::new(),
             fingerprints: Vec::new(),
             compare_kinds: Vec::new(),
@@ -174,6 +180,7 @@ pub struct ShardReport {
     pub sessions_active: u64,
     pub client_latency_us: Histogram<u64>,
     pub primary_latency_us: Histogram<u64>,
+    pub shadow_lag_us: Histogram<u64>,
     pub mirrors: Vec<crate::mirror::MirrorReport>,
     /// Fingerprints whose latency changed since the previous report.
     pub fingerprints: Vec<fingerprints::FingerprintReport>,
