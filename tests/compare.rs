@@ -1079,6 +1079,131 @@ fn a_long_pipelined_batch_is_bounded_before_its_sync() {
     ));
 }
 
+/// COPY both ways (extended and simple protocol) and FunctionCall are compared: the same
+/// data agrees, divergent data is a mismatch.
+#[test]
+fn copy_both_ways_and_function_calls_are_compared() {
+    use std::io::{Read, Write};
+    use support::raw::{message, read_message, read_until_ready};
+    let p = pair("cpfn");
+    p.both(
+        "CREATE TABLE cin (id int, v text);
+         CREATE TABLE cout (id int, v text); INSERT INTO cout VALUES (1, 'a'), (2, 'b');
+         CREATE TABLE coutd (id int, v text); INSERT INTO coutd VALUES (1, 'a'), (2, 'b')",
+    );
+    // The shadow refuses a row the primary takes, and holds another value.
+    p.primary
+        .psql("CREATE TABLE cdiv (id int, v text)")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE cdiv (id int CHECK (id < 2), v text); UPDATE coutd SET v = 'changed' WHERE id = 2")
+        .unwrap();
+    p.primary
+        .psql("ALTER DATABASE postgres SET pgprism.same = 'x'; ALTER DATABASE postgres SET pgprism.side = 'primary'")
+        .unwrap();
+    p.shadow
+        .psql("ALTER DATABASE postgres SET pgprism.same = 'x'; ALTER DATABASE postgres SET pgprism.side = 'shadow'")
+        .unwrap();
+    let proxy = p.proxy(&[]);
+    let mut c = proxy.client();
+    // Extended protocol (the postgres crate).
+    for table in ["cin", "cdiv"] {
+        let mut w = c.copy_in(&format!("COPY {table} FROM STDIN")).unwrap();
+        w.write_all(b"1\ta\n2\tb\n").unwrap();
+        assert_eq!(w.finish().unwrap(), 2, "the primary's count");
+    }
+    for table in ["cout", "coutd"] {
+        let mut text = String::new();
+        c.copy_out(&format!("COPY {table} TO STDOUT"))
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        assert_eq!(text, "1\ta\n2\tb\n", "the primary's rows");
+    }
+    drop(c);
+    // Simple protocol, and FunctionCall, over a raw connection.
+    let mut s = support::raw::connect_ready(proxy.listen);
+    for table in ["cin", "cdiv"] {
+        let sql = format!("COPY {table} (id, v) FROM STDIN\0");
+        s.write_all(&message(b'Q', sql.as_bytes())).unwrap();
+        assert_eq!(read_message(&mut s).map(|m| m.0), Some(b'G'));
+        s.write_all(&message(b'd', b"1\ta\n2\tb\n")).unwrap();
+        s.write_all(&message(b'c', &[])).unwrap();
+        let answer = read_until_ready(&mut s);
+        assert!(answer.iter().any(|m| m.0 == b'C'), "{answer:?}");
+    }
+    for table in ["cout", "coutd"] {
+        let answer = support::raw::query(&mut s, &format!("COPY {table} (id, v) TO STDOUT"));
+        assert_eq!(answer.iter().filter(|m| m.0 == b'd').count(), 2);
+    }
+    let oid: u32 = p
+        .primary
+        .psql("SELECT 'current_setting(text)'::regprocedure::oid")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    for setting in ["pgprism.same", "pgprism.side"] {
+        // FunctionCall: the function's OID, one text argument, a text result.
+        let mut body = oid.to_be_bytes().to_vec();
+        body.extend_from_slice(&[0, 1, 0, 0, 0, 1]);
+        body.extend_from_slice(&(setting.len() as i32).to_be_bytes());
+        body.extend_from_slice(setting.as_bytes());
+        body.extend_from_slice(&[0, 0]);
+        s.write_all(&message(b'F', &body)).unwrap();
+        let answer = read_until_ready(&mut s);
+        assert!(answer.iter().any(|m| m.0 == b'V'), "{answer:?}");
+    }
+    support::raw::query(&mut s, "SELECT 1");
+    drop(s);
+    assert!(counter_reaches(&proxy, "pgprism_sessions_closed_total", 2));
+    eventually(Duration::from_secs(10), || p.reports().len() >= 5);
+    let reports = p.reports();
+    let about = |sql: &str| {
+        reports
+            .iter()
+            .filter(|r| r["statement"].as_str() == Some(sql))
+            .collect::<Vec<_>>()
+    };
+    for sql in [
+        "COPY cin FROM STDIN",
+        "COPY cout TO STDOUT",
+        "COPY cin (id, v) FROM STDIN",
+        "COPY cout (id, v) TO STDOUT",
+    ] {
+        assert!(about(sql).is_empty(), "{sql}: {:?}", about(sql));
+    }
+    for (sql, kind) in [
+        ("COPY cdiv FROM STDIN", "error"),
+        ("COPY cdiv (id, v) FROM STDIN", "error"),
+        ("COPY coutd TO STDOUT", "values"),
+        ("COPY coutd (id, v) TO STDOUT", "values"),
+    ] {
+        let found = about(sql);
+        assert_eq!(found.len(), 1, "{sql}: {reports:?}");
+        assert_eq!(kinds(found[0]), [kind], "{:?}", found[0]);
+        assert_eq!(
+            found[0]["verdict"].as_str(),
+            Some("mismatch"),
+            "{:?}",
+            found[0]
+        );
+    }
+    // The FunctionCall whose value differs, and only it.
+    let calls: Vec<_> = reports
+        .iter()
+        .filter(|r| r["primary"]["tag"].as_str() == Some("FUNCTION CALL"))
+        .collect();
+    assert_eq!(calls.len(), 1, "{reports:?}");
+    let text = sonic_rs::to_string(calls[0]).unwrap();
+    assert!(
+        text.contains("(primary)") && text.contains("(shadow)"),
+        "{text}"
+    );
+    assert_eq!(kinds(calls[0]), ["values"], "{text}");
+    assert_eq!(reports.len(), 5, "{reports:?}");
+}
+
 #[test]
 fn fail_mode_never_holds_what_the_client_waits_for_copy_flush_and_notifications() {
     use std::io::Write;
