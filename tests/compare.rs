@@ -1561,6 +1561,57 @@ fn a_shadow_left_in_a_failed_transaction_is_rolled_back_before_the_next_statemen
     }
 }
 
+/// The ROLLBACK that brings a diverged shadow back in step goes before what the client
+/// pipelined behind the diverging statement, in the same write: those statements never run
+/// in the shadow's stale (failed) transaction.
+#[test]
+fn statements_pipelined_behind_a_divergence_run_after_the_shadows_rollback() {
+    use std::io::Write;
+    use support::raw::{message, read_until_ready};
+    let p = pair("rbp");
+    p.both("CREATE TABLE t (id int); CREATE TABLE u (id int PRIMARY KEY)");
+    // Only the shadow has the row the transaction's INSERT collides with.
+    p.shadow.psql("INSERT INTO u VALUES (1), (2)").unwrap();
+    let proxy = p.proxy(&[]);
+    let mut s = support::raw::connect_ready(proxy.listen);
+    let query = |sql: &str| message(b'Q', format!("{sql}\0").as_bytes());
+    let sync = message(b'S', &[]);
+    // Simple protocol: the diverging query and the next ones in one write.
+    let mut write = query("BEGIN");
+    write.extend(query("INSERT INTO u VALUES (1); COMMIT"));
+    write.extend(query("INSERT INTO t VALUES (2)"));
+    write.extend(raw_extended("INSERT INTO t VALUES (3)"));
+    write.extend(&sync);
+    // Extended protocol: a batch that diverges (the INSERT fails on the shadow, which then
+    // skips the COMMIT to the Sync) and the next batch, in one write.
+    write.extend(query("BEGIN"));
+    write.extend(raw_extended("INSERT INTO u VALUES (2)"));
+    write.extend(raw_extended("COMMIT"));
+    write.extend(&sync);
+    write.extend(raw_extended("INSERT INTO t VALUES (4)"));
+    write.extend(&sync);
+    s.write_all(&write).unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..7 {
+        let answer = read_until_ready(&mut s);
+        assert_eq!(answer.last().map(|m| m.0), Some(b'Z'), "{answer:?}");
+        statuses.push(answer.last().map_or(0, |m| m.1[0]));
+    }
+    // The primary: in the block, committed, autocommit, twice.
+    assert_eq!(statuses, b"TIIITII");
+    drop(s);
+    assert!(counter_reaches(&proxy, "pgprism_sessions_closed_total", 1));
+    assert_eq!(
+        p.shadow
+            .psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM t")
+            .unwrap()
+            .trim(),
+        "2,3,4",
+        "the statements behind the divergence ran outside the shadow's failed transaction"
+    );
+    assert_eq!(proxy.metric("pgprism_compare_rollbacks_total"), 2);
+}
+
 #[test]
 fn a_copy_in_the_same_query_as_begin_is_not_held_back_from_the_shadow() {
     use std::io::Write;
