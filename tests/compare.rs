@@ -1077,6 +1077,131 @@ fn a_long_pipelined_batch_is_bounded_before_its_sync() {
     ));
 }
 
+/// COPY both ways (extended and simple protocol) and FunctionCall are compared: the same
+/// data agrees, divergent data is a mismatch.
+#[test]
+fn copy_both_ways_and_function_calls_are_compared() {
+    use std::io::{Read, Write};
+    use support::raw::{message, read_message, read_until_ready};
+    let p = pair("cpfn");
+    p.both(
+        "CREATE TABLE cin (id int, v text);
+         CREATE TABLE cout (id int, v text); INSERT INTO cout VALUES (1, 'a'), (2, 'b');
+         CREATE TABLE coutd (id int, v text); INSERT INTO coutd VALUES (1, 'a'), (2, 'b')",
+    );
+    // The shadow refuses a row the primary takes, and holds another value.
+    p.primary
+        .psql("CREATE TABLE cdiv (id int, v text)")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE cdiv (id int CHECK (id < 2), v text); UPDATE coutd SET v = 'changed' WHERE id = 2")
+        .unwrap();
+    p.primary
+        .psql("ALTER DATABASE postgres SET pgprism.same = 'x'; ALTER DATABASE postgres SET pgprism.side = 'primary'")
+        .unwrap();
+    p.shadow
+        .psql("ALTER DATABASE postgres SET pgprism.same = 'x'; ALTER DATABASE postgres SET pgprism.side = 'shadow'")
+        .unwrap();
+    let proxy = p.proxy(&[]);
+    let mut c = proxy.client();
+    // Extended protocol (the postgres crate).
+    for table in ["cin", "cdiv"] {
+        let mut w = c.copy_in(&format!("COPY {table} FROM STDIN")).unwrap();
+        w.write_all(b"1\ta\n2\tb\n").unwrap();
+        assert_eq!(w.finish().unwrap(), 2, "the primary's count");
+    }
+    for table in ["cout", "coutd"] {
+        let mut text = String::new();
+        c.copy_out(&format!("COPY {table} TO STDOUT"))
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        assert_eq!(text, "1\ta\n2\tb\n", "the primary's rows");
+    }
+    drop(c);
+    // Simple protocol, and FunctionCall, over a raw connection.
+    let mut s = support::raw::connect_ready(proxy.listen);
+    for table in ["cin", "cdiv"] {
+        let sql = format!("COPY {table} (id, v) FROM STDIN\0");
+        s.write_all(&message(b'Q', sql.as_bytes())).unwrap();
+        assert_eq!(read_message(&mut s).map(|m| m.0), Some(b'G'));
+        s.write_all(&message(b'd', b"1\ta\n2\tb\n")).unwrap();
+        s.write_all(&message(b'c', &[])).unwrap();
+        let answer = read_until_ready(&mut s);
+        assert!(answer.iter().any(|m| m.0 == b'C'), "{answer:?}");
+    }
+    for table in ["cout", "coutd"] {
+        let answer = support::raw::query(&mut s, &format!("COPY {table} (id, v) TO STDOUT"));
+        assert_eq!(answer.iter().filter(|m| m.0 == b'd').count(), 2);
+    }
+    let oid: u32 = p
+        .primary
+        .psql("SELECT 'current_setting(text)'::regprocedure::oid")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    for setting in ["pgprism.same", "pgprism.side"] {
+        // FunctionCall: the function's OID, one text argument, a text result.
+        let mut body = oid.to_be_bytes().to_vec();
+        body.extend_from_slice(&[0, 1, 0, 0, 0, 1]);
+        body.extend_from_slice(&(setting.len() as i32).to_be_bytes());
+        body.extend_from_slice(setting.as_bytes());
+        body.extend_from_slice(&[0, 0]);
+        s.write_all(&message(b'F', &body)).unwrap();
+        let answer = read_until_ready(&mut s);
+        assert!(answer.iter().any(|m| m.0 == b'V'), "{answer:?}");
+    }
+    support::raw::query(&mut s, "SELECT 1");
+    drop(s);
+    assert!(counter_reaches(&proxy, "pgprism_sessions_closed_total", 2));
+    eventually(Duration::from_secs(10), || p.reports().len() >= 5);
+    let reports = p.reports();
+    let about = |sql: &str| {
+        reports
+            .iter()
+            .filter(|r| r["statement"].as_str() == Some(sql))
+            .collect::<Vec<_>>()
+    };
+    for sql in [
+        "COPY cin FROM STDIN",
+        "COPY cout TO STDOUT",
+        "COPY cin (id, v) FROM STDIN",
+        "COPY cout (id, v) TO STDOUT",
+    ] {
+        assert!(about(sql).is_empty(), "{sql}: {:?}", about(sql));
+    }
+    for (sql, kind) in [
+        ("COPY cdiv FROM STDIN", "error"),
+        ("COPY cdiv (id, v) FROM STDIN", "error"),
+        ("COPY coutd TO STDOUT", "values"),
+        ("COPY coutd (id, v) TO STDOUT", "values"),
+    ] {
+        let found = about(sql);
+        assert_eq!(found.len(), 1, "{sql}: {reports:?}");
+        assert_eq!(kinds(found[0]), [kind], "{:?}", found[0]);
+        assert_eq!(
+            found[0]["verdict"].as_str(),
+            Some("mismatch"),
+            "{:?}",
+            found[0]
+        );
+    }
+    // The FunctionCall whose value differs, and only it.
+    let calls: Vec<_> = reports
+        .iter()
+        .filter(|r| r["primary"]["tag"].as_str() == Some("FUNCTION CALL"))
+        .collect();
+    assert_eq!(calls.len(), 1, "{reports:?}");
+    let text = sonic_rs::to_string(calls[0]).unwrap();
+    assert!(
+        text.contains("(primary)") && text.contains("(shadow)"),
+        "{text}"
+    );
+    assert_eq!(kinds(calls[0]), ["values"], "{text}");
+    assert_eq!(reports.len(), 5, "{reports:?}");
+}
+
 #[test]
 fn fail_mode_never_holds_what_the_client_waits_for_copy_flush_and_notifications() {
     use std::io::Write;
@@ -1248,19 +1373,22 @@ fn order_by_keys_not_in_the_output_are_re_checked_with_the_keys() {
         c.query(*sql, &[]).unwrap();
     }
     // Not rewritable with certainty, or with parameters: inconclusive, whatever the cause.
-    let with = "WITH x AS (SELECT * FROM cl) SELECT id FROM x ORDER BY w";
+    let with = "SELECT id FROM cl ORDER BY w USING <";
     c.simple_query(with).unwrap();
+    // A WITH before the outer SELECT is re-checked like a plain one.
+    let cte = "WITH x AS (SELECT * FROM cl) SELECT id FROM x ORDER BY w";
+    c.simple_query(cte).unwrap();
     let param = "SELECT id FROM ex WHERE id > $1 ORDER BY lower(k)";
     c.query(param, &[&0i32]).unwrap();
     drop(c);
     assert!(counter_reaches(
         &proxy,
         "pgprism_compare_order_rechecks_total",
-        8
+        9
     ));
-    assert_eq!(proxy.metric("pgprism_compare_order_rechecks_total"), 8);
+    assert_eq!(proxy.metric("pgprism_compare_order_rechecks_total"), 9);
     assert_eq!(proxy.metric("pgprism_compare_order_recheck_ties_total"), 4);
-    eventually(Duration::from_secs(10), || p.reports().len() >= 6);
+    eventually(Duration::from_secs(10), || p.reports().len() >= 7);
     let reports = p.reports();
     let about = |sql: &str| {
         reports
@@ -1271,9 +1399,13 @@ fn order_by_keys_not_in_the_output_are_re_checked_with_the_keys() {
     for sql in ties {
         assert!(about(sql).is_empty(), "{sql}: {:?}", about(sql));
     }
-    for sql in orders {
+    for sql in orders.iter().chain(&[cte]) {
         let found = about(sql);
-        assert_eq!(found.len(), 2, "{sql}: {reports:?}");
+        assert_eq!(
+            found.len(),
+            1 + usize::from(*sql != cte),
+            "{sql}: {reports:?}"
+        );
         for r in found {
             assert_eq!(r["verdict"].as_str(), Some("mismatch"), "{r:?}");
             assert_eq!(kinds(r), ["order"], "{r:?}");
@@ -1301,7 +1433,12 @@ fn order_by_keys_not_in_the_output_are_re_checked_with_the_keys() {
             found[0]
         );
     }
-    assert_eq!(proxy.metric("pgprism_compare_mismatches_total"), 4);
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_mismatches_total",
+        5
+    ));
+    assert_eq!(proxy.metric("pgprism_compare_mismatches_total"), 5);
 }
 
 #[test]
@@ -1432,6 +1569,57 @@ fn a_shadow_left_in_a_failed_transaction_is_rolled_back_before_the_next_statemen
             p.reports()
         );
     }
+}
+
+/// The ROLLBACK that brings a diverged shadow back in step goes before what the client
+/// pipelined behind the diverging statement, in the same write: those statements never run
+/// in the shadow's stale (failed) transaction.
+#[test]
+fn statements_pipelined_behind_a_divergence_run_after_the_shadows_rollback() {
+    use std::io::Write;
+    use support::raw::{message, read_until_ready};
+    let p = pair("rbp");
+    p.both("CREATE TABLE t (id int); CREATE TABLE u (id int PRIMARY KEY)");
+    // Only the shadow has the row the transaction's INSERT collides with.
+    p.shadow.psql("INSERT INTO u VALUES (1), (2)").unwrap();
+    let proxy = p.proxy(&[]);
+    let mut s = support::raw::connect_ready(proxy.listen);
+    let query = |sql: &str| message(b'Q', format!("{sql}\0").as_bytes());
+    let sync = message(b'S', &[]);
+    // Simple protocol: the diverging query and the next ones in one write.
+    let mut write = query("BEGIN");
+    write.extend(query("INSERT INTO u VALUES (1); COMMIT"));
+    write.extend(query("INSERT INTO t VALUES (2)"));
+    write.extend(raw_extended("INSERT INTO t VALUES (3)"));
+    write.extend(&sync);
+    // Extended protocol: a batch that diverges (the INSERT fails on the shadow, which then
+    // skips the COMMIT to the Sync) and the next batch, in one write.
+    write.extend(query("BEGIN"));
+    write.extend(raw_extended("INSERT INTO u VALUES (2)"));
+    write.extend(raw_extended("COMMIT"));
+    write.extend(&sync);
+    write.extend(raw_extended("INSERT INTO t VALUES (4)"));
+    write.extend(&sync);
+    s.write_all(&write).unwrap();
+    let mut statuses = Vec::new();
+    for _ in 0..7 {
+        let answer = read_until_ready(&mut s);
+        assert_eq!(answer.last().map(|m| m.0), Some(b'Z'), "{answer:?}");
+        statuses.push(answer.last().map_or(0, |m| m.1[0]));
+    }
+    // The primary: in the block, committed, autocommit, twice.
+    assert_eq!(statuses, b"TIIITII");
+    drop(s);
+    assert!(counter_reaches(&proxy, "pgprism_sessions_closed_total", 1));
+    assert_eq!(
+        p.shadow
+            .psql("SELECT string_agg(id::text, ',' ORDER BY id) FROM t")
+            .unwrap()
+            .trim(),
+        "2,3,4",
+        "the statements behind the divergence ran outside the shadow's failed transaction"
+    );
+    assert_eq!(proxy.metric("pgprism_compare_rollbacks_total"), 2);
 }
 
 #[test]

@@ -283,6 +283,23 @@ impl Digester {
                 self.begin();
                 self.row(body)
             }
+            // A FunctionCall's answer: its value (length and bytes, -1 for NULL) is the
+            // result's one row, so two sides' values compare like a query's.
+            tag::FUNCTION_CALL_RESPONSE => {
+                self.begin();
+                self.current.tag = "FUNCTION CALL".into();
+                self.in_result = true;
+                let hash = hash64(body, 1);
+                let d = &mut self.current;
+                d.rows += 1;
+                d.ordered = chain(d.ordered, hash);
+                d.unordered.0 = d.unordered.0.wrapping_add(hash);
+                d.unordered.1 = d.unordered.1.wrapping_add(fold(hash ^ K2, K3));
+                if d.sample.len() < self.rules.sample_rows_max {
+                    d.sample.push((hash, render_function_result(body)));
+                }
+                self.end_result();
+            }
             tag::READY_FOR_QUERY => {
                 // Whatever the sync point asked and did not get (skipped after an error)
                 // ends with it.
@@ -646,6 +663,28 @@ pub fn render_row(body: &[u8], plan: &[ColumnRule], shape: &[(u32, bool)]) -> St
     }
     out.push(')');
     out
+}
+
+/// A FunctionCallResponse's value for a report: its text when it reads as UTF-8 (the
+/// client asked for text, or a textual binary value), else hex.
+fn render_function_result(body: &[u8]) -> String {
+    let Some(len) = body
+        .get(..4)
+        .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    else {
+        return format!("<{} undecodable bytes>", body.len());
+    };
+    let value = match usize::try_from(len) {
+        Err(_) => return "(NULL)".into(),
+        Ok(n) => body.get(4..4 + n).unwrap_or_default(),
+    };
+    match simdutf8::basic::from_utf8(value) {
+        Ok(text) => format!("({})", text.chars().take(64).collect::<String>()),
+        Err(_) => {
+            let hex: String = value.iter().take(32).map(|b| format!("{b:02x}")).collect();
+            format!("(\\x{hex})")
+        }
+    }
 }
 
 /// One binary-format value as text, by type.

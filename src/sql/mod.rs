@@ -1205,17 +1205,14 @@ pub fn sort_items(sql: &[u8]) -> Option<SortItems> {
     let word = |t: &(Token, usize, usize), w: &[u8]| {
         t.0 == Token::Word && sql[t.1..t.2].eq_ignore_ascii_case(w)
     };
-    let first = tokens.first()?;
-    if !word(first, b"SELECT") {
-        return None;
-    }
-    if tokens.get(1).is_some_and(|t| word(t, b"DISTINCT")) {
+    let select = main_select(sql, &tokens)?;
+    if tokens.get(select + 1).is_some_and(|t| word(t, b"DISTINCT")) {
         return None;
     }
     let mut depth = 0i32;
     let mut list_end = None;
     let mut order_at = None;
-    for (index, t) in tokens.iter().enumerate().skip(1) {
+    for (index, t) in tokens.iter().enumerate().skip(select + 1) {
         match t.0 {
             Token::Open => depth += 1,
             Token::Close => {
@@ -1247,7 +1244,7 @@ pub fn sort_items(sql: &[u8]) -> Option<SortItems> {
                 .iter()
                 .any(|k| is(k));
                 if clause && list_end.is_none() {
-                    if index == 1 {
+                    if index == select + 1 {
                         return None;
                     }
                     list_end = Some(t.1);
@@ -1294,6 +1291,39 @@ pub fn sort_items(sql: &[u8]) -> Option<SortItems> {
             _ => {}
         }
         item.push(t);
+    }
+    None
+}
+
+/// The index of the outer query's SELECT: the first token, or the first at depth 0 after a
+/// `WITH` list of common table expressions (`name [(columns)] AS [NOT] [MATERIALIZED] (...)`,
+/// their SEARCH and CYCLE clauses). `None` for anything else (VALUES, TABLE, a parenthesised
+/// query, unbalanced parentheses).
+fn main_select(sql: &[u8], tokens: &[(Token, usize, usize)]) -> Option<usize> {
+    let word = |t: &(Token, usize, usize), w: &[u8]| {
+        t.0 == Token::Word && sql[t.1..t.2].eq_ignore_ascii_case(w)
+    };
+    let first = tokens.first()?;
+    if word(first, b"SELECT") {
+        return Some(0);
+    }
+    if !word(first, b"WITH") {
+        return None;
+    }
+    let mut depth = 0i32;
+    for (index, t) in tokens.iter().enumerate().skip(1) {
+        match t.0 {
+            Token::Open => depth += 1,
+            Token::Close => {
+                depth -= 1;
+                if depth < 0 {
+                    return None;
+                }
+            }
+            Token::Semicolon => return None,
+            Token::Word if depth == 0 && word(t, b"SELECT") => return Some(index),
+            _ => {}
+        }
     }
     None
 }
@@ -1517,11 +1547,20 @@ mod tests {
             read("SELECT 1 AS x ORDER BY \"X\""),
             Some(("SELECT 1 AS x".into(), vec![("\"X\"".into(), name("X"))]))
         );
+        assert_eq!(
+            read("WITH RECURSIVE x (a) AS MATERIALIZED (SELECT 1 FROM u ORDER BY 1), y AS (SELECT 2) SELECT a FROM x ORDER BY a + 1"),
+            Some((
+                "WITH RECURSIVE x (a) AS MATERIALIZED (SELECT 1 FROM u ORDER BY 1), y AS (SELECT 2) SELECT a".into(),
+                vec![("a + 1".into(), None)]
+            ))
+        );
         for no in [
             "SELECT id FROM t",
             "SELECT DISTINCT id FROM t ORDER BY id",
             "SELECT id FROM t UNION SELECT id FROM u ORDER BY 1",
-            "WITH x AS (SELECT 1) SELECT * FROM x ORDER BY 1",
+            "WITH x AS (SELECT 1) SELECT DISTINCT * FROM x ORDER BY 1",
+            "WITH x AS (SELECT 1) VALUES (1) ORDER BY 1",
+            "(SELECT 1) ORDER BY 1",
             "SELECT id INTO n FROM t ORDER BY id",
             "SELECT id FROM t ORDER BY id USING <",
             "SELECT FROM t ORDER BY id",
