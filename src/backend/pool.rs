@@ -684,6 +684,18 @@ impl Pools {
         self.put_back(pool, conn);
     }
 
+    /// As [`release`](Self::release) of a clean connection, without an await when nothing
+    /// needs resetting (the pooled compare shadow gives connections back from a read).
+    pub fn give_back(self: &Rc<Self>, pool: &Rc<Pool>, mut conn: ServerConn) {
+        if conn.dirty {
+            let (pools, pool) = (self.clone(), pool.clone());
+            exec::spawn(async move { pools.release(&pool, conn, true).await });
+            return;
+        }
+        conn.last_used = Instant::now();
+        self.put_back(pool, conn);
+    }
+
     fn put_back(&self, pool: &Rc<Pool>, conn: ServerConn) {
         if self.expired(&conn, conn.last_used) {
             self.close(pool, conn);

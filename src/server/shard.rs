@@ -212,6 +212,9 @@ async fn serve_until_stopped(
     let reporter = async {
         loop {
             exec::sleep(report_interval).await;
+            if let Some(compare) = &shard.compare {
+                compare.maintain();
+            }
             send_report(shard, reports);
         }
     };
@@ -351,6 +354,16 @@ fn report(shard: &ShardCtx) -> ShardReport {
         report.counters.shadow_cancels_forwarded = compare.stats.cancels_forwarded.get();
         report.counters.shadow_cancels_skipped = compare.stats.cancels_skipped.get();
         report.calibration = compare.calibration();
+        let c = &mut report.counters;
+        [
+            c.shadow_pool_lends,
+            c.shadow_pool_wait_timeouts,
+            c.shadow_pool_pins,
+            c.shadow_pool_reprepares,
+            c.shadow_pool_settings_applied,
+            c.shadow_pool_servers_opened,
+            c.shadow_pool_dirty_closed,
+        ] = compare.shadow_pool_counts();
     }
     report
 }
