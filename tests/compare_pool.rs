@@ -495,3 +495,83 @@ fn a_client_leaving_mid_transaction_leaves_no_dirty_shadow_connection() {
         "what the clients that left wrote was rolled back on the shadow"
     );
 }
+
+/// A session that creates a temporary table (and one that listens) is pinned to its shadow
+/// connection: its temporary table is there in every later transaction, while other sessions
+/// share the rest of the pool; once it leaves, the connection is reset before anyone else
+/// gets it.
+#[test]
+fn what_cannot_be_shared_pins_the_session_to_its_shadow_connection() {
+    let p = pair("pin");
+    p.both("CREATE TABLE t (v int);");
+    let proxy = p.proxy(&[]);
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres dbname={DB}",
+        proxy.port()
+    );
+    let others: Vec<_> = (0..12)
+        .map(|i| {
+            let conninfo = conninfo.clone();
+            std::thread::spawn(move || {
+                let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+                for _ in 0..20 {
+                    let mut tx = c.transaction().unwrap();
+                    tx.execute("INSERT INTO t VALUES ($1)", &[&i]).unwrap();
+                    tx.commit().unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut pinned = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    pinned
+        .batch_execute("CREATE TEMP TABLE mine (v int); INSERT INTO mine VALUES (1), (2)")
+        .unwrap();
+    let mut listener = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    listener.batch_execute("LISTEN jobs").unwrap();
+    for round in 0..10 {
+        let mut tx = pinned.transaction().unwrap();
+        tx.execute("INSERT INTO mine VALUES ($1)", &[&round])
+            .unwrap();
+        let n: i64 = tx
+            .query_one("SELECT count(*) FROM mine", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 3 + round as i64);
+        tx.commit().unwrap();
+        listener.batch_execute("SELECT 1").unwrap();
+    }
+    for t in others {
+        t.join().expect("client");
+    }
+    // 12 x 20 x 3 (BEGIN, INSERT, COMMIT), the temporary table's 2 + 10 x 4 statements, and
+    // the listener's LISTEN and 10 SELECTs.
+    let statements = 12 * 20 * 3 + 2 + 10 * 4 + 11;
+    wait_judged(&proxy, statements);
+    assert_eq!(
+        proxy.metric("pgprism_compare_mismatches_total"),
+        0,
+        "{:?}",
+        p.reports()
+    );
+    assert_eq!(proxy.metric("pgprism_compare_statements_total"), statements);
+    assert_eq!(proxy.metric("pgprism_shadow_pool_pins_total"), 2);
+    drop(pinned);
+    drop(listener);
+    // Back in the pool reset (DISCARD ALL): no connection keeps the temporary table.
+    let temp_tables = "SELECT count(*) FROM pg_class WHERE relpersistence = 't'";
+    let mut shadow_db = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname={DB}",
+            p.shadow.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let n: i64 = shadow_db.query_one(temp_tables, &[]).unwrap().get(0);
+            n == 0
+        }),
+        "the pinned connection was reset (DISCARD ALL) when its session left"
+    );
+}

@@ -734,6 +734,12 @@ impl Pools {
         self.close_after(pool, conn, wait);
     }
 
+    /// Closes `conn` now, without waiting for the server to end its side (and without a
+    /// task: usable while a shard's sessions are being dropped).
+    pub fn close_now(&self, pool: &Rc<Pool>, conn: ServerConn) {
+        self.close_after(pool, conn, Duration::ZERO);
+    }
+
     fn close_after(&self, pool: &Rc<Pool>, mut conn: ServerConn, wait: Duration) {
         let mut bye = BytesMut::new();
         wire::encode::terminate(&mut bye);

@@ -948,6 +948,11 @@ impl Pairing {
             };
             (running, kinds.len() == 1)
         };
+        // No key yet (a pooled shadow still runs pgprism's preparation of its connection):
+        // the cancel waits for the session's own turn there (`Lease::on_turn`).
+        let Some(key) = self.shadow.key() else {
+            return;
+        };
         match self.cancel.due(running, alone) {
             Due::Fire => {}
             Due::No => return,
@@ -957,7 +962,7 @@ impl Pairing {
                 return;
             }
         }
-        let (Some(key), false, Some(seq)) = (self.shadow.key(), self.dead.get(), running) else {
+        let (false, Some(seq)) = (self.dead.get(), running) else {
             return;
         };
         let target = self.target.clone();
@@ -1081,6 +1086,15 @@ impl Exchange {
             shadow: shadow.clone(),
             target: target.clone(),
         });
+        if let Shadow::Pooled(lease) = &shadow {
+            // A cancel held back while the lent connection ran pgprism's preparation of it.
+            let weak = Rc::downgrade(&link);
+            lease.on_turn(Box::new(move || {
+                if let Some(link) = weak.upgrade() {
+                    link.check_cancel();
+                }
+            }));
+        }
         let source = usize::from(target.shadow_is_source());
         let fail = target.cfg.fail_on_differences;
         let up = Dispatch {

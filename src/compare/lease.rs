@@ -190,6 +190,9 @@ pub struct Lease {
     unsure: RefCell<Vec<String>>,
     /// Pinned to its connection until it ends.
     pinned: Cell<bool>,
+    /// Called when the session's own statements start running on the lent connection (its
+    /// preparation answered): a cancel waiting for that may go now.
+    on_turn: RefCell<Option<Box<dyn Fn()>>>,
 }
 
 impl Lease {
@@ -227,7 +230,14 @@ impl Lease {
             batch_creates: RefCell::new(Vec::new()),
             unsure: RefCell::new(Vec::new()),
             pinned: Cell::new(false),
+            on_turn: RefCell::new(None),
         })
+    }
+
+    /// `turn` is called whenever the session's own statements start running on a lent
+    /// connection after pgprism's preparation of it.
+    pub(crate) fn on_turn(&self, turn: Box<dyn Fn()>) {
+        *self.on_turn.borrow_mut() = Some(turn);
     }
 
     fn key(&self) -> Option<(i32, i32)> {
@@ -667,7 +677,14 @@ impl Lease {
             if self.internal.get() > 0 {
                 match t {
                     tag::ERROR_RESPONSE => self.internal_failed.set(true),
-                    tag::READY_FOR_QUERY => self.internal.set(self.internal.get() - 1),
+                    tag::READY_FOR_QUERY => {
+                        self.internal.set(self.internal.get() - 1);
+                        if self.internal.get() == 0
+                            && let Some(turn) = self.on_turn.borrow().as_ref()
+                        {
+                            turn();
+                        }
+                    }
                     _ => {}
                 }
                 continue;
@@ -821,8 +838,26 @@ impl Lease {
 }
 
 impl Drop for Lease {
+    /// The session was dropped without ending (its shard stops): a connection still lent is
+    /// closed at once, with no task (the shard may be going away).
     fn drop(&mut self) {
-        self.shutdown();
+        if self.closed.replace(true) {
+            return;
+        }
+        self.pool
+            .clients
+            .set(self.pool.clients.get().saturating_sub(1));
+        if self.pinned.get() {
+            self.pool
+                .pinned
+                .set(self.pool.pinned.get().saturating_sub(1));
+        }
+        if let Some(conn) = self.conn.borrow_mut().take() {
+            self.pool
+                .linked
+                .set(self.pool.linked.get().saturating_sub(1));
+            self.pools.close_now(&self.pool, conn);
+        }
     }
 }
 
