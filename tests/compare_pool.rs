@@ -191,7 +191,8 @@ fn many_clients_on_a_small_pool(name: &str, mode: &str) {
     let script =
         std::env::temp_dir().join(format!("pgprism-cpool-{}-{name}.sql", std::process::id()));
     std::fs::write(&script, SCRIPT).expect("write the script");
-    let proxy = p.proxy(&[]);
+    // Room for a loaded test machine: a session gives up on the shadow only past this.
+    let proxy = p.proxy(&["--compare-shadow-timeout-ms", "120000"]);
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = sample_backends(&p.shadow, stop.clone());
     let (clients, per_client) = (200u64, 4u64);
