@@ -38,7 +38,10 @@ trap cleanup EXIT
 
 PRIMARY_PORT=$BASE_PORT; SHADOW_PORT=$((BASE_PORT + 1))
 PLAIN_PORT=$((BASE_PORT + 2)); MIRROR_PORT=$((BASE_PORT + 3)); COMPARE_PORT=$((BASE_PORT + 4))
-UNORDERED_PORT=$((BASE_PORT + 5))
+UNORDERED_PORT=$((BASE_PORT + 5)); POOLED_PORT=$((BASE_PORT + 6))
+# compare-pooled: compare mode on a pooled shadow (`--shadow-pool-size`): the sessions lease
+# SHADOW_POOL shadow connections per transaction instead of one each.
+SHADOW_POOL=${SHADOW_POOL:-8}
 echo "== setup: PostgreSQL $("$BINDIR/postgres" --version | awk '{print $3}'), scale $SCALE, ${DURATION}s per cell, $(nproc) cores"
 for db in primary shadow; do
   port=$PRIMARY_PORT; [ $db = shadow ] && port=$SHADOW_PORT
@@ -67,8 +70,10 @@ COMPARE_PID=$(start_prism "$COMPARE_PORT" --shadow "$SHADOW_URL" --compare-repor
 # = 0, as before issue 15), for the cost of ordering in the same run.
 UNORDERED_PID=$(start_prism "$UNORDERED_PORT" --shadow "$SHADOW_URL" --compare-report "$WORK/unordered.jsonl" \
   --slow-query-min-ms 60000 --compare-order-wait-ms 0)
-PIDS+=("$PLAIN_PID" "$MIRROR_PID" "$COMPARE_PID" "$UNORDERED_PID")
-for port in "$PLAIN_PORT" "$MIRROR_PORT" "$COMPARE_PORT" "$UNORDERED_PORT"; do
+POOLED_PID=$(start_prism "$POOLED_PORT" --shadow "$SHADOW_URL" --compare-report "$WORK/pooled.jsonl" \
+  --slow-query-min-ms 60000 --shadow-pool-size "$SHADOW_POOL")
+PIDS+=("$PLAIN_PID" "$MIRROR_PID" "$COMPARE_PID" "$UNORDERED_PID" "$POOLED_PID")
+for port in "$PLAIN_PORT" "$MIRROR_PORT" "$COMPARE_PORT" "$UNORDERED_PORT" "$POOLED_PORT"; do
   for _ in $(seq 100); do
     psql -h 127.0.0.1 -p "$port" -U postgres -XAtc 'select 1' postgres >/dev/null 2>&1 && break
     sleep 0.1
@@ -83,13 +88,14 @@ printf '%-9s %-8s %-17s %12s %9s %14s\n' mode clients target tps vs_direct cpu_u
 for mode in $MODES; do
   for c in $CLIENTS; do
     declare -A TPS=()
-    for target in direct proxy mirror compare-unordered compare; do
+    for target in direct proxy mirror compare-unordered compare compare-pooled; do
       case $target in
         direct) port=$PRIMARY_PORT; pid="" ;;
         proxy) port=$PLAIN_PORT; pid=$PLAIN_PID ;;
         mirror) port=$MIRROR_PORT; pid=$MIRROR_PID ;;
         compare) port=$COMPARE_PORT; pid=$COMPARE_PID ;;
         compare-unordered) port=$UNORDERED_PORT; pid=$UNORDERED_PID ;;
+        compare-pooled) port=$POOLED_PORT; pid=$POOLED_PID ;;
       esac
       before=0; [ -n "$pid" ] && before=$(ticks "$pid")
       out=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -n -S -M "$mode" -c "$c" -j 2 -T "$DURATION" postgres 2>&1)
@@ -107,4 +113,6 @@ done
 mismatches=$(grep -c '"record":"mismatch"' "$WORK/mismatches.jsonl" 2>/dev/null || true)
 slow=$(grep -c '"record":"slow"' "$WORK/mismatches.jsonl" 2>/dev/null || true)
 echo "== compare mode: ${mismatches:-0} mismatch reports (expected 0: both servers were initialised the same), ${slow:-0} slow-query reports (bounded by compare.explains-max per shard)"
+pooled=$(grep -c '"record":"mismatch"' "$WORK/pooled.jsonl" 2>/dev/null || true)
+echo "== compare-pooled (shadow pool $SHADOW_POOL): ${pooled:-0} mismatch reports (expected 0)"
 echo "== written to $RESULT"

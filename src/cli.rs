@@ -214,6 +214,10 @@ struct CompareArgs {
     /// URL); writes run on the primary only and every difference counts as noise.
     #[arg(long)]
     calibrate: bool,
+    /// Shadow connections for the whole process, lent per transaction to the sessions
+    /// (0: one shadow connection per client session).
+    #[arg(long, value_name = "N")]
+    shadow_pool_size: Option<usize>,
 }
 
 impl CompareArgs {
@@ -267,6 +271,9 @@ impl CompareArgs {
         }
         if let Some(v) = self.compare_order_lock_wait_ms {
             c.order_lock_wait_ms = v;
+        }
+        if let Some(v) = self.shadow_pool_size {
+            cfg.shadow.pool_size = v;
         }
         if self.calibrate {
             c.calibrate = true;

@@ -174,6 +174,17 @@ fn a_cancel_reaches_the_shadow_whether_it_runs_the_statement_already_or_later() 
             &["--compare-order-wait-ms", "0"][..],
             vec![primary.url(), shadow.url()],
         ),
+        // A pooled shadow: the cancel uses the key of the connection lent to the session.
+        (
+            "pooled",
+            &["--shadow-pool-size", "2"][..],
+            vec![primary.url()],
+        ),
+        (
+            "pooled-unordered",
+            &["--shadow-pool-size", "2", "--compare-order-wait-ms", "0"][..],
+            vec![primary.url(), shadow.url()],
+        ),
     ] {
         let report = Report::new(name);
         let proxy = compare_proxy(&primary, &shadow, &report, extra);

@@ -684,6 +684,18 @@ impl Pools {
         self.put_back(pool, conn);
     }
 
+    /// As [`release`](Self::release) of a clean connection, without an await when nothing
+    /// needs resetting (the pooled compare shadow gives connections back from a read).
+    pub fn give_back(self: &Rc<Self>, pool: &Rc<Pool>, mut conn: ServerConn) {
+        if conn.dirty {
+            let (pools, pool) = (self.clone(), pool.clone());
+            exec::spawn(async move { pools.release(&pool, conn, true).await });
+            return;
+        }
+        conn.last_used = Instant::now();
+        self.put_back(pool, conn);
+    }
+
     fn put_back(&self, pool: &Rc<Pool>, conn: ServerConn) {
         if self.expired(&conn, conn.last_used) {
             self.close(pool, conn);
@@ -720,6 +732,12 @@ impl Pools {
     pub fn close(&self, pool: &Rc<Pool>, conn: ServerConn) {
         let wait = Duration::from_millis(self.cfg.server_close_wait_ms);
         self.close_after(pool, conn, wait);
+    }
+
+    /// Closes `conn` now, without waiting for the server to end its side (and without a
+    /// task: usable while a shard's sessions are being dropped).
+    pub fn close_now(&self, pool: &Rc<Pool>, conn: ServerConn) {
+        self.close_after(pool, conn, Duration::ZERO);
     }
 
     fn close_after(&self, pool: &Rc<Pool>, mut conn: ServerConn, wait: Duration) {

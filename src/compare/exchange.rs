@@ -18,11 +18,11 @@ use bytes::{Bytes, BytesMut};
 
 use super::digest::{Described, Digest, Digester, Expect, Expects, Step, SyncDigest};
 use super::footprint::{self, Footprint, Scan};
+use super::lease::Shadow;
 use super::order::{Pinned, Start};
 use super::rules::type_name;
 use super::verdict::{self, Difference, Kind, Verdict};
 use super::{CompareTarget, Record, Side};
-use crate::exec::net::Stream;
 use crate::session::{
     Framed, QueryPart, Refers, ResultFormats, Slot, Statement, Step as SessionStep, Tracker,
 };
@@ -305,8 +305,8 @@ pub(crate) struct Pairing {
     /// (written behind it, the next statement could be what the cancel hits): from the
     /// decision until the cancel connection is done, at most twice `compare.connect-timeout-ms`.
     cancel_held: Cell<bool>,
-    /// The shadow connection's BackendKeyData.
-    shadow_key: Option<(i32, i32)>,
+    /// The session's shadow (its BackendKeyData is the one a cancel uses).
+    shadow: Shadow,
     target: Rc<CompareTarget>,
 }
 
@@ -332,7 +332,7 @@ impl Cancel {
 pub struct Dispatch {
     link: Rc<Pairing>,
     target: Rc<CompareTarget>,
-    pub shadow: Stream,
+    pub shadow: Shadow,
     batch: Vec<Rc<Compared>>,
     /// What the batch's Executes touch, with their Binds' values.
     batch_footprint: Footprint,
@@ -802,8 +802,13 @@ impl Dispatch {
             return;
         }
         // Mostly written here and now, as the client's batch arrived; what a gate holds
-        // back goes later, from the writer.
-        write_ready(&link, &self.shadow).await;
+        // back goes later, from the writer (and so does what waits for a pooled shadow
+        // connection: the client's reads never wait for one).
+        if self.shadow.writable_now() {
+            write_ready(&link, &self.shadow).await;
+        } else if let Some(w) = link.writer_waker.take() {
+            w.wake();
+        }
         let max = self.target.cfg.shadow_queue_bytes_max;
         futures_lite::future::poll_fn(|cx| {
             if link.dead.get() || link.queued_bytes.get() <= max {
@@ -834,7 +839,7 @@ impl Dispatch {
 /// point is settled (and the shadow brought back in step when it diverged).
 pub struct ShadowWriter {
     link: Rc<Pairing>,
-    shadow: Stream,
+    shadow: Shadow,
     target: Rc<CompareTarget>,
 }
 
@@ -924,7 +929,10 @@ impl ShadowWriter {
                     link.order_expired.set(link.order_expired.get() + 1);
                     break;
                 }
-                if port.ledger.held_by_own_locks(c, grace) {
+                // A transaction holding a pooled shadow connection while other sessions wait
+                // for one may be waiting for them: as with locks, it goes.
+                if port.ledger.held_by_own_locks(c, grace) || self.shadow.holds_while_others_wait()
+                {
                     port.give_up(c);
                     port.ledger.force(c);
                     link.order_lock_breaks.set(link.order_lock_breaks.get() + 1);
@@ -942,7 +950,7 @@ impl ShadowWriter {
 
 /// Writes to the shadow what may go now (a ROLLBACK or BEGIN that is due, then queued
 /// segments up to the next gate), unless another write is under way or nothing may go.
-async fn write_ready(link: &Rc<Pairing>, shadow: &Stream) {
+async fn write_ready(link: &Rc<Pairing>, shadow: &Shadow) {
     while !link.writing.get()
         && !link.dead.get()
         && link.gate.get().is_none()
@@ -953,6 +961,7 @@ async fn write_ready(link: &Rc<Pairing>, shadow: &Stream) {
         }
         let mut frames: Vec<Bytes> = Vec::new();
         let mut bytes = 0;
+        let syncs_before = link.shadow_kinds.borrow().len();
         {
             // Queued before the bytes go out, so the answers always find them.
             let mut expects = link.expects[SHADOW].borrow_mut();
@@ -994,17 +1003,18 @@ async fn write_ready(link: &Rc<Pairing>, shadow: &Stream) {
         if let Some(w) = link.space_waker.take() {
             w.wake();
         }
+        let syncs = link.shadow_kinds.borrow().len() - syncs_before;
         link.writing.set(true);
         // One frame goes out as is (zero-copy); several in one buffer write.
         let written = match frames.as_slice() {
             [] => Ok(()),
-            [frame] => shadow.write_bytes(frame.clone()).await,
+            [frame] => shadow.write(frame.clone(), syncs).await,
             _ => {
                 let mut buf = BytesMut::with_capacity(bytes);
                 for frame in &frames {
                     buf.extend_from_slice(frame);
                 }
-                shadow.write_bytes(buf.freeze()).await
+                shadow.write(buf.freeze(), syncs).await
             }
         };
         link.writing.set(false);
@@ -1040,6 +1050,11 @@ impl Pairing {
             };
             (running, kinds.len() == 1)
         };
+        // No key yet (a pooled shadow still runs pgprism's preparation of its connection):
+        // the cancel waits for the session's own turn there (`Lease::on_turn`).
+        let Some(key) = self.shadow.key() else {
+            return;
+        };
         match self.cancel.due(running, alone) {
             Due::Fire => {}
             Due::No => return,
@@ -1049,7 +1064,7 @@ impl Pairing {
                 return;
             }
         }
-        let (Some(key), false, Some(seq)) = (self.shadow_key, self.dead.get(), running) else {
+        let (false, Some(seq)) = (self.dead.get(), running) else {
             return;
         };
         let target = self.target.clone();
@@ -1138,13 +1153,11 @@ impl Exchange {
     /// Builds the two halves for one session over its shadow connection.
     pub fn pair(
         target: Rc<CompareTarget>,
-        shadow: crate::backend::Opened,
+        shadow: Shadow,
         session: u64,
         params: Vec<(String, String)>,
     ) -> (Dispatch, Comparer, ShadowWriter) {
         let port = target.port.clone();
-        let shadow_key = shadow.key;
-        let shadow = shadow.stream;
         let link = Rc::new(Pairing {
             metas: RefCell::new(VecDeque::new()),
             shadow_kinds: RefCell::new(VecDeque::new()),
@@ -1172,9 +1185,18 @@ impl Exchange {
             numbering: Cell::new(0),
             cancel: Default::default(),
             cancel_held: Cell::new(false),
-            shadow_key,
+            shadow: shadow.clone(),
             target: target.clone(),
         });
+        if let Shadow::Pooled(lease) = &shadow {
+            // A cancel held back while the lent connection ran pgprism's preparation of it.
+            let weak = Rc::downgrade(&link);
+            lease.on_turn(Box::new(move || {
+                if let Some(link) = weak.upgrade() {
+                    link.check_cancel();
+                }
+            }));
+        }
         let source = usize::from(target.shadow_is_source());
         let fail = target.cfg.fail_on_differences;
         let up = Dispatch {

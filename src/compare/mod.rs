@@ -12,6 +12,7 @@ pub mod digest;
 mod exchange;
 mod explain;
 pub mod footprint;
+mod lease;
 pub mod order;
 mod pump;
 mod recheck;
@@ -33,6 +34,7 @@ use crate::config::{
 use crate::tls::{TlsError, Upstream};
 
 pub use exchange::{Cancel, Comparer, Dispatch, Exchange, Fed, PRIMARY, SHADOW, ShadowWriter};
+pub use lease::Shadow;
 pub use pump::{Host, Pump, PumpSettings};
 pub use rules::{Rules, parse_equivalence, validate};
 pub use verdict::Kind;
@@ -130,6 +132,11 @@ pub struct Resolved {
     pub reports: Sender<Record>,
     /// The primary's completion order, shared by every shard (ordered shadow dispatch).
     pub ledger: Arc<order::Ledger>,
+    /// The pooled shadow's settings (`shadow.pool-size` above 0), with the bound over every
+    /// shard; `None`: one shadow connection per session.
+    pub pool: Option<(crate::config::PoolConfig, backend::pool::Budgets)>,
+    pub shards: usize,
+    pub message_bytes_max: usize,
 }
 
 pub fn resolve(cfg: &Config, reports: Sender<Record>) -> Result<Option<Resolved>, CompareError> {
@@ -162,7 +169,25 @@ pub fn resolve(cfg: &Config, reports: Sender<Record>) -> Result<Option<Resolved>
         cfg: cfg.compare.clone(),
         reports,
         ledger: Arc::default(),
+        pool: (cfg.shadow.pool_size > 0).then(|| (shadow_pool_config(cfg), Default::default())),
+        shards: cfg.shard_count(),
+        message_bytes_max: cfg.proxy.message_bytes_max,
     }))
+}
+
+/// The shadow pool's settings: `shadow.pool-size` connections for the process, the
+/// connections' lifetimes, checks and reset as `[pool]` has them, and a session waiting for
+/// one at most `compare.shadow-timeout-ms` (then it stops comparing, as a shadow that falls
+/// behind does).
+fn shadow_pool_config(cfg: &Config) -> crate::config::PoolConfig {
+    crate::config::PoolConfig {
+        size: cfg.shadow.pool_size,
+        min_size: 0,
+        reserve_size: 0,
+        query_wait_timeout_ms: cfg.compare.shadow_timeout_ms,
+        shared_depth_max: 1,
+        ..cfg.pool.clone()
+    }
 }
 
 /// Counters of one shard's compare mode, by mismatch kind.
@@ -208,6 +233,8 @@ pub struct CompareTarget {
     /// Calibration (A/A): per fingerprint, its text, statements compared and those that
     /// differed; at most [`CALIBRATION_FINGERPRINTS_MAX`] fingerprints.
     pub calibration: std::cell::RefCell<std::collections::HashMap<u64, (String, u64, u64)>>,
+    /// The shard's shadow pools (`shadow.pool-size` above 0).
+    pub shadow_pools: Option<Rc<backend::pool::Pools>>,
 }
 
 /// Fingerprints a shard counts while calibrating; further ones are counted under 0.
@@ -235,7 +262,99 @@ impl CompareTarget {
             port: (resolved.cfg.order_wait_ms > 0)
                 .then(|| order::Port::new(resolved.ledger.clone(), shard)),
             calibration: Default::default(),
+            shadow_pools: resolved.pool.as_ref().map(|(cfg, budgets)| {
+                let upstream = backend::pool::Upstream {
+                    addr: resolved.addr.clone(),
+                    label: resolved.url.address(),
+                    tls: resolved.tls.clone(),
+                    connect_timeout: Duration::from_millis(resolved.cfg.connect_timeout_ms),
+                    message_bytes_max: resolved.message_bytes_max,
+                    url_user: resolved.url.user.clone().unwrap_or_default(),
+                    url_password: resolved.url.password.clone().unwrap_or_default(),
+                };
+                Rc::new(backend::pool::Pools::new(
+                    shard,
+                    cfg.clone(),
+                    upstream,
+                    budgets.clone(),
+                    resolved.shards,
+                ))
+            }),
         }))
+    }
+
+    /// The session's shadow: a lease on the shard's shadow pool when it has one (nothing is
+    /// opened until the session writes), else a connection of its own ([`open_shadow`]).
+    ///
+    /// [`open_shadow`]: Self::open_shadow
+    pub async fn shadow_session(
+        &self,
+        client_params: &[(String, String)],
+        message_bytes_max: usize,
+        settings_max: usize,
+    ) -> Result<Shadow, backend::BackendError> {
+        let Some(pools) = &self.shadow_pools else {
+            let opened = self.open_shadow(client_params, message_bytes_max).await?;
+            return Ok(Shadow::Own {
+                stream: opened.stream,
+                key: opened.key,
+            });
+        };
+        let (user, database) = login_names(&self.url, client_params);
+        let pool = pools.pool(&user, &database);
+        // The connections log in with the user and database only: the client's other startup
+        // parameters, its `options` and the calibration guard are applied as settings.
+        let mut params: Vec<(String, String)> = client_params
+            .iter()
+            .filter(|(k, _)| k != "options")
+            .cloned()
+            .collect();
+        if let Some((_, options)) = client_params.iter().find(|(k, _)| k == "options") {
+            params.extend(lease::options_settings(options));
+        }
+        if self.cfg.calibrate {
+            params.push(("default_transaction_read_only".into(), "on".into()));
+        }
+        let baseline = backend::replay::baseline(&params);
+        Ok(Shadow::Pooled(lease::Lease::new(
+            pools.clone(),
+            pool,
+            baseline,
+            settings_max,
+            message_bytes_max,
+        )))
+    }
+
+    /// The shadow pools' cumulative counters: lends, wait timeouts, pins, statements prepared
+    /// again, lends that applied settings, connections opened, connections closed dirty.
+    pub fn shadow_pool_counts(&self) -> [u64; 7] {
+        let mut totals = [0u64; 7];
+        let Some(pools) = &self.shadow_pools else {
+            return totals;
+        };
+        for pool in pools.all() {
+            let c = &pool.counters;
+            for (t, v) in totals.iter_mut().zip([
+                c.lends.get(),
+                c.wait_timeouts.get(),
+                c.pins.get(),
+                c.reprepares.get(),
+                c.settings_applied.get(),
+                c.servers_opened.get(),
+                c.dirty_closed.get(),
+            ]) {
+                *t += v;
+            }
+        }
+        totals
+    }
+
+    /// Closes idle shadow pool connections past their idle timeout or lifetime (the shard's
+    /// periodic care).
+    pub fn maintain(&self) {
+        if let Some(pools) = &self.shadow_pools {
+            pools.maintain();
+        }
     }
 
     pub fn shadow_is_source(&self) -> bool {
@@ -327,22 +446,7 @@ pub(crate) async fn open_as(
     limit: Duration,
     message_bytes_max: usize,
 ) -> Result<backend::Opened, backend::BackendError> {
-    let param = |name: &str| {
-        client_params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-    };
-    let user = url
-        .user
-        .clone()
-        .or_else(|| param("user"))
-        .unwrap_or_else(|| "postgres".into());
-    let database = url
-        .database
-        .clone()
-        .or_else(|| param("database"))
-        .unwrap_or_else(|| user.clone());
+    let (user, database) = login_names(url, client_params);
     let mut params: Vec<(&str, &str)> = client_params
         .iter()
         .filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "replication"))
@@ -361,6 +465,27 @@ pub(crate) async fn open_as(
         tls,
     )
     .await
+}
+
+/// The user and database a pgprism-owned session logs in as: the URL's, else the client's.
+fn login_names(url: &PgUrl, client_params: &[(String, String)]) -> (String, String) {
+    let param = |name: &str| {
+        client_params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let user = url
+        .user
+        .clone()
+        .or_else(|| param("user"))
+        .unwrap_or_else(|| "postgres".into());
+    let database = url
+        .database
+        .clone()
+        .or_else(|| param("database"))
+        .unwrap_or_else(|| user.clone());
+    (user, database)
 }
 
 pub(crate) fn unix_ms() -> u64 {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
-use super::{Comparer, PRIMARY, SHADOW};
+use super::{Comparer, PRIMARY, SHADOW, Shadow};
 use crate::exec::net::Stream;
 use crate::exec::within;
 use crate::session::Tracker;
@@ -72,7 +72,7 @@ pub struct Pump<'a> {
     stats: &'a ShardStats,
     settings: PumpSettings,
     primary: Stream,
-    shadow: Stream,
+    shadow: Shadow,
     client: Stream,
     comparer: Comparer,
     pbuf: BytesMut,
@@ -98,7 +98,7 @@ impl<'a> Pump<'a> {
         stats: &'a ShardStats,
         settings: PumpSettings,
         primary: Stream,
-        shadow: Stream,
+        shadow: Shadow,
         client: Stream,
         comparer: Comparer,
         pbuf: BytesMut,

@@ -86,6 +86,13 @@ pub struct ShadowConfig {
     /// `postgres://user:password@host:port/database`; empty: compare mode is off. Without a
     /// user or database, the client's are used.
     pub url: String,
+    /// Shadow connections for the whole process (`--shadow-pool-size`), split across the
+    /// shards and lent to client sessions per transaction, so the shadow's connection count
+    /// no longer depends on the number of clients. 0: each client session opens its own
+    /// shadow connection. The pool's connections follow `[pool]`'s `server-lifetime-ms`,
+    /// `server-idle-timeout-ms`, `server-check-query`, `server-reset-query` and
+    /// `waiters-max`; a session waits for one at most `compare.shadow-timeout-ms`.
+    pub pool_size: usize,
 }
 
 /// Whose results the client receives in compare mode.

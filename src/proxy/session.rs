@@ -900,7 +900,11 @@ async fn open_compare(
         return Ok(None);
     };
     match target
-        .open_shadow(params, shard.settings.message_bytes_max)
+        .shadow_session(
+            params,
+            shard.settings.message_bytes_max,
+            shard.settings.session_limits.settings_max,
+        )
         .await
     {
         Ok(shadow) => Ok(Some(compare::Exchange::pair(
@@ -1439,7 +1443,7 @@ async fn downstream_compare(
     shard: &ShardCtx,
     shared: &SessionShared,
     primary: Stream,
-    shadow: Stream,
+    shadow: compare::Shadow,
     client: Stream,
     comparer: Comparer,
 ) {

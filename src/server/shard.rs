@@ -212,6 +212,9 @@ async fn serve_until_stopped(
     let reporter = async {
         loop {
             exec::sleep(report_interval).await;
+            if let Some(compare) = &shard.compare {
+                compare.maintain();
+            }
             send_report(shard, reports);
         }
     };
@@ -361,6 +364,16 @@ fn report(shard: &ShardCtx) -> ShardReport {
         counters.compare_reports_dropped += stats.reports_dropped.get();
         counters.compare_batches_released = stats.batches_released.get();
         report.calibration = compare.calibration();
+        let c = &mut report.counters;
+        [
+            c.shadow_pool_lends,
+            c.shadow_pool_wait_timeouts,
+            c.shadow_pool_pins,
+            c.shadow_pool_reprepares,
+            c.shadow_pool_settings_applied,
+            c.shadow_pool_servers_opened,
+            c.shadow_pool_dirty_closed,
+        ] = compare.shadow_pool_counts();
     }
     report
 }

@@ -103,6 +103,13 @@ counters! {
     pool_shared_units: "pipelined lending: client statements (a Query, or a batch up to its Sync) sent on a shared connection",
     pool_shared_behind: "pipelined lending: shared statements queued behind another client's on the connection",
     pool_shared_writes: "pipelined lending: writes to shared connections (each carries one or more clients' statements)",
+    shadow_pool_lends: "pooled compare shadow: shadow connections lent to sessions (shadow.pool-size)",
+    shadow_pool_wait_timeouts: "pooled compare shadow: sessions that stopped comparing after waiting compare.shadow-timeout-ms for a shadow connection",
+    shadow_pool_pins: "pooled compare shadow: sessions pinned to their shadow connection (LISTEN, session advisory lock, temporary object, WITH HOLD cursor, statements beyond the kept text)",
+    shadow_pool_reprepares: "pooled compare shadow: session statements prepared again on a lent shadow connection",
+    shadow_pool_settings_applied: "pooled compare shadow: lends that first brought the shadow connection to the session's settings",
+    shadow_pool_servers_opened: "pooled compare shadow: shadow connections opened",
+    shadow_pool_dirty_closed: "pooled compare shadow: shadow connections closed instead of returned (session left with a statement in flight, failed rollback or reset)",
 }
 
 /// A shard's statistics: counters plus the latency histograms.

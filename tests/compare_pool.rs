@@ -1,0 +1,578 @@
+//! The pooled compare shadow (issue 14, point 4): `--shadow-pool-size N` lends a few shadow
+//! connections to every client session per transaction. Against two real PostgreSQL servers:
+//! hundreds of clients on a shadow that accepts 30 connections are all compared with no
+//! mismatch while the shadow never sees more than the pool; prepared statements (pgbench
+//! `-M prepared`, clients whose statements share names with other texts) and session settings
+//! (`SET search_path`) follow each session from connection to connection; a real divergence
+//! is still a mismatch; a client that leaves inside a transaction leaves no dirty shadow
+//! connection behind.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use pgprism::embed::{Instance, InstanceConfig};
+use sonic_rs::{JsonContainerTrait, JsonValueTrait};
+use support::{Proxy, eventually};
+
+/// The database the clients use; the tests' own observers connect to `postgres`, so they are
+/// never counted among pgprism's connections.
+const DB: &str = "app";
+const POOL: i64 = 10;
+
+fn start_server(name: &str, max_connections: usize) -> Instance {
+    Instance::start(InstanceConfig {
+        name: name.into(),
+        database: DB.into(),
+        settings: vec![("max_connections".into(), max_connections.to_string())],
+        ..InstanceConfig::default()
+    })
+    .expect("start PostgreSQL")
+}
+
+struct Pair {
+    primary: Instance,
+    shadow: Instance,
+    report: PathBuf,
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.report);
+    }
+}
+
+fn pair(name: &str) -> Pair {
+    let report =
+        std::env::temp_dir().join(format!("pgprism-cpool-{}-{name}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&report);
+    Pair {
+        primary: start_server(&format!("cp{name}p"), 300),
+        shadow: start_server(&format!("cp{name}s"), 30),
+        report,
+    }
+}
+
+impl Pair {
+    fn both(&self, sql: &str) {
+        self.primary.psql_db(DB, sql).expect("seed the primary");
+        self.shadow.psql_db(DB, sql).expect("seed the shadow");
+    }
+
+    fn proxy(&self, extra: &[&str]) -> Proxy {
+        let shadow = self.shadow.url();
+        let report = self.report.display().to_string();
+        let pool = POOL.to_string();
+        let mut args = vec![
+            "--shadow",
+            &shadow,
+            "--shadow-pool-size",
+            &pool,
+            "--compare-report",
+            &report,
+            "--slow-query-min-ms",
+            "60000",
+        ];
+        args.extend_from_slice(extra);
+        Proxy::start(&self.primary.url(), &args)
+    }
+
+    fn reports(&self) -> Vec<sonic_rs::Value> {
+        std::fs::read_to_string(&self.report)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| sonic_rs::from_str(l).ok())
+            .collect()
+    }
+}
+
+/// The client backends of [`DB`] on `inst` (pgprism's shadow connections; the tests' own
+/// observers connect to `postgres`).
+fn backends_sql() -> String {
+    format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{DB}' \
+         AND backend_type = 'client backend'"
+    )
+}
+
+fn observer(inst: &Instance) -> postgres::Client {
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        inst.port()
+    );
+    postgres::Client::connect(&conninfo, postgres::NoTls).expect("observer connects")
+}
+
+/// Samples, until `stop`, pgprism's connections to `inst`; returns the most seen at once and
+/// the number of samples.
+fn sample_backends(
+    inst: &Instance,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(i64, usize)> {
+    let mut c = observer(inst);
+    std::thread::spawn(move || {
+        let count = c.prepare(&backends_sql()).unwrap();
+        let (mut most, mut samples) = (0, 0);
+        while !stop.load(Ordering::Acquire) {
+            let seen: i64 = c.query_one(&count, &[]).unwrap().get(0);
+            most = most.max(seen);
+            samples += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (most, samples)
+    })
+}
+
+/// Statements judged so far: compared ones (those with differences included) and skipped.
+fn judged(proxy: &Proxy) -> u64 {
+    proxy.metric("pgprism_compare_statements_total") + proxy.metric("pgprism_compare_skipped_total")
+}
+
+fn wait_judged(proxy: &Proxy, statements: u64) {
+    let caught_up = eventually(Duration::from_secs(120), || judged(proxy) >= statements);
+    assert!(
+        caught_up,
+        "the shadow did not catch up: {} of {statements} judged\n{}",
+        judged(proxy),
+        proxy.log()
+    );
+}
+
+fn pgbench(proxy: &Proxy, args: &[&str]) -> String {
+    let port = proxy.port().to_string();
+    let out = Command::new("pgbench")
+        .args(["-n", "-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
+        .args(args)
+        .arg(DB)
+        .output()
+        .expect("run pgbench");
+    assert!(
+        out.status.success(),
+        "pgbench {args:?}: {}\nproxy log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        proxy.log()
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// count:md5 of the rows of `t`, order-independent.
+fn checksum(inst: &Instance) -> String {
+    inst.psql_db(
+        DB,
+        "SELECT count(*) || ':' || coalesce(md5(string_agg(r, '|' ORDER BY r)), '') \
+         FROM (SELECT (client, id, v)::text AS r FROM t) x",
+    )
+    .expect("checksum")
+}
+
+const TABLE: &str = "CREATE TABLE t (client int, id int, v int, PRIMARY KEY (client, id));";
+
+/// Each transaction: a write of the client's own row, a read of it, and a read of a shared
+/// table, inside BEGIN..END; then an autocommit read.
+const SCRIPT: &str = "\\set id random(1, 1000000000)
+BEGIN;
+INSERT INTO t VALUES (:client_id, :id, 1) ON CONFLICT (client, id) DO UPDATE SET v = t.v + 1;
+SELECT v FROM t WHERE client = :client_id AND id = :id;
+SELECT count(*) FROM shared;
+END;
+SELECT count(*) FROM t WHERE client = :client_id;
+";
+/// Statements per transaction of [`SCRIPT`].
+const SCRIPT_STATEMENTS: u64 = 6;
+
+fn many_clients_on_a_small_pool(name: &str, mode: &str) {
+    let p = pair(name);
+    p.both(TABLE);
+    p.both("CREATE TABLE shared AS SELECT g FROM generate_series(1, 10) g;");
+    let script =
+        std::env::temp_dir().join(format!("pgprism-cpool-{}-{name}.sql", std::process::id()));
+    std::fs::write(&script, SCRIPT).expect("write the script");
+    // Room for a loaded test machine: a session gives up on the shadow only past this.
+    let proxy = p.proxy(&["--compare-shadow-timeout-ms", "120000"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = sample_backends(&p.shadow, stop.clone());
+    let (clients, per_client) = (200u64, 4u64);
+    pgbench(
+        &proxy,
+        &[
+            "-M",
+            mode,
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "4",
+            "-t",
+            &per_client.to_string(),
+            "-f",
+            &script.display().to_string(),
+        ],
+    );
+    let _ = std::fs::remove_file(&script);
+    let statements = clients * per_client * SCRIPT_STATEMENTS;
+    wait_judged(&proxy, statements);
+    stop.store(true, Ordering::Release);
+    let (most, samples) = sampler.join().expect("sampler");
+    let compared = proxy.metric("pgprism_compare_statements_total");
+    let mismatches = proxy.metric("pgprism_compare_mismatches_total");
+    eprintln!(
+        "{clients} clients -M {mode}, shadow pool {POOL}: {compared} of {statements} compared, \
+         {mismatches} mismatches, {} inconclusive, {} skipped, at most {most} shadow backends \
+         in {samples} samples, {} lends, {} order waits expired, {} lock breaks",
+        proxy.metric("pgprism_compare_inconclusive_concurrent_total"),
+        proxy.metric("pgprism_compare_skipped_total"),
+        proxy.metric("pgprism_shadow_pool_lends_total"),
+        proxy.metric("pgprism_compare_order_waits_expired_total"),
+        proxy.metric("pgprism_compare_order_lock_breaks_total"),
+    );
+    assert_eq!(mismatches, 0, "{:?}", p.reports().first());
+    let log = proxy.log();
+    let tail: Vec<&str> = log.lines().rev().take(10).collect();
+    assert_eq!(
+        compared,
+        statements,
+        "every statement compared (rollbacks {}, begins {}, shadow timeouts {}, lost {}, wait timeouts {}); log: {tail:#?}; reports: {:?}",
+        proxy.metric("pgprism_compare_rollbacks_total"),
+        proxy.metric("pgprism_compare_begins_total"),
+        proxy.metric("pgprism_compare_shadow_timeouts_total"),
+        proxy.metric("pgprism_compare_shadow_lost_total"),
+        proxy.metric("pgprism_shadow_pool_wait_timeouts_total"),
+        p.reports()
+            .iter()
+            .filter(|r| !r["shadow"]["sqlstate"].is_null() || !r["primary"]["sqlstate"].is_null())
+            .take(3)
+            .map(|r| format!(
+                "{} | p {} {} | s {} {}",
+                r["statement"].as_str().unwrap_or(""),
+                r["primary"]["sqlstate"].as_str().unwrap_or(""),
+                r["primary"]["message"].as_str().unwrap_or(""),
+                r["shadow"]["sqlstate"].as_str().unwrap_or(""),
+                r["shadow"]["message"].as_str().unwrap_or("")
+            ))
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(proxy.metric("pgprism_compare_shadow_timeouts_total"), 0);
+    assert_eq!(proxy.metric("pgprism_compare_shadow_lost_total"), 0);
+    assert!(samples > 0);
+    assert!(
+        most <= POOL,
+        "the shadow saw {most} of pgprism's connections (pool {POOL})"
+    );
+    assert!(
+        proxy.metric("pgprism_shadow_pool_lends_total") >= clients,
+        "the sessions borrowed their shadow connections"
+    );
+    assert_eq!(
+        checksum(&p.primary),
+        checksum(&p.shadow),
+        "both ran every write"
+    );
+}
+
+#[test]
+fn two_hundred_clients_compare_on_ten_shadow_connections() {
+    many_clients_on_a_small_pool("simple", "simple");
+}
+
+#[test]
+fn pgbench_prepared_statements_survive_the_pooled_shadow() {
+    many_clients_on_a_small_pool("prep", "prepared");
+}
+
+/// Sessions with their own `search_path` (and statements whose names other sessions use for
+/// other texts) interleave on the pool: each must find its own schema and statements on
+/// whichever connection it gets.
+#[test]
+fn settings_and_prepared_statements_follow_each_session() {
+    let p = pair("set");
+    p.both(
+        "CREATE SCHEMA s0; CREATE SCHEMA s1;
+         CREATE TABLE s0.k (v int); INSERT INTO s0.k VALUES (0);
+         CREATE TABLE s1.k (v int); INSERT INTO s1.k VALUES (1), (1);",
+    );
+    let proxy = p.proxy(&[]);
+    let sessions = 24usize;
+    let rounds = 15usize;
+    let threads: Vec<_> = (0..sessions)
+        .map(|i| {
+            let conninfo = format!(
+                "host=127.0.0.1 port={} user=postgres dbname={DB}",
+                proxy.port()
+            );
+            std::thread::spawn(move || {
+                let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+                let schema = i % 2;
+                c.batch_execute(&format!("SET search_path = s{schema}, public"))
+                    .unwrap();
+                // The crate names statements s0, s1, ... per connection: the same names
+                // carry other texts in other sessions.
+                let mine = c
+                    .prepare(&format!("SELECT sum(v)::int + {i} FROM k"))
+                    .unwrap();
+                let count = c.prepare("SELECT count(*)::int FROM k").unwrap();
+                for _ in 0..rounds {
+                    let sum: i32 = c.query_one(&mine, &[]).unwrap().get(0);
+                    assert_eq!(sum as usize, schema * 2 + i);
+                    let mut tx = c.transaction().unwrap();
+                    let n: i32 = tx.query_one(&count, &[]).unwrap().get(0);
+                    assert_eq!(n as usize, schema + 1);
+                    tx.commit().unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client");
+    }
+    // Per round: two prepared executions, BEGIN and COMMIT; per session the SET.
+    let statements = (sessions * (1 + rounds * 4)) as u64;
+    wait_judged(&proxy, statements);
+    let mismatches = proxy.metric("pgprism_compare_mismatches_total");
+    assert_eq!(mismatches, 0, "{:?}", p.reports().first());
+    assert!(proxy.metric("pgprism_compare_statements_total") >= statements);
+    assert!(
+        proxy.metric("pgprism_shadow_pool_settings_applied_total") > 0,
+        "some lend brought a connection to a session's settings"
+    );
+    assert!(
+        proxy.metric("pgprism_shadow_pool_reprepares_total") > 0,
+        "some lend prepared a session's statements again"
+    );
+}
+
+/// [`SCRIPT`], then a read of a column the shadow has with another type, and client 7's own
+/// write and read of a table whose writes the shadow alters (no other session touches it, so
+/// its reads are never concurrent with another's writes).
+const DIVERGENT_SCRIPT: &str = "\\set id random(1, 1000000000)
+BEGIN;
+INSERT INTO t VALUES (:client_id, :id, 1) ON CONFLICT (client, id) DO UPDATE SET v = t.v + 1;
+SELECT v FROM t WHERE client = :client_id AND id = :id;
+SELECT count(*) FROM shared;
+END;
+SELECT count(*) FROM t WHERE client = :client_id;
+SELECT n FROM typed WHERE id = 1;
+\\if :client_id = 7
+INSERT INTO skewed VALUES (:id, 1);
+SELECT v FROM skewed WHERE id = :id;
+\\endif
+";
+
+#[test]
+fn a_divergence_on_the_shadow_is_still_a_mismatch() {
+    let p = pair("div");
+    p.both(TABLE);
+    p.both("CREATE TABLE shared AS SELECT g FROM generate_series(1, 10) g;");
+    p.both("CREATE TABLE skewed (id int PRIMARY KEY, v int);");
+    p.primary
+        .psql_db(
+            DB,
+            "CREATE TABLE typed (id int PRIMARY KEY, n int); INSERT INTO typed VALUES (1, 7)",
+        )
+        .expect("typed");
+    p.shadow
+        .psql_db(
+            DB,
+            "CREATE TABLE typed (id int PRIMARY KEY, n bigint); INSERT INTO typed VALUES (1, 7)",
+        )
+        .expect("typed");
+    p.shadow
+        .psql_db(
+            DB,
+            "CREATE FUNCTION skew() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN NEW.v := NEW.v + 1000; RETURN NEW; END $$;
+             CREATE TRIGGER skew BEFORE INSERT ON skewed FOR EACH ROW EXECUTE FUNCTION skew();",
+        )
+        .expect("the shadow's trigger");
+    let proxy = p.proxy(&[]);
+    let script = std::env::temp_dir().join(format!("pgprism-cpool-{}-div.sql", std::process::id()));
+    std::fs::write(&script, DIVERGENT_SCRIPT).expect("write the script");
+    let (clients, per_client) = (40u64, 3u64);
+    pgbench(
+        &proxy,
+        &[
+            "-c",
+            &clients.to_string(),
+            "-j",
+            "2",
+            "-t",
+            &per_client.to_string(),
+            "-f",
+            &script.display().to_string(),
+        ],
+    );
+    let _ = std::fs::remove_file(&script);
+    let statements = clients * per_client * (SCRIPT_STATEMENTS + 1) + per_client * 2;
+    wait_judged(&proxy, statements);
+    let mismatches = |prefix: &str, kind: &str| {
+        p.reports()
+            .iter()
+            .filter(|r| {
+                r["record"].as_str() == Some("mismatch")
+                    && r["statement"]
+                        .as_str()
+                        .is_some_and(|s| s.starts_with(prefix))
+                    && r["kinds"]
+                        .as_array()
+                        .is_some_and(|k| k.iter().any(|k| k.as_str() == Some(kind)))
+            })
+            .count() as u64
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            mismatches("SELECT v FROM skewed", "values") == per_client
+                && mismatches("SELECT n FROM typed", "column_types") == clients * per_client
+        }),
+        "every altered write and every read of the other type is a mismatch: {} and {}",
+        mismatches("SELECT v FROM skewed", "values"),
+        mismatches("SELECT n FROM typed", "column_types"),
+    );
+    assert_eq!(
+        proxy.metric("pgprism_compare_mismatches_total"),
+        per_client + clients * per_client,
+        "nothing else differs"
+    );
+}
+
+/// A client that leaves inside a transaction block (and one with a statement still running
+/// on the shadow) leaves the pool no connection in a transaction, and no row of it.
+#[test]
+fn a_client_leaving_mid_transaction_leaves_no_dirty_shadow_connection() {
+    let p = pair("left");
+    p.both("CREATE TABLE t (v int);");
+    let proxy = p.proxy(&["--compare-shadow-timeout-ms", "20000"]);
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres dbname={DB}",
+        proxy.port()
+    );
+    for _ in 0..3 {
+        let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+        c.batch_execute("BEGIN; INSERT INTO t VALUES (1);").unwrap();
+        c.batch_execute("INSERT INTO t VALUES (2)").unwrap();
+        drop(c);
+    }
+    // Leaves while the shadow still runs its statement.
+    let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    c.batch_execute("BEGIN; INSERT INTO t VALUES (3);").unwrap();
+    drop(c);
+    let mut watch = observer(&p.shadow);
+    let in_block = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{DB}' \
+         AND state LIKE 'idle in transaction%'"
+    );
+    let clean = eventually(Duration::from_secs(20), || {
+        let n: i64 = watch.query_one(&in_block, &[]).unwrap().get(0);
+        n == 0
+    });
+    assert!(clean, "a shadow connection stayed in a transaction block");
+    // The next sessions get clean connections: no row of the ones that left, and their own
+    // transactions compare equal.
+    let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    for _ in 0..5 {
+        let n: i64 = c.query_one("SELECT count(*) FROM t", &[]).unwrap().get(0);
+        assert_eq!(n, 0);
+        let mut tx = c.transaction().unwrap();
+        tx.execute("INSERT INTO t VALUES (9)", &[]).unwrap();
+        tx.rollback().unwrap();
+    }
+    drop(c);
+    assert!(eventually(Duration::from_secs(20), || {
+        proxy.metric("pgprism_compare_statements_total") >= 5 * 4
+    }));
+    assert_eq!(
+        proxy.metric("pgprism_compare_mismatches_total"),
+        0,
+        "{:?}",
+        p.reports()
+    );
+    assert_eq!(
+        p.shadow
+            .psql_db(DB, "SELECT count(*) FROM t")
+            .expect("count")
+            .trim(),
+        "0",
+        "what the clients that left wrote was rolled back on the shadow"
+    );
+}
+
+/// A session that creates a temporary table (and one that listens) is pinned to its shadow
+/// connection: its temporary table is there in every later transaction, while other sessions
+/// share the rest of the pool; once it leaves, the connection is reset before anyone else
+/// gets it.
+#[test]
+fn what_cannot_be_shared_pins_the_session_to_its_shadow_connection() {
+    let p = pair("pin");
+    p.both("CREATE TABLE t (v int);");
+    let proxy = p.proxy(&[]);
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres dbname={DB}",
+        proxy.port()
+    );
+    let others: Vec<_> = (0..12)
+        .map(|i| {
+            let conninfo = conninfo.clone();
+            std::thread::spawn(move || {
+                let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+                for _ in 0..20 {
+                    let mut tx = c.transaction().unwrap();
+                    tx.execute("INSERT INTO t VALUES ($1)", &[&i]).unwrap();
+                    tx.commit().unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut pinned = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    pinned
+        .batch_execute("CREATE TEMP TABLE mine (v int); INSERT INTO mine VALUES (1), (2)")
+        .unwrap();
+    let mut listener = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    listener.batch_execute("LISTEN jobs").unwrap();
+    for round in 0..10 {
+        let mut tx = pinned.transaction().unwrap();
+        tx.execute("INSERT INTO mine VALUES ($1)", &[&round])
+            .unwrap();
+        let n: i64 = tx
+            .query_one("SELECT count(*) FROM mine", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 3 + round as i64);
+        tx.commit().unwrap();
+        listener.batch_execute("SELECT 1").unwrap();
+    }
+    for t in others {
+        t.join().expect("client");
+    }
+    // 12 x 20 x 3 (BEGIN, INSERT, COMMIT), the temporary table's 2 + 10 x 4 statements, and
+    // the listener's LISTEN and 10 SELECTs.
+    let statements = 12 * 20 * 3 + 2 + 10 * 4 + 11;
+    wait_judged(&proxy, statements);
+    assert_eq!(
+        proxy.metric("pgprism_compare_mismatches_total"),
+        0,
+        "{:?}",
+        p.reports()
+    );
+    assert_eq!(proxy.metric("pgprism_compare_statements_total"), statements);
+    assert_eq!(proxy.metric("pgprism_shadow_pool_pins_total"), 2);
+    drop(pinned);
+    drop(listener);
+    // Back in the pool reset (DISCARD ALL): no connection keeps the temporary table.
+    let temp_tables = "SELECT count(*) FROM pg_class WHERE relpersistence = 't'";
+    let mut shadow_db = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname={DB}",
+            p.shadow.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let n: i64 = shadow_db.query_one(temp_tables, &[]).unwrap().get(0);
+            n == 0
+        }),
+        "the pinned connection was reset (DISCARD ALL) when its session left"
+    );
+}
