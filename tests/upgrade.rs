@@ -731,6 +731,68 @@ fn run_with_embedded_servers_upgrades_and_the_new_process_adopts_them() {
     }
 }
 
+#[test]
+fn a_new_process_that_fails_leaves_the_embedded_servers_to_the_old_one() {
+    let dir = scratch("embed-fail");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.join("pgprism.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nshards = 1\npin-cores = false\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\
+             [primary]\nurl = \"postgres://postgres:fail-pw@127.0.0.1:{port}\"\n\
+             [embed]\nstate-dir = \"{}\"\nrestart-backoff-ms = 50\n\
+             [[embed.instance]]\nname = \"db\"\nport = {port}\npassword = \"fail-pw\"\n",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    // The new process gets as far as its supervisor (waiting to adopt) and its shards, then
+    // a shard fails: it stops with an error, and must not have touched the servers.
+    let failpoint = [("PGPRISM_FAILPOINTS", "upgrade-shard-ring=error")];
+    let proxy = Upgradable::start_with(&dir, &["run", "--config", &config], &failpoint);
+    let first = proxy.pid().unwrap();
+    let pid = server_pid(proxy.admin, "db").expect("db runs");
+    let conninfo = format!("{} password=fail-pw", proxy.conninfo());
+    let mut session = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    signal(first, libc::SIGUSR2);
+    proxy.wait_log("upgrade failed");
+    assert!(
+        proxy.log().contains("a shard stopped during start-up"),
+        "{}",
+        proxy.log()
+    );
+    assert_eq!(proxy.pid(), Some(first));
+    assert_eq!(server_pid(proxy.admin, "db"), Some(pid), "{}", proxy.log());
+    assert!(!gone(pid));
+    session.simple_query("SELECT 1").unwrap();
+    // Still the old process's to supervise: it restarts a killed postmaster.
+    drop(session);
+    signal(pid, libc::SIGKILL);
+    assert!(
+        eventually(DEADLINE, || server_pid(proxy.admin, "db")
+            .is_some_and(|p| p != pid)),
+        "{}",
+        proxy.log()
+    );
+    assert!(
+        eventually(DEADLINE, || postgres::Client::connect(
+            &conninfo,
+            postgres::NoTls
+        )
+        .and_then(|mut c| c.simple_query("SELECT 2"))
+        .is_ok()),
+        "{}",
+        proxy.log()
+    );
+}
+
 /// The data directory of a running server (its working directory), if readable.
 fn instances_dir(_dir: &Path, pid: u32) -> Option<PathBuf> {
     std::fs::read_link(format!("/proc/{pid}/cwd")).ok()

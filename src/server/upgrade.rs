@@ -890,6 +890,44 @@ mod tests {
     }
 
     #[test]
+    fn released_parts_are_heard_in_any_order_and_a_closed_channel_means_gone() {
+        let (old, new) = socket2::Socket::pair(
+            socket2::Domain::UNIX,
+            socket2::Type::SEQPACKET.cloexec(),
+            None,
+        )
+        .unwrap();
+        let sender = ReleaseSender {
+            channel: old.into(),
+        };
+        let mut release = Release {
+            channel: Some(new),
+            said: Vec::new(),
+        };
+        // Nothing said yet: the wait ends at its limit.
+        assert_eq!(
+            release.wait_for("embed", Duration::from_millis(50)),
+            Released::TimedOut
+        );
+        sender.released("cdc");
+        sender.released("embed");
+        assert_eq!(
+            release.wait_for("embed", Duration::from_secs(5)),
+            Released::Said
+        );
+        // Heard while waiting for the other one, kept for its own wait.
+        assert_eq!(
+            release.wait_for("cdc", Duration::from_millis(1)),
+            Released::Said
+        );
+        drop(sender);
+        assert_eq!(
+            release.wait_for("cdc", Duration::from_secs(5)),
+            Released::Gone
+        );
+    }
+
+    #[test]
     fn a_bare_program_name_is_found_on_path_and_a_relative_path_made_absolute() {
         let found = resolve(Path::new("sh")).expect("sh on PATH");
         assert!(found.is_absolute() && found.ends_with("sh"), "{found:?}");
