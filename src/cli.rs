@@ -819,7 +819,9 @@ fn package_assets(out: &std::path::Path) -> std::io::Result<()> {
 /// `pgprism run`: everything the file configures. Embedded servers start first (the proxy's
 /// primary or the CDC source may be one of them), then CDC on its own thread, then the proxy;
 /// the admin endpoint serves all their routes. On SIGTERM the proxy drains, then CDC stops
-/// (its position is checkpointed as always), then the servers stop.
+/// (its position is checkpointed as always), then the servers stop. On SIGUSR2 (with a
+/// proxy) the servers and CDC move to the new process: it adopts the servers and starts CDC
+/// once this one has let go of them (`server::Movable`).
 fn run_main(cfg: Config, reload: crate::server::Reload, pid_file: Option<PathBuf>) -> ExitCode {
     if let Err(err) = crate::server::check(&cfg) {
         return report(&err);
@@ -833,8 +835,13 @@ fn run_main(cfg: Config, reload: crate::server::Reload, pid_file: Option<PathBuf
     crate::server::signals::block();
     let mut routes: Vec<crate::control::ExtraRoutes> = Vec::new();
     let mut supervisor = None;
+    // With a proxy, SIGUSR2 hands everything to a new process: the servers must outlive this
+    // one, and a process an upgrade started adopts its predecessor's servers rather than
+    // starting its own (once the predecessor has let go of them).
+    let upgradable = has_proxy;
+    let adopting = has_proxy && crate::server::started_by_upgrade();
     if has_embed {
-        match start_supervisor(&cfg) {
+        match start_supervisor(&cfg, upgradable, adopting) {
             Ok(sup) => {
                 routes.push(crate::embed::admin_routes(sup.handle()));
                 supervisor = Some(sup);
@@ -856,23 +863,33 @@ fn run_main(cfg: Config, reload: crate::server::Reload, pid_file: Option<PathBuf
     }
     let routes = compose_routes(routes);
     let result = if has_proxy {
-        let movable = cdc.as_ref().map(|cdc| {
+        let mut movable = Vec::new();
+        if let Some(sup) = &supervisor {
+            let (old, new) = (sup.handle(), sup.handle());
+            movable.push(crate::server::Movable {
+                name: "embed",
+                release: Box::new(move || {
+                    old.release();
+                    true
+                }),
+                take_over: Box::new(move |released| adopt_servers(&new, released)),
+                wait: std::time::Duration::from_millis(cfg.embed.handover_timeout_ms),
+            });
+        }
+        if let Some(cdc) = &cdc {
             let (old, new) = (cdc.clone(), cdc.clone());
-            crate::server::Movable {
+            movable.push(crate::server::Movable {
+                name: "cdc",
                 release: Box::new(move || old.release()),
-                take_over: Box::new(move |release| new.take_over(release)),
-            }
-        });
+                take_over: Box::new(move |released| new.take_over(released)),
+                wait: std::time::Duration::from_millis(cfg.cdc.handover_timeout_ms),
+            });
+        }
         let opts = crate::server::Options {
             routes,
             reload: Some(reload),
             pid_file,
-            // The servers are our children: they cannot move to a new process, and a second
-            // copy would fight the first over ports and data directories.
-            upgrade_refused: has_embed.then_some(
-                "this process also runs embedded servers, which cannot be handed to a new \
-                 binary; restart it to run a new version",
-            ),
+            upgrade_refused: None,
             movable,
         };
         crate::server::run_proxy_with(&cfg, opts, print_ready).map_err(RunError::Proxy)
@@ -944,13 +961,14 @@ impl RunCdc {
         Ok(())
     }
 
-    /// In a process an upgrade started, once it serves: waits (up to
-    /// `cdc.handover-timeout-ms`) for the old process to release CDC and for the slot to be
+    /// In a process an upgrade started, once the old process has released CDC (or did not
+    /// within `cdc.handover-timeout-ms`): waits (up to the same again) for the slot to be
     /// free, then starts CDC from the checkpoint.
-    fn take_over(&self, release: crate::server::Release) {
+    fn take_over(&self, released: crate::server::Released) {
+        // The release took part of the limit already; the slot gets as long again at most.
         let limit = std::time::Duration::from_millis(self.cfg.handover_timeout_ms);
         let deadline = std::time::Instant::now() + limit;
-        match release.wait(limit) {
+        match released {
             crate::server::Released::Said => {
                 tracing::info!("upgrade: the old process stopped its CDC; starting it here");
             }
@@ -1086,18 +1104,63 @@ fn run_embed_only(cfg: &Config, pid_file: Option<&std::path::Path>) -> ExitCode 
 }
 
 /// Starts the embed supervisor and every configured instance, one ready line each.
-fn start_supervisor(cfg: &Config) -> Result<crate::embed::Supervisor, crate::embed::EmbedError> {
-    crate::embed::Supervisor::start(crate::embed::SupervisorSettings::from_config(&cfg.embed))
-        .and_then(|sup| {
-            for inst in &cfg.embed.instance {
-                let info = sup.add(crate::embed::instance_config(&cfg.embed, inst)?)?;
-                println!(
-                    "pgprism embed: instance {} ready on port {} passfile {}",
-                    info.name, info.port, info.passfile
+/// `upgradable`: the servers outlive this process (an upgrade hands them over); `adopting`:
+/// this process was started by an upgrade and adopts its predecessor's servers once it has
+/// released them ([`adopt_servers`]), starting none now.
+fn start_supervisor(
+    cfg: &Config,
+    upgradable: bool,
+    adopting: bool,
+) -> Result<crate::embed::Supervisor, crate::embed::EmbedError> {
+    let mut settings = crate::embed::SupervisorSettings::from_config(&cfg.embed);
+    if adopting {
+        // The process that started this one: the one being replaced.
+        // SAFETY: getppid has no preconditions and cannot fail.
+        settings.adopt_from = Some(unsafe { libc::getppid() } as u32);
+    }
+    crate::embed::Supervisor::start(settings).and_then(|sup| {
+        for inst in &cfg.embed.instance {
+            let mut instance = crate::embed::instance_config(&cfg.embed, inst)?;
+            instance.outlive_parent = upgradable;
+            if adopting {
+                sup.add_pending(instance)?;
+                continue;
+            }
+            let info = sup.add(instance)?;
+            println!(
+                "pgprism embed: instance {} ready on port {} passfile {}",
+                info.name, info.port, info.passfile
+            );
+        }
+        Ok(sup)
+    })
+}
+
+/// In a process an upgrade started, once the old one has let go of its servers (or could
+/// not say so in time): adopts each where it runs, or starts it afresh if it is gone.
+fn adopt_servers(handle: &crate::embed::SupervisorHandle, released: crate::server::Released) {
+    if released == crate::server::Released::TimedOut {
+        tracing::warn!(
+            "upgrade: the old process did not release its embedded servers within \
+             embed.handover-timeout-ms; adopting them all the same"
+        );
+    }
+    match handle.adopt() {
+        Ok(instances) => {
+            for info in instances {
+                tracing::info!(
+                    instance = %info.name,
+                    pid = info.pid.unwrap_or(0),
+                    port = info.port,
+                    state = ?info.state,
+                    "upgrade: embedded server taken over"
                 );
             }
-            Ok(sup)
-        })
+        }
+        Err(err) => {
+            tracing::error!(error = %error_chain(&err), "upgrade: cannot adopt the embedded servers")
+        }
+    }
 }
 
 /// Several subsystems' admin routes as one: the first that answers a request wins.

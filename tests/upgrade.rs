@@ -127,6 +127,15 @@ impl Upgradable {
         );
     }
 
+    /// Waits (bounded) until the shared log says `what` `times` times.
+    fn wait_log_count(&self, what: &str, times: usize) {
+        assert!(
+            eventually(DEADLINE, || self.log().matches(what).count() >= times),
+            "the log never said `{what}` {times} times:\n{}",
+            self.log()
+        );
+    }
+
     /// The pid of the new process the serving one started for the last SIGUSR2, from its log.
     fn successor_pid(&self) -> u32 {
         let log = self.log();
@@ -561,10 +570,171 @@ fn embed_refuses_an_upgrade_keeps_its_servers_and_they_want_a_password() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `GET /instances` of a `pgprism run`: (name, state, pid, restarts) of each server.
+fn instances(admin: SocketAddr) -> Vec<(String, String, Option<u32>, u64)> {
+    let (code, body) = http_get(admin, "/instances");
+    assert_eq!(code, 200, "{body}");
+    let list: sonic_rs::Value = sonic_rs::from_str(&body).expect("json");
+    use sonic_rs::{JsonContainerTrait, JsonValueTrait};
+    list.as_array()
+        .expect("a list")
+        .iter()
+        .map(|i| {
+            (
+                i["name"].as_str().unwrap_or_default().to_string(),
+                i["state"].as_str().unwrap_or_default().to_string(),
+                i["pid"].as_u64().map(|p| p as u32),
+                i["restarts"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+/// The pid of server `name`, once it runs.
+fn server_pid(admin: SocketAddr, name: &str) -> Option<u32> {
+    instances(admin)
+        .into_iter()
+        .find(|(n, state, _, _)| n == name && state == "running")
+        .and_then(|(_, _, pid, _)| pid)
+}
+
+/// A client that writes through the proxy without pause, one connection per row (as an
+/// application with a pool being recycled): every row it counts was committed.
+fn proxy_writer(
+    conninfo: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Result<i64, String>> {
+    std::thread::spawn(move || {
+        let mut written = 0i64;
+        while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            let mut client = postgres::Client::connect(&conninfo, postgres::NoTls)
+                .map_err(|e| format!("connect after {written} rows: {e:?}"))?;
+            client
+                .execute("INSERT INTO written VALUES ($1)", &[&(written as i32 + 1)])
+                .map_err(|e| format!("insert after {written} rows: {e:?}"))?;
+            written += 1;
+        }
+        Ok(written)
+    })
+}
+
 #[test]
-fn run_with_embedded_servers_logs_why_it_refuses_an_upgrade_and_keeps_serving() {
+fn run_with_embedded_servers_upgrades_and_the_new_process_adopts_them() {
     let dir = scratch("run-embed");
-    let server = std::net::TcpListener::bind("127.0.0.1:0")
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (disk_port, ram_port) = (free_port(), free_port());
+    let config = dir.join("pgprism.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\nshards = 1\npin-cores = false\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\
+             [primary]\nurl = \"postgres://postgres:run-pw@127.0.0.1:{disk_port}\"\n\
+             [embed]\nstate-dir = \"{state}\"\nrestart-backoff-ms = 50\n\
+             [[embed.instance]]\nname = \"disk\"\nport = {disk_port}\npassword = \"run-pw\"\n\
+             data = \"{data}\"\n\
+             [[embed.instance]]\nname = \"ram\"\nport = {ram_port}\npassword = \"ram-pw\"\n",
+            state = dir.join("state").display(),
+            data = dir.join("disk").display(),
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let mut proxy = Upgradable::start(&dir, &["run", "--config", &config]);
+    let first = proxy.pid().unwrap();
+    let conninfo = format!("{} password=run-pw", proxy.conninfo());
+    postgres::Client::connect(&conninfo, postgres::NoTls)
+        .unwrap()
+        .batch_execute("CREATE TABLE written (id int PRIMARY KEY)")
+        .unwrap();
+    let ram_url =
+        format!("host=127.0.0.1 port={ram_port} user=postgres password=ram-pw dbname=postgres");
+    let mut ram = postgres::Client::connect(&ram_url, postgres::NoTls).unwrap();
+    ram.batch_execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('in RAM')")
+        .unwrap();
+    let pids = |proxy: &Upgradable| {
+        (
+            server_pid(proxy.admin, "disk").expect("disk runs"),
+            server_pid(proxy.admin, "ram").expect("ram runs"),
+        )
+    };
+    let (disk_pid, ram_pid) = pids(&proxy);
+
+    // Upgraded while a client writes through the proxy: the new process adopts both servers
+    // where they run (same pids), and the old one leaves them running when it exits.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writing = proxy_writer(conninfo.clone(), stop.clone());
+    let second = proxy.upgrade();
+    proxy.wait_log("upgrade: embedded server taken over");
+    assert!(eventually(DEADLINE, || gone(first)), "{}", proxy.log());
+    assert_eq!(pids(&proxy), (disk_pid, ram_pid), "{}", proxy.log());
+    assert!(!gone(disk_pid) && !gone(ram_pid));
+    // The in-memory server kept its data (its tmpfs directory is not tied to a process).
+    let rows = ram
+        .simple_query("SELECT v FROM kept")
+        .expect("the RAM server still serves");
+    let kept = rows.iter().find_map(|m| match m {
+        postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(kept.as_deref(), Some("in RAM"));
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let written = writing
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}\n{}", proxy.log()));
+    assert!(written > 0);
+
+    // The new process supervises them: a killed postmaster is restarted by it, on its data.
+    signal(disk_pid, libc::SIGKILL);
+    let restarted = eventually(DEADLINE, || {
+        server_pid(proxy.admin, "disk").is_some_and(|pid| pid != disk_pid)
+    });
+    assert!(
+        restarted,
+        "not restarted:\n{:?}\n{}",
+        instances(proxy.admin),
+        proxy.log()
+    );
+    let mut client = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    let count: i64 = client
+        .query_one("SELECT count(*) FROM written", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(count, written, "rows written through the upgrade");
+    drop(client);
+
+    // Once more, with a server the new process started itself (its child) among them.
+    let (disk_pid, ram_pid) = pids(&proxy);
+    let third = proxy.upgrade();
+    proxy.wait_log_count("upgrade: embedded server taken over", 4);
+    assert!(eventually(DEADLINE, || gone(second)), "{}", proxy.log());
+    assert_eq!(pids(&proxy), (disk_pid, ram_pid), "{}", proxy.log());
+
+    // A stop (what `systemctl stop` sends) stops them with the process that supervises them.
+    let ram_dir = instances_dir(&dir, ram_pid);
+    signal(third, libc::SIGTERM);
+    assert!(eventually(DEADLINE, || gone(third)), "{}", proxy.log());
+    assert!(
+        gone(disk_pid) && gone(ram_pid),
+        "servers outlived the stop:\n{}",
+        proxy.log()
+    );
+    if let Some(ram_dir) = ram_dir {
+        assert!(!ram_dir.exists(), "{} left behind", ram_dir.display());
+    }
+}
+
+#[test]
+fn a_new_process_that_fails_leaves_the_embedded_servers_to_the_old_one() {
+    let dir = scratch("embed-fail");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
@@ -575,31 +745,57 @@ fn run_with_embedded_servers_logs_why_it_refuses_an_upgrade_and_keeps_serving() 
         format!(
             "[proxy]\nlisten = \"127.0.0.1:0\"\nshards = 1\npin-cores = false\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\
-             [primary]\nurl = \"postgres://postgres:run-pw@127.0.0.1:{server}\"\n\
-             [embed]\nstate-dir = \"{}\"\n\
-             [[embed.instance]]\nname = \"db\"\nport = {server}\npassword = \"run-pw\"\n",
+             [primary]\nurl = \"postgres://postgres:fail-pw@127.0.0.1:{port}\"\n\
+             [embed]\nstate-dir = \"{}\"\nrestart-backoff-ms = 50\n\
+             [[embed.instance]]\nname = \"db\"\nport = {port}\npassword = \"fail-pw\"\n",
             dir.join("state").display()
         ),
     )
     .unwrap();
     let config = config.display().to_string();
-    let proxy = Upgradable::start(&dir, &["run", "--config", &config]);
+    // The new process gets as far as its supervisor (waiting to adopt) and its shards, then
+    // a shard fails: it stops with an error, and must not have touched the servers.
+    let failpoint = [("PGPRISM_FAILPOINTS", "upgrade-shard-ring=error")];
+    let proxy = Upgradable::start_with(&dir, &["run", "--config", &config], &failpoint);
     let first = proxy.pid().unwrap();
-    let conninfo = format!("{} password=run-pw", proxy.conninfo());
+    let pid = server_pid(proxy.admin, "db").expect("db runs");
+    let conninfo = format!("{} password=fail-pw", proxy.conninfo());
     let mut session = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
-    session.simple_query("SELECT 1").unwrap();
     signal(first, libc::SIGUSR2);
-    proxy.wait_log("SIGUSR2: cannot upgrade: this process also runs embedded servers");
-    // Nothing else happened: the same process serves the old session and new ones.
+    proxy.wait_log("upgrade failed");
     assert!(
-        !proxy.log().contains("started the new process"),
+        proxy.log().contains("a shard stopped during start-up"),
         "{}",
         proxy.log()
     );
     assert_eq!(proxy.pid(), Some(first));
-    session.simple_query("SELECT 2").unwrap();
-    let mut fresh = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
-    fresh.simple_query("SELECT 3").unwrap();
+    assert_eq!(server_pid(proxy.admin, "db"), Some(pid), "{}", proxy.log());
+    assert!(!gone(pid));
+    session.simple_query("SELECT 1").unwrap();
+    // Still the old process's to supervise: it restarts a killed postmaster.
+    drop(session);
+    signal(pid, libc::SIGKILL);
+    assert!(
+        eventually(DEADLINE, || server_pid(proxy.admin, "db")
+            .is_some_and(|p| p != pid)),
+        "{}",
+        proxy.log()
+    );
+    assert!(
+        eventually(DEADLINE, || postgres::Client::connect(
+            &conninfo,
+            postgres::NoTls
+        )
+        .and_then(|mut c| c.simple_query("SELECT 2"))
+        .is_ok()),
+        "{}",
+        proxy.log()
+    );
+}
+
+/// The data directory of a running server (its working directory), if readable.
+fn instances_dir(_dir: &Path, pid: u32) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/cwd")).ok()
 }
 
 /// `[proxy]` settings of a test's config file, with the primary's URL.

@@ -557,6 +557,10 @@ pub struct EmbedConfig {
     pub start_timeout_ms: u64,
     /// Bound on a fast shutdown before the server is killed.
     pub stop_timeout_ms: u64,
+    /// Upgrade of a `pgprism run` (SIGUSR2): how long the new process waits for the old one
+    /// to let go of its servers (it may be in the middle of starting one) before it adopts
+    /// them all the same.
+    pub handover_timeout_ms: u64,
     /// The servers to run.
     pub instance: Vec<EmbedInstanceConfig>,
 }
@@ -574,6 +578,7 @@ impl Default for EmbedConfig {
             monitor_interval_ms: 100,
             start_timeout_ms: 30_000,
             stop_timeout_ms: 10_000,
+            handover_timeout_ms: 60_000,
             instance: Vec::new(),
         }
     }

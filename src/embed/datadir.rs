@@ -80,12 +80,25 @@ pub(super) fn sweep_stale_memory_dirs() {
             continue;
         }
         let path = entry.path();
+        // Made by a pgprism that is gone, but its server may live on: an upgrade hands the
+        // servers to the new process, which adopts them where they are.
+        if server_running_in(&path) {
+            continue;
+        }
         // Only directories that look like ours: a cluster or a half-made copy of one.
         if path.join(LOG_FILE).exists() || path.join("PG_VERSION").exists() {
             tracing::debug!(path = %path.display(), "removing stale memory data dir");
             let _ = fs::remove_dir_all(&path);
         }
     }
+}
+
+/// Whether `postmaster.pid` in `dir` names a running process (a live server there).
+fn server_running_in(dir: &Path) -> bool {
+    fs::read_to_string(dir.join("postmaster.pid"))
+        .ok()
+        .and_then(|text| text.lines().next()?.trim().parse::<libc::pid_t>().ok())
+        .is_some_and(|pid| pid > 0 && process_exists(pid))
 }
 
 fn process_exists(pid: libc::pid_t) -> bool {

@@ -28,6 +28,8 @@ const PM_STATUS_READY: &str = "ready";
 pub struct Instance {
     /// `None` once stopped, so `Drop` after `stop` does nothing.
     child: Option<Child>,
+    /// A server an upgrade's predecessor started, supervised here ([`Instance::adopt`]).
+    adopted: Option<process::Adopted>,
     host: String,
     port: u16,
     data_dir: PathBuf,
@@ -75,6 +77,7 @@ impl Instance {
         let socket_dir = socket_dir_of(&cfg, &data_dir);
         let mut instance = Instance {
             child: Some(child),
+            adopted: None,
             host: cfg.host.clone(),
             port,
             data_dir,
@@ -120,9 +123,87 @@ impl Instance {
         self.socket_dir.as_deref()
     }
 
+    /// Takes over a running server that another pgprism started (the process an upgrade
+    /// replaced): `pid` is its postmaster, checked by the caller against the registry; its
+    /// `postmaster.pid` must name it and say it is ready. Its password is the configured one,
+    /// else the one its `pgpass` keeps. From here on it is supervised and stopped like one
+    /// this process started.
+    pub fn adopt(
+        cfg: &InstanceConfig,
+        pid: u32,
+        data_dir: PathBuf,
+        port: u16,
+        memory: bool,
+    ) -> Result<Instance, EmbedError> {
+        let bins = PgBinaries::locate(cfg.bindir.as_deref())?;
+        let pidfile = data_dir.join("postmaster.pid");
+        let text = fs::read_to_string(&pidfile).map_err(EmbedError::io("read", &pidfile))?;
+        let lines: Vec<&str> = text.lines().collect();
+        let named = lines.first().and_then(|l| l.trim().parse::<u32>().ok());
+        let ready = lines.get(7).is_some_and(|l| l.trim() == PM_STATUS_READY);
+        if named != Some(pid) || !ready {
+            return Err(EmbedError::io("adopt the server in", &data_dir)(
+                std::io::Error::other(format!(
+                    "postmaster.pid names {named:?} (not {pid}) or the server is not ready"
+                )),
+            ));
+        }
+        let adopted = process::Adopted::open(pid)
+            .map_err(EmbedError::io("open a pidfd on the server in", &data_dir))?;
+        let psql = bins.program("psql");
+        let password = cfg
+            .password
+            .clone()
+            .or_else(|| datadir::kept_password(&data_dir));
+        Ok(Instance {
+            child: None,
+            adopted: Some(adopted),
+            host: cfg.host.clone(),
+            port,
+            socket_dir: socket_dir_of(cfg, &data_dir),
+            data_dir,
+            memory,
+            superuser: cfg.superuser.clone(),
+            password,
+            database: cfg.database.clone(),
+            psql_path: if psql.is_file() {
+                psql
+            } else {
+                PathBuf::from("psql")
+            },
+            stop_timeout: Duration::from_millis(cfg.stop_timeout_ms),
+        })
+    }
+
+    /// Lets go of the server without stopping it (an upgrade hands it to the new process,
+    /// which adopts it): no signal, the data directory stays, and nothing reaps it here.
+    pub fn release(mut self) {
+        // The handle goes; the process does not (dropping a `Child` neither kills nor waits).
+        drop(self.child.take());
+        drop(self.adopted.take());
+    }
+
     /// Process id of the postmaster; 0 once stopped.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        match (&self.child, &self.adopted) {
+            (Some(child), _) => child.id(),
+            (None, Some(adopted)) => adopted.pid(),
+            (None, None) => 0,
+        }
+    }
+
+    /// How the server ended once it has exited on its own (crashed, killed), for the log;
+    /// `None` while it runs. Never blocks.
+    pub fn exited(&mut self) -> Result<Option<String>, EmbedError> {
+        if let Some(adopted) = &self.adopted {
+            // Not our child: its exit status is its parent's to read.
+            return Ok(adopted
+                .exited_within(Duration::ZERO)
+                .then(|| "server exited unexpectedly".to_owned()));
+        }
+        Ok(self
+            .exit_status()?
+            .map(|status| format!("server exited unexpectedly ({status})")))
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -256,6 +337,15 @@ impl Instance {
     }
 
     fn shut_down(&mut self) -> Result<(), EmbedError> {
+        if let Some(adopted) = self.adopted.take() {
+            let result = adopted.shut_down(self.stop_timeout);
+            if self.memory {
+                datadir::remove_memory_dir(&self.data_dir);
+            }
+            let gone = result.map_err(EmbedError::io("stop server in", &self.data_dir))?;
+            tracing::debug!(gone, data_dir = %self.data_dir.display(), "PostgreSQL stopped");
+            return Ok(());
+        }
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
@@ -382,7 +472,7 @@ fn spawn_and_wait(
         .try_clone()
         .map_err(EmbedError::io("open", data_dir.join(datadir::LOG_FILE)))?;
     let program = bins.program("postgres");
-    let mut child = process::supervised_command(&program, run_as)
+    let mut child = process::supervised_command(&program, run_as, !cfg.outlive_parent)
         .arg("-D")
         .arg(data_dir)
         .stdin(Stdio::null())

@@ -10,7 +10,8 @@
 //! of running servers for cleaning up after a killed pgprism, and [`run_embed`] is
 //! `pgprism embed`: instances from the config, an admin endpoint, until SIGTERM.
 //!
-//! It must never touch a server it did not start, never run the server as root (PostgreSQL
+//! It must never touch a server it did not start (or adopt from the process an upgrade
+//! replaced, after checking it is the server that process recorded), never run the server as root (PostgreSQL
 //! refuses; we drop to an unprivileged OS user instead), never remove a data directory the
 //! caller owns ([`DataDir::Path`]), and never block without a bound: every wait here has a
 //! deadline. It is not on the proxy's hot path; it does blocking I/O and must only be used from
@@ -83,6 +84,10 @@ pub struct InstanceConfig {
     pub start_timeout_ms: u64,
     /// Bound on the wait after the fast-shutdown signal before the server is killed.
     pub stop_timeout_ms: u64,
+    /// No parent-death signal: the server outlives this process, for a `pgprism run` that
+    /// hands its servers to a new process on an upgrade (a server left by a killed pgprism
+    /// is found in the registry and stopped at the next start, or adopted by an upgrade).
+    pub outlive_parent: bool,
 }
 
 impl Default for InstanceConfig {
@@ -101,6 +106,7 @@ impl Default for InstanceConfig {
             bindir: None,
             start_timeout_ms: 30_000,
             stop_timeout_ms: 10_000,
+            outlive_parent: false,
         }
     }
 }

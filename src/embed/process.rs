@@ -68,7 +68,9 @@ fn lookup_os_user(name: &str) -> Result<OsUser, EmbedError> {
     })
 }
 
-/// A command for a PostgreSQL program that dies with the spawning thread.
+/// A command for a PostgreSQL program that dies with the spawning thread (`tied`), or that
+/// outlives this process (a `pgprism run` that may hand its servers to a new process on an
+/// upgrade: a parent-death signal would end them when the old process exits).
 ///
 /// The child gets `PR_SET_PDEATHSIG = SIGQUIT` (immediate shutdown for a postmaster), so a
 /// test process that panics, is killed, or exits without dropping its `Instance` does not
@@ -78,7 +80,7 @@ fn lookup_os_user(name: &str) -> Result<OsUser, EmbedError> {
 /// Linux clears the parent-death signal on a credential change. std applies `uid`/`gid`
 /// before it runs `pre_exec` closures (checked by the `pdeathsig_survives_uid_switch` test in
 /// `tests/embed.rs`), so setting the signal in `pre_exec` is late enough to stick.
-pub(super) fn supervised_command(program: &Path, run_as: Option<&OsUser>) -> Command {
+pub(super) fn supervised_command(program: &Path, run_as: Option<&OsUser>, tied: bool) -> Command {
     let mut cmd = Command::new(program);
     crate::subprocess::reset_signals(&mut cmd);
     if let Some(user) = run_as {
@@ -99,6 +101,9 @@ pub(super) fn supervised_command(program: &Path, run_as: Option<&OsUser>) -> Com
         "PGCLIENTENCODING",
     ] {
         cmd.env_remove(var);
+    }
+    if !tied {
+        return cmd;
     }
     let parent_pid = std::process::id();
     // SAFETY: the closure runs in the forked child before exec and only makes the
@@ -170,4 +175,82 @@ pub(super) fn shut_down(child: &mut Child, timeout: Duration) -> io::Result<Exit
     );
     child.kill()?;
     child.wait()
+}
+
+/// A server this process did not start (an upgrade's predecessor did) but supervises: held by
+/// a pidfd, so signals reach that very process even once its pid could be reused, and its
+/// exit is seen without being its parent (`pidfd_open` works on any process).
+#[derive(Debug)]
+pub(super) struct Adopted {
+    pid: u32,
+    pidfd: std::os::fd::OwnedFd,
+}
+
+impl Adopted {
+    /// Opens a pidfd on `pid`; the caller has checked that it is the recorded server.
+    pub(super) fn open(pid: u32) -> io::Result<Adopted> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the descriptor was just returned to us and is owned by nothing else.
+        let pidfd =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        Ok(Adopted { pid, pidfd })
+    }
+
+    pub(super) fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether the process has exited (a pidfd polls readable then), waiting up to `limit`.
+    pub(super) fn exited_within(&self, limit: Duration) -> bool {
+        let mut poll = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.pidfd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(limit.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut poll, 1, ms) };
+        ready > 0 && poll.revents & (libc::POLLIN | libc::POLLHUP) != 0
+    }
+
+    /// Sends `signal` to that very process (not to a later one with its pid).
+    pub(super) fn signal(&self, signal: libc::c_int) -> io::Result<()> {
+        // SAFETY: pidfd_send_signal with our pidfd, a signal number, no siginfo, no flags.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                std::os::fd::AsRawFd::as_raw_fd(&self.pidfd),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Fast shutdown (SIGINT), a bounded wait, then SIGKILL; whether it has exited. Its
+    /// parent (the old pgprism, or init once that one is gone) reaps it.
+    pub(super) fn shut_down(&self, timeout: Duration) -> io::Result<bool> {
+        if self.exited_within(Duration::ZERO) {
+            return Ok(true);
+        }
+        // ESRCH only means it exited meanwhile.
+        let _ = self.signal(libc::SIGINT);
+        if self.exited_within(timeout) {
+            return Ok(true);
+        }
+        tracing::warn!(
+            pid = self.pid,
+            "PostgreSQL ignored fast shutdown; killing it"
+        );
+        let _ = self.signal(libc::SIGKILL);
+        Ok(self.exited_within(timeout))
+    }
 }

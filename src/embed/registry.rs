@@ -144,6 +144,19 @@ impl Registry {
         fs::rename(&tmp, &path).map_err(EmbedError::io("rename", &path))
     }
 
+    /// What `pgprism_pid` recorded about its server `name`, if it is still that running
+    /// server (same start time, a `postgres` in the recorded data directory).
+    pub(super) fn live_entry_of(&self, pgprism_pid: u32, name: &str) -> Option<Entry> {
+        let path = self.dir.join(Entry::file_name(pgprism_pid, name));
+        let entry = Entry::parse(&fs::read_to_string(path).ok()?)?;
+        (entry.pgprism_pid == pgprism_pid && is_recorded_server(&entry)).then_some(entry)
+    }
+
+    /// Removes `pgprism_pid`'s entry for `name` (a server this process adopted from it).
+    pub(super) fn forget_of(&self, pgprism_pid: u32, name: &str) {
+        let _ = fs::remove_file(self.dir.join(Entry::file_name(pgprism_pid, name)));
+    }
+
     /// Forgets a server this process stopped (or saw exit).
     pub(super) fn forget(&self, name: &str) {
         let path = self.dir.join(Entry::file_name(self.own_pid, name));
@@ -156,7 +169,13 @@ impl Registry {
 
     /// Stops the servers of pgprism processes that no longer exist, removes their memory
     /// directories and their entries. Returns one line per entry cleaned, for the log.
-    pub(super) fn clean_leftovers(&self, stop_timeout: Duration) -> Vec<String> {
+    /// `spare`: a pgprism whose servers this process adopts (an upgrade's predecessor), left
+    /// alone even once it has exited.
+    pub(super) fn clean_leftovers(
+        &self,
+        stop_timeout: Duration,
+        spare: Option<u32>,
+    ) -> Vec<String> {
         let mut cleaned = Vec::new();
         let Ok(dir) = fs::read_dir(&self.dir) else {
             return cleaned;
@@ -174,6 +193,7 @@ impl Registry {
                 continue;
             };
             if entry.pgprism_pid == self.own_pid
+                || Some(entry.pgprism_pid) == spare
                 || same_process_alive(entry.pgprism_pid, entry.pgprism_start_ticks)
             {
                 continue;

@@ -92,6 +92,7 @@ pub fn instance_config(
         bindir: cfg.bindir.clone(),
         start_timeout_ms: cfg.start_timeout_ms,
         stop_timeout_ms: cfg.stop_timeout_ms,
+        outlive_parent: false,
     })
 }
 

@@ -43,6 +43,9 @@ pub struct SupervisorSettings {
     pub stop_timeout: Duration,
     /// Registry directory; see [`registry::default_state_dir`].
     pub state_dir: Option<PathBuf>,
+    /// The pgprism whose servers this one adopts ([`SupervisorHandle::adopt`]): the process
+    /// an upgrade replaces. Its registry entries are never taken for leftovers.
+    pub adopt_from: Option<u32>,
 }
 
 impl Default for SupervisorSettings {
@@ -61,6 +64,7 @@ impl SupervisorSettings {
             monitor_interval: Duration::from_millis(cfg.monitor_interval_ms),
             stop_timeout: Duration::from_millis(cfg.stop_timeout_ms),
             state_dir: cfg.state_dir.clone(),
+            adopt_from: None,
         }
     }
 }
@@ -128,6 +132,9 @@ enum Request {
     Start(String, Reply<InstanceInfo>),
     Stop(String, Reply<InstanceInfo>),
     Restart(String, Reply<InstanceInfo>),
+    AddPending(Box<InstanceConfig>, Reply<InstanceInfo>),
+    Adopt(Reply<Vec<InstanceInfo>>),
+    Release(Sender<()>),
     Shutdown(Sender<()>),
 }
 
@@ -146,6 +153,33 @@ impl SupervisorHandle {
             reason,
         })?;
         self.call(|reply| Request::Add(Box::new(cfg), reply))
+    }
+
+    /// Adds an instance without starting it: a process an upgrade started waits for the old
+    /// one to release its servers, then [`SupervisorHandle::adopt`]s them.
+    pub fn add_pending(&self, cfg: InstanceConfig) -> Result<InstanceInfo, EmbedError> {
+        validate_instance_name(&cfg.name).map_err(|reason| EmbedError::InvalidName {
+            name: cfg.name.clone(),
+            reason,
+        })?;
+        self.call(|reply| Request::AddPending(Box::new(cfg), reply))
+    }
+
+    /// Takes over, for every pending instance, the server `adopt_from` recorded for it
+    /// (found by its registry entry, checked to be that server, held by a pidfd); an instance
+    /// whose server is gone is started afresh. Supervised from here on as if started here.
+    pub fn adopt(&self) -> Result<Vec<InstanceInfo>, EmbedError> {
+        self.call(Request::Adopt)
+    }
+
+    /// Lets go of every server without stopping it (an upgrade hands them to the new
+    /// process) and ends the supervisor thread: nothing is restarted or stopped here any
+    /// more. The registry entries stay for the new process to find.
+    pub fn release(&self) {
+        let (done, wait) = crossbeam_channel::bounded(1);
+        if self.requests.send(Request::Release(done)).is_ok() {
+            let _ = wait.recv();
+        }
     }
 
     /// Starts a stopped or failed instance (clearing its restart history); a running one is
@@ -203,7 +237,7 @@ impl Supervisor {
     pub fn start(settings: SupervisorSettings) -> Result<Supervisor, EmbedError> {
         let state_dir = registry::default_state_dir(settings.state_dir.as_deref());
         let registry = Registry::open(state_dir.clone())?;
-        let leftovers = registry.clean_leftovers(settings.stop_timeout);
+        let leftovers = registry.clean_leftovers(settings.stop_timeout, settings.adopt_from);
         for line in &leftovers {
             tracing::warn!(state_dir = %registry.dir().display(), "{line}");
         }
@@ -348,6 +382,11 @@ impl SupervisorLoop {
                     let _ = done.send(());
                     return;
                 }
+                Ok(Request::Release(done)) => {
+                    self.release_all();
+                    let _ = done.send(());
+                    return;
+                }
                 Ok(request) => self.serve(request),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
@@ -414,7 +453,17 @@ impl SupervisorLoop {
                 self.publish();
                 let _ = reply.send(result);
             }
-            Request::Shutdown(_) => unreachable!("handled by the loop"),
+            Request::AddPending(cfg, reply) => {
+                let result = self.add_pending(*cfg);
+                self.publish();
+                let _ = reply.send(result);
+            }
+            Request::Adopt(reply) => {
+                let result = self.adopt_all();
+                self.publish();
+                let _ = reply.send(result);
+            }
+            Request::Shutdown(_) | Request::Release(_) => unreachable!("handled by the loop"),
         }
     }
 
@@ -447,6 +496,119 @@ impl SupervisorLoop {
                 Err(error)
             }
         }
+    }
+
+    fn add_pending(&mut self, cfg: InstanceConfig) -> Result<InstanceInfo, EmbedError> {
+        if self.find(&cfg.name).is_ok() {
+            return Err(EmbedError::DuplicateInstance { name: cfg.name });
+        }
+        let data_dir = match &cfg.data {
+            DataDir::Memory => PathBuf::new(),
+            DataDir::Path(path) => path.clone(),
+        };
+        self.slots.push(Slot {
+            cfg,
+            instance: None,
+            // Starting: not monitored, and what `adopt` looks for.
+            state: InstanceState::Starting,
+            started_at: None,
+            restarts: 0,
+            restart_times: VecDeque::new(),
+            backoff: self.settings.restart_backoff,
+            retry_at: None,
+            last_error: None,
+            data_dir,
+        });
+        Ok(self.slots[self.slots.len() - 1].info())
+    }
+
+    /// Adopts the predecessor's server of every pending slot (see
+    /// [`SupervisorHandle::adopt`]); starts afresh those whose server is gone.
+    fn adopt_all(&mut self) -> Result<Vec<InstanceInfo>, EmbedError> {
+        let Some(from) = self.settings.adopt_from else {
+            return Ok(Vec::new());
+        };
+        let mut adopted = Vec::new();
+        for index in 0..self.slots.len() {
+            if self.slots[index].state != InstanceState::Starting
+                || self.slots[index].instance.is_some()
+            {
+                continue;
+            }
+            let name = self.slots[index].cfg.name.clone();
+            let found = self.registry.live_entry_of(from, &name).and_then(|entry| {
+                let slot = &self.slots[index];
+                match Instance::adopt(
+                    &slot.cfg,
+                    entry.postmaster_pid,
+                    entry.data_dir.clone(),
+                    entry.port,
+                    entry.memory,
+                ) {
+                    Ok(instance) => Some(instance),
+                    Err(error) => {
+                        tracing::warn!(
+                            instance = %name,
+                            error = &error as &dyn std::error::Error,
+                            "cannot adopt the server the replaced process ran; starting it afresh"
+                        );
+                        None
+                    }
+                }
+            });
+            let Some(instance) = found else {
+                tracing::warn!(
+                    instance = %name,
+                    "the replaced process's server is gone; starting it afresh"
+                );
+                self.registry.forget_of(from, &name);
+                if let Err(error) = self.start_requested(index) {
+                    tracing::error!(
+                        instance = %name,
+                        error = &error as &dyn std::error::Error,
+                        "cannot start the server"
+                    );
+                }
+                adopted.push(self.slots[index].info());
+                continue;
+            };
+            let slot = &mut self.slots[index];
+            slot.cfg.port = Some(instance.port());
+            slot.data_dir = instance.data_dir().to_path_buf();
+            if let Err(error) = self.registry.record(
+                &name,
+                instance.pid(),
+                instance.data_dir(),
+                instance.port(),
+                instance.is_memory(),
+            ) {
+                tracing::warn!(
+                    instance = %name,
+                    error = &error as &dyn std::error::Error,
+                    "could not record the adopted server in the registry"
+                );
+            }
+            self.registry.forget_of(from, &name);
+            tracing::info!(instance = %name, pid = instance.pid(), port = instance.port(), "adopted the server of the replaced process");
+            slot.instance = Some(instance);
+            slot.state = InstanceState::Running;
+            slot.started_at = Some(Instant::now());
+            adopted.push(slot.info());
+        }
+        Ok(adopted)
+    }
+
+    /// Lets go of every server without stopping it (the upgrade's new process adopts them).
+    fn release_all(&mut self) {
+        for slot in &mut self.slots {
+            if let Some(instance) = slot.instance.take() {
+                tracing::info!(instance = %slot.cfg.name, pid = instance.pid(), "handing the server to the new process");
+                instance.release();
+            }
+            slot.state = InstanceState::Stopped;
+            slot.retry_at = None;
+        }
+        self.publish();
     }
 
     /// A start someone asked for: a fresh restart history, and `failed` if it does not work.
@@ -534,8 +696,8 @@ impl SupervisorLoop {
                     let Some(instance) = slot.instance.as_mut() else {
                         continue;
                     };
-                    let exited = match instance.exit_status() {
-                        Ok(Some(status)) => format!("server exited unexpectedly ({status})"),
+                    let exited = match instance.exited() {
+                        Ok(Some(how)) => how,
                         Ok(None) => {
                             // Up for a whole window: the next crash starts a fresh backoff.
                             if slot

@@ -190,7 +190,7 @@ fn run_initdb(
     }
     datadir::create_owned_dir(dir, run_as)?;
     let program = bins.program("initdb");
-    process::supervised_command(&program, run_as)
+    process::supervised_command(&program, run_as, true)
         .arg("-D")
         .arg(dir)
         .args([

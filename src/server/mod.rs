@@ -28,9 +28,9 @@ use crate::config::Config;
 pub use assembly::{remove_pid_file, write_pid_file};
 pub use check::check;
 pub use listener::ListenError;
+pub use upgrade::Released;
 pub use upgrade::UpgradeError;
 pub use upgrade::take_environment as take_upgrade_environment;
-pub use upgrade::{Release, Released};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -102,21 +102,27 @@ pub struct Options {
     pub pid_file: Option<PathBuf>,
     /// Why SIGUSR2 cannot upgrade this process (it runs more than the proxy); `None`: it can.
     pub upgrade_refused: Option<&'static str>,
-    /// What moves to the new process on an upgrade rather than running in both.
-    pub movable: Option<Movable>,
+    /// What moves to the new process on an upgrade rather than running in both, in the
+    /// order it is released and taken over.
+    pub movable: Vec<Movable>,
 }
 
-/// Parts of a `pgprism run` that move to the new process on an upgrade instead of running in
-/// both (CDC: its replication slot admits one reader, and two loaders would race).
+/// A part of a `pgprism run` that moves to the new process on an upgrade instead of running
+/// in both (CDC: its replication slot admits one reader, and two loaders would race; the
+/// embedded servers: two supervisors would fight over them).
 pub struct Movable {
-    /// In the old process, once the new one serves (and on a thread of its own, while the
-    /// sessions drain): stops them; `true` once they have stopped, and the new process hears
-    /// `released`; `false` when they did not in time, and the channel stays open until this
-    /// process exits.
+    /// Its name on the upgrade channel (`released NAME`).
+    pub name: &'static str,
+    /// In the old process, once the new one serves (on a thread of its own, while the
+    /// sessions drain): lets go of it; `true` once done, and the new process hears
+    /// `released NAME`; `false` when it did not in time, and the channel stays open (saying
+    /// nothing more) until this process exits.
     pub release: Box<dyn FnOnce() -> bool + Send>,
-    /// In a process an upgrade started, once it serves (on a thread of its own): waits for
-    /// the old process's release, then starts them.
-    pub take_over: Box<dyn FnOnce(Release) + Send>,
+    /// In a process an upgrade started, once it serves (on a thread of its own): takes it
+    /// over, given how the old process released it.
+    pub take_over: Box<dyn FnOnce(Released) + Send>,
+    /// How long the new process waits for `released NAME`.
+    pub wait: std::time::Duration,
 }
 
 /// Whether this process was started by an upgrade (`pgprism run` starts what moves with an
@@ -159,20 +165,29 @@ pub fn run_proxy_with(
         server.drain();
         return Err(err);
     }
-    let (release, take_over) = match opts.movable {
-        Some(movable) => (Some(movable.release), Some(movable.take_over)),
-        None => (None, None),
-    };
+    let mut movable = opts.movable;
     if let Some(predecessor) = predecessor {
-        let released = predecessor.ready();
-        if let Some(take_over) = take_over {
-            // Its wait is bounded by the caller's key; nothing joins it: a stop meanwhile
-            // is the caller's to notice (it starts nothing once stopping).
+        let mut released = predecessor.ready();
+        let parts: Vec<_> = movable
+            .iter_mut()
+            .map(|part| {
+                let take_over: Box<dyn FnOnce(Released) + Send> =
+                    std::mem::replace(&mut part.take_over, Box::new(|_| {}));
+                (part.name, part.wait, take_over)
+            })
+            .collect();
+        if !parts.is_empty() {
+            // Each wait is bounded by its part's key; nothing joins this thread: a stop
+            // meanwhile is the caller's to notice (a part starts nothing once stopping).
             let started = std::thread::Builder::new()
                 .name("upgrade-take-over".into())
-                .spawn(move || take_over(released));
+                .spawn(move || {
+                    for (name, wait, take_over) in parts {
+                        take_over(released.wait_for(name, wait));
+                    }
+                });
             if let Err(err) = started {
-                tracing::error!(error = %err, "cannot start the take-over thread; CDC stays stopped");
+                tracing::error!(error = %err, "cannot start the take-over thread");
             }
         }
         if signals::discard_pending_upgrade() {
@@ -198,24 +213,34 @@ pub fn run_proxy_with(
             let channel = successor.into_release();
             // Stopped while the sessions drain, so the new process starts them as soon as it
             // can; the drain does not wait for it, the exit does.
-            let releasing = match release {
-                Some(release) => Some(
+            let releases: Vec<_> = movable
+                .into_iter()
+                .map(|part| (part.name, part.release))
+                .collect();
+            let releasing = if releases.is_empty() {
+                // Nothing to release: the new process hears so now, not after the drain.
+                drop(channel);
+                None
+            } else {
+                Some(
                     std::thread::Builder::new()
                         .name("upgrade-release".into())
                         .spawn(move || {
-                            let stopped = release();
-                            match (stopped, channel) {
-                                (true, Some(channel)) => channel.released(),
-                                (false, Some(channel)) => channel.hold(),
-                                (_, None) => {}
+                            for (name, release) in releases {
+                                let done = release();
+                                match &channel {
+                                    Some(channel) if done => channel.released(name),
+                                    _ if done => {}
+                                    _ => {
+                                        if let Some(channel) = channel {
+                                            channel.hold();
+                                        }
+                                        return;
+                                    }
+                                }
                             }
                         }),
-                ),
-                // Nothing to release: the new process hears so now, not after the drain.
-                None => {
-                    drop(channel);
-                    None
-                }
+                )
             };
             server.hand_off(hurry);
             match releasing {

@@ -14,9 +14,10 @@
 //! The protocol on the socketpair (SOCK_SEQPACKET, so each message keeps its bounds):
 //! old → new: messages of at most [`FDS_PER_MESSAGE`] descriptors, each with one text line
 //! per descriptor (`tcp`, `unix PATH`, `admin`), then `end`; new → old: `ready PID`; old →
-//! new: `ack`; then, from a process that runs parts which cannot run twice (CDC holds its
-//! replication slot), `released` once it has stopped them, or nothing (the channel closes
-//! with the old process, or at once when it runs none). The new process accepts from the
+//! new: `ack`; then, from a process that runs parts which cannot run twice (the embedded
+//! servers' supervision, CDC and its replication slot), `released NAME` as it lets go of each
+//! in turn, or nothing more (the channel closes with the old process, or at once when it runs
+//! none). The new process accepts from the
 //! sockets once it can serve, says `ready`, and
 //! only after the `ack` (the old process has let go: it will not kill it any more) writes the
 //! pid file and tells systemd its MAINPID. So a new process the old one kills (too slow, a
@@ -271,7 +272,10 @@ impl Predecessor {
             // It died meanwhile, or is gone: either way we serve, and a leftover old process
             // keeps only its own sessions.
             tracing::warn!(error = %err, "cannot tell the replaced process that this one is ready");
-            return Release { channel: None };
+            return Release {
+                channel: None,
+                said: Vec::new(),
+            };
         }
         let channel = Socket::from(self.channel);
         let mut buf = [0u8; 16];
@@ -290,13 +294,14 @@ impl Predecessor {
             ),
         }
         Release {
-            channel: Some(channel.into()),
+            channel: Some(channel),
+            said: Vec::new(),
         }
     }
 }
 
-/// How the process an upgrade replaced let go of what cannot run twice (CDC and its
-/// replication slot), as [`Release::wait`] saw it.
+/// How the process an upgrade replaced let go of a part that cannot run twice (CDC and its
+/// replication slot, the embedded servers), as the new process saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Released {
     /// It said `released`: it stopped them, cleanly.
@@ -309,20 +314,26 @@ pub enum Released {
 }
 
 /// The new process's end of the upgrade channel after the `ack`: the old process says on it
-/// when it has let go of what cannot run twice.
-pub struct Release {
-    channel: Option<OwnedFd>,
+/// when it has let go of each part that cannot run twice (`released NAME`).
+pub(super) struct Release {
+    channel: Option<Socket>,
+    /// Parts released before anyone asked for them.
+    said: Vec<String>,
 }
 
 impl Release {
-    /// Waits up to `limit` for the old process's `released`, or for the channel to close.
-    pub fn wait(self, limit: Duration) -> Released {
-        let Some(channel) = self.channel else {
+    /// Waits up to `limit` for the old process's `released NAME`, or for the channel to
+    /// close.
+    pub(super) fn wait_for(&mut self, name: &str, limit: Duration) -> Released {
+        if let Some(at) = self.said.iter().position(|n| n == name) {
+            self.said.swap_remove(at);
+            return Released::Said;
+        }
+        let Some(channel) = &self.channel else {
             return Released::Gone;
         };
-        let channel = Socket::from(channel);
         let deadline = Instant::now() + limit;
-        let mut buf = [0u8; 32];
+        let mut buf = [0u8; 64];
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -333,15 +344,25 @@ impl Release {
                 .set_read_timeout(Some(left.max(Duration::from_millis(1))))
                 .is_err()
             {
+                self.channel = None;
                 return Released::Gone;
             }
             match recv(channel.as_raw_fd(), &mut buf) {
-                Ok((len, _)) if &buf[..len] == RELEASED => return Released::Said,
-                Ok((0, _)) => return Released::Gone,
-                Ok((len, _)) => tracing::warn!(
-                    message = %String::from_utf8_lossy(&buf[..len]),
-                    "unexpected message from the replaced process; waiting on"
-                ),
+                Ok((0, _)) => {
+                    self.channel = None;
+                    return Released::Gone;
+                }
+                Ok((len, _)) => {
+                    let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+                    match text.strip_prefix(RELEASED) {
+                        Some(part) if part == name => return Released::Said,
+                        Some(part) => self.said.push(part.to_string()),
+                        None => tracing::warn!(
+                            message = %text,
+                            "unexpected message from the replaced process; waiting on"
+                        ),
+                    }
+                }
                 Err(err)
                     if matches!(
                         err.kind(),
@@ -349,14 +370,18 @@ impl Release {
                             | io::ErrorKind::TimedOut
                             | io::ErrorKind::Interrupted
                     ) => {}
-                Err(_) => return Released::Gone,
+                Err(_) => {
+                    self.channel = None;
+                    return Released::Gone;
+                }
             }
         }
     }
 }
 
-/// What the old process says once it has stopped what cannot run twice.
-const RELEASED: &[u8] = b"released";
+/// What the old process says once it has stopped a part that cannot run twice, before the
+/// part's name.
+const RELEASED: &str = "released ";
 
 /// The old process's end of the upgrade channel once the new process serves.
 pub(super) struct ReleaseSender {
@@ -364,16 +389,17 @@ pub(super) struct ReleaseSender {
 }
 
 impl ReleaseSender {
-    /// Tells the new process that what cannot run twice has stopped here.
-    pub(super) fn released(self) {
-        if let Err(err) = send(self.channel.as_raw_fd(), RELEASED, &[]) {
+    /// Tells the new process that the part `name` has stopped here.
+    pub(super) fn released(&self, name: &str) {
+        let line = format!("{RELEASED}{name}");
+        if let Err(err) = send(self.channel.as_raw_fd(), line.as_bytes(), &[]) {
             // Gone or not waiting: a new process that left has nothing to start.
-            tracing::warn!(error = %err, "cannot tell the new process that CDC is released");
+            tracing::warn!(error = %err, part = name, "cannot tell the new process that a part is released");
         }
     }
 
-    /// Says nothing and keeps the channel open until this process exits: what did not stop
-    /// in time ends with it, and the new process learns so when the channel closes.
+    /// Says nothing more and keeps the channel open until this process exits: what did not
+    /// stop in time ends with it, and the new process learns so when the channel closes.
     pub(super) fn hold(self) {
         std::mem::forget(self.channel);
     }
@@ -861,6 +887,44 @@ mod tests {
         // Killed and reaped: no such process any more.
         // SAFETY: kill with signal 0 only checks that the pid exists.
         assert_ne!(unsafe { libc::kill(pid as libc::pid_t, 0) }, 0);
+    }
+
+    #[test]
+    fn released_parts_are_heard_in_any_order_and_a_closed_channel_means_gone() {
+        let (old, new) = socket2::Socket::pair(
+            socket2::Domain::UNIX,
+            socket2::Type::SEQPACKET.cloexec(),
+            None,
+        )
+        .unwrap();
+        let sender = ReleaseSender {
+            channel: old.into(),
+        };
+        let mut release = Release {
+            channel: Some(new),
+            said: Vec::new(),
+        };
+        // Nothing said yet: the wait ends at its limit.
+        assert_eq!(
+            release.wait_for("embed", Duration::from_millis(50)),
+            Released::TimedOut
+        );
+        sender.released("cdc");
+        sender.released("embed");
+        assert_eq!(
+            release.wait_for("embed", Duration::from_secs(5)),
+            Released::Said
+        );
+        // Heard while waiting for the other one, kept for its own wait.
+        assert_eq!(
+            release.wait_for("cdc", Duration::from_millis(1)),
+            Released::Said
+        );
+        drop(sender);
+        assert_eq!(
+            release.wait_for("cdc", Duration::from_secs(5)),
+            Released::Gone
+        );
     }
 
     #[test]
