@@ -90,12 +90,23 @@ impl Cdc {
     /// (tests that change rows during the snapshot use [`Cdc::spawn`]).
     fn start(args: &[String], env: &[(&str, &str)]) -> Cdc {
         let mut cdc = Cdc::spawn(args, env);
+        // A status that cannot be read (the process died) is no verdict: the exit is.
         assert!(
             eventually(Duration::from_secs(60), || cdc.exited()
-                || cdc.snapshot()["state"].as_str() != Some("copying")),
+                || cdc
+                    .snapshot()
+                    .get("state")
+                    .and_then(|s| s.as_str())
+                    .is_some_and(|s| s != "copying")),
             "the initial snapshot did not end\n{}",
             cdc.log()
         );
+        if let Ok(Some(status)) = cdc.child.try_wait() {
+            panic!(
+                "pgprism cdc exited ({status}) before its initial snapshot ended; its stderr:\n{}",
+                cdc.log()
+            );
+        }
         cdc
     }
 
@@ -151,7 +162,9 @@ impl Cdc {
         let Some(admin) = self.admin else {
             return sonic_rs::Value::default();
         };
-        let (_, body) = support::http_get(admin, "/cdc/status");
+        let Ok((_, body)) = support::try_http_get(admin, "/cdc/status") else {
+            return sonic_rs::Value::default();
+        };
         sonic_rs::from_str::<sonic_rs::Value>(&body)
             .map(|s| s["snapshot"].clone())
             .unwrap_or_default()
@@ -1949,6 +1962,117 @@ fn truncate_empties_the_table_even_across_a_crash() {
             .any(|s| s.starts_with("TRUNCATE TABLE")),
         "{:?}",
         sr.statements()
+    );
+}
+
+/// The source database moves to another server, checkpoint table included (pg_dump), and the
+/// new server's WAL is far behind the old one's. pgprism creates its slot there anew: the
+/// checkpoint the old slot left (its position, its last TRUNCATE) describes another stream
+/// and must be forgotten. Kept, the new stream's changes up to the old position would be
+/// skipped, and its TRUNCATE taken for one already applied.
+#[test]
+fn a_slot_created_anew_forgets_the_earlier_slots_checkpoint() {
+    let old = start_pg("cdc-old-server", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&old);
+    make_table(&mut c, &sr, "t");
+    let mut args = base_args(&old, &sr, "t");
+    args.push("--no-snapshot".into());
+    let cdc = Cdc::start(&args, &[]);
+    // The old server's WAL runs well ahead (each switch starts a new 16 MB segment).
+    for _ in 0..8 {
+        c.batch_execute(
+            "SELECT pg_logical_emit_message(false, 'test', 'x'); SELECT pg_switch_wal();",
+        )
+        .unwrap();
+    }
+    c.batch_execute(
+        "INSERT INTO t SELECT g, 'old', g FROM generate_series(1, 20) g;
+         TRUNCATE t; INSERT INTO t VALUES (5, 'kept', 5);",
+    )
+    .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    let recorded = |c: &mut postgres::Client| {
+        pg_rows(
+            c,
+            "SELECT truncated_lsn::text FROM pgprism_cdc_checkpoint WHERE truncated_lsn IS NOT NULL",
+        )
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || !recorded(&mut c).is_empty()),
+        "the TRUNCATE was not recorded\n{}",
+        cdc.log()
+    );
+    drop(cdc);
+    let old_truncate = recorded(&mut c)[0][0].clone().unwrap();
+
+    let new = start_pg("cdc-new-server", &[]);
+    let dump = log_path("dump");
+    let port = |pg: &Instance| pg.port().to_string();
+    let status = std::process::Command::new(old.psql_path().with_file_name("pg_dump"))
+        .args(["-h", "127.0.0.1", "-p", &port(&old), "-U", "postgres"])
+        .args(["-t", "t", "-t", "pgprism_cdc_checkpoint", "-f"])
+        .arg(&dump)
+        .arg("postgres")
+        .status()
+        .expect("run pg_dump");
+    assert!(status.success(), "pg_dump failed");
+    let restore = std::process::Command::new(new.psql_path())
+        .args(["-h", "127.0.0.1", "-p", &port(&new), "-U", "postgres"])
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-f"])
+        .arg(&dump)
+        .output()
+        .expect("run psql");
+    let _ = std::fs::remove_file(&dump);
+    assert!(
+        restore.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restore.stderr)
+    );
+    let mut c = client(&new);
+    let here: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .unwrap()
+        .get(0);
+    let behind: bool = c
+        .query_one(
+            &format!("SELECT '{here}'::pg_lsn < '{old_truncate}'::pg_lsn"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        behind,
+        "the new server ({here}) must be behind {old_truncate}"
+    );
+    let mut args = base_args(&new, &sr, "t");
+    args.push("--no-snapshot".into());
+    let cdc = Cdc::start(&args, &[]);
+    c.batch_execute(
+        "INSERT INTO t SELECT g, 'new', g FROM generate_series(100, 110) g;
+         TRUNCATE t; INSERT INTO t VALUES (200, 'after', 200);",
+    )
+    .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    assert!(
+        cdc.log()
+            .contains("the checkpoint an earlier slot of this name left is discarded"),
+        "{}",
+        cdc.log()
     );
 }
 

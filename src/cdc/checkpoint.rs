@@ -43,6 +43,19 @@ impl Checkpoints {
         )
     }
 
+    /// Setup's SQL when it creates the slot: the row an earlier slot of the same name left
+    /// (its position, pending boundary and last TRUNCATE) describes another stream, and a new
+    /// slot owes it nothing. Kept, it would skip the new stream's changes up to the old
+    /// position, or take a new TRUNCATE for one already applied, when the new stream's LSNs
+    /// are lower (the database moved to another server with its checkpoint table).
+    pub fn forget_sql(table: &str, slot: &str) -> String {
+        format!(
+            "DELETE FROM {} WHERE slot = {};",
+            qualified(table),
+            quote_literal(slot)
+        )
+    }
+
     /// Records that the TRUNCATE at `at` (see `Work::Truncate`) emptied its StarRocks tables.
     pub fn store_truncated(&mut self, at: (Lsn, u64)) -> Result<(), PgError> {
         self.conn.query(&format!(

@@ -117,13 +117,22 @@ pub fn prepare(
         set_replica_identity_full(&mut conn, &mut tables)?;
     }
     ensure_publication(&mut conn, &cfg.publication, &tables)?;
-    let (checkpoint, pending) = read_checkpoint(&mut conn, cfg)?;
+    let (mut checkpoint, mut pending) = read_checkpoint(&mut conn, cfg)?;
     conn.query(&super::snapshot::create_sql(cfg))
         .map_err(step("create the snapshot's chunk table"))?;
     if !slot_exists {
-        // The plan goes first: a slot created without one would never be copied.
-        conn.query(&super::snapshot::plan_sql(cfg, &tables))
-            .map_err(step("plan the initial snapshot"))?;
+        if let Some(lsn) = checkpoint {
+            tracing::warn!(slot = %cfg.slot, checkpoint = %lsn, "creating the slot anew: the checkpoint an earlier slot of this name left is discarded");
+        }
+        // The plan goes first: a slot created without one would never be copied. The
+        // earlier slot's checkpoint goes in the same transaction (see `forget_sql`).
+        conn.query(&format!(
+            "{} {}",
+            Checkpoints::forget_sql(&cfg.checkpoint_table, &cfg.slot),
+            super::snapshot::plan_sql(cfg, &tables)
+        ))
+        .map_err(step("plan the initial snapshot"))?;
+        (checkpoint, pending) = (None, None);
         create_slot(cfg, url, timeout)?;
     }
     let keys = tables

@@ -233,11 +233,16 @@ impl Drop for Proxy {
 }
 
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("admin connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    try_http_get(addr, path).expect("admin endpoint")
+}
+
+/// [`http_get`], with the error when the server is gone (a process that died).
+pub fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
     let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("admin read");
+    s.read_to_string(&mut resp)?;
     let code = resp
         .split_whitespace()
         .nth(1)
@@ -248,7 +253,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .map(|x| x.1)
         .unwrap_or("")
         .to_string();
-    (code, body)
+    Ok((code, body))
 }
 
 /// The bearer token of [`admin_token_file`].
