@@ -9,6 +9,7 @@
 #   benches/callgrind-ab.sh /tmp/pgprism-old target/release/pgprism          # proxy, -S
 #   LOAD=-N MIRROR=1 benches/callgrind-ab.sh /tmp/pgprism-old target/release/pgprism
 #   LOAD=-N SHADOW=1 benches/callgrind-ab.sh /tmp/pgprism-old target/release/pgprism
+#   PGPRISM_ARGS="--pool-mode transaction --auth-type trust" benches/callgrind-ab.sh ...
 #
 # Needs valgrind. Counts user-space instructions only: the kernel's share of a proxy's CPU
 # (most of it, on loopback) is not in them.
@@ -33,6 +34,12 @@ if [ "${SHADOW:-0}" = 1 ]; then
   start_pg shadow 55713
   pgbench -h 127.0.0.1 -p 55713 -U postgres -i -s 2 -q postgres >/dev/null 2>&1
   EXTRA+=(--shadow postgres://postgres@127.0.0.1:55713/postgres --compare-report "$WORK/r.jsonl")
+fi
+
+# More arguments for both builds, e.g. PGPRISM_ARGS="--pool-mode transaction --auth-type trust".
+if [ -n "${PGPRISM_ARGS:-}" ]; then
+  read -r -a more <<<"$PGPRISM_ARGS"
+  EXTRA+=("${more[@]}")
 fi
 
 # instructions BINARY TXNS: callgrind's program total for TXNS transactions.

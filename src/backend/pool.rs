@@ -357,6 +357,25 @@ impl Pool {
     }
 }
 
+/// A waiter's place in line, given up when dropped (see [`Pools::leave_line`]).
+struct Queued<'a> {
+    pools: &'a Pools,
+    pool: &'a Rc<Pool>,
+    waiter: Rc<Waiter>,
+}
+
+impl Queued<'_> {
+    fn leave(&mut self) {
+        self.pools.leave_line(self.pool, &self.waiter);
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
 /// The pools of one shard.
 pub struct Pools {
     pub shard: usize,
@@ -489,6 +508,14 @@ impl Pools {
         pool.waiters.borrow_mut().push_back(waiter.clone());
         pool.waiting.set(pool.waiting.get() + 1);
         pool.budget.wanted.fetch_add(1, Ordering::AcqRel);
+        // Should this future be dropped while it waits (its caller gave up, its task ended),
+        // the place in line and the counts go with it, and a connection handed over
+        // meanwhile goes back to the pool instead of being lost with the budget it holds.
+        let mut queued = Queued {
+            pools: self,
+            pool,
+            waiter: waiter.clone(),
+        };
         let result = loop {
             let now = Instant::now();
             if now >= deadline {
@@ -525,20 +552,29 @@ impl Pools {
                 Err(err) => break Err(err),
             }
         };
-        waiter.done.set(true);
+        // A connection handed over while this waiter was leaving: taken instead of an error.
+        let result = match result {
+            Err(err) => waiter.conn.borrow_mut().take().ok_or(err),
+            ok => ok,
+        };
+        queued.leave();
+        result
+    }
+
+    /// A waiter leaves the line: no longer counted, and a connection handed to it too late
+    /// goes to the next in line (or back to the pool), who is woken to look for room.
+    fn leave_line(&self, pool: &Rc<Pool>, waiter: &Waiter) {
+        if waiter.done.replace(true) {
+            return;
+        }
         pool.waiting.set(pool.waiting.get().saturating_sub(1));
         pool.budget.wanted.fetch_sub(1, Ordering::AcqRel);
-        // A connection handed over while this waiter was leaving goes to the next one.
         let late = waiter.conn.borrow_mut().take();
         if let Some(conn) = late {
-            match result {
-                Ok(_) => self.put_back(pool, conn),
-                Err(_) => return Ok(conn),
-            }
+            self.put_back(pool, conn);
         }
         // The next in line becomes first (and looks for room itself).
         self.wake_one(pool);
-        result
     }
 
     /// An idle connection, or a new one when the bound allows; `None`: wait.
