@@ -949,16 +949,16 @@ impl RunCdc {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts the CDC thread, unless it runs already or the run is over.
-    fn start(&self) -> Result<(), RunError> {
+    /// Starts the CDC thread, unless it runs already or the run is over; whether it did.
+    fn start(&self) -> Result<bool, RunError> {
         let mut state = self.lock();
         if !matches!(*state, CdcState::Waiting) {
-            return Ok(());
+            return Ok(false);
         }
         let thread = crate::cdc::handover::spawn_with(self.cfg.clone(), self.shared.clone())
             .map_err(RunError::CdcSpawn)?;
         *state = CdcState::Running(thread);
-        Ok(())
+        Ok(true)
     }
 
     /// In a process an upgrade started, once the old process has released CDC (or did not
@@ -994,9 +994,10 @@ impl RunCdc {
             ),
         }
         match self.start() {
-            Ok(()) => {
+            Ok(true) => {
                 tracing::info!(slot = %self.cfg.slot, "pgprism cdc started after the upgrade")
             }
+            Ok(false) => tracing::info!("upgrade: this process is stopping; CDC not started"),
             Err(err) => tracing::error!(error = %err, "upgrade: cannot start CDC"),
         }
     }

@@ -1,8 +1,8 @@
 //! pgprism: a thread-per-core, io_uring data plane for PostgreSQL traffic.
 //!
-//! The core (`exec`, `wire`, `sql`, `session`, `backend`, `stats`, `tls`, `config`) knows no
-//! mode; the modes (`proxy`, `mirror`, `compare`, `cdc`, `embed`, `bench`) stand on it and
-//! never on each other; `server`, `control`, `cli` and `demo` assemble them
+//! The core (`exec`, `wire`, `sql`, `session`, `backend`, `stats`, `tls`, `subprocess`,
+//! `config`) knows no mode; the modes (`proxy`, `mirror`, `compare`, `cdc`, `embed`, `bench`)
+//! stand on it and never on each other; `server`, `control`, `cli` and `demo` assemble them
 //! (docs/architecture.md).
 
 // The core.

@@ -702,6 +702,13 @@ fn run_with_embedded_servers_upgrades_and_the_new_process_adopts_them() {
         instances(proxy.admin),
         proxy.log()
     );
+    // Not the new process's child: dead, it stays a zombie of init (which in a container may
+    // never reap it), and its lock file must not keep PostgreSQL from starting again.
+    assert!(
+        !proxy.log().contains("already exists"),
+        "a restart met the dead server's lock file:\n{}",
+        proxy.log()
+    );
     let mut client = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
     let count: i64 = client
         .query_one("SELECT count(*) FROM written", &[])

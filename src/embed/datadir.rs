@@ -93,6 +93,22 @@ pub(super) fn sweep_stale_memory_dirs() {
     }
 }
 
+/// Removes a PostgreSQL lock file (`postmaster.pid`, or a Unix socket's `.s.PGSQL.PORT.lock`)
+/// when it names `pid`, a postmaster known to have exited. An adopted server is not our
+/// child: once it dies it stays a zombie until its parent (the old pgprism, or init, which in
+/// a container may never reap) waits for it, and PostgreSQL takes a lock file naming a pid
+/// that still answers `kill(pid, 0)` for a live postmaster, refusing to start. Its
+/// shared-memory check still guards against backends of the dead server that linger.
+pub(super) fn remove_dead_lock_file(path: &Path, pid: u32) {
+    let names_it = fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.lines().next()?.trim().parse::<u32>().ok())
+        == Some(pid);
+    if names_it && let Err(error) = fs::remove_file(path) {
+        tracing::warn!(path = %path.display(), %error, "cannot remove the dead server's lock file");
+    }
+}
+
 /// Whether `postmaster.pid` in `dir` names a running process (a live server there).
 fn server_running_in(dir: &Path) -> bool {
     fs::read_to_string(dir.join("postmaster.pid"))

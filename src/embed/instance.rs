@@ -343,6 +343,16 @@ impl Instance {
                 datadir::remove_memory_dir(&self.data_dir);
             }
             let gone = result.map_err(EmbedError::io("stop server in", &self.data_dir))?;
+            if gone {
+                datadir::remove_dead_lock_file(
+                    &self.data_dir.join("postmaster.pid"),
+                    adopted.pid(),
+                );
+                if let Some(dir) = &self.socket_dir {
+                    let lock = dir.join(format!(".s.PGSQL.{}.lock", self.port));
+                    datadir::remove_dead_lock_file(&lock, adopted.pid());
+                }
+            }
             tracing::debug!(gone, data_dir = %self.data_dir.display(), "PostgreSQL stopped");
             return Ok(());
         }
