@@ -222,6 +222,8 @@ fn end_to_end_against_pg_recvlogical() {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
+        // Setup (checks, slot, StarRocks tables) until pgprism says it streams.
+        let setup = t.elapsed().as_secs_f64();
         let done = eventually(Duration::from_secs(600), || target.rows(&db, 0) == rows);
         cdc_secs.push(t.elapsed().as_secs_f64());
         let cpu = cpu_seconds(&child.id().to_string());
@@ -233,7 +235,7 @@ fn end_to_end_against_pg_recvlogical() {
             target.rows(&db, 0)
         );
         println!(
-            "run {run}: pg_recvlogical {:.2} s, pgprism {:.2} s (pgprism CPU {cpu:.2} s)",
+            "run {run}: pg_recvlogical {:.2} s, pgprism {:.2} s (setup {setup:.2} s; pgprism CPU {cpu:.2} s)",
             recv_secs[run], cdc_secs[run]
         );
     }
@@ -320,6 +322,7 @@ fn snapshot_against_copy() {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
+        let setup = t.elapsed().as_secs_f64();
         let done = eventually(Duration::from_secs(1800), || target.rows(&db, base) == rows);
         snap_secs.push(t.elapsed().as_secs_f64());
         let cpu = cpu_seconds(&child.id().to_string());
@@ -331,7 +334,7 @@ fn snapshot_against_copy() {
             target.rows(&db, base)
         );
         println!(
-            "run {run}: COPY TO STDOUT {:.2} s, pgprism snapshot {:.2} s (pgprism CPU {cpu:.2} s)",
+            "run {run}: COPY TO STDOUT {:.2} s, pgprism snapshot {:.2} s (setup {setup:.2} s; pgprism CPU {cpu:.2} s)",
             copy_secs[run], snap_secs[run]
         );
     }
