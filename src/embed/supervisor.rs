@@ -468,25 +468,7 @@ impl SupervisorLoop {
     }
 
     fn add(&mut self, cfg: InstanceConfig) -> Result<InstanceInfo, EmbedError> {
-        if self.find(&cfg.name).is_ok() {
-            return Err(EmbedError::DuplicateInstance { name: cfg.name });
-        }
-        let data_dir = match &cfg.data {
-            DataDir::Memory => PathBuf::new(),
-            DataDir::Path(path) => path.clone(),
-        };
-        self.slots.push(Slot {
-            cfg,
-            instance: None,
-            state: InstanceState::Starting,
-            started_at: None,
-            restarts: 0,
-            restart_times: VecDeque::new(),
-            backoff: self.settings.restart_backoff,
-            retry_at: None,
-            last_error: None,
-            data_dir,
-        });
+        self.add_pending(cfg)?;
         self.publish();
         let index = self.slots.len() - 1;
         match self.start_slot(index) {
