@@ -401,6 +401,69 @@ fn an_exhausted_pool_makes_clients_wait_a_bounded_time() {
     assert_eq!(c.query_one("SELECT 2", &[]).unwrap().get::<_, i32>(0), 2);
 }
 
+/// `cl_waiting` of the only pool in SHOW POOLS.
+fn clients_waiting(console: &mut postgres::Client) -> Option<u64> {
+    console
+        .simple_query("SHOW POOLS")
+        .ok()?
+        .into_iter()
+        .find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => r.get("cl_waiting")?.parse().ok(),
+            _ => None,
+        })
+}
+
+#[test]
+fn a_client_handed_a_connection_leaves_the_line() {
+    let pg = start_primary("pool-handed");
+    // One waiter at most: a waiter still counted after it was served would make the next
+    // one be refused at once.
+    let config = std::env::temp_dir().join(format!("pgprism-handed-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        "[pool]\nwaiters-max = 1\nadmin-users = [\"postgres\"]\n",
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let proxy = pooled(&pg.url(), 1, &["--shards", "1", "--config", &config]);
+    let mut console = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=pgbouncer connect_timeout=10",
+            proxy.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    let mut holder = proxy.client();
+    for round in 0..3 {
+        let mut tx = holder.transaction().unwrap();
+        tx.execute("SELECT 1", &[]).unwrap();
+        let mut waiter = proxy.client();
+        let waiting = std::thread::spawn(move || {
+            waiter
+                .query_one("SELECT $1::int", &[&round])
+                .map(|r| r.get::<_, i32>(0))
+        });
+        assert!(
+            eventually(Duration::from_secs(10), || clients_waiting(&mut console)
+                == Some(1)),
+            "round {round}: the client never waited"
+        );
+        // The connection comes back and is handed to the waiting client.
+        tx.commit().unwrap();
+        assert_eq!(waiting.join().unwrap().unwrap(), round);
+        let mut seen = None;
+        assert!(
+            eventually(Duration::from_secs(10), || {
+                seen = clients_waiting(&mut console);
+                seen == Some(0)
+            }),
+            "round {round}: still counted as waiting: {seen:?}"
+        );
+    }
+    let _ = std::fs::remove_file(&config);
+}
+
 #[test]
 fn cancel_reaches_the_lent_connection() {
     let pg = start_primary("pool-cancel");

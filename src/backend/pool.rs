@@ -260,6 +260,9 @@ struct Waiter {
     done: Cell<bool>,
     /// Room was made (or it became first in line): look again.
     kicked: Cell<bool>,
+    /// Its counts (`waiting`, the budget's `wanted`) were given back: it left the line for
+    /// good. (`done` alone is no sign of it: a waiter handed a connection is `done` first.)
+    left: Cell<bool>,
 }
 
 /// One (user, database) pool on one shard.
@@ -504,6 +507,7 @@ impl Pools {
             since: started,
             done: Cell::new(false),
             kicked: Cell::new(false),
+            left: Cell::new(false),
         });
         pool.waiters.borrow_mut().push_back(waiter.clone());
         pool.waiting.set(pool.waiting.get() + 1);
@@ -564,9 +568,10 @@ impl Pools {
     /// A waiter leaves the line: no longer counted, and a connection handed to it too late
     /// goes to the next in line (or back to the pool), who is woken to look for room.
     fn leave_line(&self, pool: &Rc<Pool>, waiter: &Waiter) {
-        if waiter.done.replace(true) {
+        if waiter.left.replace(true) {
             return;
         }
+        waiter.done.set(true);
         pool.waiting.set(pool.waiting.get().saturating_sub(1));
         pool.budget.wanted.fetch_sub(1, Ordering::AcqRel);
         let late = waiter.conn.borrow_mut().take();
