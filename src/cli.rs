@@ -986,7 +986,8 @@ impl RunCdc {
             Ok(false) => tracing::warn!(
                 slot = %self.cfg.slot,
                 "upgrade: the replication slot is still in use at cdc.handover-timeout-ms; \
-                 starting CDC all the same (PostgreSQL refuses a second reader)"
+                 starting CDC all the same (while the old reader holds the slot, PostgreSQL \
+                 refuses it with 55006, retried within cdc.reconnect-attempts-max)"
             ),
             Err(err) => tracing::warn!(
                 error = %error_chain(&err),

@@ -129,8 +129,14 @@ impl CdcError {
         };
         match pg {
             PgError::Connect { .. } | PgError::Io(_) | PgError::Closed => true,
-            // Administrator command, crash shutdown, cannot connect now (server restarting).
-            PgError::Server(e) => matches!(e.code.as_str(), "57P01" | "57P02" | "57P03"),
+            // Administrator command, crash shutdown, cannot connect now (server restarting);
+            // the slot still held by its previous reader (55006, "replication slot is active
+            // for PID"): a process an upgrade replaced that has not let go yet, or a
+            // walsender that has not noticed its client is gone. Retried within
+            // `cdc.reconnect-attempts-max`, so two live readers of one slot still fail.
+            PgError::Server(e) => {
+                matches!(e.code.as_str(), "57P01" | "57P02" | "57P03" | "55006")
+            }
             _ => false,
         }
     }
@@ -781,4 +787,26 @@ fn load_loop(
         shared.works_done.fetch_add(1, Ordering::Release);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cdc::pgconn::ServerError;
+
+    fn refused(code: &str) -> CdcError {
+        CdcError::Replication(PgError::Server(ServerError {
+            code: code.into(),
+            message: "refused".into(),
+            detail: None,
+        }))
+    }
+
+    #[test]
+    fn a_slot_still_held_by_its_previous_reader_is_retried() {
+        assert!(refused("55006").is_transient());
+        assert!(refused("57P01").is_transient());
+        assert!(!refused("42704").is_transient(), "a missing slot is not");
+        assert!(!refused("28P01").is_transient(), "nor a refused password");
+    }
 }
