@@ -205,6 +205,13 @@ impl Registry {
     }
 }
 
+/// Stops the server of `entry` (the one a replaced process ran, which this process could
+/// not adopt) if it still is that server, and removes its memory directory: a server nobody
+/// supervises must not run on beside the one started afresh. Says what was done.
+pub(super) fn stop_unadopted(entry: &Entry, stop_timeout: Duration) -> String {
+    clean_entry(entry, stop_timeout)
+}
+
 /// Stops one leftover server if it still runs, removes its memory directory, and says what
 /// was done.
 fn clean_entry(entry: &Entry, stop_timeout: Duration) -> String {

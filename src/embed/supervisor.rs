@@ -529,10 +529,14 @@ impl SupervisorLoop {
                 ) {
                     Ok(instance) => Some(instance),
                     Err(error) => {
+                        // Nobody supervises it any more (its process released it): stop it
+                        // before another server starts on its data or port.
+                        let done = super::registry::stop_unadopted(&entry, self.settings.stop_timeout);
                         tracing::warn!(
                             instance = %name,
                             error = &error as &dyn std::error::Error,
-                            "cannot adopt the server the replaced process ran; starting it afresh"
+                            stopped = %done,
+                            "cannot adopt the server the replaced process ran; stopped it, starting it afresh"
                         );
                         None
                     }
