@@ -137,6 +137,11 @@ impl Footprint {
             self.probes.clone_from(&other.probes);
             return;
         }
+        // The common case (a sync point joined with what it touched as it started): nothing
+        // to merge.
+        if self.lanes == other.lanes && self.probes == other.probes {
+            return;
+        }
         let mut lanes = Vec::with_capacity(self.lanes.len() + other.lanes.len());
         let mut probes = Vec::new();
         let (mut i, mut j) = (0, 0);
