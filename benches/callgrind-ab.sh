@@ -9,7 +9,10 @@
 #   benches/callgrind-ab.sh /tmp/pgprism-old target/release/pgprism          # proxy, -S
 #   LOAD=-N MIRROR=1 benches/callgrind-ab.sh /tmp/pgprism-old target/release/pgprism
 #   LOAD=-N SHADOW=1 benches/callgrind-ab.sh /tmp/pgprism-old target/release/pgprism
-#   PGPRISM_ARGS="--pool-mode transaction --auth-type trust" benches/callgrind-ab.sh ...
+#   LOAD=-N SHADOW=1 ARGS="--compare-order-wait-ms 0" benches/callgrind-ab.sh target/release/pgprism
+#
+# ARGS: more pgprism flags for every build (e.g. compare without ordering, to weigh the
+# ordering's own cost in one build).
 #
 # Needs valgrind. Counts user-space instructions only: the kernel's share of a proxy's CPU
 # (most of it, on loopback) is not in them.
@@ -36,11 +39,8 @@ if [ "${SHADOW:-0}" = 1 ]; then
   EXTRA+=(--shadow postgres://postgres@127.0.0.1:55713/postgres --compare-report "$WORK/r.jsonl")
 fi
 
-# More arguments for both builds, e.g. PGPRISM_ARGS="--pool-mode transaction --auth-type trust".
-if [ -n "${PGPRISM_ARGS:-}" ]; then
-  read -r -a more <<<"$PGPRISM_ARGS"
-  EXTRA+=("${more[@]}")
-fi
+read -r -a MORE <<<"${ARGS:-}"
+EXTRA+=("${MORE[@]}")
 
 # instructions BINARY TXNS: callgrind's program total for TXNS transactions.
 instructions() {

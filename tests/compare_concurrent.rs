@@ -127,11 +127,12 @@ fn sum_v(inst: &Instance) -> String {
 }
 
 /// Runs the hot-row workload at `clients`: no mismatch at all, and at most `inconclusive_max`
-/// of the compared statements inconclusive. (Issue 15 aims at 1%; on the 2-core build
-/// machine shared by several builds, pgprism sees the primary's answers up to milliseconds
-/// late, and at 64 clients on 5 rows nearly every read overlaps a write of the same row, so
-/// the bound asserted here is what this machine holds under parallel test load: 3.9-4.6% idle,
-/// higher under load; docs/compare.md gives measured rates.)
+/// of the compared statements inconclusive. (Issue 15 aims at 1%. Every inconclusive read
+/// overlapped a write of its own row on the primary as pgprism saw it, and on the 2-core
+/// build machine shared by several builds pgprism reads the answers of one row's commits up
+/// to a dozen out of the primary's order (the drift printed below), so the bounds are what
+/// that machine holds under parallel test load: at most 4.6% seen at 8 clients, 17.3% at 64;
+/// docs/compare.md gives measured rates.)
 fn hot_rows_without_false_mismatches(
     name: &str,
     clients: usize,
@@ -217,12 +218,12 @@ fn drift(reports: &[sonic_rs::Value]) -> String {
 
 #[test]
 fn hot_rows_at_8_clients_give_no_false_mismatch() {
-    hot_rows_without_false_mismatches("h8", 8, 150, 0.10);
+    hot_rows_without_false_mismatches("h8", 8, 150, 0.08);
 }
 
 #[test]
 fn hot_rows_at_64_clients_give_no_false_mismatch() {
-    hot_rows_without_false_mismatches("h64", 64, 25, 0.30);
+    hot_rows_without_false_mismatches("h64", 64, 25, 0.25);
 }
 
 /// Row granularity, end to end and through the extended protocol (`-M prepared`: the row

@@ -37,8 +37,10 @@ pub struct Footprint {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Probe {
     pub lane: u64,
-    /// (column hash, value), sorted by column, one per column, never empty.
-    pub pairs: Vec<(u64, Value)>,
+    /// (column hash, value), sorted by column, one per column, never empty. Shared: a
+    /// probe is copied into every footprint that joins it (a sync point, its transaction,
+    /// the ledger's history), and a copy must not cost an allocation.
+    pub pairs: std::sync::Arc<[(u64, Value)]>,
 }
 
 /// A value a key column is compared with, in a canonical form: two spellings of one value
@@ -135,6 +137,11 @@ impl Footprint {
         if self.lanes.is_empty() {
             self.lanes.clone_from(&other.lanes);
             self.probes.clone_from(&other.probes);
+            return;
+        }
+        // The common case (a sync point joined with what it touched as it started): nothing
+        // to merge.
+        if self.lanes == other.lanes && self.probes == other.probes {
             return;
         }
         let mut lanes = Vec::with_capacity(self.lanes.len() + other.lanes.len());
@@ -259,7 +266,7 @@ impl Footprint {
             } else {
                 probes.push(Probe {
                     lane: probe.lane,
-                    pairs,
+                    pairs: pairs.into(),
                 });
             }
         }
@@ -907,7 +914,7 @@ fn probes(all: &[Token], relation: u64) -> Vec<Probe> {
     pairs.sort_unstable_by_key(|(c, _)| *c);
     vec![Probe {
         lane: relation,
-        pairs,
+        pairs: pairs.into(),
     }]
 }
 
@@ -999,7 +1006,7 @@ fn insert_probes(all: &[Token], relation: u64) -> Vec<Probe> {
         pairs.sort_unstable_by_key(|(c, _)| *c);
         probes.push(Probe {
             lane: relation,
-            pairs,
+            pairs: pairs.into(),
         });
         match all.get(at) {
             Some(Token::Punct(b',')) => at += 1,
@@ -1116,7 +1123,7 @@ mod tests {
                 .get(usize::from(n) - 1)
                 .and_then(|v| text_value(v.as_bytes(), false))
         });
-        f.probes.into_iter().map(|p| p.pairs).collect()
+        f.probes.into_iter().map(|p| p.pairs.to_vec()).collect()
     }
 
     fn col(name: &str) -> u64 {

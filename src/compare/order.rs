@@ -613,9 +613,13 @@ impl Book {
             && footprint.waits_for(*write)
             && match lane {
                 None => true,
-                Some(lane) => self.entries.get(c).is_none_or(|e| {
-                    footprint.conflicts_in(lane, e.footprint.write, e.footprint.rows(lane))
-                }),
+                // Two writes conflict whatever the rows: no need to look at them.
+                Some(lane) => {
+                    (footprint.write && *write)
+                        || self.entries.get(c).is_none_or(|e| {
+                            footprint.conflicts_in(lane, e.footprint.write, e.footprint.rows(lane))
+                        })
+                }
             }
     }
 
@@ -829,7 +833,7 @@ mod tests {
             lanes: vec![lane],
             probes: vec![Probe {
                 lane,
-                pairs: vec![(1, crate::compare::footprint::Value::Int(key))],
+                pairs: vec![(1, crate::compare::footprint::Value::Int(key))].into(),
             }],
             write,
             wild: false,
