@@ -1441,6 +1441,35 @@ fn order_by_keys_not_in_the_output_are_re_checked_with_the_keys() {
     assert_eq!(proxy.metric("pgprism_compare_mismatches_total"), 5);
 }
 
+/// The re-check reads a statement once more on both sides: text that hides a write behind a
+/// comment PostgreSQL ends at `\r` must never run again there.
+#[test]
+fn an_order_re_check_never_writes() {
+    let p = pair("rechkw");
+    p.primary
+        .psql("CREATE TABLE ex (id int, k text); INSERT INTO ex VALUES (1, 'a'), (2, 'A'), (3, 'b'); CREATE TABLE log (n int)")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE ex (id int, k text); INSERT INTO ex VALUES (2, 'A'), (1, 'a'), (3, 'b'); CREATE TABLE log (n int)")
+        .unwrap();
+    let proxy = p.proxy(&[]);
+    let mut c = proxy.client();
+    // PostgreSQL ends the comment at `\r`: the client's own text runs the INSERT once per side.
+    c.batch_execute("SELECT id FROM ex ORDER BY lower(k) --x\r; COMMIT; SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE; INSERT INTO log VALUES (1)")
+        .unwrap();
+    drop(c);
+    // The SELECT alone is re-checked (its rows tie under lower(k)); nothing else is.
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_order_rechecks_total",
+        1
+    ));
+    assert_eq!(proxy.metric("pgprism_compare_order_recheck_ties_total"), 1);
+    for side in [&p.primary, &p.shadow] {
+        assert_eq!(side.psql("SELECT count(*) FROM log").unwrap().trim(), "1");
+    }
+}
+
 #[test]
 fn a_client_that_stops_sending_still_gets_the_answers_held_for_the_shadow() {
     use std::io::Write;

@@ -6,7 +6,8 @@
 //! (as the slow-query analyzer's EXPLAIN does), with the sort keys appended to the output,
 //! and compares the sequences of key values and the rows of each run of equal keys.
 //!
-//! It never writes (the statement runs in a READ ONLY transaction that is rolled back), never
+//! It never writes (the statement runs alone, through the extended protocol, in a READ ONLY
+//! transaction of a session that is read-only by default, and is never committed), never
 //! re-runs a statement with parameters or one [`crate::sql::sort_items`] cannot rewrite with
 //! certainty, runs at most `compare.order-rechecks-max` at once per shard, and is bounded in
 //! time (`compare.connect-timeout-ms` to connect, `compare.shadow-timeout-ms` to read).
@@ -108,13 +109,15 @@ pub(crate) struct Folded {
     projected: Digest,
 }
 
-/// Folds one side's answer to the re-run (`BEGIN READ ONLY; <plan>; ROLLBACK`).
+/// Folds one side's answer to the re-run (see [`messages`]).
 struct Folder<'p> {
     plan: &'p Plan,
     digester: Digester,
     folded: Folded,
     /// The current run of equal keys: its key hash and the row sums where it began.
     group: Option<(u64, u64)>,
+    /// The `BEGIN READ ONLY` ended in a transaction.
+    began: bool,
     in_select: bool,
     selected: bool,
     scratch: BytesMut,
@@ -127,6 +130,7 @@ impl<'p> Folder<'p> {
             digester: Digester::new(rules),
             folded: Folded::default(),
             group: None,
+            began: false,
             in_select: false,
             selected: false,
             scratch: BytesMut::new(),
@@ -136,7 +140,7 @@ impl<'p> Folder<'p> {
     /// One backend message; `Ok(Some)` at the end, `Err` when the re-run failed.
     fn visit(&mut self, tag: u8, body: &[u8]) -> Result<Option<Folded>, &'static str> {
         match tag {
-            tag::ROW_DESCRIPTION => {
+            tag::ROW_DESCRIPTION if self.began => {
                 let fields: Vec<_> = wire::RowDescription::new(body)
                     .fields()
                     .map_err(|_| FAILED)?
@@ -158,6 +162,13 @@ impl<'p> Folder<'p> {
                 self.selected = true;
             }
             tag::ERROR_RESPONSE => return Err(FAILED),
+            tag::READY_FOR_QUERY if !self.began => {
+                // The BEGIN's: the statement must run inside that read-only transaction.
+                if body != [b'T'] || self.in_select {
+                    return Err(FAILED);
+                }
+                self.began = true;
+            }
             tag::READY_FOR_QUERY => {
                 if !self.selected {
                     return Err(FAILED);
@@ -339,17 +350,56 @@ async fn side(
     let cfg = &target.cfg;
     let limit = Duration::from_millis(cfg.connect_timeout_ms);
     let max = cfg.buffer_bytes_max.max(1 << 20);
-    let stream = open_as(addr, url, tls, params, limit, max)
+    let budget_ms = cfg.shadow_timeout_ms.max(1);
+    // The client's settings (search_path, DateStyle...) shape the answer, but not the ones
+    // that could let the re-run write or run long: the session is read-only by default and
+    // its statements are cut off by the server at the re-check's own time bound.
+    let timeout = budget_ms.to_string();
+    // `options` is read as the settings it makes, so none of them can undo these two.
+    let options = params.iter().filter(|(k, _)| k == "options");
+    let mut params: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, _)| k != "options")
+        .cloned()
+        .chain(options.flat_map(|(_, o)| super::lease::options_settings(o)))
+        .filter(|(k, _)| {
+            let k = k.to_ascii_lowercase();
+            k != "default_transaction_read_only" && k != "statement_timeout"
+        })
+        .collect();
+    params.push(("default_transaction_read_only".into(), "on".into()));
+    params.push(("statement_timeout".into(), timeout));
+    let stream = open_as(addr, url, tls, &params, limit, max)
         .await
         .map_err(|_| UNREACHABLE)?
         .stream;
-    let budget = Duration::from_millis(cfg.shadow_timeout_ms.max(1));
-    let folded = within(budget, read(&stream, plan, rules, max))
+    let budget = Duration::from_millis(budget_ms);
+    let folded = within(budget, read(&stream, plan, rules, max, budget_ms))
         .await
         .unwrap_or(Err(TIMED_OUT));
+    // Closing the session rolls its transaction back.
     let _ = stream.write_all(&[b'X', 0, 0, 0, 4]).await;
     stream.shutdown();
     folded
+}
+
+/// The messages of a re-run: a read-only transaction whose statements the server stops at
+/// `timeout_ms`, begun by text of our own, then the rewritten statement alone through the
+/// extended protocol, where PostgreSQL refuses more than one command ("cannot insert multiple
+/// commands into a prepared statement"): text the SQL reader misread can never smuggle a
+/// COMMIT and a write past the READ ONLY. The transaction is never committed.
+pub(crate) fn messages(plan: &Plan, timeout_ms: u64) -> Result<BytesMut, wire::WireError> {
+    let mut out = BytesMut::new();
+    wire::encode::query(
+        &mut out,
+        &format!("BEGIN READ ONLY; SET LOCAL statement_timeout = {timeout_ms}"),
+    )?;
+    wire::encode::parse(&mut out, "", &plan.sql, &[])?;
+    wire::encode::bind(&mut out, "", "", &[], &[], &[])?;
+    wire::encode::describe(&mut out, wire::ObjectKind::Portal, "")?;
+    wire::encode::execute(&mut out, "", 0)?;
+    wire::encode::sync(&mut out);
+    Ok(out)
 }
 
 async fn read(
@@ -357,11 +407,9 @@ async fn read(
     plan: &Plan,
     rules: Rc<Rules>,
     max: usize,
+    timeout_ms: u64,
 ) -> Result<Folded, &'static str> {
-    let mut out = BytesMut::new();
-    // A read-only transaction: even a misclassified statement cannot write.
-    let sql = format!("BEGIN READ ONLY; {}; ROLLBACK", plan.sql);
-    wire::encode::query(&mut out, &sql).map_err(|_| FAILED)?;
+    let out = messages(plan, timeout_ms).map_err(|_| FAILED)?;
     stream.write_all(&out).await.map_err(|_| UNREACHABLE)?;
     let mut folder = Folder::new(plan, rules);
     let mut buf = BytesMut::new();
@@ -422,6 +470,8 @@ mod tests {
         let mut folder = Folder::new(&plan, rules);
         let mut buf = BytesMut::new();
         wire::encode::command_complete(&mut buf, "BEGIN").unwrap();
+        wire::encode::command_complete(&mut buf, "SET").unwrap();
+        wire::encode::ready_for_query(&mut buf, wire::TransactionStatus::InTransaction);
         let field = |name| wire::FieldDescription {
             name,
             table_oid: 0,
@@ -436,8 +486,7 @@ mod tests {
             wire::encode::data_row(&mut buf, &[Some(id.as_bytes()), Some(k.as_bytes())]).unwrap();
         }
         wire::encode::command_complete(&mut buf, "SELECT").unwrap();
-        wire::encode::command_complete(&mut buf, "ROLLBACK").unwrap();
-        wire::encode::ready_for_query(&mut buf, wire::TransactionStatus::Idle);
+        wire::encode::ready_for_query(&mut buf, wire::TransactionStatus::InTransaction);
         let mut at = 0;
         while at < buf.len() {
             let len =

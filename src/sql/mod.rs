@@ -31,7 +31,9 @@ fn skip_blank(sql: &[u8], mut i: usize) -> usize {
             i += 1;
         }
         if sql[i..].starts_with(b"--") {
-            i = match memchr::memchr(b'\n', &sql[i..]) {
+            // PostgreSQL's scanner ends a `--` comment at `\n` or `\r` (`non_newline` is
+            // `[^\n\r]`): a comment that ran on past a `\r` would hide statements after it.
+            i = match memchr::memchr2(b'\n', b'\r', &sql[i..]) {
                 Some(n) => i + n + 1,
                 None => sql.len(),
             };
@@ -1508,6 +1510,20 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn line_comments_end_at_a_carriage_return_as_in_postgresql() {
+        let hidden = b"SELECT id FROM t ORDER BY lower(v) --x\r; COMMIT; DELETE FROM t";
+        assert_eq!(split_statements(hidden).len(), 3);
+        assert_eq!(classify(b"--x\rDELETE FROM t"), Class::Dml);
+        assert_eq!(sort_items(hidden), None);
+        assert!(!has_top_level_order_by(b"SELECT 1 --ORDER\rBY 1"));
+        assert!(
+            fingerprint(b"SELECT 1 --x\rFROM t", 1024)
+                .1
+                .contains("from t")
+        );
+    }
 
     #[test]
     fn sort_items_read_a_plain_select_for_a_re_run_with_its_keys() {
