@@ -1470,6 +1470,48 @@ fn an_order_re_check_never_writes() {
     }
 }
 
+/// A re-check runs the statement once more per side: not when it calls a function that may
+/// do more than return a value.
+#[test]
+fn an_order_re_check_never_runs_user_functions_again() {
+    let p = pair("rechkf");
+    let f = "CREATE FUNCTION f(text) RETURNS text LANGUAGE sql AS 'SELECT lower($1)';";
+    p.primary
+        .psql(&format!("CREATE TABLE ex (id int, k text); INSERT INTO ex VALUES (1, 'a'), (2, 'A'), (3, 'b'); {f}"))
+        .unwrap();
+    p.shadow
+        .psql(&format!("CREATE TABLE ex (id int, k text); INSERT INTO ex VALUES (2, 'A'), (1, 'a'), (3, 'b'); {f}"))
+        .unwrap();
+    let proxy = p.proxy(&[]);
+    let mut c = proxy.client();
+    let sql = "SELECT id FROM ex ORDER BY f(k)";
+    c.simple_query(sql).unwrap();
+    let report = p.report_for(sql);
+    assert_eq!(
+        report["verdict"].as_str(),
+        Some("inconclusive: nondeterministic"),
+        "{report:?}"
+    );
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("side effects"),
+        "{report:?}"
+    );
+    // The same order with a built-in is re-checked (and its rows tie).
+    c.simple_query("SELECT id FROM ex ORDER BY lower(k)")
+        .unwrap();
+    drop(c);
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_order_rechecks_total",
+        1
+    ));
+    assert_eq!(proxy.metric("pgprism_compare_order_recheck_ties_total"), 1);
+    assert_eq!(proxy.metric("pgprism_compare_order_rechecks_total"), 1);
+}
+
 #[test]
 fn a_client_that_stops_sending_still_gets_the_answers_held_for_the_shadow() {
     use std::io::Write;

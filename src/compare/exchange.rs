@@ -1908,6 +1908,9 @@ impl Comparer {
         let Some(plan) = plan else {
             return Some(super::recheck::NOT_REWRITABLE);
         };
+        if !super::recheck::calls_only_safe_functions(&statement.text) {
+            return Some(super::recheck::CALLS_FUNCTIONS);
+        }
         if stats.rechecks_running.get() >= self.target.cfg.order_rechecks_max {
             return Some(super::recheck::BUSY);
         }

@@ -35,6 +35,171 @@ const UNREACHABLE: &str = "rows in another order under an ORDER BY whose keys ar
 const TIMED_OUT: &str = "rows in another order under an ORDER BY whose keys are not all output columns (the re-check timed out)";
 const FAILED: &str = "rows in another order under an ORDER BY whose keys are not all output columns (the re-check failed or returned another shape)";
 
+pub(super) const CALLS_FUNCTIONS: &str = "rows in another order under an ORDER BY whose keys are not all output columns (not re-checked: the statement calls a function that is not on the re-check's list of built-ins without side effects, and a re-check runs it once more on each side)";
+
+/// Words PostgreSQL's grammar puts before a `(` that are no function call: keywords (`IN (`,
+/// `EXISTS (`, `OVER (`...) and type names with a modifier (`numeric(10, 2)`).
+const NOT_CALLS: &[&str] = &[
+    "all",
+    "and",
+    "any",
+    "array",
+    "as",
+    "between",
+    "bit",
+    "by",
+    "case",
+    "char",
+    "character",
+    "cube",
+    "decimal",
+    "distinct",
+    "else",
+    "exists",
+    "filter",
+    "float",
+    "from",
+    "group",
+    "grouping",
+    "having",
+    "ilike",
+    "in",
+    "interval",
+    "is",
+    "join",
+    "lateral",
+    "like",
+    "limit",
+    "materialized",
+    "not",
+    "numeric",
+    "offset",
+    "on",
+    "or",
+    "over",
+    "rollup",
+    "row",
+    "select",
+    "sets",
+    "similar",
+    "some",
+    "then",
+    "time",
+    "timestamp",
+    "timestamptz",
+    "to",
+    "using",
+    "values",
+    "varchar",
+    "varying",
+    "when",
+    "where",
+    "with",
+    "within",
+];
+
+/// Built-in functions a re-check may run again: immutable or stable, without side effects
+/// (no I/O, no locks, no sleeps, no sequences, no settings), deterministic for the same
+/// data. Anything else (a user function, `dblink_exec`, `lo_export`, `pg_advisory_lock`,
+/// `pg_sleep`, `nextval`, `set_config`...) keeps the statement from being re-checked.
+const SAFE_FUNCTIONS: &[&str] = &[
+    "abs",
+    "array_agg",
+    "array_length",
+    "array_position",
+    "array_to_string",
+    "ascii",
+    "avg",
+    "bit_length",
+    "bool_and",
+    "bool_or",
+    "btrim",
+    "cardinality",
+    "cast",
+    "ceil",
+    "ceiling",
+    "char_length",
+    "character_length",
+    "chr",
+    "coalesce",
+    "concat",
+    "concat_ws",
+    "count",
+    "date_part",
+    "date_trunc",
+    "dense_rank",
+    "div",
+    "every",
+    "exp",
+    "extract",
+    "floor",
+    "generate_series",
+    "greatest",
+    "initcap",
+    "json_extract_path_text",
+    "jsonb_extract_path_text",
+    "least",
+    "left",
+    "length",
+    "ln",
+    "log",
+    "lower",
+    "lpad",
+    "ltrim",
+    "max",
+    "md5",
+    "min",
+    "mod",
+    "nullif",
+    "octet_length",
+    "overlay",
+    "position",
+    "power",
+    "rank",
+    "regexp_replace",
+    "repeat",
+    "replace",
+    "reverse",
+    "right",
+    "round",
+    "row_number",
+    "rpad",
+    "rtrim",
+    "sign",
+    "split_part",
+    "sqrt",
+    "starts_with",
+    "string_agg",
+    "strpos",
+    "substr",
+    "substring",
+    "sum",
+    "to_char",
+    "translate",
+    "trim",
+    "trunc",
+    "unnest",
+    "upper",
+];
+
+/// Whether every name `text` calls is a keyword or a built-in on [`SAFE_FUNCTIONS`]
+/// (unqualified or in `pg_catalog`): a re-check reads the statement once more per side, so
+/// it must not repeat what a function does besides returning a value.
+pub(crate) fn calls_only_safe_functions(text: &str) -> bool {
+    sql::called_names(text.as_bytes()).iter().all(|name| {
+        let Ok(name) = std::str::from_utf8(name) else {
+            return false;
+        };
+        let name = name.to_ascii_lowercase();
+        let bare = match name.split_once('.') {
+            None => name.as_str(),
+            Some(("pg_catalog", rest)) if !rest.contains('.') => rest,
+            Some(_) => return false,
+        };
+        NOT_CALLS.contains(&bare) || SAFE_FUNCTIONS.contains(&bare)
+    })
+}
+
 /// A NULL key value in the key hash.
 const NULL_KEY: u64 = 0x5899_65cc_7537_4cc3;
 
@@ -461,6 +626,29 @@ mod tests {
             .is_none()
         );
         assert!(super::plan("SELECT DISTINCT id FROM t ORDER BY id", &columns(&["id"])).is_none());
+    }
+
+    #[test]
+    fn only_statements_calling_built_ins_without_effects_are_re_checked() {
+        for yes in [
+            "SELECT id FROM t ORDER BY lower(v)",
+            "SELECT id FROM t WHERE id IN (1, 2) AND EXISTS (SELECT 1) ORDER BY pg_catalog.upper (v)",
+            "SELECT v::numeric(10, 2) FROM t ORDER BY coalesce(length(v), 0), date_trunc('day', ts)",
+            "SELECT count(*) OVER (ORDER BY id) FROM t ORDER BY 'f(x)' || v -- g(x)",
+        ] {
+            assert!(calls_only_safe_functions(yes), "{yes}");
+        }
+        for no in [
+            "SELECT id FROM t ORDER BY f(v)",
+            "SELECT id, pg_advisory_lock(1) FROM t ORDER BY lower(v)",
+            "SELECT id FROM t WHERE dblink_exec('x', 'DELETE FROM t') = 'OK' ORDER BY lower(v)",
+            "SELECT lo_export(1, '/tmp/x') FROM t ORDER BY lower(v)",
+            "SELECT id FROM t ORDER BY public.lower(v)",
+            "SELECT id FROM t ORDER BY \"f\"(v)",
+            "SELECT id FROM t, pg_sleep(1) ORDER BY lower(v)",
+        ] {
+            assert!(!calls_only_safe_functions(no), "{no}");
+        }
     }
 
     /// Folds a re-run answer of rows `(id, key)` for a plan with one output column.

@@ -1297,6 +1297,37 @@ pub fn sort_items(sql: &[u8]) -> Option<SortItems> {
     None
 }
 
+/// The names of what `sql` calls: every bare or quoted name (with its qualifiers, as written)
+/// followed by `(`, outside literals and comments, whatever it is (a function, a keyword such
+/// as `IN (`, a type's modifier `numeric(10, 2)`, a table alias's column list). The caller
+/// decides which it trusts; a name it does not know is best taken for a call.
+pub fn called_names(sql: &[u8]) -> Vec<&[u8]> {
+    let tokens = tokens(sql);
+    let mut out = Vec::new();
+    for (index, t) in tokens.iter().enumerate() {
+        let named = t.0 == Token::Word || (t.0 == Token::Other && sql.get(t.1) == Some(&b'"'));
+        // PostgreSQL allows blanks (and comments) between a function's name and its `(`.
+        let opens = tokens
+            .get(index + 1)
+            .is_some_and(|n| n.0 == Token::Open && sql.get(n.1) == Some(&b'('));
+        if !named || !opens {
+            continue;
+        }
+        // Back over `qualifier.` parts: `pg_catalog.lower`, `"s"."f"`.
+        let mut start = t.1;
+        let mut at = index;
+        while at >= 2
+            && sql.get(tokens[at - 1].1..tokens[at - 1].2) == Some(&b"."[..])
+            && matches!(tokens[at - 2].0, Token::Word | Token::Other)
+        {
+            at -= 2;
+            start = tokens[at].1;
+        }
+        out.push(&sql[start..t.2]);
+    }
+    out
+}
+
 /// The index of the outer query's SELECT: the first token, or the first at depth 0 after a
 /// `WITH` list of common table expressions (`name [(columns)] AS [NOT] [MATERIALIZED] (...)`,
 /// their SEARCH and CYCLE clauses). `None` for anything else (VALUES, TABLE, a parenthesised
