@@ -1368,9 +1368,17 @@ fn order_by_keys_not_in_the_output_are_re_checked_with_the_keys() {
         "SELECT id FROM cl ORDER BY w",
         "SELECT id FROM cl ORDER BY w || ''",
     ];
+    // One re-check at a time (`compare.order-rechecks-max` is 8): wait for each.
+    let mut rechecks = 0;
     for sql in ties.iter().chain(&orders) {
         c.simple_query(sql).unwrap();
         c.query(*sql, &[]).unwrap();
+        rechecks += 2;
+        assert!(counter_reaches(
+            &proxy,
+            "pgprism_compare_order_rechecks_total",
+            rechecks
+        ));
     }
     // Not rewritable with certainty, or with parameters: inconclusive, whatever the cause.
     let with = "SELECT id FROM cl ORDER BY w USING <";
@@ -1468,6 +1476,31 @@ fn an_order_re_check_never_writes() {
     for side in [&p.primary, &p.shadow] {
         assert_eq!(side.psql("SELECT count(*) FROM log").unwrap().trim(), "1");
     }
+}
+
+/// Keys that tie by value but not by bytes (numeric 1.0 and 1.00): each server decides what
+/// ties, so rows in another order among them are no difference.
+#[test]
+fn an_order_re_check_lets_each_server_decide_what_ties() {
+    let p = pair("rechkt");
+    p.primary
+        .psql("CREATE TABLE nt (id int, n numeric); INSERT INTO nt VALUES (1, 1.0), (2, 1.00), (3, 2)")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE nt (id int, n numeric); INSERT INTO nt VALUES (2, 1.00), (1, 1.0), (3, 2)")
+        .unwrap();
+    let proxy = p.proxy(&[]);
+    let mut c = proxy.client();
+    let sql = "SELECT id FROM nt ORDER BY n + 0";
+    c.simple_query(sql).unwrap();
+    drop(c);
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_order_rechecks_total",
+        1
+    ));
+    assert_eq!(proxy.metric("pgprism_compare_order_recheck_ties_total"), 1);
+    assert!(!p.reported(sql), "{:?}", p.reports());
 }
 
 /// A re-check runs the statement once more per side: not when it calls a function that may

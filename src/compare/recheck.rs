@@ -200,6 +200,8 @@ pub(crate) fn calls_only_safe_functions(text: &str) -> bool {
     })
 }
 
+const REORDERED: &str = "rows in another order under an ORDER BY whose keys are not all output columns (the re-check returned a side's rows in another order than the statement did)";
+
 /// A NULL key value in the key hash.
 const NULL_KEY: u64 = 0x5899_65cc_7537_4cc3;
 
@@ -214,6 +216,10 @@ pub(crate) struct Plan {
     width: usize,
     /// Per sort key, in order: its column in the re-run's rows.
     keys: Vec<usize>,
+    /// The column of `dense_rank() OVER (ORDER BY <the statement's items>)`, when appended:
+    /// each server then decides itself which rows tie (`citext` 'Bob' and 'bob', numeric 1.0
+    /// and 1.00, a nondeterministic collation), where equal bytes could not.
+    rank: Option<usize>,
 }
 
 /// The re-run of `text`, whose result had `columns`; `None` when it cannot be rewritten with
@@ -245,19 +251,37 @@ pub(crate) fn plan(text: &str, columns: &[(String, u32)]) -> Option<Plan> {
             }
         });
     }
+    // A window's ORDER BY reads input columns only: the rank is the statement's own order
+    // only when no item names an output column (a position, an alias).
+    let mut width = n + appended.len();
+    let over = keys.iter().all(|&k| k >= n);
+    let window;
+    let rank = if over {
+        window = format!(
+            "dense_rank() OVER (ORDER BY {})",
+            text.get(items.clause.clone())?
+        );
+        appended.push(&window);
+        width += 1;
+        Some(width - 1)
+    } else {
+        None
+    };
     let head = text.get(..items.list_end)?.trim_end();
     let tail = text.get(items.list_end..)?.trim_end();
     let tail = tail.strip_suffix(';').unwrap_or(tail).trim_end();
+    // A newline, not a space: the select list may end in a line comment.
     let sql = if appended.is_empty() {
-        format!("{head} {tail}")
+        format!("{head}\n{tail}")
     } else {
-        format!("{head}, {} {tail}", appended.join(", "))
+        format!("{head}\n, {}\n{tail}", appended.join(", "))
     };
     Some(Plan {
         sql,
         columns: n,
-        width: n + appended.len(),
+        width,
         keys,
+        rank,
     })
 }
 
@@ -265,8 +289,11 @@ pub(crate) fn plan(text: &str, columns: &[(String, u32)]) -> Option<Plan> {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct Folded {
     rows: u64,
-    /// The sort keys' values, in order.
+    /// The order's keys (the ranks, else the sort keys' values), in order.
     keys: u64,
+    /// Order-insensitive sum over rows of (normalised row, sort keys' values): a key that
+    /// moved from one row to another between the two re-runs shows here.
+    pairs: u64,
     /// Per run of equal keys, in order: its keys and the (normalised) rows in it, whatever
     /// their order within the run.
     groups: u64,
@@ -367,10 +394,12 @@ impl<'p> Folder<'p> {
         if values.len() != self.plan.width {
             return Err(FAILED);
         }
-        let mut key = NULL_KEY;
+        let value = |i: usize| values[i].map_or(NULL_KEY, |v| hash64(v, 0));
+        let mut raw = NULL_KEY;
         for &i in &self.plan.keys {
-            key = chain(key, values[i].map_or(NULL_KEY, |v| hash64(v, 0)));
+            raw = chain(raw, value(i));
         }
+        let key = self.plan.rank.map_or(raw, value);
         if self.group.is_some_and(|(k, _)| k != key) {
             self.close_group();
         }
@@ -382,7 +411,10 @@ impl<'p> Folder<'p> {
         self.scratch.clear();
         wire::encode::data_row(&mut self.scratch, &values[..self.plan.columns])
             .map_err(|_| FAILED)?;
+        let before = self.digester.current_unordered().0;
         self.feed(tag::DATA_ROW);
+        let row = self.digester.current_unordered().0.wrapping_sub(before);
+        self.folded.pairs = self.folded.pairs.wrapping_add(chain(row, raw));
         Ok(())
     }
 
@@ -424,8 +456,16 @@ pub(crate) fn decide(original: [&Digest; 2], rerun: [Result<Folded, &'static str
             return Outcome::Changed;
         }
     }
-    if p.rows != s.rows || p.projected.unordered != s.projected.unordered {
+    // The same rows with the keys not in the output on other rows: a change to a sort
+    // column between the re-runs (or one side's data), not an order the engines chose.
+    if p.rows != s.rows || p.projected.unordered != s.projected.unordered || p.pairs != s.pairs {
         return Outcome::Changed;
+    }
+    // Each re-run must come in its side's original order, else it says nothing of it.
+    for (o, r) in original.iter().zip([&p, &s]) {
+        if !o.binary && r.projected.ordered != o.ordered {
+            return Outcome::Failed(REORDERED);
+        }
     }
     if p.keys != s.keys || p.groups != s.groups {
         return Outcome::Order;
@@ -612,10 +652,24 @@ mod tests {
         .unwrap();
         assert_eq!(
             plan.sql,
-            "SELECT id, v AS w, lower(v), k FROM t ORDER BY lower(v), w DESC, 1, k"
+            "SELECT id, v AS w\n, lower(v), k\nFROM t ORDER BY lower(v), w DESC, 1, k"
         );
         assert_eq!((plan.columns, plan.width), (2, 4));
         assert_eq!(plan.keys, vec![2, 1, 0, 3]);
+        assert_eq!(plan.rank, None);
+        // No item names an output column: the servers rank the rows themselves. A line
+        // comment at the end of the select list stays a comment.
+        let plan = super::plan(
+            "SELECT id -- note\nFROM t ORDER BY lower(v) DESC NULLS LAST, t.k",
+            &columns(&["id"]),
+        )
+        .unwrap();
+        assert_eq!(
+            plan.sql,
+            "SELECT id -- note\n, lower(v), t.k, dense_rank() OVER (ORDER BY lower(v) DESC NULLS LAST, t.k)\nFROM t ORDER BY lower(v) DESC NULLS LAST, t.k"
+        );
+        assert_eq!((plan.columns, plan.width, plan.rank), (1, 4, Some(3)));
+        assert_eq!(plan.keys, vec![1, 2]);
         // A position past the output, an ambiguous name, no rewrite: no plan.
         assert!(super::plan("SELECT id FROM t ORDER BY 2", &columns(&["id"])).is_none());
         assert!(
@@ -651,8 +705,8 @@ mod tests {
         }
     }
 
-    /// Folds a re-run answer of rows `(id, key)` for a plan with one output column.
-    fn fold(rows: &[(&str, &str)]) -> Folded {
+    /// Folds a re-run answer of rows `(id, key, rank)` for a plan with one output column.
+    fn fold(rows: &[(&str, &str, &str)]) -> Folded {
         let plan = plan("SELECT id FROM t ORDER BY k", &columns(&["id"])).unwrap();
         let rules = Rc::new(Rules::new(&CompareConfig::default()).unwrap());
         let mut folder = Folder::new(&plan, rules);
@@ -669,9 +723,11 @@ mod tests {
             type_modifier: -1,
             format: wire::Format::Text,
         };
-        wire::encode::row_description(&mut buf, &[field("id"), field("k")]).unwrap();
-        for (id, k) in rows {
-            wire::encode::data_row(&mut buf, &[Some(id.as_bytes()), Some(k.as_bytes())]).unwrap();
+        wire::encode::row_description(&mut buf, &[field("id"), field("k"), field("dense_rank")])
+            .unwrap();
+        for (id, k, rank) in rows {
+            let row = [id, k, rank].map(|v| Some(v.as_bytes()));
+            wire::encode::data_row(&mut buf, &row).unwrap();
         }
         wire::encode::command_complete(&mut buf, "SELECT").unwrap();
         wire::encode::ready_for_query(&mut buf, wire::TransactionStatus::InTransaction);
@@ -687,28 +743,50 @@ mod tests {
         panic!("no ReadyForQuery")
     }
 
+    /// Judges two re-runs, each against its own rows as the statement returned them.
+    fn judge(p: &Folded, s: &Folded) -> Outcome {
+        decide([&p.projected, &s.projected], [Ok(p.clone()), Ok(s.clone())])
+    }
+
     #[test]
     fn ties_agree_and_keys_in_another_order_do_not() {
-        let a = fold(&[("1", "a"), ("2", "a"), ("3", "b")]);
-        let ties = fold(&[("2", "a"), ("1", "a"), ("3", "b")]);
-        let order = fold(&[("3", "b"), ("1", "a"), ("2", "a")]);
-        let changed = fold(&[("1", "a"), ("2", "a"), ("4", "b")]);
-        let original = a.projected.clone();
-        let decide =
-            |p: &Folded, s: &Folded| decide([&original, &original], [Ok(p.clone()), Ok(s.clone())]);
-        assert_eq!(decide(&a, &ties), Outcome::Ties);
-        assert_eq!(decide(&a, &order), Outcome::Order);
-        assert_eq!(decide(&a, &changed), Outcome::Changed);
-        // The same key sequence with other rows in a run of equal keys.
-        let regrouped = fold(&[("1", "a"), ("3", "a"), ("2", "b")]);
-        let other = fold(&[("2", "a"), ("3", "a"), ("1", "b")]);
-        let o = regrouped.projected.clone();
+        let a = fold(&[("1", "a", "1"), ("2", "a", "1"), ("3", "b", "2")]);
+        let ties = fold(&[("2", "a", "1"), ("1", "a", "1"), ("3", "b", "2")]);
+        let order = fold(&[("3", "b", "1"), ("1", "a", "2"), ("2", "a", "2")]);
+        let changed = fold(&[("1", "a", "1"), ("2", "a", "1"), ("4", "b", "2")]);
+        assert_eq!(judge(&a, &ties), Outcome::Ties);
+        assert_eq!(judge(&a, &order), Outcome::Order);
+        assert_eq!(judge(&a, &changed), Outcome::Changed);
+        // Keys that tie by value but not by bytes ('Bob' and 'bob' under citext): the ranks,
+        // which each server gave, decide.
+        let bob = fold(&[("1", "Bob", "1"), ("2", "bob", "1"), ("3", "c", "2")]);
+        let other = fold(&[("2", "bob", "1"), ("1", "Bob", "1"), ("3", "c", "2")]);
+        assert_eq!(judge(&bob, &other), Outcome::Ties);
+        // The same rows in the same order, but a key not in the output on another row (a
+        // concurrent change to the sort column): changed, not an order difference.
+        let moved = fold(&[("2", "a", "1"), ("1", "b", "2"), ("3", "c", "3")]);
+        let before = fold(&[("1", "a", "1"), ("2", "b", "2"), ("3", "c", "3")]);
+        assert_eq!(judge(&before, &moved), Outcome::Changed);
+        // A re-run that does not reproduce its side's original order settles nothing.
         assert_eq!(
-            super::decide([&o, &o], [Ok(regrouped.clone()), Ok(other)]),
-            Outcome::Order
+            decide(
+                [&ties.projected, &ties.projected],
+                [Ok(a.clone()), Ok(ties.clone())]
+            ),
+            Outcome::Failed(REORDERED)
         );
+        // The same rank sequence with other rows in a run of equal keys.
+        let regrouped = fold(&[("1", "a", "1"), ("3", "a", "1"), ("2", "b", "2")]);
+        let other = fold(&[("2", "a", "1"), ("3", "a", "1"), ("1", "b", "2")]);
+        assert_eq!(judge(&regrouped, &other), Outcome::Changed);
+        let other = fold(&[("2", "a", "1"), ("3", "a", "1"), ("1", "a", "2")]);
+        let regrouped = fold(&[("1", "a", "1"), ("3", "a", "1"), ("2", "a", "2")]);
+        assert_eq!(judge(&regrouped, &other), Outcome::Order);
         assert_eq!(
-            super::decide([&original, &original], [Ok(a), Err(TIMED_OUT)]),
+            decide(
+                [&a.projected, &a.projected],
+                [Ok(a.clone()), Err(TIMED_OUT)]
+            ),
             Outcome::Failed(TIMED_OUT)
         );
     }

@@ -1116,6 +1116,8 @@ pub struct SortItems {
     /// Where the outer select list ends (before the top-level FROM, or the first clause).
     pub list_end: usize,
     pub items: Vec<SortItem>,
+    /// The ORDER BY's items as written (with ASC/DESC, NULLS FIRST/LAST), without `ORDER BY`.
+    pub clause: std::ops::Range<usize>,
 }
 
 /// One token of [`sort_items`]' walk.
@@ -1268,6 +1270,8 @@ pub fn sort_items(sql: &[u8]) -> Option<SortItems> {
     let mut items = Vec::new();
     let mut item: Vec<&(Token, usize, usize)> = Vec::new();
     let mut depth = 0i32;
+    let clause_start = tokens.get(order_at?).map_or(sql.len(), |t| t.1);
+    let mut clause_end = clause_start;
     for t in tokens.get(order_at?..)?.iter().chain(std::iter::once(&(
         Token::Semicolon,
         sql.len(),
@@ -1282,10 +1286,15 @@ pub fn sort_items(sql: &[u8]) -> Option<SortItems> {
             items.push(sort_item(sql, &item)?);
             item.clear();
             if ends_clause {
-                return Some(SortItems { list_end, items });
+                return Some(SortItems {
+                    list_end,
+                    items,
+                    clause: clause_start..clause_end,
+                });
             }
             continue;
         }
+        clause_end = t.2;
         match t.0 {
             Token::Open => depth += 1,
             Token::Close => depth -= 1,
