@@ -1503,6 +1503,39 @@ fn an_order_re_check_lets_each_server_decide_what_ties() {
     assert!(!p.reported(sql), "{:?}", p.reports());
 }
 
+/// The process-wide bound on re-checks holds whatever each shard's allows.
+#[test]
+fn order_re_checks_are_bounded_in_the_whole_process() {
+    let p = pair("rechkb");
+    p.primary
+        .psql("CREATE TABLE ex (id int, k text); INSERT INTO ex VALUES (1, 'a'), (2, 'A')")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE ex (id int, k text); INSERT INTO ex VALUES (2, 'A'), (1, 'a')")
+        .unwrap();
+    let config = std::env::temp_dir().join(format!("pgprism-rechkb-{}.toml", std::process::id()));
+    std::fs::write(&config, "[compare]\norder-rechecks-total-max = 0\n").unwrap();
+    let proxy = p.proxy(&["--config", config.to_str().unwrap()]);
+    let mut c = proxy.client();
+    let sql = "SELECT id FROM ex ORDER BY lower(k)";
+    c.simple_query(sql).unwrap();
+    let report = p.report_for(sql);
+    let _ = std::fs::remove_file(&config);
+    assert_eq!(
+        report["verdict"].as_str(),
+        Some("inconclusive: nondeterministic"),
+        "{report:?}"
+    );
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("compare.order-rechecks-total-max"),
+        "{report:?}"
+    );
+    assert_eq!(proxy.metric("pgprism_compare_order_rechecks_total"), 0);
+}
+
 /// A re-check runs the statement once more per side: not when it calls a function that may
 /// do more than return a value.
 #[test]

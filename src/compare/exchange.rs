@@ -1914,6 +1914,16 @@ impl Comparer {
         if stats.rechecks_running.get() >= self.target.cfg.order_rechecks_max {
             return Some(super::recheck::BUSY);
         }
+        // The one cross-shard cost of a re-check: a slot of the process-wide bound.
+        let total_max = self.target.cfg.order_rechecks_total_max;
+        let slot = self.target.rechecks.fetch_update(
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+            |running| (running < total_max).then_some(running + 1),
+        );
+        if slot.is_err() {
+            return Some(super::recheck::BUSY_PROCESS);
+        }
         stats.rechecks_running.set(stats.rechecks_running.get() + 1);
         let record = self.record(statement, differences, p, s, times, false);
         crate::exec::spawn(super::recheck::run(

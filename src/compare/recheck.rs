@@ -9,7 +9,8 @@
 //! It never writes (the statement runs alone, through the extended protocol, in a READ ONLY
 //! transaction of a session that is read-only by default, and is never committed), never
 //! re-runs a statement with parameters or one [`crate::sql::sort_items`] cannot rewrite with
-//! certainty, runs at most `compare.order-rechecks-max` at once per shard, and is bounded in
+//! certainty, runs at most `compare.order-rechecks-max` at once per shard and
+//! `compare.order-rechecks-total-max` in the process, and is bounded in
 //! time (`compare.connect-timeout-ms` to connect, `compare.shadow-timeout-ms` to read).
 //! Whatever it cannot settle with certainty is inconclusive, never a mismatch.
 
@@ -30,6 +31,7 @@ use crate::wire::{self, tag};
 /// Why an order difference under an ORDER BY of keys not in the output was not settled (the
 /// `reason` of its inconclusive verdict).
 pub(super) const NOT_REWRITABLE: &str = "rows in another order under an ORDER BY whose keys are not all output columns (not re-checked: parameters, a write, or a statement the re-check cannot rewrite)";
+pub(super) const BUSY_PROCESS: &str = "rows in another order under an ORDER BY whose keys are not all output columns (not re-checked: compare.order-rechecks-total-max re-checks running in the process)";
 pub(super) const BUSY: &str = "rows in another order under an ORDER BY whose keys are not all output columns (not re-checked: compare.order-rechecks-max re-checks running)";
 const UNREACHABLE: &str = "rows in another order under an ORDER BY whose keys are not all output columns (the re-check could not connect)";
 const TIMED_OUT: &str = "rows in another order under an ORDER BY whose keys are not all output columns (the re-check timed out)";
@@ -504,6 +506,9 @@ pub(crate) async fn run(
     .await;
     let stats = &target.stats;
     stats.rechecks_running.set(stats.rechecks_running.get() - 1);
+    target
+        .rechecks
+        .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     stats.order_rechecks.set(stats.order_rechecks.get() + 1);
     let outcome = decide([&original[0], &original[1]], [primary, shadow]);
     let verdict = match outcome {
