@@ -913,6 +913,44 @@ fn equivalent_types_compare_by_value_in_text_and_binary() {
     assert_eq!(reports.len(), 8, "{reports:?}");
 }
 
+/// A precision declared on one type of a pair of two types brings the other type's values
+/// to it: a timestamptz(3) column on the primary against a timestamp column on the shadow.
+#[test]
+fn a_precision_on_one_type_of_an_equivalence_rounds_the_other() {
+    let p = pair("eqpr");
+    p.primary
+        .psql(
+            "CREATE TABLE tp (id int, t timestamptz(3));
+             INSERT INTO tp VALUES (1, '2024-01-01 10:00:00.1234+00'), (2, '2024-01-01 10:00:00.5+00')",
+        )
+        .unwrap();
+    p.shadow
+        .psql(
+            "CREATE TABLE tp (id int, t timestamp);
+             INSERT INTO tp VALUES (1, '2024-01-01 10:00:00.1234'), (2, '2024-01-01 10:00:00.5016')",
+        )
+        .unwrap();
+    let proxy = p.proxy(&["--type-equivalence", "timestamptz(3)=timestamp"]);
+    let mut c = proxy.client();
+    c.simple_query("SET TIME ZONE 'UTC'").unwrap();
+    let same = "SELECT id, t FROM tp WHERE id = 1";
+    let differ = "SELECT id, t FROM tp WHERE id = 2";
+    for sql in [same, differ] {
+        c.simple_query(sql).unwrap();
+        c.query(sql, &[]).unwrap();
+    }
+    drop(c);
+    assert!(counter_reaches(&proxy, "pgprism_sessions_closed_total", 1));
+    eventually(Duration::from_secs(10), || p.reports().len() >= 2);
+    let reports = p.reports();
+    assert!(!p.reported(same), "{reports:?}");
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    for r in &reports {
+        assert_eq!(r["statement"].as_str(), Some(differ), "{r:?}");
+        assert_eq!(kinds(r), ["values"], "{r:?}");
+    }
+}
+
 /// A shadow that stops answering (here: blocked on a lock) must not hold the client in
 /// fail-on-differences mode: after compare.shadow-timeout-ms the session stops comparing and
 /// the client gets the primary's answer.
