@@ -1247,7 +1247,13 @@ pub fn sort_items(sql: &[u8]) -> Option<SortItems> {
                 ]
                 .iter()
                 .any(|k| is(k));
-                if clause && list_end.is_none() {
+                // `a IS [NOT] DISTINCT FROM b` in the select list is no FROM clause.
+                let operator = is(b"FROM")
+                    && index
+                        .checked_sub(1)
+                        .and_then(|i| tokens.get(i))
+                        .is_some_and(|t| word(t, b"DISTINCT"));
+                if clause && !operator && list_end.is_none() {
                     if index == select + 1 {
                         return None;
                     }
@@ -1597,6 +1603,13 @@ mod tests {
             Some((
                 "select a, extract(year from d) as y".into(),
                 vec![("v || ''".into(), None)]
+            ))
+        );
+        assert_eq!(
+            read("SELECT a IS NOT DISTINCT FROM b AS same, c is distinct from d FROM t ORDER BY e"),
+            Some((
+                "SELECT a IS NOT DISTINCT FROM b AS same, c is distinct from d".into(),
+                vec![("e".into(), name("e"))]
             ))
         );
         assert_eq!(
