@@ -1058,6 +1058,19 @@ fn a_long_pipelined_batch_is_bounded_before_its_sync() {
         s.write_all(&part.concat()).unwrap();
         s.flush().unwrap();
     }
+    // Past the bound the batch is not held for its Sync: the shadow runs its last statement
+    // before the client has synced.
+    let ran = || {
+        p.shadow
+            .psql("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT v FROM bb WHERE id = 300'")
+            .unwrap()
+            .trim()
+            == "1"
+    };
+    assert!(
+        eventually(Duration::from_secs(10), ran),
+        "the shadow ran the batch before its Sync"
+    );
     s.write_all(&message(b'S', &[])).unwrap();
     let answers = read_until_ready(&mut s);
     let rows = answers.iter().filter(|m| m.0 == b'D').count();
