@@ -1128,6 +1128,57 @@ fn a_long_pipelined_batch_is_bounded_before_its_sync() {
     ));
 }
 
+/// A batch already sent to the shadow (past the bound) that then names a statement routed
+/// to the primary only fails closed: the shadow never runs it nor what follows, and the
+/// batch is not compared.
+#[test]
+fn a_released_batch_never_sends_primary_only_statements_to_the_shadow() {
+    use std::io::Write;
+    use support::raw::{message, read_until_ready};
+    let p = pair("bcut");
+    p.both("CREATE TABLE bb (id int, v text); INSERT INTO bb SELECT g, 'v' || g FROM generate_series(1, 300) g; CREATE TABLE log (n int)");
+    let proxy = p.proxy(&[
+        "--compare-batch-bytes",
+        "2048",
+        "--compare-primary-only",
+        "pg_catalog",
+    ]);
+    let mut s = support::raw::connect_ready(proxy.listen);
+    let mut batch: Vec<Vec<u8>> = (1..=100)
+        .map(|i| raw_extended(&format!("SELECT v FROM bb WHERE id = {i}")))
+        .collect();
+    batch.push(raw_extended(
+        "INSERT INTO log SELECT 1 FROM pg_catalog.pg_class LIMIT 1",
+    ));
+    batch.push(raw_extended("INSERT INTO log VALUES (2)"));
+    for part in batch.chunks(20) {
+        s.write_all(&part.concat()).unwrap();
+        s.flush().unwrap();
+    }
+    s.write_all(&message(b'S', &[])).unwrap();
+    let answers = read_until_ready(&mut s);
+    assert_eq!(answers.iter().filter(|m| m.0 == b'D').count(), 100);
+    assert!(!answers.iter().any(|m| m.0 == b'E'), "{answers:?}");
+    // The session goes on in step with the shadow.
+    support::raw::query(&mut s, "SELECT count(*) FROM bb");
+    drop(s);
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_batches_cut_total",
+        1
+    ));
+    assert!(counter_reaches(&proxy, "pgprism_sessions_closed_total", 1));
+    assert_eq!(
+        p.primary.psql("SELECT count(*) FROM log").unwrap().trim(),
+        "2"
+    );
+    assert_eq!(
+        p.shadow.psql("SELECT count(*) FROM log").unwrap().trim(),
+        "0"
+    );
+    assert!(p.reports().is_empty(), "{:?}", p.reports());
+}
+
 /// COPY both ways (extended and simple protocol) and FunctionCall are compared: the same
 /// data agrees, divergent data is a mismatch.
 #[test]

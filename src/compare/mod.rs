@@ -214,6 +214,9 @@ pub struct CompareStats {
     pub reports_dropped: Cell<u64>,
     /// Extended batches that passed `compare.shadow-batch-bytes-max` before their Sync.
     pub batches_released: Cell<u64>,
+    /// Batches sent to the shadow before their Sync that then named a statement routed to
+    /// the primary only: the rest withheld from the shadow, the sync point not compared.
+    pub batches_cut: Cell<u64>,
 }
 
 /// Compare mode as one shard sees it.
