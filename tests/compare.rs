@@ -913,6 +913,44 @@ fn equivalent_types_compare_by_value_in_text_and_binary() {
     assert_eq!(reports.len(), 8, "{reports:?}");
 }
 
+/// A precision declared on one type of a pair of two types brings the other type's values
+/// to it: a timestamptz(3) column on the primary against a timestamp column on the shadow.
+#[test]
+fn a_precision_on_one_type_of_an_equivalence_rounds_the_other() {
+    let p = pair("eqpr");
+    p.primary
+        .psql(
+            "CREATE TABLE tp (id int, t timestamptz(3));
+             INSERT INTO tp VALUES (1, '2024-01-01 10:00:00.1234+00'), (2, '2024-01-01 10:00:00.5+00')",
+        )
+        .unwrap();
+    p.shadow
+        .psql(
+            "CREATE TABLE tp (id int, t timestamp);
+             INSERT INTO tp VALUES (1, '2024-01-01 10:00:00.1234'), (2, '2024-01-01 10:00:00.5016')",
+        )
+        .unwrap();
+    let proxy = p.proxy(&["--type-equivalence", "timestamptz(3)=timestamp"]);
+    let mut c = proxy.client();
+    c.simple_query("SET TIME ZONE 'UTC'").unwrap();
+    let same = "SELECT id, t FROM tp WHERE id = 1";
+    let differ = "SELECT id, t FROM tp WHERE id = 2";
+    for sql in [same, differ] {
+        c.simple_query(sql).unwrap();
+        c.query(sql, &[]).unwrap();
+    }
+    drop(c);
+    assert!(counter_reaches(&proxy, "pgprism_sessions_closed_total", 1));
+    eventually(Duration::from_secs(10), || p.reports().len() >= 2);
+    let reports = p.reports();
+    assert!(!p.reported(same), "{reports:?}");
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    for r in &reports {
+        assert_eq!(r["statement"].as_str(), Some(differ), "{r:?}");
+        assert_eq!(kinds(r), ["values"], "{r:?}");
+    }
+}
+
 /// A shadow that stops answering (here: blocked on a lock) must not hold the client in
 /// fail-on-differences mode: after compare.shadow-timeout-ms the session stops comparing and
 /// the client gets the primary's answer.
@@ -1020,6 +1058,19 @@ fn a_long_pipelined_batch_is_bounded_before_its_sync() {
         s.write_all(&part.concat()).unwrap();
         s.flush().unwrap();
     }
+    // Past the bound the batch is not held for its Sync: the shadow runs its last statement
+    // before the client has synced.
+    let ran = || {
+        p.shadow
+            .psql("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT v FROM bb WHERE id = 300'")
+            .unwrap()
+            .trim()
+            == "1"
+    };
+    assert!(
+        eventually(Duration::from_secs(10), ran),
+        "the shadow ran the batch before its Sync"
+    );
     s.write_all(&message(b'S', &[])).unwrap();
     let answers = read_until_ready(&mut s);
     let rows = answers.iter().filter(|m| m.0 == b'D').count();
@@ -1075,6 +1126,57 @@ fn a_long_pipelined_batch_is_bounded_before_its_sync() {
         "pgprism_compare_batches_released_total",
         1
     ));
+}
+
+/// A batch already sent to the shadow (past the bound) that then names a statement routed
+/// to the primary only fails closed: the shadow never runs it nor what follows, and the
+/// batch is not compared.
+#[test]
+fn a_released_batch_never_sends_primary_only_statements_to_the_shadow() {
+    use std::io::Write;
+    use support::raw::{message, read_until_ready};
+    let p = pair("bcut");
+    p.both("CREATE TABLE bb (id int, v text); INSERT INTO bb SELECT g, 'v' || g FROM generate_series(1, 300) g; CREATE TABLE log (n int)");
+    let proxy = p.proxy(&[
+        "--compare-batch-bytes",
+        "2048",
+        "--compare-primary-only",
+        "pg_catalog",
+    ]);
+    let mut s = support::raw::connect_ready(proxy.listen);
+    let mut batch: Vec<Vec<u8>> = (1..=100)
+        .map(|i| raw_extended(&format!("SELECT v FROM bb WHERE id = {i}")))
+        .collect();
+    batch.push(raw_extended(
+        "INSERT INTO log SELECT 1 FROM pg_catalog.pg_class LIMIT 1",
+    ));
+    batch.push(raw_extended("INSERT INTO log VALUES (2)"));
+    for part in batch.chunks(20) {
+        s.write_all(&part.concat()).unwrap();
+        s.flush().unwrap();
+    }
+    s.write_all(&message(b'S', &[])).unwrap();
+    let answers = read_until_ready(&mut s);
+    assert_eq!(answers.iter().filter(|m| m.0 == b'D').count(), 100);
+    assert!(!answers.iter().any(|m| m.0 == b'E'), "{answers:?}");
+    // The session goes on in step with the shadow.
+    support::raw::query(&mut s, "SELECT count(*) FROM bb");
+    drop(s);
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_batches_cut_total",
+        1
+    ));
+    assert!(counter_reaches(&proxy, "pgprism_sessions_closed_total", 1));
+    assert_eq!(
+        p.primary.psql("SELECT count(*) FROM log").unwrap().trim(),
+        "2"
+    );
+    assert_eq!(
+        p.shadow.psql("SELECT count(*) FROM log").unwrap().trim(),
+        "0"
+    );
+    assert!(p.reports().is_empty(), "{:?}", p.reports());
 }
 
 /// COPY both ways (extended and simple protocol) and FunctionCall are compared: the same
@@ -1368,9 +1470,17 @@ fn order_by_keys_not_in_the_output_are_re_checked_with_the_keys() {
         "SELECT id FROM cl ORDER BY w",
         "SELECT id FROM cl ORDER BY w || ''",
     ];
+    // One re-check at a time (`compare.order-rechecks-max` is 8): wait for each.
+    let mut rechecks = 0;
     for sql in ties.iter().chain(&orders) {
         c.simple_query(sql).unwrap();
         c.query(*sql, &[]).unwrap();
+        rechecks += 2;
+        assert!(counter_reaches(
+            &proxy,
+            "pgprism_compare_order_rechecks_total",
+            rechecks
+        ));
     }
     // Not rewritable with certainty, or with parameters: inconclusive, whatever the cause.
     let with = "SELECT id FROM cl ORDER BY w USING <";
@@ -1439,6 +1549,135 @@ fn order_by_keys_not_in_the_output_are_re_checked_with_the_keys() {
         5
     ));
     assert_eq!(proxy.metric("pgprism_compare_mismatches_total"), 5);
+}
+
+/// The re-check reads a statement once more on both sides: text that hides a write behind a
+/// comment PostgreSQL ends at `\r` must never run again there.
+#[test]
+fn an_order_re_check_never_writes() {
+    let p = pair("rechkw");
+    p.primary
+        .psql("CREATE TABLE ex (id int, k text); INSERT INTO ex VALUES (1, 'a'), (2, 'A'), (3, 'b'); CREATE TABLE log (n int)")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE ex (id int, k text); INSERT INTO ex VALUES (2, 'A'), (1, 'a'), (3, 'b'); CREATE TABLE log (n int)")
+        .unwrap();
+    let proxy = p.proxy(&[]);
+    let mut c = proxy.client();
+    // PostgreSQL ends the comment at `\r`: the client's own text runs the INSERT once per side.
+    c.batch_execute("SELECT id FROM ex ORDER BY lower(k) --x\r; COMMIT; SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE; INSERT INTO log VALUES (1)")
+        .unwrap();
+    drop(c);
+    // The SELECT alone is re-checked (its rows tie under lower(k)); nothing else is.
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_order_rechecks_total",
+        1
+    ));
+    assert_eq!(proxy.metric("pgprism_compare_order_recheck_ties_total"), 1);
+    for side in [&p.primary, &p.shadow] {
+        assert_eq!(side.psql("SELECT count(*) FROM log").unwrap().trim(), "1");
+    }
+}
+
+/// Keys that tie by value but not by bytes (numeric 1.0 and 1.00): each server decides what
+/// ties, so rows in another order among them are no difference.
+#[test]
+fn an_order_re_check_lets_each_server_decide_what_ties() {
+    let p = pair("rechkt");
+    p.primary
+        .psql("CREATE TABLE nt (id int, n numeric); INSERT INTO nt VALUES (1, 1.0), (2, 1.00), (3, 2)")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE nt (id int, n numeric); INSERT INTO nt VALUES (2, 1.00), (1, 1.0), (3, 2)")
+        .unwrap();
+    let proxy = p.proxy(&[]);
+    let mut c = proxy.client();
+    let sql = "SELECT id FROM nt ORDER BY n + 0";
+    c.simple_query(sql).unwrap();
+    drop(c);
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_order_rechecks_total",
+        1
+    ));
+    assert_eq!(proxy.metric("pgprism_compare_order_recheck_ties_total"), 1);
+    assert!(!p.reported(sql), "{:?}", p.reports());
+}
+
+/// The process-wide bound on re-checks holds whatever each shard's allows.
+#[test]
+fn order_re_checks_are_bounded_in_the_whole_process() {
+    let p = pair("rechkb");
+    p.primary
+        .psql("CREATE TABLE ex (id int, k text); INSERT INTO ex VALUES (1, 'a'), (2, 'A')")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE ex (id int, k text); INSERT INTO ex VALUES (2, 'A'), (1, 'a')")
+        .unwrap();
+    let config = std::env::temp_dir().join(format!("pgprism-rechkb-{}.toml", std::process::id()));
+    std::fs::write(&config, "[compare]\norder-rechecks-total-max = 0\n").unwrap();
+    let proxy = p.proxy(&["--config", config.to_str().unwrap()]);
+    let mut c = proxy.client();
+    let sql = "SELECT id FROM ex ORDER BY lower(k)";
+    c.simple_query(sql).unwrap();
+    let report = p.report_for(sql);
+    let _ = std::fs::remove_file(&config);
+    assert_eq!(
+        report["verdict"].as_str(),
+        Some("inconclusive: nondeterministic"),
+        "{report:?}"
+    );
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("compare.order-rechecks-total-max"),
+        "{report:?}"
+    );
+    assert_eq!(proxy.metric("pgprism_compare_order_rechecks_total"), 0);
+}
+
+/// A re-check runs the statement once more per side: not when it calls a function that may
+/// do more than return a value.
+#[test]
+fn an_order_re_check_never_runs_user_functions_again() {
+    let p = pair("rechkf");
+    let f = "CREATE FUNCTION f(text) RETURNS text LANGUAGE sql AS 'SELECT lower($1)';";
+    p.primary
+        .psql(&format!("CREATE TABLE ex (id int, k text); INSERT INTO ex VALUES (1, 'a'), (2, 'A'), (3, 'b'); {f}"))
+        .unwrap();
+    p.shadow
+        .psql(&format!("CREATE TABLE ex (id int, k text); INSERT INTO ex VALUES (2, 'A'), (1, 'a'), (3, 'b'); {f}"))
+        .unwrap();
+    let proxy = p.proxy(&[]);
+    let mut c = proxy.client();
+    let sql = "SELECT id FROM ex ORDER BY f(k)";
+    c.simple_query(sql).unwrap();
+    let report = p.report_for(sql);
+    assert_eq!(
+        report["verdict"].as_str(),
+        Some("inconclusive: nondeterministic"),
+        "{report:?}"
+    );
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("side effects"),
+        "{report:?}"
+    );
+    // The same order with a built-in is re-checked (and its rows tie).
+    c.simple_query("SELECT id FROM ex ORDER BY lower(k)")
+        .unwrap();
+    drop(c);
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_order_rechecks_total",
+        1
+    ));
+    assert_eq!(proxy.metric("pgprism_compare_order_recheck_ties_total"), 1);
+    assert_eq!(proxy.metric("pgprism_compare_order_rechecks_total"), 1);
 }
 
 #[test]

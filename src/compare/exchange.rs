@@ -163,6 +163,9 @@ struct SyncMeta {
     footprint: Footprint,
     /// Sent to the shadow too (not routed to the primary only).
     shadow: bool,
+    /// Only part of it reached the shadow (a batch already released met a statement routed
+    /// to the primary only): its Sync went there to end the batch, but it is not compared.
+    withheld: bool,
     /// Goes to the shadow in the primary's completion order (see `order`): its frames wait
     /// for the primary's answer and for earlier conflicting sync points of other sessions.
     ordered: bool,
@@ -371,6 +374,10 @@ pub struct Dispatch {
     /// The open batch passed the bound while routed to the primary only: the rest of it is
     /// not held (nor sent to the shadow) until its Sync.
     batch_withheld: bool,
+    /// The open batch went to the shadow before its Sync (a Flush, the bound), then named a
+    /// statement routed to the primary only: from that frame on, nothing of it but its Sync
+    /// (which ends the batch there) reaches the shadow, and its sync point is not compared.
+    batch_cut: bool,
 }
 
 /// Where [`Comparer::feed`]'s walk stands within one read.
@@ -479,6 +486,7 @@ impl Dispatch {
                 // What the frame names joins the batch's routing.
                 if let Some(statement) = self.referred(refers) {
                     self.batch_primary_only |= statement.primary_only;
+                    self.cut_released_batch();
                     if let (tag::BIND, Refers::Portal(portal)) = (tag, refers) {
                         // The rows an Execute of this binding touches, read once.
                         portal.extension(Slot::Compare, || {
@@ -493,6 +501,7 @@ impl Dispatch {
                     .referred(refers)
                     .unwrap_or_else(|| Rc::new(Compared::unknown()));
                 self.batch_primary_only |= statement.primary_only;
+                self.cut_released_batch();
                 match refers {
                     Refers::Portal(portal) => self.batch_footprint.join(
                         &portal.extension(Slot::Compare, || statement.scan.footprint.clone()),
@@ -526,6 +535,17 @@ impl Dispatch {
                 self.plan_flush(f)
             }
             _ => self.hold(f.frame, f.routes, None),
+        }
+    }
+
+    /// Fails closed when a batch already sent to the shadow (in part) turns out to be routed
+    /// to the primary only: the shadow must never run what follows.
+    fn cut_released_batch(&mut self) {
+        if self.batch_released && self.batch_primary_only && !self.batch_cut {
+            self.batch_cut = true;
+            self.copy_to_shadow = false;
+            let stats = &self.target.stats;
+            stats.batches_cut.set(stats.batches_cut.get() + 1);
         }
     }
 
@@ -567,14 +587,18 @@ impl Dispatch {
         let statements = std::mem::take(&mut self.batch);
         let footprint = std::mem::take(&mut self.batch_footprint);
         let shadow = !self.batch_withheld && (self.batch_released || !self.batch_primary_only);
+        let cut = std::mem::take(&mut self.batch_cut);
         self.batch_primary_only = false;
         self.batch_released = false;
         self.batch_withheld = false;
         // A COPY this batch started follows the batch's routing.
-        self.copy_to_shadow = shadow;
+        self.copy_to_shadow = shadow && !cut;
         let gates = gates(&statements);
         let seq = self.link.planned.get();
         let ordered = self.push_meta(statements, footprint, shadow, f.read_at);
+        if let Some(meta) = self.link.metas.borrow_mut().back_mut() {
+            meta.withheld = cut;
+        }
         self.open_batch = false;
         self.batch_unordered = false;
         if shadow {
@@ -690,6 +714,7 @@ impl Dispatch {
             statements,
             footprint,
             shadow,
+            withheld: false,
             ordered,
             start,
             read_at,
@@ -739,7 +764,7 @@ impl Dispatch {
     }
 
     fn hold(&mut self, frame: Bytes, routes: bool, expect: Option<Expect>) {
-        if self.batch_withheld {
+        if self.batch_withheld || self.batch_cut {
             return;
         }
         if routes && !self.batch_released {
@@ -1220,6 +1245,7 @@ impl Exchange {
             out_bytes: 0,
             overflowed: false,
             batch_withheld: false,
+            batch_cut: false,
         };
         let down = Comparer {
             digesters: [
@@ -1658,7 +1684,7 @@ impl Comparer {
             let fallback = self.stream_through.is_some_and(|t| seq <= t);
             let mut failure: Option<(String, String)> = None;
             match &shadow {
-                Some(shadow) if !self.diverged => {
+                Some(shadow) if !self.diverged && !meta.withheld => {
                     failure = self.judge(&meta, &primary, shadow, stats, fallback);
                 }
                 _ => {
@@ -1908,8 +1934,21 @@ impl Comparer {
         let Some(plan) = plan else {
             return Some(super::recheck::NOT_REWRITABLE);
         };
+        if !super::recheck::calls_only_safe_functions(&statement.text) {
+            return Some(super::recheck::CALLS_FUNCTIONS);
+        }
         if stats.rechecks_running.get() >= self.target.cfg.order_rechecks_max {
             return Some(super::recheck::BUSY);
+        }
+        // The one cross-shard cost of a re-check: a slot of the process-wide bound.
+        let total_max = self.target.cfg.order_rechecks_total_max;
+        let slot = self.target.rechecks.fetch_update(
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+            |running| (running < total_max).then_some(running + 1),
+        );
+        if slot.is_err() {
+            return Some(super::recheck::BUSY_PROCESS);
         }
         stats.rechecks_running.set(stats.rechecks_running.get() + 1);
         let record = self.record(statement, differences, p, s, times, false);

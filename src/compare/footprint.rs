@@ -408,7 +408,8 @@ fn tokens(sql: &[u8]) -> impl Iterator<Item = Token<'_>> {
                     return Some(Token::Quoted(inner));
                 }
                 b'-' if sql.get(i + 1) == Some(&b'-') => {
-                    i = memchr::memchr(b'\n', &sql[i..]).map_or(sql.len(), |n| i + n + 1);
+                    // Ends at `\n` or `\r`, as PostgreSQL's scanner ends it.
+                    i = memchr::memchr2(b'\n', b'\r', &sql[i..]).map_or(sql.len(), |n| i + n + 1);
                 }
                 b'/' if sql.get(i + 1) == Some(&b'*') => i = crate::sql::skip_block_comment(sql, i),
                 b'$' => match dollar_tag(sql, i) {

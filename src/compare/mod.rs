@@ -137,6 +137,8 @@ pub struct Resolved {
     pub pool: Option<(crate::config::PoolConfig, backend::pool::Budgets)>,
     pub shards: usize,
     pub message_bytes_max: usize,
+    /// Order re-checks running in the whole process (`compare.order-rechecks-total-max`).
+    pub rechecks: Arc<std::sync::atomic::AtomicU64>,
 }
 
 pub fn resolve(cfg: &Config, reports: Sender<Record>) -> Result<Option<Resolved>, CompareError> {
@@ -172,6 +174,7 @@ pub fn resolve(cfg: &Config, reports: Sender<Record>) -> Result<Option<Resolved>
         pool: (cfg.shadow.pool_size > 0).then(|| (shadow_pool_config(cfg), Default::default())),
         shards: cfg.shard_count(),
         message_bytes_max: cfg.proxy.message_bytes_max,
+        rechecks: Arc::default(),
     }))
 }
 
@@ -211,6 +214,9 @@ pub struct CompareStats {
     pub reports_dropped: Cell<u64>,
     /// Extended batches that passed `compare.shadow-batch-bytes-max` before their Sync.
     pub batches_released: Cell<u64>,
+    /// Batches sent to the shadow before their Sync that then named a statement routed to
+    /// the primary only: the rest withheld from the shadow, the sync point not compared.
+    pub batches_cut: Cell<u64>,
 }
 
 /// Compare mode as one shard sees it.
@@ -235,6 +241,8 @@ pub struct CompareTarget {
     pub calibration: std::cell::RefCell<std::collections::HashMap<u64, (String, u64, u64)>>,
     /// The shard's shadow pools (`shadow.pool-size` above 0).
     pub shadow_pools: Option<Rc<backend::pool::Pools>>,
+    /// Order re-checks running in the whole process, shared by every shard.
+    pub rechecks: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Fingerprints a shard counts while calibrating; further ones are counted under 0.
@@ -262,6 +270,7 @@ impl CompareTarget {
             port: (resolved.cfg.order_wait_ms > 0)
                 .then(|| order::Port::new(resolved.ledger.clone(), shard)),
             calibration: Default::default(),
+            rechecks: resolved.rechecks.clone(),
             shadow_pools: resolved.pool.as_ref().map(|(cfg, budgets)| {
                 let upstream = backend::pool::Upstream {
                     addr: resolved.addr.clone(),

@@ -6,9 +6,11 @@
 //! (as the slow-query analyzer's EXPLAIN does), with the sort keys appended to the output,
 //! and compares the sequences of key values and the rows of each run of equal keys.
 //!
-//! It never writes (the statement runs in a READ ONLY transaction that is rolled back), never
+//! It never writes (the statement runs alone, through the extended protocol, in a READ ONLY
+//! transaction of a session that is read-only by default, and is never committed), never
 //! re-runs a statement with parameters or one [`crate::sql::sort_items`] cannot rewrite with
-//! certainty, runs at most `compare.order-rechecks-max` at once per shard, and is bounded in
+//! certainty, runs at most `compare.order-rechecks-max` at once per shard and
+//! `compare.order-rechecks-total-max` in the process, and is bounded in
 //! time (`compare.connect-timeout-ms` to connect, `compare.shadow-timeout-ms` to read).
 //! Whatever it cannot settle with certainty is inconclusive, never a mismatch.
 
@@ -29,10 +31,178 @@ use crate::wire::{self, tag};
 /// Why an order difference under an ORDER BY of keys not in the output was not settled (the
 /// `reason` of its inconclusive verdict).
 pub(super) const NOT_REWRITABLE: &str = "rows in another order under an ORDER BY whose keys are not all output columns (not re-checked: parameters, a write, or a statement the re-check cannot rewrite)";
+pub(super) const BUSY_PROCESS: &str = "rows in another order under an ORDER BY whose keys are not all output columns (not re-checked: compare.order-rechecks-total-max re-checks running in the process)";
 pub(super) const BUSY: &str = "rows in another order under an ORDER BY whose keys are not all output columns (not re-checked: compare.order-rechecks-max re-checks running)";
 const UNREACHABLE: &str = "rows in another order under an ORDER BY whose keys are not all output columns (the re-check could not connect)";
 const TIMED_OUT: &str = "rows in another order under an ORDER BY whose keys are not all output columns (the re-check timed out)";
 const FAILED: &str = "rows in another order under an ORDER BY whose keys are not all output columns (the re-check failed or returned another shape)";
+
+pub(super) const CALLS_FUNCTIONS: &str = "rows in another order under an ORDER BY whose keys are not all output columns (not re-checked: the statement calls a function that is not on the re-check's list of built-ins without side effects, and a re-check runs it once more on each side)";
+
+/// Words PostgreSQL's grammar puts before a `(` that are no function call: keywords (`IN (`,
+/// `EXISTS (`, `OVER (`...) and type names with a modifier (`numeric(10, 2)`).
+const NOT_CALLS: &[&str] = &[
+    "all",
+    "and",
+    "any",
+    "array",
+    "as",
+    "between",
+    "bit",
+    "by",
+    "case",
+    "char",
+    "character",
+    "cube",
+    "decimal",
+    "distinct",
+    "else",
+    "exists",
+    "filter",
+    "float",
+    "from",
+    "group",
+    "grouping",
+    "having",
+    "ilike",
+    "in",
+    "interval",
+    "is",
+    "join",
+    "lateral",
+    "like",
+    "limit",
+    "materialized",
+    "not",
+    "numeric",
+    "offset",
+    "on",
+    "or",
+    "over",
+    "rollup",
+    "row",
+    "select",
+    "sets",
+    "similar",
+    "some",
+    "then",
+    "time",
+    "timestamp",
+    "timestamptz",
+    "to",
+    "using",
+    "values",
+    "varchar",
+    "varying",
+    "when",
+    "where",
+    "with",
+    "within",
+];
+
+/// Built-in functions a re-check may run again: immutable or stable, without side effects
+/// (no I/O, no locks, no sleeps, no sequences, no settings), deterministic for the same
+/// data. Anything else (a user function, `dblink_exec`, `lo_export`, `pg_advisory_lock`,
+/// `pg_sleep`, `nextval`, `set_config`...) keeps the statement from being re-checked.
+const SAFE_FUNCTIONS: &[&str] = &[
+    "abs",
+    "array_agg",
+    "array_length",
+    "array_position",
+    "array_to_string",
+    "ascii",
+    "avg",
+    "bit_length",
+    "bool_and",
+    "bool_or",
+    "btrim",
+    "cardinality",
+    "cast",
+    "ceil",
+    "ceiling",
+    "char_length",
+    "character_length",
+    "chr",
+    "coalesce",
+    "concat",
+    "concat_ws",
+    "count",
+    "date_part",
+    "date_trunc",
+    "dense_rank",
+    "div",
+    "every",
+    "exp",
+    "extract",
+    "floor",
+    "generate_series",
+    "greatest",
+    "initcap",
+    "json_extract_path_text",
+    "jsonb_extract_path_text",
+    "least",
+    "left",
+    "length",
+    "ln",
+    "log",
+    "lower",
+    "lpad",
+    "ltrim",
+    "max",
+    "md5",
+    "min",
+    "mod",
+    "nullif",
+    "octet_length",
+    "overlay",
+    "position",
+    "power",
+    "rank",
+    "regexp_replace",
+    "repeat",
+    "replace",
+    "reverse",
+    "right",
+    "round",
+    "row_number",
+    "rpad",
+    "rtrim",
+    "sign",
+    "split_part",
+    "sqrt",
+    "starts_with",
+    "string_agg",
+    "strpos",
+    "substr",
+    "substring",
+    "sum",
+    "to_char",
+    "translate",
+    "trim",
+    "trunc",
+    "unnest",
+    "upper",
+];
+
+/// Whether every name `text` calls is a keyword or a built-in on [`SAFE_FUNCTIONS`]
+/// (unqualified or in `pg_catalog`): a re-check reads the statement once more per side, so
+/// it must not repeat what a function does besides returning a value.
+pub(crate) fn calls_only_safe_functions(text: &str) -> bool {
+    sql::called_names(text.as_bytes()).iter().all(|name| {
+        let Ok(name) = std::str::from_utf8(name) else {
+            return false;
+        };
+        let name = name.to_ascii_lowercase();
+        let bare = match name.split_once('.') {
+            None => name.as_str(),
+            Some(("pg_catalog", rest)) if !rest.contains('.') => rest,
+            Some(_) => return false,
+        };
+        NOT_CALLS.contains(&bare) || SAFE_FUNCTIONS.contains(&bare)
+    })
+}
+
+const REORDERED: &str = "rows in another order under an ORDER BY whose keys are not all output columns (the re-check returned a side's rows in another order than the statement did)";
 
 /// A NULL key value in the key hash.
 const NULL_KEY: u64 = 0x5899_65cc_7537_4cc3;
@@ -48,6 +218,10 @@ pub(crate) struct Plan {
     width: usize,
     /// Per sort key, in order: its column in the re-run's rows.
     keys: Vec<usize>,
+    /// The column of `dense_rank() OVER (ORDER BY <the statement's items>)`, when appended:
+    /// each server then decides itself which rows tie (`citext` 'Bob' and 'bob', numeric 1.0
+    /// and 1.00, a nondeterministic collation), where equal bytes could not.
+    rank: Option<usize>,
 }
 
 /// The re-run of `text`, whose result had `columns`; `None` when it cannot be rewritten with
@@ -79,19 +253,37 @@ pub(crate) fn plan(text: &str, columns: &[(String, u32)]) -> Option<Plan> {
             }
         });
     }
+    // A window's ORDER BY reads input columns only: the rank is the statement's own order
+    // only when no item names an output column (a position, an alias).
+    let mut width = n + appended.len();
+    let over = keys.iter().all(|&k| k >= n);
+    let window;
+    let rank = if over {
+        window = format!(
+            "dense_rank() OVER (ORDER BY {})",
+            text.get(items.clause.clone())?
+        );
+        appended.push(&window);
+        width += 1;
+        Some(width - 1)
+    } else {
+        None
+    };
     let head = text.get(..items.list_end)?.trim_end();
     let tail = text.get(items.list_end..)?.trim_end();
     let tail = tail.strip_suffix(';').unwrap_or(tail).trim_end();
+    // A newline, not a space: the select list may end in a line comment.
     let sql = if appended.is_empty() {
-        format!("{head} {tail}")
+        format!("{head}\n{tail}")
     } else {
-        format!("{head}, {} {tail}", appended.join(", "))
+        format!("{head}\n, {}\n{tail}", appended.join(", "))
     };
     Some(Plan {
         sql,
         columns: n,
-        width: n + appended.len(),
+        width,
         keys,
+        rank,
     })
 }
 
@@ -99,8 +291,11 @@ pub(crate) fn plan(text: &str, columns: &[(String, u32)]) -> Option<Plan> {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct Folded {
     rows: u64,
-    /// The sort keys' values, in order.
+    /// The order's keys (the ranks, else the sort keys' values), in order.
     keys: u64,
+    /// Order-insensitive sum over rows of (normalised row, sort keys' values): a key that
+    /// moved from one row to another between the two re-runs shows here.
+    pairs: u64,
     /// Per run of equal keys, in order: its keys and the (normalised) rows in it, whatever
     /// their order within the run.
     groups: u64,
@@ -108,13 +303,15 @@ pub(crate) struct Folded {
     projected: Digest,
 }
 
-/// Folds one side's answer to the re-run (`BEGIN READ ONLY; <plan>; ROLLBACK`).
+/// Folds one side's answer to the re-run (see [`messages`]).
 struct Folder<'p> {
     plan: &'p Plan,
     digester: Digester,
     folded: Folded,
     /// The current run of equal keys: its key hash and the row sums where it began.
     group: Option<(u64, u64)>,
+    /// The `BEGIN READ ONLY` ended in a transaction.
+    began: bool,
     in_select: bool,
     selected: bool,
     scratch: BytesMut,
@@ -127,6 +324,7 @@ impl<'p> Folder<'p> {
             digester: Digester::new(rules),
             folded: Folded::default(),
             group: None,
+            began: false,
             in_select: false,
             selected: false,
             scratch: BytesMut::new(),
@@ -136,7 +334,7 @@ impl<'p> Folder<'p> {
     /// One backend message; `Ok(Some)` at the end, `Err` when the re-run failed.
     fn visit(&mut self, tag: u8, body: &[u8]) -> Result<Option<Folded>, &'static str> {
         match tag {
-            tag::ROW_DESCRIPTION => {
+            tag::ROW_DESCRIPTION if self.began => {
                 let fields: Vec<_> = wire::RowDescription::new(body)
                     .fields()
                     .map_err(|_| FAILED)?
@@ -158,6 +356,13 @@ impl<'p> Folder<'p> {
                 self.selected = true;
             }
             tag::ERROR_RESPONSE => return Err(FAILED),
+            tag::READY_FOR_QUERY if !self.began => {
+                // The BEGIN's: the statement must run inside that read-only transaction.
+                if body != [b'T'] || self.in_select {
+                    return Err(FAILED);
+                }
+                self.began = true;
+            }
             tag::READY_FOR_QUERY => {
                 if !self.selected {
                     return Err(FAILED);
@@ -191,10 +396,12 @@ impl<'p> Folder<'p> {
         if values.len() != self.plan.width {
             return Err(FAILED);
         }
-        let mut key = NULL_KEY;
+        let value = |i: usize| values[i].map_or(NULL_KEY, |v| hash64(v, 0));
+        let mut raw = NULL_KEY;
         for &i in &self.plan.keys {
-            key = chain(key, values[i].map_or(NULL_KEY, |v| hash64(v, 0)));
+            raw = chain(raw, value(i));
         }
+        let key = self.plan.rank.map_or(raw, value);
         if self.group.is_some_and(|(k, _)| k != key) {
             self.close_group();
         }
@@ -206,7 +413,10 @@ impl<'p> Folder<'p> {
         self.scratch.clear();
         wire::encode::data_row(&mut self.scratch, &values[..self.plan.columns])
             .map_err(|_| FAILED)?;
+        let before = self.digester.current_unordered().0;
         self.feed(tag::DATA_ROW);
+        let row = self.digester.current_unordered().0.wrapping_sub(before);
+        self.folded.pairs = self.folded.pairs.wrapping_add(chain(row, raw));
         Ok(())
     }
 
@@ -248,8 +458,16 @@ pub(crate) fn decide(original: [&Digest; 2], rerun: [Result<Folded, &'static str
             return Outcome::Changed;
         }
     }
-    if p.rows != s.rows || p.projected.unordered != s.projected.unordered {
+    // The same rows with the keys not in the output on other rows: a change to a sort
+    // column between the re-runs (or one side's data), not an order the engines chose.
+    if p.rows != s.rows || p.projected.unordered != s.projected.unordered || p.pairs != s.pairs {
         return Outcome::Changed;
+    }
+    // Each re-run must come in its side's original order, else it says nothing of it.
+    for (o, r) in original.iter().zip([&p, &s]) {
+        if !o.binary && r.projected.ordered != o.ordered {
+            return Outcome::Failed(REORDERED);
+        }
     }
     if p.keys != s.keys || p.groups != s.groups {
         return Outcome::Order;
@@ -288,6 +506,9 @@ pub(crate) async fn run(
     .await;
     let stats = &target.stats;
     stats.rechecks_running.set(stats.rechecks_running.get() - 1);
+    target
+        .rechecks
+        .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     stats.order_rechecks.set(stats.order_rechecks.get() + 1);
     let outcome = decide([&original[0], &original[1]], [primary, shadow]);
     let verdict = match outcome {
@@ -339,17 +560,56 @@ async fn side(
     let cfg = &target.cfg;
     let limit = Duration::from_millis(cfg.connect_timeout_ms);
     let max = cfg.buffer_bytes_max.max(1 << 20);
-    let stream = open_as(addr, url, tls, params, limit, max)
+    let budget_ms = cfg.shadow_timeout_ms.max(1);
+    // The client's settings (search_path, DateStyle...) shape the answer, but not the ones
+    // that could let the re-run write or run long: the session is read-only by default and
+    // its statements are cut off by the server at the re-check's own time bound.
+    let timeout = budget_ms.to_string();
+    // `options` is read as the settings it makes, so none of them can undo these two.
+    let options = params.iter().filter(|(k, _)| k == "options");
+    let mut params: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, _)| k != "options")
+        .cloned()
+        .chain(options.flat_map(|(_, o)| super::lease::options_settings(o)))
+        .filter(|(k, _)| {
+            let k = k.to_ascii_lowercase();
+            k != "default_transaction_read_only" && k != "statement_timeout"
+        })
+        .collect();
+    params.push(("default_transaction_read_only".into(), "on".into()));
+    params.push(("statement_timeout".into(), timeout));
+    let stream = open_as(addr, url, tls, &params, limit, max)
         .await
         .map_err(|_| UNREACHABLE)?
         .stream;
-    let budget = Duration::from_millis(cfg.shadow_timeout_ms.max(1));
-    let folded = within(budget, read(&stream, plan, rules, max))
+    let budget = Duration::from_millis(budget_ms);
+    let folded = within(budget, read(&stream, plan, rules, max, budget_ms))
         .await
         .unwrap_or(Err(TIMED_OUT));
+    // Closing the session rolls its transaction back.
     let _ = stream.write_all(&[b'X', 0, 0, 0, 4]).await;
     stream.shutdown();
     folded
+}
+
+/// The messages of a re-run: a read-only transaction whose statements the server stops at
+/// `timeout_ms`, begun by text of our own, then the rewritten statement alone through the
+/// extended protocol, where PostgreSQL refuses more than one command ("cannot insert multiple
+/// commands into a prepared statement"): text the SQL reader misread can never smuggle a
+/// COMMIT and a write past the READ ONLY. The transaction is never committed.
+pub(crate) fn messages(plan: &Plan, timeout_ms: u64) -> Result<BytesMut, wire::WireError> {
+    let mut out = BytesMut::new();
+    wire::encode::query(
+        &mut out,
+        &format!("BEGIN READ ONLY; SET LOCAL statement_timeout = {timeout_ms}"),
+    )?;
+    wire::encode::parse(&mut out, "", &plan.sql, &[])?;
+    wire::encode::bind(&mut out, "", "", &[], &[], &[])?;
+    wire::encode::describe(&mut out, wire::ObjectKind::Portal, "")?;
+    wire::encode::execute(&mut out, "", 0)?;
+    wire::encode::sync(&mut out);
+    Ok(out)
 }
 
 async fn read(
@@ -357,11 +617,9 @@ async fn read(
     plan: &Plan,
     rules: Rc<Rules>,
     max: usize,
+    timeout_ms: u64,
 ) -> Result<Folded, &'static str> {
-    let mut out = BytesMut::new();
-    // A read-only transaction: even a misclassified statement cannot write.
-    let sql = format!("BEGIN READ ONLY; {}; ROLLBACK", plan.sql);
-    wire::encode::query(&mut out, &sql).map_err(|_| FAILED)?;
+    let out = messages(plan, timeout_ms).map_err(|_| FAILED)?;
     stream.write_all(&out).await.map_err(|_| UNREACHABLE)?;
     let mut folder = Folder::new(plan, rules);
     let mut buf = BytesMut::new();
@@ -399,10 +657,24 @@ mod tests {
         .unwrap();
         assert_eq!(
             plan.sql,
-            "SELECT id, v AS w, lower(v), k FROM t ORDER BY lower(v), w DESC, 1, k"
+            "SELECT id, v AS w\n, lower(v), k\nFROM t ORDER BY lower(v), w DESC, 1, k"
         );
         assert_eq!((plan.columns, plan.width), (2, 4));
         assert_eq!(plan.keys, vec![2, 1, 0, 3]);
+        assert_eq!(plan.rank, None);
+        // No item names an output column: the servers rank the rows themselves. A line
+        // comment at the end of the select list stays a comment.
+        let plan = super::plan(
+            "SELECT id -- note\nFROM t ORDER BY lower(v) DESC NULLS LAST, t.k",
+            &columns(&["id"]),
+        )
+        .unwrap();
+        assert_eq!(
+            plan.sql,
+            "SELECT id -- note\n, lower(v), t.k, dense_rank() OVER (ORDER BY lower(v) DESC NULLS LAST, t.k)\nFROM t ORDER BY lower(v) DESC NULLS LAST, t.k"
+        );
+        assert_eq!((plan.columns, plan.width, plan.rank), (1, 4, Some(3)));
+        assert_eq!(plan.keys, vec![1, 2]);
         // A position past the output, an ambiguous name, no rewrite: no plan.
         assert!(super::plan("SELECT id FROM t ORDER BY 2", &columns(&["id"])).is_none());
         assert!(
@@ -415,13 +687,38 @@ mod tests {
         assert!(super::plan("SELECT DISTINCT id FROM t ORDER BY id", &columns(&["id"])).is_none());
     }
 
-    /// Folds a re-run answer of rows `(id, key)` for a plan with one output column.
-    fn fold(rows: &[(&str, &str)]) -> Folded {
+    #[test]
+    fn only_statements_calling_built_ins_without_effects_are_re_checked() {
+        for yes in [
+            "SELECT id FROM t ORDER BY lower(v)",
+            "SELECT id FROM t WHERE id IN (1, 2) AND EXISTS (SELECT 1) ORDER BY pg_catalog.upper (v)",
+            "SELECT v::numeric(10, 2) FROM t ORDER BY coalesce(length(v), 0), date_trunc('day', ts)",
+            "SELECT count(*) OVER (ORDER BY id) FROM t ORDER BY 'f(x)' || v -- g(x)",
+        ] {
+            assert!(calls_only_safe_functions(yes), "{yes}");
+        }
+        for no in [
+            "SELECT id FROM t ORDER BY f(v)",
+            "SELECT id, pg_advisory_lock(1) FROM t ORDER BY lower(v)",
+            "SELECT id FROM t WHERE dblink_exec('x', 'DELETE FROM t') = 'OK' ORDER BY lower(v)",
+            "SELECT lo_export(1, '/tmp/x') FROM t ORDER BY lower(v)",
+            "SELECT id FROM t ORDER BY public.lower(v)",
+            "SELECT id FROM t ORDER BY \"f\"(v)",
+            "SELECT id FROM t, pg_sleep(1) ORDER BY lower(v)",
+        ] {
+            assert!(!calls_only_safe_functions(no), "{no}");
+        }
+    }
+
+    /// Folds a re-run answer of rows `(id, key, rank)` for a plan with one output column.
+    fn fold(rows: &[(&str, &str, &str)]) -> Folded {
         let plan = plan("SELECT id FROM t ORDER BY k", &columns(&["id"])).unwrap();
         let rules = Rc::new(Rules::new(&CompareConfig::default()).unwrap());
         let mut folder = Folder::new(&plan, rules);
         let mut buf = BytesMut::new();
         wire::encode::command_complete(&mut buf, "BEGIN").unwrap();
+        wire::encode::command_complete(&mut buf, "SET").unwrap();
+        wire::encode::ready_for_query(&mut buf, wire::TransactionStatus::InTransaction);
         let field = |name| wire::FieldDescription {
             name,
             table_oid: 0,
@@ -431,13 +728,14 @@ mod tests {
             type_modifier: -1,
             format: wire::Format::Text,
         };
-        wire::encode::row_description(&mut buf, &[field("id"), field("k")]).unwrap();
-        for (id, k) in rows {
-            wire::encode::data_row(&mut buf, &[Some(id.as_bytes()), Some(k.as_bytes())]).unwrap();
+        wire::encode::row_description(&mut buf, &[field("id"), field("k"), field("dense_rank")])
+            .unwrap();
+        for (id, k, rank) in rows {
+            let row = [id, k, rank].map(|v| Some(v.as_bytes()));
+            wire::encode::data_row(&mut buf, &row).unwrap();
         }
         wire::encode::command_complete(&mut buf, "SELECT").unwrap();
-        wire::encode::command_complete(&mut buf, "ROLLBACK").unwrap();
-        wire::encode::ready_for_query(&mut buf, wire::TransactionStatus::Idle);
+        wire::encode::ready_for_query(&mut buf, wire::TransactionStatus::InTransaction);
         let mut at = 0;
         while at < buf.len() {
             let len =
@@ -450,28 +748,50 @@ mod tests {
         panic!("no ReadyForQuery")
     }
 
+    /// Judges two re-runs, each against its own rows as the statement returned them.
+    fn judge(p: &Folded, s: &Folded) -> Outcome {
+        decide([&p.projected, &s.projected], [Ok(p.clone()), Ok(s.clone())])
+    }
+
     #[test]
     fn ties_agree_and_keys_in_another_order_do_not() {
-        let a = fold(&[("1", "a"), ("2", "a"), ("3", "b")]);
-        let ties = fold(&[("2", "a"), ("1", "a"), ("3", "b")]);
-        let order = fold(&[("3", "b"), ("1", "a"), ("2", "a")]);
-        let changed = fold(&[("1", "a"), ("2", "a"), ("4", "b")]);
-        let original = a.projected.clone();
-        let decide =
-            |p: &Folded, s: &Folded| decide([&original, &original], [Ok(p.clone()), Ok(s.clone())]);
-        assert_eq!(decide(&a, &ties), Outcome::Ties);
-        assert_eq!(decide(&a, &order), Outcome::Order);
-        assert_eq!(decide(&a, &changed), Outcome::Changed);
-        // The same key sequence with other rows in a run of equal keys.
-        let regrouped = fold(&[("1", "a"), ("3", "a"), ("2", "b")]);
-        let other = fold(&[("2", "a"), ("3", "a"), ("1", "b")]);
-        let o = regrouped.projected.clone();
+        let a = fold(&[("1", "a", "1"), ("2", "a", "1"), ("3", "b", "2")]);
+        let ties = fold(&[("2", "a", "1"), ("1", "a", "1"), ("3", "b", "2")]);
+        let order = fold(&[("3", "b", "1"), ("1", "a", "2"), ("2", "a", "2")]);
+        let changed = fold(&[("1", "a", "1"), ("2", "a", "1"), ("4", "b", "2")]);
+        assert_eq!(judge(&a, &ties), Outcome::Ties);
+        assert_eq!(judge(&a, &order), Outcome::Order);
+        assert_eq!(judge(&a, &changed), Outcome::Changed);
+        // Keys that tie by value but not by bytes ('Bob' and 'bob' under citext): the ranks,
+        // which each server gave, decide.
+        let bob = fold(&[("1", "Bob", "1"), ("2", "bob", "1"), ("3", "c", "2")]);
+        let other = fold(&[("2", "bob", "1"), ("1", "Bob", "1"), ("3", "c", "2")]);
+        assert_eq!(judge(&bob, &other), Outcome::Ties);
+        // The same rows in the same order, but a key not in the output on another row (a
+        // concurrent change to the sort column): changed, not an order difference.
+        let moved = fold(&[("2", "a", "1"), ("1", "b", "2"), ("3", "c", "3")]);
+        let before = fold(&[("1", "a", "1"), ("2", "b", "2"), ("3", "c", "3")]);
+        assert_eq!(judge(&before, &moved), Outcome::Changed);
+        // A re-run that does not reproduce its side's original order settles nothing.
         assert_eq!(
-            super::decide([&o, &o], [Ok(regrouped.clone()), Ok(other)]),
-            Outcome::Order
+            decide(
+                [&ties.projected, &ties.projected],
+                [Ok(a.clone()), Ok(ties.clone())]
+            ),
+            Outcome::Failed(REORDERED)
         );
+        // The same rank sequence with other rows in a run of equal keys.
+        let regrouped = fold(&[("1", "a", "1"), ("3", "a", "1"), ("2", "b", "2")]);
+        let other = fold(&[("2", "a", "1"), ("3", "a", "1"), ("1", "b", "2")]);
+        assert_eq!(judge(&regrouped, &other), Outcome::Changed);
+        let other = fold(&[("2", "a", "1"), ("3", "a", "1"), ("1", "a", "2")]);
+        let regrouped = fold(&[("1", "a", "1"), ("3", "a", "1"), ("2", "a", "2")]);
+        assert_eq!(judge(&regrouped, &other), Outcome::Order);
         assert_eq!(
-            super::decide([&original, &original], [Ok(a), Err(TIMED_OUT)]),
+            decide(
+                [&a.projected, &a.projected],
+                [Ok(a.clone()), Err(TIMED_OUT)]
+            ),
             Outcome::Failed(TIMED_OUT)
         );
     }

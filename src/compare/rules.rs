@@ -202,8 +202,14 @@ impl Rules {
             let ((a, a_digits), (b, b_digits)) = parse_pair(pair)?;
             equivalent.push((a, b));
             equivalent.push((b, a));
-            for (oid, digits) in [(a, a_digits), (b, b_digits)] {
-                let Some(digits) = digits else { continue };
+            // The columns are told apart by type OID only (a RowDescription's typmod is -1
+            // for most expressions), so the precision holds for every column of both types
+            // of the pair, on both sides: `timestamptz(3)=timestamp` rounds timestamptz and
+            // timestamp values to 3 digits, `timestamp(3)=timestamp` every timestamp value.
+            let Some(digits) = a_digits.into_iter().chain(b_digits).min() else {
+                continue;
+            };
+            for oid in [a, b] {
                 match time_digits.iter_mut().find(|(o, _)| *o == oid) {
                     Some((_, d)) => *d = (*d).min(digits),
                     None => time_digits.push((oid, digits)),
@@ -846,6 +852,19 @@ mod tests {
         assert_eq!(q(us), q(binary));
         // Without a precision, exact.
         assert_eq!(rules.quantise_time(TIMESTAMPTZ, 1_234_567), 1_234_567);
+        // A precision on one type of a pair of two types rounds both: the other side's
+        // values of the other type are what must be brought to that precision.
+        let cfg = CompareConfig {
+            type_equivalences: vec!["timestamptz(3)=timestamp".into()],
+            ..Default::default()
+        };
+        let rules = Rules::new(&cfg).unwrap();
+        assert_eq!(
+            rules.quantise_time(TIMESTAMP, 1_234_567),
+            rules.quantise_time(TIMESTAMPTZ, 1_235_000)
+        );
+        assert_eq!(rules.quantise_time(TIMESTAMP, 1_234_567), 1_235_000);
+        assert_eq!(rules.quantise_time(TIME, 1_234_567), 1_234_567);
         for bad in [
             "timestamp(7)=timestamp",
             "int4(2)=int8",

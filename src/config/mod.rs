@@ -192,6 +192,10 @@ pub struct CompareConfig {
     /// appended to the output, to tell ties from a real order difference. Beyond this many,
     /// or 0, such a difference is inconclusive (nondeterministic).
     pub order_rechecks_max: u64,
+    /// Order re-checks running at once in the whole process, over every shard (each takes
+    /// two connections, one to the primary and one to the shadow). Beyond this many, such a
+    /// difference is inconclusive (nondeterministic).
+    pub order_rechecks_total_max: u64,
     /// Calibration (A/A): the shadow is the primary itself, so writes run on the primary only
     /// and every difference is noise; reports carry the noise rate per fingerprint.
     pub calibrate: bool,
@@ -232,6 +236,7 @@ impl Default for CompareConfig {
             order_wait_ms: 2_000,
             order_lock_wait_ms: 50,
             order_rechecks_max: 8,
+            order_rechecks_total_max: 32,
             calibrate: false,
         }
     }

@@ -363,6 +363,7 @@ fn report(shard: &ShardCtx) -> ShardReport {
         counters.compare_inconclusive_nondeterministic += stats.rechecked[2].get();
         counters.compare_reports_dropped += stats.reports_dropped.get();
         counters.compare_batches_released = stats.batches_released.get();
+        counters.compare_batches_cut = stats.batches_cut.get();
         report.calibration = compare.calibration();
         let c = &mut report.counters;
         [

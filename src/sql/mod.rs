@@ -31,7 +31,9 @@ fn skip_blank(sql: &[u8], mut i: usize) -> usize {
             i += 1;
         }
         if sql[i..].starts_with(b"--") {
-            i = match memchr::memchr(b'\n', &sql[i..]) {
+            // PostgreSQL's scanner ends a `--` comment at `\n` or `\r` (`non_newline` is
+            // `[^\n\r]`): a comment that ran on past a `\r` would hide statements after it.
+            i = match memchr::memchr2(b'\n', b'\r', &sql[i..]) {
                 Some(n) => i + n + 1,
                 None => sql.len(),
             };
@@ -1114,6 +1116,8 @@ pub struct SortItems {
     /// Where the outer select list ends (before the top-level FROM, or the first clause).
     pub list_end: usize,
     pub items: Vec<SortItem>,
+    /// The ORDER BY's items as written (with ASC/DESC, NULLS FIRST/LAST), without `ORDER BY`.
+    pub clause: std::ops::Range<usize>,
 }
 
 /// One token of [`sort_items`]' walk.
@@ -1243,7 +1247,13 @@ pub fn sort_items(sql: &[u8]) -> Option<SortItems> {
                 ]
                 .iter()
                 .any(|k| is(k));
-                if clause && list_end.is_none() {
+                // `a IS [NOT] DISTINCT FROM b` in the select list is no FROM clause.
+                let operator = is(b"FROM")
+                    && index
+                        .checked_sub(1)
+                        .and_then(|i| tokens.get(i))
+                        .is_some_and(|t| word(t, b"DISTINCT"));
+                if clause && !operator && list_end.is_none() {
                     if index == select + 1 {
                         return None;
                     }
@@ -1266,6 +1276,8 @@ pub fn sort_items(sql: &[u8]) -> Option<SortItems> {
     let mut items = Vec::new();
     let mut item: Vec<&(Token, usize, usize)> = Vec::new();
     let mut depth = 0i32;
+    let clause_start = tokens.get(order_at?).map_or(sql.len(), |t| t.1);
+    let mut clause_end = clause_start;
     for t in tokens.get(order_at?..)?.iter().chain(std::iter::once(&(
         Token::Semicolon,
         sql.len(),
@@ -1280,10 +1292,15 @@ pub fn sort_items(sql: &[u8]) -> Option<SortItems> {
             items.push(sort_item(sql, &item)?);
             item.clear();
             if ends_clause {
-                return Some(SortItems { list_end, items });
+                return Some(SortItems {
+                    list_end,
+                    items,
+                    clause: clause_start..clause_end,
+                });
             }
             continue;
         }
+        clause_end = t.2;
         match t.0 {
             Token::Open => depth += 1,
             Token::Close => depth -= 1,
@@ -1293,6 +1310,37 @@ pub fn sort_items(sql: &[u8]) -> Option<SortItems> {
         item.push(t);
     }
     None
+}
+
+/// The names of what `sql` calls: every bare or quoted name (with its qualifiers, as written)
+/// followed by `(`, outside literals and comments, whatever it is (a function, a keyword such
+/// as `IN (`, a type's modifier `numeric(10, 2)`, a table alias's column list). The caller
+/// decides which it trusts; a name it does not know is best taken for a call.
+pub fn called_names(sql: &[u8]) -> Vec<&[u8]> {
+    let tokens = tokens(sql);
+    let mut out = Vec::new();
+    for (index, t) in tokens.iter().enumerate() {
+        let named = t.0 == Token::Word || (t.0 == Token::Other && sql.get(t.1) == Some(&b'"'));
+        // PostgreSQL allows blanks (and comments) between a function's name and its `(`.
+        let opens = tokens
+            .get(index + 1)
+            .is_some_and(|n| n.0 == Token::Open && sql.get(n.1) == Some(&b'('));
+        if !named || !opens {
+            continue;
+        }
+        // Back over `qualifier.` parts: `pg_catalog.lower`, `"s"."f"`.
+        let mut start = t.1;
+        let mut at = index;
+        while at >= 2
+            && sql.get(tokens[at - 1].1..tokens[at - 1].2) == Some(&b"."[..])
+            && matches!(tokens[at - 2].0, Token::Word | Token::Other)
+        {
+            at -= 2;
+            start = tokens[at].1;
+        }
+        out.push(&sql[start..t.2]);
+    }
+    out
 }
 
 /// The index of the outer query's SELECT: the first token, or the first at depth 0 after a
@@ -1510,6 +1558,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn line_comments_end_at_a_carriage_return_as_in_postgresql() {
+        let hidden = b"SELECT id FROM t ORDER BY lower(v) --x\r; COMMIT; DELETE FROM t";
+        assert_eq!(split_statements(hidden).len(), 3);
+        assert_eq!(classify(b"--x\rDELETE FROM t"), Class::Dml);
+        assert_eq!(sort_items(hidden), None);
+        assert!(!has_top_level_order_by(b"SELECT 1 --ORDER\rBY 1"));
+        assert!(
+            fingerprint(b"SELECT 1 --x\rFROM t", 1024)
+                .1
+                .contains("from t")
+        );
+    }
+
+    #[test]
     fn sort_items_read_a_plain_select_for_a_re_run_with_its_keys() {
         let read = |sql: &str| {
             sort_items(sql.as_bytes()).map(|s| {
@@ -1541,6 +1603,13 @@ mod tests {
             Some((
                 "select a, extract(year from d) as y".into(),
                 vec![("v || ''".into(), None)]
+            ))
+        );
+        assert_eq!(
+            read("SELECT a IS NOT DISTINCT FROM b AS same, c is distinct from d FROM t ORDER BY e"),
+            Some((
+                "SELECT a IS NOT DISTINCT FROM b AS same, c is distinct from d".into(),
+                vec![("e".into(), name("e"))]
             ))
         );
         assert_eq!(

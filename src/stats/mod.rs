@@ -78,6 +78,7 @@ counters! {
     compare_skipped: "statements not compared (excluded, diverged transaction, shadow unavailable)",
     compare_fallbacks: "fail-on-differences mismatches above compare.buffer-bytes-max: streamed and only reported",
     compare_batches_released: "extended-protocol batches sent to the shadow before their Sync because they passed compare.shadow-batch-bytes-max (not ordered)",
+    compare_batches_cut: "extended-protocol batches sent to the shadow before their Sync that then named a statement routed to the primary only: the rest withheld from the shadow, the sync point not compared",
     compare_rollbacks: "ROLLBACKs sent to a shadow left in a transaction the primary had ended",
     compare_begins: "BEGINs sent to a shadow left outside a transaction the primary had opened",
     compare_slow: "statements slower on the shadow than compare.slow-query-ratio",
