@@ -1094,6 +1094,7 @@ impl Pairing {
         };
         let target = self.target.clone();
         self.cancel_held.set(true);
+        self.shadow.cancel_in_flight(true);
         let kinds = Rc::downgrade(self);
         crate::exec::spawn(async move {
             let limit = std::time::Duration::from_millis(target.cfg.connect_timeout_ms);
@@ -1111,6 +1112,7 @@ impl Pairing {
             }
             if let Some(link) = kinds.upgrade() {
                 link.cancel_held.set(false);
+                link.shadow.cancel_in_flight(false);
                 if let Some(w) = link.writer_waker.take() {
                     w.wake();
                 }

@@ -105,6 +105,21 @@ impl Shadow {
         }
     }
 
+    /// A cancel carrying [`Shadow::key`] is on its way (`true`) or done (`false`). A pooled
+    /// shadow keeps its connection meanwhile, even once the session's statement is answered:
+    /// lent to another session, the connection's key would cancel that session's statement.
+    pub(crate) fn cancel_in_flight(&self, sending: bool) {
+        if let Shadow::Pooled(lease) = self {
+            let n = lease.cancelling.get();
+            lease
+                .cancelling
+                .set(if sending { n + 1 } else { n.saturating_sub(1) });
+            if !sending {
+                lease.settle();
+            }
+        }
+    }
+
     /// Whether a write now would not wait for a pooled connection.
     pub(crate) fn writable_now(&self) -> bool {
         match self {
@@ -176,6 +191,9 @@ pub struct Lease {
     closed: Cell<bool>,
     /// The session's reader, waiting for a connection to be lent.
     reader: Cell<Option<Waker>>,
+    /// Cancels sent with the lent connection's key and not yet done: the connection is not
+    /// given back meanwhile.
+    cancelling: Cell<u32>,
     /// The session's startup parameters as settings.
     baseline: Rc<Snapshot>,
     settings: RefCell<Settings>,
@@ -223,6 +241,7 @@ impl Lease {
             failed: Cell::new(false),
             closed: Cell::new(false),
             reader: Cell::new(None),
+            cancelling: Cell::new(0),
             baseline: Rc::new(baseline),
             settings: RefCell::new(Settings::new(settings_max)),
             untracked: Cell::new(false),
@@ -734,6 +753,7 @@ impl Lease {
             && !self.open_batch.get()
             && self.status.get() == b'I'
             && self.internal.get() == 0
+            && self.cancelling.get() == 0
             && !self.pinned.get();
         if !releasable {
             return;
@@ -812,6 +832,8 @@ impl Lease {
         let busy = !self.points.borrow().is_empty()
             || self.open_batch.get()
             || self.internal.get() > 0
+            // A cancel with its key may still land: never lent again.
+            || self.cancelling.get() > 0
             || !self.rbuf.borrow().is_empty();
         self.finish_lend(&mut conn);
         let pools = self.pools.clone();
