@@ -440,6 +440,10 @@ pub(crate) enum Outcome {
     /// The re-runs read other rows than the statement did (the data changed meanwhile, or
     /// the statement saw its own transaction's writes).
     Changed,
+    /// The same rows, each side's in its original order, but the sort keys not in the output
+    /// on other rows: either the sort columns hold other values on each side (a real
+    /// difference) or one changed between the two re-runs; a second re-run tells them apart.
+    Moved,
     /// Not settled (a reason for the inconclusive verdict).
     Failed(&'static str),
 }
@@ -458,9 +462,7 @@ pub(crate) fn decide(original: [&Digest; 2], rerun: [Result<Folded, &'static str
             return Outcome::Changed;
         }
     }
-    // The same rows with the keys not in the output on other rows: a change to a sort
-    // column between the re-runs (or one side's data), not an order the engines chose.
-    if p.rows != s.rows || p.projected.unordered != s.projected.unordered || p.pairs != s.pairs {
+    if p.rows != s.rows || p.projected.unordered != s.projected.unordered {
         return Outcome::Changed;
     }
     // Each re-run must come in its side's original order, else it says nothing of it.
@@ -468,6 +470,11 @@ pub(crate) fn decide(original: [&Digest; 2], rerun: [Result<Folded, &'static str
         if !o.binary && r.projected.ordered != o.ordered {
             return Outcome::Failed(REORDERED);
         }
+    }
+    // The same rows with the keys not in the output on other rows: not an order the engines
+    // chose, but other sort column values, now or meanwhile.
+    if p.pairs != s.pairs {
+        return Outcome::Moved;
     }
     if p.keys != s.keys || p.groups != s.groups {
         return Outcome::Order;
@@ -484,33 +491,26 @@ pub(crate) async fn run(
     original: [Digest; 2],
     mut record: Record,
 ) {
-    let rules = target.rules.clone();
-    let (primary, shadow) = futures_lite::future::zip(
-        side(
-            &target,
-            (&target.primary_addr.get(), &target.primary_url),
-            &target.primary_tls,
-            &params,
-            &plan,
-            rules.clone(),
-        ),
-        side(
-            &target,
-            (&target.addr.get(), &target.url),
-            &target.tls,
-            &params,
-            &plan,
-            rules,
-        ),
-    )
-    .await;
+    let [primary, shadow] = both(&target, &params, &plan).await;
+    let first = [&primary, &shadow].map(|r| r.as_ref().map(|f| f.pairs).ok());
+    let mut outcome = decide([&original[0], &original[1]], [primary, shadow]);
+    if outcome == Outcome::Moved {
+        // Stable on each side over a second re-run: the sort columns differ between the
+        // sides (a real difference); else one changed meanwhile.
+        let again = both(&target, &params, &plan).await;
+        let second = again.each_ref().map(|r| r.as_ref().map(|f| f.pairs).ok());
+        outcome = if first == second && first.iter().all(Option::is_some) {
+            Outcome::Order
+        } else {
+            Outcome::Changed
+        };
+    }
     let stats = &target.stats;
     stats.rechecks_running.set(stats.rechecks_running.get() - 1);
     target
         .rechecks
         .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     stats.order_rechecks.set(stats.order_rechecks.get() + 1);
-    let outcome = decide([&original[0], &original[1]], [primary, shadow]);
     let verdict = match outcome {
         Outcome::Ties => {
             stats
@@ -524,7 +524,8 @@ pub(crate) async fn run(
             cell.set(cell.get() + 1);
             Verdict::Mismatch
         }
-        Outcome::Changed => {
+        // (`Moved` was settled by the second re-run above.)
+        Outcome::Changed | Outcome::Moved => {
             record.description = "same rows in a different order under ORDER BY; the re-check read other rows (the data changed meanwhile, or the statement saw its own transaction's writes)".into();
             Verdict::Concurrent
         }
@@ -546,6 +547,35 @@ pub(crate) async fn run(
     if !target.send(record) {
         stats.reports_dropped.set(stats.reports_dropped.get() + 1);
     }
+}
+
+/// Re-runs `plan` on both sides at once.
+async fn both(
+    target: &CompareTarget,
+    params: &[(String, String)],
+    plan: &Plan,
+) -> [Result<Folded, &'static str>; 2] {
+    let rules = target.rules.clone();
+    let (primary, shadow) = futures_lite::future::zip(
+        side(
+            target,
+            (&target.primary_addr.get(), &target.primary_url),
+            &target.primary_tls,
+            params,
+            plan,
+            rules.clone(),
+        ),
+        side(
+            target,
+            (&target.addr.get(), &target.url),
+            &target.tls,
+            params,
+            plan,
+            rules,
+        ),
+    )
+    .await;
+    [primary, shadow]
 }
 
 /// One side's re-run over a connection of its own.
@@ -771,7 +801,7 @@ mod tests {
         // concurrent change to the sort column): changed, not an order difference.
         let moved = fold(&[("2", "a", "1"), ("1", "b", "2"), ("3", "c", "3")]);
         let before = fold(&[("1", "a", "1"), ("2", "b", "2"), ("3", "c", "3")]);
-        assert_eq!(judge(&before, &moved), Outcome::Changed);
+        assert_eq!(judge(&before, &moved), Outcome::Moved);
         // A re-run that does not reproduce its side's original order settles nothing.
         assert_eq!(
             decide(
@@ -783,7 +813,7 @@ mod tests {
         // The same rank sequence with other rows in a run of equal keys.
         let regrouped = fold(&[("1", "a", "1"), ("3", "a", "1"), ("2", "b", "2")]);
         let other = fold(&[("2", "a", "1"), ("3", "a", "1"), ("1", "b", "2")]);
-        assert_eq!(judge(&regrouped, &other), Outcome::Changed);
+        assert_eq!(judge(&regrouped, &other), Outcome::Moved);
         let other = fold(&[("2", "a", "1"), ("3", "a", "1"), ("1", "a", "2")]);
         let regrouped = fold(&[("1", "a", "1"), ("3", "a", "1"), ("2", "a", "2")]);
         assert_eq!(judge(&regrouped, &other), Outcome::Order);
