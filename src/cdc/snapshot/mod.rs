@@ -655,9 +655,15 @@ impl<'a> Worker<'a> {
         // only WAL that is flushed: on a server with `synchronous_commit = off` the watermark's
         // commit waited for the WAL writer (up to `wal_writer_delay`, 200 ms by default), so
         // each chunk did (a 10M-row snapshot of 200 chunks spent most of its time so). `local`
-        // flushes the commit at once without waiting for synchronous standbys.
-        conn.query("SET synchronous_commit = local")
-            .map_err(query("set synchronous_commit"))?;
+        // flushes the commit at once without waiting for synchronous standbys. Only then:
+        // on a server that commits `on` (or `remote_*`) the watermark commits as everyone
+        // else's do, so that it is not seen ahead of commits that wait for a standby (each
+        // such commit in its window would make the chunk be read again).
+        conn.query(
+            "SELECT set_config('synchronous_commit', 'local', false) \
+             WHERE current_setting('synchronous_commit') = 'off'",
+        )
+        .map_err(query("set synchronous_commit"))?;
         let mut worker = Worker {
             ctx,
             conn,
