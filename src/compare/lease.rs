@@ -301,6 +301,13 @@ impl Lease {
             return Ok(());
         }
         let mut prefix = BytesMut::new();
+        if self.conn.borrow().is_none() && syncs == 0 && only_copy_frames(&data) {
+            // The rest of a COPY the shadow refused (it answered, and the connection went
+            // back): a server outside COPY ignores these, so they need no connection, and
+            // one lent for them would stay lent with nothing to answer.
+            end();
+            return Ok(());
+        }
         if self.conn.borrow().is_none() {
             let conn = match self.pools.acquire(&self.pool).await {
                 Ok(conn) => conn,
@@ -859,6 +866,24 @@ impl Lease {
     }
 }
 
+/// Whether `data` is whole CopyData, CopyDone and CopyFail frames only.
+fn only_copy_frames(mut data: &[u8]) -> bool {
+    if data.is_empty() {
+        return false;
+    }
+    while !data.is_empty() {
+        let Some(&[t, a, b, c, d]) = data.get(..5) else {
+            return false;
+        };
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        if !matches!(t, b'd' | b'c' | b'f') || len < 4 || data.len() < 1 + len {
+            return false;
+        }
+        data = &data[1 + len..];
+    }
+    true
+}
+
 impl Drop for Lease {
     /// The session was dropped without ending (its shard stops): a connection still lent is
     /// closed at once, with no task (the shard may be going away).
@@ -981,6 +1006,23 @@ pub(crate) fn options_settings(options: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copy_frames_alone_are_told_apart() {
+        let mut frames = Vec::new();
+        frames.extend_from_slice(b"d\0\0\0\x07abc");
+        frames.extend_from_slice(b"c\0\0\0\x04");
+        assert!(only_copy_frames(&frames));
+        let mut with_sync = frames.clone();
+        with_sync.extend_from_slice(b"S\0\0\0\x04");
+        assert!(!only_copy_frames(&with_sync));
+        assert!(
+            !only_copy_frames(&frames[..frames.len() - 1]),
+            "a cut frame"
+        );
+        assert!(!only_copy_frames(b"d\0\0\0\x02"), "a length below 4");
+        assert!(!only_copy_frames(b""));
+    }
 
     #[test]
     fn terminate_frames_are_left_out() {
