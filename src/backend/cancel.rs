@@ -245,6 +245,30 @@ pub async fn send(
     true
 }
 
+/// [`send`], then again while `still` holds after a pause (50 ms, doubling up to 400 ms),
+/// until `limit` has passed since the first: a cancel that reaches a backend before it began
+/// the statement (written to it just before, not yet read) is dropped by PostgreSQL, and the
+/// statement runs on. Whether any cancel was sent.
+pub async fn send_until_gone(
+    addr: &Endpoint,
+    tls: &crate::tls::Upstream,
+    key: (i32, i32),
+    limit: Duration,
+    still: impl Fn() -> bool,
+) -> bool {
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(50);
+    let mut sent = false;
+    loop {
+        sent |= send(addr, tls, key, limit, &still).await;
+        crate::exec::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(400));
+        if !still() || started.elapsed() + pause > limit {
+            return sent;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1106,7 +1106,8 @@ impl Pairing {
                         && matches!(kinds.front(), Some(ShadowSync::Client(_, s)) if *s == seq)
                 })
             };
-            if crate::backend::cancel::send(&addr, &target.tls, key, limit, still).await {
+            if crate::backend::cancel::send_until_gone(&addr, &target.tls, key, limit, still).await
+            {
                 let counted = &target.stats.cancels_forwarded;
                 counted.set(counted.get() + 1);
             }

@@ -757,7 +757,7 @@ pub(super) fn check_cancel(
         let limit = Duration::from_millis(target.cfg.connect_timeout_ms);
         let addr = target.addr.get();
         let still = || running.upgrade().is_some_and(|r| r.get() == now);
-        if crate::backend::cancel::send(&addr, &target.tls, key, limit, still).await {
+        if crate::backend::cancel::send_until_gone(&addr, &target.tls, key, limit, still).await {
             MirrorStats::bump(&target.stats.counters.cancels_forwarded, 1);
         }
         hold.release();
