@@ -328,15 +328,9 @@ fn pgbench_builtin_workloads_give_no_false_mismatch() {
 /// Waits for a mismatch report whose statement starts with `prefix` and has `kind`.
 fn mismatch_named(p: &Pair, prefix: &str, kind: &str) -> bool {
     eventually(Duration::from_secs(20), || {
-        p.reports().iter().any(|r| {
-            r["record"].as_str() == Some("mismatch")
-                && r["statement"]
-                    .as_str()
-                    .is_some_and(|s| s.starts_with(prefix))
-                && r["kinds"]
-                    .as_array()
-                    .is_some_and(|k| k.iter().any(|k| k.as_str() == Some(kind)))
-        })
+        p.reports()
+            .iter()
+            .any(|r| support::is_mismatch(r, prefix, kind))
     })
 }
 

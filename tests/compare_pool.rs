@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use pgprism::embed::{Instance, InstanceConfig};
-use sonic_rs::{JsonContainerTrait, JsonValueTrait};
+use pgprism::embed::Instance;
+use sonic_rs::JsonValueTrait;
 use support::{Proxy, eventually};
 
 /// The database the clients use; the tests' own observers connect to `postgres`, so they are
@@ -24,14 +24,9 @@ use support::{Proxy, eventually};
 const DB: &str = "app";
 const POOL: i64 = 10;
 
+/// A server whose `max_connections` is `max_connections`, with [`DB`] created.
 fn start_server(name: &str, max_connections: usize) -> Instance {
-    Instance::start(InstanceConfig {
-        name: name.into(),
-        database: DB.into(),
-        settings: vec![("max_connections".into(), max_connections.to_string())],
-        ..InstanceConfig::default()
-    })
-    .expect("start PostgreSQL")
+    support::start_capped(name, DB, max_connections)
 }
 
 struct Pair {
@@ -409,15 +404,7 @@ fn a_divergence_on_the_shadow_is_still_a_mismatch() {
     let mismatches = |prefix: &str, kind: &str| {
         p.reports()
             .iter()
-            .filter(|r| {
-                r["record"].as_str() == Some("mismatch")
-                    && r["statement"]
-                        .as_str()
-                        .is_some_and(|s| s.starts_with(prefix))
-                    && r["kinds"]
-                        .as_array()
-                        .is_some_and(|k| k.iter().any(|k| k.as_str() == Some(kind)))
-            })
+            .filter(|r| support::is_mismatch(r, prefix, kind))
             .count() as u64
     };
     assert!(

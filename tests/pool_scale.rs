@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use pgprism::embed::{Instance, InstanceConfig};
+use pgprism::embed::Instance;
 use support::{Proxy, eventually};
 
 const CLIENTS: usize = 2_000;
@@ -25,13 +25,7 @@ const DB: &str = "bench";
 
 /// A server whose `max_connections` is `max_connections`, with [`DB`] created.
 fn start_server(name: &str, max_connections: usize) -> Instance {
-    Instance::start(InstanceConfig {
-        name: name.into(),
-        database: DB.into(),
-        settings: vec![("max_connections".into(), max_connections.to_string())],
-        ..InstanceConfig::default()
-    })
-    .expect("start PostgreSQL")
+    support::start_capped(name, DB, max_connections)
 }
 
 /// pgbench needs a descriptor per client, and so does pgprism (plus its pools' connections):

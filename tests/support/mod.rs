@@ -18,6 +18,33 @@ pub const MD5_USER: &str = "md5user";
 pub const SCRAM_USER: &str = "scramuser";
 pub const PASSWORD: &str = "s3cret pass";
 
+/// A server whose `max_connections` is `max_connections`, with `database` created (for
+/// tests that count pgprism's connections: their own observers connect to `postgres`).
+#[allow(dead_code)] // not every test binary caps its servers
+pub fn start_capped(name: &str, database: &str, max_connections: usize) -> Instance {
+    Instance::start(InstanceConfig {
+        name: name.into(),
+        database: database.into(),
+        settings: vec![("max_connections".into(), max_connections.to_string())],
+        ..InstanceConfig::default()
+    })
+    .expect("start PostgreSQL")
+}
+
+/// Whether the compare report line `r` is a mismatch of a statement starting with `prefix`
+/// that has the difference `kind` (`values`, `column_types`, ...).
+#[allow(dead_code)] // not every test binary compares
+pub fn is_mismatch(r: &sonic_rs::Value, prefix: &str, kind: &str) -> bool {
+    use sonic_rs::{JsonContainerTrait, JsonValueTrait};
+    r["record"].as_str() == Some("mismatch")
+        && r["statement"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(prefix))
+        && r["kinds"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k.as_str() == Some(kind)))
+}
+
 /// A PostgreSQL server with two password users besides the trusted superuser:
 /// `md5user` (md5) and `scramuser` (scram-sha-256), both with [`PASSWORD`], over TCP and
 /// over the server's Unix socket alike.
