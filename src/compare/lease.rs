@@ -817,14 +817,12 @@ impl Lease {
         self.fail();
     }
 
-    /// The session ended: a connection it still holds goes back once clean (a block left
-    /// open is rolled back first, and a pinned one reset), or is closed when a statement is
-    /// still in flight.
-    fn shutdown(&self) {
+    /// Marks the lease closed and takes the session off the pool's client (and pinned)
+    /// counts; `false` when it was closed already.
+    fn close_once(&self) -> bool {
         if self.closed.replace(true) {
-            return;
+            return false;
         }
-        self.finished.set(true);
         self.pool
             .clients
             .set(self.pool.clients.get().saturating_sub(1));
@@ -833,6 +831,17 @@ impl Lease {
                 .pinned
                 .set(self.pool.pinned.get().saturating_sub(1));
         }
+        true
+    }
+
+    /// The session ended: a connection it still holds goes back once clean (a block left
+    /// open is rolled back first, and a pinned one reset), or is closed when a statement is
+    /// still in flight.
+    fn shutdown(&self) {
+        if !self.close_once() {
+            return;
+        }
+        self.finished.set(true);
         let Some(mut conn) = self.conn.borrow_mut().take() else {
             return;
         };
@@ -888,16 +897,8 @@ impl Drop for Lease {
     /// The session was dropped without ending (its shard stops): a connection still lent is
     /// closed at once, with no task (the shard may be going away).
     fn drop(&mut self) {
-        if self.closed.replace(true) {
+        if !self.close_once() {
             return;
-        }
-        self.pool
-            .clients
-            .set(self.pool.clients.get().saturating_sub(1));
-        if self.pinned.get() {
-            self.pool
-                .pinned
-                .set(self.pool.pinned.get().saturating_sub(1));
         }
         if let Some(conn) = self.conn.borrow_mut().take() {
             self.pool
