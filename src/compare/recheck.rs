@@ -37,6 +37,7 @@ const UNREACHABLE: &str = "rows in another order under an ORDER BY whose keys ar
 const TIMED_OUT: &str = "rows in another order under an ORDER BY whose keys are not all output columns (the re-check timed out)";
 const FAILED: &str = "rows in another order under an ORDER BY whose keys are not all output columns (the re-check failed or returned another shape)";
 
+const USER_CODE: &str = "rows in another order under an ORDER BY whose keys are not all output columns (not re-checked: the database has functions of its own that reading may run without naming them: operators, casts, views, type input/output, domain checks or policies)";
 pub(super) const CALLS_FUNCTIONS: &str = "rows in another order under an ORDER BY whose keys are not all output columns (not re-checked: the statement calls a function that is not on the re-check's list of built-ins without side effects, and a re-check runs it once more on each side)";
 
 /// Words PostgreSQL's grammar puts before a `(` that are no function call: keywords (`IN (`,
@@ -184,6 +185,65 @@ const SAFE_FUNCTIONS: &[&str] = &[
     "upper",
 ];
 
+/// Run first in a re-run's read-only transaction (re-checks and the slow-query EXPLAIN): how
+/// many functions of the database's own (not built in, not part of an extension, not a
+/// trigger's) something else depends on. Those are what reading can run without the
+/// statement naming them, which [`calls_only_safe_functions`] cannot see: an operator or a
+/// cast implemented by one, a view or a row-level policy that calls one, a type's input or
+/// output, a domain's check. A re-run runs on a database without such functions only.
+/// Every name is qualified so that a `search_path` the client set cannot redirect it.
+pub(crate) const USER_CODE_GUARD: &str = "SELECT pg_catalog.count(*) FROM pg_catalog.pg_proc p \
+    WHERE p.oid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid \
+    AND p.prorettype OPERATOR(pg_catalog.<>) 'pg_catalog.trigger'::pg_catalog.regtype \
+    AND p.prorettype OPERATOR(pg_catalog.<>) 'pg_catalog.event_trigger'::pg_catalog.regtype \
+    AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend e \
+        WHERE e.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass \
+        AND e.objid OPERATOR(pg_catalog.=) p.oid AND e.deptype OPERATOR(pg_catalog.=) 'e') \
+    AND EXISTS (SELECT FROM pg_catalog.pg_depend d \
+        WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass \
+        AND d.refobjid OPERATOR(pg_catalog.=) p.oid)";
+
+/// The simple query that opens a re-run: a read-only transaction whose statements the server
+/// stops at `timeout_ms`, then [`USER_CODE_GUARD`].
+pub(crate) fn preamble(timeout_ms: u64) -> String {
+    format!("BEGIN READ ONLY; SET LOCAL statement_timeout = {timeout_ms}; {USER_CODE_GUARD}")
+}
+
+/// The answer row of [`USER_CODE_GUARD`]: whether the database is free of such functions.
+pub(crate) fn guard_clean(row: &[u8]) -> Option<bool> {
+    let columns = wire::DataRow::new(row).columns().ok()?;
+    let mut values = columns.iter();
+    let count = values.next()??;
+    if values.next().is_some() || count.is_empty() || !count.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(count.iter().all(|&d| d == b'0'))
+}
+
+/// The startup parameters of a re-run's own session: the client's (search_path, DateStyle...
+/// shape the answer) but not the ones that could let the re-run write or run long: the
+/// session is read-only by default and its statements are cut off by the server at
+/// `timeout_ms`. `options` is read as the settings it makes, so none of them can undo these.
+pub(crate) fn guarded_params(
+    params: &[(String, String)],
+    timeout_ms: u64,
+) -> Vec<(String, String)> {
+    let options = params.iter().filter(|(k, _)| k == "options");
+    let mut params: Vec<(String, String)> = params
+        .iter()
+        .filter(|(k, _)| k != "options")
+        .cloned()
+        .chain(options.flat_map(|(_, o)| super::lease::options_settings(o)))
+        .filter(|(k, _)| {
+            let k = k.to_ascii_lowercase();
+            k != "default_transaction_read_only" && k != "statement_timeout"
+        })
+        .collect();
+    params.push(("default_transaction_read_only".into(), "on".into()));
+    params.push(("statement_timeout".into(), timeout_ms.to_string()));
+    params
+}
+
 /// Whether every name `text` calls is a keyword or a built-in on [`SAFE_FUNCTIONS`]
 /// (unqualified or in `pg_catalog`): a re-check reads the statement once more per side, so
 /// it must not repeat what a function does besides returning a value.
@@ -312,6 +372,8 @@ struct Folder<'p> {
     group: Option<(u64, u64)>,
     /// The `BEGIN READ ONLY` ended in a transaction.
     began: bool,
+    /// The guard's answer: the database has no functions of its own reading may run.
+    clean: Option<bool>,
     in_select: bool,
     selected: bool,
     scratch: BytesMut,
@@ -325,6 +387,7 @@ impl<'p> Folder<'p> {
             folded: Folded::default(),
             group: None,
             began: false,
+            clean: None,
             in_select: false,
             selected: false,
             scratch: BytesMut::new(),
@@ -333,8 +396,28 @@ impl<'p> Folder<'p> {
 
     /// One backend message; `Ok(Some)` at the end, `Err` when the re-run failed.
     fn visit(&mut self, tag: u8, body: &[u8]) -> Result<Option<Folded>, &'static str> {
+        if !self.began {
+            // The preamble's answers: BEGIN, SET, the guard's row.
+            match tag {
+                tag::DATA_ROW => self.clean = Some(guard_clean(body).ok_or(FAILED)?),
+                tag::ERROR_RESPONSE => return Err(FAILED),
+                tag::READY_FOR_QUERY => {
+                    // The statement must run inside that read-only transaction.
+                    if body != [b'T'] {
+                        return Err(FAILED);
+                    }
+                    match self.clean {
+                        Some(true) => self.began = true,
+                        Some(false) => return Err(USER_CODE),
+                        None => return Err(FAILED),
+                    }
+                }
+                _ => {}
+            }
+            return Ok(None);
+        }
         match tag {
-            tag::ROW_DESCRIPTION if self.began => {
+            tag::ROW_DESCRIPTION => {
                 let fields: Vec<_> = wire::RowDescription::new(body)
                     .fields()
                     .map_err(|_| FAILED)?
@@ -356,13 +439,6 @@ impl<'p> Folder<'p> {
                 self.selected = true;
             }
             tag::ERROR_RESPONSE => return Err(FAILED),
-            tag::READY_FOR_QUERY if !self.began => {
-                // The BEGIN's: the statement must run inside that read-only transaction.
-                if body != [b'T'] || self.in_select {
-                    return Err(FAILED);
-                }
-                self.began = true;
-            }
             tag::READY_FOR_QUERY => {
                 if !self.selected {
                     return Err(FAILED);
@@ -591,24 +667,7 @@ async fn side(
     let limit = Duration::from_millis(cfg.connect_timeout_ms);
     let max = cfg.buffer_bytes_max.max(1 << 20);
     let budget_ms = cfg.shadow_timeout_ms.max(1);
-    // The client's settings (search_path, DateStyle...) shape the answer, but not the ones
-    // that could let the re-run write or run long: the session is read-only by default and
-    // its statements are cut off by the server at the re-check's own time bound.
-    let timeout = budget_ms.to_string();
-    // `options` is read as the settings it makes, so none of them can undo these two.
-    let options = params.iter().filter(|(k, _)| k == "options");
-    let mut params: Vec<(String, String)> = params
-        .iter()
-        .filter(|(k, _)| k != "options")
-        .cloned()
-        .chain(options.flat_map(|(_, o)| super::lease::options_settings(o)))
-        .filter(|(k, _)| {
-            let k = k.to_ascii_lowercase();
-            k != "default_transaction_read_only" && k != "statement_timeout"
-        })
-        .collect();
-    params.push(("default_transaction_read_only".into(), "on".into()));
-    params.push(("statement_timeout".into(), timeout));
+    let params = guarded_params(params, budget_ms);
     let stream = open_as(addr, url, tls, &params, limit, max)
         .await
         .map_err(|_| UNREACHABLE)?
@@ -624,16 +683,14 @@ async fn side(
 }
 
 /// The messages of a re-run: a read-only transaction whose statements the server stops at
-/// `timeout_ms`, begun by text of our own, then the rewritten statement alone through the
+/// `timeout_ms`, begun by text of our own with [`USER_CODE_GUARD`], then the rewritten
+/// statement alone through the
 /// extended protocol, where PostgreSQL refuses more than one command ("cannot insert multiple
 /// commands into a prepared statement"): text the SQL reader misread can never smuggle a
 /// COMMIT and a write past the READ ONLY. The transaction is never committed.
 pub(crate) fn messages(plan: &Plan, timeout_ms: u64) -> Result<BytesMut, wire::WireError> {
     let mut out = BytesMut::new();
-    wire::encode::query(
-        &mut out,
-        &format!("BEGIN READ ONLY; SET LOCAL statement_timeout = {timeout_ms}"),
-    )?;
+    wire::encode::query(&mut out, &preamble(timeout_ms))?;
     wire::encode::parse(&mut out, "", &plan.sql, &[])?;
     wire::encode::bind(&mut out, "", "", &[], &[], &[])?;
     wire::encode::describe(&mut out, wire::ObjectKind::Portal, "")?;
@@ -742,13 +799,17 @@ mod tests {
 
     /// Folds a re-run answer of rows `(id, key, rank)` for a plan with one output column.
     fn fold(rows: &[(&str, &str, &str)]) -> Folded {
+        fold_guarded("0", rows).unwrap()
+    }
+
+    /// As [`fold`], with the guard's count as the server answered it.
+    fn fold_guarded(guard: &str, rows: &[(&str, &str, &str)]) -> Result<Folded, &'static str> {
         let plan = plan("SELECT id FROM t ORDER BY k", &columns(&["id"])).unwrap();
         let rules = Rc::new(Rules::new(&CompareConfig::default()).unwrap());
         let mut folder = Folder::new(&plan, rules);
         let mut buf = BytesMut::new();
         wire::encode::command_complete(&mut buf, "BEGIN").unwrap();
         wire::encode::command_complete(&mut buf, "SET").unwrap();
-        wire::encode::ready_for_query(&mut buf, wire::TransactionStatus::InTransaction);
         let field = |name| wire::FieldDescription {
             name,
             table_oid: 0,
@@ -758,6 +819,10 @@ mod tests {
             type_modifier: -1,
             format: wire::Format::Text,
         };
+        wire::encode::row_description(&mut buf, &[field("count")]).unwrap();
+        wire::encode::data_row(&mut buf, &[Some(guard.as_bytes())]).unwrap();
+        wire::encode::command_complete(&mut buf, "SELECT 1").unwrap();
+        wire::encode::ready_for_query(&mut buf, wire::TransactionStatus::InTransaction);
         wire::encode::row_description(&mut buf, &[field("id"), field("k"), field("dense_rank")])
             .unwrap();
         for (id, k, rank) in rows {
@@ -770,12 +835,21 @@ mod tests {
         while at < buf.len() {
             let len =
                 u32::from_be_bytes([buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]]) as usize;
-            if let Some(folded) = folder.visit(buf[at], &buf[at + 5..at + 1 + len]).unwrap() {
-                return folded;
+            if let Some(folded) = folder.visit(buf[at], &buf[at + 5..at + 1 + len])? {
+                return Ok(folded);
             }
             at += 1 + len;
         }
         panic!("no ReadyForQuery")
+    }
+
+    #[test]
+    fn a_database_with_functions_of_its_own_is_not_re_checked() {
+        let rows = [("1", "a", "1")];
+        assert!(fold_guarded("0", &rows).is_ok());
+        assert_eq!(fold_guarded("3", &rows), Err(USER_CODE));
+        assert_eq!(fold_guarded("x", &rows), Err(FAILED));
+        assert_eq!(fold_guarded("", &rows), Err(FAILED));
     }
 
     /// Judges two re-runs, each against its own rows as the statement returned them.
