@@ -105,6 +105,11 @@ pub struct Shared {
     /// StarRocks transactions committed inside a source transaction because one table's
     /// column list changed there (see `txn`).
     pub transactions_split: AtomicU64,
+    /// Flush cycles rolled back and loaded again from the checkpoint so that a table whose
+    /// columns changed inside one takes the new column list from its first load (see `txn`).
+    pub transactions_reloaded: AtomicU64,
+    /// What the loader learned for the cycle it loads again (kept across runs).
+    column_plans: Mutex<txn::ColumnPlans>,
     pub tables: Mutex<BTreeMap<String, TableStats>>,
     /// The initial snapshot's progress.
     pub snapshot: snapshot::Progress,
@@ -118,7 +123,9 @@ impl CdcError {
     pub fn is_transient(&self) -> bool {
         let pg = match self {
             // The cycle is loaded again from the checkpoint, under the same label.
-            CdcError::Load(LoadError::TxnAborted { .. }) => return true,
+            CdcError::Load(LoadError::TxnAborted { .. } | LoadError::Replan { .. }) => {
+                return true;
+            }
             CdcError::Replication(e) | CdcError::Checkpoint(e) => e,
             CdcError::Setup(setup::SetupError::Connect(e)) => e,
             CdcError::Snapshot(e) => match e.pg() {
@@ -183,6 +190,7 @@ impl Shared {
             "retries": self.retries.load(Ordering::Relaxed),
             "reconnects": self.reconnects.load(Ordering::Relaxed),
             "transactions_split": self.transactions_split.load(Ordering::Relaxed),
+            "transactions_reloaded": self.transactions_reloaded.load(Ordering::Relaxed),
             "tables": sonic_rs::to_value(&tables).unwrap_or_default(),
             "snapshot": self.snapshot.json(),
             "streams": self.streams_json(),
@@ -261,6 +269,12 @@ impl Shared {
                 "counter",
                 "StarRocks transactions committed inside a source transaction",
                 load(&self.transactions_split),
+            ),
+            (
+                "transactions_reloaded_total",
+                "counter",
+                "flush cycles loaded again for a column list changed inside them",
+                load(&self.transactions_reloaded),
             ),
             (
                 "paused",
@@ -461,6 +475,15 @@ pub fn run_reconnecting(
             }
         });
         let err = match result {
+            Err(CdcError::Load(LoadError::Replan { label, table }))
+                if !shared.shutdown.load(Ordering::Acquire) =>
+            {
+                // No failure: the loader chose to, and bounds how often
+                // (`txn::ColumnPlans`).
+                tracing::info!(%label, %table, "loading the flush cycle again from the checkpoint");
+                shared.transactions_reloaded.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             Err(err) if err.is_transient() && !shared.shutdown.load(Ordering::Acquire) => err,
             other => return other,
         };
@@ -502,7 +525,7 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     let timeout = Duration::from_millis(cfg.connect_timeout_ms);
     let sink = StarRocks::new(sr_url, sink_config(cfg));
     let prepared = setup::prepare(cfg, &url, &sink, timeout)?;
-    let pcfg = pipeline_config(cfg);
+    let pcfg = pipeline_config(cfg, &prepared.incarnation);
     let checkpoints = Checkpoints::connect(&url, &cfg.checkpoint_table, &cfg.slot, timeout)
         .map_err(CdcError::Checkpoint)?;
     let start = prepared.checkpoint.unwrap_or(Lsn::ZERO);
@@ -531,7 +554,12 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     // Counts of this run only (the source compares them with what it sent in this run).
     shared.works_done.store(0, Ordering::Release);
     let (tx, rx) = crossbeam_channel::bounded::<Work>(cfg.ring_capacity);
-    let txns = txn::Transactions::new(cfg.transaction_mode);
+    let plans = shared
+        .column_plans
+        .lock()
+        .map(|mut p| std::mem::take(&mut *p))
+        .unwrap_or_default();
+    let txns = txn::Transactions::new(cfg.transaction_mode, plans, cfg.reconnect_attempts_max);
     let loader = spawn_loader(rx, sink, txns, checkpoints, Arc::clone(&shared))?;
     let mut pipeline = Pipeline::new(pcfg.clone(), prepared.keys);
     pipeline.set_forced_boundary(prepared.pending);
@@ -586,9 +614,13 @@ fn sink_config(cfg: &CdcConfig) -> SinkConfig {
     }
 }
 
-fn pipeline_config(cfg: &CdcConfig) -> PipelineConfig {
+fn pipeline_config(cfg: &CdcConfig, incarnation: &str) -> PipelineConfig {
     PipelineConfig {
-        slot: cfg.slot.clone(),
+        label_prefix: if incarnation.is_empty() {
+            cfg.slot.clone()
+        } else {
+            format!("{}-{incarnation}", cfg.slot)
+        },
         flush_rows: cfg.flush_rows,
         flush_bytes: cfg.flush_bytes,
         flush_interval: Duration::from_millis(cfg.flush_interval_ms),
@@ -615,6 +647,9 @@ fn spawn_loader(
             if let Some(txns) = txns.as_mut() {
                 // A cycle cut off by the stop: its rows come again from the checkpoint.
                 txns.abort_all(&mut sink);
+                if let Ok(mut plans) = shared.column_plans.lock() {
+                    *plans = txns.take_plans();
+                }
             }
             // Wake the source so it stops instead of waiting on a full ring.
             shared.stopped.store(true, Ordering::Release);
@@ -725,23 +760,39 @@ fn load_loop(
                     truncated = Some(at);
                 }
             }
-            Work::Schema { change, apply } => {
+            Work::Schema {
+                change,
+                apply,
+                columns,
+            } => {
+                let change = match txns.as_deref() {
+                    Some(txns) => txns.unplanned_additions_removed(change),
+                    None => change,
+                };
                 let statements = sink.plan_schema(&change, apply).map_err(CdcError::Load)?;
-                // A schema change waits for the table's open transactions: none of ours may be.
+                // A schema change waits for the open transactions that loaded the table: none
+                // of ours may be one.
                 let rolled_back = match txns.as_deref_mut() {
-                    Some(txns) if !statements.is_empty() => {
-                        txns.settle_for_ddl(sink).map_err(CdcError::Load)?
-                    }
-                    _ => false,
+                    Some(txns) if !statements.is_empty() => txns
+                        .settle_for_ddl(sink, &change.table, &columns)
+                        .map_err(CdcError::Load)?,
+                    _ => None,
                 };
                 for statement in &statements {
                     sink.ddl(&change.table, statement).map_err(CdcError::Load)?;
                 }
-                if rolled_back {
-                    return Err(CdcError::Load(LoadError::TxnAborted {
-                        label: change.table.clone(),
-                        why: "rolled back for a schema change of the table".into(),
-                    }));
+                if let Some(label) = rolled_back {
+                    let table = change.table.clone();
+                    return Err(CdcError::Load(
+                        if txns.is_some_and(|t| t.replans_exhausted()) {
+                            LoadError::TxnAborted {
+                                label,
+                                why: format!("rolled back for a schema change of {table}"),
+                            }
+                        } else {
+                            LoadError::Replan { label, table }
+                        },
+                    ));
                 }
             }
             Work::SnapshotChunk { table, chunk, rows } => {

@@ -37,10 +37,14 @@ pub enum Work {
         at: (Lsn, u64),
     },
     /// Make the StarRocks table follow a source table's new columns (`apply`: change it;
-    /// `fail`: stop if it differs), before any later load.
+    /// `fail`: stop if it differs), before any later load. `columns` is the `columns` header
+    /// of the table's whole-row loads from here on: the loader gives it to every whole-row
+    /// load of the table in the flush cycle's StarRocks transaction when it must load that
+    /// transaction again (see `txn::ColumnPlans`).
     Schema {
         change: SchemaChange,
         apply: bool,
+        columns: String,
     },
     /// Everything before this marker is loaded: store and confirm this LSN (the commit
     /// time, microseconds since the Unix epoch, is for the lag metric).
@@ -76,7 +80,9 @@ pub struct Batch {
 
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
-    pub slot: String,
+    /// What every label starts with: the slot's name and, after a dash, its incarnation
+    /// (`setup::Prepared::incarnation`; the name alone for a slot an older version created).
+    pub label_prefix: String,
     pub flush_rows: usize,
     pub flush_bytes: usize,
     pub flush_interval: Duration,
@@ -476,7 +482,7 @@ impl Pipeline {
             .get(oid)
             .map(|s| s.target_name.clone())
             .unwrap_or_default();
-        let label = label(&self.cfg.slot, &table, b.first, b.last);
+        let label = label(&self.cfg.label_prefix, &table, b.first, b.last);
         out.push(Work::Load(Batch {
             table,
             columns: b.columns,
@@ -492,7 +498,7 @@ impl Pipeline {
             Message::Relation { rel, .. } => {
                 let applied = self.schema.apply(&rel)?;
                 if matches!(applied, Applied::Changed(_)) && self.open.contains_key(&rel.oid) {
-                    self.cut_for_new_columns(rel.oid, out);
+                    self.carry_over_new_columns(rel.oid, out);
                 }
                 self.follow_schema(rel.oid, applied, out)?;
             }
@@ -585,9 +591,16 @@ impl Pipeline {
             ),
         };
         if !change.is_empty() {
+            let columns = columns_header(
+                schema,
+                &Shape::Full,
+                self.cfg.delete_mode,
+                self.cfg.audit_prefix.as_deref(),
+            );
             out.push(Work::Schema {
                 change,
                 apply: mode == CdcSchemaChanges::Apply,
+                columns,
             });
         }
         Ok(())
@@ -644,6 +657,44 @@ impl Pipeline {
     /// current source transaction is batched yet, end the whole cycle at the last commit
     /// instead, so the cut falls between source transactions and none is split. (The
     /// decision depends on the stream alone: a replay cuts at the same place.)
+    /// A table's columns changed while it has an open batch. A StarRocks transaction takes one
+    /// `columns` header per table, so the batch's whole rows, written before the change, take
+    /// the new header and the rows after it join them: a column added since is missing from
+    /// the older rows' JSON, and StarRocks gives them its default for it, as it gives every
+    /// row it already had; a column dropped since is a JSON key the header no longer names,
+    /// which StarRocks ignores. The source transaction then stays in one StarRocks
+    /// transaction (the loader runs the `ALTER` before this batch loads, see
+    /// `Work::Schema`). A batch of partial updates (its header names the columns present) is
+    /// cut instead, and so is every batch with `schema-changes = "ignore"`, where StarRocks
+    /// may keep a column the source dropped and the older rows' values for it must load.
+    fn carry_over_new_columns(&mut self, oid: u32, out: &mut Vec<Work>) {
+        if !self.txn_batched && self.unflushed_commit.is_some() {
+            // Nothing of this source transaction is batched: end the cycle at the last
+            // commit, so no StarRocks transaction is open on the table when it changes.
+            self.end_cycle(out);
+            return;
+        }
+        let header = match self.schema.get(oid) {
+            Ok(schema) if self.cfg.schema_changes != CdcSchemaChanges::Ignore => Some((
+                schema.generation,
+                columns_header(
+                    schema,
+                    &Shape::Full,
+                    self.cfg.delete_mode,
+                    self.cfg.audit_prefix.as_deref(),
+                ),
+            )),
+            _ => None,
+        };
+        match (self.open.get_mut(&oid), header) {
+            (Some(batch), Some((generation, columns))) if batch.shape == Shape::Full => {
+                batch.generation = generation;
+                batch.columns = columns;
+            }
+            _ => self.flush_table(oid, out),
+        }
+    }
+
     fn cut_for_new_columns(&mut self, oid: u32, out: &mut Vec<Work>) {
         if self.txn_batched || self.unflushed_commit.is_none() {
             self.flush_table(oid, out);
@@ -1090,10 +1141,11 @@ fn key_changed(key: &[usize], old: Tuple<'_>, new: Tuple<'_>) -> bool {
         .any(|(i, d)| key.contains(&i) && d != Datum::Unchanged && old_vals.get(i) != Some(&d))
 }
 
-/// `{slot}-{table}-{commit}.{idx}-{commit}.{idx}`, limited to what StarRocks accepts in a
-/// label (letters, digits, `-`, `_`, 128 characters at most).
-fn label(slot: &str, table: &str, first: Pos, last: Pos) -> String {
-    let name: String = format!("{slot}-{table}")
+/// `{prefix}-{table}-{commit}.{idx}-{commit}.{idx}` (the prefix: the slot and its
+/// incarnation), limited to what StarRocks accepts in a label (letters, digits, `-`, `_`, 128
+/// characters at most).
+fn label(prefix: &str, table: &str, first: Pos, last: Pos) -> String {
+    let name: String = format!("{prefix}-{table}")
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
@@ -1128,7 +1180,7 @@ mod tests {
 
     fn cfg() -> PipelineConfig {
         PipelineConfig {
-            slot: "s".into(),
+            label_prefix: "s".into(),
             flush_rows: 1000,
             flush_bytes: 1 << 20,
             flush_interval: Duration::from_secs(3600),
