@@ -36,6 +36,7 @@ use std::time::Duration;
 use crossbeam_channel::Receiver;
 
 use self::checkpoint::Checkpoints;
+use self::ddl::SchemaChange;
 use self::lsn::Lsn;
 use self::pgconn::{PgConn, PgError};
 use self::pipeline::{Pipeline, PipelineConfig, PipelineError, Work};
@@ -702,6 +703,8 @@ fn load_loop(
     let mut chunks_pending: Vec<(String, u32, u64)> = Vec::new();
     // The last TRUNCATE applied (by this run or an earlier one).
     let mut truncated = checkpoints.load_truncated().map_err(CdcError::Checkpoint)?;
+    // Columns to drop once the cycle's StarRocks transaction has committed.
+    let mut drops_pending: Vec<SchemaChange> = Vec::new();
     for work in rx {
         while shared.paused.load(Ordering::Acquire) && !shared.stopped.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(50));
@@ -741,6 +744,9 @@ fn load_loop(
                 if let Some(txns) = txns.as_deref_mut() {
                     txns.commit_all(sink).map_err(CdcError::Load)?;
                 }
+                for drop in drops_pending.drain(..) {
+                    change_schema(sink, txns.as_deref_mut(), &drop, true, "")?;
+                }
                 for (table, chunk, rows) in chunks_pending.drain(..) {
                     record_chunk(checkpoints, shared, &table, chunk, rows)?;
                 }
@@ -765,35 +771,30 @@ fn load_loop(
                 apply,
                 columns,
             } => {
-                let change = match txns.as_deref() {
-                    Some(txns) => txns.unplanned_additions_removed(change),
-                    None => change,
+                // A column dropped waits for the cycle's commit: the rows of the cycle load
+                // without it meanwhile (StarRocks gives them NULL there), and a replay of the
+                // cycle (its first Relation still lists the column) finds StarRocks with it,
+                // instead of adding it back while a transaction an earlier run prepared, which
+                // the ALTER would wait for, still holds the table.
+                let (change, dropped) = if apply {
+                    change.split_drops()
+                } else {
+                    (change, None)
                 };
-                let statements = sink.plan_schema(&change, apply).map_err(CdcError::Load)?;
-                // A schema change waits for the open transactions that loaded the table: none
-                // of ours may be one.
-                let rolled_back = match txns.as_deref_mut() {
-                    Some(txns) if !statements.is_empty() => txns
-                        .settle_for_ddl(sink, &change.table, &columns)
-                        .map_err(CdcError::Load)?,
-                    _ => None,
-                };
-                for statement in &statements {
-                    sink.ddl(&change.table, statement).map_err(CdcError::Load)?;
+                // A column added under a name the cycle dropped: that drop goes first.
+                let (first, later): (Vec<_>, Vec<_>) =
+                    drops_pending.drain(..).partition(|d: &SchemaChange| {
+                        d.table == change.table
+                            && d.dropped.iter().any(|c| {
+                                change.added.iter().any(|(a, _)| a.eq_ignore_ascii_case(c))
+                            })
+                    });
+                drops_pending = later;
+                for drop in &first {
+                    change_schema(sink, txns.as_deref_mut(), drop, true, &columns)?;
                 }
-                if let Some(label) = rolled_back {
-                    let table = change.table.clone();
-                    return Err(CdcError::Load(
-                        if txns.is_some_and(|t| t.replans_exhausted()) {
-                            LoadError::TxnAborted {
-                                label,
-                                why: format!("rolled back for a schema change of {table}"),
-                            }
-                        } else {
-                            LoadError::Replan { label, table }
-                        },
-                    ));
-                }
+                change_schema(sink, txns.as_deref_mut(), &change, apply, &columns)?;
+                drops_pending.extend(dropped);
             }
             Work::SnapshotChunk { table, chunk, rows } => {
                 if txns.is_some() {
@@ -818,6 +819,9 @@ fn load_loop(
                     shared.retries.store(sink.retries, Ordering::Relaxed);
                     failpoint::hit("cdc-after-commit");
                 }
+                for drop in drops_pending.drain(..) {
+                    change_schema(sink, txns.as_deref_mut(), &drop, true, "")?;
+                }
                 for (table, chunk, rows) in chunks_pending.drain(..) {
                     record_chunk(checkpoints, shared, &table, chunk, rows)?;
                 }
@@ -838,6 +842,49 @@ fn load_loop(
         shared.works_done.fetch_add(1, Ordering::Release);
     }
     Ok(())
+}
+
+/// Makes the StarRocks table follow `change` (see `Work::Schema`; `columns`: the table's
+/// whole-row header after it). A schema change waits for the open transactions that loaded
+/// the table, so one of ours that did is rolled back first and the cycle loaded again.
+fn change_schema(
+    sink: &mut StarRocks,
+    txns: Option<&mut txn::Transactions>,
+    change: &SchemaChange,
+    apply: bool,
+    columns: &str,
+) -> Result<(), CdcError> {
+    if change.is_empty() {
+        return Ok(());
+    }
+    let statements = sink.plan_schema(change, apply).map_err(CdcError::Load)?;
+    if statements.is_empty() {
+        return Ok(());
+    }
+    let (rolled_back, exhausted) = match txns {
+        Some(txns) => {
+            let label = txns
+                .settle_for_ddl(sink, &change.table, columns)
+                .map_err(CdcError::Load)?;
+            (label, txns.replans_exhausted())
+        }
+        None => (None, false),
+    };
+    for statement in &statements {
+        sink.ddl(&change.table, statement).map_err(CdcError::Load)?;
+    }
+    let Some(label) = rolled_back else {
+        return Ok(());
+    };
+    let table = change.table.clone();
+    Err(CdcError::Load(if exhausted {
+        LoadError::TxnAborted {
+            label,
+            why: format!("rolled back for a schema change of {table}"),
+        }
+    } else {
+        LoadError::Replan { label, table }
+    }))
 }
 
 #[cfg(test)]

@@ -21,7 +21,6 @@
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
-use super::ddl::SchemaChange;
 use super::failpoint;
 use super::pipeline::Batch;
 use super::starrocks::{LoadError, LoadOutcome, StarRocks, TxnReply};
@@ -63,9 +62,9 @@ struct Txn {
 pub struct ColumnPlans {
     /// Transaction label → table → the header of its whole-row loads.
     by_label: HashMap<String, HashMap<String, String>>,
-    /// Cycles loaded again for a header since the last commit: bounded, because a cycle
-    /// whose first label differs on every attempt (an initial-snapshot chunk, read again
-    /// under a new label) would never meet its plan.
+    /// Cycles loaded again for a header since the last commit: bounded, in case a cycle's
+    /// first label differs from one attempt to the next (an initial-snapshot chunk is read
+    /// again under a new label) and never meets its plan.
     replans: u32,
 }
 
@@ -79,7 +78,6 @@ impl ColumnPlans {
             .entry(label.to_string())
             .or_default()
             .insert(table.to_string(), columns.to_string());
-        self.replans += 1;
     }
 }
 
@@ -118,27 +116,6 @@ impl Transactions {
     /// `reconnect-attempts-max`.
     pub fn replans_exhausted(&self) -> bool {
         self.plans.replans > self.replans_max
-    }
-
-    /// Leaves out of `change` the columns to add that the table's planned column list for
-    /// the cycle being loaded again lacks. That list is the table's last in the cycle: a
-    /// column it lacks is dropped later in the cycle and StarRocks already dropped it (the
-    /// run before loaded this far). The first `Relation` of a run still lists it, and adding
-    /// it back would roll the cycle back again at the drop, every time.
-    pub fn unplanned_additions_removed(&self, mut change: SchemaChange) -> SchemaChange {
-        let planned: Vec<&str> = self
-            .plans
-            .by_label
-            .values()
-            .filter_map(|tables| tables.get(&change.table))
-            .flat_map(|columns| columns.split(','))
-            .collect();
-        if !planned.is_empty() {
-            change
-                .added
-                .retain(|(name, _)| planned.contains(&name.as_str()));
-        }
-        change
     }
 
     /// The plans for the next run (see [`ColumnPlans`]).
@@ -232,14 +209,20 @@ impl Transactions {
         }
     }
 
-    /// A second parameter set for one table in the transaction. Whole rows both times (the
-    /// table's columns changed in the cycle): roll the transaction back and load the cycle
-    /// again from the checkpoint, this header planned for the table's loads from the first
-    /// ([`ColumnPlans`]). A partial update on either side (a TOAST value left out, a soft
-    /// delete without the whole old row) cannot share a header with other rows: commit what
-    /// the transaction holds and go on in a new one (the cut depends only on the stream, so a
-    /// replay cuts at the same load), counted in `splits`. So is a cycle loaded again too
-    /// often since the last commit.
+    /// A second parameter set for one table in the transaction.
+    ///
+    /// Whole rows both times (the table's columns changed in the cycle): this run loads the
+    /// transaction, so it is rolled back and the cycle loaded again from the checkpoint, this
+    /// header planned for the table's loads from the first ([`ColumnPlans`]); beyond
+    /// `reconnect-attempts-max` such attempts since the last commit, the rollback is a failure
+    /// like any other. Whole rows are never cut into two StarRocks transactions, so a
+    /// transaction an earlier run prepared or committed holds the whole cycle: its loads are
+    /// skipped, the header noted.
+    ///
+    /// A partial update on either side (a TOAST value left out, a soft delete without the
+    /// whole old row) cannot share a header with other rows (its header names the columns it
+    /// carries): commit what the transaction holds and go on in a new one (the cut depends
+    /// only on the stream, so a replay cuts at the same load), counted in `splits`.
     fn second_header(
         &mut self,
         sink: &mut StarRocks,
@@ -256,9 +239,23 @@ impl Transactions {
             .open
             .get(scope)
             .is_some_and(|t| t.state == TxnState::Loading);
-        if !before.1 && !params.1 && loading && self.plans.replans < self.replans_max {
+        if !before.1 && !params.1 {
             self.plans.learn(&label, &batch.table, &params.0);
+            if !loading {
+                return Ok(());
+            }
             self.abort_all(sink);
+            self.plans.replans += 1;
+            if self.replans_exhausted() {
+                return Err(LoadError::TxnAborted {
+                    label,
+                    why: format!(
+                        "the column list of {} changed inside the flush cycle more often than \
+                         cdc.reconnect-attempts-max allows loading it again",
+                        batch.table
+                    ),
+                });
+            }
             tracing::info!(table = %batch.table, %label, "the table's columns change inside the StarRocks transaction: loading it again with the new column list from its first load");
             return Err(LoadError::Replan {
                 label,
@@ -402,6 +399,7 @@ impl Transactions {
         }
         if !blocking.is_empty() {
             self.abort_all(sink);
+            self.plans.replans += 1;
         }
         Ok(blocking.into_iter().next())
     }
