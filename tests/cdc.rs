@@ -1040,8 +1040,7 @@ fn a_transaction_starrocks_aborts_at_its_timeout_is_loaded_again_once() {
         "{}",
         cdc.log()
     );
-    assert_eq!(cdc.status_number("reconnects"), 0);
-    assert_eq!(cdc.status_number("transactions_reloaded"), 0);
+    assert!(cdc.status_number("reconnects") >= 1);
     // Begun again under the same label, each row written once: nothing lost, nothing doubled.
     assert_eq!(sr.applied_rows(DB, "t"), 150, "{log:?}");
     assert_eq!(sr.applied_rows(DB, "u"), 150, "{log:?}");
@@ -1176,14 +1175,18 @@ fn column_added_inside_a_two_table_transaction_stays_one_starrocks_transaction()
     // column between its rows, becomes visible in StarRocks at once. StarRocks takes one
     // column list per table and transaction: t's row before the ALTER joins the rows after
     // it under the new list (its JSON lacks the new column, which StarRocks fills with its
-    // default), and the ALTER runs before anything of t loads.
+    // default), and the ALTER runs before anything of t loads. u's rows before it are already
+    // in the open StarRocks transaction (flush-rows 4): the ALTER of t does not wait for a
+    // transaction that has not loaded t, so it runs beside it.
     let pg = start_pg("cdc-ddl-one", &[]);
     let sr = StarRocks::start("root", "pw");
     let mut c = client(&pg);
     make_table(&mut c, &sr, "t");
     make_table(&mut c, &sr, "u");
     sr.watch(DB, &["t", "u"]);
-    let cdc = Cdc::start(&base_args(&pg, &sr, "t,u"), &[]);
+    let mut args = base_args(&pg, &sr, "t,u");
+    args.extend(["--flush-rows".into(), "4".into()]);
+    let cdc = Cdc::start(&args, &[]);
     c.batch_execute(
         "BEGIN;
          INSERT INTO u SELECT g, 'a', g FROM generate_series(1, 10) g;

@@ -665,8 +665,7 @@ impl Pipeline {
     /// which StarRocks ignores. The source transaction then stays in one StarRocks
     /// transaction (the loader runs the `ALTER` before this batch loads, see
     /// `Work::Schema`). A batch of partial updates (its header names the columns present) is
-    /// cut instead, and so is every batch with `schema-changes = "ignore"`, where StarRocks
-    /// may keep a column the source dropped and the older rows' values for it must load.
+    /// cut instead.
     fn carry_over_new_columns(&mut self, oid: u32, out: &mut Vec<Work>) {
         if !self.txn_batched && self.unflushed_commit.is_some() {
             // Nothing of this source transaction is batched: end the cycle at the last
@@ -675,7 +674,7 @@ impl Pipeline {
             return;
         }
         let header = match self.schema.get(oid) {
-            Ok(schema) if self.cfg.schema_changes != CdcSchemaChanges::Ignore => Some((
+            Ok(schema) => Some((
                 schema.generation,
                 columns_header(
                     schema,
@@ -1380,6 +1379,64 @@ mod tests {
             })
             .collect();
         assert_eq!(kinds, ["load t", "load u", "checkpoint 0/78"]);
+    }
+
+    #[test]
+    fn new_columns_inside_a_transaction_carry_the_open_batch_over() {
+        // t's row before the ALTER and the one after it leave in one batch under the new
+        // column list, after the schema change: one StarRocks transaction can hold them.
+        let mut cfg = cfg();
+        cfg.schema_changes = CdcSchemaChanges::Apply;
+        let mut p = Pipeline::new(cfg, keys());
+        let rel_t2 = msg(|b| {
+            build::relation(
+                b,
+                1,
+                "public",
+                "t",
+                &[(true, "id", 23), (false, "v", 25), (false, "w", 23)],
+            )
+        });
+        let out = feed(
+            &mut p,
+            &[
+                msg(|b| build::begin(b, Lsn(100), 5)),
+                rel(),
+                msg(|b| build::insert(b, 1, &[Some(Some("1")), Some(Some("a"))])),
+                rel_t2,
+                msg(|b| build::insert(b, 1, &[Some(Some("2")), Some(Some("b")), Some(Some("7"))])),
+                msg(|b| build::commit(b, Lsn(100), Lsn(120))),
+            ],
+        );
+        let mut out = out;
+        p.flush_all(&mut out);
+        let kinds: Vec<String> = out
+            .iter()
+            .map(|w| match w {
+                Work::Load(b) => format!("load {} {} {}", b.table, b.columns, b.rows),
+                Work::Schema { columns, .. } => format!("schema {columns}"),
+                Work::Checkpoint(lsn, _) => format!("checkpoint {lsn}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "schema id,v,__op",
+                "schema id,v,w,__op",
+                "load t id,v,w,__op 2",
+                "checkpoint 0/78"
+            ]
+        );
+        let Some(Work::Load(batch)) = out.get(2) else {
+            unreachable!()
+        };
+        // The older row lacks the new column: StarRocks gives it its default, not an
+        // explicit NULL.
+        assert_eq!(
+            String::from_utf8_lossy(&batch.body),
+            r#"[{"id":1,"v":"a","__op":0},{"id":2,"v":"b","w":7,"__op":0}]"#
+        );
     }
 
     #[test]

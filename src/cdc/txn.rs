@@ -14,6 +14,10 @@
 //! again) or aborted (begin again). A commit whose answer is an error or is lost may still
 //! have happened (an FE restart between commit and answer): the label's state decides.
 //!
+//! A table's column list may change inside a cycle (a schema change between its rows): whole
+//! rows then take the last list of the cycle from the first load, learned by loading the
+//! cycle again ([`ColumnPlans`]); only partial updates still cut a cycle in two.
+//!
 //! This module must never retry a load inside a transaction: a load whose answer was lost may
 //! have been applied, and loading it twice would duplicate rows. Any such failure rolls the
 //! transaction back and the cycle is loaded again from the checkpoint.

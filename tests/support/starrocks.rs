@@ -18,6 +18,8 @@
 //!   and `idle_transaction_timeout` (no load for that long), prepare's `prepared_timeout`
 //!   (not committed in time) abort the transaction; a load into it is then refused with
 //!   `Transcation State Invalid`, and its label may be begun again.
+//! * FE query port: `ALTER TABLE ... ADD/MODIFY/DROP COLUMN` runs as a job that finishes
+//!   later, once no transaction begun before it still loads the table (`WAITING_TXN`).
 
 // Included privately by the test crates: `pub` is for them, `unreachable_pub` does not apply.
 #![allow(unreachable_pub)]
@@ -84,8 +86,8 @@ impl TxnState {
     }
 }
 
-/// One `ALTER TABLE` column job: PENDING, then RUNNING, then FINISHED, when the table's
-/// columns change.
+/// One `ALTER TABLE` column job: PENDING (WAITING_TXN while a transaction begun before it
+/// loads its table), then RUNNING, then FINISHED, when the table's columns change.
 struct Job {
     id: u64,
     /// `db.table`.
