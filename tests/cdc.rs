@@ -2334,6 +2334,99 @@ fn a_slot_created_anew_never_takes_the_labels_of_an_earlier_slot() {
 }
 
 #[test]
+fn a_checkpoint_row_of_an_older_version_keeps_its_labels() {
+    // Migration: a row an older version wrote has no incarnation, and the slot keeps the
+    // labels it loaded under (a transaction it left prepared is found by them); a slot with
+    // no row at all gets an incarnation before anything loads.
+    let pg = start_pg("cdc-label-migration", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let mut args = base_args(&pg, &sr, "t");
+    args.push("--no-snapshot".into());
+    let incarnation = |c: &mut postgres::Client| {
+        pg_rows(c, "SELECT incarnation FROM pgprism_cdc_checkpoint")
+            .first()
+            .and_then(|r| r[0].clone())
+    };
+    let labels = |sr: &StarRocks, from: usize| -> Vec<String> {
+        sr.log()
+            .iter()
+            .skip(from)
+            .filter(|(_, s)| s == "BEGIN")
+            .map(|(l, _)| l.clone())
+            .collect()
+    };
+    let cdc = Cdc::start(&args, &[]);
+    let first = incarnation(&mut c).expect("the slot's incarnation is recorded");
+    assert_eq!(first.len(), 16, "{first}");
+    c.batch_execute("INSERT INTO t VALUES (1, 'a', 1)").unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    assert!(
+        labels(&sr, 0)
+            .iter()
+            .all(|l| l.starts_with(&format!("pgprism_cdc-{first}-t-"))),
+        "{:?}",
+        sr.log()
+    );
+    drop(cdc);
+
+    // The row as an older version left it.
+    c.batch_execute("UPDATE pgprism_cdc_checkpoint SET incarnation = NULL")
+        .unwrap();
+    let from = sr.log().len();
+    let cdc = Cdc::start(&args, &[]);
+    c.batch_execute("INSERT INTO t VALUES (2, 'b', 2)").unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    let legacy = labels(&sr, from);
+    assert!(
+        !legacy.is_empty() && legacy.iter().all(|l| l.starts_with("pgprism_cdc-t-")),
+        "{legacy:?}"
+    );
+    assert_eq!(incarnation(&mut c), None);
+    drop(cdc);
+
+    // No row at all for an existing slot.
+    c.batch_execute("DELETE FROM pgprism_cdc_checkpoint")
+        .unwrap();
+    let cdc = Cdc::start(&args, &[]);
+    let drawn = incarnation(&mut c).expect("an incarnation is drawn for a slot without a row");
+    assert_ne!(drawn, first);
+    let from = sr.log().len();
+    c.batch_execute("INSERT INTO t VALUES (3, 'c', 3)").unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    let labels = labels(&sr, from);
+    assert!(
+        !labels.is_empty()
+            && labels
+                .iter()
+                .all(|l| l.starts_with(&format!("pgprism_cdc-{drawn}-t-"))),
+        "{labels:?}"
+    );
+}
+
+#[test]
 fn truncate_then_crash_between_prepare_and_commit_settles_the_prepared_transaction() {
     for point in ["cdc-after-prepare", "cdc-after-commit"] {
         let pg = start_pg("cdc-truncate-txn", &[]);
