@@ -93,8 +93,8 @@ pub struct Transactions {
     /// Cycles cut in two because one table needed a second parameter set.
     pub splits: u64,
     plans: ColumnPlans,
-    /// The most cycles loaded again for a header before a cut instead
-    /// (`cdc.reconnect-attempts-max`).
+    /// The most times a cycle is loaded again for its column lists before it commits
+    /// (`cdc.reconnect-attempts-max`); beyond, such a rollback is a failure.
     replans_max: u32,
 }
 
