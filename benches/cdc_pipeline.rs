@@ -90,7 +90,7 @@ pub struct Report {
 pub fn run(rows: usize) -> Report {
     let payloads = input(rows, 0x5eed);
     let cfg = PipelineConfig {
-        slot: "bench".into(),
+        label_prefix: "bench".into(),
         flush_rows: 50_000,
         flush_bytes: 32 << 20,
         flush_interval: Duration::from_secs(1),

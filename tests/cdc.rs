@@ -1112,8 +1112,8 @@ fn schema_changes_follow_the_source_mid_stream() {
         Duration::from_secs(60),
     );
     assert_eq!(cdc.status_number("reconnects"), 0);
-    // A column added between rows of one transaction: the StarRocks transaction holding the
-    // first rows is rolled back for the ALTER and the cycle loaded again from the checkpoint.
+    // A column added between rows of one transaction: the row before it takes the new column
+    // list (nothing of t is loaded before the ALTER), so nothing is rolled back.
     c.batch_execute(
         "BEGIN;
          INSERT INTO t (id, v, n, extra) VALUES (90, 'm', 90, 'mid');
@@ -1130,7 +1130,8 @@ fn schema_changes_follow_the_source_mid_stream() {
         &cdc,
         Duration::from_secs(60),
     );
-    assert!(cdc.status_number("reconnects") >= 1);
+    assert_eq!(cdc.status_number("reconnects"), 0);
+    assert_eq!(cdc.status_number("transactions_reloaded"), 0);
     assert_eq!(
         sr_columns(&sr, "t"),
         [
@@ -1153,19 +1154,39 @@ fn schema_changes_follow_the_source_mid_stream() {
     assert_eq!(alters, 6, "{:?}", sr.statements());
 }
 
+/// The number of keys of `t` and `u` in every state the emulator made visible.
+fn visible_counts(sr: &StarRocks) -> Vec<(usize, usize)> {
+    let t = format!("{DB}.t");
+    let u = format!("{DB}.u");
+    sr.visible_history()
+        .iter()
+        .map(|snap| {
+            (
+                snap.get(&t).map_or(0, |k| k.len()),
+                snap.get(&u).map_or(0, |k| k.len()),
+            )
+        })
+        .collect()
+}
+
 #[test]
-fn column_added_inside_a_two_table_transaction_splits_it_in_two_whole_parts() {
-    // What holds when one table's column list changes in the middle of a source transaction
-    // that also changed another table (docs/cdc.md, "Atomic source transactions"): StarRocks
-    // takes one parameter set per table and transaction, so the source transaction becomes
-    // visible in two StarRocks transactions, each whole, with nothing lost or doubled.
-    let pg = start_pg("cdc-ddl-split", &[]);
+fn column_added_inside_a_two_table_transaction_stays_one_starrocks_transaction() {
+    // Issue 16, point 3: a source transaction that changed two tables, one of them adding a
+    // column between its rows, becomes visible in StarRocks at once. StarRocks takes one
+    // column list per table and transaction: t's row before the ALTER joins the rows after
+    // it under the new list (its JSON lacks the new column, which StarRocks fills with its
+    // default), and the ALTER runs before anything of t loads. u's rows before it are already
+    // in the open StarRocks transaction (flush-rows 4): the ALTER of t does not wait for a
+    // transaction that has not loaded t, so it runs beside it.
+    let pg = start_pg("cdc-ddl-one", &[]);
     let sr = StarRocks::start("root", "pw");
     let mut c = client(&pg);
     make_table(&mut c, &sr, "t");
     make_table(&mut c, &sr, "u");
     sr.watch(DB, &["t", "u"]);
-    let cdc = Cdc::start(&base_args(&pg, &sr, "t,u"), &[]);
+    let mut args = base_args(&pg, &sr, "t,u");
+    args.extend(["--flush-rows".into(), "4".into()]);
+    let cdc = Cdc::start(&args, &[]);
     c.batch_execute(
         "BEGIN;
          INSERT INTO u SELECT g, 'a', g FROM generate_series(1, 10) g;
@@ -1192,31 +1213,154 @@ fn column_added_inside_a_two_table_transaction_splits_it_in_two_whole_parts() {
         &cdc,
         Duration::from_secs(60),
     );
-    assert_eq!(cdc.status_number("transactions_split"), 1);
-    // The first part holds what was handed to the loader before t's new column list (t's
-    // row 90); the second the rest (t's row 91 and every row of u, whose batch was still
-    // open). No state in between was ever visible.
-    let t = format!("{DB}.t");
-    let u = format!("{DB}.u");
-    let history = sr.visible_history();
-    let states: Vec<(usize, usize)> = history
-        .iter()
-        .map(|snap| {
-            (
-                snap.get(&t).map_or(0, |k| k.len()),
-                snap.get(&u).map_or(0, |k| k.len()),
-            )
-        })
-        .collect();
+    let states = visible_counts(&sr);
     assert!(
-        states
-            .iter()
-            .all(|s| matches!(s, (0, 0) | (1, 0) | (2, 20))),
+        states.iter().all(|s| matches!(s, (0, 0) | (2, 20))),
         "{states:?}"
     );
     assert_eq!(states.last(), Some(&(2, 20)));
+    assert_eq!(cdc.status_number("transactions_split"), 0);
+    // Nothing of t was loaded before its ALTER, so nothing had to be loaded again.
+    assert_eq!(cdc.status_number("transactions_reloaded"), 0);
     assert_eq!(sr.applied_rows(DB, "t"), 2);
     assert_eq!(sr.applied_rows(DB, "u"), 20);
+}
+
+#[test]
+fn columns_changed_after_their_tables_rows_were_flushed_reload_the_cycle_as_one_transaction() {
+    // The same with batches already handed to StarRocks before the change (flush-rows 4):
+    // t and u were loaded into the open StarRocks transaction with their old column lists
+    // when t gains a column and u loses one. The ALTER waits for that transaction (a
+    // schema change job's WAITING_TXN), so it is rolled back, the ALTER runs, and the cycle
+    // is loaded again from the checkpoint with each table's new column list from its first
+    // load: one StarRocks transaction, never half of the source transaction visible, no row
+    // applied twice.
+    let pg = start_pg("cdc-ddl-reload", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    make_table(&mut c, &sr, "u");
+    sr.watch(DB, &["t", "u"]);
+    let mut args = base_args(&pg, &sr, "t,u");
+    args.extend(["--flush-rows".into(), "4".into()]);
+    let cdc = Cdc::start(&args, &[]);
+    c.batch_execute(
+        "BEGIN;
+         INSERT INTO u SELECT g, 'a', g FROM generate_series(1, 10) g;
+         INSERT INTO t SELECT g, 'before', g FROM generate_series(81, 90) g;
+         ALTER TABLE t ADD COLUMN late int;
+         INSERT INTO t VALUES (91, 'after', 91, 7);
+         ALTER TABLE u DROP COLUMN n;
+         INSERT INTO u SELECT g, 'b' FROM generate_series(11, 20) g;
+         COMMIT;",
+    )
+    .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n", "late"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+    assert_converges(
+        &sr,
+        &mut c,
+        "u",
+        &["id", "v"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || !sr
+            .columns(DB, "u")
+            .contains_key("n")),
+        "u.n was not dropped in StarRocks"
+    );
+    let states = visible_counts(&sr);
+    assert!(
+        states.iter().all(|s| matches!(s, (0, 0) | (11, 20))),
+        "{states:?}"
+    );
+    assert_eq!(states.last(), Some(&(11, 20)));
+    assert_eq!(cdc.status_number("transactions_split"), 0);
+    assert_eq!(
+        cdc.status_number("transactions_reloaded"),
+        2,
+        "{}",
+        cdc.log()
+    );
+    assert_eq!(sr.applied_rows(DB, "t"), 11);
+    assert_eq!(sr.applied_rows(DB, "u"), 20);
+}
+
+#[test]
+fn crash_around_the_commit_of_a_cycle_whose_columns_changed_loses_and_repeats_nothing() {
+    // The cycle of the test above, killed between prepare and commit, and between commit and
+    // checkpoint. The restart knows nothing of the column lists the killed run planned: it
+    // finds the transaction by its label (prepared: commit it; committed: nothing to load),
+    // and StarRocks ends equal to the source, each row applied once, no half state visible.
+    for point in ["cdc-after-prepare", "cdc-after-commit"] {
+        let pg = start_pg("cdc-ddl-crash", &[]);
+        let sr = StarRocks::start("root", "pw");
+        let mut c = client(&pg);
+        make_table(&mut c, &sr, "t");
+        make_table(&mut c, &sr, "u");
+        sr.watch(DB, &["t", "u"]);
+        let mut args = base_args(&pg, &sr, "t,u");
+        args.extend(["--flush-rows".into(), "4".into(), "--no-snapshot".into()]);
+        let failpoint = format!("{point}=1*kill");
+        let mut cdc = Cdc::start(&args, &[("PGPRISM_FAILPOINTS", &failpoint)]);
+        c.batch_execute(
+            "BEGIN;
+             INSERT INTO u SELECT g, 'a', g FROM generate_series(1, 10) g;
+             INSERT INTO t SELECT g, 'before', g FROM generate_series(81, 90) g;
+             ALTER TABLE t ADD COLUMN late int;
+             INSERT INTO t VALUES (91, 'after', 91, 7);
+             ALTER TABLE u DROP COLUMN n;
+             INSERT INTO u SELECT g, 'b' FROM generate_series(11, 20) g;
+             COMMIT;",
+        )
+        .unwrap();
+        assert!(
+            cdc.wait_death(Duration::from_secs(60)),
+            "{point}: the failpoint did not fire\n{}",
+            cdc.log()
+        );
+        drop(cdc);
+        let cdc = Cdc::start(&args, &[]);
+        assert_converges(
+            &sr,
+            &mut c,
+            "t",
+            &["id", "v", "n", "late"],
+            &cdc,
+            Duration::from_secs(60),
+        );
+        assert_converges(
+            &sr,
+            &mut c,
+            "u",
+            &["id", "v"],
+            &cdc,
+            Duration::from_secs(60),
+        );
+        let states = visible_counts(&sr);
+        assert!(
+            states.iter().all(|s| matches!(s, (0, 0) | (11, 20))),
+            "{point}: {states:?}"
+        );
+        assert_eq!(sr.applied_rows(DB, "t"), 11, "{point}");
+        assert_eq!(sr.applied_rows(DB, "u"), 20, "{point}");
+        assert!(
+            twice_committed(&sr).is_empty(),
+            "{point}: a cycle was committed twice: {:?}",
+            sr.log()
+        );
+        let txns = sr.transactions();
+        assert_eq!(txns.get("PREPARE"), None, "{point}: {txns:?}");
+        assert_eq!(txns.get("PREPARED"), None, "{point}: {txns:?}");
+    }
 }
 
 #[test]
@@ -2073,6 +2217,212 @@ fn a_slot_created_anew_forgets_the_earlier_slots_checkpoint() {
             .contains("the checkpoint an earlier slot of this name left is discarded"),
         "{}",
         cdc.log()
+    );
+}
+
+/// The server's WAL insert position (where its next record starts).
+fn wal_insert(c: &mut postgres::Client) -> u64 {
+    let lsn: i64 = c
+        .query_one(
+            "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    lsn as u64
+}
+
+/// A WAL position counted in the bytes records take, page headers left out, as PostgreSQL
+/// reserves room for a record (16 MiB segments of 8 KiB pages; a 40-byte header on each
+/// segment's first page, 24 bytes on the others). Records start 8-byte aligned in this count.
+fn wal_usable(lsn: u64) -> u64 {
+    const SEGMENT: u64 = 16 << 20;
+    const PAGE: u64 = 8192;
+    let (segment, offset) = (lsn / SEGMENT, lsn % SEGMENT);
+    let (page, in_page) = (offset / PAGE, offset % PAGE);
+    let per_segment = (SEGMENT / PAGE) * (PAGE - 24) - 16;
+    let within = if page == 0 {
+        in_page - 40
+    } else {
+        (PAGE - 40) + (page - 1) * (PAGE - 24) + in_page - 24
+    };
+    segment * per_segment + within
+}
+
+/// Writes non-transactional logical messages until the server's next WAL record starts
+/// exactly at `target` (the last message sized from what the one before it took).
+fn pad_wal_to(c: &mut postgres::Client, target: u64) {
+    let mut overhead = None;
+    for _ in 0..16 {
+        let before = wal_insert(c);
+        let gap = wal_usable(target)
+            .checked_sub(wal_usable(before))
+            .unwrap_or_else(|| panic!("the WAL ({before:X}) is already past {target:X}"));
+        if gap == 0 {
+            return;
+        }
+        let len = match overhead {
+            Some(h) if gap < 16 << 10 => gap - h,
+            _ => gap.saturating_sub(4096).max(300),
+        };
+        c.execute(
+            "SELECT pg_logical_emit_message(false, 'pad', repeat('x', $1))",
+            &[&(len as i32)],
+        )
+        .unwrap();
+        overhead = Some(wal_usable(wal_insert(c)) - wal_usable(before) - len);
+    }
+    panic!("could not bring the WAL to {target:X}");
+}
+
+#[test]
+fn a_slot_created_anew_never_takes_the_labels_of_an_earlier_slot() {
+    // Issue 16: a slot created anew on a server whose WAL is behind (a new primary, a restored
+    // backup) can produce the exact LSN range of a label an earlier slot of the same name
+    // loaded, and StarRocks keeps labels a while. Two servers run the same transaction at the
+    // same WAL place, one slot each, into one StarRocks table: the second one's rows must
+    // arrive, not be taken for the first one's as "already loaded".
+    let settings = [("autovacuum", "off")];
+    let old = start_pg("cdc-label-old", &settings);
+    let new = start_pg("cdc-label-new", &settings);
+    let sr = StarRocks::start("root", "pw");
+    let mut a = client(&old);
+    let mut b = client(&new);
+    make_table(&mut a, &sr, "t");
+    b.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text, n int)")
+        .unwrap();
+    // A place ahead of both servers and of what CDC's setup writes there.
+    let target = wal_insert(&mut a).max(wal_insert(&mut b)) + (4 << 20);
+    let insert = "INSERT INTO t SELECT g, 'one', g FROM generate_series(1, 10) g";
+
+    let mut args = base_args(&old, &sr, "t");
+    args.push("--no-snapshot".into());
+    let cdc = Cdc::start(&args, &[]);
+    pad_wal_to(&mut a, target);
+    a.batch_execute(insert).unwrap();
+    let end_old = wal_insert(&mut a);
+    assert_converges(
+        &sr,
+        &mut a,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    drop(cdc);
+
+    let mut args = base_args(&new, &sr, "t");
+    args.push("--no-snapshot".into());
+    let cdc = Cdc::start(&args, &[]);
+    pad_wal_to(&mut b, target);
+    b.batch_execute(&insert.replace("'one'", "'two'")).unwrap();
+    let end_new = wal_insert(&mut b);
+    assert_eq!(
+        end_new, end_old,
+        "the two transactions must take the same WAL range for their labels to meet"
+    );
+    assert_converges(
+        &sr,
+        &mut b,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    // Each slot loaded its own transaction under its own label.
+    assert_eq!(sr.applied_rows(DB, "t"), 20);
+}
+
+#[test]
+fn a_checkpoint_row_of_an_older_version_keeps_its_labels() {
+    // Migration: a row an older version wrote has no incarnation, and the slot keeps the
+    // labels it loaded under (a transaction it left prepared is found by them); a slot with
+    // no row at all gets an incarnation before anything loads.
+    let pg = start_pg("cdc-label-migration", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_table(&mut c, &sr, "t");
+    let mut args = base_args(&pg, &sr, "t");
+    args.push("--no-snapshot".into());
+    let incarnation = |c: &mut postgres::Client| {
+        pg_rows(c, "SELECT incarnation FROM pgprism_cdc_checkpoint")
+            .first()
+            .and_then(|r| r[0].clone())
+    };
+    let labels = |sr: &StarRocks, from: usize| -> Vec<String> {
+        sr.log()
+            .iter()
+            .skip(from)
+            .filter(|(_, s)| s == "BEGIN")
+            .map(|(l, _)| l.clone())
+            .collect()
+    };
+    let cdc = Cdc::start(&args, &[]);
+    let first = incarnation(&mut c).expect("the slot's incarnation is recorded");
+    assert_eq!(first.len(), 16, "{first}");
+    c.batch_execute("INSERT INTO t VALUES (1, 'a', 1)").unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    assert!(
+        labels(&sr, 0)
+            .iter()
+            .all(|l| l.starts_with(&format!("pgprism_cdc-{first}-t-"))),
+        "{:?}",
+        sr.log()
+    );
+    drop(cdc);
+
+    // The row as an older version left it.
+    c.batch_execute("UPDATE pgprism_cdc_checkpoint SET incarnation = NULL")
+        .unwrap();
+    let from = sr.log().len();
+    let cdc = Cdc::start(&args, &[]);
+    c.batch_execute("INSERT INTO t VALUES (2, 'b', 2)").unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    let legacy = labels(&sr, from);
+    assert!(
+        !legacy.is_empty() && legacy.iter().all(|l| l.starts_with("pgprism_cdc-t-")),
+        "{legacy:?}"
+    );
+    assert_eq!(incarnation(&mut c), None);
+    drop(cdc);
+
+    // No row at all for an existing slot.
+    c.batch_execute("DELETE FROM pgprism_cdc_checkpoint")
+        .unwrap();
+    let cdc = Cdc::start(&args, &[]);
+    let drawn = incarnation(&mut c).expect("an incarnation is drawn for a slot without a row");
+    assert_ne!(drawn, first);
+    let from = sr.log().len();
+    c.batch_execute("INSERT INTO t VALUES (3, 'c', 3)").unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    let labels = labels(&sr, from);
+    assert!(
+        !labels.is_empty()
+            && labels
+                .iter()
+                .all(|l| l.starts_with(&format!("pgprism_cdc-{drawn}-t-"))),
+        "{labels:?}"
     );
 }
 

@@ -10,7 +10,7 @@ use proptest::prelude::*;
 
 fn pipeline() -> Pipeline {
     let cfg = PipelineConfig {
-        slot: "p".into(),
+        label_prefix: "p".into(),
         flush_rows: 7,
         flush_bytes: 1 << 16,
         flush_interval: std::time::Duration::from_secs(60),

@@ -32,14 +32,16 @@ impl Checkpoints {
     }
 
     /// Creates the table if it is missing (setup does this before anything streams), and
-    /// adds the columns of the last TRUNCATE applied to a table made by an older version.
+    /// adds the columns an older version's table lacks: the last TRUNCATE applied and the
+    /// slot's incarnation.
     pub fn create_sql(table: &str) -> String {
         let table = qualified(table);
         format!(
             "CREATE TABLE IF NOT EXISTS {table} (slot text PRIMARY KEY, lsn pg_lsn NOT NULL, \
              pending pg_lsn, updated_at timestamptz NOT NULL DEFAULT now()); \
              ALTER TABLE {table} ADD COLUMN IF NOT EXISTS truncated_lsn pg_lsn, \
-             ADD COLUMN IF NOT EXISTS truncated_idx bigint"
+             ADD COLUMN IF NOT EXISTS truncated_idx bigint, \
+             ADD COLUMN IF NOT EXISTS incarnation text"
         )
     }
 
@@ -47,12 +49,25 @@ impl Checkpoints {
     /// (its position, pending boundary and last TRUNCATE) describes another stream, and a new
     /// slot owes it nothing. Kept, it would skip the new stream's changes up to the old
     /// position, or take a new TRUNCATE for one already applied, when the new stream's LSNs
-    /// are lower (the database moved to another server with its checkpoint table).
-    pub fn forget_sql(table: &str, slot: &str) -> String {
+    /// are lower (the database moved to another server with its checkpoint table). The row
+    /// is replaced by one that holds only the new slot's `incarnation` (see `setup::incarnation`).
+    pub fn forget_sql(table: &str, slot: &str, incarnation: &str) -> String {
         format!(
-            "DELETE FROM {} WHERE slot = {};",
+            "DELETE FROM {table} WHERE slot = {slot}; {}",
+            Self::incarnation_sql(table, slot, incarnation),
+            table = qualified(table),
+            slot = quote_literal(slot),
+        )
+    }
+
+    /// Records `incarnation` for a slot whose row lacks one or is missing (see setup).
+    pub fn incarnation_sql(table: &str, slot: &str, incarnation: &str) -> String {
+        format!(
+            "INSERT INTO {} (slot, lsn, incarnation) VALUES ({}, '0/0', {}) \
+             ON CONFLICT (slot) DO UPDATE SET incarnation = excluded.incarnation;",
             qualified(table),
-            quote_literal(slot)
+            quote_literal(slot),
+            quote_literal(incarnation)
         )
     }
 

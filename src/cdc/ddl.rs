@@ -174,6 +174,21 @@ pub struct Retyped {
 }
 
 impl SchemaChange {
+    /// Splits off the dropped columns: the loader drops them once the flush cycle has
+    /// committed (see `cdc::load_loop`).
+    pub fn split_drops(mut self) -> (SchemaChange, Option<SchemaChange>) {
+        if self.dropped.is_empty() {
+            return (self, None);
+        }
+        let drops = SchemaChange {
+            source: self.source.clone(),
+            table: self.table.clone(),
+            dropped: std::mem::take(&mut self.dropped),
+            ..SchemaChange::default()
+        };
+        (self, Some(drops))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.added.is_empty()
             && self.dropped.is_empty()

@@ -36,6 +36,7 @@ use std::time::Duration;
 use crossbeam_channel::Receiver;
 
 use self::checkpoint::Checkpoints;
+use self::ddl::SchemaChange;
 use self::lsn::Lsn;
 use self::pgconn::{PgConn, PgError};
 use self::pipeline::{Pipeline, PipelineConfig, PipelineError, Work};
@@ -105,6 +106,11 @@ pub struct Shared {
     /// StarRocks transactions committed inside a source transaction because one table's
     /// column list changed there (see `txn`).
     pub transactions_split: AtomicU64,
+    /// Flush cycles rolled back and loaded again from the checkpoint so that a table whose
+    /// columns changed inside one takes the new column list from its first load (see `txn`).
+    pub transactions_reloaded: AtomicU64,
+    /// What the loader learned for the cycle it loads again (kept across runs).
+    column_plans: Mutex<txn::ColumnPlans>,
     pub tables: Mutex<BTreeMap<String, TableStats>>,
     /// The initial snapshot's progress.
     pub snapshot: snapshot::Progress,
@@ -118,7 +124,9 @@ impl CdcError {
     pub fn is_transient(&self) -> bool {
         let pg = match self {
             // The cycle is loaded again from the checkpoint, under the same label.
-            CdcError::Load(LoadError::TxnAborted { .. }) => return true,
+            CdcError::Load(LoadError::TxnAborted { .. } | LoadError::Replan { .. }) => {
+                return true;
+            }
             CdcError::Replication(e) | CdcError::Checkpoint(e) => e,
             CdcError::Setup(setup::SetupError::Connect(e)) => e,
             CdcError::Snapshot(e) => match e.pg() {
@@ -183,6 +191,7 @@ impl Shared {
             "retries": self.retries.load(Ordering::Relaxed),
             "reconnects": self.reconnects.load(Ordering::Relaxed),
             "transactions_split": self.transactions_split.load(Ordering::Relaxed),
+            "transactions_reloaded": self.transactions_reloaded.load(Ordering::Relaxed),
             "tables": sonic_rs::to_value(&tables).unwrap_or_default(),
             "snapshot": self.snapshot.json(),
             "streams": self.streams_json(),
@@ -261,6 +270,12 @@ impl Shared {
                 "counter",
                 "StarRocks transactions committed inside a source transaction",
                 load(&self.transactions_split),
+            ),
+            (
+                "transactions_reloaded_total",
+                "counter",
+                "flush cycles loaded again for a column list changed inside them",
+                load(&self.transactions_reloaded),
             ),
             (
                 "paused",
@@ -461,6 +476,15 @@ pub fn run_reconnecting(
             }
         });
         let err = match result {
+            Err(CdcError::Load(LoadError::Replan { label, table }))
+                if !shared.shutdown.load(Ordering::Acquire) =>
+            {
+                // No failure: the loader chose to, and bounds how often
+                // (`txn::ColumnPlans`).
+                tracing::info!(%label, %table, "loading the flush cycle again from the checkpoint");
+                shared.transactions_reloaded.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             Err(err) if err.is_transient() && !shared.shutdown.load(Ordering::Acquire) => err,
             other => return other,
         };
@@ -502,7 +526,7 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     let timeout = Duration::from_millis(cfg.connect_timeout_ms);
     let sink = StarRocks::new(sr_url, sink_config(cfg));
     let prepared = setup::prepare(cfg, &url, &sink, timeout)?;
-    let pcfg = pipeline_config(cfg);
+    let pcfg = pipeline_config(cfg, &prepared.incarnation);
     let checkpoints = Checkpoints::connect(&url, &cfg.checkpoint_table, &cfg.slot, timeout)
         .map_err(CdcError::Checkpoint)?;
     let start = prepared.checkpoint.unwrap_or(Lsn::ZERO);
@@ -531,7 +555,12 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     // Counts of this run only (the source compares them with what it sent in this run).
     shared.works_done.store(0, Ordering::Release);
     let (tx, rx) = crossbeam_channel::bounded::<Work>(cfg.ring_capacity);
-    let txns = txn::Transactions::new(cfg.transaction_mode);
+    let plans = shared
+        .column_plans
+        .lock()
+        .map(|mut p| std::mem::take(&mut *p))
+        .unwrap_or_default();
+    let txns = txn::Transactions::new(cfg.transaction_mode, plans, cfg.reconnect_attempts_max);
     let loader = spawn_loader(rx, sink, txns, checkpoints, Arc::clone(&shared))?;
     let mut pipeline = Pipeline::new(pcfg.clone(), prepared.keys);
     pipeline.set_forced_boundary(prepared.pending);
@@ -586,9 +615,13 @@ fn sink_config(cfg: &CdcConfig) -> SinkConfig {
     }
 }
 
-fn pipeline_config(cfg: &CdcConfig) -> PipelineConfig {
+fn pipeline_config(cfg: &CdcConfig, incarnation: &str) -> PipelineConfig {
     PipelineConfig {
-        slot: cfg.slot.clone(),
+        label_prefix: if incarnation.is_empty() {
+            cfg.slot.clone()
+        } else {
+            format!("{}-{incarnation}", cfg.slot)
+        },
         flush_rows: cfg.flush_rows,
         flush_bytes: cfg.flush_bytes,
         flush_interval: Duration::from_millis(cfg.flush_interval_ms),
@@ -615,6 +648,9 @@ fn spawn_loader(
             if let Some(txns) = txns.as_mut() {
                 // A cycle cut off by the stop: its rows come again from the checkpoint.
                 txns.abort_all(&mut sink);
+                if let Ok(mut plans) = shared.column_plans.lock() {
+                    *plans = txns.take_plans();
+                }
             }
             // Wake the source so it stops instead of waiting on a full ring.
             shared.stopped.store(true, Ordering::Release);
@@ -667,6 +703,8 @@ fn load_loop(
     let mut chunks_pending: Vec<(String, u32, u64)> = Vec::new();
     // The last TRUNCATE applied (by this run or an earlier one).
     let mut truncated = checkpoints.load_truncated().map_err(CdcError::Checkpoint)?;
+    // Columns to drop once the cycle's StarRocks transaction has committed.
+    let mut drops_pending: Vec<SchemaChange> = Vec::new();
     for work in rx {
         while shared.paused.load(Ordering::Acquire) && !shared.stopped.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(50));
@@ -706,6 +744,9 @@ fn load_loop(
                 if let Some(txns) = txns.as_deref_mut() {
                     txns.commit_all(sink).map_err(CdcError::Load)?;
                 }
+                for drop in drops_pending.drain(..) {
+                    change_schema(sink, txns.as_deref_mut(), &drop, true, "")?;
+                }
                 for (table, chunk, rows) in chunks_pending.drain(..) {
                     record_chunk(checkpoints, shared, &table, chunk, rows)?;
                 }
@@ -725,24 +766,35 @@ fn load_loop(
                     truncated = Some(at);
                 }
             }
-            Work::Schema { change, apply } => {
-                let statements = sink.plan_schema(&change, apply).map_err(CdcError::Load)?;
-                // A schema change waits for the table's open transactions: none of ours may be.
-                let rolled_back = match txns.as_deref_mut() {
-                    Some(txns) if !statements.is_empty() => {
-                        txns.settle_for_ddl(sink).map_err(CdcError::Load)?
-                    }
-                    _ => false,
+            Work::Schema {
+                change,
+                apply,
+                columns,
+            } => {
+                // A column dropped waits for the cycle's commit: the rows of the cycle load
+                // without it meanwhile (StarRocks gives them NULL there), and a replay of the
+                // cycle (its first Relation still lists the column) finds StarRocks with it,
+                // instead of adding it back while a transaction an earlier run prepared, which
+                // the ALTER would wait for, still holds the table.
+                let (change, dropped) = if apply {
+                    change.split_drops()
+                } else {
+                    (change, None)
                 };
-                for statement in &statements {
-                    sink.ddl(&change.table, statement).map_err(CdcError::Load)?;
+                // A column added under a name the cycle dropped: that drop goes first.
+                let (first, later): (Vec<_>, Vec<_>) =
+                    drops_pending.drain(..).partition(|d: &SchemaChange| {
+                        d.table == change.table
+                            && d.dropped.iter().any(|c| {
+                                change.added.iter().any(|(a, _)| a.eq_ignore_ascii_case(c))
+                            })
+                    });
+                drops_pending = later;
+                for drop in &first {
+                    change_schema(sink, txns.as_deref_mut(), drop, true, &columns)?;
                 }
-                if rolled_back {
-                    return Err(CdcError::Load(LoadError::TxnAborted {
-                        label: change.table.clone(),
-                        why: "rolled back for a schema change of the table".into(),
-                    }));
-                }
+                change_schema(sink, txns.as_deref_mut(), &change, apply, &columns)?;
+                drops_pending.extend(dropped);
             }
             Work::SnapshotChunk { table, chunk, rows } => {
                 if txns.is_some() {
@@ -767,6 +819,9 @@ fn load_loop(
                     shared.retries.store(sink.retries, Ordering::Relaxed);
                     failpoint::hit("cdc-after-commit");
                 }
+                for drop in drops_pending.drain(..) {
+                    change_schema(sink, txns.as_deref_mut(), &drop, true, "")?;
+                }
                 for (table, chunk, rows) in chunks_pending.drain(..) {
                     record_chunk(checkpoints, shared, &table, chunk, rows)?;
                 }
@@ -787,6 +842,49 @@ fn load_loop(
         shared.works_done.fetch_add(1, Ordering::Release);
     }
     Ok(())
+}
+
+/// Makes the StarRocks table follow `change` (see `Work::Schema`; `columns`: the table's
+/// whole-row header after it). A schema change waits for the open transactions that loaded
+/// the table, so one of ours that did is rolled back first and the cycle loaded again.
+fn change_schema(
+    sink: &mut StarRocks,
+    txns: Option<&mut txn::Transactions>,
+    change: &SchemaChange,
+    apply: bool,
+    columns: &str,
+) -> Result<(), CdcError> {
+    if change.is_empty() {
+        return Ok(());
+    }
+    let statements = sink.plan_schema(change, apply).map_err(CdcError::Load)?;
+    if statements.is_empty() {
+        return Ok(());
+    }
+    let (rolled_back, exhausted) = match txns {
+        Some(txns) => {
+            let label = txns
+                .settle_for_ddl(sink, &change.table, columns)
+                .map_err(CdcError::Load)?;
+            (label, txns.replans_exhausted())
+        }
+        None => (None, false),
+    };
+    for statement in &statements {
+        sink.ddl(&change.table, statement).map_err(CdcError::Load)?;
+    }
+    let Some(label) = rolled_back else {
+        return Ok(());
+    };
+    let table = change.table.clone();
+    Err(CdcError::Load(if exhausted {
+        LoadError::TxnAborted {
+            label,
+            why: format!("rolled back for a schema change of {table}"),
+        }
+    } else {
+        LoadError::Replan { label, table }
+    }))
 }
 
 #[cfg(test)]

@@ -37,10 +37,14 @@ pub enum Work {
         at: (Lsn, u64),
     },
     /// Make the StarRocks table follow a source table's new columns (`apply`: change it;
-    /// `fail`: stop if it differs), before any later load.
+    /// `fail`: stop if it differs), before any later load. `columns` is the `columns` header
+    /// of the table's whole-row loads from here on: the loader gives it to every whole-row
+    /// load of the table in the flush cycle's StarRocks transaction when it must load that
+    /// transaction again (see `txn::ColumnPlans`).
     Schema {
         change: SchemaChange,
         apply: bool,
+        columns: String,
     },
     /// Everything before this marker is loaded: store and confirm this LSN (the commit
     /// time, microseconds since the Unix epoch, is for the lag metric).
@@ -76,7 +80,9 @@ pub struct Batch {
 
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
-    pub slot: String,
+    /// What every label starts with: the slot's name and, after a dash, its incarnation
+    /// (`setup::Prepared::incarnation`; the name alone for a slot an older version created).
+    pub label_prefix: String,
     pub flush_rows: usize,
     pub flush_bytes: usize,
     pub flush_interval: Duration,
@@ -476,7 +482,7 @@ impl Pipeline {
             .get(oid)
             .map(|s| s.target_name.clone())
             .unwrap_or_default();
-        let label = label(&self.cfg.slot, &table, b.first, b.last);
+        let label = label(&self.cfg.label_prefix, &table, b.first, b.last);
         out.push(Work::Load(Batch {
             table,
             columns: b.columns,
@@ -492,7 +498,7 @@ impl Pipeline {
             Message::Relation { rel, .. } => {
                 let applied = self.schema.apply(&rel)?;
                 if matches!(applied, Applied::Changed(_)) && self.open.contains_key(&rel.oid) {
-                    self.cut_for_new_columns(rel.oid, out);
+                    self.carry_over_new_columns(rel.oid, out);
                 }
                 self.follow_schema(rel.oid, applied, out)?;
             }
@@ -585,9 +591,16 @@ impl Pipeline {
             ),
         };
         if !change.is_empty() {
+            let columns = columns_header(
+                schema,
+                &Shape::Full,
+                self.cfg.delete_mode,
+                self.cfg.audit_prefix.as_deref(),
+            );
             out.push(Work::Schema {
                 change,
                 apply: mode == CdcSchemaChanges::Apply,
+                columns,
             });
         }
         Ok(())
@@ -644,6 +657,43 @@ impl Pipeline {
     /// current source transaction is batched yet, end the whole cycle at the last commit
     /// instead, so the cut falls between source transactions and none is split. (The
     /// decision depends on the stream alone: a replay cuts at the same place.)
+    /// A table's columns changed while it has an open batch. A StarRocks transaction takes one
+    /// `columns` header per table, so the batch's whole rows, written before the change, take
+    /// the new header and the rows after it join them: a column added since is missing from
+    /// the older rows' JSON, and StarRocks gives them its default for it, as it gives every
+    /// row it already had; a column dropped since is a JSON key the header no longer names,
+    /// which StarRocks ignores. The source transaction then stays in one StarRocks
+    /// transaction (the loader runs the `ALTER` before this batch loads, see
+    /// `Work::Schema`). A batch of partial updates (its header names the columns present) is
+    /// cut instead.
+    fn carry_over_new_columns(&mut self, oid: u32, out: &mut Vec<Work>) {
+        if !self.txn_batched && self.unflushed_commit.is_some() {
+            // Nothing of this source transaction is batched: end the cycle at the last
+            // commit, so no StarRocks transaction is open on the table when it changes.
+            self.end_cycle(out);
+            return;
+        }
+        let header = match self.schema.get(oid) {
+            Ok(schema) => Some((
+                schema.generation,
+                columns_header(
+                    schema,
+                    &Shape::Full,
+                    self.cfg.delete_mode,
+                    self.cfg.audit_prefix.as_deref(),
+                ),
+            )),
+            _ => None,
+        };
+        match (self.open.get_mut(&oid), header) {
+            (Some(batch), Some((generation, columns))) if batch.shape == Shape::Full => {
+                batch.generation = generation;
+                batch.columns = columns;
+            }
+            _ => self.flush_table(oid, out),
+        }
+    }
+
     fn cut_for_new_columns(&mut self, oid: u32, out: &mut Vec<Work>) {
         if self.txn_batched || self.unflushed_commit.is_none() {
             self.flush_table(oid, out);
@@ -1090,10 +1140,11 @@ fn key_changed(key: &[usize], old: Tuple<'_>, new: Tuple<'_>) -> bool {
         .any(|(i, d)| key.contains(&i) && d != Datum::Unchanged && old_vals.get(i) != Some(&d))
 }
 
-/// `{slot}-{table}-{commit}.{idx}-{commit}.{idx}`, limited to what StarRocks accepts in a
-/// label (letters, digits, `-`, `_`, 128 characters at most).
-fn label(slot: &str, table: &str, first: Pos, last: Pos) -> String {
-    let name: String = format!("{slot}-{table}")
+/// `{prefix}-{table}-{commit}.{idx}-{commit}.{idx}` (the prefix: the slot and its
+/// incarnation), limited to what StarRocks accepts in a label (letters, digits, `-`, `_`, 128
+/// characters at most).
+fn label(prefix: &str, table: &str, first: Pos, last: Pos) -> String {
+    let name: String = format!("{prefix}-{table}")
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
@@ -1128,7 +1179,7 @@ mod tests {
 
     fn cfg() -> PipelineConfig {
         PipelineConfig {
-            slot: "s".into(),
+            label_prefix: "s".into(),
             flush_rows: 1000,
             flush_bytes: 1 << 20,
             flush_interval: Duration::from_secs(3600),
@@ -1328,6 +1379,64 @@ mod tests {
             })
             .collect();
         assert_eq!(kinds, ["load t", "load u", "checkpoint 0/78"]);
+    }
+
+    #[test]
+    fn new_columns_inside_a_transaction_carry_the_open_batch_over() {
+        // t's row before the ALTER and the one after it leave in one batch under the new
+        // column list, after the schema change: one StarRocks transaction can hold them.
+        let mut cfg = cfg();
+        cfg.schema_changes = CdcSchemaChanges::Apply;
+        let mut p = Pipeline::new(cfg, keys());
+        let rel_t2 = msg(|b| {
+            build::relation(
+                b,
+                1,
+                "public",
+                "t",
+                &[(true, "id", 23), (false, "v", 25), (false, "w", 23)],
+            )
+        });
+        let out = feed(
+            &mut p,
+            &[
+                msg(|b| build::begin(b, Lsn(100), 5)),
+                rel(),
+                msg(|b| build::insert(b, 1, &[Some(Some("1")), Some(Some("a"))])),
+                rel_t2,
+                msg(|b| build::insert(b, 1, &[Some(Some("2")), Some(Some("b")), Some(Some("7"))])),
+                msg(|b| build::commit(b, Lsn(100), Lsn(120))),
+            ],
+        );
+        let mut out = out;
+        p.flush_all(&mut out);
+        let kinds: Vec<String> = out
+            .iter()
+            .map(|w| match w {
+                Work::Load(b) => format!("load {} {} {}", b.table, b.columns, b.rows),
+                Work::Schema { columns, .. } => format!("schema {columns}"),
+                Work::Checkpoint(lsn, _) => format!("checkpoint {lsn}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "schema id,v,__op",
+                "schema id,v,w,__op",
+                "load t id,v,w,__op 2",
+                "checkpoint 0/78"
+            ]
+        );
+        let Some(Work::Load(batch)) = out.get(2) else {
+            unreachable!()
+        };
+        // The older row lacks the new column: StarRocks gives it its default, not an
+        // explicit NULL.
+        assert_eq!(
+            String::from_utf8_lossy(&batch.body),
+            r#"[{"id":1,"v":"a","__op":0},{"id":2,"v":"b","w":7,"__op":0}]"#
+        );
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub enum SetupError {
     SlotLost { slot: String },
     #[error("StarRocks check failed")]
     StarRocks(#[source] LoadError),
+    #[error("cannot draw the slot's incarnation from the system's random source")]
+    Random(#[source] getrandom::Error),
     #[error("setup step failed: {step}")]
     Step {
         step: String,
@@ -77,6 +79,21 @@ pub struct Prepared {
     pub pending: Option<Lsn>,
     /// The slot was created just now.
     pub slot_created: bool,
+    /// The slot's incarnation, which every label carries (see [`incarnation`]); empty for a
+    /// slot whose checkpoint row an older version wrote (its labels carry none).
+    pub incarnation: String,
+}
+
+/// A new slot incarnation: 16 hex digits from the system's random source. Every label of a
+/// slot starts with the slot's name and incarnation, so labels stay deterministic while the
+/// slot lives (a replay after a crash finds its labels, and a transaction it left prepared,
+/// again) and never repeat for a slot of the same name created later, whose LSNs may run over
+/// the same ranges (a server restored from a backup, a new primary): StarRocks keeps labels
+/// for `label_keep_max_second` and would answer such a repeat as already loaded, for rows it
+/// never had.
+fn incarnation() -> Result<String, SetupError> {
+    let n = getrandom::u64().map_err(SetupError::Random)?;
+    Ok(format!("{n:016x}"))
 }
 
 /// Splits `schema.table` (default schema `public`).
@@ -117,24 +134,49 @@ pub fn prepare(
         set_replica_identity_full(&mut conn, &mut tables)?;
     }
     ensure_publication(&mut conn, &cfg.publication, &tables)?;
-    let (mut checkpoint, mut pending) = read_checkpoint(&mut conn, cfg)?;
+    let stored = read_checkpoint(&mut conn, cfg)?;
+    let (mut checkpoint, mut pending) = (stored.lsn, stored.pending);
     conn.query(&super::snapshot::create_sql(cfg))
         .map_err(step("create the snapshot's chunk table"))?;
-    if !slot_exists {
-        if let Some(lsn) = checkpoint {
+    let incarnation = if !slot_exists {
+        if let Some(lsn) = checkpoint.filter(|lsn| *lsn > Lsn::ZERO) {
             tracing::warn!(slot = %cfg.slot, checkpoint = %lsn, "creating the slot anew: the checkpoint an earlier slot of this name left is discarded");
         }
+        let incarnation = incarnation()?;
         // The plan goes first: a slot created without one would never be copied. The
-        // earlier slot's checkpoint goes in the same transaction (see `forget_sql`).
+        // earlier slot's checkpoint goes in the same transaction, replaced by the new
+        // incarnation (see `forget_sql`).
         conn.query(&format!(
             "{} {}",
-            Checkpoints::forget_sql(&cfg.checkpoint_table, &cfg.slot),
+            Checkpoints::forget_sql(&cfg.checkpoint_table, &cfg.slot, &incarnation),
             super::snapshot::plan_sql(cfg, &tables)
         ))
         .map_err(step("plan the initial snapshot"))?;
         (checkpoint, pending) = (None, None);
         create_slot(cfg, url, timeout)?;
-    }
+        incarnation
+    } else {
+        match stored.incarnation {
+            Some(incarnation) => incarnation,
+            // A row an older version wrote: its labels carried no incarnation, and the ones
+            // this slot still owes (a transaction left prepared) are found only under those.
+            None if stored.exists => String::new(),
+            // A slot with no row at all (made by hand, or by an older version that stopped
+            // before its first checkpoint): nothing says which labels are its own, so it gets
+            // an incarnation of its own before anything loads.
+            None => {
+                let incarnation = incarnation()?;
+                conn.query(&Checkpoints::incarnation_sql(
+                    &cfg.checkpoint_table,
+                    &cfg.slot,
+                    &incarnation,
+                ))
+                .map_err(step("record the slot's incarnation"))?;
+                incarnation
+            }
+        }
+    };
+    tracing::info!(slot = %cfg.slot, %incarnation, "slot incarnation (every label carries it)");
     let keys = tables
         .iter()
         .map(|t| (t.name.clone(), t.key.clone()))
@@ -145,6 +187,7 @@ pub fn prepare(
         checkpoint,
         pending,
         slot_created: !slot_exists,
+        incarnation,
     })
 }
 
@@ -324,11 +367,18 @@ fn ensure_publication(
     Ok(())
 }
 
-/// Creates the checkpoint table if needed and reads the slot's checkpoint and pending boundary.
-fn read_checkpoint(
-    conn: &mut PgConn,
-    cfg: &CdcConfig,
-) -> Result<(Option<Lsn>, Option<Lsn>), SetupError> {
+/// The slot's row in the checkpoint table.
+struct Stored {
+    exists: bool,
+    lsn: Option<Lsn>,
+    /// A flush boundary past `lsn`.
+    pending: Option<Lsn>,
+    incarnation: Option<String>,
+}
+
+/// Creates the checkpoint table if needed and reads the slot's checkpoint, pending boundary
+/// and incarnation.
+fn read_checkpoint(conn: &mut PgConn, cfg: &CdcConfig) -> Result<Stored, SetupError> {
     conn.query(&Checkpoints::create_sql(&cfg.checkpoint_table))
         .map_err(step(format!(
             "create checkpoint table {}",
@@ -336,7 +386,7 @@ fn read_checkpoint(
         )))?;
     let stored = conn
         .query(&format!(
-            "SELECT lsn::text, pending::text FROM {} WHERE slot = {}",
+            "SELECT lsn::text, pending::text, incarnation FROM {} WHERE slot = {}",
             qualified(&cfg.checkpoint_table),
             quote_literal(&cfg.slot)
         ))
@@ -349,7 +399,15 @@ fn read_checkpoint(
     };
     let checkpoint = field(0);
     let pending = field(1).filter(|p| Some(*p) > checkpoint);
-    Ok((checkpoint, pending))
+    Ok(Stored {
+        exists: !stored.is_empty(),
+        lsn: checkpoint,
+        pending,
+        incarnation: stored
+            .first()
+            .and_then(|r| r.get(2).cloned().flatten())
+            .filter(|i| !i.is_empty()),
+    })
 }
 
 /// Creates the slot on a replication connection. No snapshot is exported: the initial

@@ -105,6 +105,13 @@ pub enum LoadError {
         "StarRocks transaction {label} was aborted ({why}); loading it again from the checkpoint"
     )]
     TxnAborted { label: String, why: String },
+    /// A table's columns changed inside a flush cycle that had loaded it: the transaction
+    /// was rolled back, and the cycle is loaded again from the checkpoint with the table's
+    /// new column list planned from its first load (see `txn::ColumnPlans`).
+    #[error(
+        "StarRocks transaction {label} is loaded again from the checkpoint with the new column list of {table} from its first load"
+    )]
+    Replan { label: String, table: String },
     #[error(transparent)]
     Schema(Box<super::ddl::Incompatible>),
     #[error("StarRocks refused `{statement}`")]

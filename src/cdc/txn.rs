@@ -14,6 +14,10 @@
 //! again) or aborted (begin again). A commit whose answer is an error or is lost may still
 //! have happened (an FE restart between commit and answer): the label's state decides.
 //!
+//! A table's column list may change inside a cycle (a schema change between its rows): whole
+//! rows then take the last list of the cycle from the first load, learned by loading the
+//! cycle again ([`ColumnPlans`]); only partial updates still cut a cycle in two.
+//!
 //! This module must never retry a load inside a transaction: a load whose answer was lost may
 //! have been applied, and loading it twice would duplicate rows. Any such failure rolls the
 //! transaction back and the cycle is loaded again from the checkpoint.
@@ -45,6 +49,42 @@ struct Txn {
     state: TxnState,
 }
 
+/// What a flush cycle loaded again from the checkpoint must do differently: the `columns`
+/// header each table's whole-row loads take from the first one, because its columns change
+/// inside the cycle. It outlives the run that learned it (the cycle is loaded again by the
+/// next one) and is forgotten once a cycle commits.
+///
+/// Why: a StarRocks transaction takes one set of load parameters per table (StarRocks plans
+/// every load of a table in a transaction with the first one's), and a table's columns can
+/// change in the middle of a source transaction (`ALTER TABLE t ADD COLUMN` and then rows of
+/// `t`, beside rows of other tables). The loads of `t` before the change carry the old
+/// header. Loaded again with the header after the change, the same JSON rows give StarRocks'
+/// default to a column added since (what StarRocks gives every row it had before the
+/// `ALTER`) and drop the key of a column dropped since, so the whole source transaction
+/// stays one StarRocks transaction.
+#[derive(Debug, Default)]
+pub struct ColumnPlans {
+    /// Transaction label → table → the header of its whole-row loads.
+    by_label: HashMap<String, HashMap<String, String>>,
+    /// Cycles loaded again for a header since the last commit: bounded, in case a cycle's
+    /// first label differs from one attempt to the next (an initial-snapshot chunk is read
+    /// again under a new label) and never meets its plan.
+    replans: u32,
+}
+
+impl ColumnPlans {
+    fn header(&self, label: &str, table: &str) -> Option<&String> {
+        self.by_label.get(label).and_then(|t| t.get(table))
+    }
+
+    fn learn(&mut self, label: &str, table: &str, columns: &str) {
+        self.by_label
+            .entry(label.to_string())
+            .or_default()
+            .insert(table.to_string(), columns.to_string());
+    }
+}
+
 /// The open StarRocks transactions of the current flush cycle.
 pub struct Transactions {
     mode: CdcTransactionMode,
@@ -52,16 +92,54 @@ pub struct Transactions {
     open: BTreeMap<String, Txn>,
     /// Cycles cut in two because one table needed a second parameter set.
     pub splits: u64,
+    plans: ColumnPlans,
+    /// The most times a cycle is loaded again for its column lists before it commits
+    /// (`cdc.reconnect-attempts-max`); beyond, such a rollback is a failure.
+    replans_max: u32,
 }
 
 impl Transactions {
-    /// `None` for `transaction-mode = none` (plain Stream Load).
-    pub fn new(mode: CdcTransactionMode) -> Option<Transactions> {
+    /// `None` for `transaction-mode = none` (plain Stream Load). `plans`: what the run before
+    /// learned (see [`ColumnPlans`]).
+    pub fn new(
+        mode: CdcTransactionMode,
+        plans: ColumnPlans,
+        replans_max: u32,
+    ) -> Option<Transactions> {
         (mode != CdcTransactionMode::None).then(|| Transactions {
             mode,
             open: BTreeMap::new(),
             splits: 0,
+            plans,
+            replans_max,
         })
+    }
+
+    /// Whether a cycle loaded again for its column lists would be one time too many: a
+    /// rollback for a schema change is then a failure like any other, bounded by
+    /// `reconnect-attempts-max`.
+    pub fn replans_exhausted(&self) -> bool {
+        self.plans.replans > self.replans_max
+    }
+
+    /// The plans for the next run (see [`ColumnPlans`]).
+    pub fn take_plans(&mut self) -> ColumnPlans {
+        std::mem::take(&mut self.plans)
+    }
+
+    /// The label of the transaction `batch` goes into: the open one's (its first load's), or
+    /// the batch's own when it begins one.
+    fn label_of<'a>(&'a self, scope: &str, batch: &'a Batch) -> &'a str {
+        self.open.get(scope).map_or(&batch.label, |t| &t.label)
+    }
+
+    /// The load parameters of `batch` in the transaction `label`: its own, or the header
+    /// planned for its table's whole rows.
+    fn params(&self, label: &str, batch: &Batch) -> (String, bool) {
+        match self.plans.header(label, &batch.table) {
+            Some(columns) if !batch.partial => (columns.clone(), false),
+            _ => (batch.columns.clone(), batch.partial),
+        }
     }
 
     fn scope(&self, table: &str) -> String {
@@ -74,20 +152,28 @@ impl Transactions {
     /// Adds `batch` to the cycle's transaction, beginning it when this is the first load.
     pub fn load(&mut self, sink: &mut StarRocks, batch: &Batch) -> Result<LoadOutcome, LoadError> {
         let scope = self.scope(&batch.table);
-        let params = (batch.columns.clone(), batch.partial);
-        let clash = self
+        let params = self.params(self.label_of(&scope, batch), batch);
+        let before = self
             .open
             .get(&scope)
             .and_then(|t| t.params.get(&batch.table))
-            .is_some_and(|p| *p != params);
-        if clash {
-            // A second column list for one table (a schema change, a partial TOAST update)
-            // cannot join the transaction: commit what it holds and go on in a new one. The
-            // cut depends only on the stream, so a replay cuts at the same load.
-            self.splits += 1;
-            tracing::warn!(table = %batch.table, label = %batch.label, "a second column list for one table ends the StarRocks transaction early");
-            self.commit_scope(sink, &scope)?;
+            .filter(|p| **p != params)
+            .cloned();
+        if let Some(before) = before {
+            self.second_header(sink, &scope, batch, &before, &params)?;
         }
+        // After a cut the transaction is a new one, under this load's label.
+        let params = self.params(self.label_of(&scope, batch), batch);
+        let planned;
+        let batch = if params.0 == batch.columns {
+            batch
+        } else {
+            planned = Batch {
+                columns: params.0.clone(),
+                ..batch.clone()
+            };
+            &planned
+        };
         let txn = match self.open.entry(scope) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
@@ -125,6 +211,64 @@ impl Transactions {
                 Err(LoadError::TxnAborted { label, why })
             }
         }
+    }
+
+    /// A second parameter set for one table in the transaction.
+    ///
+    /// Whole rows both times (the table's columns changed in the cycle): this run loads the
+    /// transaction, so it is rolled back and the cycle loaded again from the checkpoint, this
+    /// header planned for the table's loads from the first ([`ColumnPlans`]); beyond
+    /// `reconnect-attempts-max` such attempts since the last commit, the rollback is a failure
+    /// like any other. Whole rows are never cut into two StarRocks transactions, so a
+    /// transaction an earlier run prepared or committed holds the whole cycle: its loads are
+    /// skipped, the header noted.
+    ///
+    /// A partial update on either side (a TOAST value left out, a soft delete without the
+    /// whole old row) cannot share a header with other rows (its header names the columns it
+    /// carries): commit what the transaction holds and go on in a new one (the cut depends
+    /// only on the stream, so a replay cuts at the same load), counted in `splits`.
+    fn second_header(
+        &mut self,
+        sink: &mut StarRocks,
+        scope: &str,
+        batch: &Batch,
+        before: &(String, bool),
+        params: &(String, bool),
+    ) -> Result<(), LoadError> {
+        let label = self
+            .open
+            .get(scope)
+            .map_or_else(|| batch.label.clone(), |t| t.label.clone());
+        let loading = self
+            .open
+            .get(scope)
+            .is_some_and(|t| t.state == TxnState::Loading);
+        if !before.1 && !params.1 {
+            self.plans.learn(&label, &batch.table, &params.0);
+            if !loading {
+                return Ok(());
+            }
+            self.abort_all(sink);
+            self.plans.replans += 1;
+            if self.replans_exhausted() {
+                return Err(LoadError::TxnAborted {
+                    label,
+                    why: format!(
+                        "the column list of {} changed inside the flush cycle more often than \
+                         cdc.reconnect-attempts-max allows loading it again",
+                        batch.table
+                    ),
+                });
+            }
+            tracing::info!(table = %batch.table, %label, "the table's columns change inside the StarRocks transaction: loading it again with the new column list from its first load");
+            return Err(LoadError::Replan {
+                label,
+                table: batch.table.clone(),
+            });
+        }
+        self.splits += 1;
+        tracing::warn!(table = %batch.table, label = %batch.label, "a second column list for one table ends the StarRocks transaction early");
+        self.commit_scope(sink, scope)
     }
 
     /// The error for a load the transaction refused (it is rolled back already).
@@ -169,6 +313,8 @@ impl Transactions {
                 commit(sink, &txn.label, self.scope_table(scope))?;
             }
         }
+        // The cycle is in StarRocks: nothing of it is loaded again.
+        self.plans = ColumnPlans::default();
         Ok(())
     }
 
@@ -220,13 +366,22 @@ impl Transactions {
         Ok(())
     }
 
-    /// Before a schema change of StarRocks, which waits for every transaction open on the
-    /// table: commits what an earlier run prepared (as the cycle's end would), and rolls back
-    /// what this run is loading. Returns whether it rolled anything back: the cycle must then
-    /// be loaded again from the checkpoint. (Committing it here instead would cut the
-    /// StarRocks transaction at a place a replay, finding the schema change done, would not
-    /// cut again.)
-    pub fn settle_for_ddl(&mut self, sink: &mut StarRocks) -> Result<bool, LoadError> {
+    /// Before a schema change of `table` in StarRocks, which waits for the transactions
+    /// begun before it that load the table (a schema change job's `WAITING_TXN`: the loads
+    /// before its watershed transaction): commits what an earlier run prepared (as the
+    /// cycle's end would), and rolls back what this run is loading if that has loaded
+    /// `table`, planning `columns` (the header after the change) for the table's whole-row
+    /// loads when the cycle is loaded again from the checkpoint. Returns whether it rolled
+    /// anything back. (Committing it here instead would cut the StarRocks transaction at a
+    /// place a replay, finding the schema change done, would not cut again.) A transaction
+    /// that has not loaded `table` stays open: the schema change does not wait for it, and
+    /// the table's loads after the change join it. Returns the label rolled back, if any.
+    pub fn settle_for_ddl(
+        &mut self,
+        sink: &mut StarRocks,
+        table: &str,
+        columns: &str,
+    ) -> Result<Option<String>, LoadError> {
         let scopes: Vec<String> = self.open.keys().cloned().collect();
         for scope in &scopes {
             let table = self.scope_table(scope).map(str::to_string);
@@ -237,11 +392,20 @@ impl Transactions {
                 txn.state = TxnState::Committed;
             }
         }
-        let loading = self.open.values().any(|t| t.state == TxnState::Loading);
-        if loading {
-            self.abort_all(sink);
+        let blocking: Vec<String> = self
+            .open
+            .values()
+            .filter(|t| t.state == TxnState::Loading && t.params.contains_key(table))
+            .map(|t| t.label.clone())
+            .collect();
+        for label in &blocking {
+            self.plans.learn(label, table, columns);
         }
-        Ok(loading)
+        if !blocking.is_empty() {
+            self.abort_all(sink);
+            self.plans.replans += 1;
+        }
+        Ok(blocking.into_iter().next())
     }
 
     /// Rolls back every transaction this run began and has not prepared (best effort: an

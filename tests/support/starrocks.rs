@@ -18,6 +18,8 @@
 //!   and `idle_transaction_timeout` (no load for that long), prepare's `prepared_timeout`
 //!   (not committed in time) abort the transaction; a load into it is then refused with
 //!   `Transcation State Invalid`, and its label may be begun again.
+//! * FE query port: `ALTER TABLE ... ADD/MODIFY/DROP COLUMN` runs as a job that finishes
+//!   later, once no transaction begun before it still loads the table (`WAITING_TXN`).
 
 // Included privately by the test crates: `pub` is for them, `unreachable_pub` does not apply.
 #![allow(unreachable_pub)]
@@ -84,8 +86,8 @@ impl TxnState {
     }
 }
 
-/// One `ALTER TABLE` column job: PENDING, then RUNNING, then FINISHED, when the table's
-/// columns change.
+/// One `ALTER TABLE` column job: PENDING (WAITING_TXN while a transaction begun before it
+/// loads its table), then RUNNING, then FINISHED, when the table's columns change.
 struct Job {
     id: u64,
     /// `db.table`.
@@ -839,15 +841,35 @@ fn ddl_type_text(ty: &str) -> String {
     }
 }
 
-/// Finishes the schema change jobs whose time has come: their column changes happen now.
+/// Whether a transaction begun before `job` (its id is the job's watershed) still loads the
+/// job's table: StarRocks' schema change job waits for those (`WAITING_TXN`, "the load jobs
+/// before the watershed transaction id") before its columns change. A transaction loads a
+/// table once begun for it or once a load into it arrived.
+fn waits_for_txn(s: &State, job: &Job) -> bool {
+    let (db, table) = job.table.split_once('.').unwrap_or(("", ""));
+    s.txns.iter().any(|(key, t)| {
+        t.id < job.id
+            && matches!(t.state, TxnState::Prepare | TxnState::Prepared)
+            && key.split_once('/').is_some_and(|(d, _)| d == db)
+            && (t.table.as_deref() == Some(table) || t.params.contains_key(table))
+    })
+}
+
+/// Finishes the schema change jobs whose time has come and that wait for no transaction:
+/// their column changes happen now.
 fn advance_jobs(s: &mut State) {
+    expire(s);
     let due = s.job_duration;
+    let ready: Vec<u64> = s
+        .jobs
+        .iter()
+        .filter(|j| !j.finished && j.created.elapsed() >= due && !waits_for_txn(s, j))
+        .map(|j| j.id)
+        .collect();
     let mut done = Vec::new();
-    for job in s.jobs.iter_mut().filter(|j| !j.finished) {
-        if job.created.elapsed() >= due {
-            job.finished = true;
-            done.push((job.table.clone(), job.op.clone()));
-        }
+    for job in s.jobs.iter_mut().filter(|j| ready.contains(&j.id)) {
+        job.finished = true;
+        done.push((job.table.clone(), job.op.clone()));
     }
     for (table, op) in done {
         let Some(t) = s.tables.get_mut(&table) else {
@@ -1846,6 +1868,8 @@ fn run_statement(s: &mut State, sql: &str) -> Vec<Vec<u8>> {
             .map(|j| {
                 let state = if j.finished {
                     "FINISHED"
+                } else if waits_for_txn(s, j) {
+                    "WAITING_TXN"
                 } else if j.created.elapsed() >= due / 2 {
                     "RUNNING"
                 } else {

@@ -741,7 +741,7 @@ impl<'a> Worker<'a> {
             key: key_list(&source.key),
             key_at,
             columns: snapshot_columns(&self.ctx.pcfg, &schema),
-            label: sanitize(&format!("{}-{}", self.ctx.pcfg.slot, target)),
+            label: sanitize(&format!("{}-{}", self.ctx.pcfg.label_prefix, target)),
             schema,
         });
         if self.schemas.len() <= table {
