@@ -1703,12 +1703,30 @@ impl Session<'_> {
 /// for other shards' clients), the console's actions (PAUSE, RECONNECT, KILL), and the
 /// snapshot the console reads.
 pub async fn pool_care(shard: Rc<ShardCtx>) {
-    const TICK: Duration = Duration::from_millis(50);
-    const PUBLISH_EVERY: u32 = 5;
-    const MODES_EVERY: u32 = 20;
     let Some(pools) = shard.pools.clone() else {
         return;
     };
+    // Clients of other shards that start waiting while a shared connection lingers here.
+    let calls = async {
+        let Some(wakeup) = pools.wakeup() else {
+            return std::future::pending().await;
+        };
+        loop {
+            if let Err(err) = wakeup.notified().await {
+                tracing::error!(shard = shard.index, error = %err, "pool wake-up failed");
+                return std::future::pending().await;
+            }
+            super::pipeline::Pipeline::nudge_all(&shard);
+        }
+    };
+    futures_lite::future::or(calls, care(&shard, &pools)).await
+}
+
+/// The periodic part of [`pool_care`].
+async fn care(shard: &Rc<ShardCtx>, pools: &Rc<Pools>) {
+    const TICK: Duration = Duration::from_millis(50);
+    const PUBLISH_EVERY: u32 = 5;
+    const MODES_EVERY: u32 = 20;
     let mut reconnects = 0;
     let mut kills = 0;
     let mut tick = 0u32;
@@ -1739,8 +1757,8 @@ pub async fn pool_care(shard: Rc<ShardCtx>) {
         pools.maintain();
         tick = tick.wrapping_add(1);
         if tick.is_multiple_of(PUBLISH_EVERY) {
-            publish(&shard, &pools);
-            count_pools(&shard, &pools);
+            publish(shard, pools);
+            count_pools(shard, pools);
         }
         if tick.is_multiple_of(MODES_EVERY)
             && let Some(console) = &shard.console
