@@ -660,3 +660,44 @@ fn what_cannot_be_shared_pins_the_session_to_its_shadow_connection() {
         "the pinned connection was reset (DISCARD ALL) when its session left"
     );
 }
+
+/// `--fail-on-differences` with the client side pooled: a difference reaches the client as
+/// XX000 (its answer held until the shadow's, never the primary connection, which went back
+/// when the primary answered), in the simple and the extended protocol, inside a transaction
+/// too, and the session goes on with the next connection it is lent.
+#[test]
+fn fail_on_differences_under_transaction_pooling() {
+    let p = pair("txfail");
+    p.both("CREATE TABLE chg (id int PRIMARY KEY, v text); INSERT INTO chg VALUES (1, 'v1'), (2, 'v2');");
+    p.shadow
+        .psql_db(DB, "UPDATE chg SET v = 'changed' WHERE id = 2")
+        .expect("the shadow differs");
+    let mut args = vec!["--fail-on-differences"];
+    args.extend_from_slice(TRANSACTION_POOLING);
+    let proxy = p.proxy(&args);
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres dbname={DB}",
+        proxy.port()
+    );
+    let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    let code = |err: &postgres::Error| support::sqlstate(err);
+    let err = c.simple_query("SELECT * FROM chg").unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("XX000"), "{err}");
+    let err = c
+        .query("SELECT v FROM chg WHERE id = $1", &[&2i32])
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("XX000"), "{err}");
+    let rows = c
+        .query("SELECT v FROM chg WHERE id = $1", &[&1i32])
+        .unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "v1");
+    let mut tx = c.transaction().unwrap();
+    tx.execute("INSERT INTO chg VALUES (3, 'x')", &[]).unwrap();
+    assert!(tx.simple_query("SELECT * FROM chg").is_err());
+    tx.rollback().unwrap();
+    let n: i64 = c.query_one("SELECT count(*) FROM chg", &[]).unwrap().get(0);
+    assert_eq!(n, 2);
+    assert!(eventually(Duration::from_secs(20), || proxy
+        .metric("pgprism_compare_mismatches_total")
+        >= 3));
+}

@@ -632,7 +632,11 @@ pub(super) async fn serve(
             // The shadow runs what it was sent, then ends too; the pump reads the end of
             // the primary's answers after the last of them.
             up.dispatch.finish(false);
-            up.host.client_sent_all.set(true);
+            // A session pgprism ends with its own FATAL (the primary lost, no connection in
+            // time) stops the pump at once, as a lost primary does in session mode; a client
+            // that left still has the shadow judged what it sent.
+            let said = up.host.fatal.borrow().is_some();
+            up.host.client_sent_all.set(!said);
             up.relayed.close();
         }
     };
