@@ -185,6 +185,36 @@ fn a_cancel_reaches_the_shadow_whether_it_runs_the_statement_already_or_later() 
             &["--shadow-pool-size", "2", "--compare-order-wait-ms", "0"][..],
             vec![primary.url(), shadow.url()],
         ),
+        // The client side pooled too: the client holds pgprism's key, the primary's cancel
+        // goes to the connection lent to it, the shadow's through the shard registry.
+        (
+            "transaction-pooled",
+            &[
+                "--pool-mode",
+                "transaction",
+                "--pool-size",
+                "2",
+                "--auth-type",
+                "trust",
+                "--shadow-pool-size",
+                "2",
+            ][..],
+            vec![primary.url()],
+        ),
+        (
+            "transaction-pooled-own-shadow",
+            &[
+                "--pool-mode",
+                "transaction",
+                "--pool-size",
+                "2",
+                "--auth-type",
+                "trust",
+                "--compare-order-wait-ms",
+                "0",
+            ][..],
+            vec![primary.url(), shadow.url()],
+        ),
     ] {
         let report = Report::new(name);
         let proxy = compare_proxy(&primary, &shadow, &report, extra);

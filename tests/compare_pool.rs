@@ -23,6 +23,17 @@ use support::{Proxy, eventually};
 /// never counted among pgprism's connections.
 const DB: &str = "app";
 const POOL: i64 = 10;
+/// The primary's pool when the client side pools too (`--pool-mode transaction`).
+const PRIMARY_POOL: i64 = 8;
+/// The client side in transaction pooling mode, on [`PRIMARY_POOL`] primary connections.
+const TRANSACTION_POOLING: &[&str] = &[
+    "--pool-mode",
+    "transaction",
+    "--pool-size",
+    "8",
+    "--auth-type",
+    "trust",
+];
 
 /// A server whose `max_connections` is `max_connections`, with [`DB`] created.
 fn start_server(name: &str, max_connections: usize) -> Instance {
@@ -179,7 +190,7 @@ SELECT count(*) FROM t WHERE client = :client_id;
 /// Statements per transaction of [`SCRIPT`].
 const SCRIPT_STATEMENTS: u64 = 6;
 
-fn many_clients_on_a_small_pool(name: &str, mode: &str) {
+fn many_clients_on_a_small_pool(name: &str, mode: &str, client_side: &[&str]) {
     let p = pair(name);
     p.both(TABLE);
     p.both("CREATE TABLE shared AS SELECT g FROM generate_series(1, 10) g;");
@@ -187,10 +198,23 @@ fn many_clients_on_a_small_pool(name: &str, mode: &str) {
         std::env::temp_dir().join(format!("pgprism-cpool-{}-{name}.sql", std::process::id()));
     std::fs::write(&script, SCRIPT).expect("write the script");
     // Room for a loaded test machine: a session gives up on the shadow only past this.
-    let proxy = p.proxy(&["--compare-shadow-timeout-ms", "120000"]);
+    let mut args = vec!["--compare-shadow-timeout-ms", "120000"];
+    args.extend_from_slice(client_side);
+    let proxy = p.proxy(&args);
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = sample_backends(&p.shadow, stop.clone());
+    let primary_sampler = sample_backends(&p.primary, stop.clone());
     let (clients, per_client) = (200u64, 4u64);
+    // Pooled clients get a pgbench thread each: pgbench prepares a statement synchronously
+    // (PQprepare) the first time a client runs it, and one prepared between transactions
+    // needs a primary connection until the pool has seen it, so a thread serving several
+    // clients whose others hold every connection inside their transactions waits on itself
+    // (as through PgBouncer; pgprism without compare as well).
+    let threads = if client_side.is_empty() {
+        "4".to_string()
+    } else {
+        clients.to_string()
+    };
     pgbench(
         &proxy,
         &[
@@ -199,7 +223,7 @@ fn many_clients_on_a_small_pool(name: &str, mode: &str) {
             "-c",
             &clients.to_string(),
             "-j",
-            "4",
+            &threads,
             "-t",
             &per_client.to_string(),
             "-f",
@@ -211,12 +235,14 @@ fn many_clients_on_a_small_pool(name: &str, mode: &str) {
     wait_judged(&proxy, statements);
     stop.store(true, Ordering::Release);
     let (most, samples) = sampler.join().expect("sampler");
+    let (primary_most, _) = primary_sampler.join().expect("sampler");
     let compared = proxy.metric("pgprism_compare_statements_total");
     let mismatches = proxy.metric("pgprism_compare_mismatches_total");
     eprintln!(
-        "{clients} clients -M {mode}, shadow pool {POOL}: {compared} of {statements} compared, \
-         {mismatches} mismatches, {} inconclusive, {} skipped, at most {most} shadow backends \
-         in {samples} samples, {} lends, {} order waits expired, {} lock breaks",
+        "{clients} clients -M {mode} {client_side:?}, shadow pool {POOL}: {compared} of \
+         {statements} compared, {mismatches} mismatches, {} inconclusive, {} skipped, at most \
+         {most} shadow and {primary_most} primary backends in {samples} samples, {} lends, {} \
+         order waits expired, {} lock breaks",
         proxy.metric("pgprism_compare_inconclusive_concurrent_total"),
         proxy.metric("pgprism_compare_skipped_total"),
         proxy.metric("pgprism_shadow_pool_lends_total"),
@@ -256,6 +282,13 @@ fn many_clients_on_a_small_pool(name: &str, mode: &str) {
         most <= POOL,
         "the shadow saw {most} of pgprism's connections (pool {POOL})"
     );
+    if !client_side.is_empty() {
+        assert!(
+            primary_most <= PRIMARY_POOL,
+            "the primary saw {primary_most} of pgprism's connections (pool {PRIMARY_POOL})"
+        );
+        assert!(proxy.metric("pgprism_pool_lends_total") >= clients);
+    }
     assert!(
         proxy.metric("pgprism_shadow_pool_lends_total") >= clients,
         "the sessions borrowed their shadow connections"
@@ -269,12 +302,24 @@ fn many_clients_on_a_small_pool(name: &str, mode: &str) {
 
 #[test]
 fn two_hundred_clients_compare_on_ten_shadow_connections() {
-    many_clients_on_a_small_pool("simple", "simple");
+    many_clients_on_a_small_pool("simple", "simple", &[]);
 }
 
 #[test]
 fn pgbench_prepared_statements_survive_the_pooled_shadow() {
-    many_clients_on_a_small_pool("prep", "prepared");
+    many_clients_on_a_small_pool("prep", "prepared", &[]);
+}
+
+/// The client side pooled too (`--pool-mode transaction`): 200 clients on 8 primary and 10
+/// shadow connections, every statement compared as in session mode.
+#[test]
+fn transaction_pooled_clients_compare_on_small_pools_on_both_sides() {
+    many_clients_on_a_small_pool("txsimple", "simple", TRANSACTION_POOLING);
+}
+
+#[test]
+fn transaction_pooled_prepared_statements_compare_on_small_pools() {
+    many_clients_on_a_small_pool("txprep", "prepared", TRANSACTION_POOLING);
 }
 
 /// Sessions with their own `search_path` (and statements whose names other sessions use for
@@ -282,13 +327,28 @@ fn pgbench_prepared_statements_survive_the_pooled_shadow() {
 /// whichever connection it gets.
 #[test]
 fn settings_and_prepared_statements_follow_each_session() {
-    let p = pair("set");
+    settings_and_prepared_statements_follow(&[]);
+}
+
+/// The same with the client side pooled: each client's settings and statements follow it on
+/// the primary's connections too.
+#[test]
+fn settings_and_prepared_statements_follow_transaction_pooled_clients() {
+    settings_and_prepared_statements_follow(TRANSACTION_POOLING);
+}
+
+fn settings_and_prepared_statements_follow(client_side: &[&str]) {
+    let p = pair(if client_side.is_empty() {
+        "set"
+    } else {
+        "txset"
+    });
     p.both(
         "CREATE SCHEMA s0; CREATE SCHEMA s1;
          CREATE TABLE s0.k (v int); INSERT INTO s0.k VALUES (0);
          CREATE TABLE s1.k (v int); INSERT INTO s1.k VALUES (1), (1);",
     );
-    let proxy = p.proxy(&[]);
+    let proxy = p.proxy(client_side);
     let sessions = 24usize;
     let rounds = 15usize;
     let threads: Vec<_> = (0..sessions)
@@ -357,7 +417,20 @@ SELECT v FROM skewed WHERE id = :id;
 
 #[test]
 fn a_divergence_on_the_shadow_is_still_a_mismatch() {
-    let p = pair("div");
+    divergence_is_a_mismatch(&[]);
+}
+
+#[test]
+fn a_divergence_under_transaction_pooling_is_still_a_mismatch() {
+    divergence_is_a_mismatch(TRANSACTION_POOLING);
+}
+
+fn divergence_is_a_mismatch(client_side: &[&str]) {
+    let p = pair(if client_side.is_empty() {
+        "div"
+    } else {
+        "txdiv"
+    });
     p.both(TABLE);
     p.both("CREATE TABLE shared AS SELECT g FROM generate_series(1, 10) g;");
     p.both("CREATE TABLE skewed (id int PRIMARY KEY, v int);");
@@ -381,8 +454,12 @@ fn a_divergence_on_the_shadow_is_still_a_mismatch() {
              CREATE TRIGGER skew BEFORE INSERT ON skewed FOR EACH ROW EXECUTE FUNCTION skew();",
         )
         .expect("the shadow's trigger");
-    let proxy = p.proxy(&[]);
-    let script = std::env::temp_dir().join(format!("pgprism-cpool-{}-div.sql", std::process::id()));
+    let proxy = p.proxy(client_side);
+    let script = std::env::temp_dir().join(format!(
+        "pgprism-cpool-{}-div{}.sql",
+        std::process::id(),
+        client_side.len()
+    ));
     std::fs::write(&script, DIVERGENT_SCRIPT).expect("write the script");
     let (clients, per_client) = (40u64, 3u64);
     pgbench(
@@ -427,9 +504,26 @@ fn a_divergence_on_the_shadow_is_still_a_mismatch() {
 /// on the shadow) leaves the pool no connection in a transaction, and no row of it.
 #[test]
 fn a_client_leaving_mid_transaction_leaves_no_dirty_shadow_connection() {
-    let p = pair("left");
+    client_leaving_mid_transaction(&[]);
+}
+
+/// The same with the client side pooled: neither the primary's connection nor the shadow's
+/// is left in the client's transaction.
+#[test]
+fn a_transaction_pooled_client_leaving_mid_transaction_leaves_neither_side_dirty() {
+    client_leaving_mid_transaction(TRANSACTION_POOLING);
+}
+
+fn client_leaving_mid_transaction(client_side: &[&str]) {
+    let p = pair(if client_side.is_empty() {
+        "left"
+    } else {
+        "txleft"
+    });
     p.both("CREATE TABLE t (v int);");
-    let proxy = p.proxy(&["--compare-shadow-timeout-ms", "20000"]);
+    let mut args = vec!["--compare-shadow-timeout-ms", "20000"];
+    args.extend_from_slice(client_side);
+    let proxy = p.proxy(&args);
     let conninfo = format!(
         "host=127.0.0.1 port={} user=postgres dbname={DB}",
         proxy.port()
@@ -444,16 +538,18 @@ fn a_client_leaving_mid_transaction_leaves_no_dirty_shadow_connection() {
     let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
     c.batch_execute("BEGIN; INSERT INTO t VALUES (3);").unwrap();
     drop(c);
-    let mut watch = observer(&p.shadow);
     let in_block = format!(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = '{DB}' \
          AND state LIKE 'idle in transaction%'"
     );
-    let clean = eventually(Duration::from_secs(20), || {
-        let n: i64 = watch.query_one(&in_block, &[]).unwrap().get(0);
-        n == 0
-    });
-    assert!(clean, "a shadow connection stayed in a transaction block");
+    for (side, inst) in [("shadow", &p.shadow), ("primary", &p.primary)] {
+        let mut watch = observer(inst);
+        let clean = eventually(Duration::from_secs(20), || {
+            let n: i64 = watch.query_one(&in_block, &[]).unwrap().get(0);
+            n == 0
+        });
+        assert!(clean, "a {side} connection stayed in a transaction block");
+    }
     // The next sessions get clean connections: no row of the ones that left, and their own
     // transactions compare equal.
     let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
@@ -474,14 +570,15 @@ fn a_client_leaving_mid_transaction_leaves_no_dirty_shadow_connection() {
         "{:?}",
         p.reports()
     );
-    assert_eq!(
-        p.shadow
-            .psql_db(DB, "SELECT count(*) FROM t")
-            .expect("count")
-            .trim(),
-        "0",
-        "what the clients that left wrote was rolled back on the shadow"
-    );
+    for (side, inst) in [("shadow", &p.shadow), ("primary", &p.primary)] {
+        assert_eq!(
+            inst.psql_db(DB, "SELECT count(*) FROM t")
+                .expect("count")
+                .trim(),
+            "0",
+            "what the clients that left wrote was rolled back on the {side}"
+        );
+    }
 }
 
 /// A session that creates a temporary table (and one that listens) is pinned to its shadow
@@ -562,4 +659,45 @@ fn what_cannot_be_shared_pins_the_session_to_its_shadow_connection() {
         }),
         "the pinned connection was reset (DISCARD ALL) when its session left"
     );
+}
+
+/// `--fail-on-differences` with the client side pooled: a difference reaches the client as
+/// XX000 (its answer held until the shadow's, never the primary connection, which went back
+/// when the primary answered), in the simple and the extended protocol, inside a transaction
+/// too, and the session goes on with the next connection it is lent.
+#[test]
+fn fail_on_differences_under_transaction_pooling() {
+    let p = pair("txfail");
+    p.both("CREATE TABLE chg (id int PRIMARY KEY, v text); INSERT INTO chg VALUES (1, 'v1'), (2, 'v2');");
+    p.shadow
+        .psql_db(DB, "UPDATE chg SET v = 'changed' WHERE id = 2")
+        .expect("the shadow differs");
+    let mut args = vec!["--fail-on-differences"];
+    args.extend_from_slice(TRANSACTION_POOLING);
+    let proxy = p.proxy(&args);
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres dbname={DB}",
+        proxy.port()
+    );
+    let mut c = postgres::Client::connect(&conninfo, postgres::NoTls).unwrap();
+    let code = |err: &postgres::Error| support::sqlstate(err);
+    let err = c.simple_query("SELECT * FROM chg").unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("XX000"), "{err}");
+    let err = c
+        .query("SELECT v FROM chg WHERE id = $1", &[&2i32])
+        .unwrap_err();
+    assert_eq!(code(&err).as_deref(), Some("XX000"), "{err}");
+    let rows = c
+        .query("SELECT v FROM chg WHERE id = $1", &[&1i32])
+        .unwrap();
+    assert_eq!(rows[0].get::<_, String>(0), "v1");
+    let mut tx = c.transaction().unwrap();
+    tx.execute("INSERT INTO chg VALUES (3, 'x')", &[]).unwrap();
+    assert!(tx.simple_query("SELECT * FROM chg").is_err());
+    tx.rollback().unwrap();
+    let n: i64 = c.query_one("SELECT count(*) FROM chg", &[]).unwrap().get(0);
+    assert_eq!(n, 2);
+    assert!(eventually(Duration::from_secs(20), || proxy
+        .metric("pgprism_compare_mismatches_total")
+        >= 3));
 }

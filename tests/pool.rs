@@ -913,3 +913,115 @@ fn a_lingering_shared_connection_is_reused_and_still_goes_back() {
     }));
     let _ = std::fs::remove_file(&config);
 }
+
+/// A client that starts waiting on one shard while a shared connection lingers on another
+/// is served at once: the lingering shard hears of it through its eventfd and gives the
+/// connection back, instead of at the end of its linger (here 8 s, where the waiting client
+/// gives up after 3 s with 53300).
+#[test]
+fn a_waiter_on_another_shard_is_served_without_waiting_out_the_linger() {
+    let pg = start_primary("pool-linger-shards");
+    let config =
+        std::env::temp_dir().join(format!("pgprism-linger-shards-{}.toml", std::process::id()));
+    std::fs::write(&config, "[pool]\nadmin-users = [\"postgres\"]\n").unwrap();
+    let config = config.display().to_string();
+    let proxy = pooled(
+        &pg.url(),
+        1,
+        &[
+            "--shared-depth-max",
+            "4",
+            "--shards",
+            "2",
+            "--shared-linger-us",
+            "8000000",
+            "--query-wait-timeout",
+            "3000",
+            "--config",
+            &config,
+        ],
+    );
+    let mut console = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=pgbouncer connect_timeout=10",
+            proxy.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    // Clients connect one at a time; the one row SHOW CLIENTS gains tells the new client's
+    // shard (the top byte of its `ptr`). (They carry no settings of their own: clients
+    // with different settings never share a connection.)
+    let ptrs = |console: &mut postgres::Client| -> std::collections::HashSet<u64> {
+        console
+            .simple_query("SHOW CLIENTS")
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some("postgres") => {
+                    let ptr = r.get("ptr")?.strip_prefix("0x")?;
+                    u64::from_str_radix(ptr, 16).ok()
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let mut known = ptrs(&mut console);
+    let mut by_shard: [Vec<postgres::Client>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..64 {
+        if by_shard[0].len() >= 2 && by_shard[1].len() >= 2 {
+            break;
+        }
+        let client = proxy.client();
+        let mut new = Vec::new();
+        assert!(eventually(Duration::from_secs(10), || {
+            let now = ptrs(&mut console);
+            new = now.difference(&known).copied().collect();
+            !new.is_empty()
+        }));
+        assert_eq!(new.len(), 1, "one client connected");
+        known.insert(new[0]);
+        by_shard[(new[0] >> 56) as usize].push(client);
+    }
+    assert!(
+        by_shard.iter().all(|c| c.len() >= 2),
+        "64 clients all landed on one shard"
+    );
+    let [mut here, mut there] = by_shard;
+    let mut direct = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    let (mut a, mut b) = (here.remove(0), here.remove(0));
+    let mut waiter = there.remove(0);
+    a.simple_query("SELECT 1").unwrap();
+    b.simple_query("SELECT 1").unwrap();
+    waiter.simple_query("SELECT 1").unwrap();
+    // On one shard, A holds the only connection; B's statement waits for it, then makes it
+    // a pipeline, which lingers once both are answered.
+    let before = proxy.metric("pgprism_pool_pipelines_total");
+    let a_thread = std::thread::spawn(move || a.simple_query("SELECT pg_sleep(0.5)").map(|_| a));
+    assert!(eventually(Duration::from_secs(10), || {
+        let n: i64 = direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE query = 'SELECT pg_sleep(0.5)' AND state = 'active'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        n == 1
+    }));
+    assert!(!b.simple_query("SELECT 7").unwrap().is_empty());
+    let _a = a_thread.join().unwrap().unwrap();
+    assert!(eventually(Duration::from_secs(10), || proxy
+        .metric("pgprism_pool_pipelines_total")
+        == before + 1));
+    // A transaction on the other shard needs a connection of its own: the lingering one
+    // goes back (closed, to make room there) at once, well within the 3 s wait bound.
+    let mut tx = waiter.transaction().unwrap();
+    let v: i32 = tx.query_one("SELECT 11", &[]).unwrap().get(0);
+    assert_eq!(v, 11);
+    tx.commit().unwrap();
+    assert_eq!(proxy.metric("pgprism_pool_wait_timeouts_total"), 0);
+    // And the pipeline's own clients still get served (a connection of their shard).
+    assert!(!b.simple_query("SELECT 8").unwrap().is_empty());
+    let _ = std::fs::remove_file(&config);
+}

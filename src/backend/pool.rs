@@ -76,6 +76,11 @@ pub struct Budget {
     /// wait on itself). Shared by the shards (one thread's clients land on several), locked
     /// only for such a batch and when a connection first prepares a statement.
     known: Mutex<std::collections::HashSet<u64>>,
+    /// Shards (bit `shard % 64`) where a shared connection of this pair lingers with nothing
+    /// in flight (pipelined lending, `pool.shared-linger-us`): a client that starts waiting on
+    /// another shard wakes them (see [`Wakeups`]), so that they give it back at once instead
+    /// of at the end of their linger.
+    lingering: std::sync::atomic::AtomicU64,
 }
 
 impl Budget {
@@ -96,14 +101,29 @@ impl Budget {
     }
 
     fn wanted(&self) -> usize {
-        self.wanted.load(Ordering::Acquire)
+        // SeqCst, as the waiter's increment and the lingering marks: a waiter that misses a
+        // shard's mark is seen by that shard's next look (see `Pools::mark_lingering`).
+        self.wanted.load(Ordering::SeqCst)
     }
 }
 
 /// The budgets of every pair, shared by all shards; locked only when a shard meets a pair
 /// for the first time.
 #[derive(Debug, Default, Clone)]
-pub struct Budgets(Arc<Mutex<BudgetMap>>);
+pub struct Budgets(Arc<Mutex<BudgetMap>>, Wakeups);
+
+/// One eventfd per shard (empty without pipelined lending): a client that starts waiting for
+/// a connection wakes the shards where a shared connection of its pair lingers, which look
+/// at once whether to give it back (`Pipeline::linger` on the proxy side). Rung only from
+/// the waiting path, and only towards shards that marked a lingering connection.
+#[derive(Default, Clone)]
+pub struct Wakeups(Arc<Vec<exec::Notifier>>);
+
+impl std::fmt::Debug for Wakeups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Wakeups({} shards)", self.0.len())
+    }
+}
 
 type BudgetMap = HashMap<(String, String), Arc<Budget>>;
 
@@ -111,6 +131,15 @@ type BudgetMap = HashMap<(String, String), Arc<Budget>>;
 type PoolMap = HashMap<(Rc<str>, Rc<str>), Rc<Pool>>;
 
 impl Budgets {
+    /// Budgets whose waiters wake the lingering shared connections of other shards (one
+    /// eventfd per shard): for pipelined lending.
+    pub fn with_wakeups(shards: usize) -> std::io::Result<Budgets> {
+        let notifiers = (0..shards)
+            .map(|_| exec::Notifier::new())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Budgets(Arc::default(), Wakeups(Arc::new(notifiers))))
+    }
+
     fn get(&self, user: &str, database: &str) -> Arc<Budget> {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         map.entry((user.to_string(), database.to_string()))
@@ -285,6 +314,8 @@ pub struct Pool {
     pub linked: Cell<u64>,
     pub pinned: Cell<u64>,
     pub counters: PoolCounters,
+    /// Shared connections of this pair lingering on this shard with nothing in flight.
+    lingering: Cell<usize>,
 }
 
 impl Pool {
@@ -445,6 +476,7 @@ impl Pools {
             linked: Cell::new(0),
             pinned: Cell::new(0),
             counters: PoolCounters::default(),
+            lingering: Cell::new(0),
         });
         pools.insert((user, database), pool.clone());
         pool
@@ -511,7 +543,8 @@ impl Pools {
         });
         pool.waiters.borrow_mut().push_back(waiter.clone());
         pool.waiting.set(pool.waiting.get() + 1);
-        pool.budget.wanted.fetch_add(1, Ordering::AcqRel);
+        pool.budget.wanted.fetch_add(1, Ordering::SeqCst);
+        self.wake_lingering(pool);
         // Should this future be dropped while it waits (its caller gave up, its task ended),
         // the place in line and the counts go with it, and a connection handed over
         // meanwhile goes back to the pool instead of being lost with the budget it holds.
@@ -642,6 +675,49 @@ impl Pools {
         pool.first_waiter().is_some()
             || (pool.budget.wanted() > pool.waiting.get()
                 && pool.open.get() > self.cfg.size / self.shards.max(1))
+    }
+
+    /// A shared connection of `pool` starts (`true`) or stops lingering on this shard with
+    /// nothing in flight. The mark is set before the pipeline looks at the budget's waiters
+    /// and a waiter counts itself before it reads the marks (both SeqCst), so a waiter on
+    /// another shard is either seen by that look or wakes this shard.
+    pub fn mark_lingering(&self, pool: &Pool, lingering: bool) {
+        let bit = 1u64 << (self.shard % 64);
+        let n = pool.lingering.get();
+        if lingering {
+            pool.lingering.set(n + 1);
+            if n == 0 {
+                pool.budget.lingering.fetch_or(bit, Ordering::SeqCst);
+            }
+        } else if n > 0 {
+            pool.lingering.set(n - 1);
+            if n == 1 {
+                pool.budget.lingering.fetch_and(!bit, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// A client of `pool` starts waiting: the other shards where a shared connection of the
+    /// pair lingers hear of it now (one eventfd write each), not at the end of the linger.
+    fn wake_lingering(&self, pool: &Pool) {
+        let notifiers = &(self.budgets.1).0;
+        if notifiers.is_empty() {
+            return;
+        }
+        let marks = pool.budget.lingering.load(Ordering::SeqCst) & !(1u64 << (self.shard % 64));
+        if marks == 0 {
+            return;
+        }
+        for (shard, notifier) in notifiers.iter().enumerate() {
+            if shard != self.shard && marks & (1u64 << (shard % 64)) != 0 {
+                notifier.notify();
+            }
+        }
+    }
+
+    /// This shard's eventfd for [`Pools::wake_lingering`] (None without pipelined lending).
+    pub fn wakeup(&self) -> Option<exec::Notifier> {
+        (self.budgets.1).0.get(self.shard).cloned()
     }
 
     /// Whether `conn` is past `server-lifetime-ms` or older than the last RECONNECT.

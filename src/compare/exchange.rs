@@ -845,6 +845,31 @@ impl Dispatch {
         .await;
     }
 
+    /// Queues what [`plan`](Self::plan) prepared for the shadow (after the primary write)
+    /// for the session's [`ShadowWriter`] alone to write: a transaction-pooled session reads
+    /// the primary in the same loop that reads its client, so it never waits on the
+    /// shadow's socket (nor for a pooled shadow connection) itself.
+    pub fn queue(&mut self) {
+        self.enqueue(false);
+        if let Some(w) = self.link.writer_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Completes once no more than `compare.shadow-queue-bytes-max` waits for the shadow (or
+    /// nothing more goes to it): a session reads its client only then.
+    pub async fn room(&self) {
+        let (link, max) = (&self.link, self.target.cfg.shadow_queue_bytes_max);
+        futures_lite::future::poll_fn(|cx| {
+            if link.dead.get() || link.queued_bytes.get() <= max {
+                return Poll::Ready(());
+            }
+            link.space_waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await;
+    }
+
     /// The client left: end the shadow session too, once it has run everything it was sent
     /// (the downstream pump keeps reading it until it closes, bounded in time).
     pub fn finish(&mut self, said_terminate: bool) {

@@ -35,7 +35,7 @@ use crate::tls::{TlsError, Upstream};
 
 pub use exchange::{Cancel, Comparer, Dispatch, Exchange, Fed, PRIMARY, SHADOW, ShadowWriter};
 pub use lease::Shadow;
-pub use pump::{Host, Pump, PumpSettings};
+pub use pump::{Host, Primary, Pump, PumpSettings, Relayed};
 pub use rules::{Rules, parse_equivalence, validate};
 pub use verdict::Kind;
 

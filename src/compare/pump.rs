@@ -7,8 +7,11 @@
 //! It must never write to the primary or the shadow (the upstream half and the shadow writer
 //! do), and knows the session that hosts it only through [`Host`].
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::io;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -25,8 +28,10 @@ const SHADOW_DRAIN: Duration = Duration::from_secs(30);
 
 /// What the pump needs of the client session that hosts it (the proxy's relay).
 pub trait Host {
-    /// Where the session stands; the pump feeds it the primary's frames.
-    fn tracker(&self) -> &RefCell<Tracker>;
+    /// Where the session stands; the pump feeds it the primary's frames. `None`: the
+    /// session feeds its tracker itself as it relays them ([`Primary::Relayed`]), and keeps
+    /// its own latencies.
+    fn tracker(&self) -> Option<&RefCell<Tracker>>;
     /// The primary answered sync point `seq` at `arrived` (latency bookkeeping).
     fn answer_sync(&self, seq: u64, arrived: Instant);
     /// The client sends nothing more and the primary was told so.
@@ -42,6 +47,105 @@ pub trait Host {
     fn client_lost(&self);
     /// The session ends with this FATAL error for the client.
     fn fail(&self, code: &str, message: &str);
+}
+
+/// Bytes of answers a transaction-pooled session may have handed its pump and the pump not
+/// read yet; beyond it the session waits (it reads no more of the primary meanwhile).
+const RELAYED_BYTES_MAX: usize = 256 << 10;
+
+/// The primary's answers as the pump reads them: a connection of the session's own, or the
+/// answers a transaction-pooled session relays from the connections lent to it.
+pub enum Primary {
+    Stream(Stream),
+    Relayed(Rc<Relayed>),
+}
+
+impl Primary {
+    fn read_buf<'a>(
+        &'a self,
+        buf: &'a mut BytesMut,
+        chunk: usize,
+    ) -> impl Future<Output = io::Result<usize>> + 'a {
+        futures_lite::future::poll_fn(move |cx| match self {
+            Primary::Stream(stream) => {
+                let read = stream.read_buf(buf, chunk);
+                std::pin::pin!(read).poll(cx)
+            }
+            Primary::Relayed(relayed) => relayed.poll_read(cx, buf),
+        })
+    }
+}
+
+/// What a transaction-pooled session's client is to see of the primary (the lent
+/// connections' answers, pgprism's own in their place among them, never its hidden
+/// preparations'), handed to the session's pump in order. The session is its only writer and
+/// the pump its only reader, on one shard.
+#[derive(Default)]
+pub struct Relayed {
+    buf: RefCell<BytesMut>,
+    /// The session sends nothing more: the pump reads the end after the last bytes.
+    closed: Cell<bool>,
+    /// The pump ended: what the session hands over is dropped, and it never waits.
+    reader_gone: Cell<bool>,
+    reader: Cell<Option<Waker>>,
+    writer: Cell<Option<Waker>>,
+}
+
+impl Relayed {
+    /// Hands over complete answer frames; waits while more than [`RELAYED_BYTES_MAX`] waits
+    /// for the pump (a slow client slows the session's reads of the primary, as a socket
+    /// would).
+    pub async fn push(&self, bytes: &[u8]) {
+        futures_lite::future::poll_fn(|cx| {
+            let queued = self.buf.borrow().len();
+            if self.reader_gone.get() || queued == 0 || queued + bytes.len() <= RELAYED_BYTES_MAX {
+                return Poll::Ready(());
+            }
+            self.writer.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await;
+        if self.reader_gone.get() {
+            return;
+        }
+        self.buf.borrow_mut().extend_from_slice(bytes);
+        if let Some(w) = self.reader.take() {
+            w.wake();
+        }
+    }
+
+    /// The session ends: the pump reads the end once it has read everything.
+    pub fn close(&self) {
+        self.closed.set(true);
+        if let Some(w) = self.reader.take() {
+            w.wake();
+        }
+    }
+
+    fn stop_reading(&self) {
+        self.reader_gone.set(true);
+        self.buf.borrow_mut().clear();
+        if let Some(w) = self.writer.take() {
+            w.wake();
+        }
+    }
+
+    fn poll_read(&self, cx: &mut Context<'_>, out: &mut BytesMut) -> Poll<io::Result<usize>> {
+        let mut buf = self.buf.borrow_mut();
+        if buf.is_empty() {
+            if self.closed.get() {
+                return Poll::Ready(Ok(0));
+            }
+            self.reader.set(Some(cx.waker().clone()));
+            return Poll::Pending;
+        }
+        let n = buf.len();
+        out.extend_from_slice(&buf.split());
+        if let Some(w) = self.writer.take() {
+            w.wake();
+        }
+        Poll::Ready(Ok(n))
+    }
 }
 
 /// The settings the pump runs with.
@@ -71,7 +175,7 @@ pub struct Pump<'a> {
     host: &'a dyn Host,
     stats: &'a ShardStats,
     settings: PumpSettings,
-    primary: Stream,
+    primary: Primary,
     shadow: Shadow,
     client: Stream,
     comparer: Comparer,
@@ -97,7 +201,7 @@ impl<'a> Pump<'a> {
         host: &'a dyn Host,
         stats: &'a ShardStats,
         settings: PumpSettings,
-        primary: Stream,
+        primary: Primary,
         shadow: Shadow,
         client: Stream,
         comparer: Comparer,
@@ -151,6 +255,9 @@ impl<'a> Pump<'a> {
         }
         self.comparer.stop_shadow_writes();
         self.shadow.shutdown();
+        if let Primary::Relayed(relayed) = &self.primary {
+            relayed.stop_reading();
+        }
         self.farewell
     }
 
@@ -296,7 +403,12 @@ impl<'a> Pump<'a> {
             self.comparer.feed(side, &frames, None, &mut self.out);
             return Flow::Settle;
         }
-        let mut tracker = self.host.tracker().borrow_mut();
+        let Some(tracker) = self.host.tracker() else {
+            // The session fed its tracker as it relayed these frames.
+            self.comparer.feed(side, &frames, None, &mut self.out);
+            return Flow::Settle;
+        };
+        let mut tracker = tracker.borrow_mut();
         let first_answer = tracker.sync_points().1;
         let fed = self
             .comparer

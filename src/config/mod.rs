@@ -1184,11 +1184,14 @@ impl Config {
             .url
             .parse::<PgUrl>()
             .map_err(|e| ConfigError::invalid("shadow.url", &e))?;
-        if self.pool.mode == PoolMode::Transaction {
-            // Refused rather than silently not compared: a pooled session has no shadow yet.
+        if self.pool.mode == PoolMode::Transaction && self.pool.shared_depth_max > 1 {
+            // A compared session relays the primary's answers to its client through compare's
+            // pump, sync point by sync point; a shared connection's answers are split among
+            // its clients by the pipeline's own task, which that pump does not stand in.
+            // Refused rather than silently not compared.
             return Err(ConfigError::key(
-                "pool.mode",
-                "compare mode (shadow.url) does not work with pool.mode = \"transaction\" yet: use session mode to compare",
+                "pool.shared-depth-max",
+                "compare mode (shadow.url) does not work with pipelined lending (pool.shared-depth-max above 1): set it to 1 to compare in transaction mode",
             ));
         }
         let c = &self.compare;
@@ -1377,13 +1380,12 @@ pub fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn compare_with_transaction_pooling_is_refused_by_name() {
-        let cfg = Config::parse(
-            "[primary]\nurl = \"postgres://127.0.0.1:5432\"\n[shadow]\nurl = \"postgres://127.0.0.1:5433\"\n[pool]\nmode = \"transaction\"\n",
-        )
-        .unwrap();
+    fn compare_with_transaction_pooling_needs_one_client_per_connection() {
+        let base = "[primary]\nurl = \"postgres://127.0.0.1:5432\"\n[shadow]\nurl = \"postgres://127.0.0.1:5433\"\n[pool]\nmode = \"transaction\"\n";
+        Config::parse(base).unwrap().validate().unwrap();
+        let cfg = Config::parse(&format!("{base}shared-depth-max = 4\n")).unwrap();
         let err = cfg.validate().unwrap_err().to_string();
-        assert!(err.contains("pool.mode"), "{err}");
+        assert!(err.contains("pool.shared-depth-max"), "{err}");
     }
 
     use super::*;

@@ -85,6 +85,7 @@ pub struct PoolConfig {
     pub prepared_statements_max: usize,
     /// Several clients' autocommit statements may share one connection in one write, up to
     /// this many sync points in flight on it (1: one client per connection at a time).
+    /// Compare mode (`shadow.url`) needs 1.
     pub shared_depth_max: usize,
     /// How long a shared connection whose statements are all answered waits for the next
     /// one before it goes back to the pool (0: at once). It goes back sooner when a client

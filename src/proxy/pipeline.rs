@@ -143,6 +143,26 @@ impl Future for ShareWait<'_> {
     }
 }
 
+/// A pipeline's linger as the other shards see it (`Pools::mark_lingering`), for as long as
+/// it lasts, however it ends.
+struct Lingering<'a> {
+    pools: &'a crate::backend::pool::Pools,
+    pool: &'a Pool,
+}
+
+impl<'a> Lingering<'a> {
+    fn mark(pools: &'a crate::backend::pool::Pools, pool: &'a Pool) -> Lingering<'a> {
+        pools.mark_lingering(pool, true);
+        Lingering { pools, pool }
+    }
+}
+
+impl Drop for Lingering<'_> {
+    fn drop(&mut self) {
+        self.pools.mark_lingering(self.pool, false);
+    }
+}
+
 /// A server connection lent to several sessions' units at once.
 pub(super) struct Pipeline {
     pub(super) pool: Rc<Pool>,
@@ -295,6 +315,16 @@ impl Pipeline {
         }
     }
 
+    /// A client of another shard started waiting: the pipelines lingering here with nothing
+    /// in flight look again whether to go back to the pool.
+    pub(super) fn nudge_all(shard: &ShardCtx) {
+        for p in shard.pipelines.borrow().iter() {
+            if p.queue.borrow().is_empty() {
+                p.wake_task();
+            }
+        }
+    }
+
     /// Whether a pipeline with nothing in flight must give its connection back now rather
     /// than linger: a client waits for a connection of its own (here, or on another shard
     /// while this one holds more than its share),
@@ -320,6 +350,12 @@ impl Pipeline {
         }
         let now = std::time::Instant::now();
         let deadline = now + self.linger;
+        // Marked before the first look: a client that starts waiting on another shard from
+        // now on wakes this one (`Pools::mark_lingering`), one that waits already is seen.
+        let _mark = shard
+            .pools
+            .as_ref()
+            .map(|pools| Lingering::mark(pools, &self.pool));
         if self.must_go_back(shard, now) {
             return false;
         }

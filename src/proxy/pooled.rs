@@ -20,7 +20,7 @@
 //! leaves with a statement in flight costs the pool that connection (closed, never lent
 //! dirty).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -32,6 +32,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::pipeline::{Part, Pipeline, UNIT_BYTES_MAX};
 use super::session::{ShardCtx, error_bytes};
 use crate::backend::pool::{NO_SETTINGS, Pool, PoolError, Pools, ServerConn, bump};
+use crate::compare;
 use crate::exec::net::Stream;
 use crate::session::replies::{Awaits, Replies, Route, Settled};
 use crate::session::{Refers, Slot, Statement, Step, Tracker};
@@ -257,8 +258,80 @@ struct Session<'a> {
     router: Option<crate::mirror::Router>,
     /// Client frames to route to the mirrors, with what the tracker made of them.
     to_route: Vec<(crate::session::Framed, Bytes)>,
-    /// The session's mirrors, for its client's cancels (None: no mirror).
+    /// The session's mirrors and shadow, for its client's cancels (None: neither).
     cancel: Option<Rc<super::session::Sides>>,
+    /// Compare mode: the shadow's side of the session.
+    compare: Option<CompareUp>,
+}
+
+/// A compared pooled session's upstream half: the client's frames (as it sent them, before
+/// pooling rewrote them) planned for the shadow at each write to the primary, and the
+/// answers its client is to see handed to compare's pump instead of the client.
+struct CompareUp {
+    dispatch: compare::Dispatch,
+    relayed: Rc<compare::Relayed>,
+    host: Rc<CompareHost>,
+    /// The client's frames since the last plan, with what the tracker made of them.
+    frames: BytesMut,
+    framed: Vec<crate::session::Framed>,
+    /// The tracker's number of their first sync point, and when the first was read.
+    first_sync: u64,
+    read_at: Instant,
+    /// Planned and not yet queued for the shadow (that follows the primary write).
+    planned: bool,
+}
+
+/// A compared pooled session as compare's pump sees it: the session feeds its tracker
+/// itself (it decides lending on it), so the pump only judges and writes to the client.
+struct CompareHost {
+    state: Rc<ClientState>,
+    client_sent_all: Cell<bool>,
+    terminated: Cell<bool>,
+    client_gone: Cell<bool>,
+    /// The session's last word for the client (pgprism's own FATAL), written once the pump
+    /// has written everything before it.
+    fatal: RefCell<Option<Bytes>>,
+}
+
+impl CompareHost {
+    fn say(&self, msg: Bytes) {
+        let mut fatal = self.fatal.borrow_mut();
+        if fatal.is_none() {
+            *fatal = Some(msg);
+        }
+    }
+}
+
+impl compare::Host for CompareHost {
+    fn tracker(&self) -> Option<&RefCell<Tracker>> {
+        None
+    }
+
+    fn answer_sync(&self, _seq: u64, _arrived: Instant) {}
+
+    fn client_sent_all(&self) -> bool {
+        self.client_sent_all.get()
+    }
+
+    fn client_said_terminate(&self) -> bool {
+        self.terminated.get()
+    }
+
+    fn set_writing(&self, writing: bool) {
+        self.state.relaying.set(writing);
+    }
+
+    fn set_holding(&self, holding: bool) {
+        self.state.owed.set(holding);
+    }
+
+    fn client_lost(&self) {
+        self.client_gone.set(true);
+    }
+
+    fn fail(&self, code: &str, message: &str) {
+        self.say(error_bytes("FATAL", code, message));
+    }
 }
 
 /// What the console sees of a pooled client, updated as it goes.
@@ -282,6 +355,10 @@ pub(super) struct ClientState {
     /// The connection lent to it: (id, server pid, opened at).
     pub server: Cell<Option<(u64, i32, SystemTime)>>,
     pub pinned: Cell<Option<&'static str>>,
+    /// Compare mode: the pump writes to the client now, or holds answers the client has not
+    /// been given (waiting for the shadow); either keeps the session busy for a drain.
+    pub relaying: Cell<bool>,
+    pub owed: Cell<bool>,
 }
 
 impl ClientState {
@@ -317,6 +394,8 @@ impl ClientState {
             request_time: Cell::new(SystemTime::now()),
             server: Cell::new(None),
             pinned: Cell::new(None),
+            relaying: Cell::new(false),
+            owed: Cell::new(false),
         }
     }
 
@@ -430,6 +509,12 @@ pub(super) async fn serve(
             }
         }
     }
+    // Compare mode: the session's shadow (a lease on the shard's shadow pool, or a
+    // connection of its own), before the client hears it may start.
+    let shadow = match open_shadow(&shard, &client, &params, id).await {
+        Ok(shadow) => shadow,
+        Err(()) => return,
+    };
     let (pid, secret) = client_key(shard.index, id);
     let cancel_slot = Arc::new(AtomicU64::new(0));
     shard.cancel_keys.insert(pid, secret, cancel_slot.clone());
@@ -479,6 +564,31 @@ pub(super) async fn serve(
         id, &user, &database, &client, &params, pid,
     ));
     let registration = shard.register_pooled(id, &client, state.clone());
+    let (compare, down) = match shadow {
+        Some((dispatch, comparer, writer)) => {
+            let host = Rc::new(CompareHost {
+                state: state.clone(),
+                client_sent_all: Cell::new(false),
+                terminated: Cell::new(false),
+                client_gone: Cell::new(false),
+                fatal: RefCell::new(None),
+            });
+            let relayed = Rc::new(compare::Relayed::default());
+            let up = CompareUp {
+                dispatch,
+                relayed: relayed.clone(),
+                host: host.clone(),
+                frames: BytesMut::new(),
+                framed: Vec::new(),
+                first_sync: 0,
+                read_at: Instant::now(),
+                planned: false,
+            };
+            let shadow = up.dispatch.shadow.clone();
+            (Some(up), Some((comparer, writer, host, relayed, shadow)))
+        }
+        None => (None, None),
+    };
     let mut session = Session {
         shard: &shard,
         owner: shard.clone(),
@@ -502,19 +612,116 @@ pub(super) async fn serve(
         router: shard.mirror_router(&params),
         to_route: Vec::new(),
         cancel: None,
+        compare,
     };
-    // A cancel reaches the mirrors too (through the registry, under pgprism's own key).
+    // A cancel reaches the mirrors and the shadow too (through the registry, under
+    // pgprism's own key).
     let mirrors = session.router.as_ref().map(|r| r.links().to_vec());
-    if let Some(sides) = super::session::Sides::of(None, mirrors.unwrap_or_default()) {
+    let shadow_cancel = down.as_ref().map(|(comparer, ..)| comparer.cancel());
+    if let Some(sides) = super::session::Sides::of(shadow_cancel, mirrors.unwrap_or_default()) {
         sides.register(&shard, (pid, secret), id);
         let sides = Rc::new(sides);
         shard.pooled_sides.borrow_mut().insert(id, sides.clone());
         session.cancel = Some(sides);
     }
-    session.run(buf).await;
-    session.finish().await;
+    let client = session.client.clone();
+    let served = async {
+        session.run(buf).await;
+        session.finish().await;
+        if let Some(up) = session.compare.as_mut() {
+            // The shadow runs what it was sent, then ends too; the pump reads the end of
+            // the primary's answers after the last of them.
+            up.dispatch.finish(false);
+            // A session pgprism ends with its own FATAL (the primary lost, no connection in
+            // time) stops the pump at once, as a lost primary does in session mode; a client
+            // that left still has the shadow judged what it sent.
+            let said = up.host.fatal.borrow().is_some();
+            up.host.client_sent_all.set(!said);
+            up.relayed.close();
+        }
+    };
+    match down {
+        None => served.await,
+        Some((comparer, writer, host, relayed, shadow)) => {
+            let settings = compare::PumpSettings {
+                message_bytes_max: shard.settings.message_bytes_max,
+                read_chunk_bytes: shard.read_chunk_bytes(),
+                shard: shard.index,
+            };
+            let pump = compare::Pump::new(
+                &*host,
+                &shard.stats,
+                settings,
+                compare::Primary::Relayed(relayed),
+                shadow,
+                client.clone(),
+                comparer,
+                BytesMut::new(),
+            );
+            let judged = async {
+                pump.run().await;
+                // The session's own last word, after every answer before it.
+                let fatal = host.fatal.borrow_mut().take();
+                if let Some(msg) = fatal
+                    && !host.client_gone.get()
+                    && !host.terminated.get()
+                {
+                    let _ = client.write_all(&msg).await;
+                }
+                // A pump that stopped early (the shadow as source lost, a malformed answer)
+                // ends the session: its client reads fail.
+                client.shutdown();
+            };
+            futures_lite::future::zip(served, futures_lite::future::zip(judged, writer.run()))
+                .await;
+        }
+    }
     drop(registration);
     drop(held);
+}
+
+/// The shadow session of a compared pooled client, paired with the compare halves.
+/// `Err`: it could not be opened and the client, who asked for verified (or the shadow's)
+/// answers, was told so; `Ok(None)`: no compare mode, or comparing is given up on.
+async fn open_shadow(
+    shard: &ShardCtx,
+    client: &Stream,
+    params: &[(String, String)],
+    id: u64,
+) -> Result<Option<(compare::Dispatch, compare::Comparer, compare::ShadowWriter)>, ()> {
+    let Some(target) = &shard.compare else {
+        return Ok(None);
+    };
+    let limits = &shard.settings.session_limits;
+    match target
+        .shadow_session(
+            params,
+            shard.settings.message_bytes_max,
+            limits.settings_max,
+        )
+        .await
+    {
+        Ok(shadow) => Ok(Some(compare::Exchange::pair(
+            target.clone(),
+            shadow,
+            ((shard.index as u64) << 48) | id,
+            params.to_vec(),
+        ))),
+        Err(err) => {
+            ShardStats::bump(&shard.stats.counters.compare_shadow_connect_failures, 1);
+            tracing::warn!(shard = shard.index, error = %err, "cannot open the shadow session");
+            if !(target.cfg.fail_on_differences || target.shadow_is_source()) {
+                return Ok(None);
+            }
+            let msg = error_bytes(
+                "FATAL",
+                sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                &format!("pgprism could not open the shadow session: {err}"),
+            );
+            let _ = client.write_all(&msg).await;
+            Err(())
+        }
+    }
 }
 
 /// A pooled session's entries in its shard (its cancel sides with their registry entry and
@@ -566,9 +773,16 @@ impl Session<'_> {
                 let conn = self.conn.as_mut().expect("checked above");
                 let (server, sbuf) = (&conn.stream, &mut conn.buf);
                 let client = &self.client;
+                let compare = &self.compare;
                 let event = futures_lite::future::or(
                     async { (true, server.read_buf(sbuf, chunk).await) },
-                    async { (false, client.read_buf(&mut cbuf, chunk).await) },
+                    async {
+                        // Compared: more of the client only while the shadow's queue has room.
+                        if let Some(up) = compare {
+                            up.dispatch.room().await;
+                        }
+                        (false, client.read_buf(&mut cbuf, chunk).await)
+                    },
                 )
                 .await;
                 match event {
@@ -587,6 +801,9 @@ impl Session<'_> {
                     (false, _) => return,
                 }
             } else {
+                if let Some(up) = &self.compare {
+                    up.dispatch.room().await;
+                }
                 match self.client.read_buf(&mut cbuf, chunk).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => ShardStats::bump(&self.shard.stats.counters.client_bytes_in, n as u64),
@@ -610,11 +827,18 @@ impl Session<'_> {
                     ShardStats::bump(&self.shard.stats.counters.protocol_errors, 1);
                     // What came before still reaches the server.
                     let _ = self.flush().await;
-                    self.to_client.extend_from_slice(&error_bytes(
+                    let fatal = error_bytes(
                         "FATAL",
                         err.sqlstate(),
                         &format!("pgprism: invalid message from client: {err}"),
-                    ));
+                    );
+                    if let Some(up) = &self.compare {
+                        // After the answers to what came before, which go to the pump.
+                        up.host.say(fatal);
+                        self.drain_answers().await;
+                        return Turn::End;
+                    }
+                    self.to_client.extend_from_slice(&fatal);
                     self.drain_answers().await;
                     let _ = self.client.write_all(&self.to_client.split()).await;
                     return Turn::End;
@@ -622,6 +846,9 @@ impl Session<'_> {
             };
             if frame.tag() == tag::TERMINATE {
                 self.tracker.client(frame.tag(), frame.body());
+                if let Some(up) = &self.compare {
+                    up.host.terminated.set(true);
+                }
                 self.route(idle_before).await;
                 let _ = self.flush().await;
                 return Turn::End;
@@ -725,7 +952,7 @@ impl Session<'_> {
                 statement.extension(Slot::Pool, || PoolDef::protocol(&body));
             }
             let applied = self.tracker.take_applied();
-            if self.router.is_some() {
+            if self.router.is_some() || self.compare.is_some() {
                 let mut bytes = BytesMut::with_capacity(body.len() + 5);
                 frame_of(&mut bytes, t, &[&body]);
                 self.queue_route(t, step, refers, applied, bytes.freeze());
@@ -989,7 +1216,7 @@ impl Session<'_> {
             Err(err) => {
                 let message = format!("pgprism: {}", crate::config::error_text(&err));
                 let msg = error_bytes("FATAL", err.sqlstate(), &message);
-                let _ = self.client.write_all(&msg).await;
+                self.say(msg).await;
                 Turn::End
             }
         }
@@ -1062,7 +1289,7 @@ impl Session<'_> {
         self.cancel_points();
         let refers = self.tracker.take_refers();
         let applied = self.tracker.take_applied();
-        if self.router.is_some() {
+        if self.router.is_some() || self.compare.is_some() {
             let bytes = frame.bytes().clone();
             self.queue_route(t, step, refers.clone(), applied.clone(), bytes);
         }
@@ -1160,7 +1387,8 @@ impl Session<'_> {
         }
     }
 
-    /// Keeps a frame for the mirrors (routed once the turn's frames are read).
+    /// Keeps a frame for the mirrors (routed once the turn's frames are read) and the
+    /// shadow (planned before the next write to the primary).
     fn queue_route(
         &mut self,
         tag: u8,
@@ -1169,6 +1397,26 @@ impl Session<'_> {
         applied: crate::session::Applied,
         bytes: Bytes,
     ) {
+        if let Some(up) = self.compare.as_mut() {
+            if up.framed.is_empty() {
+                up.read_at = Instant::now();
+                // The tracker has counted this frame's sync point already.
+                up.first_sync = self.tracker.sync_points().0 - u64::from(step == Step::SyncPoint);
+            }
+            let start = up.frames.len();
+            up.frames.extend_from_slice(&bytes);
+            up.framed.push(crate::session::Framed {
+                tag,
+                start,
+                end: up.frames.len(),
+                step,
+                refers: refers.clone(),
+                applied: applied.clone(),
+            });
+        }
+        if self.router.is_none() {
+            return;
+        }
         let framed = crate::session::Framed {
             tag,
             start: 0,
@@ -1460,8 +1708,16 @@ impl Session<'_> {
         }
     }
 
-    /// Sends what the turn gathered: to the server, then to the client.
+    /// Sends what the turn gathered: to the server, then to the client (and, compared, to
+    /// the shadow).
     async fn flush(&mut self) -> Turn {
+        self.plan_compare();
+        let turn = self.flush_both().await;
+        self.queue_shadow();
+        turn
+    }
+
+    async fn flush_both(&mut self) -> Turn {
         if !self.to_server.is_empty() {
             let out = self.to_server.split().freeze();
             bump(&self.pool.counters.bytes_received, out.len() as u64);
@@ -1476,11 +1732,9 @@ impl Session<'_> {
         }
         if !self.to_client.is_empty() {
             let out = self.to_client.split().freeze();
-            let len = out.len() as u64;
-            if self.client.write_bytes(out).await.is_err() {
+            if !self.deliver(out).await {
                 return Turn::End;
             }
-            ShardStats::bump(&self.shard.stats.counters.client_bytes_out, len);
         }
         Turn::Continue
     }
@@ -1561,12 +1815,11 @@ impl Session<'_> {
             return Turn::Continue;
         }
         let out = self.to_client.split().freeze();
-        let len = out.len() as u64;
-        bump(&self.pool.counters.bytes_sent, len);
-        if self.client.write_bytes(out).await.is_err() {
+        bump(&self.pool.counters.bytes_sent, out.len() as u64);
+        if !self.deliver(out).await {
             return Turn::End;
         }
-        ShardStats::bump(&self.shard.stats.counters.client_bytes_out, len);
+        self.queue_shadow();
         Turn::Continue
     }
 
@@ -1639,7 +1892,60 @@ impl Session<'_> {
                 self.pool.user, self.pool.database
             ),
         );
-        let _ = self.client.write_all(&msg).await;
+        self.say(msg).await;
+    }
+
+    /// pgprism's own last word to the client: written now, or, when compared, once the pump
+    /// has written every answer before it.
+    async fn say(&mut self, msg: Bytes) {
+        match &self.compare {
+            Some(up) => up.host.say(msg),
+            None => {
+                let _ = self.client.write_all(&msg).await;
+            }
+        }
+    }
+
+    /// What the client is to see of the server: written to it, or, when compared, handed
+    /// to compare's pump (which writes it once judged). False: the client is gone.
+    async fn deliver(&mut self, out: Bytes) -> bool {
+        self.plan_compare();
+        let len = out.len() as u64;
+        if let Some(up) = &self.compare {
+            // The pump counts what it writes to the client.
+            up.relayed.push(&out).await;
+            return true;
+        }
+        if self.client.write_bytes(out).await.is_err() {
+            return false;
+        }
+        ShardStats::bump(&self.shard.stats.counters.client_bytes_out, len);
+        true
+    }
+
+    /// Compare mode: plans the client frames read since the last plan for the shadow (before
+    /// they go to the primary, so the pump finds every sync point it pairs).
+    fn plan_compare(&mut self) {
+        let Some(up) = self.compare.as_mut() else {
+            return;
+        };
+        if up.framed.is_empty() {
+            return;
+        }
+        let frames = up.frames.split().freeze();
+        up.dispatch
+            .plan(&frames, &up.framed, up.read_at, up.first_sync);
+        up.framed.clear();
+        up.planned = true;
+    }
+
+    /// Compare mode: what was planned goes to the shadow's queue (after the primary write).
+    fn queue_shadow(&mut self) {
+        if let Some(up) = self.compare.as_mut()
+            && std::mem::take(&mut up.planned)
+        {
+            up.dispatch.queue();
+        }
     }
 
     /// Before a fatal error to the client: let what was sent be answered first.
@@ -1703,12 +2009,30 @@ impl Session<'_> {
 /// for other shards' clients), the console's actions (PAUSE, RECONNECT, KILL), and the
 /// snapshot the console reads.
 pub async fn pool_care(shard: Rc<ShardCtx>) {
-    const TICK: Duration = Duration::from_millis(50);
-    const PUBLISH_EVERY: u32 = 5;
-    const MODES_EVERY: u32 = 20;
     let Some(pools) = shard.pools.clone() else {
         return;
     };
+    // Clients of other shards that start waiting while a shared connection lingers here.
+    let calls = async {
+        let Some(wakeup) = pools.wakeup() else {
+            return std::future::pending().await;
+        };
+        loop {
+            if let Err(err) = wakeup.notified().await {
+                tracing::error!(shard = shard.index, error = %err, "pool wake-up failed");
+                return std::future::pending().await;
+            }
+            super::pipeline::Pipeline::nudge_all(&shard);
+        }
+    };
+    futures_lite::future::or(calls, care(&shard, &pools)).await
+}
+
+/// The periodic part of [`pool_care`].
+async fn care(shard: &Rc<ShardCtx>, pools: &Rc<Pools>) {
+    const TICK: Duration = Duration::from_millis(50);
+    const PUBLISH_EVERY: u32 = 5;
+    const MODES_EVERY: u32 = 20;
     let mut reconnects = 0;
     let mut kills = 0;
     let mut tick = 0u32;
@@ -1739,8 +2063,8 @@ pub async fn pool_care(shard: Rc<ShardCtx>) {
         pools.maintain();
         tick = tick.wrapping_add(1);
         if tick.is_multiple_of(PUBLISH_EVERY) {
-            publish(&shard, &pools);
-            count_pools(&shard, &pools);
+            publish(shard, pools);
+            count_pools(shard, pools);
         }
         if tick.is_multiple_of(MODES_EVERY)
             && let Some(console) = &shard.console

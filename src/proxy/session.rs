@@ -329,6 +329,8 @@ impl ShardCtx {
             // So is one whose client sent bytes not read yet (a statement that just came).
             let busy = session.state.busy.get()
                 || session.state.waiting_since.get().is_some()
+                || session.state.relaying.get()
+                || session.state.owed.get()
                 || session.client.has_unread();
             if session.closing.get() || (!force && busy) {
                 continue;
@@ -1404,8 +1406,8 @@ struct CompareHost<'a> {
 }
 
 impl compare::Host for CompareHost<'_> {
-    fn tracker(&self) -> &RefCell<Tracker> {
-        &self.shared.tracker
+    fn tracker(&self) -> Option<&RefCell<Tracker>> {
+        Some(&self.shared.tracker)
     }
 
     fn answer_sync(&self, seq: u64, arrived: Instant) {
@@ -1462,7 +1464,7 @@ async fn downstream_compare(
             &host,
             &shard.stats,
             settings,
-            primary.clone(),
+            compare::Primary::Stream(primary.clone()),
             shadow.clone(),
             client.clone(),
             comparer,

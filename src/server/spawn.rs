@@ -295,9 +295,17 @@ fn pooling_plan(cfg: &Config, shards: usize) -> Result<PoolingPlan, RuntimeError
             .map_err(|e| crate::config::ConfigError::invalid("pool.auth-file", &e))?;
         Some(Arc::new(list))
     };
+    // With pipelined lending, a client that starts waiting wakes the shards where a shared
+    // connection of its pair lingers (one eventfd per shard).
+    let budgets = if p.shared_depth_max > 1 {
+        crate::backend::pool::Budgets::with_wakeups(shards)
+            .map_err(|source| RuntimeError::Shard { index: 0, source })?
+    } else {
+        Default::default()
+    };
     Ok(Some(PoolingShared {
         cfg: p.clone(),
-        budgets: Default::default(),
+        budgets,
         cancel_keys: Default::default(),
         userlist,
         console: Arc::new(crate::proxy::ConsoleCtx::new(cfg.clone(), shards)),
