@@ -1271,6 +1271,7 @@ impl Exchange {
             session,
             transaction: 0,
             params: Rc::new(params),
+            primary_stamp_ns: 0,
         };
         let writer = ShadowWriter {
             link: up.link.clone(),
@@ -1305,6 +1306,15 @@ pub struct Comparer {
     session: u64,
     transaction: u64,
     params: Rc<Vec<(String, String)>>,
+    /// See [`Comparer::set_primary_received`].
+    primary_stamp_ns: u64,
+}
+
+/// Now, in ns since the Unix epoch (the clock of the kernel's receive timestamps).
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 pub const PRIMARY: usize = 0;
@@ -1463,7 +1473,7 @@ impl Comparer {
             self.link.check_cancel();
             kind
         } else {
-            self.primary_completed(status);
+            self.primary_completed(status, &digest);
             None
         };
         let internal = kind == Some(ShadowSync::Own);
@@ -1487,10 +1497,11 @@ impl Comparer {
     /// it takes its place in the completion order, and its frames may go to the shadow in
     /// their turn. What a transaction writes becomes visible to others when it ends, so the
     /// sync point that ends it carries everything it wrote.
-    fn primary_completed(&mut self, status: u8) {
+    fn primary_completed(&mut self, status: u8, digest: &SyncDigest) {
         let Some(port) = &self.target.port else {
             return;
         };
+        let stamp_ns = self.primary_stamp_ns;
         let metas = self.link.metas.borrow();
         let index = self.done[PRIMARY].len();
         let Some(meta) = metas.get(index) else {
@@ -1531,6 +1542,23 @@ impl Comparer {
                 port.ledger
                     .complete(session, footprint, &start, holds_locks)
             });
+            // The order-gap measurement (tests/compare_concurrent.rs, `hot_row_order_gap`):
+            // the number given, when the answer reached the socket and when pgprism read it,
+            // and the answer's first row.
+            tracing::trace!(
+                c = c.unwrap_or(0),
+                stamp_ns,
+                seen_ns = unix_ns(),
+                shard = port.shard(),
+                session,
+                statement = ?meta.statements.first().map(|s| &*s.text),
+                row = ?digest
+                    .results
+                    .first()
+                    .and_then(|r| r.sample.first())
+                    .map(|s| s.1.as_str()),
+                "compare order: primary completion"
+            );
             if let Some(c) = c {
                 self.link.issued.borrow_mut().push(c);
             }
@@ -1543,6 +1571,12 @@ impl Comparer {
         } else {
             port.ledger.answered(session, &footprint, &start);
         }
+    }
+
+    /// The kernel's receive time of the primary's bytes being fed (ns since the Unix epoch;
+    /// 0: not stamped).
+    pub fn set_primary_received(&mut self, ns: u64) {
+        self.primary_stamp_ns = ns;
     }
 
     /// The shadow answered ordered sync point `c`: whoever waited for it may go.

@@ -103,6 +103,12 @@ impl<'a> Pump<'a> {
         comparer: Comparer,
         pbuf: BytesMut,
     ) -> Pump<'a> {
+        if comparer.target().port.is_some()
+            && let Err(err) = primary.stamp_receives()
+        {
+            // The ordered dispatch then numbers the primary's answers as it reads them.
+            tracing::debug!(error = %err, "compare ordering: no receive timestamps from the primary");
+        }
         Pump {
             host,
             stats,
@@ -296,6 +302,8 @@ impl<'a> Pump<'a> {
             self.comparer.feed(side, &frames, None, &mut self.out);
             return Flow::Settle;
         }
+        self.comparer
+            .set_primary_received(self.primary.received_at_ns());
         let mut tracker = self.host.tracker().borrow_mut();
         let first_answer = tracker.sync_points().1;
         let fed = self
