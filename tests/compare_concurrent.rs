@@ -611,7 +611,8 @@ fn order_gap(all: &[Completion], key: impl Fn(&Completion) -> u64) -> String {
 /// with `UPDATE ... RETURNING v` (the primary's own order of each row's writes) at 8 and 64
 /// clients, with 2 shards and 1, and prints how far pgprism's completion order, the order in
 /// which pgprism read the answers and the order of the kernel's receive timestamps are from
-/// the primary's. `PGPRISM_GAP_RUNS` (e.g. `8:2,64:1`: clients:shards) picks the runs.
+/// the primary's. `PGPRISM_GAP_RUNS` (e.g. `8:2,64:1`: clients:shards) picks the runs,
+/// `PGPRISM_GAP_ARGS` adds proxy flags (e.g. `--compare-order-hold-ms 0`).
 #[test]
 #[ignore = "a measurement: cargo nextest run --test compare_concurrent hot_row_order_gap --run-ignored only --no-capture"]
 fn hot_row_order_gap() {
@@ -635,12 +636,18 @@ SELECT v FROM hot WHERE id = :id;
 ",
         )
         .expect("write the script");
-        let proxy = p.proxy(&["--shards", shards]);
+        let extra = std::env::var("PGPRISM_GAP_ARGS").unwrap_or_default();
+        let mut args = vec!["--shards", shards];
+        args.extend(extra.split_whitespace());
+        let proxy = p.proxy(&args);
         let script = p.script.display().to_string();
         let (c, t) = (clients.to_string(), per_client.to_string());
         pgbench(&proxy, &["-c", &c, "-j", "2", "-t", &t, "-f", &script]);
         let statements = (clients * per_client * 2) as u64;
         let (mismatches, concurrent, _, compared) = verdicts(&proxy, statements);
+        let (_, status) = proxy.admin_get("/status");
+        let status: sonic_rs::Value = sonic_rs::from_str(&status).expect("status JSON");
+        let lag = &status["compare_shadow_lag"];
         let all = completions(&proxy.log());
         let mut delays: Vec<u64> = all
             .iter()
@@ -655,11 +662,15 @@ SELECT v FROM hot WHERE id = :id;
         };
         eprintln!(
             "order gap, {clients} clients, {shards} shard(s): {compared} compared, {mismatches} \
-             mismatches, {concurrent} inconclusive ({:.2}%), {} unpinned; {} completions \
-             traced, {} stamped; read delay after the socket (us) p50 {:?} p99 {:?} max {:?}\n  \
+             mismatches, {concurrent} inconclusive ({:.2}%), {} unpinned, {} waits expired, {} \
+             lock breaks, shadow lag p50 {:?} p99 {:?} us; {} completions traced, {} stamped; read delay after the socket (us) p50 {:?} p99 {:?} max {:?}\n  \
              pgprism's numbers: {}\n  read order:        {}\n  kernel stamps:     {}",
             100.0 * concurrent as f64 / compared.max(1) as f64,
             proxy.metric("pgprism_compare_unpinned_total"),
+            proxy.metric("pgprism_compare_order_waits_expired_total"),
+            proxy.metric("pgprism_compare_order_lock_breaks_total"),
+            lag["p50_us"].as_u64(),
+            lag["p99_us"].as_u64(),
             all.len(),
             delays.len(),
             pct(0.5),

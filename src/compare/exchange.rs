@@ -271,7 +271,7 @@ pub(crate) struct Pairing {
     order_lock_breaks: Cell<u64>,
     /// What the primary's open transaction has written so far: its end makes it visible.
     written: RefCell<Footprint>,
-    /// Writing sync points sent to the primary and not answered yet.
+    /// Sync points sent to the primary, touching something, and not answered yet.
     in_flight: RefCell<VecDeque<(u64, Start)>>,
     port: Option<Rc<super::order::Port>>,
     rollback_due: Cell<bool>,
@@ -703,7 +703,7 @@ impl Dispatch {
             && !self.batch_unordered
             && !statements.iter().any(|s| s.copy);
         let start = self.start(&statements, &footprint, !shadow);
-        if start.1.writes {
+        if start.1.counted {
             self.link
                 .in_flight
                 .borrow_mut()
@@ -1161,7 +1161,8 @@ impl Pairing {
             .map(|(_, s)| s)
             .collect();
         if let Some(port) = &self.port {
-            port.ledger.unstart(self.order_session, &in_flight);
+            port.ledger
+                .unstart(self.order_session, &in_flight, port.shard());
             port.ledger.abandon(&issued, port.shard());
             port.drain();
         }
@@ -1530,17 +1531,19 @@ impl Comparer {
             while in_flight.front().is_some_and(|(s, _)| *s < seq) {
                 in_flight.pop_front();
             }
-            start.1.writes = in_flight.front().is_some_and(|(s, _)| *s == seq);
-            if start.1.writes {
+            start.1.counted = in_flight.front().is_some_and(|(s, _)| *s == seq);
+            if start.1.counted {
                 in_flight.pop_front();
             }
         }
+        let shard = port.shard();
         if self.link.dead.get() {
-            port.ledger.answered(session, &footprint, &start);
+            port.ledger
+                .answered(session, &footprint, (&start, stamp_ns), shard);
         } else if meta.ordered {
             let c = (!footprint.is_empty()).then(|| {
                 port.ledger
-                    .complete(session, footprint, &start, holds_locks)
+                    .complete(session, footprint, (&start, stamp_ns), holds_locks, shard)
             });
             // The order-gap measurement (tests/compare_concurrent.rs, `hot_row_order_gap`):
             // the number given, when the answer reached the socket and when pgprism read it,
@@ -1567,10 +1570,15 @@ impl Comparer {
                 w.wake();
             }
         } else if !meta.shadow {
-            port.ledger.primary_only(session, &footprint, &start);
+            port.ledger
+                .primary_only(session, &footprint, (&start, stamp_ns), shard);
         } else {
-            port.ledger.answered(session, &footprint, &start);
+            port.ledger
+                .answered(session, &footprint, (&start, stamp_ns), shard);
         }
+        drop(metas);
+        // Releases of this shard's own sync points the answer freed.
+        port.drain();
     }
 
     /// The kernel's receive time of the primary's bytes being fed (ns since the Unix epoch;
