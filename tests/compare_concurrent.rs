@@ -128,11 +128,12 @@ fn sum_v(inst: &Instance) -> String {
 
 /// Runs the hot-row workload at `clients`: no mismatch at all, and at most `inconclusive_max`
 /// of the compared statements inconclusive. (Issue 15 aims at 1%. Every inconclusive read
-/// overlapped a write of its own row on the primary as pgprism saw it, and on the 2-core
-/// build machine shared by several builds pgprism reads the answers of one row's commits up
-/// to a dozen out of the primary's order (the drift printed below), so the bounds are what
-/// that machine holds under parallel test load: at most 4.6% seen at 8 clients, 17.3% at 64;
-/// docs/compare.md gives measured rates.)
+/// overlapped a write of its own row on the primary; with the answers numbered by their kernel
+/// receive timestamps and held for earlier-sent ones (`compare.order-hold-ms`), the 2-core
+/// build machine shared by several builds gave 0.04-0.6% at 8 clients and 0.25-1.2% at 64
+/// (numbered as read: 1.3-4.6% and 13-29%); the bounds leave room for a machine under
+/// heavier parallel test load and still fail if the numbering by arrival is lost.
+/// docs/compare.md gives measured rates; `hot_row_order_gap` measures the order itself.)
 fn hot_rows_without_false_mismatches(
     name: &str,
     clients: usize,
@@ -218,12 +219,12 @@ fn drift(reports: &[sonic_rs::Value]) -> String {
 
 #[test]
 fn hot_rows_at_8_clients_give_no_false_mismatch() {
-    hot_rows_without_false_mismatches("h8", 8, 150, 0.08);
+    hot_rows_without_false_mismatches("h8", 8, 150, 0.025);
 }
 
 #[test]
 fn hot_rows_at_64_clients_give_no_false_mismatch() {
-    hot_rows_without_false_mismatches("h64", 64, 25, 0.25);
+    hot_rows_without_false_mismatches("h64", 64, 25, 0.05);
 }
 
 /// Row granularity, end to end and through the extended protocol (`-M prepared`: the row

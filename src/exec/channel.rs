@@ -6,6 +6,10 @@
 //! readiness design it replaces paid 4.4 system calls per pgbench transaction; this one pays
 //! well under one, see benches/floor-forwarder.rs and the README).
 //!
+//! A socket that asked for kernel receive timestamps (compare mode's primary legs) reads with
+//! `IORING_OP_RECVMSG` instead, with a control buffer for `SCM_TIMESTAMPNS`; every other
+//! socket pays nothing for it.
+//!
 //! Buffers the kernel uses must stay put until the operation's completion: the receive buffer
 //! is only touched while no receive is in flight, queued `Bytes` are immutable, and the
 //! channel itself is held by the reactor's slot (not only by its handles) until its last
