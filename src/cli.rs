@@ -210,6 +210,11 @@ struct CompareArgs {
     /// shadow before it goes anyway (they most likely wait for its locks); 0: no such break.
     #[arg(long)]
     compare_order_lock_wait_ms: Option<u64>,
+    /// How long (ms) after its answer arrived a statement may wait for earlier-sent
+    /// conflicting ones still unanswered on the primary (their answers may have arrived
+    /// first); 0: ordered as pgprism reads the answers.
+    #[arg(long)]
+    compare_order_hold_ms: Option<u64>,
     /// A/A calibration: the shadow is the primary itself (--shadow defaults to the primary's
     /// URL); writes run on the primary only and every difference counts as noise.
     #[arg(long)]
@@ -271,6 +276,9 @@ impl CompareArgs {
         }
         if let Some(v) = self.compare_order_lock_wait_ms {
             c.order_lock_wait_ms = v;
+        }
+        if let Some(v) = self.compare_order_hold_ms {
+            c.order_hold_ms = v;
         }
         if let Some(v) = self.shadow_pool_size {
             cfg.shadow.pool_size = v;

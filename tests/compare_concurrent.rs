@@ -128,11 +128,12 @@ fn sum_v(inst: &Instance) -> String {
 
 /// Runs the hot-row workload at `clients`: no mismatch at all, and at most `inconclusive_max`
 /// of the compared statements inconclusive. (Issue 15 aims at 1%. Every inconclusive read
-/// overlapped a write of its own row on the primary as pgprism saw it, and on the 2-core
-/// build machine shared by several builds pgprism reads the answers of one row's commits up
-/// to a dozen out of the primary's order (the drift printed below), so the bounds are what
-/// that machine holds under parallel test load: at most 4.6% seen at 8 clients, 17.3% at 64;
-/// docs/compare.md gives measured rates.)
+/// overlapped a write of its own row on the primary; with the answers numbered by their kernel
+/// receive timestamps and held for earlier-sent ones (`compare.order-hold-ms`), the 2-core
+/// build machine shared by several builds gave 0.04-0.6% at 8 clients and 0.25-1.2% at 64
+/// (numbered as read: 1.3-4.6% and 13-29%); the bounds leave room for a machine under
+/// heavier parallel test load and still fail if the numbering by arrival is lost.
+/// docs/compare.md gives measured rates; `hot_row_order_gap` measures the order itself.)
 fn hot_rows_without_false_mismatches(
     name: &str,
     clients: usize,
@@ -218,12 +219,12 @@ fn drift(reports: &[sonic_rs::Value]) -> String {
 
 #[test]
 fn hot_rows_at_8_clients_give_no_false_mismatch() {
-    hot_rows_without_false_mismatches("h8", 8, 150, 0.08);
+    hot_rows_without_false_mismatches("h8", 8, 150, 0.025);
 }
 
 #[test]
 fn hot_rows_at_64_clients_give_no_false_mismatch() {
-    hot_rows_without_false_mismatches("h64", 64, 25, 0.25);
+    hot_rows_without_false_mismatches("h64", 64, 25, 0.05);
 }
 
 /// Row granularity, end to end and through the extended protocol (`-M prepared`: the row
@@ -478,4 +479,207 @@ fn a_statement_cancelled_on_one_side_only_is_inconclusive() {
     });
     assert!(found, "reports: {:?}", p.reports());
     assert_eq!(proxy.metric("pgprism_compare_mismatches_total"), 0);
+}
+
+/// One primary completion of the order-gap measurement, from pgprism's trace.
+struct Completion {
+    /// pgprism's number in the completion order.
+    c: u64,
+    /// When the answer reached pgprism's socket (kernel timestamp, ns; 0: none).
+    stamp: u64,
+    /// When pgprism read it (ns).
+    seen: u64,
+    shard: u64,
+    id: u64,
+    write: bool,
+    /// The row's value in the answer: a write's position in the row's order (from 1), or
+    /// how many writes a read saw.
+    v: i64,
+}
+
+/// The completions in a proxy log (`compare order: primary completion` trace lines).
+fn completions(log: &str) -> Vec<Completion> {
+    let mut out = Vec::new();
+    for raw in log
+        .lines()
+        .filter(|l| l.contains("compare order: primary completion"))
+    {
+        // Without the terminal's colour escapes.
+        let mut line = String::with_capacity(raw.len());
+        let mut chars = raw.chars();
+        while let Some(ch) = chars.next() {
+            if ch == '\u{1b}' {
+                for e in chars.by_ref() {
+                    if e == 'm' {
+                        break;
+                    }
+                }
+            } else {
+                line.push(ch);
+            }
+        }
+        let num = |key: &str| -> Option<u64> {
+            let at = line.find(&format!(" {key}="))? + key.len() + 2;
+            line[at..]
+                .split(|ch: char| !ch.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        };
+        let quoted = |key: &str| -> Option<&str> {
+            let at = line.find(&format!("{key}=Some(\""))? + key.len() + 7;
+            line[at..].split('"').next()
+        };
+        let (Some(c), Some(statement), Some(row)) = (num("c"), quoted("statement"), quoted("row"))
+        else {
+            continue;
+        };
+        let Some(id) = statement
+            .split("id = ")
+            .nth(1)
+            .and_then(|t| t.split(|ch: char| !ch.is_ascii_digit()).next())
+            .and_then(|t| t.parse().ok())
+        else {
+            continue;
+        };
+        let Ok(v) = row.trim_matches(|ch| ch == '(' || ch == ')').parse() else {
+            continue;
+        };
+        out.push(Completion {
+            c,
+            stamp: num("stamp_ns").unwrap_or(0),
+            seen: num("seen_ns").unwrap_or(0),
+            shard: num("shard").unwrap_or(0),
+            id,
+            write: statement.starts_with("UPDATE"),
+            v,
+        });
+    }
+    out
+}
+
+/// How far an order `key` of the completions is from the primary's own order (each write's
+/// RETURNING value): writes out of place and reads placed among another number of writes
+/// than they saw, with a histogram of how many places.
+fn order_gap(all: &[Completion], key: impl Fn(&Completion) -> u64) -> String {
+    let bucket = |d: i64| match d.unsigned_abs() {
+        0 => 0,
+        1 => 1,
+        2 => 2,
+        3..=5 => 3,
+        6..=10 => 4,
+        _ => 5,
+    };
+    let (mut writes, mut reads) = ([0u64; 6], [0u64; 6]);
+    let (mut adjacent, mut cross_shard) = (0u64, 0u64);
+    let mut ids: Vec<u64> = all.iter().map(|e| e.id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    for id in ids {
+        let mut row: Vec<&Completion> = all.iter().filter(|e| e.id == id && e.write).collect();
+        row.sort_by_key(|e| e.v);
+        let mut keys: Vec<u64> = row.iter().map(|e| key(e)).collect();
+        for (i, e) in row.iter().enumerate() {
+            let rank = keys.iter().filter(|&&k| k < key(e)).count();
+            writes[bucket(rank as i64 - i as i64)] += 1;
+        }
+        for pair in row.windows(2) {
+            if key(pair[1]) < key(pair[0]) {
+                adjacent += 1;
+                cross_shard += u64::from(pair[0].shard != pair[1].shard);
+            }
+        }
+        keys.sort_unstable();
+        for r in all.iter().filter(|e| e.id == id && !e.write) {
+            let placed = keys.partition_point(|&k| k < key(r)) as i64;
+            reads[bucket(placed - r.v)] += 1;
+        }
+    }
+    let share = |h: &[u64; 6]| {
+        let n: u64 = h.iter().sum();
+        100.0 * (n - h[0]) as f64 / n.max(1) as f64
+    };
+    format!(
+        "writes out of place {:.1}% (by 0/1/2/3-5/6-10/>10 places: {writes:?}), adjacent \
+         writes inverted {adjacent} ({cross_shard} across shards); reads misplaced {:.1}% \
+         ({reads:?})",
+        share(&writes),
+        share(&reads)
+    )
+}
+
+/// The order-gap measurement of issue 15, not a pass/fail test: runs the hot-row workload
+/// with `UPDATE ... RETURNING v` (the primary's own order of each row's writes) at 8 and 64
+/// clients, with 2 shards and 1, and prints how far pgprism's completion order, the order in
+/// which pgprism read the answers and the order of the kernel's receive timestamps are from
+/// the primary's. `PGPRISM_GAP_RUNS` (e.g. `8:2,64:1`: clients:shards) picks the runs,
+/// `PGPRISM_GAP_ARGS` adds proxy flags (e.g. `--compare-order-hold-ms 0`).
+#[test]
+#[ignore = "a measurement: cargo nextest run --test compare_concurrent hot_row_order_gap --run-ignored only --no-capture"]
+fn hot_row_order_gap() {
+    // SAFETY: nextest runs each test in a process of its own, and nothing else in it reads
+    // the environment concurrently; the proxies started below inherit it.
+    unsafe {
+        std::env::set_var("RUST_LOG", "pgprism=info,pgprism::compare::exchange=trace");
+    }
+    let runs = std::env::var("PGPRISM_GAP_RUNS").unwrap_or_else(|_| "8:2,8:1,64:2,64:1".into());
+    for run in runs.split(',') {
+        let (clients, shards) = run.split_once(':').expect("clients:shards");
+        let clients: usize = clients.parse().expect("clients");
+        let per_client = if clients >= 32 { 25 } else { 150 };
+        let p = pair(&format!("gap{clients}x{shards}"));
+        p.both(HOT);
+        std::fs::write(
+            &p.script,
+            "\\set id random(1, 5)
+UPDATE hot SET v = v + 1 WHERE id = :id RETURNING v;
+SELECT v FROM hot WHERE id = :id;
+",
+        )
+        .expect("write the script");
+        let extra = std::env::var("PGPRISM_GAP_ARGS").unwrap_or_default();
+        let mut args = vec!["--shards", shards];
+        args.extend(extra.split_whitespace());
+        let proxy = p.proxy(&args);
+        let script = p.script.display().to_string();
+        let (c, t) = (clients.to_string(), per_client.to_string());
+        pgbench(&proxy, &["-c", &c, "-j", "2", "-t", &t, "-f", &script]);
+        let statements = (clients * per_client * 2) as u64;
+        let (mismatches, concurrent, _, compared) = verdicts(&proxy, statements);
+        let (_, status) = proxy.admin_get("/status");
+        let status: sonic_rs::Value = sonic_rs::from_str(&status).expect("status JSON");
+        let lag = &status["compare_shadow_lag"];
+        let all = completions(&proxy.log());
+        let mut delays: Vec<u64> = all
+            .iter()
+            .filter(|e| e.stamp > 0)
+            .map(|e| e.seen.saturating_sub(e.stamp) / 1000)
+            .collect();
+        delays.sort_unstable();
+        let pct = |q: f64| {
+            delays
+                .get(((delays.len() as f64 * q) as usize).min(delays.len().saturating_sub(1)))
+                .copied()
+        };
+        eprintln!(
+            "order gap, {clients} clients, {shards} shard(s): {compared} compared, {mismatches} \
+             mismatches, {concurrent} inconclusive ({:.2}%), {} unpinned, {} waits expired, {} \
+             lock breaks, shadow lag p50 {:?} p99 {:?} us; {} completions traced, {} stamped; read delay after the socket (us) p50 {:?} p99 {:?} max {:?}\n  \
+             pgprism's numbers: {}\n  read order:        {}\n  kernel stamps:     {}",
+            100.0 * concurrent as f64 / compared.max(1) as f64,
+            proxy.metric("pgprism_compare_unpinned_total"),
+            proxy.metric("pgprism_compare_order_waits_expired_total"),
+            proxy.metric("pgprism_compare_order_lock_breaks_total"),
+            lag["p50_us"].as_u64(),
+            lag["p99_us"].as_u64(),
+            all.len(),
+            delays.len(),
+            pct(0.5),
+            pct(0.99),
+            delays.last(),
+            order_gap(&all, |e| e.c),
+            order_gap(&all, |e| e.seen),
+            order_gap(&all, |e| if e.stamp > 0 { e.stamp } else { e.seen }),
+        );
+    }
 }

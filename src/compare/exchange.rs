@@ -271,7 +271,7 @@ pub(crate) struct Pairing {
     order_lock_breaks: Cell<u64>,
     /// What the primary's open transaction has written so far: its end makes it visible.
     written: RefCell<Footprint>,
-    /// Writing sync points sent to the primary and not answered yet.
+    /// Sync points sent to the primary, touching something, and not answered yet.
     in_flight: RefCell<VecDeque<(u64, Start)>>,
     port: Option<Rc<super::order::Port>>,
     rollback_due: Cell<bool>,
@@ -703,7 +703,7 @@ impl Dispatch {
             && !self.batch_unordered
             && !statements.iter().any(|s| s.copy);
         let start = self.start(&statements, &footprint, !shadow);
-        if start.1.writes {
+        if start.1.counted {
             self.link
                 .in_flight
                 .borrow_mut()
@@ -1186,7 +1186,8 @@ impl Pairing {
             .map(|(_, s)| s)
             .collect();
         if let Some(port) = &self.port {
-            port.ledger.unstart(self.order_session, &in_flight);
+            port.ledger
+                .unstart(self.order_session, &in_flight, port.shard());
             port.ledger.abandon(&issued, port.shard());
             port.drain();
         }
@@ -1296,6 +1297,7 @@ impl Exchange {
             session,
             transaction: 0,
             params: Rc::new(params),
+            primary_stamp_ns: 0,
         };
         let writer = ShadowWriter {
             link: up.link.clone(),
@@ -1330,6 +1332,15 @@ pub struct Comparer {
     session: u64,
     transaction: u64,
     params: Rc<Vec<(String, String)>>,
+    /// See [`Comparer::set_primary_received`].
+    primary_stamp_ns: u64,
+}
+
+/// Now, in ns since the Unix epoch (the clock of the kernel's receive timestamps).
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 pub const PRIMARY: usize = 0;
@@ -1488,7 +1499,7 @@ impl Comparer {
             self.link.check_cancel();
             kind
         } else {
-            self.primary_completed(status);
+            self.primary_completed(status, &digest);
             None
         };
         let internal = kind == Some(ShadowSync::Own);
@@ -1512,10 +1523,11 @@ impl Comparer {
     /// it takes its place in the completion order, and its frames may go to the shadow in
     /// their turn. What a transaction writes becomes visible to others when it ends, so the
     /// sync point that ends it carries everything it wrote.
-    fn primary_completed(&mut self, status: u8) {
+    fn primary_completed(&mut self, status: u8, digest: &SyncDigest) {
         let Some(port) = &self.target.port else {
             return;
         };
+        let stamp_ns = self.primary_stamp_ns;
         let metas = self.link.metas.borrow();
         let index = self.done[PRIMARY].len();
         let Some(meta) = metas.get(index) else {
@@ -1544,18 +1556,37 @@ impl Comparer {
             while in_flight.front().is_some_and(|(s, _)| *s < seq) {
                 in_flight.pop_front();
             }
-            start.1.writes = in_flight.front().is_some_and(|(s, _)| *s == seq);
-            if start.1.writes {
+            start.1.counted = in_flight.front().is_some_and(|(s, _)| *s == seq);
+            if start.1.counted {
                 in_flight.pop_front();
             }
         }
+        let shard = port.shard();
         if self.link.dead.get() {
-            port.ledger.answered(session, &footprint, &start);
+            port.ledger
+                .answered(session, &footprint, (&start, stamp_ns), shard);
         } else if meta.ordered {
             let c = (!footprint.is_empty()).then(|| {
                 port.ledger
-                    .complete(session, footprint, &start, holds_locks)
+                    .complete(session, footprint, (&start, stamp_ns), holds_locks, shard)
             });
+            // The order-gap measurement (tests/compare_concurrent.rs, `hot_row_order_gap`):
+            // the number given, when the answer reached the socket and when pgprism read it,
+            // and the answer's first row.
+            tracing::trace!(
+                c = c.unwrap_or(0),
+                stamp_ns,
+                seen_ns = unix_ns(),
+                shard = port.shard(),
+                session,
+                statement = ?meta.statements.first().map(|s| &*s.text),
+                row = ?digest
+                    .results
+                    .first()
+                    .and_then(|r| r.sample.first())
+                    .map(|s| s.1.as_str()),
+                "compare order: primary completion"
+            );
             if let Some(c) = c {
                 self.link.issued.borrow_mut().push(c);
             }
@@ -1564,10 +1595,21 @@ impl Comparer {
                 w.wake();
             }
         } else if !meta.shadow {
-            port.ledger.primary_only(session, &footprint, &start);
+            port.ledger
+                .primary_only(session, &footprint, (&start, stamp_ns), shard);
         } else {
-            port.ledger.answered(session, &footprint, &start);
+            port.ledger
+                .answered(session, &footprint, (&start, stamp_ns), shard);
         }
+        drop(metas);
+        // Releases of this shard's own sync points the answer freed.
+        port.drain();
+    }
+
+    /// The kernel's receive time of the primary's bytes being fed (ns since the Unix epoch;
+    /// 0: not stamped).
+    pub fn set_primary_received(&mut self, ns: u64) {
+        self.primary_stamp_ns = ns;
     }
 
     /// The shadow answered ordered sync point `c`: whoever waited for it may go.

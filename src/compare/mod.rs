@@ -170,7 +170,9 @@ pub fn resolve(cfg: &Config, reports: Sender<Record>) -> Result<Option<Resolved>
         primary_tls,
         cfg: cfg.compare.clone(),
         reports,
-        ledger: Arc::default(),
+        ledger: Arc::new(order::Ledger::new(Duration::from_millis(
+            cfg.compare.order_hold_ms,
+        ))),
         pool: (cfg.shadow.pool_size > 0).then(|| (shadow_pool_config(cfg), Default::default())),
         shards: cfg.shard_count(),
         message_bytes_max: cfg.proxy.message_bytes_max,

@@ -3,9 +3,19 @@
 //!
 //! The model is Oracle Database Replay's commit-order synchronisation in its OBJECT_ID mode
 //! (an action waits only for earlier actions that touched the same objects), with the
-//! primary's completion order as the clock: each sync point the primary answers gets the next
-//! number of one process-wide sequence (the one cross-thread cost compare mode pays; the plain
-//! proxy and mirror paths never touch this module). A sync point goes to the shadow once every
+//! primary's completion order as the clock: each sync point the primary answers is numbered
+//! by when its answer reached pgprism's socket, the kernel's receive timestamp
+//! (`SO_TIMESTAMPNS`, asked on compare's primary legs only), in one process-wide book (the one
+//! cross-thread cost compare mode pays; the plain proxy and mirror paths never touch this
+//! module). Numbering answers in the order pgprism *read* them misplaced 30% of a hot row's
+//! writes at 64 clients on a loaded 2-core machine (a shard descheduled for milliseconds reads
+//! its answers late; 125 of 130 inversions were across shards); the timestamps misplace
+//! 0.1-1% (`hot_row_order_gap` in tests/compare_concurrent.rs measures it). Since an answer
+//! can be read after a later-stamped one, a sync point is also *held* while a conflicting one
+//! of another session, sent to the primary before its answer arrived, is still unanswered
+//! (that one's answer may be stamped earlier), for at most `compare.order-hold-ms` after its
+//! answer arrived: a watermark per conflict rather than across shards, so unrelated traffic
+//! is never held. A sync point goes to the shadow once every
 //! conflicting sync point of another session with a smaller number has completed on the
 //! shadow: two conflict when they share a relation and one writes (see [`Footprint`]). Reads
 //! of the same relation stay parallel, and so do unrelated relations. A transaction's COMMIT
@@ -24,7 +34,12 @@
 //! only (primary-only routing, calibration). This is also what breaks the one cycle the
 //! ordering could form with the shadow's own locks (a statement held by pgprism for an earlier
 //! one that the shadow blocks on a lock the first one's transaction holds): it cannot last
-//! longer than the bound.
+//! longer than the bound. The hold is bounded the same way (`compare.order-hold-ms`): it
+//! waits only for the primary, which answers whatever the shadow does, except under
+//! `fail-on-differences`, where a client whose answer waits for the shadow may keep a lock
+//! the awaited statement waits for on the primary: that cycle lasts at most the hold. A step
+//! of the wall clock the timestamps are on misnumbers the answers around it; their
+//! differences are judged by the overlap rule below like any other.
 //!
 //! A cycle the shadow's locks close is broken sooner when it can be seen: a sync point whose
 //! transaction already wrote (so holds row locks on the shadow while it waits) and whose
@@ -75,10 +90,24 @@ struct Recent {
     /// The newest completion number among the writes no longer in `writes`: a sync point
     /// that started before it may have overlapped any of them.
     forgotten: u64,
-    /// Writes sent to the primary and not answered yet: (session, rows, never runs on the
-    /// shadow). Those of primary-only routing or calibration land whenever they do, so a
-    /// read the shadow completes while one is in flight is not pinned.
-    in_flight: Vec<(u64, Vec<Probe>, bool)>,
+    /// Sync points sent to the primary whose answer pgprism has not read yet. The writes
+    /// of primary-only routing or calibration land whenever they do, so a read the shadow
+    /// completes while one is in flight is not pinned; and any one of them may carry an
+    /// answer stamped before a later-read one's (see [`Book::held`]).
+    in_flight: Vec<InFlight>,
+}
+
+/// A sync point in flight on the primary, on one relation.
+#[derive(Debug, Clone)]
+struct InFlight {
+    session: u64,
+    /// Its rows of the relation (empty: all of them).
+    rows: Vec<Probe>,
+    /// It never runs on the shadow.
+    only: bool,
+    write: bool,
+    /// When it was sent (ns since the Unix epoch).
+    since: u64,
 }
 
 /// Writes remembered per relation: older ones count as overlapping whatever started before
@@ -92,7 +121,9 @@ impl Recent {
         if self.writes.len() == WRITES_KEPT
             && let Some((old, _, _)) = self.writes.pop_front()
         {
-            self.forgotten = old;
+            // Kept in the order pgprism read them, which is nearly but not quite the order
+            // of their numbers (receive timestamps).
+            self.forgotten = self.forgotten.max(old);
         }
         self.writes.push_back((c, session, rows.to_vec()));
     }
@@ -105,13 +136,25 @@ impl Recent {
             || self
                 .writes
                 .iter()
-                .rev()
-                .take_while(|(c, _, _)| *c >= since)
-                .any(|(_, s, r)| *s != session && meets(r))
+                .any(|(c, s, r)| *c >= since && *s != session && meets(r))
             || self
                 .in_flight
                 .iter()
-                .any(|(s, r, _)| *s != session && meets(r))
+                .any(|f| f.write && f.session != session && meets(&f.rows))
+    }
+
+    /// Whether a sync point of another session that `footprint` (of `session`, answered
+    /// at `c`, `rows` of this relation) conflicts with was sent before `c` and is still in
+    /// flight: its answer may have reached pgprism's socket before `c`'s and not been read
+    /// yet. Primary-only ones never run on the shadow: no order to keep with them.
+    fn holds(&self, session: u64, c: u64, footprint: &Footprint, rows: &[Probe]) -> bool {
+        self.in_flight.iter().any(|f| {
+            f.session != session
+                && f.since < c
+                && !f.only
+                && footprint.waits_for(f.write)
+                && ((footprint.write && f.write) || !rows_disjoint(rows, &f.rows))
+        })
     }
 
     /// Whether a write that never runs on the shadow, of rows that may meet `rows`, is in
@@ -119,19 +162,27 @@ impl Recent {
     fn only_in_flight(&self, write: bool, rows: &[Probe]) -> bool {
         self.in_flight
             .iter()
-            .any(|(_, r, only)| *only && (write || !rows_disjoint(rows, r)))
+            .any(|f| f.only && f.write && (write || !rows_disjoint(rows, &f.rows)))
     }
 
-    fn start(&mut self, session: u64, rows: &[Probe], only: bool) {
-        self.in_flight.push((session, rows.to_vec(), only));
+    fn start(&mut self, session: u64, rows: &[Probe], started: Started) {
+        self.in_flight.push(InFlight {
+            session,
+            rows: rows.to_vec(),
+            only: started.only,
+            write: started.write,
+            since: started.since,
+        });
     }
 
-    fn end(&mut self, session: u64, rows: &[Probe], only: bool) {
-        if let Some(i) = self
-            .in_flight
-            .iter()
-            .position(|(s, r, o)| *s == session && *o == only && r == rows)
-        {
+    fn end(&mut self, session: u64, rows: &[Probe], started: Started) {
+        if let Some(i) = self.in_flight.iter().position(|f| {
+            f.session == session
+                && f.only == started.only
+                && f.write == started.write
+                && f.since == started.since
+                && f.rows == rows
+        }) {
             self.in_flight.swap_remove(i);
         }
     }
@@ -151,12 +202,16 @@ type Lane = BTreeMap<u64, (u64, bool)>;
 /// A sync point waiting to go to the shadow.
 struct Waiter {
     shard: usize,
+    /// Held for sync points in flight on the primary (see [`Turn::Hold`]), not waiting for
+    /// pending ones.
+    held: bool,
 }
 
 #[derive(Default)]
 struct Book {
-    /// The next completion number (starts at 1: 0 means "none").
-    next: u64,
+    /// How long a sync point may be held for earlier-sent conflicting ones still in flight
+    /// (`compare.order-hold-ms`, in ns).
+    hold_ns: u64,
     recent: HashMap<u64, Recent>,
     /// Writes that may touch every relation.
     recent_wild: Recent,
@@ -213,28 +268,58 @@ pub type Start = (Footprint, Started);
 /// Where a sync point stood when it was sent to the primary.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Started {
-    /// The completion number current then: writes completed from it on overlapped it.
+    /// When (ns since the Unix epoch, the clock of the completion numbers): writes
+    /// answered from then on overlapped it.
     pub since: u64,
-    /// It writes, and was counted in flight.
-    pub writes: bool,
+    /// It touches something, and was counted in flight.
+    pub counted: bool,
+    pub write: bool,
     /// It runs on the primary only.
     pub only: bool,
 }
 
+/// What [`Ledger::acquire`] says of a pending sync point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// It may go to the shadow now.
+    Go,
+    /// It waits for an earlier conflicting one to complete on the shadow: it is woken
+    /// through its shard's inbox.
+    Wait,
+    /// An earlier-sent conflicting one is still in flight on the primary: it waits for it
+    /// as [`Turn::Wait`] does, and at most this much longer (`compare.order-hold-ms`).
+    Hold(Duration),
+}
+
+/// Now, in ns since the Unix epoch: the clock of the kernel's receive timestamps.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 impl Ledger {
+    /// A ledger whose sync points are held at most `hold` for earlier-sent conflicting
+    /// ones still in flight on the primary (`compare.order-hold-ms`).
+    pub fn new(hold: Duration) -> Ledger {
+        let ledger = Ledger::default();
+        ledger.book().hold_ns = hold.as_nanos() as u64;
+        ledger
+    }
+
     /// A sync point of `session` touching `footprint` is sent to the primary now.
     pub fn start(&self, session: u64, footprint: &Footprint, only: bool) -> Started {
         let mut book = self.book();
-        let since = book.next.max(1);
-        let writes = footprint.write && !footprint.is_empty();
-        if writes {
-            book.each_recent(footprint, |r, rows| r.start(session, rows, only));
-        }
-        Started {
-            since,
-            writes,
+        let started = Started {
+            since: now_ns(),
+            counted: !footprint.is_empty(),
+            write: footprint.write,
             only,
+        };
+        if started.counted {
+            book.each_recent(footprint, |r, rows| r.start(session, rows, started));
         }
+        started
     }
 
     /// The primary answered a sync point of `session` sent at `started`: it is no longer in
@@ -248,8 +333,8 @@ impl Ledger {
         c: u64,
     ) -> bool {
         let (counted, started) = (&started.0, started.1);
-        if started.writes {
-            book.each_recent(counted, |r, rows| r.end(session, rows, started.only));
+        if started.counted {
+            book.each_recent(counted, |r, rows| r.end(session, rows, started));
         }
         let mut overlapped = false;
         if !footprint.is_empty() {
@@ -279,12 +364,18 @@ impl Ledger {
     }
 
     /// The session ended before the primary answered sync points sent at `started`.
-    pub fn unstart(&self, session: u64, started: &[Start]) {
+    pub fn unstart(&self, session: u64, started: &[Start], this_shard: usize) {
         let mut book = self.book();
+        let mut freed = Footprint::default();
         for (footprint, s) in started {
-            if s.writes {
-                book.each_recent(footprint, |r, rows| r.end(session, rows, s.only));
+            if s.counted {
+                book.each_recent(footprint, |r, rows| r.end(session, rows, *s));
+                freed.join(footprint);
             }
+        }
+        // What was held for them is checked again.
+        if !freed.is_empty() {
+            book.release(&freed, this_shard, true);
         }
     }
 
@@ -301,18 +392,23 @@ impl Ledger {
     }
 
     /// The primary completed a sync point of `session` that goes to the shadow: its number
-    /// in the completion order. It is pending until [`done`](Self::done). `holds_locks`:
-    /// its transaction had written before it (see [`held_by_own_locks`](Self::held_by_own_locks)).
+    /// in the completion order, the time its answer reached pgprism's socket (`stamp_ns`,
+    /// the kernel's receive timestamp; 0: none, pgprism's clock now stands for it), made
+    /// unique. It is pending until [`done`](Self::done). `holds_locks`: its transaction had
+    /// written before it (see [`held_by_own_locks`](Self::held_by_own_locks)).
     pub fn complete(
         &self,
         session: u64,
         footprint: Footprint,
-        started: &Start,
+        (started, stamp_ns): (&Start, u64),
         holds_locks: bool,
+        this_shard: usize,
     ) -> u64 {
         let mut book = self.book();
-        let c = book.next.max(1);
-        book.next = c + 1;
+        let mut c = if stamp_ns == 0 { now_ns() } else { stamp_ns }.max(1);
+        while book.entries.contains_key(&c) {
+            c += 1;
+        }
         let overlapped = Ledger::finish(&mut book, session, &footprint, started, c);
         let key = (session, footprint.write);
         if footprint.wild {
@@ -332,17 +428,29 @@ impl Ledger {
                 overtaken: overlapped,
             },
         );
+        // It is no longer in flight: what was held for it may go (or now waits for it).
+        let mut freed = started.0.clone();
+        freed.join(&book.entries[&c].footprint);
+        book.release(&freed, this_shard, true);
         c
     }
 
     /// The primary completed a write of `session` that the shadow never runs (routed to the
     /// primary only): the conflicting sync points still pending on the shadow may see its
     /// effect there, out of order.
-    pub fn primary_only(&self, session: u64, footprint: &Footprint, started: &Start) {
+    pub fn primary_only(
+        &self,
+        session: u64,
+        footprint: &Footprint,
+        (started, stamp_ns): (&Start, u64),
+        this_shard: usize,
+    ) {
         let mut book = self.book();
-        let c = book.next.max(1);
-        book.next = c + 1;
+        let c = if stamp_ns == 0 { now_ns() } else { stamp_ns };
         Ledger::finish(&mut book, session, footprint, started, c);
+        if started.1.counted {
+            book.release(&started.0, this_shard, true);
+        }
         if !footprint.write || footprint.is_empty() {
             return;
         }
@@ -353,11 +461,19 @@ impl Ledger {
 
     /// The primary answered a sync point that went to the shadow unordered (a COPY, or one a
     /// Flush sent early): it is no longer in flight, and a write is remembered.
-    pub fn answered(&self, session: u64, footprint: &Footprint, started: &Start) {
+    pub fn answered(
+        &self,
+        session: u64,
+        footprint: &Footprint,
+        (started, stamp_ns): (&Start, u64),
+        this_shard: usize,
+    ) {
         let mut book = self.book();
-        let c = book.next.max(1);
-        book.next = c + 1;
+        let c = if stamp_ns == 0 { now_ns() } else { stamp_ns };
         Ledger::finish(&mut book, session, footprint, started, c);
+        if started.1.counted {
+            book.release(&started.0, this_shard, true);
+        }
     }
 
     fn overtake(book: &mut Book, footprint: &Footprint) {
@@ -371,15 +487,25 @@ impl Ledger {
     }
 
     /// Whether sync point `c` (on `shard`) may go to the shadow now. When not, it is woken
-    /// through the shard's inbox once it may.
-    pub fn acquire(&self, c: u64, shard: usize) -> bool {
+    /// through the shard's inbox once it may (or, held, asks again when the hold ends).
+    pub fn acquire(&self, c: u64, shard: usize) -> Turn {
         let mut book = self.book();
-        if !book.blocked(c) {
+        let turn = if book.blocked(c) {
+            Turn::Wait
+        } else {
+            match book.held(c, now_ns()) {
+                Some(left) => Turn::Hold(left),
+                None => Turn::Go,
+            }
+        };
+        if turn == Turn::Go {
+            book.waiters.remove(&c);
             book.clear(c);
-            return true;
+        } else {
+            let held = turn != Turn::Wait;
+            book.waiters.insert(c, Waiter { shard, held });
         }
-        book.waiters.insert(c, Waiter { shard });
-        false
+        turn
     }
 
     /// Sync point `c` waited as long as it may: it goes now, and it and every earlier
@@ -445,7 +571,7 @@ impl Ledger {
         let Some(entry) = book.remove(c) else {
             return Pinned::Overtaken;
         };
-        book.release(&entry.footprint, this_shard);
+        book.release(&entry.footprint, this_shard, false);
         // Whatever the session: the shadow may already see a primary-only write of its own.
         let write = entry.footprint.write;
         let mut only = book.recent_wild.only_in_flight(write, &[]);
@@ -478,7 +604,7 @@ impl Ledger {
         }
         // What waited for any of them is checked again.
         freed.write = true;
-        book.release(&freed, this_shard);
+        book.release(&freed, this_shard, false);
     }
 
     /// Registers shard `shard`'s inbox; returns it.
@@ -571,6 +697,33 @@ impl Book {
         Some(entry)
     }
 
+    /// How much longer pending sync point `c` is held (see [`Turn::Hold`]): numbered by
+    /// when its answer reached pgprism's socket, it could still be overtaken by an answer
+    /// that reached another socket earlier and is not read yet (a shard descheduled for
+    /// milliseconds, a busy turn). Those are in flight, sent before `c`'s answer arrived:
+    /// it waits for the conflicting ones, at most `compare.order-hold-ms` after its answer.
+    fn held(&self, c: u64, now: u64) -> Option<Duration> {
+        let end = c.saturating_add(self.hold_ns);
+        if now >= end {
+            return None;
+        }
+        let entry = self.entries.get(&c)?;
+        let footprint = &entry.footprint;
+        let holds = |r: &Recent, rows: &[Probe]| r.holds(entry.session, c, footprint, rows);
+        let mut held = holds(&self.recent_wild, &[]);
+        if footprint.wild {
+            held = held || self.recent.values().any(|r| holds(r, &[]));
+        } else {
+            held = held
+                || footprint.lanes.iter().any(|lane| {
+                    self.recent
+                        .get(lane)
+                        .is_some_and(|r| holds(r, footprint.rows(*lane)))
+                });
+        }
+        held.then(|| Duration::from_nanos(end - now))
+    }
+
     /// Whether pending sync point `c` must still wait for an earlier conflicting one.
     fn blocked(&self, c: u64) -> bool {
         let Some(entry) = self.entries.get(&c) else {
@@ -653,17 +806,21 @@ impl Book {
         out
     }
 
-    /// Something touching `freed` left the book: the waiters it may have held are checked
-    /// again, and those free to go are sent to their shard's inbox.
-    fn release(&mut self, freed: &Footprint, this_shard: usize) {
+    /// Something touching `freed` left the book (or, `held_only`, stopped being in flight
+    /// on the primary: only held waiters may go for it): the waiters it may have held are
+    /// sent to their shard's inbox to ask again ([`Ledger::acquire`] decides, and clears).
+    fn release(&mut self, freed: &Footprint, this_shard: usize, held_only: bool) {
         let mut go: Vec<(u64, usize)> = Vec::new();
+        let mut freed = freed.clone();
+        freed.write = true;
         for (&c, waiter) in &self.waiters {
+            if held_only && !waiter.held {
+                continue;
+            }
             let Some(entry) = self.entries.get(&c) else {
                 go.push((c, waiter.shard));
                 continue;
             };
-            let mut freed = freed.clone();
-            freed.write = true;
             if !entry.footprint.conflicts(&freed) && !entry.footprint.is_empty() {
                 continue;
             }
@@ -676,7 +833,6 @@ impl Book {
         }
         for &(c, shard) in &go {
             self.waiters.remove(&c);
-            self.clear(c);
             let Some(Some(inbox)) = self.inboxes.get(shard) else {
                 continue;
             };
@@ -747,19 +903,36 @@ impl Port {
 
     /// Waits until sync point `c` may go to the shadow (the caller bounds the wait).
     pub async fn wait(self: &Rc<Self>, c: u64) {
-        if self.ledger.acquire(c, self.shard) {
-            return;
-        }
-        self.listen();
-        futures_lite::future::poll_fn(|cx| {
-            self.drain();
-            if self.released.borrow_mut().remove(&c) {
-                return Poll::Ready(());
+        loop {
+            let hold = match self.ledger.acquire(c, self.shard) {
+                Turn::Go => {
+                    // A release sent before a hold ran out may still be on its way.
+                    self.drain();
+                    self.released.borrow_mut().remove(&c);
+                    return;
+                }
+                Turn::Wait => None,
+                Turn::Hold(left) => Some(left),
+            };
+            self.listen();
+            let released = futures_lite::future::poll_fn(|cx| {
+                self.drain();
+                if self.released.borrow_mut().remove(&c) {
+                    return Poll::Ready(());
+                }
+                self.waiters.borrow_mut().insert(c, cx.waker().clone());
+                Poll::Pending
+            });
+            match hold {
+                None => released.await,
+                Some(left) => {
+                    // Released (its blockers or what held it are gone) or the hold ran
+                    // out: asked again either way.
+                    let _ = crate::exec::within(left, released).await;
+                    self.waiters.borrow_mut().remove(&c);
+                }
             }
-            self.waiters.borrow_mut().insert(c, cx.waker().clone());
-            Poll::Pending
-        })
-        .await;
+        }
     }
 
     /// The wait for `c` ended without a release (its bound, or the session ended).
@@ -795,7 +968,13 @@ mod tests {
     /// Sent to the primary and answered at once.
     fn now(ledger: &Ledger, session: u64, footprint: Footprint) -> u64 {
         let started = ledger.start(session, &footprint, false);
-        ledger.complete(session, footprint.clone(), &(footprint, started), false)
+        ledger.complete(
+            session,
+            footprint.clone(),
+            (&(footprint, started), 0),
+            false,
+            0,
+        )
     }
 
     #[test]
@@ -804,7 +983,7 @@ mod tests {
         let read = fp(&[7], false);
         let started = ledger.start(1, &read, false);
         let write = now(&ledger, 2, fp(&[7], true));
-        let c = ledger.complete(1, read.clone(), &(read.clone(), started), false);
+        let c = ledger.complete(1, read.clone(), (&(read.clone(), started), 0), false, 0);
         assert_eq!(ledger.done(write, 0), Pinned::InOrder);
         assert_eq!(ledger.done(c, 0), Pinned::Overtaken);
         // A write still in flight when the read completes overlaps it too.
@@ -812,7 +991,7 @@ mod tests {
         let in_flight = ledger.start(2, &w, false);
         let c = now(&ledger, 1, read.clone());
         assert_eq!(ledger.done(c, 0), Pinned::Overtaken);
-        ledger.unstart(2, &[(w, in_flight)]);
+        ledger.unstart(2, &[(w, in_flight)], 0);
         let c = now(&ledger, 1, read);
         assert_eq!(ledger.done(c, 0), Pinned::InOrder);
     }
@@ -849,31 +1028,34 @@ mod tests {
         let read = row(7, 2, false);
         let started = ledger.start(1, &read, false);
         let write = now(&ledger, 2, row(7, 1, true));
-        let c = ledger.complete(1, read.clone(), &(read.clone(), started), false);
-        assert!(ledger.acquire(write, 0));
-        assert!(ledger.acquire(c, 0), "a read of another row does not wait");
+        let c = ledger.complete(1, read.clone(), (&(read.clone(), started), 0), false, 0);
+        assert!(ledger.acquire(write, 0) == Turn::Go);
+        assert!(
+            ledger.acquire(c, 0) == Turn::Go,
+            "a read of another row does not wait"
+        );
         assert_eq!(ledger.done(c, 0), Pinned::InOrder);
         assert_eq!(ledger.done(write, 0), Pinned::InOrder);
         // The same row: the read waits, and overlapped.
         let started = ledger.start(1, &read, false);
         let write = now(&ledger, 2, row(7, 2, true));
-        let c = ledger.complete(1, read.clone(), &(read.clone(), started), false);
-        assert!(!ledger.acquire(c, 0));
+        let c = ledger.complete(1, read.clone(), (&(read.clone(), started), 0), false, 0);
+        assert!(ledger.acquire(c, 0) != Turn::Go);
         assert_eq!(ledger.done(write, 0), Pinned::InOrder);
         assert_eq!(ledger.done(c, 0), Pinned::Overtaken);
         // A whole-relation read waits for a write of any row.
         let write = now(&ledger, 2, row(7, 9, true));
         let whole = now(&ledger, 1, fp(&[7], false));
-        assert!(!ledger.acquire(whole, 0));
+        assert!(ledger.acquire(whole, 0) != Turn::Go);
         // Two writes of different rows are ordered still (unique constraints span rows).
         let other = now(&ledger, 3, row(7, 8, true));
-        assert!(!ledger.acquire(other, 0));
+        assert!(ledger.acquire(other, 0) != Turn::Go);
         // A write in flight overlaps a read of its row only.
         let w = row(7, 5, true);
         let in_flight = ledger.start(4, &w, false);
         let same = now(&ledger, 5, row(7, 5, false));
         let apart = now(&ledger, 6, row(7, 6, false));
-        ledger.unstart(4, &[(w, in_flight)]);
+        ledger.unstart(4, &[(w, in_flight)], 0);
         for x in [write, whole, other] {
             ledger.done(x, 0);
         }
@@ -891,13 +1073,58 @@ mod tests {
         let mut commit = row(7, 1, true);
         commit.ends = true;
         let commit = now(&ledger, 1, commit);
-        assert!(ledger.acquire(other_row, 0) && ledger.acquire(same_row, 0));
-        assert!(!ledger.acquire(commit, 0));
+        assert!(
+            ledger.acquire(other_row, 0) == Turn::Go && ledger.acquire(same_row, 0) == Turn::Go
+        );
+        assert!(ledger.acquire(commit, 0) != Turn::Go);
         assert_eq!(ledger.done(same_row, 0), Pinned::InOrder);
         let inbox = ledger.inbox(0).unwrap();
         assert_eq!(*inbox.released.lock().unwrap(), vec![commit]);
         ledger.done(other_row, 0);
         ledger.done(commit, 0);
+    }
+
+    #[test]
+    fn an_answer_read_late_but_stamped_earlier_goes_first() {
+        // Session 2's write of row 1 is sent; session 1's read of it is answered (stamp 20)
+        // and read first; the write's answer reached its socket earlier (stamp 10) and is
+        // read after: the read is held for it, then waits for it on the shadow.
+        let ledger = Ledger::new(Duration::from_secs(3600));
+        let _ = ledger.inbox(0);
+        let w = row(7, 1, true);
+        let w_started = ledger.start(2, &w, false);
+        let r = row(7, 1, false);
+        let r_started = ledger.start(1, &r, false);
+        let stamp = w_started.since.max(r_started.since) + 1_000;
+        let read = ledger.complete(1, r.clone(), (&(r, r_started), stamp + 10), false, 0);
+        assert!(matches!(ledger.acquire(read, 0), Turn::Hold(_)));
+        // A read of another row and a write of another relation are not held.
+        let apart = now(&ledger, 3, row(7, 2, false));
+        assert_eq!(ledger.acquire(apart, 0), Turn::Go);
+        let write = ledger.complete(2, w.clone(), (&(w, w_started), stamp), false, 0);
+        assert!(write < read, "numbered by the receive timestamps");
+        assert_eq!(ledger.acquire(read, 0), Turn::Wait);
+        assert_eq!(ledger.acquire(write, 0), Turn::Go);
+        assert_eq!(ledger.done(write, 0), Pinned::InOrder);
+        let inbox = ledger.inbox(0).unwrap();
+        assert_eq!(*inbox.released.lock().unwrap(), vec![read]);
+        // The write was in flight when the read was answered: the read is not pinned.
+        assert_eq!(ledger.done(read, 0), Pinned::Overtaken);
+        ledger.done(apart, 0);
+        // A hold ends after `compare.order-hold-ms` from the answer's arrival.
+        let ledger = Ledger::new(Duration::from_millis(5));
+        let w = row(7, 1, true);
+        let _in_flight = ledger.start(2, &w, false);
+        let r = row(7, 1, false);
+        let started = ledger.start(1, &r, false);
+        let read = ledger.complete(1, r.clone(), (&(r, started), 0), false, 0);
+        let Turn::Hold(left) = ledger.acquire(read, 0) else {
+            panic!("held");
+        };
+        assert!(left <= Duration::from_millis(5));
+        // The hold's end is what is tested here, not a wait for an outcome.
+        std::thread::sleep(left);
+        assert_eq!(ledger.acquire(read, 0), Turn::Go);
     }
 
     #[test]
@@ -907,7 +1134,7 @@ mod tests {
         let apart = now(&ledger, 1, row(7, 2, false));
         let f = row(7, 1, true);
         let started = ledger.start(2, &f, true);
-        ledger.primary_only(2, &f, &(f.clone(), started));
+        ledger.primary_only(2, &f, (&(f.clone(), started), 0), 0);
         assert_eq!(ledger.done(same, 0), Pinned::Overtaken);
         assert_eq!(ledger.done(apart, 0), Pinned::InOrder);
     }
@@ -920,21 +1147,21 @@ mod tests {
         let read = now(&ledger, 2, fp(&[7], false));
         let other = now(&ledger, 3, fp(&[8], true));
         let own = now(&ledger, 1, fp(&[7], false));
-        assert!(ledger.acquire(update, 0));
+        assert!(ledger.acquire(update, 0) == Turn::Go);
         // The read waits for the earlier write of another session; unrelated relations and
         // the writer's own session do not wait.
-        assert!(!ledger.acquire(read, 0));
-        assert!(ledger.acquire(other, 0));
-        assert!(ledger.acquire(own, 0));
+        assert!(ledger.acquire(read, 0) != Turn::Go);
+        assert!(ledger.acquire(other, 0) == Turn::Go);
+        assert!(ledger.acquire(own, 0) == Turn::Go);
         assert_eq!(ledger.done(update, 0), Pinned::InOrder);
         let inbox = ledger.inbox(0).unwrap();
         assert_eq!(*inbox.released.lock().unwrap(), vec![read]);
         // Two reads do not conflict.
         let read2 = now(&ledger, 4, fp(&[7], false));
-        assert!(ledger.acquire(read2, 0));
+        assert!(ledger.acquire(read2, 0) == Turn::Go);
         // A later write waits for both reads.
         let write = now(&ledger, 5, fp(&[7], true));
-        assert!(!ledger.acquire(write, 0));
+        assert!(ledger.acquire(write, 0) != Turn::Go);
         assert_eq!(ledger.done(read, 0), Pinned::InOrder);
         assert_eq!(ledger.done(read2, 0), Pinned::InOrder);
         assert!(!inbox.released.lock().unwrap().contains(&write));
@@ -950,22 +1177,22 @@ mod tests {
         let row = fp(&[7], true);
         let update = now(&ledger, 2, row.clone());
         let started = ledger.start(1, &row, false);
-        let commit = ledger.complete(1, row.clone(), &(row.clone(), started), true);
-        assert!(!ledger.acquire(commit, 0));
+        let commit = ledger.complete(1, row.clone(), (&(row.clone(), started), 0), true, 0);
+        assert!(ledger.acquire(commit, 0) != Turn::Go);
         let grace = Duration::from_millis(5);
         assert!(
             !ledger.held_by_own_locks(commit, grace),
             "the UPDATE is not on the shadow yet"
         );
-        assert!(ledger.acquire(update, 0));
+        assert!(ledger.acquire(update, 0) == Turn::Go);
         assert!(!ledger.held_by_own_locks(commit, Duration::from_secs(3600)));
         // The grace elapsing is what is tested here, not a wait for an outcome.
         std::thread::sleep(grace);
         assert!(ledger.held_by_own_locks(commit, grace));
         // A session holding no locks keeps waiting.
         let started = ledger.start(3, &row, false);
-        let read = ledger.complete(3, row.clone(), &(row, started), false);
-        assert!(!ledger.acquire(read, 0));
+        let read = ledger.complete(3, row.clone(), (&(row, started), 0), false, 0);
+        assert!(ledger.acquire(read, 0) != Turn::Go);
         assert!(!ledger.held_by_own_locks(read, grace));
         ledger.force(commit);
         for x in [update, commit, read] {
@@ -984,10 +1211,10 @@ mod tests {
         let mut end = row(7, 1, true);
         end.ends = true;
         let started = ledger.start(1, &end, false);
-        let commit = ledger.complete(1, end.clone(), &(end, started), true);
-        assert!(ledger.acquire(update, 0));
-        assert!(!ledger.acquire(read, 0));
-        assert!(!ledger.acquire(commit, 0));
+        let commit = ledger.complete(1, end.clone(), (&(end, started), 0), true, 0);
+        assert!(ledger.acquire(update, 0) == Turn::Go);
+        assert!(ledger.acquire(read, 0) != Turn::Go);
+        assert!(ledger.acquire(commit, 0) != Turn::Go);
         let grace = Duration::from_millis(5);
         // The grace elapsing is what is tested here, not a wait for an outcome.
         std::thread::sleep(grace);
@@ -1003,7 +1230,7 @@ mod tests {
         let first = now(&ledger, 1, fp(&[7], true));
         let second = now(&ledger, 2, fp(&[7], true));
         let unrelated = now(&ledger, 3, fp(&[9], true));
-        assert!(!ledger.acquire(second, 0));
+        assert!(ledger.acquire(second, 0) != Turn::Go);
         ledger.force(second);
         assert_eq!(ledger.done(second, 0), Pinned::Overtaken);
         assert_eq!(ledger.done(first, 0), Pinned::Overtaken);
@@ -1018,7 +1245,7 @@ mod tests {
         for write in [true, false] {
             let f = fp(&[7], write);
             let started = ledger.start(2, &f, true);
-            ledger.primary_only(2, &f, &(f.clone(), started));
+            ledger.primary_only(2, &f, (&(f.clone(), started), 0), 0);
         }
         assert_eq!(ledger.done(read, 0), Pinned::Overtaken);
     }
@@ -1029,11 +1256,11 @@ mod tests {
         let _ = ledger.inbox(0);
         let ddl = now(&ledger, 1, Footprint::wild());
         let read = now(&ledger, 2, fp(&[3], false));
-        assert!(!ledger.acquire(read, 0));
+        assert!(ledger.acquire(read, 0) != Turn::Go);
         ledger.abandon(&[ddl], 0);
         let inbox = ledger.inbox(0).unwrap();
         assert_eq!(*inbox.released.lock().unwrap(), vec![read]);
         let wild_after = now(&ledger, 3, Footprint::wild());
-        assert!(!ledger.acquire(wild_after, 0));
+        assert!(ledger.acquire(wild_after, 0) != Turn::Go);
     }
 }

@@ -74,6 +74,27 @@ impl Primary {
             Primary::Relayed(relayed) => relayed.poll_read(cx, buf),
         })
     }
+
+    /// Asks for kernel receive timestamps on the primary's answers (see
+    /// [`Stream::stamp_receives`]). Relayed answers have none: a transaction-pooled session
+    /// reads them off the lent connections, and its ordered dispatch numbers them as the
+    /// pump reads them.
+    fn stamp_receives(&self) -> io::Result<()> {
+        match self {
+            Primary::Stream(stream) => stream.stamp_receives(),
+            Primary::Relayed(_) => Err(io::Error::other(
+                "a transaction-pooled session's answers are relayed, without receive timestamps",
+            )),
+        }
+    }
+
+    /// When the last answer bytes read reached the socket (0: not known).
+    fn received_at_ns(&self) -> u64 {
+        match self {
+            Primary::Stream(stream) => stream.received_at_ns(),
+            Primary::Relayed(_) => 0,
+        }
+    }
 }
 
 /// What a transaction-pooled session's client is to see of the primary (the lent
@@ -207,6 +228,12 @@ impl<'a> Pump<'a> {
         comparer: Comparer,
         pbuf: BytesMut,
     ) -> Pump<'a> {
+        if comparer.target().port.is_some()
+            && let Err(err) = primary.stamp_receives()
+        {
+            // The ordered dispatch then numbers the primary's answers as it reads them.
+            tracing::debug!(error = %err, "compare ordering: no receive timestamps from the primary");
+        }
         Pump {
             host,
             stats,
@@ -403,6 +430,8 @@ impl<'a> Pump<'a> {
             self.comparer.feed(side, &frames, None, &mut self.out);
             return Flow::Settle;
         }
+        self.comparer
+            .set_primary_received(self.primary.received_at_ns());
         let Some(tracker) = self.host.tracker() else {
             // The session fed its tracker as it relayed these frames.
             self.comparer.feed(side, &frames, None, &mut self.out);

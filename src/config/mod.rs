@@ -186,6 +186,15 @@ pub struct CompareConfig {
     /// Its difference, if any, is inconclusive (concurrent). 0: only `order-wait-ms` bounds
     /// the wait.
     pub order_lock_wait_ms: u64,
+    /// Ordered shadow dispatch: the primary's answers are numbered by when they reached
+    /// pgprism's socket (the kernel's receive timestamp), which can be milliseconds before
+    /// pgprism reads them on a busy machine, on another shard. So a statement may go to the
+    /// shadow only once every conflicting statement of another session sent to the primary
+    /// before its answer arrived has been answered too (its answer could carry an earlier
+    /// timestamp), and at most this long after its answer arrived; then it goes, and if an
+    /// earlier answer turns up after all, the difference it makes is inconclusive. 0: no
+    /// such wait (statements are ordered as pgprism reads their answers).
+    pub order_hold_ms: u64,
     /// Order re-checks running at once per shard. Rows that agree but come in another order
     /// under an ORDER BY whose keys are not all output columns (an expression, a column not
     /// selected) are re-read on both sides over two read-only connections with the sort keys
@@ -235,6 +244,7 @@ impl Default for CompareConfig {
             shadow_batch_bytes_max: 4 << 20,
             order_wait_ms: 2_000,
             order_lock_wait_ms: 50,
+            order_hold_ms: 100,
             order_rechecks_max: 8,
             order_rechecks_total_max: 32,
             calibrate: false,

@@ -6,6 +6,10 @@
 //! readiness design it replaces paid 4.4 system calls per pgbench transaction; this one pays
 //! well under one, see benches/floor-forwarder.rs and the README).
 //!
+//! A socket that asked for kernel receive timestamps (compare mode's primary legs) reads with
+//! `IORING_OP_RECVMSG` instead, with a control buffer for `SCM_TIMESTAMPNS`; every other
+//! socket pays nothing for it.
+//!
 //! Buffers the kernel uses must stay put until the operation's completion: the receive buffer
 //! is only touched while no receive is in flight, queued `Bytes` are immutable, and the
 //! channel itself is held by the reactor's slot (not only by its handles) until its last
@@ -57,6 +61,13 @@ pub(crate) struct Channel {
     rx_end: Cell<bool>,
     rx_error: Cell<Option<i32>>,
     read_waker: Cell<Option<Waker>>,
+    /// Kernel receive timestamps, for a socket that asked (see [`Channel::stamp_receives`]):
+    /// the receive is then a `RECVMSG` whose header, vector and control buffer live here
+    /// (boxed: they stay put while the kernel holds pointers to them).
+    rx_stamps: RefCell<Option<Box<RxStamps>>>,
+    /// The kernel's receive time of the last bytes received (ns since the Unix epoch; 0:
+    /// none yet, or the socket does not stamp).
+    rx_stamp_ns: Cell<u64>,
     // -- sending
     /// Data to send, front first; the front is in flight while `send_busy`, from `tx_sent`.
     tx: RefCell<VecDeque<Bytes>>,
@@ -92,6 +103,11 @@ pub(crate) enum Submit {
         len: u32,
         poll_first: bool,
     },
+    /// A receive with its kernel timestamp: `msg` (the channel's) describes the buffer.
+    RecvMsg {
+        msg: *mut libc::msghdr,
+        poll_first: bool,
+    },
     Send {
         ptr: *const u8,
         len: u32,
@@ -119,6 +135,8 @@ impl Channel {
             rx_end: Cell::new(false),
             rx_error: Cell::new(None),
             read_waker: Cell::new(None),
+            rx_stamps: RefCell::new(None),
+            rx_stamp_ns: Cell::new(0),
             tx: RefCell::new(VecDeque::new()),
             tx_sent: Cell::new(0),
             tx_bytes: Cell::new(0),
@@ -270,6 +288,12 @@ impl Channel {
         self.recv_busy.set(true);
         let poll_first = !self.rx_filled.get() && POLL_FIRST.with(Cell::get);
         self.rx_poll_first.set(poll_first);
+        if let Some(stamps) = self.rx_stamps.borrow_mut().as_mut() {
+            return Submit::RecvMsg {
+                msg: stamps.arm(spare.as_mut_ptr().cast(), len),
+                poll_first,
+            };
+        }
         Submit::Recv {
             ptr: spare.as_mut_ptr().cast(),
             len: len as u32,
@@ -291,6 +315,12 @@ impl Channel {
                 // was armed with (at most `rx_armed`), right after the (empty) contents.
                 let len = rx.len() + n;
                 unsafe { rx.set_len(len) };
+                drop(rx);
+                if let Some(stamps) = self.rx_stamps.borrow().as_ref()
+                    && let Some(ns) = stamps.stamp()
+                {
+                    self.rx_stamp_ns.set(ns);
+                }
             }
             0 => self.rx_end.set(true),
             n if -n == libc::EINVAL && self.rx_poll_first.get() => {
@@ -303,6 +333,39 @@ impl Channel {
         if let Some(waker) = self.read_waker.take() {
             waker.wake();
         }
+    }
+
+    /// Asks the kernel to stamp what this socket receives (`SO_TIMESTAMPNS`): its receives
+    /// become `RECVMSG` with a control buffer, and [`received_at_ns`](Self::received_at_ns)
+    /// tells when the last bytes reached the socket. Only sockets that need it pay for it
+    /// (compare mode's primary legs: the order of the primary's answers).
+    pub(super) fn stamp_receives(&self) -> io::Result<()> {
+        if self.rx_stamps.borrow().is_some() {
+            return Ok(());
+        }
+        let on: libc::c_int = 1;
+        // SAFETY: a plain setsockopt of an int on a descriptor this channel owns.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd,
+                libc::SOL_SOCKET,
+                libc::SO_TIMESTAMPNS,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Taken by the next receive armed (one in flight now completes without a stamp).
+        *self.rx_stamps.borrow_mut() = Some(Box::new(RxStamps::new()));
+        Ok(())
+    }
+
+    /// The kernel's receive time of the last bytes received, in ns since the Unix epoch
+    /// (`CLOCK_REALTIME`); 0 when the socket does not stamp.
+    pub(super) fn received_at_ns(&self) -> u64 {
+        self.rx_stamp_ns.get()
     }
 
     // ---------------------------------------------------------------- sending
@@ -468,5 +531,71 @@ impl Channel {
         if let Some(waker) = self.write_waker.take() {
             waker.wake();
         }
+    }
+}
+
+/// What a stamped receive hands the kernel: the message header, its one vector and the
+/// control buffer the timestamp comes back in.
+pub(crate) struct RxStamps {
+    msg: libc::msghdr,
+    iov: libc::iovec,
+    /// Room for one `SCM_TIMESTAMPNS` (a `cmsghdr` and a `timespec`, 32 bytes) and more;
+    /// `u64`s for the alignment `cmsghdr` needs.
+    control: [u64; 8],
+}
+
+impl RxStamps {
+    fn new() -> RxStamps {
+        RxStamps {
+            // SAFETY: msghdr and iovec are plain C structs for which all-zero is valid
+            // (null pointers, zero lengths).
+            msg: unsafe { std::mem::zeroed() },
+            iov: libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            },
+            control: [0; 8],
+        }
+    }
+
+    /// Points the header at `len` bytes at `ptr` and at the control buffer; returns it.
+    fn arm(&mut self, ptr: *mut u8, len: usize) -> *mut libc::msghdr {
+        self.iov = libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: len,
+        };
+        self.msg.msg_name = std::ptr::null_mut();
+        self.msg.msg_namelen = 0;
+        self.msg.msg_iov = &mut self.iov;
+        self.msg.msg_iovlen = 1;
+        self.msg.msg_control = self.control.as_mut_ptr().cast();
+        self.msg.msg_controllen = std::mem::size_of_val(&self.control);
+        self.msg.msg_flags = 0;
+        &mut self.msg
+    }
+
+    /// The `SCM_TIMESTAMPNS` the last receive brought, in ns since the Unix epoch.
+    fn stamp(&self) -> Option<u64> {
+        if self.msg.msg_controllen > std::mem::size_of_val(&self.control) {
+            return None;
+        }
+        // SAFETY: the header points at this struct's control buffer, whose length the
+        // kernel set (checked above to lie within it); the CMSG_* walk stays inside it.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&self.msg);
+            while !cmsg.is_null() {
+                let c = &*cmsg;
+                if c.cmsg_level == libc::SOL_SOCKET && c.cmsg_type == libc::SCM_TIMESTAMPNS {
+                    let ts: libc::timespec =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timespec>());
+                    let ns = (ts.tv_sec as u64)
+                        .saturating_mul(1_000_000_000)
+                        .saturating_add(ts.tv_nsec as u64);
+                    return Some(ns);
+                }
+                cmsg = libc::CMSG_NXTHDR(&self.msg, cmsg);
+            }
+        }
+        None
     }
 }

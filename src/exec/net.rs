@@ -302,6 +302,18 @@ impl Stream {
         })
     }
 
+    /// Asks the kernel to stamp what this socket receives (`SO_TIMESTAMPNS`; its receives
+    /// then cost a control buffer each): see [`received_at_ns`](Self::received_at_ns).
+    pub fn stamp_receives(&self) -> io::Result<()> {
+        self.io.channel.stamp_receives()
+    }
+
+    /// When the last bytes a read returned reached the socket, by the kernel's clock (ns
+    /// since the Unix epoch); 0 unless [`stamp_receives`](Self::stamp_receives) was asked.
+    pub fn received_at_ns(&self) -> u64 {
+        self.io.channel.received_at_ns()
+    }
+
     /// Whether bytes received from the socket wait for a read in this process (their reader
     /// was woken and has not run yet). Bytes still in the kernel's buffer do not count, nor,
     /// on a TLS stream, ciphertext rustls took already.

@@ -155,6 +155,10 @@ impl Reactor {
                 .ioprio(if poll_first { RECVSEND_POLL_FIRST } else { 0 })
                 .build()
                 .user_data(channel.token | RECV_OP),
+            Submit::RecvMsg { msg, poll_first } => opcode::RecvMsg::new(fd, msg)
+                .ioprio(if poll_first { RECVSEND_POLL_FIRST } else { 0 })
+                .build()
+                .user_data(channel.token | RECV_OP),
             Submit::Send { ptr, len } => opcode::Send::new(fd, ptr, len)
                 .flags(libc::MSG_NOSIGNAL)
                 .build()
@@ -164,7 +168,7 @@ impl Reactor {
         if pushed.is_err() {
             // Nothing is in flight after all.
             match submit {
-                Submit::Recv { .. } => channel.recv_busy.set(false),
+                Submit::Recv { .. } | Submit::RecvMsg { .. } => channel.recv_busy.set(false),
                 Submit::Send { .. } => channel.send_busy.set(false),
             }
         }
