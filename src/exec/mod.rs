@@ -16,6 +16,8 @@
 //!   4.4 system calls per pgbench transaction; this costs 0.2-0.7);
 //! * listeners and the eventfd use multishot `POLL_ADD` readiness, armed once;
 //! * timers are a sorted map whose earliest deadline bounds the `io_uring_enter` wait;
+//! * a busy shard may wait for several completions at once (`proxy.ring-batch-wait-us`,
+//!   `proxy.ring-defer-taskrun`; off by default, docs/benchmarks.md says why);
 //! * other threads wake a shard through an `eventfd` (see [`Notifier`]).
 //!
 //! It must never block (no blocking syscalls on a shard) and never be touched from another
