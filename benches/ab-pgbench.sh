@@ -9,6 +9,11 @@
 #   PGPRISM_A=/tmp/pgprism-old A="" B="" benches/ab-pgbench.sh    # two builds
 #   TRANSPORT=unix PGPRISM_A=/tmp/pgprism-old benches/ab-pgbench.sh
 #   SHADOW=1 PGPRISM_A=/tmp/pgprism-old A="" B="" benches/ab-pgbench.sh  # compare mode
+#   POOL=1 A="" B="--config b.toml" CLIENTS="16 64" benches/ab-pgbench.sh    # transaction pooling
+#
+# CLIENTS may list several client counts (each round runs every one); MODE is pgbench's -M
+# (simple, extended, prepared). POOL=1 gives both `--pool-mode transaction --pool-size
+# $POOL_SIZE --auth-type trust` (default pool size 20) before their own arguments.
 #
 # TRANSPORT=unix: pgbench reaches each pgprism, and each pgprism the primary, through Unix
 # sockets (as in benches/proxy-pgbench.sh).
@@ -23,10 +28,14 @@ CLIENTS=${CLIENTS:-16}
 SCALE=${SCALE:-10}
 MIRROR=${MIRROR:-0}
 SHADOW=${SHADOW:-0}
+POOL=${POOL:-0}
+POOL_SIZE=${POOL_SIZE:-20}
+MODE=${MODE:-simple}
 TRANSPORT=${TRANSPORT:-tcp}
 A=${A:-}
 B=${B:-}
-cargo build --release --quiet
+# Prebuilt binaries in both arms: no build (the tree may be mid-edit).
+if [ -z "${PGPRISM_A:-}" ] || [ -z "${PGPRISM_B:-}" ]; then cargo build --release --quiet; fi
 PGPRISM_A=${PGPRISM_A:-$PWD/target/release/pgprism}
 PGPRISM_B=${PGPRISM_B:-$PWD/target/release/pgprism}
 . benches/common.sh
@@ -48,6 +57,9 @@ if [ "$SHADOW" = 1 ]; then
   pgbench -h 127.0.0.1 -p 55615 -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
   COMMON+=(--shadow postgres://postgres@127.0.0.1:55615/postgres --compare-report "$WORK/ab-mismatches.jsonl")
 fi
+if [ "$POOL" = 1 ]; then
+  COMMON+=(--pool-mode transaction --pool-size "$POOL_SIZE" --auth-type trust)
+fi
 # shellcheck disable=SC2086 # A and B are argument lists
 PGPRISM=$PGPRISM_A start_pgprism 55613 "${COMMON[@]}" $A
 PID_A=$PRISM_PID
@@ -56,17 +68,21 @@ PGPRISM=$PGPRISM_B start_pgprism 55614 "${COMMON[@]}" $B
 PID_B=$PRISM_PID
 echo "== A: ${A:-(no extra arguments)}"
 echo "== B: ${B:-(no extra arguments)}"
-printf '%-6s %-6s %-3s %10s %14s\n' round load arm tps cpu_us_per_tx
+echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+printf '%-6s %-6s %-7s %-3s %10s %14s\n' round load clients arm tps cpu_us_per_tx
 # Odd rounds run A first, even rounds B first: whatever the first run of a pair leaves
 # behind (dirty pages, a checkpoint, autovacuum) does not always fall on the same arm.
 run_arm() {
   if [ "$1" = A ]; then port=55613 pid=$PID_A; else port=55614 pid=$PID_B; fi
-  bench "$port" "$pid" -"$2" -c "$CLIENTS" -j 2 -T "$DURATION"
-  printf '%-6s %-6s %-3s %10.0f %14s\n' "$3" "-$2" "$1" "$TPS" "$CPU"
+  bench "$port" "$pid" -"$2" -M "$MODE" -c "$4" -j 2 -T "$DURATION"
+  printf '%-6s %-6s %-7s %-3s %10.0f %14s\n' "$3" "-$2" "$4" "$1" "$TPS" "$CPU"
 }
 for r in $(seq "$ROUNDS"); do
   for load in $LOADS; do
     if [ $((r % 2)) = 1 ]; then order="A B"; else order="B A"; fi
-    for arm in $order; do run_arm "$arm" "$load" "$r"; done
+    for c in $CLIENTS; do
+      for arm in $order; do run_arm "$arm" "$load" "$r" "$c"; done
+    done
   done
 done
+echo "== load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

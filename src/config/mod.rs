@@ -258,6 +258,9 @@ const TIMESTAMP_TOLERANCE_MS_MAX: u64 = 86_400_000;
 const REPORT_BYTES_MIN: u64 = 4096;
 /// Most `compare.report-files-max`.
 const REPORT_FILES_MAX: usize = 1000;
+/// Longest `proxy.ring-batch-wait-us`: a batching wait adds up to this much latency to a
+/// busy shard's answers.
+const RING_BATCH_WAIT_US_MAX: u32 = 1000;
 
 /// Which statements a mirror receives (Frenzy's `--mirror-*` options).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -386,6 +389,19 @@ pub struct ProxyConfig {
     /// How long a closed connection may take to send what was written to it before the
     /// close (a farewell error to a client that reads nothing, say); then it is cut.
     pub close_linger_ms: u64,
+    /// How long a busy shard's wait for I/O may gather more completions before it wakes
+    /// (io_uring's `min_wait_usec`, Linux 6.12+; ignored, with a log line, on a kernel
+    /// without it). Only after a turn that handled several completions: then the shard waits
+    /// for as many again, and wakes at this bound if at least one came. An idle shard
+    /// wakes at the first completion, so no latency is added when traffic is light. 0: every
+    /// wait ends at the first completion. Off by default: on a 2-core machine shared with
+    /// PostgreSQL and the clients it showed no gain (docs/benchmarks.md, "Waking less").
+    pub ring_batch_wait_us: u32,
+    /// Run io_uring completion work only when the shard asks for it
+    /// (`IORING_SETUP_DEFER_TASKRUN`) instead of on every socket event: with
+    /// `ring-batch-wait-us`, a waiting shard is then not woken before its batch is in. Off by
+    /// default: test runs under load have stalled with it (see src/exec/reactor.rs).
+    pub ring_defer_taskrun: bool,
     /// Time a client has to send its startup packet and finish authentication.
     pub startup_timeout_ms: u64,
     /// Time allowed to open a connection to the primary.
@@ -428,6 +444,8 @@ impl Default for ProxyConfig {
             read_chunk_bytes: 16 << 10,
             send_queue_bytes: 64 << 10,
             close_linger_ms: 5_000,
+            ring_batch_wait_us: 0,
+            ring_defer_taskrun: false,
             startup_timeout_ms: 10_000,
             connect_timeout_ms: 5_000,
             dns_refresh_ms: 15_000,
@@ -1049,6 +1067,12 @@ impl Config {
                 "expected between 4096 and 67108864 bytes",
             ));
         }
+        if self.proxy.ring_batch_wait_us > RING_BATCH_WAIT_US_MAX {
+            return Err(ConfigError::key(
+                "proxy.ring-batch-wait-us",
+                format!("expected at most {RING_BATCH_WAIT_US_MAX} microseconds"),
+            ));
+        }
         Ok(())
     }
 
@@ -1438,6 +1462,11 @@ mod tests {
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("proxy.send-queue-bytes"), "{err}");
         cfg.proxy.send_queue_bytes = 65536;
+        cfg.proxy.ring_batch_wait_us = 1001;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("proxy.ring-batch-wait-us"), "{err}");
+        cfg.proxy.ring_batch_wait_us = 1000;
+        cfg.validate().unwrap();
         cfg.proxy.listen = "nowhere".into();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("proxy.listen"), "{err}");

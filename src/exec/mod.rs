@@ -16,6 +16,8 @@
 //!   4.4 system calls per pgbench transaction; this costs 0.2-0.7);
 //! * listeners and the eventfd use multishot `POLL_ADD` readiness, armed once;
 //! * timers are a sorted map whose earliest deadline bounds the `io_uring_enter` wait;
+//! * a busy shard may wait for several completions at once (`proxy.ring-batch-wait-us`,
+//!   `proxy.ring-defer-taskrun`; off by default, docs/benchmarks.md says why);
 //! * other threads wake a shard through an `eventfd` (see [`Notifier`]).
 //!
 //! It must never block (no blocking syscalls on a shard) and never be touched from another
@@ -90,6 +92,30 @@ pub fn set_close_linger(linger: std::time::Duration) {
 
 fn close_linger() -> std::time::Duration {
     CLOSE_LINGER.with(|l| l.get())
+}
+
+/// How a shard waits for I/O (`proxy.ring-batch-wait-us`, `proxy.ring-defer-taskrun`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WaitPolicy {
+    /// A busy shard's wait may gather completions this long before it wakes; 0: never.
+    pub batch_wait_us: u32,
+    /// `IORING_SETUP_DEFER_TASKRUN`: completion work runs only when the shard waits for it.
+    pub defer_taskrun: bool,
+}
+
+thread_local! {
+    static WAIT_POLICY: Cell<WaitPolicy> = const {
+        Cell::new(WaitPolicy { batch_wait_us: 0, defer_taskrun: false })
+    };
+}
+
+/// Sets this thread's wait policy, before [`run`].
+pub fn set_wait_policy(policy: WaitPolicy) {
+    WAIT_POLICY.with(|p| p.set(policy));
+}
+
+fn wait_policy() -> WaitPolicy {
+    WAIT_POLICY.with(|p| p.get())
 }
 
 fn current() -> Rc<Executor> {
@@ -167,7 +193,7 @@ pub fn run(ring_entries: u32, root: impl Future<Output = ()> + 'static) -> io::R
     let exec = Rc::new(Executor {
         slots: RefCell::new(Vec::new()),
         free: RefCell::new(Vec::new()),
-        reactor: reactor::Reactor::new(ring_entries)?,
+        reactor: reactor::Reactor::new(ring_entries, wait_policy())?,
     });
     CURRENT.with(|c| *c.borrow_mut() = Some(exec.clone()));
     let done = Rc::new(Cell::new(false));

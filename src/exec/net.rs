@@ -684,4 +684,93 @@ mod tests {
     fn run_in_shard(task: impl Future<Output = ()> + 'static) {
         super::super::run(64, task).unwrap();
     }
+
+    /// Sessions talking to each other within one shard, so that turns reap several
+    /// completions and the batching wait (`proxy.ring-batch-wait-us`) is taken, with and
+    /// without deferred completion work: every request gets its own answer, in order, also
+    /// across timers that end some waits.
+    #[test]
+    fn batching_waits_deliver_every_message_in_order() {
+        use super::super::{WaitPolicy, set_wait_policy, spawn};
+        const PAIRS: usize = 8;
+        const ROUNDS: u32 = 200;
+        for policy in [
+            WaitPolicy {
+                batch_wait_us: 200,
+                defer_taskrun: false,
+            },
+            WaitPolicy {
+                batch_wait_us: 200,
+                defer_taskrun: true,
+            },
+            WaitPolicy {
+                batch_wait_us: 0,
+                defer_taskrun: true,
+            },
+        ] {
+            set_wait_policy(policy);
+            let answered = Rc::new(std::cell::Cell::new(0u32));
+            let seen = answered.clone();
+            run_in_shard(async move {
+                let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+                socket
+                    .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+                    .unwrap();
+                socket.listen(64).unwrap();
+                let addr = socket.local_addr().unwrap().as_socket().unwrap();
+                let listener = Listener::from_socket(socket).unwrap();
+                // One acceptor (a listener wakes one waiting task), an echo task per
+                // connection: each 8-byte request comes back with every byte incremented.
+                spawn(async move {
+                    for _ in 0..PAIRS {
+                        let stream = listener.accept().await.unwrap();
+                        spawn(async move {
+                            let mut buf = BytesMut::new();
+                            loop {
+                                while buf.len() < 8 {
+                                    if stream.read_buf(&mut buf, 64).await.unwrap() == 0 {
+                                        return;
+                                    }
+                                }
+                                let request = buf.split_to(8);
+                                let answer: Vec<u8> =
+                                    request.iter().map(|b| b.wrapping_add(1)).collect();
+                                stream.write_all(&answer).await.unwrap();
+                            }
+                        });
+                    }
+                });
+                let done = Rc::new(std::cell::Cell::new(0));
+                for pair in 0..PAIRS {
+                    let (answered, done) = (answered.clone(), done.clone());
+                    spawn(async move {
+                        let stream = Stream::connect(addr, Duration::from_secs(5)).await.unwrap();
+                        let mut buf = BytesMut::new();
+                        for round in 0..ROUNDS {
+                            let request = (((pair as u64) << 32) | round as u64).to_le_bytes();
+                            stream.write_all(&request).await.unwrap();
+                            while buf.len() < 8 {
+                                assert!(stream.read_buf(&mut buf, 64).await.unwrap() > 0);
+                            }
+                            let answer = buf.split_to(8);
+                            let expected: Vec<u8> =
+                                request.iter().map(|b| b.wrapping_add(1)).collect();
+                            assert_eq!(&answer[..], &expected[..], "pair {pair} round {round}");
+                            answered.set(answered.get() + 1);
+                            if round % 50 == 0 {
+                                // A timer ends some waits, batching or not.
+                                sleep(Duration::from_millis(1)).await;
+                            }
+                        }
+                        done.set(done.get() + 1);
+                    });
+                }
+                while done.get() < PAIRS {
+                    sleep(Duration::from_millis(2)).await;
+                }
+            });
+            assert_eq!(seen.get(), PAIRS as u32 * ROUNDS, "{policy:?}");
+        }
+        set_wait_policy(WaitPolicy::default());
+    }
 }

@@ -39,6 +39,12 @@ const RECVSEND_POLL_FIRST: u16 = 1;
 /// Slot generations stay below the operation bits.
 const GENERATION_MASK: u32 = (1 << 27) - 1;
 
+/// The most completions a batching wait asks for (see `Reactor::turn`).
+const BATCH_WANT_MAX: u32 = 64;
+/// A batching wait needs an overall timeout (without one the kernel ends the wait when the
+/// batch time is up, events or not): this long when no timer is due sooner.
+const BATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Re-arms of a poll in a row that ended in errors before giving up on it.
 const ERROR_REARMS_MAX: u32 = 8;
 
@@ -81,27 +87,48 @@ pub(crate) struct Reactor {
     /// Released channels still sending: the instant their sends are cancelled, the token,
     /// and whether the cancel went out (the entry stays until the slot is freed).
     lingering: RefCell<Vec<(Instant, u64, bool)>>,
+    /// `proxy.ring-batch-wait-us`, 0 when off or when the kernel lacks min_wait.
+    batch_wait_us: u32,
+    /// Completions the last turn reaped: two or more mark the shard busy (see `turn`).
+    last_reaped: Cell<u32>,
 }
 
 impl Reactor {
-    pub(crate) fn new(entries: u32) -> io::Result<Reactor> {
-        let ring = IoUring::builder()
+    pub(crate) fn new(entries: u32, policy: super::WaitPolicy) -> io::Result<Reactor> {
+        let mut builder = IoUring::builder();
+        if policy.defer_taskrun {
+            // Completion work waits for the shard's next enter with GETEVENTS (every enter
+            // carries it while work is pending: TASKRUN_FLAG tells the io-uring crate), and a
+            // waiting shard is woken only once as many completions as it waits for are due.
+            builder.setup_defer_taskrun().setup_taskrun_flag();
+        } else {
             // Completions are only reaped in `turn`, on this thread: no need for the kernel to
             // interrupt the task to run completion work early.
             //
-            // Not DEFER_TASKRUN: it measured 2-5% more TPS (A/B, pgbench -S), but with it the
-            // test suite stalled now and then under load (a SIGTERM drain whose listener kept
-            // accepting for seconds, a mirror that stopped answering for 20 s; about one run
-            // in four of the mirror, unix, tls and proxy tests together, none in nine
-            // without it), as if deferred completion work sometimes waited for the next
-            // unrelated event. Until that is understood, the plain cooperative mode. (Tried
-            // again with the io_uring channels, with GETEVENTS on every enter, including the
-            // one that does not wait: the SIGTERM drain test still saw its listener accept for
-            // 5 s, once in four runs of those tests.)
-            .setup_coop_taskrun()
+            // DEFER_TASKRUN is not the default: it measured 2-5% more TPS (A/B, pgbench -S),
+            // but with it the test suite stalled now and then under load (a SIGTERM drain
+            // whose listener kept accepting for seconds, a mirror that stopped answering for
+            // 20 s; about one run in four of the mirror, unix, tls and proxy tests together,
+            // none in nine without it), as if deferred completion work sometimes waited for
+            // the next unrelated event. Until that is understood, the plain cooperative mode.
+            // (Tried again with the io_uring channels, with GETEVENTS on every enter,
+            // including the one that does not wait: the SIGTERM drain test still saw its
+            // listener accept for 5 s, once in four runs of those tests.) It stays behind
+            // `proxy.ring-defer-taskrun` for measurements.
+            builder.setup_coop_taskrun();
+        }
+        let ring = builder
             .setup_single_issuer()
             .build(entries)
             .or_else(|_| IoUring::new(entries))?;
+        let mut batch_wait_us = policy.batch_wait_us;
+        if batch_wait_us > 0 && !ring.params().is_feature_min_timeout() {
+            tracing::warn!(
+                "proxy.ring-batch-wait-us is ignored: this kernel has no io_uring min_wait \
+                 (IORING_FEAT_MIN_TIMEOUT, Linux 6.12+)"
+            );
+            batch_wait_us = 0;
+        }
         Ok(Reactor {
             ring: RefCell::new(ring),
             slots: RefCell::new(Vec::new()),
@@ -110,6 +137,8 @@ impl Reactor {
             next_timer: Cell::new(0),
             pending: RefCell::new(Vec::new()),
             lingering: RefCell::new(Vec::new()),
+            batch_wait_us,
+            last_reaped: Cell::new(0),
         })
     }
 
@@ -389,8 +418,24 @@ impl Reactor {
         };
         {
             let ring = self.ring.borrow();
+            // Busy (the last turn handled several completions): wait for as many again, for
+            // at most `batch_wait_us` before waking with whatever came, so one wake-up serves
+            // several sessions. (The sends this enter submits mostly complete in it and count:
+            // in a steady request/response flow the batch fills with the answers to them.)
+            // After one completion, or none, the shard is taken to be idle and wakes at the
+            // first completion, so light traffic waits no longer.
+            let last = self.last_reaped.get();
+            let batch = self.batch_wait_us > 0 && last >= 2;
             let submitted = match wait {
                 Some(Duration::ZERO) => ring.submit(),
+                _ if batch => {
+                    let want = last.min(BATCH_WANT_MAX) as usize;
+                    let ts = types::Timespec::from(wait.unwrap_or(BATCH_IDLE_TIMEOUT));
+                    let args = types::SubmitArgs::new()
+                        .timespec(&ts)
+                        .min_wait_usec(self.batch_wait_us);
+                    ring.submitter().submit_with_args(want, &args)
+                }
                 Some(limit) => {
                     let ts = types::Timespec::from(limit);
                     let args = types::SubmitArgs::new().timespec(&ts);
@@ -446,10 +491,12 @@ impl Reactor {
     fn reap(&self) {
         let mut rearm = Vec::new();
         let mut channel_events = Vec::new();
+        let mut reaped = 0u32;
         {
             let mut ring = self.ring.borrow_mut();
             let mut slots = self.slots.borrow_mut();
             for cqe in ring.completion() {
+                reaped = reaped.saturating_add(1);
                 let token = cqe.user_data();
                 if token == IGNORED {
                     continue;
@@ -494,6 +541,7 @@ impl Reactor {
                 }
             }
         }
+        self.last_reaped.set(reaped);
         for (channel, op, result) in channel_events {
             match op {
                 RECV_OP => channel.received(result),

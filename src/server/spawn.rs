@@ -322,6 +322,10 @@ fn spawn_thread(
     let index = plan.index;
     let send_queue_bytes = cfg.proxy.send_queue_bytes;
     let close_linger = Duration::from_millis(cfg.proxy.close_linger_ms);
+    let wait_policy = exec::WaitPolicy {
+        batch_wait_us: cfg.proxy.ring_batch_wait_us,
+        defer_taskrun: cfg.proxy.ring_defer_taskrun,
+    };
     std::thread::Builder::new()
         .name(format!("pgprism-shard-{index}"))
         .spawn(move || {
@@ -337,6 +341,7 @@ fn spawn_thread(
             }
             exec::set_send_queue_bytes(send_queue_bytes);
             exec::set_close_linger(close_linger);
+            exec::set_wait_policy(wait_policy);
             // Stands in for a ring the kernel refuses, in the upgrade's tests.
             if super::upgrade::started_by_upgrade()
                 && crate::cdc::failpoint::fails("upgrade-shard-ring")
