@@ -903,12 +903,15 @@ impl Port {
 
     /// Waits until sync point `c` may go to the shadow (the caller bounds the wait).
     pub async fn wait(self: &Rc<Self>, c: u64) {
+        let mut again = false;
         loop {
             let hold = match self.ledger.acquire(c, self.shard) {
                 Turn::Go => {
-                    // A release sent before a hold ran out may still be on its way.
-                    self.drain();
-                    self.released.borrow_mut().remove(&c);
+                    if again {
+                        // A release sent before a hold ran out may still be on its way.
+                        self.drain();
+                        self.released.borrow_mut().remove(&c);
+                    }
                     return;
                 }
                 Turn::Wait => None,
@@ -923,6 +926,7 @@ impl Port {
                 self.waiters.borrow_mut().insert(c, cx.waker().clone());
                 Poll::Pending
             });
+            again = true;
             match hold {
                 None => released.await,
                 Some(left) => {

@@ -316,10 +316,10 @@ impl Channel {
                 let len = rx.len() + n;
                 unsafe { rx.set_len(len) };
                 drop(rx);
-                if let Some(stamps) = self.rx_stamps.borrow().as_ref()
-                    && let Some(ns) = stamps.stamp()
-                {
-                    self.rx_stamp_ns.set(ns);
+                // A receive that brought no timestamp leaves none: an older one would stand
+                // for bytes that came later.
+                if let Some(stamps) = self.rx_stamps.borrow().as_ref() {
+                    self.rx_stamp_ns.set(stamps.stamp().unwrap_or(0));
                 }
             }
             0 => self.rx_end.set(true),
