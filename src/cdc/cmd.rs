@@ -76,6 +76,9 @@ pub struct CdcArgs {
     /// Rows per snapshot chunk.
     #[arg(long)]
     snapshot_chunk_rows: Option<usize>,
+    /// Chunks each snapshot worker reads ahead of the stream's verdicts.
+    #[arg(long)]
+    snapshot_chunks_in_flight: Option<usize>,
     /// Bytes of streamed, uncommitted transactions held in memory before spilling to files.
     #[arg(long)]
     stream_buffer_bytes_max: Option<usize>,
@@ -176,6 +179,9 @@ impl CdcArgs {
         }
         if let Some(v) = self.snapshot_chunk_rows {
             cfg.snapshot_chunk_rows = v;
+        }
+        if let Some(v) = self.snapshot_chunks_in_flight {
+            cfg.snapshot_chunks_in_flight = v;
         }
         if let Some(v) = self.stream_buffer_bytes_max {
             cfg.stream_buffer_bytes_max = v;

@@ -413,6 +413,10 @@ fn validate_limits(cfg: &CdcConfig) -> Result<(), ConfigError> {
         ("schema-change-timeout-ms", cfg.schema_change_timeout_ms),
         ("snapshot-workers", cfg.snapshot_workers as u64),
         (
+            "snapshot-chunks-in-flight",
+            cfg.snapshot_chunks_in_flight as u64,
+        ),
+        (
             "snapshot-chunk-attempts-max",
             u64::from(cfg.snapshot_chunk_attempts_max),
         ),
@@ -434,6 +438,12 @@ fn validate_limits(cfg: &CdcConfig) -> Result<(), ConfigError> {
         return Err(key_error(
             "snapshot-workers",
             "expected at most 64 (each is a PostgreSQL connection)",
+        ));
+    }
+    if cfg.snapshot_chunks_in_flight > 64 {
+        return Err(key_error(
+            "snapshot-chunks-in-flight",
+            "expected at most 64 (each is a chunk held in memory per worker)",
         ));
     }
     if cfg.flush_bytes > 100 << 20 {

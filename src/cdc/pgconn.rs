@@ -227,16 +227,29 @@ impl PgConn {
         sql: &str,
         mut each: impl FnMut(wire::ValuesIter<'_>),
     ) -> Result<u64, PgError> {
+        self.query_sets(sql, |_, row| each(row))
+    }
+
+    /// [`query_each`](Self::query_each) for several statements in one round trip: `each`
+    /// also gets the number of the result the row belongs to (each statement that returns
+    /// rows starts one, from 0, even when it returns none).
+    pub fn query_sets(
+        &mut self,
+        sql: &str,
+        mut each: impl FnMut(usize, wire::ValuesIter<'_>),
+    ) -> Result<u64, PgError> {
         encode::query(&mut self.out, sql)?;
         self.flush()?;
         let mut rows = 0u64;
+        let mut set = None::<usize>;
         let mut failure = None;
         loop {
             let frame = self.read_frame()?;
             match BackendMessage::decode(frame.tag(), frame.body())? {
+                BackendMessage::RowDescription(_) => set = Some(set.map_or(0, |s| s + 1)),
                 BackendMessage::DataRow(row) => {
                     rows += 1;
-                    each(row.columns()?.iter());
+                    each(set.unwrap_or(0), row.columns()?.iter());
                 }
                 BackendMessage::ErrorResponse(e) => failure = Some(server_error(&e)?),
                 BackendMessage::ReadyForQuery(_) => {

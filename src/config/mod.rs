@@ -744,6 +744,9 @@ pub struct CdcConfig {
     pub snapshot_chunk_rows: usize,
     /// Connections copying snapshot chunks in parallel.
     pub snapshot_workers: usize,
+    /// Chunks a snapshot worker reads ahead while the stream has not yet taken the ones it
+    /// read before (each held in memory until its high watermark comes through the stream).
+    pub snapshot_chunks_in_flight: usize,
     /// Attempts per snapshot chunk (a chunk is read again when its watermark window cannot
     /// be trusted) before the snapshot fails.
     pub snapshot_chunk_attempts_max: u32,
@@ -823,6 +826,7 @@ impl Default for CdcConfig {
             snapshot: true,
             snapshot_chunk_rows: 50_000,
             snapshot_workers: 2,
+            snapshot_chunks_in_flight: 4,
             snapshot_chunk_attempts_max: 5,
             snapshot_window_keys_max: 1_000_000,
             flush_rows: 50_000,

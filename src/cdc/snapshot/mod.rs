@@ -7,7 +7,12 @@
 //! Every CDC table has a primary key (setup refuses one without: StarRocks Primary Key tables
 //! and deletes need it), so every table is chunked by key; there is no unchunked path.
 //!
-//! This module must never hold more than one chunk per worker in memory, never mark a chunk
+//! A worker reads its next chunk while the stream decides on the ones it read before (at most
+//! `snapshot-chunks-in-flight` of them), so the time a high watermark takes to come back
+//! through the stream is spent reading, not waiting.
+//!
+//! This module must never hold more than `snapshot-chunks-in-flight` chunks per worker in
+//! memory, never mark a chunk
 //! done before the loader has its rows in StarRocks, and never emit rows without a window.
 
 pub mod window;
@@ -279,12 +284,25 @@ impl Planner {
             .map(|(i, k)| format!("{}::text AS k{i}", quote_ident(k)))
             .collect();
         let order: Vec<String> = t.source.key.iter().map(|k| quote_ident(k)).collect();
+        let bound: Vec<String> = (0..t.source.key.len()).map(|i| format!("b.k{i}")).collect();
+        // The bound and its record in one round trip: no row from `b` is the last chunk (a
+        // key column is never NULL, so `b.k0 IS NULL` says there was none).
         let sql = format!(
-            "SELECT {} FROM {name}{} ORDER BY {} OFFSET {} LIMIT 1",
+            "WITH b AS (SELECT {} FROM {name}{} ORDER BY {} OFFSET {} LIMIT 1) \
+             INSERT INTO {} (slot, tbl, chunk, lo, hi, last) \
+             SELECT {}, {}, {number}, {}, CASE WHEN b.k0 IS NULL THEN NULL ELSE ARRAY[{}] END, b.k0 IS NULL \
+             FROM (VALUES (1)) AS one LEFT JOIN b ON true \
+             ON CONFLICT (slot, tbl, chunk) DO UPDATE SET lo = excluded.lo, hi = excluded.hi, last = excluded.last \
+             RETURNING array_to_json(hi)::text",
             texts.join(", "),
             lower_bound(&key, lo.as_deref()),
             order.join(", "),
-            self.chunk_rows - 1
+            self.chunk_rows - 1,
+            self.chunk_table,
+            quote_literal(&self.slot),
+            quote_literal(&t.source.name),
+            array_literal(lo.as_deref()),
+            bound.join(", "),
         );
         let rows = self
             .conn
@@ -292,20 +310,8 @@ impl Planner {
             .map_err(query(format!("plan a chunk of {}", t.source.name)))?;
         let hi: Option<Vec<String>> = rows
             .first()
-            .map(|r| r.iter().map(|v| v.clone().unwrap_or_default()).collect());
-        let record = format!(
-            "INSERT INTO {} (slot, tbl, chunk, lo, hi, last) VALUES ({}, {}, {number}, {}, {}, {}) \
-             ON CONFLICT (slot, tbl, chunk) DO UPDATE SET lo = excluded.lo, hi = excluded.hi, last = excluded.last",
-            self.chunk_table,
-            quote_literal(&self.slot),
-            quote_literal(&t.source.name),
-            array_literal(lo.as_deref()),
-            array_literal(hi.as_deref()),
-            hi.is_none()
-        );
-        self.conn
-            .query(&record)
-            .map_err(query(format!("record a chunk of {}", t.source.name)))?;
+            .and_then(|r| r.first().cloned().flatten())
+            .and_then(|json| text_array(&json));
         let t = &mut self.tables[i];
         t.next = hi.clone().map(|h| (number + 1, Some(h)));
         Ok(Chunk {
@@ -355,7 +361,7 @@ fn array_literal(values: Option<&[String]>) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-        None => "NULL".into(),
+        None => "NULL::text[]".into(),
     }
 }
 
@@ -382,7 +388,8 @@ pub fn resume(
     let rows = conn
         .query(&format!(
             "SELECT tbl, chunk::text, array_to_json(lo)::text, array_to_json(hi)::text, last::text, \
-             (done_at IS NOT NULL)::text, coalesce(rows, 0)::text FROM {t} WHERE slot = {} ORDER BY tbl, chunk",
+             (done_at IS NOT NULL)::text, coalesce(rows, 0)::text FROM {t} AS c WHERE slot = {} \
+             ORDER BY c.tbl, c.chunk",
             quote_literal(&cfg.slot)
         ))
         .map_err(query("read the chunk table"))?;
@@ -426,7 +433,9 @@ pub fn resume(
         }
         let (lo, hi) = (text_array(&field(2)), text_array(&field(3)));
         let plan = &mut plans[ti];
-        // Chunks are planned in order, so the last one read says where planning goes on.
+        // Chunks are planned in order, so the last one read says where planning goes on
+        // (ordered by the number, not its text: `c.chunk`, since the output column `chunk`
+        // is text and sorted 10 before 9, which planned chunk 10 again after a restart).
         plan.next = (field(4) != "true").then(|| (number + 1, hi.clone()));
         if field(5) == "true" {
             resumed += 1;
@@ -533,6 +542,8 @@ struct Ctx {
     next_id: AtomicU64,
     pcfg: PipelineConfig,
     attempts_max: u32,
+    /// Chunks a worker has read whose verdict it has not heard yet.
+    in_flight_max: usize,
     url: PgUrl,
     timeout: Duration,
     shared: Arc<Shared>,
@@ -562,6 +573,7 @@ impl Snapshot {
             next_id: AtomicU64::new(1),
             pcfg: pcfg.clone(),
             attempts_max: cfg.snapshot_chunk_attempts_max,
+            in_flight_max: cfg.snapshot_chunks_in_flight,
             url: url.clone(),
             timeout,
             shared: Arc::clone(shared),
@@ -629,11 +641,21 @@ fn progress_line(shared: &Shared) {
     let _ = writeln!(err, "\r{}\x1b[K", p.line());
 }
 
+/// A chunk read whose high watermark is written: the stream's verdict comes on `verdict`.
+struct InFlight {
+    chunk: Chunk,
+    /// Reads of this chunk so far, this one included.
+    attempts: u32,
+    verdict: crossbeam_channel::Receiver<Verdict>,
+}
+
 /// One worker: its connection and the column lists it has read.
 struct Worker<'a> {
     ctx: &'a Ctx,
     conn: PgConn,
     schemas: Vec<Option<Arc<Read>>>,
+    /// The last chunk read whose high watermark is not written yet (its id and table).
+    high: Option<(u64, String)>,
 }
 
 /// How a worker reads one table.
@@ -668,19 +690,85 @@ impl<'a> Worker<'a> {
             ctx,
             conn,
             schemas: Vec::new(),
+            high: None,
         };
+        // Chunks read, waiting for their verdict (oldest first), and chunks to read again.
+        let mut flight: VecDeque<InFlight> = VecDeque::with_capacity(ctx.in_flight_max);
+        let mut again: VecDeque<(Chunk, u32)> = VecDeque::new();
         loop {
             if ctx.shared.stopped.load(Ordering::Acquire) {
                 return Ok(());
             }
-            let chunk = match ctx.planner.lock() {
-                Ok(mut planner) => planner.next()?,
-                Err(_) => return Ok(()),
-            };
-            let Some(chunk) = chunk else {
+            if flight.len() < ctx.in_flight_max {
+                let next = match again.pop_front() {
+                    Some(retry) => Some(retry),
+                    None => match ctx.planner.lock() {
+                        Ok(mut planner) => planner.next()?.map(|c| (c, 0)),
+                        Err(_) => return Ok(()),
+                    },
+                };
+                if let Some((chunk, attempts)) = next {
+                    let verdict = worker.send(&chunk)?;
+                    flight.push_back(InFlight {
+                        chunk,
+                        attempts: attempts + 1,
+                        verdict,
+                    });
+                    continue;
+                }
+            }
+            // The pipeline is full, or nothing is left to read: the oldest verdict, once
+            // every chunk read has its high watermark.
+            worker.flush_high()?;
+            let Some(f) = flight.pop_front() else {
                 return Ok(());
             };
-            worker.copy(&chunk)?;
+            let Some(verdict) = worker.verdict(&f.verdict) else {
+                return Ok(());
+            };
+            let table = worker.table_name(f.chunk.table);
+            let progress = &ctx.shared.snapshot;
+            match verdict {
+                Verdict::Taken { rows, dropped } => {
+                    progress.chunks_taken.fetch_add(1, Ordering::AcqRel);
+                    progress.rows_dropped.fetch_add(dropped, Ordering::Relaxed);
+                    tracing::debug!(%table, chunk = f.chunk.number, rows, dropped, "snapshot chunk read");
+                }
+                Verdict::Retry { reason } => {
+                    progress.chunks_retried.fetch_add(1, Ordering::Relaxed);
+                    if f.attempts >= ctx.attempts_max {
+                        return Err(SnapshotError::Attempts {
+                            table,
+                            chunk: f.chunk.number,
+                            attempts: f.attempts,
+                            reason,
+                        });
+                    }
+                    tracing::warn!(%table, chunk = f.chunk.number, reason, "reading a snapshot chunk again");
+                    again.push_back((f.chunk, f.attempts));
+                }
+            }
+        }
+    }
+
+    /// The source name of the table `table` (as planned), for messages.
+    fn table_name(&self, table: usize) -> String {
+        self.schemas
+            .get(table)
+            .and_then(|r| r.as_ref())
+            .map(|r| r.schema.source_name.clone())
+            .unwrap_or_default()
+    }
+
+    /// Waits for a chunk's verdict; `None` when the run stops first.
+    fn verdict(&self, rx: &crossbeam_channel::Receiver<Verdict>) -> Option<Verdict> {
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(v) => return Some(v),
+                Err(RecvTimeoutError::Timeout)
+                    if !self.ctx.shared.stopped.load(Ordering::Acquire) => {}
+                Err(_) => return None,
+            }
         }
     }
 
@@ -751,67 +839,43 @@ impl<'a> Worker<'a> {
         Ok(read)
     }
 
-    /// Copies one chunk: low watermark, read, high watermark, then the stream's verdict;
-    /// again while the verdict is to retry, within `snapshot-chunk-attempts-max`.
-    fn copy(&mut self, chunk: &Chunk) -> Result<(), SnapshotError> {
+    /// Reads one chunk between its two watermarks: low watermark, read, the rows handed to
+    /// the stream; its high watermark goes out with the next chunk's low one (or alone, from
+    /// [`flush_high`](Self::flush_high)). Returns where its verdict will arrive.
+    fn send(
+        &mut self,
+        chunk: &Chunk,
+    ) -> Result<crossbeam_channel::Receiver<Verdict>, SnapshotError> {
         let read = self.read_of(chunk.table)?;
-        let table = read.schema.source_name.clone();
-        let mut reason = "";
-        for _ in 0..self.ctx.attempts_max {
-            let id = self.ctx.next_id.fetch_add(1, Ordering::Relaxed);
-            let low = self.watermark(id, false, &table)?;
-            let (reply, verdict) = crossbeam_channel::bounded(1);
-            let fetched = self.read_chunk(&read, chunk, low, reply)?;
-            self.ctx.exchange.put(id, fetched);
-            self.watermark(id, true, &table)?;
-            let progress = &self.ctx.shared.snapshot;
-            let verdict = loop {
-                match verdict.recv_timeout(Duration::from_millis(100)) {
-                    Ok(v) => break v,
-                    Err(RecvTimeoutError::Timeout)
-                        if !self.ctx.shared.stopped.load(Ordering::Acquire) => {}
-                    Err(_) => return Ok(()),
-                }
-            };
-            match verdict {
-                Verdict::Taken { rows, dropped } => {
-                    progress.chunks_taken.fetch_add(1, Ordering::AcqRel);
-                    progress.rows_dropped.fetch_add(dropped, Ordering::Relaxed);
-                    tracing::debug!(%table, chunk = chunk.number, rows, dropped, "snapshot chunk read");
-                    return Ok(());
-                }
-                Verdict::Retry { reason: why } => {
-                    progress.chunks_retried.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%table, chunk = chunk.number, reason = why, "reading a snapshot chunk again");
-                    reason = why;
-                }
-            }
-        }
-        Err(SnapshotError::Attempts {
-            table,
-            chunk: chunk.number,
-            attempts: self.ctx.attempts_max,
-            reason,
-        })
+        let id = self.ctx.next_id.fetch_add(1, Ordering::Relaxed);
+        let (reply, verdict) = crossbeam_channel::bounded(1);
+        let fetched = self.read_chunk(&read, chunk, id, reply)?;
+        // In the exchange before its high watermark is written, so the stream finds it there.
+        self.ctx.exchange.put(id, fetched);
+        self.high = Some((id, read.schema.source_name.clone()));
+        Ok(verdict)
     }
 
-    /// Writes a watermark into the WAL (a transactional logical message: committed, so
-    /// flushed and placed in commit order); returns its LSN.
-    fn watermark(&mut self, id: u64, high: bool, table: &str) -> Result<Lsn, SnapshotError> {
+    /// Writes the high watermark still owed by the last chunk read, if any.
+    fn flush_high(&mut self) -> Result<(), SnapshotError> {
+        if let Some((id, table)) = self.high.take() {
+            let sql = self.watermark_sql(id, true, &table);
+            self.conn
+                .query(&sql)
+                .map_err(query("write a snapshot watermark"))?;
+        }
+        Ok(())
+    }
+
+    /// A watermark into the WAL (a transactional logical message: committed, so flushed and
+    /// placed in commit order); the statement returns its LSN.
+    fn watermark_sql(&self, id: u64, high: bool, table: &str) -> String {
         let text = watermark_text(&self.ctx.tag, id, high, table);
-        let rows = self
-            .conn
-            .query(&format!(
-                "SELECT pg_logical_emit_message(true, {}, {})::text",
-                quote_literal(window::WATERMARK_PREFIX),
-                quote_literal(&text)
-            ))
-            .map_err(query("write a snapshot watermark"))?;
-        Ok(rows
-            .first()
-            .and_then(|r| r.first().cloned().flatten())
-            .and_then(|t| Lsn::parse(&t))
-            .unwrap_or_default())
+        format!(
+            "SELECT pg_logical_emit_message(true, {}, {})::text",
+            quote_literal(window::WATERMARK_PREFIX),
+            quote_literal(&text)
+        )
     }
 
     /// Reads the chunk's rows as Stream Load bodies, with the transactions its snapshot
@@ -820,22 +884,10 @@ impl<'a> Worker<'a> {
         &mut self,
         read: &Read,
         chunk: &Chunk,
-        low: Lsn,
+        id: u64,
         reply: crossbeam_channel::Sender<Verdict>,
     ) -> Result<Fetched, SnapshotError> {
         let table = &read.schema.source_name;
-        self.conn
-            .query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            .map_err(query("begin a chunk"))?;
-        let xip = self
-            .conn
-            .query("SELECT pg_snapshot_xip(pg_current_snapshot())::text")
-            .map_err(query("read the chunk's snapshot"))?
-            .iter()
-            .filter_map(|r| r.first().cloned().flatten())
-            .filter_map(|t| t.parse::<u64>().ok())
-            .map(|x| x as u32)
-            .collect();
         let mut filter = Vec::new();
         if let Some(lo) = &chunk.lo {
             filter.push(format!("{} > {}", read.key, row_literal(lo)));
@@ -843,16 +895,57 @@ impl<'a> Worker<'a> {
         if let Some(hi) = &chunk.hi {
             filter.push(format!("{} <= {}", read.key, row_literal(hi)));
         }
-        let sql = if filter.is_empty() {
+        let select = if filter.is_empty() {
             read.select.clone()
         } else {
             format!("{} WHERE {}", read.select, filter.join(" AND "))
         };
+        // One round trip: the previous chunk's high watermark and this one's low watermark,
+        // committed together (the one window closes where the next opens), then the chunk in
+        // a transaction of its own, whose snapshot is taken after the low watermark committed.
+        let high = self.high.take();
+        let mut sql = String::from("BEGIN; ");
+        if let Some((hid, htable)) = &high {
+            sql.push_str(&self.watermark_sql(*hid, true, htable));
+            sql.push_str("; ");
+        }
+        sql.push_str(&self.watermark_sql(id, false, table));
+        sql.push_str(
+            "; COMMIT; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+             SELECT pg_snapshot_xip(pg_current_snapshot())::text; ",
+        );
+        sql.push_str(&select);
+        sql.push_str("; COMMIT");
+        // The results: [high watermark], low watermark, the snapshot's xip, the rows.
+        let low_set = usize::from(high.is_some());
         let flush_bytes = self.ctx.pcfg.flush_bytes;
         let synced_at = now_text();
+        let mut low = Lsn::default();
+        let mut xip: Vec<u32> = Vec::new();
         let mut pieces: Vec<Piece> = vec![Piece::default()];
         self.conn
-            .query_each(&sql, |values| {
+            .query_sets(&sql, |set, mut values| {
+                if set == low_set {
+                    let text = values.next().flatten().unwrap_or_default();
+                    low = std::str::from_utf8(text)
+                        .ok()
+                        .and_then(Lsn::parse)
+                        .unwrap_or_default();
+                    return;
+                }
+                if set == low_set + 1 {
+                    let text = values.next().flatten().unwrap_or_default();
+                    if let Some(x) = std::str::from_utf8(text)
+                        .ok()
+                        .and_then(|t| t.parse::<u64>().ok())
+                    {
+                        xip.push(x as u32);
+                    }
+                    return;
+                }
+                if set != low_set + 2 {
+                    return;
+                }
                 let piece = match pieces.last_mut() {
                     Some(p) if p.body.len() < flush_bytes => p,
                     _ => {
@@ -877,7 +970,6 @@ impl<'a> Worker<'a> {
                 piece.rows.push((key, start, piece.body.len() as u32));
             })
             .map_err(query(format!("read chunk {} of {table}", chunk.number)))?;
-        self.conn.query("COMMIT").map_err(query("end a chunk"))?;
         pieces.retain(|p| !p.rows.is_empty());
         for p in &mut pieces {
             p.body.push(b']');
