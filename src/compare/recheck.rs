@@ -187,29 +187,41 @@ const SAFE_FUNCTIONS: &[&str] = &[
 
 /// Run first in a re-run's read-only transaction (re-checks and the slow-query EXPLAIN): how
 /// many functions of the database's own (not built in, not part of an extension, not a
-/// trigger's) something else depends on. Those are what reading can run without the
-/// statement naming them, which [`calls_only_safe_functions`] cannot see: an operator or a
-/// cast implemented by one, a view or a row-level policy that calls one, a type's input or
-/// output, a domain's check. A re-run runs on a database without such functions only.
-/// Every name is qualified so that a `search_path` the client set cannot redirect it.
-pub(crate) const USER_CODE_GUARD: &str = "SELECT pg_catalog.count(*) FROM pg_catalog.pg_proc p \
-    WHERE p.oid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid \
-    AND p.prorettype OPERATOR(pg_catalog.<>) 'pg_catalog.trigger'::pg_catalog.regtype \
-    AND p.prorettype OPERATOR(pg_catalog.<>) 'pg_catalog.event_trigger'::pg_catalog.regtype \
-    AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend e \
-        WHERE e.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass \
-        AND e.objid OPERATOR(pg_catalog.=) p.oid AND e.deptype OPERATOR(pg_catalog.=) 'e') \
-    AND EXISTS (SELECT FROM pg_catalog.pg_depend d \
-        WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass \
-        AND d.refobjid OPERATOR(pg_catalog.=) p.oid)";
-
-/// The simple query that opens a re-run: a read-only transaction whose statements the server
-/// stops at `timeout_ms`, then [`USER_CODE_GUARD`].
-pub(crate) fn preamble(timeout_ms: u64) -> String {
-    format!("BEGIN READ ONLY; SET LOCAL statement_timeout = {timeout_ms}; {USER_CODE_GUARD}")
+/// trigger's) reading could run although the statement names only built-ins. Those are
+/// what [`calls_only_safe_functions`] cannot see: one that something else depends on (an
+/// operator or a cast implemented by it, a view or a row-level policy that calls it, a
+/// type's input or output, a domain's check), and one named like a built-in on
+/// [`SAFE_FUNCTIONS`] (`public.upper(varchar)` wins over `pg_catalog.upper(text)` for a
+/// `varchar` argument, whatever the `search_path`). A re-run runs on a database without
+/// such functions only. Every name is qualified so that a `search_path` the client set
+/// cannot redirect the guard itself.
+fn user_code_guard() -> String {
+    let names = SAFE_FUNCTIONS.join(",");
+    format!(
+        "SELECT pg_catalog.count(*) FROM pg_catalog.pg_proc p \
+         WHERE p.oid OPERATOR(pg_catalog.>=) 16384::pg_catalog.oid \
+         AND p.prorettype OPERATOR(pg_catalog.<>) 'pg_catalog.trigger'::pg_catalog.regtype \
+         AND p.prorettype OPERATOR(pg_catalog.<>) 'pg_catalog.event_trigger'::pg_catalog.regtype \
+         AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend e \
+             WHERE e.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass \
+             AND e.objid OPERATOR(pg_catalog.=) p.oid AND e.deptype OPERATOR(pg_catalog.=) 'e') \
+         AND (p.proname OPERATOR(pg_catalog.=) ANY ('{{{names}}}'::pg_catalog.name[]) \
+             OR EXISTS (SELECT FROM pg_catalog.pg_depend d \
+             WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass \
+             AND d.refobjid OPERATOR(pg_catalog.=) p.oid))"
+    )
 }
 
-/// The answer row of [`USER_CODE_GUARD`]: whether the database is free of such functions.
+/// The simple query that opens a re-run: a read-only transaction whose statements the server
+/// stops at `timeout_ms`, then [`user_code_guard`].
+pub(crate) fn preamble(timeout_ms: u64) -> String {
+    format!(
+        "BEGIN READ ONLY; SET LOCAL statement_timeout = {timeout_ms}; {}",
+        user_code_guard()
+    )
+}
+
+/// The answer row of [`user_code_guard`]: whether the database is free of such functions.
 pub(crate) fn guard_clean(row: &[u8]) -> Option<bool> {
     let columns = wire::DataRow::new(row).columns().ok()?;
     let mut values = columns.iter();
@@ -683,7 +695,7 @@ async fn side(
 }
 
 /// The messages of a re-run: a read-only transaction whose statements the server stops at
-/// `timeout_ms`, begun by text of our own with [`USER_CODE_GUARD`], then the rewritten
+/// `timeout_ms`, begun by text of our own with [`user_code_guard`], then the rewritten
 /// statement alone through the
 /// extended protocol, where PostgreSQL refuses more than one command ("cannot insert multiple
 /// commands into a prepared statement"): text the SQL reader misread can never smuggle a
