@@ -2729,3 +2729,58 @@ flush-interval-ms = 100
     );
     assert!(run.stop().success());
 }
+
+#[test]
+fn long_slot_and_table_names_give_labels_starrocks_takes() {
+    // Review R6: the label prefix is the slot and its incarnation; with PostgreSQL's longest
+    // names (63 characters) the slot, the table and a snapshot chunk's or a cycle's range
+    // pass StarRocks' 128 characters. Every label, snapshot and stream, stays within
+    // `[-_A-Za-z0-9]{1,128}` (the emulator refuses any other, as StarRocks does).
+    let pg = start_pg("cdc-long-label", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    let table = format!("t{}", "_long_table".repeat(5));
+    let slot = format!("s{}", "_long_slot_".repeat(5));
+    assert!(table.len() <= 63 && slot.len() <= 63);
+    make_table(&mut c, &sr, &table);
+    c.batch_execute(&format!(
+        "INSERT INTO {table} SELECT g, 'snap', g FROM generate_series(1, 50) g"
+    ))
+    .unwrap();
+    let mut args = base_args(&pg, &sr, &table);
+    args.extend(["--slot".into(), slot]);
+    let cdc = Cdc::start(&args, &[]);
+    c.batch_execute(&format!(
+        "INSERT INTO {table} SELECT g, 'stream', g FROM generate_series(51, 80) g;
+         UPDATE {table} SET n = -n WHERE id <= 10;"
+    ))
+    .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        &table,
+        &["id", "v", "n"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+    let log = sr.log();
+    let refused: Vec<_> = log.iter().filter(|(_, s)| s == "Fail").collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    for (label, _) in &log {
+        assert!(
+            label.len() <= 128
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+            "{label}"
+        );
+    }
+    assert!(
+        log.iter().any(|(l, _)| l.contains("-snap")),
+        "no snapshot load: {log:?}"
+    );
+    assert!(
+        log.iter().any(|(l, _)| !l.contains("-snap")),
+        "no stream load: {log:?}"
+    );
+}

@@ -1175,6 +1175,9 @@ fn stream_load(
             body.len()
         )
     };
+    if let Some(message) = label_refused(&label) {
+        return answer(&mut s, "Fail", &message, 0, 0, 0, "");
+    }
     let key = format!("{db}/{label}");
     if s.labels.contains_key(&key) {
         let existing = match s.txns.get(&key).map(|t| t.state) {
@@ -1268,6 +1271,22 @@ fn expire(s: &mut State) {
             .map_or(key.clone(), |(_, l)| l.to_string());
         s.log.push((label, "TIMEOUT".into()));
     }
+}
+
+/// Why StarRocks refuses `label`, if it does: its "System limits" page allows digits,
+/// letters and underscores, at most 128 characters; the FE also takes `-` (the labels of
+/// StarRocks' own connectors carry UUIDs), so the emulator does too.
+fn label_refused(label: &str) -> Option<String> {
+    let valid = (1..=128).contains(&label.len())
+        && label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    (!valid).then(|| {
+        format!(
+            "Label format error: a label is 1 to 128 of [-_A-Za-z0-9], not [{label}] ({} characters)",
+            label.chars().count()
+        )
+    })
 }
 
 /// `GET /api/{db}/get_load_state?label=`: the state of a transaction or load by label.
@@ -1436,6 +1455,10 @@ fn txn_control(
     }
     let now = std::time::Instant::now();
     if op == "begin" {
+        if let Some(message) = label_refused(label) {
+            s.log.push((label.to_string(), "Fail".into()));
+            return txn_answer(0, label, "FAILED", &message, "");
+        }
         if s.single_table_txns && table.is_none() {
             return txn_answer(0, label, "FAILED", "No table name in request", "");
         }
