@@ -333,6 +333,11 @@ struct State {
     applied: HashMap<String, usize>,
     /// Benchmarks only ([`StarRocks::sink`]): loads are checked and counted, rows not kept.
     sink: bool,
+    /// Labels of the loads into a table in a transaction begun before a schema change of that
+    /// table that has since finished. StarRocks documents no answer for such a load (whether
+    /// it is taken, and planned against which schema), so the emulator takes it against the
+    /// new schema, as before, and records it: pgprism must never send one.
+    across_schema_change: Vec<String>,
 }
 
 pub struct StarRocks {
@@ -537,6 +542,12 @@ impl StarRocks {
     /// (label, status) of every load answered so far.
     pub fn log(&self) -> Vec<(String, String)> {
         self.state.lock().unwrap().log.clone()
+    }
+
+    /// Labels of the loads that arrived in a transaction begun before a schema change of
+    /// their table that had finished by then (see `State::across_schema_change`).
+    pub fn loads_across_schema_change(&self) -> Vec<String> {
+        self.state.lock().unwrap().across_schema_change.clone()
     }
 }
 
@@ -1592,6 +1603,13 @@ fn txn_load(
         Ok(schema) => schema,
         Err(r) => return abort(&mut s, &r.message, r.filtered, r.error_url),
     };
+    let altered = format!("{db}.{table}");
+    if s.jobs
+        .iter()
+        .any(|j| j.finished && j.id > id && j.table == altered)
+    {
+        s.across_schema_change.push(label.to_string());
+    }
     // Parsed without the lock: loads in parallel (snapshot workers) parse in parallel.
     drop(s);
     let parsed = parse_rows(&schema, table, req, body, id);
