@@ -856,7 +856,8 @@ fn load_loop(
 
 /// Makes the StarRocks table follow `change` (see `Work::Schema`; `columns`: the table's
 /// whole-row header after it). A schema change waits for the open transactions that loaded
-/// the table, so one of ours that did is rolled back first and the cycle loaded again.
+/// the table, so one of ours that did, or may still load it in this cycle, is rolled back
+/// first and the cycle loaded again (`Transactions::settle_for_ddl`).
 fn change_schema(
     sink: &mut StarRocks,
     txns: Option<&mut txn::Transactions>,

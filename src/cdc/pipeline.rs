@@ -970,19 +970,6 @@ fn key_text(key: &[usize], tuple: Tuple<'_>) -> Option<Box<[u8]>> {
     Some(encode_key(parts.into_iter()))
 }
 
-pub(crate) fn sanitize(text: &str) -> String {
-    text.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(100)
-        .collect()
-}
-
 #[derive(Clone, Copy)]
 enum Op {
     Upsert(OpType),
@@ -1141,10 +1128,25 @@ fn key_changed(key: &[usize], old: Tuple<'_>, new: Tuple<'_>) -> bool {
 }
 
 /// `{prefix}-{table}-{commit}.{idx}-{commit}.{idx}` (the prefix: the slot and its
-/// incarnation), limited to what StarRocks accepts in a label (letters, digits, `-`, `_`, 128
-/// characters at most).
+/// incarnation), limited by [`starrocks_label`].
 fn label(prefix: &str, table: &str, first: Pos, last: Pos) -> String {
-    let name: String = format!("{prefix}-{table}")
+    let range = format!(
+        "{:X}_{}-{:X}_{}",
+        first.txn.0, first.idx, last.txn.0, last.idx
+    );
+    starrocks_label(&format!("{prefix}-{table}"), &range)
+}
+
+/// The most characters StarRocks takes in a label (its "System limits" page).
+pub(crate) const LABEL_CHARS_MAX: usize = 128;
+
+/// `{name}-{suffix}` as a StarRocks label: letters, digits, `-` and `_` (anything else in
+/// `name` becomes `_`), at most [`LABEL_CHARS_MAX`] characters. A name too long for that is
+/// replaced by its 64-bit FNV-1a hash in hex, never cut: two long names sharing a prefix
+/// would collide once cut, and a label found in use means "already loaded". `suffix` (the
+/// LSN range, the snapshot chunk) is ASCII of the same set and short.
+pub(crate) fn starrocks_label(name: &str, suffix: &str) -> String {
+    let name: String = name
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
@@ -1154,15 +1156,10 @@ fn label(prefix: &str, table: &str, first: Pos, last: Pos) -> String {
             }
         })
         .collect();
-    // (Not `sanitize`: that one truncates, and a truncated name could collide.)
-    let range = format!(
-        "{:X}_{}-{:X}_{}",
-        first.txn.0, first.idx, last.txn.0, last.idx
-    );
-    if name.len() + range.len() < 128 {
-        format!("{name}-{range}")
+    if name.len() + 1 + suffix.len() <= LABEL_CHARS_MAX {
+        format!("{name}-{suffix}")
     } else {
-        format!("{:016x}-{range}", fnv1a(name.as_bytes()))
+        format!("{:016x}-{suffix}", fnv1a(name.as_bytes()))
     }
 }
 
@@ -1494,5 +1491,28 @@ mod tests {
             },
         );
         assert!(l.len() <= 128, "{l}");
+    }
+
+    #[test]
+    fn labels_stay_within_what_starrocks_takes() {
+        let valid = |l: &str| {
+            l.len() <= LABEL_CHARS_MAX
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        // A snapshot chunk's suffix, the longest an LSN gives.
+        let suffix = format!("snap{}-{:X}", u64::MAX, u64::MAX);
+        let short = starrocks_label("pgprism_slot-1A2B-public.t", &suffix);
+        assert_eq!(short, format!("pgprism_slot-1A2B-public_t-{suffix}"));
+        for n in [90, 100, 101, 127, 128, 300] {
+            let name = format!("{}.é", "s".repeat(n));
+            let l = starrocks_label(&name, &suffix);
+            assert!(valid(&l), "{n}: {l}");
+        }
+        // Long names are hashed whole, not cut: two differing only at the end stay apart.
+        let a = starrocks_label(&format!("{}a", "x".repeat(200)), "1");
+        let b = starrocks_label(&format!("{}b", "x".repeat(200)), "1");
+        assert_ne!(a, b);
+        assert!(valid(&a) && valid(&b));
     }
 }

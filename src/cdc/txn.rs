@@ -370,12 +370,19 @@ impl Transactions {
     /// begun before it that load the table (a schema change job's `WAITING_TXN`: the loads
     /// before its watershed transaction): commits what an earlier run prepared (as the
     /// cycle's end would), and rolls back what this run is loading if that has loaded
-    /// `table`, planning `columns` (the header after the change) for the table's whole-row
-    /// loads when the cycle is loaded again from the checkpoint. Returns whether it rolled
-    /// anything back. (Committing it here instead would cut the StarRocks transaction at a
-    /// place a replay, finding the schema change done, would not cut again.) A transaction
-    /// that has not loaded `table` stays open: the schema change does not wait for it, and
-    /// the table's loads after the change join it. Returns the label rolled back, if any.
+    /// `table` or may still load it, planning `columns` (the header after the change) for
+    /// the table's whole-row loads when the cycle is loaded again from the checkpoint.
+    /// (Committing it here instead would cut the StarRocks transaction at a place a replay,
+    /// finding the schema change done, would not cut again.) Returns the label rolled back,
+    /// if any.
+    ///
+    /// A `multi-table` transaction that has not loaded `table` yet may load it after the
+    /// change, in this cycle. StarRocks documents neither that a transaction begun before a
+    /// schema change's watershed may load the altered table once the change is done, nor
+    /// against which schema such a load is planned (its Doris ancestor refuses it), so it is
+    /// rolled back too and the cycle loaded again: after the change, every load of `table`
+    /// is in a transaction begun after it. A `per-table` transaction of another table never
+    /// loads `table` and stays open.
     pub fn settle_for_ddl(
         &mut self,
         sink: &mut StarRocks,
@@ -392,20 +399,28 @@ impl Transactions {
                 txn.state = TxnState::Committed;
             }
         }
-        let blocking: Vec<String> = self
-            .open
-            .values()
-            .filter(|t| t.state == TxnState::Loading && t.params.contains_key(table))
-            .map(|t| t.label.clone())
-            .collect();
-        for label in &blocking {
-            self.plans.learn(label, table, columns);
+        let mut blocking = Vec::new();
+        for (scope, txn) in &self.open {
+            if txn.state != TxnState::Loading {
+                continue;
+            }
+            if txn.params.contains_key(table) {
+                blocking.push((txn.label.clone(), true));
+            } else if self.scope_table(scope).is_none_or(|t| t == table) {
+                blocking.push((txn.label.clone(), false));
+            }
+        }
+        for (label, loaded) in &blocking {
+            // What the table loads after the change carries the new header already.
+            if *loaded {
+                self.plans.learn(label, table, columns);
+            }
         }
         if !blocking.is_empty() {
             self.abort_all(sink);
             self.plans.replans += 1;
         }
-        Ok(blocking.into_iter().next())
+        Ok(blocking.into_iter().next().map(|(label, _)| label))
     }
 
     /// Rolls back every transaction this run began and has not prepared (best effort: an

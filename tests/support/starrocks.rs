@@ -333,6 +333,11 @@ struct State {
     applied: HashMap<String, usize>,
     /// Benchmarks only ([`StarRocks::sink`]): loads are checked and counted, rows not kept.
     sink: bool,
+    /// Labels of the loads into a table in a transaction begun before a schema change of that
+    /// table that has since finished. StarRocks documents no answer for such a load (whether
+    /// it is taken, and planned against which schema), so the emulator takes it against the
+    /// new schema, as before, and records it: pgprism must never send one.
+    across_schema_change: Vec<String>,
 }
 
 pub struct StarRocks {
@@ -537,6 +542,12 @@ impl StarRocks {
     /// (label, status) of every load answered so far.
     pub fn log(&self) -> Vec<(String, String)> {
         self.state.lock().unwrap().log.clone()
+    }
+
+    /// Labels of the loads that arrived in a transaction begun before a schema change of
+    /// their table that had finished by then (see `State::across_schema_change`).
+    pub fn loads_across_schema_change(&self) -> Vec<String> {
+        self.state.lock().unwrap().across_schema_change.clone()
     }
 }
 
@@ -1175,6 +1186,9 @@ fn stream_load(
             body.len()
         )
     };
+    if let Some(message) = label_refused(&label) {
+        return answer(&mut s, "Fail", &message, 0, 0, 0, "");
+    }
     let key = format!("{db}/{label}");
     if s.labels.contains_key(&key) {
         let existing = match s.txns.get(&key).map(|t| t.state) {
@@ -1268,6 +1282,22 @@ fn expire(s: &mut State) {
             .map_or(key.clone(), |(_, l)| l.to_string());
         s.log.push((label, "TIMEOUT".into()));
     }
+}
+
+/// Why StarRocks refuses `label`, if it does: its "System limits" page allows digits,
+/// letters and underscores, at most 128 characters; the FE also takes `-` (the labels of
+/// StarRocks' own connectors carry UUIDs), so the emulator does too.
+fn label_refused(label: &str) -> Option<String> {
+    let valid = (1..=128).contains(&label.len())
+        && label
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    (!valid).then(|| {
+        format!(
+            "Label format error: a label is 1 to 128 of [-_A-Za-z0-9], not [{label}] ({} characters)",
+            label.chars().count()
+        )
+    })
 }
 
 /// `GET /api/{db}/get_load_state?label=`: the state of a transaction or load by label.
@@ -1436,6 +1466,10 @@ fn txn_control(
     }
     let now = std::time::Instant::now();
     if op == "begin" {
+        if let Some(message) = label_refused(label) {
+            s.log.push((label.to_string(), "Fail".into()));
+            return txn_answer(0, label, "FAILED", &message, "");
+        }
         if s.single_table_txns && table.is_none() {
             return txn_answer(0, label, "FAILED", "No table name in request", "");
         }
@@ -1569,6 +1603,13 @@ fn txn_load(
         Ok(schema) => schema,
         Err(r) => return abort(&mut s, &r.message, r.filtered, r.error_url),
     };
+    let altered = format!("{db}.{table}");
+    if s.jobs
+        .iter()
+        .any(|j| j.finished && j.id > id && j.table == altered)
+    {
+        s.across_schema_change.push(label.to_string());
+    }
     // Parsed without the lock: loads in parallel (snapshot workers) parse in parallel.
     drop(s);
     let parsed = parse_rows(&schema, table, req, body, id);

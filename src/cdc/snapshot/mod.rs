@@ -29,7 +29,7 @@ use self::window::{Exchange, Fetched, Piece, Verdict, Windows, encode_key, water
 use super::checkpoint::qualified;
 use super::lsn::Lsn;
 use super::pgconn::{PgConn, PgError, quote_ident, quote_literal};
-use super::pipeline::{PipelineConfig, sanitize, snapshot_columns, write_snapshot_row};
+use super::pipeline::{PipelineConfig, snapshot_columns, starrocks_label, write_snapshot_row};
 use super::schema::{Column, TableSchema};
 use super::setup::{SourceTable, split_table};
 use super::source::now_text;
@@ -667,6 +667,7 @@ struct Read {
     /// Positions of the key columns in the row.
     key_at: Vec<usize>,
     columns: String,
+    /// `{label prefix}-{target}`, the name of the chunks' labels (see `starrocks_label`).
     label: String,
 }
 
@@ -829,7 +830,7 @@ impl<'a> Worker<'a> {
             key: key_list(&source.key),
             key_at,
             columns: snapshot_columns(&self.ctx.pcfg, &schema),
-            label: sanitize(&format!("{}-{}", self.ctx.pcfg.label_prefix, target)),
+            label: format!("{}-{}", self.ctx.pcfg.label_prefix, target),
             schema,
         });
         if self.schemas.len() <= table {
@@ -980,7 +981,7 @@ impl<'a> Worker<'a> {
             pieces,
             target: read.schema.target_name.clone(),
             columns: read.columns.clone(),
-            label: format!("{}-snap{}-{:X}", read.label, chunk.number, low.0),
+            label: starrocks_label(&read.label, &format!("snap{}-{:X}", chunk.number, low.0)),
             xip,
             reply,
         })
