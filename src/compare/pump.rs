@@ -23,9 +23,6 @@ use crate::session::Tracker;
 use crate::stats::ShardStats;
 use crate::wire::{self, sqlstate};
 
-/// How long a shadow may take to finish what it was sent after the client left.
-const SHADOW_DRAIN: Duration = Duration::from_secs(30);
-
 /// What the pump needs of the client session that hosts it (the proxy's relay).
 pub trait Host {
     /// Where the session stands; the pump feeds it the primary's frames. `None`: the
@@ -294,8 +291,16 @@ impl<'a> Pump<'a> {
         let chunk = self.settings.read_chunk_bytes;
         self.flip = !self.flip;
         if self.primary_done {
-            return match within(SHADOW_DRAIN, self.shadow.read_buf(&mut self.sbuf, chunk)).await {
+            let limit = self.drain_limit();
+            return match within(limit, self.shadow.read_buf(&mut self.sbuf, chunk)).await {
                 Some(read) => Turn::Read(SHADOW, read),
+                None if self.comparer.shadow_wait().is_some() => {
+                    // Statements the primary answered are still unanswered by the shadow:
+                    // given up as on a timeout while the client was there (and counted).
+                    self.give_up_shadow();
+                    self.running = false;
+                    Turn::ShadowGivenUp
+                }
                 None => Turn::Read(SHADOW, Ok(0)),
             };
         }
@@ -347,6 +352,22 @@ impl<'a> Pump<'a> {
                     .saturating_duration_since(Instant::now()),
             ),
             None => None,
+        }
+    }
+
+    /// How long the shadow may take for its next answer once the client and the primary are
+    /// done: the same `compare.shadow-timeout-ms` as while the client was there, counted from
+    /// the oldest sync point the primary answered and the shadow has not (a session's last
+    /// statements can queue behind other sessions' for a pooled shadow connection and their
+    /// ordered waits, as long as the client's could); with nothing left to compare, that long
+    /// from now for the shadow to close. (This was a fixed 30 s, shorter than a raised
+    /// `shadow-timeout-ms`: on a loaded machine a session's last statements were then given up
+    /// on, unanswered and uncounted, while the bound the user set had not been reached.)
+    fn drain_limit(&self) -> Duration {
+        let timeout = Duration::from_millis(self.comparer.target().cfg.shadow_timeout_ms);
+        match self.comparer.shadow_wait() {
+            Some((since, _)) => (since + timeout).saturating_duration_since(Instant::now()),
+            None => timeout,
         }
     }
 
