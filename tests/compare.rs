@@ -1051,6 +1051,62 @@ fn a_shadow_that_falls_behind_after_the_client_left_is_given_up_at_the_shadow_ti
     blocker.batch_execute("ROLLBACK").unwrap();
 }
 
+/// A shadow connection that fails after the client left, while it still owes answers: its
+/// statements are skipped and the session is counted as one whose shadow was lost.
+#[test]
+fn a_shadow_lost_after_the_client_left_is_counted() {
+    let p = pair("drainlost");
+    p.both("CREATE TABLE slow (id int); INSERT INTO slow VALUES (1)");
+    let proxy = p.proxy(&["--compare-shadow-timeout-ms", "60000"]);
+    let mut blocker = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            p.shadow.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE slow IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    {
+        let mut c = proxy.client();
+        c.simple_query("SELECT id FROM slow").unwrap();
+    }
+    let mut observer = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            p.shadow.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    // pgprism's shadow connection, blocked behind the lock: ended under it.
+    let terminated = eventually(Duration::from_secs(10), || {
+        let row = observer
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .unwrap();
+        row.get::<_, i64>(0) > 0
+    });
+    assert!(terminated, "the shadow's statement waited on the lock");
+    assert!(
+        counter_reaches(&proxy, "pgprism_compare_shadow_lost_total", 1),
+        "the lost shadow is counted"
+    );
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_skipped_shadow_gone_total",
+        1
+    ));
+    assert_eq!(proxy.metric("pgprism_compare_shadow_timeouts_total"), 0);
+    assert_eq!(proxy.metric("pgprism_compare_statements_total"), 0);
+    blocker.batch_execute("ROLLBACK").unwrap();
+}
+
 /// Waits until `sessions` sessions were counted closed (each was judged whole by then), then
 /// asserts no mismatch was counted.
 fn assert_no_mismatch_once_closed(p: &Pair, proxy: &Proxy, sessions: u64) {

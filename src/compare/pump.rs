@@ -385,6 +385,15 @@ impl<'a> Pump<'a> {
         self.comparer.shadow_lost(&mut self.out);
     }
 
+    /// The shadow ended after the client's last statement while statements the primary
+    /// answered still wait for its answers: they are skipped, and the session counted as one
+    /// whose shadow was lost (a clean end comes after the last answer, owing nothing).
+    fn count_owed_as_lost(&self) {
+        if self.comparer.shadow_wait().is_some() {
+            ShardStats::bump(&self.stats.counters.compare_shadow_lost, 1);
+        }
+    }
+
     /// `side` closed (or failed). The client sent all it will: the primary and the shadow
     /// close after their last answers, in either order, and what the client receives may
     /// still wait for the other one (fail-on-differences, or the shadow's own results).
@@ -399,10 +408,13 @@ impl<'a> Pump<'a> {
                 return Flow::Stop;
             }
             // The shadow closed first: what it never answered is released unjudged.
+            self.count_owed_as_lost();
             self.comparer.shadow_lost(&mut self.out);
             self.running = false;
         } else if self.primary_done {
-            // The shadow is done too (or took longer than the drain allows).
+            // The shadow is done too (or failed, or was silent past the drain's bound with
+            // nothing left to compare).
+            self.count_owed_as_lost();
             self.comparer.shadow_lost(&mut self.out);
             self.running = false;
         } else if sent_all {
