@@ -1004,6 +1004,109 @@ fn a_shadow_that_falls_behind_stops_comparing_instead_of_holding_the_client() {
     ));
 }
 
+/// A client that leaves while the shadow still owes answers: the shadow gets
+/// compare.shadow-timeout-ms to give them, as while the client was there (not a fixed drain
+/// of its own), and a shadow given up on then is counted as a timeout, its statements as
+/// skipped because the shadow was gone.
+#[test]
+fn a_shadow_that_falls_behind_after_the_client_left_is_given_up_at_the_shadow_timeout() {
+    let p = pair("drain");
+    p.both("CREATE TABLE slow (id int); INSERT INTO slow VALUES (1)");
+    let proxy = p.proxy(&["--compare-shadow-timeout-ms", "300"]);
+    let mut blocker = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            p.shadow.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE slow IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    {
+        let mut c = proxy.client();
+        let rows = c.simple_query("SELECT id FROM slow").unwrap();
+        let rows = rows
+            .iter()
+            .filter(|m| matches!(m, postgres::SimpleQueryMessage::Row(_)))
+            .count();
+        assert_eq!(
+            rows, 1,
+            "the primary's answer, without waiting for the shadow"
+        );
+        // The client leaves at once; the shadow is still blocked.
+    }
+    assert!(
+        counter_reaches(&proxy, "pgprism_compare_shadow_timeouts_total", 1),
+        "the shadow given up on after the client left is counted as a timeout"
+    );
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_skipped_shadow_gone_total",
+        1
+    ));
+    assert_eq!(proxy.metric("pgprism_compare_skipped_total"), 1);
+    assert_eq!(proxy.metric("pgprism_compare_statements_total"), 0);
+    blocker.batch_execute("ROLLBACK").unwrap();
+}
+
+/// A shadow connection that fails after the client left, while it still owes answers: its
+/// statements are skipped and the session is counted as one whose shadow was lost.
+#[test]
+fn a_shadow_lost_after_the_client_left_is_counted() {
+    let p = pair("drainlost");
+    p.both("CREATE TABLE slow (id int); INSERT INTO slow VALUES (1)");
+    let proxy = p.proxy(&["--compare-shadow-timeout-ms", "60000"]);
+    let mut blocker = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            p.shadow.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE slow IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    {
+        let mut c = proxy.client();
+        c.simple_query("SELECT id FROM slow").unwrap();
+    }
+    let mut observer = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            p.shadow.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    // pgprism's shadow connection, blocked behind the lock: ended under it.
+    let terminated = eventually(Duration::from_secs(10), || {
+        let row = observer
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .unwrap();
+        row.get::<_, i64>(0) > 0
+    });
+    assert!(terminated, "the shadow's statement waited on the lock");
+    assert!(
+        counter_reaches(&proxy, "pgprism_compare_shadow_lost_total", 1),
+        "the lost shadow is counted"
+    );
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_skipped_shadow_gone_total",
+        1
+    ));
+    assert_eq!(proxy.metric("pgprism_compare_shadow_timeouts_total"), 0);
+    assert_eq!(proxy.metric("pgprism_compare_statements_total"), 0);
+    blocker.batch_execute("ROLLBACK").unwrap();
+}
+
 /// Waits until `sessions` sessions were counted closed (each was judged whole by then), then
 /// asserts no mismatch was counted.
 fn assert_no_mismatch_once_closed(p: &Pair, proxy: &Proxy, sessions: u64) {

@@ -138,6 +138,18 @@ fn judged(proxy: &Proxy) -> u64 {
     proxy.metric("pgprism_compare_statements_total") + proxy.metric("pgprism_compare_skipped_total")
 }
 
+/// Statements skipped, by reason (`pgprism_compare_skipped_*_total`).
+fn skip_reasons(proxy: &Proxy) -> String {
+    ["excluded", "routed", "withheld", "diverged", "shadow_gone"]
+        .iter()
+        .map(|r| {
+            let n = proxy.metric(&format!("pgprism_compare_skipped_{r}_total"));
+            format!("{r} {n}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn wait_judged(proxy: &Proxy, statements: u64) {
     let caught_up = eventually(Duration::from_secs(120), || judged(proxy) >= statements);
     assert!(
@@ -240,11 +252,12 @@ fn many_clients_on_a_small_pool(name: &str, mode: &str, client_side: &[&str]) {
     let mismatches = proxy.metric("pgprism_compare_mismatches_total");
     eprintln!(
         "{clients} clients -M {mode} {client_side:?}, shadow pool {POOL}: {compared} of \
-         {statements} compared, {mismatches} mismatches, {} inconclusive, {} skipped, at most \
-         {most} shadow and {primary_most} primary backends in {samples} samples, {} lends, {} \
-         order waits expired, {} lock breaks",
+         {statements} compared, {mismatches} mismatches, {} inconclusive, {} skipped ({}), at \
+         most {most} shadow and {primary_most} primary backends in {samples} samples, {} lends, \
+         {} order waits expired, {} lock breaks",
         proxy.metric("pgprism_compare_inconclusive_concurrent_total"),
         proxy.metric("pgprism_compare_skipped_total"),
+        skip_reasons(&proxy),
         proxy.metric("pgprism_shadow_pool_lends_total"),
         proxy.metric("pgprism_compare_order_waits_expired_total"),
         proxy.metric("pgprism_compare_order_lock_breaks_total"),
@@ -255,7 +268,8 @@ fn many_clients_on_a_small_pool(name: &str, mode: &str, client_side: &[&str]) {
     assert_eq!(
         compared,
         statements,
-        "every statement compared (rollbacks {}, begins {}, shadow timeouts {}, lost {}, wait timeouts {}); log: {tail:#?}; reports: {:?}",
+        "every statement compared (skipped: {}; rollbacks {}, begins {}, shadow timeouts {}, lost {}, wait timeouts {}); log: {tail:#?}; reports: {:?}",
+        skip_reasons(&proxy),
         proxy.metric("pgprism_compare_rollbacks_total"),
         proxy.metric("pgprism_compare_begins_total"),
         proxy.metric("pgprism_compare_shadow_timeouts_total"),

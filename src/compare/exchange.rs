@@ -163,6 +163,9 @@ struct SyncMeta {
     footprint: Footprint,
     /// Sent to the shadow too (not routed to the primary only).
     shadow: bool,
+    /// Routed to the primary only by the compare rules (why `shadow` is false, when it is
+    /// not that the session had stopped comparing).
+    routed: bool,
     /// Only part of it reached the shadow (a batch already released met a statement routed
     /// to the primary only): its Sync went there to end the batch, but it is not compared.
     withheld: bool,
@@ -697,6 +700,7 @@ impl Dispatch {
         shadow: bool,
         read_at: Instant,
     ) -> bool {
+        let routed_shadow = shadow;
         let shadow = shadow && !self.link.dead.get();
         let ordered = shadow
             && self.target.port.is_some()
@@ -714,6 +718,7 @@ impl Dispatch {
             statements,
             footprint,
             shadow,
+            routed: !routed_shadow,
             withheld: false,
             ordered,
             start,
@@ -1758,8 +1763,19 @@ impl Comparer {
                     failure = self.judge(&meta, &primary, shadow, stats, fallback);
                 }
                 _ => {
+                    let c = &stats.counters;
+                    let reason = if meta.withheld {
+                        &c.compare_skipped_withheld
+                    } else if meta.routed {
+                        &c.compare_skipped_routed
+                    } else if shadow.is_none() {
+                        &c.compare_skipped_shadow_gone
+                    } else {
+                        &c.compare_skipped_diverged
+                    };
                     let n = meta.statements.len().max(1) as u64;
-                    ShardStats::bump(&stats.counters.compare_skipped, n);
+                    ShardStats::bump(&c.compare_skipped, n);
+                    ShardStats::bump(reason, n);
                 }
             }
             if let Some(shadow) = &shadow {
@@ -1885,6 +1901,7 @@ impl Comparer {
                 .clone();
             if statement.excluded {
                 ShardStats::bump(&stats.counters.compare_skipped, 1);
+                ShardStats::bump(&stats.counters.compare_skipped_excluded, 1);
                 continue;
             }
             let (p, s) = (primary.results.get(i), shadow.results.get(i));

@@ -23,9 +23,6 @@ use crate::session::Tracker;
 use crate::stats::ShardStats;
 use crate::wire::{self, sqlstate};
 
-/// How long a shadow may take to finish what it was sent after the client left.
-const SHADOW_DRAIN: Duration = Duration::from_secs(30);
-
 /// What the pump needs of the client session that hosts it (the proxy's relay).
 pub trait Host {
     /// Where the session stands; the pump feeds it the primary's frames. `None`: the
@@ -294,8 +291,16 @@ impl<'a> Pump<'a> {
         let chunk = self.settings.read_chunk_bytes;
         self.flip = !self.flip;
         if self.primary_done {
-            return match within(SHADOW_DRAIN, self.shadow.read_buf(&mut self.sbuf, chunk)).await {
+            let limit = self.drain_limit();
+            return match within(limit, self.shadow.read_buf(&mut self.sbuf, chunk)).await {
                 Some(read) => Turn::Read(SHADOW, read),
+                None if self.comparer.shadow_wait().is_some() => {
+                    // Statements the primary answered are still unanswered by the shadow:
+                    // given up as on a timeout while the client was there (and counted).
+                    self.give_up_shadow();
+                    self.running = false;
+                    Turn::ShadowGivenUp
+                }
                 None => Turn::Read(SHADOW, Ok(0)),
             };
         }
@@ -350,6 +355,22 @@ impl<'a> Pump<'a> {
         }
     }
 
+    /// How long the shadow may take for its next answer once the client and the primary are
+    /// done: the same `compare.shadow-timeout-ms` as while the client was there, counted from
+    /// the oldest sync point the primary answered and the shadow has not (a session's last
+    /// statements can queue behind other sessions' for a pooled shadow connection and their
+    /// ordered waits, as long as the client's could); with nothing left to compare, that long
+    /// from now for the shadow to close. (This was a fixed 30 s, shorter than a raised
+    /// `shadow-timeout-ms`: on a loaded machine a session's last statements were then given up
+    /// on, unanswered and uncounted, while the bound the user set had not been reached.)
+    fn drain_limit(&self) -> Duration {
+        let timeout = Duration::from_millis(self.comparer.target().cfg.shadow_timeout_ms);
+        match self.comparer.shadow_wait() {
+            Some((since, _)) => (since + timeout).saturating_duration_since(Instant::now()),
+            None => timeout,
+        }
+    }
+
     fn give_up_shadow(&mut self) {
         let cfg = &self.comparer.target().cfg;
         ShardStats::bump(&self.stats.counters.compare_shadow_timeouts, 1);
@@ -362,6 +383,15 @@ impl<'a> Pump<'a> {
         self.shadow_open = false;
         self.shadow.shutdown();
         self.comparer.shadow_lost(&mut self.out);
+    }
+
+    /// The shadow ended after the client's last statement while statements the primary
+    /// answered still wait for its answers: they are skipped, and the session counted as one
+    /// whose shadow was lost (a clean end comes after the last answer, owing nothing).
+    fn count_owed_as_lost(&self) {
+        if self.comparer.shadow_wait().is_some() {
+            ShardStats::bump(&self.stats.counters.compare_shadow_lost, 1);
+        }
     }
 
     /// `side` closed (or failed). The client sent all it will: the primary and the shadow
@@ -378,10 +408,13 @@ impl<'a> Pump<'a> {
                 return Flow::Stop;
             }
             // The shadow closed first: what it never answered is released unjudged.
+            self.count_owed_as_lost();
             self.comparer.shadow_lost(&mut self.out);
             self.running = false;
         } else if self.primary_done {
-            // The shadow is done too (or took longer than the drain allows).
+            // The shadow is done too (or failed, or was silent past the drain's bound with
+            // nothing left to compare).
+            self.count_owed_as_lost();
             self.comparer.shadow_lost(&mut self.out);
             self.running = false;
         } else if sent_all {

@@ -1156,6 +1156,14 @@ async fn upstream(
                 break UpstreamEnd::PrimaryFailed;
             }
             release_if_large(&mut buf, complete, shard.read_chunk_bytes);
+            if terminated && scanned.bad.is_none() {
+                // The primary has the Terminate and may close before the shadow write below
+                // completes: its end must already read as the client's (compare then drains
+                // the shadow), not as a primary lost mid-session (which stops the pump with
+                // the shadow's last answers unjudged).
+                shared.terminated.set(true);
+                shared.client_sent_all.set(true);
+            }
             // A failed shadow write stops the shadow's side (the downstream pump sees its end
             // and stops comparing).
             if compared && let Some(up) = compare.as_mut() {
