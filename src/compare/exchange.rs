@@ -1550,18 +1550,14 @@ impl Comparer {
         footprint.join(&meta.start.0);
         let session = self.link.order_session;
         let mut start = meta.start.clone();
-        {
-            // Counted in flight unless the session's end already took it back.
-            let mut in_flight = self.link.in_flight.borrow_mut();
-            while in_flight.front().is_some_and(|(s, _)| *s < seq) {
-                in_flight.pop_front();
-            }
-            start.1.counted = in_flight.front().is_some_and(|(s, _)| *s == seq);
-            if start.1.counted {
-                in_flight.pop_front();
-            }
-        }
         let shard = port.shard();
+        // Counted in flight unless the session's end already took it back.
+        start.1.counted = port.ledger.answered_in_flight(
+            session,
+            &mut self.link.in_flight.borrow_mut(),
+            seq,
+            shard,
+        );
         if self.link.dead.get() {
             port.ledger
                 .answered(session, &footprint, (&start, stamp_ns), shard);

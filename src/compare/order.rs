@@ -379,6 +379,34 @@ impl Ledger {
         }
     }
 
+    /// The primary answered sync point `seq` of `session`, whose sync points sent and not
+    /// answered yet are `in_flight` (by sync point number, oldest first): takes it off the
+    /// list and says whether it was there (counted in flight). Earlier ones still listed
+    /// were answered without being taken off (an answer that found no sync point of the
+    /// session's to number): they are taken back from the book too, or they would stay in
+    /// flight for good, never ended by an answer nor by the session's end, and hold every
+    /// conflicting sync point of every other session for `compare.order-hold-ms`.
+    pub fn answered_in_flight(
+        &self,
+        session: u64,
+        in_flight: &mut VecDeque<(u64, Start)>,
+        seq: u64,
+        this_shard: usize,
+    ) -> bool {
+        let mut stale = Vec::new();
+        while in_flight.front().is_some_and(|(s, _)| *s < seq) {
+            stale.extend(in_flight.pop_front().map(|(_, start)| start));
+        }
+        if !stale.is_empty() {
+            self.unstart(session, &stale, this_shard);
+        }
+        let counted = in_flight.front().is_some_and(|(s, _)| *s == seq);
+        if counted {
+            in_flight.pop_front();
+        }
+        counted
+    }
+
     fn book(&self) -> MutexGuard<'_, Book> {
         // A shard that panicked while holding the book left it consistent enough: every
         // method leaves it valid between map operations, and a stale entry costs one bounded
@@ -1129,6 +1157,30 @@ mod tests {
         // The hold's end is what is tested here, not a wait for an outcome.
         std::thread::sleep(left);
         assert_eq!(ledger.acquire(read, 0), Turn::Go);
+    }
+
+    #[test]
+    fn sync_points_answered_without_a_number_leave_the_flight() {
+        let ledger = Ledger::new(Duration::from_secs(60));
+        let w = row(7, 1, true);
+        let mut in_flight = VecDeque::new();
+        for seq in 0..3 {
+            in_flight.push_back((seq, (w.clone(), ledger.start(2, &w, false))));
+        }
+        // Sync point 2 is answered; 0 and 1 never were numbered.
+        let answered = in_flight[2].1.clone();
+        assert!(ledger.answered_in_flight(2, &mut in_flight, 2, 0));
+        assert!(in_flight.is_empty());
+        assert!(!ledger.answered_in_flight(2, &mut in_flight, 3, 0));
+        let c = ledger.complete(2, w, (&answered, 0), false, 0);
+        assert_eq!(ledger.acquire(c, 0), Turn::Go);
+        ledger.done(c, 0);
+        // Its completion ends only its own Start: without taking back 0 and 1, another
+        // session's write of the row would be held for the whole hold.
+        let r = row(7, 1, true);
+        let started = ledger.start(1, &r, false);
+        let c = ledger.complete(1, r.clone(), (&(r, started), 0), false, 0);
+        assert_eq!(ledger.acquire(c, 0), Turn::Go);
     }
 
     #[test]
