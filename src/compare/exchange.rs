@@ -1535,10 +1535,16 @@ impl Comparer {
         };
         let seq = self.settled + index as u64;
         let mut footprint = meta.footprint.clone();
-        let holds_locks;
+        let mut locks = super::order::Locks::default();
         {
             let mut written = self.link.written.borrow_mut();
-            holds_locks = !written.is_empty();
+            locks.shadow = !written.is_empty();
+            locks.primary.clone_from(&written);
+            // The client waits for the shadow's answer (fail-on-differences, or the shadow
+            // is the source) to end its transaction (see order::Locks).
+            if (self.fail || self.source == SHADOW) && status != b'I' {
+                locks.primary.join(&footprint.written());
+            }
             if status == b'I' {
                 let ended = std::mem::take(&mut *written);
                 footprint.ends = !ended.is_empty();
@@ -1564,7 +1570,7 @@ impl Comparer {
         } else if meta.ordered {
             let c = (!footprint.is_empty()).then(|| {
                 port.ledger
-                    .complete(session, footprint, (&start, stamp_ns), holds_locks, shard)
+                    .complete(session, footprint, (&start, stamp_ns), locks, shard)
             });
             // The order-gap measurement (tests/compare_concurrent.rs, `hot_row_order_gap`):
             // the number given, when the answer reached the socket and when pgprism read it,
