@@ -76,11 +76,13 @@ pub struct Budget {
     /// wait on itself). Shared by the shards (one thread's clients land on several), locked
     /// only for such a batch and when a connection first prepares a statement.
     known: Mutex<std::collections::HashSet<u64>>,
-    /// Shards (bit `shard % 64`) where a shared connection of this pair lingers with nothing
-    /// in flight (pipelined lending, `pool.shared-linger-us`): a client that starts waiting on
-    /// another shard wakes them (see [`Wakeups`]), so that they give it back at once instead
-    /// of at the end of their linger.
-    lingering: std::sync::atomic::AtomicU64,
+    /// Shards where a shared connection of this pair lingers with nothing in flight
+    /// (pipelined lending, `pool.shared-linger-us`): bit `shard % 64` of word `shard / 64`,
+    /// one bit per shard whatever their number (with one word, shards 64 apart shared a bit
+    /// and one cleared the other's mark). A client that starts waiting on another shard
+    /// wakes them (see [`Wakeups`]), so that they give it back at once instead of at the
+    /// end of their linger. Empty without pipelined lending (no wake-ups to ring).
+    lingering: Box<[std::sync::atomic::AtomicU64]>,
 }
 
 impl Budget {
@@ -98,6 +100,27 @@ impl Budget {
 
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
+    }
+
+    /// Marks (`true`) or unmarks shard `shard` as holding a lingering shared connection of
+    /// this pair (no-op without pipelined lending: there is no word to mark).
+    fn mark(&self, shard: usize, lingering: bool) {
+        let Some(word) = self.lingering.get(shard / 64) else {
+            return;
+        };
+        let bit = 1u64 << (shard % 64);
+        if lingering {
+            word.fetch_or(bit, Ordering::SeqCst);
+        } else {
+            word.fetch_and(!bit, Ordering::SeqCst);
+        }
+    }
+
+    #[cfg(test)]
+    fn marked(&self, shard: usize) -> bool {
+        self.lingering
+            .get(shard / 64)
+            .is_some_and(|w| w.load(Ordering::SeqCst) & (1u64 << (shard % 64)) != 0)
     }
 
     fn wanted(&self) -> usize {
@@ -142,8 +165,16 @@ impl Budgets {
 
     fn get(&self, user: &str, database: &str) -> Arc<Budget> {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let shards = (self.1).0.len();
         map.entry((user.to_string(), database.to_string()))
-            .or_default()
+            .or_insert_with(|| {
+                Arc::new(Budget {
+                    lingering: (0..shards.div_ceil(64))
+                        .map(|_| std::sync::atomic::AtomicU64::new(0))
+                        .collect(),
+                    ..Budget::default()
+                })
+            })
             .clone()
     }
 }
@@ -682,17 +713,16 @@ impl Pools {
     /// and a waiter counts itself before it reads the marks (both SeqCst), so a waiter on
     /// another shard is either seen by that look or wakes this shard.
     pub fn mark_lingering(&self, pool: &Pool, lingering: bool) {
-        let bit = 1u64 << (self.shard % 64);
         let n = pool.lingering.get();
         if lingering {
             pool.lingering.set(n + 1);
             if n == 0 {
-                pool.budget.lingering.fetch_or(bit, Ordering::SeqCst);
+                pool.budget.mark(self.shard, true);
             }
         } else if n > 0 {
             pool.lingering.set(n - 1);
             if n == 1 {
-                pool.budget.lingering.fetch_and(!bit, Ordering::SeqCst);
+                pool.budget.mark(self.shard, false);
             }
         }
     }
@@ -704,13 +734,15 @@ impl Pools {
         if notifiers.is_empty() {
             return;
         }
-        let marks = pool.budget.lingering.load(Ordering::SeqCst) & !(1u64 << (self.shard % 64));
-        if marks == 0 {
-            return;
-        }
-        for (shard, notifier) in notifiers.iter().enumerate() {
-            if shard != self.shard && marks & (1u64 << (shard % 64)) != 0 {
-                notifier.notify();
+        for (w, word) in pool.budget.lingering.iter().enumerate() {
+            let marks = word.load(Ordering::SeqCst);
+            if marks == 0 {
+                continue;
+            }
+            for (shard, notifier) in notifiers.iter().enumerate().skip(w * 64).take(64) {
+                if shard != self.shard && marks & (1u64 << (shard % 64)) != 0 {
+                    notifier.notify();
+                }
             }
         }
     }
@@ -1153,5 +1185,22 @@ mod tests {
         b.give_back();
         assert!(b.try_take(2));
         assert_eq!(b.open(), 2);
+    }
+
+    #[test]
+    fn lingering_marks_of_shards_64_apart_are_their_own() {
+        let budgets = Budgets::with_wakeups(130).expect("eventfds");
+        let b = budgets.get("u", "d");
+        b.mark(0, true);
+        b.mark(64, true);
+        b.mark(128, true);
+        b.mark(0, false);
+        assert!(!b.marked(0));
+        assert!(
+            b.marked(64) && b.marked(128),
+            "shard 0's unmark left the others marked"
+        );
+        b.mark(128, false);
+        assert!(b.marked(64) && !b.marked(128));
     }
 }

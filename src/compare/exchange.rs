@@ -1540,10 +1540,16 @@ impl Comparer {
         };
         let seq = self.settled + index as u64;
         let mut footprint = meta.footprint.clone();
-        let holds_locks;
+        let mut locks = super::order::Locks::default();
         {
             let mut written = self.link.written.borrow_mut();
-            holds_locks = !written.is_empty();
+            locks.shadow = !written.is_empty();
+            locks.primary.clone_from(&written);
+            // The client waits for the shadow's answer (fail-on-differences, or the shadow
+            // is the source) to end its transaction (see order::Locks).
+            if (self.fail || self.source == SHADOW) && status != b'I' {
+                locks.primary.join(&footprint.written());
+            }
             if status == b'I' {
                 let ended = std::mem::take(&mut *written);
                 footprint.ends = !ended.is_empty();
@@ -1555,25 +1561,21 @@ impl Comparer {
         footprint.join(&meta.start.0);
         let session = self.link.order_session;
         let mut start = meta.start.clone();
-        {
-            // Counted in flight unless the session's end already took it back.
-            let mut in_flight = self.link.in_flight.borrow_mut();
-            while in_flight.front().is_some_and(|(s, _)| *s < seq) {
-                in_flight.pop_front();
-            }
-            start.1.counted = in_flight.front().is_some_and(|(s, _)| *s == seq);
-            if start.1.counted {
-                in_flight.pop_front();
-            }
-        }
         let shard = port.shard();
+        // Counted in flight unless the session's end already took it back.
+        start.1.counted = port.ledger.answered_in_flight(
+            session,
+            &mut self.link.in_flight.borrow_mut(),
+            seq,
+            shard,
+        );
         if self.link.dead.get() {
             port.ledger
                 .answered(session, &footprint, (&start, stamp_ns), shard);
         } else if meta.ordered {
             let c = (!footprint.is_empty()).then(|| {
                 port.ledger
-                    .complete(session, footprint, (&start, stamp_ns), holds_locks, shard)
+                    .complete(session, footprint, (&start, stamp_ns), locks, shard)
             });
             // The order-gap measurement (tests/compare_concurrent.rs, `hot_row_order_gap`):
             // the number given, when the answer reached the socket and when pgprism read it,

@@ -99,6 +99,16 @@ pub fn rows_disjoint(a: &[Probe], b: &[Probe]) -> bool {
     !a.is_empty() && !b.is_empty() && a.iter().all(|x| b.iter().all(|y| x.disjoint(y)))
 }
 
+/// Whether every row of `rows` (never the whole relation) is one `locked` names by the same
+/// key values, none a parameter not bound yet: a write of `rows` waits on the primary for
+/// the row locks of a transaction that wrote `locked`.
+pub fn rows_within(rows: &[Probe], locked: &[Probe]) -> bool {
+    !rows.is_empty()
+        && rows.iter().all(|p| {
+            !p.pairs.iter().any(|(_, v)| matches!(v, Value::Param(_))) && locked.contains(p)
+        })
+}
+
 /// Probes of one relation kept per footprint; beyond it, the relation is touched whole (a
 /// transaction that wrote many rows of it, a long IN list).
 const PROBES_MAX: usize = 32;

@@ -37,7 +37,9 @@
 //! longer than the bound. The hold is bounded the same way (`compare.order-hold-ms`): it
 //! waits only for the primary, which answers whatever the shadow does, except under
 //! `fail-on-differences`, where a client whose answer waits for the shadow may keep a lock
-//! the awaited statement waits for on the primary: that cycle lasts at most the hold. A step
+//! the awaited statement waits for on the primary: a write of rows the held one's
+//! transaction wrote is therefore not waited for (see [`Locks`]), and any other such cycle
+//! lasts at most the hold. A step
 //! of the wall clock the timestamps are on misnumbers the answers around it; their
 //! differences are judged by the overlap rule below like any other.
 //!
@@ -61,7 +63,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
-use super::footprint::{Footprint, Probe, rows_disjoint};
+use super::footprint::{Footprint, Probe, rows_disjoint, rows_within};
 use crate::exec::Notifier;
 
 /// One sync point the primary completed, pending on the shadow.
@@ -71,6 +73,9 @@ struct Entry {
     footprint: Footprint,
     /// Its transaction had written when it was sent: it holds row locks on the shadow.
     holds_locks: bool,
+    /// What its transaction holds row locks on, on the primary, while it is pending (see
+    /// [`Locks`]).
+    locked: Footprint,
     /// When it was cleared to go to the shadow (it is written there at once).
     cleared: Option<Instant>,
     /// Its order with a conflicting sync point was not reproduced.
@@ -146,14 +151,24 @@ impl Recent {
     /// Whether a sync point of another session that `footprint` (of `session`, answered
     /// at `c`, `rows` of this relation) conflicts with was sent before `c` and is still in
     /// flight: its answer may have reached pgprism's socket before `c`'s and not been read
-    /// yet. Primary-only ones never run on the shadow: no order to keep with them.
-    fn holds(&self, session: u64, c: u64, footprint: &Footprint, rows: &[Probe]) -> bool {
+    /// yet. Primary-only ones never run on the shadow: no order to keep with them. Nor does
+    /// a write of rows `c`'s transaction holds locks on (`locked`: of this relation; None:
+    /// none known) hold it: that one waits on the primary for the transaction's end, so
+    /// its answer comes after `c`'s (see [`Locks`]).
+    fn holds(
+        &self,
+        (session, c): (u64, u64),
+        footprint: &Footprint,
+        rows: &[Probe],
+        locked: Option<&[Probe]>,
+    ) -> bool {
         self.in_flight.iter().any(|f| {
             f.session != session
                 && f.since < c
                 && !f.only
                 && footprint.waits_for(f.write)
                 && ((footprint.write && f.write) || !rows_disjoint(rows, &f.rows))
+                && !(f.write && locked.is_some_and(|l| rows_within(&f.rows, l)))
         })
     }
 
@@ -278,6 +293,38 @@ pub struct Started {
     pub only: bool,
 }
 
+/// The row locks the transaction of a sync point the primary answered holds.
+///
+/// A write of another session sent before the answer arrived and still in flight is what
+/// [`Turn::Hold`] waits for: its answer may have been stamped earlier and not be read yet.
+/// Not when it writes rows the transaction holds locks on: it waits on the primary for the
+/// transaction's end, which comes after this answer, so its number will be larger. Under
+/// `fail-on-differences` that wait is a cycle as well: the client's answer waits for the
+/// shadow, so it cannot end its transaction, and the other write waits for its locks,
+/// held for the whole `compare.order-hold-ms` on every hot-row transaction.
+#[derive(Debug, Clone, Default)]
+pub struct Locks {
+    /// Its transaction had written when it was sent: it holds row locks on the shadow (see
+    /// [`Ledger::held_by_own_locks`]).
+    pub shadow: bool,
+    /// What the transaction holds row locks on, on the primary, until it ends: what it
+    /// wrote before this sync point, and, where the client waits for the shadow's answer
+    /// (`fail-on-differences`, or the shadow as the source), what this one wrote, when the
+    /// transaction stays open. (A
+    /// client that gets its answer ends the transaction in a round trip or two, and then a
+    /// write that ran just before this one, its answer unread, is waited for.)
+    pub primary: Footprint,
+}
+
+impl From<bool> for Locks {
+    fn from(shadow: bool) -> Locks {
+        Locks {
+            shadow,
+            primary: Footprint::default(),
+        }
+    }
+}
+
 /// What [`Ledger::acquire`] says of a pending sync point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Turn {
@@ -379,6 +426,34 @@ impl Ledger {
         }
     }
 
+    /// The primary answered sync point `seq` of `session`, whose sync points sent and not
+    /// answered yet are `in_flight` (by sync point number, oldest first): takes it off the
+    /// list and says whether it was there (counted in flight). Earlier ones still listed
+    /// were answered without being taken off (an answer that found no sync point of the
+    /// session's to number): they are taken back from the book too, or they would stay in
+    /// flight for good, never ended by an answer nor by the session's end, and hold every
+    /// conflicting sync point of every other session for `compare.order-hold-ms`.
+    pub fn answered_in_flight(
+        &self,
+        session: u64,
+        in_flight: &mut VecDeque<(u64, Start)>,
+        seq: u64,
+        this_shard: usize,
+    ) -> bool {
+        let mut stale = Vec::new();
+        while in_flight.front().is_some_and(|(s, _)| *s < seq) {
+            stale.extend(in_flight.pop_front().map(|(_, start)| start));
+        }
+        if !stale.is_empty() {
+            self.unstart(session, &stale, this_shard);
+        }
+        let counted = in_flight.front().is_some_and(|(s, _)| *s == seq);
+        if counted {
+            in_flight.pop_front();
+        }
+        counted
+    }
+
     fn book(&self) -> MutexGuard<'_, Book> {
         // A shard that panicked while holding the book left it consistent enough: every
         // method leaves it valid between map operations, and a stale entry costs one bounded
@@ -394,16 +469,17 @@ impl Ledger {
     /// The primary completed a sync point of `session` that goes to the shadow: its number
     /// in the completion order, the time its answer reached pgprism's socket (`stamp_ns`,
     /// the kernel's receive timestamp; 0: none, pgprism's clock now stands for it), made
-    /// unique. It is pending until [`done`](Self::done). `holds_locks`: its transaction had
-    /// written before it (see [`held_by_own_locks`](Self::held_by_own_locks)).
+    /// unique. It is pending until [`done`](Self::done). `locks`: what its transaction holds
+    /// locks on (see [`Locks`]).
     pub fn complete(
         &self,
         session: u64,
         footprint: Footprint,
         (started, stamp_ns): (&Start, u64),
-        holds_locks: bool,
+        locks: impl Into<Locks>,
         this_shard: usize,
     ) -> u64 {
+        let locks = locks.into();
         let mut book = self.book();
         let mut c = if stamp_ns == 0 { now_ns() } else { stamp_ns }.max(1);
         while book.entries.contains_key(&c) {
@@ -423,7 +499,8 @@ impl Ledger {
             Entry {
                 session,
                 footprint,
-                holds_locks,
+                holds_locks: locks.shadow,
+                locked: locks.primary,
                 cleared: None,
                 overtaken: overlapped,
             },
@@ -709,16 +786,28 @@ impl Book {
         }
         let entry = self.entries.get(&c)?;
         let footprint = &entry.footprint;
-        let holds = |r: &Recent, rows: &[Probe]| r.holds(entry.session, c, footprint, rows);
-        let mut held = holds(&self.recent_wild, &[]);
+        // The rows of `lane` its transaction holds locks on (none known for the whole
+        // relation: a write there may not meet them).
+        let locked = |lane: u64| {
+            let rows = entry.locked.rows(lane);
+            (!rows.is_empty()).then_some(rows)
+        };
+        let holds = |r: &Recent, rows: &[Probe], lane: Option<u64>| {
+            r.holds((entry.session, c), footprint, rows, lane.and_then(locked))
+        };
+        let mut held = holds(&self.recent_wild, &[], None);
         if footprint.wild {
-            held = held || self.recent.values().any(|r| holds(r, &[]));
+            held = held
+                || self
+                    .recent
+                    .iter()
+                    .any(|(lane, r)| holds(r, &[], Some(*lane)));
         } else {
             held = held
                 || footprint.lanes.iter().any(|lane| {
                     self.recent
                         .get(lane)
-                        .is_some_and(|r| holds(r, footprint.rows(*lane)))
+                        .is_some_and(|r| holds(r, footprint.rows(*lane), Some(*lane)))
                 });
         }
         held.then(|| Duration::from_nanos(end - now))
@@ -1129,6 +1218,67 @@ mod tests {
         // The hold's end is what is tested here, not a wait for an outcome.
         std::thread::sleep(left);
         assert_eq!(ledger.acquire(read, 0), Turn::Go);
+    }
+
+    #[test]
+    fn sync_points_answered_without_a_number_leave_the_flight() {
+        let ledger = Ledger::new(Duration::from_secs(60));
+        let w = row(7, 1, true);
+        let mut in_flight = VecDeque::new();
+        for seq in 0..3 {
+            in_flight.push_back((seq, (w.clone(), ledger.start(2, &w, false))));
+        }
+        // Sync point 2 is answered; 0 and 1 never were numbered.
+        let answered = in_flight[2].1.clone();
+        assert!(ledger.answered_in_flight(2, &mut in_flight, 2, 0));
+        assert!(in_flight.is_empty());
+        assert!(!ledger.answered_in_flight(2, &mut in_flight, 3, 0));
+        let c = ledger.complete(2, w, (&answered, 0), false, 0);
+        assert_eq!(ledger.acquire(c, 0), Turn::Go);
+        ledger.done(c, 0);
+        // Its completion ends only its own Start: without taking back 0 and 1, another
+        // session's write of the row would be held for the whole hold.
+        let r = row(7, 1, true);
+        let started = ledger.start(1, &r, false);
+        let c = ledger.complete(1, r.clone(), (&(r, started), 0), false, 0);
+        assert_eq!(ledger.acquire(c, 0), Turn::Go);
+    }
+
+    #[test]
+    fn a_write_waiting_for_the_transactions_locks_does_not_hold_it() {
+        let ledger = Ledger::new(Duration::from_secs(60));
+        // Session 2's UPDATE of row 1 was sent before session 1's answer arrived and is
+        // still in flight: it waits on the primary for session 1's lock on row 1.
+        let w = row(7, 1, true);
+        let other = ledger.start(2, &w, false);
+        let locked = |rows: Footprint| Locks {
+            shadow: false,
+            primary: rows,
+        };
+        let answered = |ledger: &Ledger, locks: Locks| {
+            let u = row(7, 1, true);
+            let started = ledger.start(1, &u, false);
+            ledger.complete(1, u.clone(), (&(u, started), 0), locks, 0)
+        };
+        let c = answered(&ledger, locked(row(7, 1, true)));
+        assert_eq!(ledger.acquire(c, 0), Turn::Go);
+        ledger.done(c, 0);
+        // Without locks on its rows, it may have run first: held.
+        for locks in [
+            Locks::default(),
+            locked(row(7, 2, true)),
+            locked(fp(&[7], true)),
+            locked(row(8, 1, true)),
+        ] {
+            let c = answered(&ledger, locks.clone());
+            assert!(
+                matches!(ledger.acquire(c, 0), Turn::Hold(_)),
+                "{locks:?} held"
+            );
+            ledger.force(c);
+            ledger.done(c, 0);
+        }
+        ledger.unstart(2, &[(w, other)], 0);
     }
 
     #[test]
