@@ -715,3 +715,150 @@ fn fail_on_differences_under_transaction_pooling() {
         .metric("pgprism_compare_mismatches_total")
         >= 3));
 }
+
+/// A raw client of [`DB`] through `proxy`, started (trust) and ready.
+fn raw_client(proxy: &Proxy) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy.port())).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(&support::raw::startup("postgres", DB)).unwrap();
+    let msgs = support::raw::read_until_ready(&mut s);
+    assert_eq!(msgs.last().map(|m| m.0), Some(b'Z'), "startup: {msgs:?}");
+    s
+}
+
+fn query_frame(sql: &str) -> Vec<u8> {
+    let mut body = sql.as_bytes().to_vec();
+    body.push(0);
+    support::raw::message(b'Q', &body)
+}
+
+/// A transaction-pooled compared client that leaves while its statement runs on the primary
+/// (ordered shadow dispatch, the default): pgprism reads the primary's answer before it lets
+/// the connection go, so the shadow gets the statement's turn and then the client's end. An
+/// autocommit UPDATE that commits on the primary runs on the shadow too, and one inside a
+/// transaction leaves no shadow connection in that transaction, both well within the 30 s
+/// the shadow is given to drain (before, the shadow waited for an answer that never came).
+#[test]
+fn a_transaction_pooled_client_leaving_mid_statement_leaves_the_shadow_in_step() {
+    use std::io::Write;
+    let p = pair("txmid");
+    p.both("CREATE TABLE acc (id int PRIMARY KEY, v int); INSERT INTO acc VALUES (1, 0), (2, 0);");
+    let proxy = p.proxy(TRANSACTION_POOLING);
+    let value = |inst: &Instance, id: i32| {
+        inst.psql_db(DB, &format!("SELECT v FROM acc WHERE id = {id}"))
+            .expect("read the row")
+            .trim()
+            .to_string()
+    };
+    let running = |inst: &Instance, sql_like: &str| {
+        let mut watch = observer(inst);
+        let sql = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = '{DB}' \
+             AND state = 'active' AND query LIKE '{sql_like}%'"
+        );
+        eventually(Duration::from_secs(10), || {
+            let n: i64 = watch.query_one(&sql, &[]).unwrap().get(0);
+            n == 1
+        })
+    };
+    // Autocommit: the primary commits the UPDATE after its client left.
+    let mut c = raw_client(&proxy);
+    c.write_all(&query_frame(
+        "UPDATE acc SET v = v + 1 WHERE id = 1 AND pg_sleep(2) IS NOT NULL",
+    ))
+    .unwrap();
+    assert!(
+        running(&p.primary, "UPDATE acc SET v = v + 1"),
+        "the UPDATE runs"
+    );
+    drop(c);
+    let started = std::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(12), || value(&p.primary, 1) == "1"
+            && value(&p.shadow, 1) == "1"),
+        "the row agrees on both sides: primary {}, shadow {}",
+        value(&p.primary, 1),
+        value(&p.shadow, 1)
+    );
+    // Inside a transaction: both sides roll it back, and soon.
+    let mut c = raw_client(&proxy);
+    let msgs = support::raw::query(&mut c, "BEGIN; UPDATE acc SET v = v + 5 WHERE id = 2");
+    assert_eq!(
+        msgs.last().map(|m| m.1.as_slice()),
+        Some(&b"T"[..]),
+        "{msgs:?}"
+    );
+    c.write_all(&query_frame(
+        "UPDATE acc SET v = v + 10 WHERE id = 2 AND pg_sleep(2) IS NOT NULL",
+    ))
+    .unwrap();
+    assert!(
+        running(&p.primary, "UPDATE acc SET v = v + 10"),
+        "the UPDATE runs"
+    );
+    drop(c);
+    let in_block = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{DB}' \
+         AND (state LIKE 'idle in transaction%' OR backend_xid IS NOT NULL)"
+    );
+    for (side, inst) in [("shadow", &p.shadow), ("primary", &p.primary)] {
+        let mut watch = observer(inst);
+        let clean = eventually(Duration::from_secs(12), || {
+            let n: i64 = watch.query_one(&in_block, &[]).unwrap().get(0);
+            n == 0
+        });
+        assert!(
+            clean,
+            "a {side} connection stayed in the client's transaction"
+        );
+        assert_eq!(value(inst, 2), "0", "rolled back on the {side}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "the shadow did not wait out its 30 s drain: {:?}",
+        started.elapsed()
+    );
+}
+
+/// pgprism's own FATAL (a malformed frame right after COMMIT, in one write) under
+/// `--fail-on-differences` with the client side pooled: the COMMIT's answer, held for the
+/// shadow's, still reaches the client ahead of the FATAL (the COMMIT went through on the
+/// primary, so the client must hear of it).
+#[test]
+fn a_commit_before_pgprisms_own_fatal_reaches_the_client() {
+    use std::io::Write;
+    let p = pair("txfatal");
+    p.both("CREATE TABLE k (v int);");
+    let mut args = vec!["--fail-on-differences"];
+    args.extend_from_slice(TRANSACTION_POOLING);
+    let proxy = p.proxy(&args);
+    let mut c = raw_client(&proxy);
+    let msgs = support::raw::query(&mut c, "BEGIN; INSERT INTO k VALUES (1)");
+    assert_eq!(
+        msgs.last().map(|m| m.1.as_slice()),
+        Some(&b"T"[..]),
+        "{msgs:?}"
+    );
+    let mut write = query_frame("COMMIT");
+    // A frame whose length is below its own header's.
+    write.extend_from_slice(&[b'Q', 0, 0, 0, 1]);
+    c.write_all(&write).unwrap();
+    let msgs = support::raw::read_to_end(&mut c);
+    let tags: Vec<u8> = msgs.iter().map(|m| m.0).collect();
+    assert_eq!(tags, b"CZE", "{msgs:?}");
+    assert_eq!(msgs[0].1, b"COMMIT\0", "{msgs:?}");
+    assert_eq!(msgs[1].1, b"I", "{msgs:?}");
+    let code = support::raw::error_field(&msgs[2].1, b'C');
+    assert_eq!(code.as_deref(), Some("08P01"), "{msgs:?}");
+    let severity = support::raw::error_field(&msgs[2].1, b'V');
+    assert_eq!(severity.as_deref(), Some("FATAL"), "{msgs:?}");
+    assert_eq!(
+        p.primary
+            .psql_db(DB, "SELECT count(*) FROM k")
+            .unwrap()
+            .trim(),
+        "1",
+        "the COMMIT went through on the primary"
+    );
+}

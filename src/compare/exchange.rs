@@ -290,6 +290,10 @@ pub(crate) struct Pairing {
     gate: Cell<Option<u64>>,
     /// The session ended: the writer sends what is queued, then stops.
     finished: Cell<bool>,
+    /// The primary's answers ended (its connection closed, or the session closed it with
+    /// answers owed): a segment waiting for an answer that never came is dropped, so that
+    /// what follows it (the Terminate) goes at once.
+    primary_ended: Cell<bool>,
     /// Nothing more goes to the shadow (it failed, fell behind, or the session is over).
     dead: Cell<bool>,
     /// A write to the shadow is under way (by the upstream half or the writer).
@@ -953,6 +957,14 @@ impl ShadowWriter {
                 tickets.pop_front();
                 return Poll::Ready(Some(c));
             }
+            if link.primary_ended.get() {
+                // The primary never answered it, so whether it ran there is unknown: the
+                // shadow does not run it either (nor holds the session's transaction and
+                // locks waiting for an answer that cannot come).
+                drop(tickets);
+                link.drop_front();
+                return Poll::Ready(None);
+            }
             link.writer_waker.set(Some(cx.waker().clone()));
             Poll::Pending
         })
@@ -1151,6 +1163,17 @@ impl Pairing {
         });
     }
 
+    /// Drops the segment at the queue's front, unwritten.
+    fn drop_front(&self) {
+        if let Some(segment) = self.queue.borrow_mut().pop_front() {
+            self.queued_bytes
+                .set(self.queued_bytes.get().saturating_sub(segment.bytes));
+        }
+        if let Some(w) = self.space_waker.take() {
+            w.wake();
+        }
+    }
+
     /// The ordered sync point the segment at the queue's front waits for, if it waits.
     fn awaiting(&self) -> Option<u64> {
         match self.queue.borrow().front()?.order {
@@ -1234,6 +1257,7 @@ impl Exchange {
             queued_bytes: Cell::new(0),
             gate: Cell::new(None),
             finished: Cell::new(false),
+            primary_ended: Cell::new(false),
             dead: Cell::new(false),
             writing: Cell::new(false),
             writer_waker: Cell::new(None),
@@ -1372,6 +1396,15 @@ impl Comparer {
         !self.pending.is_empty()
             || !self.pending_ends.is_empty()
             || (self.source == SHADOW && self.source_seq < self.link.planned.get())
+    }
+
+    /// The primary's answers ended: it answers no sync point that is still unanswered, and
+    /// what the shadow's queue holds for such an answer is dropped (see `clear`).
+    pub fn primary_ended(&self) {
+        self.link.primary_ended.set(true);
+        if let Some(w) = self.link.writer_waker.take() {
+            w.wake();
+        }
     }
 
     /// The session is over: the shadow writer stops.

@@ -400,12 +400,20 @@ impl<'a> Pump<'a> {
     fn on_end(&mut self, side: usize) -> Flow {
         let sent_all = self.host.client_sent_all();
         if side == PRIMARY {
+            // Whatever the primary has not answered it never will: the shadow's queue does
+            // not wait for those answers (the Terminate behind them goes now).
+            self.comparer.primary_ended();
             if self.shadow_open && sent_all {
                 self.primary_done = true;
                 return Flow::Next;
             }
             if !sent_all {
-                return Flow::Stop;
+                // The session ends early (the primary lost, or pgprism's own FATAL): what
+                // the primary answered before still reaches the client ahead of that end,
+                // released unjudged (a COMMIT that went through is not lost to the client).
+                self.comparer.shadow_lost(&mut self.out);
+                self.running = false;
+                return Flow::Settle;
             }
             // The shadow closed first: what it never answered is released unjudged.
             self.count_owed_as_lost();

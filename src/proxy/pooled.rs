@@ -1750,12 +1750,15 @@ impl Session<'_> {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(_) => {
-                    self.to_client.extend_from_slice(&error_bytes(
+                    let fatal = error_bytes(
                         "FATAL",
                         sqlstate::PROTOCOL_VIOLATION,
                         "pgprism: invalid message from the primary",
-                    ));
+                    );
                     let _ = self.flush_client().await;
+                    // pgprism's own word, not the primary's answer: compared, it follows
+                    // the judged answers and is never paired with the shadow's.
+                    self.say(fatal).await;
                     self.drop_conn(false).await;
                     return Turn::End;
                 }
@@ -1972,6 +1975,26 @@ impl Session<'_> {
         }
     }
 
+    /// Reads the lent connection's answers until none is owed (the connection may go back
+    /// on the way, when the session is idle); the caller bounds it in time.
+    async fn read_owed_answers(&mut self) {
+        while self.conn.is_some() && !self.replies.is_empty() {
+            let chunk = self.shard.read_chunk_bytes();
+            let conn = self.conn.as_mut().expect("checked");
+            match conn.stream.read_buf(&mut conn.buf, chunk).await {
+                Ok(n) if n > 0 => {
+                    if let Turn::End = self.server_frames().await {
+                        return;
+                    }
+                }
+                _ => {
+                    self.drop_conn(false).await;
+                    return;
+                }
+            }
+        }
+    }
+
     /// The client left: its connection goes back clean (rolled back when a transaction was
     /// open) or is closed.
     async fn finish(&mut self) {
@@ -1985,6 +2008,27 @@ impl Session<'_> {
             self.pool
                 .pinned
                 .set(self.pool.pinned.get().saturating_sub(1));
+        }
+        if self.compare.is_some() && !self.replies.is_empty() {
+            // Compared: the shadow runs what the primary ran, in the primary's order, so it
+            // waits for the primary's answers. Closing the primary's connection now would
+            // leave the shadow waiting for answers that never come (holding the client's
+            // transaction meanwhile), while an autocommit write in flight still commits on
+            // the primary. Read them first, as long as the shadow may take for its own
+            // (`compare.shadow-timeout-ms`).
+            let limit = self
+                .shard
+                .compare
+                .as_ref()
+                .map_or(Duration::ZERO, |target| {
+                    Duration::from_millis(target.cfg.shadow_timeout_ms)
+                });
+            if crate::exec::within(limit, self.read_owed_answers())
+                .await
+                .is_none()
+            {
+                self.drop_conn(false).await;
+            }
         }
         let Some(conn) = self.conn.as_mut() else {
             return;
