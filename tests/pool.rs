@@ -936,7 +936,7 @@ fn a_waiter_on_another_shard_is_served_without_waiting_out_the_linger() {
             "--shared-linger-us",
             "8000000",
             "--query-wait-timeout",
-            "3000",
+            "5000",
             "--config",
             &config,
         ],
@@ -995,14 +995,15 @@ fn a_waiter_on_another_shard_is_served_without_waiting_out_the_linger() {
     b.simple_query("SELECT 1").unwrap();
     waiter.simple_query("SELECT 1").unwrap();
     // On one shard, A holds the only connection; B's statement waits for it, then makes it
-    // a pipeline, which lingers once both are answered.
+    // a pipeline, which lingers once both are answered. (A sleeps 2 s so that B is sent
+    // while A still runs on a loaded machine; B's wait stays within the 5 s wait bound.)
     let before = proxy.metric("pgprism_pool_pipelines_total");
-    let a_thread = std::thread::spawn(move || a.simple_query("SELECT pg_sleep(0.5)").map(|_| a));
+    let a_thread = std::thread::spawn(move || a.simple_query("SELECT pg_sleep(2)").map(|_| a));
     assert!(eventually(Duration::from_secs(10), || {
         let n: i64 = direct
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity \
-                 WHERE query = 'SELECT pg_sleep(0.5)' AND state = 'active'",
+                 WHERE query = 'SELECT pg_sleep(2)' AND state = 'active'",
                 &[],
             )
             .unwrap()
@@ -1015,7 +1016,7 @@ fn a_waiter_on_another_shard_is_served_without_waiting_out_the_linger() {
         .metric("pgprism_pool_pipelines_total")
         == before + 1));
     // A transaction on the other shard needs a connection of its own: the lingering one
-    // goes back (closed, to make room there) at once, well within the 3 s wait bound.
+    // goes back (closed, to make room there) at once, well within the 5 s wait bound.
     let mut tx = waiter.transaction().unwrap();
     let v: i32 = tx.query_one("SELECT 11", &[]).unwrap().get(0);
     assert_eq!(v, 11);
