@@ -2009,7 +2009,13 @@ impl Session<'_> {
                 .pinned
                 .set(self.pool.pinned.get().saturating_sub(1));
         }
-        if self.compare.is_some() && !self.replies.is_empty() {
+        // Not when an answer may never come however long it waits: a batch without its Sync
+        // (the server holds its answers back) or a COPY (the server waits for the client's
+        // data). Those sessions' waiting shadow segments are dropped once the primary's
+        // answers end (`Comparer::primary_ended`).
+        let answers_come =
+            !self.tracker.extended_open() && !self.tracker.batch().iter().any(|s| s.copy.is_some());
+        if self.compare.is_some() && !self.replies.is_empty() && answers_come {
             // Compared: the shadow runs what the primary ran, in the primary's order, so it
             // waits for the primary's answers. Closing the primary's connection now would
             // leave the shadow waiting for answers that never come (holding the client's
