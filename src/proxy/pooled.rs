@@ -511,7 +511,7 @@ pub(super) async fn serve(
     }
     // Compare mode: the session's shadow (a lease on the shard's shadow pool, or a
     // connection of its own), before the client hears it may start.
-    let shadow = match open_shadow(&shard, &client, &params, id).await {
+    let shadow = match super::session::open_compare(&shard, &client, None, &params, id).await {
         Ok(shadow) => shadow,
         Err(()) => return,
     };
@@ -678,50 +678,6 @@ pub(super) async fn serve(
     }
     drop(registration);
     drop(held);
-}
-
-/// The shadow session of a compared pooled client, paired with the compare halves.
-/// `Err`: it could not be opened and the client, who asked for verified (or the shadow's)
-/// answers, was told so; `Ok(None)`: no compare mode, or comparing is given up on.
-async fn open_shadow(
-    shard: &ShardCtx,
-    client: &Stream,
-    params: &[(String, String)],
-    id: u64,
-) -> Result<Option<(compare::Dispatch, compare::Comparer, compare::ShadowWriter)>, ()> {
-    let Some(target) = &shard.compare else {
-        return Ok(None);
-    };
-    let limits = &shard.settings.session_limits;
-    match target
-        .shadow_session(
-            params,
-            shard.settings.message_bytes_max,
-            limits.settings_max,
-        )
-        .await
-    {
-        Ok(shadow) => Ok(Some(compare::Exchange::pair(
-            target.clone(),
-            shadow,
-            ((shard.index as u64) << 48) | id,
-            params.to_vec(),
-        ))),
-        Err(err) => {
-            ShardStats::bump(&shard.stats.counters.compare_shadow_connect_failures, 1);
-            tracing::warn!(shard = shard.index, error = %err, "cannot open the shadow session");
-            if !(target.cfg.fail_on_differences || target.shadow_is_source()) {
-                return Ok(None);
-            }
-            let msg = error_bytes(
-                "FATAL",
-                sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
-                &format!("pgprism could not open the shadow session: {err}"),
-            );
-            let _ = client.write_all(&msg).await;
-            Err(())
-        }
-    }
 }
 
 /// A pooled session's entries in its shard (its cancel sides with their registry entry and

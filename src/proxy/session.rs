@@ -843,7 +843,7 @@ async fn relay(
     };
     let id = shard.next_session.get();
     shard.next_session.set(id + 1);
-    let Ok(compare) = open_compare(shard, &client, &primary, &params, id).await else {
+    let Ok(compare) = open_compare(shard, &client, Some(&primary), &params, id).await else {
         return Ok(());
     };
     let router = shard.mirror_router(&params);
@@ -888,13 +888,15 @@ async fn relay(
     Ok(())
 }
 
-/// The shadow session of a compare-mode client, paired with the session's compare halves.
-/// `Err`: it could not be opened and the client, who asked for verified (or the shadow's)
-/// answers, was told so; `Ok(None)`: no compare mode, or comparing is given up on.
-async fn open_compare(
+/// The shadow session of a compare-mode client (session mode, or transaction-pooled without
+/// a primary connection of its own), paired with the session's compare halves. `Err`: it
+/// could not be opened and the client, who asked for verified (or the shadow's) answers, was
+/// told so (its own primary connection, if any, closed); `Ok(None)`: no compare mode, or
+/// comparing is given up on.
+pub(super) async fn open_compare(
     shard: &ShardCtx,
     client: &Stream,
-    primary: &Stream,
+    primary: Option<&Stream>,
     params: &[(String, String)],
     id: u64,
 ) -> Result<Option<(compare::Dispatch, Comparer, compare::ShadowWriter)>, ()> {
@@ -922,7 +924,9 @@ async fn open_compare(
                 return Ok(None);
             }
             // The client asked for verified (or shadow) answers: none can be given.
-            primary.shutdown();
+            if let Some(primary) = primary {
+                primary.shutdown();
+            }
             let msg = error_bytes(
                 "FATAL",
                 sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
