@@ -1137,7 +1137,9 @@ fn label(prefix: &str, table: &str, first: Pos, last: Pos) -> String {
     starrocks_label(&format!("{prefix}-{table}"), &range)
 }
 
-/// The most characters StarRocks takes in a label (its "System limits" page).
+/// The most characters StarRocks takes in a label: the FE checks every label against
+/// `^[-\w]{1,128}$` (ASCII letters, digits, `_` and `-`), which is also the set
+/// [`starrocks_label`] writes.
 pub(crate) const LABEL_CHARS_MAX: usize = 128;
 
 /// `{name}-{suffix}` as a StarRocks label: letters, digits, `-` and `_` (anything else in

@@ -1284,9 +1284,10 @@ fn expire(s: &mut State) {
     }
 }
 
-/// Why StarRocks refuses `label`, if it does: its "System limits" page allows digits,
-/// letters and underscores, at most 128 characters; the FE also takes `-` (the labels of
-/// StarRocks' own connectors carry UUIDs), so the emulator does too.
+/// Why StarRocks refuses `label`, if it does. The FE checks labels against
+/// `^[-\w]{1,128}$` (Java's `\w`: ASCII letters, digits, `_`), so `-` is taken although the
+/// "System limits" page names only digits, letters and underscores; the emulator applies
+/// the FE's own rule.
 fn label_refused(label: &str) -> Option<String> {
     let valid = (1..=128).contains(&label.len())
         && label
