@@ -8,6 +8,7 @@
 //! do), and knows the session that hosts it only through [`Host`].
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::rc::Rc;
@@ -73,15 +74,13 @@ impl Primary {
     }
 
     /// Asks for kernel receive timestamps on the primary's answers (see
-    /// [`Stream::stamp_receives`]). Relayed answers have none: a transaction-pooled session
-    /// reads them off the lent connections, and its ordered dispatch numbers them as the
-    /// pump reads them.
+    /// [`Stream::stamp_receives`]). Relayed answers carry the stamps of the lent
+    /// connections' receives (the transaction-pooled session asks for them when it borrows
+    /// a connection and hands each with its bytes, see [`Relayed::push`]).
     fn stamp_receives(&self) -> io::Result<()> {
         match self {
             Primary::Stream(stream) => stream.stamp_receives(),
-            Primary::Relayed(_) => Err(io::Error::other(
-                "a transaction-pooled session's answers are relayed, without receive timestamps",
-            )),
+            Primary::Relayed(_) => Ok(()),
         }
     }
 
@@ -89,7 +88,7 @@ impl Primary {
     fn received_at_ns(&self) -> u64 {
         match self {
             Primary::Stream(stream) => stream.received_at_ns(),
-            Primary::Relayed(_) => 0,
+            Primary::Relayed(relayed) => relayed.read_stamp_ns.get(),
         }
     }
 }
@@ -98,9 +97,21 @@ impl Primary {
 /// connections' answers, pgprism's own in their place among them, never its hidden
 /// preparations'), handed to the session's pump in order. The session is its only writer and
 /// the pump its only reader, on one shard.
+///
+/// Each handover carries the kernel's receive timestamp of the read it came from (the lent
+/// connection's `SO_TIMESTAMPNS`, 0 for none), and the pump reads one stamp's bytes at a
+/// time: the ordered dispatch numbers a pooled session's answers by when they reached
+/// pgprism's socket, as a session-mode pump does, not by when the pump got to them (which
+/// misplaced hot-row writes; see `order`).
 #[derive(Default)]
 pub struct Relayed {
     buf: RefCell<BytesMut>,
+    /// The stamps of `buf`'s bytes, front first: (bytes, receive time in ns since the Unix
+    /// epoch; 0: none). Handovers with the same stamp share one entry. Bounded with `buf`
+    /// (each entry holds at least one complete frame).
+    stamps: RefCell<VecDeque<(usize, u64)>>,
+    /// The stamp of the bytes the pump read last.
+    read_stamp_ns: Cell<u64>,
     /// The session sends nothing more: the pump reads the end after the last bytes.
     closed: Cell<bool>,
     /// The pump ended: what the session hands over is dropped, and it never waits.
@@ -110,10 +121,11 @@ pub struct Relayed {
 }
 
 impl Relayed {
-    /// Hands over complete answer frames; waits while more than [`RELAYED_BYTES_MAX`] waits
-    /// for the pump (a slow client slows the session's reads of the primary, as a socket
-    /// would).
-    pub async fn push(&self, bytes: &[u8]) {
+    /// Hands over complete answer frames that reached pgprism's socket at `stamp_ns` (the
+    /// kernel's receive timestamp; 0: not known, or not pgprism's to stamp); waits while more
+    /// than [`RELAYED_BYTES_MAX`] waits for the pump (a slow client slows the session's reads
+    /// of the primary, as a socket would).
+    pub async fn push(&self, bytes: &[u8], stamp_ns: u64) {
         futures_lite::future::poll_fn(|cx| {
             let queued = self.buf.borrow().len();
             if self.reader_gone.get() || queued == 0 || queued + bytes.len() <= RELAYED_BYTES_MAX {
@@ -126,7 +138,16 @@ impl Relayed {
         if self.reader_gone.get() {
             return;
         }
+        if bytes.is_empty() {
+            return;
+        }
         self.buf.borrow_mut().extend_from_slice(bytes);
+        let mut stamps = self.stamps.borrow_mut();
+        match stamps.back_mut() {
+            Some((len, stamp)) if *stamp == stamp_ns => *len += bytes.len(),
+            _ => stamps.push_back((bytes.len(), stamp_ns)),
+        }
+        drop(stamps);
         if let Some(w) = self.reader.take() {
             w.wake();
         }
@@ -143,6 +164,7 @@ impl Relayed {
     fn stop_reading(&self) {
         self.reader_gone.set(true);
         self.buf.borrow_mut().clear();
+        self.stamps.borrow_mut().clear();
         if let Some(w) = self.writer.take() {
             w.wake();
         }
@@ -157,8 +179,17 @@ impl Relayed {
             self.reader.set(Some(cx.waker().clone()));
             return Poll::Pending;
         }
-        let n = buf.len();
-        out.extend_from_slice(&buf.split());
+        // One stamp's bytes at a time: each read the pump judges has one receive time.
+        let (n, stamp) = match self.stamps.borrow_mut().pop_front() {
+            Some((len, stamp)) => (len.min(buf.len()), stamp),
+            None => (buf.len(), 0),
+        };
+        crate::invariant!(
+            n == buf.len() || !self.stamps.borrow().is_empty(),
+            "relayed bytes are all stamped"
+        );
+        out.extend_from_slice(&buf.split_to(n));
+        self.read_stamp_ns.set(stamp);
         if let Some(w) = self.writer.take() {
             w.wake();
         }

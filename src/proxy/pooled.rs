@@ -262,6 +262,9 @@ struct Session<'a> {
     cancel: Option<Rc<super::session::Sides>>,
     /// Compare mode: the shadow's side of the session.
     compare: Option<CompareUp>,
+    /// Compare mode with ordering: the kernel's receive time of the server answers in
+    /// `to_client` (see `Relayed::push`; 0: none).
+    answers_stamp_ns: u64,
 }
 
 /// A compared pooled session's upstream half: the client's frames (as it sent them, before
@@ -613,6 +616,7 @@ pub(super) async fn serve(
         to_route: Vec::new(),
         cancel: None,
         compare,
+        answers_stamp_ns: 0,
     };
     // A cancel reaches the mirrors and the shadow too (through the registry, under
     // pgprism's own key).
@@ -1166,6 +1170,7 @@ impl Session<'_> {
                 self.statements_in_lend = 0;
                 self.state.busy.set(true);
                 self.pool.linked.set(self.pool.linked.get() + 1);
+                self.stamp_answers();
                 self.match_settings();
                 Turn::Continue
             }
@@ -1175,6 +1180,30 @@ impl Session<'_> {
                 self.say(msg).await;
                 Turn::End
             }
+        }
+    }
+
+    /// Compare mode with ordering: the lent connection's answers are read with their kernel
+    /// receive timestamps, which the pump's ordered dispatch numbers them by (as it does a
+    /// session-mode primary's). Only then: the plain pooled path keeps its plain receives.
+    /// The socket keeps stamping when it goes back to the pool, for the next compared
+    /// session that borrows it (every session of a compared process is, unless its shadow
+    /// could not be opened).
+    fn stamp_answers(&self) {
+        let ordered = self.compare.is_some()
+            && self
+                .shard
+                .compare
+                .as_ref()
+                .is_some_and(|target| target.port.is_some());
+        if !ordered {
+            return;
+        }
+        if let Some(conn) = &self.conn
+            && let Err(err) = conn.stream.stamp_receives()
+        {
+            // The ordered dispatch then numbers these answers as the pump reads them.
+            tracing::debug!(error = %err, "compare ordering: no receive timestamps from a lent connection");
         }
     }
 
@@ -1688,7 +1717,8 @@ impl Session<'_> {
         }
         if !self.to_client.is_empty() {
             let out = self.to_client.split().freeze();
-            if !self.deliver(out).await {
+            // pgprism's own answers, given as the client's frames are read: no receive time.
+            if !self.deliver(out, 0).await {
                 return Turn::End;
             }
         }
@@ -1700,6 +1730,10 @@ impl Session<'_> {
     async fn server_frames(&mut self) -> Turn {
         let max = self.shard.settings.message_bytes_max;
         let mut settled = Settled::default();
+        if let Some(conn) = &self.conn {
+            // The frames below completed with the last read.
+            self.answers_stamp_ns = conn.stream.received_at_ns();
+        }
         loop {
             let conn = self.conn.as_mut().expect("lent");
             let frame = match wire::split_message(&mut conn.buf, max) {
@@ -1775,7 +1809,8 @@ impl Session<'_> {
         }
         let out = self.to_client.split().freeze();
         bump(&self.pool.counters.bytes_sent, out.len() as u64);
-        if !self.deliver(out).await {
+        let stamp = std::mem::take(&mut self.answers_stamp_ns);
+        if !self.deliver(out, stamp).await {
             return Turn::End;
         }
         self.queue_shadow();
@@ -1866,13 +1901,14 @@ impl Session<'_> {
     }
 
     /// What the client is to see of the server: written to it, or, when compared, handed
-    /// to compare's pump (which writes it once judged). False: the client is gone.
-    async fn deliver(&mut self, out: Bytes) -> bool {
+    /// to compare's pump (which writes it once judged) with `stamp_ns`, when the answers in
+    /// it reached pgprism's socket. False: the client is gone.
+    async fn deliver(&mut self, out: Bytes, stamp_ns: u64) -> bool {
         self.plan_compare();
         let len = out.len() as u64;
         if let Some(up) = &self.compare {
             // The pump counts what it writes to the client.
-            up.relayed.push(&out).await;
+            up.relayed.push(&out, stamp_ns).await;
             return true;
         }
         if self.client.write_bytes(out).await.is_err() {
