@@ -2174,3 +2174,141 @@ fn a_drain_waits_for_the_answer_the_shadow_still_owes() {
         proxy.log()
     );
 }
+
+/// Frames of an extended-protocol statement that is never described: Parse `statement`
+/// (when `sql` is given), Bind of the unnamed portal asking for `format` (0 text, 1 binary)
+/// results, Execute, Sync.
+fn undescribed(statement: &str, sql: Option<&str>, format: u8) -> Vec<u8> {
+    use support::raw::message;
+    let name = [statement.as_bytes(), &[0]].concat();
+    let mut out = Vec::new();
+    if let Some(sql) = sql {
+        out.extend(message(
+            b'P',
+            &[&name[..], sql.as_bytes(), &[0], &[0, 0]].concat(),
+        ));
+    }
+    // Bind: portal "", the statement, no parameter formats or values, one result format.
+    out.extend(message(
+        b'B',
+        &[&[0u8][..], &name, &[0, 0, 0, 0, 0, 1, 0, format]].concat(),
+    ));
+    out.extend(message(b'E', &[0, 0, 0, 0, 0]));
+    out.extend(message(b'S', &[]));
+    out
+}
+
+/// What a client gets for [`undescribed`] batches, message by message.
+fn run_undescribed(addr: std::net::SocketAddr, batches: &[Vec<u8>]) -> Vec<Vec<(u8, Vec<u8>)>> {
+    use std::io::Write;
+    let mut s = support::raw::connect_ready(addr);
+    batches
+        .iter()
+        .map(|batch| {
+            s.write_all(batch).unwrap();
+            support::raw::read_until_ready(&mut s)
+        })
+        .collect()
+}
+
+/// A client that sends Parse/Bind/Execute/Sync and never a Describe still has its results
+/// compared with their column types: pgprism describes the portal itself on both sides (once
+/// per prepared statement) and keeps the answers from the client. So a binary float within
+/// `float-tolerance` is equal, and a column of another type on the shadow is reported as
+/// such, in session mode and with transaction pooling; the client's bytes are exactly what
+/// the source of truth alone would have sent.
+#[test]
+fn statements_never_described_compare_with_their_types() {
+    let p = pair("undesc");
+    p.primary
+        .psql(
+            "CREATE TABLE fb (id int, x float8); INSERT INTO fb VALUES (1, 0.1), (2, 2.5);
+             CREATE TABLE typ (id int, v int); INSERT INTO typ VALUES (1, 10)",
+        )
+        .unwrap();
+    p.shadow
+        .psql(
+            "CREATE TABLE fb (id int, x float8); INSERT INTO fb VALUES (1, 0.1000001), (2, 2.5);
+             CREATE TABLE typ (id int, v bigint); INSERT INTO typ VALUES (1, 10)",
+        )
+        .unwrap();
+    let float = "SELECT id, x FROM fb ORDER BY id";
+    let typed = "SELECT id, v FROM typ";
+    let batches = [
+        // A named statement, binary results; then executed again without its Parse.
+        undescribed("fl", Some(float), 1),
+        undescribed("fl", None, 1),
+        // The unnamed statement, text results: the values agree, the types do not.
+        undescribed("", Some(typed), 0),
+        undescribed("", Some(typed), 0),
+    ];
+    let addr = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let direct = |inst: &Instance| run_undescribed(addr(inst.port()), &batches);
+    let (from_primary, from_shadow) = (direct(&p.primary), direct(&p.shadow));
+    for answers in [&from_primary, &from_shadow] {
+        let tags: Vec<Vec<u8>> = answers
+            .iter()
+            .map(|a| a.iter().map(|m| m.0).collect())
+            .collect();
+        assert_eq!(
+            tags,
+            [
+                b"12DDCZ".to_vec(),
+                b"2DDCZ".to_vec(),
+                b"12DCZ".to_vec(),
+                b"12DCZ".to_vec()
+            ],
+            "no description reaches a client that asked for none"
+        );
+    }
+    let modes: [(&str, &[&str]); 3] = [
+        ("session", &[]),
+        (
+            "transaction pooling",
+            &[
+                "--pool-mode",
+                "transaction",
+                "--pool-size",
+                "2",
+                "--auth-type",
+                "trust",
+            ],
+        ),
+        ("the shadow as source", &["--source-of-truth", "shadow"]),
+    ];
+    for (mode, extra) in modes {
+        let _ = std::fs::remove_file(&p.report);
+        let mut args = vec!["--float-tolerance", "0.001"];
+        args.extend_from_slice(extra);
+        let proxy = p.proxy(&args);
+        let got = run_undescribed(addr(proxy.port()), &batches);
+        let expected = if mode == "the shadow as source" {
+            &from_shadow
+        } else {
+            &from_primary
+        };
+        assert_eq!(&got, expected, "{mode}: the client's bytes are unchanged");
+        assert!(
+            counter_reaches(&proxy, "pgprism_compare_statements_total", 4),
+            "{mode}: every statement compared"
+        );
+        let report = p.report_for(typed);
+        assert_eq!(kinds(&report), ["column_types"], "{mode}: {report:?}");
+        assert!(
+            description(&report).contains("column `v` type differs: primary int4, shadow int8"),
+            "{mode}: {report:?}"
+        );
+        eventually(Duration::from_secs(10), || p.reports().len() >= 2);
+        let reports = p.reports();
+        assert!(
+            !p.reported(float),
+            "{mode}: within the tolerance: {reports:?}"
+        );
+        assert_eq!(reports.len(), 2, "{mode}: {reports:?}");
+        assert_eq!(
+            proxy.metric("pgprism_compare_mismatches_total"),
+            2,
+            "{mode}"
+        );
+    }
+}

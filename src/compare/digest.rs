@@ -4,7 +4,7 @@
 //! memory as a one-row one. This module never allocates per row on the fast path (no
 //! normalisation rules apply) and never fails: undecodable rows are hashed as raw bytes.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Instant;
@@ -111,11 +111,27 @@ pub use crate::session::ResultFormats;
 #[derive(Debug, Default)]
 pub struct Described {
     sides: [RefCell<Option<Columns>>; 2],
+    /// A Describe of it (the client's, or pgprism's own) was sent and not skipped: its
+    /// answer tells the columns, so pgprism asks for none of its own.
+    asked: Cell<bool>,
 }
 
 impl Described {
     pub fn get(&self, side: usize) -> Option<Columns> {
         self.sides.get(side).and_then(|c| c.borrow().clone())
+    }
+
+    /// Notes that a Describe of it was sent; `false` when one had been already.
+    pub(crate) fn ask(&self) -> bool {
+        !self.asked.replace(true)
+    }
+
+    /// A Describe of it was skipped (after an error) on one side, before it told the
+    /// columns there: a later Execute may ask again.
+    fn skipped(&self, side: usize) {
+        if self.get(side).is_none() {
+            self.asked.set(false);
+        }
     }
 
     fn set(&self, side: usize, columns: Columns) {
@@ -138,6 +154,10 @@ pub enum Expect {
     DescribePortal(Rc<Described>),
     /// Execute of a portal of this statement, with the Bind's result formats.
     Execute(Rc<Described>, ResultFormats),
+    /// pgprism's own Describe of the portal an Execute runs, sent just before it because the
+    /// client never described its statement: read as [`DescribePortal`](Self::DescribePortal),
+    /// and its answer never reaches the client.
+    OwnDescribe(Rc<Described>),
     /// Query, Sync or FunctionCall: a ReadyForQuery ends it.
     Sync,
 }
@@ -208,6 +228,8 @@ pub enum Step {
     Nothing,
     /// A ReadyForQuery ended a sync point: take it with [`Digester::finish_sync`].
     SyncEnd(u8),
+    /// The answer to pgprism's own Describe ([`Expect::OwnDescribe`]): not the client's.
+    Own,
 }
 
 impl Digester {
@@ -249,8 +271,8 @@ impl Digester {
                 self.begin();
                 self.row(body)
             }
-            tag::ROW_DESCRIPTION => self.describe(body),
-            tag::NO_DATA => self.no_data(),
+            tag::ROW_DESCRIPTION => return self.describe(body),
+            tag::NO_DATA => return self.no_data(),
             tag::COMMAND_COMPLETE => {
                 self.begin();
                 let text = wire::CommandComplete::new(body).tag().unwrap_or("?");
@@ -305,8 +327,12 @@ impl Digester {
                 // ends with it.
                 let mut expects = self.expects.borrow_mut();
                 while let Some(e) = expects.pop_front() {
-                    if matches!(e, Expect::Sync) {
-                        break;
+                    match e {
+                        Expect::Sync => break,
+                        Expect::DescribeStatement(d)
+                        | Expect::DescribePortal(d)
+                        | Expect::OwnDescribe(d) => d.skipped(self.side),
+                        Expect::Execute(..) => {}
                     }
                 }
                 return Step::SyncEnd(body.first().copied().unwrap_or(b'I'));
@@ -435,16 +461,25 @@ impl Digester {
         self.last.as_ref()
     }
 
-    fn describe(&mut self, body: &[u8]) {
+    fn describe(&mut self, body: &[u8]) -> Step {
+        let own = matches!(self.expects.borrow().front(), Some(Expect::OwnDescribe(_)));
         let Some(columns) = self.parse_description(body).map(|p| p.columns.clone()) else {
-            return;
+            if own {
+                // Undecodable: the Execute's rows go without types, and the frame stays
+                // pgprism's.
+                self.expects.borrow_mut().pop_front();
+                return Step::Own;
+            }
+            return Step::Nothing;
         };
         let front = {
             let mut expects = self.expects.borrow_mut();
             match expects.front() {
-                Some(Expect::DescribeStatement(_) | Expect::DescribePortal(_)) => {
-                    expects.pop_front()
-                }
+                Some(
+                    Expect::DescribeStatement(_)
+                    | Expect::DescribePortal(_)
+                    | Expect::OwnDescribe(_),
+                ) => expects.pop_front(),
                 _ => None,
             }
         };
@@ -453,9 +488,11 @@ impl Digester {
                 // Statement Describe: formats are not known until Bind; only the columns
                 // are kept, and no result follows.
                 described.set(self.side, columns);
-                return;
+                return Step::Nothing;
             }
-            Some(Expect::DescribePortal(described)) => described.set(self.side, columns.clone()),
+            Some(Expect::DescribePortal(described) | Expect::OwnDescribe(described)) => {
+                described.set(self.side, columns.clone())
+            }
             _ => {}
         }
         if let Some(parsed) = &self.last {
@@ -467,15 +504,21 @@ impl Digester {
         self.current.binary = self.shape.iter().any(|(_, binary)| *binary);
         self.columns = Some(columns.clone());
         self.current.columns = Some(columns);
+        if own { Step::Own } else { Step::Nothing }
     }
 
     /// NoData: the described statement or portal returns no rows.
-    fn no_data(&mut self) {
+    fn no_data(&mut self) -> Step {
         let mut expects = self.expects.borrow_mut();
-        if let Some(Expect::DescribeStatement(d) | Expect::DescribePortal(d)) = expects.front() {
+        let own = matches!(expects.front(), Some(Expect::OwnDescribe(_)));
+        if let Some(
+            Expect::DescribeStatement(d) | Expect::DescribePortal(d) | Expect::OwnDescribe(d),
+        ) = expects.front()
+        {
             d.set(self.side, Rc::new(Vec::new()));
             expects.pop_front();
         }
+        if own { Step::Own } else { Step::Nothing }
     }
 
     /// The order-insensitive sums of the current result's rows so far: the difference across

@@ -385,6 +385,12 @@ pub struct Dispatch {
     /// statement routed to the primary only: from that frame on, nothing of it but its Sync
     /// (which ends the batch there) reaches the shadow, and its sync point is not compared.
     batch_cut: bool,
+    /// pgprism's own Describes (see [`describe_unseen`](Self::describe_unseen)): the client's
+    /// Executes noted and planned so far, and the Describe frame that goes before the
+    /// Execute of each number (noted, not yet planned).
+    executes_noted: u64,
+    executes_planned: u64,
+    own_describes: VecDeque<(u64, Bytes)>,
 }
 
 /// Where [`Comparer::feed`]'s walk stands within one read.
@@ -404,6 +410,109 @@ pub struct Fed {
 }
 
 impl Dispatch {
+    /// Called for every client frame [`plan`](Self::plan) gets later, in order, before it
+    /// goes to the primary (`body`: its body, `refers`: what the session tracker resolved it
+    /// to). An Execute of a statement no Describe was sent for (the client sends
+    /// Parse/Bind/Execute and never asks for the columns) returns the `Describe` of its
+    /// portal that pgprism sends both sides just before it: its answer (RowDescription or
+    /// NoData) gives compare the columns' types, so float and timestamp tolerances,
+    /// `type-equivalences`, the column-type check and binary values apply, and is never
+    /// passed to the client. Once per prepared statement: the columns are kept for its later
+    /// Executes (an unnamed statement is a new statement at each Parse). A statement the
+    /// client described itself (a Describe of it, or of a portal of it, is noted here) costs
+    /// nothing more. (Describing the portal rather than the statement: its answer carries the
+    /// Bind's result formats, and a portal's name is the client's on a pooled connection too.)
+    pub fn describe_unseen(&mut self, tag: u8, body: &[u8], refers: &Refers) -> Option<Bytes> {
+        match tag {
+            tag::DESCRIBE => {
+                if let Some(statement) = self.referred(refers) {
+                    statement.described.ask();
+                }
+                None
+            }
+            tag::EXECUTE => {
+                let index = self.executes_noted;
+                self.executes_noted += 1;
+                let Refers::Portal(portal) = refers else {
+                    return None;
+                };
+                if self.link.dead.get() {
+                    return None;
+                }
+                let statement = Compared::of(&portal.statement, &self.target);
+                // Not compared (or a COPY, whose rows have no described columns): no cost.
+                if statement.excluded || statement.primary_only || statement.copy {
+                    return None;
+                }
+                let name = wire::Execute::new(body).portal().ok()?;
+                if !statement.described.ask() {
+                    return None;
+                }
+                let mut frame = BytesMut::new();
+                wire::encode::describe(&mut frame, wire::ObjectKind::Portal, name).ok()?;
+                let frame = frame.freeze();
+                self.own_describes.push_back((index, frame.clone()));
+                Some(frame)
+            }
+            _ => None,
+        }
+    }
+
+    /// [`describe_unseen`](Self::describe_unseen) for a batch of client frames: the bytes the
+    /// primary gets in place of `frames`, pgprism's own Describes among them (`None`:
+    /// `frames` as they are).
+    pub fn describe_unseen_in(&mut self, frames: &Bytes, framed: &[Framed]) -> Option<Bytes> {
+        let mut out: Option<BytesMut> = None;
+        let mut copied = 0;
+        for f in framed {
+            if f.tag != tag::DESCRIBE && f.tag != tag::EXECUTE {
+                continue;
+            }
+            let body = &frames[f.start + wire::HEADER_BYTES..f.end];
+            if let Some(own) = self.describe_unseen(f.tag, body, &f.refers) {
+                let out = out.get_or_insert_with(|| BytesMut::with_capacity(frames.len() + 64));
+                out.extend_from_slice(&frames[copied..f.start]);
+                out.extend_from_slice(&own);
+                copied = f.start;
+            }
+        }
+        let mut out = out?;
+        out.extend_from_slice(&frames[copied..]);
+        Some(out.freeze())
+    }
+
+    /// Before the client's Execute is planned: pgprism's own Describe of its portal, when
+    /// [`describe_unseen`](Self::describe_unseen) sent one before it, is expected first on the
+    /// primary and goes to the shadow in the same place.
+    fn plan_own_describe(&mut self, refers: &Refers, routes: bool) {
+        let index = self.executes_planned;
+        self.executes_planned += 1;
+        let Some(&(at, _)) = self.own_describes.front() else {
+            return;
+        };
+        crate::invariant!(
+            at >= index,
+            "every Execute with pgprism's own Describe is planned after it was noted"
+        );
+        if at != index {
+            return;
+        }
+        let Some((_, frame)) = self.own_describes.pop_front() else {
+            return;
+        };
+        let described = match refers {
+            Refers::Portal(portal) => Compared::of(&portal.statement, &self.target)
+                .described
+                .clone(),
+            _ => Rc::default(),
+        };
+        let expect = Expect::OwnDescribe(described);
+        self.link.expects[PRIMARY]
+            .borrow_mut()
+            .push_back(expect.clone());
+        self.hold(frame, routes, Some(expect));
+    }
+
     /// Records one batch of complete client frames (before it goes to the primary, so the
     /// downstream half always finds the sync points it pairs) and prepares the shadow's copy.
     /// `first_sync`: the session tracker's number of the batch's first sync point.
@@ -437,6 +546,7 @@ impl Dispatch {
                     self.link.flush_requested.set(Some(self.link.planned.get()));
                     self.flushed = true;
                 }
+                tag::EXECUTE => self.plan_own_describe(&f.refers, routes),
                 _ => {}
             }
             let expect = self.expect(tag, &f.refers);
@@ -1304,6 +1414,9 @@ impl Exchange {
             overflowed: false,
             batch_withheld: false,
             batch_cut: false,
+            executes_noted: 0,
+            executes_planned: 0,
+            own_describes: VecDeque::new(),
         };
         let down = Comparer {
             digesters: [
@@ -1528,8 +1641,20 @@ impl Comparer {
             let keys = self.order_keys_for(side);
             self.digesters[side].set_order_keys(keys);
         }
-        let Step::SyncEnd(status) = self.digesters[side].visit(tag, body) else {
-            return false;
+        let status = match self.digesters[side].visit(tag, body) {
+            Step::SyncEnd(status) => status,
+            Step::Nothing => return false,
+            Step::Own => {
+                // pgprism's own Describe's answer: cut out of what the client gets.
+                if side == self.source {
+                    let internal = side == SHADOW && self.link.own_next();
+                    if !internal {
+                        self.emit(frames.slice(walk.segment_start..at), false, out);
+                    }
+                    walk.segment_start = end;
+                }
+                return false;
+            }
         };
         let mut digest = self.digesters[side].finish_sync(status, walk.now);
         let kind = if side == SHADOW {

@@ -1274,6 +1274,14 @@ impl Session<'_> {
         self.cancel_points();
         let refers = self.tracker.take_refers();
         let applied = self.tracker.take_applied();
+        // Compare's own Describe of the portal an Execute runs, when the client never
+        // described its statement (see `Dispatch::describe_unseen`).
+        let own_describe = match self.compare.as_mut() {
+            Some(up) if matches!(t, tag::DESCRIBE | tag::EXECUTE) => {
+                up.dispatch.describe_unseen(t, body, &refers)
+            }
+            _ => None,
+        };
         if self.router.is_some() || self.compare.is_some() {
             let bytes = frame.bytes().clone();
             self.queue_route(t, step, refers.clone(), applied.clone(), bytes);
@@ -1335,6 +1343,12 @@ impl Session<'_> {
                 if let Refers::Portal(p) = &refers {
                     self.check_pin(&p.statement.text);
                     self.executed_command(&p.statement);
+                }
+                if let Some(describe) = own_describe {
+                    // Its answer goes to compare's pump with the client's, which keeps it
+                    // from the client.
+                    self.to_server.extend_from_slice(&describe);
+                    self.replies.client(Awaits::DescribePortal);
                 }
                 self.statements_in_lend += 1;
                 self.pass(frame, Awaits::Execute);

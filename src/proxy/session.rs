@@ -1147,14 +1147,19 @@ async fn upstream(
             let batch = (&frames, framed.as_slice());
             let when = (read_at, idle_before);
             route_and_stamp(shared, settings, router.as_mut(), batch, &scanned, when).await;
+            let mut own_describes = None;
             let compared = match compare.as_mut() {
                 Some(up) if complete > 0 && shared.ready() => {
+                    // Executes of statements the client never described go with compare's
+                    // own Describe of their portal (answered to compare only).
+                    own_describes = up.describe_unseen_in(&frames, &framed);
                     // Before the primary write, so the comparer finds every sync point it pairs.
                     up.plan(&frames, &framed, read_at, scanned.first_sync);
                     true
                 }
                 _ => false,
             };
+            let frames = own_describes.unwrap_or(frames);
             if complete > 0 && primary.write_bytes(frames).await.is_err() {
                 // The primary is gone: the downstream pump sees it too and tells the client.
                 break UpstreamEnd::PrimaryFailed;
