@@ -2310,5 +2310,25 @@ fn statements_never_described_compare_with_their_types() {
             2,
             "{mode}"
         );
+        // Once for the named statement, once per Parse of the unnamed one.
+        assert_eq!(
+            proxy.metric("pgprism_compare_own_describes_total"),
+            3,
+            "{mode}"
+        );
     }
+    // A client that describes (the postgres crate describes at prepare) gets none.
+    let proxy = p.proxy(&["--float-tolerance", "0.001"]);
+    let mut c = proxy.client();
+    let statement = c.prepare(float).unwrap();
+    for _ in 0..2 {
+        assert_eq!(c.query(&statement, &[]).unwrap().len(), 2);
+    }
+    c.simple_query(typed).unwrap();
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_statements_total",
+        3
+    ));
+    assert_eq!(proxy.metric("pgprism_compare_own_describes_total"), 0);
 }

@@ -451,6 +451,8 @@ impl Dispatch {
                 let mut frame = BytesMut::new();
                 wire::encode::describe(&mut frame, wire::ObjectKind::Portal, name).ok()?;
                 let frame = frame.freeze();
+                let stats = &self.target.stats;
+                stats.own_describes.set(stats.own_describes.get() + 1);
                 self.own_describes.push_back((index, frame.clone()));
                 Some(frame)
             }

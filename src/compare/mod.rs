@@ -219,6 +219,9 @@ pub struct CompareStats {
     /// Batches sent to the shadow before their Sync that then named a statement routed to
     /// the primary only: the rest withheld from the shadow, the sync point not compared.
     pub batches_cut: Cell<u64>,
+    /// pgprism's own Describes of a portal before an Execute of a statement the client never
+    /// described (see `Dispatch::describe_unseen`).
+    pub own_describes: Cell<u64>,
 }
 
 /// Compare mode as one shard sees it.

@@ -364,6 +364,7 @@ fn report(shard: &ShardCtx) -> ShardReport {
         counters.compare_reports_dropped += stats.reports_dropped.get();
         counters.compare_batches_released = stats.batches_released.get();
         counters.compare_batches_cut = stats.batches_cut.get();
+        counters.compare_own_describes = stats.own_describes.get();
         report.calibration = compare.calibration();
         let c = &mut report.counters;
         [
