@@ -2261,7 +2261,7 @@ fn statements_never_described_compare_with_their_types() {
             "no description reaches a client that asked for none"
         );
     }
-    let modes: [(&str, &[&str]); 3] = [
+    let modes: [(&str, &[&str]); 4] = [
         ("session", &[]),
         (
             "transaction pooling",
@@ -2275,6 +2275,7 @@ fn statements_never_described_compare_with_their_types() {
             ],
         ),
         ("the shadow as source", &["--source-of-truth", "shadow"]),
+        ("a pooled shadow", &["--shadow-pool-size", "2"]),
     ];
     for (mode, extra) in modes {
         let _ = std::fs::remove_file(&p.report);
@@ -2317,6 +2318,19 @@ fn statements_never_described_compare_with_their_types() {
             "{mode}"
         );
     }
+    // Held until both sides answered (fail-on-differences), the answers come whole and
+    // without the description too (the float within the tolerance is no difference).
+    let _ = std::fs::remove_file(&p.report);
+    let proxy = p.proxy(&["--float-tolerance", "0.001", "--fail-on-differences"]);
+    let got = run_undescribed(addr(proxy.port()), &batches[..2]);
+    assert_eq!(got, from_primary[..2], "fail-on-differences");
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_statements_total",
+        2
+    ));
+    assert_eq!(proxy.metric("pgprism_compare_own_describes_total"), 1);
+    assert_eq!(proxy.metric("pgprism_compare_mismatches_total"), 0);
     // A client that describes (the postgres crate describes at prepare) gets none.
     let proxy = p.proxy(&["--float-tolerance", "0.001"]);
     let mut c = proxy.client();
