@@ -925,4 +925,82 @@ mod tests {
         assert_eq!(a.sample.len(), 2);
         assert_eq!(a.sample[1].1, "(2, NULL)");
     }
+
+    /// Every message of `buf`, visited in order: what each meant.
+    fn visit_all(d: &mut Digester, buf: &[u8]) -> Vec<Step> {
+        let mut steps = Vec::new();
+        let mut at = 0;
+        while at < buf.len() {
+            let len =
+                u32::from_be_bytes([buf[at + 1], buf[at + 2], buf[at + 3], buf[at + 4]]) as usize;
+            steps.push(d.visit(buf[at], &buf[at + 5..at + 1 + len]));
+            at += 1 + len;
+        }
+        steps
+    }
+
+    #[test]
+    fn pgprisms_own_describe_is_read_for_the_columns_and_marked_as_its_own() {
+        use bytes::BytesMut;
+        let rules = Rc::new(Rules::new(&crate::config::CompareConfig::default()).unwrap());
+        let expects = Expects::default();
+        let mut d = Digester::with_expects(rules, 1, expects.clone());
+        let described = Rc::new(Described::default());
+        assert!(described.ask(), "the first Describe is asked");
+        assert!(!described.ask(), "then no other");
+        let formats = ResultFormats::Text;
+        expects.borrow_mut().extend([
+            Expect::OwnDescribe(described.clone()),
+            Expect::Execute(described.clone(), formats.clone()),
+            Expect::Sync,
+        ]);
+        let mut buf = BytesMut::new();
+        let field = wire::FieldDescription {
+            name: "v",
+            table_oid: 0,
+            column_attr: 0,
+            type_oid: 20,
+            type_size: 8,
+            type_modifier: -1,
+            format: Format::Text,
+        };
+        buf.extend_from_slice(&[b'2', 0, 0, 0, 4]);
+        wire::encode::row_description(&mut buf, &[field]).unwrap();
+        wire::encode::data_row(&mut buf, &[Some(b"7")]).unwrap();
+        wire::encode::command_complete(&mut buf, "SELECT 1").unwrap();
+        wire::encode::ready_for_query(&mut buf, wire::TransactionStatus::Idle);
+        let steps = visit_all(&mut d, &buf);
+        assert_eq!(
+            steps,
+            [
+                Step::Nothing,
+                Step::Own,
+                Step::Nothing,
+                Step::Nothing,
+                Step::SyncEnd(b'I')
+            ]
+        );
+        let sync = d.finish_sync(b'I', Instant::now());
+        let columns = sync.results[0].columns.clone().expect("described");
+        assert_eq!(*columns, vec![("v".to_string(), 20)]);
+        assert_eq!(described.get(1), Some(columns), "kept for later Executes");
+        assert!(expects.borrow().is_empty());
+
+        // Skipped after an error (the Bind failed): nothing is pgprism's, and the next
+        // Execute may ask again.
+        let again = Rc::new(Described::default());
+        assert!(again.ask());
+        expects.borrow_mut().extend([
+            Expect::OwnDescribe(again.clone()),
+            Expect::Execute(again.clone(), formats),
+            Expect::Sync,
+        ]);
+        let mut buf = BytesMut::new();
+        let error = wire::ErrorSpec::new("ERROR", "42P01", "no such table");
+        wire::encode::error_response(&mut buf, &error).unwrap();
+        wire::encode::ready_for_query(&mut buf, wire::TransactionStatus::Idle);
+        let steps = visit_all(&mut d, &buf);
+        assert_eq!(steps, [Step::Nothing, Step::SyncEnd(b'I')]);
+        assert!(again.ask(), "asked again after the skip");
+    }
 }
