@@ -259,6 +259,68 @@ impl Drop for Proxy {
     }
 }
 
+/// Bound on a pgprism child's orderly exit after SIGTERM when a test cleans up (drains, the
+/// fast shutdown of its embedded servers, CDC's last checkpoint): generous for a loaded
+/// machine, and spent in full only on a process that hangs.
+pub const EXIT_LIMIT: Duration = Duration::from_secs(60);
+
+/// Ends a pgprism child as systemd stops it: SIGTERM, a wait bounded by `limit`, then SIGKILL.
+/// Whether it exited on its own. SIGTERM first matters for `pgprism run` with a proxy: it
+/// starts its embedded servers without a parent-death signal (an upgrade hands them to the
+/// next process), so only its own shutdown stops them; a SIGKILL leaves them running.
+pub fn terminate(child: &mut Child, limit: Duration) -> bool {
+    if let Ok(Some(_)) = child.try_wait() {
+        return true;
+    }
+    // SAFETY: signalling our own child, not reaped yet (try_wait saw it running).
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        // Polling interval of this bounded wait for the exit, not a wait in itself.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+/// Stops the embedded servers recorded in the registry `state_dir` whose pgprism is gone (a
+/// `pgprism run` killed before it could stop them), with pgprism's own clean-up: a supervisor
+/// started on a state directory stops what dead pgprism processes left there, after checking
+/// each is the very server recorded. Returns one line per server it found. Call it once every
+/// pgprism using the directory has exited; a missing directory has nothing to clean.
+pub fn stop_servers_left_in(state_dir: &std::path::Path) -> Vec<String> {
+    if !state_dir.is_dir() {
+        return Vec::new();
+    }
+    let settings = pgprism::embed::SupervisorSettings {
+        state_dir: Some(state_dir.to_path_buf()),
+        ..pgprism::embed::SupervisorSettings::default()
+    };
+    match pgprism::embed::Supervisor::start(settings) {
+        Ok(supervisor) => {
+            let cleaned = supervisor.leftovers_cleaned().to_vec();
+            supervisor.shutdown();
+            cleaned
+        }
+        Err(error) => vec![format!("cannot clean {}: {error}", state_dir.display())],
+    }
+}
+
+/// Fails the test (unless it is failing already) when its clean-up had to stop servers
+/// that its pgprism left running: a pgprism that does not stop its servers on SIGTERM.
+pub fn assert_no_servers_left(cleaned: &[String]) {
+    if !cleaned.is_empty() && !std::thread::panicking() {
+        panic!(
+            "servers outlived their pgprism (stopped by the test's clean-up):\n{}",
+            cleaned.join("\n")
+        );
+    }
+}
+
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     try_http_get(addr, path).expect("admin endpoint")
 }
@@ -508,11 +570,14 @@ impl RunConfig {
         (dir, config)
     }
 
-    /// Runs a config written by [`RunConfig::write`] until its proxy is listening.
+    /// Runs a config written by [`RunConfig::write`] until its proxy is listening. Embedded
+    /// servers are recorded in `{dir}/state` unless the config names another state directory
+    /// (the clean-up looks there for servers a killed run left).
     pub fn start(dir: std::path::PathBuf, config: std::path::PathBuf) -> RunConfig {
         let mut child = pgprism_command()
             .args(["run", "--config"])
             .arg(&config)
+            .env(pgprism::embed::STATE_DIR_ENV, dir.join("state"))
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn pgprism run");
@@ -545,10 +610,9 @@ impl RunConfig {
 
 impl Drop for RunConfig {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        terminate(&mut self.child, EXIT_LIMIT);
+        let cleaned = stop_servers_left_in(&self.dir.join("state"));
         let _ = std::fs::remove_dir_all(&self.dir);
+        assert_no_servers_left(&cleaned);
     }
 }
