@@ -1902,6 +1902,52 @@ fn a_client_that_stops_sending_still_gets_the_answers_held_for_the_shadow() {
     }
 }
 
+/// A primary answer pgprism cannot read (a row beyond `--message-bytes-max`) ends the session
+/// with pgprism's FATAL (08P01, counted), after every message ahead of it (the first answer
+/// and the second's RowDescription): those held for the shadow's (fail-on-differences, the
+/// shadow 2 s slower) are released unjudged first, as streamed ones (report mode) are,
+/// whether or not they came in the bad answer's read; with the client side pooled too.
+#[test]
+fn answers_before_a_primary_answer_pgprism_cannot_read_reach_the_client_before_its_fatal() {
+    use std::io::Write;
+    let p = pair("badans");
+    let query = format!(
+        "SELECT 42, pg_sleep(CASE WHEN current_setting('port')::int = {} THEN 2 ELSE 0 END)\0",
+        p.shadow.port()
+    );
+    let pooled = [
+        "--pool-mode",
+        "transaction",
+        "--pool-size",
+        "2",
+        "--auth-type",
+        "trust",
+    ];
+    let fail_pooled = [&["--fail-on-differences"][..], &pooled[..]].concat();
+    for mode in [&["--fail-on-differences"][..], &[][..], &fail_pooled[..]] {
+        let mut args = vec!["--message-bytes-max", "4096"];
+        args.extend_from_slice(mode);
+        let proxy = p.proxy(&args);
+        let mut s = support::raw::connect_ready(proxy.listen);
+        let mut bytes = support::raw::message(b'Q', query.as_bytes());
+        bytes.extend(support::raw::message(b'Q', b"SELECT repeat('x', 10000)\0"));
+        s.write_all(&bytes).unwrap();
+        let msgs = support::raw::read_to_end(&mut s);
+        let tags: Vec<u8> = msgs.iter().map(|m| m.0).collect();
+        assert_eq!(tags, b"TDCZTE", "{mode:?}: {msgs:?}");
+        let row = &msgs[1].1;
+        assert!(row.windows(2).any(|w| w == b"42"), "{mode:?}: {msgs:?}");
+        let field = |f| support::raw::error_field(&msgs[5].1, f);
+        assert_eq!(field(b'C').as_deref(), Some("08P01"), "{mode:?}");
+        assert_eq!(field(b'V').as_deref(), Some("FATAL"), "{mode:?}");
+        assert!(
+            field(b'M').is_some_and(|m| m.contains("invalid message from the primary")),
+            "{mode:?}: {msgs:?}"
+        );
+        assert!(counter_reaches(&proxy, "pgprism_protocol_errors_total", 1));
+    }
+}
+
 #[test]
 fn a_shadow_left_in_a_failed_transaction_is_rolled_back_before_the_next_statement() {
     let p = pair("rb");
