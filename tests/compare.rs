@@ -71,6 +71,24 @@ impl Pair {
         })
     }
 
+    /// A session on the shadow itself, past pgprism.
+    fn shadow_session(&self) -> postgres::Client {
+        postgres::Client::connect(&self.shadow.url(), postgres::NoTls)
+            .expect("connect to the shadow")
+    }
+
+    /// A shadow session holding `table` locked (ACCESS EXCLUSIVE, in an open transaction): the
+    /// shadow's side of any statement reading it waits until that session's ROLLBACK.
+    fn lock_on_the_shadow(&self, table: &str) -> postgres::Client {
+        let mut blocker = self.shadow_session();
+        blocker
+            .batch_execute(&format!(
+                "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+            ))
+            .expect("lock the table on the shadow");
+        blocker
+    }
+
     fn reported(&self, statement: &str) -> bool {
         self.reports()
             .iter()
@@ -963,17 +981,7 @@ fn a_shadow_that_falls_behind_stops_comparing_instead_of_holding_the_client() {
         "--compare-shadow-timeout-ms",
         "300",
     ]);
-    let mut blocker = postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            p.shadow.port()
-        ),
-        postgres::NoTls,
-    )
-    .unwrap();
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE slow IN ACCESS EXCLUSIVE MODE")
-        .unwrap();
+    let mut blocker = p.lock_on_the_shadow("slow");
     let conninfo = proxy.conninfo("postgres", None);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -1013,17 +1021,7 @@ fn a_shadow_that_falls_behind_after_the_client_left_is_given_up_at_the_shadow_ti
     let p = pair("drain");
     p.both("CREATE TABLE slow (id int); INSERT INTO slow VALUES (1)");
     let proxy = p.proxy(&["--compare-shadow-timeout-ms", "300"]);
-    let mut blocker = postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            p.shadow.port()
-        ),
-        postgres::NoTls,
-    )
-    .unwrap();
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE slow IN ACCESS EXCLUSIVE MODE")
-        .unwrap();
+    let mut blocker = p.lock_on_the_shadow("slow");
     {
         let mut c = proxy.client();
         let rows = c.simple_query("SELECT id FROM slow").unwrap();
@@ -1058,29 +1056,12 @@ fn a_shadow_lost_after_the_client_left_is_counted() {
     let p = pair("drainlost");
     p.both("CREATE TABLE slow (id int); INSERT INTO slow VALUES (1)");
     let proxy = p.proxy(&["--compare-shadow-timeout-ms", "60000"]);
-    let mut blocker = postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            p.shadow.port()
-        ),
-        postgres::NoTls,
-    )
-    .unwrap();
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE slow IN ACCESS EXCLUSIVE MODE")
-        .unwrap();
+    let mut blocker = p.lock_on_the_shadow("slow");
     {
         let mut c = proxy.client();
         c.simple_query("SELECT id FROM slow").unwrap();
     }
-    let mut observer = postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            p.shadow.port()
-        ),
-        postgres::NoTls,
-    )
-    .unwrap();
+    let mut observer = p.shadow_session();
     // pgprism's shadow connection, blocked behind the lock: ended under it.
     let terminated = eventually(Duration::from_secs(10), || {
         let row = observer
