@@ -155,22 +155,16 @@ fn goes_on(mut client: postgres::Client) {
 
 const SLEEP: &str = "SELECT pg_sleep(30)";
 
-/// The client side in transaction pooling mode, on 2 primary connections.
-const TRANSACTION_POOLING: &[&str] = &[
-    "--pool-mode",
-    "transaction",
-    "--pool-size",
-    "2",
-    "--auth-type",
-    "trust",
-];
-
 #[test]
 fn a_cancel_reaches_the_shadow_whether_it_runs_the_statement_already_or_later() {
     let primary = start_primary("cxp");
     let shadow = start_primary("cxs");
-    let pooled_shadow = [TRANSACTION_POOLING, &["--shadow-pool-size", "2"]].concat();
-    let own_shadow = [TRANSACTION_POOLING, &["--compare-order-wait-ms", "0"]].concat();
+    let pooled_shadow = [support::TRANSACTION_POOLING, &["--shadow-pool-size", "2"]].concat();
+    let own_shadow = [
+        support::TRANSACTION_POOLING,
+        &["--compare-order-wait-ms", "0"],
+    ]
+    .concat();
     // Ordered dispatch (the default): the shadow gets the statement once the primary answered
     // it, cancelled; it is cancelled there as it starts. Unordered: the shadow runs it at the
     // same time, and is cancelled once the primary's answer says the cancel took.

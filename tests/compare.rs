@@ -1896,15 +1896,7 @@ fn answers_before_a_primary_answer_pgprism_cannot_read_reach_the_client_before_i
         "SELECT 42, pg_sleep(CASE WHEN current_setting('port')::int = {} THEN 2 ELSE 0 END)\0",
         p.shadow.port()
     );
-    let pooled = [
-        "--pool-mode",
-        "transaction",
-        "--pool-size",
-        "2",
-        "--auth-type",
-        "trust",
-    ];
-    let fail_pooled = [&["--fail-on-differences"][..], &pooled[..]].concat();
+    let fail_pooled = [&["--fail-on-differences"], support::TRANSACTION_POOLING].concat();
     for mode in [&["--fail-on-differences"][..], &[][..], &fail_pooled[..]] {
         let mut args = vec!["--message-bytes-max", "4096"];
         args.extend_from_slice(mode);

@@ -18,6 +18,17 @@ pub const MD5_USER: &str = "md5user";
 pub const SCRAM_USER: &str = "scramuser";
 pub const PASSWORD: &str = "s3cret pass";
 
+/// The client side in transaction pooling mode on 2 primary connections, clients trusted: for
+/// the tests that run a session-mode case pooled too.
+pub const TRANSACTION_POOLING: &[&str] = &[
+    "--pool-mode",
+    "transaction",
+    "--pool-size",
+    "2",
+    "--auth-type",
+    "trust",
+];
+
 /// A server whose `max_connections` is `max_connections`, with `database` created (for
 /// tests that count pgprism's connections: their own observers connect to `postgres`).
 #[allow(dead_code)] // not every test binary caps its servers
