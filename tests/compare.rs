@@ -46,11 +46,7 @@ impl Pair {
     }
 
     fn reports(&self) -> Vec<sonic_rs::Value> {
-        std::fs::read_to_string(&self.report)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| sonic_rs::from_str(l).expect("report line is JSON"))
-            .collect()
+        support::report_records(&self.report)
     }
 
     /// Waits for a report about `statement`.

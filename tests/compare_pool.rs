@@ -95,11 +95,7 @@ impl Pair {
     }
 
     fn reports(&self) -> Vec<sonic_rs::Value> {
-        std::fs::read_to_string(&self.report)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| sonic_rs::from_str(l).ok())
-            .collect()
+        support::report_records(&self.report)
     }
 }
 

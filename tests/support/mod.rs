@@ -42,6 +42,19 @@ pub fn start_capped(name: &str, database: &str, max_connections: usize) -> Insta
     .expect("start PostgreSQL")
 }
 
+/// The records of a compare report file, one JSON value a line. Only complete lines: pgprism
+/// may be writing the last one as the test reads (a line still without its newline waits for
+/// the next read); a complete line that is not JSON fails the test.
+#[allow(dead_code)] // not every test binary compares
+pub fn report_records(path: &std::path::Path) -> Vec<sonic_rs::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+    complete
+        .lines()
+        .map(|l| sonic_rs::from_str(l).unwrap_or_else(|e| panic!("report line {l:?}: {e}")))
+        .collect()
+}
+
 /// Whether the compare report line `r` is a mismatch of a statement starting with `prefix`
 /// that has the difference `kind` (`values`, `column_types`, ...).
 #[allow(dead_code)] // not every test binary compares
