@@ -106,7 +106,12 @@ fn timestamps_from_each_sides_clock_agree_within_the_tolerance() {
 
 /// Statements `sql` the server runs now (active), as `pg_stat_activity` shows them.
 fn active(server: &Instance, sql: &str) -> i64 {
-    let Ok(mut watch) = postgres::Client::connect(&server.url(), postgres::NoTls) else {
+    active_at(&server.url(), sql)
+}
+
+/// [`active`] on the server at `url` (-1 when it cannot be asked).
+fn active_at(url: &str, sql: &str) -> i64 {
+    let Ok(mut watch) = postgres::Client::connect(url, postgres::NoTls) else {
         return -1;
     };
     watch
@@ -128,17 +133,7 @@ fn cancel_while_running(
     let token = client.cancel_token();
     let canceller = std::thread::spawn(move || {
         for url in wait_on {
-            let running = eventually(Duration::from_secs(10), || {
-                let Ok(mut watch) = postgres::Client::connect(&url, postgres::NoTls) else {
-                    return false;
-                };
-                watch
-                    .query_one(
-                        "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'",
-                        &[&sql],
-                    )
-                    .is_ok_and(|r| r.get::<_, i64>(0) > 0)
-            });
+            let running = eventually(Duration::from_secs(10), || active_at(&url, sql) > 0);
             assert!(running, "{sql} never ran on {url}");
         }
         token.cancel_query(postgres::NoTls).expect("cancel");
@@ -164,6 +159,12 @@ const SLEEP: &str = "SELECT pg_sleep(30)";
 fn a_cancel_reaches_the_shadow_whether_it_runs_the_statement_already_or_later() {
     let primary = start_primary("cxp");
     let shadow = start_primary("cxs");
+    let pooled_shadow = [support::TRANSACTION_POOLING, &["--shadow-pool-size", "2"]].concat();
+    let own_shadow = [
+        support::TRANSACTION_POOLING,
+        &["--compare-order-wait-ms", "0"],
+    ]
+    .concat();
     // Ordered dispatch (the default): the shadow gets the statement once the primary answered
     // it, cancelled; it is cancelled there as it starts. Unordered: the shadow runs it at the
     // same time, and is cancelled once the primary's answer says the cancel took.
@@ -189,30 +190,12 @@ fn a_cancel_reaches_the_shadow_whether_it_runs_the_statement_already_or_later() 
         // goes to the connection lent to it, the shadow's through the shard registry.
         (
             "transaction-pooled",
-            &[
-                "--pool-mode",
-                "transaction",
-                "--pool-size",
-                "2",
-                "--auth-type",
-                "trust",
-                "--shadow-pool-size",
-                "2",
-            ][..],
+            &pooled_shadow[..],
             vec![primary.url()],
         ),
         (
             "transaction-pooled-own-shadow",
-            &[
-                "--pool-mode",
-                "transaction",
-                "--pool-size",
-                "2",
-                "--auth-type",
-                "trust",
-                "--compare-order-wait-ms",
-                "0",
-            ][..],
+            &own_shadow[..],
             vec![primary.url(), shadow.url()],
         ),
     ] {

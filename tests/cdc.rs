@@ -254,6 +254,25 @@ fn assert_converges(
     }
 }
 
+/// The columns [`make_table`] makes, key first.
+const COLS: &[&str] = &["id", "v", "n"];
+
+/// A source server (`settings` added to its configuration), a StarRocks emulator, and a
+/// client of the source, with `tables` made on both by [`make_table`]: how most tests begin.
+fn source_and_sink(
+    name: &str,
+    settings: &[(&str, &str)],
+    tables: &[&str],
+) -> (Instance, StarRocks, postgres::Client) {
+    let pg = start_pg(name, settings);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    for table in tables {
+        make_table(&mut c, &sr, table);
+    }
+    (pg, sr, c)
+}
+
 fn make_table(c: &mut postgres::Client, sr: &StarRocks, name: &str) {
     c.batch_execute(&format!(
         "CREATE TABLE {name} (id int PRIMARY KEY, v text, n int)"
@@ -273,11 +292,7 @@ fn make_table(c: &mut postgres::Client, sr: &StarRocks, name: &str) {
 
 #[test]
 fn streams_inserts_updates_deletes_and_key_changes() {
-    let pg = start_pg("cdc-basic", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
-    make_table(&mut c, &sr, "u");
+    let (pg, sr, mut c) = source_and_sink("cdc-basic", &[], &["t", "u"]);
     let cdc = Cdc::start(&base_args(&pg, &sr, "t,public.u"), &[]);
     c.batch_execute(
         "INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 500) g;
@@ -289,22 +304,8 @@ fn streams_inserts_updates_deletes_and_key_changes() {
          BEGIN; INSERT INTO t VALUES (3000, 'rolled back', 1); ROLLBACK;",
     )
     .unwrap();
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
-    assert_converges(
-        &sr,
-        &mut c,
-        "u",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(30));
+    assert_converges(&sr, &mut c, "u", COLS, &cdc, Duration::from_secs(30));
     // Checkpoint stored and confirmed to PostgreSQL.
     assert!(eventually(Duration::from_secs(10), || {
         let rows = pg_rows(
@@ -330,10 +331,7 @@ fn streams_inserts_updates_deletes_and_key_changes() {
 
 #[test]
 fn source_on_the_servers_unix_socket() {
-    let pg = start_pg("cdc-unix", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
+    let (pg, sr, mut c) = source_and_sink("cdc-unix", &[], &["t"]);
     let dir = pg
         .socket_dir()
         .and_then(|d| d.to_str())
@@ -347,14 +345,7 @@ fn source_on_the_servers_unix_socket() {
     let cdc = Cdc::start(&args, &[]);
     c.batch_execute("INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 100) g")
         .unwrap();
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(30));
     // Both the replication and the checkpoint connection came over the socket.
     let row = c
         .query_one(
@@ -370,10 +361,7 @@ fn source_on_the_servers_unix_socket() {
 
 #[test]
 fn idle_publication_advances_the_slot() {
-    let pg = start_pg("cdc-idle", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
+    let (pg, sr, mut c) = source_and_sink("cdc-idle", &[], &["t"]);
     c.batch_execute("CREATE TABLE other (id int PRIMARY KEY)")
         .unwrap();
     let cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
@@ -459,21 +447,11 @@ fn toast_updates_mixed_with_inserts_keep_their_values() {
 
 #[test]
 fn added_column_is_picked_up() {
-    let pg = start_pg("cdc-schema", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
+    let (pg, sr, mut c) = source_and_sink("cdc-schema", &[], &["t"]);
     let cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
     c.batch_execute("INSERT INTO t SELECT g, 'x', g FROM generate_series(1, 50) g")
         .unwrap();
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(30));
     sr.add_column(DB, "t", "extra", ColType::Text);
     c.batch_execute(
         "ALTER TABLE t ADD COLUMN extra text;
@@ -494,10 +472,11 @@ fn added_column_is_picked_up() {
 #[test]
 fn large_transaction_is_streamed_and_applied_once() {
     // A tiny decoding memory makes PostgreSQL stream the transaction in pieces.
-    let pg = start_pg("cdc-large", &[("logical_decoding_work_mem", "64kB")]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
+    let (pg, sr, mut c) = source_and_sink(
+        "cdc-large",
+        &[("logical_decoding_work_mem", "64kB")],
+        &["t"],
+    );
     let cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
     c.batch_execute(
         "BEGIN; INSERT INTO t SELECT g, 'row ' || g, g FROM generate_series(1, 100000) g;
@@ -506,14 +485,7 @@ fn large_transaction_is_streamed_and_applied_once() {
          BEGIN; INSERT INTO t SELECT g, 'aborted', g FROM generate_series(300001, 350000) g; ROLLBACK;",
     )
     .unwrap();
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(180),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(180));
     let streamed = pg_rows(
         &mut c,
         "SELECT (stream_txns > 0)::text FROM pg_stat_replication_slots WHERE slot_name = 'pgprism_cdc'",
@@ -540,10 +512,11 @@ fn peak_rss_bytes(pid: u32) -> u64 {
 fn transaction_larger_than_memory_spills_to_files() {
     // A tiny decoding memory makes PostgreSQL stream the transactions in pieces; a 1 MiB
     // stream buffer makes pgprism spill them.
-    let pg = start_pg("cdc-spill", &[("logical_decoding_work_mem", "64kB")]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
+    let (pg, sr, mut c) = source_and_sink(
+        "cdc-spill",
+        &[("logical_decoding_work_mem", "64kB")],
+        &["t"],
+    );
     let dir = std::env::temp_dir().join(format!("pgprism-cdc-spill-{}", rand_suffix()));
     std::fs::create_dir_all(&dir).unwrap();
     let spill_files = || std::fs::read_dir(&dir).unwrap().count();
@@ -588,14 +561,7 @@ fn transaction_larger_than_memory_spills_to_files() {
     std::fs::write(&leftover, b"left by a crash").unwrap();
     let cdc = Cdc::start(&args, &[]);
     assert!(!leftover.exists(), "the leftover spill file is still there");
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(180),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(180));
     let (_, body) = support::http_get(cdc.admin.unwrap(), "/cdc/status");
     let status: sonic_rs::Value = sonic_rs::from_str(&body).unwrap();
     let streams = &status["streams"];
@@ -625,10 +591,7 @@ fn injected_failures_are_retried_without_loss() {
     // Plain Stream Load retries a batch under its label; a transaction that meets a failed or
     // unanswered load is rolled back and its cycle loaded again from the checkpoint.
     for mode in ["none", "multi-table"] {
-        let pg = start_pg("cdc-faults", &[]);
-        let sr = StarRocks::start("root", "pw");
-        let mut c = client(&pg);
-        make_table(&mut c, &sr, "t");
+        let (pg, sr, mut c) = source_and_sink("cdc-faults", &[], &["t"]);
         let mut args = base_args(&pg, &sr, "t");
         args.extend(["--transaction-mode".to_string(), mode.to_string()]);
         let cdc = Cdc::start(&args, &[]);
@@ -649,14 +612,7 @@ fn injected_failures_are_retried_without_loss() {
             std::thread::sleep(Duration::from_millis(150));
         }
         c.batch_execute("DELETE FROM t WHERE id % 3 = 0").unwrap();
-        assert_converges(
-            &sr,
-            &mut c,
-            "t",
-            &["id", "v", "n"],
-            &cdc,
-            Duration::from_secs(60),
-        );
+        assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(60));
         let statuses: Vec<String> = sr.log().into_iter().map(|(_, s)| s).collect();
         assert!(statuses.iter().any(|s| s == "Fail"), "{mode}: {statuses:?}");
         if mode == "none" {
@@ -684,10 +640,7 @@ fn crash_at_each_point_resumes_exactly_once() {
         "cdc-before-checkpoint",
         "cdc-after-checkpoint",
     ] {
-        let pg = start_pg("cdc-crash", &[]);
-        let sr = StarRocks::start("root", "pw");
-        let mut c = client(&pg);
-        make_table(&mut c, &sr, "t");
+        let (pg, sr, mut c) = source_and_sink("cdc-crash", &[], &["t"]);
         let args = base_args(&pg, &sr, "t");
         let failpoint = format!("{point}=2*kill");
         let mut cdc = Cdc::start(&args, &[("PGPRISM_FAILPOINTS", &failpoint)]);
@@ -721,14 +674,7 @@ fn crash_at_each_point_resumes_exactly_once() {
         let cdc = Cdc::start(&args, &[]);
         c.batch_execute("UPDATE t SET v = 'after restart' WHERE id % 9 = 0")
             .unwrap();
-        assert_converges(
-            &sr,
-            &mut c,
-            "t",
-            &["id", "v", "n"],
-            &cdc,
-            Duration::from_secs(60),
-        );
+        assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(60));
         let slots = pg_rows(&mut c, "SELECT count(*)::text FROM pg_replication_slots");
         assert_eq!(
             slots,
@@ -794,11 +740,7 @@ fn two_table_transactions_become_visible_at_once() {
     // Small batches, so one source transaction's rows of two tables travel in several loads.
     // Plain Stream Load shows them one load at a time (the control); transactions never.
     for (mode, atomic) in [("none", false), ("multi-table", true)] {
-        let pg = start_pg("cdc-atomic", &[]);
-        let sr = StarRocks::start("root", "pw");
-        let mut c = client(&pg);
-        make_table(&mut c, &sr, "t");
-        make_table(&mut c, &sr, "u");
+        let (pg, sr, mut c) = source_and_sink("cdc-atomic", &[], &["t", "u"]);
         sr.watch(DB, &["t", "u"]);
         let mut args = base_args(&pg, &sr, "t,u");
         args.extend(
@@ -809,14 +751,7 @@ fn two_table_transactions_become_visible_at_once() {
         let cdc = Cdc::start(&args, &[]);
         paired_transactions(&mut c, 1, 30);
         for table in ["t", "u"] {
-            assert_converges(
-                &sr,
-                &mut c,
-                table,
-                &["id", "v", "n"],
-                &cdc,
-                Duration::from_secs(60),
-            );
+            assert_converges(&sr, &mut c, table, COLS, &cdc, Duration::from_secs(60));
         }
         let history = sr.visible_history();
         assert!(
@@ -864,14 +799,7 @@ fn per_table_transactions_before_starrocks_4() {
     let cdc = Cdc::start(&args, &[]);
     paired_transactions(&mut c, 4, 5);
     for table in ["t", "u"] {
-        assert_converges(
-            &sr,
-            &mut c,
-            table,
-            &["id", "v", "n"],
-            &cdc,
-            Duration::from_secs(60),
-        );
+        assert_converges(&sr, &mut c, table, COLS, &cdc, Duration::from_secs(60));
     }
     assert!(twice_committed(&sr).is_empty(), "{:?}", sr.log());
 }
@@ -879,11 +807,7 @@ fn per_table_transactions_before_starrocks_4() {
 #[test]
 fn crash_between_prepare_and_commit_and_after_commit_loses_and_repeats_nothing() {
     for point in ["cdc-after-prepare", "cdc-after-commit"] {
-        let pg = start_pg("cdc-txn-crash", &[]);
-        let sr = StarRocks::start("root", "pw");
-        let mut c = client(&pg);
-        make_table(&mut c, &sr, "t");
-        make_table(&mut c, &sr, "u");
+        let (pg, sr, mut c) = source_and_sink("cdc-txn-crash", &[], &["t", "u"]);
         sr.watch(DB, &["t", "u"]);
         // No initial snapshot: its watermark cycles would hit the failpoint at times that
         // depend on the machine's load (a kill while the start-up polls the status).
@@ -920,14 +844,7 @@ fn crash_between_prepare_and_commit_and_after_commit_loses_and_repeats_nothing()
         let cdc = Cdc::start(&args, &[]);
         paired_transactions(&mut c, 60, 2);
         for table in ["t", "u"] {
-            assert_converges(
-                &sr,
-                &mut c,
-                table,
-                &["id", "v", "n"],
-                &cdc,
-                Duration::from_secs(60),
-            );
+            assert_converges(&sr, &mut c, table, COLS, &cdc, Duration::from_secs(60));
         }
         assert!(!saw_half_transaction(&sr), "{point}: t and u seen apart");
         assert!(
@@ -953,11 +870,7 @@ fn crash_between_prepare_and_commit_and_after_commit_loses_and_repeats_nothing()
 
 #[test]
 fn commit_in_doubt_is_settled_by_the_label_state() {
-    let pg = start_pg("cdc-txn-doubt", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
-    make_table(&mut c, &sr, "u");
+    let (pg, sr, mut c) = source_and_sink("cdc-txn-doubt", &[], &["t", "u"]);
     sr.watch(DB, &["t", "u"]);
     let cdc = Cdc::start(&base_args(&pg, &sr, "t,u"), &[]);
     sr.inject_txn(TxnFault::CommitAnswersError, 1);
@@ -975,14 +888,7 @@ fn commit_in_doubt_is_settled_by_the_label_state() {
         );
     }
     for table in ["t", "u"] {
-        assert_converges(
-            &sr,
-            &mut c,
-            table,
-            &["id", "v", "n"],
-            &cdc,
-            Duration::from_secs(60),
-        );
+        assert_converges(&sr, &mut c, table, COLS, &cdc, Duration::from_secs(60));
     }
     let log = sr.log();
     assert!(
@@ -1004,11 +910,7 @@ fn commit_in_doubt_is_settled_by_the_label_state() {
 
 #[test]
 fn a_transaction_starrocks_aborts_at_its_timeout_is_loaded_again_once() {
-    let pg = start_pg("cdc-txn-timeout", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
-    make_table(&mut c, &sr, "u");
+    let (pg, sr, mut c) = source_and_sink("cdc-txn-timeout", &[], &["t", "u"]);
     sr.watch(DB, &["t", "u"]);
     let mut args = base_args(&pg, &sr, "t,u");
     args.extend(["--transaction-timeout-ms".into(), "1000".into()]);
@@ -1027,14 +929,7 @@ fn a_transaction_starrocks_aborts_at_its_timeout_is_loaded_again_once() {
         .unwrap();
     }
     for table in ["t", "u"] {
-        assert_converges(
-            &sr,
-            &mut c,
-            table,
-            &["id", "v", "n"],
-            &cdc,
-            Duration::from_secs(60),
-        );
+        assert_converges(&sr, &mut c, table, COLS, &cdc, Duration::from_secs(60));
     }
     let log = sr.log();
     assert!(
@@ -1070,9 +965,7 @@ fn sr_columns(sr: &StarRocks, table: &str) -> Vec<(String, String)> {
 
 #[test]
 fn schema_changes_follow_the_source_mid_stream() {
-    let pg = start_pg("cdc-ddl", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
+    let (pg, sr, mut c) = source_and_sink("cdc-ddl", &[], &[]);
     c.batch_execute("CREATE TABLE t (v varchar(10), id int PRIMARY KEY, n int, gone text)")
         .unwrap();
     // A first run with nothing prepared in StarRocks.
@@ -1191,11 +1084,7 @@ fn column_added_inside_a_two_table_transaction_stays_one_starrocks_transaction()
     // in the open StarRocks transaction (flush-rows 4): StarRocks documents no answer for a
     // load of t in a transaction begun before t's schema change (review R7), so that
     // transaction is rolled back too and the cycle loaded again from the checkpoint.
-    let pg = start_pg("cdc-ddl-one", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
-    make_table(&mut c, &sr, "u");
+    let (pg, sr, mut c) = source_and_sink("cdc-ddl-one", &[], &["t", "u"]);
     sr.watch(DB, &["t", "u"]);
     let mut args = base_args(&pg, &sr, "t,u");
     args.extend(["--flush-rows".into(), "4".into()]);
@@ -1218,14 +1107,7 @@ fn column_added_inside_a_two_table_transaction_stays_one_starrocks_transaction()
         &cdc,
         Duration::from_secs(60),
     );
-    assert_converges(
-        &sr,
-        &mut c,
-        "u",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(60),
-    );
+    assert_converges(&sr, &mut c, "u", COLS, &cdc, Duration::from_secs(60));
     let states = visible_counts(&sr);
     assert!(
         states.iter().all(|s| matches!(s, (0, 0) | (2, 20))),
@@ -1254,11 +1136,7 @@ fn columns_changed_after_their_tables_rows_were_flushed_reload_the_cycle_as_one_
     // is loaded again from the checkpoint with each table's new column list from its first
     // load: one StarRocks transaction, never half of the source transaction visible, no row
     // applied twice.
-    let pg = start_pg("cdc-ddl-reload", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
-    make_table(&mut c, &sr, "u");
+    let (pg, sr, mut c) = source_and_sink("cdc-ddl-reload", &[], &["t", "u"]);
     sr.watch(DB, &["t", "u"]);
     let mut args = base_args(&pg, &sr, "t,u");
     args.extend(["--flush-rows".into(), "4".into()]);
@@ -1321,11 +1199,7 @@ fn crash_around_the_commit_of_a_cycle_whose_columns_changed_loses_and_repeats_no
     // finds the transaction by its label (prepared: commit it; committed: nothing to load),
     // and StarRocks ends equal to the source, each row applied once, no half state visible.
     for point in ["cdc-after-prepare", "cdc-after-commit"] {
-        let pg = start_pg("cdc-ddl-crash", &[]);
-        let sr = StarRocks::start("root", "pw");
-        let mut c = client(&pg);
-        make_table(&mut c, &sr, "t");
-        make_table(&mut c, &sr, "u");
+        let (pg, sr, mut c) = source_and_sink("cdc-ddl-crash", &[], &["t", "u"]);
         sr.watch(DB, &["t", "u"]);
         let mut args = base_args(&pg, &sr, "t,u");
         args.extend(["--flush-rows".into(), "4".into(), "--no-snapshot".into()]);
@@ -1385,22 +1259,12 @@ fn crash_around_the_commit_of_a_cycle_whose_columns_changed_loses_and_repeats_no
 
 #[test]
 fn incompatible_type_change_stops_naming_it_and_loses_nothing() {
-    let pg = start_pg("cdc-ddl-bad", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
+    let (pg, sr, mut c) = source_and_sink("cdc-ddl-bad", &[], &["t"]);
     let args = base_args(&pg, &sr, "t");
     let mut cdc = Cdc::start(&args, &[]);
     c.batch_execute("INSERT INTO t SELECT g, 'x', g FROM generate_series(1, 20) g")
         .unwrap();
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(30));
     c.batch_execute("ALTER TABLE t ALTER COLUMN v TYPE integer USING length(v)")
         .unwrap();
     c.batch_execute("INSERT INTO t VALUES (21, 7, 21)").unwrap();
@@ -1439,23 +1303,13 @@ fn incompatible_type_change_stops_naming_it_and_loses_nothing() {
 
 #[test]
 fn schema_changes_fail_stops_at_a_change_starrocks_lacks() {
-    let pg = start_pg("cdc-ddl-fail", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
+    let (pg, sr, mut c) = source_and_sink("cdc-ddl-fail", &[], &["t"]);
     let mut args = base_args(&pg, &sr, "t");
     args.extend(["--schema-changes".to_string(), "fail".to_string()]);
     let mut cdc = Cdc::start(&args, &[]);
     c.batch_execute("INSERT INTO t SELECT g, 'x', g FROM generate_series(1, 10) g")
         .unwrap();
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(30));
     c.batch_execute("ALTER TABLE t ADD COLUMN extra text; INSERT INTO t VALUES (11, 'y', 11, 'e')")
         .unwrap();
     assert!(
@@ -1473,10 +1327,7 @@ fn schema_changes_fail_stops_at_a_change_starrocks_lacks() {
 
 #[test]
 fn initial_snapshot_then_stream_without_gap() {
-    let pg = start_pg("cdc-snapshot", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
+    let (pg, sr, mut c) = source_and_sink("cdc-snapshot", &[], &["t"]);
     c.batch_execute("INSERT INTO t SELECT g, 'before', g FROM generate_series(1, 3000) g")
         .unwrap();
     let mut args = base_args(&pg, &sr, "t");
@@ -1484,14 +1335,7 @@ fn initial_snapshot_then_stream_without_gap() {
     let cdc = Cdc::start(&args, &[]);
     c.batch_execute("INSERT INTO t SELECT g, 'after', g FROM generate_series(3001, 3100) g; UPDATE t SET v = 'upd' WHERE id = 1;")
         .unwrap();
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(30));
 }
 
 /// `pgprism cdc` arguments with a small snapshot chunk, so a few thousand rows make chunks.
@@ -1539,11 +1383,7 @@ fn snapshot_loads(sr: &StarRocks, from: usize) -> Vec<u32> {
 
 #[test]
 fn snapshot_by_default_copies_existing_rows_in_chunks() {
-    let pg = start_pg("cdc-snap-default", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
-    make_table(&mut c, &sr, "u");
+    let (pg, sr, mut c) = source_and_sink("cdc-snap-default", &[], &["t", "u"]);
     c.batch_execute(
         "INSERT INTO t SELECT g, 'before ' || g, g FROM generate_series(1, 20000) g;
          INSERT INTO u SELECT g, NULL, -g FROM generate_series(1, 10) g;
@@ -1553,22 +1393,8 @@ fn snapshot_by_default_copies_existing_rows_in_chunks() {
     // No --snapshot flag: copying is the default.
     let args = snapshot_args(&pg, &sr, "t,u", 3000);
     let cdc = Cdc::start(&args, &[]);
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
-    assert_converges(
-        &sr,
-        &mut c,
-        "u",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(30));
+    assert_converges(&sr, &mut c, "u", COLS, &cdc, Duration::from_secs(30));
     let snap = cdc.snapshot();
     assert_eq!(snap["state"].as_str(), Some("done"), "{snap:?}");
     assert_eq!(snap["rows_copied"].as_u64(), Some(20_010), "{snap:?}");
@@ -1604,14 +1430,7 @@ fn snapshot_by_default_copies_existing_rows_in_chunks() {
          UPDATE t SET v = 'upd' WHERE id % 1000 = 0; DELETE FROM t WHERE id % 777 = 0;",
     )
     .unwrap();
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(30));
     // A restart owes nothing: the snapshot is done and is not copied again.
     let before = sr.log().len();
     drop(cdc);
@@ -1621,23 +1440,13 @@ fn snapshot_by_default_copies_existing_rows_in_chunks() {
     assert_eq!(snap["chunks_resumed"].as_u64(), Some(8), "{snap:?}");
     c.batch_execute("UPDATE u SET v = 'later' WHERE id = 1")
         .unwrap();
-    assert_converges(
-        &sr,
-        &mut c,
-        "u",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
+    assert_converges(&sr, &mut c, "u", COLS, &cdc, Duration::from_secs(30));
     assert_eq!(snapshot_loads(&sr, before), Vec::<u32>::new());
 }
 
 #[test]
 fn no_snapshot_streams_changes_only() {
-    let pg = start_pg("cdc-no-snap", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
+    let (pg, sr, mut c) = source_and_sink("cdc-no-snap", &[], &["t"]);
     c.batch_execute("INSERT INTO t SELECT g, 'old', g FROM generate_series(1, 500) g")
         .unwrap();
     let mut args = base_args(&pg, &sr, "t");
@@ -1666,10 +1475,7 @@ fn no_snapshot_streams_changes_only() {
 
 #[test]
 fn snapshot_under_concurrent_writes_ends_equal() {
-    let pg = start_pg("cdc-snap-writes", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
+    let (pg, sr, mut c) = source_and_sink("cdc-snap-writes", &[], &["t"]);
     c.batch_execute(
         "INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 30000) g; ANALYZE t",
     )
@@ -1714,14 +1520,7 @@ fn snapshot_under_concurrent_writes_ends_equal() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes = writer.join().unwrap();
     assert!(done, "the snapshot did not finish\n{}", cdc.log());
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(60),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(60));
     // A writer's transaction caught between its commit record and its visibility when a
     // chunk is read (frequent on a loaded machine) costs that chunk its straggler's keys,
     // never a read again: this once failed the snapshot after five unlucky reads of one
@@ -1741,11 +1540,7 @@ fn snapshot_under_concurrent_writes_ends_equal() {
 fn snapshot_chunks_in_transactions_survive_a_kill_at_recording() {
     // With StarRocks transactions a chunk is recorded after the transaction holding its rows
     // commits; killed there, the restart finds the rows or copies the chunk again.
-    let pg = start_pg("cdc-snap-txn", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
-    make_table(&mut c, &sr, "u");
+    let (pg, sr, mut c) = source_and_sink("cdc-snap-txn", &[], &["t", "u"]);
     c.batch_execute(
         "INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 12000) g;
          INSERT INTO u SELECT g, 'w' || g, g FROM generate_series(1, 3000) g; ANALYZE t, u",
@@ -1767,14 +1562,7 @@ fn snapshot_chunks_in_transactions_survive_a_kill_at_recording() {
     drop(cdc);
     let cdc = Cdc::spawn(&args, &[]);
     for table in ["t", "u"] {
-        assert_converges(
-            &sr,
-            &mut c,
-            table,
-            &["id", "v", "n"],
-            &cdc,
-            Duration::from_secs(90),
-        );
+        assert_converges(&sr, &mut c, table, COLS, &cdc, Duration::from_secs(90));
     }
     // Nothing left open or prepared: the restarted run still copies (a chunk loaded but not
     // recorded before the kill is copied again, its rows already equal) and may hold its
@@ -1789,10 +1577,7 @@ fn snapshot_chunks_in_transactions_survive_a_kill_at_recording() {
 
 #[test]
 fn killed_mid_snapshot_chunk_resumes_from_the_next_chunk() {
-    let pg = start_pg("cdc-snap-kill", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
+    let (pg, sr, mut c) = source_and_sink("cdc-snap-kill", &[], &["t"]);
     c.batch_execute(
         "INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 20000) g; ANALYZE t",
     )
@@ -1837,14 +1622,7 @@ fn killed_mid_snapshot_chunk_resumes_from_the_next_chunk() {
         "{}",
         cdc.log()
     );
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(60),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(60));
     // The chunks recorded as done were not copied again; every other chunk was copied once.
     let loaded_after = snapshot_loads(&sr, log_before);
     for chunk in &done_before {
@@ -1873,10 +1651,7 @@ fn killed_mid_snapshot_chunk_resumes_from_the_next_chunk() {
 
 #[test]
 fn bad_configuration_fails_clearly_and_creates_nothing() {
-    let pg = start_pg("cdc-badcfg", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
+    let (pg, sr, mut c) = source_and_sink("cdc-badcfg", &[], &["t"]);
     let nothing_created = |c: &mut postgres::Client| {
         let slots = pg_rows(c, "SELECT count(*)::text FROM pg_replication_slots");
         let pubs = pg_rows(c, "SELECT count(*)::text FROM pg_publication");
@@ -1927,10 +1702,7 @@ fn http_post(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 
 #[test]
 fn pause_holds_loads_and_resume_catches_up() {
-    let pg = start_pg("cdc-pause", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
+    let (pg, sr, mut c) = source_and_sink("cdc-pause", &[], &["t"]);
     // With 100 rows per batch, the 100-row insert becomes a load as its last row is decoded.
     let mut args = base_args(&pg, &sr, "t");
     args.extend(["--flush-rows".into(), "100".into()]);
@@ -1967,14 +1739,7 @@ fn pause_holds_loads_and_resume_catches_up() {
     let (_, status) = support::http_get(admin, "/cdc/status");
     assert!(status.contains("\"paused\":true"), "{status}");
     assert_eq!(http_post(admin, "/cdc/resume").0, 200);
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(30));
     // The stats follow the load's answer, a moment after the rows are visible.
     let counted = eventually(Duration::from_secs(10), || {
         let (_, status) = support::http_get(admin, "/cdc/status");
@@ -1985,9 +1750,7 @@ fn pause_holds_loads_and_resume_catches_up() {
 
 #[test]
 fn soft_deletes_keep_the_row_with_audit_columns() {
-    let pg = start_pg("cdc-soft", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
+    let (pg, sr, mut c) = source_and_sink("cdc-soft", &[], &[]);
     c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
         .unwrap();
     sr.create_table(
@@ -2090,10 +1853,7 @@ fn lost_slot_stops_with_instructions() {
 
 #[test]
 fn truncate_empties_the_table_even_across_a_crash() {
-    let pg = start_pg("cdc-truncate", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
+    let (pg, sr, mut c) = source_and_sink("cdc-truncate", &[], &["t"]);
     let args = base_args(&pg, &sr, "t");
     // The second load follows the TRUNCATE in the same transaction; dying right after it
     // means the replay truncates again and must load those rows again, not skip them.
@@ -2118,14 +1878,7 @@ fn truncate_empties_the_table_even_across_a_crash() {
     let cdc = Cdc::start(&args, &[]);
     c.batch_execute("INSERT INTO t VALUES (500, 'later', 1)")
         .unwrap();
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(30));
     assert!(
         sr.statements()
             .iter()
@@ -2161,14 +1914,7 @@ fn a_slot_created_anew_forgets_the_earlier_slots_checkpoint() {
          TRUNCATE t; INSERT INTO t VALUES (5, 'kept', 5);",
     )
     .unwrap();
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(30));
     let recorded = |c: &mut postgres::Client| {
         pg_rows(
             c,
@@ -2230,14 +1976,7 @@ fn a_slot_created_anew_forgets_the_earlier_slots_checkpoint() {
          TRUNCATE t; INSERT INTO t VALUES (200, 'after', 200);",
     )
     .unwrap();
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(30));
     assert!(
         cdc.log()
             .contains("the checkpoint an earlier slot of this name left is discarded"),
@@ -2327,14 +2066,7 @@ fn a_slot_created_anew_never_takes_the_labels_of_an_earlier_slot() {
     pad_wal_to(&mut a, target);
     a.batch_execute(insert).unwrap();
     let end_old = wal_insert(&mut a);
-    assert_converges(
-        &sr,
-        &mut a,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
+    assert_converges(&sr, &mut a, "t", COLS, &cdc, Duration::from_secs(30));
     drop(cdc);
 
     let mut args = base_args(&new, &sr, "t");
@@ -2347,14 +2079,7 @@ fn a_slot_created_anew_never_takes_the_labels_of_an_earlier_slot() {
         end_new, end_old,
         "the two transactions must take the same WAL range for their labels to meet"
     );
-    assert_converges(
-        &sr,
-        &mut b,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
+    assert_converges(&sr, &mut b, "t", COLS, &cdc, Duration::from_secs(30));
     // Each slot loaded its own transaction under its own label.
     assert_eq!(sr.applied_rows(DB, "t"), 20);
 }
@@ -2364,10 +2089,7 @@ fn a_checkpoint_row_of_an_older_version_keeps_its_labels() {
     // Migration: a row an older version wrote has no incarnation, and the slot keeps the
     // labels it loaded under (a transaction it left prepared is found by them); a slot with
     // no row at all gets an incarnation before anything loads.
-    let pg = start_pg("cdc-label-migration", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
+    let (pg, sr, mut c) = source_and_sink("cdc-label-migration", &[], &["t"]);
     let mut args = base_args(&pg, &sr, "t");
     args.push("--no-snapshot".into());
     let incarnation = |c: &mut postgres::Client| {
@@ -2387,14 +2109,7 @@ fn a_checkpoint_row_of_an_older_version_keeps_its_labels() {
     let first = incarnation(&mut c).expect("the slot's incarnation is recorded");
     assert_eq!(first.len(), 16, "{first}");
     c.batch_execute("INSERT INTO t VALUES (1, 'a', 1)").unwrap();
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(30));
     assert!(
         labels(&sr, 0)
             .iter()
@@ -2410,14 +2125,7 @@ fn a_checkpoint_row_of_an_older_version_keeps_its_labels() {
     let from = sr.log().len();
     let cdc = Cdc::start(&args, &[]);
     c.batch_execute("INSERT INTO t VALUES (2, 'b', 2)").unwrap();
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(30));
     let legacy = labels(&sr, from);
     assert!(
         !legacy.is_empty() && legacy.iter().all(|l| l.starts_with("pgprism_cdc-t-")),
@@ -2434,14 +2142,7 @@ fn a_checkpoint_row_of_an_older_version_keeps_its_labels() {
     assert_ne!(drawn, first);
     let from = sr.log().len();
     c.batch_execute("INSERT INTO t VALUES (3, 'c', 3)").unwrap();
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(30),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(30));
     let labels = labels(&sr, from);
     assert!(
         !labels.is_empty()
@@ -2455,11 +2156,7 @@ fn a_checkpoint_row_of_an_older_version_keeps_its_labels() {
 #[test]
 fn truncate_then_crash_between_prepare_and_commit_settles_the_prepared_transaction() {
     for point in ["cdc-after-prepare", "cdc-after-commit"] {
-        let pg = start_pg("cdc-truncate-txn", &[]);
-        let sr = StarRocks::start("root", "pw");
-        let mut c = client(&pg);
-        make_table(&mut c, &sr, "t");
-        make_table(&mut c, &sr, "u");
+        let (pg, sr, mut c) = source_and_sink("cdc-truncate-txn", &[], &["t", "u"]);
         // No initial snapshot: its watermarks would make cycles (and failpoint hits) of
         // their own, at times that depend on the machine's load.
         let mut args = base_args(&pg, &sr, "t,u");
@@ -2506,14 +2203,7 @@ fn truncate_then_crash_between_prepare_and_commit_settles_the_prepared_transacti
         )
         .unwrap();
         for table in ["t", "u"] {
-            assert_converges(
-                &sr,
-                &mut c,
-                table,
-                &["id", "v", "n"],
-                &cdc,
-                Duration::from_secs(60),
-            );
+            assert_converges(&sr, &mut c, table, COLS, &cdc, Duration::from_secs(60));
         }
         let txns = sr.transactions();
         assert_eq!(txns.get("PREPARE"), None, "{point}: {txns:?}");
@@ -2544,9 +2234,7 @@ fn truncate_then_crash_between_prepare_and_commit_settles_the_prepared_transacti
 
 #[test]
 fn a_filtered_row_stops_the_stream_instead_of_being_lost() {
-    let pg = start_pg("cdc-filter", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
+    let (pg, sr, mut c) = source_and_sink("cdc-filter", &[], &[]);
     // StarRocks says `n` is an integer; the source sends text that is not one.
     c.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text, n text)")
         .unwrap();
@@ -2591,10 +2279,7 @@ fn a_filtered_row_stops_the_stream_instead_of_being_lost() {
 
 #[test]
 fn dropped_replication_connection_reconnects_without_loss() {
-    let pg = start_pg("cdc-reconnect", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
+    let (pg, sr, mut c) = source_and_sink("cdc-reconnect", &[], &["t"]);
     let mut cdc = Cdc::start(&base_args(&pg, &sr, "t"), &[]);
     let mut cut: Option<String> = None;
     for round in 0..3 {
@@ -2636,14 +2321,7 @@ fn dropped_replication_connection_reconnects_without_loss() {
             cdc.log()
         );
     }
-    assert_converges(
-        &sr,
-        &mut c,
-        "t",
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(60),
-    );
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(60));
     assert!(
         matches!(cdc.child.try_wait(), Ok(None)),
         "pgprism exited instead of reconnecting\n{}",
@@ -2660,10 +2338,7 @@ fn dropped_replication_connection_reconnects_without_loss() {
 
 #[test]
 fn run_config_streams_cdc_beside_the_proxy() {
-    let pg = start_pg("cdc-run", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    make_table(&mut c, &sr, "t");
+    let (pg, sr, _c) = source_and_sink("cdc-run", &[], &["t"]);
     let (dir, config) = support::RunConfig::write(
         "cdc",
         &format!(
@@ -2744,9 +2419,7 @@ fn long_slot_and_table_names_give_labels_starrocks_takes() {
     // names (63 characters) the slot, the table and a snapshot chunk's or a cycle's range
     // pass StarRocks' 128 characters. Every label, snapshot and stream, stays within
     // `[-_A-Za-z0-9]{1,128}` (the emulator refuses any other, as StarRocks does).
-    let pg = start_pg("cdc-long-label", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
+    let (pg, sr, mut c) = source_and_sink("cdc-long-label", &[], &[]);
     let table = format!("t{}", "_long_table".repeat(5));
     let slot = format!("s{}", "_long_slot_".repeat(5));
     assert!(table.len() <= 63 && slot.len() <= 63);
@@ -2763,14 +2436,7 @@ fn long_slot_and_table_names_give_labels_starrocks_takes() {
          UPDATE {table} SET n = -n WHERE id <= 10;"
     ))
     .unwrap();
-    assert_converges(
-        &sr,
-        &mut c,
-        &table,
-        &["id", "v", "n"],
-        &cdc,
-        Duration::from_secs(60),
-    );
+    assert_converges(&sr, &mut c, &table, COLS, &cdc, Duration::from_secs(60));
     let log = sr.log();
     let refused: Vec<_> = log.iter().filter(|(_, s)| s == "Fail").collect();
     assert!(refused.is_empty(), "{refused:?}");

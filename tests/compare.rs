@@ -46,11 +46,7 @@ impl Pair {
     }
 
     fn reports(&self) -> Vec<sonic_rs::Value> {
-        std::fs::read_to_string(&self.report)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| sonic_rs::from_str(l).expect("report line is JSON"))
-            .collect()
+        support::report_records(&self.report)
     }
 
     /// Waits for a report about `statement`.
@@ -69,6 +65,24 @@ impl Pair {
                 std::fs::read_to_string(&self.report).unwrap_or_default()
             )
         })
+    }
+
+    /// A session on the shadow itself, past pgprism.
+    fn shadow_session(&self) -> postgres::Client {
+        postgres::Client::connect(&self.shadow.url(), postgres::NoTls)
+            .expect("connect to the shadow")
+    }
+
+    /// A shadow session holding `table` locked (ACCESS EXCLUSIVE, in an open transaction): the
+    /// shadow's side of any statement reading it waits until that session's ROLLBACK.
+    fn lock_on_the_shadow(&self, table: &str) -> postgres::Client {
+        let mut blocker = self.shadow_session();
+        blocker
+            .batch_execute(&format!(
+                "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+            ))
+            .expect("lock the table on the shadow");
+        blocker
     }
 
     fn reported(&self, statement: &str) -> bool {
@@ -963,17 +977,7 @@ fn a_shadow_that_falls_behind_stops_comparing_instead_of_holding_the_client() {
         "--compare-shadow-timeout-ms",
         "300",
     ]);
-    let mut blocker = postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            p.shadow.port()
-        ),
-        postgres::NoTls,
-    )
-    .unwrap();
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE slow IN ACCESS EXCLUSIVE MODE")
-        .unwrap();
+    let mut blocker = p.lock_on_the_shadow("slow");
     let conninfo = proxy.conninfo("postgres", None);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -1013,17 +1017,7 @@ fn a_shadow_that_falls_behind_after_the_client_left_is_given_up_at_the_shadow_ti
     let p = pair("drain");
     p.both("CREATE TABLE slow (id int); INSERT INTO slow VALUES (1)");
     let proxy = p.proxy(&["--compare-shadow-timeout-ms", "300"]);
-    let mut blocker = postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            p.shadow.port()
-        ),
-        postgres::NoTls,
-    )
-    .unwrap();
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE slow IN ACCESS EXCLUSIVE MODE")
-        .unwrap();
+    let mut blocker = p.lock_on_the_shadow("slow");
     {
         let mut c = proxy.client();
         let rows = c.simple_query("SELECT id FROM slow").unwrap();
@@ -1058,29 +1052,12 @@ fn a_shadow_lost_after_the_client_left_is_counted() {
     let p = pair("drainlost");
     p.both("CREATE TABLE slow (id int); INSERT INTO slow VALUES (1)");
     let proxy = p.proxy(&["--compare-shadow-timeout-ms", "60000"]);
-    let mut blocker = postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            p.shadow.port()
-        ),
-        postgres::NoTls,
-    )
-    .unwrap();
-    blocker
-        .batch_execute("BEGIN; LOCK TABLE slow IN ACCESS EXCLUSIVE MODE")
-        .unwrap();
+    let mut blocker = p.lock_on_the_shadow("slow");
     {
         let mut c = proxy.client();
         c.simple_query("SELECT id FROM slow").unwrap();
     }
-    let mut observer = postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            p.shadow.port()
-        ),
-        postgres::NoTls,
-    )
-    .unwrap();
+    let mut observer = p.shadow_session();
     // pgprism's shadow connection, blocked behind the lock: ended under it.
     let terminated = eventually(Duration::from_secs(10), || {
         let row = observer
@@ -1899,6 +1876,44 @@ fn a_client_that_stops_sending_still_gets_the_answers_held_for_the_shadow() {
             assert_eq!(code.as_deref(), Some("08P01"), "{what}");
         }
         assert_no_mismatch_once_closed(&p, &proxy, 4);
+    }
+}
+
+/// A primary answer pgprism cannot read (a row beyond `--message-bytes-max`) ends the session
+/// with pgprism's FATAL (08P01, counted), after every message ahead of it (the first answer
+/// and the second's RowDescription): those held for the shadow's (fail-on-differences, the
+/// shadow 2 s slower) are released unjudged first, as streamed ones (report mode) are,
+/// whether or not they came in the bad answer's read; with the client side pooled too.
+#[test]
+fn answers_before_a_primary_answer_pgprism_cannot_read_reach_the_client_before_its_fatal() {
+    use std::io::Write;
+    let p = pair("badans");
+    let query = format!(
+        "SELECT 42, pg_sleep(CASE WHEN current_setting('port')::int = {} THEN 2 ELSE 0 END)\0",
+        p.shadow.port()
+    );
+    let fail_pooled = [&["--fail-on-differences"], support::TRANSACTION_POOLING].concat();
+    for mode in [&["--fail-on-differences"][..], &[][..], &fail_pooled[..]] {
+        let mut args = vec!["--message-bytes-max", "4096"];
+        args.extend_from_slice(mode);
+        let proxy = p.proxy(&args);
+        let mut s = support::raw::connect_ready(proxy.listen);
+        let mut bytes = support::raw::message(b'Q', query.as_bytes());
+        bytes.extend(support::raw::message(b'Q', b"SELECT repeat('x', 10000)\0"));
+        s.write_all(&bytes).unwrap();
+        let msgs = support::raw::read_to_end(&mut s);
+        let tags: Vec<u8> = msgs.iter().map(|m| m.0).collect();
+        assert_eq!(tags, b"TDCZTE", "{mode:?}: {msgs:?}");
+        let row = &msgs[1].1;
+        assert!(row.windows(2).any(|w| w == b"42"), "{mode:?}: {msgs:?}");
+        let field = |f| support::raw::error_field(&msgs[5].1, f);
+        assert_eq!(field(b'C').as_deref(), Some("08P01"), "{mode:?}");
+        assert_eq!(field(b'V').as_deref(), Some("FATAL"), "{mode:?}");
+        assert!(
+            field(b'M').is_some_and(|m| m.contains("invalid message from the primary")),
+            "{mode:?}: {msgs:?}"
+        );
+        assert!(counter_reaches(&proxy, "pgprism_protocol_errors_total", 1));
     }
 }
 

@@ -63,6 +63,13 @@ fn pair(name: &str) -> Pair {
     }
 }
 
+/// [`pair`] for a test run in session mode (`client_side` empty) or with the client side
+/// pooled (its servers' names start with `tx`).
+fn pair_for(name: &str, client_side: &[&str]) -> Pair {
+    let pooled = if client_side.is_empty() { "" } else { "tx" };
+    pair(&format!("{pooled}{name}"))
+}
+
 impl Pair {
     fn both(&self, sql: &str) {
         self.primary.psql_db(DB, sql).expect("seed the primary");
@@ -88,11 +95,7 @@ impl Pair {
     }
 
     fn reports(&self) -> Vec<sonic_rs::Value> {
-        std::fs::read_to_string(&self.report)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| sonic_rs::from_str(l).ok())
-            .collect()
+        support::report_records(&self.report)
     }
 }
 
@@ -352,11 +355,7 @@ fn settings_and_prepared_statements_follow_transaction_pooled_clients() {
 }
 
 fn settings_and_prepared_statements_follow(client_side: &[&str]) {
-    let p = pair(if client_side.is_empty() {
-        "set"
-    } else {
-        "txset"
-    });
+    let p = pair_for("set", client_side);
     p.both(
         "CREATE SCHEMA s0; CREATE SCHEMA s1;
          CREATE TABLE s0.k (v int); INSERT INTO s0.k VALUES (0);
@@ -440,11 +439,7 @@ fn a_divergence_under_transaction_pooling_is_still_a_mismatch() {
 }
 
 fn divergence_is_a_mismatch(client_side: &[&str]) {
-    let p = pair(if client_side.is_empty() {
-        "div"
-    } else {
-        "txdiv"
-    });
+    let p = pair_for("div", client_side);
     p.both(TABLE);
     p.both("CREATE TABLE shared AS SELECT g FROM generate_series(1, 10) g;");
     p.both("CREATE TABLE skewed (id int PRIMARY KEY, v int);");
@@ -529,11 +524,7 @@ fn a_transaction_pooled_client_leaving_mid_transaction_leaves_neither_side_dirty
 }
 
 fn client_leaving_mid_transaction(client_side: &[&str]) {
-    let p = pair(if client_side.is_empty() {
-        "left"
-    } else {
-        "txleft"
-    });
+    let p = pair_for("left", client_side);
     p.both("CREATE TABLE t (v int);");
     let mut args = vec!["--compare-shadow-timeout-ms", "20000"];
     args.extend_from_slice(client_side);

@@ -39,6 +39,22 @@ fn backends(pg: &pgprism::embed::Instance, db: &str) -> usize {
     .unwrap_or(usize::MAX)
 }
 
+/// Waits (bounded) until the server `direct` is connected to runs `query` (one backend active
+/// with exactly that text).
+fn wait_running(direct: &mut postgres::Client, query: &str) {
+    let running = eventually(Duration::from_secs(10), || {
+        let n: i64 = direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'",
+                &[&query],
+            )
+            .unwrap()
+            .get(0);
+        n == 1
+    });
+    assert!(running, "{query} never ran");
+}
+
 #[test]
 fn many_clients_share_few_connections_and_keep_their_own_state() {
     let pg = start_primary("pool-many");
@@ -478,16 +494,7 @@ fn cancel_reaches_the_lent_connection() {
     let url = pg.url();
     let t = std::thread::spawn(move || {
         let mut direct = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        assert!(eventually(Duration::from_secs(10), || {
-            let n: i64 = direct
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'",
-                    &[],
-                )
-                .unwrap()
-                .get(0);
-            n == 1
-        }));
+        wait_running(&mut direct, "SELECT pg_sleep(30)");
         token.cancel_query(postgres::NoTls).unwrap();
     });
     let started = Instant::now();
@@ -714,16 +721,7 @@ fn a_cancel_on_a_shared_connection_reaches_only_its_own_statement() {
     let url = pg.url();
     let sleeping = move |text: &'static str| {
         let mut direct = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        assert!(eventually(Duration::from_secs(10), || {
-            let n: i64 = direct
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE query = $1 AND state = 'active'",
-                    &[&text],
-                )
-                .unwrap()
-                .get(0);
-            n == 1
-        }));
+        wait_running(&mut direct, text);
     };
     let behind = |at_least: u64| {
         assert!(eventually(Duration::from_secs(10), || proxy
@@ -817,17 +815,7 @@ fn a_lingering_shared_connection_is_reused_and_still_goes_back() {
     let mut pipeline = |mut a: postgres::Client, b: &mut postgres::Client| {
         let a_thread =
             std::thread::spawn(move || a.simple_query("SELECT pg_sleep(0.5)").map(|_| a));
-        assert!(eventually(Duration::from_secs(10), || {
-            let n: i64 = direct
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE query = 'SELECT pg_sleep(0.5)' AND state = 'active'",
-                    &[],
-                )
-                .unwrap()
-                .get(0);
-            n == 1
-        }));
+        wait_running(&mut direct, "SELECT pg_sleep(0.5)");
         let before = proxy.metric("pgprism_pool_pipelines_total");
         assert!(!b.simple_query("SELECT 7").unwrap().is_empty());
         // (Counters reach the admin endpoint within a tick.)
@@ -999,17 +987,7 @@ fn a_waiter_on_another_shard_is_served_without_waiting_out_the_linger() {
     // while A still runs on a loaded machine; B's wait stays within the 5 s wait bound.)
     let before = proxy.metric("pgprism_pool_pipelines_total");
     let a_thread = std::thread::spawn(move || a.simple_query("SELECT pg_sleep(2)").map(|_| a));
-    assert!(eventually(Duration::from_secs(10), || {
-        let n: i64 = direct
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE query = 'SELECT pg_sleep(2)' AND state = 'active'",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        n == 1
-    }));
+    wait_running(&mut direct, "SELECT pg_sleep(2)");
     assert!(!b.simple_query("SELECT 7").unwrap().is_empty());
     let _a = a_thread.join().unwrap().unwrap();
     assert!(eventually(Duration::from_secs(10), || proxy

@@ -740,6 +740,29 @@ fn startup_parameters_that_are_not_utf8_reach_the_primary() {
     assert_eq!(&row.1[6..], b"caf?");
 }
 
+/// A primary answer pgprism cannot read (a row beyond `--message-bytes-max`) ends the session
+/// with pgprism's FATAL (08P01, counted), after every message ahead of it (the first answer
+/// and the second's RowDescription): those read together with it are not dropped.
+#[test]
+fn answers_before_a_primary_answer_pgprism_cannot_read_reach_the_client() {
+    let pg = start_primary("p-badans");
+    let proxy = Proxy::start(&pg.url(), &["--message-bytes-max", "4096"]);
+    let mut s = raw::connect_ready(proxy.listen);
+    // Both in one write: the primary's two answers often share a read of pgprism's.
+    let mut bytes = raw::message(b'Q', b"SELECT 42\0");
+    bytes.extend(raw::message(b'Q', b"SELECT repeat('x', 10000)\0"));
+    s.write_all(&bytes).unwrap();
+    let msgs = raw::read_to_end(&mut s);
+    let tags: Vec<u8> = msgs.iter().map(|m| m.0).collect();
+    assert_eq!(tags, b"TDCZTE", "{msgs:?}");
+    assert!(msgs[1].1.ends_with(b"42"), "{msgs:?}");
+    assert_eq!(raw::error_field(&msgs[5].1, b'C').as_deref(), Some("08P01"));
+    assert_eq!(raw::error_field(&msgs[5].1, b'V').as_deref(), Some("FATAL"));
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_protocol_errors_total")
+        >= 1));
+}
+
 #[test]
 fn messages_before_a_malformed_frame_still_run() {
     let pg = start_primary("p-badtail");

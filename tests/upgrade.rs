@@ -77,6 +77,9 @@ impl Upgradable {
             .args(["--log-format", "json", "--pid-file"])
             .arg(&pid_file)
             .env("NOTIFY_SOCKET", &notify_path)
+            // Embedded servers are recorded here unless the config says otherwise (the tests'
+            // configs name this very directory), for the clean-up to find.
+            .env(pgprism::embed::STATE_DIR_ENV, dir.join("state"))
             .envs(env.iter().copied())
             .stdout(File::create(dir.join("stdout")).unwrap())
             .stderr(File::create(dir.join("stderr")).unwrap())
@@ -203,6 +206,13 @@ impl Upgradable {
 
 impl Drop for Upgradable {
     fn drop(&mut self) {
+        // SIGTERM to the serving process first: a `run` with a proxy starts its embedded
+        // servers without a parent-death signal (they move on upgrade), so only its own
+        // shutdown stops them; a SIGKILL alone left one running after every test run.
+        if let Some(pid) = self.pid().filter(|&pid| !gone(pid)) {
+            signal(pid, libc::SIGTERM);
+            eventually(support::EXIT_LIMIT, || gone(pid));
+        }
         for &pid in &self.pids {
             if !gone(pid) {
                 signal(pid, libc::SIGKILL);
@@ -210,7 +220,10 @@ impl Drop for Upgradable {
         }
         let _ = self.first.kill();
         let _ = self.first.wait();
+        // What a killed process still left running (a test that failed mid-upgrade).
+        let cleaned = support::stop_servers_left_in(&self.dir.join("state"));
         let _ = std::fs::remove_dir_all(&self.dir);
+        support::assert_no_servers_left(&cleaned);
     }
 }
 

@@ -955,15 +955,7 @@ impl Dispatch {
         } else if let Some(w) = link.writer_waker.take() {
             w.wake();
         }
-        let max = self.target.cfg.shadow_queue_bytes_max;
-        futures_lite::future::poll_fn(|cx| {
-            if link.dead.get() || link.queued_bytes.get() <= max {
-                return Poll::Ready(());
-            }
-            link.space_waker.set(Some(cx.waker().clone()));
-            Poll::Pending
-        })
-        .await;
+        self.room().await;
     }
 
     /// Queues what [`plan`](Self::plan) prepared for the shadow (after the primary write)

@@ -482,14 +482,19 @@ impl<'a> Pump<'a> {
         } else {
             &mut self.sbuf
         };
-        let complete = match wire::complete_prefix(buf, self.settings.message_bytes_max, |_, _| {})
-        {
+        // The complete messages ahead of a malformed one, if one comes.
+        let mut valid = 0usize;
+        let walked = wire::complete_prefix(buf, self.settings.message_bytes_max, |_, body| {
+            valid += wire::HEADER_BYTES + body.len();
+        });
+        let complete = match walked {
             Ok(complete) => complete,
+            Err(err) if side == PRIMARY => return self.on_bad_primary_answer(&err, valid, arrived),
             Err(err) => {
-                let who = if side == PRIMARY { "primary" } else { "shadow" };
+                ShardStats::bump(&self.stats.counters.protocol_errors, 1);
                 self.host.fail(
                     sqlstate::PROTOCOL_VIOLATION,
-                    &format!("pgprism: invalid message from the {who}: {err}"),
+                    &format!("pgprism: invalid message from the shadow: {err}"),
                 );
                 return Flow::Stop;
             }
@@ -502,25 +507,58 @@ impl<'a> Pump<'a> {
             self.comparer.feed(side, &frames, None, &mut self.out);
             return Flow::Settle;
         }
+        self.on_primary_frames(&frames, arrived);
+        Flow::Settle
+    }
+
+    /// The primary sent a message pgprism cannot read: the session ends with pgprism's own
+    /// FATAL (08P01), after the answers before it. The complete messages ahead of the bad one
+    /// are fed as usual, and what the comparer holds for the shadow is released unjudged
+    /// ahead of the FATAL, as when a transaction-pooled session ends with pgprism's own FATAL
+    /// (a COMMIT that went through on the primary is not lost to the client).
+    #[cold]
+    fn on_bad_primary_answer(
+        &mut self,
+        err: &wire::WireError,
+        valid: usize,
+        arrived: Instant,
+    ) -> Flow {
+        ShardStats::bump(&self.stats.counters.protocol_errors, 1);
+        self.host.fail(
+            sqlstate::PROTOCOL_VIOLATION,
+            &format!("pgprism: invalid message from the primary: {err}"),
+        );
+        if valid > 0 {
+            let frames = self.pbuf.split_to(valid).freeze();
+            self.on_primary_frames(&frames, arrived);
+        }
+        self.comparer.primary_ended();
+        self.comparer.shadow_lost(&mut self.out);
+        self.running = false;
+        Flow::Settle
+    }
+
+    /// Complete frames of the primary's answers: to the comparer, and to the session's
+    /// tracker in the same walk.
+    fn on_primary_frames(&mut self, frames: &Bytes, arrived: Instant) {
         self.comparer
             .set_primary_received(self.primary.received_at_ns());
         let Some(tracker) = self.host.tracker() else {
             // The session fed its tracker as it relayed these frames.
-            self.comparer.feed(side, &frames, None, &mut self.out);
-            return Flow::Settle;
+            self.comparer.feed(PRIMARY, frames, None, &mut self.out);
+            return;
         };
         let mut tracker = tracker.borrow_mut();
         let first_answer = tracker.sync_points().1;
         let fed = self
             .comparer
-            .feed(side, &frames, Some(&mut tracker), &mut self.out);
+            .feed(PRIMARY, frames, Some(&mut tracker), &mut self.out);
         self.farewell |= tracker.farewell();
         drop(tracker);
         ShardStats::bump(&self.stats.counters.primary_errors, fed.errors);
         for seq in first_answer..first_answer + fed.syncs {
             self.host.answer_sync(seq, arrived);
         }
-        Flow::Settle
     }
 
     /// Settles what both sides answered and writes what the client may have now.

@@ -1754,6 +1754,7 @@ impl Session<'_> {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(_) => {
+                    ShardStats::bump(&self.shard.stats.counters.protocol_errors, 1);
                     let fatal = error_bytes(
                         "FATAL",
                         sqlstate::PROTOCOL_VIOLATION,

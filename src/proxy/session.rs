@@ -1345,9 +1345,12 @@ async fn downstream(shard: &ShardCtx, shared: &SessionShared, primary: Stream, c
         let (mut answered_syncs, mut errors, mut messages) = (0u64, 0u64, 0u64);
         let starting = !shared.ready();
         let first_answer = shared.tracker.borrow().sync_points().1;
+        // The complete messages ahead of a malformed one, if one comes.
+        let mut valid = 0usize;
         let scanned = {
             let mut tracker = shared.tracker.borrow_mut();
             wire::complete_prefix(&buf, settings.message_bytes_max, |tag, body| {
+                valid += wire::HEADER_BYTES + body.len();
                 messages += 1;
                 match tracker.server(tag, body) {
                     Answer::SyncAnswered => answered_syncs += 1,
@@ -1361,9 +1364,12 @@ async fn downstream(shard: &ShardCtx, shared: &SessionShared, primary: Stream, c
                 }
             })
         };
-        let complete = match scanned {
-            Ok(complete) => complete,
+        // A malformed message: the answers ahead of it still reach the client, then the
+        // session ends with pgprism's FATAL.
+        let (complete, bad) = match scanned {
+            Ok(complete) => (complete, false),
             Err(err) => {
+                ShardStats::bump(&stats.counters.protocol_errors, 1);
                 *shared.fatal.borrow_mut() = Some(error_bytes(
                     "FATAL",
                     sqlstate::PROTOCOL_VIOLATION,
@@ -1372,7 +1378,7 @@ async fn downstream(shard: &ShardCtx, shared: &SessionShared, primary: Stream, c
                         settings.primary_label
                     ),
                 ));
-                break;
+                (valid, true)
             }
         };
         ShardStats::bump(&stats.counters.primary_messages_in, messages);
@@ -1387,6 +1393,9 @@ async fn downstream(shard: &ShardCtx, shared: &SessionShared, primary: Stream, c
             }
         }
         if complete == 0 {
+            if bad {
+                break;
+            }
             continue;
         }
         let mut frames = buf.split_to(complete).freeze();
@@ -1407,6 +1416,9 @@ async fn downstream(shard: &ShardCtx, shared: &SessionShared, primary: Stream, c
             for &read_at in &answered {
                 stats.record(&stats.client_latency_us, written - read_at);
             }
+        }
+        if bad {
+            break;
         }
     }
     say_goodbye(shard, shared, &client, farewell).await;
@@ -1526,6 +1538,7 @@ async fn relay_startup(
             })
         };
         let Ok(complete) = scanned else {
+            ShardStats::bump(&shard.stats.counters.protocol_errors, 1);
             *shared.fatal.borrow_mut() = Some(error_bytes(
                 "FATAL",
                 sqlstate::PROTOCOL_VIOLATION,

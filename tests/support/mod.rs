@@ -18,6 +18,17 @@ pub const MD5_USER: &str = "md5user";
 pub const SCRAM_USER: &str = "scramuser";
 pub const PASSWORD: &str = "s3cret pass";
 
+/// The client side in transaction pooling mode on 2 primary connections, clients trusted: for
+/// the tests that run a session-mode case pooled too.
+pub const TRANSACTION_POOLING: &[&str] = &[
+    "--pool-mode",
+    "transaction",
+    "--pool-size",
+    "2",
+    "--auth-type",
+    "trust",
+];
+
 /// A server whose `max_connections` is `max_connections`, with `database` created (for
 /// tests that count pgprism's connections: their own observers connect to `postgres`).
 #[allow(dead_code)] // not every test binary caps its servers
@@ -29,6 +40,19 @@ pub fn start_capped(name: &str, database: &str, max_connections: usize) -> Insta
         ..InstanceConfig::default()
     })
     .expect("start PostgreSQL")
+}
+
+/// The records of a compare report file, one JSON value a line. Only complete lines: pgprism
+/// may be writing the last one as the test reads (a line still without its newline waits for
+/// the next read); a complete line that is not JSON fails the test.
+#[allow(dead_code)] // not every test binary compares
+pub fn report_records(path: &std::path::Path) -> Vec<sonic_rs::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+    complete
+        .lines()
+        .map(|l| sonic_rs::from_str(l).unwrap_or_else(|e| panic!("report line {l:?}: {e}")))
+        .collect()
 }
 
 /// Whether the compare report line `r` is a mismatch of a statement starting with `prefix`
@@ -256,6 +280,68 @@ impl Drop for Proxy {
             }
         }
         let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
+
+/// Bound on a pgprism child's orderly exit after SIGTERM when a test cleans up (drains, the
+/// fast shutdown of its embedded servers, CDC's last checkpoint): generous for a loaded
+/// machine, and spent in full only on a process that hangs.
+pub const EXIT_LIMIT: Duration = Duration::from_secs(60);
+
+/// Ends a pgprism child as systemd stops it: SIGTERM, a wait bounded by `limit`, then SIGKILL.
+/// Whether it exited on its own. SIGTERM first matters for `pgprism run` with a proxy: it
+/// starts its embedded servers without a parent-death signal (an upgrade hands them to the
+/// next process), so only its own shutdown stops them; a SIGKILL leaves them running.
+pub fn terminate(child: &mut Child, limit: Duration) -> bool {
+    if let Ok(Some(_)) = child.try_wait() {
+        return true;
+    }
+    // SAFETY: signalling our own child, not reaped yet (try_wait saw it running).
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        // Polling interval of this bounded wait for the exit, not a wait in itself.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+/// Stops the embedded servers recorded in the registry `state_dir` whose pgprism is gone (a
+/// `pgprism run` killed before it could stop them), with pgprism's own clean-up: a supervisor
+/// started on a state directory stops what dead pgprism processes left there, after checking
+/// each is the very server recorded. Returns one line per server it found. Call it once every
+/// pgprism using the directory has exited; a missing directory has nothing to clean.
+pub fn stop_servers_left_in(state_dir: &std::path::Path) -> Vec<String> {
+    if !state_dir.is_dir() {
+        return Vec::new();
+    }
+    let settings = pgprism::embed::SupervisorSettings {
+        state_dir: Some(state_dir.to_path_buf()),
+        ..pgprism::embed::SupervisorSettings::default()
+    };
+    match pgprism::embed::Supervisor::start(settings) {
+        Ok(supervisor) => {
+            let cleaned = supervisor.leftovers_cleaned().to_vec();
+            supervisor.shutdown();
+            cleaned
+        }
+        Err(error) => vec![format!("cannot clean {}: {error}", state_dir.display())],
+    }
+}
+
+/// Fails the test (unless it is failing already) when its clean-up had to stop servers
+/// that its pgprism left running: a pgprism that does not stop its servers on SIGTERM.
+pub fn assert_no_servers_left(cleaned: &[String]) {
+    if !cleaned.is_empty() && !std::thread::panicking() {
+        panic!(
+            "servers outlived their pgprism (stopped by the test's clean-up):\n{}",
+            cleaned.join("\n")
+        );
     }
 }
 
@@ -508,11 +594,14 @@ impl RunConfig {
         (dir, config)
     }
 
-    /// Runs a config written by [`RunConfig::write`] until its proxy is listening.
+    /// Runs a config written by [`RunConfig::write`] until its proxy is listening. Embedded
+    /// servers are recorded in `{dir}/state` unless the config names another state directory
+    /// (the clean-up looks there for servers a killed run left).
     pub fn start(dir: std::path::PathBuf, config: std::path::PathBuf) -> RunConfig {
         let mut child = pgprism_command()
             .args(["run", "--config"])
             .arg(&config)
+            .env(pgprism::embed::STATE_DIR_ENV, dir.join("state"))
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn pgprism run");
@@ -545,10 +634,9 @@ impl RunConfig {
 
 impl Drop for RunConfig {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        terminate(&mut self.child, EXIT_LIMIT);
+        let cleaned = stop_servers_left_in(&self.dir.join("state"));
         let _ = std::fs::remove_dir_all(&self.dir);
+        assert_no_servers_left(&cleaned);
     }
 }
