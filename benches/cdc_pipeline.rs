@@ -99,6 +99,8 @@ pub fn run(rows: usize) -> Report {
         audit_prefix: None,
         stream_buffer_bytes_max: 1 << 30,
         schema_changes: CdcSchemaChanges::Ignore,
+        fill_rows: false,
+        fill_bytes_max: 64 << 20,
     };
     let keys = [("public.t".to_string(), vec!["id".to_string()])].into();
     let mut pipeline = Pipeline::new(cfg, keys);

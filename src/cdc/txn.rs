@@ -26,6 +26,7 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 use super::failpoint;
+use super::fill::{FillPlan, Filled};
 use super::pipeline::Batch;
 use super::starrocks::{LoadError, LoadOutcome, StarRocks, TxnReply};
 use crate::config::CdcTransactionMode;
@@ -92,6 +93,8 @@ pub struct Transactions {
     open: BTreeMap<String, Txn>,
     /// Cycles cut in two because one table needed a second parameter set.
     pub splits: u64,
+    /// Rows whose left-out values were read from StarRocks before they loaded (see `fill`).
+    pub filled: Filled,
     plans: ColumnPlans,
     /// The most times a cycle is loaded again for its column lists before it commits
     /// (`cdc.reconnect-attempts-max`); beyond, such a rollback is a failure.
@@ -110,6 +113,7 @@ impl Transactions {
             mode,
             open: BTreeMap::new(),
             splits: 0,
+            filled: Filled::default(),
             plans,
             replans_max,
         })
@@ -150,7 +154,14 @@ impl Transactions {
     }
 
     /// Adds `batch` to the cycle's transaction, beginning it when this is the first load.
-    pub fn load(&mut self, sink: &mut StarRocks, batch: &Batch) -> Result<LoadOutcome, LoadError> {
+    /// `fill`: values its rows need from StarRocks, read right before it loads (see `fill`;
+    /// not at all when an earlier run loaded it).
+    pub fn load(
+        &mut self,
+        sink: &mut StarRocks,
+        batch: &Batch,
+        fill: Option<&FillPlan>,
+    ) -> Result<LoadOutcome, LoadError> {
         let scope = self.scope(&batch.table);
         let params = self.params(self.label_of(&scope, batch), batch);
         let before = self
@@ -193,6 +204,24 @@ impl Transactions {
             return Ok(LoadOutcome::AlreadyLoaded);
         }
         let label = txn.label.clone();
+        let filled;
+        let batch = match fill {
+            Some(plan) => match super::fill::fill_batch(sink, batch, plan) {
+                Ok((whole, counts)) => {
+                    self.filled.rows_read += counts.rows_read;
+                    self.filled.rows_missing += counts.rows_missing;
+                    filled = whole;
+                    &filled
+                }
+                Err(e) => {
+                    // The cycle is loaded again from the checkpoint (never cut here: a
+                    // replay that reads StarRocks fine would not cut).
+                    self.abort_all(sink);
+                    return Err(e);
+                }
+            },
+            None => batch,
+        };
         let reply = sink.txn_call("load", &label, Some(&batch.table), Some(batch));
         match reply {
             Ok(r) if r.status == "OK" || r.status == "Success" => Ok(LoadOutcome::Loaded),
