@@ -343,14 +343,31 @@ pub fn fill_batch(
         let (_, rows) = sink.query(&sql)?;
         collect(&mut found, rows, plan.key.len());
     }
-    let mut body = Vec::with_capacity(batch.body.len() + batch.body.len() / 2);
+    let (body, filled) = splice(&batch.body, plan, &found);
+    Ok((
+        Batch {
+            body,
+            ..batch.clone()
+        },
+        filled,
+    ))
+}
+
+/// Writes the values `found` (by joined key, in the order of the plan's columns) into the
+/// rows of `body` that `plan` names, right after each row's `{`.
+fn splice(
+    body: &[u8],
+    plan: &FillPlan,
+    found: &HashMap<Vec<u8>, Vec<Option<String>>>,
+) -> (Vec<u8>, Filled) {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 2);
     let mut done = 0;
     let mut filled = Filled::default();
     for row in &plan.rows {
-        let Some(head) = batch.body.get(done..row.at) else {
+        let Some(head) = body.get(done..row.at) else {
             continue;
         };
-        body.extend_from_slice(head);
+        out.extend_from_slice(head);
         done = row.at;
         let Some(values) = found.get(&joined(row.key.iter().map(|k| &k[..]))) else {
             filled.rows_missing += 1;
@@ -363,19 +380,13 @@ pub fn fill_batch(
             else {
                 continue;
             };
-            body.extend_from_slice(json_key);
-            write_starrocks_value(&mut body, *kind, value.as_deref());
-            body.push(b',');
+            out.extend_from_slice(json_key);
+            write_starrocks_value(&mut out, *kind, value.as_deref());
+            out.push(b',');
         }
     }
-    body.extend_from_slice(batch.body.get(done..).unwrap_or_default());
-    Ok((
-        Batch {
-            body,
-            ..batch.clone()
-        },
-        filled,
-    ))
+    out.extend_from_slice(body.get(done..).unwrap_or_default());
+    (out, filled)
 }
 
 /// Key values joined with NUL (which no PostgreSQL text contains).
@@ -487,5 +498,108 @@ fn write_starrocks_value(body: &mut Vec<u8>, kind: JsonKind, value: Option<&str>
             b"false"
         }),
         _ => json_string(body, text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(key: &[&str]) -> FillPlan {
+        let mut plan = FillPlan {
+            key: key.iter().map(|k| k.to_string()).collect(),
+            ..FillPlan::default()
+        };
+        plan.column("big", JsonKind::String, br#""big":"#);
+        plan.column("ok", JsonKind::Bool, br#""ok":"#);
+        plan
+    }
+
+    #[test]
+    fn selects_by_key_with_escaped_literals() {
+        let one = plan(&["id"]);
+        let keys: Vec<Box<[u8]>> = vec![b"1".to_vec().into(), b"it's \\".to_vec().into()];
+        let asked: Vec<&[Box<[u8]>]> = keys.chunks(1).collect();
+        assert_eq!(
+            select_sql("db", "t", &one, &asked),
+            r"SELECT `id`, `big`, `ok` FROM `db`.`t` WHERE `id` IN ('1', 'it\'s \\')"
+        );
+        let two = plan(&["a", "b"]);
+        let keys: Vec<Box<[u8]>> = vec![b"1".to_vec().into(), b"x".to_vec().into()];
+        assert_eq!(
+            select_sql("db", "t", &two, &[&keys[..], &keys[..]]),
+            "SELECT `a`, `b`, `big`, `ok` FROM `db`.`t` WHERE (`a` = '1' AND `b` = 'x') OR (`a` = '1' AND `b` = 'x')"
+        );
+    }
+
+    #[test]
+    fn values_read_go_right_after_each_rows_brace() {
+        let mut p = plan(&["id"]);
+        let body = br#"[{"id":1,"__op":0},{"id":2,"__op":0},{"id":3,"__op":0}]"#;
+        p.rows = vec![
+            PendingRow {
+                at: 2,
+                key: vec![b"1".to_vec().into()],
+                columns: vec![0, 1],
+            },
+            PendingRow {
+                at: 38,
+                key: vec![b"3".to_vec().into()],
+                columns: vec![0],
+            },
+        ];
+        assert_eq!(&body[37..39], b"{\"");
+        let mut found = HashMap::new();
+        found.insert(
+            b"1\0".to_vec(),
+            vec![Some("a\"b".to_string()), Some("1".to_string())],
+        );
+        let (out, filled) = splice(body, &p, &found);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"[{"big":"a\"b","ok":true,"id":1,"__op":0},{"id":2,"__op":0},{"id":3,"__op":0}]"#
+        );
+        assert_eq!((filled.rows_read, filled.rows_missing), (1, 1));
+        // The third row was not found: it keeps its JSON, StarRocks gives it NULL.
+        found.insert(b"3\0".to_vec(), vec![None, None]);
+        let (out, _) = splice(body, &p, &found);
+        assert!(
+            std::str::from_utf8(&out)
+                .unwrap()
+                .ends_with(r#"{"big":null,"id":3,"__op":0}]"#)
+        );
+    }
+
+    #[test]
+    fn past_the_bound_the_cycle_knows_nothing_until_it_ends() {
+        let schema = TableSchema {
+            oid: 1,
+            source_name: "public.t".into(),
+            target_name: "t".into(),
+            columns: vec![
+                super::super::schema::Column::new("id", 23),
+                super::super::schema::Column::new("big", 25),
+            ],
+            key: vec![0],
+            generation: 1,
+        };
+        assert!(table_needs_rows(&schema, false));
+        let mut rows = CycleRows::new(200);
+        let row = |v: &[u8]| -> Box<[Kept]> {
+            vec![Kept::Text(b"1".to_vec().into()), Kept::Text(v.into())].into()
+        };
+        let key = key_of(&schema, &row(b"x")).unwrap();
+        assert!(matches!(rows.lookup(&schema, &key), Lookup::InStarRocks));
+        rows.remember(1, key.clone(), Some(row(b"x")));
+        assert!(
+            matches!(rows.lookup(&schema, &key), Lookup::Row(r) if r[1] == Kept::Text(b"x".to_vec().into()))
+        );
+        rows.remember(1, key.clone(), Some(row(&[b'y'; 300])));
+        assert_eq!(rows.overflows, 1);
+        assert!(matches!(rows.lookup(&schema, &key), Lookup::Unknown));
+        rows.clear();
+        assert!(matches!(rows.lookup(&schema, &key), Lookup::InStarRocks));
+        rows.mark_incomplete(None, "public.t");
+        assert!(matches!(rows.lookup(&schema, &key), Lookup::Unknown));
     }
 }

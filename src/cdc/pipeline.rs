@@ -1549,6 +1549,81 @@ mod tests {
     }
 
     #[test]
+    fn unchanged_toast_values_come_from_the_cycle_else_from_starrocks() {
+        let mut p = Pipeline::new(
+            PipelineConfig {
+                toast_mode: CdcToastMode::Partial,
+                fill_rows: true,
+                ..cfg()
+            },
+            keys(),
+        );
+        let unchanged = |id: &'static str| {
+            msg(move |b| {
+                b.push(b'U');
+                b.extend_from_slice(&1u32.to_be_bytes());
+                b.push(b'N');
+                build::tuple(b, &[Some(Some(id)), Some(None)]);
+            })
+        };
+        let msgs = vec![
+            msg(|b| build::begin(b, Lsn(100), 5)),
+            rel(),
+            msg(|b| build::insert(b, 1, &[Some(Some("2")), Some(Some("x"))])),
+            unchanged("2"),
+            unchanged("1"),
+            unchanged("1"),
+            msg(|b| build::commit(b, Lsn(100), Lsn(120))),
+            msg(|b| build::begin(b, Lsn(200), 6)),
+            unchanged("2"),
+            msg(|b| build::commit(b, Lsn(200), Lsn(220))),
+        ];
+        let mut out = Vec::new();
+        for (i, m) in msgs.iter().enumerate() {
+            p.handle(&Bytes::from(m.clone()), &mut out).unwrap();
+            if i == 6 {
+                // The first cycle ends: the second must not take its rows for StarRocks'.
+                p.flush_all(&mut out);
+            }
+        }
+        p.flush_all(&mut out);
+        let loads: Vec<_> = out
+            .iter()
+            .filter_map(|w| match w {
+                Work::LoadFilled(b, plan) => Some((
+                    String::from_utf8(b.body.clone()).unwrap(),
+                    plan.rows.iter().map(|r| r.at).collect::<Vec<_>>(),
+                    plan.key.clone(),
+                )),
+                Work::Load(b) => Some((String::from_utf8(b.body.clone()).unwrap(), vec![], vec![])),
+                _ => None,
+            })
+            .collect();
+        let first = r#"[{"id":2,"v":"x","__op":0},{"id":2,"v":"x","__op":0},{"id":1,"__op":0},{"id":1,"__op":0}]"#;
+        assert_eq!(
+            loads,
+            vec![
+                (first.to_string(), vec![54, 72], vec!["id".to_string()]),
+                (
+                    r#"[{"id":2,"__op":0}]"#.to_string(),
+                    vec![2],
+                    vec!["id".to_string()]
+                ),
+            ]
+        );
+        assert!(out.iter().all(|w| !matches!(w, Work::Load(b) if b.partial)));
+        let stats = p.fill_stats();
+        assert_eq!(
+            (
+                stats.rows_from_cycle,
+                stats.rows_to_read,
+                stats.rows_partial
+            ),
+            (1, 3, 0)
+        );
+    }
+
+    #[test]
     fn key_change_deletes_old_key_and_streams_apply_on_commit_only() {
         let mut p = Pipeline::new(cfg(), keys());
         let mut start = vec![b'S'];
