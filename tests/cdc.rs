@@ -765,6 +765,32 @@ fn crash_around_the_commit_of_a_cycle_with_partial_updates_loses_and_repeats_not
 }
 
 #[test]
+fn values_are_read_only_once_the_cycle_before_is_visible() {
+    let pg = start_pg("cdc-fill-publish", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_toast_tables(&mut c, &sr, false);
+    let (args, config) = toast_args(&pg, &sr, "");
+    let cdc = Cdc::start(&args, &[]);
+    // The cycle that inserts the rows commits, but publishes 1.5 s late (`publish timeout`):
+    // the next cycle's partial updates must not read StarRocks before its rows are visible.
+    sr.inject_txn(TxnFault::PublishLate(Duration::from_millis(1500)), 1);
+    insert_toasted(&mut c, 1, 20);
+    partial_update_transactions(&mut c, 1, 1);
+    for (table, cols) in [("d", ["id", "big", "n"]), ("u", ["id", "v", "n"])] {
+        assert_converges(&sr, &mut c, table, &cols, &cdc, Duration::from_secs(60));
+    }
+    assert!(fill_number(&cdc, "rows_read") > 0, "{}", cdc.log());
+    assert_eq!(fill_number(&cdc, "rows_missing"), 0, "{}", cdc.log());
+    assert!(
+        sr.log().iter().any(|(_, s)| s == "COMMIT"),
+        "{:?}",
+        sr.log()
+    );
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
 fn past_the_fill_bound_partial_updates_cut_as_before_and_lose_nothing() {
     let pg = start_pg("cdc-fill-bound", &[]);
     let sr = StarRocks::start("root", "pw");

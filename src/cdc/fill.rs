@@ -311,6 +311,32 @@ impl FillPlan {
     }
 }
 
+/// Waits until the transactions committed before whose publish had not finished are
+/// visible (`labels`, emptied as they become so): a `SELECT` before that would read the rows
+/// they replaced. Bounded by `cdc.load-timeout-ms`; beyond, the cycle is loaded again from
+/// the checkpoint.
+pub fn wait_visible(sink: &StarRocks, labels: &mut Vec<String>) -> Result<(), LoadError> {
+    let cfg = sink.config();
+    let deadline = std::time::Instant::now() + cfg.timeout;
+    let mut delay = cfg.backoff;
+    while let Some(label) = labels.first() {
+        let state = sink.label_state(label);
+        if state.as_deref() == Ok("VISIBLE") {
+            labels.remove(0);
+            continue;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(LoadError::NotVisible {
+                label: label.clone(),
+                state: state.unwrap_or_else(|e| e),
+            });
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(cfg.backoff_max);
+    }
+    Ok(())
+}
+
 /// Keys one `SELECT` asks for at most (the statement stays far below the FE's packet size).
 const KEYS_PER_QUERY: usize = 500;
 

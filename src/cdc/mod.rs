@@ -139,7 +139,10 @@ impl CdcError {
         let pg = match self {
             // The cycle is loaded again from the checkpoint, under the same label.
             CdcError::Load(
-                LoadError::TxnAborted { .. } | LoadError::Replan { .. } | LoadError::Query { .. },
+                LoadError::TxnAborted { .. }
+                | LoadError::Replan { .. }
+                | LoadError::Query { .. }
+                | LoadError::NotVisible { .. },
             ) => {
                 return true;
             }
@@ -797,6 +800,8 @@ fn load_loop(
     let mut drops_pending: Vec<SchemaChange> = Vec::new();
     // Rows filled from StarRocks with plain Stream Load (`transaction-mode = "none"`).
     let mut filled_plain = fill::Filled::default();
+    // Their loads answered `Publish Timeout`: not yet visible (see `fill::wait_visible`).
+    let mut unpublished_plain: Vec<String> = Vec::new();
     for work in rx {
         while shared.paused.load(Ordering::Acquire) && !shared.stopped.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(50));
@@ -821,16 +826,21 @@ fn load_loop(
                     None => match fill {
                         // Plain Stream Load: a label an earlier run loaded is refused whatever
                         // the body, so the values are read every time.
-                        Some(plan) => {
-                            fill::fill_batch(sink, &batch, &plan).and_then(|(whole, counts)| {
+                        Some(plan) => fill::wait_visible(sink, &mut unpublished_plain)
+                            .and_then(|()| fill::fill_batch(sink, &batch, &plan))
+                            .and_then(|(whole, counts)| {
                                 filled_plain.rows_read += counts.rows_read;
                                 filled_plain.rows_missing += counts.rows_missing;
                                 shared.store_filled(filled_plain);
                                 sink.load(&whole)
-                            })
-                        }
+                            }),
                         None => sink.load(&batch),
-                    },
+                    }
+                    .inspect(|outcome| {
+                        if *outcome == LoadOutcome::Committed {
+                            unpublished_plain.push(batch.label.clone());
+                        }
+                    }),
                 }
                 .map_err(CdcError::Load)?;
                 shared.retries.store(sink.retries, Ordering::Relaxed);

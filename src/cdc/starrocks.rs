@@ -124,6 +124,13 @@ pub enum LoadError {
         #[source]
         source: super::mysql::MysqlError,
     },
+    /// A transaction committed before is still publishing after `cdc.load-timeout-ms`: the
+    /// values partial changes left out cannot be read from StarRocks before its rows are
+    /// visible (see `fill`).
+    #[error(
+        "StarRocks transaction {label} is {state}, not yet visible, after cdc.load-timeout-ms; loading the flush cycle again from the checkpoint"
+    )]
+    NotVisible { label: String, state: String },
     #[error("StarRocks refused `{statement}`")]
     Ddl {
         statement: String,

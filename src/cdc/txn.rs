@@ -95,6 +95,9 @@ pub struct Transactions {
     pub splits: u64,
     /// Rows whose left-out values were read from StarRocks before they loaded (see `fill`).
     pub filled: Filled,
+    /// Transactions committed whose publish had not finished (`publish timeout`): their
+    /// rows are not visible yet, so values are read from StarRocks only once they are.
+    unpublished: Vec<String>,
     plans: ColumnPlans,
     /// The most times a cycle is loaded again for its column lists before it commits
     /// (`cdc.reconnect-attempts-max`); beyond, such a rollback is a failure.
@@ -114,6 +117,7 @@ impl Transactions {
             open: BTreeMap::new(),
             splits: 0,
             filled: Filled::default(),
+            unpublished: Vec::new(),
             plans,
             replans_max,
         })
@@ -206,7 +210,9 @@ impl Transactions {
         let label = txn.label.clone();
         let filled;
         let batch = match fill {
-            Some(plan) => match super::fill::fill_batch(sink, batch, plan) {
+            Some(plan) => match super::fill::wait_visible(sink, &mut self.unpublished)
+                .and_then(|()| super::fill::fill_batch(sink, batch, plan))
+            {
                 Ok((whole, counts)) => {
                     self.filled.rows_read += counts.rows_read;
                     self.filled.rows_missing += counts.rows_missing;
@@ -338,8 +344,9 @@ impl Transactions {
         for scope in &scopes {
             if let Some(txn) = self.open.remove(scope)
                 && txn.state == TxnState::Prepared
+                && !commit(sink, &txn.label, self.scope_table(scope))?
             {
-                commit(sink, &txn.label, self.scope_table(scope))?;
+                self.unpublished.push(txn.label);
             }
         }
         // The cycle is in StarRocks: nothing of it is loaded again.
@@ -352,8 +359,9 @@ impl Transactions {
         self.prepare(sink, scope)?;
         if let Some(txn) = self.open.remove(scope)
             && txn.state == TxnState::Prepared
+            && !commit(sink, &txn.label, self.scope_table(scope))?
         {
-            commit(sink, &txn.label, self.scope_table(scope))?;
+            self.unpublished.push(txn.label);
         }
         Ok(())
     }
@@ -424,7 +432,9 @@ impl Transactions {
             if let Some(txn) = self.open.get_mut(scope)
                 && txn.state == TxnState::Prepared
             {
-                commit(sink, &txn.label, table.as_deref())?;
+                if !commit(sink, &txn.label, table.as_deref())? {
+                    self.unpublished.push(txn.label.clone());
+                }
                 txn.state = TxnState::Committed;
             }
         }
@@ -574,8 +584,9 @@ fn begin(sink: &mut StarRocks, label: &str, table: &str) -> Result<TxnState, Loa
 
 /// Commits a prepared transaction. An error answer or none at all is not the end: a commit
 /// may succeed and still answer an error (an FE restarting under it), so the label's state
-/// decides, and a transaction still prepared is committed again.
-fn commit(sink: &mut StarRocks, label: &str, table: Option<&str>) -> Result<(), LoadError> {
+/// decides, and a transaction still prepared is committed again. `true` once its rows are
+/// visible; `false` when committed but still publishing (`publish timeout`, `COMMITTED`).
+fn commit(sink: &mut StarRocks, label: &str, table: Option<&str>) -> Result<bool, LoadError> {
     let named = table.unwrap_or("(transaction)");
     with_retries(
         sink,
@@ -584,18 +595,18 @@ fn commit(sink: &mut StarRocks, label: &str, table: Option<&str>) -> Result<(), 
         "commit in doubt; checking the label",
         |sink, last| {
             match sink.txn_call("commit", label, table, None) {
-                Ok(r) if r.status == "OK" => return Some(Ok(())),
                 // Committed; the data becomes visible when publishing finishes.
                 Ok(r) if r.message.to_ascii_lowercase().contains("publish timeout") => {
-                    return Some(Ok(()));
+                    return Some(Ok(false));
                 }
+                Ok(r) if r.status == "OK" => return Some(Ok(true)),
                 Ok(r) => *last = format!("commit: {} {}", r.status, r.message),
                 Err(e) => *last = format!("commit: {e}"),
             }
             match sink.label_state(label).as_deref() {
-                Ok("VISIBLE") | Ok("COMMITTED") => {
+                Ok(state @ ("VISIBLE" | "COMMITTED")) => {
                     tracing::info!(%label, error = %last, "the commit answered an error but happened");
-                    Some(Ok(()))
+                    Some(Ok(state == "VISIBLE"))
                 }
                 Ok("PREPARED") | Ok("PREPARE") => None,
                 Ok(state) => Some(Err(LoadError::TxnAborted {

@@ -67,6 +67,10 @@ pub enum TxnFault {
     CommitAnswersError,
     /// The commit's answer comes late (a client timeout).
     Delay(Duration),
+    /// The commit happens, but publishing takes this long: the answer says `publish
+    /// timeout`, the label is `COMMITTED`, and the rows become visible (to loads' readers and
+    /// `SELECT`) only once it is `VISIBLE`.
+    PublishLate(Duration),
 }
 
 /// Transaction states as `get_load_state` names them.
@@ -74,6 +78,8 @@ pub enum TxnFault {
 pub enum TxnState {
     Prepare,
     Prepared,
+    /// Committed, not yet published: its rows are not visible.
+    Committed,
     Visible,
     Aborted,
 }
@@ -83,6 +89,7 @@ impl TxnState {
         match self {
             TxnState::Prepare => "PREPARE",
             TxnState::Prepared => "PREPARED",
+            TxnState::Committed => "COMMITTED",
             TxnState::Visible => "VISIBLE",
             TxnState::Aborted => "ABORTED",
         }
@@ -125,6 +132,8 @@ struct Txn {
     active: std::time::Instant,
     /// Prepare's `prepared_timeout` (default 86400 s): aborted if not committed by then.
     prepared_deadline: Option<std::time::Instant>,
+    /// Committed with a late publish: visible from then on.
+    publish_at: Option<std::time::Instant>,
 }
 
 /// A stored value, as a load wrote it. Strings, integers, booleans and NULL (nearly every
@@ -321,6 +330,8 @@ struct State {
     /// Stream Load transactions by `db/label`.
     txns: HashMap<String, Txn>,
     txn_faults: VecDeque<TxnFault>,
+    /// The commit being answered publishes this late ([`TxnFault::PublishLate`]).
+    publish_delay: Option<Duration>,
     /// Before StarRocks 4.0: a transaction takes one table, named at begin.
     single_table_txns: bool,
     /// `db.table` names whose keys are recorded after every visible change.
@@ -1263,6 +1274,28 @@ fn query_param(path: &str, name: &str) -> Option<String> {
 /// checks on its own schedule; checking at every request is indistinguishable to a client.)
 fn expire(s: &mut State) {
     let now = std::time::Instant::now();
+    let published: Vec<(String, String)> = s
+        .txns
+        .iter()
+        .filter(|(_, t)| t.state == TxnState::Committed && t.publish_at.is_some_and(|at| now >= at))
+        .map(|(key, _)| key.clone())
+        .filter_map(|key| {
+            key.split_once('/')
+                .map(|(db, _)| (key.clone(), db.to_string()))
+        })
+        .collect();
+    for (key, db) in published {
+        let Some(t) = s.txns.get_mut(&key) else {
+            continue;
+        };
+        t.state = TxnState::Visible;
+        let staged = std::mem::take(&mut t.staged);
+        for (table, parsed) in staged {
+            apply_rows(s, &db, &table, parsed);
+        }
+        record_visible(s);
+        s.labels.insert(key, "VISIBLE".into());
+    }
     let mut expired = Vec::new();
     for (key, t) in s.txns.iter_mut() {
         let gone = match t.state {
@@ -1423,6 +1456,9 @@ fn serve_txn(
         idle: seconds("idle_transaction_timeout"),
         prepared: seconds("prepared_timeout"),
     };
+    if let Some(TxnFault::PublishLate(d)) = fault {
+        state.lock().unwrap().publish_delay = Some(d);
+    }
     let mut answer = txn_control(state, op, &db, &label, table.as_deref(), timeouts);
     match fault {
         Some(TxnFault::CommitAnswersError) => {
@@ -1437,6 +1473,7 @@ fn serve_txn(
         Some(TxnFault::Delay(d)) => std::thread::sleep(d),
         _ => {}
     }
+    state.lock().unwrap().publish_delay = None;
     respond(writer, 200, "OK", "", &answer);
     Ok(())
 }
@@ -1464,6 +1501,7 @@ fn txn_control(
 ) -> String {
     let mut s = state.lock().unwrap();
     expire(&mut s);
+    let publish_delay = s.publish_delay.take();
     let key = format!("{db}/{label}");
     if label.is_empty() || db.is_empty() {
         return txn_answer(0, label, "FAILED", "label and db are required", "");
@@ -1510,6 +1548,7 @@ fn txn_control(
                 idle: timeouts.idle,
                 active: now,
                 prepared_deadline: None,
+                publish_at: None,
             },
         );
         s.labels.insert(key, "PREPARE".into());
@@ -1526,6 +1565,16 @@ fn txn_control(
             t.prepared_deadline =
                 Some(now + timeouts.prepared.unwrap_or(Duration::from_secs(86_400)));
             "PREPARED"
+        }
+        ("commit", TxnState::Prepared) if publish_delay.is_some() => {
+            t.state = TxnState::Committed;
+            t.publish_at = publish_delay.map(|d| now + d);
+            s.labels.insert(key, "COMMITTED".into());
+            s.log.push((label.to_string(), "COMMIT".into()));
+            return txn_answer(id, label, "OK", "publish timeout", "");
+        }
+        ("commit", TxnState::Committed) => {
+            return txn_answer(id, label, "OK", "publish timeout", "");
         }
         ("commit", TxnState::Prepared) => {
             let staged = std::mem::take(&mut t.staged);
@@ -2207,6 +2256,7 @@ fn serve_mysql(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<(
         let mut s = state.lock().unwrap();
         s.statements.push(sql.clone());
         advance_jobs(&mut s);
+        expire(&mut s);
         let packets = run_statement(&mut s, &sql);
         drop(s);
         for (i, packet) in packets.iter().enumerate() {
