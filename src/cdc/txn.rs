@@ -16,7 +16,8 @@
 //!
 //! A table's column list may change inside a cycle (a schema change between its rows): whole
 //! rows then take the last list of the cycle from the first load, learned by loading the
-//! cycle again ([`ColumnPlans`]); only partial updates still cut a cycle in two.
+//! cycle again ([`ColumnPlans`]). Partial changes are made whole rows before they load
+//! (`fill`); only those that cannot be still cut a cycle in two.
 //!
 //! This module must never retry a load inside a transaction: a load whose answer was lost may
 //! have been applied, and loading it twice would duplicate rows. Any such failure rolls the

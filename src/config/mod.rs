@@ -671,10 +671,11 @@ pub enum CdcDeleteMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CdcToastMode {
-    /// Fill them from the `REPLICA IDENTITY FULL` old row; where there is none, fall back to
-    /// a partial update that leaves those columns out.
+    /// Fill them from the `REPLICA IDENTITY FULL` old row; where there is none, as `partial`.
     FullRow,
-    /// Always a partial update listing only the columns present.
+    /// Without the old row: `fill-rows` fills them (from the flush cycle's own rows, else
+    /// from StarRocks); with `fill-rows = false`, a partial update listing only the columns
+    /// present, which ends the StarRocks transaction there.
     Partial,
 }
 
@@ -728,8 +729,9 @@ pub struct CdcConfig {
     pub publication: String,
     /// Table in the source database that holds the confirmed LSN per slot.
     pub checkpoint_table: String,
-    /// Set `REPLICA IDENTITY FULL` on the tables during setup (needed to fill TOAST values
-    /// and for soft deletes of non-key columns).
+    /// Set `REPLICA IDENTITY FULL` on the tables during setup: whole old rows then fill
+    /// unchanged TOAST values and soft deletes (with `toast-mode = "full-row"`); without it,
+    /// `fill-rows` does, reading StarRocks where the flush cycle has not the values.
     pub replica_identity_full: bool,
     pub delete_mode: CdcDeleteMode,
     pub toast_mode: CdcToastMode,
