@@ -156,6 +156,14 @@ type TableRows = HashMap<Box<[u8]>, Option<Box<[Kept]>>>;
 /// order) and the indexes of the columns to read.
 pub(super) type ToRead = (Vec<Box<[u8]>>, Vec<usize>);
 
+/// [`Lookup`], owned: what the cycle knew of a key before a change (an UPDATE that moves a
+/// row to a new key takes its left-out values from the old key's row).
+pub(super) enum Prior {
+    Row(Box<[Kept]>),
+    InStarRocks,
+    Unknown,
+}
+
 /// Rough bytes of one remembered row besides its values (key, map entry, allocations).
 const ENTRY_OVERHEAD_BYTES: usize = 64;
 
@@ -235,6 +243,15 @@ impl CycleRows {
                 Lookup::InStarRocks
             }
             None => Lookup::Unknown,
+        }
+    }
+
+    /// [`CycleRows::lookup`], kept past the next change.
+    pub(super) fn prior(&self, schema: &TableSchema, key: &[u8]) -> Prior {
+        match self.lookup(schema, key) {
+            Lookup::Row(row) => Prior::Row(row.into()),
+            Lookup::InStarRocks => Prior::InStarRocks,
+            Lookup::Unknown => Prior::Unknown,
         }
     }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::ddl::SchemaChange;
-use super::fill::{CycleRows, FillPlan, Kept, Lookup, PendingRow, ToRead};
+use super::fill::{CycleRows, FillPlan, Kept, PendingRow, Prior, ToRead};
 use super::lsn::Lsn;
 use super::pgoutput::{Datum, DecodeError, Message, OldKind, Tuple};
 use super::schema::{
@@ -787,10 +787,30 @@ impl Pipeline {
     ) -> Result<(), PipelineError> {
         let schema = self.schema.get(rel)?;
         let (oid, generation) = (schema.oid, schema.generation);
+        // A row moved to a new key takes its left-out values from the old key's row.
+        let mut moved: Option<(Prior, Vec<Box<[u8]>>)> = None;
         if let Some((kind, old_t)) = old {
             // A key change: the old key's row goes away first (the old tuple carries the key
             // under both REPLICA IDENTITY DEFAULT and FULL).
             if key_changed(&schema.key, old_t, new) {
+                if self.cfg.fill_rows && new.has_unchanged() {
+                    let old_vals: Vec<Datum<'_>> = old_t.iter().collect();
+                    let key_values: Vec<Box<[u8]>> = schema
+                        .key
+                        .iter()
+                        .filter_map(|&i| match old_vals.get(i) {
+                            Some(Datum::Text(v) | Datum::Binary(v)) => Some(Box::from(*v)),
+                            _ => None,
+                        })
+                        .collect();
+                    let prior = match key_text(&schema.key, old_t) {
+                        Some(key) if key_values.len() == schema.key.len() => {
+                            self.cycle_rows.prior(schema, &key)
+                        }
+                        _ => Prior::Unknown,
+                    };
+                    moved = Some((prior, key_values));
+                }
                 self.delete(oid, generation, kind, old_t, out);
             }
         }
@@ -826,7 +846,7 @@ impl Pipeline {
             return Ok(());
         }
         let mut values: Vec<Kept> = filled.iter().map(|d| Kept::of(*d)).collect();
-        if let Some(fill) = self.complete(oid, &mut values) {
+        if let Some(fill) = self.complete(oid, &mut values, moved) {
             self.row(
                 oid,
                 generation,
@@ -901,32 +921,45 @@ impl Pipeline {
     /// Makes `values` (a row with some values left out: `Kept::Missing`) whole: from the
     /// rows the cycle wrote, or to be read from StarRocks (what it returns). `None` when
     /// that cannot be known: the row stays a partial update. The row's new values are kept.
-    fn complete(&mut self, oid: u32, values: &mut [Kept]) -> Option<ToRead> {
+    /// `moved`: the row moved from another key (an UPDATE of the key): what the cycle knew
+    /// of that key before the change, and its values, which StarRocks is asked for.
+    fn complete(
+        &mut self,
+        oid: u32,
+        values: &mut [Kept],
+        moved: Option<(Prior, Vec<Box<[u8]>>)>,
+    ) -> Option<ToRead> {
         let schema = self.schema.get(oid).ok()?;
         if !self.keeps_rows(schema) {
             return None;
         }
-        let key = super::fill::key_of(schema, values)?;
-        match self.cycle_rows.lookup(schema, &key) {
-            Lookup::Row(row) => {
+        let (prior, moved_key) = match moved {
+            Some((prior, key)) => (prior, Some(key)),
+            None => {
+                let key = super::fill::key_of(schema, values)?;
+                (self.cycle_rows.prior(schema, &key), None)
+            }
+        };
+        match prior {
+            Prior::Row(row) => {
                 for (v, kept) in values.iter_mut().zip(row.iter()) {
                     if *v == Kept::Missing {
                         *v = kept.clone();
                     }
                 }
             }
-            Lookup::InStarRocks => {
+            Prior::InStarRocks => {
                 for v in values.iter_mut() {
                     if *v == Kept::Missing {
                         *v = Kept::InStarRocks;
                     }
                 }
             }
-            Lookup::Unknown => {
+            Prior::Unknown => {
                 self.fill_stats.rows_partial += 1;
                 return None;
             }
-        };
+        }
         if values.contains(&Kept::Missing) {
             // A column the cycle did not keep (cannot happen for the columns that can be
             // left out; the row stays partial rather than guess).
@@ -936,14 +969,16 @@ impl Pipeline {
         let pending: Vec<usize> = (0..values.len())
             .filter(|&i| values[i] == Kept::InStarRocks)
             .collect();
-        let key_values: Vec<Box<[u8]>> = schema
-            .key
-            .iter()
-            .filter_map(|&i| match values.get(i) {
-                Some(Kept::Text(v) | Kept::Binary(v)) => Some(v.clone()),
-                _ => None,
-            })
-            .collect();
+        let key_values: Vec<Box<[u8]>> = moved_key.unwrap_or_else(|| {
+            schema
+                .key
+                .iter()
+                .filter_map(|&i| match values.get(i) {
+                    Some(Kept::Text(v) | Kept::Binary(v)) => Some(v.clone()),
+                    _ => None,
+                })
+                .collect()
+        });
         if pending.is_empty() {
             self.fill_stats.rows_from_cycle += 1;
         } else {
@@ -1040,7 +1075,7 @@ impl Pipeline {
                             }
                         })
                         .collect();
-                    if let Some(fill) = self.complete(oid, &mut values) {
+                    if let Some(fill) = self.complete(oid, &mut values, None) {
                         self.row(
                             oid,
                             generation,
@@ -1621,6 +1656,48 @@ mod tests {
             ),
             (1, 3, 0)
         );
+    }
+
+    #[test]
+    fn a_row_moved_to_a_new_key_takes_the_old_keys_values() {
+        let mut p = Pipeline::new(
+            PipelineConfig {
+                toast_mode: CdcToastMode::Partial,
+                fill_rows: true,
+                ..cfg()
+            },
+            keys(),
+        );
+        let moved = |from: &'static str, to: &'static str| {
+            msg(move |b| {
+                b.push(b'U');
+                b.extend_from_slice(&1u32.to_be_bytes());
+                b.push(b'K');
+                build::tuple(b, &[Some(Some(from)), Some(Some(""))]);
+                b.push(b'N');
+                build::tuple(b, &[Some(Some(to)), Some(None)]);
+            })
+        };
+        let msgs = vec![
+            msg(|b| build::begin(b, Lsn(100), 5)),
+            rel(),
+            msg(|b| build::insert(b, 1, &[Some(Some("1")), Some(Some("x"))])),
+            moved("1", "3"),
+            moved("7", "8"),
+            msg(|b| build::commit(b, Lsn(100), Lsn(120))),
+        ];
+        let mut out = feed(&mut p, &msgs);
+        p.flush_all(&mut out);
+        let [Work::LoadFilled(batch, plan), Work::Checkpoint(..)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            std::str::from_utf8(&batch.body).unwrap(),
+            r#"[{"id":1,"v":"x","__op":0},{"id":1,"v":"","__op":1},{"id":3,"v":"x","__op":0},{"id":7,"v":"","__op":1},{"id":8,"__op":0}]"#
+        );
+        // The row moved from 7 (not written in the cycle) is read from StarRocks by key 7.
+        assert_eq!(plan.rows.len(), 1);
+        assert_eq!(&*plan.rows[0].key[0], b"7");
     }
 
     #[test]
