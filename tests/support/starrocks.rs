@@ -1721,10 +1721,26 @@ fn mysql_read(stream: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
 }
 
 fn mysql_write(stream: &mut TcpStream, seq: u8, body: &[u8]) -> std::io::Result<()> {
-    let mut p = (body.len() as u32).to_le_bytes()[..3].to_vec();
-    p.push(seq);
-    p.extend_from_slice(body);
-    stream.write_all(&p)
+    mysql_write_split(stream, &mut { seq }, body)
+}
+
+/// Writes one payload, split as the MySQL protocol splits payloads of 2^24 - 1 bytes or
+/// more (full packets, then a shorter one, empty if need be), each with the next sequence id.
+fn mysql_write_split(stream: &mut TcpStream, seq: &mut u8, body: &[u8]) -> std::io::Result<()> {
+    const FULL: usize = 0xFF_FFFF;
+    let mut rest = body;
+    loop {
+        let part = &rest[..rest.len().min(FULL)];
+        let mut p = (part.len() as u32).to_le_bytes()[..3].to_vec();
+        p.push(*seq);
+        p.extend_from_slice(part);
+        stream.write_all(&p)?;
+        *seq = seq.wrapping_add(1);
+        rest = &rest[part.len()..];
+        if part.len() < FULL {
+            return Ok(());
+        }
+    }
 }
 
 const MYSQL_OK: [u8; 7] = [0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00];
@@ -2259,8 +2275,9 @@ fn serve_mysql(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<(
         expire(&mut s);
         let packets = run_statement(&mut s, &sql);
         drop(s);
-        for (i, packet) in packets.iter().enumerate() {
-            mysql_write(&mut stream, seq.wrapping_add(1 + i as u8), packet)?;
+        let mut next = seq.wrapping_add(1);
+        for packet in &packets {
+            mysql_write_split(&mut stream, &mut next, packet)?;
         }
     }
     Ok(())
