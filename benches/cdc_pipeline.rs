@@ -1,7 +1,8 @@
 //! The CDC pipeline alone: pgoutput parsing, batching and JSON encoding, from pgoutput bytes
 //! held in memory (no network, no PostgreSQL, no loader), on one core.
 //!
-//! `cargo bench --bench cdc_pipeline -- [rows]` (default 1,000,000). The input is built with a
+//! `cargo bench --bench cdc_pipeline -- [rows] [fill]` (default 1,000,000; `fill`: keep the
+//! flush cycle's values for partial changes, as without `REPLICA IDENTITY FULL`). The input is built with a
 //! fixed seed in the shape PostgreSQL sends for `INSERT INTO t SELECT g, 'row ' || g, g`
 //! (plus every tenth change an update with a full old row), in transactions of 1,000 rows.
 //! It prints rows per second and a checksum of the JSON produced, so the work cannot be
@@ -88,6 +89,12 @@ pub struct Report {
 }
 
 pub fn run(rows: usize) -> Report {
+    run_with(rows, false)
+}
+
+/// `fill`: as without `REPLICA IDENTITY FULL` (`toast-mode = "partial"`, `fill-rows`): the
+/// pipeline keeps the flush cycle's values of `v` for partial changes (see `cdc::fill`).
+pub fn run_with(rows: usize, fill: bool) -> Report {
     let payloads = input(rows, 0x5eed);
     let cfg = PipelineConfig {
         label_prefix: "bench".into(),
@@ -95,10 +102,16 @@ pub fn run(rows: usize) -> Report {
         flush_bytes: 32 << 20,
         flush_interval: Duration::from_secs(1),
         delete_mode: CdcDeleteMode::Hard,
-        toast_mode: CdcToastMode::FullRow,
+        toast_mode: if fill {
+            CdcToastMode::Partial
+        } else {
+            CdcToastMode::FullRow
+        },
         audit_prefix: None,
         stream_buffer_bytes_max: 1 << 30,
         schema_changes: CdcSchemaChanges::Ignore,
+        fill_rows: fill,
+        fill_bytes_max: 64 << 20,
     };
     let keys = [("public.t".to_string(), vec!["id".to_string()])].into();
     let mut pipeline = Pipeline::new(cfg, keys);
@@ -144,9 +157,14 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(1_000_000);
+    // `fill`: keep the cycle's rows as without REPLICA IDENTITY FULL.
+    let fill = std::env::args().any(|a| a == "fill");
     // Warm-up, then the best of three (the machine is shared).
-    let _ = run(rows.min(100_000));
-    let best = (0..3).map(|_| run(rows)).min_by_key(|r| r.elapsed).unwrap();
+    let _ = run_with(rows.min(100_000), fill);
+    let best = (0..3)
+        .map(|_| run_with(rows, fill))
+        .min_by_key(|r| r.elapsed)
+        .unwrap();
     let secs = best.elapsed.as_secs_f64();
     println!(
         "cdc pipeline: {} rows in {:.3} s = {:.0} rows/s on one core, {:.1} MB JSON ({:.0} MB/s), checksum {:016x}",

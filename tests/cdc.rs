@@ -445,6 +445,368 @@ fn toast_updates_mixed_with_inserts_keep_their_values() {
     }
 }
 
+/// A TOAST table `d` (`big` stored out of line) and a plain table `u` in PostgreSQL and the
+/// emulator; `audit`: with the audit columns (prefix `cdc_`).
+fn make_toast_tables(c: &mut postgres::Client, sr: &StarRocks, audit: bool) {
+    c.batch_execute(
+        "CREATE TABLE d (id int PRIMARY KEY, big text, n int);
+         ALTER TABLE d ALTER COLUMN big SET STORAGE EXTERNAL;
+         CREATE TABLE u (id int PRIMARY KEY, v text, n int);",
+    )
+    .unwrap();
+    let audit_cols = [
+        ("cdc_op_type", ColType::Int),
+        ("cdc_is_deleted", ColType::Bool),
+        ("cdc_synced_at", ColType::Text),
+        ("cdc_cdc_version", ColType::Any),
+    ];
+    for (table, text) in [("d", "big"), ("u", "v")] {
+        let mut cols = vec![
+            ("id", ColType::Int),
+            (text, ColType::Text),
+            ("n", ColType::Int),
+        ];
+        if audit {
+            cols.extend(audit_cols);
+        }
+        sr.create_table(DB, table, &["id"], &cols);
+    }
+}
+
+/// `pgprism cdc` arguments for `d,u` without `REPLICA IDENTITY FULL`, `toast-mode =
+/// "partial"`, batches of 7 rows, no snapshot, plus `extra` config lines.
+fn toast_args(pg: &Instance, sr: &StarRocks, extra: &str) -> (Vec<String>, std::path::PathBuf) {
+    let config = std::env::temp_dir().join(format!("pgprism-cdc-fill-{}.toml", rand_suffix()));
+    std::fs::write(
+        &config,
+        format!("[cdc]\nreplica-identity-full = false\ntoast-mode = \"partial\"\n{extra}\n"),
+    )
+    .unwrap();
+    let mut args = base_args(pg, sr, "d,u");
+    args.extend(
+        [
+            "--config",
+            &config.display().to_string(),
+            "--flush-rows",
+            "7",
+            "--no-snapshot",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    (args, config)
+}
+
+/// Rows `from..from+count` of `d` with TOAST values (over 2 kB, out of line), committed.
+fn insert_toasted(c: &mut postgres::Client, from: i32, count: i32) {
+    c.batch_execute(&format!(
+        "INSERT INTO d SELECT g, repeat(md5(g::text), 100), 0 FROM generate_series({from}, {from} + {count} - 1) g;
+         INSERT INTO u SELECT g, 'u', 0 FROM generate_series({from}, {from} + {count} - 1) g;"
+    ))
+    .unwrap();
+}
+
+/// Source transactions that update only `n` of rows of `d` whose TOAST values were written
+/// in earlier transactions, and of rows written earlier in the same transaction, beside new
+/// keys of `u` and `d`: seen apart, `u` shows keys `d` lacks.
+fn partial_update_transactions(c: &mut postgres::Client, first: i32, count: i32) {
+    for i in first..first + count {
+        let lo = 1000 + i * 20;
+        c.batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO u SELECT g, 'new', 0 FROM generate_series({lo}, {lo} + 9) g;
+             UPDATE d SET n = n + 1 WHERE id % 5 = {i} % 5 AND id < 1000;
+             INSERT INTO d SELECT g, repeat(md5(g::text), 100), 0 FROM generate_series({lo}, {lo} + 9) g;
+             UPDATE d SET n = n + 10 WHERE id BETWEEN {lo} AND {lo} + 4;
+             UPDATE d SET n = n + 10 WHERE id BETWEEN {lo} AND {lo} + 2;
+             COMMIT;"
+        ))
+        .unwrap();
+    }
+}
+
+/// Whether the emulator ever showed the keys from 1000 up (the ones the transactions of
+/// [`partial_update_transactions`] add to `d` and `u` alike) differently in the two tables.
+fn saw_half(sr: &StarRocks) -> bool {
+    sr.visible_history().iter().any(|snap| {
+        let keys = |t: &str| {
+            snap.get(&format!("{DB}.{t}")).map_or(0, |k| {
+                k.iter()
+                    .filter(|k| k.parse::<i32>().unwrap_or(0) >= 1000)
+                    .count()
+            })
+        };
+        keys("d") != keys("u")
+    })
+}
+
+/// A number in the `fill` object of `GET /cdc/status`.
+fn fill_number(cdc: &Cdc, key: &str) -> u64 {
+    let (_, body) = support::http_get(cdc.admin.expect("admin endpoint"), "/cdc/status");
+    let status: sonic_rs::Value = sonic_rs::from_str(&body).expect("status is JSON");
+    status["fill"][key].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn partial_updates_inside_a_two_table_transaction_stay_one_starrocks_transaction() {
+    // `fill-rows = false` is the control: each partial update ends the StarRocks transaction,
+    // and the emulator shows `u`'s new keys before `d`'s.
+    for fill in [false, true] {
+        let pg = start_pg("cdc-fill", &[]);
+        let sr = StarRocks::start("root", "pw");
+        let mut c = client(&pg);
+        make_toast_tables(&mut c, &sr, false);
+        let (args, config) = toast_args(&pg, &sr, &format!("fill-rows = {fill}"));
+        let cdc = Cdc::start(&args, &[]);
+        insert_toasted(&mut c, 1, 20);
+        assert_converges(
+            &sr,
+            &mut c,
+            "d",
+            &["id", "big", "n"],
+            &cdc,
+            Duration::from_secs(30),
+        );
+        assert_converges(
+            &sr,
+            &mut c,
+            "u",
+            &["id", "v", "n"],
+            &cdc,
+            Duration::from_secs(30),
+        );
+        sr.watch(DB, &["d", "u"]);
+        partial_update_transactions(&mut c, 1, 6);
+        for (table, cols) in [("d", ["id", "big", "n"]), ("u", ["id", "v", "n"])] {
+            assert_converges(&sr, &mut c, table, &cols, &cdc, Duration::from_secs(60));
+        }
+        let apart = sr.visible_history().iter().any(|snap| {
+            let keys = |t: &str| {
+                snap.get(&format!("{DB}.{t}"))
+                    .map(|k| {
+                        k.iter()
+                            .filter(|k| k.parse::<i32>().unwrap_or(0) >= 1000)
+                            .count()
+                    })
+                    .unwrap_or(0)
+            };
+            keys("d") != keys("u")
+        });
+        let split = cdc.status_number("transactions_split");
+        if fill {
+            assert!(
+                !apart,
+                "a source transaction was seen half loaded\n{}",
+                cdc.log()
+            );
+            assert_eq!(split, 0, "{}", cdc.log());
+            assert!(
+                fill_number(&cdc, "rows_read") > 0,
+                "no row was read from StarRocks"
+            );
+            assert!(
+                fill_number(&cdc, "rows_from_cycle") > 0,
+                "no row was filled from the cycle"
+            );
+            assert_eq!(fill_number(&cdc, "rows_partial"), 0);
+            assert_eq!(fill_number(&cdc, "rows_missing"), 0);
+            assert!(
+                sr.statements()
+                    .iter()
+                    .any(|s| s.starts_with("SELECT `id`, `big` FROM")),
+                "{:?}",
+                sr.statements()
+            );
+            assert!(twice_committed(&sr).is_empty(), "{:?}", sr.log());
+        } else {
+            assert!(apart, "the control never showed a transaction half loaded");
+            assert!(split > 0);
+        }
+        let _ = std::fs::remove_file(config);
+    }
+}
+
+#[test]
+fn soft_deletes_without_the_old_row_stay_in_their_transaction() {
+    let pg = start_pg("cdc-fill-soft", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_toast_tables(&mut c, &sr, true);
+    let (args, config) = toast_args(
+        &pg,
+        &sr,
+        "delete-mode = \"soft\"\naudit-columns = true\naudit-prefix = \"cdc_\"",
+    );
+    let cdc = Cdc::start(&args, &[]);
+    insert_toasted(&mut c, 1, 20);
+    c.batch_execute("UPDATE d SET n = id").unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "d",
+        &["id", "big", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    sr.watch(DB, &["d", "u"]);
+    let gone = pg_rows(
+        &mut c,
+        "SELECT id::text, big, n::text, 'true' FROM d WHERE id <= 6",
+    );
+    // Deleted: rows of earlier transactions (read from StarRocks), and rows written earlier
+    // in the same transaction (from the cycle), beside new keys of `u`.
+    c.batch_execute(
+        "BEGIN;
+         INSERT INTO u SELECT g, 'new', 0 FROM generate_series(1000, 1009) g;
+         DELETE FROM d WHERE id <= 6;
+         INSERT INTO d SELECT g, repeat(md5(g::text), 100), g FROM generate_series(1000, 1009) g;
+         UPDATE d SET n = n + 1 WHERE id BETWEEN 1000 AND 1004;
+         DELETE FROM d WHERE id BETWEEN 1000 AND 1002;
+         COMMIT;",
+    )
+    .unwrap();
+    // What PostgreSQL has, and the deleted rows as they were, marked deleted.
+    let mut want = pg_rows(
+        &mut c,
+        "SELECT id::text, big, n::text, 'false' FROM d
+         UNION ALL SELECT g::text, repeat(md5(g::text), 100), (g + 1)::text, 'true'
+         FROM generate_series(1000, 1002) g",
+    );
+    want.extend(gone);
+    want.sort_by_key(|r| r[0].as_deref().and_then(|k| k.parse::<i32>().ok()));
+    let ok = eventually(Duration::from_secs(30), || {
+        sr.rows(DB, "d", &["id", "big", "n", "cdc_is_deleted"]) == want
+    });
+    assert!(
+        ok,
+        "{:?}\n{}",
+        sr.rows(DB, "d", &["id", "n", "cdc_is_deleted"]),
+        cdc.log()
+    );
+    assert_eq!(sr.row_count(DB, "u"), 30);
+    let apart = sr.visible_history().iter().any(|snap| {
+        let d = snap.get(&format!("{DB}.d")).map_or(0, |k| k.len());
+        let u = snap.get(&format!("{DB}.u")).map_or(0, |k| k.len());
+        d != u
+    });
+    assert!(
+        !apart,
+        "the transaction was seen half loaded\n{}",
+        cdc.log()
+    );
+    assert_eq!(cdc.status_number("transactions_split"), 0, "{}", cdc.log());
+    assert!(fill_number(&cdc, "rows_read") > 0);
+    assert!(fill_number(&cdc, "rows_from_cycle") > 0);
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
+fn crash_around_the_commit_of_a_cycle_with_partial_updates_loses_and_repeats_nothing() {
+    for point in ["cdc-after-prepare", "cdc-after-commit"] {
+        let pg = start_pg("cdc-fill-crash", &[]);
+        let sr = StarRocks::start("root", "pw");
+        let mut c = client(&pg);
+        make_toast_tables(&mut c, &sr, false);
+        let (args, config) = toast_args(&pg, &sr, "");
+        // Killed at the second cycle's commit: the first holds the rows inserted here.
+        let failpoint = format!("{point}=2*kill");
+        let mut cdc = Cdc::start(&args, &[("PGPRISM_FAILPOINTS", &failpoint)]);
+        insert_toasted(&mut c, 1, 20);
+        assert!(
+            eventually(Duration::from_secs(30), || cdc.exited()
+                || sr.row_count(DB, "d") == 20),
+            "{}",
+            cdc.log()
+        );
+        sr.watch(DB, &["d", "u"]);
+        partial_update_transactions(&mut c, 1, 1);
+        assert!(
+            cdc.wait_death(Duration::from_secs(30)),
+            "{point}: the failpoint did not fire\n{}",
+            cdc.log()
+        );
+        partial_update_transactions(&mut c, 2, 2);
+        drop(cdc);
+        let cdc = Cdc::start(&args, &[]);
+        for (table, cols) in [("d", ["id", "big", "n"]), ("u", ["id", "v", "n"])] {
+            assert_converges(&sr, &mut c, table, &cols, &cdc, Duration::from_secs(60));
+        }
+        assert!(twice_committed(&sr).is_empty(), "{point}: {:?}", sr.log());
+        let txns = sr.transactions();
+        assert_eq!(txns.get("PREPARE"), None, "{point}: {txns:?}");
+        assert_eq!(txns.get("PREPARED"), None, "{point}: {txns:?}");
+        // 20 rows of d inserted, then each transaction writes 10 + 4 + 5 + 3 rows of d:
+        // none written twice, none lost.
+        assert_eq!(
+            sr.applied_rows(DB, "d"),
+            20 + 3 * 22,
+            "{point}: rows of d written twice or lost\n{}",
+            cdc.log()
+        );
+        assert!(
+            !saw_half(&sr),
+            "{point}: a transaction was seen half loaded"
+        );
+        assert_eq!(cdc.status_number("transactions_split"), 0);
+        let _ = std::fs::remove_file(config);
+    }
+}
+
+#[test]
+fn values_are_read_only_once_the_cycle_before_is_visible() {
+    let pg = start_pg("cdc-fill-publish", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_toast_tables(&mut c, &sr, false);
+    let (args, config) = toast_args(&pg, &sr, "");
+    let cdc = Cdc::start(&args, &[]);
+    // The cycle that inserts the rows commits, but publishes 1.5 s late (`publish timeout`):
+    // the next cycle's partial updates must not read StarRocks before its rows are visible.
+    sr.inject_txn(TxnFault::PublishLate(Duration::from_millis(1500)), 1);
+    insert_toasted(&mut c, 1, 20);
+    partial_update_transactions(&mut c, 1, 1);
+    for (table, cols) in [("d", ["id", "big", "n"]), ("u", ["id", "v", "n"])] {
+        assert_converges(&sr, &mut c, table, &cols, &cdc, Duration::from_secs(60));
+    }
+    assert!(fill_number(&cdc, "rows_read") > 0, "{}", cdc.log());
+    assert_eq!(fill_number(&cdc, "rows_missing"), 0, "{}", cdc.log());
+    assert!(
+        sr.log().iter().any(|(_, s)| s == "COMMIT"),
+        "{:?}",
+        sr.log()
+    );
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
+fn past_the_fill_bound_partial_updates_cut_as_before_and_lose_nothing() {
+    let pg = start_pg("cdc-fill-bound", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_toast_tables(&mut c, &sr, false);
+    // Two rows' TOAST values (3.2 kB each) fit; the third does not.
+    let (args, config) = toast_args(&pg, &sr, "fill-bytes-max = 7000");
+    let cdc = Cdc::start(&args, &[]);
+    insert_toasted(&mut c, 1, 20);
+    assert_converges(
+        &sr,
+        &mut c,
+        "d",
+        &["id", "big", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    partial_update_transactions(&mut c, 1, 2);
+    for (table, cols) in [("d", ["id", "big", "n"]), ("u", ["id", "v", "n"])] {
+        assert_converges(&sr, &mut c, table, &cols, &cdc, Duration::from_secs(60));
+    }
+    assert!(fill_number(&cdc, "overflows") > 0, "{}", cdc.log());
+    assert!(fill_number(&cdc, "rows_partial") > 0);
+    assert!(cdc.status_number("transactions_split") > 0);
+    assert!(cdc.log().contains("cdc.fill-bytes-max"), "no warning");
+    let _ = std::fs::remove_file(config);
+}
+
 #[test]
 fn added_column_is_picked_up() {
     let (pg, sr, mut c) = source_and_sink("cdc-schema", &[], &["t"]);

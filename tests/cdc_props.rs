@@ -19,6 +19,8 @@ fn pipeline() -> Pipeline {
         audit_prefix: Some("a_".into()),
         stream_buffer_bytes_max: 1 << 20,
         schema_changes: CdcSchemaChanges::Ignore,
+        fill_rows: false,
+        fill_bytes_max: 64 << 20,
     };
     Pipeline::new(
         cfg,

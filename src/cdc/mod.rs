@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod cmd;
 pub mod ddl;
 pub mod failpoint;
+pub mod fill;
 pub mod handover;
 pub mod lsn;
 pub mod mysql;
@@ -41,7 +42,7 @@ use self::lsn::Lsn;
 use self::pgconn::{PgConn, PgError};
 use self::pipeline::{Pipeline, PipelineConfig, PipelineError, Work};
 use self::starrocks::{LoadError, LoadOutcome, SinkConfig, StarRocks, StarRocksUrl};
-use crate::config::{CdcConfig, CdcDeleteMode, ConfigError, PgUrl};
+use crate::config::{CdcConfig, CdcDeleteMode, CdcToastMode, ConfigError, PgUrl};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CdcError {
@@ -109,6 +110,19 @@ pub struct Shared {
     /// Flush cycles rolled back and loaded again from the checkpoint so that a table whose
     /// columns changed inside one takes the new column list from its first load (see `txn`).
     pub transactions_reloaded: AtomicU64,
+    /// Partial changes (a TOAST value left unchanged, a soft delete without the old row)
+    /// made whole rows with values the flush cycle wrote before (see `fill`).
+    pub fill_rows_from_cycle: AtomicU64,
+    /// ... with values read from StarRocks before their batch loaded.
+    pub fill_rows_read: AtomicU64,
+    /// ... that StarRocks did not have (their left-out columns load as NULL, as the partial
+    /// update would have given them).
+    pub fill_rows_missing: AtomicU64,
+    /// Partial changes loaded as partial updates all the same (each ends its StarRocks
+    /// transaction; see `transactions_split`).
+    pub fill_rows_partial: AtomicU64,
+    /// Flush cycles whose rows outgrew `cdc.fill-bytes-max`.
+    pub fill_overflows: AtomicU64,
     /// What the loader learned for the cycle it loads again (kept across runs).
     column_plans: Mutex<txn::ColumnPlans>,
     pub tables: Mutex<BTreeMap<String, TableStats>>,
@@ -124,7 +138,12 @@ impl CdcError {
     pub fn is_transient(&self) -> bool {
         let pg = match self {
             // The cycle is loaded again from the checkpoint, under the same label.
-            CdcError::Load(LoadError::TxnAborted { .. } | LoadError::Replan { .. }) => {
+            CdcError::Load(
+                LoadError::TxnAborted { .. }
+                | LoadError::Replan { .. }
+                | LoadError::Query { .. }
+                | LoadError::NotVisible { .. },
+            ) => {
                 return true;
             }
             CdcError::Replication(e) | CdcError::Checkpoint(e) => e,
@@ -151,6 +170,35 @@ impl CdcError {
 }
 
 impl Shared {
+    /// The loader's share of the fill counters (this run's).
+    fn store_filled(&self, filled: fill::Filled) {
+        self.fill_rows_read
+            .store(filled.rows_read, Ordering::Relaxed);
+        self.fill_rows_missing
+            .store(filled.rows_missing, Ordering::Relaxed);
+    }
+
+    /// The pipeline's share of the fill counters (this run's).
+    pub(crate) fn store_fill_stats(&self, stats: pipeline::FillStats) {
+        self.fill_rows_from_cycle
+            .store(stats.rows_from_cycle, Ordering::Relaxed);
+        self.fill_rows_partial
+            .store(stats.rows_partial, Ordering::Relaxed);
+        self.fill_overflows
+            .store(stats.overflows, Ordering::Relaxed);
+    }
+
+    fn fill_json(&self) -> sonic_rs::Value {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        sonic_rs::json!({
+            "rows_from_cycle": load(&self.fill_rows_from_cycle),
+            "rows_read": load(&self.fill_rows_read),
+            "rows_missing": load(&self.fill_rows_missing),
+            "rows_partial": load(&self.fill_rows_partial),
+            "overflows": load(&self.fill_overflows),
+        })
+    }
+
     fn streams_json(&self) -> sonic_rs::Value {
         let s = self.streams.lock().map(|s| *s).unwrap_or_default();
         sonic_rs::json!({
@@ -195,6 +243,7 @@ impl Shared {
             "tables": sonic_rs::to_value(&tables).unwrap_or_default(),
             "snapshot": self.snapshot.json(),
             "streams": self.streams_json(),
+            "fill": self.fill_json(),
         });
         doc.to_string()
     }
@@ -276,6 +325,36 @@ impl Shared {
                 "counter",
                 "flush cycles loaded again for a column list changed inside them",
                 load(&self.transactions_reloaded),
+            ),
+            (
+                "fill_rows_from_cycle_total",
+                "counter",
+                "partial changes made whole rows from the flush cycle's own rows",
+                load(&self.fill_rows_from_cycle),
+            ),
+            (
+                "fill_rows_read_total",
+                "counter",
+                "partial changes made whole rows with values read from StarRocks",
+                load(&self.fill_rows_read),
+            ),
+            (
+                "fill_rows_missing_total",
+                "counter",
+                "partial changes whose row StarRocks did not have (left-out columns NULL)",
+                load(&self.fill_rows_missing),
+            ),
+            (
+                "fill_rows_partial_total",
+                "counter",
+                "partial changes loaded as partial updates (each ends its StarRocks transaction)",
+                load(&self.fill_rows_partial),
+            ),
+            (
+                "fill_overflows_total",
+                "counter",
+                "flush cycles whose rows outgrew cdc.fill-bytes-max",
+                load(&self.fill_overflows),
             ),
             (
                 "paused",
@@ -640,6 +719,10 @@ fn pipeline_config(cfg: &CdcConfig, incarnation: &str) -> PipelineConfig {
         audit_prefix: cfg.audit_columns.then(|| cfg.audit_prefix.clone()),
         stream_buffer_bytes_max: cfg.stream_buffer_bytes_max,
         schema_changes: cfg.schema_changes,
+        // Whole old rows fill every left-out value then; no row needs keeping.
+        fill_rows: cfg.fill_rows
+            && !(cfg.replica_identity_full && cfg.toast_mode == CdcToastMode::FullRow),
+        fill_bytes_max: cfg.fill_bytes_max,
     }
 }
 
@@ -715,22 +798,49 @@ fn load_loop(
     let mut truncated = checkpoints.load_truncated().map_err(CdcError::Checkpoint)?;
     // Columns to drop once the cycle's StarRocks transaction has committed.
     let mut drops_pending: Vec<SchemaChange> = Vec::new();
+    // Rows filled from StarRocks with plain Stream Load (`transaction-mode = "none"`).
+    let mut filled_plain = fill::Filled::default();
+    // Their loads answered `Publish Timeout`: not yet visible (see `fill::wait_visible`).
+    let mut unpublished_plain: Vec<String> = Vec::new();
     for work in rx {
         while shared.paused.load(Ordering::Acquire) && !shared.stopped.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(50));
         }
         match work {
-            Work::Load(batch) => {
+            Work::Load(_) | Work::LoadFilled(..) => {
+                let (batch, fill) = match work {
+                    Work::Load(batch) => (batch, None),
+                    Work::LoadFilled(batch, plan) => (batch, Some(plan)),
+                    _ => continue,
+                };
                 failpoint::hit("cdc-before-load");
                 let outcome = match txns.as_deref_mut() {
                     Some(txns) => {
-                        let outcome = txns.load(sink, &batch);
+                        let outcome = txns.load(sink, &batch, fill.as_deref());
                         shared
                             .transactions_split
                             .store(txns.splits, Ordering::Relaxed);
+                        shared.store_filled(txns.filled);
                         outcome
                     }
-                    None => sink.load(&batch),
+                    None => match fill {
+                        // Plain Stream Load: a label an earlier run loaded is refused whatever
+                        // the body, so the values are read every time.
+                        Some(plan) => fill::wait_visible(sink, &mut unpublished_plain)
+                            .and_then(|()| fill::fill_batch(sink, &batch, &plan))
+                            .and_then(|(whole, counts)| {
+                                filled_plain.rows_read += counts.rows_read;
+                                filled_plain.rows_missing += counts.rows_missing;
+                                shared.store_filled(filled_plain);
+                                sink.load(&whole)
+                            }),
+                        None => sink.load(&batch),
+                    }
+                    .inspect(|outcome| {
+                        if *outcome == LoadOutcome::Committed {
+                            unpublished_plain.push(batch.label.clone());
+                        }
+                    }),
                 }
                 .map_err(CdcError::Load)?;
                 shared.retries.store(sink.retries, Ordering::Relaxed);

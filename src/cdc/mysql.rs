@@ -167,14 +167,27 @@ impl Mysql {
         Ok((names, rows))
     }
 
+    /// One payload. A payload of 2^24 - 1 bytes or more comes split into full packets and a
+    /// shorter last one (a result row holding a large TOAST value read back for `fill`);
+    /// they are joined, up to [`PAYLOAD_BYTES_MAX`].
     fn read_packet(&mut self) -> Result<Vec<u8>, MysqlError> {
-        let mut head = [0u8; 4];
-        self.stream.read_exact(&mut head)?;
-        let len = usize::from(head[0]) | usize::from(head[1]) << 8 | usize::from(head[2]) << 16;
-        self.seq = head[3].wrapping_add(1);
-        let mut body = vec![0; len];
-        self.stream.read_exact(&mut body)?;
-        Ok(body)
+        const FULL: usize = 0xFF_FFFF;
+        let mut body = Vec::new();
+        loop {
+            let mut head = [0u8; 4];
+            self.stream.read_exact(&mut head)?;
+            let len = usize::from(head[0]) | usize::from(head[1]) << 8 | usize::from(head[2]) << 16;
+            self.seq = head[3].wrapping_add(1);
+            if body.len() + len > PAYLOAD_BYTES_MAX {
+                return Err(MysqlError::Protocol("answer larger than 1 GiB"));
+            }
+            let start = body.len();
+            body.resize(start + len, 0);
+            self.stream.read_exact(&mut body[start..])?;
+            if len < FULL {
+                return Ok(body);
+            }
+        }
     }
 
     fn write_packet(&mut self, body: &[u8]) -> Result<(), MysqlError> {
@@ -194,6 +207,10 @@ impl Mysql {
 
 /// A text result set: column names, then rows (NULL is `None`).
 pub type ResultSet = (Vec<String>, Vec<Vec<Option<String>>>);
+
+/// The largest payload read: one result row holds at most a key and a few values of at most
+/// 1 GB each (PostgreSQL's largest value), and pgprism reads values one row per payload.
+const PAYLOAD_BYTES_MAX: usize = 1 << 30;
 
 /// Rows one [`Mysql::query`] takes (pgprism asks only for a table's columns or jobs).
 const ROWS_MAX: usize = 100_000;
@@ -357,6 +374,36 @@ mod tests {
 
     fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn a_payload_split_into_full_packets_is_joined() {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let payload: Vec<u8> = (0..0xFF_FFFF + 10).map(|i| (i % 251) as u8).collect();
+        let sent = payload.clone();
+        let writer = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut wire = Vec::new();
+            for (seq, part) in [&sent[..0xFF_FFFF], &sent[0xFF_FFFF..]].iter().enumerate() {
+                wire.extend_from_slice(&(part.len() as u32).to_le_bytes()[..3]);
+                wire.push(seq as u8);
+                wire.extend_from_slice(part);
+            }
+            // Then a payload of exactly 2^24 - 1 bytes: an empty packet ends it.
+            wire.extend_from_slice(&[0xFF, 0xFF, 0xFF, 2]);
+            wire.extend_from_slice(&sent[..0xFF_FFFF]);
+            wire.extend_from_slice(&[0, 0, 0, 3]);
+            s.write_all(&wire).unwrap();
+        });
+        let mut conn = Mysql {
+            stream: TcpStream::connect(addr).unwrap(),
+            seq: 0,
+        };
+        assert!(conn.read_packet().unwrap() == payload);
+        assert!(conn.read_packet().unwrap() == payload[..0xFF_FFFF]);
+        writer.join().unwrap();
     }
 
     #[test]

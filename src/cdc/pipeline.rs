@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::ddl::SchemaChange;
+use super::fill::{CycleRows, FillPlan, Kept, PendingRow, Prior, ToRead};
 use super::lsn::Lsn;
 use super::pgoutput::{Datum, DecodeError, Message, OldKind, Tuple};
 use super::schema::{
@@ -27,6 +28,9 @@ use crate::config::{CdcDeleteMode, CdcSchemaChanges, CdcToastMode};
 #[derive(Debug)]
 pub enum Work {
     Load(Batch),
+    /// A batch with rows whose left-out values StarRocks holds: the loader reads them (see
+    /// `fill`) right before the batch loads, and not at all when the load is skipped.
+    LoadFilled(Batch, Box<FillPlan>),
     /// Empty StarRocks tables (a TRUNCATE in PostgreSQL); every earlier batch is loaded first.
     /// `at` (commit LSN of the source transaction, index inside it) is the TRUNCATE's place in
     /// the stream, the same in every replay: the loader records it once the tables are empty,
@@ -92,6 +96,25 @@ pub struct PipelineConfig {
     pub audit_prefix: Option<String>,
     pub stream_buffer_bytes_max: usize,
     pub schema_changes: CdcSchemaChanges,
+    /// Make partial changes whole rows (see `fill`): `cdc.fill-rows`, off where whole old
+    /// rows always come (`REPLICA IDENTITY FULL` with `toast-mode = "full-row"`).
+    pub fill_rows: bool,
+    /// `cdc.fill-bytes-max`: the values of the flush cycle's rows kept for that.
+    pub fill_bytes_max: usize,
+}
+
+/// How partial changes were made whole (see `fill`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FillStats {
+    /// Rows completed with values pgprism wrote earlier in the same flush cycle.
+    pub rows_from_cycle: u64,
+    /// Rows that need values StarRocks holds (read by the loader before their batch loads).
+    pub rows_to_read: u64,
+    /// Rows loaded as partial updates all the same (the cycle's memory could not tell):
+    /// each cuts its StarRocks transaction.
+    pub rows_partial: u64,
+    /// Flush cycles whose rows outgrew `cdc.fill-bytes-max`.
+    pub overflows: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +153,8 @@ struct OpenBatch {
     rows: u64,
     first: Pos,
     last: Pos,
+    /// Its rows' values to read from StarRocks before it loads.
+    fill: FillPlan,
 }
 
 /// Operation kinds for the audit `op_type` column (as dbmazz writes them).
@@ -188,12 +213,16 @@ pub struct Pipeline {
     windows: Option<Windows>,
     /// Top-level xid of the current transaction.
     xid: u32,
+    /// The flush cycle's rows, to make partial changes whole (see `fill`).
+    cycle_rows: CycleRows,
+    fill_stats: FillStats,
 }
 
 impl Pipeline {
     pub fn new(cfg: PipelineConfig, keys: KeyColumns) -> Self {
         Pipeline {
             streams: StreamBuffers::new(cfg.stream_buffer_bytes_max),
+            cycle_rows: CycleRows::new(cfg.fill_bytes_max),
             cfg,
             schema: SchemaCache::new(keys),
             open: HashMap::new(),
@@ -217,6 +246,15 @@ impl Pipeline {
             rows_in: 0,
             windows: None,
             xid: 0,
+            fill_stats: FillStats::default(),
+        }
+    }
+
+    /// How partial changes were made whole so far.
+    pub fn fill_stats(&self) -> FillStats {
+        FillStats {
+            overflows: self.cycle_rows.overflows,
+            ..self.fill_stats
         }
     }
 
@@ -445,6 +483,8 @@ impl Pipeline {
             ));
         }
         self.cycle_start_us = None;
+        // Committed before anything later loads: StarRocks holds it all from here on.
+        self.cycle_rows.clear();
     }
 
     /// When no change arrived for the flush interval: flushes what waits, announcing the
@@ -483,22 +523,40 @@ impl Pipeline {
             .map(|s| s.target_name.clone())
             .unwrap_or_default();
         let label = label(&self.cfg.label_prefix, &table, b.first, b.last);
-        out.push(Work::Load(Batch {
+        let batch = Batch {
             table,
             columns: b.columns,
             partial: matches!(b.shape, Shape::Partial(_)),
             body: b.body,
             rows: b.rows,
             label,
-        }));
+        };
+        if b.fill.rows.is_empty() {
+            out.push(Work::Load(batch));
+            return;
+        }
+        let mut plan = b.fill;
+        if let Ok(schema) = self.schema.get(oid) {
+            plan.key = schema
+                .key
+                .iter()
+                .filter_map(|&i| schema.columns.get(i).map(|c| c.name.clone()))
+                .collect();
+        }
+        out.push(Work::LoadFilled(batch, Box::new(plan)));
     }
 
     fn apply(&mut self, msg: Message<'_>, out: &mut Vec<Work>) -> Result<(), PipelineError> {
         match msg {
             Message::Relation { rel, .. } => {
                 let applied = self.schema.apply(&rel)?;
-                if matches!(applied, Applied::Changed(_)) && self.open.contains_key(&rel.oid) {
-                    self.carry_over_new_columns(rel.oid, out);
+                if matches!(applied, Applied::Changed(_)) {
+                    // The rows kept are by column position: forget them for this cycle.
+                    let name = format!("{}.{}", rel.namespace, rel.name);
+                    self.cycle_rows.mark_incomplete(Some(rel.oid), &name);
+                    if self.open.contains_key(&rel.oid) {
+                        self.carry_over_new_columns(rel.oid, out);
+                    }
                 }
                 self.follow_schema(rel.oid, applied, out)?;
             }
@@ -507,6 +565,7 @@ impl Pipeline {
                 let schema = self.schema.get(rel)?;
                 let (oid, generation) = (schema.oid, schema.generation);
                 let pos = self.next_pos();
+                self.remember(oid, new.iter());
                 let shape = if new.has_unchanged() {
                     Shape::Partial(new.iter().map(|d| d != Datum::Unchanged).collect())
                 } else {
@@ -519,6 +578,7 @@ impl Pipeline {
                     pos,
                     new.iter(),
                     Op::Upsert(OpType::Insert),
+                    None,
                     out,
                 );
             }
@@ -540,6 +600,9 @@ impl Pipeline {
                 self.truncated_in_txn = true;
                 // Its own place in the transaction (not a row: the row counters stay).
                 self.txn_idx += 1;
+                for oid in rels.iter() {
+                    self.cycle_rows.forget_table(oid);
+                }
                 let tables: Vec<String> = rels
                     .iter()
                     .filter_map(|oid| self.schema.get(oid).ok())
@@ -642,6 +705,9 @@ impl Pipeline {
         for oid in oids {
             self.flush_table(oid, out);
         }
+        // Rows written without passing here: StarRocks cannot be asked for this table's
+        // values until the cycle commits.
+        self.cycle_rows.mark_incomplete(None, &emitted.table);
         out.extend(emitted.batches.into_iter().map(Work::Load));
         out.push(Work::SnapshotChunk {
             table: emitted.table,
@@ -721,15 +787,36 @@ impl Pipeline {
     ) -> Result<(), PipelineError> {
         let schema = self.schema.get(rel)?;
         let (oid, generation) = (schema.oid, schema.generation);
+        // A row moved to a new key takes its left-out values from the old key's row.
+        let mut moved: Option<(Prior, Vec<Box<[u8]>>)> = None;
         if let Some((kind, old_t)) = old {
             // A key change: the old key's row goes away first (the old tuple carries the key
             // under both REPLICA IDENTITY DEFAULT and FULL).
             if key_changed(&schema.key, old_t, new) {
+                if self.cfg.fill_rows && new.has_unchanged() {
+                    let old_vals: Vec<Datum<'_>> = old_t.iter().collect();
+                    let key_values: Vec<Box<[u8]>> = schema
+                        .key
+                        .iter()
+                        .filter_map(|&i| match old_vals.get(i) {
+                            Some(Datum::Text(v) | Datum::Binary(v)) => Some(Box::from(*v)),
+                            _ => None,
+                        })
+                        .collect();
+                    let prior = match key_text(&schema.key, old_t) {
+                        Some(key) if key_values.len() == schema.key.len() => {
+                            self.cycle_rows.prior(schema, &key)
+                        }
+                        _ => Prior::Unknown,
+                    };
+                    moved = Some((prior, key_values));
+                }
                 self.delete(oid, generation, kind, old_t, out);
             }
         }
         if !new.has_unchanged() {
             let pos = self.next_pos();
+            self.remember(oid, new.iter());
             self.row(
                 oid,
                 generation,
@@ -737,17 +824,43 @@ impl Pipeline {
                 pos,
                 new.iter(),
                 Op::Upsert(OpType::Update),
+                None,
                 out,
             );
             return Ok(());
         }
         let filled = self.fill_unchanged(rel, old, new)?;
-        let shape = if filled.contains(&Datum::Unchanged) {
-            Shape::Partial(filled.iter().map(|d| *d != Datum::Unchanged).collect())
-        } else {
-            Shape::Full
-        };
         let pos = self.next_pos();
+        if !filled.contains(&Datum::Unchanged) {
+            self.remember(oid, filled.iter().copied());
+            self.row(
+                oid,
+                generation,
+                Shape::Full,
+                pos,
+                filled.into_iter(),
+                Op::Upsert(OpType::Update),
+                None,
+                out,
+            );
+            return Ok(());
+        }
+        let mut values: Vec<Kept> = filled.iter().map(|d| Kept::of(*d)).collect();
+        if let Some(fill) = self.complete(oid, &mut values, moved) {
+            self.row(
+                oid,
+                generation,
+                Shape::Full,
+                pos,
+                values.iter().map(Kept::datum),
+                Op::Upsert(OpType::Update),
+                Some(fill),
+                out,
+            );
+            return Ok(());
+        }
+        self.remember(oid, filled.iter().copied());
+        let shape = Shape::Partial(filled.iter().map(|d| *d != Datum::Unchanged).collect());
         self.row(
             oid,
             generation,
@@ -755,9 +868,124 @@ impl Pipeline {
             pos,
             filled.into_iter(),
             Op::Upsert(OpType::Update),
+            None,
             out,
         );
         Ok(())
+    }
+
+    /// Whether the rows of table `oid` are kept in the cycle (see `fill`).
+    fn keeps_rows(&self, schema: &TableSchema) -> bool {
+        self.cfg.fill_rows
+            && super::fill::table_needs_rows(schema, self.cfg.delete_mode == CdcDeleteMode::Soft)
+    }
+
+    /// Keeps the values a row of table `oid` has now (for the columns that can be left out
+    /// later), when the table's rows are kept.
+    fn remember<'a>(&mut self, oid: u32, values: impl Iterator<Item = Datum<'a>>) {
+        let Ok(schema) = self.schema.get(oid) else {
+            return;
+        };
+        if !self.keeps_rows(schema) {
+            return;
+        }
+        let soft = self.cfg.delete_mode == CdcDeleteMode::Soft;
+        let row: Box<[Kept]> = values
+            .enumerate()
+            .map(|(i, d)| {
+                if schema.key.contains(&i) || super::fill::keeps_column(schema, i, soft) {
+                    Kept::of(d)
+                } else {
+                    Kept::Missing
+                }
+            })
+            .collect();
+        self.keep(oid, row);
+    }
+
+    fn keep(&mut self, oid: u32, row: Box<[Kept]>) {
+        let Ok(schema) = self.schema.get(oid) else {
+            return;
+        };
+        let Some(key) = super::fill::key_of(schema, &row) else {
+            return;
+        };
+        let table = schema.source_name.clone();
+        let before = self.cycle_rows.overflows;
+        self.cycle_rows.remember(oid, key, Some(row));
+        if self.cycle_rows.overflows > before {
+            tracing::warn!(%table, "the flush cycle's rows outgrew cdc.fill-bytes-max: its partial changes from here on are loaded as partial updates, each ending the StarRocks transaction");
+        }
+    }
+
+    /// Makes `values` (a row with some values left out: `Kept::Missing`) whole: from the
+    /// rows the cycle wrote, or to be read from StarRocks (what it returns). `None` when
+    /// that cannot be known: the row stays a partial update. The row's new values are kept.
+    /// `moved`: the row moved from another key (an UPDATE of the key): what the cycle knew
+    /// of that key before the change, and its values, which StarRocks is asked for.
+    fn complete(
+        &mut self,
+        oid: u32,
+        values: &mut [Kept],
+        moved: Option<(Prior, Vec<Box<[u8]>>)>,
+    ) -> Option<ToRead> {
+        let schema = self.schema.get(oid).ok()?;
+        if !self.keeps_rows(schema) {
+            return None;
+        }
+        let (prior, moved_key) = match moved {
+            Some((prior, key)) => (prior, Some(key)),
+            None => {
+                let key = super::fill::key_of(schema, values)?;
+                (self.cycle_rows.prior(schema, &key), None)
+            }
+        };
+        match prior {
+            Prior::Row(row) => {
+                for (v, kept) in values.iter_mut().zip(row.iter()) {
+                    if *v == Kept::Missing {
+                        *v = kept.clone();
+                    }
+                }
+            }
+            Prior::InStarRocks => {
+                for v in values.iter_mut() {
+                    if *v == Kept::Missing {
+                        *v = Kept::InStarRocks;
+                    }
+                }
+            }
+            Prior::Unknown => {
+                self.fill_stats.rows_partial += 1;
+                return None;
+            }
+        }
+        if values.contains(&Kept::Missing) {
+            // A column the cycle did not keep (cannot happen for the columns that can be
+            // left out; the row stays partial rather than guess).
+            self.fill_stats.rows_partial += 1;
+            return None;
+        }
+        let pending: Vec<usize> = (0..values.len())
+            .filter(|&i| values[i] == Kept::InStarRocks)
+            .collect();
+        let key_values: Vec<Box<[u8]>> = moved_key.unwrap_or_else(|| {
+            schema
+                .key
+                .iter()
+                .filter_map(|&i| match values.get(i) {
+                    Some(Kept::Text(v) | Kept::Binary(v)) => Some(v.clone()),
+                    _ => None,
+                })
+                .collect()
+        });
+        if pending.is_empty() {
+            self.fill_stats.rows_from_cycle += 1;
+        } else {
+            self.fill_stats.rows_to_read += 1;
+        }
+        self.keep(oid, values.to_vec().into_boxed_slice());
+        Some((key_values, pending))
     }
 
     /// Unchanged TOAST values: fills them from the old row where we have it (the whole old
@@ -809,6 +1037,12 @@ impl Pipeline {
         let pos = self.next_pos();
         match self.cfg.delete_mode {
             CdcDeleteMode::Hard => {
+                if let Ok(schema) = self.schema.get(oid)
+                    && self.keeps_rows(schema)
+                    && let Some(key) = key_text(&schema.key, old)
+                {
+                    self.cycle_rows.remember(oid, key, None);
+                }
                 self.row(
                     oid,
                     generation,
@@ -816,6 +1050,7 @@ impl Pipeline {
                     pos,
                     old.iter(),
                     Op::Delete,
+                    None,
                     out,
                 );
             }
@@ -823,7 +1058,41 @@ impl Pipeline {
                 let Ok(schema) = self.schema.get(oid) else {
                     return;
                 };
-                let shape = if kind == OldKind::Full && !old.has_unchanged() {
+                let whole = kind == OldKind::Full && !old.has_unchanged();
+                if whole {
+                    self.remember(oid, old.iter());
+                } else if self.cfg.fill_rows {
+                    // The row stays in StarRocks, marked deleted: its other values are the
+                    // ones it had.
+                    let mut values: Vec<Kept> = old
+                        .iter()
+                        .enumerate()
+                        .map(|(i, d)| {
+                            if kind == OldKind::Full || schema.key.contains(&i) {
+                                Kept::of(d)
+                            } else {
+                                Kept::Missing
+                            }
+                        })
+                        .collect();
+                    if let Some(fill) = self.complete(oid, &mut values, None) {
+                        self.row(
+                            oid,
+                            generation,
+                            Shape::Full,
+                            pos,
+                            values.iter().map(Kept::datum),
+                            Op::SoftDelete,
+                            Some(fill),
+                            out,
+                        );
+                        return;
+                    }
+                }
+                let Ok(schema) = self.schema.get(oid) else {
+                    return;
+                };
+                let shape = if whole {
                     Shape::Full
                 } else {
                     Shape::Partial(
@@ -847,6 +1116,7 @@ impl Pipeline {
                     pos,
                     vals.into_iter(),
                     Op::SoftDelete,
+                    None,
                     out,
                 );
             }
@@ -863,6 +1133,7 @@ impl Pipeline {
         pos: Pos,
         values: impl Iterator<Item = Datum<'a>>,
         op: Op,
+        fill: Option<ToRead>,
         out: &mut Vec<Work>,
     ) {
         let reopen = match self.open.get(&oid) {
@@ -892,6 +1163,7 @@ impl Pipeline {
                     rows: 0,
                     first: pos,
                     last: pos,
+                    fill: FillPlan::default(),
                 },
             );
         }
@@ -899,6 +1171,21 @@ impl Pipeline {
             return;
         };
         batch.body.push(if batch.rows == 0 { b'[' } else { b',' });
+        if let Some((key, pending)) = fill
+            && !pending.is_empty()
+        {
+            let columns = pending
+                .iter()
+                .filter_map(|&i| schema.columns.get(i))
+                .map(|c| batch.fill.column(&c.name, c.kind, &c.json_key))
+                .collect();
+            batch.fill.rows.push(PendingRow {
+                // Right after the row's `{`: the values read are written there.
+                at: batch.body.len() + 1,
+                key,
+                columns,
+            });
+        }
         write_row(
             &mut batch.body,
             schema,
@@ -1084,7 +1371,7 @@ fn write_value(body: &mut Vec<u8>, kind: JsonKind, datum: Datum<'_>) {
 /// PostgreSQL prints its numbers that way except NaN and the infinities, which (like anything
 /// unexpected) are written as strings instead.
 #[inline]
-fn is_json_number(text: &[u8]) -> bool {
+pub(super) fn is_json_number(text: &[u8]) -> bool {
     fn digits(t: &[u8], mut i: usize) -> usize {
         while i < t.len() && t[i].is_ascii_digit() {
             i += 1;
@@ -1187,6 +1474,8 @@ mod tests {
             audit_prefix: None,
             stream_buffer_bytes_max: 1 << 20,
             schema_changes: CdcSchemaChanges::Ignore,
+            fill_rows: false,
+            fill_bytes_max: 64 << 20,
         }
     }
 
@@ -1292,6 +1581,123 @@ mod tests {
                 (true, "id".into(), r#"[{"id":1}]"#.into()),
             ]
         );
+    }
+
+    #[test]
+    fn unchanged_toast_values_come_from_the_cycle_else_from_starrocks() {
+        let mut p = Pipeline::new(
+            PipelineConfig {
+                toast_mode: CdcToastMode::Partial,
+                fill_rows: true,
+                ..cfg()
+            },
+            keys(),
+        );
+        let unchanged = |id: &'static str| {
+            msg(move |b| {
+                b.push(b'U');
+                b.extend_from_slice(&1u32.to_be_bytes());
+                b.push(b'N');
+                build::tuple(b, &[Some(Some(id)), Some(None)]);
+            })
+        };
+        let msgs = vec![
+            msg(|b| build::begin(b, Lsn(100), 5)),
+            rel(),
+            msg(|b| build::insert(b, 1, &[Some(Some("2")), Some(Some("x"))])),
+            unchanged("2"),
+            unchanged("1"),
+            unchanged("1"),
+            msg(|b| build::commit(b, Lsn(100), Lsn(120))),
+            msg(|b| build::begin(b, Lsn(200), 6)),
+            unchanged("2"),
+            msg(|b| build::commit(b, Lsn(200), Lsn(220))),
+        ];
+        let mut out = Vec::new();
+        for (i, m) in msgs.iter().enumerate() {
+            p.handle(&Bytes::from(m.clone()), &mut out).unwrap();
+            if i == 6 {
+                // The first cycle ends: the second must not take its rows for StarRocks'.
+                p.flush_all(&mut out);
+            }
+        }
+        p.flush_all(&mut out);
+        let loads: Vec<_> = out
+            .iter()
+            .filter_map(|w| match w {
+                Work::LoadFilled(b, plan) => Some((
+                    String::from_utf8(b.body.clone()).unwrap(),
+                    plan.rows.iter().map(|r| r.at).collect::<Vec<_>>(),
+                    plan.key.clone(),
+                )),
+                Work::Load(b) => Some((String::from_utf8(b.body.clone()).unwrap(), vec![], vec![])),
+                _ => None,
+            })
+            .collect();
+        let first = r#"[{"id":2,"v":"x","__op":0},{"id":2,"v":"x","__op":0},{"id":1,"__op":0},{"id":1,"__op":0}]"#;
+        assert_eq!(
+            loads,
+            vec![
+                (first.to_string(), vec![54, 72], vec!["id".to_string()]),
+                (
+                    r#"[{"id":2,"__op":0}]"#.to_string(),
+                    vec![2],
+                    vec!["id".to_string()]
+                ),
+            ]
+        );
+        assert!(out.iter().all(|w| !matches!(w, Work::Load(b) if b.partial)));
+        let stats = p.fill_stats();
+        assert_eq!(
+            (
+                stats.rows_from_cycle,
+                stats.rows_to_read,
+                stats.rows_partial
+            ),
+            (1, 3, 0)
+        );
+    }
+
+    #[test]
+    fn a_row_moved_to_a_new_key_takes_the_old_keys_values() {
+        let mut p = Pipeline::new(
+            PipelineConfig {
+                toast_mode: CdcToastMode::Partial,
+                fill_rows: true,
+                ..cfg()
+            },
+            keys(),
+        );
+        let moved = |from: &'static str, to: &'static str| {
+            msg(move |b| {
+                b.push(b'U');
+                b.extend_from_slice(&1u32.to_be_bytes());
+                b.push(b'K');
+                build::tuple(b, &[Some(Some(from)), Some(Some(""))]);
+                b.push(b'N');
+                build::tuple(b, &[Some(Some(to)), Some(None)]);
+            })
+        };
+        let msgs = vec![
+            msg(|b| build::begin(b, Lsn(100), 5)),
+            rel(),
+            msg(|b| build::insert(b, 1, &[Some(Some("1")), Some(Some("x"))])),
+            moved("1", "3"),
+            moved("7", "8"),
+            msg(|b| build::commit(b, Lsn(100), Lsn(120))),
+        ];
+        let mut out = feed(&mut p, &msgs);
+        p.flush_all(&mut out);
+        let [Work::LoadFilled(batch, plan), Work::Checkpoint(..)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            std::str::from_utf8(&batch.body).unwrap(),
+            r#"[{"id":1,"v":"x","__op":0},{"id":1,"v":"","__op":1},{"id":3,"v":"x","__op":0},{"id":7,"v":"","__op":1},{"id":8,"__op":0}]"#
+        );
+        // The row moved from 7 (not written in the cycle) is read from StarRocks by key 7.
+        assert_eq!(plan.rows.len(), 1);
+        assert_eq!(&*plan.rows[0].key[0], b"7");
     }
 
     #[test]

@@ -159,6 +159,7 @@ impl State {
         shared
             .rows_decoded
             .store(pipeline.rows_in(), Ordering::Relaxed);
+        shared.store_fill_stats(pipeline.fill_stats());
         if let Ok(mut s) = shared.streams.lock() {
             *s = pipeline.stream_stats();
         }

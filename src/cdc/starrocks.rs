@@ -114,6 +114,23 @@ pub enum LoadError {
     Replan { label: String, table: String },
     #[error(transparent)]
     Schema(Box<super::ddl::Incompatible>),
+    /// Reading the values a partial change left out failed (see `fill`): the flush cycle is
+    /// loaded again from the checkpoint.
+    #[error(
+        "StarRocks did not answer `{statement}`; loading the flush cycle again from the checkpoint"
+    )]
+    Query {
+        statement: String,
+        #[source]
+        source: super::mysql::MysqlError,
+    },
+    /// A transaction committed before is still publishing after `cdc.load-timeout-ms`: the
+    /// values partial changes left out cannot be read from StarRocks before its rows are
+    /// visible (see `fill`).
+    #[error(
+        "StarRocks transaction {label} is {state}, not yet visible, after cdc.load-timeout-ms; loading the flush cycle again from the checkpoint"
+    )]
+    NotVisible { label: String, state: String },
     #[error("StarRocks refused `{statement}`")]
     Ddl {
         statement: String,
@@ -589,6 +606,16 @@ impl StarRocks {
             // Polling interval for a job that takes seconds to hours.
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Runs one `SELECT` over the FE query port (see `fill`).
+    pub(super) fn query(&self, sql: &str) -> Result<super::mysql::ResultSet, LoadError> {
+        self.query_conn()?
+            .query(sql)
+            .map_err(|source| LoadError::Query {
+                statement: sql.chars().take(200).collect(),
+                source,
+            })
     }
 
     /// StarRocks' columns of `table`: (name, type as `information_schema.columns` says).

@@ -16,7 +16,8 @@
 //!
 //! A table's column list may change inside a cycle (a schema change between its rows): whole
 //! rows then take the last list of the cycle from the first load, learned by loading the
-//! cycle again ([`ColumnPlans`]); only partial updates still cut a cycle in two.
+//! cycle again ([`ColumnPlans`]). Partial changes are made whole rows before they load
+//! (`fill`); only those that cannot be still cut a cycle in two.
 //!
 //! This module must never retry a load inside a transaction: a load whose answer was lost may
 //! have been applied, and loading it twice would duplicate rows. Any such failure rolls the
@@ -26,6 +27,7 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 use super::failpoint;
+use super::fill::{FillPlan, Filled};
 use super::pipeline::Batch;
 use super::starrocks::{LoadError, LoadOutcome, StarRocks, TxnReply};
 use crate::config::CdcTransactionMode;
@@ -92,6 +94,11 @@ pub struct Transactions {
     open: BTreeMap<String, Txn>,
     /// Cycles cut in two because one table needed a second parameter set.
     pub splits: u64,
+    /// Rows whose left-out values were read from StarRocks before they loaded (see `fill`).
+    pub filled: Filled,
+    /// Transactions committed whose publish had not finished (`publish timeout`): their
+    /// rows are not visible yet, so values are read from StarRocks only once they are.
+    unpublished: Vec<String>,
     plans: ColumnPlans,
     /// The most times a cycle is loaded again for its column lists before it commits
     /// (`cdc.reconnect-attempts-max`); beyond, such a rollback is a failure.
@@ -110,6 +117,8 @@ impl Transactions {
             mode,
             open: BTreeMap::new(),
             splits: 0,
+            filled: Filled::default(),
+            unpublished: Vec::new(),
             plans,
             replans_max,
         })
@@ -150,7 +159,14 @@ impl Transactions {
     }
 
     /// Adds `batch` to the cycle's transaction, beginning it when this is the first load.
-    pub fn load(&mut self, sink: &mut StarRocks, batch: &Batch) -> Result<LoadOutcome, LoadError> {
+    /// `fill`: values its rows need from StarRocks, read right before it loads (see `fill`;
+    /// not at all when an earlier run loaded it).
+    pub fn load(
+        &mut self,
+        sink: &mut StarRocks,
+        batch: &Batch,
+        fill: Option<&FillPlan>,
+    ) -> Result<LoadOutcome, LoadError> {
         let scope = self.scope(&batch.table);
         let params = self.params(self.label_of(&scope, batch), batch);
         let before = self
@@ -193,6 +209,26 @@ impl Transactions {
             return Ok(LoadOutcome::AlreadyLoaded);
         }
         let label = txn.label.clone();
+        let filled;
+        let batch = match fill {
+            Some(plan) => match super::fill::wait_visible(sink, &mut self.unpublished)
+                .and_then(|()| super::fill::fill_batch(sink, batch, plan))
+            {
+                Ok((whole, counts)) => {
+                    self.filled.rows_read += counts.rows_read;
+                    self.filled.rows_missing += counts.rows_missing;
+                    filled = whole;
+                    &filled
+                }
+                Err(e) => {
+                    // The cycle is loaded again from the checkpoint (never cut here: a
+                    // replay that reads StarRocks fine would not cut).
+                    self.abort_all(sink);
+                    return Err(e);
+                }
+            },
+            None => batch,
+        };
         let reply = sink.txn_call("load", &label, Some(&batch.table), Some(batch));
         match reply {
             Ok(r) if r.status == "OK" || r.status == "Success" => Ok(LoadOutcome::Loaded),
@@ -309,8 +345,9 @@ impl Transactions {
         for scope in &scopes {
             if let Some(txn) = self.open.remove(scope)
                 && txn.state == TxnState::Prepared
+                && !commit(sink, &txn.label, self.scope_table(scope))?
             {
-                commit(sink, &txn.label, self.scope_table(scope))?;
+                self.unpublished.push(txn.label);
             }
         }
         // The cycle is in StarRocks: nothing of it is loaded again.
@@ -323,8 +360,9 @@ impl Transactions {
         self.prepare(sink, scope)?;
         if let Some(txn) = self.open.remove(scope)
             && txn.state == TxnState::Prepared
+            && !commit(sink, &txn.label, self.scope_table(scope))?
         {
-            commit(sink, &txn.label, self.scope_table(scope))?;
+            self.unpublished.push(txn.label);
         }
         Ok(())
     }
@@ -395,7 +433,9 @@ impl Transactions {
             if let Some(txn) = self.open.get_mut(scope)
                 && txn.state == TxnState::Prepared
             {
-                commit(sink, &txn.label, table.as_deref())?;
+                if !commit(sink, &txn.label, table.as_deref())? {
+                    self.unpublished.push(txn.label.clone());
+                }
                 txn.state = TxnState::Committed;
             }
         }
@@ -545,8 +585,9 @@ fn begin(sink: &mut StarRocks, label: &str, table: &str) -> Result<TxnState, Loa
 
 /// Commits a prepared transaction. An error answer or none at all is not the end: a commit
 /// may succeed and still answer an error (an FE restarting under it), so the label's state
-/// decides, and a transaction still prepared is committed again.
-fn commit(sink: &mut StarRocks, label: &str, table: Option<&str>) -> Result<(), LoadError> {
+/// decides, and a transaction still prepared is committed again. `true` once its rows are
+/// visible; `false` when committed but still publishing (`publish timeout`, `COMMITTED`).
+fn commit(sink: &mut StarRocks, label: &str, table: Option<&str>) -> Result<bool, LoadError> {
     let named = table.unwrap_or("(transaction)");
     with_retries(
         sink,
@@ -555,18 +596,18 @@ fn commit(sink: &mut StarRocks, label: &str, table: Option<&str>) -> Result<(), 
         "commit in doubt; checking the label",
         |sink, last| {
             match sink.txn_call("commit", label, table, None) {
-                Ok(r) if r.status == "OK" => return Some(Ok(())),
                 // Committed; the data becomes visible when publishing finishes.
                 Ok(r) if r.message.to_ascii_lowercase().contains("publish timeout") => {
-                    return Some(Ok(()));
+                    return Some(Ok(false));
                 }
+                Ok(r) if r.status == "OK" => return Some(Ok(true)),
                 Ok(r) => *last = format!("commit: {} {}", r.status, r.message),
                 Err(e) => *last = format!("commit: {e}"),
             }
             match sink.label_state(label).as_deref() {
-                Ok("VISIBLE") | Ok("COMMITTED") => {
+                Ok(state @ ("VISIBLE" | "COMMITTED")) => {
                     tracing::info!(%label, error = %last, "the commit answered an error but happened");
-                    Some(Ok(()))
+                    Some(Ok(state == "VISIBLE"))
                 }
                 Ok("PREPARED") | Ok("PREPARE") => None,
                 Ok(state) => Some(Err(LoadError::TxnAborted {

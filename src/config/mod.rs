@@ -671,10 +671,11 @@ pub enum CdcDeleteMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CdcToastMode {
-    /// Fill them from the `REPLICA IDENTITY FULL` old row; where there is none, fall back to
-    /// a partial update that leaves those columns out.
+    /// Fill them from the `REPLICA IDENTITY FULL` old row; where there is none, as `partial`.
     FullRow,
-    /// Always a partial update listing only the columns present.
+    /// Without the old row: `fill-rows` fills them (from the flush cycle's own rows, else
+    /// from StarRocks); with `fill-rows = false`, a partial update listing only the columns
+    /// present, which ends the StarRocks transaction there.
     Partial,
 }
 
@@ -728,11 +729,24 @@ pub struct CdcConfig {
     pub publication: String,
     /// Table in the source database that holds the confirmed LSN per slot.
     pub checkpoint_table: String,
-    /// Set `REPLICA IDENTITY FULL` on the tables during setup (needed to fill TOAST values
-    /// and for soft deletes of non-key columns).
+    /// Set `REPLICA IDENTITY FULL` on the tables during setup: whole old rows then fill
+    /// unchanged TOAST values and soft deletes (with `toast-mode = "full-row"`); without it,
+    /// `fill-rows` does, reading StarRocks where the flush cycle has not the values.
     pub replica_identity_full: bool,
     pub delete_mode: CdcDeleteMode,
     pub toast_mode: CdcToastMode,
+    /// Make partial changes whole rows before they load, so that they never end a StarRocks
+    /// transaction inside a source transaction: a TOAST value an UPDATE left unchanged, or
+    /// the columns of a soft delete without the whole old row, take the value the flush
+    /// cycle wrote for that key before, else the one StarRocks holds (read over the FE query
+    /// port before the batch loads). Off: such rows load as partial updates, each ending
+    /// the StarRocks transaction there. Nothing is kept where whole old rows always come
+    /// (`replica-identity-full` with `toast-mode = "full-row"`).
+    pub fill_rows: bool,
+    /// Bytes of the current flush cycle's row values kept for `fill-rows` (the columns that
+    /// can be left out, per key written in the cycle); beyond it the cycle's later partial
+    /// changes load as partial updates (counted in `fill.overflows`).
+    pub fill_bytes_max: usize,
     /// Add the audit columns (`op_type`, `is_deleted`, `synced_at`, `cdc_version`) to every row.
     pub audit_columns: bool,
     /// Prefix of the audit column names.
@@ -821,6 +835,8 @@ impl Default for CdcConfig {
             replica_identity_full: true,
             delete_mode: CdcDeleteMode::Hard,
             toast_mode: CdcToastMode::FullRow,
+            fill_rows: true,
+            fill_bytes_max: 64 << 20,
             audit_columns: false,
             audit_prefix: "pgprism_".into(),
             snapshot: true,

@@ -20,6 +20,9 @@
 //!   `Transcation State Invalid`, and its label may be begun again.
 //! * FE query port: `ALTER TABLE ... ADD/MODIFY/DROP COLUMN` runs as a job that finishes
 //!   later, once no transaction begun before it still loads the table (`WAITING_TXN`).
+//! * FE query port: `SELECT columns FROM db.t WHERE k IN (...)` (or `(k1 = .. AND k2 = ..)
+//!   OR ...`) reads committed rows only, values printed as StarRocks' text protocol prints
+//!   them (BOOLEAN as 1/0), NULL as NULL.
 
 // Included privately by the test crates: `pub` is for them, `unreachable_pub` does not apply.
 #![allow(unreachable_pub)]
@@ -64,6 +67,10 @@ pub enum TxnFault {
     CommitAnswersError,
     /// The commit's answer comes late (a client timeout).
     Delay(Duration),
+    /// The commit happens, but publishing takes this long: the answer says `publish
+    /// timeout`, the label is `COMMITTED`, and the rows become visible (to loads' readers and
+    /// `SELECT`) only once it is `VISIBLE`.
+    PublishLate(Duration),
 }
 
 /// Transaction states as `get_load_state` names them.
@@ -71,6 +78,8 @@ pub enum TxnFault {
 pub enum TxnState {
     Prepare,
     Prepared,
+    /// Committed, not yet published: its rows are not visible.
+    Committed,
     Visible,
     Aborted,
 }
@@ -80,6 +89,7 @@ impl TxnState {
         match self {
             TxnState::Prepare => "PREPARE",
             TxnState::Prepared => "PREPARED",
+            TxnState::Committed => "COMMITTED",
             TxnState::Visible => "VISIBLE",
             TxnState::Aborted => "ABORTED",
         }
@@ -122,6 +132,8 @@ struct Txn {
     active: std::time::Instant,
     /// Prepare's `prepared_timeout` (default 86400 s): aborted if not committed by then.
     prepared_deadline: Option<std::time::Instant>,
+    /// Committed with a late publish: visible from then on.
+    publish_at: Option<std::time::Instant>,
 }
 
 /// A stored value, as a load wrote it. Strings, integers, booleans and NULL (nearly every
@@ -318,6 +330,8 @@ struct State {
     /// Stream Load transactions by `db/label`.
     txns: HashMap<String, Txn>,
     txn_faults: VecDeque<TxnFault>,
+    /// The commit being answered publishes this late ([`TxnFault::PublishLate`]).
+    publish_delay: Option<Duration>,
     /// Before StarRocks 4.0: a transaction takes one table, named at begin.
     single_table_txns: bool,
     /// `db.table` names whose keys are recorded after every visible change.
@@ -1260,6 +1274,28 @@ fn query_param(path: &str, name: &str) -> Option<String> {
 /// checks on its own schedule; checking at every request is indistinguishable to a client.)
 fn expire(s: &mut State) {
     let now = std::time::Instant::now();
+    let published: Vec<(String, String)> = s
+        .txns
+        .iter()
+        .filter(|(_, t)| t.state == TxnState::Committed && t.publish_at.is_some_and(|at| now >= at))
+        .map(|(key, _)| key.clone())
+        .filter_map(|key| {
+            key.split_once('/')
+                .map(|(db, _)| (key.clone(), db.to_string()))
+        })
+        .collect();
+    for (key, db) in published {
+        let Some(t) = s.txns.get_mut(&key) else {
+            continue;
+        };
+        t.state = TxnState::Visible;
+        let staged = std::mem::take(&mut t.staged);
+        for (table, parsed) in staged {
+            apply_rows(s, &db, &table, parsed);
+        }
+        record_visible(s);
+        s.labels.insert(key, "VISIBLE".into());
+    }
     let mut expired = Vec::new();
     for (key, t) in s.txns.iter_mut() {
         let gone = match t.state {
@@ -1420,6 +1456,9 @@ fn serve_txn(
         idle: seconds("idle_transaction_timeout"),
         prepared: seconds("prepared_timeout"),
     };
+    if let Some(TxnFault::PublishLate(d)) = fault {
+        state.lock().unwrap().publish_delay = Some(d);
+    }
     let mut answer = txn_control(state, op, &db, &label, table.as_deref(), timeouts);
     match fault {
         Some(TxnFault::CommitAnswersError) => {
@@ -1434,6 +1473,7 @@ fn serve_txn(
         Some(TxnFault::Delay(d)) => std::thread::sleep(d),
         _ => {}
     }
+    state.lock().unwrap().publish_delay = None;
     respond(writer, 200, "OK", "", &answer);
     Ok(())
 }
@@ -1461,6 +1501,7 @@ fn txn_control(
 ) -> String {
     let mut s = state.lock().unwrap();
     expire(&mut s);
+    let publish_delay = s.publish_delay.take();
     let key = format!("{db}/{label}");
     if label.is_empty() || db.is_empty() {
         return txn_answer(0, label, "FAILED", "label and db are required", "");
@@ -1507,6 +1548,7 @@ fn txn_control(
                 idle: timeouts.idle,
                 active: now,
                 prepared_deadline: None,
+                publish_at: None,
             },
         );
         s.labels.insert(key, "PREPARE".into());
@@ -1523,6 +1565,16 @@ fn txn_control(
             t.prepared_deadline =
                 Some(now + timeouts.prepared.unwrap_or(Duration::from_secs(86_400)));
             "PREPARED"
+        }
+        ("commit", TxnState::Prepared) if publish_delay.is_some() => {
+            t.state = TxnState::Committed;
+            t.publish_at = publish_delay.map(|d| now + d);
+            s.labels.insert(key, "COMMITTED".into());
+            s.log.push((label.to_string(), "COMMIT".into()));
+            return txn_answer(id, label, "OK", "publish timeout", "");
+        }
+        ("commit", TxnState::Committed) => {
+            return txn_answer(id, label, "OK", "publish timeout", "");
         }
         ("commit", TxnState::Prepared) => {
             let staged = std::mem::take(&mut t.staged);
@@ -1669,10 +1721,26 @@ fn mysql_read(stream: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
 }
 
 fn mysql_write(stream: &mut TcpStream, seq: u8, body: &[u8]) -> std::io::Result<()> {
-    let mut p = (body.len() as u32).to_le_bytes()[..3].to_vec();
-    p.push(seq);
-    p.extend_from_slice(body);
-    stream.write_all(&p)
+    mysql_write_split(stream, &mut { seq }, body)
+}
+
+/// Writes one payload, split as the MySQL protocol splits payloads of 2^24 - 1 bytes or
+/// more (full packets, then a shorter one, empty if need be), each with the next sequence id.
+fn mysql_write_split(stream: &mut TcpStream, seq: &mut u8, body: &[u8]) -> std::io::Result<()> {
+    const FULL: usize = 0xFF_FFFF;
+    let mut rest = body;
+    loop {
+        let part = &rest[..rest.len().min(FULL)];
+        let mut p = (part.len() as u32).to_le_bytes()[..3].to_vec();
+        p.push(*seq);
+        p.extend_from_slice(part);
+        stream.write_all(&p)?;
+        *seq = seq.wrapping_add(1);
+        rest = &rest[part.len()..];
+        if part.len() < FULL {
+            return Ok(());
+        }
+    }
 }
 
 const MYSQL_OK: [u8; 7] = [0x00, 0x00, 0x00, 0x02, 0x00, 0x00, 0x00];
@@ -1691,9 +1759,15 @@ fn lenenc(out: &mut Vec<u8>, text: &str) {
     let len = text.len();
     if len < 251 {
         out.push(len as u8);
-    } else {
+    } else if len < 1 << 16 {
         out.push(0xFC);
         out.extend_from_slice(&(len as u16).to_le_bytes());
+    } else if len < 1 << 24 {
+        out.push(0xFD);
+        out.extend_from_slice(&(len as u32).to_le_bytes()[..3]);
+    } else {
+        out.push(0xFE);
+        out.extend_from_slice(&(len as u64).to_le_bytes());
     }
     out.extend_from_slice(text.as_bytes());
 }
@@ -1795,7 +1869,8 @@ fn column_def(def: &str) -> Option<(String, String)> {
 /// The FE query port's statements CDC sends: TRUNCATE TABLE, CREATE TABLE (a Primary Key
 /// table, created at once), ALTER TABLE ADD / MODIFY / DROP COLUMN (a job that finishes
 /// later; another ALTER of the table while one runs is refused, as in StarRocks), SHOW ALTER
-/// TABLE COLUMN, and the columns from `information_schema.columns`.
+/// TABLE COLUMN, the columns from `information_schema.columns`, and `SELECT` of a table's
+/// rows by key ([`select_rows`]).
 fn run_statement(s: &mut State, sql: &str) -> Vec<Vec<u8>> {
     let err = |m: &str| vec![mysql_err(1064, "42000", m)];
     if let Some(name) = sql.strip_prefix("TRUNCATE TABLE ") {
@@ -1928,6 +2003,9 @@ fn run_statement(s: &mut State, sql: &str) -> Vec<Vec<u8>> {
             .collect();
         return result_set(&["JobId", "TableName", "State", "Msg"], &rows);
     }
+    if sql.starts_with("SELECT ") && !sql.contains("information_schema") {
+        return select_rows(s, sql);
+    }
     if sql.starts_with("SELECT COLUMN_NAME, COLUMN_TYPE FROM information_schema.columns") {
         let value = |key: &str| {
             sql.split_once(&format!("{key} = '"))
@@ -1949,6 +2027,199 @@ fn run_statement(s: &mut State, sql: &str) -> Vec<Vec<u8>> {
         return result_set(&["COLUMN_NAME", "COLUMN_TYPE"], &rows);
     }
     err("statement not supported by the emulator")
+}
+
+/// One token of a `SELECT`: a name (backquoted or bare), a string literal, or a symbol.
+#[derive(Debug, PartialEq)]
+enum Token {
+    Name(String),
+    Str(String),
+    Sym(char),
+}
+
+fn tokens(sql: &str) -> Option<Vec<Token>> {
+    let mut out = Vec::new();
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => {}
+            '`' => {
+                let mut name = String::new();
+                loop {
+                    match chars.next()? {
+                        '`' => break,
+                        c => name.push(c),
+                    }
+                }
+                out.push(Token::Name(name));
+            }
+            '\'' => {
+                // MySQL string literal: backslash escapes, '' for a quote.
+                let mut text = String::new();
+                loop {
+                    match chars.next()? {
+                        '\\' => match chars.next()? {
+                            '0' => text.push('\0'),
+                            'n' => text.push('\n'),
+                            't' => text.push('\t'),
+                            c => text.push(c),
+                        },
+                        '\'' if chars.peek() == Some(&'\'') => {
+                            chars.next();
+                            text.push('\'');
+                        }
+                        '\'' => break,
+                        c => text.push(c),
+                    }
+                }
+                out.push(Token::Str(text));
+            }
+            c if c.is_alphanumeric() || c == '_' => {
+                let mut name = String::from(c);
+                while let Some(&n) = chars.peek() {
+                    if !(n.is_alphanumeric() || n == '_') {
+                        break;
+                    }
+                    name.push(n);
+                    chars.next();
+                }
+                out.push(Token::Name(name));
+            }
+            c => out.push(Token::Sym(c)),
+        }
+    }
+    Some(out)
+}
+
+/// A value as StarRocks prints it over the MySQL text protocol: BOOLEAN as 1/0, JSON as
+/// its text, strings and numbers as they are.
+fn printed(v: &Cell) -> Option<String> {
+    match v {
+        Cell::Bool(b) => Some(if *b { "1" } else { "0" }.to_string()),
+        v => text_of(v),
+    }
+}
+
+/// `SELECT c1, c2 FROM db.t WHERE k IN ('a', ...)` or `WHERE (k1 = 'a' AND k2 = 'b') OR
+/// (...)`: the visible (committed) rows, as StarRocks reads a Primary Key table (loads of
+/// transactions not yet committed are not seen). The string literals compare with the key
+/// values as StarRocks prints them (it casts the literal to the column's type).
+fn select_rows(s: &State, sql: &str) -> Vec<Vec<u8>> {
+    let err = |code: u16, m: &str| vec![mysql_err(code, "42000", m)];
+    let Some(toks) = tokens(sql) else {
+        return err(1064, "malformed SELECT");
+    };
+    let kw =
+        |t: Option<&Token>, w: &str| matches!(t, Some(Token::Name(n)) if n.eq_ignore_ascii_case(w));
+    let mut at = 1;
+    let mut columns = Vec::new();
+    while let Some(Token::Name(n)) = toks.get(at) {
+        if n.eq_ignore_ascii_case("FROM") && !columns.is_empty() {
+            break;
+        }
+        columns.push(n.clone());
+        at += 1;
+        if toks.get(at) == Some(&Token::Sym(',')) {
+            at += 1;
+        }
+    }
+    if !kw(toks.get(at), "FROM") {
+        return err(
+            1064,
+            "the emulator runs SELECT columns FROM db.table WHERE key ...",
+        );
+    }
+    let (Some(Token::Name(db)), Some(Token::Sym('.')), Some(Token::Name(table))) =
+        (toks.get(at + 1), toks.get(at + 2), toks.get(at + 3))
+    else {
+        return err(1064, "SELECT needs db.table");
+    };
+    let Some(t) = s.tables.get(&format!("{db}.{table}")) else {
+        return err(1146, &format!("Unknown table '{db}.{table}'"));
+    };
+    if let Some(c) = columns.iter().find(|c| !t.columns.contains_key(*c)) {
+        return err(1054, &format!("Unknown column '{c}' in 'field list'"));
+    }
+    at += 4;
+    if !kw(toks.get(at), "WHERE") {
+        return err(1064, "the emulator runs SELECT ... WHERE key ...");
+    }
+    at += 1;
+    // Wanted keys: each a list of (column, literal).
+    let mut wanted: Vec<Vec<(String, String)>> = Vec::new();
+    if let (Some(Token::Name(k)), true) = (toks.get(at), kw(toks.get(at + 1), "IN")) {
+        at += 2;
+        if toks.get(at) != Some(&Token::Sym('(')) {
+            return err(1064, "IN needs a list");
+        }
+        at += 1;
+        while let Some(Token::Str(v)) = toks.get(at) {
+            wanted.push(vec![(k.clone(), v.clone())]);
+            at += 1;
+            if toks.get(at) == Some(&Token::Sym(',')) {
+                at += 1;
+            }
+        }
+        if toks.get(at) != Some(&Token::Sym(')')) {
+            return err(1064, "malformed IN list");
+        }
+        at += 1;
+    } else {
+        loop {
+            if toks.get(at) != Some(&Token::Sym('(')) {
+                return err(1064, "malformed WHERE");
+            }
+            at += 1;
+            let mut key = Vec::new();
+            while let (Some(Token::Name(c)), Some(Token::Sym('=')), Some(Token::Str(v))) =
+                (toks.get(at), toks.get(at + 1), toks.get(at + 2))
+            {
+                key.push((c.clone(), v.clone()));
+                at += 3;
+                if !kw(toks.get(at), "AND") {
+                    break;
+                }
+                at += 1;
+            }
+            if toks.get(at) != Some(&Token::Sym(')')) || key.is_empty() {
+                return err(1064, "malformed WHERE");
+            }
+            at += 1;
+            wanted.push(key);
+            if !kw(toks.get(at), "OR") {
+                break;
+            }
+            at += 1;
+        }
+    }
+    if at != toks.len() {
+        return err(1064, "unexpected text after WHERE");
+    }
+    if let Some((c, _)) = wanted
+        .iter()
+        .flatten()
+        .find(|(c, _)| !t.columns.contains_key(c))
+    {
+        return err(1054, &format!("Unknown column '{c}' in 'where clause'"));
+    }
+    let rows: Vec<Vec<Option<String>>> = t
+        .rows
+        .values()
+        .filter(|row| {
+            wanted.iter().any(|key| {
+                key.iter()
+                    .all(|(c, v)| t.value(row, c).and_then(printed).as_deref() == Some(v))
+            })
+        })
+        .map(|row| {
+            columns
+                .iter()
+                .map(|c| t.value(row, c).and_then(printed))
+                .collect()
+        })
+        .collect();
+    let names: Vec<&str> = columns.iter().map(String::as_str).collect();
+    result_set(&names, &rows)
 }
 
 fn serve_mysql(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
@@ -2001,10 +2272,12 @@ fn serve_mysql(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<(
         let mut s = state.lock().unwrap();
         s.statements.push(sql.clone());
         advance_jobs(&mut s);
+        expire(&mut s);
         let packets = run_statement(&mut s, &sql);
         drop(s);
-        for (i, packet) in packets.iter().enumerate() {
-            mysql_write(&mut stream, seq.wrapping_add(1 + i as u8), packet)?;
+        let mut next = seq.wrapping_add(1);
+        for packet in &packets {
+            mysql_write_split(&mut stream, &mut next, packet)?;
         }
     }
     Ok(())

@@ -1,0 +1,648 @@
+//! Whole rows for partial changes, so that they never cut a source transaction.
+//!
+//! pgoutput leaves out a TOAST value an UPDATE did not change (`'u'`), and a DELETE without
+//! `REPLICA IDENTITY FULL` carries only the key (which a soft delete must turn into a whole
+//! row with `is_deleted` set). Loaded as partial updates (a `columns` header naming only what
+//! the row carries), such rows cannot share a StarRocks transaction with whole rows of their
+//! table: the transaction interface takes one set of load parameters per table ("all
+//! `/api/transaction/load` calls of a transaction must carry the same parameters"), so the
+//! transaction used to be committed at that load and the source transaction became visible
+//! in two parts.
+//!
+//! Here such rows become whole rows before they load. The value of a column a change left
+//! out is the value the row had before that change:
+//!
+//! * the last value pgprism itself wrote for that key in the current flush cycle
+//!   ([`CycleRows`]: the pipeline keeps the values of every row it writes in the cycle, for
+//!   the columns that can come back left out, bounded by `cdc.fill-bytes-max`), else
+//! * the value StarRocks holds. The cycle's StarRocks transaction is not committed yet, so
+//!   StarRocks holds the row as the committed cycles left it, and a value left unchanged by
+//!   this change was not changed since the last change pgprism saw of that key, which is in
+//!   a committed cycle. The loader reads those values over the FE query port right before
+//!   the batch loads, one `SELECT` per batch ([`fill_batch`]), and writes them into the
+//!   rows' JSON.
+//!
+//! Every decision the pipeline makes here depends on the stream alone (the bound, the
+//! tables), so a replay after a crash fills and cuts the same way. Where the pipeline cannot
+//! know (the bound was exceeded in this cycle, a snapshot chunk of the table loaded in it,
+//! its columns changed in it, or its key type prints differently in StarRocks), the row stays
+//! a partial update and cuts the transaction as before (counted, with a warning). A `SELECT`
+//! that fails is a failure of the cycle: it is rolled back and loaded again from the
+//! checkpoint (never a cut, which a replay that reads StarRocks fine would not repeat).
+//!
+//! A row StarRocks does not have (it was never loaded: a table copied without a snapshot)
+//! keeps the columns out of its JSON, and StarRocks gives it NULL there, which is what the
+//! partial update gave it.
+
+use std::collections::{HashMap, HashSet};
+
+use super::pgoutput::Datum;
+use super::pipeline::Batch;
+use super::schema::{JsonKind, TableSchema, json_string};
+use super::snapshot::window::encode_key;
+use super::starrocks::{LoadError, StarRocks};
+
+/// What the pipeline knows of one column of a row it wrote in the cycle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Kept {
+    Null,
+    Text(Box<[u8]>),
+    Binary(Box<[u8]>),
+    /// The cycle never wrote this column for the key: StarRocks holds its value.
+    InStarRocks,
+    /// Not kept (a column that is never left out: fixed-length types); or left out by the
+    /// change at hand and still to be found.
+    Missing,
+}
+
+impl Kept {
+    pub(super) fn of(datum: Datum<'_>) -> Kept {
+        match datum {
+            Datum::Null => Kept::Null,
+            Datum::Text(v) => Kept::Text(v.into()),
+            Datum::Binary(v) => Kept::Binary(v.into()),
+            Datum::Unchanged => Kept::Missing,
+        }
+    }
+
+    /// As a value to write (`Unchanged`: left out of the row's JSON).
+    pub(super) fn datum(&self) -> Datum<'_> {
+        match self {
+            Kept::Null => Datum::Null,
+            Kept::Text(v) => Datum::Text(v),
+            Kept::Binary(v) => Datum::Binary(v),
+            Kept::InStarRocks | Kept::Missing => Datum::Unchanged,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Kept::Text(v) | Kept::Binary(v) => v.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// PostgreSQL types whose values are never TOASTed (fixed length): never left out of an
+/// UPDATE, so not kept for TOAST. (bool, "char", name, int8, int2, int4, oid, tid, xid, cid,
+/// float4, float8, money, macaddr8, macaddr, date, time, timestamp, timestamptz, interval,
+/// timetz, uuid, pg_lsn.)
+fn fixed_length(type_oid: u32) -> bool {
+    matches!(
+        type_oid,
+        16 | 18
+            | 19
+            | 20
+            | 21
+            | 23
+            | 26
+            | 27
+            | 28
+            | 29
+            | 700
+            | 701
+            | 790
+            | 774
+            | 829
+            | 1082
+            | 1083
+            | 1114
+            | 1184
+            | 1186
+            | 1266
+            | 2950
+            | 3220
+    )
+}
+
+/// Key types whose text is the same in PostgreSQL and StarRocks (integers, strings, uuid,
+/// date): the rows a `SELECT` returns are matched to the keys asked for by that text. A
+/// table keyed otherwise (a timestamp prints differently) is never read back: its rows that
+/// need a value StarRocks holds stay partial updates.
+fn key_prints_alike(type_oid: u32) -> bool {
+    matches!(type_oid, 20 | 21 | 23 | 26 | 25 | 1042 | 1043 | 2950 | 1082)
+}
+
+/// Per-table decisions, from its columns.
+pub(super) fn keeps_column(schema: &TableSchema, i: usize, soft_deletes: bool) -> bool {
+    soft_deletes
+        || schema
+            .columns
+            .get(i)
+            .is_some_and(|c| !fixed_length(c.type_oid))
+}
+
+/// Whether any column of the table may need to be found (so its rows are kept).
+pub(super) fn table_needs_rows(schema: &TableSchema, soft_deletes: bool) -> bool {
+    (0..schema.columns.len())
+        .any(|i| !schema.key.contains(&i) && keeps_column(schema, i, soft_deletes))
+}
+
+/// What the pipeline knows of a key in the cycle.
+pub(super) enum Lookup<'a> {
+    /// Written in the cycle: these values (by column).
+    Row(&'a [Kept]),
+    /// Not written in the cycle: StarRocks holds the row as it was before.
+    InStarRocks,
+    /// Cannot tell (the bound was exceeded, the table's memory of the cycle is incomplete,
+    /// the key was deleted in the cycle, or StarRocks cannot be asked for it).
+    Unknown,
+}
+
+/// Encoded key → the row's values (`None`: deleted in the cycle).
+type TableRows = HashMap<Box<[u8]>, Option<Box<[Kept]>>>;
+
+/// A row to complete from StarRocks: its key values (as PostgreSQL prints them, in key
+/// order) and the indexes of the columns to read.
+pub(super) type ToRead = (Vec<Box<[u8]>>, Vec<usize>);
+
+/// [`Lookup`], owned: what the cycle knew of a key before a change (an UPDATE that moves a
+/// row to a new key takes its left-out values from the old key's row).
+pub(super) enum Prior {
+    Row(Box<[Kept]>),
+    InStarRocks,
+    Unknown,
+}
+
+/// Rough bytes of one remembered row besides its values (key, map entry, allocations).
+const ENTRY_OVERHEAD_BYTES: usize = 64;
+
+/// The rows the pipeline wrote in the current flush cycle, by table and key (see the module
+/// comment). Cleared at every cycle's end.
+pub(super) struct CycleRows {
+    /// Relation id → encoded key → the row's values (`None`: deleted in the cycle).
+    tables: HashMap<u32, TableRows>,
+    bytes: usize,
+    bytes_max: usize,
+    /// Source tables whose memory of the cycle is incomplete: a snapshot chunk loaded
+    /// (rows pgprism wrote without seeing them here), or their columns changed.
+    incomplete: HashSet<String>,
+    /// The bound was exceeded: nothing is known for the rest of the cycle.
+    overflowed: bool,
+    /// Cycles that exceeded the bound.
+    pub(super) overflows: u64,
+}
+
+impl CycleRows {
+    pub(super) fn new(bytes_max: usize) -> CycleRows {
+        CycleRows {
+            tables: HashMap::new(),
+            bytes: 0,
+            bytes_max,
+            incomplete: HashSet::new(),
+            overflowed: false,
+            overflows: 0,
+        }
+    }
+
+    /// The cycle ended (its transaction commits before anything later loads).
+    pub(super) fn clear(&mut self) {
+        self.tables.clear();
+        self.bytes = 0;
+        self.incomplete.clear();
+        self.overflowed = false;
+    }
+
+    /// Rows of this table were written without passing here, or its columns changed:
+    /// forget it for the rest of the cycle.
+    pub(super) fn mark_incomplete(&mut self, oid: Option<u32>, source_name: &str) {
+        if let Some(rows) = oid.and_then(|oid| self.tables.remove(&oid)) {
+            self.bytes -= rows
+                .iter()
+                .map(|(k, v)| entry_bytes(k, v.as_deref()))
+                .sum::<usize>();
+        }
+        self.incomplete.insert(source_name.to_string());
+    }
+
+    /// The table was emptied (TRUNCATE): what was kept of it is gone, and StarRocks is
+    /// empty too once the loader applied it.
+    pub(super) fn forget_table(&mut self, oid: u32) {
+        if let Some(rows) = self.tables.remove(&oid) {
+            self.bytes -= rows
+                .iter()
+                .map(|(k, v)| entry_bytes(k, v.as_deref()))
+                .sum::<usize>();
+        }
+    }
+
+    pub(super) fn lookup(&self, schema: &TableSchema, key: &[u8]) -> Lookup<'_> {
+        if self.overflowed || self.incomplete.contains(&schema.source_name) {
+            return Lookup::Unknown;
+        }
+        match self.tables.get(&schema.oid).and_then(|t| t.get(key)) {
+            Some(Some(row)) => Lookup::Row(row),
+            Some(None) => Lookup::Unknown,
+            None if schema.key.iter().all(|&i| {
+                schema
+                    .columns
+                    .get(i)
+                    .is_some_and(|c| key_prints_alike(c.type_oid))
+            }) =>
+            {
+                Lookup::InStarRocks
+            }
+            None => Lookup::Unknown,
+        }
+    }
+
+    /// [`CycleRows::lookup`], kept past the next change.
+    pub(super) fn prior(&self, schema: &TableSchema, key: &[u8]) -> Prior {
+        match self.lookup(schema, key) {
+            Lookup::Row(row) => Prior::Row(row.into()),
+            Lookup::InStarRocks => Prior::InStarRocks,
+            Lookup::Unknown => Prior::Unknown,
+        }
+    }
+
+    /// Records the row `key` now has (`None`: deleted). Beyond the bound, forgets the whole
+    /// cycle and says so (`false`).
+    pub(super) fn remember(&mut self, oid: u32, key: Box<[u8]>, row: Option<Box<[Kept]>>) -> bool {
+        if self.overflowed {
+            return false;
+        }
+        let added = entry_bytes(&key, row.as_deref());
+        let table = self.tables.entry(oid).or_default();
+        if let Some(old) = table.get(&key) {
+            self.bytes -= entry_bytes(&key, old.as_deref());
+        }
+        self.bytes += added;
+        table.insert(key, row);
+        if self.bytes > self.bytes_max {
+            self.tables.clear();
+            self.bytes = 0;
+            self.overflowed = true;
+            self.overflows += 1;
+            return false;
+        }
+        true
+    }
+}
+
+fn entry_bytes(key: &[u8], row: Option<&[Kept]>) -> usize {
+    ENTRY_OVERHEAD_BYTES + key.len() + row.map_or(0, |r| r.iter().map(Kept::bytes).sum::<usize>())
+}
+
+/// The encoded key of a row (`None` when a key value is missing).
+pub(super) fn key_of(schema: &TableSchema, values: &[Kept]) -> Option<Box<[u8]>> {
+    let mut parts = Vec::with_capacity(schema.key.len());
+    for &i in &schema.key {
+        match values.get(i)? {
+            Kept::Text(v) | Kept::Binary(v) => parts.push(Some(&v[..])),
+            _ => return None,
+        }
+    }
+    Some(encode_key(parts.into_iter()))
+}
+
+/// The values of a row that need reading from StarRocks before its batch loads.
+#[derive(Debug, Clone)]
+pub struct PendingRow {
+    /// Offset in the batch body right after the row's `{`.
+    pub(super) at: usize,
+    /// Key values as PostgreSQL prints them, in key order.
+    pub(super) key: Vec<Box<[u8]>>,
+    /// Indexes into [`FillPlan::columns`].
+    pub(super) columns: Vec<u16>,
+}
+
+/// The reads a batch needs before it loads: its rows whose left-out values StarRocks holds.
+#[derive(Debug, Clone, Default)]
+pub struct FillPlan {
+    /// Key column names, in key order.
+    pub(super) key: Vec<String>,
+    /// Columns some row needs: name, how its value is written, `"name":`.
+    pub(super) columns: Vec<(String, JsonKind, Vec<u8>)>,
+    pub(super) rows: Vec<PendingRow>,
+}
+
+impl FillPlan {
+    /// The index of `column` in [`FillPlan::columns`], added when new.
+    pub(super) fn column(&mut self, name: &str, kind: JsonKind, json_key: &[u8]) -> u16 {
+        if let Some(i) = self.columns.iter().position(|c| c.0 == name) {
+            return i as u16;
+        }
+        self.columns
+            .push((name.to_string(), kind, json_key.to_vec()));
+        (self.columns.len() - 1) as u16
+    }
+}
+
+/// Waits until the transactions committed before whose publish had not finished are
+/// visible (`labels`, emptied as they become so): a `SELECT` before that would read the rows
+/// they replaced. Bounded by `cdc.load-timeout-ms`; beyond, the cycle is loaded again from
+/// the checkpoint.
+pub fn wait_visible(sink: &StarRocks, labels: &mut Vec<String>) -> Result<(), LoadError> {
+    let cfg = sink.config();
+    let deadline = std::time::Instant::now() + cfg.timeout;
+    let mut delay = cfg.backoff;
+    while let Some(label) = labels.first() {
+        let state = sink.label_state(label);
+        if state.as_deref() == Ok("VISIBLE") {
+            labels.remove(0);
+            continue;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(LoadError::NotVisible {
+                label: label.clone(),
+                state: state.unwrap_or_else(|e| e),
+            });
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(cfg.backoff_max);
+    }
+    Ok(())
+}
+
+/// Keys one `SELECT` asks for at most (the statement stays far below the FE's packet size).
+const KEYS_PER_QUERY: usize = 500;
+
+/// What [`fill_batch`] did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Filled {
+    /// Rows whose values were read from StarRocks.
+    pub rows_read: u64,
+    /// Rows StarRocks did not have (their left-out columns load as NULL).
+    pub rows_missing: u64,
+}
+
+/// Reads the values `plan` needs from StarRocks (committed data: the cycle's own loads are
+/// not visible) and writes them into a copy of `batch`'s rows.
+pub fn fill_batch(
+    sink: &StarRocks,
+    batch: &Batch,
+    plan: &FillPlan,
+) -> Result<(Batch, Filled), LoadError> {
+    let mut found: HashMap<Vec<u8>, Vec<Option<String>>> = HashMap::new();
+    let mut keys: Vec<&[Box<[u8]>]> = Vec::new();
+    let mut seen: HashSet<Vec<u8>> = HashSet::new();
+    for row in &plan.rows {
+        if seen.insert(joined(row.key.iter().map(|k| &k[..]))) {
+            keys.push(&row.key);
+        }
+    }
+    for chunk in keys.chunks(KEYS_PER_QUERY) {
+        let sql = select_sql(&sink.config().database, &batch.table, plan, chunk);
+        let (_, rows) = sink.query(&sql)?;
+        collect(&mut found, rows, plan.key.len());
+    }
+    let (body, filled) = splice(&batch.body, plan, &found);
+    Ok((
+        Batch {
+            body,
+            ..batch.clone()
+        },
+        filled,
+    ))
+}
+
+/// Writes the values `found` (by joined key, in the order of the plan's columns) into the
+/// rows of `body` that `plan` names, right after each row's `{`.
+fn splice(
+    body: &[u8],
+    plan: &FillPlan,
+    found: &HashMap<Vec<u8>, Vec<Option<String>>>,
+) -> (Vec<u8>, Filled) {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 2);
+    let mut done = 0;
+    let mut filled = Filled::default();
+    for row in &plan.rows {
+        let Some(head) = body.get(done..row.at) else {
+            continue;
+        };
+        out.extend_from_slice(head);
+        done = row.at;
+        let Some(values) = found.get(&joined(row.key.iter().map(|k| &k[..]))) else {
+            filled.rows_missing += 1;
+            continue;
+        };
+        filled.rows_read += 1;
+        for &c in &row.columns {
+            let (Some((_, kind, json_key)), Some(value)) =
+                (plan.columns.get(usize::from(c)), values.get(usize::from(c)))
+            else {
+                continue;
+            };
+            out.extend_from_slice(json_key);
+            write_starrocks_value(&mut out, *kind, value.as_deref());
+            out.push(b',');
+        }
+    }
+    out.extend_from_slice(body.get(done..).unwrap_or_default());
+    (out, filled)
+}
+
+/// Key values joined with NUL (which no PostgreSQL text contains).
+fn joined<'a>(parts: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in parts {
+        out.extend_from_slice(p);
+        out.push(0);
+    }
+    out
+}
+
+/// Result rows (key columns first, then the plan's columns) by joined key.
+fn collect(
+    found: &mut HashMap<Vec<u8>, Vec<Option<String>>>,
+    rows: Vec<Vec<Option<String>>>,
+    key_len: usize,
+) {
+    for mut row in rows {
+        if row.len() < key_len || row[..key_len].iter().any(Option::is_none) {
+            continue;
+        }
+        let values = row.split_off(key_len);
+        let key = joined(
+            row.iter()
+                .map(|k| k.as_deref().unwrap_or_default().as_bytes()),
+        );
+        found.insert(key, values);
+    }
+}
+
+/// `` SELECT `k`, `c` FROM `db`.`t` WHERE `k` IN ('1', '2') `` (one key column), or
+/// `` WHERE (`k1` = 'a' AND `k2` = 'b') OR ... `` (several).
+fn select_sql(db: &str, table: &str, plan: &FillPlan, keys: &[&[Box<[u8]>]]) -> String {
+    use super::ddl::quote;
+    let mut sql = String::from("SELECT ");
+    let names: Vec<String> = plan
+        .key
+        .iter()
+        .chain(plan.columns.iter().map(|c| &c.0))
+        .map(|n| quote(n))
+        .collect();
+    sql.push_str(&names.join(", "));
+    sql.push_str(" FROM ");
+    sql.push_str(&quote(db));
+    sql.push('.');
+    sql.push_str(&quote(table));
+    sql.push_str(" WHERE ");
+    if plan.key.len() == 1 {
+        sql.push_str(&quote(&plan.key[0]));
+        sql.push_str(" IN (");
+        for (i, k) in keys.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            literal(&mut sql, k.first().map_or(&[][..], |v| &v[..]));
+        }
+        sql.push(')');
+    } else {
+        for (i, k) in keys.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(" OR ");
+            }
+            sql.push('(');
+            for (j, (name, v)) in plan.key.iter().zip(k.iter()).enumerate() {
+                if j > 0 {
+                    sql.push_str(" AND ");
+                }
+                sql.push_str(&quote(name));
+                sql.push_str(" = ");
+                literal(&mut sql, v);
+            }
+            sql.push(')');
+        }
+    }
+    sql
+}
+
+/// A StarRocks string literal: single quotes, backslash escapes (as in MySQL).
+fn literal(sql: &mut String, value: &[u8]) {
+    sql.push('\'');
+    for c in String::from_utf8_lossy(value).chars() {
+        match c {
+            '\'' => sql.push_str("\\'"),
+            '\\' => sql.push_str("\\\\"),
+            '\0' => sql.push_str("\\0"),
+            c => sql.push(c),
+        }
+    }
+    sql.push('\'');
+}
+
+/// Writes a value as StarRocks printed it (text protocol) so that loading it again stores
+/// the same value: numbers as numbers, BOOLEAN (printed `1`/`0`) as `true`/`false`,
+/// everything else as a JSON string (a JSON column's text is the document, loaded again as
+/// pgprism loads PostgreSQL's json text).
+fn write_starrocks_value(body: &mut Vec<u8>, kind: JsonKind, value: Option<&str>) {
+    let Some(text) = value else {
+        body.extend_from_slice(b"null");
+        return;
+    };
+    match kind {
+        JsonKind::Number if super::pipeline::is_json_number(text.as_bytes()) => {
+            body.extend_from_slice(text.as_bytes());
+        }
+        JsonKind::Bool => body.extend_from_slice(if matches!(text, "1" | "true" | "t") {
+            b"true"
+        } else {
+            b"false"
+        }),
+        _ => json_string(body, text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(key: &[&str]) -> FillPlan {
+        let mut plan = FillPlan {
+            key: key.iter().map(|k| k.to_string()).collect(),
+            ..FillPlan::default()
+        };
+        plan.column("big", JsonKind::String, br#""big":"#);
+        plan.column("ok", JsonKind::Bool, br#""ok":"#);
+        plan
+    }
+
+    #[test]
+    fn selects_by_key_with_escaped_literals() {
+        let one = plan(&["id"]);
+        let keys: Vec<Box<[u8]>> = vec![b"1".to_vec().into(), b"it's \\".to_vec().into()];
+        let asked: Vec<&[Box<[u8]>]> = keys.chunks(1).collect();
+        assert_eq!(
+            select_sql("db", "t", &one, &asked),
+            r"SELECT `id`, `big`, `ok` FROM `db`.`t` WHERE `id` IN ('1', 'it\'s \\')"
+        );
+        let two = plan(&["a", "b"]);
+        let keys: Vec<Box<[u8]>> = vec![b"1".to_vec().into(), b"x".to_vec().into()];
+        assert_eq!(
+            select_sql("db", "t", &two, &[&keys[..], &keys[..]]),
+            "SELECT `a`, `b`, `big`, `ok` FROM `db`.`t` WHERE (`a` = '1' AND `b` = 'x') OR (`a` = '1' AND `b` = 'x')"
+        );
+    }
+
+    #[test]
+    fn values_read_go_right_after_each_rows_brace() {
+        let mut p = plan(&["id"]);
+        let body = br#"[{"id":1,"__op":0},{"id":2,"__op":0},{"id":3,"__op":0}]"#;
+        p.rows = vec![
+            PendingRow {
+                at: 2,
+                key: vec![b"1".to_vec().into()],
+                columns: vec![0, 1],
+            },
+            PendingRow {
+                at: 38,
+                key: vec![b"3".to_vec().into()],
+                columns: vec![0],
+            },
+        ];
+        assert_eq!(&body[37..39], b"{\"");
+        let mut found = HashMap::new();
+        found.insert(
+            b"1\0".to_vec(),
+            vec![Some("a\"b".to_string()), Some("1".to_string())],
+        );
+        let (out, filled) = splice(body, &p, &found);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"[{"big":"a\"b","ok":true,"id":1,"__op":0},{"id":2,"__op":0},{"id":3,"__op":0}]"#
+        );
+        assert_eq!((filled.rows_read, filled.rows_missing), (1, 1));
+        // The third row was not found: it keeps its JSON, StarRocks gives it NULL.
+        found.insert(b"3\0".to_vec(), vec![None, None]);
+        let (out, _) = splice(body, &p, &found);
+        assert!(
+            std::str::from_utf8(&out)
+                .unwrap()
+                .ends_with(r#"{"big":null,"id":3,"__op":0}]"#)
+        );
+    }
+
+    #[test]
+    fn past_the_bound_the_cycle_knows_nothing_until_it_ends() {
+        let schema = TableSchema {
+            oid: 1,
+            source_name: "public.t".into(),
+            target_name: "t".into(),
+            columns: vec![
+                super::super::schema::Column::new("id", 23),
+                super::super::schema::Column::new("big", 25),
+            ],
+            key: vec![0],
+            generation: 1,
+        };
+        assert!(table_needs_rows(&schema, false));
+        let mut rows = CycleRows::new(200);
+        let row = |v: &[u8]| -> Box<[Kept]> {
+            vec![Kept::Text(b"1".to_vec().into()), Kept::Text(v.into())].into()
+        };
+        let key = key_of(&schema, &row(b"x")).unwrap();
+        assert!(matches!(rows.lookup(&schema, &key), Lookup::InStarRocks));
+        rows.remember(1, key.clone(), Some(row(b"x")));
+        assert!(
+            matches!(rows.lookup(&schema, &key), Lookup::Row(r) if r[1] == Kept::Text(b"x".to_vec().into()))
+        );
+        rows.remember(1, key.clone(), Some(row(&[b'y'; 300])));
+        assert_eq!(rows.overflows, 1);
+        assert!(matches!(rows.lookup(&schema, &key), Lookup::Unknown));
+        rows.clear();
+        assert!(matches!(rows.lookup(&schema, &key), Lookup::InStarRocks));
+        rows.mark_incomplete(None, "public.t");
+        assert!(matches!(rows.lookup(&schema, &key), Lookup::Unknown));
+    }
+}
