@@ -906,6 +906,53 @@ fn a_lingering_shared_connection_is_reused_and_still_goes_back() {
 /// is served at once: the lingering shard hears of it through its eventfd and gives the
 /// connection back, instead of at the end of its linger (here 8 s, where the waiting client
 /// gives up after 3 s with 53300).
+/// At least `each` clients through `proxy` on each of its two shards, by shard. Clients
+/// connect one at a time; the one row SHOW CLIENTS gains tells the new client's shard (the
+/// top byte of its `ptr`).
+fn clients_by_shard(
+    proxy: &Proxy,
+    console: &mut postgres::Client,
+    each: usize,
+) -> [Vec<postgres::Client>; 2] {
+    let ptrs = |console: &mut postgres::Client| -> std::collections::HashSet<u64> {
+        console
+            .simple_query("SHOW CLIENTS")
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some("postgres") => {
+                    let ptr = r.get("ptr")?.strip_prefix("0x")?;
+                    u64::from_str_radix(ptr, 16).ok()
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let mut known = ptrs(console);
+    let mut by_shard: [Vec<postgres::Client>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..32 * each {
+        if by_shard.iter().all(|c| c.len() >= each) {
+            break;
+        }
+        let client = proxy.client();
+        let mut new = Vec::new();
+        assert!(eventually(Duration::from_secs(10), || {
+            let now = ptrs(console);
+            new = now.difference(&known).copied().collect();
+            !new.is_empty()
+        }));
+        assert_eq!(new.len(), 1, "one client connected");
+        known.insert(new[0]);
+        by_shard[(new[0] >> 56) as usize].push(client);
+    }
+    assert!(
+        by_shard.iter().all(|c| c.len() >= each),
+        "{} clients, too few on one shard",
+        32 * each
+    );
+    by_shard
+}
+
 #[test]
 fn a_waiter_on_another_shard_is_served_without_waiting_out_the_linger() {
     let pg = start_primary("pool-linger-shards");
@@ -937,45 +984,9 @@ fn a_waiter_on_another_shard_is_served_without_waiting_out_the_linger() {
         postgres::NoTls,
     )
     .unwrap();
-    // Clients connect one at a time; the one row SHOW CLIENTS gains tells the new client's
-    // shard (the top byte of its `ptr`). (They carry no settings of their own: clients
-    // with different settings never share a connection.)
-    let ptrs = |console: &mut postgres::Client| -> std::collections::HashSet<u64> {
-        console
-            .simple_query("SHOW CLIENTS")
-            .unwrap()
-            .into_iter()
-            .filter_map(|m| match m {
-                postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some("postgres") => {
-                    let ptr = r.get("ptr")?.strip_prefix("0x")?;
-                    u64::from_str_radix(ptr, 16).ok()
-                }
-                _ => None,
-            })
-            .collect()
-    };
-    let mut known = ptrs(&mut console);
-    let mut by_shard: [Vec<postgres::Client>; 2] = [Vec::new(), Vec::new()];
-    for _ in 0..64 {
-        if by_shard[0].len() >= 2 && by_shard[1].len() >= 2 {
-            break;
-        }
-        let client = proxy.client();
-        let mut new = Vec::new();
-        assert!(eventually(Duration::from_secs(10), || {
-            let now = ptrs(&mut console);
-            new = now.difference(&known).copied().collect();
-            !new.is_empty()
-        }));
-        assert_eq!(new.len(), 1, "one client connected");
-        known.insert(new[0]);
-        by_shard[(new[0] >> 56) as usize].push(client);
-    }
-    assert!(
-        by_shard.iter().all(|c| c.len() >= 2),
-        "64 clients all landed on one shard"
-    );
-    let [mut here, mut there] = by_shard;
+    // (They carry no settings of their own: clients with different settings never share a
+    // connection.)
+    let [mut here, mut there] = clients_by_shard(&proxy, &mut console, 2);
     let mut direct = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
     let (mut a, mut b) = (here.remove(0), here.remove(0));
     let mut waiter = there.remove(0);
@@ -1002,5 +1013,113 @@ fn a_waiter_on_another_shard_is_served_without_waiting_out_the_linger() {
     assert_eq!(proxy.metric("pgprism_pool_wait_timeouts_total"), 0);
     // And the pipeline's own clients still get served (a connection of their shard).
     assert!(!b.simple_query("SELECT 8").unwrap().is_empty());
+    let _ = std::fs::remove_file(&config);
+}
+
+/// Issue 14, session 12: with two shards, clients of one shard that always has clients
+/// waiting kept every connection it held, and the other shard's clients queued until
+/// `query-wait-timeout` (each shard lent its own connections back to its own waiters first).
+/// Now the bound is shared out by each shard's demand: the other shard's clients get their
+/// part while the busy shard keeps serving its own, and the pair never exceeds its bound.
+#[test]
+fn a_shard_whose_clients_always_wait_makes_room_for_another_shards_clients() {
+    let pg = start_primary("pool-fair");
+    let config = std::env::temp_dir().join(format!("pgprism-fair-{}.toml", std::process::id()));
+    std::fs::write(&config, "[pool]\nadmin-users = [\"postgres\"]\n").unwrap();
+    let config = config.display().to_string();
+    let proxy = pooled(
+        &pg.url(),
+        2,
+        &[
+            "--shards",
+            "2",
+            "--query-wait-timeout",
+            "20000",
+            "--config",
+            &config,
+        ],
+    );
+    let mut console = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=pgbouncer connect_timeout=10",
+            proxy.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    let [busy, mut other] = clients_by_shard(&proxy, &mut console, 8);
+    // The pair's server connections, sampled all along: never more than the bound.
+    let stop = Arc::new(AtomicBool::new(false));
+    let most = Arc::new(AtomicUsize::new(0));
+    let sampler = {
+        let (stop, most) = (stop.clone(), most.clone());
+        let mut direct = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let n: i64 = direct
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = 'postgres' \
+                         AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+                        &[],
+                    )
+                    .unwrap()
+                    .get(0);
+                most.fetch_max(n as usize, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    // Eight clients of one shard run statements back to back on the two connections: that
+    // shard always has clients waiting.
+    let done = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = busy
+        .into_iter()
+        .map(|mut c| {
+            let (stop, done) = (stop.clone(), done.clone());
+            std::thread::spawn(move || -> Result<(), postgres::Error> {
+                while !stop.load(Ordering::Relaxed) {
+                    c.simple_query("SELECT pg_sleep(0.005)")?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(20), || clients_waiting(&mut console)
+            .is_some_and(|n| n >= 3)),
+        "the busy shard's clients never queued"
+    );
+    // Two clients of the other shard: every transaction is served (before, the first
+    // waited out the 20 s bound and got 53300), and the busy shard's clients are served
+    // meanwhile too.
+    let before = done.load(Ordering::Relaxed);
+    for round in 0..10 {
+        for c in other.iter_mut().take(2) {
+            let mut tx = c.transaction().unwrap();
+            let v: i32 = tx.query_one("SELECT $1::int", &[&round]).unwrap().get(0);
+            assert_eq!(v, round);
+            tx.commit().unwrap();
+        }
+    }
+    let during = done.load(Ordering::Relaxed) - before;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join()
+            .unwrap()
+            .expect("the busy shard's statements all succeed");
+    }
+    sampler.join().unwrap();
+    assert!(during > 0, "the busy shard was not served meanwhile");
+    assert_eq!(proxy.metric("pgprism_pool_wait_timeouts_total"), 0);
+    // (The counters reach /metrics a few times a second.)
+    assert!(
+        eventually(Duration::from_secs(10), || proxy
+            .metric("pgprism_pool_servers_yielded_total")
+            >= 1),
+        "no connection was given up for the other shard"
+    );
+    let most = most.load(Ordering::Relaxed);
+    assert!(most <= 2, "{most} server connections for a pool of 2");
     let _ = std::fs::remove_file(&config);
 }

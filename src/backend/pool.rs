@@ -8,6 +8,17 @@
 //! the budget (`wanted`), and shards with connections to spare close them when they come back
 //! (or, idle, at the next maintenance tick), so the connections follow the clients.
 //!
+//! While clients of several shards wait, the bound is shared out by demand: each shard
+//! publishes how many of its clients are in a transaction or waiting (smoothed, at its care
+//! tick), every shard works out the same apportionment of `pool.size` from those figures,
+//! and a shard above its part closes a connection that comes back instead of lending it to
+//! its own next waiter, while a shard at its part leaves free room to the others. Without
+//! it, a shard whose clients always waited kept every connection it held, and the other
+//! shard's clients queued behind connections that never came free (issue 14, session 12:
+//! 64 pgbench clients, 27 on one shard with 13 connections and 0.7 ms average wait, 37 on
+//! the other with 7 and 20-30 ms). Connections stay on their shard (a connection is its
+//! shard's io_uring registration and TLS state); what moves is the room in the bound.
+//!
 //! Every wait is bounded: a client waits at most `pool.query-wait-timeout-ms`, and at most
 //! `pool.waiters-max` clients wait per shard and pair.
 
@@ -83,6 +94,11 @@ pub struct Budget {
     /// wakes them (see [`Wakeups`]), so that they give it back at once instead of at the
     /// end of their linger. Empty without pipelined lending (no wake-ups to ring).
     lingering: Box<[std::sync::atomic::AtomicU64]>,
+    /// Each shard's demand for this pair (its clients in a transaction or waiting,
+    /// smoothed, in sixteenths), published by the shard's care tick and when a client of
+    /// an idle shard starts waiting: how `pool.size` is shared out while clients of several
+    /// shards wait ([`apportion`]).
+    demand: Box<[AtomicUsize]>,
 }
 
 impl Budget {
@@ -163,15 +179,16 @@ impl Budgets {
         Ok(Budgets(Arc::default(), Wakeups(Arc::new(notifiers))))
     }
 
-    fn get(&self, user: &str, database: &str) -> Arc<Budget> {
+    fn get(&self, user: &str, database: &str, shards: usize) -> Arc<Budget> {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let shards = (self.1).0.len();
+        let wakeups = (self.1).0.len();
         map.entry((user.to_string(), database.to_string()))
             .or_insert_with(|| {
                 Arc::new(Budget {
-                    lingering: (0..shards.div_ceil(64))
+                    lingering: (0..wakeups.div_ceil(64))
                         .map(|_| std::sync::atomic::AtomicU64::new(0))
                         .collect(),
+                    demand: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
                     ..Budget::default()
                 })
             })
@@ -306,6 +323,8 @@ pub struct PoolCounters {
     pub shared_units: Cell<u64>,
     pub shared_behind: Cell<u64>,
     pub shared_writes: Cell<u64>,
+    /// Connections closed to make room in the bound for clients of other shards.
+    pub servers_yielded: Cell<u64>,
 }
 
 pub fn bump(cell: &Cell<u64>, by: u64) {
@@ -347,6 +366,13 @@ pub struct Pool {
     pub counters: PoolCounters,
     /// Shared connections of this pair lingering on this shard with nothing in flight.
     lingering: Cell<usize>,
+    /// This shard's demand (clients in a transaction or waiting), smoothed over care ticks,
+    /// in sixteenths; and the figure last published in the budget.
+    demand: Cell<usize>,
+    published: Cell<usize>,
+    /// This shard's part of `pool.size` while clients of other shards wait (worked out at
+    /// each care tick from every shard's published demand).
+    share: Cell<usize>,
 }
 
 impl Pool {
@@ -399,6 +425,17 @@ impl Pool {
 
     pub fn budget(&self) -> &Budget {
         &self.budget
+    }
+
+    /// Clients of other shards wait for this pair (the budget counts this shard's own
+    /// waiters too, those just handed a connection included).
+    fn others_wait(&self) -> bool {
+        self.budget.wanted() > self.waiting.get()
+    }
+
+    /// This shard's part of the bound while clients of other shards wait.
+    pub fn share(&self) -> usize {
+        self.share.get()
     }
 
     /// The first waiter still waiting (dropping those that left from the front).
@@ -494,7 +531,7 @@ impl Pools {
             ServerLogin::None
         };
         let pool = Rc::new(Pool {
-            budget: self.budgets.get(&user, &database),
+            budget: self.budgets.get(&user, &database, self.shards),
             user: user.clone(),
             database: database.clone(),
             idle: RefCell::new(Vec::new()),
@@ -508,6 +545,9 @@ impl Pools {
             pinned: Cell::new(0),
             counters: PoolCounters::default(),
             lingering: Cell::new(0),
+            demand: Cell::new(0),
+            published: Cell::new(0),
+            share: Cell::new(self.cfg.size),
         });
         pools.insert((user, database), pool.clone());
         pool
@@ -576,6 +616,11 @@ impl Pools {
         pool.waiting.set(pool.waiting.get() + 1);
         pool.budget.wanted.fetch_add(1, Ordering::SeqCst);
         self.wake_lingering(pool);
+        // A shard that published no demand (its clients were idle) says so now, not at its
+        // next tick: the others would otherwise see no reason to make room for it.
+        if pool.published.get() == 0 {
+            self.publish_demand(pool, (pool.linked.get() as usize + pool.waiting.get()) * 16);
+        }
         // Should this future be dropped while it waits (its caller gave up, its task ended),
         // the place in line and the counts go with it, and a connection handed over
         // meanwhile goes back to the pool instead of being lost with the budget it holds.
@@ -663,6 +708,11 @@ impl Pools {
             if let Some(conn) = self.usable(pool, conn).await {
                 return Ok(Some(conn));
             }
+        }
+        // Clients of other shards wait and this shard holds its part of the bound: free room
+        // is theirs (this shard's own connections come back to its waiters).
+        if pool.others_wait() && pool.open.get() >= pool.share.get() {
+            return Ok(None);
         }
         let waited = started.elapsed();
         let limit = if waited >= Duration::from_millis(self.cfg.reserve_timeout_ms) {
@@ -855,8 +905,15 @@ impl Pools {
             pool.idle.borrow_mut().push(conn);
             return;
         }
-        // A client of this shard waits: hand it over directly, first come first served.
+        // A client of this shard waits: hand it over directly, first come first served;
+        // unless clients of other shards wait too and this shard holds more than its part of
+        // the bound: then the room goes to them (they open a connection in its place).
         if let Some(waiter) = pool.first_waiter() {
+            if pool.others_wait() && pool.open.get() > pool.share.get() {
+                bump(&pool.counters.servers_yielded, 1);
+                self.close(pool, conn);
+                return;
+            }
             pool.waiters.borrow_mut().pop_front();
             waiter.done.set(true);
             *waiter.conn.borrow_mut() = Some(conn);
@@ -865,9 +922,12 @@ impl Pools {
             }
             return;
         }
-        // Clients of another shard wait for this pair at the bound: make room for them. (The
-        // budget counts this shard's waiters too, those just handed a connection included.)
-        if pool.budget.wanted() > pool.waiting.get() {
+        // Clients of another shard wait for this pair at the bound: make room for them, out of
+        // what this shard holds beyond its part (its part it keeps for its own clients, who
+        // may come back at once; should they not, its demand and so its part fall within a
+        // few care ticks).
+        if pool.others_wait() && pool.open.get() > pool.share.get() {
+            bump(&pool.counters.servers_yielded, 1);
             self.close(pool, conn);
             return;
         }
@@ -940,6 +1000,7 @@ impl Pools {
         let now = Instant::now();
         let idle_limit = self.cfg.server_idle_timeout_ms;
         for pool in self.all() {
+            self.share_out(&pool);
             let mut closing = Vec::new();
             {
                 let mut idle = pool.idle.borrow_mut();
@@ -952,7 +1013,11 @@ impl Pools {
                         && idle_for.as_millis() as u64 >= idle_limit
                         && pool.open.get() - closing.len() > keep;
                     let others_wait = pool.budget.wanted() > pool.waiting.get() + closing.len()
-                        && pool.waiting.get() == 0;
+                        && pool.waiting.get() == 0
+                        && pool.open.get() - closing.len() > pool.share.get();
+                    if others_wait && !too_idle {
+                        bump(&pool.counters.servers_yielded, 1);
+                    }
                     if too_idle || self.expired(conn, now) || others_wait {
                         closing.push(idle.swap_remove(i));
                     } else {
@@ -975,6 +1040,39 @@ impl Pools {
                     }
                 });
             }
+        }
+    }
+
+    /// A care tick's part in sharing the bound out by demand: this shard's demand (clients
+    /// in a transaction or waiting) smoothed and published, and its part of `pool.size`
+    /// worked out from every shard's published demand.
+    fn share_out(&self, pool: &Pool) {
+        let sample = (pool.linked.get() as usize + pool.waiting.get()) * 16;
+        let smoothed = pool.demand.get() - pool.demand.get() / 4 + sample / 4;
+        pool.demand.set(smoothed);
+        // Published only when it moved by more than an eighth (or to or from nothing), so
+        // that every shard works out its part from the same figures and the parts add up to
+        // the bound, instead of each shard's tick moving a connection back and forth.
+        let published = pool.published.get();
+        if smoothed.abs_diff(published) > (published / 8).max(16)
+            || (smoothed < 16) != (published == 0)
+        {
+            self.publish_demand(pool, if smoothed < 16 { 0 } else { smoothed });
+        }
+        let demand: Vec<usize> = pool
+            .budget
+            .demand
+            .iter()
+            .map(|d| d.load(Ordering::Relaxed))
+            .collect();
+        pool.share
+            .set(apportion(self.cfg.size, &demand, self.shard));
+    }
+
+    fn publish_demand(&self, pool: &Pool, demand: usize) {
+        pool.published.set(demand);
+        if let Some(slot) = pool.budget.demand.get(self.shard) {
+            slot.store(demand, Ordering::Relaxed);
         }
     }
 
@@ -1152,6 +1250,45 @@ pub async fn run_simple(conn: &mut ServerConn, sql: &str, up: &Upstream) -> Resu
     within(limit, read).await.unwrap_or(Err(()))
 }
 
+/// Shard `me`'s part of `size` connections shared out in proportion to each shard's
+/// `demand` (largest remainders, ties to the lower shard, so that the parts add up to
+/// `size`), every shard with some demand getting at least one while `size` allows: a
+/// shard with a single waiting client is never left without a connection of its own. No
+/// demand anywhere: no limit (`size`).
+fn apportion(size: usize, demand: &[usize], me: usize) -> usize {
+    let total: usize = demand.iter().sum();
+    if total == 0 || me >= demand.len() {
+        return size;
+    }
+    // (part, remainder) per shard.
+    let mut parts: Vec<(usize, usize)> = demand
+        .iter()
+        .map(|&d| (size * d / total, size * d % total))
+        .collect();
+    let mut left = size - parts.iter().map(|p| p.0).sum::<usize>();
+    let mut order: Vec<usize> = (0..parts.len()).collect();
+    order.sort_by(|&a, &b| parts[b].1.cmp(&parts[a].1).then(a.cmp(&b)));
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        parts[i].0 += 1;
+        left -= 1;
+    }
+    while let Some(starved) = (0..parts.len()).find(|&i| demand[i] > 0 && parts[i].0 == 0) {
+        let Some(largest) = (0..parts.len()).max_by_key(|&i| (parts[i].0, std::cmp::Reverse(i)))
+        else {
+            break;
+        };
+        if parts[largest].0 <= 1 {
+            break;
+        }
+        parts[largest].0 -= 1;
+        parts[starved].0 += 1;
+    }
+    parts[me].0
+}
+
 /// Room was made in `pool`'s budget: its first local waiter may open a connection now
 /// rather than at its next retry.
 fn wake_one(pool: &Pool) {
@@ -1188,9 +1325,30 @@ mod tests {
     }
 
     #[test]
+    fn the_bound_is_shared_out_by_demand_and_adds_up() {
+        // The session-12 measurement: 27 and 37 clients busy, pool 20.
+        assert_eq!(apportion(20, &[27, 37], 0), 8);
+        assert_eq!(apportion(20, &[27, 37], 1), 12);
+        // No demand anywhere: no limit; demand on one shard only: all of it.
+        assert_eq!(apportion(20, &[0, 0], 1), 20);
+        assert_eq!(apportion(20, &[5, 0], 0), 20);
+        assert_eq!(apportion(20, &[5, 0], 1), 0);
+        // One waiting client against a hundred still gets a connection.
+        assert_eq!(apportion(2, &[100, 1], 1), 1);
+        assert_eq!(apportion(2, &[100, 1], 0), 1);
+        // More shards with demand than connections: the parts still add up to the bound.
+        for size in 1..12 {
+            for demand in [[3usize, 1, 7], [1, 1, 1], [0, 9, 2], [50, 1, 1]] {
+                let sum: usize = (0..3).map(|s| apportion(size, &demand, s)).sum();
+                assert_eq!(sum, size, "size {size}, demand {demand:?}");
+            }
+        }
+    }
+
+    #[test]
     fn lingering_marks_of_shards_64_apart_are_their_own() {
         let budgets = Budgets::with_wakeups(130).expect("eventfds");
-        let b = budgets.get("u", "d");
+        let b = budgets.get("u", "d", 130);
         b.mark(0, true);
         b.mark(64, true);
         b.mark(128, true);

@@ -2142,7 +2142,7 @@ async fn care(shard: &Rc<ShardCtx>, pools: &Rc<Pools>) {
 
 /// Copies the pools' cumulative counters into the shard's (for `/metrics`).
 fn count_pools(shard: &ShardCtx, pools: &Pools) {
-    let mut totals = [0u64; 15];
+    let mut totals = [0u64; 16];
     for pool in pools.all() {
         let c = &pool.counters;
         for (t, v) in totals.iter_mut().zip([
@@ -2161,6 +2161,7 @@ fn count_pools(shard: &ShardCtx, pools: &Pools) {
             c.shared_units.get(),
             c.shared_behind.get(),
             c.shared_writes.get(),
+            c.servers_yielded.get(),
         ]) {
             *t += v;
         }
@@ -2182,6 +2183,7 @@ fn count_pools(shard: &ShardCtx, pools: &Pools) {
         &s.pool_shared_units,
         &s.pool_shared_behind,
         &s.pool_shared_writes,
+        &s.pool_servers_yielded,
     ]
     .into_iter()
     .zip(totals)

@@ -104,6 +104,7 @@ counters! {
     pool_settings_applied: "transaction pooling: lends that first brought the connection to the client's settings",
     pool_servers_opened: "transaction pooling: primary connections opened",
     pool_servers_closed: "transaction pooling: primary connections closed",
+    pool_servers_yielded: "transaction pooling: primary connections closed to make room in pool.size for clients of other shards (the bound shared out by each shard's demand)",
     pool_servers_lost: "transaction pooling: primary connections that failed (while lent or at a check)",
     pool_dirty_closed: "transaction pooling: connections closed instead of returned (client left mid-statement, failed rollback or reset)",
     pool_pipelines: "pipelined lending: connections lent to several clients' autocommit statements at once",
