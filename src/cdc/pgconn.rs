@@ -236,7 +236,20 @@ impl PgConn {
     pub fn query_sets(
         &mut self,
         sql: &str,
+        each: impl FnMut(usize, wire::ValuesIter<'_>),
+    ) -> Result<u64, PgError> {
+        self.query_sets_copy(sql, each, None::<fn(&[u8])>)
+    }
+
+    /// [`query_sets`](Self::query_sets) where a statement may be `COPY ... TO STDOUT`: each
+    /// CopyData payload (one row: the server sends one message per row) goes to `copy` as a
+    /// view over the receive buffer; its rows are counted too. Without `copy`, a COPY OUT is
+    /// a protocol error.
+    pub fn query_sets_copy(
+        &mut self,
+        sql: &str,
         mut each: impl FnMut(usize, wire::ValuesIter<'_>),
+        mut copy: Option<impl FnMut(&[u8])>,
     ) -> Result<u64, PgError> {
         encode::query(&mut self.out, sql)?;
         self.flush()?;
@@ -245,6 +258,14 @@ impl PgConn {
         let mut failure = None;
         loop {
             let frame = self.read_frame()?;
+            // The hot message of a COPY first, without the general decoder.
+            if frame.tag() == wire::tag::COPY_DATA
+                && let Some(copy) = copy.as_mut()
+            {
+                rows += 1;
+                copy(frame.body());
+                continue;
+            }
             match BackendMessage::decode(frame.tag(), frame.body())? {
                 BackendMessage::RowDescription(_) => set = Some(set.map_or(0, |s| s + 1)),
                 BackendMessage::DataRow(row) => {
@@ -258,6 +279,7 @@ impl PgConn {
                         None => Ok(rows),
                     };
                 }
+                BackendMessage::CopyOutResponse(_) if copy.is_some() => {}
                 BackendMessage::CopyBothResponse(_) | BackendMessage::CopyOutResponse(_) => {
                     return Err(PgError::Unexpected {
                         tag: frame.tag(),

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use crossbeam_channel::Sender;
 
 use crate::cdc::lsn::Lsn;
-use crate::cdc::pipeline::Batch;
+use crate::cdc::pipeline::{Batch, BodyFormat};
 
 /// The logical-message prefix of the watermarks (`pg_logical_emit_message`).
 pub const WATERMARK_PREFIX: &str = "pgprism-snapshot";
@@ -50,6 +50,8 @@ pub struct Fetched {
     pub chunk: u32,
     /// StarRocks Stream Load bodies of at most `flush-bytes` each, with the key of each row.
     pub pieces: Vec<Piece>,
+    /// How the bodies are written (every piece of a chunk alike).
+    pub format: BodyFormat,
     /// The StarRocks table and `columns` header.
     pub target: String,
     pub columns: String,
@@ -61,7 +63,8 @@ pub struct Fetched {
     pub reply: Sender<Verdict>,
 }
 
-/// One Stream Load body of chunk rows: `[row,row,...]` and, per row, its key and byte range.
+/// One Stream Load body of chunk rows (`[row,row,...]` in JSON, one line per row in CSV) and,
+/// per row, its key and byte range.
 #[derive(Default)]
 pub struct Piece {
     pub body: Vec<u8>,
@@ -386,19 +389,25 @@ fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>) -> (Emitted, u64) {
         let body = if keep == piece.rows.len() {
             piece.body
         } else {
+            let json = chunk.format == BodyFormat::Json;
             let mut body = Vec::with_capacity(piece.body.len());
-            body.push(b'[');
+            if json {
+                body.push(b'[');
+            }
             for (k, start, end) in &piece.rows {
                 if changed.contains(k) {
                     continue;
                 }
-                if body.len() > 1 {
+                if json && body.len() > 1 {
                     body.push(b',');
                 }
+                // A CSV row's range holds its final newline.
                 let row = piece.body.get(*start as usize..*end as usize);
                 body.extend_from_slice(row.unwrap_or_default());
             }
-            body.push(b']');
+            if json {
+                body.push(b']');
+            }
             body
         };
         rows += keep as u64;
@@ -407,6 +416,7 @@ fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>) -> (Emitted, u64) {
             columns: chunk.columns.clone(),
             partial: false,
             body,
+            format: chunk.format,
             rows: keep as u64,
             label: format!("{}-{n}", chunk.label),
         });
@@ -447,6 +457,7 @@ mod tests {
             table: "public.t".into(),
             chunk: 3,
             pieces: vec![piece],
+            format: BodyFormat::Json,
             target: "t".into(),
             columns: "id".into(),
             label: "s-t-snap3-10".into(),
