@@ -257,8 +257,10 @@ impl PgConn {
         let mut set = None::<usize>;
         let mut failure = None;
         loop {
+            if let Some(copy) = copy.as_mut() {
+                rows += self.drain_copy_data(copy);
+            }
             let frame = self.read_frame()?;
-            // The hot message of a COPY first, without the general decoder.
             if frame.tag() == wire::tag::COPY_DATA
                 && let Some(copy) = copy.as_mut()
             {
@@ -289,6 +291,36 @@ impl PgConn {
                 _ => {}
             }
         }
+    }
+
+    /// Hands the complete CopyData messages at the head of the input buffer to `copy`,
+    /// without splitting each off as a frame of its own (an allocation and a reference count
+    /// per row of a COPY); stops at anything else, which the general path then reads (a
+    /// header it must refuse included). Returns the messages handed over.
+    fn drain_copy_data(&mut self, copy: &mut impl FnMut(&[u8])) -> u64 {
+        use bytes::Buf;
+        let (mut consumed, mut n) = (0usize, 0u64);
+        while let Some(h) = self.inbuf.get(consumed..consumed + wire::HEADER_BYTES) {
+            if h[0] != wire::tag::COPY_DATA {
+                break;
+            }
+            let len = i32::from_be_bytes([h[1], h[2], h[3], h[4]]);
+            let Ok(len) = usize::try_from(len) else {
+                break;
+            };
+            if !(4..=MESSAGE_BYTES_MAX).contains(&len) {
+                break;
+            }
+            let end = consumed + 1 + len;
+            let Some(body) = self.inbuf.get(consumed + wire::HEADER_BYTES..end) else {
+                break;
+            };
+            copy(body);
+            n += 1;
+            consumed = end;
+        }
+        self.inbuf.advance(consumed);
+        n
     }
 
     /// Sends a command that answers with CopyBothResponse (START_REPLICATION).

@@ -338,6 +338,8 @@ struct State {
     /// it is taken, and planned against which schema), so the emulator takes it against the
     /// new schema, as before, and records it: pgprism must never send one.
     across_schema_change: Vec<String>,
+    /// Loads taken, by `db.table` and format (`json`, `csv`).
+    formats: BTreeMap<(String, &'static str), usize>,
 }
 
 pub struct StarRocks {
@@ -542,6 +544,16 @@ impl StarRocks {
     /// (label, status) of every load answered so far.
     pub fn log(&self) -> Vec<(String, String)> {
         self.state.lock().unwrap().log.clone()
+    }
+
+    /// Loads taken so far into `db.table` in each format (`json`, `csv`).
+    pub fn loads_by_format(&self, db: &str, table: &str) -> BTreeMap<&'static str, usize> {
+        let s = self.state.lock().unwrap();
+        s.formats
+            .iter()
+            .filter(|((t, _), _)| *t == format!("{db}.{table}"))
+            .map(|((_, f), n)| (*f, *n))
+            .collect()
     }
 
     /// Labels of the loads that arrived in a transaction begun before a schema change of
@@ -774,6 +786,8 @@ struct Parsed {
     /// The `columns` header (with the format and its parameters after it: see
     /// [`load_params`]) and `partial_update` (a transaction takes one set per table).
     params: (String, bool),
+    /// `json` or `csv`.
+    format: &'static str,
 }
 
 /// What a load is checked against: the table's key and columns when the load began (as
@@ -1014,6 +1028,7 @@ fn parse_rows(
         filtered,
         partial,
         params: (load_params(req), partial),
+        format: "json",
     })
 }
 
@@ -1133,6 +1148,7 @@ fn parse_csv(
         filtered,
         partial,
         params: (load_params(req), partial),
+        format: "csv",
     })
 }
 
@@ -1226,7 +1242,10 @@ fn split_csv<'a>(
             if body[end..].starts_with(sep) {
                 break false;
             }
-            end += 1;
+            // On to the next byte that may end the field or be an escape.
+            let stop = escape.unwrap_or(row_end);
+            end += 1 + memchr::memchr3(sep[0], row_end, stop, &body[end + 1..])
+                .unwrap_or(body.len() - end - 1);
         };
         let value: Cow<'a, str> = match owned {
             Some(mut o) => {
@@ -1303,12 +1322,16 @@ fn count_rows(
         filtered: 0,
         partial,
         params: (load_params(req), partial),
+        format: "json",
     })
 }
 
 /// Writes checked rows into `db.table` in order (upserts, `__op` = 1 deletes, partial
 /// updates merge the listed columns). The values move into the table, uncopied.
 fn apply_rows(s: &mut State, db: &str, table: &str, parsed: Parsed) {
+    *s.formats
+        .entry((format!("{db}.{table}"), parsed.format))
+        .or_default() += 1;
     *s.applied.entry(format!("{db}.{table}")).or_default() += parsed.loaded;
     if s.sink {
         return;

@@ -33,22 +33,30 @@ pub fn fields(row: &[u8]) -> Option<Vec<Option<Cow<'_, [u8]>>>> {
     }
 }
 
-/// The encoded key (`window::encode_key`) of a row whose first `n` fields are its key
-/// columns. `None` for a malformed row.
-pub fn key_of(row: &[u8], n: usize) -> Option<Box<[u8]>> {
+/// Appends the encoded key (`window::encode_key`) of a row whose first `n` fields are its
+/// key columns to `out`; false (and `out` as it was) for a malformed row.
+pub fn key_into(out: &mut Vec<u8>, row: &[u8], n: usize) -> bool {
+    let len = out.len();
+    if key_fields(out, row, n).is_none() {
+        out.truncate(len);
+        return false;
+    }
+    true
+}
+
+fn key_fields(out: &mut Vec<u8>, row: &[u8], n: usize) -> Option<()> {
     let row = row.strip_suffix(b"\n").unwrap_or(row);
-    let mut key = Vec::with_capacity(16);
     let mut at = Some(0);
     for _ in 0..n {
         let (value, next) = field(row, at?)?;
         match value {
-            Some(v) => key.extend_from_slice(&v),
-            None => key.push(1),
+            Some(v) => out.extend_from_slice(&v),
+            None => out.push(1),
         }
-        key.push(0);
+        out.push(0);
         at = next;
     }
-    Some(key.into_boxed_slice())
+    Some(())
 }
 
 /// Whether a field of the row is the text `\N` (written `"\N"`), which StarRocks would read
@@ -56,7 +64,13 @@ pub fn key_of(row: &[u8], n: usize) -> Option<Box<[u8]>> {
 /// field its quotes would be doubled).
 pub fn holds_null_text(row: &[u8]) -> bool {
     let row = row.strip_suffix(b"\n").unwrap_or(row);
-    memchr::memmem::find_iter(row, b"\"\\N\"").any(|i| {
+    // Most rows hold no quote at all.
+    if memchr::memchr(b'"', row).is_none() {
+        return false;
+    }
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"\\N\""));
+    FINDER.find_iter(row).any(|i| {
         let before = i == 0 || row[i - 1] == b',';
         let after = i + 4 == row.len() || row[i + 4] == b',';
         before && after
@@ -136,11 +150,17 @@ mod tests {
     #[test]
     fn keys_match_the_window_encoding() {
         use crate::cdc::snapshot::window::encode_key;
-        let key = key_of(b"\"a,\"\"b\",7,rest\n", 2).unwrap();
+        let mut key = b"x".to_vec();
+        assert!(key_into(&mut key, b"\"a,\"\"b\",7,rest\n", 2));
         let want = encode_key([Some(&b"a,\"b"[..]), Some(&b"7"[..])].into_iter());
-        assert_eq!(key, want);
-        assert!(key_of(b"\"a\n", 1).is_none());
-        assert!(key_of(b"1\n", 2).is_none(), "fewer fields than key columns");
+        assert_eq!(key[1..], want[..]);
+        let before = key.clone();
+        assert!(!key_into(&mut key, b"\"a\n", 1));
+        assert!(
+            !key_into(&mut key, b"1\n", 2),
+            "fewer fields than key columns"
+        );
+        assert_eq!(key, before, "a malformed row leaves the buffer as it was");
     }
 
     #[test]

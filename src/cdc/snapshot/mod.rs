@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use crossbeam_channel::RecvTimeoutError;
 
-use self::window::{Exchange, Fetched, Piece, Verdict, Windows, encode_key, watermark_text};
+use self::window::{Exchange, Fetched, Piece, Verdict, Windows, encode_key_into, watermark_text};
 use super::checkpoint::qualified;
 use super::lsn::Lsn;
 use super::pgconn::{PgConn, PgError, quote_ident, quote_literal};
@@ -1028,6 +1028,7 @@ impl<'a> Worker<'a> {
         let low = std::cell::Cell::new(Lsn::default());
         let mut xip: Vec<u32> = Vec::new();
         let mut pieces: Vec<Piece> = vec![Piece::default()];
+        let mut key = Vec::new();
         let mut rows_csv = CsvRows::new(read.csv.as_ref(), &self.ctx.pcfg, &synced_at);
         self.conn
             .query_sets_copy(
@@ -1068,8 +1069,11 @@ impl<'a> Worker<'a> {
                         .body
                         .push(if piece.body.is_empty() { b'[' } else { b',' });
                     let start = piece.body.len() as u32;
-                    let key =
-                        encode_key(read.key_at.iter().map(|&i| values.clone().nth(i).flatten()));
+                    key.clear();
+                    encode_key_into(
+                        &mut key,
+                        read.key_at.iter().map(|&i| values.clone().nth(i).flatten()),
+                    );
                     write_snapshot_row(
                         &self.ctx.pcfg,
                         &read.schema,
@@ -1078,7 +1082,7 @@ impl<'a> Worker<'a> {
                         &synced_at,
                         low.get(),
                     );
-                    piece.rows.push((key, start, piece.body.len() as u32));
+                    piece.push_row(&key, start);
                 },
                 rows_csv
                     .as_mut()
@@ -1138,6 +1142,8 @@ struct CsvRows {
     audit_lsn: Option<Lsn>,
     audit_on: bool,
     synced_at: String,
+    /// The current row's key.
+    key: Vec<u8>,
     /// A row did not split into fields.
     malformed: bool,
     /// A value is the text `\N` (see [`csv::holds_null_text`]).
@@ -1154,6 +1160,7 @@ impl CsvRows {
             audit_lsn: None,
             audit_on: pcfg.audit_prefix.is_some(),
             synced_at: synced_at.to_string(),
+            key: Vec::new(),
             malformed: false,
             null_text: false,
         })
@@ -1161,10 +1168,11 @@ impl CsvRows {
 
     /// One CopyData message: one row, `\n` at its end.
     fn push(&mut self, row: &[u8], low: Lsn, flush_bytes: usize) {
-        let Some(key) = csv::key_of(row, self.key_columns) else {
+        self.key.clear();
+        if !csv::key_into(&mut self.key, row, self.key_columns) {
             self.malformed = true;
             return;
-        };
+        }
         if !self.null_text && csv::holds_null_text(row) {
             self.null_text = true;
         }
@@ -1179,7 +1187,7 @@ impl CsvRows {
             _ => {
                 self.pieces.push(Piece {
                     body: Vec::with_capacity(flush_bytes.min(1 << 18)),
-                    rows: Vec::new(),
+                    ..Piece::default()
                 });
                 let Some(p) = self.pieces.last_mut() else {
                     return;
@@ -1193,7 +1201,7 @@ impl CsvRows {
             .extend_from_slice(row.strip_suffix(b"\n").unwrap_or(row));
         piece.body.extend_from_slice(&self.audit);
         piece.body.push(b'\n');
-        piece.rows.push((key, start, piece.body.len() as u32));
+        piece.push_row(&self.key, start);
     }
 }
 
@@ -1209,7 +1217,7 @@ fn csv_to_json(
     let mut out = Vec::with_capacity(pieces.len());
     for piece in pieces {
         let mut json = Piece::default();
-        for (key, start, end) in piece.rows {
+        for (key, start, end) in piece.iter() {
             let row = piece.body.get(start as usize..end as usize)?;
             let mut values = csv::fields(row)?;
             // Back to PostgreSQL's own text, which the JSON writer turns into true/false.
@@ -1230,7 +1238,7 @@ fn csv_to_json(
                 synced_at,
                 low,
             );
-            json.rows.push((key, from, json.body.len() as u32));
+            json.push_row(key, from);
         }
         json.body.push(b']');
         out.push(json);

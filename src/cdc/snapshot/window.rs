@@ -68,7 +68,31 @@ pub struct Fetched {
 #[derive(Default)]
 pub struct Piece {
     pub body: Vec<u8>,
-    pub rows: Vec<(Box<[u8]>, u32, u32)>,
+    /// Every row's key ([`encode_key`]), one after the other: one buffer, not one
+    /// allocation per row.
+    pub keys: Vec<u8>,
+    /// Per row: where its key ends in `keys` (it starts where the previous one's ended), and
+    /// its byte range in `body`.
+    pub rows: Vec<(u32, u32, u32)>,
+}
+
+impl Piece {
+    /// Appends a row: its key, then its bytes already written to `body` from `start`.
+    pub fn push_row(&mut self, key: &[u8], start: u32) {
+        self.keys.extend_from_slice(key);
+        self.rows
+            .push((self.keys.len() as u32, start, self.body.len() as u32));
+    }
+
+    /// The rows: key, start and end in `body`.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], u32, u32)> {
+        let mut from = 0usize;
+        self.rows.iter().map(move |&(k, start, end)| {
+            let key = self.keys.get(from..k as usize).unwrap_or_default();
+            from = k as usize;
+            (key, start, end)
+        })
+    }
 }
 
 /// What became of a chunk at its high watermark.
@@ -163,14 +187,19 @@ pub struct Windows {
 /// a NULL is a 0x01 byte.
 pub fn encode_key<'a>(parts: impl Iterator<Item = Option<&'a [u8]>>) -> Box<[u8]> {
     let mut text = Vec::with_capacity(16);
+    encode_key_into(&mut text, parts);
+    text.into_boxed_slice()
+}
+
+/// [`encode_key`] appended to `out`.
+pub fn encode_key_into<'a>(out: &mut Vec<u8>, parts: impl Iterator<Item = Option<&'a [u8]>>) {
     for part in parts {
         match part {
-            Some(v) => text.extend_from_slice(v),
-            None => text.push(1),
+            Some(v) => out.extend_from_slice(v),
+            None => out.push(1),
         }
-        text.push(0);
+        out.push(0);
     }
-    text.into_boxed_slice()
 }
 
 /// The watermark text: `{tag} {id} {L|H} {table}`.
@@ -377,9 +406,8 @@ fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>) -> (Emitted, u64) {
             piece.rows.len()
         } else {
             piece
-                .rows
                 .iter()
-                .filter(|(k, _, _)| !changed.contains(k))
+                .filter(|(k, _, _)| !changed.contains(*k))
                 .count()
         };
         dropped += (piece.rows.len() - keep) as u64;
@@ -394,7 +422,7 @@ fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>) -> (Emitted, u64) {
             if json {
                 body.push(b'[');
             }
-            for (k, start, end) in &piece.rows {
+            for (k, start, end) in piece.iter() {
                 if changed.contains(k) {
                     continue;
                 }
@@ -402,7 +430,7 @@ fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>) -> (Emitted, u64) {
                     body.push(b',');
                 }
                 // A CSV row's range holds its final newline.
-                let row = piece.body.get(*start as usize..*end as usize);
+                let row = piece.body.get(start as usize..end as usize);
                 body.extend_from_slice(row.unwrap_or_default());
             }
             if json {
@@ -450,7 +478,7 @@ mod tests {
             piece
                 .body
                 .extend_from_slice(format!("{{\"id\":{k}}}").as_bytes());
-            piece.rows.push((key(k), start, piece.body.len() as u32));
+            piece.push_row(&key(k), start);
         }
         piece.body.push(b']');
         let chunk = Fetched {
