@@ -255,7 +255,10 @@ fn end_to_end_against_pg_recvlogical() {
 }
 
 /// The initial snapshot of one table (2 workers) against `psql -c "COPY t TO STDOUT"` into
-/// /dev/null, same table, same run, alternated; medians. The snapshot's time runs from the
+/// /dev/null, same table, same run, alternated; medians. Also timed in each run: `COPY t TO
+/// '/dev/null'` on the server, and two clients each reading half the table with `COPY
+/// (SELECT ...) TO STDOUT (FORMAT csv)` at once (the most a 2-worker CSV snapshot could do
+/// with nothing else running). The snapshot's time runs from the
 /// start of `pgprism cdc` until the emulator holds every row (setup and slot creation
 /// included); COPY's from the start of psql to its exit.
 #[test]
@@ -293,17 +296,37 @@ fn snapshot_against_copy() {
     let target = Target::start();
     let sr = &target.sr;
     let (mut copy_secs, mut snap_secs) = (Vec::new(), Vec::new());
-    for run in 0..RUNS {
-        let t = Instant::now();
-        let status = std::process::Command::new(pg.psql_path())
+    let (mut file_secs, mut halves_secs) = (Vec::new(), Vec::new());
+    let psql = |sql: &str| {
+        std::process::Command::new(pg.psql_path())
             .args(["-h", "127.0.0.1", "-p", &pg.port().to_string()])
             .args(["-U", "postgres", "-d", "postgres", "-X", "-q"])
-            .args(["-c", "COPY t TO STDOUT"])
+            .args(["-c", sql])
             .stdout(Stdio::from(std::fs::File::create("/dev/null").unwrap()))
-            .status()
-            .expect("run psql");
+            .spawn()
+            .expect("run psql")
+    };
+    for run in 0..RUNS {
+        let t = Instant::now();
+        let status = psql("COPY t TO STDOUT").wait().unwrap();
         copy_secs.push(t.elapsed().as_secs_f64());
         assert!(status.success(), "COPY failed");
+        // The floors: the server writing the table to /dev/null itself (the measure),
+        // and what the snapshot's two workers cannot go below, two clients each reading half
+        // of the key range in CSV and doing nothing else.
+        let t = Instant::now();
+        assert!(psql("COPY t TO '/dev/null'").wait().unwrap().success());
+        file_secs.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let half = rows / 2;
+        let mut a = psql(&format!(
+            "COPY (SELECT * FROM t WHERE id <= {half}) TO STDOUT (FORMAT csv)"
+        ));
+        let mut b = psql(&format!(
+            "COPY (SELECT * FROM t WHERE id > {half}) TO STDOUT (FORMAT csv)"
+        ));
+        assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+        halves_secs.push(t.elapsed().as_secs_f64());
 
         // Created afresh each run: the emulator keeps every row in memory.
         let db = "snap".to_string();
@@ -334,8 +357,8 @@ fn snapshot_against_copy() {
             target.rows(&db, base)
         );
         println!(
-            "run {run}: COPY TO STDOUT {:.2} s, pgprism snapshot {:.2} s (setup {setup:.2} s; pgprism CPU {cpu:.2} s)",
-            copy_secs[run], snap_secs[run]
+            "run {run}: COPY TO STDOUT {:.2} s, COPY TO '/dev/null' {:.2} s, two half-range COPYs in CSV {:.2} s, pgprism snapshot {:.2} s (setup {setup:.2} s; pgprism CPU {cpu:.2} s)",
+            copy_secs[run], file_secs[run], halves_secs[run], snap_secs[run]
         );
     }
     let median = |v: &mut Vec<f64>| {
@@ -343,6 +366,10 @@ fn snapshot_against_copy() {
         v[v.len() / 2]
     };
     let (copy, snap) = (median(&mut copy_secs), median(&mut snap_secs));
+    let (file, halves) = (median(&mut file_secs), median(&mut halves_secs));
+    println!(
+        "COPY t TO '/dev/null' (server side): median {file:.2} s; two half-range COPYs in CSV to psql: median {halves:.2} s"
+    );
     let (copy_rate, snap_rate) = (rows as f64 / copy, rows as f64 / snap);
     println!("COPY t TO STDOUT > /dev/null: median {copy:.2} s = {copy_rate:.0} rows/s");
     println!(

@@ -11,8 +11,8 @@ use clap::Args;
 
 use super::Shared;
 use crate::config::{
-    AdminConfig, CdcConfig, CdcDeleteMode, CdcSchemaChanges, CdcToastMode, CdcTransactionMode,
-    Config,
+    AdminConfig, CdcConfig, CdcDeleteMode, CdcSchemaChanges, CdcSnapshotFormat, CdcToastMode,
+    CdcTransactionMode, Config,
 };
 
 #[derive(Args, Debug)]
@@ -79,6 +79,9 @@ pub struct CdcArgs {
     /// Chunks each snapshot worker reads ahead of the stream's verdicts.
     #[arg(long)]
     snapshot_chunks_in_flight: Option<usize>,
+    /// `csv` (COPY in CSV, passed to Stream Load as it comes) or `json`.
+    #[arg(long, value_parser = ["csv", "json"])]
+    snapshot_format: Option<String>,
     /// Bytes of streamed, uncommitted transactions held in memory before spilling to files.
     #[arg(long)]
     stream_buffer_bytes_max: Option<usize>,
@@ -152,6 +155,11 @@ impl CdcArgs {
         match self.toast_mode.as_deref() {
             Some("partial") => cfg.toast_mode = CdcToastMode::Partial,
             Some("full-row") => cfg.toast_mode = CdcToastMode::FullRow,
+            _ => {}
+        }
+        match self.snapshot_format.as_deref() {
+            Some("csv") => cfg.snapshot_format = CdcSnapshotFormat::Csv,
+            Some("json") => cfg.snapshot_format = CdcSnapshotFormat::Json,
             _ => {}
         }
         match self.transaction_mode.as_deref() {

@@ -236,7 +236,20 @@ impl PgConn {
     pub fn query_sets(
         &mut self,
         sql: &str,
+        each: impl FnMut(usize, wire::ValuesIter<'_>),
+    ) -> Result<u64, PgError> {
+        self.query_sets_copy(sql, each, None::<fn(&[u8])>)
+    }
+
+    /// [`query_sets`](Self::query_sets) where a statement may be `COPY ... TO STDOUT`: each
+    /// CopyData payload (one row: the server sends one message per row) goes to `copy` as a
+    /// view over the receive buffer; its rows are counted too. Without `copy`, a COPY OUT is
+    /// a protocol error.
+    pub fn query_sets_copy(
+        &mut self,
+        sql: &str,
         mut each: impl FnMut(usize, wire::ValuesIter<'_>),
+        mut copy: Option<impl FnMut(&[u8])>,
     ) -> Result<u64, PgError> {
         encode::query(&mut self.out, sql)?;
         self.flush()?;
@@ -244,7 +257,17 @@ impl PgConn {
         let mut set = None::<usize>;
         let mut failure = None;
         loop {
+            if let Some(copy) = copy.as_mut() {
+                rows += self.drain_copy_data(copy);
+            }
             let frame = self.read_frame()?;
+            if frame.tag() == wire::tag::COPY_DATA
+                && let Some(copy) = copy.as_mut()
+            {
+                rows += 1;
+                copy(frame.body());
+                continue;
+            }
             match BackendMessage::decode(frame.tag(), frame.body())? {
                 BackendMessage::RowDescription(_) => set = Some(set.map_or(0, |s| s + 1)),
                 BackendMessage::DataRow(row) => {
@@ -258,6 +281,7 @@ impl PgConn {
                         None => Ok(rows),
                     };
                 }
+                BackendMessage::CopyOutResponse(_) if copy.is_some() => {}
                 BackendMessage::CopyBothResponse(_) | BackendMessage::CopyOutResponse(_) => {
                     return Err(PgError::Unexpected {
                         tag: frame.tag(),
@@ -267,6 +291,36 @@ impl PgConn {
                 _ => {}
             }
         }
+    }
+
+    /// Hands the complete CopyData messages at the head of the input buffer to `copy`,
+    /// without splitting each off as a frame of its own (an allocation and a reference count
+    /// per row of a COPY); stops at anything else, which the general path then reads (a
+    /// header it must refuse included). Returns the messages handed over.
+    fn drain_copy_data(&mut self, copy: &mut impl FnMut(&[u8])) -> u64 {
+        use bytes::Buf;
+        let (mut consumed, mut n) = (0usize, 0u64);
+        while let Some(h) = self.inbuf.get(consumed..consumed + wire::HEADER_BYTES) {
+            if h[0] != wire::tag::COPY_DATA {
+                break;
+            }
+            let len = i32::from_be_bytes([h[1], h[2], h[3], h[4]]);
+            let Ok(len) = usize::try_from(len) else {
+                break;
+            };
+            if !(4..=MESSAGE_BYTES_MAX).contains(&len) {
+                break;
+            }
+            let end = consumed + 1 + len;
+            let Some(body) = self.inbuf.get(consumed + wire::HEADER_BYTES..end) else {
+                break;
+            };
+            copy(body);
+            n += 1;
+            consumed = end;
+        }
+        self.inbuf.advance(consumed);
+        n
     }
 
     /// Sends a command that answers with CopyBothResponse (START_REPLICATION).

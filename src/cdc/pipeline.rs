@@ -75,11 +75,25 @@ pub struct Batch {
     pub columns: String,
     /// Send `partial_update: true`.
     pub partial: bool,
-    /// A JSON array of objects.
+    /// A JSON array of objects, or CSV rows (see `format`).
     pub body: Vec<u8>,
+    pub format: BodyFormat,
     pub rows: u64,
     /// Deterministic: the same changes replayed after a crash give the same label.
     pub label: String,
+}
+
+/// How a batch's body is written: the Stream Load `format` and its parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BodyFormat {
+    /// A JSON array of objects (`format: json`, `strip_outer_array: true`).
+    #[default]
+    Json,
+    /// CSV as PostgreSQL's `COPY ... (FORMAT csv, NULL '\N')` writes it: `,` between
+    /// fields, `"` around a field that holds `,`, `"`, CR or LF (a `"` inside doubled), `\N`
+    /// for NULL, `\n` after each row (`format: csv`, `column_separator: ,`, `enclose: "`).
+    /// Only initial-snapshot chunks are loaded so (see `snapshot::csv`).
+    Csv,
 }
 
 #[derive(Debug, Clone)]
@@ -203,6 +217,9 @@ pub struct Pipeline {
     last_data: Instant,
     /// A TRUNCATE was applied in the current transaction: end the cycle at its commit.
     truncated_in_txn: bool,
+    /// The current transaction wrote an initial-snapshot watermark: end the cycle at its
+    /// commit (see [`Pipeline::watermark`]).
+    watermark_in_txn: bool,
     streams: StreamBuffers,
     replaying: Option<Replaying>,
     in_stream: bool,
@@ -239,6 +256,7 @@ impl Pipeline {
             forced: None,
             last_data: Instant::now(),
             truncated_in_txn: false,
+            watermark_in_txn: false,
             replaying: None,
             in_stream: false,
             current_stream: None,
@@ -439,7 +457,8 @@ impl Pipeline {
             self.unflushed_commit_ts = commit_ts_us;
             self.cycle_start_us.get_or_insert(commit_ts_us);
         }
-        if std::mem::take(&mut self.truncated_in_txn) {
+        let watermark = std::mem::take(&mut self.watermark_in_txn);
+        if std::mem::take(&mut self.truncated_in_txn) || watermark {
             if self.forced.is_some_and(|f| end_lsn >= f) {
                 self.forced = None;
             }
@@ -528,6 +547,7 @@ impl Pipeline {
             columns: b.columns,
             partial: matches!(b.shape, Shape::Partial(_)),
             body: b.body,
+            format: BodyFormat::Json,
             rows: b.rows,
             label,
         };
@@ -685,7 +705,23 @@ impl Pipeline {
 
     /// A logical message: at a snapshot chunk's high watermark, the chunk's rows go out here,
     /// after every change of that table before it.
+    ///
+    /// A transaction that writes a watermark (of any run: the rule must hold in a replay
+    /// too) is a flush cycle of its own: the cycle before ends at the last commit, and this
+    /// one at its commit. A chunk's rows may be CSV (`BodyFormat::Csv`) and the stream's rows
+    /// of the same table are JSON, and a StarRocks transaction takes one set of load
+    /// parameters per table. The cuts depend on the stream alone (watermark transactions
+    /// hold no rows), so a replay after a crash, which does not emit the chunk again, cuts
+    /// the stream's rows at the same places and finds the same labels.
     fn watermark(&mut self, prefix: &str, content: &[u8], out: &mut Vec<Work>) {
+        if prefix != super::snapshot::window::WATERMARK_PREFIX {
+            return;
+        }
+        if !self.txn_rows && !self.txn_batched {
+            // Nothing of this transaction is in a batch: the cycle ends at the last commit.
+            self.end_cycle(out);
+        }
+        self.watermark_in_txn = true;
         let Some(windows) = &mut self.windows else {
             return;
         };
@@ -1293,7 +1329,7 @@ fn columns_header(
     header
 }
 
-const AUDIT_COLUMNS: [&str; 4] = ["op_type", "is_deleted", "synced_at", "cdc_version"];
+pub(super) const AUDIT_COLUMNS: [&str; 4] = ["op_type", "is_deleted", "synced_at", "cdc_version"];
 
 #[allow(clippy::too_many_arguments)]
 #[inline]

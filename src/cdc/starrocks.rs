@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use base64::Engine;
 
-use super::pipeline::Batch;
+use super::pipeline::{Batch, BodyFormat};
 
 /// `http://user:password@host:port`: the FE's HTTP address.
 #[derive(Clone)]
@@ -408,12 +408,24 @@ impl StarRocks {
             .put(url)
             .header("Authorization", &self.auth)
             .header("Expect", "100-continue")
-            .header("label", label)
-            .header("format", "json")
-            .header("strip_outer_array", "true")
+            .header("label", label);
+        let req = match batch.format {
+            BodyFormat::Json => req
+                .header("format", "json")
+                .header("strip_outer_array", "true")
+                .header("Content-Type", "application/json"),
+            // PostgreSQL's CSV (see `BodyFormat::Csv`): StarRocks' default separator is a
+            // tab, and without `enclose` a quoted field would keep its quotes. No `escape`:
+            // StarRocks applies it inside quotes too, and PostgreSQL doubles quotes instead.
+            BodyFormat::Csv => req
+                .header("format", "csv")
+                .header("column_separator", ",")
+                .header("enclose", "\"")
+                .header("Content-Type", "text/csv"),
+        };
+        let req = req
             .header("columns", &batch.columns)
-            .header("max_filter_ratio", self.cfg.max_filter_ratio.to_string())
-            .header("Content-Type", "application/json");
+            .header("max_filter_ratio", self.cfg.max_filter_ratio.to_string());
         if batch.partial {
             req.header("partial_update", "true")
                 .header("partial_update_mode", "row")

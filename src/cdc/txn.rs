@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::failpoint;
 use super::fill::{FillPlan, Filled};
-use super::pipeline::Batch;
+use super::pipeline::{Batch, BodyFormat};
 use super::starrocks::{LoadError, LoadOutcome, StarRocks, TxnReply};
 use crate::config::CdcTransactionMode;
 
@@ -43,11 +43,15 @@ enum TxnState {
     Committed,
 }
 
+/// The Stream Load parameters a transaction takes once per table: `columns`, partial
+/// update, body format.
+type Params = (String, bool, BodyFormat);
+
 struct Txn {
     label: String,
-    /// Stream Load parameters (`columns`, partial update) per table: a transaction takes one
+    /// Stream Load parameters (`columns`, partial update, format) per table: a transaction takes one
     /// set per table, StarRocks plans the table's loads with the first one's.
-    params: HashMap<String, (String, bool)>,
+    params: HashMap<String, Params>,
     state: TxnState,
 }
 
@@ -144,10 +148,14 @@ impl Transactions {
 
     /// The load parameters of `batch` in the transaction `label`: its own, or the header
     /// planned for its table's whole rows.
-    fn params(&self, label: &str, batch: &Batch) -> (String, bool) {
+    fn params(&self, label: &str, batch: &Batch) -> Params {
+        // A planned header names the columns of the stream's JSON rows; a CSV body's fields
+        // are in its own header's order, so it keeps that.
         match self.plans.header(label, &batch.table) {
-            Some(columns) if !batch.partial => (columns.clone(), false),
-            _ => (batch.columns.clone(), batch.partial),
+            Some(columns) if !batch.partial && batch.format == BodyFormat::Json => {
+                (columns.clone(), false, BodyFormat::Json)
+            }
+            _ => (batch.columns.clone(), batch.partial, batch.format),
         }
     }
 
@@ -262,14 +270,17 @@ impl Transactions {
     /// A partial update on either side (a TOAST value left out, a soft delete without the
     /// whole old row) cannot share a header with other rows (its header names the columns it
     /// carries): commit what the transaction holds and go on in a new one (the cut depends
-    /// only on the stream, so a replay cuts at the same load), counted in `splits`.
+    /// only on the stream, so a replay cuts at the same load), counted in `splits`. So does
+    /// a second body format (an initial-snapshot chunk in CSV beside the stream's JSON rows
+    /// of its table), which the pipeline never lets happen: each chunk's rows end a flush
+    /// cycle of their own (`Pipeline::watermark`).
     fn second_header(
         &mut self,
         sink: &mut StarRocks,
         scope: &str,
         batch: &Batch,
-        before: &(String, bool),
-        params: &(String, bool),
+        before: &Params,
+        params: &Params,
     ) -> Result<(), LoadError> {
         let label = self
             .open
@@ -279,7 +290,7 @@ impl Transactions {
             .open
             .get(scope)
             .is_some_and(|t| t.state == TxnState::Loading);
-        if !before.1 && !params.1 {
+        if !before.1 && !params.1 && before.2 == params.2 {
             self.plans.learn(&label, &batch.table, &params.0);
             if !loading {
                 return Ok(());

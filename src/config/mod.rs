@@ -679,6 +679,18 @@ pub enum CdcToastMode {
     Partial,
 }
 
+/// How initial-snapshot chunks are read from PostgreSQL and loaded into StarRocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CdcSnapshotFormat {
+    /// `COPY (SELECT ...) TO STDOUT` in CSV, passed to Stream Load as it comes (`format:
+    /// csv`): only the key columns are parsed. A table with a boolean key, and a chunk
+    /// holding the text `\N` (StarRocks' NULL in CSV), are loaded as JSON instead.
+    Csv,
+    /// A `SELECT`, each row written as a JSON object (`format: json`), as the stream does.
+    Json,
+}
+
 /// How loads are grouped into StarRocks transactions (the Stream Load transaction interface).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -766,6 +778,9 @@ pub struct CdcConfig {
     pub snapshot_chunk_attempts_max: u32,
     /// Changed keys remembered per open watermark window; beyond it the chunk is read again.
     pub snapshot_window_keys_max: usize,
+    /// How snapshot chunks are read and loaded: `csv` (COPY in CSV, passed through) or
+    /// `json` (a SELECT, each row encoded as JSON like the stream's).
+    pub snapshot_format: CdcSnapshotFormat,
     /// Flush a table's batch when it holds this many rows.
     pub flush_rows: usize,
     /// Flush a table's batch when its JSON body reaches this many bytes.
@@ -845,6 +860,7 @@ impl Default for CdcConfig {
             snapshot_chunks_in_flight: 4,
             snapshot_chunk_attempts_max: 5,
             snapshot_window_keys_max: 1_000_000,
+            snapshot_format: CdcSnapshotFormat::Csv,
             flush_rows: 50_000,
             flush_bytes: 32 << 20,
             flush_interval_ms: 1_000,

@@ -352,6 +352,8 @@ struct State {
     /// it is taken, and planned against which schema), so the emulator takes it against the
     /// new schema, as before, and records it: pgprism must never send one.
     across_schema_change: Vec<String>,
+    /// Loads taken, by `db.table` and format (`json`, `csv`).
+    formats: BTreeMap<(String, &'static str), usize>,
 }
 
 pub struct StarRocks {
@@ -556,6 +558,16 @@ impl StarRocks {
     /// (label, status) of every load answered so far.
     pub fn log(&self) -> Vec<(String, String)> {
         self.state.lock().unwrap().log.clone()
+    }
+
+    /// Loads taken so far into `db.table` in each format (`json`, `csv`).
+    pub fn loads_by_format(&self, db: &str, table: &str) -> BTreeMap<&'static str, usize> {
+        let s = self.state.lock().unwrap();
+        s.formats
+            .iter()
+            .filter(|((t, _), _)| *t == format!("{db}.{table}"))
+            .map(|((_, f), n)| (*f, *n))
+            .collect()
     }
 
     /// Labels of the loads that arrived in a transaction begun before a schema change of
@@ -785,8 +797,11 @@ struct Parsed {
     total: usize,
     filtered: usize,
     partial: bool,
-    /// The `columns` header and `partial_update` (a transaction takes one set per table).
+    /// The `columns` header (with the format and its parameters after it: see
+    /// [`load_params`]) and `partial_update` (a transaction takes one set per table).
     params: (String, bool),
+    /// `json` or `csv`.
+    format: &'static str,
 }
 
 /// What a load is checked against: the table's key and columns when the load began (as
@@ -923,7 +938,11 @@ fn parse_rows(
         Some(c) => c.split(',').map(|c| c.trim().to_string()).collect(),
         None => types.keys().cloned().collect(),
     };
-    let json = req.headers.get("format").is_some_and(|f| f == "json");
+    let format = req
+        .headers
+        .get("format")
+        .map_or("csv".to_string(), |f| f.to_ascii_lowercase());
+    let json = format == "json";
     let strip = req
         .headers
         .get("strip_outer_array")
@@ -937,8 +956,11 @@ fn parse_rows(
         .get("max_filter_ratio")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0);
+    if format == "csv" {
+        return parse_csv(schema, table, req, body, txn, &columns, partial, max_ratio);
+    }
     if !json {
-        return Err(Refusal::new("emulator only speaks format: json"));
+        return Err(Refusal::new(format!("unknown format {format}")));
     }
     if schema.sink {
         return count_rows(&columns, types, table, strip, partial, req, body);
@@ -1019,11 +1041,251 @@ fn parse_rows(
         total: rows.len(),
         filtered,
         partial,
-        params: (
-            req.headers.get("columns").cloned().unwrap_or_default(),
-            partial,
-        ),
+        params: (load_params(req), partial),
+        format: "json",
     })
+}
+
+/// The parameters a transaction takes once per table, as one text: `columns`, the format
+/// and its options (StarRocks plans every load of a table in a transaction with the first
+/// one's, and documents that they must agree).
+fn load_params(req: &Request) -> String {
+    let h = |name: &str| req.headers.get(name).cloned().unwrap_or_default();
+    format!(
+        "{}\u{1}{}\u{1}{}\u{1}{}\u{1}{}\u{1}{}",
+        h("columns"),
+        h("format").to_ascii_lowercase(),
+        h("column_separator"),
+        h("row_delimiter"),
+        h("enclose"),
+        h("escape")
+    )
+}
+
+/// A CSV load as StarRocks reads it (the STREAM LOAD reference, "CSV parameters"): fields
+/// split by `column_separator` (default a tab), rows by `row_delimiter` (default `\n`);
+/// with `enclose` a field that starts with it runs to its closing one, separators and row
+/// delimiters inside are data, and a doubled one is one; `escape` makes the next byte data,
+/// inside and outside `enclose`. `\N` is NULL (compared with the field once its enclosing
+/// quotes are off, as StarRocks' nullable converter compares the field's slice), an empty
+/// field an empty string. A row whose field count differs from the columns', or whose
+/// value does not convert (an integer column, a boolean one: `true`, `false` in any case,
+/// or a number, nonzero being true), is filtered.
+#[allow(clippy::too_many_arguments)]
+fn parse_csv(
+    schema: &Schema,
+    table: &str,
+    req: &Request,
+    body: &[u8],
+    txn: u64,
+    columns: &[String],
+    partial: bool,
+    max_ratio: f64,
+) -> Result<Parsed, Refusal> {
+    let types = &schema.columns;
+    let sep = req
+        .headers
+        .get("column_separator")
+        .map_or(b"\t".to_vec(), |v| v.as_bytes().to_vec());
+    let row_end = match req.headers.get("row_delimiter").map(String::as_str) {
+        None | Some("\\n") => b'\n',
+        Some(v) => v.bytes().next().unwrap_or(b'\n'),
+    };
+    let single = |name: &str| -> Result<Option<u8>, Refusal> {
+        match req.headers.get(name) {
+            None => Ok(None),
+            Some(v) if v.len() == 1 => Ok(v.bytes().next()),
+            Some(v) => Err(Refusal::new(format!(
+                "{name} must be a single-byte character, not {v:?}"
+            ))),
+        }
+    };
+    let (enclose, escape) = (single("enclose")?, single("escape")?);
+    if sep.is_empty() {
+        return Err(Refusal::new("column_separator is empty"));
+    }
+    for c in columns {
+        if c != "__op" && !types.contains_key(c) {
+            return Err(Refusal::new(format!("Unknown column '{c}' in '{table}'")));
+        }
+    }
+    let key_at: Vec<Option<usize>> = schema
+        .key
+        .iter()
+        .map(|k| columns.iter().position(|c| c == k))
+        .collect();
+    let checks: Vec<ColType> = columns
+        .iter()
+        .map(|c| if c == "__op" { ColType::Int } else { types[c] })
+        .collect();
+    let mut cells = Vec::new();
+    let (mut loaded, mut filtered) = (0, 0);
+    let rows = split_csv(body, &sep, row_end, enclose, escape, |row| {
+        let start = cells.len();
+        let mut ok = row.len() == columns.len();
+        if ok {
+            for (ty, field) in checks.iter().zip(row) {
+                match csv_cell(*ty, field.as_deref(), schema.sink) {
+                    Some(cell) => cells.push(cell),
+                    None => ok = false,
+                }
+            }
+        }
+        if ok && key_at.iter().any(|at| at.is_none_or(|i| row[i].is_none())) {
+            ok = false;
+        }
+        if ok {
+            loaded += 1;
+        } else {
+            filtered += 1;
+        }
+        if !ok || schema.sink {
+            cells.truncate(start);
+        }
+    })
+    .map_err(|e| Refusal::new(format!("malformed CSV: {e}")))?;
+    if rows > 0 && filtered as f64 / rows as f64 > max_ratio {
+        return Err(Refusal {
+            message: "too many filtered rows".into(),
+            total: rows,
+            filtered,
+            error_url: Some(format!(
+                "http://emulator/api/_load_error_log?file=error_{txn}"
+            )),
+        });
+    }
+    Ok(Parsed {
+        columns: columns.to_vec(),
+        cells,
+        loaded,
+        total: rows,
+        filtered,
+        partial,
+        params: (load_params(req), partial),
+        format: "csv",
+    })
+}
+
+/// A CSV field converted to a column of type `ty`; `None` when StarRocks would filter it.
+/// `check_only` (sink mode): checked, not kept (no string copied).
+fn csv_cell(ty: ColType, field: Option<&str>, check_only: bool) -> Option<Cell> {
+    let Some(text) = field else {
+        return Some(Cell::Null);
+    };
+    match ty {
+        ColType::Text | ColType::Any if check_only => Some(Cell::Null),
+        ColType::Int => text.parse::<i64>().ok().map(Cell::Int),
+        ColType::Bool => {
+            if text.eq_ignore_ascii_case("true") {
+                Some(Cell::Bool(true))
+            } else if text.eq_ignore_ascii_case("false") {
+                Some(Cell::Bool(false))
+            } else {
+                text.parse::<f64>().ok().map(|f| Cell::Bool(f != 0.0))
+            }
+        }
+        ColType::Text | ColType::Any => Some(Cell::Str(text.into())),
+    }
+}
+
+/// Calls `each` with every row's fields (`None`: `\N`), borrowed from the body unless a
+/// doubled `enclose` or an `escape` changed them; returns the rows. An error for an
+/// unterminated `enclose` or a field that is not UTF-8.
+fn split_csv<'a>(
+    body: &'a [u8],
+    sep: &[u8],
+    row_end: u8,
+    enclose: Option<u8>,
+    escape: Option<u8>,
+    mut each: impl FnMut(&[Option<std::borrow::Cow<'a, str>>]),
+) -> Result<usize, String> {
+    use std::borrow::Cow;
+    let utf8 = |b: Vec<u8>| String::from_utf8(b).map_err(|_| "a field is not UTF-8".to_string());
+    let text = |b: &'a [u8]| std::str::from_utf8(b).map_err(|_| "a field is not UTF-8".to_string());
+    let mut fields: Vec<Option<Cow<'a, str>>> = Vec::new();
+    let mut rows = 0;
+    let mut i = 0;
+    while i < body.len() {
+        // One field from `i`: its bytes (borrowed while untouched) and where it ended.
+        let start = i;
+        let mut owned: Option<Vec<u8>> = None;
+        if let Some(q) = enclose.filter(|&q| body[i] == q) {
+            let mut from = i + 1;
+            loop {
+                let Some(off) = body[from..]
+                    .iter()
+                    .position(|&b| b == q || Some(b) == escape)
+                else {
+                    return Err("an enclosed field is not closed".into());
+                };
+                let at = from + off;
+                let o = owned.get_or_insert_with(Vec::new);
+                o.extend_from_slice(&body[from..at]);
+                if Some(body[at]) == escape && at + 1 < body.len() {
+                    o.push(body[at + 1]);
+                    from = at + 2;
+                } else if body[at] == q && body.get(at + 1) == Some(&q) {
+                    o.push(q);
+                    from = at + 2;
+                } else if body[at] == q {
+                    i = at + 1;
+                    break;
+                } else {
+                    return Err("an enclosed field is not closed".into());
+                }
+            }
+        }
+        // Up to the separator or the row's end (after a closing quote, anything is data).
+        let mut end = i;
+        let row_done = loop {
+            if end >= body.len() {
+                break true;
+            }
+            let b = body[end];
+            if Some(b) == escape && end + 1 < body.len() {
+                let o = owned.get_or_insert_with(|| body[start..i].to_vec());
+                o.extend_from_slice(&body[i..end]);
+                o.push(body[end + 1]);
+                end += 2;
+                i = end;
+                continue;
+            }
+            if b == row_end {
+                break true;
+            }
+            if body[end..].starts_with(sep) {
+                break false;
+            }
+            // On to the next byte that may end the field or be an escape.
+            let stop = escape.unwrap_or(row_end);
+            end += 1 + memchr::memchr3(sep[0], row_end, stop, &body[end + 1..])
+                .unwrap_or(body.len() - end - 1);
+        };
+        let value: Cow<'a, str> = match owned {
+            Some(mut o) => {
+                o.extend_from_slice(&body[i..end]);
+                Cow::Owned(utf8(o)?)
+            }
+            None => Cow::Borrowed(text(&body[start..end])?),
+        };
+        fields.push((value != "\\N").then_some(value));
+        if row_done {
+            each(&fields);
+            fields.clear();
+            rows += 1;
+            i = end + 1;
+        } else {
+            i = end + sep.len();
+            if i >= body.len() {
+                // A separator last: one more, empty field, and the row ends.
+                fields.push(Some(Cow::Borrowed("")));
+                each(&fields);
+                fields.clear();
+                rows += 1;
+            }
+        }
+    }
+    Ok(rows)
 }
 
 /// [`parse_rows`] of the sink mode: the header's columns must exist and the body must be
@@ -1073,16 +1335,17 @@ fn count_rows(
         total,
         filtered: 0,
         partial,
-        params: (
-            req.headers.get("columns").cloned().unwrap_or_default(),
-            partial,
-        ),
+        params: (load_params(req), partial),
+        format: "json",
     })
 }
 
 /// Writes checked rows into `db.table` in order (upserts, `__op` = 1 deletes, partial
 /// updates merge the listed columns). The values move into the table, uncopied.
 fn apply_rows(s: &mut State, db: &str, table: &str, parsed: Parsed) {
+    *s.formats
+        .entry((format!("{db}.{table}"), parsed.format))
+        .or_default() += 1;
     *s.applied.entry(format!("{db}.{table}")).or_default() += parsed.loaded;
     if s.sink {
         return;

@@ -15,6 +15,7 @@
 //! memory, never mark a chunk
 //! done before the loader has its rows in StarRocks, and never emit rows without a window.
 
+pub mod csv;
 pub mod window;
 
 use std::collections::VecDeque;
@@ -25,16 +26,18 @@ use std::time::Duration;
 
 use crossbeam_channel::RecvTimeoutError;
 
-use self::window::{Exchange, Fetched, Piece, Verdict, Windows, encode_key, watermark_text};
+use self::window::{Exchange, Fetched, Piece, Verdict, Windows, encode_key_into, watermark_text};
 use super::checkpoint::qualified;
 use super::lsn::Lsn;
 use super::pgconn::{PgConn, PgError, quote_ident, quote_literal};
-use super::pipeline::{PipelineConfig, snapshot_columns, starrocks_label, write_snapshot_row};
+use super::pipeline::{
+    BodyFormat, PipelineConfig, snapshot_columns, starrocks_label, write_snapshot_row,
+};
 use super::schema::{Column, TableSchema};
 use super::setup::{SourceTable, split_table};
 use super::source::now_text;
 use super::{CdcError, Shared};
-use crate::config::{CdcConfig, PgUrl};
+use crate::config::{CdcConfig, CdcSnapshotFormat, PgUrl};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -44,6 +47,10 @@ pub enum SnapshotError {
         #[source]
         source: PgError,
     },
+    #[error(
+        "snapshot chunk {chunk} of {table}: PostgreSQL sent a CSV row that does not split into fields"
+    )]
+    Csv { table: String, chunk: u32 },
     #[error(
         "snapshot chunk {chunk} of {table} could not be read in {attempts} attempts (last reason: {reason}); \
          lower cdc.snapshot-chunk-rows or raise cdc.snapshot-chunk-attempts-max"
@@ -61,7 +68,7 @@ impl SnapshotError {
     pub fn pg(&self) -> Option<&PgError> {
         match self {
             SnapshotError::Query { source, .. } => Some(source),
-            SnapshotError::Attempts { .. } => None,
+            SnapshotError::Attempts { .. } | SnapshotError::Csv { .. } => None,
         }
     }
 }
@@ -544,6 +551,7 @@ struct Ctx {
     attempts_max: u32,
     /// Chunks a worker has read whose verdict it has not heard yet.
     in_flight_max: usize,
+    format: CdcSnapshotFormat,
     url: PgUrl,
     timeout: Duration,
     shared: Arc<Shared>,
@@ -574,6 +582,7 @@ impl Snapshot {
             pcfg: pcfg.clone(),
             attempts_max: cfg.snapshot_chunk_attempts_max,
             in_flight_max: cfg.snapshot_chunks_in_flight,
+            format: cfg.snapshot_format,
             url: url.clone(),
             timeout,
             shared: Arc::clone(shared),
@@ -669,6 +678,85 @@ struct Read {
     columns: String,
     /// `{label prefix}-{target}`, the name of the chunks' labels (see `starrocks_label`).
     label: String,
+    /// How chunks of this table are read as CSV; `None`: as JSON rows.
+    csv: Option<CsvRead>,
+}
+
+/// A table's chunks read with `COPY (SELECT ...) TO STDOUT (FORMAT csv)`, whose rows go to
+/// StarRocks as PostgreSQL wrote them (see [`csv`]).
+struct CsvRead {
+    /// `SELECT <key columns>, <the others> FROM <table>`: the key first, so that a row's
+    /// key is its first fields. Booleans as `::text` (`true`/`false`): StarRocks' CSV reader
+    /// takes `true`, `false` or a number, not PostgreSQL's `t` and `f`. Every other mapped
+    /// type's text is what the JSON path sends as a string, and StarRocks reads it alike.
+    select: String,
+    /// The `columns` header in that order, audit columns after (no `__op`: a Primary Key
+    /// load without it upserts every row).
+    columns: String,
+    /// The table in that column order, for a chunk written as JSON after all.
+    schema: TableSchema,
+    /// The `columns` header of such a chunk.
+    json_columns: String,
+    /// Positions of the boolean columns in that order.
+    bools: Vec<usize>,
+}
+
+/// PostgreSQL's `boolean`.
+const BOOL_OID: u32 = 16;
+
+impl CsvRead {
+    /// The CSV read of a table, unless a key column is boolean (the windows compare keys as
+    /// pgoutput writes them, `t`/`f`, and the CSV has `true`/`false`).
+    fn new(
+        pcfg: &PipelineConfig,
+        name: &str,
+        schema: &TableSchema,
+        key_columns: usize,
+    ) -> Option<CsvRead> {
+        let columns = &schema.columns;
+        if schema.key.len() != key_columns
+            || schema.key.iter().any(|&i| columns[i].type_oid == BOOL_OID)
+        {
+            return None;
+        }
+        let order: Vec<usize> = schema
+            .key
+            .iter()
+            .copied()
+            .chain((0..columns.len()).filter(|i| !schema.key.contains(i)))
+            .collect();
+        let ordered = TableSchema {
+            columns: order.iter().map(|&i| columns[i].clone()).collect(),
+            key: (0..schema.key.len()).collect(),
+            ..schema.clone()
+        };
+        let list: Vec<String> = ordered
+            .columns
+            .iter()
+            .map(|c| match c.type_oid {
+                BOOL_OID => format!("{}::text", quote_ident(&c.name)),
+                _ => quote_ident(&c.name),
+            })
+            .collect();
+        let bools = (0..ordered.columns.len())
+            .filter(|&i| ordered.columns[i].type_oid == BOOL_OID)
+            .collect();
+        let mut header: Vec<String> = ordered.columns.iter().map(|c| c.name.clone()).collect();
+        if let Some(p) = &pcfg.audit_prefix {
+            header.extend(
+                super::pipeline::AUDIT_COLUMNS
+                    .iter()
+                    .map(|a| format!("{p}{a}")),
+            );
+        }
+        Some(CsvRead {
+            select: format!("SELECT {} FROM {name}", list.join(", ")),
+            columns: header.join(","),
+            json_columns: snapshot_columns(pcfg, &ordered),
+            schema: ordered,
+            bools,
+        })
+    }
 }
 
 impl<'a> Worker<'a> {
@@ -825,6 +913,12 @@ impl<'a> Worker<'a> {
             key: key_at.clone(),
             generation: 0,
         };
+        let csv = match self.ctx.format {
+            CdcSnapshotFormat::Csv => {
+                CsvRead::new(&self.ctx.pcfg, &name, &schema, source.key.len())
+            }
+            CdcSnapshotFormat::Json => None,
+        };
         let read = Arc::new(Read {
             select: format!("SELECT {} FROM {name}", list.join(", ")),
             key: key_list(&source.key),
@@ -832,6 +926,7 @@ impl<'a> Worker<'a> {
             columns: snapshot_columns(&self.ctx.pcfg, &schema),
             label: format!("{}-{}", self.ctx.pcfg.label_prefix, target),
             schema,
+            csv,
         });
         if self.schemas.len() <= table {
             self.schemas.resize(table + 1, None);
@@ -896,10 +991,19 @@ impl<'a> Worker<'a> {
         if let Some(hi) = &chunk.hi {
             filter.push(format!("{} <= {}", read.key, row_literal(hi)));
         }
-        let select = if filter.is_empty() {
-            read.select.clone()
+        let filter = if filter.is_empty() {
+            String::new()
         } else {
-            format!("{} WHERE {}", read.select, filter.join(" AND "))
+            format!(" WHERE {}", filter.join(" AND "))
+        };
+        let select = match &read.csv {
+            // NULL as StarRocks writes it in CSV (PostgreSQL's default there is an empty
+            // field, which StarRocks reads as an empty string).
+            Some(c) => format!(
+                "COPY ({}{filter}) TO STDOUT (FORMAT csv, NULL E'\\\\N')",
+                c.select
+            ),
+            None => format!("{}{filter}", read.select),
         };
         // One round trip: the previous chunk's high watermark and this one's low watermark,
         // committed together (the one window closes where the next opens), then the chunk in
@@ -921,69 +1025,223 @@ impl<'a> Worker<'a> {
         let low_set = usize::from(high.is_some());
         let flush_bytes = self.ctx.pcfg.flush_bytes;
         let synced_at = now_text();
-        let mut low = Lsn::default();
+        let low = std::cell::Cell::new(Lsn::default());
         let mut xip: Vec<u32> = Vec::new();
         let mut pieces: Vec<Piece> = vec![Piece::default()];
+        let mut key = Vec::new();
+        let mut rows_csv = CsvRows::new(read.csv.as_ref(), &self.ctx.pcfg, &synced_at);
         self.conn
-            .query_sets(&sql, |set, mut values| {
-                if set == low_set {
-                    let text = values.next().flatten().unwrap_or_default();
-                    low = std::str::from_utf8(text)
-                        .ok()
-                        .and_then(Lsn::parse)
-                        .unwrap_or_default();
-                    return;
-                }
-                if set == low_set + 1 {
-                    let text = values.next().flatten().unwrap_or_default();
-                    if let Some(x) = std::str::from_utf8(text)
-                        .ok()
-                        .and_then(|t| t.parse::<u64>().ok())
-                    {
-                        xip.push(x as u32);
+            .query_sets_copy(
+                &sql,
+                |set, mut values| {
+                    if set == low_set {
+                        let text = values.next().flatten().unwrap_or_default();
+                        low.set(
+                            std::str::from_utf8(text)
+                                .ok()
+                                .and_then(Lsn::parse)
+                                .unwrap_or_default(),
+                        );
+                        return;
                     }
-                    return;
-                }
-                if set != low_set + 2 {
-                    return;
-                }
-                let piece = match pieces.last_mut() {
-                    Some(p) if p.body.len() < flush_bytes => p,
-                    _ => {
-                        pieces.push(Piece::default());
-                        let Some(p) = pieces.last_mut() else { return };
-                        p
+                    if set == low_set + 1 {
+                        let text = values.next().flatten().unwrap_or_default();
+                        if let Some(x) = std::str::from_utf8(text)
+                            .ok()
+                            .and_then(|t| t.parse::<u64>().ok())
+                        {
+                            xip.push(x as u32);
+                        }
+                        return;
                     }
-                };
-                piece
-                    .body
-                    .push(if piece.body.is_empty() { b'[' } else { b',' });
-                let start = piece.body.len() as u32;
-                let key = encode_key(read.key_at.iter().map(|&i| values.clone().nth(i).flatten()));
-                write_snapshot_row(
-                    &self.ctx.pcfg,
-                    &read.schema,
-                    &mut piece.body,
-                    values,
-                    &synced_at,
-                    low,
-                );
-                piece.rows.push((key, start, piece.body.len() as u32));
-            })
+                    if set != low_set + 2 {
+                        return;
+                    }
+                    let piece = match pieces.last_mut() {
+                        Some(p) if p.body.len() < flush_bytes => p,
+                        _ => {
+                            pieces.push(Piece::default());
+                            let Some(p) = pieces.last_mut() else { return };
+                            p
+                        }
+                    };
+                    piece
+                        .body
+                        .push(if piece.body.is_empty() { b'[' } else { b',' });
+                    let start = piece.body.len() as u32;
+                    key.clear();
+                    encode_key_into(
+                        &mut key,
+                        read.key_at.iter().map(|&i| values.clone().nth(i).flatten()),
+                    );
+                    write_snapshot_row(
+                        &self.ctx.pcfg,
+                        &read.schema,
+                        &mut piece.body,
+                        values,
+                        &synced_at,
+                        low.get(),
+                    );
+                    piece.push_row(&key, start);
+                },
+                rows_csv
+                    .as_mut()
+                    .map(|r| |row: &[u8]| r.push(row, low.get(), flush_bytes)),
+            )
             .map_err(query(format!("read chunk {} of {table}", chunk.number)))?;
-        pieces.retain(|p| !p.rows.is_empty());
-        for p in &mut pieces {
-            p.body.push(b']');
-        }
+        let low = low.get();
+        let (pieces, format, columns) = match (rows_csv, &read.csv) {
+            (Some(rows), Some(c)) => {
+                let bad = || SnapshotError::Csv {
+                    table: table.clone(),
+                    chunk: chunk.number,
+                };
+                if rows.malformed {
+                    return Err(bad());
+                }
+                if rows.null_text {
+                    // A text `\N` would load as NULL: the whole chunk as JSON (one StarRocks
+                    // transaction takes one format per table).
+                    tracing::debug!(%table, chunk = chunk.number, "a value is the text \\N: the chunk goes as JSON");
+                    let json = csv_to_json(&self.ctx.pcfg, c, rows.pieces, &synced_at, low)
+                        .ok_or_else(bad)?;
+                    (json, BodyFormat::Json, c.json_columns.clone())
+                } else {
+                    (rows.pieces, BodyFormat::Csv, c.columns.clone())
+                }
+            }
+            _ => {
+                for p in &mut pieces {
+                    p.body.push(b']');
+                }
+                (pieces, BodyFormat::Json, read.columns.clone())
+            }
+        };
+        let pieces: Vec<Piece> = pieces.into_iter().filter(|p| !p.rows.is_empty()).collect();
         Ok(Fetched {
             table: table.clone(),
             chunk: chunk.number,
             pieces,
+            format,
             target: read.schema.target_name.clone(),
-            columns: read.columns.clone(),
+            columns,
             label: starrocks_label(&read.label, &format!("snap{}-{:X}", chunk.number, low.0)),
             xip,
             reply,
         })
     }
+}
+
+/// A chunk's CSV rows as they arrive, cut into Stream Load bodies of about `flush-bytes`.
+struct CsvRows {
+    pieces: Vec<Piece>,
+    /// Key columns: the first fields of each row.
+    key_columns: usize,
+    /// The audit columns' values, written after each row's fields (empty without them).
+    audit: Vec<u8>,
+    audit_lsn: Option<Lsn>,
+    audit_on: bool,
+    synced_at: String,
+    /// The current row's key.
+    key: Vec<u8>,
+    /// A row did not split into fields.
+    malformed: bool,
+    /// A value is the text `\N` (see [`csv::holds_null_text`]).
+    null_text: bool,
+}
+
+impl CsvRows {
+    fn new(read: Option<&CsvRead>, pcfg: &PipelineConfig, synced_at: &str) -> Option<CsvRows> {
+        let read = read?;
+        Some(CsvRows {
+            pieces: Vec::new(),
+            key_columns: read.schema.key.len(),
+            audit: Vec::new(),
+            audit_lsn: None,
+            audit_on: pcfg.audit_prefix.is_some(),
+            synced_at: synced_at.to_string(),
+            key: Vec::new(),
+            malformed: false,
+            null_text: false,
+        })
+    }
+
+    /// One CopyData message: one row, `\n` at its end.
+    fn push(&mut self, row: &[u8], low: Lsn, flush_bytes: usize) {
+        self.key.clear();
+        if !csv::key_into(&mut self.key, row, self.key_columns) {
+            self.malformed = true;
+            return;
+        }
+        if !self.null_text && csv::holds_null_text(row) {
+            self.null_text = true;
+        }
+        if self.audit_on && self.audit_lsn != Some(low) {
+            // As the JSON path writes them: an insert, not deleted, the read's time, and the
+            // low watermark's LSN as `cdc_version`.
+            self.audit = format!(",0,false,{},{}", self.synced_at, low.0).into_bytes();
+            self.audit_lsn = Some(low);
+        }
+        let piece = match self.pieces.last_mut() {
+            Some(p) if p.body.len() < flush_bytes => p,
+            _ => {
+                self.pieces.push(Piece {
+                    body: Vec::with_capacity(flush_bytes.min(1 << 18)),
+                    ..Piece::default()
+                });
+                let Some(p) = self.pieces.last_mut() else {
+                    return;
+                };
+                p
+            }
+        };
+        let start = piece.body.len() as u32;
+        piece
+            .body
+            .extend_from_slice(row.strip_suffix(b"\n").unwrap_or(row));
+        piece.body.extend_from_slice(&self.audit);
+        piece.body.push(b'\n');
+        piece.push_row(&self.key, start);
+    }
+}
+
+/// A chunk read as CSV, written as JSON rows instead (see [`CsvRows::null_text`]); `None`
+/// when a row does not split.
+fn csv_to_json(
+    pcfg: &PipelineConfig,
+    read: &CsvRead,
+    pieces: Vec<Piece>,
+    synced_at: &str,
+    low: Lsn,
+) -> Option<Vec<Piece>> {
+    let mut out = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        let mut json = Piece::default();
+        for (key, start, end) in piece.iter() {
+            let row = piece.body.get(start as usize..end as usize)?;
+            let mut values = csv::fields(row)?;
+            // Back to PostgreSQL's own text, which the JSON writer turns into true/false.
+            for &b in &read.bools {
+                if let Some(Some(v)) = values.get_mut(b) {
+                    let t: &'static [u8] = if v.as_ref() == b"true" { b"t" } else { b"f" };
+                    *v = std::borrow::Cow::Borrowed(t);
+                }
+            }
+            json.body
+                .push(if json.body.is_empty() { b'[' } else { b',' });
+            let from = json.body.len() as u32;
+            write_snapshot_row(
+                pcfg,
+                &read.schema,
+                &mut json.body,
+                values.iter().map(|v| v.as_deref()),
+                synced_at,
+                low,
+            );
+            json.push_row(key, from);
+        }
+        json.body.push(b']');
+        out.push(json);
+    }
+    Some(out)
 }

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use crossbeam_channel::Sender;
 
 use crate::cdc::lsn::Lsn;
-use crate::cdc::pipeline::Batch;
+use crate::cdc::pipeline::{Batch, BodyFormat};
 
 /// The logical-message prefix of the watermarks (`pg_logical_emit_message`).
 pub const WATERMARK_PREFIX: &str = "pgprism-snapshot";
@@ -50,6 +50,8 @@ pub struct Fetched {
     pub chunk: u32,
     /// StarRocks Stream Load bodies of at most `flush-bytes` each, with the key of each row.
     pub pieces: Vec<Piece>,
+    /// How the bodies are written (every piece of a chunk alike).
+    pub format: BodyFormat,
     /// The StarRocks table and `columns` header.
     pub target: String,
     pub columns: String,
@@ -61,11 +63,36 @@ pub struct Fetched {
     pub reply: Sender<Verdict>,
 }
 
-/// One Stream Load body of chunk rows: `[row,row,...]` and, per row, its key and byte range.
+/// One Stream Load body of chunk rows (`[row,row,...]` in JSON, one line per row in CSV) and,
+/// per row, its key and byte range.
 #[derive(Default)]
 pub struct Piece {
     pub body: Vec<u8>,
-    pub rows: Vec<(Box<[u8]>, u32, u32)>,
+    /// Every row's key ([`encode_key`]), one after the other: one buffer, not one
+    /// allocation per row.
+    pub keys: Vec<u8>,
+    /// Per row: where its key ends in `keys` (it starts where the previous one's ended), and
+    /// its byte range in `body`.
+    pub rows: Vec<(u32, u32, u32)>,
+}
+
+impl Piece {
+    /// Appends a row: its key, then its bytes already written to `body` from `start`.
+    pub fn push_row(&mut self, key: &[u8], start: u32) {
+        self.keys.extend_from_slice(key);
+        self.rows
+            .push((self.keys.len() as u32, start, self.body.len() as u32));
+    }
+
+    /// The rows: key, start and end in `body`.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], u32, u32)> {
+        let mut from = 0usize;
+        self.rows.iter().map(move |&(k, start, end)| {
+            let key = self.keys.get(from..k as usize).unwrap_or_default();
+            from = k as usize;
+            (key, start, end)
+        })
+    }
 }
 
 /// What became of a chunk at its high watermark.
@@ -160,14 +187,19 @@ pub struct Windows {
 /// a NULL is a 0x01 byte.
 pub fn encode_key<'a>(parts: impl Iterator<Item = Option<&'a [u8]>>) -> Box<[u8]> {
     let mut text = Vec::with_capacity(16);
+    encode_key_into(&mut text, parts);
+    text.into_boxed_slice()
+}
+
+/// [`encode_key`] appended to `out`.
+pub fn encode_key_into<'a>(out: &mut Vec<u8>, parts: impl Iterator<Item = Option<&'a [u8]>>) {
     for part in parts {
         match part {
-            Some(v) => text.extend_from_slice(v),
-            None => text.push(1),
+            Some(v) => out.extend_from_slice(v),
+            None => out.push(1),
         }
-        text.push(0);
+        out.push(0);
     }
-    text.into_boxed_slice()
 }
 
 /// The watermark text: `{tag} {id} {L|H} {table}`.
@@ -374,9 +406,8 @@ fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>) -> (Emitted, u64) {
             piece.rows.len()
         } else {
             piece
-                .rows
                 .iter()
-                .filter(|(k, _, _)| !changed.contains(k))
+                .filter(|(k, _, _)| !changed.contains(*k))
                 .count()
         };
         dropped += (piece.rows.len() - keep) as u64;
@@ -386,19 +417,25 @@ fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>) -> (Emitted, u64) {
         let body = if keep == piece.rows.len() {
             piece.body
         } else {
+            let json = chunk.format == BodyFormat::Json;
             let mut body = Vec::with_capacity(piece.body.len());
-            body.push(b'[');
-            for (k, start, end) in &piece.rows {
+            if json {
+                body.push(b'[');
+            }
+            for (k, start, end) in piece.iter() {
                 if changed.contains(k) {
                     continue;
                 }
-                if body.len() > 1 {
+                if json && body.len() > 1 {
                     body.push(b',');
                 }
-                let row = piece.body.get(*start as usize..*end as usize);
+                // A CSV row's range holds its final newline.
+                let row = piece.body.get(start as usize..end as usize);
                 body.extend_from_slice(row.unwrap_or_default());
             }
-            body.push(b']');
+            if json {
+                body.push(b']');
+            }
             body
         };
         rows += keep as u64;
@@ -407,6 +444,7 @@ fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>) -> (Emitted, u64) {
             columns: chunk.columns.clone(),
             partial: false,
             body,
+            format: chunk.format,
             rows: keep as u64,
             label: format!("{}-{n}", chunk.label),
         });
@@ -440,13 +478,14 @@ mod tests {
             piece
                 .body
                 .extend_from_slice(format!("{{\"id\":{k}}}").as_bytes());
-            piece.rows.push((key(k), start, piece.body.len() as u32));
+            piece.push_row(&key(k), start);
         }
         piece.body.push(b']');
         let chunk = Fetched {
             table: "public.t".into(),
             chunk: 3,
             pieces: vec![piece],
+            format: BodyFormat::Json,
             target: "t".into(),
             columns: "id".into(),
             label: "s-t-snap3-10".into(),
