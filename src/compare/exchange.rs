@@ -66,10 +66,15 @@ impl Compared {
         let rules = &target.rules;
         let text = &*statement.text;
         let transaction = statement.transaction;
+        // One walk for the many statements without an ORDER BY (the keys walk again).
+        let ordered = sql::has_top_level_order_by(text.as_bytes());
         Compared {
             text: statement.text.clone(),
-            ordered: sql::has_top_level_order_by(text.as_bytes()),
-            order_keys: sql::order_by_keys(text.as_bytes()).map(Rc::from),
+            ordered,
+            order_keys: ordered
+                .then(|| sql::order_by_keys(text.as_bytes()))
+                .flatten()
+                .map(Rc::from),
             excluded: rules.excluded(text),
             read_only: statement.class == sql::Class::Select,
             params: statement.params,
