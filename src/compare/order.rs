@@ -454,7 +454,7 @@ impl Ledger {
         }
         // What was held for them is checked again.
         if !freed.is_empty() {
-            book.release(&freed, this_shard, true);
+            book.release(&[&freed], this_shard, true);
         }
     }
 
@@ -538,9 +538,13 @@ impl Ledger {
             },
         );
         // It is no longer in flight: what was held for it may go (or now waits for it).
-        let mut freed = started.0.clone();
-        freed.join(&book.entries[&c].footprint);
-        book.release(&freed, this_shard, true);
+        if !book.waiters.is_empty() {
+            let pending = book.entries[&c].footprint.clone();
+            book.release(&[&started.0, &pending], this_shard, true);
+        }
+        if book.lanes.len() > RECENT_MAX {
+            book.lanes.retain(|_, l| !l.is_empty());
+        }
         c
     }
 
@@ -558,7 +562,7 @@ impl Ledger {
         let c = if stamp_ns == 0 { now_ns() } else { stamp_ns };
         Ledger::finish(&mut book, session, footprint, started, c);
         if started.1.counted {
-            book.release(&started.0, this_shard, true);
+            book.release(&[&started.0], this_shard, true);
         }
         if !footprint.write || footprint.is_empty() {
             return;
@@ -581,7 +585,7 @@ impl Ledger {
         let c = if stamp_ns == 0 { now_ns() } else { stamp_ns };
         Ledger::finish(&mut book, session, footprint, started, c);
         if started.1.counted {
-            book.release(&started.0, this_shard, true);
+            book.release(&[&started.0], this_shard, true);
         }
     }
 
@@ -602,7 +606,7 @@ impl Ledger {
         let turn = if book.blocked(c) {
             Turn::Wait
         } else {
-            match book.held(c, now_ns()) {
+            match book.held(c, now_ns) {
                 Some(left) => Turn::Hold(left),
                 None => Turn::Go,
             }
@@ -680,7 +684,7 @@ impl Ledger {
         let Some(entry) = book.remove(c) else {
             return Pinned::Overtaken;
         };
-        book.release(&entry.footprint, this_shard, false);
+        book.release(&[&entry.footprint], this_shard, false);
         // Whatever the session: the shadow may already see a primary-only write of its own.
         let write = entry.footprint.write;
         let mut only = book.recent_wild.only_in_flight(write, &[]);
@@ -712,8 +716,7 @@ impl Ledger {
             }
         }
         // What waited for any of them is checked again.
-        freed.write = true;
-        book.release(&freed, this_shard, false);
+        book.release(&[&freed], this_shard, false);
     }
 
     /// Registers shard `shard`'s inbox; returns it.
@@ -795,12 +798,12 @@ impl Book {
         if entry.footprint.wild {
             self.wild.remove(&c);
         }
+        // An emptied lane stays for the relation's next sync point (most come back at
+        // once: a map insert, a removal and a tree's allocation per sync point otherwise);
+        // empty ones go when there are more than `RECENT_MAX` (see `Ledger::complete`).
         for lane in &entry.footprint.lanes {
             if let Some(l) = self.lanes.get_mut(lane) {
                 l.remove(&c);
-                if l.is_empty() {
-                    self.lanes.remove(lane);
-                }
             }
         }
         Some(entry)
@@ -811,9 +814,11 @@ impl Book {
     /// that reached another socket earlier and is not read yet (a shard descheduled for
     /// milliseconds, a busy turn). Those are in flight, sent before `c`'s answer arrived:
     /// it waits for the conflicting ones, at most `compare.order-hold-ms` after its answer.
-    fn held(&self, c: u64, now: u64) -> Option<Duration> {
+    /// (`now`: the clock, read only when something holds it: most sync points are held by
+    /// nothing, and a clock read is a few hundred instructions.)
+    fn held(&self, c: u64, now: impl FnOnce() -> u64) -> Option<Duration> {
         let end = c.saturating_add(self.hold_ns);
-        if now >= end {
+        if end <= c {
             return None;
         }
         let entry = self.entries.get(&c)?;
@@ -842,7 +847,11 @@ impl Book {
                         .is_some_and(|r| holds(r, footprint.rows(*lane), Some(*lane)))
                 });
         }
-        held.then(|| Duration::from_nanos(end - now))
+        if !held {
+            return None;
+        }
+        let now = now();
+        (now < end).then(|| Duration::from_nanos(end - now))
     }
 
     /// Whether pending sync point `c` must still wait for an earlier conflicting one.
@@ -930,10 +939,11 @@ impl Book {
     /// Something touching `freed` left the book (or, `held_only`, stopped being in flight
     /// on the primary: only held waiters may go for it): the waiters it may have held are
     /// sent to their shard's inbox to ask again ([`Ledger::acquire`] decides, and clears).
-    fn release(&mut self, freed: &Footprint, this_shard: usize, held_only: bool) {
+    fn release(&mut self, freed: &[&Footprint], this_shard: usize, held_only: bool) {
+        if self.waiters.is_empty() {
+            return;
+        }
         let mut go: Vec<(u64, usize)> = Vec::new();
-        let mut freed = freed.clone();
-        freed.write = true;
         for (&c, waiter) in &self.waiters {
             if held_only && !waiter.held {
                 continue;
@@ -942,7 +952,10 @@ impl Book {
                 go.push((c, waiter.shard));
                 continue;
             };
-            if !entry.footprint.conflicts(&freed) && !entry.footprint.is_empty() {
+            // As a write: whatever it touched may have held this one.
+            if !freed.iter().any(|f| entry.footprint.conflicts_as(f, true))
+                && !entry.footprint.is_empty()
+            {
                 continue;
             }
             if self
