@@ -71,9 +71,8 @@ use crate::exec::Notifier;
 /// relation hashes (FNV of names, which a client could make collide already): SipHash's
 /// protection against chosen keys buys little there, the maps are bounded (`RECENT_MAX`
 /// relations), and it cost about 2,000 instructions per compared sync point (callgrind,
-/// pgbench `-S`). One
-/// folded 64x64-bit multiply (as FxHash and foldhash do) spreads a key's bits over both
-/// halves of the hash, which hashbrown reads both of.
+/// pgbench `-S`). One folded 64x64-bit multiply (as FxHash and foldhash do) spreads a
+/// key's bits over both halves of the hash, which hashbrown reads both of.
 #[derive(Default, Clone, Copy)]
 struct IdHasher(u64);
 
