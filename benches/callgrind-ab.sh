@@ -12,7 +12,13 @@
 #   LOAD=-N SHADOW=1 ARGS="--compare-order-wait-ms 0" benches/callgrind-ab.sh target/release/pgprism
 #
 # ARGS: more pgprism flags for every build (e.g. compare without ordering, to weigh the
-# ordering's own cost in one build).
+# ordering's own cost in one build). KEEP=DIR keeps each build's two profiles as
+# DIR/N.T1.cg and DIR/N.T2.cg (N: the build's place in the list): `benches/callgrind-rank.py
+# DIR/1.100.cg DIR/1.600.cg T2-T1` ranks the functions behind the figure per transaction.
+#
+# The counts are dumped (`callgrind_control --dump`) once pgbench is done, before pgprism is
+# stopped: under valgrind a compare-mode pgprism may not stop on TERM in any useful time,
+# and its shutdown is no part of the figure anyway.
 #
 # Needs valgrind. Counts user-space instructions only: the kernel's share of a proxy's CPU
 # (most of it, on loopback) is not in them.
@@ -44,25 +50,48 @@ EXTRA+=("${MORE[@]}")
 
 # instructions BINARY TXNS: callgrind's program total for TXNS transactions.
 instructions() {
-  valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" -q "$1" proxy \
-    --listen 127.0.0.1:55714 --admin "" --log warn --shards 1 \
-    --primary postgres://127.0.0.1:55711 "${EXTRA[@]}" >/dev/null 2>"$WORK/vg.err" &
-  local vpid=$!
-  # Under valgrind the start takes seconds.
-  for _ in $(seq 300); do
-    psql -h 127.0.0.1 -p 55714 -U postgres -XAtc 'select 1' postgres >/dev/null 2>&1 && break
-    sleep 0.2
+  local vpid ready=0
+  # Under valgrind the start takes seconds, and now and then never ends: the shard thread
+  # waits in io_uring_enter while valgrind's lock keeps the main thread from running (no
+  # CPU used, no answer). Such a start is killed and tried again.
+  for _ in 1 2 3 4; do
+    rm -f "$WORK"/cg.*
+    valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" -q "$1" proxy \
+      --listen 127.0.0.1:55714 --admin "" --log warn --shards 1 \
+      --primary postgres://127.0.0.1:55711 "${EXTRA[@]}" >/dev/null 2>"$WORK/vg.err" &
+    vpid=$!
+    local until=$((SECONDS + 60))
+    while [ "$SECONDS" -lt "$until" ]; do
+      if timeout 5 psql -h 127.0.0.1 -p 55714 -U postgres -XAtc 'select 1' postgres >/dev/null 2>&1; then
+        ready=1
+        break
+      fi
+      sleep 0.2
+    done
+    [ "$ready" = 1 ] && break
+    kill -KILL "$vpid" 2>/dev/null || true
+    wait "$vpid" || true
   done
+  [ "$ready" = 1 ] || { echo "pgprism never started under valgrind" >&2; exit 1; }
   pgbench -h 127.0.0.1 -p 55714 -U postgres -n "$LOAD" -c 1 -t "$2" postgres >/dev/null 2>&1
+  callgrind_control --dump "$vpid" >/dev/null 2>&1
   kill -TERM "$vpid"
+  for _ in $(seq 50); do kill -0 "$vpid" 2>/dev/null || break; sleep 0.2; done
+  kill -KILL "$vpid" 2>/dev/null || true
   wait "$vpid" || true
-  callgrind_annotate "$WORK"/cg.* 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'
+  # The dump: everything up to the end of pgbench's run (`.1`, the first dump).
+  callgrind_annotate "$WORK"/cg.*.1 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'
+  if [ -n "${KEEP:-}" ]; then
+    mkdir -p "$KEEP"; cp "$WORK"/cg.*.1 "$KEEP/$3.$2.cg"
+  fi
   rm -f "$WORK"/cg.*
 }
 
 printf '%-40s %14s %14s %12s\n' build "Ir($T1)" "Ir($T2)" Ir_per_tx
+n=0
 for bin in "$@"; do
-  a=$(instructions "$bin" "$T1")
-  b=$(instructions "$bin" "$T2")
+  n=$((n + 1))
+  a=$(instructions "$bin" "$T1" "$n")
+  b=$(instructions "$bin" "$T2" "$n")
   printf '%-40s %14s %14s %12s\n' "$bin" "$a" "$b" "$(( (b - a) / (T2 - T1) ))"
 done

@@ -66,10 +66,15 @@ impl Compared {
         let rules = &target.rules;
         let text = &*statement.text;
         let transaction = statement.transaction;
+        // One walk for the many statements without an ORDER BY (the keys walk again).
+        let ordered = sql::has_top_level_order_by(text.as_bytes());
         Compared {
             text: statement.text.clone(),
-            ordered: sql::has_top_level_order_by(text.as_bytes()),
-            order_keys: sql::order_by_keys(text.as_bytes()).map(Rc::from),
+            ordered,
+            order_keys: ordered
+                .then(|| sql::order_by_keys(text.as_bytes()))
+                .flatten()
+                .map(Rc::from),
             excluded: rules.excluded(text),
             read_only: statement.class == sql::Class::Select,
             params: statement.params,
@@ -1080,34 +1085,41 @@ impl ShadowWriter {
             let cfg = &self.target.cfg;
             let limit = std::time::Duration::from_millis(cfg.order_wait_ms);
             let grace = std::time::Duration::from_millis(cfg.order_lock_wait_ms);
-            let deadline = std::time::Instant::now() + limit;
             let wait = port.wait(c);
             let mut wait = std::pin::pin!(wait);
-            loop {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                // Looked at every `grace` while it waits (only then: a timer per slice).
-                let slice = if grace.is_zero() {
-                    left
-                } else {
-                    left.min(grace)
-                };
-                if crate::exec::within(slice, wait.as_mut()).await.is_some() {
-                    break;
-                }
-                if left <= slice {
-                    port.give_up(c);
-                    port.ledger.force(c);
-                    link.order_expired.set(link.order_expired.get() + 1);
-                    break;
-                }
-                // A transaction holding a pooled shadow connection while other sessions wait
-                // for one may be waiting for them: as with locks, it goes.
-                if port.ledger.held_by_own_locks(c, grace) || self.shadow.holds_while_others_wait()
-                {
-                    port.give_up(c);
-                    port.ledger.force(c);
-                    link.order_lock_breaks.set(link.order_lock_breaks.get() + 1);
-                    break;
+            // Most sync points may go at once: no clock read, no timer for them.
+            let went = futures_lite::future::poll_once(wait.as_mut())
+                .await
+                .is_some();
+            if !went {
+                let deadline = std::time::Instant::now() + limit;
+                loop {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    // Looked at every `grace` while it waits (only then: a timer per slice).
+                    let slice = if grace.is_zero() {
+                        left
+                    } else {
+                        left.min(grace)
+                    };
+                    if crate::exec::within(slice, wait.as_mut()).await.is_some() {
+                        break;
+                    }
+                    if left <= slice {
+                        port.give_up(c);
+                        port.ledger.force(c);
+                        link.order_expired.set(link.order_expired.get() + 1);
+                        break;
+                    }
+                    // A transaction holding a pooled shadow connection while other sessions wait
+                    // for one may be waiting for them: as with locks, it goes.
+                    if port.ledger.held_by_own_locks(c, grace)
+                        || self.shadow.holds_while_others_wait()
+                    {
+                        port.give_up(c);
+                        port.ledger.force(c);
+                        link.order_lock_breaks.set(link.order_lock_breaks.get() + 1);
+                        break;
+                    }
                 }
             }
         }
@@ -1685,9 +1697,9 @@ impl Comparer {
             return;
         };
         let stamp_ns = self.primary_stamp_ns;
-        let metas = self.link.metas.borrow();
+        let mut metas = self.link.metas.borrow_mut();
         let index = self.done[PRIMARY].len();
-        let Some(meta) = metas.get(index) else {
+        let Some(meta) = metas.get_mut(index) else {
             return;
         };
         let seq = self.settled + index as u64;
@@ -1699,22 +1711,23 @@ impl Comparer {
             locks.primary.clone_from(&written);
             // The client waits for the shadow's answer (fail-on-differences, or the shadow
             // is the source) to end its transaction (see order::Locks).
-            if (self.fail || self.source == SHADOW) && status != b'I' {
-                locks.primary.join(&footprint.written());
+            if (self.fail || self.source == SHADOW) && status != b'I' && footprint.write {
+                locks.primary.join(&footprint);
             }
             if status == b'I' {
                 let ended = std::mem::take(&mut *written);
                 footprint.ends = !ended.is_empty();
                 footprint.join(&ended);
-            } else {
-                written.join(&footprint.written());
+            } else if footprint.write {
+                written.join(&footprint);
             }
         }
         footprint.join(&meta.start.0);
         let session = self.link.order_session;
-        let mut start = meta.start.clone();
         let shard = port.shard();
-        // Counted in flight unless the session's end already took it back.
+        // Counted in flight unless the session's end already took it back. (Its start is
+        // read nowhere after this answer: set in place rather than copied.)
+        let start = &mut meta.start;
         start.1.counted = port.ledger.answered_in_flight(
             session,
             &mut self.link.in_flight.borrow_mut(),
@@ -1723,11 +1736,11 @@ impl Comparer {
         );
         if self.link.dead.get() {
             port.ledger
-                .answered(session, &footprint, (&start, stamp_ns), shard);
+                .answered(session, &footprint, (start, stamp_ns), shard);
         } else if meta.ordered {
             let c = (!footprint.is_empty()).then(|| {
                 port.ledger
-                    .complete(session, footprint, (&start, stamp_ns), locks, shard)
+                    .complete(session, footprint, (start, stamp_ns), locks, shard)
             });
             // The order-gap measurement (tests/compare_concurrent.rs, `hot_row_order_gap`):
             // the number given, when the answer reached the socket and when pgprism read it,
@@ -1755,10 +1768,10 @@ impl Comparer {
             }
         } else if !meta.shadow {
             port.ledger
-                .primary_only(session, &footprint, (&start, stamp_ns), shard);
+                .primary_only(session, &footprint, (start, stamp_ns), shard);
         } else {
             port.ledger
-                .answered(session, &footprint, (&start, stamp_ns), shard);
+                .answered(session, &footprint, (start, stamp_ns), shard);
         }
         drop(metas);
         // Releases of this shard's own sync points the answer freed.

@@ -57,6 +57,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -65,6 +66,36 @@ use std::time::{Duration, Instant};
 
 use super::footprint::{Footprint, Probe, rows_disjoint, rows_within};
 use crate::exec::Notifier;
+
+/// The hasher of the book's maps, keyed by completion numbers (receive timestamps) and
+/// relation hashes (FNV of names, which a client could make collide already): SipHash's
+/// protection against chosen keys buys little there, the maps are bounded (`RECENT_MAX`
+/// relations), and it cost about 2,000 instructions per compared sync point (callgrind,
+/// pgbench `-S`). One folded 64x64-bit multiply (as FxHash and foldhash do) spreads a
+/// key's bits over both halves of the hash, which hashbrown reads both of.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by u64 keys; any other key still hashes, byte by byte.
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        let m = u128::from(self.0 ^ n) * 0x9e37_79b9_7f4a_7c15;
+        self.0 = (m as u64) ^ ((m >> 64) as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+type IdSet = HashSet<u64, BuildHasherDefault<IdHasher>>;
 
 /// One sync point the primary completed, pending on the shadow.
 #[derive(Debug)]
@@ -227,11 +258,11 @@ struct Book {
     /// How long a sync point may be held for earlier-sent conflicting ones still in flight
     /// (`compare.order-hold-ms`, in ns).
     hold_ns: u64,
-    recent: HashMap<u64, Recent>,
+    recent: IdMap<Recent>,
     /// Writes that may touch every relation.
     recent_wild: Recent,
-    entries: HashMap<u64, Entry>,
-    lanes: HashMap<u64, Lane>,
+    entries: IdMap<Entry>,
+    lanes: IdMap<Lane>,
     /// Pending sync points that touch every relation.
     wild: Lane,
     /// Every pending sync point (what a wild one checks).
@@ -422,7 +453,7 @@ impl Ledger {
         }
         // What was held for them is checked again.
         if !freed.is_empty() {
-            book.release(&freed, this_shard, true);
+            book.release(&[&freed], this_shard, true);
         }
     }
 
@@ -506,9 +537,13 @@ impl Ledger {
             },
         );
         // It is no longer in flight: what was held for it may go (or now waits for it).
-        let mut freed = started.0.clone();
-        freed.join(&book.entries[&c].footprint);
-        book.release(&freed, this_shard, true);
+        if !book.waiters.is_empty() {
+            let pending = book.entries[&c].footprint.clone();
+            book.release(&[&started.0, &pending], this_shard, true);
+        }
+        if book.lanes.len() > RECENT_MAX {
+            book.lanes.retain(|_, l| !l.is_empty());
+        }
         c
     }
 
@@ -526,7 +561,7 @@ impl Ledger {
         let c = if stamp_ns == 0 { now_ns() } else { stamp_ns };
         Ledger::finish(&mut book, session, footprint, started, c);
         if started.1.counted {
-            book.release(&started.0, this_shard, true);
+            book.release(&[&started.0], this_shard, true);
         }
         if !footprint.write || footprint.is_empty() {
             return;
@@ -549,7 +584,7 @@ impl Ledger {
         let c = if stamp_ns == 0 { now_ns() } else { stamp_ns };
         Ledger::finish(&mut book, session, footprint, started, c);
         if started.1.counted {
-            book.release(&started.0, this_shard, true);
+            book.release(&[&started.0], this_shard, true);
         }
     }
 
@@ -570,7 +605,7 @@ impl Ledger {
         let turn = if book.blocked(c) {
             Turn::Wait
         } else {
-            match book.held(c, now_ns()) {
+            match book.held(c, now_ns) {
                 Some(left) => Turn::Hold(left),
                 None => Turn::Go,
             }
@@ -648,7 +683,7 @@ impl Ledger {
         let Some(entry) = book.remove(c) else {
             return Pinned::Overtaken;
         };
-        book.release(&entry.footprint, this_shard, false);
+        book.release(&[&entry.footprint], this_shard, false);
         // Whatever the session: the shadow may already see a primary-only write of its own.
         let write = entry.footprint.write;
         let mut only = book.recent_wild.only_in_flight(write, &[]);
@@ -680,8 +715,7 @@ impl Ledger {
             }
         }
         // What waited for any of them is checked again.
-        freed.write = true;
-        book.release(&freed, this_shard, false);
+        book.release(&[&freed], this_shard, false);
     }
 
     /// Registers shard `shard`'s inbox; returns it.
@@ -763,12 +797,12 @@ impl Book {
         if entry.footprint.wild {
             self.wild.remove(&c);
         }
+        // An emptied lane stays for the relation's next sync point (most come back at
+        // once: a map insert, a removal and a tree's allocation per sync point otherwise);
+        // empty ones go when there are more than `RECENT_MAX` (see `Ledger::complete`).
         for lane in &entry.footprint.lanes {
             if let Some(l) = self.lanes.get_mut(lane) {
                 l.remove(&c);
-                if l.is_empty() {
-                    self.lanes.remove(lane);
-                }
             }
         }
         Some(entry)
@@ -779,9 +813,11 @@ impl Book {
     /// that reached another socket earlier and is not read yet (a shard descheduled for
     /// milliseconds, a busy turn). Those are in flight, sent before `c`'s answer arrived:
     /// it waits for the conflicting ones, at most `compare.order-hold-ms` after its answer.
-    fn held(&self, c: u64, now: u64) -> Option<Duration> {
+    /// (`now`: the clock, read only when something holds it: most sync points are held by
+    /// nothing, and a clock read is a few hundred instructions.)
+    fn held(&self, c: u64, now: impl FnOnce() -> u64) -> Option<Duration> {
         let end = c.saturating_add(self.hold_ns);
-        if now >= end {
+        if end <= c {
             return None;
         }
         let entry = self.entries.get(&c)?;
@@ -810,7 +846,11 @@ impl Book {
                         .is_some_and(|r| holds(r, footprint.rows(*lane), Some(*lane)))
                 });
         }
-        held.then(|| Duration::from_nanos(end - now))
+        if !held {
+            return None;
+        }
+        let now = now();
+        (now < end).then(|| Duration::from_nanos(end - now))
     }
 
     /// Whether pending sync point `c` must still wait for an earlier conflicting one.
@@ -898,10 +938,11 @@ impl Book {
     /// Something touching `freed` left the book (or, `held_only`, stopped being in flight
     /// on the primary: only held waiters may go for it): the waiters it may have held are
     /// sent to their shard's inbox to ask again ([`Ledger::acquire`] decides, and clears).
-    fn release(&mut self, freed: &Footprint, this_shard: usize, held_only: bool) {
+    fn release(&mut self, freed: &[&Footprint], this_shard: usize, held_only: bool) {
+        if self.waiters.is_empty() {
+            return;
+        }
         let mut go: Vec<(u64, usize)> = Vec::new();
-        let mut freed = freed.clone();
-        freed.write = true;
         for (&c, waiter) in &self.waiters {
             if held_only && !waiter.held {
                 continue;
@@ -910,7 +951,10 @@ impl Book {
                 go.push((c, waiter.shard));
                 continue;
             };
-            if !entry.footprint.conflicts(&freed) && !entry.footprint.is_empty() {
+            // As a write: whatever it touched may have held this one.
+            if !freed.iter().any(|f| entry.footprint.conflicts_as(f, true))
+                && !entry.footprint.is_empty()
+            {
                 continue;
             }
             if self
@@ -941,8 +985,8 @@ pub struct Port {
     pub ledger: Arc<Ledger>,
     shard: usize,
     inbox: Option<Arc<Inbox>>,
-    waiters: RefCell<HashMap<u64, Waker>>,
-    released: RefCell<HashSet<u64>>,
+    waiters: RefCell<IdMap<Waker>>,
+    released: RefCell<IdSet>,
     listening: Cell<bool>,
 }
 
@@ -961,8 +1005,8 @@ impl Port {
             ledger,
             shard,
             inbox,
-            waiters: RefCell::new(HashMap::new()),
-            released: RefCell::new(HashSet::new()),
+            waiters: RefCell::new(IdMap::default()),
+            released: RefCell::new(IdSet::default()),
             listening: Cell::new(false),
         })
     }
