@@ -57,7 +57,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -72,9 +72,34 @@ use crate::exec::Notifier;
 /// protection against chosen keys buys little there, the maps are bounded (`RECENT_MAX`
 /// relations), and it cost about 2,000 instructions per compared sync point (callgrind,
 /// pgbench `-S`). One folded 64x64-bit multiply (as FxHash and foldhash do) spreads a
-/// key's bits over both halves of the hash, which hashbrown reads both of.
-#[derive(Default, Clone, Copy)]
+/// key's bits over both halves of the hash, which hashbrown reads both of. It starts from
+/// a key drawn once per process ([`IdBuild`]): the relation hashes come from names a
+/// client sends, and without a key a client could choose names that share buckets and
+/// make every lookup under the process-wide lock walk a long chain.
+#[derive(Clone, Copy)]
 struct IdHasher(u64);
+
+/// Builds [`IdHasher`]s seeded with the process's key.
+#[derive(Clone, Copy)]
+struct IdBuild(u64);
+
+impl Default for IdBuild {
+    fn default() -> Self {
+        static KEY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        // std's RandomState is seeded from the OS's random source.
+        IdBuild(*KEY.get_or_init(|| {
+            std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64) | 1
+        }))
+    }
+}
+
+impl BuildHasher for IdBuild {
+    type Hasher = IdHasher;
+
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(self.0)
+    }
+}
 
 impl Hasher for IdHasher {
     fn write(&mut self, bytes: &[u8]) {
@@ -94,8 +119,8 @@ impl Hasher for IdHasher {
     }
 }
 
-type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
-type IdSet = HashSet<u64, BuildHasherDefault<IdHasher>>;
+type IdMap<V> = HashMap<u64, V, IdBuild>;
+type IdSet = HashSet<u64, IdBuild>;
 
 /// One sync point the primary completed, pending on the shadow.
 #[derive(Debug)]
@@ -263,6 +288,8 @@ struct Book {
     recent_wild: Recent,
     entries: IdMap<Entry>,
     lanes: IdMap<Lane>,
+    /// Past this many lanes, the empty ones are dropped (see `Ledger::complete`).
+    lanes_prune_at: usize,
     /// Pending sync points that touch every relation.
     wild: Lane,
     /// Every pending sync point (what a wild one checks).
@@ -541,8 +568,11 @@ impl Ledger {
             let pending = book.entries[&c].footprint.clone();
             book.release(&[&started.0, &pending], this_shard, true);
         }
-        if book.lanes.len() > RECENT_MAX {
+        if book.lanes.len() > book.lanes_prune_at {
             book.lanes.retain(|_, l| !l.is_empty());
+            // Lanes still in use stay: scan again only once as many more have come, not
+            // on every completion while more than `RECENT_MAX` relations are pending.
+            book.lanes_prune_at = RECENT_MAX.max(2 * book.lanes.len());
         }
         c
     }
