@@ -12,6 +12,11 @@
 //! quotes off, so it would load NULL. [`holds_null_text`] finds such a row, and the worker
 //! then writes the chunk as JSON instead ([`fields`] gives it every value back).
 //!
+//! Nor does a value that starts with `"` (written `"""...`, e.g. a jsonb string scalar): the
+//! `enclose` reader of some StarRocks releases refused such fields ("Value count does not
+//! match column count", StarRocks issue 38277, 3.2.2), and a release without `enclose`
+//! (before 3.0) keeps the quotes. [`holds_null_text`] finds those rows too; they go as JSON.
+//!
 //! This module must never accept a row it cannot split exactly: a malformed row is `None`.
 
 use std::borrow::Cow;
@@ -60,8 +65,9 @@ fn key_fields(out: &mut Vec<u8>, row: &[u8], n: usize) -> Option<()> {
 }
 
 /// Whether a field of the row is the text `\N` (written `"\N"`), which StarRocks would read
-/// as NULL. A cheap scan: `"\N"` between separators occurs nowhere else (inside a quoted
-/// field its quotes would be doubled).
+/// as NULL, or a value starting with `"` (written `"""...`), which some StarRocks releases
+/// misread (see the module's notes). A cheap scan: `"\N"` between separators occurs nowhere
+/// else (inside a quoted field its quotes would be doubled).
 pub fn holds_null_text(row: &[u8]) -> bool {
     let row = row.strip_suffix(b"\n").unwrap_or(row);
     // Most rows hold no quote at all.
@@ -70,11 +76,42 @@ pub fn holds_null_text(row: &[u8]) -> bool {
     }
     static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"\\N\""));
-    FINDER.find_iter(row).any(|i| {
+    let null_text = FINDER.find_iter(row).any(|i| {
         let before = i == 0 || row[i - 1] == b',';
         let after = i + 4 == row.len() || row[i + 4] == b',';
         before && after
-    })
+    });
+    null_text || starts_a_field_with_a_quote(row)
+}
+
+/// Whether a field of `row` is a quoted value whose first character is `"`.
+fn starts_a_field_with_a_quote(row: &[u8]) -> bool {
+    let mut at = 0;
+    while at < row.len() {
+        if row[at..].starts_with(b"\"\"\"") {
+            return true;
+        }
+        // Skip this field: past its closing quote if it is quoted, then to the separator.
+        let mut i = at;
+        if row[i] == b'"' {
+            i += 1;
+            loop {
+                match memchr::memchr(b'"', &row[i..]) {
+                    None => return false,
+                    Some(q) if row.get(i + q + 1) == Some(&b'"') => i += q + 2,
+                    Some(q) => {
+                        i += q + 1;
+                        break;
+                    }
+                }
+            }
+        }
+        match memchr::memchr(b',', &row[i..]) {
+            Some(c) => at = i + c + 1,
+            None => return false,
+        }
+    }
+    false
 }
 
 /// One field starting at `at`: its value and where the next one starts (`None` at the end).
@@ -165,6 +202,20 @@ mod tests {
 
     #[test]
     fn finds_the_text_that_reads_as_null() {
+        assert!(
+            holds_null_text(b"1,\"\"\"active\"\"\"\n"),
+            "a value starting with a quote"
+        );
+        assert!(holds_null_text(b"\"\"\"a\"\" b\",2\n"));
+        assert!(
+            !holds_null_text(b"1,\"{\"\"a\"\": 1}\"\n"),
+            "quotes inside a value"
+        );
+        assert!(
+            !holds_null_text(b"\"x,\"\"\",2\n"),
+            "a quote at a value's end"
+        );
+        assert!(!holds_null_text(b"\"\",\"x\"\n"), "an empty quoted value");
         assert!(holds_null_text(b"1,\"\\N\"\n"));
         assert!(holds_null_text(b"\"\\N\",2\n"));
         assert!(!holds_null_text(b"1,\\N\n"), "a real NULL");

@@ -1103,8 +1103,9 @@ impl<'a> Worker<'a> {
                     // A text `\N` would load as NULL: the whole chunk as JSON (one StarRocks
                     // transaction takes one format per table).
                     tracing::debug!(%table, chunk = chunk.number, "a value is the text \\N: the chunk goes as JSON");
-                    let json = csv_to_json(&self.ctx.pcfg, c, rows.pieces, &synced_at, low)
-                        .ok_or_else(bad)?;
+                    let json =
+                        csv_to_json(&self.ctx.pcfg, c, rows.pieces, &synced_at, low, flush_bytes)
+                            .ok_or_else(bad)?;
                     (json, BodyFormat::Json, c.json_columns.clone())
                 } else {
                     (rows.pieces, BodyFormat::Csv, c.columns.clone())
@@ -1205,19 +1206,26 @@ impl CsvRows {
     }
 }
 
-/// A chunk read as CSV, written as JSON rows instead (see [`CsvRows::null_text`]); `None`
-/// when a row does not split.
+/// A chunk read as CSV, written as JSON rows instead (see [`CsvRows::null_text`]), cut
+/// into bodies of about `flush_bytes` again (JSON repeats every column's name: a CSV piece
+/// can grow several times over, past Stream Load's limit on a JSON body); `None` when a row
+/// does not split.
 fn csv_to_json(
     pcfg: &PipelineConfig,
     read: &CsvRead,
     pieces: Vec<Piece>,
     synced_at: &str,
     low: Lsn,
+    flush_bytes: usize,
 ) -> Option<Vec<Piece>> {
     let mut out = Vec::with_capacity(pieces.len());
+    let mut json = Piece::default();
     for piece in pieces {
-        let mut json = Piece::default();
         for (key, start, end) in piece.iter() {
+            if json.body.len() >= flush_bytes && !json.rows.is_empty() {
+                json.body.push(b']');
+                out.push(std::mem::take(&mut json));
+            }
             let row = piece.body.get(start as usize..end as usize)?;
             let mut values = csv::fields(row)?;
             // Back to PostgreSQL's own text, which the JSON writer turns into true/false.
@@ -1240,6 +1248,8 @@ fn csv_to_json(
             );
             json.push_row(key, from);
         }
+    }
+    if !json.rows.is_empty() {
         json.body.push(b']');
         out.push(json);
     }
