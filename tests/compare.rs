@@ -2190,6 +2190,89 @@ fn a_drain_waits_for_the_answer_the_shadow_still_owes() {
     );
 }
 
+/// The client describes a statement in a batch routed to the primary only (the shadow never
+/// gets that Describe), then executes it in a compared batch without one: the shadow is
+/// described by pgprism alone, so both sides have the columns' types and a binary float
+/// within `float-tolerance` is equal (without them the shadow's raw bytes would differ).
+#[test]
+fn a_describe_kept_off_the_shadow_still_gives_the_shadow_its_types() {
+    use support::raw::message;
+    let p = pair("undwh");
+    p.primary
+        .psql("CREATE TABLE fb (id int, x float8); INSERT INTO fb VALUES (1, 0.1), (2, 2.5)")
+        .unwrap();
+    p.shadow
+        .psql("CREATE TABLE fb (id int, x float8); INSERT INTO fb VALUES (1, 0.1000001), (2, 2.5)")
+        .unwrap();
+    let float = "SELECT id, x FROM fb ORDER BY id";
+    let parse = [
+        message(b'P', &[&b"fl\0"[..], float.as_bytes(), &[0, 0, 0]].concat()),
+        message(b'S', &[]),
+    ]
+    .concat();
+    // Describe of "fl", then a statement routed to the primary only: the whole batch is.
+    let mut withheld = message(b'D', b"Sfl\0");
+    withheld.extend(undescribed("", Some("SELECT 1 /* primary */"), 0));
+    let batches = [parse, withheld, undescribed("fl", None, 1)];
+    let modes: [(&str, &[&str]); 2] = [
+        ("session", &[]),
+        (
+            "transaction pooling",
+            &[
+                "--pool-mode",
+                "transaction",
+                "--pool-size",
+                "2",
+                "--auth-type",
+                "trust",
+            ],
+        ),
+    ];
+    for (mode, extra) in modes {
+        let _ = std::fs::remove_file(&p.report);
+        let mut args = vec![
+            "--float-tolerance",
+            "0.001",
+            "--compare-primary-only",
+            "/\\* primary \\*/",
+        ];
+        args.extend_from_slice(extra);
+        let proxy = p.proxy(&args);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], proxy.port()));
+        let got = run_undescribed(addr, &batches);
+        let tags: Vec<Vec<u8>> = got
+            .iter()
+            .map(|a| a.iter().map(|m| m.0).collect())
+            .collect();
+        assert_eq!(
+            tags,
+            [b"1Z".to_vec(), b"tT12DCZ".to_vec(), b"2DDCZ".to_vec()],
+            "{mode}: the client gets only the answers it asked for"
+        );
+        assert!(
+            counter_reaches(&proxy, "pgprism_compare_statements_total", 1),
+            "{mode}"
+        );
+        assert!(
+            counter_reaches(&proxy, "pgprism_sessions_closed_total", 1),
+            "{mode}"
+        );
+        assert_eq!(
+            proxy.metric("pgprism_compare_mismatches_total"),
+            0,
+            "{mode}: {:?}",
+            p.reports()
+        );
+        assert!(p.reports().is_empty(), "{mode}: {:?}", p.reports());
+        // The shadow alone was described, once.
+        assert_eq!(
+            proxy.metric("pgprism_compare_own_describes_total"),
+            1,
+            "{mode}"
+        );
+    }
+}
+
 /// Frames of an extended-protocol statement that is never described: Parse `statement`
 /// (when `sql` is given), Bind of the unnamed portal asking for `format` (0 text, 1 binary)
 /// results, Execute, Sync.

@@ -111,9 +111,11 @@ pub use crate::session::ResultFormats;
 #[derive(Debug, Default)]
 pub struct Described {
     sides: [RefCell<Option<Columns>>; 2],
-    /// A Describe of it (the client's, or pgprism's own) was sent and not skipped: its
-    /// answer tells the columns, so pgprism asks for none of its own.
-    asked: Cell<bool>,
+    /// Per side: a Describe of it (the client's, or pgprism's own) was sent there and not
+    /// skipped: its answer tells that side's columns, so pgprism asks for none of its own.
+    /// Per side because a batch routed to the primary only takes the client's Describe off
+    /// the shadow: the shadow must still be asked before a compared Execute.
+    asked: [Cell<bool>; 2],
 }
 
 impl Described {
@@ -121,16 +123,24 @@ impl Described {
         self.sides.get(side).and_then(|c| c.borrow().clone())
     }
 
-    /// Notes that a Describe of it was sent; `false` when one had been already.
-    pub(crate) fn ask(&self) -> bool {
-        !self.asked.replace(true)
+    /// Notes that a Describe of it was sent to `side`; `false` when one had been already.
+    pub(crate) fn ask(&self, side: usize) -> bool {
+        self.asked.get(side).is_some_and(|a| !a.replace(true))
     }
 
-    /// A Describe of it was skipped (after an error) on one side, before it told the
-    /// columns there: a later Execute may ask again.
-    fn skipped(&self, side: usize) {
-        if self.get(side).is_none() {
-            self.asked.set(false);
+    /// Whether a Describe of it was sent to `side` (and not skipped).
+    pub(crate) fn asked(&self, side: usize) -> bool {
+        self.asked.get(side).is_some_and(Cell::get)
+    }
+
+    /// A Describe of it was skipped (after an error) on one side, or dropped before it went
+    /// there (its batch was routed to the primary only), before it told the columns there:
+    /// a later Execute may ask again.
+    pub(crate) fn skipped(&self, side: usize) {
+        if self.get(side).is_none()
+            && let Some(asked) = self.asked.get(side)
+        {
+            asked.set(false);
         }
     }
 
@@ -160,6 +170,18 @@ pub enum Expect {
     OwnDescribe(Rc<Described>),
     /// Query, Sync or FunctionCall: a ReadyForQuery ends it.
     Sync,
+}
+
+impl Expect {
+    /// The statement a Describe (the client's or pgprism's own) tells the columns of.
+    pub(crate) fn describes(&self) -> Option<&Rc<Described>> {
+        match self {
+            Expect::DescribeStatement(d) | Expect::DescribePortal(d) | Expect::OwnDescribe(d) => {
+                Some(d)
+            }
+            Expect::Execute(..) | Expect::Sync => None,
+        }
+    }
 }
 
 /// One side's queue of [`Expect`]s.
@@ -946,8 +968,9 @@ mod tests {
         let expects = Expects::default();
         let mut d = Digester::with_expects(rules, 1, expects.clone());
         let described = Rc::new(Described::default());
-        assert!(described.ask(), "the first Describe is asked");
-        assert!(!described.ask(), "then no other");
+        assert!(described.ask(1), "the first Describe is asked");
+        assert!(!described.ask(1), "then no other");
+        assert!(described.ask(0), "each side is asked once");
         let formats = ResultFormats::Text;
         expects.borrow_mut().extend([
             Expect::OwnDescribe(described.clone()),
@@ -989,7 +1012,7 @@ mod tests {
         // Skipped after an error (the Bind failed): nothing is pgprism's, and the next
         // Execute may ask again.
         let again = Rc::new(Described::default());
-        assert!(again.ask());
+        assert!(again.ask(1));
         expects.borrow_mut().extend([
             Expect::OwnDescribe(again.clone()),
             Expect::Execute(again.clone(), formats),
@@ -1001,6 +1024,6 @@ mod tests {
         wire::encode::ready_for_query(&mut buf, wire::TransactionStatus::Idle);
         let steps = visit_all(&mut d, &buf);
         assert_eq!(steps, [Step::Nothing, Step::SyncEnd(b'I')]);
-        assert!(again.ask(), "asked again after the skip");
+        assert!(again.ask(1), "asked again after the skip");
     }
 }

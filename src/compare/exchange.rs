@@ -431,7 +431,7 @@ impl Dispatch {
         match tag {
             tag::DESCRIBE => {
                 if let Some(statement) = self.referred(refers) {
-                    statement.described.ask();
+                    statement.described.ask(PRIMARY);
                 }
                 None
             }
@@ -450,7 +450,7 @@ impl Dispatch {
                     return None;
                 }
                 let name = wire::Execute::new(body).portal().ok()?;
-                if !statement.described.ask() {
+                if !statement.described.ask(PRIMARY) {
                     return None;
                 }
                 let mut frame = BytesMut::new();
@@ -488,36 +488,62 @@ impl Dispatch {
         Some(out.freeze())
     }
 
-    /// Before the client's Execute is planned: pgprism's own Describe of its portal, when
-    /// [`describe_unseen`](Self::describe_unseen) sent one before it, is expected first on the
-    /// primary and goes to the shadow in the same place.
-    fn plan_own_describe(&mut self, refers: &Refers, routes: bool) {
+    /// Before the client's Execute (`body`) is planned: pgprism's own Describe of its portal,
+    /// when [`describe_unseen`](Self::describe_unseen) sent one before it, is expected first
+    /// on the primary and goes to the shadow in the same place. When the primary knows the
+    /// columns but the shadow was never asked (the client's Describe was in a batch routed
+    /// to the primary only, so the shadow never got it), the shadow alone gets one: else the
+    /// types, and with them the tolerances, would apply to one side only.
+    fn plan_own_describe(&mut self, refers: &Refers, body: &[u8], routes: bool) {
         let index = self.executes_planned;
         self.executes_planned += 1;
-        let Some(&(at, _)) = self.own_describes.front() else {
+        if let Some(&(at, _)) = self.own_describes.front() {
+            crate::invariant!(
+                at >= index,
+                "every Execute with pgprism's own Describe is planned after it was noted"
+            );
+            if at == index
+                && let Some((_, frame)) = self.own_describes.pop_front()
+            {
+                let described = match refers {
+                    Refers::Portal(portal) => Compared::of(&portal.statement, &self.target)
+                        .described
+                        .clone(),
+                    _ => Rc::default(),
+                };
+                let expect = Expect::OwnDescribe(described);
+                self.link.expects[PRIMARY]
+                    .borrow_mut()
+                    .push_back(expect.clone());
+                self.hold(frame, routes, Some(expect));
+                return;
+            }
+        }
+        let Refers::Portal(portal) = refers else {
             return;
         };
-        crate::invariant!(
-            at >= index,
-            "every Execute with pgprism's own Describe is planned after it was noted"
-        );
-        if at != index {
+        if self.link.dead.get() || self.batch_withheld || self.batch_cut {
             return;
         }
-        let Some((_, frame)) = self.own_describes.pop_front() else {
+        let statement = Compared::of(&portal.statement, &self.target);
+        if statement.excluded
+            || statement.primary_only
+            || statement.copy
+            || statement.described.asked(SHADOW)
+        {
+            return;
+        }
+        let Ok(name) = wire::Execute::new(body).portal() else {
             return;
         };
-        let described = match refers {
-            Refers::Portal(portal) => Compared::of(&portal.statement, &self.target)
-                .described
-                .clone(),
-            _ => Rc::default(),
-        };
-        let expect = Expect::OwnDescribe(described);
-        self.link.expects[PRIMARY]
-            .borrow_mut()
-            .push_back(expect.clone());
-        self.hold(frame, routes, Some(expect));
+        let mut frame = BytesMut::new();
+        if wire::encode::describe(&mut frame, wire::ObjectKind::Portal, name).is_err() {
+            return;
+        }
+        let stats = &self.target.stats;
+        stats.own_describes.set(stats.own_describes.get() + 1);
+        let expect = Expect::OwnDescribe(statement.described.clone());
+        self.hold(frame.freeze(), routes, Some(expect));
     }
 
     /// Records one batch of complete client frames (before it goes to the primary, so the
@@ -553,7 +579,7 @@ impl Dispatch {
                     self.link.flush_requested.set(Some(self.link.planned.get()));
                     self.flushed = true;
                 }
-                tag::EXECUTE => self.plan_own_describe(&f.refers, routes),
+                tag::EXECUTE => self.plan_own_describe(&f.refers, body, routes),
                 _ => {}
             }
             let expect = self.expect(tag, &f.refers);
@@ -581,8 +607,7 @@ impl Dispatch {
         if !self.batch_released && !self.batch_withheld && self.held.len() > max {
             stats.batches_released.set(stats.batches_released.get() + 1);
             if self.batch_primary_only {
-                self.held.clear();
-                self.held_expects.clear();
+                self.drop_held();
                 self.batch_withheld = true;
                 self.copy_to_shadow = false;
             } else {
@@ -731,8 +756,7 @@ impl Dispatch {
             self.out_expects.push(Expect::Sync);
             self.cut(gates.then_some(seq), self.order_of(seq, ordered));
         } else {
-            self.held.clear();
-            self.held_expects.clear();
+            self.drop_held();
         }
     }
 
@@ -889,9 +913,23 @@ impl Dispatch {
         self.out_expects.append(&mut self.held_expects);
     }
 
+    /// Drops what the batch held for the shadow (routed to the primary only): a Describe
+    /// among it never tells the shadow its statement's columns.
+    fn drop_held(&mut self) {
+        self.held.clear();
+        for expect in self.held_expects.drain(..) {
+            if let Some(described) = expect.describes() {
+                described.skipped(SHADOW);
+            }
+        }
+    }
+
     fn hold(&mut self, frame: Bytes, routes: bool, expect: Option<Expect>) {
         if self.batch_withheld || self.batch_cut {
             return;
+        }
+        if let Some(described) = expect.as_ref().and_then(Expect::describes) {
+            described.ask(SHADOW);
         }
         if routes && !self.batch_released {
             self.held.extend_from_slice(&frame);

@@ -1819,12 +1819,15 @@ impl Session<'_> {
     }
 
     async fn flush_client(&mut self) -> Turn {
+        // The stamp is the last read's, taken even when that read brought only hidden
+        // answers: left over, it would date the next flush (a shared unit's answers, read off
+        // another session's connection) with an older receive time.
+        let stamp = std::mem::take(&mut self.answers_stamp_ns);
         if self.to_client.is_empty() {
             return Turn::Continue;
         }
         let out = self.to_client.split().freeze();
         bump(&self.pool.counters.bytes_sent, out.len() as u64);
-        let stamp = std::mem::take(&mut self.answers_stamp_ns);
         if !self.deliver(out, stamp).await {
             return Turn::End;
         }

@@ -83,7 +83,7 @@ counters! {
     compare_skipped_shadow_gone: "statements not compared: the session had stopped comparing (shadow connection lost, unavailable, or given up) before the shadow answered them",
     compare_fallbacks: "fail-on-differences mismatches above compare.buffer-bytes-max: streamed and only reported",
     compare_batches_released: "extended-protocol batches sent to the shadow before their Sync because they passed compare.shadow-batch-bytes-max (not ordered)",
-    compare_own_describes: "Describes of a portal pgprism sent (to the primary and the shadow) before an Execute of a statement the client never described, for its columns' types (once per prepared statement; answers kept from the client)",
+    compare_own_describes: "Describes of a portal pgprism sent (to the primary and the shadow, or to the shadow alone when the client's own Describe went to the primary only) before an Execute of a statement the client never described there, for its columns' types (once per prepared statement and side; answers kept from the client)",
     compare_batches_cut: "extended-protocol batches sent to the shadow before their Sync that then named a statement routed to the primary only: the rest withheld from the shadow, the sync point not compared",
     compare_rollbacks: "ROLLBACKs sent to a shadow left in a transaction the primary had ended",
     compare_begins: "BEGINs sent to a shadow left outside a transaction the primary had opened",

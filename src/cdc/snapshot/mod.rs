@@ -1017,16 +1017,19 @@ impl<'a> Worker<'a> {
         sql.push_str(&self.watermark_sql(id, false, table));
         sql.push_str(
             "; COMMIT; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
-             SELECT pg_snapshot_xip(pg_current_snapshot())::text; ",
+             SELECT pg_snapshot_xmax(s)::text, x.id::text FROM pg_current_snapshot() s \
+             LEFT JOIN LATERAL pg_snapshot_xip(s) AS x(id) ON true; ",
         );
         sql.push_str(&select);
         sql.push_str("; COMMIT");
-        // The results: [high watermark], low watermark, the snapshot's xip, the rows.
+        // The results: [high watermark], low watermark, the snapshot's xmax and xip (one
+        // row per xip, at least one), the rows.
         let low_set = usize::from(high.is_some());
         let flush_bytes = self.ctx.pcfg.flush_bytes;
         let synced_at = now_text();
         let low = std::cell::Cell::new(Lsn::default());
         let mut xip: Vec<u32> = Vec::new();
+        let mut xmax: Option<u32> = None;
         let mut pieces: Vec<Piece> = vec![Piece::default()];
         let mut key = Vec::new();
         let mut rows_csv = CsvRows::new(read.csv.as_ref(), &self.ctx.pcfg, &synced_at);
@@ -1045,12 +1048,17 @@ impl<'a> Worker<'a> {
                         return;
                     }
                     if set == low_set + 1 {
-                        let text = values.next().flatten().unwrap_or_default();
-                        if let Some(x) = std::str::from_utf8(text)
-                            .ok()
-                            .and_then(|t| t.parse::<u64>().ok())
-                        {
-                            xip.push(x as u32);
+                        // Low 32 bits, as the stream's xids come.
+                        let mut xid = || {
+                            let text = values.next().flatten()?;
+                            let x = std::str::from_utf8(text).ok()?.parse::<u64>().ok()?;
+                            Some(x as u32)
+                        };
+                        if let Some(x) = xid() {
+                            xmax = Some(x);
+                        }
+                        if let Some(x) = xid() {
+                            xip.push(x);
                         }
                         return;
                     }
@@ -1128,6 +1136,7 @@ impl<'a> Worker<'a> {
             columns,
             label: starrocks_label(&read.label, &format!("snap{}-{:X}", chunk.number, low.0)),
             xip,
+            xmax,
             reply,
         })
     }

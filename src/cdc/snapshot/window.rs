@@ -13,7 +13,9 @@
 //! the WAL. A transaction that committed before the low watermark but was still invisible
 //! to the chunk's SELECT would leave that chunk older than the stream for the rows it
 //! changed. The worker therefore hands over the SELECT's in-progress transaction ids
-//! (`pg_snapshot_xip`). While the snapshot copies, this module remembers the last
+//! (`pg_snapshot_xip`) and its `pg_snapshot_xmax` (xids from it on are invisible too, and in
+//! no xip: a transaction can commit before the low watermark and still be running, with a
+//! higher xid, when the SELECT takes its snapshot). While the snapshot copies, this module remembers the last
 //! [`RECENT_COMMITS`] commits and the keys each changed (at most `keys_max` keys over all of
 //! them): the keys of such a straggler are dropped from the chunk like the keys changed
 //! inside the window, since the stream carried the straggler's versions before the low
@@ -59,6 +61,9 @@ pub struct Fetched {
     pub label: String,
     /// Transactions in progress for the chunk's SELECT (low 32 bits of their ids).
     pub xip: Vec<u32>,
+    /// The SELECT's snapshot's xmax (low 32 bits; `None`: not read): every transaction from
+    /// it on is invisible to the chunk and is not in `xip`.
+    pub xmax: Option<u32>,
     /// Where the worker hears whether its chunk was taken.
     pub reply: Sender<Verdict>,
 }
@@ -336,7 +341,7 @@ impl Windows {
             None => Err("the low watermark was not seen"),
             Some(w) => match w.untrusted {
                 Some(reason) => Err(reason),
-                None => self.invisible_before(w.low, &fetched.xip, &fetched.table),
+                None => self.invisible_before(w.low, &fetched.xip, fetched.xmax, &fetched.table),
             },
         };
         let stragglers = match verdict {
@@ -360,15 +365,25 @@ impl Windows {
     /// The keys of `table` changed by transactions the chunk's SELECT could not see that
     /// committed before the low watermark (the chunk is older than the stream for those
     /// rows); an error when such a transaction's keys are not remembered.
+    ///
+    /// Invisible are the snapshot's `xip` and every xid from its `xmax` on. The latter
+    /// matters: a transaction whose xid is above the low watermark's can write its commit
+    /// record before the watermark's and still be running when the SELECT takes its
+    /// snapshot; `xmax` (the latest completed xid + 1) is then at or below its xid, and
+    /// PostgreSQL leaves it out of `xip`.
     fn invisible_before(
         &self,
         low: Lsn,
         xip: &[u32],
+        xmax: Option<u32>,
         table: &str,
     ) -> Result<Vec<Box<[u8]>>, &'static str> {
-        if xip.is_empty() {
-            return Ok(Vec::new());
-        }
+        let Some(xmax) = xmax else {
+            return Err("the chunk's snapshot xmax was not read");
+        };
+        // Wrapping: the remembered commits span far fewer than 2^31 xids.
+        let invisible = |xid: u32| xip.contains(&xid) || xid.wrapping_sub(xmax) as i32 >= 0;
+        // (Whatever the xip: a straggler from xmax on is in no list the chunk brings.)
         if self.recent.front().is_some_and(|c| c.lsn > low) {
             return Err("too many commits since the low watermark to check visibility");
         }
@@ -378,7 +393,7 @@ impl Windows {
             .iter()
             .rev()
             .skip_while(|c| c.lsn >= low)
-            .filter(|c| xip.contains(&c.xid))
+            .filter(|c| invisible(c.xid))
         {
             let Some(changed) = &c.keys else {
                 return Err(
@@ -490,6 +505,8 @@ mod tests {
             columns: "id".into(),
             label: "s-t-snap3-10".into(),
             xip,
+            // Above every xid the tests commit.
+            xmax: Some(10_000),
             reply,
         };
         (chunk, verdict)
@@ -590,6 +607,48 @@ mod tests {
         // Once the workers are done, nothing more is remembered.
         exchange.set_workers_done();
         assert!(!w.recording());
+    }
+
+    #[test]
+    fn a_transaction_from_the_snapshots_xmax_on_is_invisible_though_not_in_xip() {
+        let (mut w, exchange) = windows(100);
+        // 905 wrote its commit record before the low watermark (xid 904) did, and was still
+        // running when the chunk's SELECT took its snapshot: xmax 905 (the latest completed
+        // xid + 1), so 905 is invisible and in no xip. Its keys are dropped.
+        w.touched("public.t", Some(key("1")));
+        w.committed(905, Lsn(50));
+        w.touched("public.t", Some(key("2")));
+        w.committed(903, Lsn(60));
+        mark(&mut w, 1, false, 100);
+        let (mut chunk, verdict) = fetched(&["1", "2", "3"], vec![]);
+        chunk.xmax = Some(905);
+        exchange.put(1, chunk);
+        let out = mark(&mut w, 1, true, 200).expect("taken");
+        assert_eq!(out.batches[0].body, br#"[{"id":2},{"id":3}]"#);
+        assert_eq!(
+            verdict.try_recv(),
+            Ok(Verdict::Taken {
+                rows: 2,
+                dropped: 1
+            })
+        );
+        // Across the wrap of 32-bit xids too.
+        w.touched("public.t", Some(key("4")));
+        w.committed(2, Lsn(250));
+        mark(&mut w, 2, false, 300);
+        let (mut chunk, verdict) = fetched(&["4", "5"], vec![]);
+        chunk.xmax = Some(u32::MAX - 3);
+        exchange.put(2, chunk);
+        let out = mark(&mut w, 2, true, 400).expect("taken");
+        assert_eq!(out.batches[0].body, br#"[{"id":5}]"#);
+        assert!(matches!(verdict.try_recv(), Ok(Verdict::Taken { .. })));
+        // A chunk whose snapshot was not read is never vouched for.
+        mark(&mut w, 3, false, 500);
+        let (mut chunk, verdict) = fetched(&["6"], vec![]);
+        chunk.xmax = None;
+        exchange.put(3, chunk);
+        assert!(mark(&mut w, 3, true, 600).is_none());
+        assert!(matches!(verdict.try_recv(), Ok(Verdict::Retry { .. })));
     }
 
     #[test]
