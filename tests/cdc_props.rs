@@ -21,7 +21,6 @@ fn pipeline() -> Pipeline {
         schema_changes: CdcSchemaChanges::Ignore,
         fill_rows: false,
         fill_bytes_max: 64 << 20,
-        batches_commit_alone: false,
     };
     Pipeline::new(
         cfg,

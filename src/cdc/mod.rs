@@ -723,7 +723,6 @@ fn pipeline_config(cfg: &CdcConfig, incarnation: &str) -> PipelineConfig {
         fill_rows: cfg.fill_rows
             && !(cfg.replica_identity_full && cfg.toast_mode == CdcToastMode::FullRow),
         fill_bytes_max: cfg.fill_bytes_max,
-        batches_commit_alone: cfg.transaction_mode == crate::config::CdcTransactionMode::None,
     }
 }
 

@@ -115,9 +115,6 @@ pub struct PipelineConfig {
     pub fill_rows: bool,
     /// `cdc.fill-bytes-max`: the values of the flush cycle's rows kept for that.
     pub fill_bytes_max: usize,
-    /// `cdc.transaction-mode = "none"`: every batch commits on its own as it loads, so a
-    /// later batch of the cycle reads StarRocks after the earlier ones committed.
-    pub batches_commit_alone: bool,
 }
 
 /// How partial changes were made whole (see `fill`).
@@ -236,6 +233,8 @@ pub struct Pipeline {
     /// The flush cycle's rows, to make partial changes whole (see `fill`).
     cycle_rows: CycleRows,
     fill_stats: FillStats,
+    /// Writing the delete half of a key change: the row does not end its batch (see `update`).
+    hold_batch: bool,
 }
 
 impl Pipeline {
@@ -268,6 +267,7 @@ impl Pipeline {
             windows: None,
             xid: 0,
             fill_stats: FillStats::default(),
+            hold_batch: false,
         }
     }
 
@@ -850,23 +850,15 @@ impl Pipeline {
                         }
                         _ => Prior::Unknown,
                     };
-                    // Values read by the old key must be read before its delete commits. In
-                    // one StarRocks transaction per cycle they are; with a commit per batch,
-                    // the delete's batch may load (flush-rows, flush-bytes) before the moved
-                    // row's: the moved row then stays partial.
-                    let prior = match prior {
-                        Prior::InStarRocks if self.cfg.batches_commit_alone => Prior::Unknown,
-                        Prior::Row(row)
-                            if self.cfg.batches_commit_alone
-                                && row.contains(&Kept::InStarRocks) =>
-                        {
-                            Prior::Unknown
-                        }
-                        prior => prior,
-                    };
                     moved = Some((prior, key_values));
                 }
+                // Values read by the old key must be read before its delete commits: the
+                // delete and the moved row share a batch (read before it loads), never split
+                // by flush-rows or flush-bytes (a batch may take one row more), since with
+                // transaction-mode = "none" every batch commits as it loads.
+                self.hold_batch = true;
                 self.delete(oid, generation, kind, old_t, out);
+                self.hold_batch = false;
             }
         }
         if !new.has_unchanged() {
@@ -1292,7 +1284,10 @@ impl Pipeline {
         batch.last = pos;
         self.open_rows += 1;
         self.txn_batched = true;
-        if batch.rows as usize >= self.cfg.flush_rows || batch.body.len() >= self.cfg.flush_bytes {
+        if !self.hold_batch
+            && (batch.rows as usize >= self.cfg.flush_rows
+                || batch.body.len() >= self.cfg.flush_bytes)
+        {
             self.flush_table(oid, out);
         }
     }
@@ -1568,7 +1563,6 @@ mod tests {
             schema_changes: CdcSchemaChanges::Ignore,
             fill_rows: false,
             fill_bytes_max: 64 << 20,
-            batches_commit_alone: false,
         }
     }
 
@@ -1967,12 +1961,13 @@ mod tests {
     }
 
     #[test]
-    fn with_a_commit_per_batch_a_row_moved_from_starrocks_stays_partial() {
-        // transaction-mode = "none": the old key's delete may commit in a batch of its own
-        // before the moved row's batch reads it. Values from the cycle still fill it.
+    fn a_key_changes_delete_and_moved_row_share_a_batch() {
+        // With transaction-mode = "none" every batch commits as it loads: had the delete of
+        // key 7 ended a batch of its own (flush-rows = 2), it would commit before the moved
+        // row's batch reads key 7.
         let mut p = Pipeline::new(
             PipelineConfig {
-                batches_commit_alone: true,
+                flush_rows: 2,
                 ..filling()
             },
             keys(),
@@ -1981,8 +1976,8 @@ mod tests {
             msg(|b| build::begin(b, Lsn(100), 5)),
             rel(),
             msg(|b| build::insert(b, 1, &[Some(Some("1")), Some(Some("x"))])),
-            moved("1", "3"),
             moved("7", "8"),
+            msg(|b| build::insert(b, 1, &[Some(Some("2")), Some(Some("y"))])),
             msg(|b| build::commit(b, Lsn(100), Lsn(120))),
         ];
         let mut out = feed(&mut p, &msgs);
@@ -1992,21 +1987,13 @@ mod tests {
             loads,
             vec![
                 (
-                    r#"[{"id":1,"v":"x","__op":0},{"id":1,"v":"","__op":1},{"id":3,"v":"x","__op":0},{"id":7,"v":"","__op":1}]"#.to_string(),
+                    r#"[{"id":1,"v":"x","__op":0},{"id":7,"v":"","__op":1},{"id":8,"__op":0}]"#
+                        .to_string(),
                     false,
-                    vec![]
+                    vec!["7".to_string()]
                 ),
-                (r#"[{"id":8}]"#.to_string(), true, vec![]),
+                (r#"[{"id":2,"v":"y","__op":0}]"#.to_string(), false, vec![]),
             ]
-        );
-        let stats = p.fill_stats();
-        assert_eq!(
-            (
-                stats.rows_from_cycle,
-                stats.rows_to_read,
-                stats.rows_partial
-            ),
-            (1, 0, 1)
         );
     }
 
