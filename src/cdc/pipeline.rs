@@ -233,6 +233,8 @@ pub struct Pipeline {
     /// The flush cycle's rows, to make partial changes whole (see `fill`).
     cycle_rows: CycleRows,
     fill_stats: FillStats,
+    /// Writing the delete half of a key change: the row does not end its batch (see `update`).
+    hold_batch: bool,
 }
 
 impl Pipeline {
@@ -265,6 +267,7 @@ impl Pipeline {
             windows: None,
             xid: 0,
             fill_stats: FillStats::default(),
+            hold_batch: false,
         }
     }
 
@@ -585,7 +588,7 @@ impl Pipeline {
                 let schema = self.schema.get(rel)?;
                 let (oid, generation) = (schema.oid, schema.generation);
                 let pos = self.next_pos();
-                self.remember(oid, new.iter());
+                let kept = self.kept_row(oid, new.iter());
                 let shape = if new.has_unchanged() {
                     Shape::Partial(new.iter().map(|d| d != Datum::Unchanged).collect())
                 } else {
@@ -601,6 +604,8 @@ impl Pipeline {
                     None,
                     out,
                 );
+                // After the row: `row` may end the cycle before writing it (see `keep`).
+                self.keep(oid, kept);
             }
             Message::Update { rel, old, new, .. } => {
                 self.note_keys(rel, [Some(new), old.map(|(_, t)| t)]);
@@ -847,12 +852,18 @@ impl Pipeline {
                     };
                     moved = Some((prior, key_values));
                 }
+                // Values read by the old key must be read before its delete commits: the
+                // delete and the moved row share a batch (read before it loads), never split
+                // by flush-rows or flush-bytes (a batch may take one row more), since with
+                // transaction-mode = "none" every batch commits as it loads.
+                self.hold_batch = true;
                 self.delete(oid, generation, kind, old_t, out);
+                self.hold_batch = false;
             }
         }
         if !new.has_unchanged() {
             let pos = self.next_pos();
-            self.remember(oid, new.iter());
+            let kept = self.kept_row(oid, new.iter());
             self.row(
                 oid,
                 generation,
@@ -863,25 +874,28 @@ impl Pipeline {
                 None,
                 out,
             );
+            self.keep(oid, kept);
             return Ok(());
         }
         let filled = self.fill_unchanged(rel, old, new)?;
         let pos = self.next_pos();
         if !filled.contains(&Datum::Unchanged) {
-            self.remember(oid, filled.iter().copied());
+            let kept = self.kept_row(oid, filled.iter().copied());
             self.row(
                 oid,
                 generation,
                 Shape::Full,
                 pos,
-                filled.into_iter(),
+                filled.iter().copied(),
                 Op::Upsert(OpType::Update),
                 None,
                 out,
             );
+            self.keep(oid, kept);
             return Ok(());
         }
         let mut values: Vec<Kept> = filled.iter().map(|d| Kept::of(*d)).collect();
+        let was_moved = moved.is_some();
         if let Some(fill) = self.complete(oid, &mut values, moved) {
             self.row(
                 oid,
@@ -893,20 +907,33 @@ impl Pipeline {
                 Some(fill),
                 out,
             );
+            if was_moved {
+                // Its values still to read are read by the old key, which no later change of
+                // the new key can ask StarRocks for (by the new key StarRocks has no row, or
+                // an older, soft-deleted one): later changes of the key that leave them out
+                // stay partial.
+                for v in &mut values {
+                    if *v == Kept::InStarRocks {
+                        *v = Kept::Missing;
+                    }
+                }
+            }
+            self.keep(oid, Some(values.into_boxed_slice()));
             return Ok(());
         }
-        self.remember(oid, filled.iter().copied());
+        let kept = self.kept_row(oid, filled.iter().copied());
         let shape = Shape::Partial(filled.iter().map(|d| *d != Datum::Unchanged).collect());
         self.row(
             oid,
             generation,
             shape,
             pos,
-            filled.into_iter(),
+            filled.iter().copied(),
             Op::Upsert(OpType::Update),
             None,
             out,
         );
+        self.keep(oid, kept);
         Ok(())
     }
 
@@ -916,14 +943,16 @@ impl Pipeline {
             && super::fill::table_needs_rows(schema, self.cfg.delete_mode == CdcDeleteMode::Soft)
     }
 
-    /// Keeps the values a row of table `oid` has now (for the columns that can be left out
-    /// later), when the table's rows are kept.
-    fn remember<'a>(&mut self, oid: u32, values: impl Iterator<Item = Datum<'a>>) {
-        let Ok(schema) = self.schema.get(oid) else {
-            return;
-        };
+    /// What to keep of a row of table `oid` (for the columns that can be left out later),
+    /// when the table's rows are kept: handed to [`Pipeline::keep`] once the row is written.
+    fn kept_row<'a>(
+        &self,
+        oid: u32,
+        values: impl Iterator<Item = Datum<'a>>,
+    ) -> Option<Box<[Kept]>> {
+        let schema = self.schema.get(oid).ok()?;
         if !self.keeps_rows(schema) {
-            return;
+            return None;
         }
         let soft = self.cfg.delete_mode == CdcDeleteMode::Soft;
         let row: Box<[Kept]> = values
@@ -936,10 +965,17 @@ impl Pipeline {
                 }
             })
             .collect();
-        self.keep(oid, row);
+        Some(row)
     }
 
-    fn keep(&mut self, oid: u32, row: Box<[Kept]>) {
+    /// Records `row` as what its key holds in the cycle. Called after the row went to
+    /// [`Pipeline::row`], never before: writing it may end the cycle first (a batch of
+    /// another shape is open and the row is its transaction's first), which forgets the
+    /// cycle's rows, and the row then belongs to the new cycle.
+    fn keep(&mut self, oid: u32, row: Option<Box<[Kept]>>) {
+        let Some(row) = row else {
+            return;
+        };
         let Ok(schema) = self.schema.get(oid) else {
             return;
         };
@@ -956,7 +992,8 @@ impl Pipeline {
 
     /// Makes `values` (a row with some values left out: `Kept::Missing`) whole: from the
     /// rows the cycle wrote, or to be read from StarRocks (what it returns). `None` when
-    /// that cannot be known: the row stays a partial update. The row's new values are kept.
+    /// that cannot be known: the row stays a partial update. The caller keeps the row's new
+    /// values (`values`) once it is written.
     /// `moved`: the row moved from another key (an UPDATE of the key): what the cycle knew
     /// of that key before the change, and its values, which StarRocks is asked for.
     fn complete(
@@ -1015,12 +1052,18 @@ impl Pipeline {
                 })
                 .collect()
         });
+        if !pending.is_empty() && key_values.iter().any(|k| std::str::from_utf8(k).is_err()) {
+            // The key is asked for and matched as text, which StarRocks answers in UTF-8: a
+            // key that is not (a database in another encoding) would never match, and its
+            // values would load as NULL. It stays partial.
+            self.fill_stats.rows_partial += 1;
+            return None;
+        }
         if pending.is_empty() {
             self.fill_stats.rows_from_cycle += 1;
         } else {
             self.fill_stats.rows_to_read += 1;
         }
-        self.keep(oid, values.to_vec().into_boxed_slice());
         Some((key_values, pending))
     }
 
@@ -1073,12 +1116,10 @@ impl Pipeline {
         let pos = self.next_pos();
         match self.cfg.delete_mode {
             CdcDeleteMode::Hard => {
-                if let Ok(schema) = self.schema.get(oid)
-                    && self.keeps_rows(schema)
-                    && let Some(key) = key_text(&schema.key, old)
-                {
-                    self.cycle_rows.remember(oid, key, None);
-                }
+                let gone = match self.schema.get(oid) {
+                    Ok(schema) if self.keeps_rows(schema) => key_text(&schema.key, old),
+                    _ => None,
+                };
                 self.row(
                     oid,
                     generation,
@@ -1089,14 +1130,19 @@ impl Pipeline {
                     None,
                     out,
                 );
+                // After the row (see `keep`).
+                if let Some(key) = gone {
+                    self.cycle_rows.remember(oid, key, None);
+                }
             }
             CdcDeleteMode::Soft => {
                 let Ok(schema) = self.schema.get(oid) else {
                     return;
                 };
                 let whole = kind == OldKind::Full && !old.has_unchanged();
+                let mut kept = None;
                 if whole {
-                    self.remember(oid, old.iter());
+                    kept = self.kept_row(oid, old.iter());
                 } else if self.cfg.fill_rows {
                     // The row stays in StarRocks, marked deleted: its other values are the
                     // ones it had.
@@ -1122,6 +1168,7 @@ impl Pipeline {
                             Some(fill),
                             out,
                         );
+                        self.keep(oid, Some(values.into_boxed_slice()));
                         return;
                     }
                 }
@@ -1155,6 +1202,7 @@ impl Pipeline {
                     None,
                     out,
                 );
+                self.keep(oid, kept);
             }
         }
     }
@@ -1236,7 +1284,10 @@ impl Pipeline {
         batch.last = pos;
         self.open_rows += 1;
         self.txn_batched = true;
-        if batch.rows as usize >= self.cfg.flush_rows || batch.body.len() >= self.cfg.flush_bytes {
+        if !self.hold_batch
+            && (batch.rows as usize >= self.cfg.flush_rows
+                || batch.body.len() >= self.cfg.flush_bytes)
+        {
             self.flush_table(oid, out);
         }
     }
@@ -1734,6 +1785,253 @@ mod tests {
         // The row moved from 7 (not written in the cycle) is read from StarRocks by key 7.
         assert_eq!(plan.rows.len(), 1);
         assert_eq!(&*plan.rows[0].key[0], b"7");
+    }
+
+    fn filling() -> PipelineConfig {
+        PipelineConfig {
+            toast_mode: CdcToastMode::Partial,
+            fill_rows: true,
+            ..cfg()
+        }
+    }
+
+    /// An UPDATE of row `id` with its TOAST column `v` unchanged.
+    fn unchanged(id: &str) -> Vec<u8> {
+        msg(|b| {
+            b.push(b'U');
+            b.extend_from_slice(&1u32.to_be_bytes());
+            b.push(b'N');
+            build::tuple(b, &[Some(Some(id)), Some(None)]);
+        })
+    }
+
+    /// An UPDATE that moves row `from` to key `to`, `v` unchanged.
+    fn moved(from: &str, to: &str) -> Vec<u8> {
+        msg(|b| {
+            b.push(b'U');
+            b.extend_from_slice(&1u32.to_be_bytes());
+            b.push(b'K');
+            build::tuple(b, &[Some(Some(from)), Some(Some(""))]);
+            b.push(b'N');
+            build::tuple(b, &[Some(Some(to)), Some(None)]);
+        })
+    }
+
+    /// The loads of `out`: body, whether partial, keys to read from StarRocks.
+    fn loads(out: &[Work]) -> Vec<(String, bool, Vec<String>)> {
+        out.iter()
+            .filter_map(|w| match w {
+                Work::LoadFilled(b, plan) => Some((
+                    String::from_utf8(b.body.clone()).unwrap(),
+                    b.partial,
+                    plan.rows
+                        .iter()
+                        .map(|r| String::from_utf8_lossy(&r.key[0]).into_owned())
+                        .collect(),
+                )),
+                Work::Load(b) => Some((
+                    String::from_utf8(b.body.clone()).unwrap(),
+                    b.partial,
+                    vec![],
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_row_that_ends_the_cycle_is_remembered_in_the_next() {
+        // A partial update is open (the first cycle outgrew fill-bytes-max); the next
+        // transaction's first row is whole, so writing it ends that cycle. Its values must
+        // be in the new cycle's memory: the transaction's next change of the key, leaving
+        // `v` out, takes them, not StarRocks' (committed, older) value.
+        let mut p = Pipeline::new(
+            PipelineConfig {
+                fill_bytes_max: 150,
+                ..filling()
+            },
+            keys(),
+        );
+        let big = "y".repeat(200);
+        let msgs = vec![
+            msg(|b| build::begin(b, Lsn(100), 5)),
+            rel(),
+            msg(|b| build::insert(b, 1, &[Some(Some("5")), Some(Some(&big))])),
+            unchanged("5"),
+            msg(|b| build::commit(b, Lsn(100), Lsn(120))),
+            msg(|b| build::begin(b, Lsn(200), 6)),
+            msg(|b| {
+                b.push(b'U');
+                b.extend_from_slice(&1u32.to_be_bytes());
+                b.push(b'N');
+                build::tuple(b, &[Some(Some("1")), Some(Some("v2"))]);
+            }),
+            unchanged("1"),
+            msg(|b| build::commit(b, Lsn(200), Lsn(220))),
+        ];
+        let mut out = feed(&mut p, &msgs);
+        p.flush_all(&mut out);
+        let loads = loads(&out);
+        assert_eq!(loads.len(), 3, "{loads:?}");
+        assert_eq!(
+            loads[1],
+            (r#"[{"id":5}]"#.to_string(), true, vec![]),
+            "the first cycle knew nothing past its bound"
+        );
+        assert_eq!(
+            loads[2],
+            (
+                r#"[{"id":1,"v":"v2","__op":0},{"id":1,"v":"v2","__op":0}]"#.to_string(),
+                false,
+                vec![]
+            )
+        );
+        let stats = p.fill_stats();
+        assert_eq!((stats.rows_from_cycle, stats.rows_to_read), (1, 0));
+    }
+
+    #[test]
+    fn a_deleted_key_that_ends_the_cycle_stays_deleted_in_the_next() {
+        // As above with a DELETE: the key deleted in the new cycle is not StarRocks' to tell.
+        let mut p = Pipeline::new(
+            PipelineConfig {
+                fill_bytes_max: 150,
+                ..filling()
+            },
+            keys(),
+        );
+        let big = "y".repeat(200);
+        let msgs = vec![
+            msg(|b| build::begin(b, Lsn(100), 5)),
+            rel(),
+            msg(|b| build::insert(b, 1, &[Some(Some("5")), Some(Some(&big))])),
+            unchanged("5"),
+            msg(|b| build::commit(b, Lsn(100), Lsn(120))),
+            msg(|b| build::begin(b, Lsn(200), 6)),
+            msg(|b| {
+                b.push(b'D');
+                b.extend_from_slice(&1u32.to_be_bytes());
+                b.push(b'K');
+                build::tuple(b, &[Some(Some("1")), None]);
+            }),
+            unchanged("1"),
+            msg(|b| build::commit(b, Lsn(200), Lsn(220))),
+        ];
+        let mut out = feed(&mut p, &msgs);
+        p.flush_all(&mut out);
+        let loads = loads(&out);
+        assert_eq!(
+            loads.last(),
+            Some(&(r#"[{"id":1}]"#.to_string(), true, vec![])),
+            "{loads:?}"
+        );
+    }
+
+    #[test]
+    fn later_changes_of_a_moved_row_stay_partial() {
+        // The row moved 7 → 8 has its `v` read by key 7. A later change of key 8 leaving `v`
+        // out cannot read it by key 8 (StarRocks has no such row, or a soft-deleted older one).
+        let mut p = Pipeline::new(filling(), keys());
+        let msgs = vec![
+            msg(|b| build::begin(b, Lsn(100), 5)),
+            rel(),
+            moved("7", "8"),
+            unchanged("8"),
+            moved("8", "9"),
+            msg(|b| build::commit(b, Lsn(100), Lsn(120))),
+        ];
+        let mut out = feed(&mut p, &msgs);
+        p.flush_all(&mut out);
+        let loads = loads(&out);
+        assert_eq!(
+            loads,
+            vec![
+                (
+                    r#"[{"id":7,"v":"","__op":1},{"id":8,"__op":0}]"#.to_string(),
+                    false,
+                    vec!["7".to_string()]
+                ),
+                (r#"[{"id":8}]"#.to_string(), true, vec![]),
+                (r#"[{"id":8,"v":"","__op":1}]"#.to_string(), false, vec![]),
+                (r#"[{"id":9}]"#.to_string(), true, vec![]),
+            ]
+        );
+        let stats = p.fill_stats();
+        assert_eq!((stats.rows_to_read, stats.rows_partial), (1, 2));
+    }
+
+    #[test]
+    fn a_key_changes_delete_and_moved_row_share_a_batch() {
+        // With transaction-mode = "none" every batch commits as it loads: had the delete of
+        // key 7 ended a batch of its own (flush-rows = 2), it would commit before the moved
+        // row's batch reads key 7.
+        let mut p = Pipeline::new(
+            PipelineConfig {
+                flush_rows: 2,
+                ..filling()
+            },
+            keys(),
+        );
+        let msgs = vec![
+            msg(|b| build::begin(b, Lsn(100), 5)),
+            rel(),
+            msg(|b| build::insert(b, 1, &[Some(Some("1")), Some(Some("x"))])),
+            moved("7", "8"),
+            msg(|b| build::insert(b, 1, &[Some(Some("2")), Some(Some("y"))])),
+            msg(|b| build::commit(b, Lsn(100), Lsn(120))),
+        ];
+        let mut out = feed(&mut p, &msgs);
+        p.flush_all(&mut out);
+        let loads = loads(&out);
+        assert_eq!(
+            loads,
+            vec![
+                (
+                    r#"[{"id":1,"v":"x","__op":0},{"id":7,"v":"","__op":1},{"id":8,"__op":0}]"#
+                        .to_string(),
+                    false,
+                    vec!["7".to_string()]
+                ),
+                (r#"[{"id":2,"v":"y","__op":0}]"#.to_string(), false, vec![]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_key_that_is_not_utf8_is_never_asked_for() {
+        // StarRocks answers in UTF-8: such a key would never match, its values load as NULL.
+        let mut p = Pipeline::new(filling(), keys());
+        let text_keyed =
+            msg(|b| build::relation(b, 1, "public", "t", &[(true, "id", 25), (false, "v", 25)]));
+        let update = |key: &[u8]| {
+            let mut b = vec![b'U'];
+            b.extend_from_slice(&1u32.to_be_bytes());
+            b.push(b'N');
+            b.extend_from_slice(&2u16.to_be_bytes());
+            b.push(b't');
+            b.extend_from_slice(&(key.len() as u32).to_be_bytes());
+            b.extend_from_slice(key);
+            b.push(b'u');
+            b
+        };
+        let msgs = vec![
+            msg(|b| build::begin(b, Lsn(100), 5)),
+            text_keyed,
+            update("é".as_bytes()),
+            update(b"\xe9"),
+            msg(|b| build::commit(b, Lsn(100), Lsn(120))),
+        ];
+        let mut out = feed(&mut p, &msgs);
+        p.flush_all(&mut out);
+        let loads = loads(&out);
+        assert_eq!(loads.len(), 2, "{loads:?}");
+        assert_eq!(
+            (loads[0].1, &loads[0].2[..]),
+            (false, &["é".to_string()][..])
+        );
+        assert!(loads[1].1, "partial: {loads:?}");
+        let stats = p.fill_stats();
+        assert_eq!((stats.rows_to_read, stats.rows_partial), (1, 1));
     }
 
     #[test]

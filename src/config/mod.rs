@@ -671,7 +671,10 @@ pub enum CdcDeleteMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CdcToastMode {
-    /// Fill them from the `REPLICA IDENTITY FULL` old row; where there is none, as `partial`.
+    /// Fill them from the `REPLICA IDENTITY FULL` old row. An UPDATE without it (a table whose
+    /// replica identity is not FULL) is handled as with `partial`, except that with
+    /// `replica-identity-full = true` `fill-rows` is off: the row loads as a partial update,
+    /// which ends the StarRocks transaction there.
     FullRow,
     /// Without the old row: `fill-rows` fills them (from the flush cycle's own rows, else
     /// from StarRocks); with `fill-rows = false`, a partial update listing only the columns
