@@ -1162,9 +1162,13 @@ fn more_busy_shards_than_connections_all_get_served() {
         ],
     );
     let mut console = console(&proxy);
-    let by_shard = clients_by_shard::<3>(&proxy, &mut console, 2);
-    // Two clients on each of the three shards run statements back to back: every shard
-    // always has a client waiting.
+    let by_shard: [Vec<postgres::Client>; 3] =
+        clients_by_shard::<3>(&proxy, &mut console, 4).map(|mut c| {
+            c.truncate(4);
+            c
+        });
+    // Four clients on each of the three shards run statements back to back: every shard
+    // always has clients waiting, and the same demand (the tie that starved the last).
     let stop = Arc::new(AtomicBool::new(false));
     let counts: Vec<Vec<Arc<AtomicUsize>>> = by_shard
         .iter()
@@ -1177,7 +1181,7 @@ fn more_busy_shards_than_connections_all_get_served() {
             workers.push(std::thread::spawn(
                 move || -> Result<(), postgres::Error> {
                     while !stop.load(Ordering::Relaxed) {
-                        c.simple_query("SELECT pg_sleep(0.005)")?;
+                        c.simple_query("SELECT pg_sleep(0.02)")?;
                         done.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(())

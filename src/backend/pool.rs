@@ -18,6 +18,8 @@
 //! 64 pgbench clients, 27 on one shard with 13 connections and 0.7 ms average wait, 37 on
 //! the other with 7 and 20-30 ms). Connections stay on their shard (a connection is its
 //! shard's io_uring registration and TLS state); what moves is the room in the bound.
+//! With more shards with demand than `pool.size`, the shards that get a connection change
+//! every [`ROTATION_SLOT`] (a fixed tie order left the last shards without one for good).
 //!
 //! Every wait is bounded: a client waits at most `pool.query-wait-timeout-ms`, and at most
 //! `pool.waiters-max` clients wait per shard and pair.
