@@ -906,14 +906,14 @@ fn a_lingering_shared_connection_is_reused_and_still_goes_back() {
 /// is served at once: the lingering shard hears of it through its eventfd and gives the
 /// connection back, instead of at the end of its linger (here 8 s, where the waiting client
 /// gives up after 3 s with 53300).
-/// At least `each` clients through `proxy` on each of its two shards, by shard. Clients
+/// At least `each` clients through `proxy` on each of its `N` shards, by shard. Clients
 /// connect one at a time; the one row SHOW CLIENTS gains tells the new client's shard (the
 /// top byte of its `ptr`).
-fn clients_by_shard(
+fn clients_by_shard<const N: usize>(
     proxy: &Proxy,
     console: &mut postgres::Client,
     each: usize,
-) -> [Vec<postgres::Client>; 2] {
+) -> [Vec<postgres::Client>; N] {
     let ptrs = |console: &mut postgres::Client| -> std::collections::HashSet<u64> {
         console
             .simple_query("SHOW CLIENTS")
@@ -929,7 +929,7 @@ fn clients_by_shard(
             .collect()
     };
     let mut known = ptrs(console);
-    let mut by_shard: [Vec<postgres::Client>; 2] = [Vec::new(), Vec::new()];
+    let mut by_shard: [Vec<postgres::Client>; N] = std::array::from_fn(|_| Vec::new());
     for _ in 0..32 * each {
         if by_shard.iter().all(|c| c.len() >= each) {
             break;
@@ -943,7 +943,9 @@ fn clients_by_shard(
         }));
         assert_eq!(new.len(), 1, "one client connected");
         known.insert(new[0]);
-        by_shard[(new[0] >> 56) as usize].push(client);
+        let shard = (new[0] >> 56) as usize;
+        assert!(shard < N, "client on shard {shard} of {N}");
+        by_shard[shard].push(client);
     }
     assert!(
         by_shard.iter().all(|c| c.len() >= each),
@@ -986,7 +988,7 @@ fn a_waiter_on_another_shard_is_served_without_waiting_out_the_linger() {
     .unwrap();
     // (They carry no settings of their own: clients with different settings never share a
     // connection.)
-    let [mut here, mut there] = clients_by_shard(&proxy, &mut console, 2);
+    let [mut here, mut there] = clients_by_shard::<2>(&proxy, &mut console, 2);
     let mut direct = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
     let (mut a, mut b) = (here.remove(0), here.remove(0));
     let mut waiter = there.remove(0);
@@ -1047,7 +1049,7 @@ fn a_shard_whose_clients_always_wait_makes_room_for_another_shards_clients() {
         postgres::NoTls,
     )
     .unwrap();
-    let [busy, mut other] = clients_by_shard(&proxy, &mut console, 8);
+    let [busy, mut other] = clients_by_shard::<2>(&proxy, &mut console, 8);
     // The pair's server connections, sampled all along: never more than the bound.
     let stop = Arc::new(AtomicBool::new(false));
     let most = Arc::new(AtomicUsize::new(0));
@@ -1121,5 +1123,178 @@ fn a_shard_whose_clients_always_wait_makes_room_for_another_shards_clients() {
     );
     let most = most.load(Ordering::Relaxed);
     assert!(most <= 2, "{most} server connections for a pool of 2");
+    let _ = std::fs::remove_file(&config);
+}
+
+/// The console of `proxy` (admin user postgres).
+fn console(proxy: &Proxy) -> postgres::Client {
+    postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=pgbouncer connect_timeout=10",
+            proxy.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap()
+}
+
+/// Review finding: with more shards with waiting clients than `pool.size`, the shards last in
+/// the apportionment's tie order got no part for as long as the demand stayed even, and since
+/// no other shard held more than its part, none gave a connection up: their clients waited
+/// out `query-wait-timeout` with 53300. Now the shards take turns: every client of every shard
+/// is served, and the pair never exceeds its bound.
+#[test]
+fn more_busy_shards_than_connections_all_get_served() {
+    let pg = start_primary("pool-turns");
+    let config = std::env::temp_dir().join(format!("pgprism-turns-{}.toml", std::process::id()));
+    std::fs::write(&config, "[pool]\nadmin-users = [\"postgres\"]\n").unwrap();
+    let config = config.display().to_string();
+    let proxy = pooled(
+        &pg.url(),
+        2,
+        &[
+            "--shards",
+            "3",
+            "--query-wait-timeout",
+            "20000",
+            "--config",
+            &config,
+        ],
+    );
+    let mut console = console(&proxy);
+    let by_shard: [Vec<postgres::Client>; 3] =
+        clients_by_shard::<3>(&proxy, &mut console, 4).map(|mut c| {
+            c.truncate(4);
+            c
+        });
+    // Four clients on each of the three shards run statements back to back: every shard
+    // always has clients waiting, and the same demand (the tie that starved the last).
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts: Vec<Vec<Arc<AtomicUsize>>> = by_shard
+        .iter()
+        .map(|c| c.iter().map(|_| Arc::new(AtomicUsize::new(0))).collect())
+        .collect();
+    let mut workers = Vec::new();
+    for (clients, counts) in by_shard.into_iter().zip(&counts) {
+        for (mut c, done) in clients.into_iter().zip(counts.iter().cloned()) {
+            let stop = stop.clone();
+            workers.push(std::thread::spawn(
+                move || -> Result<(), postgres::Error> {
+                    while !stop.load(Ordering::Relaxed) {
+                        c.simple_query("SELECT pg_sleep(0.02)")?;
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(())
+                },
+            ));
+        }
+    }
+    // Every client of every shard gets through several statements (before, those of shard 2
+    // got none and failed after 20 s).
+    let all_served = eventually(Duration::from_secs(60), || {
+        counts
+            .iter()
+            .flatten()
+            .all(|n| n.load(Ordering::Relaxed) >= 3)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let results: Vec<_> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let served: Vec<Vec<usize>> = counts
+        .iter()
+        .map(|c| c.iter().map(|n| n.load(Ordering::Relaxed)).collect())
+        .collect();
+    assert!(all_served, "statements by shard and client: {served:?}");
+    for r in results {
+        r.expect("every statement succeeds");
+    }
+    assert_eq!(proxy.metric("pgprism_pool_wait_timeouts_total"), 0);
+    // (A connection closed to make room leaves the primary's view as its backend exits; the
+    // count's own psql session is one of the database's backends.)
+    assert!(
+        eventually(Duration::from_secs(10), || backends(&pg, "postgres")
+            <= 2 + 1),
+        "more connections than the bound"
+    );
+    let _ = std::fs::remove_file(&config);
+}
+
+/// Review finding: a shard whose one client runs short transactions with pauses published
+/// its demand when the client started waiting, but its next care tick published nothing
+/// again (the smoothed figure never reached one client), so its part stayed 0 while the
+/// other shard's clients waited: its connection was closed at every return and each
+/// transaction opened a new one. Now it keeps its part, and its connection, while it is in use.
+#[test]
+fn a_light_client_next_to_a_busy_shard_keeps_its_connection() {
+    let pg = start_primary("pool-light");
+    let config = std::env::temp_dir().join(format!("pgprism-light-{}.toml", std::process::id()));
+    std::fs::write(&config, "[pool]\nadmin-users = [\"postgres\"]\n").unwrap();
+    let config = config.display().to_string();
+    let proxy = pooled(
+        &pg.url(),
+        2,
+        &[
+            "--shards",
+            "2",
+            "--query-wait-timeout",
+            "20000",
+            "--config",
+            &config,
+        ],
+    );
+    let mut console = console(&proxy);
+    let [busy, mut light] = clients_by_shard::<2>(&proxy, &mut console, 8);
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = busy
+        .into_iter()
+        .map(|mut c| {
+            let stop = stop.clone();
+            std::thread::spawn(move || -> Result<(), postgres::Error> {
+                while !stop.load(Ordering::Relaxed) {
+                    c.simple_query("SELECT pg_sleep(0.005)")?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(20), || clients_waiting(&mut console)
+            .is_some_and(|n| n >= 3)),
+        "the busy shard's clients never queued"
+    );
+    // The light client: one warm-up transaction (its shard takes its part: one connection
+    // moves over), then short transactions with pauses between them.
+    let c = &mut light[0];
+    let mut tx = c.transaction().unwrap();
+    tx.query_one("SELECT 1", &[]).unwrap();
+    tx.commit().unwrap();
+    // The server connections its transactions ran on (their backends' pids).
+    let mut pids = std::collections::HashSet::new();
+    let rounds = 30;
+    for round in 0..rounds {
+        let mut tx = c.transaction().unwrap();
+        let row = tx
+            .query_one("SELECT $1::int, pg_backend_pid()", &[&round])
+            .unwrap();
+        assert_eq!(row.get::<_, i32>(0), round);
+        pids.insert(row.get::<_, i32>(1));
+        tx.commit().unwrap();
+        // A client busy a small part of the time (the pause is the workload, not a wait
+        // for anything).
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join()
+            .unwrap()
+            .expect("the busy shard's statements succeed");
+    }
+    // Before, nearly every one of the 30 transactions ran on a connection opened for it; now
+    // the light shard keeps the one it took (another may come while the figures settle).
+    assert!(
+        pids.len() <= 3,
+        "{} server connections for {rounds} light transactions",
+        pids.len()
+    );
+    assert_eq!(proxy.metric("pgprism_pool_wait_timeouts_total"), 0);
     let _ = std::fs::remove_file(&config);
 }

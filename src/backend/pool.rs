@@ -18,6 +18,8 @@
 //! 64 pgbench clients, 27 on one shard with 13 connections and 0.7 ms average wait, 37 on
 //! the other with 7 and 20-30 ms). Connections stay on their shard (a connection is its
 //! shard's io_uring registration and TLS state); what moves is the room in the bound.
+//! With more shards with demand than `pool.size`, the shards that get a connection change
+//! every [`ROTATION_SLOT`] (a fixed tie order left the last shards without one for good).
 //!
 //! Every wait is bounded: a client waits at most `pool.query-wait-timeout-ms`, and at most
 //! `pool.waiters-max` clients wait per shard and pair.
@@ -370,6 +372,9 @@ pub struct Pool {
     /// in sixteenths; and the figure last published in the budget.
     demand: Cell<usize>,
     published: Cell<usize>,
+    /// `counters.lends` at the last care tick: a shard that lent a connection since counts
+    /// as one client of demand even when none was in a transaction at the tick itself.
+    lends_seen: Cell<u64>,
     /// This shard's part of `pool.size` while clients of other shards wait (worked out at
     /// each care tick from every shard's published demand).
     share: Cell<usize>,
@@ -547,6 +552,7 @@ impl Pools {
             lingering: Cell::new(0),
             demand: Cell::new(0),
             published: Cell::new(0),
+            lends_seen: Cell::new(0),
             share: Cell::new(self.cfg.size),
         });
         pools.insert((user, database), pool.clone());
@@ -617,9 +623,14 @@ impl Pools {
         pool.budget.wanted.fetch_add(1, Ordering::SeqCst);
         self.wake_lingering(pool);
         // A shard that published no demand (its clients were idle) says so now, not at its
-        // next tick: the others would otherwise see no reason to make room for it.
+        // next tick: the others would otherwise see no reason to make room for it. Its own
+        // smoothed figure starts there too (else its next tick would publish nothing again)
+        // and its part is worked out at once, not at that tick.
         if pool.published.get() == 0 {
-            self.publish_demand(pool, (pool.linked.get() as usize + pool.waiting.get()) * 16);
+            let now = (pool.linked.get() as usize + pool.waiting.get()) * 16;
+            pool.demand.set(pool.demand.get().max(now));
+            self.publish_demand(pool, now);
+            self.work_out_share(pool);
         }
         // Should this future be dropped while it waits (its caller gave up, its task ended),
         // the place in line and the counts go with it, and a connection handed over
@@ -710,8 +721,14 @@ impl Pools {
             }
         }
         // Clients of other shards wait and this shard holds its part of the bound: free room
-        // is theirs (this shard's own connections come back to its waiters).
-        if pool.others_wait() && pool.open.get() >= pool.share.get() {
+        // is theirs (this shard's own connections come back to its waiters). The shards work
+        // out their parts from figures read at different ticks, so the parts may not add up
+        // to the bound for a tick: room left over under `pool.size` may still go to a shard
+        // at its part, one connection beyond it (given back as it returns while others wait).
+        let (open, share) = (pool.open.get(), pool.share.get());
+        if pool.others_wait()
+            && (open > share || (open == share && pool.budget.open() >= self.cfg.size))
+        {
             return Ok(None);
         }
         let waited = started.elapsed();
@@ -749,13 +766,21 @@ impl Pools {
 
     /// Whether a connection of `pool` lent out but free now (a lingering shared one) should
     /// go back for a waiting client: one of this shard still in line, or one of another shard
-    /// (the budget's count beyond this shard's) while this shard holds more than its even
-    /// share of `pool.size` (at or below it, the other shards hold the rest, and their own
-    /// connections come back to their waiters).
+    /// (the budget's count beyond this shard's) while this shard holds more than its part of
+    /// `pool.size` (worked out afresh: the other shard's waiter has just published its
+    /// demand), or, with no client of its own waiting, more than its even share of the bound
+    /// (a connection with nothing in flight and nobody here to take it serves better there).
     pub fn wants_conn(&self, pool: &Pool) -> bool {
-        pool.first_waiter().is_some()
-            || (pool.budget.wanted() > pool.waiting.get()
-                && pool.open.get() > self.cfg.size / self.shards.max(1))
+        if pool.first_waiter().is_some() {
+            return true;
+        }
+        if !pool.others_wait() {
+            return false;
+        }
+        self.work_out_share(pool);
+        let open = pool.open.get();
+        open > pool.share.get()
+            || (pool.waiting.get() == 0 && open > self.cfg.size / self.shards.max(1))
     }
 
     /// A shared connection of `pool` starts (`true`) or stops lingering on this shard with
@@ -1015,10 +1040,11 @@ impl Pools {
                     let others_wait = pool.budget.wanted() > pool.waiting.get() + closing.len()
                         && pool.waiting.get() == 0
                         && pool.open.get() - closing.len() > pool.share.get();
-                    if others_wait && !too_idle {
+                    let expired = self.expired(conn, now);
+                    if others_wait && !too_idle && !expired {
                         bump(&pool.counters.servers_yielded, 1);
                     }
-                    if too_idle || self.expired(conn, now) || others_wait {
+                    if too_idle || expired || others_wait {
                         closing.push(idle.swap_remove(i));
                     } else {
                         i += 1;
@@ -1047,26 +1073,57 @@ impl Pools {
     /// in a transaction or waiting) smoothed and published, and its part of `pool.size`
     /// worked out from every shard's published demand.
     fn share_out(&self, pool: &Pool) {
-        let sample = (pool.linked.get() as usize + pool.waiting.get()) * 16;
+        // A shard that lent a connection since the last tick counts at least one client,
+        // though none was in a transaction at the tick: a client busy part of the time keeps
+        // its part (and its connection) instead of losing it at every return.
+        let lends = pool.counters.lends.get();
+        let lent = lends != pool.lends_seen.get();
+        pool.lends_seen.set(lends);
+        let busy = pool.linked.get() as usize + pool.waiting.get();
+        let sample = busy.max(usize::from(lent)) * 16;
         let smoothed = pool.demand.get() - pool.demand.get() / 4 + sample / 4;
         pool.demand.set(smoothed);
+        // Never below one client while one is in a transaction, waits or was lent to, nor
+        // soon after (until the smoothed figure falls under a quarter client, some 7 ticks):
+        // a client pausing between transactions keeps its part and its connection.
+        let figure = if sample > 0 || (pool.published.get() > 0 && smoothed >= 4) {
+            smoothed.max(16)
+        } else if smoothed < 16 {
+            0
+        } else {
+            smoothed
+        };
         // Published only when it moved by more than an eighth (or to or from nothing), so
         // that every shard works out its part from the same figures and the parts add up to
         // the bound, instead of each shard's tick moving a connection back and forth.
         let published = pool.published.get();
-        if smoothed.abs_diff(published) > (published / 8).max(16)
-            || (smoothed < 16) != (published == 0)
+        if figure.abs_diff(published) > (published / 8).max(16) || (figure == 0) != (published == 0)
         {
-            self.publish_demand(pool, if smoothed < 16 { 0 } else { smoothed });
+            self.publish_demand(pool, figure);
         }
-        let demand: Vec<usize> = pool
+        self.work_out_share(pool);
+    }
+
+    /// This shard's part of `pool.size` from every shard's published demand (its own counted
+    /// as at least one client while its clients wait), in the current rotation slot.
+    fn work_out_share(&self, pool: &Pool) {
+        let mut demand: Vec<usize> = pool
             .budget
             .demand
             .iter()
             .map(|d| d.load(Ordering::Relaxed))
             .collect();
-        pool.share
-            .set(apportion(self.cfg.size, &demand, self.shard));
+        if pool.waiting.get() > 0
+            && let Some(mine) = demand.get_mut(self.shard)
+        {
+            *mine = (*mine).max(16);
+        }
+        pool.share.set(apportion(
+            self.cfg.size,
+            &demand,
+            self.shard,
+            rotation_slot(),
+        ));
     }
 
     fn publish_demand(&self, pool: &Pool, demand: usize) {
@@ -1250,15 +1307,44 @@ pub async fn run_simple(conn: &mut ServerConn, sql: &str, up: &Upstream) -> Resu
     within(limit, read).await.unwrap_or(Err(()))
 }
 
+/// How long one rotation slot of [`apportion`] lasts: while more shards have demand than
+/// `pool.size` allows connections, which of them get one changes every slot.
+const ROTATION_SLOT: Duration = Duration::from_secs(1);
+
+/// The current rotation slot, the same on every shard (counted from one process-wide
+/// start).
+fn rotation_slot() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    (start.elapsed().as_millis() / ROTATION_SLOT.as_millis()) as u64
+}
+
 /// Shard `me`'s part of `size` connections shared out in proportion to each shard's
-/// `demand` (largest remainders, ties to the lower shard, so that the parts add up to
-/// `size`), every shard with some demand getting at least one while `size` allows: a
-/// shard with a single waiting client is never left without a connection of its own. No
-/// demand anywhere: no limit (`size`).
-fn apportion(size: usize, demand: &[usize], me: usize) -> usize {
+/// `demand` (largest remainders, ties to the shard first from `slot`'s starting point, so
+/// that the parts add up to `size`), every shard with some demand getting at least one
+/// while `size` allows: a shard with a single waiting client is never left without a
+/// connection of its own. More shards with demand than `size`: one connection each to
+/// `size` of them, taken in turn from a starting point that moves on by `size` every
+/// `slot`, so that every one of them is served within ceil(shards / size) slots. No demand
+/// anywhere: no limit (`size`).
+fn apportion(size: usize, demand: &[usize], me: usize, slot: u64) -> usize {
     let total: usize = demand.iter().sum();
     if total == 0 || me >= demand.len() {
         return size;
+    }
+    let n = demand.len();
+    // Shard i's place in this slot's order.
+    let start = ((slot % n as u64) as usize * (size % n)) % n;
+    let place = |i: usize| (i + n - start) % n;
+    let wanting = demand.iter().filter(|&&d| d > 0).count();
+    if wanting > size {
+        if demand[me] == 0 {
+            return 0;
+        }
+        let before = (0..n)
+            .filter(|&i| demand[i] > 0 && place(i) < place(me))
+            .count();
+        return usize::from(before < size);
     }
     // (part, remainder) per shard.
     let mut parts: Vec<(usize, usize)> = demand
@@ -1267,7 +1353,7 @@ fn apportion(size: usize, demand: &[usize], me: usize) -> usize {
         .collect();
     let mut left = size - parts.iter().map(|p| p.0).sum::<usize>();
     let mut order: Vec<usize> = (0..parts.len()).collect();
-    order.sort_by(|&a, &b| parts[b].1.cmp(&parts[a].1).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| parts[b].1.cmp(&parts[a].1).then(place(a).cmp(&place(b))));
     for i in order {
         if left == 0 {
             break;
@@ -1327,20 +1413,66 @@ mod tests {
     #[test]
     fn the_bound_is_shared_out_by_demand_and_adds_up() {
         // The session-12 measurement: 27 and 37 clients busy, pool 20.
-        assert_eq!(apportion(20, &[27, 37], 0), 8);
-        assert_eq!(apportion(20, &[27, 37], 1), 12);
+        assert_eq!(apportion(20, &[27, 37], 0, 0), 8);
+        assert_eq!(apportion(20, &[27, 37], 1, 0), 12);
         // No demand anywhere: no limit; demand on one shard only: all of it.
-        assert_eq!(apportion(20, &[0, 0], 1), 20);
-        assert_eq!(apportion(20, &[5, 0], 0), 20);
-        assert_eq!(apportion(20, &[5, 0], 1), 0);
+        assert_eq!(apportion(20, &[0, 0], 1, 0), 20);
+        assert_eq!(apportion(20, &[5, 0], 0, 0), 20);
+        assert_eq!(apportion(20, &[5, 0], 1, 0), 0);
         // One waiting client against a hundred still gets a connection.
-        assert_eq!(apportion(2, &[100, 1], 1), 1);
-        assert_eq!(apportion(2, &[100, 1], 0), 1);
-        // More shards with demand than connections: the parts still add up to the bound.
-        for size in 1..12 {
-            for demand in [[3usize, 1, 7], [1, 1, 1], [0, 9, 2], [50, 1, 1]] {
-                let sum: usize = (0..3).map(|s| apportion(size, &demand, s)).sum();
-                assert_eq!(sum, size, "size {size}, demand {demand:?}");
+        assert_eq!(apportion(2, &[100, 1], 1, 0), 1);
+        assert_eq!(apportion(2, &[100, 1], 0, 0), 1);
+        // The parts add up to the bound, in every slot.
+        for slot in 0..7 {
+            for size in 1..12 {
+                for demand in [[3usize, 1, 7], [1, 1, 1], [0, 9, 2], [50, 1, 1]] {
+                    let sum: usize = (0..3).map(|s| apportion(size, &demand, s, slot)).sum();
+                    assert_eq!(sum, size, "size {size}, demand {demand:?}, slot {slot}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn more_shards_with_demand_than_connections_take_turns() {
+        // 32 shards all busy on pool.size 20 (review finding: shards 20-31 got 0 for good),
+        // uneven demand, a few shards idle, sizes that divide the shard count or not.
+        let even = [16usize; 32];
+        let uneven: Vec<usize> = (0..32).map(|i| 16 + (i * 7) % 23).collect();
+        let gaps: Vec<usize> = (0..32).map(|i| if i % 5 == 0 { 0 } else { 16 }).collect();
+        let three = [40usize, 16, 16];
+        let cases: [(usize, &[usize]); 7] = [
+            (20, &even),
+            (20, &uneven),
+            (20, &gaps),
+            (8, &even),
+            (5, &gaps),
+            (2, &three),
+            (1, &three),
+        ];
+        for (size, demand) in cases {
+            let n = demand.len();
+            let mut served = vec![0usize; n];
+            let slots = n.div_ceil(size) as u64;
+            for slot in 0..slots {
+                let parts: Vec<usize> = (0..n).map(|s| apportion(size, demand, s, slot)).collect();
+                assert_eq!(
+                    parts.iter().sum::<usize>(),
+                    size,
+                    "size {size}, slot {slot}"
+                );
+                for (s, &p) in parts.iter().enumerate() {
+                    if p > 0 {
+                        assert!(demand[s] > 0, "shard {s} without demand got {p}");
+                        served[s] += 1;
+                    }
+                }
+            }
+            for s in 0..n {
+                assert!(
+                    demand[s] == 0 || served[s] > 0,
+                    "size {size}: shard {s} of {n} never got a connection in {slots} slots"
+                );
             }
         }
     }
