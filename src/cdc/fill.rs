@@ -328,30 +328,103 @@ impl FillPlan {
     }
 }
 
-/// Waits until the transactions committed before whose publish had not finished are
-/// visible (`labels`, emptied as they become so): a `SELECT` before that would read the rows
-/// they replaced. Bounded by `cdc.load-timeout-ms`; beyond, the cycle is loaded again from
-/// the checkpoint.
-pub fn wait_visible(sink: &StarRocks, labels: &mut Vec<String>) -> Result<(), LoadError> {
-    let cfg = sink.config();
-    let deadline = std::time::Instant::now() + cfg.timeout;
-    let mut delay = cfg.backoff;
-    while let Some(label) = labels.first() {
-        let state = sink.label_state(label);
-        if state.as_deref() == Ok("VISIBLE") {
-            labels.remove(0);
-            continue;
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(LoadError::NotVisible {
-                label: label.clone(),
-                state: state.unwrap_or_else(|e| e),
-            });
-        }
-        std::thread::sleep(delay);
-        delay = (delay * 2).min(cfg.backoff_max);
+/// Transactions (and plain loads) committed whose publish had not finished (`publish
+/// timeout`, state `COMMITTED`): their rows are not visible yet, so values are read from
+/// StarRocks only once they are ([`Publishing::wait`]). The list outlives a run (it is
+/// carried in `Shared`, as the column plans are): a run that reconnects after a wait gave
+/// up still waits for the same labels before its first read. Bounded by
+/// `cdc.publishing-labels-max`: every commit that adds a label first drops those already
+/// visible from the front (one state check each, stopping at the first still publishing),
+/// and at the bound waits for the oldest.
+#[derive(Debug, Default)]
+pub struct Publishing {
+    labels: std::collections::VecDeque<String>,
+    max: usize,
+}
+
+/// A label's state that means its rows are visible: `VISIBLE`, or `UNKNOWN` (StarRocks
+/// keeps a finished label for `label_keep_max_second` and then forgets it; a label pgprism
+/// committed and StarRocks no longer knows was published long ago).
+fn published(state: &Result<String, String>) -> bool {
+    matches!(state.as_deref(), Ok("VISIBLE" | "UNKNOWN"))
+}
+
+impl Publishing {
+    /// Sets the bound (`cdc.publishing-labels-max`, at least 1) of a list carried over.
+    pub fn with_max(mut self, max: usize) -> Publishing {
+        self.max = max.max(1);
+        self
     }
-    Ok(())
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Notes a commit still publishing. The label is kept whatever happens next; beyond the
+    /// bound the oldest is waited for (a [`LoadError::NotVisible`] past
+    /// `cdc.load-timeout-ms`: the list is carried to the next run, which waits again).
+    pub fn push(&mut self, sink: &StarRocks, label: String) -> Result<(), LoadError> {
+        self.note(label);
+        self.settle(sink)
+    }
+
+    /// Notes a commit still publishing, without asking StarRocks (see [`Publishing::settle`]).
+    pub fn note(&mut self, label: String) {
+        self.labels.push_back(label);
+    }
+
+    /// Drops the labels already visible from the front; beyond the bound, waits for the
+    /// oldest.
+    pub fn settle(&mut self, sink: &StarRocks) -> Result<(), LoadError> {
+        while let Some(front) = self.labels.front() {
+            if !published(&sink.label_state(front)) {
+                break;
+            }
+            self.labels.pop_front();
+        }
+        while self.labels.len() > self.max.max(1) {
+            self.wait_front(sink)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every label is visible (emptied as they become so): a `SELECT` before
+    /// that would read the rows they replaced. Bounded by `cdc.load-timeout-ms` per label;
+    /// beyond, the cycle is loaded again from the checkpoint (the list is kept).
+    pub fn wait(&mut self, sink: &StarRocks) -> Result<(), LoadError> {
+        while !self.labels.is_empty() {
+            self.wait_front(sink)?;
+        }
+        Ok(())
+    }
+
+    fn wait_front(&mut self, sink: &StarRocks) -> Result<(), LoadError> {
+        let cfg = sink.config();
+        let deadline = std::time::Instant::now() + cfg.timeout;
+        let mut delay = cfg.backoff;
+        let Some(label) = self.labels.front() else {
+            return Ok(());
+        };
+        loop {
+            let state = sink.label_state(label);
+            if published(&state) {
+                self.labels.pop_front();
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(LoadError::NotVisible {
+                    label: label.clone(),
+                    state: state.unwrap_or_else(|e| e),
+                });
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(cfg.backoff_max);
+        }
+    }
 }
 
 /// Keys one `SELECT` asks for at most (the statement stays far below the FE's packet size).
