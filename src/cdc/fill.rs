@@ -441,68 +441,103 @@ pub struct Filled {
 
 /// Reads the values `plan` needs from StarRocks (committed data: the cycle's own loads are
 /// not visible) and writes them into a copy of `batch`'s rows.
+///
+/// Chunk by chunk: the keys are asked in the order their rows come ([`KEYS_PER_QUERY`] per
+/// `SELECT`), each chunk is read only when the first row that needs it is written, and a
+/// key's values are dropped after the last row that needs them. Besides the batch and its
+/// copy, what is held is one chunk's values and those of keys a later row needs again.
 pub fn fill_batch(
     sink: &StarRocks,
     batch: &Batch,
     plan: &FillPlan,
 ) -> Result<(Batch, Filled), LoadError> {
-    let mut found: HashMap<Vec<u8>, Vec<Option<String>>> = HashMap::new();
-    let mut keys: Vec<&[Box<[u8]>]> = Vec::new();
-    let mut seen: HashSet<Vec<u8>> = HashSet::new();
-    for row in &plan.rows {
-        if seen.insert(joined(row.key.iter().map(|k| &k[..]))) {
-            keys.push(&row.key);
-        }
-    }
-    for chunk in keys.chunks(KEYS_PER_QUERY) {
+    fill_with(&batch.body, plan, |chunk| {
         let sql = select_sql(&sink.config().database, &batch.table, plan, chunk);
-        let (_, rows) = sink.query(&sql)?;
-        collect(&mut found, rows, plan.key.len());
-    }
-    let (body, filled) = splice(&batch.body, plan, &found);
-    Ok((
-        Batch {
-            body,
-            ..batch.clone()
-        },
-        filled,
-    ))
+        sink.query(&sql).map(|(_, rows)| rows)
+    })
+    .map(|(body, filled)| {
+        (
+            Batch {
+                body,
+                ..batch.clone()
+            },
+            filled,
+        )
+    })
 }
 
-/// Writes the values `found` (by joined key, in the order of the plan's columns) into the
-/// rows of `body` that `plan` names, right after each row's `{`.
-fn splice(
+/// [`fill_batch`] with the reads done by `read` (one call per chunk of keys).
+fn fill_with<E>(
     body: &[u8],
     plan: &FillPlan,
-    found: &HashMap<Vec<u8>, Vec<Option<String>>>,
-) -> (Vec<u8>, Filled) {
+    mut read: impl FnMut(&[&[Box<[u8]>]]) -> Result<Vec<Vec<Option<String>>>, E>,
+) -> Result<(Vec<u8>, Filled), E> {
+    // Each key once, in the order of its first row; and each row's key's place there.
+    let mut keys: Vec<&[Box<[u8]>]> = Vec::new();
+    let mut place: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut row_key: Vec<usize> = Vec::with_capacity(plan.rows.len());
+    for row in &plan.rows {
+        let joined = joined(row.key.iter().map(|k| &k[..]));
+        let next = keys.len();
+        let at = *place.entry(joined).or_insert(next);
+        if at == next {
+            keys.push(&row.key);
+        }
+        row_key.push(at);
+    }
+    drop(place);
+    // The last row that needs each key.
+    let mut last_use = vec![0usize; keys.len()];
+    for (i, &k) in row_key.iter().enumerate() {
+        last_use[k] = i;
+    }
+    let mut found: HashMap<Vec<u8>, Vec<Option<String>>> = HashMap::new();
+    let mut chunks_read = 0;
     let mut out = Vec::with_capacity(body.len() + body.len() / 2);
     let mut done = 0;
     let mut filled = Filled::default();
-    for row in &plan.rows {
+    for (i, row) in plan.rows.iter().enumerate() {
+        let k = row_key[i];
+        while chunks_read * KEYS_PER_QUERY <= k {
+            let from = chunks_read * KEYS_PER_QUERY;
+            let to = (from + KEYS_PER_QUERY).min(keys.len());
+            collect(&mut found, read(&keys[from..to])?, plan.key.len());
+            chunks_read += 1;
+        }
         let Some(head) = body.get(done..row.at) else {
             continue;
         };
         out.extend_from_slice(head);
         done = row.at;
-        let Some(values) = found.get(&joined(row.key.iter().map(|k| &k[..]))) else {
+        let joined = joined(row.key.iter().map(|k| &k[..]));
+        let values = if last_use[k] == i {
+            found.remove(&joined)
+        } else {
+            found.get(&joined).cloned()
+        };
+        let Some(values) = values else {
             filled.rows_missing += 1;
             continue;
         };
         filled.rows_read += 1;
-        for &c in &row.columns {
-            let (Some((_, kind, json_key)), Some(value)) =
-                (plan.columns.get(usize::from(c)), values.get(usize::from(c)))
-            else {
-                continue;
-            };
-            out.extend_from_slice(json_key);
-            write_starrocks_value(&mut out, *kind, value.as_deref());
-            out.push(b',');
-        }
+        write_values(&mut out, plan, row, &values);
     }
     out.extend_from_slice(body.get(done..).unwrap_or_default());
-    (out, filled)
+    Ok((out, filled))
+}
+
+/// The values read for one row, right after its `{`.
+fn write_values(out: &mut Vec<u8>, plan: &FillPlan, row: &PendingRow, values: &[Option<String>]) {
+    for &c in &row.columns {
+        let (Some((_, kind, json_key)), Some(value)) =
+            (plan.columns.get(usize::from(c)), values.get(usize::from(c)))
+        else {
+            continue;
+        };
+        out.extend_from_slice(json_key);
+        write_starrocks_value(out, *kind, value.as_deref());
+        out.push(b',');
+    }
 }
 
 /// Key values joined with NUL (which no PostgreSQL text contains).
@@ -665,25 +700,79 @@ mod tests {
             },
         ];
         assert_eq!(&body[37..39], b"{\"");
-        let mut found = HashMap::new();
-        found.insert(
-            b"1\0".to_vec(),
-            vec![Some("a\"b".to_string()), Some("1".to_string())],
-        );
-        let (out, filled) = splice(body, &p, &found);
+        let mut asked = Vec::new();
+        let mut stored: Vec<Vec<Option<String>>> = vec![vec![
+            Some("1".to_string()),
+            Some("a\"b".to_string()),
+            Some("1".to_string()),
+        ]];
+        let (out, filled) = fill_with(body, &p, |chunk| {
+            asked.push(chunk.len());
+            Ok::<_, ()>(stored.clone())
+        })
+        .unwrap();
+        assert_eq!(asked, vec![2], "both keys in one SELECT");
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"[{"big":"a\"b","ok":true,"id":1,"__op":0},{"id":2,"__op":0},{"id":3,"__op":0}]"#
         );
         assert_eq!((filled.rows_read, filled.rows_missing), (1, 1));
         // The third row was not found: it keeps its JSON, StarRocks gives it NULL.
-        found.insert(b"3\0".to_vec(), vec![None, None]);
-        let (out, _) = splice(body, &p, &found);
+        stored.push(vec![Some("3".to_string()), None, None]);
+        let (out, _) = fill_with(body, &p, |_| Ok::<_, ()>(stored.clone())).unwrap();
         assert!(
             std::str::from_utf8(&out)
                 .unwrap()
                 .ends_with(r#"{"big":null,"id":3,"__op":0}]"#)
         );
+    }
+
+    #[test]
+    fn keys_are_read_a_chunk_at_a_time_and_a_key_needed_again_keeps_its_values() {
+        let mut p = plan(&["id"]);
+        // Rows 0..KEYS_PER_QUERY+10 each with its own key, then key 0 once more.
+        let n = KEYS_PER_QUERY + 10;
+        let mut body = b"[".to_vec();
+        let mut ids: Vec<usize> = (0..n).collect();
+        ids.push(0);
+        for (i, id) in ids.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.push(b'{');
+            p.rows.push(PendingRow {
+                at: body.len(),
+                key: vec![id.to_string().into_bytes().into()],
+                columns: vec![0],
+            });
+            body.extend_from_slice(format!("\"id\":{id}}}").as_bytes());
+        }
+        body.push(b']');
+        let mut reads = Vec::new();
+        let (out, filled) = fill_with(&body, &p, |chunk| {
+            reads.push(chunk.len());
+            Ok::<_, ()>(
+                chunk
+                    .iter()
+                    .map(|k| {
+                        let id = String::from_utf8(k[0].to_vec()).unwrap();
+                        vec![Some(id.clone()), Some(format!("v{id}")), None]
+                    })
+                    .collect(),
+            )
+        })
+        .unwrap();
+        assert_eq!(reads, vec![KEYS_PER_QUERY, 10]);
+        assert_eq!(filled.rows_read, n as u64 + 1);
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.starts_with(r#"[{"big":"v0","id":0},{"big":"v1","id":1}"#));
+        assert!(
+            out.ends_with(r#"{"big":"v0","id":0}]"#),
+            "{}",
+            &out[out.len() - 60..]
+        );
+        // A failed read fails the whole batch.
+        assert_eq!(fill_with(&body, &p, |_| Err("down")).unwrap_err(), "down");
     }
 
     #[test]
