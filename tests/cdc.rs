@@ -813,6 +813,36 @@ fn a_run_that_reconnects_still_waits_for_a_commit_publishing() {
 }
 
 #[test]
+fn a_table_pgprism_may_not_read_cuts_as_before_instead_of_stopping() {
+    let pg = start_pg("cdc-fill-denied", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_toast_tables(&mut c, &sr, false);
+    // No SELECT on d: its partial changes cannot take StarRocks' values.
+    sr.deny_select(DB, "d");
+    let (args, config) = toast_args(&pg, &sr, "");
+    let cdc = Cdc::start(&args, &[]);
+    insert_toasted(&mut c, 1, 20);
+    assert_converges(
+        &sr,
+        &mut c,
+        "d",
+        &["id", "big", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    partial_update_transactions(&mut c, 1, 2);
+    for (table, cols) in [("d", ["id", "big", "n"]), ("u", ["id", "v", "n"])] {
+        assert_converges(&sr, &mut c, table, &cols, &cdc, Duration::from_secs(60));
+    }
+    assert!(fill_number(&cdc, "rows_partial") > 0, "{}", cdc.log());
+    assert!(cdc.status_number("transactions_split") > 0);
+    assert_eq!(cdc.status_number("reconnects"), 0, "{}", cdc.log());
+    assert!(cdc.log().contains("grant SELECT"), "no warning");
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
 fn past_the_fill_bound_partial_updates_cut_as_before_and_lose_nothing() {
     let pg = start_pg("cdc-fill-bound", &[]);
     let sr = StarRocks::start("root", "pw");

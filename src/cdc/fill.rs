@@ -179,6 +179,9 @@ pub(super) struct CycleRows {
     incomplete: HashSet<String>,
     /// The bound was exceeded: nothing is known for the rest of the cycle.
     overflowed: bool,
+    /// Source tables StarRocks' values cannot be read from (setup's check found no `SELECT`
+    /// on the target table): rows the cycle did not write stay partial there.
+    unreadable: HashSet<String>,
     /// Cycles that exceeded the bound.
     pub(super) overflows: u64,
 }
@@ -191,8 +194,14 @@ impl CycleRows {
             bytes_max,
             incomplete: HashSet::new(),
             overflowed: false,
+            unreadable: HashSet::new(),
             overflows: 0,
         }
+    }
+
+    /// The source tables whose target StarRocks does not let pgprism read (for the run).
+    pub(super) fn set_unreadable(&mut self, tables: HashSet<String>) {
+        self.unreadable = tables;
     }
 
     /// The cycle ended (its transaction commits before anything later loads).
@@ -233,12 +242,13 @@ impl CycleRows {
         match self.tables.get(&schema.oid).and_then(|t| t.get(key)) {
             Some(Some(row)) => Lookup::Row(row),
             Some(None) => Lookup::Unknown,
-            None if schema.key.iter().all(|&i| {
-                schema
-                    .columns
-                    .get(i)
-                    .is_some_and(|c| key_prints_alike(c.type_oid))
-            }) =>
+            None if !self.unreadable.contains(&schema.source_name)
+                && schema.key.iter().all(|&i| {
+                    schema
+                        .columns
+                        .get(i)
+                        .is_some_and(|c| key_prints_alike(c.type_oid))
+                }) =>
             {
                 Lookup::InStarRocks
             }
@@ -425,6 +435,43 @@ impl Publishing {
             delay = (delay * 2).min(cfg.backoff_max);
         }
     }
+}
+
+/// The source tables (`schema.table`, target table, key columns) whose target StarRocks
+/// refuses to read (`SELECT key FROM db.t LIMIT 0` answered an error: no `SELECT`
+/// privilege, say). Their rows that need a value StarRocks holds stay partial updates for the
+/// run (cut, counted in `fill.rows_partial`, warned here), rather than failing every cycle
+/// that reads them. A check that cannot reach the FE leaves the table readable: a read that
+/// fails later fails its cycle, which is loaded again from the checkpoint.
+pub fn unreadable_tables<'a>(
+    sink: &StarRocks,
+    tables: impl Iterator<Item = (&'a str, &'a str, &'a [String])>,
+) -> HashSet<String> {
+    use super::ddl::quote;
+    let mut out = HashSet::new();
+    for (source, target, key) in tables {
+        let names: Vec<String> = key.iter().map(|k| quote(k)).collect();
+        let sql = format!(
+            "SELECT {} FROM {}.{} LIMIT 0",
+            names.join(", "),
+            quote(&sink.config().database),
+            quote(target)
+        );
+        match sink.query(&sql) {
+            Ok(_) => {}
+            Err(LoadError::Query {
+                source: super::mysql::MysqlError::Server { code, message, .. },
+                ..
+            }) => {
+                tracing::warn!(table = %target, code, %message, "fill-rows cannot read this StarRocks table (grant SELECT on it): its partial changes that need values StarRocks holds load as partial updates, each ending the StarRocks transaction there");
+                out.insert(source.to_string());
+            }
+            Err(e) => {
+                tracing::warn!(table = %target, error = %e, "could not check that fill-rows can read this StarRocks table");
+            }
+        }
+    }
+    out
 }
 
 /// Keys one `SELECT` asks for at most (the statement stays far below the FE's packet size).

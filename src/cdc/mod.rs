@@ -619,6 +619,18 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     let sink = StarRocks::new(sr_url, sink_config(cfg));
     let prepared = setup::prepare(cfg, &url, &sink, timeout)?;
     let pcfg = pipeline_config(cfg, &prepared.incarnation);
+    // Checked every run (a reconnect too): a privilege taken away later is found here.
+    let unreadable = if pcfg.fill_rows {
+        fill::unreadable_tables(
+            &sink,
+            prepared
+                .tables
+                .iter()
+                .map(|t| (t.name.as_str(), setup::split_table(&t.name).1, &t.key[..])),
+        )
+    } else {
+        Default::default()
+    };
     let checkpoints = Checkpoints::connect(&url, &cfg.checkpoint_table, &cfg.slot, timeout)
         .map_err(CdcError::Checkpoint)?;
     let start = prepared.checkpoint.unwrap_or(Lsn::ZERO);
@@ -669,6 +681,7 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     let mut pipeline = Pipeline::new(pcfg.clone(), prepared.keys);
     pipeline.set_forced_boundary(prepared.pending);
     pipeline.set_spill(spill_limits(cfg)?);
+    pipeline.set_fill_unreadable(unreadable);
     let workers = match snapshot {
         Some(snapshot) => {
             pipeline.set_windows(snapshot.windows(cfg.snapshot_window_keys_max));

@@ -359,6 +359,8 @@ struct State {
     formats: BTreeMap<(String, &'static str), usize>,
     /// Commits so far: orders the transactions that publish late.
     commits: u64,
+    /// `db.table` names the user may not `SELECT` from.
+    select_denied: Vec<String>,
     /// `get_load_state` answers: (label, state).
     states_answered: Vec<(String, String)>,
     /// `SELECT`s of table rows run while a commit was still publishing (`COMMITTED`): such
@@ -568,6 +570,15 @@ impl StarRocks {
     /// (label, status) of every load answered so far.
     pub fn log(&self) -> Vec<(String, String)> {
         self.state.lock().unwrap().log.clone()
+    }
+
+    /// Takes the user's SELECT privilege on `db.table` (loads stay allowed).
+    pub fn deny_select(&self, db: &str, table: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .select_denied
+            .push(format!("{db}.{table}"));
     }
 
     /// Every `get_load_state` answer so far: (label, state).
@@ -2447,10 +2458,25 @@ fn select_rows(s: &State, sql: &str) -> Vec<Vec<u8>> {
     let Some(t) = s.tables.get(&format!("{db}.{table}")) else {
         return err(1146, &format!("Unknown table '{db}.{table}'"));
     };
+    if s.select_denied.contains(&format!("{db}.{table}")) {
+        // As StarRocks 3.x answers a user without the privilege.
+        return vec![mysql_err(
+            1064,
+            "HY000",
+            &format!(
+                "Access denied; you need (at least one of) the SELECT privilege(s) on TABLE {table} for this operation"
+            ),
+        )];
+    }
     if let Some(c) = columns.iter().find(|c| !t.columns.contains_key(*c)) {
         return err(1054, &format!("Unknown column '{c}' in 'field list'"));
     }
     at += 4;
+    // `LIMIT 0`: the columns, no rows (a check that the table can be read).
+    if kw(toks.get(at), "LIMIT") {
+        let names: Vec<&str> = columns.iter().map(String::as_str).collect();
+        return result_set(&names, &[]);
+    }
     if !kw(toks.get(at), "WHERE") {
         return err(1064, "the emulator runs SELECT ... WHERE key ...");
     }
