@@ -775,6 +775,70 @@ fn values_are_read_only_once_the_cycle_before_is_visible() {
         "{:?}",
         sr.log()
     );
+    // The loader did find the commit still publishing (else this test showed nothing), and
+    // read nothing before it was visible.
+    assert!(
+        sr.states_answered().iter().any(|(_, s)| s == "COMMITTED"),
+        "the late publish was never seen: {:?}",
+        sr.states_answered()
+    );
+    assert_eq!(sr.reads_while_publishing(), Vec::<String>::new());
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
+fn a_run_that_reconnects_still_waits_for_a_commit_publishing() {
+    let pg = start_pg("cdc-fill-publish-reconnect", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_toast_tables(&mut c, &sr, false);
+    // The wait for the publish gives up after 1 s: the cycle is loaded again by a new run,
+    // which must wait for the same commit before it reads.
+    let (args, config) = toast_args(&pg, &sr, "load-timeout-ms = 1000");
+    let cdc = Cdc::start(&args, &[]);
+    sr.inject_txn(TxnFault::PublishLate(Duration::from_millis(4000)), 1);
+    insert_toasted(&mut c, 1, 20);
+    partial_update_transactions(&mut c, 1, 1);
+    for (table, cols) in [("d", ["id", "big", "n"]), ("u", ["id", "v", "n"])] {
+        assert_converges(&sr, &mut c, table, &cols, &cdc, Duration::from_secs(60));
+    }
+    assert!(
+        cdc.status_number("reconnects") >= 1,
+        "the wait never gave up: {}",
+        cdc.log()
+    );
+    assert!(fill_number(&cdc, "rows_read") > 0, "{}", cdc.log());
+    assert_eq!(sr.reads_while_publishing(), Vec::<String>::new());
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
+fn a_table_pgprism_may_not_read_cuts_as_before_instead_of_stopping() {
+    let pg = start_pg("cdc-fill-denied", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_toast_tables(&mut c, &sr, false);
+    // No SELECT on d: its partial changes cannot take StarRocks' values.
+    sr.deny_select(DB, "d");
+    let (args, config) = toast_args(&pg, &sr, "");
+    let cdc = Cdc::start(&args, &[]);
+    insert_toasted(&mut c, 1, 20);
+    assert_converges(
+        &sr,
+        &mut c,
+        "d",
+        &["id", "big", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    partial_update_transactions(&mut c, 1, 2);
+    for (table, cols) in [("d", ["id", "big", "n"]), ("u", ["id", "v", "n"])] {
+        assert_converges(&sr, &mut c, table, &cols, &cdc, Duration::from_secs(60));
+    }
+    assert!(fill_number(&cdc, "rows_partial") > 0, "{}", cdc.log());
+    assert!(cdc.status_number("transactions_split") > 0);
+    assert_eq!(cdc.status_number("reconnects"), 0, "{}", cdc.log());
+    assert!(cdc.log().contains("grant SELECT"), "no warning");
     let _ = std::fs::remove_file(config);
 }
 

@@ -179,6 +179,9 @@ pub(super) struct CycleRows {
     incomplete: HashSet<String>,
     /// The bound was exceeded: nothing is known for the rest of the cycle.
     overflowed: bool,
+    /// Source tables StarRocks' values cannot be read from (setup's check found no `SELECT`
+    /// on the target table): rows the cycle did not write stay partial there.
+    unreadable: HashSet<String>,
     /// Cycles that exceeded the bound.
     pub(super) overflows: u64,
 }
@@ -191,8 +194,14 @@ impl CycleRows {
             bytes_max,
             incomplete: HashSet::new(),
             overflowed: false,
+            unreadable: HashSet::new(),
             overflows: 0,
         }
+    }
+
+    /// The source tables whose target StarRocks does not let pgprism read (for the run).
+    pub(super) fn set_unreadable(&mut self, tables: HashSet<String>) {
+        self.unreadable = tables;
     }
 
     /// The cycle ended (its transaction commits before anything later loads).
@@ -233,12 +242,13 @@ impl CycleRows {
         match self.tables.get(&schema.oid).and_then(|t| t.get(key)) {
             Some(Some(row)) => Lookup::Row(row),
             Some(None) => Lookup::Unknown,
-            None if schema.key.iter().all(|&i| {
-                schema
-                    .columns
-                    .get(i)
-                    .is_some_and(|c| key_prints_alike(c.type_oid))
-            }) =>
+            None if !self.unreadable.contains(&schema.source_name)
+                && schema.key.iter().all(|&i| {
+                    schema
+                        .columns
+                        .get(i)
+                        .is_some_and(|c| key_prints_alike(c.type_oid))
+                }) =>
             {
                 Lookup::InStarRocks
             }
@@ -328,30 +338,140 @@ impl FillPlan {
     }
 }
 
-/// Waits until the transactions committed before whose publish had not finished are
-/// visible (`labels`, emptied as they become so): a `SELECT` before that would read the rows
-/// they replaced. Bounded by `cdc.load-timeout-ms`; beyond, the cycle is loaded again from
-/// the checkpoint.
-pub fn wait_visible(sink: &StarRocks, labels: &mut Vec<String>) -> Result<(), LoadError> {
-    let cfg = sink.config();
-    let deadline = std::time::Instant::now() + cfg.timeout;
-    let mut delay = cfg.backoff;
-    while let Some(label) = labels.first() {
-        let state = sink.label_state(label);
-        if state.as_deref() == Ok("VISIBLE") {
-            labels.remove(0);
-            continue;
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(LoadError::NotVisible {
-                label: label.clone(),
-                state: state.unwrap_or_else(|e| e),
-            });
-        }
-        std::thread::sleep(delay);
-        delay = (delay * 2).min(cfg.backoff_max);
+/// Transactions (and plain loads) committed whose publish had not finished (`publish
+/// timeout`, state `COMMITTED`): their rows are not visible yet, so values are read from
+/// StarRocks only once they are ([`Publishing::wait`]). The list outlives a run (it is
+/// carried in `Shared`, as the column plans are): a run that reconnects after a wait gave
+/// up still waits for the same labels before its first read. Bounded by
+/// `cdc.publishing-labels-max`: every commit that adds a label first drops those already
+/// visible from the front (one state check each, stopping at the first still publishing),
+/// and at the bound waits for the oldest.
+#[derive(Debug, Default)]
+pub struct Publishing {
+    labels: std::collections::VecDeque<String>,
+    max: usize,
+}
+
+/// A label's state that means its rows are visible: `VISIBLE`, or `UNKNOWN` (StarRocks
+/// keeps a finished label for `label_keep_max_second` and then forgets it; a label pgprism
+/// committed and StarRocks no longer knows was published long ago).
+fn published(state: &Result<String, String>) -> bool {
+    matches!(state.as_deref(), Ok("VISIBLE" | "UNKNOWN"))
+}
+
+impl Publishing {
+    /// Sets the bound (`cdc.publishing-labels-max`, at least 1) of a list carried over.
+    pub fn with_max(mut self, max: usize) -> Publishing {
+        self.max = max.max(1);
+        self
     }
-    Ok(())
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Notes a commit still publishing. The label is kept whatever happens next; beyond the
+    /// bound the oldest is waited for (a [`LoadError::NotVisible`] past
+    /// `cdc.load-timeout-ms`: the list is carried to the next run, which waits again).
+    pub fn push(&mut self, sink: &StarRocks, label: String) -> Result<(), LoadError> {
+        self.note(label);
+        self.settle(sink)
+    }
+
+    /// Notes a commit still publishing, without asking StarRocks (see [`Publishing::settle`]).
+    pub fn note(&mut self, label: String) {
+        self.labels.push_back(label);
+    }
+
+    /// Drops the labels already visible from the front; beyond the bound, waits for the
+    /// oldest.
+    pub fn settle(&mut self, sink: &StarRocks) -> Result<(), LoadError> {
+        while let Some(front) = self.labels.front() {
+            if !published(&sink.label_state(front)) {
+                break;
+            }
+            self.labels.pop_front();
+        }
+        while self.labels.len() > self.max.max(1) {
+            self.wait_front(sink)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every label is visible (emptied as they become so): a `SELECT` before
+    /// that would read the rows they replaced. Bounded by `cdc.load-timeout-ms` per label;
+    /// beyond, the cycle is loaded again from the checkpoint (the list is kept).
+    pub fn wait(&mut self, sink: &StarRocks) -> Result<(), LoadError> {
+        while !self.labels.is_empty() {
+            self.wait_front(sink)?;
+        }
+        Ok(())
+    }
+
+    fn wait_front(&mut self, sink: &StarRocks) -> Result<(), LoadError> {
+        let cfg = sink.config();
+        let deadline = std::time::Instant::now() + cfg.timeout;
+        let mut delay = cfg.backoff;
+        let Some(label) = self.labels.front() else {
+            return Ok(());
+        };
+        loop {
+            let state = sink.label_state(label);
+            if published(&state) {
+                self.labels.pop_front();
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(LoadError::NotVisible {
+                    label: label.clone(),
+                    state: state.unwrap_or_else(|e| e),
+                });
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(cfg.backoff_max);
+        }
+    }
+}
+
+/// The source tables (`schema.table`, target table, key columns) whose target StarRocks
+/// refuses to read (`SELECT key FROM db.t LIMIT 0` answered an error: no `SELECT`
+/// privilege, say). Their rows that need a value StarRocks holds stay partial updates for the
+/// run (cut, counted in `fill.rows_partial`, warned here), rather than failing every cycle
+/// that reads them. A check that cannot reach the FE leaves the table readable: a read that
+/// fails later fails its cycle, which is loaded again from the checkpoint.
+pub fn unreadable_tables<'a>(
+    sink: &StarRocks,
+    tables: impl Iterator<Item = (&'a str, &'a str, &'a [String])>,
+) -> HashSet<String> {
+    use super::ddl::quote;
+    let mut out = HashSet::new();
+    for (source, target, key) in tables {
+        let names: Vec<String> = key.iter().map(|k| quote(k)).collect();
+        let sql = format!(
+            "SELECT {} FROM {}.{} LIMIT 0",
+            names.join(", "),
+            quote(&sink.config().database),
+            quote(target)
+        );
+        match sink.query(&sql) {
+            Ok(_) => {}
+            Err(LoadError::Query {
+                source: super::mysql::MysqlError::Server { code, message, .. },
+                ..
+            }) => {
+                tracing::warn!(table = %target, code, %message, "fill-rows cannot read this StarRocks table (grant SELECT on it): its partial changes that need values StarRocks holds load as partial updates, each ending the StarRocks transaction there");
+                out.insert(source.to_string());
+            }
+            Err(e) => {
+                tracing::warn!(table = %target, error = %e, "could not check that fill-rows can read this StarRocks table");
+            }
+        }
+    }
+    out
 }
 
 /// Keys one `SELECT` asks for at most (the statement stays far below the FE's packet size).
@@ -368,68 +488,103 @@ pub struct Filled {
 
 /// Reads the values `plan` needs from StarRocks (committed data: the cycle's own loads are
 /// not visible) and writes them into a copy of `batch`'s rows.
+///
+/// Chunk by chunk: the keys are asked in the order their rows come ([`KEYS_PER_QUERY`] per
+/// `SELECT`), each chunk is read only when the first row that needs it is written, and a
+/// key's values are dropped after the last row that needs them. Besides the batch and its
+/// copy, what is held is one chunk's values and those of keys a later row needs again.
 pub fn fill_batch(
     sink: &StarRocks,
     batch: &Batch,
     plan: &FillPlan,
 ) -> Result<(Batch, Filled), LoadError> {
-    let mut found: HashMap<Vec<u8>, Vec<Option<String>>> = HashMap::new();
-    let mut keys: Vec<&[Box<[u8]>]> = Vec::new();
-    let mut seen: HashSet<Vec<u8>> = HashSet::new();
-    for row in &plan.rows {
-        if seen.insert(joined(row.key.iter().map(|k| &k[..]))) {
-            keys.push(&row.key);
-        }
-    }
-    for chunk in keys.chunks(KEYS_PER_QUERY) {
+    fill_with(&batch.body, plan, |chunk| {
         let sql = select_sql(&sink.config().database, &batch.table, plan, chunk);
-        let (_, rows) = sink.query(&sql)?;
-        collect(&mut found, rows, plan.key.len());
-    }
-    let (body, filled) = splice(&batch.body, plan, &found);
-    Ok((
-        Batch {
-            body,
-            ..batch.clone()
-        },
-        filled,
-    ))
+        sink.query(&sql).map(|(_, rows)| rows)
+    })
+    .map(|(body, filled)| {
+        (
+            Batch {
+                body,
+                ..batch.clone()
+            },
+            filled,
+        )
+    })
 }
 
-/// Writes the values `found` (by joined key, in the order of the plan's columns) into the
-/// rows of `body` that `plan` names, right after each row's `{`.
-fn splice(
+/// [`fill_batch`] with the reads done by `read` (one call per chunk of keys).
+fn fill_with<E>(
     body: &[u8],
     plan: &FillPlan,
-    found: &HashMap<Vec<u8>, Vec<Option<String>>>,
-) -> (Vec<u8>, Filled) {
+    mut read: impl FnMut(&[&[Box<[u8]>]]) -> Result<Vec<Vec<Option<String>>>, E>,
+) -> Result<(Vec<u8>, Filled), E> {
+    // Each key once, in the order of its first row; and each row's key's place there.
+    let mut keys: Vec<&[Box<[u8]>]> = Vec::new();
+    let mut place: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut row_key: Vec<usize> = Vec::with_capacity(plan.rows.len());
+    for row in &plan.rows {
+        let joined = joined(row.key.iter().map(|k| &k[..]));
+        let next = keys.len();
+        let at = *place.entry(joined).or_insert(next);
+        if at == next {
+            keys.push(&row.key);
+        }
+        row_key.push(at);
+    }
+    drop(place);
+    // The last row that needs each key.
+    let mut last_use = vec![0usize; keys.len()];
+    for (i, &k) in row_key.iter().enumerate() {
+        last_use[k] = i;
+    }
+    let mut found: HashMap<Vec<u8>, Vec<Option<String>>> = HashMap::new();
+    let mut chunks_read = 0;
     let mut out = Vec::with_capacity(body.len() + body.len() / 2);
     let mut done = 0;
     let mut filled = Filled::default();
-    for row in &plan.rows {
+    for (i, row) in plan.rows.iter().enumerate() {
+        let k = row_key[i];
+        while chunks_read * KEYS_PER_QUERY <= k {
+            let from = chunks_read * KEYS_PER_QUERY;
+            let to = (from + KEYS_PER_QUERY).min(keys.len());
+            collect(&mut found, read(&keys[from..to])?, plan.key.len());
+            chunks_read += 1;
+        }
         let Some(head) = body.get(done..row.at) else {
             continue;
         };
         out.extend_from_slice(head);
         done = row.at;
-        let Some(values) = found.get(&joined(row.key.iter().map(|k| &k[..]))) else {
+        let joined = joined(row.key.iter().map(|k| &k[..]));
+        let values = if last_use[k] == i {
+            found.remove(&joined)
+        } else {
+            found.get(&joined).cloned()
+        };
+        let Some(values) = values else {
             filled.rows_missing += 1;
             continue;
         };
         filled.rows_read += 1;
-        for &c in &row.columns {
-            let (Some((_, kind, json_key)), Some(value)) =
-                (plan.columns.get(usize::from(c)), values.get(usize::from(c)))
-            else {
-                continue;
-            };
-            out.extend_from_slice(json_key);
-            write_starrocks_value(&mut out, *kind, value.as_deref());
-            out.push(b',');
-        }
+        write_values(&mut out, plan, row, &values);
     }
     out.extend_from_slice(body.get(done..).unwrap_or_default());
-    (out, filled)
+    Ok((out, filled))
+}
+
+/// The values read for one row, right after its `{`.
+fn write_values(out: &mut Vec<u8>, plan: &FillPlan, row: &PendingRow, values: &[Option<String>]) {
+    for &c in &row.columns {
+        let (Some((_, kind, json_key)), Some(value)) =
+            (plan.columns.get(usize::from(c)), values.get(usize::from(c)))
+        else {
+            continue;
+        };
+        out.extend_from_slice(json_key);
+        write_starrocks_value(out, *kind, value.as_deref());
+        out.push(b',');
+    }
 }
 
 /// Key values joined with NUL (which no PostgreSQL text contains).
@@ -592,25 +747,79 @@ mod tests {
             },
         ];
         assert_eq!(&body[37..39], b"{\"");
-        let mut found = HashMap::new();
-        found.insert(
-            b"1\0".to_vec(),
-            vec![Some("a\"b".to_string()), Some("1".to_string())],
-        );
-        let (out, filled) = splice(body, &p, &found);
+        let mut asked = Vec::new();
+        let mut stored: Vec<Vec<Option<String>>> = vec![vec![
+            Some("1".to_string()),
+            Some("a\"b".to_string()),
+            Some("1".to_string()),
+        ]];
+        let (out, filled) = fill_with(body, &p, |chunk| {
+            asked.push(chunk.len());
+            Ok::<_, ()>(stored.clone())
+        })
+        .unwrap();
+        assert_eq!(asked, vec![2], "both keys in one SELECT");
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"[{"big":"a\"b","ok":true,"id":1,"__op":0},{"id":2,"__op":0},{"id":3,"__op":0}]"#
         );
         assert_eq!((filled.rows_read, filled.rows_missing), (1, 1));
         // The third row was not found: it keeps its JSON, StarRocks gives it NULL.
-        found.insert(b"3\0".to_vec(), vec![None, None]);
-        let (out, _) = splice(body, &p, &found);
+        stored.push(vec![Some("3".to_string()), None, None]);
+        let (out, _) = fill_with(body, &p, |_| Ok::<_, ()>(stored.clone())).unwrap();
         assert!(
             std::str::from_utf8(&out)
                 .unwrap()
                 .ends_with(r#"{"big":null,"id":3,"__op":0}]"#)
         );
+    }
+
+    #[test]
+    fn keys_are_read_a_chunk_at_a_time_and_a_key_needed_again_keeps_its_values() {
+        let mut p = plan(&["id"]);
+        // Rows 0..KEYS_PER_QUERY+10 each with its own key, then key 0 once more.
+        let n = KEYS_PER_QUERY + 10;
+        let mut body = b"[".to_vec();
+        let mut ids: Vec<usize> = (0..n).collect();
+        ids.push(0);
+        for (i, id) in ids.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.push(b'{');
+            p.rows.push(PendingRow {
+                at: body.len(),
+                key: vec![id.to_string().into_bytes().into()],
+                columns: vec![0],
+            });
+            body.extend_from_slice(format!("\"id\":{id}}}").as_bytes());
+        }
+        body.push(b']');
+        let mut reads = Vec::new();
+        let (out, filled) = fill_with(&body, &p, |chunk| {
+            reads.push(chunk.len());
+            Ok::<_, ()>(
+                chunk
+                    .iter()
+                    .map(|k| {
+                        let id = String::from_utf8(k[0].to_vec()).unwrap();
+                        vec![Some(id.clone()), Some(format!("v{id}")), None]
+                    })
+                    .collect(),
+            )
+        })
+        .unwrap();
+        assert_eq!(reads, vec![KEYS_PER_QUERY, 10]);
+        assert_eq!(filled.rows_read, n as u64 + 1);
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.starts_with(r#"[{"big":"v0","id":0},{"big":"v1","id":1}"#));
+        assert!(
+            out.ends_with(r#"{"big":"v0","id":0}]"#),
+            "{}",
+            &out[out.len() - 60..]
+        );
+        // A failed read fails the whole batch.
+        assert_eq!(fill_with(&body, &p, |_| Err("down")).unwrap_err(), "down");
     }
 
     #[test]

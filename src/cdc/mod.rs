@@ -125,6 +125,8 @@ pub struct Shared {
     pub fill_overflows: AtomicU64,
     /// What the loader learned for the cycle it loads again (kept across runs).
     column_plans: Mutex<txn::ColumnPlans>,
+    /// Commits still publishing when a run ended (kept across runs: see `fill::Publishing`).
+    publishing: Mutex<fill::Publishing>,
     pub tables: Mutex<BTreeMap<String, TableStats>>,
     /// The initial snapshot's progress.
     pub snapshot: snapshot::Progress,
@@ -485,6 +487,7 @@ fn validate_limits(cfg: &CdcConfig) -> Result<(), ConfigError> {
         ("ring-capacity", cfg.ring_capacity as u64),
         ("load-attempts-max", u64::from(cfg.load_attempts_max)),
         ("load-timeout-ms", cfg.load_timeout_ms),
+        ("publishing-labels-max", cfg.publishing_labels_max as u64),
         ("transaction-timeout-ms", cfg.transaction_timeout_ms),
         ("connect-timeout-ms", cfg.connect_timeout_ms),
         ("status-interval-ms", cfg.status_interval_ms),
@@ -616,6 +619,18 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     let sink = StarRocks::new(sr_url, sink_config(cfg));
     let prepared = setup::prepare(cfg, &url, &sink, timeout)?;
     let pcfg = pipeline_config(cfg, &prepared.incarnation);
+    // Checked every run (a reconnect too): a privilege taken away later is found here.
+    let unreadable = if pcfg.fill_rows {
+        fill::unreadable_tables(
+            &sink,
+            prepared
+                .tables
+                .iter()
+                .map(|t| (t.name.as_str(), setup::split_table(&t.name).1, &t.key[..])),
+        )
+    } else {
+        Default::default()
+    };
     let checkpoints = Checkpoints::connect(&url, &cfg.checkpoint_table, &cfg.slot, timeout)
         .map_err(CdcError::Checkpoint)?;
     let start = prepared.checkpoint.unwrap_or(Lsn::ZERO);
@@ -649,11 +664,24 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
         .lock()
         .map(|mut p| std::mem::take(&mut *p))
         .unwrap_or_default();
-    let txns = txn::Transactions::new(cfg.transaction_mode, plans, cfg.reconnect_attempts_max);
-    let loader = spawn_loader(rx, sink, txns, checkpoints, Arc::clone(&shared))?;
+    let publishing = shared
+        .publishing
+        .lock()
+        .map(|mut p| std::mem::take(&mut *p))
+        .unwrap_or_default()
+        .with_max(cfg.publishing_labels_max);
+    let (txns, plain) = match cfg.transaction_mode {
+        crate::config::CdcTransactionMode::None => (None, publishing),
+        mode => (
+            txn::Transactions::new(mode, plans, cfg.reconnect_attempts_max, publishing),
+            fill::Publishing::default(),
+        ),
+    };
+    let loader = spawn_loader(rx, sink, txns, plain, checkpoints, Arc::clone(&shared))?;
     let mut pipeline = Pipeline::new(pcfg.clone(), prepared.keys);
     pipeline.set_forced_boundary(prepared.pending);
     pipeline.set_spill(spill_limits(cfg)?);
+    pipeline.set_fill_unreadable(unreadable);
     let workers = match snapshot {
         Some(snapshot) => {
             pipeline.set_windows(snapshot.windows(cfg.snapshot_window_keys_max));
@@ -731,19 +759,32 @@ fn spawn_loader(
     rx: Receiver<Work>,
     mut sink: StarRocks,
     mut txns: Option<txn::Transactions>,
+    mut plain: fill::Publishing,
     mut checkpoints: Checkpoints,
     shared: Arc<Shared>,
 ) -> Result<std::thread::JoinHandle<Result<(), CdcError>>, CdcError> {
     std::thread::Builder::new()
         .name("cdc-loader".into())
         .spawn(move || {
-            let result = load_loop(rx, &mut sink, txns.as_mut(), &mut checkpoints, &shared);
+            let result = load_loop(
+                rx,
+                &mut sink,
+                txns.as_mut(),
+                &mut plain,
+                &mut checkpoints,
+                &shared,
+            );
             if let Some(txns) = txns.as_mut() {
                 // A cycle cut off by the stop: its rows come again from the checkpoint.
                 txns.abort_all(&mut sink);
                 if let Ok(mut plans) = shared.column_plans.lock() {
                     *plans = txns.take_plans();
                 }
+                plain = txns.take_publishing();
+            }
+            // Commits still publishing: the next run waits for them before it reads.
+            if let Ok(mut publishing) = shared.publishing.lock() {
+                *publishing = plain;
             }
             // Wake the source so it stops instead of waiting on a full ring.
             shared.stopped.store(true, Ordering::Release);
@@ -788,6 +829,7 @@ fn load_loop(
     rx: Receiver<Work>,
     sink: &mut StarRocks,
     mut txns: Option<&mut txn::Transactions>,
+    unpublished_plain: &mut fill::Publishing,
     checkpoints: &mut Checkpoints,
     shared: &Shared,
 ) -> Result<(), CdcError> {
@@ -800,8 +842,6 @@ fn load_loop(
     let mut drops_pending: Vec<SchemaChange> = Vec::new();
     // Rows filled from StarRocks with plain Stream Load (`transaction-mode = "none"`).
     let mut filled_plain = fill::Filled::default();
-    // Their loads answered `Publish Timeout`: not yet visible (see `fill::wait_visible`).
-    let mut unpublished_plain: Vec<String> = Vec::new();
     for work in rx {
         while shared.paused.load(Ordering::Acquire) && !shared.stopped.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(50));
@@ -826,7 +866,8 @@ fn load_loop(
                     None => match fill {
                         // Plain Stream Load: a label an earlier run loaded is refused whatever
                         // the body, so the values are read every time.
-                        Some(plan) => fill::wait_visible(sink, &mut unpublished_plain)
+                        Some(plan) => unpublished_plain
+                            .wait(sink)
                             .and_then(|()| fill::fill_batch(sink, &batch, &plan))
                             .and_then(|(whole, counts)| {
                                 filled_plain.rows_read += counts.rows_read;
@@ -836,10 +877,12 @@ fn load_loop(
                             }),
                         None => sink.load(&batch),
                     }
-                    .inspect(|outcome| {
-                        if *outcome == LoadOutcome::Committed {
-                            unpublished_plain.push(batch.label.clone());
+                    .and_then(|outcome| {
+                        // Its rows are not visible yet (`Publish Timeout`).
+                        if outcome == LoadOutcome::Committed {
+                            unpublished_plain.push(sink, batch.label.clone())?;
                         }
+                        Ok(outcome)
                     }),
                 }
                 .map_err(CdcError::Load)?;

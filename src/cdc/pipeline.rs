@@ -407,6 +407,12 @@ impl Pipeline {
 
     /// Spills streamed transactions beyond `stream_buffer_bytes_max` to files instead of
     /// failing.
+    /// Source tables whose target cannot be read for `fill-rows` (see
+    /// `fill::CycleRows::set_unreadable`).
+    pub fn set_fill_unreadable(&mut self, tables: std::collections::HashSet<String>) {
+        self.cycle_rows.set_unreadable(tables);
+    }
+
     pub fn set_spill(&mut self, limits: SpillLimits) {
         self.streams.set_spill(limits);
     }

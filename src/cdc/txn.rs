@@ -27,7 +27,7 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 use super::failpoint;
-use super::fill::{FillPlan, Filled};
+use super::fill::{FillPlan, Filled, Publishing};
 use super::pipeline::{Batch, BodyFormat};
 use super::starrocks::{LoadError, LoadOutcome, StarRocks, TxnReply};
 use crate::config::CdcTransactionMode;
@@ -102,7 +102,7 @@ pub struct Transactions {
     pub filled: Filled,
     /// Transactions committed whose publish had not finished (`publish timeout`): their
     /// rows are not visible yet, so values are read from StarRocks only once they are.
-    unpublished: Vec<String>,
+    unpublished: Publishing,
     plans: ColumnPlans,
     /// The most times a cycle is loaded again for its column lists before it commits
     /// (`cdc.reconnect-attempts-max`); beyond, such a rollback is a failure.
@@ -116,13 +116,14 @@ impl Transactions {
         mode: CdcTransactionMode,
         plans: ColumnPlans,
         replans_max: u32,
+        unpublished: Publishing,
     ) -> Option<Transactions> {
         (mode != CdcTransactionMode::None).then(|| Transactions {
             mode,
             open: BTreeMap::new(),
             splits: 0,
             filled: Filled::default(),
-            unpublished: Vec::new(),
+            unpublished,
             plans,
             replans_max,
         })
@@ -133,6 +134,11 @@ impl Transactions {
     /// `reconnect-attempts-max`.
     pub fn replans_exhausted(&self) -> bool {
         self.plans.replans > self.replans_max
+    }
+
+    /// The commits still publishing, for the next run (see [`Publishing`]).
+    pub fn take_publishing(&mut self) -> Publishing {
+        std::mem::take(&mut self.unpublished)
     }
 
     /// The plans for the next run (see [`ColumnPlans`]).
@@ -219,7 +225,9 @@ impl Transactions {
         let label = txn.label.clone();
         let filled;
         let batch = match fill {
-            Some(plan) => match super::fill::wait_visible(sink, &mut self.unpublished)
+            Some(plan) => match self
+                .unpublished
+                .wait(sink)
                 .and_then(|()| super::fill::fill_batch(sink, batch, plan))
             {
                 Ok((whole, counts)) => {
@@ -358,12 +366,12 @@ impl Transactions {
                 && txn.state == TxnState::Prepared
                 && !commit(sink, &txn.label, self.scope_table(scope))?
             {
-                self.unpublished.push(txn.label);
+                self.unpublished.note(txn.label);
             }
         }
         // The cycle is in StarRocks: nothing of it is loaded again.
         self.plans = ColumnPlans::default();
-        Ok(())
+        self.unpublished.settle(sink)
     }
 
     /// Prepares and commits one scope's transaction (a cut inside a cycle).
@@ -373,9 +381,9 @@ impl Transactions {
             && txn.state == TxnState::Prepared
             && !commit(sink, &txn.label, self.scope_table(scope))?
         {
-            self.unpublished.push(txn.label);
+            self.unpublished.note(txn.label);
         }
-        Ok(())
+        self.unpublished.settle(sink)
     }
 
     fn scope_table<'a>(&self, scope: &'a str) -> Option<&'a str> {
@@ -445,11 +453,12 @@ impl Transactions {
                 && txn.state == TxnState::Prepared
             {
                 if !commit(sink, &txn.label, table.as_deref())? {
-                    self.unpublished.push(txn.label.clone());
+                    self.unpublished.note(txn.label.clone());
                 }
                 txn.state = TxnState::Committed;
             }
         }
+        self.unpublished.settle(sink)?;
         let mut blocking = Vec::new();
         for (scope, txn) in &self.open {
             if txn.state != TxnState::Loading {

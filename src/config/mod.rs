@@ -731,7 +731,9 @@ pub struct CdcConfig {
     pub source: String,
     /// StarRocks FE HTTP address, `http://user:password@host:8030`.
     pub starrocks: String,
-    /// StarRocks FE query (MySQL protocol) port, used only to apply a TRUNCATE.
+    /// StarRocks FE query (MySQL protocol) port: applies a TRUNCATE, alters columns
+    /// (`schema-changes`), and reads the values `fill-rows` completes partial changes with
+    /// (`SELECT` on the target tables).
     pub starrocks_query_port: u16,
     /// StarRocks database the tables are loaded into.
     pub database: String,
@@ -762,6 +764,11 @@ pub struct CdcConfig {
     /// can be left out, per key written in the cycle); beyond it the cycle's later partial
     /// changes load as partial updates (counted in `fill.overflows`).
     pub fill_bytes_max: usize,
+    /// Commits still publishing (StarRocks answered `publish timeout`) remembered so that
+    /// `fill-rows` reads values only once they are visible. Each commit that adds one drops
+    /// those already visible; beyond this many the loader waits for the oldest (up to
+    /// `load-timeout-ms`, then the cycle is loaded again from the checkpoint).
+    pub publishing_labels_max: usize,
     /// Add the audit columns (`op_type`, `is_deleted`, `synced_at`, `cdc_version`) to every row.
     pub audit_columns: bool,
     /// Prefix of the audit column names.
@@ -855,6 +862,7 @@ impl Default for CdcConfig {
             toast_mode: CdcToastMode::FullRow,
             fill_rows: true,
             fill_bytes_max: 64 << 20,
+            publishing_labels_max: 256,
             audit_columns: false,
             audit_prefix: "pgprism_".into(),
             snapshot: true,

@@ -134,6 +134,9 @@ struct Txn {
     prepared_deadline: Option<std::time::Instant>,
     /// Committed with a late publish: visible from then on.
     publish_at: Option<std::time::Instant>,
+    /// Its place in the order of commits (StarRocks publishes a table's versions in that
+    /// order: a later commit is not visible before an earlier one).
+    committed: u64,
 }
 
 /// A stored value, as a load wrote it. Strings, integers, booleans and NULL (nearly every
@@ -354,6 +357,15 @@ struct State {
     across_schema_change: Vec<String>,
     /// Loads taken, by `db.table` and format (`json`, `csv`).
     formats: BTreeMap<(String, &'static str), usize>,
+    /// Commits so far: orders the transactions that publish late.
+    commits: u64,
+    /// `db.table` names the user may not `SELECT` from.
+    select_denied: Vec<String>,
+    /// `get_load_state` answers: (label, state).
+    states_answered: Vec<(String, String)>,
+    /// `SELECT`s of table rows run while a commit was still publishing (`COMMITTED`): such
+    /// a read sees the rows as they were before that commit.
+    reads_while_publishing: Vec<String>,
 }
 
 pub struct StarRocks {
@@ -560,6 +572,26 @@ impl StarRocks {
         self.state.lock().unwrap().log.clone()
     }
 
+    /// Takes the user's SELECT privilege on `db.table` (loads stay allowed).
+    pub fn deny_select(&self, db: &str, table: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .select_denied
+            .push(format!("{db}.{table}"));
+    }
+
+    /// Every `get_load_state` answer so far: (label, state).
+    pub fn states_answered(&self) -> Vec<(String, String)> {
+        self.state.lock().unwrap().states_answered.clone()
+    }
+
+    /// The `SELECT`s of table rows run while a commit was still publishing (each would read
+    /// the rows from before that commit).
+    pub fn reads_while_publishing(&self) -> Vec<String> {
+        self.state.lock().unwrap().reads_while_publishing.clone()
+    }
+
     /// Loads taken so far into `db.table` in each format (`json`, `csv`).
     pub fn loads_by_format(&self, db: &str, table: &str) -> BTreeMap<&'static str, usize> {
         let s = self.state.lock().unwrap();
@@ -690,6 +722,9 @@ fn serve(
             let mut s = state.lock().unwrap();
             expire(&mut s);
             let body = load_state(&s, db, &label);
+            let answered = load_state_name(&s, db, &label);
+            s.states_answered
+                .push((label.clone(), answered.to_string()));
             drop(s);
             respond(&mut writer, 200, "OK", "", &body);
             return Ok(());
@@ -1537,12 +1572,24 @@ fn query_param(path: &str, name: &str) -> Option<String> {
 /// checks on its own schedule; checking at every request is indistinguishable to a client.)
 fn expire(s: &mut State) {
     let now = std::time::Instant::now();
-    let published: Vec<(String, String)> = s
+    // In commit order: one still publishing holds back those committed after it.
+    let mut late: Vec<(u64, bool, String)> = s
         .txns
         .iter()
-        .filter(|(_, t)| t.state == TxnState::Committed && t.publish_at.is_some_and(|at| now >= at))
-        .map(|(key, _)| key.clone())
-        .filter_map(|key| {
+        .filter(|(_, t)| t.state == TxnState::Committed)
+        .map(|(key, t)| {
+            (
+                t.committed,
+                t.publish_at.is_some_and(|at| now >= at),
+                key.clone(),
+            )
+        })
+        .collect();
+    late.sort();
+    let published: Vec<(String, String)> = late
+        .into_iter()
+        .take_while(|(_, due, _)| *due)
+        .filter_map(|(_, _, key)| {
             key.split_once('/')
                 .map(|(db, _)| (key.clone(), db.to_string()))
         })
@@ -1602,15 +1649,19 @@ fn label_refused(label: &str) -> Option<String> {
 
 /// `GET /api/{db}/get_load_state?label=`: the state of a transaction or load by label.
 fn load_state(s: &State, db: &str, label: &str) -> String {
+    let state = load_state_name(s, db, label);
+    format!("{{\"status\":\"OK\",\"msg\":\"Success\",\"state\":\"{state}\"}}")
+}
+
+fn load_state_name(s: &State, db: &str, label: &str) -> &'static str {
     let key = format!("{db}/{label}");
-    let state = match s.txns.get(&key) {
+    match s.txns.get(&key) {
         Some(t) => t.state.name(),
         // A plain load still running is a transaction not yet committed.
         None if s.labels.get(&key).is_some_and(|l| l == "RUNNING") => "PREPARE",
         None if s.labels.contains_key(&key) => "VISIBLE",
         None => "UNKNOWN",
-    };
-    format!("{{\"status\":\"OK\",\"msg\":\"Success\",\"state\":\"{state}\"}}")
+    }
 }
 
 fn txn_answer(id: u64, label: &str, status: &str, message: &str, extra: &str) -> String {
@@ -1812,12 +1863,14 @@ fn txn_control(
                 active: now,
                 prepared_deadline: None,
                 publish_at: None,
+                committed: 0,
             },
         );
         s.labels.insert(key, "PREPARE".into());
         s.log.push((label.to_string(), "BEGIN".into()));
         return txn_answer(id, label, "OK", "", ",\"BeginTxnTimeMs\":0");
     }
+    let next_commit = s.commits + 1;
     let Some(t) = s.txns.get_mut(&key) else {
         return txn_answer(0, label, "FAILED", "Transcation Not Exist", "");
     };
@@ -1832,6 +1885,8 @@ fn txn_control(
         ("commit", TxnState::Prepared) if publish_delay.is_some() => {
             t.state = TxnState::Committed;
             t.publish_at = publish_delay.map(|d| now + d);
+            t.committed = next_commit;
+            s.commits = next_commit;
             s.labels.insert(key, "COMMITTED".into());
             s.log.push((label.to_string(), "COMMIT".into()));
             return txn_answer(id, label, "OK", "publish timeout", "");
@@ -2267,6 +2322,10 @@ fn run_statement(s: &mut State, sql: &str) -> Vec<Vec<u8>> {
         return result_set(&["JobId", "TableName", "State", "Msg"], &rows);
     }
     if sql.starts_with("SELECT ") && !sql.contains("information_schema") {
+        // (A `LIMIT 0` check reads no rows.)
+        if !sql.ends_with(" LIMIT 0") && s.txns.values().any(|t| t.state == TxnState::Committed) {
+            s.reads_while_publishing.push(sql.to_string());
+        }
         return select_rows(s, sql);
     }
     if sql.starts_with("SELECT COLUMN_NAME, COLUMN_TYPE FROM information_schema.columns") {
@@ -2400,10 +2459,25 @@ fn select_rows(s: &State, sql: &str) -> Vec<Vec<u8>> {
     let Some(t) = s.tables.get(&format!("{db}.{table}")) else {
         return err(1146, &format!("Unknown table '{db}.{table}'"));
     };
+    if s.select_denied.contains(&format!("{db}.{table}")) {
+        // As StarRocks 3.x answers a user without the privilege.
+        return vec![mysql_err(
+            1064,
+            "HY000",
+            &format!(
+                "Access denied; you need (at least one of) the SELECT privilege(s) on TABLE {table} for this operation"
+            ),
+        )];
+    }
     if let Some(c) = columns.iter().find(|c| !t.columns.contains_key(*c)) {
         return err(1054, &format!("Unknown column '{c}' in 'field list'"));
     }
     at += 4;
+    // `LIMIT 0`: the columns, no rows (a check that the table can be read).
+    if kw(toks.get(at), "LIMIT") {
+        let names: Vec<&str> = columns.iter().map(String::as_str).collect();
+        return result_set(&names, &[]);
+    }
     if !kw(toks.get(at), "WHERE") {
         return err(1064, "the emulator runs SELECT ... WHERE key ...");
     }
