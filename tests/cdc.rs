@@ -2993,7 +2993,7 @@ fn snapshot_csv_carries_every_mapped_type() {
          INSERT INTO ty SELECT g,
             CASE g % 9 WHEN 0 THEN NULL WHEN 1 THEN '' WHEN 2 THEN 'a,b' WHEN 3 THEN 'say \"hi\"'
                        WHEN 4 THEN E'line\\nnext\\r\\nend' WHEN 5 THEN E'back\\\\slash \\\\x41'
-                       WHEN 6 THEN 'ünï ☃ 𝄞' WHEN 7 THEN 'N' ELSE '\"' END,
+                       WHEN 6 THEN 'ünï ☃ 𝄞' WHEN 7 THEN 'N' ELSE 'x\"' END,
             CASE WHEN g % 5 = 0 THEN NULL ELSE 'v' || g END,
             CASE g % 3 WHEN 0 THEN NULL WHEN 1 THEN true ELSE false END,
             (g % 300)::smallint, g::bigint * 1000000007, (g / 7.0)::real, g / 3.0,

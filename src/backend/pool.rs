@@ -1022,6 +1022,9 @@ impl Pools {
     /// Periodic care: close idle connections past their idle timeout or lifetime (keeping
     /// `min-size`), make room for other shards' waiting clients, open up to `min-size`.
     pub fn maintain(self: &Rc<Self>) {
+        /// How long an idle connection of a shard without waiters is kept within its part
+        /// while clients of other shards wait.
+        const IDLE_YIELD: Duration = Duration::from_millis(100);
         let now = Instant::now();
         let idle_limit = self.cfg.server_idle_timeout_ms;
         for pool in self.all() {
@@ -1037,9 +1040,14 @@ impl Pools {
                     let too_idle = idle_limit > 0
                         && idle_for.as_millis() as u64 >= idle_limit
                         && pool.open.get() - closing.len() > keep;
+                    // Beyond its part; or, with no client of this shard waiting, unused
+                    // for longer than a pause between one client's transactions (its part
+                    // may stay up for a few ticks after its clients went, while another
+                    // shard's client waits out `query-wait-timeout-ms`).
                     let others_wait = pool.budget.wanted() > pool.waiting.get() + closing.len()
                         && pool.waiting.get() == 0
-                        && pool.open.get() - closing.len() > pool.share.get();
+                        && (pool.open.get() - closing.len() > pool.share.get()
+                            || idle_for >= IDLE_YIELD);
                     let expired = self.expired(conn, now);
                     if others_wait && !too_idle && !expired {
                         bump(&pool.counters.servers_yielded, 1);
