@@ -2216,17 +2216,7 @@ fn a_describe_kept_off_the_shadow_still_gives_the_shadow_its_types() {
     let batches = [parse, withheld, undescribed("fl", None, 1)];
     let modes: [(&str, &[&str]); 2] = [
         ("session", &[]),
-        (
-            "transaction pooling",
-            &[
-                "--pool-mode",
-                "transaction",
-                "--pool-size",
-                "2",
-                "--auth-type",
-                "trust",
-            ],
-        ),
+        ("transaction pooling", support::TRANSACTION_POOLING),
     ];
     for (mode, extra) in modes {
         let _ = std::fs::remove_file(&p.report);
