@@ -90,7 +90,7 @@ if [ -n "$FLOOR" ]; then
   # The floor (benches/floor-forwarder.rs): bytes only, without and with a copy of every client
   # byte to the mirror, whose answers it reads and drops.
   FLOOR_BIN=$(cargo build --release --quiet --bench floor-forwarder --message-format=json |
-    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+    sed -n 's/.*"executable":"\([^"]*floor_forwarder[^"]*\)".*/\1/p' | tail -1)
   "$FLOOR_BIN" 127.0.0.1:55517 127.0.0.1:55511 >"$WORK/floor.out" 2>&1 &
   FLOOR_PID=$!; PIDS+=("$FLOOR_PID")
   "$FLOOR_BIN" 127.0.0.1:55516 127.0.0.1:55511 "$MIRROR_HOST:55512" >"$WORK/floor-mirror.out" 2>&1 &

@@ -131,7 +131,7 @@ if [ -z "${PGPRISM:-}" ]; then
 fi
 if [ -n "$FLOOR" ] && [ -z "${FLOOR_BIN:-}" ]; then
   FLOOR_BIN=$(cargo build --release --quiet --bench floor-forwarder --message-format=json |
-    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+    sed -n 's/.*"executable":"\([^"]*floor_forwarder[^"]*\)".*/\1/p' | tail -1)
 fi
 . benches/common.sh
 

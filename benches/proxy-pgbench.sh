@@ -52,7 +52,7 @@ TARGETS="direct pgprism pgbouncer"
 if [ -n "$FLOOR" ]; then
   [ "$TRANSPORT" = tcp ] || { echo "FLOOR=1 needs TRANSPORT=tcp" >&2; exit 2; }
   FLOOR_BIN=$(cargo build --release --quiet --bench floor-forwarder --message-format=json |
-    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
+    sed -n 's/.*"executable":"\([^"]*floor_forwarder[^"]*\)".*/\1/p' | tail -1)
   TARGETS="$TARGETS floor"
 fi
 . benches/common.sh
