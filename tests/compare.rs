@@ -1917,6 +1917,60 @@ fn answers_before_a_primary_answer_pgprism_cannot_read_reach_the_client_before_i
     }
 }
 
+/// A shadow answer pgprism cannot read (a row beyond `--message-bytes-max` on the shadow
+/// alone) costs only the comparing: the client gets the primary's answer and its session goes
+/// on (report mode, fail-on-differences, the client side pooled too); the shadow's session is
+/// dropped and counted (a protocol error, a lost shadow). With the shadow as the source of
+/// truth the client's answers are the shadow's: its session ends with pgprism's FATAL (08P01).
+#[test]
+fn a_shadow_answer_pgprism_cannot_read_ends_only_the_comparing() {
+    use std::io::Write;
+    let p = pair("badshd");
+    let query = format!(
+        "SELECT repeat('x', CASE WHEN current_setting('port')::int = {} THEN 10000 ELSE 10 END)",
+        p.shadow.port()
+    );
+    let fail_pooled = [&["--fail-on-differences"], support::TRANSACTION_POOLING].concat();
+    for mode in [&[][..], &["--fail-on-differences"][..], &fail_pooled[..]] {
+        let mut args = vec!["--message-bytes-max", "4096"];
+        args.extend_from_slice(mode);
+        let proxy = p.proxy(&args);
+        let mut c = proxy.client();
+        let rows = c.simple_query(&query).expect("the primary's answer");
+        let value = rows.iter().find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+            _ => None,
+        });
+        assert_eq!(value.as_deref(), Some("xxxxxxxxxx"), "{mode:?}");
+        let n: i32 = c
+            .query_one("SELECT 7", &[])
+            .expect("the session goes on")
+            .get(0);
+        assert_eq!(n, 7, "{mode:?}");
+        assert!(
+            counter_reaches(&proxy, "pgprism_protocol_errors_total", 1),
+            "{mode:?}"
+        );
+        assert!(
+            counter_reaches(&proxy, "pgprism_compare_shadow_lost_total", 1),
+            "{mode:?}"
+        );
+    }
+    let proxy = p.proxy(&["--message-bytes-max", "4096", "--source-of-truth", "shadow"]);
+    // Read raw: the FATAL comes right before the close (the postgres crate may see the close
+    // first).
+    let mut s = support::raw::connect_ready(proxy.listen);
+    let query = format!("{query}\0");
+    s.write_all(&support::raw::message(b'Q', query.as_bytes()))
+        .unwrap();
+    let msgs = support::raw::read_to_end(&mut s);
+    let fatal = msgs.last().filter(|m| m.0 == b'E').map(|m| &m.1[..]);
+    let field = |f| fatal.and_then(|body| support::raw::error_field(body, f));
+    assert_eq!(field(b'C').as_deref(), Some("08P01"), "{msgs:?}");
+    assert_eq!(field(b'V').as_deref(), Some("FATAL"), "{msgs:?}");
+    assert!(counter_reaches(&proxy, "pgprism_protocol_errors_total", 1));
+}
+
 #[test]
 fn a_shadow_left_in_a_failed_transaction_is_rolled_back_before_the_next_statement() {
     let p = pair("rb");
@@ -2194,6 +2248,8 @@ fn a_drain_waits_for_the_answer_the_shadow_still_owes() {
 /// gets that Describe), then executes it in a compared batch without one: the shadow is
 /// described by pgprism alone, so both sides have the columns' types and a binary float
 /// within `float-tolerance` is equal (without them the shadow's raw bytes would differ).
+/// pgprism's Describe planned for the shadow in a batch that then names a statement routed
+/// to the primary only goes nowhere and is not counted.
 #[test]
 fn a_describe_kept_off_the_shadow_still_gives_the_shadow_its_types() {
     use support::raw::message;
@@ -2213,7 +2269,12 @@ fn a_describe_kept_off_the_shadow_still_gives_the_shadow_its_types() {
     // Describe of "fl", then a statement routed to the primary only: the whole batch is.
     let mut withheld = message(b'D', b"Sfl\0");
     withheld.extend(undescribed("", Some("SELECT 1 /* primary */"), 0));
-    let batches = [parse, withheld, undescribed("fl", None, 1)];
+    // An Execute of "fl" (pgprism plans the shadow's Describe of it), then a statement routed
+    // to the primary only, before the Sync: the whole batch, that Describe too, stays off it.
+    let mut dropped = undescribed("fl", None, 1);
+    dropped.truncate(dropped.len() - 5);
+    dropped.extend(undescribed("", Some("SELECT 1 /* primary */"), 0));
+    let batches = [parse, withheld, dropped, undescribed("fl", None, 1)];
     let modes: [(&str, &[&str]); 2] = [
         ("session", &[]),
         ("transaction pooling", support::TRANSACTION_POOLING),
@@ -2236,7 +2297,12 @@ fn a_describe_kept_off_the_shadow_still_gives_the_shadow_its_types() {
             .collect();
         assert_eq!(
             tags,
-            [b"1Z".to_vec(), b"tT12DCZ".to_vec(), b"2DDCZ".to_vec()],
+            [
+                b"1Z".to_vec(),
+                b"tT12DCZ".to_vec(),
+                b"2DDC12DCZ".to_vec(),
+                b"2DDCZ".to_vec()
+            ],
             "{mode}: the client gets only the answers it asked for"
         );
         assert!(
@@ -2254,7 +2320,8 @@ fn a_describe_kept_off_the_shadow_still_gives_the_shadow_its_types() {
             p.reports()
         );
         assert!(p.reports().is_empty(), "{mode}: {:?}", p.reports());
-        // The shadow alone was described, once.
+        // The shadow alone was described, once (the Describe dropped with the primary-only
+        // batch never went).
         assert_eq!(
             proxy.metric("pgprism_compare_own_describes_total"),
             1,
