@@ -3,52 +3,21 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use pgprism::embed::Instance;
 use sonic_rs::{JsonContainerTrait, JsonValueTrait};
-use support::{Proxy, eventually, start_primary};
-
-struct Pair {
-    primary: Instance,
-    shadow: Instance,
-    report: PathBuf,
-}
+use support::{Pair, Proxy, eventually, start_primary};
 
 fn pair(name: &str) -> Pair {
-    let report = std::env::temp_dir().join(format!(
-        "pgprism-compare-{}-{name}.jsonl",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&report);
-    Pair {
-        primary: start_primary(&format!("{name}p")),
-        shadow: start_primary(&format!("{name}s")),
-        report,
-    }
+    Pair::new(
+        start_primary(&format!("{name}p")),
+        start_primary(&format!("{name}s")),
+    )
 }
 
+/// What only this file's tests ask of a pair.
 impl Pair {
-    fn both(&self, sql: &str) {
-        self.primary.psql(sql).expect("seed primary");
-        self.shadow.psql(sql).expect("seed shadow");
-    }
-
-    fn proxy(&self, extra: &[&str]) -> Proxy {
-        let report = self.report.display().to_string();
-        Proxy::compare(
-            &self.primary.url(),
-            Some(&self.shadow.url()),
-            &report,
-            extra,
-        )
-    }
-
-    fn reports(&self) -> Vec<sonic_rs::Value> {
-        support::report_records(&self.report)
-    }
-
     /// Waits for a report about `statement`.
     fn report_for(&self, statement: &str) -> sonic_rs::Value {
         let mut found = None;
@@ -89,12 +58,6 @@ impl Pair {
         self.reports()
             .iter()
             .any(|r| r["statement"].as_str() == Some(statement))
-    }
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.report);
     }
 }
 
@@ -1768,14 +1731,13 @@ fn order_re_checks_are_bounded_in_the_whole_process() {
     p.shadow
         .psql("CREATE TABLE ex (id int, k text); INSERT INTO ex VALUES (2, 'A'), (1, 'a')")
         .unwrap();
-    let config = std::env::temp_dir().join(format!("pgprism-rechkb-{}.toml", std::process::id()));
+    let config = p.dir.join("rechecks.toml");
     std::fs::write(&config, "[compare]\norder-rechecks-total-max = 0\n").unwrap();
     let proxy = p.proxy(&["--config", config.to_str().unwrap()]);
     let mut c = proxy.client();
     let sql = "SELECT id FROM ex ORDER BY lower(k)";
     c.simple_query(sql).unwrap();
     let report = p.report_for(sql);
-    let _ = std::fs::remove_file(&config);
     assert_eq!(
         report["verdict"].as_str(),
         Some("inconclusive: nondeterministic"),

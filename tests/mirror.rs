@@ -356,8 +356,9 @@ fn prepared_statements_survive_filtered_parses() {
 #[test]
 fn dead_mirror_costs_the_primary_nothing_and_is_reconnected() {
     let p = start_primary("dp");
-    let dir = std::env::temp_dir().join(format!("pgprism-mirror-dead-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // The mirror's data directory, in a directory of its own (the server creates it).
+    let scratch = support::TempDir::new("mirror-dead");
+    let dir = scratch.join("data");
     let start_mirror = |port: Option<u16>| {
         Instance::start(pgprism::embed::InstanceConfig {
             name: "dm".into(),
@@ -416,7 +417,6 @@ fn dead_mirror_costs_the_primary_nothing_and_is_reconnected() {
         proxy.admin_get("/status").1
     );
     drop(c);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -147,10 +147,9 @@ fn pgbench(proxy: &Proxy, b: &Bench) {
 }
 
 /// Writes the clients' script (a transaction inserting one row) to a fresh directory;
-/// returns the directory (removed by the caller) and the script.
-fn insert_script(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let dir = std::env::temp_dir().join(format!("pgprism-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// returns the directory (removed on drop) and the script.
+fn insert_script(tag: &str) -> (support::TempDir, std::path::PathBuf) {
+    let dir = support::TempDir::new(tag);
     let script = dir.join("insert.sql");
     std::fs::write(
         &script,
@@ -197,7 +196,7 @@ fn two_thousand_clients_on_twenty_connections_with_a_pooled_mirror() {
             &MIRROR_POOL_SIZE.to_string(),
         ],
     );
-    let (dir, script) = insert_script("pool-scale");
+    let (_dir, script) = insert_script("pool-scale");
 
     let stop = Arc::new(AtomicBool::new(false));
     let on_primary = sample_connections(&primary, stop.clone());
@@ -277,7 +276,6 @@ fn two_thousand_clients_on_twenty_connections_with_a_pooled_mirror() {
             tail(&proxy.log(), 60)
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
     eprintln!(
         "pool_scale: {CLIENTS} clients x {TRANSACTIONS} transactions, {}; mirror converged {:.1}s \
          after; most connections seen: primary {most_primary}/{POOL_SIZE} ({samples_primary} \
@@ -326,7 +324,7 @@ fn pgbench_prepared_with_clients_on_both_shards_never_waits_on_itself() {
             "10s",
         ],
     );
-    let (dir, script) = insert_script("pool-known");
+    let (_dir, script) = insert_script("pool-known");
     let bench = Bench {
         clients: 16,
         threads: 1,
@@ -342,5 +340,4 @@ fn pgbench_prepared_with_clients_on_both_shards_never_waits_on_itself() {
             .trim(),
         "48"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -55,6 +55,74 @@ pub fn report_records(path: &std::path::Path) -> Vec<sonic_rs::Value> {
         .collect()
 }
 
+/// The servers of a compare-mode test: a primary and a shadow, and the compare report file
+/// in a directory of the pair's own (removed on drop, with whatever else the test puts there).
+pub struct Pair {
+    pub primary: Instance,
+    pub shadow: Instance,
+    pub report: std::path::PathBuf,
+    pub dir: TempDir,
+    /// The database [`Pair::both`] seeds (`None`: the servers' default).
+    database: Option<&'static str>,
+    /// What every [`Pair::proxy`] of this pair is given ahead of the test's own arguments.
+    args: Vec<String>,
+}
+
+impl Pair {
+    pub fn new(primary: Instance, shadow: Instance) -> Pair {
+        let dir = TempDir::new("compare");
+        Pair {
+            primary,
+            shadow,
+            report: dir.join("report.jsonl"),
+            dir,
+            database: None,
+            args: Vec::new(),
+        }
+    }
+
+    /// [`Pair::both`] seeds `database`.
+    pub fn seeding(mut self, database: &'static str) -> Pair {
+        self.database = Some(database);
+        self
+    }
+
+    /// Every proxy of the pair gets `args` too.
+    pub fn with_args(mut self, args: &[&str]) -> Pair {
+        self.args = args.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
+    /// Runs `sql` on both servers alike.
+    pub fn both(&self, sql: &str) {
+        for (side, inst) in [("primary", &self.primary), ("shadow", &self.shadow)] {
+            match self.database {
+                Some(db) => inst.psql_db(db, sql),
+                None => inst.psql(sql),
+            }
+            .unwrap_or_else(|e| panic!("seed the {side}: {e}"));
+        }
+    }
+
+    /// A compare-mode proxy of the pair (see [`Proxy::compare`]).
+    pub fn proxy(&self, extra: &[&str]) -> Proxy {
+        let report = self.report.display().to_string();
+        let mut args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        Proxy::compare(
+            &self.primary.url(),
+            Some(&self.shadow.url()),
+            &report,
+            &args,
+        )
+    }
+
+    /// The report's records so far (see [`report_records`]).
+    pub fn reports(&self) -> Vec<sonic_rs::Value> {
+        report_records(&self.report)
+    }
+}
+
 /// Whether the compare report line `r` is a mismatch of a statement starting with `prefix`
 /// that has the difference `kind` (`values`, `column_types`, ...).
 #[allow(dead_code)] // not every test binary compares
