@@ -978,29 +978,38 @@ fn a_shadow_that_falls_behind_stops_comparing_instead_of_holding_the_client() {
     ));
 }
 
+/// A pair whose shadow holds table `slow` locked, a proxy with `--compare-shadow-timeout-ms
+/// timeout_ms`, and a client that read `SELECT id FROM slow` (the primary's answer, without
+/// waiting for the shadow) and left at once, the shadow still owing its answer. Returns the
+/// pair, the proxy and the shadow session holding the lock.
+fn a_client_leaves_the_shadow_owing(
+    name: &str,
+    timeout_ms: &str,
+) -> (Pair, Proxy, postgres::Client) {
+    let p = pair(name);
+    p.both("CREATE TABLE slow (id int); INSERT INTO slow VALUES (1)");
+    let proxy = p.proxy(&["--compare-shadow-timeout-ms", timeout_ms]);
+    let blocker = p.lock_on_the_shadow("slow");
+    let mut c = proxy.client();
+    let rows = c.simple_query("SELECT id FROM slow").unwrap();
+    let rows = rows
+        .iter()
+        .filter(|m| matches!(m, postgres::SimpleQueryMessage::Row(_)))
+        .count();
+    assert_eq!(
+        rows, 1,
+        "the primary's answer, without waiting for the shadow"
+    );
+    (p, proxy, blocker)
+}
+
 /// A client that leaves while the shadow still owes answers: the shadow gets
 /// compare.shadow-timeout-ms to give them, as while the client was there (not a fixed drain
 /// of its own), and a shadow given up on then is counted as a timeout, its statements as
 /// skipped because the shadow was gone.
 #[test]
 fn a_shadow_that_falls_behind_after_the_client_left_is_given_up_at_the_shadow_timeout() {
-    let p = pair("drain");
-    p.both("CREATE TABLE slow (id int); INSERT INTO slow VALUES (1)");
-    let proxy = p.proxy(&["--compare-shadow-timeout-ms", "300"]);
-    let mut blocker = p.lock_on_the_shadow("slow");
-    {
-        let mut c = proxy.client();
-        let rows = c.simple_query("SELECT id FROM slow").unwrap();
-        let rows = rows
-            .iter()
-            .filter(|m| matches!(m, postgres::SimpleQueryMessage::Row(_)))
-            .count();
-        assert_eq!(
-            rows, 1,
-            "the primary's answer, without waiting for the shadow"
-        );
-        // The client leaves at once; the shadow is still blocked.
-    }
+    let (_p, proxy, mut blocker) = a_client_leaves_the_shadow_owing("drain", "300");
     assert!(
         counter_reaches(&proxy, "pgprism_compare_shadow_timeouts_total", 1),
         "the shadow given up on after the client left is counted as a timeout"
@@ -1019,14 +1028,7 @@ fn a_shadow_that_falls_behind_after_the_client_left_is_given_up_at_the_shadow_ti
 /// statements are skipped and the session is counted as one whose shadow was lost.
 #[test]
 fn a_shadow_lost_after_the_client_left_is_counted() {
-    let p = pair("drainlost");
-    p.both("CREATE TABLE slow (id int); INSERT INTO slow VALUES (1)");
-    let proxy = p.proxy(&["--compare-shadow-timeout-ms", "60000"]);
-    let mut blocker = p.lock_on_the_shadow("slow");
-    {
-        let mut c = proxy.client();
-        c.simple_query("SELECT id FROM slow").unwrap();
-    }
+    let (p, proxy, mut blocker) = a_client_leaves_the_shadow_owing("drainlost", "60000");
     let mut observer = p.shadow_session();
     // pgprism's shadow connection, blocked behind the lock: ended under it.
     let terminated = eventually(Duration::from_secs(10), || {
@@ -2387,17 +2389,7 @@ fn statements_never_described_compare_with_their_types() {
     }
     let modes: [(&str, &[&str]); 4] = [
         ("session", &[]),
-        (
-            "transaction pooling",
-            &[
-                "--pool-mode",
-                "transaction",
-                "--pool-size",
-                "2",
-                "--auth-type",
-                "trust",
-            ],
-        ),
+        ("transaction pooling", support::TRANSACTION_POOLING),
         ("the shadow as source", &["--source-of-truth", "shadow"]),
         ("a pooled shadow", &["--shadow-pool-size", "2"]),
     ];

@@ -702,17 +702,18 @@ fn a_transaction_pooled_client_leaving_mid_statement_leaves_the_shadow_in_step()
             n == 1
         })
     };
+    // The client `c` sends `sql` (an UPDATE starting with `update`) and leaves while the
+    // primary runs it.
+    let leave_during = |mut c: std::net::TcpStream, update: &str, sql: &str| {
+        c.write_all(&query_frame(sql)).unwrap();
+        assert!(running(&p.primary, update), "the UPDATE runs");
+    };
     // Autocommit: the primary commits the UPDATE after its client left.
-    let mut c = raw_client(&proxy);
-    c.write_all(&query_frame(
+    leave_during(
+        raw_client(&proxy),
+        "UPDATE acc SET v = v + 1",
         "UPDATE acc SET v = v + 1 WHERE id = 1 AND pg_sleep(2) IS NOT NULL",
-    ))
-    .unwrap();
-    assert!(
-        running(&p.primary, "UPDATE acc SET v = v + 1"),
-        "the UPDATE runs"
     );
-    drop(c);
     let started = std::time::Instant::now();
     assert!(
         eventually(Duration::from_secs(12), || value(&p.primary, 1) == "1"
@@ -729,15 +730,11 @@ fn a_transaction_pooled_client_leaving_mid_statement_leaves_the_shadow_in_step()
         Some(&b"T"[..]),
         "{msgs:?}"
     );
-    c.write_all(&query_frame(
+    leave_during(
+        c,
+        "UPDATE acc SET v = v + 10",
         "UPDATE acc SET v = v + 10 WHERE id = 2 AND pg_sleep(2) IS NOT NULL",
-    ))
-    .unwrap();
-    assert!(
-        running(&p.primary, "UPDATE acc SET v = v + 10"),
-        "the UPDATE runs"
     );
-    drop(c);
     let in_block = format!(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = '{DB}' \
          AND (state LIKE 'idle in transaction%' OR backend_xid IS NOT NULL)"
