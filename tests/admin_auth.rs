@@ -7,7 +7,7 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use pgprism::embed::{Instance, InstanceConfig};
@@ -204,14 +204,10 @@ fn a_token_file_others_can_read_is_refused() {
         err.contains("admin.token-file") && err.contains("0644"),
         "{err}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pgprism-admin-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch(tag: &str) -> support::TempDir {
+    support::TempDir::new(&format!("admin-{tag}"))
 }
 
 /// A self-signed certificate for 127.0.0.1 (openssl, as tests/tls.rs makes its own).
@@ -309,5 +305,4 @@ fn https_with_the_client_tls_key_names_serves_and_checks_the_token() {
     let mut answer = Vec::new();
     let _ = plain.read_to_end(&mut answer);
     assert!(!answer.starts_with(b"HTTP/"), "{answer:?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

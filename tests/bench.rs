@@ -5,7 +5,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use pgprism::embed::{Instance, InstanceConfig};
@@ -31,12 +31,9 @@ struct TargetSummary {
     hgrm_file: String,
 }
 
-/// A fresh output directory per test.
-fn out_dir(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("pgprism-bench-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+/// A fresh output directory per test, removed on drop.
+fn out_dir(name: &str) -> support::TempDir {
+    support::TempDir::new(&format!("bench-test-{name}"))
 }
 
 fn pgbench(inst: &Instance, args: &[&str]) -> Output {
@@ -185,7 +182,6 @@ fn select_closed_loop_fixed_count_writes_well_formed_files() {
     assert!(
         html.starts_with("<!DOCTYPE html>") && html.contains("<svg") && html.contains("direct")
     );
-    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
@@ -228,7 +224,6 @@ fn log_latency_axis_ticks_are_powers_of_ten() {
         ticks[0] <= t.p50_ms && t.max_ms <= *ticks.last().unwrap(),
         "{ticks:?} {t:?}"
     );
-    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
@@ -268,7 +263,6 @@ fn mean_latency_is_consistent_with_pgbench() {
         "pgprism mean {ours} ms vs pgbench latency average {pgbench_ms} ms"
     );
     assert_eq!(summary.targets[0].errors, 0);
-    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
@@ -297,7 +291,6 @@ fn constant_rate_sends_on_schedule() {
     assert!(t.mean_ms > 0.0 && t.max_ms >= t.p50_ms);
     let rows = hgrm_rows(&out.join(&t.hgrm_file));
     assert_eq!(rows.last().map(|r| r.2), Some(t.count));
-    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
@@ -345,7 +338,6 @@ fn two_targets_side_by_side() {
     assert_eq!(check_svg(&out.join("latency.svg")), 2);
     // The password never reaches the outputs.
     assert!(!json.contains(PASSWORD) && !stdout.contains(PASSWORD));
-    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
@@ -380,7 +372,6 @@ fn tpcb_inserts_one_history_row_per_transaction() {
         assert_eq!(t.count + t.errors, transactions.parse::<u64>().unwrap());
         assert_eq!(t.errors, 0, "{:?}", t.errors_by_sqlstate);
         assert_eq!(history, expected, "{protocol}");
-        let _ = std::fs::remove_dir_all(&out);
     }
 }
 
@@ -430,7 +421,6 @@ fn custom_sql_errors_are_counted_by_sqlstate() {
         .unwrap();
     // Each statement runs in its own implicit transaction (no BEGIN), so every insert stays.
     assert_eq!(updates, 200);
-    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
@@ -448,7 +438,6 @@ fn init_creates_pgbench_tables() {
     assert_eq!(summary.targets[0].count, 50);
     let accounts = pg.psql("SELECT count(*) FROM pgbench_accounts").unwrap();
     assert_eq!(accounts.trim(), "100000");
-    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]

@@ -45,21 +45,9 @@ struct Cdc {
     child: Child,
     log_path: std::path::PathBuf,
     admin: Option<std::net::SocketAddr>,
-}
-
-fn log_path(tag: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!(
-        "pgprism-cdc-{}-{tag}-{}.log",
-        std::process::id(),
-        rand_suffix()
-    ))
-}
-
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
+    /// Its log and admin token, removed on drop.
+    _dir: support::TempDir,
+    _token: support::TokenFile,
 }
 
 fn base_args(pg: &Instance, sr: &StarRocks, tables: &str) -> Vec<String> {
@@ -112,12 +100,14 @@ impl Cdc {
 
     /// Starts `pgprism cdc` and returns once it streams.
     fn spawn(args: &[String], env: &[(&str, &str)]) -> Cdc {
-        let log_path = log_path("run");
+        let dir = support::TempDir::new("cdc-run");
+        let log_path = dir.join("stderr.log");
         let log = std::fs::File::create(&log_path).unwrap();
+        let token = support::admin_token_file();
         let mut cmd = pgprism_command();
         cmd.args(args)
             .args(["--admin", "127.0.0.1:0", "--admin-token-file"])
-            .arg(support::admin_token_file())
+            .arg(&*token)
             .stdout(Stdio::piped())
             .stderr(log);
         for (k, v) in env {
@@ -140,6 +130,8 @@ impl Cdc {
             child,
             log_path,
             admin,
+            _dir: dir,
+            _token: token,
         }
     }
 
@@ -182,7 +174,6 @@ impl Drop for Cdc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log_path);
     }
 }
 
@@ -475,8 +466,10 @@ fn make_toast_tables(c: &mut postgres::Client, sr: &StarRocks, audit: bool) {
 
 /// `pgprism cdc` arguments for `d,u` without `REPLICA IDENTITY FULL`, `toast-mode =
 /// "partial"`, batches of 7 rows, no snapshot, plus `extra` config lines.
-fn toast_args(pg: &Instance, sr: &StarRocks, extra: &str) -> (Vec<String>, std::path::PathBuf) {
-    let config = std::env::temp_dir().join(format!("pgprism-cdc-fill-{}.toml", rand_suffix()));
+/// The config file lies in the returned directory, removed with it on drop.
+fn toast_args(pg: &Instance, sr: &StarRocks, extra: &str) -> (Vec<String>, support::TempDir) {
+    let dir = support::TempDir::new("cdc-fill");
+    let config = dir.join("pgprism.toml");
     std::fs::write(
         &config,
         format!("[cdc]\nreplica-identity-full = false\ntoast-mode = \"partial\"\n{extra}\n"),
@@ -494,7 +487,7 @@ fn toast_args(pg: &Instance, sr: &StarRocks, extra: &str) -> (Vec<String>, std::
         .iter()
         .map(|s| s.to_string()),
     );
-    (args, config)
+    (args, dir)
 }
 
 /// Rows `from..from+count` of `d` with TOAST values (over 2 kB, out of line), committed.
@@ -556,7 +549,7 @@ fn partial_updates_inside_a_two_table_transaction_stay_one_starrocks_transaction
         let sr = StarRocks::start("root", "pw");
         let mut c = client(&pg);
         make_toast_tables(&mut c, &sr, false);
-        let (args, config) = toast_args(&pg, &sr, &format!("fill-rows = {fill}"));
+        let (args, _config) = toast_args(&pg, &sr, &format!("fill-rows = {fill}"));
         let cdc = Cdc::start(&args, &[]);
         insert_toasted(&mut c, 1, 20);
         assert_converges(
@@ -622,7 +615,6 @@ fn partial_updates_inside_a_two_table_transaction_stay_one_starrocks_transaction
             assert!(apart, "the control never showed a transaction half loaded");
             assert!(split > 0);
         }
-        let _ = std::fs::remove_file(config);
     }
 }
 
@@ -632,7 +624,7 @@ fn soft_deletes_without_the_old_row_stay_in_their_transaction() {
     let sr = StarRocks::start("root", "pw");
     let mut c = client(&pg);
     make_toast_tables(&mut c, &sr, true);
-    let (args, config) = toast_args(
+    let (args, _config) = toast_args(
         &pg,
         &sr,
         "delete-mode = \"soft\"\naudit-columns = true\naudit-prefix = \"cdc_\"",
@@ -697,7 +689,6 @@ fn soft_deletes_without_the_old_row_stay_in_their_transaction() {
     assert_eq!(cdc.status_number("transactions_split"), 0, "{}", cdc.log());
     assert!(fill_number(&cdc, "rows_read") > 0);
     assert!(fill_number(&cdc, "rows_from_cycle") > 0);
-    let _ = std::fs::remove_file(config);
 }
 
 #[test]
@@ -707,7 +698,7 @@ fn crash_around_the_commit_of_a_cycle_with_partial_updates_loses_and_repeats_not
         let sr = StarRocks::start("root", "pw");
         let mut c = client(&pg);
         make_toast_tables(&mut c, &sr, false);
-        let (args, config) = toast_args(&pg, &sr, "");
+        let (args, _config) = toast_args(&pg, &sr, "");
         // Killed at the second cycle's commit: the first holds the rows inserted here.
         let failpoint = format!("{point}=2*kill");
         let mut cdc = Cdc::start(&args, &[("PGPRISM_FAILPOINTS", &failpoint)]);
@@ -748,7 +739,6 @@ fn crash_around_the_commit_of_a_cycle_with_partial_updates_loses_and_repeats_not
             "{point}: a transaction was seen half loaded"
         );
         assert_eq!(cdc.status_number("transactions_split"), 0);
-        let _ = std::fs::remove_file(config);
     }
 }
 
@@ -758,7 +748,7 @@ fn values_are_read_only_once_the_cycle_before_is_visible() {
     let sr = StarRocks::start("root", "pw");
     let mut c = client(&pg);
     make_toast_tables(&mut c, &sr, false);
-    let (args, config) = toast_args(&pg, &sr, "");
+    let (args, _config) = toast_args(&pg, &sr, "");
     let cdc = Cdc::start(&args, &[]);
     // The cycle that inserts the rows commits, but publishes 1.5 s late (`publish timeout`):
     // the next cycle's partial updates must not read StarRocks before its rows are visible.
@@ -783,7 +773,6 @@ fn values_are_read_only_once_the_cycle_before_is_visible() {
         sr.states_answered()
     );
     assert_eq!(sr.reads_while_publishing(), Vec::<String>::new());
-    let _ = std::fs::remove_file(config);
 }
 
 #[test]
@@ -794,7 +783,7 @@ fn a_run_that_reconnects_still_waits_for_a_commit_publishing() {
     make_toast_tables(&mut c, &sr, false);
     // The wait for the publish gives up after 1 s: the cycle is loaded again by a new run,
     // which must wait for the same commit before it reads.
-    let (args, config) = toast_args(&pg, &sr, "load-timeout-ms = 1000");
+    let (args, _config) = toast_args(&pg, &sr, "load-timeout-ms = 1000");
     let cdc = Cdc::start(&args, &[]);
     sr.inject_txn(TxnFault::PublishLate(Duration::from_millis(4000)), 1);
     insert_toasted(&mut c, 1, 20);
@@ -809,7 +798,6 @@ fn a_run_that_reconnects_still_waits_for_a_commit_publishing() {
     );
     assert!(fill_number(&cdc, "rows_read") > 0, "{}", cdc.log());
     assert_eq!(sr.reads_while_publishing(), Vec::<String>::new());
-    let _ = std::fs::remove_file(config);
 }
 
 #[test]
@@ -820,7 +808,7 @@ fn a_table_pgprism_may_not_read_cuts_as_before_instead_of_stopping() {
     make_toast_tables(&mut c, &sr, false);
     // No SELECT on d: its partial changes cannot take StarRocks' values.
     sr.deny_select(DB, "d");
-    let (args, config) = toast_args(&pg, &sr, "");
+    let (args, _config) = toast_args(&pg, &sr, "");
     let cdc = Cdc::start(&args, &[]);
     insert_toasted(&mut c, 1, 20);
     assert_converges(
@@ -839,7 +827,6 @@ fn a_table_pgprism_may_not_read_cuts_as_before_instead_of_stopping() {
     assert!(cdc.status_number("transactions_split") > 0);
     assert_eq!(cdc.status_number("reconnects"), 0, "{}", cdc.log());
     assert!(cdc.log().contains("grant SELECT"), "no warning");
-    let _ = std::fs::remove_file(config);
 }
 
 #[test]
@@ -854,7 +841,7 @@ fn rows_moved_to_new_keys_keep_their_toast_values() {
         let sr = StarRocks::start("root", "pw");
         let mut c = client(&pg);
         make_toast_tables(&mut c, &sr, false);
-        let (args, config) = toast_args(&pg, &sr, &format!("transaction-mode = \"{mode}\""));
+        let (args, _config) = toast_args(&pg, &sr, &format!("transaction-mode = \"{mode}\""));
         let cdc = Cdc::start(&args, &[]);
         insert_toasted(&mut c, 1, 20);
         assert_converges(
@@ -897,7 +884,6 @@ fn rows_moved_to_new_keys_keep_their_toast_values() {
             "{mode}: {}",
             cdc.log()
         );
-        let _ = std::fs::remove_file(config);
     }
 }
 
@@ -908,7 +894,7 @@ fn past_the_fill_bound_partial_updates_cut_as_before_and_lose_nothing() {
     let mut c = client(&pg);
     make_toast_tables(&mut c, &sr, false);
     // Two rows' TOAST values (3.2 kB each) fit; the third does not.
-    let (args, config) = toast_args(&pg, &sr, "fill-bytes-max = 7000");
+    let (args, _config) = toast_args(&pg, &sr, "fill-bytes-max = 7000");
     let cdc = Cdc::start(&args, &[]);
     insert_toasted(&mut c, 1, 20);
     assert_converges(
@@ -927,7 +913,6 @@ fn past_the_fill_bound_partial_updates_cut_as_before_and_lose_nothing() {
     assert!(fill_number(&cdc, "rows_partial") > 0);
     assert!(cdc.status_number("transactions_split") > 0);
     assert!(cdc.log().contains("cdc.fill-bytes-max"), "no warning");
-    let _ = std::fs::remove_file(config);
 }
 
 #[test]
@@ -1002,8 +987,7 @@ fn transaction_larger_than_memory_spills_to_files() {
         &[("logical_decoding_work_mem", "64kB")],
         &["t"],
     );
-    let dir = std::env::temp_dir().join(format!("pgprism-cdc-spill-{}", rand_suffix()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::TempDir::new("cdc-spill");
     let spill_files = || std::fs::read_dir(&dir).unwrap().count();
     let mut args = base_args(&pg, &sr, "t");
     args.extend(
@@ -1068,7 +1052,6 @@ fn transaction_larger_than_memory_spills_to_files() {
     );
     let peak = peak_rss_bytes(cdc.child.id());
     assert!(peak < 256 << 20, "peak RSS {peak} bytes");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -2251,7 +2234,8 @@ fn soft_deletes_keep_the_row_with_audit_columns() {
             ("cdc_cdc_version", ColType::Any),
         ],
     );
-    let config = std::env::temp_dir().join(format!("pgprism-cdc-soft-{}.toml", rand_suffix()));
+    let dir = support::TempDir::new("cdc-soft");
+    let config = dir.join("pgprism.toml");
     std::fs::write(
         &config,
         "[cdc]\ndelete-mode = \"soft\"\naudit-columns = true\naudit-prefix = \"cdc_\"\n",
@@ -2296,7 +2280,6 @@ fn soft_deletes_keep_the_row_with_audit_columns() {
         ),
         cdc.log()
     );
-    let _ = std::fs::remove_file(config);
 }
 
 #[test]
@@ -2415,7 +2398,8 @@ fn a_slot_created_anew_forgets_the_earlier_slots_checkpoint() {
     let old_truncate = recorded(&mut c)[0][0].clone().unwrap();
 
     let new = start_pg("cdc-new-server", &[]);
-    let dump = log_path("dump");
+    let dump_dir = support::TempDir::new("cdc-dump");
+    let dump = dump_dir.join("dump.sql");
     let port = |pg: &Instance| pg.port().to_string();
     let status = std::process::Command::new(old.psql_path().with_file_name("pg_dump"))
         .args(["-h", "127.0.0.1", "-p", &port(&old), "-U", "postgres"])
@@ -2431,7 +2415,6 @@ fn a_slot_created_anew_forgets_the_earlier_slots_checkpoint() {
         .arg(&dump)
         .output()
         .expect("run psql");
-    let _ = std::fs::remove_file(&dump);
     assert!(
         restore.status.success(),
         "{}",

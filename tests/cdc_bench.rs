@@ -416,7 +416,8 @@ fn large_transaction_in_bounded_memory() {
             ("n", ColType::Int),
         ],
     );
-    let dir = std::env::temp_dir().join(format!("pgprism-spill-bench-{}", std::process::id()));
+    let scratch = support::TempDir::new("spill-bench");
+    let dir = scratch.join("spill");
     let mut child = pgprism_command()
         .args(["cdc", "--source", &pg.url(), "--starrocks", &sr.url()])
         .args(["--database", "spill", "--tables", "t", "--log", "warn"])
@@ -447,7 +448,6 @@ fn large_transaction_in_bounded_memory() {
     let cpu = cpu_seconds(&child.id().to_string());
     let _ = child.kill();
     let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         done,
         "pgprism did not stream {rows} rows (has {})",

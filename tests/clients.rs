@@ -135,11 +135,8 @@ fn jdbc_and_psycopg2_work_through_the_proxy() {
 fn jdbc_and_psycopg2_through_compare_mode_agree_with_an_identical_shadow() {
     let primary = start_primary("clientsp");
     let shadow = start_primary("clientss");
-    let report = std::env::temp_dir().join(format!(
-        "pgprism-clients-compare-{}.jsonl",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&report);
+    let dir = support::TempDir::new("clients-compare");
+    let report = dir.join("report.jsonl");
     let proxy = Proxy::compare(
         &primary.url(),
         Some(&shadow.url()),
@@ -157,7 +154,6 @@ fn jdbc_and_psycopg2_through_compare_mode_agree_with_an_identical_shadow() {
         proxy.metric("pgprism_compare_statements_total")
     );
     let reports = std::fs::read_to_string(&report).unwrap_or_default();
-    let _ = std::fs::remove_file(&report);
     assert_eq!(
         proxy.metric("pgprism_compare_mismatches_total"),
         0,
@@ -222,7 +218,7 @@ fn jdbc_and_psycopg2_replay_onto_a_mirror() {
 /// `pgprism proxy --pool-mode transaction --pool-size N --auth-file F` in front of `primary`,
 /// F holding the password users' secrets as `pg_authid` has them. Returns the proxy and the
 /// directory of F (removed by the caller).
-fn pooled_proxy(primary: &Instance, pool_size: usize, extra: &[&str]) -> (Proxy, PathBuf) {
+fn pooled_proxy(primary: &Instance, pool_size: usize, extra: &[&str]) -> (Proxy, support::TempDir) {
     let mut lines = String::new();
     for user in [SCRAM_USER, MD5_USER] {
         let secret = primary
@@ -232,12 +228,7 @@ fn pooled_proxy(primary: &Instance, pool_size: usize, extra: &[&str]) -> (Proxy,
             .unwrap();
         lines.push_str(&format!("\"{user}\" \"{}\"\n", secret.trim()));
     }
-    let dir = std::env::temp_dir().join(format!(
-        "pgprism-clients-pool-{}-{}",
-        std::process::id(),
-        primary.port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::TempDir::new("clients-pool");
     let userlist = dir.join("userlist.txt");
     std::fs::write(&userlist, lines).unwrap();
     let size = pool_size.to_string();
@@ -326,7 +317,7 @@ fn jdbc_in_transaction_mode_four_applications_share_two_connections() {
     const APPS: usize = 4;
     const POOL: i64 = 2;
     let primary = start_primary("clientsj");
-    let (proxy, dir) = pooled_proxy(&primary, POOL as usize, &[]);
+    let (proxy, _dir) = pooled_proxy(&primary, POOL as usize, &[]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = most_connections(&primary, SCRAM_USER, stop.clone());
     let port = proxy.port();
@@ -353,7 +344,6 @@ fn jdbc_in_transaction_mode_four_applications_share_two_connections() {
     assert_eq!(proxy.metric("pgprism_pool_pins_total"), 0);
     pool_figures("JDBC", &proxy, most);
     assert_eq!(proxy.metric("pgprism_protocol_errors_total"), 0);
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Four psycopg2 applications at once in transaction mode. Each opens a second connection
@@ -367,7 +357,7 @@ fn psycopg2_in_transaction_mode_four_applications_share_the_pool() {
     const APPS: usize = 4;
     const POOL: i64 = APPS as i64 + 1;
     let primary = start_primary("clientsy");
-    let (proxy, dir) = pooled_proxy(&primary, POOL as usize, &[]);
+    let (proxy, _dir) = pooled_proxy(&primary, POOL as usize, &[]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = most_connections(&primary, MD5_USER, stop.clone());
     let port = proxy.port();
@@ -396,5 +386,4 @@ fn psycopg2_in_transaction_mode_four_applications_share_the_pool() {
     );
     pool_figures("psycopg2", &proxy, most);
     assert_eq!(proxy.metric("pgprism_protocol_errors_total"), 0);
-    let _ = std::fs::remove_dir_all(dir);
 }

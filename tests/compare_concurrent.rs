@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use pgprism::embed::Instance;
 use sonic_rs::{JsonContainerTrait, JsonValueTrait};
-use support::{Proxy, eventually, start_primary};
+use support::{Pair, Proxy, eventually, start_primary};
 
 const HOT: &str = "CREATE TABLE hot (id int PRIMARY KEY, v int NOT NULL);
     INSERT INTO hot SELECT g, 0 FROM generate_series(1, 5) g;";
@@ -21,61 +21,21 @@ UPDATE hot SET v = v + 1 WHERE id = :id;
 SELECT v FROM hot WHERE id = :id;
 ";
 
-struct Pair {
-    primary: Instance,
-    shadow: Instance,
-    report: PathBuf,
-    script: PathBuf,
-}
-
+/// A pair with [`HOT_SCRIPT`] written to [`script`].
 fn pair(name: &str) -> Pair {
-    let tmp = std::env::temp_dir();
-    let pid = std::process::id();
-    let report = tmp.join(format!("pgprism-cc-{pid}-{name}.jsonl"));
-    let script = tmp.join(format!("pgprism-cc-{pid}-{name}.sql"));
-    let _ = std::fs::remove_file(&report);
-    std::fs::write(&script, HOT_SCRIPT).expect("write the pgbench script");
-    Pair {
-        primary: start_primary(&format!("cc{name}p")),
-        shadow: start_primary(&format!("cc{name}s")),
-        report,
-        script,
-    }
+    let p = Pair::new(
+        start_primary(&format!("cc{name}p")),
+        start_primary(&format!("cc{name}s")),
+    );
+    std::fs::write(script(&p), HOT_SCRIPT).expect("write the pgbench script");
+    p
 }
 
-impl Drop for Pair {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.report);
-        let _ = std::fs::remove_file(&self.script);
-    }
+/// The pair's pgbench script.
+fn script(p: &Pair) -> PathBuf {
+    p.dir.join("hot.sql")
 }
 
-impl Pair {
-    fn both(&self, sql: &str) {
-        self.primary.psql(sql).expect("seed primary");
-        self.shadow.psql(sql).expect("seed shadow");
-    }
-
-    fn proxy(&self, extra: &[&str]) -> Proxy {
-        let report = self.report.display().to_string();
-        Proxy::compare(
-            &self.primary.url(),
-            Some(&self.shadow.url()),
-            &report,
-            extra,
-        )
-    }
-
-    fn reports(&self) -> Vec<sonic_rs::Value> {
-        std::fs::read_to_string(&self.report)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| sonic_rs::from_str(l).ok())
-            .collect()
-    }
-}
-
-/// Runs pgbench through the proxy (`-n`: no vacuum of tables it may not have).
 fn pgbench(proxy: &Proxy, args: &[&str]) -> String {
     let port = proxy.port().to_string();
     let out = Command::new("pgbench")
@@ -144,7 +104,7 @@ fn hot_rows_without_false_mismatches(
     let p = pair(name);
     p.both(HOT);
     let proxy = p.proxy(extra);
-    let script = p.script.display().to_string();
+    let script = script(&p).display().to_string();
     let c = clients.to_string();
     let t = per_client.to_string();
     pgbench(&proxy, &["-c", &c, "-j", "2", "-t", &t, "-f", &script]);
@@ -263,7 +223,7 @@ fn reads_of_rows_no_other_session_writes_are_pinned() {
         "CREATE TABLE own (id int PRIMARY KEY, v int NOT NULL);
          INSERT INTO own SELECT g, 0 FROM generate_series(1, 8) g;",
     );
-    let script = std::env::temp_dir().join(format!("pgprism-cc-{}-own.sql", std::process::id()));
+    let script = p.dir.join("own.sql");
     std::fs::write(
         &script,
         "\\set id :client_id + 1
@@ -289,7 +249,6 @@ SELECT v FROM own WHERE id = :id;
             &script.display().to_string(),
         ],
     );
-    let _ = std::fs::remove_file(&script);
     assert!(out.contains("prepared"), "{out}");
     let writes = clients * per_client;
     let (mismatches, concurrent, _, compared) = verdicts(&proxy, 2 * writes);
@@ -388,7 +347,7 @@ fn real_divergences_under_concurrency_are_mismatches() {
     p.shadow
         .psql("CREATE TABLE uniq (id serial PRIMARY KEY, k int UNIQUE)")
         .unwrap();
-    let extra = std::env::temp_dir().join(format!("pgprism-cc-{}-extra.sql", std::process::id()));
+    let extra = p.dir.join("extra.sql");
     std::fs::write(
         &extra,
         "\\set k random(1, 1000000)
@@ -398,14 +357,13 @@ INSERT INTO uniq (k) VALUES (:k % 40);
     )
     .unwrap();
     let proxy = p.proxy(&[]);
-    let script = p.script.display().to_string();
+    let script = script(&p).display().to_string();
     let extra_script = extra.display().to_string();
     pgbench(&proxy, &["-c", "8", "-j", "2", "-t", "100", "-f", &script]);
     pgbench(
         &proxy,
         &["-c", "4", "-j", "2", "-t", "25", "-f", &extra_script],
     );
-    let _ = std::fs::remove_file(&extra);
     assert!(
         mismatch_named(&p, "SELECT v FROM hot", "values"),
         "the skewed writes were not found"
@@ -426,7 +384,7 @@ fn calibration_against_the_primary_itself_finds_no_mismatch() {
     p.primary.psql(HOT).unwrap();
     let report = p.report.display().to_string();
     let proxy = Proxy::compare(&p.primary.url(), None, &report, &["--calibrate"]);
-    let script = p.script.display().to_string();
+    let script = script(&p).display().to_string();
     pgbench(&proxy, &["-c", "8", "-j", "2", "-t", "100", "-f", &script]);
     let (mismatches, concurrent, _, compared) = verdicts(&proxy, 8 * 100 * 2);
     eprintln!("calibration: {compared} compared, {concurrent} inconclusive");
@@ -654,7 +612,7 @@ fn hot_row_order_gap() {
         let p = pair(&format!("gap{clients}x{shards}"));
         p.both(HOT);
         std::fs::write(
-            &p.script,
+            script(&p),
             "\\set id random(1, 5)
 UPDATE hot SET v = v + 1 WHERE id = :id RETURNING v;
 SELECT v FROM hot WHERE id = :id;
@@ -665,7 +623,7 @@ SELECT v FROM hot WHERE id = :id;
         let mut args = vec!["--shards", shards];
         args.extend(extra.split_whitespace());
         let proxy = p.proxy(&args);
-        let script = p.script.display().to_string();
+        let script = script(&p).display().to_string();
         let (c, t) = (clients.to_string(), per_client.to_string());
         pgbench(&proxy, &["-c", &c, "-j", "2", "-t", &t, "-f", &script]);
         let statements = (clients * per_client * 2) as u64;

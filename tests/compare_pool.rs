@@ -9,7 +9,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +16,7 @@ use std::time::Duration;
 
 use pgprism::embed::Instance;
 use sonic_rs::JsonValueTrait;
-use support::{Proxy, eventually};
+use support::{Pair, Proxy, eventually};
 
 /// The database the clients use; the tests' own observers connect to `postgres`, so they are
 /// never counted among pgprism's connections.
@@ -40,27 +39,13 @@ fn start_server(name: &str, max_connections: usize) -> Instance {
     support::start_capped(name, DB, max_connections)
 }
 
-struct Pair {
-    primary: Instance,
-    shadow: Instance,
-    report: PathBuf,
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.report);
-    }
-}
-
 fn pair(name: &str) -> Pair {
-    let report =
-        std::env::temp_dir().join(format!("pgprism-cpool-{}-{name}.jsonl", std::process::id()));
-    let _ = std::fs::remove_file(&report);
-    Pair {
-        primary: start_server(&format!("cp{name}p"), 300),
-        shadow: start_server(&format!("cp{name}s"), 30),
-        report,
-    }
+    Pair::new(
+        start_server(&format!("cp{name}p"), 300),
+        start_server(&format!("cp{name}s"), 30),
+    )
+    .seeding(DB)
+    .with_args(&["--shadow-pool-size", &POOL.to_string()])
 }
 
 /// [`pair`] for a test run in session mode (`client_side` empty) or with the client side
@@ -68,35 +53,6 @@ fn pair(name: &str) -> Pair {
 fn pair_for(name: &str, client_side: &[&str]) -> Pair {
     let pooled = if client_side.is_empty() { "" } else { "tx" };
     pair(&format!("{pooled}{name}"))
-}
-
-impl Pair {
-    fn both(&self, sql: &str) {
-        self.primary.psql_db(DB, sql).expect("seed the primary");
-        self.shadow.psql_db(DB, sql).expect("seed the shadow");
-    }
-
-    fn proxy(&self, extra: &[&str]) -> Proxy {
-        let shadow = self.shadow.url();
-        let report = self.report.display().to_string();
-        let pool = POOL.to_string();
-        let mut args = vec![
-            "--shadow",
-            &shadow,
-            "--shadow-pool-size",
-            &pool,
-            "--compare-report",
-            &report,
-            "--slow-query-min-ms",
-            "60000",
-        ];
-        args.extend_from_slice(extra);
-        Proxy::start(&self.primary.url(), &args)
-    }
-
-    fn reports(&self) -> Vec<sonic_rs::Value> {
-        support::report_records(&self.report)
-    }
 }
 
 /// The client backends of [`DB`] on `inst` (pgprism's shadow connections; the tests' own
@@ -209,8 +165,7 @@ fn many_clients_on_a_small_pool(name: &str, mode: &str, client_side: &[&str]) {
     let p = pair(name);
     p.both(TABLE);
     p.both("CREATE TABLE shared AS SELECT g FROM generate_series(1, 10) g;");
-    let script =
-        std::env::temp_dir().join(format!("pgprism-cpool-{}-{name}.sql", std::process::id()));
+    let script = p.dir.join("script.sql");
     std::fs::write(&script, SCRIPT).expect("write the script");
     // Room for a loaded test machine: a session gives up on the shadow only past this.
     let mut args = vec!["--compare-shadow-timeout-ms", "120000"];
@@ -245,7 +200,6 @@ fn many_clients_on_a_small_pool(name: &str, mode: &str, client_side: &[&str]) {
             &script.display().to_string(),
         ],
     );
-    let _ = std::fs::remove_file(&script);
     let statements = clients * per_client * SCRIPT_STATEMENTS;
     wait_judged(&proxy, statements);
     stop.store(true, Ordering::Release);
@@ -464,11 +418,7 @@ fn divergence_is_a_mismatch(client_side: &[&str]) {
         )
         .expect("the shadow's trigger");
     let proxy = p.proxy(client_side);
-    let script = std::env::temp_dir().join(format!(
-        "pgprism-cpool-{}-div{}.sql",
-        std::process::id(),
-        client_side.len()
-    ));
+    let script = p.dir.join("divergent.sql");
     std::fs::write(&script, DIVERGENT_SCRIPT).expect("write the script");
     let (clients, per_client) = (40u64, 3u64);
     pgbench(
@@ -484,7 +434,6 @@ fn divergence_is_a_mismatch(client_side: &[&str]) {
             &script.display().to_string(),
         ],
     );
-    let _ = std::fs::remove_file(&script);
     let statements = clients * per_client * (SCRIPT_STATEMENTS + 1) + per_client * 2;
     wait_judged(&proxy, statements);
     let mismatches = |prefix: &str, kind: &str| {
@@ -753,17 +702,18 @@ fn a_transaction_pooled_client_leaving_mid_statement_leaves_the_shadow_in_step()
             n == 1
         })
     };
+    // The client `c` sends `sql` (an UPDATE starting with `update`) and leaves while the
+    // primary runs it.
+    let leave_during = |mut c: std::net::TcpStream, update: &str, sql: &str| {
+        c.write_all(&query_frame(sql)).unwrap();
+        assert!(running(&p.primary, update), "the UPDATE runs");
+    };
     // Autocommit: the primary commits the UPDATE after its client left.
-    let mut c = raw_client(&proxy);
-    c.write_all(&query_frame(
+    leave_during(
+        raw_client(&proxy),
+        "UPDATE acc SET v = v + 1",
         "UPDATE acc SET v = v + 1 WHERE id = 1 AND pg_sleep(2) IS NOT NULL",
-    ))
-    .unwrap();
-    assert!(
-        running(&p.primary, "UPDATE acc SET v = v + 1"),
-        "the UPDATE runs"
     );
-    drop(c);
     let started = std::time::Instant::now();
     assert!(
         eventually(Duration::from_secs(12), || value(&p.primary, 1) == "1"
@@ -780,15 +730,11 @@ fn a_transaction_pooled_client_leaving_mid_statement_leaves_the_shadow_in_step()
         Some(&b"T"[..]),
         "{msgs:?}"
     );
-    c.write_all(&query_frame(
+    leave_during(
+        c,
+        "UPDATE acc SET v = v + 10",
         "UPDATE acc SET v = v + 10 WHERE id = 2 AND pg_sleep(2) IS NOT NULL",
-    ))
-    .unwrap();
-    assert!(
-        running(&p.primary, "UPDATE acc SET v = v + 10"),
-        "the UPDATE runs"
     );
-    drop(c);
     let in_block = format!(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = '{DB}' \
          AND (state LIKE 'idle in transaction%' OR backend_xid IS NOT NULL)"

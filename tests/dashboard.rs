@@ -419,10 +419,8 @@ fn every_panel_query_is_valid_promql() {
         }
     }
     assert!(rules.len() > 40);
-    let file = std::env::temp_dir().join(format!(
-        "pgprism-dashboard-rules-{}.json",
-        std::process::id()
-    ));
+    let dir = support::TempDir::new("dashboard-rules");
+    let file = dir.join("rules.json");
     // JSON is YAML: promtool reads it as a rules file.
     let doc = sonic_rs::json!({"groups": [{"name": "dashboard", "rules": rules}]});
     std::fs::write(&file, sonic_rs::to_string(&doc).unwrap()).unwrap();
@@ -431,7 +429,6 @@ fn every_panel_query_is_valid_promql() {
         .arg(&file)
         .output()
         .expect("promtool (apt-get install prometheus)");
-    let _ = std::fs::remove_file(&file);
     assert!(
         out.status.success(),
         "{}{}",

@@ -70,7 +70,7 @@ fn files_named_proxy(dir: &std::path::Path) -> Vec<String> {
 
 #[test]
 fn demo_runs_reports_the_deliberate_difference_and_exits() {
-    let out_dir = std::env::temp_dir().join(format!("pgprism-demo-{}", std::process::id()));
+    let out_dir = support::TempDir::new("demo");
     let mut demo = support::pgprism_command()
         .args([
             "demo",
@@ -130,5 +130,4 @@ fn demo_runs_reports_the_deliberate_difference_and_exits() {
     }
     let svg = std::fs::read_to_string(out_dir.join("latency.svg")).expect("chart written");
     assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 2);
-    let _ = std::fs::remove_dir_all(&out_dir);
 }

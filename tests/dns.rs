@@ -136,8 +136,7 @@ fn sigterm_drains_when_a_dns_thread_runs() {
         ..InstanceConfig::default()
     })
     .expect("start PostgreSQL");
-    let dir = std::env::temp_dir().join(format!("pgprism-dns-sig-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::TempDir::new("dns-sig");
     let mut proxy = Proxy::start(
         &format!("postgres://localhost:{}", pg.port()),
         &[
@@ -157,5 +156,4 @@ fn sigterm_drains_when_a_dns_thread_runs() {
         proxy.log()
     );
     assert!(!socket.exists(), "the socket file is removed by the drain");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2,34 +2,19 @@
 //! system binaries. Each test starts its own instances, so they run in parallel (nextest runs
 //! each in its own process).
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use pgprism::embed::{DataDir, EmbedError, Instance, InstanceConfig, PgBinaries};
+use support::TempDir;
 
 fn config(name: &str) -> InstanceConfig {
     InstanceConfig {
         name: name.to_owned(),
         ..InstanceConfig::default()
-    }
-}
-
-/// A directory under the temp dir unique to this process and test, removed on drop.
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("pgprism-test-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Self(dir)
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -128,8 +113,8 @@ fn defaults_are_applied_and_database_is_created() {
 
 #[test]
 fn path_instance_keeps_data_across_restart() {
-    let scratch = ScratchDir::new("keep");
-    let dir = scratch.0.join("data");
+    let scratch = TempDir::new("test-keep");
+    let dir = scratch.join("data");
     let cfg = InstanceConfig {
         data: DataDir::Path(dir.clone()),
         ..config("keep")
@@ -160,16 +145,16 @@ fn path_instance_keeps_data_across_restart() {
 
 #[test]
 fn path_dir_with_foreign_files_is_refused() {
-    let scratch = ScratchDir::new("foreign");
-    std::fs::write(scratch.0.join("precious.txt"), "keep me").expect("write");
+    let scratch = TempDir::new("test-foreign");
+    std::fs::write(scratch.join("precious.txt"), "keep me").expect("write");
     let cfg = InstanceConfig {
-        data: DataDir::Path(scratch.0.clone()),
+        data: DataDir::Path(scratch.to_path_buf()),
         ..config("foreign")
     };
     let err = Instance::start(cfg).expect_err("must not copy a cluster over foreign files");
     assert!(matches!(err, EmbedError::DataDirNotEmpty { .. }), "{err:?}");
     assert_eq!(
-        std::fs::read_to_string(scratch.0.join("precious.txt")).expect("still there"),
+        std::fs::read_to_string(scratch.join("precious.txt")).expect("still there"),
         "keep me"
     );
 }
@@ -355,8 +340,8 @@ fn start_time_with_a_cached_template() {
 /// helpers (url, psql) use it.
 #[test]
 fn a_server_with_a_password_refuses_tcp_without_it() {
-    let scratch = ScratchDir::new("password");
-    let data = scratch.0.join("data");
+    let scratch = TempDir::new("test-password");
+    let data = scratch.join("data");
     let password = pgprism::embed::generate_password().unwrap();
     assert_eq!(password.len(), 32);
     let inst = Instance::start(InstanceConfig {
@@ -448,8 +433,8 @@ fn the_password_shows_nowhere_and_survives_any_quoting() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
 
-    let scratch = ScratchDir::new("password-hidden");
-    let data = scratch.0.join("data");
+    let scratch = TempDir::new("test-password-hidden");
+    let data = scratch.join("data");
     let password = format!(
         "p\\'w\" x'{}\\",
         pgprism::embed::generate_password().unwrap()

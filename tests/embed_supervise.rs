@@ -15,31 +15,9 @@ use pgprism::embed::{
     DataDir, EmbedError, Instance, InstanceConfig, InstanceInfo, InstanceState, Supervisor,
     SupervisorSettings,
 };
-use support::{eventually, http_get, pgprism_command};
+use support::{TempDir, eventually, http_get, pgprism_command};
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-/// A directory under the temp dir unique to this process and test, removed on drop.
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("pgprism-sup-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Self(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn settings(state_dir: &Path) -> SupervisorSettings {
     SupervisorSettings {
@@ -111,13 +89,13 @@ fn kill9(pid: u32) {
 
 #[test]
 fn instances_are_isolated_and_only_path_data_survives_a_restart() {
-    let scratch = ScratchDir::new("iso");
-    let sup = Supervisor::start(settings(&scratch.path("state"))).expect("supervisor");
+    let scratch = TempDir::new("sup-iso");
+    let sup = Supervisor::start(settings(&scratch.join("state"))).expect("supervisor");
     let mem = sup
         .add(instance("mem", DataDir::Memory))
         .expect("start memory instance");
     let disk = sup
-        .add(instance("disk", DataDir::Path(scratch.path("disk"))))
+        .add(instance("disk", DataDir::Path(scratch.join("disk"))))
         .expect("start path instance");
     assert_ne!(mem.port, disk.port);
     assert_eq!(sup.list().len(), 2);
@@ -132,7 +110,7 @@ fn instances_are_isolated_and_only_path_data_survives_a_restart() {
             .expect("uid");
         assert_ne!(uid, "0", "servers must not run as root");
     }
-    let registry: Vec<_> = std::fs::read_dir(scratch.path("state"))
+    let registry: Vec<_> = std::fs::read_dir(scratch.join("state"))
         .expect("state dir")
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -164,7 +142,7 @@ fn instances_are_isolated_and_only_path_data_survives_a_restart() {
         "memory dir kept after stop"
     );
     assert_eq!(
-        std::fs::read_dir(scratch.path("state"))
+        std::fs::read_dir(scratch.join("state"))
             .expect("state")
             .count(),
         0,
@@ -195,10 +173,10 @@ fn instances_are_isolated_and_only_path_data_survives_a_restart() {
 
 #[test]
 fn killed_postmaster_is_restarted_on_its_data_and_clients_reconnect() {
-    let scratch = ScratchDir::new("kill9");
-    let sup = Supervisor::start(settings(&scratch.path("state"))).expect("supervisor");
+    let scratch = TempDir::new("sup-kill9");
+    let sup = Supervisor::start(settings(&scratch.join("state"))).expect("supervisor");
     let before = sup
-        .add(instance("k9", DataDir::Path(scratch.path("data"))))
+        .add(instance("k9", DataDir::Path(scratch.join("data"))))
         .expect("start");
     let mut client = connect(&before);
     client
@@ -230,8 +208,8 @@ fn killed_postmaster_is_restarted_on_its_data_and_clients_reconnect() {
 
 #[test]
 fn memory_instance_restarts_empty_after_a_crash() {
-    let scratch = ScratchDir::new("memcrash");
-    let sup = Supervisor::start(settings(&scratch.path("state"))).expect("supervisor");
+    let scratch = TempDir::new("sup-memcrash");
+    let sup = Supervisor::start(settings(&scratch.join("state"))).expect("supervisor");
     let before = sup.add(instance("mc", DataDir::Memory)).expect("start");
     connect(&before)
         .batch_execute("CREATE TABLE gone (id int)")
@@ -250,17 +228,17 @@ fn memory_instance_restarts_empty_after_a_crash() {
 
 #[test]
 fn crash_loop_stops_at_the_restart_cap_with_a_clear_message() {
-    let scratch = ScratchDir::new("loop");
+    let scratch = TempDir::new("sup-loop");
     let backoff_max = Duration::from_millis(100);
     let sup = Supervisor::start(SupervisorSettings {
         restarts_max: 2,
         restart_backoff: Duration::from_millis(20),
         restart_backoff_max: backoff_max,
-        ..settings(&scratch.path("state"))
+        ..settings(&scratch.join("state"))
     })
     .expect("supervisor");
     let info = sup
-        .add(instance("loop", DataDir::Path(scratch.path("data"))))
+        .add(instance("loop", DataDir::Path(scratch.join("data"))))
         .expect("start");
     // A setting that is accepted now but makes every later start fail: the crash loop.
     connect(&info)
@@ -308,8 +286,8 @@ fn crash_loop_stops_at_the_restart_cap_with_a_clear_message() {
 
 #[test]
 fn port_in_use_and_missing_binaries_are_clear_errors() {
-    let scratch = ScratchDir::new("errors");
-    let sup = Supervisor::start(settings(&scratch.path("state"))).expect("supervisor");
+    let scratch = TempDir::new("sup-errors");
+    let sup = Supervisor::start(settings(&scratch.join("state"))).expect("supervisor");
     let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();
     let err = sup
@@ -342,7 +320,7 @@ fn port_in_use_and_missing_binaries_are_clear_errors() {
     let out = pgprism_command()
         .args(["embed", "--instance", "a:0", "--admin", ""])
         .args(["--bindir", "/nonexistent/pgprism/bin", "--state-dir"])
-        .arg(scratch.path("state"))
+        .arg(scratch.join("state"))
         .output()
         .expect("run pgprism");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -375,8 +353,8 @@ fn dead_pid() -> u32 {
 
 #[test]
 fn leftovers_of_a_dead_pgprism_are_stopped_and_nothing_else_is() {
-    let scratch = ScratchDir::new("leftover");
-    let state = scratch.path("state");
+    let scratch = TempDir::new("sup-leftover");
+    let state = scratch.join("state");
     // A server whose pgprism "died": leaked on purpose so only the cleanup can stop it.
     let leaked = Instance::start(instance("leak", DataDir::Memory)).expect("start");
     let (pid, dir) = (leaked.pid(), leaked.data_dir().to_path_buf());
@@ -427,13 +405,15 @@ struct Embed {
     /// Each instance's superuser password (TCP takes no connection without it).
     passwords: Vec<String>,
     admin: Option<SocketAddr>,
+    _token: support::TokenFile,
 }
 
 impl Embed {
     fn start(state: &Path, args: &[&str]) -> Embed {
+        let token = support::admin_token_file();
         let mut child = pgprism_command()
             .args(["embed", "--admin", "127.0.0.1:0", "--admin-token-file"])
-            .arg(support::admin_token_file())
+            .arg(&*token)
             .arg("--state-dir")
             .arg(state)
             .args(args)
@@ -476,6 +456,7 @@ impl Embed {
             instances,
             passwords,
             admin,
+            _token: token,
         }
     }
 
@@ -528,9 +509,9 @@ struct Listed {
 
 #[test]
 fn killed_pgprism_embed_leaves_no_server_and_the_next_start_cleans_up() {
-    let scratch = ScratchDir::new("sigkill");
-    let state = scratch.path("state");
-    let data = scratch.path("b").display().to_string();
+    let scratch = TempDir::new("sup-sigkill");
+    let state = scratch.join("state");
+    let data = scratch.join("b").display().to_string();
     let mut first = Embed::start(
         &state,
         &["--instance", "a:0", "--instance", &format!("b:0:{data}")],
@@ -580,9 +561,9 @@ fn killed_pgprism_embed_leaves_no_server_and_the_next_start_cleans_up() {
 
 #[test]
 fn admin_lists_and_restarts_instances_of_the_binary() {
-    let scratch = ScratchDir::new("admin");
+    let scratch = TempDir::new("sup-admin");
     let mut embed = Embed::start(
-        &scratch.path("state"),
+        &scratch.join("state"),
         &["--instance", "a:0", "--instance", "b:0:memory"],
     );
     let admin = embed.admin.expect("admin address");

@@ -72,9 +72,13 @@ fn lock_table(inst: &Instance, table: &str) -> postgres::Client {
 }
 
 /// Waits until `table` has the same contents on the primary and every mirror.
+/// Bound on a mirror's catching up with what the primary ran (a loaded machine's replay of a
+/// test's workload); spent in full only when it never converges.
+const CONVERGED: Duration = Duration::from_secs(60);
+
 fn converged(primary: &Instance, mirrors: &[&Instance], table: &str, cols: &str) -> bool {
     let want = checksum(primary, table, cols);
-    eventually(Duration::from_secs(20), || {
+    eventually(CONVERGED, || {
         mirrors.iter().all(|m| checksum(m, table, cols) == want)
     })
 }
@@ -356,8 +360,9 @@ fn prepared_statements_survive_filtered_parses() {
 #[test]
 fn dead_mirror_costs_the_primary_nothing_and_is_reconnected() {
     let p = start_primary("dp");
-    let dir = std::env::temp_dir().join(format!("pgprism-mirror-dead-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    // The mirror's data directory, in a directory of its own (the server creates it).
+    let scratch = support::TempDir::new("mirror-dead");
+    let dir = scratch.join("data");
     let start_mirror = |port: Option<u16>| {
         Instance::start(pgprism::embed::InstanceConfig {
             name: "dm".into(),
@@ -416,7 +421,6 @@ fn dead_mirror_costs_the_primary_nothing_and_is_reconnected() {
         proxy.admin_get("/status").1
     );
     drop(c);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -1915,10 +1919,22 @@ fn pooled_mirror_replays_sixty_sessions_on_four_connections() {
     for inst in [&p, &m1] {
         inst.psql(ddl).unwrap();
     }
-    let proxy = Proxy::start(
-        &p.url(),
-        &["--mirror", &mirror_url(&m1), "--mirror-pool-size", "4"],
-    );
+    // Sixty sessions start at once, each with a SCRAM login to the primary through pgprism,
+    // and the pool's four SCRAM logins to the mirror: on a loaded machine these take longer
+    // than the default bounds on a login (10 s for the client's, 5 s for a server
+    // connection's). Generous bounds here: the test is about the replay, not login times.
+    let dir = support::TempDir::new("mirror-sixty");
+    let config = dir.join("pgprism.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[proxy]\nstartup-timeout-ms = 120000\nconnect-timeout-ms = 120000\n\
+             [[mirror]]\nurl = \"{}\"\npool-size = 4\nconnect-timeout-ms = 120000\n",
+            mirror_url(&m1)
+        ),
+    )
+    .unwrap();
+    let proxy = Proxy::start(&p.url(), &["--config", config.to_str().unwrap()]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = sample_pool_connections(&m1, stop.clone());
     let addr = proxy.listen;
@@ -1960,7 +1976,7 @@ fn pooled_mirror_replays_sixty_sessions_on_four_connections() {
             .trim(),
         "0"
     );
-    assert!(eventually(Duration::from_secs(5), || proxy
+    assert!(eventually(CONVERGED, || proxy
         .metric("pgprism_mirror_units_total")
         >= (SESSIONS * ROUNDS * 8) as u64));
     for counter in SKIPPED {

@@ -28,6 +28,28 @@ fn pooled(primary: &str, pool_size: usize, extra: &[&str]) -> Proxy {
     Proxy::start(primary, &args)
 }
 
+/// [`pooled`] with the console (`SHOW ...`) open to the test's own user: a config file with
+/// `[pool]` `admin-users = ["postgres"]` and `pool_keys` (more of its lines), kept in the
+/// returned directory while the proxy runs.
+fn pooled_with_console(
+    primary: &str,
+    pool_size: usize,
+    pool_keys: &str,
+    extra: &[&str],
+) -> (Proxy, support::TempDir) {
+    let dir = support::TempDir::new("pool-console");
+    let config = dir.join("pgprism.toml");
+    std::fs::write(
+        &config,
+        format!("[pool]\n{pool_keys}admin-users = [\"postgres\"]\n"),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let mut args = extra.to_vec();
+    args.extend(["--config", &config]);
+    (pooled(primary, pool_size, &args), dir)
+}
+
 /// Server connections the primary has for `db` right now (pgprism's pooled ones).
 fn backends(pg: &pgprism::embed::Instance, db: &str) -> usize {
     pg.psql(&format!(
@@ -276,8 +298,7 @@ fn scram_clients_authenticate_against_the_auth_file_and_log_in_with_their_keys()
             "SELECT rolpassword FROM pg_authid WHERE rolname = '{SCRAM_USER}'"
         ))
         .unwrap();
-    let dir = std::env::temp_dir().join(format!("pgprism-pool-scram-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::TempDir::new("pool-scram");
     let userlist = dir.join("userlist.txt");
     std::fs::write(
         &userlist,
@@ -308,7 +329,6 @@ fn scram_clients_authenticate_against_the_auth_file_and_log_in_with_their_keys()
         .err()
         .expect("an unknown user is refused");
     assert_eq!(sqlstate(&unknown).as_deref(), Some("28P01"), "{unknown}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -434,22 +454,9 @@ fn a_client_handed_a_connection_leaves_the_line() {
     let pg = start_primary("pool-handed");
     // One waiter at most: a waiter still counted after it was served would make the next
     // one be refused at once.
-    let config = std::env::temp_dir().join(format!("pgprism-handed-{}.toml", std::process::id()));
-    std::fs::write(
-        &config,
-        "[pool]\nwaiters-max = 1\nadmin-users = [\"postgres\"]\n",
-    )
-    .unwrap();
-    let config = config.display().to_string();
-    let proxy = pooled(&pg.url(), 1, &["--shards", "1", "--config", &config]);
-    let mut console = postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=pgbouncer connect_timeout=10",
-            proxy.port()
-        ),
-        postgres::NoTls,
-    )
-    .unwrap();
+    let (proxy, _config) =
+        pooled_with_console(&pg.url(), 1, "waiters-max = 1\n", &["--shards", "1"]);
+    let mut console = console(&proxy);
     let mut holder = proxy.client();
     for round in 0..3 {
         let mut tx = holder.transaction().unwrap();
@@ -477,7 +484,6 @@ fn a_client_handed_a_connection_leaves_the_line() {
             "round {round}: still counted as waiting: {seen:?}"
         );
     }
-    let _ = std::fs::remove_file(&config);
 }
 
 #[test]
@@ -783,12 +789,10 @@ fn a_cancel_on_a_shared_connection_reaches_only_its_own_statement() {
 fn a_lingering_shared_connection_is_reused_and_still_goes_back() {
     let pg = start_primary("pool-pipelined-linger");
     // The console (SHOW SERVERS) for the test's own user.
-    let config = std::env::temp_dir().join(format!("pgprism-linger-{}.toml", std::process::id()));
-    std::fs::write(&config, "[pool]\nadmin-users = [\"postgres\"]\n").unwrap();
-    let config = config.display().to_string();
-    let proxy = pooled(
+    let (proxy, _config) = pooled_with_console(
         &pg.url(),
         1,
+        "",
         &[
             "--shared-depth-max",
             "4",
@@ -802,8 +806,6 @@ fn a_lingering_shared_connection_is_reused_and_still_goes_back() {
             "3000",
             "--server-idle-timeout",
             "200",
-            "--config",
-            &config,
         ],
     );
     let mut direct = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
@@ -849,14 +851,7 @@ fn a_lingering_shared_connection_is_reused_and_still_goes_back() {
         .unwrap()
         .trim()
         .to_string();
-    let mut console = postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=pgbouncer connect_timeout=10",
-            proxy.port()
-        ),
-        postgres::NoTls,
-    )
-    .unwrap();
+    let mut console = console(&proxy);
     let mut servers = Vec::new();
     let listed = eventually(Duration::from_secs(10), || {
         servers = console
@@ -899,7 +894,6 @@ fn a_lingering_shared_connection_is_reused_and_still_goes_back() {
         let n: i64 = direct.query_one(ours, &[]).unwrap().get(0);
         n == 0
     }));
-    let _ = std::fs::remove_file(&config);
 }
 
 /// A client that starts waiting on one shard while a shared connection lingers on another
@@ -958,13 +952,10 @@ fn clients_by_shard<const N: usize>(
 #[test]
 fn a_waiter_on_another_shard_is_served_without_waiting_out_the_linger() {
     let pg = start_primary("pool-linger-shards");
-    let config =
-        std::env::temp_dir().join(format!("pgprism-linger-shards-{}.toml", std::process::id()));
-    std::fs::write(&config, "[pool]\nadmin-users = [\"postgres\"]\n").unwrap();
-    let config = config.display().to_string();
-    let proxy = pooled(
+    let (proxy, _config) = pooled_with_console(
         &pg.url(),
         1,
+        "",
         &[
             "--shared-depth-max",
             "4",
@@ -974,18 +965,9 @@ fn a_waiter_on_another_shard_is_served_without_waiting_out_the_linger() {
             "8000000",
             "--query-wait-timeout",
             "5000",
-            "--config",
-            &config,
         ],
     );
-    let mut console = postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=pgbouncer connect_timeout=10",
-            proxy.port()
-        ),
-        postgres::NoTls,
-    )
-    .unwrap();
+    let mut console = console(&proxy);
     // (They carry no settings of their own: clients with different settings never share a
     // connection.)
     let [mut here, mut there] = clients_by_shard::<2>(&proxy, &mut console, 2);
@@ -1015,7 +997,6 @@ fn a_waiter_on_another_shard_is_served_without_waiting_out_the_linger() {
     assert_eq!(proxy.metric("pgprism_pool_wait_timeouts_total"), 0);
     // And the pipeline's own clients still get served (a connection of their shard).
     assert!(!b.simple_query("SELECT 8").unwrap().is_empty());
-    let _ = std::fs::remove_file(&config);
 }
 
 /// Issue 14, session 12: with two shards, clients of one shard that always has clients
@@ -1026,29 +1007,13 @@ fn a_waiter_on_another_shard_is_served_without_waiting_out_the_linger() {
 #[test]
 fn a_shard_whose_clients_always_wait_makes_room_for_another_shards_clients() {
     let pg = start_primary("pool-fair");
-    let config = std::env::temp_dir().join(format!("pgprism-fair-{}.toml", std::process::id()));
-    std::fs::write(&config, "[pool]\nadmin-users = [\"postgres\"]\n").unwrap();
-    let config = config.display().to_string();
-    let proxy = pooled(
+    let (proxy, _config) = pooled_with_console(
         &pg.url(),
         2,
-        &[
-            "--shards",
-            "2",
-            "--query-wait-timeout",
-            "20000",
-            "--config",
-            &config,
-        ],
+        "",
+        &["--shards", "2", "--query-wait-timeout", "20000"],
     );
-    let mut console = postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=pgbouncer connect_timeout=10",
-            proxy.port()
-        ),
-        postgres::NoTls,
-    )
-    .unwrap();
+    let mut console = console(&proxy);
     let [busy, mut other] = clients_by_shard::<2>(&proxy, &mut console, 8);
     // The pair's server connections, sampled all along: never more than the bound.
     let stop = Arc::new(AtomicBool::new(false));
@@ -1123,7 +1088,6 @@ fn a_shard_whose_clients_always_wait_makes_room_for_another_shards_clients() {
     );
     let most = most.load(Ordering::Relaxed);
     assert!(most <= 2, "{most} server connections for a pool of 2");
-    let _ = std::fs::remove_file(&config);
 }
 
 /// The console of `proxy` (admin user postgres).
@@ -1146,20 +1110,11 @@ fn console(proxy: &Proxy) -> postgres::Client {
 #[test]
 fn more_busy_shards_than_connections_all_get_served() {
     let pg = start_primary("pool-turns");
-    let config = std::env::temp_dir().join(format!("pgprism-turns-{}.toml", std::process::id()));
-    std::fs::write(&config, "[pool]\nadmin-users = [\"postgres\"]\n").unwrap();
-    let config = config.display().to_string();
-    let proxy = pooled(
+    let (proxy, _config) = pooled_with_console(
         &pg.url(),
         2,
-        &[
-            "--shards",
-            "3",
-            "--query-wait-timeout",
-            "20000",
-            "--config",
-            &config,
-        ],
+        "",
+        &["--shards", "3", "--query-wait-timeout", "20000"],
     );
     let mut console = console(&proxy);
     let by_shard: [Vec<postgres::Client>; 3] =
@@ -1215,7 +1170,6 @@ fn more_busy_shards_than_connections_all_get_served() {
             <= 2 + 1),
         "more connections than the bound"
     );
-    let _ = std::fs::remove_file(&config);
 }
 
 /// Review finding: a shard whose one client runs short transactions with pauses published
@@ -1226,20 +1180,11 @@ fn more_busy_shards_than_connections_all_get_served() {
 #[test]
 fn a_light_client_next_to_a_busy_shard_keeps_its_connection() {
     let pg = start_primary("pool-light");
-    let config = std::env::temp_dir().join(format!("pgprism-light-{}.toml", std::process::id()));
-    std::fs::write(&config, "[pool]\nadmin-users = [\"postgres\"]\n").unwrap();
-    let config = config.display().to_string();
-    let proxy = pooled(
+    let (proxy, _config) = pooled_with_console(
         &pg.url(),
         2,
-        &[
-            "--shards",
-            "2",
-            "--query-wait-timeout",
-            "20000",
-            "--config",
-            &config,
-        ],
+        "",
+        &["--shards", "2", "--query-wait-timeout", "20000"],
     );
     let mut console = console(&proxy);
     let [busy, mut light] = clients_by_shard::<2>(&proxy, &mut console, 8);
@@ -1296,5 +1241,4 @@ fn a_light_client_next_to_a_busy_shard_keeps_its_connection() {
         pids.len()
     );
     assert_eq!(proxy.metric("pgprism_pool_wait_timeouts_total"), 0);
-    let _ = std::fs::remove_file(&config);
 }

@@ -640,8 +640,7 @@ fn admin_endpoint_serves_metrics_status_and_health() {
 
 #[test]
 fn check_prints_effective_config_and_names_bad_keys() {
-    let dir = std::env::temp_dir().join(format!("pgprism-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::TempDir::new("check");
     let good = dir.join("good.toml");
     std::fs::write(
         &good,
@@ -672,7 +671,6 @@ fn check_prints_effective_config_and_names_bad_keys() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("proxy.backlog"));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -362,8 +362,7 @@ fn mirrors_connect_with_tls_from_their_urls() {
 
 #[test]
 fn check_names_the_tls_keys_at_fault() {
-    let dir = std::env::temp_dir().join(format!("pgprism-tls-check-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::TempDir::new("tls-check");
     let cases = [
         (
             "[primary]\nurl = \"postgres://127.0.0.1:5432\"\n[client-tls]\ncert-file = \"/nonexistent/server.crt\"\nkey-file = \"/nonexistent/server.key\"\n",
@@ -394,16 +393,16 @@ fn check_names_the_tls_keys_at_fault() {
         assert!(!out.status.success(), "case {i} must fail");
         assert!(err.contains(key), "case {i}: expected {key} in {err}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(!Path::new(&dir).exists());
+    let path = dir.to_path_buf();
+    drop(dir);
+    assert!(!Path::new(&path).exists());
 }
 
 #[test]
 fn sighup_rotates_the_client_certificate_and_keeps_a_bad_one_out() {
     let (first, second) = (Certs::make("rot1"), Certs::make("rot2"));
     let primary = support::start_primary("tlsrot");
-    let dir = std::env::temp_dir().join(format!("pgprism-tls-rot-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::TempDir::new("tls-rot");
     let (cert, key, config) = (
         dir.join("pgprism.crt"),
         dir.join("pgprism.key"),
@@ -469,7 +468,6 @@ fn sighup_rotates_the_client_certificate_and_keeps_a_bad_one_out() {
         proxy.log()
     );
     assert!(trusting(&second));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// CDC's own blocking client (slot setup, checkpoints, the replication stream) honours the

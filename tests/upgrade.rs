@@ -493,7 +493,8 @@ fn environment(pid: u32) -> String {
 
 #[test]
 fn embed_refuses_an_upgrade_keeps_its_servers_and_they_want_a_password() {
-    let dir = scratch("embed");
+    let scratch_dir = support::TempDir::new("upgrade-embed");
+    let dir = scratch_dir.to_path_buf();
     let state = dir.join("state");
     let log = dir.join("stderr");
     // As if started by an upgrade: the variable must not reach the servers it spawns.
@@ -580,7 +581,6 @@ fn embed_refuses_an_upgrade_keeps_its_servers_and_they_want_a_password() {
     drop(client);
     signal(child.id(), libc::SIGTERM);
     let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `GET /instances` of a `pgprism run`: (name, state, pid, restarts) of each server.

@@ -102,6 +102,8 @@ pub struct Shared {
     pub shutdown: AtomicBool,
     /// Tells one run's threads to stop (set internally when either side ends).
     pub stopped: AtomicBool,
+    /// Runs ended by a PostgreSQL message that broke the protocol (08P01).
+    pub protocol_errors: AtomicU64,
     /// Reconnects after a lost PostgreSQL connection.
     pub reconnects: AtomicU64,
     /// StarRocks transactions committed inside a source transaction because one table's
@@ -135,6 +137,17 @@ pub struct Shared {
 }
 
 impl CdcError {
+    /// PostgreSQL sent what the protocol does not allow there (SQLSTATE 08P01).
+    pub fn is_protocol_violation(&self) -> bool {
+        let pg = match self {
+            CdcError::Replication(e) | CdcError::Checkpoint(e) => Some(e),
+            CdcError::Setup(setup::SetupError::Connect(e)) => Some(e),
+            CdcError::Snapshot(e) => e.pg(),
+            _ => None,
+        };
+        pg.and_then(PgError::code) == Some(crate::wire::sqlstate::PROTOCOL_VIOLATION)
+    }
+
     /// A lost or refused PostgreSQL connection: worth reconnecting, resuming from the
     /// checkpoint. Everything else (configuration, setup, StarRocks refusing data) is not.
     pub fn is_transient(&self) -> bool {
@@ -309,6 +322,12 @@ impl Shared {
                 "counter",
                 "Stream Load retries",
                 load(&self.retries),
+            ),
+            (
+                "protocol_errors_total",
+                "counter",
+                "runs ended by a PostgreSQL message that broke the protocol (08P01)",
+                load(&self.protocol_errors),
             ),
             (
                 "reconnects_total",
@@ -567,6 +586,11 @@ pub fn run_reconnecting(
                 ready();
             }
         });
+        if let Err(err) = &result
+            && err.is_protocol_violation()
+        {
+            shared.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        }
         let err = match result {
             Err(CdcError::Load(LoadError::Replan { label, table }))
                 if !shared.shutdown.load(Ordering::Acquire) =>

@@ -51,10 +51,12 @@ pub enum PgError {
 }
 
 impl PgError {
-    /// The SQLSTATE when the server reported the error.
+    /// The SQLSTATE: the server's when it reported the error, 08P01 (protocol violation)
+    /// when it sent a message that does not belong where it came.
     pub fn code(&self) -> Option<&str> {
         match self {
             PgError::Server(e) => Some(&e.code),
+            PgError::Unexpected { .. } => Some(wire::sqlstate::PROTOCOL_VIOLATION),
             _ => None,
         }
     }
@@ -256,32 +258,42 @@ impl PgConn {
         let mut rows = 0u64;
         let mut set = None::<usize>;
         let mut failure = None;
+        // Between a CopyOutResponse and the end of its data: CopyData belongs only there.
+        let mut copying = false;
         loop {
-            if let Some(copy) = copy.as_mut() {
+            if copying && let Some(copy) = copy.as_mut() {
                 rows += self.drain_copy_data(copy);
             }
             let frame = self.read_frame()?;
-            if frame.tag() == wire::tag::COPY_DATA
-                && let Some(copy) = copy.as_mut()
-            {
+            if frame.tag() == wire::tag::COPY_DATA {
+                let Some(copy) = copy.as_mut().filter(|_| copying) else {
+                    return Err(PgError::Unexpected {
+                        tag: frame.tag(),
+                        during: "a simple query, outside a COPY TO STDOUT",
+                    });
+                };
                 rows += 1;
                 copy(frame.body());
                 continue;
             }
             match BackendMessage::decode(frame.tag(), frame.body())? {
+                BackendMessage::CopyDone | BackendMessage::CommandComplete(_) => copying = false,
                 BackendMessage::RowDescription(_) => set = Some(set.map_or(0, |s| s + 1)),
                 BackendMessage::DataRow(row) => {
                     rows += 1;
                     each(set.unwrap_or(0), row.columns()?.iter());
                 }
-                BackendMessage::ErrorResponse(e) => failure = Some(server_error(&e)?),
+                BackendMessage::ErrorResponse(e) => {
+                    copying = false;
+                    failure = Some(server_error(&e)?);
+                }
                 BackendMessage::ReadyForQuery(_) => {
                     return match failure {
                         Some(e) => Err(e.into()),
                         None => Ok(rows),
                     };
                 }
-                BackendMessage::CopyOutResponse(_) if copy.is_some() => {}
+                BackendMessage::CopyOutResponse(_) if copy.is_some() => copying = true,
                 BackendMessage::CopyBothResponse(_) | BackendMessage::CopyOutResponse(_) => {
                     return Err(PgError::Unexpected {
                         tag: frame.tag(),
@@ -447,4 +459,80 @@ pub fn quote_ident(name: &str) -> String {
 /// Quotes an SQL string literal (`'text'`, doubling inner quotes).
 pub fn quote_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection whose server has already sent `answer` (the bytes, as read off the
+    /// socket): what the client writes goes to the other end of a socket pair, unread.
+    fn answered(answer: &[u8]) -> (PgConn, Socket) {
+        let (ours, theirs) = Socket::pair(Domain::UNIX, Type::STREAM, None).unwrap();
+        ours.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut inbuf = BytesMut::new();
+        inbuf.extend_from_slice(answer);
+        let conn = PgConn {
+            stream: ours,
+            tls: None,
+            inbuf,
+            out: BytesMut::new(),
+            chunk: vec![0; 64],
+        };
+        (conn, theirs)
+    }
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn copy_query(answer: &[u8]) -> (Result<u64, PgError>, Vec<Vec<u8>>) {
+        let (mut conn, _server) = answered(answer);
+        let mut rows = Vec::new();
+        let result = conn.query_sets_copy(
+            "COPY t TO STDOUT",
+            |_, _| {},
+            Some(|row: &[u8]| rows.push(row.to_vec())),
+        );
+        (result, rows)
+    }
+
+    #[test]
+    fn copy_data_is_read_only_after_a_copy_out_response() {
+        let copy_out = message(b'H', &[0, 0, 0]);
+        let done = [
+            message(b'c', &[]),
+            message(b'C', b"COPY 2\0"),
+            message(b'Z', b"I"),
+        ]
+        .concat();
+        let rows = [message(b'd', b"1\n"), message(b'd', b"2\n")].concat();
+        let (result, got) = copy_query(&[&copy_out[..], &rows, &done].concat());
+        assert_eq!(result.unwrap(), 2);
+        assert_eq!(got, [b"1\n".to_vec(), b"2\n".to_vec()]);
+        // CopyData before the CopyOutResponse (or after the COPY ended): a protocol
+        // violation, none of it handed over.
+        for answer in [
+            [&rows[..], &copy_out, &done].concat(),
+            [
+                &copy_out[..],
+                &done[..done.len() - 6],
+                &rows,
+                &message(b'Z', b"I"),
+            ]
+            .concat(),
+        ] {
+            let (result, got) = copy_query(&answer);
+            let err = result.unwrap_err();
+            assert!(
+                matches!(err, PgError::Unexpected { tag: b'd', .. }),
+                "{err:?}"
+            );
+            assert_eq!(err.code(), Some("08P01"));
+            assert!(got.is_empty(), "{got:?}");
+        }
+    }
 }

@@ -396,6 +396,9 @@ pub struct Dispatch {
     executes_noted: u64,
     executes_planned: u64,
     own_describes: VecDeque<(u64, Bytes)>,
+    /// pgprism's own Describes for the shadow alone held with the open batch: counted when
+    /// the batch goes to the shadow.
+    held_own_describes: u64,
 }
 
 /// Where [`Comparer::feed`]'s walk stands within one read.
@@ -540,8 +543,14 @@ impl Dispatch {
         if wire::encode::describe(&mut frame, wire::ObjectKind::Portal, name).is_err() {
             return;
         }
-        let stats = &self.target.stats;
-        stats.own_describes.set(stats.own_describes.get() + 1);
+        // Counted once it goes to the shadow: held with a batch that then turns out to be
+        // routed to the primary only, it is dropped unsent.
+        if self.holds(routes) {
+            self.held_own_describes += 1;
+        } else {
+            let stats = &self.target.stats;
+            stats.own_describes.set(stats.own_describes.get() + 1);
+        }
         let expect = Expect::OwnDescribe(statement.described.clone());
         self.hold(frame.freeze(), routes, Some(expect));
     }
@@ -906,6 +915,9 @@ impl Dispatch {
 
     /// Sends the shadow the batch's frames held until its routing was decided.
     fn release_held(&mut self) {
+        let stats = &self.target.stats;
+        let own = std::mem::take(&mut self.held_own_describes);
+        stats.own_describes.set(stats.own_describes.get() + own);
         if !self.held.is_empty() {
             let held = self.held.split().freeze();
             self.send(held, None);
@@ -917,11 +929,17 @@ impl Dispatch {
     /// among it never tells the shadow its statement's columns.
     fn drop_held(&mut self) {
         self.held.clear();
+        self.held_own_describes = 0;
         for expect in self.held_expects.drain(..) {
             if let Some(described) = expect.describes() {
                 described.skipped(SHADOW);
             }
         }
+    }
+
+    /// Whether a frame planned now is held until the batch's routing is decided.
+    fn holds(&self, routes: bool) -> bool {
+        routes && !self.batch_released
     }
 
     fn hold(&mut self, frame: Bytes, routes: bool, expect: Option<Expect>) {
@@ -931,7 +949,7 @@ impl Dispatch {
         if let Some(described) = expect.as_ref().and_then(Expect::describes) {
             described.ask(SHADOW);
         }
-        if routes && !self.batch_released {
+        if self.holds(routes) {
             self.held.extend_from_slice(&frame);
             self.held_expects.extend(expect);
         } else {
@@ -1461,6 +1479,7 @@ impl Exchange {
             executes_noted: 0,
             executes_planned: 0,
             own_describes: VecDeque::new(),
+            held_own_describes: 0,
         };
         let down = Comparer {
             digesters: [

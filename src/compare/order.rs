@@ -588,11 +588,13 @@ impl Ledger {
         this_shard: usize,
     ) {
         let mut book = self.book();
-        let c = if stamp_ns == 0 { now_ns() } else { stamp_ns };
-        Ledger::finish(&mut book, session, footprint, started, c);
-        if started.1.counted {
-            book.release(&[&started.0], this_shard, true);
-        }
+        Ledger::finish_unordered(
+            &mut book,
+            session,
+            footprint,
+            (started, stamp_ns),
+            this_shard,
+        );
         if !footprint.write || footprint.is_empty() {
             return;
         }
@@ -611,8 +613,27 @@ impl Ledger {
         this_shard: usize,
     ) {
         let mut book = self.book();
+        Ledger::finish_unordered(
+            &mut book,
+            session,
+            footprint,
+            (started, stamp_ns),
+            this_shard,
+        );
+    }
+
+    /// A sync point the primary answered outside the completion order (see
+    /// [`answered`](Self::answered) and [`primary_only`](Self::primary_only)): finished at its
+    /// receive stamp (now when it has none), and no longer in flight.
+    fn finish_unordered(
+        book: &mut Book,
+        session: u64,
+        footprint: &Footprint,
+        (started, stamp_ns): (&Start, u64),
+        this_shard: usize,
+    ) {
         let c = if stamp_ns == 0 { now_ns() } else { stamp_ns };
-        Ledger::finish(&mut book, session, footprint, started, c);
+        Ledger::finish(book, session, footprint, started, c);
         if started.1.counted {
             book.release(&[&started.0], this_shard, true);
         }

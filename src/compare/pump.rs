@@ -490,14 +490,7 @@ impl<'a> Pump<'a> {
         let complete = match walked {
             Ok(complete) => complete,
             Err(err) if side == PRIMARY => return self.on_bad_primary_answer(&err, valid, arrived),
-            Err(err) => {
-                ShardStats::bump(&self.stats.counters.protocol_errors, 1);
-                self.host.fail(
-                    sqlstate::PROTOCOL_VIOLATION,
-                    &format!("pgprism: invalid message from the shadow: {err}"),
-                );
-                return Flow::Stop;
-            }
+            Err(err) => return self.on_bad_shadow_answer(&err, valid),
         };
         if complete == 0 {
             return Flow::Settle;
@@ -535,6 +528,44 @@ impl<'a> Pump<'a> {
         self.comparer.primary_ended();
         self.comparer.shadow_lost(&mut self.out);
         self.running = false;
+        Flow::Settle
+    }
+
+    /// The shadow sent a message pgprism cannot read (counted as a protocol error). With the
+    /// shadow as the source of truth the client's answers are lost: the session ends with
+    /// pgprism's own FATAL (08P01). Otherwise the client's session on the primary goes on, as
+    /// when the shadow's connection ends early: the complete messages ahead of the bad one
+    /// are still compared, the shadow's connection is closed (counted as a lost shadow), and
+    /// what waited for it is released unjudged.
+    #[cold]
+    fn on_bad_shadow_answer(&mut self, err: &wire::WireError, valid: usize) -> Flow {
+        ShardStats::bump(&self.stats.counters.protocol_errors, 1);
+        if self.comparer.source == SHADOW {
+            self.host.fail(
+                sqlstate::PROTOCOL_VIOLATION,
+                &format!("pgprism: invalid message from the shadow: {err}"),
+            );
+            return Flow::Stop;
+        }
+        tracing::warn!(
+            shard = self.settings.shard,
+            error = %err,
+            "invalid message from the shadow; this session stops comparing"
+        );
+        if valid > 0 {
+            let frames = self.sbuf.split_to(valid).freeze();
+            self.comparer.feed(SHADOW, &frames, None, &mut self.out);
+            // Judged now: what the shadow answered whole is compared before it is lost.
+            self.comparer.settle(self.stats, &mut self.out);
+        }
+        self.sbuf.clear();
+        ShardStats::bump(&self.stats.counters.compare_shadow_lost, 1);
+        self.shadow_open = false;
+        self.shadow.shutdown();
+        self.comparer.shadow_lost(&mut self.out);
+        if self.primary_done {
+            self.running = false;
+        }
         Flow::Settle
     }
 

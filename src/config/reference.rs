@@ -710,6 +710,35 @@ fn renames_kebab(
     }
 }
 
+/// What [`struct_body`] and [`enum_body`] find at one line of a body.
+enum BodyLine {
+    /// The body's closing `}`.
+    Close,
+    /// A doc comment or an attribute, taken for the next item; reading goes on at this line.
+    Taken(usize),
+    /// Something else (an item, a blank line, a comment), for the caller.
+    Other,
+}
+
+/// Reads `lines[i]` of a struct's or enum's body: a doc comment or attribute goes to
+/// `pending`.
+fn body_line(lines: &[&str], i: usize, pending: &mut Pending) -> BodyLine {
+    let line = lines[i].trim();
+    if line == "}" {
+        return BodyLine::Close;
+    }
+    if let Some(doc) = line.strip_prefix("///") {
+        pending.doc.push(doc.trim().to_string());
+        return BodyLine::Taken(i + 1);
+    }
+    if line.starts_with("#[") {
+        let (attr, next) = attribute(lines, i);
+        pending.attrs.push(attr);
+        return BodyLine::Taken(next);
+    }
+    BodyLine::Other
+}
+
 /// The fields of a struct whose body starts at `lines[start]`; and the line after it.
 fn struct_body(
     lines: &[&str],
@@ -721,21 +750,15 @@ fn struct_body(
     let mut pending = Pending::default();
     let mut i = start;
     while i < lines.len() {
+        match body_line(lines, i, &mut pending) {
+            BodyLine::Close => return Ok((fields, i + 1)),
+            BodyLine::Taken(next) => {
+                i = next;
+                continue;
+            }
+            BodyLine::Other => {}
+        }
         let line = lines[i].trim();
-        if line == "}" {
-            return Ok((fields, i + 1));
-        }
-        if let Some(doc) = line.strip_prefix("///") {
-            pending.doc.push(doc.trim().to_string());
-            i += 1;
-            continue;
-        }
-        if line.starts_with("#[") {
-            let (attr, next) = attribute(lines, i);
-            pending.attrs.push(attr);
-            i = next;
-            continue;
-        }
         if line.is_empty() || line.starts_with("//") {
             i += 1;
             continue;
@@ -813,21 +836,15 @@ fn enum_body(
     let mut pending = Pending::default();
     let mut i = start;
     while i < lines.len() {
+        match body_line(lines, i, &mut pending) {
+            BodyLine::Close => return Ok((variants, i + 1)),
+            BodyLine::Taken(next) => {
+                i = next;
+                continue;
+            }
+            BodyLine::Other => {}
+        }
         let line = lines[i].trim();
-        if line == "}" {
-            return Ok((variants, i + 1));
-        }
-        if let Some(doc) = line.strip_prefix("///") {
-            pending.doc.push(doc.trim().to_string());
-            i += 1;
-            continue;
-        }
-        if line.starts_with("#[") {
-            let (attr, next) = attribute(lines, i);
-            pending.attrs.push(attr);
-            i = next;
-            continue;
-        }
         i += 1;
         if line.is_empty() || line.starts_with("//") {
             continue;

@@ -20,7 +20,6 @@ use bytes::{Bytes, BytesMut};
 use super::MirrorTarget;
 use super::pool::{self, Effect, Names, Share, Snapshot, Unit};
 use super::stats::MirrorStats;
-use crate::backend;
 use crate::exec::net::Stream;
 use crate::exec::{self, sleep_until, within};
 use crate::stats::fingerprints::Fingerprints;
@@ -776,21 +775,14 @@ pub(super) async fn run(link: Rc<Link>) {
         if link.client_done.get() && link.queue.borrow().is_empty() {
             break;
         }
-        let params: Vec<(&str, &str)> = link
-            .params
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let opened = backend::open(
-            &target.addr.get(),
-            Duration::from_millis(cfg.connect_timeout_ms),
-            &params,
-            &link.user,
-            &link.password,
-            link.message_bytes_max,
-            &target.tls,
-        )
-        .await;
+        let opened = target
+            .open(
+                &link.params,
+                &link.user,
+                &link.password,
+                link.message_bytes_max,
+            )
+            .await;
         let failure = match opened {
             Ok(opened) => {
                 let (stream, key) = (opened.stream, opened.key);

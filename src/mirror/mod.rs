@@ -109,6 +109,32 @@ pub fn resolve(cfg: &Config) -> Result<Vec<Resolved>, MirrorError> {
 }
 
 impl MirrorTarget {
+    /// Opens and authenticates a connection to the mirror as `user` with the startup
+    /// parameters `params`, within `connect-timeout-ms` (a session's own link and a pool's
+    /// connection alike).
+    pub(crate) async fn open(
+        &self,
+        params: &[(String, String)],
+        user: &str,
+        password: &str,
+        message_bytes_max: usize,
+    ) -> Result<crate::backend::Opened, crate::backend::BackendError> {
+        let params: Vec<(&str, &str)> = params
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        crate::backend::open(
+            &self.addr.get(),
+            std::time::Duration::from_millis(self.cfg.connect_timeout_ms),
+            &params,
+            user,
+            password,
+            message_bytes_max,
+            &self.tls,
+        )
+        .await
+    }
+
     /// The mirror as shard 0 sees it.
     pub fn new(index: usize, resolved: &Resolved, latency_us_max: u64) -> Rc<MirrorTarget> {
         MirrorTarget::on_shard(index, resolved, latency_us_max, 0)

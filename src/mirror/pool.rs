@@ -30,7 +30,6 @@ use bytes::{Bytes, BytesMut};
 use super::MirrorTarget;
 use super::link::{BATCH_BYTES_MAX, Item, READ_CHUNK, count_sent, signal_or_read};
 use super::stats::MirrorStats;
-use crate::backend;
 pub(super) use crate::backend::replay::{DIRTY, Snapshot, baseline, combined, signature};
 use crate::backend::replay::{FRESH, RESET_SQL, query_frame};
 use crate::exec::net::Stream;
@@ -549,22 +548,15 @@ async fn serve(target: Rc<MirrorTarget>, pool: Rc<Pool>, conn: Rc<Conn>) {
     let stats = &target.stats;
     let mut attempt = 0u32;
     let mut opened_before = false;
-    let params: Vec<(&str, &str)> = pool
-        .params
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
     while !conn.retire.get() {
-        let opened = backend::open(
-            &target.addr.get(),
-            Duration::from_millis(cfg.connect_timeout_ms),
-            &params,
-            &pool.user,
-            &pool.password,
-            pool.message_bytes_max,
-            &target.tls,
-        )
-        .await;
+        let opened = target
+            .open(
+                &pool.params,
+                &pool.user,
+                &pool.password,
+                pool.message_bytes_max,
+            )
+            .await;
         let failure = match opened {
             Ok(opened) => {
                 let stream = opened.stream;

@@ -55,6 +55,74 @@ pub fn report_records(path: &std::path::Path) -> Vec<sonic_rs::Value> {
         .collect()
 }
 
+/// The servers of a compare-mode test: a primary and a shadow, and the compare report file
+/// in a directory of the pair's own (removed on drop, with whatever else the test puts there).
+pub struct Pair {
+    pub primary: Instance,
+    pub shadow: Instance,
+    pub report: std::path::PathBuf,
+    pub dir: TempDir,
+    /// The database [`Pair::both`] seeds (`None`: the servers' default).
+    database: Option<&'static str>,
+    /// What every [`Pair::proxy`] of this pair is given ahead of the test's own arguments.
+    args: Vec<String>,
+}
+
+impl Pair {
+    pub fn new(primary: Instance, shadow: Instance) -> Pair {
+        let dir = TempDir::new("compare");
+        Pair {
+            primary,
+            shadow,
+            report: dir.join("report.jsonl"),
+            dir,
+            database: None,
+            args: Vec::new(),
+        }
+    }
+
+    /// [`Pair::both`] seeds `database`.
+    pub fn seeding(mut self, database: &'static str) -> Pair {
+        self.database = Some(database);
+        self
+    }
+
+    /// Every proxy of the pair gets `args` too.
+    pub fn with_args(mut self, args: &[&str]) -> Pair {
+        self.args = args.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
+    /// Runs `sql` on both servers alike.
+    pub fn both(&self, sql: &str) {
+        for (side, inst) in [("primary", &self.primary), ("shadow", &self.shadow)] {
+            match self.database {
+                Some(db) => inst.psql_db(db, sql),
+                None => inst.psql(sql),
+            }
+            .unwrap_or_else(|e| panic!("seed the {side}: {e}"));
+        }
+    }
+
+    /// A compare-mode proxy of the pair (see [`Proxy::compare`]).
+    pub fn proxy(&self, extra: &[&str]) -> Proxy {
+        let report = self.report.display().to_string();
+        let mut args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        Proxy::compare(
+            &self.primary.url(),
+            Some(&self.shadow.url()),
+            &report,
+            &args,
+        )
+    }
+
+    /// The report's records so far (see [`report_records`]).
+    pub fn reports(&self) -> Vec<sonic_rs::Value> {
+        report_records(&self.report)
+    }
+}
+
 /// Whether the compare report line `r` is a mismatch of a statement starting with `prefix`
 /// that has the difference `kind` (`values`, `column_types`, ...).
 #[allow(dead_code)] // not every test binary compares
@@ -90,6 +158,57 @@ pub fn start_primary(name: &str) -> Instance {
     ))
     .expect("create password roles");
     inst
+}
+
+/// A fresh directory of the test's own under the system's temp dir, removed with all it holds
+/// on drop (a failing test's too). Its name is new (`pgprism-TAG-PID-N`, N counted up past
+/// any name taken), so what an earlier run left behind never reaches the test.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        loop {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path =
+                std::env::temp_dir().join(format!("pgprism-{tag}-{}-{n}", std::process::id()));
+            match std::fs::create_dir(&path) {
+                Ok(()) => return TempDir(path),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => panic!("create {}: {e}", path.display()),
+            }
+        }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TempDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TempDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A running `pgprism proxy`, stopped (SIGTERM, then SIGKILL) on drop.
@@ -373,15 +492,29 @@ pub fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Strin
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
 /// A file holding [`ADMIN_TOKEN`] with the mode pgprism accepts (0600), for
-/// `--admin-token-file`: state-changing admin requests need the token.
-pub fn admin_token_file() -> std::path::PathBuf {
+/// `--admin-token-file`: state-changing admin requests need the token. Removed on drop: keep
+/// it while the pgprism given it runs.
+pub fn admin_token_file() -> TokenFile {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("pgprism-token-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("token dir");
+    let dir = TempDir::new("token");
     let path = dir.join("admin.token");
     std::fs::write(&path, format!("{ADMIN_TOKEN}\n")).expect("write token");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    path
+    TokenFile { path, _dir: dir }
+}
+
+/// The file of [`admin_token_file`], in a [`TempDir`] of its own.
+pub struct TokenFile {
+    path: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+impl std::ops::Deref for TokenFile {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.path
+    }
 }
 
 /// One HTTP/1.1 request with `Authorization: Bearer TOKEN` when a token is given; returns
