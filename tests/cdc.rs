@@ -902,6 +902,65 @@ fn rows_moved_to_new_keys_keep_their_toast_values() {
 }
 
 #[test]
+fn a_row_moved_twice_in_a_cycle_keeps_its_toast_value_at_the_last_key() {
+    // 15 → 700 → 800 with `big` left out each time, then a change of 800 that leaves it out
+    // again, in one batch: every row takes `big` from StarRocks by key 15 (the only key
+    // StarRocks holds it by), read before the batch that deletes 15 loads. Without carrying
+    // the values along the chain, 800 loaded as a partial update of a key StarRocks lacked,
+    // and `big` was NULL there. With transaction-mode = "none" each batch commits on its own.
+    for mode in ["multi-table", "none"] {
+        let pg = start_pg("cdc-fill-move-twice", &[]);
+        let sr = StarRocks::start("root", "pw");
+        let mut c = client(&pg);
+        make_toast_tables(&mut c, &sr, false);
+        let (args, config) = toast_args(&pg, &sr, &format!("transaction-mode = \"{mode}\""));
+        let cdc = Cdc::start(&args, &[]);
+        insert_toasted(&mut c, 1, 20);
+        assert_converges(
+            &sr,
+            &mut c,
+            "d",
+            &["id", "big", "n"],
+            &cdc,
+            Duration::from_secs(30),
+        );
+        // Seven rows: one batch (flush-rows 7).
+        c.batch_execute(
+            "BEGIN;
+             UPDATE d SET id = 700 WHERE id = 15;
+             UPDATE d SET id = 800 WHERE id = 700;
+             UPDATE d SET n = 9 WHERE id = 800;
+             UPDATE d SET id = 900, n = 1 WHERE id = 16;
+             COMMIT;",
+        )
+        .unwrap();
+        assert_converges(
+            &sr,
+            &mut c,
+            "d",
+            &["id", "big", "n"],
+            &cdc,
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            fill_number(&cdc, "rows_partial"),
+            0,
+            "{mode}: a change along the chain loaded as a partial update\n{}",
+            cdc.log()
+        );
+        assert_eq!(
+            fill_number(&cdc, "rows_missing"),
+            0,
+            "{mode}: {}",
+            cdc.log()
+        );
+        assert_eq!(fill_number(&cdc, "rows_read"), 4, "{mode}: {}", cdc.log());
+        assert_eq!(cdc.status_number("transactions_split"), 0, "{mode}");
+        let _ = std::fs::remove_file(config);
+    }
+}
+
+#[test]
 fn past_the_fill_bound_partial_updates_cut_as_before_and_lose_nothing() {
     let pg = start_pg("cdc-fill-bound", &[]);
     let sr = StarRocks::start("root", "pw");

@@ -184,6 +184,26 @@ pub(super) struct CycleRows {
     unreadable: HashSet<String>,
     /// Cycles that exceeded the bound.
     pub(super) overflows: u64,
+    /// Rows whose left-out values are still to be read from StarRocks by another key (a row
+    /// moved from that key in this cycle): (relation id, key) → that key's values and the
+    /// batch that reads them (see [`CycleRows::carried`]).
+    carried: HashMap<(u32, Box<[u8]>), Carried>,
+}
+
+/// Where the values a moved row left out are read: by the key it moved from, in the batch
+/// that holds that key's delete (`Pipeline`'s batch serial), before the batch loads.
+#[derive(Clone, Debug)]
+pub(super) struct Carried {
+    /// The key values StarRocks is asked for (as PostgreSQL prints them, in key order).
+    pub(super) read_key: Vec<Box<[u8]>>,
+    /// The batch whose read covers them.
+    pub(super) batch: u64,
+}
+
+impl Carried {
+    fn bytes(&self, key: &[u8]) -> usize {
+        ENTRY_OVERHEAD_BYTES + key.len() + self.read_key.iter().map(|k| k.len()).sum::<usize>()
+    }
 }
 
 impl CycleRows {
@@ -196,6 +216,7 @@ impl CycleRows {
             overflowed: false,
             unreadable: HashSet::new(),
             overflows: 0,
+            carried: HashMap::new(),
         }
     }
 
@@ -207,6 +228,7 @@ impl CycleRows {
     /// The cycle ended (its transaction commits before anything later loads).
     pub(super) fn clear(&mut self) {
         self.tables.clear();
+        self.carried.clear();
         self.bytes = 0;
         self.incomplete.clear();
         self.overflowed = false;
@@ -215,11 +237,8 @@ impl CycleRows {
     /// Rows of this table were written without passing here, or its columns changed:
     /// forget it for the rest of the cycle.
     pub(super) fn mark_incomplete(&mut self, oid: Option<u32>, source_name: &str) {
-        if let Some(rows) = oid.and_then(|oid| self.tables.remove(&oid)) {
-            self.bytes -= rows
-                .iter()
-                .map(|(k, v)| entry_bytes(k, v.as_deref()))
-                .sum::<usize>();
+        if let Some(oid) = oid {
+            self.forget_table(oid);
         }
         self.incomplete.insert(source_name.to_string());
     }
@@ -233,6 +252,37 @@ impl CycleRows {
                 .map(|(k, v)| entry_bytes(k, v.as_deref()))
                 .sum::<usize>();
         }
+        let mut freed = 0;
+        self.carried.retain(|(o, key), c| {
+            let keep = *o != oid;
+            if !keep {
+                freed += c.bytes(key);
+            }
+            keep
+        });
+        self.bytes -= freed;
+    }
+
+    /// Where the values `key`'s row left out are read, if by another key (see [`Carried`]).
+    pub(super) fn carried(&self, oid: u32, key: &[u8]) -> Option<&Carried> {
+        if self.overflowed {
+            return None;
+        }
+        self.carried.get(&(oid, Box::from(key)))
+    }
+
+    /// Notes that the row `key` has (just written, see [`CycleRows::remember`]) takes its
+    /// left-out values from StarRocks by another key. Beyond the bound, forgets the whole
+    /// cycle and says so (`false`).
+    pub(super) fn carry(&mut self, oid: u32, key: Box<[u8]>, carried: Carried) -> bool {
+        if self.overflowed {
+            return false;
+        }
+        self.bytes += carried.bytes(&key);
+        if let Some(old) = self.carried.insert((oid, key.clone()), carried) {
+            self.bytes -= old.bytes(&key);
+        }
+        self.check_bound()
     }
 
     pub(super) fn lookup(&self, schema: &TableSchema, key: &[u8]) -> Lookup<'_> {
@@ -272,14 +322,24 @@ impl CycleRows {
             return false;
         }
         let added = entry_bytes(&key, row.as_deref());
+        // A new row for the key: where its values were read from is the caller's to say again.
+        if let Some(old) = self.carried.remove(&(oid, key.clone())) {
+            self.bytes -= old.bytes(&key);
+        }
         let table = self.tables.entry(oid).or_default();
         if let Some(old) = table.get(&key) {
             self.bytes -= entry_bytes(&key, old.as_deref());
         }
         self.bytes += added;
         table.insert(key, row);
+        self.check_bound()
+    }
+
+    /// Past the bound, forgets the whole cycle (`false`).
+    fn check_bound(&mut self) -> bool {
         if self.bytes > self.bytes_max {
             self.tables.clear();
+            self.carried.clear();
             self.bytes = 0;
             self.overflowed = true;
             self.overflows += 1;
