@@ -813,6 +813,52 @@ fn a_run_that_reconnects_still_waits_for_a_commit_publishing() {
 }
 
 #[test]
+fn a_restarted_process_waits_for_a_commit_the_last_one_left_publishing() {
+    let pg = start_pg("cdc-fill-publish-restart", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_toast_tables(&mut c, &sr, false);
+    let (args, config) = toast_args(&pg, &sr, "");
+    let cdc = Cdc::start(&args, &[]);
+    // The cycle that inserts the rows commits and is checkpointed, but publishes 10 s late;
+    // the process is killed meanwhile, and the next process's partial updates must not read
+    // StarRocks before those rows are visible.
+    sr.inject_txn(TxnFault::PublishLate(Duration::from_secs(10)), 1);
+    insert_toasted(&mut c, 1, 20);
+    let wal: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            c.query_one(
+                "SELECT coalesce(max(lsn) >= $1::text::pg_lsn, false) FROM pgprism_cdc_checkpoint",
+                &[&wal],
+            )
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false)
+        }),
+        "the insert was never checkpointed\n{}",
+        cdc.log()
+    );
+    assert_eq!(
+        sr.row_count(DB, "d"),
+        0,
+        "the commit published before the restart: this test shows nothing"
+    );
+    drop(cdc);
+    let cdc = Cdc::start(&args, &[]);
+    partial_update_transactions(&mut c, 1, 1);
+    for (table, cols) in [("d", ["id", "big", "n"]), ("u", ["id", "v", "n"])] {
+        assert_converges(&sr, &mut c, table, &cols, &cdc, Duration::from_secs(60));
+    }
+    assert_eq!(sr.reads_while_publishing(), Vec::<String>::new());
+    assert!(fill_number(&cdc, "rows_read") > 0, "{}", cdc.log());
+    assert_eq!(fill_number(&cdc, "rows_missing"), 0, "{}", cdc.log());
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
 fn a_table_pgprism_may_not_read_cuts_as_before_instead_of_stopping() {
     let pg = start_pg("cdc-fill-denied", &[]);
     let sr = StarRocks::start("root", "pw");

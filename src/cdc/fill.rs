@@ -430,6 +430,21 @@ impl Publishing {
         self.labels.len()
     }
 
+    /// The labels still publishing, oldest first (stored with the checkpoint).
+    pub fn labels(&self) -> impl Iterator<Item = &str> {
+        self.labels.iter().map(String::as_str)
+    }
+
+    /// Adds the labels an earlier process recorded with its last checkpoint that the list
+    /// lacks (a label visible since costs one state check, at the next settle or wait).
+    pub fn merge(&mut self, labels: Vec<String>) {
+        for label in labels {
+            if !self.labels.contains(&label) {
+                self.labels.push_back(label);
+            }
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }

@@ -631,7 +631,11 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     } else {
         Default::default()
     };
-    let checkpoints = Checkpoints::connect(&url, &cfg.checkpoint_table, &cfg.slot, timeout)
+    let mut checkpoints = Checkpoints::connect(&url, &cfg.checkpoint_table, &cfg.slot, timeout)
+        .map_err(CdcError::Checkpoint)?;
+    // Commits an earlier process left publishing (a reconnect carries its own list too).
+    let publishing_stored = checkpoints
+        .load_publishing()
         .map_err(CdcError::Checkpoint)?;
     let start = prepared.checkpoint.unwrap_or(Lsn::ZERO);
     let snapshot = snapshot::resume(
@@ -664,12 +668,13 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
         .lock()
         .map(|mut p| std::mem::take(&mut *p))
         .unwrap_or_default();
-    let publishing = shared
+    let mut publishing = shared
         .publishing
         .lock()
         .map(|mut p| std::mem::take(&mut *p))
         .unwrap_or_default()
         .with_max(cfg.publishing_labels_max);
+    publishing.merge(publishing_stored);
     let (txns, plain) = match cfg.transaction_mode {
         crate::config::CdcTransactionMode::None => (None, publishing),
         mode => (
@@ -878,8 +883,9 @@ fn load_loop(
                         None => sink.load(&batch),
                     }
                     .and_then(|outcome| {
-                        // Its rows are not visible yet (`Publish Timeout`).
-                        if outcome == LoadOutcome::Committed {
+                        // Its rows are not visible yet (`Publish Timeout`), or loaded by an
+                        // earlier run and perhaps not yet visible (one state check if so).
+                        if outcome != LoadOutcome::Loaded {
                             unpublished_plain.push(sink, batch.label.clone())?;
                         }
                         Ok(outcome)
@@ -989,7 +995,13 @@ fn load_loop(
                     record_chunk(checkpoints, shared, &table, chunk, rows)?;
                 }
                 failpoint::hit("cdc-before-checkpoint");
-                checkpoints.store(lsn).map_err(CdcError::Checkpoint)?;
+                let publishing: Vec<&str> = match txns.as_deref() {
+                    Some(txns) => txns.publishing().labels().collect(),
+                    None => unpublished_plain.labels().collect(),
+                };
+                checkpoints
+                    .store(lsn, &publishing)
+                    .map_err(CdcError::Checkpoint)?;
                 shared.checkpointed.store(lsn.0, Ordering::Release);
                 let now_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)

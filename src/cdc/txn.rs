@@ -136,6 +136,11 @@ impl Transactions {
         self.plans.replans > self.replans_max
     }
 
+    /// The commits still publishing (stored with the checkpoint).
+    pub fn publishing(&self) -> &Publishing {
+        &self.unpublished
+    }
+
     /// The commits still publishing, for the next run (see [`Publishing`]).
     pub fn take_publishing(&mut self) -> Publishing {
         std::mem::take(&mut self.unpublished)
@@ -211,6 +216,12 @@ impl Transactions {
                 // takes loads into other tables of the database too, and older versions bind
                 // the transaction to it.
                 let state = begin(sink, &batch.label, &batch.table)?;
+                if state == TxnState::Committed {
+                    // Committed by an earlier run (a crash between commit and checkpoint),
+                    // perhaps still publishing: later reads wait for it (one state check if
+                    // it is visible).
+                    self.unpublished.note(batch.label.clone());
+                }
                 e.insert(Txn {
                     label: batch.label.clone(),
                     params: HashMap::new(),
