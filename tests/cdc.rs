@@ -889,6 +889,43 @@ fn a_table_pgprism_may_not_read_cuts_as_before_instead_of_stopping() {
 }
 
 #[test]
+fn a_select_refused_mid_run_cuts_that_table_for_the_rest_of_the_run() {
+    let pg = start_pg("cdc-fill-revoked", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_toast_tables(&mut c, &sr, false);
+    let (args, config) = toast_args(&pg, &sr, "");
+    let cdc = Cdc::start(&args, &[]);
+    insert_toasted(&mut c, 1, 20);
+    partial_update_transactions(&mut c, 1, 1);
+    for (table, cols) in [("d", ["id", "big", "n"]), ("u", ["id", "v", "n"])] {
+        assert_converges(&sr, &mut c, table, &cols, &cdc, Duration::from_secs(60));
+    }
+    assert!(fill_number(&cdc, "rows_read") > 0, "{}", cdc.log());
+    assert_eq!(cdc.status_number("transactions_split"), 0);
+    // The SELECT privilege on d is taken away while the run goes on: the next read is
+    // refused, the cycle is loaded again, and d's partial changes cut from then on.
+    sr.deny_select(DB, "d");
+    partial_update_transactions(&mut c, 2, 2);
+    for (table, cols) in [("d", ["id", "big", "n"]), ("u", ["id", "v", "n"])] {
+        assert_converges(&sr, &mut c, table, &cols, &cdc, Duration::from_secs(60));
+    }
+    assert_eq!(fill_number(&cdc, "tables_refused"), 1, "{}", cdc.log());
+    assert!(fill_number(&cdc, "rows_partial") > 0, "{}", cdc.log());
+    assert!(cdc.status_number("transactions_split") > 0);
+    // Not a failure: no reconnect counted against reconnect-attempts-max.
+    assert_eq!(cdc.status_number("reconnects"), 0, "{}", cdc.log());
+    assert!(
+        cdc.log().contains("refused to let fill-rows read"),
+        "no warning"
+    );
+    assert!(twice_committed(&sr).is_empty(), "{:?}", sr.log());
+    // 20 rows inserted, then 22 rows of d per transaction: each applied once.
+    assert_eq!(sr.applied_rows(DB, "d"), 20 + 3 * 22, "{}", cdc.log());
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
 fn rows_moved_to_new_keys_keep_their_toast_values() {
     // A move takes `big` from the old key (read from StarRocks, the row being written in an
     // earlier cycle); the moved row's later change in the same cycle leaves `big` out and

@@ -512,19 +512,18 @@ impl Publishing {
     }
 }
 
-/// The source tables (`schema.table`, target table, key columns) whose target StarRocks
-/// refuses to read (`SELECT key FROM db.t LIMIT 0` answered an error: no `SELECT`
+/// The target tables (of (target table, key columns)) StarRocks refuses to read (`SELECT key FROM db.t LIMIT 0` answered an error: no `SELECT`
 /// privilege, say). Their rows that need a value StarRocks holds stay partial updates for the
 /// run (cut, counted in `fill.rows_partial`, warned here), rather than failing every cycle
 /// that reads them. A check that cannot reach the FE leaves the table readable: a read that
 /// fails later fails its cycle, which is loaded again from the checkpoint.
 pub fn unreadable_tables<'a>(
     sink: &StarRocks,
-    tables: impl Iterator<Item = (&'a str, &'a str, &'a [String])>,
+    tables: impl Iterator<Item = (&'a str, &'a [String])>,
 ) -> HashSet<String> {
     use super::ddl::quote;
     let mut out = HashSet::new();
-    for (source, target, key) in tables {
+    for (target, key) in tables {
         let names: Vec<String> = key.iter().map(|k| quote(k)).collect();
         let sql = format!(
             "SELECT {} FROM {}.{} LIMIT 0",
@@ -539,7 +538,7 @@ pub fn unreadable_tables<'a>(
                 ..
             }) => {
                 tracing::warn!(table = %target, code, %message, "fill-rows cannot read this StarRocks table (grant SELECT on it): its partial changes that need values StarRocks holds load as partial updates, each ending the StarRocks transaction there");
-                out.insert(source.to_string());
+                out.insert(target.to_string());
             }
             Err(e) => {
                 tracing::warn!(table = %target, error = %e, "could not check that fill-rows can read this StarRocks table");
@@ -575,7 +574,18 @@ pub fn fill_batch(
 ) -> Result<(Batch, Filled), LoadError> {
     fill_with(&batch.body, plan, |chunk| {
         let sql = select_sql(&sink.config().database, &batch.table, plan, chunk);
-        sink.query(&sql).map(|(_, rows)| rows)
+        sink.query(&sql).map(|(_, rows)| rows).map_err(|e| match e {
+            // An answer, and a refusal (the SELECT privilege taken away since the check,
+            // say): the table is cut for the rest of the run, as the check would have.
+            LoadError::Query {
+                source: source @ super::mysql::MysqlError::Server { .. },
+                ..
+            } => LoadError::SelectRefused {
+                table: batch.table.clone(),
+                source,
+            },
+            e => e,
+        })
     })
     .map(|(body, filled)| {
         (

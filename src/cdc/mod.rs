@@ -123,6 +123,14 @@ pub struct Shared {
     pub fill_rows_partial: AtomicU64,
     /// Flush cycles whose rows outgrew `cdc.fill-bytes-max`.
     pub fill_overflows: AtomicU64,
+    /// Tables whose `SELECT` StarRocks refused in the middle of the run (after the start's
+    /// check found them readable): cut for the rest of the run.
+    pub fill_tables_refused: AtomicU64,
+    /// The StarRocks tables `fill-rows` may not read, as the first run's check found them,
+    /// plus those refused since (`None` before the check): kept for the life of the
+    /// process, so that every run of it (a reconnect too) cuts a flush cycle at the same
+    /// places, and a replay of a cycle cuts it as the first attempt did.
+    fill_unreadable: Mutex<Option<std::collections::HashSet<String>>>,
     /// What the loader learned for the cycle it loads again (kept across runs).
     column_plans: Mutex<txn::ColumnPlans>,
     /// Commits still publishing when a run ended (kept across runs: see `fill::Publishing`).
@@ -143,6 +151,7 @@ impl CdcError {
             CdcError::Load(
                 LoadError::TxnAborted { .. }
                 | LoadError::Replan { .. }
+                | LoadError::SelectRefused { .. }
                 | LoadError::Query { .. }
                 | LoadError::NotVisible { .. },
             ) => {
@@ -172,6 +181,22 @@ impl CdcError {
 }
 
 impl Shared {
+    /// Notes that StarRocks refused `fill-rows` a `SELECT` of `table` mid-run: its partial
+    /// changes cut from the next run on. `false` when it was known already (then the
+    /// refusal is a failure like any other).
+    fn refuse_select(&self, table: &str) -> bool {
+        let Ok(mut kept) = self.fill_unreadable.lock() else {
+            return false;
+        };
+        let added = kept
+            .get_or_insert_with(Default::default)
+            .insert(table.to_string());
+        if added {
+            self.fill_tables_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        added
+    }
+
     /// The loader's share of the fill counters (this run's).
     fn store_filled(&self, filled: fill::Filled) {
         self.fill_rows_read
@@ -198,6 +223,7 @@ impl Shared {
             "rows_missing": load(&self.fill_rows_missing),
             "rows_partial": load(&self.fill_rows_partial),
             "overflows": load(&self.fill_overflows),
+            "tables_refused": load(&self.fill_tables_refused),
         })
     }
 
@@ -357,6 +383,12 @@ impl Shared {
                 "counter",
                 "flush cycles whose rows outgrew cdc.fill-bytes-max",
                 load(&self.fill_overflows),
+            ),
+            (
+                "fill_tables_refused_total",
+                "counter",
+                "tables whose SELECT StarRocks refused mid-run (their partial changes cut from then on)",
+                load(&self.fill_tables_refused),
             ),
             (
                 "paused",
@@ -577,6 +609,14 @@ pub fn run_reconnecting(
                 shared.transactions_reloaded.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            Err(CdcError::Load(LoadError::SelectRefused { table, source }))
+                if !shared.shutdown.load(Ordering::Acquire) && shared.refuse_select(&table) =>
+            {
+                // No failure either: the cycle is loaded again, the table cut from now on.
+                tracing::warn!(%table, error = %source, "StarRocks refused to let fill-rows read this table (grant SELECT on it): its partial changes that need values StarRocks holds load as partial updates for the rest of the run, each ending the StarRocks transaction there; loading the flush cycle again from the checkpoint");
+                shared.transactions_reloaded.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             Err(err) if err.is_transient() && !shared.shutdown.load(Ordering::Acquire) => err,
             other => return other,
         };
@@ -619,15 +659,27 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     let sink = StarRocks::new(sr_url, sink_config(cfg));
     let prepared = setup::prepare(cfg, &url, &sink, timeout)?;
     let pcfg = pipeline_config(cfg, &prepared.incarnation);
-    // Checked every run (a reconnect too): a privilege taken away later is found here.
+    // Checked by the process's first run, then kept (see `Shared::fill_unreadable`).
     let unreadable = if pcfg.fill_rows {
-        fill::unreadable_tables(
-            &sink,
-            prepared
-                .tables
-                .iter()
-                .map(|t| (t.name.as_str(), setup::split_table(&t.name).1, &t.key[..])),
-        )
+        let mut kept = shared
+            .fill_unreadable
+            .lock()
+            .map_err(|_| CdcError::LoaderPanicked)?;
+        let refused = kept.get_or_insert_with(|| {
+            fill::unreadable_tables(
+                &sink,
+                prepared
+                    .tables
+                    .iter()
+                    .map(|t| (setup::split_table(&t.name).1, &t.key[..])),
+            )
+        });
+        prepared
+            .tables
+            .iter()
+            .filter(|t| refused.contains(setup::split_table(&t.name).1))
+            .map(|t| t.name.clone())
+            .collect()
     } else {
         Default::default()
     };
