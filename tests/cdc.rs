@@ -1496,6 +1496,48 @@ fn crash_between_prepare_and_commit_and_after_commit_loses_and_repeats_nothing()
 }
 
 #[test]
+fn a_transaction_a_killed_run_began_under_other_boundaries_is_rolled_back_at_start() {
+    let (pg, sr, mut c) = source_and_sink("cdc-leftover-txn", &[], &["t"]);
+    let args = |flush_rows: &str| {
+        let mut args = base_args(&pg, &sr, "t");
+        args.extend(["--flush-rows", flush_rows, "--no-snapshot"].map(String::from));
+        args
+    };
+    // Killed right after the first load of a 30-row transaction: its StarRocks transaction
+    // is begun (one batch of 7 rows loaded), never prepared.
+    let mut cdc = Cdc::start(
+        &args("7"),
+        &[("PGPRISM_FAILPOINTS", "cdc-after-load=1*kill")],
+    );
+    c.batch_execute("INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 30) g")
+        .unwrap();
+    assert!(
+        cdc.wait_death(Duration::from_secs(30)),
+        "the failpoint did not fire\n{}",
+        cdc.log()
+    );
+    drop(cdc);
+    assert_eq!(sr.transactions().get("PREPARE"), Some(&1), "{:?}", sr.log());
+    // The restart cuts the cycle into batches of 5: it never asks for the first run's label.
+    let cdc = Cdc::start(&args("5"), &[]);
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(60));
+    let txns = sr.transactions();
+    assert_eq!(
+        txns.get("PREPARE"),
+        None,
+        "the killed run's transaction is still open: {txns:?}\n{}",
+        cdc.log()
+    );
+    assert!(
+        cdc.log()
+            .contains("rolled back a StarRocks transaction an earlier run began"),
+        "{}",
+        cdc.log()
+    );
+    assert_eq!(sr.applied_rows(DB, "t"), 30, "rows applied twice or lost");
+}
+
+#[test]
 fn commit_in_doubt_is_settled_by_the_label_state() {
     let (pg, sr, mut c) = source_and_sink("cdc-txn-doubt", &[], &["t", "u"]);
     sr.watch(DB, &["t", "u"]);

@@ -659,6 +659,14 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     let sink = StarRocks::new(sr_url, sink_config(cfg));
     let prepared = setup::prepare(cfg, &url, &sink, timeout)?;
     let pcfg = pipeline_config(cfg, &prepared.incarnation);
+    // Transactions a killed run began under other batch boundaries (see
+    // `txn::roll_back_leftovers`); labels without an incarnation (an older version's slot)
+    // are `{slot}-...`, a prefix other slots' names may share, so those are left alone.
+    if cfg.transaction_mode != crate::config::CdcTransactionMode::None
+        && !prepared.incarnation.is_empty()
+    {
+        txn::roll_back_leftovers(&sink, &pcfg.label_prefix);
+    }
     // Checked by the process's first run, then kept (see `Shared::fill_unreadable`).
     let unreadable = if pcfg.fill_rows {
         let mut kept = shared
