@@ -801,6 +801,52 @@ fn a_run_that_reconnects_still_waits_for_a_commit_publishing() {
 }
 
 #[test]
+fn a_restarted_process_waits_for_a_commit_the_last_one_left_publishing() {
+    let pg = start_pg("cdc-fill-publish-restart", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_toast_tables(&mut c, &sr, false);
+    let (args, config) = toast_args(&pg, &sr, "");
+    let cdc = Cdc::start(&args, &[]);
+    // The cycle that inserts the rows commits and is checkpointed, but publishes 10 s late;
+    // the process is killed meanwhile, and the next process's partial updates must not read
+    // StarRocks before those rows are visible.
+    sr.inject_txn(TxnFault::PublishLate(Duration::from_secs(10)), 1);
+    insert_toasted(&mut c, 1, 20);
+    let wal: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            c.query_one(
+                "SELECT coalesce(max(lsn) >= $1::text::pg_lsn, false) FROM pgprism_cdc_checkpoint",
+                &[&wal],
+            )
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false)
+        }),
+        "the insert was never checkpointed\n{}",
+        cdc.log()
+    );
+    assert_eq!(
+        sr.row_count(DB, "d"),
+        0,
+        "the commit published before the restart: this test shows nothing"
+    );
+    drop(cdc);
+    let cdc = Cdc::start(&args, &[]);
+    partial_update_transactions(&mut c, 1, 1);
+    for (table, cols) in [("d", ["id", "big", "n"]), ("u", ["id", "v", "n"])] {
+        assert_converges(&sr, &mut c, table, &cols, &cdc, Duration::from_secs(60));
+    }
+    assert_eq!(sr.reads_while_publishing(), Vec::<String>::new());
+    assert!(fill_number(&cdc, "rows_read") > 0, "{}", cdc.log());
+    assert_eq!(fill_number(&cdc, "rows_missing"), 0, "{}", cdc.log());
+    let _ = std::fs::remove_file(config);
+}
+
+#[test]
 fn a_table_pgprism_may_not_read_cuts_as_before_instead_of_stopping() {
     let pg = start_pg("cdc-fill-denied", &[]);
     let sr = StarRocks::start("root", "pw");
@@ -827,6 +873,43 @@ fn a_table_pgprism_may_not_read_cuts_as_before_instead_of_stopping() {
     assert!(cdc.status_number("transactions_split") > 0);
     assert_eq!(cdc.status_number("reconnects"), 0, "{}", cdc.log());
     assert!(cdc.log().contains("grant SELECT"), "no warning");
+}
+
+#[test]
+fn a_select_refused_mid_run_cuts_that_table_for_the_rest_of_the_run() {
+    let pg = start_pg("cdc-fill-revoked", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_toast_tables(&mut c, &sr, false);
+    let (args, config) = toast_args(&pg, &sr, "");
+    let cdc = Cdc::start(&args, &[]);
+    insert_toasted(&mut c, 1, 20);
+    partial_update_transactions(&mut c, 1, 1);
+    for (table, cols) in [("d", ["id", "big", "n"]), ("u", ["id", "v", "n"])] {
+        assert_converges(&sr, &mut c, table, &cols, &cdc, Duration::from_secs(60));
+    }
+    assert!(fill_number(&cdc, "rows_read") > 0, "{}", cdc.log());
+    assert_eq!(cdc.status_number("transactions_split"), 0);
+    // The SELECT privilege on d is taken away while the run goes on: the next read is
+    // refused, the cycle is loaded again, and d's partial changes cut from then on.
+    sr.deny_select(DB, "d");
+    partial_update_transactions(&mut c, 2, 2);
+    for (table, cols) in [("d", ["id", "big", "n"]), ("u", ["id", "v", "n"])] {
+        assert_converges(&sr, &mut c, table, &cols, &cdc, Duration::from_secs(60));
+    }
+    assert_eq!(fill_number(&cdc, "tables_refused"), 1, "{}", cdc.log());
+    assert!(fill_number(&cdc, "rows_partial") > 0, "{}", cdc.log());
+    assert!(cdc.status_number("transactions_split") > 0);
+    // Not a failure: no reconnect counted against reconnect-attempts-max.
+    assert_eq!(cdc.status_number("reconnects"), 0, "{}", cdc.log());
+    assert!(
+        cdc.log().contains("refused to let fill-rows read"),
+        "no warning"
+    );
+    assert!(twice_committed(&sr).is_empty(), "{:?}", sr.log());
+    // 20 rows inserted, then 22 rows of d per transaction: each applied once.
+    assert_eq!(sr.applied_rows(DB, "d"), 20 + 3 * 22, "{}", cdc.log());
+    let _ = std::fs::remove_file(config);
 }
 
 #[test]
@@ -884,6 +967,65 @@ fn rows_moved_to_new_keys_keep_their_toast_values() {
             "{mode}: {}",
             cdc.log()
         );
+    }
+}
+
+#[test]
+fn a_row_moved_twice_in_a_cycle_keeps_its_toast_value_at_the_last_key() {
+    // 15 → 700 → 800 with `big` left out each time, then a change of 800 that leaves it out
+    // again, in one batch: every row takes `big` from StarRocks by key 15 (the only key
+    // StarRocks holds it by), read before the batch that deletes 15 loads. Without carrying
+    // the values along the chain, 800 loaded as a partial update of a key StarRocks lacked,
+    // and `big` was NULL there. With transaction-mode = "none" each batch commits on its own.
+    for mode in ["multi-table", "none"] {
+        let pg = start_pg("cdc-fill-move-twice", &[]);
+        let sr = StarRocks::start("root", "pw");
+        let mut c = client(&pg);
+        make_toast_tables(&mut c, &sr, false);
+        let (args, config) = toast_args(&pg, &sr, &format!("transaction-mode = \"{mode}\""));
+        let cdc = Cdc::start(&args, &[]);
+        insert_toasted(&mut c, 1, 20);
+        assert_converges(
+            &sr,
+            &mut c,
+            "d",
+            &["id", "big", "n"],
+            &cdc,
+            Duration::from_secs(30),
+        );
+        // Seven rows: one batch (flush-rows 7).
+        c.batch_execute(
+            "BEGIN;
+             UPDATE d SET id = 700 WHERE id = 15;
+             UPDATE d SET id = 800 WHERE id = 700;
+             UPDATE d SET n = 9 WHERE id = 800;
+             UPDATE d SET id = 900, n = 1 WHERE id = 16;
+             COMMIT;",
+        )
+        .unwrap();
+        assert_converges(
+            &sr,
+            &mut c,
+            "d",
+            &["id", "big", "n"],
+            &cdc,
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            fill_number(&cdc, "rows_partial"),
+            0,
+            "{mode}: a change along the chain loaded as a partial update\n{}",
+            cdc.log()
+        );
+        assert_eq!(
+            fill_number(&cdc, "rows_missing"),
+            0,
+            "{mode}: {}",
+            cdc.log()
+        );
+        assert_eq!(fill_number(&cdc, "rows_read"), 4, "{mode}: {}", cdc.log());
+        assert_eq!(cdc.status_number("transactions_split"), 0, "{mode}");
+        let _ = std::fs::remove_file(config);
     }
 }
 
@@ -1334,6 +1476,48 @@ fn crash_between_prepare_and_commit_and_after_commit_loses_and_repeats_nothing()
             sr.log()
         );
     }
+}
+
+#[test]
+fn a_transaction_a_killed_run_began_under_other_boundaries_is_rolled_back_at_start() {
+    let (pg, sr, mut c) = source_and_sink("cdc-leftover-txn", &[], &["t"]);
+    let args = |flush_rows: &str| {
+        let mut args = base_args(&pg, &sr, "t");
+        args.extend(["--flush-rows", flush_rows, "--no-snapshot"].map(String::from));
+        args
+    };
+    // Killed right after the first load of a 30-row transaction: its StarRocks transaction
+    // is begun (one batch of 7 rows loaded), never prepared.
+    let mut cdc = Cdc::start(
+        &args("7"),
+        &[("PGPRISM_FAILPOINTS", "cdc-after-load=1*kill")],
+    );
+    c.batch_execute("INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 30) g")
+        .unwrap();
+    assert!(
+        cdc.wait_death(Duration::from_secs(30)),
+        "the failpoint did not fire\n{}",
+        cdc.log()
+    );
+    drop(cdc);
+    assert_eq!(sr.transactions().get("PREPARE"), Some(&1), "{:?}", sr.log());
+    // The restart cuts the cycle into batches of 5: it never asks for the first run's label.
+    let cdc = Cdc::start(&args("5"), &[]);
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(60));
+    let txns = sr.transactions();
+    assert_eq!(
+        txns.get("PREPARE"),
+        None,
+        "the killed run's transaction is still open: {txns:?}\n{}",
+        cdc.log()
+    );
+    assert!(
+        cdc.log()
+            .contains("rolled back a StarRocks transaction an earlier run began"),
+        "{}",
+        cdc.log()
+    );
+    assert_eq!(sr.applied_rows(DB, "t"), 30, "rows applied twice or lost");
 }
 
 #[test]

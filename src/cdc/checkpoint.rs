@@ -41,7 +41,8 @@ impl Checkpoints {
              pending pg_lsn, updated_at timestamptz NOT NULL DEFAULT now()); \
              ALTER TABLE {table} ADD COLUMN IF NOT EXISTS truncated_lsn pg_lsn, \
              ADD COLUMN IF NOT EXISTS truncated_idx bigint, \
-             ADD COLUMN IF NOT EXISTS incarnation text"
+             ADD COLUMN IF NOT EXISTS incarnation text, \
+             ADD COLUMN IF NOT EXISTS publishing text"
         )
     }
 
@@ -129,14 +130,38 @@ impl Checkpoints {
         Ok(())
     }
 
-    pub fn store(&mut self, lsn: Lsn) -> Result<(), PgError> {
+    /// Stores the position, with the labels of the StarRocks commits still publishing then
+    /// (`publishing`, see `fill::Publishing`): a process started later waits for them before
+    /// it reads values from StarRocks, as a run of the same process does.
+    pub fn store(&mut self, lsn: Lsn, publishing: &[&str]) -> Result<(), PgError> {
+        let labels = if publishing.is_empty() {
+            "NULL".to_string()
+        } else {
+            quote_literal(&publishing.join(" "))
+        };
         self.conn.query(&format!(
-            "INSERT INTO {} (slot, lsn) VALUES ({}, '{lsn}') \
-             ON CONFLICT (slot) DO UPDATE SET lsn = excluded.lsn, updated_at = now()",
+            "INSERT INTO {} (slot, lsn, publishing) VALUES ({}, '{lsn}', {labels}) \
+             ON CONFLICT (slot) DO UPDATE SET lsn = excluded.lsn, \
+             publishing = excluded.publishing, updated_at = now()",
             self.table,
             quote_literal(&self.slot)
         ))?;
         Ok(())
+    }
+
+    /// The labels [`Checkpoints::store`] last recorded as still publishing (labels hold only
+    /// `[-_A-Za-z0-9]`, so they are stored separated by spaces).
+    pub fn load_publishing(&mut self) -> Result<Vec<String>, PgError> {
+        let rows = self.conn.query(&format!(
+            "SELECT publishing FROM {} WHERE slot = {}",
+            self.table,
+            quote_literal(&self.slot)
+        ))?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .map(|t| t.split_ascii_whitespace().map(str::to_string).collect())
+            .unwrap_or_default())
     }
 }
 

@@ -184,6 +184,26 @@ pub(super) struct CycleRows {
     unreadable: HashSet<String>,
     /// Cycles that exceeded the bound.
     pub(super) overflows: u64,
+    /// Rows whose left-out values are still to be read from StarRocks by another key (a row
+    /// moved from that key in this cycle): (relation id, key) → that key's values and the
+    /// batch that reads them (see [`CycleRows::carried`]).
+    carried: HashMap<(u32, Box<[u8]>), Carried>,
+}
+
+/// Where the values a moved row left out are read: by the key it moved from, in the batch
+/// that holds that key's delete (`Pipeline`'s batch serial), before the batch loads.
+#[derive(Clone, Debug)]
+pub(super) struct Carried {
+    /// The key values StarRocks is asked for (as PostgreSQL prints them, in key order).
+    pub(super) read_key: Vec<Box<[u8]>>,
+    /// The batch whose read covers them.
+    pub(super) batch: u64,
+}
+
+impl Carried {
+    fn bytes(&self, key: &[u8]) -> usize {
+        ENTRY_OVERHEAD_BYTES + key.len() + self.read_key.iter().map(|k| k.len()).sum::<usize>()
+    }
 }
 
 impl CycleRows {
@@ -196,6 +216,7 @@ impl CycleRows {
             overflowed: false,
             unreadable: HashSet::new(),
             overflows: 0,
+            carried: HashMap::new(),
         }
     }
 
@@ -207,6 +228,7 @@ impl CycleRows {
     /// The cycle ended (its transaction commits before anything later loads).
     pub(super) fn clear(&mut self) {
         self.tables.clear();
+        self.carried.clear();
         self.bytes = 0;
         self.incomplete.clear();
         self.overflowed = false;
@@ -215,11 +237,8 @@ impl CycleRows {
     /// Rows of this table were written without passing here, or its columns changed:
     /// forget it for the rest of the cycle.
     pub(super) fn mark_incomplete(&mut self, oid: Option<u32>, source_name: &str) {
-        if let Some(rows) = oid.and_then(|oid| self.tables.remove(&oid)) {
-            self.bytes -= rows
-                .iter()
-                .map(|(k, v)| entry_bytes(k, v.as_deref()))
-                .sum::<usize>();
+        if let Some(oid) = oid {
+            self.forget_table(oid);
         }
         self.incomplete.insert(source_name.to_string());
     }
@@ -233,6 +252,37 @@ impl CycleRows {
                 .map(|(k, v)| entry_bytes(k, v.as_deref()))
                 .sum::<usize>();
         }
+        let mut freed = 0;
+        self.carried.retain(|(o, key), c| {
+            let keep = *o != oid;
+            if !keep {
+                freed += c.bytes(key);
+            }
+            keep
+        });
+        self.bytes -= freed;
+    }
+
+    /// Where the values `key`'s row left out are read, if by another key (see [`Carried`]).
+    pub(super) fn carried(&self, oid: u32, key: &[u8]) -> Option<&Carried> {
+        if self.overflowed {
+            return None;
+        }
+        self.carried.get(&(oid, Box::from(key)))
+    }
+
+    /// Notes that the row `key` has (just written, see [`CycleRows::remember`]) takes its
+    /// left-out values from StarRocks by another key. Beyond the bound, forgets the whole
+    /// cycle and says so (`false`).
+    pub(super) fn carry(&mut self, oid: u32, key: Box<[u8]>, carried: Carried) -> bool {
+        if self.overflowed {
+            return false;
+        }
+        self.bytes += carried.bytes(&key);
+        if let Some(old) = self.carried.insert((oid, key.clone()), carried) {
+            self.bytes -= old.bytes(&key);
+        }
+        self.check_bound()
     }
 
     pub(super) fn lookup(&self, schema: &TableSchema, key: &[u8]) -> Lookup<'_> {
@@ -272,14 +322,24 @@ impl CycleRows {
             return false;
         }
         let added = entry_bytes(&key, row.as_deref());
+        // A new row for the key: where its values were read from is the caller's to say again.
+        if let Some(old) = self.carried.remove(&(oid, key.clone())) {
+            self.bytes -= old.bytes(&key);
+        }
         let table = self.tables.entry(oid).or_default();
         if let Some(old) = table.get(&key) {
             self.bytes -= entry_bytes(&key, old.as_deref());
         }
         self.bytes += added;
         table.insert(key, row);
+        self.check_bound()
+    }
+
+    /// Past the bound, forgets the whole cycle (`false`).
+    fn check_bound(&mut self) -> bool {
         if self.bytes > self.bytes_max {
             self.tables.clear();
+            self.carried.clear();
             self.bytes = 0;
             self.overflowed = true;
             self.overflows += 1;
@@ -370,6 +430,21 @@ impl Publishing {
         self.labels.len()
     }
 
+    /// The labels still publishing, oldest first (stored with the checkpoint).
+    pub fn labels(&self) -> impl Iterator<Item = &str> {
+        self.labels.iter().map(String::as_str)
+    }
+
+    /// Adds the labels an earlier process recorded with its last checkpoint that the list
+    /// lacks (a label visible since costs one state check, at the next settle or wait).
+    pub fn merge(&mut self, labels: Vec<String>) {
+        for label in labels {
+            if !self.labels.contains(&label) {
+                self.labels.push_back(label);
+            }
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
@@ -437,19 +512,18 @@ impl Publishing {
     }
 }
 
-/// The source tables (`schema.table`, target table, key columns) whose target StarRocks
-/// refuses to read (`SELECT key FROM db.t LIMIT 0` answered an error: no `SELECT`
+/// The target tables (of (target table, key columns)) StarRocks refuses to read (`SELECT key FROM db.t LIMIT 0` answered an error: no `SELECT`
 /// privilege, say). Their rows that need a value StarRocks holds stay partial updates for the
 /// run (cut, counted in `fill.rows_partial`, warned here), rather than failing every cycle
 /// that reads them. A check that cannot reach the FE leaves the table readable: a read that
 /// fails later fails its cycle, which is loaded again from the checkpoint.
 pub fn unreadable_tables<'a>(
     sink: &StarRocks,
-    tables: impl Iterator<Item = (&'a str, &'a str, &'a [String])>,
+    tables: impl Iterator<Item = (&'a str, &'a [String])>,
 ) -> HashSet<String> {
     use super::ddl::quote;
     let mut out = HashSet::new();
-    for (source, target, key) in tables {
+    for (target, key) in tables {
         let names: Vec<String> = key.iter().map(|k| quote(k)).collect();
         let sql = format!(
             "SELECT {} FROM {}.{} LIMIT 0",
@@ -464,7 +538,7 @@ pub fn unreadable_tables<'a>(
                 ..
             }) => {
                 tracing::warn!(table = %target, code, %message, "fill-rows cannot read this StarRocks table (grant SELECT on it): its partial changes that need values StarRocks holds load as partial updates, each ending the StarRocks transaction there");
-                out.insert(source.to_string());
+                out.insert(target.to_string());
             }
             Err(e) => {
                 tracing::warn!(table = %target, error = %e, "could not check that fill-rows can read this StarRocks table");
@@ -500,7 +574,18 @@ pub fn fill_batch(
 ) -> Result<(Batch, Filled), LoadError> {
     fill_with(&batch.body, plan, |chunk| {
         let sql = select_sql(&sink.config().database, &batch.table, plan, chunk);
-        sink.query(&sql).map(|(_, rows)| rows)
+        sink.query(&sql).map(|(_, rows)| rows).map_err(|e| match e {
+            // An answer, and a refusal (the SELECT privilege taken away since the check,
+            // say): the table is cut for the rest of the run, as the check would have.
+            LoadError::Query {
+                source: source @ super::mysql::MysqlError::Server { .. },
+                ..
+            } => LoadError::SelectRefused {
+                table: batch.table.clone(),
+                source,
+            },
+            e => e,
+        })
     })
     .map(|(body, filled)| {
         (

@@ -125,6 +125,14 @@ pub struct Shared {
     pub fill_rows_partial: AtomicU64,
     /// Flush cycles whose rows outgrew `cdc.fill-bytes-max`.
     pub fill_overflows: AtomicU64,
+    /// Tables whose `SELECT` StarRocks refused in the middle of the run (after the start's
+    /// check found them readable): cut for the rest of the run.
+    pub fill_tables_refused: AtomicU64,
+    /// The StarRocks tables `fill-rows` may not read, as the first run's check found them,
+    /// plus those refused since (`None` before the check): kept for the life of the
+    /// process, so that every run of it (a reconnect too) cuts a flush cycle at the same
+    /// places, and a replay of a cycle cuts it as the first attempt did.
+    fill_unreadable: Mutex<Option<std::collections::HashSet<String>>>,
     /// What the loader learned for the cycle it loads again (kept across runs).
     column_plans: Mutex<txn::ColumnPlans>,
     /// Commits still publishing when a run ended (kept across runs: see `fill::Publishing`).
@@ -156,6 +164,7 @@ impl CdcError {
             CdcError::Load(
                 LoadError::TxnAborted { .. }
                 | LoadError::Replan { .. }
+                | LoadError::SelectRefused { .. }
                 | LoadError::Query { .. }
                 | LoadError::NotVisible { .. },
             ) => {
@@ -185,6 +194,22 @@ impl CdcError {
 }
 
 impl Shared {
+    /// Notes that StarRocks refused `fill-rows` a `SELECT` of `table` mid-run: its partial
+    /// changes cut from the next run on. `false` when it was known already (then the
+    /// refusal is a failure like any other).
+    fn refuse_select(&self, table: &str) -> bool {
+        let Ok(mut kept) = self.fill_unreadable.lock() else {
+            return false;
+        };
+        let added = kept
+            .get_or_insert_with(Default::default)
+            .insert(table.to_string());
+        if added {
+            self.fill_tables_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        added
+    }
+
     /// The loader's share of the fill counters (this run's).
     fn store_filled(&self, filled: fill::Filled) {
         self.fill_rows_read
@@ -211,6 +236,7 @@ impl Shared {
             "rows_missing": load(&self.fill_rows_missing),
             "rows_partial": load(&self.fill_rows_partial),
             "overflows": load(&self.fill_overflows),
+            "tables_refused": load(&self.fill_tables_refused),
         })
     }
 
@@ -376,6 +402,12 @@ impl Shared {
                 "counter",
                 "flush cycles whose rows outgrew cdc.fill-bytes-max",
                 load(&self.fill_overflows),
+            ),
+            (
+                "fill_tables_refused_total",
+                "counter",
+                "tables whose SELECT StarRocks refused mid-run (their partial changes cut from then on)",
+                load(&self.fill_tables_refused),
             ),
             (
                 "paused",
@@ -601,6 +633,14 @@ pub fn run_reconnecting(
                 shared.transactions_reloaded.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            Err(CdcError::Load(LoadError::SelectRefused { table, source }))
+                if !shared.shutdown.load(Ordering::Acquire) && shared.refuse_select(&table) =>
+            {
+                // No failure either: the cycle is loaded again, the table cut from now on.
+                tracing::warn!(%table, error = %source, "StarRocks refused to let fill-rows read this table (grant SELECT on it): its partial changes that need values StarRocks holds load as partial updates for the rest of the run, each ending the StarRocks transaction there; loading the flush cycle again from the checkpoint");
+                shared.transactions_reloaded.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             Err(err) if err.is_transient() && !shared.shutdown.load(Ordering::Acquire) => err,
             other => return other,
         };
@@ -643,19 +683,43 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     let sink = StarRocks::new(sr_url, sink_config(cfg));
     let prepared = setup::prepare(cfg, &url, &sink, timeout)?;
     let pcfg = pipeline_config(cfg, &prepared.incarnation);
-    // Checked every run (a reconnect too): a privilege taken away later is found here.
+    // Transactions a killed run began under other batch boundaries (see
+    // `txn::roll_back_leftovers`); labels without an incarnation (an older version's slot)
+    // are `{slot}-...`, a prefix other slots' names may share, so those are left alone.
+    if cfg.transaction_mode != crate::config::CdcTransactionMode::None
+        && !prepared.incarnation.is_empty()
+    {
+        txn::roll_back_leftovers(&sink, &pcfg.label_prefix);
+    }
+    // Checked by the process's first run, then kept (see `Shared::fill_unreadable`).
     let unreadable = if pcfg.fill_rows {
-        fill::unreadable_tables(
-            &sink,
-            prepared
-                .tables
-                .iter()
-                .map(|t| (t.name.as_str(), setup::split_table(&t.name).1, &t.key[..])),
-        )
+        let mut kept = shared
+            .fill_unreadable
+            .lock()
+            .map_err(|_| CdcError::LoaderPanicked)?;
+        let refused = kept.get_or_insert_with(|| {
+            fill::unreadable_tables(
+                &sink,
+                prepared
+                    .tables
+                    .iter()
+                    .map(|t| (setup::split_table(&t.name).1, &t.key[..])),
+            )
+        });
+        prepared
+            .tables
+            .iter()
+            .filter(|t| refused.contains(setup::split_table(&t.name).1))
+            .map(|t| t.name.clone())
+            .collect()
     } else {
         Default::default()
     };
-    let checkpoints = Checkpoints::connect(&url, &cfg.checkpoint_table, &cfg.slot, timeout)
+    let mut checkpoints = Checkpoints::connect(&url, &cfg.checkpoint_table, &cfg.slot, timeout)
+        .map_err(CdcError::Checkpoint)?;
+    // Commits an earlier process left publishing (a reconnect carries its own list too).
+    let publishing_stored = checkpoints
+        .load_publishing()
         .map_err(CdcError::Checkpoint)?;
     let start = prepared.checkpoint.unwrap_or(Lsn::ZERO);
     let snapshot = snapshot::resume(
@@ -688,12 +752,13 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
         .lock()
         .map(|mut p| std::mem::take(&mut *p))
         .unwrap_or_default();
-    let publishing = shared
+    let mut publishing = shared
         .publishing
         .lock()
         .map(|mut p| std::mem::take(&mut *p))
         .unwrap_or_default()
         .with_max(cfg.publishing_labels_max);
+    publishing.merge(publishing_stored);
     let (txns, plain) = match cfg.transaction_mode {
         crate::config::CdcTransactionMode::None => (None, publishing),
         mode => (
@@ -902,8 +967,9 @@ fn load_loop(
                         None => sink.load(&batch),
                     }
                     .and_then(|outcome| {
-                        // Its rows are not visible yet (`Publish Timeout`).
-                        if outcome == LoadOutcome::Committed {
+                        // Its rows are not visible yet (`Publish Timeout`), or loaded by an
+                        // earlier run and perhaps not yet visible (one state check if so).
+                        if outcome != LoadOutcome::Loaded {
                             unpublished_plain.push(sink, batch.label.clone())?;
                         }
                         Ok(outcome)
@@ -1013,7 +1079,13 @@ fn load_loop(
                     record_chunk(checkpoints, shared, &table, chunk, rows)?;
                 }
                 failpoint::hit("cdc-before-checkpoint");
-                checkpoints.store(lsn).map_err(CdcError::Checkpoint)?;
+                let publishing: Vec<&str> = match txns.as_deref() {
+                    Some(txns) => txns.publishing().labels().collect(),
+                    None => unpublished_plain.labels().collect(),
+                };
+                checkpoints
+                    .store(lsn, &publishing)
+                    .map_err(CdcError::Checkpoint)?;
                 shared.checkpointed.store(lsn.0, Ordering::Release);
                 let now_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::ddl::SchemaChange;
-use super::fill::{CycleRows, FillPlan, Kept, PendingRow, Prior, ToRead};
+use super::fill::{Carried, CycleRows, FillPlan, Kept, PendingRow, Prior, ToRead};
 use super::lsn::Lsn;
 use super::pgoutput::{Datum, DecodeError, Message, OldKind, Tuple};
 use super::schema::{
@@ -169,6 +169,8 @@ struct OpenBatch {
     last: Pos,
     /// Its rows' values to read from StarRocks before it loads.
     fill: FillPlan,
+    /// Tells this batch from the table's earlier and later ones (see `fill::Carried`).
+    serial: u64,
 }
 
 /// Operation kinds for the audit `op_type` column (as dbmazz writes them).
@@ -235,6 +237,10 @@ pub struct Pipeline {
     fill_stats: FillStats,
     /// Writing the delete half of a key change: the row does not end its batch (see `update`).
     hold_batch: bool,
+    /// Batches opened so far (the next one's serial).
+    batch_serial: u64,
+    /// The serial of the batch the last row went into.
+    last_batch: u64,
 }
 
 impl Pipeline {
@@ -268,6 +274,8 @@ impl Pipeline {
             xid: 0,
             fill_stats: FillStats::default(),
             hold_batch: false,
+            batch_serial: 0,
+            last_batch: 0,
         }
     }
 
@@ -836,6 +844,7 @@ impl Pipeline {
         let (oid, generation) = (schema.oid, schema.generation);
         // A row moved to a new key takes its left-out values from the old key's row.
         let mut moved: Option<(Prior, Vec<Box<[u8]>>)> = None;
+        let mut moved_carry: Option<Carried> = None;
         if let Some((kind, old_t)) = old {
             // A key change: the old key's row goes away first (the old tuple carries the key
             // under both REPLICA IDENTITY DEFAULT and FULL).
@@ -850,13 +859,15 @@ impl Pipeline {
                             _ => None,
                         })
                         .collect();
-                    let prior = match key_text(&schema.key, old_t) {
-                        Some(key) if key_values.len() == schema.key.len() => {
-                            self.cycle_rows.prior(schema, &key)
-                        }
-                        _ => Prior::Unknown,
+                    let (prior, carried) = match key_text(&schema.key, old_t) {
+                        Some(key) if key_values.len() == schema.key.len() => (
+                            self.cycle_rows.prior(schema, &key),
+                            self.cycle_rows.carried(oid, &key).cloned(),
+                        ),
+                        _ => (Prior::Unknown, None),
                     };
                     moved = Some((prior, key_values));
+                    moved_carry = carried;
                 }
                 // Values read by the old key must be read before its delete commits: the
                 // delete and the moved row share a batch (read before it loads), never split
@@ -865,6 +876,14 @@ impl Pipeline {
                 self.hold_batch = true;
                 self.delete(oid, generation, kind, old_t, out);
                 self.hold_batch = false;
+                // The old key moved here from a third key in this cycle, its left-out values
+                // still to be read by that key: while the batch that reads them is open, the
+                // row moved on takes them from there too (7 → 8 → 9: both read by 7).
+                if let (Some((prior, _)), Some(c)) = (&moved, moved_carry)
+                    && let Some(prior) = self.through_carry(oid, prior, &c)
+                {
+                    moved = Some((prior, c.read_key));
+                }
             }
         }
         if !new.has_unchanged() {
@@ -901,8 +920,8 @@ impl Pipeline {
             return Ok(());
         }
         let mut values: Vec<Kept> = filled.iter().map(|d| Kept::of(*d)).collect();
-        let was_moved = moved.is_some();
         if let Some(fill) = self.complete(oid, &mut values, moved) {
+            let elsewhere = self.read_elsewhere(oid, &values, &fill);
             self.row(
                 oid,
                 generation,
@@ -913,18 +932,7 @@ impl Pipeline {
                 Some(fill),
                 out,
             );
-            if was_moved {
-                // Its values still to read are read by the old key, which no later change of
-                // the new key can ask StarRocks for (by the new key StarRocks has no row, or
-                // an older, soft-deleted one): later changes of the key that leave them out
-                // stay partial.
-                for v in &mut values {
-                    if *v == Kept::InStarRocks {
-                        *v = Kept::Missing;
-                    }
-                }
-            }
-            self.keep(oid, Some(values.into_boxed_slice()));
+            self.keep_read_elsewhere(oid, values, elsewhere);
             return Ok(());
         }
         let kept = self.kept_row(oid, filled.iter().copied());
@@ -1016,7 +1024,14 @@ impl Pipeline {
             Some((prior, key)) => (prior, Some(key)),
             None => {
                 let key = super::fill::key_of(schema, values)?;
-                (self.cycle_rows.prior(schema, &key), None)
+                let prior = self.cycle_rows.prior(schema, &key);
+                // The key's row moved here in this cycle and reads its left-out values by
+                // the key it moved from: so does this change, in the same batch.
+                let carried = self.cycle_rows.carried(oid, &key);
+                match carried.and_then(|c| Some((self.through_carry(oid, &prior, c)?, c))) {
+                    Some((prior, c)) => (prior, Some(c.read_key.clone())),
+                    None => (prior, None),
+                }
             }
         };
         match prior {
@@ -1071,6 +1086,84 @@ impl Pipeline {
             self.fill_stats.rows_to_read += 1;
         }
         Some((key_values, pending))
+    }
+
+    /// What a key's row knew before a change, when its left-out values are still to be read
+    /// by another key (`carried`): while the batch that reads them is the table's open one
+    /// (the change's row goes there: same shape, nothing flushed it), the columns the row
+    /// lacks are read by that key there too (the read comes before the batch loads, so before
+    /// that key's delete in it is visible, whatever the transaction mode). Once that batch
+    /// has gone, nothing tells where StarRocks holds them before this row's batch loads: the
+    /// change stays partial (the prior row lacks them).
+    fn through_carry(&self, oid: u32, prior: &Prior, carried: &Carried) -> Option<Prior> {
+        let open = self.open.get(&oid).map(|b| b.serial);
+        match prior {
+            Prior::Row(row) if open == Some(carried.batch) => Some(Prior::Row(
+                row.iter()
+                    .map(|v| match v {
+                        Kept::Missing => Kept::InStarRocks,
+                        v => v.clone(),
+                    })
+                    .collect(),
+            )),
+            _ => None,
+        }
+    }
+
+    /// Whether the values `fill` reads for the row `values` are read by another key than
+    /// its own (a moved row): the key read, to note once the row is written.
+    fn read_elsewhere(&self, oid: u32, values: &[Kept], fill: &ToRead) -> Option<Vec<Box<[u8]>>> {
+        if fill.1.is_empty() {
+            return None;
+        }
+        let schema = self.schema.get(oid).ok()?;
+        let own = schema.key.iter().map(|&i| match values.get(i) {
+            Some(Kept::Text(v) | Kept::Binary(v)) => Some(v),
+            _ => None,
+        });
+        let same = own.clone().count() == fill.0.len()
+            && own.zip(&fill.0).all(|(a, b)| a.is_some_and(|a| a == b));
+        (!same).then(|| fill.0.clone())
+    }
+
+    /// Keeps a row just written ([`Pipeline::keep`]); when its left-out values are read by
+    /// another key (`elsewhere`), notes that key and the batch that reads it. By its own key
+    /// StarRocks has no row (or an older, soft-deleted one), so the row's values to read are
+    /// kept as unknown: a later change of the key that leaves them out reads them by that
+    /// other key while the same batch is open ([`Pipeline::through_carry`]), else stays
+    /// partial.
+    fn keep_read_elsewhere(
+        &mut self,
+        oid: u32,
+        mut values: Vec<Kept>,
+        elsewhere: Option<Vec<Box<[u8]>>>,
+    ) {
+        let Some(read_key) = elsewhere else {
+            self.keep(oid, Some(values.into_boxed_slice()));
+            return;
+        };
+        for v in &mut values {
+            if *v == Kept::InStarRocks {
+                *v = Kept::Missing;
+            }
+        }
+        let key = self
+            .schema
+            .get(oid)
+            .ok()
+            .and_then(|schema| super::fill::key_of(schema, &values));
+        self.keep(oid, Some(values.into_boxed_slice()));
+        if let Some(key) = key {
+            let carried = Carried {
+                read_key,
+                batch: self.last_batch,
+            };
+            if !self.cycle_rows.carry(oid, key, carried) {
+                tracing::warn!(
+                    "the flush cycle's rows outgrew cdc.fill-bytes-max: its partial changes from here on are loaded as partial updates, each ending the StarRocks transaction"
+                );
+            }
+        }
     }
 
     /// Unchanged TOAST values: fills them from the old row where we have it (the whole old
@@ -1164,6 +1257,7 @@ impl Pipeline {
                         })
                         .collect();
                     if let Some(fill) = self.complete(oid, &mut values, None) {
+                        let elsewhere = self.read_elsewhere(oid, &values, &fill);
                         self.row(
                             oid,
                             generation,
@@ -1174,7 +1268,7 @@ impl Pipeline {
                             Some(fill),
                             out,
                         );
-                        self.keep(oid, Some(values.into_boxed_slice()));
+                        self.keep_read_elsewhere(oid, values, elsewhere);
                         return;
                     }
                 }
@@ -1254,8 +1348,10 @@ impl Pipeline {
                     first: pos,
                     last: pos,
                     fill: FillPlan::default(),
+                    serial: self.batch_serial,
                 },
             );
+            self.batch_serial += 1;
         }
         let (Ok(schema), Some(batch)) = (self.schema.get(oid), self.open.get_mut(&oid)) else {
             return;
@@ -1288,6 +1384,7 @@ impl Pipeline {
         );
         batch.rows += 1;
         batch.last = pos;
+        self.last_batch = batch.serial;
         self.open_rows += 1;
         self.txn_batched = true;
         if !self.hold_batch

@@ -124,6 +124,15 @@ pub enum LoadError {
         #[source]
         source: super::mysql::MysqlError,
     },
+    /// StarRocks answered a `SELECT` of `fill` with an error (no `SELECT` privilege, say):
+    /// the flush cycle is loaded again from the checkpoint, and the table's partial changes
+    /// that need StarRocks' values load as partial updates for the rest of the run.
+    #[error("StarRocks refused to let fill-rows read {table}")]
+    SelectRefused {
+        table: String,
+        #[source]
+        source: super::mysql::MysqlError,
+    },
     /// A transaction committed before is still publishing after `cdc.load-timeout-ms`: the
     /// values partial changes left out cannot be read from StarRocks before its rows are
     /// visible (see `fill`).

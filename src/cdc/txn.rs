@@ -136,6 +136,11 @@ impl Transactions {
         self.plans.replans > self.replans_max
     }
 
+    /// The commits still publishing (stored with the checkpoint).
+    pub fn publishing(&self) -> &Publishing {
+        &self.unpublished
+    }
+
     /// The commits still publishing, for the next run (see [`Publishing`]).
     pub fn take_publishing(&mut self) -> Publishing {
         std::mem::take(&mut self.unpublished)
@@ -211,6 +216,12 @@ impl Transactions {
                 // takes loads into other tables of the database too, and older versions bind
                 // the transaction to it.
                 let state = begin(sink, &batch.label, &batch.table)?;
+                if state == TxnState::Committed {
+                    // Committed by an earlier run (a crash between commit and checkpoint),
+                    // perhaps still publishing: later reads wait for it (one state check if
+                    // it is visible).
+                    self.unpublished.note(batch.label.clone());
+                }
                 e.insert(Txn {
                     label: batch.label.clone(),
                     params: HashMap::new(),
@@ -641,4 +652,95 @@ fn commit(sink: &mut StarRocks, label: &str, table: Option<&str>) -> Result<bool
             }
         },
     )
+}
+
+/// At start-up, rolls back the StarRocks transactions an earlier run of this slot began and
+/// never prepared (killed while loading). A replay that cuts its cycles where that run did
+/// finds such a transaction by its label and rolls it back itself (see [`begin`]); one whose
+/// batch boundaries differ (`flush-rows` or `flush-bytes` changed, a snapshot chunk read
+/// anew) never asks for that label, and the transaction would hold its tables' load slot
+/// until StarRocks' own timeout (`transaction-timeout-ms`). Its rows are past the checkpoint
+/// and come again from the stream, so nothing is lost.
+///
+/// Found by label prefix (`prefix`: `{slot}-{incarnation}`, which no other slot's labels
+/// share) among the database's unfinished transactions, `SHOW PROC
+/// '/transactions/<DbId>/running'` (StarRocks' SHOW PROC tree; it needs the SYSTEM-level
+/// OPERATE privilege). Prepared ones are left alone: a replay commits those by label. Best
+/// effort: a listing StarRocks refuses (no privilege) or cannot give is warned about, and
+/// those transactions end at StarRocks' timeout as before. Returns the labels rolled back.
+pub fn roll_back_leftovers(sink: &StarRocks, prefix: &str) -> Vec<String> {
+    // Labels hold `[-_A-Za-z0-9]` only (see `pipeline::starrocks_label`).
+    let mut wanted: String = prefix
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    wanted.push('-');
+    let open = match open_transactions(sink) {
+        Ok(open) => open,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list StarRocks' open transactions (SHOW PROC '/transactions' needs the OPERATE privilege): a transaction a killed run began under other batch boundaries ends at StarRocks' timeout");
+            return Vec::new();
+        }
+    };
+    let mut done = Vec::new();
+    for (label, state) in open {
+        if state != "PREPARE" || !label.starts_with(&wanted) {
+            continue;
+        }
+        match sink.txn_call("rollback", &label, None, None) {
+            Ok(r) if r.status == "OK" => {
+                tracing::info!(%label, "rolled back a StarRocks transaction an earlier run began and never prepared");
+                done.push(label);
+            }
+            Ok(r) => {
+                tracing::warn!(%label, status = %r.status, message = %r.message, "could not roll back a transaction an earlier run left open")
+            }
+            Err(e) => {
+                tracing::warn!(%label, error = %e, "could not roll back a transaction an earlier run left open")
+            }
+        }
+    }
+    done
+}
+
+/// (label, state) of the configured database's unfinished transactions.
+fn open_transactions(sink: &StarRocks) -> Result<Vec<(String, String)>, LoadError> {
+    let database = &sink.config().database;
+    let (names, rows) = sink.query("SHOW PROC '/transactions'")?;
+    let at = |names: &[String], name: &str| names.iter().position(|n| n.eq_ignore_ascii_case(name));
+    let (Some(id_at), Some(name_at)) = (at(&names, "DbId"), at(&names, "DbName")) else {
+        return Ok(Vec::new());
+    };
+    // Older versions name databases `default_cluster:db`.
+    let Some(id) = rows.iter().find_map(|r| {
+        let name = r.get(name_at)?.as_deref()?;
+        let bare = name.rsplit_once(':').map_or(name, |(_, n)| n);
+        (bare == database.as_str())
+            .then(|| r.get(id_at).cloned().flatten())
+            .flatten()
+    }) else {
+        return Ok(Vec::new());
+    };
+    if !id.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(Vec::new());
+    }
+    let (names, rows) = sink.query(&format!("SHOW PROC '/transactions/{id}/running'"))?;
+    let (Some(label_at), Some(state_at)) = (at(&names, "Label"), at(&names, "TransactionStatus"))
+    else {
+        return Ok(Vec::new());
+    };
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            let label = r.get(label_at).cloned().flatten()?;
+            let state = r.get(state_at).cloned().flatten()?;
+            Some((label, state.to_ascii_uppercase()))
+        })
+        .collect())
 }

@@ -20,6 +20,8 @@
 //!   `Transcation State Invalid`, and its label may be begun again.
 //! * FE query port: `ALTER TABLE ... ADD/MODIFY/DROP COLUMN` runs as a job that finishes
 //!   later, once no transaction begun before it still loads the table (`WAITING_TXN`).
+//! * FE query port: `SHOW PROC '/transactions'`, `'/transactions/<DbId>'` and
+//!   `'/transactions/<DbId>/running'` (the unfinished transactions of a database).
 //! * FE query port: `SELECT columns FROM db.t WHERE k IN (...)` (or `(k1 = .. AND k2 = ..)
 //!   OR ...`) reads committed rows only, values printed as StarRocks' text protocol prints
 //!   them (BOOLEAN as 1/0), NULL as NULL.
@@ -2124,6 +2126,122 @@ fn result_set(names: &[&str], rows: &[Vec<Option<String>>]) -> Vec<Vec<u8>> {
     out
 }
 
+/// `SHOW PROC '/transactions'` and below, as StarRocks documents the tree
+/// (https://docs.starrocks.io/docs/sql-reference/sql-statements/cluster-management/nodes_processes/SHOW_PROC/,
+/// "'/transactions': shows the information of transactions in the cluster"): the top level
+/// lists the databases (`DbId`, `DbName`); `/transactions/<DbId>` the two lists, `running`
+/// and `finished`; `/transactions/<DbId>/running` a database's unfinished transactions
+/// (`PREPARE`, `PREPARED`, `COMMITTED`) with the columns of `SHOW TRANSACTION`
+/// (https://docs.starrocks.io/docs/sql-reference/sql-statements/loading_unloading/SHOW_TRANSACTION/).
+fn show_proc_transactions(s: &mut State, path: &str) -> Vec<Vec<u8>> {
+    let err = |m: &str| vec![mysql_err(1064, "42000", m)];
+    expire(s);
+    // Database ids: stable for the emulator's life (its databases, by name).
+    let mut dbs: Vec<String> = s
+        .tables
+        .keys()
+        .filter_map(|k| k.split_once('.').map(|(db, _)| db.to_string()))
+        .chain(
+            s.txns
+                .keys()
+                .filter_map(|k| k.split_once('/').map(|(db, _)| db.to_string())),
+        )
+        .collect();
+    dbs.sort();
+    dbs.dedup();
+    let id_of = |i: usize| (10_001 + i).to_string();
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    match parts.as_slice() {
+        ["transactions"] => {
+            let rows: Vec<Vec<Option<String>>> = dbs
+                .iter()
+                .enumerate()
+                .map(|(i, db)| vec![Some(id_of(i)), Some(db.clone())])
+                .collect();
+            result_set(&["DbId", "DbName"], &rows)
+        }
+        ["transactions", id] if dbs.iter().enumerate().any(|(i, _)| id_of(i) == *id) => {
+            let rows = [
+                vec![Some("running".to_string())],
+                vec![Some("finished".to_string())],
+            ];
+            result_set(&["State"], &rows)
+        }
+        ["transactions", id, "running"] => {
+            let Some(db) = dbs
+                .iter()
+                .enumerate()
+                .find(|(i, _)| id_of(*i) == *id)
+                .map(|(_, db)| db.clone())
+            else {
+                return err(&format!("Database[{id}] does not exist"));
+            };
+            let mut txns: Vec<(&String, &Txn)> = s
+                .txns
+                .iter()
+                .filter(|(k, t)| {
+                    k.split_once('/').is_some_and(|(d, _)| d == db)
+                        && matches!(
+                            t.state,
+                            TxnState::Prepare | TxnState::Prepared | TxnState::Committed
+                        )
+                })
+                .collect();
+            txns.sort_by_key(|(_, t)| t.id);
+            let rows: Vec<Vec<Option<String>>> = txns
+                .into_iter()
+                .map(|(k, t)| {
+                    let label = k.split_once('/').map_or("", |(_, l)| l);
+                    let text = |v: &str| Some(v.to_string());
+                    vec![
+                        Some(t.id.to_string()),
+                        text(label),
+                        text("FE: 127.0.0.1"),
+                        text(t.state.name()),
+                        text("BACKEND_STREAMING"),
+                        text("2026-01-01 00:00:00"),
+                        text("NULL"),
+                        text("NULL"),
+                        text("NULL"),
+                        text(""),
+                        text("0"),
+                        text("-1"),
+                        Some(
+                            t.deadline
+                                .saturating_duration_since(t.active)
+                                .as_millis()
+                                .to_string(),
+                        ),
+                        text(""),
+                    ]
+                })
+                .collect();
+            result_set(
+                &[
+                    "TransactionId",
+                    "Label",
+                    "Coordinator",
+                    "TransactionStatus",
+                    "LoadJobSourceType",
+                    "PrepareTime",
+                    "CommitTime",
+                    "PublishTime",
+                    "FinishTime",
+                    "Reason",
+                    "ErrorReplicasCount",
+                    "ListenerId",
+                    "TimeoutMs",
+                    "ErrMsg",
+                ],
+                &rows,
+            )
+        }
+        _ => err(&format!(
+            "the emulator answers SHOW PROC '/transactions' and below, not '{path}'"
+        )),
+    }
+}
+
 /// `` `db`.`t` `` or `db.t` → `db.t`.
 fn unquote_name(text: &str) -> String {
     text.trim().replace('`', "")
@@ -2286,6 +2404,12 @@ fn run_statement(s: &mut State, sql: &str) -> Vec<Vec<u8>> {
             finished: false,
         });
         return vec![MYSQL_OK.to_vec()];
+    }
+    if let Some(path) = sql
+        .strip_prefix("SHOW PROC '")
+        .and_then(|p| p.strip_suffix('\''))
+    {
+        return show_proc_transactions(s, path);
     }
     if let Some(rest) = sql.strip_prefix("SHOW ALTER TABLE COLUMN FROM ") {
         let db = unquote_name(rest.split_whitespace().next().unwrap_or(""));
