@@ -1202,6 +1202,8 @@ impl Session<'_> {
             }
             Pipeline::find(shard, &pool, settings, bytes, true).filter(|p| holds_all(p, hashes))
         };
+        // When it joined the pool's queue too (the pool counts the wait from there on).
+        let acquiring = Cell::new(None);
         let waited = crate::exec::within(Duration::from_millis(wait_ms), async {
             loop {
                 if let Some(pipeline) = room() {
@@ -1217,6 +1219,7 @@ impl Session<'_> {
             if !pool.has_idle() {
                 Pipeline::nudge(shard, &pool);
             }
+            acquiring.set(Some(Instant::now()));
             let mut acquire = std::pin::pin!(pools.acquire(&pool));
             loop {
                 let got = futures_lite::future::or(async { Some((&mut acquire).await) }, async {
@@ -1234,6 +1237,13 @@ impl Session<'_> {
         })
         .await;
         drop(place);
+        // The time in line counts as waiting for a connection (SHOW STATS, /metrics), the
+        // pool's queue counting its own part.
+        let in_line = acquiring
+            .get()
+            .unwrap_or_else(Instant::now)
+            .saturating_duration_since(started);
+        bump(&self.pool.counters.wait_time_us, in_line.as_micros() as u64);
         match waited {
             Some(Ok(pipeline)) => {
                 self.state.waiting_since.set(None);
