@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::pipeline::{Part, Pipeline, UNIT_BYTES_MAX};
+use super::pipeline::{Part, Pipeline, UNIT_BYTES_MAX, UnitLine};
 use super::session::{ShardCtx, error_bytes};
 use crate::backend::pool::{NO_SETTINGS, Pool, PoolError, Pools, ServerConn, bump};
 use crate::compare;
@@ -222,6 +222,14 @@ fn client_key(shard: usize, id: u64) -> (i32, i32) {
 }
 
 /// Where the session loop stands after a turn.
+/// Where a unit that waited in line goes: on a shared connection, on the connection lent to
+/// its client, or nowhere (the client was told why).
+enum Room {
+    Shared(Rc<Pipeline>),
+    Lent,
+    End,
+}
+
 enum Turn {
     Continue,
     /// The session is over (the client left, or was told why).
@@ -819,24 +827,41 @@ impl Session<'_> {
             if self.conn.is_none() {
                 // An autocommit unit may share a connection with other clients' units.
                 let unit = self.shareable(&frame, cbuf);
-                if let Some((len, hashes)) = &unit
-                    && let Some(pipeline) = Pipeline::find(
-                        self.shard,
-                        &self.pool,
-                        self.settings_hash(),
-                        frame.bytes().len() + len,
-                        self.pool.under_pressure(self.pools.cfg.size),
-                    )
-                    && holds_all(&pipeline, hashes)
-                {
-                    match self.share(pipeline, frame, cbuf, *len, idle_before).await {
-                        Turn::Continue => continue,
-                        Turn::End => return Turn::End,
+                let mut pressed = false;
+                if let Some((len, hashes)) = &unit {
+                    let bytes = frame.bytes().len() + len;
+                    pressed = self.pool.under_pressure(self.pools.cfg.size);
+                    // Nobody waits for room: a shared connection that takes it now. Else
+                    // the unit queues behind those who wait (never passing them).
+                    let line = UnitLine::of(self.shard, &self.pool);
+                    let found = if line.is_empty() {
+                        Pipeline::find(self.shard, &self.pool, self.settings_hash(), bytes, pressed)
+                            .filter(|p| holds_all(p, hashes))
+                    } else {
+                        None
+                    };
+                    let found = match found {
+                        Some(pipeline) => Some(pipeline),
+                        None if pressed || !line.is_empty() => {
+                            match self.wait_in_line(&line, bytes, hashes).await {
+                                Room::Shared(pipeline) => Some(pipeline),
+                                Room::Lent => None,
+                                Room::End => return Turn::End,
+                            }
+                        }
+                        None => None,
+                    };
+                    if let Some(pipeline) = found {
+                        match self.share(pipeline, frame, cbuf, *len, idle_before).await {
+                            Turn::Continue => continue,
+                            Turn::End => return Turn::End,
+                        }
                     }
                 }
-                let pressed = unit.is_some() && self.pool.under_pressure(self.pools.cfg.size);
                 // Anything the client sends that the server must answer needs a connection.
-                if let Turn::End = self.lend().await {
+                if self.conn.is_none()
+                    && let Turn::End = self.lend().await
+                {
                     return Turn::End;
                 }
                 // Others wait for connections: this one becomes a pipeline they may join,
@@ -1146,6 +1171,97 @@ impl Session<'_> {
         }
     }
 
+    /// A shareable unit while the pool is under pressure (or others wait before it): waits
+    /// its turn in the shard's line for the pool, then for room on a shared connection or,
+    /// first in line, for a connection of its own, whichever comes first. Bounded by
+    /// `pool.query-wait-timeout-ms` (and the line by `pool.waiters-max`).
+    async fn wait_in_line(&mut self, line: &Rc<UnitLine>, bytes: usize, hashes: &[u64]) -> Room {
+        let (wait_ms, waiters_max) = (
+            self.pools.cfg.query_wait_timeout_ms,
+            self.pools.cfg.waiters_max,
+        );
+        if line.len() >= waiters_max {
+            let err = PoolError::WaitersFull {
+                user: self.pool.user.to_string(),
+                database: self.pool.database.to_string(),
+            };
+            return self.lent(Err(err)).await;
+        }
+        let place = line.join();
+        let started = Instant::now();
+        self.state.waiting_since.set(Some(started));
+        self.state.request_time.set(SystemTime::now());
+        let (shard, pools, pool) = (self.shard, self.pools, self.pool.clone());
+        let settings = self.settings_hash();
+        // Room for this unit: ahead of it in line no more clients than places free (those
+        // ahead were woken first and take theirs first).
+        let room = || {
+            let ahead = place.ahead();
+            if ahead > 0 && ahead >= Pipeline::room(shard, &pool, settings) {
+                return None;
+            }
+            Pipeline::find(shard, &pool, settings, bytes, true).filter(|p| holds_all(p, hashes))
+        };
+        // When it joined the pool's queue too (the pool counts the wait from there on).
+        let acquiring = Cell::new(None);
+        let waited = crate::exec::within(Duration::from_millis(wait_ms), async {
+            loop {
+                if let Some(pipeline) = room() {
+                    return Ok(pipeline);
+                }
+                if place.ahead() == 0 {
+                    break;
+                }
+                place.woken().await;
+            }
+            // First in line: also in the pool's queue, keeping that place while it looks
+            // for room at each wake.
+            if !pool.has_idle() {
+                Pipeline::nudge(shard, &pool);
+            }
+            acquiring.set(Some(Instant::now()));
+            let mut acquire = std::pin::pin!(pools.acquire(&pool));
+            loop {
+                let got = futures_lite::future::or(async { Some((&mut acquire).await) }, async {
+                    place.woken().await;
+                    None
+                })
+                .await;
+                if let Some(acquired) = got {
+                    return Err(acquired);
+                }
+                if let Some(pipeline) = room() {
+                    return Ok(pipeline);
+                }
+            }
+        })
+        .await;
+        drop(place);
+        // The time in line counts as waiting for a connection (SHOW STATS, /metrics), the
+        // pool's queue counting its own part.
+        let in_line = acquiring
+            .get()
+            .unwrap_or_else(Instant::now)
+            .saturating_duration_since(started);
+        bump(&self.pool.counters.wait_time_us, in_line.as_micros() as u64);
+        match waited {
+            Some(Ok(pipeline)) => {
+                self.state.waiting_since.set(None);
+                Room::Shared(pipeline)
+            }
+            Some(Err(acquired)) => self.lent(acquired).await,
+            None => {
+                bump(&self.pool.counters.wait_timeouts, 1);
+                let err = PoolError::WaitTimeout {
+                    user: self.pool.user.to_string(),
+                    database: self.pool.database.to_string(),
+                    ms: wait_ms,
+                };
+                self.lent(Err(err)).await
+            }
+        }
+    }
+
     /// Gets a connection from the pool and makes it match the client's settings.
     async fn lend(&mut self) -> Turn {
         self.state.waiting_since.set(Some(Instant::now()));
@@ -1155,6 +1271,15 @@ impl Session<'_> {
             Pipeline::nudge(self.shard, &self.pool);
         }
         let acquired = self.pools.acquire(&self.pool).await;
+        match self.lent(acquired).await {
+            Room::End => Turn::End,
+            _ => Turn::Continue,
+        }
+    }
+
+    /// What the pool answered: the connection, made to match the client's settings, or the
+    /// client told why there is none.
+    async fn lent(&mut self, acquired: Result<ServerConn, PoolError>) -> Room {
         self.state.waiting_since.set(None);
         match acquired {
             Ok(conn) => {
@@ -1172,13 +1297,13 @@ impl Session<'_> {
                 self.pool.linked.set(self.pool.linked.get() + 1);
                 self.stamp_answers();
                 self.match_settings();
-                Turn::Continue
+                Room::Lent
             }
             Err(err) => {
                 let message = format!("pgprism: {}", crate::config::error_text(&err));
                 let msg = error_bytes("FATAL", err.sqlstate(), &message);
                 self.say(msg).await;
-                Turn::End
+                Room::End
             }
         }
     }

@@ -80,6 +80,8 @@ pub struct ShardCtx {
     pub secrets: Option<Rc<super::login::Secrets>>,
     /// Pipelined lending: the connections now shared by several clients' statements.
     pub(super) pipelines: RefCell<Vec<Rc<super::pipeline::Pipeline>>>,
+    /// Pipelined lending: per pool, the clients whose shareable unit waits for room.
+    pub(super) unit_lines: RefCell<Vec<Rc<super::pipeline::UnitLine>>>,
     /// Sessions whose statements also run on a shadow or mirrors, by the key their clients
     /// hold, shared by every shard (None: neither is configured).
     pub cancel_registry: Option<crate::backend::cancel::Registry>,
@@ -147,6 +149,7 @@ impl ShardCtx {
             console: None,
             secrets: None,
             pipelines: RefCell::new(Vec::new()),
+            unit_lines: RefCell::new(Vec::new()),
             cancel_registry: None,
             pooled_sides: RefCell::new(Default::default()),
         }
