@@ -450,6 +450,12 @@ struct Conn {
     inflight: RefCell<VecDeque<Flight>>,
     /// Statement names prepared on the connection, with what created them (`None`: not kept).
     names: RefCell<HashMap<String, Option<Bytes>>>,
+    /// The statement names that units queued or in flight here create or drop (their
+    /// `Flight::names`), each with the number of such units: a name among them exists only
+    /// if those units succeed. Kept as units come and go, so planning a unit costs nothing
+    /// per unit in flight (a scan of the answers awaited made every unit cost as much as
+    /// the connection's backlog).
+    pending: RefCell<HashMap<String, usize>>,
     /// A session's statement of the unit being answered failed.
     unit_failed: Cell<bool>,
     /// The signature of the settings the connection runs with (see `Snapshot`).
@@ -477,6 +483,7 @@ impl Conn {
             outbox: RefCell::new(VecDeque::new()),
             inflight: RefCell::new(VecDeque::new()),
             names: RefCell::new(HashMap::new()),
+            pending: RefCell::new(HashMap::new()),
             unit_failed: Cell::new(false),
             sig: Cell::new(FRESH),
             key: Cell::new(None),
@@ -490,6 +497,20 @@ impl Conn {
     /// Open, with nothing to send and nothing in flight.
     fn idle(&self) -> bool {
         self.up.get() && self.outbox.borrow().is_empty() && self.inflight.borrow().is_empty()
+    }
+
+    /// The unit that created or dropped `unsure` was answered: its names are no longer
+    /// pending on it.
+    fn settled_names(&self, unsure: &[String]) {
+        let mut pending = self.pending.borrow_mut();
+        for name in unsure {
+            if let Some(count) = pending.get_mut(name.as_str()) {
+                *count -= 1;
+                if *count == 0 {
+                    pending.remove(name.as_str());
+                }
+            }
+        }
     }
 
     fn wake_writer(&self) {
@@ -522,6 +543,7 @@ impl Conn {
         }
         MirrorStats::bump(&stats.counters.units_lost, units);
         self.names.borrow_mut().clear();
+        self.pending.borrow_mut().clear();
         self.sig.set(FRESH);
         self.leaked.set(false);
         self.unit_failed.set(false);
@@ -905,13 +927,7 @@ impl Live<'_> {
         // flight) exists only if that unit succeeds: a preparation of it again is kept (after
         // a Close, which does nothing where the name is absent) rather than left out on the
         // strength of a success not known yet.
-        let pending: Vec<Rc<[String]>> = conn
-            .inflight
-            .borrow()
-            .iter()
-            .filter_map(|f| f.names.clone())
-            .chain(outbox.iter().filter_map(|o| o.names.clone()))
-            .collect();
+        let pending = conn.pending.borrow();
         if !pending.is_empty() {
             for effect in &unit.effects {
                 if let Names::Create {
@@ -919,13 +935,20 @@ impl Live<'_> {
                     elidable: true,
                     ..
                 } = &effect.names
-                    && pending.iter().any(|p| p.iter().any(|n| n == name))
+                    && pending.contains_key(name.as_str())
                 {
                     names.insert(name.clone(), None);
                 }
             }
         }
+        drop(pending);
         let unsure = unsure_names(&names, &unit.effects);
+        if let Some(unsure) = &unsure {
+            let mut pending = conn.pending.borrow_mut();
+            for name in unsure.iter() {
+                *pending.entry(name.clone()).or_insert(0) += 1;
+            }
+        }
         let (closes, elided) = plan_names(&mut names, &unit.effects, unit.items.len());
         drop(names);
         if !closes.is_empty() {
@@ -1188,6 +1211,9 @@ impl Live<'_> {
                         share,
                     );
                 }
+            }
+            if let Some(unsure) = &done.names {
+                self.conn.settled_names(unsure);
             }
             if let Some(session) = done.ends {
                 session.unit_done();
