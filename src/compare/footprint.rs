@@ -58,6 +58,9 @@ pub enum Value {
     Bytes(u32, u64),
     /// Parameter `$n` (1-based) of an extended-protocol statement, not bound yet.
     Param(u16),
+    /// Literal `k` (0-based, in text order) of a statement shape, not bound yet (see
+    /// [`super::shape`]); `true`: written after a minus.
+    Lit(u16, bool),
 }
 
 impl Value {
@@ -105,7 +108,10 @@ pub fn rows_disjoint(a: &[Probe], b: &[Probe]) -> bool {
 pub fn rows_within(rows: &[Probe], locked: &[Probe]) -> bool {
     !rows.is_empty()
         && rows.iter().all(|p| {
-            !p.pairs.iter().any(|(_, v)| matches!(v, Value::Param(_))) && locked.contains(p)
+            !p.pairs
+                .iter()
+                .any(|(_, v)| matches!(v, Value::Param(_) | Value::Lit(..)))
+                && locked.contains(p)
         })
 }
 
@@ -258,24 +264,59 @@ impl Footprint {
     /// value, or None (NULL, unknown): a pair whose value is unknown says nothing, and a
     /// probe left without pairs makes its relation touched whole.
     pub fn bind(&self, value: impl Fn(u16) -> Option<Value>) -> Footprint {
+        self.resolve(
+            |v| matches!(v, Value::Param(_)),
+            |v| match v {
+                Value::Param(n) => value(n),
+                v => Some(v),
+            },
+        )
+    }
+
+    /// A statement shape's footprint with its literals bound: `value(k, negative)` gives
+    /// literal `k`'s canonical value, or None (not read: a string that starts with a digit
+    /// and is no canonical integer, say). As in a scan of the text, the first equality of a
+    /// column whose value is read is the column's pair (see [`fresh`]).
+    pub(super) fn bind_literals(&self, value: impl Fn(u16, bool) -> Option<Value>) -> Footprint {
+        self.resolve(
+            |v| matches!(v, Value::Lit(..)),
+            |v| match v {
+                Value::Lit(k, negative) => value(k, negative),
+                v => Some(v),
+            },
+        )
+    }
+
+    /// The footprint with the values `unbound` picks out resolved by `value` (None: unknown,
+    /// the pair goes). Pairs are sorted by column (stably: in text order within one), and
+    /// the first one left per column stays.
+    fn resolve(
+        &self,
+        unbound: impl Fn(Value) -> bool,
+        value: impl Fn(Value) -> Option<Value>,
+    ) -> Footprint {
         if !self
             .probes
             .iter()
-            .any(|p| p.pairs.iter().any(|(_, v)| matches!(v, Value::Param(_))))
+            .any(|p| p.pairs.iter().any(|&(_, v)| unbound(v)))
         {
             return self.clone();
         }
         let mut probes: Vec<Probe> = Vec::with_capacity(self.probes.len());
         let mut whole: Vec<u64> = Vec::new();
         for probe in &self.probes {
-            let pairs: Vec<(u64, Value)> = probe
-                .pairs
-                .iter()
-                .filter_map(|&(c, v)| match v {
-                    Value::Param(n) => value(n).map(|v| (c, v)),
-                    v => Some((c, v)),
-                })
-                .collect();
+            if !probe.pairs.iter().any(|&(_, v)| unbound(v)) {
+                probes.push(probe.clone());
+                continue;
+            }
+            let mut pairs: Vec<(u64, Value)> = Vec::with_capacity(probe.pairs.len());
+            for &(c, v) in probe.pairs.iter() {
+                if let Some(v) = value(v)
+                    && !pairs.iter().any(|(k, _)| *k == c)
+                {
+                    pairs.push((c, v));
+                }
+            }
             if pairs.is_empty() {
                 whole.push(probe.lane);
             } else {
@@ -567,6 +608,33 @@ const CLAUSES: &[&str] = &[
 
 /// Scans one statement of class `class`.
 pub fn scan(text: &str, class: sql::Class) -> Scan {
+    scan_with(text, class, None)
+}
+
+/// The masked literals of a statement shape (see [`super::shape`]): where each starts in
+/// the text (a string's after its opening quote), in text order. A scan given them reads
+/// such a literal as [`Value::Lit`] instead of its value: what it finds then holds for
+/// every text of the shape.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Lits<'a> {
+    /// The address of the text's first byte.
+    pub base: usize,
+    pub starts: &'a [u32],
+}
+
+impl Lits<'_> {
+    /// The number of the masked literal whose bytes are `bytes` (a slice of the text).
+    fn index(&self, bytes: &[u8]) -> Option<u16> {
+        let at = (bytes.as_ptr() as usize).checked_sub(self.base)?;
+        let at = u32::try_from(at).ok()?;
+        let k = self.starts.binary_search(&at).ok()?;
+        u16::try_from(k).ok()
+    }
+}
+
+/// [`scan`], reading the masked literals `lits` as [`Value::Lit`] (the shape of a
+/// statement) or, without them, every literal as its value.
+pub(super) fn scan_with(text: &str, class: sql::Class, lits: Option<&Lits>) -> Scan {
     let sql = text.as_bytes();
     // Sized once for short statements (a token takes about two bytes of text or more):
     // collected from an iterator without a size hint, the vector grew four or five times
@@ -640,7 +708,9 @@ pub fn scan(text: &str, class: sql::Class) -> Scan {
     lanes.dedup();
     // Rows only for a statement naming one relation once (a join's rows are not one key's).
     let rows = |lanes: &[u64]| match (references, lanes) {
-        (1, [lane]) if matches!(class, sql::Class::Select | sql::Class::Dml) => probes(&all, *lane),
+        (1, [lane]) if matches!(class, sql::Class::Select | sql::Class::Dml) => {
+            probes(&all, *lane, lits)
+        }
         _ => Vec::new(),
     };
     let footprint = match class {
@@ -750,7 +820,7 @@ fn canonical_int(bytes: &[u8]) -> Option<i64> {
 
 /// A bare number's value: an integer of at most 15 digits (leading zeros are no other
 /// spelling of a number written bare); anything with a point or exponent is not read.
-fn number_value(digits: &[u8], negative: bool) -> Option<Value> {
+pub(super) fn number_value(digits: &[u8], negative: bool) -> Option<Value> {
     let trimmed = match digits.iter().position(|&b| b != b'0') {
         Some(at) => &digits[at..],
         None if !digits.is_empty() => b"0".as_slice(),
@@ -764,18 +834,32 @@ fn number_value(digits: &[u8], negative: bool) -> Option<Value> {
 }
 
 /// The value at `at` (a literal, a parameter, or a minus and a number) and the index after
-/// it.
-fn value_at(all: &[Token], at: usize) -> Option<(Value, usize)> {
+/// it; a literal `lits` masks is read as [`Value::Lit`].
+fn value_at(all: &[Token], at: usize, lits: Option<&Lits>) -> Option<(Value, usize)> {
+    let masked = |bytes: &[u8], negative: bool| {
+        lits.and_then(|l| l.index(bytes))
+            .map(|k| Value::Lit(k, negative))
+    };
     match all.get(at)? {
-        Token::Str(s) => Some((text_value(s, true)?, at + 1)),
-        Token::Num(n) => Some((number_value(n, false)?, at + 1)),
+        Token::Str(s) => Some((masked(s, false).or_else(|| text_value(s, true))?, at + 1)),
+        Token::Num(n) => Some((masked(n, false).or_else(|| number_value(n, false))?, at + 1)),
         Token::Param(n) => Some((Value::Param(*n), at + 1)),
         Token::Punct(b'-') => match all.get(at + 1)? {
-            Token::Num(n) => Some((number_value(n, true)?, at + 2)),
+            Token::Num(n) => Some((masked(n, true).or_else(|| number_value(n, true))?, at + 2)),
             _ => None,
         },
         _ => None,
     }
+}
+
+/// Whether an equality of `column` is one more pair: not when the column has one already,
+/// unless all it has are literals of a shape, whose values may turn out not to be read when
+/// bound (a scan of the text then takes the next equality of the column; so does the
+/// binding, which keeps the first pair it reads per column).
+fn fresh(pairs: &[(u64, Value)], column: u64) -> bool {
+    !pairs
+        .iter()
+        .any(|(c, v)| *c == column && !matches!(v, Value::Lit(..)))
 }
 
 /// A column name at `at` (possibly qualified: its last part) and the index after it.
@@ -874,7 +958,7 @@ const AFTER_WHERE: &[&str] = &[
 
 /// The rows of relation `lane` a statement of one relation reference touches, when its text
 /// says so with certainty (see [`Probe`]); empty otherwise (the relation whole).
-fn probes(all: &[Token], relation: u64) -> Vec<Probe> {
+fn probes(all: &[Token], relation: u64, lits: Option<&Lits>) -> Vec<Probe> {
     let Some(Token::Word(first)) = all.first() else {
         return Vec::new();
     };
@@ -882,7 +966,7 @@ fn probes(all: &[Token], relation: u64) -> Vec<Probe> {
     let update = first.eq_ignore_ascii_case(b"update");
     let delete = first.eq_ignore_ascii_case(b"delete");
     if first.eq_ignore_ascii_case(b"insert") {
-        return insert_probes(all, relation);
+        return insert_probes(all, relation, lits);
     }
     if !(select || update || delete) {
         return Vec::new();
@@ -941,8 +1025,8 @@ fn probes(all: &[Token], relation: u64) -> Vec<Probe> {
             _ => false,
         };
         if end || (depth == 0 && t.is_some_and(|t| is_word(t, "and"))) {
-            if let Some((column, value)) = equality(&all[start..i])
-                && !pairs.iter().any(|(c, _)| *c == column)
+            if let Some((column, value)) = equality(&all[start..i], lits)
+                && fresh(&pairs, column)
             {
                 pairs.push((column, value));
             }
@@ -963,10 +1047,13 @@ fn probes(all: &[Token], relation: u64) -> Vec<Probe> {
         i += 1;
     }
     // An UPDATE that moves rows out of the key (or into another) touches more than it says.
+    // (With a shape's literals, a pair whose value turns out not to be read counts too: a
+    // wider footprint than the text's own scan, in that rare case, never a narrower one.)
     if pairs.is_empty() || pairs.iter().any(|(c, _)| assigned.contains(c)) {
         return Vec::new();
     }
-    pairs.sort_unstable_by_key(|(c, _)| *c);
+    // Stable: a shape's pairs of one column stay in text order (see `fresh`).
+    pairs.sort_by_key(|(c, _)| *c);
     vec![Probe {
         lane: relation,
         pairs: pairs.into(),
@@ -974,15 +1061,15 @@ fn probes(all: &[Token], relation: u64) -> Vec<Probe> {
 }
 
 /// `column = value` or `value = column`, the whole of one conjunct.
-fn equality(conjunct: &[Token]) -> Option<(u64, Value)> {
+fn equality(conjunct: &[Token], lits: Option<&Lits>) -> Option<(u64, Value)> {
     if let Some((column, at)) = column_at(conjunct, 0)
         && conjunct.get(at) == Some(&Token::Punct(b'='))
-        && let Some((value, end)) = value_at(conjunct, at + 1)
+        && let Some((value, end)) = value_at(conjunct, at + 1, lits)
         && end == conjunct.len()
     {
         return Some((column, value));
     }
-    let (value, at) = value_at(conjunct, 0)?;
+    let (value, at) = value_at(conjunct, 0, lits)?;
     if conjunct.get(at) != Some(&Token::Punct(b'=')) {
         return None;
     }
@@ -993,7 +1080,7 @@ fn equality(conjunct: &[Token]) -> Option<(u64, Value)> {
 /// The rows an `INSERT INTO t (columns) VALUES (...), ...` writes: one probe per row, of the
 /// columns given a plain value. Anything else (a SELECT, ON CONFLICT, DEFAULT VALUES, no
 /// column list, an expression with parentheses) is not read.
-fn insert_probes(all: &[Token], relation: u64) -> Vec<Probe> {
+fn insert_probes(all: &[Token], relation: u64, lits: Option<&Lits>) -> Vec<Probe> {
     let mut at = 1;
     if !all.get(at).is_some_and(|t| is_word(t, "into")) {
         return Vec::new();
@@ -1047,9 +1134,9 @@ fn insert_probes(all: &[Token], relation: u64) -> Vec<Probe> {
                 Some(Token::Punct(b')')) if closes => {}
                 _ => return Vec::new(),
             }
-            if let Some((value, end)) = value_at(all, start)
+            if let Some((value, end)) = value_at(all, start, lits)
                 && end == at
-                && !pairs.iter().any(|(c, _)| *c == column)
+                && fresh(&pairs, column)
             {
                 pairs.push((column, value));
             }
@@ -1058,7 +1145,7 @@ fn insert_probes(all: &[Token], relation: u64) -> Vec<Probe> {
         if pairs.is_empty() || probes.len() == PROBES_MAX {
             return Vec::new();
         }
-        pairs.sort_unstable_by_key(|(c, _)| *c);
+        pairs.sort_by_key(|(c, _)| *c);
         probes.push(Probe {
             lane: relation,
             pairs: pairs.into(),

@@ -18,6 +18,7 @@ mod pump;
 mod recheck;
 pub mod report;
 pub mod rules;
+mod shape;
 pub mod verdict;
 
 use std::cell::Cell;
@@ -248,6 +249,8 @@ pub struct CompareTarget {
     pub shadow_pools: Option<Rc<backend::pool::Pools>>,
     /// Order re-checks running in the whole process, shared by every shard.
     pub rechecks: Arc<std::sync::atomic::AtomicU64>,
+    /// What was read of statement texts, per shape (`compare.shape-cache-max`).
+    pub(crate) shapes: std::cell::RefCell<shape::Shapes>,
 }
 
 /// Fingerprints a shard counts while calibrating; further ones are counted under 0.
@@ -276,6 +279,9 @@ impl CompareTarget {
                 .then(|| order::Port::new(resolved.ledger.clone(), shard)),
             calibration: Default::default(),
             rechecks: resolved.rechecks.clone(),
+            shapes: std::cell::RefCell::new(shape::Shapes::new(
+                usize::try_from(resolved.cfg.shape_cache_max).unwrap_or(usize::MAX),
+            )),
             shadow_pools: resolved.pool.as_ref().map(|(cfg, budgets)| {
                 let upstream = backend::pool::Upstream {
                     addr: resolved.addr.clone(),

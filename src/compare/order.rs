@@ -919,18 +919,14 @@ impl Book {
         &'a self,
         footprint: &'a Footprint,
     ) -> impl Iterator<Item = (Option<u64>, &'a Lane)> {
-        let every: Box<dyn Iterator<Item = (Option<u64>, &Lane)>> = if footprint.wild {
-            Box::new(std::iter::once((None, &self.all)))
-        } else {
-            Box::new(
-                footprint
-                    .lanes
-                    .iter()
-                    .filter_map(|l| self.lanes.get(l).map(|lane| (Some(*l), lane)))
-                    .chain(std::iter::once((None, &self.wild))),
-            )
-        };
-        every
+        // One iterator type for both cases (a boxed one cost an allocation per look-up).
+        let wild = footprint.wild;
+        let lanes: &'a [u64] = if wild { &[] } else { &footprint.lanes };
+        let last = if wild { &self.all } else { &self.wild };
+        lanes
+            .iter()
+            .filter_map(|l| self.lanes.get(l).map(|lane| (Some(*l), lane)))
+            .chain(std::iter::once((None, last)))
     }
 
     /// Whether pending sync point `c` (of `session`, writing or not: `write`) on relation

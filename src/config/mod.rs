@@ -205,6 +205,13 @@ pub struct CompareConfig {
     /// two connections, one to the primary and one to the shadow). Beyond this many, such a
     /// difference is inconclusive (nondeterministic).
     pub order_rechecks_total_max: u64,
+    /// Statement shapes (the text with its plain literals masked: `WHERE id = 41` and `WHERE
+    /// id = 7` are one) whose reading compare keeps per shard: the relations and rows a
+    /// statement touches, for ordered dispatch, and whether it has a top-level ORDER BY. A
+    /// text of a known shape is read in one byte pass and its values bound, instead of
+    /// being tokenized and scanned again. Past this many the shard's cache starts over. 0:
+    /// every text is read whole.
+    pub shape_cache_max: u64,
     /// Calibration (A/A): the shadow is the primary itself, so writes run on the primary only
     /// and every difference is noise; reports carry the noise rate per fingerprint.
     pub calibrate: bool,
@@ -247,6 +254,7 @@ impl Default for CompareConfig {
             order_hold_ms: 100,
             order_rechecks_max: 8,
             order_rechecks_total_max: 32,
+            shape_cache_max: 1024,
             calibrate: false,
         }
     }
