@@ -148,27 +148,7 @@ fn pgbench_simple_extended_and_prepared() {
     let pg = start_primary("p-bench");
     let proxy = Proxy::start(&pg.url(), &[]);
     let port = proxy.port().to_string();
-    let init = Command::new("pgbench")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "-i",
-            "-s",
-            "1",
-            "-q",
-            "postgres",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    support::pgbench_init(proxy.port());
     for mode in ["simple", "extended", "prepared"] {
         let out = Command::new("pgbench")
             .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-n"])

@@ -601,6 +601,20 @@ pub fn assert_cancel_reaches_only(
     assert_eq!((one, two), (1, 2), "only that backend was cancelled");
 }
 
+/// `pgbench -i -s 1` through pgprism listening on `port`: pgbench's tables in `postgres`.
+pub fn pgbench_init(port: u16) {
+    let init = Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(["-i", "-s", "1", "-q", "postgres"])
+        .output()
+        .expect("run pgbench");
+    assert!(
+        init.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+}
+
 /// SQLSTATE of a postgres crate error, when it came from the server (or the proxy).
 pub fn sqlstate(err: &postgres::Error) -> Option<String> {
     err.code().map(|c| c.code().to_string())
