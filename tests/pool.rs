@@ -202,26 +202,7 @@ fn real_clients_in_transaction_mode() {
     let proxy = pooled(&pg.url(), 3, &[]);
     let port = proxy.port().to_string();
     // pgbench, prepared: named statements on shared connections.
-    let init = std::process::Command::new("pgbench")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "-i",
-            "-s",
-            "1",
-            "postgres",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "pgbench -i: {}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    support::pgbench_init(proxy.port());
     for mode in ["simple", "extended", "prepared"] {
         let run = std::process::Command::new("pgbench")
             .args([

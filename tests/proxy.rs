@@ -148,27 +148,7 @@ fn pgbench_simple_extended_and_prepared() {
     let pg = start_primary("p-bench");
     let proxy = Proxy::start(&pg.url(), &[]);
     let port = proxy.port().to_string();
-    let init = Command::new("pgbench")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "-i",
-            "-s",
-            "1",
-            "-q",
-            "postgres",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    support::pgbench_init(proxy.port());
     for mode in ["simple", "extended", "prepared"] {
         let out = Command::new("pgbench")
             .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-n"])
@@ -344,41 +324,7 @@ fn cancel_request_reaches_the_right_backend() {
     let proxy = Proxy::start(&pg.url(), &[]);
     let mut busy = proxy.client();
     let mut bystander = proxy.client();
-    let token = busy.cancel_token();
-    let pid: i32 = busy
-        .query_one("SELECT pg_backend_pid()", &[])
-        .unwrap()
-        .get(0);
-    let pg_port = pg.port();
-    let canceller = std::thread::spawn(move || {
-        // Cancel once the statement is running (seen directly on the primary), so the cancel
-        // cannot arrive before it.
-        let mut watcher = postgres::Client::connect(
-            &format!("host=127.0.0.1 port={pg_port} user=postgres dbname=postgres"),
-            postgres::NoTls,
-        )
-        .expect("watcher connects to the primary");
-        let running = eventually(Duration::from_secs(10), || {
-            watcher
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE pid = $1 AND state = 'active' AND query LIKE '%pg_sleep%'",
-                    &[&pid],
-                )
-                .is_ok_and(|r| r.get::<_, i64>(0) == 1)
-        });
-        assert!(running, "pg_sleep never started");
-        token.cancel_query(postgres::NoTls)
-    });
-    // 57014 (query_canceled) is the proof the cancel reached this backend: pg_sleep(30)
-    // never ends with it otherwise.
-    let err = busy.simple_query("SELECT pg_sleep(30)").unwrap_err();
-    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
-    canceller.join().unwrap().unwrap();
-    // Only that backend was cancelled: both sessions carry on.
-    let one: i32 = busy.query_one("SELECT 1", &[]).unwrap().get(0);
-    let two: i32 = bystander.query_one("SELECT 2", &[]).unwrap().get(0);
-    assert_eq!((one, two), (1, 2));
+    support::assert_cancel_reaches_only(pg.port(), &mut busy, &mut bystander);
 }
 
 #[test]

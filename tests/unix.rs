@@ -232,40 +232,7 @@ fn cancel_over_the_unix_socket_reaches_the_backend() {
     );
     let mut busy = unix_client(dir.arg(), proxy.port(), SCRAM_USER, Some(PASSWORD));
     let mut bystander = unix_client(dir.arg(), proxy.port(), "postgres", None);
-    let token = busy.cancel_token();
-    let pid: i32 = busy
-        .query_one("SELECT pg_backend_pid()", &[])
-        .unwrap()
-        .get(0);
-    let pg_port = pg.port();
-    let canceller = std::thread::spawn(move || {
-        // Cancel once the statement is running (seen directly on the primary), so the cancel
-        // cannot arrive before it.
-        let mut watcher = postgres::Client::connect(
-            &format!("host=127.0.0.1 port={pg_port} user=postgres dbname=postgres"),
-            postgres::NoTls,
-        )
-        .expect("watcher connects to the primary");
-        let running = eventually(Duration::from_secs(10), || {
-            watcher
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE pid = $1 AND state = 'active' AND query LIKE '%pg_sleep%'",
-                    &[&pid],
-                )
-                .is_ok_and(|r| r.get::<_, i64>(0) == 1)
-        });
-        assert!(running, "pg_sleep never started");
-        token.cancel_query(postgres::NoTls)
-    });
-    // 57014 (query_canceled) is the proof the cancel reached this backend: pg_sleep(30)
-    // never ends with it otherwise.
-    let err = busy.simple_query("SELECT pg_sleep(30)").unwrap_err();
-    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
-    canceller.join().unwrap().unwrap();
-    let one: i32 = busy.query_one("SELECT 1", &[]).unwrap().get(0);
-    let two: i32 = bystander.query_one("SELECT 2", &[]).unwrap().get(0);
-    assert_eq!((one, two), (1, 2), "only that backend was cancelled");
+    support::assert_cancel_reaches_only(pg.port(), &mut busy, &mut bystander);
     assert!(eventually(Duration::from_secs(5), || {
         proxy.metric("pgprism_cancels_forwarded_total") >= 1
             && proxy.metric("pgprism_unix_connections_accepted_total") >= 3

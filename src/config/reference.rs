@@ -412,7 +412,10 @@ impl Types {
                     pending.attrs.push(attr);
                     i = next;
                     continue;
-                } else if let Some(name) = item_name(line, "struct") {
+                } else if let Some((is_struct, name)) = item_name(line, "struct")
+                    .map(|name| (true, name))
+                    .or_else(|| item_name(line, "enum").map(|name| (false, name)))
+                {
                     let deserialized = derives_deserialize(&pending.attrs);
                     let kebab = renames_kebab(&pending.attrs, file, i)?;
                     let doc = pending.doc();
@@ -421,22 +424,15 @@ impl Types {
                         i = skip_block(&lines, i);
                         continue;
                     }
-                    let (fields, next) = struct_body(&lines, i + 1, file, kebab)?;
-                    types.structs.insert(name, Struct { doc, fields });
-                    i = next;
-                    continue;
-                } else if let Some(name) = item_name(line, "enum") {
-                    let deserialized = derives_deserialize(&pending.attrs);
-                    let kebab = renames_kebab(&pending.attrs, file, i)?;
-                    let doc = pending.doc();
-                    pending.attrs.clear();
-                    if !deserialized {
-                        i = skip_block(&lines, i);
-                        continue;
-                    }
-                    let (variants, next) = enum_body(&lines, i + 1, file, kebab)?;
-                    types.enums.insert(name, Enum { doc, variants });
-                    i = next;
+                    i = if is_struct {
+                        let (fields, next) = struct_body(&lines, i + 1, file, kebab)?;
+                        types.structs.insert(name, Struct { doc, fields });
+                        next
+                    } else {
+                        let (variants, next) = enum_body(&lines, i + 1, file, kebab)?;
+                        types.enums.insert(name, Enum { doc, variants });
+                        next
+                    };
                     continue;
                 } else if !line.is_empty() && !line.starts_with("//") {
                     pending = Pending::default();

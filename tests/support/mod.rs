@@ -560,6 +560,61 @@ pub fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// `busy` runs `SELECT pg_sleep(30)` and cancels it with its own cancel token (through
+/// wherever it is connected) once the primary on `primary_port` runs it, so the cancel cannot
+/// arrive before it. Asserts that the statement was cancelled (57014, the proof the cancel
+/// reached that backend: pg_sleep(30) never ends with it otherwise) and that only that
+/// backend was: `busy` and `bystander` both carry on.
+pub fn assert_cancel_reaches_only(
+    primary_port: u16,
+    busy: &mut postgres::Client,
+    bystander: &mut postgres::Client,
+) {
+    let token = busy.cancel_token();
+    let pid: i32 = busy
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let canceller = std::thread::spawn(move || {
+        let mut watcher = postgres::Client::connect(
+            &format!("host=127.0.0.1 port={primary_port} user=postgres dbname=postgres"),
+            postgres::NoTls,
+        )
+        .expect("watcher connects to the primary");
+        let running = eventually(Duration::from_secs(10), || {
+            watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE pid = $1 AND state = 'active' AND query LIKE '%pg_sleep%'",
+                    &[&pid],
+                )
+                .is_ok_and(|r| r.get::<_, i64>(0) == 1)
+        });
+        assert!(running, "pg_sleep never started");
+        token.cancel_query(postgres::NoTls)
+    });
+    let err = busy.simple_query("SELECT pg_sleep(30)").unwrap_err();
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    canceller.join().unwrap().unwrap();
+    let one: i32 = busy.query_one("SELECT 1", &[]).unwrap().get(0);
+    let two: i32 = bystander.query_one("SELECT 2", &[]).unwrap().get(0);
+    assert_eq!((one, two), (1, 2), "only that backend was cancelled");
+}
+
+/// `pgbench -i -s 1` through pgprism listening on `port`: pgbench's tables in `postgres`.
+pub fn pgbench_init(port: u16) {
+    let init = Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(["-i", "-s", "1", "-q", "postgres"])
+        .output()
+        .expect("run pgbench");
+    assert!(
+        init.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+}
+
 /// SQLSTATE of a postgres crate error, when it came from the server (or the proxy).
 pub fn sqlstate(err: &postgres::Error) -> Option<String> {
     err.code().map(|c| c.code().to_string())
