@@ -322,8 +322,11 @@ impl CycleRows {
             return false;
         }
         let added = entry_bytes(&key, row.as_deref());
-        // A new row for the key: where its values were read from is the caller's to say again.
-        if let Some(old) = self.carried.remove(&(oid, key.clone())) {
+        // A new row for the key: where its values were read from is the caller's to say again
+        // (the map is empty but for moved rows: no key copy on the common path).
+        if !self.carried.is_empty()
+            && let Some(old) = self.carried.remove(&(oid, key.clone()))
+        {
             self.bytes -= old.bytes(&key);
         }
         let table = self.tables.entry(oid).or_default();
