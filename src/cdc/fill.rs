@@ -322,8 +322,11 @@ impl CycleRows {
             return false;
         }
         let added = entry_bytes(&key, row.as_deref());
-        // A new row for the key: where its values were read from is the caller's to say again.
-        if let Some(old) = self.carried.remove(&(oid, key.clone())) {
+        // A new row for the key: where its values were read from is the caller's to say again
+        // (the map is empty but for moved rows: no key copy on the common path).
+        if !self.carried.is_empty()
+            && let Some(old) = self.carried.remove(&(oid, key.clone()))
+        {
             self.bytes -= old.bytes(&key);
         }
         let table = self.tables.entry(oid).or_default();
@@ -572,20 +575,33 @@ pub fn fill_batch(
     batch: &Batch,
     plan: &FillPlan,
 ) -> Result<(Batch, Filled), LoadError> {
+    let not_utf8 = |column: String| LoadError::NotUtf8 {
+        table: batch.table.clone(),
+        column,
+    };
     fill_with(&batch.body, plan, |chunk| {
-        let sql = select_sql(&sink.config().database, &batch.table, plan, chunk);
-        sink.query(&sql).map(|(_, rows)| rows).map_err(|e| match e {
-            // An answer, and a refusal (the SELECT privilege taken away since the check,
-            // say): the table is cut for the rest of the run, as the check would have.
-            LoadError::Query {
-                source: source @ super::mysql::MysqlError::Server { .. },
-                ..
-            } => LoadError::SelectRefused {
-                table: batch.table.clone(),
-                source,
-            },
-            e => e,
-        })
+        // Keys are asked for as text; the pipeline never plans a read by a key that is not
+        // UTF-8, and one that would be is refused here rather than changed.
+        let sql = select_sql(&sink.config().database, &batch.table, plan, chunk)
+            .ok_or_else(|| not_utf8(plan.key.join(", ")))?;
+        sink.query_raw(&sql)
+            .map(|(_, rows)| rows)
+            .map_err(|e| match e {
+                // An answer, and a refusal (the SELECT privilege taken away since the check,
+                // say): the table is cut for the rest of the run, as the check would have.
+                LoadError::Query {
+                    source: source @ super::mysql::MysqlError::Server { .. },
+                    ..
+                } => LoadError::SelectRefused {
+                    table: batch.table.clone(),
+                    source,
+                },
+                e => e,
+            })
+    })
+    .map_err(|e| match e {
+        FillError::Read(e) => e,
+        FillError::NotUtf8 { column } => not_utf8(column),
     })
     .map(|(body, filled)| {
         (
@@ -598,12 +614,26 @@ pub fn fill_batch(
     })
 }
 
+/// Why [`fill_with`] failed.
+#[derive(Debug, PartialEq, Eq)]
+enum FillError<E> {
+    /// A read failed.
+    Read(E),
+    /// A value read is not UTF-8: a JSON body cannot carry it unchanged (JSON text is
+    /// UTF-8, and a `\u` escape names a character, not a byte), and changing it (a lossy
+    /// decode) would load another value than StarRocks held.
+    NotUtf8 { column: String },
+}
+
+/// Values as read: by column, NULL is `None`, bytes as StarRocks sent them.
+type RawRow = Vec<Option<Vec<u8>>>;
+
 /// [`fill_batch`] with the reads done by `read` (one call per chunk of keys).
 fn fill_with<E>(
     body: &[u8],
     plan: &FillPlan,
-    mut read: impl FnMut(&[&[Box<[u8]>]]) -> Result<Vec<Vec<Option<String>>>, E>,
-) -> Result<(Vec<u8>, Filled), E> {
+    mut read: impl FnMut(&[&[Box<[u8]>]]) -> Result<Vec<RawRow>, E>,
+) -> Result<(Vec<u8>, Filled), FillError<E>> {
     // Each key once, in the order of its first row; and each row's key's place there.
     let mut keys: Vec<&[Box<[u8]>]> = Vec::new();
     let mut place: HashMap<Vec<u8>, usize> = HashMap::new();
@@ -623,7 +653,7 @@ fn fill_with<E>(
     for (i, &k) in row_key.iter().enumerate() {
         last_use[k] = i;
     }
-    let mut found: HashMap<Vec<u8>, Vec<Option<String>>> = HashMap::new();
+    let mut found: HashMap<Vec<u8>, RawRow> = HashMap::new();
     let mut chunks_read = 0;
     let mut out = Vec::with_capacity(body.len() + body.len() / 2);
     let mut done = 0;
@@ -633,7 +663,8 @@ fn fill_with<E>(
         while chunks_read * KEYS_PER_QUERY <= k {
             let from = chunks_read * KEYS_PER_QUERY;
             let to = (from + KEYS_PER_QUERY).min(keys.len());
-            collect(&mut found, read(&keys[from..to])?, plan.key.len());
+            let rows = read(&keys[from..to]).map_err(FillError::Read)?;
+            collect(&mut found, rows, plan.key.len());
             chunks_read += 1;
         }
         let Some(head) = body.get(done..row.at) else {
@@ -652,24 +683,39 @@ fn fill_with<E>(
             continue;
         };
         filled.rows_read += 1;
-        write_values(&mut out, plan, row, &values);
+        write_values(&mut out, plan, row, &values)?;
     }
     out.extend_from_slice(body.get(done..).unwrap_or_default());
     Ok((out, filled))
 }
 
 /// The values read for one row, right after its `{`.
-fn write_values(out: &mut Vec<u8>, plan: &FillPlan, row: &PendingRow, values: &[Option<String>]) {
+fn write_values<E>(
+    out: &mut Vec<u8>,
+    plan: &FillPlan,
+    row: &PendingRow,
+    values: &[Option<Vec<u8>>],
+) -> Result<(), FillError<E>> {
     for &c in &row.columns {
-        let (Some((_, kind, json_key)), Some(value)) =
+        let (Some((name, kind, json_key)), Some(value)) =
             (plan.columns.get(usize::from(c)), values.get(usize::from(c)))
         else {
             continue;
         };
+        let text = match value.as_deref().map(simdutf8::basic::from_utf8) {
+            None => None,
+            Some(Ok(text)) => Some(text),
+            Some(Err(_)) => {
+                return Err(FillError::NotUtf8 {
+                    column: name.clone(),
+                });
+            }
+        };
         out.extend_from_slice(json_key);
-        write_starrocks_value(out, *kind, value.as_deref());
+        write_starrocks_value(out, *kind, text);
         out.push(b',');
     }
+    Ok(())
 }
 
 /// Key values joined with NUL (which no PostgreSQL text contains).
@@ -683,27 +729,21 @@ fn joined<'a>(parts: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
 }
 
 /// Result rows (key columns first, then the plan's columns) by joined key.
-fn collect(
-    found: &mut HashMap<Vec<u8>, Vec<Option<String>>>,
-    rows: Vec<Vec<Option<String>>>,
-    key_len: usize,
-) {
+fn collect(found: &mut HashMap<Vec<u8>, RawRow>, rows: Vec<RawRow>, key_len: usize) {
     for mut row in rows {
         if row.len() < key_len || row[..key_len].iter().any(Option::is_none) {
             continue;
         }
         let values = row.split_off(key_len);
-        let key = joined(
-            row.iter()
-                .map(|k| k.as_deref().unwrap_or_default().as_bytes()),
-        );
+        let key = joined(row.iter().map(|k| k.as_deref().unwrap_or_default()));
         found.insert(key, values);
     }
 }
 
 /// `` SELECT `k`, `c` FROM `db`.`t` WHERE `k` IN ('1', '2') `` (one key column), or
-/// `` WHERE (`k1` = 'a' AND `k2` = 'b') OR ... `` (several).
-fn select_sql(db: &str, table: &str, plan: &FillPlan, keys: &[&[Box<[u8]>]]) -> String {
+/// `` WHERE (`k1` = 'a' AND `k2` = 'b') OR ... `` (several). `None` when a key value is
+/// not UTF-8 (a statement is text; such a key is never changed into another).
+fn select_sql(db: &str, table: &str, plan: &FillPlan, keys: &[&[Box<[u8]>]]) -> Option<String> {
     use super::ddl::quote;
     let mut sql = String::from("SELECT ");
     let names: Vec<String> = plan
@@ -725,7 +765,7 @@ fn select_sql(db: &str, table: &str, plan: &FillPlan, keys: &[&[Box<[u8]>]]) -> 
             if i > 0 {
                 sql.push_str(", ");
             }
-            literal(&mut sql, k.first().map_or(&[][..], |v| &v[..]));
+            literal(&mut sql, k.first().map_or(&[][..], |v| &v[..]))?;
         }
         sql.push(')');
     } else {
@@ -740,18 +780,19 @@ fn select_sql(db: &str, table: &str, plan: &FillPlan, keys: &[&[Box<[u8]>]]) -> 
                 }
                 sql.push_str(&quote(name));
                 sql.push_str(" = ");
-                literal(&mut sql, v);
+                literal(&mut sql, v)?;
             }
             sql.push(')');
         }
     }
-    sql
+    Some(sql)
 }
 
-/// A StarRocks string literal: single quotes, backslash escapes (as in MySQL).
-fn literal(sql: &mut String, value: &[u8]) {
+/// A StarRocks string literal: single quotes, backslash escapes (as in MySQL). `None` for
+/// bytes that are not UTF-8.
+fn literal(sql: &mut String, value: &[u8]) -> Option<()> {
     sql.push('\'');
-    for c in String::from_utf8_lossy(value).chars() {
+    for c in std::str::from_utf8(value).ok()?.chars() {
         match c {
             '\'' => sql.push_str("\\'"),
             '\\' => sql.push_str("\\\\"),
@@ -760,6 +801,7 @@ fn literal(sql: &mut String, value: &[u8]) {
         }
     }
     sql.push('\'');
+    Some(())
 }
 
 /// Writes a value as StarRocks printed it (text protocol) so that loading it again stores
@@ -804,13 +846,16 @@ mod tests {
         let keys: Vec<Box<[u8]>> = vec![b"1".to_vec().into(), b"it's \\".to_vec().into()];
         let asked: Vec<&[Box<[u8]>]> = keys.chunks(1).collect();
         assert_eq!(
-            select_sql("db", "t", &one, &asked),
+            select_sql("db", "t", &one, &asked).unwrap(),
             r"SELECT `id`, `big`, `ok` FROM `db`.`t` WHERE `id` IN ('1', 'it\'s \\')"
         );
+        // A key that is not UTF-8 is never asked for changed.
+        let bad: Vec<Box<[u8]>> = vec![vec![b'a', 0xFF].into()];
+        assert_eq!(select_sql("db", "t", &one, &[&bad[..]]), None);
         let two = plan(&["a", "b"]);
         let keys: Vec<Box<[u8]>> = vec![b"1".to_vec().into(), b"x".to_vec().into()];
         assert_eq!(
-            select_sql("db", "t", &two, &[&keys[..], &keys[..]]),
+            select_sql("db", "t", &two, &[&keys[..], &keys[..]]).unwrap(),
             "SELECT `a`, `b`, `big`, `ok` FROM `db`.`t` WHERE (`a` = '1' AND `b` = 'x') OR (`a` = '1' AND `b` = 'x')"
         );
     }
@@ -833,10 +878,10 @@ mod tests {
         ];
         assert_eq!(&body[37..39], b"{\"");
         let mut asked = Vec::new();
-        let mut stored: Vec<Vec<Option<String>>> = vec![vec![
-            Some("1".to_string()),
-            Some("a\"b".to_string()),
-            Some("1".to_string()),
+        let mut stored: Vec<RawRow> = vec![vec![
+            Some(b"1".to_vec()),
+            Some(b"a\"b".to_vec()),
+            Some(b"1".to_vec()),
         ]];
         let (out, filled) = fill_with(body, &p, |chunk| {
             asked.push(chunk.len());
@@ -850,12 +895,20 @@ mod tests {
         );
         assert_eq!((filled.rows_read, filled.rows_missing), (1, 1));
         // The third row was not found: it keeps its JSON, StarRocks gives it NULL.
-        stored.push(vec![Some("3".to_string()), None, None]);
+        stored.push(vec![Some(b"3".to_vec()), None, None]);
         let (out, _) = fill_with(body, &p, |_| Ok::<_, ()>(stored.clone())).unwrap();
         assert!(
             std::str::from_utf8(&out)
                 .unwrap()
                 .ends_with(r#"{"big":null,"id":3,"__op":0}]"#)
+        );
+        // A value that is not UTF-8 is refused, never written changed (U+FFFD).
+        stored[1][1] = Some(vec![b'x', 0xC3]);
+        assert_eq!(
+            fill_with(body, &p, |_| Ok::<_, ()>(stored.clone())).unwrap_err(),
+            FillError::NotUtf8 {
+                column: "big".into()
+            }
         );
     }
 
@@ -888,7 +941,11 @@ mod tests {
                     .iter()
                     .map(|k| {
                         let id = String::from_utf8(k[0].to_vec()).unwrap();
-                        vec![Some(id.clone()), Some(format!("v{id}")), None]
+                        vec![
+                            Some(id.clone().into_bytes()),
+                            Some(format!("v{id}").into_bytes()),
+                            None,
+                        ]
                     })
                     .collect(),
             )
@@ -904,7 +961,10 @@ mod tests {
             &out[out.len() - 60..]
         );
         // A failed read fails the whole batch.
-        assert_eq!(fill_with(&body, &p, |_| Err("down")).unwrap_err(), "down");
+        assert_eq!(
+            fill_with(&body, &p, |_| Err("down")).unwrap_err(),
+            FillError::Read("down")
+        );
     }
 
     #[test]

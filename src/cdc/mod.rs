@@ -165,6 +165,7 @@ impl CdcError {
                 LoadError::TxnAborted { .. }
                 | LoadError::Replan { .. }
                 | LoadError::SelectRefused { .. }
+                | LoadError::NotUtf8 { .. }
                 | LoadError::Query { .. }
                 | LoadError::NotVisible { .. },
             ) => {
@@ -638,6 +639,15 @@ pub fn run_reconnecting(
             {
                 // No failure either: the cycle is loaded again, the table cut from now on.
                 tracing::warn!(%table, error = %source, "StarRocks refused to let fill-rows read this table (grant SELECT on it): its partial changes that need values StarRocks holds load as partial updates for the rest of the run, each ending the StarRocks transaction there; loading the flush cycle again from the checkpoint");
+                shared.transactions_reloaded.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Err(CdcError::Load(LoadError::NotUtf8 { table, column }))
+                if !shared.shutdown.load(Ordering::Acquire) && shared.refuse_select(&table) =>
+            {
+                // As above: StarRocks holds bytes a JSON load cannot carry unchanged; a
+                // partial update keeps them as they are.
+                tracing::warn!(%table, %column, "a value fill-rows read from StarRocks is not UTF-8 and cannot be loaded back unchanged: this table's partial changes that need values StarRocks holds load as partial updates for the rest of the run (which keep StarRocks' bytes), each ending the StarRocks transaction there; loading the flush cycle again from the checkpoint");
                 shared.transactions_reloaded.fetch_add(1, Ordering::Relaxed);
                 continue;
             }

@@ -106,8 +106,26 @@ impl Mysql {
     }
 
     /// Runs one statement and returns its text result set: the column names and the rows
-    /// (at most `ROWS_MAX`; NULL is `None`). A statement without rows gives none.
+    /// (at most `ROWS_MAX`; NULL is `None`). A statement without rows gives none. For
+    /// StarRocks' own metadata (columns, jobs, transactions: ASCII names and states); a
+    /// value that is not UTF-8 is decoded lossily here, so values read to be written back
+    /// go through [`Mysql::query_raw`].
     pub fn query(&mut self, sql: &str) -> Result<ResultSet, MysqlError> {
+        let (names, rows) = self.query_raw(sql)?;
+        let rows = rows
+            .into_iter()
+            .map(|r| {
+                r.into_iter()
+                    .map(|v| v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                    .collect()
+            })
+            .collect();
+        Ok((names, rows))
+    }
+
+    /// [`Mysql::query`] with the values as the bytes StarRocks sent (a string column may
+    /// hold bytes that are not UTF-8: written by another loader, or by a CSV load).
+    pub fn query_raw(&mut self, sql: &str) -> Result<RawResultSet, MysqlError> {
         self.seq = 0;
         let mut packet = Vec::with_capacity(sql.len() + 1);
         packet.push(0x03);
@@ -158,8 +176,8 @@ impl Mysql {
                     cur = &cur[1..];
                     values.push(None);
                 } else {
-                    let v = lenenc_str(&mut cur).ok_or(MysqlError::Protocol("row"))?;
-                    values.push(Some(v));
+                    let v = lenenc_bytes(&mut cur).ok_or(MysqlError::Protocol("row"))?;
+                    values.push(Some(v.to_vec()));
                 }
             }
             rows.push(values);
@@ -208,6 +226,9 @@ impl Mysql {
 /// A text result set: column names, then rows (NULL is `None`).
 pub type ResultSet = (Vec<String>, Vec<Vec<Option<String>>>);
 
+/// [`ResultSet`] with the values as sent.
+pub type RawResultSet = (Vec<String>, Vec<Vec<Option<Vec<u8>>>>);
+
 /// The largest payload read: one result row holds at most a key and a few values of at most
 /// 1 GB each (PostgreSQL's largest value), and pgprism reads values one row per payload.
 const PAYLOAD_BYTES_MAX: usize = 1 << 30;
@@ -242,11 +263,16 @@ fn lenenc_int(cur: &mut &[u8]) -> Option<u64> {
 }
 
 /// A length-encoded string, advancing `cur` (NULL, 0xFB, is the caller's to check).
-fn lenenc_str(cur: &mut &[u8]) -> Option<String> {
+fn lenenc_bytes<'a>(cur: &mut &'a [u8]) -> Option<&'a [u8]> {
     let len = usize::try_from(lenenc_int(cur)?).ok()?;
     let bytes = cur.get(..len)?;
     *cur = &cur[len..];
-    Some(String::from_utf8_lossy(bytes).into_owned())
+    Some(bytes)
+}
+
+/// [`lenenc_bytes`] as text (column names).
+fn lenenc_str(cur: &mut &[u8]) -> Option<String> {
+    lenenc_bytes(cur).map(|b| String::from_utf8_lossy(b).into_owned())
 }
 
 fn parse_handshake(p: &[u8]) -> Result<(Vec<u8>, String), MysqlError> {
@@ -404,6 +430,19 @@ mod tests {
         assert!(conn.read_packet().unwrap() == payload);
         assert!(conn.read_packet().unwrap() == payload[..0xFF_FFFF]);
         writer.join().unwrap();
+    }
+
+    #[test]
+    fn values_keep_their_bytes() {
+        let mut row = Vec::new();
+        row.push(3);
+        row.extend_from_slice(&[b'a', 0xFF, 0xFE]);
+        let mut cur = &row[..];
+        assert_eq!(lenenc_bytes(&mut cur), Some(&[b'a', 0xFF, 0xFE][..]));
+        assert!(cur.is_empty());
+        // Cut short: no value, no panic.
+        let mut cur = &row[..2];
+        assert_eq!(lenenc_bytes(&mut cur), None);
     }
 
     #[test]

@@ -133,6 +133,14 @@ pub enum LoadError {
         #[source]
         source: super::mysql::MysqlError,
     },
+    /// A value `fill` read from StarRocks (or a key it would ask for) is not UTF-8, and a
+    /// JSON load cannot carry it unchanged: the flush cycle is loaded again from the
+    /// checkpoint, and the table's partial changes that need StarRocks' values load as
+    /// partial updates for the rest of the run (which keep StarRocks' bytes as they are).
+    #[error(
+        "a value of {table}.{column} in StarRocks is not UTF-8: a JSON load cannot carry it unchanged"
+    )]
+    NotUtf8 { table: String, column: String },
     /// A transaction committed before is still publishing after `cdc.load-timeout-ms`: the
     /// values partial changes left out cannot be read from StarRocks before its rows are
     /// visible (see `fill`).
@@ -633,6 +641,16 @@ impl StarRocks {
     pub(super) fn query(&self, sql: &str) -> Result<super::mysql::ResultSet, LoadError> {
         self.query_conn()?
             .query(sql)
+            .map_err(|source| LoadError::Query {
+                statement: sql.chars().take(200).collect(),
+                source,
+            })
+    }
+
+    /// [`StarRocks::query`] with the values as StarRocks sent them (see `fill`).
+    pub(super) fn query_raw(&self, sql: &str) -> Result<super::mysql::RawResultSet, LoadError> {
+        self.query_conn()?
+            .query_raw(sql)
             .map_err(|source| LoadError::Query {
                 statement: sql.chars().take(200).collect(),
                 source,
