@@ -1285,6 +1285,12 @@ fn units_waiting_for_room_on_a_shared_connection_get_it_in_order() {
         "C never waited"
     );
     let d_thread = std::thread::spawn(move || answer(d.simple_query("SELECT 44").unwrap()));
+    // D waits in line behind C (in the pool's queue): both count as waiting.
+    assert!(
+        eventually(Duration::from_secs(10), || clients_waiting(&mut console)
+            == Some(2)),
+        "D was not seen waiting"
+    );
     assert_eq!(a_thread.join().unwrap().as_deref(), Some(""));
     assert_eq!(b_thread.join().unwrap().as_deref(), Some("42"));
     assert_eq!(c_thread.join().unwrap().as_deref(), Some("43"));

@@ -365,6 +365,10 @@ pub struct Pool {
     pub clients: Cell<u64>,
     pub linked: Cell<u64>,
     pub pinned: Cell<u64>,
+    /// Clients of this shard whose shareable unit waits in line for room on a shared
+    /// connection (pipelined lending), not in this pool's queue: waiting clients all the
+    /// same (SHOW POOLS `cl_waiting`, this shard's demand).
+    pub lined: Cell<usize>,
     pub counters: PoolCounters,
     /// Shared connections of this pair lingering on this shard with nothing in flight.
     lingering: Cell<usize>,
@@ -548,6 +552,7 @@ impl Pools {
             clients: Cell::new(0),
             linked: Cell::new(0),
             pinned: Cell::new(0),
+            lined: Cell::new(0),
             counters: PoolCounters::default(),
             lingering: Cell::new(0),
             demand: Cell::new(0),
@@ -1087,7 +1092,7 @@ impl Pools {
         let lends = pool.counters.lends.get();
         let lent = lends != pool.lends_seen.get();
         pool.lends_seen.set(lends);
-        let busy = pool.linked.get() as usize + pool.waiting.get();
+        let busy = pool.linked.get() as usize + pool.waiting.get() + pool.lined.get();
         let sample = busy.max(usize::from(lent)) * 16;
         let smoothed = pool.demand.get() - pool.demand.get() / 4 + sample / 4;
         pool.demand.set(smoothed);
@@ -1206,8 +1211,11 @@ impl Pools {
                 user: pool.user.to_string(),
                 pool_mode: mode,
                 cl_active: pool.linked.get(),
-                cl_waiting: pool.waiting.get() as u64,
-                cl_idle: pool.clients.get().saturating_sub(pool.linked.get()),
+                cl_waiting: (pool.waiting.get() + pool.lined.get()) as u64,
+                cl_idle: pool
+                    .clients
+                    .get()
+                    .saturating_sub(pool.linked.get() + pool.lined.get() as u64),
                 sv_active: lent as u64,
                 sv_idle: idle.len() as u64 - used,
                 sv_used: used,

@@ -676,9 +676,11 @@ impl UnitLine {
             left: Cell::new(false),
         });
         self.spots.borrow_mut().push_back(spot.clone());
+        self.pool.lined.set(self.pool.lined.get() + 1);
         InLine {
             line: self.clone(),
             spot,
+            in_pool_queue: Cell::new(false),
         }
     }
 
@@ -726,9 +728,19 @@ impl UnitLine {
 pub(super) struct InLine {
     line: Rc<UnitLine>,
     spot: Rc<Spot>,
+    /// First in line, it also waits in the pool's queue (and is counted there).
+    in_pool_queue: Cell<bool>,
 }
 
 impl InLine {
+    /// First in line, it joins the pool's queue too: counted there from now on.
+    pub(super) fn counted_by_pool(&self) {
+        if !self.in_pool_queue.replace(true) {
+            let pool = &self.line.pool;
+            pool.lined.set(pool.lined.get().saturating_sub(1));
+        }
+    }
+
     /// How many clients are ahead of this one.
     pub(super) fn ahead(&self) -> usize {
         self.line.ahead(&self.spot)
@@ -749,6 +761,10 @@ impl InLine {
 
 impl Drop for InLine {
     fn drop(&mut self) {
+        if !self.in_pool_queue.get() {
+            let pool = &self.line.pool;
+            pool.lined.set(pool.lined.get().saturating_sub(1));
+        }
         self.spot.left.set(true);
         self.spot.waker.take();
         // Whoever is first now looks for room, and waits for a connection if there is none.

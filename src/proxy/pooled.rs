@@ -1220,6 +1220,7 @@ impl Session<'_> {
                 Pipeline::nudge(shard, &pool);
             }
             acquiring.set(Some(Instant::now()));
+            place.counted_by_pool();
             let mut acquire = std::pin::pin!(pools.acquire(&pool));
             loop {
                 let got = futures_lite::future::or(async { Some((&mut acquire).await) }, async {
