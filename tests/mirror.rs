@@ -1905,6 +1905,18 @@ const SKIPPED: [&str; 7] = [
 
 #[test]
 fn pooled_mirror_replays_sixty_sessions_on_four_connections() {
+    sixty_sessions_on_four_connections(&[]);
+}
+
+/// With `pool-batch-wait-us` a connection holds the units it would write next while its last
+/// write is unanswered: every unit still arrives whole, in its session's order, with its
+/// settings and prepared statements, within the pool's four connections.
+#[test]
+fn pooled_mirror_with_a_batch_wait_replays_sixty_sessions_on_four_connections() {
+    sixty_sessions_on_four_connections(&["--mirror-pool-batch-wait-us", "1000"]);
+}
+
+fn sixty_sessions_on_four_connections(extra: &[&str]) {
     const SESSIONS: usize = 60;
     const ROUNDS: usize = 4;
     let ddl = "CREATE TABLE pooled (session int, n int, kind text, note text, \
@@ -1915,10 +1927,10 @@ fn pooled_mirror_replays_sixty_sessions_on_four_connections() {
     for inst in [&p, &m1] {
         inst.psql(ddl).unwrap();
     }
-    let proxy = Proxy::start(
-        &p.url(),
-        &["--mirror", &mirror_url(&m1), "--mirror-pool-size", "4"],
-    );
+    let url = mirror_url(&m1);
+    let mut args = vec!["--mirror", url.as_str(), "--mirror-pool-size", "4"];
+    args.extend_from_slice(extra);
+    let proxy = Proxy::start(&p.url(), &args);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = sample_pool_connections(&m1, stop.clone());
     let addr = proxy.listen;
