@@ -312,6 +312,10 @@ struct MirrorArgs {
     /// (0: send each at once).
     #[arg(long, value_name = "US")]
     mirror_flush_delay_us: Option<u64>,
+    /// Pooled mirrors: units wait up to this many microseconds for their connection's last
+    /// write to be answered, then go together in one write (0: written at once).
+    #[arg(long, value_name = "US")]
+    mirror_pool_batch_wait_us: Option<u64>,
     /// With a flush delay: time the statements of one mirror write in N (the others' answers
     /// are read in one go and only counted); 1 times every statement.
     #[arg(long, value_name = "N")]
@@ -497,6 +501,9 @@ impl MirrorArgs {
             }
             if let Some(v) = self.mirror_flush_delay_us {
                 m.flush_delay_us = v;
+            }
+            if let Some(v) = self.mirror_pool_batch_wait_us {
+                m.pool_batch_wait_us = v;
             }
             if let Some(v) = self.mirror_latency_sample_every {
                 m.latency_sample_every = v;

@@ -1909,6 +1909,18 @@ const SKIPPED: [&str; 7] = [
 
 #[test]
 fn pooled_mirror_replays_sixty_sessions_on_four_connections() {
+    sixty_sessions_on_four_connections(&[]);
+}
+
+/// With `pool-batch-wait-us` a connection holds the units it would write next while its last
+/// write is unanswered: every unit still arrives whole, in its session's order, with its
+/// settings and prepared statements, within the pool's four connections.
+#[test]
+fn pooled_mirror_with_a_batch_wait_replays_sixty_sessions_on_four_connections() {
+    sixty_sessions_on_four_connections(&["--mirror-pool-batch-wait-us", "1000"]);
+}
+
+fn sixty_sessions_on_four_connections(extra: &[&str]) {
     const SESSIONS: usize = 60;
     const ROUNDS: usize = 4;
     let ddl = "CREATE TABLE pooled (session int, n int, kind text, note text, \
@@ -1934,7 +1946,9 @@ fn pooled_mirror_replays_sixty_sessions_on_four_connections() {
         ),
     )
     .unwrap();
-    let proxy = Proxy::start(&p.url(), &["--config", config.to_str().unwrap()]);
+    let mut args = vec!["--config", config.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let proxy = Proxy::start(&p.url(), &args);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = sample_pool_connections(&m1, stop.clone());
     let addr = proxy.listen;
