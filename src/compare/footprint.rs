@@ -7,6 +7,8 @@
 //! CALL, DO, unknown statements) touches everything ("wild"). It never looks inside
 //! functions: a function that writes a table the statement does not name is a known limit.
 
+use std::sync::Arc;
+
 use crate::sql;
 
 /// The relations one statement (or one sync point, or a transaction so far) touches, and
@@ -14,11 +16,13 @@ use crate::sql;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Footprint {
     /// Hashes of the relation names (unqualified, folded to lower case unless quoted), sorted
-    /// and without duplicates.
-    pub lanes: Vec<u64>,
+    /// and without duplicates. Shared, as `probes`: a footprint is copied several times per
+    /// sync point (what it touched as it started, in flight, pending in the ledger), and a
+    /// copy of two vectors cost two allocations and their release each time.
+    pub lanes: Arc<[u64]>,
     /// The rows of some of those relations, sorted by lane: a relation with probes is
     /// touched only in rows that match one of them; one without is touched whole.
-    pub probes: Vec<Probe>,
+    pub probes: Arc<[Probe]>,
     /// It writes (or locks rows of) what it touches.
     pub write: bool,
     /// It may touch any relation.
@@ -123,8 +127,8 @@ impl Footprint {
     /// Every relation, written.
     pub fn wild() -> Footprint {
         Footprint {
-            lanes: Vec::new(),
-            probes: Vec::new(),
+            lanes: Arc::default(),
+            probes: Arc::default(),
             write: true,
             wild: true,
             ends: false,
@@ -189,8 +193,8 @@ impl Footprint {
             i += usize::from(in_self);
             j += usize::from(in_other);
         }
-        self.lanes = lanes;
-        self.probes = probes;
+        self.lanes = lanes.into();
+        self.probes = probes.into();
     }
 
     /// Whether a sync point of this footprint waits for an earlier conflicting one that
@@ -304,7 +308,7 @@ impl Footprint {
         }
         let mut probes: Vec<Probe> = Vec::with_capacity(self.probes.len());
         let mut whole: Vec<u64> = Vec::new();
-        for probe in &self.probes {
+        for probe in self.probes.iter() {
             if !probe.pairs.iter().any(|&(_, v)| unbound(v)) {
                 probes.push(probe.clone());
                 continue;
@@ -329,7 +333,7 @@ impl Footprint {
         probes.retain(|p| !whole.contains(&p.lane));
         Footprint {
             lanes: self.lanes.clone(),
-            probes,
+            probes: probes.into(),
             write: self.write,
             wild: self.wild,
             ends: self.ends,
@@ -715,8 +719,8 @@ pub(super) fn scan_with(text: &str, class: sql::Class, lits: Option<&Lits>) -> S
     };
     let footprint = match class {
         sql::Class::Select => Footprint {
-            probes: rows(&lanes),
-            lanes,
+            probes: rows(&lanes).into(),
+            lanes: lanes.into(),
             write: locks_rows,
             wild: false,
             ends: false,
@@ -727,8 +731,8 @@ pub(super) fn scan_with(text: &str, class: sql::Class, lits: Option<&Lits>) -> S
                 Footprint::wild()
             } else {
                 Footprint {
-                    probes: rows(&lanes),
-                    lanes,
+                    probes: rows(&lanes).into(),
+                    lanes: lanes.into(),
                     write: true,
                     wild: false,
                     ends: false,
@@ -1265,7 +1269,7 @@ mod tests {
                 .get(usize::from(n) - 1)
                 .and_then(|v| text_value(v.as_bytes(), false))
         });
-        f.probes.into_iter().map(|p| p.pairs.to_vec()).collect()
+        f.probes.iter().map(|p| p.pairs.to_vec()).collect()
     }
 
     fn col(name: &str) -> u64 {
