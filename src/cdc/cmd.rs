@@ -79,6 +79,9 @@ pub struct CdcArgs {
     /// Chunks each snapshot worker reads ahead of the stream's verdicts.
     #[arg(long)]
     snapshot_chunks_in_flight: Option<usize>,
+    /// Chunks planned ahead of the snapshot workers.
+    #[arg(long)]
+    snapshot_chunks_planned_ahead: Option<usize>,
     /// `csv` (COPY in CSV, passed to Stream Load as it comes) or `json`.
     #[arg(long, value_parser = ["csv", "json"])]
     snapshot_format: Option<String>,
@@ -190,6 +193,9 @@ impl CdcArgs {
         }
         if let Some(v) = self.snapshot_chunks_in_flight {
             cfg.snapshot_chunks_in_flight = v;
+        }
+        if let Some(v) = self.snapshot_chunks_planned_ahead {
+            cfg.snapshot_chunks_planned_ahead = v;
         }
         if let Some(v) = self.stream_buffer_bytes_max {
             cfg.stream_buffer_bytes_max = v;

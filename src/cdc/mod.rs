@@ -551,6 +551,10 @@ fn validate_limits(cfg: &CdcConfig) -> Result<(), ConfigError> {
             cfg.snapshot_chunks_in_flight as u64,
         ),
         (
+            "snapshot-chunks-planned-ahead",
+            cfg.snapshot_chunks_planned_ahead as u64,
+        ),
+        (
             "snapshot-chunk-attempts-max",
             u64::from(cfg.snapshot_chunk_attempts_max),
         ),
@@ -578,6 +582,12 @@ fn validate_limits(cfg: &CdcConfig) -> Result<(), ConfigError> {
         return Err(key_error(
             "snapshot-chunks-in-flight",
             "expected at most 64 (each is a chunk held in memory per worker)",
+        ));
+    }
+    if cfg.snapshot_chunks_planned_ahead > 64 {
+        return Err(key_error(
+            "snapshot-chunks-planned-ahead",
+            "expected at most 64 (each is a chunk recorded as planned before it is read)",
         ));
     }
     if cfg.flush_bytes > 100 << 20 {

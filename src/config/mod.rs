@@ -802,6 +802,9 @@ pub struct CdcConfig {
     /// Chunks a snapshot worker reads ahead while the stream has not yet taken the ones it
     /// read before (each held in memory until its high watermark comes through the stream).
     pub snapshot_chunks_in_flight: usize,
+    /// Chunks planned (key range found and recorded) ahead of the workers, on a connection of
+    /// their own, so that a worker never waits for the next chunk's bound before it reads.
+    pub snapshot_chunks_planned_ahead: usize,
     /// Attempts per snapshot chunk (a chunk is read again when its watermark window cannot
     /// be trusted) before the snapshot fails.
     pub snapshot_chunk_attempts_max: u32,
@@ -888,6 +891,7 @@ impl Default for CdcConfig {
             snapshot_chunk_rows: 50_000,
             snapshot_workers: 2,
             snapshot_chunks_in_flight: 4,
+            snapshot_chunks_planned_ahead: 2,
             snapshot_chunk_attempts_max: 5,
             snapshot_window_keys_max: 1_000_000,
             snapshot_format: CdcSnapshotFormat::Csv,
