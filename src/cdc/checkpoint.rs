@@ -112,15 +112,17 @@ impl Checkpoints {
 
     /// The stored position, if any.
     pub fn load(&mut self) -> Result<Option<Lsn>, PgError> {
+        Ok(self.slot_value("lsn::text")?.and_then(|t| Lsn::parse(&t)))
+    }
+
+    /// One value (`expr`) of this slot's row, if the row and the value exist.
+    fn slot_value(&mut self, expr: &str) -> Result<Option<String>, PgError> {
         let rows = self.conn.query(&format!(
-            "SELECT lsn::text FROM {} WHERE slot = {}",
+            "SELECT {expr} FROM {} WHERE slot = {}",
             self.table,
             quote_literal(&self.slot)
         ))?;
-        Ok(rows
-            .first()
-            .and_then(|r| r.first().cloned().flatten())
-            .and_then(|t| Lsn::parse(&t)))
+        Ok(rows.first().and_then(|r| r.first().cloned().flatten()))
     }
 
     /// Records an initial-snapshot chunk as done (its rows are in StarRocks).
@@ -152,14 +154,8 @@ impl Checkpoints {
     /// The labels [`Checkpoints::store`] last recorded as still publishing (labels hold only
     /// `[-_A-Za-z0-9]`, so they are stored separated by spaces).
     pub fn load_publishing(&mut self) -> Result<Vec<String>, PgError> {
-        let rows = self.conn.query(&format!(
-            "SELECT publishing FROM {} WHERE slot = {}",
-            self.table,
-            quote_literal(&self.slot)
-        ))?;
-        Ok(rows
-            .first()
-            .and_then(|r| r.first().cloned().flatten())
+        Ok(self
+            .slot_value("publishing")?
             .map(|t| t.split_ascii_whitespace().map(str::to_string).collect())
             .unwrap_or_default())
     }

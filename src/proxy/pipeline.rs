@@ -227,6 +227,15 @@ impl Pipeline {
         pipeline
     }
 
+    /// Whether this pipeline carries units of `pool` with `settings` at all: not retired,
+    /// and (while clients wait for a connection of their own) not past its share of units.
+    fn takes_units_of(&self, pool: &Rc<Pool>, settings: u64) -> bool {
+        Rc::ptr_eq(&self.pool, pool)
+            && self.settings == settings
+            && !self.retired.get()
+            && (pool.waiting() == 0 || self.served.get() < SERVED_PER_DEPTH * self.depth_max as u64)
+    }
+
     /// A pipeline of `pool` on this shard that takes one more unit of `bytes` with
     /// `settings`. Without `pressed` (connections to spare) only one with nothing in flight,
     /// where the unit waits behind no other.
@@ -252,13 +261,9 @@ impl Pipeline {
             .borrow()
             .iter()
             .filter(|p| {
-                Rc::ptr_eq(&p.pool, pool)
-                    && p.settings == settings
-                    && !p.retired.get()
+                p.takes_units_of(pool, settings)
                     && p.queue.borrow().len() < if pressed { p.depth_max } else { 1 }
                     && p.outbox.borrow().len() + bytes <= QUEUED_BYTES_MAX
-                    && (pool.waiting() == 0
-                        || p.served.get() < SERVED_PER_DEPTH * p.depth_max as u64)
             })
             .min_by_key(|p| (p.outbox.borrow().is_empty(), p.queue.borrow().len()))
             .cloned()
@@ -278,13 +283,7 @@ impl Pipeline {
             .pipelines
             .borrow()
             .iter()
-            .filter(|p| {
-                Rc::ptr_eq(&p.pool, pool)
-                    && p.settings == settings
-                    && !p.retired.get()
-                    && (pool.waiting() == 0
-                        || p.served.get() < SERVED_PER_DEPTH * p.depth_max as u64)
-            })
+            .filter(|p| p.takes_units_of(pool, settings))
             .map(|p| p.depth_max.saturating_sub(p.queue.borrow().len()))
             .sum()
     }
