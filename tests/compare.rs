@@ -1891,8 +1891,8 @@ fn answers_before_a_primary_answer_pgprism_cannot_read_reach_the_client_before_i
 /// A shadow answer pgprism cannot read (a row beyond `--message-bytes-max` on the shadow
 /// alone) costs only the comparing: the client gets the primary's answer and its session goes
 /// on (report mode, fail-on-differences, the client side pooled too); the shadow's session is
-/// dropped and counted (a protocol error, a lost shadow). With the shadow as the source of
-/// truth the client's answers are the shadow's: its session ends with pgprism's FATAL (08P01).
+/// dropped and counted (a protocol error, a lost shadow), also when the shadow is pooled. With
+/// the shadow as the source of truth the client's answers are the shadow's: its session ends with pgprism's FATAL (08P01).
 #[test]
 fn a_shadow_answer_pgprism_cannot_read_ends_only_the_comparing() {
     use std::io::Write;
@@ -1902,7 +1902,14 @@ fn a_shadow_answer_pgprism_cannot_read_ends_only_the_comparing() {
         p.shadow.port()
     );
     let fail_pooled = [&["--fail-on-differences"], support::TRANSACTION_POOLING].concat();
-    for mode in [&[][..], &["--fail-on-differences"][..], &fail_pooled[..]] {
+    let shadow_pooled = ["--shadow-pool-size", "2"];
+    let modes = [
+        &[][..],
+        &["--fail-on-differences"][..],
+        &fail_pooled[..],
+        &shadow_pooled[..],
+    ];
+    for mode in modes {
         let mut args = vec!["--message-bytes-max", "4096"];
         args.extend_from_slice(mode);
         let proxy = p.proxy(&args);

@@ -676,6 +676,12 @@ impl Lease {
                 Poll::Ready(Ok(0) | Err(_)) => self.lost(),
                 Poll::Ready(Ok(_)) => {
                     if !self.digest() {
+                        // A message pgprism cannot read: the bytes from it on go to the
+                        // session as they are, so its pump meets the bad message, counts it
+                        // as a protocol error and ends the comparing, as with a shadow
+                        // connection of the session's own; the connection is not lent again.
+                        let rest = self.rbuf.borrow_mut().split();
+                        self.ready.borrow_mut().extend_from_slice(&rest);
                         self.lost();
                     }
                 }
