@@ -23,11 +23,9 @@ use support::{eventually, http_get, pgprism_command};
 /// Generous bound on anything that should take a second: upgrades, exits, ready lines.
 const DEADLINE: Duration = Duration::from_secs(60);
 
-fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pgprism-upgrade-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A directory of the test's own, removed when the test ends (passed or not).
+fn scratch(tag: &str) -> support::TempDir {
+    support::TempDir::new(&format!("upgrade-{tag}"))
 }
 
 /// Whether the process is gone: no such pid, or a zombie nobody reaped (the old process's
