@@ -709,7 +709,12 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     if cfg.transaction_mode != crate::config::CdcTransactionMode::None
         && !prepared.incarnation.is_empty()
     {
-        txn::roll_back_leftovers(&sink, &pcfg.label_prefix);
+        let targets: Vec<&str> = prepared
+            .tables
+            .iter()
+            .map(|t| setup::split_table(&t.name).1)
+            .collect();
+        txn::roll_back_leftovers(&sink, &pcfg.label_prefix, &targets);
     }
     // Checked by the process's first run, then kept (see `Shared::fill_unreadable`).
     let unreadable = if pcfg.fill_rows {

@@ -1625,8 +1625,23 @@ pub(crate) const LABEL_CHARS_MAX: usize = 128;
 /// would collide once cut, and a label found in use means "already loaded". `suffix` (the
 /// LSN range, the snapshot chunk) is ASCII of the same set and short.
 pub(crate) fn starrocks_label(name: &str, suffix: &str) -> String {
-    let name: String = name
-        .chars()
+    let name = label_chars(name);
+    if name.len() + 1 + suffix.len() <= LABEL_CHARS_MAX {
+        format!("{name}-{suffix}")
+    } else {
+        format!("{}-{suffix}", hashed_label_name(&name))
+    }
+}
+
+/// What a label of `name` starts with when [`starrocks_label`] replaces the name by its hash
+/// (`{hash}-`): how leftovers of a long name are found again.
+pub(crate) fn hashed_label_prefix(name: &str) -> String {
+    format!("{}-", hashed_label_name(&label_chars(name)))
+}
+
+/// `name` with anything but ASCII letters, digits, `-` and `_` replaced by `_`.
+pub(crate) fn label_chars(name: &str) -> String {
+    name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
                 c
@@ -1634,12 +1649,11 @@ pub(crate) fn starrocks_label(name: &str, suffix: &str) -> String {
                 '_'
             }
         })
-        .collect();
-    if name.len() + 1 + suffix.len() <= LABEL_CHARS_MAX {
-        format!("{name}-{suffix}")
-    } else {
-        format!("{:016x}-{suffix}", fnv1a(name.as_bytes()))
-    }
+        .collect()
+}
+
+fn hashed_label_name(name: &str) -> String {
+    format!("{:016x}", fnv1a(name.as_bytes()))
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {

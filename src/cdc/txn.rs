@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::failpoint;
 use super::fill::{FillPlan, Filled, Publishing};
-use super::pipeline::{Batch, BodyFormat};
+use super::pipeline::{Batch, BodyFormat, hashed_label_prefix, label_chars};
 use super::starrocks::{LoadError, LoadOutcome, StarRocks, TxnReply};
 use crate::config::CdcTransactionMode;
 
@@ -662,25 +662,24 @@ fn commit(sink: &mut StarRocks, label: &str, table: Option<&str>) -> Result<bool
 /// until StarRocks' own timeout (`transaction-timeout-ms`). Its rows are past the checkpoint
 /// and come again from the stream, so nothing is lost.
 ///
-/// Found by label prefix (`prefix`: `{slot}-{incarnation}`, which no other slot's labels
-/// share) among the database's unfinished transactions, `SHOW PROC
+/// Found by label prefix among the database's unfinished transactions, `SHOW PROC
 /// '/transactions/<DbId>/running'` (StarRocks' SHOW PROC tree; it needs the SYSTEM-level
-/// OPERATE privilege). Prepared ones are left alone: a replay commits those by label. Best
-/// effort: a listing StarRocks refuses (no privilege) or cannot give is warned about, and
-/// those transactions end at StarRocks' timeout as before. Returns the labels rolled back.
-pub fn roll_back_leftovers(sink: &StarRocks, prefix: &str) -> Vec<String> {
-    // Labels hold `[-_A-Za-z0-9]` only (see `pipeline::starrocks_label`).
-    let mut wanted: String = prefix
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    wanted.push('-');
+/// OPERATE privilege): `{prefix}-` (`prefix`: `{slot}-{incarnation}`, which no other slot's
+/// labels share), or, for a name too long for a label (see [`starrocks_label`]), the hash
+/// prefix of `{prefix}-{target}` for each of `targets` (the run's StarRocks tables; a table
+/// no longer configured is not looked for under its hash). Prepared ones are left alone: a
+/// replay commits those by label. Best effort: a listing StarRocks refuses (no privilege) or
+/// cannot give is warned about, and those transactions end at StarRocks' timeout as before.
+/// Returns the labels rolled back.
+///
+/// [`starrocks_label`]: crate::cdc::pipeline::starrocks_label
+pub fn roll_back_leftovers(sink: &StarRocks, prefix: &str, targets: &[&str]) -> Vec<String> {
+    let mut wanted = vec![format!("{}-", label_chars(prefix))];
+    wanted.extend(
+        targets
+            .iter()
+            .map(|target| hashed_label_prefix(&format!("{prefix}-{target}"))),
+    );
     let open = match open_transactions(sink) {
         Ok(open) => open,
         Err(e) => {
@@ -690,7 +689,7 @@ pub fn roll_back_leftovers(sink: &StarRocks, prefix: &str) -> Vec<String> {
     };
     let mut done = Vec::new();
     for (label, state) in open {
-        if state != "PREPARE" || !label.starts_with(&wanted) {
+        if state != "PREPARE" || !wanted.iter().any(|w| label.starts_with(w.as_str())) {
             continue;
         }
         match sink.txn_call("rollback", &label, None, None) {
