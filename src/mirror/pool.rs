@@ -44,16 +44,6 @@ use crate::wire::{self, ObjectKind, tag};
 /// and the units that follow prepare again what they use.
 const CONNECTION_NAMES_MAX: usize = 10_000;
 
-/// A session bound to a connection that awaits this many more answers than the least busy
-/// open connection of its pool stops adding units to it: its next unit waits until the
-/// session's answers there are in, then goes to the least busy connection. Without it a
-/// connection that fell behind kept every session it had (each session's next unit came
-/// before its last was answered) and took the unbound ones too: measured at 16 pgbench
-/// clients on the loaded 2-core machine, 2 of 8 connections held 0.9 and 2.5 MB unsent
-/// while the others idled, and 15-30% of a run's statements waited 1 to 2.5 s. Not a
-/// config key: it only decides where units go, every bound stays in force.
-const REBIND_BEHIND: usize = 8;
-
 /// What a frame of a unit does to the connection's prepared statements (statement and
 /// SQL-level names share one namespace). The unnamed statement is never followed: a unit
 /// that uses it without parsing it parses it again.
@@ -349,16 +339,6 @@ impl Pool {
         }
     }
 
-    /// The least busy open connection that is not retiring.
-    fn least_busy(&self) -> Option<Rc<Conn>> {
-        self.conns
-            .borrow()
-            .iter()
-            .filter(|c| c.up.get() && !c.retire.get())
-            .min_by_key(|c| c.load())
-            .cloned()
-    }
-
     fn conn(&self, id: u64) -> Option<Rc<Conn>> {
         self.conns.borrow().iter().find(|c| c.id == id).cloned()
     }
@@ -577,11 +557,6 @@ impl Conn {
         }
     }
 
-    /// How busy the connection is: the sync points it awaits answers for.
-    fn load(&self) -> usize {
-        self.inflight.borrow().len()
-    }
-
     /// Open, with nothing to send and nothing in flight.
     fn idle(&self) -> bool {
         self.up.get() && self.outbox.borrow().is_empty() && self.inflight.borrow().is_empty()
@@ -743,12 +718,9 @@ fn backoff(cfg: &crate::config::MirrorConfig, attempt: u32) -> Duration {
 /// What a connection's choice of units depends on, read once per look at the units waiting.
 struct Turn {
     now: Instant,
-    /// This is the first open connection (or none is open), or without a batch wait one of
-    /// the least busy: it takes the units of sessions bound to none at once.
+    /// This is the first open connection (or none is open): it takes the units of sessions
+    /// bound to none at once.
     first: bool,
-    /// This connection awaits `REBIND_BEHIND` or more answers beyond the least busy one: the
-    /// sessions bound to it add nothing until their answers are in.
-    behind: bool,
 }
 
 /// One open connection of a place: its writer and its reader, two futures taking turns.
@@ -777,19 +749,16 @@ impl Live<'_> {
     /// What decides which units this connection may take now: the time, and with a batch
     /// wait whether this is the first open connection.
     fn turn(&self) -> Turn {
-        let load = self.conn.load();
-        let least = self.pool.least_busy().map_or(load, |c| c.load());
         let first = match self.batch_wait() {
             Some(wait) => self
                 .pool
                 .first_open(wait)
                 .is_none_or(|c| c.id == self.conn.id),
-            None => load <= least,
+            None => true,
         };
         Turn {
             now: Instant::now(),
             first,
-            behind: load >= least + REBIND_BEHIND,
         }
     }
 
@@ -798,7 +767,7 @@ impl Live<'_> {
     /// batch wait out.
     fn eligible(&self, unit: &Unit, turn: &Turn) -> bool {
         match unit.share.bound.get() {
-            Some(b) => b == self.conn.id && !turn.behind,
+            Some(b) => b == self.conn.id,
             None => turn.first || self.overdue(unit, turn.now),
         }
     }
@@ -837,7 +806,6 @@ impl Live<'_> {
                 return false;
             }
             let out = self.take(&mut batch);
-            self.pass_on();
             if !out.is_empty() {
                 if !self.write(out).await {
                     return false;
@@ -861,23 +829,6 @@ impl Live<'_> {
                 return true;
             }
             self.wait_for_work().await;
-        }
-    }
-
-    /// Units of sessions bound to no connection that this one left (it is not among the
-    /// least busy) go to the least busy one: wake it.
-    fn pass_on(&self) {
-        let unbound = self
-            .pool
-            .ready
-            .borrow()
-            .iter()
-            .any(|u| u.share.bound.get().is_none());
-        if unbound
-            && let Some(least) = self.pool.least_busy()
-            && least.id != self.conn.id
-        {
-            least.wake_writer();
         }
     }
 
@@ -924,12 +875,9 @@ impl Live<'_> {
     fn take(&self, batch: &mut BytesMut) -> Bytes {
         batch.clear();
         let mut single: Option<Bytes> = None;
-        // Which units this connection may take is decided once per write: its own sends
-        // would otherwise make it stop taking unbound units halfway (see `Turn::first`).
-        let turn = self.turn();
-        let now = turn.now;
+        let now = Instant::now();
         loop {
-            if self.conn.outbox.borrow().is_empty() && !self.pull(&turn) {
+            if self.conn.outbox.borrow().is_empty() && !self.pull(now) {
                 break;
             }
             let next_sync = self
@@ -1034,11 +982,11 @@ impl Live<'_> {
 
     /// Takes the oldest unit this connection may take into its outbox, after what makes the
     /// connection match the unit's session. False when there is none.
-    fn pull(&self, turn: &Turn) -> bool {
-        let now = turn.now;
+    fn pull(&self, now: Instant) -> bool {
+        let turn = Turn { now, ..self.turn() };
         let unit = {
             let mut ready = self.pool.ready.borrow_mut();
-            let Some(at) = ready.iter().position(|u| self.eligible(u, turn)) else {
+            let Some(at) = ready.iter().position(|u| self.eligible(u, &turn)) else {
                 return false;
             };
             ready.remove(at)
@@ -1452,15 +1400,13 @@ impl Live<'_> {
             }
         }
         self.front_changed();
-        // A session unbound now may have units waiting that other connections skipped (or
-        // that waited for its answers here while this connection was behind).
+        // A session unbound now may have units waiting that other connections skipped.
         if units_done && !self.pool.ready.borrow().is_empty() {
             for conn in self.pool.conns.borrow().iter() {
                 if conn.id != self.conn.id && conn.idle() {
                     conn.wake_writer();
                 }
             }
-            self.pass_on();
         }
     }
 }
