@@ -56,7 +56,11 @@
 #   PORT_BASE=26400           ports PORT_BASE+1 to +39 (below the ephemeral range)
 #
 # p99: every transaction's latency from pgbench's per-transaction log (-l), the 99th
-# percentile over all rounds of the cell. Mirror lag: pgprism's admin `/metrics` gauge
+# percentile over all rounds of the cell. Mirror lag p99: from pgprism's admin `/metrics`
+# histogram `pgprism_mirror_lag_seconds` (every message's queueing delay, read of the client's
+# message to its write to the mirror), the difference of its buckets before and after each run
+# summed over the cell's rounds; the table gives the upper bound of the bucket holding the 99th
+# percentile and the share of messages that waited longer than 5 ms. Mirror lag max/s: the gauge
 # `pgprism_mirror_lag_seconds_micro` (the longest queueing delay of each 1 s report interval),
 # sampled once a second during the run; the table gives the p99 of those samples, an upper
 # bound of the statements' lag p99. CPU per transaction counts the whole pgbench run, so at
@@ -302,6 +306,27 @@ mirror_counters() {
     /^pgprism_mirror_(skipped_[a-z_]*|units_lost)_total/ {s += $2}
     END {print n + 0, s + 0}' || true
 }
+# mirror_lag_buckets ADMIN: "LE COUNT" per bucket of the mirror lag histogram (summed over
+# mirrors), LE in microseconds ("inf" last).
+mirror_lag_buckets() {
+  curl -s --max-time 2 "http://$1/metrics" 2>/dev/null | awk '
+    /^pgprism_mirror_lag_seconds_bucket/ {
+      match($0, /le="[^"]*"/); le = substr($0, RSTART + 4, RLENGTH - 5)
+      k = (le == "+Inf") ? "inf" : sprintf("%d", le * 1e6 + 0.5)
+      if (!(k in n)) order[++m] = k
+      n[k] += $2 }
+    END {for (i = 1; i <= m; i++) print order[i], n[order[i]]}' || true
+}
+# lag_p99 FILE: from "LE COUNT" lines (differences of runs, several per bucket), the bound of
+# the bucket holding the 99th percentile in ms ("≤ B"), and the share above 5 ms in percent.
+lag_p99() {
+  awk '{if (!($1 in n)) order[++m] = $1; n[$1] += $2}
+    END {
+      total = n["inf"]; if (total <= 0) {print "- | -"; exit}
+      for (i = 1; i <= m; i++) if (n[order[i]] >= 0.99 * total) {
+        p = (order[i] == "inf") ? "> " order[i - 1] / 1000 : "≤ " order[i] / 1000; break }
+      printf "%s | %.2f\n", p, 100 * (total - n["5000"]) / total }' "$1"
+}
 mirror_lag_us() {
   curl -s --max-time 1 "http://$1/metrics" 2>/dev/null |
     awk '/^pgprism_mirror_lag_seconds_micro/ {if ($2 > m) m = $2; n++} END {if (n) print m + 0}' || true
@@ -331,7 +356,8 @@ run_one() {
   local args=(-h "$CLIENT_HOST" -p "$port" -U postgres -n "${WL[@]}" -M "$mode" -c "$c" -j "$JOBS" -T $((DURATION + slack)))
   [ "$LATENCY_LOG" = 1 ] && args+=(-l --log-prefix "$prefix")
   rm -f "$prefix".*
-  [ -n "$admin" ] && counters_before=$(mirror_counters "$admin")
+  [ -n "$admin" ] && counters_before=$(mirror_counters "$admin") &&
+    mirror_lag_buckets "$admin" >"$WORK/lat/buckets.before"
   before=$(proc_ticks "$pid")
   timeout -k 10 $((DURATION + slack + GRACE)) pgbench "${args[@]}" postgres >"$out" 2>&1 &
   local bp=$!
@@ -389,6 +415,8 @@ run_one() {
     sleep 1.2
     local counters_after
     counters_after=$(mirror_counters "$admin")
+    mirror_lag_buckets "$admin" | awk 'NR == FNR {b[$1] = $2; next} {print $1, $2 - b[$1]}' \
+      "$WORK/lat/buckets.before" - >>"$WORK/lat/$key.hist" || true
     MIRRORED[$key]=$((${MIRRORED[$key]:-0} + ${counters_after% *} - ${counters_before% *}))
     SKIPPED[$key]=$((${SKIPPED[$key]:-0} + ${counters_after#* } - ${counters_before#* }))
   fi
@@ -438,7 +466,7 @@ failed_cell() { [ -n "${FAILS[$1]:-}" ] || [ -n "${DIED[$1]:-}" ]; }
   hdr="| clients | mode | target | TPS | p99 ms | CPU µs/tx | TPS ÷ PgB | CPU ÷ PgB |"
   sep="|---:|---|---|---:|---:|---:|---:|---:|"
   [ -n "$FLOOR" ] && { hdr+=" CPU ÷ floor |"; sep+="---:|"; }
-  [ -n "$MIRROR" ] && { hdr+=" mirror stmts/tx | mirror lag p99 ms | mirror skipped+lost |"; sep+="---:|---:|---:|"; }
+  [ -n "$MIRROR" ] && { hdr+=" mirror stmts/tx | mirror lag p99 ms | lag > 5 ms % | lag max/s p99 ms | mirror skipped+lost |"; sep+="---:|---:|---:|---:|---:|"; }
   echo "$hdr failures |"
   echo "$sep---|"
   for c in $CLIENTS; do
@@ -462,13 +490,14 @@ failed_cell() { [ -n "${FAILS[$1]:-}" ] || [ -n "${DIED[$1]:-}" ]; }
           if [ -n "${PORT[${fk##*|}]:-}" ] && ! failed_cell "$fk"; then row+=" $(ratio "$cpu" "$(cpu_of "$fk")") |"; else row+=" - |"; fi
         fi
         if [ -n "$MIRROR" ]; then
-          lag=- skipped=- mirrored=-
+          lag=- skipped=- mirrored=- hist="- | -"
           if [ -n "${ADMIN[$t]:-}" ]; then
             [ -s "$WORK/lat/$k.lag" ] && lag=$(awk -v u="$(percentile 99 "$WORK/lat/$k.lag")" 'BEGIN {printf "%.2f", u / 1000}')
+            [ -s "$WORK/lat/$k.hist" ] && hist=$(lag_p99 "$WORK/lat/$k.hist")
             skipped=${SKIPPED[$k]:-0}
             [ "${TXNS_SUM[$k]:-0}" -gt 0 ] && mirrored=$(awk -v m="${MIRRORED[$k]:-0}" -v n="${TXNS_SUM[$k]}" 'BEGIN {printf "%.2f", m / n}')
           fi
-          row+=" $mirrored | $lag | $skipped |"
+          row+=" $mirrored | $hist | $lag | $skipped |"
         fi
         f=${FAILS[$k]:-}
         [ -n "${DIED[$k]:-}" ] && [ -z "$f" ] && f="process exited (log in $LOGS)"

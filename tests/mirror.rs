@@ -1920,6 +1920,24 @@ fn pooled_mirror_with_a_batch_wait_replays_sixty_sessions_on_four_connections() 
     sixty_sessions_on_four_connections(&["--mirror-pool-batch-wait-us", "1000"]);
 }
 
+/// The messages written to the mirror (`pgprism_mirror_messages_total`) and the cumulative
+/// buckets of `pgprism_mirror_lag_seconds` from one scrape, `+Inf` last.
+fn lag_histogram(proxy: &Proxy) -> (u64, Vec<u64>) {
+    let (_, body) = proxy.admin_get("/metrics");
+    let value = |l: &str| l.rsplit(' ').next().and_then(|v| v.parse::<u64>().ok());
+    let sent = body
+        .lines()
+        .filter(|l| l.starts_with("pgprism_mirror_messages_total{"))
+        .filter_map(value)
+        .sum();
+    let buckets = body
+        .lines()
+        .filter(|l| l.starts_with("pgprism_mirror_lag_seconds_bucket{"))
+        .filter_map(value)
+        .collect();
+    (sent, buckets)
+}
+
 fn sixty_sessions_on_four_connections(extra: &[&str]) {
     const SESSIONS: usize = 60;
     const ROUNDS: usize = 4;
@@ -1999,6 +2017,15 @@ fn sixty_sessions_on_four_connections(extra: &[&str]) {
     assert_eq!(
         proxy.metric("pgprism_mirror_errors_total"),
         0,
+        "{}",
+        proxy.admin_get("/metrics").1
+    );
+    // Every message written to the mirror has its queueing delay in the lag histogram.
+    assert!(
+        eventually(CONVERGED, || {
+            let (sent, lag) = lag_histogram(&proxy);
+            sent > 0 && lag.last() == Some(&sent) && lag.windows(2).all(|w| w[0] <= w[1])
+        }),
         "{}",
         proxy.admin_get("/metrics").1
     );

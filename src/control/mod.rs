@@ -129,6 +129,7 @@ impl ControlState {
                         x.queue_messages += m.queue_messages;
                         x.queue_bytes += m.queue_bytes;
                         x.lag_us = x.lag_us.max(m.lag_us);
+                        let _ = x.lag_hist_us.add(&m.lag_hist_us);
                         let _ = x.latency_us.add(&m.latency_us);
                         for (code, n) in &m.errors_by_code {
                             *x.errors_by_code.entry(code.clone()).or_insert(0) += n;

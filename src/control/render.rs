@@ -111,6 +111,7 @@ fn mirror_metrics(out: &mut String, state: &ControlState) {
     mirror_gauges(out, &mirrors);
     mirror_errors(out, &mirrors);
     mirror_latency(out, &mirrors);
+    mirror_lag(out, &mirrors);
     statement_latency(out, state, &mirrors);
 }
 
@@ -214,6 +215,50 @@ fn mirror_latency(out: &mut String, mirrors: &[MirrorReport]) {
             m.name,
             m.latency_us.len()
         );
+    }
+}
+
+/// Upper bounds (microseconds) of the buckets of `pgprism_mirror_lag_seconds`: fine around
+/// the few milliseconds a lag target is set at, so a scraper (or a benchmark taking the
+/// difference of two scrapes) reads a percentile of one interval to a bucket.
+const LAG_BUCKETS_US: [u64; 18] = [
+    50, 100, 250, 500, 1_000, 2_000, 3_000, 4_000, 5_000, 7_500, 10_000, 25_000, 50_000, 100_000,
+    250_000, 500_000, 1_000_000, 2_500_000,
+];
+
+/// Each mirror's queueing delay (read of a client message to its write to the mirror) as a
+/// cumulative histogram of every message sent.
+fn mirror_lag(out: &mut String, mirrors: &[MirrorReport]) {
+    let name = "pgprism_mirror_lag_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} how long each message waited before its write to the mirror"
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for m in mirrors {
+        let h = &m.lag_hist_us;
+        for bound in LAG_BUCKETS_US {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{mirror=\"{}\",le=\"{}\"}} {}",
+                m.name,
+                bound as f64 / 1e6,
+                h.count_between(0, bound)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{mirror=\"{}\",le=\"+Inf\"}} {}",
+            m.name,
+            h.len()
+        );
+        let sum: f64 = h
+            .iter_recorded()
+            .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
+            .sum::<f64>()
+            / 1e6;
+        let _ = writeln!(out, "{name}_sum{{mirror=\"{}\"}} {sum}", m.name);
+        let _ = writeln!(out, "{name}_count{{mirror=\"{}\"}} {}", m.name, h.len());
     }
 }
 
@@ -413,6 +458,7 @@ fn mirror_status(m: &MirrorReport) -> sonic_rs::Value {
         "queue_messages": m.queue_messages,
         "queue_bytes": m.queue_bytes,
         "lag_us": m.lag_us,
+        "lag": latency_json(&m.lag_hist_us),
         "errors_by_sqlstate": errors,
         "latency": latency_json(&m.latency_us),
     })

@@ -69,6 +69,9 @@ pub struct MirrorStats {
     pub queue_bytes: Cell<u64>,
     /// Longest time a message waited in a queue before being written, this report interval.
     pub lag_us: Cell<u64>,
+    /// Every message's wait before being written (the interval's longest alone says little
+    /// of a percentile: one preemption of the shard sets it for the whole second).
+    pub lag_hist_us: RefCell<Histogram<u64>>,
     pub latency_us: RefCell<Histogram<u64>>,
     pub errors_by_code: RefCell<HashMap<String, u64>>,
     latency_us_max: u64,
@@ -81,6 +84,7 @@ impl MirrorStats {
             queue_messages: Cell::new(0),
             queue_bytes: Cell::new(0),
             lag_us: Cell::new(0),
+            lag_hist_us: RefCell::new(new_histogram(latency_us_max)),
             latency_us: RefCell::new(new_histogram(latency_us_max)),
             errors_by_code: RefCell::new(HashMap::new()),
             latency_us_max,
@@ -113,6 +117,9 @@ impl MirrorStats {
         if us > self.lag_us.get() {
             self.lag_us.set(us);
         }
+        self.lag_hist_us
+            .borrow_mut()
+            .saturating_record(us.clamp(1, self.latency_us_max));
     }
 
     /// A copy for the control thread; resets the per-interval lag.
@@ -124,6 +131,7 @@ impl MirrorStats {
             queue_messages: self.queue_messages.get(),
             queue_bytes: self.queue_bytes.get(),
             lag_us: self.lag_us.replace(0),
+            lag_hist_us: self.lag_hist_us.borrow().clone(),
             latency_us: self.latency_us.borrow().clone(),
             errors_by_code: self.errors_by_code.borrow().clone(),
         }
@@ -138,6 +146,8 @@ pub struct MirrorReport {
     pub queue_messages: u64,
     pub queue_bytes: u64,
     pub lag_us: u64,
+    /// Every message's wait before being written, since the start (cumulative).
+    pub lag_hist_us: Histogram<u64>,
     pub latency_us: Histogram<u64>,
     pub errors_by_code: HashMap<String, u64>,
 }
