@@ -369,6 +369,8 @@ pub struct Pool {
     /// connection (pipelined lending), not in this pool's queue: waiting clients all the
     /// same (SHOW POOLS `cl_waiting`, this shard's demand).
     pub lined: Cell<usize>,
+    /// Since when the first of them waits (SHOW POOLS `maxwait`), kept by the line.
+    pub line_since: Cell<Option<Instant>>,
     pub counters: PoolCounters,
     /// Shared connections of this pair lingering on this shard with nothing in flight.
     lingering: Cell<usize>,
@@ -456,13 +458,16 @@ impl Pool {
         waiters.front().cloned()
     }
 
-    /// The longest current wait.
+    /// The longest current wait, in the pool's queue or in the unit line (whose first
+    /// client joined the line before it joined the queue).
     fn max_wait(&self, now: Instant) -> Duration {
         self.waiters
             .borrow()
             .iter()
             .filter(|w| !w.done.get())
-            .map(|w| now.saturating_duration_since(w.since))
+            .map(|w| w.since)
+            .chain(self.line_since.get())
+            .map(|since| now.saturating_duration_since(since))
             .max()
             .unwrap_or_default()
     }
@@ -553,6 +558,7 @@ impl Pools {
             linked: Cell::new(0),
             pinned: Cell::new(0),
             lined: Cell::new(0),
+            line_since: Cell::new(None),
             counters: PoolCounters::default(),
             lingering: Cell::new(0),
             demand: Cell::new(0),
