@@ -242,6 +242,9 @@ struct Session<'a> {
     statements_in_lend: u64,
     /// `SET` frames from the startup packet.
     base: Vec<Bytes>,
+    /// The settings' hash, and the tracker's count of applied setting changes it was
+    /// worked out at (hashed again only after a change, not at every lend and return).
+    settings_hashed: Cell<Option<(u64, u64)>>,
     pinned: Option<Pin>,
     cancel_slot: Arc<AtomicU64>,
     /// Bytes for the server and for the client, gathered over a turn.
@@ -604,6 +607,7 @@ pub(super) async fn serve(
         lent_at: Instant::now(),
         statements_in_lend: 0,
         base,
+        settings_hashed: Cell::new(None),
         pinned: None,
         cancel_slot,
         to_server: BytesMut::new(),
@@ -1325,6 +1329,18 @@ impl Session<'_> {
 
     /// The client's settings: startup parameters, then what it set since.
     fn settings_hash(&self) -> u64 {
+        let applied = self.tracker.settings().applied();
+        if let Some((at, hash)) = self.settings_hashed.get()
+            && at == applied
+        {
+            return hash;
+        }
+        let hash = self.hash_settings();
+        self.settings_hashed.set(Some((applied, hash)));
+        hash
+    }
+
+    fn hash_settings(&self) -> u64 {
         // FNV-1a: a few short frames per lend, where SipHash's setup would dominate.
         let frames = self.tracker.settings().frames();
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -341,6 +341,10 @@ fn is_prepare_transaction(sql: &[u8], end: usize) -> bool {
 /// `set_config(` (optionally `pg_catalog.set_config(`) right after index `i`: the index of
 /// its opening parenthesis.
 fn set_config_call(sql: &[u8], i: usize) -> Option<usize> {
+    // Asked of every SELECT: most name neither at once (no word to uppercase then).
+    if !matches!(sql.get(skip_blank(sql, i)), Some(b's' | b'S' | b'p' | b'P')) {
+        return None;
+    }
     let (mut a, mut b) = ([0u8; 16], [0u8; 16]);
     let (mut word, mut next) = word_at(sql, i, &mut a);
     if word == b"PG_CATALOG" && sql.get(next) == Some(&b'.') {
@@ -924,8 +928,9 @@ pub fn split_statements(sql: &[u8]) -> Vec<std::ops::Range<usize>> {
                 && memchr::memchr3(b'\'', b'"', b'$', sql).is_none()
                 && !memchr::memchr2_iter(b'-', b'/', sql)
                     .any(|i| matches!(sql.get(i..i + 2), Some(b"--" | b"/*")))
-                && memchr::memchr_iter(b'(', sql).count()
-                    <= memchr::memchr_iter(b')', sql).count() =>
+                && (memchr::memchr(b'(', sql).is_none()
+                    || memchr::memchr_iter(b'(', sql).count()
+                        <= memchr::memchr_iter(b')', sql).count()) =>
         {
             return if skip_blank(&sql[..at], 0) < at {
                 std::iter::once(0..at).collect()
