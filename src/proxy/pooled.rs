@@ -2003,7 +2003,15 @@ impl Session<'_> {
         self.hidden_sql.clear();
         self.pending_sql.clear();
         self.replies.clear();
-        self.pools.release(&self.pool, conn, clean).await;
+        // The common case without an await (and without moving the connection through
+        // `release`'s future).
+        if clean {
+            if let Some(conn) = self.pools.release_now(&self.pool, conn) {
+                self.pools.release(&self.pool, conn, true).await;
+            }
+        } else {
+            self.pools.release(&self.pool, conn, false).await;
+        }
     }
 
     /// The client no longer holds a connection.
