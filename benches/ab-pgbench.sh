@@ -32,6 +32,8 @@ POOL=${POOL:-0}
 POOL_SIZE=${POOL_SIZE:-20}
 MODE=${MODE:-simple}
 TRANSPORT=${TRANSPORT:-tcp}
+# Ports PORT_BASE+1 to +5 (two agents benchmarking at once need different bases).
+PORT_BASE=${PORT_BASE:-55610}
 A=${A:-}
 B=${B:-}
 # Prebuilt binaries in both arms: no build (the tree may be mid-edit).
@@ -40,31 +42,31 @@ PGPRISM_A=${PGPRISM_A:-$PWD/target/release/pgprism}
 PGPRISM_B=${PGPRISM_B:-$PWD/target/release/pgprism}
 . benches/common.sh
 
-start_pg primary 55611
-pgbench -h 127.0.0.1 -p 55611 -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
-COMMON=(--primary postgres://127.0.0.1:55611)
+start_pg primary $((PORT_BASE + 1))
+pgbench -h 127.0.0.1 -p $((PORT_BASE + 1)) -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
+COMMON=(--primary postgres://127.0.0.1:$((PORT_BASE + 1)))
 if [ "$TRANSPORT" = unix ]; then
   CLIENT_HOST=$WORK
-  COMMON=(--primary "postgres://postgres@/postgres?host=$WORK&port=55611" --unix-socket-dir "$WORK")
+  COMMON=(--primary "postgres://postgres@/postgres?host=$WORK&port=$((PORT_BASE + 1))" --unix-socket-dir "$WORK")
 fi
 if [ "$MIRROR" = 1 ]; then
-  start_pg mirror 55612
-  pgbench -h 127.0.0.1 -p 55612 -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
-  COMMON+=(--mirror postgres://postgres@127.0.0.1:55612/postgres --mirror-all-queries)
+  start_pg mirror $((PORT_BASE + 2))
+  pgbench -h 127.0.0.1 -p $((PORT_BASE + 2)) -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
+  COMMON+=(--mirror postgres://postgres@127.0.0.1:$((PORT_BASE + 2))/postgres --mirror-all-queries)
 fi
 if [ "$SHADOW" = 1 ]; then
-  start_pg shadow 55615
-  pgbench -h 127.0.0.1 -p 55615 -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
-  COMMON+=(--shadow postgres://postgres@127.0.0.1:55615/postgres --compare-report "$WORK/ab-mismatches.jsonl")
+  start_pg shadow $((PORT_BASE + 5))
+  pgbench -h 127.0.0.1 -p $((PORT_BASE + 5)) -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
+  COMMON+=(--shadow postgres://postgres@127.0.0.1:$((PORT_BASE + 5))/postgres --compare-report "$WORK/ab-mismatches.jsonl")
 fi
 if [ "$POOL" = 1 ]; then
   COMMON+=(--pool-mode transaction --pool-size "$POOL_SIZE" --auth-type trust)
 fi
 # shellcheck disable=SC2086 # A and B are argument lists
-PGPRISM=$PGPRISM_A start_pgprism 55613 "${COMMON[@]}" $A
+PGPRISM=$PGPRISM_A start_pgprism $((PORT_BASE + 3)) "${COMMON[@]}" $A
 PID_A=$PRISM_PID
 # shellcheck disable=SC2086
-PGPRISM=$PGPRISM_B start_pgprism 55614 "${COMMON[@]}" $B
+PGPRISM=$PGPRISM_B start_pgprism $((PORT_BASE + 4)) "${COMMON[@]}" $B
 PID_B=$PRISM_PID
 echo "== A: ${A:-(no extra arguments)}"
 echo "== B: ${B:-(no extra arguments)}"
@@ -73,7 +75,7 @@ printf '%-6s %-6s %-7s %-3s %10s %14s\n' round load clients arm tps cpu_us_per_t
 # Odd rounds run A first, even rounds B first: whatever the first run of a pair leaves
 # behind (dirty pages, a checkpoint, autovacuum) does not always fall on the same arm.
 run_arm() {
-  if [ "$1" = A ]; then port=55613 pid=$PID_A; else port=55614 pid=$PID_B; fi
+  if [ "$1" = A ]; then port=$((PORT_BASE + 3)) pid=$PID_A; else port=$((PORT_BASE + 4)) pid=$PID_B; fi
   bench "$port" "$pid" -"$2" -M "$MODE" -c "$4" -j 2 -T "$DURATION"
   printf '%-6s %-6s %-7s %-3s %10.0f %14s\n' "$3" "-$2" "$4" "$1" "$TPS" "$CPU"
 }

@@ -10,7 +10,8 @@
 #   CLIENTS=16 ROUNDS=5 PRISM_ARGS="--config b.toml" benches/cost-split-pgbench.sh
 #
 # Settings (environment): CLIENTS="16 64", ROUNDS=3, DURATION=6, MODE=simple (pgbench -M),
-# POOL_SIZE=20, SHARDS="0 1" (pgprism --shards, 0 = one per core; each is a target),
+# POOL_SIZE=20, POOL_MODE=transaction (pgprism --pool-mode; session to weigh what lending
+# adds), SHARDS="0 1" (pgprism --shards, 0 = one per core; each is a target),
 # PRISM_ARGS (more pgprism flags), PGPRISM (a prebuilt binary instead of cargo build --release).
 # Needs perf, pgbench, PostgreSQL server binaries and pgbouncer. Prints the load average with
 # the figures: the machine may be shared.
@@ -21,6 +22,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-6}
 MODE=${MODE:-simple}
 POOL_SIZE=${POOL_SIZE:-20}
+POOL_MODE=${POOL_MODE:-transaction}
 SHARDS=${SHARDS:-"0 1"}
 PRISM_ARGS=${PRISM_ARGS:-}
 if [ -z "${PGPRISM:-}" ]; then
@@ -40,7 +42,7 @@ i=0
 for s in $SHARDS; do
   name=pgprism-s$s
   port=$((26560 + i))
-  a=(--primary "postgres://127.0.0.1:$PG_PORT" --pool-mode transaction --pool-size "$POOL_SIZE" --auth-type trust)
+  a=(--primary "postgres://127.0.0.1:$PG_PORT" --pool-mode "$POOL_MODE" --pool-size "$POOL_SIZE" --auth-type trust)
   [ "$s" != 0 ] && a+=(--shards "$s")
   # shellcheck disable=SC2086 # PRISM_ARGS is an argument list
   start_pgprism "$port" "${a[@]}" $PRISM_ARGS

@@ -71,11 +71,11 @@ fn lock_table(inst: &Instance, table: &str) -> postgres::Client {
     blocker
 }
 
-/// Waits until `table` has the same contents on the primary and every mirror.
 /// Bound on a mirror's catching up with what the primary ran (a loaded machine's replay of a
 /// test's workload); spent in full only when it never converges.
 const CONVERGED: Duration = Duration::from_secs(60);
 
+/// Waits until `table` has the same contents on the primary and every mirror.
 fn converged(primary: &Instance, mirrors: &[&Instance], table: &str, cols: &str) -> bool {
     let want = checksum(primary, table, cols);
     eventually(CONVERGED, || {

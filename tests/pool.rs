@@ -1305,3 +1305,220 @@ fn units_waiting_for_room_on_a_shared_connection_get_it_in_order() {
     );
     let _ = std::fs::remove_file(&config);
 }
+
+/// The first row's first column of a simple query's answer.
+fn first_value(rows: Vec<postgres::SimpleQueryMessage>) -> Option<String> {
+    rows.iter().find_map(|m| match m {
+        postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    })
+}
+
+/// Holds `table` locked from a direct connection to the primary until the returned client
+/// commits (statements reading it through the proxy wait on the server meanwhile).
+fn lock(url: &str, table: &str) -> postgres::Client {
+    let mut holder = postgres::Client::connect(url, postgres::NoTls).unwrap();
+    holder
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+        ))
+        .unwrap();
+    holder
+}
+
+/// Review finding F1: the unit line woke only its first client when room came on a shared
+/// connection, and counted every client ahead as taking a place, even one that cannot use
+/// the room (its settings differ from the connection's). Room the first in line could not use
+/// stayed idle until the connection drained, with a client that could use it waiting behind.
+/// Now the room goes to the first in line that can use it.
+#[test]
+fn room_on_a_shared_connection_goes_to_the_first_in_line_that_can_use_it() {
+    let pg = start_primary("pool-line-usable");
+    let (proxy, _config) =
+        pooled_with_console(&pg.url(), 1, "shared-depth-max = 2\n", &["--shards", "1"]);
+    let url = pg.url();
+    let mut direct = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    direct
+        .batch_execute("CREATE TABLE t1 (x int); CREATE TABLE t2 (x int)")
+        .unwrap();
+    let mut console = console(&proxy);
+    // A runs with other settings than the connection's: its SET first, then the others'
+    // statements leave the connection with theirs (a connection that must first be set
+    // back does not become a shared one).
+    let mut a = proxy.client();
+    a.simple_query("SET application_name = 'other'").unwrap();
+    let mut clients: Vec<postgres::Client> = (0..3).map(|_| proxy.client()).collect();
+    for c in clients.iter_mut() {
+        c.simple_query("SELECT 1").unwrap();
+    }
+    let mut b = clients.pop().unwrap();
+    let mut p2 = clients.pop().unwrap();
+    let mut p1 = clients.pop().unwrap();
+    let mut hold1 = lock(&url, "t1");
+    let mut hold2 = lock(&url, "t2");
+    let behind = proxy.metric("pgprism_pool_shared_behind_total");
+    // P1 and P2 fill the shared connection (depth 2), P1 waiting for t1, P2 behind it for t2.
+    let p1_thread = std::thread::spawn(move || {
+        first_value(p1.simple_query("SELECT count(*) FROM t1").unwrap())
+    });
+    wait_running(&mut direct, "SELECT count(*) FROM t1");
+    let p2_thread = std::thread::spawn(move || {
+        first_value(p2.simple_query("SELECT count(*) FROM t2").unwrap())
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || proxy
+            .metric("pgprism_pool_shared_behind_total")
+            > behind),
+        "P2 never joined P1 on the shared connection"
+    );
+    // A waits first in line (for a connection of its own: no shared one has its settings),
+    // B behind it.
+    let a_thread = std::thread::spawn(move || {
+        first_value(
+            a.simple_query("SELECT current_setting('application_name')")
+                .unwrap(),
+        )
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || clients_waiting(&mut console)
+            == Some(1)),
+        "A never waited"
+    );
+    let b_thread = std::thread::spawn(move || {
+        first_value(
+            b.simple_query("SELECT current_setting('application_name') = 'other'")
+                .unwrap(),
+        )
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || clients_waiting(&mut console)
+            == Some(2)),
+        "B never waited"
+    );
+    // P1 is answered: room for one unit on the shared connection, which A cannot use and B
+    // can. B takes it (behind P2) while P2 still waits for t2.
+    let behind = proxy.metric("pgprism_pool_shared_behind_total");
+    hold1.batch_execute("COMMIT").unwrap();
+    assert_eq!(p1_thread.join().unwrap().as_deref(), Some("0"));
+    assert!(
+        eventually(Duration::from_secs(10), || proxy
+            .metric("pgprism_pool_shared_behind_total")
+            > behind),
+        "B never took the room A could not use"
+    );
+    assert_eq!(clients_waiting(&mut console), Some(1), "only A still waits");
+    hold2.batch_execute("COMMIT").unwrap();
+    assert_eq!(p2_thread.join().unwrap().as_deref(), Some("0"));
+    assert_eq!(b_thread.join().unwrap().as_deref(), Some("f"));
+    assert_eq!(a_thread.join().unwrap().as_deref(), Some("other"));
+}
+
+/// Review finding F2: the time a unit spent in line was counted (SHOW STATS, /metrics) only
+/// up to the moment it also joined the pool's queue as first in line; when it then left that
+/// queue for room on a shared connection, or ran out of time, the rest of its wait was not
+/// counted at all. Now the whole wait is.
+#[test]
+fn the_whole_wait_in_line_counts_as_waiting() {
+    let pg = start_primary("pool-line-wait");
+    let (proxy, _config) = pooled_with_console(
+        &pg.url(),
+        1,
+        "shared-depth-max = 2\n",
+        &["--shards", "1", "--query-wait-timeout", "2s"],
+    );
+    let url = pg.url();
+    let mut direct = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    direct.batch_execute("CREATE TABLE t (x int)").unwrap();
+    let mut console = console(&proxy);
+    let mut clients: Vec<postgres::Client> = (0..3).map(|_| proxy.client()).collect();
+    for c in clients.iter_mut() {
+        c.simple_query("SELECT 1").unwrap();
+    }
+    let clients: Vec<_> = clients
+        .into_iter()
+        .map(|c| Arc::new(std::sync::Mutex::new(c)))
+        .collect();
+    let run = |i: usize, sql: &'static str| {
+        let c = clients[i].clone();
+        std::thread::spawn(move || c.lock().unwrap().simple_query(sql).map(first_value))
+    };
+    let waited_us = || proxy.metric("pgprism_pool_wait_us_total");
+    for leaves_for in ["room", "timeout"] {
+        // Two units fill the shared connection (depth 2) while t is locked; C waits first in
+        // line, in the pool's queue too.
+        let mut hold = lock(&url, "t");
+        let behind = proxy.metric("pgprism_pool_shared_behind_total");
+        let p1 = run(0, "SELECT count(*) FROM t");
+        wait_running(&mut direct, "SELECT count(*) FROM t");
+        let p2 = run(1, "SELECT count(*) FROM t");
+        assert!(
+            eventually(Duration::from_secs(10), || proxy
+                .metric("pgprism_pool_shared_behind_total")
+                > behind),
+            "{leaves_for}: P2 never joined P1"
+        );
+        // The snapshot that counts P2's unit counts every lend before it (one shard).
+        let lends = proxy.metric("pgprism_pool_lends_total");
+        let units = proxy.metric("pgprism_pool_shared_units_total");
+        let before = waited_us();
+        // A raw client when it times out, to read the FATAL 53300 exactly as it comes (the
+        // session ends with it).
+        let (c, mut raw_c) = if leaves_for == "room" {
+            (Some(run(2, "SELECT 'c'")), None)
+        } else {
+            let mut waiter = raw::connect_ready(proxy.listen);
+            waiter
+                .write_all(&raw::message(b'Q', b"SELECT 'c'\0"))
+                .unwrap();
+            (None, Some(waiter))
+        };
+        assert!(
+            eventually(Duration::from_secs(10), || clients_waiting(&mut console)
+                == Some(1)),
+            "{leaves_for}: C never waited"
+        );
+        let seen = Instant::now();
+        if leaves_for == "room" {
+            // C waits at least as long as t stays locked from now on (a pause long enough
+            // to tell the count from nothing; the check is a lower bound, not a timing).
+            std::thread::sleep(Duration::from_millis(300));
+            let locked = seen.elapsed();
+            hold.batch_execute("COMMIT").unwrap();
+            let c = c.unwrap().join().unwrap().unwrap();
+            assert_eq!(c.as_deref(), Some("c"));
+            assert!(eventually(Duration::from_secs(10), || proxy
+                .metric("pgprism_pool_shared_units_total")
+                > units));
+            assert_eq!(
+                proxy.metric("pgprism_pool_lends_total"),
+                lends,
+                "C was lent a connection instead of the room on the shared one"
+            );
+            let mut counted = 0;
+            assert!(
+                eventually(Duration::from_secs(10), || {
+                    counted = waited_us() - before;
+                    counted >= locked.as_micros() as u64
+                }),
+                "C waited over {locked:?} in line, {counted} us counted"
+            );
+        } else {
+            let waiter = raw_c.as_mut().unwrap();
+            let (tag, body) = raw::read_message(waiter).expect("an answer");
+            assert_eq!(tag, b'E');
+            assert_eq!(raw::error_field(&body, b'C').as_deref(), Some("53300"));
+            let mut counted = 0;
+            assert!(
+                eventually(Duration::from_secs(10), || {
+                    counted = waited_us() - before;
+                    counted >= 2_000_000
+                }),
+                "C waited 2 s in line, {counted} us counted"
+            );
+            hold.batch_execute("COMMIT").unwrap();
+        }
+        for p in [p1, p2] {
+            assert_eq!(p.join().unwrap().unwrap().as_deref(), Some("0"));
+        }
+    }
+}

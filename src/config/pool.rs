@@ -68,8 +68,12 @@ pub struct PoolConfig {
     /// A client that waits longer than this for a connection gets SQLSTATE 53300 naming the
     /// pool (every wait has a bound: 0 is refused).
     pub query_wait_timeout_ms: u64,
-    /// Clients waiting for a connection per shard and pair; beyond it a client gets 53300 at
-    /// once.
+    /// Clients waiting per shard and pair, bounded in two places, each on its own: the
+    /// pool's queue (clients waiting for a connection of their own) and, with pipelined
+    /// lending (`shared-depth-max` above 1), the line of autocommit statements waiting for
+    /// room on a shared connection, whose first client also waits in the pool's queue. So up
+    /// to about twice this many clients may wait on one shard. A client that would go beyond
+    /// either bound gets 53300 at once.
     pub waiters_max: usize,
     /// Run on a connection a client pinned (LISTEN, temporary tables, ...) before it is lent
     /// to anyone else; empty: such a connection is closed instead.

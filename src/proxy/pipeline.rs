@@ -223,7 +223,7 @@ impl Pipeline {
         pool.linked.set(pool.linked.get() + 1);
         crate::exec::spawn(pipeline.clone().run(shard.clone(), buf));
         // Room for the units in line.
-        UnitLine::wake_of(shard, pool, depth_max);
+        UnitLine::wake_of(shard, &pipeline, depth_max);
         pipeline
     }
 
@@ -236,14 +236,13 @@ impl Pipeline {
             && (pool.waiting() == 0 || self.served.get() < SERVED_PER_DEPTH * self.depth_max as u64)
     }
 
-    /// A pipeline of `pool` on this shard that takes one more unit of `bytes` with
-    /// `settings`. Without `pressed` (connections to spare) only one with nothing in flight,
-    /// where the unit waits behind no other.
+    /// A pipeline of `pool` on this shard that takes one more unit like `want`. Without
+    /// `pressed` (connections to spare) only one with nothing in flight, where the unit waits
+    /// behind no other.
     pub(super) fn find(
         shard: &ShardCtx,
         pool: &Rc<Pool>,
-        settings: u64,
-        bytes: usize,
+        want: &Want,
         pressed: bool,
     ) -> Option<Rc<Pipeline>> {
         if shard
@@ -261,12 +260,25 @@ impl Pipeline {
             .borrow()
             .iter()
             .filter(|p| {
-                p.takes_units_of(pool, settings)
+                p.takes_units_of(pool, want.settings)
                     && p.queue.borrow().len() < if pressed { p.depth_max } else { 1 }
-                    && p.outbox.borrow().len() + bytes <= QUEUED_BYTES_MAX
+                    && p.outbox.borrow().len() + want.bytes <= QUEUED_BYTES_MAX
+                    && p.holds_all(&want.hashes)
             })
             .min_by_key(|p| (p.outbox.borrow().is_empty(), p.queue.borrow().len()))
             .cloned()
+    }
+
+    /// Whether this pipeline's connection holds every shared statement of `hashes` (nothing
+    /// hidden goes ahead of a shared unit, so a unit joins only where its statements are).
+    fn holds_all(&self, hashes: &[u64]) -> bool {
+        if hashes.is_empty() {
+            return true;
+        }
+        let mut state = self.state.borrow_mut();
+        state
+            .as_mut()
+            .is_some_and(|conn| hashes.iter().all(|h| conn.prepared.contains(*h)))
     }
 
     /// Units of `settings` the pipelines of `pool` on this shard take now (what
@@ -286,6 +298,14 @@ impl Pipeline {
             .filter(|p| p.takes_units_of(pool, settings))
             .map(|p| p.depth_max.saturating_sub(p.queue.borrow().len()))
             .sum()
+    }
+
+    /// Whether a unit like `want` could join this pipeline once it has room (the room
+    /// itself aside): what [`UnitLine`] asks when room comes.
+    fn could_take(&self, pool: &Rc<Pool>, want: &Want) -> bool {
+        self.takes_units_of(pool, want.settings)
+            && self.outbox.borrow().len() + want.bytes <= QUEUED_BYTES_MAX
+            && self.holds_all(&want.hashes)
     }
 
     /// Queues a unit's bytes, answered by `readies` ReadyForQuery messages; its answer
@@ -460,7 +480,7 @@ impl Pipeline {
             match self.split_answers(&mut buf, max) {
                 Ok(0) => {}
                 // Room for as many units in line.
-                Ok(answered) => UnitLine::wake_of(&shard, &self.pool, answered),
+                Ok(answered) => UnitLine::wake_of(&shard, &self, answered),
                 Err(Misaligned) => return self.lose(&shard),
             }
         }
@@ -612,12 +632,23 @@ impl Future for WaitWork<'_> {
     }
 }
 
+/// What a unit waiting in line needs of a shared connection: the settings it runs with, its
+/// size, and the shared statements the connection must hold.
+pub(super) struct Want {
+    pub(super) settings: u64,
+    pub(super) bytes: usize,
+    pub(super) hashes: Vec<u64>,
+}
+
 /// One client's place in a [`UnitLine`].
 pub(super) struct Spot {
     waker: Cell<Option<Waker>>,
     /// Woken since it last looked (room may have come).
     kicked: Cell<bool>,
     left: Cell<bool>,
+    /// When it joined the line (SHOW POOLS `maxwait`).
+    since: std::time::Instant,
+    want: Want,
 }
 
 /// Clients of one pool on this shard whose shareable unit waits, in arrival order, for room
@@ -627,9 +658,16 @@ pub(super) struct Spot {
 /// for a connection in the pool's queue, while units that arrived later joined the shared
 /// connections as soon as one of their units was answered; at 512 clients on 20 connections
 /// (depth 8) the ones in the pool's queue waited until a shared connection drained, and
-/// pgprism's p99 was 179 ms against PgBouncer's 69. Now a unit never passes one that waits:
-/// while anyone is in line, newcomers queue behind, room on a shared connection goes to the
-/// first in line, and only the first also waits in the pool's queue for a connection.
+/// pgprism's p99 was 179 ms against PgBouncer's 69. Now a unit never passes one that waits
+/// and could take the same room: while anyone is in line, newcomers queue behind, room on a
+/// shared connection goes to the first in line that can use it, and only the first also
+/// waits in the pool's queue for a connection.
+///
+/// Why "that can use it": a unit needs a connection with its own settings, with space for
+/// its bytes and holding its prepared statements. Room that the first in line cannot use
+/// (a connection with other settings) goes to the next that can, in arrival order among
+/// those; held back for the first, it stayed idle until the connection drained, and the
+/// units that could have used it waited with it (review finding F1 of session 13).
 pub(super) struct UnitLine {
     pool: Rc<Pool>,
     spots: RefCell<VecDeque<Rc<Spot>>>,
@@ -650,31 +688,39 @@ impl UnitLine {
         line
     }
 
-    /// Clients in line (those that left dropped from the front first).
-    pub(super) fn len(&self) -> usize {
+    /// Drops those that left from the front, and tells the pool since when its first
+    /// client in line waits.
+    fn trim(&self) {
         let mut spots = self.spots.borrow_mut();
         while spots.front().is_some_and(|s| s.left.get()) {
             spots.pop_front();
         }
-        spots.iter().filter(|s| !s.left.get()).count()
+        self.pool.line_since.set(spots.front().map(|s| s.since));
+    }
+
+    /// Clients in line.
+    pub(super) fn len(&self) -> usize {
+        self.trim();
+        self.spots.borrow().iter().filter(|s| !s.left.get()).count()
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        let mut spots = self.spots.borrow_mut();
-        while spots.front().is_some_and(|s| s.left.get()) {
-            spots.pop_front();
-        }
-        spots.is_empty()
+        self.trim();
+        self.spots.borrow().is_empty()
     }
 
-    /// Takes a place at the back; it is given up when the returned guard goes.
-    pub(super) fn join(self: &Rc<Self>) -> InLine {
+    /// Takes a place at the back for a unit that needs `want`; it is given up when the
+    /// returned guard goes.
+    pub(super) fn join(self: &Rc<Self>, want: Want) -> InLine {
         let spot = Rc::new(Spot {
             waker: Cell::new(None),
             kicked: Cell::new(false),
             left: Cell::new(false),
+            since: std::time::Instant::now(),
+            want,
         });
         self.spots.borrow_mut().push_back(spot.clone());
+        self.trim();
         self.pool.lined.set(self.pool.lined.get() + 1);
         InLine {
             line: self.clone(),
@@ -693,32 +739,77 @@ impl UnitLine {
             .count()
     }
 
-    /// Wakes the first `n` clients in line (room for `n` units came), at least the first.
-    pub(super) fn wake(&self, n: usize) {
-        for spot in self
-            .spots
-            .borrow()
-            .iter()
-            .filter(|s| !s.left.get())
-            .take(n.max(1))
-        {
-            spot.kicked.set(true);
-            if let Some(waker) = spot.waker.take() {
-                waker.wake();
+    /// A shared connection with room for `spot`'s unit that no client ahead of it may take
+    /// first: those ahead that can use room of the same settings go first, one place each
+    /// (they were woken first); those that cannot use it hold no place.
+    fn room_for(&self, shard: &ShardCtx, spot: &Rc<Spot>) -> Option<Rc<Pipeline>> {
+        let want = &spot.want;
+        let free = Pipeline::room(shard, &self.pool, want.settings);
+        if free == 0 {
+            return None;
+        }
+        let mut ahead = 0;
+        for s in self.spots.borrow().iter() {
+            if Rc::ptr_eq(s, spot) {
+                break;
             }
+            if s.left.get() || s.want.settings != want.settings {
+                continue;
+            }
+            if Pipeline::find(shard, &self.pool, &s.want, true).is_some() {
+                ahead += 1;
+                if ahead >= free {
+                    return None;
+                }
+            }
+        }
+        Pipeline::find(shard, &self.pool, want, true)
+    }
+
+    /// Room for `n` units came on `pipeline`: wakes the first `n` clients in line that can
+    /// use it (see the type's doc: the first in line may not).
+    fn wake_for(&self, pipeline: &Pipeline, n: usize) {
+        let mut woken = 0;
+        for spot in self.spots.borrow().iter() {
+            if woken >= n {
+                break;
+            }
+            if spot.left.get() || !pipeline.could_take(&self.pool, &spot.want) {
+                continue;
+            }
+            woken += 1;
+            spot.kick();
         }
     }
 
-    /// Wakes the line of `pool` on this shard, if it has one with anybody in it.
-    fn wake_of(shard: &ShardCtx, pool: &Rc<Pool>, n: usize) {
+    /// Wakes the first client in line (it moved up: it looks for room, and waits for a
+    /// connection of its own if there is none).
+    fn wake_front(&self) {
+        if let Some(spot) = self.spots.borrow().iter().find(|s| !s.left.get()) {
+            spot.kick();
+        }
+    }
+
+    /// The line of `pipeline`'s pool on this shard, if it has one with anybody in it, learns
+    /// that `pipeline` has room for `n` more units.
+    fn wake_of(shard: &ShardCtx, pipeline: &Pipeline, n: usize) {
         if let Some(line) = shard
             .unit_lines
             .borrow()
             .iter()
-            .find(|l| Rc::ptr_eq(&l.pool, pool))
+            .find(|l| Rc::ptr_eq(&l.pool, &pipeline.pool))
             && !line.is_empty()
         {
-            line.wake(n);
+            line.wake_for(pipeline, n);
+        }
+    }
+}
+
+impl Spot {
+    fn kick(&self) {
+        self.kicked.set(true);
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
         }
     }
 }
@@ -745,6 +836,11 @@ impl InLine {
         self.line.ahead(&self.spot)
     }
 
+    /// A shared connection with room for this unit, now (see [`UnitLine::room_for`]).
+    pub(super) fn room(&self, shard: &ShardCtx) -> Option<Rc<Pipeline>> {
+        self.line.room_for(shard, &self.spot)
+    }
+
     /// Resolves once woken (room may have come, or it moved up) since it last looked.
     pub(super) async fn woken(&self) {
         futures_lite::future::poll_fn(|cx| {
@@ -768,7 +864,7 @@ impl Drop for InLine {
         self.spot.waker.take();
         // Whoever is first now looks for room, and waits for a connection if there is none.
         if !self.line.is_empty() {
-            self.line.wake(1);
+            self.line.wake_front();
         }
     }
 }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::pipeline::{Part, Pipeline, UNIT_BYTES_MAX, UnitLine};
+use super::pipeline::{Part, Pipeline, UNIT_BYTES_MAX, UnitLine, Want};
 use super::session::{ShardCtx, error_bytes};
 use crate::backend::pool::{NO_SETTINGS, Pool, PoolError, Pools, ServerConn, bump};
 use crate::compare;
@@ -101,14 +101,6 @@ struct UnitScan {
     unnamed: bool,
     /// Names the batch parses.
     named: Vec<Vec<u8>>,
-}
-
-/// Whether `pipeline`'s connection holds every shared statement of `hashes`.
-fn holds_all(pipeline: &Pipeline, hashes: &[u64]) -> bool {
-    let mut state = pipeline.state.borrow_mut();
-    state
-        .as_mut()
-        .is_some_and(|conn| hashes.iter().all(|h| conn.prepared.contains(*h)))
 }
 
 /// A frame `tag` whose body is `parts` one after the other.
@@ -250,6 +242,9 @@ struct Session<'a> {
     statements_in_lend: u64,
     /// `SET` frames from the startup packet.
     base: Vec<Bytes>,
+    /// The settings' hash, and the tracker's count of applied setting changes it was
+    /// worked out at (hashed again only after a change, not at every lend and return).
+    settings_hashed: Cell<Option<(u64, u64)>>,
     pinned: Option<Pin>,
     cancel_slot: Arc<AtomicU64>,
     /// Bytes for the server and for the client, gathered over a turn.
@@ -612,6 +607,7 @@ pub(super) async fn serve(
         lent_at: Instant::now(),
         statements_in_lend: 0,
         base,
+        settings_hashed: Cell::new(None),
         pinned: None,
         cancel_slot,
         to_server: BytesMut::new(),
@@ -834,16 +830,20 @@ impl Session<'_> {
                     // Nobody waits for room: a shared connection that takes it now. Else
                     // the unit queues behind those who wait (never passing them).
                     let line = UnitLine::of(self.shard, &self.pool);
+                    let want = Want {
+                        settings: self.settings_hash(),
+                        bytes,
+                        hashes: hashes.clone(),
+                    };
                     let found = if line.is_empty() {
-                        Pipeline::find(self.shard, &self.pool, self.settings_hash(), bytes, pressed)
-                            .filter(|p| holds_all(p, hashes))
+                        Pipeline::find(self.shard, &self.pool, &want, pressed)
                     } else {
                         None
                     };
                     let found = match found {
                         Some(pipeline) => Some(pipeline),
                         None if pressed || !line.is_empty() => {
-                            match self.wait_in_line(&line, bytes, hashes).await {
+                            match self.wait_in_line(&line, want).await {
                                 Room::Shared(pipeline) => Some(pipeline),
                                 Room::Lent => None,
                                 Room::End => return Turn::End,
@@ -1175,7 +1175,7 @@ impl Session<'_> {
     /// its turn in the shard's line for the pool, then for room on a shared connection or,
     /// first in line, for a connection of its own, whichever comes first. Bounded by
     /// `pool.query-wait-timeout-ms` (and the line by `pool.waiters-max`).
-    async fn wait_in_line(&mut self, line: &Rc<UnitLine>, bytes: usize, hashes: &[u64]) -> Room {
+    async fn wait_in_line(&mut self, line: &Rc<UnitLine>, want: Want) -> Room {
         let (wait_ms, waiters_max) = (
             self.pools.cfg.query_wait_timeout_ms,
             self.pools.cfg.waiters_max,
@@ -1187,26 +1187,17 @@ impl Session<'_> {
             };
             return self.lent(Err(err)).await;
         }
-        let place = line.join();
+        let place = line.join(want);
         let started = Instant::now();
         self.state.waiting_since.set(Some(started));
         self.state.request_time.set(SystemTime::now());
         let (shard, pools, pool) = (self.shard, self.pools, self.pool.clone());
-        let settings = self.settings_hash();
-        // Room for this unit: ahead of it in line no more clients than places free (those
-        // ahead were woken first and take theirs first).
-        let room = || {
-            let ahead = place.ahead();
-            if ahead > 0 && ahead >= Pipeline::room(shard, &pool, settings) {
-                return None;
-            }
-            Pipeline::find(shard, &pool, settings, bytes, true).filter(|p| holds_all(p, hashes))
-        };
-        // When it joined the pool's queue too (the pool counts the wait from there on).
+        // When it joined the pool's queue too (the pool counts the wait from there on, if
+        // it is the pool that ends it).
         let acquiring = Cell::new(None);
         let waited = crate::exec::within(Duration::from_millis(wait_ms), async {
             loop {
-                if let Some(pipeline) = room() {
+                if let Some(pipeline) = place.room(shard) {
                     return Ok(pipeline);
                 }
                 if place.ahead() == 0 {
@@ -1231,19 +1222,22 @@ impl Session<'_> {
                 if let Some(acquired) = got {
                     return Err(acquired);
                 }
-                if let Some(pipeline) = room() {
+                if let Some(pipeline) = place.room(shard) {
                     return Ok(pipeline);
                 }
             }
         })
         .await;
         drop(place);
-        // The time in line counts as waiting for a connection (SHOW STATS, /metrics), the
-        // pool's queue counting its own part.
-        let in_line = acquiring
-            .get()
-            .unwrap_or_else(Instant::now)
-            .saturating_duration_since(started);
+        // The time in line counts as waiting for a connection (SHOW STATS, /metrics). When
+        // the pool answered, it counted its own part (from `acquiring` on); when the client
+        // left its queue for room on a shared connection, or timed out, the whole wait is
+        // counted here (the pool's count went with the dropped acquire).
+        let counted_until = match (&waited, acquiring.get()) {
+            (Some(Err(_)), Some(acquiring)) => acquiring,
+            _ => Instant::now(),
+        };
+        let in_line = counted_until.saturating_duration_since(started);
         bump(&self.pool.counters.wait_time_us, in_line.as_micros() as u64);
         match waited {
             Some(Ok(pipeline)) => {
@@ -1335,6 +1329,18 @@ impl Session<'_> {
 
     /// The client's settings: startup parameters, then what it set since.
     fn settings_hash(&self) -> u64 {
+        let applied = self.tracker.settings().applied();
+        if let Some((at, hash)) = self.settings_hashed.get()
+            && at == applied
+        {
+            return hash;
+        }
+        let hash = self.hash_settings();
+        self.settings_hashed.set(Some((applied, hash)));
+        hash
+    }
+
+    fn hash_settings(&self) -> u64 {
         // FNV-1a: a few short frames per lend, where SipHash's setup would dominate.
         let frames = self.tracker.settings().frames();
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -1997,7 +2003,15 @@ impl Session<'_> {
         self.hidden_sql.clear();
         self.pending_sql.clear();
         self.replies.clear();
-        self.pools.release(&self.pool, conn, clean).await;
+        // The common case without an await (and without moving the connection through
+        // `release`'s future).
+        if clean {
+            if let Some(conn) = self.pools.release_now(&self.pool, conn) {
+                self.pools.release(&self.pool, conn, true).await;
+            }
+        } else {
+            self.pools.release(&self.pool, conn, false).await;
+        }
     }
 
     /// The client no longer holds a connection.

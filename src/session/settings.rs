@@ -40,6 +40,9 @@ pub struct Settings {
     in_block: bool,
     /// The block is the implicit one of a multi-statement Query (opened here, not by BEGIN).
     implicit: bool,
+    /// Changes applied to `kept` so far: the same count, the same frames (a pooled session
+    /// hashes its settings once per change rather than twice per transaction).
+    applied: u64,
 }
 
 impl Default for Settings {
@@ -56,12 +59,18 @@ impl Settings {
             pending: VecDeque::new(),
             in_block: false,
             implicit: false,
+            applied: 0,
         }
     }
 
     /// The Query frames that bring a fresh mirror session to the client session's settings.
     pub fn frames(&self) -> impl Iterator<Item = &Bytes> {
         self.kept.iter().map(|(_, frame)| frame)
+    }
+
+    /// How many changes [`Settings::frames`] has seen: equal counts, equal frames.
+    pub fn applied(&self) -> u64 {
+        self.applied
     }
 
     /// A client statement changed a setting; `text` is that statement alone.
@@ -153,6 +162,7 @@ impl Settings {
     }
 
     fn apply(&mut self, change: Change) {
+        self.applied += 1;
         match change {
             Change::Set { key, frame } => {
                 // Only the last value of a parameter matters; replaying the others would
