@@ -18,4 +18,4 @@ rows="${1:-10000000}"
 PGPRISM_BENCH_EMULATOR="${EMULATOR:-store}" PGPRISM_BENCH_ROWS="$rows" \
     cargo test --release --quiet --test cdc_bench \
     snapshot_against_copy -- --exact --ignored --nocapture 2>&1 |
-    grep -E '^(emulator|run [0-9]|COPY|two|pgprism|ratio)'
+    grep -E '^(emulator|run [0-9]|COPY|two|pgprism|ratio|side)'
