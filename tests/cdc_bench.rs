@@ -311,8 +311,8 @@ fn snapshot_against_copy() {
             .expect("run psql")
     };
     // A side (this build, PGPRISM_BENCH_ARGS added to its command line) and, when
-    // PGPRISM_BENCH_ARGS_B or PGPRISM_BENCH_BIN_B is set, a B side run right after it in each
-    // run (that binary, those arguments): an interleaved A/B on a machine others load.
+    // PGPRISM_BENCH_ARGS_B or PGPRISM_BENCH_BIN_B is set, a B side beside it in each run
+    // (that binary, those arguments): an interleaved A/B on a machine others load.
     let side = |bin: Option<String>, args: Option<String>| Side {
         bin: bin.unwrap_or_else(|| env!("CARGO_BIN_EXE_pgprism").to_string()),
         args: args
@@ -321,11 +321,10 @@ fn snapshot_against_copy() {
             .map(String::from)
             .collect(),
     };
-    let a_side = side(None, std::env::var("PGPRISM_BENCH_ARGS").ok());
-    let (b_bin, b_args) = (
-        std::env::var("PGPRISM_BENCH_BIN_B").ok(),
-        std::env::var("PGPRISM_BENCH_ARGS_B").ok(),
-    );
+    // (Empty is unset: benches/cdc-snapshot.sh passes every variable.)
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let a_side = side(None, var("PGPRISM_BENCH_ARGS"));
+    let (b_bin, b_args) = (var("PGPRISM_BENCH_BIN_B"), var("PGPRISM_BENCH_ARGS_B"));
     let b_side = (b_bin.is_some() || b_args.is_some()).then(|| side(b_bin, b_args));
     if let Some(b) = &b_side {
         println!("side A: {:?}; side B: {} {:?}", a_side.args, b.bin, b.args);
@@ -395,18 +394,34 @@ fn snapshot_against_copy() {
         assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
         halves_secs.push(t.elapsed().as_secs_f64());
 
+        // The sides take turns going first: the first snapshot after the COPYs ran slower
+        // (the same build on both sides at 10 M rows, load 9 to 17: 6.93 s against 6.30 s).
+        let b_first = run % 2 == 1;
+        let mut b_line = None;
+        let mut side_b = || {
+            if let Some(b) = &b_side {
+                let (secs, setup, cpu) = snapshot(&format!("snapb{run}"), b);
+                b_secs.push(secs);
+                b_line = Some(format!(
+                    "run {run}: side B snapshot {secs:.2} s (setup {setup:.2} s; pgprism CPU {cpu:.2} s){}",
+                    if b_first { ", ran first" } else { "" }
+                ));
+            }
+        };
+        if b_first {
+            side_b();
+        }
         let (secs, setup, cpu) = snapshot(&format!("snap{run}"), &a_side);
+        if !b_first {
+            side_b();
+        }
         snap_secs.push(secs);
         println!(
             "run {run}: COPY TO STDOUT {:.2} s, COPY TO '/dev/null' {:.2} s, two half-range COPYs in CSV {:.2} s, pgprism snapshot {:.2} s (setup {setup:.2} s; pgprism CPU {cpu:.2} s)",
             copy_secs[run], file_secs[run], halves_secs[run], snap_secs[run]
         );
-        if let Some(b) = &b_side {
-            let (secs, setup, cpu) = snapshot(&format!("snapb{run}"), b);
-            b_secs.push(secs);
-            println!(
-                "run {run}: side B snapshot {secs:.2} s (setup {setup:.2} s; pgprism CPU {cpu:.2} s)"
-            );
+        if let Some(line) = b_line {
+            println!("{line}");
         }
     }
     let median = |v: &mut Vec<f64>| {
