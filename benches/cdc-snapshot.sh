@@ -12,10 +12,15 @@
 # PostgreSQL for the same cores (COPY's side has no such consumer). EMULATOR=sink runs it in
 # its sink mode (loads checked and counted, rows not kept; benchmarks only), which takes the
 # emulator's storing out of the figure.
+#
+# An interleaved A/B in the same run: BIN_B=<another pgprism build> and/or ARGS_B="<cdc flags>"
+# (ARGS="<cdc flags>" for this build); the two sides take turns going first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rows="${1:-10000000}"
 PGPRISM_BENCH_EMULATOR="${EMULATOR:-store}" PGPRISM_BENCH_ROWS="$rows" \
+    PGPRISM_BENCH_ARGS="${ARGS:-}" PGPRISM_BENCH_ARGS_B="${ARGS_B:-}" \
+    PGPRISM_BENCH_BIN_B="${BIN_B:-}" \
     cargo test --release --quiet --test cdc_bench \
     snapshot_against_copy -- --exact --ignored --nocapture 2>&1 |
-    grep -E '^(emulator|run [0-9]|COPY|two|pgprism|ratio)'
+    grep -E '^(emulator|run [0-9]|COPY|two|pgprism|ratio|side)'

@@ -23,7 +23,7 @@ use pgprism::embed::{Instance, InstanceConfig};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use starrocks::{ColType, StarRocks};
-use support::{eventually, pgprism_command};
+use support::{eventually, pgprism_command, pgprism_command_of};
 
 #[test]
 fn pipeline_bench_runs_on_tiny_input() {
@@ -264,6 +264,10 @@ fn end_to_end_against_pg_recvlogical() {
 #[test]
 #[ignore = "benchmark; run with benches/cdc-snapshot.sh"]
 fn snapshot_against_copy() {
+    struct Side {
+        bin: String,
+        args: Vec<String>,
+    }
     let rows: usize = std::env::var("PGPRISM_BENCH_ROWS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -306,6 +310,68 @@ fn snapshot_against_copy() {
             .spawn()
             .expect("run psql")
     };
+    // A side (this build, PGPRISM_BENCH_ARGS added to its command line) and, when
+    // PGPRISM_BENCH_ARGS_B or PGPRISM_BENCH_BIN_B is set, a B side beside it in each run
+    // (that binary, those arguments): an interleaved A/B on a machine others load.
+    let side = |bin: Option<String>, args: Option<String>| Side {
+        bin: bin.unwrap_or_else(|| env!("CARGO_BIN_EXE_pgprism").to_string()),
+        args: args
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(String::from)
+            .collect(),
+    };
+    // (Empty is unset: benches/cdc-snapshot.sh passes every variable.)
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let a_side = side(None, var("PGPRISM_BENCH_ARGS"));
+    let (b_bin, b_args) = (var("PGPRISM_BENCH_BIN_B"), var("PGPRISM_BENCH_ARGS_B"));
+    let b_side = (b_bin.is_some() || b_args.is_some()).then(|| side(b_bin, b_args));
+    if let Some(b) = &b_side {
+        println!("side A: {:?}; side B: {} {:?}", a_side.args, b.bin, b.args);
+    }
+    let mut b_secs = Vec::new();
+    // One snapshot of the table by `pgprism cdc` into a fresh emulator database: its wall
+    // time (until the emulator holds every row), setup time and pgprism's CPU.
+    let snapshot = |slot: &str, side: &Side| -> (f64, f64, f64) {
+        // Created afresh each run: the emulator keeps every row in memory.
+        let db = slot.to_string();
+        target.create(&db, rows);
+        let base = sr.applied_rows(&db, "t");
+        let t = Instant::now();
+        let mut child = pgprism_command_of(&side.bin)
+            .args(["cdc", "--source", &pg.url(), "--starrocks", &sr.url()])
+            .args(["--database", &db, "--tables", "t"])
+            .args(["--slot", slot, "--snapshot-workers", "2"])
+            .args(
+                ["--log", "warn"]
+                    .iter()
+                    .filter(|_| !side.args.iter().any(|a| a == "--log")),
+            )
+            .args(&side.args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let setup = t.elapsed().as_secs_f64();
+        // Ends early when pgprism does (a bad argument, say), rather than waiting out the
+        // deadline.
+        let done = eventually(Duration::from_secs(1800), || {
+            target.rows(&db, base) == rows || !matches!(child.try_wait(), Ok(None))
+        }) && target.rows(&db, base) == rows;
+        let secs = t.elapsed().as_secs_f64();
+        let cpu = cpu_seconds(&child.id().to_string());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            done,
+            "the snapshot did not copy {rows} rows (has {})",
+            target.rows(&db, base)
+        );
+        (secs, setup, cpu)
+    };
     for run in 0..RUNS {
         let t = Instant::now();
         let status = psql("COPY t TO STDOUT").wait().unwrap();
@@ -328,38 +394,35 @@ fn snapshot_against_copy() {
         assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
         halves_secs.push(t.elapsed().as_secs_f64());
 
-        // Created afresh each run: the emulator keeps every row in memory.
-        let db = "snap".to_string();
-        target.create(&db, rows);
-        let base = sr.applied_rows(&db, "t");
-        let t = Instant::now();
-        let mut child = pgprism_command()
-            .args(["cdc", "--source", &pg.url(), "--starrocks", &sr.url()])
-            .args(["--database", &db, "--tables", "t"])
-            .args(["--slot", &format!("snap{run}"), "--snapshot-workers", "2"])
-            .args(["--log", "warn"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let setup = t.elapsed().as_secs_f64();
-        let done = eventually(Duration::from_secs(1800), || target.rows(&db, base) == rows);
-        snap_secs.push(t.elapsed().as_secs_f64());
-        let cpu = cpu_seconds(&child.id().to_string());
-        let _ = child.kill();
-        let _ = child.wait();
-        assert!(
-            done,
-            "the snapshot did not copy {rows} rows (has {})",
-            target.rows(&db, base)
-        );
+        // The sides take turns going first: the first snapshot after the COPYs ran slower
+        // (the same build on both sides at 10 M rows, load 9 to 17: 6.93 s against 6.30 s).
+        let b_first = run % 2 == 1;
+        let mut b_line = None;
+        let mut side_b = || {
+            if let Some(b) = &b_side {
+                let (secs, setup, cpu) = snapshot(&format!("snapb{run}"), b);
+                b_secs.push(secs);
+                b_line = Some(format!(
+                    "run {run}: side B snapshot {secs:.2} s (setup {setup:.2} s; pgprism CPU {cpu:.2} s){}",
+                    if b_first { ", ran first" } else { "" }
+                ));
+            }
+        };
+        if b_first {
+            side_b();
+        }
+        let (secs, setup, cpu) = snapshot(&format!("snap{run}"), &a_side);
+        if !b_first {
+            side_b();
+        }
+        snap_secs.push(secs);
         println!(
             "run {run}: COPY TO STDOUT {:.2} s, COPY TO '/dev/null' {:.2} s, two half-range COPYs in CSV {:.2} s, pgprism snapshot {:.2} s (setup {setup:.2} s; pgprism CPU {cpu:.2} s)",
             copy_secs[run], file_secs[run], halves_secs[run], snap_secs[run]
         );
+        if let Some(line) = b_line {
+            println!("{line}");
+        }
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -376,6 +439,14 @@ fn snapshot_against_copy() {
         "pgprism snapshot into the emulator (2 workers): median {snap:.2} s = {snap_rate:.0} rows/s"
     );
     println!("ratio snapshot / COPY = {:.2}", snap_rate / copy_rate);
+    if !b_secs.is_empty() {
+        let b = median(&mut b_secs);
+        let b_rate = rows as f64 / b;
+        println!(
+            "side B snapshot: median {b:.2} s = {b_rate:.0} rows/s, ratio to COPY = {:.2}",
+            b_rate / copy_rate
+        );
+    }
     println!("emulator (this process) CPU {:.2} s", cpu_seconds("self"));
 }
 

@@ -222,7 +222,13 @@ pub struct Proxy {
 }
 
 pub fn pgprism_command() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgprism"));
+    pgprism_command_of(env!("CARGO_BIN_EXE_pgprism"))
+}
+
+/// [`pgprism_command`] for another build of pgprism (a benchmark's other side).
+#[allow(dead_code)]
+pub fn pgprism_command_of(bin: &str) -> Command {
+    let mut cmd = Command::new(bin);
     // SAFETY: prctl and getppid are async-signal-safe; the closure allocates nothing.
     unsafe {
         cmd.pre_exec(|| {

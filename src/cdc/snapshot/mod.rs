@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::RecvTimeoutError;
 
@@ -739,6 +739,36 @@ struct Worker<'a> {
     schemas: Vec<Option<Arc<Read>>>,
     /// The last chunk read whose high watermark is not written yet (its id and table).
     high: Option<(u64, String)>,
+    phases: Phases,
+}
+
+/// Where a worker's time went, logged at debug level when it ends: the figures that say
+/// which part of a chunk's path to work on next.
+#[derive(Default)]
+struct Phases {
+    chunks: u64,
+    /// Waiting for the planner's next chunk.
+    planned_wait: Duration,
+    /// The chunk's round trip: watermark commit, snapshot, rows (see [`Worker::read_chunk`]).
+    read: Duration,
+    /// High watermarks written alone (the read-ahead was full or the plan ran out).
+    high_alone: Duration,
+    /// Waiting for the stream's verdict on the oldest chunk in flight.
+    verdict_wait: Duration,
+}
+
+impl Phases {
+    fn log(&self) {
+        let ms = |d: Duration| d.as_millis() as u64;
+        tracing::debug!(
+            chunks = self.chunks,
+            planned_wait_ms = ms(self.planned_wait),
+            read_ms = ms(self.read),
+            high_alone_ms = ms(self.high_alone),
+            verdict_wait_ms = ms(self.verdict_wait),
+            "snapshot worker's time"
+        );
+    }
 }
 
 /// How a worker reads one table.
@@ -854,7 +884,17 @@ impl<'a> Worker<'a> {
             conn,
             schemas: Vec::new(),
             high: None,
+            phases: Phases::default(),
         };
+        let result = worker.turns();
+        worker.phases.log();
+        result
+    }
+
+    /// Reads chunks until the plan runs out or the run stops.
+    fn turns(&mut self) -> Result<(), SnapshotError> {
+        let ctx = self.ctx;
+        let worker = self;
         // Chunks read, waiting for their verdict (oldest first), and chunks to read again.
         let mut flight: VecDeque<InFlight> = VecDeque::with_capacity(ctx.in_flight_max);
         let mut again: VecDeque<(Chunk, u32)> = VecDeque::new();
@@ -883,11 +923,16 @@ impl<'a> Worker<'a> {
             }
             // The pipeline is full, or nothing is left to read: the oldest verdict, once
             // every chunk read has its high watermark.
+            let t = Instant::now();
             worker.flush_high()?;
+            worker.phases.high_alone += t.elapsed();
             let Some(f) = flight.pop_front() else {
                 return Ok(());
             };
-            let Some(verdict) = worker.verdict(&f.verdict) else {
+            let t = Instant::now();
+            let verdict = worker.verdict(&f.verdict);
+            worker.phases.verdict_wait += t.elapsed();
+            let Some(verdict) = verdict else {
                 return Ok(());
             };
             let table = worker.table_name(f.chunk.table);
@@ -916,7 +961,14 @@ impl<'a> Worker<'a> {
     }
 
     /// The next chunk the planner recorded: waits while it plans.
-    fn next_planned(&self) -> Planned {
+    fn next_planned(&mut self) -> Planned {
+        let t = Instant::now();
+        let next = self.wait_planned();
+        self.phases.planned_wait += t.elapsed();
+        next
+    }
+
+    fn wait_planned(&self) -> Planned {
         loop {
             match self.ctx.chunks.recv_timeout(Duration::from_millis(100)) {
                 Ok(c) => return Planned::Chunk(c),
@@ -1036,7 +1088,12 @@ impl<'a> Worker<'a> {
         let read = self.read_of(chunk.table)?;
         let id = self.ctx.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, verdict) = crossbeam_channel::bounded(1);
+        let t = Instant::now();
         let fetched = self.read_chunk(&read, chunk, id, reply)?;
+        let took = t.elapsed();
+        self.phases.read += took;
+        self.phases.chunks += 1;
+        tracing::debug!(table = %read.schema.source_name, chunk = chunk.number, read_us = took.as_micros() as u64, "snapshot chunk's round trip");
         // In the exchange before its high watermark is written, so the stream finds it there.
         self.ctx.exchange.put(id, fetched);
         self.high = Some((id, read.schema.source_name.clone()));
@@ -1106,8 +1163,16 @@ impl<'a> Worker<'a> {
             sql.push_str("; ");
         }
         sql.push_str(&self.watermark_sql(id, false, table));
+        // The key range is read with a bitmap heap scan, not an index scan: the heap pages in
+        // their physical order, each visited once, rather than one heap fetch per index
+        // entry. (Chunks stay key ranges, not `ctid` ranges, which would read pages in order
+        // with no index at all: a row whose UPDATE moves it to a page of a chunk already
+        // read, before its own chunk is read, would be in no chunk, and the stream's change
+        // is only a partial row when a TOAST value was left unchanged; a VACUUM FULL or
+        // CLUSTER during the snapshot moves every row and sends nothing into the stream.)
         sql.push_str(
             "; COMMIT; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+             SET LOCAL enable_indexscan = off; \
              SELECT pg_snapshot_xmax(s)::text, x.id::text FROM pg_current_snapshot() s \
              LEFT JOIN LATERAL pg_snapshot_xip(s) AS x(id) ON true; ",
         );
