@@ -334,7 +334,7 @@ fn snapshot_against_copy() {
     // time (until the emulator holds every row), setup time and pgprism's CPU.
     let snapshot = |slot: &str, side: &Side| -> (f64, f64, f64) {
         // Created afresh each run: the emulator keeps every row in memory.
-        let db = slot.to_string();
+        let db = "snap".to_string();
         target.create(&db, rows);
         let base = sr.applied_rows(&db, "t");
         let t = Instant::now();
