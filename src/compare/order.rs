@@ -274,8 +274,52 @@ impl Recent {
 /// relation's next overlap goes unseen: its difference would be judged by order alone).
 const RECENT_MAX: usize = 1 << 14;
 
-/// Pending sync points per lane, by completion number: `(session, writes)`.
-type Lane = BTreeMap<u64, (u64, bool)>;
+/// Pending sync points of one relation (or of the wild ones, or all), by completion
+/// number, reads and writes apart: `session` of each.
+///
+/// Apart because a read waits only for writes: with one map, a read walked every pending
+/// read of its relation before it (pgbench `-S`: all of them) to find none, and with 8
+/// clients on a loaded machine the shadow's backlog made that walk 7% of pgprism's CPU
+/// (`perf record`, `Ledger::acquire` and `Book::waits_on`), a cost that grows with the lag
+/// it adds to.
+#[derive(Default)]
+struct Lane {
+    reads: BTreeMap<u64, u64>,
+    writes: BTreeMap<u64, u64>,
+}
+
+impl Lane {
+    fn insert(&mut self, c: u64, (session, write): (u64, bool)) {
+        self.of(write).insert(c, session);
+    }
+
+    fn remove(&mut self, c: u64, write: bool) {
+        self.of(write).remove(&c);
+    }
+
+    fn of(&mut self, write: bool) -> &mut BTreeMap<u64, u64> {
+        if write {
+            &mut self.writes
+        } else {
+            &mut self.reads
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.reads.is_empty() && self.writes.is_empty()
+    }
+
+    /// The maps of the pending sync points `footprint` waits for (see
+    /// [`Footprint::waits_for`]), with whether they write.
+    fn waited<'a>(
+        &'a self,
+        footprint: &Footprint,
+    ) -> impl Iterator<Item = (&'a BTreeMap<u64, u64>, bool)> {
+        [(&self.reads, false), (&self.writes, true)]
+            .into_iter()
+            .filter(|&(map, write)| !map.is_empty() && footprint.waits_for(write))
+    }
+}
 
 /// A sync point waiting to go to the shadow.
 struct Waiter {
@@ -851,16 +895,17 @@ impl Book {
 
     fn remove(&mut self, c: u64) -> Option<Entry> {
         let entry = self.entries.remove(&c)?;
-        self.all.remove(&c);
+        let write = entry.footprint.write;
+        self.all.remove(c, write);
         if entry.footprint.wild {
-            self.wild.remove(&c);
+            self.wild.remove(c, write);
         }
         // An emptied lane stays for the relation's next sync point (most come back at
         // once: a map insert, a removal and a tree's allocation per sync point otherwise);
         // empty ones go when there are more than `RECENT_MAX` (see `Ledger::complete`).
         for lane in entry.footprint.lanes.iter() {
             if let Some(l) = self.lanes.get_mut(lane) {
-                l.remove(&c);
+                l.remove(c, write);
             }
         }
         Some(entry)
@@ -921,11 +966,12 @@ impl Book {
     }
 
     /// The pending sync points `footprint` may conflict with, by relation (None: the
-    /// pending ones that touch every relation, or every pending one for a wild footprint).
+    /// pending ones that touch every relation, or every pending one for a wild footprint),
+    /// only the reads or the writes of each as it waits for them: `(lane, pending, write)`.
     fn lanes_of<'a>(
         &'a self,
         footprint: &'a Footprint,
-    ) -> impl Iterator<Item = (Option<u64>, &'a Lane)> {
+    ) -> impl Iterator<Item = (Option<u64>, &'a BTreeMap<u64, u64>, bool)> {
         // One iterator type for both cases (a boxed one cost an allocation per look-up).
         let wild = footprint.wild;
         let lanes: &'a [u64] = if wild { &[] } else { &footprint.lanes };
@@ -934,24 +980,29 @@ impl Book {
             .iter()
             .filter_map(|l| self.lanes.get(l).map(|lane| (Some(*l), lane)))
             .chain(std::iter::once((None, last)))
+            .flat_map(move |(lane, pending)| {
+                pending
+                    .waited(footprint)
+                    .map(move |(map, write)| (lane, map, write))
+            })
     }
 
-    /// Whether pending sync point `c` (of `session`, writing or not: `write`) on relation
-    /// `lane` is one `footprint`, of another session, waits for.
+    /// Whether pending sync point `c` (of session `s`, writing or not: `write`) on
+    /// relation `lane` is one `footprint`, of another session, waits for (the caller
+    /// looks only at the kind it waits for).
     fn waits_on(
         &self,
         footprint: &Footprint,
         session: u64,
-        lane: Option<u64>,
-        (c, (s, write)): (&u64, &(u64, bool)),
+        (lane, write): (Option<u64>, bool),
+        (c, s): (&u64, &u64),
     ) -> bool {
         *s != session
-            && footprint.waits_for(*write)
             && match lane {
                 None => true,
                 // Two writes conflict whatever the rows: no need to look at them.
                 Some(lane) => {
-                    (footprint.write && *write)
+                    (footprint.write && write)
                         || self.entries.get(c).is_none_or(|e| {
                             footprint.conflicts_in(lane, e.footprint.write, e.footprint.rows(lane))
                         })
@@ -963,10 +1014,10 @@ impl Book {
     /// with `footprint`.
     fn first_conflict(&self, session: u64, footprint: &Footprint, before: u64) -> Option<u64> {
         self.lanes_of(footprint)
-            .filter_map(|(lane, pending)| {
+            .filter_map(|(lane, pending, write)| {
                 pending
                     .range(..before)
-                    .find(|&e| self.waits_on(footprint, session, lane, e))
+                    .find(|&e| self.waits_on(footprint, session, (lane, write), e))
                     .map(|(c, _)| *c)
             })
             .min()
@@ -977,10 +1028,10 @@ impl Book {
     fn conflicting(&self, session: u64, footprint: &Footprint, before: u64) -> Vec<u64> {
         let mut out: Vec<u64> = self
             .lanes_of(footprint)
-            .flat_map(|(lane, pending)| {
+            .flat_map(|(lane, pending, write)| {
                 pending
                     .range(..before)
-                    .filter(move |&e| self.waits_on(footprint, session, lane, e))
+                    .filter(move |&e| self.waits_on(footprint, session, (lane, write), e))
                     .map(|(c, _)| *c)
             })
             .collect();
