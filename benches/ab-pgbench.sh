@@ -40,37 +40,42 @@ SPLIT=${SPLIT:-0}
 TRANSPORT=${TRANSPORT:-tcp}
 A=${A:-}
 B=${B:-}
+# PORT_BASE: the five ports used are PORT_BASE to PORT_BASE+4 (another run of this script
+# on the machine needs another base).
+PORT_BASE=${PORT_BASE:-55611}
+P_PRIMARY=$PORT_BASE P_MIRROR=$((PORT_BASE + 1)) P_A=$((PORT_BASE + 2)) P_B=$((PORT_BASE + 3))
+P_SHADOW=$((PORT_BASE + 4))
 # Prebuilt binaries in both arms: no build (the tree may be mid-edit).
 if [ -z "${PGPRISM_A:-}" ] || [ -z "${PGPRISM_B:-}" ]; then cargo build --release --quiet; fi
 PGPRISM_A=${PGPRISM_A:-$PWD/target/release/pgprism}
 PGPRISM_B=${PGPRISM_B:-$PWD/target/release/pgprism}
 . benches/common.sh
 
-start_pg primary 55611
-pgbench -h 127.0.0.1 -p 55611 -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
-COMMON=(--primary postgres://127.0.0.1:55611)
+start_pg primary $P_PRIMARY
+pgbench -h 127.0.0.1 -p $P_PRIMARY -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
+COMMON=(--primary postgres://127.0.0.1:$P_PRIMARY)
 if [ "$TRANSPORT" = unix ]; then
   CLIENT_HOST=$WORK
-  COMMON=(--primary "postgres://postgres@/postgres?host=$WORK&port=55611" --unix-socket-dir "$WORK")
+  COMMON=(--primary "postgres://postgres@/postgres?host=$WORK&port=$P_PRIMARY" --unix-socket-dir "$WORK")
 fi
 if [ "$MIRROR" = 1 ]; then
-  start_pg mirror 55612
-  pgbench -h 127.0.0.1 -p 55612 -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
-  COMMON+=(--mirror postgres://postgres@127.0.0.1:55612/postgres --mirror-all-queries)
+  start_pg mirror $P_MIRROR
+  pgbench -h 127.0.0.1 -p $P_MIRROR -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
+  COMMON+=(--mirror postgres://postgres@127.0.0.1:$P_MIRROR/postgres --mirror-all-queries)
 fi
 if [ "$SHADOW" = 1 ]; then
-  start_pg shadow 55615
-  pgbench -h 127.0.0.1 -p 55615 -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
-  COMMON+=(--shadow postgres://postgres@127.0.0.1:55615/postgres --compare-report "$WORK/ab-mismatches.jsonl")
+  start_pg shadow $P_SHADOW
+  pgbench -h 127.0.0.1 -p $P_SHADOW -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
+  COMMON+=(--shadow postgres://postgres@127.0.0.1:$P_SHADOW/postgres --compare-report "$WORK/ab-mismatches.jsonl")
 fi
 if [ "$POOL" = 1 ]; then
   COMMON+=(--pool-mode transaction --pool-size "$POOL_SIZE" --auth-type trust)
 fi
 # shellcheck disable=SC2086 # A and B are argument lists
-PGPRISM=$PGPRISM_A start_pgprism 55613 "${COMMON[@]}" $A
+PGPRISM=$PGPRISM_A start_pgprism $P_A "${COMMON[@]}" $A
 PID_A=$PRISM_PID
 # shellcheck disable=SC2086
-PGPRISM=$PGPRISM_B start_pgprism 55614 "${COMMON[@]}" $B
+PGPRISM=$PGPRISM_B start_pgprism $P_B "${COMMON[@]}" $B
 PID_B=$PRISM_PID
 echo "== A: ${A:-(no extra arguments)}"
 echo "== B: ${B:-(no extra arguments)}"
@@ -84,7 +89,7 @@ fi
 # Odd rounds run A first, even rounds B first: whatever the first run of a pair leaves
 # behind (dirty pages, a checkpoint, autovacuum) does not always fall on the same arm.
 run_arm() {
-  if [ "$1" = A ]; then port=55613 pid=$PID_A; else port=55614 pid=$PID_B; fi
+  if [ "$1" = A ]; then port=$P_A pid=$PID_A; else port=$P_B pid=$PID_B; fi
   if [ "$SPLIT" != 1 ]; then
     bench "$port" "$pid" -"$2" -M "$MODE" -c "$4" -j 2 -T "$DURATION"
     printf '%-6s %-6s %-7s %-3s %10.0f %14s\n' "$3" "-$2" "$4" "$1" "$TPS" "$CPU"
