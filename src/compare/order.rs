@@ -1139,7 +1139,7 @@ impl Book {
                 continue;
             };
             for c in blocked {
-                if !self.waiters.get(&c).is_some_and(|w| w.blocker == Some(r)) {
+                if self.waiters.get(&c).is_none_or(|w| w.blocker != Some(r)) {
                     continue; // stale: it went, or waits for another one now
                 }
                 match self.blocker(c) {
