@@ -12,7 +12,9 @@ SERVERS=()
 CLIENT_HOST=${CLIENT_HOST:-127.0.0.1}
 
 cleanup() {
-  for p in "${PIDS[@]}"; do kill -CONT "$p" 2>/dev/null; kill "$p" 2>/dev/null || true; done
+  # A process that already died (a pgprism that refused its arguments) must not stop the
+  # cleanup under set -e and leave the servers running.
+  for p in "${PIDS[@]}"; do kill -CONT "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done
   for d in "${SERVERS[@]}"; do "${RUNAS[@]}" "$BINDIR/pg_ctl" -D "$d" -m immediate stop >/dev/null 2>&1 || true; done
   rm -rf "$WORK"
 }

@@ -1226,26 +1226,18 @@ fn a_light_client_next_to_a_busy_shard_keeps_its_connection() {
 /// waits in line, and room that comes on a shared connection goes to the first in line (it
 /// used to wait in the pool's queue for a connection of its own, while units that came later
 /// took the room; at 512 clients pgprism's p99 was 2.6× PgBouncer's). Here one connection
-/// at depth 2 carries A's long statement and B's behind it; C (and D) find it full and wait:
-/// they are served on the shared connection as room comes, not by a lend of their own.
+/// at depth 2 carries A's update (held on the server by a row lock the test holds) and B's
+/// behind it; C, then D, find it full and wait: they are served on the shared connection as
+/// room comes, not by a lend of their own, C before D. B, C and D each take the next value
+/// of a sequence, so the values say in which order the server ran them.
 #[test]
 fn units_waiting_for_room_on_a_shared_connection_get_it_in_order() {
     let pg = start_primary("pool-unit-line");
-    let config =
-        std::env::temp_dir().join(format!("pgprism-unit-line-{}.toml", std::process::id()));
-    std::fs::write(&config, "[pool]\nadmin-users = [\"postgres\"]\n").unwrap();
-    let config = config.display().to_string();
-    let proxy = pooled(
+    let (proxy, _config) = pooled_with_console(
         &pg.url(),
         1,
-        &[
-            "--shared-depth-max",
-            "2",
-            "--shards",
-            "1",
-            "--config",
-            &config,
-        ],
+        "",
+        &["--shared-depth-max", "2", "--shards", "1"],
     );
     let mut console = console(&proxy);
     let mut clients: Vec<postgres::Client> = (0..4).map(|_| proxy.client()).collect();
@@ -1259,40 +1251,61 @@ fn units_waiting_for_room_on_a_shared_connection_get_it_in_order() {
     let mut a = clients.pop().unwrap();
     let url = pg.url();
     let mut direct = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    direct
+        .batch_execute(
+            "CREATE SEQUENCE unit_line; CREATE TABLE gate (id int PRIMARY KEY, v int);
+             INSERT INTO gate VALUES (1, 0)",
+        )
+        .unwrap();
+    // The row lock A's update waits for (an advisory lock would make A's unit unshareable).
+    let mut locker = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    locker
+        .batch_execute("BEGIN; SELECT v FROM gate WHERE id = 1 FOR UPDATE")
+        .unwrap();
     let answer = |rows: Vec<postgres::SimpleQueryMessage>| {
         rows.iter().find_map(|m| match m {
             postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
             _ => None,
         })
     };
+    let next = "SELECT nextval('unit_line')";
     let behind = proxy.metric("pgprism_pool_shared_behind_total");
-    let a_thread =
-        std::thread::spawn(move || answer(a.simple_query("SELECT pg_sleep(3)").unwrap()));
-    wait_running(&mut direct, "SELECT pg_sleep(3)");
-    let b_thread = std::thread::spawn(move || answer(b.simple_query("SELECT 42").unwrap()));
-    assert!(eventually(Duration::from_secs(10), || proxy
-        .metric("pgprism_pool_shared_behind_total")
-        > behind));
+    // A holds the shared connection until the test lets the lock go: no step below races a
+    // timer.
+    let update = "UPDATE gate SET v = v + 1 WHERE id = 1 RETURNING v";
+    let a_thread = std::thread::spawn(move || answer(a.simple_query(update).unwrap()));
+    wait_running(&mut direct, update);
+    let b_thread = std::thread::spawn(move || answer(b.simple_query(next).unwrap()));
+    assert!(
+        eventually(Duration::from_secs(10), || proxy
+            .metric("pgprism_pool_shared_behind_total")
+            > behind),
+        "B never joined A's connection"
+    );
     // The snapshot that counts B's unit counts every lend before it (one shard).
     let lends = proxy.metric("pgprism_pool_lends_total");
     let units = proxy.metric("pgprism_pool_shared_units_total");
-    let c_thread = std::thread::spawn(move || answer(c.simple_query("SELECT 43").unwrap()));
+    let c_thread = std::thread::spawn(move || answer(c.simple_query(next).unwrap()));
     assert!(
         eventually(Duration::from_secs(10), || clients_waiting(&mut console)
             == Some(1)),
         "C never waited"
     );
-    let d_thread = std::thread::spawn(move || answer(d.simple_query("SELECT 44").unwrap()));
-    // D waits in line behind C (in the pool's queue): both count as waiting.
+    let d_thread = std::thread::spawn(move || answer(d.simple_query(next).unwrap()));
+    // D waits in line behind C: both count as waiting.
     assert!(
         eventually(Duration::from_secs(10), || clients_waiting(&mut console)
             == Some(2)),
         "D was not seen waiting"
     );
-    assert_eq!(a_thread.join().unwrap().as_deref(), Some(""));
-    assert_eq!(b_thread.join().unwrap().as_deref(), Some("42"));
-    assert_eq!(c_thread.join().unwrap().as_deref(), Some("43"));
-    assert_eq!(d_thread.join().unwrap().as_deref(), Some("44"));
+    locker.batch_execute("COMMIT").unwrap();
+    assert_eq!(a_thread.join().unwrap().as_deref(), Some("1"));
+    let order = [b_thread, c_thread, d_thread].map(|t| t.join().unwrap());
+    assert_eq!(
+        order,
+        [Some("1"), Some("2"), Some("3")].map(|v| v.map(str::to_string)),
+        "B, C and D ran in another order than they came"
+    );
     assert!(eventually(Duration::from_secs(10), || proxy
         .metric("pgprism_pool_shared_units_total")
         >= units + 2));
@@ -1301,7 +1314,6 @@ fn units_waiting_for_room_on_a_shared_connection_get_it_in_order() {
         lends,
         "C and D were lent connections of their own instead of the room on the shared one"
     );
-    let _ = std::fs::remove_file(&config);
 }
 
 /// The first row's first column of a simple query's answer.

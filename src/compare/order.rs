@@ -56,7 +56,7 @@
 //! are direct. The book is one `Mutex`: held for a few map operations per sync point.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -274,15 +274,63 @@ impl Recent {
 /// relation's next overlap goes unseen: its difference would be judged by order alone).
 const RECENT_MAX: usize = 1 << 14;
 
-/// Pending sync points per lane, by completion number: `(session, writes)`.
-type Lane = BTreeMap<u64, (u64, bool)>;
+/// Pending sync points of one relation (or of the wild ones, or all), by completion
+/// number, reads and writes apart: `session` of each.
+///
+/// Apart because a read waits only for writes: with one map, a read walked every pending
+/// read of its relation before it (pgbench `-S`: all of them) to find none, and with 8
+/// clients on a loaded machine the shadow's backlog made that walk 7% of pgprism's CPU
+/// (`perf record`, `Ledger::acquire` and `Book::waits_on`), a cost that grows with the lag
+/// it adds to.
+#[derive(Default)]
+struct Lane {
+    reads: BTreeMap<u64, u64>,
+    writes: BTreeMap<u64, u64>,
+}
+
+impl Lane {
+    fn insert(&mut self, c: u64, (session, write): (u64, bool)) {
+        self.of(write).insert(c, session);
+    }
+
+    fn remove(&mut self, c: u64, write: bool) {
+        self.of(write).remove(&c);
+    }
+
+    fn of(&mut self, write: bool) -> &mut BTreeMap<u64, u64> {
+        if write {
+            &mut self.writes
+        } else {
+            &mut self.reads
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.reads.is_empty() && self.writes.is_empty()
+    }
+
+    /// The maps of the pending sync points `footprint` waits for (see
+    /// [`Footprint::waits_for`]), with whether they write: the writes first, where a write
+    /// finds what it waits for at once (two writes conflict whatever their rows), which
+    /// bounds the walk of the reads (see [`Book::first_conflict`]).
+    fn waited<'a>(
+        &'a self,
+        footprint: &Footprint,
+    ) -> impl Iterator<Item = (&'a BTreeMap<u64, u64>, bool)> {
+        [(&self.writes, true), (&self.reads, false)]
+            .into_iter()
+            .filter(|&(map, write)| !map.is_empty() && footprint.waits_for(write))
+    }
+}
 
 /// A sync point waiting to go to the shadow.
 struct Waiter {
     shard: usize,
-    /// Held for sync points in flight on the primary (see [`Turn::Hold`]), not waiting for
-    /// pending ones.
-    held: bool,
+    /// The pending sync point it was last found waiting for (the earliest conflicting one):
+    /// until that one leaves the book it cannot go, so it is looked at again only then
+    /// ([`Book::blocked_on`]). None: held for sync points in flight on the primary (see
+    /// [`Turn::Hold`]), not waiting for pending ones.
+    blocker: Option<u64>,
 }
 
 #[derive(Default)]
@@ -302,6 +350,16 @@ struct Book {
     /// Every pending sync point (what a wild one checks).
     all: Lane,
     waiters: BTreeMap<u64, Waiter>,
+    /// The waiters (not held) by the pending sync point each was last found waiting for
+    /// (see [`Waiter::blocker`]; an entry may be stale: the waiter says). Every time a sync
+    /// point left the book, each waiter was looked at again and walked its relations'
+    /// pending sync points for what it still waits for: with the shadow behind under
+    /// pgbench `-N` (8 clients) that was 73% of pgprism's CPU samples (`Ledger::done`, perf
+    /// record) and took a run from 244 to 3,573 us per transaction within three rounds.
+    blocked_on: IdMap<Vec<u64>>,
+    /// The held waiters: looked at whenever something leaves the book or the primary's
+    /// flight.
+    holding: BTreeSet<u64>,
     inboxes: Vec<Option<Arc<Inbox>>>,
 }
 
@@ -487,7 +545,7 @@ impl Ledger {
         }
         // What was held for them is checked again.
         if !freed.is_empty() {
-            book.release(&[&freed], this_shard, true);
+            book.release(&[&freed], None, this_shard);
         }
     }
 
@@ -573,7 +631,7 @@ impl Ledger {
         // It is no longer in flight: what was held for it may go (or now waits for it).
         if !book.waiters.is_empty() {
             let pending = book.entries[&c].footprint.clone();
-            book.release(&[&started.0, &pending], this_shard, true);
+            book.release(&[&started.0, &pending], None, this_shard);
         }
         if book.lanes.len() > book.lanes_prune_at {
             book.lanes.retain(|_, l| !l.is_empty());
@@ -642,7 +700,7 @@ impl Ledger {
         let c = if stamp_ns == 0 { now_ns() } else { stamp_ns };
         Ledger::finish(book, session, footprint, started, c);
         if started.1.counted {
-            book.release(&[&started.0], this_shard, true);
+            book.release(&[&started.0], None, this_shard);
         }
     }
 
@@ -660,7 +718,8 @@ impl Ledger {
     /// through the shard's inbox once it may (or, held, asks again when the hold ends).
     pub fn acquire(&self, c: u64, shard: usize) -> Turn {
         let mut book = self.book();
-        let turn = if book.blocked(c) {
+        let blocker = book.blocker(c);
+        let turn = if blocker.is_some() {
             Turn::Wait
         } else {
             match book.held(c, now_ns) {
@@ -669,11 +728,10 @@ impl Ledger {
             }
         };
         if turn == Turn::Go {
-            book.waiters.remove(&c);
+            book.unwait(c);
             book.clear(c);
         } else {
-            let held = turn != Turn::Wait;
-            book.waiters.insert(c, Waiter { shard, held });
+            book.wait(c, Waiter { shard, blocker });
         }
         turn
     }
@@ -682,7 +740,7 @@ impl Ledger {
     /// conflicting one still pending are overtaken.
     pub fn force(&self, c: u64) {
         let mut book = self.book();
-        book.waiters.remove(&c);
+        book.unwait(c);
         let Some((session, footprint)) = book
             .entries
             .get(&c)
@@ -725,12 +783,15 @@ impl Ledger {
         if !entry.holds_locks {
             return false;
         }
-        let blockers = book.conflicting(entry.session, &entry.footprint, c);
         let mut seen = Vec::new();
-        !blockers.is_empty()
-            && blockers
-                .iter()
-                .all(|&b| book.stuck(b, grace, CHAIN_DEPTH_MAX, &mut seen))
+        book.all_stuck(
+            entry.session,
+            &entry.footprint,
+            c,
+            grace,
+            CHAIN_DEPTH_MAX,
+            &mut seen,
+        )
     }
 
     /// The shadow completed sync point `c`: it is no longer pending, and what waited for it
@@ -741,7 +802,7 @@ impl Ledger {
         let Some(entry) = book.remove(c) else {
             return Pinned::Overtaken;
         };
-        book.release(&[&entry.footprint], this_shard, false);
+        book.release(&[&entry.footprint], Some(&[c]), this_shard);
         // Whatever the session: the shadow may already see a primary-only write of its own.
         let write = entry.footprint.write;
         let mut only = book.recent_wild.only_in_flight(write, &[]);
@@ -767,13 +828,13 @@ impl Ledger {
         let mut book = self.book();
         let mut freed = Footprint::default();
         for &c in cs {
-            book.waiters.remove(&c);
+            book.unwait(c);
             if let Some(entry) = book.remove(c) {
                 freed.join(&entry.footprint);
             }
         }
         // What waited for any of them is checked again.
-        book.release(&[&freed], this_shard, false);
+        book.release(&[&freed], Some(cs), this_shard);
     }
 
     /// Registers shard `shard`'s inbox; returns it.
@@ -818,17 +879,35 @@ impl Book {
         let stuck = match entry.cleared {
             Some(t) => t.elapsed() >= grace,
             None if depth == 0 || seen.len() >= CHAIN_SEEN_MAX => false,
-            None => {
-                // Earlier numbers only: the walk ends.
-                let blockers = self.conflicting(entry.session, &entry.footprint, c);
-                !blockers.is_empty()
-                    && blockers
-                        .iter()
-                        .all(|&b| self.stuck(b, grace, depth - 1, seen))
-            }
+            // Earlier numbers only: the walk ends.
+            None => self.all_stuck(entry.session, &entry.footprint, c, grace, depth - 1, seen),
         };
         seen.push((c, stuck));
         stuck
+    }
+
+    /// Whether `footprint` (of `session`, pending as `c`) waits for some earlier
+    /// conflicting sync point, and every one it waits for is [`stuck`](Self::stuck). Stops
+    /// at the first that is not: this runs for every waiting sync point once per
+    /// `compare.order-lock-wait-ms`, and collecting every conflicting one first was 12% of
+    /// pgprism's CPU samples under pgbench `-N` with the shadow behind (perf record).
+    fn all_stuck(
+        &self,
+        session: u64,
+        footprint: &Footprint,
+        c: u64,
+        grace: Duration,
+        depth: u32,
+        seen: &mut Vec<(u64, bool)>,
+    ) -> bool {
+        let mut any = false;
+        for b in self.conflicts(session, footprint, c) {
+            if !self.stuck(b, grace, depth, seen) {
+                return false;
+            }
+            any = true;
+        }
+        any
     }
 
     /// Applies `f` to the recent history of every relation `footprint` touches, with the
@@ -851,16 +930,17 @@ impl Book {
 
     fn remove(&mut self, c: u64) -> Option<Entry> {
         let entry = self.entries.remove(&c)?;
-        self.all.remove(&c);
+        let write = entry.footprint.write;
+        self.all.remove(c, write);
         if entry.footprint.wild {
-            self.wild.remove(&c);
+            self.wild.remove(c, write);
         }
         // An emptied lane stays for the relation's next sync point (most come back at
         // once: a map insert, a removal and a tree's allocation per sync point otherwise);
         // empty ones go when there are more than `RECENT_MAX` (see `Ledger::complete`).
         for lane in entry.footprint.lanes.iter() {
             if let Some(l) = self.lanes.get_mut(lane) {
-                l.remove(&c);
+                l.remove(c, write);
             }
         }
         Some(entry)
@@ -911,21 +991,39 @@ impl Book {
         (now < end).then(|| Duration::from_nanos(end - now))
     }
 
-    /// Whether pending sync point `c` must still wait for an earlier conflicting one.
-    fn blocked(&self, c: u64) -> bool {
-        let Some(entry) = self.entries.get(&c) else {
-            return false;
-        };
+    /// The earliest conflicting sync point pending sync point `c` must still wait for.
+    fn blocker(&self, c: u64) -> Option<u64> {
+        let entry = self.entries.get(&c)?;
         self.first_conflict(entry.session, &entry.footprint, c)
-            .is_some()
+    }
+
+    /// `c` waits (again), as `waiter` says.
+    fn wait(&mut self, c: u64, waiter: Waiter) {
+        match waiter.blocker {
+            Some(b) => {
+                self.blocked_on.entry(b).or_default().push(c);
+                self.holding.remove(&c);
+            }
+            None => {
+                self.holding.insert(c);
+            }
+        }
+        self.waiters.insert(c, waiter);
+    }
+
+    /// `c` waits no more.
+    fn unwait(&mut self, c: u64) -> Option<Waiter> {
+        self.holding.remove(&c);
+        self.waiters.remove(&c)
     }
 
     /// The pending sync points `footprint` may conflict with, by relation (None: the
-    /// pending ones that touch every relation, or every pending one for a wild footprint).
+    /// pending ones that touch every relation, or every pending one for a wild footprint),
+    /// only the reads or the writes of each as it waits for them: `(lane, pending, write)`.
     fn lanes_of<'a>(
         &'a self,
         footprint: &'a Footprint,
-    ) -> impl Iterator<Item = (Option<u64>, &'a Lane)> {
+    ) -> impl Iterator<Item = (Option<u64>, &'a BTreeMap<u64, u64>, bool)> {
         // One iterator type for both cases (a boxed one cost an allocation per look-up).
         let wild = footprint.wild;
         let lanes: &'a [u64] = if wild { &[] } else { &footprint.lanes };
@@ -934,24 +1032,29 @@ impl Book {
             .iter()
             .filter_map(|l| self.lanes.get(l).map(|lane| (Some(*l), lane)))
             .chain(std::iter::once((None, last)))
+            .flat_map(move |(lane, pending)| {
+                pending
+                    .waited(footprint)
+                    .map(move |(map, write)| (lane, map, write))
+            })
     }
 
-    /// Whether pending sync point `c` (of `session`, writing or not: `write`) on relation
-    /// `lane` is one `footprint`, of another session, waits for.
+    /// Whether pending sync point `c` (of session `s`, writing or not: `write`) on
+    /// relation `lane` is one `footprint`, of another session, waits for (the caller
+    /// looks only at the kind it waits for).
     fn waits_on(
         &self,
         footprint: &Footprint,
         session: u64,
-        lane: Option<u64>,
-        (c, (s, write)): (&u64, &(u64, bool)),
+        (lane, write): (Option<u64>, bool),
+        (c, s): (&u64, &u64),
     ) -> bool {
         *s != session
-            && footprint.waits_for(*write)
             && match lane {
                 None => true,
                 // Two writes conflict whatever the rows: no need to look at them.
                 Some(lane) => {
-                    (footprint.write && *write)
+                    (footprint.write && write)
                         || self.entries.get(c).is_none_or(|e| {
                             footprint.conflicts_in(lane, e.footprint.write, e.footprint.rows(lane))
                         })
@@ -962,47 +1065,59 @@ impl Book {
     /// The earliest pending sync point before `before`, of another session, that conflicts
     /// with `footprint`.
     fn first_conflict(&self, session: u64, footprint: &Footprint, before: u64) -> Option<u64> {
-        self.lanes_of(footprint)
-            .filter_map(|(lane, pending)| {
-                pending
-                    .range(..before)
-                    .find(|&e| self.waits_on(footprint, session, lane, e))
-                    .map(|(c, _)| *c)
-            })
-            .min()
+        // Each walk stops at the earliest one found so far: what comes after it cannot be
+        // the first.
+        let mut first = None;
+        for (lane, pending, write) in self.lanes_of(footprint) {
+            if let Some((c, _)) = pending
+                .range(..first.unwrap_or(before))
+                .find(|&e| self.waits_on(footprint, session, (lane, write), e))
+            {
+                first = Some(*c);
+            }
+        }
+        first
     }
 
     /// Every pending sync point before `before`, of another session, that conflicts with
     /// `footprint`.
     fn conflicting(&self, session: u64, footprint: &Footprint, before: u64) -> Vec<u64> {
-        let mut out: Vec<u64> = self
-            .lanes_of(footprint)
-            .flat_map(|(lane, pending)| {
-                pending
-                    .range(..before)
-                    .filter(move |&e| self.waits_on(footprint, session, lane, e))
-                    .map(|(c, _)| *c)
-            })
-            .collect();
+        let mut out: Vec<u64> = self.conflicts(session, footprint, before).collect();
         out.sort_unstable();
         out.dedup();
         out
     }
 
-    /// Something touching `freed` left the book (or, `held_only`, stopped being in flight
-    /// on the primary: only held waiters may go for it): the waiters it may have held are
-    /// sent to their shard's inbox to ask again ([`Ledger::acquire`] decides, and clears).
-    fn release(&mut self, freed: &[&Footprint], this_shard: usize, held_only: bool) {
+    /// [`conflicting`](Self::conflicting) as it is found: by relation, each in order, one
+    /// that touches several relations once for each.
+    fn conflicts<'a>(
+        &'a self,
+        session: u64,
+        footprint: &'a Footprint,
+        before: u64,
+    ) -> impl Iterator<Item = u64> + 'a {
+        self.lanes_of(footprint)
+            .flat_map(move |(lane, pending, write)| {
+                pending
+                    .range(..before)
+                    .filter(move |&e| self.waits_on(footprint, session, (lane, write), e))
+                    .map(|(c, _)| *c)
+            })
+    }
+
+    /// Something touching `freed` left the book (`removed`: these sync points) or stopped
+    /// being in flight on the primary (None: only held waiters may go for it): the waiters it
+    /// may have held are sent to their shard's inbox to ask again ([`Ledger::acquire`]
+    /// decides, and clears). A waiter that is not held is looked at only when the sync point
+    /// it was found waiting for is among `removed`.
+    fn release(&mut self, freed: &[&Footprint], removed: Option<&[u64]>, this_shard: usize) {
         if self.waiters.is_empty() {
             return;
         }
-        let mut go: Vec<(u64, usize)> = Vec::new();
-        for (&c, waiter) in &self.waiters {
-            if held_only && !waiter.held {
-                continue;
-            }
+        let mut go: Vec<u64> = Vec::new();
+        for &c in &self.holding {
             let Some(entry) = self.entries.get(&c) else {
-                go.push((c, waiter.shard));
+                go.push(c);
                 continue;
             };
             // As a write: whatever it touched may have held this one.
@@ -1015,19 +1130,42 @@ impl Book {
                 .first_conflict(entry.session, &entry.footprint, c)
                 .is_none()
             {
-                go.push((c, waiter.shard));
+                go.push(c);
             }
         }
-        for &(c, shard) in &go {
-            self.waiters.remove(&c);
-            let Some(Some(inbox)) = self.inboxes.get(shard) else {
+        let mut moved: Vec<(u64, u64)> = Vec::new();
+        for &r in removed.unwrap_or(&[]) {
+            let Some(blocked) = self.blocked_on.remove(&r) else {
+                continue;
+            };
+            for c in blocked {
+                if self.waiters.get(&c).is_none_or(|w| w.blocker != Some(r)) {
+                    continue; // stale: it went, or waits for another one now
+                }
+                match self.blocker(c) {
+                    None => go.push(c),
+                    Some(b) => moved.push((c, b)),
+                }
+            }
+        }
+        for (c, b) in moved {
+            if let Some(w) = self.waiters.get_mut(&c) {
+                w.blocker = Some(b);
+                self.blocked_on.entry(b).or_default().push(c);
+            }
+        }
+        for c in go {
+            let Some(waiter) = self.unwait(c) else {
+                continue;
+            };
+            let Some(Some(inbox)) = self.inboxes.get(waiter.shard) else {
                 continue;
             };
             let mut released = inbox.released.lock().unwrap_or_else(|e| e.into_inner());
             let first = released.is_empty();
             released.push(c);
             drop(released);
-            if first && shard != this_shard {
+            if first && waiter.shard != this_shard {
                 inbox.notifier.notify();
             }
         }
