@@ -1112,6 +1112,12 @@ impl Book {
     /// it was found waiting for is among `removed`.
     fn release(&mut self, freed: &[&Footprint], removed: Option<&[u64]>, this_shard: usize) {
         if self.waiters.is_empty() {
+            // Waiters that went without a release (their wait ran out, a lock break, their
+            // session ended) may still be listed under what left: drop those lists, or they
+            // would stay for the process's life.
+            for r in removed.unwrap_or(&[]) {
+                self.blocked_on.remove(r);
+            }
             return;
         }
         let mut go: Vec<u64> = Vec::new();
@@ -1392,6 +1398,22 @@ mod tests {
         assert_eq!(ledger.done(same, 0), Pinned::Overtaken);
         assert_eq!(ledger.done(apart, 0), Pinned::InOrder);
         assert_eq!(ledger.pending(), 0);
+    }
+
+    #[test]
+    fn a_waiter_that_went_leaves_nothing_listed_under_its_blocker() {
+        let ledger = Ledger::default();
+        let _ = ledger.inbox(0);
+        let write = now(&ledger, 2, row(7, 1, true));
+        let read = now(&ledger, 1, row(7, 1, false));
+        assert!(ledger.acquire(write, 0) == Turn::Go);
+        assert!(ledger.acquire(read, 0) != Turn::Go);
+        assert_eq!(ledger.book().blocked_on.len(), 1);
+        // The reader's session ends while it waits; then the write leaves with no one waiting.
+        ledger.abandon(&[read], 0);
+        ledger.done(write, 0);
+        assert_eq!(ledger.pending(), 0);
+        assert!(ledger.book().blocked_on.is_empty());
     }
 
     #[test]
