@@ -220,6 +220,12 @@ pub struct PreparedSet {
 }
 
 impl PreparedSet {
+    /// Whether `hash` is prepared, without counting it as used (a look, not a use).
+    pub fn holds(&self, hash: u64) -> bool {
+        self.used.contains_key(&hash)
+    }
+
+    /// Whether `hash` is prepared, counting it as used now (the last used is closed last).
     pub fn contains(&mut self, hash: u64) -> bool {
         self.tick += 1;
         match self.used.get_mut(&hash) {

@@ -266,19 +266,31 @@ impl Pipeline {
                     && p.holds_all(&want.hashes)
             })
             .min_by_key(|p| (p.outbox.borrow().is_empty(), p.queue.borrow().len()))
+            .inspect(|p| p.use_all(&want.hashes))
             .cloned()
     }
 
     /// Whether this pipeline's connection holds every shared statement of `hashes` (nothing
     /// hidden goes ahead of a shared unit, so a unit joins only where its statements are).
+    /// Only a look: the statements of connections looked at and not chosen keep their place
+    /// in the order they are closed in ([`Pipeline::use_all`] marks the chosen one's).
     fn holds_all(&self, hashes: &[u64]) -> bool {
         if hashes.is_empty() {
             return true;
         }
-        let mut state = self.state.borrow_mut();
+        let state = self.state.borrow();
         state
-            .as_mut()
-            .is_some_and(|conn| hashes.iter().all(|h| conn.prepared.contains(*h)))
+            .as_ref()
+            .is_some_and(|conn| hashes.iter().all(|h| conn.prepared.holds(*h)))
+    }
+
+    /// Marks `hashes` used now on this pipeline's connection (a unit of them joins it).
+    fn use_all(&self, hashes: &[u64]) {
+        if let Some(conn) = self.state.borrow_mut().as_mut() {
+            for h in hashes {
+                conn.prepared.contains(*h);
+            }
+        }
     }
 
     /// Units of `settings` the pipelines of `pool` on this shard take now (what
@@ -774,7 +786,10 @@ impl UnitLine {
             if woken >= n {
                 break;
             }
-            if spot.left.get() || !pipeline.could_take(&self.pool, &spot.want) {
+            // One woken already and not yet looking will look anyway (for room that came
+            // before): counting it would leave this room to no one.
+            if spot.left.get() || spot.kicked.get() || !pipeline.could_take(&self.pool, &spot.want)
+            {
                 continue;
             }
             woken += 1;
