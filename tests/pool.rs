@@ -418,6 +418,15 @@ fn an_exhausted_pool_makes_clients_wait_a_bounded_time() {
     assert_eq!(c.query_one("SELECT 2", &[]).unwrap().get::<_, i32>(0), 2);
 }
 
+/// Waits (bounded) until the console shows `n` clients waiting; fails with `what` if never.
+fn see_waiting(console: &mut postgres::Client, n: u64, what: &str) {
+    assert!(
+        eventually(Duration::from_secs(10), || clients_waiting(console)
+            == Some(n)),
+        "{what}"
+    );
+}
+
 /// `cl_waiting` of the only pool in SHOW POOLS.
 fn clients_waiting(console: &mut postgres::Client) -> Option<u64> {
     console
@@ -448,10 +457,10 @@ fn a_client_handed_a_connection_leaves_the_line() {
                 .query_one("SELECT $1::int", &[&round])
                 .map(|r| r.get::<_, i32>(0))
         });
-        assert!(
-            eventually(Duration::from_secs(10), || clients_waiting(&mut console)
-                == Some(1)),
-            "round {round}: the client never waited"
+        see_waiting(
+            &mut console,
+            1,
+            &format!("round {round}: the client never waited"),
         );
         // The connection comes back and is handed to the waiting client.
         tx.commit().unwrap();
@@ -1286,18 +1295,10 @@ fn units_waiting_for_room_on_a_shared_connection_get_it_in_order() {
     let lends = proxy.metric("pgprism_pool_lends_total");
     let units = proxy.metric("pgprism_pool_shared_units_total");
     let c_thread = std::thread::spawn(move || answer(c.simple_query(next).unwrap()));
-    assert!(
-        eventually(Duration::from_secs(10), || clients_waiting(&mut console)
-            == Some(1)),
-        "C never waited"
-    );
+    see_waiting(&mut console, 1, "C never waited");
     let d_thread = std::thread::spawn(move || answer(d.simple_query(next).unwrap()));
     // D waits in line behind C: both count as waiting.
-    assert!(
-        eventually(Duration::from_secs(10), || clients_waiting(&mut console)
-            == Some(2)),
-        "D was not seen waiting"
-    );
+    see_waiting(&mut console, 2, "D was not seen waiting");
     locker.batch_execute("COMMIT").unwrap();
     assert_eq!(a_thread.join().unwrap().as_deref(), Some("1"));
     let order = [b_thread, c_thread, d_thread].map(|t| t.join().unwrap());
@@ -1389,22 +1390,14 @@ fn room_on_a_shared_connection_goes_to_the_first_in_line_that_can_use_it() {
                 .unwrap(),
         )
     });
-    assert!(
-        eventually(Duration::from_secs(10), || clients_waiting(&mut console)
-            == Some(1)),
-        "A never waited"
-    );
+    see_waiting(&mut console, 1, "A never waited");
     let b_thread = std::thread::spawn(move || {
         first_value(
             b.simple_query("SELECT current_setting('application_name') = 'other'")
                 .unwrap(),
         )
     });
-    assert!(
-        eventually(Duration::from_secs(10), || clients_waiting(&mut console)
-            == Some(2)),
-        "B never waited"
-    );
+    see_waiting(&mut console, 2, "B never waited");
     // P1 is answered: room for one unit on the shared connection, which A cannot use and B
     // can. B takes it (behind P2) while P2 still waits for t2.
     let behind = proxy.metric("pgprism_pool_shared_behind_total");
@@ -1482,11 +1475,7 @@ fn the_whole_wait_in_line_counts_as_waiting() {
                 .unwrap();
             (None, Some(waiter))
         };
-        assert!(
-            eventually(Duration::from_secs(10), || clients_waiting(&mut console)
-                == Some(1)),
-            "{leaves_for}: C never waited"
-        );
+        see_waiting(&mut console, 1, &format!("{leaves_for}: C never waited"));
         let seen = Instant::now();
         if leaves_for == "room" {
             // C waits at least as long as t stays locked from now on (a pause long enough
