@@ -215,6 +215,11 @@ struct CompareArgs {
     /// first); 0: ordered as pgprism reads the answers.
     #[arg(long)]
     compare_order_hold_ms: Option<u64>,
+    /// How long (µs) before its answer arrived a read is placed in the primary's order
+    /// (it took its snapshot before it ran; a write takes effect at its commit, just
+    /// before its answer); 0: reads placed by their answers.
+    #[arg(long)]
+    compare_order_read_lead_us: Option<u64>,
     /// A/A calibration: the shadow is the primary itself (--shadow defaults to the primary's
     /// URL); writes run on the primary only and every difference counts as noise.
     #[arg(long)]
@@ -279,6 +284,9 @@ impl CompareArgs {
         }
         if let Some(v) = self.compare_order_hold_ms {
             c.order_hold_ms = v;
+        }
+        if let Some(v) = self.compare_order_read_lead_us {
+            c.order_read_lead_us = v;
         }
         if let Some(v) = self.shadow_pool_size {
             cfg.shadow.pool_size = v;

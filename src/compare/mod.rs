@@ -171,9 +171,10 @@ pub fn resolve(cfg: &Config, reports: Sender<Record>) -> Result<Option<Resolved>
         primary_tls,
         cfg: cfg.compare.clone(),
         reports,
-        ledger: Arc::new(order::Ledger::new(Duration::from_millis(
-            cfg.compare.order_hold_ms,
-        ))),
+        ledger: Arc::new(
+            order::Ledger::new(Duration::from_millis(cfg.compare.order_hold_ms))
+                .with_read_lead(Duration::from_micros(cfg.compare.order_read_lead_us)),
+        ),
         pool: (cfg.shadow.pool_size > 0).then(|| (shadow_pool_config(cfg), Default::default())),
         shards: cfg.shard_count(),
         message_bytes_max: cfg.proxy.message_bytes_max,

@@ -338,6 +338,9 @@ struct Book {
     /// How long a sync point may be held for earlier-sent conflicting ones still in flight
     /// (`compare.order-hold-ms`, in ns).
     hold_ns: u64,
+    /// How long before its answer a read is numbered (`compare.order-read-lead-us`, in
+    /// ns; see [`Ledger::complete`]).
+    read_lead_ns: u64,
     recent: IdMap<Recent>,
     /// Writes that may touch every relation.
     recent_wild: Recent,
@@ -477,6 +480,12 @@ impl Ledger {
         ledger
     }
 
+    /// Reads are numbered `lead` before their answers (`compare.order-read-lead-us`).
+    pub fn with_read_lead(self, lead: Duration) -> Ledger {
+        self.book().read_lead_ns = lead.as_nanos() as u64;
+        self
+    }
+
     /// A sync point of `session` touching `footprint` is sent to the primary now.
     pub fn start(&self, session: u64, footprint: &Footprint, only: bool) -> Started {
         let mut book = self.book();
@@ -604,7 +613,22 @@ impl Ledger {
     ) -> u64 {
         let locks = locks.into();
         let mut book = self.book();
-        let mut c = if stamp_ns == 0 { now_ns() } else { stamp_ns }.max(1);
+        let stamp = if stamp_ns == 0 { now_ns() } else { stamp_ns };
+        // A write takes effect when it commits, just before its answer is sent; a read
+        // when it takes its snapshot, as it starts running: numbered by its answer alone,
+        // a read comes after writes answered while it ran that it had not seen. So a read
+        // is numbered `read_lead_ns` before its answer, never before it was sent (its own
+        // session's earlier sync points stay before it). Whether it overlapped a write is
+        // still judged from when it was sent ([`Ledger::finish`]), so a read placed wrong
+        // is inconclusive, never a mismatch.
+        let mut c = if footprint.write {
+            stamp
+        } else {
+            stamp
+                .saturating_sub(book.read_lead_ns)
+                .max(started.1.since.min(stamp))
+        }
+        .max(1);
         while book.entries.contains_key(&c) {
             c += 1;
         }
@@ -1477,6 +1501,57 @@ mod tests {
         // The hold's end is what is tested here, not a wait for an outcome.
         std::thread::sleep(left);
         assert_eq!(ledger.acquire(read, 0), Turn::Go);
+    }
+
+    #[test]
+    fn a_read_is_numbered_before_its_answer_by_the_read_lead() {
+        // Sessions 1 (read) and 2 (write) of row 1 are both in flight; the write's answer
+        // is stamped 10 us before the read's. With a 15 us lead the read took its snapshot
+        // before the write committed: numbered first, it goes first on the shadow, and the
+        // write waits for it.
+        let ledger =
+            Ledger::new(Duration::from_secs(3600)).with_read_lead(Duration::from_micros(15));
+        let _ = ledger.inbox(0);
+        let (w, r) = (row(7, 1, true), row(7, 1, false));
+        let w_started = ledger.start(2, &w, false);
+        let r_started = ledger.start(1, &r, false);
+        let stamp = w_started.since.max(r_started.since) + 1_000_000;
+        let write = ledger.complete(2, w.clone(), (&(w, w_started), stamp), false, 0);
+        let read = ledger.complete(1, r.clone(), (&(r, r_started), stamp + 10_000), false, 0);
+        assert!(read < write, "the read is placed 15 us before its answer");
+        assert_eq!(ledger.acquire(read, 0), Turn::Go);
+        assert_eq!(ledger.acquire(write, 0), Turn::Wait);
+        // Both overlapped on the primary: the read is not pinned, whichever way it went.
+        assert_eq!(ledger.done(read, 0), Pinned::Overtaken);
+        assert_eq!(ledger.acquire(write, 0), Turn::Go);
+        ledger.done(write, 0);
+        // Never before it was sent: a read sent after a write's answer stays after it,
+        // however soon it is answered.
+        let ledger = Ledger::new(Duration::from_secs(3600)).with_read_lead(Duration::from_secs(1));
+        let (w, r) = (row(7, 1, true), row(7, 1, false));
+        let w_started = ledger.start(2, &w, false);
+        let write = ledger.complete(2, w, (&(row(7, 1, true), w_started), now_ns()), false, 0);
+        let r_started = ledger.start(1, &r, false);
+        let read = ledger.complete(
+            1,
+            r.clone(),
+            (&(r, r_started), r_started.since + 1),
+            false,
+            0,
+        );
+        assert!(
+            write < read,
+            "a read sent after the write's answer is numbered after it"
+        );
+        // Writes are numbered by their answers whatever the lead.
+        let ledger = Ledger::new(Duration::from_secs(3600)).with_read_lead(Duration::from_secs(1));
+        let w = row(7, 1, true);
+        let started = ledger.start(2, &w, false);
+        let stamp = started.since + 5_000_000_000;
+        assert_eq!(
+            ledger.complete(2, w.clone(), (&(w, started), stamp), false, 0),
+            stamp
+        );
     }
 
     #[test]
