@@ -372,7 +372,13 @@ fn snapshot_against_copy() {
         );
         (secs, setup, cpu)
     };
+    // The whole machine's busy CPU seconds per phase (all processes, from /proc/stat): with
+    // the emulator's and pgprism's own CPU, what the snapshot asks of the database, and the
+    // wall time the cores allow for that much work.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let mut busy_lines = Vec::new();
     for run in 0..RUNS {
+        let busy = machine_busy_seconds();
         let t = Instant::now();
         let status = psql("COPY t TO STDOUT").wait().unwrap();
         copy_secs.push(t.elapsed().as_secs_f64());
@@ -380,9 +386,13 @@ fn snapshot_against_copy() {
         // The floors: the server writing the table to /dev/null itself (the issue's measure),
         // and what the snapshot's two workers cannot go below, two clients each reading half
         // of the key range in CSV and doing nothing else.
+        let copy_busy = machine_busy_seconds() - busy;
+        let busy = machine_busy_seconds();
         let t = Instant::now();
         assert!(psql("COPY t TO '/dev/null'").wait().unwrap().success());
         file_secs.push(t.elapsed().as_secs_f64());
+        let file_busy = machine_busy_seconds() - busy;
+        let busy = machine_busy_seconds();
         let t = Instant::now();
         let half = rows / 2;
         let mut a = psql(&format!(
@@ -393,6 +403,7 @@ fn snapshot_against_copy() {
         ));
         assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
         halves_secs.push(t.elapsed().as_secs_f64());
+        let halves_busy = machine_busy_seconds() - busy;
 
         // The sides take turns going first: the first snapshot after the COPYs ran slower
         // (the same build on both sides at 10 M rows, load 9 to 17: 6.93 s against 6.30 s).
@@ -411,7 +422,19 @@ fn snapshot_against_copy() {
         if b_first {
             side_b();
         }
+        let (busy, own) = (machine_busy_seconds(), cpu_seconds("self"));
         let (secs, setup, cpu) = snapshot(&format!("snap{run}"), &a_side);
+        let (snap_busy, emulator) = (machine_busy_seconds() - busy, cpu_seconds("self") - own);
+        busy_lines.push(format!(
+            "run {run}, machine CPU busy (all processes): COPY TO STDOUT {copy_busy:.2} s, TO '/dev/null' \
+             {file_busy:.2} s, two halves {halves_busy:.2} s, snapshot {snap_busy:.2} s = pgprism \
+             {cpu:.2} + emulator {emulator:.2} + the rest (PostgreSQL, psql, kernel threads) {:.2}; \
+             {cores} cores: the snapshot's work takes at least {:.2} s of wall time ({:.0}% of \
+             the cores busy while it ran)",
+            snap_busy - cpu - emulator,
+            snap_busy / cores,
+            100.0 * snap_busy / (cores * secs),
+        ));
         if !b_first {
             side_b();
         }
@@ -423,6 +446,7 @@ fn snapshot_against_copy() {
         if let Some(line) = b_line {
             println!("{line}");
         }
+        println!("{}", busy_lines[run]);
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -629,6 +653,26 @@ fn http(
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or(answer)
+}
+
+/// The CPU seconds the whole machine spent busy so far (every CPU's user, nice, system, irq,
+/// softirq and steal time in /proc/stat's first line).
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| ticks.get(i))
+        .sum::<f64>()
+        / 100.0
 }
 
 /// utime + stime of a process, from /proc.
