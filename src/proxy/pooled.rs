@@ -1473,7 +1473,7 @@ impl Session<'_> {
             }
             tag::EXECUTE => {
                 if let Refers::Portal(p) = &refers {
-                    self.check_pin(&p.statement.text);
+                    self.check_pin(&p.statement);
                     self.executed_command(&p.statement);
                 }
                 if let Some(describe) = own_describe {
@@ -1488,19 +1488,14 @@ impl Session<'_> {
             tag::QUERY => {
                 if let Refers::Query(parts) = &refers {
                     for part in parts.iter() {
-                        self.check_pin(&part.own.text);
+                        self.check_pin(&part.own);
                         self.sql_prepared(part, &applied);
                         // A RESET goes back to the connection's defaults, not to the
                         // client's startup parameters: re-apply them at the next lend.
-                        let text = part.own.text.as_bytes();
-                        if text
-                            .first()
-                            .is_some_and(|b| matches!(b, b'r' | b'R' | b'd' | b'D'))
-                            && matches!(
-                                sql::setting(text),
-                                Some(sql::Setting::Reset { .. } | sql::Setting::ResetAll)
-                            )
-                            && let Some(conn) = self.conn.as_mut()
+                        if matches!(
+                            part.own.setting(),
+                            Some(sql::Setting::Reset { .. } | sql::Setting::ResetAll)
+                        ) && let Some(conn) = self.conn.as_mut()
                         {
                             conn.settings = SETTINGS_UNKNOWN;
                         }
@@ -1753,7 +1748,6 @@ impl Session<'_> {
     /// DEALLOCATE, PREPARE, RESET sent through the extended protocol, as JDBC does): what
     /// pgprism knows of the connection follows.
     fn executed_command(&mut self, statement: &Statement) {
-        let text = statement.text.as_bytes();
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
@@ -1774,7 +1768,7 @@ impl Session<'_> {
             _ => {}
         }
         if matches!(
-            sql::setting(text),
+            statement.setting(),
             Some(sql::Setting::Reset { .. } | sql::Setting::ResetAll)
         ) {
             conn.settings = SETTINGS_UNKNOWN;
@@ -1824,11 +1818,11 @@ impl Session<'_> {
         replies.hidden(Awaits::Ready, KEY_SETTINGS + 2);
     }
 
-    fn check_pin(&mut self, text: &str) {
+    fn check_pin(&mut self, statement: &Statement) {
         if self.pinned.is_some() {
             return;
         }
-        if let Some(pin) = sql::pins(text.as_bytes()) {
+        if let Some(pin) = statement.pin() {
             self.pinned = Some(pin);
             self.state.pinned.set(Some(pin.name()));
             self.pool.pinned.set(self.pool.pinned.get() + 1);
