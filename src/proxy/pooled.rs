@@ -1865,8 +1865,12 @@ impl Session<'_> {
         Turn::Continue
     }
 
-    /// Handles the complete server frames read; returns the connection when the client is
-    /// at a transaction boundary with nothing in flight.
+    /// The lent connection's answers read so far. Those the client gets as they came (nearly
+    /// all) go to it as one run of bytes, split off the read buffer without a copy when
+    /// nothing else is due first, the tracker reading each on the way, as session mode's relay
+    /// does. A message that needs more is handled on its own in its place: one the replies
+    /// keep from the client (a hidden statement's answer), one after which pgprism's own
+    /// answers are due or that settles a keyed statement, and the server's farewell.
     async fn server_frames(&mut self) -> Turn {
         let max = self.shard.settings.message_bytes_max;
         let mut settled = Settled::default();
@@ -1874,59 +1878,80 @@ impl Session<'_> {
             // The frames below completed with the last read.
             self.answers_stamp_ns = conn.stream.received_at_ns();
         }
+        // Bytes of the read buffer handled, and where the run for the client starts in them.
+        let (mut done, mut run) = (0usize, 0usize);
         loop {
-            let conn = self.conn.as_mut().expect("lent");
-            let frame = match wire::split_message(&mut conn.buf, max) {
-                Ok(Some(frame)) => frame,
-                Ok(None) => break,
-                Err(_) => {
-                    ShardStats::bump(&self.shard.stats.counters.protocol_errors, 1);
-                    let fatal = error_bytes(
-                        "FATAL",
-                        sqlstate::PROTOCOL_VIOLATION,
-                        "pgprism: invalid message from the primary",
-                    );
-                    let _ = self.flush_client().await;
-                    // pgprism's own word, not the primary's answer: compared, it follows
-                    // the judged answers and is never paired with the shadow's.
-                    self.say(fatal).await;
-                    self.drop_conn(false).await;
-                    return Turn::End;
-                }
+            let Some(conn) = self.conn.as_mut() else {
+                crate::invariant::failed("a session reading its server holds the connection")
             };
-            settled.own.clear();
-            let route = self.replies.server(frame.tag(), &mut settled);
-            for key in settled.failed.drain(..) {
-                self.forget(key);
-            }
-            for key in settled.done.iter() {
-                if let Some(at) = self.pending_sql.iter().position(|(k, _, _)| k == key) {
-                    let (_, name, hash) = self.pending_sql.swap_remove(at);
-                    if let Some(conn) = self.conn.as_mut() {
-                        conn.sql_prepared.insert(name, hash);
-                    }
+            let (replies, tracker) = (&mut self.replies, &mut self.tracker);
+            // The message that ended the walk early: its route, its length, and whether it
+            // is the server's farewell.
+            let mut special: Option<(Route, usize, bool)> = None;
+            let mut walked = 0usize;
+            let scanned = wire::complete_prefix_until(&conn.buf[done..], max, |t, body| {
+                let len = wire::HEADER_BYTES + body.len();
+                walked += len;
+                let route = replies.server(t, &mut settled);
+                let mut farewell = false;
+                if route == Route::Client {
+                    tracker.server(t, body);
+                    farewell = t == tag::ERROR_RESPONSE && crate::session::is_farewell(body);
                 }
-            }
-            for key in settled.done.drain(..) {
-                if key > KEY_UNNAMED && !self.hidden_sql.iter().any(|(k, _)| *k == key) {
-                    self.pool
-                        .learn(key, self.pools.cfg.prepared_statements_max.max(1024) * 4);
+                if route == Route::Client && !farewell && settled.is_empty() {
+                    return std::ops::ControlFlow::Continue(());
                 }
-            }
-            if route == Route::Client {
-                self.tracker.server(frame.tag(), frame.body());
+                special = Some((route, len, farewell));
+                std::ops::ControlFlow::Break(())
+            });
+            let end = done + walked;
+            if scanned.is_err() {
+                // The messages ahead of the malformed one still reach the client.
+                self.take_run(run, end);
                 self.cancel_points();
-                self.to_client.extend_from_slice(frame.bytes());
-                if frame.tag() == tag::ERROR_RESPONSE && crate::session::is_farewell(frame.body()) {
-                    let _ = self.flush_client().await;
-                    self.drop_conn(false).await;
-                    return Turn::End;
+                ShardStats::bump(&self.shard.stats.counters.protocol_errors, 1);
+                let fatal = error_bytes(
+                    "FATAL",
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "pgprism: invalid message from the primary",
+                );
+                let _ = self.flush_client().await;
+                // pgprism's own word, not the primary's answer: compared, it follows
+                // the judged answers and is never paired with the shadow's.
+                self.say(fatal).await;
+                self.drop_conn(false).await;
+                return Turn::End;
+            }
+            let Some((route, len, farewell)) = special else {
+                done = end;
+                break;
+            };
+            if route == Route::Swallow {
+                // The run ends before it (when the run starts there, it is empty).
+                self.run_to_client(run, end - len);
+                run = end;
+            }
+            self.settle(&mut settled);
+            if farewell {
+                self.take_run(run, end);
+                self.cancel_points();
+                let _ = self.flush_client().await;
+                self.drop_conn(false).await;
+                return Turn::End;
+            }
+            if !settled.own.is_empty() {
+                // pgprism's own answers are due after this message.
+                self.run_to_client(run, end);
+                run = end;
+                for answer in settled.own.drain(..) {
+                    self.to_client.extend_from_slice(&answer);
                 }
             }
-            for answer in settled.own.drain(..) {
-                self.to_client.extend_from_slice(&answer);
-            }
+            settled.skipped_own = 0;
+            done = end;
         }
+        self.take_run(run, done);
+        self.cancel_points();
         if self.replies.is_empty()
             && let Some(since) = self.busy_since.take()
         {
@@ -1942,6 +1967,58 @@ impl Session<'_> {
             self.give_back(true).await;
         }
         Turn::Continue
+    }
+
+    /// Bytes `from..to` of the lent connection's read buffer go to the client (copied: more
+    /// of the buffer is still being handled).
+    fn run_to_client(&mut self, from: usize, to: usize) {
+        if from < to
+            && let Some(conn) = &self.conn
+        {
+            self.to_client.extend_from_slice(&conn.buf[from..to]);
+        }
+    }
+
+    /// The first `to` bytes of the lent connection's read buffer are handled, and those
+    /// from `from` on go to the client: split off the buffer as they are when nothing is
+    /// ahead of them for the client, else copied after what is.
+    fn take_run(&mut self, from: usize, to: usize) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        if to == 0 {
+            return;
+        }
+        if from == 0 && self.to_client.is_empty() {
+            self.to_client = conn.buf.split_to(to);
+            return;
+        }
+        if from < to {
+            self.to_client.extend_from_slice(&conn.buf[from..to]);
+        }
+        let _ = conn.buf.split_to(to);
+    }
+
+    /// What the replies settled with a server message: hidden statements that failed are
+    /// forgotten on the connection, those that worked are learnt.
+    fn settle(&mut self, settled: &mut Settled) {
+        for key in settled.failed.drain(..) {
+            self.forget(key);
+        }
+        for key in settled.done.iter() {
+            if let Some(at) = self.pending_sql.iter().position(|(k, _, _)| k == key) {
+                let (_, name, hash) = self.pending_sql.swap_remove(at);
+                if let Some(conn) = self.conn.as_mut() {
+                    conn.sql_prepared.insert(name, hash);
+                }
+            }
+        }
+        for key in settled.done.drain(..) {
+            if key > KEY_UNNAMED && !self.hidden_sql.iter().any(|(k, _)| *k == key) {
+                self.pool
+                    .learn(key, self.pools.cfg.prepared_statements_max.max(1024) * 4);
+            }
+        }
     }
 
     async fn flush_client(&mut self) -> Turn {
