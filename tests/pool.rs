@@ -379,15 +379,16 @@ fn answers_around_hidden_and_own_messages_reach_the_client_in_order() {
     let mut a = raw::connect_ready(proxy.listen);
     let mut b = raw::connect_ready(proxy.listen);
     // Each client's own settings on the one connection, one after the other: A's next lend
-    // finds B's settings there, and pgprism resets and applies A's first (hidden answers).
+    // finds B's settings there, and pgprism resets and applies A's first (hidden answers,
+    // the server's ParameterStatus among them). The client's own SET reports it.
     let tags = |msgs: &[(u8, Vec<u8>)]| msgs.iter().map(|m| m.0).collect::<Vec<u8>>();
     assert_eq!(
         tags(&raw::query(&mut a, "SET application_name = 'a'")),
-        b"CZ"
+        b"CSZ"
     );
     assert_eq!(
         tags(&raw::query(&mut b, "SET application_name = 'b'")),
-        b"CZ"
+        b"CSZ"
     );
     assert_eq!(tags(&raw::query(&mut b, "SELECT 1")), b"TDCZ");
     let cstr = |s: &str| {
