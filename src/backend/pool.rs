@@ -870,7 +870,8 @@ impl Pools {
     /// Whether `conn` is past `server-lifetime-ms` or older than the last RECONNECT.
     pub fn expired(&self, conn: &PooledConn, now: Instant) -> bool {
         let lifetime = self.cfg.server_lifetime_ms;
-        (lifetime > 0 && now.saturating_duration_since(conn.opened).as_millis() as u64 >= lifetime)
+        (lifetime > 0
+            && now.saturating_duration_since(conn.opened) >= Duration::from_millis(lifetime))
             || self
                 .reconnect_before
                 .get()

@@ -357,7 +357,10 @@ pub(super) struct ClientState {
     pub busy: Cell<bool>,
     /// It waits for one, since then.
     pub waiting_since: Cell<Option<Instant>>,
-    pub request_time: Cell<SystemTime>,
+    /// When it last asked for a connection (SHOW CLIENTS `request_time`): kept as the
+    /// monotonic clock reading the lend takes anyway, turned into wall-clock time when a row
+    /// is made, not a second (wall) clock read per lend.
+    pub request_at: Cell<Instant>,
     /// The connection lent to it: (id, server pid, opened at).
     pub server: Cell<Option<(u64, i32, SystemTime)>>,
     pub pinned: Cell<Option<&'static str>>,
@@ -397,12 +400,20 @@ impl ClientState {
             remote_pid,
             busy: Cell::new(false),
             waiting_since: Cell::new(None),
-            request_time: Cell::new(SystemTime::now()),
+            request_at: Cell::new(Instant::now()),
             server: Cell::new(None),
             pinned: Cell::new(None),
             relaying: Cell::new(false),
             owed: Cell::new(false),
         }
+    }
+
+    /// When it last asked for a connection, by the wall clock (`now`: the monotonic one).
+    pub(super) fn request_time(&self, now: Instant) -> SystemTime {
+        let ago = now.saturating_duration_since(self.request_at.get());
+        SystemTime::now()
+            .checked_sub(ago)
+            .unwrap_or(SystemTime::UNIX_EPOCH)
     }
 
     pub(super) fn row(&self, shard: usize, now: Instant) -> crate::stats::pools::ClientRow {
@@ -424,7 +435,7 @@ impl ClientState {
             local_addr: self.local_addr.clone(),
             local_port: self.local_port,
             connect_time: self.connect_time,
-            request_time: self.request_time.get(),
+            request_time: self.request_time(now),
             wait_us: waiting
                 .map(|w| now.saturating_duration_since(w).as_micros() as u64)
                 .unwrap_or(0),
@@ -1108,8 +1119,8 @@ impl Session<'_> {
         *pipeline.state.borrow_mut() = self.conn.take();
         self.state.server.set(Some(server));
         self.state.busy.set(true);
-        self.state.request_time.set(SystemTime::now());
         let started = Instant::now();
+        self.state.request_at.set(started);
         let readies = self.replies.readies();
         let waiting = pipeline.submit(self.to_server.split(), readies, self.cancel_slot.clone());
         self.route(idle_before).await;
@@ -1190,7 +1201,7 @@ impl Session<'_> {
         let place = line.join(want);
         let started = Instant::now();
         self.state.waiting_since.set(Some(started));
-        self.state.request_time.set(SystemTime::now());
+        self.state.request_at.set(started);
         let (shard, pools, pool) = (self.shard, self.pools, self.pool.clone());
         // When it joined the pool's queue too (the pool counts the wait from there on, if
         // it is the pool that ends it).
@@ -1259,8 +1270,9 @@ impl Session<'_> {
 
     /// Gets a connection from the pool and makes it match the client's settings.
     async fn lend(&mut self) -> Turn {
-        self.state.waiting_since.set(Some(Instant::now()));
-        self.state.request_time.set(SystemTime::now());
+        let now = Instant::now();
+        self.state.waiting_since.set(Some(now));
+        self.state.request_at.set(now);
         if !self.pool.has_idle() {
             // A lingering pipeline holds a connection this client may need.
             Pipeline::nudge(self.shard, &self.pool);
@@ -2442,7 +2454,7 @@ pub(super) fn publish(shard: &ShardCtx, pools: &Pools) {
                 local_addr: String::new(),
                 local_port: 0,
                 connect_time: opened,
-                request_time: state.request_time.get(),
+                request_time: state.request_time(now),
                 link: Some(state.id),
                 remote_pid: pid,
                 tls: false,
