@@ -20,6 +20,9 @@
 # stopped: under valgrind a compare-mode pgprism may not stop on TERM in any useful time,
 # and its shutdown is no part of the figure anyway.
 #
+# PORT_BASE: the four ports used are PORT_BASE to PORT_BASE+3 (default 55711; another run of
+# this script on the machine needs another base).
+#
 # Needs valgrind. Counts user-space instructions only: the kernel's share of a proxy's CPU
 # (most of it, on loopback) is not in them.
 set -euo pipefail
@@ -27,22 +30,24 @@ cd "$(dirname "$0")/.."
 T1=${T1:-100}
 T2=${T2:-600}
 LOAD=${LOAD:--S}
+PORT_BASE=${PORT_BASE:-55711}
+P_PRIMARY=$PORT_BASE P_MIRROR=$((PORT_BASE + 1)) P_SHADOW=$((PORT_BASE + 2)) P_PROXY=$((PORT_BASE + 3))
 [ $# -ge 1 ] || { echo "usage: $0 PGPRISM_BINARY..." >&2; exit 2; }
 command -v valgrind >/dev/null || { echo "valgrind is needed" >&2; exit 2; }
 . benches/common.sh
 
-start_pg primary 55711
-pgbench -h 127.0.0.1 -p 55711 -U postgres -i -s 2 -q postgres >/dev/null 2>&1
+start_pg primary $P_PRIMARY
+pgbench -h 127.0.0.1 -p $P_PRIMARY -U postgres -i -s 2 -q postgres >/dev/null 2>&1
 EXTRA=()
 if [ "${MIRROR:-0}" = 1 ]; then
-  start_pg mirror 55712
-  pgbench -h 127.0.0.1 -p 55712 -U postgres -i -s 2 -q postgres >/dev/null 2>&1
-  EXTRA+=(--mirror postgres://postgres@127.0.0.1:55712/postgres --mirror-all-queries)
+  start_pg mirror $P_MIRROR
+  pgbench -h 127.0.0.1 -p $P_MIRROR -U postgres -i -s 2 -q postgres >/dev/null 2>&1
+  EXTRA+=(--mirror postgres://postgres@127.0.0.1:$P_MIRROR/postgres --mirror-all-queries)
 fi
 if [ "${SHADOW:-0}" = 1 ]; then
-  start_pg shadow 55713
-  pgbench -h 127.0.0.1 -p 55713 -U postgres -i -s 2 -q postgres >/dev/null 2>&1
-  EXTRA+=(--shadow postgres://postgres@127.0.0.1:55713/postgres --compare-report "$WORK/r.jsonl")
+  start_pg shadow $P_SHADOW
+  pgbench -h 127.0.0.1 -p $P_SHADOW -U postgres -i -s 2 -q postgres >/dev/null 2>&1
+  EXTRA+=(--shadow postgres://postgres@127.0.0.1:$P_SHADOW/postgres --compare-report "$WORK/r.jsonl")
 fi
 
 read -r -a MORE <<<"${ARGS:-}"
@@ -57,12 +62,12 @@ instructions() {
   for _ in 1 2 3 4; do
     rm -f "$WORK"/cg.*
     valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" -q "$1" proxy \
-      --listen 127.0.0.1:55714 --admin "" --log warn --shards 1 \
-      --primary postgres://127.0.0.1:55711 "${EXTRA[@]}" >/dev/null 2>"$WORK/vg.err" &
+      --listen 127.0.0.1:$P_PROXY --admin "" --log warn --shards 1 \
+      --primary postgres://127.0.0.1:$P_PRIMARY "${EXTRA[@]}" >/dev/null 2>"$WORK/vg.err" &
     vpid=$!
     local until=$((SECONDS + 60))
     while [ "$SECONDS" -lt "$until" ]; do
-      if timeout 5 psql -h 127.0.0.1 -p 55714 -U postgres -XAtc 'select 1' postgres >/dev/null 2>&1; then
+      if timeout 5 psql -h 127.0.0.1 -p $P_PROXY -U postgres -XAtc 'select 1' postgres >/dev/null 2>&1; then
         ready=1
         break
       fi
@@ -73,7 +78,7 @@ instructions() {
     wait "$vpid" || true
   done
   [ "$ready" = 1 ] || { echo "pgprism never started under valgrind" >&2; exit 1; }
-  pgbench -h 127.0.0.1 -p 55714 -U postgres -n "$LOAD" -c 1 -t "$2" postgres >/dev/null 2>&1
+  pgbench -h 127.0.0.1 -p $P_PROXY -U postgres -n "$LOAD" -c 1 -t "$2" postgres >/dev/null 2>&1
   callgrind_control --dump "$vpid" >/dev/null 2>&1
   kill -TERM "$vpid"
   for _ in $(seq 50); do kill -0 "$vpid" 2>/dev/null || break; sleep 0.2; done

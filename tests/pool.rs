@@ -367,6 +367,93 @@ fn a_client_that_leaves_mid_transaction_never_leaves_it_to_the_next() {
     assert_eq!(pg.psql("SELECT count(*) FROM t").unwrap().trim(), "1");
 }
 
+/// One pipelined write whose answers come back mixed with pgprism's hidden statements (the
+/// settings a lend applies), its own answers (a named statement's Close) and a dropped one
+/// (the Close after a failed Execute), an error and a notice: the client gets exactly its
+/// answers, in order, whatever reads the server's bytes arrive in (they are handed on as runs
+/// of bytes, not message by message).
+#[test]
+fn answers_around_hidden_and_own_messages_reach_the_client_in_order() {
+    let pg = start_primary("pool-runs");
+    let proxy = pooled(&pg.url(), 1, &[]);
+    let mut a = raw::connect_ready(proxy.listen);
+    let mut b = raw::connect_ready(proxy.listen);
+    // Each client's own settings on the one connection, one after the other: A's next lend
+    // finds B's settings there, and pgprism resets and applies A's first (hidden answers,
+    // the server's ParameterStatus among them). The client's own SET reports it.
+    let tags = |msgs: &[(u8, Vec<u8>)]| msgs.iter().map(|m| m.0).collect::<Vec<u8>>();
+    assert_eq!(
+        tags(&raw::query(&mut a, "SET application_name = 'a'")),
+        b"CSZ"
+    );
+    assert_eq!(
+        tags(&raw::query(&mut b, "SET application_name = 'b'")),
+        b"CSZ"
+    );
+    assert_eq!(tags(&raw::query(&mut b, "SELECT 1")), b"TDCZ");
+    let cstr = |s: &str| {
+        let mut v = s.as_bytes().to_vec();
+        v.push(0);
+        v
+    };
+    let parse = |name: &str, sql: &str| {
+        let mut body = cstr(name);
+        body.extend(cstr(sql));
+        body.extend(0u16.to_be_bytes());
+        raw::message(b'P', &body)
+    };
+    let bind = |statement: &str| {
+        let mut body = cstr("");
+        body.extend(cstr(statement));
+        body.extend([0, 0, 0, 0, 0, 0]);
+        raw::message(b'B', &body)
+    };
+    let execute = raw::message(b'E', &[0, 0, 0, 0, 0]);
+    let close = |name: &str| {
+        let mut body = vec![b'S'];
+        body.extend(cstr(name));
+        raw::message(b'C', &body)
+    };
+    let sync = raw::message(b'S', &[]);
+    let mut write = Vec::new();
+    for part in [
+        parse("sa", "SELECT current_setting('application_name')"),
+        bind("sa"),
+        execute.clone(),
+        close("sa"),
+        sync.clone(),
+        parse("sb", "SELECT 1 / (random() * 0)::int"),
+        bind("sb"),
+        execute.clone(),
+        close("sb"),
+        sync.clone(),
+        raw::message(b'Q', &cstr("DO $$BEGIN RAISE NOTICE 'hi'; END$$; SELECT 2")),
+    ] {
+        write.extend(part);
+    }
+    a.write_all(&write).unwrap();
+    let first = raw::read_until_ready(&mut a);
+    // ParseComplete, BindComplete, the row, CommandComplete, pgprism's CloseComplete in
+    // its place, ReadyForQuery.
+    assert_eq!(tags(&first), b"12DC3Z", "{first:?}");
+    assert!(first[2].1.ends_with(b"a"), "A's own setting: {first:?}");
+    let second = raw::read_until_ready(&mut a);
+    // The Close after the failed Execute is skipped, as the server skips what follows an
+    // error: its CloseComplete never comes.
+    assert_eq!(tags(&second), b"12EZ", "{second:?}");
+    assert_eq!(
+        raw::error_field(&second[2].1, b'C').as_deref(),
+        Some("22012")
+    );
+    let third = raw::read_until_ready(&mut a);
+    assert_eq!(tags(&third), b"NCTDCZ", "{third:?}");
+    assert!(third[3].1.ends_with(b"2"), "{third:?}");
+    // The connection went back clean: B gets it, with its own setting.
+    let rows = raw::query(&mut b, "SELECT current_setting('application_name')");
+    assert_eq!(tags(&rows), b"TDCZ", "{rows:?}");
+    assert!(rows[1].1.ends_with(b"b"), "{rows:?}");
+}
+
 #[test]
 fn a_server_that_dies_is_replaced_and_its_client_told() {
     let pg = start_primary("pool-die");

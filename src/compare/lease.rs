@@ -35,7 +35,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::backend::pool::{Pool, Pools, ServerConn, bump};
+use crate::backend::pool::{Pool, PooledConn, Pools, ServerConn, bump};
 use crate::backend::replay::{self, DIRTY, FRESH, RESET_SQL, Snapshot, combined, query_frame};
 use crate::exec::net::Stream;
 use crate::session::Settings;
@@ -781,7 +781,7 @@ impl Lease {
     }
 
     /// What the connection holds once the session's lend ends.
-    fn finish_lend(&self, conn: &mut ServerConn) {
+    fn finish_lend(&self, conn: &mut PooledConn) {
         self.pool
             .linked
             .set(self.pool.linked.get().saturating_sub(1));

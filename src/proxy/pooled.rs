@@ -357,7 +357,10 @@ pub(super) struct ClientState {
     pub busy: Cell<bool>,
     /// It waits for one, since then.
     pub waiting_since: Cell<Option<Instant>>,
-    pub request_time: Cell<SystemTime>,
+    /// When it last asked for a connection (SHOW CLIENTS `request_time`): kept as the
+    /// monotonic clock reading the lend takes anyway, turned into wall-clock time when a row
+    /// is made, not a second (wall) clock read per lend.
+    pub request_at: Cell<Instant>,
     /// The connection lent to it: (id, server pid, opened at).
     pub server: Cell<Option<(u64, i32, SystemTime)>>,
     pub pinned: Cell<Option<&'static str>>,
@@ -397,12 +400,20 @@ impl ClientState {
             remote_pid,
             busy: Cell::new(false),
             waiting_since: Cell::new(None),
-            request_time: Cell::new(SystemTime::now()),
+            request_at: Cell::new(Instant::now()),
             server: Cell::new(None),
             pinned: Cell::new(None),
             relaying: Cell::new(false),
             owed: Cell::new(false),
         }
+    }
+
+    /// When it last asked for a connection, by the wall clock (`now`: the monotonic one).
+    pub(super) fn request_time(&self, now: Instant) -> SystemTime {
+        let ago = now.saturating_duration_since(self.request_at.get());
+        SystemTime::now()
+            .checked_sub(ago)
+            .unwrap_or(SystemTime::UNIX_EPOCH)
     }
 
     pub(super) fn row(&self, shard: usize, now: Instant) -> crate::stats::pools::ClientRow {
@@ -424,7 +435,7 @@ impl ClientState {
             local_addr: self.local_addr.clone(),
             local_port: self.local_port,
             connect_time: self.connect_time,
-            request_time: self.request_time.get(),
+            request_time: self.request_time(now),
             wait_us: waiting
                 .map(|w| now.saturating_duration_since(w).as_micros() as u64)
                 .unwrap_or(0),
@@ -1108,8 +1119,8 @@ impl Session<'_> {
         *pipeline.state.borrow_mut() = self.conn.take();
         self.state.server.set(Some(server));
         self.state.busy.set(true);
-        self.state.request_time.set(SystemTime::now());
         let started = Instant::now();
+        self.state.request_at.set(started);
         let readies = self.replies.readies();
         let waiting = pipeline.submit(self.to_server.split(), readies, self.cancel_slot.clone());
         self.route(idle_before).await;
@@ -1190,7 +1201,7 @@ impl Session<'_> {
         let place = line.join(want);
         let started = Instant::now();
         self.state.waiting_since.set(Some(started));
-        self.state.request_time.set(SystemTime::now());
+        self.state.request_at.set(started);
         let (shard, pools, pool) = (self.shard, self.pools, self.pool.clone());
         // When it joined the pool's queue too (the pool counts the wait from there on, if
         // it is the pool that ends it).
@@ -1259,8 +1270,9 @@ impl Session<'_> {
 
     /// Gets a connection from the pool and makes it match the client's settings.
     async fn lend(&mut self) -> Turn {
-        self.state.waiting_since.set(Some(Instant::now()));
-        self.state.request_time.set(SystemTime::now());
+        let now = Instant::now();
+        self.state.waiting_since.set(Some(now));
+        self.state.request_at.set(now);
         if !self.pool.has_idle() {
             // A lingering pipeline holds a connection this client may need.
             Pipeline::nudge(self.shard, &self.pool);
@@ -1473,7 +1485,7 @@ impl Session<'_> {
             }
             tag::EXECUTE => {
                 if let Refers::Portal(p) = &refers {
-                    self.check_pin(&p.statement.text);
+                    self.check_pin(&p.statement);
                     self.executed_command(&p.statement);
                 }
                 if let Some(describe) = own_describe {
@@ -1488,19 +1500,14 @@ impl Session<'_> {
             tag::QUERY => {
                 if let Refers::Query(parts) = &refers {
                     for part in parts.iter() {
-                        self.check_pin(&part.own.text);
+                        self.check_pin(&part.own);
                         self.sql_prepared(part, &applied);
                         // A RESET goes back to the connection's defaults, not to the
                         // client's startup parameters: re-apply them at the next lend.
-                        let text = part.own.text.as_bytes();
-                        if text
-                            .first()
-                            .is_some_and(|b| matches!(b, b'r' | b'R' | b'd' | b'D'))
-                            && matches!(
-                                sql::setting(text),
-                                Some(sql::Setting::Reset { .. } | sql::Setting::ResetAll)
-                            )
-                            && let Some(conn) = self.conn.as_mut()
+                        if matches!(
+                            part.own.setting(),
+                            Some(sql::Setting::Reset { .. } | sql::Setting::ResetAll)
+                        ) && let Some(conn) = self.conn.as_mut()
                         {
                             conn.settings = SETTINGS_UNKNOWN;
                         }
@@ -1753,7 +1760,6 @@ impl Session<'_> {
     /// DEALLOCATE, PREPARE, RESET sent through the extended protocol, as JDBC does): what
     /// pgprism knows of the connection follows.
     fn executed_command(&mut self, statement: &Statement) {
-        let text = statement.text.as_bytes();
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
@@ -1774,7 +1780,7 @@ impl Session<'_> {
             _ => {}
         }
         if matches!(
-            sql::setting(text),
+            statement.setting(),
             Some(sql::Setting::Reset { .. } | sql::Setting::ResetAll)
         ) {
             conn.settings = SETTINGS_UNKNOWN;
@@ -1824,11 +1830,11 @@ impl Session<'_> {
         replies.hidden(Awaits::Ready, KEY_SETTINGS + 2);
     }
 
-    fn check_pin(&mut self, text: &str) {
+    fn check_pin(&mut self, statement: &Statement) {
         if self.pinned.is_some() {
             return;
         }
-        if let Some(pin) = sql::pins(text.as_bytes()) {
+        if let Some(pin) = statement.pin() {
             self.pinned = Some(pin);
             self.state.pinned.set(Some(pin.name()));
             self.pool.pinned.set(self.pool.pinned.get() + 1);
@@ -1871,8 +1877,12 @@ impl Session<'_> {
         Turn::Continue
     }
 
-    /// Handles the complete server frames read; returns the connection when the client is
-    /// at a transaction boundary with nothing in flight.
+    /// The lent connection's answers read so far. Those the client gets as they came (nearly
+    /// all) go to it as one run of bytes, split off the read buffer without a copy when
+    /// nothing else is due first, the tracker reading each on the way, as session mode's relay
+    /// does. A message that needs more is handled on its own in its place: one the replies
+    /// keep from the client (a hidden statement's answer), one after which pgprism's own
+    /// answers are due or that settles a keyed statement, and the server's farewell.
     async fn server_frames(&mut self) -> Turn {
         let max = self.shard.settings.message_bytes_max;
         let mut settled = Settled::default();
@@ -1880,59 +1890,80 @@ impl Session<'_> {
             // The frames below completed with the last read.
             self.answers_stamp_ns = conn.stream.received_at_ns();
         }
+        // Bytes of the read buffer handled, and where the run for the client starts in them.
+        let (mut done, mut run) = (0usize, 0usize);
         loop {
-            let conn = self.conn.as_mut().expect("lent");
-            let frame = match wire::split_message(&mut conn.buf, max) {
-                Ok(Some(frame)) => frame,
-                Ok(None) => break,
-                Err(_) => {
-                    ShardStats::bump(&self.shard.stats.counters.protocol_errors, 1);
-                    let fatal = error_bytes(
-                        "FATAL",
-                        sqlstate::PROTOCOL_VIOLATION,
-                        "pgprism: invalid message from the primary",
-                    );
-                    let _ = self.flush_client().await;
-                    // pgprism's own word, not the primary's answer: compared, it follows
-                    // the judged answers and is never paired with the shadow's.
-                    self.say(fatal).await;
-                    self.drop_conn(false).await;
-                    return Turn::End;
-                }
+            let Some(conn) = self.conn.as_mut() else {
+                crate::invariant::failed("a session reading its server holds the connection")
             };
-            settled.own.clear();
-            let route = self.replies.server(frame.tag(), &mut settled);
-            for key in settled.failed.drain(..) {
-                self.forget(key);
-            }
-            for key in settled.done.iter() {
-                if let Some(at) = self.pending_sql.iter().position(|(k, _, _)| k == key) {
-                    let (_, name, hash) = self.pending_sql.swap_remove(at);
-                    if let Some(conn) = self.conn.as_mut() {
-                        conn.sql_prepared.insert(name, hash);
-                    }
+            let (replies, tracker) = (&mut self.replies, &mut self.tracker);
+            // The message that ended the walk early: its route, its length, and whether it
+            // is the server's farewell.
+            let mut special: Option<(Route, usize, bool)> = None;
+            let mut walked = 0usize;
+            let scanned = wire::complete_prefix_until(&conn.buf[done..], max, |t, body| {
+                let len = wire::HEADER_BYTES + body.len();
+                walked += len;
+                let route = replies.server(t, &mut settled);
+                let mut farewell = false;
+                if route == Route::Client {
+                    tracker.server(t, body);
+                    farewell = t == tag::ERROR_RESPONSE && crate::session::is_farewell(body);
                 }
-            }
-            for key in settled.done.drain(..) {
-                if key > KEY_UNNAMED && !self.hidden_sql.iter().any(|(k, _)| *k == key) {
-                    self.pool
-                        .learn(key, self.pools.cfg.prepared_statements_max.max(1024) * 4);
+                if route == Route::Client && !farewell && settled.is_empty() {
+                    return std::ops::ControlFlow::Continue(());
                 }
-            }
-            if route == Route::Client {
-                self.tracker.server(frame.tag(), frame.body());
+                special = Some((route, len, farewell));
+                std::ops::ControlFlow::Break(())
+            });
+            let end = done + walked;
+            if scanned.is_err() {
+                // The messages ahead of the malformed one still reach the client.
+                self.take_run(run, end);
                 self.cancel_points();
-                self.to_client.extend_from_slice(frame.bytes());
-                if frame.tag() == tag::ERROR_RESPONSE && crate::session::is_farewell(frame.body()) {
-                    let _ = self.flush_client().await;
-                    self.drop_conn(false).await;
-                    return Turn::End;
+                ShardStats::bump(&self.shard.stats.counters.protocol_errors, 1);
+                let fatal = error_bytes(
+                    "FATAL",
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "pgprism: invalid message from the primary",
+                );
+                let _ = self.flush_client().await;
+                // pgprism's own word, not the primary's answer: compared, it follows
+                // the judged answers and is never paired with the shadow's.
+                self.say(fatal).await;
+                self.drop_conn(false).await;
+                return Turn::End;
+            }
+            let Some((route, len, farewell)) = special else {
+                done = end;
+                break;
+            };
+            if route == Route::Swallow {
+                // The run ends before it (when the run starts there, it is empty).
+                self.run_to_client(run, end - len);
+                run = end;
+            }
+            self.settle(&mut settled);
+            if farewell {
+                self.take_run(run, end);
+                self.cancel_points();
+                let _ = self.flush_client().await;
+                self.drop_conn(false).await;
+                return Turn::End;
+            }
+            if !settled.own.is_empty() {
+                // pgprism's own answers are due after this message.
+                self.run_to_client(run, end);
+                run = end;
+                for answer in settled.own.drain(..) {
+                    self.to_client.extend_from_slice(&answer);
                 }
             }
-            for answer in settled.own.drain(..) {
-                self.to_client.extend_from_slice(&answer);
-            }
+            settled.skipped_own = 0;
+            done = end;
         }
+        self.take_run(run, done);
+        self.cancel_points();
         if self.replies.is_empty()
             && let Some(since) = self.busy_since.take()
         {
@@ -1948,6 +1979,58 @@ impl Session<'_> {
             self.give_back(true).await;
         }
         Turn::Continue
+    }
+
+    /// Bytes `from..to` of the lent connection's read buffer go to the client (copied: more
+    /// of the buffer is still being handled).
+    fn run_to_client(&mut self, from: usize, to: usize) {
+        if from < to
+            && let Some(conn) = &self.conn
+        {
+            self.to_client.extend_from_slice(&conn.buf[from..to]);
+        }
+    }
+
+    /// The first `to` bytes of the lent connection's read buffer are handled, and those
+    /// from `from` on go to the client: split off the buffer as they are when nothing is
+    /// ahead of them for the client, else copied after what is.
+    fn take_run(&mut self, from: usize, to: usize) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        if to == 0 {
+            return;
+        }
+        if from == 0 && self.to_client.is_empty() {
+            self.to_client = conn.buf.split_to(to);
+            return;
+        }
+        if from < to {
+            self.to_client.extend_from_slice(&conn.buf[from..to]);
+        }
+        let _ = conn.buf.split_to(to);
+    }
+
+    /// What the replies settled with a server message: hidden statements that failed are
+    /// forgotten on the connection, those that worked are learnt.
+    fn settle(&mut self, settled: &mut Settled) {
+        for key in settled.failed.drain(..) {
+            self.forget(key);
+        }
+        for key in settled.done.iter() {
+            if let Some(at) = self.pending_sql.iter().position(|(k, _, _)| k == key) {
+                let (_, name, hash) = self.pending_sql.swap_remove(at);
+                if let Some(conn) = self.conn.as_mut() {
+                    conn.sql_prepared.insert(name, hash);
+                }
+            }
+        }
+        for key in settled.done.drain(..) {
+            if key > KEY_UNNAMED && !self.hidden_sql.iter().any(|(k, _)| *k == key) {
+                self.pool
+                    .learn(key, self.pools.cfg.prepared_statements_max.max(1024) * 4);
+            }
+        }
     }
 
     async fn flush_client(&mut self) -> Turn {
@@ -2371,7 +2454,7 @@ pub(super) fn publish(shard: &ShardCtx, pools: &Pools) {
                 local_addr: String::new(),
                 local_port: 0,
                 connect_time: opened,
-                request_time: state.request_time.get(),
+                request_time: state.request_time(now),
                 link: Some(state.id),
                 remote_pid: pid,
                 tls: false,

@@ -84,6 +84,13 @@ pub struct Statement {
     /// beyond `proxy.session-names-max`, and an unknown one. An empty-text Parse is a
     /// prepared statement all the same (its text is empty, its name is not `None`).
     pub name: Option<Rc<str>>,
+    /// Its first word, read once for every scanner of its text.
+    head: sql::Head,
+    /// What it does to the session's settings ([`sql::setting`]) and whether it pins a
+    /// pooled client ([`sql::pins`]): read the first time they are asked (a statement
+    /// prepared once is executed many times).
+    setting: OnceCell<Option<sql::Setting>>,
+    pin: OnceCell<Option<sql::Pin>>,
     extensions: Extensions,
 }
 
@@ -215,14 +222,18 @@ impl Statement {
     fn new(text: &str, params: bool, name: Option<Rc<str>>) -> Statement {
         let text = text.trim();
         let bytes = text.as_bytes();
+        let head = sql::Head::of(bytes);
         Statement {
             text: text.into(),
-            class: sql::classify(bytes),
-            copy: sql::copy(bytes),
+            class: sql::classify_headed(bytes, &head),
+            copy: sql::copy_headed(bytes, &head),
             params,
-            transaction: sql::transaction(bytes),
-            command: sql::prepared(bytes),
+            transaction: sql::transaction_headed(bytes, &head),
+            command: sql::prepared_headed(bytes, &head),
             name,
+            head,
+            setting: OnceCell::new(),
+            pin: OnceCell::new(),
             extensions: Extensions::default(),
         }
     }
@@ -249,8 +260,25 @@ impl Statement {
             transaction: None,
             command: None,
             name: None,
+            head: sql::Head::of(b""),
+            setting: OnceCell::new(),
+            pin: OnceCell::new(),
             extensions: Extensions::default(),
         })
+    }
+
+    /// What running it does to the session's settings, if anything ([`sql::setting`]).
+    pub fn setting(&self) -> Option<&sql::Setting> {
+        self.setting
+            .get_or_init(|| sql::setting_headed(self.text.as_bytes(), &self.head))
+            .as_ref()
+    }
+
+    /// What in it pins a pooled client to its connection, if anything ([`sql::pins`]).
+    pub fn pin(&self) -> Option<sql::Pin> {
+        *self
+            .pin
+            .get_or_init(|| sql::pins_headed(self.text.as_bytes(), &self.head))
     }
 
     /// The SQL-level prepared-statement command it is, if any.
@@ -726,8 +754,10 @@ impl Tracker {
         }
         if let Some(transaction) = statement.transaction {
             self.settings.transaction(transaction);
-        } else if let Some(setting) = sql::setting(bytes) {
-            self.settings.change(setting, bytes);
+        } else if let Some(setting) = statement.setting() {
+            // Read from its trimmed text: the same reading (a setting's key is read after
+            // the first word, the text kept whole below).
+            self.settings.change(setting.clone(), bytes);
         }
     }
 

@@ -107,6 +107,13 @@ pub struct Settled {
     pub skipped_own: usize,
 }
 
+impl Settled {
+    /// Nothing for the caller to act on (the client's messages skipped aside).
+    pub fn is_empty(&self) -> bool {
+        self.failed.is_empty() && self.done.is_empty() && self.own.is_empty()
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Replies {
     queue: VecDeque<Entry>,

@@ -79,6 +79,32 @@ fn word_at<'o>(sql: &[u8], i: usize, out: &'o mut [u8; 16]) -> (&'o [u8], usize)
     (&out[..len], end)
 }
 
+/// A statement's first word, uppercased (its first 16 bytes), and the index after it: read
+/// once and handed to each scanner that starts from it ([`classify_headed`], [`copy_headed`],
+/// [`transaction_headed`], [`prepared_headed`], [`setting_headed`], [`pins_headed`]), where
+/// each of them read it again before (six uppercasings of one word per pooled statement).
+/// It belongs to the text it was read from: a scanner given another text's head reads
+/// that text wrongly (a wrong answer, never a panic: every index is checked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    word: [u8; 16],
+    len: u8,
+    end: usize,
+}
+
+impl Head {
+    pub fn of(sql: &[u8]) -> Head {
+        let mut word = [0u8; 16];
+        let (first, end) = word_at(sql, 0, &mut word);
+        let len = first.len() as u8;
+        Head { word, len, end }
+    }
+
+    fn word(&self) -> &[u8] {
+        &self.word[..usize::from(self.len)]
+    }
+}
+
 /// When a quoted literal or identifier, a comment or a dollar-quoted string starts at `i`: the
 /// index after it. The scanners below step over these as single tokens.
 fn skip_opaque(sql: &[u8], i: usize) -> Option<usize> {
@@ -159,14 +185,18 @@ fn skip_dollar(sql: &[u8], i: usize) -> usize {
 
 /// Classifies one statement (the first one, if the text holds several).
 pub fn classify(sql: &[u8]) -> Class {
-    classify_at(sql, 0)
+    classify_headed(sql, &Head::of(sql))
+}
+
+/// [`classify`], the first word read already (`head`, of `sql`).
+pub fn classify_headed(sql: &[u8], head: &Head) -> Class {
+    classify_at(sql, head, 0)
 }
 
 /// `depth` counts the EXPLAINs around `sql`: EXPLAIN cannot explain an EXPLAIN, and stopping
 /// there keeps a crafted `EXPLAIN ANALYZE EXPLAIN ANALYZE ...` from recursing without bound.
-fn classify_at(sql: &[u8], depth: usize) -> Class {
-    let mut buf = [0u8; 16];
-    let (first, end) = word_at(sql, 0, &mut buf);
+fn classify_at(sql: &[u8], head: &Head, depth: usize) -> Class {
+    let (first, end) = (head.word(), head.end.min(sql.len()));
     match first {
         b"" => {
             if skip_blank(sql, 0) >= sql.len() {
@@ -202,7 +232,10 @@ fn classify_at(sql: &[u8], depth: usize) -> Class {
         b"EXPLAIN" if depth > 0 => Class::Other,
         b"EXPLAIN" => match explained(sql, end) {
             // EXPLAIN ANALYZE runs the statement: classify what it runs.
-            Some((target, true)) if target < sql.len() => classify_at(&sql[target..], depth + 1),
+            Some((target, true)) if target < sql.len() => {
+                let target = &sql[target..];
+                classify_at(target, &Head::of(target), depth + 1)
+            }
             _ => Class::Select,
         },
         b"INSERT" | b"UPDATE" | b"DELETE" | b"MERGE" | b"TRUNCATE" | b"CALL" | b"DO" => Class::Dml,
@@ -368,8 +401,12 @@ pub enum Copy {
 /// The one "is this a COPY" rule: a statement whose first word is COPY, and its direction
 /// (the same reading as [`classify`]: FROM without TO writes). `None` for anything else.
 pub fn copy(sql: &[u8]) -> Option<Copy> {
-    let mut buf = [0u8; 16];
-    let (first, end) = word_at(sql, 0, &mut buf);
+    copy_headed(sql, &Head::of(sql))
+}
+
+/// [`copy`], the first word read already (`head`, of `sql`).
+pub fn copy_headed(sql: &[u8], head: &Head) -> Option<Copy> {
+    let (first, end) = (head.word(), head.end);
     if first != b"COPY" {
         return None;
     }
@@ -414,8 +451,12 @@ impl Pin {
 /// What in `sql` (one statement) pins a pooled client to its server connection, if anything.
 /// Reads words outside quotes and comments only.
 pub fn pins(sql: &[u8]) -> Option<Pin> {
-    let mut buf = [0u8; 16];
-    let (first, end) = word_at(sql, 0, &mut buf);
+    pins_headed(sql, &Head::of(sql))
+}
+
+/// [`pins`], the first word read already (`head`, of `sql`).
+pub fn pins_headed(sql: &[u8], head: &Head) -> Option<Pin> {
+    let (first, end) = (head.word(), head.end.min(sql.len()));
     match first {
         b"LISTEN" => return Some(Pin::Listen),
         b"DECLARE" if has_words(sql, end, &[b"WITH", b"HOLD"]) => return Some(Pin::HoldCursor),
@@ -537,8 +578,12 @@ pub enum Prepared {
 /// Reads one statement as an SQL-level prepared-statement command; `None` for anything else
 /// (and for text PostgreSQL would reject, such as `PREPARE p SELECT 1`).
 pub fn prepared(sql: &[u8]) -> Option<Prepared> {
-    let mut buf = [0u8; 16];
-    let (first, end) = word_at(sql, 0, &mut buf);
+    prepared_headed(sql, &Head::of(sql))
+}
+
+/// [`prepared`], the first word read already (`head`, of `sql`).
+pub fn prepared_headed(sql: &[u8], head: &Head) -> Option<Prepared> {
+    let (first, end) = (head.word(), head.end.min(sql.len()));
     match first {
         b"PREPARE" => {
             let (name, _, after) = identifier(sql, end)?;
@@ -670,8 +715,12 @@ pub enum Setting {
 /// leave the session's settings alone once the transaction ends: `SET LOCAL`,
 /// `SET TRANSACTION`, `SET CONSTRAINTS`, `set_config(..., true)`, and anything else.
 pub fn setting(sql: &[u8]) -> Option<Setting> {
-    let mut buf = [0u8; 16];
-    let (first, end) = word_at(sql, 0, &mut buf);
+    setting_headed(sql, &Head::of(sql))
+}
+
+/// [`setting`], the first word read already (`head`, of `sql`).
+pub fn setting_headed(sql: &[u8], head: &Head) -> Option<Setting> {
+    let (first, end) = (head.word(), head.end.min(sql.len()));
     match first {
         b"SET" => {
             let (mut name, mut quoted, mut after) = identifier(sql, end)?;
@@ -702,7 +751,9 @@ pub fn setting(sql: &[u8]) -> Option<Setting> {
                 key: parameter_key(sql, name, quoted, after),
             })
         }
-        b"DISCARD" => (prepared(sql) == Some(Prepared::DiscardAll)).then_some(Setting::ResetAll),
+        b"DISCARD" => {
+            (prepared_headed(sql, head) == Some(Prepared::DiscardAll)).then_some(Setting::ResetAll)
+        }
         b"SELECT" => {
             let open = set_config_call(sql, end)?;
             let args = split_arguments(sql, open)?;
@@ -798,8 +849,12 @@ pub enum Transaction {
 /// Reads a statement that opens or ends a transaction block; `None` for anything else
 /// (savepoints, `COMMIT PREPARED`, ...).
 pub fn transaction(sql: &[u8]) -> Option<Transaction> {
-    let mut buf = [0u8; 16];
-    let (first, end) = word_at(sql, 0, &mut buf);
+    transaction_headed(sql, &Head::of(sql))
+}
+
+/// [`transaction`], the first word read already (`head`, of `sql`).
+pub fn transaction_headed(sql: &[u8], head: &Head) -> Option<Transaction> {
+    let (first, end) = (head.word(), head.end.min(sql.len()));
     let ends = |commit: bool| {
         let mut i = end;
         let mut chain = false;
@@ -860,10 +915,9 @@ pub fn shareable_alone(sql: &[u8]) -> bool {
     if NEVER.iter().any(|word| contains_ignore_case(sql, word)) {
         return false;
     }
-    let mut buf = [0u8; 16];
-    let (first, _) = word_at(sql, 0, &mut buf);
+    let head = Head::of(sql);
     if matches!(
-        first,
+        head.word(),
         b"CALL" | b"DO" | b"FETCH" | b"MOVE" | b"TRUNCATE" | b"LOCK"
     ) {
         return false;
@@ -883,11 +937,11 @@ pub fn shareable_alone(sql: &[u8]) -> bool {
     if into && !writes {
         return false;
     }
-    matches!(classify(sql), Class::Select | Class::Dml)
-        && transaction(sql).is_none()
-        && copy(sql).is_none()
-        && prepared(sql).is_none()
-        && pins(sql).is_none()
+    matches!(classify_headed(sql, &head), Class::Select | Class::Dml)
+        && transaction_headed(sql, &head).is_none()
+        && copy_headed(sql, &head).is_none()
+        && prepared_headed(sql, &head).is_none()
+        && pins_headed(sql, &head).is_none()
         && split_statements(sql).len() <= 1
 }
 
