@@ -332,11 +332,15 @@ fn snapshot_against_copy() {
     let mut b_secs = Vec::new();
     // One snapshot of the table by `pgprism cdc` into a fresh emulator database: its wall
     // time (until the emulator holds every row), setup time and pgprism's CPU.
+    // Also the machine's busy CPU and this process's CPU over the same span as the wall time
+    // (read in `last_busy`).
+    let last_busy = std::cell::Cell::new((0.0, 0.0));
     let snapshot = |slot: &str, side: &Side| -> (f64, f64, f64) {
         // Created afresh each run: the emulator keeps every row in memory.
         let db = "snap".to_string();
         target.create(&db, rows);
         let base = sr.applied_rows(&db, "t");
+        let (busy, own) = (machine_busy_seconds(), cpu_seconds("self"));
         let t = Instant::now();
         let mut child = pgprism_command_of(&side.bin)
             .args(["cdc", "--source", &pg.url(), "--starrocks", &sr.url()])
@@ -362,6 +366,7 @@ fn snapshot_against_copy() {
             target.rows(&db, base) == rows || !matches!(child.try_wait(), Ok(None))
         }) && target.rows(&db, base) == rows;
         let secs = t.elapsed().as_secs_f64();
+        last_busy.set((machine_busy_seconds() - busy, cpu_seconds("self") - own));
         let cpu = cpu_seconds(&child.id().to_string());
         let _ = child.kill();
         let _ = child.wait();
@@ -422,13 +427,12 @@ fn snapshot_against_copy() {
         if b_first {
             side_b();
         }
-        let (busy, own) = (machine_busy_seconds(), cpu_seconds("self"));
         let (secs, setup, cpu) = snapshot(&format!("snap{run}"), &a_side);
-        let (snap_busy, emulator) = (machine_busy_seconds() - busy, cpu_seconds("self") - own);
+        let (snap_busy, emulator) = last_busy.get();
         busy_lines.push(format!(
             "run {run}, machine CPU busy (all processes): COPY TO STDOUT {copy_busy:.2} s, TO '/dev/null' \
              {file_busy:.2} s, two halves {halves_busy:.2} s, snapshot {snap_busy:.2} s = pgprism \
-             {cpu:.2} + emulator {emulator:.2} + the rest (PostgreSQL, psql, kernel threads) {:.2}; \
+             {cpu:.2} + this test process (the emulator, its polling) {emulator:.2} + the rest (PostgreSQL, psql, kernel threads) {:.2}; \
              {cores} cores: the snapshot's work takes at least {:.2} s of wall time ({:.0}% of \
              the cores busy while it ran)",
             snap_busy - cpu - emulator,

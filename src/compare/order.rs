@@ -636,6 +636,9 @@ struct Book {
     /// How long before its answer a read is numbered (`compare.order-read-lead-us`, in
     /// ns; see [`Ledger::complete`]).
     read_lead_ns: u64,
+    /// The newest number of each session with a sync point pending: a read of that session
+    /// is numbered after it whatever its lead (see [`Ledger::complete`]).
+    newest: IdMap<u64>,
     recent: IdMap<Recent>,
     /// Writes that may touch every relation.
     recent_wild: Recent,
@@ -912,21 +915,29 @@ impl Ledger {
         // A write takes effect when it commits, just before its answer is sent; a read
         // when it takes its snapshot, as it starts running: numbered by its answer alone,
         // a read comes after writes answered while it ran that it had not seen. So a read
-        // is numbered `read_lead_ns` before its answer, never before it was sent (its own
-        // session's earlier sync points stay before it). Whether it overlapped a write is
-        // still judged from when it was sent ([`Ledger::finish`]), so a read placed wrong
-        // is inconclusive, never a mismatch.
+        // is numbered `read_lead_ns` before its answer, never before it was sent, nor
+        // before its own session's pending sync points: a pipelining client's earlier
+        // sync point may share its answer's stamp, and a read numbered before it (which
+        // goes to the shadow after it, in its session's order) would let another session's
+        // write numbered between them wait for the read while the earlier one waits for
+        // that write, until `order-wait-ms`. Whether it overlapped a write is still judged
+        // from when it was sent ([`Ledger::finish`]), so a read placed wrong is
+        // inconclusive, never a mismatch.
         let mut c = if footprint.write {
             stamp
         } else {
+            let after_own = book.newest.get(&session).map_or(0, |&n| n + 1);
             stamp
                 .saturating_sub(book.read_lead_ns)
                 .max(started.1.since.min(stamp))
+                .max(after_own)
         }
         .max(1);
         while book.entries.contains_key(&c) {
             c += 1;
         }
+        let newest = book.newest.entry(session).or_insert(c);
+        *newest = (*newest).max(c);
         let overlapped = Ledger::finish(&mut book, session, &footprint, started, c);
         let key = (session, footprint.write);
         if footprint.wild {
@@ -1251,6 +1262,12 @@ impl Book {
 
     fn remove(&mut self, c: u64) -> Option<Entry> {
         let entry = self.entries.remove(&c)?;
+        if self.newest.get(&entry.session) == Some(&c) {
+            // Its session's newest: none of its sync points is pending any more (the
+            // shadow runs a session's sync points in order), or the earlier ones left
+            // behind are numbered below it anyway.
+            self.newest.remove(&entry.session);
+        }
         let write = entry.footprint.write;
         self.all.remove(c, write, None);
         if entry.footprint.wild {
@@ -2038,6 +2055,28 @@ mod tests {
         assert!(
             write < read,
             "a read sent after the write's answer is numbered after it"
+        );
+        // A pipelining session's read answered in the same read as its own earlier write
+        // (one stamp): numbered after that write, whatever the lead, while it is pending.
+        let ledger =
+            Ledger::new(Duration::from_secs(3600)).with_read_lead(Duration::from_micros(15));
+        let (w, r) = (row(7, 1, true), row(7, 1, false));
+        let w_started = ledger.start(1, &w, false);
+        let r_started = ledger.start(1, &r, false);
+        let stamp = w_started.since.max(r_started.since) + 1_000_000;
+        let own = ledger.complete(1, w.clone(), (&(w, w_started), stamp), false, 0);
+        let read = ledger.complete(1, r.clone(), (&(r, r_started), stamp), false, 0);
+        assert!(
+            own < read,
+            "a read comes after its session's pending sync points"
+        );
+        assert_eq!(ledger.acquire(own, 0), Turn::Go);
+        ledger.done(own, 0);
+        assert_eq!(ledger.acquire(read, 0), Turn::Go);
+        ledger.done(read, 0);
+        assert!(
+            ledger.book().newest.is_empty(),
+            "nothing kept once nothing is pending"
         );
         // Writes are numbered by their answers whatever the lead.
         let ledger = Ledger::new(Duration::from_secs(3600)).with_read_lead(Duration::from_secs(1));

@@ -220,7 +220,12 @@ pub enum Refers {
 
 impl Statement {
     fn new(text: &str, params: bool, name: Option<Rc<str>>) -> Statement {
-        let text = text.trim();
+        // PostgreSQL's whitespace only (its scanner's space, \t, \n, \r, \f, \v): a
+        // no-break space or another Unicode space is part of the statement there (an
+        // identifier character, or a syntax error), so reading past it would track a SET
+        // PostgreSQL refused.
+        let text =
+            text.trim_matches(|c: char| matches!(c, ' ' | '\t' | '\n' | '\r' | '\x0c' | '\x0b'));
         let bytes = text.as_bytes();
         let head = sql::Head::of(bytes);
         Statement {

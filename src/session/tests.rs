@@ -403,6 +403,29 @@ fn settings_outlive_only_committed_blocks() {
 }
 
 #[test]
+fn a_set_behind_a_unicode_space_is_not_tracked() {
+    // PostgreSQL reads U+00A0 as part of an identifier: "\u{a0}SET ..." is a syntax error
+    // there, and the tracker must not keep a setting the server refused. Tab and newline
+    // are PostgreSQL's whitespace.
+    let mut t = started();
+    for sql in [
+        "\u{a0}SET search_path = a",
+        "\t\n SET statement_timeout = 5",
+    ] {
+        feed_client(&mut t, &frames(|b| encode::query(b, sql).unwrap()));
+        t.server_bytes(&frames(|b| ready(b, b'I')), 1 << 20)
+            .unwrap();
+    }
+    let kept: Vec<_> = t.settings().frames().cloned().collect();
+    assert_eq!(
+        kept.len(),
+        1,
+        "only the SET behind PostgreSQL's whitespace: {kept:?}"
+    );
+    assert!(kept[0].windows(17).any(|w| w == b"statement_timeout"));
+}
+
+#[test]
 fn names_beyond_the_bound_are_unknown_not_kept() {
     let mut t = Tracker::new(Limits {
         names_max: 2,
