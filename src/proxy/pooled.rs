@@ -1858,6 +1858,11 @@ impl Session<'_> {
         if !self.to_server.is_empty() {
             let out = self.to_server.split().freeze();
             bump(&self.pool.counters.bytes_received, out.len() as u64);
+            // Query time (SHOW STATS total_query_time) runs from the first bytes sent until
+            // every answer is in (see where `busy_since` is taken).
+            if self.busy_since.is_none() {
+                self.busy_since = Some(Instant::now());
+            }
             let conn = self
                 .conn
                 .as_ref()
