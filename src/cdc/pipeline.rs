@@ -58,11 +58,13 @@ pub enum Work {
     /// that follow, so a replay after a crash cuts its batches at the same place and gets the
     /// same labels.
     Boundary(Lsn),
-    /// Every batch of this initial-snapshot chunk is loaded: record the chunk as done.
+    /// Every batch of this initial-snapshot chunk is loaded: record the chunk as done
+    /// (`chunk`: its range's number; `span`: the keys it covered).
     SnapshotChunk {
         table: String,
         chunk: u32,
         rows: u64,
+        span: crate::cdc::snapshot::Span,
     },
 }
 
@@ -768,6 +770,7 @@ impl Pipeline {
             table: emitted.table,
             chunk: emitted.chunk,
             rows: emitted.rows,
+            span: emitted.span,
         });
         // The checkpoint must pass this point only once those loads are done.
         self.txn_rows = true;

@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::Sender;
 
+use super::Span;
 use crate::cdc::lsn::Lsn;
 use crate::cdc::pipeline::{Batch, BodyFormat};
 
@@ -48,8 +49,10 @@ pub const RECENT_COMMITS: usize = 65_536;
 pub struct Fetched {
     /// The source table (`schema.table`).
     pub table: String,
-    /// The chunk's number within its table.
+    /// The number of the chunk's range within its table.
     pub chunk: u32,
+    /// The keys the chunk covers, for its record in the chunk table.
+    pub span: Span,
     /// StarRocks Stream Load bodies of at most `flush-bytes` each, with the key of each row.
     pub pieces: Vec<Piece>,
     /// How the bodies are written (every piece of a chunk alike).
@@ -87,6 +90,14 @@ impl Piece {
         self.keys.extend_from_slice(key);
         self.rows
             .push((self.keys.len() as u32, start, self.body.len() as u32));
+    }
+
+    /// The last row's key, if any.
+    pub fn last_key(&self) -> Option<&[u8]> {
+        let n = self.rows.len();
+        let end = self.rows.get(n.checked_sub(1)?)?.0 as usize;
+        let start = n.checked_sub(2).map_or(0, |i| self.rows[i].0 as usize);
+        self.keys.get(start..end)
     }
 
     /// The rows: key, start and end in `body`.
@@ -144,6 +155,7 @@ impl Exchange {
 pub struct Emitted {
     pub table: String,
     pub chunk: u32,
+    pub span: Span,
     pub batches: Vec<Batch>,
     pub rows: u64,
 }
@@ -467,6 +479,7 @@ fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>) -> (Emitted, u64) {
     let emitted = Emitted {
         table: chunk.table,
         chunk: chunk.chunk,
+        span: chunk.span,
         batches,
         rows,
     };
@@ -499,6 +512,7 @@ mod tests {
         let chunk = Fetched {
             table: "public.t".into(),
             chunk: 3,
+            span: Span::default(),
             pieces: vec![piece],
             format: BodyFormat::Json,
             target: "t".into(),
