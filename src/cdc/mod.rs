@@ -140,6 +140,8 @@ pub struct Shared {
     pub tables: Mutex<BTreeMap<String, TableStats>>,
     /// The initial snapshot's progress.
     pub snapshot: snapshot::Progress,
+    /// Snapshot chunks' Stream Load bodies the loader is done with, for the next chunks.
+    pub snapshot_bodies: snapshot::Bodies,
     /// Streamed transactions' memory and spill figures (the source copies them).
     pub streams: Mutex<streams::StreamStats>,
 }
@@ -1065,6 +1067,9 @@ fn load_loop(
                 }
                 tracing::debug!(table = %batch.table, label = %batch.label, rows = batch.rows, ?outcome, "loaded");
                 failpoint::hit("cdc-after-load");
+                if batch.recycle {
+                    shared.snapshot_bodies.give(batch.body);
+                }
             }
             Work::Truncate { tables, at } => {
                 // TRUNCATE is no part of a StarRocks transaction: what came before it goes

@@ -83,6 +83,9 @@ pub struct Batch {
     pub rows: u64,
     /// Deterministic: the same changes replayed after a crash give the same label.
     pub label: String,
+    /// A snapshot chunk's body: once loaded it goes back to the snapshot's workers
+    /// (`snapshot::Bodies`), whose next chunks then write into memory already mapped.
+    pub recycle: bool,
 }
 
 /// How a batch's body is written: the Stream Load `format` and its parameters.
@@ -569,6 +572,7 @@ impl Pipeline {
             format: BodyFormat::Json,
             rows: b.rows,
             label,
+            recycle: false,
         };
         if b.fill.rows.is_empty() {
             out.push(Work::Load(batch));

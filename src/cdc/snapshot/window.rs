@@ -474,6 +474,7 @@ fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>) -> (Emitted, u64) {
             format: chunk.format,
             rows: keep as u64,
             label: format!("{}-{n}", chunk.label),
+            recycle: true,
         });
     }
     let emitted = Emitted {
