@@ -178,8 +178,9 @@ pub fn chunk_done_sql(
 /// next chunks. A fresh body is memory the kernel must map and zero page by page, and the
 /// allocator returns a freed one to the kernel soon after: at 2 M rows in 200,000-row chunks
 /// (load 5, other agents compiling), zeroing fresh pages (`clear_page_erms`) took about
-/// 70 % of the workers' CPU, the CSV rows themselves the rest. At most
-/// `snapshot-workers` times 2 bodies wait here while a snapshot copies, none after it.
+/// 70 % of the workers' CPU, the CSV rows themselves the rest. At most `snapshot-workers`
+/// times (`snapshot-chunks-in-flight` + 1) bodies wait here while a snapshot copies (no more
+/// than circulate between the workers and the loader), none after it.
 #[derive(Default)]
 pub struct Bodies {
     free: std::sync::Mutex<Vec<Vec<u8>>>,
@@ -756,7 +757,11 @@ impl Snapshot {
             shared: Arc::clone(shared),
             running: AtomicU64::new(cfg.snapshot_workers as u64),
         });
-        shared.snapshot_bodies.open(cfg.snapshot_workers * 2);
+        // As many as the chunks in flight and one being read per worker: the bodies that
+        // circulate.
+        shared
+            .snapshot_bodies
+            .open(cfg.snapshot_workers * (cfg.snapshot_chunks_in_flight + 1));
         let mut handles = Vec::with_capacity(cfg.snapshot_workers);
         for n in 0..cfg.snapshot_workers {
             let ctx = Arc::clone(&ctx);
@@ -1352,6 +1357,7 @@ impl<'a> Worker<'a> {
             &synced_at,
             bytes_max,
             bodies,
+            &self.ctx.exchange,
         );
         self.conn
             .query_sets_copy(
@@ -1390,7 +1396,7 @@ impl<'a> Worker<'a> {
                         _ => {
                             pieces.push(Piece {
                                 body: bodies.take(flush_bytes.min(1 << 18)),
-                                ..Piece::default()
+                                ..self.ctx.exchange.piece()
                             });
                             let Some(p) = pieces.last_mut() else { return };
                             p
@@ -1518,8 +1524,9 @@ fn decode_key(key: &[u8]) -> Option<Vec<String>> {
 /// A chunk's CSV rows as they arrive, cut into Stream Load bodies of about `flush-bytes`.
 struct CsvRows<'a> {
     pieces: Vec<Piece>,
-    /// Where a new piece's body comes from.
+    /// Where a new piece's body and key lists come from.
     bodies: &'a Bodies,
+    exchange: &'a Exchange,
     /// Bytes of the rows kept; at `bytes_max` the chunk is cut.
     bytes: usize,
     bytes_max: usize,
@@ -1545,10 +1552,12 @@ impl<'a> CsvRows<'a> {
         synced_at: &str,
         bytes_max: usize,
         bodies: &'a Bodies,
+        exchange: &'a Exchange,
     ) -> Option<CsvRows<'a>> {
         let read = read?;
         Some(CsvRows {
             bodies,
+            exchange,
             bytes: 0,
             bytes_max,
             pieces: Vec::new(),
@@ -1588,7 +1597,7 @@ impl<'a> CsvRows<'a> {
             _ => {
                 self.pieces.push(Piece {
                     body: self.bodies.take(flush_bytes.min(1 << 18)),
-                    ..Piece::default()
+                    ..self.exchange.piece()
                 });
                 let Some(p) = self.pieces.last_mut() else {
                     return;

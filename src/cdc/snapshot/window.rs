@@ -45,6 +45,12 @@ pub const WATERMARK_PREFIX: &str = "pgprism-snapshot";
 /// microseconds after its commit record, so in practice none does.
 pub const RECENT_COMMITS: usize = 65_536;
 
+/// A piece's keys and row ranges (see [`Piece`]), kept for another piece.
+type KeyLists = (Vec<u8>, Vec<(u32, u32, u32)>);
+
+/// Spare key lists kept at most (see [`Exchange::piece`]).
+const SPARE_MAX: usize = 16;
+
 /// A chunk a worker read, waiting for its high watermark.
 pub struct Fetched {
     /// The source table (`schema.table`).
@@ -125,6 +131,9 @@ pub enum Verdict {
 #[derive(Default)]
 pub struct Exchange {
     fetched: Mutex<HashMap<u64, Fetched>>,
+    /// Emitted pieces' key lists, emptied, for the workers' next chunks (like the bodies, see
+    /// `snapshot::Bodies`: a fresh list is memory the kernel maps and zeroes as it grows).
+    spare: Mutex<Vec<KeyLists>>,
     /// Every worker has stopped: no more low watermarks will come.
     workers_done: std::sync::atomic::AtomicBool,
 }
@@ -134,10 +143,43 @@ impl Exchange {
     pub fn set_workers_done(&self) {
         self.workers_done
             .store(true, std::sync::atomic::Ordering::Release);
+        if let Ok(mut s) = self.spare.lock() {
+            *s = Vec::new();
+        }
     }
 
     fn workers_done(&self) -> bool {
         self.workers_done.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A piece with empty key lists: spare ones, or new ones. Its body is left empty.
+    pub fn piece(&self) -> Piece {
+        let (keys, rows) = self
+            .spare
+            .lock()
+            .ok()
+            .and_then(|mut s| s.pop())
+            .unwrap_or_default();
+        Piece {
+            body: Vec::new(),
+            keys,
+            rows,
+        }
+    }
+
+    /// An emitted piece's key lists, kept while the workers copy (at most [`SPARE_MAX`]).
+    fn give_keys(&self, piece: Piece) {
+        if self.workers_done() {
+            return;
+        }
+        let (mut keys, mut rows) = (piece.keys, piece.rows);
+        keys.clear();
+        rows.clear();
+        if let Ok(mut s) = self.spare.lock()
+            && s.len() < SPARE_MAX
+        {
+            s.push((keys, rows));
+        }
     }
 
     pub fn put(&self, id: u64, chunk: Fetched) {
@@ -366,7 +408,7 @@ impl Windows {
         let mut keys = window.map(|w| w.keys).unwrap_or_default();
         keys.extend(stragglers);
         let reply = fetched.reply.clone();
-        let (emitted, dropped) = emit(fetched, &keys);
+        let (emitted, dropped) = emit(fetched, &keys, &self.exchange);
         let _ = reply.send(Verdict::Taken {
             rows: emitted.rows,
             dropped,
@@ -425,10 +467,10 @@ impl Windows {
 
 /// The batches of a chunk without the rows whose keys are in `changed`; the second value is
 /// the number of rows dropped.
-fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>) -> (Emitted, u64) {
+fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>, exchange: &Exchange) -> (Emitted, u64) {
     let mut batches = Vec::with_capacity(chunk.pieces.len());
     let (mut rows, mut dropped) = (0u64, 0u64);
-    for (n, piece) in chunk.pieces.into_iter().enumerate() {
+    for (n, mut piece) in chunk.pieces.into_iter().enumerate() {
         let keep = if changed.is_empty() {
             piece.rows.len()
         } else {
@@ -439,10 +481,11 @@ fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>) -> (Emitted, u64) {
         };
         dropped += (piece.rows.len() - keep) as u64;
         if keep == 0 {
+            exchange.give_keys(piece);
             continue;
         }
         let body = if keep == piece.rows.len() {
-            piece.body
+            std::mem::take(&mut piece.body)
         } else {
             let json = chunk.format == BodyFormat::Json;
             let mut body = Vec::with_capacity(piece.body.len());
@@ -465,6 +508,7 @@ fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>) -> (Emitted, u64) {
             }
             body
         };
+        exchange.give_keys(piece);
         rows += keep as u64;
         batches.push(Batch {
             table: chunk.target.clone(),
