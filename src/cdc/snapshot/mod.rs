@@ -362,6 +362,9 @@ const RANGES_MAX: u64 = 4096;
 /// Heap pages sampled for a table's key ranges (`TABLESAMPLE SYSTEM`): about 50,000 keys
 /// of a narrow table; the ranges need only be about even.
 const SAMPLE_PAGES: u64 = 300;
+/// Sampled keys read at most, should a table's size be far off (the ranges then cover the
+/// lowest keys sampled, and the last, open-ended one the rest).
+const SAMPLE_KEYS_MAX: u64 = 100_000;
 
 /// The ranges still owed, in the order they are handed out.
 struct Planner {
@@ -386,9 +389,11 @@ fn plan_ranges(
     from: Option<&[String]>,
 ) -> Result<Vec<Chunk>, SnapshotError> {
     let name = qualified(&source.name);
+    // A partitioned table has no storage of its own: its size is that of its leaves.
     let pages: u64 = conn
         .query(&format!(
-            "SELECT (pg_relation_size({}::regclass) / current_setting('block_size')::int8)::text",
+            "SELECT (coalesce((SELECT sum(pg_relation_size(relid)) FROM pg_partition_tree({0}::regclass) \
+               WHERE isleaf), pg_relation_size({0}::regclass)) / current_setting('block_size')::int8)::int8::text",
             quote_literal(&name)
         ))
         .map_err(query(format!("size {}", source.name)))?
@@ -397,19 +402,26 @@ fn plan_ranges(
         .and_then(|t| t.parse().ok())
         .unwrap_or(0);
     let percent = (100.0 * SAMPLE_PAGES as f64 / pages.max(1) as f64).min(100.0);
-    // Aliased, so that ORDER BY names the columns, not their text.
+    // The keys' text, ordered by the columns themselves: qualified by the table's alias, so
+    // that no output column's name (a key column's own, as text) can take the ORDER BY.
+    // TABLESAMPLE on a partitioned table samples each leaf.
     let keys: Vec<String> = source
         .key
         .iter()
-        .enumerate()
-        .map(|(i, k)| format!("{}::text AS k{i}", quote_ident(k)))
+        .map(|k| format!("{}::text", quote_ident(k)))
         .collect();
+    let order: Vec<String> = source
+        .key
+        .iter()
+        .map(|k| format!("__pgprism_sample.{}", quote_ident(k)))
+        .collect();
+    // At most SAMPLE_KEYS_MAX keys, whatever the size said: the sample is held in memory.
     let sample = conn
         .query(&format!(
-            "SELECT {} FROM {name} TABLESAMPLE SYSTEM ({percent:.6}){} ORDER BY {}",
+            "SELECT {} FROM {name} AS __pgprism_sample TABLESAMPLE SYSTEM ({percent:.6}){} ORDER BY {} LIMIT {SAMPLE_KEYS_MAX}",
             keys.join(", "),
             lower_bound(&key_list(&source.key), from),
-            order_list(&source.key),
+            order.join(", "),
         ))
         .map_err(query(format!("sample the keys of {}", source.name)))?;
     let n = sample.len() as u64;
