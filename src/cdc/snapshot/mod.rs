@@ -497,13 +497,28 @@ fn key_list(key: &[String]) -> String {
     )
 }
 
+/// Marks a key part held as the hex of bytes that are not UTF-8 ([`decode_key`]): a NUL,
+/// which no PostgreSQL text holds.
+const RAW_KEY: char = '\0';
+
+/// A key part as SQL: an untyped literal, which PostgreSQL types like the key, or, for bytes
+/// that are not UTF-8, those bytes as text of the database's encoding (SQL_ASCII takes any).
+fn key_literal(value: &str) -> String {
+    match value.strip_prefix(RAW_KEY) {
+        Some(hex) if hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            format!("convert_from(decode('{hex}', 'hex'), 'SQL_ASCII')")
+        }
+        _ => quote_literal(value),
+    }
+}
+
 /// The text values as a row of untyped literals, which PostgreSQL types like the key.
 fn row_literal(values: &[String]) -> String {
     format!(
         "({})",
         values
             .iter()
-            .map(|v| quote_literal(v))
+            .map(|v| key_literal(v))
             .collect::<Vec<_>>()
             .join(", ")
     )
@@ -521,7 +536,7 @@ fn array_literal(values: Option<&[String]>) -> String {
         Some(v) => format!(
             "ARRAY[{}]::text[]",
             v.iter()
-                .map(|s| quote_literal(s))
+                .map(|s| key_literal(s))
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
@@ -1524,13 +1539,26 @@ impl<'a> Worker<'a> {
     }
 }
 
-/// An encoded key ([`window::encode_key`]) back as its columns' text; `None` when a part is
-/// not UTF-8.
+/// An encoded key ([`window::encode_key`]) back as its columns' text; `None` when it is not
+/// such a key. A part that is not UTF-8 (a SQL_ASCII database sends its bytes as stored)
+/// comes back as [`RAW_KEY`] and the bytes in hex, which [`key_literal`] writes back as the
+/// same bytes: the next chunk starts exactly where this one ended.
 fn decode_key(key: &[u8]) -> Option<Vec<String>> {
     let key = key.strip_suffix(&[0])?;
-    key.split(|&b| b == 0)
-        .map(|part| std::str::from_utf8(part).ok().map(str::to_string))
-        .collect()
+    Some(
+        key.split(|&b| b == 0)
+            .map(|part| match std::str::from_utf8(part) {
+                Ok(text) => text.to_string(),
+                Err(_) => {
+                    let mut raw = String::from(RAW_KEY);
+                    for b in part {
+                        raw.push_str(&format!("{b:02x}"));
+                    }
+                    raw
+                }
+            })
+            .collect(),
+    )
 }
 
 /// A chunk's CSV rows as they arrive, cut into Stream Load bodies of about `flush-bytes`.
@@ -1689,8 +1717,19 @@ mod tests {
             decode_key(&key),
             Some(vec!["12".to_string(), "a,b\"c".to_string()])
         );
-        assert_eq!(decode_key(b"\xff\x00"), None);
         assert_eq!(decode_key(b"no end"), None);
+        // Bytes that are not UTF-8 (SQL_ASCII) go back to PostgreSQL as the same bytes.
+        let raw = decode_key(b"ab\xff\x007\x00").unwrap();
+        assert_eq!(raw, vec!["\x006162ff".to_string(), "7".to_string()]);
+        assert_eq!(
+            row_literal(&raw),
+            "(convert_from(decode('6162ff', 'hex'), 'SQL_ASCII'), '7')"
+        );
+        assert_eq!(
+            array_literal(Some(&raw)),
+            "ARRAY[convert_from(decode('6162ff', 'hex'), 'SQL_ASCII'), '7']::text[]"
+        );
+        assert_eq!(row_literal(&["o'k".to_string()]), "('o''k')");
     }
 
     #[test]
