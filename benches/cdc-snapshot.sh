@@ -10,8 +10,9 @@
 # PostgreSQL server binaries (`apt-get install postgresql`). The emulator runs in the test
 # process and parses every JSON row, so on a small machine it competes with pgprism and
 # PostgreSQL for the same cores (COPY's side has no such consumer). EMULATOR=sink runs it in
-# its sink mode (loads checked and counted, rows not kept; benchmarks only), which takes the
-# emulator's storing out of the figure.
+# its sink mode (loads checked and counted, rows not kept, CSV rows counted by their
+# delimiters rather than split into fields; benchmarks only), which takes most of the
+# emulator's work, done by a real StarRocks on machines of its own, out of the figure.
 #
 # An interleaved A/B in the same run: BIN_B=<another pgprism build> and/or ARGS_B="<cdc flags>"
 # (ARGS="<cdc flags>" for this build); the two sides take turns going first.

@@ -2274,6 +2274,21 @@ fn snapshot_chunks_in_transactions_survive_a_kill_at_recording() {
     assert!(settled, "{:?}", sr.transactions());
 }
 
+/// The chunk table's ranges: number, rows copied, done.
+fn ranges(c: &mut postgres::Client) -> Vec<(u32, u64, bool)> {
+    pg_rows(
+        c,
+        "SELECT chunk::text, coalesce(rows, 0)::text, (done_at IS NOT NULL)::text \
+         FROM pgprism_cdc_checkpoint_snapshot WHERE chunk > 0 ORDER BY chunk",
+    )
+    .iter()
+    .map(|r| {
+        let f = |i: usize| r[i].clone().unwrap_or_default();
+        (f(0).parse().unwrap(), f(1).parse().unwrap(), f(2) == "true")
+    })
+    .collect()
+}
+
 #[test]
 fn killed_mid_snapshot_chunk_resumes_from_the_next_chunk() {
     let (pg, sr, mut c) = source_and_sink("cdc-snap-kill", &[], &["t"]);
@@ -2281,6 +2296,8 @@ fn killed_mid_snapshot_chunk_resumes_from_the_next_chunk() {
         "INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 20000) g; ANALYZE t",
     )
     .unwrap();
+    // 2000-row chunks: the table's sample (all of its pages, at this size) makes eight key
+    // ranges of 2500 rows, each read as a chunk of 2000 and one of the rest.
     let args = snapshot_args(&pg, &sr, "t", 2000);
     // Killed after the fourth chunk's rows are in StarRocks, before that chunk is recorded.
     let mut cdc = Cdc::spawn(
@@ -2292,13 +2309,22 @@ fn killed_mid_snapshot_chunk_resumes_from_the_next_chunk() {
         "the failpoint did not fire\n{}",
         cdc.log()
     );
-    let done_before: Vec<u32> = chunks_done(&mut c)
+    let before = ranges(&mut c);
+    assert_eq!(before.len(), 8, "{before:?}");
+    // Three chunks recorded: their rows, and (three chunks over ranges of two) at least one
+    // range begun and not done.
+    let copied: u64 = before.iter().map(|r| r.1).sum();
+    let partial: Vec<u32> = before
         .iter()
-        .filter_map(|r| r[1].as_deref()?.parse().ok())
+        .filter(|r| r.1 > 0 && !r.2)
+        .map(|r| r.0)
         .collect();
-    assert_eq!(done_before.len(), 3, "{done_before:?}");
-    let loaded_before = snapshot_loads(&sr, 0);
-    assert_eq!(loaded_before.len(), 4, "{loaded_before:?}");
+    let done_before: Vec<u32> = before.iter().filter(|r| r.2).map(|r| r.0).collect();
+    assert!(
+        (4000..=6000).contains(&copied) && !partial.is_empty(),
+        "{before:?}"
+    );
+    assert_eq!(snapshot_loads(&sr, 0).len(), 4);
     // Changes while pgprism is down, some in chunks already copied.
     c.batch_execute(
         "UPDATE t SET v = 'down' WHERE id % 100 = 0; DELETE FROM t WHERE id % 333 = 0;
@@ -2315,27 +2341,31 @@ fn killed_mid_snapshot_chunk_resumes_from_the_next_chunk() {
         "{snap:?}\n{}",
         cdc.log()
     );
-    assert_eq!(snap["chunks_resumed"].as_u64(), Some(3), "{snap:?}");
+    assert_eq!(
+        snap["chunks_resumed"].as_u64(),
+        Some(done_before.len() as u64),
+        "{snap:?}"
+    );
     assert!(
         cdc.log().contains("resuming the initial snapshot"),
         "{}",
         cdc.log()
     );
     assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(60));
-    // The chunks recorded as done were not copied again; every other chunk was copied once.
+    // The ranges done were not copied again, and a range begun went on from its record: one
+    // chunk for its rest (under 2000 rows), not two from its start.
     let loaded_after = snapshot_loads(&sr, log_before);
-    for chunk in &done_before {
+    for range in &done_before {
         assert!(
-            !loaded_after.contains(chunk),
-            "chunk {chunk} copied again: {loaded_after:?}"
+            !loaded_after.contains(range),
+            "range {range} copied again: {loaded_after:?}"
         );
     }
-    let total = chunks_done(&mut c).len();
-    assert_eq!(
-        loaded_after.len() + done_before.len(),
-        total,
-        "{loaded_after:?}"
-    );
+    for range in &partial {
+        let loads = loaded_after.iter().filter(|r| *r == range).count();
+        assert_eq!(loads, 1, "range {range}: {loaded_after:?}\n{before:?}");
+    }
+    assert!(ranges(&mut c).iter().all(|r| r.2), "{:?}", ranges(&mut c));
     // And the emulator agrees row for row with PostgreSQL (checked above): nothing lost,
     // nothing twice (the Primary Key table holds one row per key).
     assert_eq!(
@@ -2346,6 +2376,101 @@ fn killed_mid_snapshot_chunk_resumes_from_the_next_chunk() {
             .parse::<usize>()
             .unwrap()
     );
+}
+
+#[test]
+fn snapshot_copies_a_partitioned_table_from_its_leaves() {
+    let (pg, sr, mut c) = source_and_sink("cdc-snap-partitioned", &[], &[]);
+    // The parent has no storage of its own: the sample's size comes from the leaves, and
+    // TABLESAMPLE on the parent samples each of them.
+    c.batch_execute(
+        "CREATE TABLE p (id int PRIMARY KEY, v text, n int) PARTITION BY RANGE (id);
+         CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (MINVALUE) TO (2000);
+         CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (2000) TO (4000);
+         CREATE TABLE p3 PARTITION OF p FOR VALUES FROM (4000) TO (MAXVALUE);
+         INSERT INTO p SELECT g, 'row ' || g, g FROM generate_series(1, 5000) g;
+         ANALYZE p;",
+    )
+    .unwrap();
+    sr.create_table(
+        DB,
+        "p",
+        &["id"],
+        &[
+            ("id", ColType::Int),
+            ("v", ColType::Text),
+            ("n", ColType::Int),
+        ],
+    );
+    let args = snapshot_args(&pg, &sr, "p", 1000);
+    let cdc = Cdc::start(&args, &[]);
+    assert_converges(&sr, &mut c, "p", COLS, &cdc, Duration::from_secs(30));
+    let snap = cdc.snapshot();
+    assert_eq!(snap["state"].as_str(), Some("done"), "{snap:?}");
+    assert_eq!(snap["rows_copied"].as_u64(), Some(5000), "{snap:?}");
+    assert!(
+        snap["chunks_done"].as_u64().unwrap_or(0) > 1,
+        "{snap:?}\n{}",
+        cdc.log()
+    );
+}
+
+#[test]
+fn snapshot_key_column_named_like_a_sample_alias_keeps_key_order() {
+    let (pg, sr, mut c) = source_and_sink("cdc-snap-k0", &[], &[]);
+    // Keys whose text order is not their order: the sample must sort the column, not its
+    // text, or the ranges overlap and rows are copied twice.
+    c.batch_execute(
+        "CREATE TABLE k (k0 int PRIMARY KEY, v text, n int);
+         INSERT INTO k SELECT g, 'row ' || g, g FROM generate_series(1, 20000) g;
+         ANALYZE k;",
+    )
+    .unwrap();
+    sr.create_table(
+        DB,
+        "k",
+        &["k0"],
+        &[
+            ("k0", ColType::Int),
+            ("v", ColType::Text),
+            ("n", ColType::Int),
+        ],
+    );
+    let args = snapshot_args(&pg, &sr, "k", 3000);
+    let cdc = Cdc::start(&args, &[]);
+    assert_converges(
+        &sr,
+        &mut c,
+        "k",
+        &["k0", "v", "n"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    let snap = cdc.snapshot();
+    assert_eq!(snap["state"].as_str(), Some("done"), "{snap:?}");
+    assert_eq!(snap["rows_copied"].as_u64(), Some(20_000), "{snap:?}");
+}
+
+#[test]
+fn snapshot_chunks_of_wide_rows_are_cut_by_bytes() {
+    let (pg, sr, mut c) = source_and_sink("cdc-snap-wide", &[], &["t"]);
+    // 2 KB per row: 3000 rows are 6 MB, one range's worth of chunks at 100,000 rows each.
+    c.batch_execute(
+        "INSERT INTO t SELECT g, repeat(md5(g::text), 64), g FROM generate_series(1, 3000) g;
+         ANALYZE t",
+    )
+    .unwrap();
+    let mut args = snapshot_args(&pg, &sr, "t", 100_000);
+    args.extend(["--snapshot-chunk-bytes-max", "200000"].map(String::from));
+    let cdc = Cdc::start(&args, &[]);
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(60));
+    let snap = cdc.snapshot();
+    assert_eq!(snap["state"].as_str(), Some("done"), "{snap:?}");
+    assert_eq!(snap["rows_copied"].as_u64(), Some(3000), "{snap:?}");
+    // About 100 rows a chunk: 6 MB in chunks of at most 200 KB and a row.
+    let chunks = snap["chunks_done"].as_u64().unwrap_or(0);
+    assert!((30..=80).contains(&chunks), "{snap:?}\n{}", cdc.log());
+    assert!(ranges(&mut c).iter().all(|r| r.2));
 }
 
 #[test]

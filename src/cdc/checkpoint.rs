@@ -125,11 +125,19 @@ impl Checkpoints {
         Ok(rows.first().and_then(|r| r.first().cloned().flatten()))
     }
 
-    /// Records an initial-snapshot chunk as done (its rows are in StarRocks).
-    pub fn store_chunk_done(&mut self, table: &str, chunk: u32, rows: u64) -> Result<(), PgError> {
-        let sql = super::snapshot::chunk_done_sql(&self.configured, &self.slot, table, chunk, rows);
-        self.conn.query(&sql)?;
-        Ok(())
+    /// Records an initial-snapshot chunk as done (its rows are in StarRocks): moves its
+    /// range's record past it. False when the range's record is not at the chunk's lower
+    /// bound yet (a chunk before it in the range is not recorded yet).
+    pub fn store_chunk_done(
+        &mut self,
+        table: &str,
+        chunk: u32,
+        rows: u64,
+        span: &super::snapshot::Span,
+    ) -> Result<bool, PgError> {
+        let sql =
+            super::snapshot::chunk_done_sql(&self.configured, &self.slot, table, chunk, rows, span);
+        Ok(!self.conn.query(&sql)?.is_empty())
     }
 
     /// Stores the position, with the labels of the StarRocks commits still publishing then

@@ -79,7 +79,10 @@ pub struct CdcArgs {
     /// Chunks each snapshot worker reads ahead of the stream's verdicts.
     #[arg(long)]
     snapshot_chunks_in_flight: Option<usize>,
-    /// Chunks planned ahead of the snapshot workers.
+    /// Bytes of rows at which a snapshot chunk is cut.
+    #[arg(long)]
+    snapshot_chunk_bytes_max: Option<usize>,
+    /// Not used (accepted for older command lines).
     #[arg(long)]
     snapshot_chunks_planned_ahead: Option<usize>,
     /// `csv` (COPY in CSV, passed to Stream Load as it comes) or `json`.
@@ -193,6 +196,9 @@ impl CdcArgs {
         }
         if let Some(v) = self.snapshot_chunks_in_flight {
             cfg.snapshot_chunks_in_flight = v;
+        }
+        if let Some(v) = self.snapshot_chunk_bytes_max {
+            cfg.snapshot_chunk_bytes_max = v;
         }
         if let Some(v) = self.snapshot_chunks_planned_ahead {
             cfg.snapshot_chunks_planned_ahead = v;

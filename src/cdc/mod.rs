@@ -140,6 +140,8 @@ pub struct Shared {
     pub tables: Mutex<BTreeMap<String, TableStats>>,
     /// The initial snapshot's progress.
     pub snapshot: snapshot::Progress,
+    /// Snapshot chunks' Stream Load bodies the loader is done with, for the next chunks.
+    pub snapshot_bodies: snapshot::Bodies,
     /// Streamed transactions' memory and spill figures (the source copies them).
     pub streams: Mutex<streams::StreamStats>,
 }
@@ -544,6 +546,10 @@ fn validate_limits(cfg: &CdcConfig) -> Result<(), ConfigError> {
         ("connect-timeout-ms", cfg.connect_timeout_ms),
         ("status-interval-ms", cfg.status_interval_ms),
         ("snapshot-chunk-rows", cfg.snapshot_chunk_rows as u64),
+        (
+            "snapshot-chunk-bytes-max",
+            cfg.snapshot_chunk_bytes_max as u64,
+        ),
         ("schema-change-timeout-ms", cfg.schema_change_timeout_ms),
         ("snapshot-workers", cfg.snapshot_workers as u64),
         (
@@ -907,22 +913,68 @@ fn spawn_loader(
         .map_err(|e| CdcError::Replication(PgError::Io(e)))
 }
 
-/// Records a snapshot chunk as copied (its rows are in StarRocks).
-fn record_chunk(
-    checkpoints: &mut Checkpoints,
-    shared: &Shared,
-    table: &str,
+/// A snapshot chunk whose rows are in StarRocks, to record in the chunk table.
+struct ChunkDone {
+    table: String,
     chunk: u32,
     rows: u64,
-) -> Result<(), CdcError> {
-    failpoint::hit("cdc-mid-snapshot-chunk");
-    checkpoints
-        .store_chunk_done(table, chunk, rows)
-        .map_err(CdcError::Checkpoint)?;
-    if shared.snapshot.chunk_recorded(rows) {
-        snapshot::log_finished(&shared.snapshot);
+    span: snapshot::Span,
+}
+
+/// Records snapshot chunks as copied, in key order within each range: a range's record moves
+/// from a chunk's lower bound to its upper one, so a chunk that comes before the one ahead
+/// of it in its range (that one was read again, see `snapshot::Worker::turns`) waits here
+/// until it does. At most a worker's chunks in flight times the attempts per chunk wait: a
+/// chunk read again is read before its worker reads any further, and the chunks read
+/// after it are taken in order once it is.
+#[derive(Default)]
+struct ChunkRecords {
+    waiting: Vec<ChunkDone>,
+}
+
+impl ChunkRecords {
+    fn record(
+        &mut self,
+        checkpoints: &mut Checkpoints,
+        shared: &Shared,
+        done: ChunkDone,
+    ) -> Result<(), CdcError> {
+        failpoint::hit("cdc-mid-snapshot-chunk");
+        let stored = checkpoints
+            .store_chunk_done(&done.table, done.chunk, done.rows, &done.span)
+            .map_err(CdcError::Checkpoint)?;
+        if !stored {
+            self.waiting.push(done);
+            return Ok(());
+        }
+        Self::counted(shared, done.rows);
+        // The chunks of that range waiting for this one, in turn (a chunk's lower bound is
+        // the text of the previous one's upper bound, as the worker cut it).
+        let mut at = done.span.hi;
+        while let Some(i) = self
+            .waiting
+            .iter()
+            .position(|w| w.table == done.table && w.chunk == done.chunk && w.span.lo == at)
+        {
+            let w = self.waiting.swap_remove(i);
+            if !checkpoints
+                .store_chunk_done(&w.table, w.chunk, w.rows, &w.span)
+                .map_err(CdcError::Checkpoint)?
+            {
+                self.waiting.push(w);
+                break;
+            }
+            at = w.span.hi;
+            Self::counted(shared, w.rows);
+        }
+        Ok(())
     }
-    Ok(())
+
+    fn counted(shared: &Shared, rows: u64) {
+        if shared.snapshot.chunk_recorded(rows) {
+            snapshot::log_finished(&shared.snapshot);
+        }
+    }
 }
 
 /// The CDC thread started by [`spawn`]; joining it gives the reason it stopped.
@@ -949,7 +1001,8 @@ fn load_loop(
 ) -> Result<(), CdcError> {
     // Snapshot chunks whose rows wait in the open StarRocks transaction (bounded by the
     // chunks one flush cycle can hold).
-    let mut chunks_pending: Vec<(String, u32, u64)> = Vec::new();
+    let mut chunks_pending: Vec<ChunkDone> = Vec::new();
+    let mut chunk_records = ChunkRecords::default();
     // The last TRUNCATE applied (by this run or an earlier one).
     let mut truncated = checkpoints.load_truncated().map_err(CdcError::Checkpoint)?;
     // Columns to drop once the cycle's StarRocks transaction has committed.
@@ -1014,6 +1067,9 @@ fn load_loop(
                 }
                 tracing::debug!(table = %batch.table, label = %batch.label, rows = batch.rows, ?outcome, "loaded");
                 failpoint::hit("cdc-after-load");
+                if batch.recycle {
+                    shared.snapshot_bodies.give(batch.body);
+                }
             }
             Work::Truncate { tables, at } => {
                 // TRUNCATE is no part of a StarRocks transaction: what came before it goes
@@ -1025,8 +1081,8 @@ fn load_loop(
                 for drop in drops_pending.drain(..) {
                     change_schema(sink, txns.as_deref_mut(), &drop, true, "")?;
                 }
-                for (table, chunk, rows) in chunks_pending.drain(..) {
-                    record_chunk(checkpoints, shared, &table, chunk, rows)?;
+                for done in chunks_pending.drain(..) {
+                    chunk_records.record(checkpoints, shared, done)?;
                 }
                 if truncated.is_some_and(|done| at <= done) {
                     // An earlier run emptied the tables here and may have loaded (and
@@ -1074,16 +1130,27 @@ fn load_loop(
                 change_schema(sink, txns.as_deref_mut(), &change, apply, &columns)?;
                 drops_pending.extend(dropped);
             }
-            Work::SnapshotChunk { table, chunk, rows } => {
+            Work::SnapshotChunk {
+                table,
+                chunk,
+                rows,
+                span,
+            } => {
+                let done = ChunkDone {
+                    table,
+                    chunk,
+                    rows,
+                    span,
+                };
                 if txns.is_some() {
                     // The chunk's rows sit in the cycle's open StarRocks transaction: record
                     // the chunk once that commits (recorded before, a crash could leave it
                     // done without its rows). Not committing here: a resumed run does not
                     // copy this chunk again at this place, so a cut here would not repeat
                     // and a replay could skip rows under the cut-off label.
-                    chunks_pending.push((table, chunk, rows));
+                    chunks_pending.push(done);
                 } else {
-                    record_chunk(checkpoints, shared, &table, chunk, rows)?;
+                    chunk_records.record(checkpoints, shared, done)?;
                 }
             }
             Work::Boundary(lsn) => {
@@ -1100,8 +1167,8 @@ fn load_loop(
                 for drop in drops_pending.drain(..) {
                     change_schema(sink, txns.as_deref_mut(), &drop, true, "")?;
                 }
-                for (table, chunk, rows) in chunks_pending.drain(..) {
-                    record_chunk(checkpoints, shared, &table, chunk, rows)?;
+                for done in chunks_pending.drain(..) {
+                    chunk_records.record(checkpoints, shared, done)?;
                 }
                 failpoint::hit("cdc-before-checkpoint");
                 let publishing: Vec<&str> = match txns.as_deref() {

@@ -58,11 +58,13 @@ pub enum Work {
     /// that follow, so a replay after a crash cuts its batches at the same place and gets the
     /// same labels.
     Boundary(Lsn),
-    /// Every batch of this initial-snapshot chunk is loaded: record the chunk as done.
+    /// Every batch of this initial-snapshot chunk is loaded: record the chunk as done
+    /// (`chunk`: its range's number; `span`: the keys it covered).
     SnapshotChunk {
         table: String,
         chunk: u32,
         rows: u64,
+        span: crate::cdc::snapshot::Span,
     },
 }
 
@@ -81,6 +83,9 @@ pub struct Batch {
     pub rows: u64,
     /// Deterministic: the same changes replayed after a crash give the same label.
     pub label: String,
+    /// A snapshot chunk's body: once loaded it goes back to the snapshot's workers
+    /// (`snapshot::Bodies`), whose next chunks then write into memory already mapped.
+    pub recycle: bool,
 }
 
 /// How a batch's body is written: the Stream Load `format` and its parameters.
@@ -567,6 +572,7 @@ impl Pipeline {
             format: BodyFormat::Json,
             rows: b.rows,
             label,
+            recycle: false,
         };
         if b.fill.rows.is_empty() {
             out.push(Work::Load(batch));
@@ -768,6 +774,7 @@ impl Pipeline {
             table: emitted.table,
             chunk: emitted.chunk,
             rows: emitted.rows,
+            span: emitted.span,
         });
         // The checkpoint must pass this point only once those loads are done.
         self.txn_rows = true;

@@ -812,8 +812,13 @@ pub struct CdcConfig {
     /// Chunks a snapshot worker reads ahead while the stream has not yet taken the ones it
     /// read before (each held in memory until its high watermark comes through the stream).
     pub snapshot_chunks_in_flight: usize,
-    /// Chunks planned (key range found and recorded) ahead of the workers, on a connection of
-    /// their own, so that a worker never waits for the next chunk's bound before it reads.
+    /// Bytes of rows at which a snapshot chunk is cut (it ends at its last row kept, and the
+    /// next starts there); the rows per read then follow the rows' width, so a chunk held in
+    /// memory stays near this bound however wide the rows.
+    pub snapshot_chunk_bytes_max: usize,
+    /// Not used since chunks are no longer planned one at a time (a table's key ranges come
+    /// from a sample when its snapshot starts); accepted so that configuration files that
+    /// set it still load.
     pub snapshot_chunks_planned_ahead: usize,
     /// Attempts per snapshot chunk (a chunk is read again when its watermark window cannot
     /// be trusted) before the snapshot fails.
@@ -901,6 +906,7 @@ impl Default for CdcConfig {
             snapshot_chunk_rows: 50_000,
             snapshot_workers: 2,
             snapshot_chunks_in_flight: 4,
+            snapshot_chunk_bytes_max: 32 << 20,
             snapshot_chunks_planned_ahead: 2,
             snapshot_chunk_attempts_max: 5,
             snapshot_window_keys_max: 1_000_000,

@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::Sender;
 
+use super::Span;
 use crate::cdc::lsn::Lsn;
 use crate::cdc::pipeline::{Batch, BodyFormat};
 
@@ -44,12 +45,20 @@ pub const WATERMARK_PREFIX: &str = "pgprism-snapshot";
 /// microseconds after its commit record, so in practice none does.
 pub const RECENT_COMMITS: usize = 65_536;
 
+/// A piece's keys and row ranges (see [`Piece`]), kept for another piece.
+type KeyLists = (Vec<u8>, Vec<(u32, u32, u32)>);
+
+/// Spare key lists kept at most (see [`Exchange::piece`]).
+const SPARE_MAX: usize = 16;
+
 /// A chunk a worker read, waiting for its high watermark.
 pub struct Fetched {
     /// The source table (`schema.table`).
     pub table: String,
-    /// The chunk's number within its table.
+    /// The number of the chunk's range within its table.
     pub chunk: u32,
+    /// The keys the chunk covers, for its record in the chunk table.
+    pub span: Span,
     /// StarRocks Stream Load bodies of at most `flush-bytes` each, with the key of each row.
     pub pieces: Vec<Piece>,
     /// How the bodies are written (every piece of a chunk alike).
@@ -89,6 +98,14 @@ impl Piece {
             .push((self.keys.len() as u32, start, self.body.len() as u32));
     }
 
+    /// The last row's key, if any.
+    pub fn last_key(&self) -> Option<&[u8]> {
+        let n = self.rows.len();
+        let end = self.rows.get(n.checked_sub(1)?)?.0 as usize;
+        let start = n.checked_sub(2).map_or(0, |i| self.rows[i].0 as usize);
+        self.keys.get(start..end)
+    }
+
     /// The rows: key, start and end in `body`.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], u32, u32)> {
         let mut from = 0usize;
@@ -114,6 +131,9 @@ pub enum Verdict {
 #[derive(Default)]
 pub struct Exchange {
     fetched: Mutex<HashMap<u64, Fetched>>,
+    /// Emitted pieces' key lists, emptied, for the workers' next chunks (like the bodies, see
+    /// `snapshot::Bodies`: a fresh list is memory the kernel maps and zeroes as it grows).
+    spare: Mutex<Vec<KeyLists>>,
     /// Every worker has stopped: no more low watermarks will come.
     workers_done: std::sync::atomic::AtomicBool,
 }
@@ -123,10 +143,43 @@ impl Exchange {
     pub fn set_workers_done(&self) {
         self.workers_done
             .store(true, std::sync::atomic::Ordering::Release);
+        if let Ok(mut s) = self.spare.lock() {
+            *s = Vec::new();
+        }
     }
 
     fn workers_done(&self) -> bool {
         self.workers_done.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A piece with empty key lists: spare ones, or new ones. Its body is left empty.
+    pub fn piece(&self) -> Piece {
+        let (keys, rows) = self
+            .spare
+            .lock()
+            .ok()
+            .and_then(|mut s| s.pop())
+            .unwrap_or_default();
+        Piece {
+            body: Vec::new(),
+            keys,
+            rows,
+        }
+    }
+
+    /// An emitted piece's key lists, kept while the workers copy (at most [`SPARE_MAX`]).
+    fn give_keys(&self, piece: Piece) {
+        if self.workers_done() {
+            return;
+        }
+        let (mut keys, mut rows) = (piece.keys, piece.rows);
+        keys.clear();
+        rows.clear();
+        if let Ok(mut s) = self.spare.lock()
+            && s.len() < SPARE_MAX
+        {
+            s.push((keys, rows));
+        }
     }
 
     pub fn put(&self, id: u64, chunk: Fetched) {
@@ -144,6 +197,7 @@ impl Exchange {
 pub struct Emitted {
     pub table: String,
     pub chunk: u32,
+    pub span: Span,
     pub batches: Vec<Batch>,
     pub rows: u64,
 }
@@ -354,7 +408,7 @@ impl Windows {
         let mut keys = window.map(|w| w.keys).unwrap_or_default();
         keys.extend(stragglers);
         let reply = fetched.reply.clone();
-        let (emitted, dropped) = emit(fetched, &keys);
+        let (emitted, dropped) = emit(fetched, &keys, &self.exchange);
         let _ = reply.send(Verdict::Taken {
             rows: emitted.rows,
             dropped,
@@ -413,10 +467,10 @@ impl Windows {
 
 /// The batches of a chunk without the rows whose keys are in `changed`; the second value is
 /// the number of rows dropped.
-fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>) -> (Emitted, u64) {
+fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>, exchange: &Exchange) -> (Emitted, u64) {
     let mut batches = Vec::with_capacity(chunk.pieces.len());
     let (mut rows, mut dropped) = (0u64, 0u64);
-    for (n, piece) in chunk.pieces.into_iter().enumerate() {
+    for (n, mut piece) in chunk.pieces.into_iter().enumerate() {
         let keep = if changed.is_empty() {
             piece.rows.len()
         } else {
@@ -427,10 +481,11 @@ fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>) -> (Emitted, u64) {
         };
         dropped += (piece.rows.len() - keep) as u64;
         if keep == 0 {
+            exchange.give_keys(piece);
             continue;
         }
         let body = if keep == piece.rows.len() {
-            piece.body
+            std::mem::take(&mut piece.body)
         } else {
             let json = chunk.format == BodyFormat::Json;
             let mut body = Vec::with_capacity(piece.body.len());
@@ -453,6 +508,7 @@ fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>) -> (Emitted, u64) {
             }
             body
         };
+        exchange.give_keys(piece);
         rows += keep as u64;
         batches.push(Batch {
             table: chunk.target.clone(),
@@ -462,11 +518,13 @@ fn emit(chunk: Fetched, changed: &HashSet<Box<[u8]>>) -> (Emitted, u64) {
             format: chunk.format,
             rows: keep as u64,
             label: format!("{}-{n}", chunk.label),
+            recycle: true,
         });
     }
     let emitted = Emitted {
         table: chunk.table,
         chunk: chunk.chunk,
+        span: chunk.span,
         batches,
         rows,
     };
@@ -499,6 +557,7 @@ mod tests {
         let chunk = Fetched {
             table: "public.t".into(),
             chunk: 3,
+            span: Span::default(),
             pieces: vec![piece],
             format: BodyFormat::Json,
             target: "t".into(),
