@@ -619,6 +619,67 @@ fn partial_updates_inside_a_two_table_transaction_stay_one_starrocks_transaction
 }
 
 #[test]
+fn a_partial_change_of_a_key_starrocks_lacks_takes_the_starrocks_default_of_what_it_left_out() {
+    // Rows written before CDC starts, without a snapshot: StarRocks never gets them, and an
+    // UPDATE that leaves their TOAST value untouched finds nothing to fill it from. A table
+    // made by hand with `big NOT NULL DEFAULT 'none'`: StarRocks' own partial update would
+    // insert such a row with the default; before, pgprism left the column out of the whole
+    // row, StarRocks read NULL into a NOT NULL column, filtered the row, and every load of
+    // the cycle failed.
+    let pg = start_pg("cdc-fill-default", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_toast_tables(&mut c, &sr, false);
+    insert_toasted(&mut c, 1, 10);
+    sr.constrain(DB, "d", "big", true, Some("none"));
+    let (args, _config) = toast_args(&pg, &sr, "");
+    let mut cdc = Cdc::start(&args, &[]);
+    insert_toasted(&mut c, 100, 5);
+    c.batch_execute("UPDATE d SET n = 7 WHERE id <= 3 OR id >= 100")
+        .unwrap();
+    let want = |id: i32, big: Option<String>| vec![Some(id.to_string()), big, Some("7".into())];
+    let mut expected: Vec<Vec<Option<String>>> =
+        (1..=3).map(|id| want(id, Some("none".into()))).collect();
+    for row in c
+        .query("SELECT id, big FROM d WHERE id >= 100 ORDER BY id", &[])
+        .unwrap()
+    {
+        expected.push(want(row.get(0), row.get(1)));
+    }
+    let rows = || {
+        let mut r = sr.rows(DB, "d", &["id", "big", "n"]);
+        r.sort_by_key(|r| r[0].as_deref().and_then(|v| v.parse::<i32>().ok()));
+        r
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || rows() == expected),
+        "{:?}\n{}",
+        rows(),
+        cdc.log()
+    );
+    assert_eq!(fill_number(&cdc, "rows_missing"), 3, "{}", cdc.log());
+    assert_eq!(cdc.status_number("transactions_split"), 0);
+    drop(cdc);
+
+    // NOT NULL without a default: StarRocks' partial update refuses such a row, and so does
+    // pgprism, naming the column, instead of retrying a load StarRocks filters.
+    sr.constrain(DB, "d", "big", true, None);
+    c.batch_execute("UPDATE d SET n = 8 WHERE id = 4").unwrap();
+    cdc = Cdc::start(&args, &[]);
+    assert!(
+        cdc.wait_death(Duration::from_secs(30)),
+        "a row StarRocks would refuse did not stop the stream\n{}",
+        cdc.log()
+    );
+    let log = cdc.log();
+    assert!(
+        log.contains("d.big in StarRocks is NOT NULL without a default"),
+        "{log}"
+    );
+    assert!(!rows().iter().any(|r| r[0].as_deref() == Some("4")));
+}
+
+#[test]
 fn soft_deletes_without_the_old_row_stay_in_their_transaction() {
     let pg = start_pg("cdc-fill-soft", &[]);
     let sr = StarRocks::start("root", "pw");
