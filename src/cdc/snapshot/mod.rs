@@ -42,7 +42,7 @@ use super::checkpoint::qualified;
 use super::lsn::Lsn;
 use super::pgconn::{PgConn, PgError, quote_ident, quote_literal};
 use super::pipeline::{
-    BodyFormat, PipelineConfig, snapshot_columns, starrocks_label, write_snapshot_row,
+    BodyFormat, PipelineConfig, TextGuard, snapshot_columns, starrocks_label, write_snapshot_row,
 };
 use super::schema::{Column, TableSchema};
 use super::setup::{SourceTable, split_table};
@@ -67,6 +67,14 @@ pub enum SnapshotError {
     )]
     Key { table: String, chunk: u32 },
     #[error(
+        "snapshot chunk {chunk} of {table}: a value of column {column} is not UTF-8 (a SQL_ASCII database?), which StarRocks does not load; fix the value, or set cdc.non-utf8 = \"replace\" to load it with U+FFFD in place of those bytes, and restart (the snapshot resumes)"
+    )]
+    NotUtf8 {
+        table: String,
+        chunk: u32,
+        column: String,
+    },
+    #[error(
         "snapshot chunk {chunk} of {table} could not be read in {attempts} attempts (last reason: {reason}); \
          lower cdc.snapshot-chunk-rows or raise cdc.snapshot-chunk-attempts-max"
     )]
@@ -85,6 +93,7 @@ impl SnapshotError {
             SnapshotError::Query { source, .. } => Some(source),
             SnapshotError::Attempts { .. }
             | SnapshotError::Csv { .. }
+            | SnapshotError::NotUtf8 { .. }
             | SnapshotError::Key { .. } => None,
         }
     }
@@ -1433,6 +1442,7 @@ impl<'a> Worker<'a> {
         let mut xmax: Option<u32> = None;
         let mut pieces: Vec<Piece> = vec![Piece::default()];
         let mut key = Vec::new();
+        let mut text = TextGuard::new(self.ctx.pcfg.non_utf8_replace);
         // Bytes of the rows kept (JSON path); at `bytes_max` the chunk is cut.
         let mut json_bytes = 0usize;
         let bodies = &self.ctx.shared.snapshot_bodies;
@@ -1503,6 +1513,7 @@ impl<'a> Worker<'a> {
                         values,
                         &synced_at,
                         low.get(),
+                        &mut text,
                     );
                     piece.push_row(&key, start);
                     json_bytes += piece.body.len() - start as usize + 1;
@@ -1526,13 +1537,27 @@ impl<'a> Worker<'a> {
                 if rows.malformed {
                     return Err(bad());
                 }
-                if rows.null_text {
+                // Bytes that are not UTF-8 (a SQL_ASCII database): StarRocks' loaders take
+                // UTF-8, so the chunk goes as JSON, where each such value is refused or
+                // replaced (`cdc.non-utf8`) by the JSON writer. One SIMD pass per body.
+                let not_utf8 = rows
+                    .pieces
+                    .iter()
+                    .any(|p| simdutf8::basic::from_utf8(&p.body).is_err());
+                if rows.null_text || not_utf8 {
                     // A text `\N` would load as NULL: the whole chunk as JSON (one StarRocks
                     // transaction takes one format per table).
-                    tracing::debug!(%table, chunk = chunk.number, "a value is the text \\N: the chunk goes as JSON");
-                    let json =
-                        csv_to_json(&self.ctx.pcfg, c, rows.pieces, &synced_at, low, flush_bytes)
-                            .ok_or_else(bad)?;
+                    tracing::debug!(%table, chunk = chunk.number, not_utf8, "a value is the text \\N or not UTF-8: the chunk goes as JSON");
+                    let json = csv_to_json(
+                        &self.ctx.pcfg,
+                        c,
+                        rows.pieces,
+                        &synced_at,
+                        low,
+                        flush_bytes,
+                        &mut text,
+                    )
+                    .ok_or_else(bad)?;
                     (json, BodyFormat::Json, c.json_columns.clone())
                 } else {
                     (rows.pieces, BodyFormat::Csv, c.columns.clone())
@@ -1545,6 +1570,20 @@ impl<'a> Worker<'a> {
                 (pieces, BodyFormat::Json, read.columns.clone())
             }
         };
+        if let Some(column) = text.refused.take() {
+            return Err(SnapshotError::NotUtf8 {
+                table: table.clone(),
+                chunk: chunk.number,
+                column,
+            });
+        }
+        if text.replaced > 0 {
+            self.ctx
+                .shared
+                .non_utf8_replaced
+                .fetch_add(text.replaced, Ordering::Relaxed);
+            tracing::warn!(%table, chunk = chunk.number, values = text.replaced, column = text.replaced_column.as_deref().unwrap_or_default(), "values that are not UTF-8 were loaded with U+FFFD in place of those bytes (cdc.non-utf8 = \"replace\")");
+        }
         let pieces: Vec<Piece> = pieces.into_iter().filter(|p| !p.rows.is_empty()).collect();
         let kept: usize = pieces.iter().map(|p| p.rows.len()).sum();
         // Where the chunk ends: at its last key when the read stopped short of its upper
@@ -1712,6 +1751,7 @@ fn csv_to_json(
     synced_at: &str,
     low: Lsn,
     flush_bytes: usize,
+    text: &mut TextGuard,
 ) -> Option<Vec<Piece>> {
     let mut out = Vec::with_capacity(pieces.len());
     let mut json = Piece::default();
@@ -1740,6 +1780,7 @@ fn csv_to_json(
                 values.iter().map(|v| v.as_deref()),
                 synced_at,
                 low,
+                text,
             );
             json.push_row(key, from);
         }
