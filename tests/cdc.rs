@@ -2335,6 +2335,119 @@ fn snapshot_chunks_in_transactions_survive_a_kill_at_recording() {
     assert!(settled, "{:?}", sr.transactions());
 }
 
+#[test]
+fn a_sql_ascii_snapshot_killed_mid_chunk_resumes_at_the_same_bytes_and_fails_or_replaces_text() {
+    // A SQL_ASCII database: keys and values hold bytes that are not UTF-8 (0x80 first in
+    // every key, so a bound read back lossily, U+FFFD = EF BF BD, sorts after every key).
+    // Before, a resumed range started at that lossy bound and skipped the rest of its rows,
+    // and StarRocks' loaders (UTF-8 only) got the raw bytes: the emulator refused the CSV
+    // chunk as malformed.
+    let pg = start_pg("cdc-sql-ascii", &[]);
+    let sr = StarRocks::start("root", "pw");
+    client(&pg)
+        .batch_execute(
+            "CREATE DATABASE ascii_src ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+        )
+        .unwrap();
+    let url = format!("{}/ascii_src", pg.url().rsplit_once('/').unwrap().0);
+    let mut c = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=ascii_src",
+            pg.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    c.batch_execute(
+        "CREATE TABLE t (id text PRIMARY KEY, v text, n int);
+         INSERT INTO t SELECT convert_from('\\x80'::bytea, 'SQL_ASCII') || lpad(g::text, 6, '0'),
+                              'v' || convert_from('\\xff'::bytea, 'SQL_ASCII'), g
+         FROM generate_series(1, 20000) g;
+         ANALYZE t",
+    )
+    .unwrap();
+    sr.create_table(
+        DB,
+        "t",
+        &["id"],
+        &[
+            ("id", ColType::Text),
+            ("v", ColType::Text),
+            ("n", ColType::Int),
+        ],
+    );
+    let mut args = snapshot_args(&pg, &sr, "t", 2000);
+    let at = args.iter().position(|a| a == "--source").unwrap();
+    args[at + 1] = url;
+    // cdc.non-utf8 = "fail" (the default): the first chunk stops the run, naming the column.
+    let mut cdc = Cdc::spawn(&args, &[]);
+    assert!(
+        cdc.wait_death(Duration::from_secs(60)),
+        "text that is not UTF-8 did not stop the run\n{}",
+        cdc.log()
+    );
+    let log = cdc.log();
+    assert!(
+        log.contains("of public.t: a value of column id is not UTF-8")
+            && log.contains("cdc.non-utf8"),
+        "{log}"
+    );
+    assert_eq!(sr.row_count(DB, "t"), 0);
+    drop(cdc);
+    // "replace", killed after the fourth chunk's rows are in StarRocks, before it is
+    // recorded: three chunks recorded over ranges of two chunks, so a range is begun and
+    // not done, and the restart reads it on from its `lo`, a key that is not UTF-8.
+    let dir = support::TempDir::new("cdc-sql-ascii");
+    let config = dir.join("pgprism.toml");
+    std::fs::write(&config, "[cdc]\nnon-utf8 = \"replace\"\n").unwrap();
+    args.extend(["--config".to_string(), config.display().to_string()]);
+    let mut cdc = Cdc::spawn(
+        &args,
+        &[("PGPRISM_FAILPOINTS", "cdc-mid-snapshot-chunk=4*kill")],
+    );
+    assert!(
+        cdc.wait_death(Duration::from_secs(60)),
+        "the failpoint did not fire\n{}",
+        cdc.log()
+    );
+    let begun = pg_rows(
+        &mut c,
+        "SELECT chunk::text FROM pgprism_cdc_checkpoint_snapshot \
+         WHERE chunk > 0 AND rows > 0 AND done_at IS NULL",
+    );
+    assert!(
+        !begun.is_empty(),
+        "no range was resumed mid-way: {:?}\n{}",
+        pg_rows(
+            &mut c,
+            "SELECT chunk::text, rows::text, (done_at IS NOT NULL)::text FROM pgprism_cdc_checkpoint_snapshot ORDER BY chunk"
+        ),
+        cdc.log()
+    );
+    drop(cdc);
+    let cdc = Cdc::start(&args, &[]);
+    let copied = eventually(Duration::from_secs(60), || {
+        cdc.snapshot()["state"].as_str() == Some("done") && sr.row_count(DB, "t") >= 20000
+    });
+    assert!(
+        copied,
+        "{} of 20000 rows\n{}",
+        sr.row_count(DB, "t"),
+        cdc.log()
+    );
+    assert_eq!(sr.row_count(DB, "t"), 20000);
+    let rows = sr.rows(DB, "t", &["id", "v"]);
+    assert!(
+        rows.iter().all(
+            |r| r[0].as_deref().is_some_and(|k| k.starts_with('\u{FFFD}'))
+                && r[1].as_deref() == Some("v\u{FFFD}")
+        ),
+        "{:?}",
+        &rows[..3]
+    );
+    assert!(cdc.status_number("non_utf8_values_replaced") > 0);
+}
+
 /// The chunk table's ranges: number, rows copied, done.
 fn ranges(c: &mut postgres::Client) -> Vec<(u32, u64, bool)> {
     pg_rows(
