@@ -31,8 +31,8 @@
 //! checkpoint (never a cut, which a replay that reads StarRocks fine would not repeat).
 //!
 //! A row StarRocks does not have (it was never loaded: a table copied without a snapshot)
-//! keeps the columns out of its JSON, and StarRocks gives it NULL there, which is what the
-//! partial update gave it.
+//! takes the columns' StarRocks defaults ([`ColumnDefault`]), which is what StarRocks' own
+//! partial update gives a new key; a `NOT NULL` column without one stops CDC naming it.
 
 use std::collections::{HashMap, HashSet};
 
@@ -559,7 +559,7 @@ const KEYS_PER_QUERY: usize = 500;
 pub struct Filled {
     /// Rows whose values were read from StarRocks.
     pub rows_read: u64,
-    /// Rows StarRocks did not have (their left-out columns load as NULL).
+    /// Rows StarRocks did not have (their left-out columns take StarRocks' defaults).
     pub rows_missing: u64,
 }
 
@@ -1163,7 +1163,7 @@ mod tests {
             r#"[{"big":"a\"b","ok":true,"id":1,"__op":0},{"id":2,"__op":0},{"id":3,"__op":0}]"#
         );
         assert_eq!((filled.rows_read, filled.rows_missing), (1, 1));
-        // The third row was not found: it keeps its JSON, StarRocks gives it NULL.
+        // The third row was not found: no default, it keeps its JSON, StarRocks gives it NULL.
         stored.push(vec![Some(b"3".to_vec()), None, None]);
         let (out, _) = fill_with(body, &p, |_| Ok::<_, ()>(stored.clone()), no_defaults).unwrap();
         assert!(

@@ -401,7 +401,7 @@ impl Shared {
             (
                 "fill_rows_missing_total",
                 "counter",
-                "partial changes whose row StarRocks did not have (left-out columns NULL)",
+                "partial changes whose row StarRocks did not have (left-out columns take their StarRocks defaults)",
                 load(&self.fill_rows_missing),
             ),
             (

@@ -9,7 +9,9 @@
 //!   keys through `columns`, filters rows that fail type checks and fails the load when the
 //!   filtered share exceeds `max_filter_ratio`, applies rows in order to a Primary Key table
 //!   (`__op` 0 upsert / 1 delete, `partial_update` merges the listed columns, a partial
-//!   update of a missing row inserts it with NULL defaults), and answers the documented JSON.
+//!   update of a missing row inserts it with the columns' defaults, NULL where there is
+//!   none; a row that gives a `NOT NULL` column NULL is filtered), and answers the
+//!   documented JSON.
 //! * FE query port (MySQL protocol): handshake v10 with `mysql_native_password`, then
 //!   `TRUNCATE TABLE db.t` (the only statement CDC sends) empties the table.
 //! * Faults: the next loads can answer `Fail`, `Publish Timeout` (applied, then reported as

@@ -525,7 +525,7 @@ fn exact_text(expr: &str) -> String {
 /// [`RAW_KEY`] and the hex, as [`decode_key`] holds them. `None` for what is not hex.
 fn from_hex(hex: &str) -> Option<String> {
     let hex = hex.as_bytes();
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     let digit = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
