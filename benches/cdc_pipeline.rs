@@ -112,6 +112,7 @@ pub fn run_with(rows: usize, fill: bool) -> Report {
         schema_changes: CdcSchemaChanges::Ignore,
         fill_rows: fill,
         fill_bytes_max: 64 << 20,
+        non_utf8_replace: false,
     };
     let keys = [("public.t".to_string(), vec!["id".to_string()])].into();
     let mut pipeline = Pipeline::new(cfg, keys);

@@ -619,6 +619,67 @@ fn partial_updates_inside_a_two_table_transaction_stay_one_starrocks_transaction
 }
 
 #[test]
+fn a_partial_change_of_a_key_starrocks_lacks_takes_the_starrocks_default_of_what_it_left_out() {
+    // Rows written before CDC starts, without a snapshot: StarRocks never gets them, and an
+    // UPDATE that leaves their TOAST value untouched finds nothing to fill it from. A table
+    // made by hand with `big NOT NULL DEFAULT 'none'`: StarRocks' own partial update would
+    // insert such a row with the default; before, pgprism left the column out of the whole
+    // row, StarRocks read NULL into a NOT NULL column, filtered the row, and every load of
+    // the cycle failed.
+    let pg = start_pg("cdc-fill-default", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    make_toast_tables(&mut c, &sr, false);
+    insert_toasted(&mut c, 1, 10);
+    sr.constrain(DB, "d", "big", true, Some("none"));
+    let (args, _config) = toast_args(&pg, &sr, "");
+    let mut cdc = Cdc::start(&args, &[]);
+    insert_toasted(&mut c, 100, 5);
+    c.batch_execute("UPDATE d SET n = 7 WHERE id <= 3 OR id >= 100")
+        .unwrap();
+    let want = |id: i32, big: Option<String>| vec![Some(id.to_string()), big, Some("7".into())];
+    let mut expected: Vec<Vec<Option<String>>> =
+        (1..=3).map(|id| want(id, Some("none".into()))).collect();
+    for row in c
+        .query("SELECT id, big FROM d WHERE id >= 100 ORDER BY id", &[])
+        .unwrap()
+    {
+        expected.push(want(row.get(0), row.get(1)));
+    }
+    let rows = || {
+        let mut r = sr.rows(DB, "d", &["id", "big", "n"]);
+        r.sort_by_key(|r| r[0].as_deref().and_then(|v| v.parse::<i32>().ok()));
+        r
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || rows() == expected),
+        "{:?}\n{}",
+        rows(),
+        cdc.log()
+    );
+    assert_eq!(fill_number(&cdc, "rows_missing"), 3, "{}", cdc.log());
+    assert_eq!(cdc.status_number("transactions_split"), 0);
+    drop(cdc);
+
+    // NOT NULL without a default: StarRocks' partial update refuses such a row, and so does
+    // pgprism, naming the column, instead of retrying a load StarRocks filters.
+    sr.constrain(DB, "d", "big", true, None);
+    c.batch_execute("UPDATE d SET n = 8 WHERE id = 4").unwrap();
+    cdc = Cdc::start(&args, &[]);
+    assert!(
+        cdc.wait_death(Duration::from_secs(30)),
+        "a row StarRocks would refuse did not stop the stream\n{}",
+        cdc.log()
+    );
+    let log = cdc.log();
+    assert!(
+        log.contains("d.big in StarRocks is NOT NULL without a default"),
+        "{log}"
+    );
+    assert!(!rows().iter().any(|r| r[0].as_deref() == Some("4")));
+}
+
+#[test]
 fn soft_deletes_without_the_old_row_stay_in_their_transaction() {
     let pg = start_pg("cdc-fill-soft", &[]);
     let sr = StarRocks::start("root", "pw");
@@ -2272,6 +2333,119 @@ fn snapshot_chunks_in_transactions_survive_a_kill_at_recording() {
         !txns.contains_key("PREPARE") && !txns.contains_key("PREPARED")
     });
     assert!(settled, "{:?}", sr.transactions());
+}
+
+#[test]
+fn a_sql_ascii_snapshot_killed_mid_chunk_resumes_at_the_same_bytes_and_fails_or_replaces_text() {
+    // A SQL_ASCII database: keys and values hold bytes that are not UTF-8 (0x80 first in
+    // every key, so a bound read back lossily, U+FFFD = EF BF BD, sorts after every key).
+    // Before, a resumed range started at that lossy bound and skipped the rest of its rows,
+    // and StarRocks' loaders (UTF-8 only) got the raw bytes: the emulator refused the CSV
+    // chunk as malformed.
+    let pg = start_pg("cdc-sql-ascii", &[]);
+    let sr = StarRocks::start("root", "pw");
+    client(&pg)
+        .batch_execute(
+            "CREATE DATABASE ascii_src ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+        )
+        .unwrap();
+    let url = format!("{}/ascii_src", pg.url().rsplit_once('/').unwrap().0);
+    let mut c = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=ascii_src",
+            pg.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    c.batch_execute(
+        "CREATE TABLE t (id text PRIMARY KEY, v text, n int);
+         INSERT INTO t SELECT convert_from('\\x80'::bytea, 'SQL_ASCII') || lpad(g::text, 6, '0'),
+                              'v' || convert_from('\\xff'::bytea, 'SQL_ASCII'), g
+         FROM generate_series(1, 20000) g;
+         ANALYZE t",
+    )
+    .unwrap();
+    sr.create_table(
+        DB,
+        "t",
+        &["id"],
+        &[
+            ("id", ColType::Text),
+            ("v", ColType::Text),
+            ("n", ColType::Int),
+        ],
+    );
+    let mut args = snapshot_args(&pg, &sr, "t", 2000);
+    let at = args.iter().position(|a| a == "--source").unwrap();
+    args[at + 1] = url;
+    // cdc.non-utf8 = "fail" (the default): the first chunk stops the run, naming the column.
+    let mut cdc = Cdc::spawn(&args, &[]);
+    assert!(
+        cdc.wait_death(Duration::from_secs(60)),
+        "text that is not UTF-8 did not stop the run\n{}",
+        cdc.log()
+    );
+    let log = cdc.log();
+    assert!(
+        log.contains("of public.t: a value of column id is not UTF-8")
+            && log.contains("cdc.non-utf8"),
+        "{log}"
+    );
+    assert_eq!(sr.row_count(DB, "t"), 0);
+    drop(cdc);
+    // "replace", killed after the fourth chunk's rows are in StarRocks, before it is
+    // recorded: three chunks recorded over ranges of two chunks, so a range is begun and
+    // not done, and the restart reads it on from its `lo`, a key that is not UTF-8.
+    let dir = support::TempDir::new("cdc-sql-ascii");
+    let config = dir.join("pgprism.toml");
+    std::fs::write(&config, "[cdc]\nnon-utf8 = \"replace\"\n").unwrap();
+    args.extend(["--config".to_string(), config.display().to_string()]);
+    let mut cdc = Cdc::spawn(
+        &args,
+        &[("PGPRISM_FAILPOINTS", "cdc-mid-snapshot-chunk=4*kill")],
+    );
+    assert!(
+        cdc.wait_death(Duration::from_secs(60)),
+        "the failpoint did not fire\n{}",
+        cdc.log()
+    );
+    let begun = pg_rows(
+        &mut c,
+        "SELECT chunk::text FROM pgprism_cdc_checkpoint_snapshot \
+         WHERE chunk > 0 AND rows > 0 AND done_at IS NULL",
+    );
+    assert!(
+        !begun.is_empty(),
+        "no range was resumed mid-way: {:?}\n{}",
+        pg_rows(
+            &mut c,
+            "SELECT chunk::text, rows::text, (done_at IS NOT NULL)::text FROM pgprism_cdc_checkpoint_snapshot ORDER BY chunk"
+        ),
+        cdc.log()
+    );
+    drop(cdc);
+    let cdc = Cdc::start(&args, &[]);
+    let copied = eventually(Duration::from_secs(60), || {
+        cdc.snapshot()["state"].as_str() == Some("done") && sr.row_count(DB, "t") >= 20000
+    });
+    assert!(
+        copied,
+        "{} of 20000 rows\n{}",
+        sr.row_count(DB, "t"),
+        cdc.log()
+    );
+    assert_eq!(sr.row_count(DB, "t"), 20000);
+    let rows = sr.rows(DB, "t", &["id", "v"]);
+    assert!(
+        rows.iter().all(
+            |r| r[0].as_deref().is_some_and(|k| k.starts_with('\u{FFFD}'))
+                && r[1].as_deref() == Some("v\u{FFFD}")
+        ),
+        "{:?}",
+        &rows[..3]
+    );
+    assert!(cdc.status_number("non_utf8_values_replaced") > 0);
 }
 
 /// The chunk table's ranges: number, rows copied, done.

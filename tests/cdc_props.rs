@@ -21,6 +21,7 @@ fn pipeline() -> Pipeline {
         schema_changes: CdcSchemaChanges::Ignore,
         fill_rows: false,
         fill_bytes_max: 64 << 20,
+        non_utf8_replace: false,
     };
     Pipeline::new(
         cfg,

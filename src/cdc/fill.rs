@@ -31,8 +31,8 @@
 //! checkpoint (never a cut, which a replay that reads StarRocks fine would not repeat).
 //!
 //! A row StarRocks does not have (it was never loaded: a table copied without a snapshot)
-//! keeps the columns out of its JSON, and StarRocks gives it NULL there, which is what the
-//! partial update gave it.
+//! takes the columns' StarRocks defaults ([`ColumnDefault`]), which is what StarRocks' own
+//! partial update gives a new key; a `NOT NULL` column without one stops CDC naming it.
 
 use std::collections::{HashMap, HashSet};
 
@@ -559,7 +559,7 @@ const KEYS_PER_QUERY: usize = 500;
 pub struct Filled {
     /// Rows whose values were read from StarRocks.
     pub rows_read: u64,
-    /// Rows StarRocks did not have (their left-out columns load as NULL).
+    /// Rows StarRocks did not have (their left-out columns take StarRocks' defaults).
     pub rows_missing: u64,
 }
 
@@ -570,6 +570,9 @@ pub struct Filled {
 /// `SELECT`), each chunk is read only when the first row that needs it is written, and a
 /// key's values are dropped after the last row that needs them. Besides the batch and its
 /// copy, what is held is one chunk's values and those of keys a later row needs again.
+///
+/// A row StarRocks does not have takes the columns' defaults ([`ColumnDefault`], read once
+/// per batch, and only for a batch with such a row).
 pub fn fill_batch(
     sink: &StarRocks,
     batch: &Batch,
@@ -579,7 +582,7 @@ pub fn fill_batch(
         table: batch.table.clone(),
         column,
     };
-    fill_with(&batch.body, plan, |chunk| {
+    let read = |chunk: &[&[Box<[u8]>]]| {
         // Keys are asked for as text; the pipeline never plans a read by a key that is not
         // UTF-8, and one that would be is refused here rather than changed.
         let sql = select_sql(&sink.config().database, &batch.table, plan, chunk)
@@ -598,20 +601,125 @@ pub fn fill_batch(
                 },
                 e => e,
             })
-    })
-    .map_err(|e| match e {
-        FillError::Read(e) => e,
-        FillError::NotUtf8 { column } => not_utf8(column),
-    })
-    .map(|(body, filled)| {
-        (
-            Batch {
-                body,
-                ..batch.clone()
+    };
+    let defaults = || column_defaults(sink, &batch.table, plan);
+    fill_with(&batch.body, plan, read, defaults)
+        .map_err(|e| match e {
+            FillError::Read(e) => e,
+            FillError::NotUtf8 { column } => not_utf8(column),
+            FillError::NoDefault { column, default } => LoadError::NoDefault {
+                table: batch.table.clone(),
+                column,
+                why: match default {
+                    None => "NOT NULL without a default".into(),
+                    Some(d) => format!("defaulted to {d}, which StarRocks computes per row"),
+                },
             },
-            filled,
-        )
-    })
+        })
+        .map(|(body, filled)| {
+            (
+                Batch {
+                    body,
+                    ..batch.clone()
+                },
+                filled,
+            )
+        })
+}
+
+/// What StarRocks gives a column that a load leaves out of a row it does not have yet: a
+/// partial update of a new key "inserts a new row, and fills default values in fields that
+/// are empty" (StarRocks, "Change data through loading", Partial updates), and a full row
+/// that names a `NOT NULL` column without a value is filtered (`NULL value in non-nullable
+/// column`). pgprism makes such a change a whole row, so it writes what StarRocks' own
+/// partial update would have written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum ColumnDefault {
+    /// Nullable without a default (or a column StarRocks does not list): NULL.
+    Null,
+    /// The default's text (`information_schema.columns.COLUMN_DEFAULT`; for
+    /// `CURRENT_TIMESTAMP`, StarRocks' own current time, read once per batch).
+    Value(String),
+    /// `NOT NULL` without a default: StarRocks refuses such a row, so does pgprism.
+    Refused,
+    /// A default pgprism cannot evaluate the way StarRocks does (`uuid()`, say).
+    Expression(String),
+}
+
+/// The defaults of `plan`'s columns in `db.table` (one `information_schema.columns` read, and
+/// one `SELECT current_timestamp()` when a column's default is that).
+fn column_defaults(
+    sink: &StarRocks,
+    table: &str,
+    plan: &FillPlan,
+) -> Result<Vec<ColumnDefault>, LoadError> {
+    let sql = format!(
+        "SELECT COLUMN_NAME, IS_NULLABLE, COLUMN_DEFAULT FROM information_schema.columns WHERE TABLE_SCHEMA = '{}' AND TABLE_NAME = '{}'",
+        sink.config().database.replace('\'', "''"),
+        table.replace('\'', "''")
+    );
+    let (_, rows) = sink.query_raw(&sql)?;
+    let not_utf8 = |column: &str| LoadError::NotUtf8 {
+        table: table.to_string(),
+        column: column.to_string(),
+    };
+    let mut found: HashMap<String, (bool, Option<String>)> = HashMap::new();
+    for row in rows {
+        let mut row = row.into_iter();
+        let (Some(Some(name)), Some(nullable), Some(default)) =
+            (row.next(), row.next(), row.next())
+        else {
+            continue;
+        };
+        let name = String::from_utf8_lossy(&name).into_owned();
+        let nullable = !nullable.is_some_and(|n| n.eq_ignore_ascii_case(b"NO"));
+        let default = match default {
+            None => None,
+            Some(d) => Some(String::from_utf8(d).map_err(|_| not_utf8(&name))?),
+        };
+        found.insert(name, (nullable, default));
+    }
+    let mut now: Option<String> = None;
+    let mut out = Vec::with_capacity(plan.columns.len());
+    for (name, _, _) in &plan.columns {
+        out.push(match found.get(name) {
+            None | Some((true, None)) => ColumnDefault::Null,
+            Some((false, None)) => ColumnDefault::Refused,
+            Some((_, Some(d))) if is_current_timestamp(d) => {
+                if now.is_none() {
+                    let (_, rows) = sink.query_raw("SELECT current_timestamp()")?;
+                    let text = rows
+                        .into_iter()
+                        .next()
+                        .and_then(|r| r.into_iter().next().flatten())
+                        .and_then(|v| String::from_utf8(v).ok())
+                        .ok_or_else(|| LoadError::Protocol {
+                            what: "SELECT current_timestamp()",
+                            detail: "no value".into(),
+                        })?;
+                    now = Some(text);
+                }
+                ColumnDefault::Value(now.clone().unwrap_or_default())
+            }
+            Some((_, Some(d))) if is_expression(d) => ColumnDefault::Expression(d.clone()),
+            Some((_, Some(d))) => ColumnDefault::Value(d.clone()),
+        });
+    }
+    Ok(out)
+}
+
+fn is_current_timestamp(default: &str) -> bool {
+    let d = default.trim().to_ascii_uppercase();
+    matches!(
+        d.as_str(),
+        "CURRENT_TIMESTAMP" | "CURRENT_TIMESTAMP()" | "NOW()"
+    )
+}
+
+/// A default StarRocks computes per row (`(uuid())`, `uuid_numeric()`): a function call.
+fn is_expression(default: &str) -> bool {
+    let d = default.trim().trim_start_matches('(').to_ascii_lowercase();
+    d.starts_with("uuid()") || d.starts_with("uuid_numeric()")
 }
 
 /// Why [`fill_with`] failed.
@@ -623,17 +731,26 @@ enum FillError<E> {
     /// UTF-8, and a `\u` escape names a character, not a byte), and changing it (a lossy
     /// decode) would load another value than StarRocks held.
     NotUtf8 { column: String },
+    /// A row StarRocks does not have left out a column whose default pgprism cannot give
+    /// ([`ColumnDefault::Refused`], [`ColumnDefault::Expression`]).
+    NoDefault {
+        column: String,
+        default: Option<String>,
+    },
 }
 
 /// Values as read: by column, NULL is `None`, bytes as StarRocks sent them.
 type RawRow = Vec<Option<Vec<u8>>>;
 
-/// [`fill_batch`] with the reads done by `read` (one call per chunk of keys).
+/// [`fill_batch`] with the reads done by `read` (one call per chunk of keys), and the
+/// columns' defaults (for rows StarRocks does not have) by `defaults` (at most once).
 fn fill_with<E>(
     body: &[u8],
     plan: &FillPlan,
     mut read: impl FnMut(&[&[Box<[u8]>]]) -> Result<Vec<RawRow>, E>,
+    mut defaults: impl FnMut() -> Result<Vec<ColumnDefault>, E>,
 ) -> Result<(Vec<u8>, Filled), FillError<E>> {
+    let mut known_defaults: Option<Vec<ColumnDefault>> = None;
     // Each key once, in the order of its first row; and each row's key's place there.
     let mut keys: Vec<&[Box<[u8]>]> = Vec::new();
     let mut place: HashMap<Vec<u8>, usize> = HashMap::new();
@@ -680,6 +797,15 @@ fn fill_with<E>(
         };
         let Some(values) = values else {
             filled.rows_missing += 1;
+            if known_defaults.is_none() {
+                known_defaults = Some(defaults().map_err(FillError::Read)?);
+            }
+            write_defaults(
+                &mut out,
+                plan,
+                row,
+                known_defaults.as_deref().unwrap_or_default(),
+            )?;
             continue;
         };
         filled.rows_read += 1;
@@ -714,6 +840,42 @@ fn write_values<E>(
         out.extend_from_slice(json_key);
         write_starrocks_value(out, *kind, text);
         out.push(b',');
+    }
+    Ok(())
+}
+
+/// The defaults of the columns a row StarRocks does not have left out, right after its
+/// `{` (a nullable column without a default stays out: StarRocks gives it NULL).
+fn write_defaults<E>(
+    out: &mut Vec<u8>,
+    plan: &FillPlan,
+    row: &PendingRow,
+    defaults: &[ColumnDefault],
+) -> Result<(), FillError<E>> {
+    for &c in &row.columns {
+        let Some((name, kind, json_key)) = plan.columns.get(usize::from(c)) else {
+            continue;
+        };
+        match defaults.get(usize::from(c)) {
+            None | Some(ColumnDefault::Null) => {}
+            Some(ColumnDefault::Value(v)) => {
+                out.extend_from_slice(json_key);
+                write_starrocks_value(out, *kind, Some(v));
+                out.push(b',');
+            }
+            Some(ColumnDefault::Refused) => {
+                return Err(FillError::NoDefault {
+                    column: name.clone(),
+                    default: None,
+                });
+            }
+            Some(ColumnDefault::Expression(d)) => {
+                return Err(FillError::NoDefault {
+                    column: name.clone(),
+                    default: Some(d.clone()),
+                });
+            }
+        }
     }
     Ok(())
 }
@@ -840,6 +1002,108 @@ mod tests {
         plan
     }
 
+    fn no_defaults<E>() -> Result<Vec<ColumnDefault>, E> {
+        Ok(vec![ColumnDefault::Null, ColumnDefault::Null])
+    }
+
+    #[test]
+    fn a_row_starrocks_lacks_takes_the_columns_defaults_as_its_partial_update_would() {
+        let mut p = plan(&["id"]);
+        let body = br#"[{"id":1,"__op":0},{"id":2,"__op":0}]"#;
+        p.rows = vec![
+            PendingRow {
+                at: 2,
+                key: vec![b"1".to_vec().into()],
+                columns: vec![0, 1],
+            },
+            PendingRow {
+                at: 20,
+                key: vec![b"2".to_vec().into()],
+                columns: vec![0],
+            },
+        ];
+        assert_eq!(&body[19..21], b"{\"");
+        let stored: Vec<RawRow> = vec![vec![
+            Some(b"1".to_vec()),
+            Some(b"x".to_vec()),
+            Some(b"0".to_vec()),
+        ]];
+        let mut asked = 0;
+        let defaults = vec![
+            ColumnDefault::Value("none".into()),
+            ColumnDefault::Value("1".into()),
+        ];
+        let (out, filled) = fill_with(
+            body,
+            &p,
+            |_| Ok::<_, ()>(stored.clone()),
+            || {
+                asked += 1;
+                Ok(defaults.clone())
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"[{"big":"x","ok":false,"id":1,"__op":0},{"big":"none","id":2,"__op":0}]"#
+        );
+        assert_eq!((filled.rows_read, filled.rows_missing, asked), (1, 1, 1));
+        // Defaults are read only for a batch with a row StarRocks lacks.
+        let all: Vec<RawRow> = vec![
+            stored[0].clone(),
+            vec![Some(b"2".to_vec()), Some(b"y".to_vec()), None],
+        ];
+        let mut asked = 0;
+        fill_with(
+            body,
+            &p,
+            |_| Ok::<_, ()>(all.clone()),
+            || {
+                asked += 1;
+                Ok(defaults.clone())
+            },
+        )
+        .unwrap();
+        assert_eq!(asked, 0);
+        // NOT NULL without a default, or a default computed per row: refused, naming it.
+        for (d, want) in [
+            (ColumnDefault::Refused, None),
+            (
+                ColumnDefault::Expression("uuid()".into()),
+                Some("uuid()".to_string()),
+            ),
+        ] {
+            assert_eq!(
+                fill_with(
+                    body,
+                    &p,
+                    |_| Ok::<_, ()>(stored.clone()),
+                    || Ok(vec![d.clone(), ColumnDefault::Null])
+                )
+                .unwrap_err(),
+                FillError::NoDefault {
+                    column: "big".into(),
+                    default: want
+                }
+            );
+        }
+        // Nullable without a default: left out, StarRocks gives NULL.
+        let (out, _) = fill_with(
+            body,
+            &p,
+            |_| Ok::<_, ()>(stored.clone()),
+            || Ok(vec![ColumnDefault::Null, ColumnDefault::Null]),
+        )
+        .unwrap();
+        assert!(
+            std::str::from_utf8(&out)
+                .unwrap()
+                .ends_with(r#"{"id":2,"__op":0}]"#)
+        );
+        assert!(is_current_timestamp("CURRENT_TIMESTAMP") && !is_current_timestamp("now"));
+        assert!(is_expression("(uuid())") && !is_expression("uuid"));
+    }
+
     #[test]
     fn selects_by_key_with_escaped_literals() {
         let one = plan(&["id"]);
@@ -883,10 +1147,15 @@ mod tests {
             Some(b"a\"b".to_vec()),
             Some(b"1".to_vec()),
         ]];
-        let (out, filled) = fill_with(body, &p, |chunk| {
-            asked.push(chunk.len());
-            Ok::<_, ()>(stored.clone())
-        })
+        let (out, filled) = fill_with(
+            body,
+            &p,
+            |chunk| {
+                asked.push(chunk.len());
+                Ok::<_, ()>(stored.clone())
+            },
+            no_defaults,
+        )
         .unwrap();
         assert_eq!(asked, vec![2], "both keys in one SELECT");
         assert_eq!(
@@ -894,9 +1163,9 @@ mod tests {
             r#"[{"big":"a\"b","ok":true,"id":1,"__op":0},{"id":2,"__op":0},{"id":3,"__op":0}]"#
         );
         assert_eq!((filled.rows_read, filled.rows_missing), (1, 1));
-        // The third row was not found: it keeps its JSON, StarRocks gives it NULL.
+        // The third row was not found: no default, it keeps its JSON, StarRocks gives it NULL.
         stored.push(vec![Some(b"3".to_vec()), None, None]);
-        let (out, _) = fill_with(body, &p, |_| Ok::<_, ()>(stored.clone())).unwrap();
+        let (out, _) = fill_with(body, &p, |_| Ok::<_, ()>(stored.clone()), no_defaults).unwrap();
         assert!(
             std::str::from_utf8(&out)
                 .unwrap()
@@ -905,7 +1174,7 @@ mod tests {
         // A value that is not UTF-8 is refused, never written changed (U+FFFD).
         stored[1][1] = Some(vec![b'x', 0xC3]);
         assert_eq!(
-            fill_with(body, &p, |_| Ok::<_, ()>(stored.clone())).unwrap_err(),
+            fill_with(body, &p, |_| Ok::<_, ()>(stored.clone()), no_defaults).unwrap_err(),
             FillError::NotUtf8 {
                 column: "big".into()
             }
@@ -934,22 +1203,27 @@ mod tests {
         }
         body.push(b']');
         let mut reads = Vec::new();
-        let (out, filled) = fill_with(&body, &p, |chunk| {
-            reads.push(chunk.len());
-            Ok::<_, ()>(
-                chunk
-                    .iter()
-                    .map(|k| {
-                        let id = String::from_utf8(k[0].to_vec()).unwrap();
-                        vec![
-                            Some(id.clone().into_bytes()),
-                            Some(format!("v{id}").into_bytes()),
-                            None,
-                        ]
-                    })
-                    .collect(),
-            )
-        })
+        let (out, filled) = fill_with(
+            &body,
+            &p,
+            |chunk| {
+                reads.push(chunk.len());
+                Ok::<_, ()>(
+                    chunk
+                        .iter()
+                        .map(|k| {
+                            let id = String::from_utf8(k[0].to_vec()).unwrap();
+                            vec![
+                                Some(id.clone().into_bytes()),
+                                Some(format!("v{id}").into_bytes()),
+                                None,
+                            ]
+                        })
+                        .collect(),
+                )
+            },
+            no_defaults,
+        )
         .unwrap();
         assert_eq!(reads, vec![KEYS_PER_QUERY, 10]);
         assert_eq!(filled.rows_read, n as u64 + 1);
@@ -962,7 +1236,7 @@ mod tests {
         );
         // A failed read fails the whole batch.
         assert_eq!(
-            fill_with(&body, &p, |_| Err("down")).unwrap_err(),
+            fill_with(&body, &p, |_| Err("down"), || Ok(Vec::new())).unwrap_err(),
             FillError::Read("down")
         );
     }

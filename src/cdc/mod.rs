@@ -125,6 +125,9 @@ pub struct Shared {
     pub fill_rows_partial: AtomicU64,
     /// Flush cycles whose rows outgrew `cdc.fill-bytes-max`.
     pub fill_overflows: AtomicU64,
+    /// Text values that were not UTF-8, loaded with U+FFFD (`cdc.non-utf8 = "replace"`):
+    /// the stream's and the snapshot's.
+    pub non_utf8_replaced: AtomicU64,
     /// Tables whose `SELECT` StarRocks refused in the middle of the run (after the start's
     /// check found them readable): cut for the rest of the run.
     pub fill_tables_refused: AtomicU64,
@@ -283,6 +286,7 @@ impl Shared {
             "retries": self.retries.load(Ordering::Relaxed),
             "reconnects": self.reconnects.load(Ordering::Relaxed),
             "transactions_split": self.transactions_split.load(Ordering::Relaxed),
+            "non_utf8_values_replaced": self.non_utf8_replaced.load(Ordering::Relaxed),
             "transactions_reloaded": self.transactions_reloaded.load(Ordering::Relaxed),
             "tables": sonic_rs::to_value(&tables).unwrap_or_default(),
             "snapshot": self.snapshot.json(),
@@ -365,6 +369,12 @@ impl Shared {
                 load(&self.reconnects),
             ),
             (
+                "non_utf8_values_replaced_total",
+                "counter",
+                "text values that were not UTF-8, loaded with U+FFFD (cdc.non-utf8 = \"replace\")",
+                load(&self.non_utf8_replaced),
+            ),
+            (
                 "transactions_split_total",
                 "counter",
                 "StarRocks transactions committed inside a source transaction",
@@ -391,7 +401,7 @@ impl Shared {
             (
                 "fill_rows_missing_total",
                 "counter",
-                "partial changes whose row StarRocks did not have (left-out columns NULL)",
+                "partial changes whose row StarRocks did not have (left-out columns take their StarRocks defaults)",
                 load(&self.fill_rows_missing),
             ),
             (
@@ -871,6 +881,7 @@ fn pipeline_config(cfg: &CdcConfig, incarnation: &str) -> PipelineConfig {
         fill_rows: cfg.fill_rows
             && !(cfg.replica_identity_full && cfg.toast_mode == CdcToastMode::FullRow),
         fill_bytes_max: cfg.fill_bytes_max,
+        non_utf8_replace: cfg.non_utf8 == crate::config::CdcNonUtf8::Replace,
     }
 }
 

@@ -120,6 +120,46 @@ pub struct PipelineConfig {
     pub fill_rows: bool,
     /// `cdc.fill-bytes-max`: the values of the flush cycle's rows kept for that.
     pub fill_bytes_max: usize,
+    /// `cdc.non-utf8 = "replace"`: text that is not UTF-8 loads with U+FFFD (else refused).
+    pub non_utf8_replace: bool,
+}
+
+/// What becomes of a text value that is not UTF-8 as rows are written (`cdc.non-utf8`): a
+/// `SQL_ASCII` database sends its bytes as stored, and StarRocks' loaders take UTF-8 (a JSON
+/// body is UTF-8 text, and a `\u` escape names a character, not a byte).
+#[derive(Debug, Default)]
+pub struct TextGuard {
+    /// Replace the invalid sequences with U+FFFD; else refuse the value.
+    pub replace: bool,
+    /// Values replaced so far.
+    pub replaced: u64,
+    /// The column of the last value replaced since the caller looked (for its warning).
+    pub replaced_column: Option<String>,
+    /// The column of a value refused: the row must not load.
+    pub refused: Option<String>,
+}
+
+impl TextGuard {
+    pub fn new(replace: bool) -> TextGuard {
+        TextGuard {
+            replace,
+            ..TextGuard::default()
+        }
+    }
+
+    /// A value that is not UTF-8, in `column`: written replaced (with `replace`; else written
+    /// so too, but refused, and the caller drops the row).
+    #[cold]
+    #[inline(never)]
+    fn not_utf8(&mut self, body: &mut Vec<u8>, column: &str, text: &[u8]) {
+        json_string(body, &String::from_utf8_lossy(text));
+        if self.replace {
+            self.replaced += 1;
+            self.replaced_column = Some(column.to_string());
+        } else if self.refused.is_none() {
+            self.refused = Some(column.to_string());
+        }
+    }
 }
 
 /// How partial changes were made whole (see `fill`).
@@ -146,6 +186,14 @@ pub enum PipelineError {
     Stream(#[from] StreamError),
     #[error("{what} outside a transaction")]
     OutOfOrder { what: &'static str },
+    #[error(
+        "a value of {table}.{column} in the change at {lsn} is not UTF-8 (a SQL_ASCII database?), which StarRocks does not load; nothing from it on is checkpointed: fix the value, or set cdc.non-utf8 = \"replace\" to load it with U+FFFD in place of those bytes, and restart"
+    )]
+    NotUtf8 {
+        table: String,
+        column: String,
+        lsn: Lsn,
+    },
 }
 
 /// A row position that is the same every time PostgreSQL replays the change: the commit LSN
@@ -246,10 +294,17 @@ pub struct Pipeline {
     batch_serial: u64,
     /// The serial of the batch the last row went into.
     last_batch: u64,
+    /// Text that is not UTF-8 (`cdc.non-utf8`).
+    text: TextGuard,
+    /// `table.column`s warned about for replaced values (at most every column once).
+    text_warned: std::collections::HashSet<String>,
+    /// A row refused for its text, ending the run at the end of the message.
+    text_refused: Option<PipelineError>,
 }
 
 impl Pipeline {
     pub fn new(cfg: PipelineConfig, keys: KeyColumns) -> Self {
+        let cfg_replace = cfg.non_utf8_replace;
         Pipeline {
             streams: StreamBuffers::new(cfg.stream_buffer_bytes_max),
             cycle_rows: CycleRows::new(cfg.fill_bytes_max),
@@ -281,7 +336,15 @@ impl Pipeline {
             hold_batch: false,
             batch_serial: 0,
             last_batch: 0,
+            text: TextGuard::new(cfg_replace),
+            text_warned: std::collections::HashSet::new(),
+            text_refused: None,
         }
+    }
+
+    /// Text values replaced (`cdc.non-utf8 = "replace"`) since the last call.
+    pub fn take_non_utf8_replaced(&mut self) -> u64 {
+        std::mem::take(&mut self.text.replaced)
     }
 
     /// How partial changes were made whole so far.
@@ -590,6 +653,18 @@ impl Pipeline {
     }
 
     fn apply(&mut self, msg: Message<'_>, out: &mut Vec<Work>) -> Result<(), PipelineError> {
+        self.apply_message(msg, out)?;
+        match self.text_refused.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn apply_message(
+        &mut self,
+        msg: Message<'_>,
+        out: &mut Vec<Work>,
+    ) -> Result<(), PipelineError> {
         match msg {
             Message::Relation { rel, .. } => {
                 let applied = self.schema.apply(&rel)?;
@@ -1388,7 +1463,24 @@ impl Pipeline {
             self.cfg.audit_prefix.as_deref(),
             &self.synced_at,
             pos.txn,
+            &mut self.text,
         );
+        if let Some(column) = self.text.refused.take()
+            && self.text_refused.is_none()
+        {
+            self.text_refused = Some(PipelineError::NotUtf8 {
+                table: schema.source_name.clone(),
+                column,
+                lsn: pos.txn,
+            });
+        }
+        if let Some(column) = self.text.replaced_column.take() {
+            let name = format!("{}.{column}", schema.source_name);
+            if !self.text_warned.contains(&name) {
+                tracing::warn!(column = %name, lsn = %pos.txn, "a value that is not UTF-8 was loaded with U+FFFD in place of those bytes (cdc.non-utf8 = \"replace\"); counted in non_utf8_values_replaced, warned once per column");
+                self.text_warned.insert(name);
+            }
+        }
         batch.rows += 1;
         batch.last = pos;
         self.last_batch = batch.serial;
@@ -1422,6 +1514,7 @@ pub fn write_snapshot_row<'a>(
     values: impl Iterator<Item = Option<&'a [u8]>>,
     synced_at: &str,
     lsn: Lsn,
+    text: &mut TextGuard,
 ) {
     let values = values.map(|v| match v {
         Some(text) => Datum::Text(text),
@@ -1436,6 +1529,7 @@ pub fn write_snapshot_row<'a>(
         cfg.audit_prefix.as_deref(),
         synced_at,
         lsn,
+        text,
     );
 }
 
@@ -1503,6 +1597,7 @@ fn write_row<'a>(
     audit: Option<&str>,
     synced_at: &str,
     lsn: Lsn,
+    text: &mut TextGuard,
 ) {
     body.push(b'{');
     let mut first = true;
@@ -1515,7 +1610,7 @@ fn write_row<'a>(
         }
         first = false;
         body.extend_from_slice(&col.json_key);
-        write_value(body, col.kind, datum);
+        write_value(body, col, datum, text);
     }
     if op_column {
         // Partial batches never carry deletes, so only Full-shape batches have `__op`.
@@ -1550,15 +1645,20 @@ fn write_row<'a>(
 }
 
 #[inline]
-fn write_value(body: &mut Vec<u8>, kind: JsonKind, datum: Datum<'_>) {
+fn write_value(
+    body: &mut Vec<u8>,
+    col: &super::schema::Column,
+    datum: Datum<'_>,
+    guard: &mut TextGuard,
+) {
     match datum {
         Datum::Null | Datum::Unchanged => body.extend_from_slice(b"null"),
-        Datum::Text(text) | Datum::Binary(text) => match kind {
+        Datum::Text(text) | Datum::Binary(text) => match col.kind {
             JsonKind::Number if is_json_number(text) => body.extend_from_slice(text),
             JsonKind::Bool => body.extend_from_slice(if text == b"t" { b"true" } else { b"false" }),
             _ => match simdutf8::basic::from_utf8(text) {
                 Ok(s) => json_string(body, s),
-                Err(_) => json_string(body, &String::from_utf8_lossy(text)),
+                Err(_) => guard.not_utf8(body, &col.name, text),
             },
         },
     }
@@ -1687,6 +1787,7 @@ mod tests {
             schema_changes: CdcSchemaChanges::Ignore,
             fill_rows: false,
             fill_bytes_max: 64 << 20,
+            non_utf8_replace: false,
         }
     }
 
@@ -2135,9 +2236,74 @@ mod tests {
     }
 
     #[test]
+    fn text_that_is_not_utf8_is_refused_naming_it_or_replaced_and_counted() {
+        let rel =
+            msg(|b| build::relation(b, 1, "public", "t", &[(true, "id", 23), (false, "v", 25)]));
+        let insert = |v: &[u8]| {
+            let mut b = vec![b'I'];
+            b.extend_from_slice(&1u32.to_be_bytes());
+            b.push(b'N');
+            b.extend_from_slice(&2u16.to_be_bytes());
+            b.push(b't');
+            b.extend_from_slice(&1u32.to_be_bytes());
+            b.push(b'1');
+            b.push(b't');
+            b.extend_from_slice(&(v.len() as u32).to_be_bytes());
+            b.extend_from_slice(v);
+            b
+        };
+        let msgs = [
+            msg(|b| build::begin(b, Lsn(100), 5)),
+            rel,
+            insert(b"caf\xe9"),
+            msg(|b| build::commit(b, Lsn(100), Lsn(120))),
+        ];
+        // fail (the default): the change is refused, naming table, column and LSN.
+        let mut p = Pipeline::new(cfg(), keys());
+        let mut out = Vec::new();
+        let mut err = None;
+        for m in &msgs {
+            if let Err(e) = p.handle(&Bytes::from(m.clone()), &mut out) {
+                err = Some(e.to_string());
+                break;
+            }
+        }
+        let err = err.expect("a value that is not UTF-8 was taken");
+        assert!(
+            err.contains("public.t.v") && err.contains("0/64") && err.contains("cdc.non-utf8"),
+            "{err}"
+        );
+        // replace: loaded with U+FFFD, counted.
+        let mut p = Pipeline::new(
+            PipelineConfig {
+                non_utf8_replace: true,
+                ..cfg()
+            },
+            keys(),
+        );
+        let mut out = feed(&mut p, &msgs);
+        p.flush_all(&mut out);
+        let body = loads(&out)
+            .into_iter()
+            .map(|l| l.0)
+            .collect::<Vec<_>>()
+            .join("");
+        assert!(body.contains("caf\u{FFFD}"), "{body}");
+        assert_eq!(p.take_non_utf8_replaced(), 1);
+        assert_eq!(p.take_non_utf8_replaced(), 0);
+    }
+
+    #[test]
     fn a_key_that_is_not_utf8_is_never_asked_for() {
         // StarRocks answers in UTF-8: such a key would never match, its values load as NULL.
-        let mut p = Pipeline::new(filling(), keys());
+        // (Loaded at all with `cdc.non-utf8 = "replace"` only.)
+        let mut p = Pipeline::new(
+            PipelineConfig {
+                non_utf8_replace: true,
+                ..filling()
+            },
+            keys(),
+        );
         let text_keyed =
             msg(|b| build::relation(b, 1, "public", "t", &[(true, "id", 25), (false, "v", 25)]));
         let update = |key: &[u8]| {

@@ -160,6 +160,9 @@ impl State {
             .rows_decoded
             .store(pipeline.rows_in(), Ordering::Relaxed);
         shared.store_fill_stats(pipeline.fill_stats());
+        shared
+            .non_utf8_replaced
+            .fetch_add(pipeline.take_non_utf8_replaced(), Ordering::Relaxed);
         if let Ok(mut s) = shared.streams.lock() {
             *s = pipeline.stream_stats();
         }

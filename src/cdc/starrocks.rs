@@ -141,6 +141,18 @@ pub enum LoadError {
         "a value of {table}.{column} in StarRocks is not UTF-8: a JSON load cannot carry it unchanged"
     )]
     NotUtf8 { table: String, column: String },
+    /// A partial change (an unchanged TOAST value, a soft delete without the old row) of a
+    /// key StarRocks does not have left out a column whose StarRocks default pgprism cannot
+    /// give: `NOT NULL` without a default (StarRocks' own partial update refuses such a row
+    /// too), or a default computed per row. Not retried: the replay would meet it again.
+    #[error(
+        "{table}.{column} in StarRocks is {why}, and a change of a key StarRocks does not have left this column out (an unchanged TOAST value, or a soft delete without the old row): its value cannot be filled; give the StarRocks column a literal default or make it nullable, or copy the table's rows first (an initial snapshot), then restart"
+    )]
+    NoDefault {
+        table: String,
+        column: String,
+        why: String,
+    },
     /// A transaction committed before is still publishing after `cdc.load-timeout-ms`: the
     /// values partial changes left out cannot be read from StarRocks before its rows are
     /// visible (see `fill`).

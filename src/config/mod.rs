@@ -711,6 +711,19 @@ pub enum CdcToastMode {
     Partial,
 }
 
+/// What becomes of a text value that is not UTF-8 (`cdc.non-utf8`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CdcNonUtf8 {
+    /// Stop with an error naming the table, the column and the LSN; nothing past it is
+    /// checkpointed, so a restart after the data (or this setting) changed loses nothing.
+    Fail,
+    /// Load it with every invalid byte sequence replaced by U+FFFD (counted and warned): the
+    /// row arrives, that value changed. Two keys that differ only in such bytes become one
+    /// StarRocks row.
+    Replace,
+}
+
 /// How initial-snapshot chunks are read from PostgreSQL and loaded into StarRocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -798,6 +811,12 @@ pub struct CdcConfig {
     /// those already visible; beyond this many the loader waits for the oldest (up to
     /// `load-timeout-ms`, then the cycle is loaded again from the checkpoint).
     pub publishing_labels_max: usize,
+    /// A text value that is not UTF-8 (a `SQL_ASCII` database sends its bytes as stored;
+    /// StarRocks' JSON and CSV loaders take UTF-8): `fail` stops CDC with an error naming
+    /// the table, the column and the LSN (or the snapshot chunk), nothing checkpointed past
+    /// it; `replace` loads it with each invalid sequence replaced by U+FFFD, counted
+    /// (`non_utf8_values_replaced`) and warned once per column.
+    pub non_utf8: CdcNonUtf8,
     /// Add the audit columns (`op_type`, `is_deleted`, `synced_at`, `cdc_version`) to every row.
     pub audit_columns: bool,
     /// Prefix of the audit column names.
@@ -900,6 +919,7 @@ impl Default for CdcConfig {
             fill_rows: true,
             fill_bytes_max: 64 << 20,
             publishing_labels_max: 256,
+            non_utf8: CdcNonUtf8::Fail,
             audit_columns: false,
             audit_prefix: "pgprism_".into(),
             snapshot: true,

@@ -9,7 +9,9 @@
 //!   keys through `columns`, filters rows that fail type checks and fails the load when the
 //!   filtered share exceeds `max_filter_ratio`, applies rows in order to a Primary Key table
 //!   (`__op` 0 upsert / 1 delete, `partial_update` merges the listed columns, a partial
-//!   update of a missing row inserts it with NULL defaults), and answers the documented JSON.
+//!   update of a missing row inserts it with the columns' defaults, NULL where there is
+//!   none; a row that gives a `NOT NULL` column NULL is filtered), and answers the
+//!   documented JSON.
 //! * FE query port (MySQL protocol): handshake v10 with `mysql_native_password`, then
 //!   `TRUNCATE TABLE db.t` (the only statement CDC sends) empties the table.
 //! * Faults: the next loads can answer `Fail`, `Publish Timeout` (applied, then reported as
@@ -283,6 +285,13 @@ pub struct Table {
     slots: HashMap<String, usize>,
     /// Slots handed out so far.
     width: usize,
+    /// `NOT NULL` columns besides the key (a row that gives one NULL is filtered: `NULL
+    /// value in non-nullable column`).
+    not_null: std::collections::HashSet<String>,
+    /// `DEFAULT` values, as the DDL wrote them: what a load that leaves the column out
+    /// writes (a full row, and a partial update of a key the table lacks: "inserts a new
+    /// row, and fills default values in fields that are empty").
+    defaults: HashMap<String, String>,
     /// Key (JSON text of the key values, `|`-joined) → the row's values by slot (a row
     /// shorter than `width` has NULL in the slots added after it was written).
     rows: HashMap<RowKey, Box<[Cell]>, std::hash::BuildHasherDefault<KeptHash>>,
@@ -311,9 +320,26 @@ impl Table {
     }
 
     fn drop_column(&mut self, name: &str) {
+        self.not_null.remove(name);
+        self.defaults.remove(name);
         self.columns.remove(name);
         self.types.remove(name);
         self.slots.remove(name);
+    }
+
+    /// What each slot holds in a row a load did not give it: the column's default, or NULL.
+    fn default_cells(&self) -> Vec<Cell> {
+        let mut out = vec![Cell::Null; self.width];
+        for (name, text) in &self.defaults {
+            if let (Some(&i), Some(&ty)) = (self.slots.get(name), self.columns.get(name)) {
+                out[i] = csv_cell(ty, Some(text), false).unwrap_or(Cell::Null);
+            }
+        }
+        out
+    }
+
+    fn nullable(&self, column: &str) -> bool {
+        !self.key.iter().any(|k| k == column) && !self.not_null.contains(column)
     }
 
     fn value<'a>(&self, row: &'a [Cell], column: &str) -> Option<&'a Cell> {
@@ -448,6 +474,32 @@ impl StarRocks {
                     .collect(),
             ),
         );
+    }
+
+    /// Makes a column of `db.table` `NOT NULL` (or not) and gives it a `DEFAULT` (or none),
+    /// as a table made by hand may have.
+    pub fn constrain(
+        &self,
+        db: &str,
+        table: &str,
+        column: &str,
+        not_null: bool,
+        default: Option<&str>,
+    ) {
+        let mut s = self.state.lock().unwrap();
+        let t = s
+            .tables
+            .get_mut(&format!("{db}.{table}"))
+            .expect("constrain: no such table");
+        if not_null {
+            t.not_null.insert(column.to_string());
+        } else {
+            t.not_null.remove(column);
+        }
+        match default {
+            Some(d) => t.defaults.insert(column.to_string(), d.to_string()),
+            None => t.defaults.remove(column),
+        };
     }
 
     pub fn add_column(&self, db: &str, table: &str, column: &str, ty: ColType) {
@@ -847,6 +899,8 @@ struct Parsed {
 struct Schema {
     key: Vec<String>,
     columns: BTreeMap<String, ColType>,
+    /// `NOT NULL` columns besides the key.
+    not_null: std::collections::HashSet<String>,
     /// The emulator is in sink mode (see [`StarRocks::sink`]).
     sink: bool,
 }
@@ -856,6 +910,7 @@ fn schema_of(s: &State, db: &str, table: &str) -> Result<Schema, Refusal> {
         Some(t) => Ok(Schema {
             key: t.key.clone(),
             columns: t.columns.clone(),
+            not_null: t.not_null.clone(),
             sink: s.sink,
         }),
         None => Err(Refusal::new(format!("Table {table} does not exist"))),
@@ -1033,6 +1088,12 @@ fn parse_rows(
         .iter()
         .map(|k| columns.iter().position(|c| c == k))
         .collect();
+    // A `NOT NULL` column the load names: a row that gives it NULL (or leaves it out of
+    // its object, which reads as NULL) is filtered.
+    let required: Vec<bool> = columns
+        .iter()
+        .map(|c| schema.not_null.contains(c))
+        .collect();
     let mut cells = Vec::with_capacity(rows.len() * columns.len());
     let (mut loaded, mut filtered) = (0, 0);
     for row in rows {
@@ -1042,9 +1103,9 @@ fn parse_rows(
         };
         let start = cells.len();
         let mut ok = true;
-        for (c, ty) in columns.iter().zip(&checks) {
+        for ((c, ty), &required) in columns.iter().zip(&checks).zip(&required) {
             let v = obj.get(c).map(Cell::from_json).unwrap_or_default();
-            if ty.is_some_and(|ty| !check(ty, &v)) {
+            if ty.is_some_and(|ty| !check(ty, &v)) || (required && v.is_null()) {
                 ok = false;
             }
             cells.push(v);
@@ -1172,13 +1233,20 @@ fn parse_csv(
         .iter()
         .map(|c| if c == "__op" { ColType::Int } else { types[c] })
         .collect();
+    let required: Vec<bool> = columns
+        .iter()
+        .map(|c| schema.not_null.contains(c))
+        .collect();
     let mut cells = Vec::new();
     let (mut loaded, mut filtered) = (0, 0);
     let rows = split_csv(body, &sep, row_end, enclose, escape, |row| {
         let start = cells.len();
         let mut ok = row.len() == columns.len();
         if ok {
-            for (ty, field) in checks.iter().zip(row) {
+            for ((ty, field), &required) in checks.iter().zip(row).zip(&required) {
+                if required && field.is_none() {
+                    ok = false;
+                }
                 match csv_cell(*ty, field.as_deref(), schema.sink) {
                     Some(cell) => cells.push(cell),
                     None => ok = false,
@@ -1451,6 +1519,9 @@ fn apply_rows(s: &mut State, db: &str, table: &str, parsed: Parsed) {
         return;
     };
     let slots = t.width;
+    // What a row holds where the load gives it nothing (a new key of a partial update, or
+    // any column a full row's load does not name): the column's default, else NULL.
+    let defaults = t.default_cells();
     let mut key = String::new();
     let mut values = parsed.cells.into_iter();
     let mut row: Vec<Cell> = Vec::with_capacity(width);
@@ -1471,15 +1542,15 @@ fn apply_rows(s: &mut State, db: &str, table: &str, parsed: Parsed) {
         let stored = t
             .rows
             .entry(RowKey::new(&key))
-            .or_insert_with(|| vec![Cell::Null; slots].into_boxed_slice());
+            .or_insert_with(|| defaults.clone().into_boxed_slice());
         if stored.len() < slots {
             let mut wider = std::mem::take(stored).into_vec();
             wider.resize(slots, Cell::Null);
             *stored = wider.into_boxed_slice();
         }
         if !parsed.partial {
-            // A full upsert replaces the row: unlisted columns take their default (NULL).
-            stored.fill(Cell::Null);
+            // A full upsert replaces the row: unlisted columns take their default.
+            stored.clone_from_slice(&defaults);
         }
         for (v, slot) in row.drain(..).zip(&slot_of) {
             if let Some(&i) = slot.as_ref() {
@@ -2484,6 +2555,34 @@ fn run_statement(s: &mut State, sql: &str) -> Vec<Vec<u8>> {
             })
             .collect();
         return result_set(&["JobId", "TableName", "State", "Msg"], &rows);
+    }
+    if sql.starts_with(
+        "SELECT COLUMN_NAME, IS_NULLABLE, COLUMN_DEFAULT FROM information_schema.columns",
+    ) {
+        let value = |key: &str| {
+            sql.split_once(&format!("{key} = '"))
+                .and_then(|(_, r)| r.split_once('\''))
+                .map(|(v, _)| v.to_string())
+                .unwrap_or_default()
+        };
+        let name = format!("{}.{}", value("TABLE_SCHEMA"), value("TABLE_NAME"));
+        let rows: Vec<Vec<Option<String>>> = s
+            .tables
+            .get(&name)
+            .map(|t| {
+                t.columns
+                    .keys()
+                    .map(|n| {
+                        vec![
+                            Some(n.clone()),
+                            Some(if t.nullable(n) { "YES" } else { "NO" }.to_string()),
+                            t.defaults.get(n).cloned(),
+                        ]
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        return result_set(&["COLUMN_NAME", "IS_NULLABLE", "COLUMN_DEFAULT"], &rows);
     }
     if sql.starts_with("SELECT ") && !sql.contains("information_schema") {
         // (A `LIMIT 0` check reads no rows.)

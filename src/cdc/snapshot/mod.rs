@@ -42,7 +42,7 @@ use super::checkpoint::qualified;
 use super::lsn::Lsn;
 use super::pgconn::{PgConn, PgError, quote_ident, quote_literal};
 use super::pipeline::{
-    BodyFormat, PipelineConfig, snapshot_columns, starrocks_label, write_snapshot_row,
+    BodyFormat, PipelineConfig, TextGuard, snapshot_columns, starrocks_label, write_snapshot_row,
 };
 use super::schema::{Column, TableSchema};
 use super::setup::{SourceTable, split_table};
@@ -67,6 +67,14 @@ pub enum SnapshotError {
     )]
     Key { table: String, chunk: u32 },
     #[error(
+        "snapshot chunk {chunk} of {table}: a value of column {column} is not UTF-8 (a SQL_ASCII database?), which StarRocks does not load; fix the value, or set cdc.non-utf8 = \"replace\" to load it with U+FFFD in place of those bytes, and restart (the snapshot resumes)"
+    )]
+    NotUtf8 {
+        table: String,
+        chunk: u32,
+        column: String,
+    },
+    #[error(
         "snapshot chunk {chunk} of {table} could not be read in {attempts} attempts (last reason: {reason}); \
          lower cdc.snapshot-chunk-rows or raise cdc.snapshot-chunk-attempts-max"
     )]
@@ -85,6 +93,7 @@ impl SnapshotError {
             SnapshotError::Query { source, .. } => Some(source),
             SnapshotError::Attempts { .. }
             | SnapshotError::Csv { .. }
+            | SnapshotError::NotUtf8 { .. }
             | SnapshotError::Key { .. } => None,
         }
     }
@@ -405,10 +414,12 @@ fn plan_ranges(
     // The keys' text, ordered by the columns themselves: qualified by the table's alias, so
     // that no output column's name (a key column's own, as text) can take the ORDER BY.
     // TABLESAMPLE on a partitioned table samples each leaf.
+    // As the hex of their bytes ([`exact_text`]), read back by [`from_hex`]: a key that is
+    // not UTF-8 (SQL_ASCII) becomes a bound that is the same bytes, not U+FFFD.
     let keys: Vec<String> = source
         .key
         .iter()
-        .map(|k| format!("{}::text", quote_ident(k)))
+        .map(|k| exact_text(&format!("{}::text", quote_ident(k))))
         .collect();
     let order: Vec<String> = source
         .key
@@ -439,7 +450,9 @@ fn plan_ranges(
         .filter_map(|i| {
             let at = (i * n).div_ceil(ranges).checked_sub(1)?;
             let row = sample.get(at as usize)?;
-            row.iter().cloned().collect::<Option<Vec<String>>>()
+            row.iter()
+                .map(|v| v.as_deref().and_then(from_hex))
+                .collect::<Option<Vec<String>>>()
         })
         .collect();
     let mut chunks = Vec::with_capacity(bounds.len() + 1);
@@ -495,6 +508,47 @@ fn key_list(key: &[String]) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     )
+}
+
+/// SQL for the bytes of a text expression, in hex: what PostgreSQL holds (its database
+/// encoding's bytes for SQL_ASCII, whose text may be any bytes; UTF-8 otherwise, which
+/// every other encoding converts to exactly). Read through a text connection, a value that
+/// is not UTF-8 would be decoded lossily (U+FFFD), and a key bound so changed is another
+/// key: a range resumed from it would skip or repeat rows.
+fn exact_text(expr: &str) -> String {
+    format!(
+        "encode(convert_to({expr}, CASE getdatabaseencoding() WHEN 'SQL_ASCII' THEN 'SQL_ASCII' ELSE 'UTF8' END), 'hex')"
+    )
+}
+
+/// [`exact_text`]'s hex back as a key part: the text, or, for bytes that are not UTF-8,
+/// [`RAW_KEY`] and the hex, as [`decode_key`] holds them. `None` for what is not hex.
+fn from_hex(hex: &str) -> Option<String> {
+    let hex = hex.as_bytes();
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    let digit = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = hex
+        .chunks_exact(2)
+        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
+        .collect::<Option<Vec<u8>>>()?;
+    Some(raw_or_text(&bytes))
+}
+
+/// A key part's bytes as [`decode_key`] and [`key_literal`] hold them.
+fn raw_or_text(part: &[u8]) -> String {
+    match std::str::from_utf8(part) {
+        Ok(text) => text.to_string(),
+        Err(_) => {
+            let mut raw = String::with_capacity(1 + 2 * part.len());
+            raw.push(RAW_KEY);
+            for b in part {
+                raw.push_str(&format!("{b:02x}"));
+            }
+            raw
+        }
+    }
 }
 
 /// Marks a key part held as the hex of bytes that are not UTF-8 ([`decode_key`]): a NUL,
@@ -566,11 +620,23 @@ pub fn resume(
     let progress = &shared.snapshot;
     let mut conn = PgConn::connect(url, false, timeout).map_err(query("connect"))?;
     let t = chunk_table(cfg);
+    // `lo` and `hi` element by element as the hex of their bytes ([`exact_text`]), joined
+    // with commas (NULL for a NULL array): a bound that is not UTF-8 (SQL_ASCII) comes back
+    // as the same bytes. (Read as `array_to_json` text they came back lossily, U+FFFD, and
+    // a range resumed from such a `lo` started at another key: rows skipped or read again.)
+    let bound = |col: &str| {
+        format!(
+            "(SELECT string_agg({}, ',' ORDER BY o) FROM unnest(c.{col}) WITH ORDINALITY AS u(x, o))",
+            exact_text("x")
+        )
+    };
     let rows = conn
         .query(&format!(
-            "SELECT tbl, chunk::text, array_to_json(lo)::text, array_to_json(hi)::text, last::text, \
+            "SELECT tbl, chunk::text, {}, {}, last::text, \
              (done_at IS NOT NULL)::text, coalesce(rows, 0)::text FROM {t} AS c WHERE slot = {} \
              ORDER BY c.tbl, c.chunk",
+            bound("lo"),
+            bound("hi"),
             quote_literal(&cfg.slot)
         ))
         .map_err(query("read the chunk table"))?;
@@ -619,7 +685,10 @@ pub fn resume(
         if number == 0 {
             continue;
         }
-        let (lo, hi) = (text_array(&field(2)), text_array(&field(3)));
+        let (lo, hi) = (
+            hex_array(r.get(2).cloned().flatten().as_deref()),
+            hex_array(r.get(3).cloned().flatten().as_deref()),
+        );
         let plan = &mut plans[ti];
         // Ranges are numbered in key order, so the last one says whether planning goes on
         // (ordered by the number, not its text: `c.chunk`, since the output column `chunk`
@@ -698,12 +767,10 @@ pub fn resume(
     }))
 }
 
-/// `["a","b"]` (from `array_to_json`) as strings; `None` for SQL NULL.
-fn text_array(json: &str) -> Option<Vec<String>> {
-    if json.is_empty() {
-        return None;
-    }
-    sonic_rs::from_str::<Vec<String>>(json).ok()
+/// A bound as the chunk table query reads it (comma-joined [`exact_text`] hex) back as key
+/// parts; `None` for SQL NULL (an empty text is one empty part: a key `''`).
+fn hex_array(joined: Option<&str>) -> Option<Vec<String>> {
+    joined?.split(',').map(from_hex).collect()
 }
 
 /// The running workers of one run.
@@ -1375,6 +1442,7 @@ impl<'a> Worker<'a> {
         let mut xmax: Option<u32> = None;
         let mut pieces: Vec<Piece> = vec![Piece::default()];
         let mut key = Vec::new();
+        let mut text = TextGuard::new(self.ctx.pcfg.non_utf8_replace);
         // Bytes of the rows kept (JSON path); at `bytes_max` the chunk is cut.
         let mut json_bytes = 0usize;
         let bodies = &self.ctx.shared.snapshot_bodies;
@@ -1445,6 +1513,7 @@ impl<'a> Worker<'a> {
                         values,
                         &synced_at,
                         low.get(),
+                        &mut text,
                     );
                     piece.push_row(&key, start);
                     json_bytes += piece.body.len() - start as usize + 1;
@@ -1468,13 +1537,27 @@ impl<'a> Worker<'a> {
                 if rows.malformed {
                     return Err(bad());
                 }
-                if rows.null_text {
+                // Bytes that are not UTF-8 (a SQL_ASCII database): StarRocks' loaders take
+                // UTF-8, so the chunk goes as JSON, where each such value is refused or
+                // replaced (`cdc.non-utf8`) by the JSON writer. One SIMD pass per body.
+                let not_utf8 = rows
+                    .pieces
+                    .iter()
+                    .any(|p| simdutf8::basic::from_utf8(&p.body).is_err());
+                if rows.null_text || not_utf8 {
                     // A text `\N` would load as NULL: the whole chunk as JSON (one StarRocks
                     // transaction takes one format per table).
-                    tracing::debug!(%table, chunk = chunk.number, "a value is the text \\N: the chunk goes as JSON");
-                    let json =
-                        csv_to_json(&self.ctx.pcfg, c, rows.pieces, &synced_at, low, flush_bytes)
-                            .ok_or_else(bad)?;
+                    tracing::debug!(%table, chunk = chunk.number, not_utf8, "a value is the text \\N or not UTF-8: the chunk goes as JSON");
+                    let json = csv_to_json(
+                        &self.ctx.pcfg,
+                        c,
+                        rows.pieces,
+                        &synced_at,
+                        low,
+                        flush_bytes,
+                        &mut text,
+                    )
+                    .ok_or_else(bad)?;
                     (json, BodyFormat::Json, c.json_columns.clone())
                 } else {
                     (rows.pieces, BodyFormat::Csv, c.columns.clone())
@@ -1487,6 +1570,20 @@ impl<'a> Worker<'a> {
                 (pieces, BodyFormat::Json, read.columns.clone())
             }
         };
+        if let Some(column) = text.refused.take() {
+            return Err(SnapshotError::NotUtf8 {
+                table: table.clone(),
+                chunk: chunk.number,
+                column,
+            });
+        }
+        if text.replaced > 0 {
+            self.ctx
+                .shared
+                .non_utf8_replaced
+                .fetch_add(text.replaced, Ordering::Relaxed);
+            tracing::warn!(%table, chunk = chunk.number, values = text.replaced, column = text.replaced_column.as_deref().unwrap_or_default(), "values that are not UTF-8 were loaded with U+FFFD in place of those bytes (cdc.non-utf8 = \"replace\")");
+        }
         let pieces: Vec<Piece> = pieces.into_iter().filter(|p| !p.rows.is_empty()).collect();
         let kept: usize = pieces.iter().map(|p| p.rows.len()).sum();
         // Where the chunk ends: at its last key when the read stopped short of its upper
@@ -1545,20 +1642,7 @@ impl<'a> Worker<'a> {
 /// same bytes: the next chunk starts exactly where this one ended.
 fn decode_key(key: &[u8]) -> Option<Vec<String>> {
     let key = key.strip_suffix(&[0])?;
-    Some(
-        key.split(|&b| b == 0)
-            .map(|part| match std::str::from_utf8(part) {
-                Ok(text) => text.to_string(),
-                Err(_) => {
-                    let mut raw = String::from(RAW_KEY);
-                    for b in part {
-                        raw.push_str(&format!("{b:02x}"));
-                    }
-                    raw
-                }
-            })
-            .collect(),
-    )
+    Some(key.split(|&b| b == 0).map(raw_or_text).collect())
 }
 
 /// A chunk's CSV rows as they arrive, cut into Stream Load bodies of about `flush-bytes`.
@@ -1667,6 +1751,7 @@ fn csv_to_json(
     synced_at: &str,
     low: Lsn,
     flush_bytes: usize,
+    text: &mut TextGuard,
 ) -> Option<Vec<Piece>> {
     let mut out = Vec::with_capacity(pieces.len());
     let mut json = Piece::default();
@@ -1695,6 +1780,7 @@ fn csv_to_json(
                 values.iter().map(|v| v.as_deref()),
                 synced_at,
                 low,
+                text,
             );
             json.push_row(key, from);
         }
@@ -1730,6 +1816,15 @@ mod tests {
             "ARRAY[convert_from(decode('6162ff', 'hex'), 'SQL_ASCII'), '7']::text[]"
         );
         assert_eq!(row_literal(&["o'k".to_string()]), "('o''k')");
+        // The chunk table's bounds read back as hex: the same parts, raw ones included.
+        assert_eq!(
+            hex_array(Some("6162ff,37")),
+            Some(vec!["\x006162ff".to_string(), "7".to_string()])
+        );
+        assert_eq!(hex_array(Some("")), Some(vec![String::new()]));
+        assert_eq!(hex_array(None), None);
+        assert_eq!(hex_array(Some("6")), None);
+        assert_eq!(from_hex("c3a9").as_deref(), Some("é"));
     }
 
     #[test]
