@@ -677,12 +677,14 @@ fn column_defaults(
             None => None,
             Some(d) => Some(String::from_utf8(d).map_err(|_| not_utf8(&name))?),
         };
-        found.insert(name, (nullable, default));
+        // StarRocks column names are case-insensitive; information_schema gives them as
+        // declared.
+        found.insert(name.to_ascii_lowercase(), (nullable, default));
     }
     let mut now: Option<String> = None;
     let mut out = Vec::with_capacity(plan.columns.len());
-    for (name, _, _) in &plan.columns {
-        out.push(match found.get(name) {
+    for (name, kind, _) in &plan.columns {
+        out.push(match found.get(&name.to_ascii_lowercase()) {
             None | Some((true, None)) => ColumnDefault::Null,
             Some((false, None)) => ColumnDefault::Refused,
             Some((_, Some(d))) if is_current_timestamp(d) => {
@@ -702,6 +704,11 @@ fn column_defaults(
                 ColumnDefault::Value(now.clone().unwrap_or_default())
             }
             Some((_, Some(d))) if is_expression(d) => ColumnDefault::Expression(d.clone()),
+            // A BOOLEAN default is kept as written (`TRUE`, `1`): one pgprism cannot read as
+            // true or false is refused, never loaded as false.
+            Some((_, Some(d))) if *kind == JsonKind::Bool && starrocks_bool(d).is_none() => {
+                ColumnDefault::Expression(d.clone())
+            }
             Some((_, Some(d))) => ColumnDefault::Value(d.clone()),
         });
     }
@@ -966,6 +973,22 @@ fn literal(sql: &mut String, value: &[u8]) -> Option<()> {
     Some(())
 }
 
+/// A BOOLEAN as StarRocks prints it (`1`/`0`) or as a default may be written (`true`,
+/// `FALSE`, `t`), any case; `None` for anything else.
+fn starrocks_bool(text: &str) -> Option<bool> {
+    let t = text.trim().trim_matches(|c| c == '\'' || c == '"');
+    if ["1", "true", "t"].iter().any(|v| t.eq_ignore_ascii_case(v)) {
+        Some(true)
+    } else if ["0", "false", "f"]
+        .iter()
+        .any(|v| t.eq_ignore_ascii_case(v))
+    {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 /// Writes a value as StarRocks printed it (text protocol) so that loading it again stores
 /// the same value: numbers as numbers, BOOLEAN (printed `1`/`0`) as `true`/`false`,
 /// everything else as a JSON string (a JSON column's text is the document, loaded again as
@@ -979,7 +1002,7 @@ fn write_starrocks_value(body: &mut Vec<u8>, kind: JsonKind, value: Option<&str>
         JsonKind::Number if super::pipeline::is_json_number(text.as_bytes()) => {
             body.extend_from_slice(text.as_bytes());
         }
-        JsonKind::Bool => body.extend_from_slice(if matches!(text, "1" | "true" | "t") {
+        JsonKind::Bool => body.extend_from_slice(if starrocks_bool(text) == Some(true) {
             b"true"
         } else {
             b"false"
@@ -991,6 +1014,22 @@ fn write_starrocks_value(body: &mut Vec<u8>, kind: JsonKind, value: Option<&str>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_boolean_default_is_read_in_any_case_and_an_unknown_one_is_not_false() {
+        for t in ["1", "true", "TRUE", "True", "t", "'true'"] {
+            assert_eq!(starrocks_bool(t), Some(true), "{t}");
+        }
+        for f in ["0", "false", "FALSE", "f", "\"false\""] {
+            assert_eq!(starrocks_bool(f), Some(false), "{f}");
+        }
+        for x in ["yes", "", "2", "truth"] {
+            assert_eq!(starrocks_bool(x), None, "{x}");
+        }
+        let mut body = Vec::new();
+        write_starrocks_value(&mut body, JsonKind::Bool, Some("TRUE"));
+        assert_eq!(body, b"true");
+    }
 
     fn plan(key: &[&str]) -> FillPlan {
         let mut plan = FillPlan {
