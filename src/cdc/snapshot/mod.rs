@@ -178,7 +178,7 @@ pub fn chunk_done_sql(
 /// next chunks. A fresh body is memory the kernel must map and zero page by page, and the
 /// allocator returns a freed one to the kernel soon after: at 2 M rows in 200,000-row chunks
 /// (load 5, other agents compiling), zeroing fresh pages (`clear_page_erms`) took about
-/// 70 % of the workers' CPU, the CSV rows themselves the rest. At most [`bodies_max`] bodies
+/// 70 % of the workers' CPU, the CSV rows themselves the rest. At most `bodies_max` bodies
 /// wait here while a snapshot copies (no more than circulate between the workers and the
 /// loader), none after it.
 #[derive(Default)]
@@ -229,11 +229,11 @@ impl Bodies {
 /// worker), in a chunk waiting for its verdict (`snapshot-chunks-in-flight` per worker), in
 /// the ring to the loader once emitted (at most `ring-capacity` works, and a chunk is at
 /// least three: a load, its record, the checkpoint), in the stream's hands while the ring is
-/// full, or being loaded. Kept to the workers' share alone (session 15), the bodies of the
-/// chunks the loader still had queued were freed when they came back and allocated afresh
-/// by the next reads: 1,200 to 1,700 minor faults per 10 M-row snapshot, mostly whole
-/// transparent huge pages zeroed (`clear_page_erms` under `mi_page_free_list_extend`, 44 %
-/// of the workers' CPU samples at 14:10 UTC, load 6 to 16).
+/// full, or being loaded. (Session 15 kept the workers' share alone, so a body that came back
+/// while the loader's queue held more was freed and a later read allocated a new one. Measured
+/// beside that build at 10 M rows, this bound alone did not change pgprism's page faults or
+/// CPU beyond the noise: the zeroing perf showed was transparent huge pages, see
+/// `cdc::cmd::without_huge_pages`.)
 fn bodies_max(cfg: &CdcConfig) -> usize {
     cfg.snapshot_workers * (cfg.snapshot_chunks_in_flight + 1) + cfg.ring_capacity + 2
 }
