@@ -335,6 +335,8 @@ fn snapshot_against_copy() {
     // Also the machine's busy CPU and this process's CPU over the same span as the wall time
     // (read in `last_busy`).
     let last_busy = std::cell::Cell::new((0.0, 0.0));
+    // pgprism's minor page faults in the last snapshot.
+    let last_faults = std::cell::Cell::new(0u64);
     let snapshot = |slot: &str, side: &Side| -> (f64, f64, f64) {
         // Created afresh each run: the emulator keeps every row in memory.
         let db = "snap".to_string();
@@ -368,6 +370,7 @@ fn snapshot_against_copy() {
         let secs = t.elapsed().as_secs_f64();
         last_busy.set((machine_busy_seconds() - busy, cpu_seconds("self") - own));
         let cpu = cpu_seconds(&child.id().to_string());
+        last_faults.set(minor_faults(&child.id().to_string()));
         let _ = child.kill();
         let _ = child.wait();
         assert!(
@@ -419,7 +422,8 @@ fn snapshot_against_copy() {
                 let (secs, setup, cpu) = snapshot(&format!("snapb{run}"), b);
                 b_secs.push(secs);
                 b_line = Some(format!(
-                    "run {run}: side B snapshot {secs:.2} s (setup {setup:.2} s; pgprism CPU {cpu:.2} s){}",
+                    "run {run}: side B snapshot {secs:.2} s (setup {setup:.2} s; pgprism CPU {cpu:.2} s, {} minor faults){}",
+                    last_faults.get(),
                     if b_first { ", ran first" } else { "" }
                 ));
             }
@@ -429,6 +433,7 @@ fn snapshot_against_copy() {
         }
         let (secs, setup, cpu) = snapshot(&format!("snap{run}"), &a_side);
         let (snap_busy, emulator) = last_busy.get();
+        let faults = last_faults.get();
         busy_lines.push(format!(
             "run {run}, machine CPU busy (all processes): COPY TO STDOUT {copy_busy:.2} s, TO '/dev/null' \
              {file_busy:.2} s, two halves {halves_busy:.2} s, snapshot {snap_busy:.2} s = pgprism \
@@ -444,7 +449,7 @@ fn snapshot_against_copy() {
         }
         snap_secs.push(secs);
         println!(
-            "run {run}: COPY TO STDOUT {:.2} s, COPY TO '/dev/null' {:.2} s, two half-range COPYs in CSV {:.2} s, pgprism snapshot {:.2} s (setup {setup:.2} s; pgprism CPU {cpu:.2} s)",
+            "run {run}: COPY TO STDOUT {:.2} s, COPY TO '/dev/null' {:.2} s, two half-range COPYs in CSV {:.2} s, pgprism snapshot {:.2} s (setup {setup:.2} s; pgprism CPU {cpu:.2} s, {faults} minor faults)",
             copy_secs[run], file_secs[run], halves_secs[run], snap_secs[run]
         );
         if let Some(line) = b_line {
@@ -677,6 +682,16 @@ fn machine_busy_seconds() -> f64 {
         .filter_map(|&i| ticks.get(i))
         .sum::<f64>()
         / 100.0
+}
+
+/// Minor page faults of a process (all its threads, the ended ones too), from /proc: a
+/// fresh page the kernel maps and zeroes costs more than the bytes written into it.
+fn minor_faults(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')')
+        .and_then(|x| x.1.split_whitespace().nth(7))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// utime + stime of a process, from /proc.

@@ -72,6 +72,7 @@ pub struct PgConn {
     tls: Option<rustls::ClientConnection>,
     inbuf: BytesMut,
     out: BytesMut,
+    /// What rustls decrypts into (TLS only; allocated at the first read).
     chunk: Vec<u8>,
 }
 
@@ -100,7 +101,7 @@ impl PgConn {
             tls,
             inbuf: BytesMut::with_capacity(READ_CHUNK_BYTES),
             out: BytesMut::new(),
-            chunk: vec![0; READ_CHUNK_BYTES],
+            chunk: Vec::new(),
         };
         conn.start_up(url, replication)?;
         Ok(conn)
@@ -196,15 +197,34 @@ impl PgConn {
     }
 
     /// One read(2) into the input buffer. EOF becomes `UnexpectedEof`.
+    ///
+    /// Without TLS the kernel writes straight into the input buffer's spare room: a
+    /// snapshot receives every row of every table here, and a read into `chunk` and a copy
+    /// from it was a second pass over all of those bytes.
     fn fill(&mut self) -> std::io::Result<()> {
         let n = match &mut self.tls {
-            Some(tls) => rustls::Stream::new(tls, &mut self.stream).read(&mut self.chunk)?,
-            None => self.stream.read(&mut self.chunk)?,
+            Some(tls) => {
+                if self.chunk.is_empty() {
+                    self.chunk.resize(READ_CHUNK_BYTES, 0);
+                }
+                let n = rustls::Stream::new(tls, &mut self.stream).read(&mut self.chunk)?;
+                self.inbuf.extend_from_slice(&self.chunk[..n]);
+                n
+            }
+            None => {
+                self.inbuf.reserve(READ_CHUNK_BYTES);
+                let len = self.inbuf.len();
+                let n = self.stream.recv(self.inbuf.spare_capacity_mut())?;
+                assert!(n <= self.inbuf.capacity() - len, "recv past its buffer");
+                // SAFETY: recv(2) initialized the first `n` bytes of the spare capacity it
+                // was given (and reports no more than it was given, asserted above).
+                unsafe { self.inbuf.set_len(len + n) };
+                n
+            }
         };
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
-        self.inbuf.extend_from_slice(&self.chunk[..n]);
         Ok(())
     }
 

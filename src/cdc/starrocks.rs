@@ -256,6 +256,41 @@ struct Response {
     filtered_rows: u64,
 }
 
+/// ureq's own resolver, skipped for a host that is an IP address. With a timeout set (ours
+/// always is), ureq resolves every request's host on a thread it starts for that lookup, an
+/// address included: five threads per flush cycle (begin, load, its redirect, prepare,
+/// commit), which an initial snapshot makes one cycle per chunk. (ureq marks its resolver
+/// interface as outside semver: Cargo.lock pins the version this is written for.)
+#[derive(Debug, Default)]
+struct LiteralAddress(ureq::unversioned::resolver::DefaultResolver);
+
+impl ureq::unversioned::resolver::Resolver for LiteralAddress {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let ip = uri
+            .host()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+            .and_then(|h| h.parse::<std::net::IpAddr>().ok());
+        let port = uri.port_u16().or(match uri.scheme_str() {
+            Some("http") => Some(80),
+            Some("https") => Some(443),
+            _ => None,
+        });
+        match (ip, port) {
+            (Some(ip), Some(port)) => {
+                let mut addrs = self.empty();
+                addrs.push(std::net::SocketAddr::new(ip, port));
+                Ok(addrs)
+            }
+            _ => self.0.resolve(uri, config, timeout),
+        }
+    }
+}
+
 impl StarRocks {
     pub fn new(url: StarRocksUrl, cfg: SinkConfig) -> StarRocks {
         let config = ureq::Agent::config_builder()
@@ -268,7 +303,11 @@ impl StarRocks {
         StarRocks {
             url,
             cfg,
-            agent: ureq::Agent::new_with_config(config),
+            agent: ureq::Agent::with_parts(
+                config,
+                ureq::unversioned::transport::DefaultConnector::default(),
+                LiteralAddress::default(),
+            ),
             auth,
             retries: 0,
         }

@@ -923,7 +923,7 @@ impl Default for CdcConfig {
             audit_columns: false,
             audit_prefix: "pgprism_".into(),
             snapshot: true,
-            snapshot_chunk_rows: 50_000,
+            snapshot_chunk_rows: 200_000,
             snapshot_workers: 2,
             snapshot_chunks_in_flight: 4,
             snapshot_chunk_bytes_max: 32 << 20,

@@ -187,9 +187,9 @@ pub fn chunk_done_sql(
 /// next chunks. A fresh body is memory the kernel must map and zero page by page, and the
 /// allocator returns a freed one to the kernel soon after: at 2 M rows in 200,000-row chunks
 /// (load 5, other agents compiling), zeroing fresh pages (`clear_page_erms`) took about
-/// 70 % of the workers' CPU, the CSV rows themselves the rest. At most `snapshot-workers`
-/// times (`snapshot-chunks-in-flight` + 1) bodies wait here while a snapshot copies (no more
-/// than circulate between the workers and the loader), none after it.
+/// 70 % of the workers' CPU, the CSV rows themselves the rest. At most `bodies_max` bodies
+/// wait here while a snapshot copies (no more than circulate between the workers and the
+/// loader), none after it.
 #[derive(Default)]
 pub struct Bodies {
     free: std::sync::Mutex<Vec<Vec<u8>>>,
@@ -231,6 +231,20 @@ impl Bodies {
             *free = Vec::new();
         }
     }
+}
+
+/// Bodies (and key lists) kept for reuse at most: as many as can be away from the pool at
+/// once, so that every body given back is kept. A body is in a chunk being read (one per
+/// worker), in a chunk waiting for its verdict (`snapshot-chunks-in-flight` per worker), in
+/// the ring to the loader once emitted (at most `ring-capacity` works, and a chunk is at
+/// least three: a load, its record, the checkpoint), in the stream's hands while the ring is
+/// full, or being loaded. (Session 15 kept the workers' share alone, so a body that came back
+/// while the loader's queue held more was freed and a later read allocated a new one. Measured
+/// beside that build at 10 M rows, this bound alone did not change pgprism's page faults or
+/// CPU beyond the noise: the zeroing perf showed was transparent huge pages, see
+/// `cdc::cmd::without_huge_pages`.)
+fn bodies_max(cfg: &CdcConfig) -> usize {
+    cfg.snapshot_workers * (cfg.snapshot_chunks_in_flight + 1) + cfg.ring_capacity + 2
 }
 
 /// Where the snapshot stands, for `/cdc/status` and the progress line.
@@ -851,11 +865,8 @@ impl Snapshot {
             shared: Arc::clone(shared),
             running: AtomicU64::new(cfg.snapshot_workers as u64),
         });
-        // As many as the chunks in flight and one being read per worker: the bodies that
-        // circulate.
-        shared
-            .snapshot_bodies
-            .open(cfg.snapshot_workers * (cfg.snapshot_chunks_in_flight + 1));
+        shared.snapshot_bodies.open(bodies_max(cfg));
+        ctx.exchange.keep_spares(bodies_max(cfg));
         let mut handles = Vec::with_capacity(cfg.snapshot_workers);
         for n in 0..cfg.snapshot_workers {
             let ctx = Arc::clone(&ctx);
@@ -1544,7 +1555,7 @@ impl<'a> Worker<'a> {
                     .pieces
                     .iter()
                     .any(|p| simdutf8::basic::from_utf8(&p.body).is_err());
-                if rows.null_text || not_utf8 {
+                if not_utf8 || rows.holds_null_text() {
                     // A text `\N` would load as NULL: the whole chunk as JSON (one StarRocks
                     // transaction takes one format per table).
                     tracing::debug!(%table, chunk = chunk.number, not_utf8, "a value is the text \\N or not UTF-8: the chunk goes as JSON");
@@ -1665,8 +1676,6 @@ struct CsvRows<'a> {
     key: Vec<u8>,
     /// A row did not split into fields.
     malformed: bool,
-    /// A value is the text `\N` (see [`csv::holds_null_text`]).
-    null_text: bool,
 }
 
 impl<'a> CsvRows<'a> {
@@ -1692,7 +1701,21 @@ impl<'a> CsvRows<'a> {
             synced_at: synced_at.to_string(),
             key: Vec::new(),
             malformed: false,
-            null_text: false,
+        })
+    }
+
+    /// Whether a value of the chunk is the text `\N` (see [`csv::holds_null_text`]). Asked
+    /// once per piece, not per row: such a row holds a quote, and one `memchr` over a body
+    /// finds that none does (the check and its `memchr` per row of about 30 bytes were
+    /// about a tenth of the workers' user-space samples at 14:10 UTC).
+    fn holds_null_text(&self) -> bool {
+        self.pieces.iter().any(|p| {
+            memchr::memchr(b'"', &p.body).is_some()
+                && p.iter().any(|(_, start, end)| {
+                    p.body
+                        .get(start as usize..end as usize)
+                        .is_some_and(csv::holds_null_text)
+                })
         })
     }
 
@@ -1706,9 +1729,6 @@ impl<'a> CsvRows<'a> {
         if !csv::key_into(&mut self.key, row, self.key_columns) {
             self.malformed = true;
             return;
-        }
-        if !self.null_text && csv::holds_null_text(row) {
-            self.null_text = true;
         }
         if self.audit_on && self.audit_lsn != Some(low) {
             // As the JSON path writes them: an insert, not deleted, the read's time, and the
@@ -1740,7 +1760,7 @@ impl<'a> CsvRows<'a> {
     }
 }
 
-/// A chunk read as CSV, written as JSON rows instead (see [`CsvRows::null_text`]), cut
+/// A chunk read as CSV, written as JSON rows instead (see [`CsvRows::holds_null_text`]), cut
 /// into bodies of about `flush_bytes` again (JSON repeats every column's name: a CSV piece
 /// can grow several times over, past Stream Load's limit on a JSON body); `None` when a row
 /// does not split.

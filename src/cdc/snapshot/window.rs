@@ -48,9 +48,6 @@ pub const RECENT_COMMITS: usize = 65_536;
 /// A piece's keys and row ranges (see [`Piece`]), kept for another piece.
 type KeyLists = (Vec<u8>, Vec<(u32, u32, u32)>);
 
-/// Spare key lists kept at most (see [`Exchange::piece`]).
-const SPARE_MAX: usize = 16;
-
 /// A chunk a worker read, waiting for its high watermark.
 pub struct Fetched {
     /// The source table (`schema.table`).
@@ -134,6 +131,8 @@ pub struct Exchange {
     /// Emitted pieces' key lists, emptied, for the workers' next chunks (like the bodies, see
     /// `snapshot::Bodies`: a fresh list is memory the kernel maps and zeroes as it grows).
     spare: Mutex<Vec<KeyLists>>,
+    /// Spare key lists kept at most: as many as the bodies (see `snapshot::Bodies`).
+    spare_max: std::sync::atomic::AtomicUsize,
     /// Every worker has stopped: no more low watermarks will come.
     workers_done: std::sync::atomic::AtomicBool,
 }
@@ -167,7 +166,14 @@ impl Exchange {
         }
     }
 
-    /// An emitted piece's key lists, kept while the workers copy (at most [`SPARE_MAX`]).
+    /// Keeps up to `max` spare key lists from now on (see `snapshot::Bodies::open`).
+    pub fn keep_spares(&self, max: usize) {
+        self.spare_max
+            .store(max, std::sync::atomic::Ordering::Release);
+    }
+
+    /// An emitted piece's key lists, kept while the workers copy (at most as many as
+    /// [`Exchange::keep_spares`] said).
     fn give_keys(&self, piece: Piece) {
         if self.workers_done() {
             return;
@@ -176,7 +182,7 @@ impl Exchange {
         keys.clear();
         rows.clear();
         if let Ok(mut s) = self.spare.lock()
-            && s.len() < SPARE_MAX
+            && s.len() < self.spare_max.load(std::sync::atomic::Ordering::Acquire)
         {
             s.push((keys, rows));
         }
