@@ -833,7 +833,11 @@ pub struct CdcConfig {
     pub snapshot_chunks_in_flight: usize,
     /// Bytes of rows at which a snapshot chunk is cut (it ends at its last row kept, and the
     /// next starts there); the rows per read then follow the rows' width, so a chunk held in
-    /// memory stays near this bound however wide the rows.
+    /// memory stays near this bound however wide the rows. A snapshot keeps at most
+    /// `snapshot-workers` x (`snapshot-chunks-in-flight` + 1) + `ring-capacity` + 2 chunk
+    /// bodies (20 by default), reused chunk after chunk, so its memory stays below that many
+    /// times this bound (640 MiB by default, reached only by rows wide enough to cut chunks
+    /// by bytes; lower it on a small machine).
     pub snapshot_chunk_bytes_max: usize,
     /// Not used since chunks are no longer planned one at a time (a table's key ranges come
     /// from a sample when its snapshot starts); accepted so that configuration files that
