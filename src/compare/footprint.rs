@@ -142,9 +142,13 @@ impl Footprint {
     /// The rows of relation `lane` it touches (empty: all of them, or none if it does not
     /// touch the relation).
     pub fn rows(&self, lane: u64) -> &[Probe] {
+        &self.probes[self.rows_span(lane)]
+    }
+
+    /// Where [`rows`](Self::rows) of `lane` lie in `probes`.
+    pub fn rows_span(&self, lane: u64) -> std::ops::Range<usize> {
         let start = self.probes.partition_point(|p| p.lane < lane);
-        let end = start + self.probes[start..].partition_point(|p| p.lane == lane);
-        &self.probes[start..end]
+        start..start + self.probes[start..].partition_point(|p| p.lane == lane)
     }
 
     /// Adds `other`'s relations and rows (a write to any of them makes the union a write).

@@ -148,7 +148,7 @@ struct Entry {
 struct Recent {
     /// The latest writes completed on the primary, oldest first: (completion number,
     /// session, rows of this relation; empty: all of them).
-    writes: VecDeque<(u64, u64, Vec<Probe>)>,
+    writes: VecDeque<(u64, u64, Rows)>,
     /// The newest completion number among the writes no longer in `writes`: a sync point
     /// that started before it may have overlapped any of them.
     forgotten: u64,
@@ -169,12 +169,40 @@ struct Recent {
 struct InFlight {
     session: u64,
     /// Its rows of the relation (empty: all of them).
-    rows: Vec<Probe>,
+    rows: Rows,
     /// It never runs on the shadow.
     only: bool,
     write: bool,
     /// When it was sent (ns since the Unix epoch).
     since: u64,
+}
+
+/// One relation's rows of a footprint (empty: all of them), kept by sharing the
+/// footprint's probes: a copy of them in a vector of its own cost an allocation and its
+/// release for every sync point in flight on a relation and every write remembered
+/// (callgrind, pgbench `-N`).
+#[derive(Debug, Clone)]
+struct Rows {
+    probes: Arc<[Probe]>,
+    span: std::ops::Range<usize>,
+}
+
+impl Rows {
+    /// `footprint`'s rows of `lane`; None: the relations it may touch whole (a wild one's).
+    fn of(footprint: &Footprint, lane: Option<u64>) -> Rows {
+        Rows {
+            probes: footprint.probes.clone(),
+            span: lane.map_or(0..0, |lane| footprint.rows_span(lane)),
+        }
+    }
+}
+
+impl std::ops::Deref for Rows {
+    type Target = [Probe];
+
+    fn deref(&self) -> &[Probe] {
+        &self.probes[self.span.clone()]
+    }
 }
 
 /// Writes remembered per relation: older ones count as overlapping whatever started before
@@ -184,7 +212,7 @@ struct InFlight {
 const WRITES_KEPT: usize = 32;
 
 impl Recent {
-    fn wrote(&mut self, c: u64, session: u64, rows: &[Probe]) {
+    fn wrote(&mut self, c: u64, session: u64, rows: &Rows) {
         if self.writes.len() == WRITES_KEPT
             && let Some((old, _, _)) = self.writes.pop_front()
         {
@@ -193,7 +221,7 @@ impl Recent {
             self.forgotten = self.forgotten.max(old);
         }
         self.newest = self.newest.max(c);
-        self.writes.push_back((c, session, rows.to_vec()));
+        self.writes.push_back((c, session, rows.clone()));
     }
 
     /// Whether another session's write of rows that may meet `rows` (any, for a write of
@@ -244,23 +272,23 @@ impl Recent {
             .any(|f| f.only && f.write && (write || !rows_disjoint(rows, &f.rows)))
     }
 
-    fn start(&mut self, session: u64, rows: &[Probe], started: Started) {
+    fn start(&mut self, session: u64, rows: &Rows, started: Started) {
         self.in_flight.push(InFlight {
             session,
-            rows: rows.to_vec(),
+            rows: rows.clone(),
             only: started.only,
             write: started.write,
             since: started.since,
         });
     }
 
-    fn end(&mut self, session: u64, rows: &[Probe], started: Started) {
+    fn end(&mut self, session: u64, rows: &Rows, started: Started) {
         if let Some(i) = self.in_flight.iter().position(|f| {
             f.session == session
                 && f.only == started.only
                 && f.write == started.write
                 && f.since == started.since
-                && f.rows == rows
+                && *f.rows == **rows
         }) {
             self.in_flight.swap_remove(i);
         }
@@ -339,14 +367,66 @@ impl Lane {
 #[derive(Default)]
 struct Side {
     /// Every one: completion number, session.
-    all: BTreeMap<u64, u64>,
+    all: Numbered,
     /// Those that may touch rows no key names: the whole relation, or rows of which one
     /// probe has no pair of a known value (see [`RowKey::of`]).
-    unkeyed: BTreeMap<u64, u64>,
+    unkeyed: Numbered,
     /// The others, under the key of each of their probes.
     keyed: HashMap<RowKey, Bucket, IdBuild>,
     /// The key columns used in `keyed`, with how many (sync point, key) pairs each has.
     columns: Vec<(KeyColumn, u32)>,
+}
+
+/// Pending sync points in completion-number order: (number, session).
+///
+/// A queue, not a B-tree: numbers come nearly in order (a write's is its answer's receive
+/// stamp, a read's a few microseconds before its own) and the shadow completes nearly the
+/// oldest first, so an insertion is mostly a push at the back and a removal a pop at the
+/// front, each a comparison or two; the B-trees' insertion and removal were about 2,000
+/// instructions per pgbench `-N` transaction (callgrind, with the lanes' two sides, the
+/// unkeyed ones and the book's every-pending lane). One out of place is found by a binary
+/// search and moved into place (`VecDeque` shifts the shorter side: a sync point left
+/// behind by the ones around it, a read numbered before a few later-read answers).
+#[derive(Default)]
+struct Numbered(VecDeque<(u64, u64)>);
+
+impl Numbered {
+    /// Adds `c` of `session` (a number already there takes the new session, as a map's
+    /// insertion would).
+    fn insert(&mut self, c: u64, session: u64) {
+        if self.0.back().is_none_or(|&(b, _)| b < c) {
+            self.0.push_back((c, session));
+            return;
+        }
+        match self.0.binary_search_by_key(&c, |&(b, _)| b) {
+            Ok(at) => self.0[at].1 = session,
+            Err(at) => self.0.insert(at, (c, session)),
+        }
+    }
+
+    /// Takes `c` out: its session, None if it was not there.
+    fn remove(&mut self, c: u64) -> Option<u64> {
+        if let Some(&(f, s)) = self.0.front()
+            && f == c
+        {
+            self.0.pop_front();
+            return Some(s);
+        }
+        let at = self.0.binary_search_by_key(&c, |&(b, _)| b).ok()?;
+        self.0.remove(at).map(|(_, s)| s)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Those numbered before `before`, in order.
+    fn before(&self, before: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.0
+            .iter()
+            .copied()
+            .take_while(move |&(c, _)| c < before)
+    }
 }
 
 /// A column probes are keyed by, with the kind of value (an integer or a text): values of
@@ -511,14 +591,14 @@ impl Side {
     }
 
     fn remove(&mut self, c: u64, rows: Option<&[Probe]>) {
-        if self.all.remove(&c).is_none() {
+        if self.all.remove(c).is_none() {
             return;
         }
         let Some(rows) = rows else {
             return;
         };
         if !RowKey::all(rows) {
-            self.unkeyed.remove(&c);
+            self.unkeyed.remove(c);
             return;
         }
         for key in rows.iter().filter_map(RowKey::of) {
@@ -563,15 +643,15 @@ impl Side {
         let Some(rows) = rows.filter(|r| self.narrows(r)) else {
             return self
                 .all
-                .range(..before)
-                .find(|&(&c, &s)| hit(c, s))
-                .map(|(&c, _)| c);
+                .before(before)
+                .find(|&(c, s)| hit(c, s))
+                .map(|(c, _)| c);
         };
         let mut first = self
             .unkeyed
-            .range(..before)
-            .find(|&(&c, &s)| hit(c, s))
-            .map(|(&c, _)| c);
+            .before(before)
+            .find(|&(c, s)| hit(c, s))
+            .map(|(c, _)| c);
         for &(column, _) in &self.columns {
             for key in rows.iter().filter_map(|p| RowKey::at(p, column)) {
                 let bound = first.unwrap_or(before);
@@ -596,12 +676,12 @@ impl Side {
         mut f: impl FnMut(u64, u64) -> ControlFlow<()>,
     ) -> ControlFlow<()> {
         let Some(rows) = rows.filter(|r| self.narrows(r)) else {
-            for (&c, &s) in self.all.range(..before) {
+            for (c, s) in self.all.before(before) {
                 f(c, s)?;
             }
             return ControlFlow::Continue(());
         };
-        for (&c, &s) in self.unkeyed.range(..before) {
+        for (c, s) in self.unkeyed.before(before) {
             f(c, s)?;
         }
         for &(column, _) in &self.columns {
@@ -1244,12 +1324,13 @@ impl Book {
 
     /// Applies `f` to the recent history of every relation `footprint` touches, with the
     /// rows it touches there.
-    fn each_recent(&mut self, footprint: &Footprint, mut f: impl FnMut(&mut Recent, &[Probe])) {
+    fn each_recent(&mut self, footprint: &Footprint, mut f: impl FnMut(&mut Recent, &Rows)) {
         if footprint.wild {
-            f(&mut self.recent_wild, &[]);
+            f(&mut self.recent_wild, &Rows::of(footprint, None));
         }
         for lane in footprint.lanes.iter() {
-            f(self.recent.entry(*lane).or_default(), footprint.rows(*lane));
+            let rows = Rows::of(footprint, Some(*lane));
+            f(self.recent.entry(*lane).or_default(), &rows);
         }
     }
 
