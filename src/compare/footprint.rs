@@ -347,11 +347,7 @@ impl Footprint {
                     many.push((c, v));
                 }
             }
-            let pairs: &[(u64, Value)] = if many.is_empty() {
-                &small[..n]
-            } else {
-                &many
-            };
+            let pairs: &[(u64, Value)] = if many.is_empty() { &small[..n] } else { &many };
             if pairs.is_empty() {
                 whole.push(probe.lane);
             } else {

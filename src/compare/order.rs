@@ -412,10 +412,7 @@ impl Numbered {
 
     /// Those numbered before `before`, in order.
     fn before(&self, before: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.0
-            .iter()
-            .copied()
-            .take_while(move |&(c, _)| c < before)
+        self.0.iter().copied().take_while(move |&(c, _)| c < before)
     }
 }
 
@@ -592,12 +589,14 @@ impl Side {
             return;
         }
         for key in rows.iter().filter_map(RowKey::of) {
-            let Some(bucket) = self.keyed.get_mut(&key) else {
+            // One look-up for the bucket and, when it empties, its removal.
+            let std::collections::hash_map::Entry::Occupied(mut bucket) = self.keyed.entry(key)
+            else {
                 continue;
             };
-            let (was, empty) = bucket.remove(c);
+            let (was, empty) = bucket.get_mut().remove(c);
             if empty {
-                self.keyed.remove(&key);
+                bucket.remove();
             }
             if !was {
                 continue; // taken out under another probe with this key
@@ -1119,14 +1118,17 @@ impl Ledger {
     /// through the shard's inbox once it may (or, held, asks again when the hold ends).
     pub fn acquire(&self, c: u64, shard: usize) -> Turn {
         let mut book = self.book();
-        let blocker = book.blocker(c);
-        let turn = if blocker.is_some() {
-            Turn::Wait
-        } else {
-            match book.held(c, now_ns) {
-                Some(left) => Turn::Hold(left),
-                None => Turn::Go,
-            }
+        // The entry looked up once for both questions.
+        let (blocker, turn) = match book.entries.get(&c) {
+            // Gone (its session ended): nothing to wait for.
+            None => (None, Turn::Go),
+            Some(entry) => match book.first_conflict(entry.session, &entry.footprint, c) {
+                Some(b) => (Some(b), Turn::Wait),
+                None => match book.held_entry(c, entry, now_ns) {
+                    Some(left) => (None, Turn::Hold(left)),
+                    None => (None, Turn::Go),
+                },
+            },
         };
         if turn == Turn::Go {
             book.unwait(c);
@@ -1355,19 +1357,18 @@ impl Book {
         Some(entry)
     }
 
-    /// How much longer pending sync point `c` is held (see [`Turn::Hold`]): numbered by
+    /// How much longer pending sync point `c` (`entry`) is held (see [`Turn::Hold`]): numbered by
     /// when its answer reached pgprism's socket, it could still be overtaken by an answer
     /// that reached another socket earlier and is not read yet (a shard descheduled for
     /// milliseconds, a busy turn). Those are in flight, sent before `c`'s answer arrived:
     /// it waits for the conflicting ones, at most `compare.order-hold-ms` after its answer.
     /// (`now`: the clock, read only when something holds it: most sync points are held by
     /// nothing, and a clock read is a few hundred instructions.)
-    fn held(&self, c: u64, now: impl FnOnce() -> u64) -> Option<Duration> {
+    fn held_entry(&self, c: u64, entry: &Entry, now: impl FnOnce() -> u64) -> Option<Duration> {
         let end = c.saturating_add(self.hold_ns);
         if end <= c {
             return None;
         }
-        let entry = self.entries.get(&c)?;
         let footprint = &entry.footprint;
         // The rows of `lane` its transaction holds locks on (none known for the whole
         // relation: a write there may not meet them).
@@ -1550,8 +1551,10 @@ impl Book {
             // Waiters that went without a release (their wait ran out, a lock break, their
             // session ended) may still be listed under what left: drop those lists, or they
             // would stay for the process's life.
-            for r in removed.unwrap_or(&[]) {
-                self.blocked_on.remove(r);
+            if !self.blocked_on.is_empty() {
+                for r in removed.unwrap_or(&[]) {
+                    self.blocked_on.remove(r);
+                }
             }
             return;
         }

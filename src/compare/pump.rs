@@ -278,7 +278,10 @@ impl Future for LimitTimer {
     type Output = ();
 
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+        if self
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
             && Instant::now() < self.at
         {
             return Poll::Pending;
