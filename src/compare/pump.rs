@@ -410,26 +410,40 @@ impl<'a> Pump<'a> {
             let read = {
                 let (primary, shadow) = (&self.primary, &self.shadow);
                 let (pbuf, sbuf) = (&mut self.pbuf, &mut self.sbuf);
-                let p = async { (PRIMARY, primary.read_buf(pbuf, chunk).await) };
-                let s = async { (SHADOW, shadow.read_buf(sbuf, chunk).await) };
+                let mut p = std::pin::pin!(primary.read_buf(pbuf, chunk));
+                let mut s = std::pin::pin!(shadow.read_buf(sbuf, chunk));
                 let flip = self.flip;
-                let both = async {
-                    if flip {
-                        futures_lite::future::or(p, s).await
-                    } else {
-                        futures_lite::future::or(s, p).await
-                    }
+                let mut timer = match at {
+                    Some(_) => self.limit_timer.as_mut(),
+                    None => None,
                 };
-                match (at, self.limit_timer.as_mut()) {
-                    (Some(_), Some(timer)) => {
-                        futures_lite::future::or(async { Some(both.await) }, async {
-                            timer.await;
-                            None
-                        })
-                        .await
+                // One poll of the two reads (in turn first: neither starves the other),
+                // then of the limit's timer: the futures `or` of async blocks built, three
+                // deep, cost about 1,500 instructions per pgbench `-N` transaction more
+                // (callgrind).
+                futures_lite::future::poll_fn(|cx| {
+                    for side in if flip {
+                        [PRIMARY, SHADOW]
+                    } else {
+                        [SHADOW, PRIMARY]
+                    } {
+                        let polled = if side == PRIMARY {
+                            p.as_mut().poll(cx)
+                        } else {
+                            s.as_mut().poll(cx)
+                        };
+                        if let Poll::Ready(read) = polled {
+                            return Poll::Ready(Some((side, read)));
+                        }
                     }
-                    _ => Some(both.await),
-                }
+                    if let Some(t) = timer.as_mut()
+                        && std::pin::Pin::new(&mut **t).poll(cx).is_ready()
+                    {
+                        return Poll::Ready(None);
+                    }
+                    Poll::Pending
+                })
+                .await
             };
             match read {
                 Some((side, read)) => return Turn::Read(side, read),
