@@ -148,7 +148,7 @@ struct Entry {
 struct Recent {
     /// The latest writes completed on the primary, oldest first: (completion number,
     /// session, rows of this relation; empty: all of them).
-    writes: VecDeque<(u64, u64, Vec<Probe>)>,
+    writes: VecDeque<(u64, u64, Rows)>,
     /// The newest completion number among the writes no longer in `writes`: a sync point
     /// that started before it may have overlapped any of them.
     forgotten: u64,
@@ -169,12 +169,40 @@ struct Recent {
 struct InFlight {
     session: u64,
     /// Its rows of the relation (empty: all of them).
-    rows: Vec<Probe>,
+    rows: Rows,
     /// It never runs on the shadow.
     only: bool,
     write: bool,
     /// When it was sent (ns since the Unix epoch).
     since: u64,
+}
+
+/// One relation's rows of a footprint (empty: all of them), kept by sharing the
+/// footprint's probes: a copy of them in a vector of its own cost an allocation and its
+/// release for every sync point in flight on a relation and every write remembered
+/// (callgrind, pgbench `-N`).
+#[derive(Debug, Clone)]
+struct Rows {
+    probes: Arc<[Probe]>,
+    span: std::ops::Range<usize>,
+}
+
+impl Rows {
+    /// `footprint`'s rows of `lane`; None: the relations it may touch whole (a wild one's).
+    fn of(footprint: &Footprint, lane: Option<u64>) -> Rows {
+        Rows {
+            probes: footprint.probes.clone(),
+            span: lane.map_or(0..0, |lane| footprint.rows_span(lane)),
+        }
+    }
+}
+
+impl std::ops::Deref for Rows {
+    type Target = [Probe];
+
+    fn deref(&self) -> &[Probe] {
+        &self.probes[self.span.clone()]
+    }
 }
 
 /// Writes remembered per relation: older ones count as overlapping whatever started before
@@ -184,7 +212,7 @@ struct InFlight {
 const WRITES_KEPT: usize = 32;
 
 impl Recent {
-    fn wrote(&mut self, c: u64, session: u64, rows: &[Probe]) {
+    fn wrote(&mut self, c: u64, session: u64, rows: &Rows) {
         if self.writes.len() == WRITES_KEPT
             && let Some((old, _, _)) = self.writes.pop_front()
         {
@@ -193,7 +221,7 @@ impl Recent {
             self.forgotten = self.forgotten.max(old);
         }
         self.newest = self.newest.max(c);
-        self.writes.push_back((c, session, rows.to_vec()));
+        self.writes.push_back((c, session, rows.clone()));
     }
 
     /// Whether another session's write of rows that may meet `rows` (any, for a write of
@@ -244,23 +272,23 @@ impl Recent {
             .any(|f| f.only && f.write && (write || !rows_disjoint(rows, &f.rows)))
     }
 
-    fn start(&mut self, session: u64, rows: &[Probe], started: Started) {
+    fn start(&mut self, session: u64, rows: &Rows, started: Started) {
         self.in_flight.push(InFlight {
             session,
-            rows: rows.to_vec(),
+            rows: rows.clone(),
             only: started.only,
             write: started.write,
             since: started.since,
         });
     }
 
-    fn end(&mut self, session: u64, rows: &[Probe], started: Started) {
+    fn end(&mut self, session: u64, rows: &Rows, started: Started) {
         if let Some(i) = self.in_flight.iter().position(|f| {
             f.session == session
                 && f.only == started.only
                 && f.write == started.write
                 && f.since == started.since
-                && f.rows == rows
+                && *f.rows == **rows
         }) {
             self.in_flight.swap_remove(i);
         }
@@ -312,16 +340,6 @@ impl Lane {
     fn is_empty(&self) -> bool {
         self.reads.all.is_empty() && self.writes.all.is_empty()
     }
-
-    /// The sides of the pending sync points `footprint` waits for (see
-    /// [`Footprint::waits_for`]), with whether they write: the writes first, where a write
-    /// finds what it waits for at once (two writes conflict whatever their rows), which
-    /// bounds the walk of the reads (see [`Book::first_conflict`]).
-    fn waited<'a>(&'a self, footprint: &Footprint) -> impl Iterator<Item = (&'a Side, bool)> {
-        [(&self.writes, true), (&self.reads, false)]
-            .into_iter()
-            .filter(|&(side, write)| !side.all.is_empty() && footprint.waits_for(write))
-    }
 }
 
 /// The pending reads or the pending writes of one relation: every one by completion number
@@ -339,14 +357,63 @@ impl Lane {
 #[derive(Default)]
 struct Side {
     /// Every one: completion number, session.
-    all: BTreeMap<u64, u64>,
+    all: Numbered,
     /// Those that may touch rows no key names: the whole relation, or rows of which one
     /// probe has no pair of a known value (see [`RowKey::of`]).
-    unkeyed: BTreeMap<u64, u64>,
+    unkeyed: Numbered,
     /// The others, under the key of each of their probes.
     keyed: HashMap<RowKey, Bucket, IdBuild>,
     /// The key columns used in `keyed`, with how many (sync point, key) pairs each has.
     columns: Vec<(KeyColumn, u32)>,
+}
+
+/// Pending sync points in completion-number order: (number, session).
+///
+/// A queue, not a B-tree: numbers come nearly in order (a write's is its answer's receive
+/// stamp, a read's a few microseconds before its own) and the shadow completes nearly the
+/// oldest first, so an insertion is mostly a push at the back and a removal a pop at the
+/// front, each a comparison or two; the B-trees' insertion and removal were about 2,000
+/// instructions per pgbench `-N` transaction (callgrind, with the lanes' two sides, the
+/// unkeyed ones and the book's every-pending lane). One out of place is found by a binary
+/// search and moved into place (`VecDeque` shifts the shorter side: a sync point left
+/// behind by the ones around it, a read numbered before a few later-read answers).
+#[derive(Default)]
+struct Numbered(VecDeque<(u64, u64)>);
+
+impl Numbered {
+    /// Adds `c` of `session` (a number already there takes the new session, as a map's
+    /// insertion would).
+    fn insert(&mut self, c: u64, session: u64) {
+        if self.0.back().is_none_or(|&(b, _)| b < c) {
+            self.0.push_back((c, session));
+            return;
+        }
+        match self.0.binary_search_by_key(&c, |&(b, _)| b) {
+            Ok(at) => self.0[at].1 = session,
+            Err(at) => self.0.insert(at, (c, session)),
+        }
+    }
+
+    /// Takes `c` out: its session, None if it was not there.
+    fn remove(&mut self, c: u64) -> Option<u64> {
+        if let Some(&(f, s)) = self.0.front()
+            && f == c
+        {
+            self.0.pop_front();
+            return Some(s);
+        }
+        let at = self.0.binary_search_by_key(&c, |&(b, _)| b).ok()?;
+        self.0.remove(at).map(|(_, s)| s)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Those numbered before `before`, in order.
+    fn before(&self, before: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.0.iter().copied().take_while(move |&(c, _)| c < before)
+    }
 }
 
 /// A column probes are keyed by, with the kind of value (an integer or a text): values of
@@ -511,23 +578,25 @@ impl Side {
     }
 
     fn remove(&mut self, c: u64, rows: Option<&[Probe]>) {
-        if self.all.remove(&c).is_none() {
+        if self.all.remove(c).is_none() {
             return;
         }
         let Some(rows) = rows else {
             return;
         };
         if !RowKey::all(rows) {
-            self.unkeyed.remove(&c);
+            self.unkeyed.remove(c);
             return;
         }
         for key in rows.iter().filter_map(RowKey::of) {
-            let Some(bucket) = self.keyed.get_mut(&key) else {
+            // One look-up for the bucket and, when it empties, its removal.
+            let std::collections::hash_map::Entry::Occupied(mut bucket) = self.keyed.entry(key)
+            else {
                 continue;
             };
-            let (was, empty) = bucket.remove(c);
+            let (was, empty) = bucket.get_mut().remove(c);
             if empty {
-                self.keyed.remove(&key);
+                bucket.remove();
             }
             if !was {
                 continue; // taken out under another probe with this key
@@ -563,15 +632,15 @@ impl Side {
         let Some(rows) = rows.filter(|r| self.narrows(r)) else {
             return self
                 .all
-                .range(..before)
-                .find(|&(&c, &s)| hit(c, s))
-                .map(|(&c, _)| c);
+                .before(before)
+                .find(|&(c, s)| hit(c, s))
+                .map(|(c, _)| c);
         };
         let mut first = self
             .unkeyed
-            .range(..before)
-            .find(|&(&c, &s)| hit(c, s))
-            .map(|(&c, _)| c);
+            .before(before)
+            .find(|&(c, s)| hit(c, s))
+            .map(|(c, _)| c);
         for &(column, _) in &self.columns {
             for key in rows.iter().filter_map(|p| RowKey::at(p, column)) {
                 let bound = first.unwrap_or(before);
@@ -596,12 +665,12 @@ impl Side {
         mut f: impl FnMut(u64, u64) -> ControlFlow<()>,
     ) -> ControlFlow<()> {
         let Some(rows) = rows.filter(|r| self.narrows(r)) else {
-            for (&c, &s) in self.all.range(..before) {
+            for (c, s) in self.all.before(before) {
                 f(c, s)?;
             }
             return ControlFlow::Continue(());
         };
-        for (&c, &s) in self.unkeyed.range(..before) {
+        for (c, s) in self.unkeyed.before(before) {
             f(c, s)?;
         }
         for &(column, _) in &self.columns {
@@ -1049,14 +1118,17 @@ impl Ledger {
     /// through the shard's inbox once it may (or, held, asks again when the hold ends).
     pub fn acquire(&self, c: u64, shard: usize) -> Turn {
         let mut book = self.book();
-        let blocker = book.blocker(c);
-        let turn = if blocker.is_some() {
-            Turn::Wait
-        } else {
-            match book.held(c, now_ns) {
-                Some(left) => Turn::Hold(left),
-                None => Turn::Go,
-            }
+        // The entry looked up once for both questions.
+        let (blocker, turn) = match book.entries.get(&c) {
+            // Gone (its session ended): nothing to wait for.
+            None => (None, Turn::Go),
+            Some(entry) => match book.first_conflict(entry.session, &entry.footprint, c) {
+                Some(b) => (Some(b), Turn::Wait),
+                None => match book.held_entry(c, entry, now_ns) {
+                    Some(left) => (None, Turn::Hold(left)),
+                    None => (None, Turn::Go),
+                },
+            },
         };
         if turn == Turn::Go {
             book.unwait(c);
@@ -1244,12 +1316,13 @@ impl Book {
 
     /// Applies `f` to the recent history of every relation `footprint` touches, with the
     /// rows it touches there.
-    fn each_recent(&mut self, footprint: &Footprint, mut f: impl FnMut(&mut Recent, &[Probe])) {
+    fn each_recent(&mut self, footprint: &Footprint, mut f: impl FnMut(&mut Recent, &Rows)) {
         if footprint.wild {
-            f(&mut self.recent_wild, &[]);
+            f(&mut self.recent_wild, &Rows::of(footprint, None));
         }
         for lane in footprint.lanes.iter() {
-            f(self.recent.entry(*lane).or_default(), footprint.rows(*lane));
+            let rows = Rows::of(footprint, Some(*lane));
+            f(self.recent.entry(*lane).or_default(), &rows);
         }
     }
 
@@ -1284,19 +1357,18 @@ impl Book {
         Some(entry)
     }
 
-    /// How much longer pending sync point `c` is held (see [`Turn::Hold`]): numbered by
+    /// How much longer pending sync point `c` (`entry`) is held (see [`Turn::Hold`]): numbered by
     /// when its answer reached pgprism's socket, it could still be overtaken by an answer
     /// that reached another socket earlier and is not read yet (a shard descheduled for
     /// milliseconds, a busy turn). Those are in flight, sent before `c`'s answer arrived:
     /// it waits for the conflicting ones, at most `compare.order-hold-ms` after its answer.
     /// (`now`: the clock, read only when something holds it: most sync points are held by
     /// nothing, and a clock read is a few hundred instructions.)
-    fn held(&self, c: u64, now: impl FnOnce() -> u64) -> Option<Duration> {
+    fn held_entry(&self, c: u64, entry: &Entry, now: impl FnOnce() -> u64) -> Option<Duration> {
         let end = c.saturating_add(self.hold_ns);
         if end <= c {
             return None;
         }
-        let entry = self.entries.get(&c)?;
         let footprint = &entry.footprint;
         // The rows of `lane` its transaction holds locks on (none known for the whole
         // relation: a write there may not meet them).
@@ -1357,29 +1429,38 @@ impl Book {
 
     /// The pending sync points `footprint` may conflict with, by relation (None: the
     /// pending ones that touch every relation, or every pending one for a wild footprint),
-    /// only the reads or the writes of each as it waits for them: `(lane, pending, write)`.
-    fn lanes_of<'a>(
-        &'a self,
-        footprint: &'a Footprint,
-    ) -> impl Iterator<Item = (Option<u64>, &'a Side, bool)> {
-        // One iterator type for both cases (a boxed one cost an allocation per look-up).
-        let wild = footprint.wild;
-        let lanes: &'a [u64] = if wild { &[] } else { &footprint.lanes };
-        let last = if wild { &self.all } else { &self.wild };
-        lanes
-            .iter()
-            .filter_map(|l| self.lanes.get(l).map(|lane| (Some(*l), lane)))
-            .chain(std::iter::once((None, last)))
-            .flat_map(move |(lane, pending)| {
-                pending
-                    .waited(footprint)
-                    .map(move |(side, write)| (lane, side, write))
-            })
+    /// only the reads or the writes of each as it waits for them: `f(lane, pending, write)`
+    /// for each, until it breaks. (Loops rather than an iterator: the chained and
+    /// flattened one's adapters were about 1,000 instructions per pgbench `-N` transaction,
+    /// callgrind.)
+    fn each_lane(
+        &self,
+        footprint: &Footprint,
+        mut f: impl FnMut(Option<u64>, &Side, bool) -> ControlFlow<()>,
+    ) -> ControlFlow<()> {
+        // Of each relation, the side of the kind it waits for (see
+        // [`Footprint::waits_for`]): the writes first, where a write finds what it waits
+        // for at once (two writes conflict whatever their rows), which bounds the walk of
+        // the reads (see [`Book::first_conflict`]).
+        let mut sides = |lane: Option<u64>, pending: &Lane| {
+            for (side, write) in [(&pending.writes, true), (&pending.reads, false)] {
+                if !side.all.is_empty() && footprint.waits_for(write) {
+                    f(lane, side, write)?;
+                }
+            }
+            ControlFlow::Continue(())
+        };
+        if footprint.wild {
+            return sides(None, &self.all);
+        }
+        for l in footprint.lanes.iter() {
+            if let Some(lane) = self.lanes.get(l) {
+                sides(Some(*l), lane)?;
+            }
+        }
+        sides(None, &self.wild)
     }
 
-    /// The rows of relation `lane` whose pending sync points (writing or not: `write`)
-    /// `footprint` needs to look at: None when any of them conflicts with it, whatever its
-    /// rows (no one relation: the wild ones; two writes).
     fn rows_for(footprint: &Footprint, lane: Option<u64>, write: bool) -> Option<&[Probe]> {
         lane.filter(|_| !(footprint.write && write))
             .map(|l| footprint.rows(l))
@@ -1414,14 +1495,15 @@ impl Book {
         // Each walk stops at the earliest one found so far: what comes after it cannot be
         // the first.
         let mut first = None;
-        for (lane, pending, write) in self.lanes_of(footprint) {
+        let _ = self.each_lane(footprint, |lane, pending, write| {
             let rows = Book::rows_for(footprint, lane, write);
             if let Some(c) = pending.first(rows, first.unwrap_or(before), |c, s| {
                 self.waits_on(footprint, session, (lane, write), (c, s))
             }) {
                 first = Some(c);
             }
-        }
+            ControlFlow::Continue(())
+        });
         first
     }
 
@@ -1447,7 +1529,7 @@ impl Book {
         before: u64,
         mut f: impl FnMut(u64) -> ControlFlow<()>,
     ) -> ControlFlow<()> {
-        for (lane, pending, write) in self.lanes_of(footprint) {
+        self.each_lane(footprint, |lane, pending, write| {
             let rows = Book::rows_for(footprint, lane, write);
             pending.each(rows, before, |c, s| {
                 if self.waits_on(footprint, session, (lane, write), (c, s)) {
@@ -1455,9 +1537,8 @@ impl Book {
                 } else {
                     ControlFlow::Continue(())
                 }
-            })?;
-        }
-        ControlFlow::Continue(())
+            })
+        })
     }
 
     /// Something touching `freed` left the book (`removed`: these sync points) or stopped
@@ -1470,8 +1551,10 @@ impl Book {
             // Waiters that went without a release (their wait ran out, a lock break, their
             // session ended) may still be listed under what left: drop those lists, or they
             // would stay for the process's life.
-            for r in removed.unwrap_or(&[]) {
-                self.blocked_on.remove(r);
+            if !self.blocked_on.is_empty() {
+                for r in removed.unwrap_or(&[]) {
+                    self.blocked_on.remove(r);
+                }
             }
             return;
         }

@@ -37,7 +37,7 @@ use std::rc::Rc;
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 
 pub use reactor::Notifier;
-pub use timer::{sleep, sleep_until, within};
+pub use timer::{Sleep, sleep, sleep_until, within};
 
 type Task = Pin<Box<dyn Future<Output = ()>>>;
 
