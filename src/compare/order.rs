@@ -197,6 +197,23 @@ impl Rows {
     }
 }
 
+impl Rows {
+    /// The rows as a remembered write keeps them: still sharing the footprint's probes when
+    /// they are most of them, else a copy of this relation's alone, so that a write
+    /// remembered for a rarely written relation does not keep a large footprint's probes
+    /// of every other relation alive (the bound stated at [`WRITES_KEPT`] holds).
+    fn kept(&self) -> Rows {
+        let whole = self.probes.len();
+        if whole <= 8 || self.span.len() * 2 >= whole {
+            return self.clone();
+        }
+        Rows {
+            probes: self.probes[self.span.clone()].into(),
+            span: 0..self.span.len(),
+        }
+    }
+}
+
 impl std::ops::Deref for Rows {
     type Target = [Probe];
 
@@ -221,7 +238,7 @@ impl Recent {
             self.forgotten = self.forgotten.max(old);
         }
         self.newest = self.newest.max(c);
-        self.writes.push_back((c, session, rows.clone()));
+        self.writes.push_back((c, session, rows.kept()));
     }
 
     /// Whether another session's write of rows that may meet `rows` (any, for a write of
@@ -1737,6 +1754,39 @@ impl Port {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_remembered_write_keeps_only_its_relations_rows_of_a_large_footprint() {
+        use crate::compare::footprint::{Probe, Value};
+        let probe = |lane: u64, v: i64| Probe {
+            lane,
+            pairs: std::sync::Arc::from(vec![(1u64, Value::Int(v))]),
+        };
+        let probes: std::sync::Arc<[Probe]> =
+            (0..40).map(|i| probe(1 + i / 20, i as i64)).collect();
+        // One relation's rows among many: copied, the footprint's probes let go.
+        let one = Rows {
+            probes: probes.clone(),
+            span: 20..22,
+        }
+        .kept();
+        assert_eq!(one.probes.len(), 2);
+        assert_eq!(one.iter().map(|p| p.lane).collect::<Vec<_>>(), [2, 2]);
+        // Most of the probes: still shared.
+        let most = Rows {
+            probes: probes.clone(),
+            span: 0..30,
+        }
+        .kept();
+        assert!(std::sync::Arc::ptr_eq(&most.probes, &probes));
+        // A whole relation (empty span) of a large footprint: empty, as before.
+        let whole = Rows {
+            probes: probes.clone(),
+            span: 0..0,
+        }
+        .kept();
+        assert!(whole.is_empty() && whole.probes.is_empty());
+    }
 
     /// Sent to the primary and answered at once.
     fn now(ledger: &Ledger, session: u64, footprint: Footprint) -> u64 {
