@@ -286,10 +286,54 @@ fn peak_rss_kb(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// Issue 14: by default (`proxy.client-placement = "pack"`) a new client goes to the first
+/// shard that is not busy, whichever shard's listener the kernel gave it: idle clients all
+/// land on shard 0 (those the kernel gave shard 1 are handed over) and every one is served,
+/// a cancel included.
+#[test]
+fn clients_pack_on_the_first_shard_by_default() {
+    let pg = start_primary("p-pack");
+    let proxy = Proxy::start(&pg.url(), &["--client-placement", "pack"]);
+    let mut clients: Vec<_> = (0..16).map(|_| proxy.client()).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let row = c.query_one("SELECT $1::int", &[&(i as i32)]).unwrap();
+        assert_eq!(row.get::<_, i32>(0), i as i32);
+    }
+    let by_shard = || {
+        let (_, body) = proxy.admin_get("/metrics");
+        let mut sessions = [0u64; 2];
+        for line in body.lines() {
+            if let Some(rest) = line.strip_prefix("pgprism_sessions_active{shard=\"")
+                && let Some((shard, value)) = rest.split_once("\"} ")
+                && let (Ok(shard), Ok(value)) = (shard.parse::<usize>(), value.parse())
+                && shard < 2
+            {
+                sessions[shard] = value;
+            }
+        }
+        sessions
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || by_shard() == [16, 0]),
+        "sessions by shard: {:?}",
+        by_shard()
+    );
+    // Each connection counted once, by the shard that served it; none kept back by a full
+    // hand-over queue.
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_connections_accepted_total")
+        == 16));
+    assert_eq!(proxy.metric("pgprism_handover_overflows_total"), 0);
+    let (first, rest) = clients.split_at_mut(1);
+    support::assert_cancel_reaches_only(pg.port(), &mut first[0], &mut rest[0]);
+}
+
+/// Through the default placement: 200 clients connecting at once are handed over between
+/// the shards while they connect, and each is served to its end.
 #[test]
 fn two_hundred_concurrent_clients() {
     let pg = start_primary("p-many");
-    let proxy = Proxy::start(&pg.url(), &[]);
+    let proxy = Proxy::start(&pg.url(), &["--client-placement", "pack"]);
     pg.psql("CREATE TABLE hits (client int, n int)").unwrap();
     let conninfo = proxy.conninfo("postgres", None);
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(200));

@@ -406,6 +406,21 @@ pub struct ProxyConfig {
     /// Pin each shard's thread to one core (turn off when sharing a machine with other
     /// pinned services).
     pub pin_cores: bool,
+    /// Which shard serves a new client: `pack` (the default) keeps new clients on the
+    /// lowest-numbered shard not busier than `pack-busy-pct` (any shard may accept; it hands
+    /// the connection over), so that a shard with clients is busy enough to serve several of
+    /// them per wake-up and a shard without clients sleeps; `kernel` leaves it to the
+    /// kernel's SO_REUSEPORT hash (clients spread evenly, each shard sleeps and wakes for its
+    /// share). A client stays on its shard for its whole life either way.
+    pub client_placement: ClientPlacement,
+    /// With `client-placement = "pack"`: a shard whose thread used more than this share of
+    /// its core (percent of the last 100 ms, smoothed) takes no new clients while a later
+    /// shard is below it; when every shard is above it, the least busy one takes them.
+    pub pack_busy_pct: u32,
+    /// With `client-placement = "pack"`: accepted connections waiting for the shard they are
+    /// placed on, per shard; when that queue is full the accepting shard serves the client
+    /// itself (counted as `placement_overflows`).
+    pub handover_queue_max: usize,
     /// listen(2) backlog of each shard's listener.
     pub backlog: u32,
     /// Largest single protocol message accepted from a client or a server.
@@ -468,6 +483,9 @@ impl Default for ProxyConfig {
             unix_socket_dir: String::new(),
             shards: 0,
             pin_cores: true,
+            client_placement: ClientPlacement::Pack,
+            pack_busy_pct: 70,
+            handover_queue_max: 1024,
             backlog: 4096,
             message_bytes_max: 64 << 20,
             read_chunk_bytes: 16 << 10,
@@ -487,6 +505,17 @@ impl Default for ProxyConfig {
             session_settings_max: 64,
         }
     }
+}
+
+/// `proxy.client-placement` (`--client-placement`): which shard serves a new client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientPlacement {
+    /// New clients go to the lowest-numbered shard below `proxy.pack-busy-pct` (the default).
+    #[default]
+    Pack,
+    /// New clients stay on the shard whose listener the kernel's SO_REUSEPORT hash chose.
+    Kernel,
 }
 
 /// The primary database: every client byte goes here and the client sees its answers.
@@ -1151,6 +1180,18 @@ impl Config {
             return Err(ConfigError::key(
                 "proxy.send-queue-bytes",
                 "expected between 4096 and 67108864 bytes",
+            ));
+        }
+        if !(1..=100).contains(&self.proxy.pack_busy_pct) {
+            return Err(ConfigError::key(
+                "proxy.pack-busy-pct",
+                "expected a percentage between 1 and 100",
+            ));
+        }
+        if !(1..=1 << 20).contains(&self.proxy.handover_queue_max) {
+            return Err(ConfigError::key(
+                "proxy.handover-queue-max",
+                "expected between 1 and 1048576 connections",
             ));
         }
         if self.proxy.ring_batch_wait_us > RING_BATCH_WAIT_US_MAX {

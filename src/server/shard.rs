@@ -4,6 +4,7 @@
 
 use std::cell::Cell;
 use std::future::Future;
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -14,13 +15,15 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Sender, TrySendError};
 use socket2::Socket;
 
-use crate::exec::net::Listener;
+use crate::exec::net::{Listener, Stream};
 use crate::exec::{self, Notifier};
 
 use crate::mirror::MirrorTarget;
 use crate::proxy::{ProxySettings, ShardCtx, serve_client};
 use crate::stats::fingerprints::Fingerprints;
 use crate::stats::{ShardReport, ShardStats};
+
+use super::placement::{Handed, Placement};
 
 /// How often a drain looks for sessions that became idle.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
@@ -46,6 +49,8 @@ pub(super) struct ShardPlan {
     pub drain_timeout: Duration,
     pub reports: Sender<ShardReport>,
     pub stop: Notifier,
+    /// Which shard serves a client this one accepts (None: this one, always).
+    pub placement: Option<Arc<Placement>>,
 }
 
 /// What the shard's [`ShardCtx`] (its sessions' shared state) is built from.
@@ -88,9 +93,13 @@ pub(super) async fn run(plan: ShardPlan) {
         None => return,
     }
     let clients = Clients::default();
+    let placing = Placing {
+        shard: &shard,
+        clients: &clients,
+        placement: plan.placement.as_ref(),
+    };
     serve_until_stopped(
-        &shard,
-        &clients,
+        &placing,
         &listeners,
         &plan.reports,
         plan.report_interval,
@@ -202,13 +211,13 @@ fn context(index: usize, plan: ContextPlan) -> Option<Rc<ShardCtx>> {
 
 /// Accepts (and reports) until the control thread asks the shard to stop.
 async fn serve_until_stopped(
-    shard: &Rc<ShardCtx>,
-    clients: &Clients,
+    placing: &Placing<'_>,
     listeners: &[Listener],
     reports: &Sender<ShardReport>,
     report_interval: Duration,
     stop: &Notifier,
 ) {
+    let shard = placing.shard;
     let reporter = async {
         loop {
             exec::sleep(report_interval).await;
@@ -218,7 +227,9 @@ async fn serve_until_stopped(
             send_report(shard, reports);
         }
     };
-    let accepting = accept_all(listeners, shard, clients);
+    let accepting = async {
+        futures_lite::future::zip(accept_all(listeners, placing), placing.adopt_handed()).await;
+    };
     let stopped = async {
         if let Err(err) = stop.notified().await {
             tracing::error!(shard = shard.index, error = %err, "stop notifier failed");
@@ -296,11 +307,11 @@ async fn drain(shard: &ShardCtx, clients: &Clients, drain_timeout: Duration, pat
 }
 
 /// Accepts from every listener of the shard until the shard stops (the future is dropped).
-async fn accept_all(listeners: &[Listener], shard: &Rc<ShardCtx>, clients: &Clients) {
+async fn accept_all(listeners: &[Listener], placing: &Placing<'_>) {
     type Accepting<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
     let mut loops: Vec<Accepting<'_>> = listeners
         .iter()
-        .map(|l| Box::pin(accept_loop(l, shard, clients)) as Accepting<'_>)
+        .map(|l| Box::pin(accept_loop(l, placing)) as Accepting<'_>)
         .collect();
     // Each loop runs forever; polling all of them on every wake costs a few accept4 calls
     // that answer EAGAIN, on a handful of listeners.
@@ -314,17 +325,11 @@ async fn accept_all(listeners: &[Listener], shard: &Rc<ShardCtx>, clients: &Clie
 }
 
 /// Accepts clients from one listener until the shard stops (the future is dropped).
-async fn accept_loop(listener: &Listener, shard: &Rc<ShardCtx>, clients: &Clients) {
+async fn accept_loop(listener: &Listener, placing: &Placing<'_>) {
+    let shard = placing.shard;
     loop {
-        match listener.accept().await {
-            Ok(stream) => {
-                let counted = clients.count();
-                let shard = shard.clone();
-                exec::spawn(async move {
-                    let _counted = counted;
-                    serve_client(shard, stream).await;
-                });
-            }
+        match listener.accept_fd().await {
+            Ok(fd) => placing.place(fd, listener.is_unix()),
             Err(err) => {
                 // EMFILE and friends: back off briefly instead of spinning on accept.
                 tracing::warn!(
@@ -336,6 +341,82 @@ async fn accept_loop(listener: &Listener, shard: &Rc<ShardCtx>, clients: &Client
                 exec::sleep(Duration::from_millis(10)).await;
             }
         }
+    }
+}
+
+/// Where this shard's accepted clients go, and the clients it serves.
+struct Placing<'a> {
+    shard: &'a Rc<ShardCtx>,
+    clients: &'a Clients,
+    placement: Option<&'a Arc<Placement>>,
+}
+
+impl Placing<'_> {
+    /// A connection this shard accepted: handed to the shard the placement chooses, or
+    /// served here (this shard chosen, or the chosen one's queue full).
+    fn place(&self, fd: OwnedFd, unix: bool) {
+        let me = self.shard.index;
+        let handed = Handed { fd, unix };
+        let handed = match self.placement {
+            Some(placement) => {
+                let to = placement.choose(me);
+                if to == me {
+                    handed
+                } else {
+                    match placement.hand_over(to, handed) {
+                        Ok(()) => {
+                            ShardStats::bump(&self.shard.stats.counters.clients_handed_over, 1);
+                            return;
+                        }
+                        Err(back) => {
+                            ShardStats::bump(&self.shard.stats.counters.handover_overflows, 1);
+                            back
+                        }
+                    }
+                }
+            }
+            None => handed,
+        };
+        self.serve(handed);
+    }
+
+    /// Serves a connection on this shard to its end.
+    fn serve(&self, handed: Handed) {
+        let stream = match Stream::adopt(handed.fd, handed.unix) {
+            Ok(stream) => stream,
+            Err(err) => {
+                tracing::warn!(shard = self.shard.index, error = %err, "cannot serve a client");
+                return;
+            }
+        };
+        let counted = self.clients.count();
+        let placed = self.placement.map(|p| p.count(self.shard.index));
+        let shard = self.shard.clone();
+        exec::spawn(async move {
+            let _counted = (counted, placed);
+            serve_client(shard, stream).await;
+        });
+    }
+
+    /// Serves the connections other shards hand to this one, and keeps this shard's busy
+    /// figure current, until the shard stops (the future is dropped).
+    async fn adopt_handed(&self) {
+        let Some(placement) = self.placement else {
+            return futures_lite::future::pending().await;
+        };
+        let me = self.shard.index;
+        let adopting = async {
+            loop {
+                if let Err(err) = placement.handed(me).await {
+                    tracing::error!(shard = me, error = %err, "hand-over notifier failed");
+                    return futures_lite::future::pending().await;
+                }
+                for handed in placement.take(me) {
+                    self.serve(handed);
+                }
+            }
+        };
+        futures_lite::future::zip(adopting, placement.meter(me)).await;
     }
 }
 

@@ -299,6 +299,14 @@ impl Proxy {
             } else {
                 &["--shards", "2"][..]
             })
+            // Clients spread over the shards by the kernel's hash unless the test says
+            // otherwise: most tests were written for (and some need) clients on both shards;
+            // the default packing has its own tests (tests/proxy.rs).
+            .args(if extra.contains(&"--client-placement") {
+                &[][..]
+            } else {
+                &["--client-placement", "kernel"][..]
+            })
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(stderr)
