@@ -413,9 +413,10 @@ pub struct ProxyConfig {
     /// kernel's SO_REUSEPORT hash (clients spread evenly, each shard sleeps and wakes for its
     /// share). A client stays on its shard for its whole life either way.
     pub client_placement: ClientPlacement,
-    /// With `client-placement = "pack"`: a shard whose thread used more than this share of
-    /// its core (percent of the last 100 ms, smoothed) takes no new clients while a later
-    /// shard is below it; when every shard is above it, the least busy one takes them.
+    /// With `client-placement = "pack"`: a shard whose thread ran, or waited runnable for
+    /// its core, more than this share of the time (percent of the last 100 ms, smoothed)
+    /// takes no new clients while a later shard is below it; when every shard is above it,
+    /// the least busy one takes them.
     pub pack_busy_pct: u32,
     /// With `client-placement = "pack"`: accepted connections waiting for the shard they are
     /// placed on, per shard; when that queue is full the accepting shard serves the client

@@ -135,19 +135,22 @@ impl Placement {
         Counted(self.clone(), me)
     }
 
-    /// Measures, every [`BUSY_TICK`], the share of its core shard `me`'s thread used (its CPU
-    /// time, user and kernel, over the wall time), smoothed, and publishes it. Runs on the
-    /// shard's own thread for as long as the shard serves.
+    /// Measures, every [`BUSY_TICK`], the share of its core shard `me`'s thread used or
+    /// wanted (its CPU time, user and kernel, and its time runnable but waiting for the
+    /// core, over the wall time), smoothed, and publishes it. The waiting counts: a shard
+    /// pinned to a core crowded by other processes serves its clients late however little
+    /// CPU it gets, and must not be given more. Runs on the shard's own thread for as long
+    /// as the shard serves.
     pub(super) async fn meter(&self, me: usize) {
         let Some(slot) = self.slots.get(me) else {
             return;
         };
-        let mut cpu = thread_cpu();
+        let mut cpu = thread_demand();
         let mut at = Instant::now();
         let mut smoothed: u64 = 0;
         loop {
             exec::sleep(BUSY_TICK).await;
-            let (cpu_now, now) = (thread_cpu(), Instant::now());
+            let (cpu_now, now) = (thread_demand(), Instant::now());
             let wall = now.saturating_duration_since(at).as_nanos().max(1) as u64;
             let used = cpu_now.saturating_sub(cpu).as_nanos() as u64;
             let permille = (used.saturating_mul(1000) / wall).min(1000);
@@ -183,6 +186,22 @@ fn choose(busy: &[u32], full: &[bool], busy_max: u32, here: usize) -> usize {
         .filter(open)
         .min_by_key(|&i| (busy[i], i != here))
         .unwrap_or(here)
+}
+
+/// The time the calling thread has run (user and kernel) and waited runnable for a core,
+/// from `/proc/thread-self/schedstat`; its CPU time alone where that cannot be read. A read
+/// of procfs is answered from the scheduler's counters in memory (no disk, no wait), ten
+/// times a second: not the blocking file work shards leave to the control thread.
+fn thread_demand() -> Duration {
+    let read = std::fs::read_to_string("/proc/thread-self/schedstat");
+    let mut fields = read.as_deref().unwrap_or("").split_ascii_whitespace();
+    match (
+        fields.next().and_then(|f| f.parse::<u64>().ok()),
+        fields.next().and_then(|f| f.parse::<u64>().ok()),
+    ) {
+        (Some(run), Some(wait)) => Duration::from_nanos(run.saturating_add(wait)),
+        _ => thread_cpu(),
+    }
 }
 
 /// The CPU time (user and kernel) the calling thread has used.
