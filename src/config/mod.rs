@@ -414,7 +414,7 @@ pub struct ProxyConfig {
     /// share). A client stays on its shard for its whole life either way.
     pub client_placement: ClientPlacement,
     /// With `client-placement = "pack"`: a shard whose thread ran, or waited runnable for
-    /// its core, more than this share of the time (percent of the last 100 ms, smoothed)
+    /// its core, more than this share of the time (percent, smoothed over about a second)
     /// takes no new clients while a later shard is below it; when every shard is above it,
     /// the least busy one takes them.
     pub pack_busy_pct: u32,
@@ -485,7 +485,7 @@ impl Default for ProxyConfig {
             shards: 0,
             pin_cores: true,
             client_placement: ClientPlacement::Pack,
-            pack_busy_pct: 70,
+            pack_busy_pct: 80,
             handover_queue_max: 1024,
             backlog: 4096,
             message_bytes_max: 64 << 20,

@@ -154,9 +154,14 @@ impl Placement {
             let wall = now.saturating_duration_since(at).as_nanos().max(1) as u64;
             let used = cpu_now.saturating_sub(cpu).as_nanos() as u64;
             let permille = (used.saturating_mul(1000) / wall).min(1000);
-            // Half the last tick, half the one before: a burst of accepts does not move a
-            // shard's figure for long, a lasting load moves it within a few ticks.
-            smoothed = (smoothed + permille) / 2;
+            // An eighth of the way to each tick's figure (a time constant of about 0.8 s): a
+            // burst of connections that keeps the shard busy for a few tenths of a second
+            // (512 pgbench clients connecting at once: their startups and authentication)
+            // does not make the next clients spill to another shard, a lasting load does
+            // within a second or two. With half the way per tick, 63 of 512 such clients
+            // spilled to the second shard and cost it 35 us of CPU per transaction of the
+            // run on its few clients (benches/shard-wakes.sh, docs/benchmarks.md).
+            smoothed = (smoothed * 7 + permille) / 8;
             slot.busy_permille.store(smoothed as u32, Ordering::Relaxed);
             (cpu, at) = (cpu_now, now);
         }
