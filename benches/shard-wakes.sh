@@ -64,6 +64,9 @@ accepted() { # per shard: connections served and connections handed to another s
     END {for (s in a) print s, a[s], h[s] + 0}'
 }
 
+# Shards report once a second: without their first report the first run has no per-shard
+# figures to start from.
+sleep 1.5
 echo "== pgbench -S -M $MODE, ${DURATION}s per run, $ROUNDS rounds, pool size $POOL_SIZE, nproc $(nproc)"
 echo "== targets: $TARGETS_SPEC"
 echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
