@@ -111,8 +111,8 @@ struct ProxyArgs {
     /// Do not pin shard threads to cores.
     #[arg(long)]
     no_pin: bool,
-    /// Which shard serves a new client: pack (the lowest-numbered shard not busy) or kernel
-    /// (the SO_REUSEPORT hash).
+    /// Which shard serves a new client: kernel (the SO_REUSEPORT hash, the default) or pack
+    /// (the lowest-numbered shard not busy; for a small machine shared with the database).
     #[arg(long, value_name = "pack|kernel", value_parser = ["pack", "kernel"])]
     client_placement: Option<String>,
     #[command(flatten)]

@@ -23,7 +23,7 @@ use crate::proxy::{ProxySettings, ShardCtx, serve_client};
 use crate::stats::fingerprints::Fingerprints;
 use crate::stats::{ShardReport, ShardStats};
 
-use super::placement::{Handed, Placement};
+use super::placement::{self, Handed, Placement, Route};
 
 /// How often a drain looks for sessions that became idle.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
@@ -106,8 +106,10 @@ pub(super) async fn run(plan: ShardPlan) {
         &plan.stop,
     )
     .await;
+    placing.close();
     drop(listeners);
-    drain(&shard, &clients, plan.drain_timeout, &plan.patient).await;
+    drain(&placing, plan.drain_timeout, &plan.patient).await;
+    placing.refuse_queued();
     // The final report must arrive: it carries the exact totals. Block briefly if needed;
     // the shard has no sessions left to delay.
     let _ = plan
@@ -278,9 +280,13 @@ impl Drop for ClientCounted {
 /// drain (after an upgrade) closes no session before the timeout: its client may still send
 /// a transaction, and only this process can run it. The flag is read every turn: a SIGTERM
 /// during a patient drain makes it an ordinary one.
-async fn drain(shard: &ShardCtx, clients: &Clients, drain_timeout: Duration, patient: &AtomicBool) {
+async fn drain(placing: &Placing<'_>, drain_timeout: Duration, patient: &AtomicBool) {
+    let (shard, clients) = (placing.shard, placing.clients);
     let deadline = Instant::now() + drain_timeout;
     loop {
+        // Connections other shards queued for this one before it closed are clients like
+        // those in their startup: served, and closed as idle or to their end.
+        placing.adopt_queued();
         // A client still in its startup is no session yet, but it will be one: wait for it
         // (it is closed as idle, or served to its end, like the others), never drop it.
         let none_left = shard.sessions_active() == 0 && clients.0.get() == 0;
@@ -353,36 +359,38 @@ struct Placing<'a> {
 
 impl Placing<'_> {
     /// A connection this shard accepted: handed to the shard the placement chooses, or
-    /// served here (this shard chosen, or the chosen one's queue full).
+    /// served here (this shard chosen, or the chosen one's queue full or closed).
     fn place(&self, fd: OwnedFd, unix: bool) {
-        let me = self.shard.index;
-        let handed = Handed { fd, unix };
-        let handed = match self.placement {
-            Some(placement) => {
-                let to = placement.choose(me);
-                if to == me {
-                    handed
-                } else {
-                    match placement.hand_over(to, handed) {
-                        Ok(()) => {
-                            ShardStats::bump(&self.shard.stats.counters.clients_handed_over, 1);
-                            return;
-                        }
-                        Err(back) => {
-                            ShardStats::bump(&self.shard.stats.counters.handover_overflows, 1);
-                            back
-                        }
-                    }
-                }
-            }
-            None => handed,
+        let accepted = Instant::now();
+        let Some(placement) = self.placement else {
+            return self.serve(Handed {
+                fd,
+                unix,
+                accepted,
+                counted: None,
+            });
         };
-        self.serve(handed);
+        match placement.route(self.shard.index, fd, unix, accepted) {
+            Route::Here(handed) => self.serve(handed),
+            Route::HandedOver => {
+                ShardStats::bump(&self.shard.stats.counters.clients_handed_over, 1);
+            }
+            Route::Overflow(handed) => {
+                ShardStats::bump(&self.shard.stats.counters.handover_overflows, 1);
+                self.serve(handed);
+            }
+        }
     }
 
     /// Serves a connection on this shard to its end.
     fn serve(&self, handed: Handed) {
-        let stream = match Stream::adopt(handed.fd, handed.unix) {
+        let Handed {
+            fd,
+            unix,
+            accepted,
+            counted: placed,
+        } = handed;
+        let stream = match Stream::adopt(fd, unix) {
             Ok(stream) => stream,
             Err(err) => {
                 tracing::warn!(shard = self.shard.index, error = %err, "cannot serve a client");
@@ -390,12 +398,20 @@ impl Placing<'_> {
             }
         };
         let counted = self.clients.count();
-        let placed = self.placement.map(|p| p.count(self.shard.index));
         let shard = self.shard.clone();
         exec::spawn(async move {
             let _counted = (counted, placed);
-            serve_client(shard, stream).await;
+            serve_client(shard, stream, accepted).await;
         });
+    }
+
+    /// Serves the connections other shards queued for this one.
+    fn adopt_queued(&self) {
+        if let Some(placement) = self.placement {
+            for handed in placement.take(self.shard.index) {
+                self.serve(handed);
+            }
+        }
     }
 
     /// Serves the connections other shards hand to this one, and keeps this shard's busy
@@ -411,12 +427,48 @@ impl Placing<'_> {
                     tracing::error!(shard = me, error = %err, "hand-over notifier failed");
                     return futures_lite::future::pending().await;
                 }
-                for handed in placement.take(me) {
-                    self.serve(handed);
+                // Crash tests: a shard that leaves its queue unread until it stops (as one
+                // whose thread is held up would), so that its drain finds connections queued.
+                if crate::cdc::failpoint::fails("placement-adopt") {
+                    return futures_lite::future::pending().await;
                 }
+                self.adopt_queued();
             }
         };
         futures_lite::future::zip(adopting, placement.meter(me)).await;
+    }
+
+    /// The shard stopped serving: no client is placed on it from now on (those queued
+    /// before are served by the drain, see [`adopt_queued`](Self::adopt_queued)).
+    fn close(&self) {
+        if let Some(placement) = self.placement {
+            placement.close(self.shard.index);
+        }
+    }
+
+    /// After the drain, with the executor about to stop: refuses what is still queued
+    /// (57P01) instead of leaving it to wait for a shard that is gone.
+    fn refuse_queued(&self) {
+        let Some(placement) = self.placement else {
+            return;
+        };
+        let queued = placement.take(self.shard.index);
+        if queued.is_empty() {
+            return;
+        }
+        let msg = crate::proxy::error_bytes(
+            "FATAL",
+            crate::wire::sqlstate::ADMIN_SHUTDOWN,
+            "terminating connection because pgprism is shutting down",
+        );
+        tracing::info!(
+            shard = self.shard.index,
+            clients = queued.len(),
+            "refusing clients queued for a stopped shard"
+        );
+        for handed in queued {
+            placement::refuse_stopped(handed, &msg);
+        }
     }
 }
 
