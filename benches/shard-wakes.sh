@@ -7,7 +7,7 @@
 # sessions each shard served (the admin endpoint's pgprism_connections_accepted_total).
 #
 #   PGPRISM=target/release/pgprism benches/shard-wakes.sh
-#   TARGETS="pack:--client-placement=pack spread:--client-placement=spread" benches/shard-wakes.sh
+#   TARGETS="pack:--client-placement=pack kernel:--client-placement=kernel" benches/shard-wakes.sh
 #
 # Settings (environment): CLIENTS="16 64", ROUNDS=2, DURATION=6, MODE=simple, POOL_SIZE=20,
 # TARGETS="default:" (NAME:FLAGS, flags comma-separated), PGPRISM (a prebuilt binary instead
