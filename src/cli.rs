@@ -111,6 +111,10 @@ struct ProxyArgs {
     /// Do not pin shard threads to cores.
     #[arg(long)]
     no_pin: bool,
+    /// Which shard serves a new client: kernel (the SO_REUSEPORT hash, the default) or pack
+    /// (the lowest-numbered shard not busy; for a small machine shared with the database).
+    #[arg(long, value_name = "pack|kernel", value_parser = ["pack", "kernel"])]
+    client_placement: Option<String>,
     #[command(flatten)]
     mirror: MirrorArgs,
     #[command(flatten)]
@@ -683,6 +687,11 @@ impl ProxyArgs {
         }
         if self.no_pin {
             cfg.proxy.pin_cores = false;
+        }
+        match self.client_placement.as_deref() {
+            Some("pack") => cfg.proxy.client_placement = crate::config::ClientPlacement::Pack,
+            Some("kernel") => cfg.proxy.client_placement = crate::config::ClientPlacement::Kernel,
+            _ => {}
         }
         self.mirror.apply(&mut cfg);
         self.compare.apply(&mut cfg);

@@ -286,10 +286,54 @@ fn peak_rss_kb(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// Issue 14: with `proxy.client-placement = "pack"` a new client goes to the first shard that
+/// is not busy, whichever shard's listener the kernel gave it: a few idle clients connecting
+/// one after another all land on shard 0 (those the kernel gave shard 1 are handed over) and
+/// every one is served, a cancel included.
+#[test]
+fn clients_pack_on_the_first_shard_under_pack() {
+    let pg = start_primary("p-pack");
+    let proxy = Proxy::start(&pg.url(), &["--client-placement", "pack"]);
+    let mut clients: Vec<_> = (0..16).map(|_| proxy.client()).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let row = c.query_one("SELECT $1::int", &[&(i as i32)]).unwrap();
+        assert_eq!(row.get::<_, i32>(0), i as i32);
+    }
+    let by_shard = || {
+        let (_, body) = proxy.admin_get("/metrics");
+        let mut sessions = [0u64; 2];
+        for line in body.lines() {
+            if let Some(rest) = line.strip_prefix("pgprism_sessions_active{shard=\"")
+                && let Some((shard, value)) = rest.split_once("\"} ")
+                && let (Ok(shard), Ok(value)) = (shard.parse::<usize>(), value.parse())
+                && shard < 2
+            {
+                sessions[shard] = value;
+            }
+        }
+        sessions
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || by_shard() == [16, 0]),
+        "sessions by shard: {:?}",
+        by_shard()
+    );
+    // Each connection counted once, by the shard that served it; none kept back by a full
+    // hand-over queue.
+    assert!(eventually(Duration::from_secs(5), || proxy
+        .metric("pgprism_connections_accepted_total")
+        == 16));
+    assert_eq!(proxy.metric("pgprism_handover_overflows_total"), 0);
+    let (first, rest) = clients.split_at_mut(1);
+    support::assert_cancel_reaches_only(pg.port(), &mut first[0], &mut rest[0]);
+}
+
+/// Through the pack placement: 200 clients connecting at once are handed over between the
+/// shards while they connect (a burst that large spreads), and each is served to its end.
 #[test]
 fn two_hundred_concurrent_clients() {
     let pg = start_primary("p-many");
-    let proxy = Proxy::start(&pg.url(), &[]);
+    let proxy = Proxy::start(&pg.url(), &["--client-placement", "pack"]);
     pg.psql("CREATE TABLE hits (client int, n int)").unwrap();
     let conninfo = proxy.conninfo("postgres", None);
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(200));
@@ -508,8 +552,19 @@ fn primary_dying_mid_query_gives_08006_and_the_proxy_lives_on() {
 
 #[test]
 fn sigterm_drains_sessions_then_exits_zero() {
-    let pg = start_primary("p-drain");
-    let mut proxy = Proxy::start(&pg.url(), &["--drain-timeout-ms", "20000"]);
+    sigterm_drains("p-drain", &[]);
+}
+
+#[test]
+fn sigterm_drains_sessions_then_exits_zero_with_clients_packed() {
+    sigterm_drains("p-drain-pack", &["--client-placement", "pack"]);
+}
+
+fn sigterm_drains(name: &str, placement: &[&str]) {
+    let pg = start_primary(name);
+    let mut args = vec!["--drain-timeout-ms", "20000"];
+    args.extend_from_slice(placement);
+    let mut proxy = Proxy::start(&pg.url(), &args);
     pg.psql("CREATE TABLE d (v int)").unwrap();
     let mut busy = raw::connect_ready(proxy.listen);
     let mut idle = proxy.client();
@@ -532,6 +587,61 @@ fn sigterm_drains_sessions_then_exits_zero() {
         proxy.log()
     );
     assert_eq!(pg.psql("SELECT count(*) FROM d").unwrap().trim(), "2");
+}
+
+/// Review of issue 14's placement: connections another shard queued for a shard that then
+/// stops were never read again (the queue's reader ended with the serve loop) and their
+/// clients hung until the process exited. Shard 0 here leaves its queue unread (failpoint
+/// `placement-adopt`) while clients connect, so those the kernel gave shard 1 are queued for
+/// it; at SIGTERM its drain serves them (and closes them as idle) or refuses them, each with
+/// 57P01, and the process exits.
+#[test]
+fn a_stopping_shard_serves_or_refuses_the_clients_queued_for_it() {
+    let pg = start_primary("p-pack-queued");
+    let mut proxy = Proxy::start_env(
+        &pg.url(),
+        &["--client-placement", "pack", "--drain-timeout-ms", "20000"],
+        &[("PGPRISM_FAILPOINTS", "placement-adopt=error")],
+    );
+    let mut clients: Vec<TcpStream> = (0..16)
+        .map(|_| {
+            let mut s = TcpStream::connect(proxy.listen).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            s.write_all(&raw::startup("postgres", "postgres")).unwrap();
+            s
+        })
+        .collect();
+    // With 16 connections the kernel gives shard 1 some (all on shard 0: 1 in 65,536).
+    assert!(
+        eventually(Duration::from_secs(10), || proxy
+            .metric("pgprism_clients_handed_over_total")
+            >= 1),
+        "nothing handed over:\n{}",
+        proxy.log()
+    );
+    let queued = proxy.metric("pgprism_clients_handed_over_total");
+    proxy.signal(libc::SIGTERM);
+    let mut unanswered = 0;
+    for c in &mut clients {
+        let msgs = raw::read_to_end(c);
+        match msgs.last() {
+            Some((b'E', body)) => {
+                assert_eq!(
+                    raw::error_field(body, b'C').as_deref(),
+                    Some("57P01"),
+                    "{msgs:?}"
+                )
+            }
+            _ => unanswered += 1,
+        }
+    }
+    assert_eq!(unanswered, 0, "{queued} queued; log:\n{}", proxy.log());
+    assert_eq!(
+        proxy.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        proxy.log()
+    );
 }
 
 #[test]

@@ -288,7 +288,18 @@ fn clean_run(what: &str, child: Child) -> u64 {
 
 #[test]
 fn two_upgrades_under_pgbench_lose_no_transaction_and_refuse_no_connection() {
-    let pg = primary("upgrade-bench");
+    upgrades_under_pgbench("upgrade-bench", "kernel");
+}
+
+/// The same with `client-placement = "pack"`: connections accepted while a process stops may
+/// be queued for a shard that is draining; each is served or refused, none is left waiting.
+#[test]
+fn two_upgrades_under_pgbench_with_clients_packed() {
+    upgrades_under_pgbench("upgrade-pack", "pack");
+}
+
+fn upgrades_under_pgbench(name: &str, placement: &str) {
+    let pg = primary(name);
     let init = pgbench("127.0.0.1", pg.port(), &["-i", "-q", "-s", "1"])
         .output()
         .expect("pgbench -i");
@@ -297,7 +308,7 @@ fn two_upgrades_under_pgbench_lose_no_transaction_and_refuse_no_connection() {
         "{}",
         String::from_utf8_lossy(&init.stderr)
     );
-    let dir = scratch("bench");
+    let dir = scratch(name);
     let sockets = dir.display().to_string();
     let url = pg.url();
     let mut proxy = Upgradable::start(
@@ -313,6 +324,8 @@ fn two_upgrades_under_pgbench_lose_no_transaction_and_refuse_no_connection() {
             "--shards",
             "2",
             "--no-pin",
+            "--client-placement",
+            placement,
             // Long enough for the long sessions to end on their own (pgbench -T 20).
             "--drain-timeout-ms",
             "60000",

@@ -86,7 +86,14 @@ impl Listener {
     }
 
     pub async fn accept(&self) -> io::Result<Stream> {
-        let fd = futures_lite::future::poll_fn(|cx| {
+        let fd = self.accept_fd().await?;
+        Stream::from_fd(fd, self.unix)
+    }
+
+    /// The next connection as a bare descriptor, not yet driven by any shard: the caller
+    /// may serve it here ([`Stream::adopt`]) or hand it to another shard, which adopts it.
+    pub async fn accept_fd(&self) -> io::Result<OwnedFd> {
+        futures_lite::future::poll_fn(|cx| {
             loop {
                 // SAFETY: accept4 with null address pointers is allowed; result checked.
                 let fd = unsafe {
@@ -114,8 +121,7 @@ impl Listener {
                 }
             }
         })
-        .await?;
-        Stream::from_fd(fd, self.unix)
+        .await
     }
 }
 
@@ -155,6 +161,12 @@ impl Stream {
             unix,
             tls: None,
         })
+    }
+
+    /// Starts driving an accepted connection (from [`Listener::accept_fd`], on this shard or
+    /// another) on the current shard.
+    pub fn adopt(fd: OwnedFd, unix: bool) -> io::Result<Stream> {
+        Stream::from_fd(fd, unix)
     }
 
     /// The descriptor, borrowed for socket options.

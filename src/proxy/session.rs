@@ -567,7 +567,7 @@ fn shutdown_farewell(client: &Stream) {
     client.shutdown();
 }
 
-pub(super) fn error_bytes(severity: &str, code: &str, message: &str) -> Bytes {
+pub(crate) fn error_bytes(severity: &str, code: &str, message: &str) -> Bytes {
     let mut buf = BytesMut::new();
     let spec = wire::encode::ErrorSpec::new(severity, code, message);
     if wire::encode::error_response(&mut buf, &spec).is_err() {
@@ -579,9 +579,10 @@ pub(super) fn error_bytes(severity: &str, code: &str, message: &str) -> Bytes {
     buf.freeze()
 }
 
-/// Serves one accepted client connection to its end.
-pub async fn serve_client(shard: Rc<ShardCtx>, mut client: Stream) {
-    let accepted = Instant::now();
+/// Serves one accepted client connection to its end. `accepted` is when a listener accepted
+/// it (on this shard or, under `client-placement = "pack"`, on the one that handed it over):
+/// the startup timeout counts from there.
+pub async fn serve_client(shard: Rc<ShardCtx>, mut client: Stream, accepted: Instant) {
     let stats = &shard.stats;
     ShardStats::bump(&stats.counters.connections_accepted, 1);
     if client.is_unix() {
@@ -604,7 +605,7 @@ pub async fn serve_client(shard: Rc<ShardCtx>, mut client: Stream) {
     let mut buf = BytesMut::new();
 
     let startup = within(
-        shard.settings.startup_timeout,
+        deadline.saturating_duration_since(Instant::now()),
         read_startup(&shard, &mut client, &mut buf),
     )
     .await;

@@ -12,6 +12,7 @@ mod check;
 mod control_loop;
 mod listener;
 mod low_port;
+mod placement;
 mod preflight;
 mod reload;
 mod shard;

@@ -4,6 +4,7 @@
 
 use std::cell::Cell;
 use std::future::Future;
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -14,13 +15,15 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Sender, TrySendError};
 use socket2::Socket;
 
-use crate::exec::net::Listener;
+use crate::exec::net::{Listener, Stream};
 use crate::exec::{self, Notifier};
 
 use crate::mirror::MirrorTarget;
 use crate::proxy::{ProxySettings, ShardCtx, serve_client};
 use crate::stats::fingerprints::Fingerprints;
 use crate::stats::{ShardReport, ShardStats};
+
+use super::placement::{self, Handed, Placement, Route};
 
 /// How often a drain looks for sessions that became idle.
 const DRAIN_POLL: Duration = Duration::from_millis(20);
@@ -46,6 +49,8 @@ pub(super) struct ShardPlan {
     pub drain_timeout: Duration,
     pub reports: Sender<ShardReport>,
     pub stop: Notifier,
+    /// Which shard serves a client this one accepts (None: this one, always).
+    pub placement: Option<Arc<Placement>>,
 }
 
 /// What the shard's [`ShardCtx`] (its sessions' shared state) is built from.
@@ -88,17 +93,23 @@ pub(super) async fn run(plan: ShardPlan) {
         None => return,
     }
     let clients = Clients::default();
+    let placing = Placing {
+        shard: &shard,
+        clients: &clients,
+        placement: plan.placement.as_ref(),
+    };
     serve_until_stopped(
-        &shard,
-        &clients,
+        &placing,
         &listeners,
         &plan.reports,
         plan.report_interval,
         &plan.stop,
     )
     .await;
+    placing.close();
     drop(listeners);
-    drain(&shard, &clients, plan.drain_timeout, &plan.patient).await;
+    drain(&placing, plan.drain_timeout, &plan.patient).await;
+    placing.refuse_queued();
     // The final report must arrive: it carries the exact totals. Block briefly if needed;
     // the shard has no sessions left to delay.
     let _ = plan
@@ -202,13 +213,13 @@ fn context(index: usize, plan: ContextPlan) -> Option<Rc<ShardCtx>> {
 
 /// Accepts (and reports) until the control thread asks the shard to stop.
 async fn serve_until_stopped(
-    shard: &Rc<ShardCtx>,
-    clients: &Clients,
+    placing: &Placing<'_>,
     listeners: &[Listener],
     reports: &Sender<ShardReport>,
     report_interval: Duration,
     stop: &Notifier,
 ) {
+    let shard = placing.shard;
     let reporter = async {
         loop {
             exec::sleep(report_interval).await;
@@ -218,7 +229,9 @@ async fn serve_until_stopped(
             send_report(shard, reports);
         }
     };
-    let accepting = accept_all(listeners, shard, clients);
+    let accepting = async {
+        futures_lite::future::zip(accept_all(listeners, placing), placing.adopt_handed()).await;
+    };
     let stopped = async {
         if let Err(err) = stop.notified().await {
             tracing::error!(shard = shard.index, error = %err, "stop notifier failed");
@@ -267,9 +280,13 @@ impl Drop for ClientCounted {
 /// drain (after an upgrade) closes no session before the timeout: its client may still send
 /// a transaction, and only this process can run it. The flag is read every turn: a SIGTERM
 /// during a patient drain makes it an ordinary one.
-async fn drain(shard: &ShardCtx, clients: &Clients, drain_timeout: Duration, patient: &AtomicBool) {
+async fn drain(placing: &Placing<'_>, drain_timeout: Duration, patient: &AtomicBool) {
+    let (shard, clients) = (placing.shard, placing.clients);
     let deadline = Instant::now() + drain_timeout;
     loop {
+        // Connections other shards queued for this one before it closed are clients like
+        // those in their startup: served, and closed as idle or to their end.
+        placing.adopt_queued();
         // A client still in its startup is no session yet, but it will be one: wait for it
         // (it is closed as idle, or served to its end, like the others), never drop it.
         let none_left = shard.sessions_active() == 0 && clients.0.get() == 0;
@@ -296,11 +313,11 @@ async fn drain(shard: &ShardCtx, clients: &Clients, drain_timeout: Duration, pat
 }
 
 /// Accepts from every listener of the shard until the shard stops (the future is dropped).
-async fn accept_all(listeners: &[Listener], shard: &Rc<ShardCtx>, clients: &Clients) {
+async fn accept_all(listeners: &[Listener], placing: &Placing<'_>) {
     type Accepting<'a> = Pin<Box<dyn Future<Output = ()> + 'a>>;
     let mut loops: Vec<Accepting<'_>> = listeners
         .iter()
-        .map(|l| Box::pin(accept_loop(l, shard, clients)) as Accepting<'_>)
+        .map(|l| Box::pin(accept_loop(l, placing)) as Accepting<'_>)
         .collect();
     // Each loop runs forever; polling all of them on every wake costs a few accept4 calls
     // that answer EAGAIN, on a handful of listeners.
@@ -314,17 +331,11 @@ async fn accept_all(listeners: &[Listener], shard: &Rc<ShardCtx>, clients: &Clie
 }
 
 /// Accepts clients from one listener until the shard stops (the future is dropped).
-async fn accept_loop(listener: &Listener, shard: &Rc<ShardCtx>, clients: &Clients) {
+async fn accept_loop(listener: &Listener, placing: &Placing<'_>) {
+    let shard = placing.shard;
     loop {
-        match listener.accept().await {
-            Ok(stream) => {
-                let counted = clients.count();
-                let shard = shard.clone();
-                exec::spawn(async move {
-                    let _counted = counted;
-                    serve_client(shard, stream).await;
-                });
-            }
+        match listener.accept_fd().await {
+            Ok(fd) => placing.place(fd, listener.is_unix()),
             Err(err) => {
                 // EMFILE and friends: back off briefly instead of spinning on accept.
                 tracing::warn!(
@@ -335,6 +346,128 @@ async fn accept_loop(listener: &Listener, shard: &Rc<ShardCtx>, clients: &Client
                 );
                 exec::sleep(Duration::from_millis(10)).await;
             }
+        }
+    }
+}
+
+/// Where this shard's accepted clients go, and the clients it serves.
+struct Placing<'a> {
+    shard: &'a Rc<ShardCtx>,
+    clients: &'a Clients,
+    placement: Option<&'a Arc<Placement>>,
+}
+
+impl Placing<'_> {
+    /// A connection this shard accepted: handed to the shard the placement chooses, or
+    /// served here (this shard chosen, or the chosen one's queue full or closed).
+    fn place(&self, fd: OwnedFd, unix: bool) {
+        let accepted = Instant::now();
+        let Some(placement) = self.placement else {
+            return self.serve(Handed {
+                fd,
+                unix,
+                accepted,
+                counted: None,
+            });
+        };
+        match placement.route(self.shard.index, fd, unix, accepted) {
+            Route::Here(handed) => self.serve(handed),
+            Route::HandedOver => {
+                ShardStats::bump(&self.shard.stats.counters.clients_handed_over, 1);
+            }
+            Route::Overflow(handed) => {
+                ShardStats::bump(&self.shard.stats.counters.handover_overflows, 1);
+                self.serve(handed);
+            }
+        }
+    }
+
+    /// Serves a connection on this shard to its end.
+    fn serve(&self, handed: Handed) {
+        let Handed {
+            fd,
+            unix,
+            accepted,
+            counted: placed,
+        } = handed;
+        let stream = match Stream::adopt(fd, unix) {
+            Ok(stream) => stream,
+            Err(err) => {
+                tracing::warn!(shard = self.shard.index, error = %err, "cannot serve a client");
+                return;
+            }
+        };
+        let counted = self.clients.count();
+        let shard = self.shard.clone();
+        exec::spawn(async move {
+            let _counted = (counted, placed);
+            serve_client(shard, stream, accepted).await;
+        });
+    }
+
+    /// Serves the connections other shards queued for this one.
+    fn adopt_queued(&self) {
+        if let Some(placement) = self.placement {
+            for handed in placement.take(self.shard.index) {
+                self.serve(handed);
+            }
+        }
+    }
+
+    /// Serves the connections other shards hand to this one, and keeps this shard's busy
+    /// figure current, until the shard stops (the future is dropped).
+    async fn adopt_handed(&self) {
+        let Some(placement) = self.placement else {
+            return futures_lite::future::pending().await;
+        };
+        let me = self.shard.index;
+        let adopting = async {
+            loop {
+                if let Err(err) = placement.handed(me).await {
+                    tracing::error!(shard = me, error = %err, "hand-over notifier failed");
+                    return futures_lite::future::pending().await;
+                }
+                // Crash tests: a shard that leaves its queue unread until it stops (as one
+                // whose thread is held up would), so that its drain finds connections queued.
+                if crate::cdc::failpoint::fails("placement-adopt") {
+                    return futures_lite::future::pending().await;
+                }
+                self.adopt_queued();
+            }
+        };
+        futures_lite::future::zip(adopting, placement.meter(me)).await;
+    }
+
+    /// The shard stopped serving: no client is placed on it from now on (those queued
+    /// before are served by the drain, see [`adopt_queued`](Self::adopt_queued)).
+    fn close(&self) {
+        if let Some(placement) = self.placement {
+            placement.close(self.shard.index);
+        }
+    }
+
+    /// After the drain, with the executor about to stop: refuses what is still queued
+    /// (57P01) instead of leaving it to wait for a shard that is gone.
+    fn refuse_queued(&self) {
+        let Some(placement) = self.placement else {
+            return;
+        };
+        let queued = placement.take(self.shard.index);
+        if queued.is_empty() {
+            return;
+        }
+        let msg = crate::proxy::error_bytes(
+            "FATAL",
+            crate::wire::sqlstate::ADMIN_SHUTDOWN,
+            "terminating connection because pgprism is shutting down",
+        );
+        tracing::info!(
+            shard = self.shard.index,
+            clients = queued.len(),
+            "refusing clients queued for a stopped shard"
+        );
+        for handed in queued {
+            placement::refuse_stopped(handed, &msg);
         }
     }
 }

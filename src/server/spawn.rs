@@ -74,6 +74,8 @@ impl ShardThreads {
                     .map_err(|source| RuntimeError::Shard { index: 0, source })?,
             )
         };
+        let placement = super::placement::Placement::new(cfg, shards)
+            .map_err(|source| RuntimeError::Shard { index: 0, source })?;
         let cores = core_affinity::get_core_ids().unwrap_or_default();
         let mut threads = ShardThreads {
             rings: Vec::with_capacity(shards),
@@ -108,6 +110,7 @@ impl ShardThreads {
             plan.context.pooling = pooling.clone();
             plan.context.cancel_registry = cancel_registry.clone();
             plan.context.shards = shards;
+            plan.placement = placement.clone();
             let core =
                 (cfg.proxy.pin_cores && !cores.is_empty()).then(|| cores[index % cores.len()]);
             let exited = ExitCount(threads.exited.clone());
@@ -237,6 +240,7 @@ fn shard_plan(
         drain_timeout: Duration::from_millis(cfg.proxy.drain_timeout_ms),
         reports,
         stop,
+        placement: None,
     }
 }
 

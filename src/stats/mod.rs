@@ -46,6 +46,8 @@ counters! {
     connections_accepted: "client connections accepted",
     unix_connections_accepted: "client connections accepted on the Unix socket (also in connections_accepted)",
     sessions_rejected: "clients refused because the shard was at proxy.sessions-per-shard-max",
+    clients_handed_over: "client connections this shard accepted and handed to the shard proxy.client-placement chose",
+    handover_overflows: "client connections served by the shard that accepted them because the chosen shard's proxy.handover-queue-max was full or that shard was stopping",
     sessions_closed: "client sessions ended",
     startup_timeouts: "clients that did not finish startup within proxy.startup-timeout-ms",
     protocol_errors: "connections closed for a protocol violation (08P01) or an oversized message (54000)",

@@ -269,8 +269,23 @@ impl Proxy {
         Proxy::start(primary_url, &args)
     }
 
+    /// [`Proxy::start`] with environment variables (failpoints).
+    #[allow(dead_code)] // not every test binary arms failpoints
+    pub fn start_env(primary_url: &str, extra: &[&str], env: &[(&str, &str)]) -> Proxy {
+        Proxy::start_on_env("127.0.0.1:0", primary_url, extra, env)
+    }
+
     /// [`Proxy::start`] on a given address.
     pub fn start_on(listen: &str, primary_url: &str, extra: &[&str]) -> Proxy {
+        Proxy::start_on_env(listen, primary_url, extra, &[])
+    }
+
+    fn start_on_env(
+        listen: &str,
+        primary_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proxy {
         let stderr_path = std::env::temp_dir().join(format!(
             "pgprism-test-proxy-{}-{}.log",
             std::process::id(),
@@ -300,6 +315,7 @@ impl Proxy {
                 &["--shards", "2"][..]
             })
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
