@@ -424,8 +424,16 @@ impl Placing<'_> {
         let adopting = async {
             loop {
                 if let Err(err) = placement.handed(me).await {
-                    tracing::error!(shard = me, error = %err, "hand-over notifier failed");
-                    return futures_lite::future::pending().await;
+                    // Without its wake-up (a submission the ring refused) the queue would sit
+                    // unread while this shard's figure fades and draws every new client:
+                    // closed to placement (senders keep what they accepted, as for a stopping
+                    // shard), and what was queued before is served by looking every 10 ms.
+                    tracing::error!(shard = me, error = %err, "hand-over notifier failed: no more clients are placed on this shard");
+                    placement.close(me);
+                    loop {
+                        self.adopt_queued();
+                        crate::exec::sleep(Duration::from_millis(10)).await;
+                    }
                 }
                 // Crash tests: a shard that leaves its queue unread until it stops (as one
                 // whose thread is held up would), so that its drain finds connections queued.
