@@ -11,5 +11,5 @@ mod session;
 
 pub use login::{ConsoleCtx, Secrets};
 pub use pooled::{CancelKeys, pool_care};
-pub(crate) use session::error_bytes;
 pub use session::{Pooling, ProxySettings, ShardCtx, serve_client};
+pub(crate) use session::shutdown_error;

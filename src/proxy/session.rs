@@ -558,13 +558,18 @@ impl Drop for Registration {
 
 /// A drain's last word to a client (57P01, as PostgreSQL's fast shutdown), then the close.
 fn shutdown_farewell(client: &Stream) {
-    let msg = error_bytes(
+    client.write_now(&shutdown_error());
+    client.shutdown();
+}
+
+/// The 57P01 a client gets when pgprism stops (a drained session, or a connection queued for
+/// a shard that stopped).
+pub(crate) fn shutdown_error() -> Bytes {
+    error_bytes(
         "FATAL",
         sqlstate::ADMIN_SHUTDOWN,
         "terminating connection because pgprism is shutting down",
-    );
-    client.write_now(&msg);
-    client.shutdown();
+    )
 }
 
 pub(crate) fn error_bytes(severity: &str, code: &str, message: &str) -> Bytes {

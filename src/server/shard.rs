@@ -464,11 +464,7 @@ impl Placing<'_> {
         if queued.is_empty() {
             return;
         }
-        let msg = crate::proxy::error_bytes(
-            "FATAL",
-            crate::wire::sqlstate::ADMIN_SHUTDOWN,
-            "terminating connection because pgprism is shutting down",
-        );
+        let msg = crate::proxy::shutdown_error();
         tracing::info!(
             shard = self.shard.index,
             clients = queued.len(),
