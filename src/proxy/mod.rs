@@ -11,5 +11,5 @@ mod session;
 
 pub use login::{ConsoleCtx, Secrets};
 pub use pooled::{CancelKeys, pool_care};
-pub use session::{Pooling, ProxySettings, ShardCtx, serve_client};
 pub(crate) use session::shutdown_error;
+pub use session::{Pooling, ProxySettings, ShardCtx, serve_client};
