@@ -44,6 +44,8 @@ if [ "$(id -u)" = 0 ]; then RUNAS=(runuser -u postgres --); chown postgres "$WOR
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  # A pgprism that exited early says why here.
+  for f in "$WORK"/pgprism-*.err; do [ -s "$f" ] && { echo "== $f"; tail -5 "$f"; }; done
   for db in primary shadow; do
     "${RUNAS[@]}" "$BINDIR/pg_ctl" -D "$WORK/$db" -m immediate stop >/dev/null 2>&1 || true
   done
