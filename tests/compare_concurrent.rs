@@ -139,6 +139,13 @@ fn hot_rows_without_false_mismatches(
     eprintln!("{}", drift(&p.reports()));
     let (by_reason, sum) = reasons(&proxy);
     eprintln!("{by_reason}");
+    // Each report of one names its reason too.
+    for r in p.reports() {
+        if r["verdict"].as_str() == Some("inconclusive: concurrent") {
+            let reason = r["reason"].as_str().unwrap_or_default();
+            assert!(REASONS.contains(&reason), "reason {reason:?} in {r:?}");
+        }
+    }
     assert_eq!(
         mismatches,
         0,
@@ -164,21 +171,23 @@ fn hot_rows_without_false_mismatches(
     );
 }
 
+/// The reasons a statement is unpinned (`compare::order::Unpinned`).
+const REASONS: [&str; 6] = [
+    "overlapped",
+    "in_flight",
+    "wait_expired",
+    "lock_break",
+    "primary_only",
+    "abandoned",
+];
+
 /// Why the compared statements were unpinned, and the inconclusive ones among them, by the
 /// ordering rule that left them so (`pgprism_compare_{unpinned,inconclusive}_<reason>_total`);
 /// and the inconclusive ones summed over the reasons.
 fn reasons(proxy: &Proxy) -> (String, u64) {
-    let names = [
-        "overlapped",
-        "in_flight",
-        "wait_expired",
-        "lock_break",
-        "primary_only",
-        "abandoned",
-    ];
     let mut line = String::from("unpinned / inconclusive by reason:");
     let mut sum = 0;
-    for name in names {
+    for name in REASONS {
         let unpinned = proxy.metric(&format!("pgprism_compare_unpinned_{name}_total"));
         let inconclusive = proxy.metric(&format!("pgprism_compare_inconclusive_{name}_total"));
         sum += inconclusive;
