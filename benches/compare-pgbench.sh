@@ -6,6 +6,14 @@
 #
 #   benches/compare-pgbench.sh
 #   DURATION=5 CLIENTS="8" MODES=simple benches/compare-pgbench.sh
+#   LOAD=-N SCALE=1 TARGETS=compare CLIENTS="8 64" benches/compare-pgbench.sh
+#   LOAD= SCALE=1 TARGETS=compare benches/compare-pgbench.sh      (TPC-B)
+#
+# LOAD is pgbench's workload flag (-S, the default; -N; empty: TPC-B). A workload that writes
+# must run through compare targets only (TARGETS), or the targets that write to the primary
+# alone (direct, proxy) leave the shadow's data behind and compare reports that as it should.
+# The inconclusive verdicts of the compare target are counted against its statements, by the
+# reason the report names (see docs/compare.md, "Three verdicts").
 #
 # Needs PostgreSQL server binaries and pgbench. The servers run as `postgres` when root.
 set -euo pipefail
@@ -15,6 +23,13 @@ DURATION=${DURATION:-15}
 CLIENTS=${CLIENTS:-"8 32"}
 MODES=${MODES:-"simple prepared"}
 SCALE=${SCALE:-10}
+LOAD=${LOAD--S}
+LOAD_ARGS=(); [ -n "$LOAD" ] && LOAD_ARGS=("$LOAD")
+TARGETS=${TARGETS:-"direct proxy mirror compare-unordered compare compare-pooled"}
+# Statements a transaction of the workload sends: SELECT; BEGIN, 3 writes, SELECT, END;
+# TPC-B's 2 more writes.
+case "$LOAD" in -S) PER_TX=1 ;; -N) PER_TX=5 ;; *) PER_TX=7 ;; esac
+COMPARED=0
 SHARDS=${SHARDS:-$(nproc)}
 BASE_PORT=${BASE_PORT:-55521}
 OUT=${OUT:-bench-results}
@@ -29,6 +44,8 @@ if [ "$(id -u)" = 0 ]; then RUNAS=(runuser -u postgres --); chown postgres "$WOR
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  # A pgprism that exited early says why here.
+  for f in "$WORK"/pgprism-*.err; do [ -s "$f" ] && { echo "== $f"; tail -5 "$f"; }; done
   for db in primary shadow; do
     "${RUNAS[@]}" "$BINDIR/pg_ctl" -D "$WORK/$db" -m immediate stop >/dev/null 2>&1 || true
   done
@@ -88,7 +105,7 @@ printf '%-9s %-8s %-17s %12s %9s %14s\n' mode clients target tps vs_direct cpu_u
 for mode in $MODES; do
   for c in $CLIENTS; do
     declare -A TPS=()
-    for target in direct proxy mirror compare-unordered compare compare-pooled; do
+    for target in $TARGETS; do
       case $target in
         direct) port=$PRIMARY_PORT; pid="" ;;
         proxy) port=$PLAIN_PORT; pid=$PLAIN_PID ;;
@@ -98,12 +115,13 @@ for mode in $MODES; do
         compare-pooled) port=$POOLED_PORT; pid=$POOLED_PID ;;
       esac
       before=0; [ -n "$pid" ] && before=$(ticks "$pid")
-      out=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -n -S -M "$mode" -c "$c" -j 2 -T "$DURATION" postgres 2>&1)
+      out=$(pgbench -h 127.0.0.1 -p "$port" -U postgres -n "${LOAD_ARGS[@]}" -M "$mode" -c "$c" -j 2 -T "$DURATION" postgres 2>&1)
       after=0; [ -n "$pid" ] && after=$(ticks "$pid")
       tps=$(echo "$out" | awk -F'= ' '/^tps/ {print $2+0}')
       txns=$(echo "$out" | awk -F': ' '/actually processed/ {split($2,a,"/"); print a[1]}')
       TPS[$target]=$tps
-      ratio=$(awk -v a="$tps" -v b="${TPS[direct]}" 'BEGIN {printf "%.2f", a/b}')
+      ratio=$(awk -v a="$tps" -v b="${TPS[direct]:-0}" 'BEGIN {if (b > 0) printf "%.2f", a/b; else print "-"}')
+      [ "$target" = compare ] && COMPARED=$((COMPARED + txns * PER_TX))
       cpu="-"
       [ -n "$pid" ] && cpu=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$txns" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
       printf '%-9s %-8s %-17s %12.0f %9s %14s\n' "$mode" "$c" "$target" "$tps" "$ratio" "$cpu" | tee -a "$RESULT"
@@ -112,6 +130,9 @@ for mode in $MODES; do
 done
 mismatches=$(grep -c '"record":"mismatch"' "$WORK/mismatches.jsonl" 2>/dev/null || true)
 slow=$(grep -c '"record":"slow"' "$WORK/mismatches.jsonl" 2>/dev/null || true)
+inconclusive=$(grep -c '"record":"inconclusive"' "$WORK/mismatches.jsonl" 2>/dev/null || true)
+reasons=$(grep '"record":"inconclusive"' "$WORK/mismatches.jsonl" 2>/dev/null | grep -o '"reason":"[a-z_ ]*"' | sort | uniq -c | tr -s ' \n' ' ' || true)
+echo "== compare mode: ${inconclusive:-0} inconclusive in about $COMPARED statements ($(awk -v i="${inconclusive:-0}" -v n="$COMPARED" 'BEGIN {if (n > 0) printf "%.3f", 100 * i / n; else print "-"}')%; by reason:${reasons:- none})"
 echo "== compare mode: ${mismatches:-0} mismatch reports (expected 0: both servers were initialised the same), ${slow:-0} slow-query reports (bounded by compare.explains-max per shard)"
 pooled=$(grep -c '"record":"mismatch"' "$WORK/pooled.jsonl" 2>/dev/null || true)
 echo "== compare-pooled (shadow pool $SHADOW_POOL): ${pooled:-0} mismatch reports (expected 0)"

@@ -137,11 +137,24 @@ fn hot_rows_without_false_mismatches(
         "the lag is on /metrics"
     );
     eprintln!("{}", drift(&p.reports()));
+    let (by_reason, sum) = reasons(&proxy);
+    eprintln!("{by_reason}");
+    // Each report of one names its reason too.
+    for r in p.reports() {
+        if r["verdict"].as_str() == Some("inconclusive: concurrent") {
+            let reason = r["reason"].as_str().unwrap_or_default();
+            assert!(REASONS.contains(&reason), "reason {reason:?} in {r:?}");
+        }
+    }
     assert_eq!(
         mismatches,
         0,
         "false mismatches on identical databases: {:?}",
         p.reports().first()
+    );
+    assert_eq!(
+        sum, concurrent,
+        "each inconclusive statement has its reason: {by_reason}"
     );
     assert!(
         rate <= inconclusive_max,
@@ -156,6 +169,31 @@ fn hot_rows_without_false_mismatches(
         sum_v(&p.shadow),
         "both sides ran every update"
     );
+}
+
+/// The reasons a statement is unpinned (`compare::order::Unpinned`).
+const REASONS: [&str; 6] = [
+    "overlapped",
+    "in_flight",
+    "wait_expired",
+    "lock_break",
+    "primary_only",
+    "abandoned",
+];
+
+/// Why the compared statements were unpinned, and the inconclusive ones among them, by the
+/// ordering rule that left them so (`pgprism_compare_{unpinned,inconclusive}_<reason>_total`);
+/// and the inconclusive ones summed over the reasons.
+fn reasons(proxy: &Proxy) -> (String, u64) {
+    let mut line = String::from("unpinned / inconclusive by reason:");
+    let mut sum = 0;
+    for name in REASONS {
+        let unpinned = proxy.metric(&format!("pgprism_compare_unpinned_{name}_total"));
+        let inconclusive = proxy.metric(&format!("pgprism_compare_inconclusive_{name}_total"));
+        sum += inconclusive;
+        line.push_str(&format!(" {name} {unpinned} / {inconclusive};"));
+    }
+    (line, sum)
 }
 
 /// Where the shadow put the reads that differed: the shadow's value minus the primary's
@@ -631,7 +669,13 @@ SELECT v FROM hot WHERE id = :id;
         let (_, status) = proxy.admin_get("/status");
         let status: sonic_rs::Value = sonic_rs::from_str(&status).expect("status JSON");
         let lag = &status["compare_shadow_lag"];
-        let all = completions(&proxy.log());
+        let log = proxy.log();
+        // The raw trace, for working out other numberings offline.
+        if let Ok(dir) = std::env::var("PGPRISM_GAP_DUMP") {
+            let path = format!("{dir}/gap-{clients}x{shards}.log");
+            std::fs::write(&path, &log).expect("write the trace");
+        }
+        let all = completions(&log);
         let mut delays: Vec<u64> = all
             .iter()
             .filter(|e| e.stamp > 0)

@@ -204,8 +204,8 @@ pub struct SyncDigest {
     pub status: u8,
     pub finished: Option<Instant>,
     /// (The shadow's) its order with a conflicting sync point of another session was not
-    /// reproduced: a difference is inconclusive.
-    pub overtaken: bool,
+    /// reproduced, and why: a difference is inconclusive.
+    pub overtaken: Option<super::order::Unpinned>,
 }
 
 /// Folds one side's backend messages into digests.
@@ -375,7 +375,7 @@ impl Digester {
             results: std::mem::take(&mut self.results),
             status,
             finished: Some(at),
-            overtaken: false,
+            overtaken: None,
         }
     }
 

@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 use super::digest::{Described, Digest, Digester, Expect, Expects, Step, SyncDigest};
 use super::footprint::{self, Footprint, Scan};
 use super::lease::Shadow;
-use super::order::{Pinned, Start};
+use super::order::{Pinned, Start, Unpinned};
 use super::rules::type_name;
 use super::verdict::{self, Difference, Kind, Verdict};
 use super::{CompareTarget, Record, Side};
@@ -27,7 +27,7 @@ use crate::session::{
     Framed, QueryPart, Refers, ResultFormats, Slot, Statement, Step as SessionStep, Tracker,
 };
 use crate::sql;
-use crate::stats::ShardStats;
+use crate::stats::{ShardCounters, ShardStats};
 use crate::wire::{self, tag};
 
 /// One statement as the client sent it, with what comparing its results needs (named apart
@@ -1149,7 +1149,7 @@ impl ShadowWriter {
                     }
                     if left <= slice {
                         port.give_up(c);
-                        port.ledger.force(c);
+                        port.ledger.force(c, Unpinned::WaitExpired);
                         link.order_expired.set(link.order_expired.get() + 1);
                         break;
                     }
@@ -1159,7 +1159,7 @@ impl ShadowWriter {
                         || self.shadow.holds_while_others_wait()
                     {
                         port.give_up(c);
-                        port.ledger.force(c);
+                        port.ledger.force(c, Unpinned::LockBreak);
                         link.order_lock_breaks.set(link.order_lock_breaks.get() + 1);
                         break;
                     }
@@ -1716,8 +1716,10 @@ impl Comparer {
             None
         };
         let internal = kind == Some(ShadowSync::Own);
-        if let Some(ShadowSync::Client(Some(c), _)) = kind {
-            digest.overtaken = self.shadow_completed(c) == Pinned::Overtaken;
+        if let Some(ShadowSync::Client(Some(c), _)) = kind
+            && let Pinned::Overtaken(why) = self.shadow_completed(c)
+        {
+            digest.overtaken = Some(why);
         }
         if !internal {
             self.done[side].push_back(digest);
@@ -1792,6 +1794,7 @@ impl Comparer {
             tracing::trace!(
                 c = c.unwrap_or(0),
                 stamp_ns,
+                since_ns = start.1.since,
                 seen_ns = unix_ns(),
                 shard = port.shard(),
                 session,
@@ -2162,7 +2165,8 @@ impl Comparer {
                 continue;
             }
             let times = (primary_us, shadow_us, primary.status);
-            let overtaken = shadow.overtaken || primary.overtaken;
+            let unpinned = shadow.overtaken.or(primary.overtaken);
+            let overtaken = unpinned.is_some();
             // Rows in another order under an ORDER BY whose keys the digests never saw: ties
             // or not, only a re-check with the keys in the output can tell.
             let mut unsettled = None;
@@ -2197,15 +2201,16 @@ impl Comparer {
                 (p, s),
                 times,
                 stats,
-                (fallback, verdict),
+                (fallback, verdict, unpinned),
             );
             if failure.is_none() && !fallback && verdict == Verdict::Mismatch {
                 failure = Some(reported);
             }
         }
         ShardStats::bump(&stats.counters.compare_statements, compared);
-        if shadow.overtaken || primary.overtaken {
+        if let Some(why) = shadow.overtaken.or(primary.overtaken) {
             ShardStats::bump(&stats.counters.compare_unpinned, compared);
+            ShardStats::bump(unpinned_counter(&stats.counters, why), compared);
         }
         if slow && meta.statements.len() == 1 {
             ShardStats::bump(&stats.counters.compare_slow, 1);
@@ -2272,7 +2277,7 @@ impl Comparer {
         (p, s): (Option<&Digest>, Option<&Digest>),
         times: (u64, u64, u8),
         stats: &ShardStats,
-        (fallback, verdict): (bool, Verdict),
+        (fallback, verdict, unpinned): (bool, Verdict, Option<Unpinned>),
     ) -> (String, String) {
         let counter = match verdict {
             Verdict::Mismatch => &stats.counters.compare_mismatches,
@@ -2280,6 +2285,10 @@ impl Comparer {
             Verdict::Nondeterministic(_) => &stats.counters.compare_inconclusive_nondeterministic,
         };
         ShardStats::bump(counter, 1);
+        let unpinned = unpinned.filter(|_| verdict == Verdict::Concurrent);
+        if let Some(why) = unpinned {
+            ShardStats::bump(inconclusive_counter(&stats.counters, why), 1);
+        }
         if verdict == Verdict::Mismatch {
             for d in differences {
                 let cell = &self.target.stats.kinds[d.kind.index()];
@@ -2299,6 +2308,10 @@ impl Comparer {
         record.verdict = verdict.name();
         if let Verdict::Nondeterministic(why) = verdict {
             record.reason = why;
+        }
+        // Which ordering rule left it unpinned (order.rs `Unpinned`).
+        if let Some(why) = unpinned {
+            record.reason = why.name();
         }
         if verdict != Verdict::Mismatch {
             record.failed_client = false;
@@ -2432,6 +2445,30 @@ impl Comparer {
 fn order_keys_unseen(differences: &[Difference], p: &Digest, s: &Digest) -> bool {
     matches!(differences, [d] if d.kind == Kind::Order)
         && (p.ordered_keys.is_none() || s.ordered_keys.is_none())
+}
+
+/// The counter of compared statements left unpinned for `why`.
+fn unpinned_counter(counters: &ShardCounters, why: Unpinned) -> &Cell<u64> {
+    match why {
+        Unpinned::Overlapped => &counters.compare_unpinned_overlapped,
+        Unpinned::InFlight => &counters.compare_unpinned_in_flight,
+        Unpinned::WaitExpired => &counters.compare_unpinned_wait_expired,
+        Unpinned::LockBreak => &counters.compare_unpinned_lock_break,
+        Unpinned::PrimaryOnly => &counters.compare_unpinned_primary_only,
+        Unpinned::Abandoned => &counters.compare_unpinned_abandoned,
+    }
+}
+
+/// The counter of inconclusive (concurrent) statements left unpinned for `why`.
+fn inconclusive_counter(counters: &ShardCounters, why: Unpinned) -> &Cell<u64> {
+    match why {
+        Unpinned::Overlapped => &counters.compare_inconclusive_overlapped,
+        Unpinned::InFlight => &counters.compare_inconclusive_in_flight,
+        Unpinned::WaitExpired => &counters.compare_inconclusive_wait_expired,
+        Unpinned::LockBreak => &counters.compare_inconclusive_lock_break,
+        Unpinned::PrimaryOnly => &counters.compare_inconclusive_primary_only,
+        Unpinned::Abandoned => &counters.compare_inconclusive_abandoned,
+    }
 }
 
 /// The DETAIL of the client's XX000 error: the statement and both sides' verdicts.

@@ -135,8 +135,8 @@ struct Entry {
     locked: Footprint,
     /// When it was cleared to go to the shadow (it is written there at once).
     cleared: Option<Instant>,
-    /// Its order with a conflicting sync point was not reproduced.
-    overtaken: bool,
+    /// Its order with a conflicting sync point was not reproduced, and why.
+    overtaken: Option<Unpinned>,
 }
 
 /// What the primary did on one relation lately: which conflicting writes a sync point
@@ -243,18 +243,21 @@ impl Recent {
 
     /// Whether another session's write of rows that may meet `rows` (any, for a write of
     /// its own: see [`Footprint::conflicts`]) completed from `since` on or is in flight.
-    fn overlaps(&self, session: u64, since: u64, write: bool, rows: &[Probe]) -> bool {
+    fn overlaps(&self, session: u64, since: u64, write: bool, rows: &[Probe]) -> Option<Unpinned> {
         let meets = |r: &[Probe]| write || !rows_disjoint(rows, r);
-        self.forgotten >= since
+        if self.forgotten >= since
             || (self.newest >= since
                 && self
                     .writes
                     .iter()
                     .any(|(c, s, r)| *c >= since && *s != session && meets(r)))
-            || self
-                .in_flight
-                .iter()
-                .any(|f| f.write && f.session != session && meets(&f.rows))
+        {
+            return Some(Unpinned::Overlapped);
+        }
+        self.in_flight
+            .iter()
+            .any(|f| f.write && f.session != session && meets(&f.rows))
+            .then_some(Unpinned::InFlight)
     }
 
     /// Whether a sync point of another session that `footprint` (of `session`, answered
@@ -783,8 +786,70 @@ pub enum Pinned {
     /// It ran on the shadow after every conflicting earlier sync point and before every
     /// conflicting later one.
     InOrder,
-    /// Its order with a conflicting sync point was not reproduced.
-    Overtaken,
+    /// Its order with a conflicting sync point was not reproduced, for this reason.
+    Overtaken(Unpinned),
+}
+
+/// Why a sync point's order with a conflicting one was not pinned: the rule that makes a
+/// difference in its result inconclusive (concurrent) rather than a mismatch. Counted per
+/// reason (`pgprism_compare_unpinned_<reason>_total`, and
+/// `pgprism_compare_inconclusive_<reason>_total` for those that differed) and named in the
+/// report, so a user (and whoever tunes the ordering) sees which rule judged a statement
+/// concurrent: the overlap rules are the limit of ordering from outside the primary, the
+/// others a bound that ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unpinned {
+    /// A conflicting write of another session completed on the primary while it ran (from
+    /// when it was sent to when its answer arrived): either may have taken effect first.
+    Overlapped,
+    /// A conflicting write of another session was still running on the primary when its
+    /// answer arrived.
+    InFlight,
+    /// It, or a later conflicting sync point that overtook it, waited
+    /// `compare.order-wait-ms` and went anyway.
+    WaitExpired,
+    /// A lock break (`compare.order-lock-wait-ms`, or a pooled shadow connection others
+    /// wait for) sent it, or a later conflicting sync point, ahead.
+    LockBreak,
+    /// A conflicting write ran on the primary only (primary-only routing, calibration).
+    PrimaryOnly,
+    /// Its session stopped comparing before the shadow completed it.
+    Abandoned,
+}
+
+impl Unpinned {
+    /// Every reason, in the order of their counters.
+    pub const ALL: [Unpinned; 6] = [
+        Unpinned::Overlapped,
+        Unpinned::InFlight,
+        Unpinned::WaitExpired,
+        Unpinned::LockBreak,
+        Unpinned::PrimaryOnly,
+        Unpinned::Abandoned,
+    ];
+
+    /// The reason's name, in reports and metric names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Unpinned::Overlapped => "overlapped",
+            Unpinned::InFlight => "in_flight",
+            Unpinned::WaitExpired => "wait_expired",
+            Unpinned::LockBreak => "lock_break",
+            Unpinned::PrimaryOnly => "primary_only",
+            Unpinned::Abandoned => "abandoned",
+        }
+    }
+
+    /// Records `why` in `slot`: a bound that ran out (or a primary-only write) names the
+    /// reason over an overlap, which only says the order was uncertain, while the wait
+    /// says it was not even tried; otherwise the first reason stays.
+    fn mark(slot: &mut Option<Unpinned>, why: Unpinned) {
+        let overlap = |u: Unpinned| matches!(u, Unpinned::Overlapped | Unpinned::InFlight);
+        match slot {
+            Some(now) if !overlap(*now) || overlap(why) => {}
+            _ => *slot = Some(why),
+        }
+    }
 }
 
 /// What a sync point touched when it was sent to the primary, and where the order stood.
@@ -886,34 +951,38 @@ impl Ledger {
     }
 
     /// The primary answered a sync point of `session` sent at `started`: it is no longer in
-    /// flight, a write is remembered on its relations, and the answer is whether it
-    /// overlapped a conflicting write of another session.
+    /// flight, a write is remembered on its relations, and the answer is whether (and how)
+    /// it overlapped a conflicting write of another session.
     fn finish(
         book: &mut Book,
         session: u64,
         footprint: &Footprint,
         started: &Start,
         c: u64,
-    ) -> bool {
+    ) -> Option<Unpinned> {
         let (counted, started) = (&started.0, started.1);
         if started.counted {
             book.each_recent(counted, |r, rows| r.end(session, rows, started));
         }
-        let mut overlapped = false;
+        let mut overlapped = None;
         if !footprint.is_empty() {
             let (since, write) = (started.since, footprint.write);
-            overlapped = book.recent_wild.overlaps(session, since, write, &[]);
+            // A write completed while it ran names the reason over one still in flight.
+            let mut note = |o: Option<Unpinned>| {
+                if o.is_some() && overlapped != Some(Unpinned::Overlapped) {
+                    overlapped = o;
+                }
+            };
+            note(book.recent_wild.overlaps(session, since, write, &[]));
             if footprint.wild {
-                overlapped |= book
-                    .recent
-                    .values()
-                    .any(|r| r.overlaps(session, since, write, &[]));
+                for r in book.recent.values() {
+                    note(r.overlaps(session, since, write, &[]));
+                }
             } else {
                 for lane in footprint.lanes.iter() {
-                    overlapped |= book
-                        .recent
-                        .get(lane)
-                        .is_some_and(|r| r.overlaps(session, since, write, footprint.rows(*lane)));
+                    if let Some(r) = book.recent.get(lane) {
+                        note(r.overlaps(session, since, write, footprint.rows(*lane)));
+                    }
                 }
             }
         }
@@ -1126,7 +1195,7 @@ impl Ledger {
         let blockers = book.conflicting(0, footprint, u64::MAX);
         for c in blockers {
             if let Some(e) = book.entries.get_mut(&c) {
-                e.overtaken = true;
+                Unpinned::mark(&mut e.overtaken, Unpinned::PrimaryOnly);
             }
         }
     }
@@ -1156,9 +1225,9 @@ impl Ledger {
         turn
     }
 
-    /// Sync point `c` waited as long as it may: it goes now, and it and every earlier
-    /// conflicting one still pending are overtaken.
-    pub fn force(&self, c: u64) {
+    /// Sync point `c` waited as long as it may (`why`: its wait ran out, or a lock break):
+    /// it goes now, and it and every earlier conflicting one still pending are overtaken.
+    pub fn force(&self, c: u64, why: Unpinned) {
         let mut book = self.book();
         book.unwait(c);
         let Some((session, footprint)) = book
@@ -1182,7 +1251,7 @@ impl Ledger {
         );
         for b in blockers.into_iter().chain([c]) {
             if let Some(e) = book.entries.get_mut(&b) {
-                e.overtaken = true;
+                Unpinned::mark(&mut e.overtaken, why);
             }
         }
         book.clear(c);
@@ -1220,7 +1289,7 @@ impl Ledger {
     pub fn done(&self, c: u64, this_shard: usize) -> Pinned {
         let mut book = self.book();
         let Some(entry) = book.remove(c) else {
-            return Pinned::Overtaken;
+            return Pinned::Overtaken(Unpinned::Abandoned);
         };
         book.release(&[&entry.footprint], Some(&[c]), this_shard);
         // Whatever the session: the shadow may already see a primary-only write of its own.
@@ -1232,11 +1301,11 @@ impl Ledger {
                 .get(lane)
                 .is_some_and(|r| r.only_in_flight(write, entry.footprint.rows(*lane)));
         }
-        if entry.overtaken || only {
-            Pinned::Overtaken
-        } else {
-            Pinned::InOrder
+        let mut why = entry.overtaken;
+        if only {
+            Unpinned::mark(&mut why, Unpinned::PrimaryOnly);
         }
+        why.map_or(Pinned::InOrder, Pinned::Overtaken)
     }
 
     /// The session ended (or stopped comparing): its pending sync points will never complete
@@ -1808,12 +1877,12 @@ mod tests {
         let write = now(&ledger, 2, fp(&[7], true));
         let c = ledger.complete(1, read.clone(), (&(read.clone(), started), 0), false, 0);
         assert_eq!(ledger.done(write, 0), Pinned::InOrder);
-        assert_eq!(ledger.done(c, 0), Pinned::Overtaken);
+        assert_eq!(ledger.done(c, 0), Pinned::Overtaken(Unpinned::Overlapped));
         // A write still in flight when the read completes overlaps it too.
         let w = fp(&[7], true);
         let in_flight = ledger.start(2, &w, false);
         let c = now(&ledger, 1, read.clone());
-        assert_eq!(ledger.done(c, 0), Pinned::Overtaken);
+        assert_eq!(ledger.done(c, 0), Pinned::Overtaken(Unpinned::InFlight));
         ledger.unstart(2, &[(w, in_flight)], 0);
         let c = now(&ledger, 1, read);
         assert_eq!(ledger.done(c, 0), Pinned::InOrder);
@@ -2048,7 +2117,7 @@ mod tests {
         let c = ledger.complete(1, read.clone(), (&(read.clone(), started), 0), false, 0);
         assert!(ledger.acquire(c, 0) != Turn::Go);
         assert_eq!(ledger.done(write, 0), Pinned::InOrder);
-        assert_eq!(ledger.done(c, 0), Pinned::Overtaken);
+        assert_eq!(ledger.done(c, 0), Pinned::Overtaken(Unpinned::Overlapped));
         // A whole-relation read waits for a write of any row.
         let write = now(&ledger, 2, row(7, 9, true));
         let whole = now(&ledger, 1, fp(&[7], false));
@@ -2065,7 +2134,7 @@ mod tests {
         for x in [write, whole, other] {
             ledger.done(x, 0);
         }
-        assert_eq!(ledger.done(same, 0), Pinned::Overtaken);
+        assert_eq!(ledger.done(same, 0), Pinned::Overtaken(Unpinned::InFlight));
         assert_eq!(ledger.done(apart, 0), Pinned::InOrder);
         assert_eq!(ledger.pending(), 0);
     }
@@ -2131,7 +2200,7 @@ mod tests {
         let inbox = ledger.inbox(0).unwrap();
         assert_eq!(*inbox.released.lock().unwrap(), vec![read]);
         // The write was in flight when the read was answered: the read is not pinned.
-        assert_eq!(ledger.done(read, 0), Pinned::Overtaken);
+        assert_eq!(ledger.done(read, 0), Pinned::Overtaken(Unpinned::InFlight));
         ledger.done(apart, 0);
         // A hold ends after `compare.order-hold-ms` from the answer's arrival.
         let ledger = Ledger::new(Duration::from_millis(5));
@@ -2168,7 +2237,10 @@ mod tests {
         assert_eq!(ledger.acquire(read, 0), Turn::Go);
         assert_eq!(ledger.acquire(write, 0), Turn::Wait);
         // Both overlapped on the primary: the read is not pinned, whichever way it went.
-        assert_eq!(ledger.done(read, 0), Pinned::Overtaken);
+        assert_eq!(
+            ledger.done(read, 0),
+            Pinned::Overtaken(Unpinned::Overlapped)
+        );
         assert_eq!(ledger.acquire(write, 0), Turn::Go);
         ledger.done(write, 0);
         // Never before it was sent: a read sent after a write's answer stays after it,
@@ -2277,7 +2349,7 @@ mod tests {
                 matches!(ledger.acquire(c, 0), Turn::Hold(_)),
                 "{locks:?} held"
             );
-            ledger.force(c);
+            ledger.force(c, Unpinned::WaitExpired);
             ledger.done(c, 0);
         }
         ledger.unstart(2, &[(w, other)], 0);
@@ -2291,7 +2363,10 @@ mod tests {
         let f = row(7, 1, true);
         let started = ledger.start(2, &f, true);
         ledger.primary_only(2, &f, (&(f.clone(), started), 0), 0);
-        assert_eq!(ledger.done(same, 0), Pinned::Overtaken);
+        assert_eq!(
+            ledger.done(same, 0),
+            Pinned::Overtaken(Unpinned::PrimaryOnly)
+        );
         assert_eq!(ledger.done(apart, 0), Pinned::InOrder);
     }
 
@@ -2350,7 +2425,7 @@ mod tests {
         let read = ledger.complete(3, row.clone(), (&(row, started), 0), false, 0);
         assert!(ledger.acquire(read, 0) != Turn::Go);
         assert!(!ledger.held_by_own_locks(read, grace));
-        ledger.force(commit);
+        ledger.force(commit, Unpinned::LockBreak);
         for x in [update, commit, read] {
             ledger.done(x, 0);
         }
@@ -2387,11 +2462,61 @@ mod tests {
         let second = now(&ledger, 2, fp(&[7], true));
         let unrelated = now(&ledger, 3, fp(&[9], true));
         assert!(ledger.acquire(second, 0) != Turn::Go);
-        ledger.force(second);
-        assert_eq!(ledger.done(second, 0), Pinned::Overtaken);
-        assert_eq!(ledger.done(first, 0), Pinned::Overtaken);
+        ledger.force(second, Unpinned::WaitExpired);
+        assert_eq!(
+            ledger.done(second, 0),
+            Pinned::Overtaken(Unpinned::WaitExpired)
+        );
+        assert_eq!(
+            ledger.done(first, 0),
+            Pinned::Overtaken(Unpinned::WaitExpired)
+        );
         assert_eq!(ledger.done(unrelated, 0), Pinned::InOrder);
         assert_eq!(ledger.pending(), 0);
+    }
+
+    #[test]
+    fn a_bound_that_ran_out_names_the_reason_over_an_overlap() {
+        let ledger = Ledger::default();
+        // A read that overlapped a write of its relation, then was overtaken by a lock break.
+        let read = fp(&[7], false);
+        let started = ledger.start(1, &read, false);
+        let write = now(&ledger, 2, fp(&[7], true));
+        let c = ledger.complete(1, read.clone(), (&(read, started), 0), false, 0);
+        let later = now(&ledger, 3, fp(&[7], true));
+        ledger.force(later, Unpinned::LockBreak);
+        assert_eq!(
+            ledger.done(write, 0),
+            Pinned::Overtaken(Unpinned::LockBreak)
+        );
+        assert_eq!(ledger.done(c, 0), Pinned::Overtaken(Unpinned::LockBreak));
+        assert_eq!(
+            ledger.done(later, 0),
+            Pinned::Overtaken(Unpinned::LockBreak)
+        );
+        // The first bound's reason stays; an overlap never replaces one.
+        let mut slot = None;
+        Unpinned::mark(&mut slot, Unpinned::InFlight);
+        Unpinned::mark(&mut slot, Unpinned::Overlapped);
+        assert_eq!(slot, Some(Unpinned::InFlight));
+        Unpinned::mark(&mut slot, Unpinned::WaitExpired);
+        Unpinned::mark(&mut slot, Unpinned::PrimaryOnly);
+        Unpinned::mark(&mut slot, Unpinned::Overlapped);
+        assert_eq!(slot, Some(Unpinned::WaitExpired));
+        // A sync point whose session stopped comparing.
+        assert_eq!(ledger.done(c, 0), Pinned::Overtaken(Unpinned::Abandoned));
+        let names: Vec<&str> = Unpinned::ALL.iter().map(|u| u.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "overlapped",
+                "in_flight",
+                "wait_expired",
+                "lock_break",
+                "primary_only",
+                "abandoned"
+            ]
+        );
     }
 
     #[test]
@@ -2403,7 +2528,10 @@ mod tests {
             let started = ledger.start(2, &f, true);
             ledger.primary_only(2, &f, (&(f.clone(), started), 0), 0);
         }
-        assert_eq!(ledger.done(read, 0), Pinned::Overtaken);
+        assert_eq!(
+            ledger.done(read, 0),
+            Pinned::Overtaken(Unpinned::PrimaryOnly)
+        );
     }
 
     #[test]
