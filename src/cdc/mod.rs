@@ -579,6 +579,10 @@ fn validate_limits(cfg: &CdcConfig) -> Result<(), ConfigError> {
             cfg.snapshot_window_keys_max as u64,
         ),
         (
+            "snapshot-partial-keys-max",
+            cfg.snapshot_partial_keys_max as u64,
+        ),
+        (
             "stream-buffer-bytes-max",
             cfg.stream_buffer_bytes_max as u64,
         ),
@@ -675,6 +679,13 @@ pub fn run_reconnecting(
                 // partial update keeps them as they are.
                 tracing::warn!(%table, %column, "a value fill-rows read from StarRocks is not UTF-8 and cannot be loaded back unchanged: this table's partial changes that need values StarRocks holds load as partial updates for the rest of the run (which keep StarRocks' bytes), each ending the StarRocks transaction there; loading the flush cycle again from the checkpoint");
                 shared.transactions_reloaded.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Err(CdcError::Snapshot(snapshot::SnapshotError::Rewritten { table }))
+                if !shared.shutdown.load(Ordering::Acquire) =>
+            {
+                // No failure: the table's ranges are forgotten and planned again.
+                tracing::info!(%table, "resuming from the checkpoint; the table's snapshot starts over");
                 continue;
             }
             Err(err) if err.is_transient() && !shared.shutdown.load(Ordering::Acquire) => err,

@@ -48,7 +48,7 @@ use super::schema::{Column, TableSchema};
 use super::setup::{SourceTable, split_table};
 use super::source::now_text;
 use super::{CdcError, Shared};
-use crate::config::{CdcConfig, CdcSnapshotFormat, PgUrl};
+use crate::config::{CdcConfig, CdcSnapshotChunking, CdcSnapshotFormat, PgUrl};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -62,6 +62,14 @@ pub enum SnapshotError {
         "snapshot chunk {chunk} of {table}: PostgreSQL sent a CSV row that does not split into fields"
     )]
     Csv { table: String, chunk: u32 },
+    #[error(
+        "snapshot chunk of range {chunk} of {table}: its rows did not come in ctid order (set cdc.snapshot-chunking = \"key\")"
+    )]
+    Order { table: String, chunk: u32 },
+    #[error(
+        "{table} was rewritten (VACUUM FULL, CLUSTER, a rewriting ALTER TABLE or TRUNCATE) during its snapshot, which moves every row: its ctid ranges are planned again and its snapshot starts over"
+    )]
+    Rewritten { table: String },
     #[error(
         "snapshot chunk of range {chunk} of {table}: its last key is not text PostgreSQL can read back"
     )]
@@ -94,6 +102,8 @@ impl SnapshotError {
             SnapshotError::Attempts { .. }
             | SnapshotError::Csv { .. }
             | SnapshotError::NotUtf8 { .. }
+            | SnapshotError::Order { .. }
+            | SnapshotError::Rewritten { .. }
             | SnapshotError::Key { .. } => None,
         }
     }
@@ -114,12 +124,17 @@ fn chunk_table(cfg: &CdcConfig) -> String {
 /// one; `rows`: rows copied; `done_at`: when the range was done) and, with chunk number 0,
 /// one per table the snapshot owes. (Rows written by builds that planned one chunk per row
 /// read the same: a range with nothing copied yet, or done.)
+///
+/// A `ctid` range (see [`CtidPlan`]) has its bounds as one `tid` text each and `filenode`,
+/// the table's `pg_relation_filenode` when its ranges were planned (NULL on a key range);
+/// the column is added to a chunk table of an older build.
 pub fn create_sql(cfg: &CdcConfig) -> String {
+    let t = chunk_table(cfg);
     format!(
-        "CREATE TABLE IF NOT EXISTS {} (slot text NOT NULL, tbl text NOT NULL, chunk int NOT NULL, \
+        "CREATE TABLE IF NOT EXISTS {t} (slot text NOT NULL, tbl text NOT NULL, chunk int NOT NULL, \
          lo text[], hi text[], last bool NOT NULL DEFAULT false, rows bigint, done_at timestamptz, \
-         PRIMARY KEY (slot, tbl, chunk))",
-        chunk_table(cfg)
+         filenode text, PRIMARY KEY (slot, tbl, chunk)); \
+         ALTER TABLE {t} ADD COLUMN IF NOT EXISTS filenode text"
     )
 }
 
@@ -371,6 +386,9 @@ struct Chunk {
     hi: Option<Vec<String>>,
     /// `hi` is the range's own upper bound (not that of a chunk read again).
     range_end: bool,
+    /// A `ctid` range: the bounds are `tid`s, and this is the table's `pg_relation_filenode`
+    /// when its ranges were planned (`None`: a key range).
+    filenode: Option<String>,
 }
 
 /// Ranges per table: about `snapshot-chunk-rows` times this many halves each (a range ends
@@ -412,6 +430,12 @@ fn plan_ranges(
     from: Option<&[String]>,
 ) -> Result<Vec<Chunk>, SnapshotError> {
     let name = qualified(&source.name);
+    if cfg.snapshot_chunking == CdcSnapshotChunking::Ctid
+        && from.is_none()
+        && let Some(plan) = CtidPlan::of(conn, &name, &source.name)?
+    {
+        return plan.record(conn, cfg, chunk_table, table, source, first);
+    }
     // A partitioned table has no storage of its own: its size is that of its leaves.
     let pages: u64 = conn
         .query(&format!(
@@ -478,6 +502,7 @@ fn plan_ranges(
             lo: lo.clone(),
             hi: hi.clone(),
             range_end: true,
+            filenode: None,
         });
         lo = hi;
     }
@@ -503,6 +528,141 @@ fn plan_ranges(
     .map_err(query(format!("record the key ranges of {}", source.name)))?;
     tracing::debug!(table = %source.name, pages, sampled = n, estimate, ranges = chunks.len(), "snapshot key ranges");
     Ok(chunks)
+}
+
+/// A table's `ctid` ranges: its heap pages cut into ranges, each read by a TID Range Scan
+/// (`ctid > lo AND ctid <= hi LIMIT n`, in physical order, with no index), the last one
+/// open-ended (rows inserted during the snapshot may land on new pages; the stream carries
+/// them whole, so reading them again is harmless).
+///
+/// Why that is as complete as key ranges, with the DBLog windows:
+/// * a row not changed during the table's snapshot stays at its `ctid` and is in exactly one
+///   chunk;
+/// * a row changed during the snapshot is the stream's from its last change on: a chunk
+///   read before that change is emitted before it (its high watermark precedes the change)
+///   or drops the row (the change is inside its window), and a chunk read after it holds
+///   the same version. What a `ctid` range adds is a row an UPDATE moved from a page not
+///   read yet to a page already read: in no chunk at all. The stream's change is then all
+///   StarRocks gets, which is the whole row except when it left an unchanged TOAST value
+///   out; such keys are read again by key before the table counts as copied (see
+///   `window::Exchange::note_partial`);
+/// * a rewrite (VACUUM FULL, CLUSTER, a rewriting ALTER TABLE, TRUNCATE) moves every row and
+///   sends nothing of it into the stream: each chunk reads `pg_relation_filenode` in its
+///   own transaction after its rows (its lock on the table then keeps a rewrite out until it
+///   commits), and on a change the table's snapshot starts over ([`SnapshotError::Rewritten`]).
+struct CtidPlan {
+    pages: u64,
+    filenode: String,
+    estimate: u64,
+}
+
+impl CtidPlan {
+    /// The table's pages and filenode; `None` where `ctid` ranges do not apply (PostgreSQL
+    /// before 14, which has no TID Range Scan; a partitioned table, whose leaves have pages
+    /// of their own).
+    fn of(conn: &mut PgConn, name: &str, source: &str) -> Result<Option<CtidPlan>, SnapshotError> {
+        let row = conn
+            .query(&format!(
+                "SELECT pg_relation_filenode(c.oid)::text, \
+                 (pg_relation_size(c.oid) / current_setting('block_size')::int8)::text, \
+                 greatest(c.reltuples, 0)::int8::text \
+                 FROM pg_class c WHERE c.oid = {}::regclass AND c.relkind = 'r' \
+                 AND current_setting('server_version_num')::int >= 140000",
+                quote_literal(name)
+            ))
+            .map_err(query(format!("size {source}")))?;
+        let Some(row) = row.first() else {
+            return Ok(None);
+        };
+        let field = |i: usize| row.get(i).cloned().flatten();
+        let Some(filenode) = field(0) else {
+            return Ok(None);
+        };
+        let num = |i: usize| field(i).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+        Ok(Some(CtidPlan {
+            filenode,
+            pages: num(1),
+            estimate: num(2),
+        }))
+    }
+
+    /// Cuts the pages into ranges (as many as key ranges would be), numbered from `first`,
+    /// and records them.
+    fn record(
+        &self,
+        conn: &mut PgConn,
+        cfg: &CdcConfig,
+        chunk_table: &str,
+        table: usize,
+        source: &SourceTable,
+        first: u32,
+    ) -> Result<Vec<Chunk>, SnapshotError> {
+        let chunk_rows = cfg.snapshot_chunk_rows.max(1) as u64;
+        // Never analyzed (reltuples -1, read as 0): about 100 narrow rows a page.
+        let estimate = if self.estimate > 0 {
+            self.estimate
+        } else {
+            self.pages * 100
+        };
+        let for_balance =
+            (cfg.snapshot_workers as u64 * RANGES_PER_WORKER).min(estimate.div_ceil(chunk_rows));
+        let ranges = (estimate * 2)
+            .div_ceil(chunk_rows * RANGE_HALF_CHUNKS)
+            .max(for_balance)
+            .clamp(1, RANGES_MAX)
+            .min(self.pages.max(1));
+        // Range i ends with page (i + 1) pages / ranges - 1: the last item a page can hold
+        // is below 65535, the largest offset a `tid` takes.
+        let mut chunks = Vec::with_capacity(ranges as usize);
+        let mut lo: Option<Vec<String>> = None;
+        for i in 0..ranges {
+            let hi = (i + 1 < ranges)
+                .then(|| vec![format!("({},65535)", (i + 1) * self.pages / ranges - 1)]);
+            chunks.push(Chunk {
+                table,
+                number: first + i as u32,
+                lo: lo.clone(),
+                hi: hi.clone(),
+                range_end: true,
+                filenode: Some(self.filenode.clone()),
+            });
+            lo = hi;
+        }
+        let values: Vec<String> = chunks
+            .iter()
+            .map(|c| {
+                format!(
+                    "({}, {}, {}, {}, {}, {}, {})",
+                    quote_literal(&cfg.slot),
+                    quote_literal(&source.name),
+                    c.number,
+                    array_literal(c.lo.as_deref()),
+                    array_literal(c.hi.as_deref()),
+                    c.hi.is_none(),
+                    quote_literal(&self.filenode)
+                )
+            })
+            .collect();
+        conn.query(&format!(
+            "INSERT INTO {chunk_table} (slot, tbl, chunk, lo, hi, last, filenode) VALUES {} \
+             ON CONFLICT (slot, tbl, chunk) DO UPDATE SET lo = excluded.lo, hi = excluded.hi, \
+             last = excluded.last, filenode = excluded.filenode",
+            values.join(", ")
+        ))
+        .map_err(query(format!("record the ctid ranges of {}", source.name)))?;
+        tracing::debug!(table = %source.name, pages = self.pages, estimate, ranges = chunks.len(), filenode = %self.filenode, "snapshot ctid ranges");
+        Ok(chunks)
+    }
+}
+
+/// A `tid`'s text, `(page,item)`, as numbers.
+fn parse_tid(text: &[u8]) -> Option<(u32, u16)> {
+    let inner = text.strip_prefix(b"(")?.strip_suffix(b")")?;
+    let comma = memchr::memchr(b',', inner)?;
+    let num = |b: &[u8]| std::str::from_utf8(b).ok()?.parse::<u64>().ok();
+    let page = u32::try_from(num(&inner[..comma])?).ok()?;
+    let item = u16::try_from(num(&inner[comma + 1..])?).ok()?;
+    Some((page, item))
 }
 
 /// The key columns for ORDER BY (a list, not a row, so that the primary key index gives
@@ -647,7 +807,7 @@ pub fn resume(
     let rows = conn
         .query(&format!(
             "SELECT tbl, chunk::text, {}, {}, last::text, \
-             (done_at IS NOT NULL)::text, coalesce(rows, 0)::text FROM {t} AS c WHERE slot = {} \
+             (done_at IS NOT NULL)::text, coalesce(rows, 0)::text, filenode FROM {t} AS c WHERE slot = {} \
              ORDER BY c.tbl, c.chunk",
             bound("lo"),
             bound("hi"),
@@ -719,6 +879,7 @@ pub fn resume(
                 lo,
                 hi,
                 range_end: true,
+                filenode: r.get(7).cloned().flatten(),
             });
         }
     }
@@ -825,6 +986,9 @@ struct Ctx {
     /// Chunks a worker has read whose verdict it has not heard yet.
     in_flight_max: usize,
     format: CdcSnapshotFormat,
+    /// The chunk table and the slot, for a table rewritten during its snapshot.
+    chunk_table: String,
+    slot: String,
     url: PgUrl,
     timeout: Duration,
     shared: Arc<Shared>,
@@ -860,6 +1024,8 @@ impl Snapshot {
             chunk_bytes_max: cfg.snapshot_chunk_bytes_max.max(1),
             in_flight_max: cfg.snapshot_chunks_in_flight,
             format: cfg.snapshot_format,
+            chunk_table: chunk_table(cfg),
+            slot: cfg.slot.clone(),
             url: url.clone(),
             timeout,
             shared: Arc::clone(shared),
@@ -1215,6 +1381,28 @@ impl<'a> Worker<'a> {
         }
     }
 
+    /// A chunk found its table rewritten since its ranges were planned (`now`: the filenode
+    /// its read saw): the table's ranges are forgotten, so that the run that resumes plans
+    /// them again and copies the table from its start (its windows keep that correct: every
+    /// row is read again and lands over what the earlier chunks loaded, below every change
+    /// the stream brings after its chunk).
+    fn rewritten(&mut self, table: &str, chunk: &Chunk, now: Option<&str>) -> SnapshotError {
+        tracing::warn!(%table, planned = chunk.filenode.as_deref().unwrap_or_default(), now = now.unwrap_or_default(), "table rewritten during its snapshot: copying it again from its start");
+        let sql = format!(
+            "DELETE FROM {} WHERE slot = {} AND tbl = {} AND chunk > 0 AND filenode = {}",
+            self.ctx.chunk_table,
+            quote_literal(&self.ctx.slot),
+            quote_literal(table),
+            quote_literal(chunk.filenode.as_deref().unwrap_or_default())
+        );
+        match self.conn.query(&sql) {
+            Ok(_) => SnapshotError::Rewritten {
+                table: table.to_string(),
+            },
+            Err(e) => query(format!("forget the ctid ranges of {table}"))(e),
+        }
+    }
+
     /// The source name of the table `table` (as planned), for messages.
     fn table_name(&self, table: usize) -> String {
         self.schemas
@@ -1383,12 +1571,18 @@ impl<'a> Worker<'a> {
             .copied()
             .unwrap_or(self.ctx.chunk_rows);
         let bytes_max = self.ctx.chunk_bytes_max;
+        let ctid = chunk.filenode.is_some();
+        let bound = |b: &[String]| match ctid {
+            true => format!("{}::tid", quote_literal(b.first().map_or("(0,0)", |t| t))),
+            false => row_literal(b),
+        };
+        let column = if ctid { "ctid" } else { &read.key };
         let mut filter = Vec::new();
         if let Some(lo) = &chunk.lo {
-            filter.push(format!("{} > {}", read.key, row_literal(lo)));
+            filter.push(format!("{column} > {}", bound(lo)));
         }
         if let Some(hi) = &chunk.hi {
-            filter.push(format!("{} <= {}", read.key, row_literal(hi)));
+            filter.push(format!("{column} <= {}", bound(hi)));
         }
         let filter = if filter.is_empty() {
             String::new()
@@ -1407,15 +1601,26 @@ impl<'a> Worker<'a> {
         // to the next chunk, read under a window of its own. The bound is recorded only with
         // the chunk's `done`, in one statement ([`chunk_done_sql`]); a restart before that
         // reads from the range's record again, under new watermarks.
-        let order = format!(" ORDER BY {} LIMIT {limit}", read.order);
+        //
+        // A `ctid` chunk is the same with `ctid` for the key and no ORDER BY: a TID Range
+        // Scan returns its rows in `ctid` order (checked row by row, see `TidOrder`), and
+        // each row's `ctid` comes first, for where the chunk ends.
+        let order = match ctid {
+            true => format!(" LIMIT {limit}"),
+            false => format!(" ORDER BY {} LIMIT {limit}", read.order),
+        };
+        let with_ctid = |select: &str| match ctid {
+            true => select.replacen("SELECT ", "SELECT ctid::text, ", 1),
+            false => select.to_string(),
+        };
         let select = match &read.csv {
             // NULL as StarRocks writes it in CSV (PostgreSQL's default there is an empty
             // field, which StarRocks reads as an empty string).
             Some(c) => format!(
                 "COPY ({}{filter}{order}) TO STDOUT (FORMAT csv, NULL E'\\\\N')",
-                c.select
+                with_ctid(&c.select)
             ),
-            None => format!("{}{filter}{order}", read.select),
+            None => format!("{}{filter}{order}", with_ctid(&read.select)),
         };
         // One round trip: the previous chunk's high watermark and this one's low watermark,
         // committed together (the one window closes where the next opens), then the chunk in
@@ -1437,11 +1642,25 @@ impl<'a> Worker<'a> {
         // or CLUSTER during the snapshot moves every row and sends nothing into the stream.
         sql.push_str(
             "; COMMIT; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
-             SET LOCAL enable_sort = off; \
-             SELECT pg_snapshot_xmax(s)::text, x.id::text FROM pg_current_snapshot() s \
+             SET LOCAL enable_sort = off; ",
+        );
+        if ctid {
+            // A parallel scan would interleave the rows of several workers.
+            sql.push_str("SET LOCAL max_parallel_workers_per_gather = 0; ");
+        }
+        sql.push_str(
+            "SELECT pg_snapshot_xmax(s)::text, x.id::text FROM pg_current_snapshot() s \
              LEFT JOIN LATERAL pg_snapshot_xip(s) AS x(id) ON true; ",
         );
         sql.push_str(&select);
+        if ctid {
+            // After the rows, in their transaction: its lock on the table keeps a rewrite
+            // out until it commits, so this is the relation the rows came from.
+            sql.push_str(&format!(
+                "; SELECT pg_relation_filenode({}::regclass)::text",
+                quote_literal(&qualified(table))
+            ));
+        }
         sql.push_str("; COMMIT");
         // The results: [high watermark], low watermark, the snapshot's xmax and xip (one
         // row per xip, at least one), the rows.
@@ -1465,6 +1684,14 @@ impl<'a> Worker<'a> {
             bodies,
             &self.ctx.exchange,
         );
+        if let Some(r) = rows_csv.as_mut() {
+            r.ctid = ctid.then(TidOrder::default);
+        }
+        let mut json_tids = TidOrder::default();
+        let mut filenode: Option<String> = None;
+        // The filenode's result set: after the rows' own (the CSV rows come in a COPY,
+        // which has none).
+        let filenode_set = low_set + 2 + usize::from(read.csv.is_none());
         self.conn
             .query_sets_copy(
                 &sql,
@@ -1494,8 +1721,18 @@ impl<'a> Worker<'a> {
                         }
                         return;
                     }
+                    if ctid && set == filenode_set {
+                        filenode = values
+                            .next()
+                            .flatten()
+                            .map(|v| String::from_utf8_lossy(v).into_owned());
+                        return;
+                    }
                     if set != low_set + 2 || json_bytes >= bytes_max {
                         return;
+                    }
+                    if ctid {
+                        json_tids.push(values.next().flatten().unwrap_or_default());
                     }
                     let piece = match pieces.last_mut() {
                         Some(p) if p.body.len() < flush_bytes => p,
@@ -1535,6 +1772,19 @@ impl<'a> Worker<'a> {
             )
             .map_err(query(format!("read chunk {} of {table}", chunk.number)))?;
         let low = low.get();
+        if ctid && filenode != chunk.filenode {
+            return Err(self.rewritten(table, chunk, filenode.as_deref()));
+        }
+        let tids = match &rows_csv {
+            Some(r) => r.ctid.clone().unwrap_or_default(),
+            None => json_tids,
+        };
+        if ctid && tids.disordered {
+            return Err(SnapshotError::Order {
+                table: table.clone(),
+                chunk: chunk.number,
+            });
+        }
         let (cut, bytes) = match &rows_csv {
             Some(r) => (r.bytes >= bytes_max, r.bytes),
             None => (json_bytes >= bytes_max, json_bytes),
@@ -1605,6 +1855,10 @@ impl<'a> Worker<'a> {
             None
         };
         let last = match last {
+            // A `ctid` chunk ends at the last row kept.
+            Some(_) if ctid => tids
+                .last
+                .map(|(page, item)| vec![format!("({page},{item})")]),
             Some(k) => Some(decode_key(k).ok_or_else(|| SnapshotError::Key {
                 table: table.clone(),
                 chunk: chunk.number,
@@ -1676,6 +1930,8 @@ struct CsvRows<'a> {
     key: Vec<u8>,
     /// A row did not split into fields.
     malformed: bool,
+    /// A `ctid` chunk: each row's first field is its `ctid`, taken off here.
+    ctid: Option<TidOrder>,
 }
 
 impl<'a> CsvRows<'a> {
@@ -1701,6 +1957,7 @@ impl<'a> CsvRows<'a> {
             synced_at: synced_at.to_string(),
             key: Vec::new(),
             malformed: false,
+            ctid: None,
         })
     }
 
@@ -1725,6 +1982,23 @@ impl<'a> CsvRows<'a> {
         if self.bytes >= self.bytes_max {
             return;
         }
+        let row = match self.ctid.as_mut() {
+            // `"(page,item)",` (the comma inside makes PostgreSQL quote it).
+            Some(order) => {
+                let end = memchr::memmem::find(row, b"\",");
+                match end {
+                    Some(end) if row.first() == Some(&b'"') => {
+                        order.push(&row[1..end]);
+                        &row[end + 2..]
+                    }
+                    _ => {
+                        self.malformed = true;
+                        return;
+                    }
+                }
+            }
+            None => row,
+        };
         self.key.clear();
         if !csv::key_into(&mut self.key, row, self.key_columns) {
             self.malformed = true;
@@ -1757,6 +2031,23 @@ impl<'a> CsvRows<'a> {
         piece.body.push(b'\n');
         self.bytes += piece.body.len() - start as usize;
         piece.push_row(&self.key, start);
+    }
+}
+
+/// The `ctid`s of a chunk's rows as they come: the last one kept, and whether one came
+/// after a higher one (the chunk could then not end at its last row).
+#[derive(Default, Clone)]
+struct TidOrder {
+    last: Option<(u32, u16)>,
+    disordered: bool,
+}
+
+impl TidOrder {
+    fn push(&mut self, text: &[u8]) {
+        match parse_tid(text) {
+            Some(tid) if self.last.is_none_or(|last| tid > last) => self.last = Some(tid),
+            _ => self.disordered = true,
+        }
     }
 }
 
