@@ -3604,9 +3604,10 @@ fn snapshot_csv_carries_every_mapped_type() {
         });
         assert!(ok, "{table} differs\n{}", cdc.log());
     }
-    // ty: 5 chunks, the last one (with the text `\N`) as JSON; tk all CSV; bk all JSON.
+    // ty: 5 chunks by key (more by ctid, whose ranges follow pages, not the sample), the
+    // last one (with the text `\N`) as JSON; tk all CSV; bk all JSON.
     let ty = sr.loads_by_format(DB, "ty");
-    assert_eq!(ty.get("csv"), Some(&4), "{ty:?}");
+    assert!(ty.get("csv").is_some_and(|&n| n >= 4), "{ty:?}");
     assert_eq!(ty.get("json"), Some(&1), "{ty:?}");
     assert_eq!(sr.loads_by_format(DB, "tk").get("json"), None);
     assert_eq!(sr.loads_by_format(DB, "bk").get("csv"), None);

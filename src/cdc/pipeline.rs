@@ -798,8 +798,17 @@ impl Pipeline {
         if !windows.recording() {
             return;
         }
-        for tuple in tuples.into_iter().flatten() {
-            windows.touched(&schema.source_name, key_text(&schema.key, tuple));
+        for (i, tuple) in tuples.into_iter().enumerate() {
+            let Some(tuple) = tuple else { continue };
+            let key = key_text(&schema.key, tuple);
+            if i == 0
+                && let Some(k) = &key
+            {
+                // The row as the change leaves it: whole, or without an unchanged TOAST
+                // value (see `window::Exchange::note_change`).
+                windows.changed_row(&schema.source_name, k, !tuple.has_unchanged());
+            }
+            windows.touched(&schema.source_name, key);
         }
     }
 

@@ -29,7 +29,7 @@
 pub mod csv;
 pub mod window;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
@@ -37,7 +37,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::RecvTimeoutError;
 
-use self::window::{Exchange, Fetched, Piece, Verdict, Windows, encode_key_into, watermark_text};
+use self::window::{
+    Exchange, Fetched, PartialRound, Piece, Verdict, Windows, encode_key_into, watermark_text,
+};
 use super::checkpoint::qualified;
 use super::lsn::Lsn;
 use super::pgconn::{PgConn, PgError, quote_ident, quote_literal};
@@ -70,6 +72,14 @@ pub enum SnapshotError {
         "{table} was rewritten (VACUUM FULL, CLUSTER, a rewriting ALTER TABLE or TRUNCATE) during its snapshot, which moves every row: its ctid ranges are planned again and its snapshot starts over"
     )]
     Rewritten { table: String },
+    #[error(
+        "{table}: more than cdc.snapshot-partial-keys-max of its rows changed during its snapshot with an unchanged TOAST value left out of the change, which must be read again by key; raise cdc.snapshot-partial-keys-max and restart"
+    )]
+    PartialKeys { table: String },
+    #[error(
+        "{table}: its rows changed with unchanged TOAST values left out kept coming during {rounds} rounds of reading them again by key; raise cdc.snapshot-chunk-attempts-max and restart"
+    )]
+    Rounds { table: String, rounds: u32 },
     #[error(
         "snapshot chunk of range {chunk} of {table}: its last key is not text PostgreSQL can read back"
     )]
@@ -104,6 +114,8 @@ impl SnapshotError {
             | SnapshotError::NotUtf8 { .. }
             | SnapshotError::Order { .. }
             | SnapshotError::Rewritten { .. }
+            | SnapshotError::PartialKeys { .. }
+            | SnapshotError::Rounds { .. }
             | SnapshotError::Key { .. } => None,
         }
     }
@@ -389,6 +401,24 @@ struct Chunk {
     /// A `ctid` range: the bounds are `tid`s, and this is the table's `pg_relation_filenode`
     /// when its ranges were planned (`None`: a key range).
     filenode: Option<String>,
+    /// A round of the keys the stream left partial (see `window::PartialKeys`), read by key
+    /// after the table's ranges; the keys it took once read (given back if it is refused).
+    round: Option<Arc<Vec<Box<[u8]>>>>,
+}
+
+impl Chunk {
+    /// A keys round of `table` (its keys are taken when it is read).
+    fn round(table: usize) -> Chunk {
+        Chunk {
+            table,
+            number: 0,
+            lo: None,
+            hi: None,
+            range_end: false,
+            filenode: None,
+            round: Some(Arc::new(Vec::new())),
+        }
+    }
 }
 
 /// Ranges per table: about `snapshot-chunk-rows` times this many halves each (a range ends
@@ -503,6 +533,7 @@ fn plan_ranges(
             hi: hi.clone(),
             range_end: true,
             filenode: None,
+            round: None,
         });
         lo = hi;
     }
@@ -625,6 +656,7 @@ impl CtidPlan {
                 hi: hi.clone(),
                 range_end: true,
                 filenode: Some(self.filenode.clone()),
+                round: None,
             });
             lo = hi;
         }
@@ -880,6 +912,7 @@ pub fn resume(
                 hi,
                 range_end: true,
                 filenode: r.get(7).cloned().flatten(),
+                round: None,
             });
         }
     }
@@ -986,6 +1019,8 @@ struct Ctx {
     /// Chunks a worker has read whose verdict it has not heard yet.
     in_flight_max: usize,
     format: CdcSnapshotFormat,
+    /// Ranges not copied yet per table (by its index): at 0, its keys rounds begin.
+    ranges_left: std::sync::Mutex<HashMap<usize, usize>>,
     /// The chunk table and the slot, for a table rewritten during its snapshot.
     chunk_table: String,
     slot: String,
@@ -1011,7 +1046,16 @@ impl Snapshot {
         shared: &Arc<Shared>,
         timeout: Duration,
     ) -> Result<Workers, CdcError> {
+        let mut ranges_left = HashMap::new();
+        for c in &self.planner.ranges {
+            *ranges_left.entry(c.table).or_insert(0) += 1;
+        }
+        self.exchange.watch_partial(
+            self.tables.iter().map(|t| t.name.clone()),
+            cfg.snapshot_partial_keys_max,
+        );
         let ctx = Arc::new(Ctx {
+            ranges_left: std::sync::Mutex::new(ranges_left),
             ranges: std::sync::Mutex::new(self.planner),
             planned_all: AtomicBool::new(false),
             tables: self.tables,
@@ -1348,6 +1392,39 @@ impl<'a> Worker<'a> {
                     progress.chunks_taken.fetch_add(1, Ordering::AcqRel);
                     progress.rows_dropped.fetch_add(dropped, Ordering::Relaxed);
                     tracing::debug!(%table, chunk = f.chunk.number, rows, dropped, "snapshot chunk read");
+                    let next_round = match &f.chunk.round {
+                        // The stream said at the round's high watermark whether keys are
+                        // still owed.
+                        Some(_) => (!ctx.exchange.partial_done(&table)).then_some(f.attempts),
+                        None if f.chunk.range_end => worker.range_done(f.chunk.table).then_some(0),
+                        None => None,
+                    };
+                    if let Some(rounds) = next_round {
+                        if rounds >= ctx.attempts_max {
+                            return Err(SnapshotError::Rounds {
+                                table,
+                                rounds,
+                            });
+                        }
+                        again.push_front((Chunk::round(f.chunk.table), rounds));
+                    }
+                }
+                Verdict::Retry { reason } if f.chunk.round.is_some() => {
+                    // The round's keys are owed again; a new round takes them.
+                    progress.chunks_retried.fetch_add(1, Ordering::Relaxed);
+                    if let Some(keys) = &f.chunk.round {
+                        ctx.exchange
+                            .give_back_partial(&table, keys.iter().cloned());
+                    }
+                    if f.attempts >= ctx.attempts_max {
+                        return Err(SnapshotError::Attempts {
+                            table,
+                            chunk: 0,
+                            attempts: f.attempts,
+                            reason,
+                        });
+                    }
+                    again.push_back((Chunk::round(f.chunk.table), f.attempts));
                 }
                 Verdict::Retry { reason } => {
                     progress.chunks_retried.fetch_add(1, Ordering::Relaxed);
@@ -1363,6 +1440,20 @@ impl<'a> Worker<'a> {
                     again.push_back((f.chunk, f.attempts));
                 }
             }
+        }
+    }
+
+    /// A range of `table` is copied; true when that was its last.
+    fn range_done(&self, table: usize) -> bool {
+        let Ok(mut left) = self.ctx.ranges_left.lock() else {
+            return false;
+        };
+        match left.get_mut(&table) {
+            Some(n) => {
+                *n = n.saturating_sub(1);
+                *n == 0
+            }
+            None => false,
         }
     }
 
@@ -1513,7 +1604,7 @@ impl<'a> Worker<'a> {
         let id = self.ctx.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, verdict) = crossbeam_channel::bounded(1);
         let t = Instant::now();
-        let (fetched, through) = self.read_chunk(&read, chunk, id, reply)?;
+        let (fetched, through, round) = self.read_chunk(&read, chunk, id, reply)?;
         let took = t.elapsed();
         self.phases.read += took;
         self.phases.chunks += 1;
@@ -1521,6 +1612,7 @@ impl<'a> Worker<'a> {
         let covered = Chunk {
             hi: fetched.span.hi.clone(),
             range_end: fetched.span.range_end,
+            round: round.or_else(|| chunk.round.clone()),
             ..chunk.clone()
         };
         let remainder = (!through).then(|| Chunk {
@@ -1563,7 +1655,7 @@ impl<'a> Worker<'a> {
         chunk: &Chunk,
         id: u64,
         reply: crossbeam_channel::Sender<Verdict>,
-    ) -> Result<(Fetched, bool), SnapshotError> {
+    ) -> Result<(Fetched, bool, Option<Arc<Vec<Box<[u8]>>>>), SnapshotError> {
         let table = &read.schema.source_name;
         let limit = self
             .limits
@@ -1571,6 +1663,17 @@ impl<'a> Worker<'a> {
             .copied()
             .unwrap_or(self.ctx.chunk_rows);
         let bytes_max = self.ctx.chunk_bytes_max;
+        let round = match &chunk.round {
+            Some(_) => match self.ctx.exchange.take_partial(table, limit) {
+                PartialRound::Keys(keys) => Some(keys),
+                PartialRound::Overflow => {
+                    return Err(SnapshotError::PartialKeys {
+                        table: table.clone(),
+                    });
+                }
+            },
+            None => None,
+        };
         let ctid = chunk.filenode.is_some();
         let bound = |b: &[String]| match ctid {
             true => format!("{}::tid", quote_literal(b.first().map_or("(0,0)", |t| t))),
@@ -1583,6 +1686,17 @@ impl<'a> Worker<'a> {
         }
         if let Some(hi) = &chunk.hi {
             filter.push(format!("{column} <= {}", bound(hi)));
+        }
+        if let Some(keys) = &round {
+            let list: Vec<String> = keys
+                .iter()
+                .filter_map(|k| decode_key(k))
+                .map(|k| row_literal(&k))
+                .collect();
+            filter.push(match list.is_empty() {
+                true => "false".to_string(),
+                false => format!("{} IN ({})", read.key, list.join(", ")),
+            });
         }
         let filter = if filter.is_empty() {
             String::new()
@@ -1865,12 +1979,26 @@ impl<'a> Worker<'a> {
             })?),
             None => None,
         };
-        let through = last.is_none() || last == chunk.hi;
-        let span = Span {
+        let mut through = last.is_none() || last == chunk.hi;
+        let mut span = Span {
             lo: chunk.lo.clone(),
             hi: if through { chunk.hi.clone() } else { last },
             range_end: through && chunk.range_end,
         };
+        if let Some(keys) = &round {
+            // A round has no range: it moves the table's own record (chunk 0) by nothing
+            // but its rows. Keys a byte cut left out are owed again.
+            if cut {
+                let kept: std::collections::HashSet<&[u8]> =
+                    pieces.iter().flat_map(|p| p.iter().map(|(k, _, _)| k)).collect();
+                self.ctx.exchange.give_back_partial(
+                    table,
+                    keys.iter().filter(|k| !kept.contains(&k[..])).cloned(),
+                );
+            }
+            through = true;
+            span = Span::default();
+        }
         // The next read's rows: as many as fit in `bytes_max` at this chunk's width (a
         // tenth below), at most `snapshot-chunk-rows`.
         if kept > 0 {
@@ -1896,8 +2024,9 @@ impl<'a> Worker<'a> {
             xip,
             xmax,
             reply,
+            keys_round: round.is_some(),
         };
-        Ok((fetched, through))
+        Ok((fetched, through, round.map(Arc::new)))
     }
 }
 

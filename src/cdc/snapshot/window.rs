@@ -72,6 +72,10 @@ pub struct Fetched {
     pub xmax: Option<u32>,
     /// Where the worker hears whether its chunk was taken.
     pub reply: Sender<Verdict>,
+    /// A round of the keys whose changes left a TOAST value out (see
+    /// [`Exchange::note_change`]): at its high watermark the stream says whether the table
+    /// is complete.
+    pub keys_round: bool,
 }
 
 /// One Stream Load body of chunk rows (`[row,row,...]` in JSON, one line per row in CSV) and,
@@ -135,6 +139,45 @@ pub struct Exchange {
     spare_max: std::sync::atomic::AtomicUsize,
     /// Every worker has stopped: no more low watermarks will come.
     workers_done: std::sync::atomic::AtomicBool,
+    /// Per table being copied: the keys whose row StarRocks may lack.
+    partial: Mutex<HashMap<String, PartialKeys>>,
+    /// Keys kept per table at most (`snapshot-partial-keys-max`).
+    partial_max: std::sync::atomic::AtomicUsize,
+}
+
+/// The keys of one table whose last change, while the table's snapshot copies, left an
+/// unchanged TOAST value out, so that StarRocks got a partial row.
+///
+/// Why they are read again: a `ctid` chunk misses a row an UPDATE moved to a page already
+/// read (and any chunk drops a row changed inside its window). The stream's change is then
+/// all StarRocks gets of that row, which is whole unless it left a TOAST value out: the fill
+/// (`cdc::fill`) then finds no row in StarRocks and the value is lost. So every such key is
+/// remembered until a whole change of the row (an insert, an update that carried every
+/// value, a delete) comes, and once the table's ranges are all copied, the keys left are
+/// read again by key, in rounds under DBLog windows of their own, until a round's high
+/// watermark finds none left.
+///
+/// After the first round starts (`frozen`), only keys still remembered or in the round are
+/// kept: every other row is in StarRocks by then (its range's chunk loaded it, or a whole
+/// change did), and a partial change of it is filled from StarRocks.
+#[derive(Default)]
+struct PartialKeys {
+    keys: HashSet<Box<[u8]>>,
+    /// Keys taken by the round in flight: a partial change of one inside its window drops it
+    /// from the round, so it is remembered again.
+    round: HashSet<Box<[u8]>>,
+    frozen: bool,
+    /// More keys than the bound: the table cannot be completed.
+    overflow: bool,
+    /// The table is complete: nothing is remembered any more.
+    done: bool,
+}
+
+/// What a keys round takes ([`Exchange::take_partial`]).
+pub enum PartialRound {
+    Keys(Vec<Box<[u8]>>),
+    /// More keys than `snapshot-partial-keys-max` were remembered.
+    Overflow,
 }
 
 impl Exchange {
@@ -185,6 +228,96 @@ impl Exchange {
             && s.len() < self.spare_max.load(std::sync::atomic::Ordering::Acquire)
         {
             s.push((keys, rows));
+        }
+    }
+
+    /// The tables whose snapshot copies (their partial keys are remembered), and the bound.
+    pub fn watch_partial(&self, tables: impl Iterator<Item = String>, max: usize) {
+        self.partial_max
+            .store(max, std::sync::atomic::Ordering::Release);
+        if let Ok(mut p) = self.partial.lock() {
+            for t in tables {
+                p.entry(t).or_default();
+            }
+        }
+    }
+
+    /// A change left the row with this key `whole`, or without a TOAST value (see
+    /// [`PartialKeys`]).
+    fn note_change(&self, table: &str, key: &[u8], whole: bool) {
+        let Ok(mut p) = self.partial.lock() else {
+            return;
+        };
+        let Some(t) = p.get_mut(table).filter(|t| !t.done) else {
+            return;
+        };
+        if whole {
+            if !t.keys.is_empty() {
+                t.keys.remove(key);
+            }
+            return;
+        }
+        if t.frozen && !t.keys.contains(key) && !t.round.contains(key) {
+            return;
+        }
+        if t.keys.len() >= self.partial_max.load(std::sync::atomic::Ordering::Acquire) {
+            t.overflow = true;
+        } else {
+            t.keys.insert(key.into());
+        }
+    }
+
+    /// Up to `max` keys for the next keys round of `table` (none: nothing is owed).
+    pub fn take_partial(&self, table: &str, max: usize) -> PartialRound {
+        let Ok(mut p) = self.partial.lock() else {
+            return PartialRound::Overflow;
+        };
+        let Some(t) = p.get_mut(table) else {
+            return PartialRound::Keys(Vec::new());
+        };
+        if t.overflow {
+            return PartialRound::Overflow;
+        }
+        t.frozen = true;
+        let keys: Vec<Box<[u8]>> = t.keys.iter().take(max).cloned().collect();
+        for k in &keys {
+            t.keys.remove(k);
+        }
+        t.round = keys.iter().cloned().collect();
+        PartialRound::Keys(keys)
+    }
+
+    /// Keys of a round that its read did not keep (the chunk was cut by bytes): owed again.
+    pub fn give_back_partial(&self, table: &str, keys: impl Iterator<Item = Box<[u8]>>) {
+        if let Ok(mut p) = self.partial.lock()
+            && let Some(t) = p.get_mut(table)
+        {
+            t.keys.extend(keys);
+        }
+    }
+
+    /// Whether `table` is complete (a keys round's high watermark found no key owed).
+    pub fn partial_done(&self, table: &str) -> bool {
+        self.partial
+            .lock()
+            .ok()
+            .and_then(|p| p.get(table).map(|t| t.done))
+            .unwrap_or(true)
+    }
+
+    /// At a keys round's high watermark, in stream order: the round's keys the window drops
+    /// (`changed`: changed inside it, or by a transaction its read could not see, whole or
+    /// not, which the window cannot tell) are owed again, and the table is complete when no
+    /// key is owed.
+    fn close_round(&self, table: &str, changed: &HashSet<Box<[u8]>>) {
+        if let Ok(mut p) = self.partial.lock()
+            && let Some(t) = p.get_mut(table)
+        {
+            let round = std::mem::take(&mut t.round);
+            t.keys.extend(round.into_iter().filter(|k| changed.contains(k)));
+            if t.keys.is_empty() && !t.overflow {
+                t.done = true;
+            }
         }
     }
 
@@ -309,6 +442,13 @@ impl Windows {
         n
     }
 
+    /// A change left the row with this key whole or partial (see [`Exchange::note_change`]).
+    pub fn changed_row(&mut self, table: &str, key: &[u8], whole: bool) {
+        if !self.exchange.workers_done() {
+            self.exchange.note_change(table, key, whole);
+        }
+    }
+
     /// A change to the row with this key (`None`: the key could not be read).
     pub fn touched(&mut self, table: &str, key: Option<Box<[u8]>>) {
         if !self.exchange.workers_done() {
@@ -414,6 +554,9 @@ impl Windows {
         let mut keys = window.map(|w| w.keys).unwrap_or_default();
         keys.extend(stragglers);
         let reply = fetched.reply.clone();
+        if fetched.keys_round {
+            self.exchange.close_round(&fetched.table, &keys);
+        }
         let (emitted, dropped) = emit(fetched, &keys, &self.exchange);
         let _ = reply.send(Verdict::Taken {
             rows: emitted.rows,
@@ -573,6 +716,7 @@ mod tests {
             // Above every xid the tests commit.
             xmax: Some(10_000),
             reply,
+            keys_round: false,
         };
         (chunk, verdict)
     }
