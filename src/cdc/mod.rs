@@ -1024,6 +1024,8 @@ fn load_loop(
     // Snapshot chunks whose rows wait in the open StarRocks transaction (bounded by the
     // chunks one flush cycle can hold).
     let mut chunks_pending: Vec<ChunkDone> = Vec::new();
+    // The snapshot's partial keys as of the next checkpoint (see `Work::SnapshotPartial`).
+    let mut partial_pending: Option<Vec<snapshot::window::PartialState>> = None;
     let mut chunk_records = ChunkRecords::default();
     // The last TRUNCATE applied (by this run or an earlier one).
     let mut truncated = checkpoints.load_truncated().map_err(CdcError::Checkpoint)?;
@@ -1175,6 +1177,7 @@ fn load_loop(
                     chunk_records.record(checkpoints, shared, done)?;
                 }
             }
+            Work::SnapshotPartial(state) => partial_pending = Some(state),
             Work::Boundary(lsn) => {
                 checkpoints
                     .store_pending(lsn)
@@ -1191,6 +1194,12 @@ fn load_loop(
                 }
                 for done in chunks_pending.drain(..) {
                     chunk_records.record(checkpoints, shared, done)?;
+                }
+                // After the loads it covers are committed, with the checkpoint.
+                if let Some(state) = partial_pending.take() {
+                    checkpoints
+                        .store_partial_keys(&state)
+                        .map_err(CdcError::Checkpoint)?;
                 }
                 failpoint::hit("cdc-before-checkpoint");
                 let publishing: Vec<&str> = match txns.as_deref() {

@@ -66,6 +66,9 @@ pub enum Work {
         rows: u64,
         span: crate::cdc::snapshot::Span,
     },
+    /// The snapshot's keys left partial, as of the checkpoint that follows: stored with it
+    /// (see `snapshot::window::PartialKeys`).
+    SnapshotPartial(Vec<crate::cdc::snapshot::window::PartialState>),
 }
 
 /// One Stream Load.
@@ -580,6 +583,9 @@ impl Pipeline {
     fn end_cycle(&mut self, out: &mut Vec<Work>) {
         self.flush_open(out);
         if let Some(lsn) = self.unflushed_commit.take() {
+            if let Some(state) = self.windows.as_ref().and_then(Windows::partial_state) {
+                out.push(Work::SnapshotPartial(state));
+            }
             // PostgreSQL's epoch is 2000-01-01; the metric wants Unix time.
             out.push(Work::Checkpoint(
                 lsn,
@@ -854,12 +860,16 @@ impl Pipeline {
         // values until the cycle commits.
         self.cycle_rows.mark_incomplete(None, &emitted.table);
         out.extend(emitted.batches.into_iter().map(Work::Load));
-        out.push(Work::SnapshotChunk {
-            table: emitted.table,
-            chunk: emitted.chunk,
-            rows: emitted.rows,
-            span: emitted.span,
-        });
+        // (A keys round, chunk 0, has no range to record: the partial keys' state, stored
+        // with the checkpoints, says what is owed.)
+        if emitted.chunk != 0 {
+            out.push(Work::SnapshotChunk {
+                table: emitted.table,
+                chunk: emitted.chunk,
+                rows: emitted.rows,
+                span: emitted.span,
+            });
+        }
         // The checkpoint must pass this point only once those loads are done.
         self.txn_rows = true;
     }

@@ -159,7 +159,8 @@ pub fn plan_sql(cfg: &CdcConfig, tables: &[SourceTable]) -> String {
     if cfg.snapshot {
         for table in tables {
             sql.push_str(&format!(
-                " INSERT INTO {t} (slot, tbl, chunk) VALUES ({slot}, {}, 0);",
+                " INSERT INTO {t} (slot, tbl, chunk) VALUES ({slot}, {0}, 0);\
+                 INSERT INTO {t} (slot, tbl, chunk, lo) VALUES ({slot}, {0}, {PARTIAL_CHUNK}, '{{}}');",
                 quote_literal(&table.name)
             ));
         }
@@ -868,6 +869,9 @@ pub fn resume(
         source: SourceTable,
         pending: Vec<Chunk>,
         next: Option<(u32, Option<Vec<String>>)>,
+        /// The keys left partial still owed, and whether their rounds began (`None`: the
+        /// table is complete, or its plan is older than this record).
+        partial: Option<(Vec<Box<[u8]>>, bool)>,
     }
     let mut plans: Vec<TablePlan> = tables
         .iter()
@@ -879,6 +883,7 @@ pub fn resume(
             source: s.clone(),
             pending: Vec::new(),
             next: Some((1, None)),
+            partial: None,
         })
         .collect();
     let (mut resumed, mut rows_before) = (0u64, 0u64);
@@ -887,6 +892,19 @@ pub fn resume(
         let Some(ti) = plans.iter().position(|p| p.source.name == field(0)) else {
             continue;
         };
+        if field(1) == PARTIAL_CHUNK.to_string() {
+            if field(5) != "true" {
+                // Each key's hex, held as the hex of that text.
+                let keys = hex_array(r.get(2).cloned().flatten().as_deref())
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|h| hex_bytes(h))
+                    .map(Vec::into_boxed_slice)
+                    .collect();
+                plans[ti].partial = Some((keys, field(4) == "true"));
+            }
+            continue;
+        }
         let number: u32 = field(1).parse().unwrap_or(0);
         if number == 0 {
             continue;
@@ -916,7 +934,8 @@ pub fn resume(
             });
         }
     }
-    plans.retain(|p| !p.pending.is_empty() || p.next.is_some());
+    plans.retain(|p| !p.pending.is_empty() || p.next.is_some() || p.partial.is_some());
+    let exchange = Arc::new(Exchange::default());
     for (i, p) in plans.iter_mut().enumerate() {
         for c in &mut p.pending {
             c.table = i;
@@ -924,6 +943,15 @@ pub fn resume(
         if let Some((first, from)) = p.next.take() {
             let planned = plan_ranges(&mut conn, cfg, &t, i, &p.source, first, from.as_deref())?;
             p.pending.extend(planned);
+        }
+        if let Some((keys, frozen)) = p.partial.take() {
+            exchange.restore_partial(&p.source.name, keys, frozen);
+            // Every range is copied: the keys rounds go on, one at least, whose high
+            // watermark comes after the changes this run replays from the checkpoint (the
+            // state stored there does not know them).
+            if p.pending.is_empty() {
+                p.pending.push(Chunk::round(i));
+            }
         }
     }
     progress.chunks_resumed.store(resumed, Ordering::Relaxed);
@@ -971,8 +999,53 @@ pub fn resume(
         },
         tables: plans.into_iter().map(|p| p.source).collect(),
         tag: format!("{} {nonce}", cfg.slot),
-        exchange: Arc::new(Exchange::default()),
+        exchange,
     }))
+}
+
+/// The chunk number of a table's row of keys left partial (see `window::PartialKeys`): its
+/// `lo` holds them (each key's bytes in hex), `last` says whether their rounds began and
+/// `done_at` when the table was complete.
+const PARTIAL_CHUNK: i32 = -1;
+
+/// The loader's SQL storing the partial keys' state with a checkpoint.
+pub fn partial_sql(cfg_table: &str, slot: &str, state: &[window::PartialState]) -> String {
+    let t = qualified(&format!("{cfg_table}_snapshot"));
+    state
+        .iter()
+        .map(|p| {
+            let keys: Vec<String> = p.keys.iter().map(|k| format!("'{}'", hex(k))).collect();
+            format!(
+                "UPDATE {t} SET lo = ARRAY[{}]::text[], last = {}, done_at = {} \
+                 WHERE slot = {} AND tbl = {} AND chunk = {PARTIAL_CHUNK};",
+                keys.join(","),
+                p.frozen,
+                if p.done { "now()" } else { "NULL" },
+                quote_literal(slot),
+                quote_literal(&p.table)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+fn hex_bytes(hex: &str) -> Option<Vec<u8>> {
+    let hex = hex.as_bytes();
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    let digit = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    hex.chunks_exact(2)
+        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
+        .collect()
 }
 
 /// A bound as the chunk table query reads it (comma-joined [`exact_text`] hex) back as key
@@ -1389,14 +1462,19 @@ impl<'a> Worker<'a> {
             let progress = &ctx.shared.snapshot;
             match verdict {
                 Verdict::Taken { rows, dropped } => {
-                    progress.chunks_taken.fetch_add(1, Ordering::AcqRel);
+                    // (A keys round is no chunk the loader records.)
+                    if f.chunk.round.is_none() {
+                        progress.chunks_taken.fetch_add(1, Ordering::AcqRel);
+                    }
                     progress.rows_dropped.fetch_add(dropped, Ordering::Relaxed);
                     tracing::debug!(%table, chunk = f.chunk.number, rows, dropped, "snapshot chunk read");
                     let next_round = match &f.chunk.round {
                         // The stream said at the round's high watermark whether keys are
                         // still owed.
                         Some(_) => (!ctx.exchange.partial_done(&table)).then_some(f.attempts),
-                        None if f.chunk.range_end => worker.range_done(f.chunk.table).then_some(0),
+                        None if f.chunk.range_end => (worker.range_done(f.chunk.table)
+                            && !ctx.exchange.complete_if_none_owed(&table))
+                        .then_some(0),
                         None => None,
                     };
                     if let Some(rounds) = next_round {

@@ -143,6 +143,19 @@ pub struct Exchange {
     partial: Mutex<HashMap<String, PartialKeys>>,
     /// Keys kept per table at most (`snapshot-partial-keys-max`).
     partial_max: std::sync::atomic::AtomicUsize,
+    /// `partial` changed since [`Exchange::partial_state`] last took it.
+    partial_dirty: std::sync::atomic::AtomicBool,
+}
+
+/// One table's [`PartialKeys`] as the chunk table keeps them (see
+/// [`Windows::partial_state`]): the keys owed (those of a round in flight too), whether the
+/// rounds began, and whether the table is complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartialState {
+    pub table: String,
+    pub keys: Vec<Box<[u8]>>,
+    pub frozen: bool,
+    pub done: bool,
 }
 
 /// The keys of one table whose last change, while the table's snapshot copies, left an
@@ -242,6 +255,40 @@ impl Exchange {
         }
     }
 
+    /// The state a resumed snapshot found in the chunk table for `table`.
+    pub fn restore_partial(&self, table: &str, keys: Vec<Box<[u8]>>, frozen: bool) {
+        if let Ok(mut p) = self.partial.lock() {
+            let t = p.entry(table.to_string()).or_default();
+            t.keys.extend(keys);
+            t.frozen = frozen;
+        }
+    }
+
+    /// Every watched table's state, when it changed since the last call. Taken by the stream
+    /// when it ends a flush cycle, so the state is the one at that cycle's checkpoint: stored
+    /// with the checkpoint, it holds every key a change up to there left partial (a whole
+    /// change after it that dropped a key comes again after a restart).
+    fn partial_state(&self) -> Option<Vec<PartialState>> {
+        if !self
+            .partial_dirty
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return None;
+        }
+        let p = self.partial.lock().ok()?;
+        let mut state: Vec<PartialState> = p
+            .iter()
+            .map(|(table, t)| PartialState {
+                table: table.clone(),
+                keys: t.keys.iter().chain(t.round.iter()).cloned().collect(),
+                frozen: t.frozen,
+                done: t.done,
+            })
+            .collect();
+        state.sort_by(|a, b| a.table.cmp(&b.table));
+        Some(state)
+    }
+
     /// A change left the row with this key `whole`, or without a TOAST value (see
     /// [`PartialKeys`]).
     fn note_change(&self, table: &str, key: &[u8], whole: bool) {
@@ -252,19 +299,25 @@ impl Exchange {
             return;
         };
         if whole {
-            if !t.keys.is_empty() {
-                t.keys.remove(key);
+            if t.keys.remove(key) {
+                self.dirty();
             }
             return;
         }
         if t.frozen && !t.keys.contains(key) && !t.round.contains(key) {
             return;
         }
+        self.dirty();
         if t.keys.len() >= self.partial_max.load(std::sync::atomic::Ordering::Acquire) {
             t.overflow = true;
         } else {
             t.keys.insert(key.into());
         }
+    }
+
+    fn dirty(&self) {
+        self.partial_dirty
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Up to `max` keys for the next keys round of `table` (none: nothing is owed).
@@ -278,7 +331,10 @@ impl Exchange {
         if t.overflow {
             return PartialRound::Overflow;
         }
-        t.frozen = true;
+        if !t.frozen {
+            t.frozen = true;
+            self.dirty();
+        }
         let keys: Vec<Box<[u8]>> = t.keys.iter().take(max).cloned().collect();
         for k in &keys {
             t.keys.remove(k);
@@ -294,6 +350,28 @@ impl Exchange {
         {
             t.keys.extend(keys);
         }
+    }
+
+    /// Once the table's ranges are all copied (their last verdict came, so the stream is past
+    /// their high watermarks): true, and the table complete, when no key is owed. A key owed
+    /// then leaves only by a whole change of its row, so an empty set now means every row
+    /// missed by the ranges came whole since; no round is needed.
+    pub fn complete_if_none_owed(&self, table: &str) -> bool {
+        let Ok(mut p) = self.partial.lock() else {
+            return false;
+        };
+        let Some(t) = p.get_mut(table) else {
+            return true;
+        };
+        if t.done {
+            return true;
+        }
+        if t.keys.is_empty() && t.round.is_empty() && !t.overflow {
+            t.done = true;
+            self.dirty();
+            return true;
+        }
+        false
     }
 
     /// Whether `table` is complete (a keys round's high watermark found no key owed).
@@ -318,6 +396,7 @@ impl Exchange {
             if t.keys.is_empty() && !t.overflow {
                 t.done = true;
             }
+            self.dirty();
         }
     }
 
@@ -447,6 +526,12 @@ impl Windows {
         if !self.exchange.workers_done() {
             self.exchange.note_change(table, key, whole);
         }
+    }
+
+    /// The snapshot's partial keys, when they changed since the last call (see
+    /// [`Exchange::partial_state`]).
+    pub fn partial_state(&self) -> Option<Vec<PartialState>> {
+        self.exchange.partial_state()
     }
 
     /// A change to the row with this key (`None`: the key could not be read).
