@@ -2569,6 +2569,129 @@ fn killed_mid_snapshot_chunk_resumes_from_the_next_chunk() {
     );
 }
 
+/// Runs `cdc` with `--snapshot-workers 1` held before its second chunk read (the failpoint
+/// `cdc-snapshot-before-read` waits for a file): returns it, and the file that lets it go on.
+fn cdc_held_before_second_chunk(args: &[String]) -> (Cdc, support::TempDir, std::path::PathBuf) {
+    let dir = support::TempDir::new("cdc-hold");
+    let go = dir.path().join("go");
+    let mut args = args.to_vec();
+    match args.iter().position(|a| a == "--snapshot-workers") {
+        Some(i) => args[i + 1] = "1".into(),
+        None => args.extend(["--snapshot-workers", "1"].map(String::from)),
+    }
+    let spec = format!("cdc-snapshot-before-read=2*wait-{}", go.display());
+    let mut cdc = Cdc::spawn(&args, &[("PGPRISM_FAILPOINTS", &spec)]);
+    let held = eventually(Duration::from_secs(60), || {
+        cdc.exited() || cdc.log().contains("failpoint cdc-snapshot-before-read fired")
+    });
+    assert!(
+        held && !cdc.exited(),
+        "not held before its second chunk\n{}",
+        cdc.log()
+    );
+    (cdc, dir, go)
+}
+
+#[test]
+fn ctid_snapshot_rereads_rows_moved_back_with_unchanged_toast() {
+    // Rows on the last pages are updated (non-HOT, `big` unchanged, so pgoutput leaves it
+    // out) after the first chunk read the first pages, and move into free space on those
+    // pages: no ctid chunk holds them, and the stream's change has no `big`. The keys round
+    // reads them again by key, so StarRocks ends with exactly the source's rows.
+    let pg = start_pg("cdc-snap-ctid-toast", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    c.batch_execute(
+        "CREATE TABLE d (id int PRIMARY KEY, big text, n int) WITH (fillfactor = 100);
+         ALTER TABLE d ALTER COLUMN big SET STORAGE EXTERNAL;
+         INSERT INTO d SELECT g, repeat(md5(g::text), 100), 0 FROM generate_series(1, 3000) g;
+         DELETE FROM d WHERE id <= 60;",
+    )
+    .unwrap();
+    c.batch_execute("VACUUM ANALYZE d").unwrap();
+    sr.create_table(
+        DB,
+        "d",
+        &["id"],
+        &[
+            ("id", ColType::Int),
+            ("big", ColType::Text),
+            ("n", ColType::Int),
+        ],
+    );
+    let args = snapshot_args(&pg, &sr, "d", 200);
+    let (cdc, _dir, go) = cdc_held_before_second_chunk(&args);
+    let last_page = |c: &mut postgres::Client| {
+        pg_rows(c, "SELECT max((ctid::text::point)[0])::int::text FROM d")[0][0]
+            .clone()
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+    };
+    let pages = last_page(&mut c);
+    c.batch_execute("UPDATE d SET n = n + 1 WHERE id > 2960")
+        .unwrap();
+    // Most moved to the first page, which the first chunk read.
+    let moved = pg_rows(
+        &mut c,
+        "SELECT count(*)::text FROM d WHERE id > 2960 AND (ctid::text::point)[0] = 0",
+    );
+    // (Those that fit: the rest stays on the last page, which had room.)
+    let moved: u32 = moved[0][0].as_deref().unwrap().parse().unwrap();
+    assert!(moved >= 20, "{moved} moved to page 0 of {pages}");
+    std::fs::write(&go, b"").unwrap();
+    let done = eventually(Duration::from_secs(120), || {
+        cdc.snapshot()["state"].as_str() == Some("done")
+    });
+    assert!(done, "{:?}\n{}", cdc.snapshot(), cdc.log());
+    assert_converges(
+        &sr,
+        &mut c,
+        "d",
+        &["id", "big", "n"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+    assert!(
+        cdc.log().contains("reading again by key"),
+        "no keys round\n{}",
+        cdc.log()
+    );
+}
+
+#[test]
+fn ctid_snapshot_of_a_table_rewritten_midway_starts_it_over() {
+    // VACUUM FULL after the first chunk: the rows of the pages not read yet move into the
+    // pages read (the first 20000 rows deleted), sending nothing into the stream. The next
+    // chunk sees a new filenode, the table's ranges are planned again and it is copied anew.
+    let (pg, sr, mut c) = source_and_sink("cdc-snap-ctid-rewrite", &[], &["t"]);
+    c.batch_execute(
+        "INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 30000) g; ANALYZE t",
+    )
+    .unwrap();
+    let args = snapshot_args(&pg, &sr, "t", 2000);
+    let (cdc, _dir, go) = cdc_held_before_second_chunk(&args);
+    for sql in [
+        "DELETE FROM t WHERE id <= 20000",
+        "VACUUM FULL t",
+        "UPDATE t SET v = 'after' WHERE id % 100 = 0",
+    ] {
+        c.batch_execute(sql).unwrap();
+    }
+    std::fs::write(&go, b"").unwrap();
+    let done = eventually(Duration::from_secs(120), || {
+        cdc.snapshot()["state"].as_str() == Some("done")
+    });
+    assert!(done, "{:?}\n{}", cdc.snapshot(), cdc.log());
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(60));
+    assert!(
+        cdc.log().contains("rewritten during its snapshot"),
+        "{}",
+        cdc.log()
+    );
+    assert!(ranges(&mut c).iter().all(|r| r.2), "{:?}", ranges(&mut c));
+}
+
 #[test]
 fn snapshot_copies_a_partitioned_table_from_its_leaves() {
     let (pg, sr, mut c) = source_and_sink("cdc-snap-partitioned", &[], &[]);

@@ -1679,6 +1679,7 @@ impl<'a> Worker<'a> {
         chunk: &Chunk,
     ) -> Result<(Chunk, Option<Chunk>, crossbeam_channel::Receiver<Verdict>), SnapshotError> {
         let read = self.read_of(chunk.table)?;
+        super::failpoint::hit("cdc-snapshot-before-read");
         let id = self.ctx.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply, verdict) = crossbeam_channel::bounded(1);
         let t = Instant::now();
@@ -1743,7 +1744,10 @@ impl<'a> Worker<'a> {
         let bytes_max = self.ctx.chunk_bytes_max;
         let round = match &chunk.round {
             Some(_) => match self.ctx.exchange.take_partial(table, limit) {
-                PartialRound::Keys(keys) => Some(keys),
+                PartialRound::Keys(keys) => {
+                    tracing::info!(%table, keys = keys.len(), "snapshot: reading again by key the rows whose changes left a TOAST value out");
+                    Some(keys)
+                }
                 PartialRound::Overflow => {
                     return Err(SnapshotError::PartialKeys {
                         table: table.clone(),
