@@ -2619,7 +2619,12 @@ fn ctid_snapshot_rereads_rows_moved_back_with_unchanged_toast() {
             ("n", ColType::Int),
         ],
     );
-    let args = snapshot_args(&pg, &sr, "d", 200);
+    // Without REPLICA IDENTITY FULL: the change has no old row to take `big` from.
+    let config_dir = support::TempDir::new("cdc-ctid-toast");
+    let config = config_dir.join("pgprism.toml");
+    std::fs::write(&config, "[cdc]\nreplica-identity-full = false\n").unwrap();
+    let mut args = snapshot_args(&pg, &sr, "d", 200);
+    args.extend(["--config".to_string(), config.display().to_string()]);
     let (cdc, _dir, go) = cdc_held_before_second_chunk(&args);
     let last_page = |c: &mut postgres::Client| {
         pg_rows(c, "SELECT max((ctid::text::point)[0])::int::text FROM d")[0][0]
