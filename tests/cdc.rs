@@ -2582,7 +2582,10 @@ fn cdc_held_before_second_chunk(args: &[String]) -> (Cdc, support::TempDir, std:
     let spec = format!("cdc-snapshot-before-read=2*wait-{}", go.display());
     let mut cdc = Cdc::spawn(&args, &[("PGPRISM_FAILPOINTS", &spec)]);
     let held = eventually(Duration::from_secs(60), || {
-        cdc.exited() || cdc.log().contains("failpoint cdc-snapshot-before-read fired")
+        cdc.exited()
+            || cdc
+                .log()
+                .contains("failpoint cdc-snapshot-before-read fired")
     });
     assert!(
         held && !cdc.exited(),

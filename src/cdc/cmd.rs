@@ -11,8 +11,8 @@ use clap::Args;
 
 use super::Shared;
 use crate::config::{
-    AdminConfig, CdcConfig, CdcDeleteMode, CdcSchemaChanges, CdcSnapshotChunking, CdcSnapshotFormat, CdcToastMode,
-    CdcTransactionMode, Config,
+    AdminConfig, CdcConfig, CdcDeleteMode, CdcSchemaChanges, CdcSnapshotChunking,
+    CdcSnapshotFormat, CdcToastMode, CdcTransactionMode, Config,
 };
 
 #[derive(Args, Debug)]

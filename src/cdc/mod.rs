@@ -126,7 +126,10 @@ pub struct Shared {
     /// Flush cycles whose rows outgrew `cdc.fill-bytes-max`.
     pub fill_overflows: AtomicU64,
     /// Text values that were not UTF-8, loaded with U+FFFD (`cdc.non-utf8 = "replace"`):
-    /// the stream's and the snapshot's.
+    /// the stream's and the snapshot's. A snapshot chunk's count once the stream takes it (a
+    /// chunk refused and read again counts once); after a restart inside the process
+    /// (`reconnect`), what is loaded again from the checkpoint counts again, the stream's
+    /// changes and a chunk taken but not recorded before it alike.
     pub non_utf8_replaced: AtomicU64,
     /// Tables whose `SELECT` StarRocks refused in the middle of the run (after the start's
     /// check found them readable): cut for the rest of the run.

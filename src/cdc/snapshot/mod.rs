@@ -15,8 +15,14 @@
 //! range's record moves past it (its `lo` becomes the chunk's last key, `rows` grows), so a
 //! restart copies only what follows each range's record.
 //!
+//! With `snapshot-chunking = "ctid"` (the default on PostgreSQL 14 and later), a table's
+//! ranges are ranges of its heap pages instead, each chunk whole pages read by a TID Range
+//! Scan with no index and no sort (see [`CtidPlan`] for why that is complete, and
+//! `window::PartialKeys` for the rows it can miss, read again by key before the table
+//! counts as copied).
+//!
 //! Every CDC table has a primary key (setup refuses one without: StarRocks Primary Key tables
-//! and deletes need it), so every table is chunked by key; there is no unchunked path.
+//! and deletes need it): the windows compare rows by key, whichever way the table is cut.
 //!
 //! A worker reads its next chunk while the stream decides on the ones it read before (at most
 //! `snapshot-chunks-in-flight` of them), so the time a high watermark takes to come back
@@ -697,6 +703,8 @@ struct ChunkRead {
     fetched: Fetched,
     through: bool,
     round: Option<Arc<Vec<Box<[u8]>>>>,
+    /// Text values replaced (`cdc.non-utf8 = "replace"`).
+    replaced: u64,
 }
 
 /// The pages a `ctid` chunk reads: from its lower bound on, `pages` of them, or fewer where
@@ -1293,6 +1301,9 @@ struct InFlight {
     /// Reads of this chunk so far, this one included.
     attempts: u32,
     verdict: crossbeam_channel::Receiver<Verdict>,
+    /// Text values the read replaced (`cdc.non-utf8 = "replace"`), counted once the stream
+    /// takes the chunk: a chunk refused and read again counts once.
+    replaced: u64,
 }
 
 /// One worker: its connection and the column lists it has read.
@@ -1490,7 +1501,7 @@ impl<'a> Worker<'a> {
                     },
                 };
                 if let Some((chunk, attempts, retry)) = next {
-                    let (covered, remainder, verdict) = worker.send(&chunk)?;
+                    let (covered, remainder, verdict, replaced) = worker.send(&chunk)?;
                     // What the chunk did not cover is read next: a range's rest, or the rest
                     // of a chunk read again (whose range went on already).
                     if let Some(r) = remainder {
@@ -1504,6 +1515,7 @@ impl<'a> Worker<'a> {
                         chunk: covered,
                         attempts: attempts + 1,
                         verdict,
+                        replaced,
                     });
                     continue;
                 }
@@ -1531,6 +1543,9 @@ impl<'a> Worker<'a> {
                         progress.chunks_taken.fetch_add(1, Ordering::AcqRel);
                     }
                     progress.rows_dropped.fetch_add(dropped, Ordering::Relaxed);
+                    ctx.shared
+                        .non_utf8_replaced
+                        .fetch_add(f.replaced, Ordering::Relaxed);
                     tracing::debug!(%table, chunk = f.chunk.number, rows, dropped, "snapshot chunk read");
                     let next_round = match &f.chunk.round {
                         // The stream said at the round's high watermark whether keys are
@@ -1543,10 +1558,7 @@ impl<'a> Worker<'a> {
                     };
                     if let Some(rounds) = next_round {
                         if rounds >= ctx.attempts_max {
-                            return Err(SnapshotError::Rounds {
-                                table,
-                                rounds,
-                            });
+                            return Err(SnapshotError::Rounds { table, rounds });
                         }
                         again.push_front((Chunk::round(f.chunk.table), rounds));
                     }
@@ -1555,8 +1567,7 @@ impl<'a> Worker<'a> {
                     // The round's keys are owed again; a new round takes them.
                     progress.chunks_retried.fetch_add(1, Ordering::Relaxed);
                     if let Some(keys) = &f.chunk.round {
-                        ctx.exchange
-                            .give_back_partial(&table, keys.iter().cloned());
+                        ctx.exchange.give_back_partial(&table, keys.iter().cloned());
                     }
                     if f.attempts >= ctx.attempts_max {
                         return Err(SnapshotError::Attempts {
@@ -1773,11 +1784,28 @@ impl<'a> Worker<'a> {
     fn send(
         &mut self,
         chunk: &Chunk,
-    ) -> Result<(Chunk, Option<Chunk>, crossbeam_channel::Receiver<Verdict>), SnapshotError> {
+    ) -> Result<
+        (
+            Chunk,
+            Option<Chunk>,
+            crossbeam_channel::Receiver<Verdict>,
+            u64,
+        ),
+        SnapshotError,
+    > {
         let read = self.read_of(chunk.table)?;
         super::failpoint::hit("cdc-snapshot-before-read");
         let t = Instant::now();
-        let (id, verdict, ChunkRead { fetched, through, round }) = loop {
+        let (
+            id,
+            verdict,
+            ChunkRead {
+                fetched,
+                through,
+                round,
+                replaced,
+            },
+        ) = loop {
             let id = self.ctx.next_id.fetch_add(1, Ordering::Relaxed);
             let (reply, verdict) = crossbeam_channel::bounded(1);
             match self.read_chunk(&read, chunk, id, reply)? {
@@ -1805,7 +1833,7 @@ impl<'a> Worker<'a> {
         // In the exchange before its high watermark is written, so the stream finds it there.
         self.ctx.exchange.put(id, fetched);
         self.high = Some((id, read.schema.source_name.clone()));
-        Ok((covered, remainder, verdict))
+        Ok((covered, remainder, verdict, replaced))
     }
 
     /// Writes the high watermark still owed by the last chunk read, if any.
@@ -1943,14 +1971,14 @@ impl<'a> Worker<'a> {
             sql.push_str("; ");
         }
         sql.push_str(&self.watermark_sql(id, false, table));
-        // The keys in order, by the primary key's index (never a sort of the range's rows:
-        // a bitmap heap scan reads a planned range's pages in physical order, 6 to 9 % less
-        // time per row, but the whole range, and needs the planning walk that found its
-        // bound first). Chunks stay key ranges, not `ctid` ranges, which would read pages in
-        // order with no index at all: a row whose UPDATE moves it to a page of a chunk
-        // already read, before its own chunk is read, would be in no chunk, and the stream's
-        // change is only a partial row when a TOAST value was left unchanged; a VACUUM FULL
-        // or CLUSTER during the snapshot moves every row and sends nothing into the stream.
+        // A key chunk reads its keys in order, by the primary key's index (never a sort of
+        // the range's rows: a bitmap heap scan reads a planned range's pages in physical
+        // order, 6 to 9 % less time per row, but the whole range, and needs the planning walk
+        // that found its bound first). A `ctid` chunk reads its pages in order with no index
+        // at all; the objections that once kept chunks key ranges (a row an UPDATE moves to a
+        // page already read is in no chunk, and its change may be partial; a rewrite moves
+        // every row and sends nothing into the stream) are answered in `CtidPlan` and
+        // `window::PartialKeys`.
         sql.push_str(
             "; COMMIT; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
              SET LOCAL enable_sort = off; ",
@@ -2157,10 +2185,6 @@ impl<'a> Worker<'a> {
             });
         }
         if text.replaced > 0 {
-            self.ctx
-                .shared
-                .non_utf8_replaced
-                .fetch_add(text.replaced, Ordering::Relaxed);
             tracing::warn!(%table, chunk = chunk.number, values = text.replaced, column = text.replaced_column.as_deref().unwrap_or_default(), "values that are not UTF-8 were loaded with U+FFFD in place of those bytes (cdc.non-utf8 = \"replace\")");
         }
         let pieces: Vec<Piece> = pieces.into_iter().filter(|p| !p.rows.is_empty()).collect();
@@ -2186,7 +2210,11 @@ impl<'a> Worker<'a> {
         let mut through = last.is_none() || last == chunk.hi;
         let mut span = Span {
             lo: chunk.lo.clone(),
-            hi: if through { chunk.hi.clone() } else { last.clone() },
+            hi: if through {
+                chunk.hi.clone()
+            } else {
+                last.clone()
+            },
             range_end: through && chunk.range_end,
         };
         if let Some(w) = &pages {
@@ -2229,8 +2257,10 @@ impl<'a> Worker<'a> {
             // A round has no range: it moves the table's own record (chunk 0) by nothing
             // but its rows. Keys a byte cut left out are owed again.
             if cut {
-                let kept: std::collections::HashSet<&[u8]> =
-                    pieces.iter().flat_map(|p| p.iter().map(|(k, _, _)| k)).collect();
+                let kept: std::collections::HashSet<&[u8]> = pieces
+                    .iter()
+                    .flat_map(|p| p.iter().map(|(k, _, _)| k))
+                    .collect();
                 self.ctx.exchange.give_back_partial(
                     table,
                     keys.iter().filter(|k| !kept.contains(&k[..])).cloned(),
@@ -2270,6 +2300,7 @@ impl<'a> Worker<'a> {
             fetched,
             through,
             round: round.map(Arc::new),
+            replaced: text.replaced,
         }))
     }
 }
@@ -2509,6 +2540,58 @@ mod tests {
         assert_eq!(hex_array(None), None);
         assert_eq!(hex_array(Some("6")), None);
         assert_eq!(from_hex("c3a9").as_deref(), Some("é"));
+    }
+
+    #[test]
+    fn a_ctid_chunk_is_whole_pages_up_to_its_ranges_end() {
+        assert_eq!(parse_tid(b"(12,3)"), Some((12, 3)));
+        assert_eq!(parse_tid(b"(4294967295,65535)"), Some((u32::MAX, 65535)));
+        assert_eq!(parse_tid(b"(1,65536)"), None);
+        assert_eq!(parse_tid(b"12,3"), None);
+        let chunk = |lo: Option<&str>, hi: Option<&str>| Chunk {
+            table: 0,
+            number: 1,
+            lo: lo.map(|t| vec![t.to_string()]),
+            hi: hi.map(|t| vec![t.to_string()]),
+            range_end: true,
+            filenode: Some("1".into()),
+            round: None,
+        };
+        // From the table's start, 10 pages: 0 to 9.
+        let w = PageWindow::of(&chunk(None, Some("(99,65535)")), 10);
+        assert_eq!((w.last_page, w.to_range_end, w.covered), (9, false, 10));
+        assert_eq!(w.hi, vec!["(9,65535)".to_string()]);
+        // After page 89: 90 to 99, the range's end.
+        let w = PageWindow::of(&chunk(Some("(89,65535)"), Some("(99,65535)")), 10);
+        assert_eq!((w.last_page, w.to_range_end, w.covered), (99, true, 10));
+        // After a cut inside page 95: its rest, and to the range's end.
+        let w = PageWindow::of(&chunk(Some("(95,7)"), Some("(99,65535)")), 10);
+        assert_eq!((w.last_page, w.to_range_end, w.covered), (99, true, 5));
+        // The open-ended last range never ends by its bound (the relation's size says).
+        let w = PageWindow::of(&chunk(Some("(99,65535)"), None), 4);
+        assert_eq!((w.last_page, w.to_range_end), (103, false));
+    }
+
+    #[test]
+    fn partial_keys_are_stored_as_hex_and_read_back() {
+        let key = window::encode_key([Some(&b"a\xff"[..]), None].into_iter());
+        let state = [window::PartialState {
+            table: "public.t".into(),
+            keys: vec![key.clone()],
+            frozen: true,
+            done: false,
+        }];
+        let sql = partial_sql("ck", "s", &state);
+        let hexed = hex(&key);
+        assert!(
+            sql.contains(&format!(
+                "SET lo = ARRAY['{hexed}']::text[], last = true, done_at = NULL"
+            )),
+            "{sql}"
+        );
+        assert!(sql.contains("AND chunk = -1;"), "{sql}");
+        assert_eq!(hex_bytes(&hexed).as_deref(), Some(&key[..]));
+        assert_eq!(hex_bytes("0"), None);
     }
 
     #[test]

@@ -24,6 +24,12 @@
 //! commit record and its visibility; refusing every such chunk made the snapshot fail after
 //! `snapshot-chunk-attempts-max` unlucky reads.)
 //!
+//! The window drops the chunk's rows by key, one by one, never by the chunk's key range:
+//! which keys a chunk holds is all it needs, so a `ctid` chunk (whole heap pages, its rows in
+//! no key order) is judged exactly like a key range. A row changed inside the window and
+//! moved out of the chunk's pages is not in the chunk, and nothing is dropped for it; a row
+//! moved into them is in the chunk at its newer version, and dropped (the stream has it).
+//!
 //! This module must never emit a chunk row whose key the stream changed inside its window,
 //! and never emit a chunk it cannot vouch for: it refuses instead, and the worker retries.
 
@@ -392,7 +398,8 @@ impl Exchange {
             && let Some(t) = p.get_mut(table)
         {
             let round = std::mem::take(&mut t.round);
-            t.keys.extend(round.into_iter().filter(|k| changed.contains(k)));
+            t.keys
+                .extend(round.into_iter().filter(|k| changed.contains(k)));
             if t.keys.is_empty() && !t.overflow {
                 t.done = true;
             }
@@ -962,6 +969,65 @@ mod tests {
         exchange.put(2, chunk);
         assert!(mark(&mut w, 2, true, 400).is_none());
         assert!(matches!(verdict.try_recv(), Ok(Verdict::Retry { .. })));
+    }
+
+    #[test]
+    fn keys_left_partial_are_owed_until_a_round_takes_them_or_a_whole_change_comes() {
+        let (mut w, exchange) = windows(100);
+        exchange.watch_partial(["public.t".to_string()].into_iter(), 3);
+        // 1 and 2 changed without a TOAST value, then 2 came whole: only 1 is owed.
+        w.changed_row("public.t", &key("1"), false);
+        w.changed_row("public.t", &key("2"), false);
+        w.changed_row("public.t", &key("2"), true);
+        w.changed_row("public.u", &key("9"), false);
+        let state = w.partial_state().expect("changed");
+        assert_eq!(state.len(), 1);
+        assert_eq!(state[0].keys, vec![key("1")]);
+        assert!(!state[0].frozen && !state[0].done);
+        assert!(w.partial_state().is_none(), "unchanged since");
+        assert!(!exchange.complete_if_none_owed("public.t"));
+        // A round takes 1; from then on only keys owed or in the round are kept (every
+        // other row is in StarRocks).
+        let PartialRound::Keys(round) = exchange.take_partial("public.t", 10) else {
+            panic!("overflow")
+        };
+        assert_eq!(round, vec![key("1")]);
+        w.changed_row("public.t", &key("5"), false);
+        // 1 changes partially inside the round's window: dropped from the round, owed again.
+        mark(&mut w, 1, false, 100);
+        w.touched("public.t", Some(key("1")));
+        w.changed_row("public.t", &key("1"), false);
+        let (mut chunk, verdict) = fetched(&["1"], vec![]);
+        chunk.keys_round = true;
+        exchange.put(1, chunk);
+        let out = mark(&mut w, 1, true, 200).expect("taken");
+        assert_eq!(out.rows, 0);
+        assert!(matches!(verdict.try_recv(), Ok(Verdict::Taken { .. })));
+        assert!(!exchange.partial_done("public.t"), "1 is owed again");
+        // The next round finds it unchanged: the table is complete.
+        let PartialRound::Keys(round) = exchange.take_partial("public.t", 10) else {
+            panic!("overflow")
+        };
+        assert_eq!(round, vec![key("1")]);
+        mark(&mut w, 2, false, 300);
+        let (mut chunk, _verdict) = fetched(&["1"], vec![]);
+        chunk.keys_round = true;
+        exchange.put(2, chunk);
+        assert_eq!(mark(&mut w, 2, true, 400).expect("taken").rows, 1);
+        assert!(exchange.partial_done("public.t"));
+        let state = w.partial_state().expect("changed");
+        assert!(state[0].done && state[0].frozen && state[0].keys.is_empty());
+        // Past the bound, a round cannot complete the table.
+        let (mut w, exchange) = windows(100);
+        exchange.watch_partial(["public.t".to_string()].into_iter(), 2);
+        for k in ["1", "2", "3"] {
+            w.changed_row("public.t", &key(k), false);
+        }
+        assert!(matches!(
+            exchange.take_partial("public.t", 10),
+            PartialRound::Overflow
+        ));
+        assert!(!exchange.complete_if_none_owed("public.t"));
     }
 
     #[test]
