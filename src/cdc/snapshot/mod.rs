@@ -1007,11 +1007,18 @@ pub fn resume(
         for c in &mut p.pending {
             c.table = i;
         }
+        let fresh = p.pending.is_empty()
+            && p.next
+                .as_ref()
+                .is_some_and(|(n, lo)| *n == 1 && lo.is_none());
         if let Some((first, from)) = p.next.take() {
             let planned = plan_ranges(&mut conn, cfg, &t, i, &p.source, first, from.as_deref())?;
             p.pending.extend(planned);
         }
-        if let Some((keys, frozen)) = p.partial.take() {
+        if let Some((keys, mut frozen)) = p.partial.take() {
+            // A table copied from its start (its ranges forgotten after a rewrite) has no
+            // rounds begun: every key a change leaves partial from here on is remembered.
+            frozen &= !fresh;
             exchange.restore_partial(&p.source.name, keys, frozen);
             // Every range is copied: the keys rounds go on, one at least, whose high
             // watermark comes after the changes this run replays from the checkpoint (the
