@@ -2796,6 +2796,56 @@ fn snapshot_chunks_of_wide_rows_are_cut_by_bytes() {
 }
 
 #[test]
+fn ctid_chunks_wider_than_a_page_allows_are_cut_inside_the_page() {
+    // TOAST values out of line: a heap page holds about 130 rows of 3.2 KB each once read,
+    // far past a 100 KB bound. The pages are halved down to one, whose rows carry their
+    // ctid, and the chunk is cut after its last row kept, the next starting there.
+    let pg = start_pg("cdc-snap-ctid-wide", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    c.batch_execute(
+        "CREATE TABLE d (id int PRIMARY KEY, big text, n int);
+         ALTER TABLE d ALTER COLUMN big SET STORAGE EXTERNAL;
+         INSERT INTO d SELECT g, repeat(md5(g::text), 100), g FROM generate_series(1, 600) g;
+         ANALYZE d;",
+    )
+    .unwrap();
+    sr.create_table(
+        DB,
+        "d",
+        &["id"],
+        &[
+            ("id", ColType::Int),
+            ("big", ColType::Text),
+            ("n", ColType::Int),
+        ],
+    );
+    let mut args = snapshot_args(&pg, &sr, "d", 100_000);
+    args.extend(["--snapshot-chunk-bytes-max", "100000"].map(String::from));
+    let cdc = Cdc::start(&args, &[]);
+    assert_converges(
+        &sr,
+        &mut c,
+        "d",
+        &["id", "big", "n"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+    let snap = cdc.snapshot();
+    assert_eq!(snap["rows_copied"].as_u64(), Some(600), "{snap:?}");
+    // About 30 rows a chunk: 2 MB in chunks of at most 100 KB and a row.
+    let chunks = snap["chunks_done"].as_u64().unwrap_or(0);
+    assert!((15..=60).contains(&chunks), "{snap:?}\n{}", cdc.log());
+    // A chunk ended inside a page: its range's record stood at a row's ctid.
+    assert!(
+        cdc.log()
+            .contains("snapshot chunk cut at cdc.snapshot-chunk-bytes-max"),
+        "{}",
+        cdc.log()
+    );
+}
+
+#[test]
 fn bad_configuration_fails_clearly_and_creates_nothing() {
     let (pg, sr, mut c) = source_and_sink("cdc-badcfg", &[], &["t"]);
     let nothing_created = |c: &mut postgres::Client| {
