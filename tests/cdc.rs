@@ -2572,6 +2572,11 @@ fn killed_mid_snapshot_chunk_resumes_from_the_next_chunk() {
 /// Runs `cdc` with `--snapshot-workers 1` held before its second chunk read (the failpoint
 /// `cdc-snapshot-before-read` waits for a file): returns it, and the file that lets it go on.
 fn cdc_held_before_second_chunk(args: &[String]) -> (Cdc, support::TempDir, std::path::PathBuf) {
+    cdc_held_before_read(args, 2)
+}
+
+/// As [`cdc_held_before_second_chunk`], before chunk read `n`.
+fn cdc_held_before_read(args: &[String], n: u32) -> (Cdc, support::TempDir, std::path::PathBuf) {
     let dir = support::TempDir::new("cdc-hold");
     let go = dir.path().join("go");
     let mut args = args.to_vec();
@@ -2579,7 +2584,7 @@ fn cdc_held_before_second_chunk(args: &[String]) -> (Cdc, support::TempDir, std:
         Some(i) => args[i + 1] = "1".into(),
         None => args.extend(["--snapshot-workers", "1"].map(String::from)),
     }
-    let spec = format!("cdc-snapshot-before-read=2*wait-{}", go.display());
+    let spec = format!("cdc-snapshot-before-read={n}*wait-{}", go.display());
     let mut cdc = Cdc::spawn(&args, &[("PGPRISM_FAILPOINTS", &spec)]);
     let held = eventually(Duration::from_secs(60), || {
         cdc.exited()
@@ -2595,15 +2600,14 @@ fn cdc_held_before_second_chunk(args: &[String]) -> (Cdc, support::TempDir, std:
     (cdc, dir, go)
 }
 
-#[test]
-fn ctid_snapshot_rereads_rows_moved_back_with_unchanged_toast() {
-    // Rows on the last pages are updated (non-HOT, `big` unchanged, so pgoutput leaves it
-    // out) after the first chunk read the first pages, and move into free space on those
-    // pages: no ctid chunk holds them, and the stream's change has no `big`. The keys round
-    // reads them again by key, so StarRocks ends with exactly the source's rows.
-    let pg = start_pg("cdc-snap-ctid-toast", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
+/// The TOAST table `d` of the ctid tests: 3000 rows, the first 60 deleted and vacuumed (free
+/// space on page 0), and `cdc` arguments without REPLICA IDENTITY FULL (the change then has
+/// no old row to take `big` from), in the returned directory.
+fn ctid_toast_table(
+    c: &mut postgres::Client,
+    pg: &Instance,
+    sr: &StarRocks,
+) -> (Vec<String>, support::TempDir) {
     c.batch_execute(
         "CREATE TABLE d (id int PRIMARY KEY, big text, n int) WITH (fillfactor = 100);
          ALTER TABLE d ALTER COLUMN big SET STORAGE EXTERNAL;
@@ -2622,12 +2626,63 @@ fn ctid_snapshot_rereads_rows_moved_back_with_unchanged_toast() {
             ("n", ColType::Int),
         ],
     );
-    // Without REPLICA IDENTITY FULL: the change has no old row to take `big` from.
-    let config_dir = support::TempDir::new("cdc-ctid-toast");
-    let config = config_dir.join("pgprism.toml");
+    let dir = support::TempDir::new("cdc-ctid-toast");
+    let config = dir.join("pgprism.toml");
     std::fs::write(&config, "[cdc]\nreplica-identity-full = false\n").unwrap();
-    let mut args = snapshot_args(&pg, &sr, "d", 200);
+    let mut args = snapshot_args(pg, sr, "d", 200);
     args.extend(["--config".to_string(), config.display().to_string()]);
+    (args, dir)
+}
+
+#[test]
+fn ctid_snapshot_killed_after_rows_moved_back_rereads_them_after_the_restart() {
+    // As below, but held before the third read (the first chunk, page 0, recorded; the
+    // second's high watermark goes with the third read), and killed once the moved rows'
+    // keys are stored with a checkpoint: the restarted run resumes the first range after
+    // page 0, where the moved rows are, and reads their keys again.
+    let pg = start_pg("cdc-snap-ctid-toast-kill", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    let (args, _config) = ctid_toast_table(&mut c, &pg, &sr);
+    let (cdc, _dir, _go) = cdc_held_before_read(&args, 3);
+    c.batch_execute("UPDATE d SET n = n + 1 WHERE id > 2960")
+        .unwrap();
+    let stored = eventually(Duration::from_secs(60), || {
+        pg_rows(
+            &mut c,
+            "SELECT coalesce(cardinality(lo), 0)::text FROM pgprism_cdc_checkpoint_snapshot WHERE chunk = -1",
+        ) != vec![vec![Some("0".to_string())]]
+            && ranges(&mut c).iter().any(|r| r.1 > 0)
+    });
+    assert!(stored, "the keys were not stored\n{}", cdc.log());
+    drop(cdc);
+    let cdc = Cdc::start(&args, &[]);
+    let done = eventually(Duration::from_secs(120), || {
+        cdc.snapshot()["state"].as_str() == Some("done")
+    });
+    assert!(done, "{:?}\n{}", cdc.snapshot(), cdc.log());
+    assert_converges(
+        &sr,
+        &mut c,
+        "d",
+        &["id", "big", "n"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+    // (The first range resumed after page 0: its record had moved there before the kill.)
+    assert!(cdc.log().contains("reading again by key"), "{}", cdc.log());
+}
+
+#[test]
+fn ctid_snapshot_rereads_rows_moved_back_with_unchanged_toast() {
+    // Rows on the last pages are updated (non-HOT, `big` unchanged, so pgoutput leaves it
+    // out) after the first chunk read the first pages, and move into free space on those
+    // pages: no ctid chunk holds them, and the stream's change has no `big`. The keys round
+    // reads them again by key, so StarRocks ends with exactly the source's rows.
+    let pg = start_pg("cdc-snap-ctid-toast", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    let (args, _config) = ctid_toast_table(&mut c, &pg, &sr);
     let (cdc, _dir, go) = cdc_held_before_second_chunk(&args);
     let last_page = |c: &mut postgres::Client| {
         pg_rows(c, "SELECT max((ctid::text::point)[0])::int::text FROM d")[0][0]
