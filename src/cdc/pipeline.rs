@@ -685,7 +685,7 @@ impl Pipeline {
                 self.follow_schema(rel.oid, applied, out)?;
             }
             Message::Insert { rel, new, .. } => {
-                self.note_keys(rel, [Some(new), None]);
+                self.note_keys(rel, [Some(new), None], false);
                 let schema = self.schema.get(rel)?;
                 let (oid, generation) = (schema.oid, schema.generation);
                 let pos = self.next_pos();
@@ -709,13 +709,16 @@ impl Pipeline {
                 self.keep(oid, kept);
             }
             Message::Update { rel, old, new, .. } => {
-                self.note_keys(rel, [Some(new), old.map(|(_, t)| t)]);
+                // The old row fills what the new one left out (`fill_unchanged`): whole.
+                let filled = matches!(old, Some((OldKind::Full, t))
+                    if self.cfg.toast_mode == CdcToastMode::FullRow && !t.has_unchanged());
+                self.note_keys(rel, [Some(new), old.map(|(_, t)| t)], filled);
                 self.update(rel, old, new, out)?;
             }
             Message::Delete {
                 rel, old_kind, old, ..
             } => {
-                self.note_keys(rel, [Some(old), None]);
+                self.note_keys(rel, [Some(old), None], true);
                 let schema = self.schema.get(rel)?;
                 let (oid, generation) = (schema.oid, schema.generation);
                 self.delete(oid, generation, old_kind, old, out);
@@ -797,7 +800,9 @@ impl Pipeline {
 
     /// Tells the snapshot's windows which keys a change touched (the open windows on this
     /// table, and the transaction's keys while the snapshot copies).
-    fn note_keys(&mut self, rel: u32, tuples: [Option<Tuple<'_>>; 2]) {
+    /// `filled`: the change's row is whole though its new tuple left values out (the old
+    /// row fills them; a delete leaves no row to read again).
+    fn note_keys(&mut self, rel: u32, tuples: [Option<Tuple<'_>>; 2], filled: bool) {
         let (Some(windows), Ok(schema)) = (self.windows.as_mut(), self.schema.get(rel)) else {
             return;
         };
@@ -812,7 +817,7 @@ impl Pipeline {
             {
                 // The row as the change leaves it: whole, or without an unchanged TOAST
                 // value (see `window::Exchange::note_change`).
-                windows.changed_row(&schema.source_name, k, !tuple.has_unchanged());
+                windows.changed_row(&schema.source_name, k, filled || !tuple.has_unchanged());
             }
             windows.touched(&schema.source_name, key);
         }
