@@ -140,6 +140,18 @@ impl Checkpoints {
         Ok(!self.conn.query(&sql)?.is_empty())
     }
 
+    /// Stores the snapshot's partial keys (see `snapshot::window::PartialKeys`).
+    pub fn store_partial_keys(
+        &mut self,
+        state: &[super::snapshot::window::PartialState],
+    ) -> Result<(), PgError> {
+        let sql = super::snapshot::partial_sql(&self.configured, &self.slot, state);
+        if !sql.is_empty() {
+            self.conn.query(&sql)?;
+        }
+        Ok(())
+    }
+
     /// Stores the position, with the labels of the StarRocks commits still publishing then
     /// (`publishing`, see `fill::Publishing`): a process started later waits for them before
     /// it reads values from StarRocks, as a run of the same process does.

@@ -11,8 +11,8 @@ use clap::Args;
 
 use super::Shared;
 use crate::config::{
-    AdminConfig, CdcConfig, CdcDeleteMode, CdcSchemaChanges, CdcSnapshotFormat, CdcToastMode,
-    CdcTransactionMode, Config,
+    AdminConfig, CdcConfig, CdcDeleteMode, CdcSchemaChanges, CdcSnapshotChunking,
+    CdcSnapshotFormat, CdcToastMode, CdcTransactionMode, Config,
 };
 
 #[derive(Args, Debug)]
@@ -88,6 +88,9 @@ pub struct CdcArgs {
     /// `csv` (COPY in CSV, passed to Stream Load as it comes) or `json`.
     #[arg(long, value_parser = ["csv", "json"])]
     snapshot_format: Option<String>,
+    /// `ctid` (ranges of heap pages) or `key` (primary-key ranges).
+    #[arg(long, value_parser = ["ctid", "key"])]
+    snapshot_chunking: Option<String>,
     /// Bytes of streamed, uncommitted transactions held in memory before spilling to files.
     #[arg(long)]
     stream_buffer_bytes_max: Option<usize>,
@@ -166,6 +169,11 @@ impl CdcArgs {
         match self.snapshot_format.as_deref() {
             Some("csv") => cfg.snapshot_format = CdcSnapshotFormat::Csv,
             Some("json") => cfg.snapshot_format = CdcSnapshotFormat::Json,
+            _ => {}
+        }
+        match self.snapshot_chunking.as_deref() {
+            Some("ctid") => cfg.snapshot_chunking = CdcSnapshotChunking::Ctid,
+            Some("key") => cfg.snapshot_chunking = CdcSnapshotChunking::Key,
             _ => {}
         }
         match self.transaction_mode.as_deref() {

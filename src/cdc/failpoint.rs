@@ -2,6 +2,8 @@
 //! `name=action[,name=action]` where action is `kill` (SIGKILL ourselves, like a power cut
 //! for this process), `exit` (exit code 86 without cleanup), `exit-after-MS` (sleep, then
 //! exit: a process that dies while a test acts on it), `pause-MS` (sleep, then go on),
+//! `wait-PATH` (go on once the file PATH exists, at most 5 minutes: a test acts at exactly
+//! this point, then creates it),
 //! `error` (the caller fails the step, see [`fails`]) or `N*action` (act on the N-th hit
 //! only). Unset (production) costs one relaxed load per hit. CDC's crash tests and the
 //! upgrade's (`server::upgrade`) use them.
@@ -77,6 +79,13 @@ fn due(name: &str) -> Option<&'static str> {
 fn act(name: &str, action: &str) {
     eprintln!("pgprism: failpoint {name} fired ({action})");
     let millis = |prefix: &str| action.strip_prefix(prefix)?.parse::<u64>().ok();
+    if let Some(path) = action.strip_prefix("wait-") {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        while !std::path::Path::new(path).exists() && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        return;
+    }
     if let Some(ms) = millis("pause-") {
         std::thread::sleep(std::time::Duration::from_millis(ms));
         return;

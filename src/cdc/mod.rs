@@ -126,7 +126,10 @@ pub struct Shared {
     /// Flush cycles whose rows outgrew `cdc.fill-bytes-max`.
     pub fill_overflows: AtomicU64,
     /// Text values that were not UTF-8, loaded with U+FFFD (`cdc.non-utf8 = "replace"`):
-    /// the stream's and the snapshot's.
+    /// the stream's and the snapshot's. A snapshot chunk's count once the stream takes it (a
+    /// chunk refused and read again counts once); after a restart inside the process
+    /// (`reconnect`), what is loaded again from the checkpoint counts again, the stream's
+    /// changes and a chunk taken but not recorded before it alike.
     pub non_utf8_replaced: AtomicU64,
     /// Tables whose `SELECT` StarRocks refused in the middle of the run (after the start's
     /// check found them readable): cut for the rest of the run.
@@ -579,6 +582,10 @@ fn validate_limits(cfg: &CdcConfig) -> Result<(), ConfigError> {
             cfg.snapshot_window_keys_max as u64,
         ),
         (
+            "snapshot-partial-keys-max",
+            cfg.snapshot_partial_keys_max as u64,
+        ),
+        (
             "stream-buffer-bytes-max",
             cfg.stream_buffer_bytes_max as u64,
         ),
@@ -675,6 +682,13 @@ pub fn run_reconnecting(
                 // partial update keeps them as they are.
                 tracing::warn!(%table, %column, "a value fill-rows read from StarRocks is not UTF-8 and cannot be loaded back unchanged: this table's partial changes that need values StarRocks holds load as partial updates for the rest of the run (which keep StarRocks' bytes), each ending the StarRocks transaction there; loading the flush cycle again from the checkpoint");
                 shared.transactions_reloaded.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Err(CdcError::Snapshot(snapshot::SnapshotError::Rewritten { table }))
+                if !shared.shutdown.load(Ordering::Acquire) =>
+            {
+                // No failure: the table's ranges are forgotten and planned again.
+                tracing::info!(%table, "resuming from the checkpoint; the table's snapshot starts over");
                 continue;
             }
             Err(err) if err.is_transient() && !shared.shutdown.load(Ordering::Acquire) => err,
@@ -1013,6 +1027,8 @@ fn load_loop(
     // Snapshot chunks whose rows wait in the open StarRocks transaction (bounded by the
     // chunks one flush cycle can hold).
     let mut chunks_pending: Vec<ChunkDone> = Vec::new();
+    // The snapshot's partial keys as of the next checkpoint (see `Work::SnapshotPartial`).
+    let mut partial_pending: Option<Vec<snapshot::window::PartialState>> = None;
     let mut chunk_records = ChunkRecords::default();
     // The last TRUNCATE applied (by this run or an earlier one).
     let mut truncated = checkpoints.load_truncated().map_err(CdcError::Checkpoint)?;
@@ -1164,6 +1180,7 @@ fn load_loop(
                     chunk_records.record(checkpoints, shared, done)?;
                 }
             }
+            Work::SnapshotPartial(state) => partial_pending = Some(state),
             Work::Boundary(lsn) => {
                 checkpoints
                     .store_pending(lsn)
@@ -1180,6 +1197,12 @@ fn load_loop(
                 }
                 for done in chunks_pending.drain(..) {
                     chunk_records.record(checkpoints, shared, done)?;
+                }
+                // After the loads it covers are committed, with the checkpoint.
+                if let Some(state) = partial_pending.take() {
+                    checkpoints
+                        .store_partial_keys(&state)
+                        .map_err(CdcError::Checkpoint)?;
                 }
                 failpoint::hit("cdc-before-checkpoint");
                 let publishing: Vec<&str> = match txns.as_deref() {

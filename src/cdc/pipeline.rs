@@ -66,6 +66,9 @@ pub enum Work {
         rows: u64,
         span: crate::cdc::snapshot::Span,
     },
+    /// The snapshot's keys left partial, as of the checkpoint that follows: stored with it
+    /// (see `snapshot::window::PartialKeys`).
+    SnapshotPartial(Vec<crate::cdc::snapshot::window::PartialState>),
 }
 
 /// One Stream Load.
@@ -580,6 +583,9 @@ impl Pipeline {
     fn end_cycle(&mut self, out: &mut Vec<Work>) {
         self.flush_open(out);
         if let Some(lsn) = self.unflushed_commit.take() {
+            if let Some(state) = self.windows.as_ref().and_then(Windows::partial_state) {
+                out.push(Work::SnapshotPartial(state));
+            }
             // PostgreSQL's epoch is 2000-01-01; the metric wants Unix time.
             out.push(Work::Checkpoint(
                 lsn,
@@ -679,7 +685,7 @@ impl Pipeline {
                 self.follow_schema(rel.oid, applied, out)?;
             }
             Message::Insert { rel, new, .. } => {
-                self.note_keys(rel, [Some(new), None]);
+                self.note_keys(rel, [Some(new), None], false);
                 let schema = self.schema.get(rel)?;
                 let (oid, generation) = (schema.oid, schema.generation);
                 let pos = self.next_pos();
@@ -703,13 +709,16 @@ impl Pipeline {
                 self.keep(oid, kept);
             }
             Message::Update { rel, old, new, .. } => {
-                self.note_keys(rel, [Some(new), old.map(|(_, t)| t)]);
+                // The old row fills what the new one left out (`fill_unchanged`): whole.
+                let filled = matches!(old, Some((OldKind::Full, t))
+                    if self.cfg.toast_mode == CdcToastMode::FullRow && !t.has_unchanged());
+                self.note_keys(rel, [Some(new), old.map(|(_, t)| t)], filled);
                 self.update(rel, old, new, out)?;
             }
             Message::Delete {
                 rel, old_kind, old, ..
             } => {
-                self.note_keys(rel, [Some(old), None]);
+                self.note_keys(rel, [Some(old), None], true);
                 let schema = self.schema.get(rel)?;
                 let (oid, generation) = (schema.oid, schema.generation);
                 self.delete(oid, generation, old_kind, old, out);
@@ -791,15 +800,26 @@ impl Pipeline {
 
     /// Tells the snapshot's windows which keys a change touched (the open windows on this
     /// table, and the transaction's keys while the snapshot copies).
-    fn note_keys(&mut self, rel: u32, tuples: [Option<Tuple<'_>>; 2]) {
+    /// `filled`: the change's row is whole though its new tuple left values out (the old
+    /// row fills them; a delete leaves no row to read again).
+    fn note_keys(&mut self, rel: u32, tuples: [Option<Tuple<'_>>; 2], filled: bool) {
         let (Some(windows), Ok(schema)) = (self.windows.as_mut(), self.schema.get(rel)) else {
             return;
         };
         if !windows.recording() {
             return;
         }
-        for tuple in tuples.into_iter().flatten() {
-            windows.touched(&schema.source_name, key_text(&schema.key, tuple));
+        for (i, tuple) in tuples.into_iter().enumerate() {
+            let Some(tuple) = tuple else { continue };
+            let key = key_text(&schema.key, tuple);
+            if i == 0
+                && let Some(k) = &key
+            {
+                // The row as the change leaves it: whole, or without an unchanged TOAST
+                // value (see `window::Exchange::note_change`).
+                windows.changed_row(&schema.source_name, k, filled || !tuple.has_unchanged());
+            }
+            windows.touched(&schema.source_name, key);
         }
     }
 
@@ -845,12 +865,16 @@ impl Pipeline {
         // values until the cycle commits.
         self.cycle_rows.mark_incomplete(None, &emitted.table);
         out.extend(emitted.batches.into_iter().map(Work::Load));
-        out.push(Work::SnapshotChunk {
-            table: emitted.table,
-            chunk: emitted.chunk,
-            rows: emitted.rows,
-            span: emitted.span,
-        });
+        // (A keys round, chunk 0, has no range to record: the partial keys' state, stored
+        // with the checkpoints, says what is owed.)
+        if emitted.chunk != 0 {
+            out.push(Work::SnapshotChunk {
+                table: emitted.table,
+                chunk: emitted.chunk,
+                rows: emitted.rows,
+                span: emitted.span,
+            });
+        }
         // The checkpoint must pass this point only once those loads are done.
         self.txn_rows = true;
     }

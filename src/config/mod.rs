@@ -773,6 +773,22 @@ pub enum CdcSnapshotFormat {
     Json,
 }
 
+/// How initial-snapshot chunks divide a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CdcSnapshotChunking {
+    /// Ranges of heap pages (`ctid`), each read by a TID Range Scan in physical order with
+    /// no index (PostgreSQL 14 and later; a partitioned table, or an older server, is read
+    /// by `key`). About a fifth less PostgreSQL CPU per row than reads in key order. A row an
+    /// UPDATE moves to a page already read is in no chunk: the stream carries it, and a
+    /// change that left a TOAST value out is read again by key before the table counts as
+    /// copied (`snapshot-partial-keys-max`). A table rewritten during its snapshot (VACUUM
+    /// FULL, CLUSTER, a rewriting ALTER TABLE, TRUNCATE) is copied again from its start.
+    Ctid,
+    /// Primary-key ranges, each chunk read in key order by the primary key's index.
+    Key,
+}
+
 /// How loads are grouped into StarRocks transactions (the Stream Load transaction interface).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -888,6 +904,15 @@ pub struct CdcConfig {
     /// How snapshot chunks are read and loaded: `csv` (COPY in CSV, passed through) or
     /// `json` (a SELECT, each row encoded as JSON like the stream's).
     pub snapshot_format: CdcSnapshotFormat,
+    /// How snapshot chunks divide a table: `ctid` (ranges of heap pages, PostgreSQL 14 and
+    /// later) or `key` (primary-key ranges).
+    pub snapshot_chunking: CdcSnapshotChunking,
+    /// Keys remembered per table whose change, while the table's snapshot copies, left an
+    /// unchanged TOAST value out (read again by key before the table counts as copied, and
+    /// kept in the chunk table across restarts); beyond it the snapshot stops with an error
+    /// naming the table (raise this, or copy the table with `snapshot-chunking = "key"` when
+    /// few of its rows change).
+    pub snapshot_partial_keys_max: usize,
     /// Flush a table's batch when it holds this many rows.
     pub flush_rows: usize,
     /// Flush a table's batch when its JSON body reaches this many bytes.
@@ -972,6 +997,8 @@ impl Default for CdcConfig {
             snapshot_chunk_attempts_max: 5,
             snapshot_window_keys_max: 1_000_000,
             snapshot_format: CdcSnapshotFormat::Csv,
+            snapshot_chunking: CdcSnapshotChunking::Ctid,
+            snapshot_partial_keys_max: 100_000,
             flush_rows: 50_000,
             flush_bytes: 32 << 20,
             flush_interval_ms: 1_000,

@@ -24,6 +24,12 @@
 //! commit record and its visibility; refusing every such chunk made the snapshot fail after
 //! `snapshot-chunk-attempts-max` unlucky reads.)
 //!
+//! The window drops the chunk's rows by key, one by one, never by the chunk's key range:
+//! which keys a chunk holds is all it needs, so a `ctid` chunk (whole heap pages, its rows in
+//! no key order) is judged exactly like a key range. A row changed inside the window and
+//! moved out of the chunk's pages is not in the chunk, and nothing is dropped for it; a row
+//! moved into them is in the chunk at its newer version, and dropped (the stream has it).
+//!
 //! This module must never emit a chunk row whose key the stream changed inside its window,
 //! and never emit a chunk it cannot vouch for: it refuses instead, and the worker retries.
 
@@ -72,6 +78,10 @@ pub struct Fetched {
     pub xmax: Option<u32>,
     /// Where the worker hears whether its chunk was taken.
     pub reply: Sender<Verdict>,
+    /// A round of the keys whose changes left a TOAST value out (see
+    /// [`Exchange::note_change`]): at its high watermark the stream says whether the table
+    /// is complete.
+    pub keys_round: bool,
 }
 
 /// One Stream Load body of chunk rows (`[row,row,...]` in JSON, one line per row in CSV) and,
@@ -135,6 +145,58 @@ pub struct Exchange {
     spare_max: std::sync::atomic::AtomicUsize,
     /// Every worker has stopped: no more low watermarks will come.
     workers_done: std::sync::atomic::AtomicBool,
+    /// Per table being copied: the keys whose row StarRocks may lack.
+    partial: Mutex<HashMap<String, PartialKeys>>,
+    /// Keys kept per table at most (`snapshot-partial-keys-max`).
+    partial_max: std::sync::atomic::AtomicUsize,
+    /// `partial` changed since [`Exchange::partial_state`] last took it.
+    partial_dirty: std::sync::atomic::AtomicBool,
+}
+
+/// One table's [`PartialKeys`] as the chunk table keeps them (see
+/// [`Windows::partial_state`]): the keys owed (those of a round in flight too), whether the
+/// rounds began, and whether the table is complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartialState {
+    pub table: String,
+    pub keys: Vec<Box<[u8]>>,
+    pub frozen: bool,
+    pub done: bool,
+}
+
+/// The keys of one table whose last change, while the table's snapshot copies, left an
+/// unchanged TOAST value out, so that StarRocks got a partial row.
+///
+/// Why they are read again: a `ctid` chunk misses a row an UPDATE moved to a page already
+/// read (and any chunk drops a row changed inside its window). The stream's change is then
+/// all StarRocks gets of that row, which is whole unless it left a TOAST value out: the fill
+/// (`cdc::fill`) then finds no row in StarRocks and the value is lost. So every such key is
+/// remembered until a whole change of the row (an insert, an update that carried every
+/// value, a delete) comes, and once the table's ranges are all copied, the keys left are
+/// read again by key, in rounds under DBLog windows of their own, until a round's high
+/// watermark finds none left.
+///
+/// After the first round starts (`frozen`), only keys still remembered or in the round are
+/// kept: every other row is in StarRocks by then (its range's chunk loaded it, or a whole
+/// change did), and a partial change of it is filled from StarRocks.
+#[derive(Default)]
+struct PartialKeys {
+    keys: HashSet<Box<[u8]>>,
+    /// Keys taken by the round in flight: a partial change of one inside its window drops it
+    /// from the round, so it is remembered again.
+    round: HashSet<Box<[u8]>>,
+    frozen: bool,
+    /// More keys than the bound: the table cannot be completed.
+    overflow: bool,
+    /// The table is complete: nothing is remembered any more.
+    done: bool,
+}
+
+/// What a keys round takes ([`Exchange::take_partial`]).
+pub enum PartialRound {
+    Keys(Vec<Box<[u8]>>),
+    /// More keys than `snapshot-partial-keys-max` were remembered.
+    Overflow,
 }
 
 impl Exchange {
@@ -185,6 +247,163 @@ impl Exchange {
             && s.len() < self.spare_max.load(std::sync::atomic::Ordering::Acquire)
         {
             s.push((keys, rows));
+        }
+    }
+
+    /// The tables whose snapshot copies (their partial keys are remembered), and the bound.
+    pub fn watch_partial(&self, tables: impl Iterator<Item = String>, max: usize) {
+        self.partial_max
+            .store(max, std::sync::atomic::Ordering::Release);
+        if let Ok(mut p) = self.partial.lock() {
+            for t in tables {
+                p.entry(t).or_default();
+            }
+        }
+    }
+
+    /// The state a resumed snapshot found in the chunk table for `table`.
+    pub fn restore_partial(&self, table: &str, keys: Vec<Box<[u8]>>, frozen: bool) {
+        if let Ok(mut p) = self.partial.lock() {
+            let t = p.entry(table.to_string()).or_default();
+            t.keys.extend(keys);
+            t.frozen = frozen;
+        }
+    }
+
+    /// Every watched table's state, when it changed since the last call. Taken by the stream
+    /// when it ends a flush cycle, so the state is the one at that cycle's checkpoint: stored
+    /// with the checkpoint, it holds every key a change up to there left partial (a whole
+    /// change after it that dropped a key comes again after a restart).
+    fn partial_state(&self) -> Option<Vec<PartialState>> {
+        if !self
+            .partial_dirty
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return None;
+        }
+        let p = self.partial.lock().ok()?;
+        let mut state: Vec<PartialState> = p
+            .iter()
+            .map(|(table, t)| PartialState {
+                table: table.clone(),
+                keys: t.keys.iter().chain(t.round.iter()).cloned().collect(),
+                frozen: t.frozen,
+                done: t.done,
+            })
+            .collect();
+        state.sort_by(|a, b| a.table.cmp(&b.table));
+        Some(state)
+    }
+
+    /// A change left the row with this key `whole`, or without a TOAST value (see
+    /// [`PartialKeys`]).
+    fn note_change(&self, table: &str, key: &[u8], whole: bool) {
+        let Ok(mut p) = self.partial.lock() else {
+            return;
+        };
+        let Some(t) = p.get_mut(table).filter(|t| !t.done) else {
+            return;
+        };
+        if whole {
+            if t.keys.remove(key) {
+                self.dirty();
+            }
+            return;
+        }
+        if t.frozen && !t.keys.contains(key) && !t.round.contains(key) {
+            return;
+        }
+        self.dirty();
+        if t.keys.len() >= self.partial_max.load(std::sync::atomic::Ordering::Acquire) {
+            t.overflow = true;
+        } else {
+            t.keys.insert(key.into());
+        }
+    }
+
+    fn dirty(&self) {
+        self.partial_dirty
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Up to `max` keys for the next keys round of `table` (none: nothing is owed).
+    pub fn take_partial(&self, table: &str, max: usize) -> PartialRound {
+        let Ok(mut p) = self.partial.lock() else {
+            return PartialRound::Overflow;
+        };
+        let Some(t) = p.get_mut(table) else {
+            return PartialRound::Keys(Vec::new());
+        };
+        if t.overflow {
+            return PartialRound::Overflow;
+        }
+        if !t.frozen {
+            t.frozen = true;
+            self.dirty();
+        }
+        let keys: Vec<Box<[u8]>> = t.keys.iter().take(max).cloned().collect();
+        for k in &keys {
+            t.keys.remove(k);
+        }
+        t.round = keys.iter().cloned().collect();
+        PartialRound::Keys(keys)
+    }
+
+    /// Keys of a round that its read did not keep (the chunk was cut by bytes): owed again.
+    pub fn give_back_partial(&self, table: &str, keys: impl Iterator<Item = Box<[u8]>>) {
+        if let Ok(mut p) = self.partial.lock()
+            && let Some(t) = p.get_mut(table)
+        {
+            t.keys.extend(keys);
+        }
+    }
+
+    /// Once the table's ranges are all copied (their last verdict came, so the stream is past
+    /// their high watermarks): true, and the table complete, when no key is owed. A key owed
+    /// then leaves only by a whole change of its row, so an empty set now means every row
+    /// missed by the ranges came whole since; no round is needed.
+    pub fn complete_if_none_owed(&self, table: &str) -> bool {
+        let Ok(mut p) = self.partial.lock() else {
+            return false;
+        };
+        let Some(t) = p.get_mut(table) else {
+            return true;
+        };
+        if t.done {
+            return true;
+        }
+        if t.keys.is_empty() && t.round.is_empty() && !t.overflow {
+            t.done = true;
+            self.dirty();
+            return true;
+        }
+        false
+    }
+
+    /// Whether `table` is complete (a keys round's high watermark found no key owed).
+    pub fn partial_done(&self, table: &str) -> bool {
+        self.partial
+            .lock()
+            .ok()
+            .and_then(|p| p.get(table).map(|t| t.done))
+            .unwrap_or(true)
+    }
+
+    /// At a keys round's high watermark, in stream order: the round's keys the window drops
+    /// (`changed`: changed inside it, or by a transaction its read could not see, whole or
+    /// not, which the window cannot tell) are owed again, and the table is complete when no
+    /// key is owed.
+    fn close_round(&self, table: &str, changed: &HashSet<Box<[u8]>>) {
+        if let Ok(mut p) = self.partial.lock()
+            && let Some(t) = p.get_mut(table)
+        {
+            let round = std::mem::take(&mut t.round);
+            t.keys
+                .extend(round.into_iter().filter(|k| changed.contains(k)));
+            if t.keys.is_empty() && !t.overflow {
+                t.done = true;
+            }
+            self.dirty();
         }
     }
 
@@ -309,6 +528,19 @@ impl Windows {
         n
     }
 
+    /// A change left the row with this key whole or partial (see [`Exchange::note_change`]).
+    pub fn changed_row(&mut self, table: &str, key: &[u8], whole: bool) {
+        if !self.exchange.workers_done() {
+            self.exchange.note_change(table, key, whole);
+        }
+    }
+
+    /// The snapshot's partial keys, when they changed since the last call (see
+    /// [`Exchange::partial_state`]).
+    pub fn partial_state(&self) -> Option<Vec<PartialState>> {
+        self.exchange.partial_state()
+    }
+
     /// A change to the row with this key (`None`: the key could not be read).
     pub fn touched(&mut self, table: &str, key: Option<Box<[u8]>>) {
         if !self.exchange.workers_done() {
@@ -414,6 +646,9 @@ impl Windows {
         let mut keys = window.map(|w| w.keys).unwrap_or_default();
         keys.extend(stragglers);
         let reply = fetched.reply.clone();
+        if fetched.keys_round {
+            self.exchange.close_round(&fetched.table, &keys);
+        }
         let (emitted, dropped) = emit(fetched, &keys, &self.exchange);
         let _ = reply.send(Verdict::Taken {
             rows: emitted.rows,
@@ -573,6 +808,7 @@ mod tests {
             // Above every xid the tests commit.
             xmax: Some(10_000),
             reply,
+            keys_round: false,
         };
         (chunk, verdict)
     }
@@ -733,6 +969,65 @@ mod tests {
         exchange.put(2, chunk);
         assert!(mark(&mut w, 2, true, 400).is_none());
         assert!(matches!(verdict.try_recv(), Ok(Verdict::Retry { .. })));
+    }
+
+    #[test]
+    fn keys_left_partial_are_owed_until_a_round_takes_them_or_a_whole_change_comes() {
+        let (mut w, exchange) = windows(100);
+        exchange.watch_partial(["public.t".to_string()].into_iter(), 3);
+        // 1 and 2 changed without a TOAST value, then 2 came whole: only 1 is owed.
+        w.changed_row("public.t", &key("1"), false);
+        w.changed_row("public.t", &key("2"), false);
+        w.changed_row("public.t", &key("2"), true);
+        w.changed_row("public.u", &key("9"), false);
+        let state = w.partial_state().expect("changed");
+        assert_eq!(state.len(), 1);
+        assert_eq!(state[0].keys, vec![key("1")]);
+        assert!(!state[0].frozen && !state[0].done);
+        assert!(w.partial_state().is_none(), "unchanged since");
+        assert!(!exchange.complete_if_none_owed("public.t"));
+        // A round takes 1; from then on only keys owed or in the round are kept (every
+        // other row is in StarRocks).
+        let PartialRound::Keys(round) = exchange.take_partial("public.t", 10) else {
+            panic!("overflow")
+        };
+        assert_eq!(round, vec![key("1")]);
+        w.changed_row("public.t", &key("5"), false);
+        // 1 changes partially inside the round's window: dropped from the round, owed again.
+        mark(&mut w, 1, false, 100);
+        w.touched("public.t", Some(key("1")));
+        w.changed_row("public.t", &key("1"), false);
+        let (mut chunk, verdict) = fetched(&["1"], vec![]);
+        chunk.keys_round = true;
+        exchange.put(1, chunk);
+        let out = mark(&mut w, 1, true, 200).expect("taken");
+        assert_eq!(out.rows, 0);
+        assert!(matches!(verdict.try_recv(), Ok(Verdict::Taken { .. })));
+        assert!(!exchange.partial_done("public.t"), "1 is owed again");
+        // The next round finds it unchanged: the table is complete.
+        let PartialRound::Keys(round) = exchange.take_partial("public.t", 10) else {
+            panic!("overflow")
+        };
+        assert_eq!(round, vec![key("1")]);
+        mark(&mut w, 2, false, 300);
+        let (mut chunk, _verdict) = fetched(&["1"], vec![]);
+        chunk.keys_round = true;
+        exchange.put(2, chunk);
+        assert_eq!(mark(&mut w, 2, true, 400).expect("taken").rows, 1);
+        assert!(exchange.partial_done("public.t"));
+        let state = w.partial_state().expect("changed");
+        assert!(state[0].done && state[0].frozen && state[0].keys.is_empty());
+        // Past the bound, a round cannot complete the table.
+        let (mut w, exchange) = windows(100);
+        exchange.watch_partial(["public.t".to_string()].into_iter(), 2);
+        for k in ["1", "2", "3"] {
+            w.changed_row("public.t", &key(k), false);
+        }
+        assert!(matches!(
+            exchange.take_partial("public.t", 10),
+            PartialRound::Overflow
+        ));
+        assert!(!exchange.complete_if_none_owed("public.t"));
     }
 
     #[test]
