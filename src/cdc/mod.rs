@@ -644,6 +644,9 @@ pub fn run_reconnecting(
 ) -> Result<(), CdcError> {
     let mut ready = Some(ready);
     let mut failures = 0u32;
+    // Snapshot restarts per table after a rewrite, bounded by `snapshot-chunk-attempts-max`
+    // (a table rewritten again and again would otherwise be copied from its start forever).
+    let mut rewrites: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
     loop {
         let started = std::time::Instant::now();
         shared.stopped.store(false, Ordering::Release);
@@ -687,7 +690,18 @@ pub fn run_reconnecting(
             Err(CdcError::Snapshot(snapshot::SnapshotError::Rewritten { table }))
                 if !shared.shutdown.load(Ordering::Acquire) =>
             {
-                // No failure: the table's ranges are forgotten and planned again.
+                // No failure: the table's ranges are forgotten and planned again, a bounded
+                // number of times.
+                let times = rewrites.entry(table.clone()).or_insert(0);
+                *times += 1;
+                if *times > cfg.snapshot_chunk_attempts_max {
+                    return Err(CdcError::Snapshot(
+                        snapshot::SnapshotError::RewrittenTooOften {
+                            table,
+                            times: *times,
+                        },
+                    ));
+                }
                 tracing::info!(%table, "resuming from the checkpoint; the table's snapshot starts over");
                 continue;
             }

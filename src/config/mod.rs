@@ -897,7 +897,9 @@ pub struct CdcConfig {
     /// set it still load.
     pub snapshot_chunks_planned_ahead: usize,
     /// Attempts per snapshot chunk (a chunk is read again when its watermark window cannot
-    /// be trusted) before the snapshot fails.
+    /// be trusted) before the snapshot fails; also the most rounds of reading partial keys
+    /// again per table, and the most times a table rewritten during its ctid snapshot is
+    /// copied again from its start in one run.
     pub snapshot_chunk_attempts_max: u32,
     /// Changed keys remembered per open watermark window; beyond it the chunk is read again.
     pub snapshot_window_keys_max: usize,

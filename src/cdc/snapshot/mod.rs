@@ -87,6 +87,10 @@ pub enum SnapshotError {
     )]
     Rounds { table: String, rounds: u32 },
     #[error(
+        "{table} was rewritten {times} times during its snapshot (VACUUM FULL, CLUSTER, a rewriting ALTER TABLE or TRUNCATE), each of which starts its ctid ranges over; the limit is cdc.snapshot-chunk-attempts-max: stop rewriting it during the snapshot, or set cdc.snapshot-chunking = \"key\" (key ranges survive a rewrite), and restart (the snapshot resumes)"
+    )]
+    RewrittenTooOften { table: String, times: u32 },
+    #[error(
         "snapshot chunk of range {chunk} of {table}: its last key is not text PostgreSQL can read back"
     )]
     Key { table: String, chunk: u32 },
@@ -122,6 +126,7 @@ impl SnapshotError {
             | SnapshotError::Rewritten { .. }
             | SnapshotError::PartialKeys { .. }
             | SnapshotError::Rounds { .. }
+            | SnapshotError::RewrittenTooOften { .. }
             | SnapshotError::Key { .. } => None,
         }
     }
