@@ -214,6 +214,15 @@ impl Rows {
     }
 }
 
+impl Rows {
+    /// The same rows: most often the very probes (the footprint a sync point started with
+    /// ends it), told without comparing them.
+    fn same(&self, other: &Rows) -> bool {
+        (Arc::ptr_eq(&self.probes, &other.probes) && self.span == other.span)
+            || **self == **other
+    }
+}
+
 impl std::ops::Deref for Rows {
     type Target = [Probe];
 
@@ -305,7 +314,7 @@ impl Recent {
                 && f.only == started.only
                 && f.write == started.write
                 && f.since == started.since
-                && *f.rows == **rows
+                && f.rows.same(rows)
         }) {
             self.in_flight.swap_remove(i);
         }
@@ -908,6 +917,24 @@ impl Ledger {
                     .recent
                     .values()
                     .any(|r| r.overlaps(session, since, write, &[]));
+            } else if write {
+                // One look-up per relation for both questions: whether it overlapped
+                // another session's write there, then (its own write, which that question
+                // leaves out) remembered. Each relation's history is its own, so asking
+                // and remembering relation by relation finds what asking all first does.
+                for &lane in footprint.lanes.iter() {
+                    let rows = Rows::of(footprint, Some(lane));
+                    let recent = match book.recent.entry(lane) {
+                        std::collections::hash_map::Entry::Occupied(o) => {
+                            let recent = o.into_mut();
+                            overlapped |= recent.overlaps(session, since, write, &rows);
+                            recent
+                        }
+                        // Nothing known of it: nothing overlapped there.
+                        std::collections::hash_map::Entry::Vacant(v) => v.insert(Recent::default()),
+                    };
+                    recent.wrote(c, session, &rows);
+                }
             } else {
                 for lane in footprint.lanes.iter() {
                     overlapped |= book
@@ -917,7 +944,7 @@ impl Ledger {
                 }
             }
         }
-        if footprint.write && !footprint.is_empty() {
+        if footprint.write && footprint.wild {
             book.each_recent(footprint, |r, rows| r.wrote(c, session, rows));
         }
         if book.recent.len() > RECENT_MAX {
@@ -1148,7 +1175,10 @@ impl Ledger {
             },
         };
         if turn == Turn::Go {
-            book.unwait(c);
+            // (The held ones are waiters too: none waits, none to take off.)
+            if !book.waiters.is_empty() {
+                book.unwait(c);
+            }
             book.clear(c);
         } else {
             book.wait(c, Waiter { shard, blocker });
@@ -1352,11 +1382,13 @@ impl Book {
 
     fn remove(&mut self, c: u64) -> Option<Entry> {
         let entry = self.entries.remove(&c)?;
-        if self.newest.get(&entry.session) == Some(&c) {
+        if let std::collections::hash_map::Entry::Occupied(newest) = self.newest.entry(entry.session)
+            && *newest.get() == c
+        {
             // Its session's newest: none of its sync points is pending any more (the
             // shadow runs a session's sync points in order), or the earlier ones left
             // behind are numbered below it anyway.
-            self.newest.remove(&entry.session);
+            newest.remove();
         }
         let write = entry.footprint.write;
         self.all.remove(c, write, None);
