@@ -271,7 +271,12 @@ impl Spare {
             mut syncs,
             ..
         } = segment;
-        if frames.capacity().max(expects.capacity()).max(syncs.capacity()) > SPARE_CAPACITY_MAX {
+        if frames
+            .capacity()
+            .max(expects.capacity())
+            .max(syncs.capacity())
+            > SPARE_CAPACITY_MAX
+        {
             return None;
         }
         frames.clear();

@@ -218,8 +218,7 @@ impl Rows {
     /// The same rows: most often the very probes (the footprint a sync point started with
     /// ends it), told without comparing them.
     fn same(&self, other: &Rows) -> bool {
-        (Arc::ptr_eq(&self.probes, &other.probes) && self.span == other.span)
-            || **self == **other
+        (Arc::ptr_eq(&self.probes, &other.probes) && self.span == other.span) || **self == **other
     }
 }
 
@@ -1389,7 +1388,8 @@ impl Book {
 
     fn remove(&mut self, c: u64) -> Option<Entry> {
         let entry = self.entries.remove(&c)?;
-        if let std::collections::hash_map::Entry::Occupied(newest) = self.newest.entry(entry.session)
+        if let std::collections::hash_map::Entry::Occupied(newest) =
+            self.newest.entry(entry.session)
             && *newest.get() == c
         {
             // Its session's newest: none of its sync points is pending any more (the
