@@ -162,6 +162,12 @@ impl Pending {
         }
     }
 
+    /// Whether a cancel waits to be placed: [`due`](Self::due) can only say
+    /// [`Due::No`] otherwise.
+    pub fn wanted(&self) -> bool {
+        self.want.get().is_some()
+    }
+
     /// The side now runs sync point `running` (None: nothing of the client's); `alone`:
     /// nothing after it is written on that connection yet. [`Due::Fire`] when its statement
     /// is to be cancelled now (once).

@@ -196,6 +196,14 @@ struct Parsed {
     shape: Vec<(u32, bool)>,
 }
 
+/// Tags (and lists of results) a digester keeps from judged sync points for the next ones
+/// (see [`Digester::recycle`]), and the largest capacity a kept one may have: a result's
+/// tag and its sync point's list of results were two allocations and their release per
+/// result and side (callgrind, pgbench `-N`). The tags alone, not whole digests: moving
+/// those in and out of a spare list cost more than their allocations.
+const RECYCLED_MAX: usize = 4;
+const RECYCLED_BYTES_MAX: usize = 64;
+
 /// One side's answer to one sync point (Query, Sync or FunctionCall).
 #[derive(Debug, Default)]
 pub struct SyncDigest {
@@ -237,6 +245,9 @@ pub struct Digester {
     current: Digest,
     in_result: bool,
     results: Vec<Digest>,
+    /// Emptied tags and result lists of judged sync points (see [`Digester::recycle`]).
+    spare_tags: Vec<String>,
+    spare_results: Vec<Vec<Digest>>,
     /// The current result's statement's ORDER BY keys (set by the comparer before its first
     /// row), and the column indices they resolved to once the columns were known.
     order_keys: Option<Rc<[OrderKey]>>,
@@ -279,6 +290,8 @@ impl Digester {
             current: Digest::default(),
             in_result: false,
             results: Vec::new(),
+            spare_tags: Vec::new(),
+            spare_results: Vec::new(),
             order_keys: None,
             key_columns: None,
             keys_resolved: false,
@@ -371,16 +384,39 @@ impl Digester {
             self.end_result();
         }
         self.forget_result();
+        let spare = self.spare_results.pop().unwrap_or_default();
         SyncDigest {
-            results: std::mem::take(&mut self.results),
+            results: std::mem::replace(&mut self.results, spare),
             status,
             finished: Some(at),
             overtaken: None,
         }
     }
 
+    /// Takes back the results of a sync point that was judged, for the next ones: their
+    /// memory is reused (a few, when small), the rest freed.
+    pub fn recycle(&mut self, mut results: Vec<Digest>) {
+        for digest in results.iter_mut() {
+            if self.spare_tags.len() >= RECYCLED_MAX {
+                break;
+            }
+            if digest.tag.capacity() <= RECYCLED_BYTES_MAX {
+                let mut tag = std::mem::take(&mut digest.tag);
+                tag.clear();
+                self.spare_tags.push(tag);
+            }
+        }
+        results.clear();
+        if self.spare_results.len() < RECYCLED_MAX && results.capacity() <= RECYCLED_BYTES_MAX {
+            self.spare_results.push(results);
+        }
+    }
+
     fn end_result(&mut self) {
         let mut digest = std::mem::take(&mut self.current);
+        if let Some(tag) = self.spare_tags.pop() {
+            self.current.tag = tag;
+        }
         if digest.columns.is_none() {
             digest.columns = self.columns.clone();
         }

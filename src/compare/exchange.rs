@@ -246,6 +246,50 @@ enum ShadowSync {
 /// One shadow write carries at most about this much.
 const SHADOW_WRITE_BYTES: usize = 256 << 10;
 
+/// The vectors of a written segment, emptied, kept for the next one cut (see
+/// [`Pairing::spare`]): a segment per sync point allocated its three vectors and the
+/// writer's list of frames and freed them all again, about 2,500 instructions per pgbench
+/// `-N` transaction (callgrind, five sync points).
+#[derive(Default)]
+struct Spare {
+    frames: Vec<Bytes>,
+    expects: Vec<Expect>,
+    syncs: Vec<u64>,
+}
+
+/// Spare vectors kept per session, and the largest capacity a kept one may have: a batch
+/// of many frames does not keep its memory for the session's life.
+const SPARES_MAX: usize = 4;
+const SPARE_CAPACITY_MAX: usize = 64;
+
+impl Spare {
+    /// `segment`'s vectors once it was written: kept if none grew large.
+    fn of(segment: Segment) -> Option<Spare> {
+        let Segment {
+            mut frames,
+            mut expects,
+            mut syncs,
+            ..
+        } = segment;
+        if frames
+            .capacity()
+            .max(expects.capacity())
+            .max(syncs.capacity())
+            > SPARE_CAPACITY_MAX
+        {
+            return None;
+        }
+        frames.clear();
+        expects.clear();
+        syncs.clear();
+        Some(Spare {
+            frames,
+            expects,
+            syncs,
+        })
+    }
+}
+
 /// State both halves of a session's compare machinery see.
 pub(crate) struct Pairing {
     metas: RefCell<VecDeque<SyncMeta>>,
@@ -274,6 +318,10 @@ pub(crate) struct Pairing {
     begin_due: Cell<bool>,
     /// Client bytes for the shadow not yet written, in order (see [`ShadowWriter`]).
     queue: RefCell<VecDeque<Segment>>,
+    /// Emptied vectors of written segments, for the next ones cut (at most [`SPARES_MAX`]).
+    spare: RefCell<Vec<Spare>>,
+    /// The frames of one shadow write, kept from write to write (emptied).
+    write_frames: RefCell<Vec<Bytes>>,
     queued_bytes: Cell<usize>,
     /// A sync point written to the shadow that opens or ends a transaction block: the two
     /// sides may leave it in different states (one failed, the other not), which `settle`
@@ -951,13 +999,14 @@ impl Dispatch {
         if self.out.is_empty() && self.out_expects.is_empty() && gate.is_none() {
             return;
         }
-        let frames = std::mem::take(&mut self.out);
+        let spare = self.link.spare.borrow_mut().pop().unwrap_or_default();
+        let frames = std::mem::replace(&mut self.out, spare.frames);
         self.out_bytes = 0;
         self.segments.push(Segment {
             bytes: frames.iter().map(Bytes::len).sum(),
             frames,
-            expects: std::mem::take(&mut self.out_expects),
-            syncs: std::mem::take(&mut self.out_syncs),
+            expects: std::mem::replace(&mut self.out_expects, spare.expects),
+            syncs: std::mem::replace(&mut self.out_syncs, spare.syncs),
             gate,
             order,
         });
@@ -1185,7 +1234,7 @@ async fn write_ready(link: &Rc<Pairing>, shadow: &Shadow) {
         if link.queue.borrow().is_empty() || link.awaiting().is_some() {
             break;
         }
-        let mut frames: Vec<Bytes> = Vec::new();
+        let mut frames = std::mem::take(&mut *link.write_frames.borrow_mut());
         let mut bytes = 0;
         let syncs_before = link.shadow_kinds.borrow().len();
         {
@@ -1206,7 +1255,7 @@ async fn write_ready(link: &Rc<Pairing>, shadow: &Shadow) {
                 if link.awaiting().is_some() {
                     break;
                 }
-                let Some(segment) = link.queue.borrow_mut().pop_front() else {
+                let Some(mut segment) = link.queue.borrow_mut().pop_front() else {
                     break;
                 };
                 let number = match segment.order {
@@ -1216,13 +1265,19 @@ async fn write_ready(link: &Rc<Pairing>, shadow: &Shadow) {
                 link.queued_bytes
                     .set(link.queued_bytes.get().saturating_sub(segment.bytes));
                 bytes += segment.bytes;
-                frames.extend(segment.frames);
-                expects.extend(segment.expects);
-                for seq in segment.syncs {
+                frames.append(&mut segment.frames);
+                expects.extend(segment.expects.drain(..));
+                for &seq in &segment.syncs {
                     kinds.push_back(ShadowSync::Client(number, seq));
                 }
                 if segment.gate.is_some() {
                     link.gate.set(segment.gate);
+                }
+                let mut spare = link.spare.borrow_mut();
+                if spare.len() < SPARES_MAX
+                    && let Some(emptied) = Spare::of(segment)
+                {
+                    spare.push(emptied);
                 }
             }
         }
@@ -1232,16 +1287,24 @@ async fn write_ready(link: &Rc<Pairing>, shadow: &Shadow) {
         let syncs = link.shadow_kinds.borrow().len() - syncs_before;
         link.writing.set(true);
         // One frame goes out as is (zero-copy); several in one buffer write.
-        let written = match frames.as_slice() {
-            [] => Ok(()),
-            [frame] => shadow.write(frame.clone(), syncs).await,
+        let write = match frames.as_mut_slice() {
+            [] => None,
+            [frame] => Some(std::mem::take(frame)),
             _ => {
                 let mut buf = BytesMut::with_capacity(bytes);
                 for frame in &frames {
                     buf.extend_from_slice(frame);
                 }
-                shadow.write(buf.freeze(), syncs).await
+                Some(buf.freeze())
             }
+        };
+        frames.clear();
+        if frames.capacity() <= SPARE_CAPACITY_MAX {
+            *link.write_frames.borrow_mut() = frames;
+        }
+        let written = match write {
+            None => Ok(()),
+            Some(bytes) => shadow.write(bytes, syncs).await,
         };
         link.writing.set(false);
         if written.is_err() {
@@ -1264,6 +1327,11 @@ impl Pairing {
     /// changes (a write to an idle shadow, an answer) and when the primary's answer comes.
     fn check_cancel(self: &Rc<Self>) {
         use crate::backend::cancel::Due;
+        // Looked at on every shadow write and answer: nothing to look at (most of the
+        // time) costs one test.
+        if !self.cancel.wanted() {
+            return;
+        }
         // The shadow runs the oldest sync point written and not answered.
         // A cancel may only go while that sync point is the only one written and unanswered:
         // the shadow's answers are read late (it may have finished it already), and anything
@@ -1413,6 +1481,8 @@ impl Exchange {
             rollback_due: Cell::new(false),
             begin_due: Cell::new(false),
             queue: RefCell::new(VecDeque::new()),
+            spare: RefCell::new(Vec::new()),
+            write_frames: RefCell::new(Vec::new()),
             queued_bytes: Cell::new(0),
             gate: Cell::new(None),
             finished: Cell::new(false),
@@ -2016,6 +2086,10 @@ impl Comparer {
                 };
                 self.release(seq, failure, status, out);
             }
+            self.digesters[PRIMARY].recycle(primary.results);
+            if let Some(shadow) = shadow {
+                self.digesters[SHADOW].recycle(shadow.results);
+            }
         }
     }
 
@@ -2107,15 +2181,17 @@ impl Comparer {
             && shadow_us as f64 > cfg.slow_query_ratio * primary_us.max(1) as f64;
         let mut failure = None;
         let pairs = primary.results.len().max(shadow.results.len());
-        let unknown = Rc::new(Compared::unknown());
+        // Made only for a sync point of no known statement: built for every one, it was
+        // two allocations and their release per compared sync point (callgrind).
+        let mut unknown: Option<Rc<Compared>> = None;
         let mut compared = 0u64;
         for i in 0..pairs {
-            let statement = meta
-                .statements
-                .get(i)
-                .or(meta.statements.last())
-                .unwrap_or(&unknown)
-                .clone();
+            let statement = match meta.statements.get(i).or(meta.statements.last()) {
+                Some(statement) => statement.clone(),
+                None => unknown
+                    .get_or_insert_with(|| Rc::new(Compared::unknown()))
+                    .clone(),
+            };
             if statement.excluded {
                 ShardStats::bump(&stats.counters.compare_skipped, 1);
                 ShardStats::bump(&stats.counters.compare_skipped_excluded, 1);

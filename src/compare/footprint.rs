@@ -168,7 +168,10 @@ impl Footprint {
         }
         // The common case (a sync point joined with what it touched as it started): nothing
         // to merge.
-        if self.lanes == other.lanes && self.probes == other.probes {
+        let same = |a: &Arc<[u64]>, b: &Arc<[u64]>| Arc::ptr_eq(a, b) || a == b;
+        if same(&self.lanes, &other.lanes)
+            && (Arc::ptr_eq(&self.probes, &other.probes) || self.probes == other.probes)
+        {
             return;
         }
         let mut lanes = Vec::with_capacity(self.lanes.len() + other.lanes.len());
@@ -313,48 +316,27 @@ impl Footprint {
         {
             return self.clone();
         }
+        // One probe (most statements that name rows): one allocation for the shared
+        // slice, where collecting into a vector first cost a second and a copy.
+        if let [one] = &*self.probes {
+            let probes: Arc<[Probe]> = match resolve_probe(one, &unbound, &value) {
+                Some(probe) => Arc::from([probe]),
+                None => Arc::from([]),
+            };
+            return Footprint {
+                lanes: self.lanes.clone(),
+                probes,
+                write: self.write,
+                wild: self.wild,
+                ends: self.ends,
+            };
+        }
         let mut probes: Vec<Probe> = Vec::with_capacity(self.probes.len());
         let mut whole: Vec<u64> = Vec::new();
         for probe in self.probes.iter() {
-            if !probe.pairs.iter().any(|&(_, v)| unbound(v)) {
-                probes.push(probe.clone());
-                continue;
-            }
-            // Resolved on the stack when few (most probes have one or two pairs): the
-            // shared slice is then the one allocation.
-            let mut small = [(0u64, Value::Int(0)); PAIRS_ON_STACK];
-            let mut many: Vec<(u64, Value)> = Vec::new();
-            let mut n = 0;
-            for &(c, v) in probe.pairs.iter() {
-                let Some(v) = value(v) else {
-                    continue;
-                };
-                let seen = if many.is_empty() {
-                    &small[..n]
-                } else {
-                    &many[..]
-                };
-                if seen.iter().any(|(k, _)| *k == c) {
-                    continue;
-                }
-                if n < PAIRS_ON_STACK {
-                    small[n] = (c, v);
-                    n += 1;
-                } else {
-                    if many.is_empty() {
-                        many.extend_from_slice(&small);
-                    }
-                    many.push((c, v));
-                }
-            }
-            let pairs: &[(u64, Value)] = if many.is_empty() { &small[..n] } else { &many };
-            if pairs.is_empty() {
-                whole.push(probe.lane);
-            } else {
-                probes.push(Probe {
-                    lane: probe.lane,
-                    pairs: pairs.into(),
-                });
+            match resolve_probe(probe, &unbound, &value) {
+                Some(probe) => probes.push(probe),
+                None => whole.push(probe.lane),
             }
         }
         probes.retain(|p| !whole.contains(&p.lane));
@@ -366,6 +348,50 @@ impl Footprint {
             ends: self.ends,
         }
     }
+}
+
+/// `probe` with the values `unbound` picks out resolved by `value` (see
+/// [`Footprint::resolve`]); None when no pair is left (its relation is touched whole).
+fn resolve_probe(
+    probe: &Probe,
+    unbound: &impl Fn(Value) -> bool,
+    value: &impl Fn(Value) -> Option<Value>,
+) -> Option<Probe> {
+    if !probe.pairs.iter().any(|&(_, v)| unbound(v)) {
+        return Some(probe.clone());
+    }
+    // Resolved on the stack when few (most probes have one or two pairs): the shared slice
+    // is then the one allocation.
+    let mut small = [(0u64, Value::Int(0)); PAIRS_ON_STACK];
+    let mut many: Vec<(u64, Value)> = Vec::new();
+    let mut n = 0;
+    for &(c, v) in probe.pairs.iter() {
+        let Some(v) = value(v) else {
+            continue;
+        };
+        let seen = if many.is_empty() {
+            &small[..n]
+        } else {
+            &many[..]
+        };
+        if seen.iter().any(|(k, _)| *k == c) {
+            continue;
+        }
+        if n < PAIRS_ON_STACK {
+            small[n] = (c, v);
+            n += 1;
+        } else {
+            if many.is_empty() {
+                many.extend_from_slice(&small);
+            }
+            many.push((c, v));
+        }
+    }
+    let pairs: &[(u64, Value)] = if many.is_empty() { &small[..n] } else { &many };
+    (!pairs.is_empty()).then(|| Probe {
+        lane: probe.lane,
+        pairs: pairs.into(),
+    })
 }
 
 /// What the scan found in one statement.

@@ -91,6 +91,10 @@ pub(crate) struct Reactor {
     batch_wait_us: u32,
     /// Completions the last turn reaped: two or more mark the shard busy (see `turn`).
     last_reaped: Cell<u32>,
+    /// The channel completions of a turn, handled after the ring's borrow ends: kept from
+    /// turn to turn, since a vector allocated, grown and freed on every turn was about
+    /// 3,000 instructions per compared pgbench `-N` transaction (callgrind, 20 turns).
+    channel_events: RefCell<Vec<(Rc<Channel>, u64, i32)>>,
 }
 
 impl Reactor {
@@ -139,6 +143,7 @@ impl Reactor {
             lingering: RefCell::new(Vec::new()),
             batch_wait_us,
             last_reaped: Cell::new(0),
+            channel_events: RefCell::new(Vec::new()),
         })
     }
 
@@ -457,15 +462,21 @@ impl Reactor {
             }
         }
         self.reap();
-        self.end_lingering();
-        self.fire_timers();
+        // One clock read for both, and none when neither has anything to time.
+        if !self.lingering.borrow().is_empty() || !self.timers.borrow().is_empty() {
+            let now = Instant::now();
+            self.end_lingering(now);
+            self.fire_timers(now);
+        }
         Ok(())
     }
 
     /// Cancels the sends of released channels whose linger time is up (their entries stay
     /// until the cancelled send completes and the slot is freed).
-    fn end_lingering(&self) {
-        let now = Instant::now();
+    fn end_lingering(&self, now: Instant) {
+        if self.lingering.borrow().is_empty() {
+            return;
+        }
         let mut expired = Vec::new();
         for (until, token, cancelled) in self.lingering.borrow_mut().iter_mut() {
             if *until <= now && !*cancelled {
@@ -490,7 +501,9 @@ impl Reactor {
 
     fn reap(&self) {
         let mut rearm = Vec::new();
-        let mut channel_events = Vec::new();
+        // Taken for the turn and put back empty (a completion's handling never reaps, but
+        // if it did it would only find an empty one).
+        let mut channel_events = std::mem::take(&mut *self.channel_events.borrow_mut());
         let mut reaped = 0u32;
         {
             let mut ring = self.ring.borrow_mut();
@@ -542,7 +555,7 @@ impl Reactor {
             }
         }
         self.last_reaped.set(reaped);
-        for (channel, op, result) in channel_events {
+        for (channel, op, result) in channel_events.drain(..) {
             match op {
                 RECV_OP => channel.received(result),
                 SEND_OP => {
@@ -560,6 +573,7 @@ impl Reactor {
                 self.free_slot(channel.token as u32);
             }
         }
+        *self.channel_events.borrow_mut() = channel_events;
         for (index, arm) in rearm {
             match arm {
                 None => self.free_slot(index),
@@ -572,8 +586,7 @@ impl Reactor {
         }
     }
 
-    fn fire_timers(&self) {
-        let now = Instant::now();
+    fn fire_timers(&self, now: Instant) {
         loop {
             let waker = {
                 let mut timers = self.timers.borrow_mut();
