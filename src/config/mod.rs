@@ -427,6 +427,15 @@ pub struct ProxyConfig {
     /// placed on, per shard; when that queue is full the accepting shard serves the client
     /// itself (counted as `handover_overflows`).
     pub handover_queue_max: usize,
+    /// With `client-placement = "pack"` and transaction pooling: idle pooled clients
+    /// (between transactions, holding no server connection, not pinned, without mirrors,
+    /// shadow or TLS) a shard asks to move to another shard at each look (ten looks a
+    /// second, resting 0.8 s after a move). A shard above `pack-busy-pct` hands clients to
+    /// the least busy shard below half of it; a shard below half of it hands them to the
+    /// first earlier shard that can take its load and stay below three quarters of it. A
+    /// client moves with its settings, prepared statements, cancel key and console row,
+    /// through the hand-over queue. 0: clients never move.
+    pub rebalance_clients_max: usize,
     /// listen(2) backlog of each shard's listener.
     pub backlog: u32,
     /// Largest single protocol message accepted from a client or a server.
@@ -492,6 +501,7 @@ impl Default for ProxyConfig {
             client_placement: ClientPlacement::Kernel,
             pack_busy_pct: 80,
             handover_queue_max: 1024,
+            rebalance_clients_max: 16,
             backlog: 4096,
             message_bytes_max: 64 << 20,
             read_chunk_bytes: 16 << 10,
@@ -1224,6 +1234,12 @@ impl Config {
             return Err(ConfigError::key(
                 "proxy.handover-queue-max",
                 "expected between 1 and 1048576 connections",
+            ));
+        }
+        if self.proxy.rebalance_clients_max > 1 << 20 {
+            return Err(ConfigError::key(
+                "proxy.rebalance-clients-max",
+                "expected at most 1048576 clients",
             ));
         }
         if self.proxy.ring_batch_wait_us > RING_BATCH_WAIT_US_MAX {

@@ -54,6 +54,11 @@ pub(super) const BUSY_TICK: Duration = Duration::from_millis(100);
 /// arriving slower than about 40 a second still pack.
 const PLACED_PERMILLE: u32 = 25;
 
+/// Ticks a shard waits after asking clients to move before it looks again: the smoothed
+/// busy figures move an eighth of the way per tick, so about this long passes before they
+/// show what moved (and the placements counted for them fade).
+pub(super) const REBALANCE_REST_TICKS: u32 = 8;
+
 /// A connection accepted on one shard for another.
 pub(super) struct Handed {
     pub fd: OwnedFd,
@@ -63,6 +68,8 @@ pub(super) struct Handed {
     /// The client counted on the shard it is placed on from the placement on, so that a
     /// burst sees the shards' `sessions-per-shard-max` before any of it is adopted.
     pub counted: Option<Counted>,
+    /// A pooled client moving between shards, between transactions: its session.
+    pub moved: Option<Box<crate::proxy::MovedClient>>,
 }
 
 /// Where a connection a shard accepted goes.
@@ -95,6 +102,8 @@ struct Slot {
 pub(super) struct Placement {
     busy_permille_max: u32,
     clients_max: usize,
+    /// `proxy.rebalance-clients-max`: idle pooled clients a shard asks to move per look.
+    rebalance_clients_max: usize,
     slots: Box<[Slot]>,
 }
 
@@ -122,8 +131,13 @@ impl Placement {
         Ok(Some(Arc::new(Placement {
             busy_permille_max: cfg.proxy.pack_busy_pct.min(100) * 10,
             clients_max: cfg.proxy.sessions_per_shard_max,
+            rebalance_clients_max: cfg.proxy.rebalance_clients_max,
             slots,
         })))
+    }
+
+    pub(super) fn rebalance_clients_max(&self) -> usize {
+        self.rebalance_clients_max
     }
 
     /// The shard that serves a client `here` just accepted.
@@ -168,6 +182,7 @@ impl Placement {
             unix,
             accepted,
             counted: Some(self.count(to)),
+            moved: None,
         };
         if to == here {
             return Route::Here(handed);
@@ -180,6 +195,54 @@ impl Placement {
                 Route::Overflow(back)
             }
         }
+    }
+
+    /// Hands pooled client `moved` (its socket `fd`) to shard `to`, counted there as a
+    /// placement; gives it back when that shard's queue is full or it stopped. A fresh
+    /// connection the race with a stopping shard gives back instead is `Err` with no session
+    /// (see [`hand_over`](Self::hand_over)): the caller serves it.
+    pub(super) fn move_client(
+        self: &Arc<Self>,
+        to: usize,
+        fd: OwnedFd,
+        moved: Box<crate::proxy::MovedClient>,
+    ) -> Result<(), Handed> {
+        if let Some(slot) = self.slots.get(to) {
+            slot.placed_permille
+                .fetch_add(PLACED_PERMILLE, Ordering::Relaxed);
+        }
+        let handed = Handed {
+            fd,
+            unix: moved.is_unix(),
+            accepted: Instant::now(),
+            counted: Some(self.count(to)),
+            moved: Some(moved),
+        };
+        self.hand_over(to, handed)
+    }
+
+    /// Where shard `me` should move some of its idle pooled clients now, if anywhere (see
+    /// [`rebalance`]).
+    pub(super) fn rebalance_to(&self, me: usize) -> Option<usize> {
+        let busy: Vec<u32> = self
+            .slots
+            .iter()
+            .map(|s| {
+                let placed = s.placed_permille.load(Ordering::Relaxed);
+                s.busy_permille
+                    .load(Ordering::Relaxed)
+                    .saturating_add(placed)
+            })
+            .collect();
+        let full: Vec<bool> = self
+            .slots
+            .iter()
+            .map(|s| {
+                s.closed.load(Ordering::SeqCst)
+                    || s.clients.load(Ordering::Relaxed) >= self.clients_max
+            })
+            .collect();
+        rebalance(&busy, &full, me, self.busy_permille_max)
     }
 
     /// Queues `handed` for shard `to` and wakes it; gives the connection back when the queue
@@ -318,6 +381,29 @@ fn choose(busy: &[u32], full: &[bool], busy_max: u32, here: usize) -> usize {
         .unwrap_or(here)
 }
 
+/// Where shard `me` moves idle pooled clients, by the shards' busy figures: a shard above
+/// `busy_max` spreads to the least busy shard below half of it (a burst of clients that
+/// connected before their load, all packed here); a shard below half of `busy_max`
+/// consolidates onto the first shard before it that can take its load and stay below three
+/// quarters of `busy_max` (light load packs again, so that the later shards sleep). The
+/// gaps between the lines keep a client from moving back and forth.
+fn rebalance(busy: &[u32], full: &[bool], me: usize, busy_max: u32) -> Option<usize> {
+    let mine = *busy.get(me)?;
+    let open = |i: &usize| *i != me && !full.get(*i).copied().unwrap_or(true);
+    if mine > busy_max {
+        return (0..busy.len())
+            .filter(open)
+            .filter(|&i| busy[i] < busy_max / 2)
+            .min_by_key(|&i| (busy[i], i));
+    }
+    if mine >= busy_max / 2 {
+        return None;
+    }
+    (0..me)
+        .filter(open)
+        .find(|&i| busy[i].saturating_add(mine) <= busy_max / 4 * 3)
+}
+
 /// The time the calling thread has run (user and kernel) and waited runnable for a core,
 /// from `/proc/thread-self/schedstat`; its CPU time alone where that cannot be read. A read
 /// of procfs is answered from the scheduler's counters in memory (no disk, no wait), ten
@@ -381,6 +467,28 @@ mod tests {
         // Every shard busy: the least busy, the accepting shard on a tie.
         assert_eq!(choose(&[900, 800, 950], &open, 700, 0), 1);
         assert_eq!(choose(&[900, 900, 900], &open, 700, 2), 2);
+    }
+
+    #[test]
+    fn placement_rebalances_spreading_when_busy_and_packing_when_light() {
+        use super::rebalance;
+        let open = [false; 3];
+        // Shard 0 above the line: its clients go to the least busy shard below half of it.
+        assert_eq!(rebalance(&[900, 500, 100], &open, 0, 800), Some(2));
+        assert_eq!(rebalance(&[900, 500, 450], &open, 0, 800), None);
+        // A light later shard packs onto the first one with room for its load.
+        assert_eq!(rebalance(&[300, 200, 0], &open, 1, 800), Some(0));
+        assert_eq!(rebalance(&[500, 200, 100], &open, 2, 800), Some(1));
+        // Not when the sum would pass three quarters, nor from a shard at half or more.
+        assert_eq!(rebalance(&[500, 200, 0], &open, 1, 800), None);
+        assert_eq!(rebalance(&[0, 400, 0], &open, 1, 800), None);
+        // Shard 0 never packs "onto" anyone; a full or closed shard takes nobody.
+        assert_eq!(rebalance(&[100, 0, 0], &open, 0, 800), None);
+        assert_eq!(rebalance(&[0, 100], &[true, false], 1, 800), None);
+        // What moved must not move back: after spreading 0 -> 1 at 900/100, shard 1 at,
+        // say, 450 and shard 0 at 500 stay put.
+        assert_eq!(rebalance(&[500, 450], &[false; 2], 1, 800), None);
+        assert_eq!(rebalance(&[500, 450], &[false; 2], 0, 800), None);
     }
 
     #[test]
@@ -468,6 +576,7 @@ mod tests {
             unix: false,
             accepted: Instant::now(),
             counted: None,
+            moved: None,
         };
         assert!(p.hand_over(0, handed).is_err());
         assert!(p.take(0).is_empty());
