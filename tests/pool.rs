@@ -1608,3 +1608,132 @@ fn the_whole_wait_in_line_counts_as_waiting() {
         }
     }
 }
+
+/// SHOW CLIENTS rows of the clients whose application_name starts with `prefix`:
+/// (application_name, shard from the top byte of `ptr`, addr:port, connect_time).
+fn client_rows(console: &mut postgres::Client, prefix: &str) -> Vec<(String, usize, String)> {
+    console
+        .simple_query("SHOW CLIENTS")
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => {
+                let name = r.get("application_name")?.to_string();
+                if !name.starts_with(prefix) {
+                    return None;
+                }
+                let ptr = u64::from_str_radix(r.get("ptr")?.strip_prefix("0x")?, 16).ok()?;
+                let seen = format!(
+                    "{}:{} since {}",
+                    r.get("addr")?,
+                    r.get("port")?,
+                    r.get("connect_time")?
+                );
+                Some((name, (ptr >> 56) as usize, seen))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Issue 14: under pack placement, an idle transaction-mode client on a light later shard
+/// moves to the first shard, between transactions, with its session: its settings, its
+/// protocol-level and SQL-level prepared statements, its console row (same address, port
+/// and connect time, on the new shard), and no answer lost while it moves, its queries
+/// running all along.
+#[test]
+fn an_idle_pooled_client_moves_to_the_first_shard_with_its_session() {
+    let pg = start_primary("pool-move");
+    let (proxy, _config) = pooled_with_console(
+        &pg.url(),
+        2,
+        "",
+        &[
+            "--shards",
+            "2",
+            "--client-placement",
+            "pack",
+            // Each client placed counts 2.5% of a core on its shard until the measurement
+            // catches up: at 20% the first shard takes nine, then the second takes some.
+            "--pack-busy-pct",
+            "20",
+        ],
+    );
+    let mut console = console(&proxy);
+    // Clients connect one at a time and set up their session at once (well before the
+    // placements fade and the light shard packs its clients on the first).
+    let mut clients = Vec::new();
+    for i in 0..12 {
+        let name = format!("mover-{i:02}");
+        let mut c = postgres::Client::connect(
+            &format!(
+                "{} application_name={name}",
+                proxy.conninfo("postgres", None)
+            ),
+            postgres::NoTls,
+        )
+        .unwrap();
+        c.batch_execute(&format!(
+            "SET search_path TO mover_{i}, public; PREPARE sq AS SELECT {i} + $1::int"
+        ))
+        .unwrap();
+        let st = c.prepare("SELECT $1::int * 2").unwrap();
+        clients.push((name, c, st));
+    }
+    // The console shows what the shards published last (a few times a second).
+    let mut rows = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            rows = client_rows(&mut console, "mover-");
+            rows.len() == 12
+        }),
+        "{rows:?}"
+    );
+    let on_second: Vec<(String, String)> = rows
+        .iter()
+        .filter(|r| r.1 == 1)
+        .map(|r| (r.0.clone(), r.2.clone()))
+        .collect();
+    assert!(!on_second.is_empty(), "no client on shard 1: {rows:?}");
+    // One client of the second shard keeps querying (each answer checked) while it moves.
+    let (watched, _) = on_second[0].clone();
+    let at = clients.iter().position(|c| c.0 == watched).unwrap();
+    let mut n = 0i32;
+    let moved = eventually(Duration::from_secs(30), || {
+        let (_, c, st) = &mut clients[at];
+        for _ in 0..5 {
+            n += 1;
+            let row = c.query_one(&*st, &[&n]).unwrap();
+            assert_eq!(row.get::<_, i32>(0), n * 2);
+        }
+        let rows = client_rows(&mut console, "mover-");
+        rows.len() == 12 && rows.iter().all(|r| r.1 == 0)
+    });
+    assert!(
+        moved,
+        "clients still on shard 1: {:?}",
+        client_rows(&mut console, "mover-")
+    );
+    // (Counters are reported every second.)
+    assert!(eventually(Duration::from_secs(10), || proxy
+        .metric("pgprism_clients_moved_in_total")
+        >= on_second.len() as u64));
+    // Every row is still there, now on shard 0, with the same address, port, connect time.
+    assert!(eventually(Duration::from_secs(10), || {
+        rows = client_rows(&mut console, "mover-");
+        rows.len() == 12 && rows.iter().all(|r| r.1 == 0)
+    }));
+    for (name, seen) in &on_second {
+        let row = rows.iter().find(|r| &r.0 == name).expect("row kept");
+        assert_eq!((row.1, &row.2), (0, seen));
+    }
+    // Each client keeps its settings and both kinds of prepared statements.
+    for (i, (name, c, st)) in clients.iter_mut().enumerate() {
+        let path: String = c.query_one("SHOW search_path", &[]).unwrap().get(0);
+        assert_eq!(path, format!("mover_{i}, public"), "{name}");
+        let sq = c.simple_query("EXECUTE sq(100)").unwrap();
+        assert_eq!(first_value(sq), Some((100 + i).to_string()), "{name}");
+        let row = c.query_one(&*st, &[&21i32]).unwrap();
+        assert_eq!(row.get::<_, i32>(0), 42, "{name}");
+    }
+}

@@ -207,10 +207,7 @@ impl Placement {
         fd: OwnedFd,
         moved: Box<crate::proxy::MovedClient>,
     ) -> Result<(), Handed> {
-        if let Some(slot) = self.slots.get(to) {
-            slot.placed_permille
-                .fetch_add(PLACED_PERMILLE, Ordering::Relaxed);
-        }
+        // Its load was counted on `to` when it was asked to move (`expect_moves`).
         let handed = Handed {
             fd,
             unix: moved.is_unix(),
@@ -219,6 +216,38 @@ impl Placement {
             moved: Some(moved),
         };
         self.hand_over(to, handed)
+    }
+
+    /// How many of its idle pooled clients shard `me` asks to move (of at most `max`):
+    /// spreading, at most half its clients, so the load it sheds cannot take the
+    /// other shard over the line in its turn.
+    pub(super) fn clients_to_move(&self, me: usize, max: usize) -> usize {
+        let Some(slot) = self.slots.get(me) else {
+            return 0;
+        };
+        let busy = slot
+            .busy_permille
+            .load(Ordering::Relaxed)
+            .saturating_add(slot.placed_permille.load(Ordering::Relaxed));
+        if busy > self.busy_permille_max {
+            max.min((slot.clients.load(Ordering::Relaxed) / 2).max(1))
+        } else {
+            max
+        }
+    }
+
+    /// Counts the load of `asked` clients shard `me` asked to move on shard `to` (their
+    /// share of `me`'s busy figure) until the measurement sees them there, as a placement
+    /// counts: so that no shard takes more than its room meanwhile, and a client that moved
+    /// to make a shard busier is not sent back.
+    pub(super) fn expect_moves(&self, me: usize, to: usize, asked: usize) {
+        let (Some(from), Some(slot)) = (self.slots.get(me), self.slots.get(to)) else {
+            return;
+        };
+        let busy = from.busy_permille.load(Ordering::Relaxed) as usize;
+        let clients = from.clients.load(Ordering::Relaxed).max(1);
+        let share = (busy * asked.min(clients) / clients) as u32;
+        slot.placed_permille.fetch_add(share, Ordering::Relaxed);
     }
 
     /// Where shard `me` should move some of its idle pooled clients now, if anywhere (see
@@ -478,7 +507,7 @@ mod tests {
         assert_eq!(rebalance(&[900, 500, 450], &open, 0, 800), None);
         // A light later shard packs onto the first one with room for its load.
         assert_eq!(rebalance(&[300, 200, 0], &open, 1, 800), Some(0));
-        assert_eq!(rebalance(&[500, 200, 100], &open, 2, 800), Some(1));
+        assert_eq!(rebalance(&[550, 200, 100], &open, 2, 800), Some(1));
         // Not when the sum would pass three quarters, nor from a shard at half or more.
         assert_eq!(rebalance(&[500, 200, 0], &open, 1, 800), None);
         assert_eq!(rebalance(&[0, 400, 0], &open, 1, 800), None);

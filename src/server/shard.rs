@@ -498,9 +498,14 @@ impl Placing<'_> {
                     resting -= 1;
                     continue;
                 }
-                if let Some(to) = placement.rebalance_to(me)
-                    && self.shard.ask_to_move(to, max) > 0
-                {
+                let Some(to) = placement.rebalance_to(me) else {
+                    continue;
+                };
+                let asked = self
+                    .shard
+                    .ask_to_move(to, placement.clients_to_move(me, max));
+                if asked > 0 {
+                    placement.expect_moves(me, to, asked);
                     // The busy figures take about this long to show what moved.
                     resting = placement::REBALANCE_REST_TICKS;
                 }
