@@ -1736,4 +1736,81 @@ fn an_idle_pooled_client_moves_to_the_first_shard_with_its_session() {
         let row = c.query_one(&*st, &[&21i32]).unwrap();
         assert_eq!(row.get::<_, i32>(0), 42, "{name}");
     }
+    // A cancel with the key a moved client got on its first shard reaches its statement.
+    let (mut rest, moved_one) = (clients, at);
+    let (_, mut busy, _) = rest.swap_remove(moved_one);
+    let (_, mut bystander, _) = rest.swap_remove(0);
+    support::assert_cancel_reaches_only(pg.port(), &mut busy, &mut bystander);
+}
+
+/// Issue 14: clients that connect while idle pack on the first shard under pack placement
+/// (the light second shard hands its few over); when they all start working, that shard
+/// goes above `pack-busy-pct` and hands idle clients to the second one, between their
+/// transactions: the load ends up on both shards, and every answer arrives.
+#[test]
+fn idle_clients_packed_on_one_shard_spread_when_they_all_work() {
+    let pg = start_primary("pool-spread");
+    let (proxy, _config) = pooled_with_console(
+        &pg.url(),
+        4,
+        "",
+        &[
+            "--shards",
+            "2",
+            "--client-placement",
+            "pack",
+            "--pack-busy-pct",
+            "20",
+        ],
+    );
+    let mut console = console(&proxy);
+    const CLIENTS: usize = 48;
+    let conninfo = format!(
+        "{} application_name=spread",
+        proxy.conninfo("postgres", None)
+    );
+    let clients: Vec<postgres::Client> = (0..CLIENTS)
+        .map(|_| postgres::Client::connect(&conninfo, postgres::NoTls).unwrap())
+        .collect();
+    let by_shard = |console: &mut postgres::Client| {
+        let rows = client_rows(console, "spread");
+        let on_first = rows.iter().filter(|r| r.1 == 0).count();
+        (on_first, rows.len() - on_first)
+    };
+    let mut seen = (0, 0);
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            seen = by_shard(&mut console);
+            seen == (CLIENTS, 0)
+        }),
+        "idle clients by shard: {seen:?}"
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            let (stop, answered) = (stop.clone(), answered.clone());
+            std::thread::spawn(move || {
+                let mut n = 0i32;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let row = c.query_one("SELECT $1::int + 1", &[&n]).unwrap();
+                    assert_eq!(row.get::<_, i32>(0), n + 1);
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let spread = eventually(Duration::from_secs(60), || {
+        seen = by_shard(&mut console);
+        seen.0 > 0 && seen.1 > 0 && seen.0 + seen.1 == CLIENTS
+    });
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().expect("worker");
+    }
+    assert!(spread, "working clients by shard: {seen:?}");
+    assert!(answered.load(Ordering::Relaxed) > 0);
+    assert!(proxy.metric("pgprism_clients_moved_out_total") > 0);
 }
