@@ -560,6 +560,26 @@ fn sigterm_drains_sessions_then_exits_zero_with_clients_packed() {
     sigterm_drains("p-drain-pack", &["--client-placement", "pack"]);
 }
 
+/// The same in transaction mode under pack placement with rebalancing on (clients may move
+/// between shards): the drain still closes the idle client and lets the one inside a
+/// transaction finish it.
+#[test]
+fn sigterm_drains_pooled_sessions_with_clients_moving() {
+    sigterm_drains(
+        "p-drain-move",
+        &[
+            "--client-placement",
+            "pack",
+            "--pool-mode",
+            "transaction",
+            "--auth-type",
+            "trust",
+            "--pack-busy-pct",
+            "2",
+        ],
+    );
+}
+
 fn sigterm_drains(name: &str, placement: &[&str]) {
     let pg = start_primary(name);
     let mut args = vec!["--drain-timeout-ms", "20000"];
