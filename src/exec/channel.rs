@@ -209,6 +209,11 @@ impl Channel {
         Poll::Ready(Ok(()))
     }
 
+    /// Bytes written and not yet sent.
+    pub(super) fn sending(&self) -> bool {
+        self.tx_bytes.get() > 0 || self.send_busy.get()
+    }
+
     /// Bytes a receive brought in that no read has taken yet (its reader is woken, not run).
     pub(super) fn has_received(&self) -> bool {
         !self.recv_busy.get() && !self.rx.borrow().is_empty()

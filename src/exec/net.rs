@@ -196,6 +196,11 @@ impl Stream {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
+    /// Whether bytes written to this socket still wait to be sent.
+    pub fn sending(&self) -> bool {
+        self.io.channel.sending()
+    }
+
     /// The handles of this socket (this one included).
     pub fn handles(&self) -> usize {
         Rc::strong_count(&self.io)

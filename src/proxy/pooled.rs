@@ -889,7 +889,7 @@ async fn serve_plain(
             let (client, moved) = session.pack(cbuf);
             // Its row, its count in the pool and its table entry leave this shard; its
             // cancel key stays registered (the client keeps it).
-            drop(registration);
+            registration.moved();
             held.keep_key = true;
             drop(held);
             move_client(shard, client, to, moved).await;
@@ -1158,12 +1158,14 @@ impl Session<'_> {
             && self.pending_sql.is_empty()
             && self.hidden_sql.is_empty()
             && !self.client.is_tls()
+            && !self.client.sending()
             && self.client.handles() == 2;
         (quiet && to != self.shard.index).then_some(to)
     }
 
     /// What the session keeps across transactions, to go on on another shard, and its
-    /// client socket.
+    /// client socket. (Everything it wrote was sent, see [`take_move`](Self::take_move):
+    /// taking the socket off the shard never waits for a client that does not read.)
     fn pack(mut self, buf: BytesMut) -> (Stream, MovedClient) {
         let statements = self
             .tracker

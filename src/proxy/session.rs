@@ -122,6 +122,15 @@ struct PooledEntry {
 pub(super) struct PooledRegistration {
     shard: Rc<ShardCtx>,
     id: u64,
+    /// The session goes on on another shard: it did not close.
+    moved: bool,
+}
+
+impl PooledRegistration {
+    /// Removes a session that moves to another shard (counted there, not as closed).
+    pub(super) fn moved(mut self) {
+        self.moved = true;
+    }
 }
 
 impl Drop for PooledRegistration {
@@ -131,7 +140,9 @@ impl Drop for PooledRegistration {
         stats
             .sessions_active
             .set(self.shard.sessions_active() as u64);
-        ShardStats::bump(&stats.counters.sessions_closed, 1);
+        if !self.moved {
+            ShardStats::bump(&stats.counters.sessions_closed, 1);
+        }
     }
 }
 
@@ -302,6 +313,7 @@ impl ShardCtx {
         PooledRegistration {
             shard: self.clone(),
             id,
+            moved: false,
         }
     }
 
