@@ -412,11 +412,12 @@ pub struct ProxyConfig {
     /// hands the connection over), so that a shard with clients is busy enough to serve
     /// several per wake-up and a shard without clients sleeps: the choice for a small machine
     /// shared with the database, where it saved about a quarter of the CPU per transaction at
-    /// 16 clients. Caveat: a client is placed once, when it connects, and never moves, and
-    /// the busy figure is measured, so clients that connect before their load starts and
-    /// slower than about 40 a second (a pool opened at boot one connection at a time) all
-    /// land on the first shard and keep its load there; a burst of more than about 30 at once
-    /// is spread over the shards. A client stays on its shard for its whole life either way.
+    /// 16 clients. The busy figure is measured, so clients that connect before their load
+    /// starts and slower than about 40 a second (a pool opened at boot one connection at a
+    /// time) all land on the first shard; a burst of more than about 30 at once is spread
+    /// over the shards. In transaction mode idle clients then move between shards as the
+    /// load changes (`rebalance-clients-max`); in session mode a client stays on its shard
+    /// for its whole life.
     pub client_placement: ClientPlacement,
     /// With `client-placement = "pack"`: a shard whose thread ran, or waited runnable for
     /// its core, more than this share of the time (percent, smoothed over about a second,
@@ -532,7 +533,8 @@ pub enum ClientPlacement {
     #[default]
     Kernel,
     /// New clients go to the lowest-numbered shard below `proxy.pack-busy-pct` (opt-in, for a
-    /// small machine shared with the database; clients never move once placed).
+    /// small machine shared with the database; in transaction mode idle clients move between
+    /// shards as the load changes, in session mode never).
     Pack,
 }
 

@@ -14,13 +14,17 @@
 //! wake-up, and a shard without clients sleeps; once the first shard's thread uses more than
 //! `proxy.pack-busy-pct` of its core, new clients go to the next shard.
 //!
-//! The caveat, and why pack is not the default: a client is placed once, when it connects,
-//! and never moves. The busy figure is measured (and smoothed over about a second), so
-//! clients that connect before their load starts (a pool opened at boot, `pgbench -c 2000`
+//! The caveat: the busy figure is measured (and smoothed over about a second), so clients
+//! that connect before their load starts (a pool opened at boot, `pgbench -c 2000`
 //! connecting before it runs) look like no load. A burst is spread by counting each placement
 //! into the chosen shard's figure until the measurement catches up ([`PLACED_PERMILLE`]), but
-//! clients that trickle in while idle all land on the first shard and stay there when their
-//! load arrives: on a many-core machine that can put the whole load on one core.
+//! clients that trickle in while idle all land on the first shard. In transaction mode they
+//! move when their load arrives: each shard looks at the figures ten times a second
+//! ([`rebalance`]) and asks idle pooled clients (between transactions) to move, spreading
+//! from a shard above `pack-busy-pct`, packing onto an earlier shard when load is light; a
+//! client's session goes through the target's hand-over queue with its socket ([`Handed`]'s
+//! `moved`). In session mode a client holds its server connection, which lives on its shard,
+//! and never moves.
 //!
 //! Any shard may accept a connection (the kernel picks the listener); when the connection
 //! belongs to another shard, its bare descriptor goes through that shard's bounded queue and
