@@ -544,6 +544,11 @@ impl MovedClient {
     pub fn is_unix(&self) -> bool {
         self.unix
     }
+
+    /// It was refused on its way (its shard stopped before taking it): its cancel key goes.
+    pub fn refused(&self, keys: &CancelKeys) {
+        keys.remove(self.pid);
+    }
 }
 
 /// A prepared statement of a moving client, and what the pool derived from it.

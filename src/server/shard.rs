@@ -543,6 +543,9 @@ impl Placing<'_> {
             "refusing clients queued for a stopped shard"
         );
         for handed in queued {
+            if let Some(moved) = &handed.moved {
+                moved.refused(&self.shard.cancel_keys);
+            }
             placement::refuse_stopped(handed, &msg);
         }
     }
