@@ -19,13 +19,18 @@ use support::{
 /// A proxy in transaction mode with `pool_size` connections per (user, database); clients
 /// need no password (`--auth-type trust`) unless `extra` says otherwise.
 fn pooled(primary: &str, pool_size: usize, extra: &[&str]) -> Proxy {
+    pooled_env(primary, pool_size, extra, &[])
+}
+
+/// [`pooled`] with environment variables.
+fn pooled_env(primary: &str, pool_size: usize, extra: &[&str], env: &[(&str, &str)]) -> Proxy {
     let size = pool_size.to_string();
     let mut args = vec!["--pool-mode", "transaction", "--pool-size", &size];
     if !extra.contains(&"--auth-type") && !extra.contains(&"--auth-file") {
         args.extend(["--auth-type", "trust"]);
     }
     args.extend_from_slice(extra);
-    Proxy::start(primary, &args)
+    Proxy::start_env(primary, &args, env)
 }
 
 /// [`pooled`] with the console (`SHOW ...`) open to the test's own user: a config file with
@@ -37,6 +42,17 @@ fn pooled_with_console(
     pool_keys: &str,
     extra: &[&str],
 ) -> (Proxy, support::TempDir) {
+    pooled_with_console_env(primary, pool_size, pool_keys, extra, &[])
+}
+
+/// [`pooled_with_console`] with environment variables.
+fn pooled_with_console_env(
+    primary: &str,
+    pool_size: usize,
+    pool_keys: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Proxy, support::TempDir) {
     let dir = support::TempDir::new("pool-console");
     let config = dir.join("pgprism.toml");
     std::fs::write(
@@ -47,7 +63,7 @@ fn pooled_with_console(
     let config = config.display().to_string();
     let mut args = extra.to_vec();
     args.extend(["--config", &config]);
-    (pooled(primary, pool_size, &args), dir)
+    (pooled_env(primary, pool_size, &args, env), dir)
 }
 
 /// Server connections the primary has for `db` right now (pgprism's pooled ones).
@@ -1640,30 +1656,30 @@ fn client_rows(console: &mut postgres::Client, prefix: &str) -> Vec<(String, usi
 /// moves to the first shard, between transactions, with its session: its settings, its
 /// protocol-level and SQL-level prepared statements, its console row (same address, port
 /// and connect time, on the new shard), and no answer lost while it moves, its queries
-/// running all along.
+/// running all along. The shards' busy figures come from the test
+/// (`PGPRISM_TEST_SHARD_BUSY_FILE`), not from the machine's load.
 #[test]
 fn an_idle_pooled_client_moves_to_the_first_shard_with_its_session() {
     let pg = start_primary("pool-move");
-    let (proxy, _config) = pooled_with_console(
+    // With the default pack-busy-pct (80): shard 1 at 60% neither hands its clients on
+    // (above 40%) nor is too busy for new ones, so the first six clients go to the calm
+    // shard 0 and the next six, with shard 0 at 95%, to shard 1, where they stay (shard 0
+    // hands nobody to a shard above 40%).
+    let figures = support::ShardBusy::new("0=0,1=60");
+    let (var, path) = figures.env();
+    let (proxy, _config) = pooled_with_console_env(
         &pg.url(),
         2,
         "",
-        &[
-            "--shards",
-            "2",
-            "--client-placement",
-            "pack",
-            // Each client placed counts 2.5% of a core on its shard until the measurement
-            // catches up: at 20% the first shard takes nine, then the second takes some.
-            "--pack-busy-pct",
-            "20",
-        ],
+        &["--shards", "2", "--client-placement", "pack"],
+        &[(var, &path)],
     );
     let mut console = console(&proxy);
-    // Clients connect one at a time and set up their session at once (well before the
-    // placements fade and the light shard packs its clients on the first).
     let mut clients = Vec::new();
     for i in 0..12 {
+        if i == 6 {
+            figures.set("0=95,1=60");
+        }
         let name = format!("mover-{i:02}");
         let mut c = postgres::Client::connect(
             &format!(
@@ -1682,10 +1698,16 @@ fn an_idle_pooled_client_moves_to_the_first_shard_with_its_session() {
     }
     // The console shows what the shards published last (a few times a second).
     let mut rows = Vec::new();
+    let placed = |rows: &[(String, usize, String)]| {
+        rows.len() == 12
+            && rows
+                .iter()
+                .all(|r| r.1 == usize::from(r.0.as_str() >= "mover-06"))
+    };
     assert!(
-        eventually(Duration::from_secs(10), || {
+        eventually(Duration::from_secs(30), || {
             rows = client_rows(&mut console, "mover-");
-            rows.len() == 12
+            placed(&rows)
         }),
         "{rows:?}"
     );
@@ -1694,7 +1716,9 @@ fn an_idle_pooled_client_moves_to_the_first_shard_with_its_session() {
         .filter(|r| r.1 == 1)
         .map(|r| (r.0.clone(), r.2.clone()))
         .collect();
-    assert!(!on_second.is_empty(), "no client on shard 1: {rows:?}");
+    assert_eq!(on_second.len(), 6, "{rows:?}");
+    // Both shards light: shard 1 (below 40%) hands its idle clients to shard 0.
+    figures.set("0=0,1=0");
     // One client of the second shard keeps querying (each answer checked) while it moves.
     let (watched, _) = on_second[0].clone();
     let at = clients.iter().position(|c| c.0 == watched).unwrap();
@@ -1715,11 +1739,11 @@ fn an_idle_pooled_client_moves_to_the_first_shard_with_its_session() {
         client_rows(&mut console, "mover-")
     );
     // (Counters are reported every second.)
-    assert!(eventually(Duration::from_secs(10), || proxy
+    assert!(eventually(Duration::from_secs(30), || proxy
         .metric("pgprism_clients_moved_in_total")
         >= on_second.len() as u64));
     // Every row is still there, now on shard 0, with the same address, port, connect time.
-    assert!(eventually(Duration::from_secs(10), || {
+    assert!(eventually(Duration::from_secs(30), || {
         rows = client_rows(&mut console, "mover-");
         rows.len() == 12 && rows.iter().all(|r| r.1 == 0)
     }));
@@ -1743,14 +1767,19 @@ fn an_idle_pooled_client_moves_to_the_first_shard_with_its_session() {
     support::assert_cancel_reaches_only(pg.port(), &mut busy, &mut bystander);
 }
 
-/// Issue 14: clients that connect while idle pack on the first shard under pack placement
-/// (the light second shard hands its few over); when they all start working, that shard
-/// goes above `pack-busy-pct` and hands idle clients to the second one, between their
-/// transactions: the load ends up on both shards, and every answer arrives.
+/// Issue 14: clients that connect while idle pack on the first shard under pack placement;
+/// when they all start working, that shard goes above `pack-busy-pct` and hands idle
+/// clients to the second one, between their transactions: the load ends up on both shards,
+/// and every answer arrives. The busy figures come from the test
+/// (`PGPRISM_TEST_SHARD_BUSY_FILE`): the move happens whatever the machine's load.
 #[test]
 fn idle_clients_packed_on_one_shard_spread_when_they_all_work() {
     let pg = start_primary("pool-spread");
-    let (proxy, _config) = pooled_with_console(
+    let figures = support::ShardBusy::new("0=0,1=0");
+    let (var, path) = figures.env();
+    // One client moves per look (and a shard rests 0.8 s after a move): the test sees the
+    // first move long before the first shard could empty, and then stops the moves.
+    let (proxy, _config) = pooled_with_console_env(
         &pg.url(),
         4,
         "",
@@ -1759,12 +1788,14 @@ fn idle_clients_packed_on_one_shard_spread_when_they_all_work() {
             "2",
             "--client-placement",
             "pack",
-            "--pack-busy-pct",
-            "20",
+            "--rebalance-clients-max",
+            "1",
         ],
+        &[(var, &path)],
     );
     let mut console = console(&proxy);
-    const CLIENTS: usize = 48;
+    // 16 placements count 40% on shard 0 at most: all of them go there (below 80%).
+    const CLIENTS: usize = 16;
     let conninfo = format!(
         "{} application_name=spread",
         proxy.conninfo("postgres", None)
@@ -1802,15 +1833,34 @@ fn idle_clients_packed_on_one_shard_spread_when_they_all_work() {
             })
         })
         .collect();
+    // They all work: shard 0 is above 80%, shard 1 idle.
+    figures.set("0=95,1=0");
     let spread = eventually(Duration::from_secs(60), || {
+        seen = by_shard(&mut console);
+        seen.1 > 0 && seen.0 + seen.1 == CLIENTS
+    });
+    // Both between 40% and 80% from now on: nobody moves.
+    figures.set("0=60,1=60");
+    let settled = eventually(Duration::from_secs(30), || {
         seen = by_shard(&mut console);
         seen.0 > 0 && seen.1 > 0 && seen.0 + seen.1 == CLIENTS
     });
+    let answered_before = answered.load(Ordering::Relaxed);
+    // Every client, wherever it is, keeps getting answers.
+    assert!(eventually(Duration::from_secs(30), || answered
+        .load(Ordering::Relaxed)
+        >= answered_before + CLIENTS));
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.join().expect("worker");
     }
     assert!(spread, "working clients by shard: {seen:?}");
-    assert!(answered.load(Ordering::Relaxed) > 0);
-    assert!(proxy.metric("pgprism_clients_moved_out_total") > 0);
+    assert!(
+        settled,
+        "working clients by shard after the moves: {seen:?}"
+    );
+    // (Counters are reported every second.)
+    assert!(eventually(Duration::from_secs(30), || proxy
+        .metric("pgprism_clients_moved_out_total")
+        > 0));
 }

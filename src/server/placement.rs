@@ -34,6 +34,7 @@
 
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -109,7 +110,16 @@ pub(super) struct Placement {
     /// `proxy.rebalance-clients-max`: idle pooled clients a shard asks to move per look.
     rebalance_clients_max: usize,
     slots: Box<[Slot]>,
+    /// Tests only: `PGPRISM_TEST_SHARD_BUSY_FILE`, read once at start (see [`BUSY_FILE_ENV`]).
+    busy_file: Option<PathBuf>,
 }
+
+/// Tests only: a file of per-shard busy figures (`0=95,1=0`: percent of a core per shard)
+/// that placement and rebalancing read at each look instead of the measured figures, so
+/// that a test of clients moving does not depend on how loaded the machine running it is.
+/// A shard the file does not name, or a file that is missing or does not parse, reads as
+/// measured. Unset in production, where it costs one environment look at start.
+pub(super) const BUSY_FILE_ENV: &str = "PGPRISM_TEST_SHARD_BUSY_FILE";
 
 impl Placement {
     /// `None` when every shard keeps what it accepts: `client-placement = "kernel"`, or one
@@ -137,6 +147,7 @@ impl Placement {
             clients_max: cfg.proxy.sessions_per_shard_max,
             rebalance_clients_max: cfg.proxy.rebalance_clients_max,
             slots,
+            busy_file: std::env::var_os(BUSY_FILE_ENV).map(PathBuf::from),
         })))
     }
 
@@ -144,18 +155,30 @@ impl Placement {
         self.rebalance_clients_max
     }
 
+    /// Every shard's busy figure, in thousandths of a core: measured (or the test file's,
+    /// see [`BUSY_FILE_ENV`]), plus the placements counted lately when `placed`.
+    fn figures(&self, placed: bool) -> Vec<u32> {
+        let forced = self.busy_file.as_deref().and_then(read_busy_file);
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let busy = forced
+                    .as_ref()
+                    .and_then(|f| f.iter().find(|(shard, _)| *shard == i))
+                    .map_or_else(|| s.busy_permille.load(Ordering::Relaxed), |f| f.1);
+                if placed {
+                    busy.saturating_add(s.placed_permille.load(Ordering::Relaxed))
+                } else {
+                    busy
+                }
+            })
+            .collect()
+    }
+
     /// The shard that serves a client `here` just accepted.
     fn choose(&self, here: usize) -> usize {
-        let busy: Vec<u32> = self
-            .slots
-            .iter()
-            .map(|s| {
-                let placed = s.placed_permille.load(Ordering::Relaxed);
-                s.busy_permille
-                    .load(Ordering::Relaxed)
-                    .saturating_add(placed)
-            })
-            .collect();
+        let busy = self.figures(true);
         let full: Vec<bool> = self
             .slots
             .iter()
@@ -229,10 +252,7 @@ impl Placement {
         let Some(slot) = self.slots.get(me) else {
             return 0;
         };
-        let busy = slot
-            .busy_permille
-            .load(Ordering::Relaxed)
-            .saturating_add(slot.placed_permille.load(Ordering::Relaxed));
+        let busy = self.figures(true).get(me).copied().unwrap_or(0);
         if busy > self.busy_permille_max {
             max.min((slot.clients.load(Ordering::Relaxed) / 2).max(1))
         } else {
@@ -248,7 +268,7 @@ impl Placement {
         let (Some(from), Some(slot)) = (self.slots.get(me), self.slots.get(to)) else {
             return;
         };
-        let busy = from.busy_permille.load(Ordering::Relaxed) as usize;
+        let busy = self.figures(false).get(me).copied().unwrap_or(0) as usize;
         let clients = from.clients.load(Ordering::Relaxed).max(1);
         let share = (busy * asked.min(clients) / clients) as u32;
         slot.placed_permille.fetch_add(share, Ordering::Relaxed);
@@ -257,16 +277,7 @@ impl Placement {
     /// Where shard `me` should move some of its idle pooled clients now, if anywhere (see
     /// [`rebalance`]).
     pub(super) fn rebalance_to(&self, me: usize) -> Option<usize> {
-        let busy: Vec<u32> = self
-            .slots
-            .iter()
-            .map(|s| {
-                let placed = s.placed_permille.load(Ordering::Relaxed);
-                s.busy_permille
-                    .load(Ordering::Relaxed)
-                    .saturating_add(placed)
-            })
-            .collect();
+        let busy = self.figures(true);
         let full: Vec<bool> = self
             .slots
             .iter()
@@ -464,6 +475,25 @@ fn demand(schedstat: &str, cpu: Duration) -> Duration {
     }
 }
 
+/// The figures of a [`BUSY_FILE_ENV`] file, `(shard, thousandths)`; `None` when it cannot be
+/// read or does not parse (the measured figures stand).
+fn read_busy_file(path: &std::path::Path) -> Option<Vec<(usize, u32)>> {
+    parse_busy(&std::fs::read_to_string(path).ok()?)
+}
+
+/// `0=95,1=0` (percent of a core per shard, at most 100) as `(shard, thousandths)`.
+fn parse_busy(text: &str) -> Option<Vec<(usize, u32)>> {
+    text.trim()
+        .split(',')
+        .filter(|f| !f.trim().is_empty())
+        .map(|f| {
+            let (shard, pct) = f.split_once('=')?;
+            let pct: u32 = pct.trim().parse().ok()?;
+            Some((shard.trim().parse().ok()?, pct.min(100) * 10))
+        })
+        .collect()
+}
+
 /// The CPU time (user and kernel) the calling thread has used.
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
@@ -482,7 +512,7 @@ fn thread_cpu() -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::{Placement, Route, choose, demand};
+    use super::{Placement, Route, choose, demand, parse_busy};
     use crate::config::{ClientPlacement, Config};
     use std::os::fd::OwnedFd;
     use std::sync::Arc;
@@ -632,5 +662,15 @@ mod tests {
             demand("40000000 5000000 9\n", cpu),
             Duration::from_millis(45)
         );
+    }
+
+    #[test]
+    fn placement_test_busy_file_parses_or_stands_aside() {
+        assert_eq!(parse_busy("0=95,1=0\n"), Some(vec![(0, 950), (1, 0)]));
+        assert_eq!(parse_busy(" 1 = 250 "), Some(vec![(1, 1000)]));
+        assert_eq!(parse_busy(""), Some(vec![]));
+        for garbled in ["0=", "=5", "0=5;1=2", "x=1", "0=-1", "\u{0}"] {
+            assert_eq!(parse_busy(garbled), None, "{garbled:?}");
+        }
     }
 }
