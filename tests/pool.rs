@@ -1864,3 +1864,96 @@ fn idle_clients_packed_on_one_shard_spread_when_they_all_work() {
         .metric("pgprism_clients_moved_out_total")
         > 0));
 }
+
+/// SHOW POOLS `cl_active` (clients idle or active; PgBouncer's meaning) of pool `db`.
+fn pool_clients(console: &mut postgres::Client, db: &str) -> Option<u64> {
+    console
+        .simple_query("SHOW POOLS")
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some(db) => {
+                r.get("cl_active")?.parse().ok()
+            }
+            _ => None,
+        })
+}
+
+/// Issue 14: a client that moved to another shard and then leaves is counted once: its
+/// console row and its place in SHOW POOLS go, the open sessions come back to what they
+/// were, and one session more is counted closed (the move itself closes none).
+#[test]
+fn a_moved_client_that_leaves_is_counted_once() {
+    let pg = start_primary("pool-move-leave");
+    // Placed on shard 1 (shard 0 too busy, shard 1 keeps its own) until both are light.
+    let figures = support::ShardBusy::new("0=95,1=60");
+    let (var, path) = figures.env();
+    let (proxy, _config) = pooled_with_console_env(
+        &pg.url(),
+        2,
+        "",
+        &["--shards", "2", "--client-placement", "pack"],
+        &[(var, &path)],
+    );
+    let mut console = console(&proxy);
+    // (Gauges and counters are reported every second.)
+    let mut open_before = 0;
+    assert!(eventually(Duration::from_secs(30), || {
+        open_before = proxy.metric("pgprism_sessions_active");
+        open_before >= 1 // the console's own session
+    }));
+    let closed_before = proxy.metric("pgprism_sessions_closed_total");
+    let mut c = postgres::Client::connect(
+        &format!(
+            "{} application_name=leaver",
+            proxy.conninfo("postgres", None)
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    c.query_one("SELECT 1", &[]).unwrap();
+    let mut rows = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            rows = client_rows(&mut console, "leaver");
+            rows.len() == 1 && rows[0].1 == 1
+        }),
+        "{rows:?}"
+    );
+    figures.set("0=0,1=0");
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            rows = client_rows(&mut console, "leaver");
+            rows.len() == 1 && rows[0].1 == 0
+        }),
+        "{rows:?}"
+    );
+    // Both between 40% and 80% from now on: nobody moves.
+    figures.set("0=60,1=60");
+    c.query_one("SELECT 1", &[]).unwrap();
+    assert!(eventually(Duration::from_secs(30), || proxy
+        .metric("pgprism_clients_moved_in_total")
+        == 1
+        && proxy.metric("pgprism_sessions_active") == open_before + 1
+        && pool_clients(&mut console, "postgres") == Some(1)));
+    assert_eq!(
+        proxy.metric("pgprism_sessions_closed_total"),
+        closed_before,
+        "the move closed a session"
+    );
+    drop(c);
+    let mut seen = (0, 0, None);
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            seen = (
+                proxy.metric("pgprism_sessions_active"),
+                proxy.metric("pgprism_sessions_closed_total"),
+                pool_clients(&mut console, "postgres"),
+            );
+            client_rows(&mut console, "leaver").is_empty()
+                && seen == (open_before, closed_before + 1, Some(0))
+        }),
+        "(open, closed, in SHOW POOLS) = {seen:?}, expected ({open_before}, {}, Some(0))",
+        closed_before + 1
+    );
+}
