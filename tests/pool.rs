@@ -1957,3 +1957,97 @@ fn a_moved_client_that_leaves_is_counted_once() {
         closed_before + 1
     );
 }
+
+/// Issue 14: a move the target shard cannot take (its hand-over queue full: shard 0 leaves
+/// its queue unread, failpoint `placement-adopt`, and `handover-queue-max = 1`) leaves the
+/// client working on its shard with its session: the first client asked to move fills the
+/// queue, the others are refused and go on where they were.
+#[test]
+fn a_refused_move_leaves_the_client_working_where_it_was() {
+    let pg = start_primary("pool-move-refused");
+    let figures = support::ShardBusy::new("0=95,1=60");
+    let (var, path) = figures.env();
+    let dir = support::TempDir::new("pool-move-refused");
+    let config = dir.join("pgprism.toml");
+    std::fs::write(
+        &config,
+        "[proxy]\nhandover-queue-max = 1\n[pool]\nadmin-users = [\"postgres\"]\n",
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let proxy = pooled_env(
+        &pg.url(),
+        2,
+        &[
+            "--shards",
+            "2",
+            "--client-placement",
+            "pack",
+            "--config",
+            &config,
+        ],
+        &[
+            (var, &path),
+            ("PGPRISM_FAILPOINTS", "placement-adopt=error"),
+        ],
+    );
+    let mut console = console(&proxy);
+    let mut clients: Vec<(String, postgres::Client)> = (0..3)
+        .map(|i| {
+            let name = format!("refused-{i}");
+            let mut c = postgres::Client::connect(
+                &format!(
+                    "{} application_name={name}",
+                    proxy.conninfo("postgres", None)
+                ),
+                postgres::NoTls,
+            )
+            .unwrap();
+            c.batch_execute(&format!("SET search_path TO refused_{i}, public"))
+                .unwrap();
+            (name, c)
+        })
+        .collect();
+    let mut rows = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            rows = client_rows(&mut console, "refused-");
+            rows.len() == 3 && rows.iter().all(|r| r.1 == 1)
+        }),
+        "{rows:?}"
+    );
+    // Both light: shard 1 asks its three idle clients to move to shard 0.
+    figures.set("0=0,1=0");
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            rows = client_rows(&mut console, "refused-");
+            rows.len() == 2
+        }),
+        "{rows:?}"
+    );
+    // Both between 40% and 80% from now on: nobody is asked again.
+    figures.set("0=60,1=60");
+    // The one in shard 0's queue has no row anywhere; the two refused stay on shard 1 with
+    // their sessions, and work.
+    assert!(rows.iter().all(|r| r.1 == 1), "{rows:?}");
+    for (i, (name, c)) in clients.iter_mut().enumerate() {
+        if !rows.iter().any(|r| &r.0 == name) {
+            continue;
+        }
+        let path: String = c.query_one("SHOW search_path", &[]).unwrap().get(0);
+        assert_eq!(path, format!("refused_{i}, public"), "{name}");
+        let row = c.query_one("SELECT $1::int + 1", &[&41i32]).unwrap();
+        assert_eq!(row.get::<_, i32>(0), 42, "{name}");
+    }
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            rows = client_rows(&mut console, "refused-");
+            rows.len() == 2 && rows.iter().all(|r| r.1 == 1)
+        }),
+        "{rows:?}"
+    );
+    // (Counters are reported every second.) One moved out, into the queue.
+    assert!(eventually(Duration::from_secs(30), || proxy
+        .metric("pgprism_clients_moved_out_total")
+        == 1));
+}

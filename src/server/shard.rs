@@ -478,9 +478,11 @@ impl Placing<'_> {
                         crate::exec::sleep(Duration::from_millis(10)).await;
                     }
                 }
-                // Crash tests: a shard that leaves its queue unread until it stops (as one
-                // whose thread is held up would), so that its drain finds connections queued.
-                if crate::cdc::failpoint::fails("placement-adopt") {
+                // Crash tests: the first shard leaves its queue unread until it stops (as one
+                // whose thread is held up would), so that its drain finds connections queued
+                // and clients moving to it find its queue full. (The first only: the other
+                // shards go on serving the clients handed to them.)
+                if me == 0 && crate::cdc::failpoint::fails("placement-adopt") {
                     return futures_lite::future::pending().await;
                 }
                 self.adopt_queued();
