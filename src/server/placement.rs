@@ -158,22 +158,34 @@ impl Placement {
     /// Every shard's busy figure, in thousandths of a core: measured (or the test file's,
     /// see [`BUSY_FILE_ENV`]), plus the placements counted lately when `placed`.
     fn figures(&self, placed: bool) -> Vec<u32> {
-        let forced = self.busy_file.as_deref().and_then(read_busy_file);
-        self.slots
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                let busy = forced
-                    .as_ref()
-                    .and_then(|f| f.iter().find(|(shard, _)| *shard == i))
-                    .map_or_else(|| s.busy_permille.load(Ordering::Relaxed), |f| f.1);
-                if placed {
-                    busy.saturating_add(s.placed_permille.load(Ordering::Relaxed))
-                } else {
-                    busy
-                }
-            })
+        let forced = self.forced();
+        (0..self.slots.len())
+            .map(|i| self.figure(forced.as_deref(), i, placed))
             .collect()
+    }
+
+    /// Shard `me`'s busy figure, as [`figures`](Self::figures) (0 for no such shard).
+    fn figure_of(&self, me: usize, placed: bool) -> u32 {
+        self.figure(self.forced().as_deref(), me, placed)
+    }
+
+    /// The test file's figures, when [`BUSY_FILE_ENV`] is set and the file reads.
+    fn forced(&self) -> Option<Vec<(usize, u32)>> {
+        self.busy_file.as_deref().and_then(read_busy_file)
+    }
+
+    fn figure(&self, forced: Option<&[(usize, u32)]>, i: usize, placed: bool) -> u32 {
+        let Some(slot) = self.slots.get(i) else {
+            return 0;
+        };
+        let busy = forced
+            .and_then(|f| f.iter().find(|(shard, _)| *shard == i))
+            .map_or_else(|| slot.busy_permille.load(Ordering::Relaxed), |f| f.1);
+        if placed {
+            busy.saturating_add(slot.placed_permille.load(Ordering::Relaxed))
+        } else {
+            busy
+        }
     }
 
     /// The shard that serves a client `here` just accepted.
@@ -252,7 +264,7 @@ impl Placement {
         let Some(slot) = self.slots.get(me) else {
             return 0;
         };
-        let busy = self.figures(true).get(me).copied().unwrap_or(0);
+        let busy = self.figure_of(me, true);
         if busy > self.busy_permille_max {
             max.min((slot.clients.load(Ordering::Relaxed) / 2).max(1))
         } else {
@@ -268,7 +280,7 @@ impl Placement {
         let (Some(from), Some(slot)) = (self.slots.get(me), self.slots.get(to)) else {
             return;
         };
-        let busy = self.figures(false).get(me).copied().unwrap_or(0) as usize;
+        let busy = self.figure_of(me, false) as usize;
         let clients = from.clients.load(Ordering::Relaxed).max(1);
         let share = (busy * asked.min(clients) / clients) as u32;
         slot.placed_permille.fetch_add(share, Ordering::Relaxed);
