@@ -57,11 +57,12 @@ thread_snap() {
       "$(awk '/^nonvoluntary_ctxt_switches/ {print $2}' "$t/status")"
   done
 }
-accepted() { # per shard: connections served and connections handed to another shard so far
+accepted() { # per shard: connections served, handed to another shard, pooled clients moved in
   curl -s "http://127.0.0.1:$1/metrics" | awk -F'[{}" ]+' '
     /^pgprism_connections_accepted_total\{/ {a[$3] = $NF}
     /^pgprism_clients_handed_over_total\{/ {h[$3] = $NF}
-    END {for (s in a) print s, a[s], h[s] + 0}'
+    /^pgprism_clients_moved_in_total\{/ {m[$3] = $NF}
+    END {for (s in a) print s, a[s], h[s] + 0, m[s] + 0}'
 }
 
 # Shards report once a second: without their first report the first run has no per-shard
@@ -88,7 +89,7 @@ for r in $(seq "$ROUNDS"); do
       a1=$(accepted "${ADMIN[$t]}")
       tps=$(echo "$out" | awk -F'= ' '/^tps/ {print $2+0}')
       txns=$(echo "$out" | awk -F': ' '/actually processed/ {split($2,a,"/"); print a[1]}')
-      echo "-- r$r $c clients $t: tps $tps, transactions ${txns:-0}, clients served (handed over) per shard: $(join -j1 <(echo "$a0" | sort) <(echo "$a1" | sort) | awk '{printf "s%s=%d (%d) ", $1, $4 - $2, $5 - $3}')"
+      echo "-- r$r $c clients $t: tps $tps, transactions ${txns:-0}, clients served (handed over, moved in) per shard: $(join -j1 <(echo "$a0" | sort) <(echo "$a1" | sort) | awk '{printf "s%s=%d (%d, %d) ", $1, $5 - $2, $6 - $3, $7 - $4}')"
       printf '   %-18s %8s %8s %8s %8s %8s %8s %10s\n' thread cpu_us enters compl comp/ent ctx_sw vol_cs invol_cs
       # perf --per-thread lines: comm-tid,count,,event,...
       join -j1 <(sort "$WORK/t0") <(sort "$WORK/t1") | while read -r tid comm k0 v0 n0 _ k1 v1 n1; do

@@ -115,6 +115,14 @@ struct ProxyArgs {
     /// (the lowest-numbered shard not busy; for a small machine shared with the database).
     #[arg(long, value_name = "pack|kernel", value_parser = ["pack", "kernel"])]
     client_placement: Option<String>,
+    /// With pack placement: the share of its core (percent) above which a shard takes no new
+    /// clients and hands idle pooled clients to a less busy shard.
+    #[arg(long, value_name = "PCT")]
+    pack_busy_pct: Option<u32>,
+    /// With pack placement and transaction pooling: idle pooled clients a shard asks to move
+    /// to another shard per look (0: clients never move).
+    #[arg(long, value_name = "N")]
+    rebalance_clients_max: Option<usize>,
     #[command(flatten)]
     mirror: MirrorArgs,
     #[command(flatten)]
@@ -692,6 +700,12 @@ impl ProxyArgs {
             Some("pack") => cfg.proxy.client_placement = crate::config::ClientPlacement::Pack,
             Some("kernel") => cfg.proxy.client_placement = crate::config::ClientPlacement::Kernel,
             _ => {}
+        }
+        if let Some(v) = self.pack_busy_pct {
+            cfg.proxy.pack_busy_pct = v;
+        }
+        if let Some(v) = self.rebalance_clients_max {
+            cfg.proxy.rebalance_clients_max = v;
         }
         self.mirror.apply(&mut cfg);
         self.compare.apply(&mut cfg);

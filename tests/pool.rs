@@ -19,13 +19,18 @@ use support::{
 /// A proxy in transaction mode with `pool_size` connections per (user, database); clients
 /// need no password (`--auth-type trust`) unless `extra` says otherwise.
 fn pooled(primary: &str, pool_size: usize, extra: &[&str]) -> Proxy {
+    pooled_env(primary, pool_size, extra, &[])
+}
+
+/// [`pooled`] with environment variables.
+fn pooled_env(primary: &str, pool_size: usize, extra: &[&str], env: &[(&str, &str)]) -> Proxy {
     let size = pool_size.to_string();
     let mut args = vec!["--pool-mode", "transaction", "--pool-size", &size];
     if !extra.contains(&"--auth-type") && !extra.contains(&"--auth-file") {
         args.extend(["--auth-type", "trust"]);
     }
     args.extend_from_slice(extra);
-    Proxy::start(primary, &args)
+    Proxy::start_env(primary, &args, env)
 }
 
 /// [`pooled`] with the console (`SHOW ...`) open to the test's own user: a config file with
@@ -37,6 +42,17 @@ fn pooled_with_console(
     pool_keys: &str,
     extra: &[&str],
 ) -> (Proxy, support::TempDir) {
+    pooled_with_console_env(primary, pool_size, pool_keys, extra, &[])
+}
+
+/// [`pooled_with_console`] with environment variables.
+fn pooled_with_console_env(
+    primary: &str,
+    pool_size: usize,
+    pool_keys: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Proxy, support::TempDir) {
     let dir = support::TempDir::new("pool-console");
     let config = dir.join("pgprism.toml");
     std::fs::write(
@@ -47,7 +63,7 @@ fn pooled_with_console(
     let config = config.display().to_string();
     let mut args = extra.to_vec();
     args.extend(["--config", &config]);
-    (pooled(primary, pool_size, &args), dir)
+    (pooled_env(primary, pool_size, &args, env), dir)
 }
 
 /// Server connections the primary has for `db` right now (pgprism's pooled ones).
@@ -1607,4 +1623,431 @@ fn the_whole_wait_in_line_counts_as_waiting() {
             assert_eq!(p.join().unwrap().unwrap().as_deref(), Some("0"));
         }
     }
+}
+
+/// SHOW CLIENTS rows of the clients whose application_name starts with `prefix`:
+/// (application_name, shard from the top byte of `ptr`, addr:port, connect_time).
+fn client_rows(console: &mut postgres::Client, prefix: &str) -> Vec<(String, usize, String)> {
+    console
+        .simple_query("SHOW CLIENTS")
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => {
+                let name = r.get("application_name")?.to_string();
+                if !name.starts_with(prefix) {
+                    return None;
+                }
+                let ptr = u64::from_str_radix(r.get("ptr")?.strip_prefix("0x")?, 16).ok()?;
+                let seen = format!(
+                    "{}:{} since {}",
+                    r.get("addr")?,
+                    r.get("port")?,
+                    r.get("connect_time")?
+                );
+                Some((name, (ptr >> 56) as usize, seen))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Issue 14: under pack placement, an idle transaction-mode client on a light later shard
+/// moves to the first shard, between transactions, with its session: its settings, its
+/// protocol-level and SQL-level prepared statements, its console row (same address, port
+/// and connect time, on the new shard), and no answer lost while it moves, its queries
+/// running all along. The shards' busy figures come from the test
+/// (`PGPRISM_TEST_SHARD_BUSY_FILE`), not from the machine's load.
+#[test]
+fn an_idle_pooled_client_moves_to_the_first_shard_with_its_session() {
+    let pg = start_primary("pool-move");
+    // With the default pack-busy-pct (80): shard 1 at 60% neither hands its clients on
+    // (above 40%) nor is too busy for new ones, so the first six clients go to the calm
+    // shard 0 and the next six, with shard 0 at 95%, to shard 1, where they stay (shard 0
+    // hands nobody to a shard above 40%).
+    let figures = support::ShardBusy::new("0=0,1=60");
+    let (var, path) = figures.env();
+    let (proxy, _config) = pooled_with_console_env(
+        &pg.url(),
+        2,
+        "",
+        &["--shards", "2", "--client-placement", "pack"],
+        &[(var, &path)],
+    );
+    let mut console = console(&proxy);
+    let mut clients = Vec::new();
+    for i in 0..12 {
+        if i == 6 {
+            figures.set("0=95,1=60");
+        }
+        let name = format!("mover-{i:02}");
+        let mut c = postgres::Client::connect(
+            &format!(
+                "{} application_name={name}",
+                proxy.conninfo("postgres", None)
+            ),
+            postgres::NoTls,
+        )
+        .unwrap();
+        c.batch_execute(&format!(
+            "SET search_path TO mover_{i}, public; PREPARE sq AS SELECT {i} + $1::int"
+        ))
+        .unwrap();
+        let st = c.prepare("SELECT $1::int * 2").unwrap();
+        clients.push((name, c, st));
+    }
+    // The console shows what the shards published last (a few times a second).
+    let mut rows = Vec::new();
+    let placed = |rows: &[(String, usize, String)]| {
+        rows.len() == 12
+            && rows
+                .iter()
+                .all(|r| r.1 == usize::from(r.0.as_str() >= "mover-06"))
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            rows = client_rows(&mut console, "mover-");
+            placed(&rows)
+        }),
+        "{rows:?}"
+    );
+    let on_second: Vec<(String, String)> = rows
+        .iter()
+        .filter(|r| r.1 == 1)
+        .map(|r| (r.0.clone(), r.2.clone()))
+        .collect();
+    assert_eq!(on_second.len(), 6, "{rows:?}");
+    // Both shards light: shard 1 (below 40%) hands its idle clients to shard 0.
+    figures.set("0=0,1=0");
+    // One client of the second shard keeps querying (each answer checked) while it moves.
+    let (watched, _) = on_second[0].clone();
+    let at = clients.iter().position(|c| c.0 == watched).unwrap();
+    let mut n = 0i32;
+    let moved = eventually(Duration::from_secs(30), || {
+        let (_, c, st) = &mut clients[at];
+        for _ in 0..5 {
+            n += 1;
+            let row = c.query_one(&*st, &[&n]).unwrap();
+            assert_eq!(row.get::<_, i32>(0), n * 2);
+        }
+        let rows = client_rows(&mut console, "mover-");
+        rows.len() == 12 && rows.iter().all(|r| r.1 == 0)
+    });
+    assert!(
+        moved,
+        "clients still on shard 1: {:?}",
+        client_rows(&mut console, "mover-")
+    );
+    // (Counters are reported every second.)
+    assert!(eventually(Duration::from_secs(30), || proxy
+        .metric("pgprism_clients_moved_in_total")
+        >= on_second.len() as u64));
+    // Every row is still there, now on shard 0, with the same address, port, connect time.
+    assert!(eventually(Duration::from_secs(30), || {
+        rows = client_rows(&mut console, "mover-");
+        rows.len() == 12 && rows.iter().all(|r| r.1 == 0)
+    }));
+    for (name, seen) in &on_second {
+        let row = rows.iter().find(|r| &r.0 == name).expect("row kept");
+        assert_eq!((row.1, &row.2), (0, seen));
+    }
+    // Each client keeps its settings and both kinds of prepared statements.
+    for (i, (name, c, st)) in clients.iter_mut().enumerate() {
+        let path: String = c.query_one("SHOW search_path", &[]).unwrap().get(0);
+        assert_eq!(path, format!("mover_{i}, public"), "{name}");
+        let sq = c.simple_query("EXECUTE sq(100)").unwrap();
+        assert_eq!(first_value(sq), Some((100 + i).to_string()), "{name}");
+        let row = c.query_one(&*st, &[&21i32]).unwrap();
+        assert_eq!(row.get::<_, i32>(0), 42, "{name}");
+    }
+    // A cancel with the key a moved client got on its first shard reaches its statement.
+    let (mut rest, moved_one) = (clients, at);
+    let (_, mut busy, _) = rest.swap_remove(moved_one);
+    let (_, mut bystander, _) = rest.swap_remove(0);
+    support::assert_cancel_reaches_only(pg.port(), &mut busy, &mut bystander);
+}
+
+/// Issue 14: clients that connect while idle pack on the first shard under pack placement;
+/// when they all start working, that shard goes above `pack-busy-pct` and hands idle
+/// clients to the second one, between their transactions: the load ends up on both shards,
+/// and every answer arrives. The busy figures come from the test
+/// (`PGPRISM_TEST_SHARD_BUSY_FILE`): the move happens whatever the machine's load.
+#[test]
+fn idle_clients_packed_on_one_shard_spread_when_they_all_work() {
+    let pg = start_primary("pool-spread");
+    let figures = support::ShardBusy::new("0=0,1=0");
+    let (var, path) = figures.env();
+    // One client moves per look (and a shard rests 0.8 s after a move): the test sees the
+    // first move long before the first shard could empty, and then stops the moves.
+    let (proxy, _config) = pooled_with_console_env(
+        &pg.url(),
+        4,
+        "",
+        &[
+            "--shards",
+            "2",
+            "--client-placement",
+            "pack",
+            "--rebalance-clients-max",
+            "1",
+        ],
+        &[(var, &path)],
+    );
+    let mut console = console(&proxy);
+    // 16 placements count 40% on shard 0 at most: all of them go there (below 80%).
+    const CLIENTS: usize = 16;
+    let conninfo = format!(
+        "{} application_name=spread",
+        proxy.conninfo("postgres", None)
+    );
+    let clients: Vec<postgres::Client> = (0..CLIENTS)
+        .map(|_| postgres::Client::connect(&conninfo, postgres::NoTls).unwrap())
+        .collect();
+    let by_shard = |console: &mut postgres::Client| {
+        let rows = client_rows(console, "spread");
+        let on_first = rows.iter().filter(|r| r.1 == 0).count();
+        (on_first, rows.len() - on_first)
+    };
+    let mut seen = (0, 0);
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            seen = by_shard(&mut console);
+            seen == (CLIENTS, 0)
+        }),
+        "idle clients by shard: {seen:?}"
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            let (stop, answered) = (stop.clone(), answered.clone());
+            std::thread::spawn(move || {
+                let mut n = 0i32;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let row = c.query_one("SELECT $1::int + 1", &[&n]).unwrap();
+                    assert_eq!(row.get::<_, i32>(0), n + 1);
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    // They all work: shard 0 is above 80%, shard 1 idle.
+    figures.set("0=95,1=0");
+    let spread = eventually(Duration::from_secs(60), || {
+        seen = by_shard(&mut console);
+        seen.1 > 0 && seen.0 + seen.1 == CLIENTS
+    });
+    // Both between 40% and 80% from now on: nobody moves.
+    figures.set("0=60,1=60");
+    let settled = eventually(Duration::from_secs(30), || {
+        seen = by_shard(&mut console);
+        seen.0 > 0 && seen.1 > 0 && seen.0 + seen.1 == CLIENTS
+    });
+    let answered_before = answered.load(Ordering::Relaxed);
+    // Every client, wherever it is, keeps getting answers.
+    assert!(eventually(Duration::from_secs(30), || answered
+        .load(Ordering::Relaxed)
+        >= answered_before + CLIENTS));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().expect("worker");
+    }
+    assert!(spread, "working clients by shard: {seen:?}");
+    assert!(
+        settled,
+        "working clients by shard after the moves: {seen:?}"
+    );
+    // (Counters are reported every second.)
+    assert!(eventually(Duration::from_secs(30), || proxy
+        .metric("pgprism_clients_moved_out_total")
+        > 0));
+}
+
+/// SHOW POOLS `cl_active` (clients idle or active; PgBouncer's meaning) of pool `db`.
+fn pool_clients(console: &mut postgres::Client, db: &str) -> Option<u64> {
+    console
+        .simple_query("SHOW POOLS")
+        .unwrap()
+        .into_iter()
+        .find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some(db) => {
+                r.get("cl_active")?.parse().ok()
+            }
+            _ => None,
+        })
+}
+
+/// Issue 14: a client that moved to another shard and then leaves is counted once: its
+/// console row and its place in SHOW POOLS go, the open sessions come back to what they
+/// were, and one session more is counted closed (the move itself closes none).
+#[test]
+fn a_moved_client_that_leaves_is_counted_once() {
+    let pg = start_primary("pool-move-leave");
+    // Placed on shard 1 (shard 0 too busy, shard 1 keeps its own) until both are light.
+    let figures = support::ShardBusy::new("0=95,1=60");
+    let (var, path) = figures.env();
+    let (proxy, _config) = pooled_with_console_env(
+        &pg.url(),
+        2,
+        "",
+        &["--shards", "2", "--client-placement", "pack"],
+        &[(var, &path)],
+    );
+    let mut console = console(&proxy);
+    // (Gauges and counters are reported every second.)
+    let mut open_before = 0;
+    assert!(eventually(Duration::from_secs(30), || {
+        open_before = proxy.metric("pgprism_sessions_active");
+        open_before >= 1 // the console's own session
+    }));
+    let closed_before = proxy.metric("pgprism_sessions_closed_total");
+    let mut c = postgres::Client::connect(
+        &format!(
+            "{} application_name=leaver",
+            proxy.conninfo("postgres", None)
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    c.query_one("SELECT 1", &[]).unwrap();
+    let mut rows = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            rows = client_rows(&mut console, "leaver");
+            rows.len() == 1 && rows[0].1 == 1
+        }),
+        "{rows:?}"
+    );
+    figures.set("0=0,1=0");
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            rows = client_rows(&mut console, "leaver");
+            rows.len() == 1 && rows[0].1 == 0
+        }),
+        "{rows:?}"
+    );
+    // Both between 40% and 80% from now on: nobody moves.
+    figures.set("0=60,1=60");
+    c.query_one("SELECT 1", &[]).unwrap();
+    assert!(eventually(Duration::from_secs(30), || proxy
+        .metric("pgprism_clients_moved_in_total")
+        == 1
+        && proxy.metric("pgprism_sessions_active") == open_before + 1
+        && pool_clients(&mut console, "postgres") == Some(1)));
+    assert_eq!(
+        proxy.metric("pgprism_sessions_closed_total"),
+        closed_before,
+        "the move closed a session"
+    );
+    drop(c);
+    let mut seen = (0, 0, None);
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            seen = (
+                proxy.metric("pgprism_sessions_active"),
+                proxy.metric("pgprism_sessions_closed_total"),
+                pool_clients(&mut console, "postgres"),
+            );
+            client_rows(&mut console, "leaver").is_empty()
+                && seen == (open_before, closed_before + 1, Some(0))
+        }),
+        "(open, closed, in SHOW POOLS) = {seen:?}, expected ({open_before}, {}, Some(0))",
+        closed_before + 1
+    );
+}
+
+/// Issue 14: a move the target shard cannot take (its hand-over queue full: shard 0 leaves
+/// its queue unread, failpoint `placement-adopt`, and `handover-queue-max = 1`) leaves the
+/// client working on its shard with its session: the first client asked to move fills the
+/// queue, the others are refused and go on where they were.
+#[test]
+fn a_refused_move_leaves_the_client_working_where_it_was() {
+    let pg = start_primary("pool-move-refused");
+    let figures = support::ShardBusy::new("0=95,1=60");
+    let (var, path) = figures.env();
+    let dir = support::TempDir::new("pool-move-refused");
+    let config = dir.join("pgprism.toml");
+    std::fs::write(
+        &config,
+        "[proxy]\nhandover-queue-max = 1\n[pool]\nadmin-users = [\"postgres\"]\n",
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let proxy = pooled_env(
+        &pg.url(),
+        2,
+        &[
+            "--shards",
+            "2",
+            "--client-placement",
+            "pack",
+            "--config",
+            &config,
+        ],
+        &[
+            (var, &path),
+            ("PGPRISM_FAILPOINTS", "placement-adopt=error"),
+        ],
+    );
+    let mut console = console(&proxy);
+    let mut clients: Vec<(String, postgres::Client)> = (0..3)
+        .map(|i| {
+            let name = format!("refused-{i}");
+            let mut c = postgres::Client::connect(
+                &format!(
+                    "{} application_name={name}",
+                    proxy.conninfo("postgres", None)
+                ),
+                postgres::NoTls,
+            )
+            .unwrap();
+            c.batch_execute(&format!("SET search_path TO refused_{i}, public"))
+                .unwrap();
+            (name, c)
+        })
+        .collect();
+    let mut rows = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            rows = client_rows(&mut console, "refused-");
+            rows.len() == 3 && rows.iter().all(|r| r.1 == 1)
+        }),
+        "{rows:?}"
+    );
+    // Both light: shard 1 asks its three idle clients to move to shard 0.
+    figures.set("0=0,1=0");
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            rows = client_rows(&mut console, "refused-");
+            rows.len() == 2
+        }),
+        "{rows:?}"
+    );
+    // Both between 40% and 80% from now on: nobody is asked again.
+    figures.set("0=60,1=60");
+    // The one in shard 0's queue has no row anywhere; the two refused stay on shard 1 with
+    // their sessions, and work.
+    assert!(rows.iter().all(|r| r.1 == 1), "{rows:?}");
+    for (i, (name, c)) in clients.iter_mut().enumerate() {
+        if !rows.iter().any(|r| &r.0 == name) {
+            continue;
+        }
+        let path: String = c.query_one("SHOW search_path", &[]).unwrap().get(0);
+        assert_eq!(path, format!("refused_{i}, public"), "{name}");
+        let row = c.query_one("SELECT $1::int + 1", &[&41i32]).unwrap();
+        assert_eq!(row.get::<_, i32>(0), 42, "{name}");
+    }
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            rows = client_rows(&mut console, "refused-");
+            rows.len() == 2 && rows.iter().all(|r| r.1 == 1)
+        }),
+        "{rows:?}"
+    );
+    // (Counters are reported every second.) One moved out, into the queue.
+    assert!(eventually(Duration::from_secs(30), || proxy
+        .metric("pgprism_clients_moved_out_total")
+        == 1));
 }

@@ -560,6 +560,133 @@ fn sigterm_drains_sessions_then_exits_zero_with_clients_packed() {
     sigterm_drains("p-drain-pack", &["--client-placement", "pack"]);
 }
 
+/// The same in transaction mode under pack placement with rebalancing on: an idle client
+/// that moved to another shard (its settings with it) is closed by the drain there, and the
+/// one inside a transaction on the shard it left finishes it. The busy figures come from
+/// the test (`PGPRISM_TEST_SHARD_BUSY_FILE`), so the move happens whatever the machine's
+/// load.
+#[test]
+fn sigterm_drains_pooled_sessions_with_clients_moving() {
+    let pg = start_primary("p-drain-move");
+    // Shard 0 too busy for new clients, shard 1 busy enough to keep its own: both clients
+    // are placed on shard 1.
+    let figures = support::ShardBusy::new("0=95,1=60");
+    let (var, path) = figures.env();
+    let dir = support::TempDir::new("p-drain-move");
+    let config = dir.join("pgprism.toml");
+    std::fs::write(&config, "[pool]\nadmin-users = [\"postgres\"]\n").unwrap();
+    let config = config.display().to_string();
+    let mut proxy = Proxy::start_env(
+        &pg.url(),
+        &[
+            "--drain-timeout-ms",
+            "20000",
+            "--shards",
+            "2",
+            "--client-placement",
+            "pack",
+            "--pool-mode",
+            "transaction",
+            "--auth-type",
+            "trust",
+            "--config",
+            &config,
+        ],
+        &[(var, &path)],
+    );
+    pg.psql("CREATE TABLE d (v int)").unwrap();
+    let mut busy = raw::connect_ready(proxy.listen);
+    let mut idle = postgres::Client::connect(
+        &format!(
+            "{} application_name=drain-idle",
+            proxy.conninfo("postgres", None)
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    idle.batch_execute("SET search_path TO moved, public")
+        .unwrap();
+    let mut console = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=pgbouncer connect_timeout=10",
+            proxy.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    // (application_name, shard) of the clients of database postgres.
+    let mut rows = Vec::new();
+    let clients = |console: &mut postgres::Client| -> Vec<(String, usize)> {
+        let mut rows: Vec<(String, usize)> = console
+            .simple_query("SHOW CLIENTS")
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some("postgres") => {
+                    let ptr = r.get("ptr")?.strip_prefix("0x")?;
+                    let shard = (u64::from_str_radix(ptr, 16).ok()? >> 56) as usize;
+                    let name = r.get("application_name").unwrap_or_default();
+                    Some((name.to_string(), shard))
+                }
+                _ => None,
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    let both_on = |shard_busy: usize, shard_idle: usize| {
+        vec![
+            (String::new(), shard_busy),
+            ("drain-idle".to_string(), shard_idle),
+        ]
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            rows = clients(&mut console);
+            rows == both_on(1, 1)
+        }),
+        "{rows:?}"
+    );
+    let begun = raw::query(&mut busy, "BEGIN; INSERT INTO d VALUES (1)");
+    assert_eq!(begun.last(), Some(&(b'Z', b"T".to_vec())), "{begun:?}");
+    // Both shards light: shard 1 hands its idle client to shard 0; the one inside a
+    // transaction holds its server connection and stays.
+    figures.set("0=0,1=0");
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            rows = clients(&mut console);
+            rows == both_on(1, 0)
+        }),
+        "{rows:?}"
+    );
+    // Both between 40% and 80% from now on: nobody moves during the drain.
+    figures.set("0=60,1=60");
+    let path: String = idle.query_one("SHOW search_path", &[]).unwrap().get(0);
+    assert_eq!(path, "moved, public");
+    assert!(eventually(Duration::from_secs(30), || proxy
+        .metric("pgprism_clients_moved_in_total")
+        >= 1));
+    drop(console);
+    proxy.signal(libc::SIGTERM);
+    // New connections are refused once the listeners are closed.
+    assert!(eventually(Duration::from_secs(30), || TcpStream::connect(
+        proxy.listen
+    )
+    .is_err()));
+    // The idle session was closed with 57P01 on the shard it moved to; the one inside a
+    // transaction may finish it.
+    let err = idle.simple_query("SELECT 1").unwrap_err();
+    assert!(closed_by_server(&err), "{err:?}");
+    raw::finish_while_draining(&mut busy, "INSERT INTO d VALUES (2); COMMIT", b"CC");
+    assert_eq!(
+        proxy.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        proxy.log()
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM d").unwrap().trim(), "2");
+}
+
 fn sigterm_drains(name: &str, placement: &[&str]) {
     let pg = start_primary(name);
     let mut args = vec!["--drain-timeout-ms", "20000"];

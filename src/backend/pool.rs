@@ -405,6 +405,11 @@ impl Pool {
         self.budget.params.get().cloned().unwrap_or_default()
     }
 
+    /// What the pair's connections log in with.
+    pub fn login(&self) -> ServerLogin {
+        self.login.borrow().clone()
+    }
+
     pub fn set_login(&self, login: ServerLogin) {
         if !matches!(login, ServerLogin::None) {
             *self.login.borrow_mut() = login;

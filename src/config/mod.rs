@@ -412,11 +412,12 @@ pub struct ProxyConfig {
     /// hands the connection over), so that a shard with clients is busy enough to serve
     /// several per wake-up and a shard without clients sleeps: the choice for a small machine
     /// shared with the database, where it saved about a quarter of the CPU per transaction at
-    /// 16 clients. Caveat: a client is placed once, when it connects, and never moves, and
-    /// the busy figure is measured, so clients that connect before their load starts and
-    /// slower than about 40 a second (a pool opened at boot one connection at a time) all
-    /// land on the first shard and keep its load there; a burst of more than about 30 at once
-    /// is spread over the shards. A client stays on its shard for its whole life either way.
+    /// 16 clients. The busy figure is measured, so clients that connect before their load
+    /// starts and slower than about 40 a second (a pool opened at boot one connection at a
+    /// time) all land on the first shard; a burst of more than about 30 at once is spread
+    /// over the shards. In transaction mode idle clients then move between shards as the
+    /// load changes (`rebalance-clients-max`); in session mode a client stays on its shard
+    /// for its whole life.
     pub client_placement: ClientPlacement,
     /// With `client-placement = "pack"`: a shard whose thread ran, or waited runnable for
     /// its core, more than this share of the time (percent, smoothed over about a second,
@@ -427,6 +428,15 @@ pub struct ProxyConfig {
     /// placed on, per shard; when that queue is full the accepting shard serves the client
     /// itself (counted as `handover_overflows`).
     pub handover_queue_max: usize,
+    /// With `client-placement = "pack"` and transaction pooling: idle pooled clients
+    /// (between transactions, holding no server connection, not pinned, without mirrors,
+    /// shadow or TLS) a shard asks to move to another shard at each look (ten looks a
+    /// second, resting 0.8 s after a move). A shard above `pack-busy-pct` hands clients to
+    /// the least busy shard below half of it; a shard below half of it hands them to the
+    /// first earlier shard that can take its load and stay below three quarters of it. A
+    /// client moves with its settings, prepared statements, cancel key and console row,
+    /// through the hand-over queue. 0: clients never move.
+    pub rebalance_clients_max: usize,
     /// listen(2) backlog of each shard's listener.
     pub backlog: u32,
     /// Largest single protocol message accepted from a client or a server.
@@ -492,6 +502,7 @@ impl Default for ProxyConfig {
             client_placement: ClientPlacement::Kernel,
             pack_busy_pct: 80,
             handover_queue_max: 1024,
+            rebalance_clients_max: 16,
             backlog: 4096,
             message_bytes_max: 64 << 20,
             read_chunk_bytes: 16 << 10,
@@ -522,7 +533,8 @@ pub enum ClientPlacement {
     #[default]
     Kernel,
     /// New clients go to the lowest-numbered shard below `proxy.pack-busy-pct` (opt-in, for a
-    /// small machine shared with the database; clients never move once placed).
+    /// small machine shared with the database; in transaction mode idle clients move between
+    /// shards as the load changes, in session mode never).
     Pack,
 }
 
@@ -1253,6 +1265,12 @@ impl Config {
             return Err(ConfigError::key(
                 "proxy.handover-queue-max",
                 "expected between 1 and 1048576 connections",
+            ));
+        }
+        if self.proxy.rebalance_clients_max > 1 << 20 {
+            return Err(ConfigError::key(
+                "proxy.rebalance-clients-max",
+                "expected at most 1048576 clients",
             ));
         }
         if self.proxy.ring_batch_wait_us > RING_BATCH_WAIT_US_MAX {

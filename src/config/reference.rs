@@ -223,6 +223,7 @@ const EXAMPLE: &str = "
 | `PGPRISM_TEMPLATE_DIR` | The `initdb` template cache of embedded servers (default `/var/tmp/pgprism-templates`); a user who cannot write a cache made by root sets their own. |
 | `PGPRISM_UPGRADE_FD` | Set by pgprism itself for the new process of an upgrade (`SIGUSR2`): the socket it takes the listening sockets from ([upgrade.md](upgrade.md)). Never set it by hand. |
 | `PGPRISM_FAILPOINTS` | Crash tests only: CDC and upgrade failpoints, `name=action[,name=action]` with `kill`, `exit`, `exit-after-MS`, `pause-MS`, `error` or `N*action`. Unset in production. |
+| `PGPRISM_TEST_SHARD_BUSY_FILE` | Tests only: a file of per-shard busy figures, `shard=percent[,shard=percent]` (`0=95,1=0`), that `client-placement = \"pack\"` placement and client rebalancing read at each look instead of the measured ones; a shard not named, or a missing or garbled file, reads as measured. The variable is looked at once, at start; unset in production. |
 | `NOTIFY_SOCKET`, `WATCHDOG_USEC`, `WATCHDOG_PID` | Set by systemd: readiness (`READY=1`), stop and watchdog notifications. |
 
 ## Example

@@ -189,6 +189,31 @@ impl Channel {
         Poll::Pending
     }
 
+    /// Ready once no receive is in flight (after [`Reactor::cancel_recv`]), with what
+    /// receives brought in and no read took moved to `buf`; an error a receive met, or the
+    /// end of the stream, is reported.
+    ///
+    /// [`Reactor::cancel_recv`]: super::reactor::Reactor::cancel_recv
+    pub(super) fn poll_quiet(&self, cx: &Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<()>> {
+        if self.recv_busy.get() || self.readable_busy.get() || self.connect_busy.get() {
+            self.read_waker.set(Some(cx.waker().clone()));
+            return Poll::Pending;
+        }
+        let _ = self.take_received(buf);
+        if let Some(code) = self.rx_error.get() {
+            return Poll::Ready(Err(os_error(code)));
+        }
+        if self.rx_end.get() {
+            return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Bytes written and not yet sent.
+    pub(super) fn sending(&self) -> bool {
+        self.tx_bytes.get() > 0 || self.send_busy.get()
+    }
+
     /// Bytes a receive brought in that no read has taken yet (its reader is woken, not run).
     pub(super) fn has_received(&self) -> bool {
         !self.recv_busy.get() && !self.rx.borrow().is_empty()

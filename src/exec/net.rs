@@ -169,6 +169,43 @@ impl Stream {
         Stream::from_fd(fd, unix)
     }
 
+    /// Takes the socket off this shard so that another shard can [`adopt`](Self::adopt) it
+    /// (a pooled client moving between shards): waits until what was written is sent and a
+    /// receive in flight has completed or been cancelled, appends what was received and not
+    /// yet read to `buf`, and returns a descriptor for the same socket (this handle's own
+    /// closes once dropped). Plain sockets, and the last handle, only: a TLS session's state
+    /// lives in this shard's handle, and another handle could still read or write.
+    pub async fn detach(self, buf: &mut BytesMut) -> io::Result<OwnedFd> {
+        if self.tls.is_some() || Rc::strong_count(&self.io) != 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "only the last handle of a plain socket can leave its shard",
+            ));
+        }
+        let channel = &self.io.channel;
+        futures_lite::future::poll_fn(|cx| channel.poll_room(cx, 0)).await?;
+        current().reactor.cancel_recv(channel);
+        futures_lite::future::poll_fn(|cx| channel.poll_quiet(cx, buf)).await?;
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) on the channel's live descriptor returns a new one
+        // (or -1, checked), owned by nobody else.
+        let fd = unsafe { libc::fcntl(channel.fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Whether bytes written to this socket still wait to be sent.
+    pub fn sending(&self) -> bool {
+        self.io.channel.sending()
+    }
+
+    /// The handles of this socket (this one included).
+    pub fn handles(&self) -> usize {
+        Rc::strong_count(&self.io)
+    }
+
     /// The descriptor, borrowed for socket options.
     fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         // SAFETY: the channel keeps its descriptor open while any handle exists.

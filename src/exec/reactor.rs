@@ -266,6 +266,15 @@ impl Reactor {
         }
     }
 
+    /// Asks the kernel to end `channel`'s receive in flight now (it completes, with what it
+    /// had or `ECANCELED`): a socket leaving this shard must not leave a receive behind that
+    /// would take bytes meant for the shard adopting it.
+    pub(crate) fn cancel_recv(&self, channel: &Channel) {
+        if channel.recv_busy.get() {
+            self.cancel(channel.token | RECV_OP);
+        }
+    }
+
     fn cancel(&self, user_data: u64) {
         self.push_or_retry(
             opcode::AsyncCancel::new(user_data)

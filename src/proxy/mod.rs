@@ -10,6 +10,6 @@ mod pooled;
 mod session;
 
 pub use login::{ConsoleCtx, Secrets};
-pub use pooled::{CancelKeys, pool_care};
+pub use pooled::{CancelKeys, MovedClient, pool_care, resume};
 pub(crate) use session::shutdown_error;
-pub use session::{Pooling, ProxySettings, ShardCtx, serve_client};
+pub use session::{Mover, Pooling, ProxySettings, ShardCtx, serve_client};

@@ -242,6 +242,8 @@ struct Session<'a> {
     statements_in_lend: u64,
     /// `SET` frames from the startup packet.
     base: Vec<Bytes>,
+    /// The startup packet's parameters (a session that moves takes them along).
+    params: Vec<(String, String)>,
     /// The settings' hash, and the tracker's count of applied setting changes it was
     /// worked out at (hashed again only after a change, not at every lend and return).
     settings_hashed: Cell<Option<(u64, u64)>>,
@@ -368,6 +370,13 @@ pub(super) struct ClientState {
     /// been given (waiting for the shadow); either keeps the session busy for a drain.
     pub relaying: Cell<bool>,
     pub owed: Cell<bool>,
+    /// Its session can move to another shard between transactions (plain transaction
+    /// pooling: no mirrors, no shadow, no TLS).
+    pub movable: Cell<bool>,
+    /// The shard it was asked to move to (see [`ClientState::ask_to_move`]), and the waker
+    /// of its session's wait for the client.
+    move_to: Cell<Option<usize>>,
+    move_waker: Cell<Option<std::task::Waker>>,
 }
 
 impl ClientState {
@@ -379,24 +388,47 @@ impl ClientState {
         params: &[(String, String)],
         remote_pid: i32,
     ) -> ClientState {
-        let (addr, port) = peer(client, true);
-        let (local_addr, local_port) = peer(client, false);
         let application_name = params
             .iter()
             .find(|(k, _)| k == "application_name")
             .map(|(_, v)| v.clone())
             .unwrap_or_default();
+        ClientState::with(
+            id,
+            user.to_string(),
+            database.to_string(),
+            peer(client, true),
+            peer(client, false),
+            SystemTime::now(),
+            application_name,
+            client.is_tls(),
+            remote_pid,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn with(
+        id: u64,
+        user: String,
+        database: String,
+        (addr, port): (String, u16),
+        (local_addr, local_port): (String, u16),
+        connect_time: SystemTime,
+        application_name: String,
+        tls: bool,
+        remote_pid: i32,
+    ) -> ClientState {
         ClientState {
             id,
-            user: user.to_string(),
-            database: database.to_string(),
+            user,
+            database,
             addr,
             port,
             local_addr,
             local_port,
-            connect_time: SystemTime::now(),
+            connect_time,
             application_name,
-            tls: client.is_tls(),
+            tls,
             remote_pid,
             busy: Cell::new(false),
             waiting_since: Cell::new(None),
@@ -405,7 +437,41 @@ impl ClientState {
             pinned: Cell::new(None),
             relaying: Cell::new(false),
             owed: Cell::new(false),
+            movable: Cell::new(false),
+            move_to: Cell::new(None),
+            move_waker: Cell::new(None),
         }
+    }
+
+    /// Whether it could move now: movable, between transactions (no connection, not
+    /// waiting for one, not pinned) and not asked already.
+    pub(super) fn can_move(&self) -> bool {
+        self.movable.get()
+            && !self.busy.get()
+            && self.waiting_since.get().is_none()
+            && self.pinned.get().is_none()
+            && self.move_to.get().is_none()
+    }
+
+    /// Asks its session to move to shard `to` when it next waits for its client between
+    /// transactions (at once when it waits now).
+    pub(super) fn ask_to_move(&self, to: usize) {
+        self.move_to.set(Some(to));
+        if let Some(waker) = self.move_waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Completes with the shard its session was asked to move to.
+    async fn asked_to_move(&self) -> usize {
+        futures_lite::future::poll_fn(|cx| match self.move_to.get() {
+            Some(to) => std::task::Poll::Ready(to),
+            None => {
+                self.move_waker.set(Some(cx.waker().clone()));
+                std::task::Poll::Pending
+            }
+        })
+        .await
     }
 
     /// When it last asked for a connection, by the wall clock (`now`: the monotonic one).
@@ -446,6 +512,116 @@ impl ClientState {
             pinned: self.pinned.get(),
         }
     }
+}
+
+/// A pooled client on its way to another shard, between transactions: everything its
+/// session keeps from one transaction to the next, as plain data (its socket travels
+/// beside it). The cancel key stays registered (the map is the process's) and its slot
+/// travels, so a CancelRequest with the key the client was given still finds it.
+pub struct MovedClient {
+    /// What the client sent that was not handled yet (part of a message at most).
+    buf: BytesMut,
+    unix: bool,
+    user: String,
+    database: String,
+    login: wire::ServerLogin,
+    params: Vec<(String, String)>,
+    base: Vec<Bytes>,
+    settings: crate::session::Settings,
+    statements: Vec<MovedStatement>,
+    pid: i32,
+    cancel_slot: Arc<AtomicU64>,
+    addr: String,
+    port: u16,
+    local_addr: String,
+    local_port: u16,
+    connect_time: SystemTime,
+    application_name: String,
+}
+
+impl MovedClient {
+    /// Its socket is a Unix-domain one.
+    pub fn is_unix(&self) -> bool {
+        self.unix
+    }
+
+    /// It was refused on its way (its shard stopped before taking it): its cancel key goes.
+    pub fn refused(&self, keys: &CancelKeys) {
+        keys.remove(self.pid);
+    }
+}
+
+/// A prepared statement of a moving client, and what the pool derived from it.
+struct MovedStatement {
+    name: String,
+    text: String,
+    params: bool,
+    def: Option<MovedDef>,
+}
+
+/// [`PoolDef`] as plain data.
+enum MovedDef {
+    Protocol {
+        hash: u64,
+        server_name: Box<str>,
+        rest: Bytes,
+        shareable: bool,
+    },
+    Sql {
+        hash: u64,
+        text: String,
+    },
+}
+
+impl MovedDef {
+    fn of(def: &PoolDef) -> MovedDef {
+        match def {
+            PoolDef::Protocol {
+                hash,
+                server_name,
+                rest,
+                shareable,
+            } => MovedDef::Protocol {
+                hash: *hash,
+                server_name: server_name.clone(),
+                rest: rest.clone(),
+                shareable: *shareable,
+            },
+            PoolDef::Sql { hash, text } => MovedDef::Sql {
+                hash: *hash,
+                text: text.to_string(),
+            },
+        }
+    }
+
+    fn into_def(self) -> PoolDef {
+        match self {
+            MovedDef::Protocol {
+                hash,
+                server_name,
+                rest,
+                shareable,
+            } => PoolDef::Protocol {
+                hash,
+                server_name,
+                rest,
+                shareable,
+            },
+            MovedDef::Sql { hash, text } => PoolDef::Sql {
+                hash,
+                text: text.into(),
+            },
+        }
+    }
+}
+
+/// How a session's loop ended.
+enum Leave {
+    /// The client left, or was told why.
+    End,
+    /// Asked to move to shard `to`, between transactions: `cbuf` is what the client sent
+    /// that was not handled yet.
+    Move { to: usize, cbuf: BytesMut },
 }
 
 /// The peer's (or, `!remote`, our own) address and port of a client socket.
@@ -576,6 +752,7 @@ pub(super) async fn serve(
         pool: pool.clone(),
         id,
         pid,
+        keep_key: false,
     };
     let state = Rc::new(ClientState::new(
         id, &user, &database, &client, &params, pid,
@@ -606,6 +783,10 @@ pub(super) async fn serve(
         }
         None => (None, None),
     };
+    let router = shard.mirror_router(&params);
+    state
+        .movable
+        .set(router.is_none() && compare.is_none() && !client.is_tls() && shard.moves_clients());
     let mut session = Session {
         shard: &shard,
         owner: shard.clone(),
@@ -618,6 +799,7 @@ pub(super) async fn serve(
         lent_at: Instant::now(),
         statements_in_lend: 0,
         base,
+        params,
         settings_hashed: Cell::new(None),
         pinned: None,
         cancel_slot,
@@ -627,7 +809,7 @@ pub(super) async fn serve(
         pending_sql: Vec::new(),
         state,
         busy_since: None,
-        router: shard.mirror_router(&params),
+        router,
         to_route: Vec::new(),
         cancel: None,
         compare,
@@ -643,9 +825,14 @@ pub(super) async fn serve(
         shard.pooled_sides.borrow_mut().insert(id, sides.clone());
         session.cancel = Some(sides);
     }
+    let Some((comparer, writer, host, relayed, shadow)) = down else {
+        serve_plain(&shard, session, buf, registration, held).await;
+        return;
+    };
     let client = session.client.clone();
     let served = async {
-        session.run(buf).await;
+        // A compared session never moves (see `take_move`).
+        let _ = session.run(buf).await;
         session.finish().await;
         if let Some(up) = session.compare.as_mut() {
             // The shadow runs what it was sent, then ends too; the pump reads the end of
@@ -659,44 +846,189 @@ pub(super) async fn serve(
             up.relayed.close();
         }
     };
-    match down {
-        None => served.await,
-        Some((comparer, writer, host, relayed, shadow)) => {
-            let settings = compare::PumpSettings {
-                message_bytes_max: shard.settings.message_bytes_max,
-                read_chunk_bytes: shard.read_chunk_bytes(),
-                shard: shard.index,
-            };
-            let pump = compare::Pump::new(
-                &*host,
-                &shard.stats,
-                settings,
-                compare::Primary::Relayed(relayed),
-                shadow,
-                client.clone(),
-                comparer,
-                BytesMut::new(),
-            );
-            let judged = async {
-                pump.run().await;
-                // The session's own last word, after every answer before it.
-                let fatal = host.fatal.borrow_mut().take();
-                if let Some(msg) = fatal
-                    && !host.client_gone.get()
-                    && !host.terminated.get()
-                {
-                    let _ = client.write_all(&msg).await;
-                }
-                // A pump that stopped early (the shadow as source lost, a malformed answer)
-                // ends the session: its client reads fail.
-                client.shutdown();
-            };
-            futures_lite::future::zip(served, futures_lite::future::zip(judged, writer.run()))
-                .await;
+    let settings = compare::PumpSettings {
+        message_bytes_max: shard.settings.message_bytes_max,
+        read_chunk_bytes: shard.read_chunk_bytes(),
+        shard: shard.index,
+    };
+    let pump = compare::Pump::new(
+        &*host,
+        &shard.stats,
+        settings,
+        compare::Primary::Relayed(relayed),
+        shadow,
+        client.clone(),
+        comparer,
+        BytesMut::new(),
+    );
+    let judged = async {
+        pump.run().await;
+        // The session's own last word, after every answer before it.
+        let fatal = host.fatal.borrow_mut().take();
+        if let Some(msg) = fatal
+            && !host.client_gone.get()
+            && !host.terminated.get()
+        {
+            let _ = client.write_all(&msg).await;
+        }
+        // A pump that stopped early (the shadow as source lost, a malformed answer)
+        // ends the session: its client reads fail.
+        client.shutdown();
+    };
+    futures_lite::future::zip(served, futures_lite::future::zip(judged, writer.run())).await;
+    drop(registration);
+    drop(held);
+}
+
+/// Runs a pooled session without a shadow to its end, or until it moves to another shard.
+async fn serve_plain(
+    shard: &Rc<ShardCtx>,
+    mut session: Session<'_>,
+    buf: BytesMut,
+    registration: super::session::PooledRegistration,
+    mut held: Held,
+) {
+    match session.run(buf).await {
+        Leave::End => session.finish().await,
+        Leave::Move { to, cbuf } => {
+            let (client, moved) = session.pack(cbuf);
+            // Its row, its count in the pool and its table entry leave this shard; its
+            // cancel key stays registered (the client keeps it).
+            registration.moved();
+            held.keep_key = true;
+            drop(held);
+            move_client(shard, client, to, moved).await;
+            return;
         }
     }
     drop(registration);
     drop(held);
+}
+
+/// Takes a client's socket off this shard and hands it, with its session, to shard `to`;
+/// when that shard cannot take it (its hand-over queue full, or it stopped), the session
+/// goes on here. A client that left meanwhile just ends.
+async fn move_client(shard: &Rc<ShardCtx>, client: Stream, to: usize, mut moved: MovedClient) {
+    let fd = match client.detach(&mut moved.buf).await {
+        Ok(fd) => fd,
+        Err(_) => {
+            shard.cancel_keys.remove(moved.pid);
+            return;
+        }
+    };
+    let moved = Box::new(moved);
+    let handed = match shard.mover() {
+        Some(mover) => mover(to, fd, moved),
+        None => Err((fd, moved)),
+    };
+    match handed {
+        Ok(()) => ShardStats::bump(&shard.stats.counters.clients_moved_out, 1),
+        Err((fd, moved)) => match Stream::adopt(fd, moved.unix) {
+            Ok(client) => {
+                crate::exec::spawn(resume(shard.clone(), client, *moved));
+            }
+            Err(err) => {
+                tracing::warn!(shard = shard.index, error = %err, "cannot serve a client that could not move");
+                shard.cancel_keys.remove(moved.pid);
+            }
+        },
+    }
+}
+
+/// Goes on with a pooled client that moved to this shard between transactions (or could
+/// not leave it): its settings, prepared statements, cancel key and console row as they
+/// were, under a new session number here.
+pub async fn resume(shard: Rc<ShardCtx>, client: Stream, moved: MovedClient) {
+    let Some(pools) = shard.pools.as_ref() else {
+        shard.cancel_keys.remove(moved.pid);
+        return;
+    };
+    let MovedClient {
+        buf,
+        unix: _,
+        user,
+        database,
+        login,
+        params,
+        base,
+        settings,
+        statements,
+        pid,
+        cancel_slot,
+        addr,
+        port,
+        local_addr,
+        local_port,
+        connect_time,
+        application_name,
+    } = moved;
+    ShardStats::bump(&shard.stats.counters.clients_moved_in, 1);
+    let pool = pools.pool(&user, &database);
+    pool.set_login(login);
+    let id = shard.next_session_id();
+    let mut tracker = Tracker::new(crate::session::Limits {
+        statements: true,
+        settings: true,
+        ..shard.settings.session_limits
+    });
+    tracker.adopt_session(settings);
+    for moved in statements {
+        if let Some(statement) = tracker.adopt_statement(&moved.name, &moved.text, moved.params)
+            && let Some(def) = moved.def
+        {
+            statement.extension(Slot::Pool, || def.into_def());
+        }
+    }
+    pool.clients.set(pool.clients.get() + 1);
+    let held = Held {
+        shard: shard.clone(),
+        pool: pool.clone(),
+        id,
+        pid,
+        keep_key: false,
+    };
+    let state = Rc::new(ClientState::with(
+        id,
+        user,
+        database,
+        (addr, port),
+        (local_addr, local_port),
+        connect_time,
+        application_name,
+        false,
+        pid,
+    ));
+    state.movable.set(shard.moves_clients());
+    let registration = shard.register_pooled(id, &client, state.clone());
+    let session = Session {
+        shard: &shard,
+        owner: shard.clone(),
+        pools,
+        pool: pool.clone(),
+        client,
+        tracker,
+        replies: Replies::default(),
+        conn: None,
+        lent_at: Instant::now(),
+        statements_in_lend: 0,
+        base,
+        params,
+        settings_hashed: Cell::new(None),
+        pinned: None,
+        cancel_slot,
+        to_server: BytesMut::new(),
+        to_client: BytesMut::new(),
+        hidden_sql: Vec::new(),
+        pending_sql: Vec::new(),
+        state,
+        busy_since: None,
+        router: None,
+        to_route: Vec::new(),
+        cancel: None,
+        compare: None,
+        answers_stamp_ns: 0,
+    };
+    serve_plain(&shard, session, buf, registration, held).await;
 }
 
 /// A pooled session's entries in its shard (its cancel sides with their registry entry and
@@ -706,6 +1038,8 @@ struct Held {
     pool: Rc<Pool>,
     id: u64,
     pid: i32,
+    /// The session moved to another shard: its cancel key goes on there.
+    keep_key: bool,
 }
 
 impl Drop for Held {
@@ -715,7 +1049,9 @@ impl Drop for Held {
         self.pool
             .clients
             .set(self.pool.clients.get().saturating_sub(1));
-        self.shard.cancel_keys.remove(self.pid);
+        if !self.keep_key {
+            self.shard.cancel_keys.remove(self.pid);
+        }
     }
 }
 
@@ -733,14 +1069,14 @@ async fn refuse(shard: &ShardCtx, client: &Stream, err: &PoolError) {
 }
 
 impl Session<'_> {
-    async fn run(&mut self, mut cbuf: BytesMut) {
+    async fn run(&mut self, mut cbuf: BytesMut) -> Leave {
         let chunk = self.shard.read_chunk_bytes();
         loop {
             if let Turn::End = self.client_frames(&mut cbuf).await {
-                return;
+                return Leave::End;
             }
             if let Turn::End = self.flush().await {
-                return;
+                return Leave::End;
             }
             if self.conn.is_some() {
                 // Read whichever side speaks first: the client may pipeline more while the
@@ -763,28 +1099,114 @@ impl Session<'_> {
                 match event {
                     (true, Ok(n)) if n > 0 => {
                         if let Turn::End = self.server_frames().await {
-                            return;
+                            return Leave::End;
                         }
                     }
                     (true, _) => {
                         self.server_lost().await;
-                        return;
+                        return Leave::End;
                     }
                     (false, Ok(n)) if n > 0 => {
                         ShardStats::bump(&self.shard.stats.counters.client_bytes_in, n as u64);
                     }
-                    (false, _) => return,
+                    (false, _) => return Leave::End,
                 }
             } else {
                 if let Some(up) = &self.compare {
                     up.dispatch.room().await;
                 }
-                match self.client.read_buf(&mut cbuf, chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => ShardStats::bump(&self.shard.stats.counters.client_bytes_in, n as u64),
+                // Between transactions a movable session also hears its shard ask it to
+                // move (the read it drops leaves its receive in flight: `Stream::detach`
+                // takes what it brings along).
+                let (client, state) = (&self.client, &self.state);
+                let read = futures_lite::future::or(
+                    async { Some(client.read_buf(&mut cbuf, chunk).await) },
+                    async {
+                        if !state.movable.get() {
+                            futures_lite::future::pending::<()>().await;
+                        }
+                        state.asked_to_move().await;
+                        None
+                    },
+                )
+                .await;
+                match read {
+                    None => {
+                        if let Some(to) = self.take_move() {
+                            return Leave::Move { to, cbuf };
+                        }
+                    }
+                    Some(Ok(0) | Err(_)) => return Leave::End,
+                    Some(Ok(n)) => {
+                        ShardStats::bump(&self.shard.stats.counters.client_bytes_in, n as u64)
+                    }
                 }
             }
         }
+    }
+
+    /// The shard the session was asked to move to, when it can go now: between
+    /// transactions with nothing held, owed or pending, and its client socket held by
+    /// itself and the shard's table only. Asked when it cannot, it stays (and may be asked
+    /// again).
+    fn take_move(&mut self) -> Option<usize> {
+        let to = self.state.move_to.take()?;
+        let quiet = self.conn.is_none()
+            && self.pinned.is_none()
+            && self.compare.is_none()
+            && self.router.is_none()
+            && self.cancel.is_none()
+            && self.tracker.is_idle()
+            && self.replies.is_empty()
+            && self.to_server.is_empty()
+            && self.to_client.is_empty()
+            && self.pending_sql.is_empty()
+            && self.hidden_sql.is_empty()
+            && !self.client.is_tls()
+            && !self.client.sending()
+            && self.client.handles() == 2;
+        (quiet && to != self.shard.index).then_some(to)
+    }
+
+    /// What the session keeps across transactions, to go on on another shard, and its
+    /// client socket. (Everything it wrote was sent, see [`take_move`](Self::take_move):
+    /// taking the socket off the shard never waits for a client that does not read.)
+    fn pack(mut self, buf: BytesMut) -> (Stream, MovedClient) {
+        let statements = self
+            .tracker
+            .prepared()
+            .filter_map(|st| {
+                Some(MovedStatement {
+                    name: st.name.as_deref()?.to_string(),
+                    text: st.text.to_string(),
+                    params: st.params,
+                    def: st
+                        .extension_if::<PoolDef>(Slot::Pool)
+                        .map(|def| MovedDef::of(&def)),
+                })
+            })
+            .collect();
+        let state = &self.state;
+        let moved = MovedClient {
+            buf,
+            unix: self.client.is_unix(),
+            user: state.user.clone(),
+            database: state.database.clone(),
+            login: self.pool.login(),
+            params: std::mem::take(&mut self.params),
+            base: std::mem::take(&mut self.base),
+            settings: self.tracker.take_settings(),
+            statements,
+            pid: state.remote_pid,
+            cancel_slot: self.cancel_slot.clone(),
+            addr: state.addr.clone(),
+            port: state.port,
+            local_addr: state.local_addr.clone(),
+            local_port: state.local_port,
+            connect_time: state.connect_time,
+            application_name: state.application_name.clone(),
+        };
+        (self.client, moved)
     }
 
     /// Handles the complete client frames at the front of `cbuf`.

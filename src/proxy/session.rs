@@ -87,7 +87,20 @@ pub struct ShardCtx {
     pub cancel_registry: Option<crate::backend::cancel::Registry>,
     /// Pooled sessions' sides for cancels, by session number.
     pub(super) pooled_sides: RefCell<std::collections::HashMap<u64, Rc<Sides>>>,
+    /// Hands a pooled client that moves to another shard over (set by the server when
+    /// clients may move: `client-placement = "pack"` with several shards).
+    mover: RefCell<Option<Mover>>,
 }
+
+/// Hands a pooled client's socket and session to shard `to`; gives them back when that
+/// shard cannot take them (its queue full, or it stopped).
+pub type Mover = Rc<
+    dyn Fn(
+        usize,
+        std::os::fd::OwnedFd,
+        Box<super::pooled::MovedClient>,
+    ) -> Result<(), (std::os::fd::OwnedFd, Box<super::pooled::MovedClient>)>,
+>;
 
 /// What a shard's pooled sessions share, when transaction pooling or the console is on.
 #[derive(Default)]
@@ -109,6 +122,15 @@ struct PooledEntry {
 pub(super) struct PooledRegistration {
     shard: Rc<ShardCtx>,
     id: u64,
+    /// The session goes on on another shard: it did not close.
+    moved: bool,
+}
+
+impl PooledRegistration {
+    /// Removes a session that moves to another shard (counted there, not as closed).
+    pub(super) fn moved(mut self) {
+        self.moved = true;
+    }
 }
 
 impl Drop for PooledRegistration {
@@ -118,7 +140,9 @@ impl Drop for PooledRegistration {
         stats
             .sessions_active
             .set(self.shard.sessions_active() as u64);
-        ShardStats::bump(&stats.counters.sessions_closed, 1);
+        if !self.moved {
+            ShardStats::bump(&stats.counters.sessions_closed, 1);
+        }
     }
 }
 
@@ -152,7 +176,39 @@ impl ShardCtx {
             unit_lines: RefCell::new(Vec::new()),
             cancel_registry: None,
             pooled_sides: RefCell::new(Default::default()),
+            mover: RefCell::new(None),
         }
+    }
+
+    /// Lets this shard's pooled clients move to other shards through `mover`.
+    pub fn set_mover(&self, mover: Mover) {
+        *self.mover.borrow_mut() = Some(mover);
+    }
+
+    pub(super) fn mover(&self) -> Option<Mover> {
+        self.mover.borrow().clone()
+    }
+
+    /// Whether pooled clients may move from this shard to another.
+    pub fn moves_clients(&self) -> bool {
+        self.mover.borrow().is_some()
+    }
+
+    /// Asks at most `max` of this shard's pooled clients that are between transactions to
+    /// move to shard `to`; returns how many were asked. Each goes when it next waits for
+    /// its client (at once, when it waits now).
+    pub fn ask_to_move(&self, to: usize, max: usize) -> usize {
+        let mut asked = 0;
+        for entry in self.pooled.borrow().values() {
+            if asked >= max {
+                break;
+            }
+            if !entry.closing.get() && entry.state.can_move() {
+                entry.state.ask_to_move(to);
+                asked += 1;
+            }
+        }
+        asked
     }
 
     /// The registry that carries clients' cancels to the shadow and mirrors.
@@ -257,6 +313,7 @@ impl ShardCtx {
         PooledRegistration {
             shard: self.clone(),
             id,
+            moved: false,
         }
     }
 

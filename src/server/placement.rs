@@ -14,13 +14,17 @@
 //! wake-up, and a shard without clients sleeps; once the first shard's thread uses more than
 //! `proxy.pack-busy-pct` of its core, new clients go to the next shard.
 //!
-//! The caveat, and why pack is not the default: a client is placed once, when it connects,
-//! and never moves. The busy figure is measured (and smoothed over about a second), so
-//! clients that connect before their load starts (a pool opened at boot, `pgbench -c 2000`
+//! The caveat: the busy figure is measured (and smoothed over about a second), so clients
+//! that connect before their load starts (a pool opened at boot, `pgbench -c 2000`
 //! connecting before it runs) look like no load. A burst is spread by counting each placement
 //! into the chosen shard's figure until the measurement catches up ([`PLACED_PERMILLE`]), but
-//! clients that trickle in while idle all land on the first shard and stay there when their
-//! load arrives: on a many-core machine that can put the whole load on one core.
+//! clients that trickle in while idle all land on the first shard. In transaction mode they
+//! move when their load arrives: each shard looks at the figures ten times a second
+//! ([`rebalance`]) and asks idle pooled clients (between transactions) to move, spreading
+//! from a shard above `pack-busy-pct`, packing onto an earlier shard when load is light; a
+//! client's session goes through the target's hand-over queue with its socket ([`Handed`]'s
+//! `moved`). In session mode a client holds its server connection, which lives on its shard,
+//! and never moves.
 //!
 //! Any shard may accept a connection (the kernel picks the listener); when the connection
 //! belongs to another shard, its bare descriptor goes through that shard's bounded queue and
@@ -30,6 +34,7 @@
 
 use std::io::{self, Write};
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -54,6 +59,11 @@ pub(super) const BUSY_TICK: Duration = Duration::from_millis(100);
 /// arriving slower than about 40 a second still pack.
 const PLACED_PERMILLE: u32 = 25;
 
+/// Ticks a shard waits after asking clients to move before it looks again: the smoothed
+/// busy figures move an eighth of the way per tick, so about this long passes before they
+/// show what moved (and the placements counted for them fade).
+pub(super) const REBALANCE_REST_TICKS: u32 = 8;
+
 /// A connection accepted on one shard for another.
 pub(super) struct Handed {
     pub fd: OwnedFd,
@@ -63,6 +73,8 @@ pub(super) struct Handed {
     /// The client counted on the shard it is placed on from the placement on, so that a
     /// burst sees the shards' `sessions-per-shard-max` before any of it is adopted.
     pub counted: Option<Counted>,
+    /// A pooled client moving between shards, between transactions: its session.
+    pub moved: Option<Box<crate::proxy::MovedClient>>,
 }
 
 /// Where a connection a shard accepted goes.
@@ -95,8 +107,19 @@ struct Slot {
 pub(super) struct Placement {
     busy_permille_max: u32,
     clients_max: usize,
+    /// `proxy.rebalance-clients-max`: idle pooled clients a shard asks to move per look.
+    rebalance_clients_max: usize,
     slots: Box<[Slot]>,
+    /// Tests only: `PGPRISM_TEST_SHARD_BUSY_FILE`, read once at start (see [`BUSY_FILE_ENV`]).
+    busy_file: Option<PathBuf>,
 }
+
+/// Tests only: a file of per-shard busy figures (`0=95,1=0`: percent of a core per shard)
+/// that placement and rebalancing read at each look instead of the measured figures, so
+/// that a test of clients moving does not depend on how loaded the machine running it is.
+/// A shard the file does not name, or a file that is missing or does not parse, reads as
+/// measured. Unset in production, where it costs one environment look at start.
+pub(super) const BUSY_FILE_ENV: &str = "PGPRISM_TEST_SHARD_BUSY_FILE";
 
 impl Placement {
     /// `None` when every shard keeps what it accepts: `client-placement = "kernel"`, or one
@@ -122,22 +145,52 @@ impl Placement {
         Ok(Some(Arc::new(Placement {
             busy_permille_max: cfg.proxy.pack_busy_pct.min(100) * 10,
             clients_max: cfg.proxy.sessions_per_shard_max,
+            rebalance_clients_max: cfg.proxy.rebalance_clients_max,
             slots,
+            busy_file: std::env::var_os(BUSY_FILE_ENV).map(PathBuf::from),
         })))
+    }
+
+    pub(super) fn rebalance_clients_max(&self) -> usize {
+        self.rebalance_clients_max
+    }
+
+    /// Every shard's busy figure, in thousandths of a core: measured (or the test file's,
+    /// see [`BUSY_FILE_ENV`]), plus the placements counted lately when `placed`.
+    fn figures(&self, placed: bool) -> Vec<u32> {
+        let forced = self.forced();
+        (0..self.slots.len())
+            .map(|i| self.figure(forced.as_deref(), i, placed))
+            .collect()
+    }
+
+    /// Shard `me`'s busy figure, as [`figures`](Self::figures) (0 for no such shard).
+    fn figure_of(&self, me: usize, placed: bool) -> u32 {
+        self.figure(self.forced().as_deref(), me, placed)
+    }
+
+    /// The test file's figures, when [`BUSY_FILE_ENV`] is set and the file reads.
+    fn forced(&self) -> Option<Vec<(usize, u32)>> {
+        self.busy_file.as_deref().and_then(read_busy_file)
+    }
+
+    fn figure(&self, forced: Option<&[(usize, u32)]>, i: usize, placed: bool) -> u32 {
+        let Some(slot) = self.slots.get(i) else {
+            return 0;
+        };
+        let busy = forced
+            .and_then(|f| f.iter().find(|(shard, _)| *shard == i))
+            .map_or_else(|| slot.busy_permille.load(Ordering::Relaxed), |f| f.1);
+        if placed {
+            busy.saturating_add(slot.placed_permille.load(Ordering::Relaxed))
+        } else {
+            busy
+        }
     }
 
     /// The shard that serves a client `here` just accepted.
     fn choose(&self, here: usize) -> usize {
-        let busy: Vec<u32> = self
-            .slots
-            .iter()
-            .map(|s| {
-                let placed = s.placed_permille.load(Ordering::Relaxed);
-                s.busy_permille
-                    .load(Ordering::Relaxed)
-                    .saturating_add(placed)
-            })
-            .collect();
+        let busy = self.figures(true);
         let full: Vec<bool> = self
             .slots
             .iter()
@@ -168,6 +221,7 @@ impl Placement {
             unix,
             accepted,
             counted: Some(self.count(to)),
+            moved: None,
         };
         if to == here {
             return Route::Here(handed);
@@ -180,6 +234,71 @@ impl Placement {
                 Route::Overflow(back)
             }
         }
+    }
+
+    /// Hands pooled client `moved` (its socket `fd`) to shard `to`, counted there as a
+    /// placement; gives it back when that shard's queue is full or it stopped. A fresh
+    /// connection the race with a stopping shard gives back instead is `Err` with no session
+    /// (see [`hand_over`](Self::hand_over)): the caller serves it.
+    pub(super) fn move_client(
+        self: &Arc<Self>,
+        to: usize,
+        fd: OwnedFd,
+        moved: Box<crate::proxy::MovedClient>,
+    ) -> Result<(), Handed> {
+        // Its load was counted on `to` when it was asked to move (`expect_moves`).
+        let handed = Handed {
+            fd,
+            unix: moved.is_unix(),
+            accepted: Instant::now(),
+            counted: Some(self.count(to)),
+            moved: Some(moved),
+        };
+        self.hand_over(to, handed)
+    }
+
+    /// How many of its idle pooled clients shard `me` asks to move (of at most `max`):
+    /// spreading, at most half its clients, so the load it sheds cannot take the
+    /// other shard over the line in its turn.
+    pub(super) fn clients_to_move(&self, me: usize, max: usize) -> usize {
+        let Some(slot) = self.slots.get(me) else {
+            return 0;
+        };
+        let busy = self.figure_of(me, true);
+        if busy > self.busy_permille_max {
+            max.min((slot.clients.load(Ordering::Relaxed) / 2).max(1))
+        } else {
+            max
+        }
+    }
+
+    /// Counts the load of `asked` clients shard `me` asked to move on shard `to` (their
+    /// share of `me`'s busy figure) until the measurement sees them there, as a placement
+    /// counts: so that no shard takes more than its room meanwhile, and a client that moved
+    /// to make a shard busier is not sent back.
+    pub(super) fn expect_moves(&self, me: usize, to: usize, asked: usize) {
+        let (Some(from), Some(slot)) = (self.slots.get(me), self.slots.get(to)) else {
+            return;
+        };
+        let busy = self.figure_of(me, false) as usize;
+        let clients = from.clients.load(Ordering::Relaxed).max(1);
+        let share = (busy * asked.min(clients) / clients) as u32;
+        slot.placed_permille.fetch_add(share, Ordering::Relaxed);
+    }
+
+    /// Where shard `me` should move some of its idle pooled clients now, if anywhere (see
+    /// [`rebalance`]).
+    pub(super) fn rebalance_to(&self, me: usize) -> Option<usize> {
+        let busy = self.figures(true);
+        let full: Vec<bool> = self
+            .slots
+            .iter()
+            .map(|s| {
+                s.closed.load(Ordering::SeqCst)
+                    || s.clients.load(Ordering::Relaxed) >= self.clients_max
+            })
+            .collect();
+        rebalance(&busy, &full, me, self.busy_permille_max)
     }
 
     /// Queues `handed` for shard `to` and wakes it; gives the connection back when the queue
@@ -318,6 +437,29 @@ fn choose(busy: &[u32], full: &[bool], busy_max: u32, here: usize) -> usize {
         .unwrap_or(here)
 }
 
+/// Where shard `me` moves idle pooled clients, by the shards' busy figures: a shard above
+/// `busy_max` spreads to the least busy shard below half of it (a burst of clients that
+/// connected before their load, all packed here); a shard below half of `busy_max`
+/// consolidates onto the first shard before it that can take its load and stay below three
+/// quarters of `busy_max` (light load packs again, so that the later shards sleep). The
+/// gaps between the lines keep a client from moving back and forth.
+fn rebalance(busy: &[u32], full: &[bool], me: usize, busy_max: u32) -> Option<usize> {
+    let mine = *busy.get(me)?;
+    let open = |i: &usize| *i != me && !full.get(*i).copied().unwrap_or(true);
+    if mine > busy_max {
+        return (0..busy.len())
+            .filter(open)
+            .filter(|&i| busy[i] < busy_max / 2)
+            .min_by_key(|&i| (busy[i], i));
+    }
+    if mine >= busy_max / 2 {
+        return None;
+    }
+    (0..me)
+        .filter(open)
+        .find(|&i| busy[i].saturating_add(mine) <= busy_max / 4 * 3)
+}
+
 /// The time the calling thread has run (user and kernel) and waited runnable for a core,
 /// from `/proc/thread-self/schedstat`; its CPU time alone where that cannot be read. A read
 /// of procfs is answered from the scheduler's counters in memory (no disk, no wait), ten
@@ -345,6 +487,25 @@ fn demand(schedstat: &str, cpu: Duration) -> Duration {
     }
 }
 
+/// The figures of a [`BUSY_FILE_ENV`] file, `(shard, thousandths)`; `None` when it cannot be
+/// read or does not parse (the measured figures stand).
+fn read_busy_file(path: &std::path::Path) -> Option<Vec<(usize, u32)>> {
+    parse_busy(&std::fs::read_to_string(path).ok()?)
+}
+
+/// `0=95,1=0` (percent of a core per shard, at most 100) as `(shard, thousandths)`.
+fn parse_busy(text: &str) -> Option<Vec<(usize, u32)>> {
+    text.trim()
+        .split(',')
+        .filter(|f| !f.trim().is_empty())
+        .map(|f| {
+            let (shard, pct) = f.split_once('=')?;
+            let pct: u32 = pct.trim().parse().ok()?;
+            Some((shard.trim().parse().ok()?, pct.min(100) * 10))
+        })
+        .collect()
+}
+
 /// The CPU time (user and kernel) the calling thread has used.
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
@@ -363,7 +524,7 @@ fn thread_cpu() -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::{Placement, Route, choose, demand};
+    use super::{Placement, Route, choose, demand, parse_busy};
     use crate::config::{ClientPlacement, Config};
     use std::os::fd::OwnedFd;
     use std::sync::Arc;
@@ -381,6 +542,28 @@ mod tests {
         // Every shard busy: the least busy, the accepting shard on a tie.
         assert_eq!(choose(&[900, 800, 950], &open, 700, 0), 1);
         assert_eq!(choose(&[900, 900, 900], &open, 700, 2), 2);
+    }
+
+    #[test]
+    fn placement_rebalances_spreading_when_busy_and_packing_when_light() {
+        use super::rebalance;
+        let open = [false; 3];
+        // Shard 0 above the line: its clients go to the least busy shard below half of it.
+        assert_eq!(rebalance(&[900, 500, 100], &open, 0, 800), Some(2));
+        assert_eq!(rebalance(&[900, 500, 450], &open, 0, 800), None);
+        // A light later shard packs onto the first one with room for its load.
+        assert_eq!(rebalance(&[300, 200, 0], &open, 1, 800), Some(0));
+        assert_eq!(rebalance(&[550, 200, 100], &open, 2, 800), Some(1));
+        // Not when the sum would pass three quarters, nor from a shard at half or more.
+        assert_eq!(rebalance(&[500, 200, 0], &open, 1, 800), None);
+        assert_eq!(rebalance(&[0, 400, 0], &open, 1, 800), None);
+        // Shard 0 never packs "onto" anyone; a full or closed shard takes nobody.
+        assert_eq!(rebalance(&[100, 0, 0], &open, 0, 800), None);
+        assert_eq!(rebalance(&[0, 100], &[true, false], 1, 800), None);
+        // What moved must not move back: after spreading 0 -> 1 at 900/100, shard 1 at,
+        // say, 450 and shard 0 at 500 stay put.
+        assert_eq!(rebalance(&[500, 450], &[false; 2], 1, 800), None);
+        assert_eq!(rebalance(&[500, 450], &[false; 2], 0, 800), None);
     }
 
     #[test]
@@ -468,6 +651,7 @@ mod tests {
             unix: false,
             accepted: Instant::now(),
             counted: None,
+            moved: None,
         };
         assert!(p.hand_over(0, handed).is_err());
         assert!(p.take(0).is_empty());
@@ -490,5 +674,15 @@ mod tests {
             demand("40000000 5000000 9\n", cpu),
             Duration::from_millis(45)
         );
+    }
+
+    #[test]
+    fn placement_test_busy_file_parses_or_stands_aside() {
+        assert_eq!(parse_busy("0=95,1=0\n"), Some(vec![(0, 950), (1, 0)]));
+        assert_eq!(parse_busy(" 1 = 250 "), Some(vec![(1, 1000)]));
+        assert_eq!(parse_busy(""), Some(vec![]));
+        for garbled in ["0=", "=5", "0=5;1=2", "x=1", "0=-1", "\u{0}"] {
+            assert_eq!(parse_busy(garbled), None, "{garbled:?}");
+        }
     }
 }

@@ -92,6 +92,12 @@ pub(super) async fn run(plan: ShardPlan) {
         Some(late) => listeners.extend(late),
         None => return,
     }
+    if let Some(placement) = plan.placement.clone()
+        && placement.rebalance_clients_max() > 0
+        && shard.settings.transaction_pooling
+    {
+        shard.set_mover(mover(&shard, placement));
+    }
     let clients = Clients::default();
     let placing = Placing {
         shard: &shard,
@@ -115,6 +121,38 @@ pub(super) async fn run(plan: ShardPlan) {
     let _ = plan
         .reports
         .send_timeout(report(&shard), Duration::from_secs(1));
+}
+
+/// How this shard's pooled clients move to another shard (through its hand-over queue).
+fn mover(shard: &Rc<ShardCtx>, placement: Arc<Placement>) -> crate::proxy::Mover {
+    // Weak: the shard holds its mover.
+    let here = Rc::downgrade(shard);
+    Rc::new(move |to, fd, moved| {
+        let Err(back) = placement.move_client(to, fd, moved) else {
+            return Ok(());
+        };
+        let Handed {
+            fd,
+            unix,
+            accepted,
+            counted,
+            moved,
+        } = back;
+        if let Some(moved) = moved {
+            return Err((fd, moved));
+        }
+        // The race with a stopping shard gave back a fresh connection instead (the client
+        // that moved is served by that shard's drain, or refused with 57P01): served here.
+        if let Some(shard) = here.upgrade()
+            && let Ok(stream) = Stream::adopt(fd, unix)
+        {
+            exec::spawn(async move {
+                let _counted = counted;
+                serve_client(shard, stream, accepted).await;
+            });
+        }
+        Ok(())
+    })
 }
 
 /// Registers the shard's listening sockets with its executor; `None` (logged) when one fails.
@@ -368,6 +406,7 @@ impl Placing<'_> {
                 unix,
                 accepted,
                 counted: None,
+                moved: None,
             });
         };
         match placement.route(self.shard.index, fd, unix, accepted) {
@@ -389,6 +428,7 @@ impl Placing<'_> {
             unix,
             accepted,
             counted: placed,
+            moved,
         } = handed;
         let stream = match Stream::adopt(fd, unix) {
             Ok(stream) => stream,
@@ -401,7 +441,10 @@ impl Placing<'_> {
         let shard = self.shard.clone();
         exec::spawn(async move {
             let _counted = (counted, placed);
-            serve_client(shard, stream, accepted).await;
+            match moved {
+                Some(moved) => crate::proxy::resume(shard, stream, *moved).await,
+                None => serve_client(shard, stream, accepted).await,
+            }
         });
     }
 
@@ -435,15 +478,46 @@ impl Placing<'_> {
                         crate::exec::sleep(Duration::from_millis(10)).await;
                     }
                 }
-                // Crash tests: a shard that leaves its queue unread until it stops (as one
-                // whose thread is held up would), so that its drain finds connections queued.
-                if crate::cdc::failpoint::fails("placement-adopt") {
+                // Crash tests: the first shard leaves its queue unread until it stops (as one
+                // whose thread is held up would), so that its drain finds connections queued
+                // and clients moving to it find its queue full. (The first only: the other
+                // shards go on serving the clients handed to them.)
+                if me == 0 && crate::cdc::failpoint::fails("placement-adopt") {
                     return futures_lite::future::pending().await;
                 }
                 self.adopt_queued();
             }
         };
-        futures_lite::future::zip(adopting, placement.meter(me)).await;
+        let rebalancing = async {
+            let max = placement.rebalance_clients_max();
+            if max == 0 || !self.shard.moves_clients() {
+                return futures_lite::future::pending().await;
+            }
+            let mut resting = 0u32;
+            loop {
+                exec::sleep(placement::BUSY_TICK).await;
+                if resting > 0 {
+                    resting -= 1;
+                    continue;
+                }
+                let Some(to) = placement.rebalance_to(me) else {
+                    continue;
+                };
+                let asked = self
+                    .shard
+                    .ask_to_move(to, placement.clients_to_move(me, max));
+                if asked > 0 {
+                    placement.expect_moves(me, to, asked);
+                    // The busy figures take about this long to show what moved.
+                    resting = placement::REBALANCE_REST_TICKS;
+                }
+            }
+        };
+        futures_lite::future::zip(
+            adopting,
+            futures_lite::future::zip(placement.meter(me), rebalancing),
+        )
+        .await;
     }
 
     /// The shard stopped serving: no client is placed on it from now on (those queued
@@ -471,6 +545,9 @@ impl Placing<'_> {
             "refusing clients queued for a stopped shard"
         );
         for handed in queued {
+            if let Some(moved) = &handed.moved {
+                moved.refused(&self.shard.cancel_keys);
+            }
             placement::refuse_stopped(handed, &msg);
         }
     }

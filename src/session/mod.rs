@@ -254,6 +254,13 @@ impl Statement {
         }
     }
 
+    /// What mode `slot` derived from this statement, if it did.
+    pub fn extension_if<T: Any>(&self, slot: Slot) -> Option<Rc<T>> {
+        self.extensions.slots[slot as usize]
+            .get()
+            .and_then(|any| any.clone().downcast::<T>().ok())
+    }
+
     /// A statement the tracker could not learn (an Execute of a portal it never saw bound,
     /// a name beyond the bound, an unreadable body).
     pub fn unknown() -> Rc<Statement> {
@@ -888,6 +895,43 @@ impl Tracker {
     /// The session settings that outlive their transaction, as Query frames.
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// Every prepared statement the session holds by name (protocol and SQL `PREPARE`,
+    /// the unnamed one too), in no particular order: with [`settings`](Self::settings), what
+    /// outlives a transaction, for a session that goes on in another tracker (a pooled
+    /// client moving between shards).
+    pub fn prepared(&self) -> impl Iterator<Item = &Rc<Statement>> {
+        self.statements.values()
+    }
+
+    /// The session's settings, taken (the tracker keeps none): with
+    /// [`prepared`](Self::prepared), what a session carried on in another tracker needs
+    /// (see [`adopt_session`](Self::adopt_session)).
+    pub fn take_settings(&mut self) -> Settings {
+        std::mem::take(&mut self.settings)
+    }
+
+    /// Carries a session on from another tracker (a pooled client that moved between shards,
+    /// between transactions): its settings as [`take_settings`](Self::take_settings) took
+    /// them, and, through [`adopt_statement`](Self::adopt_statement), its prepared
+    /// statements. The session is past its startup, idle.
+    pub fn adopt_session(&mut self, settings: Settings) {
+        self.settings = settings;
+        self.ready = true;
+        self.status = b'I';
+    }
+
+    /// A prepared statement of a session carried on from another tracker: `text` and
+    /// `params` as that tracker's statement had them; `None` beyond
+    /// `proxy.session-names-max`.
+    pub fn adopt_statement(
+        &mut self,
+        name: &str,
+        text: &str,
+        params: bool,
+    ) -> Option<Rc<Statement>> {
+        self.remember_statement(name, |name| Statement::new(text, params, name))
     }
 
     /// Bodies the tracker could not read (the server rejects them; the statement is unknown).

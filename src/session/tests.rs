@@ -1,6 +1,6 @@
 use super::*;
 use crate::wire::encode;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 fn frames(build: impl FnOnce(&mut BytesMut)) -> BytesMut {
     let mut buf = BytesMut::new();
@@ -596,4 +596,62 @@ fn every_cancelled_sync_point_of_one_read_is_remembered() {
     assert!(t.cancelled(0), "the earlier 57014 is not overwritten");
     assert!(!t.cancelled(1));
     assert!(t.cancelled(2));
+}
+
+/// A session carried on in another tracker (a pooled client moving between shards) keeps
+/// its settings and its prepared statements, protocol-level and SQL-level, and starts idle.
+#[test]
+fn a_session_carried_to_another_tracker_keeps_its_settings_and_statements() {
+    let mut t = started();
+    let idle = |t: &mut Tracker, q: &BytesMut| {
+        feed_client(t, q);
+        t.server_bytes(&frames(|b| ready(b, b'I')), 1 << 20)
+            .unwrap();
+    };
+    idle(
+        &mut t,
+        &frames(|b| {
+            encode::query(b, "SET search_path TO a, public; PREPARE q AS SELECT 1").unwrap()
+        }),
+    );
+    let batch = frames(|b| {
+        encode::parse(b, "s1", "SELECT $1::int", &[]).unwrap();
+        encode::sync(b);
+    });
+    idle(&mut t, &batch);
+    assert!(t.is_idle());
+    let frames_before: Vec<Bytes> = t.settings().frames().cloned().collect();
+    assert_eq!(frames_before.len(), 1);
+    let carried: Vec<(String, String, bool)> = t
+        .prepared()
+        .map(|s| {
+            (
+                s.name.as_deref().unwrap().to_string(),
+                s.text.to_string(),
+                s.params,
+            )
+        })
+        .collect();
+    let settings = t.take_settings();
+
+    let mut there = Tracker::new(Limits::default());
+    there.adopt_session(settings);
+    for (name, text, params) in &carried {
+        assert!(there.adopt_statement(name, text, *params).is_some());
+    }
+    assert!(there.is_idle() && there.ready());
+    let frames_after: Vec<Bytes> = there.settings().frames().cloned().collect();
+    assert_eq!(frames_after, frames_before);
+    assert_eq!(
+        there.statement("s1").unwrap().text.as_ref(),
+        "SELECT $1::int"
+    );
+    assert!(there.statement("s1").unwrap().params);
+    assert_eq!(there.statement("q").unwrap().text.as_ref(), "SELECT 1");
+    // It goes on as any session: EXECUTE runs the carried statement.
+    feed_client(
+        &mut there,
+        &frames(|b| encode::query(b, "EXECUTE q").unwrap()),
+    );
+    assert_eq!(there.batch()[0].text.as_ref(), "SELECT 1");
 }

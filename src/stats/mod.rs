@@ -48,6 +48,8 @@ counters! {
     sessions_rejected: "clients refused because the shard was at proxy.sessions-per-shard-max",
     clients_handed_over: "client connections this shard accepted and handed to the shard proxy.client-placement chose",
     handover_overflows: "client connections served by the shard that accepted them because the chosen shard's proxy.handover-queue-max was full or that shard was stopping",
+    clients_moved_out: "pooled clients this shard handed, between transactions, to another shard (proxy.client-placement = \"pack\" rebalancing)",
+    clients_moved_in: "pooled clients that moved to this shard between transactions (or stayed after their move failed)",
     sessions_closed: "client sessions ended",
     startup_timeouts: "clients that did not finish startup within proxy.startup-timeout-ms",
     protocol_errors: "connections closed for a protocol violation (08P01) or an oversized message (54000)",

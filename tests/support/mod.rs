@@ -163,6 +163,41 @@ pub fn start_primary(name: &str) -> Instance {
 /// A fresh directory of the test's own under the system's temp dir, removed with all it holds
 /// on drop (a failing test's too). Its name is new (`pgprism-TAG-PID-N`, N counted up past
 /// any name taken), so what an earlier run left behind never reaches the test.
+/// The per-shard busy figures a test sets for client placement and rebalancing
+/// (`PGPRISM_TEST_SHARD_BUSY_FILE`), so that clients move by what the test says and not by
+/// how loaded the machine is.
+#[allow(dead_code)] // not every test binary places clients
+pub struct ShardBusy {
+    dir: TempDir,
+}
+
+#[allow(dead_code)]
+impl ShardBusy {
+    /// The figures start as `figures` (`0=95,1=0`: percent per shard).
+    pub fn new(figures: &str) -> ShardBusy {
+        let busy = ShardBusy {
+            dir: TempDir::new("shard-busy"),
+        };
+        busy.set(figures);
+        busy
+    }
+
+    /// The environment the proxy needs to read them.
+    pub fn env(&self) -> (&'static str, String) {
+        (
+            "PGPRISM_TEST_SHARD_BUSY_FILE",
+            self.dir.join("busy").display().to_string(),
+        )
+    }
+
+    /// Replaces the figures at once (a rename: the proxy never reads half a file).
+    pub fn set(&self, figures: &str) {
+        let next = self.dir.join("busy.next");
+        std::fs::write(&next, figures).expect("write busy figures");
+        std::fs::rename(&next, self.dir.join("busy")).expect("publish busy figures");
+    }
+}
+
 pub struct TempDir(std::path::PathBuf);
 
 impl TempDir {
