@@ -82,6 +82,9 @@ pub struct CdcArgs {
     /// Bytes of rows at which a snapshot chunk is cut.
     #[arg(long)]
     snapshot_chunk_bytes_max: Option<usize>,
+    /// Microseconds a snapshot worker lets rows pile up after a small read (0: none).
+    #[arg(long)]
+    snapshot_read_coalesce_us: Option<u64>,
     /// Not used (accepted for older command lines).
     #[arg(long)]
     snapshot_chunks_planned_ahead: Option<usize>,
@@ -207,6 +210,9 @@ impl CdcArgs {
         }
         if let Some(v) = self.snapshot_chunk_bytes_max {
             cfg.snapshot_chunk_bytes_max = v;
+        }
+        if let Some(v) = self.snapshot_read_coalesce_us {
+            cfg.snapshot_read_coalesce_us = v;
         }
         if let Some(v) = self.snapshot_chunks_planned_ahead {
             cfg.snapshot_chunks_planned_ahead = v;

@@ -595,6 +595,12 @@ fn validate_limits(cfg: &CdcConfig) -> Result<(), ConfigError> {
             return Err(key_error(name, "expected a value above 0"));
         }
     }
+    if cfg.snapshot_read_coalesce_us > 100_000 {
+        return Err(key_error(
+            "snapshot-read-coalesce-us",
+            "expected at most 100000 (0.1 s)",
+        ));
+    }
     if cfg.snapshot_workers > 64 {
         return Err(key_error(
             "snapshot-workers",

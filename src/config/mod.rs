@@ -904,6 +904,11 @@ pub struct CdcConfig {
     /// times this bound (640 MiB by default, reached only by rows wide enough to cut chunks
     /// by bytes; lower it on a small machine).
     pub snapshot_chunk_bytes_max: usize,
+    /// Microseconds a snapshot worker lets PostgreSQL's rows pile up in the socket after a
+    /// read that returned less than 32 KiB, before reading again (one read then takes many
+    /// of PostgreSQL's 8 KiB writes instead of one wake-up per write); 0 reads at once.
+    /// At most 100,000. Only the snapshot workers' connections wait; the stream never does.
+    pub snapshot_read_coalesce_us: u64,
     /// Not used since chunks are no longer planned one at a time (a table's key ranges come
     /// from a sample when its snapshot starts); accepted so that configuration files that
     /// set it still load.
@@ -1007,6 +1012,7 @@ impl Default for CdcConfig {
             snapshot_workers: 2,
             snapshot_chunks_in_flight: 4,
             snapshot_chunk_bytes_max: 32 << 20,
+            snapshot_read_coalesce_us: 500,
             snapshot_chunks_planned_ahead: 2,
             snapshot_chunk_attempts_max: 5,
             snapshot_window_keys_max: 1_000_000,

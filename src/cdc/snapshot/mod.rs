@@ -1168,6 +1168,8 @@ struct Ctx {
     /// Rows per chunk read at most, and the bytes of rows at which a chunk is cut.
     chunk_rows: usize,
     chunk_bytes_max: usize,
+    /// `snapshot-read-coalesce-us` (see [`PgConn::coalesce_reads`]).
+    read_coalesce: Duration,
     /// Chunks a worker has read whose verdict it has not heard yet.
     in_flight_max: usize,
     format: CdcSnapshotFormat,
@@ -1218,6 +1220,7 @@ impl Snapshot {
             attempts_max: cfg.snapshot_chunk_attempts_max,
             chunk_rows: cfg.snapshot_chunk_rows.max(1),
             chunk_bytes_max: cfg.snapshot_chunk_bytes_max.max(1),
+            read_coalesce: Duration::from_micros(cfg.snapshot_read_coalesce_us),
             in_flight_max: cfg.snapshot_chunks_in_flight,
             format: cfg.snapshot_format,
             chunk_table: chunk_table(cfg),
@@ -1458,6 +1461,7 @@ impl CsvRead {
 impl<'a> Worker<'a> {
     fn run(ctx: &'a Ctx) -> Result<(), SnapshotError> {
         let mut conn = PgConn::connect(&ctx.url, false, ctx.timeout).map_err(query("connect"))?;
+        conn.coalesce_reads(ctx.read_coalesce);
         // A chunk waits until the stream reaches its high watermark, and a walsender sends
         // only WAL that is flushed: on a server with `synchronous_commit = off` the watermark's
         // commit waited for the WAL writer (up to `wal_writer_delay`, 200 ms by default), so
