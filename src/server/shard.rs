@@ -434,6 +434,9 @@ impl Placing<'_> {
             Ok(stream) => stream,
             Err(err) => {
                 tracing::warn!(shard = self.shard.index, error = %err, "cannot serve a client");
+                if let Some(moved) = &moved {
+                    moved.lost(&self.shard);
+                }
                 return;
             }
         };
@@ -546,7 +549,7 @@ impl Placing<'_> {
         );
         for handed in queued {
             if let Some(moved) = &handed.moved {
-                moved.refused(&self.shard.cancel_keys);
+                moved.lost(&self.shard);
             }
             placement::refuse_stopped(handed, &msg);
         }
