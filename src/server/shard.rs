@@ -577,6 +577,7 @@ fn report(shard: &ShardCtx) -> ShardReport {
         counters.compare_order_recheck_ties = stats.order_recheck_ties.get();
         counters.compare_mismatches += stats.rechecked[0].get();
         counters.compare_inconclusive_concurrent += stats.rechecked[1].get();
+        counters.compare_inconclusive_order_recheck = stats.rechecked_changed.get();
         counters.compare_inconclusive_nondeterministic += stats.rechecked[2].get();
         counters.compare_reports_dropped += stats.reports_dropped.get();
         counters.compare_batches_released = stats.batches_released.get();

@@ -90,6 +90,7 @@ counters! {
     compare_inconclusive_lock_break: "inconclusive (concurrent) statements: sent ahead by a lock break (compare.order-lock-wait-ms, or a pooled shadow connection others wait for)",
     compare_inconclusive_primary_only: "inconclusive (concurrent) statements: a conflicting write ran on the primary only (primary-only routing, calibration)",
     compare_inconclusive_abandoned: "inconclusive (concurrent) statements: their session stopped comparing before the shadow completed them",
+    compare_inconclusive_order_recheck: "inconclusive (concurrent) statements: their order re-check read other rows than the statement (the data changed meanwhile, or the statement saw its own transaction's writes)",
     compare_order_waits_expired: "statements sent to the shadow after waiting compare.order-wait-ms for earlier conflicting ones (their order not reproduced)",
     compare_order_lock_breaks: "statements of a transaction holding locks sent to the shadow while the earlier conflicting ones they waited for ran there for compare.order-lock-wait-ms, most likely waiting for those locks (their order not reproduced)",
     compare_skipped: "statements not compared (excluded, diverged transaction, shadow unavailable): the sum of the compare_skipped_* reasons",
