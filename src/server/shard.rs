@@ -435,7 +435,7 @@ impl Placing<'_> {
             Err(err) => {
                 tracing::warn!(shard = self.shard.index, error = %err, "cannot serve a client");
                 if let Some(moved) = &moved {
-                    moved.lost(&self.shard);
+                    moved.lost(self.shard);
                 }
                 return;
             }
@@ -549,7 +549,7 @@ impl Placing<'_> {
         );
         for handed in queued {
             if let Some(moved) = &handed.moved {
-                moved.lost(&self.shard);
+                moved.lost(self.shard);
             }
             placement::refuse_stopped(handed, &msg);
         }
