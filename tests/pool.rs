@@ -2058,9 +2058,11 @@ fn a_refused_move_leaves_the_client_working_where_it_was() {
         assert_eq!(path, format!("refused_{i}, public"), "{name}");
         assert_eq!(sum, 42, "{name}");
     }
-    // A refused move is no move: nothing moved in, and the one in the queue moved out.
+    // A refused move is no move: nothing moved in, the one in the queue moved out, and no
+    // session closed.
     assert_eq!(proxy.metric("pgprism_clients_moved_in_total"), 0);
     assert_eq!(proxy.metric("pgprism_clients_moved_out_total"), 1);
+    assert_eq!(proxy.metric("pgprism_sessions_closed_total"), 0);
 }
 
 /// Runs `work` (a client's queries) on a thread of its own and waits for it at most
