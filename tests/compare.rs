@@ -1601,6 +1601,88 @@ fn order_by_keys_not_in_the_output_are_re_checked_with_the_keys() {
         5
     ));
     assert_eq!(proxy.metric("pgprism_compare_mismatches_total"), 5);
+    // Every inconclusive (concurrent) verdict, re-checked or not, names a reason.
+    assert_eq!(
+        inconclusive_by_reason(&proxy),
+        proxy.metric("pgprism_compare_inconclusive_concurrent_total")
+    );
+}
+
+/// The reasons an inconclusive (concurrent) verdict names (`order.rs` `Unpinned`, and a
+/// re-check that read other rows), summed over `pgprism_compare_inconclusive_<reason>_total`.
+fn inconclusive_by_reason(proxy: &Proxy) -> u64 {
+    [
+        "overlapped",
+        "in_flight",
+        "wait_expired",
+        "lock_break",
+        "primary_only",
+        "abandoned",
+        "order_recheck",
+    ]
+    .iter()
+    .map(|name| proxy.metric(&format!("pgprism_compare_inconclusive_{name}_total")))
+    .sum()
+}
+
+/// An order re-check that reads other rows than the statement did (here the statement saw
+/// its own transaction's insert, which the re-check, on connections of its own, cannot see)
+/// settles nothing: inconclusive (concurrent) with the reason `order_recheck`, counted like
+/// the ordering rules' reasons so that the reasons sum to the concurrent verdicts.
+#[test]
+fn an_order_re_check_that_reads_other_rows_is_inconclusive_with_its_reason() {
+    let p = pair("rechkc");
+    p.primary
+        .psql(
+            "CREATE TABLE ex (id int, k text); INSERT INTO ex VALUES (1, 'a'), (2, 'A'), (3, 'b')",
+        )
+        .unwrap();
+    p.shadow
+        .psql(
+            "CREATE TABLE ex (id int, k text); INSERT INTO ex VALUES (2, 'A'), (1, 'a'), (3, 'b')",
+        )
+        .unwrap();
+    let proxy = p.proxy(&[]);
+    let mut c = proxy.client();
+    let sql = "SELECT id FROM ex ORDER BY lower(k)";
+    c.simple_query("BEGIN").unwrap();
+    c.simple_query("INSERT INTO ex VALUES (4, 'c')").unwrap();
+    c.simple_query(sql).unwrap();
+    c.simple_query("ROLLBACK").unwrap();
+    drop(c);
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_order_rechecks_total",
+        1
+    ));
+    assert!(counter_reaches(
+        &proxy,
+        "pgprism_compare_inconclusive_order_recheck_total",
+        1
+    ));
+    let concurrent = proxy.metric("pgprism_compare_inconclusive_concurrent_total");
+    assert_eq!(concurrent, 1);
+    assert_eq!(inconclusive_by_reason(&proxy), concurrent);
+    assert_eq!(proxy.metric("pgprism_compare_mismatches_total"), 0);
+    assert!(eventually(Duration::from_secs(10), || p.reported(sql)));
+    let reports = p.reports();
+    let found: Vec<_> = reports
+        .iter()
+        .filter(|r| r["statement"].as_str() == Some(sql))
+        .collect();
+    assert_eq!(found.len(), 1, "{reports:?}");
+    assert_eq!(
+        found[0]["verdict"].as_str(),
+        Some("inconclusive: concurrent"),
+        "{:?}",
+        found[0]
+    );
+    assert_eq!(
+        found[0]["reason"].as_str(),
+        Some("order_recheck"),
+        "{:?}",
+        found[0]
+    );
 }
 
 /// The re-check reads a statement once more on both sides: text that hides a write behind a

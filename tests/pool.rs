@@ -1992,7 +1992,7 @@ fn a_refused_move_leaves_the_client_working_where_it_was() {
         ],
     );
     let mut console = console(&proxy);
-    let mut clients: Vec<(String, postgres::Client)> = (0..3)
+    let clients: Vec<(String, postgres::Client)> = (0..3)
         .map(|i| {
             let name = format!("refused-{i}");
             let mut c = postgres::Client::connect(
@@ -2016,29 +2016,26 @@ fn a_refused_move_leaves_the_client_working_where_it_was() {
         }),
         "{rows:?}"
     );
-    // Both light: shard 1 asks its three idle clients to move to shard 0.
+    // Both light: shard 1 asks its three idle clients to move to shard 0. The first to go
+    // takes shard 0's one queue slot for good (that shard never reads it): from then on
+    // every move is refused, and a refused client goes on on shard 1. (Counters are
+    // reported every second.)
     figures.set("0=0,1=0");
+    let mut seen = (0, 0);
     assert!(
         eventually(Duration::from_secs(30), || {
-            rows = client_rows(&mut console, "refused-");
-            rows.len() == 2
+            seen = (
+                proxy.metric("pgprism_clients_moved_out_total"),
+                proxy.metric("pgprism_client_moves_refused_total"),
+            );
+            seen.0 == 1 && seen.1 >= 2
         }),
-        "{rows:?}"
+        "(moved out, refused) = {seen:?}"
     );
     // Both between 40% and 80% from now on: nobody is asked again.
     figures.set("0=60,1=60");
-    // The one in shard 0's queue has no row anywhere; the two refused stay on shard 1 with
-    // their sessions, and work.
-    assert!(rows.iter().all(|r| r.1 == 1), "{rows:?}");
-    for (i, (name, c)) in clients.iter_mut().enumerate() {
-        if !rows.iter().any(|r| &r.0 == name) {
-            continue;
-        }
-        let path: String = c.query_one("SHOW search_path", &[]).unwrap().get(0);
-        assert_eq!(path, format!("refused_{i}, public"), "{name}");
-        let row = c.query_one("SELECT $1::int + 1", &[&41i32]).unwrap();
-        assert_eq!(row.get::<_, i32>(0), 42, "{name}");
-    }
+    // The one in shard 0's queue has no row anywhere, for good; the two refused are back on
+    // shard 1 with their sessions (a row missing meanwhile is a client on its way back).
     assert!(
         eventually(Duration::from_secs(30), || {
             rows = client_rows(&mut console, "refused-");
@@ -2046,8 +2043,41 @@ fn a_refused_move_leaves_the_client_working_where_it_was() {
         }),
         "{rows:?}"
     );
-    // (Counters are reported every second.) One moved out, into the queue.
-    assert!(eventually(Duration::from_secs(30), || proxy
-        .metric("pgprism_clients_moved_out_total")
-        == 1));
+    // They work, with their settings. Each query has a client-side bound: a client that
+    // were in shard 0's queue would never be answered.
+    for (i, (name, c)) in clients.into_iter().enumerate() {
+        if !rows.iter().any(|r| r.0 == name) {
+            continue;
+        }
+        let (path, sum) = within(Duration::from_secs(30), &name, move || {
+            let mut c = c;
+            let path: String = c.query_one("SHOW search_path", &[]).unwrap().get(0);
+            let row = c.query_one("SELECT $1::int + 1", &[&41i32]).unwrap();
+            (path, row.get::<_, i32>(0))
+        });
+        assert_eq!(path, format!("refused_{i}, public"), "{name}");
+        assert_eq!(sum, 42, "{name}");
+    }
+    // A refused move is no move: nothing moved in, the one in the queue moved out, and no
+    // session closed.
+    assert_eq!(proxy.metric("pgprism_clients_moved_in_total"), 0);
+    assert_eq!(proxy.metric("pgprism_clients_moved_out_total"), 1);
+    assert_eq!(proxy.metric("pgprism_sessions_closed_total"), 0);
+}
+
+/// Runs `work` (a client's queries) on a thread of its own and waits for it at most
+/// `limit`: a client that is never answered fails the test instead of hanging it.
+fn within<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::spawn(move || {
+        let _ = tx.send(work());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(answer) => answer,
+        Err(err) => panic!("{what}: no answer within {limit:?} ({err})"),
+    }
 }

@@ -214,6 +214,9 @@ pub struct CompareStats {
     /// Verdicts of order re-checks (mismatch, inconclusive: concurrent, inconclusive:
     /// nondeterministic), reached after the statement was settled.
     pub rechecked: [Cell<u64>; 3],
+    /// Re-checks inconclusive (concurrent) because they read other rows (also in
+    /// `rechecked[1]`): their reason, `order_recheck`.
+    pub rechecked_changed: Cell<u64>,
     /// Their reports dropped because the ring to the control thread was full.
     pub reports_dropped: Cell<u64>,
     /// Extended batches that passed `compare.shadow-batch-bytes-max` before their Sync.

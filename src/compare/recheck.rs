@@ -274,6 +274,9 @@ pub(crate) fn calls_only_safe_functions(text: &str) -> bool {
     })
 }
 
+/// The reason a re-check that read other rows names in its report (inconclusive:
+/// concurrent, counted as `compare_inconclusive_order_recheck`).
+const RECHECK_CHANGED: &str = "order_recheck";
 const REORDERED: &str = "rows in another order under an ORDER BY whose keys are not all output columns (the re-check returned a side's rows in another order than the statement did)";
 
 /// A NULL key value in the key hash.
@@ -615,6 +618,12 @@ pub(crate) async fn run(
         // (`Moved` was settled by the second re-run above.)
         Outcome::Changed | Outcome::Moved => {
             record.description = "same rows in a different order under ORDER BY; the re-check read other rows (the data changed meanwhile, or the statement saw its own transaction's writes)".into();
+            // Not a rule of the order ledger (the statement was pinned): a reason of its own,
+            // so the reasons sum to the concurrent verdicts.
+            record.reason = RECHECK_CHANGED;
+            stats
+                .rechecked_changed
+                .set(stats.rechecked_changed.get() + 1);
             Verdict::Concurrent
         }
         Outcome::Failed(why) => Verdict::Nondeterministic(why),

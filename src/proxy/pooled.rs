@@ -545,9 +545,12 @@ impl MovedClient {
         self.unix
     }
 
-    /// It was refused on its way (its shard stopped before taking it): its cancel key goes.
-    pub fn refused(&self, keys: &CancelKeys) {
-        keys.remove(self.pid);
+    /// It cannot go on (its shard stopped before taking it, its socket could not be
+    /// adopted, it left on its way): its cancel key goes, and its session, which left its
+    /// first shard as moved, not closed, is counted closed on `shard`.
+    pub fn lost(&self, shard: &ShardCtx) {
+        shard.cancel_keys.remove(self.pid);
+        ShardStats::bump(&shard.stats.counters.sessions_closed, 1);
     }
 }
 
@@ -912,7 +915,9 @@ async fn move_client(shard: &Rc<ShardCtx>, client: Stream, to: usize, mut moved:
     let fd = match client.detach(&mut moved.buf).await {
         Ok(fd) => fd,
         Err(_) => {
-            shard.cancel_keys.remove(moved.pid);
+            // It left on its way out: its registration went as moved, so it is counted
+            // closed here, once.
+            moved.lost(shard);
             return;
         }
     };
@@ -923,15 +928,19 @@ async fn move_client(shard: &Rc<ShardCtx>, client: Stream, to: usize, mut moved:
     };
     match handed {
         Ok(()) => ShardStats::bump(&shard.stats.counters.clients_moved_out, 1),
-        Err((fd, moved)) => match Stream::adopt(fd, moved.unix) {
-            Ok(client) => {
-                crate::exec::spawn(resume(shard.clone(), client, *moved));
+        Err((fd, moved)) => {
+            // Not a move: neither out nor in, but counted so a refusal can be seen.
+            ShardStats::bump(&shard.stats.counters.client_moves_refused, 1);
+            match Stream::adopt(fd, moved.unix) {
+                Ok(client) => {
+                    crate::exec::spawn(go_on(shard.clone(), client, *moved));
+                }
+                Err(err) => {
+                    tracing::warn!(shard = shard.index, error = %err, "cannot serve a client that could not move");
+                    moved.lost(shard);
+                }
             }
-            Err(err) => {
-                tracing::warn!(shard = shard.index, error = %err, "cannot serve a client that could not move");
-                shard.cancel_keys.remove(moved.pid);
-            }
-        },
+        }
     }
 }
 
@@ -939,8 +948,17 @@ async fn move_client(shard: &Rc<ShardCtx>, client: Stream, to: usize, mut moved:
 /// not leave it): its settings, prepared statements, cancel key and console row as they
 /// were, under a new session number here.
 pub async fn resume(shard: Rc<ShardCtx>, client: Stream, moved: MovedClient) {
+    if shard.pools.is_some() {
+        ShardStats::bump(&shard.stats.counters.clients_moved_in, 1);
+    }
+    go_on(shard, client, moved).await;
+}
+
+/// Goes on with a pooled client on this shard, whether it moved here or came back after
+/// its move was refused (not counted as moved in: it never left).
+async fn go_on(shard: Rc<ShardCtx>, client: Stream, moved: MovedClient) {
     let Some(pools) = shard.pools.as_ref() else {
-        shard.cancel_keys.remove(moved.pid);
+        moved.lost(&shard);
         return;
     };
     let MovedClient {
@@ -962,7 +980,6 @@ pub async fn resume(shard: Rc<ShardCtx>, client: Stream, moved: MovedClient) {
         connect_time,
         application_name,
     } = moved;
-    ShardStats::bump(&shard.stats.counters.clients_moved_in, 1);
     let pool = pools.pool(&user, &database);
     pool.set_login(login);
     let id = shard.next_session_id();

@@ -434,6 +434,9 @@ impl Placing<'_> {
             Ok(stream) => stream,
             Err(err) => {
                 tracing::warn!(shard = self.shard.index, error = %err, "cannot serve a client");
+                if let Some(moved) = &moved {
+                    moved.lost(self.shard);
+                }
                 return;
             }
         };
@@ -546,7 +549,7 @@ impl Placing<'_> {
         );
         for handed in queued {
             if let Some(moved) = &handed.moved {
-                moved.refused(&self.shard.cancel_keys);
+                moved.lost(self.shard);
             }
             placement::refuse_stopped(handed, &msg);
         }
@@ -574,6 +577,7 @@ fn report(shard: &ShardCtx) -> ShardReport {
         counters.compare_order_recheck_ties = stats.order_recheck_ties.get();
         counters.compare_mismatches += stats.rechecked[0].get();
         counters.compare_inconclusive_concurrent += stats.rechecked[1].get();
+        counters.compare_inconclusive_order_recheck = stats.rechecked_changed.get();
         counters.compare_inconclusive_nondeterministic += stats.rechecked[2].get();
         counters.compare_reports_dropped += stats.reports_dropped.get();
         counters.compare_batches_released = stats.batches_released.get();
