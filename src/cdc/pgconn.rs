@@ -524,6 +524,8 @@ mod tests {
             inbuf,
             out: BytesMut::new(),
             chunk: vec![0; 64],
+            coalesce: Duration::ZERO,
+            last_small: false,
         };
         (conn, theirs)
     }
