@@ -1023,7 +1023,10 @@ pub fn resume(
         if let Some((keys, mut frozen)) = p.partial.take() {
             // A table copied from its start (its ranges forgotten after a rewrite) has no
             // rounds begun: every key a change leaves partial from here on is remembered.
-            frozen &= !fresh;
+            // Nor has a table with a range still to copy (one of its chunks may have been
+            // refused when the rounds began): until every range is copied again, a row that
+            // moves out of an uncopied chunk's pages must be remembered.
+            frozen &= !fresh && p.pending.is_empty();
             exchange.restore_partial(&p.source.name, keys, frozen);
             // Every range is copied: the keys rounds go on, one at least, whose high
             // watermark comes after the changes this run replays from the checkpoint (the
@@ -1171,8 +1174,14 @@ struct Ctx {
     /// Chunks a worker has read whose verdict it has not heard yet.
     in_flight_max: usize,
     format: CdcSnapshotFormat,
-    /// Ranges not copied yet per table (by its index): at 0, its keys rounds begin.
-    ranges_left: std::sync::Mutex<HashMap<usize, usize>>,
+    /// Pieces of each table (by its index) not taken by the stream yet, over every worker:
+    /// its ranges not handed out, its chunks in flight or waiting to be read again, and the
+    /// rests of its ranges and of its chunks read again. At 0 every row of its ranges is
+    /// copied, and only then may its keys rounds begin (or the table count as complete): a
+    /// round freezes the partial keys, so a chunk read after it (one refused earlier, read
+    /// again) would leave a row whose key changes partially inside its window, or a row moved
+    /// out of its pages, in no chunk and owed by no key.
+    chunks_owed: std::sync::Mutex<HashMap<usize, usize>>,
     /// The chunk table and the slot, for a table rewritten during its snapshot.
     chunk_table: String,
     slot: String,
@@ -1198,16 +1207,16 @@ impl Snapshot {
         shared: &Arc<Shared>,
         timeout: Duration,
     ) -> Result<Workers, CdcError> {
-        let mut ranges_left = HashMap::new();
-        for c in &self.planner.ranges {
-            *ranges_left.entry(c.table).or_insert(0) += 1;
+        let mut chunks_owed = HashMap::new();
+        for c in self.planner.ranges.iter().filter(|c| c.round.is_none()) {
+            *chunks_owed.entry(c.table).or_insert(0) += 1;
         }
         self.exchange.watch_partial(
             self.tables.iter().map(|t| t.name.clone()),
             cfg.snapshot_partial_keys_max,
         );
         let ctx = Arc::new(Ctx {
-            ranges_left: std::sync::Mutex::new(ranges_left),
+            chunks_owed: std::sync::Mutex::new(chunks_owed),
             ranges: std::sync::Mutex::new(self.planner),
             planned_all: AtomicBool::new(false),
             tables: self.tables,
@@ -1517,6 +1526,8 @@ impl<'a> Worker<'a> {
                     // What the chunk did not cover is read next: a range's rest, or the rest
                     // of a chunk read again (whose range went on already).
                     if let Some(r) = remainder {
+                        // One piece of the table became two (a keys round has no rest).
+                        worker.owe_more(r.table);
                         if retry {
                             again.push_front((r, 0));
                         } else {
@@ -1563,10 +1574,11 @@ impl<'a> Worker<'a> {
                         // The stream said at the round's high watermark whether keys are
                         // still owed.
                         Some(_) => (!ctx.exchange.partial_done(&table)).then_some(f.attempts),
-                        None if f.chunk.range_end => (worker.range_done(f.chunk.table)
+                        // Not at the range's end only: a chunk read again (and its rest)
+                        // may be the table's last piece taken.
+                        None => (worker.chunk_taken(f.chunk.table)
                             && !ctx.exchange.complete_if_none_owed(&table))
                         .then_some(0),
-                        None => None,
                     };
                     if let Some(rounds) = next_round {
                         if rounds >= ctx.attempts_max {
@@ -1627,12 +1639,20 @@ impl<'a> Worker<'a> {
         self.page_limits[table] = pages;
     }
 
-    /// A range of `table` is copied; true when that was its last.
-    fn range_done(&self, table: usize) -> bool {
-        let Ok(mut left) = self.ctx.ranges_left.lock() else {
+    /// A chunk of `table` left a rest to read: one more piece owed (see `Ctx::chunks_owed`).
+    fn owe_more(&self, table: usize) {
+        if let Ok(mut owed) = self.ctx.chunks_owed.lock() {
+            *owed.entry(table).or_insert(0) += 1;
+        }
+    }
+
+    /// A chunk of `table` was taken by the stream; true when it was the table's last piece
+    /// owed (none is in flight, waiting to be read again, or left to read, on any worker).
+    fn chunk_taken(&self, table: usize) -> bool {
+        let Ok(mut owed) = self.ctx.chunks_owed.lock() else {
             return false;
         };
-        match left.get_mut(&table) {
+        match owed.get_mut(&table) {
             Some(n) => {
                 *n = n.saturating_sub(1);
                 *n == 0
