@@ -310,7 +310,12 @@ impl Exchange {
             }
             return;
         }
-        if t.frozen && !t.keys.contains(key) && !t.round.contains(key) {
+        // Already owed: nothing changes. (Asked before the bound: a key noted again at the
+        // bound is no key more.)
+        if t.keys.contains(key) {
+            return;
+        }
+        if t.frozen && !t.round.contains(key) {
             return;
         }
         self.dirty();
@@ -1028,6 +1033,19 @@ mod tests {
             PartialRound::Overflow
         ));
         assert!(!exchange.complete_if_none_owed("public.t"));
+    }
+
+    #[test]
+    fn a_key_noted_again_at_the_bound_is_no_key_more() {
+        let (mut w, exchange) = windows(100);
+        exchange.watch_partial(["public.t".to_string()].into_iter(), 2);
+        for k in ["1", "2", "1", "2"] {
+            w.changed_row("public.t", &key(k), false);
+        }
+        assert!(matches!(
+            exchange.take_partial("public.t", 10),
+            PartialRound::Keys(_)
+        ));
     }
 
     #[test]
