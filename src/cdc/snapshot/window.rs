@@ -176,9 +176,10 @@ pub struct PartialState {
 /// read again by key, in rounds under DBLog windows of their own, until a round's high
 /// watermark finds none left.
 ///
-/// After the first round starts (`frozen`), only keys still remembered or in the round are
-/// kept: every other row is in StarRocks by then (its range's chunk loaded it, or a whole
-/// change did), and a partial change of it is filled from StarRocks.
+/// The first round starts (`frozen`) only once every chunk of the table was taken; from then
+/// on no key is added: every row not owed is in StarRocks by then (its range's chunk loaded
+/// it, or a whole change did), and a partial change of it is filled from StarRocks (a key of
+/// the round in flight is owed again by the round's window, see [`Exchange::note_change`]).
 #[derive(Default)]
 struct PartialKeys {
     keys: HashSet<Box<[u8]>>,
@@ -315,7 +316,17 @@ impl Exchange {
         if t.keys.contains(key) {
             return;
         }
-        if t.frozen && !t.round.contains(key) {
+        // Once the rounds began, a partial change of a key not owed changes nothing. Such a
+        // row is in StarRocks (every chunk of the table was taken before the first round)
+        // and the change is filled from it; that holds for a key of the round in flight too.
+        // The stream meets changes in WAL order, so a change of a round's key comes before
+        // the round's high watermark: committed before its low watermark, it is visible to
+        // the round's read (which has the row at that version or later) or a straggler the
+        // read could not see; committed inside the window, it is in the window. Either way
+        // `close_round`'s `changed` holds the key and owes it again. Owing it here as well
+        // owed a hot row updated more often than the stream lags at every round, which
+        // then never completed.
+        if t.frozen {
             return;
         }
         self.dirty();
@@ -1046,6 +1057,28 @@ mod tests {
             exchange.take_partial("public.t", 10),
             PartialRound::Keys(_)
         ));
+    }
+
+    #[test]
+    fn a_round_keys_change_the_stream_meets_before_its_window_is_not_owed_again() {
+        let (mut w, exchange) = windows(100);
+        exchange.watch_partial(["public.t".to_string()].into_iter(), 10);
+        w.changed_row("public.t", &key("1"), false);
+        let PartialRound::Keys(keys) = exchange.take_partial("public.t", 10) else {
+            panic!("overflow")
+        };
+        assert_eq!(keys, vec![key("1")]);
+        // The stream lags: a partial change of 1 committed before the round's low watermark
+        // (so visible to its read) reaches it only now.
+        w.touched("public.t", Some(key("1")));
+        w.changed_row("public.t", &key("1"), false);
+        w.committed(7, Lsn(50));
+        mark(&mut w, 1, false, 100);
+        let (mut chunk, _verdict) = fetched(&["1"], vec![]);
+        chunk.keys_round = true;
+        exchange.put(1, chunk);
+        assert_eq!(mark(&mut w, 1, true, 200).expect("taken").rows, 1);
+        assert!(exchange.partial_done("public.t"), "the round read 1 whole");
     }
 
     #[test]
