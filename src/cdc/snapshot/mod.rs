@@ -83,7 +83,7 @@ pub enum SnapshotError {
     )]
     PartialKeys { table: String },
     #[error(
-        "{table}: its rows changed with unchanged TOAST values left out kept coming during {rounds} rounds of reading them again by key; raise cdc.snapshot-chunk-attempts-max and restart"
+        "{table}: its rows changed with unchanged TOAST values left out kept coming during {rounds} rounds in a row of reading them again by key, none of which resolved a key; raise cdc.snapshot-chunk-attempts-max and restart"
     )]
     Rounds { table: String, rounds: u32 },
     #[error(
@@ -1572,8 +1572,9 @@ impl<'a> Worker<'a> {
                     tracing::debug!(%table, chunk = f.chunk.number, rows, dropped, "snapshot chunk read");
                     let next_round = match &f.chunk.round {
                         // The stream said at the round's high watermark whether keys are
-                        // still owed.
-                        Some(_) => (!ctx.exchange.partial_done(&table)).then_some(f.attempts),
+                        // still owed, and whether this round resolved any.
+                        Some(_) => (!ctx.exchange.partial_done(&table))
+                            .then(|| ctx.exchange.partial_stalled(&table)),
                         // Not at the range's end only: a chunk read again (and its rest)
                         // may be the table's last piece taken.
                         None => (worker.chunk_taken(f.chunk.table)
@@ -1584,7 +1585,7 @@ impl<'a> Worker<'a> {
                         if rounds >= ctx.attempts_max {
                             return Err(SnapshotError::Rounds { table, rounds });
                         }
-                        again.push_front((Chunk::round(f.chunk.table), rounds));
+                        again.push_front((Chunk::round(f.chunk.table), 0));
                     }
                 }
                 Verdict::Retry { reason } if f.chunk.round.is_some() => {

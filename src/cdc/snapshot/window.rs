@@ -189,6 +189,10 @@ struct PartialKeys {
     frozen: bool,
     /// More keys than the bound: the table cannot be completed.
     overflow: bool,
+    /// Keys owed when the round in flight took its own (see [`Exchange::close_round`]).
+    owed_at_take: usize,
+    /// Rounds in a row that left as many keys owed as they found.
+    stalled: u32,
     /// The table is complete: nothing is remembered any more.
     done: bool,
 }
@@ -357,6 +361,7 @@ impl Exchange {
             t.frozen = true;
             self.dirty();
         }
+        t.owed_at_take = t.keys.len();
         let keys: Vec<Box<[u8]>> = t.keys.iter().take(max).cloned().collect();
         for k in &keys {
             t.keys.remove(k);
@@ -405,6 +410,16 @@ impl Exchange {
             .unwrap_or(true)
     }
 
+    /// Keys rounds of `table` in a row that resolved no key (left as many owed as they
+    /// found).
+    pub fn partial_stalled(&self, table: &str) -> u32 {
+        self.partial
+            .lock()
+            .ok()
+            .and_then(|p| p.get(table).map(|t| t.stalled))
+            .unwrap_or(0)
+    }
+
     /// At a keys round's high watermark, in stream order: the round's keys the window drops
     /// (`changed`: changed inside it, or by a transaction its read could not see, whole or
     /// not, which the window cannot tell) are owed again, and the table is complete when no
@@ -416,6 +431,12 @@ impl Exchange {
             let round = std::mem::take(&mut t.round);
             t.keys
                 .extend(round.into_iter().filter(|k| changed.contains(k)));
+            // A round may take fewer keys than are owed (the rows per read of wide rows), so
+            // only a round that resolved none counts against the table.
+            t.stalled = match t.keys.len() < t.owed_at_take {
+                true => 0,
+                false => t.stalled.saturating_add(1),
+            };
             if t.keys.is_empty() && !t.overflow {
                 t.done = true;
             }
@@ -1046,6 +1067,29 @@ mod tests {
         assert!(!exchange.complete_if_none_owed("public.t"));
     }
 
+    /// A round of one key of `public.t` under window `id` (low at `lsn`, high 100 later), its
+    /// key changed partially inside it when `change`; whether the table is complete after.
+    fn round(w: &mut Windows, exchange: &Exchange, id: u64, lsn: u64, change: bool) -> bool {
+        let PartialRound::Keys(keys) = exchange.take_partial("public.t", 1) else {
+            panic!("overflow")
+        };
+        mark(w, id, false, lsn);
+        for k in keys.iter().filter(|_| change) {
+            w.touched("public.t", Some(k.clone()));
+            w.changed_row("public.t", k, false);
+        }
+        let names: Vec<String> = keys
+            .iter()
+            .map(|k| String::from_utf8_lossy(&k[..k.len() - 1]).into_owned())
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (mut chunk, _verdict) = fetched(&names, vec![]);
+        chunk.keys_round = true;
+        exchange.put(id, chunk);
+        mark(w, id, true, lsn + 100).expect("taken");
+        exchange.partial_done("public.t")
+    }
+
     #[test]
     fn a_key_noted_again_at_the_bound_is_no_key_more() {
         let (mut w, exchange) = windows(100);
@@ -1079,6 +1123,26 @@ mod tests {
         exchange.put(1, chunk);
         assert_eq!(mark(&mut w, 1, true, 200).expect("taken").rows, 1);
         assert!(exchange.partial_done("public.t"), "the round read 1 whole");
+    }
+
+    #[test]
+    fn only_rounds_that_resolve_no_key_count_as_stalled() {
+        let (mut w, exchange) = windows(100);
+        exchange.watch_partial(["public.t".to_string()].into_iter(), 10);
+        for k in ["1", "2", "3"] {
+            w.changed_row("public.t", &key(k), false);
+        }
+        // One key a round (a wide row's rows per read): each round resolves one.
+        assert!(!round(&mut w, &exchange, 1, 100, false));
+        assert_eq!(exchange.partial_stalled("public.t"), 0);
+        assert!(!round(&mut w, &exchange, 2, 300, false));
+        assert_eq!(exchange.partial_stalled("public.t"), 0);
+        // The last key changes inside two rounds' windows: they resolve none.
+        assert!(!round(&mut w, &exchange, 3, 500, true));
+        assert!(!round(&mut w, &exchange, 4, 700, true));
+        assert_eq!(exchange.partial_stalled("public.t"), 2);
+        assert!(round(&mut w, &exchange, 5, 900, false));
+        assert_eq!(exchange.partial_stalled("public.t"), 0);
     }
 
     #[test]
