@@ -2674,6 +2674,55 @@ fn ctid_snapshot_killed_after_rows_moved_back_rereads_them_after_the_restart() {
 }
 
 #[test]
+fn ctid_snapshot_past_the_partial_keys_bound_is_copied_again_after_the_restart() {
+    // As above, with `snapshot-partial-keys-max = 10` and 39 rows moved: the keys past the
+    // bound are not kept. Killed once the state is stored with a checkpoint (before any keys
+    // round could fail), and restarted with the bound raised: the table is copied again from
+    // its start, so no moved row is left without its TOAST value. (The run used to restore
+    // the 10 keys stored as if they were all, and lose the other rows' `big`.)
+    let pg = start_pg("cdc-snap-ctid-overflow", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    let (args, config) = ctid_toast_table(&mut c, &pg, &sr);
+    let toml = config.join("pgprism.toml");
+    std::fs::write(
+        &toml,
+        "[cdc]\nreplica-identity-full = false\nsnapshot-partial-keys-max = 10\n",
+    )
+    .unwrap();
+    let (cdc, _dir, _go) = cdc_held_before_read(&args, 3);
+    c.batch_execute("UPDATE d SET n = n + 1 WHERE id > 2960")
+        .unwrap();
+    let stored = eventually(Duration::from_secs(60), || {
+        pg_rows(
+            &mut c,
+            "SELECT (lo IS NULL OR cardinality(lo) >= 10)::text FROM pgprism_cdc_checkpoint_snapshot WHERE chunk = -1",
+        ) == vec![vec![Some("true".to_string())]]
+    });
+    assert!(stored, "the keys were not stored\n{}", cdc.log());
+    drop(cdc);
+    std::fs::write(&toml, "[cdc]\nreplica-identity-full = false\n").unwrap();
+    let cdc = Cdc::start(&args, &[]);
+    let done = eventually(Duration::from_secs(120), || {
+        cdc.snapshot()["state"].as_str() == Some("done")
+    });
+    assert!(done, "{:?}\n{}", cdc.snapshot(), cdc.log());
+    assert_converges(
+        &sr,
+        &mut c,
+        "d",
+        &["id", "big", "n"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+    assert!(
+        cdc.log().contains("copying it again from its start"),
+        "{}",
+        cdc.log()
+    );
+}
+
+#[test]
 fn ctid_snapshot_rereads_rows_moved_back_with_unchanged_toast() {
     // Rows on the last pages are updated (non-HOT, `big` unchanged, so pgoutput leaves it
     // out) after the first chunk read the first pages, and move into free space on those

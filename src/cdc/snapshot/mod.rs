@@ -79,7 +79,7 @@ pub enum SnapshotError {
     )]
     Rewritten { table: String },
     #[error(
-        "{table}: more than cdc.snapshot-partial-keys-max of its rows changed during its snapshot with an unchanged TOAST value left out of the change, which must be read again by key; raise cdc.snapshot-partial-keys-max and restart"
+        "{table}: more than cdc.snapshot-partial-keys-max of its rows changed during its snapshot with an unchanged TOAST value left out of the change, which must be read again by key; raise cdc.snapshot-partial-keys-max and restart: the restart copies {table} again from its start (the keys past the bound were not kept)"
     )]
     PartialKeys { table: String },
     #[error(
@@ -912,7 +912,8 @@ pub fn resume(
     let rows = conn
         .query(&format!(
             "SELECT tbl, chunk::text, {}, {}, last::text, \
-             (done_at IS NOT NULL)::text, coalesce(rows, 0)::text, filenode FROM {t} AS c WHERE slot = {} \
+             (done_at IS NOT NULL)::text, coalesce(rows, 0)::text, filenode, (lo IS NULL)::text \
+             FROM {t} AS c WHERE slot = {} \
              ORDER BY c.tbl, c.chunk",
             bound("lo"),
             bound("hi"),
@@ -944,6 +945,10 @@ pub fn resume(
         /// The keys left partial still owed, and whether their rounds began (`None`: the
         /// table is complete, or its plan is older than this record).
         partial: Option<(Vec<Box<[u8]>>, bool)>,
+        /// More keys were left partial than `snapshot-partial-keys-max` (their row's `lo` is
+        /// NULL): those past the bound are not known, so the table is copied again from its
+        /// start, its ranges forgotten.
+        overflow: bool,
     }
     let mut plans: Vec<TablePlan> = tables
         .iter()
@@ -956,6 +961,7 @@ pub fn resume(
             pending: Vec::new(),
             next: Some((1, None)),
             partial: None,
+            overflow: false,
         })
         .collect();
     let (mut resumed, mut rows_before) = (0u64, 0u64);
@@ -965,7 +971,11 @@ pub fn resume(
             continue;
         };
         if field(1) == PARTIAL_CHUNK.to_string() {
-            if field(5) != "true" {
+            // (Its row comes first of the table's: ordered by chunk number.)
+            if field(5) != "true" && field(8) == "true" {
+                plans[ti].overflow = true;
+                plans[ti].partial = Some((Vec::new(), false));
+            } else if field(5) != "true" {
                 // Each key's hex, held as the hex of that text.
                 let keys = hex_array(r.get(2).cloned().flatten().as_deref())
                     .unwrap_or_default()
@@ -978,7 +988,7 @@ pub fn resume(
             continue;
         }
         let number: u32 = field(1).parse().unwrap_or(0);
-        if number == 0 {
+        if number == 0 || plans[ti].overflow {
             continue;
         }
         let (lo, hi) = (
@@ -1007,6 +1017,21 @@ pub fn resume(
         }
     }
     plans.retain(|p| !p.pending.is_empty() || p.next.is_some() || p.partial.is_some());
+    for p in plans.iter().filter(|p| p.overflow) {
+        // The keys past the bound were not kept (a run that met them stopped, and one that
+        // stored them with a checkpoint and then died never read them): every row is read
+        // again, under windows that keep that correct as after a rewrite, and the keys left
+        // partial from here on are remembered from none, unfrozen.
+        tracing::warn!(table = %p.source.name, "more keys were left partial during its snapshot than cdc.snapshot-partial-keys-max: copying it again from its start");
+        conn.query(&format!(
+            "DELETE FROM {t} WHERE slot = {slot} AND tbl = {tbl} AND chunk > 0; \
+             UPDATE {t} SET lo = '{{}}', last = false, done_at = NULL \
+             WHERE slot = {slot} AND tbl = {tbl} AND chunk = {PARTIAL_CHUNK}",
+            slot = quote_literal(&cfg.slot),
+            tbl = quote_literal(&p.source.name),
+        ))
+        .map_err(query(format!("forget the ranges of {}", p.source.name)))?;
+    }
     let exchange = Arc::new(Exchange::default());
     for (i, p) in plans.iter_mut().enumerate() {
         for c in &mut p.pending {
@@ -1086,8 +1111,9 @@ pub fn resume(
 }
 
 /// The chunk number of a table's row of keys left partial (see `window::PartialKeys`): its
-/// `lo` holds them (each key's bytes in hex), `last` says whether their rounds began and
-/// `done_at` when the table was complete.
+/// `lo` holds them (each key's bytes in hex; NULL: more than `snapshot-partial-keys-max`,
+/// the table is copied again), `last` says whether their rounds began and `done_at` when the
+/// table was complete.
 const PARTIAL_CHUNK: i32 = -1;
 
 /// The loader's SQL storing the partial keys' state with a checkpoint. An upsert: a snapshot
@@ -1097,14 +1123,21 @@ pub fn partial_sql(cfg_table: &str, slot: &str, state: &[window::PartialState]) 
     state
         .iter()
         .map(|p| {
-            let keys: Vec<String> = p.keys.iter().map(|k| format!("'{}'", hex(k))).collect();
+            // Past the bound the keys are no use (the table is copied again): NULL says so.
+            let keys = match p.overflow {
+                true => "NULL".to_string(),
+                false => {
+                    let keys: Vec<String> =
+                        p.keys.iter().map(|k| format!("'{}'", hex(k))).collect();
+                    format!("ARRAY[{}]::text[]", keys.join(","))
+                }
+            };
             format!(
                 "INSERT INTO {t} (slot, tbl, chunk, lo, last, done_at) VALUES ({}, {}, {PARTIAL_CHUNK}, \
-                 ARRAY[{}]::text[], {}, {}) ON CONFLICT (slot, tbl, chunk) DO UPDATE \
+                 {keys}, {}, {}) ON CONFLICT (slot, tbl, chunk) DO UPDATE \
                  SET lo = excluded.lo, last = excluded.last, done_at = excluded.done_at;",
                 quote_literal(slot),
                 quote_literal(&p.table),
-                keys.join(","),
                 p.frozen,
                 if p.done { "now()" } else { "NULL" },
             )
@@ -1916,6 +1949,17 @@ impl<'a> Worker<'a> {
                     Some(keys)
                 }
                 PartialRound::Overflow => {
+                    // Said in the chunk table at once (the stream says it too, with its next
+                    // checkpoint): the restart copies the table again (see `resume`).
+                    let sql = format!(
+                        "UPDATE {} SET lo = NULL WHERE slot = {} AND tbl = {} AND chunk = {PARTIAL_CHUNK}",
+                        self.ctx.chunk_table,
+                        quote_literal(&self.ctx.slot),
+                        quote_literal(table)
+                    );
+                    self.conn.query(&sql).map_err(query(format!(
+                        "store the overflow of {table}'s partial keys"
+                    )))?;
                     return Err(SnapshotError::PartialKeys {
                         table: table.clone(),
                     });
@@ -2615,6 +2659,7 @@ mod tests {
             keys: vec![key.clone()],
             frozen: true,
             done: false,
+            overflow: false,
         }];
         let sql = partial_sql("ck", "s", &state);
         let hexed = hex(&key);
@@ -2627,6 +2672,13 @@ mod tests {
             "{sql}"
         );
         assert_eq!(hex_bytes(&hexed).as_deref(), Some(&key[..]));
+        // Past the bound: NULL, whatever keys were kept.
+        let state = [window::PartialState {
+            overflow: true,
+            ..state[0].clone()
+        }];
+        let sql = partial_sql("ck", "s", &state);
+        assert!(sql.contains("-1, NULL, true, NULL)"), "{sql}");
         assert_eq!(hex_bytes("0"), None);
     }
 

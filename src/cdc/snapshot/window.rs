@@ -162,6 +162,9 @@ pub struct PartialState {
     pub keys: Vec<Box<[u8]>>,
     pub frozen: bool,
     pub done: bool,
+    /// More keys than the bound were left partial: `keys` is not all that is owed, and the
+    /// table must be copied again from its start (see `snapshot::resume`).
+    pub overflow: bool,
 }
 
 /// The keys of one table whose last change, while the table's snapshot copies, left an
@@ -294,6 +297,7 @@ impl Exchange {
                 keys: t.keys.iter().chain(t.round.iter()).cloned().collect(),
                 frozen: t.frozen,
                 done: t.done,
+                overflow: t.overflow,
             })
             .collect();
         state.sort_by(|a, b| a.table.cmp(&b.table));
