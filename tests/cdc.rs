@@ -2723,6 +2723,78 @@ fn ctid_snapshot_past_the_partial_keys_bound_is_copied_again_after_the_restart()
 }
 
 #[test]
+fn keys_rounds_wait_for_a_refused_chunk_read_again() {
+    // The second range's first chunk (of two: three ranges of 1000 rows' pages, the first
+    // chunk of each cut short) is refused (39 rows changed inside its window, past
+    // `snapshot-window-keys-max = 1`) and read again after the table's other chunks were read
+    // (all in flight together: `snapshot-chunks-in-flight = 16`): its second read's verdict
+    // comes after the last range's end was taken. The keys round must wait for it: a round freezes the partial
+    // keys, and a row of the chunk read again that changes partially inside its window would
+    // be owed by no key. (Rounds began at the last range's end before.)
+    let pg = start_pg("cdc-snap-round-wait", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    let (mut args, config) = ctid_toast_table(&mut c, &pg, &sr);
+    std::fs::write(
+        config.join("pgprism.toml"),
+        "[cdc]\nreplica-identity-full = false\nsnapshot-window-keys-max = 1\n\
+         snapshot-chunks-in-flight = 16\n",
+    )
+    .unwrap();
+    let i = args
+        .iter()
+        .position(|a| a == "--snapshot-chunk-rows")
+        .unwrap();
+    args[i + 1] = "1000".into();
+    let (cdc, _dir, go) = cdc_held_before_read(&args, 3);
+    c.batch_execute("UPDATE d SET n = n + 1 WHERE id > 2960")
+        .unwrap();
+    std::fs::write(&go, b"").unwrap();
+    let done = eventually(Duration::from_secs(120), || {
+        cdc.snapshot()["state"].as_str() == Some("done")
+    });
+    assert!(done, "{:?}\n{}", cdc.snapshot(), cdc.log());
+    assert_converges(
+        &sr,
+        &mut c,
+        "d",
+        &["id", "big", "n"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+    // (Without the colours' escape sequences, `chunk=0` reads as one text.)
+    let mut log = String::new();
+    let mut escape = false;
+    for ch in cdc.log().chars() {
+        match ch {
+            '\u{1b}' => escape = true,
+            'm' if escape => escape = false,
+            _ if escape => {}
+            _ => log.push(ch),
+        }
+    }
+    assert!(log.contains("reading a snapshot chunk again"), "{log}");
+    let round = log.find("reading again by key").expect("a keys round");
+    // Every chunk taken (the debug line `snapshot chunk read`, chunk 0 being a round's) is
+    // logged before the first round's read.
+    let last_taken = log
+        .match_indices("snapshot chunk read")
+        .filter(|(at, _)| {
+            let line = &log[*at..];
+            let line = &line[..line.find('\n').unwrap_or(line.len())];
+            !line.contains(" chunk=0 ")
+        })
+        .map(|(at, _)| at)
+        .max()
+        .expect("chunks taken");
+    assert!(
+        last_taken < round,
+        "a round began before every chunk was taken: {:?}\n{log}",
+        &log[last_taken..(last_taken + 90).min(log.len())]
+    );
+}
+
+#[test]
 fn ctid_snapshot_rereads_rows_moved_back_with_unchanged_toast() {
     // Rows on the last pages are updated (non-HOT, `big` unchanged, so pgoutput leaves it
     // out) after the first chunk read the first pages, and move into free space on those
