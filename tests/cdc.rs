@@ -2723,6 +2723,56 @@ fn ctid_snapshot_past_the_partial_keys_bound_is_copied_again_after_the_restart()
 }
 
 #[test]
+fn ctid_snapshot_stopped_at_the_partial_keys_bound_is_copied_again_after_the_restart() {
+    // As above, not killed: the keys round meets the bound, the run stops with the error
+    // naming the table, and the restart (bound raised) copies the table again.
+    let pg = start_pg("cdc-snap-ctid-overflow-stop", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    let (args, config) = ctid_toast_table(&mut c, &pg, &sr);
+    let toml = config.join("pgprism.toml");
+    std::fs::write(
+        &toml,
+        "[cdc]\nreplica-identity-full = false\nsnapshot-partial-keys-max = 10\n",
+    )
+    .unwrap();
+    let (mut cdc, _dir, go) = cdc_held_before_second_chunk(&args);
+    c.batch_execute("UPDATE d SET n = n + 1 WHERE id > 2960")
+        .unwrap();
+    std::fs::write(&go, b"").unwrap();
+    let stopped = eventually(Duration::from_secs(120), || cdc.exited());
+    assert!(stopped, "{}", cdc.log());
+    assert!(
+        cdc.log()
+            .contains("the restart copies public.d again from its start"),
+        "{}",
+        cdc.log()
+    );
+    assert_eq!(
+        pg_rows(
+            &mut c,
+            "SELECT (lo IS NULL)::text FROM pgprism_cdc_checkpoint_snapshot WHERE chunk = -1",
+        ),
+        vec![vec![Some("true".to_string())]]
+    );
+    drop(cdc);
+    std::fs::write(&toml, "[cdc]\nreplica-identity-full = false\n").unwrap();
+    let cdc = Cdc::start(&args, &[]);
+    let done = eventually(Duration::from_secs(120), || {
+        cdc.snapshot()["state"].as_str() == Some("done")
+    });
+    assert!(done, "{:?}\n{}", cdc.snapshot(), cdc.log());
+    assert_converges(
+        &sr,
+        &mut c,
+        "d",
+        &["id", "big", "n"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+}
+
+#[test]
 fn keys_rounds_wait_for_a_refused_chunk_read_again() {
     // The second range's first chunk (of two: three ranges of 1000 rows' pages, the first
     // chunk of each cut short) is refused (39 rows changed inside its window, past
