@@ -1951,8 +1951,10 @@ impl<'a> Worker<'a> {
                 PartialRound::Overflow => {
                     // Said in the chunk table at once (the stream says it too, with its next
                     // checkpoint): the restart copies the table again (see `resume`).
+                    // (An upsert, as `partial_sql`: an older build's plan has no such row.)
                     let sql = format!(
-                        "UPDATE {} SET lo = NULL WHERE slot = {} AND tbl = {} AND chunk = {PARTIAL_CHUNK}",
+                        "INSERT INTO {} (slot, tbl, chunk, lo) VALUES ({}, {}, {PARTIAL_CHUNK}, NULL) \
+                         ON CONFLICT (slot, tbl, chunk) DO UPDATE SET lo = NULL",
                         self.ctx.chunk_table,
                         quote_literal(&self.ctx.slot),
                         quote_literal(table)
