@@ -2674,6 +2674,177 @@ fn ctid_snapshot_killed_after_rows_moved_back_rereads_them_after_the_restart() {
 }
 
 #[test]
+fn ctid_snapshot_past_the_partial_keys_bound_is_copied_again_after_the_restart() {
+    // As above, with `snapshot-partial-keys-max = 10` and 39 rows moved: the keys past the
+    // bound are not kept. Killed once the state is stored with a checkpoint (before any keys
+    // round could fail), and restarted with the bound raised: the table is copied again from
+    // its start, so no moved row is left without its TOAST value. (The run used to restore
+    // the 10 keys stored as if they were all, and lose the other rows' `big`.)
+    let pg = start_pg("cdc-snap-ctid-overflow", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    let (args, config) = ctid_toast_table(&mut c, &pg, &sr);
+    let toml = config.join("pgprism.toml");
+    std::fs::write(
+        &toml,
+        "[cdc]\nreplica-identity-full = false\nsnapshot-partial-keys-max = 10\n",
+    )
+    .unwrap();
+    let (cdc, _dir, _go) = cdc_held_before_read(&args, 3);
+    c.batch_execute("UPDATE d SET n = n + 1 WHERE id > 2960")
+        .unwrap();
+    let stored = eventually(Duration::from_secs(60), || {
+        pg_rows(
+            &mut c,
+            "SELECT (lo IS NULL OR cardinality(lo) >= 10)::text FROM pgprism_cdc_checkpoint_snapshot WHERE chunk = -1",
+        ) == vec![vec![Some("true".to_string())]]
+    });
+    assert!(stored, "the keys were not stored\n{}", cdc.log());
+    drop(cdc);
+    std::fs::write(&toml, "[cdc]\nreplica-identity-full = false\n").unwrap();
+    let cdc = Cdc::start(&args, &[]);
+    let done = eventually(Duration::from_secs(120), || {
+        cdc.snapshot()["state"].as_str() == Some("done")
+    });
+    assert!(done, "{:?}\n{}", cdc.snapshot(), cdc.log());
+    assert_converges(
+        &sr,
+        &mut c,
+        "d",
+        &["id", "big", "n"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+    assert!(
+        cdc.log().contains("copying it again from its start"),
+        "{}",
+        cdc.log()
+    );
+}
+
+#[test]
+fn ctid_snapshot_stopped_at_the_partial_keys_bound_is_copied_again_after_the_restart() {
+    // As above, not killed: the keys round meets the bound, the run stops with the error
+    // naming the table, and the restart (bound raised) copies the table again.
+    let pg = start_pg("cdc-snap-ctid-overflow-stop", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    let (args, config) = ctid_toast_table(&mut c, &pg, &sr);
+    let toml = config.join("pgprism.toml");
+    std::fs::write(
+        &toml,
+        "[cdc]\nreplica-identity-full = false\nsnapshot-partial-keys-max = 10\n",
+    )
+    .unwrap();
+    let (mut cdc, _dir, go) = cdc_held_before_second_chunk(&args);
+    c.batch_execute("UPDATE d SET n = n + 1 WHERE id > 2960")
+        .unwrap();
+    std::fs::write(&go, b"").unwrap();
+    let stopped = eventually(Duration::from_secs(120), || cdc.exited());
+    assert!(stopped, "{}", cdc.log());
+    assert!(
+        cdc.log()
+            .contains("the restart copies public.d again from its start"),
+        "{}",
+        cdc.log()
+    );
+    assert_eq!(
+        pg_rows(
+            &mut c,
+            "SELECT (lo IS NULL)::text FROM pgprism_cdc_checkpoint_snapshot WHERE chunk = -1",
+        ),
+        vec![vec![Some("true".to_string())]]
+    );
+    drop(cdc);
+    std::fs::write(&toml, "[cdc]\nreplica-identity-full = false\n").unwrap();
+    let cdc = Cdc::start(&args, &[]);
+    let done = eventually(Duration::from_secs(120), || {
+        cdc.snapshot()["state"].as_str() == Some("done")
+    });
+    assert!(done, "{:?}\n{}", cdc.snapshot(), cdc.log());
+    assert_converges(
+        &sr,
+        &mut c,
+        "d",
+        &["id", "big", "n"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+}
+
+#[test]
+fn keys_rounds_wait_for_a_refused_chunk_read_again() {
+    // The second range's first chunk (of two: three ranges of 1000 rows' pages, the first
+    // chunk of each cut short) is refused (39 rows changed inside its window, past
+    // `snapshot-window-keys-max = 1`) and read again after the table's other chunks were read
+    // (all in flight together: `snapshot-chunks-in-flight = 16`): its second read's verdict
+    // comes after the last range's end was taken. The keys round must wait for it: a round freezes the partial
+    // keys, and a row of the chunk read again that changes partially inside its window would
+    // be owed by no key. (Rounds began at the last range's end before.)
+    let pg = start_pg("cdc-snap-round-wait", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    let (mut args, config) = ctid_toast_table(&mut c, &pg, &sr);
+    std::fs::write(
+        config.join("pgprism.toml"),
+        "[cdc]\nreplica-identity-full = false\nsnapshot-window-keys-max = 1\n\
+         snapshot-chunks-in-flight = 16\n",
+    )
+    .unwrap();
+    let i = args
+        .iter()
+        .position(|a| a == "--snapshot-chunk-rows")
+        .unwrap();
+    args[i + 1] = "1000".into();
+    let (cdc, _dir, go) = cdc_held_before_read(&args, 3);
+    c.batch_execute("UPDATE d SET n = n + 1 WHERE id > 2960")
+        .unwrap();
+    std::fs::write(&go, b"").unwrap();
+    let done = eventually(Duration::from_secs(120), || {
+        cdc.snapshot()["state"].as_str() == Some("done")
+    });
+    assert!(done, "{:?}\n{}", cdc.snapshot(), cdc.log());
+    assert_converges(
+        &sr,
+        &mut c,
+        "d",
+        &["id", "big", "n"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+    // (Without the colours' escape sequences, `chunk=0` reads as one text.)
+    let mut log = String::new();
+    let mut escape = false;
+    for ch in cdc.log().chars() {
+        match ch {
+            '\u{1b}' => escape = true,
+            'm' if escape => escape = false,
+            _ if escape => {}
+            _ => log.push(ch),
+        }
+    }
+    assert!(log.contains("reading a snapshot chunk again"), "{log}");
+    let round = log.find("reading again by key").expect("a keys round");
+    // Every chunk taken (the debug line `snapshot chunk read`, chunk 0 being a round's) is
+    // logged before the first round's read.
+    let last_taken = log
+        .match_indices("snapshot chunk read")
+        .filter(|(at, _)| {
+            let line = &log[*at..];
+            let line = &line[..line.find('\n').unwrap_or(line.len())];
+            !line.contains(" chunk=0 ")
+        })
+        .map(|(at, _)| at)
+        .max()
+        .expect("chunks taken");
+    assert!(
+        last_taken < round,
+        "a round began before every chunk was taken: {:?}\n{log}",
+        &log[last_taken..(last_taken + 90).min(log.len())]
+    );
+}
+
+#[test]
 fn ctid_snapshot_rereads_rows_moved_back_with_unchanged_toast() {
     // Rows on the last pages are updated (non-HOT, `big` unchanged, so pgoutput leaves it
     // out) after the first chunk read the first pages, and move into free space on those

@@ -928,9 +928,10 @@ pub struct CdcConfig {
     pub snapshot_chunking: CdcSnapshotChunking,
     /// Keys remembered per table whose change, while the table's snapshot copies, left an
     /// unchanged TOAST value out (read again by key before the table counts as copied, and
-    /// kept in the chunk table across restarts); beyond it the snapshot stops with an error
-    /// naming the table (raise this, or copy the table with `snapshot-chunking = "key"` when
-    /// few of its rows change).
+    /// kept in the chunk table across restarts), whichever `snapshot-chunking`; beyond it the
+    /// snapshot stops with an error naming the table, and the next run copies that table
+    /// again from its start (raise this first; `REPLICA IDENTITY FULL` with
+    /// `toast-mode = "full-row"` makes such changes whole, so they owe no key).
     pub snapshot_partial_keys_max: usize,
     /// Flush a table's batch when it holds this many rows.
     pub flush_rows: usize,

@@ -79,11 +79,11 @@ pub enum SnapshotError {
     )]
     Rewritten { table: String },
     #[error(
-        "{table}: more than cdc.snapshot-partial-keys-max of its rows changed during its snapshot with an unchanged TOAST value left out of the change, which must be read again by key; raise cdc.snapshot-partial-keys-max and restart"
+        "{table}: more than cdc.snapshot-partial-keys-max of its rows changed during its snapshot with an unchanged TOAST value left out of the change, which must be read again by key; raise cdc.snapshot-partial-keys-max and restart: the restart copies {table} again from its start (the keys past the bound were not kept)"
     )]
     PartialKeys { table: String },
     #[error(
-        "{table}: its rows changed with unchanged TOAST values left out kept coming during {rounds} rounds of reading them again by key; raise cdc.snapshot-chunk-attempts-max and restart"
+        "{table}: its rows changed with unchanged TOAST values left out kept coming during {rounds} rounds in a row of reading them again by key, none of which resolved a key; raise cdc.snapshot-chunk-attempts-max and restart"
     )]
     Rounds { table: String, rounds: u32 },
     #[error(
@@ -912,7 +912,8 @@ pub fn resume(
     let rows = conn
         .query(&format!(
             "SELECT tbl, chunk::text, {}, {}, last::text, \
-             (done_at IS NOT NULL)::text, coalesce(rows, 0)::text, filenode FROM {t} AS c WHERE slot = {} \
+             (done_at IS NOT NULL)::text, coalesce(rows, 0)::text, filenode, (lo IS NULL)::text \
+             FROM {t} AS c WHERE slot = {} \
              ORDER BY c.tbl, c.chunk",
             bound("lo"),
             bound("hi"),
@@ -944,6 +945,10 @@ pub fn resume(
         /// The keys left partial still owed, and whether their rounds began (`None`: the
         /// table is complete, or its plan is older than this record).
         partial: Option<(Vec<Box<[u8]>>, bool)>,
+        /// More keys were left partial than `snapshot-partial-keys-max` (their row's `lo` is
+        /// NULL): those past the bound are not known, so the table is copied again from its
+        /// start, its ranges forgotten.
+        overflow: bool,
     }
     let mut plans: Vec<TablePlan> = tables
         .iter()
@@ -956,6 +961,7 @@ pub fn resume(
             pending: Vec::new(),
             next: Some((1, None)),
             partial: None,
+            overflow: false,
         })
         .collect();
     let (mut resumed, mut rows_before) = (0u64, 0u64);
@@ -965,7 +971,11 @@ pub fn resume(
             continue;
         };
         if field(1) == PARTIAL_CHUNK.to_string() {
-            if field(5) != "true" {
+            // (Its row comes first of the table's: ordered by chunk number.)
+            if field(5) != "true" && field(8) == "true" {
+                plans[ti].overflow = true;
+                plans[ti].partial = Some((Vec::new(), false));
+            } else if field(5) != "true" {
                 // Each key's hex, held as the hex of that text.
                 let keys = hex_array(r.get(2).cloned().flatten().as_deref())
                     .unwrap_or_default()
@@ -978,7 +988,7 @@ pub fn resume(
             continue;
         }
         let number: u32 = field(1).parse().unwrap_or(0);
-        if number == 0 {
+        if number == 0 || plans[ti].overflow {
             continue;
         }
         let (lo, hi) = (
@@ -1007,6 +1017,21 @@ pub fn resume(
         }
     }
     plans.retain(|p| !p.pending.is_empty() || p.next.is_some() || p.partial.is_some());
+    for p in plans.iter().filter(|p| p.overflow) {
+        // The keys past the bound were not kept (a run that met them stopped, and one that
+        // stored them with a checkpoint and then died never read them): every row is read
+        // again, under windows that keep that correct as after a rewrite, and the keys left
+        // partial from here on are remembered from none, unfrozen.
+        tracing::warn!(table = %p.source.name, "more keys were left partial during its snapshot than cdc.snapshot-partial-keys-max: copying it again from its start");
+        conn.query(&format!(
+            "DELETE FROM {t} WHERE slot = {slot} AND tbl = {tbl} AND chunk > 0; \
+             UPDATE {t} SET lo = '{{}}', last = false, done_at = NULL \
+             WHERE slot = {slot} AND tbl = {tbl} AND chunk = {PARTIAL_CHUNK}",
+            slot = quote_literal(&cfg.slot),
+            tbl = quote_literal(&p.source.name),
+        ))
+        .map_err(query(format!("forget the ranges of {}", p.source.name)))?;
+    }
     let exchange = Arc::new(Exchange::default());
     for (i, p) in plans.iter_mut().enumerate() {
         for c in &mut p.pending {
@@ -1023,7 +1048,10 @@ pub fn resume(
         if let Some((keys, mut frozen)) = p.partial.take() {
             // A table copied from its start (its ranges forgotten after a rewrite) has no
             // rounds begun: every key a change leaves partial from here on is remembered.
-            frozen &= !fresh;
+            // Nor has a table with a range still to copy (one of its chunks may have been
+            // refused when the rounds began): until every range is copied again, a row that
+            // moves out of an uncopied chunk's pages must be remembered.
+            frozen &= !fresh && p.pending.is_empty();
             exchange.restore_partial(&p.source.name, keys, frozen);
             // Every range is copied: the keys rounds go on, one at least, whose high
             // watermark comes after the changes this run replays from the checkpoint (the
@@ -1083,25 +1111,35 @@ pub fn resume(
 }
 
 /// The chunk number of a table's row of keys left partial (see `window::PartialKeys`): its
-/// `lo` holds them (each key's bytes in hex), `last` says whether their rounds began and
-/// `done_at` when the table was complete.
+/// `lo` holds them (each key's bytes in hex; NULL: more than `snapshot-partial-keys-max`,
+/// the table is copied again), `last` says whether their rounds began and `done_at` when the
+/// table was complete.
 const PARTIAL_CHUNK: i32 = -1;
 
-/// The loader's SQL storing the partial keys' state with a checkpoint.
+/// The loader's SQL storing the partial keys' state with a checkpoint. An upsert: a snapshot
+/// planned by a build older than this row (which setup writes with the plan) has none.
 pub fn partial_sql(cfg_table: &str, slot: &str, state: &[window::PartialState]) -> String {
     let t = qualified(&format!("{cfg_table}_snapshot"));
     state
         .iter()
         .map(|p| {
-            let keys: Vec<String> = p.keys.iter().map(|k| format!("'{}'", hex(k))).collect();
+            // Past the bound the keys are no use (the table is copied again): NULL says so.
+            let keys = match p.overflow {
+                true => "NULL".to_string(),
+                false => {
+                    let keys: Vec<String> =
+                        p.keys.iter().map(|k| format!("'{}'", hex(k))).collect();
+                    format!("ARRAY[{}]::text[]", keys.join(","))
+                }
+            };
             format!(
-                "UPDATE {t} SET lo = ARRAY[{}]::text[], last = {}, done_at = {} \
-                 WHERE slot = {} AND tbl = {} AND chunk = {PARTIAL_CHUNK};",
-                keys.join(","),
+                "INSERT INTO {t} (slot, tbl, chunk, lo, last, done_at) VALUES ({}, {}, {PARTIAL_CHUNK}, \
+                 {keys}, {}, {}) ON CONFLICT (slot, tbl, chunk) DO UPDATE \
+                 SET lo = excluded.lo, last = excluded.last, done_at = excluded.done_at;",
+                quote_literal(slot),
+                quote_literal(&p.table),
                 p.frozen,
                 if p.done { "now()" } else { "NULL" },
-                quote_literal(slot),
-                quote_literal(&p.table)
             )
         })
         .collect::<Vec<_>>()
@@ -1173,8 +1211,14 @@ struct Ctx {
     /// Chunks a worker has read whose verdict it has not heard yet.
     in_flight_max: usize,
     format: CdcSnapshotFormat,
-    /// Ranges not copied yet per table (by its index): at 0, its keys rounds begin.
-    ranges_left: std::sync::Mutex<HashMap<usize, usize>>,
+    /// Pieces of each table (by its index) not taken by the stream yet, over every worker:
+    /// its ranges not handed out, its chunks in flight or waiting to be read again, and the
+    /// rests of its ranges and of its chunks read again. At 0 every row of its ranges is
+    /// copied, and only then may its keys rounds begin (or the table count as complete): a
+    /// round freezes the partial keys, so a chunk read after it (one refused earlier, read
+    /// again) would leave a row whose key changes partially inside its window, or a row moved
+    /// out of its pages, in no chunk and owed by no key.
+    chunks_owed: std::sync::Mutex<HashMap<usize, usize>>,
     /// The chunk table and the slot, for a table rewritten during its snapshot.
     chunk_table: String,
     slot: String,
@@ -1200,16 +1244,16 @@ impl Snapshot {
         shared: &Arc<Shared>,
         timeout: Duration,
     ) -> Result<Workers, CdcError> {
-        let mut ranges_left = HashMap::new();
-        for c in &self.planner.ranges {
-            *ranges_left.entry(c.table).or_insert(0) += 1;
+        let mut chunks_owed = HashMap::new();
+        for c in self.planner.ranges.iter().filter(|c| c.round.is_none()) {
+            *chunks_owed.entry(c.table).or_insert(0) += 1;
         }
         self.exchange.watch_partial(
             self.tables.iter().map(|t| t.name.clone()),
             cfg.snapshot_partial_keys_max,
         );
         let ctx = Arc::new(Ctx {
-            ranges_left: std::sync::Mutex::new(ranges_left),
+            chunks_owed: std::sync::Mutex::new(chunks_owed),
             ranges: std::sync::Mutex::new(self.planner),
             planned_all: AtomicBool::new(false),
             tables: self.tables,
@@ -1521,6 +1565,8 @@ impl<'a> Worker<'a> {
                     // What the chunk did not cover is read next: a range's rest, or the rest
                     // of a chunk read again (whose range went on already).
                     if let Some(r) = remainder {
+                        // One piece of the table became two (a keys round has no rest).
+                        worker.owe_more(r.table);
                         if retry {
                             again.push_front((r, 0));
                         } else {
@@ -1565,18 +1611,20 @@ impl<'a> Worker<'a> {
                     tracing::debug!(%table, chunk = f.chunk.number, rows, dropped, "snapshot chunk read");
                     let next_round = match &f.chunk.round {
                         // The stream said at the round's high watermark whether keys are
-                        // still owed.
-                        Some(_) => (!ctx.exchange.partial_done(&table)).then_some(f.attempts),
-                        None if f.chunk.range_end => (worker.range_done(f.chunk.table)
+                        // still owed, and whether this round resolved any.
+                        Some(_) => (!ctx.exchange.partial_done(&table))
+                            .then(|| ctx.exchange.partial_stalled(&table)),
+                        // Not at the range's end only: a chunk read again (and its rest)
+                        // may be the table's last piece taken.
+                        None => (worker.chunk_taken(f.chunk.table)
                             && !ctx.exchange.complete_if_none_owed(&table))
                         .then_some(0),
-                        None => None,
                     };
                     if let Some(rounds) = next_round {
                         if rounds >= ctx.attempts_max {
                             return Err(SnapshotError::Rounds { table, rounds });
                         }
-                        again.push_front((Chunk::round(f.chunk.table), rounds));
+                        again.push_front((Chunk::round(f.chunk.table), 0));
                     }
                 }
                 Verdict::Retry { reason } if f.chunk.round.is_some() => {
@@ -1631,12 +1679,20 @@ impl<'a> Worker<'a> {
         self.page_limits[table] = pages;
     }
 
-    /// A range of `table` is copied; true when that was its last.
-    fn range_done(&self, table: usize) -> bool {
-        let Ok(mut left) = self.ctx.ranges_left.lock() else {
+    /// A chunk of `table` left a rest to read: one more piece owed (see `Ctx::chunks_owed`).
+    fn owe_more(&self, table: usize) {
+        if let Ok(mut owed) = self.ctx.chunks_owed.lock() {
+            *owed.entry(table).or_insert(0) += 1;
+        }
+    }
+
+    /// A chunk of `table` was taken by the stream; true when it was the table's last piece
+    /// owed (none is in flight, waiting to be read again, or left to read, on any worker).
+    fn chunk_taken(&self, table: usize) -> bool {
+        let Ok(mut owed) = self.ctx.chunks_owed.lock() else {
             return false;
         };
-        match left.get_mut(&table) {
+        match owed.get_mut(&table) {
             Some(n) => {
                 *n = n.saturating_sub(1);
                 *n == 0
@@ -1897,6 +1953,19 @@ impl<'a> Worker<'a> {
                     Some(keys)
                 }
                 PartialRound::Overflow => {
+                    // Said in the chunk table at once (the stream says it too, with its next
+                    // checkpoint): the restart copies the table again (see `resume`).
+                    // (An upsert, as `partial_sql`: an older build's plan has no such row.)
+                    let sql = format!(
+                        "INSERT INTO {} (slot, tbl, chunk, lo) VALUES ({}, {}, {PARTIAL_CHUNK}, NULL) \
+                         ON CONFLICT (slot, tbl, chunk) DO UPDATE SET lo = NULL",
+                        self.ctx.chunk_table,
+                        quote_literal(&self.ctx.slot),
+                        quote_literal(table)
+                    );
+                    self.conn.query(&sql).map_err(query(format!(
+                        "store the overflow of {table}'s partial keys"
+                    )))?;
                     return Err(SnapshotError::PartialKeys {
                         table: table.clone(),
                     });
@@ -2596,17 +2665,26 @@ mod tests {
             keys: vec![key.clone()],
             frozen: true,
             done: false,
+            overflow: false,
         }];
         let sql = partial_sql("ck", "s", &state);
         let hexed = hex(&key);
+        // Inserted where an older build's plan has no such row.
         assert!(
             sql.contains(&format!(
-                "SET lo = ARRAY['{hexed}']::text[], last = true, done_at = NULL"
+                "VALUES ('s', 'public.t', -1, ARRAY['{hexed}']::text[], true, NULL) \
+                 ON CONFLICT (slot, tbl, chunk) DO UPDATE"
             )),
             "{sql}"
         );
-        assert!(sql.contains("AND chunk = -1;"), "{sql}");
         assert_eq!(hex_bytes(&hexed).as_deref(), Some(&key[..]));
+        // Past the bound: NULL, whatever keys were kept.
+        let state = [window::PartialState {
+            overflow: true,
+            ..state[0].clone()
+        }];
+        let sql = partial_sql("ck", "s", &state);
+        assert!(sql.contains("-1, NULL, true, NULL)"), "{sql}");
         assert_eq!(hex_bytes("0"), None);
     }
 

@@ -162,6 +162,9 @@ pub struct PartialState {
     pub keys: Vec<Box<[u8]>>,
     pub frozen: bool,
     pub done: bool,
+    /// More keys than the bound were left partial: `keys` is not all that is owed, and the
+    /// table must be copied again from its start (see `snapshot::resume`).
+    pub overflow: bool,
 }
 
 /// The keys of one table whose last change, while the table's snapshot copies, left an
@@ -176,9 +179,10 @@ pub struct PartialState {
 /// read again by key, in rounds under DBLog windows of their own, until a round's high
 /// watermark finds none left.
 ///
-/// After the first round starts (`frozen`), only keys still remembered or in the round are
-/// kept: every other row is in StarRocks by then (its range's chunk loaded it, or a whole
-/// change did), and a partial change of it is filled from StarRocks.
+/// The first round starts (`frozen`) only once every chunk of the table was taken; from then
+/// on no key is added: every row not owed is in StarRocks by then (its range's chunk loaded
+/// it, or a whole change did), and a partial change of it is filled from StarRocks (a key of
+/// the round in flight is owed again by the round's window, see [`Exchange::note_change`]).
 #[derive(Default)]
 struct PartialKeys {
     keys: HashSet<Box<[u8]>>,
@@ -188,6 +192,10 @@ struct PartialKeys {
     frozen: bool,
     /// More keys than the bound: the table cannot be completed.
     overflow: bool,
+    /// Keys owed when the round in flight took its own (see [`Exchange::close_round`]).
+    owed_at_take: usize,
+    /// Rounds in a row that left as many keys owed as they found.
+    stalled: u32,
     /// The table is complete: nothing is remembered any more.
     done: bool,
 }
@@ -289,6 +297,7 @@ impl Exchange {
                 keys: t.keys.iter().chain(t.round.iter()).cloned().collect(),
                 frozen: t.frozen,
                 done: t.done,
+                overflow: t.overflow,
             })
             .collect();
         state.sort_by(|a, b| a.table.cmp(&b.table));
@@ -310,7 +319,22 @@ impl Exchange {
             }
             return;
         }
-        if t.frozen && !t.keys.contains(key) && !t.round.contains(key) {
+        // Already owed: nothing changes. (Asked before the bound: a key noted again at the
+        // bound is no key more.)
+        if t.keys.contains(key) {
+            return;
+        }
+        // Once the rounds began, a partial change of a key not owed changes nothing. Such a
+        // row is in StarRocks (every chunk of the table was taken before the first round)
+        // and the change is filled from it; that holds for a key of the round in flight too.
+        // The stream meets changes in WAL order, so a change of a round's key comes before
+        // the round's high watermark: committed before its low watermark, it is visible to
+        // the round's read (which has the row at that version or later) or a straggler the
+        // read could not see; committed inside the window, it is in the window. Either way
+        // `close_round`'s `changed` holds the key and owes it again. Owing it here as well
+        // owed a hot row updated more often than the stream lags at every round, which
+        // then never completed.
+        if t.frozen {
             return;
         }
         self.dirty();
@@ -341,6 +365,7 @@ impl Exchange {
             t.frozen = true;
             self.dirty();
         }
+        t.owed_at_take = t.keys.len();
         let keys: Vec<Box<[u8]>> = t.keys.iter().take(max).cloned().collect();
         for k in &keys {
             t.keys.remove(k);
@@ -389,6 +414,16 @@ impl Exchange {
             .unwrap_or(true)
     }
 
+    /// Keys rounds of `table` in a row that resolved no key (left as many owed as they
+    /// found).
+    pub fn partial_stalled(&self, table: &str) -> u32 {
+        self.partial
+            .lock()
+            .ok()
+            .and_then(|p| p.get(table).map(|t| t.stalled))
+            .unwrap_or(0)
+    }
+
     /// At a keys round's high watermark, in stream order: the round's keys the window drops
     /// (`changed`: changed inside it, or by a transaction its read could not see, whole or
     /// not, which the window cannot tell) are owed again, and the table is complete when no
@@ -400,6 +435,12 @@ impl Exchange {
             let round = std::mem::take(&mut t.round);
             t.keys
                 .extend(round.into_iter().filter(|k| changed.contains(k)));
+            // A round may take fewer keys than are owed (the rows per read of wide rows), so
+            // only a round that resolved none counts against the table.
+            t.stalled = match t.keys.len() < t.owed_at_take {
+                true => 0,
+                false => t.stalled.saturating_add(1),
+            };
             if t.keys.is_empty() && !t.overflow {
                 t.done = true;
             }
@@ -1028,6 +1069,84 @@ mod tests {
             PartialRound::Overflow
         ));
         assert!(!exchange.complete_if_none_owed("public.t"));
+    }
+
+    /// A round of one key of `public.t` under window `id` (low at `lsn`, high 100 later), its
+    /// key changed partially inside it when `change`; whether the table is complete after.
+    fn round(w: &mut Windows, exchange: &Exchange, id: u64, lsn: u64, change: bool) -> bool {
+        let PartialRound::Keys(keys) = exchange.take_partial("public.t", 1) else {
+            panic!("overflow")
+        };
+        mark(w, id, false, lsn);
+        for k in keys.iter().filter(|_| change) {
+            w.touched("public.t", Some(k.clone()));
+            w.changed_row("public.t", k, false);
+        }
+        let names: Vec<String> = keys
+            .iter()
+            .map(|k| String::from_utf8_lossy(&k[..k.len() - 1]).into_owned())
+            .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (mut chunk, _verdict) = fetched(&names, vec![]);
+        chunk.keys_round = true;
+        exchange.put(id, chunk);
+        mark(w, id, true, lsn + 100).expect("taken");
+        exchange.partial_done("public.t")
+    }
+
+    #[test]
+    fn a_key_noted_again_at_the_bound_is_no_key_more() {
+        let (mut w, exchange) = windows(100);
+        exchange.watch_partial(["public.t".to_string()].into_iter(), 2);
+        for k in ["1", "2", "1", "2"] {
+            w.changed_row("public.t", &key(k), false);
+        }
+        assert!(matches!(
+            exchange.take_partial("public.t", 10),
+            PartialRound::Keys(_)
+        ));
+    }
+
+    #[test]
+    fn a_round_keys_change_the_stream_meets_before_its_window_is_not_owed_again() {
+        let (mut w, exchange) = windows(100);
+        exchange.watch_partial(["public.t".to_string()].into_iter(), 10);
+        w.changed_row("public.t", &key("1"), false);
+        let PartialRound::Keys(keys) = exchange.take_partial("public.t", 10) else {
+            panic!("overflow")
+        };
+        assert_eq!(keys, vec![key("1")]);
+        // The stream lags: a partial change of 1 committed before the round's low watermark
+        // (so visible to its read) reaches it only now.
+        w.touched("public.t", Some(key("1")));
+        w.changed_row("public.t", &key("1"), false);
+        w.committed(7, Lsn(50));
+        mark(&mut w, 1, false, 100);
+        let (mut chunk, _verdict) = fetched(&["1"], vec![]);
+        chunk.keys_round = true;
+        exchange.put(1, chunk);
+        assert_eq!(mark(&mut w, 1, true, 200).expect("taken").rows, 1);
+        assert!(exchange.partial_done("public.t"), "the round read 1 whole");
+    }
+
+    #[test]
+    fn only_rounds_that_resolve_no_key_count_as_stalled() {
+        let (mut w, exchange) = windows(100);
+        exchange.watch_partial(["public.t".to_string()].into_iter(), 10);
+        for k in ["1", "2", "3"] {
+            w.changed_row("public.t", &key(k), false);
+        }
+        // One key a round (a wide row's rows per read): each round resolves one.
+        assert!(!round(&mut w, &exchange, 1, 100, false));
+        assert_eq!(exchange.partial_stalled("public.t"), 0);
+        assert!(!round(&mut w, &exchange, 2, 300, false));
+        assert_eq!(exchange.partial_stalled("public.t"), 0);
+        // The last key changes inside two rounds' windows: they resolve none.
+        assert!(!round(&mut w, &exchange, 3, 500, true));
+        assert!(!round(&mut w, &exchange, 4, 700, true));
+        assert_eq!(exchange.partial_stalled("public.t"), 2);
+        assert!(round(&mut w, &exchange, 5, 900, false));
+        assert_eq!(exchange.partial_stalled("public.t"), 0);
     }
 
     #[test]
