@@ -5,6 +5,11 @@
 //! `send` of what arrived, as io_uring operations, so a loop turn submits everything pending
 //! and reaps all completions with a single `io_uring_enter`.
 //!
+//! `--threads N` runs N such loops, thread i pinned to core i mod the cores, each with its own
+//! listening socket on the same address (`SO_REUSEPORT`: the kernel spreads the clients), as
+//! pgprism's shards are laid out by default: the floor of a proxy with one event loop per
+//! core, which sleeps and wakes per loop as pgprism's shards do.
+//!
 //! It exists to measure, in the same run as pgprism and PgBouncer, what the kernel alone costs
 //! per pgbench transaction (`FLOOR=1 benches/proxy-pgbench.sh`): a PostgreSQL proxy receives
 //! and sends every message this forwarder does, and more. With a mirror address it also sends
@@ -13,7 +18,7 @@
 //! not ask for TLS (`PGSSLMODE=disable`), since a byte copy of an SSLRequest followed by the
 //! startup packet, unanswered, is refused by the mirror. It is not part of pgprism.
 //!
-//!   cargo bench --bench floor-forwarder -- 127.0.0.1:55504 127.0.0.1:55501 [127.0.0.1:55601]
+//!   cargo bench --bench floor-forwarder -- [--threads N] 127.0.0.1:55504 127.0.0.1:55501 [127.0.0.1:55601]
 
 use std::io;
 use std::net::{TcpListener, TcpStream};
@@ -66,16 +71,68 @@ fn outgoing() -> Outgoing {
 }
 
 fn main() -> io::Result<()> {
-    let args: Vec<String> = std::env::args()
+    let mut args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    let (Some(listen), Some(upstream)) = (args.first(), args.get(1)) else {
-        eprintln!("usage: floor-forwarder LISTEN_ADDR UPSTREAM_ADDR [MIRROR_ADDR]");
-        std::process::exit(2);
+    let mut threads = 1usize;
+    if args.first().map(String::as_str) == Some("--threads") {
+        threads = args
+            .get(1)
+            .and_then(|n| n.parse().ok())
+            .filter(|&n| n >= 1)
+            .unwrap_or_else(|| usage());
+        args.drain(..2);
+    }
+    let (Some(listen), Some(upstream)) = (args.first().cloned(), args.get(1).cloned()) else {
+        usage()
     };
-    let mirror = args.get(2);
-    let listener = TcpListener::bind(listen)?;
+    let mirror = args.get(2).cloned();
+    if threads == 1 {
+        return serve(TcpListener::bind(&listen)?, &upstream, mirror.as_ref());
+    }
+    let addr: std::net::SocketAddr = listen
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{listen}: {e}")))?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut handles = Vec::new();
+    for i in 0..threads {
+        // Every loop's listener is bound before any thread starts, so a client that connects
+        // once the process is listening finds all of them.
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        let listener: TcpListener = socket.into();
+        let (upstream, mirror) = (upstream.clone(), mirror.clone());
+        handles.push(std::thread::spawn(move || {
+            // SAFETY: a zeroed cpu_set_t is a valid empty set, filled by CPU_SET below.
+            let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+            // SAFETY: the index is below the set's size (cores of this machine).
+            unsafe { libc::CPU_SET(i % cores, &mut set) };
+            // SAFETY: pins the calling thread (pid 0) to the set built above.
+            unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+            serve(listener, &upstream, mirror.as_ref())
+        }));
+    }
+    for h in handles {
+        h.join().expect("a floor loop panicked")?;
+    }
+    Ok(())
+}
+
+fn usage() -> ! {
+    eprintln!("usage: floor-forwarder [--threads N] LISTEN_ADDR UPSTREAM_ADDR [MIRROR_ADDR]");
+    std::process::exit(2);
+}
+
+/// One loop: accepts on `listener` and forwards every session it accepted.
+fn serve(listener: TcpListener, upstream: &str, mirror: Option<&String>) -> io::Result<()> {
     let mut ring = IoUring::builder()
         .setup_coop_taskrun()
         .setup_single_issuer()

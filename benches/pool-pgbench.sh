@@ -39,6 +39,8 @@
 #                             with a server connection per client run CLIENTS/200 s longer
 #                             (2,000 clients: 10 s), for PostgreSQL to fork the backends; the
 #                             TPS is pgbench's "without initial connection time" everywhere
+#   FLOOR_THREADS=1           the floor's event loops (--threads): 2 lays it out as pgprism's
+#                             default shards (one loop per core, SO_REUSEPORT, pinned)
 #   MIRROR=1                  adds a second PostgreSQL as a mirror: pgprism with `--mirror ...
 #                             --mirror-pool-size $MIRROR_POOL --mirror-all-queries` (its admin
 #                             endpoint on, for the mirror's lag, the statements it was sent
@@ -85,6 +87,7 @@ SHARED_DEPTH=${SHARED_DEPTH:-}
 PRISM_ARGS=${PRISM_ARGS:-}
 SCALE=${SCALE:-10}
 FLOOR=${FLOOR:-}
+FLOOR_THREADS=${FLOOR_THREADS:-1}
 MIRROR=${MIRROR:-}
 MIRROR_POOL=${MIRROR_POOL:-8}
 LATENCY_LOG=${LATENCY_LOG:-1}
@@ -114,6 +117,7 @@ COMMAND="CLIENTS=\"$CLIENTS\" MODES=\"$MODES\" WORKLOAD=$WORKLOAD DURATION=$DURA
 [ "$SCALE" != 10 ] && COMMAND+=" SCALE=$SCALE"
 [ "$JOBS" != 2 ] && COMMAND+=" JOBS=$JOBS"
 [ -n "$FLOOR" ] && COMMAND+=" FLOOR=1"
+[ -n "$FLOOR" ] && [ "$FLOOR_THREADS" != 1 ] && COMMAND+=" FLOOR_THREADS=$FLOOR_THREADS"
 [ -n "$MIRROR" ] && COMMAND+=" MIRROR=1 MIRROR_POOL=$MIRROR_POOL"
 COMMAND+=" benches/pool-pgbench.sh"
 
@@ -262,10 +266,11 @@ TARGETS+=(pgbouncer); PORT[pgbouncer]=$BOUNCER_PORT; PID[pgbouncer]=$BOUNCER_PID
 LABEL[pgbouncer]="PgBouncer $BOUNCER_VERSION"
 
 if [ -n "$FLOOR" ]; then
-  "$FLOOR_BIN" "127.0.0.1:$FLOOR_PORT" "127.0.0.1:$PG_PORT" >"$WORK/floor.out" 2>&1 &
+  "$FLOOR_BIN" --threads "$FLOOR_THREADS" "127.0.0.1:$FLOOR_PORT" "127.0.0.1:$PG_PORT" >"$WORK/floor.out" 2>&1 &
   PID[floor]=$!; PIDS+=("${PID[floor]}")
   wait_ready "$FLOOR_PORT"
   TARGETS+=(floor); PORT[floor]=$FLOOR_PORT; LABEL[floor]="floor (1 conn/client)"
+  if [ "$FLOOR_THREADS" != 1 ]; then LABEL[floor]="floor ($FLOOR_THREADS threads, 1 conn/client)"; fi
 fi
 
 if [ -n "$MIRROR" ]; then
