@@ -2799,6 +2799,7 @@ async fn care(shard: &Rc<ShardCtx>, pools: &Rc<Pools>) {
                     .unwrap_or_else(|e| e.into_inner())
                     .clone();
                 shard.kill_pooled(&database);
+                pools.kill_database(&database);
             }
         }
         pools.maintain();
