@@ -9,12 +9,24 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Proxy, TempDir, eventually, start_primary};
+use support::{
+    MD5_USER, PASSWORD, Proxy, SCRAM_USER, TempDir, eventually, sqlstate, start_primary,
+};
 
 /// A proxy in transaction mode, one shard, `pool_size` connections per (user, database),
 /// clients on trust, the console open to `postgres`, and `pool_keys` (more `[pool]` lines) in
 /// its configuration file, kept in the returned directory while the proxy runs.
 fn pooled(primary: &str, pool_size: usize, pool_keys: &str) -> (Proxy, TempDir) {
+    pooled_with(primary, pool_size, pool_keys, &["--auth-type", "trust"])
+}
+
+/// [`pooled`] with `extra` flags instead of trust for clients.
+fn pooled_with(
+    primary: &str,
+    pool_size: usize,
+    pool_keys: &str,
+    extra: &[&str],
+) -> (Proxy, TempDir) {
     let dir = TempDir::new("pool-console");
     let config = dir.join("pgprism.toml");
     std::fs::write(
@@ -24,21 +36,18 @@ fn pooled(primary: &str, pool_size: usize, pool_keys: &str) -> (Proxy, TempDir) 
     .unwrap();
     let config = config.display().to_string();
     let size = pool_size.to_string();
-    let proxy = Proxy::start(
-        primary,
-        &[
-            "--pool-mode",
-            "transaction",
-            "--pool-size",
-            &size,
-            "--auth-type",
-            "trust",
-            "--shards",
-            "1",
-            "--config",
-            &config,
-        ],
-    );
+    let mut args = vec![
+        "--pool-mode",
+        "transaction",
+        "--pool-size",
+        &size,
+        "--shards",
+        "1",
+        "--config",
+        &config,
+    ];
+    args.extend_from_slice(extra);
+    let proxy = Proxy::start(primary, &args);
     (proxy, dir)
 }
 
@@ -410,4 +419,66 @@ fn reload_rereads_the_file_and_shutdown_exits() {
     // SHUTDOWN answers nothing and closes, as PgBouncer's; the process drains and exits.
     let _ = admin.simple_query("SHUTDOWN");
     assert_eq!(proxy.wait_exit(Duration::from_secs(30)), Some(0));
+}
+
+/// No `auth-file`: pgprism finds each user's secret with `auth-query` on the primary (as
+/// `auth-user`) and authenticates the client itself, SCRAM for a SCRAM secret and MD5 for an
+/// MD5 hash, as PostgreSQL would; a wrong password is refused with 28P01.
+#[test]
+fn users_log_in_with_the_secrets_auth_query_finds() {
+    let pg = start_primary("pool-auth-query-login");
+    let (proxy, _dir) = pooled_with(&pg.url(), 2, "auth-user = \"postgres\"\n", &[]);
+    for user in [SCRAM_USER, MD5_USER] {
+        let mut c =
+            postgres::Client::connect(&proxy.conninfo(user, Some(PASSWORD)), postgres::NoTls)
+                .unwrap_or_else(|e| panic!("{user} through auth-query: {e}\n{}", proxy.log()));
+        let who: String = c
+            .query_one("SELECT current_user::text", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(who, user);
+        let wrong = postgres::Client::connect(&proxy.conninfo(user, Some("nope")), postgres::NoTls)
+            .err()
+            .expect("a wrong password is refused");
+        assert_eq!(
+            sqlstate(&wrong).as_deref(),
+            Some("28P01"),
+            "{user}: {wrong}"
+        );
+    }
+}
+
+/// `set_config(..., false)`, `RESET` and `RESET ALL` are tracked per client like `SET`: two
+/// clients on one server connection each keep their own `statement_timeout`.
+#[test]
+fn set_config_and_reset_follow_each_client_on_one_connection() {
+    let pg = start_primary("pool-set-config");
+    let (proxy, _dir) = pooled(&pg.url(), 1, "");
+    let mut a = proxy.client();
+    let mut b = proxy.client();
+    let shown = |c: &mut postgres::Client| -> String {
+        c.query_one("SHOW statement_timeout", &[]).unwrap().get(0)
+    };
+    a.batch_execute("SELECT set_config('statement_timeout', '1234', false)")
+        .unwrap();
+    b.batch_execute("SET statement_timeout = 5678").unwrap();
+    assert_eq!(backend_pid(&mut a), backend_pid(&mut b), "one connection");
+    for _ in 0..2 {
+        assert_eq!(shown(&mut a), "1234ms");
+        assert_eq!(shown(&mut b), "5678ms");
+    }
+    a.batch_execute("RESET statement_timeout").unwrap();
+    assert_eq!(shown(&mut b), "5678ms");
+    assert_eq!(shown(&mut a), "0");
+    b.batch_execute("RESET ALL").unwrap();
+    assert_eq!(shown(&mut b), "0");
+    // A transaction-local set_config ends with its transaction.
+    let mut tx = a.transaction().unwrap();
+    tx.batch_execute("SELECT set_config('statement_timeout', '42', true)")
+        .unwrap();
+    let inside: String = tx.query_one("SHOW statement_timeout", &[]).unwrap().get(0);
+    assert_eq!(inside, "42ms");
+    tx.commit().unwrap();
+    assert_eq!(shown(&mut a), "0");
+    assert_eq!(shown(&mut b), "0");
 }
