@@ -482,3 +482,60 @@ fn set_config_and_reset_follow_each_client_on_one_connection() {
     assert_eq!(shown(&mut a), "0");
     assert_eq!(shown(&mut b), "0");
 }
+
+/// A `stats-users` user reads every SHOW of the console over the wire (PgBouncer's and our
+/// own) and is refused whatever changes something; an application user gets no console.
+#[test]
+fn stats_users_read_every_show_and_change_nothing() {
+    let pg = start_primary("pool-stats-users");
+    let (proxy, _dir) = pooled(&pg.url(), 2, "stats-users = [\"watcher\"]\n");
+    let mut app = proxy.client();
+    app.batch_execute("SELECT 1").unwrap();
+    let as_user = |user: &str| {
+        postgres::Client::connect(
+            &format!(
+                "host=127.0.0.1 port={} user={user} dbname=pgbouncer connect_timeout=10",
+                proxy.port()
+            ),
+            postgres::NoTls,
+        )
+    };
+    let mut watcher = as_user("watcher").expect("a stats user logs in to the console");
+    for show in [
+        "POOLS",
+        "CLIENTS",
+        "SERVERS",
+        "STATS",
+        "STATS_TOTALS",
+        "DATABASES",
+        "CONFIG",
+        "LISTS",
+        "VERSION",
+        "MIRRORS",
+        "COMPARE",
+    ] {
+        let rows = watcher
+            .simple_query(&format!("SHOW {show}"))
+            .unwrap_or_else(|e| panic!("SHOW {show}: {e:?}"));
+        assert!(
+            rows.iter()
+                .any(|m| matches!(m, postgres::SimpleQueryMessage::CommandComplete(_))),
+            "SHOW {show} completes"
+        );
+    }
+    for change in ["PAUSE", "RECONNECT", "KILL postgres", "RELOAD", "SHUTDOWN"] {
+        let Err(refused) = watcher.simple_query(change) else {
+            panic!("{change} by a stats user succeeded");
+        };
+        let said = refused.as_db_error().map(|e| e.message().to_string());
+        assert_eq!(said.as_deref(), Some("admin access needed"), "{change}");
+    }
+    // Nothing changed: the application goes on, the proxy still serves.
+    app.batch_execute("SELECT 1").unwrap();
+    assert!(
+        as_user("app")
+            .and_then(|mut c| c.simple_query("SHOW POOLS"))
+            .is_err(),
+        "no console for a user in neither list"
+    );
+}
