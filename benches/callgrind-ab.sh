@@ -20,6 +20,13 @@
 # stopped: under valgrind a compare-mode pgprism may not stop on TERM in any useful time,
 # and its shutdown is no part of the figure anyway.
 #
+# CLIENTS: pgbench clients (default 1; T1 and T2 are then transactions per client, and the
+# figure divides by CLIENTS too): how the per-transaction count grows with the clients a
+# shard serves, e.g. `CLIENTS=512 T1=2 T2=8 ARGS="--pool-mode transaction --auth-type trust"`.
+#
+# CG_ARGS: more valgrind flags, e.g. "--cache-sim=yes" (the kept profiles then hold simulated
+# cache misses: `callgrind_annotate DIR/1.T.cg | grep TOTALS`).
+#
 # PORT_BASE: the four ports used are PORT_BASE to PORT_BASE+3 (default 55711; another run of
 # this script on the machine needs another base).
 #
@@ -29,6 +36,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 T1=${T1:-100}
 T2=${T2:-600}
+CLIENTS=${CLIENTS:-1}
 LOAD=${LOAD:--S}
 PORT_BASE=${PORT_BASE:-55711}
 P_PRIMARY=$PORT_BASE P_MIRROR=$((PORT_BASE + 1)) P_SHADOW=$((PORT_BASE + 2)) P_PROXY=$((PORT_BASE + 3))
@@ -61,7 +69,8 @@ instructions() {
   # CPU used, no answer). Such a start is killed and tried again.
   for _ in 1 2 3 4; do
     rm -f "$WORK"/cg.*
-    valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" -q "$1" proxy \
+    # shellcheck disable=SC2086 # CG_ARGS is an argument list
+    valgrind --tool=callgrind ${CG_ARGS:-} --callgrind-out-file="$WORK/cg.%p" -q "$1" proxy \
       --listen 127.0.0.1:$P_PROXY --admin "" --log warn --shards 1 \
       --primary postgres://127.0.0.1:$P_PRIMARY "${EXTRA[@]}" >/dev/null 2>"$WORK/vg.err" &
     vpid=$!
@@ -78,7 +87,7 @@ instructions() {
     wait "$vpid" || true
   done
   [ "$ready" = 1 ] || { echo "pgprism never started under valgrind" >&2; exit 1; }
-  pgbench -h 127.0.0.1 -p $P_PROXY -U postgres -n "$LOAD" -c 1 -t "$2" postgres >/dev/null 2>&1
+  pgbench -h 127.0.0.1 -p $P_PROXY -U postgres -n "$LOAD" -c "$CLIENTS" -j 2 -t "$2" postgres >/dev/null 2>&1
   callgrind_control --dump "$vpid" >/dev/null 2>&1
   kill -TERM "$vpid"
   for _ in $(seq 50); do kill -0 "$vpid" 2>/dev/null || break; sleep 0.2; done
@@ -98,5 +107,5 @@ for bin in "$@"; do
   n=$((n + 1))
   a=$(instructions "$bin" "$T1" "$n")
   b=$(instructions "$bin" "$T2" "$n")
-  printf '%-40s %14s %14s %12s\n' "$bin" "$a" "$b" "$(( (b - a) / (T2 - T1) ))"
+  printf '%-40s %14s %14s %12s\n' "$bin" "$a" "$b" "$(( (b - a) / ((T2 - T1) * CLIENTS) ))"
 done

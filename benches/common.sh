@@ -20,12 +20,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# start_pg NAME PORT: initdb + start a server tuned for benchmarks (fsync off, data in RAM).
+# start_pg NAME PORT: initdb + start a server tuned for benchmarks (fsync off, data in RAM;
+# max_connections $PG_MAX_CONNECTIONS, 300 unless set).
 start_pg() {
   local dir="$WORK/$1"
   "${RUNAS[@]}" "$BINDIR/initdb" -D "$dir" -U postgres -A trust --no-sync >/dev/null
   "${RUNAS[@]}" "$BINDIR/pg_ctl" -D "$dir" -l "$WORK/$1.log" -w \
-    -o "-p $2 -k $WORK -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off -c synchronous_commit=off -c shared_buffers=256MB" \
+    -o "-p $2 -k $WORK -c listen_addresses=127.0.0.1 -c max_connections=${PG_MAX_CONNECTIONS:-300} -c fsync=off -c synchronous_commit=off -c shared_buffers=256MB" \
     start >/dev/null
   SERVERS+=("$dir")
 }

@@ -47,14 +47,17 @@ for spec in $TARGETS_SPEC; do
   i=$((i + 1))
 done
 
-# thread_snap PID: "TID comm ticks voluntary nonvoluntary" per thread.
+# thread_snap PID: "TID comm ticks voluntary nonvoluntary cpu_ns wait_ns" per thread (the last
+# two from /proc/.../schedstat: time on the core, time runnable waiting for it; their sum over
+# the wall time is what placement's busy figure measures, see src/server/placement.rs).
 thread_snap() {
   local pid=$1 t
   for t in /proc/"$pid"/task/*; do
-    printf '%s %s %s %s %s\n' "${t##*/}" "$(cat "$t/comm")" \
+    printf '%s %s %s %s %s %s\n' "${t##*/}" "$(cat "$t/comm")" \
       "$(awk '{print $14 + $15}' "$t/stat")" \
       "$(awk '/^voluntary_ctxt_switches/ {print $2}' "$t/status")" \
-      "$(awk '/^nonvoluntary_ctxt_switches/ {print $2}' "$t/status")"
+      "$(awk '/^nonvoluntary_ctxt_switches/ {print $2}' "$t/status")" \
+      "$(awk '{print $1, $2}' "$t/schedstat")"
   done
 }
 accepted() { # per shard: connections served, handed to another shard, pooled clients moved in
@@ -79,6 +82,7 @@ for r in $(seq "$ROUNDS"); do
       pid=${PID[$t]}
       a0=$(accepted "${ADMIN[$t]}")
       thread_snap "$pid" >"$WORK/t0"
+      w0=$(date +%s%N)
       perf stat --per-thread -e syscalls:sys_enter_io_uring_enter,io_uring:io_uring_complete,context-switches \
         -p "$pid" -x, -o "$WORK/perf.csv" &
       perf_pid=$!
@@ -86,21 +90,23 @@ for r in $(seq "$ROUNDS"); do
       kill -INT "$perf_pid" 2>/dev/null || true
       wait "$perf_pid" 2>/dev/null || true
       thread_snap "$pid" >"$WORK/t1"
+      w1=$(date +%s%N)
       a1=$(accepted "${ADMIN[$t]}")
       tps=$(echo "$out" | awk -F'= ' '/^tps/ {print $2+0}')
       txns=$(echo "$out" | awk -F': ' '/actually processed/ {split($2,a,"/"); print a[1]}')
       echo "-- r$r $c clients $t: tps $tps, transactions ${txns:-0}, clients served (handed over, moved in) per shard: $(join -j1 <(echo "$a0" | sort) <(echo "$a1" | sort) | awk '{printf "s%s=%d (%d, %d) ", $1, $5 - $2, $6 - $3, $7 - $4}')"
-      printf '   %-18s %8s %8s %8s %8s %8s %8s %10s\n' thread cpu_us enters compl comp/ent ctx_sw vol_cs invol_cs
+      printf '   %-18s %8s %8s %8s %8s %8s %8s %10s %6s %6s\n' thread cpu_us enters compl comp/ent ctx_sw vol_cs invol_cs cpu% wait%
       # perf --per-thread lines: comm-tid,count,,event,...
-      join -j1 <(sort "$WORK/t0") <(sort "$WORK/t1") | while read -r tid comm k0 v0 n0 _ k1 v1 n1; do
+      join -j1 <(sort "$WORK/t0") <(sort "$WORK/t1") | while read -r tid comm k0 v0 n0 c0 d0 _ k1 v1 n1 c1 d1; do
         ent=$(awk -F, -v tid="$tid" '$1 ~ "-"tid"$" && $4 ~ /io_uring_enter/ {print $2}' "$WORK/perf.csv")
         cmp=$(awk -F, -v tid="$tid" '$1 ~ "-"tid"$" && $4 ~ /io_uring_complete/ {print $2}' "$WORK/perf.csv")
         csw=$(awk -F, -v tid="$tid" '$1 ~ "-"tid"$" && $4 ~ /context-switches/ {print $2}' "$WORK/perf.csv")
         awk -v comm="$comm" -v n="${txns:-0}" -v hz="$HZ" -v dk=$((k1 - k0)) -v dv=$((v1 - v0)) -v dn=$((n1 - n0)) \
-          -v ent="${ent:-0}" -v cmp="${cmp:-0}" -v csw="${csw:-0}" 'BEGIN {
+          -v ent="${ent:-0}" -v cmp="${cmp:-0}" -v csw="${csw:-0}" \
+          -v dc=$((c1 - c0)) -v dd=$((d1 - d0)) -v dw=$((w1 - w0)) 'BEGIN {
             if (n == 0 || (dk == 0 && ent + 0 == 0 && dv == 0)) exit
-            printf "   %-18s %8.2f %8.3f %8.3f %8.1f %8.3f %8.3f %10.3f\n", comm, dk * 1e6 / hz / n, ent / n, cmp / n,
-              (ent > 0 ? cmp / ent : 0), csw / n, dv / n, dn / n
+            printf "   %-18s %8.2f %8.3f %8.3f %8.1f %8.3f %8.3f %10.3f %6.1f %6.1f\n", comm, dk * 1e6 / hz / n, ent / n, cmp / n,
+              (ent > 0 ? cmp / ent : 0), csw / n, dv / n, dn / n, dc * 100 / dw, dd * 100 / dw
           }'
       done
     done

@@ -119,6 +119,10 @@ struct ProxyArgs {
     /// clients and hands idle pooled clients to a less busy shard.
     #[arg(long, value_name = "PCT")]
     pack_busy_pct: Option<u32>,
+    /// With pack placement: what a client just placed counts for in its shard's busy figure
+    /// (thousandths of a core) until the measurement sees it; lower keeps bursts together.
+    #[arg(long, value_name = "PERMILLE")]
+    pack_client_permille: Option<u32>,
     /// With pack placement and transaction pooling: idle pooled clients a shard asks to move
     /// to another shard per look (0: clients never move).
     #[arg(long, value_name = "N")]
@@ -703,6 +707,9 @@ impl ProxyArgs {
         }
         if let Some(v) = self.pack_busy_pct {
             cfg.proxy.pack_busy_pct = v;
+        }
+        if let Some(v) = self.pack_client_permille {
+            cfg.proxy.pack_client_permille = v;
         }
         if let Some(v) = self.rebalance_clients_max {
             cfg.proxy.rebalance_clients_max = v;

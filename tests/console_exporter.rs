@@ -98,8 +98,6 @@ fn sample(metrics: &str, key: &str) -> Option<f64> {
 }
 
 #[test]
-// Enable when the console is wired: pgprism's pooled sessions route `pgbouncer` to it.
-
 fn pgbouncer_exporter_reads_the_console() {
     if !Path::new(EXPORTER).exists() {
         println!("skipped: {EXPORTER} is missing (apt-get install prometheus-pgbouncer-exporter)");

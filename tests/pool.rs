@@ -2081,3 +2081,64 @@ fn within<T: Send + 'static>(
         Err(err) => panic!("{what}: no answer within {limit:?} ({err})"),
     }
 }
+
+/// `proxy.pack-client-permille = 0`: a burst of clients (more than the default 25
+/// thousandths each would let onto an idle shard, about 32) stays on the first shard while
+/// its figure says it is not busy. The figures come from the test's file, so how loaded
+/// the machine is does not matter; clients do not move (`rebalance-clients-max = 0`).
+#[test]
+fn a_burst_stays_on_the_first_shard_when_placements_count_nothing() {
+    let pg = start_primary("pool-burst");
+    let figures = support::ShardBusy::new("0=0,1=0");
+    let (var, path) = figures.env();
+    let (proxy, _config) = pooled_with_console_env(
+        &pg.url(),
+        4,
+        "",
+        &[
+            "--shards",
+            "2",
+            "--client-placement",
+            "pack",
+            "--pack-client-permille",
+            "0",
+            "--rebalance-clients-max",
+            "0",
+        ],
+        &[(var, &path)],
+    );
+    const CLIENTS: usize = 48;
+    let mut clients: Vec<_> = (0..CLIENTS).map(|_| proxy.client()).collect();
+    for c in clients.iter_mut() {
+        c.batch_execute("SELECT 1").unwrap();
+    }
+    let mut console = console(&proxy);
+    let shards = |console: &mut postgres::Client| -> Vec<usize> {
+        console
+            .simple_query("SHOW CLIENTS")
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some("postgres") => {
+                    let ptr = r.get("ptr")?.strip_prefix("0x")?;
+                    u64::from_str_radix(ptr, 16)
+                        .ok()
+                        .map(|p| (p >> 56) as usize)
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let mut seen = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            seen = shards(&mut console);
+            seen.len() == CLIENTS
+        }),
+        "every client in SHOW CLIENTS: {seen:?}"
+    );
+    assert!(
+        seen.iter().all(|&s| s == 0),
+        "all {CLIENTS} on shard 0: {seen:?}"
+    );
+}

@@ -396,6 +396,9 @@ pub struct Pool {
     /// This shard's part of `pool.size` while clients of other shards wait (worked out at
     /// each care tick from every shard's published demand).
     share: Cell<usize>,
+    /// Console KILL of the pair's database: connections opened before this are closed, the
+    /// idle ones at once, the lent ones as they come back (never lent again).
+    killed_before: Cell<Option<Instant>>,
 }
 
 impl Pool {
@@ -582,6 +585,7 @@ impl Pools {
             published: Cell::new(0),
             lends_seen: Cell::new(0),
             share: Cell::new(self.cfg.size),
+            killed_before: Cell::new(None),
         });
         pools.insert((user, database), pool.clone());
         pool
@@ -600,7 +604,7 @@ impl Pools {
             if let Some(conn) = idle {
                 // Most idle connections need neither closing nor a check: lent as they are,
                 // without moving through `usable`'s future (a 240-byte copy each way).
-                let conn = if self.ready(&conn, Instant::now()) {
+                let conn = if self.ready(pool, &conn, Instant::now()) {
                     Some(conn)
                 } else {
                     self.usable(pool, conn).await
@@ -781,8 +785,8 @@ impl Pools {
     /// Whether an idle connection may be lent as it is: not past its lifetime, and not
     /// idle long enough to be checked first (what [`Pools::usable`] would let through
     /// untouched).
-    fn ready(&self, conn: &PooledConn, now: Instant) -> bool {
-        !self.expired(conn, now)
+    fn ready(&self, pool: &Pool, conn: &PooledConn, now: Instant) -> bool {
+        !self.stale(pool, conn, now)
             && (self.cfg.server_check_query.is_empty()
                 || now.saturating_duration_since(conn.last_used)
                     < Duration::from_millis(self.cfg.server_check_delay_ms))
@@ -791,7 +795,7 @@ impl Pools {
     /// An idle connection about to be lent: closed when too old, checked when idle long.
     async fn usable(&self, pool: &Rc<Pool>, mut conn: ServerConn) -> Option<ServerConn> {
         let now = Instant::now();
-        if self.expired(&conn, now) {
+        if self.stale(pool, &conn, now) {
             self.close(pool, conn);
             return None;
         }
@@ -870,6 +874,16 @@ impl Pools {
     /// This shard's eventfd for [`Pools::wake_lingering`] (None without pipelined lending).
     pub fn wakeup(&self) -> Option<exec::Notifier> {
         (self.budgets.1).0.get(self.shard).cloned()
+    }
+
+    /// Whether `conn` of `pool` is [`expired`](Self::expired) or older than the last KILL of
+    /// its database.
+    fn stale(&self, pool: &Pool, conn: &PooledConn, now: Instant) -> bool {
+        self.expired(conn, now)
+            || pool
+                .killed_before
+                .get()
+                .is_some_and(|before| conn.opened < before)
     }
 
     /// Whether `conn` is past `server-lifetime-ms` or older than the last RECONNECT.
@@ -978,7 +992,7 @@ impl Pools {
     }
 
     fn put_back(&self, pool: &Rc<Pool>, conn: ServerConn) {
-        if self.expired(&conn, conn.last_used) {
+        if self.stale(pool, &conn, conn.last_used) {
             self.close(pool, conn);
             return;
         }
@@ -1105,7 +1119,7 @@ impl Pools {
                         && pool.waiting.get() == 0
                         && (pool.open.get() - closing.len() > pool.share.get()
                             || idle_for >= IDLE_YIELD);
-                    let expired = self.expired(conn, now);
+                    let expired = self.stale(&pool, conn, now);
                     if others_wait && !too_idle && !expired {
                         bump(&pool.counters.servers_yielded, 1);
                     }
@@ -1227,6 +1241,22 @@ impl Pools {
     pub fn reconnect(&self) {
         self.reconnect_before.set(Some(Instant::now()));
         for pool in self.all() {
+            let conns: Vec<_> = pool.idle.borrow_mut().drain(..).collect();
+            for conn in conns {
+                self.close(&pool, conn);
+            }
+        }
+    }
+
+    /// Console KILL: the connections of `database`'s pools opened before now are closed, the
+    /// idle ones at once, the lent ones when they come back (their clients are being closed).
+    pub fn kill_database(&self, database: &str) {
+        let now = Instant::now();
+        for pool in self.all() {
+            if &*pool.database != database {
+                continue;
+            }
+            pool.killed_before.set(Some(now));
             let conns: Vec<_> = pool.idle.borrow_mut().drain(..).collect();
             for conn in conns {
                 self.close(&pool, conn);

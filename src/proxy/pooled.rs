@@ -272,6 +272,62 @@ struct Session<'a> {
     answers_stamp_ns: u64,
 }
 
+/// What a pooled session brings with it from its startup, and takes along if it moves to
+/// another shard.
+struct Carried {
+    base: Vec<Bytes>,
+    params: Vec<(String, String)>,
+    cancel_slot: Arc<AtomicU64>,
+}
+
+impl<'a> Session<'a> {
+    /// A session with nothing lent, pinned, buffered or pending; no mirrors, no shadow
+    /// (a caller that has them sets `router` and `compare` before the first turn).
+    fn new(
+        shard: &'a Rc<ShardCtx>,
+        pools: &'a Pools,
+        pool: Rc<Pool>,
+        client: Stream,
+        tracker: Tracker,
+        state: Rc<ClientState>,
+        carried: Carried,
+    ) -> Self {
+        let Carried {
+            base,
+            params,
+            cancel_slot,
+        } = carried;
+        Session {
+            shard,
+            owner: shard.clone(),
+            pools,
+            pool,
+            client,
+            tracker,
+            replies: Replies::default(),
+            conn: None,
+            lent_at: Instant::now(),
+            statements_in_lend: 0,
+            base,
+            params,
+            settings_hashed: Cell::new(None),
+            pinned: None,
+            cancel_slot,
+            to_server: BytesMut::new(),
+            to_client: BytesMut::new(),
+            hidden_sql: Vec::new(),
+            pending_sql: Vec::new(),
+            state,
+            busy_since: None,
+            router: None,
+            to_route: Vec::new(),
+            cancel: None,
+            compare: None,
+            answers_stamp_ns: 0,
+        }
+    }
+}
+
 /// A compared pooled session's upstream half: the client's frames (as it sent them, before
 /// pooling rewrote them) planned for the shadow at each write to the primary, and the
 /// answers its client is to see handed to compare's pump instead of the client.
@@ -790,34 +846,14 @@ pub(super) async fn serve(
     state
         .movable
         .set(router.is_none() && compare.is_none() && !client.is_tls() && shard.moves_clients());
-    let mut session = Session {
-        shard: &shard,
-        owner: shard.clone(),
-        pools,
-        pool: pool.clone(),
-        client,
-        tracker,
-        replies: Replies::default(),
-        conn: None,
-        lent_at: Instant::now(),
-        statements_in_lend: 0,
+    let carried = Carried {
         base,
         params,
-        settings_hashed: Cell::new(None),
-        pinned: None,
         cancel_slot,
-        to_server: BytesMut::new(),
-        to_client: BytesMut::new(),
-        hidden_sql: Vec::new(),
-        pending_sql: Vec::new(),
-        state,
-        busy_since: None,
-        router,
-        to_route: Vec::new(),
-        cancel: None,
-        compare,
-        answers_stamp_ns: 0,
     };
+    let mut session = Session::new(&shard, pools, pool.clone(), client, tracker, state, carried);
+    session.router = router;
+    session.compare = compare;
     // A cancel reaches the mirrors and the shadow too (through the registry, under
     // pgprism's own key).
     let mirrors = session.router.as_ref().map(|r| r.links().to_vec());
@@ -1017,34 +1053,12 @@ async fn go_on(shard: Rc<ShardCtx>, client: Stream, moved: MovedClient) {
     ));
     state.movable.set(shard.moves_clients());
     let registration = shard.register_pooled(id, &client, state.clone());
-    let session = Session {
-        shard: &shard,
-        owner: shard.clone(),
-        pools,
-        pool: pool.clone(),
-        client,
-        tracker,
-        replies: Replies::default(),
-        conn: None,
-        lent_at: Instant::now(),
-        statements_in_lend: 0,
+    let carried = Carried {
         base,
         params,
-        settings_hashed: Cell::new(None),
-        pinned: None,
         cancel_slot,
-        to_server: BytesMut::new(),
-        to_client: BytesMut::new(),
-        hidden_sql: Vec::new(),
-        pending_sql: Vec::new(),
-        state,
-        busy_since: None,
-        router: None,
-        to_route: Vec::new(),
-        cancel: None,
-        compare: None,
-        answers_stamp_ns: 0,
     };
+    let session = Session::new(&shard, pools, pool.clone(), client, tracker, state, carried);
     serve_plain(&shard, session, buf, registration, held).await;
 }
 
@@ -2785,6 +2799,7 @@ async fn care(shard: &Rc<ShardCtx>, pools: &Rc<Pools>) {
                     .unwrap_or_else(|e| e.into_inner())
                     .clone();
                 shard.kill_pooled(&database);
+                pools.kill_database(&database);
             }
         }
         pools.maintain();

@@ -17,7 +17,7 @@
 //! The caveat: the busy figure is measured (and smoothed over about a second), so clients
 //! that connect before their load starts (a pool opened at boot, `pgbench -c 2000`
 //! connecting before it runs) look like no load. A burst is spread by counting each placement
-//! into the chosen shard's figure until the measurement catches up ([`PLACED_PERMILLE`]), but
+//! into the chosen shard's figure until the measurement catches up (`proxy.pack-client-permille`), but
 //! clients that trickle in while idle all land on the first shard. In transaction mode they
 //! move when their load arrives: each shard looks at the figures ten times a second
 //! ([`rebalance`]) and asks idle pooled clients (between transactions) to move, spreading
@@ -47,17 +47,16 @@ use crate::exec::{self, Notifier};
 /// How often a shard measures the share of its core its thread used.
 pub(super) const BUSY_TICK: Duration = Duration::from_millis(100);
 
-/// What a new client counts for in its shard's busy figure (thousandths of a core) until the
-/// measurement can see it, fading by an eighth per [`BUSY_TICK`] as the measured figure moves
-/// an eighth of the way (both about 0.8 s). The figure: on the 2-core build machine a pgbench
-/// client at full speed used about 2% of a core of proxy CPU (16 clients, 14,000 TPS, 25 us
-/// per transaction, PostgreSQL on the same cores; with the database elsewhere a client runs
-/// several times faster). At 25 thousandths, about 32 clients placed at once take an idle
-/// shard to the default `pack-busy-pct` of 80: the 16-client load that packing served at
-/// 0.74x the CPU still packs, a burst of a few hundred or thousand connections (a pool opened
-/// at boot, `pgbench -c 2000`) spreads over every shard, the least busy first, and clients
-/// arriving slower than about 40 a second still pack.
-const PLACED_PERMILLE: u32 = 25;
+// What a new client counts for in its shard's busy figure (`proxy.pack-client-permille`,
+// thousandths of a core) until the measurement can see it, fading by an eighth per
+// [`BUSY_TICK`] as the measured figure moves an eighth of the way (both about 0.8 s). The
+// default, 25: on the 2-core build machine a pgbench client at full speed used about 2% of a
+// core of proxy CPU (16 clients, 14,000 TPS, 25 us per transaction, PostgreSQL on the same
+// cores; with the database elsewhere a client runs several times faster). At 25 thousandths,
+// about 32 clients placed at once take an idle shard to the default `pack-busy-pct` of 80: the
+// 16-client load that packing served at 0.74x the CPU still packs, a burst of a few hundred or
+// thousand connections (a pool opened at boot, `pgbench -c 2000`) spreads over every shard,
+// the least busy first, and clients arriving slower than about 40 a second still pack.
 
 /// Ticks a shard waits after asking clients to move before it looks again: the smoothed
 /// busy figures move an eighth of the way per tick, so about this long passes before they
@@ -91,7 +90,7 @@ pub(super) enum Route {
 struct Slot {
     /// The share of its core the shard's thread used, in thousandths, smoothed.
     busy_permille: AtomicU32,
-    /// The clients placed on the shard lately, as thousandths of a core ([`PLACED_PERMILLE`]
+    /// The clients placed on the shard lately, as thousandths of a core (`proxy.pack-client-permille`
     /// each, fading every tick).
     placed_permille: AtomicU32,
     /// Client connections placed on the shard (queued, accepted or adopted, until they end).
@@ -106,6 +105,8 @@ struct Slot {
 /// The process's placement of clients on shards, shared by every shard.
 pub(super) struct Placement {
     busy_permille_max: u32,
+    /// `proxy.pack-client-permille`: what a placement counts for until it is measured.
+    placed_permille: u32,
     clients_max: usize,
     /// `proxy.rebalance-clients-max`: idle pooled clients a shard asks to move per look.
     rebalance_clients_max: usize,
@@ -144,6 +145,7 @@ impl Placement {
             .collect::<io::Result<Box<[Slot]>>>()?;
         Ok(Some(Arc::new(Placement {
             busy_permille_max: cfg.proxy.pack_busy_pct.min(100) * 10,
+            placed_permille: cfg.proxy.pack_client_permille.min(1000),
             clients_max: cfg.proxy.sessions_per_shard_max,
             rebalance_clients_max: cfg.proxy.rebalance_clients_max,
             slots,
@@ -214,7 +216,7 @@ impl Placement {
         let to = self.choose(here);
         if let Some(slot) = self.slots.get(to) {
             slot.placed_permille
-                .fetch_add(PLACED_PERMILLE, Ordering::Relaxed);
+                .fetch_add(self.placed_permille, Ordering::Relaxed);
         }
         let handed = Handed {
             fd,

@@ -1,0 +1,541 @@
+//! Transaction pooling's bounds and console against a real PostgreSQL server: the `[pool]`
+//! keys that had no test of their own (`min-size`, `reserve-size`, `server-lifetime-ms`,
+//! `server-reset-query`, `server-check-query`), every kind of pin counted and cleaned before
+//! the next client, and the console's actions (`PAUSE`, `RESUME`, `RECONNECT`, `KILL`,
+//! `RELOAD`, `SHUTDOWN`) acting on real connections. One shard unless a test needs two, so
+//! that which connection a client gets does not depend on which shard it landed on.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{
+    MD5_USER, PASSWORD, Proxy, SCRAM_USER, TempDir, eventually, sqlstate, start_primary,
+};
+
+/// A proxy in transaction mode, one shard, `pool_size` connections per (user, database),
+/// clients on trust, the console open to `postgres`, and `pool_keys` (more `[pool]` lines) in
+/// its configuration file, kept in the returned directory while the proxy runs.
+fn pooled(primary: &str, pool_size: usize, pool_keys: &str) -> (Proxy, TempDir) {
+    pooled_with(primary, pool_size, pool_keys, &["--auth-type", "trust"])
+}
+
+/// [`pooled`] with `extra` flags instead of trust for clients.
+fn pooled_with(
+    primary: &str,
+    pool_size: usize,
+    pool_keys: &str,
+    extra: &[&str],
+) -> (Proxy, TempDir) {
+    let dir = TempDir::new("pool-console");
+    let config = dir.join("pgprism.toml");
+    std::fs::write(
+        &config,
+        format!("[pool]\n{pool_keys}admin-users = [\"postgres\"]\n"),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let size = pool_size.to_string();
+    let mut args = vec![
+        "--pool-mode",
+        "transaction",
+        "--pool-size",
+        &size,
+        "--shards",
+        "1",
+        "--config",
+        &config,
+    ];
+    args.extend_from_slice(extra);
+    let proxy = Proxy::start(primary, &args);
+    (proxy, dir)
+}
+
+fn console(proxy: &Proxy) -> postgres::Client {
+    postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=pgbouncer connect_timeout=10",
+            proxy.port()
+        ),
+        postgres::NoTls,
+    )
+    .expect("console")
+}
+
+/// The server process of the connection this client's next transaction is lent.
+fn backend_pid(client: &mut postgres::Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .expect("pg_backend_pid")
+        .get(0)
+}
+
+/// Client backends of database `db` on the server (pgprism's pooled connections).
+fn backends(pg: &pgprism::embed::Instance, db: &str) -> usize {
+    pg.psql(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND backend_type = 'client backend'"
+    ))
+    .expect("count backends")
+    .trim()
+    .parse()
+    .unwrap_or(usize::MAX)
+}
+
+/// Whether server process `pid` is still there.
+fn alive(pg: &pgprism::embed::Instance, pid: i32) -> bool {
+    pg.psql(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
+    ))
+    .map(|n| n.trim() == "1")
+    .unwrap_or(true)
+}
+
+/// `column` of the pool of database `db` in SHOW POOLS.
+fn pool_column(console: &mut postgres::Client, db: &str, column: &str) -> Option<u64> {
+    console
+        .simple_query("SHOW POOLS")
+        .ok()?
+        .into_iter()
+        .find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some(db) => {
+                r.get(column)?.parse().ok()
+            }
+            _ => None,
+        })
+}
+
+const WAIT: Duration = Duration::from_secs(15);
+
+#[test]
+fn min_size_keeps_connections_open_for_a_pair_once_it_logged_in() {
+    let pg = start_primary("pool-min-size");
+    pg.psql("CREATE DATABASE app").unwrap();
+    let (proxy, _dir) = pooled(&pg.url(), 5, "min-size = 3\n");
+    let mut app = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=app connect_timeout=10",
+            proxy.port()
+        ),
+        postgres::NoTls,
+    )
+    .unwrap();
+    app.batch_execute("SELECT 1").unwrap();
+    // The client is idle between transactions: what stays open is the pool's floor.
+    assert!(
+        eventually(WAIT, || backends(&pg, "app") == 3),
+        "min-size 3 connections to app, saw {}",
+        backends(&pg, "app")
+    );
+    drop(app);
+}
+
+#[test]
+fn reserve_connections_serve_a_client_that_waited_past_the_reserve_timeout() {
+    let pg = start_primary("pool-reserve");
+    let (proxy, _dir) = pooled(
+        &pg.url(),
+        1,
+        "reserve-size = 1\nreserve-timeout-ms = 50\nquery-wait-timeout-ms = 60000\n",
+    );
+    let mut a = proxy.client();
+    let mut tx = a.transaction().unwrap();
+    let held = tx
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get::<_, i32>(0);
+    // The pool's one connection stays lent to `a`: `b` is served only by the reserve.
+    let mut b = proxy.client();
+    let other = backend_pid(&mut b);
+    assert_ne!(other, held, "b got a connection of its own");
+    tx.commit().unwrap();
+}
+
+#[test]
+fn a_connection_past_its_lifetime_is_closed_when_it_comes_back() {
+    let pg = start_primary("pool-lifetime");
+    let (proxy, _dir) = pooled(&pg.url(), 1, "server-lifetime-ms = 1\n");
+    let mut c = proxy.client();
+    // Each transaction lasts longer than the lifetime, so its connection is past it when it
+    // comes back.
+    let first: i32 = c
+        .query_one("SELECT pg_backend_pid() FROM pg_sleep(0.01)", &[])
+        .unwrap()
+        .get(0);
+    let second: i32 = c
+        .query_one("SELECT pg_backend_pid() FROM pg_sleep(0.01)", &[])
+        .unwrap()
+        .get(0);
+    assert_ne!(first, second, "a new connection after the first expired");
+    assert!(
+        eventually(WAIT, || !alive(&pg, first)),
+        "the old one closed"
+    );
+}
+
+#[test]
+fn the_check_query_runs_on_an_idle_connection_before_it_is_lent() {
+    let pg = start_primary("pool-check");
+    pg.psql("CREATE TABLE checks (at timestamptz DEFAULT now())")
+        .unwrap();
+    let (proxy, _dir) = pooled(
+        &pg.url(),
+        1,
+        "server-check-delay-ms = 0\nserver-check-query = \"INSERT INTO checks DEFAULT VALUES\"\n",
+    );
+    let mut c = proxy.client();
+    for _ in 0..3 {
+        c.batch_execute("SELECT 1").unwrap();
+    }
+    let checks: i64 = c
+        .query_one("SELECT count(*) FROM checks", &[])
+        .unwrap()
+        .get(0);
+    // The first lend may take a fresh connection (nothing to check); every later one found it
+    // idle past a delay of 0.
+    assert!(checks >= 3, "checked before each later lend, saw {checks}");
+    let later: i64 = c
+        .query_one("SELECT count(*) FROM checks", &[])
+        .unwrap()
+        .get(0);
+    assert!(later > checks, "checked again: {later} after {checks}");
+}
+
+#[test]
+fn a_pinned_connection_is_reset_with_the_reset_query_or_closed_without_one() {
+    let pg = start_primary("pool-reset");
+    for (keys, kept) in [("", true), ("server-reset-query = \"\"\n", false)] {
+        let (proxy, _dir) = pooled(&pg.url(), 1, keys);
+        let pinned = {
+            let mut a = proxy.client();
+            a.batch_execute("CREATE TEMP TABLE mine (v int)").unwrap();
+            backend_pid(&mut a)
+        };
+        let mut b = proxy.client();
+        let (pid, mine): (i32, Option<String>) = {
+            let row = b
+                .query_one("SELECT pg_backend_pid(), to_regclass('mine')::text", &[])
+                .unwrap();
+            (row.get(0), row.get(1))
+        };
+        assert_eq!(mine, None, "no trace of the pinned client's table");
+        if kept {
+            assert_eq!(
+                pid, pinned,
+                "DISCARD ALL made the connection fit to lend again"
+            );
+        } else {
+            assert_ne!(pid, pinned, "no reset query: the connection was closed");
+            assert!(eventually(WAIT, || !alive(&pg, pinned)));
+        }
+    }
+}
+
+/// Every statement that pins, the pin counted, the client kept on its connection while
+/// another client uses the rest of the pool, and nothing of it left once it leaves.
+#[test]
+fn every_kind_of_pin_is_counted_and_cleaned_before_the_next_client() {
+    let pg = start_primary("pool-pin-kinds");
+    let (proxy, _dir) = pooled(&pg.url(), 2, "");
+    let kinds = [
+        ("listen", "LISTEN jobs"),
+        ("advisory-lock", "SELECT pg_advisory_lock(7)"),
+        (
+            "with-hold-cursor",
+            "BEGIN; DECLARE held CURSOR WITH HOLD FOR SELECT 1; COMMIT",
+        ),
+        ("temporary-object", "CREATE TEMP TABLE mine (v int)"),
+    ];
+    let mut other = proxy.client();
+    let mut admin = console(&proxy);
+    for (n, (kind, sql)) in kinds.iter().enumerate() {
+        let mut a = proxy.client();
+        a.batch_execute(sql).unwrap();
+        let pid = backend_pid(&mut a);
+        for _ in 0..3 {
+            other.batch_execute("SELECT 1").unwrap();
+            assert_eq!(
+                backend_pid(&mut a),
+                pid,
+                "{kind}: the client stays on its connection"
+            );
+        }
+        // Visible: the pinned client, idle between its transactions, is the one client of the
+        // pool linked to a server connection in SHOW CLIENTS.
+        let mut linked = || {
+            admin
+                .simple_query("SHOW CLIENTS")
+                .unwrap()
+                .into_iter()
+                .filter(|m| match m {
+                    postgres::SimpleQueryMessage::Row(r) => {
+                        r.get("database") == Some("postgres")
+                            && r.get("link").is_some_and(|l| !l.is_empty())
+                    }
+                    _ => false,
+                })
+                .count()
+        };
+        assert!(
+            eventually(WAIT, || linked() == 1),
+            "{kind}: SHOW CLIENTS links it"
+        );
+        let counted = n as u64 + 1;
+        assert!(
+            eventually(WAIT, || proxy.metric("pgprism_pool_pins_total") == counted),
+            "{kind}: pins counted {} of {counted}",
+            proxy.metric("pgprism_pool_pins_total")
+        );
+        drop(a);
+        // The connection is reset before it is lent again (DISCARD ALL): whichever of the two
+        // the next clients get, nothing of the pin is there.
+        let clean = eventually(WAIT, || {
+            pg.psql(&format!(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = {pid}"
+            ))
+            .is_ok_and(|n| n.trim() == "0")
+        });
+        assert!(clean, "{kind}: the advisory lock went with the reset");
+        for _ in 0..4 {
+            let row = other
+                .query_one(
+                    "SELECT (SELECT count(*) FROM pg_listening_channels()), \
+                     (SELECT count(*) FROM pg_cursors WHERE is_holdable), to_regclass('mine')::text",
+                    &[],
+                )
+                .unwrap();
+            assert_eq!(row.get::<_, i64>(0), 0, "{kind}: no channel listened to");
+            assert_eq!(row.get::<_, i64>(1), 0, "{kind}: no cursor held");
+            assert_eq!(row.get::<_, Option<String>>(2), None, "{kind}: no table");
+        }
+    }
+}
+
+#[test]
+fn pause_holds_clients_until_resume_and_reconnect_replaces_connections() {
+    let pg = start_primary("pool-pause");
+    let (proxy, _dir) = pooled(&pg.url(), 2, "");
+    let mut admin = console(&proxy);
+    let mut a = proxy.client();
+    let before = backend_pid(&mut a);
+
+    admin.simple_query("PAUSE").expect("PAUSE");
+    let port = proxy.port();
+    let waiter = std::thread::spawn(move || {
+        let mut b = postgres::Client::connect(
+            &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=10"),
+            postgres::NoTls,
+        )
+        .unwrap();
+        b.query_one("SELECT 41 + 1", &[])
+            .map(|r| r.get::<_, i32>(0))
+    });
+    assert!(
+        eventually(WAIT, || pool_column(&mut admin, "postgres", "cl_waiting")
+            == Some(1)),
+        "the client waits while paused"
+    );
+    assert!(!waiter.is_finished(), "nothing was lent while paused");
+    admin.simple_query("RESUME").expect("RESUME");
+    assert_eq!(waiter.join().unwrap().expect("served after RESUME"), 42);
+    let Err(again) = admin.simple_query("RESUME") else {
+        panic!("RESUME when not paused succeeded");
+    };
+    let said = again.as_db_error().map(|e| e.message().to_string());
+    assert_eq!(
+        said.as_deref(),
+        Some("pooler is not paused/suspended"),
+        "PgBouncer's error"
+    );
+
+    admin.simple_query("RECONNECT").expect("RECONNECT");
+    assert!(
+        eventually(WAIT, || backend_pid(&mut a) != before),
+        "a new connection after RECONNECT"
+    );
+    assert!(
+        eventually(WAIT, || !alive(&pg, before)),
+        "the old one closed"
+    );
+}
+
+#[test]
+fn kill_drops_the_databases_clients_and_connections() {
+    let pg = start_primary("pool-kill");
+    pg.psql("CREATE DATABASE app").unwrap();
+    let (proxy, _dir) = pooled(&pg.url(), 2, "");
+    let mut admin = console(&proxy);
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app connect_timeout=10",
+        proxy.port()
+    );
+    let mut a = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    a.batch_execute("SELECT 1").unwrap();
+    let mut other = proxy.client();
+    assert_eq!(
+        admin
+            .simple_query("KILL nosuchdb")
+            .err()
+            .and_then(|e| e.as_db_error().map(|d| d.message().to_string()))
+            .as_deref(),
+        Some("no such database: nosuchdb")
+    );
+    // The console knows a database by its pool in the shards' snapshots (once a second).
+    assert!(
+        eventually(WAIT, || pool_column(&mut admin, "app", "cl_active")
+            .is_some()),
+        "app's pool in SHOW POOLS"
+    );
+    admin.simple_query("KILL app").expect("KILL app");
+    assert!(
+        eventually(WAIT, || a.batch_execute("SELECT 1").is_err()),
+        "app's client was dropped"
+    );
+    assert!(
+        eventually(WAIT, || backends(&pg, "app") == 0),
+        "and its connections"
+    );
+    // Another database's client is untouched.
+    assert!(backend_pid(&mut other) > 0);
+}
+
+#[test]
+fn reload_rereads_the_file_and_shutdown_exits() {
+    let pg = start_primary("pool-reload");
+    let (mut proxy, dir) = pooled(&pg.url(), 2, "");
+    let mut admin = console(&proxy);
+    std::fs::write(
+        dir.join("pgprism.toml"),
+        "[pool]\nserver-check-delay-ms = 1000\nadmin-users = [\"postgres\"]\n",
+    )
+    .unwrap();
+    admin.simple_query("RELOAD").expect("RELOAD");
+    assert!(
+        eventually(WAIT, || proxy.log().contains("pool.server-check-delay-ms")),
+        "the reload read the changed key:\n{}",
+        proxy.log()
+    );
+    let mut c = proxy.client();
+    c.batch_execute("SELECT 1").unwrap();
+    // SHUTDOWN answers nothing and closes, as PgBouncer's; the process drains and exits.
+    let _ = admin.simple_query("SHUTDOWN");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(30)), Some(0));
+}
+
+/// No `auth-file`: pgprism finds each user's secret with `auth-query` on the primary (as
+/// `auth-user`) and authenticates the client itself, SCRAM for a SCRAM secret and MD5 for an
+/// MD5 hash, as PostgreSQL would; a wrong password is refused with 28P01.
+#[test]
+fn users_log_in_with_the_secrets_auth_query_finds() {
+    let pg = start_primary("pool-auth-query-login");
+    let (proxy, _dir) = pooled_with(&pg.url(), 2, "auth-user = \"postgres\"\n", &[]);
+    for user in [SCRAM_USER, MD5_USER] {
+        let mut c =
+            postgres::Client::connect(&proxy.conninfo(user, Some(PASSWORD)), postgres::NoTls)
+                .unwrap_or_else(|e| panic!("{user} through auth-query: {e}\n{}", proxy.log()));
+        let who: String = c
+            .query_one("SELECT current_user::text", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(who, user);
+        let wrong = postgres::Client::connect(&proxy.conninfo(user, Some("nope")), postgres::NoTls)
+            .err()
+            .expect("a wrong password is refused");
+        assert_eq!(
+            sqlstate(&wrong).as_deref(),
+            Some("28P01"),
+            "{user}: {wrong}"
+        );
+    }
+}
+
+/// `set_config(..., false)`, `RESET` and `RESET ALL` are tracked per client like `SET`: two
+/// clients on one server connection each keep their own `statement_timeout`.
+#[test]
+fn set_config_and_reset_follow_each_client_on_one_connection() {
+    let pg = start_primary("pool-set-config");
+    let (proxy, _dir) = pooled(&pg.url(), 1, "");
+    let mut a = proxy.client();
+    let mut b = proxy.client();
+    let shown = |c: &mut postgres::Client| -> String {
+        c.query_one("SHOW statement_timeout", &[]).unwrap().get(0)
+    };
+    a.batch_execute("SELECT set_config('statement_timeout', '1234', false)")
+        .unwrap();
+    b.batch_execute("SET statement_timeout = 5678").unwrap();
+    assert_eq!(backend_pid(&mut a), backend_pid(&mut b), "one connection");
+    for _ in 0..2 {
+        assert_eq!(shown(&mut a), "1234ms");
+        assert_eq!(shown(&mut b), "5678ms");
+    }
+    a.batch_execute("RESET statement_timeout").unwrap();
+    assert_eq!(shown(&mut b), "5678ms");
+    assert_eq!(shown(&mut a), "0");
+    b.batch_execute("RESET ALL").unwrap();
+    assert_eq!(shown(&mut b), "0");
+    // A transaction-local set_config ends with its transaction.
+    let mut tx = a.transaction().unwrap();
+    tx.batch_execute("SELECT set_config('statement_timeout', '42', true)")
+        .unwrap();
+    let inside: String = tx.query_one("SHOW statement_timeout", &[]).unwrap().get(0);
+    assert_eq!(inside, "42ms");
+    tx.commit().unwrap();
+    assert_eq!(shown(&mut a), "0");
+    assert_eq!(shown(&mut b), "0");
+}
+
+/// A `stats-users` user reads every SHOW of the console over the wire (PgBouncer's and our
+/// own) and is refused whatever changes something; an application user gets no console.
+#[test]
+fn stats_users_read_every_show_and_change_nothing() {
+    let pg = start_primary("pool-stats-users");
+    let (proxy, _dir) = pooled(&pg.url(), 2, "stats-users = [\"watcher\"]\n");
+    let mut app = proxy.client();
+    app.batch_execute("SELECT 1").unwrap();
+    let as_user = |user: &str| {
+        postgres::Client::connect(
+            &format!(
+                "host=127.0.0.1 port={} user={user} dbname=pgbouncer connect_timeout=10",
+                proxy.port()
+            ),
+            postgres::NoTls,
+        )
+    };
+    let mut watcher = as_user("watcher").expect("a stats user logs in to the console");
+    for show in [
+        "POOLS",
+        "CLIENTS",
+        "SERVERS",
+        "STATS",
+        "STATS_TOTALS",
+        "DATABASES",
+        "CONFIG",
+        "LISTS",
+        "VERSION",
+        "MIRRORS",
+        "COMPARE",
+    ] {
+        let rows = watcher
+            .simple_query(&format!("SHOW {show}"))
+            .unwrap_or_else(|e| panic!("SHOW {show}: {e:?}"));
+        assert!(
+            rows.iter()
+                .any(|m| matches!(m, postgres::SimpleQueryMessage::CommandComplete(_))),
+            "SHOW {show} completes"
+        );
+    }
+    for change in ["PAUSE", "RECONNECT", "KILL postgres", "RELOAD", "SHUTDOWN"] {
+        let Err(refused) = watcher.simple_query(change) else {
+            panic!("{change} by a stats user succeeded");
+        };
+        let said = refused.as_db_error().map(|e| e.message().to_string());
+        assert_eq!(said.as_deref(), Some("admin access needed"), "{change}");
+    }
+    // Nothing changed: the application goes on, the proxy still serves.
+    app.batch_execute("SELECT 1").unwrap();
+    assert!(
+        as_user("app")
+            .and_then(|mut c| c.simple_query("SHOW POOLS"))
+            .is_err(),
+        "no console for a user in neither list"
+    );
+}
