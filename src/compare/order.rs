@@ -137,6 +137,12 @@ struct Entry {
     cleared: Option<Instant>,
     /// Its order with a conflicting sync point was not reproduced, and why.
     overtaken: Option<Unpinned>,
+    /// The session whose sync point it is: `session` but for a read being placed (see
+    /// [`Ledger::place_after`]), which is booked under a session of its own.
+    origin: u64,
+    /// When it was sent to the primary, and when its answer arrived there (ns).
+    since: u64,
+    answer: u64,
 }
 
 /// What the primary did on one relation lately: which conflicting writes a sync point
@@ -1144,6 +1150,9 @@ impl Ledger {
                 locked: locks.primary,
                 cleared: None,
                 overtaken: overlapped,
+                origin: session,
+                since: started.1.since,
+                answer: stamp,
             },
         );
         // It is no longer in flight: what was held for it may go (or now waits for it).
@@ -1316,6 +1325,97 @@ impl Ledger {
             CHAIN_DEPTH_MAX,
             &mut seen,
         )
+    }
+
+    /// The shadow completed read `c`, and its answer differs from the primary's: when the
+    /// read overlapped a conflicting write of another session on the primary (so the
+    /// difference may be its place, not the shadow), it stays pending, holding the writes
+    /// numbered after it, for [`place_after`](Self::place_after); the reason it was
+    /// unpinned is returned. Otherwise None, and the caller ends it with
+    /// [`done`](Self::done) as any other.
+    pub fn keep(&self, c: u64) -> Option<Unpinned> {
+        let mut book = self.book();
+        let entry = book.entries.get(&c)?;
+        if entry.footprint.write || entry.footprint.wild {
+            return None;
+        }
+        let why = entry
+            .overtaken
+            .filter(|u| matches!(u, Unpinned::Overlapped | Unpinned::InFlight))?;
+        // Booked under a session of its own from now on, at the same number: its own
+        // session's later writes of its rows (numbered after it: sent after its answer
+        // arrived) then wait for it too, so no re-read sees them.
+        self.rebook(&mut book, c, c);
+        Some(why)
+    }
+
+    /// Books pending read `c` again at `n` (not taken), under a new session.
+    fn rebook(&self, book: &mut Book, c: u64, n: u64) -> Option<()> {
+        let mut moved = book.remove(c)?;
+        moved.session = self.sessions.fetch_add(1, Ordering::Relaxed);
+        moved.cleared = None;
+        let key = (moved.session, false);
+        for &lane in moved.footprint.lanes.iter() {
+            let rows = Some(moved.footprint.rows(lane));
+            book.lanes.entry(lane).or_default().insert(n, key, rows);
+        }
+        book.all.insert(n, key, None);
+        book.newest.insert(moved.session, n);
+        book.entries.insert(n, moved);
+        Some(())
+    }
+
+    /// Moves kept read `c` (see [`keep`](Self::keep)) to just after the next write that may
+    /// have preceded it on the primary: the earliest pending conflicting write of another
+    /// session numbered after it that was sent to the primary before the read's answer
+    /// arrived there (their windows met), and before any later sync point of the read's own
+    /// session. The read is booked under a session of its own, so that every conflicting
+    /// sync point numbered after its new place waits for it, its own session's included;
+    /// the writes it held until now may go. Returns its new number, to be waited for with
+    /// [`Port::wait`] and ended with [`done`](Self::done); None when no such write is
+    /// pending (it stays at `c`).
+    ///
+    /// Sound because the read then runs on the shadow where the ordering put it: after
+    /// every conflicting sync point numbered before its new place and before every one
+    /// numbered after it, a state the shadow really passes through, in the primary's
+    /// completion order.
+    pub fn place_after(&self, c: u64, this_shard: usize) -> Option<u64> {
+        let mut book = self.book();
+        let entry = book.entries.get(&c)?;
+        if entry.footprint.write || entry.footprint.wild {
+            return None;
+        }
+        let (origin, answer) = (entry.origin, entry.answer);
+        // A placement is rare (a read that differed): a walk of what is pending.
+        let own_next = book
+            .entries
+            .iter()
+            .filter(|(k, e)| **k > c && e.origin == origin)
+            .map(|(&k, _)| k)
+            .min()
+            .unwrap_or(u64::MAX);
+        let next = book
+            .entries
+            .iter()
+            .filter(|(k, e)| {
+                **k > c
+                    && **k < own_next
+                    && e.footprint.write
+                    && e.origin != origin
+                    && e.since < answer
+                    && entry.footprint.conflicts(&e.footprint)
+            })
+            .map(|(&k, _)| k)
+            .min()?;
+        let footprint = entry.footprint.clone();
+        let mut n = next + 1;
+        while book.entries.contains_key(&n) {
+            n += 1;
+        }
+        self.rebook(&mut book, c, n)?;
+        // What waited for it at `c` is looked at again (the write it now follows may go).
+        book.release(&[&footprint], Some(&[c]), this_shard);
+        Some(n)
     }
 
     /// The shadow completed sync point `c`: it is no longer pending, and what waited for it
