@@ -1947,9 +1947,7 @@ impl Comparer {
             return None;
         }
         let differences = verdict::compare(p, s, statement.ordered, &self.target.rules);
-        if differences.is_empty()
-            || !super::recheck::calls_only_safe_functions(&statement.text)
-        {
+        if differences.is_empty() || !super::recheck::calls_only_safe_functions(&statement.text) {
             return None;
         }
         let stats = &self.target.stats;
