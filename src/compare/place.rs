@@ -59,6 +59,7 @@ pub(crate) async fn run(
     mut record: Record,
 ) {
     let (placed, c) = place(&target, &port, &params, &read).await;
+    let placed = placed && !port.ledger.spoiled(c);
     // A wait that ran out, or a lock break, sent a later conflicting sync point (its own
     // session's next write, say) ahead of a re-read: then what it read is not sure.
     let pinned = port.ledger.done(c, port.shard());
