@@ -1910,8 +1910,8 @@ impl Comparer {
     /// The shadow answered ordered read `c` (client sync point `seq`) with `shadow`: when it
     /// differs from the primary's answer, may be read again, and overlapped writes of its
     /// rows on the primary, it stays pending in the ledger to be placed (see
-    /// `compare::place`; a re-check slot taken for it), and why it was unpinned is
-    /// returned.
+    /// `compare::place`), and why it was unpinned is returned. (Until its placement starts
+    /// it stays among the session's issued numbers: a session that ends first abandons it.)
     fn keep_to_place(&mut self, c: u64, seq: u64, shadow: &SyncDigest) -> Option<Unpinned> {
         let port = self.target.port.as_ref()?;
         let cfg = &self.target.cfg;
@@ -1946,33 +1946,20 @@ impl Comparer {
         {
             return None;
         }
-        let differences = verdict::compare(p, s, statement.ordered, &self.target.rules);
-        if differences.is_empty() || !super::recheck::calls_only_safe_functions(&statement.text) {
+        // Only values can tell a place (the judge looks at the differences themselves; a
+        // read kept for nothing is ended there): rows that hash alike need no place, and
+        // this costs the reads that agree three comparisons.
+        let values = p.rows != s.rows
+            || p.unordered != s.unordered
+            || (statement.ordered && p.ordered != s.ordered);
+        if !values || !super::recheck::calls_only_safe_functions(&statement.text) {
             return None;
         }
-        let stats = &self.target.stats;
-        if stats.rechecks_running.get() >= cfg.order_rechecks_max {
+        // (The re-check slot is taken when the placement starts, in `place`.)
+        if self.target.stats.rechecks_running.get() >= cfg.order_rechecks_max {
             return None;
         }
-        let total_max = cfg.order_rechecks_total_max;
-        self.target
-            .rechecks
-            .fetch_update(
-                std::sync::atomic::Ordering::AcqRel,
-                std::sync::atomic::Ordering::Acquire,
-                |running| (running < total_max).then_some(running + 1),
-            )
-            .ok()?;
-        let Some(why) = port.ledger.keep(c) else {
-            self.target
-                .rechecks
-                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-            return None;
-        };
-        stats.rechecks_running.set(stats.rechecks_running.get() + 1);
-        // The placement owns it now: the session's end does not abandon it.
-        self.link.issued.borrow_mut().retain(|&i| i != c);
-        Some(why)
+        port.ledger.keep(c)
     }
 
     /// A read kept to be placed (`c`) whose placement never started (its sync point was
@@ -1981,13 +1968,9 @@ impl Comparer {
         let Some(port) = &self.target.port else {
             return;
         };
+        self.link.issued.borrow_mut().retain(|&i| i != c);
         port.ledger.done(c, port.shard());
         port.drain();
-        let stats = &self.target.stats;
-        stats.rechecks_running.set(stats.rechecks_running.get() - 1);
-        self.target
-            .rechecks
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// The shadow answered ordered sync point `c`: whoever waited for it may go.
@@ -2334,10 +2317,17 @@ impl Comparer {
             let unpinned = shadow.overtaken.or(primary.overtaken);
             // A read that overlapped writes of its rows: placed by re-reads, judged then.
             if let (Some(p), Some(why)) = (p, unpinned)
+                && placing.is_some()
+                && !differences
+                    .iter()
+                    .any(|d| matches!(d.kind, Kind::Columns | Kind::ColumnTypes | Kind::Error))
                 && let Some(c) = placing.take()
             {
-                self.place(&statement, &differences, (p, s), times, (c, why));
-                continue;
+                if self.place(&statement, &differences, (p, s), times, (c, why)) {
+                    continue;
+                }
+                // No slot: judged as it stands.
+                self.unkeep(c);
             }
             let overtaken = unpinned.is_some();
             // Rows in another order under an ORDER BY whose keys the digests never saw: ties
@@ -2442,7 +2432,7 @@ impl Comparer {
     }
 
     /// Starts placing read `c` (see `compare::place`), which reports it if no place
-    /// reproduces the primary's answer.
+    /// reproduces the primary's answer; false when the re-checks' bounds leave no room.
     fn place(
         &self,
         statement: &Compared,
@@ -2450,10 +2440,27 @@ impl Comparer {
         (p, s): (&Digest, Option<&Digest>),
         times: (u64, u64, u8),
         (c, why): (u64, Unpinned),
-    ) {
+    ) -> bool {
         let Some(port) = self.target.port.clone() else {
-            return;
+            return false;
         };
+        let (cfg, stats) = (&self.target.cfg, &self.target.stats);
+        if stats.rechecks_running.get() >= cfg.order_rechecks_max {
+            return false;
+        }
+        // A slot of the process-wide bound, as an order re-check takes.
+        let total_max = cfg.order_rechecks_total_max;
+        let slot = self.target.rechecks.fetch_update(
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+            |running| (running < total_max).then_some(running + 1),
+        );
+        if slot.is_err() {
+            return false;
+        }
+        stats.rechecks_running.set(stats.rechecks_running.get() + 1);
+        // The placement owns it now: the session's end does not abandon it.
+        self.link.issued.borrow_mut().retain(|&i| i != c);
         let empty = Digest::default();
         let record = self.record(statement, differences, p, s.unwrap_or(&empty), times, false);
         crate::exec::spawn(super::place::run(
@@ -2469,6 +2476,7 @@ impl Comparer {
             },
             record,
         ));
+        true
     }
 
     /// Counts and reports one statement's differences; returns the description and detail
