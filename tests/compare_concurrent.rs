@@ -305,6 +305,14 @@ fn read_that_saw_a_later_answered_write(name: &str, extra: &[&str]) -> (u64, u64
         "the read was judged: {}",
         proxy.log()
     );
+    // /status counts it too.
+    let (_, status) = proxy.admin_get("/status");
+    let status: sonic_rs::Value = sonic_rs::from_str(&status).expect("status JSON");
+    assert_eq!(
+        status["counters"]["compare_placed"].as_u64(),
+        Some(proxy.metric("pgprism_compare_placed_total")),
+        "placed reads on /status"
+    );
     (
         proxy.metric("pgprism_compare_mismatches_total"),
         proxy.metric("pgprism_compare_inconclusive_concurrent_total"),
