@@ -167,6 +167,8 @@ struct SyncMeta {
     /// What it touched as it was sent to the primary, and where the order stood then.
     start: Start,
     read_at: Instant,
+    /// Its number in the completion order, once the primary answered it (ordered only).
+    number: Option<u64>,
 }
 
 /// Whether transaction-control statement `text` (read as `kind`) may leave the two sides
@@ -912,6 +914,7 @@ impl Dispatch {
             ordered,
             start,
             read_at,
+            number: None,
         });
         ordered
     }
@@ -1882,6 +1885,7 @@ impl Comparer {
             if let Some(c) = c {
                 self.link.issued.borrow_mut().push(c);
             }
+            meta.number = c;
             self.link.tickets.borrow_mut().push_back((seq, c));
             // No wake-up for the writer: this runs in the session's own task, in the poll
             // of its pump (`Pump::feed`), and the writer is the last future of that task's
@@ -1918,10 +1922,12 @@ impl Comparer {
         if cfg.place_reads_max == 0 || shadow.status != b'I' {
             return None;
         }
-        let index = usize::try_from(seq.checked_sub(self.settled)?).ok()?;
+        // `seq` is the session tracker's number; the pairing's are offset (see `plan`).
+        let local = seq.checked_sub(self.link.numbering.get())?;
+        let index = usize::try_from(local.checked_sub(self.settled)?).ok()?;
         let primary = self.done[PRIMARY].get(index)?;
         let metas = self.link.metas.borrow();
-        let meta = metas.get(index)?;
+        let meta = metas.get(index).filter(|m| m.number == Some(c))?;
         let ([statement], [p], [s]) = (
             &meta.statements[..],
             &primary.results[..],
