@@ -236,6 +236,10 @@ struct CompareArgs {
     /// before its answer); 0: reads placed by their answers.
     #[arg(long)]
     compare_order_read_lead_us: Option<u64>,
+    /// How many times a read that overlapped writes of its rows and differs is read again
+    /// on the shadow after each later overlapping write, to find its place; 0: never.
+    #[arg(long)]
+    compare_place_reads_max: Option<u64>,
     /// A/A calibration: the shadow is the primary itself (--shadow defaults to the primary's
     /// URL); writes run on the primary only and every difference counts as noise.
     #[arg(long)]
@@ -300,6 +304,9 @@ impl CompareArgs {
         }
         if let Some(v) = self.compare_order_hold_ms {
             c.order_hold_ms = v;
+        }
+        if let Some(v) = self.compare_place_reads_max {
+            c.place_reads_max = v;
         }
         if let Some(v) = self.compare_order_read_lead_us {
             c.order_read_lead_us = v;

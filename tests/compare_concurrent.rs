@@ -103,7 +103,14 @@ fn hot_rows_without_false_mismatches(
 ) {
     let p = pair(name);
     p.both(HOT);
-    let proxy = p.proxy(extra);
+    // More proxy flags for an A/B of the same test (`PGPRISM_HOT_ARGS="--compare-place-reads-max 0"`).
+    let more = std::env::var("PGPRISM_HOT_ARGS").unwrap_or_default();
+    let extra: Vec<&str> = extra
+        .iter()
+        .copied()
+        .chain(more.split_whitespace())
+        .collect();
+    let proxy = p.proxy(&extra);
     let script = script(&p).display().to_string();
     let c = clients.to_string();
     let t = per_client.to_string();
@@ -118,10 +125,12 @@ fn hot_rows_without_false_mismatches(
     eprintln!(
         "hot rows, {clients} clients {extra:?}: {compared} compared, {mismatches} mismatches, \
          {concurrent} inconclusive (concurrent, {:.3}%), {nondeterministic} nondeterministic, \
-         {} unpinned, {} waits expired, {} lock breaks, shadow lag p50 {:?} us, p99 {:?} us, \
-         max {:?} us",
+         {} unpinned, {} placed ({} re-reads), {} waits expired, {} lock breaks, shadow lag \
+         p50 {:?} us, p99 {:?} us, max {:?} us",
         rate * 100.0,
         proxy.metric("pgprism_compare_unpinned_total"),
+        proxy.metric("pgprism_compare_placed_total"),
+        proxy.metric("pgprism_compare_place_rereads_total"),
         proxy.metric("pgprism_compare_order_waits_expired_total"),
         proxy.metric("pgprism_compare_order_lock_breaks_total"),
         lag["p50_us"].as_u64(),
@@ -237,6 +246,95 @@ fn hot_rows_at_8_clients_give_no_false_mismatch() {
 #[test]
 fn hot_rows_at_64_clients_give_no_false_mismatch() {
     hot_rows_without_false_mismatches("h64", 64, 25, 0.05, &[]);
+}
+
+/// One read that saw a write whose answer came after its own, driven by the test: session A
+/// updates row 1 in a transaction, then sends `COMMIT; SELECT pg_advisory_lock(..)` while the
+/// test holds that advisory lock on the primary, so the commit is visible there long before
+/// the sync point's answer; session B reads row 1 after the commit is visible (it reads 1),
+/// and only then is the lock released. Numbered by their answers, the read comes first, so
+/// the shadow runs it before the commit (it reads 0), and it overlapped the write on the
+/// primary. Returns (mismatches, inconclusive concurrent, placed) once it was judged.
+fn read_that_saw_a_later_answered_write(name: &str, extra: &[&str]) -> (u64, u64, u64) {
+    let p = pair(name);
+    p.both(HOT);
+    let proxy = p.proxy(extra);
+    let mut holder = postgres::Client::connect(&p.primary.url(), postgres::NoTls).unwrap();
+    let mut direct = postgres::Client::connect(&p.primary.url(), postgres::NoTls).unwrap();
+    holder
+        .batch_execute("SELECT pg_advisory_lock(4242)")
+        .unwrap();
+    let mut a = proxy.client();
+    a.batch_execute("BEGIN").unwrap();
+    a.batch_execute("UPDATE hot SET v = v + 1 WHERE id = 1")
+        .unwrap();
+    let writer = std::thread::spawn(move || {
+        a.batch_execute("COMMIT; SELECT pg_advisory_lock(4242)")
+            .unwrap();
+        a
+    });
+    let committed = eventually(Duration::from_secs(30), || {
+        direct
+            .query_one("SELECT v FROM hot WHERE id = 1", &[])
+            .is_ok_and(|r| r.get::<_, i32>(0) == 1)
+    });
+    assert!(committed, "the commit became visible on the primary");
+    let mut b = proxy.client();
+    let read = b.simple_query("SELECT v FROM hot WHERE id = 1").unwrap();
+    let value = read.iter().find_map(|m| match m {
+        postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(
+        value.as_deref(),
+        Some("1"),
+        "the read saw the commit on the primary"
+    );
+    holder
+        .batch_execute("SELECT pg_advisory_unlock(4242)")
+        .unwrap();
+    let a = writer.join().unwrap();
+    drop((a, b));
+    let placed = |proxy: &Proxy| {
+        proxy.metric("pgprism_compare_placed_total")
+            + proxy.metric("pgprism_compare_inconclusive_concurrent_total")
+            + proxy.metric("pgprism_compare_mismatches_total")
+    };
+    assert!(
+        eventually(Duration::from_secs(60), || placed(&proxy) >= 1),
+        "the read was judged: {}",
+        proxy.log()
+    );
+    // /status counts it too.
+    let (_, status) = proxy.admin_get("/status");
+    let status: sonic_rs::Value = sonic_rs::from_str(&status).expect("status JSON");
+    assert_eq!(
+        status["counters"]["compare_placed"].as_u64(),
+        Some(proxy.metric("pgprism_compare_placed_total")),
+        "placed reads on /status"
+    );
+    (
+        proxy.metric("pgprism_compare_mismatches_total"),
+        proxy.metric("pgprism_compare_inconclusive_concurrent_total"),
+        proxy.metric("pgprism_compare_placed_total"),
+    )
+}
+
+/// Placing a read by its own result (`compare.place-reads-max`): the read above differs on
+/// the shadow, is read again there just after the write it overlapped, agrees, and is a
+/// match; without placement the same read is inconclusive.
+#[test]
+fn a_read_numbered_before_a_write_it_saw_is_placed_after_it() {
+    assert_eq!(
+        read_that_saw_a_later_answered_write("pl", &[]),
+        (0, 0, 1),
+        "(mismatches, inconclusive, placed) with placement"
+    );
+    assert_eq!(
+        read_that_saw_a_later_answered_write("pl0", &["--compare-place-reads-max", "0"]),
+        (0, 1, 0),
+        "(mismatches, inconclusive, placed) without placement"
+    );
 }
 
 /// The client side pooled per transaction: the session reads the lent connections' answers

@@ -214,6 +214,9 @@ pub struct SyncDigest {
     /// (The shadow's) its order with a conflicting sync point of another session was not
     /// reproduced, and why: a difference is inconclusive.
     pub overtaken: Option<super::order::Unpinned>,
+    /// (The shadow's) a read kept pending in the order ledger under this number to be
+    /// placed (see `compare::place`): its judge starts the placement, or ends it.
+    pub placing: Option<u64>,
 }
 
 /// Folds one side's backend messages into digests.
@@ -390,6 +393,7 @@ impl Digester {
             status,
             finished: Some(at),
             overtaken: None,
+            placing: None,
         }
     }
 

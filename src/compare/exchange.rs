@@ -167,6 +167,8 @@ struct SyncMeta {
     /// What it touched as it was sent to the primary, and where the order stood then.
     start: Start,
     read_at: Instant,
+    /// Its number in the completion order, once the primary answered it (ordered only).
+    number: Option<u64>,
 }
 
 /// Whether transaction-control statement `text` (read as `kind`) may leave the two sides
@@ -912,6 +914,7 @@ impl Dispatch {
             ordered,
             start,
             read_at,
+            number: None,
         });
         ordered
     }
@@ -1786,10 +1789,13 @@ impl Comparer {
             None
         };
         let internal = kind == Some(ShadowSync::Own);
-        if let Some(ShadowSync::Client(Some(c), _)) = kind
-            && let Pinned::Overtaken(why) = self.shadow_completed(c)
-        {
-            digest.overtaken = Some(why);
+        if let Some(ShadowSync::Client(Some(c), seq)) = kind {
+            if let Some(why) = self.keep_to_place(c, seq, &digest) {
+                digest.overtaken = Some(why);
+                digest.placing = Some(c);
+            } else if let Pinned::Overtaken(why) = self.shadow_completed(c) {
+                digest.overtaken = Some(why);
+            }
         }
         if !internal {
             self.done[side].push_back(digest);
@@ -1879,6 +1885,7 @@ impl Comparer {
             if let Some(c) = c {
                 self.link.issued.borrow_mut().push(c);
             }
+            meta.number = c;
             self.link.tickets.borrow_mut().push_back((seq, c));
             // No wake-up for the writer: this runs in the session's own task, in the poll
             // of its pump (`Pump::feed`), and the writer is the last future of that task's
@@ -1902,6 +1909,74 @@ impl Comparer {
     /// 0: not stamped).
     pub fn set_primary_received(&mut self, ns: u64) {
         self.primary_stamp_ns = ns;
+    }
+
+    /// The shadow answered ordered read `c` (client sync point `seq`) with `shadow`: when it
+    /// differs from the primary's answer, may be read again, and overlapped writes of its
+    /// rows on the primary, it stays pending in the ledger to be placed (see
+    /// `compare::place`), and why it was unpinned is returned. (Until its placement starts
+    /// it stays among the session's issued numbers: a session that ends first abandons it.)
+    fn keep_to_place(&mut self, c: u64, seq: u64, shadow: &SyncDigest) -> Option<Unpinned> {
+        let port = self.target.port.as_ref()?;
+        let cfg = &self.target.cfg;
+        if cfg.place_reads_max == 0 || shadow.status != b'I' {
+            return None;
+        }
+        // `seq` is the session tracker's number; the pairing's are offset (see `plan`).
+        let local = seq.checked_sub(self.link.numbering.get())?;
+        let index = usize::try_from(local.checked_sub(self.settled)?).ok()?;
+        let primary = self.done[PRIMARY].get(index)?;
+        let metas = self.link.metas.borrow();
+        let meta = metas.get(index).filter(|m| m.number == Some(c))?;
+        let ([statement], [p], [s]) = (
+            &meta.statements[..],
+            &primary.results[..],
+            &shadow.results[..],
+        ) else {
+            return None;
+        };
+        // A plain autocommit SELECT of the simple protocol, text results, that the
+        // re-read runs as it ran: nothing it calls may do anything but return a value.
+        if primary.status != b'I'
+            || !statement.read_only
+            || statement.params
+            || statement.excluded
+            || statement.primary_only
+            || statement.copy
+            || statement.transaction
+            || statement.text.is_empty()
+            || statement.scan.nondeterministic.is_some()
+            || p.error.is_some()
+            || p.binary
+            || s.binary
+        {
+            return None;
+        }
+        // Only values can tell a place (the judge looks at the differences themselves; a
+        // read kept for nothing is ended there): rows that hash alike need no place, and
+        // this costs the reads that agree three comparisons.
+        let values = p.rows != s.rows
+            || p.unordered != s.unordered
+            || (statement.ordered && p.ordered != s.ordered);
+        if !values || !super::recheck::calls_only_safe_functions(&statement.text) {
+            return None;
+        }
+        // (The re-check slot is taken when the placement starts, in `place`.)
+        if self.target.stats.rechecks_running.get() >= cfg.order_rechecks_max {
+            return None;
+        }
+        port.ledger.keep(c)
+    }
+
+    /// A read kept to be placed (`c`) whose placement never started (its sync point was
+    /// not judged, or not as differing): it completes now, and its slot is free.
+    fn unkeep(&self, c: u64) {
+        let Some(port) = &self.target.port else {
+            return;
+        };
+        self.link.issued.borrow_mut().retain(|&i| i != c);
+        port.ledger.done(c, port.shard());
+        port.drain();
     }
 
     /// The shadow answered ordered sync point `c`: whoever waited for it may go.
@@ -2027,7 +2102,7 @@ impl Comparer {
             let Some(meta) = self.link.metas.borrow_mut().pop_front() else {
                 return;
             };
-            let (Some(primary), shadow) = (
+            let (Some(primary), mut shadow) = (
                 self.done[PRIMARY].pop_front(),
                 if need_shadow {
                     self.done[SHADOW].pop_front()
@@ -2045,9 +2120,10 @@ impl Comparer {
             );
             let fallback = self.stream_through.is_some_and(|t| seq <= t);
             let mut failure: Option<(String, String)> = None;
+            let mut placing = shadow.as_mut().and_then(|s| s.placing.take());
             match &shadow {
                 Some(shadow) if !self.diverged && !meta.withheld => {
-                    failure = self.judge(&meta, &primary, shadow, stats, fallback);
+                    failure = self.judge(&meta, &primary, shadow, stats, (fallback, &mut placing));
                 }
                 _ => {
                     let c = &stats.counters;
@@ -2064,6 +2140,9 @@ impl Comparer {
                     ShardStats::bump(&c.compare_skipped, n);
                     ShardStats::bump(reason, n);
                 }
+            }
+            if let Some(c) = placing {
+                self.unkeep(c);
             }
             if let Some(shadow) = &shadow {
                 self.track_status(primary.status, shadow.status, stats);
@@ -2165,7 +2244,7 @@ impl Comparer {
         primary: &SyncDigest,
         shadow: &SyncDigest,
         stats: &ShardStats,
-        fallback: bool,
+        (fallback, placing): (bool, &mut Option<u64>),
     ) -> Option<(String, String)> {
         let cfg = &self.target.cfg;
         let elapsed = |d: &SyncDigest| {
@@ -2242,6 +2321,20 @@ impl Comparer {
             }
             let times = (primary_us, shadow_us, primary.status);
             let unpinned = shadow.overtaken.or(primary.overtaken);
+            // A read that overlapped writes of its rows: placed by re-reads, judged then.
+            if let (Some(p), Some(why)) = (p, unpinned)
+                && placing.is_some()
+                && !differences
+                    .iter()
+                    .any(|d| matches!(d.kind, Kind::Columns | Kind::ColumnTypes | Kind::Error))
+                && let Some(c) = placing.take()
+            {
+                if self.place(&statement, &differences, (p, s), times, (c, why)) {
+                    continue;
+                }
+                // No slot: judged as it stands.
+                self.unkeep(c);
+            }
             let overtaken = unpinned.is_some();
             // Rows in another order under an ORDER BY whose keys the digests never saw: ties
             // or not, only a re-check with the keys in the output can tell.
@@ -2342,6 +2435,54 @@ impl Comparer {
             record,
         ));
         None
+    }
+
+    /// Starts placing read `c` (see `compare::place`), which reports it if no place
+    /// reproduces the primary's answer; false when the re-checks' bounds leave no room.
+    fn place(
+        &self,
+        statement: &Compared,
+        differences: &[Difference],
+        (p, s): (&Digest, Option<&Digest>),
+        times: (u64, u64, u8),
+        (c, why): (u64, Unpinned),
+    ) -> bool {
+        let Some(port) = self.target.port.clone() else {
+            return false;
+        };
+        let (cfg, stats) = (&self.target.cfg, &self.target.stats);
+        if stats.rechecks_running.get() >= cfg.order_rechecks_max {
+            return false;
+        }
+        // A slot of the process-wide bound, as an order re-check takes.
+        let total_max = cfg.order_rechecks_total_max;
+        let slot = self.target.rechecks.fetch_update(
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+            |running| (running < total_max).then_some(running + 1),
+        );
+        if slot.is_err() {
+            return false;
+        }
+        stats.rechecks_running.set(stats.rechecks_running.get() + 1);
+        // The placement owns it now: the session's end does not abandon it.
+        self.link.issued.borrow_mut().retain(|&i| i != c);
+        let empty = Digest::default();
+        let record = self.record(statement, differences, p, s.unwrap_or(&empty), times, false);
+        crate::exec::spawn(super::place::run(
+            self.target.clone(),
+            port,
+            self.params.clone(),
+            super::place::Read {
+                c,
+                text: statement.text.clone(),
+                ordered: statement.ordered,
+                primary: p.clone(),
+                why,
+            },
+            record,
+        ));
+        true
     }
 
     /// Counts and reports one statement's differences; returns the description and detail

@@ -14,6 +14,7 @@ mod explain;
 pub mod footprint;
 mod lease;
 pub mod order;
+mod place;
 mod pump;
 mod recheck;
 pub mod report;
@@ -217,6 +218,12 @@ pub struct CompareStats {
     /// Re-checks inconclusive (concurrent) because they read other rows (also in
     /// `rechecked[1]`): their reason, `order_recheck`.
     pub rechecked_changed: Cell<u64>,
+    /// Reads placed by a re-read on the shadow (see `place`), the re-reads made, and those
+    /// left inconclusive (concurrent) after a placement found no place, by reason
+    /// (overlapped, in flight).
+    pub placed: Cell<u64>,
+    pub place_rereads: Cell<u64>,
+    pub unplaced: [Cell<u64>; 2],
     /// Their reports dropped because the ring to the control thread was full.
     pub reports_dropped: Cell<u64>,
     /// Extended batches that passed `compare.shadow-batch-bytes-max` before their Sync.

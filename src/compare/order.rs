@@ -137,6 +137,15 @@ struct Entry {
     cleared: Option<Instant>,
     /// Its order with a conflicting sync point was not reproduced, and why.
     overtaken: Option<Unpinned>,
+    /// The session whose sync point it is: `session` but for a read being placed (see
+    /// [`Ledger::place_after`]), which is booked under a session of its own.
+    origin: u64,
+    /// A read being placed that a later write of its own session may precede on the
+    /// shadow (see [`Ledger::complete`]): no re-read of it says where it stood.
+    spoiled: bool,
+    /// When it was sent to the primary, and when its answer arrived there (ns).
+    since: u64,
+    answer: u64,
 }
 
 /// What the primary did on one relation lately: which conflicting writes a sync point
@@ -759,6 +768,8 @@ struct Book {
     /// flight.
     holding: BTreeSet<u64>,
     inboxes: Vec<Option<Arc<Inbox>>>,
+    /// Reads being placed (see [`Ledger::keep`]): their session, and their number now.
+    placing: IdMap<u64>,
 }
 
 /// Completion numbers released for one shard by another thread.
@@ -1123,6 +1134,16 @@ impl Ledger {
         while book.entries.contains_key(&c) {
             c += 1;
         }
+        // A write of the session of a read being placed, numbered before the read's place:
+        // it may run on the shadow before the read's re-read, which the primary's read
+        // never saw: that placement is spoilt.
+        if footprint.write
+            && let Some(&p) = book.placing.get(&session)
+            && c < p
+            && let Some(e) = book.entries.get_mut(&p)
+        {
+            e.spoiled = true;
+        }
         let newest = book.newest.entry(session).or_insert(c);
         *newest = (*newest).max(c);
         let overlapped = Ledger::finish(&mut book, session, &footprint, started, c);
@@ -1144,6 +1165,10 @@ impl Ledger {
                 locked: locks.primary,
                 cleared: None,
                 overtaken: overlapped,
+                origin: session,
+                spoiled: false,
+                since: started.1.since,
+                answer: stamp,
             },
         );
         // It is no longer in flight: what was held for it may go (or now waits for it).
@@ -1318,6 +1343,122 @@ impl Ledger {
         )
     }
 
+    /// The shadow completed read `c`, and its answer differs from the primary's: when the
+    /// read overlapped a conflicting write of another session on the primary (so the
+    /// difference may be its place, not the shadow), it stays pending, holding the writes
+    /// numbered after it, for [`place_after`](Self::place_after); the reason it was
+    /// unpinned is returned. Otherwise None, and the caller ends it with
+    /// [`done`](Self::done) as any other.
+    pub fn keep(&self, c: u64) -> Option<Unpinned> {
+        let mut book = self.book();
+        let entry = book.entries.get(&c)?;
+        if entry.footprint.write || entry.footprint.wild {
+            return None;
+        }
+        let why = entry
+            .overtaken
+            .filter(|u| matches!(u, Unpinned::Overlapped | Unpinned::InFlight))?;
+        // A later write of its rows by its own session already cleared to the shadow (it
+        // did not wait for it) may run there before any re-read.
+        let origin = entry.origin;
+        if book.entries.iter().any(|(k, e)| {
+            *k > c
+                && e.origin == origin
+                && e.cleared.is_some()
+                && e.footprint.write
+                && entry.footprint.conflicts(&e.footprint)
+        }) {
+            return None;
+        }
+        book.placing.insert(origin, c);
+        // Booked under a session of its own from now on, at the same number: its own
+        // session's later writes of its rows (numbered after it: sent after its answer
+        // arrived) then wait for it too, so no re-read sees them.
+        self.rebook(&mut book, c, c);
+        Some(why)
+    }
+
+    /// Books pending read `c` again at `n` (not taken), under a new session.
+    fn rebook(&self, book: &mut Book, c: u64, n: u64) -> Option<()> {
+        let mut moved = book.remove(c)?;
+        moved.session = self.sessions.fetch_add(1, Ordering::Relaxed);
+        moved.cleared = None;
+        let key = (moved.session, false);
+        for &lane in moved.footprint.lanes.iter() {
+            let rows = Some(moved.footprint.rows(lane));
+            book.lanes.entry(lane).or_default().insert(n, key, rows);
+        }
+        book.all.insert(n, key, None);
+        book.newest.insert(moved.session, n);
+        book.entries.insert(n, moved);
+        Some(())
+    }
+
+    /// Moves kept read `c` (see [`keep`](Self::keep)) to just after the next write that may
+    /// have preceded it on the primary: the earliest pending conflicting write of another
+    /// session numbered after it that was sent to the primary before the read's answer
+    /// arrived there (their windows met), and before any later sync point of the read's own
+    /// session. The read is booked under a session of its own, so that every conflicting
+    /// sync point numbered after its new place waits for it, its own session's included;
+    /// the writes it held until now may go. Returns its new number, to be waited for with
+    /// [`Port::wait`] and ended with [`done`](Self::done); None when no such write is
+    /// pending (it stays at `c`).
+    ///
+    /// Sound because the read then runs on the shadow where the ordering put it: after
+    /// every conflicting sync point numbered before its new place and before every one
+    /// numbered after it, a state the shadow really passes through, in the primary's
+    /// completion order.
+    pub fn place_after(&self, c: u64, this_shard: usize) -> Option<u64> {
+        let mut book = self.book();
+        let entry = book.entries.get(&c)?;
+        if entry.footprint.write || entry.footprint.wild {
+            return None;
+        }
+        let (origin, answer) = (entry.origin, entry.answer);
+        // A placement is rare (a read that differed): a walk of what is pending.
+        let own_next = book
+            .entries
+            .iter()
+            .filter(|(k, e)| {
+                **k > c
+                    && e.origin == origin
+                    && e.footprint.write
+                    && entry.footprint.conflicts(&e.footprint)
+            })
+            .map(|(&k, _)| k)
+            .min()
+            .unwrap_or(u64::MAX);
+        let next = book
+            .entries
+            .iter()
+            .filter(|(k, e)| {
+                **k > c
+                    && **k < own_next
+                    && e.footprint.write
+                    && e.origin != origin
+                    && e.since < answer
+                    && entry.footprint.conflicts(&e.footprint)
+            })
+            .map(|(&k, _)| k)
+            .min()?;
+        let footprint = entry.footprint.clone();
+        let mut n = next + 1;
+        while book.entries.contains_key(&n) {
+            n += 1;
+        }
+        self.rebook(&mut book, c, n)?;
+        book.placing.insert(origin, n);
+        // What waited for it at `c` is looked at again (the write it now follows may go).
+        book.release(&[&footprint], Some(&[c]), this_shard);
+        Some(n)
+    }
+
+    /// Whether read `c`, being placed, may have been preceded on the shadow by a later
+    /// write of its own session (see [`Ledger::complete`]): then no re-read places it.
+    pub fn spoiled(&self, c: u64) -> bool {
+        self.book().entries.get(&c).is_none_or(|e| e.spoiled)
+    }
+
     /// The shadow completed sync point `c`: it is no longer pending, and what waited for it
     /// may go. `this_shard`'s releases go to its inbox without a wake-up (the caller drains
     /// it).
@@ -1457,6 +1598,12 @@ impl Book {
 
     fn remove(&mut self, c: u64) -> Option<Entry> {
         let entry = self.entries.remove(&c)?;
+        if entry.origin != entry.session
+            && let std::collections::hash_map::Entry::Occupied(p) = self.placing.entry(entry.origin)
+            && *p.get() == c
+        {
+            p.remove();
+        }
         if let std::collections::hash_map::Entry::Occupied(newest) =
             self.newest.entry(entry.session)
             && *newest.get() == c
@@ -2412,6 +2559,76 @@ mod tests {
             Pinned::Overtaken(Unpinned::PrimaryOnly)
         );
         assert_eq!(ledger.done(apart, 0), Pinned::InOrder);
+    }
+
+    #[test]
+    fn a_read_kept_to_be_placed_moves_after_each_write_that_overlapped_it() {
+        let ledger = Ledger::default();
+        // Sessions 1 to 5 are the test's: a read being placed gets a session of its own.
+        for _ in 1..=5 {
+            ledger.session();
+        }
+        let _ = ledger.inbox(0);
+        let inbox = ledger.inbox(0).unwrap();
+        let read = row(7, 1, false);
+        let started = ledger.start(1, &read, false);
+        // Two writes of its row by other sessions, sent before its answer arrived, and a
+        // write of another row.
+        let w = row(7, 1, true);
+        let s1 = ledger.start(2, &w, false);
+        let s2 = ledger.start(3, &w, false);
+        let c = ledger.complete(1, read.clone(), (&(read.clone(), started), 0), false, 0);
+        let w1 = ledger.complete(2, w.clone(), (&(w.clone(), s1), 0), false, 0);
+        let other = now(&ledger, 4, row(7, 2, true));
+        let w2 = ledger.complete(3, w.clone(), (&(w.clone(), s2), 0), false, 0);
+        assert!(c < w1 && w1 < other && other < w2);
+        assert_eq!(ledger.acquire(c, 0), Turn::Go);
+        assert_ne!(
+            ledger.acquire(w1, 0),
+            Turn::Go,
+            "the write waits for the read"
+        );
+        // The shadow read it before both writes, and differed: kept, and moved after the
+        // first write, which goes now; the read waits for it.
+        assert_eq!(ledger.keep(c), Some(Unpinned::InFlight));
+        let n1 = ledger.place_after(c, 0).expect("a write to place it after");
+        assert!(w1 < n1 && n1 < w2, "{w1} < {n1} < {w2}");
+        assert!(inbox.released.lock().unwrap().contains(&w1));
+        assert_eq!(ledger.acquire(w1, 0), Turn::Go);
+        assert_ne!(
+            ledger.acquire(n1, 0),
+            Turn::Go,
+            "the re-read waits for the write"
+        );
+        assert_ne!(ledger.acquire(w2, 0), Turn::Go);
+        ledger.done(w1, 0);
+        assert_eq!(ledger.acquire(n1, 0), Turn::Go);
+        assert_ne!(
+            ledger.acquire(w2, 0),
+            Turn::Go,
+            "the next write waits for the re-read"
+        );
+        // Then after the second (the write of another row is no place).
+        let n2 = ledger.place_after(n1, 0).expect("the second write");
+        assert!(n2 > w2);
+        ledger.done(other, 0);
+        assert_eq!(ledger.acquire(w2, 0), Turn::Go);
+        assert!(
+            ledger.place_after(n2, 0).is_none(),
+            "no write left to place it after"
+        );
+        assert!(!ledger.spoiled(n2));
+        // A write of the read's own session numbered before its place spoils it: it may run
+        // on the shadow before the re-read.
+        let own = row(7, 1, true);
+        let s = ledger.start(1, &own, false);
+        let u = ledger.complete(1, own.clone(), (&(own.clone(), s), n1), false, 0);
+        assert!(u < n2);
+        assert!(ledger.spoiled(n2));
+        assert_eq!(ledger.done(n2, 0), Pinned::Overtaken(Unpinned::InFlight));
+        // A read that overlapped nothing is never kept.
+        let alone = now(&ledger, 5, row(8, 1, false));
+        assert_eq!(ledger.keep(alone), None);
     }
 
     #[test]

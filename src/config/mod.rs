@@ -204,6 +204,15 @@ pub struct CompareConfig {
     /// primary +1 in most differing reads); 15 µs evened that out and made 30% fewer
     /// statements inconclusive on the 2-core build machine (docs/compare.md). 0: reads numbered by their answers.
     pub order_read_lead_us: u64,
+    /// Ordered shadow dispatch: a read that overlapped writes of its rows on the primary
+    /// and whose shadow answer differs from the primary's is read again on the shadow (over
+    /// a read-only connection of its own, as an order re-check) just after each later
+    /// overlapping write completed there, in the primary's completion order, at most this
+    /// many times; the first answer equal to the primary's places it there (a match,
+    /// counted in `compare_placed`), none leaves it inconclusive (concurrent). It holds the
+    /// writes of its rows behind it while it is placed, and shares the re-checks' bounds
+    /// (`order-rechecks-max`, `order-rechecks-total-max`). 0: reads are not placed.
+    pub place_reads_max: u64,
     /// Order re-checks running at once per shard. Rows that agree but come in another order
     /// under an ORDER BY whose keys are not all output columns (an expression, a column not
     /// selected) are re-read on both sides over two read-only connections with the sort keys
@@ -262,6 +271,7 @@ impl Default for CompareConfig {
             order_lock_wait_ms: 50,
             order_hold_ms: 100,
             order_read_lead_us: 15,
+            place_reads_max: 4,
             order_rechecks_max: 8,
             order_rechecks_total_max: 32,
             shape_cache_max: 1024,

@@ -583,6 +583,13 @@ fn report(shard: &ShardCtx) -> ShardReport {
         counters.compare_batches_released = stats.batches_released.get();
         counters.compare_batches_cut = stats.batches_cut.get();
         counters.compare_own_describes = stats.own_describes.get();
+        // Placements settle after their statement too.
+        counters.compare_placed = stats.placed.get();
+        counters.compare_place_rereads = stats.place_rereads.get();
+        let [overlapped, in_flight] = &stats.unplaced;
+        counters.compare_inconclusive_concurrent += overlapped.get() + in_flight.get();
+        counters.compare_inconclusive_overlapped += overlapped.get();
+        counters.compare_inconclusive_in_flight += in_flight.get();
         report.calibration = compare.calibration();
         let c = &mut report.counters;
         [

@@ -108,6 +108,8 @@ counters! {
     compare_slow: "statements slower on the shadow than compare.slow-query-ratio",
     compare_explains: "EXPLAIN (ANALYZE, BUFFERS) runs for slow statements",
     compare_order_rechecks: "order re-checks: statements whose rows came in another order under an ORDER BY of keys not all in the output, read again on both sides with the keys appended",
+    compare_placed: "reads that overlapped writes of their rows on the primary and differed on the shadow, placed by a re-read on the shadow just after a later overlapping write (compare.place-reads-max): the answer there equal to the primary's, judged a match",
+    compare_place_rereads: "re-reads of such reads on the shadow, each just after one overlapping write (see compare_placed)",
     compare_order_recheck_ties: "order re-checks that found the keys in the same order on both sides (ties in another order: no difference)",
     compare_reports_dropped: "mismatch reports dropped because the ring to the control thread was full",
     compare_shadow_connect_failures: "sessions whose shadow connection could not be opened",
