@@ -1061,7 +1061,9 @@ impl Dispatch {
     /// shadow's socket (nor for a pooled shadow connection) itself.
     pub fn queue(&mut self) {
         self.enqueue(false);
-        if let Some(w) = self.link.writer_waker.take() {
+        if !self.link.front_awaits_answer()
+            && let Some(w) = self.link.writer_waker.take()
+        {
             w.wake();
         }
     }
@@ -1104,11 +1106,12 @@ impl Dispatch {
 // - the writer's `run` waits on the link's `dead`, `queue`, `finished`, `gate`, `writing` and
 //   `cancel_held`, with `writer_waker`: `stop` (dead, queue cleared) wakes it; the client
 //   side's `write` wakes it after its own `write_ready` left anything queued (a gate, a
-//   segment awaiting its ticket, a write under way) or when the shadow is not writable now,
-//   `queue` and `finish` wake it; `settle` wakes it when it lifts the gate; the cancel
-//   task wakes it when `cancel_held` ends; `writing` ends in `write_ready`, which then wakes
-//   it if anything is queued (and with nothing queued the writer waits for `finish`, which
-//   wakes it);
+//   write under way) or when the shadow is not writable now, `queue` and `finish` wake it
+//   (`write_ready` and `queue` leave it parked while the queue's front waits for a ticket
+//   not given yet, `front_awaits_answer`: the ticket's wake comes then); `settle` wakes it
+//   when it lifts the gate; the cancel task wakes it when `cancel_held` ends; `writing`
+//   ends in `write_ready`, which then wakes it if anything is queued (and with nothing
+//   queued the writer waits for `finish`, which wakes it);
 // - the writer's `clear` waits on the queue's front (changed only by the writer itself and
 //   `stop`), the ticket pushed by `primary_completed` (which wakes it: this wake is why the
 //   pump's answers never leave an ordered sync point unsent) and `primary_ended` (whose
@@ -1349,8 +1352,10 @@ async fn write_ready(link: &Rc<Pairing>, shadow: &Shadow) {
         }
         link.check_cancel();
     }
-    // Queued meanwhile (or released while this write was under way): the writer's turn.
+    // Queued meanwhile (or released while this write was under way): the writer's turn,
+    // unless all it could do is wait for the primary's answer (which wakes it).
     if !link.queue.borrow().is_empty()
+        && !link.front_awaits_answer()
         && let Some(w) = link.writer_waker.take()
     {
         w.wake();
@@ -1443,6 +1448,17 @@ impl Pairing {
             Order::Await(seq) => Some(seq),
             _ => None,
         }
+    }
+
+    /// The segment at the queue's front waits for the ticket of a sync point the primary has
+    /// not answered (and still may): the writer can do nothing before that answer, and
+    /// `primary_completed` wakes it with the ticket (or `primary_ended`, or `stop`). Waking
+    /// it sooner cost a poll of the writer per ordered sync point, to park in `clear`.
+    fn front_awaits_answer(&self) -> bool {
+        let Some(seq) = self.awaiting() else {
+            return false;
+        };
+        !self.primary_ended.get() && self.tickets.borrow().back().is_none_or(|&(s, _)| s < seq)
     }
 
     /// Whether the next answer the shadow owes is to pgprism's own ROLLBACK or BEGIN.

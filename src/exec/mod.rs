@@ -510,6 +510,10 @@ mod tests {
         // A `zip` polls every part on each of the task's 3 polls (first, timer, first's
         // wake): the waiting parts would count 3 each.
         let polls: Vec<u32> = counts.iter().map(Cell::get).collect();
-        assert_eq!(polls, [2, 2, 2, 3], "first, second, third part, and the task");
+        assert_eq!(
+            polls,
+            [2, 2, 2, 3],
+            "first, second, third part, and the task"
+        );
     }
 }
