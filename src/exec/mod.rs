@@ -18,7 +18,9 @@
 //! * timers are a sorted map whose earliest deadline bounds the `io_uring_enter` wait;
 //! * a busy shard may wait for several completions at once (`proxy.ring-batch-wait-us`,
 //!   `proxy.ring-defer-taskrun`; off by default, docs/benchmarks.md says why);
-//! * other threads wake a shard through an `eventfd` (see [`Notifier`]).
+//! * other threads wake a shard through an `eventfd` (see [`Notifier`]);
+//! * a task woken several times before its poll is polled once, and a task of several parts
+//!   ([`join3`], a compare session's halves) polls only the parts that were woken.
 //!
 //! It must never block (no blocking syscalls on a shard) and never be touched from another
 //! thread: its types are `!Send` on purpose.
