@@ -1064,7 +1064,9 @@ impl Dispatch {
     /// shadow's socket (nor for a pooled shadow connection) itself.
     pub fn queue(&mut self) {
         self.enqueue(false);
-        if let Some(w) = self.link.writer_waker.take() {
+        if !self.link.front_awaits_answer()
+            && let Some(w) = self.link.writer_waker.take()
+        {
             w.wake();
         }
     }
@@ -1096,6 +1098,43 @@ impl Dispatch {
         }
     }
 }
+
+// Three halves, three wakers. A compare session runs as one task of three parts
+// (`exec::join3`): the client side (`Dispatch`: plans, writes to the primary and, mostly, to
+// the shadow), the pump (`Pump`: reads both sides' answers, judges, writes to the client) and
+// the `ShadowWriter`. Each part is polled only when its own waker was woken, so every wait of
+// one part on state another part changes must be woken by the change; none may rely on being
+// polled because a sibling was. The waits, and what wakes each:
+//
+// - the writer's `run` waits on the link's `dead`, `queue`, `finished`, `gate`, `writing` and
+//   `cancel_held`, with `writer_waker`: `stop` (dead, queue cleared) wakes it; the client
+//   side's `write` wakes it after its own `write_ready` left anything queued (a gate, a
+//   write under way) or when the shadow is not writable now, `queue` and `finish` wake it
+//   (`write_ready` and `queue` leave it parked while the queue's front waits for a ticket
+//   not given yet, `front_awaits_answer`: the ticket's wake comes then); `settle` wakes it
+//   when it lifts the gate; the cancel task wakes it when `cancel_held` ends; `writing`
+//   ends in `write_ready`, which then wakes it if anything is queued (and with nothing
+//   queued the writer waits for `finish`, which wakes it);
+// - the writer's `clear` waits on the queue's front (changed only by the writer itself and
+//   `stop`), the ticket pushed by `primary_completed` (which wakes it: this wake is why the
+//   pump's answers never leave an ordered sync point unsent) and `primary_ended` (whose
+//   setter wakes it); the ledger's wait registers its waker with the `Port`, whose `drain`
+//   wakes it, and its bounds are timers;
+// - the client side's `room` waits on `queued_bytes` and `dead` with `space_waker`: every
+//   place that lowers `queued_bytes` (`write_ready`, `drop_front`, `stop`) wakes it; a
+//   transaction-pooled client side's `Relayed::push` waits with the relayed answers' own
+//   waker, which the pump's reads and its end (`stop_reading`) wake;
+// - the pump waits only on sockets (the client's, the primary's or the relayed answers, the
+//   shadow's or its lease) and its limit's timer: a lease's reader is woken by `lend`, `fail`
+//   and the Terminate's `end`, relayed answers by `push` and `close`; what it reads of the
+//   other parts (`client_sent_all`, the planned sync points) is set before the socket event
+//   that makes it look;
+// - each socket has one waker slot per direction, and no two parts wait on the same one: the
+//   client side reads the client and writes the primary, the pump reads the primary and the
+//   shadow and writes the client, and the shadow's writes (client side or writer) are one at
+//   a time under `writing`.
+//
+// A new wait between parts needs its waker here; `tests/compare.rs` runs every path above.
 
 /// The only writer of a compare session's shadow connection: writes the client's bytes as
 /// the upstream half queues them, holding back what follows a gating sync point until that
@@ -1316,8 +1355,10 @@ async fn write_ready(link: &Rc<Pairing>, shadow: &Shadow) {
         }
         link.check_cancel();
     }
-    // Queued meanwhile (or released while this write was under way): the writer's turn.
+    // Queued meanwhile (or released while this write was under way): the writer's turn,
+    // unless all it could do is wait for the primary's answer (which wakes it).
     if !link.queue.borrow().is_empty()
+        && !link.front_awaits_answer()
         && let Some(w) = link.writer_waker.take()
     {
         w.wake();
@@ -1410,6 +1451,17 @@ impl Pairing {
             Order::Await(seq) => Some(seq),
             _ => None,
         }
+    }
+
+    /// The segment at the queue's front waits for the ticket of a sync point the primary has
+    /// not answered (and still may): the writer can do nothing before that answer, and
+    /// `primary_completed` wakes it with the ticket (or `primary_ended`, or `stop`). Waking
+    /// it sooner cost a poll of the writer per ordered sync point, to park in `clear`.
+    fn front_awaits_answer(&self) -> bool {
+        let Some(seq) = self.awaiting() else {
+            return false;
+        };
+        !self.primary_ended.get() && self.tickets.borrow().back().is_none_or(|&(s, _)| s < seq)
     }
 
     /// Whether the next answer the shadow owes is to pgprism's own ROLLBACK or BEGIN.
@@ -1887,12 +1939,13 @@ impl Comparer {
             }
             meta.number = c;
             self.link.tickets.borrow_mut().push_back((seq, c));
-            // No wake-up for the writer: this runs in the session's own task, in the poll
-            // of its pump (`Pump::feed`), and the writer is the last future of that task's
-            // `zip` (proxy/session.rs `run_pumps`, proxy/pooled.rs), so it is polled right
-            // after in the same pass and finds the ticket there. A wake-up would poll the
-            // whole session once more for nothing: about 1,000 instructions per ordered
-            // sync point (callgrind, pgbench `-S`).
+            // The writer may wait for this ticket (`ShadowWriter::clear`). This runs in the
+            // pump's poll, and the writer is the part after it in the session's
+            // `exec::join3`: the wake is noted, not queued, and the writer polled in the
+            // same pass (no second poll of the session).
+            if let Some(w) = self.link.writer_waker.take() {
+                w.wake();
+            }
         } else if !meta.shadow {
             port.ledger
                 .primary_only(session, &footprint, (start, stamp_ns), shard);

@@ -18,7 +18,9 @@
 //! * timers are a sorted map whose earliest deadline bounds the `io_uring_enter` wait;
 //! * a busy shard may wait for several completions at once (`proxy.ring-batch-wait-us`,
 //!   `proxy.ring-defer-taskrun`; off by default, docs/benchmarks.md says why);
-//! * other threads wake a shard through an `eventfd` (see [`Notifier`]).
+//! * other threads wake a shard through an `eventfd` (see [`Notifier`]);
+//! * a task woken several times before its poll is polled once, and a task of several parts
+//!   ([`join3`], a compare session's halves) polls only the parts that were woken.
 //!
 //! It must never block (no blocking syscalls on a shard) and never be touched from another
 //! thread: its types are `!Send` on purpose.
@@ -44,6 +46,8 @@ type Task = Pin<Box<dyn Future<Output = ()>>>;
 struct Slot {
     generation: u32,
     task: Option<Task>,
+    /// The parts woken since the task was last polled (see [`join3`]); 0: not queued.
+    woken: u8,
 }
 
 /// One shard's executor. Reached through a thread-local while [`run`] is active.
@@ -54,11 +58,40 @@ pub(crate) struct Executor {
 }
 
 thread_local! {
-    /// Keys (generation << 32 | slot) of tasks to poll. A waker pushes onto the queue of the
-    /// thread it is woken on; pgprism never moves wakers across threads, and if it ever did
-    /// the wake would be lost (a stall, never memory unsafety).
+    /// Keys (see [`key`]) of tasks to poll. A waker pushes onto the queue of the thread it
+    /// is woken on; pgprism never moves wakers across threads, and if it ever did the wake
+    /// would be lost (a stall, never memory unsafety).
     static READY: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
     static CURRENT: RefCell<Option<Rc<Executor>>> = const { RefCell::new(None) };
+    /// The task being polled (its key with [`WHOLE`]), or `u64::MAX`; the parts of it woken
+    /// for this poll; and those woken during it, which [`join3`] may poll in the same pass
+    /// and the executor queues again for the rest.
+    static POLLING: Cell<u64> = const { Cell::new(u64::MAX) };
+    static WOKEN: Cell<u8> = const { Cell::new(0) };
+    static REWOKEN: Cell<u8> = const { Cell::new(0) };
+    /// A [`join3`] took this poll's parts (a second one in the same poll polls all of its).
+    static CLAIMED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A waker's key: the task's slot (bits 0..32), the parts of the task it wakes (bits
+/// 32..40: [`WHOLE`] for the task's own waker, one bit per part of a [`join3`]) and the
+/// slot's generation (bits 40..64, 24 of them: a stale waker of a reused slot only causes a
+/// spurious poll, which every future tolerates).
+fn key(index: u32, generation: u32, parts: u8) -> u64 {
+    ((generation as u64 & GENERATION_MASK) << 40) | ((parts as u64) << 32) | index as u64
+}
+
+const GENERATION_MASK: u64 = (1 << 24) - 1;
+/// Every part of a task: what its own waker wakes.
+const WHOLE: u8 = u8::MAX;
+
+fn key_parts(key: u64) -> u8 {
+    (key >> 32) as u8
+}
+
+/// The key without its parts: which task (slot and generation) it wakes.
+fn key_task(key: u64) -> u64 {
+    key & !(0xFF << 32)
 }
 
 /// How many rounds of ready tasks run before the reactor is consulted again, so a task that
@@ -141,47 +174,79 @@ pub fn spawn(task: impl Future<Output = ()> + 'static) {
                 slots.push(Slot {
                     generation: 0,
                     task: None,
+                    woken: 0,
                 });
                 (slots.len() - 1) as u32
             }
         };
         let slot = &mut slots[index as usize];
         slot.task = Some(Box::pin(task));
-        ((slot.generation as u64) << 32) | index as u64
+        slot.woken = 0;
+        key(index, slot.generation, WHOLE)
     };
     wake_key(key);
 }
 
 impl Executor {
-    fn poll_task(&self, key: u64) {
-        let index = key as u32 as usize;
-        let generation = (key >> 32) as u32;
-        let mut task = {
+    /// Notes a woken key: returns the slot's index when the task was not queued yet (a
+    /// task woken several times before its poll, by several parts or by the same one, is
+    /// polled once, for all of them).
+    fn schedule(&self, key: u64) -> Option<u32> {
+        let index = key as u32;
+        let generation = (key >> 40) & GENERATION_MASK;
+        let mut slots = self.slots.borrow_mut();
+        let slot = slots.get_mut(index as usize)?;
+        if slot.generation as u64 & GENERATION_MASK != generation || slot.task.is_none() {
+            return None;
+        }
+        let was = slot.woken;
+        slot.woken |= key_parts(key);
+        (was == 0).then_some(index)
+    }
+
+    fn poll_task(&self, index: u32) {
+        let (mut task, generation, woken) = {
             let mut slots = self.slots.borrow_mut();
-            match slots.get_mut(index) {
-                Some(slot) if slot.generation == generation => match slot.task.take() {
-                    Some(task) => task,
-                    // Already finished, or a duplicate wake of a task being polled.
-                    None => return,
-                },
-                _ => return,
+            let Some(slot) = slots.get_mut(index as usize) else {
+                return;
+            };
+            let woken = std::mem::take(&mut slot.woken);
+            match slot.task.take() {
+                Some(task) => (task, slot.generation, woken),
+                // Already finished.
+                None => return,
             }
         };
+        let key = key(index, generation, WHOLE);
         let waker = waker_for(key);
         let mut cx = Context::from_waker(&waker);
-        match task.as_mut().poll(&mut cx) {
+        POLLING.set(key);
+        WOKEN.set(woken);
+        REWOKEN.set(0);
+        CLAIMED.set(false);
+        let polled = task.as_mut().poll(&mut cx);
+        POLLING.set(u64::MAX);
+        WOKEN.set(0);
+        let rewoken = REWOKEN.take();
+        match polled {
             Poll::Pending => {
-                if let Some(slot) = self.slots.borrow_mut().get_mut(index) {
+                if let Some(slot) = self.slots.borrow_mut().get_mut(index as usize) {
                     slot.task = Some(task);
+                }
+                // Woken while it was polled (by itself, or one part by another after that
+                // part's turn in the pass): polled again in the next round.
+                if rewoken != 0 {
+                    push_ready(key_task(key) | ((rewoken as u64) << 32));
                 }
             }
             Poll::Ready(()) => {
                 // Drop outside the borrow: dropping closes sockets, which reaches the reactor.
                 drop(task);
-                if let Some(slot) = self.slots.borrow_mut().get_mut(index) {
+                if let Some(slot) = self.slots.borrow_mut().get_mut(index as usize) {
                     slot.generation = slot.generation.wrapping_add(1);
+                    slot.woken = 0;
                 }
-                self.free.borrow_mut().push(index as u32);
+                self.free.borrow_mut().push(index);
             }
         }
     }
@@ -205,14 +270,16 @@ pub fn run(ring_entries: u32, root: impl Future<Output = ()> + 'static) -> io::R
         });
     }
     let mut batch = Vec::new();
+    let mut polls = Vec::new();
     let result = loop {
         for _ in 0..ROUNDS_PER_TURN {
             READY.with(|r| std::mem::swap(&mut *r.borrow_mut(), &mut batch));
             if batch.is_empty() {
                 break;
             }
-            for key in batch.drain(..) {
-                exec.poll_task(key);
+            polls.extend(batch.drain(..).filter_map(|key| exec.schedule(key)));
+            for index in polls.drain(..) {
+                exec.poll_task(index);
             }
         }
         if done.get() {
@@ -250,7 +317,83 @@ pub fn run(ring_entries: u32, root: impl Future<Output = ()> + 'static) -> io::R
     result
 }
 
+/// Runs three parts of one task (a session's halves) to their ends, as `zip` would, but
+/// polls only the parts that were woken: each part gets a waker of its own (the task's key
+/// with the part's bit), and one part woken by another earlier in the same pass (a socket
+/// read that completes what a later part waits for) is polled in that pass. A compare
+/// session's client side, pump and shadow writer were polled all three on each of the ~19
+/// wake-ups of a pgbench `-N` transaction, whichever was woken.
+///
+/// What this asks of the parts: a part that waits on state another part changes must
+/// register its waker where that part wakes it (a `zip` polled every part on any wake, so
+/// such a wait could work without one). Where a part is not the top of the task's future
+/// (polled with another waker than the task's own, or a second `join3` in one poll), every
+/// part is polled on every poll with the waker it was given, as `zip` does.
+pub async fn join3(
+    a: impl Future<Output = ()>,
+    b: impl Future<Output = ()>,
+    c: impl Future<Output = ()>,
+) {
+    let mut parts: [Pin<&mut dyn Future<Output = ()>>; 3] =
+        [std::pin::pin!(a), std::pin::pin!(b), std::pin::pin!(c)];
+    let mut done = [false; 3];
+    const PARTS: u8 = 0b111;
+    std::future::poll_fn(|cx| {
+        let own = POLLING.get();
+        let ours = cx.waker().data() as u64 == own
+            && std::ptr::eq(cx.waker().vtable(), &VTABLE)
+            && !CLAIMED.replace(true);
+        let mut woken = if ours { WOKEN.take() } else { WHOLE };
+        for (i, part) in parts.iter_mut().enumerate() {
+            let bit = 1u8 << i;
+            if ours {
+                // Woken by an earlier part in this pass: its turn comes now. (Only the parts'
+                // bits: the rest of a whole-task wake stays for the executor.)
+                let rewoken = REWOKEN.get();
+                woken |= rewoken & PARTS;
+                REWOKEN.set(rewoken & !PARTS);
+            }
+            if done[i] || woken & bit == 0 {
+                continue;
+            }
+            woken &= !bit;
+            let polled = if ours {
+                let waker = waker_for(key_task(own) | ((bit as u64) << 32));
+                part.as_mut().poll(&mut Context::from_waker(&waker))
+            } else {
+                part.as_mut().poll(cx)
+            };
+            done[i] = polled.is_ready();
+        }
+        if ours {
+            // Parts woken after their turn (or by themselves): the next poll's.
+            let mut again = woken & PARTS;
+            for (i, done) in done.iter().enumerate() {
+                if *done {
+                    again &= !(1 << i);
+                }
+            }
+            REWOKEN.set(REWOKEN.get() | again);
+        }
+        if done.iter().all(|d| *d) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
 fn wake_key(key: u64) {
+    if key_task(key) == key_task(POLLING.get()) {
+        // The task being polled: noted for the rest of its poll (see [`join3`]).
+        REWOKEN.set(REWOKEN.get() | key_parts(key));
+        return;
+    }
+    push_ready(key);
+}
+
+fn push_ready(key: u64) {
     READY.with(|r| {
         if let Ok(mut queue) = r.try_borrow_mut() {
             queue.push(key);
@@ -258,8 +401,9 @@ fn wake_key(key: u64) {
     });
 }
 
-// The waker's data pointer *is* the task key (no allocation, no reference counting).
-const VTABLE: RawWakerVTable = RawWakerVTable::new(
+// The waker's data pointer *is* the task key (no allocation, no reference counting). A
+// static, so that every waker points at the one table ([`join3`] recognises the task's own).
+static VTABLE: RawWakerVTable = RawWakerVTable::new(
     |data| RawWaker::new(data, &VTABLE),
     |data| wake_key(data as u64),
     |data| wake_key(data as u64),
@@ -299,5 +443,79 @@ mod tests {
         .unwrap();
         assert_eq!(*log.borrow(), ["root", "late"]);
         assert!(started.elapsed() >= Duration::from_millis(60));
+    }
+
+    /// A flag one part sets and another waits on, with the waiter's waker.
+    #[derive(Default)]
+    struct Signal {
+        set: Cell<bool>,
+        waker: Cell<Option<Waker>>,
+    }
+
+    impl Signal {
+        fn raise(&self) {
+            self.set.set(true);
+            if let Some(w) = self.waker.take() {
+                w.wake();
+            }
+        }
+
+        async fn wait(&self, polls: &Cell<u32>) {
+            std::future::poll_fn(|cx| {
+                polls.set(polls.get() + 1);
+                if self.set.get() {
+                    return Poll::Ready(());
+                }
+                self.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            })
+            .await
+        }
+    }
+
+    #[test]
+    fn join3_polls_only_the_parts_woken() {
+        let counts = Rc::new([const { Cell::new(0u32) }; 4]);
+        let seen = counts.clone();
+        run(64, async move {
+            let (first, third) = (Signal::default(), Signal::default());
+            let c = &seen;
+            let parts = join3(
+                // Woken by the third part, after its own turn in that pass: polled again in
+                // the next poll of the task.
+                first.wait(&c[0]),
+                async {
+                    std::future::poll_fn(|_| {
+                        c[1].set(c[1].get() + 1);
+                        Poll::Ready(())
+                    })
+                    .await;
+                    sleep(Duration::from_millis(5)).await;
+                    c[1].set(c[1].get() + 1);
+                    // The third part's turn comes after this one's in the same pass.
+                    third.raise();
+                },
+                async {
+                    third.wait(&c[2]).await;
+                    first.raise();
+                },
+            );
+            let mut parts = std::pin::pin!(parts);
+            // Counts the task's polls (the same waker: the parts keep their own).
+            std::future::poll_fn(|cx| {
+                c[3].set(c[3].get() + 1);
+                parts.as_mut().poll(cx)
+            })
+            .await;
+        })
+        .unwrap();
+        // A `zip` polls every part on each of the task's 3 polls (first, timer, first's
+        // wake): the waiting parts would count 3 each.
+        let polls: Vec<u32> = counts.iter().map(Cell::get).collect();
+        assert_eq!(
+            polls,
+            [2, 2, 2, 3],
+            "first, second, third part, and the task"
+        );
     }
 }

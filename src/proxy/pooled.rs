@@ -914,7 +914,9 @@ pub(super) async fn serve(
         // ends the session: its client reads fail.
         client.shutdown();
     };
-    futures_lite::future::zip(served, futures_lite::future::zip(judged, writer.run())).await;
+    // Each part polled only when woken (why none waits unwoken: compare/exchange.rs,
+    // "Three halves, three wakers").
+    crate::exec::join3(served, judged, writer.run()).await;
     drop(registration);
     drop(held);
 }

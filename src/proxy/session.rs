@@ -1024,7 +1024,9 @@ async fn run_pumps(
         }
         Some((up, down, writer)) => {
             let shadow = up.shadow.clone();
-            futures_lite::future::zip(
+            // Each half polled only when woken (why none waits unwoken: compare/exchange.rs,
+            // "Three halves, three wakers").
+            exec::join3(
                 upstream(
                     shard,
                     shared,
@@ -1034,10 +1036,8 @@ async fn run_pumps(
                     router,
                     Some(up),
                 ),
-                futures_lite::future::zip(
-                    downstream_compare(shard, shared, primary, shadow, client, down),
-                    writer.run(),
-                ),
+                downstream_compare(shard, shared, primary, shadow, client, down),
+                writer.run(),
             )
             .await;
         }
