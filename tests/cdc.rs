@@ -2926,6 +2926,150 @@ fn ctid_snapshot_of_a_table_rewritten_midway_starts_it_over() {
     assert!(ranges(&mut c).iter().all(|r| r.2), "{:?}", ranges(&mut c));
 }
 
+/// The chunk table of `ctid_toast_table`'s snapshot as a run of a build before 024f419 could
+/// leave it when killed: the keys rounds begun (chunk -1's `last`, "frozen") while a range
+/// was still to copy (a refused chunk waited to be read again when the round began). Today
+/// rounds begin only once every chunk is taken, so a kill leaves no such row by itself.
+fn mark_rounds_begun(c: &mut postgres::Client) {
+    let marked = c
+        .execute(
+            "UPDATE pgprism_cdc_checkpoint_snapshot SET last = true \
+             WHERE chunk = -1 AND done_at IS NULL",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(marked, 1, "no row of partial keys to mark");
+    assert!(
+        ranges(c).iter().any(|r| !r.2),
+        "no range left to copy: {:?}",
+        ranges(c)
+    );
+}
+
+/// Rows of `d` on page `page` among those with `id` in `ids` (a SQL range condition).
+fn rows_on_page(c: &mut postgres::Client, page: u32, ids: &str) -> u32 {
+    pg_rows(
+        c,
+        &format!("SELECT count(*)::text FROM d WHERE {ids} AND (ctid::text::point)[0] = {page}"),
+    )[0][0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_resumed_snapshot_with_a_range_left_remembers_partial_keys_again() {
+    // Killed once the first chunk (page 0 on) is recorded; the chunk table then says the
+    // keys rounds began while ranges are left (`mark_rounds_begun`). The restarted run must
+    // remember again every key a change leaves partial until its ranges are all copied: the
+    // rows of the last page, not read yet, are updated (non-HOT, `big` unchanged) into the
+    // free space of page 0, which the killed run read, so no chunk holds them and the
+    // stream's change has no `big`. Restored as frozen (the line `frozen &= !fresh &&
+    // p.pending.is_empty()` in `snapshot::resume` removed), no key is remembered and
+    // StarRocks ends with those rows' `big` NULL.
+    let pg = start_pg("cdc-snap-ctid-frozen-resume", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    let (args, _config) = ctid_toast_table(&mut c, &pg, &sr);
+    let (cdc, _dir, _go) = cdc_held_before_read(&args, 3);
+    let recorded = eventually(Duration::from_secs(60), || {
+        ranges(&mut c).iter().any(|r| r.1 > 0)
+    });
+    assert!(recorded, "the first chunk was not recorded\n{}", cdc.log());
+    drop(cdc);
+    mark_rounds_begun(&mut c);
+    let (cdc, _dir2, go) = cdc_held_before_read(&args, 2);
+    c.batch_execute("UPDATE d SET n = n + 1 WHERE id > 2960")
+        .unwrap();
+    let moved = rows_on_page(&mut c, 0, "id > 2960");
+    assert!(moved >= 20, "{moved} rows moved to page 0");
+    std::fs::write(&go, b"").unwrap();
+    let done = eventually(Duration::from_secs(120), || {
+        cdc.snapshot()["state"].as_str() == Some("done")
+    });
+    assert!(done, "{:?}\n{}", cdc.snapshot(), cdc.log());
+    assert_converges(
+        &sr,
+        &mut c,
+        "d",
+        &["id", "big", "n"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+    assert!(cdc.log().contains("reading again by key"), "{}", cdc.log());
+}
+
+#[test]
+fn a_restart_after_a_rewrite_with_keys_owed_copies_the_table_anew_and_remembers_keys() {
+    // Killed with keys owed stored (rows of the last page moved into page 0 after the first
+    // chunk read it) and the rounds marked begun (`mark_rounds_begun`); while pgprism is
+    // down the table is rewritten (VACUUM FULL) and page 0 of the new file gets free space.
+    // The restart's first chunk sees the new filenode: the ranges are forgotten and the
+    // table is planned and copied again from its start (`fresh` in `snapshot::resume`), with
+    // the stored keys and unfrozen. Rows of the new file's last page are then moved into
+    // page 0 after the new plan's first chunk read it: only the keys remembered again bring
+    // their `big` (restored frozen, StarRocks ends with it NULL).
+    let pg = start_pg("cdc-snap-ctid-rewrite-restart", &[]);
+    let sr = StarRocks::start("root", "pw");
+    let mut c = client(&pg);
+    let (args, _config) = ctid_toast_table(&mut c, &pg, &sr);
+    let (cdc, _dir, _go) = cdc_held_before_read(&args, 3);
+    c.batch_execute("UPDATE d SET n = n + 1 WHERE id > 2960")
+        .unwrap();
+    let stored = eventually(Duration::from_secs(60), || {
+        pg_rows(
+            &mut c,
+            "SELECT coalesce(cardinality(lo), 0)::text FROM pgprism_cdc_checkpoint_snapshot WHERE chunk = -1",
+        ) != vec![vec![Some("0".to_string())]]
+            && ranges(&mut c).iter().any(|r| r.1 > 0)
+    });
+    assert!(stored, "the keys were not stored\n{}", cdc.log());
+    drop(cdc);
+    mark_rounds_begun(&mut c);
+    let filenode = |c: &mut postgres::Client| {
+        pg_rows(c, "SELECT pg_relation_filenode('d')::text")[0][0].clone()
+    };
+    let before = filenode(&mut c);
+    c.batch_execute("DELETE FROM d WHERE id <= 1500").unwrap();
+    c.batch_execute("VACUUM FULL d").unwrap();
+    assert_ne!(filenode(&mut c), before, "VACUUM FULL did not rewrite d");
+    // Page 0 of the new file holds the moved rows and then the lowest ids: free space there.
+    c.batch_execute("DELETE FROM d WHERE id <= 1600").unwrap();
+    c.batch_execute("VACUUM d").unwrap();
+    // Read 1 finds the rewrite; read 2 is the new plan's first chunk (page 0 on).
+    let (cdc, _dir2, go) = cdc_held_before_read(&args, 3);
+    // (Held, the new plan's first chunk read and its high watermark not yet written.)
+    assert!(
+        cdc.log().contains("rewritten during its snapshot"),
+        "{}",
+        cdc.log()
+    );
+    let planned = pg_rows(
+        &mut c,
+        "SELECT DISTINCT filenode FROM pgprism_cdc_checkpoint_snapshot WHERE chunk > 0",
+    );
+    assert_eq!(planned, vec![vec![filenode(&mut c)]], "{}", cdc.log());
+    c.batch_execute("UPDATE d SET n = n + 1 WHERE id > 2800 AND id <= 2960")
+        .unwrap();
+    let moved = rows_on_page(&mut c, 0, "id > 2800 AND id <= 2960");
+    assert!(moved >= 20, "{moved} rows moved to page 0");
+    std::fs::write(&go, b"").unwrap();
+    let done = eventually(Duration::from_secs(120), || {
+        cdc.snapshot()["state"].as_str() == Some("done")
+    });
+    assert!(done, "{:?}\n{}", cdc.snapshot(), cdc.log());
+    assert_converges(
+        &sr,
+        &mut c,
+        "d",
+        &["id", "big", "n"],
+        &cdc,
+        Duration::from_secs(60),
+    );
+    assert!(cdc.log().contains("reading again by key"), "{}", cdc.log());
+}
+
 #[test]
 fn snapshot_copies_a_partitioned_table_from_its_leaves() {
     let (pg, sr, mut c) = source_and_sink("cdc-snap-partitioned", &[], &[]);
