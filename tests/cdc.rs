@@ -3341,6 +3341,15 @@ fn changes_of_a_partitioned_table_stream_under_its_own_name() {
         "{}",
         cdc.log()
     );
+    // Its changes carry the old row as each partition's replica identity has it: set FULL
+    // on the partitions as on the table (REPLICA IDENTITY FULL is the default).
+    let identities = pg_rows(
+        &mut c,
+        "SELECT relname::text, relreplident::text FROM pg_class \
+         WHERE relname IN ('p', 'p1', 'p2') ORDER BY relname",
+    );
+    let full = |name: &str| vec![Some(name.to_string()), Some("f".to_string())];
+    assert_eq!(identities, vec![full("p"), full("p1"), full("p2")]);
     // A table of the publication that is not configured still stops the stream, at its
     // first change, naming it.
     c.batch_execute(

@@ -316,7 +316,44 @@ fn set_replica_identity_full(
         .map_err(step(format!("set REPLICA IDENTITY FULL on {}", t.name)))?;
         t.replica_identity = 'f';
     }
+    // A partitioned table's changes carry the old row as its partition's own replica
+    // identity has it (the table's is not inherited): each leaf is set too. (A partition
+    // attached later gets it at the next start.)
+    for root in partitioned(conn, tables)? {
+        let leaves = conn
+            .query(&format!(
+                "SELECT format('%s', c.oid::regclass) FROM pg_partition_tree({}::regclass) p \
+                 JOIN pg_class c ON c.oid = p.relid WHERE p.isleaf AND c.relreplident <> 'f'",
+                quote_literal(&root)
+            ))
+            .map_err(step(format!("list the partitions of {root}")))?;
+        for leaf in leaves.iter().filter_map(|r| r.first().cloned().flatten()) {
+            conn.query(&format!("ALTER TABLE {leaf} REPLICA IDENTITY FULL"))
+                .map_err(step(format!("set REPLICA IDENTITY FULL on {leaf}")))?;
+        }
+    }
     Ok(())
+}
+
+/// The partitioned tables among `tables`, qualified and quoted.
+fn partitioned(conn: &mut PgConn, tables: &[SourceTable]) -> Result<Vec<String>, SetupError> {
+    if tables.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = tables
+        .iter()
+        .map(|t| format!("{}::regclass", quote_literal(&qualified(&t.name))))
+        .collect();
+    let rows = conn
+        .query(&format!(
+            "SELECT format('%s', oid::regclass) FROM pg_class WHERE relkind = 'p' AND oid IN ({})",
+            names.join(", ")
+        ))
+        .map_err(step("look for partitioned tables"))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| r.into_iter().next().flatten())
+        .collect())
 }
 
 /// Creates the publication, or adds the tables it lacks.
@@ -353,18 +390,7 @@ fn ensure_publication(
     // publishes them as the root's (PostgreSQL 13 and later; earlier ones cannot publish a
     // partitioned table at all): CDC knows the table by the name configured, and stopped at
     // the first change with "table public.p1 is not configured for CDC".
-    let names: Vec<String> = tables
-        .iter()
-        .map(|t| format!("{}::regclass", quote_literal(&qualified(&t.name))))
-        .collect();
-    let partitioned = !names.is_empty()
-        && !conn
-            .query(&format!(
-                "SELECT 1 FROM pg_class WHERE relkind = 'p' AND oid IN ({})",
-                names.join(", ")
-            ))
-            .map_err(step("look for partitioned tables"))?
-            .is_empty();
+    let partitioned = !partitioned(conn, tables)?.is_empty();
     let missing: Vec<String> = tables
         .iter()
         .filter(|t| {
