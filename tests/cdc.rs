@@ -1304,6 +1304,77 @@ fn injected_failures_are_retried_without_loss() {
 }
 
 #[test]
+fn a_full_disk_under_the_spill_dir_stops_clearly_and_loses_nothing() {
+    // The streamed transaction's spill file (`<slot>-<xid>.spill`, its xid known before its
+    // first row) is a link to /dev/full, whose writes fail with ENOSPC as a full disk's do:
+    // pgprism stops with an error naming the file and the full disk, confirms nothing past
+    // the transaction, and the restart (the disk "freed": the link gone) loads it whole.
+    let (pg, sr, mut c) = source_and_sink(
+        "cdc-spill-full",
+        &[("logical_decoding_work_mem", "64kB")],
+        &["t"],
+    );
+    let dir = support::TempDir::new("cdc-spill-full");
+    let mut args = base_args(&pg, &sr, "t");
+    args.extend(
+        [
+            "--stream-buffer-bytes-max",
+            "1048576",
+            "--spill-dir",
+            dir.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    let mut cdc = Cdc::start(&args, &[]);
+    c.batch_execute("INSERT INTO t VALUES (0, 'before', 0)")
+        .unwrap();
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(30));
+    let before = pg_rows(&mut c, "SELECT pg_current_wal_lsn()::text")[0][0]
+        .clone()
+        .unwrap();
+    let mut txn = c.transaction().unwrap();
+    let xid: i64 = txn
+        .query_one(
+            "SELECT (pg_current_xact_id()::text::int8 % 4294967296)::int8",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let link = dir.join(format!("pgprism_cdc-{xid}.spill"));
+    std::os::unix::fs::symlink("/dev/full", &link).unwrap();
+    txn.batch_execute("INSERT INTO t SELECT g, 'row ' || g, g FROM generate_series(1, 200000) g")
+        .unwrap();
+    txn.commit().unwrap();
+    assert!(
+        cdc.wait_death(Duration::from_secs(120)),
+        "pgprism kept going with a full disk\n{}",
+        cdc.log()
+    );
+    let log = cdc.log();
+    assert!(
+        log.contains(&link.display().to_string()) && log.contains("is the disk full?"),
+        "{log}"
+    );
+    let ckpt = pg_rows(
+        &mut c,
+        &format!("SELECT count(*)::text FROM pgprism_cdc_checkpoint WHERE lsn > '{before}'"),
+    );
+    assert_eq!(ckpt, vec![vec![Some("0".into())]], "{log}");
+    assert_eq!(sr.row_count(DB, "t"), 1);
+    drop(cdc);
+    let _ = std::fs::remove_file(&link);
+    let cdc = Cdc::start(&args, &[]);
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(180));
+    assert!(
+        eventually(Duration::from_secs(10), || std::fs::read_dir(&dir)
+            .unwrap()
+            .count()
+            == 0),
+        "spill files left"
+    );
+}
+
+#[test]
 fn crash_at_each_point_resumes_exactly_once() {
     for point in [
         "cdc-before-load",
@@ -2083,6 +2154,71 @@ fn schema_changes_fail_stops_at_a_change_starrocks_lacks() {
     );
     assert_eq!(sr.row_count(DB, "t"), 10);
     assert!(!sr.statements().iter().any(|s| s.starts_with("ALTER")));
+}
+
+#[test]
+fn schema_changes_ignore_sends_the_source_columns_and_alters_nothing() {
+    // `schema-changes = "ignore"`: a widened column (int to bigint) is sent as it is, into
+    // StarRocks' INT (under "fail" the stream stops there, under "apply" it is widened); a
+    // column dropped at the source is no longer sent and stays in StarRocks (its new rows get
+    // NULL there); a column added at the source that StarRocks was given by hand loads. No
+    // ALTER reaches StarRocks.
+    let (pg, sr, mut c) = source_and_sink("cdc-ddl-ignore", &[], &["t"]);
+    let mut args = base_args(&pg, &sr, "t");
+    args.extend(["--schema-changes".to_string(), "ignore".to_string()]);
+    let cdc = Cdc::start(&args, &[]);
+    c.batch_execute("INSERT INTO t SELECT g, 'x', g FROM generate_series(1, 10) g")
+        .unwrap();
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(30));
+    c.batch_execute("ALTER TABLE t ALTER COLUMN n TYPE bigint; UPDATE t SET n = -n WHERE id <= 5")
+        .unwrap();
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(30));
+    assert_eq!(
+        sr_columns(&sr, "t")
+            .iter()
+            .find(|(name, _)| name == "n")
+            .map(|(_, ty)| ty.to_uppercase()),
+        Some("INT(11)".to_string())
+    );
+    c.batch_execute(
+        "ALTER TABLE t DROP COLUMN n; INSERT INTO t SELECT g, 'after drop' FROM generate_series(11, 20) g",
+    )
+    .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    assert!(
+        sr_columns(&sr, "t").iter().any(|(name, _)| name == "n"),
+        "{:?}",
+        sr_columns(&sr, "t")
+    );
+    let n = sr.rows(DB, "t", &["id", "n"]);
+    assert_eq!(n[0], vec![Some("1".to_string()), Some("-1".to_string())]);
+    assert_eq!(n[19], vec![Some("20".to_string()), None]);
+    sr.add_column(DB, "t", "extra", ColType::Text);
+    c.batch_execute(
+        "ALTER TABLE t ADD COLUMN extra text; INSERT INTO t VALUES (21, 'y', 'e'); \
+         UPDATE t SET extra = 'u' WHERE id = 3",
+    )
+    .unwrap();
+    assert_converges(
+        &sr,
+        &mut c,
+        "t",
+        &["id", "v", "extra"],
+        &cdc,
+        Duration::from_secs(30),
+    );
+    assert!(
+        !sr.statements().iter().any(|s| s.starts_with("ALTER")),
+        "{:?}",
+        sr.statements()
+    );
 }
 
 #[test]

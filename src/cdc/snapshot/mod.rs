@@ -2602,6 +2602,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn progress_says_rows_estimate_rate_and_eta_of_this_run() {
+        use sonic_rs::JsonValueTrait;
+        // 20,000 rows copied by this run in about 10 s (1,000 by an earlier one), of an
+        // estimated 100,000: about 2,000 rows/s, about 39 s left.
+        let p = Progress::default();
+        p.state.store(STATE_COPYING, Ordering::Relaxed);
+        p.rows_before.store(1000, Ordering::Relaxed);
+        p.rows_copied.store(21_000, Ordering::Relaxed);
+        p.rows_estimate.store(100_000, Ordering::Relaxed);
+        p.chunks_done.store(5, Ordering::Relaxed);
+        let started = unix_ms() - 10_000;
+        p.started_unix_ms.store(started, Ordering::Relaxed);
+        let before = unix_ms();
+        let json = p.json();
+        let after = unix_ms();
+        let num = |k: &str| json[k].as_u64().unwrap_or_else(|| panic!("{k}: {json:?}"));
+        assert_eq!(json["state"].as_str(), Some("copying"));
+        assert_eq!(num("rows_copied"), 21_000);
+        assert_eq!(num("rows_total_estimate"), 100_000);
+        assert_eq!(num("chunks_done"), 5);
+        // This run's rows over the time since it started, as the clock read during json().
+        let rate = num("rows_per_second");
+        let (slow, fast) = (
+            20_000_000 / (after - started),
+            20_000_000 / (before - started),
+        );
+        assert!((slow..=fast).contains(&rate), "{json:?}");
+        assert_eq!(num("eta_seconds"), 79_000 / rate, "{json:?}");
+        let line = p.line();
+        let (head, tail) = line.split_once(" rows/s, ETA ").expect(&line);
+        assert!(
+            head.starts_with("snapshot: 21000 of ~100000 rows, ") && tail.ends_with("s, 5 chunks"),
+            "{line}"
+        );
+        // Nothing copied yet by this run: no rate, no ETA.
+        let fresh = Progress::default();
+        fresh.rows_estimate.store(100, Ordering::Relaxed);
+        assert!(fresh.json()["eta_seconds"].is_null());
+        assert_eq!(fresh.line(), "snapshot: 0 of ~100 rows, 0 rows/s, 0 chunks");
+    }
+
+    #[test]
     fn a_chunks_last_key_reads_back_as_its_columns_text() {
         let key = window::encode_key([Some(&b"12"[..]), Some(&b"a,b\"c"[..])].into_iter());
         assert_eq!(
