@@ -2367,10 +2367,122 @@ fn no_snapshot_streams_changes_only() {
     );
     assert!(snapshot_loads(&sr, 0).is_empty());
     assert!(chunks_done(&mut c).is_empty());
+    // Restarted with the snapshot on (the default): the slot exists, so nothing is copied,
+    // and it says so.
+    drop(cdc);
+    let args = base_args(&pg, &sr, "t");
+    let cdc = Cdc::start(&args, &[]);
+    assert_eq!(cdc.snapshot()["state"].as_str(), Some("not-needed"));
+    assert!(
+        cdc.log()
+            .contains("no initial snapshot: the slot exists and owes no snapshot"),
+        "{}",
+        cdc.log()
+    );
+    c.batch_execute("UPDATE t SET v = 'after restart' WHERE id = 501")
+        .unwrap();
+    let expected: Vec<Vec<Option<String>>> = pg_rows(
+        &mut c,
+        "SELECT id::text, v, n::text FROM t WHERE id > 500 OR id = 7 ORDER BY t.id",
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || sr.rows(
+            DB,
+            "t",
+            &["id", "v", "n"]
+        ) == expected),
+        "{:?}",
+        sr.rows(DB, "t", &["id", "v", "n"])
+    );
+    assert!(snapshot_loads(&sr, 0).is_empty());
 }
 
 /// `pgprism cdc` runs without transparent huge pages (see `cdc::cmd::without_huge_pages`):
 /// the kernel reports the process's own switch in /proc.
+#[test]
+fn snapshot_progress_line_is_written_on_a_terminal() {
+    // stderr a terminal (util-linux `script` gives the process a pseudo-terminal): the
+    // snapshot writes its progress line (rows of the estimate, rate, chunks), rewritten in
+    // place, and ends it with the final figures.
+    let (pg, sr, mut c) = source_and_sink("cdc-snap-tty", &[], &["t"]);
+    c.batch_execute(
+        "INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 5000) g; ANALYZE t",
+    )
+    .unwrap();
+    let program = pgprism_command().get_program().to_owned();
+    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let mut line = format!("echo PID $$; exec {}", quote(&program.to_string_lossy()));
+    for a in snapshot_args(&pg, &sr, "t", 1000) {
+        line.push(' ');
+        line.push_str(&quote(&a));
+    }
+    let mut script = std::process::Command::new("script");
+    script
+        .args(["-q", "-e", "-c", &line, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut script, || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut script = script.spawn().expect("util-linux script");
+    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut stdout = script.stdout.take().unwrap();
+    let reader = {
+        let out = std::sync::Arc::clone(&out);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = std::io::Read::read(&mut stdout, &mut buf) {
+                out.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let text = || String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
+    let ended = eventually(Duration::from_secs(60), || {
+        text().contains("snapshot: 5000 of ~5000 rows, ")
+    });
+    let pid: i32 = text()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("PID ")?.trim().parse().ok())
+        .expect("the pid line");
+    // SAFETY: kill has no memory-safety preconditions; `pid` is the process this test
+    // started (the shell `script` ran, replaced by pgprism).
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let _ = script.wait();
+    drop(script.stdin.take());
+    let _ = reader.join();
+    let text = text();
+    assert!(ended, "{text}");
+    // The final line: every row, of the estimate, with the chunks done (rewritten in place:
+    // a carriage return before it, erase-to-end-of-line after).
+    let last = text
+        .split('\r')
+        .rfind(|l| l.starts_with("snapshot: 5000 of"))
+        .unwrap_or_else(|| panic!("no progress line: {text}"));
+    assert!(
+        last.starts_with("snapshot: 5000 of ~5000 rows, ") && last.contains(" rows/s"),
+        "{last:?}\n{text}"
+    );
+    let chunks = last
+        .split(", ")
+        .find_map(|p| {
+            p.split_whitespace()
+                .next()?
+                .parse::<u32>()
+                .ok()
+                .filter(|_| p.contains("chunks"))
+        })
+        .unwrap_or(0);
+    assert!(chunks > 1 && last.contains("\x1b[K"), "{last:?}");
+    assert_eq!(sr.row_count(DB, "t"), 5000);
+}
+
 #[test]
 fn cdc_process_runs_without_transparent_huge_pages() {
     let (pg, sr, _c) = source_and_sink("cdc-no-thp", &[], &["t"]);
