@@ -1700,6 +1700,66 @@ fn rolls_back_a_leftover_of(tag: &str, table: &str, slot: Option<&str>) {
 }
 
 #[test]
+fn a_transaction_left_prepared_is_settled_at_start_up_through_an_fe_restart_and_a_commit_in_doubt()
+{
+    // Killed between prepare and commit; the restart finds the prepared transaction by its
+    // label and commits it, and that commit first meets an FE restart (the connection drops,
+    // nothing is committed, the prepared transaction survives), then a commit that succeeds
+    // but answers "commit timeout" (as after an FE leader change): the label's state says
+    // what happened. Every row once, never half of a transaction, nothing committed twice.
+    let (pg, sr, mut c) = source_and_sink("cdc-txn-doubt-start", &[], &["t", "u"]);
+    sr.watch(DB, &["t", "u"]);
+    let mut args = base_args(&pg, &sr, "t,u");
+    args.push("--no-snapshot".into());
+    let mut cdc = Cdc::start(&args, &[("PGPRISM_FAILPOINTS", "cdc-after-prepare=2*kill")]);
+    for round in 0..3 {
+        paired_transactions(&mut c, round * 2 + 1, 2);
+        let want = (round as usize + 1) * 38;
+        assert!(
+            eventually(Duration::from_secs(30), || cdc.exited()
+                || sr.row_count(DB, "t") >= want),
+            "round {round} was neither loaded nor did pgprism die\n{}",
+            cdc.log()
+        );
+    }
+    assert!(
+        cdc.wait_death(Duration::from_secs(30)),
+        "the failpoint did not fire\n{}",
+        cdc.log()
+    );
+    assert_eq!(sr.transactions().get("PREPARED"), Some(&1));
+    drop(cdc);
+    sr.inject_txn(TxnFault::FeRestart, 1);
+    sr.inject_txn(TxnFault::CommitAnswersError, 1);
+    let cdc = Cdc::start(&args, &[]);
+    paired_transactions(&mut c, 60, 2);
+    for table in ["t", "u"] {
+        assert_converges(&sr, &mut c, table, COLS, &cdc, Duration::from_secs(60));
+    }
+    let log = sr.log();
+    assert_eq!(
+        log.iter().filter(|(_, s)| s == "FE restart").count(),
+        1,
+        "{log:?}"
+    );
+    assert!(!saw_half_transaction(&sr));
+    assert!(twice_committed(&sr).is_empty(), "{log:?}");
+    let settled = eventually(Duration::from_secs(30), || {
+        let txns = sr.transactions();
+        !txns.contains_key("PREPARE") && !txns.contains_key("PREPARED")
+    });
+    assert!(settled, "{:?}", sr.transactions());
+    // Settled by the label's state, in place: no cycle loaded again, no reconnect.
+    assert!(
+        cdc.log()
+            .contains("the commit answered an error but happened"),
+        "{}",
+        cdc.log()
+    );
+    assert_eq!(cdc.status_number("reconnects"), 0, "{}", cdc.log());
+}
+
+#[test]
 fn commit_in_doubt_is_settled_by_the_label_state() {
     let (pg, sr, mut c) = source_and_sink("cdc-txn-doubt", &[], &["t", "u"]);
     sr.watch(DB, &["t", "u"]);
