@@ -1181,17 +1181,20 @@ fn peak_rss_bytes(pid: u32) -> u64 {
         .expect("VmHWM in /proc/PID/status")
 }
 
-#[test]
-fn transaction_larger_than_memory_spills_to_files() {
-    // A tiny decoding memory makes PostgreSQL stream the transactions in pieces; a 1 MiB
-    // stream buffer makes pgprism spill them.
-    let (pg, sr, mut c) = source_and_sink(
-        "cdc-spill",
-        &[("logical_decoding_work_mem", "64kB")],
-        &["t"],
-    );
-    let dir = support::TempDir::new("cdc-spill");
-    let spill_files = || std::fs::read_dir(&dir).unwrap().count();
+/// Table `t` on a source whose tiny decoding memory makes PostgreSQL stream transactions in
+/// pieces, and `cdc` arguments with a 1 MiB stream buffer, so that pgprism spills them into
+/// the returned directory.
+fn spill_source(
+    name: &str,
+) -> (
+    Instance,
+    StarRocks,
+    postgres::Client,
+    support::TempDir,
+    Vec<String>,
+) {
+    let (pg, sr, c) = source_and_sink(name, &[("logical_decoding_work_mem", "64kB")], &["t"]);
+    let dir = support::TempDir::new(name);
     let mut args = base_args(&pg, &sr, "t");
     args.extend(
         [
@@ -1202,6 +1205,15 @@ fn transaction_larger_than_memory_spills_to_files() {
         ]
         .map(String::from),
     );
+    (pg, sr, c, dir, args)
+}
+
+#[test]
+fn transaction_larger_than_memory_spills_to_files() {
+    // A tiny decoding memory makes PostgreSQL stream the transactions in pieces; a 1 MiB
+    // stream buffer makes pgprism spill them.
+    let (_pg, sr, mut c, dir, args) = spill_source("cdc-spill");
+    let spill_files = || std::fs::read_dir(&dir).unwrap().count();
     let txn = "BEGIN; INSERT INTO t SELECT g, 'row ' || g, g FROM generate_series(1, 200000) g;
          SAVEPOINT s; INSERT INTO t SELECT g, 'aborted subtransaction', g FROM generate_series(300001, 310000) g;
          ROLLBACK TO s; UPDATE t SET v = 'updated' WHERE id % 1000 = 0; COMMIT;
@@ -1309,22 +1321,7 @@ fn a_full_disk_under_the_spill_dir_stops_clearly_and_loses_nothing() {
     // first row) is a link to /dev/full, whose writes fail with ENOSPC as a full disk's do:
     // pgprism stops with an error naming the file and the full disk, confirms nothing past
     // the transaction, and the restart (the disk "freed": the link gone) loads it whole.
-    let (pg, sr, mut c) = source_and_sink(
-        "cdc-spill-full",
-        &[("logical_decoding_work_mem", "64kB")],
-        &["t"],
-    );
-    let dir = support::TempDir::new("cdc-spill-full");
-    let mut args = base_args(&pg, &sr, "t");
-    args.extend(
-        [
-            "--stream-buffer-bytes-max",
-            "1048576",
-            "--spill-dir",
-            dir.to_str().unwrap(),
-        ]
-        .map(String::from),
-    );
+    let (_pg, sr, mut c, dir, args) = spill_source("cdc-spill-full");
     let mut cdc = Cdc::start(&args, &[]);
     c.batch_execute("INSERT INTO t VALUES (0, 'before', 0)")
         .unwrap();
@@ -1564,34 +1561,45 @@ fn per_table_transactions_before_starrocks_4() {
     assert!(twice_committed(&sr).is_empty(), "{:?}", sr.log());
 }
 
+/// Tables `t` and `u`, no initial snapshot, `pgprism cdc` killed at the failpoint `point` on
+/// its second hit, the second of three rounds of `paired_transactions`: the source, the
+/// emulator (watching both tables), a client and the arguments (without the failpoint).
+fn killed_at_a_commit_point(
+    name: &str,
+    point: &str,
+) -> (Instance, StarRocks, postgres::Client, Vec<String>) {
+    let (pg, sr, mut c) = source_and_sink(name, &[], &["t", "u"]);
+    sr.watch(DB, &["t", "u"]);
+    // No initial snapshot: its watermark cycles would hit the failpoint at times that
+    // depend on the machine's load (a kill while the start-up polls the status).
+    let mut args = base_args(&pg, &sr, "t,u");
+    args.push("--no-snapshot".into());
+    let failpoint = format!("{point}=2*kill");
+    let mut cdc = Cdc::start(&args, &[("PGPRISM_FAILPOINTS", &failpoint)]);
+    for round in 0..3 {
+        paired_transactions(&mut c, round * 2 + 1, 2);
+        // One cycle per round, so the failpoint's second hit is the second round: each
+        // round adds 40 keys and deletes at most 2.
+        let want = (round as usize + 1) * 38;
+        assert!(
+            eventually(Duration::from_secs(30), || cdc.exited()
+                || sr.row_count(DB, "t") >= want),
+            "{point}: round {round} was neither loaded nor did pgprism die\n{}",
+            cdc.log()
+        );
+    }
+    assert!(
+        cdc.wait_death(Duration::from_secs(30)),
+        "{point}: the failpoint did not fire\n{}",
+        cdc.log()
+    );
+    (pg, sr, c, args)
+}
+
 #[test]
 fn crash_between_prepare_and_commit_and_after_commit_loses_and_repeats_nothing() {
     for point in ["cdc-after-prepare", "cdc-after-commit"] {
-        let (pg, sr, mut c) = source_and_sink("cdc-txn-crash", &[], &["t", "u"]);
-        sr.watch(DB, &["t", "u"]);
-        // No initial snapshot: its watermark cycles would hit the failpoint at times that
-        // depend on the machine's load (a kill while the start-up polls the status).
-        let mut args = base_args(&pg, &sr, "t,u");
-        args.push("--no-snapshot".into());
-        let failpoint = format!("{point}=2*kill");
-        let mut cdc = Cdc::start(&args, &[("PGPRISM_FAILPOINTS", &failpoint)]);
-        for round in 0..3 {
-            paired_transactions(&mut c, round * 2 + 1, 2);
-            // One cycle per round, so the failpoint's second hit is the second round: each
-            // round adds 40 keys and deletes at most 2.
-            let want = (round as usize + 1) * 38;
-            assert!(
-                eventually(Duration::from_secs(30), || cdc.exited()
-                    || sr.row_count(DB, "t") >= want),
-                "{point}: round {round} was neither loaded nor did pgprism die\n{}",
-                cdc.log()
-            );
-        }
-        assert!(
-            cdc.wait_death(Duration::from_secs(30)),
-            "{point}: the failpoint did not fire\n{}",
-            cdc.log()
-        );
+        let (_pg, sr, mut c, args) = killed_at_a_commit_point("cdc-txn-crash", point);
         if point == "cdc-after-prepare" {
             assert_eq!(
                 sr.transactions().get("PREPARED"),
@@ -1600,7 +1608,6 @@ fn crash_between_prepare_and_commit_and_after_commit_loses_and_repeats_nothing()
             );
         }
         paired_transactions(&mut c, 50, 3);
-        drop(cdc);
         let cdc = Cdc::start(&args, &[]);
         paired_transactions(&mut c, 60, 2);
         for table in ["t", "u"] {
@@ -1707,28 +1714,9 @@ fn a_transaction_left_prepared_is_settled_at_start_up_through_an_fe_restart_and_
     // nothing is committed, the prepared transaction survives), then a commit that succeeds
     // but answers "commit timeout" (as after an FE leader change): the label's state says
     // what happened. Every row once, never half of a transaction, nothing committed twice.
-    let (pg, sr, mut c) = source_and_sink("cdc-txn-doubt-start", &[], &["t", "u"]);
-    sr.watch(DB, &["t", "u"]);
-    let mut args = base_args(&pg, &sr, "t,u");
-    args.push("--no-snapshot".into());
-    let mut cdc = Cdc::start(&args, &[("PGPRISM_FAILPOINTS", "cdc-after-prepare=2*kill")]);
-    for round in 0..3 {
-        paired_transactions(&mut c, round * 2 + 1, 2);
-        let want = (round as usize + 1) * 38;
-        assert!(
-            eventually(Duration::from_secs(30), || cdc.exited()
-                || sr.row_count(DB, "t") >= want),
-            "round {round} was neither loaded nor did pgprism die\n{}",
-            cdc.log()
-        );
-    }
-    assert!(
-        cdc.wait_death(Duration::from_secs(30)),
-        "the failpoint did not fire\n{}",
-        cdc.log()
-    );
+    let (_pg, sr, mut c, args) =
+        killed_at_a_commit_point("cdc-txn-doubt-start", "cdc-after-prepare");
     assert_eq!(sr.transactions().get("PREPARED"), Some(&1));
-    drop(cdc);
     sr.inject_txn(TxnFault::FeRestart, 1);
     sr.inject_txn(TxnFault::CommitAnswersError, 1);
     let cdc = Cdc::start(&args, &[]);
@@ -2412,20 +2400,23 @@ fn no_snapshot_streams_changes_only() {
     assert!(cdc.log().contains("no initial snapshot"), "{}", cdc.log());
     c.batch_execute("INSERT INTO t SELECT g, 'new', g FROM generate_series(501, 510) g; UPDATE t SET v = 'touched' WHERE id = 7")
         .unwrap();
-    let expected: Vec<Vec<Option<String>>> = pg_rows(
-        &mut c,
-        "SELECT id::text, v, n::text FROM t WHERE id > 500 OR id = 7 ORDER BY t.id",
-    );
-    assert!(
-        eventually(Duration::from_secs(30), || sr.rows(
-            DB,
-            "t",
-            &["id", "v", "n"]
-        ) == expected),
-        "only the changes arrive: {:?}\n{expected:?}",
-        sr.rows(DB, "t", &["id", "v", "n"])
-    );
-    assert!(snapshot_loads(&sr, 0).is_empty());
+    // Only the changes arrive.
+    let only_changes = |c: &mut postgres::Client| {
+        let expected: Vec<Vec<Option<String>>> = pg_rows(
+            c,
+            "SELECT id::text, v, n::text FROM t WHERE id > 500 OR id = 7 ORDER BY t.id",
+        );
+        let arrived = eventually(Duration::from_secs(30), || {
+            sr.rows(DB, "t", &["id", "v", "n"]) == expected
+        });
+        assert!(
+            arrived,
+            "{:?}\n{expected:?}",
+            sr.rows(DB, "t", &["id", "v", "n"])
+        );
+        assert!(snapshot_loads(&sr, 0).is_empty());
+    };
+    only_changes(&mut c);
     assert!(chunks_done(&mut c).is_empty());
     // Restarted with the snapshot on (the default): the slot exists, so nothing is copied,
     // and it says so.
@@ -2441,20 +2432,7 @@ fn no_snapshot_streams_changes_only() {
     );
     c.batch_execute("UPDATE t SET v = 'after restart' WHERE id = 501")
         .unwrap();
-    let expected: Vec<Vec<Option<String>>> = pg_rows(
-        &mut c,
-        "SELECT id::text, v, n::text FROM t WHERE id > 500 OR id = 7 ORDER BY t.id",
-    );
-    assert!(
-        eventually(Duration::from_secs(30), || sr.rows(
-            DB,
-            "t",
-            &["id", "v", "n"]
-        ) == expected),
-        "{:?}",
-        sr.rows(DB, "t", &["id", "v", "n"])
-    );
-    assert!(snapshot_loads(&sr, 0).is_empty());
+    only_changes(&mut c);
 }
 
 /// `pgprism cdc` runs without transparent huge pages (see `cdc::cmd::without_huge_pages`):
@@ -2565,14 +2543,36 @@ fn snapshot_under_concurrent_writes_ends_equal() {
         "INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 30000) g; ANALYZE t",
     )
     .unwrap();
-    let args = snapshot_args(&pg, &sr, "t", 1000);
-    let cdc = Cdc::spawn(&args, &[]);
+    snapshot_under_concurrent_writes(&pg, &sr, &mut c, "t");
+}
+
+#[test]
+fn snapshot_of_a_partitioned_table_under_concurrent_writes_ends_equal() {
+    // The same on a partitioned table (key ranges over its leaves, changes published under
+    // its own name): the windows see the stream's changes of the table, key changes move
+    // rows between partitions.
+    let (pg, sr, mut c) = source_and_sink("cdc-snap-part-writes", &[], &[]);
+    make_partitioned(&mut c, &sr, &[10_000, 100_000], 30_000);
+    snapshot_under_concurrent_writes(&pg, &sr, &mut c, "p");
+}
+
+/// Snapshots `table` (30,000 rows, keys 1 to 30,000, [`COLS`]) while a writer updates,
+/// deletes, inserts and moves keys all over it, and checks StarRocks ends equal.
+fn snapshot_under_concurrent_writes(
+    pg: &Instance,
+    sr: &StarRocks,
+    c: &mut postgres::Client,
+    table: &str,
+) {
+    let args = snapshot_args(pg, sr, table, 1000);
+    let mut cdc = Cdc::spawn(&args, &[]);
     // Updates, deletes, inserts and key changes all over the key range, in chunks being
     // copied, until the snapshot is over.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let stop = std::sync::Arc::clone(&stop);
-        let mut w = client(&pg);
+        let mut w = client(pg);
+        let table = table.to_string();
         std::thread::spawn(move || {
             let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
             let mut i = 0u64;
@@ -2584,14 +2584,14 @@ fn snapshot_under_concurrent_writes_ends_equal() {
                 x ^= x << 17;
                 let k = x % 30_000 + 1;
                 let sql = match i % 5 {
-                    0 => format!("UPDATE t SET v = 'w{i}', n = n + 1 WHERE id = {k}"),
-                    1 => format!("DELETE FROM t WHERE id = {k}"),
+                    0 => format!("UPDATE {table} SET v = 'w{i}', n = n + 1 WHERE id = {k}"),
+                    1 => format!("DELETE FROM {table} WHERE id = {k}"),
                     2 => format!(
-                        "INSERT INTO t VALUES ({}, 'new{i}', 0) ON CONFLICT DO NOTHING",
+                        "INSERT INTO {table} VALUES ({}, 'new{i}', 0) ON CONFLICT DO NOTHING",
                         k + 100_000
                     ),
-                    3 => format!("UPDATE t SET id = id + 200000 WHERE id = {k}"),
-                    _ => format!("UPDATE t SET n = n + 1 WHERE id % 997 = {}", k % 997),
+                    3 => format!("UPDATE {table} SET id = id + 200000 WHERE id = {k}"),
+                    _ => format!("UPDATE {table} SET n = n + 1 WHERE id % 997 = {}", k % 997),
                 };
                 w.batch_execute(&sql).unwrap();
                 i += 1;
@@ -2599,13 +2599,14 @@ fn snapshot_under_concurrent_writes_ends_equal() {
             i
         })
     };
+    // (A process that stopped is no reason to wait on.)
     let done = eventually(Duration::from_secs(300), || {
-        cdc.snapshot()["state"].as_str() == Some("done")
-    });
+        cdc.exited() || cdc.snapshot()["state"].as_str() == Some("done")
+    }) && !cdc.exited();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes = writer.join().unwrap();
     assert!(done, "the snapshot did not finish\n{}", cdc.log());
-    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(60));
+    assert_converges(sr, c, table, COLS, &cdc, Duration::from_secs(60));
     // A writer's transaction caught between its commit record and its visibility when a
     // chunk is read (frequent on a loaded machine) costs that chunk its straggler's keys,
     // never a read again: this once failed the snapshot after five unlucky reads of one
@@ -2942,17 +2943,24 @@ fn ctid_toast_table(
     (args, dir)
 }
 
-#[test]
-fn ctid_snapshot_killed_after_rows_moved_back_rereads_them_after_the_restart() {
-    // As below, but held before the third read (the first chunk, page 0, recorded; the
-    // second's high watermark goes with the third read), and killed once the moved rows'
-    // keys are stored with a checkpoint: the restarted run resumes the first range after
-    // page 0, where the moved rows are, and reads their keys again.
-    let pg = start_pg("cdc-snap-ctid-toast-kill", &[]);
+/// A `ctid_toast_table` snapshot held before its third read (the first chunk, page 0 on,
+/// recorded), the last page's rows moved into page 0 (`big` unchanged), and killed once
+/// their keys are stored with a checkpoint: the source, the emulator, a client, the `cdc`
+/// arguments and their directory.
+fn killed_with_partial_keys_stored(
+    name: &str,
+) -> (
+    Instance,
+    StarRocks,
+    postgres::Client,
+    Vec<String>,
+    support::TempDir,
+) {
+    let pg = start_pg(name, &[]);
     let sr = StarRocks::start("root", "pw");
     let mut c = client(&pg);
-    let (args, _config) = ctid_toast_table(&mut c, &pg, &sr);
-    let (cdc, _dir, _go) = cdc_held_before_read(&args, 3);
+    let (args, config) = ctid_toast_table(&mut c, &pg, &sr);
+    let (cdc, _hold, _go) = cdc_held_before_read(&args, 3);
     c.batch_execute("UPDATE d SET n = n + 1 WHERE id > 2960")
         .unwrap();
     let stored = eventually(Duration::from_secs(60), || {
@@ -2964,6 +2972,17 @@ fn ctid_snapshot_killed_after_rows_moved_back_rereads_them_after_the_restart() {
     });
     assert!(stored, "the keys were not stored\n{}", cdc.log());
     drop(cdc);
+    (pg, sr, c, args, config)
+}
+
+#[test]
+fn ctid_snapshot_killed_after_rows_moved_back_rereads_them_after_the_restart() {
+    // As below, but held before the third read (the first chunk, page 0, recorded; the
+    // second's high watermark goes with the third read), and killed once the moved rows'
+    // keys are stored with a checkpoint: the restarted run resumes the first range after
+    // page 0, where the moved rows are, and reads their keys again.
+    let (_pg, sr, mut c, args, _config) =
+        killed_with_partial_keys_stored("cdc-snap-ctid-toast-kill");
     let cdc = Cdc::start(&args, &[]);
     let done = eventually(Duration::from_secs(120), || {
         cdc.snapshot()["state"].as_str() == Some("done")
@@ -3234,6 +3253,30 @@ fn ctid_snapshot_of_a_table_rewritten_midway_starts_it_over() {
     assert!(ranges(&mut c).iter().all(|r| r.2), "{:?}", ranges(&mut c));
 }
 
+/// Lets a `ctid_toast_table` snapshot held by `cdc_held_before_read` go on (`go`), and checks
+/// it ends with a keys round and `d` equal to the source.
+fn released_ends_equal_after_a_keys_round(
+    cdc: &Cdc,
+    go: &std::path::Path,
+    sr: &StarRocks,
+    c: &mut postgres::Client,
+) {
+    std::fs::write(go, b"").unwrap();
+    let done = eventually(Duration::from_secs(120), || {
+        cdc.snapshot()["state"].as_str() == Some("done")
+    });
+    assert!(done, "{:?}\n{}", cdc.snapshot(), cdc.log());
+    assert_converges(
+        sr,
+        c,
+        "d",
+        &["id", "big", "n"],
+        cdc,
+        Duration::from_secs(60),
+    );
+    assert!(cdc.log().contains("reading again by key"), "{}", cdc.log());
+}
+
 /// The chunk table of `ctid_toast_table`'s snapshot as a run of a build before 024f419 could
 /// leave it when killed: the keys rounds begun (chunk -1's `last`, "frozen") while a range
 /// was still to copy (a refused chunk waited to be read again when the round began). Today
@@ -3292,20 +3335,7 @@ fn a_resumed_snapshot_with_a_range_left_remembers_partial_keys_again() {
         .unwrap();
     let moved = rows_on_page(&mut c, 0, "id > 2960");
     assert!(moved >= 20, "{moved} rows moved to page 0");
-    std::fs::write(&go, b"").unwrap();
-    let done = eventually(Duration::from_secs(120), || {
-        cdc.snapshot()["state"].as_str() == Some("done")
-    });
-    assert!(done, "{:?}\n{}", cdc.snapshot(), cdc.log());
-    assert_converges(
-        &sr,
-        &mut c,
-        "d",
-        &["id", "big", "n"],
-        &cdc,
-        Duration::from_secs(60),
-    );
-    assert!(cdc.log().contains("reading again by key"), "{}", cdc.log());
+    released_ends_equal_after_a_keys_round(&cdc, &go, &sr, &mut c);
 }
 
 #[test]
@@ -3318,22 +3348,8 @@ fn a_restart_after_a_rewrite_with_keys_owed_copies_the_table_anew_and_remembers_
     // the stored keys and unfrozen. Rows of the new file's last page are then moved into
     // page 0 after the new plan's first chunk read it: only the keys remembered again bring
     // their `big` (restored frozen, StarRocks ends with it NULL).
-    let pg = start_pg("cdc-snap-ctid-rewrite-restart", &[]);
-    let sr = StarRocks::start("root", "pw");
-    let mut c = client(&pg);
-    let (args, _config) = ctid_toast_table(&mut c, &pg, &sr);
-    let (cdc, _dir, _go) = cdc_held_before_read(&args, 3);
-    c.batch_execute("UPDATE d SET n = n + 1 WHERE id > 2960")
-        .unwrap();
-    let stored = eventually(Duration::from_secs(60), || {
-        pg_rows(
-            &mut c,
-            "SELECT coalesce(cardinality(lo), 0)::text FROM pgprism_cdc_checkpoint_snapshot WHERE chunk = -1",
-        ) != vec![vec![Some("0".to_string())]]
-            && ranges(&mut c).iter().any(|r| r.1 > 0)
-    });
-    assert!(stored, "the keys were not stored\n{}", cdc.log());
-    drop(cdc);
+    let (_pg, sr, mut c, args, _config) =
+        killed_with_partial_keys_stored("cdc-snap-ctid-rewrite-restart");
     mark_rounds_begun(&mut c);
     let filenode = |c: &mut postgres::Client| {
         pg_rows(c, "SELECT pg_relation_filenode('d')::text")[0][0].clone()
@@ -3362,36 +3378,30 @@ fn a_restart_after_a_rewrite_with_keys_owed_copies_the_table_anew_and_remembers_
         .unwrap();
     let moved = rows_on_page(&mut c, 0, "id > 2800 AND id <= 2960");
     assert!(moved >= 20, "{moved} rows moved to page 0");
-    std::fs::write(&go, b"").unwrap();
-    let done = eventually(Duration::from_secs(120), || {
-        cdc.snapshot()["state"].as_str() == Some("done")
-    });
-    assert!(done, "{:?}\n{}", cdc.snapshot(), cdc.log());
-    assert_converges(
-        &sr,
-        &mut c,
-        "d",
-        &["id", "big", "n"],
-        &cdc,
-        Duration::from_secs(60),
-    );
-    assert!(cdc.log().contains("reading again by key"), "{}", cdc.log());
+    released_ends_equal_after_a_keys_round(&cdc, &go, &sr, &mut c);
 }
 
-#[test]
-fn snapshot_copies_a_partitioned_table_from_its_leaves() {
-    let (pg, sr, mut c) = source_and_sink("cdc-snap-partitioned", &[], &[]);
-    // The parent has no storage of its own: the sample's size comes from the leaves, and
-    // TABLESAMPLE on the parent samples each of them.
-    c.batch_execute(
-        "CREATE TABLE p (id int PRIMARY KEY, v text, n int) PARTITION BY RANGE (id);
-         CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (MINVALUE) TO (2000);
-         CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (2000) TO (4000);
-         CREATE TABLE p3 PARTITION OF p FOR VALUES FROM (4000) TO (MAXVALUE);
-         INSERT INTO p SELECT g, 'row ' || g, g FROM generate_series(1, 5000) g;
-         ANALYZE p;",
-    )
-    .unwrap();
+/// The partitioned table `p` ([`COLS`], key `id`) with a partition `p1`, `p2`, ... below,
+/// between and above `cuts`, holding keys 1 to `rows`, analyzed; and its StarRocks table.
+fn make_partitioned(c: &mut postgres::Client, sr: &StarRocks, cuts: &[u32], rows: u32) {
+    let mut sql =
+        String::from("CREATE TABLE p (id int PRIMARY KEY, v text, n int) PARTITION BY RANGE (id);");
+    let bounds: Vec<String> = std::iter::once("MINVALUE".to_string())
+        .chain(cuts.iter().map(u32::to_string))
+        .chain(["MAXVALUE".to_string()])
+        .collect();
+    for (i, pair) in bounds.windows(2).enumerate() {
+        sql.push_str(&format!(
+            "CREATE TABLE p{} PARTITION OF p FOR VALUES FROM ({}) TO ({});",
+            i + 1,
+            pair[0],
+            pair[1]
+        ));
+    }
+    sql.push_str(&format!(
+        "INSERT INTO p SELECT g, 'row ' || g, g FROM generate_series(1, {rows}) g; ANALYZE p;"
+    ));
+    c.batch_execute(&sql).unwrap();
     sr.create_table(
         DB,
         "p",
@@ -3402,6 +3412,14 @@ fn snapshot_copies_a_partitioned_table_from_its_leaves() {
             ("n", ColType::Int),
         ],
     );
+}
+
+#[test]
+fn snapshot_copies_a_partitioned_table_from_its_leaves() {
+    let (pg, sr, mut c) = source_and_sink("cdc-snap-partitioned", &[], &[]);
+    // The parent has no storage of its own: the sample's size comes from the leaves, and
+    // TABLESAMPLE on the parent samples each of them.
+    make_partitioned(&mut c, &sr, &[2000, 4000], 5000);
     let args = snapshot_args(&pg, &sr, "p", 1000);
     let cdc = Cdc::start(&args, &[]);
     assert_converges(&sr, &mut c, "p", COLS, &cdc, Duration::from_secs(30));
@@ -3488,25 +3506,7 @@ fn a_partitioned_table_killed_mid_snapshot_resumes_by_key_ranges() {
     // resume after a kill like any table's (with `CtidPlan::of` planning the parent by
     // `ctid`, the ranges had a filenode and `tid` bounds).
     let (pg, sr, mut c) = source_and_sink("cdc-snap-part-kill", &[], &[]);
-    c.batch_execute(
-        "CREATE TABLE p (id int PRIMARY KEY, v text, n int) PARTITION BY RANGE (id);
-         CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (MINVALUE) TO (7000);
-         CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (7000) TO (14000);
-         CREATE TABLE p3 PARTITION OF p FOR VALUES FROM (14000) TO (MAXVALUE);
-         INSERT INTO p SELECT g, 'row ' || g, g FROM generate_series(1, 20000) g;
-         ANALYZE p;",
-    )
-    .unwrap();
-    sr.create_table(
-        DB,
-        "p",
-        &["id"],
-        &[
-            ("id", ColType::Int),
-            ("v", ColType::Text),
-            ("n", ColType::Int),
-        ],
-    );
+    make_partitioned(&mut c, &sr, &[7000, 14000], 20000);
     let args = snapshot_args(&pg, &sr, "p", 2000);
     let cdc = Cdc::spawn(
         &args,
@@ -3616,23 +3616,9 @@ fn changes_of_a_partitioned_table_stream_under_its_own_name() {
     // stopped at the first change with "table public.p1 is not configured for CDC". A
     // publication an earlier build created without the option gets it at start-up.
     let (pg, sr, mut c) = source_and_sink("cdc-part-stream", &[], &[]);
-    c.batch_execute(
-        "CREATE TABLE p (id int PRIMARY KEY, v text, n int) PARTITION BY RANGE (id);
-         CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (MINVALUE) TO (1000);
-         CREATE TABLE p2 PARTITION OF p FOR VALUES FROM (1000) TO (MAXVALUE);
-         CREATE PUBLICATION pgprism_cdc FOR TABLE p;",
-    )
-    .unwrap();
-    sr.create_table(
-        DB,
-        "p",
-        &["id"],
-        &[
-            ("id", ColType::Int),
-            ("v", ColType::Text),
-            ("n", ColType::Int),
-        ],
-    );
+    make_partitioned(&mut c, &sr, &[1000], 0);
+    c.batch_execute("CREATE PUBLICATION pgprism_cdc FOR TABLE p")
+        .unwrap();
     let mut args = base_args(&pg, &sr, "p");
     args.push("--no-snapshot".into());
     let cdc = Cdc::start(&args, &[]);
