@@ -524,6 +524,9 @@ fn large_transaction_in_bounded_memory() {
     let dir = scratch.join("spill");
     let mut child = pgprism_command()
         .args(["cdc", "--source", &pg.url(), "--starrocks", &sr.url()])
+        // Schema changes follow the source by default: the FE query port is needed (without
+        // it pgprism stopped at its first load and this benchmark waited an hour).
+        .args(["--starrocks-query-port", &sr.query.port().to_string()])
         .args(["--database", "spill", "--tables", "t", "--log", "warn"])
         .args(["--spill-dir", dir.to_str().unwrap()])
         .stdout(Stdio::piped())
@@ -540,8 +543,8 @@ fn large_transaction_in_bounded_memory() {
     .unwrap();
     let inserted = t.elapsed().as_secs_f64();
     let done = eventually(Duration::from_secs(3600), || {
-        sr.row_count("spill", "t") == rows
-    });
+        sr.row_count("spill", "t") == rows || !matches!(child.try_wait(), Ok(None))
+    }) && sr.row_count("spill", "t") == rows;
     let secs = t.elapsed().as_secs_f64();
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
     let peak_kb: u64 = status

@@ -674,6 +674,9 @@ impl Pipeline {
         match msg {
             Message::Relation { rel, .. } => {
                 let applied = self.schema.apply(&rel)?;
+                if matches!(applied, Applied::Unconfigured) {
+                    return Ok(());
+                }
                 if matches!(applied, Applied::Changed(_)) {
                     // The rows kept are by column position: forget them for this cycle.
                     let name = format!("{}.{}", rel.namespace, rel.name);
@@ -768,7 +771,7 @@ impl Pipeline {
         }
         let schema = self.schema.get(oid)?;
         let change = match applied {
-            Applied::Unchanged => return Ok(()),
+            Applied::Unchanged | Applied::Unconfigured => return Ok(()),
             Applied::New => super::ddl::diff(
                 &schema.source_name,
                 &schema.target_name,

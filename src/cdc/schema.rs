@@ -63,6 +63,11 @@ pub enum Applied {
     New,
     /// The column list changed; these were the columns before.
     Changed(Vec<Column>),
+    /// A table not configured for CDC: nothing is kept but its name, so that a change of it
+    /// stops the stream ([`SchemaError::NotConfigured`]). pgoutput announces a partition
+    /// before its changes even when the publication publishes them as its root's
+    /// (`publish_via_partition_root`): the root's Relation comes first, then the partition's.
+    Unconfigured,
 }
 
 /// Primary key columns per `schema.table`, from setup.
@@ -96,6 +101,8 @@ impl Column {
 #[derive(Default)]
 pub struct SchemaCache {
     tables: HashMap<u32, TableSchema>,
+    /// Relations announced that are not configured, by id: their names.
+    unconfigured: HashMap<u32, String>,
     keys: KeyColumns,
     generation: u64,
 }
@@ -104,27 +111,33 @@ impl SchemaCache {
     pub fn new(keys: KeyColumns) -> Self {
         SchemaCache {
             tables: HashMap::new(),
+            unconfigured: HashMap::new(),
             keys,
             generation: 0,
         }
     }
 
     pub fn get(&self, oid: u32) -> Result<&TableSchema, SchemaError> {
-        self.tables
-            .get(&oid)
-            .ok_or(SchemaError::UnknownRelation { oid })
+        match self.tables.get(&oid) {
+            Some(t) => Ok(t),
+            None => Err(match self.unconfigured.get(&oid) {
+                Some(table) => SchemaError::NotConfigured {
+                    table: table.clone(),
+                },
+                None => SchemaError::UnknownRelation { oid },
+            }),
+        }
     }
 
     /// Applies a Relation message; a changed column list makes the caller flush batches of
     /// the old shape first.
     pub fn apply(&mut self, rel: &Relation<'_>) -> Result<Applied, SchemaError> {
         let source_name = format!("{}.{}", rel.namespace, rel.name);
-        let key_names = self
-            .keys
-            .get(&source_name)
-            .ok_or_else(|| SchemaError::NotConfigured {
-                table: source_name.clone(),
-            })?;
+        let Some(key_names) = self.keys.get(&source_name) else {
+            self.tables.remove(&rel.oid);
+            self.unconfigured.insert(rel.oid, source_name);
+            return Ok(Applied::Unconfigured);
+        };
         let columns: Vec<Column> = rel
             .columns()
             .map(|c| Column {

@@ -316,7 +316,44 @@ fn set_replica_identity_full(
         .map_err(step(format!("set REPLICA IDENTITY FULL on {}", t.name)))?;
         t.replica_identity = 'f';
     }
+    // A partitioned table's changes carry the old row as its partition's own replica
+    // identity has it (the table's is not inherited): each leaf is set too. (A partition
+    // attached later gets it at the next start.)
+    for root in partitioned(conn, tables)? {
+        let leaves = conn
+            .query(&format!(
+                "SELECT format('%s', c.oid::regclass) FROM pg_partition_tree({}::regclass) p \
+                 JOIN pg_class c ON c.oid = p.relid WHERE p.isleaf AND c.relreplident <> 'f'",
+                quote_literal(&root)
+            ))
+            .map_err(step(format!("list the partitions of {root}")))?;
+        for leaf in leaves.iter().filter_map(|r| r.first().cloned().flatten()) {
+            conn.query(&format!("ALTER TABLE {leaf} REPLICA IDENTITY FULL"))
+                .map_err(step(format!("set REPLICA IDENTITY FULL on {leaf}")))?;
+        }
+    }
     Ok(())
+}
+
+/// The partitioned tables among `tables`, qualified and quoted.
+fn partitioned(conn: &mut PgConn, tables: &[SourceTable]) -> Result<Vec<String>, SetupError> {
+    if tables.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = tables
+        .iter()
+        .map(|t| format!("{}::regclass", quote_literal(&qualified(&t.name))))
+        .collect();
+    let rows = conn
+        .query(&format!(
+            "SELECT format('%s', oid::regclass) FROM pg_class WHERE relkind = 'p' AND oid IN ({})",
+            names.join(", ")
+        ))
+        .map_err(step("look for partitioned tables"))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| r.into_iter().next().flatten())
+        .collect())
 }
 
 /// Creates the publication, or adds the tables it lacks.
@@ -326,19 +363,34 @@ fn ensure_publication(
     tables: &[SourceTable],
 ) -> Result<(), SetupError> {
     let publication = quote_ident(name);
+    // The tables it publishes (all of them for FOR ALL TABLES) and the tables added to it:
+    // a partitioned table added is published as its leaves (without
+    // `publish_via_partition_root`), so `pg_publication_tables` alone never names it, and a
+    // restart added it again, which PostgreSQL refuses ("already member of publication").
     let published = conn
         .query(&format!(
-            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = {}",
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = {0} \
+             UNION SELECT n.nspname || '.' || c.relname FROM pg_publication_rel r \
+             JOIN pg_publication p ON p.oid = r.prpubid JOIN pg_class c ON c.oid = r.prrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.pubname = {0}",
             quote_literal(name)
         ))
         .map_err(step("read the publication's tables"))?;
-    let exists = !conn
+    // (pubviaroot as text: `true`/`false`.)
+    let via_root = conn
         .query(&format!(
-            "SELECT 1 FROM pg_publication WHERE pubname = {}",
+            "SELECT pubviaroot::text FROM pg_publication WHERE pubname = {}",
             quote_literal(name)
         ))
         .map_err(step("look up the publication"))?
-        .is_empty();
+        .first()
+        .map(|r| r.first().cloned().flatten().as_deref() == Some("true"));
+    let exists = via_root.is_some();
+    // A partitioned table's changes come under its leaves' names unless the publication
+    // publishes them as the root's (PostgreSQL 13 and later; earlier ones cannot publish a
+    // partitioned table at all): CDC knows the table by the name configured, and stopped at
+    // the first change with "table public.p1 is not configured for CDC".
+    let partitioned = !partitioned(conn, tables)?.is_empty();
     let missing: Vec<String> = tables
         .iter()
         .filter(|t| {
@@ -350,11 +402,26 @@ fn ensure_publication(
         .collect();
     if !exists {
         conn.query(&format!(
-            "CREATE PUBLICATION {publication} FOR TABLE {}",
-            missing.join(", ")
+            "CREATE PUBLICATION {publication} FOR TABLE {}{}",
+            missing.join(", "),
+            match partitioned {
+                true => " WITH (publish_via_partition_root = true)",
+                false => "",
+            }
         ))
         .map_err(step(format!("create publication {name}")))?;
-    } else if !missing.is_empty() {
+        return Ok(());
+    }
+    if partitioned && via_root == Some(false) {
+        tracing::warn!(publication = %name, "a partitioned table is published: setting publish_via_partition_root on the publication, so that its changes come under its own name, not its partitions'");
+        conn.query(&format!(
+            "ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)"
+        ))
+        .map_err(step(format!(
+            "set publish_via_partition_root on publication {name}"
+        )))?;
+    }
+    if !missing.is_empty() {
         conn.query(&format!(
             "ALTER PUBLICATION {publication} ADD TABLE {}",
             missing.join(", ")

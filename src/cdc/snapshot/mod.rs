@@ -517,60 +517,106 @@ fn plan_ranges(
         .map_err(query(format!("sample the keys of {}", source.name)))?;
     let n = sample.len() as u64;
     let estimate = (n as f64 * 100.0 / percent) as u64;
+    let ranges = range_count(cfg, estimate, n);
+    // Range i ends at the sample's ((i + 1) n / ranges)-th key: strictly rising, n >= ranges.
+    let bounds = (1..ranges).filter_map(|i| {
+        let at = (i * n).div_ceil(ranges).checked_sub(1)?;
+        let row = sample.get(at as usize)?;
+        row.iter()
+            .map(|v| v.as_deref().and_then(from_hex))
+            .collect::<Option<Vec<String>>>()
+    });
+    let chunks = ranges_from(table, first, from.map(<[String]>::to_vec), bounds, None);
+    record_ranges(conn, cfg, chunk_table, source, &chunks, None)?;
+    tracing::debug!(table = %source.name, pages, sampled = n, estimate, ranges = chunks.len(), "snapshot key ranges");
+    Ok(chunks)
+}
+
+/// How many ranges a table of about `estimate` rows is cut into (see [`RANGE_HALF_CHUNKS`]
+/// and [`RANGES_PER_WORKER`]), at most `units` (the keys sampled, or the pages: each range
+/// ends at one of them).
+fn range_count(cfg: &CdcConfig, estimate: u64, units: u64) -> u64 {
     let chunk_rows = cfg.snapshot_chunk_rows.max(1) as u64;
     let for_balance =
         (cfg.snapshot_workers as u64 * RANGES_PER_WORKER).min(estimate.div_ceil(chunk_rows));
-    let ranges = (estimate * 2)
+    (estimate * 2)
         .div_ceil(chunk_rows * RANGE_HALF_CHUNKS)
         .max(for_balance)
         .clamp(1, RANGES_MAX)
-        .min(n.max(1));
-    // Range i ends at the sample's ((i + 1) n / ranges)-th key: strictly rising, n >= ranges.
-    let bounds: Vec<Vec<String>> = (1..ranges)
-        .filter_map(|i| {
-            let at = (i * n).div_ceil(ranges).checked_sub(1)?;
-            let row = sample.get(at as usize)?;
-            row.iter()
-                .map(|v| v.as_deref().and_then(from_hex))
-                .collect::<Option<Vec<String>>>()
-        })
-        .collect();
-    let mut chunks = Vec::with_capacity(bounds.len() + 1);
-    let mut lo = from.map(<[String]>::to_vec);
-    for (i, hi) in bounds.into_iter().map(Some).chain([None]).enumerate() {
+        .min(units.max(1))
+}
+
+/// The ranges of `table` numbered from `first`: the first from `lo` on, each ending at the
+/// next of `bounds`, and one more, open-ended, after the last.
+fn ranges_from(
+    table: usize,
+    first: u32,
+    mut lo: Option<Vec<String>>,
+    bounds: impl Iterator<Item = Vec<String>>,
+    filenode: Option<&str>,
+) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    for (i, hi) in bounds.map(Some).chain([None]).enumerate() {
         chunks.push(Chunk {
             table,
             number: first + i as u32,
             lo: lo.clone(),
             hi: hi.clone(),
             range_end: true,
-            filenode: None,
+            filenode: filenode.map(str::to_string),
             round: None,
         });
         lo = hi;
     }
+    chunks
+}
+
+/// Records a table's planned ranges in the chunk table (a row of the same number, left by
+/// an earlier plan, takes the new bounds). `filenode`: `ctid` ranges, recorded with the
+/// table's filenode (key ranges leave the column as it is).
+fn record_ranges(
+    conn: &mut PgConn,
+    cfg: &CdcConfig,
+    chunk_table: &str,
+    source: &SourceTable,
+    chunks: &[Chunk],
+    filenode: Option<&str>,
+) -> Result<(), SnapshotError> {
     let values: Vec<String> = chunks
         .iter()
         .map(|c| {
-            format!(
-                "({}, {}, {}, {}, {}, {})",
+            let mut row = format!(
+                "({}, {}, {}, {}, {}, {}",
                 quote_literal(&cfg.slot),
                 quote_literal(&source.name),
                 c.number,
                 array_literal(c.lo.as_deref()),
                 array_literal(c.hi.as_deref()),
                 c.hi.is_none()
-            )
+            );
+            if let Some(f) = filenode {
+                row.push_str(", ");
+                row.push_str(&quote_literal(f));
+            }
+            row.push(')');
+            row
         })
         .collect();
+    let (column, set, kind) = match filenode {
+        Some(_) => (", filenode", ", filenode = excluded.filenode", "ctid"),
+        None => ("", "", "key"),
+    };
     conn.query(&format!(
-        "INSERT INTO {chunk_table} (slot, tbl, chunk, lo, hi, last) VALUES {} \
-         ON CONFLICT (slot, tbl, chunk) DO UPDATE SET lo = excluded.lo, hi = excluded.hi, last = excluded.last",
+        "INSERT INTO {chunk_table} (slot, tbl, chunk, lo, hi, last{column}) VALUES {} \
+         ON CONFLICT (slot, tbl, chunk) DO UPDATE SET lo = excluded.lo, hi = excluded.hi, \
+         last = excluded.last{set}",
         values.join(", ")
     ))
-    .map_err(query(format!("record the key ranges of {}", source.name)))?;
-    tracing::debug!(table = %source.name, pages, sampled = n, estimate, ranges = chunks.len(), "snapshot key ranges");
-    Ok(chunks)
+    .map_err(query(format!(
+        "record the {kind} ranges of {}",
+        source.name
+    )))?;
+    Ok(())
 }
 
 /// A table's `ctid` ranges: its heap pages cut into ranges, each read by a TID Range Scan
@@ -640,60 +686,19 @@ impl CtidPlan {
         source: &SourceTable,
         first: u32,
     ) -> Result<Vec<Chunk>, SnapshotError> {
-        let chunk_rows = cfg.snapshot_chunk_rows.max(1) as u64;
         // Never analyzed (reltuples -1, read as 0): about 100 narrow rows a page.
         let estimate = if self.estimate > 0 {
             self.estimate
         } else {
             self.pages * 100
         };
-        let for_balance =
-            (cfg.snapshot_workers as u64 * RANGES_PER_WORKER).min(estimate.div_ceil(chunk_rows));
-        let ranges = (estimate * 2)
-            .div_ceil(chunk_rows * RANGE_HALF_CHUNKS)
-            .max(for_balance)
-            .clamp(1, RANGES_MAX)
-            .min(self.pages.max(1));
+        let ranges = range_count(cfg, estimate, self.pages);
         // Range i ends with page (i + 1) pages / ranges - 1: the last item a page can hold
         // is below 65535, the largest offset a `tid` takes.
-        let mut chunks = Vec::with_capacity(ranges as usize);
-        let mut lo: Option<Vec<String>> = None;
-        for i in 0..ranges {
-            let hi = (i + 1 < ranges)
-                .then(|| vec![format!("({},65535)", (i + 1) * self.pages / ranges - 1)]);
-            chunks.push(Chunk {
-                table,
-                number: first + i as u32,
-                lo: lo.clone(),
-                hi: hi.clone(),
-                range_end: true,
-                filenode: Some(self.filenode.clone()),
-                round: None,
-            });
-            lo = hi;
-        }
-        let values: Vec<String> = chunks
-            .iter()
-            .map(|c| {
-                format!(
-                    "({}, {}, {}, {}, {}, {}, {})",
-                    quote_literal(&cfg.slot),
-                    quote_literal(&source.name),
-                    c.number,
-                    array_literal(c.lo.as_deref()),
-                    array_literal(c.hi.as_deref()),
-                    c.hi.is_none(),
-                    quote_literal(&self.filenode)
-                )
-            })
-            .collect();
-        conn.query(&format!(
-            "INSERT INTO {chunk_table} (slot, tbl, chunk, lo, hi, last, filenode) VALUES {} \
-             ON CONFLICT (slot, tbl, chunk) DO UPDATE SET lo = excluded.lo, hi = excluded.hi, \
-             last = excluded.last, filenode = excluded.filenode",
-            values.join(", ")
-        ))
-        .map_err(query(format!("record the ctid ranges of {}", source.name)))?;
+        let bounds = (1..ranges).map(|i| vec![format!("({},65535)", i * self.pages / ranges - 1)]);
+        let filenode = Some(self.filenode.as_str());
+        let chunks = ranges_from(table, first, None, bounds, filenode);
+        record_ranges(conn, cfg, chunk_table, source, &chunks, filenode)?;
         tracing::debug!(table = %source.name, pages = self.pages, estimate, ranges = chunks.len(), filenode = %self.filenode, "snapshot ctid ranges");
         Ok(chunks)
     }
@@ -2595,6 +2600,48 @@ fn csv_to_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_says_rows_estimate_rate_and_eta_of_this_run() {
+        use sonic_rs::JsonValueTrait;
+        // 20,000 rows copied by this run in about 10 s (1,000 by an earlier one), of an
+        // estimated 100,000: about 2,000 rows/s, about 39 s left.
+        let p = Progress::default();
+        p.state.store(STATE_COPYING, Ordering::Relaxed);
+        p.rows_before.store(1000, Ordering::Relaxed);
+        p.rows_copied.store(21_000, Ordering::Relaxed);
+        p.rows_estimate.store(100_000, Ordering::Relaxed);
+        p.chunks_done.store(5, Ordering::Relaxed);
+        let started = unix_ms() - 10_000;
+        p.started_unix_ms.store(started, Ordering::Relaxed);
+        let before = unix_ms();
+        let json = p.json();
+        let after = unix_ms();
+        let num = |k: &str| json[k].as_u64().unwrap_or_else(|| panic!("{k}: {json:?}"));
+        assert_eq!(json["state"].as_str(), Some("copying"));
+        assert_eq!(num("rows_copied"), 21_000);
+        assert_eq!(num("rows_total_estimate"), 100_000);
+        assert_eq!(num("chunks_done"), 5);
+        // This run's rows over the time since it started, as the clock read during json().
+        let rate = num("rows_per_second");
+        let (slow, fast) = (
+            20_000_000 / (after - started),
+            20_000_000 / (before - started),
+        );
+        assert!((slow..=fast).contains(&rate), "{json:?}");
+        assert_eq!(num("eta_seconds"), 79_000 / rate, "{json:?}");
+        let line = p.line();
+        let (head, tail) = line.split_once(" rows/s, ETA ").expect(&line);
+        assert!(
+            head.starts_with("snapshot: 21000 of ~100000 rows, ") && tail.ends_with("s, 5 chunks"),
+            "{line}"
+        );
+        // Nothing copied yet by this run: no rate, no ETA.
+        let fresh = Progress::default();
+        fresh.rows_estimate.store(100, Ordering::Relaxed);
+        assert!(fresh.json()["eta_seconds"].is_null());
+        assert_eq!(fresh.line(), "snapshot: 0 of ~100 rows, 0 rows/s, 0 chunks");
+    }
 
     #[test]
     fn a_chunks_last_key_reads_back_as_its_columns_text() {
