@@ -2435,8 +2435,6 @@ fn no_snapshot_streams_changes_only() {
     only_changes(&mut c);
 }
 
-/// `pgprism cdc` runs without transparent huge pages (see `cdc::cmd::without_huge_pages`):
-/// the kernel reports the process's own switch in /proc.
 #[test]
 fn snapshot_progress_line_is_written_on_a_terminal() {
     // stderr a terminal (util-linux `script` gives the process a pseudo-terminal): the
@@ -2521,6 +2519,8 @@ fn snapshot_progress_line_is_written_on_a_terminal() {
     assert_eq!(sr.row_count(DB, "t"), 5000);
 }
 
+/// `pgprism cdc` runs without transparent huge pages (see `cdc::cmd::without_huge_pages`):
+/// the kernel reports the process's own switch in /proc.
 #[test]
 fn cdc_process_runs_without_transparent_huge_pages() {
     let (pg, sr, _c) = source_and_sink("cdc-no-thp", &[], &["t"]);
