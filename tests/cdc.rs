@@ -3614,13 +3614,27 @@ fn changes_of_a_partitioned_table_stream_under_its_own_name() {
     // pgoutput announces each partition too, after its root, and without
     // `publish_via_partition_root` sends the changes under the partitions' names: CDC
     // stopped at the first change with "table public.p1 is not configured for CDC". A
-    // publication an earlier build created without the option gets it at start-up.
+    // publication made without the option (by hand, or by an earlier build) is refused,
+    // naming the statement, unless `cdc.publication-set-via-root` lets setup change it:
+    // the option changes what every consumer of the publication receives.
     let (pg, sr, mut c) = source_and_sink("cdc-part-stream", &[], &[]);
     make_partitioned(&mut c, &sr, &[1000], 0);
     c.batch_execute("CREATE PUBLICATION pgprism_cdc FOR TABLE p")
         .unwrap();
     let mut args = base_args(&pg, &sr, "p");
     args.push("--no-snapshot".into());
+    let err = run_failing(&args);
+    assert!(
+        err.contains("ALTER PUBLICATION pgprism_cdc SET (publish_via_partition_root = true)")
+            && err.contains("cdc.publication-set-via-root"),
+        "{err}"
+    );
+    let via_root = pg_rows(
+        &mut c,
+        "SELECT pubviaroot::text FROM pg_publication WHERE pubname = 'pgprism_cdc'",
+    );
+    assert_eq!(via_root, vec![vec![Some("false".into())]]);
+    args.push("--publication-set-via-root".into());
     let cdc = Cdc::start(&args, &[]);
     c.batch_execute(
         "INSERT INTO p SELECT g, 'row ' || g, g FROM generate_series(1, 2000) g;
@@ -3659,6 +3673,59 @@ fn changes_of_a_partitioned_table_stream_under_its_own_name() {
         "{}",
         cdc.log()
     );
+}
+
+#[test]
+fn a_slot_older_than_publish_via_partition_root_is_refused_naming_the_cause() {
+    // pgoutput reads a publication's settings as of each change: a partition change made
+    // before `publish_via_partition_root` was set comes under the partition's name even
+    // when the slot is read after. It is refused saying why, not as a table not configured.
+    let (pg, sr, mut c) = source_and_sink("cdc-part-old-slot", &[], &[]);
+    make_partitioned(&mut c, &sr, &[1000], 0);
+    // One statement a transaction: a slot is not created in one that wrote.
+    for sql in [
+        "CREATE PUBLICATION pgprism_cdc FOR TABLE p",
+        "SELECT pg_create_logical_replication_slot('pgprism_cdc', 'pgoutput')",
+        "INSERT INTO p VALUES (1, 'before the option', 1)",
+        "ALTER PUBLICATION pgprism_cdc SET (publish_via_partition_root = true)",
+        "INSERT INTO p VALUES (2, 'after the option', 2)",
+    ] {
+        c.batch_execute(sql).unwrap();
+    }
+    let mut args = base_args(&pg, &sr, "p");
+    args.push("--no-snapshot".into());
+    let mut cdc = Cdc::spawn(&args, &[]);
+    assert!(cdc.wait_death(Duration::from_secs(60)), "{}", cdc.log());
+    assert!(
+        cdc.log()
+            .contains("public.p1, a partition of public.p, arrived under the partition's own name")
+            && cdc.log().contains("Recreate the slot"),
+        "{}",
+        cdc.log()
+    );
+}
+
+#[test]
+fn a_truncate_of_a_table_renamed_away_stops_the_stream() {
+    // The Relation before it names the table's new name under the same id: the TRUNCATE is
+    // of the configured table, and skipping it left StarRocks with the rows.
+    let (pg, sr, mut c) = source_and_sink("cdc-rename-trunc", &[], &["t"]);
+    let mut args = base_args(&pg, &sr, "t");
+    args.push("--no-snapshot".into());
+    let mut cdc = Cdc::start(&args, &[]);
+    c.batch_execute("INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 10) g")
+        .unwrap();
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(60));
+    c.batch_execute("ALTER TABLE t RENAME TO t_old; TRUNCATE t_old;")
+        .unwrap();
+    assert!(cdc.wait_death(Duration::from_secs(60)), "{}", cdc.log());
+    assert!(
+        cdc.log()
+            .contains("table public.t_old is not configured for CDC"),
+        "{}",
+        cdc.log()
+    );
+    assert_eq!(sr.row_count(DB, "t"), 10);
 }
 
 #[test]
