@@ -3706,6 +3706,45 @@ fn a_slot_older_than_publish_via_partition_root_is_refused_naming_the_cause() {
 }
 
 #[test]
+fn partitions_changed_since_the_last_start_stop_setup() {
+    // PostgreSQL decodes no ATTACH, DETACH or DROP PARTITION: the rows they add or take away
+    // never reach StarRocks. Setup compares the partitions with those the last start
+    // recorded and stops, naming both lists and how to go on, instead of diverging.
+    let (pg, sr, mut c) = source_and_sink("cdc-part-changed", &[], &[]);
+    make_partitioned(&mut c, &sr, &[1000], 0);
+    let mut args = base_args(&pg, &sr, "p");
+    args.push("--no-snapshot".into());
+    let cdc = Cdc::start(&args, &[]);
+    assert!(
+        cdc.log().contains("partitioned table") && cdc.log().contains("not replicated"),
+        "{}",
+        cdc.log()
+    );
+    drop(cdc);
+    // The same partitions: the next start goes on.
+    drop(Cdc::start(&args, &[]));
+    c.batch_execute(
+        "ALTER TABLE p DETACH PARTITION p2;
+         CREATE TABLE p3 (LIKE p INCLUDING ALL);
+         INSERT INTO p3 VALUES (1000, 'brought along', 1000);
+         ALTER TABLE p ATTACH PARTITION p3 FOR VALUES FROM (1000) TO (MAXVALUE);",
+    )
+    .unwrap();
+    let err = run_failing(&args);
+    assert!(
+        err.contains(
+            "the partitions of public.p changed since the last start (before: [public.p1, public.p2]; now: [public.p1, public.p3])"
+        ) && err.contains("DELETE FROM \"pgprism_cdc_checkpoint_partitions\""),
+        "{err}"
+    );
+    // Accepted as the message says: the start records the new partitions.
+    c.batch_execute("DELETE FROM pgprism_cdc_checkpoint_partitions")
+        .unwrap();
+    drop(Cdc::start(&args, &[]));
+    drop(Cdc::start(&args, &[]));
+}
+
+#[test]
 fn a_truncate_of_a_table_renamed_away_stops_the_stream() {
     // The Relation before it names the table's new name under the same id: the TRUNCATE is
     // of the configured table, and skipping it left StarRocks with the rows.

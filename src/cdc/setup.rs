@@ -51,6 +51,19 @@ pub enum SetupError {
          set cdc.publication-set-via-root = true to let pgprism run it, or choose another cdc.publication"
     )]
     PublicationNotViaRoot { publication: String, table: String },
+    #[error(
+        "the partitions of {table} changed since the last start (before: [{before}]; now: [{now}]): \
+         PostgreSQL replicates no rows for ATTACH, DETACH or DROP PARTITION, so StarRocks may keep rows the table no longer has, or lack rows a partition brought. \
+         Take a new snapshot (see \"Partitioned tables\" in docs/cdc.md), or, if StarRocks is known to match, accept the new partitions: \
+         DELETE FROM {record_table} WHERE slot = '{slot}' AND root = '{table}'"
+    )]
+    PartitionsChanged {
+        table: String,
+        before: String,
+        now: String,
+        slot: String,
+        record_table: String,
+    },
     #[error("StarRocks check failed")]
     StarRocks(#[source] LoadError),
     #[error("cannot draw the slot's incarnation from the system's random source")]
@@ -195,6 +208,7 @@ pub fn prepare(
         }
     };
     tracing::info!(slot = %cfg.slot, %incarnation, "slot incarnation (every label carries it)");
+    check_partitions(&mut conn, cfg, &partitions, slot_exists)?;
     let keys = tables
         .iter()
         .map(|t| (t.name.clone(), t.key.clone()))
@@ -202,7 +216,11 @@ pub fn prepare(
     Ok(Prepared {
         tables,
         keys,
-        partitions: partitions.into_iter().map(|p| (p.name, p.root)).collect(),
+        partitions: partitions
+            .into_iter()
+            .filter(|p| !p.is_root)
+            .map(|p| (p.name, p.root))
+            .collect(),
         checkpoint,
         pending,
         slot_created: !slot_exists,
@@ -343,13 +361,81 @@ fn set_replica_identity_full(
     // refuses the statement) and sends no changes at all (see docs/cdc.md).
     for leaf in partitions
         .iter()
-        .filter(|p| p.plain && p.replica_identity != 'f')
+        .filter(|p| !p.is_root && p.plain && p.replica_identity != 'f')
     {
         conn.query(&format!(
             "ALTER TABLE {} REPLICA IDENTITY FULL",
             leaf.quoted
         ))
         .map_err(step(format!("set REPLICA IDENTITY FULL on {}", leaf.name)))?;
+    }
+    Ok(())
+}
+
+/// The table that records each partitioned table's partitions as of the last start, per slot.
+fn partitions_table(cfg: &CdcConfig) -> String {
+    format!("{}_partitions", cfg.checkpoint_table)
+}
+
+/// Stops when a partitioned table's partitions differ from those the last start recorded
+/// for this slot: PostgreSQL decodes no ATTACH, DETACH or DROP PARTITION, so the rows they
+/// add or take away never reach StarRocks; stopping beats diverging without a word. A slot
+/// created now starts from the partitions as they are (its snapshot reads them), and so
+/// does a slot with nothing recorded (a start of an earlier version).
+fn check_partitions(
+    conn: &mut PgConn,
+    cfg: &CdcConfig,
+    partitions: &[Partition],
+    slot_exists: bool,
+) -> Result<(), SetupError> {
+    let table = partitions_table(cfg);
+    let quoted = qualified(&table);
+    conn.query(&format!(
+        "CREATE TABLE IF NOT EXISTS {quoted} (slot text NOT NULL, root text NOT NULL, \
+         partitions text NOT NULL, PRIMARY KEY (slot, root))"
+    ))
+    .map_err(step(format!("create the partition record table {table}")))?;
+    let mut roots: Vec<&str> = partitions.iter().map(|p| p.root.as_str()).collect();
+    roots.sort_unstable();
+    roots.dedup();
+    for root in roots {
+        let mut now: Vec<&str> = partitions
+            .iter()
+            .filter(|p| p.root == root && !p.is_root)
+            .map(|p| p.name.as_str())
+            .collect();
+        now.sort_unstable();
+        let now = now.join(", ");
+        let before = conn
+            .query(&format!(
+                "SELECT partitions FROM {quoted} WHERE slot = {} AND root = {}",
+                quote_literal(&cfg.slot),
+                quote_literal(root)
+            ))
+            .map_err(step(format!("read the recorded partitions of {root}")))?
+            .first()
+            .and_then(|r| r.first().cloned().flatten());
+        match before {
+            Some(before) if before == now => continue,
+            Some(before) if slot_exists => {
+                return Err(SetupError::PartitionsChanged {
+                    table: root.to_string(),
+                    before,
+                    now,
+                    slot: cfg.slot.clone(),
+                    record_table: quoted,
+                });
+            }
+            _ => {}
+        }
+        conn.query(&format!(
+            "INSERT INTO {quoted} VALUES ({0}, {1}, {2}) \
+             ON CONFLICT (slot, root) DO UPDATE SET partitions = {2}",
+            quote_literal(&cfg.slot),
+            quote_literal(root),
+            quote_literal(&now)
+        ))
+        .map_err(step(format!("record the partitions of {root}")))?;
     }
     Ok(())
 }
@@ -364,10 +450,12 @@ struct Partition {
     root: String,
     /// A plain table (relkind `r`): not a foreign table or a partitioned one.
     plain: bool,
+    /// The configured table itself (listed so that one with no partitions yet is known).
+    is_root: bool,
     replica_identity: char,
 }
 
-/// The partitions, at every level, of the partitioned tables among `tables`.
+/// The partitioned tables among `tables` and their partitions, at every level.
 fn list_partitions(
     conn: &mut PgConn,
     tables: &[SourceTable],
@@ -381,7 +469,7 @@ fn list_partitions(
                  (SELECT n2.nspname || '.' || c2.relname FROM pg_class c2 \
                    JOIN pg_namespace n2 ON n2.oid = c2.relnamespace WHERE c2.oid = {0}::regclass) \
                  FROM pg_partition_tree({0}::regclass) p JOIN pg_class c ON c.oid = p.relid \
-                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.level > 0",
+                 JOIN pg_namespace n ON n.oid = c.relnamespace",
                 quote_literal(&root)
             ))
             .map_err(step(format!("list the partitions of {root}")))?;
@@ -392,6 +480,7 @@ fn list_partitions(
                 quoted: field(1),
                 plain: field(2) == "r",
                 replica_identity: field(3).chars().next().unwrap_or('d'),
+                is_root: field(0) == field(4),
                 root: field(4),
             });
         }
