@@ -2435,8 +2435,6 @@ fn no_snapshot_streams_changes_only() {
     only_changes(&mut c);
 }
 
-/// `pgprism cdc` runs without transparent huge pages (see `cdc::cmd::without_huge_pages`):
-/// the kernel reports the process's own switch in /proc.
 #[test]
 fn snapshot_progress_line_is_written_on_a_terminal() {
     // stderr a terminal (util-linux `script` gives the process a pseudo-terminal): the
@@ -2521,6 +2519,8 @@ fn snapshot_progress_line_is_written_on_a_terminal() {
     assert_eq!(sr.row_count(DB, "t"), 5000);
 }
 
+/// `pgprism cdc` runs without transparent huge pages (see `cdc::cmd::without_huge_pages`):
+/// the kernel reports the process's own switch in /proc.
 #[test]
 fn cdc_process_runs_without_transparent_huge_pages() {
     let (pg, sr, _c) = source_and_sink("cdc-no-thp", &[], &["t"]);
@@ -3614,13 +3614,27 @@ fn changes_of_a_partitioned_table_stream_under_its_own_name() {
     // pgoutput announces each partition too, after its root, and without
     // `publish_via_partition_root` sends the changes under the partitions' names: CDC
     // stopped at the first change with "table public.p1 is not configured for CDC". A
-    // publication an earlier build created without the option gets it at start-up.
+    // publication made without the option (by hand, or by an earlier build) is refused,
+    // naming the statement, unless `cdc.publication-set-via-root` lets setup change it:
+    // the option changes what every consumer of the publication receives.
     let (pg, sr, mut c) = source_and_sink("cdc-part-stream", &[], &[]);
     make_partitioned(&mut c, &sr, &[1000], 0);
     c.batch_execute("CREATE PUBLICATION pgprism_cdc FOR TABLE p")
         .unwrap();
     let mut args = base_args(&pg, &sr, "p");
     args.push("--no-snapshot".into());
+    let err = run_failing(&args);
+    assert!(
+        err.contains("ALTER PUBLICATION pgprism_cdc SET (publish_via_partition_root = true)")
+            && err.contains("cdc.publication-set-via-root"),
+        "{err}"
+    );
+    let via_root = pg_rows(
+        &mut c,
+        "SELECT pubviaroot::text FROM pg_publication WHERE pubname = 'pgprism_cdc'",
+    );
+    assert_eq!(via_root, vec![vec![Some("false".into())]]);
+    args.push("--publication-set-via-root".into());
     let cdc = Cdc::start(&args, &[]);
     c.batch_execute(
         "INSERT INTO p SELECT g, 'row ' || g, g FROM generate_series(1, 2000) g;
@@ -3659,6 +3673,98 @@ fn changes_of_a_partitioned_table_stream_under_its_own_name() {
         "{}",
         cdc.log()
     );
+}
+
+#[test]
+fn a_slot_older_than_publish_via_partition_root_is_refused_naming_the_cause() {
+    // pgoutput reads a publication's settings as of each change: a partition change made
+    // before `publish_via_partition_root` was set comes under the partition's name even
+    // when the slot is read after. It is refused saying why, not as a table not configured.
+    let (pg, sr, mut c) = source_and_sink("cdc-part-old-slot", &[], &[]);
+    make_partitioned(&mut c, &sr, &[1000], 0);
+    // One statement a transaction: a slot is not created in one that wrote.
+    for sql in [
+        "CREATE PUBLICATION pgprism_cdc FOR TABLE p",
+        "SELECT pg_create_logical_replication_slot('pgprism_cdc', 'pgoutput')",
+        "INSERT INTO p VALUES (1, 'before the option', 1)",
+        "ALTER PUBLICATION pgprism_cdc SET (publish_via_partition_root = true)",
+        "INSERT INTO p VALUES (2, 'after the option', 2)",
+    ] {
+        c.batch_execute(sql).unwrap();
+    }
+    let mut args = base_args(&pg, &sr, "p");
+    args.push("--no-snapshot".into());
+    let mut cdc = Cdc::spawn(&args, &[]);
+    assert!(cdc.wait_death(Duration::from_secs(60)), "{}", cdc.log());
+    assert!(
+        cdc.log()
+            .contains("public.p1, a partition of public.p, arrived under the partition's own name")
+            && cdc.log().contains("Recreate the slot"),
+        "{}",
+        cdc.log()
+    );
+}
+
+#[test]
+fn partitions_changed_since_the_last_start_stop_setup() {
+    // PostgreSQL decodes no ATTACH, DETACH or DROP PARTITION: the rows they add or take away
+    // never reach StarRocks. Setup compares the partitions with those the last start
+    // recorded and stops, naming both lists and how to go on, instead of diverging.
+    let (pg, sr, mut c) = source_and_sink("cdc-part-changed", &[], &[]);
+    make_partitioned(&mut c, &sr, &[1000], 0);
+    let mut args = base_args(&pg, &sr, "p");
+    args.push("--no-snapshot".into());
+    let cdc = Cdc::start(&args, &[]);
+    assert!(
+        cdc.log().contains("partitioned table") && cdc.log().contains("not replicated"),
+        "{}",
+        cdc.log()
+    );
+    drop(cdc);
+    // The same partitions: the next start goes on.
+    drop(Cdc::start(&args, &[]));
+    c.batch_execute(
+        "ALTER TABLE p DETACH PARTITION p2;
+         CREATE TABLE p3 (LIKE p INCLUDING ALL);
+         INSERT INTO p3 VALUES (1000, 'brought along', 1000);
+         ALTER TABLE p ATTACH PARTITION p3 FOR VALUES FROM (1000) TO (MAXVALUE);",
+    )
+    .unwrap();
+    let err = run_failing(&args);
+    assert!(
+        err.contains(
+            "the partitions of public.p changed since the last start (before: [public.p1, public.p2]; now: [public.p1, public.p3])"
+        ) && err.contains("DELETE FROM \"pgprism_cdc_checkpoint_partitions\""),
+        "{err}"
+    );
+    // Accepted as the message says: the start records the new partitions.
+    c.batch_execute("DELETE FROM pgprism_cdc_checkpoint_partitions")
+        .unwrap();
+    drop(Cdc::start(&args, &[]));
+    drop(Cdc::start(&args, &[]));
+}
+
+#[test]
+fn a_truncate_of_a_table_renamed_away_stops_the_stream() {
+    // The Relation before it names the table's new name under the same id: the TRUNCATE is
+    // of the configured table, and skipping it left StarRocks with the rows.
+    let (pg, sr, mut c) = source_and_sink("cdc-rename-trunc", &[], &["t"]);
+    let mut args = base_args(&pg, &sr, "t");
+    args.push("--no-snapshot".into());
+    let mut cdc = Cdc::start(&args, &[]);
+    c.batch_execute("INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 10) g")
+        .unwrap();
+    assert_converges(&sr, &mut c, "t", COLS, &cdc, Duration::from_secs(60));
+    c.batch_execute("ALTER TABLE t RENAME TO t_old; TRUNCATE t_old;")
+        .unwrap();
+    assert!(cdc.wait_death(Duration::from_secs(60)), "{}", cdc.log());
+    assert!(
+        cdc.log()
+            .contains("table public.t_old is not configured for CDC"),
+        "{}",
+        cdc.log()
+    );
+    assert_eq!(sr.row_count(DB, "t"), 10);
 }
 
 #[test]

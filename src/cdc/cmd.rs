@@ -39,6 +39,10 @@ pub struct CdcArgs {
     slot: Option<String>,
     #[arg(long)]
     publication: Option<String>,
+    /// Turn on `publish_via_partition_root` on an existing publication that lacks it
+    /// (`cdc.publication-set-via-root`).
+    #[arg(long)]
+    publication_set_via_root: bool,
     #[arg(long)]
     flush_rows: Option<usize>,
     #[arg(long)]
@@ -192,6 +196,7 @@ impl CdcArgs {
             _ => {}
         }
         cfg.create_tables |= self.create_tables;
+        cfg.publication_set_via_root |= self.publication_set_via_root;
         cfg.audit_columns |= self.audit_columns;
         if self.snapshot {
             cfg.snapshot = true;

@@ -843,6 +843,7 @@ pub fn run(cfg: &CdcConfig, shared: Arc<Shared>, ready: impl FnOnce()) -> Result
     };
     let loader = spawn_loader(rx, sink, txns, plain, checkpoints, Arc::clone(&shared))?;
     let mut pipeline = Pipeline::new(pcfg.clone(), prepared.keys);
+    pipeline.set_partitions(prepared.partitions);
     pipeline.set_forced_boundary(prepared.pending);
     pipeline.set_spill(spill_limits(cfg)?);
     pipeline.set_fill_unreadable(unreadable);

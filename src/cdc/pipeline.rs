@@ -306,6 +306,12 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// The partitions of the configured partitioned tables (from setup), so that a change
+    /// arriving under a partition's name is refused naming the cause.
+    pub fn set_partitions(&mut self, partitions: std::collections::HashMap<String, String>) {
+        self.schema.set_partitions(partitions);
+    }
+
     pub fn new(cfg: PipelineConfig, keys: KeyColumns) -> Self {
         let cfg_replace = cfg.non_utf8_replace;
         Pipeline {
@@ -673,6 +679,13 @@ impl Pipeline {
     ) -> Result<(), PipelineError> {
         match msg {
             Message::Relation { rel, .. } => {
+                // A configured table renamed to a name not configured loses its schema
+                // here: its open batch loads first, under the name it was written for.
+                if self.open.contains_key(&rel.oid)
+                    && !self.schema.configured(rel.namespace, rel.name)
+                {
+                    self.flush_table(rel.oid, out);
+                }
                 let applied = self.schema.apply(&rel)?;
                 if matches!(applied, Applied::Unconfigured) {
                     return Ok(());
@@ -735,11 +748,13 @@ impl Pipeline {
                 for oid in rels.iter() {
                     self.cycle_rows.forget_table(oid);
                 }
+                // A relation not configured stops the stream as its row changes do: a table
+                // renamed away and truncated under its new name is still the configured one
+                // (with publish_via_partition_root pgoutput names no partition here).
                 let tables: Vec<String> = rels
                     .iter()
-                    .filter_map(|oid| self.schema.get(oid).ok())
-                    .map(|schema| schema.target_name.clone())
-                    .collect();
+                    .map(|oid| self.schema.get(oid).map(|s| s.target_name.clone()))
+                    .collect::<Result<_, _>>()?;
                 if !tables.is_empty() {
                     out.push(Work::Truncate {
                         tables,
@@ -1846,6 +1861,79 @@ mod tests {
         let mut b = Vec::new();
         f(&mut b);
         b
+    }
+
+    /// A Truncate of relation `oid`.
+    fn truncate(oid: u32) -> Vec<u8> {
+        msg(|b| {
+            b.push(b'T');
+            b.extend_from_slice(&1u32.to_be_bytes());
+            b.push(0);
+            b.extend_from_slice(&oid.to_be_bytes());
+        })
+    }
+
+    #[test]
+    fn a_configured_table_renamed_away_loads_its_open_rows_then_refuses_its_truncate() {
+        // `ALTER TABLE t RENAME TO t_old; TRUNCATE t_old`: the Relation names t_old under
+        // t's id. The rows written before load into t (not into a table without a name),
+        // and the TRUNCATE stops the stream as a row change would, instead of being
+        // skipped while StarRocks keeps t's rows.
+        let mut p = Pipeline::new(cfg(), keys());
+        let mut out = feed(
+            &mut p,
+            &[
+                msg(|b| build::begin(b, Lsn(100), 5)),
+                rel(),
+                msg(|b| build::insert(b, 1, &[Some(Some("1")), Some(Some("a"))])),
+                msg(|b| {
+                    build::relation(
+                        b,
+                        1,
+                        "public",
+                        "t_old",
+                        &[(true, "id", 23), (false, "v", 25)],
+                    )
+                }),
+            ],
+        );
+        let [Work::Load(batch)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(batch.table, "t");
+        out.clear();
+        let err = p.handle(&Bytes::from(truncate(1)), &mut out).unwrap_err();
+        assert!(
+            err.to_string().contains("public.t_old is not configured"),
+            "{err}"
+        );
+        assert!(
+            !out.iter().any(|w| matches!(w, Work::Truncate { .. })),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_change_under_a_partitions_name_names_the_slot_as_the_cause() {
+        let mut p = Pipeline::new(cfg(), keys());
+        p.set_partitions([("public.t1".to_string(), "public.t".to_string())].into());
+        let mut out = feed(
+            &mut p,
+            &[
+                msg(|b| build::begin(b, Lsn(100), 5)),
+                msg(|b| {
+                    build::relation(b, 7, "public", "t1", &[(true, "id", 23), (false, "v", 25)])
+                }),
+            ],
+        );
+        let insert = msg(|b| build::insert(b, 7, &[Some(Some("1")), Some(Some("a"))]));
+        let err = p.handle(&Bytes::from(insert), &mut out).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("public.t1, a partition of public.t")
+                && text.contains("Recreate the slot"),
+            "{text}"
+        );
     }
 
     #[test]

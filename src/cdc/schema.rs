@@ -77,6 +77,13 @@ pub type KeyColumns = HashMap<String, Vec<String>>;
 pub enum SchemaError {
     #[error("table {table} is not configured for CDC but arrived in the publication")]
     NotConfigured { table: String },
+    #[error(
+        "a change of {partition}, a partition of {root}, arrived under the partition's own name: \
+         it was made before the publication had publish_via_partition_root (pgoutput reads a publication's \
+         settings as of each change), so this slot's stream cannot be loaded into {root}. \
+         Recreate the slot and take a new snapshot (see \"Partitioned tables\" in docs/cdc.md)"
+    )]
+    PartitionNotViaRoot { partition: String, root: String },
     #[error("table {table} has no primary key column {column} in the replication stream")]
     KeyMissing { table: String, column: String },
     #[error("change for relation id {oid} arrived before its Relation message")]
@@ -104,6 +111,8 @@ pub struct SchemaCache {
     /// Relations announced that are not configured, by id: their names.
     unconfigured: HashMap<u32, String>,
     keys: KeyColumns,
+    /// Partitions of the configured partitioned tables (`schema.table`) and their roots.
+    partitions: HashMap<String, String>,
     generation: u64,
 }
 
@@ -113,16 +122,33 @@ impl SchemaCache {
             tables: HashMap::new(),
             unconfigured: HashMap::new(),
             keys,
+            partitions: HashMap::new(),
             generation: 0,
         }
+    }
+
+    /// The partitions setup found of the partitioned tables configured, with their roots.
+    pub fn set_partitions(&mut self, partitions: HashMap<String, String>) {
+        self.partitions = partitions;
+    }
+
+    /// Whether `namespace.name` is a configured table.
+    pub fn configured(&self, namespace: &str, name: &str) -> bool {
+        self.keys.contains_key(&format!("{namespace}.{name}"))
     }
 
     pub fn get(&self, oid: u32) -> Result<&TableSchema, SchemaError> {
         match self.tables.get(&oid) {
             Some(t) => Ok(t),
             None => Err(match self.unconfigured.get(&oid) {
-                Some(table) => SchemaError::NotConfigured {
-                    table: table.clone(),
+                Some(table) => match self.partitions.get(table) {
+                    Some(root) => SchemaError::PartitionNotViaRoot {
+                        partition: table.clone(),
+                        root: root.clone(),
+                    },
+                    None => SchemaError::NotConfigured {
+                        table: table.clone(),
+                    },
                 },
                 None => SchemaError::UnknownRelation { oid },
             }),

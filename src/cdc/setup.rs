@@ -4,6 +4,7 @@
 //! An existing slot is reused as it is and never dropped: dropping it would lose every change
 //! made while pgprism was down.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use super::checkpoint::{Checkpoints, qualified};
@@ -43,6 +44,26 @@ pub enum SetupError {
          delete the row for it from the checkpoint table, and restart with cdc.snapshot = true"
     )]
     SlotLost { slot: String },
+    #[error(
+        "publication `{publication}` publishes partitioned table {table} without publish_via_partition_root, so its changes would come under its partitions' names. \
+         Changing the option changes what every consumer of the publication receives, and covers only changes made after it: \
+         run ALTER PUBLICATION {publication} SET (publish_via_partition_root = true) yourself if no other consumer uses it (then recreate the slot with a new snapshot if it has partition changes from before), \
+         set cdc.publication-set-via-root = true to let pgprism run it, or choose another cdc.publication"
+    )]
+    PublicationNotViaRoot { publication: String, table: String },
+    #[error(
+        "the partitions of {table} changed since the last start (before: [{before}]; now: [{now}]): \
+         PostgreSQL replicates no rows for ATTACH, DETACH or DROP PARTITION, so StarRocks may keep rows the table no longer has, or lack rows a partition brought. \
+         Take a new snapshot (see \"Partitioned tables\" in docs/cdc.md), or, if StarRocks is known to match, accept the new partitions: \
+         DELETE FROM {record_table} WHERE slot = '{slot}' AND root = '{table}'"
+    )]
+    PartitionsChanged {
+        table: String,
+        before: String,
+        now: String,
+        slot: String,
+        record_table: String,
+    },
     #[error("StarRocks check failed")]
     StarRocks(#[source] LoadError),
     #[error("cannot draw the slot's incarnation from the system's random source")]
@@ -73,6 +94,10 @@ pub struct SourceTable {
 pub struct Prepared {
     pub tables: Vec<SourceTable>,
     pub keys: KeyColumns,
+    /// The partitions (at every level) of the partitioned tables configured, as
+    /// `schema.table`, each with its configured root: a change that arrives under a
+    /// partition's name is refused naming the cause (see `SchemaError::PartitionNotViaRoot`).
+    pub partitions: HashMap<String, String>,
     /// The checkpoint, if any: where streaming resumes.
     pub checkpoint: Option<Lsn>,
     /// A flush boundary announced after the checkpoint by a run that then stopped.
@@ -125,15 +150,21 @@ pub fn prepare(
         }
     }
     let slot_exists = check_slot(&mut conn, &cfg.slot, database)?;
+    let partitions = list_partitions(&mut conn, &tables)?;
+    for root in partitioned(&mut conn, &tables)? {
+        // pgoutput decodes row changes only: what it never sends for these is listed in
+        // docs/cdc.md ("Partitioned tables").
+        tracing::warn!(table = %root, "partitioned table: a TRUNCATE of one of its partitions, and ATTACH, DETACH or DROP of a partition, are not replicated (PostgreSQL sends none of them with publish_via_partition_root): truncate the table itself, and take a new snapshot of it after partition maintenance (docs/cdc.md, \"Partitioned tables\")");
+    }
 
     // Phase 2: changes, each idempotent.
     for t in to_create {
         create_table(&mut conn, cfg, sink, t)?;
     }
     if cfg.replica_identity_full {
-        set_replica_identity_full(&mut conn, &mut tables)?;
+        set_replica_identity_full(&mut conn, &mut tables, &partitions)?;
     }
-    ensure_publication(&mut conn, &cfg.publication, &tables)?;
+    ensure_publication(&mut conn, cfg, &tables)?;
     let stored = read_checkpoint(&mut conn, cfg)?;
     let (mut checkpoint, mut pending) = (stored.lsn, stored.pending);
     conn.query(&super::snapshot::create_sql(cfg))
@@ -177,6 +208,7 @@ pub fn prepare(
         }
     };
     tracing::info!(slot = %cfg.slot, %incarnation, "slot incarnation (every label carries it)");
+    check_partitions(&mut conn, cfg, &partitions, slot_exists)?;
     let keys = tables
         .iter()
         .map(|t| (t.name.clone(), t.key.clone()))
@@ -184,6 +216,11 @@ pub fn prepare(
     Ok(Prepared {
         tables,
         keys,
+        partitions: partitions
+            .into_iter()
+            .filter(|p| !p.is_root)
+            .map(|p| (p.name, p.root))
+            .collect(),
         checkpoint,
         pending,
         slot_created: !slot_exists,
@@ -307,6 +344,7 @@ fn check_slot(conn: &mut PgConn, slot: &str, database: String) -> Result<bool, S
 fn set_replica_identity_full(
     conn: &mut PgConn,
     tables: &mut [SourceTable],
+    partitions: &[Partition],
 ) -> Result<(), SetupError> {
     for t in tables.iter_mut().filter(|t| t.replica_identity != 'f') {
         conn.query(&format!(
@@ -319,20 +357,135 @@ fn set_replica_identity_full(
     // A partitioned table's changes carry the old row as its partition's own replica
     // identity has it (the table's is not inherited): each leaf is set too. (A partition
     // attached later gets it at the next start.)
-    for root in partitioned(conn, tables)? {
-        let leaves = conn
+    // Only plain tables: a foreign table partition has no replica identity (PostgreSQL
+    // refuses the statement) and sends no changes at all (see docs/cdc.md).
+    for leaf in partitions
+        .iter()
+        .filter(|p| !p.is_root && p.plain && p.replica_identity != 'f')
+    {
+        conn.query(&format!(
+            "ALTER TABLE {} REPLICA IDENTITY FULL",
+            leaf.quoted
+        ))
+        .map_err(step(format!("set REPLICA IDENTITY FULL on {}", leaf.name)))?;
+    }
+    Ok(())
+}
+
+/// The table that records each partitioned table's partitions as of the last start, per slot.
+fn partitions_table(cfg: &CdcConfig) -> String {
+    format!("{}_partitions", cfg.checkpoint_table)
+}
+
+/// Stops when a partitioned table's partitions differ from those the last start recorded
+/// for this slot: PostgreSQL decodes no ATTACH, DETACH or DROP PARTITION, so the rows they
+/// add or take away never reach StarRocks; stopping beats diverging without a word. A slot
+/// created now starts from the partitions as they are (its snapshot reads them), and so
+/// does a slot with nothing recorded (a start of an earlier version).
+fn check_partitions(
+    conn: &mut PgConn,
+    cfg: &CdcConfig,
+    partitions: &[Partition],
+    slot_exists: bool,
+) -> Result<(), SetupError> {
+    let table = partitions_table(cfg);
+    let quoted = qualified(&table);
+    conn.query(&format!(
+        "CREATE TABLE IF NOT EXISTS {quoted} (slot text NOT NULL, root text NOT NULL, \
+         partitions text NOT NULL, PRIMARY KEY (slot, root))"
+    ))
+    .map_err(step(format!("create the partition record table {table}")))?;
+    let mut roots: Vec<&str> = partitions.iter().map(|p| p.root.as_str()).collect();
+    roots.sort_unstable();
+    roots.dedup();
+    for root in roots {
+        let mut now: Vec<&str> = partitions
+            .iter()
+            .filter(|p| p.root == root && !p.is_root)
+            .map(|p| p.name.as_str())
+            .collect();
+        now.sort_unstable();
+        let now = now.join(", ");
+        let before = conn
             .query(&format!(
-                "SELECT format('%s', c.oid::regclass) FROM pg_partition_tree({}::regclass) p \
-                 JOIN pg_class c ON c.oid = p.relid WHERE p.isleaf AND c.relreplident <> 'f'",
+                "SELECT partitions FROM {quoted} WHERE slot = {} AND root = {}",
+                quote_literal(&cfg.slot),
+                quote_literal(root)
+            ))
+            .map_err(step(format!("read the recorded partitions of {root}")))?
+            .first()
+            .and_then(|r| r.first().cloned().flatten());
+        match before {
+            Some(before) if before == now => continue,
+            Some(before) if slot_exists => {
+                return Err(SetupError::PartitionsChanged {
+                    table: root.to_string(),
+                    before,
+                    now,
+                    slot: cfg.slot.clone(),
+                    record_table: quoted,
+                });
+            }
+            _ => {}
+        }
+        conn.query(&format!(
+            "INSERT INTO {quoted} VALUES ({0}, {1}, {2}) \
+             ON CONFLICT (slot, root) DO UPDATE SET partitions = {2}",
+            quote_literal(&cfg.slot),
+            quote_literal(root),
+            quote_literal(&now)
+        ))
+        .map_err(step(format!("record the partitions of {root}")))?;
+    }
+    Ok(())
+}
+
+/// A partition of a configured partitioned table.
+struct Partition {
+    /// `schema.table`, as pgoutput names it.
+    name: String,
+    /// Qualified and quoted, for statements.
+    quoted: String,
+    /// The configured table it belongs to (`schema.table`).
+    root: String,
+    /// A plain table (relkind `r`): not a foreign table or a partitioned one.
+    plain: bool,
+    /// The configured table itself (listed so that one with no partitions yet is known).
+    is_root: bool,
+    replica_identity: char,
+}
+
+/// The partitioned tables among `tables` and their partitions, at every level.
+fn list_partitions(
+    conn: &mut PgConn,
+    tables: &[SourceTable],
+) -> Result<Vec<Partition>, SetupError> {
+    let mut out = Vec::new();
+    for root in partitioned(conn, tables)? {
+        let rows = conn
+            .query(&format!(
+                "SELECT n.nspname || '.' || c.relname, format('%s', c.oid::regclass), \
+                 c.relkind::text, c.relreplident::text, \
+                 (SELECT n2.nspname || '.' || c2.relname FROM pg_class c2 \
+                   JOIN pg_namespace n2 ON n2.oid = c2.relnamespace WHERE c2.oid = {0}::regclass) \
+                 FROM pg_partition_tree({0}::regclass) p JOIN pg_class c ON c.oid = p.relid \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace",
                 quote_literal(&root)
             ))
             .map_err(step(format!("list the partitions of {root}")))?;
-        for leaf in leaves.iter().filter_map(|r| r.first().cloned().flatten()) {
-            conn.query(&format!("ALTER TABLE {leaf} REPLICA IDENTITY FULL"))
-                .map_err(step(format!("set REPLICA IDENTITY FULL on {leaf}")))?;
+        for r in rows {
+            let field = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+            out.push(Partition {
+                name: field(0),
+                quoted: field(1),
+                plain: field(2) == "r",
+                replica_identity: field(3).chars().next().unwrap_or('d'),
+                is_root: field(0) == field(4),
+                root: field(4),
+            });
         }
     }
-    Ok(())
+    Ok(out)
 }
 
 /// The partitioned tables among `tables`, qualified and quoted.
@@ -359,9 +512,10 @@ fn partitioned(conn: &mut PgConn, tables: &[SourceTable]) -> Result<Vec<String>,
 /// Creates the publication, or adds the tables it lacks.
 fn ensure_publication(
     conn: &mut PgConn,
-    name: &str,
+    cfg: &CdcConfig,
     tables: &[SourceTable],
 ) -> Result<(), SetupError> {
+    let name = cfg.publication.as_str();
     let publication = quote_ident(name);
     // The tables it publishes (all of them for FOR ALL TABLES) and the tables added to it:
     // a partitioned table added is published as its leaves (without
@@ -390,7 +544,7 @@ fn ensure_publication(
     // publishes them as the root's (PostgreSQL 13 and later; earlier ones cannot publish a
     // partitioned table at all): CDC knows the table by the name configured, and stopped at
     // the first change with "table public.p1 is not configured for CDC".
-    let partitioned = !partitioned(conn, tables)?.is_empty();
+    let partitioned = partitioned(conn, tables)?;
     let missing: Vec<String> = tables
         .iter()
         .filter(|t| {
@@ -404,15 +558,24 @@ fn ensure_publication(
         conn.query(&format!(
             "CREATE PUBLICATION {publication} FOR TABLE {}{}",
             missing.join(", "),
-            match partitioned {
-                true => " WITH (publish_via_partition_root = true)",
-                false => "",
+            match partitioned.is_empty() {
+                false => " WITH (publish_via_partition_root = true)",
+                true => "",
             }
         ))
         .map_err(step(format!("create publication {name}")))?;
         return Ok(());
     }
-    if partitioned && via_root == Some(false) {
+    if let Some(table) = partitioned.first().filter(|_| via_root == Some(false)) {
+        // The option changes what every consumer of the publication receives (PostgreSQL
+        // warns of rows lost or duplicated at subscribers), and pgoutput reads it as of
+        // each change: never switched without being asked.
+        if !cfg.publication_set_via_root {
+            return Err(SetupError::PublicationNotViaRoot {
+                publication: name.to_string(),
+                table: table.clone(),
+            });
+        }
         tracing::warn!(publication = %name, "a partitioned table is published: setting publish_via_partition_root on the publication, so that its changes come under its own name, not its partitions'");
         conn.query(&format!(
             "ALTER PUBLICATION {publication} SET (publish_via_partition_root = true)"

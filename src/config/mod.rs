@@ -871,6 +871,12 @@ pub struct CdcConfig {
     pub slot: String,
     /// Publication; created when absent, extended with missing tables.
     pub publication: String,
+    /// Let setup turn on `publish_via_partition_root` on an existing publication that
+    /// publishes a partitioned table of `tables` without it. Off: setup stops, naming the
+    /// statement to run. The option changes what every consumer of the publication receives
+    /// (another subscriber may lose or duplicate rows), and covers only changes made after
+    /// it: see "Partitioned tables" in docs/cdc.md.
+    pub publication_set_via_root: bool,
     /// Table in the source database that holds the confirmed LSN per slot.
     pub checkpoint_table: String,
     /// Set `REPLICA IDENTITY FULL` on the tables during setup: whole old rows then fill
@@ -1018,6 +1024,7 @@ impl Default for CdcConfig {
             tables: Vec::new(),
             slot: "pgprism_cdc".into(),
             publication: "pgprism_cdc".into(),
+            publication_set_via_root: false,
             checkpoint_table: "pgprism_cdc_checkpoint".into(),
             replica_identity_full: true,
             delete_mode: CdcDeleteMode::Hard,
