@@ -2803,9 +2803,8 @@ async fn care(shard: &Rc<ShardCtx>, pools: &Rc<Pools>) {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .iter()
-                    .filter_map(|(db, &n)| {
-                        (killed.insert(db.clone(), n) != Some(n)).then(|| db.clone())
-                    })
+                    .filter(|&(db, &n)| killed.insert(db.clone(), n) != Some(n))
+                    .map(|(db, _)| db.clone())
                     .collect();
                 for database in due {
                     shard.kill_pooled(&database);
