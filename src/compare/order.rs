@@ -1374,6 +1374,8 @@ impl Ledger {
         }) {
             return None;
         }
+        // Nowhere to place it: not kept (it would hold the writes behind it for nothing).
+        Ledger::next_place(&book, c)?;
         // Booked under a session of its own from now on, at the same number: its own
         // session's later writes of its rows (numbered after it: sent after its answer
         // arrived) then wait for it too, so no re-read sees them.
@@ -1418,6 +1420,19 @@ impl Ledger {
     /// completion order.
     pub fn place_after(&self, c: u64, this_shard: usize) -> Option<u64> {
         let mut book = self.book();
+        let n = Ledger::next_place(&book, c)?;
+        let entry = book.entries.get(&c)?;
+        let (origin, footprint) = (entry.origin, entry.footprint.clone());
+        self.rebook(&mut book, c, n)?;
+        book.placing.entry(origin).or_default().push(n);
+        // What waited for it at `c` is looked at again (the write it now follows may go).
+        book.release(&[&footprint], Some(&[c]), this_shard);
+        Some(n)
+    }
+
+    /// Where [`place_after`](Self::place_after) would move pending read `c`: None where no
+    /// place is (see there).
+    fn next_place(book: &Book, c: u64) -> Option<u64> {
         let entry = book.entries.get(&c)?;
         if entry.footprint.write || entry.footprint.wild {
             return None;
@@ -1465,11 +1480,6 @@ impl Ledger {
         {
             return None;
         }
-        let footprint = entry.footprint.clone();
-        self.rebook(&mut book, c, n)?;
-        book.placing.entry(origin).or_default().push(n);
-        // What waited for it at `c` is looked at again (the write it now follows may go).
-        book.release(&[&footprint], Some(&[c]), this_shard);
         Some(n)
     }
 
@@ -2709,7 +2719,7 @@ mod tests {
         let s = ledger.start(1, &own, false);
         let u = ledger.complete(1, own.clone(), (&(own, s), w1 + 1), false, 0);
         assert_eq!(u, w1 + 1);
-        assert_eq!(ledger.keep(c), Some(Unpinned::InFlight));
+        assert_eq!(ledger.keep(c), None, "not kept: there is no place");
         assert_eq!(ledger.place_after(c, 0), None, "never placed");
         assert!(
             ledger.book().entries.contains_key(&c),
@@ -2736,7 +2746,7 @@ mod tests {
         let n2 = ledger.complete(3, w2.clone(), (&(w2, s2), 0), false, 0);
         let n1 = ledger.complete(2, w1.clone(), (&(w1, s1), 0), false, 0);
         assert!(c < n2 && n2 < n1);
-        assert_eq!(ledger.keep(c), Some(Unpinned::InFlight));
+        assert_eq!(ledger.keep(c), None, "not kept: there is no place");
         // After the first write, the re-read would see the second, which the primary's
         // read never saw.
         assert_eq!(ledger.place_after(c, 0), None, "never placed");

@@ -119,6 +119,13 @@ async fn place(
     let limit = Duration::from_millis(cfg.connect_timeout_ms);
     let max = cfg.buffer_bytes_max.max(1 << 20);
     let params = guarded_params(params, budget_ms);
+    // Moved to its first place before connecting: the write it now follows goes to the
+    // shadow meanwhile instead of waiting for the connection.
+    let Some(first) = port.ledger.place_after(c, port.shard()) else {
+        return (false, c);
+    };
+    c = first;
+    port.drain();
     let Ok(conn) = open_as(
         &target.addr.get(),
         &target.url,
@@ -142,12 +149,14 @@ async fn place(
     if reader.guard(budget_ms, false).await {
         let wait = Duration::from_millis(cfg.order_wait_ms.max(1));
         let stats = &target.stats;
-        for _ in 0..cfg.place_reads_max {
-            let Some(next) = port.ledger.place_after(c, port.shard()) else {
-                break;
-            };
-            c = next;
-            port.drain();
+        for i in 0..cfg.place_reads_max {
+            if i > 0 {
+                let Some(next) = port.ledger.place_after(c, port.shard()) else {
+                    break;
+                };
+                c = next;
+                port.drain();
+            }
             if within(wait, port.wait(c)).await.is_none() {
                 port.give_up(c);
                 break;
