@@ -254,10 +254,18 @@ fn hot_rows_at_64_clients_give_no_false_mismatch() {
 /// the sync point's answer; session B reads row 1 after the commit is visible (it reads 1),
 /// and only then is the lock released. Numbered by their answers, the read comes first, so
 /// the shadow runs it before the commit (it reads 0), and it overlapped the write on the
-/// primary. Returns (mismatches, inconclusive concurrent, placed) once it was judged.
-fn read_that_saw_a_later_answered_write(name: &str, extra: &[&str]) -> (u64, u64, u64) {
+/// primary. `shadow` is run on the shadow first. Returns (mismatches, inconclusive
+/// concurrent, placed) once it was judged.
+fn read_that_saw_a_later_answered_write(
+    name: &str,
+    extra: &[&str],
+    shadow: &str,
+) -> (u64, u64, u64) {
     let p = pair(name);
     p.both(HOT);
+    if !shadow.is_empty() {
+        p.shadow.psql(shadow).expect("set the shadow up");
+    }
     let proxy = p.proxy(extra);
     let mut holder = postgres::Client::connect(&p.primary.url(), postgres::NoTls).unwrap();
     let mut direct = postgres::Client::connect(&p.primary.url(), postgres::NoTls).unwrap();
@@ -326,14 +334,30 @@ fn read_that_saw_a_later_answered_write(name: &str, extra: &[&str]) -> (u64, u64
 #[test]
 fn a_read_numbered_before_a_write_it_saw_is_placed_after_it() {
     assert_eq!(
-        read_that_saw_a_later_answered_write("pl", &[]),
+        read_that_saw_a_later_answered_write("pl", &[], ""),
         (0, 0, 1),
         "(mismatches, inconclusive, placed) with placement"
     );
     assert_eq!(
-        read_that_saw_a_later_answered_write("pl0", &["--compare-place-reads-max", "0"]),
+        read_that_saw_a_later_answered_write("pl0", &["--compare-place-reads-max", "0"], ""),
         (0, 1, 0),
         "(mismatches, inconclusive, placed) without placement"
+    );
+}
+
+/// A shadow whose sessions default to repeatable read (the role's setting, which the
+/// placement's own session gets too): each re-read is a read-committed transaction of its
+/// own, begun after its wait, so it sees the write it was placed after.
+#[test]
+fn a_read_is_placed_on_a_shadow_that_defaults_to_repeatable_read() {
+    assert_eq!(
+        read_that_saw_a_later_answered_write(
+            "plrr",
+            &[],
+            "ALTER ROLE CURRENT_USER SET default_transaction_isolation = 'repeatable read'",
+        ),
+        (0, 0, 1),
+        "(mismatches, inconclusive, placed)"
     );
 }
 

@@ -398,6 +398,49 @@ fn kill_drops_the_databases_clients_and_connections() {
     assert!(backend_pid(&mut other) > 0);
 }
 
+/// Two KILLs of different databases one right after the other (most often between two of a
+/// shard's looks at the console, 50 ms apart): both take effect on every shard. (Before each
+/// database had its own kill count, a shard that saw both at one look killed only the last.)
+#[test]
+fn two_kills_at_once_both_take_effect() {
+    let pg = start_primary("pool-kill2");
+    pg.psql("CREATE DATABASE app").unwrap();
+    pg.psql("CREATE DATABASE app2").unwrap();
+    let (proxy, _dir) = pooled(&pg.url(), 2, "");
+    let mut admin = console(&proxy);
+    let connect = |db: &str| {
+        let url = format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db} connect_timeout=10",
+            proxy.port()
+        );
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.batch_execute("SELECT 1").unwrap();
+        c
+    };
+    let (mut a, mut b) = (connect("app"), connect("app2"));
+    for db in ["app", "app2"] {
+        assert!(
+            eventually(WAIT, || pool_column(&mut admin, db, "cl_active").is_some()),
+            "{db}'s pool in SHOW POOLS"
+        );
+    }
+    admin.simple_query("KILL app").expect("KILL app");
+    admin.simple_query("KILL app2").expect("KILL app2");
+    assert!(
+        eventually(WAIT, || a.batch_execute("SELECT 1").is_err()),
+        "app's client was dropped"
+    );
+    assert!(
+        eventually(WAIT, || b.batch_execute("SELECT 1").is_err()),
+        "app2's client was dropped"
+    );
+    assert!(
+        eventually(WAIT, || backends(&pg, "app") == 0
+            && backends(&pg, "app2") == 0),
+        "and their connections"
+    );
+}
+
 #[test]
 fn reload_rereads_the_file_and_shutdown_exits() {
     let pg = start_primary("pool-reload");

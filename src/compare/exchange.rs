@@ -2022,14 +2022,17 @@ impl Comparer {
     }
 
     /// A read kept to be placed (`c`) whose placement never started (its sync point was
-    /// not judged, or not as differing): it completes now, and its slot is free.
-    fn unkeep(&self, c: u64) {
+    /// not judged, or not as differing): it completes now, and its slot is free. Why it
+    /// was unpinned, as the ledger says at its release (while it was kept, a wait that ran
+    /// out or a lock break may have overtaken it, or a primary-only write come).
+    fn unkeep(&self, c: u64) -> Pinned {
         let Some(port) = &self.target.port else {
-            return;
+            return Pinned::InOrder;
         };
         self.link.issued.borrow_mut().retain(|&i| i != c);
-        port.ledger.done(c, port.shard());
+        let pinned = port.ledger.done(c, port.shard());
         port.drain();
+        pinned
     }
 
     /// The shadow answered ordered sync point `c`: whoever waited for it may go.
@@ -2195,7 +2198,7 @@ impl Comparer {
                 }
             }
             if let Some(c) = placing {
-                self.unkeep(c);
+                let _ = self.unkeep(c);
             }
             if let Some(shadow) = &shadow {
                 self.track_status(primary.status, shadow.status, stats);
@@ -2317,6 +2320,8 @@ impl Comparer {
         // two allocations and their release per compared sync point (callgrind).
         let mut unknown: Option<Rc<Compared>> = None;
         let mut compared = 0u64;
+        // Why a kept read released unplaced was unpinned, as the ledger said then.
+        let mut released = None;
         for i in 0..pairs {
             let statement = match meta.statements.get(i).or(meta.statements.last()) {
                 Some(statement) => statement.clone(),
@@ -2373,7 +2378,7 @@ impl Comparer {
                 continue;
             }
             let times = (primary_us, shadow_us, primary.status);
-            let unpinned = shadow.overtaken.or(primary.overtaken);
+            let mut unpinned = released.or(shadow.overtaken).or(primary.overtaken);
             // A read that overlapped writes of its rows: placed by re-reads, judged then.
             if let (Some(p), Some(why)) = (p, unpinned)
                 && placing.is_some()
@@ -2385,8 +2390,11 @@ impl Comparer {
                 if self.place(&statement, &differences, (p, s), times, (c, why)) {
                     continue;
                 }
-                // No slot: judged as it stands.
-                self.unkeep(c);
+                // No slot: judged as it stands, under the reason the ledger gives now.
+                if let Pinned::Overtaken(why) = self.unkeep(c) {
+                    released = Some(why);
+                    unpinned = Some(why);
+                }
             }
             let overtaken = unpinned.is_some();
             // Rows in another order under an ORDER BY whose keys the digests never saw: ties
@@ -2430,7 +2438,7 @@ impl Comparer {
             }
         }
         ShardStats::bump(&stats.counters.compare_statements, compared);
-        if let Some(why) = shadow.overtaken.or(primary.overtaken) {
+        if let Some(why) = released.or(shadow.overtaken).or(primary.overtaken) {
             ShardStats::bump(&stats.counters.compare_unpinned, compared);
             ShardStats::bump(unpinned_counter(&stats.counters, why), compared);
         }

@@ -768,8 +768,9 @@ struct Book {
     /// flight.
     holding: BTreeSet<u64>,
     inboxes: Vec<Option<Arc<Inbox>>>,
-    /// Reads being placed (see [`Ledger::keep`]): their session, and their number now.
-    placing: IdMap<u64>,
+    /// Reads being placed (see [`Ledger::keep`]), by their session: their numbers now (a
+    /// session may have more than one: a read kept while an earlier one is still placed).
+    placing: IdMap<Vec<u64>>,
 }
 
 /// Completion numbers released for one shard by another thread.
@@ -1136,13 +1137,16 @@ impl Ledger {
         }
         // A write of the session of a read being placed, numbered before the read's place:
         // it may run on the shadow before the read's re-read, which the primary's read
-        // never saw: that placement is spoilt.
-        if footprint.write
-            && let Some(&p) = book.placing.get(&session)
-            && c < p
-            && let Some(e) = book.entries.get_mut(&p)
-        {
-            e.spoiled = true;
+        // never saw: that placement is spoilt (each of the session's).
+        if footprint.write {
+            let book = &mut *book;
+            for p in book.placing.get(&session).into_iter().flatten() {
+                if c < *p
+                    && let Some(e) = book.entries.get_mut(p)
+                {
+                    e.spoiled = true;
+                }
+            }
         }
         let newest = book.newest.entry(session).or_insert(c);
         *newest = (*newest).max(c);
@@ -1370,11 +1374,13 @@ impl Ledger {
         }) {
             return None;
         }
-        book.placing.insert(origin, c);
+        // Nowhere to place it: not kept (it would hold the writes behind it for nothing).
+        Ledger::next_place(&book, c)?;
         // Booked under a session of its own from now on, at the same number: its own
         // session's later writes of its rows (numbered after it: sent after its answer
         // arrived) then wait for it too, so no re-read sees them.
-        self.rebook(&mut book, c, c);
+        self.rebook(&mut book, c, c)?;
+        book.placing.entry(origin).or_default().push(c);
         Some(why)
     }
 
@@ -1402,7 +1408,11 @@ impl Ledger {
     /// sync point numbered after its new place waits for it, its own session's included;
     /// the writes it held until now may go. Returns its new number, to be waited for with
     /// [`Port::wait`] and ended with [`done`](Self::done); None when no such write is
-    /// pending (it stays at `c`).
+    /// pending, or no place after it is sound (it stays at `c`, never placed): the place
+    /// would come after a later conflicting write of the read's own session (the numbers
+    /// just after the write were taken), or after a conflicting write of another session
+    /// sent to the primary after the read's answer arrived (numbered before the write it
+    /// follows: answered sooner), which the primary's read cannot have seen.
     ///
     /// Sound because the read then runs on the shadow where the ordering put it: after
     /// every conflicting sync point numbered before its new place and before every one
@@ -1410,6 +1420,19 @@ impl Ledger {
     /// completion order.
     pub fn place_after(&self, c: u64, this_shard: usize) -> Option<u64> {
         let mut book = self.book();
+        let n = Ledger::next_place(&book, c)?;
+        let entry = book.entries.get(&c)?;
+        let (origin, footprint) = (entry.origin, entry.footprint.clone());
+        self.rebook(&mut book, c, n)?;
+        book.placing.entry(origin).or_default().push(n);
+        // What waited for it at `c` is looked at again (the write it now follows may go).
+        book.release(&[&footprint], Some(&[c]), this_shard);
+        Some(n)
+    }
+
+    /// Where [`place_after`](Self::place_after) would move pending read `c`: None where no
+    /// place is (see there).
+    fn next_place(book: &Book, c: u64) -> Option<u64> {
         let entry = book.entries.get(&c)?;
         if entry.footprint.write || entry.footprint.wild {
             return None;
@@ -1441,15 +1464,22 @@ impl Ledger {
             })
             .map(|(&k, _)| k)
             .min()?;
-        let footprint = entry.footprint.clone();
         let mut n = next + 1;
         while book.entries.contains_key(&n) {
             n += 1;
         }
-        self.rebook(&mut book, c, n)?;
-        book.placing.insert(origin, n);
-        // What waited for it at `c` is looked at again (the write it now follows may go).
-        book.release(&[&footprint], Some(&[c]), this_shard);
+        if n >= own_next
+            || book.entries.iter().any(|(k, e)| {
+                *k > c
+                    && *k < n
+                    && e.footprint.write
+                    && e.origin != origin
+                    && e.since >= answer
+                    && entry.footprint.conflicts(&e.footprint)
+            })
+        {
+            return None;
+        }
         Some(n)
     }
 
@@ -1599,10 +1629,13 @@ impl Book {
     fn remove(&mut self, c: u64) -> Option<Entry> {
         let entry = self.entries.remove(&c)?;
         if entry.origin != entry.session
-            && let std::collections::hash_map::Entry::Occupied(p) = self.placing.entry(entry.origin)
-            && *p.get() == c
+            && let std::collections::hash_map::Entry::Occupied(mut p) =
+                self.placing.entry(entry.origin)
         {
-            p.remove();
+            p.get_mut().retain(|&n| n != c);
+            if p.get().is_empty() {
+                p.remove();
+            }
         }
         if let std::collections::hash_map::Entry::Occupied(newest) =
             self.newest.entry(entry.session)
@@ -2629,6 +2662,94 @@ mod tests {
         // A read that overlapped nothing is never kept.
         let alone = now(&ledger, 5, row(8, 1, false));
         assert_eq!(ledger.keep(alone), None);
+    }
+
+    /// The test's sessions 1 to 5, then a ledger whose read `r` of session 1 overlapped
+    /// write `w` of session 2 (sent before the read's answer, answered after it): (read's
+    /// number, write's number).
+    fn overlapped_read(ledger: &Ledger, r: Footprint, w: Footprint) -> (u64, u64) {
+        for _ in 1..=5 {
+            ledger.session();
+        }
+        let _ = ledger.inbox(0);
+        let started = ledger.start(1, &r, false);
+        let s = ledger.start(2, &w, false);
+        let c = ledger.complete(1, r.clone(), (&(r, started), 0), false, 0);
+        let w1 = ledger.complete(2, w.clone(), (&(w, s), 0), false, 0);
+        (c, w1)
+    }
+
+    #[test]
+    fn a_write_of_a_session_spoils_each_of_its_reads_being_placed() {
+        let ledger = Ledger::default();
+        let (c, w1) = overlapped_read(&ledger, row(7, 1, false), row(7, 1, true));
+        assert_eq!(ledger.keep(c), Some(Unpinned::InFlight));
+        let n1 = ledger.place_after(c, 0).expect("placed after the write");
+        assert!(w1 < n1);
+        // The session's next read differs too, and is kept while the first is placed.
+        let read = row(7, 1, false);
+        let started = ledger.start(1, &read, false);
+        let w = row(7, 1, true);
+        let s = ledger.start(3, &w, false);
+        let c2 = ledger.complete(1, read.clone(), (&(read, started), 0), false, 0);
+        ledger.complete(3, w.clone(), (&(w, s), 0), false, 0);
+        assert_eq!(ledger.keep(c2), Some(Unpinned::InFlight));
+        assert!(!ledger.spoiled(n1) && !ledger.spoiled(c2));
+        // Then a write of the session numbered before the first read's place (at the
+        // number the read left): it may run on the shadow before that read's re-read.
+        let own = row(7, 1, true);
+        let s = ledger.start(1, &own, false);
+        let k = ledger.complete(1, own.clone(), (&(own, s), c), false, 0);
+        assert!(k < n1, "{k} < {n1}");
+        assert!(ledger.spoiled(n1), "the first read's placement is spoilt");
+        assert!(ledger.spoiled(c2));
+        // Leaving the book drops each from the session's placements.
+        ledger.done(n1, 0);
+        ledger.done(c2, 0);
+        assert!(ledger.book().placing.is_empty());
+    }
+
+    #[test]
+    fn a_read_is_never_placed_past_its_own_sessions_next_write() {
+        let ledger = Ledger::default();
+        let (c, w1) = overlapped_read(&ledger, row(7, 1, false), row(7, 1, true));
+        // The session's next write of the row, numbered just after the overlapping write:
+        // the read's place would come after it.
+        let own = row(7, 1, true);
+        let s = ledger.start(1, &own, false);
+        let u = ledger.complete(1, own.clone(), (&(own, s), w1 + 1), false, 0);
+        assert_eq!(u, w1 + 1);
+        assert_eq!(ledger.keep(c), None, "not kept: there is no place");
+        assert_eq!(ledger.place_after(c, 0), None, "never placed");
+        assert!(
+            ledger.book().entries.contains_key(&c),
+            "it stays at its number"
+        );
+    }
+
+    #[test]
+    fn a_read_is_never_placed_after_a_write_sent_after_its_answer() {
+        let ledger = Ledger::default();
+        for _ in 1..=5 {
+            ledger.session();
+        }
+        let _ = ledger.inbox(0);
+        // The read reads rows 1 and 2 (the whole relation); a write of row 1 was sent
+        // before its answer, a write of row 2 after it, and that one was answered first.
+        let read = fp(&[7], false);
+        let started = ledger.start(1, &read, false);
+        let w1 = row(7, 1, true);
+        let s1 = ledger.start(2, &w1, false);
+        let c = ledger.complete(1, read.clone(), (&(read, started), 0), false, 0);
+        let w2 = row(7, 2, true);
+        let s2 = ledger.start(3, &w2, false);
+        let n2 = ledger.complete(3, w2.clone(), (&(w2, s2), 0), false, 0);
+        let n1 = ledger.complete(2, w1.clone(), (&(w1, s1), 0), false, 0);
+        assert!(c < n2 && n2 < n1);
+        assert_eq!(ledger.keep(c), None, "not kept: there is no place");
+        // After the first write, the re-read would see the second, which the primary's
+        // read never saw.
+        assert_eq!(ledger.place_after(c, 0), None, "never placed");
     }
 
     #[test]

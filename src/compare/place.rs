@@ -13,9 +13,11 @@
 //! It never writes and never runs anything a read would not: only a plain `SELECT` with no
 //! parameters, autocommit on the primary, that calls only built-ins without side effects (the
 //! order re-check's list), read over a connection of its own to the shadow that is read-only
-//! by default, inside a `BEGIN READ ONLY` never committed, with a `statement_timeout`, on a
-//! database without functions of its own that reading may run (the re-check's guard), the
-//! statement alone through the extended protocol. It accepts only a state the shadow really
+//! by default, each re-read inside a `BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY` of its
+//! own rolled back at once (no transaction, so no lock, is held while it waits for its
+//! place), with a `statement_timeout`, on a database without functions of its own that
+//! reading may run (the re-check's guard, run again in each), the statement alone through
+//! the extended protocol. It accepts only a state the shadow really
 //! passed through in the primary's completion order: each re-read runs where the ledger put
 //! it, after every conflicting sync point numbered before its place and before every one
 //! after. It only moves a read later: a state the shadow already left cannot be read again.
@@ -30,12 +32,17 @@ use bytes::BytesMut;
 
 use super::digest::{Digest, Digester, Step};
 use super::order::{Pinned, Port, Unpinned};
-use super::recheck::{guard_clean, guarded_params, preamble};
+use super::recheck::{guard_clean, guarded_params, preamble_as};
 use super::verdict::{self, Kind};
 use super::{CompareTarget, Record, open_as};
 use crate::exec::net::Stream;
 use crate::exec::within;
 use crate::wire::{self, tag};
+
+/// How each re-read's transaction starts: read-only, and read committed whatever the
+/// session's `default_transaction_isolation` (the client's, or the shadow role's, database's
+/// or server's): under repeatable read its snapshot would be taken at the guard.
+const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY";
 
 /// What a placement needs of the read it places.
 pub(crate) struct Read {
@@ -69,6 +76,12 @@ pub(crate) async fn run(
             Pinned::InOrder => true,
             Pinned::Overtaken(u) => matches!(u, Unpinned::Overlapped | Unpinned::InFlight),
         };
+    // Filed under the reason the ledger gives at its release: while it was kept, a wait
+    // that ran out or a lock break may have overtaken it, or a primary-only write come.
+    let why = match pinned {
+        Pinned::InOrder => read.why,
+        Pinned::Overtaken(u) => u,
+    };
     let stats = &target.stats;
     stats.rechecks_running.set(stats.rechecks_running.get() - 1);
     target
@@ -78,14 +91,14 @@ pub(crate) async fn run(
         stats.placed.set(stats.placed.get() + 1);
         return;
     }
-    let cell = match read.why {
+    let cell = match why {
         Unpinned::InFlight => &stats.unplaced[1],
         _ => &stats.unplaced[0],
     };
     cell.set(cell.get() + 1);
     record.record = verdict::Verdict::Concurrent.record();
     record.verdict = verdict::Verdict::Concurrent.name();
-    record.reason = read.why.name();
+    record.reason = why.name();
     record.failed_client = false;
     if !target.send(record) {
         stats.reports_dropped.set(stats.reports_dropped.get() + 1);
@@ -106,6 +119,13 @@ async fn place(
     let limit = Duration::from_millis(cfg.connect_timeout_ms);
     let max = cfg.buffer_bytes_max.max(1 << 20);
     let params = guarded_params(params, budget_ms);
+    // Moved to its first place before connecting: the write it now follows goes to the
+    // shadow meanwhile instead of waiting for the connection.
+    let Some(first) = port.ledger.place_after(c, port.shard()) else {
+        return (false, c);
+    };
+    c = first;
+    port.drain();
     let Ok(conn) = open_as(
         &target.addr.get(),
         &target.url,
@@ -126,17 +146,26 @@ async fn place(
         budget: Duration::from_millis(budget_ms),
     };
     let mut placed = false;
-    if reader.open(budget_ms).await {
+    if reader.guard(budget_ms, false).await {
         let wait = Duration::from_millis(cfg.order_wait_ms.max(1));
         let stats = &target.stats;
-        for _ in 0..cfg.place_reads_max {
-            let Some(next) = port.ledger.place_after(c, port.shard()) else {
-                break;
-            };
-            c = next;
-            port.drain();
+        for i in 0..cfg.place_reads_max {
+            if i > 0 {
+                let Some(next) = port.ledger.place_after(c, port.shard()) else {
+                    break;
+                };
+                c = next;
+                port.drain();
+            }
             if within(wait, port.wait(c)).await.is_none() {
                 port.give_up(c);
+                break;
+            }
+            // A transaction of its own per re-read, ended with it: none is open while it
+            // waits (a lock its read took would hold the table's DDL, and every later
+            // statement of it, behind the wait), and each reads a snapshot of its own
+            // (read committed, whatever the session's default isolation).
+            if !reader.guard(budget_ms, true).await {
                 break;
             }
             stats.place_rereads.set(stats.place_rereads.get() + 1);
@@ -150,7 +179,7 @@ async fn place(
             }
         }
     }
-    // Closing the session rolls its transaction back.
+    // (Closing the session rolls back a transaction a failed re-read left open.)
     let _ = stream.write_all(&[b'X', 0, 0, 0, 4]).await;
     stream.shutdown();
     (placed, c)
@@ -165,11 +194,17 @@ struct Reader<'s> {
 }
 
 impl Reader<'_> {
-    /// Opens the read-only transaction and checks the database has no functions of its
-    /// own that reading may run: whether it may read.
-    async fn open(&mut self, timeout_ms: u64) -> bool {
+    /// Checks the database has no functions of its own that reading may run, in a
+    /// read-only read-committed transaction left open when `open` (for a re-read, which
+    /// ends it) or else rolled back: whether it may read.
+    async fn guard(&mut self, timeout_ms: u64, open: bool) -> bool {
         let mut out = BytesMut::new();
-        if wire::encode::query(&mut out, &preamble(timeout_ms)).is_err()
+        let mut text = preamble_as(BEGIN, timeout_ms);
+        if !open {
+            text.push_str("; ROLLBACK");
+        }
+        let want = if open { b'T' } else { b'I' };
+        if wire::encode::query(&mut out, &text).is_err()
             || self.stream.write_all(&out).await.is_err()
         {
             return false;
@@ -183,14 +218,15 @@ impl Reader<'_> {
             match t {
                 tag::DATA_ROW => clean = guard_clean(&body),
                 tag::ERROR_RESPONSE => clean = Some(false),
-                tag::READY_FOR_QUERY => return clean == Some(true) && body.first() == Some(&b'T'),
+                tag::READY_FOR_QUERY => return clean == Some(true) && body.first() == Some(&want),
                 _ => {}
             }
         }
     }
 
-    /// Reads `text` once more (alone, through the extended protocol, text results): its
-    /// digest, or None when it failed.
+    /// Reads `text` once more (alone, through the extended protocol, text results) in the
+    /// transaction [`guard`](Self::guard) opened, and ends it: its digest, or None when it
+    /// failed.
     async fn read_again(&mut self, rules: &Rc<super::rules::Rules>, text: &str) -> Option<Digest> {
         let mut out = BytesMut::new();
         wire::encode::parse(&mut out, "", text, &[]).ok()?;
@@ -198,6 +234,7 @@ impl Reader<'_> {
         wire::encode::describe(&mut out, wire::ObjectKind::Portal, "").ok()?;
         wire::encode::execute(&mut out, "", 0).ok()?;
         wire::encode::sync(&mut out);
+        wire::encode::query(&mut out, "ROLLBACK").ok()?;
         self.stream.write_all(&out).await.ok()?;
         let mut digester = Digester::new(rules.clone());
         let deadline = Instant::now() + self.budget;
@@ -205,11 +242,19 @@ impl Reader<'_> {
             let (t, body) = self.next(deadline).await?;
             if let Step::SyncEnd(status) = digester.visit(t, &body) {
                 let mut digest = digester.finish_sync(status, Instant::now());
-                // An error (a timeout) leaves the transaction failed: no more re-reads.
+                // An error (a timeout) failed it: no more re-reads.
                 if status != b'T' || digest.results.len() != 1 {
                     return None;
                 }
-                return digest.results.pop();
+                // The ROLLBACK's answer: the transaction is over.
+                loop {
+                    let (t, body) = self.next(deadline).await?;
+                    if t == tag::READY_FOR_QUERY {
+                        return (body.first() == Some(&b'I'))
+                            .then(|| digest.results.pop())
+                            .flatten();
+                    }
+                }
             }
         }
     }

@@ -215,8 +215,13 @@ fn user_code_guard() -> String {
 /// The simple query that opens a re-run: a read-only transaction whose statements the server
 /// stops at `timeout_ms`, then [`user_code_guard`].
 pub(crate) fn preamble(timeout_ms: u64) -> String {
+    preamble_as("BEGIN READ ONLY", timeout_ms)
+}
+
+/// [`preamble`] with a transaction opened by `begin`.
+pub(crate) fn preamble_as(begin: &str, timeout_ms: u64) -> String {
     format!(
-        "BEGIN READ ONLY; SET LOCAL statement_timeout = {timeout_ms}; {}",
+        "{begin}; SET LOCAL statement_timeout = {timeout_ms}; {}",
         user_code_guard()
     )
 }

@@ -171,9 +171,12 @@ pub struct ConsoleCtx {
     pub paused: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Bumped by RECONNECT: each shard closes its connections once it sees a new value.
     pub reconnects: AtomicU64,
-    /// Bumped by KILL: each shard closes its pooled clients of `kill_database`.
+    /// Bumped by KILL, after `killed`: each shard then closes the pooled clients of every
+    /// database whose count in `killed` it has not seen yet.
     pub kills: AtomicU64,
-    pub kill_database: std::sync::Mutex<String>,
+    /// How many times each database was killed (only known databases: bounded by them), so
+    /// that two KILLs between two looks of a shard both take effect.
+    pub killed: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// Each shard's mirrors, as it last published them.
     pub mirrors: std::sync::Mutex<Vec<Vec<super::console::MirrorRow>>>,
     /// Each shard's compare counters, as it last published them.
@@ -190,7 +193,7 @@ impl ConsoleCtx {
             paused: std::sync::Mutex::new(Default::default()),
             reconnects: AtomicU64::new(0),
             kills: AtomicU64::new(0),
-            kill_database: std::sync::Mutex::new(String::new()),
+            killed: std::sync::Mutex::new(Default::default()),
             mirrors: std::sync::Mutex::new(vec![Vec::new(); shards]),
             compare: std::sync::Mutex::new(vec![None; shards]),
         }
@@ -376,9 +379,11 @@ impl super::console::ConsoleView for View<'_> {
                 }
                 *self
                     .ctx
-                    .kill_database
+                    .killed
                     .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = db;
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(db)
+                    .or_default() += 1;
                 self.ctx.kills.fetch_add(1, Ordering::AcqRel);
                 Ok(None)
             }

@@ -2778,6 +2778,8 @@ async fn care(shard: &Rc<ShardCtx>, pools: &Rc<Pools>) {
     const MODES_EVERY: u32 = 20;
     let mut reconnects = 0;
     let mut kills = 0;
+    // Each database's kill count as this shard last acted on it.
+    let mut killed: std::collections::HashMap<String, u64> = Default::default();
     let mut tick = 0u32;
     loop {
         crate::exec::sleep(TICK).await;
@@ -2795,13 +2797,19 @@ async fn care(shard: &Rc<ShardCtx>, pools: &Rc<Pools>) {
             let k = console.kills.load(Ordering::Acquire);
             if k != kills {
                 kills = k;
-                let database = console
-                    .kill_database
+                // Every database killed since the last look, not only the last one.
+                let due: Vec<String> = console
+                    .killed
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                shard.kill_pooled(&database);
-                pools.kill_database(&database);
+                    .iter()
+                    .filter(|&(db, &n)| killed.insert(db.clone(), n) != Some(n))
+                    .map(|(db, _)| db.clone())
+                    .collect();
+                for database in due {
+                    shard.kill_pooled(&database);
+                    pools.kill_database(&database);
+                }
             }
         }
         pools.maintain();
