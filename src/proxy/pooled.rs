@@ -803,16 +803,9 @@ pub(super) async fn serve(
         shard.cancel_keys.remove(pid);
         return;
     }
-    pool.clients.set(pool.clients.get() + 1);
     // What the session holds in the shard leaves with it, however it ends (its future is
     // dropped mid-session when the shard stops, too).
-    let held = Held {
-        shard: shard.clone(),
-        pool: pool.clone(),
-        id,
-        pid,
-        keep_key: false,
-    };
+    let held = Held::take(&shard, &pool, id, pid);
     let state = Rc::new(ClientState::new(
         id, &user, &database, &client, &params, pid,
     ));
@@ -1034,14 +1027,7 @@ async fn go_on(shard: Rc<ShardCtx>, client: Stream, moved: MovedClient) {
             statement.extension(Slot::Pool, || def.into_def());
         }
     }
-    pool.clients.set(pool.clients.get() + 1);
-    let held = Held {
-        shard: shard.clone(),
-        pool: pool.clone(),
-        id,
-        pid,
-        keep_key: false,
-    };
+    let held = Held::take(&shard, &pool, id, pid);
     let state = Rc::new(ClientState::with(
         id,
         user,
@@ -1073,6 +1059,20 @@ struct Held {
     pid: i32,
     /// The session moved to another shard: its cancel key goes on there.
     keep_key: bool,
+}
+
+impl Held {
+    /// Counts the session as one of its pool's clients until the `Held` is dropped.
+    fn take(shard: &Rc<ShardCtx>, pool: &Rc<Pool>, id: u64, pid: i32) -> Held {
+        pool.clients.set(pool.clients.get() + 1);
+        Held {
+            shard: shard.clone(),
+            pool: pool.clone(),
+            id,
+            pid,
+            keep_key: false,
+        }
+    }
 }
 
 impl Drop for Held {

@@ -190,17 +190,20 @@ impl Placement {
         }
     }
 
-    /// The shard that serves a client `here` just accepted.
-    fn choose(&self, here: usize) -> usize {
-        let busy = self.figures(true);
-        let full: Vec<bool> = self
-            .slots
+    /// Per shard, whether it takes no more clients (closed, or at its client bound).
+    fn full(&self) -> Vec<bool> {
+        self.slots
             .iter()
             .map(|s| {
                 s.closed.load(Ordering::SeqCst)
                     || s.clients.load(Ordering::Relaxed) >= self.clients_max
             })
-            .collect();
+            .collect()
+    }
+
+    /// The shard that serves a client `here` just accepted.
+    fn choose(&self, here: usize) -> usize {
+        let (busy, full) = (self.figures(true), self.full());
         choose(&busy, &full, self.busy_permille_max, here)
     }
 
@@ -291,15 +294,7 @@ impl Placement {
     /// Where shard `me` should move some of its idle pooled clients now, if anywhere (see
     /// [`rebalance`]).
     pub(super) fn rebalance_to(&self, me: usize) -> Option<usize> {
-        let busy = self.figures(true);
-        let full: Vec<bool> = self
-            .slots
-            .iter()
-            .map(|s| {
-                s.closed.load(Ordering::SeqCst)
-                    || s.clients.load(Ordering::Relaxed) >= self.clients_max
-            })
-            .collect();
+        let (busy, full) = (self.figures(true), self.full());
         rebalance(&busy, &full, me, self.busy_permille_max)
     }
 
