@@ -723,7 +723,7 @@ fn psql_console(
     psql.output().expect("run psql")
 }
 
-/// What psql printed on stderr when `commands` failed (panics when they succeeded).
+/// What psql printed on stderr when `command` failed (panics when it succeeded).
 fn psql_refused(pg: &pgprism::embed::Instance, proxy: &Proxy, user: &str, command: &str) -> String {
     let out = psql_console(pg, proxy, user, &[command]);
     assert!(!out.status.success(), "{command} as {user} succeeded");
