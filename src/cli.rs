@@ -388,24 +388,25 @@ struct MirrorArgs {
     mirror_in_flight_messages: Option<usize>,
 }
 
-/// Pool options, named as PgBouncer names them (Frenzy's in brackets).
+/// Pool options, named as PgBouncer names them; Frenzy's names are aliases of theirs, so
+/// that a Frenzy command line runs unchanged.
 #[derive(Args, Clone)]
 struct PoolArgs {
     /// `session` (each client owns its primary connection; default) or `transaction`
     /// (connections are lent per transaction).
     #[arg(long, value_parser = ["session", "transaction"])]
     pool_mode: Option<String>,
-    /// Most primary connections per (user, database) for the process [--max-conns].
-    #[arg(long, value_name = "N")]
+    /// Most primary connections per (user, database) for the process.
+    #[arg(long, visible_alias = "max-conns", value_name = "N")]
     pool_size: Option<usize>,
-    /// Connections per (user, database) kept open when idle [--min-conns].
-    #[arg(long, value_name = "N")]
+    /// Connections per (user, database) kept open when idle.
+    #[arg(long, visible_alias = "min-conns", value_name = "N")]
     pool_min_size: Option<usize>,
-    /// Close a primary connection older than this when it comes back [--max-conn-lifetime].
-    #[arg(long, value_parser = parse_duration_ms)]
+    /// Close a primary connection older than this when it comes back (e.g. 1h, 30m, 1h30m).
+    #[arg(long, visible_alias = "max-conn-lifetime", value_parser = parse_duration_ms)]
     server_lifetime: Option<u64>,
-    /// Close a primary connection idle longer than this [--max-conn-idle-time].
-    #[arg(long, value_parser = parse_duration_ms)]
+    /// Close a primary connection idle longer than this (e.g. 10m, 90s).
+    #[arg(long, visible_alias = "max-conn-idle-time", value_parser = parse_duration_ms)]
     server_idle_timeout: Option<u64>,
     /// A client waiting longer than this for a connection gets 53300.
     #[arg(long, value_parser = parse_duration_ms)]
@@ -477,23 +478,73 @@ impl PoolArgs {
     }
 }
 
-/// `250`, `250ms`, `5s`, `2m` → milliseconds.
+/// A duration flag's value in milliseconds: a bare number is milliseconds (`250`); otherwise
+/// Go's duration syntax, which Frenzy's flags take: numbers with an optional fraction, each
+/// with a unit (`ns`, `us`/`µs`, `ms`, `s`, `m`, `h`), added up (`500ms`, `1.5s`, `2m`,
+/// `1h30m`). A value that is not a whole number of milliseconds is refused rather than
+/// rounded (rounded down, `100us` would read as 0, which means "never" for lifetimes).
 fn parse_duration_ms(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
-        (n, 1)
-    } else if let Some(n) = text.strip_suffix('s') {
-        (n, 1000)
-    } else if let Some(n) = text.strip_suffix('m') {
-        (n, 60_000)
-    } else {
-        (text, 1)
-    };
-    number
-        .trim()
-        .parse::<u64>()
-        .map(|n| n * scale)
-        .map_err(|_| format!("expected a duration such as 500ms, 5s or 2m, got `{text}`"))
+    let refused = || format!("expected a duration such as 500ms, 5s, 2m or 1h30m, got `{text}`");
+    if text.is_empty() {
+        return Err(refused());
+    }
+    if text.bytes().all(|b| b.is_ascii_digit()) {
+        return text.parse::<u64>().map_err(|_| refused());
+    }
+    const UNITS: [(&str, u128); 8] = [
+        ("ns", 1),
+        ("us", 1_000),
+        ("µs", 1_000),
+        ("μs", 1_000),
+        ("ms", 1_000_000),
+        ("s", 1_000_000_000),
+        ("m", 60_000_000_000),
+        ("h", 3_600_000_000_000),
+    ];
+    let mut rest = text;
+    let mut total_ns: u128 = 0;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or_else(refused)?;
+        let (number, tail) = rest.split_at(digits);
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        // Go's rule: digits on at least one side of the point; 30 digits bound the work.
+        if (whole.is_empty() && fraction.is_empty())
+            || whole.len() + fraction.len() > 30
+            || !fraction.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(refused());
+        }
+        // The longest unit that matches ("ms" before "m").
+        let &(unit, scale) = UNITS
+            .iter()
+            .filter(|(u, _)| tail.starts_with(u))
+            .max_by_key(|(u, _)| u.len())
+            .ok_or_else(refused)?;
+        let whole: u128 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| refused())?
+        };
+        let mut part = whole.checked_mul(scale).ok_or_else(refused)?;
+        let mut place = scale;
+        for digit in fraction.bytes() {
+            place /= 10;
+            part = part
+                .checked_add(u128::from(digit - b'0') * place)
+                .ok_or_else(refused)?;
+        }
+        total_ns = total_ns.checked_add(part).ok_or_else(refused)?;
+        rest = &tail[unit.len()..];
+    }
+    if !total_ns.is_multiple_of(1_000_000) {
+        return Err(format!(
+            "expected a whole number of milliseconds, got `{text}`"
+        ));
+    }
+    u64::try_from(total_ns / 1_000_000).map_err(|_| refused())
 }
 
 impl MirrorArgs {
@@ -1319,23 +1370,28 @@ fn flag_keys() -> BTreeMap<String, Vec<String>> {
             if arg.is_global_set() || long == "config" {
                 continue;
             }
-            let flag = format!("--{long}");
-            for value in probe_values(arg) {
-                let extra: Vec<&str> = std::iter::once(flag.as_str())
-                    .chain(value.as_deref())
-                    .collect();
-                let Some(after) = probe_config(name, base, &extra) else {
-                    continue;
-                };
-                let mut keys = BTreeSet::new();
-                changed_keys(&before, &after, "", &mut keys);
-                for key in keys {
-                    found
-                        .entry(key)
-                        .or_default()
-                        .entry(flag.clone())
-                        .or_default()
-                        .insert(name);
+            // A visible alias (Frenzy's `--max-conns` for `--pool-size`) is tried on its own,
+            // so the reference names it only if it really sets the key.
+            let aliases = arg.get_visible_aliases().unwrap_or_default();
+            for spelled in std::iter::once(long).chain(aliases) {
+                let flag = format!("--{spelled}");
+                for value in probe_values(arg) {
+                    let extra: Vec<&str> = std::iter::once(flag.as_str())
+                        .chain(value.as_deref())
+                        .collect();
+                    let Some(after) = probe_config(name, base, &extra) else {
+                        continue;
+                    };
+                    let mut keys = BTreeSet::new();
+                    changed_keys(&before, &after, "", &mut keys);
+                    for key in keys {
+                        found
+                            .entry(key)
+                            .or_default()
+                            .entry(flag.clone())
+                            .or_default()
+                            .insert(name);
+                    }
                 }
             }
         }
@@ -1431,5 +1487,54 @@ fn changed_keys(
             out.insert(prefix.trim_end_matches('.').to_string());
         }
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration_ms;
+
+    #[test]
+    fn durations_take_pgprism_and_go_forms() {
+        for (text, ms) in [
+            ("250", 250),
+            ("0", 0),
+            ("0s", 0),
+            ("250ms", 250),
+            ("5s", 5_000),
+            ("2m", 120_000),
+            ("30m", 1_800_000),
+            ("1h", 3_600_000),
+            ("1h30m", 5_400_000),
+            ("2h45m10s", 9_910_000),
+            ("1.5s", 1_500),
+            (".5h", 1_800_000),
+            ("2000us", 2),
+            ("2000µs", 2),
+            ("3000000ns", 3),
+            (" 90s ", 90_000),
+        ] {
+            assert_eq!(parse_duration_ms(text), Ok(ms), "{text}");
+        }
+    }
+
+    #[test]
+    fn durations_that_are_not_whole_milliseconds_or_malformed_are_refused() {
+        for text in [
+            "",
+            "s",
+            "-1s",
+            "1x",
+            "1h30",
+            "1.2.3s",
+            ".s",
+            "1 s",
+            "100us",
+            "1.0005s",
+            "5d",
+            "99999999999999999999999999999h",
+        ] {
+            assert!(parse_duration_ms(text).is_err(), "{text} was accepted");
+        }
     }
 }

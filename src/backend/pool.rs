@@ -196,6 +196,12 @@ impl Budgets {
             })
             .clone()
     }
+
+    /// Whether a pool of `database` was made on some shard (for any user).
+    fn knows_database(&self, database: &str) -> bool {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.keys().any(|(_, db)| db == database)
+    }
 }
 
 /// Where pool connections go and how.
@@ -515,7 +521,9 @@ impl Drop for Queued<'_> {
 /// The pools of one shard.
 pub struct Pools {
     pub shard: usize,
-    pub cfg: PoolConfig,
+    /// The `[pool]` keys in force; the console's SET replaces them ([`Pools::set_cfg`]), so
+    /// they are read where used ([`Pools::cfg`]) and never kept aside.
+    cfg: RefCell<Rc<PoolConfig>>,
     pub upstream: Upstream,
     budgets: Budgets,
     pools: RefCell<PoolMap>,
@@ -540,7 +548,7 @@ impl Pools {
     ) -> Pools {
         Pools {
             shard,
-            cfg,
+            cfg: RefCell::new(Rc::new(cfg)),
             upstream,
             budgets,
             pools: RefCell::new(HashMap::new()),
@@ -550,6 +558,29 @@ impl Pools {
             reconnect_before: Cell::new(None),
             shards: shards.max(1),
         }
+    }
+
+    /// The `[pool]` keys in force (a handle: a SET meanwhile does not change what the caller
+    /// holds).
+    pub fn cfg(&self) -> Rc<PoolConfig> {
+        self.cfg.borrow().clone()
+    }
+
+    /// Console SET: `cfg` is in force from now on for every lend, wait, check and care tick
+    /// of this shard (each connection's lifetime and idle time are measured against the new
+    /// values; a smaller `size` is reached as connections close, none is closed for it).
+    pub fn set_cfg(&self, cfg: PoolConfig) {
+        *self.cfg.borrow_mut() = Rc::new(cfg);
+        // A larger bound may let the first waiter of each pool open a connection now.
+        for pool in self.all() {
+            self.wake_one(&pool);
+        }
+    }
+
+    /// Whether some shard made a pool of `database` (a client logged in to it, or tried):
+    /// known at once process-wide, unlike the console's snapshots.
+    pub fn knows_database(&self, database: &str) -> bool {
+        self.budgets.knows_database(database)
     }
 
     /// The pool of (user, database), made on first use.
@@ -584,7 +615,7 @@ impl Pools {
             demand: Cell::new(0),
             published: Cell::new(0),
             lends_seen: Cell::new(0),
-            share: Cell::new(self.cfg.size),
+            share: Cell::new(self.cfg().size),
             killed_before: Cell::new(None),
         });
         pools.insert((user, database), pool.clone());
@@ -616,7 +647,7 @@ impl Pools {
             }
         }
         let started = Instant::now();
-        let wait_limit = Duration::from_millis(self.cfg.query_wait_timeout_ms);
+        let wait_limit = Duration::from_millis(self.cfg().query_wait_timeout_ms);
         let deadline = started + wait_limit;
         let result = self.acquire_until(pool, started, deadline).await;
         bump(
@@ -640,7 +671,7 @@ impl Pools {
         if let Some(conn) = self.try_take(pool, started).await? {
             return Ok(conn);
         }
-        if pool.waiting.get() >= self.cfg.waiters_max {
+        if pool.waiting.get() >= self.cfg().waiters_max {
             return Err(PoolError::WaitersFull {
                 user: pool.user.to_string(),
                 database: pool.database.to_string(),
@@ -685,7 +716,7 @@ impl Pools {
                 break Err(PoolError::WaitTimeout {
                     user: pool.user.to_string(),
                     database: pool.database.to_string(),
-                    ms: self.cfg.query_wait_timeout_ms,
+                    ms: deadline.saturating_duration_since(started).as_millis() as u64,
                 });
             }
             let first = pool.first_waiter().is_some_and(|w| Rc::ptr_eq(&w, &waiter));
@@ -764,17 +795,17 @@ impl Pools {
         // out their parts from figures read at different ticks, so the parts may not add up
         // to the bound for a tick: room left over under `pool.size` may still go to a shard
         // at its part, one connection beyond it (given back as it returns while others wait).
+        let cfg = self.cfg();
         let (open, share) = (pool.open.get(), pool.share.get());
-        if pool.others_wait()
-            && (open > share || (open == share && pool.budget.open() >= self.cfg.size))
+        if pool.others_wait() && (open > share || (open == share && pool.budget.open() >= cfg.size))
         {
             return Ok(None);
         }
         let waited = started.elapsed();
-        let limit = if waited >= Duration::from_millis(self.cfg.reserve_timeout_ms) {
-            self.cfg.size + self.cfg.reserve_size
+        let limit = if waited >= Duration::from_millis(cfg.reserve_timeout_ms) {
+            cfg.size + cfg.reserve_size
         } else {
-            self.cfg.size
+            cfg.size
         };
         if pool.budget.try_take(limit) {
             return self.open(pool).await.map(Some).map_err(PoolError::from);
@@ -786,10 +817,11 @@ impl Pools {
     /// idle long enough to be checked first (what [`Pools::usable`] would let through
     /// untouched).
     fn ready(&self, pool: &Pool, conn: &PooledConn, now: Instant) -> bool {
+        let cfg = self.cfg();
         !self.stale(pool, conn, now)
-            && (self.cfg.server_check_query.is_empty()
+            && (cfg.server_check_query.is_empty()
                 || now.saturating_duration_since(conn.last_used)
-                    < Duration::from_millis(self.cfg.server_check_delay_ms))
+                    < Duration::from_millis(cfg.server_check_delay_ms))
     }
 
     /// An idle connection about to be lent: closed when too old, checked when idle long.
@@ -799,11 +831,12 @@ impl Pools {
             self.close(pool, conn);
             return None;
         }
-        let delay = Duration::from_millis(self.cfg.server_check_delay_ms);
-        if !self.cfg.server_check_query.is_empty()
+        let cfg = self.cfg();
+        let delay = Duration::from_millis(cfg.server_check_delay_ms);
+        if !cfg.server_check_query.is_empty()
             && now.saturating_duration_since(conn.last_used) >= delay
         {
-            let check = self.cfg.server_check_query.clone();
+            let check = cfg.server_check_query.clone();
             if run_simple(&mut conn, &check, &self.upstream).await.is_err() {
                 bump(&pool.counters.servers_lost, 1);
                 self.close(pool, conn);
@@ -829,7 +862,7 @@ impl Pools {
         self.work_out_share(pool);
         let open = pool.open.get();
         open > pool.share.get()
-            || (pool.waiting.get() == 0 && open > self.cfg.size / self.shards.max(1))
+            || (pool.waiting.get() == 0 && open > self.cfg().size / self.shards.max(1))
     }
 
     /// A shared connection of `pool` starts (`true`) or stops lingering on this shard with
@@ -888,7 +921,7 @@ impl Pools {
 
     /// Whether `conn` is past `server-lifetime-ms` or older than the last RECONNECT.
     pub fn expired(&self, conn: &PooledConn, now: Instant) -> bool {
-        let lifetime = self.cfg.server_lifetime_ms;
+        let lifetime = self.cfg().server_lifetime_ms;
         (lifetime > 0
             && now.saturating_duration_since(conn.opened) >= Duration::from_millis(lifetime))
             || self
@@ -967,7 +1000,7 @@ impl Pools {
             return;
         }
         if conn.dirty {
-            let reset = self.cfg.server_reset_query.clone();
+            let reset = self.cfg().server_reset_query.clone();
             if reset.is_empty() || run_simple(&mut conn, &reset, &self.upstream).await.is_err() {
                 bump(&pool.counters.dirty_closed, 1);
                 self.close(pool, conn);
@@ -1035,7 +1068,7 @@ impl Pools {
     /// backend still counts against the server's `max_connections`, and a connection opened
     /// in its place would take the pair past `pool.size` as the server counts.
     pub fn close(&self, pool: &Rc<Pool>, conn: ServerConn) {
-        let wait = Duration::from_millis(self.cfg.server_close_wait_ms);
+        let wait = Duration::from_millis(self.cfg().server_close_wait_ms);
         self.close_after(pool, conn, wait);
     }
 
@@ -1097,7 +1130,7 @@ impl Pools {
         /// while clients of other shards wait.
         const IDLE_YIELD: Duration = Duration::from_millis(100);
         let now = Instant::now();
-        let idle_limit = self.cfg.server_idle_timeout_ms;
+        let idle_limit = self.cfg().server_idle_timeout_ms;
         for pool in self.all() {
             self.share_out(&pool);
             let mut closing = Vec::new();
@@ -1136,7 +1169,7 @@ impl Pools {
             let share = self.min_share();
             let known_login = !matches!(*pool.login.borrow(), ServerLogin::None)
                 || pool.budget.params.get().is_some();
-            if known_login && pool.open.get() < share && pool.budget.try_take(self.cfg.size) {
+            if known_login && pool.open.get() < share && pool.budget.try_take(self.cfg().size) {
                 let pools = self.clone();
                 let pool = pool.clone();
                 exec::spawn(async move {
@@ -1198,7 +1231,7 @@ impl Pools {
             *mine = (*mine).max(16);
         }
         pool.share.set(apportion(
-            self.cfg.size,
+            self.cfg().size,
             &demand,
             self.shard,
             rotation_slot(),
@@ -1233,7 +1266,7 @@ impl Pools {
 
     /// This shard's part of `min-size` (the process-wide minimum).
     fn min_share(&self) -> usize {
-        let min = self.cfg.min_size;
+        let min = self.cfg().min_size;
         min / self.shards + usize::from(self.shard < min % self.shards)
     }
 
@@ -1279,7 +1312,8 @@ impl Pools {
         let now = Instant::now();
         let mut rows = Vec::new();
         let mut servers = Vec::new();
-        let check_delay = Duration::from_millis(self.cfg.server_check_delay_ms);
+        let cfg = self.cfg();
+        let check_delay = Duration::from_millis(cfg.server_check_delay_ms);
         for pool in self.all() {
             let idle = pool.idle.borrow();
             let used = idle
@@ -1305,9 +1339,9 @@ impl Pools {
                 sv_login: pool.connecting.get() as u64,
                 maxwait_us: pool.max_wait(now).as_micros() as u64,
                 pinned: pool.pinned.get(),
-                pool_size: self.cfg.size as u64,
-                reserve_size: self.cfg.reserve_size as u64,
-                min_size: self.cfg.min_size as u64,
+                pool_size: cfg.size as u64,
+                reserve_size: cfg.reserve_size as u64,
+                min_size: cfg.min_size as u64,
                 xact_count: c.xact_count.get(),
                 query_count: c.query_count.get(),
                 bytes_received: c.bytes_received.get(),

@@ -437,8 +437,8 @@ pub enum Action {
     Reload,
     /// Drain and exit (as SIGTERM). The console answers nothing and closes, as PgBouncer.
     Shutdown,
-    /// Change a configuration key at run time; `key` is pgprism's key path
-    /// (`pool.size`), `value` already in pgprism's units.
+    /// Change a configuration key at run time (every shard's pools follow it); `key` is
+    /// pgprism's key path (`pool.size`), `value` already in pgprism's units.
     Set { key: &'static str, value: SetValue },
 }
 
@@ -555,8 +555,9 @@ pub trait ConsoleView {
     /// Every shard's latest snapshot (`PoolBoard::read`), console clients among the
     /// clients (database `pgbouncer`/`pgprism`, state `active`).
     fn shards(&self) -> Vec<ShardPools>;
-    /// The configuration in force (SHOW CONFIG, DATABASES, USERS; access rules).
-    fn config(&self) -> &Config;
+    /// The configuration in force, the console's SETs included (SHOW CONFIG, DATABASES,
+    /// USERS; access rules).
+    fn config(&self) -> std::sync::Arc<Config>;
     /// When the process started: SHOW STATS's averages are over its lifetime (PgBouncer's
     /// are over its last `stats_period`).
     fn started(&self) -> SystemTime;
@@ -565,7 +566,8 @@ pub trait ConsoleView {
     fn compare(&self) -> Option<CompareRow>;
     /// Carries out `action`. `Ok(Some(text))`: a NOTICE to show before the command tag;
     /// `Err(text)`: the ERROR (08P01) the client gets, in PgBouncer's words where it has
-    /// them ("no such database: x", "pooler is not paused/suspended", "SET failed").
+    /// them ("no such database: x", "pooler is not paused/suspended"); for SET, the DETAIL
+    /// of PgBouncer's "SET failed".
     fn act(&self, action: Action) -> Result<Option<String>, String>;
 }
 
@@ -1076,11 +1078,15 @@ fn show_table(show: Show, view: &dyn ConsoleView, out: &mut BytesMut) -> Result<
         Show::StatsTotals => table(out, STATS_PARTS, stats_rows(view, StatsPart::Totals)),
         Show::StatsAverages => table(out, STATS_PARTS, stats_rows(view, StatsPart::Averages)),
         Show::Totals => table(out, TOTALS, totals_rows(view)),
-        Show::Databases => table(out, DATABASES, database_rows(&view.shards(), view.config())),
-        Show::Config => table(out, CONFIG, config_table(view.config())),
-        Show::Lists => table(out, LISTS, list_rows(&view.shards(), view.config())),
+        Show::Databases => table(
+            out,
+            DATABASES,
+            database_rows(&view.shards(), &view.config()),
+        ),
+        Show::Config => table(out, CONFIG, config_table(&view.config())),
+        Show::Lists => table(out, LISTS, list_rows(&view.shards(), &view.config())),
         Show::Version => table(out, VERSION, vec![vec![Cell::from(version_text())]]),
-        Show::Users => table(out, USERS, user_rows(&view.shards(), view.config())),
+        Show::Users => table(out, USERS, user_rows(&view.shards(), &view.config())),
         Show::Mirrors => table(
             out,
             MIRRORS,
@@ -1559,13 +1565,16 @@ const fn knob(name: &'static str, key: &'static str, kind: Kind, changeable: boo
 }
 
 /// PgBouncer's settings that pgprism has, in PgBouncer's (alphabetical) order; their values
-/// come from [`knob_value`].
+/// come from [`knob_value`]. A changeable one is a `pool.` key that the shards read where
+/// they use it (`Pools::cfg`), so that a SET is in force from the next use on.
 const KNOBS: &[Knob] = &[
     knob("admin_users", "pool.admin-users", Kind::Users, true),
-    knob("auth_file", "pool.auth-file", Kind::Text, true),
-    knob("auth_query", "pool.auth-query", Kind::Text, true),
+    // The auth keys are read once, when the shards start (the auth file into memory):
+    // unlike PgBouncer's, they change only with a restart.
+    knob("auth_file", "pool.auth-file", Kind::Text, false),
+    knob("auth_query", "pool.auth-query", Kind::Text, false),
     knob("auth_type", "pool.auth-type", Kind::Text, false),
-    knob("auth_user", "pool.auth-user", Kind::Text, true),
+    knob("auth_user", "pool.auth-user", Kind::Text, false),
     knob(
         "client_login_timeout",
         "proxy.startup-timeout-ms",
@@ -1834,7 +1843,13 @@ fn set(name: &str, value: &str, view: &dyn ConsoleView, out: &mut BytesMut) -> F
         key: knob.key,
         value: parsed,
     });
-    finish_action(out, acted, &format!("SET {}={value}", knob.name))
+    match acted {
+        Err(why) => {
+            failed(out, &why);
+            Flow::Ready
+        }
+        acted => finish_action(out, acted, &format!("SET {}={value}", knob.name)),
+    }
 }
 
 fn finish_action(out: &mut BytesMut, acted: Result<Option<String>, String>, tag: &str) -> Flow {
@@ -2105,7 +2120,7 @@ mod tests {
     /// A console's view of made-up shards, recording what it was asked to do.
     struct TestView {
         shards: Vec<ShardPools>,
-        config: Config,
+        config: std::sync::Arc<Config>,
         started: SystemTime,
         mirrors: Vec<MirrorRow>,
         compare: Option<CompareRow>,
@@ -2122,7 +2137,7 @@ mod tests {
             config.proxy.listen = "127.0.0.1:6432".into();
             TestView {
                 shards,
-                config,
+                config: std::sync::Arc::new(config),
                 started: at(1_000),
                 mirrors: Vec::new(),
                 compare: None,
@@ -2136,8 +2151,8 @@ mod tests {
         fn shards(&self) -> Vec<ShardPools> {
             self.shards.clone()
         }
-        fn config(&self) -> &Config {
-            &self.config
+        fn config(&self) -> std::sync::Arc<Config> {
+            self.config.clone()
         }
         fn started(&self) -> SystemTime {
             self.started
@@ -2918,7 +2933,7 @@ mod tests {
         assert!(!row("listen_port").changeable);
 
         let mut view = TestView::new(Vec::new());
-        view.config = cfg;
+        view.config = std::sync::Arc::new(cfg);
         let (_, reply) = ask(&view, "a", "SHOW CONFIG");
         assert_eq!(
             reply.row("pool_mode"),
@@ -2969,10 +2984,13 @@ mod tests {
             assert!(reply.errors[0].3.is_some(), "{query}: a detail says why");
         }
         assert_eq!(view.acts.borrow().len(), 4, "refused before act");
+        // What the view refuses (the pool's checks) is the DETAIL of the same error.
         let mut refusing = TestView::new(Vec::new());
-        refusing.reply = Err("SET failed".into());
+        let why = "config key `pool.min-size`: expected at most pool.size (1)";
+        refusing.reply = Err(why.into());
         let (_, reply) = ask(&refusing, "admin", "SET min_pool_size = 2");
         assert_eq!(reply.error(), ("08P01", "SET failed"));
+        assert_eq!(reply.errors[0].3.as_deref(), Some(why));
     }
 
     #[test]

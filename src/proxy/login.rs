@@ -163,7 +163,11 @@ pub(super) async fn authenticate_client(
 /// of every shard (applied at their next care tick).
 pub struct ConsoleCtx {
     pub board: PoolBoard,
-    pub config: crate::config::Config,
+    /// The configuration in force: the file's and the flags', then the console's SETs.
+    config: std::sync::Mutex<Arc<crate::config::Config>>,
+    /// Bumped by each SET, after `config` changed: each shard then takes `config`'s `[pool]`
+    /// keys for its pools.
+    pub settings: AtomicU64,
     pub started: std::time::SystemTime,
     /// PAUSE without a database: every pool stops lending.
     pub paused_all: AtomicBool,
@@ -187,7 +191,8 @@ impl ConsoleCtx {
     pub fn new(config: crate::config::Config, shards: usize) -> ConsoleCtx {
         ConsoleCtx {
             board: PoolBoard::new(shards),
-            config,
+            config: std::sync::Mutex::new(Arc::new(config)),
+            settings: AtomicU64::new(0),
             started: std::time::SystemTime::now(),
             paused_all: AtomicBool::new(false),
             paused: std::sync::Mutex::new(Default::default()),
@@ -197,6 +202,52 @@ impl ConsoleCtx {
             mirrors: std::sync::Mutex::new(vec![Vec::new(); shards]),
             compare: std::sync::Mutex::new(vec![None; shards]),
         }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<crate::config::Config> {
+        self.config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Console SET of `key` (a `pool.` key path, as [`super::console::Action::Set`] names
+    /// it): the `[pool]` table in force with that one value replaced, read back through the
+    /// same deserializer and checks as the file, is in force for the console at once and for
+    /// every shard's pools at its next care tick. `Err`: why not; nothing changed.
+    pub fn set(&self, key: &str, value: super::console::SetValue) -> Result<(), String> {
+        use super::console::SetValue;
+        let Some(name) = key.strip_prefix("pool.") else {
+            return Err(format!("{key} is not a [pool] key"));
+        };
+        let mut config = self.config.lock().unwrap_or_else(|e| e.into_inner());
+        let mut table = match toml::Value::try_from(&config.pool) {
+            Ok(toml::Value::Table(table)) => table,
+            _ => return Err("the [pool] table in force cannot be written out".into()),
+        };
+        let value = match value {
+            SetValue::Number(n) => toml::Value::Integer(
+                i64::try_from(n).map_err(|_| format!("{key}: {n} is too large"))?,
+            ),
+            SetValue::Text(text) => toml::Value::String(text),
+            SetValue::Users(users) => {
+                toml::Value::Array(users.into_iter().map(toml::Value::String).collect())
+            }
+        };
+        if table.insert(name.to_string(), value).is_none() {
+            return Err(format!("{key} is not a [pool] key"));
+        }
+        let pool: crate::config::PoolConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| format!("{key}: {}", e.message()))?;
+        pool.validate().map_err(|e| crate::config::error_text(&e))?;
+        let mut changed = (**config).clone();
+        changed.pool = pool;
+        *config = Arc::new(changed);
+        drop(config);
+        self.settings.fetch_add(1, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Whether `database`'s pools are paused.
@@ -260,8 +311,8 @@ impl super::console::ConsoleView for View<'_> {
         self.ctx.board.read()
     }
 
-    fn config(&self) -> &crate::config::Config {
-        &self.ctx.config
+    fn config(&self) -> Arc<crate::config::Config> {
+        self.ctx.config()
     }
 
     fn started(&self) -> std::time::SystemTime {
@@ -320,13 +371,7 @@ impl super::console::ConsoleView for View<'_> {
 
     fn act(&self, action: super::console::Action) -> Result<Option<String>, String> {
         use super::console::Action;
-        let known = |db: &str| {
-            self.ctx
-                .board
-                .read()
-                .iter()
-                .any(|s| s.pools.iter().any(|p| p.database == db))
-        };
+        let known = |db: &str| self.knows_database(db);
         match action {
             Action::Pause(None) => {
                 self.ctx.paused_all.store(true, Ordering::Release);
@@ -369,7 +414,10 @@ impl super::console::ConsoleView for View<'_> {
                 self.apply_now();
                 Ok(None)
             }
-            Action::Reconnect(_) => {
+            Action::Reconnect(db) => {
+                if let Some(db) = db.filter(|db| !known(db)) {
+                    return Err(format!("no such database: {db}"));
+                }
                 self.ctx.reconnects.fetch_add(1, Ordering::AcqRel);
                 Ok(None)
             }
@@ -402,14 +450,36 @@ impl super::console::ConsoleView for View<'_> {
                 }
                 Ok(None)
             }
-            Action::Set { key, .. } => Err(format!(
-                "SET failed: {key} is changed in the configuration file (RELOAD)"
-            )),
+            Action::Set { key, value } => {
+                self.ctx.set(key, value)?;
+                // This shard at once (the others at their next care tick).
+                if let Some(pools) = &self.shard.pools {
+                    pools.set_cfg(self.ctx.config().pool.clone());
+                }
+                Ok(None)
+            }
         }
     }
 }
 
 impl View<'_> {
+    /// Whether KILL, PAUSE or RECONNECT of `database` names a database pgprism knows: the
+    /// primary URL's, or one some client logged in to (or tried), on any shard, from the
+    /// moment its pool was made. (The snapshots lag by up to a publishing tick: a KILL right
+    /// after a database's first client connected was "no such database".)
+    fn knows_database(&self, database: &str) -> bool {
+        let configured = crate::config::PgUrl::parse(&self.ctx.config().primary.url)
+            .ok()
+            .and_then(|url| url.database)
+            .is_some_and(|db| db == database);
+        configured
+            || self
+                .shard
+                .pools
+                .as_ref()
+                .is_some_and(|pools| pools.knows_database(database))
+    }
+
     /// This shard applies a PAUSE/RESUME at once (the others at their next care tick).
     fn apply_now(&self) {
         if let Some(pools) = &self.shard.pools {
@@ -450,9 +520,50 @@ pub(super) async fn serve_console(shard: &Rc<ShardCtx>, client: Stream, user: &s
     let limits = super::console::ConsoleLimits {
         message_bytes_max: shard.settings.message_bytes_max,
         read_chunk_bytes: shard.read_chunk_bytes(),
-        pause_wait: Duration::from_millis(ctx.config.pool.query_wait_timeout_ms),
+        pause_wait: Duration::from_millis(ctx.config().pool.query_wait_timeout_ms),
     };
     if let Err(err) = super::console::serve(&client, buf, user, &view, &limits).await {
         tracing::debug!(shard = shard.index, error = %crate::config::error_text(&err), "console session ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::console::SetValue;
+    use super::*;
+
+    #[test]
+    fn set_replaces_one_pool_key_after_the_files_checks_or_changes_nothing() {
+        let ctx = ConsoleCtx::new(crate::config::Config::default(), 2);
+        ctx.set("pool.size", SetValue::Number(5)).unwrap();
+        ctx.set("pool.server-lifetime-ms", SetValue::Number(90_000))
+            .unwrap();
+        ctx.set(
+            "pool.stats-users",
+            SetValue::Users(vec!["a".into(), "b".into()]),
+        )
+        .unwrap();
+        ctx.set("pool.server-reset-query", SetValue::Text("SELECT 1".into()))
+            .unwrap();
+        let config = ctx.config();
+        let pool = &config.pool;
+        assert_eq!(pool.size, 5);
+        assert_eq!(pool.server_lifetime_ms, 90_000);
+        assert_eq!(pool.stats_users, ["a", "b"]);
+        assert_eq!(pool.server_reset_query, "SELECT 1");
+        assert_eq!(ctx.settings.load(Ordering::Acquire), 4, "one bump per SET");
+        for (key, value, why) in [
+            ("pool.size", SetValue::Number(0), "pool.size"),
+            ("pool.min-size", SetValue::Number(6), "pool.min-size"),
+            ("pool.size", SetValue::Number(u64::MAX), "too large"),
+            ("pool.size", SetValue::Text("x".into()), "pool.size"),
+            ("pool.no-such-key", SetValue::Number(1), "not a [pool] key"),
+            ("proxy.backlog", SetValue::Number(1), "not a [pool] key"),
+        ] {
+            let err = ctx.set(key, value).expect_err(key);
+            assert!(err.contains(why), "{key}: {err}");
+        }
+        assert_eq!(ctx.config().pool.size, 5, "refused SETs change nothing");
+        assert_eq!(ctx.settings.load(Ordering::Acquire), 4);
     }
 }

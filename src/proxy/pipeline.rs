@@ -201,7 +201,10 @@ impl Pipeline {
         let (depth_max, linger_us) = shard
             .pools
             .as_ref()
-            .map(|p| (p.cfg.shared_depth_max, p.cfg.shared_linger_us))
+            .map(|p| {
+                let cfg = p.cfg();
+                (cfg.shared_depth_max, cfg.shared_linger_us)
+            })
             .unwrap_or((1, 0));
         let buf = std::mem::take(&mut conn.buf);
         let pipeline = Rc::new(Pipeline {

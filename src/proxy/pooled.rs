@@ -738,7 +738,7 @@ pub(super) async fn serve(
             None => return,
         };
     if super::console::is_console_database(&database) {
-        if super::console::Access::of(&pools.cfg, &user).is_none() {
+        if super::console::Access::of(&pools.cfg(), &user).is_none() {
             let mut msg = BytesMut::new();
             super::console::not_allowed(&mut msg);
             let _ = client.write_all(&msg).await;
@@ -1292,7 +1292,7 @@ impl Session<'_> {
                 let mut pressed = false;
                 if let Some((len, hashes)) = &unit {
                     let bytes = frame.bytes().len() + len;
-                    pressed = self.pool.under_pressure(self.pools.cfg.size);
+                    pressed = self.pool.under_pressure(self.pools.cfg().size);
                     // Nobody waits for room: a shared connection that takes it now. Else
                     // the unit queues behind those who wait (never passing them).
                     let line = UnitLine::of(self.shard, &self.pool);
@@ -1334,7 +1334,7 @@ impl Session<'_> {
                 // provided it already holds what the unit needs (nothing hidden goes ahead
                 // of a shared unit).
                 if let Some((len, hashes)) = unit
-                    && (pressed || self.pool.under_pressure(self.pools.cfg.size))
+                    && (pressed || self.pool.under_pressure(self.pools.cfg().size))
                     && self.to_server.is_empty()
                     && let Some(mut conn) = self.conn.take()
                 {
@@ -1429,7 +1429,7 @@ impl Session<'_> {
     /// Describes, Executes, Closes, one Sync) whose statements are
     /// [`sql::shareable_alone`].
     fn shareable(&self, frame: &wire::Frame, cbuf: &BytesMut) -> Option<(usize, Vec<u64>)> {
-        if self.pools.cfg.shared_depth_max < 2
+        if self.pools.cfg().shared_depth_max < 2
             || !self.tracker.is_idle()
             || self.pinned.is_some()
             || !self.replies.is_empty()
@@ -1642,10 +1642,8 @@ impl Session<'_> {
     /// first in line, for a connection of its own, whichever comes first. Bounded by
     /// `pool.query-wait-timeout-ms` (and the line by `pool.waiters-max`).
     async fn wait_in_line(&mut self, line: &Rc<UnitLine>, want: Want) -> Room {
-        let (wait_ms, waiters_max) = (
-            self.pools.cfg.query_wait_timeout_ms,
-            self.pools.cfg.waiters_max,
-        );
+        let cfg = self.pools.cfg();
+        let (wait_ms, waiters_max) = (cfg.query_wait_timeout_ms, cfg.waiters_max);
         if line.len() >= waiters_max {
             let err = PoolError::WaitersFull {
                 user: self.pool.user.to_string(),
@@ -2095,7 +2093,7 @@ impl Session<'_> {
         };
         if let Some(victim) = conn
             .prepared
-            .insert(hash, self.pools.cfg.prepared_statements_max)
+            .insert(hash, self.pools.cfg().prepared_statements_max)
         {
             let victim_name = format!("pgprism_{victim:016x}");
             frame_of(
@@ -2488,7 +2486,7 @@ impl Session<'_> {
         for key in settled.done.drain(..) {
             if key > KEY_UNNAMED && !self.hidden_sql.iter().any(|(k, _)| *k == key) {
                 self.pool
-                    .learn(key, self.pools.cfg.prepared_statements_max.max(1024) * 4);
+                    .learn(key, self.pools.cfg().prepared_statements_max.max(1024) * 4);
             }
         }
     }
@@ -2778,6 +2776,7 @@ async fn care(shard: &Rc<ShardCtx>, pools: &Rc<Pools>) {
     const MODES_EVERY: u32 = 20;
     let mut reconnects = 0;
     let mut kills = 0;
+    let mut settings = 0;
     // Each database's kill count as this shard last acted on it.
     let mut killed: std::collections::HashMap<String, u64> = Default::default();
     let mut tick = 0u32;
@@ -2789,6 +2788,12 @@ async fn care(shard: &Rc<ShardCtx>, pools: &Rc<Pools>) {
                 console.paused_databases(),
             );
 
+            // Console SET: the `[pool]` keys in force now.
+            let s = console.settings.load(Ordering::Acquire);
+            if s != settings {
+                settings = s;
+                pools.set_cfg(console.config().pool.clone());
+            }
             let r = console.reconnects.load(Ordering::Acquire);
             if r != reconnects {
                 reconnects = r;
@@ -2900,7 +2905,7 @@ pub(super) fn publish(shard: &ShardCtx, pools: &Pools) {
     let now = Instant::now();
     let (pool_rows, mut servers) = pools.rows(mode);
     // Shared connections (pipelined lending) are lent too, to several clients at once.
-    let check_delay = std::time::Duration::from_millis(pools.cfg.server_check_delay_ms);
+    let check_delay = std::time::Duration::from_millis(pools.cfg().server_check_delay_ms);
     servers.extend(
         shard
             .pipelines
