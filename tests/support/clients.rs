@@ -151,5 +151,8 @@ pub fn checksum(inst: &Instance, database: &str, table: &str) -> String {
         )?
         .try_get(0)
     };
-    sum().unwrap_or_else(|e| format!("error: {e}"))
+    sum().unwrap_or_else(|e| match e.as_db_error() {
+        Some(db) => format!("error: {}", db.message()),
+        None => format!("error: {e}"),
+    })
 }
