@@ -23,8 +23,9 @@ const CLIENTS: usize = 2_000;
 const TRANSACTIONS: usize = 3;
 const POOL_SIZE: i64 = 20;
 const MIRROR_POOL_SIZE: i64 = 8;
-/// The database the clients use; the tests' own observers connect to `postgres`, so they are
-/// never counted among pgprism's connections.
+/// The database the clients use; the tests' own observers connect to `postgres`, or carry
+/// [`OBSERVER`] as their `application_name`, so they are never counted among pgprism's
+/// connections.
 const DB: &str = "bench";
 
 /// A server whose `max_connections` is `max_connections`, with [`DB`] created.
