@@ -4,119 +4,41 @@
 //! must get exactly the answers it gets directly.
 //!
 //! Needs java and the JDBC driver (`libpostgresql-jdbc-java`) and Debian's python3 with
-//! `python3-psycopg2`; `.ci/run` installs them.
+//! `python3-psycopg2`; `.ci/run` installs them. The workloads' runners and expectations are
+//! in `support/clients.rs` (the pooling scale test runs them too).
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use pgprism::embed::Instance;
+use support::clients::{Login, assert_jdbc, assert_psycopg};
 use support::{MD5_USER, PASSWORD, Proxy, SCRAM_USER, eventually, start_primary};
-
-const JDBC_JAR: &str = "/usr/share/java/postgresql.jar";
-const PYTHON: &str = "/usr/bin/python3";
-
-fn clients_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
-}
-
-fn run(cmd: &mut Command, what: &str) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {what}: {e} (see .ci/run for what to install)"));
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
 
 /// Runs the JDBC workload as the SCRAM user through `port`, creating `table`.
 fn jdbc(port: u16, table: &str) -> String {
-    assert!(
-        Path::new(JDBC_JAR).exists(),
-        "{JDBC_JAR} is missing: apt-get install libpostgresql-jdbc-java"
-    );
-    // sslmode=prefer (the driver's default, made explicit): the SSLRequest is answered 'N'
-    // and the driver goes on in plain text. prepareThreshold=3: named server statements soon.
-    let url = format!(
-        "jdbc:postgresql://127.0.0.1:{port}/postgres?sslmode=prefer&prepareThreshold=3&connectTimeout=10"
-    );
-    run(
-        Command::new("java")
-            .arg("-cp")
-            .arg(JDBC_JAR)
-            .arg(clients_dir().join("JdbcWorkload.java"))
-            .args([&url, SCRAM_USER, PASSWORD, table]),
-        "the JDBC workload",
-    )
+    support::clients::jdbc(&password_login(port, SCRAM_USER), table)
 }
 
 /// Runs the psycopg2 workload as the MD5 user through `port`, creating `table`.
 fn psycopg(port: u16, table: &str) -> String {
-    let dsn = format!(
-        "host=127.0.0.1 port={port} dbname=postgres user={MD5_USER} password='{PASSWORD}' connect_timeout=10"
-    );
-    run(
-        Command::new(PYTHON)
-            .arg(clients_dir().join("psycopg_workload.py"))
-            .args([&dsn, table]),
-        "the psycopg2 workload",
-    )
+    support::clients::psycopg(&password_login(port, MD5_USER), table)
 }
 
-fn assert_jdbc(out: &str) {
-    for line in [
-        "inserted=20",
-        "batched=100",
-        "selected_cents=21500",
-        "fetched=121 id_sum=16161",
-        "duplicate_state=23505",
-        "aborted_state=25P02",
-        "copy_in=1000",
-        "copy_out=1121 copy_lines=1121",
-        "count=1121 total=2515661",
-    ] {
-        assert!(
-            out.lines().any(|l| l == line),
-            "JDBC: expected {line:?} in\n{out}"
-        );
-    }
-}
-
-fn assert_psycopg(out: &str) {
-    let first_name: String = "n1 \u{fc}\u{65e5}"
-        .bytes()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    for line in [
-        format!("named_rows=100 first_name={first_name}"),
-        "copy_out_lines=1100".into(),
-        "duplicate_state=23505".into(),
-        "notice=True".into(),
-        "notify=payload 42".into(),
-        "count=1100 total=1504550 score=1501262.5".into(),
-    ] {
-        assert!(
-            out.lines().any(|l| l == line),
-            "psycopg2: expected {line:?} in\n{out}"
-        );
+/// `user` with [`PASSWORD`] on `postgres` through `port`.
+fn password_login(port: u16, user: &str) -> Login<'_> {
+    Login {
+        port,
+        database: "postgres",
+        user,
+        password: Some(PASSWORD),
+        connect_timeout_s: 10,
     }
 }
 
 /// count:md5 of a table's rows, for comparing two servers.
 fn checksum(inst: &Instance, table: &str) -> String {
-    inst.psql(&format!(
-        "SELECT count(*) || ':' || coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM {table} t"
-    ))
-    .unwrap_or_else(|e| format!("error: {e}"))
-    .trim()
-    .to_string()
+    support::clients::checksum(inst, "postgres", table)
 }
 
 #[test]

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use pgprism::embed::{Instance, InstanceConfig};
 
+pub mod clients;
+
 pub const MD5_USER: &str = "md5user";
 pub const SCRAM_USER: &str = "scramuser";
 pub const PASSWORD: &str = "s3cret pass";
