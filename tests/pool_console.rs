@@ -859,3 +859,216 @@ fn kill_right_after_a_databases_first_client_closes_it() {
         );
     }
 }
+
+/// Logs in to `db` as `user`; when refused, the SQLSTATE and message the client got.
+fn login(proxy: &Proxy, user: &str, db: &str) -> Result<postgres::Client, (String, String)> {
+    postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user={user} dbname={db} connect_timeout=10",
+            proxy.port()
+        ),
+        postgres::NoTls,
+    )
+    .map_err(|e| {
+        let message = e
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| e.to_string());
+        (sqlstate(&e).unwrap_or_default(), message)
+    })
+}
+
+/// The (database, user) of every row of SHOW POOLS but the console's own.
+fn pool_pairs(console: &mut postgres::Client) -> Vec<(String, String)> {
+    console
+        .simple_query("SHOW POOLS")
+        .expect("SHOW POOLS")
+        .into_iter()
+        .filter_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => {
+                Some((r.get("database")?.to_string(), r.get("user")?.to_string()))
+            }
+            _ => None,
+        })
+        .filter(|(db, _)| db != "pgbouncer" && db != "pgprism")
+        .collect()
+}
+
+/// What the console answers `command` with when it refuses it.
+fn console_refusal(console: &mut postgres::Client, command: &str) -> Option<String> {
+    console
+        .simple_query(command)
+        .err()
+        .and_then(|e| e.as_db_error().map(|d| d.message().to_string()))
+}
+
+/// Issue 14: a client naming a database (or user) that does not exist left a pool for that
+/// pair on its shard and its budget in the map the shards share, for good, so that clients
+/// could grow pgprism without limit. Now each such login gets the server's error and leaves
+/// nothing behind: under `pool.pairs-max = 5`, fifty such names in a row are each answered
+/// with the server's 3D000 (five kept pairs would have made the sixth 53300), the console
+/// knows none of them (`KILL` reads the shared map), SHOW POOLS lists none, and a real
+/// database still logs in. Two shards: the map is the process's.
+#[test]
+fn logins_to_databases_that_do_not_exist_leave_no_pool_behind() {
+    let pg = start_primary("pool-no-such-db");
+    pg.psql("CREATE DATABASE app").unwrap();
+    let dir = TempDir::new("pool-pairs");
+    let config = dir.join("pgprism.toml");
+    std::fs::write(
+        &config,
+        "[pool]\npairs-max = 5\nadmin-users = [\"postgres\"]\n",
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let proxy = Proxy::start(
+        &pg.url(),
+        &[
+            "--pool-mode",
+            "transaction",
+            "--auth-type",
+            "trust",
+            "--config",
+            &config,
+        ],
+    );
+    for i in 0..50 {
+        let db = format!("nosuch_{i}");
+        let Err((code, message)) = login(&proxy, "postgres", &db) else {
+            panic!("{db} logged in");
+        };
+        assert_eq!(code, "3D000", "{db}: {message}");
+    }
+    for i in 0..5 {
+        let user = format!("nobody_{i}");
+        let Err((code, message)) = login(&proxy, &user, "app") else {
+            panic!("{user} logged in");
+        };
+        assert_eq!(code, "28000", "{user}: {message}");
+    }
+    let mut admin = console(&proxy);
+    for db in ["nosuch_0", "nosuch_49"] {
+        assert_eq!(
+            console_refusal(&mut admin, &format!("KILL {db}")).as_deref(),
+            Some(format!("no such database: {db}").as_str()),
+            "KILL {db}"
+        );
+    }
+    let mut app = login(&proxy, "postgres", "app").expect("app logs in");
+    app.batch_execute("SELECT 1").expect("app serves");
+    // The shards publish what SHOW POOLS shows every 250 ms.
+    let mut pairs = Vec::new();
+    assert!(
+        eventually(WAIT, || {
+            pairs = pool_pairs(&mut admin);
+            pairs == [("app".to_string(), "postgres".to_string())]
+        }),
+        "SHOW POOLS lists app's pool alone, saw {pairs:?}"
+    );
+    // Shards report to /metrics every second.
+    assert!(
+        eventually(WAIT, || proxy.metric("pgprism_pool_pairs_removed_total")
+            >= 55),
+        "55 pools let go, counted {}",
+        proxy.metric("pgprism_pool_pairs_removed_total")
+    );
+}
+
+/// `pool.pairs-max` bounds the (user, database) pairs: with 3, three databases log in and a
+/// fourth, or a new user on one of them, is refused with 53300 naming the key and counted,
+/// while the three go on working and more clients of them still log in.
+#[test]
+fn a_pair_beyond_pairs_max_is_refused_with_53300() {
+    let pg = start_primary("pool-pairs-max");
+    for db in ["p1", "p2", "p3", "p4"] {
+        pg.psql(&format!("CREATE DATABASE {db}")).unwrap();
+    }
+    pg.psql("CREATE ROLE other LOGIN").unwrap();
+    let (proxy, _dir) = pooled(&pg.url(), 2, "pairs-max = 3\n");
+    let mut clients: Vec<postgres::Client> = ["p1", "p2", "p3"]
+        .iter()
+        .map(|db| {
+            let mut c = login(&proxy, "postgres", db).unwrap_or_else(|e| panic!("{db}: {e:?}"));
+            c.batch_execute("SELECT 1").expect("served");
+            c
+        })
+        .collect();
+    for (user, db) in [("postgres", "p4"), ("other", "p1")] {
+        let Err((code, message)) = login(&proxy, user, db) else {
+            panic!("{user}@{db} logged in beyond pool.pairs-max");
+        };
+        assert_eq!(code, "53300", "{user}@{db}: {message}");
+        assert!(
+            message.contains("pool.pairs-max"),
+            "{user}@{db}: the message names the key: {message}"
+        );
+    }
+    for c in &mut clients {
+        let one: i32 = c.query_one("SELECT 1", &[]).expect("still served").get(0);
+        assert_eq!(one, 1);
+    }
+    let mut again = login(&proxy, "postgres", "p2").expect("a known pair's new client");
+    again.batch_execute("SELECT 1").expect("served");
+    assert!(
+        eventually(WAIT, || proxy.metric("pgprism_pool_pairs_refused_total")
+            == 2),
+        "two refusals counted, saw {}",
+        proxy.metric("pgprism_pool_pairs_refused_total")
+    );
+}
+
+/// A pair nothing uses goes after `pool.pair-idle-timeout-ms`: its client left and its
+/// connection closed (`server-idle-timeout-ms`), it leaves SHOW POOLS and the shared map
+/// (under `pairs-max = 1` another database logs in then, refused before), and a new client
+/// of it brings it back once that other one has gone in turn.
+#[test]
+fn a_pair_unused_past_its_idle_timeout_goes_and_comes_back() {
+    let pg = start_primary("pool-pair-idle");
+    for db in ["app", "app2"] {
+        pg.psql(&format!("CREATE DATABASE {db}")).unwrap();
+    }
+    let (proxy, _dir) = pooled(
+        &pg.url(),
+        2,
+        "pairs-max = 1\nserver-idle-timeout-ms = 200\npair-idle-timeout-ms = 300\n",
+    );
+    let mut admin = console(&proxy);
+    let mut a = login(&proxy, "postgres", "app").expect("app logs in");
+    a.batch_execute("SELECT 1").expect("served");
+    assert!(
+        eventually(WAIT, || backends(&pg, "app") == 0),
+        "app's connection closed after server-idle-timeout-ms"
+    );
+    // Its client holds the pair: still there, and still the only one.
+    assert_eq!(pool_column(&mut admin, "app", "cl_active"), Some(1));
+    let refused = login(&proxy, "postgres", "app2").err().map(|e| e.0);
+    assert_eq!(refused.as_deref(), Some("53300"), "app2 beyond pairs-max");
+    let one: i32 = a.query_one("SELECT 1", &[]).expect("served").get(0);
+    assert_eq!(one, 1);
+    drop(a);
+    assert!(
+        eventually(WAIT, || !pool_pairs(&mut admin)
+            .iter()
+            .any(|(db, _)| db == "app")),
+        "app's pool left SHOW POOLS"
+    );
+    let mut b = login(&proxy, "postgres", "app2").expect("app2 logs in once app's pair went");
+    b.batch_execute("SELECT 1").expect("served");
+    drop(b);
+    let mut again = None;
+    assert!(
+        eventually(WAIT, || {
+            again = login(&proxy, "postgres", "app").ok();
+            again.is_some()
+        }),
+        "app logs in again once app2's pair went"
+    );
+    let mut again = again.expect("checked above");
+    let one: i32 = again.query_one("SELECT 1", &[]).expect("served").get(0);
+    assert_eq!(one, 1);
+    assert!(
+        eventually(WAIT, || pool_column(&mut admin, "app", "cl_active")
+            == Some(1)),
+        "app's pool back in SHOW POOLS"
+    );
+}

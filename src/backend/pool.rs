@@ -23,6 +23,12 @@
 //!
 //! Every wait is bounded: a client waits at most `pool.query-wait-timeout-ms`, and at most
 //! `pool.waiters-max` clients wait per shard and pair.
+//!
+//! Pairs are bounded too, since clients choose them: at most `pool.pairs-max` over the
+//! process (the budgets map counts them), and a pair's pool goes once nothing uses it: at
+//! once when its first server login failed, after `pool.pair-idle-timeout-ms` otherwise
+//! (before, every database name a client tried left a pool on its shard and a budget for
+//! good: issue 14).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -58,6 +64,14 @@ pub enum PoolError {
     },
     #[error("too many clients waiting for pool {user}@{database} (pool.waiters-max)")]
     WaitersFull { user: String, database: String },
+    #[error(
+        "no pool for {user}@{database}: {max} (user, database) pairs have one already (pool.pairs-max)"
+    )]
+    PairsFull {
+        user: String,
+        database: String,
+        max: usize,
+    },
     #[error(transparent)]
     Backend(#[from] super::BackendError),
 }
@@ -65,9 +79,9 @@ pub enum PoolError {
 impl PoolError {
     pub fn sqlstate(&self) -> &str {
         match self {
-            PoolError::WaitTimeout { .. } | PoolError::WaitersFull { .. } => {
-                wire::sqlstate::TOO_MANY_CONNECTIONS
-            }
+            PoolError::WaitTimeout { .. }
+            | PoolError::WaitersFull { .. }
+            | PoolError::PairsFull { .. } => wire::sqlstate::TOO_MANY_CONNECTIONS,
             PoolError::Backend(err) => err.sqlstate(),
         }
     }
@@ -149,7 +163,8 @@ impl Budget {
 }
 
 /// The budgets of every pair, shared by all shards; locked only when a shard meets a pair
-/// for the first time.
+/// for the first time or lets one go. A pair's entry lasts while some shard has a pool of it
+/// (each pool holds the `Arc`): its count is the number of pairs, `pool.pairs-max`'s.
 #[derive(Debug, Default, Clone)]
 pub struct Budgets(Arc<Mutex<BudgetMap>>, Wakeups);
 
@@ -181,20 +196,49 @@ impl Budgets {
         Ok(Budgets(Arc::default(), Wakeups(Arc::new(notifiers))))
     }
 
-    fn get(&self, user: &str, database: &str, shards: usize) -> Arc<Budget> {
+    /// The pair's budget, made when no shard has one; `None` when that would make more than
+    /// `pairs_max` pairs (`None`: no bound).
+    fn get(
+        &self,
+        user: &str,
+        database: &str,
+        shards: usize,
+        pairs_max: Option<usize>,
+    ) -> Option<Arc<Budget>> {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (user.to_string(), database.to_string());
+        if let Some(budget) = map.get(&key) {
+            return Some(budget.clone());
+        }
+        if pairs_max.is_some_and(|max| map.len() >= max) {
+            return None;
+        }
         let wakeups = (self.1).0.len();
-        map.entry((user.to_string(), database.to_string()))
-            .or_insert_with(|| {
-                Arc::new(Budget {
-                    lingering: (0..wakeups.div_ceil(64))
-                        .map(|_| std::sync::atomic::AtomicU64::new(0))
-                        .collect(),
-                    demand: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
-                    ..Budget::default()
-                })
-            })
-            .clone()
+        let budget = Arc::new(Budget {
+            lingering: (0..wakeups.div_ceil(64))
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+            demand: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
+            ..Budget::default()
+        });
+        map.insert(key, budget.clone());
+        Some(budget)
+    }
+
+    /// Drops the pair's budget once no shard holds it (the shard letting its pool go has
+    /// dropped its own handle first). Under the lock no shard can take a new handle, so a
+    /// count of one (the map's) stays one.
+    fn forget(&self, user: &str, database: &str) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (user.to_string(), database.to_string());
+        if map.get(&key).is_some_and(|b| Arc::strong_count(b) == 1) {
+            map.remove(&key);
+        }
+    }
+
+    /// Pairs with a pool on some shard.
+    pub fn pairs(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Whether a pool of `database` was made on some shard (for any user).
@@ -347,6 +391,61 @@ pub struct PoolCounters {
     pub servers_yielded: Cell<u64>,
 }
 
+impl PoolCounters {
+    /// Adds `other`'s counts to these (a pool that goes leaves its counts to its shard's
+    /// total, so that `/metrics` never counts down).
+    fn absorb(&self, other: &PoolCounters) {
+        let PoolCounters {
+            xact_count,
+            query_count,
+            bytes_received,
+            bytes_sent,
+            xact_time_us,
+            query_time_us,
+            wait_time_us,
+            servers_opened,
+            servers_closed,
+            lends,
+            wait_timeouts,
+            pins,
+            reprepares,
+            settings_applied,
+            servers_lost,
+            dirty_closed,
+            pipelines,
+            shared_units,
+            shared_behind,
+            shared_writes,
+            servers_yielded,
+        } = other;
+        for (mine, theirs) in [
+            (&self.xact_count, xact_count),
+            (&self.query_count, query_count),
+            (&self.bytes_received, bytes_received),
+            (&self.bytes_sent, bytes_sent),
+            (&self.xact_time_us, xact_time_us),
+            (&self.query_time_us, query_time_us),
+            (&self.wait_time_us, wait_time_us),
+            (&self.servers_opened, servers_opened),
+            (&self.servers_closed, servers_closed),
+            (&self.lends, lends),
+            (&self.wait_timeouts, wait_timeouts),
+            (&self.pins, pins),
+            (&self.reprepares, reprepares),
+            (&self.settings_applied, settings_applied),
+            (&self.servers_lost, servers_lost),
+            (&self.dirty_closed, dirty_closed),
+            (&self.pipelines, pipelines),
+            (&self.shared_units, shared_units),
+            (&self.shared_behind, shared_behind),
+            (&self.shared_writes, shared_writes),
+            (&self.servers_yielded, servers_yielded),
+        ] {
+            bump(mine, theirs.get());
+        }
+    }
+}
+
 pub fn bump(cell: &Cell<u64>, by: u64) {
     cell.set(cell.get().wrapping_add(by));
 }
@@ -405,6 +504,9 @@ pub struct Pool {
     /// Console KILL of the pair's database: connections opened before this are closed, the
     /// idle ones at once, the lent ones as they come back (never lent again).
     killed_before: Cell<Option<Instant>>,
+    /// Since when nothing uses the pool (seen at a care tick): it goes after
+    /// `pool.pair-idle-timeout-ms` of it.
+    unused_since: Cell<Option<Instant>>,
 }
 
 impl Pool {
@@ -536,6 +638,10 @@ pub struct Pools {
     reconnect_before: Cell<Option<Instant>>,
     /// Shards in the process (each keeps its share of `min-size`).
     shards: usize,
+    /// The counts of the pools that went (see [`PoolCounters::absorb`]).
+    retired: PoolCounters,
+    /// Pools this shard let go (unused, or their first login failed).
+    pub removed: Cell<u64>,
 }
 
 impl Pools {
@@ -557,7 +663,14 @@ impl Pools {
             paused_databases: RefCell::new(Vec::new()),
             reconnect_before: Cell::new(None),
             shards: shards.max(1),
+            retired: PoolCounters::default(),
+            removed: Cell::new(0),
         }
+    }
+
+    /// The counts of the pools this shard let go, for the totals.
+    pub fn retired(&self) -> &PoolCounters {
+        &self.retired
     }
 
     /// The `[pool]` keys in force (a handle: a SET meanwhile does not change what the caller
@@ -577,18 +690,44 @@ impl Pools {
         }
     }
 
-    /// Whether some shard made a pool of `database` (a client logged in to it, or tried):
-    /// known at once process-wide, unlike the console's snapshots.
+    /// Whether some shard has a pool of `database` (a client logged in to it, or is trying,
+    /// and the pool has not gone since): known at once process-wide, unlike the console's
+    /// snapshots.
     pub fn knows_database(&self, database: &str) -> bool {
         self.budgets.knows_database(database)
     }
 
-    /// The pool of (user, database), made on first use.
-    pub fn pool(&self, user: &str, database: &str) -> Rc<Pool> {
+    /// The pool of (user, database), made on first use; refused when that would make more
+    /// than `pool.pairs-max` pairs in the process.
+    pub fn pool(&self, user: &str, database: &str) -> Result<Rc<Pool>, PoolError> {
+        let max = self.cfg().pairs_max;
+        self.pool_within(user, database, Some(max))
+            .ok_or_else(|| PoolError::PairsFull {
+                user: user.to_string(),
+                database: database.to_string(),
+                max,
+            })
+    }
+
+    /// As [`pool`](Self::pool), never refused: for a client that moved from another shard
+    /// (its pair was counted when it logged in), and the compare shadow's pools (their pairs
+    /// are the clients' own, which the primary's pools or the clients' own connections bound).
+    pub fn pool_unbounded(&self, user: &str, database: &str) -> Rc<Pool> {
+        self.pool_within(user, database, None)
+            .expect("no bound, no refusal")
+    }
+
+    fn pool_within(
+        &self,
+        user: &str,
+        database: &str,
+        pairs_max: Option<usize>,
+    ) -> Option<Rc<Pool>> {
         let mut pools = self.pools.borrow_mut();
         if let Some(pool) = pools.get(&(user.into(), database.into())) {
-            return pool.clone();
+            return Some(pool.clone());
         }
+        let budget = self.budgets.get(user, database, self.shards, pairs_max)?;
         let (user, database): (Rc<str>, Rc<str>) = (user.into(), database.into());
         let login = if self.upstream.url_user == *user && !self.upstream.url_password.is_empty() {
             ServerLogin::Password(self.upstream.url_password.clone())
@@ -596,7 +735,7 @@ impl Pools {
             ServerLogin::None
         };
         let pool = Rc::new(Pool {
-            budget: self.budgets.get(&user, &database, self.shards),
+            budget,
             user: user.clone(),
             database: database.clone(),
             idle: RefCell::new(Vec::new()),
@@ -617,9 +756,68 @@ impl Pools {
             lends_seen: Cell::new(0),
             share: Cell::new(self.cfg().size),
             killed_before: Cell::new(None),
+            unused_since: Cell::new(None),
         });
         pools.insert((user, database), pool.clone());
-        pool
+        Some(pool)
+    }
+
+    /// Lets the pool of (user, database) go at once if nothing uses it and no connection of
+    /// its pair ever opened (its first login failed: the client has the server's error), so
+    /// that names clients try leave nothing behind. The caller has dropped its own handle.
+    pub fn forget_failed(&self, user: &str, database: &str) {
+        let key: (Rc<str>, Rc<str>) = (user.into(), database.into());
+        let gone = {
+            let mut pools = self.pools.borrow_mut();
+            match pools.get(&key) {
+                Some(pool) if unused(pool) && pool.budget.params.get().is_none() => {
+                    pools.remove(&key)
+                }
+                _ => None,
+            }
+        };
+        if let Some(pool) = gone {
+            self.retire(pool);
+        }
+    }
+
+    /// A care tick's look for pools nothing uses: those whose pair never had a connection go
+    /// at once, the others once unused for `pool.pair-idle-timeout-ms` (0: never) while no
+    /// `min-size` is kept on this shard.
+    fn remove_unused(&self, now: Instant) {
+        let cfg = self.cfg();
+        let limit = Duration::from_millis(cfg.pair_idle_timeout_ms);
+        let timed = cfg.pair_idle_timeout_ms > 0 && self.min_share() == 0;
+        let mut gone = Vec::new();
+        self.pools.borrow_mut().retain(|_, pool| {
+            if !unused(pool) {
+                pool.unused_since.set(None);
+                return true;
+            }
+            let since = *pool.unused_since.get().get_or_insert(now);
+            pool.unused_since.set(Some(since));
+            let never_opened = pool.budget.params.get().is_none();
+            if never_opened || (timed && now.saturating_duration_since(since) >= limit) {
+                gone.push(pool.clone());
+                return false;
+            }
+            true
+        });
+        for pool in gone {
+            self.retire(pool);
+        }
+    }
+
+    /// A pool taken out of the map goes: its counts stay in the shard's totals, its demand
+    /// leaves the budget (other shards would otherwise keep sharing the bound out with a
+    /// shard that no longer wants any), and the pair's budget goes once no shard holds it.
+    fn retire(&self, pool: Rc<Pool>) {
+        self.retired.absorb(&pool.counters);
+        bump(&self.removed, 1);
+        self.publish_demand(&pool, 0);
+        let (user, database) = (pool.user.clone(), pool.database.clone());
+        drop(pool);
+        self.budgets.forget(&user, &database);
     }
 
     pub fn all(&self) -> Vec<Rc<Pool>> {
@@ -1124,7 +1322,8 @@ impl Pools {
     }
 
     /// Periodic care: close idle connections past their idle timeout or lifetime (keeping
-    /// `min-size`), make room for other shards' waiting clients, open up to `min-size`.
+    /// `min-size`), make room for other shards' waiting clients, open up to `min-size`, let
+    /// unused pools go.
     pub fn maintain(self: &Rc<Self>) {
         /// How long an idle connection of a shard without waiters is kept within its part
         /// while clients of other shards wait.
@@ -1179,6 +1378,7 @@ impl Pools {
                 });
             }
         }
+        self.remove_unused(now);
     }
 
     /// A care tick's part in sharing the bound out by demand: this shard's demand (clients
@@ -1507,6 +1707,17 @@ fn apportion(size: usize, demand: &[usize], me: usize, slot: u64) -> usize {
     parts[me].0
 }
 
+/// Whether nothing uses `pool` (held by its shard's map alone): no client (a session holds
+/// the pool), no waiter, no connection open, being opened or closing (a closing connection's
+/// task holds the pool until the server has closed its end and the budget has its place back).
+fn unused(pool: &Rc<Pool>) -> bool {
+    Rc::strong_count(pool) == 1
+        && pool.open.get() == 0
+        && pool.clients.get() == 0
+        && pool.waiting.get() == 0
+        && pool.lined.get() == 0
+}
+
 /// Room was made in `pool`'s budget: its first local waiter may open a connection now
 /// rather than at its next retry.
 fn wake_one(pool: &Pool) {
@@ -1612,7 +1823,7 @@ mod tests {
     #[test]
     fn lingering_marks_of_shards_64_apart_are_their_own() {
         let budgets = Budgets::with_wakeups(130).expect("eventfds");
-        let b = budgets.get("u", "d", 130);
+        let b = budgets.get("u", "d", 130, None).expect("no bound");
         b.mark(0, true);
         b.mark(64, true);
         b.mark(128, true);

@@ -332,7 +332,7 @@ impl CompareTarget {
             });
         };
         let (user, database) = login_names(&self.url, client_params);
-        let pool = pools.pool(&user, &database);
+        let pool = pools.pool_unbounded(&user, &database);
         // The connections log in with the user and database only: the client's other startup
         // parameters, its `options` and the calibration guard are applied as settings.
         let mut params: Vec<(String, String)> = client_params
@@ -363,8 +363,13 @@ impl CompareTarget {
         let Some(pools) = &self.shadow_pools else {
             return totals;
         };
-        for pool in pools.all() {
-            let c = &pool.counters;
+        let all = pools.all();
+        // The pools that went count too: the totals never go down.
+        for c in all
+            .iter()
+            .map(|pool| &pool.counters)
+            .chain([pools.retired()])
+        {
             for (t, v) in totals.iter_mut().zip([
                 c.lends.get(),
                 c.wait_timeouts.get(),

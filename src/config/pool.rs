@@ -75,6 +75,18 @@ pub struct PoolConfig {
     /// to about twice this many clients may wait on one shard. A client that would go beyond
     /// either bound gets 53300 at once.
     pub waiters_max: usize,
+    /// A (user, database) pair's pool with no server connection (they close after
+    /// `server-idle-timeout-ms`), no client and no `min-size` to keep is removed after it
+    /// has been unused this long, on every shard (PgBouncer's `autodb_idle_timeout`); 0:
+    /// never. A pair whose first server login failed (a database or user that does not
+    /// exist) is removed at once, whatever this says.
+    pub pair_idle_timeout_ms: u64,
+    /// Most (user, database) pairs with a pool at once, over the whole process: a login that
+    /// would make one more is refused with 53300 naming this key. Each pair costs a pool per
+    /// shard and a row in SHOW POOLS, and can hold up to `size` server connections; a
+    /// thousand pairs in use at once are already ten times PostgreSQL's default
+    /// `max_connections`, so more means clients naming databases or users at will.
+    pub pairs_max: usize,
     /// Run on a connection a client pinned (LISTEN, temporary tables, ...) before it is lent
     /// to anyone else; empty: such a connection is closed instead.
     pub server_reset_query: String,
@@ -126,6 +138,8 @@ impl Default for PoolConfig {
             server_close_wait_ms: 2_000,
             query_wait_timeout_ms: 120_000,
             waiters_max: 10_000,
+            pair_idle_timeout_ms: 3_600_000,
+            pairs_max: 1_000,
             server_reset_query: "DISCARD ALL".into(),
             server_check_query: "SELECT 1".into(),
             server_check_delay_ms: 30_000,
@@ -149,6 +163,7 @@ impl PoolConfig {
             ("pool.prepared-statements-max", self.prepared_statements_max),
             ("pool.shared-depth-max", self.shared_depth_max),
             ("pool.waiters-max", self.waiters_max),
+            ("pool.pairs-max", self.pairs_max),
         ] {
             if value == 0 {
                 return Err(ConfigError::key(key, "expected at least 1"));

@@ -1576,6 +1576,12 @@ const KNOBS: &[Knob] = &[
     knob("auth_type", "pool.auth-type", Kind::Text, false),
     knob("auth_user", "pool.auth-user", Kind::Text, false),
     knob(
+        "autodb_idle_timeout",
+        "pool.pair-idle-timeout-ms",
+        Kind::Seconds,
+        true,
+    ),
+    knob(
         "client_login_timeout",
         "proxy.startup-timeout-ms",
         Kind::Seconds,
@@ -1685,6 +1691,7 @@ fn knob_value(name: &str, c: &Config) -> Option<String> {
         "auth_query" => p.auth_query.clone(),
         "auth_type" => auth_type_name(p.auth_type).into(),
         "auth_user" => p.auth_user.clone(),
+        "autodb_idle_timeout" => seconds(p.pair_idle_timeout_ms),
         "client_login_timeout" => seconds(x.startup_timeout_ms),
         "client_tls_cert_file" => c.client_tls.cert_file.clone(),
         "client_tls_key_file" => c.client_tls.key_file.clone(),
@@ -2914,6 +2921,7 @@ mod tests {
             ("default_pool_size", "50", "20"),
             ("server_lifetime", "1.5", "3600"),
             ("server_idle_timeout", "600", "600"),
+            ("autodb_idle_timeout", "3600", "3600"),
             ("query_wait_timeout", "120", "120"),
             ("admin_users", "a,b", ""),
             ("auth_type", "trust", "scram-sha-256"),

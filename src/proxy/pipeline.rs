@@ -703,6 +703,16 @@ impl UnitLine {
         line
     }
 
+    /// Lets go the lines of pools without clients on this shard that nobody holds and
+    /// nobody waits in (a care tick's): a line holds its pool, which could otherwise never
+    /// go (`pool.pair-idle-timeout-ms`), and a pool made again would not find it. A line is
+    /// made again on first use, the same as new.
+    pub(super) fn drop_unused(shard: &ShardCtx) {
+        shard.unit_lines.borrow_mut().retain(|line| {
+            Rc::strong_count(line) > 1 || line.pool.clients.get() > 0 || !line.is_empty()
+        });
+    }
+
     /// Drops those that left from the front, and tells the pool since when its first
     /// client in line waits.
     fn trim(&self) {

@@ -747,7 +747,13 @@ pub(super) async fn serve(
         super::login::serve_console(&shard, client, &user, buf).await;
         return;
     }
-    let pool = pools.pool(&user, &database);
+    let pool = match pools.pool(&user, &database) {
+        Ok(pool) => pool,
+        Err(err) => {
+            refuse(&shard, &client, &err).await;
+            return;
+        }
+    };
     pool.set_login(login);
     let id = shard.next_session_id();
     if pool.params().is_empty() {
@@ -756,6 +762,10 @@ pub(super) async fn serve(
         match pools.acquire(&pool).await {
             Ok(conn) => pools.release(&pool, conn, true).await,
             Err(err) => {
+                // A name the server does not know leaves no pool behind (issue 14), gone
+                // before the client hears why.
+                drop(pool);
+                pools.forget_failed(&user, &database);
                 refuse(&shard, &client, &err).await;
                 return;
             }
@@ -1011,7 +1021,8 @@ async fn go_on(shard: Rc<ShardCtx>, client: Stream, moved: MovedClient) {
         connect_time,
         application_name,
     } = moved;
-    let pool = pools.pool(&user, &database);
+    // Its pair was counted against `pool.pairs-max` when it logged in.
+    let pool = pools.pool_unbounded(&user, &database);
     pool.set_login(login);
     let id = shard.next_session_id();
     let mut tracker = Tracker::new(crate::session::Limits {
@@ -1090,7 +1101,11 @@ impl Drop for Held {
 
 /// Tells a client why it gets no connection.
 async fn refuse(shard: &ShardCtx, client: &Stream, err: &PoolError) {
-    ShardStats::bump(&shard.stats.counters.primary_connect_failures, 1);
+    let counter = match err {
+        PoolError::PairsFull { .. } => &shard.stats.counters.pool_pairs_refused,
+        _ => &shard.stats.counters.primary_connect_failures,
+    };
+    ShardStats::bump(counter, 1);
     let message = match err {
         PoolError::Backend(crate::backend::BackendError::Refused { message, .. }) => {
             message.clone()
@@ -2817,6 +2832,7 @@ async fn care(shard: &Rc<ShardCtx>, pools: &Rc<Pools>) {
                 }
             }
         }
+        super::pipeline::UnitLine::drop_unused(shard);
         pools.maintain();
         tick = tick.wrapping_add(1);
         if tick.is_multiple_of(PUBLISH_EVERY) {
@@ -2843,8 +2859,13 @@ async fn care(shard: &Rc<ShardCtx>, pools: &Rc<Pools>) {
 /// Copies the pools' cumulative counters into the shard's (for `/metrics`).
 fn count_pools(shard: &ShardCtx, pools: &Pools) {
     let mut totals = [0u64; 16];
-    for pool in pools.all() {
-        let c = &pool.counters;
+    let all = pools.all();
+    // The pools that went count too: the totals never go down.
+    let counters = all
+        .iter()
+        .map(|pool| &pool.counters)
+        .chain([pools.retired()]);
+    for c in counters {
         for (t, v) in totals.iter_mut().zip([
             c.lends.get(),
             c.xact_count.get(),
@@ -2890,6 +2911,7 @@ fn count_pools(shard: &ShardCtx, pools: &Pools) {
     {
         cell.set(v);
     }
+    s.pool_pairs_removed.set(pools.removed.get());
 }
 
 /// Publishes this shard's pools, clients and servers for the console.

@@ -127,6 +127,8 @@ counters! {
     pool_servers_yielded: "transaction pooling: primary connections closed to make room in pool.size for clients of other shards (the bound shared out by each shard's demand)",
     pool_servers_lost: "transaction pooling: primary connections that failed (while lent or at a check)",
     pool_dirty_closed: "transaction pooling: connections closed instead of returned (client left mid-statement, failed rollback or reset)",
+    pool_pairs_refused: "transaction pooling: logins refused (53300) because their (user, database) pair would have gone beyond pool.pairs-max",
+    pool_pairs_removed: "transaction pooling: (user, database) pools let go, per shard: their first server login failed, or unused for pool.pair-idle-timeout-ms",
     pool_pipelines: "pipelined lending: connections lent to several clients' autocommit statements at once",
     pool_shared_units: "pipelined lending: client statements (a Query, or a batch up to its Sync) sent on a shared connection",
     pool_shared_behind: "pipelined lending: shared statements queued behind another client's on the connection",
