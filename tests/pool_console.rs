@@ -2,8 +2,9 @@
 //! keys that had no test of their own (`min-size`, `reserve-size`, `server-lifetime-ms`,
 //! `server-reset-query`, `server-check-query`), every kind of pin counted and cleaned before
 //! the next client, and the console's actions (`PAUSE`, `RESUME`, `RECONNECT`, `KILL`,
-//! `RELOAD`, `SHUTDOWN`, `SET`) acting on real connections, and Frenzy's names for the pool
-//! flags. One shard unless a test needs two, so that which connection a client gets does not
+//! `RELOAD`, `SHUTDOWN`, `SET`) acting on real connections, Frenzy's names for the pool
+//! flags, and the pairs' own bounds (`pairs-max`, `pair-idle-timeout-ms`, names that do not
+//! exist leaving nothing behind). One shard unless a test needs two, so that which connection a client gets does not
 //! depend on which shard it landed on.
 
 mod support;
@@ -1017,58 +1018,66 @@ fn a_pair_beyond_pairs_max_is_refused_with_53300() {
     );
 }
 
-/// A pair nothing uses goes after `pool.pair-idle-timeout-ms`: its client left and its
-/// connection closed (`server-idle-timeout-ms`), it leaves SHOW POOLS and the shared map
-/// (under `pairs-max = 1` another database logs in then, refused before), and a new client
-/// of it brings it back once that other one has gone in turn.
+/// A pair nothing uses goes after `pool.pair-idle-timeout-ms`, from SHOW POOLS and from the
+/// shared map, and comes back with its next client. app2's client leaves at once, app's
+/// stays: once app2's pool has gone (its connection closed by `server-idle-timeout-ms`,
+/// then 300 ms unused), app's connection has closed too, yet its client keeps the pair
+/// there. Under `pairs-max = 2` a third database then fits and app2, beyond the bound now,
+/// is refused; once the others leave, app2 logs in again.
 #[test]
 fn a_pair_unused_past_its_idle_timeout_goes_and_comes_back() {
     let pg = start_primary("pool-pair-idle");
-    for db in ["app", "app2"] {
+    for db in ["app", "app2", "app3"] {
         pg.psql(&format!("CREATE DATABASE {db}")).unwrap();
     }
     let (proxy, _dir) = pooled(
         &pg.url(),
         2,
-        "pairs-max = 1\nserver-idle-timeout-ms = 200\npair-idle-timeout-ms = 300\n",
+        "pairs-max = 2\nserver-idle-timeout-ms = 200\npair-idle-timeout-ms = 300\n",
     );
     let mut admin = console(&proxy);
+    let served = |c: &mut postgres::Client| {
+        let one: i32 = c.query_one("SELECT 1", &[]).expect("served").get(0);
+        assert_eq!(one, 1);
+    };
     let mut a = login(&proxy, "postgres", "app").expect("app logs in");
-    a.batch_execute("SELECT 1").expect("served");
+    served(&mut a);
+    let mut b = login(&proxy, "postgres", "app2").expect("app2 logs in");
+    served(&mut b);
+    drop(b);
+    let listed = |admin: &mut postgres::Client, db: &str| {
+        pool_pairs(admin).iter().any(|(name, _)| name == db)
+    };
     assert!(
-        eventually(WAIT, || backends(&pg, "app") == 0),
-        "app's connection closed after server-idle-timeout-ms"
+        eventually(WAIT, || !listed(&mut admin, "app2")),
+        "app2's pool left SHOW POOLS"
     );
-    // Its client holds the pair: still there, and still the only one.
-    assert_eq!(pool_column(&mut admin, "app", "cl_active"), Some(1));
+    // app's connection, last used before app2's, closed no later.
+    assert_eq!(backends(&pg, "app"), 0, "app's connection closed");
+    assert_eq!(
+        pool_column(&mut admin, "app", "cl_active"),
+        Some(1),
+        "app's client keeps its pair"
+    );
+    let mut c = login(&proxy, "postgres", "app3").expect("app3 fits once app2's pair went");
+    served(&mut c);
     let refused = login(&proxy, "postgres", "app2").err().map(|e| e.0);
     assert_eq!(refused.as_deref(), Some("53300"), "app2 beyond pairs-max");
-    let one: i32 = a.query_one("SELECT 1", &[]).expect("served").get(0);
-    assert_eq!(one, 1);
+    served(&mut a);
     drop(a);
-    assert!(
-        eventually(WAIT, || !pool_pairs(&mut admin)
-            .iter()
-            .any(|(db, _)| db == "app")),
-        "app's pool left SHOW POOLS"
-    );
-    let mut b = login(&proxy, "postgres", "app2").expect("app2 logs in once app's pair went");
-    b.batch_execute("SELECT 1").expect("served");
-    drop(b);
+    drop(c);
     let mut again = None;
     assert!(
         eventually(WAIT, || {
-            again = login(&proxy, "postgres", "app").ok();
+            again = login(&proxy, "postgres", "app2").ok();
             again.is_some()
         }),
-        "app logs in again once app2's pair went"
+        "app2 logs in again once another pair went"
     );
-    let mut again = again.expect("checked above");
-    let one: i32 = again.query_one("SELECT 1", &[]).expect("served").get(0);
-    assert_eq!(one, 1);
+    served(again.as_mut().expect("checked above"));
     assert!(
-        eventually(WAIT, || pool_column(&mut admin, "app", "cl_active")
+        eventually(WAIT, || pool_column(&mut admin, "app2", "cl_active")
             == Some(1)),
-        "app's pool back in SHOW POOLS"
+        "app2's pool back in SHOW POOLS"
     );
 }

@@ -237,7 +237,8 @@ impl Budgets {
     }
 
     /// Pairs with a pool on some shard.
-    pub fn pairs(&self) -> usize {
+    #[cfg(test)]
+    fn pairs(&self) -> usize {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
@@ -1818,6 +1819,31 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_budgets_map_bounds_pairs_and_keeps_those_a_shard_holds() {
+        let budgets = Budgets::default();
+        let a = budgets.get("u", "a", 2, Some(2)).expect("first pair");
+        let b = budgets.get("u", "b", 2, Some(2)).expect("second pair");
+        assert!(
+            budgets.get("u", "c", 2, Some(2)).is_none(),
+            "beyond the bound"
+        );
+        let again = budgets
+            .get("u", "a", 2, Some(2))
+            .expect("a known pair is no new one");
+        assert!(Arc::ptr_eq(&a, &again));
+        // One shard lets a's pool go, the other still holds it: the budget stays.
+        drop(again);
+        budgets.forget("u", "a");
+        assert_eq!(budgets.pairs(), 2);
+        drop(a);
+        budgets.forget("u", "a");
+        assert_eq!(budgets.pairs(), 1);
+        assert!(budgets.get("u", "c", 2, Some(2)).is_some(), "room again");
+        drop(b);
+        assert!(budgets.get("u", "d", 2, None).is_some(), "no bound");
     }
 
     #[test]

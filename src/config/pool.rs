@@ -81,11 +81,12 @@ pub struct PoolConfig {
     /// never. A pair whose first server login failed (a database or user that does not
     /// exist) is removed at once, whatever this says.
     pub pair_idle_timeout_ms: u64,
-    /// Most (user, database) pairs with a pool at once, over the whole process: a login that
-    /// would make one more is refused with 53300 naming this key. Each pair costs a pool per
-    /// shard and a row in SHOW POOLS, and can hold up to `size` server connections; a
-    /// thousand pairs in use at once are already ten times PostgreSQL's default
-    /// `max_connections`, so more means clients naming databases or users at will.
+    /// Most (user, database) pairs with a pool at once, over the whole process (a pair
+    /// counts until its pool goes, see `pair-idle-timeout-ms`): a login that would make one
+    /// more is refused with 53300 naming this key. Each pair costs a pool per shard and a
+    /// row in SHOW POOLS; each pair in use holds a server connection, so a thousand in use
+    /// at once need ten times PostgreSQL's default `max_connections`. Raise it for more
+    /// databases or users used within `pair-idle-timeout-ms`.
     pub pairs_max: usize,
     /// Run on a connection a client pinned (LISTEN, temporary tables, ...) before it is lent
     /// to anyone else; empty: such a connection is closed instead.
