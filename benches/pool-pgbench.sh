@@ -292,7 +292,8 @@ if [ -n "$POOL_FLOOR" ]; then
   PID[poolfloor]=$!; PIDS+=("${PID[poolfloor]}")
   wait_ready "$POOL_FLOOR_PORT"
   TARGETS+=(poolfloor); PORT[poolfloor]=$POOL_FLOOR_PORT
-  LABEL[poolfloor]="pooled floor ($FLOOR_THREADS thread$([ "$FLOOR_THREADS" != 1 ] && echo s), pool $POOL_SIZE)"
+  LABEL[poolfloor]="pooled floor (1 thread, pool $POOL_SIZE)"
+  if [ "$FLOOR_THREADS" != 1 ]; then LABEL[poolfloor]="pooled floor ($FLOOR_THREADS threads, pool $POOL_SIZE)"; fi
 fi
 
 if [ -n "$MIRROR" ]; then
