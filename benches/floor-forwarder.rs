@@ -799,7 +799,11 @@ impl PoolLoop<'_> {
             return;
         }
         client.reply_sent += result as usize;
-        let length = if client.greeted { greeting_length } else { REFUSE.len() };
+        let length = if client.greeted {
+            greeting_length
+        } else {
+            REFUSE.len()
+        };
         if client.reply_sent < length {
             self.submit(POOL_REPLY, c);
         } else if !client.ready {
