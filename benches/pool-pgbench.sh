@@ -13,6 +13,7 @@
 #   CLIENTS="16 64" DURATION=5 ROUNDS=1 benches/pool-pgbench.sh     # a minute after the build
 #   SHARDS="0 1" benches/pool-pgbench.sh             # pgprism with one shard per core AND one
 #   FLOOR=1 benches/pool-pgbench.sh                  # adds the bytes-only floor
+#   POOL_FLOOR=1 MODES=simple benches/pool-pgbench.sh   # adds the pooled floor
 #   MIRROR=1 FLOOR=1 benches/pool-pgbench.sh         # adds pooled mirrors and floor + mirror
 #
 # Settings (environment):
@@ -39,8 +40,15 @@
 #                             with a server connection per client run CLIENTS/200 s longer
 #                             (2,000 clients: 10 s), for PostgreSQL to fork the backends; the
 #                             TPS is pgbench's "without initial connection time" everywhere
-#   FLOOR_THREADS=1           the floor's event loops (--threads): 2 lays it out as pgprism's
-#                             default shards (one loop per core, SO_REUSEPORT, pinned)
+#   POOL_FLOOR=1              adds the pooled floor (floor-forwarder --pool POOL_SIZE): what
+#                             every transaction pooler does at least, the floor answering the
+#                             clients' startup itself and lending POOL_SIZE logged-in server
+#                             connections (split over its loops, each lending its own) from the
+#                             first byte of a request to the ReadyForQuery 'I' that ends it,
+#                             by message headers alone. It maps no prepared statement: its
+#                             `prepared` cells are skipped (a row says so)
+#   FLOOR_THREADS=1           the event loops (--threads) of both floors: 2 lays them out as
+#                             pgprism's default shards (one loop per core, SO_REUSEPORT, pinned)
 #   MIRROR=1                  adds a second PostgreSQL as a mirror: pgprism with `--mirror ...
 #                             --mirror-pool-size $MIRROR_POOL --mirror-all-queries` (its admin
 #                             endpoint on, for the mirror's lag, the statements it was sent
@@ -87,6 +95,7 @@ SHARED_DEPTH=${SHARED_DEPTH:-}
 PRISM_ARGS=${PRISM_ARGS:-}
 SCALE=${SCALE:-10}
 FLOOR=${FLOOR:-}
+POOL_FLOOR=${POOL_FLOOR:-}
 FLOOR_THREADS=${FLOOR_THREADS:-1}
 MIRROR=${MIRROR:-}
 MIRROR_POOL=${MIRROR_POOL:-8}
@@ -96,6 +105,7 @@ GRACE=${GRACE:-120}
 OUT=${OUT:-bench-results}
 PORT_BASE=${PORT_BASE:-26400}
 [ "$FLOOR" = 0 ] && FLOOR=
+[ "$POOL_FLOOR" = 0 ] && POOL_FLOOR=
 [ "$MIRROR" = 0 ] && MIRROR=
 
 case $WORKLOAD in
@@ -117,7 +127,8 @@ COMMAND="CLIENTS=\"$CLIENTS\" MODES=\"$MODES\" WORKLOAD=$WORKLOAD DURATION=$DURA
 [ "$SCALE" != 10 ] && COMMAND+=" SCALE=$SCALE"
 [ "$JOBS" != 2 ] && COMMAND+=" JOBS=$JOBS"
 [ -n "$FLOOR" ] && COMMAND+=" FLOOR=1"
-[ -n "$FLOOR" ] && [ "$FLOOR_THREADS" != 1 ] && COMMAND+=" FLOOR_THREADS=$FLOOR_THREADS"
+[ -n "$POOL_FLOOR" ] && COMMAND+=" POOL_FLOOR=1"
+[ -n "$FLOOR$POOL_FLOOR" ] && [ "$FLOOR_THREADS" != 1 ] && COMMAND+=" FLOOR_THREADS=$FLOOR_THREADS"
 [ -n "$MIRROR" ] && COMMAND+=" MIRROR=1 MIRROR_POOL=$MIRROR_POOL"
 COMMAND+=" benches/pool-pgbench.sh"
 
@@ -137,7 +148,7 @@ if [ -z "${PGPRISM:-}" ]; then
   cargo build --release --quiet
   PGPRISM=$PWD/target/release/pgprism
 fi
-if [ -n "$FLOOR" ] && [ -z "${FLOOR_BIN:-}" ]; then
+if [ -n "$FLOOR$POOL_FLOOR" ] && [ -z "${FLOOR_BIN:-}" ]; then
   FLOOR_BIN=$(cargo build --release --quiet --bench floor-forwarder --message-format=json |
     sed -n 's/.*"executable":"\([^"]*floor_forwarder[^"]*\)".*/\1/p' | tail -1)
 fi
@@ -163,8 +174,10 @@ fi
 
 # Every client of the floor (and of pgprism in session mode) is a server connection.
 PG_MAX_CONNECTIONS=${PG_MAX_CONNECTIONS:-300}
+# The pooled floor's POOL_SIZE come on top.
 if [ -n "$FLOOR" ] || [ "$POOL_MODE" = session ]; then
-  [ "$PG_MAX_CONNECTIONS" -lt $((MAX_CLIENTS + 100)) ] && PG_MAX_CONNECTIONS=$((MAX_CLIENTS + 100))
+  want=$((MAX_CLIENTS + 100)); [ -n "$POOL_FLOOR" ] && want=$((want + POOL_SIZE))
+  [ "$PG_MAX_CONNECTIONS" -lt "$want" ] && PG_MAX_CONNECTIONS=$want
 fi
 # common.sh's start_pg with max_connections as given.
 start_pg_max() {
@@ -199,6 +212,7 @@ MIRROR_PORT=$((PORT_BASE + 2))
 BOUNCER_PORT=$((PORT_BASE + 3))
 FLOOR_PORT=$((PORT_BASE + 4))
 FLOOR_MIRROR_PORT=$((PORT_BASE + 5))
+POOL_FLOOR_PORT=$((PORT_BASE + 6))
 BOUNCER_VERSION=$(pgbouncer --version 2>/dev/null | awk 'NR == 1 {print $2}')
 CORES=$(nproc)
 export PGSSLMODE=disable # no SSLRequest anywhere: the floor + mirror cannot answer one
@@ -271,6 +285,15 @@ if [ -n "$FLOOR" ]; then
   wait_ready "$FLOOR_PORT"
   TARGETS+=(floor); PORT[floor]=$FLOOR_PORT; LABEL[floor]="floor (1 conn/client)"
   if [ "$FLOOR_THREADS" != 1 ]; then LABEL[floor]="floor ($FLOOR_THREADS threads, 1 conn/client)"; fi
+fi
+if [ -n "$POOL_FLOOR" ]; then
+  "$FLOOR_BIN" --threads "$FLOOR_THREADS" --pool "$POOL_SIZE" --user postgres --database postgres \
+    "127.0.0.1:$POOL_FLOOR_PORT" "127.0.0.1:$PG_PORT" >"$WORK/pool-floor.out" 2>&1 &
+  PID[poolfloor]=$!; PIDS+=("${PID[poolfloor]}")
+  wait_ready "$POOL_FLOOR_PORT"
+  TARGETS+=(poolfloor); PORT[poolfloor]=$POOL_FLOOR_PORT
+  LABEL[poolfloor]="pooled floor (1 thread, pool $POOL_SIZE)"
+  if [ "$FLOOR_THREADS" != 1 ]; then LABEL[poolfloor]="pooled floor ($FLOOR_THREADS threads, pool $POOL_SIZE)"; fi
 fi
 
 if [ -n "$MIRROR" ]; then
@@ -346,7 +369,7 @@ percentile() {
 }
 
 # Aggregates per cell and target, keyed "clients|mode|target".
-declare -A TPS_LIST=() TICKS=() TXNS_SUM=() FAILS=() DIED=() SKIPPED=() MIRRORED=()
+declare -A TPS_LIST=() TICKS=() TXNS_SUM=() FAILS=() DIED=() SKIPPED=() MIRRORED=() NOT_RUN=()
 mkdir -p "$WORK/lat"
 
 # run_one TARGET CLIENTS MODE ROUND: one pgbench run, added to the cell's aggregates.
@@ -443,6 +466,10 @@ for c in $CLIENTS; do
         order=(); for ((k = ${#TARGETS[@]} - 1; k >= 0; k--)); do order+=("${TARGETS[$k]}"); done
       fi
       for t in "${order[@]}"; do
+        if [ "$t" = poolfloor ] && [ "$mode" = prepared ]; then
+          NOT_RUN[$c|$mode|$t]="not run: the pooled floor maps no prepared statement (a named statement lives on one server connection, the client's next transaction may get another)"
+          continue
+        fi
         if [ -n "${DIED[$c|$mode|$t]:-}" ] || { [ -n "${PID[$t]:-}" ] && ! kill -0 "${PID[$t]}" 2>/dev/null; }; then
           FAILS[$c|$mode|$t]="process exited (log in $LOGS)"; DIED[$c|$mode|$t]=1; continue
         fi
@@ -471,6 +498,7 @@ failed_cell() { [ -n "${FAILS[$1]:-}" ] || [ -n "${DIED[$1]:-}" ]; }
   hdr="| clients | mode | target | TPS | p99 ms | CPU µs/tx | TPS ÷ PgB | CPU ÷ PgB |"
   sep="|---:|---|---|---:|---:|---:|---:|---:|"
   [ -n "$FLOOR" ] && { hdr+=" CPU ÷ floor |"; sep+="---:|"; }
+  [ -n "$POOL_FLOOR" ] && { hdr+=" CPU ÷ pooled floor |"; sep+="---:|"; }
   [ -n "$MIRROR" ] && { hdr+=" mirror stmts/tx | mirror lag p99 ms | lag > 5 ms % | lag max/s p99 ms | mirror skipped+lost |"; sep+="---:|---:|---:|---:|---:|"; }
   echo "$hdr failures |"
   echo "$sep---|"
@@ -486,13 +514,19 @@ failed_cell() { [ -n "${FAILS[$1]:-}" ] || [ -n "${DIED[$1]:-}" ]; }
         if [ -s "$WORK/lat/$k.us" ]; then
           p99=$(percentile 99 "$WORK/lat/$k.us"); p99=$(awk -v u="$p99" 'BEGIN {printf "%.2f", u / 1000}')
         fi
+        [ -n "${NOT_RUN[$k]:-}" ] && tps=-
         if [ "$t" = pgbouncer ]; then rt=1.00 rc=1.00; [ -n "$bfail" ] && rt=- rc=-
+        elif [ -n "${NOT_RUN[$k]:-}" ]; then rt=- rc=-
         elif [ -n "$bfail" ]; then rt="n/a" rc="n/a"
         else rt=$(ratio "$tps" "$btps"); rc=$(ratio "$cpu" "$bcpu"); fi
         row="| $c | $mode | ${LABEL[$t]} | $tps | $p99 | $cpu | $rt | $rc |"
         if [ -n "$FLOOR" ]; then
           fk="$c|$mode|floor"; case $t in *mirror) fk="$c|$mode|floor+mirror" ;; esac
           if [ -n "${PORT[${fk##*|}]:-}" ] && ! failed_cell "$fk"; then row+=" $(ratio "$cpu" "$(cpu_of "$fk")") |"; else row+=" - |"; fi
+        fi
+        if [ -n "$POOL_FLOOR" ]; then
+          pk="$c|$mode|poolfloor"
+          if [ -z "${NOT_RUN[$pk]:-}" ] && ! failed_cell "$pk"; then row+=" $(ratio "$cpu" "$(cpu_of "$pk")") |"; else row+=" - |"; fi
         fi
         if [ -n "$MIRROR" ]; then
           lag=- skipped=- mirrored=- hist="- | -"
@@ -509,6 +543,7 @@ failed_cell() { [ -n "${FAILS[$1]:-}" ] || [ -n "${DIED[$1]:-}" ]; }
         [ -n "${ADMIN[$t]:-}" ] && [ "${MIRRORED[$k]:-0}" = 0 ] && [ "${TXNS_SUM[$k]:-0}" -gt 0 ] &&
           f="${f:+$f; }the mirror was sent no statement"
         [ -n "$f" ] && f="fails: $f"
+        [ -n "${NOT_RUN[$k]:-}" ] && f=${NOT_RUN[$k]}
         echo "$row ${f:--} |"
       done
     done
