@@ -242,7 +242,7 @@ impl Budgets {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Whether a pool of `database` was made on some shard (for any user).
+    /// Whether `database` has a pool on some shard (for any user).
     fn knows_database(&self, database: &str) -> bool {
         let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         map.keys().any(|(_, db)| db == database)
@@ -726,6 +726,8 @@ impl Pools {
     ) -> Option<Rc<Pool>> {
         let mut pools = self.pools.borrow_mut();
         if let Some(pool) = pools.get(&(user.into(), database.into())) {
+            // In use again: its idle clock starts anew at the next tick that finds it unused.
+            pool.unused_since.set(None);
             return Some(pool.clone());
         }
         let budget = self.budgets.get(user, database, self.shards, pairs_max)?;
