@@ -424,7 +424,7 @@ pub fn welcome(out: &mut BytesMut) {
 pub enum Action {
     /// Stop lending connections (of one database, or all); clients wait. The console answers
     /// once the snapshots show no active server connection of those pools (bounded by
-    /// [`pause_wait`]).
+    /// `pool.query-wait-timeout-ms` as in force when it runs).
     Pause(Option<String>),
     /// Undo PAUSE. PgBouncer's errors: "pooler is not paused/suspended" (all),
     /// "database X is not paused" (one).
