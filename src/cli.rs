@@ -482,15 +482,24 @@ impl PoolArgs {
 /// Go's duration syntax, which Frenzy's flags take: numbers with an optional fraction, each
 /// with a unit (`ns`, `us`/`µs`, `ms`, `s`, `m`, `h`), added up (`500ms`, `1.5s`, `2m`,
 /// `1h30m`). A value that is not a whole number of milliseconds is refused rather than
-/// rounded (rounded down, `100us` would read as 0, which means "never" for lifetimes).
+/// rounded (rounded down, `100us` would read as 0, which means "never" for lifetimes), and
+/// so is one above `i64::MAX` ms: the `[pool]` table a console SET writes out holds TOML
+/// integers, and one value beyond them would make every later SET fail.
 fn parse_duration_ms(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let refused = || format!("expected a duration such as 500ms, 5s, 2m or 1h30m, got `{text}`");
+    let too_large = || format!("`{text}` is too long: at most {} ms", i64::MAX);
+    let not_whole = || format!("expected a whole number of milliseconds, got `{text}`");
     if text.is_empty() {
         return Err(refused());
     }
     if text.bytes().all(|b| b.is_ascii_digit()) {
-        return text.parse::<u64>().map_err(|_| refused());
+        let ms = text.parse::<u64>().map_err(|_| too_large())?;
+        return if i64::try_from(ms).is_ok() {
+            Ok(ms)
+        } else {
+            Err(too_large())
+        };
     }
     const UNITS: [(&str, u128); 8] = [
         ("ns", 1),
@@ -528,23 +537,29 @@ fn parse_duration_ms(text: &str) -> Result<u64, String> {
         } else {
             whole.parse().map_err(|_| refused())?
         };
-        let mut part = whole.checked_mul(scale).ok_or_else(refused)?;
+        let mut part = whole.checked_mul(scale).ok_or_else(too_large)?;
         let mut place = scale;
         for digit in fraction.bytes() {
             place /= 10;
+            // A digit below a nanosecond (`1.0000000001ms`): no whole millisecond either,
+            // refused (it was dropped, so the value read as a whole number of ms).
+            if place == 0 && digit != b'0' {
+                return Err(not_whole());
+            }
             part = part
                 .checked_add(u128::from(digit - b'0') * place)
-                .ok_or_else(refused)?;
+                .ok_or_else(too_large)?;
         }
-        total_ns = total_ns.checked_add(part).ok_or_else(refused)?;
+        total_ns = total_ns.checked_add(part).ok_or_else(too_large)?;
         rest = &tail[unit.len()..];
     }
     if !total_ns.is_multiple_of(1_000_000) {
-        return Err(format!(
-            "expected a whole number of milliseconds, got `{text}`"
-        ));
+        return Err(not_whole());
     }
-    u64::try_from(total_ns / 1_000_000).map_err(|_| refused())
+    i64::try_from(total_ns / 1_000_000)
+        .ok()
+        .and_then(|ms| u64::try_from(ms).ok())
+        .ok_or_else(too_large)
 }
 
 impl MirrorArgs {
@@ -1513,6 +1528,10 @@ mod tests {
             ("2000µs", 2),
             ("3000000ns", 3),
             (" 90s ", 90_000),
+            // Zeros below a nanosecond change nothing.
+            ("1.0000000000s", 1_000),
+            ("9223372036854775807", i64::MAX as u64),
+            ("9223372036854775807ms", i64::MAX as u64),
         ] {
             assert_eq!(parse_duration_ms(text), Ok(ms), "{text}");
         }
@@ -1535,6 +1554,25 @@ mod tests {
             "99999999999999999999999999999h",
         ] {
             assert!(parse_duration_ms(text).is_err(), "{text} was accepted");
+        }
+        // A digit below a nanosecond is below a millisecond too (it was dropped).
+        for text in ["1.0000001ms", "2.0000000001s", "1.00000000000001h"] {
+            let err = parse_duration_ms(text).expect_err(text);
+            assert!(
+                err.contains("whole number of milliseconds"),
+                "{text}: {err}"
+            );
+        }
+        // Above i64::MAX ms: a SET could no longer write the [pool] table out.
+        for text in [
+            "9223372036854775808",
+            "18446744073709551615",
+            "9223372036854775808ms",
+            "99999999999999999999",
+            "9999999999999h",
+        ] {
+            let err = parse_duration_ms(text).expect_err(text);
+            assert!(err.contains("too long"), "{text}: {err}");
         }
     }
 }

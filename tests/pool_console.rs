@@ -12,6 +12,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,12 @@ fn pooled_with(
 /// A proxy in transaction mode, one shard, the console open to `postgres`, `pool_keys` in its
 /// configuration file, and `args` (the pool's size among them, or pgprism's default).
 fn pooled_by(primary: &str, pool_keys: &str, args: &[&str]) -> (Proxy, TempDir) {
+    pooled_on(primary, 1, pool_keys, args)
+}
+
+/// [`pooled_by`] on `shards` shards.
+fn pooled_on(primary: &str, shards: usize, pool_keys: &str, args: &[&str]) -> (Proxy, TempDir) {
+    let shards = shards.to_string();
     let dir = TempDir::new("pool-console");
     let config = dir.join("pgprism.toml");
     std::fs::write(
@@ -54,7 +61,7 @@ fn pooled_by(primary: &str, pool_keys: &str, args: &[&str]) -> (Proxy, TempDir) 
         "--pool-mode",
         "transaction",
         "--shards",
-        "1",
+        &shards,
         "--config",
         &config,
     ];
@@ -806,6 +813,22 @@ fn console_set_changes_the_pools_through_psql() {
     let config = show_config(&mut admin);
     assert_eq!(config["default_pool_size"], "2", "nothing changed");
     assert_eq!(config["min_pool_size"], "0", "nothing changed");
+    // `admin`'s session began under the 60 s bound; its PAUSE waits for `held`'s busy
+    // connection as long as the bound in force now, 1 s (it read the bound once per
+    // session before, and waited 60 s).
+    let started = Instant::now();
+    let said = admin
+        .simple_query("PAUSE")
+        .err()
+        .and_then(|e| e.as_db_error().map(|d| d.message().to_string()))
+        .expect("PAUSE with a busy connection answers an error at its bound");
+    assert!(said.contains("within 1000 ms"), "{said}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "PAUSE answered after {:?}",
+        started.elapsed()
+    );
+    admin.simple_query("RESUME").expect("RESUME");
     held.commit().unwrap();
 }
 
@@ -1083,4 +1106,283 @@ fn a_pair_unused_past_its_idle_timeout_goes_and_comes_back() {
             == Some(1)),
         "app2's pool back in SHOW POOLS"
     );
+}
+
+/// `admin`'s SHOW CLIENTS `ptr`s of clients of database `db` (the top byte is the shard).
+fn client_ptrs(admin: &mut postgres::Client, db: &str) -> std::collections::HashSet<u64> {
+    admin
+        .simple_query("SHOW CLIENTS")
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some(db) => {
+                let ptr = r.get("ptr")?.strip_prefix("0x")?;
+                u64::from_str_radix(ptr, 16).ok()
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Connections `connect` makes to database `db`, one at a time, until each of the proxy's
+/// `N` shards has `each`; by shard (the one row SHOW CLIENTS gains tells a new one's shard).
+/// Kept beyond `each` too (closing them would not change the test).
+fn by_shard<const N: usize, T>(
+    admin: &mut postgres::Client,
+    db: &str,
+    each: usize,
+    mut connect: impl FnMut() -> T,
+) -> [Vec<T>; N] {
+    let mut known = client_ptrs(admin, db);
+    let mut by_shard: [Vec<T>; N] = std::array::from_fn(|_| Vec::new());
+    for _ in 0..32 * each {
+        if by_shard.iter().all(|c| c.len() >= each) {
+            break;
+        }
+        let client = connect();
+        let mut new = Vec::new();
+        assert!(eventually(WAIT, || {
+            new = client_ptrs(admin, db).difference(&known).copied().collect();
+            !new.is_empty()
+        }));
+        assert_eq!(new.len(), 1, "one client connected");
+        known.insert(new[0]);
+        let shard = (new[0] >> 56) as usize;
+        assert!(shard < N, "client on shard {shard} of {N}");
+        by_shard[shard].push(client);
+    }
+    assert!(
+        by_shard.iter().all(|c| c.len() >= each),
+        "{} clients, too few on one shard",
+        32 * each
+    );
+    by_shard
+}
+
+/// A console SET reaches every shard, not only the console's own (the others take it at their
+/// next care tick). Two shards, each with a client in a transaction and an idle connection
+/// beside it; one transaction ends. A lowered `default_pool_size` (3 -> 1) is seen when the
+/// pair's connections fall to the one still lent: each shard closes only its own idle
+/// connections, so both took the SET. Then a lowered `query_wait_timeout` gives a waiting
+/// client of each shard 53300 after 1 s, not the 60 s its shard started with.
+#[test]
+fn console_set_takes_effect_on_every_shard() {
+    let pg = start_primary("pool-set-shards");
+    pg.psql("CREATE DATABASE app").unwrap();
+    let (proxy, _dir) = pooled_on(
+        &pg.url(),
+        2,
+        "query-wait-timeout-ms = 60000\n",
+        &["--pool-size", "4", "--auth-type", "trust"],
+    );
+    let mut admin = console(&proxy);
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app connect_timeout=10",
+        proxy.port()
+    );
+    let clients = by_shard::<2, _>(&mut admin, "app", 1, || {
+        postgres::Client::connect(&conninfo, postgres::NoTls).unwrap()
+    });
+    // And one raw client on each shard (read raw: 53300 is a FATAL, and the postgres crate
+    // reports a FATAL followed by the close as a bare close).
+    let waiters = by_shard::<2, _>(&mut admin, "app", 1, || {
+        let mut s = std::net::TcpStream::connect(proxy.listen).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(&raw::startup("postgres", "app")).unwrap();
+        let msgs = raw::read_until_ready(&mut s);
+        assert_eq!(msgs.last().map(|m| m.0), Some(b'Z'), "startup: {msgs:?}");
+        s
+    });
+    let [mut first, mut second] = clients.map(|mut c| c.swap_remove(0));
+    let [mut one, mut two] = waiters.map(|mut w| w.swap_remove(0));
+    let mut held = first.transaction().unwrap();
+    held.batch_execute("SELECT 1").unwrap();
+    let mut ended = second.transaction().unwrap();
+    ended.batch_execute("SELECT 1").unwrap();
+    // Each shard's transaction holds a connection there: the raw clients' statements open
+    // one more on each shard, idle once answered.
+    for waiter in [&mut one, &mut two] {
+        waiter
+            .write_all(&raw::message(b'Q', b"SELECT 1\0"))
+            .unwrap();
+        let msgs = raw::read_until_ready(waiter);
+        assert_eq!(msgs.last().map(|m| m.0), Some(b'Z'), "SELECT 1: {msgs:?}");
+    }
+    ended.commit().unwrap();
+    assert_eq!(backends(&pg, "app"), 4, "two connections on each shard");
+
+    for set in ["SET query_wait_timeout = 1", "SET default_pool_size = 1"] {
+        admin
+            .simple_query(set)
+            .unwrap_or_else(|e| panic!("{set}: {e:?}"));
+    }
+    assert!(
+        eventually(WAIT, || backends(&pg, "app") == 1),
+        "both shards closed their idle connections beyond the new bound: {} left",
+        backends(&pg, "app")
+    );
+    for (shard, waiter) in [&mut one, &mut two].into_iter().enumerate() {
+        let started = Instant::now();
+        waiter
+            .write_all(&raw::message(b'Q', b"SELECT 1\0"))
+            .unwrap();
+        let (tag, body) = raw::read_message(waiter)
+            .unwrap_or_else(|| panic!("shard {shard}: no answer within 20 s"));
+        assert_eq!(tag, b'E', "shard {shard}");
+        assert_eq!(raw::error_field(&body, b'C').as_deref(), Some("53300"));
+        let message = raw::error_field(&body, b'M').unwrap_or_default();
+        assert!(message.contains("(1000 ms)"), "shard {shard}: {message}");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "shard {shard}: 53300 after {:?}",
+            started.elapsed()
+        );
+    }
+    held.commit().unwrap();
+    second.batch_execute("SELECT 1").expect("served again");
+}
+
+/// Console SET of a smaller `default_pool_size` while clients wait for the pool: the
+/// connections that come back beyond the new bound are closed rather than handed to the next
+/// waiting client, so the server's count falls to the new size, and stays there, while every
+/// client keeps being served. (Before, they went from client to client and the pair stayed
+/// at 4 until their lifetime ran out, an hour by default.)
+#[test]
+fn a_lowered_pool_size_is_reached_under_load() {
+    let pg = start_primary("pool-set-shrink");
+    pg.psql("CREATE DATABASE app").unwrap();
+    let (proxy, _dir) = pooled(&pg.url(), 4, "query-wait-timeout-ms = 60000\n");
+    let mut admin = console(&proxy);
+    const CLIENTS: usize = 8;
+    let conninfo = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=app connect_timeout=10",
+        proxy.port()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (conninfo, stop, served) = (conninfo.clone(), stop.clone(), served.clone());
+            std::thread::spawn(move || -> Result<(), postgres::Error> {
+                let mut c = postgres::Client::connect(&conninfo, postgres::NoTls)?;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut tx = c.transaction()?;
+                    // Held a while, so that clients wait for the pool.
+                    tx.batch_execute("SELECT pg_sleep(0.02)")?;
+                    tx.commit()?;
+                    served.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    assert!(
+        eventually(WAIT, || backends(&pg, "app") == 4
+            && pool_column(&mut admin, "app", "cl_waiting")
+                .is_some_and(|n| n > 0)),
+        "the pool at its bound of 4 with clients waiting: {} connections",
+        backends(&pg, "app")
+    );
+    admin
+        .simple_query("SET default_pool_size = 2")
+        .expect("SET default_pool_size");
+    assert!(
+        eventually(WAIT, || backends(&pg, "app") <= 2),
+        "the pair down to the new bound of 2, saw {}",
+        backends(&pg, "app")
+    );
+    // And it stays within it while the clients go on being served.
+    let before = served.load(Ordering::Relaxed);
+    let (mut most, mut samples) = (0, 0);
+    assert!(
+        eventually(WAIT, || {
+            most = most.max(backends(&pg, "app"));
+            samples += 1;
+            samples >= 5 && served.load(Ordering::Relaxed) >= before + 50
+        }),
+        "clients served after the SET: {}",
+        served.load(Ordering::Relaxed) - before
+    );
+    assert!(most <= 2, "the pair went back to {most} connections");
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client
+            .join()
+            .expect("client")
+            .expect("every transaction served");
+    }
+}
+
+/// A user a console SET adds to `stats_users` logs in to the console at once, whichever shard
+/// takes the connection: the login check reads the console's configuration, not the shard's
+/// copy (which follows at its next care tick; a login there before it was "not allowed").
+/// Ten rounds, each with a new user, one login each, on two shards: a login on the other
+/// shard within its tick's 50 ms is all but certain.
+#[test]
+fn a_user_set_adds_logs_in_to_the_console_at_once_on_every_shard() {
+    let pg = start_primary("pool-set-login");
+    let (proxy, _dir) = pooled_on(
+        &pg.url(),
+        2,
+        "",
+        &["--pool-size", "2", "--auth-type", "trust"],
+    );
+    let mut admin = console(&proxy);
+    for round in 0..10 {
+        let user = format!("watcher{round}");
+        admin
+            .simple_query(&format!("SET stats_users = '{user}'"))
+            .expect("SET stats_users");
+        let mut watcher = postgres::Client::connect(
+            &format!(
+                "host=127.0.0.1 port={} user={user} dbname=pgbouncer connect_timeout=10",
+                proxy.port()
+            ),
+            postgres::NoTls,
+        )
+        .unwrap_or_else(|e| panic!("{user} right after the SET: {e:?}"));
+        watcher.simple_query("SHOW POOLS").expect("SHOW POOLS");
+    }
+}
+
+/// Console SET of a smaller `max_prepared_statements`: a connection holding more statements
+/// than the new bound closes its least recently used ones down to it the next time it
+/// prepares one (before, one per prepare: it stayed above the bound), and a client whose
+/// statement was closed still runs it (prepared again).
+#[test]
+fn a_lowered_prepared_statements_bound_shrinks_a_connections_statements() {
+    let pg = start_primary("pool-set-prepared");
+    let (proxy, _dir) = pooled(&pg.url(), 1, "");
+    let mut admin = console(&proxy);
+    let mut c = proxy.client();
+    // Counted through the simple protocol: no statement of its own.
+    let on_server = |c: &mut postgres::Client| -> usize {
+        c.simple_query("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pgprism%'")
+            .unwrap()
+            .into_iter()
+            .find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse().ok(),
+                _ => None,
+            })
+            .unwrap_or(usize::MAX)
+    };
+    let statements: Vec<_> = (0..6)
+        .map(|i| c.prepare(&format!("SELECT {i} + $1::int")).unwrap())
+        .collect();
+    assert_eq!(on_server(&mut c), 6, "one connection holds all six");
+    admin
+        .simple_query("SET max_prepared_statements = 2")
+        .expect("SET max_prepared_statements");
+    let seventh = c.prepare("SELECT 7 + $1::int").unwrap();
+    assert_eq!(on_server(&mut c), 2, "down to the new bound at once");
+    for (i, st) in statements.iter().enumerate() {
+        let v: i32 = c.query_one(st, &[&1i32]).unwrap().get(0);
+        assert_eq!(v, i as i32 + 1);
+        assert!(
+            on_server(&mut c) <= 2,
+            "within the bound after statement {i}"
+        );
+    }
+    let v: i32 = c.query_one(&seventh, &[&1i32]).unwrap().get(0);
+    assert_eq!(v, 8);
 }

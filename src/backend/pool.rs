@@ -91,6 +91,10 @@ impl PoolError {
 #[derive(Debug, Default)]
 pub struct Budget {
     open: AtomicUsize,
+    /// Of `open`, connections being closed (Terminate sent, the server not yet gone): they
+    /// still count against the bound, but serve nobody, so trimming the pair to a lowered
+    /// bound counts without them (else every connection coming back meanwhile is closed too).
+    closing: AtomicUsize,
     /// Clients waiting for this pair on any shard.
     wanted: AtomicUsize,
     /// The server's ParameterStatus values for this pair, from the first connection any
@@ -132,6 +136,12 @@ impl Budget {
 
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
+    }
+
+    /// Connections of the pair that serve or will: open (or opening), not being closed.
+    fn serving(&self) -> usize {
+        self.open()
+            .saturating_sub(self.closing.load(Ordering::Acquire))
     }
 
     /// Marks (`true`) or unmarks shard `shard` as holding a lingering shared connection of
@@ -288,22 +298,33 @@ impl PreparedSet {
         }
     }
 
-    /// Records `hash` as prepared; returns the statement to close first when that makes more
-    /// than `max`.
-    pub fn insert(&mut self, hash: u64, max: usize) -> Option<u64> {
+    /// Records `hash` as prepared; returns the statements to close first, least recently
+    /// used first, as many as the set holds beyond `max` (one at most, unless a console SET
+    /// lowered `max` since the set last grew: then it shrinks to the new bound at once).
+    pub fn insert(&mut self, hash: u64, max: usize) -> Vec<u64> {
         self.tick += 1;
         self.used.insert(hash, self.tick);
-        if self.used.len() <= max {
-            return None;
+        let excess = self.used.len().saturating_sub(max.max(1));
+        if excess == 0 {
+            return Vec::new();
         }
-        let victim = self
-            .used
-            .iter()
-            .filter(|(h, _)| **h != hash)
-            .min_by_key(|(_, t)| **t)
-            .map(|(h, _)| *h)?;
-        self.used.remove(&victim);
-        Some(victim)
+        let others = self.used.iter().filter(|(h, _)| **h != hash);
+        let victims: Vec<u64> = if excess == 1 {
+            // The usual case: one scan, no sort.
+            others
+                .min_by_key(|(_, t)| **t)
+                .map(|(h, _)| *h)
+                .into_iter()
+                .collect()
+        } else {
+            let mut by_age: Vec<(u64, u64)> = others.map(|(h, t)| (*t, *h)).collect();
+            by_age.sort_unstable();
+            by_age.into_iter().take(excess).map(|(_, h)| h).collect()
+        };
+        for victim in &victims {
+            self.used.remove(victim);
+        }
+        victims
     }
 
     pub fn remove(&mut self, hash: u64) {
@@ -682,7 +703,8 @@ impl Pools {
 
     /// Console SET: `cfg` is in force from now on for every lend, wait, check and care tick
     /// of this shard (each connection's lifetime and idle time are measured against the new
-    /// values; a smaller `size` is reached as connections close, none is closed for it).
+    /// values; beyond a smaller `size`, connections are closed as they come back, and idle
+    /// ones at the care tick: see [`Pools::above_bound`]).
     pub fn set_cfg(&self, cfg: PoolConfig) {
         *self.cfg.borrow_mut() = Rc::new(cfg);
         // A larger bound may let the first waiter of each pool open a connection now.
@@ -1230,6 +1252,13 @@ impl Pools {
             self.close(pool, conn);
             return;
         }
+        // Beyond the pair's bound (a console SET lowered it): closed rather than handed on,
+        // or the pair would stay above it for as long as clients wait (until lifetimes
+        // ran out). A waiter then opens one within the bound or takes the next to come back.
+        if self.above_bound(pool) {
+            self.close(pool, conn);
+            return;
+        }
         // Paused (console PAUSE): nothing is lent until RESUME.
         if self.is_paused(&pool.database) {
             pool.idle.borrow_mut().push(conn);
@@ -1264,6 +1293,20 @@ impl Pools {
         pool.idle.borrow_mut().push(conn);
     }
 
+    /// Whether the pair has more connections serving, over every shard, than its bound now
+    /// allows: `pool.size` plus `reserve-size` (what PgBouncer trims a pool to; reserve
+    /// connections opened for clients that waited past `reserve-timeout-ms` are kept as
+    /// PgBouncer keeps them). Only a console SET that lowered a bound makes it so; the
+    /// budget's count is process-wide, so it holds whatever each shard's part of the bound.
+    fn above_bound(&self, pool: &Pool) -> bool {
+        // Per returned connection: a borrow and two loads, no handle cloned.
+        let bound = {
+            let cfg = self.cfg.borrow();
+            cfg.size + cfg.reserve_size
+        };
+        pool.budget.serving() > bound
+    }
+
     /// Closes a connection (Terminate, then the socket) and frees its place in the budget
     /// once the server has closed its end (`pool.server-close-wait-ms`): until then its
     /// backend still counts against the server's `max_connections`, and a connection opened
@@ -1292,6 +1335,7 @@ impl Pools {
             return;
         }
         conn.stream.shutdown_write();
+        pool.budget.closing.fetch_add(1, Ordering::AcqRel);
         let pool = pool.clone();
         crate::exec::spawn(async move {
             // The server ends its side after the Terminate: end-of-stream (or an error) is
@@ -1307,7 +1351,10 @@ impl Pools {
             };
             let _ = crate::exec::within(wait, gone).await;
             conn.stream.shutdown();
+            // Open first: for a moment the pair counts one too few serving, never one too
+            // many (which could close one more).
             pool.budget.give_back();
+            pool.budget.closing.fetch_sub(1, Ordering::AcqRel);
             wake_one(&pool);
         });
     }
@@ -1332,7 +1379,9 @@ impl Pools {
         /// while clients of other shards wait.
         const IDLE_YIELD: Duration = Duration::from_millis(100);
         let now = Instant::now();
-        let idle_limit = self.cfg().server_idle_timeout_ms;
+        let cfg = self.cfg();
+        let idle_limit = cfg.server_idle_timeout_ms;
+        let bound = cfg.size + cfg.reserve_size;
         for pool in self.all() {
             self.share_out(&pool);
             let mut closing = Vec::new();
@@ -1355,10 +1404,12 @@ impl Pools {
                         && (pool.open.get() - closing.len() > pool.share.get()
                             || idle_for >= IDLE_YIELD);
                     let expired = self.stale(&pool, conn, now);
+                    // Beyond a bound a console SET lowered (see `above_bound`).
+                    let above = pool.budget.serving().saturating_sub(closing.len()) > bound;
                     if others_wait && !too_idle && !expired {
                         bump(&pool.counters.servers_yielded, 1);
                     }
-                    if too_idle || expired || others_wait {
+                    if too_idle || expired || others_wait || above {
                         closing.push(idle.swap_remove(i));
                     } else {
                         i += 1;
@@ -1371,7 +1422,7 @@ impl Pools {
             let share = self.min_share();
             let known_login = !matches!(*pool.login.borrow(), ServerLogin::None)
                 || pool.budget.params.get().is_some();
-            if known_login && pool.open.get() < share && pool.budget.try_take(self.cfg().size) {
+            if known_login && pool.open.get() < share && pool.budget.try_take(cfg.size) {
                 let pools = self.clone();
                 let pool = pool.clone();
                 exec::spawn(async move {
@@ -1739,11 +1790,28 @@ mod tests {
     #[test]
     fn prepared_set_evicts_the_least_recently_used() {
         let mut set = PreparedSet::default();
-        assert_eq!(set.insert(1, 2), None);
-        assert_eq!(set.insert(2, 2), None);
+        assert_eq!(set.insert(1, 2), Vec::<u64>::new());
+        assert_eq!(set.insert(2, 2), Vec::<u64>::new());
         assert!(set.contains(1));
-        assert_eq!(set.insert(3, 2), Some(2));
+        assert_eq!(set.insert(3, 2), [2]);
         assert!(set.contains(1) && set.contains(3) && !set.contains(2));
+    }
+
+    /// A console SET that lowers `max_prepared_statements` shrinks a connection's set to the
+    /// new bound at its next insert, the least recently used going first (evicting one per
+    /// insert, as before, left it above the bound for good).
+    #[test]
+    fn prepared_set_shrinks_to_a_lowered_bound_at_once() {
+        let mut set = PreparedSet::default();
+        for hash in 1..=6 {
+            assert_eq!(set.insert(hash, 10), Vec::<u64>::new());
+        }
+        assert!(set.contains(2) && set.contains(5));
+        // Least recently used first: 1, 3, 4, 6, then 2 and 5.
+        assert_eq!(set.insert(7, 3), [1, 3, 4, 6]);
+        assert_eq!(set.len(), 3);
+        assert!(set.holds(2) && set.holds(5) && set.holds(7));
+        assert_eq!(set.insert(8, 3), [2]);
     }
 
     #[test]

@@ -184,9 +184,10 @@ pub fn resolve(cfg: &Config, reports: Sender<Record>) -> Result<Option<Resolved>
 }
 
 /// The shadow pool's settings: `shadow.pool-size` connections for the process, the
-/// connections' lifetimes, checks and reset as `[pool]` has them, and a session waiting for
-/// one at most `compare.shadow-timeout-ms` (then it stops comparing, as a shadow that falls
-/// behind does).
+/// connections' lifetimes, checks and reset as `[pool]` has them at start, and a session
+/// waiting for one at most `compare.shadow-timeout-ms` (then it stops comparing, as a shadow
+/// that falls behind does). Copied once: a console `SET` of a `[pool]` key changes the
+/// primary's pools only, never the shadow pool (documented in docs/pooling.md).
 fn shadow_pool_config(cfg: &Config) -> crate::config::PoolConfig {
     crate::config::PoolConfig {
         size: cfg.shadow.pool_size,

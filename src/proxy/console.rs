@@ -424,7 +424,7 @@ pub fn welcome(out: &mut BytesMut) {
 pub enum Action {
     /// Stop lending connections (of one database, or all); clients wait. The console answers
     /// once the snapshots show no active server connection of those pools (bounded by
-    /// [`ConsoleLimits::pause_wait`]).
+    /// `pool.query-wait-timeout-ms` as in force when it runs).
     Pause(Option<String>),
     /// Undo PAUSE. PgBouncer's errors: "pooler is not paused/suspended" (all),
     /// "database X is not paused" (one).
@@ -1926,11 +1926,6 @@ pub struct ConsoleLimits {
     pub message_bytes_max: usize,
     /// `proxy.read-chunk-bytes`.
     pub read_chunk_bytes: usize,
-    /// How long a PAUSE waits for its pools' server connections to come back before it
-    /// answers with an error (the pause stays in force). PgBouncer waits without a bound;
-    /// `pool.query-wait-timeout-ms` is the natural value (clients held by the pause give up
-    /// then anyway).
-    pub pause_wait: Duration,
 }
 
 /// Why a console session ended other than by the client leaving.
@@ -2038,8 +2033,16 @@ fn fatal(out: &mut BytesMut, err: WireError) -> Step {
     Step::Fatal(err)
 }
 
+/// How long a PAUSE waits for its pools' server connections to come back before it answers
+/// with an error (the pause stays in force). PgBouncer waits without a bound;
+/// `pool.query-wait-timeout-ms` is the natural value (clients held by the pause give up then
+/// anyway), as in force when the PAUSE runs (a SET since the session began counts).
+fn pause_wait(view: &dyn ConsoleView) -> Duration {
+    Duration::from_millis(view.config().pool.query_wait_timeout_ms)
+}
+
 /// Answers a PAUSE once no server connection of its pools is busy, or with an error after
-/// `limits.pause_wait`; then ReadyForQuery.
+/// `limit` ([`pause_wait`]); then ReadyForQuery.
 async fn await_pause(
     view: &dyn ConsoleView,
     database: Option<&str>,
@@ -2095,7 +2098,7 @@ pub async fn serve(
                 Err(err) => fatal(&mut out, err),
             };
             if let Step::Pause(db) = &step {
-                await_pause(view, db.as_deref(), limits.pause_wait, &mut out).await;
+                await_pause(view, db.as_deref(), pause_wait(view), &mut out).await;
             }
             if !out.is_empty() {
                 client.write_all(&out).await.map_err(ConsoleError::Io)?;
@@ -3276,7 +3279,6 @@ mod tests {
             let limits = ConsoleLimits {
                 message_bytes_max: 1024,
                 read_chunk_bytes: 7,
-                pause_wait: Duration::from_millis(10),
             };
             let end = serve(&stream, BytesMut::new(), "watcher", &view, &limits).await;
             let err = end.unwrap_err();
@@ -3315,7 +3317,6 @@ mod tests {
             let limits = ConsoleLimits {
                 message_bytes_max: 1 << 20,
                 read_chunk_bytes: 4096,
-                pause_wait: Duration::from_millis(10),
             };
             for _ in 0..2 {
                 let stream = Stream::connect(addr, Duration::from_secs(5)).await.unwrap();

@@ -520,7 +520,6 @@ pub(super) async fn serve_console(shard: &Rc<ShardCtx>, client: Stream, user: &s
     let limits = super::console::ConsoleLimits {
         message_bytes_max: shard.settings.message_bytes_max,
         read_chunk_bytes: shard.read_chunk_bytes(),
-        pause_wait: Duration::from_millis(ctx.config().pool.query_wait_timeout_ms),
     };
     if let Err(err) = super::console::serve(&client, buf, user, &view, &limits).await {
         tracing::debug!(shard = shard.index, error = %crate::config::error_text(&err), "console session ended");
@@ -552,16 +551,42 @@ mod tests {
         assert_eq!(pool.stats_users, ["a", "b"]);
         assert_eq!(pool.server_reset_query, "SELECT 1");
         assert_eq!(ctx.settings.load(Ordering::Acquire), 4, "one bump per SET");
-        for (key, value, why) in [
-            ("pool.size", SetValue::Number(0), "pool.size"),
-            ("pool.min-size", SetValue::Number(6), "pool.min-size"),
-            ("pool.size", SetValue::Number(u64::MAX), "too large"),
-            ("pool.size", SetValue::Text("x".into()), "pool.size"),
-            ("pool.no-such-key", SetValue::Number(1), "not a [pool] key"),
-            ("proxy.backlog", SetValue::Number(1), "not a [pool] key"),
+        // The key the message names, and a word of the reason itself.
+        for (key, value, named, why) in [
+            ("pool.size", SetValue::Number(0), "pool.size", "at least 1"),
+            (
+                "pool.min-size",
+                SetValue::Number(6),
+                "pool.min-size",
+                "at most",
+            ),
+            (
+                "pool.size",
+                SetValue::Number(u64::MAX),
+                "pool.size",
+                "too large",
+            ),
+            (
+                "pool.size",
+                SetValue::Text("x".into()),
+                "pool.size",
+                "invalid type",
+            ),
+            (
+                "pool.no-such-key",
+                SetValue::Number(1),
+                "pool.no-such-key",
+                "not a [pool] key",
+            ),
+            (
+                "proxy.backlog",
+                SetValue::Number(1),
+                "proxy.backlog",
+                "not a [pool] key",
+            ),
         ] {
             let err = ctx.set(key, value).expect_err(key);
-            assert!(err.contains(why), "{key}: {err}");
+            assert!(err.contains(named) && err.contains(why), "{key}: {err}");
         }
         assert_eq!(ctx.config().pool.size, 5, "refused SETs change nothing");
         assert_eq!(ctx.settings.load(Ordering::Acquire), 4);

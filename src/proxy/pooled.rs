@@ -738,7 +738,13 @@ pub(super) async fn serve(
             None => return,
         };
     if super::console::is_console_database(&database) {
-        if super::console::Access::of(&pools.cfg(), &user).is_none() {
+        // The console's configuration, which a SET changes at once (this shard's copy
+        // follows it only at its next care tick).
+        let allowed = shard
+            .console
+            .as_ref()
+            .is_some_and(|c| super::console::Access::of(&c.config().pool, &user).is_some());
+        if !allowed {
             let mut msg = BytesMut::new();
             super::console::not_allowed(&mut msg);
             let _ = client.write_all(&msg).await;
@@ -2098,15 +2104,16 @@ impl Session<'_> {
     }
 
     /// Prepares the shared statement `server_name` (content `hash`, Parse body after the name
-    /// `rest`) on the lent connection: the least recently used one closed beyond
-    /// `prepared-statements-max`, then a Close of the name itself (no error when missing,
-    /// and one the server still holds after a skipped eviction goes away), then the Parse,
-    /// answered to the client (its own Parse) or swallowed (`hidden`, before its Bind).
+    /// `rest`) on the lent connection: the least recently used ones closed beyond
+    /// `prepared-statements-max` (one, or more after a console SET lowered it), then a Close
+    /// of the name itself (no error when missing, and one the server still holds after a
+    /// skipped eviction goes away), then the Parse, answered to the client (its own Parse)
+    /// or swallowed (`hidden`, before its Bind).
     fn prepare_shared(&mut self, hash: u64, server_name: &str, rest: &[u8], hidden: bool) {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
-        if let Some(victim) = conn
+        for victim in conn
             .prepared
             .insert(hash, self.pools.cfg().prepared_statements_max)
         {
