@@ -1239,6 +1239,8 @@ fn console_set_takes_effect_on_every_shard() {
         );
     }
     held.commit().unwrap();
+    // The last client's connection may have to be opened anew on its shard: no 1 s bound.
+    admin.simple_query("SET query_wait_timeout = 60").unwrap();
     second.batch_execute("SELECT 1").expect("served again");
 }
 

@@ -140,8 +140,10 @@ impl Budget {
 
     /// Connections of the pair that serve or will: open (or opening), not being closed.
     fn serving(&self) -> usize {
-        self.open()
-            .saturating_sub(self.closing.load(Ordering::Acquire))
+        // `closing` first: a close decrements `open` and then `closing`, so read in this
+        // order the count can be one too few for a moment, never one too many.
+        let closing = self.closing.load(Ordering::Acquire);
+        self.open().saturating_sub(closing)
     }
 
     /// Marks (`true`) or unmarks shard `shard` as holding a lingering shared connection of
@@ -664,6 +666,12 @@ pub struct Pools {
     retired: PoolCounters,
     /// Pools this shard let go (unused, or their first login failed).
     pub removed: Cell<u64>,
+    /// A console SET lowered `size + reserve-size`: connections beyond it are closed as
+    /// they come back and at the care tick, until no pool of this shard is above it. Off
+    /// otherwise, so that a raise (in force on the console's shard before the others) never
+    /// makes a shard still at the old bound close connections, and a returned connection
+    /// costs one read.
+    trim: Cell<bool>,
 }
 
 impl Pools {
@@ -687,6 +695,7 @@ impl Pools {
             shards: shards.max(1),
             retired: PoolCounters::default(),
             removed: Cell::new(0),
+            trim: Cell::new(false),
         }
     }
 
@@ -706,6 +715,10 @@ impl Pools {
     /// values; beyond a smaller `size`, connections are closed as they come back, and idle
     /// ones at the care tick: see [`Pools::above_bound`]).
     pub fn set_cfg(&self, cfg: PoolConfig) {
+        let bound = |c: &PoolConfig| c.size.saturating_add(c.reserve_size);
+        if bound(&cfg) < bound(&self.cfg.borrow()) {
+            self.trim.set(true);
+        }
         *self.cfg.borrow_mut() = Rc::new(cfg);
         // A larger bound may let the first waiter of each pool open a connection now.
         for pool in self.all() {
@@ -1026,7 +1039,7 @@ impl Pools {
         }
         let waited = started.elapsed();
         let limit = if waited >= Duration::from_millis(cfg.reserve_timeout_ms) {
-            cfg.size + cfg.reserve_size
+            cfg.size.saturating_add(cfg.reserve_size)
         } else {
             cfg.size
         };
@@ -1298,11 +1311,14 @@ impl Pools {
     /// connections opened for clients that waited past `reserve-timeout-ms` are kept as
     /// PgBouncer keeps them). Only a console SET that lowered a bound makes it so; the
     /// budget's count is process-wide, so it holds whatever each shard's part of the bound.
-    fn above_bound(&self, pool: &Pool) -> bool {
-        // Per returned connection: a borrow and two loads, no handle cloned.
+    pub(crate) fn above_bound(&self, pool: &Pool) -> bool {
+        // Per returned connection: one read unless a SET lowered the bound.
+        if !self.trim.get() {
+            return false;
+        }
         let bound = {
             let cfg = self.cfg.borrow();
-            cfg.size + cfg.reserve_size
+            cfg.size.saturating_add(cfg.reserve_size)
         };
         pool.budget.serving() > bound
     }
@@ -1381,8 +1397,11 @@ impl Pools {
         let now = Instant::now();
         let cfg = self.cfg();
         let idle_limit = cfg.server_idle_timeout_ms;
-        let bound = cfg.size + cfg.reserve_size;
+        let bound = cfg.size.saturating_add(cfg.reserve_size);
+        let trimming = self.trim.get();
+        let mut still_above = false;
         for pool in self.all() {
+            still_above |= trimming && pool.budget.serving() > bound;
             self.share_out(&pool);
             let mut closing = Vec::new();
             {
@@ -1405,7 +1424,8 @@ impl Pools {
                             || idle_for >= IDLE_YIELD);
                     let expired = self.stale(&pool, conn, now);
                     // Beyond a bound a console SET lowered (see `above_bound`).
-                    let above = pool.budget.serving().saturating_sub(closing.len()) > bound;
+                    let above =
+                        trimming && pool.budget.serving().saturating_sub(closing.len()) > bound;
                     if others_wait && !too_idle && !expired {
                         bump(&pool.counters.servers_yielded, 1);
                     }
@@ -1431,6 +1451,9 @@ impl Pools {
                     }
                 });
             }
+        }
+        if trimming && !still_above {
+            self.trim.set(false);
         }
         self.remove_unused(now);
     }

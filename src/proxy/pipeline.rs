@@ -391,14 +391,16 @@ impl Pipeline {
 
     /// Whether a pipeline with nothing in flight must give its connection back now rather
     /// than linger: a client waits for a connection of its own (here, or on another shard
-    /// while this one holds more than its share),
-    /// the pool is paused, or the connection is past its lifetime (or a RECONNECT).
+    /// while this one holds more than its share), the pool is paused, the pair is above a
+    /// bound a console SET lowered, or the connection is past its lifetime (or a RECONNECT).
     fn must_go_back(&self, shard: &ShardCtx, now: std::time::Instant) -> bool {
         let Some(pools) = shard.pools.as_ref() else {
             return true;
         };
         pools.wants_conn(&self.pool)
             || pools.is_paused(&self.pool.database)
+            // Beyond a bound a console SET lowered: back, where it is closed.
+            || pools.above_bound(&self.pool)
             || self
                 .state
                 .borrow()
