@@ -989,59 +989,19 @@ fn a_lingering_shared_connection_is_reused_and_still_goes_back() {
     }));
 }
 
-/// A client that starts waiting on one shard while a shared connection lingers on another
-/// is served at once: the lingering shard hears of it through its eventfd and gives the
-/// connection back, instead of at the end of its linger (here 8 s, where the waiting client
-/// gives up after 3 s with 53300).
-/// At least `each` clients through `proxy` on each of its `N` shards, by shard. Clients
-/// connect one at a time; the one row SHOW CLIENTS gains tells the new client's shard (the
-/// top byte of its `ptr`).
+/// At least `each` clients through `proxy` on each of its `N` shards, by shard.
 fn clients_by_shard<const N: usize>(
     proxy: &Proxy,
     console: &mut postgres::Client,
     each: usize,
 ) -> [Vec<postgres::Client>; N] {
-    let ptrs = |console: &mut postgres::Client| -> std::collections::HashSet<u64> {
-        console
-            .simple_query("SHOW CLIENTS")
-            .unwrap()
-            .into_iter()
-            .filter_map(|m| match m {
-                postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some("postgres") => {
-                    let ptr = r.get("ptr")?.strip_prefix("0x")?;
-                    u64::from_str_radix(ptr, 16).ok()
-                }
-                _ => None,
-            })
-            .collect()
-    };
-    let mut known = ptrs(console);
-    let mut by_shard: [Vec<postgres::Client>; N] = std::array::from_fn(|_| Vec::new());
-    for _ in 0..32 * each {
-        if by_shard.iter().all(|c| c.len() >= each) {
-            break;
-        }
-        let client = proxy.client();
-        let mut new = Vec::new();
-        assert!(eventually(Duration::from_secs(10), || {
-            let now = ptrs(console);
-            new = now.difference(&known).copied().collect();
-            !new.is_empty()
-        }));
-        assert_eq!(new.len(), 1, "one client connected");
-        known.insert(new[0]);
-        let shard = (new[0] >> 56) as usize;
-        assert!(shard < N, "client on shard {shard} of {N}");
-        by_shard[shard].push(client);
-    }
-    assert!(
-        by_shard.iter().all(|c| c.len() >= each),
-        "{} clients, too few on one shard",
-        32 * each
-    );
-    by_shard
+    support::clients_by_shard::<N, _>(console, "postgres", each, || proxy.client())
 }
 
+/// A client that starts waiting on one shard while a shared connection lingers on another
+/// is served at once: the lingering shard hears of it through its eventfd and gives the
+/// connection back, instead of at the end of its linger (here 8 s, where the waiting client
+/// gives up after 3 s with 53300).
 #[test]
 fn a_waiter_on_another_shard_is_served_without_waiting_out_the_linger() {
     let pg = start_primary("pool-linger-shards");

@@ -1108,57 +1108,6 @@ fn a_pair_unused_past_its_idle_timeout_goes_and_comes_back() {
     );
 }
 
-/// `admin`'s SHOW CLIENTS `ptr`s of clients of database `db` (the top byte is the shard).
-fn client_ptrs(admin: &mut postgres::Client, db: &str) -> std::collections::HashSet<u64> {
-    admin
-        .simple_query("SHOW CLIENTS")
-        .unwrap()
-        .into_iter()
-        .filter_map(|m| match m {
-            postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some(db) => {
-                let ptr = r.get("ptr")?.strip_prefix("0x")?;
-                u64::from_str_radix(ptr, 16).ok()
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-/// Connections `connect` makes to database `db`, one at a time, until each of the proxy's
-/// `N` shards has `each`; by shard (the one row SHOW CLIENTS gains tells a new one's shard).
-/// Kept beyond `each` too (closing them would not change the test).
-fn by_shard<const N: usize, T>(
-    admin: &mut postgres::Client,
-    db: &str,
-    each: usize,
-    mut connect: impl FnMut() -> T,
-) -> [Vec<T>; N] {
-    let mut known = client_ptrs(admin, db);
-    let mut by_shard: [Vec<T>; N] = std::array::from_fn(|_| Vec::new());
-    for _ in 0..32 * each {
-        if by_shard.iter().all(|c| c.len() >= each) {
-            break;
-        }
-        let client = connect();
-        let mut new = Vec::new();
-        assert!(eventually(WAIT, || {
-            new = client_ptrs(admin, db).difference(&known).copied().collect();
-            !new.is_empty()
-        }));
-        assert_eq!(new.len(), 1, "one client connected");
-        known.insert(new[0]);
-        let shard = (new[0] >> 56) as usize;
-        assert!(shard < N, "client on shard {shard} of {N}");
-        by_shard[shard].push(client);
-    }
-    assert!(
-        by_shard.iter().all(|c| c.len() >= each),
-        "{} clients, too few on one shard",
-        32 * each
-    );
-    by_shard
-}
-
 /// A console SET reaches every shard, not only the console's own (the others take it at their
 /// next care tick). Two shards, each with a client in a transaction and an idle connection
 /// beside it; one transaction ends. A lowered `default_pool_size` (3 -> 1) is seen when the
@@ -1180,12 +1129,12 @@ fn console_set_takes_effect_on_every_shard() {
         "host=127.0.0.1 port={} user=postgres dbname=app connect_timeout=10",
         proxy.port()
     );
-    let clients = by_shard::<2, _>(&mut admin, "app", 1, || {
+    let clients = support::clients_by_shard::<2, _>(&mut admin, "app", 1, || {
         postgres::Client::connect(&conninfo, postgres::NoTls).unwrap()
     });
     // And one raw client on each shard (read raw: 53300 is a FATAL, and the postgres crate
     // reports a FATAL followed by the close as a bare close).
-    let waiters = by_shard::<2, _>(&mut admin, "app", 1, || {
+    let waiters = support::clients_by_shard::<2, _>(&mut admin, "app", 1, || {
         let mut s = std::net::TcpStream::connect(proxy.listen).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         s.write_all(&raw::startup("postgres", "app")).unwrap();

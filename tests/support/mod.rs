@@ -699,6 +699,64 @@ pub fn closed_by_server(err: &postgres::Error) -> bool {
 }
 
 /// Minimal raw protocol helpers for what the client crates will not do (garbage, pipelining).
+/// `admin`'s SHOW CLIENTS `ptr`s of clients of database `db` (the top byte is the shard).
+pub fn console_client_ptrs(
+    admin: &mut postgres::Client,
+    db: &str,
+) -> std::collections::HashSet<u64> {
+    admin
+        .simple_query("SHOW CLIENTS")
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some(db) => {
+                let ptr = r.get("ptr")?.strip_prefix("0x")?;
+                u64::from_str_radix(ptr, 16).ok()
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Connections `connect` makes to database `db`, one at a time, until each of the proxy's
+/// `N` shards has `each` (at most `32 * each` tries); by shard (the one row the console
+/// `admin`'s SHOW CLIENTS gains tells a new one's shard).
+/// Kept beyond `each` too (closing them would not change the test).
+pub fn clients_by_shard<const N: usize, T>(
+    admin: &mut postgres::Client,
+    db: &str,
+    each: usize,
+    mut connect: impl FnMut() -> T,
+) -> [Vec<T>; N] {
+    let mut known = console_client_ptrs(admin, db);
+    let mut by_shard: [Vec<T>; N] = std::array::from_fn(|_| Vec::new());
+    for _ in 0..32 * each {
+        if by_shard.iter().all(|c| c.len() >= each) {
+            break;
+        }
+        let client = connect();
+        let mut new = Vec::new();
+        assert!(eventually(Duration::from_secs(15), || {
+            new = console_client_ptrs(admin, db)
+                .difference(&known)
+                .copied()
+                .collect();
+            !new.is_empty()
+        }));
+        assert_eq!(new.len(), 1, "one client connected");
+        known.insert(new[0]);
+        let shard = (new[0] >> 56) as usize;
+        assert!(shard < N, "client on shard {shard} of {N}");
+        by_shard[shard].push(client);
+    }
+    assert!(
+        by_shard.iter().all(|c| c.len() >= each),
+        "{} clients, too few on one shard",
+        32 * each
+    );
+    by_shard
+}
+
 pub mod raw {
     use super::*;
 
