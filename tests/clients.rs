@@ -120,16 +120,7 @@ fn jdbc_and_psycopg2_replay_onto_a_mirror() {
         proxy.admin_get("/status").1
     );
     let metrics = proxy.admin_get("/metrics").1;
-    let by_state: Vec<&str> = metrics
-        .lines()
-        .filter(|l| l.starts_with("pgprism_mirror_errors_by_sqlstate_total{"))
-        .collect();
-    assert!(
-        by_state.len() == 1
-            && by_state[0].contains("sqlstate=\"23505\"")
-            && by_state[0].ends_with(" 2"),
-        "{by_state:?}"
-    );
+    support::clients::assert_mirror_errors_are_the_drivers_duplicates(&metrics);
 }
 
 // Transaction pooling (issue 14): the same workloads, several at once, through a few shared

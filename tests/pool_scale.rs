@@ -517,16 +517,7 @@ fn two_thousand_clients_on_twenty_connections_with_a_pooled_mirror() {
         proxy.admin_get("/metrics").1
     );
     let metrics = proxy.admin_get("/metrics").1;
-    let by_state: Vec<&str> = metrics
-        .lines()
-        .filter(|l| l.starts_with("pgprism_mirror_errors_by_sqlstate_total{"))
-        .collect();
-    assert!(
-        by_state.len() == 1
-            && by_state[0].contains("sqlstate=\"23505\"")
-            && by_state[0].ends_with(" 2"),
-        "{by_state:?}"
-    );
+    support::clients::assert_mirror_errors_are_the_drivers_duplicates(&metrics);
     let not_mirrored: Vec<&str> = metrics
         .lines()
         .filter(|l| {

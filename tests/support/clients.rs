@@ -156,3 +156,18 @@ pub fn checksum(inst: &Instance, database: &str, table: &str) -> String {
         None => format!("error: {e}"),
     })
 }
+
+/// The mirror's errors in `metrics` (pgprism's `/metrics`) are exactly the two duplicate keys
+/// (23505) the JDBC and psycopg2 programs insert on purpose, one each.
+pub fn assert_mirror_errors_are_the_drivers_duplicates(metrics: &str) {
+    let by_state: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("pgprism_mirror_errors_by_sqlstate_total{"))
+        .collect();
+    assert!(
+        by_state.len() == 1
+            && by_state[0].contains("sqlstate=\"23505\"")
+            && by_state[0].ends_with(" 2"),
+        "{by_state:?}"
+    );
+}
